@@ -1,0 +1,469 @@
+"""Hugging Face checkpoints in and out: config.json <-> ModelConfig, safetensors <-> parameters.
+
+`load(path, mesh=None)` reads a local checkpoint folder (config.json plus one `model.safetensors` or
+shards listed in `model.safetensors.index.json`) into a `Decoder`. With a mesh, each tensor is read on the
+host, converted to r1jax layout, and placed with `jax.make_array_from_callback`, so every device
+receives only its own shard and the host never holds more than one tensor at a time.
+`save(model, path)` writes config.json (through transformers' own config class, so the file is what
+transformers expects) and safetensors shards that `AutoModelForCausalLM.from_pretrained` loads.
+
+Notable choices:
+- config.json is parsed strictly: a field that would change the forward pass and that r1jax does not
+  implement (a non-silu activation, quantisation, per-layer sliding windows, partial rotary ...) is
+  refused with an error naming the field, never silently ignored.
+- Tokenizers are not converted: they load from the same folder with `AutoTokenizer` (`tokenizer()`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from r1jax import sharding
+from r1jax.models.transformer import Decoder, ModelConfig
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral", "qwen3")
+_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
+                  "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+# Fields that never change the forward pass of a causal LM.
+_METADATA_FIELDS = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
+    "initializer_range", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
+    "_name_or_path", "tokenizer_class", "return_dict", "output_attentions", "output_hidden_states",
+    "id2label", "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder",
+    "max_window_layers", "torchscript", "tie_encoder_decoder", "pruned_heads", "finetuning_task",
+    "task_specific_params", "cross_attention_hidden_size", "add_cross_attention", "prefix",
+    "sep_token_id", "decoder_start_token_id", "tf_legacy_loss", "use_bfloat16", "is_decoder",
+    "output_scores", "return_dict_in_generate", "auto_map", "use_return_dict",
+}
+_MODEL_FIELDS = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rope_scaling",
+    "rope_parameters", "rms_norm_eps", "tie_word_embeddings", "hidden_act", "attention_bias",
+    "mlp_bias", "attention_dropout", "sliding_window", "use_sliding_window", "layer_types",
+    "pretraining_tp",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be read as asked; the message names what to fix."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+# ---------------------------------------------------------------------------------------------------
+
+
+def config_from_hf(hf: dict[str, Any], *, param_dtype: str = "float32", dtype: str | None = None,
+                   remat: bool = False, where: str = "config.json") -> ModelConfig:
+    """Translate a Hugging Face config dict into a ModelConfig, refusing what r1jax does not support."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(f"{where}: model_type {model_type!r} is not supported; r1jax loads "
+                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    unknown = sorted(set(hf) - _METADATA_FIELDS - _MODEL_FIELDS)
+    if unknown:
+        raise CheckpointError(f"{where}: field(s) {unknown} are not supported by r1jax for "
+                              f"model_type {model_type!r}; remove them if they do not apply")
+
+    def require(cond, field, msg):
+        if not cond:
+            raise CheckpointError(f"{where}: {field}={hf.get(field)!r} is not supported: {msg}")
+
+    require(hf.get("hidden_act", "silu") == "silu", "hidden_act", "only SwiGLU (silu) MLPs")
+    require(not hf.get("attention_dropout"), "attention_dropout", "dropout is not implemented")
+    require(hf.get("pretraining_tp", 1) == 1, "pretraining_tp", "must be 1")
+
+    rope = dict(hf.get("rope_parameters") or {})
+    rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope.update(hf.get("rope_scaling") or {})
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope.pop("type")
+    rope.pop("type", None)
+    require(rope.get("partial_rotary_factor", 1.0) == 1.0, "rope_parameters",
+            "partial_rotary_factor != 1")
+    rope.pop("partial_rotary_factor", None)
+    rope_scaling = None
+    if rope.get("rope_type", "default") != "default":
+        rope_scaling = tuple(sorted(rope.items()))
+
+    layer_types = hf.get("layer_types") or []
+    require(all(t == "full_attention" for t in layer_types) or
+            (model_type == "mistral" and all(t == "sliding_attention" for t in layer_types)),
+            "layer_types", "per-layer sliding windows are not implemented")
+    sliding_window = None
+    if model_type == "mistral":
+        sliding_window = hf.get("sliding_window")
+    elif hf.get("use_sliding_window"):
+        require(False, "use_sliding_window", "Qwen sliding-window layers are not implemented")
+
+    heads = hf["num_attention_heads"]
+    attention_bias = bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2" or attention_bias,
+        o_bias=model_type in ("llama", "qwen3") and attention_bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        qk_norm=model_type == "qwen3",
+        sliding_window=sliding_window,
+        param_dtype=param_dtype,
+        dtype=dtype or param_dtype,
+        remat=remat,
+        model_type=model_type,
+    )
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The config.json dict for `cfg`, produced by transformers' config class for its family."""
+    import transformers
+
+    if cfg.qkv_bias != (cfg.model_type == "qwen2") and not cfg.o_bias:
+        raise CheckpointError(f"model_type {cfg.model_type!r} cannot express qkv_bias={cfg.qkv_bias} "
+                              f"without o_bias; use model_type 'qwen2' for q/k/v bias only")
+    if cfg.qk_norm != (cfg.model_type == "qwen3"):
+        raise CheckpointError(f"qk_norm={cfg.qk_norm} requires model_type 'qwen3'")
+    kwargs = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
+        rope_parameters={"rope_type": "default", **cfg.rope_scaling_dict,
+                         "rope_theta": cfg.rope_theta},
+        architectures=[_ARCHITECTURES[cfg.model_type]], dtype=cfg.param_dtype,
+    )
+    if cfg.model_type in ("llama", "qwen3"):
+        kwargs["attention_bias"] = cfg.o_bias
+    if cfg.model_type == "llama":
+        kwargs["mlp_bias"] = cfg.mlp_bias
+    if cfg.model_type == "mistral":
+        kwargs["sliding_window"] = cfg.sliding_window
+    hf_cfg = transformers.AutoConfig.for_model(cfg.model_type, **kwargs)
+    return hf_cfg.to_diff_dict()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameter names and layouts
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Mapping:
+    """How one r1jax parameter relates to one HF tensor: ours = hf.reshape(view).transpose(perm)."""
+
+    path: tuple  # r1jax nnx state path
+    name: str  # HF tensor name
+    view: Callable[[ModelConfig], tuple[int, ...]] | None = None
+    perm: tuple[int, ...] | None = None
+
+    def to_ours(self, hf: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+        x = hf.reshape(self.view(cfg)) if self.view else hf
+        return x.transpose(self.perm) if self.perm else x
+
+    def to_hf(self, ours: np.ndarray, hf_shape: tuple[int, ...]) -> np.ndarray:
+        x = ours.transpose(np.argsort(self.perm)) if self.perm else ours
+        return x.reshape(hf_shape)
+
+
+def _mappings(cfg: ModelConfig) -> list[_Mapping]:
+    n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    out = [_Mapping(("embed_vd",), "model.embed_tokens.weight"),
+           _Mapping(("final_norm", "scale"), "model.norm.weight")]
+    if not cfg.tie_word_embeddings:
+        out.append(_Mapping(("unembed_dv",), "lm_head.weight", perm=(1, 0)))
+    for i in range(cfg.num_layers):
+        pre, hp = ("layers", i), f"model.layers.{i}."
+        out += [
+            _Mapping(pre + ("input_norm", "scale"), hp + "input_layernorm.weight"),
+            _Mapping(pre + ("post_attn_norm", "scale"), hp + "post_attention_layernorm.weight"),
+            _Mapping(pre + ("attn", "q_dnh"), hp + "self_attn.q_proj.weight",
+                     lambda c: (n, h, d), (2, 0, 1)),
+            _Mapping(pre + ("attn", "k_dkh"), hp + "self_attn.k_proj.weight",
+                     lambda c: (k, h, d), (2, 0, 1)),
+            _Mapping(pre + ("attn", "v_dkh"), hp + "self_attn.v_proj.weight",
+                     lambda c: (k, h, d), (2, 0, 1)),
+            _Mapping(pre + ("attn", "o_nhd"), hp + "self_attn.o_proj.weight",
+                     lambda c: (d, n, h), (1, 2, 0)),
+            _Mapping(pre + ("mlp", "gate_df"), hp + "mlp.gate_proj.weight", perm=(1, 0)),
+            _Mapping(pre + ("mlp", "up_df"), hp + "mlp.up_proj.weight", perm=(1, 0)),
+            _Mapping(pre + ("mlp", "down_fd"), hp + "mlp.down_proj.weight", perm=(1, 0)),
+        ]
+        if cfg.qkv_bias or cfg.o_bias:
+            out += [
+                _Mapping(pre + ("attn", "q_bias"), hp + "self_attn.q_proj.bias", lambda c: (n, h)),
+                _Mapping(pre + ("attn", "k_bias"), hp + "self_attn.k_proj.bias", lambda c: (k, h)),
+                _Mapping(pre + ("attn", "v_bias"), hp + "self_attn.v_proj.bias", lambda c: (k, h)),
+            ]
+        if cfg.o_bias:
+            out.append(_Mapping(pre + ("attn", "o_bias"), hp + "self_attn.o_proj.bias"))
+        if cfg.qk_norm:
+            out += [_Mapping(pre + ("attn", "q_norm", "scale"), hp + "self_attn.q_norm.weight"),
+                    _Mapping(pre + ("attn", "k_norm", "scale"), hp + "self_attn.k_norm.weight")]
+        if cfg.mlp_bias:
+            out += [_Mapping(pre + ("mlp", "gate_bias"), hp + "mlp.gate_proj.bias"),
+                    _Mapping(pre + ("mlp", "up_bias"), hp + "mlp.up_proj.bias"),
+                    _Mapping(pre + ("mlp", "down_bias"), hp + "mlp.down_proj.bias")]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# safetensors files
+# ---------------------------------------------------------------------------------------------------
+
+
+class _WeightFiles:
+    """The tensors of a checkpoint folder by name, across one file or an index of shards."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.exists(index):
+            with open(index) as f:
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from e
+            files = sorted(set(weight_map.values()))
+        elif os.path.exists(single):
+            files, weight_map = ["model.safetensors"], None
+        else:
+            present = sorted(os.listdir(path))
+            hint = " (PyTorch .bin weights are not read; convert them to safetensors)" if any(
+                p.endswith(".bin") for p in present) else ""
+            raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                                  f"found{hint}; folder holds {present}")
+        self._handles = {}
+        for name in files:
+            file = os.path.join(path, name)
+            if not os.path.exists(file):
+                raise CheckpointError(f"{file} is listed in the index but missing")
+            try:
+                self._handles[name] = safe_open(file, framework="numpy")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise CheckpointError(f"{file} is not a readable safetensors file ({e}); "
+                                      f"re-download or re-save it") from e
+        if weight_map is None:
+            weight_map = {k: files[0] for k in self._handles[files[0]].keys()}
+        self.weight_map = weight_map
+        self.path = path
+
+    def names(self) -> set[str]:
+        return set(self.weight_map)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self.weight_map[name]].get_slice(name).get_shape())
+
+    def get(self, name: str) -> np.ndarray:
+        file = os.path.join(self.path, self.weight_map[name])
+        try:
+            return self._handles[self.weight_map[name]].get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({e}); the file is "
+                                  f"probably truncated or corrupt") from e
+
+
+def _check_complete(path: str) -> None:
+    """Each safetensors file must be as long as its header says (catches truncated downloads)."""
+    for name in os.listdir(path):
+        if not name.endswith(".safetensors"):
+            continue
+        file = os.path.join(path, name)
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{file} is truncated ({size} bytes)")
+            header_len = int.from_bytes(head, "little")
+            try:
+                header = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{file} has a corrupt header ({e}); re-download it") from e
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+        if size < 8 + header_len + end:
+            raise CheckpointError(f"{file} is truncated: {size} bytes on disk, header describes "
+                                  f"{8 + header_len + end}; re-download or re-save it")
+
+
+# ---------------------------------------------------------------------------------------------------
+# load / save
+# ---------------------------------------------------------------------------------------------------
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """The raw config.json dict of a checkpoint folder, with clear errors for a missing folder/file."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint folder {path!r} does not exist")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise CheckpointError(f"{path!r} has no config.json; is it a Hugging Face checkpoint folder?")
+    try:
+        with open(cfg_path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from e
+
+
+def load(path: str, mesh: Mesh | None = None, *, param_dtype: str = "float32",
+         dtype: str | None = None, remat: bool = False, rules=None) -> Decoder:
+    """Load a local HF checkpoint folder into a Decoder.
+
+    path:         folder with config.json and safetensors weights (single file or index + shards)
+    mesh:         place each parameter straight into its sharding on this mesh (None: default device)
+    param_dtype:  storage dtype of the parameters ("float32" default, or "bfloat16")
+    dtype:        compute dtype (default = param_dtype)
+    rules:        logical-axis rules (default `sharding.RULES`)
+    """
+    cfg = config_from_hf(read_config(path), param_dtype=param_dtype, dtype=dtype, remat=remat,
+                         where=os.path.join(path, "config.json"))
+    _check_complete(path)
+    files = _WeightFiles(path)
+
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    target = {path_: v for path_, v in nnx.to_flat_state(abstract_state)}
+
+    mappings = _mappings(cfg)
+    expected = {m.name for m in mappings}
+    names = files.names()
+    missing = sorted(expected - names)
+    if missing:
+        raise CheckpointError(f"{path}: weights {missing[:5]}{'...' if len(missing) > 5 else ''} "
+                              f"are missing ({len(missing)} in all) for the architecture in "
+                              f"config.json")
+    extra = sorted(names - expected - {"lm_head.weight"})  # tied models may still store lm_head
+    if extra:
+        raise CheckpointError(f"{path}: weights {extra[:5]} are not used by the architecture in "
+                              f"config.json ({len(extra)} in all); config and weights disagree")
+
+    leaves = {}
+    for m in mappings:
+        var = target[m.path]
+        shape = var.shape
+        host = m.to_ours(_checked(files, m, cfg), cfg)
+        if host.shape != shape:
+            raise CheckpointError(f"{path}: {m.name} has shape {files.shape(m.name)}, which does "
+                                  f"not match config.json (expected {shape} after layout change)")
+        host = host.astype(jnp.dtype(param_dtype))
+        if mesh is None:
+            leaves[m.path] = jnp.asarray(host)
+        else:
+            names_ = var.get_metadata().get("out_sharding")
+            shard = sharding.logical_sharding(names_, shape, mesh, rules)
+            leaves[m.path] = jax.make_array_from_callback(shape, shard, lambda idx, h=host: h[idx])
+        del host
+    state = nnx.from_flat_state([(p, target[p].replace(leaves[p])) for p in target])
+    return nnx.merge(graphdef, state)
+
+
+def _checked(files: _WeightFiles, m: _Mapping, cfg: ModelConfig) -> np.ndarray:
+    shape = files.shape(m.name)
+    want = int(np.prod(m.view(cfg))) if m.view else None
+    if want is not None and math.prod(shape) != want:
+        raise CheckpointError(f"{files.path}: {m.name} has shape {shape}, which does not match "
+                              f"config.json (needs {want} elements)")
+    return files.get(m.name)
+
+
+def save(model: Decoder, path: str, *, max_shard_bytes: int = 5 * 1024**3,
+         dtype: str | None = None) -> None:
+    """Write `model` as a Hugging Face checkpoint folder (config.json + safetensors [+ index]).
+
+    Shards above `max_shard_bytes`. `dtype` converts on the way out (default: the parameter dtype).
+    In multi-process runs every process must call this (gathers are collective); process 0 writes.
+    """
+    from jax.experimental import multihost_utils
+    from safetensors.numpy import save_file
+
+    cfg = model.cfg
+    os.makedirs(path, exist_ok=True)
+    state = {p: v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    out_dtype = jnp.dtype(dtype or cfg.param_dtype)
+    writer = jax.process_index() == 0
+
+    tensors: dict[str, np.ndarray] = {}
+    for m in _mappings(cfg):
+        value = state[m.path][...]
+        if not value.is_fully_addressable:
+            value = multihost_utils.process_allgather(value, tiled=True)
+        ours = np.asarray(jax.device_get(value)).astype(out_dtype)
+        hf_shape = _hf_shape(m, cfg, ours.shape)
+        tensors[m.name] = np.ascontiguousarray(m.to_hf(ours, hf_shape))
+    if not writer:
+        return
+
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_to_hf(cfg), f, indent=2, sort_keys=True)
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        if current and size + t.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += t.nbytes
+    shards.append(current)
+    for stale in os.listdir(path):
+        if stale.startswith("model") and (stale.endswith(".safetensors")
+                                          or stale.endswith(".safetensors.index.json")):
+            os.remove(os.path.join(path, stale))
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.nbytes for t in tensors.values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _hf_shape(m: _Mapping, cfg: ModelConfig, ours_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF tensor shape for one of our parameters (inverse of `_Mapping.to_ours`)."""
+    if m.view is None:
+        return tuple(ours_shape[i] for i in np.argsort(m.perm)) if m.perm else ours_shape
+    view = m.view(cfg)
+    if m.name.endswith("o_proj.weight"):
+        return (view[0], view[1] * view[2])
+    if m.name.endswith(".bias"):
+        return (math.prod(view),)
+    return (view[0] * view[1], view[2])
+
+
+def tokenizer(path: str):
+    """The tokenizer stored beside the weights, loaded with transformers from local files only."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: no usable tokenizer files ({e})") from e

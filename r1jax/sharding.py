@@ -1,0 +1,314 @@
+"""Meshes, logical-axis rules, and multi-host start-up.
+
+Models name the axes of every parameter and of a few activations logically (`embed`, `heads`, `batch`
+...). This module owns the one table that maps those names onto mesh axes, so a model file never
+mentions a mesh axis and a config change reshards everything.
+
+Mesh axes:
+  data    pure data parallelism: a full replica of the weights per group of devices
+  fsdp    data parallelism whose devices also split every weight along `embed` (ZeRO-3 style)
+  tensor  tensor parallelism: heads, kv-heads, MLP hidden units and vocab split across devices
+  expert  expert parallelism for mixture-of-experts layers (size 1 for dense models)
+
+Notable choices:
+- Meshes use `AxisType.Auto` (jax 0.10 defaults to Explicit, under which logical annotations inside
+  jit fail with "contracting dimensions are sharded").
+- A dimension that the mesh axis does not divide (e.g. 2 kv-heads on tensor=4) is replicated instead
+  of failing; `explain()` reports where that happened.
+- `constrain()` is a no-op only when no mesh is set at all; on a multi-device CPU mesh it constrains for
+  real, so tests catch sharding bugs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# Logical axis -> mesh axis (or tuple of mesh axes, or None for replicated).
+RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("expert", "expert"),
+    ("seq", None),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+# For sampling: weights are not split over fsdp (each decode step would otherwise all-gather every
+# weight); the batch still spreads over data and fsdp, and tensor parallelism stays.
+SAMPLING_RULES: tuple[tuple[str, Any], ...] = tuple(
+    (name, None if name == "embed" else axes) for name, axes in RULES)
+
+_rules: contextvars.ContextVar[tuple] = contextvars.ContextVar("r1jax_rules", default=RULES)
+
+
+@contextlib.contextmanager
+def use_rules(rules: Sequence[tuple[str, Any]]) -> Iterator[None]:
+    """Make `rules` the logical-axis rules for `constrain` inside this context."""
+    token = _rules.set(tuple(rules))
+    try:
+        yield
+    finally:
+        _rules.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Meshes
+# ---------------------------------------------------------------------------------------------------
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor, expert); one size may be -1 to take the remaining devices.
+
+    Devices are ordered so that `tensor` (the most communication-heavy axis) is innermost, i.e. on
+    neighbouring chips of a TPU slice.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert}
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {free}")
+    fixed = int(np.prod([v for v in sizes.values() if v != -1]))
+    if any(v == 0 or v < -1 for v in sizes.values()):
+        raise ValueError(f"mesh: axis sizes must be positive or -1, got {sizes}")
+    if free:
+        if len(devices) % fixed:
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by the fixed axes "
+                             f"{ {k: v for k, v in sizes.items() if v != -1} }")
+        sizes[free[0]] = len(devices) // fixed
+    total = int(np.prod(list(sizes.values())))
+    if total != len(devices):
+        raise ValueError(f"mesh: data*fsdp*tensor*expert = {total} but {len(devices)} devices are "
+                         f"available; set config.mesh so the product matches (one axis may be -1)")
+    shape = tuple(sizes[a] for a in ("data", "fsdp", "expert", "tensor"))
+    dev_array = np.asarray(devices, dtype=object).reshape(shape).transpose(0, 1, 3, 2)
+    return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def mesh_from_config(mesh_config) -> Mesh:
+    """A mesh from a config section with fields data, fsdp, tensor (and optionally expert)."""
+    fields = dict(mesh_config)
+    unknown = set(fields) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"config.mesh: unknown axes {sorted(unknown)}; use {MESH_AXES}")
+    return make_mesh(**fields)
+
+
+def single_device_mesh() -> Mesh:
+    """A mesh of one device with all four axes of size 1 (same code path, no parallelism)."""
+    return make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logical axes -> shardings
+# ---------------------------------------------------------------------------------------------------
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None, mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] | None = None) -> PartitionSpec:
+    """The PartitionSpec for an array whose axes are named `names`.
+
+    A mesh axis is used at most once per array, axes of size 1 are dropped, and a dimension that
+    the mesh axes do not divide falls back to fewer axes (or replication) rather than failing.
+    """
+    table = dict(rules if rules is not None else _rules.get())
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(names):
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used and mesh.shape.get(a, 1) > 1)
+        if shape is not None:
+            # Drop mesh axes from the end until their product divides the dimension.
+            while axes and shape[i] % int(np.prod([mesh.shape[a] for a in axes])):
+                axes = axes[:-1]
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def logical_sharding(names, shape, mesh: Mesh, rules=None) -> NamedSharding:
+    """NamedSharding for an array of `shape` with logical axis `names`."""
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+
+
+def _variable_names(variable) -> tuple | None:
+    return variable.get_metadata().get("out_sharding")
+
+
+def state_shardings(state, mesh: Mesh, rules=None):
+    """A tree of NamedShardings matching an nnx.State (abstract or concrete), from each parameter's
+    logical `out_sharding` names; unannotated leaves are replicated."""
+    from flax import nnx
+
+    def one(v):
+        names = _variable_names(v) if isinstance(v, nnx.Variable) else None
+        shape = getattr(v, "shape", ())
+        if names is None:
+            return NamedSharding(mesh, PartitionSpec())
+        return logical_sharding(names, shape, mesh, rules)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """with_sharding_constraint by logical names, under the mesh set with `jax.set_mesh`.
+
+    No mesh set (plain single-device use) means nothing to constrain.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_to_spec(names, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def explain(state, mesh: Mesh, rules=None) -> list[str]:
+    """Human-readable lines 'path: shape -> spec' for each parameter (for logs and debugging)."""
+    from flax import nnx
+
+    lines = []
+    flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
+    for path, v in flat:
+        names = _variable_names(v)
+        shape = v.shape
+        spec = logical_to_spec(names or (None,) * len(shape), shape, mesh, rules)
+        lines.append(f"{'/'.join(map(str, path))}: {tuple(shape)} {names} -> {spec}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models and batches on a mesh
+# ---------------------------------------------------------------------------------------------------
+
+
+def create_sharded(model_fn, mesh: Mesh, rules=None):
+    """Build an nnx module with every parameter born in its sharding (no full copy anywhere).
+
+    `model_fn()` constructs the module (e.g. `lambda: Decoder(cfg, rngs=nnx.Rngs(0))`).
+    """
+    from flax import nnx
+
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(model_fn)
+        graphdef, abstract_state = nnx.split(abstract)
+        shardings = state_shardings(abstract_state, mesh, rules)
+
+        def init():
+            return nnx.state(model_fn())
+
+        init = jax.jit(init, out_shardings=shardings)
+        state = init()
+    return nnx.merge(graphdef, state)
+
+
+def reshard(model, mesh: Mesh, rules=None):
+    """Move an nnx module's state onto `mesh` under `rules` (e.g. training -> SAMPLING_RULES).
+
+    Returns a new module sharing the graph definition; the input is left as it was.
+    """
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, state_shardings(state, mesh, rules))
+    return nnx.merge(graphdef, state)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=None) -> NamedSharding:
+    """Sharding of a [B, ...] batch array: B over the `batch` rule's mesh axes, the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), None, mesh, rules))
+
+
+def shard_batch(batch, mesh: Mesh, rules=None):
+    """Place a tree of host arrays, each [B_global, ...] and identical on every process, on the mesh.
+
+    Each device receives only its slice. The leading dimension must divide by the batch axes' size.
+    """
+    def one(x):
+        x = np.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim, rules)
+        _check_divisible(x.shape[0], sharding)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree.map(one, batch)
+
+
+def shard_local_batch(batch, mesh: Mesh, rules=None):
+    """Like `shard_batch`, but each process passes only its own rows [B_global / processes, ...]."""
+    def one(x):
+        x = np.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim, rules)
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(one, batch)
+
+
+def _check_divisible(size: int, sharding: NamedSharding) -> None:
+    spec = sharding.spec[0] if len(sharding.spec) else None
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    ways = int(np.prod([sharding.mesh.shape[a] for a in axes])) if axes else 1
+    if size % ways:
+        raise ValueError(f"batch of {size} rows cannot be split over mesh axes {axes} ({ways} ways); "
+                         f"make the batch size a multiple of {ways}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Multi-host
+# ---------------------------------------------------------------------------------------------------
+
+_ENV = ("R1JAX_COORDINATOR_ADDRESS", "R1JAX_NUM_PROCESSES", "R1JAX_PROCESS_ID")
+
+
+def initialize_distributed() -> bool:
+    """Start `jax.distributed` when running on several hosts; return True if it was started.
+
+    - R1JAX_COORDINATOR_ADDRESS / R1JAX_NUM_PROCESSES / R1JAX_PROCESS_ID set: use them (any cluster,
+      and several processes on one machine for tests). On CPU, gloo collectives are enabled.
+    - Otherwise on a TPU pod slice, Slurm or another cluster JAX recognises: let JAX detect it.
+    - Otherwise (one host): do nothing.
+    Must run before anything touches a JAX backend.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    if os.environ.get("R1JAX_COORDINATOR_ADDRESS"):
+        missing = [k for k in _ENV if not os.environ.get(k)]
+        if missing:
+            raise ValueError(f"multi-host: {missing} must be set together with "
+                             f"R1JAX_COORDINATOR_ADDRESS")
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu" or os.environ.get("R1JAX_CPU_COLLECTIVES"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=os.environ["R1JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["R1JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["R1JAX_PROCESS_ID"]))
+        return True
+    if _on_known_cluster():
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def _on_known_cluster() -> bool:
+    """True on a multi-host TPU slice or under Slurm with several tasks (JAX auto-detects both)."""
+    if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    # TPU VMs of a multi-host slice list every worker here.
+    hostnames = os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")
+    return bool(hostnames) and "," in hostnames
