@@ -1,0 +1,92 @@
+"""Tiny random Hugging Face checkpoints shared by the model, sampler and trainer tests.
+
+Each family is built by transformers itself (`AutoModelForCausalLM.from_config`, seeded), saved as a real
+checkpoint folder, and cached per test session, so r1jax is always compared with an independent
+implementation of the same weights.
+"""
+
+import functools
+import os
+import tempfile
+
+import numpy as np
+
+VOCAB = 96
+
+FAMILIES = {
+    # Qwen2 / Qwen2.5: q/k/v bias, tied embeddings, GQA.
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
+    # Llama 3.1: llama3 rope scaling (a short original context so the scaling bites), untied, GQA.
+    "llama3": dict(model_type="llama", tie_word_embeddings=False,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    # Qwen3: per-head q/k RMSNorm and an explicit head_dim that differs from hidden / heads.
+    "qwen3": dict(model_type="qwen3", head_dim=24, tie_word_embeddings=True),
+    # Mistral: a sliding window shorter than the test sequences, MQA.
+    "mistral": dict(model_type="mistral", sliding_window=5, num_key_value_heads=1),
+    # Llama with linear rope scaling and attention/MLP biases.
+    "llama_linear": dict(model_type="llama", attention_bias=True, mlp_bias=True,
+                         rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    # Llama with dynamic NTK scaling (max positions shorter than the test sequences).
+    "llama_dynamic": dict(model_type="llama", max_position_embeddings=8,
+                          rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+    # Qwen2 with YaRN scaling.
+    "qwen2_yarn": dict(model_type="qwen2", rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+}
+
+
+def hf_config(family: str, **overrides):
+    """A tiny transformers config of `family` (see FAMILIES)."""
+    import transformers
+
+    spec = dict(FAMILIES[family])
+    model_type = spec.pop("model_type")
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                rms_norm_eps=1e-6, rope_theta=10000.0)
+    base.update(spec)
+    base.update(overrides)
+    return transformers.AutoConfig.for_model(model_type, **base)
+
+
+@functools.cache
+def hf_checkpoint(family: str, seed: int = 0) -> str:
+    """Path of a saved random transformers checkpoint of `family` (built once per session)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(family)).eval()
+    path = os.path.join(tempfile.mkdtemp(prefix=f"r1jax_{family}_"), "ckpt")
+    model.save_pretrained(path)
+    return path
+
+
+@functools.cache
+def torch_model(path: str):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def torch_logits(path: str, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """transformers' float32 logits [B, T, V] with positions counted over real tokens only."""
+    import torch
+
+    positions = np.maximum(mask.cumsum(-1) - 1, 0)
+    with torch.no_grad():
+        out = torch_model(path)(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                position_ids=torch.tensor(positions))
+    return out.logits.float().numpy()
+
+
+def left_padded_batch(seed: int = 0, batch: int = 3, length: int = 12, pads=(0, 3, 7)):
+    """Random token ids [B, T] and a mask [B, T] with `pads[i]` left pads on row i."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(0, VOCAB, size=(batch, length)).astype(np.int32)
+    mask = np.ones((batch, length), np.int32)
+    for i, p in enumerate(pads[:batch]):
+        mask[i, :p] = 0
+        ids[i, :p] = 0
+    return ids, mask
