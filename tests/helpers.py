@@ -17,22 +17,41 @@ FAMILIES = {
     # Qwen2 / Qwen2.5: q/k/v bias, tied embeddings, GQA.
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
     # Llama 3.1: llama3 rope scaling (a short original context so the scaling bites), untied, GQA.
-    "llama3": dict(model_type="llama", tie_word_embeddings=False,
-                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "llama3": dict(
+        model_type="llama",
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
     # Qwen3: per-head q/k RMSNorm and an explicit head_dim that differs from hidden / heads.
     "qwen3": dict(model_type="qwen3", head_dim=24, tie_word_embeddings=True),
     # Mistral: a sliding window shorter than the test sequences, MQA.
     "mistral": dict(model_type="mistral", sliding_window=5, num_key_value_heads=1),
     # Llama with linear rope scaling and attention/MLP biases.
-    "llama_linear": dict(model_type="llama", attention_bias=True, mlp_bias=True,
-                         rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "llama_linear": dict(
+        model_type="llama",
+        attention_bias=True,
+        mlp_bias=True,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    ),
     # Llama with dynamic NTK scaling (max positions shorter than the test sequences).
-    "llama_dynamic": dict(model_type="llama", max_position_embeddings=8,
-                          rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+    "llama_dynamic": dict(
+        model_type="llama",
+        max_position_embeddings=8,
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+    ),
+    # Qwen2 with large random weights, so greedy decoding does not just repeat (sampler tests).
+    "qwen2_sharp": dict(model_type="qwen2", tie_word_embeddings=True, initializer_range=0.3),
     # Qwen2 with YaRN scaling.
-    "qwen2_yarn": dict(model_type="qwen2", rope_scaling={
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+    "qwen2_yarn": dict(
+        model_type="qwen2",
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    ),
 }
 
 
@@ -42,9 +61,17 @@ def hf_config(family: str, **overrides):
 
     spec = dict(FAMILIES[family])
     model_type = spec.pop("model_type")
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                rms_norm_eps=1e-6, rope_theta=10000.0)
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+    )
     base.update(spec)
     base.update(overrides)
     return transformers.AutoConfig.for_model(model_type, **base)
@@ -76,8 +103,11 @@ def torch_logits(path: str, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
     positions = np.maximum(mask.cumsum(-1) - 1, 0)
     with torch.no_grad():
-        out = torch_model(path)(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                                position_ids=torch.tensor(positions))
+        out = torch_model(path)(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(positions),
+        )
     return out.logits.float().numpy()
 
 

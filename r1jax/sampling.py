@@ -1,0 +1,291 @@
+"""The rollout engine: KV-cached sampling in pure JAX, one jitted program per shape bucket.
+
+GRPO spends most of its time here. One call samples G completions for each of P prompts:
+
+  1. prefill   the P left-padded prompts run once through the model into a [P, Tp] cache;
+  2. share     a per-sample cache of [P*G, max_new] slots is created whose *prefix* is that prefill: the
+               G rows of a prompt read the same prompt keys and values (no copy, no recomputation);
+  3. decode    a `lax.while_loop` feeds one token per row per step, writes it into the per-sample cache,
+               samples the next token, and stops as soon as every row has emitted a stop token.
+
+Everything in 1-3 is one jitted function of (params, prompts, rng); shapes are static per
+(P, Tp, G, max_new, sampling config), and `generate` pads prompts into length buckets so a run compiles a
+handful of programs. Each new program is logged.
+
+Log-probabilities: `logprobs[b, t]` is log p(token | prefix) under the model's *unmodified*
+distribution, i.e. log_softmax of the raw logits (temperature 1, no top-k/top-p truncation), whatever
+the sampling settings. That is exactly what the training forward computes for the same tokens, so
+GRPO's importance ratio is 1 at the first policy iteration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from r1jax import sharding
+from r1jax.models.transformer import KVCache
+
+log = logging.getLogger(__name__)
+
+STOP_TOKEN, LENGTH = 0, 1  # values of SampleOutput.stop_reason
+
+
+# ---------------------------------------------------------------------------------------------------
+# Choosing the next token
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is drawn from the logits. Static: one compiled program per distinct value.
+
+    temperature: 0.0 is greedy (argmax); otherwise logits are divided by it.
+    top_k:       keep the k most likely tokens (0 = off).
+    top_p:       keep the smallest set of most likely tokens whose probability reaches top_p (1.0 = off).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def truncate(self, logits: jax.Array) -> jax.Array:
+        """[B, V] float32 logits -> temperature-scaled logits with dropped tokens at -inf."""
+        logits = logits / self.temperature
+        if self.top_k:
+            kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        if self.top_p < 1.0:
+            sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+            probs = jax.nn.softmax(sorted_logits, axis=-1)
+            # A token is kept if the mass strictly before it is below top_p (so at least one is kept).
+            before = jnp.cumsum(probs, axis=-1) - probs
+            kept = jnp.where(before < self.top_p, sorted_logits, jnp.inf)
+            threshold = jnp.min(kept, axis=-1, keepdims=True)
+            logits = jnp.where(logits < threshold, -jnp.inf, logits)
+        return logits
+
+    def sample(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        """[B, V] float32 logits -> [B] int32 token ids."""
+        if self.temperature == 0.0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(key, self.truncate(logits), axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Device-level sampling
+# ---------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class SampleOutput:
+    """What one sampling call returns, on device. B = P * G rows, prompt-major (rows p*G .. p*G+G-1
+    belong to prompt p); completions are left-aligned in [B, max_new].
+
+    tokens:      [B, max_new] int32 completion ids, `pad_id` after the end
+    logprobs:    [B, max_new] float32 log p(token) under the raw model distribution (0 after the end)
+    mask:        [B, max_new] int32, 1 on completion tokens (including the stop token)
+    lengths:     [B] int32 number of completion tokens
+    stop_reason: [B] int32, STOP_TOKEN (0) or LENGTH (1, truncated at max_new)
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+    stop_reason: jax.Array
+
+
+@flax.struct.dataclass
+class _LoopState:
+    step: jax.Array  # [] int32: completion tokens produced so far (all rows in lockstep)
+    last: jax.Array  # [B] int32: token produced at step - 1
+    tokens: jax.Array  # [B, max_new]
+    logprobs: jax.Array  # [B, max_new]
+    done: jax.Array  # [B] bool: row has produced a stop token
+    lengths: jax.Array  # [B]
+    cache: KVCache
+    key: jax.Array
+
+
+def _record(state: _LoopState, logits: jax.Array, key: jax.Array, cfg: SamplingConfig,
+            stop_ids: jax.Array, pad_id: int) -> _LoopState:
+    """Sample the token at `state.step` from logits [B, V] and append it to rows still running."""
+    token = cfg.sample(logits, key)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+    live = ~state.done
+    token = jnp.where(live, token, pad_id)
+    step = state.step
+    return state.replace(
+        step=step + 1,
+        last=token,
+        tokens=state.tokens.at[:, step].set(token),
+        logprobs=state.logprobs.at[:, step].set(jnp.where(live, logp, 0.0)),
+        lengths=state.lengths + live.astype(jnp.int32),
+        done=state.done | (live & jnp.isin(token, stop_ids)),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new_tokens", "cfg",
+                                             "stop_ids", "pad_id"))
+def sample(graphdef, state, prompt_ids, prompt_mask, key, *, num_samples: int, max_new_tokens: int,
+           cfg: SamplingConfig, stop_ids: tuple[int, ...] = (), pad_id: int = 0) -> SampleOutput:
+    """Sample `num_samples` completions for each left-padded prompt. Pure and jitted.
+
+    graphdef, state:  the model split with `nnx.split` (state may be sharded on the ambient mesh)
+    prompt_ids:       [P, Tp] int32, left-padded
+    prompt_mask:      [P, Tp] int32, 1 = token, 0 = pad
+    key:              PRNG key; the same key gives the same samples on any mesh
+    Returns a SampleOutput over B = P * num_samples rows.
+    """
+    model = nnx.merge(graphdef, state)
+    mcfg = model.cfg
+    p = prompt_ids.shape[0]
+    b = p * num_samples
+
+    # 1. Prefill every prompt once.
+    prefill = KVCache.empty(mcfg, p, prompt_ids.shape[1])
+    logits, prefill = model(prompt_ids, prompt_mask, cache=prefill)
+    first_logits = jnp.repeat(logits[:, -1], num_samples, axis=0)  # [B, V]; left padding => last
+    first_logits = sharding.constrain(first_logits, ("batch", "vocab"))
+
+    # 2. The G samples of a prompt share its prefill as the cache prefix.
+    cache = KVCache.empty(mcfg, b, max_new_tokens).with_prefix(prefill)
+    cache = cache.replace(
+        k=tuple(sharding.constrain(x, ("batch", "seq", "kv_heads", "head_dim")) for x in cache.k),
+        v=tuple(sharding.constrain(x, ("batch", "seq", "kv_heads", "head_dim")) for x in cache.v))
+
+    stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+    zeros = jnp.zeros((b,), jnp.int32)
+    loop = _LoopState(step=jnp.zeros((), jnp.int32), last=zeros,
+                      tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+                      logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
+                      done=jnp.zeros((b,), bool), lengths=zeros, cache=cache, key=key)
+    loop = _record(loop, first_logits, jax.random.fold_in(key, 0), cfg, stop, pad_id)
+
+    # 3. Decode one token per row per step until every row stopped or the budget is spent.
+    def cond(s: _LoopState):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s: _LoopState):
+        logits, new_cache = model(s.last[:, None], (~s.done).astype(jnp.int32)[:, None],
+                                  cache=s.cache)
+        s = s.replace(cache=new_cache)
+        return _record(s, logits[:, 0], jax.random.fold_in(s.key, s.step), cfg, stop, pad_id)
+
+    loop = jax.lax.while_loop(cond, body, loop)
+    mask = (jnp.arange(max_new_tokens)[None, :] < loop.lengths[:, None]).astype(jnp.int32)
+    return SampleOutput(tokens=loop.tokens, logprobs=loop.logprobs, mask=mask,
+                        lengths=loop.lengths,
+                        stop_reason=jnp.where(loop.done, STOP_TOKEN, LENGTH).astype(jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host-level convenience
+# ---------------------------------------------------------------------------------------------------
+
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_compiled: set[tuple] = set()
+
+
+def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """The smallest bucket >= n (or n itself when it exceeds every bucket)."""
+    for size in sorted(buckets):
+        if size >= n:
+            return size
+    return n
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
+                buckets: Sequence[int] = DEFAULT_BUCKETS) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad ragged token lists into ([P, T] int32 ids, [P, T] int32 mask), T a bucket length."""
+    if not prompts:
+        raise ValueError("generate: no prompts given")
+    longest = max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("generate: every prompt needs at least one token")
+    t = bucket_length(longest, buckets)
+    ids = np.full((len(prompts), t), pad_id, np.int32)
+    mask = np.zeros((len(prompts), t), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = np.asarray(p, np.int32)
+        mask[i, t - len(p):] = 1
+    return ids, mask
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """Host-side result of `generate`, per sample, prompt-major (sample g of prompt p at p*G + g).
+
+    tokens:   list of completion token-id lists (stop token included when one was produced)
+    logprobs: list of float32 arrays, log p of each token under the raw model distribution
+    device:   the full device-level SampleOutput (padded arrays, masks, lengths, stop reasons)
+    prompt_ids, prompt_mask: the left-padded prompts [P, T] actually used
+    """
+
+    tokens: list[list[int]]
+    logprobs: list[np.ndarray]
+    stop_reason: list[int]
+    device: SampleOutput
+    prompt_ids: np.ndarray
+    prompt_mask: np.ndarray
+
+
+def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, stop_token_ids: Sequence[int] = (), num_samples: int = 1,
+             seed: int = 0, *, pad_id: int = 0, mesh=None,
+             buckets: Sequence[int] = DEFAULT_BUCKETS) -> GenerateOutput:
+    """Sample completions for a list of prompts (ragged token-id lists, or a [P, T] array).
+
+    Prompts are left-padded to a bucket length; with `mesh`, the batch is sharded over its batch axes
+    (P * num_samples must then divide by them) and the model should already be placed on it.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if isinstance(prompts, np.ndarray | jax.Array):
+        prompts = [list(map(int, row)) for row in np.asarray(prompts)]
+    ids, mask = pad_prompts(prompts, pad_id, buckets)
+    cfg = SamplingConfig(temperature, top_k, top_p)
+    graphdef, state = nnx.split(model)
+    key = jax.random.key(seed)
+    static = (ids.shape, num_samples, max_new_tokens, cfg, tuple(stop_token_ids), pad_id)
+    if static not in _compiled:
+        _compiled.add(static)
+        log.info("sampler: compiling for prompts %s, %d samples, %d new tokens, %s", ids.shape,
+                 num_samples, max_new_tokens, cfg)
+    kwargs = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, cfg=cfg,
+                  stop_ids=tuple(int(s) for s in stop_token_ids), pad_id=pad_id)
+    if mesh is None:
+        out = sample(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), key, **kwargs)
+    else:
+        with jax.set_mesh(mesh), sharding.use_rules(sharding.SAMPLING_RULES):
+            batch = sharding.shard_batch({"ids": ids, "mask": mask}, mesh, sharding.SAMPLING_RULES) \
+                if len(prompts) % _batch_ways(mesh) == 0 else {"ids": ids, "mask": mask}
+            out = sample(graphdef, state, batch["ids"], batch["mask"], key, **kwargs)
+    host = jax.device_get(out)
+    tokens = [row[:n].tolist() for row, n in zip(host.tokens, host.lengths)]
+    logprobs = [row[:n] for row, n in zip(host.logprobs, host.lengths)]
+    return GenerateOutput(tokens=tokens, logprobs=logprobs, stop_reason=host.stop_reason.tolist(),
+                          device=out, prompt_ids=ids, prompt_mask=mask)
+
+
+def _batch_ways(mesh) -> int:
+    return int(mesh.shape["data"] * mesh.shape["fsdp"])
