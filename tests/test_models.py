@@ -51,14 +51,18 @@ def test_save_round_trip_through_transformers(family, tmp_path):
 
     pos = np.maximum(mask.cumsum(-1) - 1, 0)
     with torch.no_grad():
-        got = reloaded(input_ids=torch.tensor(ids, dtype=torch.long),
-                       attention_mask=torch.tensor(mask, dtype=torch.long),
-                       position_ids=torch.tensor(pos)).logits.numpy()
+        got = reloaded(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            position_ids=torch.tensor(pos),
+        ).logits.numpy()
     real = mask.astype(bool)
     np.testing.assert_allclose(got[real], ref[real], atol=1e-6)
     # ... and r1jax reads its own output back identically.
     again = hf.load(out)
-    for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(again))):
+    for (p, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(again))
+    ):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(p))
 
 
@@ -73,13 +77,18 @@ def test_save_shards_above_size_and_loads_from_index(tmp_path):
     assert sum(f.endswith(".safetensors") for f in files) > 1
     again = hf.load(out)
     ids, mask = left_padded_batch()
-    np.testing.assert_array_equal(np.asarray(again(jnp.asarray(ids), attention_mask=jnp.asarray(mask))),
-                                  np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))))
+    np.testing.assert_array_equal(
+        np.asarray(again(jnp.asarray(ids), attention_mask=jnp.asarray(mask))),
+        np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))),
+    )
     assert transformers.AutoModelForCausalLM.from_pretrained(out) is not None
 
 
-MESHES = {"fsdp8": dict(fsdp=8), "fsdp4_tp2": dict(fsdp=4, tensor=2),
-          "dp2_fsdp2_tp2": dict(data=2, fsdp=2, tensor=2)}
+MESHES = {
+    "fsdp8": dict(fsdp=8),
+    "fsdp4_tp2": dict(fsdp=4, tensor=2),
+    "dp2_fsdp2_tp2": dict(data=2, fsdp=2, tensor=2),
+}
 
 
 @pytest.mark.parametrize("mesh_name", sorted(MESHES))
@@ -105,7 +114,8 @@ def test_sharded_forward_equals_single_device(mesh_name):
     fsdp, tp = mesh.shape["fsdp"], mesh.shape["tensor"]
     q = model.layers[0].attn.q_dnh[...]  # [D=64, N=4, H=16]: embed->fsdp, heads->tensor
     assert q.sharding.spec == jax.sharding.PartitionSpec(
-        "fsdp" if fsdp > 1 else None, "tensor" if tp > 1 else None, None)
+        "fsdp" if fsdp > 1 else None, "tensor" if tp > 1 else None, None
+    )
     shard_shape = q.addressable_shards[0].data.shape
     assert shard_shape == (64 // fsdp, 4 // tp, 16)
     gate = model.layers[0].mlp.gate_df[...]  # [D, F=96]
@@ -115,10 +125,12 @@ def test_sharded_forward_equals_single_device(mesh_name):
 def test_indivisible_dimension_falls_back_to_replication():
     mesh = sharding.make_mesh(fsdp=2, tensor=4)
     # kv_heads=2 cannot split 4 ways; heads=4 can.
-    assert sharding.logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 2, 16), mesh) == \
-        jax.sharding.PartitionSpec("fsdp", None, None)
-    assert sharding.logical_to_spec(("embed", "heads", "head_dim"), (64, 4, 16), mesh) == \
-        jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    assert sharding.logical_to_spec(
+        ("embed", "kv_heads", "head_dim"), (64, 2, 16), mesh
+    ) == jax.sharding.PartitionSpec("fsdp", None, None)
+    assert sharding.logical_to_spec(
+        ("embed", "heads", "head_dim"), (64, 4, 16), mesh
+    ) == jax.sharding.PartitionSpec("fsdp", "tensor", None)
 
 
 def test_bfloat16_params_and_compute_give_float32_logits():
@@ -133,8 +145,15 @@ def test_bfloat16_params_and_compute_give_float32_logits():
 
 
 def test_remat_gives_same_loss_and_gradient():
-    cfg = ModelConfig.tiny(num_layers=2, vocab_size=64, hidden_size=32, intermediate_size=48,
-                           num_heads=4, num_kv_heads=2, head_dim=8)
+    cfg = ModelConfig.tiny(
+        num_layers=2,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+    )
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 8)), jnp.int32)
 
     def loss_and_grad(remat):

@@ -39,13 +39,19 @@ def test_greedy_matches_transformers_generate():
 
 def test_greedy_cached_equals_full_recomputation():
     out = sampling.generate(model(), PROMPTS, max_new_tokens=10, temperature=0.0)
-    forward = jax.jit(lambda ids: model()(ids))
+    # Recompute the whole forward at every step; right padding to one length keeps it one compile
+    # (causal attention means the pads after the last real token cannot affect it).
+    length = max(map(len, PROMPTS)) + 10
+    forward = jax.jit(lambda ids, mask: model()(ids, attention_mask=mask))
     for prompt, ours in zip(PROMPTS, out.tokens):
         seq = list(prompt)
         for _ in range(10):
-            logits = forward(jnp.asarray([seq], jnp.int32))
-            seq.append(int(jnp.argmax(logits[0, -1])))
-        assert ours == seq[len(prompt) :]
+            ids = np.zeros((1, length), np.int32)
+            ids[0, :len(seq)] = seq
+            mask = (np.arange(length) < len(seq)).astype(np.int32)[None]
+            logits = forward(jnp.asarray(ids), jnp.asarray(mask))
+            seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+        assert ours == seq[len(prompt):]
 
 
 def test_logprobs_equal_training_forward():

@@ -1,0 +1,194 @@
+"""Text for the toy model: a pretraining corpus and readable long-CoT cold-start examples.
+
+The pretraining corpus is plain text documents that solve *train-split* problems, some tersely and
+some step by step, and contains no ``<think>``/``<answer>`` tags anywhere, so the R1-Zero stage has
+to discover that format from the prompt. The cold-start examples use exactly that format.
+
+Document kinds (mixed by ``mix`` weights):
+- "terse": question and bare answer ("Q: What is 3 + 4?\\nA: 7").
+- "steps": a worked solution followed by "The answer is N.".
+- "dialogue": "User: ...\\nAssistant: ..." exchanges, the register the R1-Zero prompt ends in.
+- "format": an instruction to put the work and the result between two named tags (drawn from a
+  list that never includes think/answer), followed by a reply that does. A real base model has
+  seen such text on the web; without it a tiny model has no way to follow the R1-Zero template's
+  instruction at all. Set its weight to 0 to study the harder setting.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+
+from r1jax.data.arithmetic import ArithmeticTask
+from r1jax.data.countdown import CountdownTask
+from r1jax.data.tasks import Task, make_dataset
+from r1jax.data.templates import think_answer
+
+DOC_KINDS = ("terse", "steps", "dialogue", "format")
+DEFAULT_MIX = {"terse": 0.3, "steps": 0.3, "dialogue": 0.2, "format": 0.2}
+FORBIDDEN_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+FORMAT_TAGS = (
+    ("work", "result"),
+    ("scratch", "final"),
+    ("steps", "value"),
+    ("calc", "out"),
+    ("notes", "reply"),
+    ("reasoning", "output"),
+)
+_TERSE_FORMS = ("Question: {p}\nAnswer: {s}", "Q: {p}\nA: {s}", "{t}")
+
+
+def default_tasks() -> tuple[Task, ...]:
+    """The built-in tasks at their default difficulty: arithmetic (+, -) and Countdown."""
+    return (ArithmeticTask(), CountdownTask())
+
+
+def _render(kind: str, rows: list[dict], rng: random.Random) -> str:
+    if kind == "terse":
+        form = rng.choice(_TERSE_FORMS)
+        return "\n\n".join(form.format(p=r["prompt"], s=r["solution"], t=r["terse"]) for r in rows)
+    if kind == "steps":
+        return "\n\n".join(
+            f"Problem: {r['prompt']}\nSolution:\n{r['steps']}\nThe answer is {r['solution']}."
+            for r in rows
+        )
+    if kind == "dialogue":
+        turns = []
+        for r in rows:
+            body = r["steps"] if rng.random() < 2 / 3 else r["terse"]
+            # Half on one line, as the R1-Zero prompt writes "User: ... Assistant:".
+            sep = "\n" if rng.random() < 0.5 else " "
+            turns.append(
+                f"User: {r['prompt']}{sep}Assistant: {body}\nThe answer is {r['solution']}."
+            )
+        return "\n".join(turns)
+    if kind == "format":
+        w, a = rng.choice(FORMAT_TAGS)
+        head = (
+            f"Write the working inside <{w}> </{w}> and the result inside <{a}> </{a}>, "
+            f"i.e., <{w}> working here </{w}> <{a}> result here </{a}>."
+        )
+        body = [
+            f"Question: {r['prompt']}\nReply: <{w}> {r['steps']} </{w}> <{a}> "
+            f"{r['solution']} </{a}>"
+            for r in rows
+        ]
+        return head + "\n" + "\n\n".join(body)
+    raise ValueError(f"unknown document kind {kind!r}; expected one of {DOC_KINDS}")
+
+
+def pretrain_corpus(
+    n_docs: int,
+    *,
+    seed: int,
+    tasks: Sequence[Task] | None = None,
+    eval_fraction: float = 0.1,
+    mix: Mapping[str, float] | None = None,
+    max_problems_per_doc: int = 4,
+) -> list[str]:
+    """Plain-text pretraining documents built from train-split problems only.
+
+    Args:
+      n_docs: number of documents.
+      seed: random seed (same arguments, same corpus).
+      tasks: task objects (default: ``default_tasks()``), chosen uniformly per document.
+      eval_fraction: must equal the one used for the eval set, so no eval problem leaks in.
+      mix: weight per document kind (keys from ``DOC_KINDS``; missing kinds get 0).
+      max_problems_per_doc: each document holds 1..this many problems.
+    Returns:
+      ``n_docs`` strings with no think/answer tags; join them with the EOS token to train.
+    """
+    tasks = tuple(tasks or default_tasks())
+    mix = dict(DEFAULT_MIX if mix is None else mix)
+    unknown = set(mix) - set(DOC_KINDS)
+    if unknown or sum(mix.values()) <= 0 or min(mix.values()) < 0:
+        raise ValueError(
+            f"mix must give non-negative weights to {DOC_KINDS} with a positive sum, got {mix}"
+        )
+    rng = random.Random(f"corpus|{seed}")
+    kinds = [k for k in DOC_KINDS if mix.get(k, 0) > 0]
+    plan = [
+        (
+            rng.randrange(len(tasks)),
+            rng.choices(kinds, [mix[k] for k in kinds])[0],
+            rng.randint(1, max_problems_per_doc),
+        )
+        for _ in range(n_docs)
+    ]
+    pools = []
+    for t, task in enumerate(tasks):
+        need = sum(k for i, _, k in plan if i == t)
+        pools.append(
+            iter(
+                make_dataset(
+                    task,
+                    need,
+                    seed=seed,
+                    split="train",
+                    eval_fraction=eval_fraction,
+                    unique=False,
+                    stream="corpus",
+                )
+            )
+        )
+    docs = []
+    for t, kind, k in plan:
+        doc = _render(kind, [next(pools[t]) for _ in range(k)], rng)
+        if any(tag in doc for tag in FORBIDDEN_TAGS):
+            raise ValueError(f"a corpus document contains a think/answer tag:\n{doc[:300]}")
+        docs.append(doc)
+    return docs
+
+
+def cold_start_examples(
+    n: int,
+    *,
+    seed: int,
+    tasks: Sequence[Task] | None = None,
+    eval_fraction: float = 0.1,
+    mistake_rate: float = 0.3,
+) -> list[dict]:
+    """Readable long chain-of-thought examples in the ``<think>…</think><answer>…</answer>`` format.
+
+    Args:
+      n: number of examples, spread over ``tasks`` in turn.
+      seed: random seed.
+      tasks: task objects (default: ``default_tasks()``).
+      eval_fraction: as for the eval set; examples come from the train split only.
+      mistake_rate: how often a chain of thought contains a slip that it notices and corrects
+        (arithmetic) or failed attempts before the solution (Countdown).
+    Returns:
+      Rows ``{"prompt", "completion", "messages", "solution", "task", "meta"}``: ``completion``
+      is ``think_answer(reasoning, solution)``; ``messages`` is the same pair as a user/assistant
+      chat, for chat-templated SFT.
+    """
+    tasks = tuple(tasks or default_tasks())
+    rng = random.Random(f"cold_start|{seed}")
+    counts = [n // len(tasks) + (i < n % len(tasks)) for i in range(len(tasks))]
+    per_task = [
+        iter(
+            make_dataset(
+                task, c, seed=seed, split="train", eval_fraction=eval_fraction, stream="cold_start"
+            )
+        )
+        for task, c in zip(tasks, counts, strict=True)
+    ]
+    out = []
+    for i in range(n):
+        t = i % len(tasks)
+        row = next(per_task[t])
+        completion = think_answer(tasks[t].long_cot(row, rng, mistake_rate), row["solution"])
+        out.append(
+            {
+                "prompt": row["prompt"],
+                "completion": completion,
+                "messages": [
+                    {"role": "user", "content": row["prompt"]},
+                    {"role": "assistant", "content": completion},
+                ],
+                "solution": row["solution"],
+                "task": row["task"],
+                "meta": row["meta"],
+            }
+        )
+    return out

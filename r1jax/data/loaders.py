@@ -1,0 +1,453 @@
+"""Local JSONL / JSON / Parquet datasets -> normalised rows, with shape detection and sharding.
+
+Every loaded row has the same keys::
+
+    {"prompt": str, "solution": str | None, "tests": [{"input": str, "output": str}] | None,
+     "language": str | None, "messages": [{"role", "content"}] | None,
+     "task": "math" | "code" | "chat" | a built-in task name, "source": shape name}
+
+plus ``meta`` when the file has it (rows written from ``r1jax.data.make_dataset``) and any
+columns named in ``keep``.
+
+Recognised shapes (detected from the column names, or forced with ``shape=``):
+
+| shape    | columns                                  | solution taken from            |
+|----------|------------------------------------------|--------------------------------|
+| code     | question/problem/prompt + input_output or tests | (tests instead of a solution) |
+| gsm8k    | question, answer                         | the text after the last "####" |
+| aime     | problem, answer (also MATH-500)          | answer, as a string            |
+| math     | problem, solution                        | the last ``\\boxed{…}``          |
+| generic  | prompt, solution                         | solution, as a string          |
+| chat     | messages                                 | none (SFT data)                |
+
+``field_map`` renames columns per canonical field (``{"prompt": "q", "solution": "a"}``); with
+``shape="auto"`` a field map that names the prompt and a solution/tests/messages column replaces
+detection and takes values as they are ("custom").
+
+Notable choices:
+- A row with no usable prompt, or (when ``require_solution``) no solution and no tests, is
+  skipped and counted by reason in ``LoadStats``; loading fails only when no row survives.
+- A malformed JSON line raises an error naming file and line, or with ``on_bad_json="skip"`` is
+  skipped and counted. A JSON line that is not an object counts as malformed.
+- Multi-host: every process reads the same files in the same order and keeps every
+  ``process_count``-th row from ``process_index``; with ``even`` the total is first cut to a
+  multiple of ``process_count`` so all hosts step the same number of times.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import json
+import os
+import pathlib
+from collections.abc import Iterator, Mapping, Sequence
+
+SAMPLES_DIR = pathlib.Path(__file__).parent / "samples"
+FIELDS = ("prompt", "solution", "tests", "language", "messages")
+SHAPES = ("auto", "code", "gsm8k", "aime", "math", "generic", "chat", "custom")
+_PROMPT_COLUMNS = ("question", "problem", "prompt", "description")
+_MAX_EXAMPLES = 5
+
+
+@dataclasses.dataclass
+class LoadStats:
+    """What ``load_rows`` read and why rows were dropped (counts are over all processes' rows)."""
+
+    rows_read: int = 0
+    rows_kept: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    shapes: dict[str, str] = dataclasses.field(default_factory=dict)
+    examples: list[str] = dataclasses.field(default_factory=list)
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.examples) < _MAX_EXAMPLES:
+            self.examples.append(f"{where}: {reason}")
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        return f"read {self.rows_read} rows, kept {self.rows_kept}, skipped: {reasons}"
+
+
+def sample_path(name: str) -> pathlib.Path:
+    """Path of a shipped sample file, e.g. ``sample_path("gsm8k_sample.jsonl")``."""
+    return SAMPLES_DIR / name
+
+
+# --------------------------------------------------------------------------------------------
+# Answer extraction per shape
+# --------------------------------------------------------------------------------------------
+
+
+def gsm8k_answer(text: object) -> str | None:
+    """The number after the last "####" of a GSM8K answer, thousands commas removed."""
+    if not isinstance(text, str) or "####" not in text:
+        return None
+    answer = text.rsplit("####", 1)[1].strip().replace(",", "")
+    return answer or None
+
+
+def extract_boxed(text: object) -> str | None:
+    """Contents of the last ``\\boxed{…}`` (or ``\\fbox{…}``), braces balanced; None if absent."""
+    if not isinstance(text, str):
+        return None
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth, j = 1, i
+    while j < len(text):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                content = text[i:j].strip()
+                return content or None
+        j += 1
+    return None
+
+
+def _scalar_answer(value: object) -> str | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float | str):
+        s = str(value).strip()
+        return s or None
+    return None
+
+
+def _io_text(value: object) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
+        return "\n".join(map(str, value))
+    return None
+
+
+def parse_tests(value: object) -> list[dict] | None:
+    """stdin/stdout tests from the common code-dataset encodings, or None if none are usable.
+
+    Accepts a JSON string or object ``{"inputs": [...], "outputs": [...]}`` (APPS/TACO; also
+    ``"input"/"output"`` lists, as code_contests), or a list of ``{"input", "output"}`` dicts.
+    Call-based tests (APPS rows with ``fn_name``) are not stdin tests and give None.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return None
+    pairs: list[tuple[object, object]] = []
+    if isinstance(value, dict):
+        if value.get("fn_name"):
+            return None
+        ins = value.get("inputs", value.get("input"))
+        outs = value.get("outputs", value.get("output"))
+        if not isinstance(ins, list) or not isinstance(outs, list) or len(ins) != len(outs):
+            return None
+        pairs = list(zip(ins, outs, strict=True))
+    elif isinstance(value, list):
+        for t in value:
+            if not isinstance(t, dict) or "input" not in t or "output" not in t:
+                return None
+            pairs.append((t["input"], t["output"]))
+    else:
+        return None
+    tests = []
+    for i, o in pairs:
+        i, o = _io_text(i), _io_text(o)
+        if i is None or o is None:
+            return None
+        tests.append({"input": i, "output": o})
+    return tests or None
+
+
+_SOLUTION_PARSERS = {"gsm8k": gsm8k_answer, "math": extract_boxed}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------
+
+
+def _expand(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    out = []
+    for p in map(os.fspath, paths):
+        if any(c in p for c in "*?["):
+            matches = sorted(glob.glob(p))
+            if not matches:
+                raise FileNotFoundError(f"no dataset files match {p!r}")
+            out.extend(matches)
+        elif not os.path.isfile(p):
+            raise FileNotFoundError(f"dataset file not found: {p}")
+        else:
+            out.append(p)
+    if not out:
+        raise ValueError("no dataset paths given")
+    return out
+
+
+def _read_records(path: str, on_bad_json: str, stats: LoadStats) -> Iterator[tuple[str, dict]]:
+    """Yield (location, object) per data row; location is "file:line" or "file:row N"."""
+    suffix = path.lower()
+    if suffix.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for a corrupt file
+            raise ValueError(f"cannot read Parquet file {path}: {e}") from None
+        n = 0
+        for batch in pf.iter_batches(batch_size=4096):
+            for obj in batch.to_pylist():
+                stats.rows_read += 1
+                yield f"{path}:row {n}", obj
+                n += 1
+        return
+    if suffix.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            head = f.read(1 << 12).lstrip()
+        if head.startswith("["):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    items = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: malformed JSON array ({e}); fix the file") from None
+            for n, obj in enumerate(items):
+                stats.rows_read += 1
+                if not isinstance(obj, dict):
+                    if on_bad_json == "error":
+                        raise ValueError(f"{path}[{n}]: element is not a JSON object")
+                    stats.skip("bad_json", f"{path}[{n}]")
+                    continue
+                yield f"{path}[{n}]", obj
+            return
+    elif not suffix.endswith((".jsonl", ".jsonl.txt", ".ndjson")):
+        raise ValueError(
+            f"unsupported dataset file type: {path} (expected .jsonl, .json or .parquet)"
+        )
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            stats.rows_read += 1
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+                problem = None if isinstance(obj, dict) else "line is not a JSON object"
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                problem = f"malformed JSON ({e})"
+            if problem is not None:
+                if on_bad_json == "error":
+                    raise ValueError(
+                        f"{path}:{lineno}: {problem}; fix or remove that line, or "
+                        "load with on_bad_json='skip'"
+                    )
+                stats.skip("bad_json", f"{path}:{lineno}")
+                continue
+            yield f"{path}:{lineno}", obj
+
+
+def detect_shape(columns: Sequence[str]) -> tuple[str, dict[str, str]]:
+    """Recognise a dataset shape from its column names.
+
+    Returns:
+      ``(shape, mapping)`` where mapping sends canonical fields to column names.
+    Raises:
+      ValueError naming the columns when no shape matches.
+    """
+    cols = set(columns)
+    prompt_col = next((c for c in _PROMPT_COLUMNS if c in cols), None)
+    extra = {f: f for f in ("language", "messages") if f in cols}
+    if prompt_col and ({"input_output", "tests"} & cols):
+        tests_col = "input_output" if "input_output" in cols else "tests"
+        return "code", {"prompt": prompt_col, "tests": tests_col, **extra}
+    if {"question", "answer"} <= cols:
+        return "gsm8k", {"prompt": "question", "solution": "answer", **extra}
+    if {"problem", "answer"} <= cols:
+        return "aime", {"prompt": "problem", "solution": "answer", **extra}
+    if {"problem", "solution"} <= cols:
+        return "math", {"prompt": "problem", "solution": "solution", **extra}
+    if {"prompt", "solution"} <= cols:
+        return "generic", {"prompt": "prompt", "solution": "solution", **extra}
+    if "messages" in cols:
+        return "chat", {**({"prompt": "prompt"} if "prompt" in cols else {}), **extra}
+    raise ValueError(
+        f"cannot recognise the dataset shape from columns {sorted(cols)}; pass "
+        "field_map={'prompt': <column>, 'solution': <column>} (or 'tests')"
+    )
+
+
+def _forced_mapping(shape: str, columns: set[str]) -> dict[str, str]:
+    """The mapping of an explicitly named shape (columns only pick among its alternatives)."""
+    prompt_col = next((c for c in _PROMPT_COLUMNS if c in columns), "question")
+    fixed = {
+        "gsm8k": {"prompt": "question", "solution": "answer"},
+        "aime": {"prompt": "problem", "solution": "answer"},
+        "math": {"prompt": "problem", "solution": "solution"},
+        "generic": {"prompt": "prompt", "solution": "solution"},
+        "chat": {"messages": "messages"},
+        "code": {
+            "prompt": prompt_col,
+            "tests": "input_output" if "input_output" in columns else "tests",
+        },
+        "custom": {},
+    }[shape]
+    return {**fixed, **{f: f for f in ("language", "messages") if f in columns}}
+
+
+def _messages(value: object) -> list[dict] | None:
+    if not isinstance(value, list) or not value:
+        return None
+    for m in value:
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            return None
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _normalise(
+    obj: dict,
+    shape: str,
+    mapping: Mapping[str, str],
+    *,
+    require_solution: bool,
+    language: str | None,
+    keep: Sequence[str],
+) -> tuple[dict | None, str | None]:
+    """One raw record -> (normalised row, None) or (None, skip reason)."""
+    messages = _messages(obj.get(mapping["messages"])) if "messages" in mapping else None
+    prompt = obj.get(mapping["prompt"]) if "prompt" in mapping else None
+    if not (isinstance(prompt, str) and prompt.strip()) and messages:
+        prompt = next((m["content"] for m in messages if m["role"] == "user"), None)
+    if not (isinstance(prompt, str) and prompt.strip()):
+        return None, "no_prompt"
+    solution = None
+    if "solution" in mapping:
+        solution = _SOLUTION_PARSERS.get(shape, _scalar_answer)(obj.get(mapping["solution"]))
+    tests = parse_tests(obj.get(mapping["tests"])) if "tests" in mapping else None
+    if require_solution and solution is None and tests is None:
+        return None, "no_tests" if "tests" in mapping else "no_solution"
+    row_language = obj.get(mapping["language"]) if "language" in mapping else None
+    task = obj.get("task")
+    if not isinstance(task, str):
+        task = "code" if tests else ("math" if solution is not None else "chat")
+    row = {
+        "prompt": prompt,
+        "solution": solution,
+        "tests": tests,
+        "language": row_language if isinstance(row_language, str) else language,
+        "messages": messages,
+        "task": task,
+        "source": shape,
+    }
+    if "meta" in obj:
+        row["meta"] = obj["meta"]
+    for col in keep:
+        row[col] = obj.get(col)
+    return row, None
+
+
+def shard_rows(
+    rows: Sequence, process_index: int, process_count: int, *, even: bool = True
+) -> list:
+    """This process's share of ``rows``: every ``process_count``-th from ``process_index``.
+
+    With ``even``, rows past the last multiple of ``process_count`` are dropped first, so every
+    process gets the same number (multi-host jit steps must match across hosts).
+    """
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"need 0 <= process_index < process_count, got {process_index}, {process_count}"
+        )
+    if even:
+        rows = rows[: len(rows) - len(rows) % process_count]
+    if not rows:
+        raise ValueError(f"no rows left to shard over {process_count} processes")
+    return list(rows[process_index::process_count])
+
+
+def load_rows(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    shape: str = "auto",
+    field_map: Mapping[str, str] | None = None,
+    require_solution: bool = True,
+    on_bad_json: str = "error",
+    language: str | None = "en",
+    keep: Sequence[str] = (),
+    limit: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    even: bool = True,
+) -> tuple[list[dict], LoadStats]:
+    """Load, normalise, filter and shard rows from local dataset files.
+
+    Args:
+      paths: a file, a glob pattern, or a list of them (.jsonl, .json, .parquet).
+      shape: one of ``SHAPES``; "auto" detects per file from its columns.
+      field_map: canonical field -> column name overrides (fields: ``FIELDS``).
+      require_solution: skip rows with neither a solution nor tests (False for SFT chat data).
+      on_bad_json: "error" (raise, naming file and line) or "skip" (count and go on).
+      language: the natural language assumed where a row has no language column.
+      keep: extra columns to carry through unchanged.
+      limit: keep at most this many rows (before sharding).
+      process_index, process_count, even: multi-host sharding (see ``shard_rows``).
+    Returns:
+      ``(rows, stats)``: this process's normalised rows, and counts over all rows read.
+    Raises:
+      FileNotFoundError for missing files; ValueError for malformed JSON (unless skipped), an
+      unrecognisable shape, or when no usable row is left.
+    """
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    if on_bad_json not in ("error", "skip"):
+        raise ValueError(f"on_bad_json must be 'error' or 'skip', got {on_bad_json!r}")
+    field_map = dict(field_map or {})
+    if set(field_map) - set(FIELDS):
+        raise ValueError(f"field_map keys must be among {FIELDS}, got {sorted(field_map)}")
+    files = _expand(paths)
+    stats = LoadStats()
+    rows: list[dict] = []
+    for path in files:
+        records = list(_read_records(path, on_bad_json, stats))
+        columns = {c for _, obj in records[:100] for c in obj}
+        if shape != "auto":
+            file_shape, mapping = shape, {**_forced_mapping(shape, columns), **field_map}
+        elif "prompt" in field_map and {"solution", "tests", "messages"} & set(field_map):
+            file_shape, mapping = "custom", field_map
+        elif records:
+            file_shape, mapping = detect_shape(sorted(columns))
+            mapping = {**mapping, **field_map}
+        else:
+            continue
+        stats.shapes[path] = file_shape
+        for where, obj in records:
+            row, reason = _normalise(
+                obj,
+                file_shape,
+                mapping,
+                require_solution=require_solution,
+                language=language,
+                keep=keep,
+            )
+            if row is None:
+                stats.skip(reason, where)
+            else:
+                rows.append(row)
+    if limit is not None:
+        rows = rows[:limit]
+    stats.rows_kept = len(rows)
+    if not rows:
+        raise ValueError(
+            f"no usable rows in {', '.join(files)}: {stats.summary()}; e.g. "
+            f"{'; '.join(stats.examples) or 'the files are empty'}. Check the "
+            "field_map / shape, or pass require_solution=False for SFT data"
+        )
+    return shard_rows(rows, process_index, process_count, even=even), stats

@@ -1,0 +1,108 @@
+"""Prompt templates: the R1-Zero template, chat templating, and the think/answer completion format.
+
+Notable choices:
+- ``R1_ZERO_TEMPLATE`` is Table 1 of the DeepSeek-R1 paper word for word. The paper writes
+  "User: prompt. Assistant:"; the period is added only when the question does not already end in
+  ".", "?" or "!", so "What is 3 + 4?" does not become "What is 3 + 4?.".
+- ``prefill_think`` appends " <think>" after "Assistant:" (as TinyZero and many R1-Zero
+  reproductions do) so a weak base model starts inside the reasoning block; the completion then
+  begins with the reasoning itself and the format reward must be given the prefilled tag back
+  (``completion_prefix``).
+- Chat prompts go through ``tokenizer.apply_chat_template``, so instruct models get their own
+  template; ``R1_SYSTEM_PROMPT`` carries the same instruction as the R1-Zero template for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+R1_SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then "
+    "provides the user with the answer. The reasoning process and answer are enclosed within "
+    "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process "
+    "here </think> <answer> answer here </answer>."
+)
+R1_ZERO_TEMPLATE = R1_SYSTEM_PROMPT + " User: {prompt} Assistant:"
+THINK_PREFILL = " <think>"
+TEMPLATES = ("r1_zero", "chat", "plain")
+
+
+def _sentence(question: str) -> str:
+    q = question.strip()
+    return q if q.endswith((".", "?", "!")) else q + "."
+
+
+def r1_zero_prompt(question: str, *, prefill_think: bool = False) -> str:
+    """The paper's R1-Zero prompt for one question (ends with "Assistant:" or " <think>")."""
+    prompt = R1_ZERO_TEMPLATE.format(prompt=_sentence(question))
+    return prompt + THINK_PREFILL if prefill_think else prompt
+
+
+def chat_prompt(
+    tokenizer, question: str, *, system: str | None = None, prefill_think: bool = False
+) -> str:
+    """A chat-templated prompt ending in the assistant turn's header (add_generation_prompt).
+
+    Args:
+      tokenizer: any HF tokenizer with a chat template.
+      question: the user message.
+      system: optional system message (e.g. ``R1_SYSTEM_PROMPT``).
+      prefill_think: append "<think>\\n" so generation starts inside the reasoning block.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has no chat template; use "
+            "template='r1_zero' or a tokenizer that defines one"
+        )
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": question}
+    ]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + "<think>\n" if prefill_think else text
+
+
+def format_prompts(
+    questions: Sequence[str],
+    template: str,
+    *,
+    tokenizer=None,
+    system: str | None = None,
+    prefill_think: bool = False,
+) -> list[str]:
+    """Apply one template to a list of questions.
+
+    Args:
+      template: "r1_zero" (paper template), "chat" (tokenizer's chat template; needs tokenizer),
+        or "plain" (the question unchanged).
+    Returns:
+      One prompt string per question.
+    """
+    if template == "r1_zero":
+        return [r1_zero_prompt(q, prefill_think=prefill_think) for q in questions]
+    if template == "chat":
+        if tokenizer is None:
+            raise ValueError("template='chat' needs a tokenizer")
+        return [
+            chat_prompt(tokenizer, q, system=system, prefill_think=prefill_think) for q in questions
+        ]
+    if template == "plain":
+        return list(questions)
+    raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
+
+
+def completion_prefix(template: str, prefill_think: bool) -> str:
+    """The part of the think/answer format already in the prompt, to prepend to completions
+    before format scoring ("<think>" when prefilled, else "")."""
+    if not prefill_think:
+        return ""
+    return "<think>" if template == "r1_zero" else "<think>\n"
+
+
+def think_answer(reasoning: str, answer: str) -> str:
+    """The R1 completion format.
+
+    Returns:
+      ``"<think>\\n{reasoning}\\n</think>\\n<answer>{answer}</answer>"``, both parts stripped.
+    """
+    return f"<think>\n{reasoning.strip()}\n</think>\n<answer>{answer.strip()}</answer>"

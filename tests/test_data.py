@@ -1,0 +1,706 @@
+"""Tests for r1jax.data: tasks and verifiers, splits, corpus, tokenizer, templates, loaders,
+batching. Host-only (no JAX); the toy tokenizer is trained once per module on a small corpus."""
+
+import ast
+import collections
+import json
+import operator
+import re
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+import r1jax.data as data
+from r1jax.data import countdown
+from r1jax.data import tokenizer as toktool
+
+# --------------------------------------------------------------------------------------------
+# Independent references
+# --------------------------------------------------------------------------------------------
+
+_AST_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+}
+
+
+def ref_eval(expr: str) -> tuple[Fraction, list[int]]:
+    """Evaluate + - * / integer expressions with Python's own parser, exactly."""
+    used = []
+
+    def walk(node):
+        if isinstance(node, ast.BinOp) and type(node.op) in _AST_OPS:
+            return _AST_OPS[type(node.op)](walk(node.left), walk(node.right))
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            used.append(node.value)
+            return Fraction(node.value)
+        raise AssertionError(f"unexpected node {ast.dump(node)}")
+
+    return walk(ast.parse(expr, mode="eval").body), used
+
+
+def problem_key(row):
+    meta = row["meta"]
+    if row["task"] == "arithmetic":
+        a, b = meta["operands"]
+        return (meta["op"], *(sorted((a, b)) if meta["op"] in "+*" else (a, b)))
+    return (tuple(sorted(meta["numbers"])), meta["target"])
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------------------------
+
+ARITH_KNOBS = [
+    dict(ops=("+",), max_digits=5),
+    dict(ops=("-",), max_digits=5),
+    dict(ops=("-",), max_digits=3, allow_negative=True),
+    dict(ops=("*",), max_digits=4),
+    dict(ops=("*",), max_digits=3, max_multiplier_digits=3),
+]
+
+
+@pytest.mark.parametrize(
+    "name,knobs", [("arithmetic", dict(ops=("+", "-", "*"))), ("countdown", {})]
+)
+def test_make_dataset_is_deterministic_by_seed(name, knobs):
+    task = data.make_task(name, **knobs)
+    a = data.make_dataset(task, 40, seed=3)
+    assert a == data.make_dataset(task, 40, seed=3)
+    assert a != data.make_dataset(task, 40, seed=4)
+    assert a != data.make_dataset(task, 40, seed=3, stream="other")
+    assert set(a[0]) == {"prompt", "solution", "task", "steps", "terse", "meta"}
+
+
+@pytest.mark.parametrize("knobs", ARITH_KNOBS)
+def test_arithmetic_solutions_and_written_steps_are_exact(knobs):
+    rows = data.make_dataset(data.make_task("arithmetic", **knobs), 60, seed=0)
+    line_re = re.compile(
+        r"^([a-z-]+|column \d+): (\d+) ([-+*]) (\d+) ([-+]) (\d+) = (-?\d+), "
+        r"write (\d) (carry|borrow) (\d+)\.$"
+    )
+    for row in rows:
+        a, op, b = re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\?", row["prompt"]).groups()
+        a, b = int(a), int(b)
+        want = {"+": a + b, "-": a - b, "*": a * b}[op]
+        if op == "-" and not knobs.get("allow_negative"):
+            assert want >= 0
+        assert row["solution"] == str(want)
+        assert row["terse"] == f"{a} {op} {b} = {want}"
+        assert row["steps"].splitlines()[-1].endswith(f"= {want}.")
+        written = []
+        for line in row["steps"].splitlines():
+            m = line_re.match(line)
+            if m is None:
+                continue
+            x, o1, y, o2, z, value, digit, kind, carry = m.groups()[1:]
+            x, y, z, value = int(x), int(y), int(z), int(value)
+            got = {"+": x + y, "-": x - y, "*": x * y}[o1]
+            got = got + z if o2 == "+" else got - z
+            assert got == value, line
+            assert int(digit) == value % 10, line
+            assert int(carry) == (value // 10 if kind == "carry" else int(value < 0)), line
+            written.append(digit)
+        if op == "+" or (op == "*" and b < 10):
+            # The written digits read from the last column back (after a final carry) are
+            # the answer.
+            final = re.search(r"write the carry (\d+)\.", row["steps"])
+            number = (final.group(1) if final else "") + "".join(reversed(written))
+            assert int(number) == want
+        if op == "-" and want >= 0:
+            assert int("".join(reversed(written))) == want
+        assert data.verify("arithmetic", row["solution"], row)
+        assert not data.verify("arithmetic", str(want + 1), row)
+        assert not data.verify("arithmetic", str(want - 1), row)
+
+
+def test_arithmetic_verifier_exact_and_hostile():
+    row = {"solution": "1234", "task": "arithmetic"}
+    good = ["1234", " 1234 ", "1234.", "+1234", "1,234", "\n1234\n", "1234" + " " * 10_000]
+    bad = [
+        "",
+        "12 34",
+        "1,23,4",
+        "12345",
+        "1234.0",
+        "1e3",
+        "0x4D2",
+        "1234abc",
+        "١٢٣٤",
+        "1234\n1234",
+        "one thousand",
+        "-1234",
+        "9" * 100_000,
+        "(" * 10_000,
+        "\x00" * 50,
+    ]
+    for s in good:
+        assert data.verify("arithmetic", s, row), s
+    for s in bad:
+        assert not data.verify("arithmetic", s, row), s[:40]
+    for not_a_string in (None, 1234, ["1234"], b"1234"):
+        assert not data.verify("arithmetic", not_a_string, row)
+    assert data.verify("arithmetic", "-7", {"solution": "-7"})
+    with pytest.raises(ValueError, match="unknown task"):
+        data.verify("sudoku", "1", row)
+
+
+def test_countdown_rows_solve_their_problem_by_an_independent_evaluator():
+    for knobs in (
+        {},
+        dict(min_numbers=4, max_numbers=5, max_value=99, max_target=200),
+        dict(use_all=False),
+    ):
+        task = data.make_task("countdown", **knobs)
+        for row in data.make_dataset(task, 50, seed=1):
+            meta = row["meta"]
+            shown = [
+                int(x) for x in re.search(r"\[([\d, ]+)\]", row["prompt"]).group(1).split(", ")
+            ]
+            assert shown == meta["numbers"]
+            assert str(meta["target"]) in row["prompt"]
+            value, used = ref_eval(row["solution"])
+            assert value == meta["target"]
+            have, want = collections.Counter(used), collections.Counter(shown)
+            assert have == want if task.use_all else not have - want
+            assert data.verify("countdown", row["solution"], row)
+            assert data.verify("countdown", row["terse"], row)
+            # Each written step is true arithmetic.
+            for step in row["steps"].splitlines()[:-1]:
+                lhs, rhs = step.rstrip(".").split(" = ")
+                assert ref_eval(lhs)[0] == int(rhs), step
+
+
+def _cd_row(numbers, target, use_all=True):
+    return {
+        "task": "countdown",
+        "solution": "",
+        "meta": {"numbers": numbers, "target": target, "use_all": use_all},
+    }
+
+
+def test_countdown_verifier_rules_and_hostile_strings():
+    row = _cd_row([3, 25, 5, 75], 13)
+    good = [
+        "(75 - 25) / 5 + 3",
+        "(75-25)/5+3 = 13",
+        "(75 \u2212 25) \u00f7 5 + 3",
+        "3 + (75 - 25) / 5",
+        " ((75 - 25) / 5) + 3 ",
+        "(75 - 25) / 5 + 3.",
+        "(75 - 25) / 5 + 3" + " " * 10_000,
+    ]
+    bad = [
+        "(75 - 25) / 5 + 3 = 14",  # wrong stated result
+        "(75 - 25) / 5",  # 3 unused
+        "(75 - 25) / 5 + 3 + 0",  # 0 not given
+        "(75 - 25) / 5 + 3 + 3 - 3",  # 3 used three times
+        "75 / (25 - 25) + 5 + 3",  # division by zero
+        "13",
+        "-3 + 16",
+        "2**3",
+        "(75 - 25) / 5 + 3 = 13 = 13",
+        "(75 - 25 / 5 + 3",
+        "(75 - 25) / 5 + 3)",
+        "__import__('os').system('true')",
+        "75 - 25; 5 + 3",
+        "1.5 + 11.5",
+        "(" * 5000 + "13" + ")" * 5000,
+        "1" * 100_000,
+        "",
+        "   ",
+        "0x0D",
+        "\x00",
+        "(75 - 25) / 5 + 3" + " + 0" * 100,
+    ]
+    for s in good:
+        assert data.verify("countdown", s, row), s
+    for s in bad:
+        assert not data.verify("countdown", s, row), s[:40]
+    # Deep but short nesting is refused by the depth limit, not by recursion errors.
+    assert not data.verify("countdown", "(" * 100 + "1" + ")" * 100, _cd_row([1], 1))
+    # Exact fractions in intermediates are fine.
+    assert data.verify("countdown", "6 / (1 - 3 / 4)", _cd_row([1, 3, 4, 6], 24))
+    # The number rule: exactly once vs at most once.
+    assert not data.verify("countdown", "10 + 3", _cd_row([2, 3, 4, 10], 13, use_all=True))
+    assert data.verify("countdown", "10 + 3", _cd_row([2, 3, 4, 10], 13, use_all=False))
+    assert not data.verify("countdown", "10 + 3", _cd_row([2, 4, 10], 13, use_all=False))
+    assert not data.verify("countdown", "5 + 5 + 3", _cd_row([5, 3, 10], 13, use_all=False))
+    assert countdown.evaluate_expression("2 * (3 + 4) - 10 / 4") == (
+        Fraction(23, 2),
+        [2, 3, 4, 10, 4],
+    )
+
+
+def test_train_and_eval_splits_are_disjoint():
+    small = data.make_task("arithmetic", ops=("+", "*"), max_digits=2)
+    for task, n_train, n_eval in ((small, 400, 60), (data.make_task("countdown"), 300, 60)):
+        train = data.make_dataset(task, n_train, seed=0, split="train")
+        evals = data.make_dataset(task, n_eval, seed=0, split="eval")
+        train_keys, eval_keys = set(map(problem_key, train)), set(map(problem_key, evals))
+        assert len(eval_keys) == n_eval  # unique by default
+        assert not train_keys & eval_keys
+        # Another seed of the train split still never reaches an eval problem.
+        more = data.make_dataset(task, n_train, seed=9, split="train", unique=False)
+        assert not set(map(problem_key, more)) & eval_keys
+    with pytest.raises(ValueError, match="distinct eval problems"):
+        data.make_dataset(
+            data.make_task("arithmetic", ops=("+",), max_digits=1), 40, seed=0, split="eval"
+        )
+
+
+def test_task_knob_validation():
+    with pytest.raises(ValueError, match="unknown task"):
+        data.make_task("chess")
+    with pytest.raises(ValueError, match="ops"):
+        data.make_task("arithmetic", ops=("/",))
+    with pytest.raises(ValueError, match="min_digits"):
+        data.make_task("arithmetic", min_digits=3, max_digits=2)
+    with pytest.raises(ValueError, match="min_numbers"):
+        data.make_task("countdown", min_numbers=1)
+    with pytest.raises(ValueError, match="split"):
+        data.make_dataset("countdown", 1, seed=0, split="test")
+
+
+# --------------------------------------------------------------------------------------------
+# Corpus and cold start
+# --------------------------------------------------------------------------------------------
+
+
+def test_pretrain_corpus_has_no_tags_mixes_styles_and_excludes_eval_problems():
+    docs = data.pretrain_corpus(300, seed=0)
+    assert docs == data.pretrain_corpus(300, seed=0)
+    assert len(docs) == 300
+    text = "\n".join(docs)
+    for tag in ("<think>", "</think>", "<answer>", "</answer>"):
+        assert tag not in text
+    assert "The answer is" in text and "\nA: " in text  # step by step and terse
+    assert "User: " in text and "\nAssistant: " in text and "? Assistant: " in text
+    assert re.search(r"tens: \d \+ \d \+ \d = \d+, write", text)  # column steps
+    evals = [
+        r for t in data.default_tasks() for r in data.make_dataset(t, 100, seed=0, split="eval")
+    ]
+    assert not [r["prompt"] for r in evals if r["prompt"] in text]
+    only_terse = data.pretrain_corpus(20, seed=0, mix={"terse": 1.0})
+    assert not any("Solution:" in d or "User:" in d for d in only_terse)
+    with pytest.raises(ValueError, match="mix"):
+        data.pretrain_corpus(2, seed=0, mix={"poetry": 1.0})
+
+
+def test_cold_start_examples_are_well_formed_and_correct():
+    rows = data.cold_start_examples(40, seed=0, mistake_rate=0.5)
+    assert rows == data.cold_start_examples(40, seed=0, mistake_rate=0.5)
+    pattern = re.compile(r"<think>\n(.+)\n</think>\n<answer>(.+)</answer>", re.DOTALL)
+    for row in rows:
+        m = pattern.fullmatch(row["completion"])
+        assert m, row["completion"]
+        assert row["completion"].count("<think>") == 1 and row["completion"].count("<answer>") == 1
+        assert data.verify(row["task"], m.group(2), row)
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+        assert row["messages"][1]["content"] == row["completion"]
+    assert {r["task"] for r in rows} == {"arithmetic", "countdown"}
+    assert any("Wait" in r["completion"] for r in rows)
+    assert not any(
+        "Wait" in r["completion"] or "too " in r["completion"]
+        for r in data.cold_start_examples(20, seed=0, mistake_rate=0.0)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer and templates
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok_texts():
+    return toktool.toy_tokenizer_texts(seed=0, n_docs=300, n_cold_start=40)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, tok_texts):
+    path = tmp_path_factory.mktemp("tok")
+    data.train_tokenizer(tok_texts, path, vocab_size=512)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+
+
+def test_tokenizer_folder_loads_with_auto_tokenizer(tok_dir, tok):
+    names = {p.name for p in tok_dir.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= names
+    assert len(tok) == 512
+    assert tok.eos_token == tok.pad_token == "<|endoftext|>"
+    assert tok.bos_token is None
+    assert data.stop_token_ids(tok) == tuple(
+        sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")})
+    )
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        data.load_tokenizer(tok_dir / "missing")
+
+
+def test_tokenizer_round_trip_digits_and_tags(tok, tok_texts):
+    samples = tok_texts[:50] + [
+        "héllo wörld 世界 🙂 \t tabs\n\nnewlines",
+        "  leading spaces",
+        "<think> 12 + 3 </think> <answer>15</answer>",
+    ]
+    for s in samples:
+        ids = tok(s, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == s
+    # Every token that holds a digit is exactly one digit.
+    vocab = tok.convert_ids_to_tokens(list(range(len(tok))))
+    assert [t for t in vocab if re.search(r"\d", t) and not re.fullmatch(r"\d", t)] == []
+    ids = tok("x 9876543210 y", add_special_tokens=False)["input_ids"]
+    pieces = [tok.decode([i]) for i in ids]
+    assert [p for p in pieces if p.strip().isdigit()] == list("9876543210")
+    # Tags are single tokens that survive skip_special_tokens; chat specials do not.
+    for tag in (
+        "<think>",
+        "</think>",
+        "<answer>",
+        "</answer>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+    ):
+        assert len(tok(tag, add_special_tokens=False)["input_ids"]) == 1, tag
+    text = "<|im_start|>assistant\n<think>a</think><answer>7</answer><|im_end|><|endoftext|>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    kept = tok.decode(ids, skip_special_tokens=True)
+    assert kept == "assistant\n<think>a</think><answer>7</answer>"
+
+
+def test_tokenizer_training_is_deterministic(tmp_path, tok_texts):
+    texts = tok_texts[:150]
+    data.train_tokenizer(texts, tmp_path / "a", vocab_size=400)
+    data.train_tokenizer(texts, tmp_path / "b", vocab_size=400)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    with pytest.raises(ValueError, match="vocab_size"):
+        data.train_tokenizer(texts, tmp_path / "c", vocab_size=100)
+
+
+def test_r1_zero_template_is_the_papers():
+    paper = (
+        "A conversation between User and Assistant. The user asks a question, and the "
+        "Assistant solves it. The assistant first thinks about the reasoning process in the "
+        "mind and then provides the user with the answer. The reasoning process and answer "
+        "are enclosed within <think> </think> and <answer> </answer> tags, respectively, "
+        "i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
+        "User: {}. Assistant:"
+    )
+    assert data.r1_zero_prompt("Compute 3 + 4") == paper.format("Compute 3 + 4")
+    assert data.r1_zero_prompt("What is 3 + 4?") == paper.format("What is 3 + 4?")[:-13] + (
+        "? Assistant:"
+    )
+    assert data.r1_zero_prompt("x", prefill_think=True).endswith("User: x. Assistant: <think>")
+    assert data.completion_prefix("r1_zero", True) == "<think>"
+    assert data.completion_prefix("r1_zero", False) == ""
+    assert data.format_prompts(["a", "b"], "plain") == ["a", "b"]
+    with pytest.raises(ValueError, match="unknown template"):
+        data.format_prompts(["a"], "alpaca")
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        data.format_prompts(["a"], "chat")
+
+
+def test_chat_template(tok):
+    got = data.chat_prompt(tok, "What is 2 + 2?", system="Be brief.")
+    assert got == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert data.format_prompts(["q"], "chat", tokenizer=tok, prefill_think=True) == [
+        "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    ]
+    full = tok.apply_chat_template(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], tokenize=False
+    )
+    assert full == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\na<|im_end|>\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,shape,solutions,n_tests",
+    [
+        ("gsm8k_sample.jsonl", "gsm8k", ["7", "80", "54", "15000", "15"], None),
+        (
+            "math_sample.jsonl",
+            "math",
+            ["\\frac{11}{12}", "6", "-\\sqrt{2}, \\sqrt{2}", "9", "15"],
+            None,
+        ),
+        ("aime_sample.jsonl", "aime", ["9", "24", "180", "027"], None),
+        ("code_contests_sample.jsonl", "code", None, [3, 2, 2, 3]),
+        ("code_tests_sample.parquet", "code", None, [2, 2, 2]),
+    ],
+)
+def test_loaders_on_shipped_samples(name, shape, solutions, n_tests):
+    path = data.sample_path(name)
+    rows, stats = data.load_rows(path)
+    assert stats.shapes == {str(path): shape}
+    assert stats.rows_read == stats.rows_kept == len(rows) and not stats.skipped
+    assert all(r["prompt"].strip() and r["language"] == "en" and r["source"] == shape for r in rows)
+    if solutions is not None:
+        assert [r["solution"] for r in rows] == solutions
+        assert {r["task"] for r in rows} == {"math"}
+    else:
+        assert [len(r["tests"]) for r in rows] == n_tests
+        assert {r["task"] for r in rows} == {"code"}
+        for r in rows:
+            assert all(
+                set(t) == {"input", "output"} and isinstance(t["input"], str) for t in r["tests"]
+            )
+    # Every row carries the same keys, so rows batch into reward columns.
+    assert all(set(r) == set(rows[0]) for r in rows)
+
+
+def test_code_sample_tests_are_parsed_exactly():
+    rows, _ = data.load_rows(data.sample_path("code_contests_sample.jsonl"))
+    assert rows[0]["tests"][1] == {"input": "10 -3\n", "output": "7\n"}
+    rows, _ = data.load_rows(data.sample_path("code_tests_sample.parquet"))
+    assert rows[2]["tests"][1] == {"input": "-1 -5\n", "output": "-1\n"}
+
+
+def _write_lines(path, lines):
+    with open(path, "wb") as f:
+        for line in lines:
+            f.write(line if isinstance(line, bytes) else line.encode() + b"\n")
+    return path
+
+
+def test_bad_rows_are_counted_or_named(tmp_path):
+    path = _write_lines(
+        tmp_path / "bad.jsonl",
+        [
+            json.dumps({"question": "q1", "answer": "so\n#### 1,024"}),
+            json.dumps({"question": "q2", "answer": "no final answer"}),
+            json.dumps({"question": "  ", "answer": "#### 3"}),
+            '{"question": "q4", "answer": ',  # line 4: truncated JSON
+            "[1, 2, 3]",  # not an object
+            b"\xff\xfe{}\n",  # invalid UTF-8
+            "",
+            json.dumps({"question": "q8", "answer": "#### 8"}),
+        ],
+    )
+    with pytest.raises(ValueError, match=r"bad\.jsonl:4: malformed JSON"):
+        data.load_rows(path)
+    rows, stats = data.load_rows(path, on_bad_json="skip")
+    assert [r["solution"] for r in rows] == ["1024", "8"]
+    assert stats.skipped == {"bad_json": 3, "no_solution": 1, "no_prompt": 1}
+    assert stats.rows_read == 7 and stats.rows_kept == 2
+    assert any(e.endswith("bad.jsonl:2: no_solution") for e in stats.examples)
+    all_bad = _write_lines(
+        tmp_path / "allbad.jsonl", [json.dumps({"problem": "p", "solution": "no box"})] * 3
+    )
+    with pytest.raises(ValueError, match="no usable rows.*no_solution=3"):
+        data.load_rows(all_bad)
+    rows, _ = data.load_rows(all_bad, require_solution=False)
+    assert len(rows) == 3 and rows[0]["solution"] is None
+
+
+def test_loader_field_map_shapes_and_errors(tmp_path):
+    custom = _write_lines(tmp_path / "c.jsonl", [json.dumps({"q": "Q?", "a": 42, "lang": "zh"})])
+    rows, stats = data.load_rows(
+        custom, field_map={"prompt": "q", "solution": "a", "language": "lang"}
+    )
+    assert rows[0]["prompt"] == "Q?" and rows[0]["solution"] == "42"
+    assert rows[0]["language"] == "zh" and stats.shapes[str(custom)] == "custom"
+    with pytest.raises(ValueError, match=r"cannot recognise.*\['q', 'x'\]"):
+        data.load_rows(_write_lines(tmp_path / "u.jsonl", [json.dumps({"q": 1, "x": 2})]))
+    with pytest.raises(FileNotFoundError):
+        data.load_rows(tmp_path / "nope.jsonl")
+    with pytest.raises(FileNotFoundError):
+        data.load_rows(str(tmp_path / "*.parquet"))
+    with pytest.raises(ValueError, match="field_map keys"):
+        data.load_rows(custom, field_map={"answer": "a"})
+    chat = _write_lines(
+        tmp_path / "chat.jsonl",
+        [
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "hello"},
+                    ]
+                }
+            )
+        ],
+    )
+    rows, _ = data.load_rows(chat, require_solution=False)
+    assert rows[0]["prompt"] == "hi" and rows[0]["task"] == "chat"
+    assert len(rows[0]["messages"]) == 2
+    # Forcing a shape applies its answer parsing to other column sets too.
+    rows, _ = data.load_rows(
+        data.sample_path("gsm8k_sample.jsonl"),
+        shape="generic",
+        field_map={"prompt": "question", "solution": "answer"},
+    )
+    assert rows[0]["solution"].endswith("#### 7")
+
+
+def test_synthetic_rows_round_trip_through_jsonl_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = data.make_dataset("countdown", 5, seed=0)
+    path = _write_lines(tmp_path / "cd.jsonl", [json.dumps(r) for r in rows])
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "cd.parquet")
+    for p in (path, tmp_path / "cd.parquet"):
+        loaded, stats = data.load_rows(p)
+        assert stats.shapes[str(p)] == "generic"
+        assert [r["task"] for r in loaded] == ["countdown"] * 5
+        for orig, got in zip(rows, loaded, strict=True):
+            assert got["meta"] == orig["meta"]
+            assert data.verify(got["task"], orig["solution"], got)
+
+
+def test_answer_extraction_helpers():
+    assert data.extract_boxed(r"so \boxed{\frac{a}{b}} or \boxed{2^{10}}") == "2^{10}"
+    assert data.extract_boxed(r"\boxed{unbalanced") is None
+    assert data.extract_boxed("no box") is None
+    assert data.gsm8k_answer("x #### 1,000") == "1000"
+    assert data.gsm8k_answer("#### ") is None
+    assert data.parse_tests({"inputs": ["1"], "outputs": ["2"], "fn_name": "f"}) is None
+    assert data.parse_tests('{"inputs": ["1", "2"], "outputs": ["2"]}') is None
+    assert data.parse_tests({"input": [["1", "2"]], "output": ["3"]}) == [
+        {"input": "1\n2", "output": "3"}
+    ]
+    assert data.parse_tests([{"input": "a", "output": "b"}]) == [{"input": "a", "output": "b"}]
+    assert data.parse_tests("not json") is None
+
+
+def test_shard_rows_across_processes():
+    rows = list(range(11))
+    shards = [data.shard_rows(rows, i, 3) for i in range(3)]
+    assert [len(s) for s in shards] == [3, 3, 3]
+    assert sorted(x for s in shards for x in s) == list(range(9))
+    uneven = [data.shard_rows(rows, i, 3, even=False) for i in range(3)]
+    assert sorted(x for s in uneven for x in s) == rows
+    loaded = [
+        data.load_rows(data.sample_path("gsm8k_sample.jsonl"), process_index=i, process_count=2)[0]
+        for i in range(2)
+    ]
+    assert [r["solution"] for r in loaded[0]] == ["7", "54"]
+    assert [r["solution"] for r in loaded[1]] == ["80", "15000"]
+    with pytest.raises(ValueError, match="process_index"):
+        data.shard_rows(rows, 3, 3)
+    with pytest.raises(ValueError, match="no rows left"):
+        data.shard_rows(rows[:2], 0, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Batching
+# --------------------------------------------------------------------------------------------
+
+
+def test_prompt_bucketing_left_pads(tok):
+    prompts = data.format_prompts(["What is 1 + 2?", "What is 123456 * 7?"], "r1_zero")
+    batch = data.tokenize_prompts(tok, prompts, buckets=(32, 128, 256))
+    enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    want_t = data.bucket_length(max(map(len, enc)), (32, 128, 256))
+    assert batch.input_ids.shape == batch.attention_mask.shape == (2, want_t)
+    assert batch.input_ids.dtype == batch.attention_mask.dtype == np.int32
+    for i, e in enumerate(enc):
+        n = len(e)
+        assert batch.lengths[i] == n
+        np.testing.assert_array_equal(batch.input_ids[i, want_t - n :], e)
+        np.testing.assert_array_equal(batch.attention_mask[i], [0] * (want_t - n) + [1] * n)
+        assert (batch.input_ids[i, : want_t - n] == tok.pad_token_id).all()
+    short = data.tokenize_prompts(tok, ["1 + 2"], buckets=(8, 16))
+    assert short.input_ids.shape == (1, 8)
+
+
+def test_prompt_overflow_modes():
+    seqs = [[5] * 3, list(range(1, 21)), [7] * 9]
+    with pytest.raises(
+        ValueError,
+        match=r"1 of 3 prompts are longer than the largest bucket "
+        r"\(16 tokens; longest is prompt 1 with 20\)",
+    ):
+        data.batch_prompt_ids(seqs, pad_id=0, buckets=(8, 16))
+    cut = data.batch_prompt_ids(seqs, pad_id=0, buckets=(8, 16), overflow="truncate")
+    assert cut.num_truncated == 1 and cut.input_ids.shape == (3, 16)
+    np.testing.assert_array_equal(cut.input_ids[1], list(range(5, 21)))  # keeps the end
+    skip = data.batch_prompt_ids(seqs, pad_id=0, buckets=(8, 16), overflow="skip")
+    assert skip.num_skipped == 1 and skip.kept.tolist() == [0, 2]
+    assert skip.input_ids.shape == (2, 16)
+    np.testing.assert_array_equal(skip.attention_mask.sum(1), [3, 9])
+    with pytest.raises(ValueError, match="overflow"):
+        data.batch_prompt_ids(seqs, pad_id=0, overflow="wrap")
+    with pytest.raises(ValueError, match="empty"):
+        data.batch_prompt_ids([[1], []], pad_id=0)
+    with pytest.raises(ValueError, match="largest bucket 16"):
+        data.bucket_length(17, (8, 16))
+
+
+def _check_sft_layout(batch, prompts, completions, seq_len):
+    """Every example reappears intact in its segment with the right loss mask and positions."""
+    found = []
+    for r in range(batch.input_ids.shape[0]):
+        seg = batch.segment_ids[r]
+        assert (batch.attention_mask[r] == (seg > 0)).all()
+        assert (batch.loss_mask[r][seg == 0] == 0).all()
+        assert (batch.positions[r][seg == 0] == 0).all()
+        for s in range(1, seg.max() + 1):
+            idx = np.flatnonzero(seg == s)
+            assert (np.diff(idx) == 1).all()
+            found.append(
+                (
+                    batch.input_ids[r, idx].tolist(),
+                    batch.loss_mask[r, idx].tolist(),
+                    batch.positions[r, idx].tolist(),
+                )
+            )
+    want = [
+        (p + c, [0] * len(p) + [1] * len(c), list(range(len(p) + len(c))))
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+    assert found == want
+    assert batch.input_ids.shape[1] == seq_len
+
+
+def test_sft_layout_unpacked_and_packed():
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 50, rng.integers(1, 6)).tolist() for _ in range(7)]
+    completions = [rng.integers(1, 50, rng.integers(1, 6)).tolist() for _ in range(7)]
+    flat = data.pack_sft_ids(prompts, completions, seq_len=12, pad_id=0)
+    assert flat.input_ids.shape == (7, 12) and flat.input_ids.dtype == np.int32
+    _check_sft_layout(flat, prompts, completions, 12)
+    packed = data.pack_sft_ids(prompts, completions, seq_len=12, pad_id=0, pack=True)
+    assert packed.input_ids.shape[0] < 7
+    _check_sft_layout(packed, prompts, completions, 12)
+    assert packed.loss_mask.sum() == flat.loss_mask.sum() == sum(map(len, completions))
+
+
+def test_sft_overflow_and_tokenizer_path(tok):
+    p, c = [[1, 2, 3], [4] * 10], [[5, 6, 7], [8]]
+    cut = data.pack_sft_ids(p, c, seq_len=5, pad_id=0)
+    assert cut.num_truncated == 1 and cut.num_skipped == 1
+    np.testing.assert_array_equal(cut.input_ids, [[1, 2, 3, 5, 6]])
+    np.testing.assert_array_equal(cut.loss_mask, [[0, 0, 0, 1, 1]])
+    with pytest.raises(ValueError, match="seq_len 5"):
+        data.pack_sft_ids(p, c, seq_len=5, pad_id=0, overflow="error")
+    rows = data.cold_start_examples(4, seed=0)
+    prompts = data.format_prompts([r["prompt"] for r in rows], "r1_zero")
+    batch = data.tokenize_sft(
+        tok, prompts, [r["completion"] for r in rows], seq_len=1024, pack=True
+    )
+    ids, mask = batch.input_ids, batch.loss_mask.astype(bool)
+    for r in range(ids.shape[0]):
+        # Each segment's target tokens decode to its completion followed by EOS.
+        for s in range(1, batch.segment_ids[r].max() + 1):
+            sel = (batch.segment_ids[r] == s) & mask[r]
+            text = tok.decode(ids[r][sel])
+            assert text.endswith("</answer><|endoftext|>") and text.startswith("<think>")
