@@ -155,21 +155,17 @@ def sample(graphdef, state, prompt_ids, prompt_mask, key, *, num_samples: int, m
     Returns a SampleOutput over B = P * num_samples rows.
     """
     model = nnx.merge(graphdef, state)
-    mcfg = model.cfg
     p = prompt_ids.shape[0]
     b = p * num_samples
 
     # 1. Prefill every prompt once.
-    prefill = KVCache.empty(mcfg, p, prompt_ids.shape[1])
+    prefill = model.init_cache(p, prompt_ids.shape[1])
     logits, prefill = model(prompt_ids, prompt_mask, cache=prefill)
     first_logits = jnp.repeat(logits[:, -1], num_samples, axis=0)  # [B, V]; left padding => last
     first_logits = sharding.constrain(first_logits, ("batch", "vocab"))
 
     # 2. The G samples of a prompt share its prefill as the cache prefix.
-    cache = KVCache.empty(mcfg, b, max_new_tokens).with_prefix(prefill)
-    cache = cache.replace(
-        k=tuple(sharding.constrain(x, ("batch", "seq", "kv_heads", "head_dim")) for x in cache.k),
-        v=tuple(sharding.constrain(x, ("batch", "seq", "kv_heads", "head_dim")) for x in cache.v))
+    cache = model.init_cache(b, max_new_tokens).with_prefix(prefill)
 
     stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     zeros = jnp.zeros((b,), jnp.int32)

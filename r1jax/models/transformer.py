@@ -18,6 +18,8 @@ Notable choices:
 - Masked-out scores use the dtype's most negative finite value rather than -inf, so a fully padded query
   row yields a harmless uniform distribution instead of NaN.
 - Parameter dtype and compute dtype are separate; norms, softmax and logits are float32.
+- Packed training rows (several examples per row) pass `segment_ids`: attention stays inside each
+  segment and the caller supplies per-segment positions.
 - One `__call__` serves training, prefill and decode: with a `KVCache` it writes the new keys and values
   at `cache.index` and returns `(logits, cache)`. A cache may also carry a read-only *prefix* segment
   shared by the `B // P` rows of each prompt (GRPO's group), which is how the sampler decodes G samples
@@ -255,8 +257,12 @@ class KVCache:
         """An all-empty cache for `batch` rows of `length` slots, in the compute dtype."""
         dtype = dtype or cfg.dtype
         shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+
+        def zeros():  # sharded like the activations: rows over the batch axes, kv-heads over tensor
+            return sharding.constrain(jnp.zeros(shape, dtype), ("batch", "seq", "kv_heads", "head_dim"))
+
+        return cls(k=tuple(zeros() for _ in range(cfg.num_layers)),
+                   v=tuple(zeros() for _ in range(cfg.num_layers)),
                    mask=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
 
     def with_prefix(self, prefix: KVCache) -> KVCache:
@@ -431,6 +437,11 @@ class Decoder(nnx.Module):
             self.unembed_dv = _param(rngs, nnx.initializers.normal(0.02),
                                      (cfg.hidden_size, cfg.vocab_size), pd, ("embed", "vocab"))
 
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty KV cache of `length` slots for `batch` rows (the sampler's entry point, so that
+        models with other cache layouts, e.g. MLA's latent cache, plug into the same sampler)."""
+        return KVCache.empty(self.cfg, batch, length)
+
     # -- pieces, public so losses can work from hidden states without materialising [B, T, V] --
 
     def unembedding(self) -> jax.Array:
@@ -445,14 +456,26 @@ class Decoder(nnx.Module):
                             preferred_element_type=jnp.float32)
         return sharding.constrain(logits, ("batch", "seq", "vocab"))
 
-    def hidden_states(self, input_ids, attention_mask=None, *, positions=None, cache=None):
+    def hidden_states(self, input_ids, attention_mask=None, *, positions=None, cache=None,
+                      segment_ids=None):
         """Everything but the unembedding: returns final-normed hidden [B, T, D] (and the cache).
 
         input_ids [B, T] int32; attention_mask [B, T] (1 = token, 0 = pad; default all ones);
         positions [B, T] int32 (default from the mask; with a cache, continue from the cache).
+        segment_ids [B, T] int32, optional, for packed sequences: a query attends only to keys of
+        its own segment, 0 marks padding (the default mask is then `segment_ids > 0`), and the
+        caller passes `positions` restarting at 0 for each segment. Not allowed with a cache.
         """
         cfg = self.cfg
         b, t = input_ids.shape
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed sequences) cannot be used with a KV cache")
+            if positions is None:
+                raise ValueError("segment_ids needs explicit positions (restarting at 0 for each "
+                                 "segment, e.g. SFTBatch.positions)")
+            if attention_mask is None:
+                attention_mask = (segment_ids > 0).astype(jnp.int32)
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
         token_mask = attention_mask.astype(bool)
@@ -469,7 +492,7 @@ class Decoder(nnx.Module):
         cos, sin = rope_tables(cfg, positions)
 
         if cache is None:
-            mask = self._self_mask(token_mask, positions)
+            mask = self._self_mask(token_mask, positions, segment_ids)
             index, new_cache = None, None
         else:
             cache = cache.replace(mask=jax.lax.dynamic_update_slice(
@@ -496,10 +519,14 @@ class Decoder(nnx.Module):
             new_cache = cache.replace(k=tuple(new_k), v=tuple(new_v), index=cache.index + t)
         return hidden, new_cache
 
-    def __call__(self, input_ids, attention_mask=None, *, positions=None, cache=None):
-        """input_ids [B, T] int32 -> float32 logits [B, T, V]; with `cache`, (logits, new cache)."""
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, cache=None,
+                 segment_ids=None):
+        """input_ids [B, T] int32 -> float32 logits [B, T, V]; with `cache`, (logits, new cache).
+
+        `segment_ids` (packed sequences) as in `hidden_states`.
+        """
         hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions=positions,
-                                               cache=cache)
+                                               cache=cache, segment_ids=segment_ids)
         logits = self.logits_from_hidden(hidden)
         return logits if cache is None else (logits, new_cache)
 
@@ -510,13 +537,17 @@ class Decoder(nnx.Module):
             return True
         return key_pos > query_pos - self.cfg.sliding_window
 
-    def _self_mask(self, token_mask, positions):
-        """[B, T, T]: causal over slots, keys must be real tokens, within the sliding window."""
+    def _self_mask(self, token_mask, positions, segment_ids=None):
+        """[B, T, T]: causal over slots, keys must be real tokens, within the sliding window (and,
+        for packed rows, in the query's segment)."""
         t = token_mask.shape[1]
         slots = jnp.arange(t)
         causal = slots[None, :, None] >= slots[None, None, :]
         window = self._window_ok(positions[:, :, None], positions[:, None, :])
-        return causal & token_mask[:, None, :] & window
+        mask = causal & token_mask[:, None, :] & window
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        return mask
 
     def _cache_mask(self, cache: KVCache, t: int):
         """[B, T, Sp + S] for T new tokens written at slots index..index+T-1 of the per-row segment."""
