@@ -309,6 +309,12 @@ def _on_known_cluster() -> bool:
     """True on a multi-host TPU slice or under Slurm with several tasks (JAX auto-detects both)."""
     if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return True
-    # TPU VMs of a multi-host slice list every worker here.
-    hostnames = os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")
-    return bool(hostnames) and "," in hostnames
+    # GKE lists a slice's workers in the environment.
+    hostnames = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if "," in hostnames or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return True
+    # TPU VMs made with `gcloud compute tpus tpu-vm create` publish the slice only through the
+    # metadata server, which JAX's own detection reads; initialising on a single-host TPU VM is
+    # harmless, so any TPU VM counts.
+    return any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0")) or bool(
+        os.environ.get("TPU_ACCELERATOR_TYPE"))
