@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from r1jax import sharding
+from r1jax.data.batching import DEFAULT_BUCKETS, batch_prompt_ids
 from r1jax.models.transformer import KVCache
 
 log = logging.getLogger(__name__)
@@ -196,33 +197,7 @@ def sample(graphdef, state, prompt_ids, prompt_mask, key, *, num_samples: int, m
 # Host-level convenience
 # ---------------------------------------------------------------------------------------------------
 
-DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _compiled: set[tuple] = set()
-
-
-def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
-    """The smallest bucket >= n (or n itself when it exceeds every bucket)."""
-    for size in sorted(buckets):
-        if size >= n:
-            return size
-    return n
-
-
-def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
-                buckets: Sequence[int] = DEFAULT_BUCKETS) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad ragged token lists into ([P, T] int32 ids, [P, T] int32 mask), T a bucket length."""
-    if not prompts:
-        raise ValueError("generate: no prompts given")
-    longest = max(len(p) for p in prompts)
-    if min(len(p) for p in prompts) == 0:
-        raise ValueError("generate: every prompt needs at least one token")
-    t = bucket_length(longest, buckets)
-    ids = np.full((len(prompts), t), pad_id, np.int32)
-    mask = np.zeros((len(prompts), t), np.int32)
-    for i, p in enumerate(prompts):
-        ids[i, t - len(p):] = np.asarray(p, np.int32)
-        mask[i, t - len(p):] = 1
-    return ids, mask
 
 
 @dataclasses.dataclass
@@ -249,7 +224,7 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
              buckets: Sequence[int] = DEFAULT_BUCKETS) -> GenerateOutput:
     """Sample completions for a list of prompts (ragged token-id lists, or a [P, T] array).
 
-    Prompts are left-padded to a bucket length; with `mesh`, the batch is sharded over its batch axes
+    Prompts are left-padded to the smallest bucket length that fits (longer prompts are an error); with `mesh`, the batch is sharded over its batch axes
     (P * num_samples must then divide by them) and the model should already be placed on it.
     """
     if max_new_tokens < 1:
@@ -258,7 +233,8 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if isinstance(prompts, np.ndarray | jax.Array):
         prompts = [list(map(int, row)) for row in np.asarray(prompts)]
-    ids, mask = pad_prompts(prompts, pad_id, buckets)
+    batch = batch_prompt_ids(prompts, pad_id=pad_id, buckets=buckets)
+    ids, mask = batch.input_ids, batch.attention_mask
     cfg = SamplingConfig(temperature, top_k, top_p)
     graphdef, state = nnx.split(model)
     key = jax.random.key(seed)
