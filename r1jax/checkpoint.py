@@ -1,0 +1,425 @@
+"""Checkpoints: save, resume and export the whole training state with orbax.
+
+A checkpoint is one orbax step directory `DIR/<step>/` with three items:
+
+- `model/`:     `nnx.state(model)`, every variable (params, and RNG streams if the model has any);
+- `optimizer/`: `nnx.state(optimizer)`, optimizer step counter and optax state;
+- `extra/`:     one JSON object the caller owns: step, data position, host RNG state, config.
+
+Notable choices:
+- Restores go *into the caller's live objects*: target shapes, dtypes and shardings come from the
+  model/optimizer as they are now, so a run saved on one mesh resumes on another mesh shape or on a
+  single device, and each host reads only its own shards.
+- A kill at any moment cannot leave a checkpoint that looks complete: orbax writes each step into
+  `<step>.orbax-checkpoint-tmp-*` and commits it atomically (a rename on local disks, a
+  `commit_success.txt` marker on GCS); uncommitted directories are ignored and removed at start-up.
+  A committed step that is nevertheless damaged (a file deleted or truncated afterwards) or no
+  longer fits the model ends in one `CheckpointError` naming the directory to move; a damaged
+  checkpoint is never deleted on the user's behalf.
+- Retention is "the last `max_to_keep` plus the best by `best_metric`", two orbax preservation
+  policies combined, so the best checkpoint survives however long the run goes on.
+- Saves are asynchronous by default: `save` returns once arrays are copied off the device (orbax's
+  synchronous device-to-host transfer, so donated buffers can be reused at once) and files are
+  written in the background. Every process must call `save`/`restore` (orbax coordinates the hosts
+  and the primary host writes the shared metadata).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+log = logging.getLogger(__name__)
+
+_MODEL, _OPTIMIZER, _EXTRA = "model", "optimizer", "extra"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that exists but cannot be used; the message names the directory and the fix."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The checkpointer
+# --------------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Periodic, resumable checkpoints of an NNX model + optimizer + a JSON dict of host state.
+
+    Typical loop (every process runs the same code):
+
+        ckpt = Checkpointer(workdir / "checkpoints", save_interval_steps=50, max_to_keep=3,
+                            best_metric="eval/accuracy", best_mode="max")
+        start = 0
+        if ckpt.latest_step() is not None:
+            extra = ckpt.restore(model, optimizer)
+            start, data_pos, key = extra["step"], extra["data"], jax_key_from_json(extra["rng"])
+        for step in range(start + 1, num_steps + 1):
+            ...
+            ckpt.save(step, model, optimizer, {"step": step, "data": ..., "rng": ...}, metrics)
+        ckpt.save(num_steps, model, optimizer, {...}, force=True)
+        ckpt.close()
+
+    Args:
+      directory: where step directories live; created if missing.
+      save_interval_steps: `save` writes when `step % save_interval_steps == 0` (or `force=True`,
+        or when the TPU runtime announces a preemption).
+      max_to_keep: how many of the most recent checkpoints to keep (None keeps all).
+      best_metric: name of a key in the `metrics` passed to `save`; the best checkpoint by it is
+        kept in addition to the recent ones. None disables best tracking.
+      best_mode: "max" or "min": which direction of `best_metric` is better.
+      async_save: write files in a background thread.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        save_interval_steps: int = 100,
+        max_to_keep: int | None = 3,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+        async_save: bool = True,
+    ):
+        if save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}.")
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}.")
+        directory = os.fspath(directory)
+        # Cloud paths (gs://...) pass through; local ones are made absolute for clear messages.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
+        self.best_metric = best_metric
+        policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
+        best_fn = None
+        if best_metric is not None:
+            # A step saved without the metric ranks last rather than raising inside orbax.
+            worst = -np.inf if best_mode == "max" else np.inf
+            best_fn = lambda metrics: float(metrics.get(best_metric, worst))
+            policies.append(
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=best_fn,
+                    reverse=best_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            # best_fn/best_mode make orbax store per-step metrics and answer best_step();
+            # deletion is decided by the preservation policy alone.
+            best_fn=best_fn,
+            best_mode=best_mode,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            # No InitialSavePolicy: a save at whatever step a run starts on is a full write wasted.
+            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(
+                [
+                    ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
+                    ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+                ]
+            ),
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            item_handlers={
+                _MODEL: ocp.StandardCheckpointHandler(),
+                _OPTIMIZER: ocp.StandardCheckpointHandler(),
+                _EXTRA: ocp.JsonCheckpointHandler(),
+            },
+            options=options,
+        )
+
+    # ---------------------------------------------------------------------------------- queries
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None when the directory holds no checkpoint."""
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The step with the best `best_metric` (the latest step when best tracking is off)."""
+        return self._manager.best_step()
+
+    def all_steps(self) -> list[int]:
+        """All committed steps, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def step_dir(self, step: int) -> str:
+        """The directory holding `step` (for messages and tools)."""
+        return str(epath.Path(self.directory) / str(step))
+
+    def should_save(self, step: int) -> bool:
+        """Whether `save(step, ...)` without `force` would write."""
+        return self._manager.should_save(step)
+
+    # ---------------------------------------------------------------------------------- save
+
+    def save(
+        self,
+        step: int,
+        model: nnx.Module,
+        optimizer: nnx.Optimizer | None,
+        extra: Mapping[str, Any],
+        metrics: Mapping[str, Any] | None = None,
+        *,
+        force: bool = False,
+    ) -> bool:
+        """Save the full training state at `step` if the interval says so (or `force`).
+
+        Args:
+          step: the number of completed training steps the state reflects.
+          model: the NNX model; all of `nnx.state(model)` is saved, sharded as it lives.
+          optimizer: the `nnx.Optimizer`, or None to save the model alone.
+          extra: JSON-serialisable host state needed to continue (data position, RNG state as
+            `jax_key_to_json(key)` / `np.random.Generator.bit_generator.state`, config dict...).
+            In multi-process runs process 0's `extra` is stored and every process gets it back,
+            so it must describe global state (e.g. a global data position, not a host's shard).
+          metrics: scalars for this step; `best_metric` is read from here.
+          force: save even off the interval (use at the end of a run).
+
+        Returns:
+          True if a save was started. A step that is already saved is skipped (False), so a final
+          forced save that coincides with an interval save is harmless.
+        """
+        if step in self._manager.all_steps():
+            return False
+        if not (force or self._manager.should_save(step)):
+            return False
+        _check_json(extra, "extra")
+        items = {
+            _MODEL: ocp.args.StandardSave(nnx.state(model)),
+            _EXTRA: ocp.args.JsonSave(dict(extra)),
+        }
+        if optimizer is not None:
+            items[_OPTIMIZER] = ocp.args.StandardSave(nnx.state(optimizer))
+        scalars = None
+        if self.best_metric is not None:
+            scalars = {k: float(np.asarray(v)) for k, v in (metrics or {}).items()}
+        return self._manager.save(
+            step, args=ocp.args.Composite(**items), metrics=scalars, force=True
+        )
+
+    # ---------------------------------------------------------------------------------- restore
+
+    def restore(
+        self, model: nnx.Module, optimizer: nnx.Optimizer | None = None, *, step: int | None = None
+    ) -> dict[str, Any]:
+        """Load a checkpoint into `model` (and `optimizer`) in place; return its `extra` dict.
+
+        Each array is read straight into the sharding the live model/optimizer has now, so the
+        mesh may differ from the one the checkpoint was saved on.
+
+        Args:
+          model: the model to overwrite; its structure, shapes and dtypes must match the saved one.
+          optimizer: the optimizer to overwrite, or None to load parameters only (e.g. to start
+            SFT from an RL checkpoint or to evaluate).
+          step: which step; None means `latest_step()`.
+
+        Returns:
+          The `extra` dict given to `save`.
+
+        Raises:
+          CheckpointError: no checkpoint exists, or the step is damaged or does not fit the model;
+            the message names the directory and what to do.
+        """
+        step = self._resolve_step(step)
+        path = self.step_dir(step)
+        targets: dict[str, Any] = {_MODEL: nnx.state(model)}
+        if optimizer is not None:
+            targets[_OPTIMIZER] = nnx.state(optimizer)
+        self._check_matches(step, targets)
+        args = {name: ocp.args.StandardRestore(_abstract(tree)) for name, tree in targets.items()}
+        args[_EXTRA] = ocp.args.JsonRestore()
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as err:  # any read failure means the same to a user
+            raise self._damaged(step, f"reading it failed ({_first_line(err)})") from None
+        nnx.update(model, restored[_MODEL])
+        if optimizer is not None:
+            nnx.update(optimizer, restored[_OPTIMIZER])
+        log.info("Restored checkpoint %s", path)
+        return dict(restored[_EXTRA])
+
+    def read_extra(self, step: int | None = None) -> dict[str, Any]:
+        """The `extra` dict of a checkpoint without touching any array (e.g. to read its config)."""
+        step = self._resolve_step(step)
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()})
+            )
+        except Exception as err:
+            raise self._damaged(
+                step, f"its extra/ JSON is unreadable ({_first_line(err)})"
+            ) from None
+        return dict(restored[_EXTRA])
+
+    def export_best_hf(self, model: nnx.Module, path: str | os.PathLike) -> int | None:
+        """Load the best checkpoint's parameters into `model` and export it in HF format.
+
+        `model` is overwritten, so call this at the end of a run (after the final export).
+        Returns the exported step, or None when there is no checkpoint.
+        """
+        step = self.best_step()
+        if step is None:
+            return None
+        self.wait()
+        self.restore(model, step=step)
+        export_hf(model, path)
+        return step
+
+    # ---------------------------------------------------------------------------------- lifecycle
+
+    def wait(self) -> None:
+        """Block until background writes have committed (and raise if one failed)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending writes and release orbax's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------------- helpers
+
+    def _resolve_step(self, step: int | None) -> int:
+        self.wait()  # a save still in flight must be committed before it can be read
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise CheckpointError(f"No checkpoint to restore in {self.directory}.")
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(
+                f"No checkpoint for step {step} in {self.directory}; saved steps: {steps}."
+            )
+        return step
+
+    def _check_matches(self, step: int, targets: dict[str, Any]) -> None:
+        """Compare saved tree paths/shapes/dtypes with the live objects before reading any data."""
+        missing = [
+            name for name in targets if not (epath.Path(self.step_dir(step)) / name).is_dir()
+        ]
+        if missing:
+            raise self._damaged(step, f"it has no {', '.join(m + '/' for m in missing)} item")
+        try:
+            saved = self._manager.item_metadata(step)
+        except Exception as err:
+            raise self._damaged(step, f"its metadata is unreadable ({_first_line(err)})") from None
+        for name, tree in targets.items():
+            meta = saved[name]
+            if meta is None:
+                raise self._damaged(step, f"its {name}/ metadata is missing")
+            have = _shapes(getattr(meta, "tree", meta))
+            want = _shapes(tree)
+            diffs = [
+                f"{k}: saved {have.get(k, 'absent')}, model {want.get(k, 'absent')}"
+                for k in sorted(set(have) | set(want))
+                if have.get(k) != want.get(k)
+            ]
+            if diffs:
+                shown = "; ".join(diffs[:5]) + ("; ..." if len(diffs) > 5 else "")
+                raise CheckpointError(
+                    f"Checkpoint {self.step_dir(step)} does not fit the {name} being restored "
+                    f"({len(diffs)} mismatches: {shown}). Use the config the checkpoint was "
+                    f"saved with, or a different workdir."
+                )
+
+    def _damaged(self, step: int, reason: str) -> CheckpointError:
+        earlier = [s for s in self.all_steps() if s < step]
+        then = (
+            f"to resume from step {earlier[-1]}, the previous checkpoint"
+            if earlier
+            else "to start from scratch"
+        )
+        return CheckpointError(
+            f"Checkpoint {self.step_dir(step)} is damaged: {reason}. Move or delete that directory "
+            f"{then}; no other checkpoint was touched."
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# HF export and small helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def export_hf(model: nnx.Module, path: str | os.PathLike) -> None:
+    """Write `model` as a Hugging Face checkpoint folder (config.json + safetensors) at `path`."""
+    from r1jax.models import hf  # lazy: keeps checkpointing importable without the HF stack
+
+    hf.save(model, path)
+
+
+def jax_key_to_json(key: jax.Array) -> dict[str, Any]:
+    """A JAX PRNG key (typed `key<impl>` or raw uint32) -> a JSON-able dict for `extra`."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        impl = str(jax.random.key_impl(key))
+        data = jax.random.key_data(key)
+        return {"impl": impl, "typed": True, "data": np.asarray(data).tolist()}
+    return {"impl": None, "typed": False, "data": np.asarray(key).tolist()}
+
+
+def jax_key_from_json(obj: Mapping[str, Any]) -> jax.Array:
+    """Inverse of `jax_key_to_json`."""
+    data = np.asarray(obj["data"], dtype=np.uint32)
+    if obj["typed"]:
+        return jax.random.wrap_key_data(data, impl=obj["impl"])
+    return jax.numpy.asarray(data)
+
+
+def _abstract(tree: Any) -> Any:
+    """Live arrays -> ShapeDtypeStructs carrying their current shardings (the restore target)."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{'a.kernel.value': (shape, dtype)} for live state or orbax metadata alike."""
+
+    def name(path) -> str:
+        return ".".join(
+            str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
+        )
+
+    def shape_dtype(leaf) -> tuple[tuple[int, ...], str]:
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.eval_shape(jax.random.key_data, leaf)  # orbax stores keys as their data
+        return tuple(leaf.shape), str(leaf.dtype)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {name(p): shape_dtype(leaf) for p, leaf in leaves}
+
+
+def _check_json(obj: Any, where: str) -> None:
+    """Raise TypeError naming the first key that JSON cannot encode."""
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where}: key {k!r} is not a string; JSON keys must be strings.")
+            _check_json(v, f"{where}[{k!r}]")
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            _check_json(v, f"{where}[{i}]")
+    elif not isinstance(obj, str | int | float | bool | type(None)):
+        raise TypeError(
+            f"{where} is a {type(obj).__name__}, which JSON cannot store; convert it "
+            f"(arrays: .tolist(); JAX keys: jax_key_to_json)."
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    head = text[0] if text else ""
+    return f"{type(err).__name__}: {head[:300]}"

@@ -1,0 +1,344 @@
+"""Metrics: per-step JSONL and TensorBoard logs, progress bar, end-of-run plots, compile counter.
+
+What a run leaves in its workdir:
+- `metrics.jsonl`: one JSON object per logged step, `{"step": 12, "time": 1712345678.123, ...}`.
+- `tb/`: TensorBoard event files with the same scalars.
+- `plots/*.png` (written by the stage with `plot_metrics`).
+
+Notable choices:
+- Only process 0 writes or prints; on other processes every method is a cheap no-op, so stages call
+  them unconditionally.
+- Resume keeps history consistent: steps after the resume point (logged by a run that was killed
+  before its next checkpoint) are dropped from the JSONL and purged from TensorBoard, so every step
+  appears once, with the numbers of the run that continued.
+- Each JSONL line is flushed as it is written: a kill loses at most the line being written, and a
+  torn last line is dropped on resume.
+- Plots use matplotlib's object API on an Agg canvas, never pyplot, so no global backend changes.
+- `CompileCounter` listens to JAX's own monitoring event for XLA backend compiles, which fires
+  once per compilation with the function's name (cache hits of the persistent compilation cache
+  fire it too).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax import monitoring
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tb"
+_RESERVED = ("step", "time")
+
+# The event jax._src.dispatch.BACKEND_COMPILE_EVENT (jax 0.10) records around every XLA compile.
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-step writer
+# --------------------------------------------------------------------------------------------------
+
+
+class MetricsWriter:
+    """Log scalar metrics per step to JSONL + TensorBoard, and drive a progress bar.
+
+    Usage:
+        writer = MetricsWriter(workdir, total_steps=cfg.num_steps, start_step=restored_step)
+        for step in range(restored_step + 1, cfg.num_steps + 1):
+            ...
+            writer.write(step, {"loss": loss, "reward": reward, "accuracy": acc})
+        writer.close()
+
+    Args:
+      workdir: run directory; `metrics.jsonl` and `tb/` go here.
+      total_steps: the last step of the run, for the bar's ETA (None: no total).
+      start_step: the step the run resumes from (0 for a fresh run). Logged steps after it are
+        removed, because this run is about to log them again.
+      summary_every: print one summary line to stdout every this many steps (0 disables); the
+        bar itself is drawn on stderr.
+      postfix_keys: metrics shown next to the bar, when present.
+      desc: a label in front of the bar, e.g. the stage name.
+      tensorboard: also write TensorBoard event files.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        total_steps: int | None = None,
+        start_step: int = 0,
+        summary_every: int = 10,
+        postfix_keys: Iterable[str] = ("reward", "accuracy"),
+        desc: str | None = None,
+        tensorboard: bool = True,
+    ):
+        self.active = jax.process_index() == 0
+        self.path = os.path.join(os.fspath(workdir), METRICS_FILE)
+        self.total_steps = total_steps
+        self.summary_every = summary_every
+        self.postfix_keys = tuple(postfix_keys)
+        self._file = self._tb = self._bar = None
+        if not self.active:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        _drop_steps_after(self.path, start_step)
+        self._file = open(self.path, "a", encoding="utf-8")  # closed in close()
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # heavy import, only where it is used
+
+            self._tb = SummaryWriter(
+                os.path.join(os.fspath(workdir), TENSORBOARD_DIR),
+                # TensorBoard hides earlier events at steps >= purge_step: the killed run's tail.
+                purge_step=start_step + 1 if start_step > 0 else None,
+                flush_secs=10,
+            )
+        self._bar = tqdm(
+            total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True
+        )
+        self._last_summary = (start_step, time.time())
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """Record scalar `metrics` for `step` (Python numbers, numpy or 0-d JAX arrays).
+
+        All values are fetched from the device in one transfer. Returns them as floats
+        (an empty dict on processes other than 0).
+        """
+        if not self.active:
+            return {}
+        clash = [k for k in _RESERVED if k in metrics]
+        if clash:
+            raise ValueError(f"Metric names {clash} are reserved by the JSONL format; rename them.")
+        values = _to_floats(metrics)
+        record = {"step": int(step), "time": round(time.time(), 3), **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for name, value in values.items():
+                self._tb.add_scalar(name, value, global_step=int(step))
+        self._bar.update(int(step) - self._bar.n)
+        shown = {k: f"{values[k]:.4g}" for k in self.postfix_keys if k in values}
+        if shown:
+            self._bar.set_postfix(shown, refresh=False)
+        if self.summary_every and step % self.summary_every == 0:
+            self._bar.write(self._summary(int(step), values))
+        return values
+
+    def log(self, message: str) -> None:
+        """Print a line above the progress bar (process 0 only)."""
+        if self.active:
+            self._bar.write(message)
+
+    def close(self) -> None:
+        """Flush and close files and the bar. Safe to call twice."""
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._file is not None:
+            self._file.close()
+        self._file = self._tb = self._bar = None
+        self.active = False
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _summary(self, step: int, values: dict[str, float]) -> str:
+        last_step, last_time = self._last_summary
+        now = time.time()
+        self._last_summary = (step, now)
+        total = f"/{self.total_steps}" if self.total_steps else ""
+        parts = [f"step {step}{total}"]
+        parts += [f"{k} {v:.4g}" for k, v in values.items()]
+        if step > last_step:
+            parts.append(f"{(now - last_time) / (step - last_step):.3g} s/step")
+        return " | ".join(parts)
+
+
+def read_metrics(jsonl_path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All complete records of a metrics.jsonl, in file order (a torn last line is skipped)."""
+    records = []
+    if not os.path.exists(jsonl_path):
+        return records
+    with open(jsonl_path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # only the last line can be torn (by a kill mid-write)
+    return records
+
+
+def _drop_steps_after(path: str, step: int) -> None:
+    """Rewrite `path` keeping records with step <= `step`; atomic, so a kill here loses nothing."""
+    if not os.path.exists(path):
+        return
+    records = read_metrics(path)
+    keep = [r for r in records if r.get("step", 0) <= step]
+    if len(keep) == len(records) and _ends_cleanly(path):
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+    os.replace(tmp, path)
+
+
+def _ends_cleanly(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def _to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    names = list(metrics)
+    # One device->host transfer for all; a list, because a dict pytree would sort the names.
+    host = jax.device_get([metrics[name] for name in names])
+    out = {}
+    for name, value in zip(names, host, strict=True):
+        arr = np.asarray(value)
+        if arr.size != 1:
+            raise ValueError(
+                f"Metric {name!r} has shape {arr.shape}; log scalars (reduce it first)."
+            )
+        out[name] = float(arr.reshape(()))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------------
+
+
+def plot_metrics(
+    jsonl_path: str | os.PathLike,
+    out_png: str | os.PathLike,
+    keys: Iterable[str] = ("reward", "completion_length", "kl"),
+) -> list[str]:
+    """Plot each of `keys` against step from a metrics.jsonl into one PNG (one panel per key).
+
+    Keys that never appear are skipped; NaN points are left out. Each panel shows the raw values
+    faintly and a moving average (window: 1/20 of the points) on top, since RL curves are noisy.
+
+    Returns:
+      The keys plotted; when none is present nothing is written and the list is empty.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = read_metrics(jsonl_path)
+    series = {}
+    for key in keys:
+        points = [
+            (r["step"], r[key])
+            for r in records
+            if isinstance(r.get(key), int | float) and math.isfinite(r[key])
+        ]
+        if points:
+            series[key] = np.asarray(points, dtype=np.float64)
+    if not series:
+        log.info("plot_metrics: none of %s in %s; no plot written.", list(keys), jsonl_path)
+        return []
+    fig = Figure(figsize=(7, 2.4 * len(series)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (key, points) in zip(axes, series.items(), strict=True):
+        steps, values = points[:, 0], points[:, 1]
+        ax.plot(steps, values, color="tab:blue", alpha=0.35, linewidth=1)
+        window = max(1, len(values) // 20)
+        if window > 1:
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1 :], smooth, color="tab:blue", linewidth=2)
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    return list(series)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compile counter
+# --------------------------------------------------------------------------------------------------
+
+
+class CompileCounter:
+    """Count XLA compilations while active, logging each with the compiled function's name.
+
+    Usage:
+        with CompileCounter() as compiles:
+            run_stage(...)
+        print(f"{compiles.count} compilations", compiles.by_name())
+
+        with CompileCounter(log_each=False) as steady:   # bench: the hot loop must not recompile
+            for _ in range(n):
+                train_step(...)
+        assert steady.count == 0, steady.names
+
+    Eager JAX ops compile too (one per new op/shape), so count around the code you care about.
+
+    Args:
+      log_each: log every compile at INFO on logger `r1jax.metrics` (process 0 only).
+    """
+
+    def __init__(self, log_each: bool = True):
+        self.log_each = log_each and jax.process_index() == 0
+        self.names: list[str] = []
+        self.seconds: list[float] = []
+        self._lock = threading.Lock()  # compiles can happen on several threads
+        self._active = False
+
+    @property
+    def count(self) -> int:
+        """Number of XLA compilations seen so far."""
+        return len(self.names)
+
+    def by_name(self) -> dict[str, int]:
+        """Compilations per function name, e.g. {'jit(train_step)': 1}."""
+        return dict(collections.Counter(self.names))
+
+    def start(self) -> CompileCounter:
+        """Begin listening (idempotent)."""
+        if not self._active:
+            monitoring.register_event_duration_secs_listener(self._on_event)
+            self._active = True
+        return self
+
+    def stop(self) -> None:
+        """Stop listening (idempotent); counts are kept."""
+        if self._active:
+            monitoring.unregister_event_duration_listener(self._on_event)
+            self._active = False
+
+    def __enter__(self) -> CompileCounter:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _on_event(self, event: str, duration: float, **kwargs: Any) -> None:
+        if event != BACKEND_COMPILE_EVENT:
+            return
+        name = str(kwargs.get("fun_name", "<unknown>"))
+        with self._lock:
+            self.names.append(name)
+            self.seconds.append(duration)
+            n = len(self.names)
+        if self.log_each:
+            log.info("XLA compile #%d: %s (%.2f s)", n, name, duration)

@@ -1,0 +1,400 @@
+"""Tests for r1jax/checkpoint.py: round trip, resharding, retention, damaged checkpoints, SIGKILL.
+
+The model is a two-layer NNX net from tests/ckpt_resume_script.py (also the SIGKILL subprocess), so
+these tests do not depend on r1jax.models.
+"""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from ckpt_resume_script import TX, TinyNet, train, train_step
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
+
+from r1jax import checkpoint
+from r1jax.checkpoint import Checkpointer, CheckpointError, jax_key_from_json, jax_key_to_json
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def make_state(seed: int, mesh=None):
+    """A TinyNet + Adam, placed on `mesh` (kernels [fsdp, tensor], biases [tensor]) or device 0."""
+    model = TinyNet(rngs=nnx.Rngs(seed))
+    optimizer = nnx.Optimizer(model, TX, wrt=nnx.Param)
+
+    def place(x):
+        if mesh is None:
+            return jax.device_put(x, SingleDeviceSharding(jax.devices()[0]))
+        spec = {2: P("fsdp", "tensor"), 1: P("tensor")}.get(x.ndim, P())
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    for obj in (model, optimizer):
+        nnx.update(obj, jax.tree.map(place, nnx.state(obj)))
+    return model, optimizer
+
+
+def mesh(fsdp: int, tensor: int):
+    return jax.make_mesh((fsdp, tensor), ("fsdp", "tensor"), axis_types=(AxisType.Auto,) * 2)
+
+
+def run_steps(model, optimizer, n: int, seed: int = 0):
+    """n Adam steps on random data, so the optimizer moments are non-trivial."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        x = rng.normal(size=(4, 8)).astype(np.float32)
+        train_step(model, optimizer, x, np.roll(x, 1, axis=1), jax.random.key(i))
+
+
+def randomize(obj, seed: int) -> None:
+    """Overwrite every float leaf of `obj`'s state with random values, keeping its sharding.
+
+    Cheaper than training (no compile per mesh) and makes optimizer moments non-zero.
+    """
+    rng = np.random.default_rng(seed)
+
+    def fill(x):
+        if not jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
+            return x
+        return jax.device_put(rng.normal(size=x.shape).astype(x.dtype), x.sharding)
+
+    nnx.update(obj, jax.tree.map(fill, nnx.state(obj)))
+
+
+def leaves(obj):
+    return jax.tree.leaves(nnx.state(obj))
+
+
+def assert_same_values(a, b):
+    for x, y in zip(leaves(a), leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def corrupt_array_data(step_dir: str) -> None:
+    """Delete the chunk files of the model's arrays, as a disk failure after commit would."""
+    chunks = [
+        f
+        for f in glob.glob(os.path.join(step_dir, "model", "**", "d", "*"), recursive=True)
+        if os.path.isfile(f)
+    ]
+    assert chunks, "test setup: orbax layout changed, found no array data files"
+    for f in chunks:
+        os.remove(f)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A trained single-device state shared by the read-only tests."""
+    model, optimizer = make_state(0)
+    run_steps(model, optimizer, 3)
+    return model, optimizer
+
+
+# --------------------------------------------------------------------------------------------------
+# round trip and resharding
+# --------------------------------------------------------------------------------------------------
+
+
+def test_round_trip_restores_model_optimizer_and_extra(tmp_path, trained):
+    model, optimizer = trained
+    key = jax.random.key(7)
+    np_rng = np.random.default_rng(5)
+    np_rng.normal(size=3)
+    extra = {
+        "step": 3,
+        "jax_key": jax_key_to_json(jax.random.split(key)[0]),
+        "raw_key": jax_key_to_json(jax.random.PRNGKey(4)),
+        "numpy_rng": np_rng.bit_generator.state,
+        "data": {"epoch": 1, "index": 12},
+        "config": {"model": {"layers": 2}, "lr": 1e-2},
+    }
+    with Checkpointer(tmp_path, save_interval_steps=3, async_save=True) as ckpt:
+        assert ckpt.save(3, model, optimizer, extra)
+        ckpt.wait()
+        fresh_model, fresh_opt = make_state(1)
+        got = ckpt.restore(fresh_model, fresh_opt)
+        assert ckpt.read_extra() == extra
+    assert got == extra
+    assert_same_values(fresh_model, model)
+    assert_same_values(fresh_opt, optimizer)
+    # The restored host RNG state continues exactly where the saved one was.
+    np_back = np.random.default_rng(0)
+    np_back.bit_generator.state = got["numpy_rng"]
+    np.testing.assert_array_equal(np_back.normal(size=4), np_rng.normal(size=4))
+    k = jax_key_from_json(got["jax_key"])
+    np.testing.assert_array_equal(
+        jax.random.key_data(k), jax.random.key_data(jax.random.split(key)[0])
+    )
+    np.testing.assert_array_equal(jax_key_from_json(got["raw_key"]), jax.random.PRNGKey(4))
+    # And training continues identically from both.
+    run_steps(fresh_model, fresh_opt, 1, seed=9)
+    model2, opt2 = make_state(1)
+    nnx.update(model2, nnx.state(model))
+    nnx.update(opt2, nnx.state(optimizer))
+    run_steps(model2, opt2, 1, seed=9)
+    assert_same_values(fresh_model, model2)
+
+
+def test_async_save_survives_buffers_freed_right_after(tmp_path):
+    """`save` returns once arrays are off the device, so a donating step may follow at once."""
+    model, optimizer = make_state(0, mesh(4, 2))
+    randomize(model, 3)
+    randomize(optimizer, 4)
+    want = [np.asarray(x) for x in leaves(model) + leaves(optimizer)]
+    with Checkpointer(tmp_path, save_interval_steps=1, async_save=True) as ckpt:
+        assert ckpt.save(1, model, optimizer, {"step": 1})
+        for x in leaves(model) + leaves(optimizer):
+            x.delete()  # what donation does to the old buffers
+        ckpt.wait()
+        fresh_model, fresh_opt = make_state(1, mesh(4, 2))
+        ckpt.restore(fresh_model, fresh_opt)
+    for got, w in zip(leaves(fresh_model) + leaves(fresh_opt), want, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), w)
+
+
+def test_model_rng_streams_and_params_only_restore(tmp_path):
+    """Typed-key variables inside a model survive; optimizer=None restores the model alone."""
+
+    class Keyed(nnx.Module):
+        def __init__(self, seed):
+            self.fc = nnx.Linear(2, 2, rngs=nnx.Rngs(seed))
+            self.rngs = nnx.Rngs(dropout=seed)
+
+    a = Keyed(0)
+    a.rngs.dropout()  # advance the stream so its count is not the initial one
+    with Checkpointer(tmp_path, save_interval_steps=1, async_save=False) as ckpt:
+        ckpt.save(1, a, None, {"step": 1})
+        b = Keyed(1)
+        assert ckpt.restore(b) == {"step": 1}
+    np.testing.assert_array_equal(b.fc.kernel[...], a.fc.kernel[...])
+    np.testing.assert_array_equal(
+        jax.random.key_data(b.rngs.dropout.key[...]), jax.random.key_data(a.rngs.dropout.key[...])
+    )
+    assert int(b.rngs.dropout.count[...]) == int(a.rngs.dropout.count[...]) == 1
+
+
+@pytest.mark.parametrize("target", ["fsdp4_tensor2", "single_device"])
+def test_restore_onto_a_different_mesh(tmp_path, target):
+    src_model, src_opt = make_state(0, mesh(8, 1))
+    randomize(src_model, 1)
+    randomize(src_opt, 2)
+    kernel = src_model.fc1.kernel[...]
+    assert kernel.sharding.shard_shape(kernel.shape) == (1, 16)  # really split 8 ways
+    with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+        ckpt.save(2, src_model, src_opt, {"step": 2})
+        dst_mesh = mesh(4, 2) if target == "fsdp4_tensor2" else None
+        dst_model, dst_opt = make_state(1, dst_mesh)
+        want_shardings = [x.sharding for x in leaves(dst_model) + leaves(dst_opt)]
+        ckpt.restore(dst_model, dst_opt)
+    assert_same_values(dst_model, src_model)
+    assert_same_values(dst_opt, src_opt)
+    got_shardings = [x.sharding for x in leaves(dst_model) + leaves(dst_opt)]
+    assert got_shardings == want_shardings
+    if dst_mesh is not None:
+        assert dst_model.fc1.kernel[...].sharding.mesh.shape == {"fsdp": 4, "tensor": 2}
+
+
+# --------------------------------------------------------------------------------------------------
+# save policy and retention
+# --------------------------------------------------------------------------------------------------
+
+
+def test_interval_force_duplicate_and_retention_keeps_latest_plus_best(tmp_path, trained):
+    model, optimizer = trained
+    acc = {2: 0.1, 4: 0.9, 6: 0.3, 8: 0.2, 10: 0.4}
+    with Checkpointer(
+        tmp_path, save_interval_steps=2, max_to_keep=2, best_metric="acc", best_mode="max"
+    ) as ckpt:
+        assert not ckpt.save(1, model, optimizer, {}, {"acc": 1.0})  # off-interval
+        for step in range(2, 11, 2):
+            assert ckpt.save(step, model, optimizer, {"step": step}, {"acc": acc[step]})
+        assert not ckpt.save(10, model, optimizer, {}, force=True)  # already saved: skipped
+        assert ckpt.save(11, model, optimizer, {"step": 11}, {"loss": 0.0}, force=True)
+        ckpt.wait()
+        # Latest two (10, 11) plus the best by acc (4); 11 has no acc so it can never be best.
+        assert ckpt.all_steps() == [4, 10, 11]
+        assert ckpt.best_step() == 4
+        assert ckpt.latest_step() == 11
+    assert sorted(os.listdir(tmp_path)) == ["10", "11", "4"]
+    with Checkpointer(tmp_path, best_metric="acc", best_mode="min") as reopened:
+        assert reopened.best_step() == 10  # min over the surviving steps with acc: 0.4 at 10
+
+
+def test_export_best_hf_loads_the_best_step(tmp_path, monkeypatch):
+    exported = {}
+    monkeypatch.setattr(
+        checkpoint,
+        "export_hf",
+        lambda m, path: exported.update(path=path, kernel=np.asarray(m.fc1.kernel[...])),
+    )
+    model, optimizer = make_state(0)
+    kernels = {}
+    with Checkpointer(tmp_path, save_interval_steps=1, best_metric="loss", best_mode="min") as c:
+        for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0)]:
+            randomize(model, step)
+            kernels[step] = np.asarray(model.fc1.kernel[...])
+            c.save(step, model, optimizer, {}, {"loss": loss})
+        assert c.export_best_hf(model, tmp_path / "hf_best") == 2
+    assert exported["path"] == tmp_path / "hf_best"
+    np.testing.assert_array_equal(exported["kernel"], kernels[2])
+
+
+def test_bad_arguments_are_refused_clearly(tmp_path, trained):
+    model, optimizer = trained
+    with pytest.raises(ValueError, match="best_mode"):
+        Checkpointer(tmp_path, best_mode="maximum")
+    with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+        with pytest.raises(TypeError, match=r"extra\['data'\]\['ids'\] is a ndarray"):
+            ckpt.save(1, model, optimizer, {"data": {"ids": np.arange(3)}})
+        with pytest.raises(CheckpointError, match="No checkpoint to restore in .*"):
+            ckpt.restore(model, optimizer)
+        assert ckpt.latest_step() is None
+
+
+# --------------------------------------------------------------------------------------------------
+# partial, damaged and mismatched checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_steps(tmp_path):
+    """A directory with committed steps 1 and 2 (different values); returns (dir, model values)."""
+    m1, o1 = make_state(0)
+    states = {}
+    with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+        for step in (1, 2):
+            randomize(m1, step)
+            randomize(o1, 10 + step)
+            states[step] = [np.asarray(x) for x in leaves(m1)]
+            ckpt.save(step, m1, o1, {"step": step})
+    return tmp_path, states
+
+
+def test_half_written_step_is_ignored(two_steps):
+    directory, states = two_steps
+    # What a SIGKILL during the write of step 3 leaves behind: orbax's uncommitted tmp directory.
+    tmp = directory / "3.orbax-checkpoint-tmp-1234567"
+    (tmp / "model").mkdir(parents=True)
+    (tmp / "model" / "_METADATA").write_text("{tru")
+    with Checkpointer(directory, save_interval_steps=1) as ckpt:
+        assert ckpt.latest_step() == 2
+        model, optimizer = make_state(5)
+        assert ckpt.restore(model, optimizer) == {"step": 2}
+    for got, want in zip(leaves(model), states[2], strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    assert sorted(os.listdir(directory)) == ["1", "2"]  # the tmp dir was cleaned, nothing else
+
+
+# After a failed read, tensorstore may still complete other reads into orbax's closed event loop;
+# Python reports those as "Exception ignored ... Event loop is closed" (cosmetic, timing-dependent).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", ["deleted_chunks", "truncated_chunks", "missing_item"])
+def test_damaged_latest_step_gives_one_clear_error(two_steps, damage):
+    directory, states = two_steps
+    step_dir = str(directory / "2")
+    if damage == "deleted_chunks":
+        corrupt_array_data(step_dir)
+    elif damage == "truncated_chunks":
+        for f in glob.glob(os.path.join(step_dir, "model", "**", "d", "*"), recursive=True):
+            with open(f, "r+b") as fh:
+                fh.truncate(max(os.path.getsize(f) // 3, 1))
+    else:
+        os.rename(os.path.join(step_dir, "optimizer"), os.path.join(step_dir, "optimizer.bak"))
+    with Checkpointer(directory, save_interval_steps=1) as ckpt:
+        assert ckpt.latest_step() == 2
+        model, optimizer = make_state(5)
+        with pytest.raises(CheckpointError) as info:
+            ckpt.restore(model, optimizer)
+        message = str(info.value)
+        assert step_dir in message and "damaged" in message
+        assert "resume from step 1" in message and "\n" not in message
+        assert info.value.__cause__ is None
+        assert info.value.__context__ is None or info.value.__suppress_context__
+        # Nothing was deleted, and the previous step still restores.
+        assert sorted(os.listdir(directory))[:2] == ["1", "2"]
+        assert ckpt.restore(model, optimizer, step=1) == {"step": 1}
+    for got, want in zip(leaves(model), states[1], strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_checkpoint_from_another_model_shape_is_refused(two_steps):
+    directory, _ = two_steps
+
+    class Wider(nnx.Module):
+        def __init__(self):
+            self.fc1 = nnx.Linear(8, 32, rngs=nnx.Rngs(0))
+            self.fc2 = nnx.Linear(32, 8, rngs=nnx.Rngs(0))
+
+    with Checkpointer(directory) as ckpt:
+        with pytest.raises(
+            CheckpointError,
+            match=r"does not fit the model .*fc1\.bias\.value: "
+            r"saved \(\(16,\), 'float32'\), model \(\(32,\)",
+        ):
+            ckpt.restore(Wider())
+        with pytest.raises(
+            CheckpointError, match="No checkpoint for step 7 .* saved steps: \\[1, 2\\]"
+        ):
+            ckpt.restore(Wider(), step=7)
+
+
+# --------------------------------------------------------------------------------------------------
+# SIGKILL mid-run, resume, same numbers
+# --------------------------------------------------------------------------------------------------
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    num_steps = 12
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = os.path.join(REPO, "tests", "ckpt_resume_script.py")
+    # 0.2 s per step leaves >2 s between the 2nd checkpoint and the end of the run to kill it in.
+    proc = subprocess.Popen(
+        [sys.executable, script, str(killed), str(num_steps), "0.2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    ckpt_dir = killed / "checkpoints"
+    deadline = time.time() + 60
+    try:
+        while True:
+            committed = (
+                [d for d in os.listdir(ckpt_dir) if d.isdigit()] if ckpt_dir.exists() else []
+            )
+            if len(committed) >= 2 or proc.poll() is not None or time.time() > deadline:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"run ended before the kill: {proc.communicate()[1][-2000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "final.npz").exists()
+
+    resumed_from = train(str(killed), num_steps)
+    assert 2 <= resumed_from < num_steps
+    fresh = tmp_path / "fresh"
+    assert train(str(fresh), num_steps) == 0
+    got, want = np.load(killed / "final.npz"), np.load(fresh / "final.npz")
+    assert sorted(got.files) == sorted(want.files) and len(want.files) == 4
+    for name in want.files:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    # The data position carried across the kill: every example counted exactly once.
+    extra = json.loads((killed / "checkpoints" / str(num_steps) / "extra" / "metadata").read_text())
+    assert extra["step"] == num_steps and extra["data"]["examples_seen"] == 4 * num_steps

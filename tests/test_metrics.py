@@ -1,0 +1,179 @@
+"""Tests for r1jax/metrics.py: JSONL + resume, TensorBoard, progress output, plots, compiles."""
+
+import glob
+import os
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+
+from r1jax import metrics
+from r1jax.metrics import CompileCounter, MetricsWriter, plot_metrics, read_metrics
+
+
+def read_events(tb_dir) -> list[event_pb2.Event]:
+    """Every event in every TFRecord file under `tb_dir`, file by file in name order.
+
+    TFRecord framing: uint64 length, uint32 crc, payload, uint32 crc (crcs not checked here).
+    """
+    events = []
+    for path in sorted(glob.glob(os.path.join(tb_dir, "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            payload = data[pos + 12 : pos + 12 + length]
+            pos += 12 + length + 4
+            events.append(event_pb2.Event.FromString(payload))
+    return events
+
+
+def scalars(events, tag) -> dict[int, float]:
+    return {e.step: v.simple_value for e in events for v in e.summary.value if v.tag == tag}
+
+
+# --------------------------------------------------------------------------------------------------
+# JSONL, TensorBoard, resume
+# --------------------------------------------------------------------------------------------------
+
+
+def test_jsonl_records_and_tensorboard_scalars(tmp_path):
+    with MetricsWriter(tmp_path, total_steps=3, summary_every=0) as w:
+        for step in (1, 2, 3):
+            got = w.write(
+                step,
+                {"reward": jnp.float32(step / 4), "loss": np.float64(1.0 / step), "n": step},
+            )
+            assert got == {"reward": step / 4, "loss": 1.0 / step, "n": float(step)}
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["reward"] for r in records] == [0.25, 0.5, 0.75]
+    np.testing.assert_allclose([r["loss"] for r in records], [1.0, 0.5, 1 / 3])
+    assert all(isinstance(r["time"], float) for r in records)
+    assert list(records[0]) == ["step", "time", "reward", "loss", "n"]
+
+    events = read_events(tmp_path / "tb")
+    assert scalars(events, "reward") == {1: 0.25, 2: 0.5, 3: 0.75}
+    assert scalars(events, "n") == {1: 1.0, 2: 2.0, 3: 3.0}
+
+
+def test_resume_drops_steps_after_the_checkpoint_and_appends(tmp_path):
+    with MetricsWriter(tmp_path, summary_every=0) as w:
+        for step in range(1, 7):
+            w.write(step, {"reward": float(step)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "rew')  # a line torn by a kill mid-write
+
+    # The checkpoint the run resumes from is step 4: steps 5-7 are logged again by this run.
+    with MetricsWriter(tmp_path, start_step=4, summary_every=0) as w:
+        for step in (5, 6, 7):
+            w.write(step, {"reward": 10.0 * step})
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["reward"]) for r in records] == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 4.0),
+        (5, 50.0),
+        (6, 60.0),
+        (7, 70.0),
+    ]
+    # TensorBoard: the second event file starts by purging steps >= 5 of the first.
+    events = read_events(tmp_path / "tb")
+    purges = [e.step for e in events if e.session_log.status == event_pb2.SessionLog.START]
+    assert purges == [5]
+
+
+def test_fresh_run_in_same_workdir_starts_a_new_history(tmp_path):
+    with MetricsWriter(tmp_path, summary_every=0, tensorboard=False) as w:
+        w.write(1, {"loss": 1.0})
+    with MetricsWriter(tmp_path, summary_every=0, tensorboard=False) as w:
+        w.write(1, {"loss": 2.0})
+    assert [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [2.0]
+    assert not (tmp_path / "tb").exists()
+
+
+def test_bad_metrics_are_refused_by_name(tmp_path):
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        with pytest.raises(ValueError, match=r"'per_token' has shape \(2,\)"):
+            w.write(1, {"per_token": np.ones(2)})
+        with pytest.raises(ValueError, match=r"\['step'\] are reserved"):
+            w.write(1, {"step": 3})
+
+
+def test_progress_bar_postfix_and_summary_lines(tmp_path, capsys):
+    with MetricsWriter(tmp_path, total_steps=4, summary_every=2, desc="rl", tensorboard=False) as w:
+        for step in range(1, 5):
+            w.write(step, {"reward": 0.5 * step, "accuracy": 0.25, "loss": 3.0})
+    captured = capsys.readouterr()
+    # Summary lines are the lasting record, on stdout; the bar redraws itself on stderr.
+    lines = captured.out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("step 2/4 | reward 1 | accuracy 0.25 | loss 3 | ")
+    assert lines[1].startswith("step 4/4 | reward 2 | accuracy 0.25 | loss 3 | ")
+    assert lines[1].endswith(" s/step")
+    err = captured.err
+    final_bar = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert final_bar.startswith("rl: 100%") and "4/4" in final_bar
+    assert "reward=2" in final_bar and "accuracy=0.25" in final_bar and "loss" not in final_bar
+
+
+def test_other_processes_write_and_print_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    with MetricsWriter(tmp_path / "run", total_steps=2, summary_every=1) as w:
+        assert w.write(1, {"reward": 1.0}) == {}
+        w.log("hello")
+    assert not (tmp_path / "run").exists()
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------------
+
+
+def test_plot_written_with_present_keys_only(tmp_path):
+    with MetricsWriter(tmp_path, summary_every=0, tensorboard=False) as w:
+        for step in range(1, 41):
+            w.write(step, {"reward": np.sin(step / 5), "kl": 0.01 * step, "loss": float("nan")})
+    out = tmp_path / "plots" / "curves.png"
+    assert plot_metrics(tmp_path / "metrics.jsonl", out) == ["reward", "kl"]
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(out) > 5000  # two panels with lines, not an empty canvas
+    # A key whose every value is NaN is skipped like a missing one; nothing matches -> no file.
+    none = tmp_path / "none.png"
+    assert plot_metrics(tmp_path / "metrics.jsonl", none, keys=("loss", "absent")) == []
+    assert not none.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Compile counter
+# --------------------------------------------------------------------------------------------------
+
+
+def test_compile_counter_counts_new_shapes_not_repeats(caplog):
+    @jax.jit
+    def scaled_sum(x):
+        return (2.0 * x).sum()
+
+    x3, x3b, x4 = np.ones(3, np.float32), np.zeros(3, np.float32), np.ones(4, np.float32)
+    with caplog.at_level("INFO", logger=metrics.__name__):
+        with CompileCounter() as compiles:
+            scaled_sum(x3).block_until_ready()
+            assert compiles.count == 1
+            scaled_sum(x3b).block_until_ready()  # same shape: cached, no compile
+            assert compiles.count == 1
+            scaled_sum(x4).block_until_ready()  # new shape: one more
+            assert compiles.count == 2
+    assert compiles.by_name() == {"jit(scaled_sum)": 2}
+    assert all(s >= 0 for s in compiles.seconds)
+    assert "XLA compile #2: jit(scaled_sum)" in caplog.text
+    # Stopped: a further compile is not counted.
+    scaled_sum(np.ones(5, np.float32)).block_until_ready()
+    assert compiles.count == 2
