@@ -1,0 +1,39 @@
+"""Pretrain the built-in toy base model from scratch (offline default of --stage=pretrain).
+
+    python -m r1jax.launch --stage=pretrain [--workdir=runs/pretrain]
+
+A synthetic corpus of arithmetic and Countdown problems, solved tersely and step by step (no <think> or
+<answer> tags anywhere), a byte-level BPE tokenizer trained on it, and a small Qwen2-architecture
+decoder trained on next-token prediction. The result is a genuine Hugging Face checkpoint folder
+(config.json + safetensors + tokenizer) that every other stage loads with `hf.load`.
+"""
+
+import ml_collections
+
+from r1jax.stages import common
+
+
+def get_config(arg=None):
+    config = common.base_config()
+    config.model.path = ""  # unused: pretraining builds the model from config.pretrain.arch
+    config.ckpt.every = 200
+
+    p = config.pretrain = ml_collections.ConfigDict()
+    p.corpus_docs = 30000  # synthetic documents generated for the corpus
+    p.vocab_size = 512  # BPE vocabulary, including bytes and special tokens
+    p.seq_len = 256  # tokens per training row (documents are packed, EOS-separated)
+    p.batch_size = 32  # rows per optimizer step
+    p.steps = 1200  # optimizer steps
+    p.arch = ml_collections.ConfigDict()  # Qwen2-style architecture of the toy base model
+    p.arch.hidden_size = 192
+    p.arch.intermediate_size = 512
+    p.arch.num_layers = 4
+    p.arch.num_heads = 6
+    p.arch.num_kv_heads = 2
+    p.arch.head_dim = 32
+    p.arch.max_position_embeddings = 1024
+    p.arch.tie_word_embeddings = True
+
+    config.optim = common.optim_config(learning_rate=3e-3, warmup_steps=100, schedule="cosine",
+                                       total_steps=p.steps, weight_decay=0.1)
+    return config

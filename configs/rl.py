@@ -1,0 +1,50 @@
+"""GRPO with rule-based rewards (offline default of --stage=rl: R1-Zero on the toy base model).
+
+    python -m r1jax.launch --stage=rl [--workdir=runs/rl] [--config.rl.beta=0.0 ...]
+
+R1-Zero: the base model is prompted with the paper's template (reason in <think>, answer in <answer>)
+and trained with GRPO on accuracy + format rewards, no SFT. For the R1 recipe's reasoning-RL stage,
+point `model.path` at a cold-start SFT checkpoint and add the language-consistency reward. Real data:
+`--config.data.source=/path/to/train.jsonl` (GSM8K / MATH / AIME / code-contest shapes) with
+`--config.rewards.task=0 --config.rewards.accuracy=1` (or `code` for code tests).
+"""
+
+import ml_collections
+
+from r1jax.stages import common
+
+
+def get_config(arg=None):
+    config = common.base_config()
+    config.model.path = common.TOY_BASE
+    config.ckpt.every = 25
+    config.ckpt.best_metric = "eval/accuracy"
+    config.log.every = 5
+
+    config.data = common.data_config(source="arithmetic", template="r1_zero")
+
+    # Reward name -> weight (names from r1jax.rewards.REWARDS; 0 = off). "task" is the exact
+    # verifier of the built-in tasks; "accuracy" checks math answers with math-verify.
+    config.rewards = ml_collections.ConfigDict(
+        {"task": 1.0, "accuracy": 0.0, "format": 0.5, "language_consistency": 0.0, "code": 0.0})
+
+    r = config.rl = ml_collections.ConfigDict()
+    r.steps = 120  # GRPO steps (one rollout batch each)
+    r.prompts_per_step = 16  # P: prompts per rollout batch
+    r.num_generations = 8  # G: completions per prompt
+    r.num_iterations = 1  # μ: optimizer steps per rollout batch
+    r.beta = 0.0  # KL weight to the reference model (0 = reference not loaded)
+    r.epsilon_low = 0.2  # clip ratio below at 1 - epsilon_low
+    r.epsilon_high = 0.2  # clip ratio above at 1 + epsilon_high (> low: DAPO clip-higher)
+    r.loss_type = "grpo"  # grpo | bnpo | dr_grpo | dapo
+    r.scale_rewards = "group"  # group | batch | none
+    r.max_completion_length = 96  # tokens sampled per completion
+    r.temperature = 1.0
+    r.top_k = 0
+    r.top_p = 1.0
+    r.num_micro_batches = 1  # gradient accumulation per optimizer step
+    r.ref_model = ""  # reference checkpoint ("" = the starting model.path)
+
+    config.eval = common.eval_config(every=20, num_prompts=128)
+    config.optim = common.optim_config(learning_rate=2e-5, warmup_steps=5)
+    return config

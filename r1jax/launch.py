@@ -1,0 +1,102 @@
+"""The command line: one command per stage of the R1 recipe.
+
+    python -m r1jax.launch --stage=rl [--config=configs/rl.py] [--config.rl.beta=0.0 ...] [--workdir=DIR]
+
+Without --config the stage's built-in offline default `configs/<stage>.py` is used (a tiny model on a
+built-in task, runnable on a laptop CPU with nothing downloaded). Overrides use ml_collections syntax
+and the config is locked, so a misspelt key is an error rather than a silently new field. The same
+command runs on every host of a TPU pod slice or a GPU cluster: multi-host start-up happens here, before
+anything touches a device (see `r1jax.sharding.initialize_distributed`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+STAGES = ("pretrain", "sft", "rl", "rejection_sampling", "distill", "eval", "pipeline")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _stage_from_argv(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--stage="):
+            return arg.split("=", 1)[1]
+        if arg == "--stage" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _with_default_config(argv: list[str]) -> list[str]:
+    """Insert --config=configs/<stage>.py when the user gave none (ml_collections needs a file)."""
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        return argv
+    stage = _stage_from_argv(argv)
+    if stage not in STAGES:
+        return argv  # absl reports the bad or missing --stage with the list of choices
+    return argv[:1] + [f"--config={os.path.join(CONFIG_DIR, stage + '.py')}"] + argv[1:]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    flags.DEFINE_enum("stage", None, STAGES, "Stage of the recipe to run.")
+    config_flags.DEFINE_config_file(
+        "config", None, "ml_collections config file (default: configs/<stage>.py). Override fields "
+        "with --config.section.field=value.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Output directory (default: runs/<stage>). Rerunning the "
+                        "same command resumes from its last checkpoint.")
+    flags.mark_flag_as_required("stage")
+
+    def run(_argv):
+        from absl import logging as absl_logging
+
+        from r1jax import sharding
+
+        # Libraries (orbax above all) log every file they write at INFO; r1jax's own logger is
+        # separate and keeps INFO.
+        absl_logging.set_verbosity(absl_logging.WARNING)
+
+        sharding.initialize_distributed()  # before any device is touched
+        from r1jax.stages import common
+
+        config = flags.FLAGS.config
+        stage = flags.FLAGS.stage
+        workdir = flags.FLAGS.workdir or os.path.join("runs", stage)
+        try:
+            common.validate(config, stage)
+        except common.ConfigError as e:
+            sys.exit(f"config error: {e}")
+        common.run_stage(stage, config, workdir)
+
+    app.run(run, argv=_with_default_config(list(argv if argv is not None else sys.argv)),
+            flags_parser=_parse_flags_with_help)
+
+
+def _parse_flags_with_help(argv):
+    """absl parsing, plus a --help that lists the stages and the chosen config's fields."""
+    from absl import flags
+
+    if "--help" in argv or "-h" in argv or "--helpfull" in argv:
+        print(__doc__)
+        print("Stages: " + ", ".join(STAGES) + "\n")
+        stage = _stage_from_argv(argv)
+        if stage in STAGES:
+            from ml_collections import config_flags  # noqa: F401  (registers the config parser)
+
+            from r1jax.stages import common
+
+            print(f"Config fields of configs/{stage}.py (override with --config.FIELD=VALUE):")
+            print(common.describe(common.load_config_file(os.path.join(CONFIG_DIR, stage + ".py"))))
+        else:
+            print("Give --stage=STAGE --help to list that stage's config fields.")
+        sys.exit(0)
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"{e}\nRun with --help for usage.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,398 @@
+"""What every stage shares: the base config, validation, workdir set-up, meshes and model loading.
+
+Each stage module (`r1jax/stages/<stage>.py`) exposes `validate(config)` (raise `ConfigError` naming
+the field) and `run(config, workdir)`. `configs/<stage>.py` builds its config from `base_config()`
+here, so every stage has the same `seed`, `mesh`, `model`, `ckpt` and `log` sections.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import ml_collections
+
+log = logging.getLogger("r1jax")
+
+# The built-in offline base model: made by `--stage=pretrain` with its default config.
+TOY_BASE = "toy"
+
+
+class ConfigError(ValueError):
+    """A config the run cannot start with; the message names the field to fix."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Sections shared by all stages. Stage configs add their own section and override fields."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # seeds data order, initialisation and sampling
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1  # pure data-parallel replicas
+    c.mesh.fsdp = -1  # weight-sharded data parallelism; -1 = all remaining devices
+    c.mesh.tensor = 1  # tensor parallelism (heads, MLP, vocab)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = TOY_BASE  # HF checkpoint folder, or "toy" = the built-in toy base model
+    c.model.param_dtype = "float32"  # storage dtype of parameters (master weights)
+    c.model.dtype = "float32"  # compute dtype ("bfloat16" for mixed precision)
+    c.model.remat = False  # rematerialise layers in the backward pass to save memory
+
+    c.ckpt = ml_collections.ConfigDict()
+    c.ckpt.every = 50  # save every N steps (and at the end)
+    c.ckpt.keep = 2  # keep the last N checkpoints (plus the best one)
+    c.ckpt.best_metric = ""  # metric that picks the best checkpoint ("" = none)
+    c.ckpt.best_mode = "max"  # "max" or "min"
+    c.ckpt.async_save = True  # write checkpoints in the background
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every = 10  # summary line every N steps (metrics go to JSONL every step)
+    c.log.progress = True  # tqdm progress bar with rate and ETA
+    return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Import a config file and return its `get_config()`."""
+    spec = importlib.util.spec_from_file_location("r1jax_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def describe(config: ml_collections.ConfigDict, prefix: str = "") -> str:
+    """One line per leaf field: `section.field = value (type)`."""
+    lines = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            lines.append(describe(value, name + "."))
+        else:
+            lines.append(f"  {name} = {value!r} ({type(value).__name__})")
+    return "\n".join(lines)
+
+
+def validate(config: ml_collections.ConfigDict, stage: str) -> None:
+    """Refuse configs that cannot work, before any work is done. Raises ConfigError."""
+    for axis in ("data", "fsdp", "tensor"):
+        size = config.mesh[axis]
+        if not isinstance(size, int) or size == 0 or size < -1:
+            raise ConfigError(f"mesh.{axis} must be a positive integer or -1, got {size!r}")
+    if sum(config.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) > 1:
+        raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    for field in ("param_dtype", "dtype"):
+        if config.model[field] not in ("float32", "bfloat16"):
+            raise ConfigError(f"model.{field} must be 'float32' or 'bfloat16', "
+                              f"got {config.model[field]!r}")
+    if stage != "pretrain" and config.model.path != TOY_BASE and not os.path.isdir(
+            config.model.path):
+        raise ConfigError(f"model.path {config.model.path!r} is not a folder; give a Hugging Face "
+                          f"checkpoint folder or 'toy' for the built-in toy base model")
+    if config.ckpt.best_mode not in ("max", "min"):
+        raise ConfigError(f"ckpt.best_mode must be 'max' or 'min', got {config.ckpt.best_mode!r}")
+    if config.ckpt.every < 1 or config.log.every < 1:
+        raise ConfigError("ckpt.every and log.every must be >= 1")
+    stage_module(stage).validate(config)
+
+
+def batch_ways(config: ml_collections.ConfigDict, num_devices: int) -> int:
+    """How many ways the batch is split: data * fsdp (resolving a -1 against the device count)."""
+    sizes = dict(config.mesh)
+    fixed = 1
+    for v in sizes.values():
+        fixed *= v if v != -1 else 1
+    resolved = {k: (num_devices // fixed if v == -1 else v) for k, v in sizes.items()}
+    return resolved["data"] * resolved["fsdp"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running a stage
+# ---------------------------------------------------------------------------------------------------
+
+
+def stage_module(stage: str):
+    return importlib.import_module(f"r1jax.stages.{stage}")
+
+
+def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
+    """Set up the workdir and logging, then run the stage. Returns what the stage returns."""
+    import jax
+
+    os.makedirs(workdir, exist_ok=True)
+    setup_logging(workdir)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, f"config_{stage}.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    log.info("stage %s, workdir %s, %d process(es), %d device(s) (%s)", stage, workdir,
+             jax.process_count(), jax.device_count(), jax.devices()[0].platform)
+    return stage_module(stage).run(config, workdir)
+
+
+def setup_logging(workdir: str) -> None:
+    """INFO to stderr on process 0 only; every process logs to its own file in the workdir."""
+    import jax
+
+    logger = logging.getLogger("r1jax")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    file_handler = logging.FileHandler(os.path.join(workdir, f"log_p{jax.process_index()}.txt"))
+    file_handler.setFormatter(fmt)
+    logger.addHandler(file_handler)
+    if jax.process_index() == 0:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(fmt)
+        logger.addHandler(console)
+
+
+def make_mesh(config: ml_collections.ConfigDict):
+    from r1jax import sharding
+
+    try:
+        return sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp,
+                                  tensor=config.mesh.tensor)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------
+
+
+def r1jax_home() -> str:
+    """Where the built-in toy base model lives ($R1JAX_HOME, default ~/.cache/r1jax)."""
+    return os.environ.get("R1JAX_HOME", os.path.join(os.path.expanduser("~"), ".cache", "r1jax"))
+
+
+def toy_base_path() -> str:
+    return os.path.join(r1jax_home(), "toy_base")
+
+
+def resolve_model_path(path: str) -> str:
+    """The checkpoint folder for `path`; for "toy", train the toy base model first if it is missing."""
+    if path != TOY_BASE:
+        return path
+    target = toy_base_path()
+    if not os.path.exists(os.path.join(target, "config.json")):
+        log.info("No toy base model at %s yet: training it first with --stage=pretrain's default "
+                 "config (a few minutes on a laptop CPU; done once).", target)
+        from r1jax.stages import pretrain
+
+        pretrain_config = load_config_file(os.path.join(_configs_dir(), "pretrain.py"))
+        pretrain.run(pretrain_config, os.path.join(r1jax_home(), "toy_base_run"), export_to=target)
+    return target
+
+
+def _configs_dir() -> str:
+    from r1jax import launch
+
+    return launch.CONFIG_DIR
+
+
+def load_model(config: ml_collections.ConfigDict, mesh, rules=None):
+    """(model, tokenizer) from config.model, parameters placed on `mesh`."""
+    from r1jax.models import hf
+
+    path = resolve_model_path(config.model.path)
+    model = hf.load(path, mesh=mesh, param_dtype=config.model.param_dtype,
+                    dtype=config.model.dtype, remat=config.model.remat, rules=rules)
+    return model, hf.tokenizer(path)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write JSON atomically (process 0 only), so a kill never leaves half a file."""
+    import jax
+
+    if jax.process_index() != 0:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config sections shared by several stages
+# ---------------------------------------------------------------------------------------------------
+
+
+def optim_config(**overrides) -> ml_collections.ConfigDict:
+    """The `optim` section: the fields of `r1jax.train.OptimConfig` (AdamW + schedule + clipping)."""
+    c = ml_collections.ConfigDict()
+    c.learning_rate = 1e-6  # peak learning rate
+    c.schedule = "constant"  # "constant" or "cosine" (to 0 at total_steps)
+    c.warmup_steps = 0  # linear warmup from 0
+    c.total_steps = 0  # optimizer steps in the run (needed by "cosine")
+    c.weight_decay = 0.0  # decoupled, on matrices only
+    c.b1 = 0.9
+    c.b2 = 0.999
+    c.eps = 1e-8
+    c.max_grad_norm = 1.0  # global-norm clipping (0 = off)
+    c.update(overrides)
+    return c
+
+
+def optim(config: ml_collections.ConfigDict):
+    """The typed OptimConfig of a stage config (errors name the optim.* field)."""
+    from r1jax.train import OptimConfig
+
+    try:
+        return OptimConfig(**config.optim.to_dict())
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def data_config(source: str = "arithmetic", template: str = "r1_zero") -> ml_collections.ConfigDict:
+    """The `data` section of prompt-driven stages (rl, rejection_sampling, eval)."""
+    c = ml_collections.ConfigDict()
+    c.source = source  # built-in task ("arithmetic", "countdown") or a .jsonl/.parquet path/glob
+    c.template = template  # "r1_zero" (paper template), "chat" (tokenizer template), "plain"
+    c.prefill_think = False  # end the prompt with "<think>" so the model starts reasoning
+    c.num_train = 20000  # built-in tasks: training problems generated
+    c.num_eval = 256  # held-out problems (built-in tasks: from the held-out split)
+    c.eval_source = ""  # file data: held-out file ("" = hold out num_eval rows of source)
+    c.prompt_buckets = (64, 128, 256, 512)  # padded prompt lengths (few shapes = few compiles)
+    c.arithmetic = ml_collections.ConfigDict(
+        {"ops": ("+", "-"), "min_digits": 1, "max_digits": 2})  # difficulty of the built-in task
+    c.countdown = ml_collections.ConfigDict(
+        {"min_numbers": 3, "max_numbers": 3, "max_target": 100})
+    return c
+
+
+def eval_config(every: int = 0, num_prompts: int = 256) -> ml_collections.ConfigDict:
+    """The `eval` section: how checkpoints are scored on held-out prompts (paper defaults)."""
+    c = ml_collections.ConfigDict()
+    c.every = every  # evaluate every N steps during training (0 = only at the end)
+    c.num_prompts = num_prompts  # held-out prompts scored
+    c.num_samples = 1  # k samples per prompt (pass@1 averages them; cons@k votes over them)
+    c.temperature = 0.6  # the paper's evaluation sampling
+    c.top_p = 0.95
+    c.max_new_tokens = 128
+    c.batch_prompts = 64  # prompts per sampling call
+    return c
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompt datasets
+# ---------------------------------------------------------------------------------------------------
+
+
+def batch_indices(n: int, step: int, size: int, seed: int) -> list[int]:
+    """Indices of batch `step` of `size` items drawn from n without replacement per epoch.
+
+    Each epoch is a fresh permutation seeded by (seed, epoch), so the data position is a function of
+    the step alone: a resumed run reads exactly the batches an uninterrupted one would.
+    """
+    import numpy as np
+
+    out, perms = [], {}
+    for i in range(step * size, (step + 1) * size):
+        epoch, pos = divmod(i, n)
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(int(perms[epoch][pos]))
+    return out
+
+
+class PromptSet:
+    """Rows of a prompt dataset, templated and tokenised, served in deterministic batches.
+
+    rows:       dataset rows (prompt, solution, task, meta, tests, language, ...)
+    token_ids:  tokenised templated prompt of each row
+    columns:    {column: [N] values}, what reward functions look up by row id
+    Batch b of an epoch is a slice of a permutation seeded by (seed, epoch), so the data position
+    is a function of the step number alone and resuming needs nothing more.
+    """
+
+    def __init__(self, rows: list[dict], tokenizer, data_config, *, seed: int):
+        from r1jax.data import templates
+
+        self.rows = rows
+        self.seed = seed
+        self.template = data_config.template
+        self.prefill_think = data_config.prefill_think
+        self.buckets = tuple(data_config.prompt_buckets)
+        self.prompts = templates.format_prompts([r["prompt"] for r in rows], self.template,
+                                                tokenizer=tokenizer,
+                                                prefill_think=self.prefill_think)
+        self.token_ids = tokenizer(self.prompts, add_special_tokens=False)["input_ids"]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else tokenizer.eos_token_id
+        keys = sorted({k for r in rows for k in r})
+        self.columns = {k: [r.get(k) for r in rows] for k in keys}
+        self.completion_prefix = templates.completion_prefix(self.template, self.prefill_think)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def row_ids(self, step: int, size: int) -> list[int]:
+        """The `size` row ids of batch `step` (see `batch_indices`)."""
+        return batch_indices(len(self.rows), step, size, self.seed)
+
+    def batch(self, row_ids):
+        """([P, T] ids, [P, T] mask, [P] row ids) for the given rows, left-padded to a bucket."""
+        import numpy as np
+
+        from r1jax.data.batching import batch_prompt_ids
+
+        b = batch_prompt_ids([self.token_ids[i] for i in row_ids], pad_id=self.pad_id,
+                             buckets=self.buckets)
+        return b.input_ids, b.attention_mask, np.asarray(row_ids, np.int32)
+
+
+def load_prompt_rows(data_config, split: str, seed: int) -> list[dict]:
+    """Rows for `split` ("train" or "eval") from a built-in task or a dataset file."""
+    from r1jax.data import loaders, tasks
+
+    source = data_config.source
+    n = data_config.num_train if split == "train" else data_config.num_eval
+    if source in tasks.TASKS:
+        knobs = data_config[source].to_dict() if source in data_config else {}
+        knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
+        try:
+            task = tasks.make_task(source, **knobs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"data.{source}: {e}") from e
+        return tasks.make_dataset(task, n, seed=seed, split=split)
+    path = data_config.eval_source if (split == "eval" and data_config.eval_source) else source
+    try:
+        # Every process reads all rows: a rollout batch is small and every host feeds the same
+        # global batch, of which each device then keeps its own slice.
+        rows, stats = loaders.load_rows(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.source: {e}") from e
+    log.info("loaded %d rows from %s (%s)", len(rows), path, stats)
+    if split == "eval" and not data_config.eval_source:
+        return rows[-n:]
+    if split == "train" and not data_config.eval_source:
+        return rows[:-data_config.num_eval] or rows
+    return rows
+
+
+def validate_data(data_config) -> None:
+    from r1jax.data import tasks, templates
+
+    if data_config.template not in templates.TEMPLATES:
+        raise ConfigError(f"data.template must be one of {templates.TEMPLATES}, "
+                          f"got {data_config.template!r}")
+    source = data_config.source
+    if source not in tasks.TASKS:
+        import glob
+
+        if not glob.glob(source):
+            raise ConfigError(f"data.source {source!r} is neither a built-in task "
+                              f"{sorted(tasks.TASKS)} nor an existing file")
+    if data_config.num_eval < 1 or data_config.num_train < 1:
+        raise ConfigError("data.num_train and data.num_eval must be >= 1")

@@ -1,0 +1,116 @@
+"""Stage: pretrain the toy base model from scratch.
+
+The real recipe starts from a pretrained base model (DeepSeek-V3-Base, Qwen2.5, Llama 3); offline we
+make one, so every later stage runs through exactly the code a real run uses:
+
+  1. generate a corpus of synthetic problems, solved tersely and step by step, with no <think> or
+     <answer> tags (R1-Zero must discover that format from its prompt);
+  2. train a byte-level BPE tokenizer on it and save it as a Hugging Face tokenizer folder;
+  3. pack the documents, EOS-separated, into rows of `seq_len` tokens;
+  4. train a small Qwen2-architecture decoder on next-token prediction;
+  5. save it as a genuine HF checkpoint folder (config.json + safetensors + tokenizer).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from r1jax import checkpoint, metrics, sft, sharding, train
+from r1jax.data import corpus, tokenizer as toy_tokenizer
+from r1jax.models import hf
+from r1jax.models.transformer import Decoder, ModelConfig
+from r1jax.stages import common
+
+log = logging.getLogger("r1jax")
+
+
+def validate(config) -> None:
+    p = config.pretrain
+    if min(p.corpus_docs, p.seq_len, p.batch_size, p.steps) < 1:
+        raise common.ConfigError("pretrain.corpus_docs, seq_len, batch_size and steps must be >= 1")
+    ways = common.batch_ways(config, jax.device_count())
+    if p.batch_size % ways:
+        raise common.ConfigError(f"pretrain.batch_size={p.batch_size} must be a multiple of the "
+                                 f"mesh's {ways} batch shards (mesh.data * mesh.fsdp)")
+    arch = p.arch.to_dict()
+    try:
+        ModelConfig(vocab_size=p.vocab_size, **arch)
+    except (TypeError, ValueError) as e:
+        raise common.ConfigError(f"pretrain.arch: {e}") from e
+    common.optim(config)
+
+
+def token_rows(docs: list[str], tokenizer, seq_len: int) -> np.ndarray:
+    """Documents -> [N, seq_len] int32 rows of one EOS-separated token stream."""
+    eos = tokenizer.eos_token_id
+    stream = []
+    for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        stream.append(eos)
+    n = len(stream) // seq_len
+    return np.asarray(stream[: n * seq_len], np.int32).reshape(n, seq_len)
+
+
+def run(config, workdir: str, *, export_to: str | None = None) -> dict:
+    """Pretrain; writes the HF checkpoint to workdir/hf/final (and to `export_to` if given)."""
+    p = config.pretrain
+    os.makedirs(workdir, exist_ok=True)
+
+    # 1-2. Corpus and tokenizer.
+    tok_dir = os.path.join(workdir, "tokenizer")
+    tokenizer = toy_tokenizer.train_toy_tokenizer(tok_dir, seed=config.seed,
+                                                  vocab_size=p.vocab_size)
+    docs = corpus.pretrain_corpus(p.corpus_docs, seed=config.seed)
+    # 3. Packed rows; the loss covers every token that has a predecessor.
+    rows = token_rows(docs, tokenizer, p.seq_len)
+    log.info("pretraining corpus: %d documents, %d tokens, %d rows of %d (%.1f epochs)", len(docs),
+             rows.size, len(rows), p.seq_len, p.steps * p.batch_size / len(rows))
+    # One segment per row (documents in a row may attend to earlier ones, as in GPT pretraining).
+    shape = (p.batch_size, p.seq_len)
+    fixed = {"loss_mask": np.ones(shape, np.int32), "segment_ids": np.ones(shape, np.int32),
+             "attention_mask": np.ones(shape, np.int32),
+             "positions": np.broadcast_to(np.arange(p.seq_len, dtype=np.int32), shape)}
+
+    # 4. The model, born sharded, and its optimizer.
+    mesh = common.make_mesh(config)
+    cfg = ModelConfig(vocab_size=len(tokenizer), param_dtype=config.model.param_dtype,
+                      dtype=config.model.dtype, remat=config.model.remat, model_type="qwen2",
+                      qkv_bias=True, **p.arch.to_dict())
+    model = sharding.create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(config.seed)), mesh)
+    state = train.TrainState.create(model, common.optim(config), mesh)
+    log.info("toy base model: %.2fM parameters (%s)", cfg.num_params / 1e6, cfg)
+
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   save_interval_steps=config.ckpt.every,
+                                   max_to_keep=config.ckpt.keep, async_save=config.ckpt.async_save)
+    start = 0
+    if ckpt.latest_step() is not None:
+        start = ckpt.restore(state.model, state.optimizer)["step"]
+        log.info("resumed from step %d", start)
+    writer = metrics.MetricsWriter(workdir, total_steps=p.steps, start_step=start,
+                                   summary_every=config.log.every, desc="pretrain",
+                                   postfix_keys=("loss",))
+    row = {}
+    for step in range(start, p.steps):
+        idx = common.batch_indices(len(rows), step, p.batch_size, config.seed)
+        row = jax.device_get(sft.train_step(state, {"input_ids": rows[idx], **fixed}))
+        writer.write(step + 1, row)
+        ckpt.save(step + 1, state.model, state.optimizer, extra={"step": step + 1},
+                  force=step + 1 == p.steps)
+    ckpt.wait()
+    writer.close()
+    ckpt.close()
+
+    # 5. A genuine HF checkpoint folder.
+    out = os.path.join(workdir, "hf", "final")
+    for path in filter(None, (out, export_to)):
+        hf.save(state.model, path)
+        if jax.process_index() == 0:
+            tokenizer.save_pretrained(path)
+        log.info("toy base model saved to %s", path)
+    return {k: float(v) for k, v in row.items()}

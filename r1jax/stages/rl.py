@@ -1,0 +1,207 @@
+"""Stage: reinforcement learning with GRPO and rule-based rewards.
+
+R1-Zero runs this straight on a base model; the R1 recipe runs it on a cold-start SFT checkpoint
+(reasoning RL, with the language-consistency reward) and again at the end (RL for all scenarios).
+Each step, as in DeepSeekMath's Algorithm 1:
+
+  1. take P prompts from the training set, each wrapped in the R1-Zero template;
+  2. sample G completions per prompt from the current policy (each prompt prefilled once);
+  3. score every completion with rule rewards on the host: accuracy (the answer in <answer>, checked
+     exactly), format (<think>…</think><answer>…</answer>), optionally language consistency;
+  4. advantage = (reward − group mean) / group std, per prompt;
+  5. μ optimizer steps on the clipped importance-ratio objective, minus β·KL to the frozen reference.
+
+Every `eval.every` steps the policy is scored on held-out prompts; checkpoints are written every
+`ckpt.every` steps and rerunning the command resumes from the last one. At the end the final and the
+best policies are exported as Hugging Face checkpoints under `workdir/hf/`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from r1jax import checkpoint, grpo, metrics, rewards, train
+from r1jax.data.tokenizer import stop_token_ids
+from r1jax.stages import common
+from r1jax.stages import eval as eval_stage
+
+log = logging.getLogger("r1jax")
+
+
+def grpo_config(config, tokenizer) -> grpo.GRPOConfig:
+    """The typed GRPO hyperparameters from config.rl (errors name the rl.* field)."""
+    r = config.rl
+    try:
+        return grpo.GRPOConfig(
+            num_generations=r.num_generations, num_iterations=r.num_iterations, beta=r.beta,
+            epsilon_low=r.epsilon_low, epsilon_high=r.epsilon_high, loss_type=r.loss_type,
+            scale_rewards=r.scale_rewards, max_completion_length=r.max_completion_length,
+            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+            num_micro_batches=r.num_micro_batches,
+            stop_token_ids=stop_token_ids(tokenizer) + eval_stage.answer_stop_ids(tokenizer),
+            pad_token_id=tokenizer.pad_token_id or 0)
+    except ValueError as e:
+        raise common.ConfigError(str(e).replace("grpo.", "rl.")) from e
+
+
+def validate(config) -> None:
+    """Refuse impossible combinations before any work (called by the launcher)."""
+    import ml_collections  # noqa: F401
+
+    common.validate_data(config.data)
+    r = config.rl
+    if r.steps < 1 or r.prompts_per_step < 1:
+        raise common.ConfigError("rl.steps and rl.prompts_per_step must be >= 1")
+    rollout_rows = r.prompts_per_step * r.num_generations
+    ways = common.batch_ways(config, jax.device_count())
+    if rollout_rows % ways:
+        raise common.ConfigError(
+            f"rl.prompts_per_step * rl.num_generations = {rollout_rows} rollout rows cannot be split "
+            f"over the mesh's {ways} batch shards (mesh.data * mesh.fsdp); make it a multiple")
+    if rollout_rows % r.num_micro_batches or (rollout_rows // r.num_micro_batches) % ways:
+        raise common.ConfigError(
+            f"rl.num_micro_batches={r.num_micro_batches} must divide the {rollout_rows} rollout rows "
+            f"into micro-batches that split over the {ways} batch shards")
+    if r.beta > 0 and r.ref_model and not os.path.isdir(r.ref_model):
+        raise common.ConfigError(f"rl.ref_model {r.ref_model!r} is not a folder")
+    weights = config.rewards.to_dict()
+    unknown = set(weights) - set(rewards.REWARDS)
+    if unknown:
+        raise common.ConfigError(f"rewards: unknown reward(s) {sorted(unknown)}; registered: "
+                                 f"{sorted(rewards.REWARDS)}")
+    if not any(w != 0 for w in weights.values()):
+        raise common.ConfigError("rewards: every weight is 0; give at least one reward a weight")
+    # Typed configs validate their own fields (learning rate, loss type, clipping ...).
+    common.optim(config)
+    grpo.GRPOConfig(**{k: v for k, v in r.to_dict().items()
+                       if k not in ("steps", "prompts_per_step", "ref_model")})
+
+
+def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
+    """Train with GRPO; returns the last logged metrics (and the eval result under "eval/*")."""
+    # -- the policy, its optimizer, and the frozen reference (only when β > 0) --
+    mesh = common.make_mesh(config)
+    model, tokenizer = common.load_model(config, mesh)
+    cfg = grpo_config(config, tokenizer)
+    state = train.TrainState.create(model, common.optim(config), mesh)
+    ref = None
+    if cfg.beta > 0:
+        ref_config = config.copy_and_resolve_references()
+        with ref_config.unlocked():
+            ref_config.model.path = config.rl.ref_model or config.model.path
+        ref, _ = common.load_model(ref_config, mesh)
+
+    # -- prompts and the rule rewards that score their completions --
+    train_set = common.PromptSet(common.load_prompt_rows(config.data, "train", config.seed),
+                                 tokenizer, config.data, seed=config.seed)
+    eval_set = common.PromptSet(common.load_prompt_rows(config.data, "eval", config.seed),
+                                tokenizer, config.data, seed=config.seed)
+    reward_fn = rewards.build_reward_fn(
+        {name: w for name, w in config.rewards.to_dict().items() if w != 0})
+    decode = functools.partial(_decode, tokenizer, train_set.completion_prefix)
+    scorer = rewards.HostRewardBridge(reward_fn, decode, columns=train_set.columns)
+    log.info("GRPO: %d prompts x %d samples per step, %d steps, rewards %s, beta %s, %d train / "
+             "%d held-out prompts", config.rl.prompts_per_step, cfg.num_generations,
+             config.rl.steps, dict(zip(reward_fn.names, reward_fn.weights, strict=True)),
+             cfg.beta, len(train_set), len(eval_set))
+
+    # -- resume from the last checkpoint, if any --
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"), save_interval_steps=config.ckpt.every,
+        max_to_keep=config.ckpt.keep, best_metric=config.ckpt.best_metric or None,
+        best_mode=config.ckpt.best_mode, async_save=config.ckpt.async_save)
+    start = 0
+    if ckpt.latest_step() is not None:
+        extra = ckpt.restore(state.model, state.optimizer)
+        start = extra["step"]
+        log.info("resumed from step %d (%s)", start, ckpt.step_dir(start))
+    writer = metrics.MetricsWriter(workdir, total_steps=config.rl.steps, start_step=start,
+                                   summary_every=config.log.every, desc="GRPO",
+                                   postfix_keys=("reward", "accuracy", "format", "length"))
+    compiles = metrics.CompileCounter(log_each=False).start()
+    base_key = jax.random.key(config.seed)
+    row = {}
+
+    # -- the GRPO loop --
+    for step in range(start, config.rl.steps):
+        prompt_ids, prompt_mask, row_ids = train_set.batch(
+            train_set.row_ids(step, config.rl.prompts_per_step))
+        policy = grpo.policy_for_sampling(state)
+        rollouts, rollout_metrics = grpo.rollout(policy, ref, prompt_ids, prompt_mask,
+                                                 jax.random.fold_in(base_key, step), scorer, cfg,
+                                                 row_ids=row_ids)
+        update_metrics = grpo.update(state, rollouts, cfg)
+
+        row = {**jax.device_get(rollout_metrics), **jax.device_get(update_metrics)}
+        row.update(_headline(row, reward_fn.names))
+        done = step + 1
+        if _due(done, config.eval.every, config.rl.steps):
+            result = eval_stage.evaluate(state.model, tokenizer, eval_set, config.eval,
+                                         seed=config.seed, mesh=mesh)
+            row.update({f"eval/{k}": v for k, v in result.items() if not isinstance(v, dict)})
+            row["eval/accuracy"] = result["pass@1"]
+        row["compiles"] = compiles.count
+        writer.write(done, row)
+        ckpt.save(done, state.model, state.optimizer, extra={"step": done},
+                  metrics={k: float(v) for k, v in row.items() if k.startswith("eval/")} or None,
+                  force=done == config.rl.steps)
+
+    # -- wrap up: plots, HF exports of the final and best policies --
+    ckpt.wait()
+    compiles.stop()
+    writer.close()
+    reward_fn.close()
+    if jax.process_index() == 0:
+        metrics.plot_metrics(os.path.join(workdir, "metrics.jsonl"),
+                             os.path.join(workdir, "rl_curves.png"),
+                             keys=("reward", "accuracy", "format", "completions/mean_length", "kl",
+                                   "eval/accuracy"))
+    if export:
+        checkpoint.export_hf(state.model, os.path.join(workdir, "hf", "final"))
+        _copy_tokenizer(tokenizer, os.path.join(workdir, "hf", "final"))
+        if ckpt.best_step() is not None and ckpt.best_step() != config.rl.steps:
+            best = ckpt.export_best_hf(state.model, os.path.join(workdir, "hf", "best"))
+            _copy_tokenizer(tokenizer, os.path.join(workdir, "hf", "best"))
+            log.info("best checkpoint (step %s by %s) exported to %s", best,
+                     config.ckpt.best_metric, os.path.join(workdir, "hf", "best"))
+    ckpt.close()
+    log.info("GRPO done: %d compilations in the run; final policy in %s", compiles.count,
+             os.path.join(workdir, "hf", "final"))
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _decode(tokenizer, prefix: str, ids: list[list[int]]) -> list[str]:
+    """Completion ids -> text as the reward functions see it (with any prefilled "<think>")."""
+    return [prefix + t for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def _headline(row: dict[str, Any], names: tuple[str, ...]) -> dict[str, float]:
+    """Short names for the progress line: accuracy (task/accuracy/code reward), format, length."""
+    out = {"length": row.get("completions/mean_length", np.nan)}
+    for name in ("task", "accuracy", "code"):
+        if name in names:
+            out["accuracy"] = row[f"rewards/{name}/mean"]
+            break
+    if "format" in names:
+        out["format"] = row["rewards/format/mean"]
+    return out
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def _copy_tokenizer(tokenizer, path: str) -> None:
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(path)
