@@ -93,7 +93,7 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
         if config.model[field] not in ("float32", "bfloat16"):
             raise ConfigError(f"model.{field} must be 'float32' or 'bfloat16', "
                               f"got {config.model[field]!r}")
-    if stage != "pretrain" and config.model.path != TOY_BASE and not os.path.isdir(
+    if stage not in ("pretrain", "pipeline") and config.model.path != TOY_BASE and not os.path.isdir(
             config.model.path):
         raise ConfigError(f"model.path {config.model.path!r} is not a folder; give a Hugging Face "
                           f"checkpoint folder or 'toy' for the built-in toy base model")

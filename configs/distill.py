@@ -1,0 +1,32 @@
+"""Distil teacher traces into a smaller student (--stage=distill).
+
+    python -m r1jax.launch --stage=distill --config.distill.source=runs/rs/rejection_sampled.jsonl \
+        --config.model.path=/path/to/student [--config.distill.teacher=/path/to/teacher]
+
+`model.path` is the student to train; `distill.source` is the JSONL of teacher traces that
+`--stage=rejection_sampling` wrote. Setting `distill.teacher` (same tokenizer) switches from trace SFT to
+logit distillation (forward KL to the teacher's next-token distributions).
+"""
+
+import ml_collections
+
+from r1jax.stages import common
+
+
+def get_config(arg=None):
+    config = common.base_config()
+    config.model.path = common.TOY_BASE  # the student
+
+    d = config.distill = ml_collections.ConfigDict()
+    d.source = "cold_start"  # teacher traces: JSONL from rejection_sampling, or the built-in ones
+    d.teacher = ""  # teacher checkpoint for logit distillation ("" = trace SFT only)
+    d.template = "r1_zero"  # prompt template the traces were sampled with
+    d.num_examples = 400  # source="cold_start": built-in traces generated
+    d.seq_len = 384
+    d.pack = False
+    d.batch_size = 16
+    d.epochs = 2.0
+    d.num_micro_batches = 1
+
+    config.optim = common.optim_config(learning_rate=5e-4, warmup_steps=10)
+    return config

@@ -1,0 +1,75 @@
+"""The whole R1 recipe at toy scale on the built-in offline tasks (--stage=pipeline).
+
+    python -m r1jax.launch --stage=pipeline [--workdir=runs/pipeline]
+    python -m r1jax.launch --stage=pipeline --config=configs/pipeline.py:smoke   # minutes, for CI
+
+Each section is a full config of its stage (see configs/<stage>.py); override any field, e.g.
+`--config.r1_zero.rl.steps=50`. Model paths are wired by the pipeline itself.
+"""
+
+import os
+
+from r1jax.stages import common
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _stage(name):
+    return common.load_config_file(os.path.join(HERE, name + ".py"))
+
+
+def get_config(arg=None):
+    smoke = arg == "smoke"
+    config = common.base_config()
+    config.model.path = ""  # every section names its own model
+
+    # 0. Base models: the policy's and a smaller student's (same corpus and tokenizer).
+    config.base = _stage("pretrain")
+    config.student_base = _stage("pretrain")
+    s = config.student_base.pretrain.arch
+    s.hidden_size, s.intermediate_size, s.num_layers, s.num_heads = 96, 256, 2, 3
+
+    # 1. R1-Zero: accuracy + format rewards straight on the base model.
+    config.r1_zero = _stage("rl")
+    # 2. R1: cold start, reasoning RL with language consistency, rejection sampling, SFT, final RL.
+    config.cold_start = _stage("sft")
+    config.reasoning_rl = _stage("rl")
+    config.reasoning_rl.rewards.language_consistency = 0.2
+    config.rejection_sampling = _stage("rejection_sampling")
+    config.rejection_sampling.rejection_sampling.num_prompts = 512
+    config.r1_sft = _stage("sft")
+    config.r1 = _stage("rl")
+    # 3. Distillation vs RL on the student, RL getting at least as many optimizer steps.
+    config.distill = _stage("distill")
+    config.student_rl = _stage("rl")
+    config.student_rl.rl.steps = config.r1_zero.rl.steps
+
+    # 4. One held-out evaluation for every checkpoint.
+    config.eval_stage = _stage("eval")
+    config.eval_data = common.data_config(source="arithmetic", template="r1_zero")
+
+    if smoke:  # the same pipeline in minutes: tiny corpora, few steps
+        for name in ("base", "student_base"):
+            p = config[name].pretrain
+            p.corpus_docs, p.steps, p.batch_size, p.seq_len = 600, 4, 8, 128
+            config[name].optim.total_steps = 4
+            config[name].optim.warmup_steps = 1
+        for name in ("r1_zero", "reasoning_rl", "r1", "student_rl"):
+            r = config[name].rl
+            r.steps, r.prompts_per_step, r.num_generations, r.max_completion_length = 2, 4, 2, 16
+            config[name].eval.num_prompts, config[name].eval.max_new_tokens = 4, 16
+            config[name].data.num_train, config[name].data.num_eval = 64, 8
+        for name in ("cold_start", "r1_sft", "distill"):
+            section = config[name].sft if "sft" in config[name] else config[name].distill
+            section.epochs, section.batch_size, section.seq_len = 1.0, 8, 256
+            section.num_examples = 16
+        rs = config.rejection_sampling.rejection_sampling
+        rs.num_prompts, rs.num_samples, rs.max_new_tokens = 8, 2, 16
+        rs.require_correct = rs.require_format = False
+        rs.min_language_consistency = 0.0
+        config.rejection_sampling.data.num_train = 64
+        config.eval_stage.eval.num_prompts = 8
+        config.eval_stage.eval.num_samples = 2
+        config.eval_stage.eval.max_new_tokens = 16
+        config.eval_data.num_eval = 8
+    return config

@@ -1,0 +1,64 @@
+"""Stage: distillation — train a smaller student on the teacher's reasoning traces.
+
+The paper fine-tunes small dense models (Qwen2.5, Llama 3) on ~800k samples curated with DeepSeek-R1
+(the rejection-sampled data), plain SFT with no RL, and finds it beats running RL on the small model.
+
+  1. read the teacher's traces: the JSONL `rejection_sampling` wrote from the teacher;
+  2. fine-tune the student on them exactly as `sft` does (cross-entropy on completion tokens);
+  3. optionally (`distill.teacher` set, same tokenizer): match the teacher's whole next-token
+     distribution on those traces instead (forward KL, logit distillation);
+  4. save the student as a Hugging Face checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from r1jax.stages import common
+from r1jax.stages import sft as sft_stage
+
+log = logging.getLogger("r1jax")
+
+
+def validate(config) -> None:
+    d = config.distill
+    if d.source != "cold_start" and not os.path.exists(d.source):
+        raise common.ConfigError(f"distill.source {d.source!r} does not exist; give the JSONL "
+                                 f"that --stage=rejection_sampling wrote from the teacher, or "
+                                 f"'cold_start' for the built-in long-CoT traces")
+    if d.teacher and d.teacher != common.TOY_BASE and not os.path.isdir(d.teacher):
+        raise common.ConfigError(f"distill.teacher {d.teacher!r} is not a folder")
+    if min(d.epochs, d.batch_size, d.seq_len) <= 0:
+        raise common.ConfigError("distill.epochs, distill.batch_size and distill.seq_len must be > 0")
+    common.optim(config)
+
+
+def run(config, workdir: str) -> dict:
+    """Train the student `model.path` on `distill.source`; writes workdir/hf/final."""
+    d = config.distill
+    mesh = common.make_mesh(config)
+    student, tokenizer = common.load_model(config, mesh)
+    teacher = None
+    if d.teacher:
+        teacher_config = config.copy_and_resolve_references()
+        with teacher_config.unlocked():
+            teacher_config.model.path = d.teacher
+        teacher, teacher_tokenizer = common.load_model(teacher_config, mesh)
+        if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise common.ConfigError("distill.teacher uses a different tokenizer from the student; "
+                                     "logit distillation needs one vocabulary (leave "
+                                     "distill.teacher empty for trace SFT)")
+    pairs = sft_stage.load_pairs(_as_sft(config), tokenizer)
+    log.info("distilling %s into %s: %d traces%s", d.source, config.model.path, len(pairs),
+             " with logit distillation" if teacher is not None else "")
+    return sft_stage.train_on_pairs(config, d, workdir, student, tokenizer, pairs, mesh,
+                                    teacher=teacher)
+
+
+def _as_sft(config):
+    """A config whose `sft` section reads the distillation traces."""
+    view = config.copy_and_resolve_references()
+    with view.unlocked():
+        view.sft = view.distill
+    return view

@@ -1,0 +1,178 @@
+"""Stage: the whole DeepSeek-R1 recipe at toy scale, each stage's output feeding the next.
+
+  0. pretrain a base model (and a smaller student base) from scratch on the synthetic corpus;
+  1. R1-Zero: GRPO straight from the base model, accuracy + format rewards;
+  2. R1: cold-start SFT -> reasoning RL (+ language consistency) -> rejection sampling from that
+     checkpoint -> SFT of the *base* model on the kept samples -> final RL;
+  3. distillation: the student fine-tuned on R1's kept samples, against the same student trained with
+     GRPO directly for at least as many optimizer steps;
+  4. every checkpoint evaluated on the same held-out prompts (pass@1 over k samples, cons@k, length).
+
+Each sub-stage runs in `workdir/<name>/` with the config in `config.<name>` (override any field, e.g.
+`--config.r1_zero.rl.steps=50`). A rerun skips the sub-stages that finished and resumes the one that
+did not. The results table (`results.md`, `results.json`) and plots are written to the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+
+from r1jax.stages import common
+
+log = logging.getLogger("r1jax")
+
+# (name, stage, where its input model comes from) in the order they run.
+PLAN = (
+    ("base", "pretrain", None),
+    ("student_base", "pretrain", None),
+    ("r1_zero", "rl", "base"),
+    ("cold_start", "sft", "base"),
+    ("reasoning_rl", "rl", "cold_start"),
+    ("rejection_sampling", "rejection_sampling", "reasoning_rl"),
+    ("r1_sft", "sft", "base"),  # the base model again, on the kept samples
+    ("r1", "rl", "r1_sft"),
+    ("distill", "distill", "student_base"),
+    ("student_rl", "rl", "student_base"),
+)
+EVALUATED = ("base", "r1_zero", "cold_start", "reasoning_rl", "r1_sft", "r1", "student_base",
+             "distill", "student_rl")
+
+
+def validate(config) -> None:
+    for name, stage, _ in PLAN:
+        if name not in config:
+            raise common.ConfigError(f"pipeline config lacks the section {name!r} ({stage})")
+    common.validate_data(config.eval_data)
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+    results: dict[str, Any] = {"seed": config.seed, "stages": {}, "eval": {}}
+    model_of: dict[str, str] = {}
+    started = time.time()
+    for name, stage, source in PLAN:
+        sub = config[name]
+        subdir = os.path.join(workdir, name)
+        with sub.unlocked():
+            sub.seed = config.seed
+            if source is not None:
+                sub.model.path = model_of[source]
+            if name == "r1_sft":
+                sub.sft.source = results["stages"]["rejection_sampling"]["path"]
+            if name == "distill":
+                sub.distill.source = results["stages"]["rejection_sampling"]["path"]
+        results["stages"][name] = _run_once(stage, sub, subdir)
+        model_of[name] = os.path.join(subdir, "hf", "final")
+        log.info("pipeline: %s done (%.1f min so far)", name, (time.time() - started) / 60)
+
+    # Every checkpoint on the same held-out prompts.
+    for name in EVALUATED:
+        results["eval"][name] = _evaluate(config, model_of[name], os.path.join(workdir, "eval",
+                                                                                name))
+    results["minutes"] = (time.time() - started) / 60
+    if jax.process_index() == 0:
+        common.write_json(os.path.join(workdir, "results.json"), results)
+        report = results_markdown(results, config)
+        with open(os.path.join(workdir, "results.md"), "w") as f:
+            f.write(report)
+        _plots(workdir, results)
+        print(report)
+    return results
+
+
+def _run_once(stage: str, sub, subdir: str) -> dict[str, Any]:
+    """Run a sub-stage unless its output already exists (a rerun resumes the pipeline)."""
+    done = os.path.join(subdir, "done.json")
+    if os.path.exists(done):
+        log.info("pipeline: %s already done, skipping (%s)", os.path.basename(subdir), subdir)
+        with open(done) as f:
+            return json.load(f)
+    common.validate(sub, stage)
+    out = common.run_stage(stage, sub, subdir) or {}
+    out = {k: v for k, v in out.items() if isinstance(v, int | float | str)}
+    common.write_json(done, out)
+    return out
+
+
+def _evaluate(config, model_path: str, subdir: str) -> dict[str, Any]:
+    from r1jax.stages import eval as eval_stage
+
+    done = os.path.join(subdir, "eval.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            return json.load(f)
+    sub = config.eval_stage.copy_and_resolve_references()
+    with sub.unlocked():
+        sub.seed = config.seed
+        sub.model.path = model_path
+        sub.data = config.eval_data
+    os.makedirs(subdir, exist_ok=True)
+    return eval_stage.run(sub, subdir)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+
+
+def results_markdown(results: dict[str, Any], config) -> str:
+    """The comparison table and the findings, as printed by the run."""
+    k = config.eval_stage.eval.num_samples
+    lines = ["| checkpoint | pass@1 | cons@%d | pass@%d | format | mean length |" % (k, k),
+             "|---|---|---|---|---|---|"]
+    for name, r in results["eval"].items():
+        lines.append(f"| {name} | {r['pass@1']:.3f} | {r.get(f'cons@{k}', float('nan')):.3f} | "
+                     f"{r.get(f'pass@{k}', float('nan')):.3f} | {r['format']:.3f} | "
+                     f"{r['mean_length']:.1f} |")
+    e = results["eval"]
+    findings = [
+        ("R1-Zero beats the base model", e["r1_zero"]["pass@1"] > e["base"]["pass@1"]),
+        ("R1-Zero learns the format", e["r1_zero"]["format"] > e["base"]["format"] + 0.5),
+        ("R1 >= R1-Zero in accuracy", e["r1"]["pass@1"] >= e["r1_zero"]["pass@1"]),
+        ("R1 is better formed than R1-Zero", e["r1"]["format"] >= e["r1_zero"]["format"]),
+        ("distillation beats RL on the student", e["distill"]["pass@1"] > e["student_rl"]["pass@1"]),
+    ]
+    lines += ["", "| finding (paper) | reproduced here |", "|---|---|"]
+    lines += [f"| {text} | {'yes' if ok else 'NO'} |" for text, ok in findings]
+    lines += ["", f"seed {results['seed']}, {results['minutes']:.1f} minutes"]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(workdir: str, results: dict[str, Any]) -> None:
+    """RL curves of each RL run and a bar chart of the final comparison."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from r1jax import metrics
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name in ("r1_zero", "reasoning_rl", "r1", "student_rl"):
+        path = os.path.join(workdir, name, "metrics.jsonl")
+        if not os.path.exists(path):
+            continue
+        rows = metrics.read_metrics(path)
+        steps = [r["step"] for r in rows]
+        for ax, key in zip(axes, ("reward", "accuracy", "completions/mean_length"), strict=True):
+            ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=name)
+            ax.set_title(key)
+            ax.set_xlabel("GRPO step")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "rl_curves.png"), dpi=100)
+    plt.close(fig)
+
+    names = list(results["eval"])
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.bar(names, [results["eval"][n]["pass@1"] for n in names])
+    ax.set_ylabel("held-out pass@1")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "comparison.png"), dpi=100)
+    plt.close(fig)
