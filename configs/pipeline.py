@@ -27,7 +27,7 @@ def get_config(arg=None):
     config.base = _stage("pretrain")
     config.student_base = _stage("pretrain")
     s = config.student_base.pretrain.arch
-    s.hidden_size, s.intermediate_size, s.num_layers, s.num_heads = 96, 256, 2, 3
+    s.hidden_size, s.intermediate_size, s.num_layers, s.num_heads = 128, 384, 2, 4
 
     # 1. R1-Zero: accuracy + format rewards straight on the base model.
     config.r1_zero = _stage("rl")

@@ -1,0 +1,126 @@
+"""Code reward: run the completion's last Python block on test cases, in the sandbox.
+
+Owns ``code_reward``, ``extract_code`` and ``outputs_match``. Notable choices:
+
+- **Which code.** The last fenced block tagged ``python``, ``python3`` or ``py``; an unclosed fence
+  (a truncated completion) does not count. No block → 0.0, nothing is run.
+- **Tests.** Per row, a list of ``{"input": str, "output": str}`` (stdin, expected stdout). A JSON
+  string of that list, and the code-contest shape ``{"inputs": [...], "outputs": [...]}``, are
+  accepted too. A row with no tests, or malformed tests, gives ``None`` (not applicable) and a
+  logged warning, never an exception mid-training.
+- **Pass** = the program exits with status 0 within the time limit, its stdout is within the
+  output cap, and it matches the expected output line by line after trailing whitespace is
+  stripped from each line and trailing blank lines are dropped (the usual lenient judge).
+  Output is decoded as UTF-8 with replacement, so invalid bytes simply fail to match.
+- **Reward** = passed / number of tests. Every test runs in a fresh sandbox (``sandbox.py``), so
+  one test cannot leave state for the next. A program that hangs costs ``timeout_s`` per test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from r1jax.rewards.common import column, completion_texts
+from r1jax.rewards.sandbox import SandboxConfig, run_python
+
+logger = logging.getLogger(__name__)
+
+_FENCE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\r?\n(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def extract_code(text: str) -> str | None:
+    """Completion text -> the body of its last closed ```python block, or None."""
+    blocks = _FENCE.findall(text)
+    return blocks[-1] if blocks else None
+
+
+def outputs_match(actual: str, expected: str) -> bool:
+    """Line-wise equality ignoring trailing whitespace on each line and trailing blank lines."""
+
+    def lines(s: str) -> list[str]:
+        out = [line.rstrip() for line in s.splitlines()]
+        while out and not out[-1]:
+            out.pop()
+        return out
+
+    return lines(actual) == lines(expected)
+
+
+def normalize_tests(raw: Any) -> list[tuple[str, str]]:
+    """One row's ``tests`` value -> [(stdin, expected stdout), ...].
+
+    Raises:
+      ValueError: the value is not one of the accepted shapes (see the module docstring).
+    """
+    if isinstance(raw, str | bytes):
+        raw = json.loads(raw)
+    if isinstance(raw, Mapping) and "inputs" in raw and "outputs" in raw:
+        if len(raw["inputs"]) != len(raw["outputs"]):
+            raise ValueError("`inputs` and `outputs` differ in length")
+        pairs = zip(raw["inputs"], raw["outputs"], strict=True)
+        raw = [{"input": i, "output": o} for i, o in pairs]
+    if not isinstance(raw, Sequence):
+        raise ValueError(f"expected a list of tests, got {type(raw).__name__}")
+    tests = []
+    for test in raw:
+        if not isinstance(test, Mapping) or "input" not in test or "output" not in test:
+            raise ValueError(f"each test needs `input` and `output` keys, got {test!r:.80}")
+        tests.append((str(test["input"]), str(test["output"])))
+    return tests
+
+
+def code_reward(
+    completions: Sequence[Any],
+    *,
+    sandbox: SandboxConfig | Mapping[str, Any] | None = None,
+    **columns: Any,
+) -> list[float | None]:
+    """Fraction of a row's tests that the completion's last Python block passes.
+
+    Args:
+      completions: [B] strings or chat-message lists.
+      sandbox: limits for each run: a ``SandboxConfig``, or a dict of its fields (as a config
+        file gives), or None for the defaults (2 s wall per test, bubblewrap required).
+      **columns: needs ``tests`` ([B] lists of ``{"input", "output"}``); others are ignored.
+    Returns:
+      [B] floats in [0, 1]; ``None`` for rows without (valid) tests.
+    Raises:
+      SandboxUnavailableError: no bubblewrap and ``allow_unsandboxed`` is not set.
+    """
+    if sandbox is None or isinstance(sandbox, SandboxConfig):
+        cfg = sandbox or SandboxConfig()
+    else:  # a dict, or an ml_collections ConfigDict from the stage config
+        options = sandbox.to_dict() if hasattr(sandbox, "to_dict") else dict(sandbox)
+        unknown = set(options) - {f.name for f in dataclasses.fields(SandboxConfig)}
+        if unknown:
+            raise ValueError(f"code_reward: unknown sandbox options {sorted(unknown)}; see "
+                             "r1jax.rewards.SandboxConfig for the fields")
+        cfg = SandboxConfig(**options)
+    texts = completion_texts(completions)
+    rows = column(columns, "tests", len(texts), reward="code_reward")
+    rewards: list[float | None] = []
+    for i, (text, raw_tests) in enumerate(zip(texts, rows, strict=True)):
+        try:
+            tests = normalize_tests(raw_tests) if raw_tests is not None else []
+        except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+            logger.warning("code_reward: row %d has malformed tests (%s); reward None", i, e)
+            tests = []
+        if not tests:
+            rewards.append(None)
+            continue
+        code = extract_code(text)
+        if code is None:
+            rewards.append(0.0)
+            continue
+        passed = 0
+        for stdin, expected in tests:
+            result = run_python(code, stdin, cfg)
+            actual = result.stdout.decode("utf-8", errors="replace")
+            passed += result.ok and outputs_match(actual, expected)
+        rewards.append(passed / len(tests))
+    return rewards

@@ -1,0 +1,170 @@
+"""Shared plumbing for reward functions: completion text, column access, tag regions.
+
+Every reward in this package has TRL's reward signature, ``fn(completions, **columns) ->
+list[float | None]``. This module owns the conventions they share:
+
+- A completion is a string, or a chat-message list such as ``[{"role": "assistant", "content":
+  "..."}]`` (TRL's conversational format). The text scored is the content of the last assistant
+  message (the last message when none is marked assistant); list-of-parts content
+  (``[{"type": "text", "text": ...}]``) is joined. ``None``, bytes with invalid UTF-8 and any other
+  malformed value become text too (``""`` or a lossy decode), so they score 0 rather than crash.
+- A column is a per-row list with one entry per completion, as TRL passes dataset columns. A
+  scalar is broadcast to every row (handy for ``language="en"``). A missing required column or a
+  length mismatch is a configuration error and raises one ``ValueError`` naming the column.
+- ``None`` in a reward's output means "not applicable to this row" (TRL's convention); the
+  composition in ``compose.py`` ignores it when summing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# Completions longer than this are cut before any regex or parser sees them: a runaway sample
+# must cost bounded host time. 1 MiB of text is far beyond any max_completion_length in use.
+MAX_COMPLETION_CHARS = 1 << 20
+
+
+def completion_text(completion: Any) -> str:
+    """One completion (string or chat-message list) -> its text, never raising.
+
+    Args:
+      completion: ``str``; a list of ``{"role", "content"}`` dicts; a single such dict; ``bytes``;
+        or anything else (treated as malformed and scored as empty text).
+    Returns:
+      The text to score, at most ``MAX_COMPLETION_CHARS`` characters.
+    """
+    if isinstance(completion, str):
+        text = completion
+    elif isinstance(completion, bytes | bytearray):
+        text = bytes(completion).decode("utf-8", errors="replace")
+    elif isinstance(completion, Mapping):
+        text = _content_text(completion.get("content"))
+    elif isinstance(completion, Sequence) and completion:
+        messages = [m for m in completion if isinstance(m, Mapping)]
+        assistant = [m for m in messages if m.get("role") == "assistant"]
+        chosen = assistant or messages
+        text = _content_text(chosen[-1].get("content")) if chosen else ""
+    else:
+        text = ""
+    return text[:MAX_COMPLETION_CHARS]
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, bytes | bytearray):
+        return bytes(content).decode("utf-8", errors="replace")
+    if isinstance(content, Sequence):
+        parts = [p.get("text") for p in content if isinstance(p, Mapping)]
+        return "".join(p for p in parts if isinstance(p, str))
+    return ""
+
+
+def completion_texts(completions: Sequence[Any]) -> list[str]:
+    """[B] completions -> [B] texts (see ``completion_text``)."""
+    if isinstance(completions, str | bytes | Mapping) or not hasattr(completions, "__len__"):
+        raise ValueError(
+            "completions must be a list with one entry per sample (strings or chat-message "
+            f"lists), got {type(completions).__name__}"
+        )
+    return [completion_text(c) for c in completions]
+
+
+def column(columns: Mapping[str, Any], name: str, n: int, *, reward: str) -> list[Any]:
+    """Fetch dataset column ``name`` as a list of length ``n``.
+
+    Args:
+      columns: the ``**columns`` a reward function received.
+      name: the column to fetch.
+      n: number of completions in the batch.
+      reward: the calling reward's name, for the error message.
+    Returns:
+      ``[n]`` values; a scalar (str, number, None) is broadcast to every row.
+    Raises:
+      ValueError: the column is missing, or is a list whose length is not ``n``.
+    """
+    if name not in columns:
+        raise ValueError(
+            f"{reward} needs a `{name}` column, one entry per completion; the batch has columns "
+            f"{sorted(columns)}. Map your dataset field to `{name}` in the data config."
+        )
+    value = columns[name]
+    if value is None or isinstance(value, str | bytes | int | float):
+        return [value] * n
+    try:
+        values = list(value)
+    except TypeError:
+        raise ValueError(f"{reward}: column `{name}` must be a list, one entry per completion, "
+                         f"got {type(value).__name__}") from None
+    if len(values) != n:
+        raise ValueError(
+            f"{reward}: column `{name}` has {len(values)} entries for {n} completions; "
+            "each completion needs its own row (repeat the prompt's value for each sample)."
+        )
+    return values
+
+
+def rows(columns: Mapping[str, Any], n: int) -> list[dict[str, Any]]:
+    """Columns -> one dict per completion. Lists of length ``n`` are split per row; any other
+    value (a scalar, or an object such as TRL's ``trainer_state``) is shared by every row."""
+    per_row = {k: list(v) for k, v in columns.items()
+               if isinstance(v, Sequence) and not isinstance(v, str | bytes) and len(v) == n}
+    shared = {k: v for k, v in columns.items() if k not in per_row}
+    return [{**shared, **{k: v[i] for k, v in per_row.items()}} for i in range(n)]
+
+
+# --- tag regions -----------------------------------------------------------------------------
+
+_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def think_region(text: str) -> str:
+    """The chain of thought: the first ``<think>…</think>`` body.
+
+    When the prompt itself ended with ``<think>`` (so the completion has only the closing tag),
+    everything before the first ``</think>`` is the chain of thought. With no think tags at all the
+    whole text is returned: an untagged completion is all reasoning as far as language goes.
+    """
+    match = _THINK_RE.search(text)
+    if match:
+        return match.group(1)
+    if "</think>" in text and "<think>" not in text:
+        return text.split("</think>", 1)[0]
+    return text
+
+
+def answer_region(text: str) -> str | None:
+    """The body of the last ``<answer>…</answer>``, or None when there is none."""
+    matches = _ANSWER_RE.findall(text)
+    return matches[-1] if matches else None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{…}`` (or ``\\fbox{…}``) with balanced braces, else None.
+
+    ``\\boxed 5`` (no braces, as some models write) yields ``5``. An unclosed brace (a truncated
+    completion) yields None.
+    """
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
+    rest = text[i:]
+    if rest.startswith(" ") and not rest.lstrip().startswith("{"):
+        token = rest.split(None, 1)
+        return token[0].rstrip("$.,") if token else None
+    i += len(rest) - len(rest.lstrip())
+    if i >= len(text) or text[i] != "{":
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j]
+    return None

@@ -1,0 +1,438 @@
+"""Weighted composition of rewards, scored in a process pool, callable from inside ``jax.jit``.
+
+Owns the reward registry (``REWARDS``, ``register_reward``), ``build_reward_fn`` (specs ->
+``RewardFunction``), ``RewardOutput``, and ``HostRewardBridge`` (the ``jax.pure_callback`` path).
+
+- **Specs.** A config lists rewards as ``(name, weight, kwargs)`` tuples (or dicts with those
+  keys, or bare names), e.g. ``[("accuracy", 1.0, {}), ("format", 0.5, {"prefix": "<think>"})]``.
+  ``kwargs`` are bound to the reward function; dataset columns arrive per call. A name may be
+  replaced by any callable with TRL's signature ``fn(completions, **columns) -> list[float |
+  None]`` — that is how a learned reward model plugs in (it runs in the trainer process, where
+  its device and parameters are, unless ``parallel=True`` is asked for).
+- **Combination.** ``total[b] = sum_r weight_r * value_r[b]`` over the rewards that are not
+  ``None`` for sample ``b`` (TRL's convention: ``None`` = not applicable). Every reward's own
+  values are kept in ``per_reward`` ([R, B], NaN for ``None``) for metrics.
+- **Parallelism.** Rule rewards are pure Python (sympy, regexes, waiting on sandboxes), so they
+  run in a ``ProcessPoolExecutor``: the batch is cut into contiguous chunks (several per worker,
+  so one slow chunk does not idle the rest), each chunk scored by every pooled reward. Workers
+  start with ``forkserver``, never ``fork``: forking a process that runs JAX's threads can
+  deadlock. The fork server preloads ``r1jax.rewards``, so workers start without re-importing.
+  Worker main threads also keep math-verify's signal-based timeouts working. A worker that dies
+  (e.g. killed by the OOM killer) breaks the pool; it is rebuilt and the chunk retried once,
+  after which that chunk's values are NaN and an error is logged (if every chunk fails twice the
+  pool itself is broken, and that raises). Exceptions raised by a reward (a missing column, a
+  bad option) propagate unchanged: those are configuration errors.
+- **Inside jit.** ``HostRewardBridge`` wraps a ``RewardFunction`` in ``jax.pure_callback``: token
+  ids [B, T] and lengths [B] go to the host, are decoded with the tokenizer's batch decode, scored
+  with the row's dataset columns (looked up by row id), and come back as [B] and [R, B] float32.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+import numpy as np
+
+from r1jax.rewards.accuracy import accuracy_reward
+from r1jax.rewards.code import code_reward
+from r1jax.rewards.common import completion_texts
+from r1jax.rewards.format import format_reward, tag_count_reward
+from r1jax.rewards.language import language_consistency_reward
+from r1jax.rewards.shaping import (
+    cosine_scaled_reward,
+    overlong_penalty_reward,
+    repetition_penalty_reward,
+)
+from r1jax.rewards.task import task_reward
+
+logger = logging.getLogger(__name__)
+
+RewardFn = Callable[..., list]
+
+REWARDS: dict[str, RewardFn] = {
+    "accuracy": accuracy_reward,
+    "format": format_reward,
+    "tag_count": tag_count_reward,
+    "language_consistency": language_consistency_reward,
+    "code": code_reward,
+    "task": task_reward,
+    "cosine_scaled": cosine_scaled_reward,
+    "repetition_penalty": repetition_penalty_reward,
+    "overlong_penalty": overlong_penalty_reward,
+}
+
+
+def register_reward(name: str, fn: RewardFn) -> None:
+    """Make ``fn`` (TRL signature, defined at module level so workers can import it) usable by
+    name in specs."""
+    if name in REWARDS and REWARDS[name] is not fn:
+        raise ValueError(f"a different reward is already registered as {name!r}")
+    REWARDS[name] = fn
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSpec:
+    """One entry of the composition.
+
+    Attributes:
+      name: registry name, or a label for ``fn``.
+      weight: multiplier in the total (0 keeps the values for metrics only).
+      kwargs: options bound to the reward function. They act as defaults: a dataset column of
+        the same name (e.g. a per-row ``language``) overrides them.
+      fn: the reward function; None = ``REWARDS[name]``.
+      parallel: run in the process pool. None = True for registry rewards, False for a custom
+        ``fn`` (which may hold device state or be unpicklable).
+    """
+
+    name: str
+    weight: float = 1.0
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    fn: RewardFn | None = None
+    parallel: bool | None = None
+
+    def resolved(self) -> RewardSpec:
+        fn = self.fn
+        if fn is None:
+            if self.name not in REWARDS:
+                raise ValueError(
+                    f"unknown reward {self.name!r}; registered rewards are {sorted(REWARDS)} "
+                    "(or pass a callable with the TRL reward signature)"
+                )
+            fn = REWARDS[self.name]
+        parallel = self.parallel if self.parallel is not None else self.fn is None
+        weight = float(self.weight)
+        if not np.isfinite(weight):
+            raise ValueError(f"reward {self.name!r}: weight must be finite, got {self.weight}")
+        return dataclasses.replace(self, fn=fn, parallel=parallel, weight=weight,
+                                   kwargs=dict(self.kwargs))
+
+
+def as_dict(value: Any) -> dict:
+    """A mapping or an ``ml_collections.ConfigDict`` (which is not a ``Mapping``) -> plain dict."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise ValueError(f"expected a dict of options, got {type(value).__name__}: {value!r:.80}")
+
+
+def _is_dict_like(value: Any) -> bool:
+    return isinstance(value, Mapping) or hasattr(value, "to_dict")
+
+
+def parse_spec(spec: Any) -> RewardSpec:
+    """One config entry -> ``RewardSpec``.
+
+    Accepts ``RewardSpec``; ``"name"``; ``(name_or_fn, weight)``; ``(name_or_fn, weight,
+    kwargs)``; a dict (or ConfigDict) with keys ``name`` (or ``fn``), ``weight``, ``kwargs``,
+    ``parallel``.
+    """
+    if isinstance(spec, RewardSpec):
+        return spec.resolved()
+    if isinstance(spec, str):
+        return RewardSpec(spec).resolved()
+    if _is_dict_like(spec):
+        fields = as_dict(spec)
+        unknown = set(fields) - {"name", "weight", "kwargs", "fn", "parallel"}
+        if unknown:
+            raise ValueError(f"reward spec {fields!r}: unknown keys {sorted(unknown)}")
+        if "name" not in fields and callable(fields.get("fn")):
+            fields["name"] = getattr(fields["fn"], "__name__", "custom")
+        if "kwargs" in fields:
+            fields["kwargs"] = as_dict(fields["kwargs"])
+        return RewardSpec(**fields).resolved()
+    if isinstance(spec, Sequence) and 1 <= len(spec) <= 3:
+        head, *rest = spec
+        weight = rest[0] if rest else 1.0
+        kwargs = as_dict(rest[1]) if len(rest) > 1 else {}
+        if callable(head):
+            name = getattr(head, "__name__", "custom")
+            return RewardSpec(name, weight, kwargs, fn=head).resolved()
+        return RewardSpec(str(head), weight, kwargs).resolved()
+    raise ValueError(
+        f"cannot read reward spec {spec!r}; use (name, weight, kwargs), "
+        "e.g. ('accuracy', 1.0, {})"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardOutput:
+    """Scores for one batch.
+
+    Attributes:
+      total: [B] float32, the weighted sum (rewards that are None for a sample are skipped).
+      per_reward: [R, B] float32, each reward's raw (unweighted) values; NaN where None.
+      names: [R] reward names, in spec order.
+      weights: [R] weights, in spec order.
+    """
+
+    total: np.ndarray
+    per_reward: np.ndarray
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+
+    def metrics(self) -> dict[str, float]:
+        """Scalar summaries: ``reward`` (mean total), ``rewards/<name>`` (mean over applicable
+        samples) and ``rewards/<name>/none_frac`` (share of samples where it was None)."""
+        out = {"reward": float(np.mean(self.total)) if self.total.size else float("nan")}
+        for name, values in zip(self.names, self.per_reward, strict=True):
+            valid = ~np.isnan(values)
+            out[f"rewards/{name}"] = float(values[valid].mean()) if valid.any() else float("nan")
+            out[f"rewards/{name}/none_frac"] = float(1.0 - valid.mean()) if values.size else 0.0
+        return out
+
+
+def _to_row(values: Any, n: int, name: str) -> np.ndarray:
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"reward {name!r} returned {len(values)} values for {n} completions")
+    return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+
+
+def _score(specs: Sequence[RewardSpec], completions: list, columns: dict) -> np.ndarray:
+    """[R, b] float64 values of ``specs`` on one chunk (runs in a pool worker or in-process)."""
+    rows = [
+        _to_row(s.fn(completions, **{**s.kwargs, **columns}), len(completions), s.name)
+        for s in specs
+    ]
+    return np.stack(rows) if rows else np.zeros((0, len(completions)))
+
+
+def _slice_columns(columns: Mapping[str, Any], n: int, start: int, stop: int) -> dict:
+    """Per-row columns (sequences of length n) are sliced; anything else is passed whole."""
+    out = {}
+    for key, value in columns.items():
+        if isinstance(value, Sequence | np.ndarray) and not isinstance(value, str | bytes):
+            if len(value) == n:
+                value = value[start:stop]
+        out[key] = value
+    return out
+
+
+def _default_workers() -> int:
+    return min(len(os.sched_getaffinity(0)), 16)
+
+
+class RewardFunction:
+    """``fn(completions, **columns) -> RewardOutput``; see the module docstring.
+
+    Use as a context manager, or call ``close()``, to shut the worker pool down.
+    """
+
+    def __init__(self, specs: Sequence[Any] | Mapping[str, Any], *,
+                 num_workers: int | None = None, chunks_per_worker: int = 4):
+        if _is_dict_like(specs):  # {name: weight} or {name: {"weight": …, "kwargs": …}}
+            specs = [
+                {"name": k, **as_dict(v)} if _is_dict_like(v) else (k, v)
+                for k, v in as_dict(specs).items()
+            ]
+        self.specs = tuple(parse_spec(s) for s in specs)
+        if not self.specs:
+            raise ValueError("build_reward_fn needs at least one reward spec")
+        names = [s.name for s in self.specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward names must be unique (they label metrics), got {names}")
+        self.num_workers = _default_workers() if num_workers is None else int(num_workers)
+        if self.num_workers < 0 or chunks_per_worker < 1:
+            raise ValueError("num_workers must be >= 0 and chunks_per_worker >= 1")
+        self.chunks_per_worker = chunks_per_worker
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.specs)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return tuple(s.weight for s in self.specs)
+
+    # --- pool lifecycle ---
+
+    def _get_pool(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self._pool is None:
+            context = multiprocessing.get_context("forkserver")
+            # Import the reward modules once in the fork server (a no-op once it is running), so
+            # each worker starts as a cheap fork with sympy & co. already loaded.
+            context.set_forkserver_preload(["r1jax.rewards"])
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=self.num_workers, mp_context=context)
+        return self._pool
+
+    def close(self) -> None:
+        """Shut the worker pool down (idempotent)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> RewardFunction:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def warmup(self) -> None:
+        """Start the workers and import the reward modules in them (first-call latency)."""
+        if self.num_workers > 0 and any(s.parallel for s in self.specs):
+            pool = self._get_pool()
+            futures = [pool.submit(_score, (), [], {}) for _ in range(self.num_workers)]
+            concurrent.futures.wait(futures)
+
+    # --- scoring ---
+
+    def __call__(self, completions: Sequence[Any], **columns: Any) -> RewardOutput:
+        """Score a batch.
+
+        Args:
+          completions: [B] strings or chat-message lists.
+          **columns: dataset columns, each a [B] list (or a scalar for all rows).
+        Returns:
+          ``RewardOutput`` with ``total`` [B] and ``per_reward`` [R, B].
+        """
+        texts = completion_texts(completions)
+        n = len(texts)
+        pooled = [s for s in self.specs if s.parallel and self.num_workers > 0]
+        local = [s for s in self.specs if not (s.parallel and self.num_workers > 0)]
+        values: dict[str, np.ndarray] = {}
+        pending = self._submit(pooled, texts, columns) if pooled and n else []
+        # In-process rewards (e.g. a learned model on device) overlap with the pool's work. They
+        # get the completions as given (chat messages stay messages); workers get plain text.
+        for spec, row in zip(local, _score(local, list(completions), columns), strict=True):
+            values[spec.name] = row
+        if pooled:
+            for spec, row in zip(pooled, self._gather(pooled, pending, texts, columns, n),
+                                 strict=True):
+                values[spec.name] = row
+        per_reward = np.stack([values[s.name] for s in self.specs]) if n else np.zeros(
+            (len(self.specs), 0))
+        weights = np.array(self.weights)[:, None]
+        total = np.nansum(weights * per_reward, axis=0)
+        all_none = np.isnan(per_reward).all(axis=0)
+        if all_none.any():
+            logger.warning("%d of %d samples had no applicable reward; their total is 0",
+                           int(all_none.sum()), n)
+        return RewardOutput(total.astype(np.float32), per_reward.astype(np.float32),
+                            self.names, self.weights)
+
+    def _bounds(self, n: int) -> list[tuple[int, int]]:
+        chunks = max(1, min(n, self.num_workers * self.chunks_per_worker))
+        edges = np.linspace(0, n, chunks + 1).round().astype(int)
+        return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+    def _submit(self, specs, texts, columns):
+        pool, n = self._get_pool(), len(texts)
+        return [
+            (a, b, pool.submit(_score, specs, texts[a:b], _slice_columns(columns, n, a, b)))
+            for a, b in self._bounds(n)
+        ]
+
+    def _gather(self, specs, pending, texts, columns, n) -> np.ndarray:
+        out = np.full((len(specs), n), np.nan)
+        retry = []
+        for a, b, future in pending:
+            try:
+                out[:, a:b] = future.result()
+            except BrokenProcessPool:
+                retry.append((a, b))
+        if retry:
+            logger.error("a reward worker died; rebuilding the pool and retrying %d chunk(s)",
+                         len(retry))
+            self._discard_pool()
+            for a, b in retry:
+                try:
+                    future = self._get_pool().submit(
+                        _score, specs, texts[a:b], _slice_columns(columns, n, a, b))
+                    out[:, a:b] = future.result()
+                except BrokenProcessPool:
+                    logger.error("reward worker died again on samples [%d, %d); their values are "
+                                 "NaN (skipped in the total)", a, b)
+                    self._discard_pool()
+            if n and np.isnan(out).all():
+                raise RuntimeError(
+                    "every reward worker died, twice: the pool itself is failing (see the worker "
+                    "tracebacks above; a script using the pool needs an `if __name__ == "
+                    "'__main__':` guard). Set num_workers=0 to score in-process while debugging."
+                )
+        return out
+
+    def _discard_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def build_reward_fn(specs: Sequence[Any] | Mapping[str, Any], *,
+                    num_workers: int | None = None) -> RewardFunction:
+    """Config reward list -> ``RewardFunction`` (see ``parse_spec`` for the accepted forms).
+
+    Args:
+      specs: a list, e.g. ``[("accuracy", 1.0, {}), ("format", 0.5, {}), ("code", 1.0,
+        {"sandbox": {"timeout_s": 2.0}})]``; or a dict / ConfigDict keyed by name, e.g.
+        ``{"accuracy": 1.0, "code": {"weight": 1.0, "kwargs": {"sandbox": {...}}}}`` (the form
+        an ``ml_collections`` config can hold, since it forbids dicts inside lists).
+      num_workers: pool size; 0 scores in the calling process; None = available cores (max 16).
+    """
+    return RewardFunction(specs, num_workers=num_workers)
+
+
+# --- host callback from jit --------------------------------------------------------------------
+
+
+class HostRewardBridge:
+    """Score sampled token ids from inside a jitted function via ``jax.pure_callback``.
+
+    Args:
+      reward_fn: the composition to run on the host.
+      decode: tokenizer batch decode, ``[[int]] -> [str]`` (e.g. ``functools.partial(
+        tokenizer.batch_decode, skip_special_tokens=True)``).
+      columns: the dataset columns, ``{name: [N] values}``, indexed by the row ids passed at call
+        time (e.g. the prompts of the current step, or the whole dataset).
+    """
+
+    def __init__(self, reward_fn: RewardFunction, decode: Callable[[list[list[int]]], list[str]],
+                 columns: Mapping[str, Sequence[Any]] | None = None):
+        self.reward_fn = reward_fn
+        self.decode = decode
+        self.columns = dict(columns or {})
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.reward_fn.names
+
+    def score_host(self, tokens: np.ndarray, lengths: np.ndarray,
+                   row_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Host side: [B, T] int tokens, [B] lengths, [B] row ids -> ([B], [R, B]) float32.
+
+        ``tokens[b, :lengths[b]]`` is completion b (right padding beyond it is ignored).
+        """
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+        if tokens.ndim != 2 or lengths.shape != tokens.shape[:1]:
+            raise ValueError(f"need tokens [B, T] and lengths [B], got {tokens.shape} and "
+                             f"{lengths.shape}")
+        lengths = np.clip(lengths, 0, tokens.shape[1])
+        ids = [tokens[b, : lengths[b]].tolist() for b in range(tokens.shape[0])]
+        texts = list(self.decode(ids))
+        columns: dict[str, Any] = {}
+        if row_ids is not None:
+            rows = np.asarray(row_ids).tolist()
+            columns = {k: [v[i] for i in rows] for k, v in self.columns.items()}
+        columns["completion_ids"] = ids
+        out = self.reward_fn(texts, **columns)
+        return out.total, out.per_reward
+
+    def __call__(self, tokens, lengths, row_ids=None):
+        """Traced side: [B, T] int32, [B] int32, optional [B] int32 -> ([B], [R, B]) float32."""
+        import jax
+        import jax.numpy as jnp
+
+        batch = tokens.shape[0]
+        shapes = (jax.ShapeDtypeStruct((batch,), jnp.float32),
+                  jax.ShapeDtypeStruct((len(self.names), batch), jnp.float32))
+        args = (tokens, lengths) if row_ids is None else (tokens, lengths, row_ids)
+        return jax.pure_callback(self.score_host, shapes, *args, vmap_method="sequential")

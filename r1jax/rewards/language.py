@@ -1,0 +1,128 @@
+"""Language-consistency reward (DeepSeek-R1, stage 2): share of the chain of thought in the target
+language.
+
+The R1 paper defines the reward as "the proportion of target language words in the CoT". This
+module makes "word" and "language" precise, by script, using only the standard library:
+
+- **The chain of thought** is the first ``<think>…</think>`` body (see ``common.think_region``).
+- **Neutral text is removed first**: fenced code blocks, inline/display math (``$…$``, ``$$…$$``,
+  ``\\(…\\)``, ``\\[…\\]``), LaTeX commands (``\\frac``) and markup tags (``<answer>``), since
+  formulas, code and tags are not written in any natural language.
+- **Words.** Each CJK ideograph (Han) is one word, as is each kana character: Chinese and
+  Japanese have no spaces, and a character is the unit a tokenizer-free count can rely on (a
+  Chinese word averages 1.5 characters, so Chinese is slightly over-weighted relative to
+  English). A maximal run of letters of any other script is one word (so Hangul words, which
+  are space-separated, count once). Digits, punctuation, symbols and Greek letters (almost
+  always math variables here) are not words. A single Latin letter is not a word either: in a
+  chain of thought it is nearly always a variable (``x``, ``n``); this costs English only "a"
+  and "I".
+- **Languages are scripts.** ``en`` = Latin letters, ``zh`` = Han, ``ja`` = Han + kana,
+  ``ko`` = Hangul, ``ru`` = Cyrillic. Languages sharing a script cannot be told apart this way
+  (French reads as ``en``), so only these codes are accepted.
+- **Score** = target-language words / all words, in [0, 1]. A chain of thought with no words
+  (empty, or only math) scores 0.0: there is no reasoning in the target language to reward.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from r1jax.rewards.common import column, completion_texts, think_region
+
+# Code-point classes, by Unicode block. Han covers CJK Unified Ideographs, Extension A,
+# Compatibility Ideographs and the supplementary-plane extensions.
+_HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+_KANA = "\u3040-\u309f\u30a0-\u30ff\u31f0-\u31ff\uff66-\uff9f"
+_HANGUL = "\uac00-\ud7af\u1100-\u11ff\u3130-\u318f"
+_LATIN = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f"
+_CYRILLIC = "\u0400-\u04ff"
+_GREEK = "\u0370-\u03ff"
+
+_NEUTRAL = re.compile(
+    r"```.*?(```|$)"  # fenced code (an unclosed fence runs to the end)
+    r"|\$\$.*?\$\$|\$[^$]*\$"  # display and inline math
+    r"|\\\[.*?\\\]|\\\(.*?\\\)"
+    r"|\\[A-Za-z]+"  # stray LaTeX commands
+    r"|</?[A-Za-z_][\w-]*>",  # markup tags such as <answer>
+    re.DOTALL,
+)
+_WORD = re.compile(
+    rf"(?P<han>[{_HAN}])|(?P<kana>[{_KANA}])|(?P<hangul>[{_HANGUL}]+)"
+    rf"|(?P<latin>[{_LATIN}]+(?:['’][{_LATIN}]+)*)|(?P<cyrillic>[{_CYRILLIC}]+)"
+    rf"|(?P<other>[^\W\d_{_GREEK}{_LATIN}{_HAN}{_KANA}{_HANGUL}{_CYRILLIC}]+)"
+)
+
+# Which word classes count as each target language.
+LANGUAGE_SCRIPTS: dict[str, frozenset[str]] = {
+    "en": frozenset({"latin"}),
+    "zh": frozenset({"han"}),
+    "ja": frozenset({"han", "kana"}),
+    "ko": frozenset({"hangul"}),
+    "ru": frozenset({"cyrillic"}),
+}
+_ALIASES = {"english": "en", "chinese": "zh", "japanese": "ja", "korean": "ko", "russian": "ru"}
+
+
+def normalize_language(language: str) -> str:
+    """``"en"``, ``"EN"``, ``"en-US"``, ``"zh_CN"``, ``"Chinese"`` -> a key of ``LANGUAGE_SCRIPTS``.
+
+    Raises:
+      ValueError: the language is not one this script-based measure can recognise.
+    """
+    key = str(language).strip().lower().replace("_", "-").split("-")[0]
+    key = _ALIASES.get(key, key)
+    if key not in LANGUAGE_SCRIPTS:
+        raise ValueError(
+            f"language_consistency_reward: unsupported language {language!r}; use one of "
+            f"{sorted(LANGUAGE_SCRIPTS)} (languages are told apart by script)."
+        )
+    return key
+
+
+def word_scripts(text: str) -> list[str]:
+    """Text -> the script class of each word, in order (see the module docstring).
+
+    Classes: ``han``, ``kana``, ``hangul``, ``latin``, ``cyrillic``, ``other``.
+    """
+    text = _NEUTRAL.sub(" ", text)
+    scripts = []
+    for match in _WORD.finditer(text):
+        kind = match.lastgroup
+        if kind == "latin" and len(match.group()) == 1:
+            continue
+        scripts.append(kind)
+    return scripts
+
+
+def language_share(text: str, language: str) -> float:
+    """Share of the words of ``text`` that are in ``language``; 0.0 when it has no words."""
+    target = LANGUAGE_SCRIPTS[normalize_language(language)]
+    scripts = word_scripts(text)
+    if not scripts:
+        return 0.0
+    return sum(s in target for s in scripts) / len(scripts)
+
+
+def language_consistency_reward(
+    completions: Sequence[Any], language: Any = "en", **columns: Any
+) -> list[float | None]:
+    """Share of the chain of thought's words that are in the target language.
+
+    Args:
+      completions: [B] strings or chat-message lists.
+      language: target language: one code for all rows (``"en"``), or a [B] per-row column.
+      **columns: ignored.
+    Returns:
+      [B] floats in [0, 1]; ``None`` for rows whose language is None.
+    Raises:
+      ValueError: an unsupported language code.
+    """
+    texts = completion_texts(completions)
+    languages = column({"language": language}, "language", len(texts),
+                       reward="language_consistency_reward")
+    return [
+        None if lang is None else language_share(think_region(text), lang)
+        for text, lang in zip(texts, languages, strict=True)
+    ]

@@ -1,0 +1,491 @@
+"""Run untrusted Python (model-written code) with bounded time, memory, processes and output.
+
+Owns ``SandboxConfig``, ``run_python`` and ``sandbox_available``. Layers, outermost first:
+
+1. **A private uid.** When the trainer runs as root, each run gets its own unprivileged uid and
+   gid and no supplementary groups (util-linux ``setpriv``, see ``_setpriv_args``). The code then
+   cannot signal or ptrace the trainer, cannot write root-owned files, and ``RLIMIT_NPROC`` (which
+   the kernel never enforces for root) counts only this run's processes. As a non-root user the
+   run keeps the trainer's uid and the process limit is set above the user's current task count.
+2. **rlimits** via util-linux ``prlimit`` (so no Python ``preexec_fn`` runs between fork and exec,
+   which is unsafe in a multi-threaded trainer): CPU seconds, address space, file size, number of
+   processes, no core dumps, open files.
+3. **bubblewrap** (Debian ``bubblewrap``): new user, PID, network, IPC, UTS and cgroup namespaces;
+   a root containing only a read-only ``/usr`` (and the interpreter's prefix when it lives
+   elsewhere), a fresh ``/proc``, a minimal ``/dev``, and a size-capped private ``/tmp``; every
+   other path read-only; a cleared environment; ``--die-with-parent``; ``--new-session``. The code
+   is copied in from a memfd, so nothing is written on the host. Because the sandbox has its own
+   PID namespace, killing bubblewrap kills every process the code started, including daemons
+   that double-forked and called ``setsid``.
+4. **A wall-clock deadline** enforced by the reader loop: stdin is fed and stdout/stderr are drained
+   without blocking; at the deadline, or once stdout passes ``max_output_bytes``, the whole process
+   group gets ``SIGKILL`` (nothing can ignore it). Then the sandbox's init (its PID from
+   bubblewrap's ``--info-fd``) is killed and waited for through a pidfd, so ``run_python``
+   returns only once every process the code started is gone.
+
+Without a working bubblewrap, ``run_python`` refuses (``SandboxUnavailableError``) unless
+``allow_unsandboxed=True``; that weaker mode keeps layers 1, 2 and 4 and logs a warning. As root
+it also kills every process of the run's private uid afterwards (so daemons die too); as a
+non-root user it cannot, and a daemon that leaves the process group survives. Either way the
+code can read world-readable host files and use the network.
+
+Interpreter: ``-I -S -B`` (isolated, no site-packages, no bytecode files), so code gets the
+standard library only, as on a contest judge; this also makes startup ~5x faster. The trainer's
+own interpreter is used when the sandbox uid can reach it, else ``/usr/bin/python3``.
+Not done: a seccomp filter (the namespaces and the uid carry the isolation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import logging
+import math
+import os
+import select
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+logger = logging.getLogger(__name__)
+
+_MiB = 1 << 20
+# Private uids/gids are drawn from [base, base + 2**24): far above distribution and container
+# subuid ranges, below the 32-bit limit.
+_PRIVATE_ID_BASE = 2_000_000_000
+_PRIVATE_ID_COUNT = 1 << 24
+_id_counter = itertools.count()
+_SANDBOX_CODE_PATH = "/sandbox/main.py"
+
+
+class SandboxUnavailableError(RuntimeError):
+    """bubblewrap is not usable and unsandboxed execution was not explicitly allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxConfig:
+    """Limits for one run of untrusted code. All sizes in bytes, times in seconds."""
+
+    timeout_s: float = 2.0  # wall clock per run, including interpreter start-up
+    cpu_time_s: int | None = None  # RLIMIT_CPU per process; None = ceil(timeout_s)
+    memory_bytes: int = 512 * _MiB  # RLIMIT_AS (address space) per process
+    file_size_bytes: int = 16 * _MiB  # RLIMIT_FSIZE: largest file the code may write
+    tmpfs_bytes: int = 32 * _MiB  # size of the private /tmp
+    max_processes: int = 32  # RLIMIT_NPROC for the run's uid (threads count)
+    max_open_files: int = 64  # RLIMIT_NOFILE
+    max_output_bytes: int = 1 * _MiB  # stdout beyond this kills the run (counts as failed)
+    max_stderr_bytes: int = 16 * 1024  # stderr kept for diagnostics; the rest is discarded
+    max_code_bytes: int = 256 * 1024  # longer programs are not run
+    allow_unsandboxed: bool = False  # without bubblewrap: True = rlimits only (logged), else refuse
+    python: str | None = None  # interpreter; None = the trainer's if reachable, else python3
+
+    def __post_init__(self):
+        if not self.timeout_s > 0:
+            raise ValueError(f"SandboxConfig.timeout_s must be > 0, got {self.timeout_s}")
+        for name in ("memory_bytes", "file_size_bytes", "tmpfs_bytes", "max_processes",
+                     "max_open_files", "max_output_bytes", "max_code_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SandboxConfig.{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """Outcome of one run. ``ok`` = finished in time, exit status 0, output not truncated."""
+
+    stdout: bytes
+    stderr: bytes
+    returncode: int | None  # None when the run never started (e.g. code too long)
+    timed_out: bool
+    output_truncated: bool
+    wall_s: float
+    sandboxed: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out and not self.output_truncated
+
+
+# --- environment probing -----------------------------------------------------------------------
+
+
+def _drops_privileges() -> bool:
+    return os.geteuid() == 0
+
+
+def _world_reachable(path: str) -> bool:
+    """Whether an arbitrary unprivileged uid can execute ``path`` (every parent dir o+x)."""
+    path = os.path.realpath(path)
+    try:
+        if (os.stat(path).st_mode & 0o005) != 0o005:
+            return False
+        parent = os.path.dirname(path)
+        while True:
+            if not os.stat(parent).st_mode & 0o001:
+                return False
+            if parent == "/":
+                return True
+            parent = os.path.dirname(parent)
+    except OSError:
+        return False
+
+
+def _mapped_ranges(path: str) -> list[tuple[int, int]]:
+    """[(first id, count)] usable in this user namespace, from /proc/self/{uid,gid}_map."""
+    try:
+        with open(path) as f:
+            return [(int(inside), int(count)) for inside, _, count in map(str.split, f)]
+    except (OSError, ValueError):
+        return [(0, 1 << 32)]
+
+
+@functools.cache
+def _private_id_range() -> tuple[int, int]:
+    """(base, count) of ids for per-run uids/gids that setuid/setgid accept here.
+
+    Normally ``[_PRIVATE_ID_BASE, +2**24)``. Inside a user namespace that maps fewer ids (a
+    remapped container often maps only 0..65535), the top 1024 ids of the highest mapped range are
+    used instead, below 65534/65535 (nobody/nogroup).
+    """
+    maps = [_mapped_ranges("/proc/self/uid_map"), _mapped_ranges("/proc/self/gid_map")]
+
+    def mapped(lo: int, hi: int) -> bool:
+        return all(any(s <= lo and hi <= s + c for s, c in m) for m in maps)
+
+    if mapped(_PRIVATE_ID_BASE, _PRIVATE_ID_BASE + _PRIVATE_ID_COUNT):
+        return _PRIVATE_ID_BASE, _PRIVATE_ID_COUNT
+    top = min(max(s + c for s, c in m) for m in maps)
+    top = min(top, 65534)
+    if top > 2048 and mapped(top - 1024, top):
+        return top - 1024, 1024
+    raise SandboxUnavailableError(
+        "no free range of user ids to run untrusted code under (see /proc/self/uid_map); run the "
+        "trainer as a non-root user instead"
+    )
+
+
+@functools.cache
+def _interpreter(configured: str | None) -> str:
+    """The real path of the interpreter the sandbox runs."""
+    if configured is not None:
+        path = shutil.which(configured) or configured
+        if not os.path.exists(path):
+            raise ValueError(f"SandboxConfig.python: interpreter {configured!r} does not exist")
+        return os.path.realpath(path)
+    own = os.path.realpath(sys.executable)
+    if not _drops_privileges() or _world_reachable(own):
+        return own
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if _world_reachable(candidate):
+            return os.path.realpath(candidate)
+    raise SandboxUnavailableError(
+        f"no Python interpreter the sandbox uid can execute: {own} sits in a directory closed to "
+        "other users; set SandboxConfig.python to a world-readable interpreter (e.g. "
+        "/usr/bin/python3)."
+    )
+
+
+def _filesystem_args(python: str) -> list[str]:
+    """bwrap arguments building the sandbox's root filesystem (everything read-only but /tmp)."""
+    args = ["--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    prefix = os.path.dirname(os.path.dirname(python))  # <prefix>/bin/python -> <prefix>
+    if prefix not in ("/", "/usr") and not prefix.startswith("/usr/"):
+        args += ["--ro-bind", prefix, prefix]
+    if os.path.exists("/etc/ld.so.cache"):
+        args += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    return args
+
+
+def _setpriv_args(uid: int) -> list[str]:
+    """argv prefix that runs the rest as ``uid``/``gid`` with no groups and no new privileges.
+
+    util-linux ``setpriv`` rather than ``Popen(user=…)``: CPython cannot use ``vfork`` when it has
+    to change ids itself, and a plain ``fork`` of a trainer holding gigabytes costs milliseconds
+    per run in page-table copies; with the change done after ``exec`` every spawn stays cheap.
+    """
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
+            "--"]
+
+
+def _limits_args(cfg: SandboxConfig, uid_is_private: bool) -> list[str]:
+    cpu = cfg.cpu_time_s if cfg.cpu_time_s is not None else max(1, math.ceil(cfg.timeout_s))
+    nproc = cfg.max_processes
+    if not uid_is_private:
+        # RLIMIT_NPROC is checked against every task the uid owns, trainer threads included.
+        nproc += _tasks_of_uid(os.getuid())
+    return [
+        "prlimit", f"--cpu={cpu}", f"--as={cfg.memory_bytes}", f"--fsize={cfg.file_size_bytes}",
+        f"--nproc={nproc}", f"--nofile={cfg.max_open_files}", "--core=0", "--",
+    ]
+
+
+def _tasks_of_uid(uid: int) -> int:
+    count = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{pid}").st_uid == uid:
+                count += len(os.listdir(f"/proc/{pid}/task"))
+        except OSError:
+            continue
+    return count
+
+
+def _bwrap_args(python: str, cfg: SandboxConfig, code_fd: int, info_fd: int) -> list[str]:
+    return [
+        "bwrap", "--unshare-all", "--unshare-user", "--disable-userns",
+        "--die-with-parent", "--new-session", "--hostname", "sandbox",
+        "--info-fd", str(info_fd),
+        *_filesystem_args(python),
+        "--proc", "/proc", "--dev", "/dev",
+        "--size", str(cfg.tmpfs_bytes), "--tmpfs", "/tmp",
+        "--perms", "0444", "--file", str(code_fd), _SANDBOX_CODE_PATH,
+        # Remount after the last mount: the root and /dev tmpfs bwrap made would be writable
+        # and unbounded otherwise.
+        "--remount-ro", "/dev", "--remount-ro", "/",
+        "--chdir", "/tmp", "--clearenv",
+        "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
+        "--setenv", "HOME", "/tmp", "--setenv", "PYTHONIOENCODING", "utf-8",
+        "--",
+        python, "-I", "-S", "-B", _SANDBOX_CODE_PATH,
+    ]
+
+
+@functools.cache
+def _bwrap_problem(python: str) -> str | None:
+    """None when bubblewrap runs a trivial program here, else why not (cached per interpreter)."""
+    if shutil.which("bwrap") is None:
+        return "`bwrap` is not on PATH (Debian/Ubuntu package `bubblewrap`)"
+    for tool in ("prlimit", "setpriv") if _drops_privileges() else ("prlimit",):
+        if shutil.which(tool) is None:
+            return f"`{tool}` is not on PATH (util-linux)"
+    result = _run(
+        "print(6 * 7)", b"", SandboxConfig(timeout_s=10.0, python=python), python, sandboxed=True
+    )
+    if result.ok and result.stdout.strip() == b"42":
+        return None
+    detail = result.stderr.decode("utf-8", errors="replace").strip()[-300:]
+    return f"bwrap failed a trivial run (exit {result.returncode}): {detail}"
+
+
+def sandbox_available(python: str | None = None) -> bool:
+    """Whether bubblewrap sandboxing works on this machine for the given interpreter."""
+    return _bwrap_problem(_interpreter(python)) is None
+
+
+# --- running -----------------------------------------------------------------------------------
+
+_warned_unsandboxed = False
+
+
+def run_python(code: str, stdin: str | bytes = b"", cfg: SandboxConfig | None = None) -> RunResult:
+    """Run ``code`` as a Python program with ``stdin``; return its output, bounded in every way.
+
+    Never raises for anything the code does. Blocks at most ``cfg.timeout_s`` plus kill/reap time
+    (tens of milliseconds).
+
+    Args:
+      code: program text (stray surrogates are replaced, so any ``str`` is accepted).
+      stdin: bytes, or text encoded as UTF-8, fed to the program's standard input.
+      cfg: limits; default ``SandboxConfig()``.
+    Raises:
+      SandboxUnavailableError: bubblewrap is unusable and ``cfg.allow_unsandboxed`` is False.
+    """
+    global _warned_unsandboxed
+    cfg = cfg or SandboxConfig()
+    python = _interpreter(cfg.python)
+    problem = _bwrap_problem(python)
+    if problem is not None and not cfg.allow_unsandboxed:
+        raise SandboxUnavailableError(
+            f"refusing to run untrusted code without a sandbox: {problem}. Install bubblewrap, or "
+            "set allow_unsandboxed=True (rlimits and a private uid only) if you accept the risk."
+        )
+    if problem is not None and _drops_privileges() and shutil.which("setpriv") is None:
+        raise SandboxUnavailableError("`setpriv` (util-linux) is needed to drop root privileges")
+    if problem is not None and not _warned_unsandboxed:
+        logger.warning(
+            "RUNNING UNTRUSTED CODE WITHOUT A SANDBOX (allow_unsandboxed=True): only rlimits, a "
+            "private uid and a wall-clock kill protect this machine. Reason: %s", problem,
+        )
+        _warned_unsandboxed = True
+    data = stdin.encode("utf-8", errors="replace") if isinstance(stdin, str) else bytes(stdin)
+    return _run(code, data, cfg, python, sandboxed=problem is None)
+
+
+def _run(code: str, stdin: bytes, cfg: SandboxConfig, python: str, *, sandboxed: bool) -> RunResult:
+    source = code.encode("utf-8", errors="replace")
+    if len(source) > cfg.max_code_bytes:
+        return RunResult(b"", b"code too long", None, False, False, 0.0, sandboxed)
+    private = _drops_privileges()
+    drop: list[str] = []
+    if private:
+        base, count = _private_id_range()
+        uid = base + (((os.getpid() & 0xFFFF) << 8) | (next(_id_counter) & 0xFF)) % count
+        drop = _setpriv_args(uid)
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
+    own_fds: list[int] = []  # closed in the parent once the run is over
+    info_r = -1
+    if sandboxed:
+        code_fd = os.memfd_create("r1jax-sandbox-code")  # close-on-exec but for pass_fds
+        os.write(code_fd, source)
+        os.lseek(code_fd, 0, os.SEEK_SET)
+        info_r, info_w = os.pipe()  # bwrap reports the sandbox init's PID here
+        os.set_blocking(info_r, False)
+        own_fds = [code_fd, info_r, info_w]
+        argv = drop + _limits_args(cfg, private) + _bwrap_args(python, cfg, code_fd, info_w)
+        pass_fds: tuple[int, ...] = (code_fd, info_w)
+    else:
+        argv = drop + _limits_args(cfg, private) + [python, "-I", "-S", "-B", "-c", code]
+        pass_fds = ()
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=env, cwd="/", pass_fds=pass_fds, start_new_session=True, close_fds=True,
+        )
+    except (OSError, ValueError) as e:  # e.g. argument list too long for `-c`
+        for fd in own_fds:
+            os.close(fd)
+        return RunResult(b"", str(e).encode(), None, False, False, 0.0, sandboxed)
+    if sandboxed:
+        os.close(own_fds.pop())  # our copy of info_w: the pipe then ends when bwrap's does
+    try:
+        out, err, timed_out, truncated = _communicate(proc, stdin, start + cfg.timeout_s, cfg)
+    finally:
+        _kill_group(proc)
+        if sandboxed:
+            _kill_namespace(info_r)
+        elif private:
+            _kill_uid(python, uid)
+        for fd in own_fds:
+            os.close(fd)
+    wall = time.monotonic() - start
+    if sandboxed and err.startswith(b"bwrap:"):
+        logger.warning("sandbox setup failed: %s", err[:300].decode("utf-8", errors="replace"))
+    return RunResult(bytes(out), bytes(err), proc.returncode, timed_out, truncated, wall, sandboxed)
+
+
+def _communicate(
+    proc: subprocess.Popen, stdin: bytes, deadline: float, cfg: SandboxConfig
+) -> tuple[bytearray, bytearray, bool, bool]:
+    """Feed stdin and drain stdout/stderr without blocking, until exit, deadline or output cap."""
+    out, err = bytearray(), bytearray()
+    timed_out = truncated = False
+    with selectors.DefaultSelector() as sel:
+        for stream in (proc.stdout, proc.stderr):
+            os.set_blocking(stream.fileno(), False)
+            sel.register(stream, selectors.EVENT_READ)
+        if stdin:
+            os.set_blocking(proc.stdin.fileno(), False)
+            sel.register(proc.stdin, selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()
+        written = 0
+        exited_at = None
+        while sel.get_map():
+            now = time.monotonic()
+            if now >= deadline:
+                timed_out = proc.poll() is None
+                break
+            if proc.poll() is not None:
+                # The program is done; anything still holding our pipes open is a straggler (an
+                # unsandboxed daemon). Drain briefly, then stop waiting for it.
+                exited_at = exited_at or now
+                if now - exited_at > 0.1:
+                    break
+            for key, _ in sel.select(timeout=min(deadline - now, 0.05)):
+                stream = key.fileobj
+                if stream is proc.stdin:
+                    try:
+                        written += os.write(stream.fileno(), stdin[written : written + 65536])
+                    except (BrokenPipeError, BlockingIOError, OSError):
+                        written = len(stdin)
+                    if written >= len(stdin):
+                        sel.unregister(stream)
+                        stream.close()
+                    continue
+                try:
+                    chunk = os.read(stream.fileno(), 65536)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    sel.unregister(stream)
+                    continue
+                if stream is proc.stdout:
+                    out += chunk
+                    if len(out) > cfg.max_output_bytes:
+                        del out[cfg.max_output_bytes :]
+                        truncated = True
+                else:
+                    err += chunk[: max(0, cfg.max_stderr_bytes - len(err))]
+            if truncated:
+                break
+    return out, err, timed_out, truncated
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the run's process group (bwrap's death then tears down its PID namespace)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        try:
+            stream.close()
+        except OSError:
+            pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # unreachable in practice: SIGKILL cannot be ignored
+        logger.error("sandboxed process %d did not die after SIGKILL", proc.pid)
+
+
+def _kill_uid(python: str, uid: int) -> None:
+    """SIGKILL every process of a private uid (unsandboxed mode: daemons that left the group).
+
+    ``kill(-1, …)`` from a process running as that uid reaches exactly the uid's processes, in
+    one kernel pass that a fork storm cannot outrun.
+    """
+    killer = "import os, signal\ntry:\n os.kill(-1, signal.SIGKILL)\nexcept OSError:\n pass"
+    subprocess.run(_setpriv_args(uid) + [python, "-I", "-S", "-c", killer], env={}, cwd="/",
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=10, check=False)
+
+
+def _kill_namespace(info_fd: int) -> None:
+    """SIGKILL the sandbox's init and wait until its PID namespace is empty.
+
+    Killing bubblewrap alone already dooms the namespace (``--die-with-parent``), but
+    asynchronously; this makes ``run_python`` return only once every process the code started,
+    daemons included, is gone. The kernel lets a namespace's init finish exiting only after all
+    other members have, so "init has exited" (its pidfd turns readable) means "namespace empty".
+    """
+    try:
+        info = json.loads(os.read(info_fd, 4096) or b"{}")
+        pid = int(info["child-pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # bwrap died before creating the namespace
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # already exited and reaped
+        return
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        if not select.select([pidfd], [], [], 5.0)[0]:
+            logger.error("sandbox PID namespace (init %d) did not empty after SIGKILL", pid)
+    finally:
+        os.close(pidfd)
+

@@ -1,0 +1,500 @@
+"""Reward functions on strings, the composition with weights, and the host callback inside jit.
+
+The hostile-code suite for ``code_reward`` lives in test_sandbox.py; here code runs only in
+well-behaved programs. Numerical rewards (shaping, weighted totals) are checked against float64
+numpy re-derivations of their formulas.
+"""
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from r1jax.rewards import (
+    HostRewardBridge,
+    RewardSpec,
+    accuracy_reward,
+    build_reward_fn,
+    code_reward,
+    cosine_scaled_reward,
+    extract_answer,
+    extract_code,
+    format_reward,
+    language_consistency_reward,
+    outputs_match,
+    overlong_penalty_reward,
+    parse_spec,
+    repetition_penalty_reward,
+    sandbox_available,
+    tag_count_reward,
+    task_reward,
+)
+from r1jax.rewards.common import completion_text, last_boxed, think_region
+from r1jax.rewards.language import word_scripts
+
+needs_sandbox = pytest.mark.skipif(not sandbox_available(), reason="bubblewrap not usable here")
+
+
+def chat(text):
+    return [{"role": "assistant", "content": text}]
+
+
+# --- accuracy ----------------------------------------------------------------------------------
+
+EQUIVALENT = [  # (gold, completion): same answer written differently
+    ("\\frac{3}{4}", "<answer>0.75</answer>"),  # fraction vs decimal
+    ("3/4", "<answer>$\\dfrac{3}{4}$</answer>"),
+    ("\\frac{\\sqrt{2}}{2}", "<answer>\\frac{1}{\\sqrt{2}}</answer>"),  # radicals
+    ("2\\sqrt{3}", "<answer>\\sqrt{12}</answer>"),
+    ("\\{1, 2\\}", "<answer>\\{2,1\\}</answer>"),  # sets, order-free
+    ("1, 2", "<answer>2, 1</answer>"),
+    ("(0, 1]", "<answer>(0,1]</answer>"),  # intervals
+    ("(-\\infty, 2)", "\\boxed{(-\\infty,2)}"),
+    ("50\\%", "<answer>0.5</answer>"),  # percentages
+    ("50\\%", "<answer>50</answer>"),
+    ("1,000", "<answer>1000</answer>"),  # thousands separators
+    ("1234567", "<answer>1,234,567</answer>"),
+    ("B", "<answer>B</answer>"),  # multiple choice
+    ("(C)", "<answer>\\text{(C)}</answer>"),
+    ("D", "<answer>The answer is D</answer>"),
+    ("A", "<answer>(A) 42</answer>"),
+    ("3", "<answer>x = 3</answer>"),  # equation vs value
+    ("x^2+2x+1", "<answer>(x+1)^2</answer>"),  # symbolic
+    ("The answer is \\boxed{12}.", "<answer>12</answer>"),  # gold is a full solution
+    ("Paris", "<answer>paris</answer>"),  # not math: compared as text
+    (7, "<answer>7</answer>"),  # numeric gold
+]
+DIFFERENT = [
+    ("\\frac{3}{4}", "<answer>0.7</answer>"),
+    ("2\\sqrt{3}", "<answer>\\sqrt{13}</answer>"),
+    ("\\{1, 2\\}", "<answer>\\{1,3\\}</answer>"),
+    ("(0, 1]", "<answer>[0,1]</answer>"),
+    ("1,000", "<answer>100</answer>"),
+    ("B", "<answer>C</answer>"),
+    ("B", "<answer>The answer is A</answer>"),
+    ("-5", "<answer>5</answer>"),
+    ("Paris", "<answer>London</answer>"),
+]
+
+
+@pytest.mark.parametrize("gold,completion", EQUIVALENT)
+def test_accuracy_equivalent_forms(gold, completion):
+    assert accuracy_reward([completion], solution=[gold]) == [1.0]
+
+
+@pytest.mark.parametrize("gold,completion", DIFFERENT)
+def test_accuracy_different_answers(gold, completion):
+    assert accuracy_reward([completion], solution=[gold]) == [0.0]
+
+
+def test_accuracy_extraction_order_and_no_answer():
+    # The answer block wins over a box inside the reasoning; inside it, its own box wins.
+    assert extract_answer("<think>\\boxed{5}</think><answer>so \\boxed{12}.</answer>") == "12"
+    assert extract_answer("<think>x</think><answer> 7 </answer>") == " 7 "
+    assert extract_answer("work... \\boxed{\\frac{1}{2}} and \\boxed{3}") == "3"
+    assert extract_answer("the answer is 4") is None
+    assert last_boxed("\\boxed{\\frac{a}{b}}") == "\\frac{a}{b}"
+    assert last_boxed("\\boxed{\\frac{a}{b}") is None  # truncated
+    completions = ["the answer is 4", "<answer></answer>", "<answer>4", "", "\\boxed{4"]
+    assert accuracy_reward(completions, solution=["4"] * 5) == [0.0] * 5
+
+
+def test_accuracy_columns_and_inputs():
+    out = accuracy_reward(
+        [chat("<answer>4</answer>"), "<answer>4</answer>", None, b"\xff<answer>4</answer>", 17],
+        solution=["4", None, "4", "4", "4"],
+        prompts=["p"] * 5,
+        other_column=[1, 2, 3, 4, 5],
+    )
+    assert out == [1.0, None, 0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="`solution` column"):
+        accuracy_reward(["<answer>4</answer>"])
+    with pytest.raises(ValueError, match="2 entries for 1 completions"):
+        accuracy_reward(["<answer>4</answer>"], solution=["4", "4"])
+    assert accuracy_reward([], solution=[]) == []
+
+
+def test_completion_text_formats():
+    assert completion_text(chat("hi")) == "hi"
+    assert (
+        completion_text([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+        == "a"
+    )
+    assert (
+        completion_text(chat([{"type": "text", "text": "x"}, {"type": "text", "text": "y"}]))
+        == "xy"
+    )
+    assert completion_text([]) == completion_text(None) == completion_text(3.5) == ""
+    assert completion_text([{"role": "assistant"}]) == ""
+
+
+# --- format ------------------------------------------------------------------------------------
+
+
+def test_format_reward():
+    cases = {
+        "<think>reason</think><answer>42</answer>": 1.0,
+        "  <think>\nreason\n</think>\n<answer>\n42\n</answer>\n": 1.0,
+        "<think>reason</think>": 0.0,
+        "<answer>42</answer>": 0.0,
+        "<answer>42</answer><think>reason</think>": 0.0,  # wrong order
+        "hello <think>reason</think><answer>42</answer>": 0.0,  # text outside
+        "<think>reason</think> so <answer>42</answer>": 0.0,
+        "<think>reason</think><answer>42</answer> bye": 0.0,
+        "<think>a</think><think>b</think><answer>42</answer>": 0.0,  # two think blocks
+        "<think>a</think><answer>1</answer><answer>2</answer>": 0.0,
+        "<think>  </think><answer>42</answer>": 0.0,  # empty block
+        "<think>a</think><answer> </answer>": 0.0,
+        "<think>a <answer>1</answer></think><answer>2</answer>": 0.0,  # nested tags
+        "": 0.0,
+    }
+    assert format_reward(list(cases)) == list(cases.values())
+    assert format_reward([chat("<think>r</think><answer>1</answer>")], extra=[0]) == [1.0]
+    # A template that pre-fills "<think>" leaves only the closing tag in the completion.
+    assert format_reward(["r</think><answer>1</answer>"], prefix="<think>") == [1.0]
+    assert format_reward(["r</think><answer>1</answer>"]) == [0.0]
+
+
+def test_tag_count_reward():
+    texts = [
+        "<think>a</think><answer>b</answer>",
+        "<think>a</think>",
+        "<think><think></think>",
+        "no tags",
+        "<answer>x</answer><answer>y</answer>",
+    ]
+    assert tag_count_reward(texts) == [1.0, 0.5, 0.25, 0.0, 0.0]
+
+
+# --- language ----------------------------------------------------------------------------------
+
+
+def test_language_words_definition():
+    text = "Let me try: $x^2 = 4$, so x is 2. 所以答案是二。 Wait, мир \\frac{1}{2} don't α"
+    # latin: Let me try so is Wait don't (single letters and math removed); han: 所以答案是二
+    assert word_scripts(text) == (["latin"] * 5 + ["han"] * 6 + ["latin", "cyrillic", "latin"])
+
+
+def test_language_consistency_values():
+    completions = [
+        "<think>first add the numbers then check</think><answer>5</answer>",  # 7 en words
+        "<think>先把数字加起来 then check</think><answer>5</answer>",  # 7 han + 2 en
+        "<think>$1 + 1 = 2$</think><answer>2</answer>",  # no words
+        "plain reasoning with no tags 你好",  # untagged: whole text is the chain of thought
+        "<think>한국어 문장 check</think>",
+    ]
+    en = language_consistency_reward(completions, language="en")
+    zh = language_consistency_reward(completions, language="zh")
+    np.testing.assert_allclose(en, [1.0, 2 / 9, 0.0, 5 / 7, 1 / 3])
+    np.testing.assert_allclose(zh, [0.0, 7 / 9, 0.0, 2 / 7, 0.0])
+    per_row = language_consistency_reward(completions[:2] + [""], language=["en", "zh-CN", None])
+    np.testing.assert_allclose(per_row[:2], [1.0, 7 / 9])
+    assert per_row[2] is None
+    assert language_consistency_reward(completions[4:], language="ko") == [2 / 3]
+    with pytest.raises(ValueError, match="unsupported language 'fr'"):
+        language_consistency_reward(completions, language="fr")
+    assert think_region("abc</think><answer>x</answer>") == "abc"
+
+
+# --- shaping -----------------------------------------------------------------------------------
+
+
+def test_cosine_scaled_reward_matches_formula():
+    solution = ["4"] * 6
+    texts = ["<answer>4</answer>" + "x" * k for k in (0, 300, 2000)]
+    texts += ["<answer>5</answer>" + "x" * k for k in (0, 300, 2000)]
+    got = cosine_scaled_reward(texts, solution=solution, max_len=1000)
+    lengths = np.array([len(t) for t in texts], dtype=np.float64)
+    c = np.cos(np.pi * np.minimum(lengths / 1000.0, 1.0))
+    correct = np.array([1, 1, 1, 0, 0, 0], dtype=bool)
+    want = np.where(correct, 0.5 + 0.5 * (1.0 - 0.5) * (1 + c), -0.5 + 0.5 * (-1.0 + 0.5) * (1 + c))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    assert got[0] > 0.999 and got[3] < -0.999  # short: best if right, worst if wrong
+    assert got[2] == pytest.approx(0.5) and got[5] == pytest.approx(-0.5)
+    # Token lengths are used when the batch carries completion_ids.
+    tok = cosine_scaled_reward(texts[:1], solution=["4"], max_len=10, completion_ids=[[0] * 10])
+    assert tok == [pytest.approx(0.5)]
+    assert cosine_scaled_reward(["x"], solution=[None]) == [None]
+
+
+def test_repetition_penalty_reward():
+    texts = ["a b c a b c", "one two three four", "x", "我 我 我 我", ""]
+    got = repetition_penalty_reward(texts, ngram_size=2, max_penalty=-1.0)
+    # bigrams: ab bc ca ab bc -> 3 distinct of 5; all distinct; too short; 我我 x3 -> 1 of 3.
+    np.testing.assert_allclose(got, [-(1 - 3 / 5), 0.0, 0.0, -(1 - 1 / 3), 0.0])
+    assert repetition_penalty_reward(["我我我我"], ngram_size=2) == [pytest.approx(-2 / 3)]
+    with pytest.raises(ValueError, match="max_penalty must be <= 0"):
+        repetition_penalty_reward(texts, max_penalty=0.5)
+
+
+def test_overlong_penalty_reward_matches_dapo():
+    lengths = np.array([0, 80, 81, 90, 99, 100, 101, 500])
+    ids = [[1] * n for n in lengths]
+    got = overlong_penalty_reward(
+        ["x"] * len(ids), max_completion_length=100, soft_punish_cache=20, completion_ids=ids
+    )
+    want = np.clip((100.0 - 20.0 - lengths) / 20.0, -np.inf, 0.0)
+    want[lengths > 100] = -1.0
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="completion_ids"):
+        overlong_penalty_reward(["x"], max_completion_length=10, soft_punish_cache=2)
+    with pytest.raises(ValueError, match="soft_punish_cache"):
+        overlong_penalty_reward(
+            ["x"], max_completion_length=10, soft_punish_cache=20, completion_ids=[[1]]
+        )
+
+
+# --- task verifiers ----------------------------------------------------------------------------
+
+
+def test_task_reward_uses_the_data_layer_verifiers():
+    from r1jax.data import tasks
+
+    rows = tasks.make_dataset("arithmetic", 2, seed=0) + tasks.make_dataset("countdown", 1, seed=0)
+    good = [f"<think>t</think><answer>{r['solution']}</answer>" for r in rows]
+    bad = ["<answer>-1</answer>", "no answer", "<answer>1 + 1</answer>"]
+    columns = {k: [r[k] for r in rows] * 2 for k in ("task", "solution", "meta")}
+    assert task_reward(good + bad, **columns) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    # Extra per-call objects (TRL passes e.g. trainer_state) are shared, not split per row.
+    assert task_reward(good, trainer_state=object(), **{k: v[:3] for k, v in columns.items()}) \
+        == [1.0, 1.0, 1.0]
+
+
+# --- code (well-behaved programs; hostile ones are in test_sandbox.py) -------------------------
+
+
+def test_extract_code_and_output_matching():
+    text = "```python\nprint(1)\n```\nthen\n```py\nprint(2)\n```\n```python\nprint(3)"
+    assert extract_code(text) == "print(2)\n"  # the last *closed* python block
+    assert extract_code("```bash\nls\n```") is None
+    assert outputs_match("1 2  \n3\n\n", "1 2\n3")
+    assert not outputs_match("1 2\n3", "1 2 3")
+    assert not outputs_match("", "0")
+
+
+@needs_sandbox
+def test_code_reward_fraction_passed():
+    program = "```python\nn = int(input())\nprint(n * 2 if n < 3 else n)\n```"
+    tests = [{"input": f"{n}\n", "output": f"{2 * n}\n"} for n in range(5)]  # n=0..2 pass
+    crash = "```python\nraise SystemExit(3)\n```"
+    as_json = '[{"input": "1", "output": "2"}]'
+    contest = {"inputs": ["2"], "outputs": ["4"]}
+    out = code_reward(
+        [program, chat(program), crash, "no code", program, program, program],
+        tests=[tests, tests, tests, tests, as_json, contest, []],
+        extra=[0] * 7,
+    )
+    assert out == [0.6, 0.6, 0.0, 0.0, 1.0, 1.0, None]
+    assert code_reward([program], tests=["{not json"]) == [None]
+
+
+# --- composition -------------------------------------------------------------------------------
+
+
+def reference_total(per_reward, weights):
+    per = np.asarray(per_reward, dtype=np.float64)
+    return np.nansum(np.asarray(weights, dtype=np.float64)[:, None] * per, axis=0)
+
+
+COMPLETIONS = [
+    "<think>add them</think><answer>4</answer>",
+    "<think>加起来</think><answer>5</answer>",
+    "<answer>4</answer>",
+    "nothing",
+]
+COLUMNS = dict(solution=["4", "4", None, "4"], language="en", prompt=["p"] * 4)
+
+
+def test_build_reward_fn_weights_and_per_reward_values():
+    specs = [
+        ("accuracy", 2.0, {}),
+        ("format", 0.5),
+        {"name": "language_consistency", "weight": -1.0},
+    ]
+    with build_reward_fn(specs, num_workers=0) as fn:
+        out = fn(COMPLETIONS, **COLUMNS)
+    want_per = np.array([[1, 0, np.nan, 0], [1, 1, 0, 0], [1, 0, 0, 1]], dtype=np.float64)
+    np.testing.assert_array_equal(out.per_reward, want_per.astype(np.float32))
+    np.testing.assert_allclose(out.total, reference_total(want_per, [2.0, 0.5, -1.0]), atol=1e-6)
+    assert out.names == ("accuracy", "format", "language_consistency")
+    assert out.total.dtype == np.float32 and out.per_reward.shape == (3, 4)
+    metrics = out.metrics()
+    assert metrics["rewards/accuracy"] == pytest.approx(1 / 3)
+    assert metrics["rewards/accuracy/none_frac"] == pytest.approx(0.25)
+
+
+def learned_rm_stub(completions, **columns):
+    """Stands in for a learned reward model: any callable with the TRL signature."""
+    return [len(c) / 100.0 for c in completions]
+
+
+def test_pool_matches_serial_and_custom_callables():
+    specs = [
+        ("accuracy", 1.0, {}),
+        ("format", 1.0, {}),
+        ("tag_count", 0.25, {}),
+        RewardSpec("rm", 0.1, fn=learned_rm_stub),
+    ]
+    batch = COMPLETIONS * 5
+    columns = dict(solution=COLUMNS["solution"] * 5, language="en")
+    with (
+        build_reward_fn(specs, num_workers=0) as serial,
+        build_reward_fn(specs, num_workers=2) as pooled,
+    ):
+        a, b = serial(batch, **columns), pooled(batch, **columns)
+        assert not pooled.specs[3].parallel and pooled.specs[0].parallel
+        np.testing.assert_array_equal(a.per_reward, b.per_reward)
+        np.testing.assert_array_equal(a.total, b.total)
+        np.testing.assert_allclose(b.per_reward[3], [len(c) / 100.0 for c in batch], rtol=1e-6)
+        # Configuration errors inside a worker reach the caller unchanged.
+        with pytest.raises(ValueError, match="`solution` column"):
+            pooled(batch)
+
+
+def test_specs_from_a_config_dict_and_column_overrides():
+    import ml_collections
+
+    config = ml_collections.ConfigDict()
+    config.rewards = {"format": 0.5, "language_consistency": {"weight": 2.0,
+                                                              "kwargs": {"language": "zh"}}}
+    texts = ["<think>先想</think><answer>1</answer>",
+             "<think>think first</think><answer>1</answer>"]
+    with build_reward_fn(config.rewards, num_workers=0) as fn:
+        assert fn.names == ("format", "language_consistency")
+        np.testing.assert_allclose(fn(texts).per_reward, [[1, 1], [1, 0]])
+        # A per-row dataset column of the same name overrides the configured default.
+        np.testing.assert_allclose(fn(texts, language=["zh", "en"]).per_reward[1], [1, 1])
+        np.testing.assert_allclose(fn(texts).total, [0.5 + 2.0, 0.5])
+    with pytest.raises(ValueError, match="unknown sandbox options"):
+        code_reward(["x"], tests=[[]], sandbox={"timeout": 1})
+
+
+def dies_in_worker(completions, **columns):
+    """A reward whose worker process dies (as under the OOM killer) on the sample "die"."""
+    import multiprocessing
+    import os
+
+    if "die" in completions and multiprocessing.parent_process() is not None:
+        os._exit(1)
+    return [1.0] * len(completions)
+
+
+def test_worker_death_loses_one_chunk_not_the_trainer():
+    spec = RewardSpec("fragile", 1.0, fn=dies_in_worker, parallel=True)
+    with build_reward_fn([spec, ("format", 1.0, {})], num_workers=2) as fn:
+        fn.chunks_per_worker = 2  # 4 chunks of 2
+        out = fn(["a", "b", "c", "die", "e", "f", "g", "h"])
+        np.testing.assert_array_equal(out.per_reward[0], [1, 1, np.nan, np.nan, 1, 1, 1, 1])
+        np.testing.assert_array_equal(out.per_reward[1], [0, 0, np.nan, np.nan, 0, 0, 0, 0])
+        assert fn(["ok"] * 4).per_reward[0].tolist() == [1.0] * 4  # the pool was rebuilt
+        with pytest.raises(RuntimeError, match="every reward worker died"):
+            fn(["die"] * 2)
+
+
+def test_spec_parsing_errors():
+    assert parse_spec("format").weight == 1.0
+    assert parse_spec(("format", 0.5, {"prefix": "<think>"})).kwargs == {"prefix": "<think>"}
+    assert parse_spec((learned_rm_stub, 0.3)).name == "learned_rm_stub"
+    with pytest.raises(ValueError, match="unknown reward 'acuracy'"):
+        build_reward_fn([("acuracy", 1.0, {})])
+    with pytest.raises(ValueError, match="unique"):
+        build_reward_fn(["format", "format"])
+    with pytest.raises(ValueError, match="unknown keys"):
+        build_reward_fn([{"name": "format", "wieght": 1.0}])
+    with pytest.raises(ValueError, match="at least one"):
+        build_reward_fn([])
+
+
+def test_bad_inputs_never_crash():
+    huge = "<think>" + "blah " * 400_000 + "</think><answer>" + "9" * 5000 + "</answer>"
+    weird = [
+        "",
+        None,
+        42,
+        b"\xff\xfe",
+        [],
+        [{"role": "assistant"}],
+        "\udcff<answer>4</answer>",
+        huge,
+    ]
+    specs = ["accuracy", "format", "tag_count", "language_consistency", "repetition_penalty"]
+    start = time.monotonic()
+    with build_reward_fn(specs, num_workers=0) as fn:
+        out = fn(weird, solution=["4"] * len(weird), language="en")
+    assert time.monotonic() - start < 20
+    assert out.per_reward.shape == (5, len(weird))
+    np.testing.assert_array_equal(out.per_reward[0], [0, 0, 0, 0, 0, 0, 1, 0])
+    assert np.isfinite(out.total).all()
+    with pytest.raises(ValueError, match="list with one entry per sample"):
+        format_reward("a single string")
+
+
+# --- host callback inside jit ------------------------------------------------------------------
+
+VOCAB = list("<>/abcdefghijklmnopqrstuvwxyz0123456789 ")
+
+
+def decode(batch):
+    return ["".join(VOCAB[i] for i in ids) for ids in batch]
+
+
+def encode(texts, width):
+    tokens = np.zeros((len(texts), width), np.int32)
+    for b, t in enumerate(texts):
+        tokens[b, : len(t)] = [VOCAB.index(ch) for ch in t]
+    return tokens, np.array([len(t) for t in texts], np.int32)
+
+
+def test_host_callback_inside_jit_on_a_sharded_batch():
+    # jax is imported here, not at module level: pool workers import this module to unpickle the
+    # test's reward functions, and should not pay for jax.
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    texts = [
+        "<think>ok</think><answer>4</answer>",
+        "<answer>4</answer>",
+        "<answer>5</answer>",
+        "junk",
+        "<think>so</think><answer>12</answer>",
+        "<answer>7</answer>",
+        "<think>x</think><answer>4</answer>zz",
+        "",
+    ]
+    tokens, lengths = encode(texts, 40)
+    tokens[:, 38:] = 1  # padding beyond each length must be ignored
+    lengths[-1] = 0
+    row_ids = np.array([0, 0, 0, 0, 1, 1, 0, 1], np.int32)
+    columns = {"solution": ["4", "12"]}
+    fn = build_reward_fn(
+        [
+            ("accuracy", 1.0, {}),
+            ("format", 0.5, {}),
+            ("overlong_penalty", 1.0, {"max_completion_length": 30, "soft_punish_cache": 10}),
+        ],
+        num_workers=0,
+    )
+    bridge = HostRewardBridge(fn, decode, columns)
+
+    @jax.jit
+    def score(tokens, lengths, row_ids):
+        total, per_reward = bridge(tokens, lengths, row_ids)
+        return total - jnp.mean(total), per_reward  # stand-in for the advantage computation
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    shard = NamedSharding(mesh, PartitionSpec("data"))
+    centred, per_reward = score(
+        jax.device_put(tokens, shard),
+        jax.device_put(lengths, shard),
+        jax.device_put(row_ids, shard),
+    )
+    direct = fn(
+        [t[:n] for t, n in zip(texts, lengths, strict=True)],
+        solution=[columns["solution"][i] for i in row_ids],
+        completion_ids=[[0] * n for n in lengths],
+    )
+    np.testing.assert_allclose(per_reward, direct.per_reward)
+    np.testing.assert_allclose(centred, direct.total - direct.total.mean(), atol=1e-6)
+    assert per_reward.shape == (3, 8) and math.isclose(float(per_reward[0, 4]), 1.0)

@@ -1,0 +1,295 @@
+"""The hostile-code suite: model-written programs that try to hurt the trainer or the host.
+
+Each program is scored by ``code_reward`` against a test whose expected output is what the
+program would print *if the attack worked*, so a leaky sandbox turns into reward 1.0 and a failing
+test. Every case also checks: the call returns within the time limit (plus start-up/kill slack),
+no process of the run survives it, and the host side effects it tried are absent.
+"""
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from r1jax.rewards import SandboxConfig, SandboxUnavailableError, code_reward, run_python
+from r1jax.rewards import sandbox as sandbox_lib
+from r1jax.rewards.compose import build_reward_fn
+
+pytestmark = pytest.mark.skipif(not sandbox_lib.sandbox_available(),
+                                reason="bubblewrap not usable here")
+
+LIMIT_S = 1.0
+SLACK_S = 1.5  # interpreter start-up, SIGKILL and reaping on a loaded 2-core machine
+CFG = SandboxConfig(timeout_s=LIMIT_S)
+
+
+def fenced(code: str) -> str:
+    return f"Here is my solution.\n```python\n{code}\n```\n"
+
+
+def score(code: str, expected: str, stdin: str = "", cfg: SandboxConfig = CFG) -> float:
+    start = time.monotonic()
+    [reward] = code_reward([fenced(code)], tests=[[{"input": stdin, "output": expected}]],
+                           sandbox=cfg)
+    elapsed = time.monotonic() - start
+    assert elapsed < cfg.timeout_s + SLACK_S, f"took {elapsed:.2f}s"
+    return reward
+
+
+def sandbox_processes() -> list[str]:
+    """Live processes owned by a private sandbox uid (only meaningful when running as root).
+
+    Zombies are skipped: bubblewrap's in-namespace init is reparented to the host's init when
+    bubblewrap exits, and stays a zombie (dead, holding only a PID) until that init reaps it.
+    """
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                base, count = sandbox_lib._private_id_range()
+                if not base <= os.stat(f"/proc/{pid}").st_uid < base + count:
+                    continue
+                state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    found.append(open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace"))
+            except (OSError, IndexError):
+                continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def nothing_survives():
+    yield
+    assert sandbox_processes() == []
+
+
+def test_good_program_passes():
+    # The baseline that makes every 0.0 below meaningful.
+    assert score("print(sum(map(int, input().split())))", "5", stdin="2 3") == 1.0
+
+
+def test_infinite_loop():
+    assert score("while True:\n    pass", "done") == 0.0
+
+
+def test_sleep_past_the_limit():
+    assert score("import time\ntime.sleep(30)\nprint('done')", "done") == 0.0
+
+
+def test_ignores_sigterm():
+    code = ("import signal, time\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
+            "    signal.signal(s, signal.SIG_IGN)\ntime.sleep(30)\nprint('done')")
+    assert score(code, "done") == 0.0
+
+
+def test_memory_bomb():
+    assert score("x = bytearray(8 * 1024**3)\nprint('done')", "done") == 0.0
+    grow = "x = []\nwhile True:\n    x.append(bytearray(100 * 1024**2))\n    print(len(x))"
+    assert score(grow, "100") == 0.0
+
+
+def test_stdout_flood_and_enormous_output():
+    assert score("while True:\n    print('x' * 1000)", "x") == 0.0
+    start = time.monotonic()
+    result = run_python("import sys\nsys.stdout.write('y' * 50_000_000)", cfg=CFG)
+    assert result.output_truncated and len(result.stdout) == CFG.max_output_bytes
+    assert time.monotonic() - start < LIMIT_S + SLACK_S
+    assert score("import sys\nsys.stdout.write('y' * 50_000_000)", "y" * 50_000_000) == 0.0
+
+
+def test_fork_storm():
+    code = ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
+            "        pass\nprint('done')")
+    assert score(code, "done") == 0.0
+
+
+def test_fork_storm_does_not_starve_its_neighbours():
+    storm = fenced("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
+                   "        pass")
+    good = fenced("import subprocess\nprint(subprocess.run(['echo', 'hi'], capture_output=True,"
+                  " text=True).stdout.strip())")
+    tests = [[{"input": "", "output": "hi"}]] * 4
+    with build_reward_fn([("code", 1.0, {"sandbox": CFG})], num_workers=2) as fn:
+        out = fn([storm, good, storm, good], tests=tests)
+    assert out.per_reward[0].tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+DAEMON_MARKER = "31.41592"  # sleep's argument: a string to find in the process table afterwards
+DAEMON = (
+    "import os, sys, time\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    if os.fork() == 0:\n"
+    "        time.sleep(0.3)\n"
+    "        try:\n"
+    "            print('escaped', flush=True)\n"
+    "        except OSError:\n"
+    "            pass\n"
+    f"        os.execv('/bin/sleep', ['sleep', '{DAEMON_MARKER}'])\n"
+    "    os._exit(0)\n"
+)
+
+
+def test_daemon_cannot_outlive_the_run():
+    assert score(DAEMON, "escaped") == 0.0
+    time.sleep(0.6)  # longer than the daemon's delay: had it survived, it would be sleeping now
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert f"sleep {DAEMON_MARKER}" not in ps
+
+
+def test_cannot_write_or_delete_host_files(tmp_path):
+    sentinel = tmp_path / "sentinel.txt"
+    sentinel.write_text("precious")
+    planted = tmp_path / "planted.txt"
+    code = (
+        "import os, shutil\n"
+        "hits = []\n"
+        f"for action in (lambda: os.remove({str(sentinel)!r}),\n"
+        f"               lambda: open({str(sentinel)!r}, 'w').write('gone'),\n"
+        f"               lambda: open({str(planted)!r}, 'w').write('x'),\n"
+        "               lambda: open('/usr/pwned', 'w').write('x'),\n"
+        "               lambda: open('/etc/pwned', 'w').write('x'),\n"
+        "               lambda: shutil.rmtree('/usr/share/doc')):\n"
+        "    try:\n"
+        "        action()\n"
+        "        hits.append('x')\n"
+        "    except Exception:\n"
+        "        pass\n"
+        "print('escaped' if hits else 'contained')"
+    )
+    assert score(code, "escaped") == 0.0
+    assert score(code, "contained") == 1.0  # the program did run every attempt
+    assert sentinel.read_text() == "precious"
+    assert not planted.exists() and not os.path.exists("/usr/pwned")
+    assert os.path.isdir("/usr/share/doc")
+
+
+def test_no_network():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    code = (
+        "import socket\n"
+        "s = socket.socket()\ns.settimeout(0.5)\n"
+        f"s.connect(('127.0.0.1', {port}))\ns.sendall(b'hi')\nprint('connected')"
+    )
+    try:
+        assert score(code, "connected") == 0.0
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nobody knocked
+    finally:
+        server.close()
+    external = "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=0.5)\nprint('ok')"
+    assert score(external, "ok") == 0.0
+
+
+def test_cannot_read_parent_environment(monkeypatch):
+    secret = "r1jax-test-secret-7f3a9c"
+    monkeypatch.setenv("R1JAX_TEST_SECRET", secret)
+    code = (
+        "import os, glob\n"
+        "found = os.environ.get('R1JAX_TEST_SECRET', '')\n"
+        "for path in glob.glob('/proc/*/environ'):\n"
+        "    try:\n"
+        f"        if b'{secret}' in open(path, 'rb').read():\n"
+        f"            found = '{secret}'\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "print(found)"
+    )
+    assert score(code, secret) == 0.0
+    # Not even the sandbox's own environment carries it.
+    result = run_python("import os; print(sorted(os.environ))", cfg=CFG)
+    assert result.ok and b"R1JAX_TEST_SECRET" not in result.stdout
+
+
+def test_cannot_kill_the_parent_or_others():
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        code = (
+            "import os, signal\n"
+            f"for pid in (os.getppid(), {os.getpid()}, {victim.pid}, -1, 1):\n"
+            "    try:\n"
+            "        os.kill(pid, signal.SIGKILL)\n"
+            "    except OSError:\n"
+            "        pass\n"
+            "print('survived')"
+        )
+        # The program itself may die by its own kill(-1); either way the reward is not 1.0 for
+        # anything but printing 'survived', which proves it got to the end.
+        score(code, "survived")
+        time.sleep(0.1)
+        assert victim.poll() is None, "a sandboxed program killed a host process"
+        os.kill(os.getpid(), 0)  # this test process is alive (it is running this line)
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+
+
+def test_invalid_utf8_everywhere():
+    assert score("import sys\nsys.stdout.buffer.write(b'\\xff\\xfeok')", "ok") == 0.0
+    # Invalid bytes in the program text, on stdin, and lone surrogates in the completion.
+    assert score("print('\udcff')", "?") == 1.0  # the stray surrogate became '?', and ran
+    assert score("import sys\nprint(len(sys.stdin.buffer.read()))", "3", stdin="\udcffab") == 1.0
+    [reward] = code_reward([b"```python\nprint(1)\xff\n```"], tests=[[{"input": "", "output":
+                                                                       "1"}]], sandbox=CFG)
+    assert reward == 0.0
+
+
+def test_unread_large_stdin_does_not_deadlock():
+    assert score("print('fine')", "fine", stdin="z" * 5_000_000) == 1.0
+
+
+def test_empty_and_malformed_completions():
+    completions = ["", None, 7, [], [{"role": "assistant"}], "```python\nprint(1)",  # unclosed
+                   "```\nprint(1)\n```", "no code at all", "```python\n\n```"]
+    tests = [[{"input": "", "output": "1"}]] * len(completions)
+    assert code_reward(completions, tests=tests, sandbox=CFG) == [0.0] * len(completions)
+    assert code_reward(["```python\nprint(1)\n```"], tests=[None], sandbox=CFG) == [None]
+    assert code_reward(["x"], tests=[[{"stdin": "1"}]], sandbox=CFG) == [None]
+
+
+def test_code_too_long_is_not_run():
+    code = "print(1)\n" + "# padding\n" * 30_000
+    assert score(code, "1") == 0.0
+
+
+def test_refuses_without_sandbox_unless_allowed(monkeypatch, caplog):
+    monkeypatch.setattr(sandbox_lib, "_bwrap_problem", lambda python: "simulated: no bwrap")
+    monkeypatch.setattr(sandbox_lib, "_warned_unsandboxed", False)
+    with pytest.raises(SandboxUnavailableError, match="allow_unsandboxed=True"):
+        code_reward([fenced("print(1)")], tests=[[{"input": "", "output": "1"}]], sandbox=CFG)
+    weak = SandboxConfig(timeout_s=LIMIT_S, allow_unsandboxed=True)
+    with caplog.at_level(logging.WARNING, logger="r1jax.rewards.sandbox"):
+        assert score("print(input())", "hey", stdin="hey", cfg=weak) == 1.0
+    assert "WITHOUT A SANDBOX" in caplog.text
+    # The weaker mode still enforces the wall clock and the output cap.
+    assert score("while True:\n    pass", "done", cfg=weak) == 0.0
+    assert score("while True:\n    print('x' * 1000)", "x", cfg=weak) == 0.0
+    if os.geteuid() == 0:  # as root, the weak mode kills the run's whole private uid
+        assert score(DAEMON, "escaped", cfg=weak) == 0.0
+        time.sleep(0.6)
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert f"sleep {DAEMON_MARKER}" not in ps
+
+
+def test_private_ids_fit_a_remapped_user_namespace(monkeypatch):
+    # A remapped container often maps only uids 0..65535; the per-run ids must then come from
+    # inside that range (and avoid nobody/nogroup), or setuid would fail and every run score 0.
+    monkeypatch.setattr(sandbox_lib, "_mapped_ranges", lambda path: [(0, 65536)])
+    sandbox_lib._private_id_range.cache_clear()
+    try:
+        assert sandbox_lib._private_id_range() == (65534 - 1024, 1024)
+        monkeypatch.setattr(sandbox_lib, "_mapped_ranges", lambda path: [(0, 1)])
+        sandbox_lib._private_id_range.cache_clear()
+        with pytest.raises(SandboxUnavailableError, match="uid_map"):
+            sandbox_lib._private_id_range()
+    finally:
+        sandbox_lib._private_id_range.cache_clear()
