@@ -35,7 +35,8 @@ from r1jax.models.transformer import Decoder, ModelConfig
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral", "qwen3")
+_DEEPSEEK_TYPES = ("deepseek_v3", "deepseek_v2")  # MLA + MoE: handled by deepseek_hf.py
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral", "qwen3") + _DEEPSEEK_TYPES
 _ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
                   "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -75,6 +76,11 @@ def config_from_hf(hf: dict[str, Any], *, param_dtype: str = "float32", dtype: s
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"{where}: model_type {model_type!r} is not supported; r1jax loads "
                               f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    if model_type in _DEEPSEEK_TYPES:
+        from r1jax.models import deepseek_hf
+
+        return deepseek_hf.config_from_hf(hf, param_dtype=param_dtype, dtype=dtype, remat=remat,
+                                          where=where)
     unknown = sorted(set(hf) - _METADATA_FIELDS - _MODEL_FIELDS)
     if unknown:
         raise CheckpointError(f"{where}: field(s) {unknown} are not supported by r1jax for "
@@ -332,7 +338,7 @@ def read_config(path: str) -> dict[str, Any]:
 
 
 def load(path: str, mesh: Mesh | None = None, *, param_dtype: str = "float32",
-         dtype: str | None = None, remat: bool = False, rules=None) -> Decoder:
+         dtype: str | None = None, remat: bool = False, rules=None, **deepseek_options) -> Decoder:
     """Load a local HF checkpoint folder into a Decoder.
 
     path:         folder with config.json and safetensors weights (single file or index + shards)
@@ -340,7 +346,15 @@ def load(path: str, mesh: Mesh | None = None, *, param_dtype: str = "float32",
     param_dtype:  storage dtype of the parameters ("float32" default, or "bfloat16")
     dtype:        compute dtype (default = param_dtype)
     rules:        logical-axis rules (default `sharding.RULES`)
+    deepseek_options: for DeepSeek-V2/V3 checkpoints only, see `deepseek_hf.load`
     """
+    if read_config(path).get("model_type") in _DEEPSEEK_TYPES:
+        from r1jax.models import deepseek_hf
+
+        return deepseek_hf.load(path, mesh, param_dtype=param_dtype, dtype=dtype, remat=remat,
+                                rules=rules, **deepseek_options)
+    if deepseek_options:
+        raise TypeError(f"load: {sorted(deepseek_options)} only apply to DeepSeek checkpoints")
     cfg = config_from_hf(read_config(path), param_dtype=param_dtype, dtype=dtype, remat=remat,
                          where=os.path.join(path, "config.json"))
     _check_complete(path)
@@ -403,6 +417,10 @@ def save(model: Decoder, path: str, *, max_shard_bytes: int = 5 * 1024**3,
     from jax.experimental import multihost_utils
     from safetensors.numpy import save_file
 
+    if model.cfg.model_type in _DEEPSEEK_TYPES:
+        from r1jax.models import deepseek_hf
+
+        return deepseek_hf.save(model, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
     cfg = model.cfg
     os.makedirs(path, exist_ok=True)
     state = {p: v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}

@@ -1,0 +1,484 @@
+"""DeepSeek-V2/V3 (MLA + DeepSeekMoE) against transformers, the latent cache against recomputation,
+expert parallelism against one device, routing/dispatch against float64 numpy, load balancing."""
+
+import functools
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import VOCAB, left_padded_batch
+
+from r1jax import moe, sampling, sharding
+from r1jax.models import deepseek, deepseek_hf, hf
+from r1jax.models.deepseek import DeepseekConfig, MLACache
+
+# Tiny checkpoints built by transformers. YaRN with mscale terms in two of them, so the rope and
+# softmax-scale corrections are exercised; routers get larger weights than HF's init (and V3 a
+# random score-correction bias) so routing decisions are far from ties.
+_YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32, rope_theta=1e4)
+KINDS = {
+    "v3": ("deepseek_v3", dict(rope_parameters={**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
+                               routed_scaling_factor=2.5)),
+    "v2": ("deepseek_v2", dict(rope_parameters={**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
+                               topk_method="group_limited_greedy")),
+    "v2_lite": ("deepseek_v2", dict(q_lora_rank=None, n_group=1, topk_group=1,
+                                    topk_method="greedy", n_shared_experts=2)),
+    # One MoE layer and nothing else: small compiles for the expert-parallel gradient test.
+    "v3_moe_only": ("deepseek_v3", dict(num_hidden_layers=1, first_k_dense_replace=0)),
+}
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [40, 41, 42, 43, 44], [1, 2]]
+
+
+def batch():
+    """The one [4, 12] left-padded batch every full forward here uses (one compile per model)."""
+    return left_padded_batch(batch=4, length=12, pads=(0, 3, 7, 1))
+
+
+def hf_config(kind: str, **overrides):
+    import transformers
+
+    model_type, spec = KINDS[kind]
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                n_shared_experts=1, n_routed_experts=8, kv_lora_rank=32, q_lora_rank=48,
+                qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_group=2, topk_group=1,
+                num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=128,
+                rms_norm_eps=1e-6)
+    return transformers.AutoConfig.for_model(model_type, **{**base, **spec, **overrides})
+
+
+@functools.cache
+def checkpoint(kind: str) -> str:
+    """A saved random transformers checkpoint of `kind` (built once per session)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(kind)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 0.3)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.1)
+    path = os.path.join(tempfile.mkdtemp(prefix=f"r1jax_ds_{kind}_"), "ckpt")
+    model.save_pretrained(path)
+    return path
+
+
+@functools.cache
+def torch_model(path: str):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def torch_logits(path, ids, mask):
+    import torch
+
+    pos = np.maximum(mask.cumsum(-1) - 1, 0)
+    with torch.no_grad():
+        return torch_model(path)(input_ids=torch.tensor(ids, dtype=torch.long),
+                                 attention_mask=torch.tensor(mask, dtype=torch.long),
+                                 position_ids=torch.tensor(pos)).logits.numpy()
+
+
+@functools.cache
+def model(kind: str):
+    return hf.load(checkpoint(kind))
+
+
+@functools.cache
+def forward(kind: str):
+    """A jitted forward for models of `kind`: (state, ids, mask) -> (logits, RouterStats)."""
+    graphdef, _ = nnx.split(model(kind))
+
+    @jax.jit
+    def forward_fn(state, ids, mask):
+        mdl = nnx.merge(graphdef, state)
+        hidden, _, stats = mdl.hidden_states_with_router(ids, mask)
+        return mdl.logits_from_hidden(hidden), stats
+
+    return forward_fn
+
+
+# --------------------------------------------------------------------------------------------------
+# Parity with transformers
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["v2", "v2_lite", "v3"])
+def test_logits_match_transformers_with_left_padding(kind):
+    m = model(kind)
+    assert isinstance(m, deepseek.DeepseekDecoder)
+    assert (m.cfg.q_lora_rank is None) == (kind == "v2_lite")
+    ids, mask = batch()
+    ours, stats = forward(kind)(nnx.state(m), jnp.asarray(ids), jnp.asarray(mask))
+    ours = np.asarray(ours)
+    ref = torch_logits(checkpoint(kind), ids, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], ref[real], atol=1e-4, rtol=0)
+    # Routing counts cover exactly the real tokens: K assignments each, in the one MoE layer.
+    assert stats.load.shape == (1, 8)
+    assert float(stats.load.sum()) == 2 * real.sum() and float(stats.dropped.sum()) == 0
+    if kind == "v3":  # the score-correction bias really steers the choice (the test can fail)
+        state = jax.tree.map(lambda a: a, nnx.state(m))  # a copy: the cached model stays as is
+        state["layers"][1]["mlp"]["bias"][...] = jnp.zeros((8,))
+        unbiased, _ = forward(kind)(state, jnp.asarray(ids), jnp.asarray(mask))
+        assert np.abs(np.asarray(unbiased) - ours)[real].max() > 1e-2
+
+
+# --------------------------------------------------------------------------------------------------
+# The latent cache: sampler, absorbed vs naive, full recomputation, transformers generate
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cache_holds_latent_not_keys_and_values():
+    cfg = model("v3").cfg
+    cache = model("v3").init_cache(2, 5)
+    assert isinstance(cache, MLACache) and len(cache.latent) == cfg.num_layers
+    assert cache.latent[0].shape == (2, 5, cfg.kv_lora_rank)
+    assert cache.k_rope[0].shape == (2, 5, cfg.qk_rope_head_dim)
+    full_kv = cfg.num_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4 * cfg.num_layers
+    assert cache.bytes_per_token == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4 * cfg.num_layers
+    assert cache.bytes_per_token * 3 < full_kv
+
+
+def test_greedy_decode_matches_full_recomputation_and_transformers():
+    import torch
+
+    m, new = model("v3"), 5
+    out = sampling.generate(m, PROMPTS, max_new_tokens=new, temperature=0.0, num_samples=2)
+    assert out.tokens[0::2] == out.tokens[1::2]  # the G rows sharing one prefill agree
+    tokens = out.tokens[0::2]
+    assert len({tuple(t) for t in tokens}) == len(PROMPTS)
+
+    # Full recomputation of all prompts at every step, right-padded to the shared [4, 12] shape
+    # (causal attention: pads after the last real token cannot affect it).
+    seqs = [list(p) for p in PROMPTS]
+    for _ in range(new):
+        ids = np.zeros((4, 12), np.int32)
+        mask = np.zeros((4, 12), np.int32)
+        for i, seq in enumerate(seqs):
+            ids[i, :len(seq)], mask[i, :len(seq)] = seq, 1
+        logits, _ = forward("v3")(nnx.state(m), jnp.asarray(ids), jnp.asarray(mask))
+        for i, seq in enumerate(seqs):
+            seq.append(int(jnp.argmax(logits[i, len(seq) - 1])))
+    tm = torch_model(checkpoint("v3"))
+    for prompt, ours, seq in zip(PROMPTS, tokens, seqs, strict=True):
+        assert ours == seq[len(prompt):]
+        ref = tm.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new,
+                          min_new_tokens=new, pad_token_id=0)[0, len(prompt):].tolist()
+        assert ours == ref
+
+
+def test_absorbed_decode_equals_naive_and_full_forward():
+    m = model("v3")
+    graphdef, state = nnx.split(m)
+    ids, mask = left_padded_batch(batch=2, length=10, pads=(0, 4))
+    g, steps = 2, 2
+    rng = np.random.RandomState(1)
+    new_tokens = rng.randint(0, VOCAB, size=(2 * g, steps)).astype(np.int32)
+
+    @jax.jit
+    def decode(state, ids, mask, new_tokens):
+        """Prefill 2 prompts once, then decode G=2 rows each over the shared prefix, both ways."""
+        mdl = nnx.merge(graphdef, state)
+        _, prefill = mdl(ids, mask, cache=mdl.init_cache(2, ids.shape[1]))
+        results = []
+        for absorb in (True, False):
+            def step(cache, token, absorb=absorb):
+                logits, cache = mdl(token[:, None], jnp.ones((2 * g, 1), jnp.int32), cache=cache,
+                                    absorb=absorb)
+                return cache, logits[:, 0]
+
+            cache = mdl.init_cache(2 * g, steps).with_prefix(prefill)
+            cache, logits = jax.lax.scan(step, cache, new_tokens.T)
+            results.append((logits.transpose(1, 0, 2), cache))
+        return results
+
+    (absorbed, cache_a), (naive, cache_n) = decode(state, ids, mask, new_tokens)
+    np.testing.assert_allclose(np.asarray(absorbed), np.asarray(naive), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(cache_a.latent[1]), np.asarray(cache_n.latent[1]),
+                               atol=1e-6)
+    assert np.abs(np.asarray(cache_a.latent[1])).max() > 0  # decode wrote its latents
+    full_ids = np.concatenate([np.repeat(ids, g, 0), new_tokens], 1)  # [4, 12]
+    full_mask = np.concatenate([np.repeat(mask, g, 0), np.ones_like(new_tokens)], 1)
+    full, _ = forward("v3")(state, jnp.asarray(full_ids), jnp.asarray(full_mask))
+    np.testing.assert_allclose(np.asarray(absorbed), np.asarray(full)[:, -steps:], atol=1e-4,
+                               rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Expert parallelism
+# --------------------------------------------------------------------------------------------------
+
+
+def _loss_and_grads(m, ids, mask, mesh=None):
+    """Mean next-token cross-entropy over real tokens, and its gradient w.r.t. the parameters."""
+    graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+
+    def loss(params, ids, mask):
+        logits = nnx.merge(graphdef, params, rest)(ids, attention_mask=mask)
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        nll = -jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
+        w = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
+        return jnp.sum(nll * w) / jnp.sum(w), logits
+
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    if mesh is None:
+        return step(params, jnp.asarray(ids), jnp.asarray(mask))
+    batch = sharding.shard_batch({"ids": ids, "mask": mask}, mesh)
+    with jax.set_mesh(mesh):
+        return step(params, batch["ids"], batch["mask"])
+
+
+def test_expert_parallel_forward_and_gradient_equal_single_device():
+    path = checkpoint("v3_moe_only")
+    ids, mask = batch()
+    # The single-device reference also rematerialises its layers: remat must not change anything.
+    (loss1, logits1), grads1 = _loss_and_grads(hf.load(path, remat=True), ids, mask)
+
+    mesh = sharding.make_mesh(fsdp=2, expert=4)
+    m = hf.load(path, mesh=mesh)
+    gate = m.layers[0].mlp.gate_edm[...]  # [E=8, D=64, M=32]: experts over `expert`, D over fsdp
+    assert gate.sharding.spec == jax.sharding.PartitionSpec("expert", "fsdp", None)
+    assert gate.addressable_shards[0].data.shape == (2, 32, 32)
+    (loss8, logits8), grads8 = _loss_and_grads(m, ids, mask, mesh)
+
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(logits8)[real], np.asarray(logits1)[real], atol=1e-5)
+    np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-6)
+    flat1, flat8 = dict(nnx.to_flat_state(grads1)), dict(nnx.to_flat_state(grads8))
+    assert flat1.keys() == flat8.keys()
+    for path_, g1 in flat1.items():
+        g1, g8 = np.asarray(g1[...]), np.asarray(flat8[path_][...])
+        np.testing.assert_allclose(g8, g1, atol=1e-6, rtol=1e-4, err_msg=str(path_))
+    router_grad = np.asarray(flat1[("layers", 0, "mlp", "router_de")][...])
+    assert np.abs(router_grad).max() > 0  # the router is trained through the routed weights
+
+
+# --------------------------------------------------------------------------------------------------
+# Routing, capacity and drops against float64 numpy
+# --------------------------------------------------------------------------------------------------
+
+
+def _np_route(x, w, bias, cfg):
+    """DeepSeek routing written out per token in float64."""
+    logits = x.astype(np.float64) @ w.astype(np.float64)
+    e, per = cfg.num_experts, cfg.num_experts // cfg.n_group
+    experts, weights = [], []
+    for row in logits:
+        if cfg.scoring == "sigmoid":
+            scores = 1 / (1 + np.exp(-row))
+            choice = scores + bias
+            groups = [np.sort(choice[g * per:(g + 1) * per])[-2:].sum() for g in range(cfg.n_group)]
+        else:
+            scores = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+            choice = scores.copy()
+            groups = [choice[g * per:(g + 1) * per].max() for g in range(cfg.n_group)]
+        if cfg.topk_method != "greedy":
+            keep = np.argsort(groups)[::-1][:cfg.topk_group]
+            allowed = np.zeros(e, bool)
+            for g in keep:
+                allowed[g * per:(g + 1) * per] = True
+            choice = np.where(allowed, choice, -np.inf)
+        top = np.argsort(choice)[::-1][:cfg.top_k]
+        wt = scores[top]
+        if cfg.norm_topk_prob:
+            wt = wt / wt.sum()
+        experts.append(top)
+        weights.append(wt * cfg.routed_scaling_factor)
+    return np.array(experts), np.array(weights)
+
+
+@pytest.mark.parametrize("kind", ["v3", "v2"])
+def test_routing_and_capacity_drops_match_numpy(kind):
+    rng = np.random.RandomState(0)
+    t, d, e, f = 40, 16, 8, 12
+    if kind == "v3":
+        cfg = moe.MoEConfig(num_experts=e, top_k=3, n_group=4, topk_group=2,
+                            routed_scaling_factor=2.5, capacity_factor=0.6)
+    else:
+        cfg = moe.MoEConfig(num_experts=e, top_k=2, scoring="softmax",
+                            topk_method="group_limited_greedy", n_group=2, topk_group=1,
+                            norm_topk_prob=False, capacity_factor=0.6)
+    x = rng.randn(t, d).astype(np.float32)
+    router = rng.randn(d, e).astype(np.float32)
+    bias = (0.3 * rng.randn(e)).astype(np.float32)
+    gate, up = rng.randn(2, e, d, f).astype(np.float32) * 0.3
+    down = rng.randn(e, f, d).astype(np.float32) * 0.3
+    valid = np.ones(t, bool)
+    valid[[3, 17]] = False  # padding: never dispatched, never counted
+
+    ref_experts, ref_weights = _np_route(x, router, bias, cfg)
+    experts, weights = jax.jit(moe.route, static_argnums=3)(x, router, bias, cfg)
+    order = np.argsort(np.asarray(experts), -1)  # top_k order is irrelevant to the output
+    np.testing.assert_array_equal(np.take_along_axis(np.asarray(experts), order, -1),
+                                  np.sort(ref_experts, -1))
+    np.testing.assert_allclose(np.take_along_axis(np.asarray(weights), order, -1),
+                               np.take_along_axis(ref_weights, np.argsort(ref_experts, -1), -1),
+                               rtol=1e-5)
+
+    # Capacity: the first `cap` assignments to an expert, in token order, are kept.
+    cap = cfg.capacity(t)
+    assert cap == int(np.ceil(0.6 * t * cfg.top_k / e))
+    ref = np.zeros((t, d))
+    used, dropped, load = np.zeros(e, int), 0, np.zeros(e)
+    for i in range(t):
+        for j in range(cfg.top_k):
+            if not valid[i]:
+                continue
+            k = ref_experts[i, j]
+            load[k] += 1
+            if used[k] >= cap:
+                dropped += 1
+                continue
+            used[k] += 1
+            xi = x[i].astype(np.float64)
+            g, u = xi @ gate[k], xi @ up[k]
+            ref[i] += ref_weights[i, j] * ((g / (1 + np.exp(-g)) * u) @ down[k])
+    out, stats = jax.jit(moe.routed_experts, static_argnums=7)(
+        x[None], valid[None], router, bias, gate, up, down, cfg)
+    assert dropped > 0  # the capacity binds, so drop accounting is really tested
+    np.testing.assert_allclose(np.asarray(out[0]), ref, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(stats.load), load)
+    assert float(stats.dropped) == dropped
+
+
+# --------------------------------------------------------------------------------------------------
+# Auxiliary-loss-free load balancing
+# --------------------------------------------------------------------------------------------------
+
+
+def test_load_balancing_bias_moves_load_toward_uniform():
+    # A skewed toy router: every token carries a constant feature that experts 0 and 1 read.
+    rng = np.random.RandomState(0)
+    t, d, e = 256, 16, 8
+    x = rng.randn(t, d).astype(np.float32)
+    x[:, 0] = 1.0
+    router = 0.3 * rng.randn(d, e).astype(np.float32)
+    router[0, :2] += 1.5
+    cfg = moe.MoEConfig(num_experts=e, top_k=2, n_group=2, topk_group=1)
+
+    @jax.jit
+    def load(bias):
+        experts, _ = moe.route(jnp.asarray(x), jnp.asarray(router), bias, cfg)
+        return jnp.zeros(e).at[experts.reshape(-1)].add(1.0)
+
+    bias, ratios = jnp.zeros(e), []
+    for _ in range(30):
+        counts = load(bias)
+        ratios.append(float(counts.max() / counts.mean()))
+        bias = moe.balance_bias(bias, counts, rate=0.01)
+    assert ratios[0] > 3.0  # experts 0 and 1 take most of the load (uniform is 1)
+    assert max(ratios[-5:]) < 1.25, ratios
+    np.testing.assert_array_equal(moe.balance_bias(bias, counts, rate=0.0), bias)  # switched off
+
+    # In a model: the bias lives in each MoE layer, outside the parameters, and moves by `rate`
+    # against the measured load (overloaded experts down, underloaded up).
+    m = hf.load(checkpoint("v3"))
+    params_before = jax.tree.map(np.asarray, nnx.state(m, nnx.Param))
+    ids, mask = batch()
+    _, stats = forward("v3")(nnx.state(m), jnp.asarray(ids), jnp.asarray(mask))
+    before = np.asarray(m.layers[1].mlp.bias[...])
+    metrics = deepseek.update_router_bias(m, stats, rate=0.05)
+    step = np.asarray(m.layers[1].mlp.bias[...]) - before
+    load_ = np.asarray(stats.load[0])
+    np.testing.assert_allclose(step, 0.05 * np.sign(load_.mean() - load_), atol=1e-7)
+    assert float(metrics["router/bias_drift"]) > 0
+    after = jax.tree.leaves(nnx.state(m, nnx.Param))
+    for a, b in zip(jax.tree.leaves(params_before), after, strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert not isinstance(m.layers[1].mlp.bias, nnx.Param)
+    summary = deepseek.router_metrics(stats)
+    assert float(summary["router/max_load_ratio"]) >= 1.0
+    assert float(summary["router/dropped_frac"]) == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: save round trip, MTP weights, refused configs, named sizes
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["v3", "v2_lite"])
+def test_save_round_trip_through_transformers(kind, tmp_path):
+    import transformers
+
+    m = model(kind)
+    out = str(tmp_path / "saved")
+    hf.save(m, out)
+    saved = json.load(open(os.path.join(out, "config.json")))
+    assert saved["model_type"] == KINDS[kind][0]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids, mask = batch()
+    import torch
+
+    pos = np.maximum(mask.cumsum(-1) - 1, 0)
+    with torch.no_grad():
+        got = reloaded(input_ids=torch.tensor(ids, dtype=torch.long),
+                       attention_mask=torch.tensor(mask, dtype=torch.long),
+                       position_ids=torch.tensor(pos)).logits.numpy()
+    ref = torch_logits(checkpoint(kind), ids, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], ref[real], atol=1e-6)
+    again = hf.load(out)
+    pairs = zip(nnx.to_flat_state(nnx.state(m)), nnx.to_flat_state(nnx.state(again)), strict=True)
+    for (p, a), (_, b) in pairs:
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(p))
+
+
+def test_mtp_weights_are_skipped_with_a_log_line_or_refused(tmp_path, caplog):
+    from safetensors.numpy import load_file, save_file
+
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(checkpoint("v3"), path)
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    tensors["model.layers.2.eh_proj.weight"] = np.zeros((64, 128), np.float32)
+    tensors["model.layers.2.enorm.weight"] = np.ones((64,), np.float32)
+    save_file(tensors, file, metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING, logger="r1jax.models.deepseek_hf"):
+        m = hf.load(path)
+    assert "skipping 2 multi-token-prediction tensors" in caplog.text
+    assert len(m.layers) == 2
+    with pytest.raises(hf.CheckpointError, match="multi-token-prediction"):
+        hf.load(path, mtp="error")
+
+
+def test_unsupported_configs_are_refused_with_the_field_named():
+    base = json.load(open(os.path.join(checkpoint("v3"), "config.json")))
+    assert isinstance(hf.config_from_hf(base), DeepseekConfig)
+    bad = {"quantization_config": {"quant_method": "fp8"}, "num_key_value_heads": 2,
+           "attention_bias": True, "topk_method": "greedy", "moe_layer_freq": 2}
+    for field, value in bad.items():
+        with pytest.raises(hf.CheckpointError, match=field):
+            hf.config_from_hf({**base, field: value})
+    v2 = json.load(open(os.path.join(checkpoint("v2"), "config.json")))
+    with pytest.raises(hf.CheckpointError, match="norm_topk_prob"):
+        deepseek_hf.config_from_hf({**v2, "norm_topk_prob": True})
+    with pytest.raises(hf.CheckpointError, match="n_group"):
+        hf.config_from_hf({**v2, "n_group": 3})
+    cfg = moe.MoEConfig(num_experts=6, top_k=2)
+    with pytest.raises(ValueError, match="divisible by the mesh's expert axis"):
+        with jax.set_mesh(sharding.make_mesh(fsdp=2, expert=4)):
+            moe.routed_experts(jnp.ones((2, 3, 4)), jnp.ones((2, 3), bool), jnp.ones((4, 6)),
+                               None, jnp.ones((6, 4, 5)), jnp.ones((6, 4, 5)), jnp.ones((6, 5, 4)),
+                               cfg)
+
+
+def test_named_configs_have_the_published_sizes():
+    v3, lite = DeepseekConfig.deepseek_v3(), DeepseekConfig.deepseek_v2_lite()
+    assert abs(v3.num_params / 671e9 - 1) < 0.005
+    assert abs(v3.num_active_params / 37e9 - 1) < 0.03  # 37B, embeddings included
+    assert abs(lite.num_params / 15.7e9 - 1) < 0.005
+    cache = MLACache.empty(v3, 1, 1, dtype=jnp.bfloat16)
+    assert cache.bytes_per_token == 61 * (512 + 64) * 2  # 70,272 bytes per token
