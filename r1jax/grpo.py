@@ -1,8 +1,16 @@
-"""GRPO's array math: group advantages, the clipped policy loss, token log-probs, reward metrics.
+"""GRPO: group advantages, the clipped policy loss, token log-probs, and the jitted GRPO step.
 
-Everything here is a pure function of arrays (no model inside), so it can be unit-tested against a
-float64 numpy reference and called from inside the jitted update step. Option names and meanings
-follow TRL's `GRPOConfig` / `GRPOTrainer` so that configs and logged numbers carry over.
+The first half is pure functions of arrays (no model inside), unit-tested against a float64 numpy
+reference and called from inside the jitted update step. The second half is the step, in three
+calls a stage loop makes per GRPO step (see the "GRPO step" section below):
+
+    policy = grpo.policy_for_sampling(train_state)          # reshard weights for decoding
+    rollouts, data_metrics = grpo.rollout(policy, ref_model, prompt_ids, prompt_mask, key,
+                                          reward_fn, cfg)   # sample, score, advantages
+    step_metrics = grpo.update(train_state, rollouts, cfg)  # μ optimizer steps
+
+Option names and meanings follow TRL's `GRPOConfig` / `GRPOTrainer` so that configs and logged
+numbers carry over.
 
 Notable choices:
 - Advantages are `(r - group mean) / (Bessel std + 1e-4)` as in TRL. Rewards are shifted by the
@@ -24,12 +32,30 @@ Notable choices:
   axis is sharded over the `tensor` mesh axis, and XLA fuses it without materialising the one-hot.
   The chunked variant never holds more than one `[B, chunk, V]` block of logits, forward or
   backward (`jax.checkpoint` inside `jax.lax.map`).
+- Old-policy log-probs: with `num_iterations == 1` none are stored (`old_logprobs=None`: the
+  ratio is exactly 1 and its gradient is the policy gradient, as TRL does); with μ > 1 the
+  rollout recomputes them with the training forward before any update, at the sampling
+  temperature, as TRL does. (The sampler's own log-probs are of the raw, temperature-1
+  distribution, so they are not used for the ratio.)
+- Rewards are scored on the host through `jax.pure_callback` from inside the jitted rollout; the
+  device waits for the host while it scores (rule rewards are string logic, see DESIGN.md).
 """
 
-from collections.abc import Sequence
+from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from r1jax import sampling, sharding, train
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 ADVANTAGE_SCALES = ("group", "batch", "none")
@@ -437,3 +463,338 @@ def _entropy(logits: jax.Array, lse: jax.Array) -> jax.Array:
     """-sum p log p written as sum p * (lse - logit): every term is >= 0, so nothing cancels."""
     neg_logp = lse[..., None] - logits
     return jnp.sum(jnp.exp(-neg_logp) * neg_logp, axis=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The GRPO step: configuration, rollout-and-score, update
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO hyperparameters, named as TRL's `GRPOConfig`. Frozen and hashable (a static argument).
+
+    num_generations:   G, completions sampled per prompt ("G" in DeepSeekMath's Algorithm 1).
+    num_iterations:    μ, optimizer steps taken on each rollout batch ("μ" in Algorithm 1).
+    beta:              KL weight; 0 means the reference model is neither needed nor run.
+    epsilon_low:       clip below at 1 - epsilon_low (TRL's `epsilon`).
+    epsilon_high:      clip above at 1 + epsilon_high (> epsilon_low is DAPO's clip-higher).
+    loss_type:         "grpo" | "bnpo" | "dr_grpo" | "dapo" (module docstring).
+    scale_rewards:     "group" | "batch" | "none": the std the advantages are divided by.
+    max_completion_length: Tc, the sampling budget per completion, in tokens.
+    temperature, top_k, top_p: sampling settings; the loss's log-probs use the same temperature.
+    num_micro_batches: gradient-accumulation steps per optimizer step (TRL's
+                       `gradient_accumulation_steps`); P * G must divide by it.
+    stop_token_ids:    token ids that end a completion (the tokenizer's EOS, ...).
+    pad_token_id:      fills completions after their end.
+    logprob_chunk_size: positions per chunk when turning hidden states into log-probs.
+    """
+
+    num_generations: int = 8
+    num_iterations: int = 1
+    beta: float = 0.04
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    loss_type: str = "grpo"
+    scale_rewards: str = "group"
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_micro_batches: int = 1
+    stop_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    logprob_chunk_size: int = 256
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.num_generations < 2:
+            raise ValueError(f"grpo.num_generations must be >= 2 (advantages compare samples "
+                             f"of one prompt), got {self.num_generations}")
+        for name in ("num_iterations", "num_micro_batches", "max_completion_length",
+                     "logprob_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"grpo.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ValueError(f"grpo.temperature must be > 0 (GRPO needs diverse samples), got "
+                             f"{self.temperature}")
+        if self.scale_rewards not in ADVANTAGE_SCALES:
+            raise ValueError(f"grpo.scale_rewards must be one of {ADVANTAGE_SCALES}, got "
+                             f"{self.scale_rewards!r}")
+        _check_options(self.loss_type, self.epsilon_low, self.epsilon_high, self.beta,
+                       self.max_completion_length, None, has_ref=True)
+        self.sampling_config()  # validates top_k and top_p
+
+    def sampling_config(self) -> sampling.SamplingConfig:
+        return sampling.SamplingConfig(self.temperature, self.top_k, self.top_p)
+
+
+@flax.struct.dataclass
+class Rollouts:
+    """One GRPO batch: B = P * G completions, prompt-major (rows p*G .. p*G+G-1 answer prompt p).
+
+    prompt_ids:      [B, Tp] int32, each row's left-padded prompt (every prompt repeated G times)
+    prompt_mask:     [B, Tp] int32, 1 = token, 0 = pad
+    completion_ids:  [B, Tc] int32, right-padded with `pad_token_id` (Tc = max_completion_length)
+    completion_mask: [B, Tc] int32, 1 on completion tokens (the stop token included)
+    advantages:      [B] float32, `group_advantages` of `rewards`
+    rewards:         [B] float32, the weighted total reward
+    per_reward:      [B, R] float32, each reward function's raw value (NaN = not applicable)
+    truncated:       [B] bool, hit max_completion_length without a stop token
+    old_logprobs:    [B, Tc] float32 under the policy that sampled, or None when num_iterations
+                     == 1 (the ratio is then 1 by definition)
+    ref_logprobs:    [B, Tc] float32 under the reference model, or None when beta == 0
+    """
+
+    prompt_ids: jax.Array
+    prompt_mask: jax.Array
+    completion_ids: jax.Array
+    completion_mask: jax.Array
+    advantages: jax.Array
+    rewards: jax.Array
+    per_reward: jax.Array
+    truncated: jax.Array
+    old_logprobs: jax.Array | None = None
+    ref_logprobs: jax.Array | None = None
+
+
+class SamplingPolicy(NamedTuple):
+    """The policy's weights laid out for decoding (see `policy_for_sampling`)."""
+
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    mesh: Mesh
+
+
+def policy_for_sampling(train_state: train.TrainState) -> SamplingPolicy:
+    """A copy of the policy's weights resharded for sampling; call once per GRPO step.
+
+    The training layout splits every weight over `fsdp`, which would all-gather every weight at
+    every decode step; `sharding.SAMPLING_RULES` keeps weights whole along `embed` (still split
+    over `tensor`). The copy is cast to the model's compute dtype (bfloat16 under mixed
+    precision: half the memory, and exactly the values the training forward multiplies with).
+    It is a fresh copy even when the layouts coincide, so the next `update` (which donates the
+    training buffers) cannot invalidate it; it is stale after that update.
+    """
+    graphdef, state = nnx.split(train_state.model)
+    dtype = jnp.dtype(train_state.model.cfg.dtype)
+
+    def build():
+        shardings = sharding.state_shardings(state, train_state.mesh, sharding.SAMPLING_RULES)
+        cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        return jax.jit(lambda s: jax.tree.map(cast, s), out_shardings=shardings)
+
+    program = train_state.program(("policy_for_sampling", dtype), build)
+    with train_state.mesh_context():
+        return SamplingPolicy(graphdef, program(state), train_state.mesh)
+
+
+def completion_logprobs(
+    model: nnx.Module,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    completion_ids: jax.Array,
+    completion_mask: jax.Array,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+    with_entropy: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Log-probs of completion tokens given their prompts: the training forward, inside jit.
+
+    Args:
+      model: a `Decoder` (anything with `hidden_states` and `unembedding`).
+      prompt_ids, prompt_mask: [B, Tp] int32, left-padded.
+      completion_ids, completion_mask: [B, Tc] int32, right-padded.
+      temperature: static; logits are divided by it (TRL scores at the sampling temperature).
+      chunk_size: positions per logits chunk (see `chunked_token_logprobs`).
+      with_entropy: also return per-token entropies.
+    Returns:
+      (logprobs [B, Tc] float32, entropy [B, Tc] float32 or None); values where
+      `completion_mask == 0` are meaningless (mask them).
+    """
+    tp = prompt_ids.shape[1]
+    ids = jnp.concatenate([prompt_ids, completion_ids], axis=1)
+    mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
+    hidden, _ = model.hidden_states(ids, mask)  # [B, Tp + Tc, D]
+    # The hidden state at position t predicts token t + 1: completion token i is read at tp - 1 + i.
+    return chunked_token_logprobs(hidden[:, tp - 1 : -1], model.unembedding(), completion_ids,
+                                  chunk_size=chunk_size, temperature=temperature,
+                                  with_entropy=with_entropy)
+
+
+def rollout(
+    policy: SamplingPolicy,
+    ref: nnx.Module | None,
+    prompt_ids: jax.Array | np.ndarray,
+    prompt_mask: jax.Array | np.ndarray,
+    key: jax.Array,
+    reward_fn: Callable[..., tuple[jax.Array, jax.Array]],
+    cfg: GRPOConfig,
+    *,
+    row_ids: jax.Array | np.ndarray | None = None,
+) -> tuple[Rollouts, dict[str, jax.Array]]:
+    """Sample G completions per prompt, score them, and compute everything `update` needs.
+
+    One jitted program (compiled once per prompt shape): sample with the KV-cached sampler,
+    score through the host reward callback, group advantages, old-policy log-probs (μ > 1 only)
+    and reference log-probs (beta > 0 only).
+
+    Args:
+      policy: `policy_for_sampling(train_state)`.
+      ref: the frozen reference model in its training layout, or None; never run when beta == 0
+        (pass None then and don't load it).
+      prompt_ids, prompt_mask: [P, Tp] int32, left-padded prompts (`data.batching`).
+      key: PRNG key for sampling.
+      reward_fn: traced-side scorer `reward_fn(tokens [B, Tc] int32, lengths [B] int32[,
+        row_ids [B] int32]) -> (total [B] float32, per_reward [R, B] float32)` with a `names`
+        attribute (R reward names), e.g. `rewards.compose.HostRewardBridge`.
+      cfg: GRPOConfig (static).
+      row_ids: [P] int32 dataset row of each prompt, passed (repeated G times) to `reward_fn`
+        to look up answer columns; None to call `reward_fn(tokens, lengths)`.
+    Returns:
+      (rollouts, metrics): a `Rollouts` over B = P * G rows sharded over the batch axes, and
+      replicated float32 scalars named as TRL logs them: `reward`, `reward_std`,
+      `frac_reward_zero_std`, `rewards/<name>/mean`, `rewards/<name>/std`,
+      `completions/mean_length`, `completions/min_length`, `completions/max_length`,
+      `completions/clipped_ratio` (share truncated at max_completion_length).
+    """
+    if cfg.beta > 0 and ref is None:
+        raise ValueError(f"grpo.beta={cfg.beta} needs the reference model (pass ref=...), or set "
+                         "beta=0.0 to train without the KL term and skip loading it")
+    if np.ndim(prompt_ids) != 2 or np.shape(prompt_ids) != np.shape(prompt_mask):
+        raise ValueError(f"prompt_ids and prompt_mask must both be [P, Tp], got "
+                         f"{np.shape(prompt_ids)} and {np.shape(prompt_mask)}")
+    if row_ids is not None and np.shape(row_ids) != np.shape(prompt_ids)[:1]:
+        raise ValueError(f"row_ids must be [P] = {np.shape(prompt_ids)[:1]}, got "
+                         f"{np.shape(row_ids)}")
+    ref_graphdef, ref_state = nnx.split(ref) if cfg.beta > 0 else (None, None)
+    program = _rollout_program(policy.mesh, policy.graphdef, ref_graphdef, reward_fn, cfg,
+                               tuple(np.shape(prompt_ids)), row_ids is not None)
+    with jax.set_mesh(policy.mesh), sharding.use_rules(sharding.SAMPLING_RULES):
+        return program(policy.state, ref_state, prompt_ids, prompt_mask, key, row_ids)
+
+
+@functools.cache
+def _rollout_program(mesh: Mesh, policy_graphdef, ref_graphdef, reward_fn, cfg: GRPOConfig,
+                     prompt_shape: tuple[int, int], with_row_ids: bool) -> Callable:
+    """The jitted rollout for one set of static inputs (weights keep the layout they arrive in)."""
+    rules = sharding.SAMPLING_RULES
+    rows = sharding.logical_sharding(("batch", None), prompt_shape, mesh, rules)
+    samples = sharding.logical_sharding(("batch",), (prompt_shape[0] * cfg.num_generations,),
+                                        mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    row_ids = sharding.logical_sharding(("batch",), prompt_shape[:1], mesh, rules)
+    body = functools.partial(_rollout, policy_graphdef=policy_graphdef,
+                             ref_graphdef=ref_graphdef, reward_fn=reward_fn, cfg=cfg)
+    return jax.jit(body,
+                   in_shardings=(None, None, rows, rows, replicated,
+                                 row_ids if with_row_ids else None),
+                   out_shardings=(samples, replicated))
+
+
+def _rollout(policy_state, ref_state, prompt_ids, prompt_mask, key, row_ids, *, policy_graphdef,
+             ref_graphdef, reward_fn, cfg: GRPOConfig) -> tuple[Rollouts, dict[str, jax.Array]]:
+    g = cfg.num_generations
+    out = sampling.sample(policy_graphdef, policy_state, prompt_ids, prompt_mask, key,
+                          num_samples=g, max_new_tokens=cfg.max_completion_length,
+                          cfg=cfg.sampling_config(), stop_ids=cfg.stop_token_ids,
+                          pad_id=cfg.pad_token_id)
+    prompt_ids = jnp.repeat(prompt_ids, g, axis=0)  # [B, Tp]
+    prompt_mask = jnp.repeat(prompt_mask, g, axis=0)
+    score_args = (out.tokens, out.lengths)
+    if row_ids is not None:
+        score_args += (jnp.repeat(jnp.asarray(row_ids, jnp.int32), g),)
+    rewards, per_reward = reward_fn(*score_args)  # [B], [R, B]: host callback
+
+    logprobs = functools.partial(
+        completion_logprobs, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+        completion_ids=out.tokens, completion_mask=out.mask, temperature=cfg.temperature,
+        chunk_size=cfg.logprob_chunk_size)
+    old = ref = None
+    if cfg.num_iterations > 1:
+        old = logprobs(nnx.merge(policy_graphdef, policy_state))[0]
+    if cfg.beta > 0:
+        ref = logprobs(nnx.merge(ref_graphdef, ref_state))[0]
+
+    truncated = out.stop_reason == sampling.LENGTH
+    rollouts = Rollouts(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=out.tokens,
+        completion_mask=out.mask, advantages=group_advantages(rewards, g, cfg.scale_rewards),
+        rewards=rewards, per_reward=per_reward.T, truncated=truncated, old_logprobs=old,
+        ref_logprobs=ref)
+    lengths = out.lengths.astype(jnp.float32)
+    metrics = reward_metrics(rewards, per_reward, reward_fn.names, g)
+    metrics.update({
+        "completions/mean_length": jnp.mean(lengths),
+        "completions/min_length": jnp.min(lengths),
+        "completions/max_length": jnp.max(lengths),
+        "completions/clipped_ratio": jnp.mean(truncated.astype(jnp.float32)),
+    })
+    return rollouts, metrics
+
+
+def grpo_loss(
+    model: nnx.Module,
+    rollouts: Rollouts,
+    cfg: GRPOConfig,
+    num_items_in_batch: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`policy_loss` of the model's current log-probs on (a micro-batch of) `rollouts`.
+
+    Args:
+      model: the policy being trained.
+      rollouts: a `Rollouts`, or a micro-batch of one (same fields, fewer rows).
+      cfg: GRPOConfig (static).
+      num_items_in_batch: "dapo" only: completion tokens in the whole rollout batch.
+    Returns:
+      (loss, metrics): metrics as `policy_loss` minus the completion lengths (the rollout
+      reports those for the whole batch) and with `entropy`.
+    """
+    logp, entropy = completion_logprobs(
+        model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.completion_ids,
+        rollouts.completion_mask, temperature=cfg.temperature,
+        chunk_size=cfg.logprob_chunk_size, with_entropy=True)
+    loss, metrics = policy_loss(
+        logp, rollouts.old_logprobs, rollouts.ref_logprobs, rollouts.advantages,
+        rollouts.completion_mask, loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low,
+        epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+        max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items_in_batch,
+        entropy=jax.lax.stop_gradient(entropy))
+    return loss, {k: v for k, v in metrics.items() if not k.startswith("completions/")}
+
+
+def update(train_state: train.TrainState, rollouts: Rollouts,
+           cfg: GRPOConfig) -> dict[str, jax.Array]:
+    """μ = `num_iterations` optimizer steps on one rollout batch, in place on `train_state`.
+
+    Each step accumulates gradients over `num_micro_batches` micro-batches of the whole batch,
+    clips, and applies AdamW (skipping it if a gradient is not finite). Compiled once per
+    rollout shape; the training state is donated.
+
+    Returns:
+      replicated float32 scalars, averaged over the μ steps: `loss`, `kl` (beta > 0),
+      `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean`, `entropy`,
+      `grad_norm` (before clipping), `learning_rate`, `update_skipped` (share of the μ updates
+      skipped), and `skipped_updates` (total skipped so far in the run).
+    """
+    return train_state.run_step(_update_step, rollouts, cfg=cfg)
+
+
+def _update_step(model, optimizer: train.Optimizer, rollouts: Rollouts, *,
+                 cfg: GRPOConfig) -> dict[str, jax.Array]:
+    dapo = cfg.loss_type == "dapo"
+    # dapo divides by the whole batch's token count, so micro-batch losses sum to the batch loss.
+    num_items = jnp.sum(rollouts.completion_mask) if dapo else None
+    loss_fn = lambda m, micro: grpo_loss(m, micro, cfg, num_items)
+
+    def one_step(model, optimizer):
+        loss, grads, metrics = train.accumulate_gradients(
+            loss_fn, model, rollouts, cfg.num_micro_batches, sum_micro_batches=dapo)
+        return {"loss": loss, **metrics, **optimizer.apply_gradients(model, grads)}
+
+    metrics = train.repeat(one_step, model, optimizer, cfg.num_iterations)
+    metrics["skipped_updates"] = optimizer.skipped[...].astype(jnp.float32)
+    return metrics
+
+

@@ -1,7 +1,11 @@
-"""Supervised losses: masked next-token cross-entropy and logit distillation (pure array math).
+"""Supervised losses and steps: masked next-token cross-entropy, logit distillation.
 
-Used by the cold-start SFT, rejection-sampling SFT and distillation stages. Everything here is a
-pure function of arrays, tested against a float64 numpy reference.
+Used by the cold-start SFT, rejection-sampling SFT and distillation stages. The losses are pure
+functions of arrays, tested against a float64 numpy reference; `train_step` and `distill_step`
+run them on a model through the jitted, sharded update of `r1jax.train`:
+
+    metrics = sft.train_step(train_state, batch, cfg)              # batch: data.batching.SFTBatch
+    metrics = sft.distill_step(train_state, teacher, batch, cfg)   # teacher: frozen, same vocab
 
 Notable choices:
 - Inputs are already aligned: `logits[b, t]` predicts `targets[b, t]`. For a token sequence feed
@@ -14,11 +18,26 @@ Notable choices:
   full-batch loss (the same convention as `grpo.policy_loss(loss_type="dapo")`).
 - Distillation is the forward KL(teacher || student) of the full next-token distributions, not
   Hinton's T^2-scaled variant: at `temperature=1` the value is the true per-token KL in nats.
+- The steps take `SFTBatch` rows as they come (loss_mask marks completion *tokens*) and shift:
+  position t-1 predicts token t, which counts when token t is a completion token of the same
+  packed segment as position t-1. Segment ids and per-segment positions always go to the model,
+  so a packed row computes exactly what its examples would alone.
+- Step losses divide by the completion-token count of the whole batch, so micro-batches sum to
+  the full-batch loss (every token weighs the same, however the rows are split or packed).
 """
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
+from r1jax import train
 from r1jax.grpo import chunked_token_logprobs, token_logprobs
 
 
@@ -122,3 +141,157 @@ def _check(batch_shape: tuple[int, ...], **arrays: jax.Array) -> None:
     for name, x in arrays.items():
         if x.shape != tuple(batch_shape):
             raise ValueError(f"{name} must be [B, T] = {tuple(batch_shape)}, got shape {x.shape}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps on a model
+# --------------------------------------------------------------------------------------------------
+
+SFT_FIELDS = ("input_ids", "loss_mask", "segment_ids", "positions", "attention_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Options of the SFT and distillation steps. Frozen and hashable (a static argument).
+
+    num_micro_batches:   gradient-accumulation steps per optimizer step; rows must divide by it.
+    logits_chunk_size:   positions per logits chunk in the cross-entropy (memory, not math).
+    distill_temperature: softmax temperature of both distributions in `distill_step`.
+    """
+
+    num_micro_batches: int = 1
+    logits_chunk_size: int = 256
+    distill_temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.num_micro_batches < 1 or self.logits_chunk_size < 1:
+            raise ValueError(f"sft.num_micro_batches and sft.logits_chunk_size must be >= 1, got "
+                             f"{self.num_micro_batches} and {self.logits_chunk_size}")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"sft.distill_temperature must be > 0, got "
+                             f"{self.distill_temperature}")
+
+
+def sft_arrays(batch: Any) -> dict[str, Any]:
+    """An `SFTBatch` (or a mapping with its fields) -> {field: [N, L] array} for the steps."""
+    get = batch.get if isinstance(batch, Mapping) else lambda k: getattr(batch, k, None)
+    arrays = {k: get(k) for k in SFT_FIELDS}
+    missing = [k for k, v in arrays.items() if v is None]
+    if missing:
+        raise ValueError(f"SFT batch lacks {missing}; build it with data.batching.pack_sft_ids "
+                         "or tokenize_sft")
+    shape = np.shape(arrays["input_ids"])
+    bad = {k: np.shape(v) for k, v in arrays.items() if np.shape(v) != shape or len(shape) != 2}
+    if bad:
+        raise ValueError(f"SFT batch fields must all be [N, L] like input_ids {shape}, got {bad}")
+    return arrays
+
+
+def next_token_targets(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Targets and loss mask aligned with positions 0 .. L-2 of the model's output.
+
+    Position t predicts token t + 1; it counts when token t + 1 is a completion token of the
+    same segment (a packed row's next example is never predicted from the previous one).
+    Returns (targets [N, L-1] int32, mask [N, L-1] float32).
+    """
+    seg = batch["segment_ids"]
+    same_segment = seg[:, 1:] == seg[:, :-1]
+    mask = (batch["loss_mask"][:, 1:] > 0) & same_segment
+    return batch["input_ids"][:, 1:], mask.astype(jnp.float32)
+
+
+def _hidden(model: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
+    hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"],
+                                    positions=batch["positions"],
+                                    segment_ids=batch["segment_ids"])
+    return hidden[:, :-1]  # [N, L-1, D]: the last position predicts nothing
+
+
+def sft_loss(model: nnx.Module, batch: Mapping[str, jax.Array], *, chunk_size: int = 256,
+             num_items_in_batch: jax.Array | float | None = None,
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Masked next-token cross-entropy of `model` on SFT rows (inside jit).
+
+    Args:
+      model: a `Decoder`.
+      batch: `sft_arrays(...)`: [N, L] input_ids, loss_mask, segment_ids, positions,
+        attention_mask.
+      chunk_size: positions per logits chunk.
+      num_items_in_batch: token count to divide by (the whole accumulated batch); None = this
+        batch's own count.
+    Returns:
+      (loss, metrics) as `chunked_cross_entropy`.
+    """
+    targets, mask = next_token_targets(batch)
+    return chunked_cross_entropy(_hidden(model, batch), model.unembedding(), targets, mask,
+                                 chunk_size=chunk_size, num_items_in_batch=num_items_in_batch)
+
+
+def distill_loss(model: nnx.Module, teacher: nnx.Module, batch: Mapping[str, jax.Array], *,
+                 temperature: float = 1.0, num_items_in_batch: jax.Array | float | None = None,
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Forward KL(teacher || student) per completion position (inside jit); the teacher gets no
+    gradient. Arguments as `sft_loss`; returns (loss, metrics) as `logit_distillation_loss`."""
+    _, mask = next_token_targets(batch)
+    student = model.logits_from_hidden(_hidden(model, batch))
+    teacher_logits = jax.lax.stop_gradient(teacher.logits_from_hidden(_hidden(teacher, batch)))
+    return logit_distillation_loss(student, teacher_logits, mask, temperature,
+                                   num_items_in_batch=num_items_in_batch)
+
+
+def train_step(train_state: train.TrainState, batch: Any,
+               cfg: SFTConfig = SFTConfig()) -> dict[str, jax.Array]:
+    """One optimizer step of masked cross-entropy on `batch`, in place on `train_state`.
+
+    Args:
+      train_state: the model being fine-tuned and its optimizer.
+      batch: an `SFTBatch` (or mapping) of [N, L] rows; N must divide by the batch axes and by
+        `cfg.num_micro_batches`.
+      cfg: SFTConfig (static).
+    Returns:
+      replicated float32 scalars: `loss` (mean cross-entropy per completion token), `num_tokens`
+      (completion tokens in the batch), `grad_norm`, `learning_rate`, `update_skipped`,
+      `skipped_updates` (total so far).
+    """
+    return train_state.run_step(_sft_step, sft_arrays(batch), cfg=cfg)
+
+
+def distill_step(train_state: train.TrainState, teacher: nnx.Module, batch: Any,
+                 cfg: SFTConfig = SFTConfig()) -> dict[str, jax.Array]:
+    """One optimizer step of logit distillation from `teacher` (frozen, same tokenizer).
+
+    As `train_step`, with `loss` the mean KL(teacher || student) per completion token (nats).
+    The teacher should be placed on the train state's mesh in its training layout (e.g.
+    `hf.load(path, mesh)`); it is read, never donated or changed.
+    """
+    if teacher.cfg.vocab_size != train_state.model.cfg.vocab_size:
+        raise ValueError(f"teacher vocab_size {teacher.cfg.vocab_size} differs from the "
+                         f"student's {train_state.model.cfg.vocab_size}; logit distillation "
+                         "needs one tokenizer")
+    return train_state.run_step(_distill_step, sft_arrays(batch), teacher, cfg=cfg)
+
+
+def _sft_step(model, optimizer: train.Optimizer, batch, *, cfg: SFTConfig):
+    num_items = jnp.sum(next_token_targets(batch)[1])
+    loss_fn = lambda m, micro: sft_loss(m, micro, chunk_size=cfg.logits_chunk_size,
+                                        num_items_in_batch=num_items)
+    return _step(loss_fn, model, optimizer, batch, num_items, cfg)
+
+
+def _distill_step(model, optimizer: train.Optimizer, batch, teacher, *, cfg: SFTConfig):
+    num_items = jnp.sum(next_token_targets(batch)[1])
+    loss_fn = lambda m, micro: distill_loss(m, teacher, micro,
+                                            temperature=cfg.distill_temperature,
+                                            num_items_in_batch=num_items)
+    return _step(loss_fn, model, optimizer, batch, num_items, cfg)
+
+
+def _step(loss_fn, model, optimizer: train.Optimizer, batch, num_items,
+          cfg: SFTConfig) -> dict[str, jax.Array]:
+    # Every micro-batch loss is already divided by the whole batch's token count: sum them.
+    loss, grads, _ = train.accumulate_gradients(loss_fn, model, batch, cfg.num_micro_batches,
+                                                sum_micro_batches=True)
+    metrics = {"loss": loss, "num_tokens": num_items}
+    metrics.update(optimizer.apply_gradients(model, grads))
+    metrics["skipped_updates"] = optimizer.skipped[...].astype(jnp.float32)
+    return metrics

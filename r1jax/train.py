@@ -1,0 +1,408 @@
+"""The training state and the generic jitted update: optimizer, gradient accumulation, sharding.
+
+`grpo.update`, `sft.train_step` and `sft.distill_step` are each a small loss function handed to
+the machinery here. This module owns:
+
+- `OptimConfig`: AdamW with linear warmup and a constant or cosine schedule, global-norm
+  clipping, weight decay (HF/TRL names and defaults where they have them);
+- `Optimizer`: `nnx.Optimizer` built from an `OptimConfig` whose `apply_gradients` clips,
+  updates, and *skips* an update whose gradients are not finite (counted in `skipped`);
+- `TrainState`: a model, its optimizer and the mesh they live on; `run_step` compiles a step
+  function once (explicit in/out shardings, state donated) and runs it;
+- `accumulate_gradients`: gradients summed over micro-batches with `lax.scan`, and `repeat`,
+  several optimizer steps on one batch (GRPO's μ iterations) without unrolling them.
+
+Notable choices:
+- Steps follow Flax's "jax.jit over nnx.split" pattern: the jitted function is pure in
+  `(state, batch)`; `run_step` splits the live objects, calls it with the state *donated* (so the
+  new parameters and moments reuse the old buffers) and writes the result back with `nnx.update`.
+  Arrays fetched from the model before a step are therefore invalid after it.
+- Shardings are explicit: state in and out in the layout its logical axis names declare under the
+  rules (FSDP + tensor parallel by default), batch arrays split over the batch axes on their first
+  dimension, metrics replicated. The optimizer moments inherit their parameter's logical names
+  (`nnx.Optimizer` copies the metadata), so they are sharded exactly like the parameters.
+- Micro-batch j takes rows j, j + k, j + 2k, ... of the batch (a strided split): each device's
+  contiguous block of rows holds an equal share of every micro-batch, so splitting moves no data.
+- A non-finite gradient norm (NaN or inf anywhere) leaves parameters *and* optimizer state as
+  they were, does not advance the schedule, and increments `Optimizer.skipped`; the step reports
+  it. Gradients are accumulated in float32 whatever the parameter dtype.
+- Mixed precision needs nothing here: a model built with `param_dtype="float32", dtype="bfloat16"`
+  keeps float32 master weights (and float32 AdamW moments) and casts them to bfloat16 for the
+  matmuls; gradients arrive in float32.
+- Weight decay applies to matrices only (ndim >= 2), not to norm scales and biases, as HF does.
+- The learning rate starts at 0 when there is warmup (HF's schedules do the same), so numbers
+  carry over from TRL runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from r1jax import sharding
+
+SCHEDULES = ("constant", "cosine")
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup and a learning-rate schedule. Frozen, hashable (a static jit argument).
+
+    learning_rate: peak learning rate (TRL's GRPO default is 1e-6; tiny models want ~1e-3).
+    schedule:      "constant" (after warmup) or "cosine" (decays to 0 at `total_steps`).
+    warmup_steps:  linear warmup from 0 over this many optimizer steps.
+    total_steps:   optimizer steps in the run; required by "cosine".
+    weight_decay:  decoupled weight decay on matrices (not on norms and biases).
+    b1, b2, eps:   Adam's moment decays and epsilon (HF: adam_beta1/2, adam_epsilon).
+    max_grad_norm: clip the global gradient norm to this (HF's max_grad_norm); 0 disables.
+    """
+
+    learning_rate: float = 1e-6
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int = 0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        if not self.learning_rate > 0:
+            raise ValueError(f"optim.learning_rate must be > 0, got {self.learning_rate}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.schedule == "cosine" and self.total_steps <= self.warmup_steps:
+            raise ValueError(
+                f"optim.schedule='cosine' needs total_steps > warmup_steps, got total_steps="
+                f"{self.total_steps}, warmup_steps={self.warmup_steps}; set optim.total_steps "
+                "to the number of optimizer steps in the run"
+            )
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("optim.weight_decay and optim.max_grad_norm must be >= 0, got "
+                             f"{self.weight_decay} and {self.max_grad_norm}")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps > 0):
+            raise ValueError(f"optim: need 0 <= b1, b2 < 1 and eps > 0, got b1={self.b1}, "
+                             f"b2={self.b2}, eps={self.eps}")
+
+
+def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """Optimizer step (int) -> learning rate: linear warmup from 0, then constant or cosine to 0."""
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, cfg.learning_rate, cfg.warmup_steps, cfg.total_steps, end_value=0.0)
+    if cfg.warmup_steps == 0:
+        return optax.constant_schedule(cfg.learning_rate)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
+         optax.constant_schedule(cfg.learning_rate)],
+        [cfg.warmup_steps])
+
+
+@functools.cache
+def make_tx(cfg: OptimConfig) -> optax.GradientTransformation:
+    """Global-norm clipping (when enabled) followed by AdamW on `learning_rate_schedule(cfg)`.
+
+    Cached: equal configs give the *same* transformation, hence equal optimizer graph
+    definitions, so two train states of one shape share their compiled steps.
+    """
+    adamw = optax.adamw(
+        learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+    if cfg.max_grad_norm == 0:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
+
+
+class Optimizer(nnx.Optimizer):
+    """`nnx.Optimizer` over the model's `nnx.Param`s, configured by an `OptimConfig`.
+
+    Attributes beyond nnx.Optimizer's (`step`, `opt_state`, `tx`):
+      cfg:     the OptimConfig (static).
+      skipped: [] int32 OptState, number of updates skipped for non-finite gradients.
+    `step` counts *applied* updates only, so it is also the schedule's position.
+    """
+
+    def __init__(self, model: nnx.Module, cfg: OptimConfig):
+        super().__init__(model, make_tx(cfg), wrt=nnx.Param)
+        self.cfg = cfg
+        self.skipped = nnx.OptState(jnp.zeros((), jnp.int32))
+
+    def apply_gradients(self, model: nnx.Module, grads: nnx.State) -> dict[str, jax.Array]:
+        """One AdamW update of `model` in place, skipped entirely if any gradient is not finite.
+
+        Args:
+          model: the module whose `nnx.Param`s `grads` belong to.
+          grads: nnx.State of gradients with the structure of `nnx.state(model, nnx.Param)`.
+        Returns:
+          float32 scalars: `grad_norm` (global norm before clipping), `learning_rate` (the rate
+          this update used), `update_skipped` (1.0 if it was skipped).
+        """
+        params = nnx.as_pure(nnx.state(model, self.wrt))
+        grads = nnx.as_pure(grads)
+        old_opt_state = nnx.as_pure(self.opt_state)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(grad_norm)
+        updates, new_opt_state = self.tx.update(grads, old_opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A select, not a cond: both branches are cheap elementwise work and XLA fuses them. The
+        # cast keeps every state dtype fixed (float32 gradients would promote bfloat16 moments),
+        # so the next call finds the same compiled program.
+        keep = lambda new, old: jnp.where(finite, new, old).astype(old.dtype)
+        nnx.update(model, jax.tree.map(keep, new_params, params))
+        nnx.update(self.opt_state, nnx.state(jax.tree.map(keep, new_opt_state, old_opt_state)))
+        learning_rate = learning_rate_schedule(self.cfg)(self.step[...].astype(jnp.int32))
+        self.step[...] += finite.astype(self.step[...].dtype)
+        self.skipped[...] += (~finite).astype(jnp.int32)
+        return {"grad_norm": grad_norm.astype(jnp.float32),
+                "learning_rate": jnp.asarray(learning_rate, jnp.float32),
+                "update_skipped": (~finite).astype(jnp.float32)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradient accumulation and repeated steps (called inside jit)
+# --------------------------------------------------------------------------------------------------
+
+
+def split_micro_batches(batch: Any, num_micro_batches: int) -> Any:
+    """A tree of [B, ...] arrays -> the same tree of [k, B / k, ...]; micro-batch j = rows j::k."""
+    def one(x):
+        b = x.shape[0]
+        if b % num_micro_batches:
+            raise ValueError(f"a batch of {b} rows cannot be split into {num_micro_batches} "
+                             "equal micro-batches; make the batch a multiple of num_micro_batches")
+        x = x.reshape(b // num_micro_batches, num_micro_batches, *x.shape[1:]).swapaxes(0, 1)
+        return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(one, batch)
+
+
+def accumulate_gradients(
+    loss_fn: Callable[[nnx.Module, Any], tuple[jax.Array, dict[str, jax.Array]]],
+    model: nnx.Module,
+    batch: Any,
+    num_micro_batches: int,
+    *,
+    sum_micro_batches: bool = False,
+) -> tuple[jax.Array, nnx.State, dict[str, jax.Array]]:
+    """Loss and float32 gradients of `loss_fn` over `batch`, one micro-batch at a time.
+
+    Args:
+      loss_fn: `(model, micro_batch) -> (scalar loss, metrics of scalars)`.
+      model: the module; gradients are taken w.r.t. its `nnx.Param`s (it is not modified).
+      batch: tree of [B, ...] arrays; B must divide by `num_micro_batches`.
+      num_micro_batches: k; memory holds one micro-batch's activations at a time.
+      sum_micro_batches: False: loss and gradients are the *mean* over micro-batches (right when
+        each micro-batch loss is itself a mean). True: their *sum* (right when each micro-batch
+        loss is already divided by a whole-batch count, e.g. `num_items_in_batch`).
+    Returns:
+      (loss, grads, metrics): grads an nnx.State like `nnx.state(model, nnx.Param)` (float32),
+      metrics the mean over micro-batches of `loss_fn`'s metrics.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def micro_step(grad_sum, micro):
+        def loss_of(p):
+            return loss_fn(nnx.merge(graphdef, p, rest), micro)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+        return grad_sum, (loss, metrics)
+
+    zeros = jax.tree.map(_zeros_like_param, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    micro_batches = split_micro_batches(batch, num_micro_batches)
+    grads, (losses, metrics) = jax.lax.scan(micro_step, zeros, micro_batches)
+    scale = 1.0 if sum_micro_batches else 1.0 / num_micro_batches
+    grads = jax.tree.map(lambda g: g * scale, grads)
+    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+    return jnp.sum(losses) * scale, grads, metrics
+
+
+def _zeros_like_param(p: nnx.Variable) -> nnx.Variable:
+    """float32 zeros laid out like the parameter (so accumulators are sharded like FSDP weights)."""
+    names = p.get_metadata().get("out_sharding")
+    zeros = jnp.zeros(p.shape, jnp.float32)
+    return p.replace(sharding.constrain(zeros, names) if names else zeros)
+
+
+def repeat(
+    step_fn: Callable[[nnx.Module, Optimizer], dict[str, jax.Array]],
+    model: nnx.Module,
+    optimizer: Optimizer,
+    num_steps: int,
+) -> dict[str, jax.Array]:
+    """Run `step_fn(model, optimizer) -> metrics` `num_steps` times in a `lax.scan` (one compiled
+    body, not `num_steps` copies; a plain call when `num_steps == 1`); model and optimizer are
+    updated in place. Returns the metrics averaged over the steps."""
+    if num_steps == 1:
+        return step_fn(model, optimizer)
+    graphdef, state = nnx.split((model, optimizer))
+
+    def body(state, _):
+        m, o = nnx.merge(graphdef, state)
+        metrics = step_fn(m, o)
+        return nnx.state((m, o)), metrics
+
+    state, metrics = jax.lax.scan(body, state, length=num_steps)
+    nnx.update((model, optimizer), state)
+    return jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+
+
+# --------------------------------------------------------------------------------------------------
+# The train state and its compiled steps
+# --------------------------------------------------------------------------------------------------
+
+_PROGRAMS: dict[Any, Any] = {}  # see TrainState.program
+
+
+class TrainState:
+    """A model, its optimizer, the mesh and rules that lay them out, and their compiled steps.
+
+    Create with `TrainState.create(model, optim_cfg, mesh)`. `model` and `optimizer` are live NNX
+    objects (what `checkpoint.Checkpointer.save/restore` take); `run_step` replaces their arrays.
+    """
+
+    def __init__(self, model: nnx.Module, optimizer: Optimizer, mesh: Mesh, rules=None):
+        self.model = model
+        self.optimizer = optimizer
+        self.mesh = mesh
+        self.rules = tuple(rules if rules is not None else sharding.RULES)
+        self.graphdef, state = nnx.split((model, optimizer))
+        self.shardings = sharding.state_shardings(state, mesh, self.rules)
+
+    @classmethod
+    def create(cls, model: nnx.Module, cfg: OptimConfig, mesh: Mesh | None = None,
+               rules=None) -> TrainState:
+        """Place `model` on `mesh` (in place; a no-op if already there) and build its optimizer
+        with every moment born in its parameter's sharding.
+
+        Args:
+          model: e.g. `hf.load(path, mesh, param_dtype="float32", dtype="bfloat16")`.
+          cfg: the optimizer configuration.
+          mesh: default: one device (the same code path, no parallelism).
+          rules: logical-axis rules (default `sharding.RULES`: FSDP + tensor parallel).
+        """
+        mesh = mesh if mesh is not None else sharding.single_device_mesh()
+        rules = tuple(rules if rules is not None else sharding.RULES)
+        model_graphdef, model_state = nnx.split(model)
+        nnx.update(model, jax.device_put(
+            model_state, sharding.state_shardings(model_state, mesh, rules)))
+        model_state = nnx.state(model)
+
+        with nnx.use_eager_sharding(False):
+            abstract = nnx.eval_shape(lambda m: Optimizer(m, cfg), model)
+        opt_graphdef, abstract_state = nnx.split(abstract)
+        opt_shardings = sharding.state_shardings(abstract_state, mesh, rules)
+
+        def init(state):
+            with nnx.use_eager_sharding(False):
+                return nnx.state(Optimizer(nnx.merge(model_graphdef, state), cfg))
+
+        opt_state = jax.jit(init, out_shardings=opt_shardings)(model_state)
+        return cls(model, nnx.merge(opt_graphdef, opt_state), mesh, rules)
+
+    # -- state --
+
+    def state(self) -> nnx.State:
+        """nnx.State of (model, optimizer): what a step function receives and returns."""
+        return nnx.state((self.model, self.optimizer))
+
+    def set_state(self, state: nnx.State) -> None:
+        """Write a state returned by a step back into the live model and optimizer."""
+        nnx.update((self.model, self.optimizer), state)
+
+    @contextlib.contextmanager
+    def mesh_context(self) -> Iterator[None]:
+        """The mesh and rules under which this state's programs are traced and run."""
+        with jax.set_mesh(self.mesh), sharding.use_rules(self.rules):
+            yield
+
+    def batch_sharding(self, x) -> NamedSharding:
+        """Sharding of one batch array: first axis over the batch mesh axes (fewer when they do
+        not divide it), the rest replicated."""
+        names = ("batch",) + (None,) * (np.ndim(x) - 1)
+        return sharding.logical_sharding(names, np.shape(x), self.mesh, self.rules)
+
+    def program(self, key: Any, build: Callable[[], Any]) -> Any:
+        """The jitted program for `key` and this state's graph and layout, built on first use.
+
+        Shared by train states of equal graph definition, mesh and rules (one compile each).
+        """
+        key = (key, self.graphdef, self.mesh, self.rules)
+        if key not in _PROGRAMS:
+            _PROGRAMS[key] = build()
+        return _PROGRAMS[key]
+
+    # -- steps --
+
+    def run_step(self, step_fn: Callable[..., dict[str, jax.Array]], batch: Any,
+                 *frozen: nnx.Module, **static: Any) -> dict[str, jax.Array]:
+        """Run `step_fn(model, optimizer, batch, *frozen_models, **static) -> metrics` under jit.
+
+        `step_fn` updates model and optimizer in place (NNX style) and returns a dict of scalar
+        metrics. It is compiled once per (step_fn, static values, batch structure and shapes,
+        frozen graphs) with in/out shardings fixed: state as declared and donated, batch over
+        the batch axes, frozen models (a reference or teacher) in their own declared layout,
+        metrics replicated.
+
+        Args:
+          step_fn: the pure step (see above); must be a module-level function (hashed by id).
+          batch: tree of [B, ...] arrays (numpy or jax).
+          frozen: models that are read but not trained (not donated).
+          static: hashable options passed through to `step_fn` (e.g. `cfg=GRPOConfig(...)`).
+        Returns:
+          the metrics dict (device scalars; `jax.device_get` them when you log).
+        """
+        frozen_split = [nnx.split(m) for m in frozen]
+        frozen_graphdefs = tuple(g for g, _ in frozen_split)
+        frozen_states = [s for _, s in frozen_split]
+        leaves, treedef = jax.tree.flatten(batch)
+        key = (step_fn, tuple(sorted(static.items())), treedef,
+               tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves),
+               frozen_graphdefs)
+
+        def build():
+            graphdef = self.graphdef
+
+            def pure(state, batch, frozen_states):
+                model, optimizer = nnx.merge(graphdef, state)
+                frozen_models = [nnx.merge(g, s)
+                                 for g, s in zip(frozen_graphdefs, frozen_states, strict=True)]
+                metrics = step_fn(model, optimizer, batch, *frozen_models, **static)
+                return nnx.state((model, optimizer)), metrics
+
+            batch_shardings = jax.tree.map(self.batch_sharding, batch)
+            frozen_shardings = [sharding.state_shardings(s, self.mesh, self.rules)
+                                for s in frozen_states]
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            in_shardings = (self.shardings, batch_shardings, frozen_shardings)
+            program = jax.jit(pure, in_shardings=in_shardings,
+                              out_shardings=(self.shardings, replicated), donate_argnums=0)
+            return program, batch_shardings
+
+        program, batch_shardings = self.program(key, build)
+        # Placing the batch first makes host arrays and device arrays whose (equivalent) sharding
+        # is spelled differently hit the same compiled program instead of compiling another one.
+        batch = jax.device_put(batch, batch_shardings)
+        with self.mesh_context():
+            state, metrics = program(self.state(), batch, frozen_states)
+        self.set_state(state)
+        return metrics

@@ -1,0 +1,302 @@
+"""The jitted GRPO step on tiny models: sharding, accumulation, policy gradient, skipping, learning.
+
+Compiling is most of the cost here, so the tests share programs: one GRPO configuration and one
+rollout shape serve the sharding, non-finite and learning tests (one update program per mesh),
+and every gradient comparison comes from one jitted function. Models are built from numpy.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from r1jax import grpo, sharding, train
+from r1jax.metrics import CompileCounter
+from r1jax.models.transformer import Decoder, ModelConfig
+from r1jax.rewards.compose import HostRewardBridge, build_reward_fn
+
+CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=8, tie_word_embeddings=True, qkv_bias=True)
+MESHES = {
+    "fsdp8": dict(fsdp=8),
+    "fsdp4_tp2": dict(fsdp=4, tensor=2),
+    "dp2_fsdp2_tp2": dict(data=2, fsdp=2, tensor=2),
+}
+P, G, TP, TC = 4, 4, 4, 6  # prompts, samples per prompt, prompt and completion lengths
+B = P * G
+GRPO = grpo.GRPOConfig(num_generations=G, num_iterations=2, beta=0.0, epsilon_high=0.28,
+                       loss_type="dapo", max_completion_length=TC, num_micro_batches=2)
+# Adam's step g / (sqrt(v) + eps) turns float noise in a near-zero (or, over two steps, nearly
+# cancelling) gradient into a large relative change; eps = 1e-3 keeps the step well conditioned,
+# so "sharded == single device" is a fair comparison, and still learns fast.
+OPTIM = train.OptimConfig(learning_rate=2e-2, warmup_steps=1, schedule="cosine", total_steps=200,
+                          weight_decay=0.01, eps=1e-3)
+
+
+def tiny_model(seed: int = 0, std: float = 0.02, **overrides) -> Decoder:
+    """A tiny Decoder with numpy-initialised weights (norm scales near 1, the rest N(0, std))."""
+    cfg = dataclasses.replace(CFG, **overrides)
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.RandomState(seed)
+
+    def init(path, v):
+        noise = rng.normal(0, std, v.shape)
+        value = 1.0 + noise if path[-1] == "scale" else noise
+        return v.replace(jnp.asarray(value, v.dtype))
+
+    flat = [(path, init(path, v)) for path, v in nnx.to_flat_state(state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def synthetic_rollouts(seed: int = 0, old: bool = True, ref: bool = False) -> grpo.Rollouts:
+    """Random rollouts shaped like `grpo.rollout`'s for (P, G, TP, TC), with log-probs near a
+    tiny model's (so ratios sit inside the clip range) and one full and one empty completion."""
+    rng = np.random.RandomState(seed)
+    lengths = rng.randint(0, TC + 1, B)
+    lengths[:2] = TC, 0
+    completion_mask = (np.arange(TC)[None] < lengths[:, None]).astype(np.int32)
+    prompt_mask = (np.arange(TP)[None] >= rng.randint(0, TP, B)[:, None]).astype(np.int32)
+    near = lambda: (-np.log(CFG.vocab_size) + rng.normal(0, 0.1, (B, TC))).astype(np.float32)
+    rewards = rng.normal(size=B).astype(np.float32)
+    return grpo.Rollouts(
+        prompt_ids=(rng.randint(1, 96, (B, TP)) * prompt_mask).astype(np.int32),
+        prompt_mask=prompt_mask,
+        completion_ids=(rng.randint(1, 96, (B, TC)) * completion_mask).astype(np.int32),
+        completion_mask=completion_mask,
+        advantages=np.asarray(grpo.group_advantages(rewards, G)),
+        rewards=rewards,
+        per_reward=rewards[:, None],
+        truncated=lengths == TC,
+        old_logprobs=near() if old else None,
+        ref_logprobs=near() if ref else None,
+    )
+
+
+def params_of(model) -> dict:
+    return {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+@pytest.fixture(scope="module")
+def single_device_update():
+    """Parameters and metrics after one GRPO update on one device (the reference)."""
+    state = train.TrainState.create(tiny_model(), OPTIM)
+    before = params_of(state.model)
+    metrics = jax.device_get(grpo.update(state, synthetic_rollouts(), GRPO))
+    return before, params_of(state.model), metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharding
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_sharded_update_equals_single_device_and_keeps_layout(mesh_name, single_device_update):
+    before, expected, expected_metrics = single_device_update
+    mesh = sharding.make_mesh(**MESHES[mesh_name])
+    state = train.TrainState.create(tiny_model(), OPTIM, mesh)
+    metrics = jax.device_get(grpo.update(state, synthetic_rollouts(), GRPO))
+
+    after = params_of(state.model)
+    moved = max(np.abs(expected[k] - before[k]).max() for k in before)
+    assert moved > 1e-3  # the update really changed the weights
+    for k in expected:  # within 1e-5 of each tensor's norm, and elementwise to float noise
+        assert np.linalg.norm(after[k] - expected[k]) <= 1e-5 * np.linalg.norm(expected[k]), k
+        np.testing.assert_allclose(after[k], expected[k], rtol=1e-5, atol=1e-6, err_msg=str(k))
+    for k in ("loss", "grad_norm", "entropy", "clip_ratio/region_mean", "learning_rate"):
+        np.testing.assert_allclose(metrics[k], expected_metrics[k], rtol=1e-5, atol=1e-7)
+
+    # Every parameter and optimizer leaf sits where the logical names and rules say ...
+    declared = jax.tree.leaves(state.shardings)
+    actual = jax.tree.leaves(state.state())
+    assert len(declared) == len(actual)
+    for want, x in zip(declared, actual, strict=True):
+        assert x.sharding.is_equivalent_to(want, x.ndim), (x.shape, x.sharding, want)
+    # ... and that layout is really split: Adam's first moment of q [D, N, H] like q itself.
+    fsdp, tp = mesh.shape["fsdp"], mesh.shape["tensor"]
+    spec = jax.sharding.PartitionSpec("fsdp", "tensor" if tp > 1 else None, None)
+    q_mu = next(v[...] for path, v in nnx.to_flat_state(nnx.state(state.optimizer))
+                if path[-5:] == ("mu", "layers", 0, "attn", "q_dnh"))
+    assert q_mu.sharding.spec == spec
+    assert q_mu.addressable_shards[0].data.shape == (32 // fsdp, 4 // tp, 8)
+    assert state.model.layers[0].attn.q_dnh[...].sharding.spec == spec
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradients (one compiled function computes every gradient compared below)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gradients():
+    """Losses and gradients of the first-iteration (μ = 1) GRPO loss on a tiny model, accumulated
+    over 4 micro-batches, for loss types grpo and dapo; and the gradients of the whole-batch plain
+    policy-gradient objectives the two reduce to at ratio 1, written independently (full logits,
+    a gather): -mean_b A_b mean_t log p (grpo) and -sum_bt A_b log p / tokens (dapo)."""
+    model = tiny_model(std=0.1)
+    graphdef, params = nnx.split(model)
+    rollouts = jax.tree.map(jnp.asarray, synthetic_rollouts(2, old=False))
+    rollouts = rollouts.replace(advantages=jnp.asarray(
+        np.random.RandomState(3).normal(size=B), jnp.float32))
+
+    def plain_logprobs(p):
+        r = rollouts
+        ids = jnp.concatenate([r.prompt_ids, r.completion_ids], 1)
+        mask = jnp.concatenate([r.prompt_mask, r.completion_mask], 1)
+        logits = nnx.merge(graphdef, p)(ids, attention_mask=mask)[:, TP - 1 : -1]
+        logp = jax.nn.log_softmax(logits, -1)
+        return jnp.take_along_axis(logp, r.completion_ids[..., None], -1)[..., 0]
+
+    m = rollouts.completion_mask.astype(jnp.float32)
+    adv = rollouts.advantages[:, None]
+    weights = {  # d objective / d log p[b, t] of each plain objective
+        "grpo": -adv * m / jnp.maximum(m.sum(-1, keepdims=True), 1) / B,
+        "dapo": -adv * m / m.sum(),
+    }
+
+    @jax.jit
+    def compute(params):
+        model = nnx.merge(graphdef, params)
+        _, vjp = jax.vjp(plain_logprobs, params)  # both plain gradients from one forward
+        out = {}
+        for loss_type, w in weights.items():
+            cfg = dataclasses.replace(GRPO, loss_type=loss_type, num_iterations=1)
+            items = jnp.sum(rollouts.completion_mask) if loss_type == "dapo" else None
+            loss_fn = lambda m, micro, cfg=cfg, items=items: grpo.grpo_loss(m, micro, cfg, items)
+            loss, grads, _ = train.accumulate_gradients(
+                loss_fn, model, rollouts, 4, sum_micro_batches=loss_type == "dapo")
+            out[loss_type] = (loss, grads, vjp(w)[0])
+        return out
+
+    return rollouts, jax.device_get(compute(params))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_accumulated_gradient_equals_the_whole_batch_policy_gradient(gradients, loss_type):
+    """μ = 1 (old log-probs = current, ratio 1): summing micro-batch gradients (means for grpo,
+    whole-batch token counts for dapo) gives the plain policy gradient of the whole batch."""
+    rollouts, out = gradients
+    loss, grads, plain = out[loss_type]
+    m, adv = np.asarray(rollouts.completion_mask), np.asarray(rollouts.advantages)
+    if loss_type == "grpo":  # ratio 1 everywhere: -mean A over non-empty completions
+        expected = -np.mean(adv * (m.sum(-1) > 0))
+    else:
+        expected = -np.sum(adv[:, None] * m) / m.sum()
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-7)
+    assert max(np.abs(x).max() for x in jax.tree.leaves(plain)) > 1e-3  # not vacuous
+    for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference model, non-finite gradients
+# --------------------------------------------------------------------------------------------------
+
+
+class EvenTokens:
+    """Traced reward: share of even completion tokens (a jnp stand-in for the host bridge)."""
+
+    names = ("even",)
+
+    def __call__(self, tokens, lengths, row_ids=None):
+        mask = jnp.arange(tokens.shape[1])[None] < lengths[:, None]
+        even = jnp.sum((tokens % 2 == 0) & mask, -1) / jnp.maximum(lengths, 1)
+        return even.astype(jnp.float32), even[None].astype(jnp.float32)
+
+
+def test_reference_model_is_only_run_when_beta_is_positive(monkeypatch):
+    calls = []
+    original = grpo.completion_logprobs
+    monkeypatch.setattr(grpo, "completion_logprobs",
+                        lambda model, *a, **k: calls.append(model) or original(model, *a, **k))
+    policy_graphdef, policy_state = nnx.split(tiny_model())
+    ref_graphdef, ref_state = nnx.split(tiny_model(seed=1))
+    prompts = np.ones((2, TP), np.int32)
+
+    def forward_passes(cfg, with_ref):
+        """Training forwards in the traced rollout (tracing only: nothing is compiled)."""
+        calls.clear()
+        jax.make_jaxpr(lambda ps, rs: grpo._rollout(
+            ps, rs, prompts, prompts, jax.random.key(0), None, policy_graphdef=policy_graphdef,
+            ref_graphdef=ref_graphdef if with_ref else None, reward_fn=EvenTokens(),
+            cfg=cfg))(policy_state, ref_state if with_ref else None)
+        return len(calls)
+
+    small = dict(num_generations=2, max_completion_length=3)
+    assert forward_passes(grpo.GRPOConfig(beta=0.0, **small), with_ref=False) == 0
+    assert forward_passes(grpo.GRPOConfig(beta=0.1, **small), with_ref=True) == 1
+    assert forward_passes(grpo.GRPOConfig(beta=0.0, num_iterations=2, **small),
+                          with_ref=False) == 1  # the old-policy log-probs only
+
+    policy = grpo.SamplingPolicy(policy_graphdef, policy_state, sharding.single_device_mesh())
+    with pytest.raises(ValueError, match="needs the reference model"):
+        grpo.rollout(policy, None, prompts, prompts, jax.random.key(0), EvenTokens(),
+                     grpo.GRPOConfig(beta=0.1, **small))
+
+
+def test_non_finite_gradients_skip_the_update():
+    state = train.TrainState.create(tiny_model(), OPTIM)
+    rollouts = synthetic_rollouts()
+    bad = rollouts.replace(advantages=np.where(np.arange(B) == 3, np.nan, rollouts.advantages))
+    before = params_of(state.model)
+    opt_before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(state.optimizer))]
+
+    metrics = jax.device_get(grpo.update(state, bad, GRPO))
+    assert not np.isfinite(metrics["grad_norm"])
+    assert metrics["update_skipped"] == 1.0 and metrics["skipped_updates"] == GRPO.num_iterations
+    for k, v in params_of(state.model).items():
+        np.testing.assert_array_equal(v, before[k])
+    opt_after = [np.asarray(x) for x in jax.tree.leaves(nnx.state(state.optimizer))]
+    changed = [i for i, (a, b) in enumerate(zip(opt_before, opt_after, strict=True))
+               if not np.array_equal(a, b)]
+    assert len(changed) == 1 and opt_after[changed[0]] == GRPO.num_iterations  # only `skipped`
+    assert int(state.optimizer.step[...]) == 0
+
+    metrics = jax.device_get(grpo.update(state, rollouts, GRPO))  # a finite batch applies again
+    assert metrics["update_skipped"] == 0.0 and metrics["skipped_updates"] == GRPO.num_iterations
+    assert int(state.optimizer.step[...]) == GRPO.num_iterations
+    assert any(not np.array_equal(v, before[k]) for k, v in params_of(state.model).items())
+
+
+# --------------------------------------------------------------------------------------------------
+# Learning, end to end (sampler, host reward callback, update), compiled once
+# --------------------------------------------------------------------------------------------------
+
+
+def even_token_reward(completions, completion_ids, **_):
+    """TRL-signature reward: share of even token ids in the completion."""
+    return [float(np.mean([t % 2 == 0 for t in ids])) if ids else 0.0 for ids in completion_ids]
+
+
+def test_grpo_raises_the_reward_and_compiles_once():
+    state = train.TrainState.create(tiny_model(seed=5, std=0.05), OPTIM)
+    reward_fn = HostRewardBridge(
+        build_reward_fn([{"name": "even", "fn": even_token_reward}], num_workers=0),
+        decode=lambda ids: [" ".join(map(str, row)) for row in ids])
+    prompts = np.random.RandomState(0).randint(1, 96, (P, TP)).astype(np.int32)
+    mask = np.ones_like(prompts)
+    key = jax.random.key(0)
+    rewards, steady = [], CompileCounter(log_each=False)
+    for step in range(20):
+        if step == 2:
+            steady.start()  # every program exists after the first step
+        key, sample_key = jax.random.split(key)
+        policy = grpo.policy_for_sampling(state)
+        # beta == 0: no reference model is loaded at all.
+        rollouts, data_metrics = grpo.rollout(policy, None, prompts, mask, sample_key, reward_fn,
+                                              GRPO)
+        step_metrics = grpo.update(state, rollouts, GRPO)
+        rewards.append(float(data_metrics["reward"]))
+    steady.stop()
+    assert rollouts.ref_logprobs is None and rollouts.old_logprobs.shape == (B, TC)
+    assert np.isfinite(float(step_metrics["loss"]))
+    np.testing.assert_allclose(float(data_metrics["rewards/even/mean"]), rewards[-1], rtol=1e-6)
+    first, last = np.mean(rewards[:3]), np.mean(rewards[-5:])
+    assert 0.3 < first < 0.75, rewards  # a near-random policy: about half the tokens are even
+    assert last > first + 0.25, rewards
+    assert steady.count == 0, steady.by_name()
