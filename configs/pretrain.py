@@ -20,6 +20,9 @@ def get_config(arg=None):
 
     p = config.pretrain = ml_collections.ConfigDict()
     p.corpus_docs = 30000  # synthetic documents generated for the corpus
+    p.tasks = ("arithmetic", "countdown")  # built-in tasks the corpus solves (train split only)
+    p.arithmetic = common.data_config().arithmetic  # same difficulty as the RL stage's default
+    p.countdown = common.data_config().countdown
     p.vocab_size = 512  # BPE vocabulary, including bytes and special tokens
     p.seq_len = 256  # tokens per training row (documents are packed, EOS-separated)
     p.batch_size = 32  # rows per optimizer step

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         sharding.initialize_distributed()  # before any device is touched
         from r1jax.stages import common
 
+        common.enable_compilation_cache()
+
         config = flags.FLAGS.config
         stage = flags.FLAGS.stage
         workdir = flags.FLAGS.workdir or os.path.join("runs", stage)

@@ -176,6 +176,17 @@ def r1jax_home() -> str:
     return os.environ.get("R1JAX_HOME", os.path.join(os.path.expanduser("~"), ".cache", "r1jax"))
 
 
+def enable_compilation_cache() -> None:
+    """Persist compiled XLA programs in $R1JAX_HOME/xla_cache, so a rerun (a resume, the next stage
+    of a pipeline with the same shapes) does not compile again. R1JAX_COMPILATION_CACHE=0 disables."""
+    import jax
+
+    if os.environ.get("R1JAX_COMPILATION_CACHE", "1") == "0":
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.join(r1jax_home(), "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def toy_base_path() -> str:
     return os.path.join(r1jax_home(), "toy_base")
 

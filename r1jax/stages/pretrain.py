@@ -37,12 +37,27 @@ def validate(config) -> None:
     if p.batch_size % ways:
         raise common.ConfigError(f"pretrain.batch_size={p.batch_size} must be a multiple of the "
                                  f"mesh's {ways} batch shards (mesh.data * mesh.fsdp)")
+    try:
+        corpus_tasks(p)
+    except (KeyError, TypeError, ValueError) as e:
+        raise common.ConfigError(f"pretrain.tasks: {e}") from e
     arch = p.arch.to_dict()
     try:
         ModelConfig(vocab_size=p.vocab_size, **arch)
     except (TypeError, ValueError) as e:
         raise common.ConfigError(f"pretrain.arch: {e}") from e
     common.optim(config)
+
+
+def corpus_tasks(p) -> list:
+    """The built-in tasks of the corpus, with the difficulty knobs of their config sections."""
+    from r1jax.data import tasks
+
+    out = []
+    for name in p.tasks:
+        knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in p[name].to_dict().items()}
+        out.append(tasks.make_task(name, **knobs))
+    return out
 
 
 def token_rows(docs: list[str], tokenizer, seq_len: int) -> np.ndarray:
@@ -65,7 +80,7 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
     tok_dir = os.path.join(workdir, "tokenizer")
     tokenizer = toy_tokenizer.train_toy_tokenizer(tok_dir, seed=config.seed,
                                                   vocab_size=p.vocab_size)
-    docs = corpus.pretrain_corpus(p.corpus_docs, seed=config.seed)
+    docs = corpus.pretrain_corpus(p.corpus_docs, seed=config.seed, tasks=corpus_tasks(p))
     # 3. Packed rows; the loss covers every token that has a predecessor.
     rows = token_rows(docs, tokenizer, p.seq_len)
     log.info("pretraining corpus: %d documents, %d tokens, %d rows of %d (%.1f epochs)", len(docs),
