@@ -38,17 +38,28 @@ from r1jax.rewards import build_reward_fn, sandbox_available
 
 # Each problem: (program that solves it, generator of one (stdin, expected stdout) test).
 PROBLEMS = {
-    "sum": ("print(sum(map(int, input().split())))",
-            lambda r: (lambda xs: (" ".join(map(str, xs)), str(sum(xs))))(
-                [r.randint(-99, 99) for _ in range(r.randint(1, 8))])),
-    "reverse": ("print(input()[::-1])",
-                lambda r: (lambda s: (s, s[::-1]))(
-                    "".join(r.choice("abcdefgh") for _ in range(r.randint(1, 12))))),
-    "max": ("n = int(input())\nprint(max(int(input()) for _ in range(n)))",
-            lambda r: (lambda xs: (f"{len(xs)}\n" + "\n".join(map(str, xs)), str(max(xs))))(
-                [r.randint(0, 999) for _ in range(r.randint(1, 6))])),
-    "fib": ("a, b = 0, 1\nfor _ in range(int(input())):\n    a, b = b, a + b\nprint(a)",
-            lambda r: (lambda n: (str(n), str(_fib(n))))(r.randint(0, 60))),
+    "sum": (
+        "print(sum(map(int, input().split())))",
+        lambda r: (lambda xs: (" ".join(map(str, xs)), str(sum(xs))))(
+            [r.randint(-99, 99) for _ in range(r.randint(1, 8))]
+        ),
+    ),
+    "reverse": (
+        "print(input()[::-1])",
+        lambda r: (lambda s: (s, s[::-1]))(
+            "".join(r.choice("abcdefgh") for _ in range(r.randint(1, 12)))
+        ),
+    ),
+    "max": (
+        "n = int(input())\nprint(max(int(input()) for _ in range(n)))",
+        lambda r: (lambda xs: (f"{len(xs)}\n" + "\n".join(map(str, xs)), str(max(xs))))(
+            [r.randint(0, 999) for _ in range(r.randint(1, 6))]
+        ),
+    ),
+    "fib": (
+        "a, b = 0, 1\nfor _ in range(int(input())):\n    a, b = b, a + b\nprint(a)",
+        lambda r: (lambda n: (str(n), str(_fib(n))))(r.randint(0, 60)),
+    ),
 }
 
 
@@ -68,8 +79,11 @@ def code_batch(n: int, tests_per: int, seed: int = 0) -> tuple[list[str], list[l
         program, make_test = PROBLEMS[name]
         roll = rng.random()
         if roll < 0.15:
-            program = program.replace("print(", "print(1 + ", 1) if name != "reverse" else \
-                "print(input())"
+            program = (
+                program.replace("print(", "print(1 + ", 1)
+                if name != "reverse"
+                else "print(input())"
+            )
         elif roll < 0.25:
             program = "import sys\n" + program + "\nraise RuntimeError('oops')"
         fence = "text" if roll > 0.95 else "python"
@@ -82,10 +96,12 @@ def code_batch(n: int, tests_per: int, seed: int = 0) -> tuple[list[str], list[l
 def math_batch(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """n completions with gold answers in assorted notations; about 75% correct."""
     rng = random.Random(seed)
-    forms = [("\\frac{{{a}}}{{{b}}}", lambda a, b: f"{a / b:.6f}"),
-             ("{a}\\sqrt{{{b}}}", lambda a, b: f"\\sqrt{{{a * a * b}}}"),
-             ("\\{{{a}, {b}\\}}", lambda a, b: f"\\{{{b}, {a}\\}}"),
-             ("({a}, {b}]", lambda a, b: f"({a},{b}]")]
+    forms = [
+        ("\\frac{{{a}}}{{{b}}}", lambda a, b: f"{a / b:.6f}"),
+        ("{a}\\sqrt{{{b}}}", lambda a, b: f"\\sqrt{{{a * a * b}}}"),
+        ("\\{{{a}, {b}\\}}", lambda a, b: f"\\{{{b}, {a}\\}}"),
+        ("({a}, {b}]", lambda a, b: f"({a},{b}]"),
+    ]
     completions, solutions = [], []
     for _ in range(n):
         a, b = rng.randint(1, 30), rng.randint(31, 60)
@@ -129,8 +145,14 @@ def measure(specs, warm, completions, columns, workers: int) -> dict:
         out = fn(completions, **columns)
         wall = time.perf_counter() - start
         busy = busy_cpu_seconds() - busy0
-    return {"wall_s": wall, "startup_s": startup, "cores_busy": busy / wall, "load_1m": load,
-            "mean_reward": float(np.nanmean(out.per_reward[0])), "values": out.per_reward}
+    return {
+        "wall_s": wall,
+        "startup_s": startup,
+        "cores_busy": busy / wall,
+        "load_1m": load,
+        "mean_reward": float(np.nanmean(out.per_reward[0])),
+        "values": out.per_reward,
+    }
 
 
 def main() -> None:
@@ -138,11 +160,16 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--tests", type=int, default=5)
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="alternate serial/pool this many times and keep each one's fastest "
-                             "(damps noise from other load on a shared machine)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                      "rewards.json"))
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="alternate serial/pool this many times and keep each one's fastest "
+        "(damps noise from other load on a shared machine)",
+    )
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "rewards.json")
+    )
     args = parser.parse_args()
     if not sandbox_available():
         raise SystemExit("bubblewrap is not usable here; the code benchmark needs the sandbox")
@@ -155,8 +182,10 @@ def main() -> None:
         completions, solutions = math_batch(n if seed < 1000 else max(32, n // 4), seed)
         return completions, {"solution": solutions}
 
-    cases = [(f"code ({args.n} x {args.tests} tests)", [("code", 1.0, {})], code_case),
-             (f"accuracy ({args.n} math)", [("accuracy", 1.0, {})], math_case)]
+    cases = [
+        (f"code ({args.n} x {args.tests} tests)", [("code", 1.0, {})], code_case),
+        (f"accuracy ({args.n} math)", [("accuracy", 1.0, {})], math_case),
+    ]
     rows = []
     for label, specs, make_batch in cases:
         runs = []
@@ -172,32 +201,51 @@ def main() -> None:
             runs.append((serial, pooled))
         serial = min((r[0] for r in runs), key=lambda m: m["wall_s"])
         pooled = min((r[1] for r in runs), key=lambda m: m["wall_s"])
-        rows.append({
-            "case": label, "workers": args.workers,
-            "serial_s": serial["wall_s"], "pool_s": pooled["wall_s"],
-            "speedup": serial["wall_s"] / pooled["wall_s"],
-            "pool_startup_s": pooled["startup_s"],
-            "serial_cores_busy": serial["cores_busy"], "pool_cores_busy": pooled["cores_busy"],
-            "serial_load_1m": serial["load_1m"], "pool_load_1m": pooled["load_1m"],
-            "mean_reward": serial["mean_reward"],
-        })
+        rows.append(
+            {
+                "case": label,
+                "workers": args.workers,
+                "serial_s": serial["wall_s"],
+                "pool_s": pooled["wall_s"],
+                "speedup": serial["wall_s"] / pooled["wall_s"],
+                "pool_startup_s": pooled["startup_s"],
+                "serial_cores_busy": serial["cores_busy"],
+                "pool_cores_busy": pooled["cores_busy"],
+                "serial_load_1m": serial["load_1m"],
+                "pool_load_1m": pooled["load_1m"],
+                "mean_reward": serial["mean_reward"],
+            }
+        )
 
-    header = (f"{'case':<26} {'serial s':>9} {'pool s':>8} {'speedup':>8} {'startup s':>10} "
-              f"{'cores busy (serial/pool)':>25} {'load before':>12} {'mean reward':>12}")
+    header = (
+        f"{'case':<26} {'serial s':>9} {'pool s':>8} {'speedup':>8} {'startup s':>10} "
+        f"{'cores busy (serial/pool)':>25} {'load before':>12} {'mean reward':>12}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         busy = f"{r['serial_cores_busy']:.2f} / {r['pool_cores_busy']:.2f}"
         load = f"{r['serial_load_1m']:.1f} / {r['pool_load_1m']:.1f}"
-        print(f"{r['case']:<26} {r['serial_s']:>9.2f} {r['pool_s']:>8.2f} {r['speedup']:>7.2f}x "
-              f"{r['pool_startup_s']:>10.2f} {busy:>25} {load:>12} {r['mean_reward']:>12.3f}")
+        print(
+            f"{r['case']:<26} {r['serial_s']:>9.2f} {r['pool_s']:>8.2f} {r['speedup']:>7.2f}x "
+            f"{r['pool_startup_s']:>10.2f} {busy:>25} {load:>12} {r['mean_reward']:>12.3f}"
+        )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"machine": {"cpus": os.cpu_count(), "available_cpus": args.workers,
-                               "python": platform.python_version(),
-                               "sched_autogroup": autogroup()},
-                   "repeats": args.repeats,
-                   "rows": rows}, f, indent=2)
+        json.dump(
+            {
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "available_cpus": args.workers,
+                    "python": platform.python_version(),
+                    "sched_autogroup": autogroup(),
+                },
+                "repeats": args.repeats,
+                "rows": rows,
+            },
+            f,
+            indent=2,
+        )
     print(f"wrote {args.out}")
 
 

@@ -509,20 +509,35 @@ class GRPOConfig:
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if self.num_generations < 2:
-            raise ValueError(f"grpo.num_generations must be >= 2 (advantages compare samples "
-                             f"of one prompt), got {self.num_generations}")
-        for name in ("num_iterations", "num_micro_batches", "max_completion_length",
-                     "logprob_chunk_size"):
+            raise ValueError(
+                f"grpo.num_generations must be >= 2 (advantages compare samples "
+                f"of one prompt), got {self.num_generations}"
+            )
+        for name in (
+            "num_iterations",
+            "num_micro_batches",
+            "max_completion_length",
+            "logprob_chunk_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"grpo.{name} must be >= 1, got {getattr(self, name)}")
         if not self.temperature > 0:
-            raise ValueError(f"grpo.temperature must be > 0 (GRPO needs diverse samples), got "
-                             f"{self.temperature}")
+            raise ValueError(
+                f"grpo.temperature must be > 0 (GRPO needs diverse samples), got {self.temperature}"
+            )
         if self.scale_rewards not in ADVANTAGE_SCALES:
-            raise ValueError(f"grpo.scale_rewards must be one of {ADVANTAGE_SCALES}, got "
-                             f"{self.scale_rewards!r}")
-        _check_options(self.loss_type, self.epsilon_low, self.epsilon_high, self.beta,
-                       self.max_completion_length, None, has_ref=True)
+            raise ValueError(
+                f"grpo.scale_rewards must be one of {ADVANTAGE_SCALES}, got {self.scale_rewards!r}"
+            )
+        _check_options(
+            self.loss_type,
+            self.epsilon_low,
+            self.epsilon_high,
+            self.beta,
+            self.max_completion_length,
+            None,
+            has_ref=True,
+        )
         self.sampling_config()  # validates top_k and top_p
 
     def sampling_config(self) -> sampling.SamplingConfig:
@@ -618,9 +633,14 @@ def completion_logprobs(
     mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
     hidden, _ = model.hidden_states(ids, mask)  # [B, Tp + Tc, D]
     # The hidden state at position t predicts token t + 1: completion token i is read at tp - 1 + i.
-    return chunked_token_logprobs(hidden[:, tp - 1 : -1], model.unembedding(), completion_ids,
-                                  chunk_size=chunk_size, temperature=temperature,
-                                  with_entropy=with_entropy)
+    return chunked_token_logprobs(
+        hidden[:, tp - 1 : -1],
+        model.unembedding(),
+        completion_ids,
+        chunk_size=chunk_size,
+        temperature=temperature,
+        with_entropy=with_entropy,
+    )
 
 
 def rollout(
@@ -660,46 +680,91 @@ def rollout(
       `completions/clipped_ratio` (share truncated at max_completion_length).
     """
     if cfg.beta > 0 and ref is None:
-        raise ValueError(f"grpo.beta={cfg.beta} needs the reference model (pass ref=...), or set "
-                         "beta=0.0 to train without the KL term and skip loading it")
+        raise ValueError(
+            f"grpo.beta={cfg.beta} needs the reference model (pass ref=...), or set "
+            "beta=0.0 to train without the KL term and skip loading it"
+        )
     if np.ndim(prompt_ids) != 2 or np.shape(prompt_ids) != np.shape(prompt_mask):
-        raise ValueError(f"prompt_ids and prompt_mask must both be [P, Tp], got "
-                         f"{np.shape(prompt_ids)} and {np.shape(prompt_mask)}")
+        raise ValueError(
+            f"prompt_ids and prompt_mask must both be [P, Tp], got "
+            f"{np.shape(prompt_ids)} and {np.shape(prompt_mask)}"
+        )
     if row_ids is not None and np.shape(row_ids) != np.shape(prompt_ids)[:1]:
-        raise ValueError(f"row_ids must be [P] = {np.shape(prompt_ids)[:1]}, got "
-                         f"{np.shape(row_ids)}")
+        raise ValueError(
+            f"row_ids must be [P] = {np.shape(prompt_ids)[:1]}, got {np.shape(row_ids)}"
+        )
     ref_graphdef, ref_state = nnx.split(ref) if cfg.beta > 0 else (None, None)
-    program = _rollout_program(policy.mesh, policy.graphdef, ref_graphdef, reward_fn, cfg,
-                               tuple(np.shape(prompt_ids)), row_ids is not None)
+    program = _rollout_program(
+        policy.mesh,
+        policy.graphdef,
+        ref_graphdef,
+        reward_fn,
+        cfg,
+        tuple(np.shape(prompt_ids)),
+        row_ids is not None,
+    )
     with jax.set_mesh(policy.mesh), sharding.use_rules(sharding.SAMPLING_RULES):
         return program(policy.state, ref_state, prompt_ids, prompt_mask, key, row_ids)
 
 
 @functools.cache
-def _rollout_program(mesh: Mesh, policy_graphdef, ref_graphdef, reward_fn, cfg: GRPOConfig,
-                     prompt_shape: tuple[int, int], with_row_ids: bool) -> Callable:
+def _rollout_program(
+    mesh: Mesh,
+    policy_graphdef,
+    ref_graphdef,
+    reward_fn,
+    cfg: GRPOConfig,
+    prompt_shape: tuple[int, int],
+    with_row_ids: bool,
+) -> Callable:
     """The jitted rollout for one set of static inputs (weights keep the layout they arrive in)."""
     rules = sharding.SAMPLING_RULES
     rows = sharding.logical_sharding(("batch", None), prompt_shape, mesh, rules)
-    samples = sharding.logical_sharding(("batch",), (prompt_shape[0] * cfg.num_generations,),
-                                        mesh, rules)
+    samples = sharding.logical_sharding(
+        ("batch",), (prompt_shape[0] * cfg.num_generations,), mesh, rules
+    )
     replicated = NamedSharding(mesh, PartitionSpec())
     row_ids = sharding.logical_sharding(("batch",), prompt_shape[:1], mesh, rules)
-    body = functools.partial(_rollout, policy_graphdef=policy_graphdef,
-                             ref_graphdef=ref_graphdef, reward_fn=reward_fn, cfg=cfg)
-    return jax.jit(body,
-                   in_shardings=(None, None, rows, rows, replicated,
-                                 row_ids if with_row_ids else None),
-                   out_shardings=(samples, replicated))
+    body = functools.partial(
+        _rollout,
+        policy_graphdef=policy_graphdef,
+        ref_graphdef=ref_graphdef,
+        reward_fn=reward_fn,
+        cfg=cfg,
+    )
+    return jax.jit(
+        body,
+        in_shardings=(None, None, rows, rows, replicated, row_ids if with_row_ids else None),
+        out_shardings=(samples, replicated),
+    )
 
 
-def _rollout(policy_state, ref_state, prompt_ids, prompt_mask, key, row_ids, *, policy_graphdef,
-             ref_graphdef, reward_fn, cfg: GRPOConfig) -> tuple[Rollouts, dict[str, jax.Array]]:
+def _rollout(
+    policy_state,
+    ref_state,
+    prompt_ids,
+    prompt_mask,
+    key,
+    row_ids,
+    *,
+    policy_graphdef,
+    ref_graphdef,
+    reward_fn,
+    cfg: GRPOConfig,
+) -> tuple[Rollouts, dict[str, jax.Array]]:
     g = cfg.num_generations
-    out = sampling.sample(policy_graphdef, policy_state, prompt_ids, prompt_mask, key,
-                          num_samples=g, max_new_tokens=cfg.max_completion_length,
-                          cfg=cfg.sampling_config(), stop_ids=cfg.stop_token_ids,
-                          pad_id=cfg.pad_token_id)
+    out = sampling.sample(
+        policy_graphdef,
+        policy_state,
+        prompt_ids,
+        prompt_mask,
+        key,
+        num_samples=g,
+        max_new_tokens=cfg.max_completion_length,
+        cfg=cfg.sampling_config(),
+        stop_ids=cfg.stop_token_ids,
+        pad_id=cfg.pad_token_id,
+    )
     prompt_ids = jnp.repeat(prompt_ids, g, axis=0)  # [B, Tp]
     prompt_mask = jnp.repeat(prompt_mask, g, axis=0)
     score_args = (out.tokens, out.lengths)
@@ -708,9 +773,14 @@ def _rollout(policy_state, ref_state, prompt_ids, prompt_mask, key, row_ids, *, 
     rewards, per_reward = reward_fn(*score_args)  # [B], [R, B]: host callback
 
     logprobs = functools.partial(
-        completion_logprobs, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-        completion_ids=out.tokens, completion_mask=out.mask, temperature=cfg.temperature,
-        chunk_size=cfg.logprob_chunk_size)
+        completion_logprobs,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=out.tokens,
+        completion_mask=out.mask,
+        temperature=cfg.temperature,
+        chunk_size=cfg.logprob_chunk_size,
+    )
     old = ref = None
     if cfg.num_iterations > 1:
         old = logprobs(nnx.merge(policy_graphdef, policy_state))[0]
@@ -719,18 +789,27 @@ def _rollout(policy_state, ref_state, prompt_ids, prompt_mask, key, row_ids, *, 
 
     truncated = out.stop_reason == sampling.LENGTH
     rollouts = Rollouts(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=out.tokens,
-        completion_mask=out.mask, advantages=group_advantages(rewards, g, cfg.scale_rewards),
-        rewards=rewards, per_reward=per_reward.T, truncated=truncated, old_logprobs=old,
-        ref_logprobs=ref)
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=out.tokens,
+        completion_mask=out.mask,
+        advantages=group_advantages(rewards, g, cfg.scale_rewards),
+        rewards=rewards,
+        per_reward=per_reward.T,
+        truncated=truncated,
+        old_logprobs=old,
+        ref_logprobs=ref,
+    )
     lengths = out.lengths.astype(jnp.float32)
     metrics = reward_metrics(rewards, per_reward, reward_fn.names, g)
-    metrics.update({
-        "completions/mean_length": jnp.mean(lengths),
-        "completions/min_length": jnp.min(lengths),
-        "completions/max_length": jnp.max(lengths),
-        "completions/clipped_ratio": jnp.mean(truncated.astype(jnp.float32)),
-    })
+    metrics.update(
+        {
+            "completions/mean_length": jnp.mean(lengths),
+            "completions/min_length": jnp.min(lengths),
+            "completions/max_length": jnp.max(lengths),
+            "completions/clipped_ratio": jnp.mean(truncated.astype(jnp.float32)),
+        }
+    )
     return rollouts, metrics
 
 
@@ -752,20 +831,35 @@ def grpo_loss(
       reports those for the whole batch) and with `entropy`.
     """
     logp, entropy = completion_logprobs(
-        model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.completion_ids,
-        rollouts.completion_mask, temperature=cfg.temperature,
-        chunk_size=cfg.logprob_chunk_size, with_entropy=True)
+        model,
+        rollouts.prompt_ids,
+        rollouts.prompt_mask,
+        rollouts.completion_ids,
+        rollouts.completion_mask,
+        temperature=cfg.temperature,
+        chunk_size=cfg.logprob_chunk_size,
+        with_entropy=True,
+    )
     loss, metrics = policy_loss(
-        logp, rollouts.old_logprobs, rollouts.ref_logprobs, rollouts.advantages,
-        rollouts.completion_mask, loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low,
-        epsilon_high=cfg.epsilon_high, beta=cfg.beta,
-        max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items_in_batch,
-        entropy=jax.lax.stop_gradient(entropy))
+        logp,
+        rollouts.old_logprobs,
+        rollouts.ref_logprobs,
+        rollouts.advantages,
+        rollouts.completion_mask,
+        loss_type=cfg.loss_type,
+        epsilon_low=cfg.epsilon_low,
+        epsilon_high=cfg.epsilon_high,
+        beta=cfg.beta,
+        max_completion_length=cfg.max_completion_length,
+        num_items_in_batch=num_items_in_batch,
+        entropy=jax.lax.stop_gradient(entropy),
+    )
     return loss, {k: v for k, v in metrics.items() if not k.startswith("completions/")}
 
 
-def update(train_state: train.TrainState, rollouts: Rollouts,
-           cfg: GRPOConfig) -> dict[str, jax.Array]:
+def update(
+    train_state: train.TrainState, rollouts: Rollouts, cfg: GRPOConfig
+) -> dict[str, jax.Array]:
     """μ = `num_iterations` optimizer steps on one rollout batch, in place on `train_state`.
 
     Each step accumulates gradients over `num_micro_batches` micro-batches of the whole batch,
@@ -781,8 +875,9 @@ def update(train_state: train.TrainState, rollouts: Rollouts,
     return train_state.run_step(_update_step, rollouts, cfg=cfg)
 
 
-def _update_step(model, optimizer: train.Optimizer, rollouts: Rollouts, *,
-                 cfg: GRPOConfig) -> dict[str, jax.Array]:
+def _update_step(
+    model, optimizer: train.Optimizer, rollouts: Rollouts, *, cfg: GRPOConfig
+) -> dict[str, jax.Array]:
     dapo = cfg.loss_type == "dapo"
     # dapo divides by the whole batch's token count, so micro-batch losses sum to the batch loss.
     num_items = jnp.sum(rollouts.completion_mask) if dapo else None
@@ -790,11 +885,10 @@ def _update_step(model, optimizer: train.Optimizer, rollouts: Rollouts, *,
 
     def one_step(model, optimizer):
         loss, grads, metrics = train.accumulate_gradients(
-            loss_fn, model, rollouts, cfg.num_micro_batches, sum_micro_batches=dapo)
+            loss_fn, model, rollouts, cfg.num_micro_batches, sum_micro_batches=dapo
+        )
         return {"loss": loss, **metrics, **optimizer.apply_gradients(model, grads)}
 
     metrics = train.repeat(one_step, model, optimizer, cfg.num_iterations)
     metrics["skipped_updates"] = optimizer.skipped[...].astype(jnp.float32)
     return metrics
-
-

@@ -77,28 +77,39 @@ class MoEConfig:
         if self.scoring not in SCORING:
             raise ValueError(f"MoEConfig.scoring must be one of {SCORING}, got {self.scoring!r}")
         if self.topk_method not in TOPK_METHODS:
-            raise ValueError(f"MoEConfig.topk_method must be one of {TOPK_METHODS}, "
-                             f"got {self.topk_method!r}")
+            raise ValueError(
+                f"MoEConfig.topk_method must be one of {TOPK_METHODS}, got {self.topk_method!r}"
+            )
         if (self.scoring == "sigmoid") != (self.topk_method == "noaux_tc"):
-            raise ValueError(f"MoEConfig: scoring {self.scoring!r} with topk_method "
-                             f"{self.topk_method!r} is not a DeepSeek router; V3 is sigmoid + "
-                             f"noaux_tc, V2 is softmax + greedy/group_limited_greedy")
+            raise ValueError(
+                f"MoEConfig: scoring {self.scoring!r} with topk_method "
+                f"{self.topk_method!r} is not a DeepSeek router; V3 is sigmoid + "
+                f"noaux_tc, V2 is softmax + greedy/group_limited_greedy"
+            )
         if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
-            raise ValueError(f"MoEConfig: n_group ({self.n_group}) must divide num_experts "
-                             f"({self.num_experts}) and 1 <= topk_group ({self.topk_group}) "
-                             f"<= n_group")
+            raise ValueError(
+                f"MoEConfig: n_group ({self.n_group}) must divide num_experts "
+                f"({self.num_experts}) and 1 <= topk_group ({self.topk_group}) "
+                f"<= n_group"
+            )
         if self.topk_method == "noaux_tc" and self.num_experts // self.n_group < 2:
-            raise ValueError("MoEConfig: noaux_tc scores a group by its best two experts, so each "
-                             "group needs >= 2 experts (lower n_group)")
+            raise ValueError(
+                "MoEConfig: noaux_tc scores a group by its best two experts, so each "
+                "group needs >= 2 experts (lower n_group)"
+            )
         eligible = self.num_experts
         if self.topk_method != "greedy":
             eligible = self.topk_group * self.num_experts // self.n_group
         if not 1 <= self.top_k <= eligible:
-            raise ValueError(f"MoEConfig: top_k ({self.top_k}) must be between 1 and the "
-                             f"{eligible} experts a token may choose from")
+            raise ValueError(
+                f"MoEConfig: top_k ({self.top_k}) must be between 1 and the "
+                f"{eligible} experts a token may choose from"
+            )
         if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(f"MoEConfig.capacity_factor must be > 0 or None (dropless), "
-                             f"got {self.capacity_factor}")
+            raise ValueError(
+                f"MoEConfig.capacity_factor must be > 0 or None (dropless), "
+                f"got {self.capacity_factor}"
+            )
 
     def capacity(self, num_tokens: int) -> int:
         """Slots per expert for a group of `num_tokens` tokens (a token uses an expert at most once,
@@ -126,15 +137,17 @@ class MoEStats:
 # --------------------------------------------------------------------------------------------------
 
 
-def route(x_td: jax.Array, router_de: jax.Array, bias_e: jax.Array | None,
-          cfg: MoEConfig) -> tuple[jax.Array, jax.Array]:
+def route(
+    x_td: jax.Array, router_de: jax.Array, bias_e: jax.Array | None, cfg: MoEConfig
+) -> tuple[jax.Array, jax.Array]:
     """Choose K experts per token.
 
     x_td [T, D]; router_de [D, E]; bias_e [E] score-correction bias (noaux_tc only, else None).
     Returns (experts [T, K] int32, weights [T, K] float32). Computed in float32, as HF does.
     """
-    logits = jnp.dot(x_td.astype(jnp.float32), router_de.astype(jnp.float32),
-                     precision=jax.lax.Precision.HIGHEST)
+    logits = jnp.dot(
+        x_td.astype(jnp.float32), router_de.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
     t, e = logits.shape
     per_group = e // cfg.n_group
     if cfg.scoring == "sigmoid":
@@ -176,8 +189,9 @@ def balance_bias(bias_e: jax.Array, load_e: jax.Array, rate: float) -> jax.Array
 # --------------------------------------------------------------------------------------------------
 
 
-def dispatch(x_td: jax.Array, experts_tk: jax.Array, valid_t: jax.Array, num_experts: int,
-             capacity: int) -> tuple[jax.Array, jax.Array, MoEStats]:
+def dispatch(
+    x_td: jax.Array, experts_tk: jax.Array, valid_t: jax.Array, num_experts: int, capacity: int
+) -> tuple[jax.Array, jax.Array, MoEStats]:
     """Pack tokens into per-expert buffers.
 
     x_td [T, D]; experts_tk [T, K] int32; valid_t [T] bool (False = padding, not dispatched).
@@ -198,14 +212,17 @@ def dispatch(x_td: jax.Array, experts_tk: jax.Array, valid_t: jax.Array, num_exp
     row = jnp.where(kept, flat, num_experts)
     buffer = jnp.zeros((num_experts, capacity, x_td.shape[-1]), x_td.dtype)
     buffer = buffer.at[row, jnp.maximum(slot, 0)].set(x_td[token], mode="drop")
-    real = (flat < num_experts)
-    stats = MoEStats(load=counts[:num_experts].astype(jnp.float32),
-                     dropped=jnp.sum(real & ~kept).astype(jnp.float32))
+    real = flat < num_experts
+    stats = MoEStats(
+        load=counts[:num_experts].astype(jnp.float32),
+        dropped=jnp.sum(real & ~kept).astype(jnp.float32),
+    )
     return buffer, slot.reshape(t, k), stats
 
 
-def expert_ffn(buffer_ecd: jax.Array, gate_edf: jax.Array, up_edf: jax.Array,
-               down_efd: jax.Array) -> jax.Array:
+def expert_ffn(
+    buffer_ecd: jax.Array, gate_edf: jax.Array, up_edf: jax.Array, down_efd: jax.Array
+) -> jax.Array:
     """SwiGLU of each expert on its own slots: [..., E, C, D] -> [..., E, C, D] (compute dtype of
     the buffer; weights are cast to it)."""
     dt = buffer_ecd.dtype
@@ -214,16 +231,26 @@ def expert_ffn(buffer_ecd: jax.Array, gate_edf: jax.Array, up_edf: jax.Array,
     return jnp.einsum("...ecf,efd->...ecd", jax.nn.silu(gate) * up, down_efd.astype(dt))
 
 
-def combine(out_ecd: jax.Array, experts_tk: jax.Array, slot_tk: jax.Array,
-            weights_tk: jax.Array) -> jax.Array:
+def combine(
+    out_ecd: jax.Array, experts_tk: jax.Array, slot_tk: jax.Array, weights_tk: jax.Array
+) -> jax.Array:
     """Weighted sum over each token's kept assignments: -> [T, D] in the buffer's dtype."""
     gathered = out_ecd.at[experts_tk, jnp.maximum(slot_tk, 0)].get(mode="fill", fill_value=0)
     w = jnp.where(slot_tk >= 0, weights_tk, 0.0).astype(out_ecd.dtype)
     return jnp.einsum("tkd,tk->td", gathered, w)
 
 
-def _moe_tokens(x_td, valid_t, router_de, bias_e, gate_edf, up_edf, down_efd, cfg: MoEConfig,
-                ep_axis: str | None = None) -> tuple[jax.Array, MoEStats]:
+def _moe_tokens(
+    x_td,
+    valid_t,
+    router_de,
+    bias_e,
+    gate_edf,
+    up_edf,
+    down_efd,
+    cfg: MoEConfig,
+    ep_axis: str | None = None,
+) -> tuple[jax.Array, MoEStats]:
     """Route, dispatch, run, combine for the tokens of one device. With `ep_axis`, the expert
     weights hold only this rank's E/X experts and buffers travel by all-to-all over that axis."""
     experts, weights = route(x_td, router_de, bias_e, cfg)
@@ -247,9 +274,16 @@ def _moe_tokens(x_td, valid_t, router_de, bias_e, gate_edf, up_edf, down_efd, cf
 # --------------------------------------------------------------------------------------------------
 
 
-def routed_experts(x_btd: jax.Array, mask_bt: jax.Array, router_de: jax.Array,
-                   bias_e: jax.Array | None, gate_edf: jax.Array, up_edf: jax.Array,
-                   down_efd: jax.Array, cfg: MoEConfig) -> tuple[jax.Array, MoEStats]:
+def routed_experts(
+    x_btd: jax.Array,
+    mask_bt: jax.Array,
+    router_de: jax.Array,
+    bias_e: jax.Array | None,
+    gate_edf: jax.Array,
+    up_edf: jax.Array,
+    down_efd: jax.Array,
+    cfg: MoEConfig,
+) -> tuple[jax.Array, MoEStats]:
     """The routed experts' contribution for every token.
 
     x_btd [B, T, D] (compute dtype); mask_bt [B, T] bool, False for padding; router_de [D, E];
@@ -265,8 +299,16 @@ def routed_experts(x_btd: jax.Array, mask_bt: jax.Array, router_de: jax.Array,
         bias_e = jnp.zeros((cfg.num_experts,), jnp.float32)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        out, stats = _moe_tokens(x_btd.reshape(b * t, d), mask_bt.reshape(-1), router_de, bias_e,
-                                 gate_edf, up_edf, down_efd, cfg)
+        out, stats = _moe_tokens(
+            x_btd.reshape(b * t, d),
+            mask_bt.reshape(-1),
+            router_de,
+            bias_e,
+            gate_edf,
+            up_edf,
+            down_efd,
+            cfg,
+        )
         return out.reshape(b, t, d), stats
 
     token_axes = _axes(sharding.logical_to_spec(("batch",), (b,), mesh)[0])
@@ -274,14 +316,19 @@ def routed_experts(x_btd: jax.Array, mask_bt: jax.Array, router_de: jax.Array,
     ep_axes, tp_axes = _axes(w_spec[0]), _axes(w_spec[2])
     ep_size = mesh.shape.get("expert", 1)
     if ep_size > 1 and not ep_axes:
-        raise ValueError(f"expert parallelism: n_routed_experts ({cfg.num_experts}) must be "
-                         f"divisible by the mesh's expert axis ({ep_size})")
+        raise ValueError(
+            f"expert parallelism: n_routed_experts ({cfg.num_experts}) must be "
+            f"divisible by the mesh's expert axis ({ep_size})"
+        )
     if len(ep_axes) > 1:
-        raise ValueError(f"expert parallelism needs the `expert` rule to name one mesh axis, "
-                         f"got {ep_axes}")
+        raise ValueError(
+            f"expert parallelism needs the `expert` rule to name one mesh axis, got {ep_axes}"
+        )
     if set(tp_axes) & set(token_axes):
-        raise ValueError(f"the `mlp` rule ({tp_axes}) and the `batch` rule ({token_axes}) share a "
-                         f"mesh axis; expert hidden units cannot be split over the batch axes")
+        raise ValueError(
+            f"the `mlp` rule ({tp_axes}) and the `batch` rule ({token_axes}) share a "
+            f"mesh axis; expert hidden units cannot be split over the batch axes"
+        )
     ep_axis = ep_axes[0] if ep_axes else None
     split_tokens = ep_axis is not None and ep_axis not in token_axes
     sum_axes = token_axes + ((ep_axis,) if split_tokens else ())
@@ -313,10 +360,17 @@ def routed_experts(x_btd: jax.Array, mask_bt: jax.Array, router_de: jax.Array,
     ep, tp = _spec_entry(ep_axes), _spec_entry(tp_axes)
     fn = jax.shard_map(
         per_device,
-        in_specs=(PartitionSpec(tb, None, None), PartitionSpec(tb, None), PartitionSpec(),
-                  PartitionSpec(), PartitionSpec(ep, None, tp), PartitionSpec(ep, None, tp),
-                  PartitionSpec(ep, tp, None)),
-        out_specs=(PartitionSpec(tb, None, None), MoEStats(PartitionSpec(), PartitionSpec())))
+        in_specs=(
+            PartitionSpec(tb, None, None),
+            PartitionSpec(tb, None),
+            PartitionSpec(),
+            PartitionSpec(),
+            PartitionSpec(ep, None, tp),
+            PartitionSpec(ep, None, tp),
+            PartitionSpec(ep, tp, None),
+        ),
+        out_specs=(PartitionSpec(tb, None, None), MoEStats(PartitionSpec(), PartitionSpec())),
+    )
     return fn(x_btd, mask_bt, router_de, bias_e, gate_edf, up_edf, down_efd)
 
 

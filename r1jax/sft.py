@@ -165,11 +165,12 @@ class SFTConfig:
 
     def __post_init__(self):
         if self.num_micro_batches < 1 or self.logits_chunk_size < 1:
-            raise ValueError(f"sft.num_micro_batches and sft.logits_chunk_size must be >= 1, got "
-                             f"{self.num_micro_batches} and {self.logits_chunk_size}")
+            raise ValueError(
+                f"sft.num_micro_batches and sft.logits_chunk_size must be >= 1, got "
+                f"{self.num_micro_batches} and {self.logits_chunk_size}"
+            )
         if not self.distill_temperature > 0:
-            raise ValueError(f"sft.distill_temperature must be > 0, got "
-                             f"{self.distill_temperature}")
+            raise ValueError(f"sft.distill_temperature must be > 0, got {self.distill_temperature}")
 
 
 def sft_arrays(batch: Any) -> dict[str, Any]:
@@ -178,8 +179,9 @@ def sft_arrays(batch: Any) -> dict[str, Any]:
     arrays = {k: get(k) for k in SFT_FIELDS}
     missing = [k for k, v in arrays.items() if v is None]
     if missing:
-        raise ValueError(f"SFT batch lacks {missing}; build it with data.batching.pack_sft_ids "
-                         "or tokenize_sft")
+        raise ValueError(
+            f"SFT batch lacks {missing}; build it with data.batching.pack_sft_ids or tokenize_sft"
+        )
     shape = np.shape(arrays["input_ids"])
     bad = {k: np.shape(v) for k, v in arrays.items() if np.shape(v) != shape or len(shape) != 2}
     if bad:
@@ -201,15 +203,22 @@ def next_token_targets(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.A
 
 
 def _hidden(model: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
-    hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"],
-                                    positions=batch["positions"],
-                                    segment_ids=batch["segment_ids"])
+    hidden, _ = model.hidden_states(
+        batch["input_ids"],
+        batch["attention_mask"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+    )
     return hidden[:, :-1]  # [N, L-1, D]: the last position predicts nothing
 
 
-def sft_loss(model: nnx.Module, batch: Mapping[str, jax.Array], *, chunk_size: int = 256,
-             num_items_in_batch: jax.Array | float | None = None,
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def sft_loss(
+    model: nnx.Module,
+    batch: Mapping[str, jax.Array],
+    *,
+    chunk_size: int = 256,
+    num_items_in_batch: jax.Array | float | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Masked next-token cross-entropy of `model` on SFT rows (inside jit).
 
     Args:
@@ -223,24 +232,37 @@ def sft_loss(model: nnx.Module, batch: Mapping[str, jax.Array], *, chunk_size: i
       (loss, metrics) as `chunked_cross_entropy`.
     """
     targets, mask = next_token_targets(batch)
-    return chunked_cross_entropy(_hidden(model, batch), model.unembedding(), targets, mask,
-                                 chunk_size=chunk_size, num_items_in_batch=num_items_in_batch)
+    return chunked_cross_entropy(
+        _hidden(model, batch),
+        model.unembedding(),
+        targets,
+        mask,
+        chunk_size=chunk_size,
+        num_items_in_batch=num_items_in_batch,
+    )
 
 
-def distill_loss(model: nnx.Module, teacher: nnx.Module, batch: Mapping[str, jax.Array], *,
-                 temperature: float = 1.0, num_items_in_batch: jax.Array | float | None = None,
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def distill_loss(
+    model: nnx.Module,
+    teacher: nnx.Module,
+    batch: Mapping[str, jax.Array],
+    *,
+    temperature: float = 1.0,
+    num_items_in_batch: jax.Array | float | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Forward KL(teacher || student) per completion position (inside jit); the teacher gets no
     gradient. Arguments as `sft_loss`; returns (loss, metrics) as `logit_distillation_loss`."""
     _, mask = next_token_targets(batch)
     student = model.logits_from_hidden(_hidden(model, batch))
     teacher_logits = jax.lax.stop_gradient(teacher.logits_from_hidden(_hidden(teacher, batch)))
-    return logit_distillation_loss(student, teacher_logits, mask, temperature,
-                                   num_items_in_batch=num_items_in_batch)
+    return logit_distillation_loss(
+        student, teacher_logits, mask, temperature, num_items_in_batch=num_items_in_batch
+    )
 
 
-def train_step(train_state: train.TrainState, batch: Any,
-               cfg: SFTConfig = SFTConfig()) -> dict[str, jax.Array]:
+def train_step(
+    train_state: train.TrainState, batch: Any, cfg: SFTConfig = SFTConfig()
+) -> dict[str, jax.Array]:
     """One optimizer step of masked cross-entropy on `batch`, in place on `train_state`.
 
     Args:
@@ -256,8 +278,9 @@ def train_step(train_state: train.TrainState, batch: Any,
     return train_state.run_step(_sft_step, sft_arrays(batch), cfg=cfg)
 
 
-def distill_step(train_state: train.TrainState, teacher: nnx.Module, batch: Any,
-                 cfg: SFTConfig = SFTConfig()) -> dict[str, jax.Array]:
+def distill_step(
+    train_state: train.TrainState, teacher: nnx.Module, batch: Any, cfg: SFTConfig = SFTConfig()
+) -> dict[str, jax.Array]:
     """One optimizer step of logit distillation from `teacher` (frozen, same tokenizer).
 
     As `train_step`, with `loss` the mean KL(teacher || student) per completion token (nats).
@@ -265,32 +288,37 @@ def distill_step(train_state: train.TrainState, teacher: nnx.Module, batch: Any,
     `hf.load(path, mesh)`); it is read, never donated or changed.
     """
     if teacher.cfg.vocab_size != train_state.model.cfg.vocab_size:
-        raise ValueError(f"teacher vocab_size {teacher.cfg.vocab_size} differs from the "
-                         f"student's {train_state.model.cfg.vocab_size}; logit distillation "
-                         "needs one tokenizer")
+        raise ValueError(
+            f"teacher vocab_size {teacher.cfg.vocab_size} differs from the "
+            f"student's {train_state.model.cfg.vocab_size}; logit distillation "
+            "needs one tokenizer"
+        )
     return train_state.run_step(_distill_step, sft_arrays(batch), teacher, cfg=cfg)
 
 
 def _sft_step(model, optimizer: train.Optimizer, batch, *, cfg: SFTConfig):
     num_items = jnp.sum(next_token_targets(batch)[1])
-    loss_fn = lambda m, micro: sft_loss(m, micro, chunk_size=cfg.logits_chunk_size,
-                                        num_items_in_batch=num_items)
+    loss_fn = lambda m, micro: sft_loss(
+        m, micro, chunk_size=cfg.logits_chunk_size, num_items_in_batch=num_items
+    )
     return _step(loss_fn, model, optimizer, batch, num_items, cfg)
 
 
 def _distill_step(model, optimizer: train.Optimizer, batch, teacher, *, cfg: SFTConfig):
     num_items = jnp.sum(next_token_targets(batch)[1])
-    loss_fn = lambda m, micro: distill_loss(m, teacher, micro,
-                                            temperature=cfg.distill_temperature,
-                                            num_items_in_batch=num_items)
+    loss_fn = lambda m, micro: distill_loss(
+        m, teacher, micro, temperature=cfg.distill_temperature, num_items_in_batch=num_items
+    )
     return _step(loss_fn, model, optimizer, batch, num_items, cfg)
 
 
-def _step(loss_fn, model, optimizer: train.Optimizer, batch, num_items,
-          cfg: SFTConfig) -> dict[str, jax.Array]:
+def _step(
+    loss_fn, model, optimizer: train.Optimizer, batch, num_items, cfg: SFTConfig
+) -> dict[str, jax.Array]:
     # Every micro-batch loss is already divided by the whole batch's token count: sum them.
-    loss, grads, _ = train.accumulate_gradients(loss_fn, model, batch, cfg.num_micro_batches,
-                                                sum_micro_batches=True)
+    loss, grads, _ = train.accumulate_gradients(
+        loss_fn, model, batch, cfg.num_micro_batches, sum_micro_batches=True
+    )
     metrics = {"loss": loss, "num_tokens": num_items}
     metrics.update(optimizer.apply_gradients(model, grads))
     metrics["skipped_updates"] = optimizer.skipped[...].astype(jnp.float32)

@@ -1,8 +1,8 @@
 """Meshes, logical-axis rules, and multi-host start-up.
 
-Models name the axes of every parameter and of a few activations logically (`embed`, `heads`, `batch`
-...). This module owns the one table that maps those names onto mesh axes, so a model file never
-mentions a mesh axis and a config change reshards everything.
+Models name the axes of every parameter and of a few activations logically (`embed`, `heads`,
+`batch` ...). This module owns the one table that maps those names onto mesh axes, so a model file
+never mentions a mesh axis and a config change reshards everything.
 
 Mesh axes:
   data    pure data parallelism: a full replica of the weights per group of devices
@@ -15,8 +15,8 @@ Notable choices:
   jit fail with "contracting dimensions are sharded").
 - A dimension that the mesh axis does not divide (e.g. 2 kv-heads on tensor=4) is replicated instead
   of failing; `explain()` reports where that happened.
-- `constrain()` is a no-op only when no mesh is set at all; on a multi-device CPU mesh it constrains for
-  real, so tests catch sharding bugs.
+- `constrain()` is a no-op only when no mesh is set at all; on a multi-device CPU mesh it constrains
+  for real, so tests catch sharding bugs.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ RULES: tuple[tuple[str, Any], ...] = (
 # For sampling: weights are not split over fsdp (each decode step would otherwise all-gather every
 # weight); the batch still spreads over data and fsdp, and tensor parallelism stays.
 SAMPLING_RULES: tuple[tuple[str, Any], ...] = tuple(
-    (name, None if name == "embed" else axes) for name, axes in RULES)
+    (name, None if name == "embed" else axes) for name, axes in RULES
+)
 
 _rules: contextvars.ContextVar[tuple] = contextvars.ContextVar("r1jax_rules", default=RULES)
 
@@ -68,14 +69,20 @@ def use_rules(rules: Sequence[tuple[str, Any]]) -> Iterator[None]:
         _rules.reset(token)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Meshes
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor, expert); one size may be -1 to take the remaining devices.
+def make_mesh(
+    data: int = 1,
+    fsdp: int = -1,
+    tensor: int = 1,
+    expert: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor, expert); one size may be -1 to take the remaining
+    devices.
 
     Devices are ordered so that `tensor` (the most communication-heavy axis) is innermost, i.e. on
     neighbouring chips of a TPU slice.
@@ -90,13 +97,17 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1,
         raise ValueError(f"mesh: axis sizes must be positive or -1, got {sizes}")
     if free:
         if len(devices) % fixed:
-            raise ValueError(f"mesh: {len(devices)} devices are not divisible by the fixed axes "
-                             f"{ {k: v for k, v in sizes.items() if v != -1} }")
+            raise ValueError(
+                f"mesh: {len(devices)} devices are not divisible by the fixed axes "
+                f"{ {k: v for k, v in sizes.items() if v != -1} }"
+            )
         sizes[free[0]] = len(devices) // fixed
     total = int(np.prod(list(sizes.values())))
     if total != len(devices):
-        raise ValueError(f"mesh: data*fsdp*tensor*expert = {total} but {len(devices)} devices are "
-                         f"available; set config.mesh so the product matches (one axis may be -1)")
+        raise ValueError(
+            f"mesh: data*fsdp*tensor*expert = {total} but {len(devices)} devices are "
+            f"available; set config.mesh so the product matches (one axis may be -1)"
+        )
     shape = tuple(sizes[a] for a in ("data", "fsdp", "expert", "tensor"))
     dev_array = np.asarray(devices, dtype=object).reshape(shape).transpose(0, 1, 3, 2)
     return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
@@ -116,13 +127,17 @@ def single_device_mesh() -> Mesh:
     return make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Logical axes -> shardings
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
-def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None, mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]] | None = None) -> PartitionSpec:
+def logical_to_spec(
+    names: Sequence[str | None],
+    shape: Sequence[int] | None,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]] | None = None,
+) -> PartitionSpec:
     """The PartitionSpec for an array whose axes are named `names`.
 
     A mesh axis is used at most once per array, axes of size 1 are dropped, and a dimension that
@@ -194,9 +209,9 @@ def explain(state, mesh: Mesh, rules=None) -> list[str]:
     return lines
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Models and batches on a mesh
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def create_sharded(model_fn, mesh: Mesh, rules=None):
@@ -232,15 +247,19 @@ def reshard(model, mesh: Mesh, rules=None):
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules=None) -> NamedSharding:
-    """Sharding of a [B, ...] batch array: B over the `batch` rule's mesh axes, the rest replicated."""
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), None, mesh, rules))
+    """Sharding of a [B, ...] batch: B over the `batch` rule's mesh axes, the rest replicated."""
+    return NamedSharding(
+        mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), None, mesh, rules)
+    )
 
 
 def shard_batch(batch, mesh: Mesh, rules=None):
-    """Place a tree of host arrays, each [B_global, ...] and identical on every process, on the mesh.
+    """Place a tree of host arrays, each [B_global, ...] and identical on every process, on the
+    mesh.
 
     Each device receives only its slice. The leading dimension must divide by the batch axes' size.
     """
+
     def one(x):
         x = np.asarray(x)
         sharding = batch_sharding(mesh, x.ndim, rules)
@@ -252,6 +271,7 @@ def shard_batch(batch, mesh: Mesh, rules=None):
 
 def shard_local_batch(batch, mesh: Mesh, rules=None):
     """Like `shard_batch`, but each process passes only its own rows [B_global / processes, ...]."""
+
     def one(x):
         x = np.asarray(x)
         sharding = batch_sharding(mesh, x.ndim, rules)
@@ -265,13 +285,15 @@ def _check_divisible(size: int, sharding: NamedSharding) -> None:
     axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
     ways = int(np.prod([sharding.mesh.shape[a] for a in axes])) if axes else 1
     if size % ways:
-        raise ValueError(f"batch of {size} rows cannot be split over mesh axes {axes} ({ways} ways); "
-                         f"make the batch size a multiple of {ways}")
+        raise ValueError(
+            f"batch of {size} rows cannot be split over mesh axes {axes} ({ways} ways); "
+            f"make the batch size a multiple of {ways}"
+        )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Multi-host
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 _ENV = ("R1JAX_COORDINATOR_ADDRESS", "R1JAX_NUM_PROCESSES", "R1JAX_PROCESS_ID")
 
@@ -290,14 +312,16 @@ def initialize_distributed() -> bool:
     if os.environ.get("R1JAX_COORDINATOR_ADDRESS"):
         missing = [k for k in _ENV if not os.environ.get(k)]
         if missing:
-            raise ValueError(f"multi-host: {missing} must be set together with "
-                             f"R1JAX_COORDINATOR_ADDRESS")
+            raise ValueError(
+                f"multi-host: {missing} must be set together with R1JAX_COORDINATOR_ADDRESS"
+            )
         if os.environ.get("JAX_PLATFORMS", "") == "cpu" or os.environ.get("R1JAX_CPU_COLLECTIVES"):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=os.environ["R1JAX_COORDINATOR_ADDRESS"],
             num_processes=int(os.environ["R1JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["R1JAX_PROCESS_ID"]))
+            process_id=int(os.environ["R1JAX_PROCESS_ID"]),
+        )
         return True
     if _on_known_cluster():
         jax.distributed.initialize()
@@ -317,4 +341,5 @@ def _on_known_cluster() -> bool:
     # metadata server, which JAX's own detection reads; initialising on a single-host TPU VM is
     # harmless, so any TPU VM counts.
     return any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0")) or bool(
-        os.environ.get("TPU_ACCELERATOR_TYPE"))
+        os.environ.get("TPU_ACCELERATOR_TYPE")
+    )

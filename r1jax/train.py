@@ -96,24 +96,32 @@ class OptimConfig:
                 "to the number of optimizer steps in the run"
             )
         if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("optim.weight_decay and optim.max_grad_norm must be >= 0, got "
-                             f"{self.weight_decay} and {self.max_grad_norm}")
+            raise ValueError(
+                "optim.weight_decay and optim.max_grad_norm must be >= 0, got "
+                f"{self.weight_decay} and {self.max_grad_norm}"
+            )
         if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps > 0):
-            raise ValueError(f"optim: need 0 <= b1, b2 < 1 and eps > 0, got b1={self.b1}, "
-                             f"b2={self.b2}, eps={self.eps}")
+            raise ValueError(
+                f"optim: need 0 <= b1, b2 < 1 and eps > 0, got b1={self.b1}, "
+                f"b2={self.b2}, eps={self.eps}"
+            )
 
 
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
     """Optimizer step (int) -> learning rate: linear warmup from 0, then constant or cosine to 0."""
     if cfg.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            0.0, cfg.learning_rate, cfg.warmup_steps, cfg.total_steps, end_value=0.0)
+            0.0, cfg.learning_rate, cfg.warmup_steps, cfg.total_steps, end_value=0.0
+        )
     if cfg.warmup_steps == 0:
         return optax.constant_schedule(cfg.learning_rate)
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
-         optax.constant_schedule(cfg.learning_rate)],
-        [cfg.warmup_steps])
+        [
+            optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
+            optax.constant_schedule(cfg.learning_rate),
+        ],
+        [cfg.warmup_steps],
+    )
 
 
 @functools.cache
@@ -124,9 +132,13 @@ def make_tx(cfg: OptimConfig) -> optax.GradientTransformation:
     definitions, so two train states of one shape share their compiled steps.
     """
     adamw = optax.adamw(
-        learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        learning_rate_schedule(cfg),
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
         weight_decay=cfg.weight_decay,
-        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+    )
     if cfg.max_grad_norm == 0:
         return adamw
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
@@ -172,9 +184,11 @@ class Optimizer(nnx.Optimizer):
         learning_rate = learning_rate_schedule(self.cfg)(self.step[...].astype(jnp.int32))
         self.step[...] += finite.astype(self.step[...].dtype)
         self.skipped[...] += (~finite).astype(jnp.int32)
-        return {"grad_norm": grad_norm.astype(jnp.float32),
-                "learning_rate": jnp.asarray(learning_rate, jnp.float32),
-                "update_skipped": (~finite).astype(jnp.float32)}
+        return {
+            "grad_norm": grad_norm.astype(jnp.float32),
+            "learning_rate": jnp.asarray(learning_rate, jnp.float32),
+            "update_skipped": (~finite).astype(jnp.float32),
+        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,11 +198,14 @@ class Optimizer(nnx.Optimizer):
 
 def split_micro_batches(batch: Any, num_micro_batches: int) -> Any:
     """A tree of [B, ...] arrays -> the same tree of [k, B / k, ...]; micro-batch j = rows j::k."""
+
     def one(x):
         b = x.shape[0]
         if b % num_micro_batches:
-            raise ValueError(f"a batch of {b} rows cannot be split into {num_micro_batches} "
-                             "equal micro-batches; make the batch a multiple of num_micro_batches")
+            raise ValueError(
+                f"a batch of {b} rows cannot be split into {num_micro_batches} "
+                "equal micro-batches; make the batch a multiple of num_micro_batches"
+            )
         x = x.reshape(b // num_micro_batches, num_micro_batches, *x.shape[1:]).swapaxes(0, 1)
         return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
 
@@ -289,8 +306,9 @@ class TrainState:
         self.shardings = sharding.state_shardings(state, mesh, self.rules)
 
     @classmethod
-    def create(cls, model: nnx.Module, cfg: OptimConfig, mesh: Mesh | None = None,
-               rules=None) -> TrainState:
+    def create(
+        cls, model: nnx.Module, cfg: OptimConfig, mesh: Mesh | None = None, rules=None
+    ) -> TrainState:
         """Place `model` on `mesh` (in place; a no-op if already there) and build its optimizer
         with every moment born in its parameter's sharding.
 
@@ -303,8 +321,9 @@ class TrainState:
         mesh = mesh if mesh is not None else sharding.single_device_mesh()
         rules = tuple(rules if rules is not None else sharding.RULES)
         model_graphdef, model_state = nnx.split(model)
-        nnx.update(model, jax.device_put(
-            model_state, sharding.state_shardings(model_state, mesh, rules)))
+        nnx.update(
+            model, jax.device_put(model_state, sharding.state_shardings(model_state, mesh, rules))
+        )
         model_state = nnx.state(model)
 
         with nnx.use_eager_sharding(False):
@@ -353,8 +372,13 @@ class TrainState:
 
     # -- steps --
 
-    def run_step(self, step_fn: Callable[..., dict[str, jax.Array]], batch: Any,
-                 *frozen: nnx.Module, **static: Any) -> dict[str, jax.Array]:
+    def run_step(
+        self,
+        step_fn: Callable[..., dict[str, jax.Array]],
+        batch: Any,
+        *frozen: nnx.Module,
+        **static: Any,
+    ) -> dict[str, jax.Array]:
         """Run `step_fn(model, optimizer, batch, *frozen_models, **static) -> metrics` under jit.
 
         `step_fn` updates model and optimizer in place (NNX style) and returns a dict of scalar
@@ -375,27 +399,37 @@ class TrainState:
         frozen_graphdefs = tuple(g for g, _ in frozen_split)
         frozen_states = [s for _, s in frozen_split]
         leaves, treedef = jax.tree.flatten(batch)
-        key = (step_fn, tuple(sorted(static.items())), treedef,
-               tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves),
-               frozen_graphdefs)
+        key = (
+            step_fn,
+            tuple(sorted(static.items())),
+            treedef,
+            tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves),
+            frozen_graphdefs,
+        )
 
         def build():
             graphdef = self.graphdef
 
             def pure(state, batch, frozen_states):
                 model, optimizer = nnx.merge(graphdef, state)
-                frozen_models = [nnx.merge(g, s)
-                                 for g, s in zip(frozen_graphdefs, frozen_states, strict=True)]
+                frozen_models = [
+                    nnx.merge(g, s) for g, s in zip(frozen_graphdefs, frozen_states, strict=True)
+                ]
                 metrics = step_fn(model, optimizer, batch, *frozen_models, **static)
                 return nnx.state((model, optimizer)), metrics
 
             batch_shardings = jax.tree.map(self.batch_sharding, batch)
-            frozen_shardings = [sharding.state_shardings(s, self.mesh, self.rules)
-                                for s in frozen_states]
+            frozen_shardings = [
+                sharding.state_shardings(s, self.mesh, self.rules) for s in frozen_states
+            ]
             replicated = NamedSharding(self.mesh, PartitionSpec())
             in_shardings = (self.shardings, batch_shardings, frozen_shardings)
-            program = jax.jit(pure, in_shardings=in_shardings,
-                              out_shardings=(self.shardings, replicated), donate_argnums=0)
+            program = jax.jit(
+                pure,
+                in_shardings=in_shardings,
+                out_shardings=(self.shardings, replicated),
+                donate_argnums=0,
+            )
             return program, batch_shardings
 
         program, batch_shardings = self.program(key, build)

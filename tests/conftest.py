@@ -14,3 +14,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Reuse compiled programs across test processes (xdist workers) and runs: most of this suite's time
+# is XLA compiling small models. The cache is keyed by program and flags, so it never changes
+# results.
+jax.config.update(
+    "jax_compilation_cache_dir", os.environ.get("R1JAX_TEST_XLA_CACHE", "/tmp/r1jax_test_xla_cache")
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -1,7 +1,7 @@
 """Tiny random Hugging Face checkpoints shared by the model, sampler and trainer tests.
 
-Each family is built by transformers itself (`AutoModelForCausalLM.from_config`, seeded), saved as a real
-checkpoint folder, and cached per test session, so r1jax is always compared with an independent
+Each family is built by transformers itself (`AutoModelForCausalLM.from_config`, seeded), saved as a
+real checkpoint folder, and cached per test session, so r1jax is always compared with an independent
 implementation of the same weights.
 """
 

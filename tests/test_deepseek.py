@@ -24,12 +24,24 @@ from r1jax.models.deepseek import DeepseekConfig, MLACache
 # random score-correction bias) so routing decisions are far from ties.
 _YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32, rope_theta=1e4)
 KINDS = {
-    "v3": ("deepseek_v3", dict(rope_parameters={**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
-                               routed_scaling_factor=2.5)),
-    "v2": ("deepseek_v2", dict(rope_parameters={**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
-                               topk_method="group_limited_greedy")),
-    "v2_lite": ("deepseek_v2", dict(q_lora_rank=None, n_group=1, topk_group=1,
-                                    topk_method="greedy", n_shared_experts=2)),
+    "v3": (
+        "deepseek_v3",
+        dict(
+            rope_parameters={**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
+            routed_scaling_factor=2.5,
+        ),
+    ),
+    "v2": (
+        "deepseek_v2",
+        dict(
+            rope_parameters={**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
+            topk_method="group_limited_greedy",
+        ),
+    ),
+    "v2_lite": (
+        "deepseek_v2",
+        dict(q_lora_rank=None, n_group=1, topk_group=1, topk_method="greedy", n_shared_experts=2),
+    ),
     # One MoE layer and nothing else: small compiles for the expert-parallel gradient test.
     "v3_moe_only": ("deepseek_v3", dict(num_hidden_layers=1, first_k_dense_replace=0)),
 }
@@ -45,12 +57,28 @@ def hf_config(kind: str, **overrides):
     import transformers
 
     model_type, spec = KINDS[kind]
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                n_shared_experts=1, n_routed_experts=8, kv_lora_rank=32, q_lora_rank=48,
-                qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_group=2, topk_group=1,
-                num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=128,
-                rms_norm_eps=1e-6)
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        kv_lora_rank=32,
+        q_lora_rank=48,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        n_group=2,
+        topk_group=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+    )
     return transformers.AutoConfig.for_model(model_type, **{**base, **spec, **overrides})
 
 
@@ -86,9 +114,11 @@ def torch_logits(path, ids, mask):
 
     pos = np.maximum(mask.cumsum(-1) - 1, 0)
     with torch.no_grad():
-        return torch_model(path)(input_ids=torch.tensor(ids, dtype=torch.long),
-                                 attention_mask=torch.tensor(mask, dtype=torch.long),
-                                 position_ids=torch.tensor(pos)).logits.numpy()
+        return torch_model(path)(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            position_ids=torch.tensor(pos),
+        ).logits.numpy()
 
 
 @functools.cache
@@ -168,15 +198,20 @@ def test_greedy_decode_matches_full_recomputation_and_transformers():
         ids = np.zeros((4, 12), np.int32)
         mask = np.zeros((4, 12), np.int32)
         for i, seq in enumerate(seqs):
-            ids[i, :len(seq)], mask[i, :len(seq)] = seq, 1
+            ids[i, : len(seq)], mask[i, : len(seq)] = seq, 1
         logits, _ = forward("v3")(nnx.state(m), jnp.asarray(ids), jnp.asarray(mask))
         for i, seq in enumerate(seqs):
             seq.append(int(jnp.argmax(logits[i, len(seq) - 1])))
     tm = torch_model(checkpoint("v3"))
     for prompt, ours, seq in zip(PROMPTS, tokens, seqs, strict=True):
-        assert ours == seq[len(prompt):]
-        ref = tm.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new,
-                          min_new_tokens=new, pad_token_id=0)[0, len(prompt):].tolist()
+        assert ours == seq[len(prompt) :]
+        ref = tm.generate(
+            torch.tensor([prompt]),
+            do_sample=False,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
         assert ours == ref
 
 
@@ -195,9 +230,11 @@ def test_absorbed_decode_equals_naive_and_full_forward():
         _, prefill = mdl(ids, mask, cache=mdl.init_cache(2, ids.shape[1]))
         results = []
         for absorb in (True, False):
+
             def step(cache, token, absorb=absorb):
-                logits, cache = mdl(token[:, None], jnp.ones((2 * g, 1), jnp.int32), cache=cache,
-                                    absorb=absorb)
+                logits, cache = mdl(
+                    token[:, None], jnp.ones((2 * g, 1), jnp.int32), cache=cache, absorb=absorb
+                )
                 return cache, logits[:, 0]
 
             cache = mdl.init_cache(2 * g, steps).with_prefix(prefill)
@@ -207,14 +244,16 @@ def test_absorbed_decode_equals_naive_and_full_forward():
 
     (absorbed, cache_a), (naive, cache_n) = decode(state, ids, mask, new_tokens)
     np.testing.assert_allclose(np.asarray(absorbed), np.asarray(naive), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(cache_a.latent[1]), np.asarray(cache_n.latent[1]),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(cache_a.latent[1]), np.asarray(cache_n.latent[1]), atol=1e-6
+    )
     assert np.abs(np.asarray(cache_a.latent[1])).max() > 0  # decode wrote its latents
     full_ids = np.concatenate([np.repeat(ids, g, 0), new_tokens], 1)  # [4, 12]
     full_mask = np.concatenate([np.repeat(mask, g, 0), np.ones_like(new_tokens)], 1)
     full, _ = forward("v3")(state, jnp.asarray(full_ids), jnp.asarray(full_mask))
-    np.testing.assert_allclose(np.asarray(absorbed), np.asarray(full)[:, -steps:], atol=1e-4,
-                               rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(absorbed), np.asarray(full)[:, -steps:], atol=1e-4, rtol=0
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,18 +319,20 @@ def _np_route(x, w, bias, cfg):
         if cfg.scoring == "sigmoid":
             scores = 1 / (1 + np.exp(-row))
             choice = scores + bias
-            groups = [np.sort(choice[g * per:(g + 1) * per])[-2:].sum() for g in range(cfg.n_group)]
+            groups = [
+                np.sort(choice[g * per : (g + 1) * per])[-2:].sum() for g in range(cfg.n_group)
+            ]
         else:
             scores = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
             choice = scores.copy()
-            groups = [choice[g * per:(g + 1) * per].max() for g in range(cfg.n_group)]
+            groups = [choice[g * per : (g + 1) * per].max() for g in range(cfg.n_group)]
         if cfg.topk_method != "greedy":
-            keep = np.argsort(groups)[::-1][:cfg.topk_group]
+            keep = np.argsort(groups)[::-1][: cfg.topk_group]
             allowed = np.zeros(e, bool)
             for g in keep:
-                allowed[g * per:(g + 1) * per] = True
+                allowed[g * per : (g + 1) * per] = True
             choice = np.where(allowed, choice, -np.inf)
-        top = np.argsort(choice)[::-1][:cfg.top_k]
+        top = np.argsort(choice)[::-1][: cfg.top_k]
         wt = scores[top]
         if cfg.norm_topk_prob:
             wt = wt / wt.sum()
@@ -305,12 +346,25 @@ def test_routing_and_capacity_drops_match_numpy(kind):
     rng = np.random.RandomState(0)
     t, d, e, f = 40, 16, 8, 12
     if kind == "v3":
-        cfg = moe.MoEConfig(num_experts=e, top_k=3, n_group=4, topk_group=2,
-                            routed_scaling_factor=2.5, capacity_factor=0.6)
+        cfg = moe.MoEConfig(
+            num_experts=e,
+            top_k=3,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            capacity_factor=0.6,
+        )
     else:
-        cfg = moe.MoEConfig(num_experts=e, top_k=2, scoring="softmax",
-                            topk_method="group_limited_greedy", n_group=2, topk_group=1,
-                            norm_topk_prob=False, capacity_factor=0.6)
+        cfg = moe.MoEConfig(
+            num_experts=e,
+            top_k=2,
+            scoring="softmax",
+            topk_method="group_limited_greedy",
+            n_group=2,
+            topk_group=1,
+            norm_topk_prob=False,
+            capacity_factor=0.6,
+        )
     x = rng.randn(t, d).astype(np.float32)
     router = rng.randn(d, e).astype(np.float32)
     bias = (0.3 * rng.randn(e)).astype(np.float32)
@@ -322,11 +376,14 @@ def test_routing_and_capacity_drops_match_numpy(kind):
     ref_experts, ref_weights = _np_route(x, router, bias, cfg)
     experts, weights = jax.jit(moe.route, static_argnums=3)(x, router, bias, cfg)
     order = np.argsort(np.asarray(experts), -1)  # top_k order is irrelevant to the output
-    np.testing.assert_array_equal(np.take_along_axis(np.asarray(experts), order, -1),
-                                  np.sort(ref_experts, -1))
-    np.testing.assert_allclose(np.take_along_axis(np.asarray(weights), order, -1),
-                               np.take_along_axis(ref_weights, np.argsort(ref_experts, -1), -1),
-                               rtol=1e-5)
+    np.testing.assert_array_equal(
+        np.take_along_axis(np.asarray(experts), order, -1), np.sort(ref_experts, -1)
+    )
+    np.testing.assert_allclose(
+        np.take_along_axis(np.asarray(weights), order, -1),
+        np.take_along_axis(ref_weights, np.argsort(ref_experts, -1), -1),
+        rtol=1e-5,
+    )
 
     # Capacity: the first `cap` assignments to an expert, in token order, are kept.
     cap = cfg.capacity(t)
@@ -347,7 +404,8 @@ def test_routing_and_capacity_drops_match_numpy(kind):
             g, u = xi @ gate[k], xi @ up[k]
             ref[i] += ref_weights[i, j] * ((g / (1 + np.exp(-g)) * u) @ down[k])
     out, stats = jax.jit(moe.routed_experts, static_argnums=7)(
-        x[None], valid[None], router, bias, gate, up, down, cfg)
+        x[None], valid[None], router, bias, gate, up, down, cfg
+    )
     assert dropped > 0  # the capacity binds, so drop accounting is really tested
     np.testing.assert_allclose(np.asarray(out[0]), ref, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(stats.load), load)
@@ -424,9 +482,11 @@ def test_save_round_trip_through_transformers(kind, tmp_path):
 
     pos = np.maximum(mask.cumsum(-1) - 1, 0)
     with torch.no_grad():
-        got = reloaded(input_ids=torch.tensor(ids, dtype=torch.long),
-                       attention_mask=torch.tensor(mask, dtype=torch.long),
-                       position_ids=torch.tensor(pos)).logits.numpy()
+        got = reloaded(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            position_ids=torch.tensor(pos),
+        ).logits.numpy()
     ref = torch_logits(checkpoint(kind), ids, mask)
     real = mask.astype(bool)
     np.testing.assert_allclose(got[real], ref[real], atol=1e-6)
@@ -457,8 +517,13 @@ def test_mtp_weights_are_skipped_with_a_log_line_or_refused(tmp_path, caplog):
 def test_unsupported_configs_are_refused_with_the_field_named():
     base = json.load(open(os.path.join(checkpoint("v3"), "config.json")))
     assert isinstance(hf.config_from_hf(base), DeepseekConfig)
-    bad = {"quantization_config": {"quant_method": "fp8"}, "num_key_value_heads": 2,
-           "attention_bias": True, "topk_method": "greedy", "moe_layer_freq": 2}
+    bad = {
+        "quantization_config": {"quant_method": "fp8"},
+        "num_key_value_heads": 2,
+        "attention_bias": True,
+        "topk_method": "greedy",
+        "moe_layer_freq": 2,
+    }
     for field, value in bad.items():
         with pytest.raises(hf.CheckpointError, match=field):
             hf.config_from_hf({**base, field: value})
@@ -470,9 +535,16 @@ def test_unsupported_configs_are_refused_with_the_field_named():
     cfg = moe.MoEConfig(num_experts=6, top_k=2)
     with pytest.raises(ValueError, match="divisible by the mesh's expert axis"):
         with jax.set_mesh(sharding.make_mesh(fsdp=2, expert=4)):
-            moe.routed_experts(jnp.ones((2, 3, 4)), jnp.ones((2, 3), bool), jnp.ones((4, 6)),
-                               None, jnp.ones((6, 4, 5)), jnp.ones((6, 4, 5)), jnp.ones((6, 5, 4)),
-                               cfg)
+            moe.routed_experts(
+                jnp.ones((2, 3, 4)),
+                jnp.ones((2, 3), bool),
+                jnp.ones((4, 6)),
+                None,
+                jnp.ones((6, 4, 5)),
+                jnp.ones((6, 4, 5)),
+                jnp.ones((6, 5, 4)),
+                cfg,
+            )
 
 
 def test_named_configs_have_the_published_sizes():

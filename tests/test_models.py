@@ -1,4 +1,4 @@
-"""The decoder against transformers (PyTorch), HF round trips, sharded forwards, and clear errors."""
+"""The decoder against transformers (PyTorch), HF round trips, sharded forwards, errors."""
 
 import json
 import os
@@ -61,7 +61,7 @@ def test_save_round_trip_through_transformers(family, tmp_path):
     # ... and r1jax reads its own output back identically.
     again = hf.load(out)
     for (p, a), (_, b) in zip(
-        nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(again))
+        nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(again)), strict=False
     ):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(p))
 
@@ -169,13 +169,13 @@ def test_remat_gives_same_loss_and_gradient():
 
     (l0, g0), (l1, g1) = loss_and_grad(False), loss_and_grad(True)
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=False):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Clear errors
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _copy(tmp_path, family="qwen2"):

@@ -257,8 +257,11 @@ def test_task_reward_uses_the_data_layer_verifiers():
     columns = {k: [r[k] for r in rows] * 2 for k in ("task", "solution", "meta")}
     assert task_reward(good + bad, **columns) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
     # Extra per-call objects (TRL passes e.g. trainer_state) are shared, not split per row.
-    assert task_reward(good, trainer_state=object(), **{k: v[:3] for k, v in columns.items()}) \
-        == [1.0, 1.0, 1.0]
+    assert task_reward(good, trainer_state=object(), **{k: v[:3] for k, v in columns.items()}) == [
+        1.0,
+        1.0,
+        1.0,
+    ]
 
 
 # --- code (well-behaved programs; hostile ones are in test_sandbox.py) -------------------------
@@ -356,10 +359,14 @@ def test_specs_from_a_config_dict_and_column_overrides():
     import ml_collections
 
     config = ml_collections.ConfigDict()
-    config.rewards = {"format": 0.5, "language_consistency": {"weight": 2.0,
-                                                              "kwargs": {"language": "zh"}}}
-    texts = ["<think>先想</think><answer>1</answer>",
-             "<think>think first</think><answer>1</answer>"]
+    config.rewards = {
+        "format": 0.5,
+        "language_consistency": {"weight": 2.0, "kwargs": {"language": "zh"}},
+    }
+    texts = [
+        "<think>先想</think><answer>1</answer>",
+        "<think>think first</think><answer>1</answer>",
+    ]
     with build_reward_fn(config.rewards, num_workers=0) as fn:
         assert fn.names == ("format", "language_consistency")
         np.testing.assert_allclose(fn(texts).per_reward, [[1, 1], [1, 0]])

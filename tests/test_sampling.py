@@ -26,7 +26,7 @@ def test_greedy_matches_transformers_generate():
 
     out = sampling.generate(model(), PROMPTS, max_new_tokens=12, temperature=0.0)
     tm = torch_model(hf_checkpoint("qwen2_sharp"))
-    for prompt, ours in zip(PROMPTS, out.tokens):
+    for prompt, ours in zip(PROMPTS, out.tokens, strict=True):
         ref = tm.generate(
             torch.tensor([prompt]),
             do_sample=False,
@@ -43,15 +43,15 @@ def test_greedy_cached_equals_full_recomputation():
     # (causal attention means the pads after the last real token cannot affect it).
     length = max(map(len, PROMPTS)) + 10
     forward = jax.jit(lambda ids, mask: model()(ids, attention_mask=mask))
-    for prompt, ours in zip(PROMPTS, out.tokens):
+    for prompt, ours in zip(PROMPTS, out.tokens, strict=True):
         seq = list(prompt)
         for _ in range(10):
             ids = np.zeros((1, length), np.int32)
-            ids[0, :len(seq)] = seq
+            ids[0, : len(seq)] = seq
             mask = (np.arange(length) < len(seq)).astype(np.int32)[None]
             logits = forward(jnp.asarray(ids), jnp.asarray(mask))
             seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
-        assert ours == seq[len(prompt):]
+        assert ours == seq[len(prompt) :]
 
 
 def test_logprobs_equal_training_forward():
@@ -78,7 +78,7 @@ def test_padding_amount_does_not_change_tokens():
     long = sampling.generate(model(), PROMPTS, max_new_tokens=8, temperature=0.0, buckets=(32,))
     assert short.prompt_ids.shape[1] == 8 and long.prompt_ids.shape[1] == 32
     assert short.tokens == long.tokens
-    for a, b in zip(short.logprobs, long.logprobs):
+    for a, b in zip(short.logprobs, long.logprobs, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -168,7 +168,7 @@ def test_sharded_sampling_equals_single_device(mesh_axes):
         sharded_model, PROMPTS, max_new_tokens=8, temperature=1.0, num_samples=2, seed=7, mesh=mesh
     )
     assert out.tokens == single.tokens
-    for a, b in zip(out.logprobs, single.logprobs):
+    for a, b in zip(out.logprobs, single.logprobs, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert len(out.device.tokens.sharding.device_set) == 8
 

@@ -20,8 +20,9 @@ from r1jax.rewards import SandboxConfig, SandboxUnavailableError, code_reward, r
 from r1jax.rewards import sandbox as sandbox_lib
 from r1jax.rewards.compose import build_reward_fn
 
-pytestmark = pytest.mark.skipif(not sandbox_lib.sandbox_available(),
-                                reason="bubblewrap not usable here")
+pytestmark = pytest.mark.skipif(
+    not sandbox_lib.sandbox_available(), reason="bubblewrap not usable here"
+)
 
 LIMIT_S = 1.0
 SLACK_S = 1.5  # interpreter start-up, SIGKILL and reaping on a loaded 2-core machine
@@ -34,8 +35,9 @@ def fenced(code: str) -> str:
 
 def score(code: str, expected: str, stdin: str = "", cfg: SandboxConfig = CFG) -> float:
     start = time.monotonic()
-    [reward] = code_reward([fenced(code)], tests=[[{"input": stdin, "output": expected}]],
-                           sandbox=cfg)
+    [reward] = code_reward(
+        [fenced(code)], tests=[[{"input": stdin, "output": expected}]], sandbox=cfg
+    )
     elapsed = time.monotonic() - start
     assert elapsed < cfg.timeout_s + SLACK_S, f"took {elapsed:.2f}s"
     return reward
@@ -82,8 +84,10 @@ def test_sleep_past_the_limit():
 
 
 def test_ignores_sigterm():
-    code = ("import signal, time\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
-            "    signal.signal(s, signal.SIG_IGN)\ntime.sleep(30)\nprint('done')")
+    code = (
+        "import signal, time\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
+        "    signal.signal(s, signal.SIG_IGN)\ntime.sleep(30)\nprint('done')"
+    )
     assert score(code, "done") == 0.0
 
 
@@ -103,16 +107,21 @@ def test_stdout_flood_and_enormous_output():
 
 
 def test_fork_storm():
-    code = ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
-            "        pass\nprint('done')")
+    code = (
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
+        "        pass\nprint('done')"
+    )
     assert score(code, "done") == 0.0
 
 
 def test_fork_storm_does_not_starve_its_neighbours():
-    storm = fenced("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
-                   "        pass")
-    good = fenced("import subprocess\nprint(subprocess.run(['echo', 'hi'], capture_output=True,"
-                  " text=True).stdout.strip())")
+    storm = fenced(
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+    )
+    good = fenced(
+        "import subprocess\nprint(subprocess.run(['echo', 'hi'], capture_output=True,"
+        " text=True).stdout.strip())"
+    )
     tests = [[{"input": "", "output": "hi"}]] * 4
     with build_reward_fn([("code", 1.0, {"sandbox": CFG})], num_workers=2) as fn:
         out = fn([storm, good, storm, good], tests=tests)
@@ -238,8 +247,9 @@ def test_invalid_utf8_everywhere():
     # Invalid bytes in the program text, on stdin, and lone surrogates in the completion.
     assert score("print('\udcff')", "?") == 1.0  # the stray surrogate became '?', and ran
     assert score("import sys\nprint(len(sys.stdin.buffer.read()))", "3", stdin="\udcffab") == 1.0
-    [reward] = code_reward([b"```python\nprint(1)\xff\n```"], tests=[[{"input": "", "output":
-                                                                       "1"}]], sandbox=CFG)
+    [reward] = code_reward(
+        [b"```python\nprint(1)\xff\n```"], tests=[[{"input": "", "output": "1"}]], sandbox=CFG
+    )
     assert reward == 0.0
 
 
@@ -248,8 +258,17 @@ def test_unread_large_stdin_does_not_deadlock():
 
 
 def test_empty_and_malformed_completions():
-    completions = ["", None, 7, [], [{"role": "assistant"}], "```python\nprint(1)",  # unclosed
-                   "```\nprint(1)\n```", "no code at all", "```python\n\n```"]
+    completions = [
+        "",
+        None,
+        7,
+        [],
+        [{"role": "assistant"}],
+        "```python\nprint(1)",  # unclosed
+        "```\nprint(1)\n```",
+        "no code at all",
+        "```python\n\n```",
+    ]
     tests = [[{"input": "", "output": "1"}]] * len(completions)
     assert code_reward(completions, tests=tests, sandbox=CFG) == [0.0] * len(completions)
     assert code_reward(["```python\nprint(1)\n```"], tests=[None], sandbox=CFG) == [None]

@@ -47,8 +47,12 @@ def batches():
 
 def forward_and_loss(params, batch, graphdef):
     model = nnx.merge(graphdef, params)
-    logits = model(batch["input_ids"], batch["attention_mask"], positions=batch["positions"],
-                   segment_ids=batch["segment_ids"])
+    logits = model(
+        batch["input_ids"],
+        batch["attention_mask"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+    )
     return logits, sft.sft_loss(model, batch, chunk_size=5)[0]  # 15 positions: 3 chunks
 
 
@@ -66,8 +70,11 @@ def completion_logprobs(logits, batch, completions):
     logp = np.asarray(logits, np.float64)
     logp = logp - logp.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-    starts = [(r, int(np.argmax(batch["segment_ids"][r] == s)))
-              for r in range(ROWS) for s in range(1, batch["segment_ids"][r].max() + 1)]
+    starts = [
+        (r, int(np.argmax(batch["segment_ids"][r] == s)))
+        for r in range(ROWS)
+        for s in range(1, batch["segment_ids"][r].max() + 1)
+    ]
     out = []
     for (r, start), c in zip(starts, completions, strict=True):
         end = start + int(np.sum(batch["segment_ids"][r] == batch["segment_ids"][r, start]))
@@ -127,8 +134,7 @@ def test_prompt_tokens_get_no_gradient(bf16_state, batches):
 def test_sft_loss_decreases_with_bf16_compute_and_f32_master_weights(bf16_state, batches):
     _, completions, unpacked, packed = batches
     f32_logits, _ = run_forward(tiny_model(std=0.1), unpacked)  # same weights, float32 compute
-    reference = -np.mean(np.concatenate(
-        completion_logprobs(f32_logits, unpacked, completions)))
+    reference = -np.mean(np.concatenate(completion_logprobs(f32_logits, unpacked, completions)))
     losses = [float(sft.train_step(bf16_state, packed)["loss"]) for _ in range(8)]
     np.testing.assert_allclose(losses[0], reference, rtol=2e-2)  # bfloat16 matmuls
     assert losses[-1] < 0.7 * losses[0], losses

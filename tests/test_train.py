@@ -18,8 +18,17 @@ from r1jax.metrics import CompileCounter
 from r1jax.models.transformer import Decoder, ModelConfig
 from r1jax.rewards.compose import HostRewardBridge, build_reward_fn
 
-CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=8, tie_word_embeddings=True, qkv_bias=True)
+CFG = ModelConfig(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    tie_word_embeddings=True,
+    qkv_bias=True,
+)
 MESHES = {
     "fsdp8": dict(fsdp=8),
     "fsdp4_tp2": dict(fsdp=4, tensor=2),
@@ -27,13 +36,26 @@ MESHES = {
 }
 P, G, TP, TC = 4, 4, 4, 6  # prompts, samples per prompt, prompt and completion lengths
 B = P * G
-GRPO = grpo.GRPOConfig(num_generations=G, num_iterations=2, beta=0.0, epsilon_high=0.28,
-                       loss_type="dapo", max_completion_length=TC, num_micro_batches=2)
+GRPO = grpo.GRPOConfig(
+    num_generations=G,
+    num_iterations=2,
+    beta=0.0,
+    epsilon_high=0.28,
+    loss_type="dapo",
+    max_completion_length=TC,
+    num_micro_batches=2,
+)
 # Adam's step g / (sqrt(v) + eps) turns float noise in a near-zero (or, over two steps, nearly
 # cancelling) gradient into a large relative change; eps = 1e-3 keeps the step well conditioned,
 # so "sharded == single device" is a fair comparison, and still learns fast.
-OPTIM = train.OptimConfig(learning_rate=2e-2, warmup_steps=1, schedule="cosine", total_steps=200,
-                          weight_decay=0.01, eps=1e-3)
+OPTIM = train.OptimConfig(
+    learning_rate=2e-2,
+    warmup_steps=1,
+    schedule="cosine",
+    total_steps=200,
+    weight_decay=0.01,
+    eps=1e-3,
+)
 
 
 def tiny_model(seed: int = 0, std: float = 0.02, **overrides) -> Decoder:
@@ -120,8 +142,11 @@ def test_sharded_update_equals_single_device_and_keeps_layout(mesh_name, single_
     # ... and that layout is really split: Adam's first moment of q [D, N, H] like q itself.
     fsdp, tp = mesh.shape["fsdp"], mesh.shape["tensor"]
     spec = jax.sharding.PartitionSpec("fsdp", "tensor" if tp > 1 else None, None)
-    q_mu = next(v[...] for path, v in nnx.to_flat_state(nnx.state(state.optimizer))
-                if path[-5:] == ("mu", "layers", 0, "attn", "q_dnh"))
+    q_mu = next(
+        v[...]
+        for path, v in nnx.to_flat_state(nnx.state(state.optimizer))
+        if path[-5:] == ("mu", "layers", 0, "attn", "q_dnh")
+    )
     assert q_mu.sharding.spec == spec
     assert q_mu.addressable_shards[0].data.shape == (32 // fsdp, 4 // tp, 8)
     assert state.model.layers[0].attn.q_dnh[...].sharding.spec == spec
@@ -141,8 +166,9 @@ def gradients():
     model = tiny_model(std=0.1)
     graphdef, params = nnx.split(model)
     rollouts = jax.tree.map(jnp.asarray, synthetic_rollouts(2, old=False))
-    rollouts = rollouts.replace(advantages=jnp.asarray(
-        np.random.RandomState(3).normal(size=B), jnp.float32))
+    rollouts = rollouts.replace(
+        advantages=jnp.asarray(np.random.RandomState(3).normal(size=B), jnp.float32)
+    )
 
     def plain_logprobs(p):
         r = rollouts
@@ -169,7 +195,8 @@ def gradients():
             items = jnp.sum(rollouts.completion_mask) if loss_type == "dapo" else None
             loss_fn = lambda m, micro, cfg=cfg, items=items: grpo.grpo_loss(m, micro, cfg, items)
             loss, grads, _ = train.accumulate_gradients(
-                loss_fn, model, rollouts, 4, sum_micro_batches=loss_type == "dapo")
+                loss_fn, model, rollouts, 4, sum_micro_batches=loss_type == "dapo"
+            )
             out[loss_type] = (loss, grads, vjp(w)[0])
         return out
 
@@ -212,8 +239,11 @@ class EvenTokens:
 def test_reference_model_is_only_run_when_beta_is_positive(monkeypatch):
     calls = []
     original = grpo.completion_logprobs
-    monkeypatch.setattr(grpo, "completion_logprobs",
-                        lambda model, *a, **k: calls.append(model) or original(model, *a, **k))
+    monkeypatch.setattr(
+        grpo,
+        "completion_logprobs",
+        lambda model, *a, **k: calls.append(model) or original(model, *a, **k),
+    )
     policy_graphdef, policy_state = nnx.split(tiny_model())
     ref_graphdef, ref_state = nnx.split(tiny_model(seed=1))
     prompts = np.ones((2, TP), np.int32)
@@ -221,22 +251,40 @@ def test_reference_model_is_only_run_when_beta_is_positive(monkeypatch):
     def forward_passes(cfg, with_ref):
         """Training forwards in the traced rollout (tracing only: nothing is compiled)."""
         calls.clear()
-        jax.make_jaxpr(lambda ps, rs: grpo._rollout(
-            ps, rs, prompts, prompts, jax.random.key(0), None, policy_graphdef=policy_graphdef,
-            ref_graphdef=ref_graphdef if with_ref else None, reward_fn=EvenTokens(),
-            cfg=cfg))(policy_state, ref_state if with_ref else None)
+        jax.make_jaxpr(
+            lambda ps, rs: grpo._rollout(
+                ps,
+                rs,
+                prompts,
+                prompts,
+                jax.random.key(0),
+                None,
+                policy_graphdef=policy_graphdef,
+                ref_graphdef=ref_graphdef if with_ref else None,
+                reward_fn=EvenTokens(),
+                cfg=cfg,
+            )
+        )(policy_state, ref_state if with_ref else None)
         return len(calls)
 
     small = dict(num_generations=2, max_completion_length=3)
     assert forward_passes(grpo.GRPOConfig(beta=0.0, **small), with_ref=False) == 0
     assert forward_passes(grpo.GRPOConfig(beta=0.1, **small), with_ref=True) == 1
-    assert forward_passes(grpo.GRPOConfig(beta=0.0, num_iterations=2, **small),
-                          with_ref=False) == 1  # the old-policy log-probs only
+    assert (
+        forward_passes(grpo.GRPOConfig(beta=0.0, num_iterations=2, **small), with_ref=False) == 1
+    )  # the old-policy log-probs only
 
     policy = grpo.SamplingPolicy(policy_graphdef, policy_state, sharding.single_device_mesh())
     with pytest.raises(ValueError, match="needs the reference model"):
-        grpo.rollout(policy, None, prompts, prompts, jax.random.key(0), EvenTokens(),
-                     grpo.GRPOConfig(beta=0.1, **small))
+        grpo.rollout(
+            policy,
+            None,
+            prompts,
+            prompts,
+            jax.random.key(0),
+            EvenTokens(),
+            grpo.GRPOConfig(beta=0.1, **small),
+        )
 
 
 def test_non_finite_gradients_skip_the_update():
@@ -252,8 +300,11 @@ def test_non_finite_gradients_skip_the_update():
     for k, v in params_of(state.model).items():
         np.testing.assert_array_equal(v, before[k])
     opt_after = [np.asarray(x) for x in jax.tree.leaves(nnx.state(state.optimizer))]
-    changed = [i for i, (a, b) in enumerate(zip(opt_before, opt_after, strict=True))
-               if not np.array_equal(a, b)]
+    changed = [
+        i
+        for i, (a, b) in enumerate(zip(opt_before, opt_after, strict=True))
+        if not np.array_equal(a, b)
+    ]
     assert len(changed) == 1 and opt_after[changed[0]] == GRPO.num_iterations  # only `skipped`
     assert int(state.optimizer.step[...]) == 0
 
@@ -277,7 +328,8 @@ def test_grpo_raises_the_reward_and_compiles_once():
     state = train.TrainState.create(tiny_model(seed=5, std=0.05), OPTIM)
     reward_fn = HostRewardBridge(
         build_reward_fn([{"name": "even", "fn": even_token_reward}], num_workers=0),
-        decode=lambda ids: [" ".join(map(str, row)) for row in ids])
+        decode=lambda ids: [" ".join(map(str, row)) for row in ids],
+    )
     prompts = np.random.RandomState(0).randint(1, 96, (P, TP)).astype(np.int32)
     mask = np.ones_like(prompts)
     key = jax.random.key(0)
@@ -288,8 +340,9 @@ def test_grpo_raises_the_reward_and_compiles_once():
         key, sample_key = jax.random.split(key)
         policy = grpo.policy_for_sampling(state)
         # beta == 0: no reference model is loaded at all.
-        rollouts, data_metrics = grpo.rollout(policy, None, prompts, mask, sample_key, reward_fn,
-                                              GRPO)
+        rollouts, data_metrics = grpo.rollout(
+            policy, None, prompts, mask, sample_key, reward_fn, GRPO
+        )
         step_metrics = grpo.update(state, rollouts, GRPO)
         rewards.append(float(data_metrics["reward"]))
     steady.stop()

@@ -95,24 +95,41 @@ class DeepseekConfig:
     model_type: str = "deepseek_v3"
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-                     "num_layers", "num_heads", "kv_lora_rank", "qk_nope_head_dim",
-                     "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "num_layers",
+            "num_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "n_routed_experts",
+            "num_experts_per_tok",
+        ):
             if getattr(self, name) <= 0:
-                raise ValueError(f"DeepseekConfig.{name} must be positive, "
-                                 f"got {getattr(self, name)}")
+                raise ValueError(
+                    f"DeepseekConfig.{name} must be positive, got {getattr(self, name)}"
+                )
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-            raise ValueError(f"DeepseekConfig.q_lora_rank must be positive or None, "
-                             f"got {self.q_lora_rank}")
+            raise ValueError(
+                f"DeepseekConfig.q_lora_rank must be positive or None, got {self.q_lora_rank}"
+            )
         if self.qk_rope_head_dim % 2:
-            raise ValueError(f"DeepseekConfig.qk_rope_head_dim must be even, "
-                             f"got {self.qk_rope_head_dim}")
+            raise ValueError(
+                f"DeepseekConfig.qk_rope_head_dim must be even, got {self.qk_rope_head_dim}"
+            )
         if not 0 <= self.first_k_dense_replace <= self.num_layers:
-            raise ValueError(f"DeepseekConfig.first_k_dense_replace must be in [0, num_layers], "
-                             f"got {self.first_k_dense_replace}")
+            raise ValueError(
+                f"DeepseekConfig.first_k_dense_replace must be in [0, num_layers], "
+                f"got {self.first_k_dense_replace}"
+            )
         if self.n_shared_experts < 0:
-            raise ValueError(f"DeepseekConfig.n_shared_experts must be >= 0, "
-                             f"got {self.n_shared_experts}")
+            raise ValueError(
+                f"DeepseekConfig.n_shared_experts must be >= 0, got {self.n_shared_experts}"
+            )
         # Building the derived views validates the routing fields, rope_scaling and the dtypes.
         _ = self.moe, self.rope_view
 
@@ -134,30 +151,45 @@ class DeepseekConfig:
     @property
     def moe(self) -> moe.MoEConfig:
         return moe.MoEConfig(
-            num_experts=self.n_routed_experts, top_k=self.num_experts_per_tok,
-            scoring=self.scoring_func, topk_method=self.topk_method, n_group=self.n_group,
-            topk_group=self.topk_group, norm_topk_prob=self.norm_topk_prob,
-            routed_scaling_factor=self.routed_scaling_factor, capacity_factor=self.capacity_factor)
+            num_experts=self.n_routed_experts,
+            top_k=self.num_experts_per_tok,
+            scoring=self.scoring_func,
+            topk_method=self.topk_method,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            norm_topk_prob=self.norm_topk_prob,
+            routed_scaling_factor=self.routed_scaling_factor,
+            capacity_factor=self.capacity_factor,
+        )
 
     def dense_view(self, intermediate_size: int) -> ModelConfig:
         """A dense-decoder config carrying what the shared SwiGLU MLP reads (sizes and dtypes)."""
         return ModelConfig(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-            intermediate_size=intermediate_size, num_layers=1, num_heads=1, num_kv_heads=1,
-            head_dim=self.qk_rope_head_dim, param_dtype=self.param_dtype, dtype=self.dtype)
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=intermediate_size,
+            num_layers=1,
+            num_heads=1,
+            num_kv_heads=1,
+            head_dim=self.qk_rope_head_dim,
+            param_dtype=self.param_dtype,
+            dtype=self.dtype,
+        )
 
     @property
     def rope_view(self) -> ModelConfig:
         """A dense-decoder config whose rope tables are MLA's: head_dim = R, same theta/scaling."""
         return dataclasses.replace(
             self.dense_view(self.intermediate_size),
-            max_position_embeddings=self.max_position_embeddings, rope_theta=self.rope_theta,
-            rope_scaling=self.rope_scaling)
+            max_position_embeddings=self.max_position_embeddings,
+            rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling,
+        )
 
     @property
     def softmax_scale(self) -> float:
         """1/sqrt(H + R), times YaRN's mscale(factor, mscale_all_dim)^2 as HF applies it."""
-        scale = self.qk_head_dim ** -0.5
+        scale = self.qk_head_dim**-0.5
         s = self.rope_scaling_dict
         if s.get("rope_type", "default") != "default" and s.get("mscale_all_dim"):
             m = 1.0 if s["factor"] <= 1 else 0.1 * s["mscale_all_dim"] * math.log(s["factor"]) + 1.0
@@ -176,8 +208,11 @@ class DeepseekConfig:
     @property
     def attention_params(self) -> int:
         d, n, c, r = self.hidden_size, self.num_heads, self.kv_lora_rank, self.qk_rope_head_dim
-        q = (d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * n * self.qk_head_dim
-             if self.q_lora_rank else d * n * self.qk_head_dim)
+        q = (
+            d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * n * self.qk_head_dim
+            if self.q_lora_rank
+            else d * n * self.qk_head_dim
+        )
         kv = d * (c + r) + c + c * n * (self.qk_nope_head_dim + self.v_head_dim)
         return q + kv + n * self.v_head_dim * d
 
@@ -186,63 +221,120 @@ class DeepseekConfig:
         """Total parameters (embedding counted once when tied; MTP modules excluded)."""
         d, m = self.hidden_size, self.moe_intermediate_size
         dense = self.attention_params + 3 * d * self.intermediate_size + 2 * d
-        moe_layer = (self.attention_params + 3 * d * m * (self.n_routed_experts
-                                                          + self.n_shared_experts)
-                     + d * self.n_routed_experts + 2 * d)
+        moe_layer = (
+            self.attention_params
+            + 3 * d * m * (self.n_routed_experts + self.n_shared_experts)
+            + d * self.n_routed_experts
+            + 2 * d
+        )
         emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        return (self.first_k_dense_replace * dense + self.num_moe_layers * moe_layer + emb + d)
+        return self.first_k_dense_replace * dense + self.num_moe_layers * moe_layer + emb + d
 
     @property
     def num_active_params(self) -> int:
         """Parameters touched per token: all but the E - K unchosen routed experts per layer."""
         idle = 3 * self.hidden_size * self.moe_intermediate_size
-        return self.num_params - self.num_moe_layers * idle * (self.n_routed_experts
-                                                               - self.num_experts_per_tok)
+        return self.num_params - self.num_moe_layers * idle * (
+            self.n_routed_experts - self.num_experts_per_tok
+        )
 
     # -- named configurations (real checkpoints load through hf.load; these are for sizing/tests) --
 
     @classmethod
     def deepseek_v3(cls, **kw) -> DeepseekConfig:
         """DeepSeek-V3 / DeepSeek-R1: 671B total, 37B active (MTP module excluded)."""
-        base = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432,
-                    moe_intermediate_size=2048, num_layers=61, num_heads=128, q_lora_rank=1536,
-                    kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-                    n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
-                    first_k_dense_replace=3, n_group=8, topk_group=4, norm_topk_prob=True,
-                    routed_scaling_factor=2.5, max_position_embeddings=163840,
-                    rope_scaling=_yarn_40x(mscale=1.0))
+        base = dict(
+            vocab_size=129280,
+            hidden_size=7168,
+            intermediate_size=18432,
+            moe_intermediate_size=2048,
+            num_layers=61,
+            num_heads=128,
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            n_routed_experts=256,
+            n_shared_experts=1,
+            num_experts_per_tok=8,
+            first_k_dense_replace=3,
+            n_group=8,
+            topk_group=4,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            max_position_embeddings=163840,
+            rope_scaling=_yarn_40x(mscale=1.0),
+        )
         return cls(**{**base, **kw})
 
     @classmethod
     def deepseek_v2_lite(cls, **kw) -> DeepseekConfig:
         """DeepSeek-V2-Lite: 15.7B total, 2.4B active; full-rank queries, softmax routing."""
-        base = dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-                    moe_intermediate_size=1408, num_layers=27, num_heads=16, q_lora_rank=None,
-                    kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-                    n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
-                    first_k_dense_replace=1, scoring_func="softmax", topk_method="greedy",
-                    norm_topk_prob=False, routed_scaling_factor=1.0, max_position_embeddings=163840,
-                    rope_scaling=_yarn_40x(mscale=0.707),
-                    model_type="deepseek_v2")
+        base = dict(
+            vocab_size=102400,
+            hidden_size=2048,
+            intermediate_size=10944,
+            moe_intermediate_size=1408,
+            num_layers=27,
+            num_heads=16,
+            q_lora_rank=None,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            n_routed_experts=64,
+            n_shared_experts=2,
+            num_experts_per_tok=6,
+            first_k_dense_replace=1,
+            scoring_func="softmax",
+            topk_method="greedy",
+            norm_topk_prob=False,
+            routed_scaling_factor=1.0,
+            max_position_embeddings=163840,
+            rope_scaling=_yarn_40x(mscale=0.707),
+            model_type="deepseek_v2",
+        )
         return cls(**{**base, **kw})
 
     @classmethod
     def tiny(cls, **kw) -> DeepseekConfig:
         """A few-hundred-thousand-parameter V3-shaped model for CPU tests."""
-        base = dict(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-                    num_layers=3, num_heads=4, q_lora_rank=48, kv_lora_rank=32,
-                    qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
-                    n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
-                    n_group=2, topk_group=1, routed_scaling_factor=2.5,
-                    max_position_embeddings=128)
+        base = dict(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_layers=3,
+            num_heads=4,
+            q_lora_rank=48,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            max_position_embeddings=128,
+        )
         return cls(**{**base, **kw})
 
 
 def _yarn_40x(mscale: float) -> tuple[tuple[str, Any], ...]:
     """The YaRN setting of the DeepSeek-V2/V3 releases: 4K pre-training context stretched 40x."""
-    return (("beta_fast", 32), ("beta_slow", 1), ("factor", 40.0), ("mscale", mscale),
-            ("mscale_all_dim", mscale), ("original_max_position_embeddings", 4096),
-            ("rope_type", "yarn"))
+    return (
+        ("beta_fast", 32),
+        ("beta_slow", 1),
+        ("factor", 40.0),
+        ("mscale", mscale),
+        ("mscale_all_dim", mscale),
+        ("original_max_position_embeddings", 4096),
+        ("rope_type", "yarn"),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,17 +371,22 @@ class MLACache:
         dtype = dtype or cfg.dtype
 
         def zeros(width):
-            return sharding.constrain(jnp.zeros((batch, length, width), dtype),
-                                      ("batch", "seq", "kv_lora"))
+            return sharding.constrain(
+                jnp.zeros((batch, length, width), dtype), ("batch", "seq", "kv_lora")
+            )
 
-        return cls(latent=tuple(zeros(cfg.kv_lora_rank) for _ in range(cfg.num_layers)),
-                   k_rope=tuple(zeros(cfg.qk_rope_head_dim) for _ in range(cfg.num_layers)),
-                   mask=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
+        return cls(
+            latent=tuple(zeros(cfg.kv_lora_rank) for _ in range(cfg.num_layers)),
+            k_rope=tuple(zeros(cfg.qk_rope_head_dim) for _ in range(cfg.num_layers)),
+            mask=jnp.zeros((batch, length), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
 
     def with_prefix(self, prefix: MLACache) -> MLACache:
         """Attach `prefix` (e.g. a prompt prefill over P rows) as the shared read-only segment."""
-        return self.replace(prefix_latent=prefix.latent, prefix_k_rope=prefix.k_rope,
-                            prefix_mask=prefix.mask)
+        return self.replace(
+            prefix_latent=prefix.latent, prefix_k_rope=prefix.k_rope, prefix_mask=prefix.mask
+        )
 
     @property
     def prefix_length(self) -> int:
@@ -345,8 +442,9 @@ def router_metrics(stats: RouterStats) -> dict[str, jax.Array]:
     }
 
 
-def update_router_bias(model: DeepseekDecoder, stats: RouterStats,
-                       rate: float) -> dict[str, jax.Array]:
+def update_router_bias(
+    model: DeepseekDecoder, stats: RouterStats, rate: float
+) -> dict[str, jax.Array]:
     """Auxiliary-loss-free load balancing (DeepSeek-V3, section 2.1.2), outside the gradient.
 
     For each MoE layer, `moe.balance_bias`: bias += rate * sign(mean load - load), so an
@@ -357,11 +455,14 @@ def update_router_bias(model: DeepseekDecoder, stats: RouterStats,
     """
     layers = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE)]
     if not layers or layers[0].bias is None:
-        raise ValueError("update_router_bias needs a sigmoid (noaux_tc, DeepSeek-V3) router; this "
-                         "model's router has no score-correction bias")
+        raise ValueError(
+            "update_router_bias needs a sigmoid (noaux_tc, DeepSeek-V3) router; this "
+            "model's router has no score-correction bias"
+        )
     if stats.load.shape[0] != len(layers):
-        raise ValueError(f"stats cover {stats.load.shape[0]} MoE layers, the model has "
-                         f"{len(layers)}")
+        raise ValueError(
+            f"stats cover {stats.load.shape[0]} MoE layers, the model has {len(layers)}"
+        )
     drift, size = [], []
     for mlp, load in zip(layers, stats.load, strict=True):
         old = mlp.bias[...]
@@ -403,16 +504,27 @@ class MLAttention(nnx.Module):
         if cfg.q_lora_rank:
             self.q_a_dq = _param(rngs, init, (d, cfg.q_lora_rank), pd, ("embed", "q_lora"))
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, pd, rngs=rngs)
-            self.q_b_qnh = _param(rngs, init, (cfg.q_lora_rank, n, cfg.qk_head_dim), pd,
-                                  ("q_lora", "heads", "head_dim"))
+            self.q_b_qnh = _param(
+                rngs,
+                init,
+                (cfg.q_lora_rank, n, cfg.qk_head_dim),
+                pd,
+                ("q_lora", "heads", "head_dim"),
+            )
         else:
-            self.q_dnh = _param(rngs, init, (d, n, cfg.qk_head_dim), pd,
-                                ("embed", "heads", "head_dim"))
+            self.q_dnh = _param(
+                rngs, init, (d, n, cfg.qk_head_dim), pd, ("embed", "heads", "head_dim")
+            )
         # The latent and the rope key come from one projection, as in the checkpoints.
         self.kv_a_dc = _param(rngs, init, (d, c + r), pd, ("embed", "kv_lora"))
         self.kv_norm = RMSNorm(c, cfg.rms_norm_eps, pd, rngs=rngs)
-        self.kv_b_cnh = _param(rngs, init, (c, n, cfg.qk_nope_head_dim + cfg.v_head_dim), pd,
-                               ("kv_lora", "heads", "head_dim"))
+        self.kv_b_cnh = _param(
+            rngs,
+            init,
+            (c, n, cfg.qk_nope_head_dim + cfg.v_head_dim),
+            pd,
+            ("kv_lora", "heads", "head_dim"),
+        )
         self.o_nvd = _param(rngs, init, (n, cfg.v_head_dim, d), pd, ("heads", "head_dim", "embed"))
 
     def latent(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -420,8 +532,8 @@ class MLAttention(nnx.Module):
         part."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         kv = jnp.einsum("btd,dc->btc", x, self.kv_a_dc[...].astype(dt))
-        latent = self.kv_norm(kv[..., :cfg.kv_lora_rank])
-        k_rope = apply_rope_pairs(kv[..., None, cfg.kv_lora_rank:], cos, sin, cfg.rope_interleave)
+        latent = self.kv_norm(kv[..., : cfg.kv_lora_rank])
+        k_rope = apply_rope_pairs(kv[..., None, cfg.kv_lora_rank :], cos, sin, cfg.rope_interleave)
         return latent, k_rope[:, :, 0]
 
     def query(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -436,8 +548,9 @@ class MLAttention(nnx.Module):
         h = cfg.qk_nope_head_dim
         return q[..., :h], apply_rope_pairs(q[..., h:], cos, sin, cfg.rope_interleave)
 
-    def __call__(self, x, cos, sin, mask, cache_entry=None, prefix_entry=None, index=None,
-                 absorb=False):
+    def __call__(
+        self, x, cos, sin, mask, cache_entry=None, prefix_entry=None, index=None, absorb=False
+    ):
         """x [B, T, D] -> ([B, T, D], (latent, k_rope) of this layer's per-row cache or None).
 
         mask [B, T, Sp + S] bool covers the prefix segment (if any) then the per-row keys.
@@ -451,15 +564,16 @@ class MLAttention(nnx.Module):
         if cache_entry is not None:
             c_lat, c_rope = cache_entry
             c_lat = jax.lax.dynamic_update_slice(c_lat, latent.astype(c_lat.dtype), (0, index, 0))
-            c_rope = jax.lax.dynamic_update_slice(c_rope, k_rope.astype(c_rope.dtype),
-                                                  (0, index, 0))
+            c_rope = jax.lax.dynamic_update_slice(
+                c_rope, k_rope.astype(c_rope.dtype), (0, index, 0)
+            )
             new_entry, latent, k_rope = (c_lat, c_rope), c_lat.astype(dt), c_rope.astype(dt)
         segments = [(latent, k_rope, False)]
         if prefix_entry is not None:
             segments.insert(0, (prefix_entry[0].astype(dt), prefix_entry[1].astype(dt), True))
 
         kv_b = self.kv_b_cnh[...].astype(dt)
-        w_uk, w_uv = kv_b[..., :cfg.qk_nope_head_dim], kv_b[..., cfg.qk_nope_head_dim:]
+        w_uk, w_uv = kv_b[..., : cfg.qk_nope_head_dim], kv_b[..., cfg.qk_nope_head_dim :]
         b, t, n, _ = q_nope.shape
         if absorb:  # q_nope W_uk^T: a query in latent space [B, T, N, C]
             q_main = jnp.einsum("btnh,cnh->btnc", q_nope, w_uk)
@@ -492,7 +606,7 @@ class MLAttention(nnx.Module):
 
         out, start = 0.0, 0
         for lat, _, shared in segments:
-            seg = probs[..., start:start + lat.shape[1]]
+            seg = probs[..., start : start + lat.shape[1]]
             start += lat.shape[1]
             if shared:
                 p = lat.shape[0]
@@ -522,20 +636,33 @@ class MoE(nnx.Module):
         self.cfg = cfg
         self.router_de = _param(rngs, init, (d, e), pd, ("embed", None))
         # HF keeps the bias in float32 whatever the model dtype; so do we.
-        self.bias = (RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,))
-                     if cfg.topk_method == "noaux_tc" else None)
+        self.bias = (
+            RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,))
+            if cfg.topk_method == "noaux_tc"
+            else None
+        )
         self.gate_edm = _param(rngs, init, (e, d, m), pd, ("expert", "embed", "mlp"))
         self.up_edm = _param(rngs, init, (e, d, m), pd, ("expert", "embed", "mlp"))
         self.down_emd = _param(rngs, init, (e, m, d), pd, ("expert", "mlp", "embed"))
-        self.shared = (MLP(cfg.dense_view(m * cfg.n_shared_experts), rngs=rngs)
-                       if cfg.n_shared_experts else None)
+        self.shared = (
+            MLP(cfg.dense_view(m * cfg.n_shared_experts), rngs=rngs)
+            if cfg.n_shared_experts
+            else None
+        )
 
     def __call__(self, x: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, moe.MoEStats]:
         """x [B, T, D], token_mask [B, T] bool -> ([B, T, D], this layer's routing counts)."""
         bias = None if self.bias is None else self.bias[...]
-        out, stats = moe.routed_experts(x, token_mask, self.router_de[...], bias,
-                                        self.gate_edm[...], self.up_edm[...], self.down_emd[...],
-                                        self.cfg.moe)
+        out, stats = moe.routed_experts(
+            x,
+            token_mask,
+            self.router_de[...],
+            bias,
+            self.gate_edm[...],
+            self.up_edm[...],
+            self.down_emd[...],
+            self.cfg.moe,
+        )
         if self.shared is not None:
             out = out + self.shared(x)
         return out, stats
@@ -548,13 +675,27 @@ class Block(nnx.Module):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype, rngs=rngs)
         self.attn = MLAttention(cfg, rngs=rngs)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype, rngs=rngs)
-        self.mlp = (MoE(cfg, rngs=rngs) if cfg.is_moe_layer(layer)
-                    else MLP(cfg.dense_view(cfg.intermediate_size), rngs=rngs))
+        self.mlp = (
+            MoE(cfg, rngs=rngs)
+            if cfg.is_moe_layer(layer)
+            else MLP(cfg.dense_view(cfg.intermediate_size), rngs=rngs)
+        )
 
-    def __call__(self, x, token_mask, cos, sin, mask, cache_entry=None, prefix_entry=None,
-                 index=None, absorb=False):
-        attn_out, new_entry = self.attn(self.input_norm(x), cos, sin, mask, cache_entry,
-                                        prefix_entry, index, absorb)
+    def __call__(
+        self,
+        x,
+        token_mask,
+        cos,
+        sin,
+        mask,
+        cache_entry=None,
+        prefix_entry=None,
+        index=None,
+        absorb=False,
+    ):
+        attn_out, new_entry = self.attn(
+            self.input_norm(x), cos, sin, mask, cache_entry, prefix_entry, index, absorb
+        )
         x = x + attn_out
         h = self.post_attn_norm(x)
         stats = None
@@ -581,20 +722,38 @@ class DeepseekDecoder(Decoder):
     def __init__(self, cfg: DeepseekConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         pd = cfg.param_dtype
-        self.embed_vd = _param(rngs, nnx.initializers.normal(0.02),
-                               (cfg.vocab_size, cfg.hidden_size), pd, ("vocab", "embed"))
+        self.embed_vd = _param(
+            rngs,
+            nnx.initializers.normal(0.02),
+            (cfg.vocab_size, cfg.hidden_size),
+            pd,
+            ("vocab", "embed"),
+        )
         self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs=rngs)
         if not cfg.tie_word_embeddings:
-            self.unembed_dv = _param(rngs, nnx.initializers.normal(0.02),
-                                     (cfg.hidden_size, cfg.vocab_size), pd, ("embed", "vocab"))
+            self.unembed_dv = _param(
+                rngs,
+                nnx.initializers.normal(0.02),
+                (cfg.hidden_size, cfg.vocab_size),
+                pd,
+                ("embed", "vocab"),
+            )
 
     def init_cache(self, batch: int, length: int) -> MLACache:
         """An empty latent cache of `length` slots for `batch` rows (the sampler's entry point)."""
         return MLACache.empty(self.cfg, batch, length)
 
-    def hidden_states_with_router(self, input_ids, attention_mask=None, *, positions=None,
-                                  cache=None, segment_ids=None, absorb=None):
+    def hidden_states_with_router(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        positions=None,
+        cache=None,
+        segment_ids=None,
+        absorb=None,
+    ):
         """The forward pass up to the final norm, plus routing counts.
 
         input_ids [B, T] int32; attention_mask [B, T] (1 = token, 0 = pad; default all ones);
@@ -608,8 +767,10 @@ class DeepseekDecoder(Decoder):
             if cache is not None:
                 raise ValueError("segment_ids (packed sequences) cannot be used with a KV cache")
             if positions is None:
-                raise ValueError("segment_ids needs explicit positions (restarting at 0 for each "
-                                 "segment, e.g. SFTBatch.positions)")
+                raise ValueError(
+                    "segment_ids needs explicit positions (restarting at 0 for each "
+                    "segment, e.g. SFTBatch.positions)"
+                )
             if attention_mask is None:
                 attention_mask = (segment_ids > 0).astype(jnp.int32)
         if attention_mask is None:
@@ -632,8 +793,9 @@ class DeepseekDecoder(Decoder):
         if cache is None:
             mask, index = self._self_mask(token_mask, positions, segment_ids), None
         else:
-            cache = cache.replace(mask=jax.lax.dynamic_update_slice(
-                cache.mask, token_mask, (0, cache.index)))
+            cache = cache.replace(
+                mask=jax.lax.dynamic_update_slice(cache.mask, token_mask, (0, cache.index))
+            )
             mask, index = self._cache_mask(cache, t), cache.index
 
         def block_fn(block, x, entry, prefix):
@@ -651,6 +813,7 @@ class DeepseekDecoder(Decoder):
                     return plain_fn(nnx.merge(graphdef, state), *args)
 
                 return jax.checkpoint(pure)(state, x, entry, prefix)
+
         latents, ropes, loads, dropped = [], [], [], []
         for i, block in enumerate(self.layers):
             entry = prefix = None
@@ -668,27 +831,56 @@ class DeepseekDecoder(Decoder):
         hidden = self.final_norm(x)
         new_cache = None
         if cache is not None:
-            new_cache = cache.replace(latent=tuple(latents), k_rope=tuple(ropes),
-                                      index=cache.index + t)
+            new_cache = cache.replace(
+                latent=tuple(latents), k_rope=tuple(ropes), index=cache.index + t
+            )
         e = cfg.n_routed_experts
         router = RouterStats(
             load=jnp.stack(loads) if loads else jnp.zeros((0, e), jnp.float32),
-            dropped=jnp.stack(dropped) if dropped else jnp.zeros((0,), jnp.float32))
+            dropped=jnp.stack(dropped) if dropped else jnp.zeros((0,), jnp.float32),
+        )
         return hidden, new_cache, router
 
-    def hidden_states(self, input_ids, attention_mask=None, *, positions=None, cache=None,
-                      segment_ids=None, absorb=None):
+    def hidden_states(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        positions=None,
+        cache=None,
+        segment_ids=None,
+        absorb=None,
+    ):
         """As `Decoder.hidden_states`: (final-normed hidden [B, T, D], new cache or None)."""
         hidden, new_cache, _ = self.hidden_states_with_router(
-            input_ids, attention_mask, positions=positions, cache=cache, segment_ids=segment_ids,
-            absorb=absorb)
+            input_ids,
+            attention_mask,
+            positions=positions,
+            cache=cache,
+            segment_ids=segment_ids,
+            absorb=absorb,
+        )
         return hidden, new_cache
 
-    def __call__(self, input_ids, attention_mask=None, *, positions=None, cache=None,
-                 segment_ids=None, absorb=None):
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        positions=None,
+        cache=None,
+        segment_ids=None,
+        absorb=None,
+    ):
         """input_ids [B, T] int32 -> float32 logits [B, T, V]; with `cache`, (logits, new cache)."""
-        hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions=positions,
-                                               cache=cache, segment_ids=segment_ids, absorb=absorb)
+        hidden, new_cache = self.hidden_states(
+            input_ids,
+            attention_mask,
+            positions=positions,
+            cache=cache,
+            segment_ids=segment_ids,
+            absorb=absorb,
+        )
         logits = self.logits_from_hidden(hidden)
         return logits if cache is None else (logits, new_cache)
 

@@ -46,18 +46,54 @@ SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 _ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}
 
 _MODEL_FIELDS = {
-    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "n_shared_experts", "n_routed_experts",
-    "routed_scaling_factor", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim",
-    "qk_nope_head_dim", "qk_head_dim", "head_dim", "n_group", "topk_group", "num_experts_per_tok",
-    "first_k_dense_replace", "norm_topk_prob", "hidden_act", "max_position_embeddings",
-    "rms_norm_eps", "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters",
-    "rope_interleave", "attention_bias", "attention_dropout", "pretraining_tp", "mlp_bias",
-    "topk_method", "scoring_func", "moe_layer_freq", "num_nextn_predict_layers", "num_mtp_layers",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "n_shared_experts",
+    "n_routed_experts",
+    "routed_scaling_factor",
+    "kv_lora_rank",
+    "q_lora_rank",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "qk_nope_head_dim",
+    "qk_head_dim",
+    "head_dim",
+    "n_group",
+    "topk_group",
+    "num_experts_per_tok",
+    "first_k_dense_replace",
+    "norm_topk_prob",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "rope_interleave",
+    "attention_bias",
+    "attention_dropout",
+    "pretraining_tp",
+    "mlp_bias",
+    "topk_method",
+    "scoring_func",
+    "moe_layer_freq",
+    "num_nextn_predict_layers",
+    "num_mtp_layers",
 }
 # Fields of DeepSeek's own config.json files that only matter for training losses or deployment.
-_TRAINING_ONLY_FIELDS = {"aux_loss_alpha", "seq_aux", "ep_size", "output_router_logits",
-                         "router_aux_loss_coef"}
+_TRAINING_ONLY_FIELDS = {
+    "aux_loss_alpha",
+    "seq_aux",
+    "ep_size",
+    "output_router_logits",
+    "router_aux_loss_coef",
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -65,28 +101,39 @@ _TRAINING_ONLY_FIELDS = {"aux_loss_alpha", "seq_aux", "ep_size", "output_router_
 # --------------------------------------------------------------------------------------------------
 
 
-def config_from_hf(raw: dict[str, Any], *, param_dtype: str = "float32", dtype: str | None = None,
-                   remat: bool = False, capacity_factor: float | None = None,
-                   where: str = "config.json") -> DeepseekConfig:
+def config_from_hf(
+    raw: dict[str, Any],
+    *,
+    param_dtype: str = "float32",
+    dtype: str | None = None,
+    remat: bool = False,
+    capacity_factor: float | None = None,
+    where: str = "config.json",
+) -> DeepseekConfig:
     """Translate a Hugging Face DeepSeek config dict into a DeepseekConfig, refusing what r1jax
     does not implement. `capacity_factor` is r1jax's (None = dropless routed experts)."""
     import transformers
 
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(f"{where}: model_type {model_type!r} is not a DeepSeek-V2/V3 type "
-                              f"({', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise CheckpointError(
+            f"{where}: model_type {model_type!r} is not a DeepSeek-V2/V3 type "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     if "quantization_config" in raw:
         raise CheckpointError(
             f"{where}: quantization_config {raw['quantization_config']!r} is not supported: "
             f"convert the FP8 block-quantised weights to bfloat16 first (e.g. DeepSeek's "
-            f"fp8_cast_bf16.py) and drop quantization_config")
+            f"fp8_cast_bf16.py) and drop quantization_config"
+        )
     unknown = sorted(set(raw) - hf._METADATA_FIELDS - _MODEL_FIELDS - _TRAINING_ONLY_FIELDS)
     if model_type == "deepseek_v2":
         unknown += ["rope_interleave"] if "rope_interleave" in raw else []
     if unknown:
-        raise CheckpointError(f"{where}: field(s) {sorted(unknown)} are not supported by r1jax for "
-                              f"model_type {model_type!r}; remove them if they do not apply")
+        raise CheckpointError(
+            f"{where}: field(s) {sorted(unknown)} are not supported by r1jax for "
+            f"model_type {model_type!r}; remove them if they do not apply"
+        )
     defaults = transformers.AutoConfig.for_model(model_type)
 
     def get(field):
@@ -102,32 +149,59 @@ def config_from_hf(raw: dict[str, Any], *, param_dtype: str = "float32", dtype: 
     require(get("hidden_act") == "silu", "hidden_act", "only SwiGLU (silu) MLPs")
     require(not get("attention_dropout"), "attention_dropout", "dropout is not implemented")
     require(get("pretraining_tp") in (None, 1), "pretraining_tp", "must be 1")
-    require(not get("attention_bias"), "attention_bias", "MLA projections with biases are not "
-            "implemented (no DeepSeek release uses them)")
+    require(
+        not get("attention_bias"),
+        "attention_bias",
+        "MLA projections with biases are not implemented (no DeepSeek release uses them)",
+    )
     require(not raw.get("mlp_bias"), "mlp_bias", "MLP biases are not implemented")
-    require(raw.get("num_key_value_heads") in (None, heads), "num_key_value_heads",
-            "MLA expands the latent to every head; it must equal num_attention_heads")
+    require(
+        raw.get("num_key_value_heads") in (None, heads),
+        "num_key_value_heads",
+        "MLA expands the latent to every head; it must equal num_attention_heads",
+    )
     require(raw.get("head_dim") in (None, rope_dim), "head_dim", "must equal qk_rope_head_dim")
-    require(raw.get("qk_head_dim") in (None, rope_dim + nope_dim), "qk_head_dim",
-            "must equal qk_nope_head_dim + qk_rope_head_dim")
-    require(raw.get("moe_layer_freq", 1) == 1, "moe_layer_freq", "every layer after "
-            "first_k_dense_replace is MoE in r1jax (as in transformers)")
+    require(
+        raw.get("qk_head_dim") in (None, rope_dim + nope_dim),
+        "qk_head_dim",
+        "must equal qk_nope_head_dim + qk_rope_head_dim",
+    )
+    require(
+        raw.get("moe_layer_freq", 1) == 1,
+        "moe_layer_freq",
+        "every layer after first_k_dense_replace is MoE in r1jax (as in transformers)",
+    )
     if model_type == "deepseek_v3":
-        require(raw.get("scoring_func", "sigmoid") == "sigmoid", "scoring_func",
-                "DeepSeek-V3 routes with sigmoid scores")
-        require(raw.get("topk_method", "noaux_tc") == "noaux_tc", "topk_method",
-                "DeepSeek-V3 routes with noaux_tc")
+        require(
+            raw.get("scoring_func", "sigmoid") == "sigmoid",
+            "scoring_func",
+            "DeepSeek-V3 routes with sigmoid scores",
+        )
+        require(
+            raw.get("topk_method", "noaux_tc") == "noaux_tc",
+            "topk_method",
+            "DeepSeek-V3 routes with noaux_tc",
+        )
         scoring, topk_method, interleave = "sigmoid", "noaux_tc", bool(get("rope_interleave"))
         norm_topk = bool(get("norm_topk_prob"))
     else:
-        require(raw.get("scoring_func", "softmax") == "softmax", "scoring_func",
-                "DeepSeek-V2 routes with softmax scores")
+        require(
+            raw.get("scoring_func", "softmax") == "softmax",
+            "scoring_func",
+            "DeepSeek-V2 routes with softmax scores",
+        )
         topk_method = get("topk_method") or "greedy"
-        require(topk_method in ("greedy", "group_limited_greedy"), "topk_method",
-                "DeepSeek-V2 uses greedy or group_limited_greedy")
-        require(not raw.get("norm_topk_prob"), "norm_topk_prob",
-                "transformers' DeepSeek-V2 ignores it but DeepSeek's code normalises the top-k "
-                "weights; set it to false (as every released V2 checkpoint does)")
+        require(
+            topk_method in ("greedy", "group_limited_greedy"),
+            "topk_method",
+            "DeepSeek-V2 uses greedy or group_limited_greedy",
+        )
+        require(
+            not raw.get("norm_topk_prob"),
+            "norm_topk_prob",
+            "transformers' DeepSeek-V2 ignores it but DeepSeek's code normalises the top-k "
+            "weights; set it to false (as every released V2 checkpoint does)",
+        )
         scoring, interleave, norm_topk = "softmax", True, False
     if get("num_experts_per_tok") is None:
         raise CheckpointError(f"{where}: num_experts_per_tok is required")
@@ -139,31 +213,50 @@ def config_from_hf(raw: dict[str, Any], *, param_dtype: str = "float32", dtype: 
     if "type" in rope:
         rope.setdefault("rope_type", rope.pop("type"))
         rope.pop("type", None)
-    require(rope.pop("partial_rotary_factor", 1.0) == 1.0, "rope_parameters",
-            "partial_rotary_factor != 1")
+    require(
+        rope.pop("partial_rotary_factor", 1.0) == 1.0,
+        "rope_parameters",
+        "partial_rotary_factor != 1",
+    )
     rope_scaling = None
     if rope.get("rope_type", "default") != "default":
         rope_scaling = tuple(sorted(rope.items()))
 
     try:
         return DeepseekConfig(
-            vocab_size=get("vocab_size"), hidden_size=get("hidden_size"),
+            vocab_size=get("vocab_size"),
+            hidden_size=get("hidden_size"),
             intermediate_size=get("intermediate_size"),
             moe_intermediate_size=get("moe_intermediate_size"),
-            num_layers=get("num_hidden_layers"), num_heads=heads, q_lora_rank=get("q_lora_rank"),
-            kv_lora_rank=get("kv_lora_rank"), qk_nope_head_dim=nope_dim,
-            qk_rope_head_dim=rope_dim, v_head_dim=get("v_head_dim"),
-            n_routed_experts=get("n_routed_experts"), n_shared_experts=get("n_shared_experts"),
+            num_layers=get("num_hidden_layers"),
+            num_heads=heads,
+            q_lora_rank=get("q_lora_rank"),
+            kv_lora_rank=get("kv_lora_rank"),
+            qk_nope_head_dim=nope_dim,
+            qk_rope_head_dim=rope_dim,
+            v_head_dim=get("v_head_dim"),
+            n_routed_experts=get("n_routed_experts"),
+            n_shared_experts=get("n_shared_experts"),
             num_experts_per_tok=get("num_experts_per_tok"),
-            first_k_dense_replace=get("first_k_dense_replace"), scoring_func=scoring,
-            topk_method=topk_method, n_group=get("n_group") or 1,
-            topk_group=get("topk_group") or 1, norm_topk_prob=norm_topk,
+            first_k_dense_replace=get("first_k_dense_replace"),
+            scoring_func=scoring,
+            topk_method=topk_method,
+            n_group=get("n_group") or 1,
+            topk_group=get("topk_group") or 1,
+            norm_topk_prob=norm_topk,
             routed_scaling_factor=float(get("routed_scaling_factor")),
-            capacity_factor=capacity_factor, rope_interleave=interleave,
-            max_position_embeddings=get("max_position_embeddings"), rope_theta=rope_theta,
-            rope_scaling=rope_scaling, rms_norm_eps=get("rms_norm_eps"),
-            tie_word_embeddings=bool(get("tie_word_embeddings")), param_dtype=param_dtype,
-            dtype=dtype or param_dtype, remat=remat, model_type=model_type)
+            capacity_factor=capacity_factor,
+            rope_interleave=interleave,
+            max_position_embeddings=get("max_position_embeddings"),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            rms_norm_eps=get("rms_norm_eps"),
+            tie_word_embeddings=bool(get("tie_word_embeddings")),
+            param_dtype=param_dtype,
+            dtype=dtype or param_dtype,
+            remat=remat,
+            model_type=model_type,
+        )
     except ValueError as e:
         raise CheckpointError(f"{where}: {e}") from e
 
@@ -176,27 +269,46 @@ def config_to_hf(cfg: DeepseekConfig) -> dict[str, Any]:
         raise CheckpointError("transformers' DeepSeek models need n_shared_experts >= 1")
     v3 = cfg.model_type == "deepseek_v3"
     if v3 != (cfg.topk_method == "noaux_tc"):
-        raise CheckpointError(f"model_type {cfg.model_type!r} cannot express topk_method "
-                              f"{cfg.topk_method!r}")
+        raise CheckpointError(
+            f"model_type {cfg.model_type!r} cannot express topk_method {cfg.topk_method!r}"
+        )
     if not v3 and (cfg.norm_topk_prob or not cfg.rope_interleave):
-        raise CheckpointError("deepseek_v2 in transformers cannot express norm_topk_prob=True or "
-                              "rope_interleave=False")
+        raise CheckpointError(
+            "deepseek_v2 in transformers cannot express norm_topk_prob=True or "
+            "rope_interleave=False"
+        )
     kwargs = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size, moe_intermediate_size=cfg.moe_intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads, n_shared_experts=cfg.n_shared_experts,
-        n_routed_experts=cfg.n_routed_experts, routed_scaling_factor=cfg.routed_scaling_factor,
-        kv_lora_rank=cfg.kv_lora_rank, q_lora_rank=cfg.q_lora_rank,
-        qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
-        qk_nope_head_dim=cfg.qk_nope_head_dim, n_group=cfg.n_group, topk_group=cfg.topk_group,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        n_shared_experts=cfg.n_shared_experts,
+        n_routed_experts=cfg.n_routed_experts,
+        routed_scaling_factor=cfg.routed_scaling_factor,
+        kv_lora_rank=cfg.kv_lora_rank,
+        q_lora_rank=cfg.q_lora_rank,
+        qk_rope_head_dim=cfg.qk_rope_head_dim,
+        v_head_dim=cfg.v_head_dim,
+        qk_nope_head_dim=cfg.qk_nope_head_dim,
+        n_group=cfg.n_group,
+        topk_group=cfg.topk_group,
         num_experts_per_tok=cfg.num_experts_per_tok,
-        first_k_dense_replace=cfg.first_k_dense_replace, norm_topk_prob=cfg.norm_topk_prob,
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+        first_k_dense_replace=cfg.first_k_dense_replace,
+        norm_topk_prob=cfg.norm_topk_prob,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
         tie_word_embeddings=cfg.tie_word_embeddings,
-        rope_parameters={"rope_type": "default", **cfg.rope_scaling_dict,
-                         "rope_theta": cfg.rope_theta},
-        architectures=[_ARCHITECTURES[cfg.model_type]], dtype=cfg.param_dtype)
+        rope_parameters={
+            "rope_type": "default",
+            **cfg.rope_scaling_dict,
+            "rope_theta": cfg.rope_theta,
+        },
+        architectures=[_ARCHITECTURES[cfg.model_type]],
+        dtype=cfg.param_dtype,
+    )
     if v3:
         kwargs.update(rope_interleave=cfg.rope_interleave, num_nextn_predict_layers=0)
     else:
@@ -228,58 +340,79 @@ def _transposed(path, name) -> _Tensor:  # nn.Linear [out, in] <-> ours [in, out
 
 
 def _heads_out(path, name, n, h) -> _Tensor:  # HF [N*h, X] <-> ours [X, N, h]
-    return _Tensor(path, (name,), lambda t: t[0].reshape(n, h, -1).transpose(2, 0, 1),
-                   lambda x: [x.transpose(1, 2, 0).reshape(n * h, -1)])
+    return _Tensor(
+        path,
+        (name,),
+        lambda t: t[0].reshape(n, h, -1).transpose(2, 0, 1),
+        lambda x: [x.transpose(1, 2, 0).reshape(n * h, -1)],
+    )
 
 
 def _heads_in(path, name, n, v) -> _Tensor:  # HF o_proj [D, N*V] <-> ours [N, V, D]
-    return _Tensor(path, (name,), lambda t: t[0].reshape(-1, n, v).transpose(1, 2, 0),
-                   lambda x: [x.transpose(2, 0, 1).reshape(-1, n * v)])
+    return _Tensor(
+        path,
+        (name,),
+        lambda t: t[0].reshape(-1, n, v).transpose(1, 2, 0),
+        lambda x: [x.transpose(2, 0, 1).reshape(-1, n * v)],
+    )
 
 
 def _stacked(path, names) -> _Tensor:  # E tensors [out, in] <-> ours [E, in, out]
-    return _Tensor(path, tuple(names), lambda t: np.stack([w.T for w in t]),
-                   lambda x: [w.T for w in x])
+    return _Tensor(
+        path, tuple(names), lambda t: np.stack([w.T for w in t]), lambda x: [w.T for w in x]
+    )
 
 
 def _tensors(cfg: DeepseekConfig) -> list[_Tensor]:
     n, h = cfg.num_heads, cfg.qk_head_dim
-    out = [_same(("embed_vd",), "model.embed_tokens.weight"),
-           _same(("final_norm", "scale"), "model.norm.weight")]
+    out = [
+        _same(("embed_vd",), "model.embed_tokens.weight"),
+        _same(("final_norm", "scale"), "model.norm.weight"),
+    ]
     if not cfg.tie_word_embeddings:
         out.append(_transposed(("unembed_dv",), "lm_head.weight"))
     for i in range(cfg.num_layers):
         pre, hp = ("layers", i), f"model.layers.{i}."
         at, ha = pre + ("attn",), hp + "self_attn."
-        out += [_same(pre + ("input_norm", "scale"), hp + "input_layernorm.weight"),
-                _same(pre + ("post_attn_norm", "scale"), hp + "post_attention_layernorm.weight"),
-                _transposed(at + ("kv_a_dc",), ha + "kv_a_proj_with_mqa.weight"),
-                _same(at + ("kv_norm", "scale"), ha + "kv_a_layernorm.weight"),
-                _heads_out(at + ("kv_b_cnh",), ha + "kv_b_proj.weight", n,
-                           cfg.qk_nope_head_dim + cfg.v_head_dim),
-                _heads_in(at + ("o_nvd",), ha + "o_proj.weight", n, cfg.v_head_dim)]
+        out += [
+            _same(pre + ("input_norm", "scale"), hp + "input_layernorm.weight"),
+            _same(pre + ("post_attn_norm", "scale"), hp + "post_attention_layernorm.weight"),
+            _transposed(at + ("kv_a_dc",), ha + "kv_a_proj_with_mqa.weight"),
+            _same(at + ("kv_norm", "scale"), ha + "kv_a_layernorm.weight"),
+            _heads_out(
+                at + ("kv_b_cnh",),
+                ha + "kv_b_proj.weight",
+                n,
+                cfg.qk_nope_head_dim + cfg.v_head_dim,
+            ),
+            _heads_in(at + ("o_nvd",), ha + "o_proj.weight", n, cfg.v_head_dim),
+        ]
         if cfg.q_lora_rank:
-            out += [_transposed(at + ("q_a_dq",), ha + "q_a_proj.weight"),
-                    _same(at + ("q_norm", "scale"), ha + "q_a_layernorm.weight"),
-                    _heads_out(at + ("q_b_qnh",), ha + "q_b_proj.weight", n, h)]
+            out += [
+                _transposed(at + ("q_a_dq",), ha + "q_a_proj.weight"),
+                _same(at + ("q_norm", "scale"), ha + "q_a_layernorm.weight"),
+                _heads_out(at + ("q_b_qnh",), ha + "q_b_proj.weight", n, h),
+            ]
         else:
             out.append(_heads_out(at + ("q_dnh",), ha + "q_proj.weight", n, h))
         ml, hm = pre + ("mlp",), hp + "mlp."
         if not cfg.is_moe_layer(i):
-            out += [_transposed(ml + ("gate_df",), hm + "gate_proj.weight"),
-                    _transposed(ml + ("up_df",), hm + "up_proj.weight"),
-                    _transposed(ml + ("down_fd",), hm + "down_proj.weight")]
+            out += [
+                _transposed(ml + ("gate_df",), hm + "gate_proj.weight"),
+                _transposed(ml + ("up_df",), hm + "up_proj.weight"),
+                _transposed(ml + ("down_fd",), hm + "down_proj.weight"),
+            ]
             continue
         experts = range(cfg.n_routed_experts)
-        out += [_transposed(ml + ("router_de",), hm + "gate.weight"),
-                _stacked(ml + ("gate_edm",), [f"{hm}experts.{j}.gate_proj.weight"
-                                              for j in experts]),
-                _stacked(ml + ("up_edm",), [f"{hm}experts.{j}.up_proj.weight" for j in experts]),
-                _stacked(ml + ("down_emd",), [f"{hm}experts.{j}.down_proj.weight"
-                                              for j in experts]),
-                _transposed(ml + ("shared", "gate_df"), hm + "shared_experts.gate_proj.weight"),
-                _transposed(ml + ("shared", "up_df"), hm + "shared_experts.up_proj.weight"),
-                _transposed(ml + ("shared", "down_fd"), hm + "shared_experts.down_proj.weight")]
+        out += [
+            _transposed(ml + ("router_de",), hm + "gate.weight"),
+            _stacked(ml + ("gate_edm",), [f"{hm}experts.{j}.gate_proj.weight" for j in experts]),
+            _stacked(ml + ("up_edm",), [f"{hm}experts.{j}.up_proj.weight" for j in experts]),
+            _stacked(ml + ("down_emd",), [f"{hm}experts.{j}.down_proj.weight" for j in experts]),
+            _transposed(ml + ("shared", "gate_df"), hm + "shared_experts.gate_proj.weight"),
+            _transposed(ml + ("shared", "up_df"), hm + "shared_experts.up_proj.weight"),
+            _transposed(ml + ("shared", "down_fd"), hm + "shared_experts.down_proj.weight"),
+        ]
         if cfg.topk_method == "noaux_tc":
             out.append(_same(ml + ("bias",), hm + "gate.e_score_correction_bias"))
     return out
@@ -296,9 +429,17 @@ def _mtp_names(names: set[str], num_layers: int) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def load(path: str, mesh: Mesh | None = None, *, param_dtype: str = "float32",
-         dtype: str | None = None, remat: bool = False, rules=None,
-         capacity_factor: float | None = None, mtp: str = "skip") -> DeepseekDecoder:
+def load(
+    path: str,
+    mesh: Mesh | None = None,
+    *,
+    param_dtype: str = "float32",
+    dtype: str | None = None,
+    remat: bool = False,
+    rules=None,
+    capacity_factor: float | None = None,
+    mtp: str = "skip",
+) -> DeepseekDecoder:
     """Load a local DeepSeek-V2/V3 HF checkpoint folder into a DeepseekDecoder.
 
     Arguments as `hf.load`, plus `capacity_factor` (routed-expert capacity, None = dropless) and
@@ -307,8 +448,14 @@ def load(path: str, mesh: Mesh | None = None, *, param_dtype: str = "float32",
     """
     if mtp not in ("skip", "error"):
         raise ValueError(f"mtp must be 'skip' or 'error', got {mtp!r}")
-    cfg = config_from_hf(hf.read_config(path), param_dtype=param_dtype, dtype=dtype, remat=remat,
-                         capacity_factor=capacity_factor, where=os.path.join(path, "config.json"))
+    cfg = config_from_hf(
+        hf.read_config(path),
+        param_dtype=param_dtype,
+        dtype=dtype,
+        remat=remat,
+        capacity_factor=capacity_factor,
+        where=os.path.join(path, "config.json"),
+    )
     hf._check_complete(path)
     files = hf._WeightFiles(path)
 
@@ -322,46 +469,66 @@ def load(path: str, mesh: Mesh | None = None, *, param_dtype: str = "float32",
     names = files.names()
     missing = sorted(expected - names)
     if missing:
-        raise CheckpointError(f"{path}: weights {missing[:5]}{'...' if len(missing) > 5 else ''} "
-                              f"are missing ({len(missing)} in all) for the architecture in "
-                              f"config.json")
+        raise CheckpointError(
+            f"{path}: weights {missing[:5]}{'...' if len(missing) > 5 else ''} "
+            f"are missing ({len(missing)} in all) for the architecture in "
+            f"config.json"
+        )
     mtp_names = _mtp_names(names - expected, cfg.num_layers)
     if mtp_names:
         size = sum(int(np.prod(files.shape(k))) for k in mtp_names)
         if mtp == "error":
-            raise CheckpointError(f"{path}: holds {len(mtp_names)} multi-token-prediction tensors "
-                                  f"(model.layers.{cfg.num_layers}.* ...), refused by mtp='error'")
-        log.warning("%s: skipping %d multi-token-prediction tensors (%s ..., %.3g M values): "
-                    "r1jax does not implement MTP modules; sampling and GRPO do not use them",
-                    path, len(mtp_names), mtp_names[0], size / 1e6)
+            raise CheckpointError(
+                f"{path}: holds {len(mtp_names)} multi-token-prediction tensors "
+                f"(model.layers.{cfg.num_layers}.* ...), refused by mtp='error'"
+            )
+        log.warning(
+            "%s: skipping %d multi-token-prediction tensors (%s ..., %.3g M values): "
+            "r1jax does not implement MTP modules; sampling and GRPO do not use them",
+            path,
+            len(mtp_names),
+            mtp_names[0],
+            size / 1e6,
+        )
     extra = sorted(names - expected - set(mtp_names) - {"lm_head.weight"})
     if extra:
-        raise CheckpointError(f"{path}: weights {extra[:5]} are not used by the architecture in "
-                              f"config.json ({len(extra)} in all); config and weights disagree")
+        raise CheckpointError(
+            f"{path}: weights {extra[:5]} are not used by the architecture in "
+            f"config.json ({len(extra)} in all); config and weights disagree"
+        )
 
     leaves = {}
     for t in tensors:
         var = target[t.path]
         host = t.to_ours([files.get(name) for name in t.names])
         if host.shape != var.shape:
-            raise CheckpointError(f"{path}: {t.names[0]} has shape {files.shape(t.names[0])}, "
-                                  f"which does not match config.json (expected {var.shape} after "
-                                  f"layout change)")
+            raise CheckpointError(
+                f"{path}: {t.names[0]} has shape {files.shape(t.names[0])}, "
+                f"which does not match config.json (expected {var.shape} after "
+                f"layout change)"
+            )
         host = host.astype(var.dtype)  # the bias keeps float32; parameters take param_dtype
         if mesh is None:
             leaves[t.path] = jnp.asarray(host)
         else:
-            shard = sharding.logical_sharding(var.get_metadata().get("out_sharding"), var.shape,
-                                              mesh, rules)
-            leaves[t.path] = jax.make_array_from_callback(var.shape, shard,
-                                                          lambda idx, h=host: h[idx])
+            shard = sharding.logical_sharding(
+                var.get_metadata().get("out_sharding"), var.shape, mesh, rules
+            )
+            leaves[t.path] = jax.make_array_from_callback(
+                var.shape, shard, lambda idx, h=host: h[idx]
+            )
         del host
     state = nnx.from_flat_state([(p, target[p].replace(leaves[p])) for p in target])
     return nnx.merge(graphdef, state)
 
 
-def save(model: DeepseekDecoder, path: str, *, max_shard_bytes: int = 5 * 1024**3,
-         dtype: str | None = None) -> None:
+def save(
+    model: DeepseekDecoder,
+    path: str,
+    *,
+    max_shard_bytes: int = 5 * 1024**3,
+    dtype: str | None = None,
+) -> None:
     """Write `model` as a transformers-loadable DeepSeek checkpoint folder (as `hf.save`).
 
     Routed experts are written one tensor per expert (the published layout). The score-correction
@@ -389,8 +556,9 @@ def save(model: DeepseekDecoder, path: str, *, max_shard_bytes: int = 5 * 1024**
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_to_hf(cfg), f, indent=2, sort_keys=True)
     for stale in os.listdir(path):
-        if stale.startswith("model") and (stale.endswith(".safetensors")
-                                          or stale.endswith(".safetensors.index.json")):
+        if stale.startswith("model") and (
+            stale.endswith(".safetensors") or stale.endswith(".safetensors.index.json")
+        ):
             os.remove(os.path.join(path, stale))
     shards, current, size = [], {}, 0
     for name, x in tensors.items():

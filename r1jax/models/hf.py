@@ -1,9 +1,9 @@
 """Hugging Face checkpoints in and out: config.json <-> ModelConfig, safetensors <-> parameters.
 
 `load(path, mesh=None)` reads a local checkpoint folder (config.json plus one `model.safetensors` or
-shards listed in `model.safetensors.index.json`) into a `Decoder`. With a mesh, each tensor is read on the
-host, converted to r1jax layout, and placed with `jax.make_array_from_callback`, so every device
-receives only its own shard and the host never holds more than one tensor at a time.
+shards listed in `model.safetensors.index.json`) into a `Decoder`. With a mesh, each tensor is read
+on the host, converted to r1jax layout, and placed with `jax.make_array_from_callback`, so every
+device receives only its own shard and the host never holds more than one tensor at a time.
 `save(model, path)` writes config.json (through transformers' own config class, so the file is what
 transformers expects) and safetensors shards that `AutoModelForCausalLM.from_pretrained` loads.
 
@@ -37,25 +37,75 @@ log = logging.getLogger(__name__)
 
 _DEEPSEEK_TYPES = ("deepseek_v3", "deepseek_v2")  # MLA + MoE: handled by deepseek_hf.py
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral", "qwen3") + _DEEPSEEK_TYPES
-_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
-                  "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_ARCHITECTURES = {
+    "qwen2": "Qwen2ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 # Fields that never change the forward pass of a causal LM.
 _METADATA_FIELDS = {
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
-    "initializer_range", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
-    "_name_or_path", "tokenizer_class", "return_dict", "output_attentions", "output_hidden_states",
-    "id2label", "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder",
-    "max_window_layers", "torchscript", "tie_encoder_decoder", "pruned_heads", "finetuning_task",
-    "task_specific_params", "cross_attention_hidden_size", "add_cross_attention", "prefix",
-    "sep_token_id", "decoder_start_token_id", "tf_legacy_loss", "use_bfloat16", "is_decoder",
-    "output_scores", "return_dict_in_generate", "auto_map", "use_return_dict",
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "initializer_range",
+    "use_cache",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "_name_or_path",
+    "tokenizer_class",
+    "return_dict",
+    "output_attentions",
+    "output_hidden_states",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "max_window_layers",
+    "torchscript",
+    "tie_encoder_decoder",
+    "pruned_heads",
+    "finetuning_task",
+    "task_specific_params",
+    "cross_attention_hidden_size",
+    "add_cross_attention",
+    "prefix",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "tf_legacy_loss",
+    "use_bfloat16",
+    "is_decoder",
+    "output_scores",
+    "return_dict_in_generate",
+    "auto_map",
+    "use_return_dict",
 }
 _MODEL_FIELDS = {
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rope_scaling",
-    "rope_parameters", "rms_norm_eps", "tie_word_embeddings", "hidden_act", "attention_bias",
-    "mlp_bias", "attention_dropout", "sliding_window", "use_sliding_window", "layer_types",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "hidden_act",
+    "attention_bias",
+    "mlp_bias",
+    "attention_dropout",
+    "sliding_window",
+    "use_sliding_window",
+    "layer_types",
     "pretraining_tp",
 }
 
@@ -64,27 +114,38 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be read as asked; the message names what to fix."""
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # config.json <-> ModelConfig
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
-def config_from_hf(hf: dict[str, Any], *, param_dtype: str = "float32", dtype: str | None = None,
-                   remat: bool = False, where: str = "config.json") -> ModelConfig:
-    """Translate a Hugging Face config dict into a ModelConfig, refusing what r1jax does not support."""
+def config_from_hf(
+    hf: dict[str, Any],
+    *,
+    param_dtype: str = "float32",
+    dtype: str | None = None,
+    remat: bool = False,
+    where: str = "config.json",
+) -> ModelConfig:
+    """Translate a Hugging Face config dict into a ModelConfig; refuse what r1jax cannot do."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(f"{where}: model_type {model_type!r} is not supported; r1jax loads "
-                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise CheckpointError(
+            f"{where}: model_type {model_type!r} is not supported; r1jax loads "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     if model_type in _DEEPSEEK_TYPES:
         from r1jax.models import deepseek_hf
 
-        return deepseek_hf.config_from_hf(hf, param_dtype=param_dtype, dtype=dtype, remat=remat,
-                                          where=where)
+        return deepseek_hf.config_from_hf(
+            hf, param_dtype=param_dtype, dtype=dtype, remat=remat, where=where
+        )
     unknown = sorted(set(hf) - _METADATA_FIELDS - _MODEL_FIELDS)
     if unknown:
-        raise CheckpointError(f"{where}: field(s) {unknown} are not supported by r1jax for "
-                              f"model_type {model_type!r}; remove them if they do not apply")
+        raise CheckpointError(
+            f"{where}: field(s) {unknown} are not supported by r1jax for "
+            f"model_type {model_type!r}; remove them if they do not apply"
+        )
 
     def require(cond, field, msg):
         if not cond:
@@ -100,17 +161,23 @@ def config_from_hf(hf: dict[str, Any], *, param_dtype: str = "float32", dtype: s
     if "type" in rope and "rope_type" not in rope:
         rope["rope_type"] = rope.pop("type")
     rope.pop("type", None)
-    require(rope.get("partial_rotary_factor", 1.0) == 1.0, "rope_parameters",
-            "partial_rotary_factor != 1")
+    require(
+        rope.get("partial_rotary_factor", 1.0) == 1.0,
+        "rope_parameters",
+        "partial_rotary_factor != 1",
+    )
     rope.pop("partial_rotary_factor", None)
     rope_scaling = None
     if rope.get("rope_type", "default") != "default":
         rope_scaling = tuple(sorted(rope.items()))
 
     layer_types = hf.get("layer_types") or []
-    require(all(t == "full_attention" for t in layer_types) or
-            (model_type == "mistral" and all(t == "sliding_attention" for t in layer_types)),
-            "layer_types", "per-layer sliding windows are not implemented")
+    require(
+        all(t == "full_attention" for t in layer_types)
+        or (model_type == "mistral" and all(t == "sliding_attention" for t in layer_types)),
+        "layer_types",
+        "per-layer sliding windows are not implemented",
+    )
     sliding_window = None
     if model_type == "mistral":
         sliding_window = hf.get("sliding_window")
@@ -149,19 +216,30 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     import transformers
 
     if cfg.qkv_bias != (cfg.model_type == "qwen2") and not cfg.o_bias:
-        raise CheckpointError(f"model_type {cfg.model_type!r} cannot express qkv_bias={cfg.qkv_bias} "
-                              f"without o_bias; use model_type 'qwen2' for q/k/v bias only")
+        raise CheckpointError(
+            f"model_type {cfg.model_type!r} cannot express qkv_bias={cfg.qkv_bias} "
+            f"without o_bias; use model_type 'qwen2' for q/k/v bias only"
+        )
     if cfg.qk_norm != (cfg.model_type == "qwen3"):
         raise CheckpointError(f"qk_norm={cfg.qk_norm} requires model_type 'qwen3'")
     kwargs = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
-        rope_parameters={"rope_type": "default", **cfg.rope_scaling_dict,
-                         "rope_theta": cfg.rope_theta},
-        architectures=[_ARCHITECTURES[cfg.model_type]], dtype=cfg.param_dtype,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        rope_parameters={
+            "rope_type": "default",
+            **cfg.rope_scaling_dict,
+            "rope_theta": cfg.rope_theta,
+        },
+        architectures=[_ARCHITECTURES[cfg.model_type]],
+        dtype=cfg.param_dtype,
     )
     if cfg.model_type in ("llama", "qwen3"):
         kwargs["attention_bias"] = cfg.o_bias
@@ -173,9 +251,9 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return hf_cfg.to_diff_dict()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Parameter names and layouts
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -198,8 +276,10 @@ class _Mapping:
 
 def _mappings(cfg: ModelConfig) -> list[_Mapping]:
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-    out = [_Mapping(("embed_vd",), "model.embed_tokens.weight"),
-           _Mapping(("final_norm", "scale"), "model.norm.weight")]
+    out = [
+        _Mapping(("embed_vd",), "model.embed_tokens.weight"),
+        _Mapping(("final_norm", "scale"), "model.norm.weight"),
+    ]
     if not cfg.tie_word_embeddings:
         out.append(_Mapping(("unembed_dv",), "lm_head.weight", perm=(1, 0)))
     for i in range(cfg.num_layers):
@@ -207,14 +287,30 @@ def _mappings(cfg: ModelConfig) -> list[_Mapping]:
         out += [
             _Mapping(pre + ("input_norm", "scale"), hp + "input_layernorm.weight"),
             _Mapping(pre + ("post_attn_norm", "scale"), hp + "post_attention_layernorm.weight"),
-            _Mapping(pre + ("attn", "q_dnh"), hp + "self_attn.q_proj.weight",
-                     lambda c: (n, h, d), (2, 0, 1)),
-            _Mapping(pre + ("attn", "k_dkh"), hp + "self_attn.k_proj.weight",
-                     lambda c: (k, h, d), (2, 0, 1)),
-            _Mapping(pre + ("attn", "v_dkh"), hp + "self_attn.v_proj.weight",
-                     lambda c: (k, h, d), (2, 0, 1)),
-            _Mapping(pre + ("attn", "o_nhd"), hp + "self_attn.o_proj.weight",
-                     lambda c: (d, n, h), (1, 2, 0)),
+            _Mapping(
+                pre + ("attn", "q_dnh"),
+                hp + "self_attn.q_proj.weight",
+                lambda c: (n, h, d),
+                (2, 0, 1),
+            ),
+            _Mapping(
+                pre + ("attn", "k_dkh"),
+                hp + "self_attn.k_proj.weight",
+                lambda c: (k, h, d),
+                (2, 0, 1),
+            ),
+            _Mapping(
+                pre + ("attn", "v_dkh"),
+                hp + "self_attn.v_proj.weight",
+                lambda c: (k, h, d),
+                (2, 0, 1),
+            ),
+            _Mapping(
+                pre + ("attn", "o_nhd"),
+                hp + "self_attn.o_proj.weight",
+                lambda c: (d, n, h),
+                (1, 2, 0),
+            ),
             _Mapping(pre + ("mlp", "gate_df"), hp + "mlp.gate_proj.weight", perm=(1, 0)),
             _Mapping(pre + ("mlp", "up_df"), hp + "mlp.up_proj.weight", perm=(1, 0)),
             _Mapping(pre + ("mlp", "down_fd"), hp + "mlp.down_proj.weight", perm=(1, 0)),
@@ -228,18 +324,22 @@ def _mappings(cfg: ModelConfig) -> list[_Mapping]:
         if cfg.o_bias:
             out.append(_Mapping(pre + ("attn", "o_bias"), hp + "self_attn.o_proj.bias"))
         if cfg.qk_norm:
-            out += [_Mapping(pre + ("attn", "q_norm", "scale"), hp + "self_attn.q_norm.weight"),
-                    _Mapping(pre + ("attn", "k_norm", "scale"), hp + "self_attn.k_norm.weight")]
+            out += [
+                _Mapping(pre + ("attn", "q_norm", "scale"), hp + "self_attn.q_norm.weight"),
+                _Mapping(pre + ("attn", "k_norm", "scale"), hp + "self_attn.k_norm.weight"),
+            ]
         if cfg.mlp_bias:
-            out += [_Mapping(pre + ("mlp", "gate_bias"), hp + "mlp.gate_proj.bias"),
-                    _Mapping(pre + ("mlp", "up_bias"), hp + "mlp.up_proj.bias"),
-                    _Mapping(pre + ("mlp", "down_bias"), hp + "mlp.down_proj.bias")]
+            out += [
+                _Mapping(pre + ("mlp", "gate_bias"), hp + "mlp.gate_proj.bias"),
+                _Mapping(pre + ("mlp", "up_bias"), hp + "mlp.up_proj.bias"),
+                _Mapping(pre + ("mlp", "down_bias"), hp + "mlp.down_proj.bias"),
+            ]
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # safetensors files
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 class _WeightFiles:
@@ -261,10 +361,15 @@ class _WeightFiles:
             files, weight_map = ["model.safetensors"], None
         else:
             present = sorted(os.listdir(path))
-            hint = " (PyTorch .bin weights are not read; convert them to safetensors)" if any(
-                p.endswith(".bin") for p in present) else ""
-            raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                                  f"found{hint}; folder holds {present}")
+            hint = (
+                " (PyTorch .bin weights are not read; convert them to safetensors)"
+                if any(p.endswith(".bin") for p in present)
+                else ""
+            )
+            raise CheckpointError(
+                f"{path}: no model.safetensors or model.safetensors.index.json "
+                f"found{hint}; folder holds {present}"
+            )
         self._handles = {}
         for name in files:
             file = os.path.join(path, name)
@@ -273,8 +378,9 @@ class _WeightFiles:
             try:
                 self._handles[name] = safe_open(file, framework="numpy")
             except Exception as e:  # safetensors raises its own error types for bad headers
-                raise CheckpointError(f"{file} is not a readable safetensors file ({e}); "
-                                      f"re-download or re-save it") from e
+                raise CheckpointError(
+                    f"{file} is not a readable safetensors file ({e}); re-download or re-save it"
+                ) from e
         if weight_map is None:
             weight_map = {k: files[0] for k in self._handles[files[0]].keys()}
         self.weight_map = weight_map
@@ -291,8 +397,10 @@ class _WeightFiles:
         try:
             return self._handles[self.weight_map[name]].get_tensor(name)
         except Exception as e:
-            raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({e}); the file is "
-                                  f"probably truncated or corrupt") from e
+            raise CheckpointError(
+                f"{file}: tensor {name!r} cannot be read ({e}); the file is "
+                f"probably truncated or corrupt"
+            ) from e
 
 
 def _check_complete(path: str) -> None:
@@ -311,25 +419,30 @@ def _check_complete(path: str) -> None:
                 header = json.loads(f.read(header_len))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{file} has a corrupt header ({e}); re-download it") from e
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                  default=0)
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+        )
         if size < 8 + header_len + end:
-            raise CheckpointError(f"{file} is truncated: {size} bytes on disk, header describes "
-                                  f"{8 + header_len + end}; re-download or re-save it")
+            raise CheckpointError(
+                f"{file} is truncated: {size} bytes on disk, header describes "
+                f"{8 + header_len + end}; re-download or re-save it"
+            )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # load / save
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def read_config(path: str) -> dict[str, Any]:
-    """The raw config.json dict of a checkpoint folder, with clear errors for a missing folder/file."""
+    """The raw config.json dict of a checkpoint folder (clear errors for a missing folder/file)."""
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint folder {path!r} does not exist")
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
-        raise CheckpointError(f"{path!r} has no config.json; is it a Hugging Face checkpoint folder?")
+        raise CheckpointError(
+            f"{path!r} has no config.json; is it a Hugging Face checkpoint folder?"
+        )
     try:
         with open(cfg_path) as f:
             return json.load(f)
@@ -337,26 +450,45 @@ def read_config(path: str) -> dict[str, Any]:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from e
 
 
-def load(path: str, mesh: Mesh | None = None, *, param_dtype: str = "float32",
-         dtype: str | None = None, remat: bool = False, rules=None, **deepseek_options) -> Decoder:
+def load(
+    path: str,
+    mesh: Mesh | None = None,
+    *,
+    param_dtype: str = "float32",
+    dtype: str | None = None,
+    remat: bool = False,
+    rules=None,
+    **deepseek_options,
+) -> Decoder:
     """Load a local HF checkpoint folder into a Decoder.
 
     path:         folder with config.json and safetensors weights (single file or index + shards)
-    mesh:         place each parameter straight into its sharding on this mesh (None: default device)
-    param_dtype:  storage dtype of the parameters ("float32" default, or "bfloat16")
-    dtype:        compute dtype (default = param_dtype)
-    rules:        logical-axis rules (default `sharding.RULES`)
-    deepseek_options: for DeepSeek-V2/V3 checkpoints only, see `deepseek_hf.load`
+    mesh:         place each parameter straight into its sharding on this mesh (None: default
+    device) param_dtype:  storage dtype of the parameters ("float32" default, or "bfloat16") dtype:
+    compute dtype (default = param_dtype) rules:        logical-axis rules (default
+    `sharding.RULES`) deepseek_options: for DeepSeek-V2/V3 checkpoints only, see `deepseek_hf.load`
     """
     if read_config(path).get("model_type") in _DEEPSEEK_TYPES:
         from r1jax.models import deepseek_hf
 
-        return deepseek_hf.load(path, mesh, param_dtype=param_dtype, dtype=dtype, remat=remat,
-                                rules=rules, **deepseek_options)
+        return deepseek_hf.load(
+            path,
+            mesh,
+            param_dtype=param_dtype,
+            dtype=dtype,
+            remat=remat,
+            rules=rules,
+            **deepseek_options,
+        )
     if deepseek_options:
         raise TypeError(f"load: {sorted(deepseek_options)} only apply to DeepSeek checkpoints")
-    cfg = config_from_hf(read_config(path), param_dtype=param_dtype, dtype=dtype, remat=remat,
-                         where=os.path.join(path, "config.json"))
+    cfg = config_from_hf(
+        read_config(path),
+        param_dtype=param_dtype,
+        dtype=dtype,
+        remat=remat,
+        where=os.path.join(path, "config.json"),
+    )
     _check_complete(path)
     files = _WeightFiles(path)
 
@@ -370,13 +502,17 @@ def load(path: str, mesh: Mesh | None = None, *, param_dtype: str = "float32",
     names = files.names()
     missing = sorted(expected - names)
     if missing:
-        raise CheckpointError(f"{path}: weights {missing[:5]}{'...' if len(missing) > 5 else ''} "
-                              f"are missing ({len(missing)} in all) for the architecture in "
-                              f"config.json")
+        raise CheckpointError(
+            f"{path}: weights {missing[:5]}{'...' if len(missing) > 5 else ''} "
+            f"are missing ({len(missing)} in all) for the architecture in "
+            f"config.json"
+        )
     extra = sorted(names - expected - {"lm_head.weight"})  # tied models may still store lm_head
     if extra:
-        raise CheckpointError(f"{path}: weights {extra[:5]} are not used by the architecture in "
-                              f"config.json ({len(extra)} in all); config and weights disagree")
+        raise CheckpointError(
+            f"{path}: weights {extra[:5]} are not used by the architecture in "
+            f"config.json ({len(extra)} in all); config and weights disagree"
+        )
 
     leaves = {}
     for m in mappings:
@@ -384,8 +520,10 @@ def load(path: str, mesh: Mesh | None = None, *, param_dtype: str = "float32",
         shape = var.shape
         host = m.to_ours(_checked(files, m, cfg), cfg)
         if host.shape != shape:
-            raise CheckpointError(f"{path}: {m.name} has shape {files.shape(m.name)}, which does "
-                                  f"not match config.json (expected {shape} after layout change)")
+            raise CheckpointError(
+                f"{path}: {m.name} has shape {files.shape(m.name)}, which does "
+                f"not match config.json (expected {shape} after layout change)"
+            )
         host = host.astype(jnp.dtype(param_dtype))
         if mesh is None:
             leaves[m.path] = jnp.asarray(host)
@@ -402,13 +540,16 @@ def _checked(files: _WeightFiles, m: _Mapping, cfg: ModelConfig) -> np.ndarray:
     shape = files.shape(m.name)
     want = int(np.prod(m.view(cfg))) if m.view else None
     if want is not None and math.prod(shape) != want:
-        raise CheckpointError(f"{files.path}: {m.name} has shape {shape}, which does not match "
-                              f"config.json (needs {want} elements)")
+        raise CheckpointError(
+            f"{files.path}: {m.name} has shape {shape}, which does not match "
+            f"config.json (needs {want} elements)"
+        )
     return files.get(m.name)
 
 
-def save(model: Decoder, path: str, *, max_shard_bytes: int = 5 * 1024**3,
-         dtype: str | None = None) -> None:
+def save(
+    model: Decoder, path: str, *, max_shard_bytes: int = 5 * 1024**3, dtype: str | None = None
+) -> None:
     """Write `model` as a Hugging Face checkpoint folder (config.json + safetensors [+ index]).
 
     Shards above `max_shard_bytes`. `dtype` converts on the way out (default: the parameter dtype).
@@ -449,8 +590,9 @@ def save(model: Decoder, path: str, *, max_shard_bytes: int = 5 * 1024**3,
         size += t.nbytes
     shards.append(current)
     for stale in os.listdir(path):
-        if stale.startswith("model") and (stale.endswith(".safetensors")
-                                          or stale.endswith(".safetensors.index.json")):
+        if stale.startswith("model") and (
+            stale.endswith(".safetensors") or stale.endswith(".safetensors.index.json")
+        ):
             os.remove(os.path.join(path, stale))
     if len(shards) == 1:
         save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

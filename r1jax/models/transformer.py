@@ -1,9 +1,9 @@
 """The decoder: one Flax NNX module for the dense families R1 and its distilled models use.
 
 Covers Qwen2 / Qwen2.5 (qkv bias), Llama 3 / 3.1 (llama3 rope scaling), Qwen3 (per-head q/k RMSNorm,
-explicit head_dim), Mistral (sliding window); GQA and MQA; RoPE with linear, dynamic-NTK, llama3 and YaRN
-scaling; RMSNorm; SwiGLU; tied or untied embeddings. `hf.py` maps Hugging Face configs and weights onto
-this module; nothing here knows about files.
+explicit head_dim), Mistral (sliding window); GQA and MQA; RoPE with linear, dynamic-NTK, llama3 and
+YaRN scaling; RMSNorm; SwiGLU; tied or untied embeddings. `hf.py` maps Hugging Face configs and
+weights onto this module; nothing here knows about files.
 
 Dimension legend (used in einsums, parameter shapes and comments):
   B batch   T query length   S key length   D embed   N q-heads   K kv-heads   G = N // K
@@ -13,17 +13,18 @@ Notable choices:
 - Parameters carry *logical* axis names (`embed`, `vocab`, `heads`, `kv_heads`, `head_dim`, `mlp`,
   `norm`) as `out_sharding` metadata; `r1jax.sharding` maps them onto mesh axes. No mesh axis names
   appear in this file.
-- Positions come from the attention mask (`cumsum(mask) - 1`), so a left-padded row computes exactly what
-  the unpadded row would. (HF's plain forward numbers left-padded rows from 0 at the first pad.)
-- Masked-out scores use the dtype's most negative finite value rather than -inf, so a fully padded query
-  row yields a harmless uniform distribution instead of NaN.
+- Positions come from the attention mask (`cumsum(mask) - 1`), so a left-padded row computes exactly
+  what the unpadded row would. (HF's plain forward numbers left-padded rows from 0 at the first
+  pad.)
+- Masked-out scores use the dtype's most negative finite value rather than -inf, so a fully padded
+  query row yields a harmless uniform distribution instead of NaN.
 - Parameter dtype and compute dtype are separate; norms, softmax and logits are float32.
 - Packed training rows (several examples per row) pass `segment_ids`: attention stays inside each
   segment and the caller supplies per-segment positions.
-- One `__call__` serves training, prefill and decode: with a `KVCache` it writes the new keys and values
-  at `cache.index` and returns `(logits, cache)`. A cache may also carry a read-only *prefix* segment
-  shared by the `B // P` rows of each prompt (GRPO's group), which is how the sampler decodes G samples
-  per prompt without copying or recomputing the prompt.
+- One `__call__` serves training, prefill and decode: with a `KVCache` it writes the new keys and
+  values at `cache.index` and returns `(logits, cache)`. A cache may also carry a read-only *prefix*
+  segment shared by the `B // P` rows of each prompt (GRPO's group), which is how the sampler
+  decodes G samples per prompt without copying or recomputing the prompt.
 """
 
 from __future__ import annotations
@@ -40,17 +41,17 @@ from flax import nnx
 
 from r1jax import sharding
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Configuration
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Hyperparameters of a dense decoder. Frozen and hashable, so it can be a static jit argument.
 
-    `rope_scaling` is a tuple of (key, value) pairs (hashable) in Hugging Face's `rope_scaling` form,
-    e.g. `(("rope_type", "llama3"), ("factor", 8.0), ...)`; `None` means plain RoPE.
+    `rope_scaling` is a tuple of (key, value) pairs (hashable) in Hugging Face's `rope_scaling`
+    form, e.g. `(("rope_type", "llama3"), ("factor", 8.0), ...)`; `None` means plain RoPE.
     """
 
     vocab_size: int
@@ -76,21 +77,34 @@ class ModelConfig:
     model_type: str = "qwen2"  # Hugging Face family, used when saving config.json
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
-                             f"num_kv_heads ({self.num_kv_heads})")
+            raise ValueError(
+                f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"ModelConfig.{name} must be float32, bfloat16 or float16, "
-                                 f"got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"ModelConfig.{name} must be float32, bfloat16 or float16, "
+                    f"got {getattr(self, name)!r}"
+                )
         rope_type = self.rope_scaling_dict.get("rope_type", "default")
         if rope_type not in _ROPE_TYPES:
-            raise ValueError(f"rope_scaling type {rope_type!r} is not supported; "
-                             f"supported: {sorted(_ROPE_TYPES)}")
+            raise ValueError(
+                f"rope_scaling type {rope_type!r} is not supported; "
+                f"supported: {sorted(_ROPE_TYPES)}"
+            )
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any]:
@@ -99,8 +113,13 @@ class ModelConfig:
     @property
     def num_params(self) -> int:
         """Parameter count (embedding counted once when tied)."""
-        d, f, n, k, h = (self.hidden_size, self.intermediate_size, self.num_heads,
-                         self.num_kv_heads, self.head_dim)
+        d, f, n, k, h = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        )
         attn = d * n * h * 2 + d * k * h * 2 + (n * h + 2 * k * h if self.qkv_bias else 0)
         attn += (d if self.o_bias else 0) + (2 * h if self.qk_norm else 0)
         mlp = 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
@@ -108,36 +127,65 @@ class ModelConfig:
         emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + emb + d
 
-    # -- Named configurations (real checkpoints load through hf.load; these are for tests and bench) --
+    # -- Named configurations (real checkpoints load through hf.load; these are for tests and bench)
+    # --
 
     @classmethod
     def tiny(cls, **kw) -> ModelConfig:
         """WORKLOAD.md 'tiny': Qwen2 architecture, 2.90M parameters."""
-        base = dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_layers=4,
-                    num_heads=8, num_kv_heads=2, head_dim=32, max_position_embeddings=512,
-                    tie_word_embeddings=True, qkv_bias=True)
+        base = dict(
+            vocab_size=512,
+            hidden_size=256,
+            intermediate_size=688,
+            num_layers=4,
+            num_heads=8,
+            num_kv_heads=2,
+            head_dim=32,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            qkv_bias=True,
+        )
         return cls(**{**base, **kw})
 
     @classmethod
     def small(cls, **kw) -> ModelConfig:
         """WORKLOAD.md 'small': Qwen2 architecture, 23.2M parameters."""
-        base = dict(vocab_size=2048, hidden_size=512, intermediate_size=1376, num_layers=8,
-                    num_heads=8, num_kv_heads=2, head_dim=64, max_position_embeddings=512,
-                    tie_word_embeddings=True, qkv_bias=True)
+        base = dict(
+            vocab_size=2048,
+            hidden_size=512,
+            intermediate_size=1376,
+            num_layers=8,
+            num_heads=8,
+            num_kv_heads=2,
+            head_dim=64,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            qkv_bias=True,
+        )
         return cls(**{**base, **kw})
 
     @classmethod
     def qwen2p5_1p5b(cls, **kw) -> ModelConfig:
         """Qwen2.5-1.5B, the base of DeepSeek-R1-Distill-Qwen-1.5B."""
-        base = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
-                    num_heads=12, num_kv_heads=2, head_dim=128, max_position_embeddings=131072,
-                    rope_theta=10000.0, tie_word_embeddings=True, qkv_bias=True)
+        base = dict(
+            vocab_size=151936,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_layers=28,
+            num_heads=12,
+            num_kv_heads=2,
+            head_dim=128,
+            max_position_embeddings=131072,
+            rope_theta=10000.0,
+            tie_word_embeddings=True,
+            qkv_bias=True,
+        )
         return cls(**{**base, **kw})
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Rotary position embedding
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 _ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -155,7 +203,11 @@ def _rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     if rope_type == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif rope_type == "llama3":
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        factor, low, high = (
+            scaling["factor"],
+            scaling["low_freq_factor"],
+            scaling["high_freq_factor"],
+        )
         old_len = scaling["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
         scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
@@ -206,9 +258,12 @@ def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.
     if cfg.rope_scaling_dict.get("rope_type") == "dynamic":
         # Dynamic NTK grows the base with the longest position seen, as HF does per forward call.
         dim, s = cfg.head_dim, cfg.rope_scaling_dict
-        seq_len = jnp.maximum(jnp.max(positions) + 1, cfg.max_position_embeddings).astype(jnp.float32)
-        base = cfg.rope_theta * ((s["factor"] * seq_len / cfg.max_position_embeddings)
-                                 - (s["factor"] - 1)) ** (dim / (dim - 2))
+        seq_len = jnp.maximum(jnp.max(positions) + 1, cfg.max_position_embeddings).astype(
+            jnp.float32
+        )
+        base = cfg.rope_theta * (
+            (s["factor"] * seq_len / cfg.max_position_embeddings) - (s["factor"] - 1)
+        ) ** (dim / (dim - 2))
         inv_freq = 1.0 / base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
         scale = 1.0
     else:
@@ -220,26 +275,26 @@ def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate x [B, T, N, H] by the tables [B, T, H] (the 'rotate half' layout of HF checkpoints)."""
+    """Rotate x [B, T, N, H] by the tables [B, T, H] (the "rotate half" layout of HF weights)."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
     return x * cos + rotated * sin
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # KV cache
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @flax.struct.dataclass
 class KVCache:
     """Keys and values of every layer, written in place at `index` as tokens arrive.
 
-    k, v:        L-tuples of [B, S, K, H] per-row segments
-    mask:        [B, S] bool, True where a slot holds a real token (left padding and unwritten slots False)
-    index:       [] int32, the next slot to write (all rows decode in lockstep)
-    prefix_k/v:  optional L-tuples of [P, Sp, K, H], a read-only segment shared by the B // P consecutive
+    k, v:        L-tuples of [B, S, K, H] per-row segments mask:        [B, S] bool, True where a
+    slot holds a real token (left padding and unwritten slots False) index:       [] int32, the next
+    slot to write (all rows decode in lockstep) prefix_k/v:  optional L-tuples of [P, Sp, K, H], a
+    read-only segment shared by the B // P consecutive
                  rows of each prompt (its prefill), placed before the per-row segment
     prefix_mask: [P, Sp] bool, or None
     """
@@ -259,11 +314,16 @@ class KVCache:
         shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
 
         def zeros():  # sharded like the activations: rows over the batch axes, kv-heads over tensor
-            return sharding.constrain(jnp.zeros(shape, dtype), ("batch", "seq", "kv_heads", "head_dim"))
+            return sharding.constrain(
+                jnp.zeros(shape, dtype), ("batch", "seq", "kv_heads", "head_dim")
+            )
 
-        return cls(k=tuple(zeros() for _ in range(cfg.num_layers)),
-                   v=tuple(zeros() for _ in range(cfg.num_layers)),
-                   mask=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
+        return cls(
+            k=tuple(zeros() for _ in range(cfg.num_layers)),
+            v=tuple(zeros() for _ in range(cfg.num_layers)),
+            mask=jnp.zeros((batch, length), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
 
     def with_prefix(self, prefix: KVCache) -> KVCache:
         """Attach `prefix` (e.g. a prompt prefill over P rows) as the shared read-only segment."""
@@ -274,9 +334,9 @@ class KVCache:
         return 0 if self.prefix_mask is None else self.prefix_mask.shape[1]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Layers
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _param(rngs: nnx.Rngs, init, shape, dtype, axes) -> nnx.Param:
@@ -285,7 +345,7 @@ def _param(rngs: nnx.Rngs, init, shape, dtype, axes) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm over the last axis, computed in float32 (as HF: normalise in f32, scale, cast back)."""
+    """RMSNorm over the last axis in float32 (as HF: normalise in f32, scale, cast back)."""
 
     def __init__(self, dim: int, eps: float, param_dtype, *, rngs: nnx.Rngs):
         self.scale = _param(rngs, nnx.initializers.ones, (dim,), param_dtype, ("norm",))
@@ -301,7 +361,13 @@ class Attention(nnx.Module):
     """Grouped-query attention with RoPE, optional qkv bias, q/k norm and sliding window."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        d, n, k, h, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
+        d, n, k, h, pd = (
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.param_dtype,
+        )
         init = nnx.initializers.normal(0.02)
         self.cfg = cfg
         self.q_dnh = _param(rngs, init, (d, n, h), pd, ("embed", "heads", "head_dim"))
@@ -352,8 +418,9 @@ class Attention(nnx.Module):
             pk, pv = prefix_kv
             p = pk.shape[0]
             qp = q.reshape(p, b // p, t, kh, n // kh, h)
-            pre = jnp.einsum("prtkgh,pskh->prkgts", qp, pk.astype(dt),
-                             preferred_element_type=jnp.float32)
+            pre = jnp.einsum(
+                "prtkgh,pskh->prkgts", qp, pk.astype(dt), preferred_element_type=jnp.float32
+            )
             scores = jnp.concatenate([pre.reshape(b, kh, n // kh, t, -1), scores], axis=-1)
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
@@ -413,9 +480,9 @@ class Block(nnx.Module):
         return sharding.constrain(x, ("batch", "seq", "embed")), new_kv
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -429,13 +496,23 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         pd = cfg.param_dtype
-        self.embed_vd = _param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size),
-                               pd, ("vocab", "embed"))
+        self.embed_vd = _param(
+            rngs,
+            nnx.initializers.normal(0.02),
+            (cfg.vocab_size, cfg.hidden_size),
+            pd,
+            ("vocab", "embed"),
+        )
         self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs=rngs)
         if not cfg.tie_word_embeddings:
-            self.unembed_dv = _param(rngs, nnx.initializers.normal(0.02),
-                                     (cfg.hidden_size, cfg.vocab_size), pd, ("embed", "vocab"))
+            self.unembed_dv = _param(
+                rngs,
+                nnx.initializers.normal(0.02),
+                (cfg.hidden_size, cfg.vocab_size),
+                pd,
+                ("embed", "vocab"),
+            )
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         """An empty KV cache of `length` slots for `batch` rows (the sampler's entry point, so that
@@ -452,12 +529,14 @@ class Decoder(nnx.Module):
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         """Final hidden states [B, T, D] -> float32 logits [B, T, V]."""
-        logits = jnp.einsum("btd,dv->btv", hidden, self.unembedding(),
-                            preferred_element_type=jnp.float32)
+        logits = jnp.einsum(
+            "btd,dv->btv", hidden, self.unembedding(), preferred_element_type=jnp.float32
+        )
         return sharding.constrain(logits, ("batch", "seq", "vocab"))
 
-    def hidden_states(self, input_ids, attention_mask=None, *, positions=None, cache=None,
-                      segment_ids=None):
+    def hidden_states(
+        self, input_ids, attention_mask=None, *, positions=None, cache=None, segment_ids=None
+    ):
         """Everything but the unembedding: returns final-normed hidden [B, T, D] (and the cache).
 
         input_ids [B, T] int32; attention_mask [B, T] (1 = token, 0 = pad; default all ones);
@@ -472,8 +551,10 @@ class Decoder(nnx.Module):
             if cache is not None:
                 raise ValueError("segment_ids (packed sequences) cannot be used with a KV cache")
             if positions is None:
-                raise ValueError("segment_ids needs explicit positions (restarting at 0 for each "
-                                 "segment, e.g. SFTBatch.positions)")
+                raise ValueError(
+                    "segment_ids needs explicit positions (restarting at 0 for each "
+                    "segment, e.g. SFTBatch.positions)"
+                )
             if attention_mask is None:
                 attention_mask = (segment_ids > 0).astype(jnp.int32)
         if attention_mask is None:
@@ -495,8 +576,9 @@ class Decoder(nnx.Module):
             mask = self._self_mask(token_mask, positions, segment_ids)
             index, new_cache = None, None
         else:
-            cache = cache.replace(mask=jax.lax.dynamic_update_slice(
-                cache.mask, token_mask, (0, cache.index)))
+            cache = cache.replace(
+                mask=jax.lax.dynamic_update_slice(cache.mask, token_mask, (0, cache.index))
+            )
             mask = self._cache_mask(cache, t)
             index = cache.index
 
@@ -519,14 +601,16 @@ class Decoder(nnx.Module):
             new_cache = cache.replace(k=tuple(new_k), v=tuple(new_v), index=cache.index + t)
         return hidden, new_cache
 
-    def __call__(self, input_ids, attention_mask=None, *, positions=None, cache=None,
-                 segment_ids=None):
+    def __call__(
+        self, input_ids, attention_mask=None, *, positions=None, cache=None, segment_ids=None
+    ):
         """input_ids [B, T] int32 -> float32 logits [B, T, V]; with `cache`, (logits, new cache).
 
         `segment_ids` (packed sequences) as in `hidden_states`.
         """
-        hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions=positions,
-                                               cache=cache, segment_ids=segment_ids)
+        hidden, new_cache = self.hidden_states(
+            input_ids, attention_mask, positions=positions, cache=cache, segment_ids=segment_ids
+        )
         logits = self.logits_from_hidden(hidden)
         return logits if cache is None else (logits, new_cache)
 
@@ -550,7 +634,7 @@ class Decoder(nnx.Module):
         return mask
 
     def _cache_mask(self, cache: KVCache, t: int):
-        """[B, T, Sp + S] for T new tokens written at slots index..index+T-1 of the per-row segment."""
+        """[B, T, Sp + S] for T new tokens at slots index..index+T-1 of the per-row segment."""
         b, s = cache.mask.shape
         sp = cache.prefix_length
         query_slot = sp + cache.index + jnp.arange(t)  # [T], slots counted across both segments
@@ -558,13 +642,14 @@ class Decoder(nnx.Module):
         key_ok = cache.mask
         if sp:
             key_ok = jnp.concatenate(
-                [jnp.repeat(cache.prefix_mask, b // cache.prefix_mask.shape[0], axis=0), key_ok], 1)
+                [jnp.repeat(cache.prefix_mask, b // cache.prefix_mask.shape[0], axis=0), key_ok], 1
+            )
         causal = key_slot[None, :] <= query_slot[:, None]  # [T, Sp + S]
         window = self._window_ok(query_slot[:, None], key_slot[None, :])
         return causal[None] & window & key_ok[:, None, :]
 
 
 def create(cfg: ModelConfig, seed: int = 0) -> Decoder:
-    """A randomly initialised model on the default device (use `sharding.create_sharded` for a mesh)."""
+    """A random model on the default device (`sharding.create_sharded` places one on a mesh)."""
     with nnx.use_eager_sharding(False):
         return Decoder(cfg, rngs=nnx.Rngs(seed))

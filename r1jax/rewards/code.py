@@ -98,8 +98,10 @@ def code_reward(
         options = sandbox.to_dict() if hasattr(sandbox, "to_dict") else dict(sandbox)
         unknown = set(options) - {f.name for f in dataclasses.fields(SandboxConfig)}
         if unknown:
-            raise ValueError(f"code_reward: unknown sandbox options {sorted(unknown)}; see "
-                             "r1jax.rewards.SandboxConfig for the fields")
+            raise ValueError(
+                f"code_reward: unknown sandbox options {sorted(unknown)}; see "
+                "r1jax.rewards.SandboxConfig for the fields"
+            )
         cfg = SandboxConfig(**options)
     texts = completion_texts(completions)
     rows = column(columns, "tests", len(texts), reward="code_reward")

@@ -96,8 +96,10 @@ def column(columns: Mapping[str, Any], name: str, n: int, *, reward: str) -> lis
     try:
         values = list(value)
     except TypeError:
-        raise ValueError(f"{reward}: column `{name}` must be a list, one entry per completion, "
-                         f"got {type(value).__name__}") from None
+        raise ValueError(
+            f"{reward}: column `{name}` must be a list, one entry per completion, "
+            f"got {type(value).__name__}"
+        ) from None
     if len(values) != n:
         raise ValueError(
             f"{reward}: column `{name}` has {len(values)} entries for {n} completions; "
@@ -109,8 +111,11 @@ def column(columns: Mapping[str, Any], name: str, n: int, *, reward: str) -> lis
 def rows(columns: Mapping[str, Any], n: int) -> list[dict[str, Any]]:
     """Columns -> one dict per completion. Lists of length ``n`` are split per row; any other
     value (a scalar, or an object such as TRL's ``trainer_state``) is shared by every row."""
-    per_row = {k: list(v) for k, v in columns.items()
-               if isinstance(v, Sequence) and not isinstance(v, str | bytes) and len(v) == n}
+    per_row = {
+        k: list(v)
+        for k, v in columns.items()
+        if isinstance(v, Sequence) and not isinstance(v, str | bytes) and len(v) == n
+    }
     shared = {k: v for k, v in columns.items() if k not in per_row}
     return [{**shared, **{k: v[i] for k, v in per_row.items()}} for i in range(n)]
 

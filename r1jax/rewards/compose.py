@@ -110,8 +110,9 @@ class RewardSpec:
         weight = float(self.weight)
         if not np.isfinite(weight):
             raise ValueError(f"reward {self.name!r}: weight must be finite, got {self.weight}")
-        return dataclasses.replace(self, fn=fn, parallel=parallel, weight=weight,
-                                   kwargs=dict(self.kwargs))
+        return dataclasses.replace(
+            self, fn=fn, parallel=parallel, weight=weight, kwargs=dict(self.kwargs)
+        )
 
 
 def as_dict(value: Any) -> dict:
@@ -226,8 +227,13 @@ class RewardFunction:
     Use as a context manager, or call ``close()``, to shut the worker pool down.
     """
 
-    def __init__(self, specs: Sequence[Any] | Mapping[str, Any], *,
-                 num_workers: int | None = None, chunks_per_worker: int = 4):
+    def __init__(
+        self,
+        specs: Sequence[Any] | Mapping[str, Any],
+        *,
+        num_workers: int | None = None,
+        chunks_per_worker: int = 4,
+    ):
         if _is_dict_like(specs):  # {name: weight} or {name: {"weight": …, "kwargs": …}}
             specs = [
                 {"name": k, **as_dict(v)} if _is_dict_like(v) else (k, v)
@@ -262,7 +268,8 @@ class RewardFunction:
             # each worker starts as a cheap fork with sympy & co. already loaded.
             context.set_forkserver_preload(["r1jax.rewards"])
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=self.num_workers, mp_context=context)
+                max_workers=self.num_workers, mp_context=context
+            )
         return self._pool
 
     def close(self) -> None:
@@ -306,19 +313,25 @@ class RewardFunction:
         for spec, row in zip(local, _score(local, list(completions), columns), strict=True):
             values[spec.name] = row
         if pooled:
-            for spec, row in zip(pooled, self._gather(pooled, pending, texts, columns, n),
-                                 strict=True):
+            for spec, row in zip(
+                pooled, self._gather(pooled, pending, texts, columns, n), strict=True
+            ):
                 values[spec.name] = row
-        per_reward = np.stack([values[s.name] for s in self.specs]) if n else np.zeros(
-            (len(self.specs), 0))
+        per_reward = (
+            np.stack([values[s.name] for s in self.specs]) if n else np.zeros((len(self.specs), 0))
+        )
         weights = np.array(self.weights)[:, None]
         total = np.nansum(weights * per_reward, axis=0)
         all_none = np.isnan(per_reward).all(axis=0)
         if all_none.any():
-            logger.warning("%d of %d samples had no applicable reward; their total is 0",
-                           int(all_none.sum()), n)
-        return RewardOutput(total.astype(np.float32), per_reward.astype(np.float32),
-                            self.names, self.weights)
+            logger.warning(
+                "%d of %d samples had no applicable reward; their total is 0",
+                int(all_none.sum()),
+                n,
+            )
+        return RewardOutput(
+            total.astype(np.float32), per_reward.astype(np.float32), self.names, self.weights
+        )
 
     def _bounds(self, n: int) -> list[tuple[int, int]]:
         chunks = max(1, min(n, self.num_workers * self.chunks_per_worker))
@@ -341,17 +354,23 @@ class RewardFunction:
             except BrokenProcessPool:
                 retry.append((a, b))
         if retry:
-            logger.error("a reward worker died; rebuilding the pool and retrying %d chunk(s)",
-                         len(retry))
+            logger.error(
+                "a reward worker died; rebuilding the pool and retrying %d chunk(s)", len(retry)
+            )
             self._discard_pool()
             for a, b in retry:
                 try:
                     future = self._get_pool().submit(
-                        _score, specs, texts[a:b], _slice_columns(columns, n, a, b))
+                        _score, specs, texts[a:b], _slice_columns(columns, n, a, b)
+                    )
                     out[:, a:b] = future.result()
                 except BrokenProcessPool:
-                    logger.error("reward worker died again on samples [%d, %d); their values are "
-                                 "NaN (skipped in the total)", a, b)
+                    logger.error(
+                        "reward worker died again on samples [%d, %d); their values are "
+                        "NaN (skipped in the total)",
+                        a,
+                        b,
+                    )
                     self._discard_pool()
             if n and np.isnan(out).all():
                 raise RuntimeError(
@@ -367,8 +386,9 @@ class RewardFunction:
             self._pool = None
 
 
-def build_reward_fn(specs: Sequence[Any] | Mapping[str, Any], *,
-                    num_workers: int | None = None) -> RewardFunction:
+def build_reward_fn(
+    specs: Sequence[Any] | Mapping[str, Any], *, num_workers: int | None = None
+) -> RewardFunction:
     """Config reward list -> ``RewardFunction`` (see ``parse_spec`` for the accepted forms).
 
     Args:
@@ -395,8 +415,12 @@ class HostRewardBridge:
         time (e.g. the prompts of the current step, or the whole dataset).
     """
 
-    def __init__(self, reward_fn: RewardFunction, decode: Callable[[list[list[int]]], list[str]],
-                 columns: Mapping[str, Sequence[Any]] | None = None):
+    def __init__(
+        self,
+        reward_fn: RewardFunction,
+        decode: Callable[[list[list[int]]], list[str]],
+        columns: Mapping[str, Sequence[Any]] | None = None,
+    ):
         self.reward_fn = reward_fn
         self.decode = decode
         self.columns = dict(columns or {})
@@ -405,16 +429,18 @@ class HostRewardBridge:
     def names(self) -> tuple[str, ...]:
         return self.reward_fn.names
 
-    def score_host(self, tokens: np.ndarray, lengths: np.ndarray,
-                   row_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def score_host(
+        self, tokens: np.ndarray, lengths: np.ndarray, row_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Host side: [B, T] int tokens, [B] lengths, [B] row ids -> ([B], [R, B]) float32.
 
         ``tokens[b, :lengths[b]]`` is completion b (right padding beyond it is ignored).
         """
         tokens, lengths = np.asarray(tokens), np.asarray(lengths)
         if tokens.ndim != 2 or lengths.shape != tokens.shape[:1]:
-            raise ValueError(f"need tokens [B, T] and lengths [B], got {tokens.shape} and "
-                             f"{lengths.shape}")
+            raise ValueError(
+                f"need tokens [B, T] and lengths [B], got {tokens.shape} and {lengths.shape}"
+            )
         lengths = np.clip(lengths, 0, tokens.shape[1])
         ids = [tokens[b, : lengths[b]].tolist() for b in range(tokens.shape[0])]
         texts = list(self.decode(ids))
@@ -432,7 +458,9 @@ class HostRewardBridge:
         import jax.numpy as jnp
 
         batch = tokens.shape[0]
-        shapes = (jax.ShapeDtypeStruct((batch,), jnp.float32),
-                  jax.ShapeDtypeStruct((len(self.names), batch), jnp.float32))
+        shapes = (
+            jax.ShapeDtypeStruct((batch,), jnp.float32),
+            jax.ShapeDtypeStruct((len(self.names), batch), jnp.float32),
+        )
         args = (tokens, lengths) if row_ids is None else (tokens, lengths, row_ids)
         return jax.pure_callback(self.score_host, shapes, *args, vmap_method="sequential")

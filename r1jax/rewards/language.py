@@ -120,8 +120,9 @@ def language_consistency_reward(
       ValueError: an unsupported language code.
     """
     texts = completion_texts(completions)
-    languages = column({"language": language}, "language", len(texts),
-                       reward="language_consistency_reward")
+    languages = column(
+        {"language": language}, "language", len(texts), reward="language_consistency_reward"
+    )
     return [
         None if lang is None else language_share(think_region(text), lang)
         for text, lang in zip(texts, languages, strict=True)

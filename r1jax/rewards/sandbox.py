@@ -87,8 +87,15 @@ class SandboxConfig:
     def __post_init__(self):
         if not self.timeout_s > 0:
             raise ValueError(f"SandboxConfig.timeout_s must be > 0, got {self.timeout_s}")
-        for name in ("memory_bytes", "file_size_bytes", "tmpfs_bytes", "max_processes",
-                     "max_open_files", "max_output_bytes", "max_code_bytes"):
+        for name in (
+            "memory_bytes",
+            "file_size_bytes",
+            "tmpfs_bytes",
+            "max_processes",
+            "max_open_files",
+            "max_output_bytes",
+            "max_code_bytes",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SandboxConfig.{name} must be > 0, got {getattr(self, name)}")
 
@@ -212,8 +219,7 @@ def _setpriv_args(uid: int) -> list[str]:
     to change ids itself, and a plain ``fork`` of a trainer holding gigabytes costs milliseconds
     per run in page-table copies; with the change done after ``exec`` every spawn stays cheap.
     """
-    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
-            "--"]
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--"]
 
 
 def _limits_args(cfg: SandboxConfig, uid_is_private: bool) -> list[str]:
@@ -223,8 +229,14 @@ def _limits_args(cfg: SandboxConfig, uid_is_private: bool) -> list[str]:
         # RLIMIT_NPROC is checked against every task the uid owns, trainer threads included.
         nproc += _tasks_of_uid(os.getuid())
     return [
-        "prlimit", f"--cpu={cpu}", f"--as={cfg.memory_bytes}", f"--fsize={cfg.file_size_bytes}",
-        f"--nproc={nproc}", f"--nofile={cfg.max_open_files}", "--core=0", "--",
+        "prlimit",
+        f"--cpu={cpu}",
+        f"--as={cfg.memory_bytes}",
+        f"--fsize={cfg.file_size_bytes}",
+        f"--nproc={nproc}",
+        f"--nofile={cfg.max_open_files}",
+        "--core=0",
+        "--",
     ]
 
 
@@ -243,21 +255,57 @@ def _tasks_of_uid(uid: int) -> int:
 
 def _bwrap_args(python: str, cfg: SandboxConfig, code_fd: int, info_fd: int) -> list[str]:
     return [
-        "bwrap", "--unshare-all", "--unshare-user", "--disable-userns",
-        "--die-with-parent", "--new-session", "--hostname", "sandbox",
-        "--info-fd", str(info_fd),
+        "bwrap",
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--hostname",
+        "sandbox",
+        "--info-fd",
+        str(info_fd),
         *_filesystem_args(python),
-        "--proc", "/proc", "--dev", "/dev",
-        "--size", str(cfg.tmpfs_bytes), "--tmpfs", "/tmp",
-        "--perms", "0444", "--file", str(code_fd), _SANDBOX_CODE_PATH,
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--size",
+        str(cfg.tmpfs_bytes),
+        "--tmpfs",
+        "/tmp",
+        "--perms",
+        "0444",
+        "--file",
+        str(code_fd),
+        _SANDBOX_CODE_PATH,
         # Remount after the last mount: the root and /dev tmpfs bwrap made would be writable
         # and unbounded otherwise.
-        "--remount-ro", "/dev", "--remount-ro", "/",
-        "--chdir", "/tmp", "--clearenv",
-        "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
-        "--setenv", "HOME", "/tmp", "--setenv", "PYTHONIOENCODING", "utf-8",
+        "--remount-ro",
+        "/dev",
+        "--remount-ro",
+        "/",
+        "--chdir",
+        "/tmp",
+        "--clearenv",
+        "--setenv",
+        "PATH",
+        "/usr/bin:/bin",
+        "--setenv",
+        "LANG",
+        "C.UTF-8",
+        "--setenv",
+        "HOME",
+        "/tmp",
+        "--setenv",
+        "PYTHONIOENCODING",
+        "utf-8",
         "--",
-        python, "-I", "-S", "-B", _SANDBOX_CODE_PATH,
+        python,
+        "-I",
+        "-S",
+        "-B",
+        _SANDBOX_CODE_PATH,
     ]
 
 
@@ -315,7 +363,8 @@ def run_python(code: str, stdin: str | bytes = b"", cfg: SandboxConfig | None = 
     if problem is not None and not _warned_unsandboxed:
         logger.warning(
             "RUNNING UNTRUSTED CODE WITHOUT A SANDBOX (allow_unsandboxed=True): only rlimits, a "
-            "private uid and a wall-clock kill protect this machine. Reason: %s", problem,
+            "private uid and a wall-clock kill protect this machine. Reason: %s",
+            problem,
         )
         _warned_unsandboxed = True
     data = stdin.encode("utf-8", errors="replace") if isinstance(stdin, str) else bytes(stdin)
@@ -350,8 +399,15 @@ def _run(code: str, stdin: bytes, cfg: SandboxConfig, python: str, *, sandboxed:
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=env, cwd="/", pass_fds=pass_fds, start_new_session=True, close_fds=True,
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd="/",
+            pass_fds=pass_fds,
+            start_new_session=True,
+            close_fds=True,
         )
     except (OSError, ValueError) as e:  # e.g. argument list too long for `-c`
         for fd in own_fds:
@@ -457,9 +513,16 @@ def _kill_uid(python: str, uid: int) -> None:
     one kernel pass that a fork storm cannot outrun.
     """
     killer = "import os, signal\ntry:\n os.kill(-1, signal.SIGKILL)\nexcept OSError:\n pass"
-    subprocess.run(_setpriv_args(uid) + [python, "-I", "-S", "-c", killer], env={}, cwd="/",
-                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, timeout=10, check=False)
+    subprocess.run(
+        _setpriv_args(uid) + [python, "-I", "-S", "-c", killer],
+        env={},
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=10,
+        check=False,
+    )
 
 
 def _kill_namespace(info_fd: int) -> None:
@@ -488,4 +551,3 @@ def _kill_namespace(info_fd: int) -> None:
             logger.error("sandbox PID namespace (init %d) did not empty after SIGKILL", pid)
     finally:
         os.close(pidfd)
-

@@ -144,7 +144,10 @@ def overlong_penalty_reward(
         )
     start = max_completion_length - soft_punish_cache
     return [
-        0.0 if n <= start else (start - n) / soft_punish_cache if n <= max_completion_length
+        0.0
+        if n <= start
+        else (start - n) / soft_punish_cache
+        if n <= max_completion_length
         else -1.0
         for n in lengths
     ]
