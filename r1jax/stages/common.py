@@ -27,9 +27,9 @@ class ConfigError(ValueError):
     """A config the run cannot start with; the message names the field to fix."""
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -62,11 +62,13 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """Import a config file and return its `get_config()`."""
+    """Import a config file and return its `get_config()`; "file.py:arg" calls `get_config(arg)`
+    (the same spelling as --config=file.py:arg)."""
+    path, _, arg = path.partition(":")
     spec = importlib.util.spec_from_file_location("r1jax_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def describe(config: ml_collections.ConfigDict, prefix: str = "") -> str:
@@ -114,9 +116,9 @@ def batch_ways(config: ml_collections.ConfigDict, num_devices: int) -> int:
     return resolved["data"] * resolved["fsdp"]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Running a stage
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def stage_module(stage: str):
@@ -166,9 +168,9 @@ def make_mesh(config: ml_collections.ConfigDict):
         raise ConfigError(str(e)) from e
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Models
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def r1jax_home() -> str:
@@ -234,9 +236,9 @@ def write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config sections shared by several stages
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
@@ -271,7 +273,7 @@ def data_config(source: str = "arithmetic", template: str = "r1_zero") -> ml_col
     c.source = source  # built-in task ("arithmetic", "countdown") or a .jsonl/.parquet path/glob
     c.template = template  # "r1_zero" (paper template), "chat" (tokenizer template), "plain"
     c.prefill_think = False  # end the prompt with "<think>" so the model starts reasoning
-    c.num_train = 20000  # built-in tasks: training problems generated
+    c.num_train = 4000  # built-in tasks: distinct training problems generated
     c.num_eval = 256  # held-out problems (built-in tasks: from the held-out split)
     c.eval_source = ""  # file data: held-out file ("" = hold out num_eval rows of source)
     c.prompt_buckets = (64, 128, 256, 512)  # padded prompt lengths (few shapes = few compiles)
@@ -295,9 +297,9 @@ def eval_config(every: int = 0, num_prompts: int = 256) -> ml_collections.Config
     return c
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Prompt datasets
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def batch_indices(n: int, step: int, size: int, seed: int) -> list[int]:
@@ -376,7 +378,10 @@ def load_prompt_rows(data_config, split: str, seed: int) -> list[dict]:
             task = tasks.make_task(source, **knobs)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"data.{source}: {e}") from e
-        return tasks.make_dataset(task, n, seed=seed, split=split)
+        try:
+            return tasks.make_dataset(task, n, seed=seed, split=split)
+        except ValueError as e:
+            raise ConfigError(f"data.num_{'train' if split == 'train' else 'eval'}: {e}") from e
     path = data_config.eval_source if (split == "eval" and data_config.eval_source) else source
     try:
         # Every process reads all rows: a rollout batch is small and every host feeds the same
@@ -390,6 +395,23 @@ def load_prompt_rows(data_config, split: str, seed: int) -> list[dict]:
     if split == "train" and not data_config.eval_source:
         return rows[:-data_config.num_eval] or rows
     return rows
+
+
+def load_completion_rows(path: str, keep=("completion",)) -> tuple[list[dict], Any]:
+    """(rows, stats) of an SFT-style file: prompt/completion pairs or chat `messages`.
+
+    Files in a shape the loaders recognise (e.g. what `rejection_sampling` writes: prompt,
+    solution, completion) load as such; plain prompt/completion rows have no answer column to
+    recognise a shape by, so they load as the "generic" shape with the solution left empty.
+    """
+    from r1jax.data import loaders
+
+    try:
+        return loaders.load_rows(path, require_solution=False, keep=keep)
+    except ValueError as e:
+        if "cannot recognise the dataset shape" not in str(e):
+            raise
+    return loaders.load_rows(path, shape="generic", require_solution=False, keep=keep)
 
 
 def validate_data(data_config) -> None:
