@@ -4,8 +4,8 @@
         --config.model.path=/path/to/student [--config.distill.teacher=/path/to/teacher]
 
 `model.path` is the student to train; `distill.source` is the JSONL of teacher traces that
-`--stage=rejection_sampling` wrote. Setting `distill.teacher` (same tokenizer) switches from trace SFT to
-logit distillation (forward KL to the teacher's next-token distributions).
+`--stage=rejection_sampling` wrote. Setting `distill.teacher` (same tokenizer) switches from trace
+SFT to logit distillation (forward KL to the teacher's next-token distributions).
 """
 
 import ml_collections

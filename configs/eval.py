@@ -2,8 +2,8 @@
 
     python -m r1jax.launch --stage=eval --config.model.path=runs/rl/hf/final
 
-pass@1 averaged over k samples (temperature 0.6, top-p 0.95, as the paper), pass@k, cons@k majority vote,
-mean response length, per-task tables. Writes eval.json and eval_samples.jsonl to the workdir.
+pass@1 averaged over k samples (temperature 0.6, top-p 0.95, as the paper), pass@k, cons@k majority
+vote, mean response length, per-task tables. Writes eval.json and eval_samples.jsonl to the workdir.
 """
 
 from r1jax.stages import common

@@ -2,8 +2,8 @@
 
     python -m r1jax.launch --stage=pretrain [--workdir=runs/pretrain]
 
-A synthetic corpus of arithmetic and Countdown problems, solved tersely and step by step (no <think> or
-<answer> tags anywhere), a byte-level BPE tokenizer trained on it, and a small Qwen2-architecture
+A synthetic corpus of arithmetic and Countdown problems, solved tersely and step by step (no <think>
+or <answer> tags anywhere), a byte-level BPE tokenizer trained on it, and a small Qwen2-architecture
 decoder trained on next-token prediction. The result is a genuine Hugging Face checkpoint folder
 (config.json + safetensors + tokenizer) that every other stage loads with `hf.load`.
 """
@@ -37,6 +37,11 @@ def get_config(arg=None):
     p.arch.max_position_embeddings = 1024
     p.arch.tie_word_embeddings = True
 
-    config.optim = common.optim_config(learning_rate=3e-3, warmup_steps=100, schedule="cosine",
-                                       total_steps=p.steps, weight_decay=0.1)
+    config.optim = common.optim_config(
+        learning_rate=3e-3,
+        warmup_steps=100,
+        schedule="cosine",
+        total_steps=p.steps,
+        weight_decay=0.1,
+    )
     return config

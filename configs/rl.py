@@ -2,11 +2,12 @@
 
     python -m r1jax.launch --stage=rl [--workdir=runs/rl] [--config.rl.beta=0.0 ...]
 
-R1-Zero: the base model is prompted with the paper's template (reason in <think>, answer in <answer>)
-and trained with GRPO on accuracy + format rewards, no SFT. For the R1 recipe's reasoning-RL stage,
-point `model.path` at a cold-start SFT checkpoint and add the language-consistency reward. Real data:
-`--config.data.source=/path/to/train.jsonl` (GSM8K / MATH / AIME / code-contest shapes) with
-`--config.rewards.task=0 --config.rewards.accuracy=1` (or `code` for code tests).
+R1-Zero: the base model is prompted with the paper's template (reason in <think>, answer in
+<answer>) and trained with GRPO on accuracy + format rewards, no SFT. For the R1 recipe's
+reasoning-RL stage, point `model.path` at a cold-start SFT checkpoint and add the
+language-consistency reward. Real data: `--config.data.source=/path/to/train.jsonl` (GSM8K / MATH /
+AIME / code-contest shapes) with `--config.rewards.task=0 --config.rewards.accuracy=1` (or `code`
+for code tests).
 """
 
 import ml_collections
@@ -26,7 +27,8 @@ def get_config(arg=None):
     # Reward name -> weight (names from r1jax.rewards.REWARDS; 0 = off). "task" is the exact
     # verifier of the built-in tasks; "accuracy" checks math answers with math-verify.
     config.rewards = ml_collections.ConfigDict(
-        {"task": 1.0, "accuracy": 0.0, "format": 0.5, "language_consistency": 0.0, "code": 0.0})
+        {"task": 1.0, "accuracy": 0.0, "format": 0.5, "language_consistency": 0.0, "code": 0.0}
+    )
 
     r = config.rl = ml_collections.ConfigDict()
     r.steps = 120  # GRPO steps (one rollout batch each)

@@ -2,9 +2,9 @@
 
     python -m r1jax.launch --stage=sft [--config.sft.source=data.jsonl] [--workdir=runs/sft]
 
-Cold start: a few hundred readable long chain-of-thought examples in the <think>…</think><answer>…</answer>
-format. For the R1 recipe's second SFT, point `sft.source` at the JSONL that `rejection_sampling` wrote and
-`model.path` at the *base* model.
+Cold start: a few hundred readable long chain-of-thought examples in the
+<think>…</think><answer>…</answer> format. For the R1 recipe's second SFT, point `sft.source` at the
+JSONL that `rejection_sampling` wrote and `model.path` at the *base* model.
 """
 
 import ml_collections

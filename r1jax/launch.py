@@ -1,12 +1,13 @@
 """The command line: one command per stage of the R1 recipe.
 
-    python -m r1jax.launch --stage=rl [--config=configs/rl.py] [--config.rl.beta=0.0 ...] [--workdir=DIR]
+    python -m r1jax.launch --stage=rl [--config=configs/rl.py] [--config.rl.beta=0.0 ...]
+    [--workdir=DIR]
 
-Without --config the stage's built-in offline default `configs/<stage>.py` is used (a tiny model on a
-built-in task, runnable on a laptop CPU with nothing downloaded). Overrides use ml_collections syntax
-and the config is locked, so a misspelt key is an error rather than a silently new field. The same
-command runs on every host of a TPU pod slice or a GPU cluster: multi-host start-up happens here, before
-anything touches a device (see `r1jax.sharding.initialize_distributed`).
+Without --config the stage's built-in offline default `configs/<stage>.py` is used (a tiny model on
+a built-in task, runnable on a laptop CPU with nothing downloaded). Overrides use ml_collections
+syntax and the config is locked, so a misspelt key is an error rather than a silently new field. The
+same command runs on every host of a TPU pod slice or a GPU cluster: multi-host start-up happens
+here, before anything touches a device (see `r1jax.sharding.initialize_distributed`).
 """
 
 from __future__ import annotations
@@ -43,10 +44,18 @@ def main(argv: list[str] | None = None) -> None:
 
     flags.DEFINE_enum("stage", None, STAGES, "Stage of the recipe to run.")
     config_flags.DEFINE_config_file(
-        "config", None, "ml_collections config file (default: configs/<stage>.py). Override fields "
-        "with --config.section.field=value.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Output directory (default: runs/<stage>). Rerunning the "
-                        "same command resumes from its last checkpoint.")
+        "config",
+        None,
+        "ml_collections config file (default: configs/<stage>.py). Override fields "
+        "with --config.section.field=value.",
+        lock_config=True,
+    )
+    flags.DEFINE_string(
+        "workdir",
+        None,
+        "Output directory (default: runs/<stage>). Rerunning the "
+        "same command resumes from its last checkpoint.",
+    )
     flags.mark_flag_as_required("stage")
 
     def run(_argv):
@@ -70,10 +79,65 @@ def main(argv: list[str] | None = None) -> None:
             common.validate(config, stage)
         except common.ConfigError as e:
             sys.exit(f"config error: {e}")
-        common.run_stage(stage, config, workdir)
+        from r1jax.checkpoint import CheckpointError
 
-    app.run(run, argv=_with_default_config(list(argv if argv is not None else sys.argv)),
-            flags_parser=_parse_flags_with_help)
+        try:
+            common.run_stage(stage, config, workdir)
+        except (common.ConfigError, CheckpointError) as e:
+            # Problems the user can fix (a data file, a damaged checkpoint): one line, no trace.
+            # Exit at once, skipping interpreter shutdown: after a failed checkpoint read,
+            # tensorstore's threads still report into orbax's closed event loop as the
+            # interpreter tears down, which would bury the line under tracebacks.
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
+
+    app.run(
+        run,
+        argv=_with_default_config(list(argv if argv is not None else sys.argv)),
+        flags_parser=_parse_flags_with_help,
+    )
+
+
+def _config_spec(argv: list[str]) -> str | None:
+    """The --config value ("path" or "path:arg"), or None when absent."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """A message naming the first --config.a.b=... override that the config has no field for."""
+    from ml_collections import ConfigDict
+
+    from r1jax.stages import common
+
+    spec = _config_spec(argv)
+    if spec is None:
+        return None
+    try:
+        config = common.load_config_file(spec)
+    except Exception:  # the config file itself is broken: let absl's own error stand
+        return None
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        parts = arg[len("--config.") :].split("=", 1)[0].split(".")
+        node = config
+        for i, part in enumerate(parts):
+            if not isinstance(node, ConfigDict) or part not in node:
+                where = ".".join(parts[:i]) or "the config"
+                fields = sorted(node.keys()) if isinstance(node, ConfigDict) else []
+                return (
+                    f"config error: unknown field {'.'.join(parts[: i + 1])!r} (from "
+                    f"{arg.split('=', 1)[0]}); {where} has the fields {fields}. Run with "
+                    f"--help to list every field."
+                )
+            node = node[part]
+    return None
 
 
 def _parse_flags_with_help(argv):
@@ -89,8 +153,9 @@ def _parse_flags_with_help(argv):
 
             from r1jax.stages import common
 
-            print(f"Config fields of configs/{stage}.py (override with --config.FIELD=VALUE):")
-            print(common.describe(common.load_config_file(os.path.join(CONFIG_DIR, stage + ".py"))))
+            spec = _config_spec(argv) or os.path.join(CONFIG_DIR, stage + ".py")
+            print(f"Config fields of {spec} (override with --config.FIELD=VALUE):")
+            print(common.describe(common.load_config_file(spec)))
         else:
             print("Give --stage=STAGE --help to list that stage's config fields.")
         sys.exit(0)
@@ -98,6 +163,9 @@ def _parse_flags_with_help(argv):
         return flags.FLAGS(argv)
     except flags.Error as e:
         sys.exit(f"{e}\nRun with --help for usage.")
+    except (AttributeError, KeyError) as e:
+        # ml_collections reports an override of a field the (locked) config lacks this way.
+        sys.exit(_unknown_override(argv) or f"config error: {e}")
 
 
 if __name__ == "__main__":

@@ -3,19 +3,21 @@
 GRPO spends most of its time here. One call samples G completions for each of P prompts:
 
   1. prefill   the P left-padded prompts run once through the model into a [P, Tp] cache;
-  2. share     a per-sample cache of [P*G, max_new] slots is created whose *prefix* is that prefill: the
+  2. share     a per-sample cache of [P*G, max_new] slots is created whose *prefix* is that prefill:
+     the
                G rows of a prompt read the same prompt keys and values (no copy, no recomputation);
-  3. decode    a `lax.while_loop` feeds one token per row per step, writes it into the per-sample cache,
+  3. decode    a `lax.while_loop` feeds one token per row per step, writes it into the per-sample
+     cache,
                samples the next token, and stops as soon as every row has emitted a stop token.
 
-Everything in 1-3 is one jitted function of (params, prompts, rng); shapes are static per
-(P, Tp, G, max_new, sampling config), and `generate` pads prompts into length buckets so a run compiles a
+Everything in 1-3 is one jitted function of (params, prompts, rng); shapes are static per (P, Tp, G,
+max_new, sampling config), and `generate` pads prompts into length buckets so a run compiles a
 handful of programs. Each new program is logged.
 
 Log-probabilities: `logprobs[b, t]` is log p(token | prefix) under the model's *unmodified*
-distribution, i.e. log_softmax of the raw logits (temperature 1, no top-k/top-p truncation), whatever
-the sampling settings. That is exactly what the training forward computes for the same tokens, so
-GRPO's importance ratio is 1 at the first policy iteration.
+distribution, i.e. log_softmax of the raw logits (temperature 1, no top-k/top-p truncation),
+whatever the sampling settings. That is exactly what the training forward computes for the same
+tokens, so GRPO's importance ratio is 1 at the first policy iteration.
 """
 
 from __future__ import annotations
@@ -40,18 +42,18 @@ log = logging.getLogger(__name__)
 STOP_TOKEN, LENGTH = 0, 1  # values of SampleOutput.stop_reason
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Choosing the next token
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How the next token is drawn from the logits. Static: one compiled program per distinct value.
 
-    temperature: 0.0 is greedy (argmax); otherwise logits are divided by it.
-    top_k:       keep the k most likely tokens (0 = off).
-    top_p:       keep the smallest set of most likely tokens whose probability reaches top_p (1.0 = off).
+    temperature: 0.0 is greedy (argmax); otherwise logits are divided by it. top_k:       keep the k
+    most likely tokens (0 = off). top_p:       keep the smallest set of most likely tokens whose
+    probability reaches top_p (1.0 = off).
     """
 
     temperature: float = 1.0
@@ -67,7 +69,10 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
     def truncate(self, logits: jax.Array) -> jax.Array:
-        """[B, V] float32 logits -> temperature-scaled logits with dropped tokens at -inf."""
+        """[B, V] float32 logits -> temperature-scaled logits with dropped tokens at -inf.
+
+        The reference definition of what `choose` samples from (it never builds this array).
+        """
         logits = logits / self.temperature
         if self.top_k:
             kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]
@@ -75,7 +80,8 @@ class SamplingConfig:
         if self.top_p < 1.0:
             sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
             probs = jax.nn.softmax(sorted_logits, axis=-1)
-            # A token is kept if the mass strictly before it is below top_p (so at least one is kept).
+            # A token is kept if the mass strictly before it is below top_p (so at least one is
+            # kept).
             before = jnp.cumsum(probs, axis=-1) - probs
             kept = jnp.where(before < self.top_p, sorted_logits, jnp.inf)
             threshold = jnp.min(kept, axis=-1, keepdims=True)
@@ -83,15 +89,99 @@ class SamplingConfig:
         return logits
 
     def sample(self, logits: jax.Array, key: jax.Array) -> jax.Array:
-        """[B, V] float32 logits -> [B] int32 token ids."""
+        """[B, V] float32 logits -> [B] int32 token ids, drawn with `key`."""
+        return self.choose(logits, jax.random.uniform(key, logits.shape[:1], jnp.float32))
+
+    def choose(self, logits: jax.Array, u: jax.Array) -> jax.Array:
+        """[B, V] float32 logits, [B] uniforms in [0, 1) -> [B] int32 token ids.
+
+        Inverse-CDF sampling: the token is the first whose cumulative probability exceeds u, so
+        a row needs one uniform (the sampler draws all of them before its loop) instead of a
+        Gumbel draw per vocabulary entry. Top-k and top-p find their cut-off logit by bisection
+        instead of sorting the vocabulary (XLA's CPU sort is two orders of magnitude slower);
+        the kept set is exactly `truncate`'s, ties at the cut-off included.
+        """
         if self.temperature == 0.0:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return jax.random.categorical(key, self.truncate(logits), axis=-1).astype(jnp.int32)
+        logits = logits.astype(jnp.float32) / self.temperature
+        if self.top_k and self.top_k < logits.shape[-1]:
+            keys = _order_keys(logits)
+            # Smallest key held by fewer than k logits; one below it is the k-th largest logit.
+            first_short = _bisect(
+                keys, lambda v: jnp.sum(keys >= v[:, None], -1) < self.top_k, upper_inclusive=False
+            )
+            logits = jnp.where(keys >= first_short[:, None] - 1, logits, -jnp.inf)
+        if self.top_p < 1.0:
+            keys = _order_keys(logits)
+            probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+            budget = self.top_p * jnp.sum(probs, axis=-1)
+            # Keep a token iff the mass of strictly larger logits is below top_p; the smallest kept
+            # logit is the smallest key where that holds (the predicate only flips at a logit).
+            cut = _bisect(
+                keys,
+                lambda v: jnp.sum(jnp.where(keys > v[:, None], probs, 0.0), -1) < budget,
+                upper_inclusive=True,
+            )
+            logits = jnp.where(keys >= cut[:, None], logits, -jnp.inf)
+        return _blocked_inverse_cdf(logits, u)
 
 
-# ---------------------------------------------------------------------------------------------------
+def _order_keys(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 keys in the same order (for -inf and finite values)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _bisect(keys: jax.Array, holds, *, upper_inclusive: bool) -> jax.Array:
+    """[B, V] uint32 keys and a predicate on [B] candidate keys, false at each row's smallest key
+    and true at its largest (`upper_inclusive`) or one above it -> the smallest [B] key where it
+    holds. 32 halvings cover the whole uint32 range, so the answer is exact."""
+    lo = jnp.min(keys, axis=-1)
+    hi = jnp.max(keys, axis=-1) + (0 if upper_inclusive else 1)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = holds(mid)
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    return jax.lax.fori_loop(0, 32, halve, (lo, hi))[1]
+
+
+def _first_above(cum: jax.Array, probs: jax.Array, target: jax.Array) -> jax.Array:
+    """[B, N] cumulative and plain probabilities, [B] targets -> [B] index of the first entry with
+    non-zero probability whose cumulative value exceeds the target (zero-probability entries are
+    never chosen, whatever the rounding of `cum`)."""
+    return jnp.argmax((cum > target[:, None]) & (probs > 0), axis=-1).astype(jnp.int32)
+
+
+_BLOCK = 128  # vocabulary entries per block in `_blocked_inverse_cdf`
+
+
+def _blocked_inverse_cdf(logits: jax.Array, u: jax.Array) -> jax.Array:
+    """Sample [B] tokens from softmax([B, V] logits) with [B] uniforms, in two levels.
+
+    A prefix sum over all V entries is a log-depth tree of passes on CPU; instead sum blocks of
+    128, pick the block from the prefix sum of V / 128 block masses, then the token inside the one
+    chosen block. Same distribution, about the cost of one softmax.
+    """
+    b, v = logits.shape
+    probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [B, V], max entry is 1
+    blocks = -(-v // _BLOCK)
+    probs = jnp.pad(probs, ((0, 0), (0, blocks * _BLOCK - v))).reshape(b, blocks, _BLOCK)
+    mass = probs.sum(-1)  # [B, blocks]
+    cum = jnp.cumsum(mass, axis=-1)
+    target = u * cum[:, -1]
+    block = _first_above(cum, mass, target)  # [B]
+    inner = jnp.take_along_axis(probs, block[:, None, None], axis=1)[:, 0]  # [B, BLOCK]
+    before = jnp.take_along_axis(cum - mass, block[:, None], axis=1)
+    offset = _first_above(before + jnp.cumsum(inner, axis=-1), inner, target)
+    return block * _BLOCK + offset
+
+
+# --------------------------------------------------------------------------------------------------
 # Device-level sampling
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @flax.struct.dataclass
@@ -99,11 +189,10 @@ class SampleOutput:
     """What one sampling call returns, on device. B = P * G rows, prompt-major (rows p*G .. p*G+G-1
     belong to prompt p); completions are left-aligned in [B, max_new].
 
-    tokens:      [B, max_new] int32 completion ids, `pad_id` after the end
-    logprobs:    [B, max_new] float32 log p(token) under the raw model distribution (0 after the end)
-    mask:        [B, max_new] int32, 1 on completion tokens (including the stop token)
-    lengths:     [B] int32 number of completion tokens
-    stop_reason: [B] int32, STOP_TOKEN (0) or LENGTH (1, truncated at max_new)
+    tokens:      [B, max_new] int32 completion ids, `pad_id` after the end logprobs:    [B, max_new]
+    float32 log p(token) under the raw model distribution (0 after the end) mask:        [B,
+    max_new] int32, 1 on completion tokens (including the stop token) lengths:     [B] int32 number
+    of completion tokens stop_reason: [B] int32, STOP_TOKEN (0) or LENGTH (1, truncated at max_new)
     """
 
     tokens: jax.Array
@@ -122,14 +211,23 @@ class _LoopState:
     done: jax.Array  # [B] bool: row has produced a stop token
     lengths: jax.Array  # [B]
     cache: KVCache
-    key: jax.Array
 
 
-def _record(state: _LoopState, logits: jax.Array, key: jax.Array, cfg: SamplingConfig,
-            stop_ids: jax.Array, pad_id: int) -> _LoopState:
-    """Sample the token at `state.step` from logits [B, V] and append it to rows still running."""
-    token = cfg.sample(logits, key)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+def _record(
+    state: _LoopState,
+    logits: jax.Array,
+    u: jax.Array,
+    cfg: SamplingConfig,
+    stop_ids: jax.Array,
+    pad_id: int,
+) -> _LoopState:
+    """Sample the token at `state.step` from logits [B, V] with uniforms u [B] and append it to
+    rows still running."""
+    token = cfg.choose(logits, u)
+    # log p(token) without materialising a [B, V] log_softmax: logit - logsumexp.
+    logp = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(
+        logits, axis=-1
+    )
     live = ~state.done
     token = jnp.where(live, token, pad_id)
     step = state.step
@@ -143,10 +241,38 @@ def _record(state: _LoopState, logits: jax.Array, key: jax.Array, cfg: SamplingC
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new_tokens", "cfg",
-                                             "stop_ids", "pad_id"))
-def sample(graphdef, state, prompt_ids, prompt_mask, key, *, num_samples: int, max_new_tokens: int,
-           cfg: SamplingConfig, stop_ids: tuple[int, ...] = (), pad_id: int = 0) -> SampleOutput:
+def _extend(empty, prefill):
+    """Copy a filled cache into the front of a longer empty one of the same structure.
+
+    Layout-agnostic: every array leaf is written at the origin (only its sequence axis differs),
+    and scalar leaves (the write index) come from the filled cache.
+    """
+
+    def one(big, small):
+        if big.ndim == 0:
+            return small
+        return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), (0,) * big.ndim)
+
+    return jax.tree.map(one, empty, prefill)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "num_samples", "max_new_tokens", "cfg", "stop_ids", "pad_id"),
+)
+def sample(
+    graphdef,
+    state,
+    prompt_ids,
+    prompt_mask,
+    key,
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    cfg: SamplingConfig,
+    stop_ids: tuple[int, ...] = (),
+    pad_id: int = 0,
+) -> SampleOutput:
     """Sample `num_samples` completions for each left-padded prompt. Pure and jitted.
 
     graphdef, state:  the model split with `nnx.split` (state may be sharded on the ambient mesh)
@@ -165,37 +291,57 @@ def sample(graphdef, state, prompt_ids, prompt_mask, key, *, num_samples: int, m
     first_logits = jnp.repeat(logits[:, -1], num_samples, axis=0)  # [B, V]; left padding => last
     first_logits = sharding.constrain(first_logits, ("batch", "vocab"))
 
-    # 2. The G samples of a prompt share its prefill as the cache prefix.
-    cache = model.init_cache(b, max_new_tokens).with_prefix(prefill)
+    # 2. The G samples of a prompt share its prefill as the cache prefix. With one sample per
+    # prompt there is nothing to share: the prefill goes to the front of one longer cache, so
+    # each decode step attends over one segment instead of two.
+    if num_samples == 1:
+        cache = _extend(model.init_cache(b, prompt_ids.shape[1] + max_new_tokens), prefill)
+    else:
+        cache = model.init_cache(b, max_new_tokens).with_prefix(prefill)
 
+    # Every uniform the loop will need, drawn at once: one [T, B] draw instead of a PRNG call
+    # (and a [B, V] Gumbel draw) per step. Counter-based, so identical on any mesh.
+    uniforms = sharding.constrain(
+        jax.random.uniform(key, (max_new_tokens, b), jnp.float32), (None, "batch")
+    )
     stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     zeros = jnp.zeros((b,), jnp.int32)
-    loop = _LoopState(step=jnp.zeros((), jnp.int32), last=zeros,
-                      tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-                      logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
-                      done=jnp.zeros((b,), bool), lengths=zeros, cache=cache, key=key)
-    loop = _record(loop, first_logits, jax.random.fold_in(key, 0), cfg, stop, pad_id)
+    loop = _LoopState(
+        step=jnp.zeros((), jnp.int32),
+        last=zeros,
+        tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+        logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
+        done=jnp.zeros((b,), bool),
+        lengths=zeros,
+        cache=cache,
+    )
+    loop = _record(loop, first_logits, uniforms[0], cfg, stop, pad_id)
 
     # 3. Decode one token per row per step until every row stopped or the budget is spent.
     def cond(s: _LoopState):
         return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
     def body(s: _LoopState):
-        logits, new_cache = model(s.last[:, None], (~s.done).astype(jnp.int32)[:, None],
-                                  cache=s.cache)
+        logits, new_cache = model(
+            s.last[:, None], (~s.done).astype(jnp.int32)[:, None], cache=s.cache
+        )
         s = s.replace(cache=new_cache)
-        return _record(s, logits[:, 0], jax.random.fold_in(s.key, s.step), cfg, stop, pad_id)
+        return _record(s, logits[:, 0], uniforms[s.step], cfg, stop, pad_id)
 
     loop = jax.lax.while_loop(cond, body, loop)
     mask = (jnp.arange(max_new_tokens)[None, :] < loop.lengths[:, None]).astype(jnp.int32)
-    return SampleOutput(tokens=loop.tokens, logprobs=loop.logprobs, mask=mask,
-                        lengths=loop.lengths,
-                        stop_reason=jnp.where(loop.done, STOP_TOKEN, LENGTH).astype(jnp.int32))
+    return SampleOutput(
+        tokens=loop.tokens,
+        logprobs=loop.logprobs,
+        mask=mask,
+        lengths=loop.lengths,
+        stop_reason=jnp.where(loop.done, STOP_TOKEN, LENGTH).astype(jnp.int32),
+    )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Host-level convenience
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 _compiled: set[tuple] = set()
 
@@ -218,14 +364,26 @@ class GenerateOutput:
     prompt_mask: np.ndarray
 
 
-def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, stop_token_ids: Sequence[int] = (), num_samples: int = 1,
-             seed: int = 0, *, pad_id: int = 0, mesh=None,
-             buckets: Sequence[int] = DEFAULT_BUCKETS) -> GenerateOutput:
+def generate(
+    model,
+    prompts,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_token_ids: Sequence[int] = (),
+    num_samples: int = 1,
+    seed: int = 0,
+    *,
+    pad_id: int = 0,
+    mesh=None,
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+) -> GenerateOutput:
     """Sample completions for a list of prompts (ragged token-id lists, or a [P, T] array).
 
-    Prompts are left-padded to the smallest bucket length that fits (longer prompts are an error); with `mesh`, the batch is sharded over its batch axes
-    (P * num_samples must then divide by them) and the model should already be placed on it.
+    Prompts are left-padded to the smallest bucket length that fits (longer prompts are an error);
+    with `mesh`, the batch is sharded over its batch axes (P * num_samples must then divide by them)
+    and the model should already be placed on it.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -241,22 +399,41 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
     static = (ids.shape, num_samples, max_new_tokens, cfg, tuple(stop_token_ids), pad_id)
     if static not in _compiled:
         _compiled.add(static)
-        log.info("sampler: compiling for prompts %s, %d samples, %d new tokens, %s", ids.shape,
-                 num_samples, max_new_tokens, cfg)
-    kwargs = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, cfg=cfg,
-                  stop_ids=tuple(int(s) for s in stop_token_ids), pad_id=pad_id)
+        log.info(
+            "sampler: compiling for prompts %s, %d samples, %d new tokens, %s",
+            ids.shape,
+            num_samples,
+            max_new_tokens,
+            cfg,
+        )
+    kwargs = dict(
+        num_samples=num_samples,
+        max_new_tokens=max_new_tokens,
+        cfg=cfg,
+        stop_ids=tuple(int(s) for s in stop_token_ids),
+        pad_id=pad_id,
+    )
     if mesh is None:
         out = sample(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), key, **kwargs)
     else:
         with jax.set_mesh(mesh), sharding.use_rules(sharding.SAMPLING_RULES):
-            batch = sharding.shard_batch({"ids": ids, "mask": mask}, mesh, sharding.SAMPLING_RULES) \
-                if len(prompts) % _batch_ways(mesh) == 0 else {"ids": ids, "mask": mask}
+            batch = (
+                sharding.shard_batch({"ids": ids, "mask": mask}, mesh, sharding.SAMPLING_RULES)
+                if len(prompts) % _batch_ways(mesh) == 0
+                else {"ids": ids, "mask": mask}
+            )
             out = sample(graphdef, state, batch["ids"], batch["mask"], key, **kwargs)
     host = jax.device_get(out)
-    tokens = [row[:n].tolist() for row, n in zip(host.tokens, host.lengths)]
-    logprobs = [row[:n] for row, n in zip(host.logprobs, host.lengths)]
-    return GenerateOutput(tokens=tokens, logprobs=logprobs, stop_reason=host.stop_reason.tolist(),
-                          device=out, prompt_ids=ids, prompt_mask=mask)
+    tokens = [row[:n].tolist() for row, n in zip(host.tokens, host.lengths, strict=False)]
+    logprobs = [row[:n] for row, n in zip(host.logprobs, host.lengths, strict=False)]
+    return GenerateOutput(
+        tokens=tokens,
+        logprobs=logprobs,
+        stop_reason=host.stop_reason.tolist(),
+        device=out,
+        prompt_ids=ids,
+        prompt_mask=mask,
+    )
 
 
 def _batch_ways(mesh) -> int:

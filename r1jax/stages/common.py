@@ -93,12 +93,18 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
         raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     for field in ("param_dtype", "dtype"):
         if config.model[field] not in ("float32", "bfloat16"):
-            raise ConfigError(f"model.{field} must be 'float32' or 'bfloat16', "
-                              f"got {config.model[field]!r}")
-    if stage not in ("pretrain", "pipeline") and config.model.path != TOY_BASE and not os.path.isdir(
-            config.model.path):
-        raise ConfigError(f"model.path {config.model.path!r} is not a folder; give a Hugging Face "
-                          f"checkpoint folder or 'toy' for the built-in toy base model")
+            raise ConfigError(
+                f"model.{field} must be 'float32' or 'bfloat16', got {config.model[field]!r}"
+            )
+    if (
+        stage not in ("pretrain", "pipeline")
+        and config.model.path != TOY_BASE
+        and not os.path.isdir(config.model.path)
+    ):
+        raise ConfigError(
+            f"model.path {config.model.path!r} is not a folder; give a Hugging Face "
+            f"checkpoint folder or 'toy' for the built-in toy base model"
+        )
     if config.ckpt.best_mode not in ("max", "min"):
         raise ConfigError(f"ckpt.best_mode must be 'max' or 'min', got {config.ckpt.best_mode!r}")
     if config.ckpt.every < 1 or config.log.every < 1:
@@ -134,8 +140,14 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str) -> An
     if jax.process_index() == 0:
         with open(os.path.join(workdir, f"config_{stage}.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    log.info("stage %s, workdir %s, %d process(es), %d device(s) (%s)", stage, workdir,
-             jax.process_count(), jax.device_count(), jax.devices()[0].platform)
+    log.info(
+        "stage %s, workdir %s, %d process(es), %d device(s) (%s)",
+        stage,
+        workdir,
+        jax.process_count(),
+        jax.device_count(),
+        jax.devices()[0].platform,
+    )
     return stage_module(stage).run(config, workdir)
 
 
@@ -162,8 +174,9 @@ def make_mesh(config: ml_collections.ConfigDict):
     from r1jax import sharding
 
     try:
-        return sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp,
-                                  tensor=config.mesh.tensor)
+        return sharding.make_mesh(
+            data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
@@ -180,7 +193,8 @@ def r1jax_home() -> str:
 
 def enable_compilation_cache() -> None:
     """Persist compiled XLA programs in $R1JAX_HOME/xla_cache, so a rerun (a resume, the next stage
-    of a pipeline with the same shapes) does not compile again. R1JAX_COMPILATION_CACHE=0 disables."""
+    of a pipeline with the same shapes) does not compile again. R1JAX_COMPILATION_CACHE=0
+    disables."""
     import jax
 
     if os.environ.get("R1JAX_COMPILATION_CACHE", "1") == "0":
@@ -194,13 +208,16 @@ def toy_base_path() -> str:
 
 
 def resolve_model_path(path: str) -> str:
-    """The checkpoint folder for `path`; for "toy", train the toy base model first if it is missing."""
+    """The checkpoint folder for `path`; for "toy", train the toy base model first if missing."""
     if path != TOY_BASE:
         return path
     target = toy_base_path()
     if not os.path.exists(os.path.join(target, "config.json")):
-        log.info("No toy base model at %s yet: training it first with --stage=pretrain's default "
-                 "config (a few minutes on a laptop CPU; done once).", target)
+        log.info(
+            "No toy base model at %s yet: training it first with --stage=pretrain's default "
+            "config (a few minutes on a laptop CPU; done once).",
+            target,
+        )
         from r1jax.stages import pretrain
 
         pretrain_config = load_config_file(os.path.join(_configs_dir(), "pretrain.py"))
@@ -219,8 +236,14 @@ def load_model(config: ml_collections.ConfigDict, mesh, rules=None):
     from r1jax.models import hf
 
     path = resolve_model_path(config.model.path)
-    model = hf.load(path, mesh=mesh, param_dtype=config.model.param_dtype,
-                    dtype=config.model.dtype, remat=config.model.remat, rules=rules)
+    model = hf.load(
+        path,
+        mesh=mesh,
+        param_dtype=config.model.param_dtype,
+        dtype=config.model.dtype,
+        remat=config.model.remat,
+        rules=rules,
+    )
     return model, hf.tokenizer(path)
 
 
@@ -242,7 +265,7 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
-    """The `optim` section: the fields of `r1jax.train.OptimConfig` (AdamW + schedule + clipping)."""
+    """The `optim` section: the fields of `r1jax.train.OptimConfig` (AdamW, schedule, clipping)."""
     c = ml_collections.ConfigDict()
     c.learning_rate = 1e-6  # peak learning rate
     c.schedule = "constant"  # "constant" or "cosine" (to 0 at total_steps)
@@ -278,9 +301,9 @@ def data_config(source: str = "arithmetic", template: str = "r1_zero") -> ml_col
     c.eval_source = ""  # file data: held-out file ("" = hold out num_eval rows of source)
     c.prompt_buckets = (64, 128, 256, 512)  # padded prompt lengths (few shapes = few compiles)
     c.arithmetic = ml_collections.ConfigDict(
-        {"ops": ("+", "-"), "min_digits": 1, "max_digits": 2})  # difficulty of the built-in task
-    c.countdown = ml_collections.ConfigDict(
-        {"min_numbers": 3, "max_numbers": 3, "max_target": 100})
+        {"ops": ("+", "-"), "min_digits": 1, "max_digits": 2}
+    )  # difficulty of the built-in task
+    c.countdown = ml_collections.ConfigDict({"min_numbers": 3, "max_numbers": 3, "max_target": 100})
     return c
 
 
@@ -337,12 +360,16 @@ class PromptSet:
         self.template = data_config.template
         self.prefill_think = data_config.prefill_think
         self.buckets = tuple(data_config.prompt_buckets)
-        self.prompts = templates.format_prompts([r["prompt"] for r in rows], self.template,
-                                                tokenizer=tokenizer,
-                                                prefill_think=self.prefill_think)
+        self.prompts = templates.format_prompts(
+            [r["prompt"] for r in rows],
+            self.template,
+            tokenizer=tokenizer,
+            prefill_think=self.prefill_think,
+        )
         self.token_ids = tokenizer(self.prompts, add_special_tokens=False)["input_ids"]
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-            else tokenizer.eos_token_id
+        self.pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
         keys = sorted({k for r in rows for k in r})
         self.columns = {k: [r.get(k) for r in rows] for k in keys}
         self.completion_prefix = templates.completion_prefix(self.template, self.prefill_think)
@@ -360,8 +387,9 @@ class PromptSet:
 
         from r1jax.data.batching import batch_prompt_ids
 
-        b = batch_prompt_ids([self.token_ids[i] for i in row_ids], pad_id=self.pad_id,
-                             buckets=self.buckets)
+        b = batch_prompt_ids(
+            [self.token_ids[i] for i in row_ids], pad_id=self.pad_id, buckets=self.buckets
+        )
         return b.input_ids, b.attention_mask, np.asarray(row_ids, np.int32)
 
 
@@ -393,7 +421,7 @@ def load_prompt_rows(data_config, split: str, seed: int) -> list[dict]:
     if split == "eval" and not data_config.eval_source:
         return rows[-n:]
     if split == "train" and not data_config.eval_source:
-        return rows[:-data_config.num_eval] or rows
+        return rows[: -data_config.num_eval] or rows
     return rows
 
 
@@ -418,14 +446,17 @@ def validate_data(data_config) -> None:
     from r1jax.data import tasks, templates
 
     if data_config.template not in templates.TEMPLATES:
-        raise ConfigError(f"data.template must be one of {templates.TEMPLATES}, "
-                          f"got {data_config.template!r}")
+        raise ConfigError(
+            f"data.template must be one of {templates.TEMPLATES}, got {data_config.template!r}"
+        )
     source = data_config.source
     if source not in tasks.TASKS:
         import glob
 
         if not glob.glob(source):
-            raise ConfigError(f"data.source {source!r} is neither a built-in task "
-                              f"{sorted(tasks.TASKS)} nor an existing file")
+            raise ConfigError(
+                f"data.source {source!r} is neither a built-in task "
+                f"{sorted(tasks.TASKS)} nor an existing file"
+            )
     if data_config.num_eval < 1 or data_config.num_train < 1:
         raise ConfigError("data.num_train and data.num_eval must be >= 1")

@@ -1,7 +1,8 @@
 """Stage: distillation — train a smaller student on the teacher's reasoning traces.
 
 The paper fine-tunes small dense models (Qwen2.5, Llama 3) on ~800k samples curated with DeepSeek-R1
-(the rejection-sampled data), plain SFT with no RL, and finds it beats running RL on the small model.
+(the rejection-sampled data), plain SFT with no RL, and finds it beats running RL on the small
+model.
 
   1. read the teacher's traces: the JSONL `rejection_sampling` wrote from the teacher;
   2. fine-tune the student on them exactly as `sft` does (cross-entropy on completion tokens);
@@ -15,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 
+import jax
+
 from r1jax.stages import common
 from r1jax.stages import sft as sft_stage
 
@@ -24,13 +27,24 @@ log = logging.getLogger("r1jax")
 def validate(config) -> None:
     d = config.distill
     if d.source != "cold_start" and not os.path.exists(d.source):
-        raise common.ConfigError(f"distill.source {d.source!r} does not exist; give the JSONL "
-                                 f"that --stage=rejection_sampling wrote from the teacher, or "
-                                 f"'cold_start' for the built-in long-CoT traces")
+        raise common.ConfigError(
+            f"distill.source {d.source!r} does not exist; give the JSONL "
+            f"that --stage=rejection_sampling wrote from the teacher, or "
+            f"'cold_start' for the built-in long-CoT traces"
+        )
     if d.teacher and d.teacher != common.TOY_BASE and not os.path.isdir(d.teacher):
         raise common.ConfigError(f"distill.teacher {d.teacher!r} is not a folder")
-    if min(d.epochs, d.batch_size, d.seq_len) <= 0:
-        raise common.ConfigError("distill.epochs, distill.batch_size and distill.seq_len must be > 0")
+    if min(d.epochs, d.batch_size, d.seq_len, d.num_micro_batches) <= 0:
+        raise common.ConfigError(
+            "distill.epochs, distill.batch_size, distill.seq_len and "
+            "distill.num_micro_batches must be > 0"
+        )
+    ways = common.batch_ways(config, jax.device_count())
+    if d.batch_size % (ways * d.num_micro_batches):
+        raise common.ConfigError(
+            f"distill.batch_size={d.batch_size} must be a multiple of "
+            f"distill.num_micro_batches * the mesh's {ways} batch shards"
+        )
     common.optim(config)
 
 
@@ -46,14 +60,22 @@ def run(config, workdir: str) -> dict:
             teacher_config.model.path = d.teacher
         teacher, teacher_tokenizer = common.load_model(teacher_config, mesh)
         if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise common.ConfigError("distill.teacher uses a different tokenizer from the student; "
-                                     "logit distillation needs one vocabulary (leave "
-                                     "distill.teacher empty for trace SFT)")
+            raise common.ConfigError(
+                "distill.teacher uses a different tokenizer from the student; "
+                "logit distillation needs one vocabulary (leave "
+                "distill.teacher empty for trace SFT)"
+            )
     pairs = sft_stage.load_pairs(_as_sft(config), tokenizer)
-    log.info("distilling %s into %s: %d traces%s", d.source, config.model.path, len(pairs),
-             " with logit distillation" if teacher is not None else "")
-    return sft_stage.train_on_pairs(config, d, workdir, student, tokenizer, pairs, mesh,
-                                    teacher=teacher)
+    log.info(
+        "distilling %s into %s: %d traces%s",
+        d.source,
+        config.model.path,
+        len(pairs),
+        " with logit distillation" if teacher is not None else "",
+    )
+    return sft_stage.train_on_pairs(
+        config, d, workdir, student, tokenizer, pairs, mesh, teacher=teacher
+    )
 
 
 def _as_sft(config):

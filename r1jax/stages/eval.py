@@ -1,7 +1,8 @@
 """Stage: evaluation, as the DeepSeek-R1 paper reports it.
 
-For every held-out prompt, k answers are sampled (temperature 0.6, top-p 0.95 by default) and each is
-checked by the same rule that rewards it in RL (the task's exact verifier, math-verify, or code tests):
+For every held-out prompt, k answers are sampled (temperature 0.6, top-p 0.95 by default) and each
+is checked by the same rule that rewards it in RL (the task's exact verifier, math-verify, or code
+tests):
 
   pass@1   = mean over prompts of (correct samples / k)             (the paper's headline number)
   pass@k   = unbiased estimate 1 - C(k - c, k) / C(k, k) = [c > 0]   (with n = k samples)
@@ -29,9 +30,9 @@ from r1jax.stages import common
 log = logging.getLogger("r1jax")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Metrics on graded samples (pure; unit-tested on hand-made samples)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -67,8 +68,11 @@ def score_prompt(answers: Sequence[str | None], correct: Sequence[bool]) -> dict
         raise ValueError("need one answer and one correctness flag per sample")
     c = int(sum(bool(x) for x in correct))
     winner = majority_vote(answers)
-    return {"pass@1": c / k, f"pass@{k}": pass_at_k(k, c, k),
-            f"cons@{k}": float(winner is not None and bool(correct[winner]))}
+    return {
+        "pass@1": c / k,
+        f"pass@{k}": pass_at_k(k, c, k),
+        f"cons@{k}": float(winner is not None and bool(correct[winner])),
+    }
 
 
 def aggregate(per_prompt: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -77,9 +81,9 @@ def aggregate(per_prompt: Sequence[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([p[k] for p in per_prompt])) for k in keys}
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Sampling and grading
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def grader(prompt_set: common.PromptSet):
@@ -96,8 +100,16 @@ def grader(prompt_set: common.PromptSet):
     return rewards.build_reward_fn({name: 1.0, "format": 0.0}, num_workers=0)
 
 
-def evaluate(model, tokenizer, prompt_set: common.PromptSet, eval_config, *, seed: int = 0,
-             mesh=None, samples_path: str | None = None) -> dict[str, Any]:
+def evaluate(
+    model,
+    tokenizer,
+    prompt_set: common.PromptSet,
+    eval_config,
+    *,
+    seed: int = 0,
+    mesh=None,
+    samples_path: str | None = None,
+) -> dict[str, Any]:
     """Sample k answers per held-out prompt and score them; returns overall + per-task metrics.
 
     model: a Decoder (any layout; with `mesh`, sampling runs sharded on it).
@@ -113,12 +125,22 @@ def evaluate(model, tokenizer, prompt_set: common.PromptSet, eval_config, *, see
     for start in range(0, n, eval_config.batch_prompts):
         ids = list(range(start, min(n, start + eval_config.batch_prompts)))
         out = sampling.generate(
-            model, [prompt_set.token_ids[i] for i in ids], max_new_tokens=eval_config.max_new_tokens,
-            temperature=eval_config.temperature, top_p=eval_config.top_p, stop_token_ids=stops,
-            num_samples=k, seed=seed + start, pad_id=prompt_set.pad_id, mesh=mesh,
-            buckets=prompt_set.buckets)
-        texts = [prompt_set.completion_prefix + t
-                 for t in tokenizer.batch_decode(out.tokens, skip_special_tokens=True)]
+            model,
+            [prompt_set.token_ids[i] for i in ids],
+            max_new_tokens=eval_config.max_new_tokens,
+            temperature=eval_config.temperature,
+            top_p=eval_config.top_p,
+            stop_token_ids=stops,
+            num_samples=k,
+            seed=seed + start,
+            pad_id=prompt_set.pad_id,
+            mesh=mesh,
+            buckets=prompt_set.buckets,
+        )
+        texts = [
+            prompt_set.completion_prefix + t
+            for t in tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+        ]
         columns = {c: [v[i] for i in ids for _ in range(k)] for c, v in prompt_set.columns.items()}
         graded = score(texts, **columns).per_reward[0]
         well_formed = rewards.format_reward(texts)
@@ -131,11 +153,23 @@ def evaluate(model, tokenizer, prompt_set: common.PromptSet, eval_config, *, see
             per_task[prompt_set.rows[i].get("task") or "all"].append(metrics)
             lengths += [len(out.tokens[r]) for r in rows]
             formats += [well_formed[r] for r in rows]
-            records += [{"row": i, "completion": texts[r], "answer": answers[r - j * k],
-                         "correct": correct[r - j * k]} for r in rows]
-    result = {**aggregate(per_prompt), "mean_length": float(np.mean(lengths)),
-              "format": float(np.mean(formats)), "num_prompts": n, "num_samples": k,
-              "per_task": {t: aggregate(v) for t, v in sorted(per_task.items())}}
+            records += [
+                {
+                    "row": i,
+                    "completion": texts[r],
+                    "answer": answers[r - j * k],
+                    "correct": correct[r - j * k],
+                }
+                for r in rows
+            ]
+    result = {
+        **aggregate(per_prompt),
+        "mean_length": float(np.mean(lengths)),
+        "format": float(np.mean(formats)),
+        "num_prompts": n,
+        "num_samples": k,
+        "per_task": {t: aggregate(v) for t, v in sorted(per_task.items())},
+    }
     if samples_path:
         with open(samples_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
@@ -155,14 +189,15 @@ def table(result: dict[str, Any]) -> str:
     head = f"{'task':<14}" + "".join(f"{k:>13}" for k in keys)
     lines = [head, "-" * len(head)]
     for name, m in rows:
-        lines.append(f"{name:<14}" + "".join(
-            f"{m[k]:>13.3f}" if k in m else f"{'':>13}" for k in keys))
+        lines.append(
+            f"{name:<14}" + "".join(f"{m[k]:>13.3f}" if k in m else f"{'':>13}" for k in keys)
+        )
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The stage
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def validate(config) -> None:
@@ -183,11 +218,23 @@ def run(config, workdir: str) -> dict[str, Any]:
     model, tokenizer = common.load_model(config, mesh, rules=sharding.SAMPLING_RULES)
     rows = common.load_prompt_rows(config.data, "eval", config.seed)
     prompts = common.PromptSet(rows, tokenizer, config.data, seed=config.seed)
-    log.info("evaluating %s on %d held-out prompts x %d samples", config.model.path,
-             min(config.eval.num_prompts, len(prompts)), config.eval.num_samples)
-    result = evaluate(model, tokenizer, prompts, config.eval, seed=config.seed, mesh=mesh,
-                      samples_path=os.path.join(workdir, "eval_samples.jsonl")
-                      if jax.process_index() == 0 else None)
+    log.info(
+        "evaluating %s on %d held-out prompts x %d samples",
+        config.model.path,
+        min(config.eval.num_prompts, len(prompts)),
+        config.eval.num_samples,
+    )
+    result = evaluate(
+        model,
+        tokenizer,
+        prompts,
+        config.eval,
+        seed=config.seed,
+        mesh=mesh,
+        samples_path=os.path.join(workdir, "eval_samples.jsonl")
+        if jax.process_index() == 0
+        else None,
+    )
     result["model"] = config.model.path
     common.write_json(os.path.join(workdir, "eval.json"), result)
     if jax.process_index() == 0:

@@ -4,13 +4,14 @@
   1. R1-Zero: GRPO straight from the base model, accuracy + format rewards;
   2. R1: cold-start SFT -> reasoning RL (+ language consistency) -> rejection sampling from that
      checkpoint -> SFT of the *base* model on the kept samples -> final RL;
-  3. distillation: the student fine-tuned on R1's kept samples, against the same student trained with
-     GRPO directly for at least as many optimizer steps;
-  4. every checkpoint evaluated on the same held-out prompts (pass@1 over k samples, cons@k, length).
+  3. distillation: the student fine-tuned on R1's kept samples, against the same student trained
+     with GRPO directly for at least as many optimizer steps;
+  4. every checkpoint evaluated on the same held-out prompts (pass@1 over k samples, cons@k,
+     length).
 
-Each sub-stage runs in `workdir/<name>/` with the config in `config.<name>` (override any field, e.g.
-`--config.r1_zero.rl.steps=50`). A rerun skips the sub-stages that finished and resumes the one that
-did not. The results table (`results.md`, `results.json`) and plots are written to the workdir.
+Each sub-stage runs in `workdir/<name>/` with the config in `config.<name>` (override any field,
+e.g. `--config.r1_zero.rl.steps=50`). A rerun skips the sub-stages that finished and resumes the one
+that did not. The results table (`results.md`, `results.json`) and plots are written to the workdir.
 """
 
 from __future__ import annotations
@@ -40,8 +41,17 @@ PLAN = (
     ("distill", "distill", "student_base"),
     ("student_rl", "rl", "student_base"),
 )
-EVALUATED = ("base", "r1_zero", "cold_start", "reasoning_rl", "r1_sft", "r1", "student_base",
-             "distill", "student_rl")
+EVALUATED = (
+    "base",
+    "r1_zero",
+    "cold_start",
+    "reasoning_rl",
+    "r1_sft",
+    "r1",
+    "student_base",
+    "distill",
+    "student_rl",
+)
 
 
 def validate(config) -> None:
@@ -72,8 +82,9 @@ def run(config, workdir: str) -> dict[str, Any]:
 
     # Every checkpoint on the same held-out prompts.
     for name in EVALUATED:
-        results["eval"][name] = _evaluate(config, model_of[name], os.path.join(workdir, "eval",
-                                                                                name))
+        results["eval"][name] = _evaluate(
+            config, model_of[name], os.path.join(workdir, "eval", name)
+        )
     results["minutes"] = (time.time() - started) / 60
     if jax.process_index() == 0:
         common.write_json(os.path.join(workdir, "results.json"), results)
@@ -115,27 +126,34 @@ def _evaluate(config, model_path: str, subdir: str) -> dict[str, Any]:
     return eval_stage.run(sub, subdir)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Report
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def results_markdown(results: dict[str, Any], config) -> str:
     """The comparison table and the findings, as printed by the run."""
     k = config.eval_stage.eval.num_samples
-    lines = ["| checkpoint | pass@1 | cons@%d | pass@%d | format | mean length |" % (k, k),
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"| checkpoint | pass@1 | cons@{k} | pass@{k} | format | mean length |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in results["eval"].items():
-        lines.append(f"| {name} | {r['pass@1']:.3f} | {r.get(f'cons@{k}', float('nan')):.3f} | "
-                     f"{r.get(f'pass@{k}', float('nan')):.3f} | {r['format']:.3f} | "
-                     f"{r['mean_length']:.1f} |")
+        lines.append(
+            f"| {name} | {r['pass@1']:.3f} | {r.get(f'cons@{k}', float('nan')):.3f} | "
+            f"{r.get(f'pass@{k}', float('nan')):.3f} | {r['format']:.3f} | "
+            f"{r['mean_length']:.1f} |"
+        )
     e = results["eval"]
     findings = [
         ("R1-Zero beats the base model", e["r1_zero"]["pass@1"] > e["base"]["pass@1"]),
         ("R1-Zero learns the format", e["r1_zero"]["format"] > e["base"]["format"] + 0.5),
         ("R1 >= R1-Zero in accuracy", e["r1"]["pass@1"] >= e["r1_zero"]["pass@1"]),
         ("R1 is better formed than R1-Zero", e["r1"]["format"] >= e["r1_zero"]["format"]),
-        ("distillation beats RL on the student", e["distill"]["pass@1"] > e["student_rl"]["pass@1"]),
+        (
+            "distillation beats RL on the student",
+            e["distill"]["pass@1"] > e["student_rl"]["pass@1"],
+        ),
     ]
     lines += ["", "| finding (paper) | reproduced here |", "|---|---|"]
     lines += [f"| {text} | {'yes' if ok else 'NO'} |" for text, ok in findings]

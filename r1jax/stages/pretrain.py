@@ -21,7 +21,8 @@ import numpy as np
 from flax import nnx
 
 from r1jax import checkpoint, metrics, sft, sharding, train
-from r1jax.data import corpus, tokenizer as toy_tokenizer
+from r1jax.data import corpus
+from r1jax.data import tokenizer as toy_tokenizer
 from r1jax.models import hf
 from r1jax.models.transformer import Decoder, ModelConfig
 from r1jax.stages import common
@@ -35,8 +36,10 @@ def validate(config) -> None:
         raise common.ConfigError("pretrain.corpus_docs, seq_len, batch_size and steps must be >= 1")
     ways = common.batch_ways(config, jax.device_count())
     if p.batch_size % ways:
-        raise common.ConfigError(f"pretrain.batch_size={p.batch_size} must be a multiple of the "
-                                 f"mesh's {ways} batch shards (mesh.data * mesh.fsdp)")
+        raise common.ConfigError(
+            f"pretrain.batch_size={p.batch_size} must be a multiple of the "
+            f"mesh's {ways} batch shards (mesh.data * mesh.fsdp)"
+        )
     try:
         corpus_tasks(p)
     except (KeyError, TypeError, ValueError) as e:
@@ -78,45 +81,74 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
 
     # 1-2. Corpus and tokenizer.
     tok_dir = os.path.join(workdir, "tokenizer")
-    tokenizer = toy_tokenizer.train_toy_tokenizer(tok_dir, seed=config.seed,
-                                                  vocab_size=p.vocab_size)
+    tokenizer = toy_tokenizer.train_toy_tokenizer(
+        tok_dir, seed=config.seed, vocab_size=p.vocab_size
+    )
     docs = corpus.pretrain_corpus(p.corpus_docs, seed=config.seed, tasks=corpus_tasks(p))
     # 3. Packed rows; the loss covers every token that has a predecessor.
     rows = token_rows(docs, tokenizer, p.seq_len)
-    log.info("pretraining corpus: %d documents, %d tokens, %d rows of %d (%.1f epochs)", len(docs),
-             rows.size, len(rows), p.seq_len, p.steps * p.batch_size / len(rows))
+    log.info(
+        "pretraining corpus: %d documents, %d tokens, %d rows of %d (%.1f epochs)",
+        len(docs),
+        rows.size,
+        len(rows),
+        p.seq_len,
+        p.steps * p.batch_size / len(rows),
+    )
     # One segment per row (documents in a row may attend to earlier ones, as in GPT pretraining).
     shape = (p.batch_size, p.seq_len)
-    fixed = {"loss_mask": np.ones(shape, np.int32), "segment_ids": np.ones(shape, np.int32),
-             "attention_mask": np.ones(shape, np.int32),
-             "positions": np.broadcast_to(np.arange(p.seq_len, dtype=np.int32), shape)}
+    fixed = {
+        "loss_mask": np.ones(shape, np.int32),
+        "segment_ids": np.ones(shape, np.int32),
+        "attention_mask": np.ones(shape, np.int32),
+        "positions": np.broadcast_to(np.arange(p.seq_len, dtype=np.int32), shape),
+    }
 
     # 4. The model, born sharded, and its optimizer.
     mesh = common.make_mesh(config)
-    cfg = ModelConfig(vocab_size=len(tokenizer), param_dtype=config.model.param_dtype,
-                      dtype=config.model.dtype, remat=config.model.remat, model_type="qwen2",
-                      qkv_bias=True, **p.arch.to_dict())
+    cfg = ModelConfig(
+        vocab_size=len(tokenizer),
+        param_dtype=config.model.param_dtype,
+        dtype=config.model.dtype,
+        remat=config.model.remat,
+        model_type="qwen2",
+        qkv_bias=True,
+        **p.arch.to_dict(),
+    )
     model = sharding.create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(config.seed)), mesh)
     state = train.TrainState.create(model, common.optim(config), mesh)
     log.info("toy base model: %.2fM parameters (%s)", cfg.num_params / 1e6, cfg)
 
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   save_interval_steps=config.ckpt.every,
-                                   max_to_keep=config.ckpt.keep, async_save=config.ckpt.async_save)
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        save_interval_steps=config.ckpt.every,
+        max_to_keep=config.ckpt.keep,
+        async_save=config.ckpt.async_save,
+    )
     start = 0
     if ckpt.latest_step() is not None:
         start = ckpt.restore(state.model, state.optimizer)["step"]
         log.info("resumed from step %d", start)
-    writer = metrics.MetricsWriter(workdir, total_steps=p.steps, start_step=start,
-                                   summary_every=config.log.every, desc="pretrain",
-                                   postfix_keys=("loss",))
+    writer = metrics.MetricsWriter(
+        workdir,
+        total_steps=p.steps,
+        start_step=start,
+        summary_every=config.log.every,
+        desc="pretrain",
+        postfix_keys=("loss",),
+    )
     row = {}
     for step in range(start, p.steps):
         idx = common.batch_indices(len(rows), step, p.batch_size, config.seed)
         row = jax.device_get(sft.train_step(state, {"input_ids": rows[idx], **fixed}))
         writer.write(step + 1, row)
-        ckpt.save(step + 1, state.model, state.optimizer, extra={"step": step + 1},
-                  force=step + 1 == p.steps)
+        ckpt.save(
+            step + 1,
+            state.model,
+            state.optimizer,
+            extra={"step": step + 1},
+            force=step + 1 == p.steps,
+        )
     ckpt.wait()
     writer.close()
     ckpt.close()

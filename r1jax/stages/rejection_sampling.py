@@ -1,14 +1,14 @@
 """Stage: rejection sampling — turn an RL checkpoint into SFT data (R1's stage 3).
 
-  1. sample k answers for each training prompt from the checkpoint;
-  2. keep an answer only if it is correct (the task's rule), well-formed (<think>…</think><answer>…
-     </answer>) and in one language (language-consistency reward above a threshold) — the filters the
-     paper describes, each switchable;
-  3. drop duplicates and cap the answers kept per prompt;
-  4. mix in non-reasoning data (prompt/completion rows from a file), as the paper adds ~200k such
-     samples to ~600k reasoning ones;
-  5. write `workdir/rejection_sampled.jsonl` (rows that `--stage=sft` reads) and a summary of what was
-     kept and why the rest was dropped.
+1. sample k answers for each training prompt from the checkpoint;
+2. keep an answer only if it is correct (the task's rule), well-formed (<think>…</think><answer>…
+   </answer>) and in one language (language-consistency reward above a threshold) — the filters the
+   paper describes, each switchable;
+3. drop duplicates and cap the answers kept per prompt;
+4. mix in non-reasoning data (prompt/completion rows from a file), as the paper adds ~200k such
+   samples to ~600k reasoning ones;
+5. write `workdir/rejection_sampled.jsonl` (rows that `--stage=sft` reads) and a summary of what was
+   kept and why the rest was dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import Any
 import jax
 
 from r1jax import rewards, sampling, sharding
-from r1jax.data import loaders
 from r1jax.data.tokenizer import stop_token_ids
 from r1jax.stages import common
 from r1jax.stages import eval as eval_stage
@@ -33,9 +32,14 @@ log = logging.getLogger("r1jax")
 DROP_REASONS = ("incorrect", "malformed", "mixed_language", "duplicate", "over_cap")
 
 
-def filter_samples(samples: Sequence[dict[str, Any]], *, require_correct: bool = True,
-                   require_format: bool = True, min_language_consistency: float = 0.0,
-                   max_per_prompt: int = 0) -> tuple[list[dict], collections.Counter]:
+def filter_samples(
+    samples: Sequence[dict[str, Any]],
+    *,
+    require_correct: bool = True,
+    require_format: bool = True,
+    min_language_consistency: float = 0.0,
+    max_per_prompt: int = 0,
+) -> tuple[list[dict], collections.Counter]:
     """Apply the rejection filters to graded samples; returns (kept, Counter of drop reasons).
 
     Each sample has `row` (prompt id), `completion`, `correct` (bool), `format` (float, 1.0 =
@@ -67,11 +71,13 @@ def validate(config) -> None:
     common.validate_data(config.data)
     r = config.rejection_sampling
     if r.num_prompts < 1 or r.num_samples < 1 or r.max_new_tokens < 1:
-        raise common.ConfigError("rejection_sampling.num_prompts, num_samples and max_new_tokens "
-                                 "must be >= 1")
+        raise common.ConfigError(
+            "rejection_sampling.num_prompts, num_samples and max_new_tokens must be >= 1"
+        )
     if r.non_reasoning_source and not os.path.exists(r.non_reasoning_source):
-        raise common.ConfigError(f"rejection_sampling.non_reasoning_source "
-                                 f"{r.non_reasoning_source!r} does not exist")
+        raise common.ConfigError(
+            f"rejection_sampling.non_reasoning_source {r.non_reasoning_source!r} does not exist"
+        )
     if not 0.0 <= r.min_language_consistency <= 1.0:
         raise common.ConfigError("rejection_sampling.min_language_consistency must be in [0, 1]")
 
@@ -85,65 +91,112 @@ def run(config, workdir: str) -> dict[str, Any]:
     n = min(r.num_prompts, len(prompts))
     grade = eval_stage.grader(prompts)
     stops = stop_token_ids(tokenizer) + eval_stage.answer_stop_ids(tokenizer)
-    log.info("rejection sampling: %d prompts x %d samples from %s", n, r.num_samples,
-             config.model.path)
+    log.info(
+        "rejection sampling: %d prompts x %d samples from %s", n, r.num_samples, config.model.path
+    )
 
     # 1. Sample and grade.
     samples = []
     for start in range(0, n, r.batch_prompts):
         ids = list(range(start, min(n, start + r.batch_prompts)))
-        out = sampling.generate(model, [prompts.token_ids[i] for i in ids],
-                                max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                top_p=r.top_p, stop_token_ids=stops, num_samples=r.num_samples,
-                                seed=config.seed + start, pad_id=prompts.pad_id, mesh=mesh,
-                                buckets=prompts.buckets)
-        texts = [prompts.completion_prefix + t
-                 for t in tokenizer.batch_decode(out.tokens, skip_special_tokens=True)]
-        columns = {c: [v[i] for i in ids for _ in range(r.num_samples)]
-                   for c, v in prompts.columns.items()}
+        out = sampling.generate(
+            model,
+            [prompts.token_ids[i] for i in ids],
+            max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            stop_token_ids=stops,
+            num_samples=r.num_samples,
+            seed=config.seed + start,
+            pad_id=prompts.pad_id,
+            mesh=mesh,
+            buckets=prompts.buckets,
+        )
+        texts = [
+            prompts.completion_prefix + t
+            for t in tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+        ]
+        columns = {
+            c: [v[i] for i in ids for _ in range(r.num_samples)] for c, v in prompts.columns.items()
+        }
         correct = grade(texts, **columns).per_reward[0]
         well_formed = rewards.format_reward(texts)
         language = rewards.language_consistency_reward(texts, language=r.language)
         for j, text in enumerate(texts):
             i = ids[j // r.num_samples]
-            samples.append({"row": i, "completion": text, "correct": bool(correct[j] == 1.0),
-                            "format": well_formed[j], "language": language[j] or 0.0})
+            samples.append(
+                {
+                    "row": i,
+                    "completion": text,
+                    "correct": bool(correct[j] == 1.0),
+                    "format": well_formed[j],
+                    "language": language[j] or 0.0,
+                }
+            )
 
     # 2-3. Filter, de-duplicate, cap.
     kept, dropped = filter_samples(
-        samples, require_correct=r.require_correct, require_format=r.require_format,
-        min_language_consistency=r.min_language_consistency, max_per_prompt=r.max_per_prompt)
-    out_rows = [{**{k: v for k, v in rows[s["row"]].items() if k in ("prompt", "solution",
-                                                                     "task", "meta")},
-                 "completion": s["completion"], "source": "reasoning"} for s in kept]
+        samples,
+        require_correct=r.require_correct,
+        require_format=r.require_format,
+        min_language_consistency=r.min_language_consistency,
+        max_per_prompt=r.max_per_prompt,
+    )
+    out_rows = [
+        {
+            **{
+                k: v
+                for k, v in rows[s["row"]].items()
+                if k in ("prompt", "solution", "task", "meta")
+            },
+            "completion": s["completion"],
+            "source": "reasoning",
+        }
+        for s in kept
+    ]
 
     # 4. Non-reasoning data.
     mixed = 0
     if r.non_reasoning_source:
-        extra, _ = loaders.load_rows(r.non_reasoning_source, require_solution=False,
-                                     keep=("completion",))
-        want = int(round(len(out_rows) * r.non_reasoning_ratio)) if r.non_reasoning_ratio \
+        try:
+            extra, _ = common.load_completion_rows(r.non_reasoning_source)
+        except (OSError, ValueError) as e:
+            raise common.ConfigError(f"rejection_sampling.non_reasoning_source: {e}") from e
+        want = (
+            int(round(len(out_rows) * r.non_reasoning_ratio))
+            if r.non_reasoning_ratio
             else len(extra)
+        )
         extra = [x for x in extra if x.get("completion")][:want]
-        out_rows += [{"prompt": x["prompt"], "completion": x["completion"],
-                      "source": "non_reasoning"} for x in extra]
+        out_rows += [
+            {"prompt": x["prompt"], "completion": x["completion"], "source": "non_reasoning"}
+            for x in extra
+        ]
         mixed = len(extra)
 
     # 5. Write the dataset and the summary.
-    summary = {"model": config.model.path, "prompts": n, "samples": len(samples),
-               "kept": len(kept), "non_reasoning": mixed, "rows_written": len(out_rows),
-               "prompts_with_a_kept_sample": len({s["row"] for s in kept}),
-               "dropped": {reason: dropped.get(reason, 0) for reason in DROP_REASONS},
-               "keep_rate": len(kept) / max(1, len(samples))}
+    summary = {
+        "model": config.model.path,
+        "prompts": n,
+        "samples": len(samples),
+        "kept": len(kept),
+        "non_reasoning": mixed,
+        "rows_written": len(out_rows),
+        "prompts_with_a_kept_sample": len({s["row"] for s in kept}),
+        "dropped": {reason: dropped.get(reason, 0) for reason in DROP_REASONS},
+        "keep_rate": len(kept) / max(1, len(samples)),
+    }
     path = os.path.join(workdir, "rejection_sampled.jsonl")
     if jax.process_index() == 0:
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(x) + "\n" for x in out_rows)
         os.replace(path + ".tmp", path)
-        print(f"kept {len(kept)} of {len(samples)} samples ({summary['keep_rate']:.1%}) from "
-              f"{summary['prompts_with_a_kept_sample']} of {n} prompts; dropped: "
-              + ", ".join(f"{k} {v}" for k, v in summary["dropped"].items())
-              + f"; + {mixed} non-reasoning rows -> {path}")
+        print(
+            f"kept {len(kept)} of {len(samples)} samples ({summary['keep_rate']:.1%}) from "
+            f"{summary['prompts_with_a_kept_sample']} of {n} prompts; dropped: "
+            + ", ".join(f"{k} {v}" for k, v in summary["dropped"].items())
+            + f"; + {mixed} non-reasoning rows -> {path}"
+        )
     common.write_json(os.path.join(workdir, "rejection_sampling_summary.json"), summary)
     summary["path"] = path
     return summary

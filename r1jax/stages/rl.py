@@ -9,7 +9,8 @@ Each step, as in DeepSeekMath's Algorithm 1:
   3. score every completion with rule rewards on the host: accuracy (the answer in <answer>, checked
      exactly), format (<think>…</think><answer>…</answer>), optionally language consistency;
   4. advantage = (reward − group mean) / group std, per prompt;
-  5. μ optimizer steps on the clipped importance-ratio objective, minus β·KL to the frozen reference.
+  5. μ optimizer steps on the clipped importance-ratio objective, minus β·KL to the frozen
+     reference.
 
 Every `eval.every` steps the policy is scored on held-out prompts; checkpoints are written every
 `ckpt.every` steps and rerunning the command resumes from the last one. At the end the final and the
@@ -39,15 +40,29 @@ def grpo_config(config, tokenizer) -> grpo.GRPOConfig:
     r = config.rl
     try:
         return grpo.GRPOConfig(
-            num_generations=r.num_generations, num_iterations=r.num_iterations, beta=r.beta,
-            epsilon_low=r.epsilon_low, epsilon_high=r.epsilon_high, loss_type=r.loss_type,
-            scale_rewards=r.scale_rewards, max_completion_length=r.max_completion_length,
-            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+            num_generations=r.num_generations,
+            num_iterations=r.num_iterations,
+            beta=r.beta,
+            epsilon_low=r.epsilon_low,
+            epsilon_high=r.epsilon_high,
+            loss_type=r.loss_type,
+            scale_rewards=r.scale_rewards,
+            max_completion_length=r.max_completion_length,
+            temperature=r.temperature,
+            top_k=r.top_k,
+            top_p=r.top_p,
             num_micro_batches=r.num_micro_batches,
             stop_token_ids=stop_token_ids(tokenizer) + eval_stage.answer_stop_ids(tokenizer),
-            pad_token_id=tokenizer.pad_token_id or 0)
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )
     except ValueError as e:
-        raise common.ConfigError(str(e).replace("grpo.", "rl.")) from e
+        raise common.ConfigError(_rl_field_message(e)) from e
+
+
+def _rl_field_message(error: ValueError) -> str:
+    """A GRPOConfig error named by its config field: "loss_type must ..." -> "rl.loss_type must"."""
+    message = str(error).replace("grpo.", "rl.")
+    return message if message.startswith("rl.") else "rl." + message
 
 
 def validate(config) -> None:
@@ -58,29 +73,41 @@ def validate(config) -> None:
     r = config.rl
     if r.steps < 1 or r.prompts_per_step < 1:
         raise common.ConfigError("rl.steps and rl.prompts_per_step must be >= 1")
+    # The typed config checks its own fields (loss type, clipping, G >= 2, micro-batches >= 1 ...)
+    # first, so the divisibility checks below never divide by an invalid value.
+    try:
+        grpo.GRPOConfig(
+            **{
+                k: v
+                for k, v in r.to_dict().items()
+                if k not in ("steps", "prompts_per_step", "ref_model")
+            }
+        )
+    except ValueError as e:
+        raise common.ConfigError(_rl_field_message(e)) from None
     rollout_rows = r.prompts_per_step * r.num_generations
     ways = common.batch_ways(config, jax.device_count())
     if rollout_rows % ways:
         raise common.ConfigError(
-            f"rl.prompts_per_step * rl.num_generations = {rollout_rows} rollout rows cannot be split "
-            f"over the mesh's {ways} batch shards (mesh.data * mesh.fsdp); make it a multiple")
+            f"rl.prompts_per_step * rl.num_generations = {rollout_rows} rollout rows cannot be "
+            f"split over the mesh's {ways} batch shards (mesh.data * mesh.fsdp); make it a multiple"
+        )
     if rollout_rows % r.num_micro_batches or (rollout_rows // r.num_micro_batches) % ways:
         raise common.ConfigError(
-            f"rl.num_micro_batches={r.num_micro_batches} must divide the {rollout_rows} rollout rows "
-            f"into micro-batches that split over the {ways} batch shards")
+            f"rl.num_micro_batches={r.num_micro_batches} must divide the {rollout_rows} rollout "
+            f"rows into micro-batches that split over the {ways} batch shards"
+        )
     if r.beta > 0 and r.ref_model and not os.path.isdir(r.ref_model):
         raise common.ConfigError(f"rl.ref_model {r.ref_model!r} is not a folder")
     weights = config.rewards.to_dict()
     unknown = set(weights) - set(rewards.REWARDS)
     if unknown:
-        raise common.ConfigError(f"rewards: unknown reward(s) {sorted(unknown)}; registered: "
-                                 f"{sorted(rewards.REWARDS)}")
+        raise common.ConfigError(
+            f"rewards: unknown reward(s) {sorted(unknown)}; registered: {sorted(rewards.REWARDS)}"
+        )
     if not any(w != 0 for w in weights.values()):
         raise common.ConfigError("rewards: every weight is 0; give at least one reward a weight")
-    # Typed configs validate their own fields (learning rate, loss type, clipping ...).
     common.optim(config)
-    grpo.GRPOConfig(**{k: v for k, v in r.to_dict().items()
-                       if k not in ("steps", "prompts_per_step", "ref_model")})
 
 
 def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
@@ -98,32 +125,57 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         ref, _ = common.load_model(ref_config, mesh)
 
     # -- prompts and the rule rewards that score their completions --
-    train_set = common.PromptSet(common.load_prompt_rows(config.data, "train", config.seed),
-                                 tokenizer, config.data, seed=config.seed)
-    eval_set = common.PromptSet(common.load_prompt_rows(config.data, "eval", config.seed),
-                                tokenizer, config.data, seed=config.seed)
+    train_set = common.PromptSet(
+        common.load_prompt_rows(config.data, "train", config.seed),
+        tokenizer,
+        config.data,
+        seed=config.seed,
+    )
+    eval_set = common.PromptSet(
+        common.load_prompt_rows(config.data, "eval", config.seed),
+        tokenizer,
+        config.data,
+        seed=config.seed,
+    )
     reward_fn = rewards.build_reward_fn(
-        {name: w for name, w in config.rewards.to_dict().items() if w != 0})
+        {name: w for name, w in config.rewards.to_dict().items() if w != 0}
+    )
     decode = functools.partial(_decode, tokenizer, train_set.completion_prefix)
     scorer = rewards.HostRewardBridge(reward_fn, decode, columns=train_set.columns)
-    log.info("GRPO: %d prompts x %d samples per step, %d steps, rewards %s, beta %s, %d train / "
-             "%d held-out prompts", config.rl.prompts_per_step, cfg.num_generations,
-             config.rl.steps, dict(zip(reward_fn.names, reward_fn.weights, strict=True)),
-             cfg.beta, len(train_set), len(eval_set))
+    log.info(
+        "GRPO: %d prompts x %d samples per step, %d steps, rewards %s, beta %s, %d train / "
+        "%d held-out prompts",
+        config.rl.prompts_per_step,
+        cfg.num_generations,
+        config.rl.steps,
+        dict(zip(reward_fn.names, reward_fn.weights, strict=True)),
+        cfg.beta,
+        len(train_set),
+        len(eval_set),
+    )
 
     # -- resume from the last checkpoint, if any --
     ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"), save_interval_steps=config.ckpt.every,
-        max_to_keep=config.ckpt.keep, best_metric=config.ckpt.best_metric or None,
-        best_mode=config.ckpt.best_mode, async_save=config.ckpt.async_save)
+        os.path.join(workdir, "checkpoints"),
+        save_interval_steps=config.ckpt.every,
+        max_to_keep=config.ckpt.keep,
+        best_metric=config.ckpt.best_metric or None,
+        best_mode=config.ckpt.best_mode,
+        async_save=config.ckpt.async_save,
+    )
     start = 0
     if ckpt.latest_step() is not None:
         extra = ckpt.restore(state.model, state.optimizer)
         start = extra["step"]
         log.info("resumed from step %d (%s)", start, ckpt.step_dir(start))
-    writer = metrics.MetricsWriter(workdir, total_steps=config.rl.steps, start_step=start,
-                                   summary_every=config.log.every, desc="GRPO",
-                                   postfix_keys=("reward", "accuracy", "format", "length"))
+    writer = metrics.MetricsWriter(
+        workdir,
+        total_steps=config.rl.steps,
+        start_step=start,
+        summary_every=config.log.every,
+        desc="GRPO",
+        postfix_keys=("reward", "accuracy", "format", "length"),
+    )
     compiles = metrics.CompileCounter(log_each=False).start()
     base_key = jax.random.key(config.seed)
     row = {}
@@ -131,26 +183,40 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     # -- the GRPO loop --
     for step in range(start, config.rl.steps):
         prompt_ids, prompt_mask, row_ids = train_set.batch(
-            train_set.row_ids(step, config.rl.prompts_per_step))
+            train_set.row_ids(step, config.rl.prompts_per_step)
+        )
         policy = grpo.policy_for_sampling(state)
-        rollouts, rollout_metrics = grpo.rollout(policy, ref, prompt_ids, prompt_mask,
-                                                 jax.random.fold_in(base_key, step), scorer, cfg,
-                                                 row_ids=row_ids)
+        rollouts, rollout_metrics = grpo.rollout(
+            policy,
+            ref,
+            prompt_ids,
+            prompt_mask,
+            jax.random.fold_in(base_key, step),
+            scorer,
+            cfg,
+            row_ids=row_ids,
+        )
         update_metrics = grpo.update(state, rollouts, cfg)
 
         row = {**jax.device_get(rollout_metrics), **jax.device_get(update_metrics)}
         row.update(_headline(row, reward_fn.names))
         done = step + 1
         if _due(done, config.eval.every, config.rl.steps):
-            result = eval_stage.evaluate(state.model, tokenizer, eval_set, config.eval,
-                                         seed=config.seed, mesh=mesh)
+            result = eval_stage.evaluate(
+                state.model, tokenizer, eval_set, config.eval, seed=config.seed, mesh=mesh
+            )
             row.update({f"eval/{k}": v for k, v in result.items() if not isinstance(v, dict)})
             row["eval/accuracy"] = result["pass@1"]
         row["compiles"] = compiles.count
         writer.write(done, row)
-        ckpt.save(done, state.model, state.optimizer, extra={"step": done},
-                  metrics={k: float(v) for k, v in row.items() if k.startswith("eval/")} or None,
-                  force=done == config.rl.steps)
+        ckpt.save(
+            done,
+            state.model,
+            state.optimizer,
+            extra={"step": done},
+            metrics={k: float(v) for k, v in row.items() if k.startswith("eval/")} or None,
+            force=done == config.rl.steps,
+        )
 
     # -- wrap up: plots, HF exports of the final and best policies --
     ckpt.wait()
@@ -158,27 +224,35 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     writer.close()
     reward_fn.close()
     if jax.process_index() == 0:
-        metrics.plot_metrics(os.path.join(workdir, "metrics.jsonl"),
-                             os.path.join(workdir, "rl_curves.png"),
-                             keys=("reward", "accuracy", "format", "completions/mean_length", "kl",
-                                   "eval/accuracy"))
+        metrics.plot_metrics(
+            os.path.join(workdir, "metrics.jsonl"),
+            os.path.join(workdir, "rl_curves.png"),
+            keys=("reward", "accuracy", "format", "completions/mean_length", "kl", "eval/accuracy"),
+        )
     if export:
         checkpoint.export_hf(state.model, os.path.join(workdir, "hf", "final"))
         _copy_tokenizer(tokenizer, os.path.join(workdir, "hf", "final"))
         if ckpt.best_step() is not None and ckpt.best_step() != config.rl.steps:
             best = ckpt.export_best_hf(state.model, os.path.join(workdir, "hf", "best"))
             _copy_tokenizer(tokenizer, os.path.join(workdir, "hf", "best"))
-            log.info("best checkpoint (step %s by %s) exported to %s", best,
-                     config.ckpt.best_metric, os.path.join(workdir, "hf", "best"))
+            log.info(
+                "best checkpoint (step %s by %s) exported to %s",
+                best,
+                config.ckpt.best_metric,
+                os.path.join(workdir, "hf", "best"),
+            )
     ckpt.close()
-    log.info("GRPO done: %d compilations in the run; final policy in %s", compiles.count,
-             os.path.join(workdir, "hf", "final"))
+    log.info(
+        "GRPO done: %d compilations in the run; final policy in %s",
+        compiles.count,
+        os.path.join(workdir, "hf", "final"),
+    )
     return row
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Helpers
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _decode(tokenizer, prefix: str, ids: list[list[int]]) -> list[str]:

@@ -1,13 +1,13 @@
 """Stage: supervised fine-tuning (R1's cold start, and the SFT on rejection-sampled data).
 
-  1. read (prompt, completion) pairs: the built-in readable long-CoT cold-start examples, or a JSONL /
-     Parquet file of prompt/completion rows (what `rejection_sampling` writes) or chat `messages`;
-  2. wrap each prompt in the template the RL stage will use, so SFT and RL see the same prompt;
-  3. tokenise, append EOS to each completion (the model learns to stop), lay out fixed-length rows
-     (optionally packed, attention kept within each example);
-  4. minimise the cross-entropy of completion tokens only (prompt tokens get no gradient) for
-     `sft.epochs` epochs;
-  5. save the result as a Hugging Face checkpoint folder, with its tokenizer.
+1. read (prompt, completion) pairs: the built-in readable long-CoT cold-start examples, or a JSONL /
+   Parquet file of prompt/completion rows (what `rejection_sampling` writes) or chat `messages`;
+2. wrap each prompt in the template the RL stage will use, so SFT and RL see the same prompt;
+3. tokenise, append EOS to each completion (the model learns to stop), lay out fixed-length rows
+   (optionally packed, attention kept within each example);
+4. minimise the cross-entropy of completion tokens only (prompt tokens get no gradient) for
+   `sft.epochs` epochs;
+5. save the result as a Hugging Face checkpoint folder, with its tokenizer.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 import jax
 
 from r1jax import checkpoint, metrics, sft, train
-from r1jax.data import corpus, loaders, templates
+from r1jax.data import corpus, templates
 from r1jax.data.batching import tokenize_sft
 from r1jax.stages import common
 
@@ -32,12 +32,16 @@ def validate(config) -> None:
         raise common.ConfigError(f"sft.source {s.source!r} is neither 'cold_start' nor a file")
     if s.template not in templates.TEMPLATES:
         raise common.ConfigError(f"sft.template must be one of {templates.TEMPLATES}")
-    if min(s.epochs, s.batch_size, s.seq_len) <= 0:
-        raise common.ConfigError("sft.epochs, sft.batch_size and sft.seq_len must be > 0")
+    if min(s.epochs, s.batch_size, s.seq_len, s.num_micro_batches) <= 0:
+        raise common.ConfigError(
+            "sft.epochs, sft.batch_size, sft.seq_len and sft.num_micro_batches must be > 0"
+        )
     ways = common.batch_ways(config, jax.device_count())
     if s.batch_size % (ways * s.num_micro_batches):
-        raise common.ConfigError(f"sft.batch_size={s.batch_size} must be a multiple of "
-                                 f"sft.num_micro_batches * the mesh's {ways} batch shards")
+        raise common.ConfigError(
+            f"sft.batch_size={s.batch_size} must be a multiple of "
+            f"sft.num_micro_batches * the mesh's {ways} batch shards"
+        )
     common.optim(config)
 
 
@@ -48,24 +52,24 @@ def load_pairs(config, tokenizer) -> list[tuple[str, str]]:
         rows = corpus.cold_start_examples(s.num_examples, seed=config.seed)
     else:
         try:
-            rows, stats = loaders.load_rows(s.source, require_solution=False,
-                                            keep=("completion", "task", "meta"))
+            rows, stats = common.load_completion_rows(s.source, keep=("completion", "task", "meta"))
         except (OSError, ValueError) as e:
             raise common.ConfigError(f"sft.source: {e}") from e
         log.info("SFT data %s: %s", s.source, stats)
     pairs = []
     for i, row in enumerate(rows):
         if row.get("completion"):
-            prompt = templates.format_prompts([row["prompt"]], s.template,
-                                              tokenizer=tokenizer)[0]
+            prompt = templates.format_prompts([row["prompt"]], s.template, tokenizer=tokenizer)[0]
             pairs.append((prompt, row["completion"]))
         elif row.get("messages") and row["messages"][-1]["role"] == "assistant":
-            prompt = tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False,
-                                                       add_generation_prompt=True)
+            prompt = tokenizer.apply_chat_template(
+                row["messages"][:-1], tokenize=False, add_generation_prompt=True
+            )
             pairs.append((prompt, row["messages"][-1]["content"]))
         else:
-            raise common.ConfigError(f"sft.source row {i} has neither a completion nor a final "
-                                     f"assistant message")
+            raise common.ConfigError(
+                f"sft.source row {i} has neither a completion nor a final assistant message"
+            )
     return pairs
 
 
@@ -73,8 +77,9 @@ def run(config, workdir: str) -> dict:
     """Fine-tune `model.path` on `sft.source`; writes workdir/hf/final."""
     mesh = common.make_mesh(config)
     model, tokenizer = common.load_model(config, mesh)
-    return train_on_pairs(config, config.sft, workdir, model, tokenizer,
-                          load_pairs(config, tokenizer), mesh)
+    return train_on_pairs(
+        config, config.sft, workdir, model, tokenizer, load_pairs(config, tokenizer), mesh
+    )
 
 
 def train_on_pairs(config, s, workdir: str, model, tokenizer, pairs, mesh, teacher=None) -> dict:
@@ -83,36 +88,61 @@ def train_on_pairs(config, s, workdir: str, model, tokenizer, pairs, mesh, teach
     s: the stage's section (seq_len, pack, batch_size, epochs, num_micro_batches). With `teacher`,
     each step is logit distillation (KL to the teacher) instead of cross-entropy on the tokens.
     """
-    batch_all = tokenize_sft(tokenizer, [p for p, _ in pairs], [c for _, c in pairs],
-                             seq_len=s.seq_len, pack=s.pack)
+    batch_all = tokenize_sft(
+        tokenizer, [p for p, _ in pairs], [c for _, c in pairs], seq_len=s.seq_len, pack=s.pack
+    )
     rows = batch_all.input_ids.shape[0]
     steps = math.ceil(rows * s.epochs / s.batch_size)
-    log.info("%d examples -> %d rows of %d tokens (%d truncated, %d skipped); %d steps",
-             len(pairs), rows, s.seq_len, batch_all.num_truncated, batch_all.num_skipped, steps)
+    log.info(
+        "%d examples -> %d rows of %d tokens (%d truncated, %d skipped); %d steps",
+        len(pairs),
+        rows,
+        s.seq_len,
+        batch_all.num_truncated,
+        batch_all.num_skipped,
+        steps,
+    )
     optim = common.optim(config)
     if optim.schedule == "cosine" and optim.total_steps != steps:
         optim = train.OptimConfig(**{**optim.__dict__, "total_steps": steps})
     state = train.TrainState.create(model, optim, mesh)
     step_cfg = sft.SFTConfig(num_micro_batches=s.num_micro_batches)
 
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   save_interval_steps=config.ckpt.every,
-                                   max_to_keep=config.ckpt.keep, async_save=config.ckpt.async_save)
-    start = ckpt.restore(state.model, state.optimizer)["step"] \
-        if ckpt.latest_step() is not None else 0
-    writer = metrics.MetricsWriter(workdir, total_steps=steps, start_step=start,
-                                   summary_every=config.log.every,
-                                   desc="distill" if teacher else "SFT", postfix_keys=("loss",))
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        save_interval_steps=config.ckpt.every,
+        max_to_keep=config.ckpt.keep,
+        async_save=config.ckpt.async_save,
+    )
+    start = (
+        ckpt.restore(state.model, state.optimizer)["step"] if ckpt.latest_step() is not None else 0
+    )
+    writer = metrics.MetricsWriter(
+        workdir,
+        total_steps=steps,
+        start_step=start,
+        summary_every=config.log.every,
+        desc="distill" if teacher else "SFT",
+        postfix_keys=("loss",),
+    )
     row = {}
     for step in range(start, steps):
         idx = common.batch_indices(rows, step, s.batch_size, config.seed)
         batch = {k: getattr(batch_all, k)[idx] for k in sft.SFT_FIELDS}
-        out = sft.distill_step(state, teacher, batch, step_cfg) if teacher is not None \
+        out = (
+            sft.distill_step(state, teacher, batch, step_cfg)
+            if teacher is not None
             else sft.train_step(state, batch, step_cfg)
+        )
         row = jax.device_get(out)
         writer.write(step + 1, row)
-        ckpt.save(step + 1, state.model, state.optimizer, extra={"step": step + 1},
-                  force=step + 1 == steps)
+        ckpt.save(
+            step + 1,
+            state.model,
+            state.optimizer,
+            extra={"step": step + 1},
+            force=step + 1 == steps,
+        )
     ckpt.wait()
     writer.close()
     ckpt.close()

@@ -1,0 +1,256 @@
+"""Workloads B (one GRPO step) and C (update throughput) on the WORKLOAD.md models.
+
+B: 4 prompts x group 4 = 16 completions, prompts of 32 random token ids, exactly 128 completion
+tokens (no stop token), beta 0.04 with a frozen reference model, 1 policy iteration, AdamW at lr
+1e-6, reward = share of even token ids in the completion. A step is what `r1jax.stages.rl` runs:
+`policy_for_sampling` + `rollout` (sample, score, reference log-probs, advantages) + `update`, up to
+the update's metrics on the host. The figures are the wall time of the whole step and of the update
+alone, median of `repeats` steps after one warm-up step (whose time, mostly compilation, is
+reported as `compile_s`). XLA compilations during the timed steps are counted and must be 0.
+
+C: the update alone (`grpo.update`, same GRPOConfig) on a synthetic rollout batch of 16 x 160 and
+64 x 160 tokens (32 prompt + 128 completion). Its values do not change the work done, so random
+completions, advantages and reference log-probs stand in for a real rollout. Figures: trained
+tokens per second and model FLOP utilisation
+
+    MFU = (6 * params * tokens + 12 * layers * heads * head_dim * T * tokens) / step time
+          / f32 matmul rate (bench/limits.py, measured in the same run),
+
+where T = 160 and the attention term counts the full T x T score matrix (the forward computes it
+whole, masked) for the forward and backward passes (the usual 6N + 12LHT per token).
+
+    python bench/bench_grpo.py [--sizes tiny] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Run from a checkout: import this tree's r1jax (and `bench`), not another installed copy.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench import bench_sampling  # noqa: E402
+
+PROMPTS, GROUP, PROMPT_LEN, COMPLETION_LEN = 4, 4, 32, 128
+UPDATE_ROWS = (16, 64)
+LEARNING_RATE = 1e-6
+BETA = 0.04
+
+
+class EvenTokenReward:
+    """The workload's reward, computed on device: share of even ids among completion tokens.
+
+    The rollout's traced-side reward interface: (tokens [B, Tc] int32, lengths [B] int32) ->
+    (total [B] float32, per_reward [1, B] float32), with one name.
+    """
+
+    names = ("even_tokens",)
+
+    def __call__(self, tokens: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+        valid = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        even = jnp.sum(valid & (tokens % 2 == 0), axis=1) / jnp.maximum(lengths, 1)
+        even = even.astype(jnp.float32)
+        return even, even[None, :]
+
+
+REWARD = EvenTokenReward()  # one instance: the rollout program is cached per reward function
+
+
+def grpo_config():
+    """The GRPOConfig of workloads B and C."""
+    from r1jax import grpo
+
+    return grpo.GRPOConfig(
+        num_generations=GROUP,
+        num_iterations=1,
+        beta=BETA,
+        max_completion_length=COMPLETION_LEN,
+        temperature=1.0,
+        stop_token_ids=(),
+        pad_token_id=0,
+    )
+
+
+def _train_state(path: str):
+    from r1jax import train
+    from r1jax.models import hf
+
+    return train.TrainState.create(hf.load(path), train.OptimConfig(learning_rate=LEARNING_RATE))
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {
+        "median": float(np.median(values)),
+        "min": float(min(values)),
+        "max": float(max(values)),
+    }
+
+
+def grpo_step(path: str, repeats: int = 3) -> dict:
+    """Workload B on the checkpoint at `path`: step and update wall times (s), compile counts."""
+    from r1jax import grpo, metrics
+    from r1jax.models import hf
+
+    cfg = grpo_config()
+    state = _train_state(path)
+    ref = hf.load(path)
+    vocab = state.model.cfg.vocab_size
+    prompts = (
+        np.random.RandomState(1).randint(1, vocab, size=(PROMPTS, PROMPT_LEN)).astype(np.int32)
+    )
+    mask = np.ones_like(prompts)
+
+    def step(i: int) -> tuple[float, float, dict]:
+        t0 = time.perf_counter()
+        policy = grpo.policy_for_sampling(state)
+        rollouts, rollout_metrics = grpo.rollout(
+            policy, ref, prompts, mask, jax.random.key(i), REWARD, cfg
+        )
+        jax.block_until_ready(rollouts)
+        t1 = time.perf_counter()
+        update_metrics = jax.device_get(grpo.update(state, rollouts, cfg))
+        t2 = time.perf_counter()
+        return t2 - t0, t2 - t1, {**jax.device_get(rollout_metrics), **update_metrics}
+
+    with metrics.CompileCounter(log_each=False) as warmup_compiles:
+        first, _, _ = step(0)
+    steps, updates = [], []
+    with metrics.CompileCounter(log_each=False) as steady:
+        for i in range(repeats):
+            total, update, row = step(i + 1)
+            steps.append(total)
+            updates.append(update)
+    return {
+        "step_s": _stats(steps),
+        "update_s": _stats(updates),
+        "rollout_s": _stats([s - u for s, u in zip(steps, updates, strict=True)]),
+        "compile_s": float(first - np.median(steps)),
+        "compiles_first_step": warmup_compiles.count,
+        "compiles_steady": steady.count,
+        "compiles_steady_names": steady.by_name(),
+        "last_reward": float(row["reward"]),
+        "last_loss": float(row["loss"]),
+    }
+
+
+def synthetic_rollouts(rows: int, vocab: int, seed: int = 0):
+    """A Rollouts batch of `rows` x (32 + 128) tokens with random contents (workload C)."""
+    from r1jax import grpo
+
+    rng = np.random.RandomState(seed)
+    tc = COMPLETION_LEN
+    return grpo.Rollouts(
+        prompt_ids=jnp.asarray(rng.randint(1, vocab, (rows, PROMPT_LEN)), jnp.int32),
+        prompt_mask=jnp.ones((rows, PROMPT_LEN), jnp.int32),
+        completion_ids=jnp.asarray(rng.randint(1, vocab, (rows, tc)), jnp.int32),
+        completion_mask=jnp.ones((rows, tc), jnp.int32),
+        advantages=jnp.asarray(rng.randn(rows), jnp.float32),
+        rewards=jnp.asarray(rng.rand(rows), jnp.float32),
+        per_reward=jnp.asarray(rng.rand(rows, 1), jnp.float32),
+        truncated=jnp.ones((rows,), bool),
+        old_logprobs=None,
+        ref_logprobs=jnp.asarray(-np.log(vocab) + 0.1 * rng.randn(rows, tc), jnp.float32),
+    )
+
+
+def model_flops(cfg, tokens: int, seq_len: int) -> float:
+    """Training FLOPs for `tokens` tokens of sequences of `seq_len`: 6N + 12 L N_h H T per token."""
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    return float(tokens * (6 * cfg.num_params + attention))
+
+
+def update_throughput(
+    path: str, matmul_gflops: float, repeats: int = 3, rows_list=UPDATE_ROWS
+) -> list[dict]:
+    """Workload C on the checkpoint at `path`: one row per batch size."""
+    from r1jax import grpo, metrics
+
+    cfg = grpo_config()
+    out = []
+    for rows in rows_list:
+        state = _train_state(path)
+        batch = synthetic_rollouts(rows, state.model.cfg.vocab_size)
+        seq = PROMPT_LEN + COMPLETION_LEN
+        with metrics.CompileCounter(log_each=False) as first_compiles:
+            t0 = time.perf_counter()
+            jax.device_get(grpo.update(state, batch, cfg))
+            first = time.perf_counter() - t0
+        times = []
+        with metrics.CompileCounter(log_each=False) as steady:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                jax.device_get(grpo.update(state, batch, cfg))
+                times.append(time.perf_counter() - t0)
+        tokens = rows * seq
+        flops = model_flops(state.model.cfg, tokens, seq)
+        out.append(
+            {
+                "rows": rows,
+                "tokens": tokens,
+                "update_s": _stats(times),
+                "tokens_per_s": tokens / float(np.median(times)),
+                "model_gflop": flops / 1e9,
+                "achieved_gflops": flops / float(np.median(times)) / 1e9,
+                "mfu": flops / float(np.median(times)) / 1e9 / matmul_gflops,
+                # 0 compiles on the first call: an earlier workload already compiled this shape.
+                "compile_s": float(first - np.median(times)),
+                "compiles_first_call": first_compiles.count,
+                "compiles_steady": steady.count,
+            }
+        )
+    return out
+
+
+def run(
+    sizes=("tiny",), repeats: int = 3, matmul_gflops: float | None = None, workloads=("B", "C")
+) -> list[dict]:
+    """Workloads B and/or C for each size; C needs the matmul rate (measured here if not given)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            path = bench_sampling.build_checkpoint(size, tmp)
+            if "B" in workloads:
+                rows.append({"workload": "B", "model": size, **grpo_step(path, repeats)})
+            if "C" in workloads:
+                if matmul_gflops is None:
+                    from bench import limits
+
+                    matmul_gflops = limits.matmul_gflops()["median"]
+                for r in update_throughput(path, matmul_gflops, repeats):
+                    rows.append(
+                        {"workload": "C", "model": size, "matmul_gflops": matmul_gflops, **r}
+                    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="tiny")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workloads", default="B,C")
+    args = parser.parse_args()
+    print(
+        json.dumps(
+            run(
+                tuple(args.sizes.split(",")),
+                args.repeats,
+                workloads=tuple(args.workloads.split(",")),
+            ),
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

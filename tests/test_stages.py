@@ -1,0 +1,402 @@
+"""The stages end to end, in-process: each default config (shrunk by overrides) runs a few steps,
+the smoke pipeline runs once, checkpoints that are half-written or damaged are handled inside a
+stage, and the pure pieces (rejection filters, eval metrics) are checked on hand-made samples.
+
+The toy base model and the reference GRPO run come from tests/stage_helpers.py (built once per
+session, shared with test_cli.py and test_multiprocess.py).
+"""
+
+import glob
+import itertools
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import stage_helpers as sh
+
+from r1jax.checkpoint import CheckpointError
+from r1jax.stages import common, pipeline
+from r1jax.stages.eval import aggregate, majority_vote, pass_at_k, score_prompt
+from r1jax.stages.rejection_sampling import DROP_REASONS, filter_samples
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """(R1JAX_HOME with the tiny toy base, the pretrain stage's workdir)."""
+    with sh.toy_home(tmp_path_factory) as home_and_workdir:
+        yield home_and_workdir
+
+
+@pytest.fixture(scope="session")
+def reference_rl(toy, tmp_path_factory):
+    return sh.reference_rl(tmp_path_factory)
+
+
+def run(stage: str, config, workdir) -> dict:
+    common.validate(config, stage)
+    return common.run_stage(stage, config, str(workdir))
+
+
+def toy_params(toy) -> dict[str, np.ndarray]:
+    return sh.hf_params(os.path.join(toy[0], "toy_base"))
+
+
+def assert_hf_folder(path: str) -> None:
+    for name in ("config.json", "tokenizer.json"):
+        assert os.path.exists(os.path.join(path, name)), f"{name} missing in {path}"
+    assert glob.glob(os.path.join(path, "*.safetensors")), f"no weights in {path}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Each stage's default config, a few steps
+# --------------------------------------------------------------------------------------------------
+
+
+def test_pretrain_default_makes_a_loadable_base_model(toy):
+    home, workdir = toy
+    base = os.path.join(home, "toy_base")
+    assert_hf_folder(base)
+    rows = sh.metric_rows(workdir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    # Next-token loss of an untrained model starts near log(vocab) and goes down.
+    with open(os.path.join(base, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    assert abs(rows[0]["loss"] - np.log(vocab)) < 1.0
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
+    # The folder is a real HF checkpoint: transformers reads the config and the tokenizer.
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(base)
+    assert (cfg.hidden_size, cfg.num_hidden_layers) == (32, 2)
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    assert tok.decode(tok("<think>1+2</think>")["input_ids"]) == "<think>1+2</think>"
+
+
+def test_sft_default_runs(toy, tmp_path):
+    config = sh.load_config("sft")
+    s = config.sft
+    s.num_examples, s.epochs, s.batch_size, s.seq_len = 16, 1.0, 8, 128
+    out = run("sft", config, tmp_path)
+    rows = sh.metric_rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]  # 16 examples / 8 per step
+    assert np.isfinite(out["loss"]) and out["num_tokens"] > 0
+    assert_hf_folder(tmp_path / "hf" / "final")
+    # Warmup gives step 1 a learning rate of 0, step 2 a positive one: the weights moved.
+    assert rows[0]["learning_rate"] == 0 and rows[1]["learning_rate"] > 0
+    assert sh.max_param_change(sh.hf_params(tmp_path / "hf" / "final"), toy_params(toy)) > 0
+
+
+def test_rl_default_runs_and_learns(toy, reference_rl):
+    rows = sh.metric_rows(reference_rl)
+    assert [r["step"] for r in rows] == list(range(1, sh.RL_STEPS + 1))
+    for key in (
+        "reward",
+        "rewards/task/mean",
+        "rewards/format/mean",
+        "loss",
+        "grad_norm",
+        "completions/mean_length",
+        "accuracy",
+        "format",
+    ):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    # The reference run is not degenerate: some groups had unequal rewards, so the policy got a
+    # gradient and its weights moved (otherwise the resume/multi-process comparisons prove nothing).
+    assert min(r["frac_reward_zero_std"] for r in rows) < 1
+    assert max(r["grad_norm"] for r in rows) > 0
+    final = sh.hf_params(os.path.join(reference_rl, "hf", "final"))
+    assert sh.max_param_change(final, toy_params(toy)) > 1e-4
+    # Held-out evaluation at the end, checkpoints kept (last 2), plots and TensorBoard written.
+    assert 0 <= rows[-1]["eval/accuracy"] <= 1 and "eval/pass@1" in rows[-1]
+    assert not any(k.startswith("eval/") for k in rows[0])
+    steps = sorted(
+        int(d) for d in os.listdir(os.path.join(reference_rl, "checkpoints")) if d.isdigit()
+    )
+    assert steps == [sh.RL_STEPS - 1, sh.RL_STEPS]
+    assert os.path.exists(os.path.join(reference_rl, "rl_curves.png"))
+    assert glob.glob(os.path.join(reference_rl, "tb", "events.*"))
+    assert_hf_folder(os.path.join(reference_rl, "hf", "final"))
+
+
+def test_rejection_sampling_default_runs(toy, tmp_path):
+    extra = tmp_path / "chat.jsonl"
+    chat = [{"prompt": f"Say hello {i}", "completion": f"Hello {i}!"} for i in range(3)]
+    extra.write_text("".join(json.dumps(r) + "\n" for r in chat))
+    config = sh.load_config("rejection_sampling")
+    r = config.rejection_sampling
+    r.num_prompts, r.num_samples, r.max_new_tokens, r.batch_prompts = 4, 2, 4, 4
+    r.non_reasoning_source, r.non_reasoning_ratio = str(extra), 0.0  # 0 = all of the file
+    config.data.num_train, config.data.prompt_buckets = 16, (128,)
+    out_dir = tmp_path / "run"
+    summary = run("rejection_sampling", config, out_dir)
+
+    assert summary["samples"] == 4 * 2
+    assert summary["kept"] + sum(summary["dropped"].values()) == summary["samples"]
+    assert set(summary["dropped"]) == set(DROP_REASONS)
+    with open(out_dir / "rejection_sampling_summary.json") as f:
+        assert json.load(f)["dropped"] == summary["dropped"]
+    with open(summary["path"]) as f:
+        written = [json.loads(line) for line in f]
+    assert len(written) == summary["rows_written"] == summary["kept"] + 3
+    reasoning = [w for w in written if w["source"] == "reasoning"]
+    assert all("<answer>" in w["completion"] and w["solution"] for w in reasoning)
+    assert [(w["prompt"], w["completion"]) for w in written if w["source"] == "non_reasoning"] == [
+        (c["prompt"], c["completion"]) for c in chat
+    ]
+    # The file is what --stage=sft reads.
+    from r1jax.models import hf
+    from r1jax.stages import sft as sft_stage
+
+    sft_config = sh.load_config("sft")
+    sft_config.sft.source = summary["path"]
+    common.validate(sft_config, "sft")
+    pairs = sft_stage.load_pairs(sft_config, hf.tokenizer(os.path.join(toy[0], "toy_base")))
+    assert [c for _, c in pairs] == [w["completion"] for w in written]
+
+
+def test_distill_default_runs_with_logit_distillation(toy, tmp_path):
+    # Student and teacher are the same toy model, so the forward KL is 0 at every step: a check
+    # that the teacher's distributions are read on the same tokens the student predicts.
+    config = sh.load_config("distill")
+    d = config.distill
+    d.teacher = os.path.join(toy[0], "toy_base")
+    d.num_examples, d.epochs, d.batch_size, d.seq_len = 16, 1.0, 8, 128
+    out = run("distill", config, tmp_path)
+    rows = sh.metric_rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(abs(r["loss"]) < 1e-5 for r in rows), rows
+    assert np.isfinite(out["loss"])
+    assert_hf_folder(tmp_path / "hf" / "final")
+
+
+def test_eval_default_runs(toy, tmp_path, capsys):
+    config = sh.load_config("eval")
+    e = config.eval
+    e.num_prompts, e.num_samples, e.max_new_tokens, e.batch_prompts = 4, 2, 4, 4
+    config.data.num_eval, config.data.prompt_buckets = 4, (128,)
+    result = run("eval", config, tmp_path)
+    with open(tmp_path / "eval.json") as f:
+        assert json.load(f) == json.loads(json.dumps(result))
+    assert "pass@1" in capsys.readouterr().out  # the table
+    assert (result["num_prompts"], result["num_samples"]) == (4, 2)
+    # The summary numbers follow from the graded samples written beside them.
+    with open(tmp_path / "eval_samples.jsonl") as f:
+        samples = [json.loads(line) for line in f]
+    assert len(samples) == 8
+    by_row = {}
+    for s in samples:
+        by_row.setdefault(s["row"], []).append(s)
+    assert len(by_row) == 4 and all(len(v) == 2 for v in by_row.values())
+    expected = np.mean([np.mean([s["correct"] for s in v]) for v in by_row.values()])
+    assert result["pass@1"] == pytest.approx(expected)
+    assert set(result["per_task"]) == {"arithmetic"}
+    assert 0 < result["mean_length"] <= 4
+
+
+def test_pipeline_smoke(toy, tmp_path):
+    config = sh.load_config("pipeline:smoke")
+    for name in ("base", "student_base"):  # the tiny test architecture, for speed
+        config[name].pretrain.arch.update(sh.TINY_ARCH)
+        config[name].pretrain.seq_len = 64
+    for name, _, _ in pipeline.PLAN:
+        if "data" in config[name]:
+            config[name].data.prompt_buckets = (128,)
+    config.eval_data.prompt_buckets = (128,)
+    results = run("pipeline", config, tmp_path)
+
+    assert set(results["stages"]) == {name for name, _, _ in pipeline.PLAN}
+    assert list(results["eval"]) == list(pipeline.EVALUATED)
+    for name, stage, _ in pipeline.PLAN:
+        assert os.path.exists(tmp_path / name / "done.json"), name
+        if stage != "rejection_sampling":
+            assert_hf_folder(tmp_path / name / "hf" / "final")
+    with open(tmp_path / "results.json") as f:
+        assert set(json.load(f)["eval"]) == set(pipeline.EVALUATED)
+    table = (tmp_path / "results.md").read_text()
+    rows = [
+        line.split("|")[1].strip()
+        for line in table.splitlines()
+        if line.startswith("| ") and not line.startswith(("| checkpoint", "| finding"))
+    ]
+    assert rows[: len(pipeline.EVALUATED)] == list(pipeline.EVALUATED)
+    for png in ("rl_curves.png", "comparison.png"):
+        assert os.path.getsize(tmp_path / png) > 0
+    # Stage wiring: R1's SFT and the distillation read the rejection-sampled file.
+    with open(tmp_path / "r1_sft" / "config_sft.json") as f:
+        assert json.load(f)["sft"]["source"] == results["stages"]["rejection_sampling"]["path"]
+
+    # A rerun finds every sub-stage done and rewrites the same report without retraining.
+    stamp = os.path.getmtime(tmp_path / "r1" / "hf" / "final" / "config.json")
+    again = run("pipeline", config, tmp_path)
+    assert again["eval"] == results["eval"]
+    assert os.path.getmtime(tmp_path / "r1" / "hf" / "final" / "config.json") == stamp
+
+
+# --------------------------------------------------------------------------------------------------
+# Half-written and damaged checkpoints inside a stage
+# --------------------------------------------------------------------------------------------------
+
+
+def test_half_written_checkpoint_is_ignored_and_the_run_resumes(reference_rl, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_rl, workdir)
+    ckpts = workdir / "checkpoints"
+    last = sh.RL_STEPS
+    # What a kill during the save of the last step leaves: an uncommitted orbax tmp directory
+    # with part of the files (and no final export).
+    half = ckpts / f"{last}.orbax-checkpoint-tmp-1234"
+    os.rename(ckpts / str(last), half)
+    for f in glob.glob(str(half / "optimizer" / "**" / "*"), recursive=True)[::2]:
+        if os.path.isfile(f):
+            os.remove(f)
+    shutil.rmtree(workdir / "hf")
+
+    run("rl", sh.rl_config(), workdir)
+    assert f"resumed from step {last - 1}" in (workdir / "log_p0.txt").read_text()
+    assert not half.exists()  # orbax removed the uncommitted directory
+    assert sh.metric_rows(workdir) == sh.metric_rows(reference_rl)
+    want = sh.hf_params(os.path.join(reference_rl, "hf", "final"))
+    got = sh.hf_params(workdir / "hf" / "final")
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_damaged_latest_checkpoint_gives_one_clear_error(reference_rl, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_rl, workdir)
+    step_dir = workdir / "checkpoints" / str(sh.RL_STEPS)
+    chunks = [
+        f
+        for f in glob.glob(str(step_dir / "model" / "**" / "*"), recursive=True)
+        if os.path.isfile(f) and "/d/" in f
+    ]
+    assert chunks, "no array data files found to damage"
+    for f in chunks:
+        with open(f, "r+b") as fh:
+            fh.truncate(max(os.path.getsize(f) // 3, 1))
+    before = sorted(os.listdir(workdir / "checkpoints"))
+
+    with pytest.raises(CheckpointError) as info:
+        run("rl", sh.rl_config(), workdir)
+    message = str(info.value)
+    assert str(step_dir) in message and "\n" not in message
+    assert sorted(os.listdir(workdir / "checkpoints")) == before  # nothing deleted
+
+
+# --------------------------------------------------------------------------------------------------
+# Rejection-sampling filters on hand-made samples
+# --------------------------------------------------------------------------------------------------
+
+
+def sample(row, completion, correct=True, fmt=1.0, language=1.0):
+    return {
+        "row": row,
+        "completion": completion,
+        "correct": correct,
+        "format": fmt,
+        "language": language,
+    }
+
+
+def test_filter_samples_drops_each_reason_once_in_order():
+    samples = [
+        sample(0, "<think>a</think><answer>1</answer>"),  # kept
+        sample(0, "wrong", correct=False, fmt=0.0, language=0.0),  # incorrect (first)
+        sample(0, "no tags", fmt=0.0, language=0.0),  # malformed
+        sample(0, "<think>混合</think><answer>1</answer>", language=0.5),  # mixed language
+        sample(0, "  <think>a</think><answer>1</answer>\n"),  # duplicate (stripped)
+        sample(0, "<think>b</think><answer>1</answer>"),  # kept (2nd of row 0)
+        sample(0, "<think>c</think><answer>1</answer>"),  # over the cap of 2
+        sample(1, "<think>a</think><answer>1</answer>"),  # same text, other row
+    ]
+    kept, dropped = filter_samples(samples, min_language_consistency=0.9, max_per_prompt=2)
+    assert [samples.index(s) for s in kept] == [0, 5, 7]
+    assert dropped == {
+        "incorrect": 1,
+        "malformed": 1,
+        "mixed_language": 1,
+        "duplicate": 1,
+        "over_cap": 1,
+    }
+    assert len(kept) + sum(dropped.values()) == len(samples)
+
+
+def test_filter_samples_switches():
+    samples = [
+        sample(0, "x", correct=False, fmt=0.0, language=0.2),
+        sample(0, "y", correct=False, fmt=0.5, language=1.0),
+        sample(0, "x", correct=True, fmt=1.0, language=1.0),
+    ]
+    kept, dropped = filter_samples(samples, require_correct=False, require_format=False)
+    # No filter but de-duplication; the later "x" is the duplicate even though it is correct.
+    assert [samples.index(s) for s in kept] == [0, 1] and dropped == {"duplicate": 1}
+    kept, dropped = filter_samples(samples, require_correct=False, require_format=True)
+    assert [samples.index(s) for s in kept] == [2] and dropped == {"malformed": 2}
+    kept, dropped = filter_samples(
+        samples, require_correct=False, require_format=False, min_language_consistency=0.5
+    )
+    assert [samples.index(s) for s in kept] == [1, 2] and dropped == {"mixed_language": 1}
+    assert filter_samples([]) == ([], {})
+
+
+# --------------------------------------------------------------------------------------------------
+# Eval metrics on hand-made samples
+# --------------------------------------------------------------------------------------------------
+
+
+def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
+    """Share of all k-subsets of n samples (c of them correct) that contain a correct one."""
+    flags = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(flags, k))
+    return sum(any(s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_pass_at_k_matches_enumeration(n):
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            assert pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k), abs=1e-12)
+    assert pass_at_k(n, 0, 1) == 0.0 and pass_at_k(n, n, 1) == 1.0
+
+
+@pytest.mark.parametrize("args", [(4, 5, 1), (4, -1, 1), (4, 2, 0), (4, 2, 5)])
+def test_pass_at_k_refuses_impossible_counts(args):
+    with pytest.raises(ValueError, match="n="):
+        pass_at_k(*args)
+
+
+def test_majority_vote_and_ties():
+    assert majority_vote(["3", "4", "4", "3"]) == 0  # a tie goes to the answer sampled first
+    assert majority_vote(["4", "3", "3", "4"]) == 0
+    assert majority_vote(["5", "3", "3", "4"]) == 1  # the most frequent answer wins
+    assert majority_vote([None, " 7 ", "7", "8"]) == 1  # whitespace ignored; None never wins
+    assert majority_vote([None, "", "  "]) is None  # nothing to vote on
+    assert majority_vote([]) is None
+
+
+def test_score_prompt_pass_and_cons_with_ties():
+    # Two answers tie 2-2: the first sampled ("3", wrong) wins, so cons@4 is 0.
+    m = score_prompt(["3", "4", "4", "3"], [False, True, True, False])
+    assert m == {"pass@1": 0.5, "pass@4": 1.0, "cons@4": 0.0}
+    m = score_prompt(["4", "3", "3", "4"], [True, False, False, True])
+    assert m["cons@4"] == 1.0
+    # A wrong majority beats a right minority; pass@k still credits the right one.
+    m = score_prompt(["9", "9", "9", "2"], [False, False, False, True])
+    assert m == {"pass@1": 0.25, "pass@4": 1.0, "cons@4": 0.0}
+    # No answers at all: nothing to vote for.
+    assert score_prompt([None, None], [False, False]) == {
+        "pass@1": 0.0,
+        "pass@2": 0.0,
+        "cons@2": 0.0,
+    }
+    with pytest.raises(ValueError):
+        score_prompt(["1"], [True, False])
+    assert aggregate([{"pass@1": 0.5, "cons@2": 1.0}, {"pass@1": 0.0, "cons@2": 0.0}]) == {
+        "pass@1": 0.25,
+        "cons@2": 0.5,
+    }
