@@ -215,7 +215,7 @@ def resolve_model_path(path: str) -> str:
     if not os.path.exists(os.path.join(target, "config.json")):
         log.info(
             "No toy base model at %s yet: training it first with --stage=pretrain's default "
-            "config (a few minutes on a laptop CPU; done once).",
+            "config (about 1200 steps, tens of minutes on a 2-core CPU; done once).",
             target,
         )
         from r1jax.stages import pretrain
