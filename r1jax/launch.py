@@ -81,22 +81,37 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"config error: {e}")
         from r1jax.checkpoint import CheckpointError
 
+        _drop_closed_event_loop_reports()
         try:
             common.run_stage(stage, config, workdir)
         except (common.ConfigError, CheckpointError) as e:
             # Problems the user can fix (a data file, a damaged checkpoint): one line, no trace.
-            # Exit at once, skipping interpreter shutdown: after a failed checkpoint read,
-            # tensorstore's threads still report into orbax's closed event loop as the
-            # interpreter tears down, which would bury the line under tracebacks.
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(1)
+            sys.exit(f"error: {e}")
 
     app.run(
         run,
         argv=_with_default_config(list(argv if argv is not None else sys.argv)),
         flags_parser=_parse_flags_with_help,
     )
+
+
+def _drop_closed_event_loop_reports() -> None:
+    """Silence one known-harmless report so that a failed restore ends in its one-line error.
+
+    After a checkpoint read fails, tensorstore still completes the other pending reads into the
+    event loop orbax has already closed; Python reports each as an unraisable
+    "RuntimeError: Event loop is closed" with a traceback, around the message that matters.
+    Every other unraisable exception still goes to the default hook.
+    """
+    default = sys.unraisablehook
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        default(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def _config_spec(argv: list[str]) -> str | None:

@@ -122,6 +122,7 @@ def toy_home(tmp_path_factory):
         target = os.path.join(home, "toy_base")
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(os.path.join(path, "hf", "final"), target)
+        share_compilation_cache(home)
 
     old = os.environ.get("R1JAX_HOME")
     os.environ["R1JAX_HOME"] = home
@@ -133,6 +134,18 @@ def toy_home(tmp_path_factory):
             os.environ.pop("R1JAX_HOME", None)
         else:
             os.environ["R1JAX_HOME"] = old
+
+
+def share_compilation_cache(home: str) -> None:
+    """Point the CLI's compilation cache ($R1JAX_HOME/xla_cache) at the one this test process
+    uses (tests/conftest.py), so subprocesses reuse what in-process runs compiled (and back)."""
+    import jax
+
+    cache = jax.config.jax_compilation_cache_dir
+    link = os.path.join(home, "xla_cache")
+    if cache and not os.path.lexists(link):
+        os.makedirs(cache, exist_ok=True)
+        os.symlink(os.path.abspath(cache), link)
 
 
 def pretrain_config():
