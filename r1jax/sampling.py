@@ -2,17 +2,26 @@
 
 GRPO spends most of its time here. One call samples G completions for each of P prompts:
 
-  1. prefill   the P left-padded prompts run once through the model into a [P, Tp] cache;
-  2. share     a per-sample cache of [P*G, max_new] slots is created whose *prefix* is that prefill:
-     the
-               G rows of a prompt read the same prompt keys and values (no copy, no recomputation);
-  3. decode    a `lax.while_loop` feeds one token per row per step, writes it into the per-sample
-     cache,
-               samples the next token, and stops as soon as every row has emitted a stop token.
+  1. prefill  the P left-padded prompts run once through the model into a [P, Tp] cache;
+  2. share    with G > 1, a per-sample cache of [P*G, max_new] slots is created whose *prefix* is
+              that prefill: the G rows of a prompt read the same prompt keys and values (no copy,
+              no recomputation). With G = 1 there is nothing to share, and the prefill is copied
+              into the front of one [P, Tp + max_new] cache (one attention segment per step);
+  3. decode   a `lax.while_loop` feeds one token per row per step, writes it into the cache,
+              samples the next token, and stops as soon as every row has emitted a stop token.
 
 Everything in 1-3 is one jitted function of (params, prompts, rng); shapes are static per (P, Tp, G,
 max_new, sampling config), and `generate` pads prompts into length buckets so a run compiles a
 handful of programs. Each new program is logged.
+
+Choosing tokens (measured on CPU in bench/NOTES.md):
+- Inverse-CDF sampling with one uniform per row and step, all drawn before the loop in one [T, B]
+  draw: no PRNG call and no [B, V] Gumbel noise inside the loop. The uniforms come from a
+  counter-based PRNG, so a key gives the same samples on any mesh.
+- The CDF is searched in two levels (blocks of 128 vocabulary entries, then within one block), so
+  no prefix sum over the whole vocabulary is built.
+- Top-k and top-p cut-offs are found by an exact 32-step bisection over the logits' bit patterns
+  instead of a sort (XLA's CPU sort costs milliseconds per step even at V = 512).
 
 Log-probabilities: `logprobs[b, t]` is log p(token | prefix) under the model's *unmodified*
 distribution, i.e. log_softmax of the raw logits (temperature 1, no top-k/top-p truncation),
@@ -51,9 +60,10 @@ STOP_TOKEN, LENGTH = 0, 1  # values of SampleOutput.stop_reason
 class SamplingConfig:
     """How the next token is drawn from the logits. Static: one compiled program per distinct value.
 
-    temperature: 0.0 is greedy (argmax); otherwise logits are divided by it. top_k:       keep the k
-    most likely tokens (0 = off). top_p:       keep the smallest set of most likely tokens whose
-    probability reaches top_p (1.0 = off).
+    - temperature: 0.0 is greedy (argmax); otherwise logits are divided by it.
+    - top_k: keep the k most likely tokens (0 = off); tokens tied with the k-th are kept too.
+    - top_p: keep the smallest set of most likely tokens whose probability reaches top_p
+      (1.0 = off), after top-k.
     """
 
     temperature: float = 1.0
@@ -189,10 +199,12 @@ class SampleOutput:
     """What one sampling call returns, on device. B = P * G rows, prompt-major (rows p*G .. p*G+G-1
     belong to prompt p); completions are left-aligned in [B, max_new].
 
-    tokens:      [B, max_new] int32 completion ids, `pad_id` after the end logprobs:    [B, max_new]
-    float32 log p(token) under the raw model distribution (0 after the end) mask:        [B,
-    max_new] int32, 1 on completion tokens (including the stop token) lengths:     [B] int32 number
-    of completion tokens stop_reason: [B] int32, STOP_TOKEN (0) or LENGTH (1, truncated at max_new)
+    - tokens: [B, max_new] int32 completion ids, `pad_id` after the end.
+    - logprobs: [B, max_new] float32 log p(token) under the raw model distribution (0 after the
+      end).
+    - mask: [B, max_new] int32, 1 on completion tokens (including the stop token).
+    - lengths: [B] int32 number of completion tokens.
+    - stop_reason: [B] int32, STOP_TOKEN (0) or LENGTH (1, truncated at max_new).
     """
 
     tokens: jax.Array
