@@ -10,6 +10,7 @@ decoder trained on next-token prediction. The result is a genuine Hugging Face c
 
 import ml_collections
 
+from r1jax.data import corpus
 from r1jax.stages import common
 
 
@@ -19,19 +20,22 @@ def get_config(arg=None):
     config.ckpt.every = 200
 
     p = config.pretrain = ml_collections.ConfigDict()
-    p.corpus_docs = 30000  # synthetic documents generated for the corpus
-    p.tasks = ("arithmetic", "countdown")  # built-in tasks the corpus solves (train split only)
+    p.corpus_docs = 12000  # synthetic documents generated for the corpus (~2.5M tokens)
+    p.tasks = ("arithmetic",)  # built-in tasks the corpus solves (train split only; + "countdown")
+    # Document kinds (see r1jax/data/corpus.py): terse and step-by-step solutions, dialogues, and
+    # instruction-following with other tag names (never <think>/<answer>).
+    p.mix = ml_collections.ConfigDict(dict(corpus.DEFAULT_MIX))
     p.arithmetic = common.data_config().arithmetic  # same difficulty as the RL stage's default
     p.countdown = common.data_config().countdown
-    p.vocab_size = 512  # BPE vocabulary, including bytes and special tokens
+    p.vocab_size = 768  # BPE vocabulary incl. bytes and special tokens (tag words: one token)
     p.seq_len = 256  # tokens per training row (documents are packed, EOS-separated)
-    p.batch_size = 32  # rows per optimizer step
-    p.steps = 1200  # optimizer steps
+    p.batch_size = 16  # rows per optimizer step
+    p.steps = 600  # optimizer steps (~1 epoch; about 9 minutes on 2 CPU cores)
     p.arch = ml_collections.ConfigDict()  # Qwen2-style architecture of the toy base model
-    p.arch.hidden_size = 192
-    p.arch.intermediate_size = 512
+    p.arch.hidden_size = 128
+    p.arch.intermediate_size = 384
     p.arch.num_layers = 4
-    p.arch.num_heads = 6
+    p.arch.num_heads = 4
     p.arch.num_kv_heads = 2
     p.arch.head_dim = 32
     p.arch.max_position_embeddings = 1024
@@ -39,7 +43,7 @@ def get_config(arg=None):
 
     config.optim = common.optim_config(
         learning_rate=3e-3,
-        warmup_steps=100,
+        warmup_steps=50,
         schedule="cosine",
         total_steps=p.steps,
         weight_decay=0.1,

@@ -47,6 +47,10 @@ def get_config(arg=None):
     r.num_micro_batches = 1  # gradient accumulation per optimizer step
     r.ref_model = ""  # reference checkpoint ("" = the starting model.path)
 
+    # A learned reward model (R1's "RL for all scenarios"), added to the rule rewards with
+    # `weight`; e.g. --config.reward_model.path=/ckpt/reward-model --config.reward_model.weight=1
+    config.reward_model = common.reward_model_config()
+
     config.eval = common.eval_config(every=20, num_prompts=128)
     config.optim = common.optim_config(learning_rate=2e-5, warmup_steps=5)
     return config

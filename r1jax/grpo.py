@@ -46,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -486,6 +486,7 @@ class GRPOConfig:
     num_micro_batches: gradient-accumulation steps per optimizer step (TRL's
                        `gradient_accumulation_steps`); P * G must divide by it.
     stop_token_ids:    token ids that end a completion (the tokenizer's EOS, ...).
+    stop_sequences:    token-id sequences that end a completion (e.g. "</answer>" tokenised).
     pad_token_id:      fills completions after their end.
     logprob_chunk_size: positions per chunk when turning hidden states into log-probs.
     """
@@ -503,11 +504,15 @@ class GRPOConfig:
     top_p: float = 1.0
     num_micro_batches: int = 1
     stop_token_ids: tuple[int, ...] = ()
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
     pad_token_id: int = 0
     logprob_chunk_size: int = 256
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(
+            self, "stop_sequences", tuple(tuple(int(t) for t in q) for q in self.stop_sequences)
+        )
         if self.num_generations < 2:
             raise ValueError(
                 f"grpo.num_generations must be >= 2 (advantages compare samples "
@@ -614,26 +619,27 @@ def completion_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 256,
     with_entropy: bool = False,
-) -> tuple[jax.Array, jax.Array | None]:
+) -> tuple[jax.Array, jax.Array | None, Any]:
     """Log-probs of completion tokens given their prompts: the training forward, inside jit.
 
     Args:
-      model: a `Decoder` (anything with `hidden_states` and `unembedding`).
+      model: a `Decoder` or `DeepseekDecoder` (see `train.hidden_states`).
       prompt_ids, prompt_mask: [B, Tp] int32, left-padded.
       completion_ids, completion_mask: [B, Tc] int32, right-padded.
       temperature: static; logits are divided by it (TRL scores at the sampling temperature).
       chunk_size: positions per logits chunk (see `chunked_token_logprobs`).
       with_entropy: also return per-token entropies.
     Returns:
-      (logprobs [B, Tc] float32, entropy [B, Tc] float32 or None); values where
+      (logprobs [B, Tc] float32, entropy [B, Tc] float32 or None, the forward's
+      `deepseek.RouterStats` for a mixture-of-experts model or None); values where
       `completion_mask == 0` are meaningless (mask them).
     """
     tp = prompt_ids.shape[1]
     ids = jnp.concatenate([prompt_ids, completion_ids], axis=1)
     mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
-    hidden, _ = model.hidden_states(ids, mask)  # [B, Tp + Tc, D]
+    hidden, router = train.hidden_states(model, ids, mask)  # [B, Tp + Tc, D]
     # The hidden state at position t predicts token t + 1: completion token i is read at tp - 1 + i.
-    return chunked_token_logprobs(
+    logp, entropy = chunked_token_logprobs(
         hidden[:, tp - 1 : -1],
         model.unembedding(),
         completion_ids,
@@ -641,6 +647,7 @@ def completion_logprobs(
         temperature=temperature,
         with_entropy=with_entropy,
     )
+    return logp, entropy, router
 
 
 def rollout(
@@ -763,6 +770,7 @@ def _rollout(
         max_new_tokens=cfg.max_completion_length,
         cfg=cfg.sampling_config(),
         stop_ids=cfg.stop_token_ids,
+        stop_sequences=cfg.stop_sequences,
         pad_id=cfg.pad_token_id,
     )
     prompt_ids = jnp.repeat(prompt_ids, g, axis=0)  # [B, Tp]
@@ -828,9 +836,10 @@ def grpo_loss(
       num_items_in_batch: "dapo" only: completion tokens in the whole rollout batch.
     Returns:
       (loss, metrics): metrics as `policy_loss` minus the completion lengths (the rollout
-      reports those for the whole batch) and with `entropy`.
+      reports those for the whole batch) and with `entropy`; for a mixture-of-experts model
+      also "router", the forward's `RouterStats` (not a scalar: the step consumes it).
     """
-    logp, entropy = completion_logprobs(
+    logp, entropy, router = completion_logprobs(
         model,
         rollouts.prompt_ids,
         rollouts.prompt_mask,
@@ -854,7 +863,10 @@ def grpo_loss(
         num_items_in_batch=num_items_in_batch,
         entropy=jax.lax.stop_gradient(entropy),
     )
-    return loss, {k: v for k, v in metrics.items() if not k.startswith("completions/")}
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("completions/")}
+    if router is not None:  # routing counts, for `train.router_step` after the optimizer step
+        metrics["router"] = router
+    return loss, metrics
 
 
 def update(
@@ -870,7 +882,9 @@ def update(
       replicated float32 scalars, averaged over the μ steps: `loss`, `kl` (beta > 0),
       `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean`, `entropy`,
       `grad_norm` (before clipping), `learning_rate`, `update_skipped` (share of the μ updates
-      skipped), and `skipped_updates` (total skipped so far in the run).
+      skipped), and `skipped_updates` (total skipped so far in the run). For a DeepSeek model
+      also `router/*` (`deepseek.router_step`: expert load, drops, bias drift), the routing
+      bias being updated after each of the μ steps when the model's `router_bias_rate` > 0.
     """
     return train_state.run_step(_update_step, rollouts, cfg=cfg)
 
@@ -887,7 +901,9 @@ def _update_step(
         loss, grads, metrics = train.accumulate_gradients(
             loss_fn, model, rollouts, cfg.num_micro_batches, sum_micro_batches=dapo
         )
-        return {"loss": loss, **metrics, **optimizer.apply_gradients(model, grads)}
+        router = metrics.pop("router", None)
+        metrics = {"loss": loss, **metrics, **optimizer.apply_gradients(model, grads)}
+        return {**metrics, **train.router_step(model, router)}
 
     metrics = train.repeat(one_step, model, optimizer, cfg.num_iterations)
     metrics["skipped_updates"] = optimizer.skipped[...].astype(jnp.float32)

@@ -8,7 +8,8 @@ GRPO spends most of its time here. One call samples G completions for each of P 
               no recomputation). With G = 1 there is nothing to share, and the prefill is copied
               into the front of one [P, Tp + max_new] cache (one attention segment per step);
   3. decode   a `lax.while_loop` feeds one token per row per step, writes it into the cache,
-              samples the next token, and stops as soon as every row has emitted a stop token.
+              samples the next token, and stops as soon as every row has emitted a stop token
+              or ended in a stop sequence (a multi-token string such as "</answer>").
 
 Everything in 1-3 is one jitted function of (params, prompts, rng); shapes are static per (P, Tp, G,
 max_new, sampling config), and `generate` pads prompts into length buckets so a run compiles a
@@ -222,7 +223,21 @@ class _LoopState:
     logprobs: jax.Array  # [B, max_new]
     done: jax.Array  # [B] bool: row has produced a stop token
     lengths: jax.Array  # [B]
+    recent: jax.Array  # [B, K] int32: the last K tokens of each row (K = longest stop sequence)
     cache: KVCache
+
+
+def _ends_in_stop(recent: jax.Array, stops: tuple[tuple[int, ...], ...]) -> jax.Array:
+    """[B, K] last tokens of each row -> [B] bool: the row ends in one of the stop sequences.
+
+    Single tokens are one `isin`; each longer sequence compares the last len(s) tokens.
+    """
+    singles = [s[0] for s in stops if len(s) == 1]
+    hit = jnp.isin(recent[:, -1], jnp.asarray(singles or [-1], jnp.int32))
+    for seq in (s for s in stops if len(s) > 1):
+        tail = recent[:, recent.shape[1] - len(seq) :]
+        hit = hit | jnp.all(tail == jnp.asarray(seq, jnp.int32), axis=1)
+    return hit
 
 
 def _record(
@@ -230,11 +245,11 @@ def _record(
     logits: jax.Array,
     u: jax.Array,
     cfg: SamplingConfig,
-    stop_ids: jax.Array,
+    stops: tuple[tuple[int, ...], ...],
     pad_id: int,
 ) -> _LoopState:
     """Sample the token at `state.step` from logits [B, V] with uniforms u [B] and append it to
-    rows still running."""
+    rows still running; a row is done once it ends in a stop sequence."""
     token = cfg.choose(logits, u)
     # log p(token) without materialising a [B, V] log_softmax: logit - logsumexp.
     logp = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(
@@ -243,13 +258,15 @@ def _record(
     live = ~state.done
     token = jnp.where(live, token, pad_id)
     step = state.step
+    recent = jnp.concatenate([state.recent[:, 1:], token[:, None]], axis=1)
     return state.replace(
         step=step + 1,
         last=token,
         tokens=state.tokens.at[:, step].set(token),
         logprobs=state.logprobs.at[:, step].set(jnp.where(live, logp, 0.0)),
         lengths=state.lengths + live.astype(jnp.int32),
-        done=state.done | (live & jnp.isin(token, stop_ids)),
+        recent=recent,
+        done=state.done | (live & _ends_in_stop(recent, stops)),
     )
 
 
@@ -270,7 +287,15 @@ def _extend(empty, prefill):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "num_samples", "max_new_tokens", "cfg", "stop_ids", "pad_id"),
+    static_argnames=(
+        "graphdef",
+        "num_samples",
+        "max_new_tokens",
+        "cfg",
+        "stop_ids",
+        "stop_sequences",
+        "pad_id",
+    ),
 )
 def sample(
     graphdef,
@@ -283,6 +308,7 @@ def sample(
     max_new_tokens: int,
     cfg: SamplingConfig,
     stop_ids: tuple[int, ...] = (),
+    stop_sequences: tuple[tuple[int, ...], ...] = (),
     pad_id: int = 0,
 ) -> SampleOutput:
     """Sample `num_samples` completions for each left-padded prompt. Pure and jitted.
@@ -291,6 +317,9 @@ def sample(
     prompt_ids:       [P, Tp] int32, left-padded
     prompt_mask:      [P, Tp] int32, 1 = token, 0 = pad
     key:              PRNG key; the same key gives the same samples on any mesh
+    stop_ids:         tokens that end a row (EOS, ...)
+    stop_sequences:   token sequences that end a row once it ends in one (e.g. the tokenisations
+                      of "</answer>"; see `r1jax.data.stop_sequences`); included in the output
     Returns a SampleOutput over B = P * num_samples rows.
     """
     model = nnx.merge(graphdef, state)
@@ -316,7 +345,8 @@ def sample(
     uniforms = sharding.constrain(
         jax.random.uniform(key, (max_new_tokens, b), jnp.float32), (None, "batch")
     )
-    stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+    stops = tuple((int(t),) for t in stop_ids) + tuple(tuple(map(int, q)) for q in stop_sequences)
+    window = max([len(q) for q in stops] + [1])
     zeros = jnp.zeros((b,), jnp.int32)
     loop = _LoopState(
         step=jnp.zeros((), jnp.int32),
@@ -325,9 +355,10 @@ def sample(
         logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
         done=jnp.zeros((b,), bool),
         lengths=zeros,
+        recent=jnp.full((b, window), -1, jnp.int32),
         cache=cache,
     )
-    loop = _record(loop, first_logits, uniforms[0], cfg, stop, pad_id)
+    loop = _record(loop, first_logits, uniforms[0], cfg, stops, pad_id)
 
     # 3. Decode one token per row per step until every row stopped or the budget is spent.
     def cond(s: _LoopState):
@@ -338,7 +369,7 @@ def sample(
             s.last[:, None], (~s.done).astype(jnp.int32)[:, None], cache=s.cache
         )
         s = s.replace(cache=new_cache)
-        return _record(s, logits[:, 0], uniforms[s.step], cfg, stop, pad_id)
+        return _record(s, logits[:, 0], uniforms[s.step], cfg, stops, pad_id)
 
     loop = jax.lax.while_loop(cond, body, loop)
     mask = (jnp.arange(max_new_tokens)[None, :] < loop.lengths[:, None]).astype(jnp.int32)
@@ -387,12 +418,15 @@ def generate(
     num_samples: int = 1,
     seed: int = 0,
     *,
+    stop_sequences: Sequence[Sequence[int]] = (),
     pad_id: int = 0,
     mesh=None,
     buckets: Sequence[int] = DEFAULT_BUCKETS,
 ) -> GenerateOutput:
     """Sample completions for a list of prompts (ragged token-id lists, or a [P, T] array).
 
+    A row ends at any of `stop_token_ids` or once it ends in one of `stop_sequences` (token-id
+    sequences, e.g. from `r1jax.data.stop_sequences(tokenizer)`); the stop is kept in the output.
     Prompts are left-padded to the smallest bucket length that fits (longer prompts are an error);
     with `mesh`, the batch is sharded over its batch axes (P * num_samples must then divide by them)
     and the model should already be placed on it.
@@ -408,7 +442,11 @@ def generate(
     cfg = SamplingConfig(temperature, top_k, top_p)
     graphdef, state = nnx.split(model)
     key = jax.random.key(seed)
-    static = (ids.shape, num_samples, max_new_tokens, cfg, tuple(stop_token_ids), pad_id)
+    stop_ids = tuple(int(s) for s in stop_token_ids)
+    stop_seqs = tuple(tuple(int(t) for t in q) for q in stop_sequences)
+    if any(len(q) == 0 for q in stop_seqs):
+        raise ValueError("stop_sequences must not contain an empty sequence")
+    static = (ids.shape, num_samples, max_new_tokens, cfg, stop_ids, stop_seqs, pad_id)
     if static not in _compiled:
         _compiled.add(static)
         log.info(
@@ -422,7 +460,8 @@ def generate(
         num_samples=num_samples,
         max_new_tokens=max_new_tokens,
         cfg=cfg,
-        stop_ids=tuple(int(s) for s in stop_token_ids),
+        stop_ids=stop_ids,
+        stop_sequences=stop_seqs,
         pad_id=pad_id,
     )
     if mesh is None:
@@ -448,5 +487,5 @@ def generate(
     )
 
 
-def _batch_ways(mesh) -> int:
-    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+def _batch_ways(mesh) -> int:  # the mesh axes the `batch` rule names (sharding.RULES)
+    return int(mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"])

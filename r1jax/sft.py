@@ -202,14 +202,16 @@ def next_token_targets(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.A
     return batch["input_ids"][:, 1:], mask.astype(jnp.float32)
 
 
-def _hidden(model: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
-    hidden, _ = model.hidden_states(
+def _hidden(model: nnx.Module, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
+    """([N, L-1, D] hidden states, routing counts of a mixture-of-experts model or None)."""
+    hidden, router = train.hidden_states(
+        model,
         batch["input_ids"],
         batch["attention_mask"],
         positions=batch["positions"],
         segment_ids=batch["segment_ids"],
     )
-    return hidden[:, :-1]  # [N, L-1, D]: the last position predicts nothing
+    return hidden[:, :-1], router  # the last position predicts nothing
 
 
 def sft_loss(
@@ -229,17 +231,20 @@ def sft_loss(
       num_items_in_batch: token count to divide by (the whole accumulated batch); None = this
         batch's own count.
     Returns:
-      (loss, metrics) as `chunked_cross_entropy`.
+      (loss, metrics) as `chunked_cross_entropy`, plus "router" (the forward's `RouterStats`)
+      for a mixture-of-experts model.
     """
     targets, mask = next_token_targets(batch)
-    return chunked_cross_entropy(
-        _hidden(model, batch),
+    hidden, router = _hidden(model, batch)
+    loss, metrics = chunked_cross_entropy(
+        hidden,
         model.unembedding(),
         targets,
         mask,
         chunk_size=chunk_size,
         num_items_in_batch=num_items_in_batch,
     )
+    return loss, _with_router(metrics, router)
 
 
 def distill_loss(
@@ -253,11 +258,19 @@ def distill_loss(
     """Forward KL(teacher || student) per completion position (inside jit); the teacher gets no
     gradient. Arguments as `sft_loss`; returns (loss, metrics) as `logit_distillation_loss`."""
     _, mask = next_token_targets(batch)
-    student = model.logits_from_hidden(_hidden(model, batch))
-    teacher_logits = jax.lax.stop_gradient(teacher.logits_from_hidden(_hidden(teacher, batch)))
-    return logit_distillation_loss(
+    hidden, router = _hidden(model, batch)
+    student = model.logits_from_hidden(hidden)
+    teacher_hidden = _hidden(teacher, batch)[0]
+    teacher_logits = jax.lax.stop_gradient(teacher.logits_from_hidden(teacher_hidden))
+    loss, metrics = logit_distillation_loss(
         student, teacher_logits, mask, temperature, num_items_in_batch=num_items_in_batch
     )
+    return loss, _with_router(metrics, router)
+
+
+def _with_router(metrics: dict[str, jax.Array], router) -> dict[str, Any]:
+    """Routing counts ride along with the metrics to `train.router_step` (MoE models only)."""
+    return metrics if router is None else {**metrics, "router": router}
 
 
 def train_step(
@@ -273,7 +286,8 @@ def train_step(
     Returns:
       replicated float32 scalars: `loss` (mean cross-entropy per completion token), `num_tokens`
       (completion tokens in the batch), `grad_norm`, `learning_rate`, `update_skipped`,
-      `skipped_updates` (total so far).
+      `skipped_updates` (total so far); for a DeepSeek model also `router/*`
+      (`deepseek.router_step`), with the routing bias updated when `router_bias_rate` > 0.
     """
     return train_state.run_step(_sft_step, sft_arrays(batch), cfg=cfg)
 
@@ -316,10 +330,11 @@ def _step(
     loss_fn, model, optimizer: train.Optimizer, batch, num_items, cfg: SFTConfig
 ) -> dict[str, jax.Array]:
     # Every micro-batch loss is already divided by the whole batch's token count: sum them.
-    loss, grads, _ = train.accumulate_gradients(
+    loss, grads, aux = train.accumulate_gradients(
         loss_fn, model, batch, cfg.num_micro_batches, sum_micro_batches=True
     )
     metrics = {"loss": loss, "num_tokens": num_items}
     metrics.update(optimizer.apply_gradients(model, grads))
+    metrics.update(train.router_step(model, aux.get("router")))
     metrics["skipped_updates"] = optimizer.skipped[...].astype(jnp.float32)
     return metrics

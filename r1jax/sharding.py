@@ -37,9 +37,18 @@ log = logging.getLogger(__name__)
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None for replicated).
+# Expert parallelism (`expert` > 1): routed experts' leading axis goes over `expert`; all else
+# treats `expert` as more FSDP: rows are split over it (otherwise every expert rank would repeat
+# the attention of the same rows), and so is `embed` of the non-expert weights (otherwise they
+# would be replicated on every expert rank). A mesh axis is used once per array, so an expert
+# weight [E, D, M] keeps `embed` on `fsdp` alone. With `expert` = 1 (dense models) nothing changes.
+# MLA's low ranks (`q_lora`, `kv_lora`) are split like `embed`: the up-projections [Q or C, N, H]
+# have no `embed` axis and would otherwise be split over `tensor` only.
 RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
+    ("batch", ("data", "fsdp", "expert")),
+    ("embed", ("fsdp", "expert")),
+    ("q_lora", ("fsdp", "expert")),
+    ("kv_lora", ("fsdp", "expert")),
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -50,10 +59,11 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
 )
 
-# For sampling: weights are not split over fsdp (each decode step would otherwise all-gather every
-# weight); the batch still spreads over data and fsdp, and tensor parallelism stays.
+# For sampling: no weight is split over fsdp, and only routed experts over expert (each decode step
+# would otherwise all-gather every weight); the batch still spreads over data, fsdp and expert, and
+# tensor and expert parallelism stay.
 SAMPLING_RULES: tuple[tuple[str, Any], ...] = tuple(
-    (name, None if name == "embed" else axes) for name, axes in RULES
+    (name, None if name in ("embed", "q_lora", "kv_lora") else axes) for name, axes in RULES
 )
 
 _rules: contextvars.ContextVar[tuple] = contextvars.ContextVar("r1jax_rules", default=RULES)

@@ -10,7 +10,11 @@ the machinery here. This module owns:
 - `TrainState`: a model, its optimizer and the mesh they live on; `run_step` compiles a step
   function once (explicit in/out shardings, state donated) and runs it;
 - `accumulate_gradients`: gradients summed over micro-batches with `lax.scan`, and `repeat`,
-  several optimizer steps on one batch (GRPO's μ iterations) without unrolling them.
+  several optimizer steps on one batch (GRPO's μ iterations) without unrolling them;
+- `hidden_states` / `router_step`: what a loss and a step do differently for a mixture-of-experts
+  model (DeepSeek-V3): the forward also returns its routing counts, and after each optimizer
+  step the router metrics are reported and the load-balancing bias is updated. For dense models
+  both are exactly the plain forward and nothing.
 
 Notable choices:
 - Steps follow Flax's "jax.jit over nnx.split" pattern: the jitted function is pure in
@@ -50,6 +54,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from r1jax import sharding
+from r1jax.models import deepseek
 
 SCHEDULES = ("constant", "cosine")
 
@@ -281,6 +286,33 @@ def repeat(
     state, metrics = jax.lax.scan(body, state, length=num_steps)
     nnx.update((model, optimizer), state)
     return jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+
+
+# --------------------------------------------------------------------------------------------------
+# Mixture-of-experts models: routing counts from the forward, bias update after the step
+# --------------------------------------------------------------------------------------------------
+
+
+def hidden_states(
+    model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array | None = None, **kwargs
+) -> tuple[jax.Array, deepseek.RouterStats | None]:
+    """`model.hidden_states` for a loss: (final hidden [B, T, D], routing counts or None).
+
+    A DeepSeek model's forward also returns a `RouterStats` of the batch (same pass, no extra
+    work); a loss puts it in its metrics under "router" and the step hands it to `router_step`.
+    Dense models return None. `kwargs` as `hidden_states` (positions, segment_ids).
+    """
+    if isinstance(model, deepseek.DeepseekDecoder):
+        hidden, _, stats = model.hidden_states_with_router(input_ids, attention_mask, **kwargs)
+        return hidden, stats
+    return model.hidden_states(input_ids, attention_mask, **kwargs)[0], None
+
+
+def router_step(model: nnx.Module, stats: deepseek.RouterStats | None) -> dict[str, jax.Array]:
+    """After an optimizer step: the router metrics of the step's batch, and the auxiliary-loss-free
+    bias update when the model's `router_bias_rate` > 0 (`deepseek.router_step`). {} for dense
+    models (stats None)."""
+    return {} if stats is None else deepseek.router_step(model, stats)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -361,21 +361,26 @@ def test_tokenizer_round_trip_digits_and_tags(tok, tok_texts):
     ids = tok("x 9876543210 y", add_special_tokens=False)["input_ids"]
     pieces = [tok.decode([i]) for i in ids]
     assert [p for p in pieces if p.strip().isdigit()] == list("9876543210")
-    # Tags are single tokens that survive skip_special_tokens; chat specials do not.
-    for tag in (
-        "<think>",
-        "</think>",
-        "<answer>",
-        "</answer>",
-        "<|im_start|>",
-        "<|im_end|>",
-        "<|endoftext|>",
-    ):
-        assert len(tok(tag, add_special_tokens=False)["input_ids"]) == 1, tag
+    # Chat specials are single tokens; the think/answer tags are ordinary text, as in base models.
+    for special in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1, special
+    for tag in ("<think>", "</think>", "<answer>", "</answer>"):
+        assert len(tok(tag, add_special_tokens=False)["input_ids"]) > 1, tag
     text = "<|im_start|>assistant\n<think>a</think><answer>7</answer><|im_end|><|endoftext|>"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     kept = tok.decode(ids, skip_special_tokens=True)
     assert kept == "assistant\n<think>a</think><answer>7</answer>"
+
+
+def test_stop_sequences_catch_answer_tag_in_context(tok):
+    seqs = data.stop_sequences(tok)
+    assert seqs and all(seqs)
+    for text in ("<answer>15</answer>", "<answer> 15 </answer>", "<answer>\n15\n</answer>"):
+        ids = tuple(tok(text, add_special_tokens=False)["input_ids"])
+        assert any(ids[-len(q) :] == q for q in seqs), text
+        # ... and not before the closing tag is complete.
+        assert not any(ids[-len(q) - 1 : -1] == q for q in seqs), text
+    assert data.stop_sequences(tok, ()) == ()
 
 
 def test_tokenizer_training_is_deterministic(tmp_path, tok_texts):

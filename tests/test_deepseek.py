@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 from helpers import VOCAB, left_padded_batch
 
-from r1jax import moe, sampling, sharding
+from r1jax import grpo, moe, sampling, sft, sharding, train
+from r1jax.data.batching import pack_sft_ids
 from r1jax.models import deepseek, deepseek_hf, hf
 from r1jax.models.deepseek import DeepseekConfig, MLACache
 
@@ -275,9 +276,12 @@ def _loss_and_grads(m, ids, mask, mesh=None):
     step = jax.jit(jax.value_and_grad(loss, has_aux=True))
     if mesh is None:
         return step(params, jnp.asarray(ids), jnp.asarray(mask))
-    batch = sharding.shard_batch({"ids": ids, "mask": mask}, mesh)
+    # 4 rows do not divide over fsdp x expert = 8: the rules fall back to rows over fsdp only, so
+    # each expert rank routes its own share of rows that are replicated over `expert`.
+    rows = sharding.logical_sharding(("batch", None), ids.shape, mesh)
+    assert rows.spec == jax.sharding.PartitionSpec("fsdp", None)
     with jax.set_mesh(mesh):
-        return step(params, batch["ids"], batch["mask"])
+        return step(params, jax.device_put(ids, rows), jax.device_put(mask, rows))
 
 
 def test_expert_parallel_forward_and_gradient_equal_single_device():
@@ -460,6 +464,176 @@ def test_load_balancing_bias_moves_load_toward_uniform():
     summary = deepseek.router_metrics(stats)
     assert float(summary["router/max_load_ratio"]) >= 1.0
     assert float(summary["router/dropped_frac"]) == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# GRPO and SFT on a DeepSeek model: rollout, update (one device = expert parallel), router bias
+# --------------------------------------------------------------------------------------------------
+
+RATE = 0.05  # router_bias_rate: large, so one step visibly moves the bias
+RL = grpo.GRPOConfig(
+    num_generations=4,
+    num_iterations=2,  # the rollout computes old log-probs; the update scans two steps
+    beta=0.04,  # the rollout runs the reference model too
+    max_completion_length=5,
+    num_micro_batches=2,  # 8 rows each: split over fsdp x expert = 8 devices
+)
+OPTIM = train.OptimConfig(learning_rate=1e-2, eps=1e-3)  # eps: see tests/test_train.py
+
+
+class LowTokens:
+    """Traced reward: share of completion tokens in the lower half of the vocabulary."""
+
+    names = ("low",)
+
+    def __call__(self, tokens, lengths):
+        real = jnp.arange(tokens.shape[1])[None] < lengths[:, None]
+        share = jnp.sum((tokens < VOCAB // 2) & real, -1) / jnp.maximum(lengths, 1)
+        return share.astype(jnp.float32), share[None].astype(jnp.float32)
+
+
+def _flat(tree) -> dict:
+    return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(tree)}
+
+
+def _grpo_step(mesh=None):
+    """One GRPO step (rollout + update) on the one-MoE-layer V3 model, on `mesh` or one device.
+    Returns (rollouts on the host, rollout metrics, update metrics, state before, state after)."""
+    path = checkpoint("v3_moe_only")
+    state = train.TrainState.create(hf.load(path, mesh=mesh, router_bias_rate=RATE), OPTIM, mesh)
+    before = _flat(nnx.state(state.model))
+    ids, mask = left_padded_batch(seed=4, batch=4, length=8, pads=(0, 2, 5, 1))
+    rollouts, data_metrics = grpo.rollout(
+        grpo.policy_for_sampling(state),
+        hf.load(path, mesh=mesh),
+        ids,
+        mask,
+        jax.random.key(3),
+        LowTokens(),
+        RL,
+    )
+    rollouts = jax.device_get(rollouts)
+    return state, rollouts, jax.device_get(data_metrics), before
+
+
+def test_grpo_step_expert_parallel_equals_single_device_and_updates_router_bias():
+    state1, rollouts, data1, before = _grpo_step()
+    mesh = sharding.make_mesh(fsdp=2, expert=4)
+    state8, rollouts8, data8, _ = _grpo_step(mesh)
+    # The rollout (sampler with the latent cache, old and reference log-probs) is the same on
+    # the expert-parallel mesh: same tokens, log-probs to float noise.
+    np.testing.assert_array_equal(rollouts8.completion_ids, rollouts.completion_ids)
+    for field in ("old_logprobs", "ref_logprobs", "advantages"):
+        a, b = getattr(rollouts8, field), getattr(rollouts, field)
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=field)
+    np.testing.assert_allclose(data8["reward"], data1["reward"], rtol=1e-6)
+
+    # The same update from the same rollouts, on one device and expert-parallel.
+    metrics1 = jax.device_get(grpo.update(state1, rollouts, RL))
+    metrics8 = jax.device_get(grpo.update(state8, rollouts, RL))
+    after1, after8 = _flat(nnx.state(state1.model)), _flat(nnx.state(state8.model))
+    assert max(np.abs(after1[k] - before[k]).max() for k in before) > 1e-3  # it did train
+    for k in after1:
+        assert np.linalg.norm(after8[k] - after1[k]) <= 1e-5 * np.linalg.norm(after1[k]), k
+        np.testing.assert_allclose(after8[k], after1[k], rtol=1e-5, atol=1e-6, err_msg=str(k))
+    assert metrics1.keys() == metrics8.keys()
+    for k in metrics1:
+        np.testing.assert_allclose(metrics8[k], metrics1[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+    # Router metrics ride along, and the bias moved by the balancing rule after each of the two
+    # optimizer steps: every expert by -2, -1, 0, 1 or 2 times the rate.
+    e = 8
+    loads = np.array([metrics1[f"router/load/e{j}"] for j in range(e)])
+    np.testing.assert_allclose(loads.mean(), 1.0, rtol=1e-6)  # relative to the mean load
+    assert metrics1["router/max_load_ratio"] >= loads.max() - 1e-6 > 1.0
+    assert metrics1["router/dropped_frac"] == 0.0  # dropless
+    bias = ("layers", 0, "mlp", "bias")
+    steps = (after1[bias] - before[bias]) / RATE
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-4)
+    assert np.abs(steps).max() > 0 and np.abs(steps).max() <= 2
+    # bias_drift: mean |change| per step (averaged over the two), at least the net change / 2.
+    assert RATE * np.mean(np.abs(steps)) / 2 - 1e-7 <= metrics1["router/bias_drift"] <= RATE
+
+    # Every parameter, Adam moment and the bias lies where the rules declare: routed experts
+    # over `expert`, every other weight's `embed` over fsdp and expert, rows over both.
+    declared, actual = jax.tree.leaves(state8.shardings), jax.tree.leaves(state8.state())
+    for want, x in zip(declared, actual, strict=True):
+        assert x.sharding.is_equivalent_to(want, x.ndim), (x.shape, x.sharding, want)
+    mlp, attn = state8.model.layers[0].mlp, state8.model.layers[0].attn
+    spec = jax.sharding.PartitionSpec
+    assert mlp.down_emd[...].sharding.spec == spec("expert", None, "fsdp")
+    assert attn.kv_a_dc[...].sharding.spec == spec(("fsdp", "expert"), None)
+    assert state8.model.embed_vd[...].sharding.spec == spec(None, ("fsdp", "expert"))
+    assert mlp.router_de[...].sharding.spec == spec(("fsdp", "expert"), None)
+    assert attn.kv_b_cnh[...].sharding.spec == spec(("fsdp", "expert"), None, None)  # no embed
+    for path_, v in nnx.to_flat_state(nnx.state(state8.model, nnx.Param)):
+        x = v[...]  # every matrix is split over all 8 devices: nothing is replicated
+        assert x.ndim < 2 or x.addressable_shards[0].data.size * 8 == x.size, path_
+    assert state8.batch_sharding(rollouts.prompt_ids).spec == spec(("fsdp", "expert"), None)
+    # Sampling keeps experts split over `expert` but no weight over fsdp.
+    rules = sharding.SAMPLING_RULES
+    experts = sharding.logical_to_spec(("expert", "embed", "mlp"), (8, 64, 32), mesh, rules)
+    assert experts == spec("expert", None, None)
+    assert sharding.logical_to_spec(("embed", "kv_lora"), (64, 40), mesh, rules) == spec(None, None)
+    assert sharding.logical_to_spec(("batch",), (16,), mesh, rules) == spec(("fsdp", "expert"))
+
+
+def test_sft_step_on_deepseek_matches_cross_entropy_and_balances_router():
+    m = hf.load(checkpoint("v3_moe_only"), router_bias_rate=RATE)
+    rng = np.random.RandomState(7)
+    prompts = [list(rng.randint(1, VOCAB, n)) for n in (3, 5, 2, 4, 3)]
+    completions = [list(rng.randint(1, VOCAB, n)) for n in (4, 2, 5, 3, 6)]
+    batch = pack_sft_ids(prompts, completions, seq_len=16, pad_id=0, pack=True)
+    assert batch.segment_ids.max() > 1  # a packed row: attention must stay in each example
+
+    # The reference: cross-entropy from the model's own logits (checked against transformers
+    # above) in float64, and the routing counts of the same rows.
+    graphdef, _ = nnx.split(m)
+
+    @jax.jit
+    def reference(state, ids, mask, positions, segments):
+        model = nnx.merge(graphdef, state)
+        hidden, _, stats = model.hidden_states_with_router(
+            ids, mask, positions=positions, segment_ids=segments
+        )
+        return model.logits_from_hidden(hidden), stats
+
+    arrays = {k: jnp.asarray(getattr(batch, k)) for k in sft.SFT_FIELDS}
+    logits, stats = reference(
+        nnx.state(m),
+        arrays["input_ids"],
+        arrays["attention_mask"],
+        arrays["positions"],
+        arrays["segment_ids"],
+    )
+    logp = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)[:, :-1], -1))
+    targets = batch.input_ids[:, 1:]
+    counted = (batch.loss_mask[:, 1:] > 0) & (batch.segment_ids[:, 1:] == batch.segment_ids[:, :-1])
+    nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    expected_loss = nll[counted].mean()
+    load = np.asarray(stats.load[0])
+    bias_before = np.asarray(m.layers[0].mlp.bias[...])
+
+    state = train.TrainState.create(m, OPTIM)
+    metrics = jax.device_get(sft.train_step(state, batch))
+    np.testing.assert_allclose(metrics["loss"], expected_loss, rtol=1e-5)
+    assert metrics["num_tokens"] == counted.sum()
+    assert load.sum() == 2 * batch.attention_mask.sum()  # K = 2 assignments per real token
+    for j in range(8):
+        np.testing.assert_allclose(metrics[f"router/load/e{j}"], load[j] / load.mean(), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(state.model.layers[0].mlp.bias[...]),
+        bias_before + RATE * np.sign(load.mean() - load),
+        atol=1e-7,
+    )
+    assert metrics["router/bias_drift"] > 0
+
+
+def test_router_bias_rate_is_refused_for_a_router_without_bias():
+    with pytest.raises(ValueError, match="router_bias_rate"):
+        DeepseekConfig.deepseek_v2_lite(router_bias_rate=1e-3)
+    with pytest.raises(ValueError, match="router_bias_rate"):
+        DeepseekConfig.tiny(router_bias_rate=-1.0)
 
 
 # --------------------------------------------------------------------------------------------------

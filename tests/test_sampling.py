@@ -106,6 +106,34 @@ def test_stop_tokens_end_rows_and_truncation_is_marked():
             assert dev.stop_reason[i] == sampling.LENGTH and dev.lengths[i] == 8
 
 
+def _first_end(tokens, seqs):
+    """Reference: the completion length at which a row first ends in one of `seqs`, or None."""
+    for n in range(1, len(tokens) + 1):
+        if any(len(q) <= n and tuple(tokens[n - len(q) : n]) == q for q in seqs):
+            return n
+    return None
+
+
+def test_stop_sequences_end_rows_where_they_complete():
+    free = sampling.generate(model(), PROMPTS, max_new_tokens=8, temperature=0.0)
+    seqs = (
+        tuple(free.tokens[0][2:4]),  # row 0 ends at its 4th token (or where this pair first ends)
+        tuple(free.tokens[1][4:7]),  # a three-token sequence of row 1
+        (PROMPTS[2][-1], free.tokens[2][0]),  # straddles the prompt: must not stop row 2 at once
+    )
+    out = sampling.generate(
+        model(), PROMPTS, max_new_tokens=8, temperature=0.0, stop_sequences=seqs
+    )
+    dev = jax.device_get(out.device)
+    for i, tokens in enumerate(free.tokens):
+        n = _first_end(tokens, seqs)
+        assert out.tokens[i] == tokens[: n or 8], i
+        assert dev.stop_reason[i] == (sampling.LENGTH if n is None else sampling.STOP_TOKEN)
+    assert len(out.tokens[0]) <= 4 and len(out.tokens[1]) <= 7 and len(out.tokens[2]) > 1
+    with pytest.raises(ValueError, match="empty"):
+        sampling.generate(model(), PROMPTS, max_new_tokens=4, stop_sequences=((),))
+
+
 def test_early_exit_when_every_row_stopped():
     free = sampling.generate(model(), [PROMPTS[0]], max_new_tokens=8, temperature=0.0)
     out = sampling.generate(

@@ -47,6 +47,7 @@ from r1jax.data.templates import (
 )
 from r1jax.data.tokenizer import (
     load_tokenizer,
+    stop_sequences,
     stop_token_ids,
     train_tokenizer,
     train_toy_tokenizer,
@@ -86,6 +87,7 @@ __all__ = [
     "sample_path",
     "shard_rows",
     "split_of",
+    "stop_sequences",
     "stop_token_ids",
     "think_answer",
     "tokenize_prompts",

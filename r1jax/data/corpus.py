@@ -8,10 +8,16 @@ Document kinds (mixed by ``mix`` weights):
 - "terse": question and bare answer ("Q: What is 3 + 4?\\nA: 7").
 - "steps": a worked solution followed by "The answer is N.".
 - "dialogue": "User: ...\\nAssistant: ..." exchanges, the register the R1-Zero prompt ends in.
-- "format": an instruction to put the work and the result between two named tags (drawn from a
-  list that never includes think/answer), followed by a reply that does. A real base model has
-  seen such text on the web; without it a tiny model has no way to follow the R1-Zero template's
-  instruction at all. Set its weight to 0 to study the harder setting.
+- "format": an instruction to put the work and the result between two named tags, followed by
+  replies that do. The tag names are drawn afresh for every document from ``TAG_WORDS`` (never
+  think/answer), so the only way to predict a reply's tags is to copy them from the instruction;
+  the instruction is worded several ways, one of them shaped like the R1-Zero template. A real
+  base model has seen such instruction-following text on the web; without it a tiny model has no
+  way to follow the R1-Zero template at all. Set its weight to 0 to study the harder setting.
+- "copy": a string of random vocabulary pieces, then the same string again. Web text is full of
+  repetition, and it is what teaches a model to copy from its context (induction); the synthetic
+  tasks alone have too little of it for a model this small to learn copying in a few minutes, and
+  without copying it cannot write tag names that it only ever sees in the prompt.
 """
 
 from __future__ import annotations
@@ -24,18 +30,40 @@ from r1jax.data.countdown import CountdownTask
 from r1jax.data.tasks import Task, make_dataset
 from r1jax.data.templates import think_answer
 
-DOC_KINDS = ("terse", "steps", "dialogue", "format")
-DEFAULT_MIX = {"terse": 0.3, "steps": 0.3, "dialogue": 0.2, "format": 0.2}
+DOC_KINDS = ("terse", "steps", "dialogue", "format", "copy")
+DEFAULT_MIX = {"terse": 0.2, "steps": 0.2, "dialogue": 0.2, "format": 0.25, "copy": 0.15}
 FORBIDDEN_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-FORMAT_TAGS = (
-    ("work", "result"),
-    ("scratch", "final"),
-    ("steps", "value"),
-    ("calc", "out"),
-    ("notes", "reply"),
-    ("reasoning", "output"),
+TAG_WORDS = (
+    "work", "result", "scratch", "final", "steps", "value", "calc", "out", "notes", "reply",
+    "reasoning", "output", "plan", "solution", "draft", "response", "logic", "sum", "method",
+    "conclusion", "analysis", "verdict", "idea", "number", "working", "total", "trace", "check",
+    "proof", "claim", "hint", "key", "body", "end", "note", "reflect", "compute", "explain",
+    "derive", "summary", "brief", "detail", "scratchpad", "thought", "reason", "res", "sol", "ans",
+    "question", "problem", "step", "line", "part", "goal", "task", "math", "digit", "carry",
+    "write", "first", "second", "main", "side", "box", "text", "code", "data", "info", "memo",
+)  # fmt: skip
+_WORK_NAMES = ("reasoning process", "working", "steps", "calculation", "notes")
+_RESULT_NAMES = ("answer", "result", "final value", "reply")
+_INSTRUCTIONS = (
+    # Shaped like the R1-Zero template (Table 1 of the paper), with other tags.
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The assistant first works out the {w} and then provides the user with the {r}. "
+    "The {w} and {r} are enclosed within <{a}> </{a}> and <{b}> </{b}> tags, respectively, "
+    "i.e., <{a}> {w} here </{a}> <{b}> {r} here </{b}>.",
+    "Write the {w} inside <{a}> </{a}> and the {r} inside <{b}> </{b}>, i.e., "
+    "<{a}> {w} here </{a}> <{b}> {r} here </{b}>.",
+    "Answer each question. Put your {w} between <{a}> and </{a}>, then your {r} between "
+    "<{b}> and </{b}>.",
+    "Format: <{a}> {w} </{a}> <{b}> {r} </{b}>.",
 )
+_TURNS = (("User: ", " Assistant: "), ("Question: ", "\nReply: "), ("User: ", "\nAssistant: "))
 _TERSE_FORMS = ("Question: {p}\nAnswer: {s}", "Q: {p}\nA: {s}", "{t}")
+
+
+def _tag_pair(rng: random.Random) -> tuple[str, str]:
+    """Two distinct tag names from ``TAG_WORDS``."""
+    a, b = rng.sample(TAG_WORDS, 2)
+    return a, b
 
 
 def default_tasks() -> tuple[Task, ...]:
@@ -43,7 +71,9 @@ def default_tasks() -> tuple[Task, ...]:
     return (ArithmeticTask(), CountdownTask())
 
 
-def _render(kind: str, rows: list[dict], rng: random.Random) -> str:
+def _render(
+    kind: str, rows: list[dict], rng: random.Random, pieces: Sequence[str] = TAG_WORDS
+) -> str:
     if kind == "terse":
         form = rng.choice(_TERSE_FORMS)
         return "\n\n".join(form.format(p=r["prompt"], s=r["solution"], t=r["terse"]) for r in rows)
@@ -63,17 +93,21 @@ def _render(kind: str, rows: list[dict], rng: random.Random) -> str:
             )
         return "\n".join(turns)
     if kind == "format":
-        w, a = rng.choice(FORMAT_TAGS)
-        head = (
-            f"Write the working inside <{w}> </{w}> and the result inside <{a}> </{a}>, "
-            f"i.e., <{w}> working here </{w}> <{a}> result here </{a}>."
+        a, b = _tag_pair(rng)
+        head = rng.choice(_INSTRUCTIONS).format(
+            a=a, b=b, w=rng.choice(_WORK_NAMES), r=rng.choice(_RESULT_NAMES)
         )
-        body = [
-            f"Question: {r['prompt']}\nReply: <{w}> {r['steps']} </{w}> <{a}> "
-            f"{r['solution']} </{a}>"
-            for r in rows
-        ]
-        return head + "\n" + "\n\n".join(body)
+        user, assistant = rng.choice(_TURNS)
+        body = []
+        for r in rows:
+            work = r["steps"] if rng.random() < 2 / 3 else r["terse"]
+            body.append(
+                f"{user}{r['prompt']}{assistant}<{a}> {work} </{a}> <{b}> {r['solution']} </{b}>"
+            )
+        return head + rng.choice((" ", "\n")) + "\n".join(body)
+    if kind == "copy":
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(8, 24))).strip()
+        return f"Repeat:\n{text}\n{text}"
     raise ValueError(f"unknown document kind {kind!r}; expected one of {DOC_KINDS}")
 
 
@@ -85,6 +119,7 @@ def pretrain_corpus(
     eval_fraction: float = 0.1,
     mix: Mapping[str, float] | None = None,
     max_problems_per_doc: int = 4,
+    copy_pieces: Sequence[str] | None = None,
 ) -> list[str]:
     """Plain-text pretraining documents built from train-split problems only.
 
@@ -95,6 +130,8 @@ def pretrain_corpus(
       eval_fraction: must equal the one used for the eval set, so no eval problem leaks in.
       mix: weight per document kind (keys from ``DOC_KINDS``; missing kinds get 0).
       max_problems_per_doc: each document holds 1..this many problems.
+      copy_pieces: what "copy" documents are strung from (e.g. the tokenizer's vocabulary,
+        decoded); default ``TAG_WORDS``.
     Returns:
       ``n_docs`` strings with no think/answer tags; join them with the EOS token to train.
     """
@@ -133,7 +170,9 @@ def pretrain_corpus(
         )
     docs = []
     for t, kind, k in plan:
-        doc = _render(kind, [next(pools[t]) for _ in range(k)], rng)
+        doc = _render(kind, [next(pools[t]) for _ in range(k)], rng, copy_pieces or TAG_WORDS)
+        while kind == "copy" and any(tag in doc for tag in FORBIDDEN_TAGS):
+            doc = _render(kind, [], rng, copy_pieces or TAG_WORDS)  # a random string made a tag
         if any(tag in doc for tag in FORBIDDEN_TAGS):
             raise ValueError(f"a corpus document contains a think/answer tag:\n{doc[:300]}")
         docs.append(doc)

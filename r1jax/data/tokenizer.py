@@ -8,9 +8,13 @@ Notable choices:
   split), so numbers are never merged into multi-digit tokens: column arithmetic needs to see
   digits one at a time.
 - ``<|endoftext|>`` is EOS and PAD, ``<|im_start|>``/``<|im_end|>`` delimit chat turns (ChatML-like
-  template); all three are special (dropped by ``skip_special_tokens``). ``<think>``, ``</think>``,
-  ``<answer>``, ``</answer>`` are single *non-special* added tokens, so decoding keeps them and
-  reward functions see them.
+  template); all three are special (dropped by ``skip_special_tokens``).
+- ``<think>``, ``</think>``, ``<answer>``, ``</answer>`` are ordinary text (" <", "think", ">"), as
+  in the Qwen2.5 and Llama 3 base tokenizers R1-Zero reproductions start from. A base model that
+  never saw these tags in pretraining can still write them by copying them from the prompt, the
+  way it learned to copy other tag names; a dedicated token it never saw would have an untrained
+  embedding and could not be produced. Generation stops at "</answer>" through
+  ``stop_sequences``.
 - No BOS token and no post-processor: documents are separated by EOS, as in Qwen.
 - Training is deterministic for the same texts and vocabulary size (checked in the tests).
 - The config names ``PreTrainedTokenizerFast`` as its class and embeds the chat template, so
@@ -23,13 +27,12 @@ import json
 import os
 from collections.abc import Iterable
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = (EOS, IM_START, IM_END)
-TAG_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
 # ChatML-like. No whitespace control: the newlines written here are the newlines in the prompt.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -51,16 +54,16 @@ def train_tokenizer(
     Args:
       texts: training text (e.g. the pretraining corpus plus cold-start examples and templates).
       save_dir: folder to write; created if missing.
-      vocab_size: total vocabulary size including the 256 byte tokens and the 7 added tokens.
+      vocab_size: total vocabulary size including the 256 byte tokens and the 3 special tokens.
       min_frequency: a pair must occur this often to be merged.
     Returns:
       The tokenizer, loaded back from ``save_dir`` through ``AutoTokenizer`` (so what the caller
       gets is exactly what later stages will load).
     """
-    n_fixed = 256 + len(SPECIAL_TOKENS) + len(TAG_TOKENS)
+    n_fixed = 256 + len(SPECIAL_TOKENS)
     if vocab_size < n_fixed:
         raise ValueError(
-            f"vocab_size must be >= {n_fixed} (256 bytes + added tokens), got {vocab_size}"
+            f"vocab_size must be >= {n_fixed} (256 bytes + special tokens), got {vocab_size}"
         )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -71,23 +74,21 @@ def train_tokenizer(
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        # The tags count against the vocabulary too; they are added after training.
-        vocab_size=vocab_size - len(TAG_TOKENS),
+        vocab_size=vocab_size,
         min_frequency=min_frequency,
         special_tokens=list(SPECIAL_TOKENS),
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    # Added tokens are single tokens whatever their spelling, so their text must not shape merges.
-    tok.train_from_iterator(_without_added_tokens(texts), trainer)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
+    # Special tokens are single tokens whatever their spelling, so their text must not shape merges.
+    tok.train_from_iterator(_without_special_tokens(texts), trainer)
     save_tokenizer(tok, save_dir)
     return load_tokenizer(save_dir)
 
 
-def _without_added_tokens(texts: Iterable[str]) -> Iterable[str]:
+def _without_special_tokens(texts: Iterable[str]) -> Iterable[str]:
     for text in texts:
-        for token in SPECIAL_TOKENS + TAG_TOKENS:
+        for token in SPECIAL_TOKENS:
             text = text.replace(token, " ")
         yield text
 
@@ -152,6 +153,25 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
     if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
         ids.append(im_end)
     return tuple(sorted({i for i in ids if i is not None}))
+
+
+def stop_sequences(tokenizer, strings=("</answer>",)) -> tuple[tuple[int, ...], ...]:
+    """Token-id sequences that end a generation when a row's tokens end in one of them.
+
+    A string has several tokenisations in context: byte-level BPE merges a leading space into the
+    first piece (" </" vs "</"), while a newline or a digit before it is a piece of its own. Both
+    the bare and the space-led tokenisation of each string are returned (a sequence that ends in
+    another one is redundant and dropped); other spellings of the string are not caught.
+    """
+    seqs = set()
+    for text in strings:
+        for variant in (text, " " + text):
+            ids = tuple(tokenizer.encode(variant, add_special_tokens=False))
+            if ids:
+                seqs.add(ids)
+    return tuple(
+        sorted(q for q in seqs if not any(len(o) < len(q) and q[-len(o) :] == o for o in seqs))
+    )
 
 
 def toy_tokenizer_texts(*, seed: int = 0, n_docs: int = 2000, n_cold_start: int = 200) -> list[str]:

@@ -59,6 +59,9 @@ class DeepseekConfig:
 
     `rope_scaling` is a tuple of (key, value) pairs in HF's `rope_scaling` form, or None.
     `capacity_factor` sets the routed experts' capacity (None = dropless; see `r1jax.moe`).
+    `router_bias_rate` is gamma of auxiliary-loss-free load balancing: the trainers apply
+    `update_router_bias` at this rate after every optimizer step (0 = off, the bias stays as
+    loaded; DeepSeek-V3 used 0.001, and 0 late in pre-training). V3 routers only.
     """
 
     vocab_size: int
@@ -83,6 +86,7 @@ class DeepseekConfig:
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
     capacity_factor: float | None = None
+    router_bias_rate: float = 0.0
     rope_interleave: bool = True
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
@@ -129,6 +133,16 @@ class DeepseekConfig:
         if self.n_shared_experts < 0:
             raise ValueError(
                 f"DeepseekConfig.n_shared_experts must be >= 0, got {self.n_shared_experts}"
+            )
+        if self.router_bias_rate < 0:
+            raise ValueError(
+                f"DeepseekConfig.router_bias_rate must be >= 0, got {self.router_bias_rate}"
+            )
+        if self.router_bias_rate and self.topk_method != "noaux_tc":
+            raise ValueError(
+                f"DeepseekConfig.router_bias_rate={self.router_bias_rate} needs a DeepSeek-V3 "
+                f"router (topk_method 'noaux_tc'); {self.topk_method!r} has no score-correction "
+                f"bias, set router_bias_rate to 0"
             )
         # Building the derived views validates the routing fields, rope_scaling and the dtypes.
         _ = self.moe, self.rope_view
@@ -425,21 +439,45 @@ class RouterStats:
 
 
 def router_metrics(stats: RouterStats) -> dict[str, jax.Array]:
-    """Scalar summaries of a RouterStats for logging.
+    """Scalar summaries of a RouterStats for logging (all ratios, so counts summed or averaged
+    over micro-batches give the same values).
 
     router/max_load_ratio:  max over layers of (max expert load / mean expert load); 1 = uniform
     router/mean_load_ratio: the same ratio averaged over layers
-    router/dropped_frac:    dropped assignments / all assignments
+    router/dropped_frac:    dropped assignments / all assignments (capacity overflow)
     router/idle_experts:    mean over layers of the number of experts that received nothing
+    router/load/e{j}:       expert j's load / mean expert load, averaged over layers (E scalars,
+                            zero-padded index; 1 = its fair share)
     """
-    mean = jnp.maximum(stats.load.mean(-1), 1e-9)
-    ratio = stats.load.max(-1) / mean
-    return {
+    mean = jnp.maximum(stats.load.mean(-1, keepdims=True), 1e-9)  # [L_moe, 1]
+    relative = (stats.load / mean).mean(0)  # [E]
+    ratio = stats.load.max(-1) / mean[:, 0]
+    metrics = {
         "router/max_load_ratio": ratio.max(),
         "router/mean_load_ratio": ratio.mean(),
         "router/dropped_frac": stats.dropped.sum() / jnp.maximum(stats.load.sum(), 1.0),
         "router/idle_experts": (stats.load == 0).sum(-1).astype(jnp.float32).mean(),
     }
+    width = len(str(stats.load.shape[-1] - 1))
+    metrics.update({f"router/load/e{j:0{width}d}": relative[j] for j in range(relative.shape[0])})
+    return metrics
+
+
+def router_step(model: DeepseekDecoder, stats: RouterStats) -> dict[str, jax.Array]:
+    """Router bookkeeping after one optimizer step, from the routing of that step's batch.
+
+    `stats` come from the step's training forward (`hidden_states_with_router`; summed or
+    averaged over micro-batches: only ratios are used). Returns `router_metrics(stats)` and, for
+    a V3 router, applies `update_router_bias` at `model.cfg.router_bias_rate` (in place; rate 0
+    leaves the bias as it is) and adds `router/bias_drift` (0 when off) and `router/bias_abs`.
+    {} for a model without MoE layers.
+    """
+    if stats.load.shape[0] == 0:
+        return {}
+    metrics = router_metrics(stats)
+    if model.cfg.topk_method == "noaux_tc":
+        metrics.update(update_router_bias(model, stats, model.cfg.router_bias_rate))
+    return metrics
 
 
 def update_router_bias(
@@ -762,41 +800,14 @@ class DeepseekDecoder(Decoder):
         Returns (hidden [B, T, D], new MLACache or None, RouterStats over the real tokens).
         """
         cfg = self.cfg
-        b, t = input_ids.shape
-        if segment_ids is not None:
-            if cache is not None:
-                raise ValueError("segment_ids (packed sequences) cannot be used with a KV cache")
-            if positions is None:
-                raise ValueError(
-                    "segment_ids needs explicit positions (restarting at 0 for each "
-                    "segment, e.g. SFTBatch.positions)"
-                )
-            if attention_mask is None:
-                attention_mask = (segment_ids > 0).astype(jnp.int32)
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, t), jnp.int32)
-        token_mask = attention_mask.astype(bool)
-        if positions is None:
-            positions = transformer.positions_from_mask(attention_mask)
-            if cache is not None:  # continue each row's count after the real tokens already cached
-                prior = cache.mask.sum(-1, dtype=jnp.int32)
-                if cache.prefix_mask is not None:
-                    per_prompt = cache.prefix_mask.sum(-1, dtype=jnp.int32)
-                    prior += jnp.repeat(per_prompt, b // cache.prefix_mask.shape[0])
-                positions = positions + prior[:, None]
+        t = input_ids.shape[1]
+        x, token_mask, positions, mask, cache = self._prepare_inputs(
+            input_ids, attention_mask, positions, cache, segment_ids
+        )
         if absorb is None:
             absorb = cache is not None and t == 1
-        x = jnp.take(self.embed_vd[...], input_ids, axis=0).astype(jnp.dtype(cfg.dtype))
-        x = sharding.constrain(x, ("batch", "seq", "embed"))
         cos, sin = transformer.rope_tables(cfg.rope_view, positions)
-
-        if cache is None:
-            mask, index = self._self_mask(token_mask, positions, segment_ids), None
-        else:
-            cache = cache.replace(
-                mask=jax.lax.dynamic_update_slice(cache.mask, token_mask, (0, cache.index))
-            )
-            mask, index = self._cache_mask(cache, t), cache.index
+        index = None if cache is None else cache.index
 
         def block_fn(block, x, entry, prefix):
             return block(x, token_mask, cos, sin, mask, entry, prefix, index, absorb)

@@ -22,20 +22,17 @@ Notable choices:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from r1jax import sharding
 from r1jax.models import hf
 from r1jax.models.deepseek import DeepseekConfig, DeepseekDecoder
 from r1jax.models.hf import CheckpointError
@@ -108,10 +105,12 @@ def config_from_hf(
     dtype: str | None = None,
     remat: bool = False,
     capacity_factor: float | None = None,
+    router_bias_rate: float = 0.0,
     where: str = "config.json",
 ) -> DeepseekConfig:
     """Translate a Hugging Face DeepSeek config dict into a DeepseekConfig, refusing what r1jax
-    does not implement. `capacity_factor` is r1jax's (None = dropless routed experts)."""
+    does not implement. `capacity_factor` (None = dropless routed experts) and
+    `router_bias_rate` (load-balancing bias updates, 0 = off) are r1jax's own."""
     import transformers
 
     model_type = raw.get("model_type")
@@ -206,21 +205,8 @@ def config_from_hf(
     if get("num_experts_per_tok") is None:
         raise CheckpointError(f"{where}: num_experts_per_tok is required")
 
-    rope = dict(raw.get("rope_parameters") or {})
     default_theta = (defaults.rope_parameters or {}).get("rope_theta", 10000.0)
-    rope_theta = float(rope.pop("rope_theta", raw.get("rope_theta", default_theta)))
-    rope.update(raw.get("rope_scaling") or {})
-    if "type" in rope:
-        rope.setdefault("rope_type", rope.pop("type"))
-        rope.pop("type", None)
-    require(
-        rope.pop("partial_rotary_factor", 1.0) == 1.0,
-        "rope_parameters",
-        "partial_rotary_factor != 1",
-    )
-    rope_scaling = None
-    if rope.get("rope_type", "default") != "default":
-        rope_scaling = tuple(sorted(rope.items()))
+    rope_theta, rope_scaling = hf.rope_from_hf(raw, where, default_theta)
 
     try:
         return DeepseekConfig(
@@ -246,6 +232,7 @@ def config_from_hf(
             norm_topk_prob=norm_topk,
             routed_scaling_factor=float(get("routed_scaling_factor")),
             capacity_factor=capacity_factor,
+            router_bias_rate=router_bias_rate,
             rope_interleave=interleave,
             max_position_embeddings=get("max_position_embeddings"),
             rope_theta=rope_theta,
@@ -301,11 +288,7 @@ def config_to_hf(cfg: DeepseekConfig) -> dict[str, Any]:
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps,
         tie_word_embeddings=cfg.tie_word_embeddings,
-        rope_parameters={
-            "rope_type": "default",
-            **cfg.rope_scaling_dict,
-            "rope_theta": cfg.rope_theta,
-        },
+        rope_parameters=hf.rope_to_hf(cfg),
         architectures=[_ARCHITECTURES[cfg.model_type]],
         dtype=cfg.param_dtype,
     )
@@ -438,12 +421,15 @@ def load(
     remat: bool = False,
     rules=None,
     capacity_factor: float | None = None,
+    router_bias_rate: float = 0.0,
     mtp: str = "skip",
 ) -> DeepseekDecoder:
     """Load a local DeepSeek-V2/V3 HF checkpoint folder into a DeepseekDecoder.
 
-    Arguments as `hf.load`, plus `capacity_factor` (routed-expert capacity, None = dropless) and
-    `mtp`: "skip" (log and ignore multi-token-prediction weights) or "error" (refuse them).
+    Arguments as `hf.load`, plus `capacity_factor` (routed-expert capacity, None = dropless),
+    `router_bias_rate` (gamma of the load-balancing bias updates the trainers apply after each
+    optimizer step; 0 = off) and `mtp`: "skip" (log and ignore multi-token-prediction weights)
+    or "error" (refuse them).
     The score-correction bias stays float32 whatever `param_dtype` is.
     """
     if mtp not in ("skip", "error"):
@@ -454,6 +440,7 @@ def load(
         dtype=dtype,
         remat=remat,
         capacity_factor=capacity_factor,
+        router_bias_rate=router_bias_rate,
         where=os.path.join(path, "config.json"),
     )
     hf._check_complete(path)
@@ -467,14 +454,8 @@ def load(
     tensors = _tensors(cfg)
     expected = {name for t in tensors for name in t.names}
     names = files.names()
-    missing = sorted(expected - names)
-    if missing:
-        raise CheckpointError(
-            f"{path}: weights {missing[:5]}{'...' if len(missing) > 5 else ''} "
-            f"are missing ({len(missing)} in all) for the architecture in "
-            f"config.json"
-        )
     mtp_names = _mtp_names(names - expected, cfg.num_layers)
+    hf.check_weight_names(path, expected, names, set(mtp_names) | {"lm_head.weight"})
     if mtp_names:
         size = sum(int(np.prod(files.shape(k))) for k in mtp_names)
         if mtp == "error":
@@ -490,12 +471,6 @@ def load(
             mtp_names[0],
             size / 1e6,
         )
-    extra = sorted(names - expected - set(mtp_names) - {"lm_head.weight"})
-    if extra:
-        raise CheckpointError(
-            f"{path}: weights {extra[:5]} are not used by the architecture in "
-            f"config.json ({len(extra)} in all); config and weights disagree"
-        )
 
     leaves = {}
     for t in tensors:
@@ -507,16 +482,8 @@ def load(
                 f"which does not match config.json (expected {var.shape} after "
                 f"layout change)"
             )
-        host = host.astype(var.dtype)  # the bias keeps float32; parameters take param_dtype
-        if mesh is None:
-            leaves[t.path] = jnp.asarray(host)
-        else:
-            shard = sharding.logical_sharding(
-                var.get_metadata().get("out_sharding"), var.shape, mesh, rules
-            )
-            leaves[t.path] = jax.make_array_from_callback(
-                var.shape, shard, lambda idx, h=host: h[idx]
-            )
+        # The bias keeps float32; parameters take param_dtype.
+        leaves[t.path] = hf.place(host.astype(var.dtype), var, mesh, rules)
         del host
     state = nnx.from_flat_state([(p, target[p].replace(leaves[p])) for p in target])
     return nnx.merge(graphdef, state)
@@ -534,48 +501,14 @@ def save(
     Routed experts are written one tensor per expert (the published layout). The score-correction
     bias is written in float32 (transformers keeps it in float32).
     """
-    from jax.experimental import multihost_utils
-    from safetensors.numpy import save_file
-
     cfg = model.cfg
     os.makedirs(path, exist_ok=True)
     state = {p: v for p, v in nnx.to_flat_state(nnx.state(model))}
     out_dtype = jnp.dtype(dtype or cfg.param_dtype)
     tensors: dict[str, np.ndarray] = {}
     for t in _tensors(cfg):
-        value = state[t.path][...]
-        if not value.is_fully_addressable:
-            value = multihost_utils.process_allgather(value, tiled=True)
-        ours = np.asarray(jax.device_get(value))
+        ours = hf.to_host(state[t.path][...])
         ours = ours.astype(np.float32 if t.path[-1] == "bias" else out_dtype)
         for name, x in zip(t.names, t.to_hf(ours), strict=True):
             tensors[name] = np.ascontiguousarray(x)
-    if jax.process_index() != 0:
-        return
-
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(cfg), f, indent=2, sort_keys=True)
-    for stale in os.listdir(path):
-        if stale.startswith("model") and (
-            stale.endswith(".safetensors") or stale.endswith(".safetensors.index.json")
-        ):
-            os.remove(os.path.join(path, stale))
-    shards, current, size = [], {}, 0
-    for name, x in tensors.items():
-        if current and size + x.nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = x
-        size += x.nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    total = sum(x.nbytes for x in tensors.values())
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    hf.write_files(path, config_to_hf(cfg), tensors, max_shard_bytes)

@@ -155,21 +155,7 @@ def config_from_hf(
     require(not hf.get("attention_dropout"), "attention_dropout", "dropout is not implemented")
     require(hf.get("pretraining_tp", 1) == 1, "pretraining_tp", "must be 1")
 
-    rope = dict(hf.get("rope_parameters") or {})
-    rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-    rope.update(hf.get("rope_scaling") or {})
-    if "type" in rope and "rope_type" not in rope:
-        rope["rope_type"] = rope.pop("type")
-    rope.pop("type", None)
-    require(
-        rope.get("partial_rotary_factor", 1.0) == 1.0,
-        "rope_parameters",
-        "partial_rotary_factor != 1",
-    )
-    rope.pop("partial_rotary_factor", None)
-    rope_scaling = None
-    if rope.get("rope_type", "default") != "default":
-        rope_scaling = tuple(sorted(rope.items()))
+    rope_theta, rope_scaling = rope_from_hf(hf, where)
 
     layer_types = hf.get("layer_types") or []
     require(
@@ -211,6 +197,33 @@ def config_from_hf(
     )
 
 
+def rope_from_hf(
+    hf: dict[str, Any], where: str, default_theta: float = 10000.0
+) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
+    """(rope_theta, rope_scaling as sorted (key, value) pairs or None for plain RoPE) from a HF
+    config dict, whichever of `rope_parameters` / `rope_scaling` / `rope_theta` (and the old
+    `type` key) it uses. Partial rotary embeddings are refused."""
+    rope = dict(hf.get("rope_parameters") or {})
+    rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", default_theta)))
+    rope.update(hf.get("rope_scaling") or {})
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope.pop("type")
+    rope.pop("type", None)
+    if rope.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise CheckpointError(
+            f"{where}: rope_parameters={hf.get('rope_parameters')!r} is not supported: "
+            f"partial_rotary_factor != 1"
+        )
+    if rope.get("rope_type", "default") == "default":
+        return rope_theta, None
+    return rope_theta, tuple(sorted(rope.items()))
+
+
+def rope_to_hf(cfg) -> dict[str, Any]:
+    """The `rope_parameters` dict transformers expects, from a config's rope_theta and scaling."""
+    return {"rope_type": "default", **cfg.rope_scaling_dict, "rope_theta": cfg.rope_theta}
+
+
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """The config.json dict for `cfg`, produced by transformers' config class for its family."""
     import transformers
@@ -233,11 +246,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps,
         tie_word_embeddings=cfg.tie_word_embeddings,
-        rope_parameters={
-            "rope_type": "default",
-            **cfg.rope_scaling_dict,
-            "rope_theta": cfg.rope_theta,
-        },
+        rope_parameters=rope_to_hf(cfg),
         architectures=[_ARCHITECTURES[cfg.model_type]],
         dtype=cfg.param_dtype,
     )
@@ -429,6 +438,83 @@ def _check_complete(path: str) -> None:
             )
 
 
+def check_weight_names(
+    path: str, expected: set[str], names: set[str], unused: set[str] = frozenset()
+) -> None:
+    """Every `expected` tensor is in the folder, and every tensor there is expected or `unused`."""
+    missing = sorted(expected - names)
+    if missing:
+        raise CheckpointError(
+            f"{path}: weights {missing[:5]}{'...' if len(missing) > 5 else ''} "
+            f"are missing ({len(missing)} in all) for the architecture in "
+            f"config.json"
+        )
+    extra = sorted(names - expected - unused)
+    if extra:
+        raise CheckpointError(
+            f"{path}: weights {extra[:5]} are not used by the architecture in "
+            f"config.json ({len(extra)} in all); config and weights disagree"
+        )
+
+
+def place(host: np.ndarray, var: nnx.Variable, mesh: Mesh | None, rules=None) -> jax.Array:
+    """A host array as the value of the (abstract) variable `var`: on the default device, or in
+    the sharding its logical names give on `mesh` (each device receives only its own slice)."""
+    if mesh is None:
+        return jnp.asarray(host)
+    names = var.get_metadata().get("out_sharding")
+    shard = sharding.logical_sharding(names, var.shape, mesh, rules)
+    return jax.make_array_from_callback(var.shape, shard, lambda idx: host[idx])
+
+
+def to_host(value: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-process, sharded) array as numpy; collective when the array
+    spans processes, so every process must call it."""
+    from jax.experimental import multihost_utils
+
+    if not value.is_fully_addressable:
+        value = multihost_utils.process_allgather(value, tiled=True)
+    return np.asarray(jax.device_get(value))
+
+
+def write_files(
+    path: str, hf_config: dict[str, Any], tensors: dict[str, np.ndarray], max_shard_bytes: int
+) -> None:
+    """Write config.json and `tensors` as model.safetensors, or as shards of at most
+    `max_shard_bytes` plus model.safetensors.index.json; stale weight files are removed first.
+    Only process 0 writes."""
+    from safetensors.numpy import save_file
+
+    if jax.process_index() != 0:
+        return
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2, sort_keys=True)
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        if current and size + t.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += t.nbytes
+    shards.append(current)
+    for stale in os.listdir(path):
+        if stale.startswith("model") and (
+            stale.endswith(".safetensors") or stale.endswith(".safetensors.index.json")
+        ):
+            os.remove(os.path.join(path, stale))
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.nbytes for t in tensors.values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
 # --------------------------------------------------------------------------------------------------
 # load / save
 # --------------------------------------------------------------------------------------------------
@@ -489,30 +575,49 @@ def load(
         remat=remat,
         where=os.path.join(path, "config.json"),
     )
+    return load_weights(
+        path,
+        lambda: Decoder(cfg, rngs=nnx.Rngs(0)),
+        _mappings(cfg),
+        cfg,
+        mesh=mesh,
+        param_dtype=param_dtype,
+        rules=rules,
+        unused=("lm_head.weight",),  # tied models may still store lm_head
+    )
+
+
+def load_weights(
+    path: str,
+    build: Callable[[], nnx.Module],
+    mappings: list[_Mapping],
+    cfg: ModelConfig,
+    *,
+    mesh: Mesh | None = None,
+    param_dtype: str = "float32",
+    rules=None,
+    unused: tuple[str, ...] = (),
+) -> nnx.Module:
+    """Fill every parameter of the module `build()` makes from the safetensors in `path`.
+
+    The loader behind `load`, open to modules that wrap the decoder with another head (the
+    reward model's scalar `score`, `r1jax.rewards.reward_model`): `mappings` names the HF tensor
+    of every parameter (paths relative to the module `build` returns). A tensor of the folder
+    that no mapping names is an error unless listed in `unused`; each tensor is read, converted
+    and placed one at a time (into its sharding on `mesh` when given).
+    """
     _check_complete(path)
     files = _WeightFiles(path)
 
     with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(build)
     graphdef, abstract_state = nnx.split(abstract)
     target = {path_: v for path_, v in nnx.to_flat_state(abstract_state)}
+    unmapped = sorted(set(target) - {m.path for m in mappings}, key=str)
+    if unmapped:
+        raise ValueError(f"load_weights: parameters {unmapped[:5]} have no tensor mapping")
 
-    mappings = _mappings(cfg)
-    expected = {m.name for m in mappings}
-    names = files.names()
-    missing = sorted(expected - names)
-    if missing:
-        raise CheckpointError(
-            f"{path}: weights {missing[:5]}{'...' if len(missing) > 5 else ''} "
-            f"are missing ({len(missing)} in all) for the architecture in "
-            f"config.json"
-        )
-    extra = sorted(names - expected - {"lm_head.weight"})  # tied models may still store lm_head
-    if extra:
-        raise CheckpointError(
-            f"{path}: weights {extra[:5]} are not used by the architecture in "
-            f"config.json ({len(extra)} in all); config and weights disagree"
-        )
+    check_weight_names(path, {m.name for m in mappings}, files.names(), set(unused))
 
     leaves = {}
     for m in mappings:
@@ -524,13 +629,7 @@ def load(
                 f"{path}: {m.name} has shape {files.shape(m.name)}, which does "
                 f"not match config.json (expected {shape} after layout change)"
             )
-        host = host.astype(jnp.dtype(param_dtype))
-        if mesh is None:
-            leaves[m.path] = jnp.asarray(host)
-        else:
-            names_ = var.get_metadata().get("out_sharding")
-            shard = sharding.logical_sharding(names_, shape, mesh, rules)
-            leaves[m.path] = jax.make_array_from_callback(shape, shard, lambda idx, h=host: h[idx])
+        leaves[m.path] = place(host.astype(jnp.dtype(param_dtype)), var, mesh, rules)
         del host
     state = nnx.from_flat_state([(p, target[p].replace(leaves[p])) for p in target])
     return nnx.merge(graphdef, state)
@@ -555,56 +654,45 @@ def save(
     Shards above `max_shard_bytes`. `dtype` converts on the way out (default: the parameter dtype).
     In multi-process runs every process must call this (gathers are collective); process 0 writes.
     """
-    from jax.experimental import multihost_utils
-    from safetensors.numpy import save_file
-
     if model.cfg.model_type in _DEEPSEEK_TYPES:
         from r1jax.models import deepseek_hf
 
         return deepseek_hf.save(model, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
+    save_weights(
+        model,
+        path,
+        _mappings(model.cfg),
+        config_to_hf(model.cfg),
+        max_shard_bytes=max_shard_bytes,
+        dtype=dtype,
+    )
+
+
+def save_weights(
+    model: nnx.Module,
+    path: str,
+    mappings: list[_Mapping],
+    hf_config: dict[str, Any],
+    *,
+    max_shard_bytes: int = 5 * 1024**3,
+    dtype: str | None = None,
+) -> None:
+    """Write `hf_config` as config.json and the `mappings` tensors of `model` as safetensors.
+
+    The writer behind `save`, for modules that wrap the decoder (see `load_weights`); `model.cfg`
+    is the decoder's ModelConfig (tensor layouts, default dtype).
+    """
     cfg = model.cfg
     os.makedirs(path, exist_ok=True)
     state = {p: v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     out_dtype = jnp.dtype(dtype or cfg.param_dtype)
-    writer = jax.process_index() == 0
 
     tensors: dict[str, np.ndarray] = {}
-    for m in _mappings(cfg):
-        value = state[m.path][...]
-        if not value.is_fully_addressable:
-            value = multihost_utils.process_allgather(value, tiled=True)
-        ours = np.asarray(jax.device_get(value)).astype(out_dtype)
+    for m in mappings:
+        ours = to_host(state[m.path][...]).astype(out_dtype)
         hf_shape = _hf_shape(m, cfg, ours.shape)
         tensors[m.name] = np.ascontiguousarray(m.to_hf(ours, hf_shape))
-    if not writer:
-        return
-
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(cfg), f, indent=2, sort_keys=True)
-    shards, current, size = [], {}, 0
-    for name, t in tensors.items():
-        if current and size + t.nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += t.nbytes
-    shards.append(current)
-    for stale in os.listdir(path):
-        if stale.startswith("model") and (
-            stale.endswith(".safetensors") or stale.endswith(".safetensors.index.json")
-        ):
-            os.remove(os.path.join(path, stale))
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    total = sum(t.nbytes for t in tensors.values())
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    write_files(path, hf_config, tensors, max_shard_bytes)
 
 
 def _hf_shape(m: _Mapping, cfg: ModelConfig, ours_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -11,8 +11,10 @@ open-r1 reward functions drop in, and these drop into TRL.
 - shaping, off unless listed: ``cosine_scaled_reward``, ``repetition_penalty_reward``,
   ``overlong_penalty_reward``
 - composition: ``build_reward_fn(specs)`` -> weighted total + per-reward values, scored in a
-  process pool; ``HostRewardBridge`` calls it from inside ``jax.jit``. A learned reward model
-  enters as a spec whose ``fn`` is any callable with the same signature.
+  process pool; ``HostRewardBridge`` calls it from inside ``jax.jit``.
+- the learned reward model (R1's last RL stage): ``r1jax.rewards.reward_model.RewardModel``, a
+  decoder with a scalar head scored on device. Import it from its module: it pulls in JAX, which
+  this package (preloaded by the reward workers' fork server) deliberately does not.
 """
 
 from r1jax.rewards.accuracy import accuracy_reward, answers_match, extract_answer

@@ -7,8 +7,10 @@ Owns the reward registry (``REWARDS``, ``register_reward``), ``build_reward_fn``
   keys, or bare names), e.g. ``[("accuracy", 1.0, {}), ("format", 0.5, {"prefix": "<think>"})]``.
   ``kwargs`` are bound to the reward function; dataset columns arrive per call. A name may be
   replaced by any callable with TRL's signature ``fn(completions, **columns) -> list[float |
-  None]`` — that is how a learned reward model plugs in (it runs in the trainer process, where
-  its device and parameters are, unless ``parallel=True`` is asked for).
+  None]``; it runs in the trainer process unless ``parallel=True`` is asked for. A learned reward
+  model (``reward_model.RewardModel``) is such a callable for host-side scoring, but never goes
+  through ``HostRewardBridge``: it runs jitted programs itself, which must not start inside the
+  rollout's host callback (GRPO scores it between rollout and update instead).
 - **Combination.** ``total[b] = sum_r weight_r * value_r[b]`` over the rewards that are not
   ``None`` for sample ``b`` (TRL's convention: ``None`` = not applicable). Every reward's own
   values are kept in ``per_reward`` ([R, B], NaN for ``None``) for metrics.
@@ -421,6 +423,13 @@ class HostRewardBridge:
         decode: Callable[[list[list[int]]], list[str]],
         columns: Mapping[str, Sequence[Any]] | None = None,
     ):
+        on_device = [s.name for s in reward_fn.specs if getattr(s.fn, "runs_on_device", False)]
+        if on_device:
+            raise ValueError(
+                f"rewards {on_device} run jitted programs on the device and cannot be scored from "
+                "inside jax.jit's host callback (deadlock risk); score them outside the jitted "
+                "rollout (the RL stage's config.reward_model does)"
+            )
         self.reward_fn = reward_fn
         self.decode = decode
         self.columns = dict(columns or {})

@@ -247,6 +247,25 @@ def load_model(config: ml_collections.ConfigDict, mesh, rules=None):
     return model, hf.tokenizer(path)
 
 
+def load_reward_model(section: ml_collections.ConfigDict, mesh):
+    """The learned reward model of a `reward_model` section on `mesh`, or None when its path is
+    "" (off)."""
+    if not section.path:
+        return None
+    from r1jax.rewards.reward_model import RewardModel
+
+    log.info("reward model: %s (weight %s)", section.path, section.weight)
+    return RewardModel.load(
+        section.path,
+        mesh=mesh,
+        param_dtype=section.dtype,
+        batch_size=section.batch_size,
+        buckets=tuple(section.buckets),
+        mean=section.mean,
+        std=section.std,
+    )
+
+
 def write_json(path: str, obj: Any) -> None:
     """Write JSON atomically (process 0 only), so a kill never leaves half a file."""
     import jax
@@ -296,6 +315,7 @@ def data_config(source: str = "arithmetic", template: str = "r1_zero") -> ml_col
     c.source = source  # built-in task ("arithmetic", "countdown") or a .jsonl/.parquet path/glob
     c.template = template  # "r1_zero" (paper template), "chat" (tokenizer template), "plain"
     c.prefill_think = False  # end the prompt with "<think>" so the model starts reasoning
+    c.stop_strings = ("</answer>",)  # text that ends a completion (besides EOS / end of turn)
     c.num_train = 4000  # built-in tasks: distinct training problems generated
     c.num_eval = 256  # held-out problems (built-in tasks: from the held-out split)
     c.eval_source = ""  # file data: held-out file ("" = hold out num_eval rows of source)
@@ -317,6 +337,19 @@ def eval_config(every: int = 0, num_prompts: int = 256) -> ml_collections.Config
     c.top_p = 0.95
     c.max_new_tokens = 128
     c.batch_prompts = 64  # prompts per sampling call
+    return c
+
+
+def reward_model_config() -> ml_collections.ConfigDict:
+    """The `reward_model` section: a learned reward model (R1's last stage), off by default."""
+    c = ml_collections.ConfigDict()
+    c.path = ""  # HF *ForSequenceClassification folder (num_labels=1) + tokenizer; "" = off
+    c.weight = 0.0  # its weight in the total reward (0 = scored and logged only)
+    c.mean = 0.0  # the score used is (raw - mean) / std
+    c.std = 1.0
+    c.batch_size = 16  # rows per scoring batch on device
+    c.buckets = (128, 256, 512, 1024, 2048)  # padded lengths (prompt + completion, its tokens)
+    c.dtype = "float32"  # parameter and compute dtype ("bfloat16" halves its memory)
     return c
 
 
@@ -348,12 +381,15 @@ class PromptSet:
     rows:       dataset rows (prompt, solution, task, meta, tests, language, ...)
     token_ids:  tokenised templated prompt of each row
     columns:    {column: [N] values}, what reward functions look up by row id
+    stop_token_ids, stop_sequences: what ends a completion (EOS / end of turn; the tokenisations
+                of `data.stop_strings`), for the sampler
     Batch b of an epoch is a slice of a permutation seeded by (seed, epoch), so the data position
     is a function of the step number alone and resuming needs nothing more.
     """
 
     def __init__(self, rows: list[dict], tokenizer, data_config, *, seed: int):
         from r1jax.data import templates
+        from r1jax.data import tokenizer as toks
 
         self.rows = rows
         self.seed = seed
@@ -373,6 +409,8 @@ class PromptSet:
         keys = sorted({k for r in rows for k in r})
         self.columns = {k: [r.get(k) for r in rows] for k in keys}
         self.completion_prefix = templates.completion_prefix(self.template, self.prefill_think)
+        self.stop_token_ids = toks.stop_token_ids(tokenizer)
+        self.stop_sequences = toks.stop_sequences(tokenizer, tuple(data_config.stop_strings))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -460,3 +498,28 @@ def validate_data(data_config) -> None:
             )
     if data_config.num_eval < 1 or data_config.num_train < 1:
         raise ConfigError("data.num_train and data.num_eval must be >= 1")
+
+
+def validate_reward_model(section) -> None:
+    """Refuse a `reward_model` section that cannot work (errors name the field)."""
+    import math
+
+    if not section.path:
+        if section.weight != 0:
+            raise ConfigError(
+                f"reward_model.weight={section.weight} but reward_model.path is empty; give the "
+                "reward model's checkpoint folder"
+            )
+        return
+    if not os.path.isdir(section.path):
+        raise ConfigError(f"reward_model.path {section.path!r} is not a folder")
+    if not math.isfinite(section.weight):
+        raise ConfigError(f"reward_model.weight must be finite, got {section.weight}")
+    if not (math.isfinite(section.mean) and math.isfinite(section.std) and section.std > 0):
+        raise ConfigError("reward_model.mean must be finite and reward_model.std > 0")
+    if section.batch_size < 1 or not section.buckets or min(section.buckets) < 1:
+        raise ConfigError("reward_model.batch_size and every reward_model.buckets must be >= 1")
+    if section.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(
+            f"reward_model.dtype must be 'float32' or 'bfloat16', got {section.dtype!r}"
+        )

@@ -115,12 +115,10 @@ def evaluate(
     model: a Decoder (any layout; with `mesh`, sampling runs sharded on it).
     """
     from r1jax import rewards, sampling
-    from r1jax.data.tokenizer import stop_token_ids
 
     k = eval_config.num_samples
     n = min(eval_config.num_prompts, len(prompt_set))
     score = grader(prompt_set)
-    stops = stop_token_ids(tokenizer) + answer_stop_ids(tokenizer)
     per_prompt, per_task, lengths, formats, records = [], collections.defaultdict(list), [], [], []
     for start in range(0, n, eval_config.batch_prompts):
         ids = list(range(start, min(n, start + eval_config.batch_prompts)))
@@ -130,7 +128,8 @@ def evaluate(
             max_new_tokens=eval_config.max_new_tokens,
             temperature=eval_config.temperature,
             top_p=eval_config.top_p,
-            stop_token_ids=stops,
+            stop_token_ids=prompt_set.stop_token_ids,
+            stop_sequences=prompt_set.stop_sequences,
             num_samples=k,
             seed=seed + start,
             pad_id=prompt_set.pad_id,
@@ -174,12 +173,6 @@ def evaluate(
         with open(samples_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
     return result
-
-
-def answer_stop_ids(tokenizer) -> tuple[int, ...]:
-    """`</answer>` as a stop token when the vocabulary has it as one token (the toy tokenizer)."""
-    ids = tokenizer.encode("</answer>", add_special_tokens=False)
-    return tuple(ids) if len(ids) == 1 else ()
 
 
 def table(result: dict[str, Any]) -> str:

@@ -44,6 +44,16 @@ def validate(config) -> None:
         corpus_tasks(p)
     except (KeyError, TypeError, ValueError) as e:
         raise common.ConfigError(f"pretrain.tasks: {e}") from e
+    mix = p.mix.to_dict()
+    if (
+        set(mix) - set(corpus.DOC_KINDS)
+        or min(mix.values(), default=-1) < 0
+        or not any(mix.values())
+    ):
+        raise common.ConfigError(
+            f"pretrain.mix must give non-negative weights to {corpus.DOC_KINDS} with a positive "
+            f"sum, got {mix}"
+        )
     arch = p.arch.to_dict()
     try:
         ModelConfig(vocab_size=p.vocab_size, **arch)
@@ -84,7 +94,15 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
     tokenizer = toy_tokenizer.train_toy_tokenizer(
         tok_dir, seed=config.seed, vocab_size=p.vocab_size
     )
-    docs = corpus.pretrain_corpus(p.corpus_docs, seed=config.seed, tasks=corpus_tasks(p))
+    special = set(tokenizer.all_special_ids)
+    pieces = [tokenizer.decode([i]) for i in range(len(tokenizer)) if i not in special]
+    docs = corpus.pretrain_corpus(
+        p.corpus_docs,
+        seed=config.seed,
+        tasks=corpus_tasks(p),
+        mix=p.mix.to_dict(),
+        copy_pieces=[t for t in pieces if "\ufffd" not in t],  # not lone bytes of a character
+    )
     # 3. Packed rows; the loss covers every token that has a predecessor.
     rows = token_rows(docs, tokenizer, p.seq_len)
     log.info(

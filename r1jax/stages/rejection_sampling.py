@@ -23,7 +23,6 @@ from typing import Any
 import jax
 
 from r1jax import rewards, sampling, sharding
-from r1jax.data.tokenizer import stop_token_ids
 from r1jax.stages import common
 from r1jax.stages import eval as eval_stage
 
@@ -90,7 +89,6 @@ def run(config, workdir: str) -> dict[str, Any]:
     prompts = common.PromptSet(rows, tokenizer, config.data, seed=config.seed)
     n = min(r.num_prompts, len(prompts))
     grade = eval_stage.grader(prompts)
-    stops = stop_token_ids(tokenizer) + eval_stage.answer_stop_ids(tokenizer)
     log.info(
         "rejection sampling: %d prompts x %d samples from %s", n, r.num_samples, config.model.path
     )
@@ -105,7 +103,8 @@ def run(config, workdir: str) -> dict[str, Any]:
             max_new_tokens=r.max_new_tokens,
             temperature=r.temperature,
             top_p=r.top_p,
-            stop_token_ids=stops,
+            stop_token_ids=prompts.stop_token_ids,
+            stop_sequences=prompts.stop_sequences,
             num_samples=r.num_samples,
             seed=config.seed + start,
             pad_id=prompts.pad_id,

@@ -7,7 +7,9 @@ Each step, as in DeepSeekMath's Algorithm 1:
   1. take P prompts from the training set, each wrapped in the R1-Zero template;
   2. sample G completions per prompt from the current policy (each prompt prefilled once);
   3. score every completion with rule rewards on the host: accuracy (the answer in <answer>, checked
-     exactly), format (<think>…</think><answer>…</answer>), optionally language consistency;
+     exactly), format (<think>…</think><answer>…</answer>), optionally language consistency; with
+     `reward_model.path`, a learned reward model adds its weighted score (on device, after the
+     rollout: it runs jitted programs, which must not start inside the rollout's host callback);
   4. advantage = (reward − group mean) / group std, per prompt;
   5. μ optimizer steps on the clipped importance-ratio objective, minus β·KL to the frozen
      reference.
@@ -25,17 +27,18 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from r1jax import checkpoint, grpo, metrics, rewards, train
-from r1jax.data.tokenizer import stop_token_ids
 from r1jax.stages import common
 from r1jax.stages import eval as eval_stage
 
 log = logging.getLogger("r1jax")
 
 
-def grpo_config(config, tokenizer) -> grpo.GRPOConfig:
+def grpo_config(config, tokenizer, prompt_set: common.PromptSet) -> grpo.GRPOConfig:
     """The typed GRPO hyperparameters from config.rl (errors name the rl.* field)."""
     r = config.rl
     try:
@@ -52,7 +55,8 @@ def grpo_config(config, tokenizer) -> grpo.GRPOConfig:
             top_k=r.top_k,
             top_p=r.top_p,
             num_micro_batches=r.num_micro_batches,
-            stop_token_ids=stop_token_ids(tokenizer) + eval_stage.answer_stop_ids(tokenizer),
+            stop_token_ids=prompt_set.stop_token_ids,
+            stop_sequences=prompt_set.stop_sequences,
             pad_token_id=tokenizer.pad_token_id or 0,
         )
     except ValueError as e:
@@ -107,6 +111,7 @@ def validate(config) -> None:
         )
     if not any(w != 0 for w in weights.values()):
         raise common.ConfigError("rewards: every weight is 0; give at least one reward a weight")
+    common.validate_reward_model(config.reward_model)
     common.optim(config)
 
 
@@ -115,10 +120,9 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     # -- the policy, its optimizer, and the frozen reference (only when β > 0) --
     mesh = common.make_mesh(config)
     model, tokenizer = common.load_model(config, mesh)
-    cfg = grpo_config(config, tokenizer)
     state = train.TrainState.create(model, common.optim(config), mesh)
     ref = None
-    if cfg.beta > 0:
+    if config.rl.beta > 0:
         ref_config = config.copy_and_resolve_references()
         with ref_config.unlocked():
             ref_config.model.path = config.rl.ref_model or config.model.path
@@ -137,11 +141,13 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         config.data,
         seed=config.seed,
     )
+    cfg = grpo_config(config, tokenizer, train_set)
     reward_fn = rewards.build_reward_fn(
         {name: w for name, w in config.rewards.to_dict().items() if w != 0}
     )
     decode = functools.partial(_decode, tokenizer, train_set.completion_prefix)
     scorer = rewards.HostRewardBridge(reward_fn, decode, columns=train_set.columns)
+    reward_model = common.load_reward_model(config.reward_model, mesh)  # None: off
     log.info(
         "GRPO: %d prompts x %d samples per step, %d steps, rewards %s, beta %s, %d train / "
         "%d held-out prompts",
@@ -196,6 +202,17 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             cfg,
             row_ids=row_ids,
         )
+        if reward_model is not None:
+            rollouts, rollout_metrics = _add_reward_model(
+                reward_model,
+                config.reward_model.weight,
+                rollouts,
+                rollout_metrics,
+                [train_set.rows[i]["prompt"] for i in row_ids for _ in range(cfg.num_generations)],
+                decode,
+                reward_fn.names,
+                cfg,
+            )
         update_metrics = grpo.update(state, rollouts, cfg)
 
         row = {**jax.device_get(rollout_metrics), **jax.device_get(update_metrics)}
@@ -258,6 +275,58 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
 def _decode(tokenizer, prefix: str, ids: list[list[int]]) -> list[str]:
     """Completion ids -> text as the reward functions see it (with any prefilled "<think>")."""
     return [prefix + t for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def _add_reward_model(
+    reward_model,
+    weight: float,
+    rollouts: grpo.Rollouts,
+    rollout_metrics: dict[str, jax.Array],
+    prompts: list[str],
+    decode,
+    names: tuple[str, ...],
+    cfg: grpo.GRPOConfig,
+) -> tuple[grpo.Rollouts, dict[str, jax.Array]]:
+    """Score the B rollouts with the learned reward model and fold it in as one more reward.
+
+    prompts: [B] dataset questions, each repeated G times (the reward model renders them with its
+    own chat template, not the policy's); decode: completion ids -> text, as the rule rewards saw
+    it. The score joins `per_reward` as "reward_model", `weight * score` joins
+    the total, and advantages and reward metrics (`rewards/reward_model/mean` ...) are recomputed.
+    """
+    ids = multihost_utils.process_allgather(rollouts.completion_ids, tiled=True)  # [B, Tc]
+    mask = multihost_utils.process_allgather(rollouts.completion_mask, tiled=True)
+    texts = decode([row[m > 0].tolist() for row, m in zip(ids, mask, strict=True)])
+    host = np.asarray(reward_model.score(prompts, texts), np.float32)  # [B]
+    scores = jax.make_array_from_callback(
+        host.shape, rollouts.rewards.sharding, lambda idx: host[idx]
+    )
+    total, per_reward, advantages, reward_metrics = _fold_reward(
+        rollouts.rewards,
+        rollouts.per_reward,
+        scores,
+        weight=float(weight),
+        names=tuple(names) + ("reward_model",),
+        group_size=cfg.num_generations,
+        scale=cfg.scale_rewards,
+    )
+    rollouts = rollouts.replace(rewards=total, per_reward=per_reward, advantages=advantages)
+    return rollouts, {**rollout_metrics, **reward_metrics}
+
+
+@functools.partial(jax.jit, static_argnames=("weight", "names", "group_size", "scale"))
+def _fold_reward(total, per_reward, scores, *, weight, names, group_size, scale):
+    """[B] total, [B, R] per-reward values, [B] new scores -> the same with the new reward
+    appended ([B], [B, R + 1]), [B] advantages, and the reward metrics of `grpo.reward_metrics`."""
+    total = total + weight * scores
+    per_reward = jnp.concatenate([per_reward, scores[:, None]], axis=1)
+    advantages = grpo.group_advantages(total, group_size, scale)
+    return (
+        total,
+        per_reward,
+        advantages,
+        grpo.reward_metrics(total, per_reward.T, names, group_size),
+    )
 
 
 def _headline(row: dict[str, Any], names: tuple[str, ...]) -> dict[str, float]:
