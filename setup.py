@@ -30,7 +30,9 @@ setup(
     extras_require={
         # torch is pinned exactly: an unpinned torch pulls a multi-GB CUDA build.
         "test": ["pytest", "pytest-xdist", "torch==2.13.0", "ruff"],
-        "tpu": ["jax[tpu]"],
+        # gs:// workdirs: gcsfs for metrics/logs/exports, google-cloud-storage for orbax.
+        "gcs": ["gcsfs", "google-cloud-storage"],
+        "tpu": ["jax[tpu]", "gcsfs", "google-cloud-storage"],
         "gpu": ["jax[cuda12]"],
     },
 )

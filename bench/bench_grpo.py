@@ -7,6 +7,8 @@ tokens (no stop token), beta 0.04 with a frozen reference model, 1 policy iterat
 the update's metrics on the host. The figures are the wall time of the whole step and of the update
 alone, median of `repeats` steps after one warm-up step (whose time, mostly compilation, is
 reported as `compile_s`). XLA compilations during the timed steps are counted and must be 0.
+`step_breakdown` times the step's parts one by one (generate, reward on device and through the host
+callback, reference log-probs, update), in wall and process CPU time.
 
 C: the update alone (`grpo.update`, same GRPOConfig) on a synthetic rollout batch of 16 x 160 and
 64 x 160 tokens (32 prompt + 128 completion). Its values do not change the work done, so random
@@ -65,6 +67,31 @@ class EvenTokenReward:
 
 
 REWARD = EvenTokenReward()  # one instance: the rollout program is cached per reward function
+
+
+class HostEvenTokenReward:
+    """The same reward scored on the host through `jax.pure_callback`, as the RL stage scores its
+    rule rewards (`rewards.compose.HostRewardBridge`): measures the callback round trip."""
+
+    names = ("even_tokens",)
+
+    @staticmethod
+    def score_host(tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        valid = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        even = (valid & (tokens % 2 == 0)).sum(1) / np.maximum(lengths, 1)
+        even = even.astype(np.float32)
+        return even, even[None, :]
+
+    def __call__(self, tokens: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+        b = tokens.shape[0]
+        shapes = (
+            jax.ShapeDtypeStruct((b,), jnp.float32),
+            jax.ShapeDtypeStruct((1, b), jnp.float32),
+        )
+        return jax.pure_callback(self.score_host, shapes, tokens, lengths, vmap_method="sequential")
+
+
+HOST_REWARD = HostEvenTokenReward()
 
 
 def grpo_config():
@@ -144,6 +171,105 @@ def grpo_step(path: str, repeats: int = 3) -> dict:
     }
 
 
+def step_breakdown(path: str, repeats: int = 3) -> dict:
+    """Where workload B's step goes: each part run on its own, to completion, in rounds.
+
+    Parts (compilation excluded: every part runs twice before timing):
+    - `policy_for_sampling`: the policy weights copied into the sampling layout;
+    - `generate`: `sampling.sample`, 4 prompts x G = 4 -> 128 tokens, alone;
+    - `reward_device` / `reward_host`: the reward on the sampled tokens as a jitted device
+      function, and through a `pure_callback` to numpy (the RL stage's path): the round trip;
+    - `ref_logprobs`: the reference model's forward over the 16 x 160 tokens, alone;
+    - `rollout` / `rollout_host_reward`: the whole jitted rollout with either reward;
+    - `update`: `grpo.update` on that rollout batch;
+    - `step`: `policy_for_sampling` + `rollout` + `update` as in `grpo_step`.
+
+    Returns {part: {"wall_s": stats, "cpu_s": stats}} (process CPU time, all threads), plus the
+    rounds' loads. The parts run back to back in each round, so they see similar load.
+    """
+    import time as _time
+
+    from flax import nnx
+
+    from r1jax import grpo, sampling, sharding
+    from r1jax.models import hf
+
+    cfg = grpo_config()
+    state = _train_state(path)
+    ref = hf.load(path)
+    vocab = state.model.cfg.vocab_size
+    prompts = (
+        np.random.RandomState(1).randint(1, vocab, size=(PROMPTS, PROMPT_LEN)).astype(np.int32)
+    )
+    mask = np.ones_like(prompts)
+    policy = grpo.policy_for_sampling(state)
+
+    def generate():
+        with jax.set_mesh(policy.mesh), sharding.use_rules(sharding.SAMPLING_RULES):
+            return jax.block_until_ready(
+                sampling.sample(
+                    policy.graphdef,
+                    policy.state,
+                    jnp.asarray(prompts),
+                    jnp.asarray(mask),
+                    jax.random.key(0),
+                    num_samples=GROUP,
+                    max_new_tokens=COMPLETION_LEN,
+                    cfg=cfg.sampling_config(),
+                )
+            )
+
+    out = generate()
+    row_ids = jnp.repeat(jnp.asarray(prompts), GROUP, axis=0)
+    row_mask = jnp.ones_like(row_ids)
+    ref_graphdef, ref_state = nnx.split(ref)
+
+    @jax.jit
+    def ref_logprobs(ref_state, tokens, completion_mask):
+        model = nnx.merge(ref_graphdef, ref_state)
+        return grpo.completion_logprobs(
+            model, row_ids, row_mask, tokens, completion_mask, temperature=cfg.temperature
+        )[0]
+
+    reward_device = jax.jit(REWARD)
+    reward_host = jax.jit(HOST_REWARD)
+
+    def rollout(reward_fn):
+        return grpo.rollout(policy, ref, prompts, mask, jax.random.key(1), reward_fn, cfg)
+
+    rollouts, _ = rollout(REWARD)
+
+    def step():
+        p = grpo.policy_for_sampling(state)
+        r, m = grpo.rollout(p, ref, prompts, mask, jax.random.key(2), REWARD, cfg)
+        jax.device_get((m, grpo.update(state, r, cfg)))
+
+    parts = {
+        "policy_for_sampling": lambda: jax.block_until_ready(grpo.policy_for_sampling(state).state),
+        "generate": generate,
+        "reward_device": lambda: jax.block_until_ready(reward_device(out.tokens, out.lengths)),
+        "reward_host": lambda: jax.block_until_ready(reward_host(out.tokens, out.lengths)),
+        "ref_logprobs": lambda: jax.block_until_ready(
+            ref_logprobs(ref_state, out.tokens, out.mask)
+        ),
+        "rollout": lambda: jax.block_until_ready(rollout(REWARD)),
+        "rollout_host_reward": lambda: jax.block_until_ready(rollout(HOST_REWARD)),
+        "update": lambda: jax.device_get(grpo.update(state, rollouts, cfg)),
+        "step": step,
+    }
+    for fn in parts.values():  # compile, then once more warm
+        fn()
+        fn()
+    times = {name: ([], []) for name in parts}
+    for _ in range(repeats):
+        for name, fn in parts.items():
+            c0, w0 = _time.process_time(), _time.perf_counter()
+            fn()
+            times[name][0].append(_time.perf_counter() - w0)
+            times[name][1].append(_time.process_time() - c0)
+    return {name: {"wall_s": _stats(w), "cpu_s": _stats(c)} for name, (w, c) in times.items()}
+
+
 def synthetic_rollouts(rows: int, vocab: int, seed: int = 0):
     """A Rollouts batch of `rows` x (32 + 128) tokens with random contents (workload C)."""
     from r1jax import grpo
@@ -221,7 +347,9 @@ def run(
         for size in sizes:
             path = bench_sampling.build_checkpoint(size, tmp)
             if "B" in workloads:
-                rows.append({"workload": "B", "model": size, **grpo_step(path, repeats)})
+                row = {"workload": "B", "model": size, **grpo_step(path, repeats)}
+                row["parts"] = step_breakdown(path, repeats)
+                rows.append(row)
             if "C" in workloads:
                 if matmul_gflops is None:
                     from bench import limits

@@ -85,8 +85,12 @@ def _update_program(train_state):
     from r1jax import grpo, train
 
     for key, entry in train._PROGRAMS.items():
-        inner, _, mesh, _ = key
-        if inner[0] is grpo._update_step and mesh == train_state.mesh:
+        inner, graphdef, mesh, _ = key
+        if (
+            inner[0] is grpo._update_step
+            and graphdef == train_state.graphdef
+            and mesh == train_state.mesh
+        ):
             return entry
     raise RuntimeError("no compiled grpo.update program for this mesh; run grpo.update first")
 
@@ -150,6 +154,7 @@ def measure(sizes=("tiny",), repeats: int = 3) -> list[dict]:
                     if i:
                         times[name].append(time.perf_counter() - t0)
             base = float(np.median(times["1 device"]))
+            print(f"scaling {size}: update s {times}", file=sys.stderr, flush=True)
             for name, state in states.items():
                 rows.append(
                     {

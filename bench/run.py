@@ -1,10 +1,11 @@
-"""Run the WORKLOAD.md benchmarks in one go: machine limits, then workloads A, B and C.
+"""Run the WORKLOAD.md benchmarks in one go: machine limits, workloads A, B and C, and scaling.
 
 Prints one table (medians with [min-max] over the timed repeats, ratios against the baseline
 measured in the same run) and writes everything, with the machine and software versions and the
 load average before and after, to `bench/results/<name>.json`.
 
-    python bench/run.py                        # A on tiny + small, B on tiny, C on tiny + small
+    python bench/run.py                        # A on tiny + small, B on tiny, C on tiny + small,
+                                               # S (FSDP over 8 simulated devices vs 1) on both
     python bench/run.py --quick                # tiny only, fewer repeats (~3 minutes)
     python bench/run.py --workloads A --sizes small --repeats 5 --name sampling_small
 
@@ -28,9 +29,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench import bench_grpo, bench_sampling, limits  # noqa: E402
+from bench import bench_grpo, bench_sampling, bench_scaling, limits  # noqa: E402
 
-WORKLOADS = ("A", "B", "C")
+# S is not a WORKLOAD.md workload: the scaling figures of the GRPO-step issue (bench_scaling.py).
+WORKLOADS = ("A", "B", "C", "S")
 
 
 def machine_info() -> dict:
@@ -108,6 +110,20 @@ def table(result: dict) -> str:
                 f"({r['compiles_steady']}) |"
             )
         out.append("")
+        for r in b:
+            if "parts" not in r:
+                continue
+            out += [
+                f"B  where the step goes ({r['model']}; each part alone, s, median [min-max])",
+                "| part | wall | process CPU |",
+                "|---|---|---|",
+            ]
+            for name, part in r["parts"].items():
+                out.append(
+                    f"| {name} | {_fmt(part['wall_s'], digits=3)} | "
+                    f"{_fmt(part['cpu_s'], digits=3)} |"
+                )
+            out.append("")
     c = [r for r in result["rows"] if r["workload"] == "C"]
     if c:
         out += [
@@ -122,16 +138,40 @@ def table(result: dict) -> str:
                 f"{100 * r['mfu']:.0f}% | {r['compiles_steady']} |"
             )
         out.append("")
+    sc = [r for r in result["rows"] if r["workload"] == "S"]
+    if sc:
+        mib = 1 / 2**20
+        out += [
+            "S  GRPO update (16 x 160 tokens) on 8 simulated CPU devices vs 1 (per device; MiB)",
+            "| model | mesh | params | optimizer | params + opt | XLA peak | XLA temp | "
+            "update s | vs 1 device |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sc:
+            m, c = r["memory"], r["compiled"]
+            out.append(
+                f"| {r['model']} | {r['mesh']} | "
+                f"{m['params']['max_per_device_bytes'] * mib:.2f} | "
+                f"{m['optimizer']['max_per_device_bytes'] * mib:.2f} | "
+                f"{m['params_plus_optimizer_max_per_device_bytes'] * mib:.2f} | "
+                f"{c['peak_bytes'] * mib:.1f} | {c['temp_bytes'] * mib:.1f} | "
+                f"{_fmt(r['update_s'], digits=2)} | {r['update_vs_1_device']:.2f}x |"
+            )
+        out.append("")
     return "\n".join(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", default="A,B,C", help="comma-separated subset of A,B,C")
+    parser.add_argument(
+        "--workloads",
+        default="A,B,C,S",
+        help="comma-separated subset of A,B,C,S (S: FSDP scaling, 8 simulated devices vs 1)",
+    )
     parser.add_argument(
         "--sizes",
         default=None,
-        help="model sizes for A and C (default tiny,small; B always runs tiny)",
+        help="model sizes for A, C and S (default tiny,small; B always runs tiny)",
     )
     parser.add_argument(
         "--repeats",
@@ -177,6 +217,8 @@ def main() -> None:
         rows += bench_grpo.run(
             sizes, repeats, result["limits"]["matmul_gflops"]["median"], workloads=("C",)
         )
+    if "S" in workloads:
+        rows += bench_scaling.run(sizes, repeats)
     result["rows"] = rows
     result["load_after"] = os.getloadavg()
     result["wall_s"] = time.perf_counter() - t0

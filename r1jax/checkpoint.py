@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +37,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+
+from r1jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +99,9 @@ class Checkpointer:
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}.")
         directory = os.fspath(directory)
-        # Cloud paths (gs://...) pass through; local ones are made absolute for clear messages.
-        self.directory = directory if "://" in directory else os.path.abspath(directory)
+        # Cloud paths (gs://...) pass through unmodified (orbax writes them with tensorstore and
+        # etils.epath); local ones are made absolute for clear messages.
+        self.directory = directory if paths.is_remote(directory) else os.path.abspath(directory)
         self.best_metric = best_metric
         policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
         best_fn = None
@@ -263,8 +267,11 @@ class Checkpointer:
             ) from None
         return dict(restored[_EXTRA])
 
-    def export_best_hf(self, model: nnx.Module, path: str | os.PathLike) -> int | None:
-        """Load the best checkpoint's parameters into `model` and export it in HF format.
+    def export_best_hf(
+        self, model: nnx.Module, path: str | os.PathLike, tokenizer: Any = None
+    ) -> int | None:
+        """Load the best checkpoint's parameters into `model` and export it in HF format (with
+        `tokenizer`'s files, if given; see `export_hf`).
 
         `model` is overwritten, so call this at the end of a run (after the final export).
         Returns the exported step, or None when there is no checkpoint.
@@ -274,7 +281,7 @@ class Checkpointer:
             return None
         self.wait()
         self.restore(model, step=step)
-        export_hf(model, path)
+        export_hf(model, path, tokenizer)
         return step
 
     # ---------------------------------------------------------------------------------- lifecycle
@@ -356,11 +363,28 @@ class Checkpointer:
 # --------------------------------------------------------------------------------------------------
 
 
-def export_hf(model: nnx.Module, path: str | os.PathLike) -> None:
-    """Write `model` as a Hugging Face checkpoint folder (config.json + safetensors) at `path`."""
+def export_hf(model: nnx.Module, path: str | os.PathLike, tokenizer: Any = None) -> None:
+    """Write `model` (and `tokenizer`'s files, if given) as a Hugging Face checkpoint folder
+    (config.json + safetensors) at `path`, a local directory or a cloud URI.
+
+    Every process must call this (the parameter gathers are collective); process 0 writes. A cloud
+    folder is written to a local temporary directory first and then uploaded file by file, since
+    the safetensors writer needs a local file.
+    """
     from r1jax.models import hf  # lazy: keeps checkpointing importable without the HF stack
 
-    hf.save(model, path)
+    path = os.fspath(path)
+    if not paths.is_remote(path):
+        hf.save(model, path)
+        if tokenizer is not None and jax.process_index() == 0:
+            tokenizer.save_pretrained(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="r1jax_hf_") as local:
+        hf.save(model, local)
+        if jax.process_index() == 0:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(local)
+            paths.copy_dir(local, path)
 
 
 def jax_key_to_json(key: jax.Array) -> dict[str, Any]:

@@ -3,6 +3,12 @@
     python -m r1jax.launch --stage=rl [--config=configs/rl.py] [--config.rl.beta=0.0 ...]
     [--workdir=DIR]
 
+The workdir may be a local directory or a cloud URI (`--workdir=gs://bucket/run`; needs `gcsfs` and
+`google-cloud-storage`): checkpoints, metrics, TensorBoard events, logs, HF exports and results are
+written there through `r1jax.paths` (files that grow are kept in a local working copy and uploaded
+now and then). `pretrain` and `pipeline` read their own outputs back with local-only readers and
+need a local workdir. Input paths (model.path, data files) are local.
+
 Without --config the stage's built-in offline default `configs/<stage>.py` is used (a tiny model on
 a built-in task, runnable on a laptop CPU with nothing downloaded). Overrides use ml_collections
 syntax and the config is locked, so a misspelt key is an error rather than a silently new field. The
@@ -16,6 +22,12 @@ import os
 import sys
 
 STAGES = ("pretrain", "sft", "rl", "rejection_sampling", "distill", "eval", "pipeline")
+# Stages that read back what they write into the workdir with local-only readers.
+LOCAL_WORKDIR_STAGES = {
+    "pretrain": "the tokenizer it trains is saved to and loaded from the workdir",
+    "pipeline": "each stage loads the previous stage's HF export from the workdir, and hf.load "
+    "reads local folders",
+}
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
@@ -53,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     flags.DEFINE_string(
         "workdir",
         None,
-        "Output directory (default: runs/<stage>). Rerunning the "
+        "Output directory, local or gs://bucket/path (default: runs/<stage>). Rerunning the "
         "same command resumes from its last checkpoint.",
     )
     flags.mark_flag_as_required("stage")
@@ -61,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     def run(_argv):
         from absl import logging as absl_logging
 
-        from r1jax import sharding
+        from r1jax import paths, sharding
 
         # Libraries (orbax above all) log every file they write at INFO; r1jax's own logger is
         # separate and keeps INFO.
@@ -79,6 +91,16 @@ def main(argv: list[str] | None = None) -> None:
             common.validate(config, stage)
         except common.ConfigError as e:
             sys.exit(f"config error: {e}")
+        if paths.is_remote(workdir) and stage in LOCAL_WORKDIR_STAGES:
+            sys.exit(
+                f"error: --workdir: --stage={stage} needs a local workdir "
+                f"({LOCAL_WORKDIR_STAGES[stage]}); copy the results to {workdir} afterwards "
+                f"(e.g. gsutil -m rsync -r)"
+            )
+        try:
+            paths.check_workdir(workdir)  # e.g. gs:// without gcsfs: say so before any work
+        except ValueError as e:
+            sys.exit(f"error: --workdir: {e}")
         from r1jax.checkpoint import CheckpointError
 
         _drop_closed_event_loop_reports()

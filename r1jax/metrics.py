@@ -1,6 +1,6 @@
 """Metrics: per-step JSONL and TensorBoard logs, progress bar, end-of-run plots, compile counter.
 
-What a run leaves in its workdir:
+What a run leaves in its workdir (local, or a cloud URI such as gs://bucket/run):
 - `metrics.jsonl`: one JSON object per logged step, `{"step": 12, "time": 1712345678.123, ...}`.
 - `tb/`: TensorBoard event files with the same scalars.
 - `plots/*.png` (written by the stage with `plot_metrics`).
@@ -13,6 +13,12 @@ Notable choices:
   appears once, with the numbers of the run that continued.
 - Each JSONL line is flushed as it is written: a kill loses at most the line being written, and a
   torn last line is dropped on resume.
+- Cloud workdirs: every workdir access goes through `r1jax.paths`. metrics.jsonl and the event
+  files grow, which cloud objects cannot, so they are written to a local working copy
+  (`paths.staging_dir`) and uploaded whole every `sync_secs` and at `close` (tensorboardX's own
+  gs:// writer is not used: it needs google-cloud-storage and re-uploads the whole file at every
+  flush). TensorBoard reads the bucket directly (`tensorboard --logdir gs://bucket/run/tb`, which
+  needs TensorFlow or gcsfs installed beside it) or a `gsutil rsync` copy.
 - Plots use matplotlib's object API on an Agg canvas, never pyplot, so no global backend changes.
 - `CompileCounter` listens to JAX's own monitoring event for XLA backend compiles, which fires
   once per compilation with the function's name (cache hits of the persistent compilation cache
@@ -22,6 +28,7 @@ Notable choices:
 from __future__ import annotations
 
 import collections
+import io
 import json
 import logging
 import math
@@ -35,6 +42,8 @@ import jax
 import numpy as np
 from jax import monitoring
 from tqdm.auto import tqdm
+
+from r1jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +71,7 @@ class MetricsWriter:
         writer.close()
 
     Args:
-      workdir: run directory; `metrics.jsonl` and `tb/` go here.
+      workdir: run directory (local or a cloud URI); `metrics.jsonl` and `tb/` go here.
       total_steps: the last step of the run, for the bar's ETA (None: no total).
       start_step: the step the run resumes from (0 for a fresh run). Logged steps after it are
         removed, because this run is about to log them again.
@@ -71,6 +80,7 @@ class MetricsWriter:
       postfix_keys: metrics shown next to the bar, when present.
       desc: a label in front of the bar, e.g. the stage name.
       tensorboard: also write TensorBoard event files.
+      sync_secs: cloud workdirs only: upload the growing files at most this often (and at close).
     """
 
     def __init__(
@@ -83,26 +93,33 @@ class MetricsWriter:
         postfix_keys: Iterable[str] = ("reward", "accuracy"),
         desc: str | None = None,
         tensorboard: bool = True,
+        sync_secs: float = 30.0,
     ):
         self.active = jax.process_index() == 0
-        self.path = os.path.join(os.fspath(workdir), METRICS_FILE)
+        self.path = os.path.join(os.fspath(workdir), METRICS_FILE)  # the workdir's copy
         self.total_steps = total_steps
         self.summary_every = summary_every
         self.postfix_keys = tuple(postfix_keys)
         self._file = self._tb = self._bar = None
         if not self.active:
             return
-        os.makedirs(workdir, exist_ok=True)
-        _drop_steps_after(self.path, start_step)
-        self._file = open(self.path, "a", encoding="utf-8")  # closed in close()
+        paths.makedirs(workdir)
+        self._staged = paths.Staged(workdir, (METRICS_FILE, TENSORBOARD_DIR), every_secs=sync_secs)
+        local = self._staged.local_path(METRICS_FILE)
+        _drop_steps_after(self.path, start_step, working_copy=local)
+        self._staged.sync(force=True)  # the workdir's history now matches what this run continues
+        self._file = open(local, "a", encoding="utf-8")  # local working copy; closed in close()
         if tensorboard:
             from tensorboardX import SummaryWriter  # heavy import, only where it is used
 
             self._tb = SummaryWriter(
-                os.path.join(os.fspath(workdir), TENSORBOARD_DIR),
+                self._staged.local_path(TENSORBOARD_DIR),
                 # TensorBoard hides earlier events at steps >= purge_step: the killed run's tail.
                 purge_step=start_step + 1 if start_step > 0 else None,
                 flush_secs=10,
+                # Names are events.out.tfevents.<seconds>.<host>: a resume in the same second
+                # would overwrite the file it continues without a suffix of its own.
+                filename_suffix=f".from_step_{start_step}",
             )
         self._bar = tqdm(
             total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True
@@ -133,6 +150,8 @@ class MetricsWriter:
             self._bar.set_postfix(shown, refresh=False)
         if self.summary_every and step % self.summary_every == 0:
             self._bar.write(self._summary(int(step), values))
+        if self._staged.due():
+            self._sync()
         return values
 
     def log(self, message: str) -> None:
@@ -141,15 +160,28 @@ class MetricsWriter:
             self._bar.write(message)
 
     def close(self) -> None:
-        """Flush and close files and the bar. Safe to call twice."""
+        """Flush and close files and the bar, and upload them to a cloud workdir. Safe to call
+        twice."""
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
         if self._file is not None:
             self._file.close()
+        was_active, self.active = self.active, False
         self._file = self._tb = self._bar = None
-        self.active = False
+        if was_active:
+            self._staged.sync(force=True)  # a failure here is raised: the files must get there
+
+    def _sync(self) -> None:
+        """Upload the working copies to a cloud workdir; a failure mid-run is only logged (the
+        next sync retries it) so that a network hiccup does not end a training run."""
+        if self._tb is not None:
+            self._tb.flush()
+        try:
+            self._staged.sync(force=True)
+        except Exception as e:
+            log.warning("could not upload metrics to %s (retrying later): %s", self.path, e)
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -170,34 +202,41 @@ class MetricsWriter:
 
 
 def read_metrics(jsonl_path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All complete records of a metrics.jsonl, in file order (a torn last line is skipped)."""
+    """All complete records of a metrics.jsonl (local or cloud), in file order (a torn last line
+    is skipped)."""
     records = []
-    if not os.path.exists(jsonl_path):
+    if not paths.exists(jsonl_path):
         return records
-    with open(jsonl_path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # only the last line can be torn (by a kill mid-write)
+    for line in paths.read_text(jsonl_path).splitlines(keepends=True):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # only the last line can be torn (by a kill mid-write)
     return records
 
 
-def _drop_steps_after(path: str, step: int) -> None:
-    """Rewrite `path` keeping records with step <= `step`; atomic, so a kill here loses nothing."""
-    if not os.path.exists(path):
-        return
+def _drop_steps_after(path: str, step: int, working_copy: str) -> None:
+    """Make `working_copy` hold the records of `path` with step <= `step`; atomic, so a kill here
+    loses nothing.
+
+    `working_copy` is `path` itself for a local workdir. For a cloud workdir it is the local copy
+    this run appends to; one left by an earlier run of the same workdir on this machine may hold
+    lines logged after the last upload, and is used when it reaches further.
+    """
     records = read_metrics(path)
     keep = [r for r in records if r.get("step", 0) <= step]
-    if len(keep) == len(records) and _ends_cleanly(path):
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in keep)
-    os.replace(tmp, path)
+    if working_copy == path:
+        if not os.path.exists(path) or (len(keep) == len(records) and _ends_cleanly(path)):
+            return
+    else:
+        staged = [r for r in read_metrics(working_copy) if r.get("step", 0) <= step]
+        if len(staged) > len(keep):
+            keep = staged
+    paths.write_text(working_copy, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def _ends_cleanly(path: str) -> bool:
+    """Whether a local file is empty or ends with a newline."""
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         if f.tell() == 0:
@@ -268,8 +307,9 @@ def plot_metrics(
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    fig.savefig(out_png, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    paths.write_bytes(out_png, png.getvalue())  # local or cloud
     return list(series)
 
 

@@ -4,17 +4,27 @@ with the same command, which must end exactly where an uninterrupted run ends (a
 checkpoint is damaged, stop with one line naming it).
 """
 
+import importlib
+import json
+import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
 
+import ml_collections
 import numpy as np
 import pytest
 import stage_helpers as sh
+from etils.epath import backend
+from fake_gcs import fake_gcs  # noqa: F401  (fixture)
 
+from r1jax import metrics, paths
 from r1jax.launch import STAGES
+from r1jax.models import hf
+from r1jax.stages import common
 
 
 @pytest.fixture(scope="session")
@@ -42,11 +52,19 @@ CONFIG_ERRORS = {
         ["rl.prompts_per_step", "rl.num_generations", "8 batch shards"],
     ),
     "bad_loss_type": (["--config.rl.loss_type=ppo"], ["rl.loss_type", "ppo"]),
+    "expert_axis_not_dividing_devices": (
+        ["--config.mesh.expert=3"],
+        ["mesh.expert=3", "8 devices"],
+    ),
+    "router_bias_rate_on_a_dense_model": (
+        ["--config.model.router_bias_rate=0.001"],
+        ["model.router_bias_rate=0.001", "DeepSeek-V3", "toy base model"],
+    ),
 }
 
 
 def test_config_errors_are_refused_before_any_work(tmp_path):
-    # All four at once: each is a fresh interpreter, and they must not reach the model anyway.
+    # All at once: each is a fresh interpreter, and they must not reach the model anyway.
     env = sh.cli_env(str(tmp_path / "empty_home"))
     procs = {}
     for name, (overrides, _) in CONFIG_ERRORS.items():
@@ -93,6 +111,155 @@ def test_help_lists_stages_and_config_fields():
     # --help describes the config actually chosen, argument included.
     out = run_cli(["--stage=pipeline", "--config=configs/pipeline.py:smoke", "--help"], env)
     assert out.returncode == 0 and "r1_zero.rl.steps = 2 (int)" in out.stdout
+
+
+def test_mesh_expert_and_router_bias_rate_reach_a_deepseek_model(monkeypatch):
+    from test_deepseek import checkpoint as deepseek_checkpoint
+
+    config = sh.load_config("rl")
+    config.model.path = deepseek_checkpoint("v3")
+    config.model.router_bias_rate = 0.01
+    config.mesh.expert = 2
+    config.mesh.fsdp = -1
+    common.validate(config, "rl")
+    assert common.mesh_sizes(config, 8) == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 2}
+    assert common.batch_ways(config, 8) == 8  # rows split over data * fsdp * expert
+
+    monkeypatch.setattr(hf, "tokenizer", lambda path: None)  # the test checkpoint has none
+    mesh = common.make_mesh(config)
+    model, _ = common.load_model(config, mesh)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 2}
+    assert model.cfg.router_bias_rate == 0.01
+    moe_block = next(b for b in model.layers if hasattr(b.mlp, "gate_edm"))
+    spec = moe_block.mlp.gate_edm[...].sharding.spec
+    assert spec[0] == "expert", spec  # routed experts split over the expert axis
+
+    # A DeepSeek-V2 router has no load-balancing bias: refused, naming the field.
+    config.model.path = deepseek_checkpoint("v2")
+    with pytest.raises(common.ConfigError, match=r"model.router_bias_rate=0.01 only applies"):
+        common.validate(config, "rl")
+    config.model.router_bias_rate = -1.0
+    with pytest.raises(common.ConfigError, match=r"router_bias_rate must be a finite number >= 0"):
+        common.validate(config, "rl")
+    config.model.router_bias_rate = 0.0
+    config.mesh.expert, config.mesh.fsdp = 2, 2
+    with pytest.raises(common.ConfigError, match=r"mesh.data=1 \* mesh.fsdp=2 .* 8 devices"):
+        common.validate(config, "rl")
+
+
+def test_unusable_workdir_is_refused_before_any_work(tmp_path):
+    env = sh.cli_env(str(tmp_path / "empty_home"))
+    cases = {
+        "ftp://host/run": ("rl", "unsupported scheme; give a local directory or a gs://..."),
+        "gs://bucket/run": ("pipeline", "--stage=pipeline needs a local workdir"),
+    }
+    procs = {
+        workdir: subprocess.Popen(
+            sh.launch_cmd(f"--stage={stage}", f"--workdir={workdir}"),
+            env=env,
+            cwd=sh.REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for workdir, (stage, _) in cases.items()
+    }
+    for workdir, proc in procs.items():
+        _, err = proc.communicate(timeout=180)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert proc.returncode != 0 and "Traceback" not in err, err
+        assert len(lines) == 1 and lines[0].startswith("error: --workdir: "), err
+        assert cases[workdir][1] in lines[0], err
+    assert not (tmp_path / "empty_home").exists()
+
+
+def test_cloud_workdir_without_its_filesystem_package_is_named(monkeypatch):
+    # As on a machine without gcsfs, whether or not this one has it.
+    fsspec_registry = importlib.import_module("fsspec.registry")
+    monkeypatch.delitem(fsspec_registry._registry, "gcs", raising=False)
+    monkeypatch.setitem(
+        fsspec_registry.known_implementations,
+        "gcs",
+        {"class": "no_such_gcsfs.GCSFileSystem", "err": "Please install gcsfs to access GCS"},
+    )
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="'gs://bucket/run' needs .*install gcsfs"):
+            paths.check_workdir("gs://bucket/run")
+    finally:
+        backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_gs_workdir_without_orbax_gcs_client_is_named(fake_gcs, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(paths, "_module_available", lambda name: name != "google.cloud.storage")
+    with pytest.raises(ValueError, match="need google-cloud-storage"):
+        paths.check_workdir("gs://bucket/run")
+    monkeypatch.setattr(paths, "_module_available", lambda name: True)
+    paths.check_workdir("gs://bucket/run")  # everything there: accepted
+
+
+def test_stage_workdir_on_cloud_storage(fake_gcs, tmp_path, monkeypatch):  # noqa: F811
+    """run_stage's own files (config JSON, log, write_json results) go to a gs:// workdir."""
+    cwd, home = tmp_path / "cwd", tmp_path / "home"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # a plain open/makedirs of "gs://..." would land here
+    monkeypatch.setenv("R1JAX_HOME", str(home))
+    run = "gs://bucket/run"
+
+    class Stage:  # stands in for r1jax.stages.<stage>: no model, no checkpoints
+        calls = 0
+
+        @staticmethod
+        def run(config, workdir):
+            Stage.calls += 1
+            common.log.info("inside the stage, call %d", Stage.calls)
+            common.write_json(os.path.join(workdir, "result.json"), {"value": config.value})
+            return config.value
+
+    monkeypatch.setattr(common, "stage_module", lambda stage: Stage)
+    logger = logging.getLogger("r1jax")
+    before = list(logger.handlers)
+    config = ml_collections.ConfigDict({"value": 3})
+
+    assert common.run_stage("eval", config, run) == 3
+    assert json.loads(fake_gcs.read(run + "/config_eval.json")) == {"value": 3}
+    assert json.loads(fake_gcs.read(run + "/result.json")) == {"value": 3}
+    text = fake_gcs.read(run + "/log_p0.txt").decode()
+    assert f"stage eval, workdir {run}" in text and "inside the stage, call 1" in text
+    assert logger.handlers == before  # logging is back where it was
+
+    # Rerun on another machine: the log continues the bucket's copy.
+    shutil.rmtree(home)
+    config.value = 4
+    assert common.run_stage("eval", config, run) == 4
+    text = fake_gcs.read(run + "/log_p0.txt").decode()
+    assert "call 1" in text and "inside the stage, call 2" in text
+    assert json.loads(fake_gcs.read(run + "/result.json")) == {"value": 4}
+    assert os.listdir(cwd) == []  # nothing went to a local "gs:" directory
+
+
+# --------------------------------------------------------------------------------------------------
+# Compilation reuse across runs in one process (the pipeline runs several RL stages)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_second_rl_run_in_a_process_reuses_the_compiled_rollout(toy, tmp_path):
+    """The rollout program calls the host reward bridge, so it never enters JAX's persistent
+    cache; a second run with the same shapes must reuse the in-memory one, and with its own
+    rewards (here: another weight for the same reward), not the first run's."""
+    results = []
+    for i, weight in enumerate((1.0, 0.5)):
+        config = sh.set_fields(
+            sh.rl_config(),
+            {"rl.steps": 1, "eval.num_prompts": 1, "rewards.language_consistency": weight},
+        )
+        with metrics.CompileCounter(log_each=False) as compiles:
+            results.append(common.run_stage("rl", config, str(tmp_path / f"run{i}")))
+    assert "jit(_rollout)" not in compiles.names, compiles.by_name()
+    first, second = results
+    raw = "rewards/language_consistency/mean"
+    assert first[raw] == second[raw] > 0  # same model, seed and prompts: the same samples
+    np.testing.assert_allclose(second["reward"], 0.5 * first["reward"], rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -290,6 +290,22 @@ def test_pretrain_corpus_has_no_tags_mixes_styles_and_excludes_eval_problems():
         data.pretrain_corpus(2, seed=0, mix={"poetry": 1.0})
 
 
+def test_format_documents_copy_the_instructions_tags_and_copy_documents_repeat():
+    for doc in data.pretrain_corpus(40, seed=1, mix={"format": 1.0}):
+        tags = re.findall(r"<(/?)(\w+)>", doc)
+        names = {n for _, n in tags}
+        assert len(names) == 2 and not names & {"think", "answer"}, doc[:200]
+        # Every reply opens and closes the instruction's first tag, then its second.
+        replies = re.findall(r"<(\w+)> .*? </(\w+)> <(\w+)> .*? </(\w+)>$", doc, re.M | re.S)
+        assert replies and all(a == b and c == d and a != c for a, b, c, d in replies)
+    pieces = ["ab", " cd", "<", "think", ">", "x"]  # can spell a tag; such strings are redrawn
+    for doc in data.pretrain_corpus(60, seed=2, mix={"copy": 1.0}, copy_pieces=pieces):
+        assert doc.startswith("Repeat:\n") and "<think>" not in doc
+        rest = doc[len("Repeat:\n") :]
+        text = rest[: (len(rest) - 1) // 2]
+        assert text and rest == f"{text}\n{text}"
+
+
 def test_cold_start_examples_are_well_formed_and_correct():
     rows = data.cold_start_examples(40, seed=0, mistake_rate=0.5)
     assert rows == data.cold_start_examples(40, seed=0, mistake_rate=0.5)

@@ -2,33 +2,40 @@
 
 import glob
 import os
+import shutil
 import struct
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fake_gcs import fake_gcs  # noqa: F401  (fixture)
 from tensorboardX.proto import event_pb2
 
-from r1jax import metrics
+from r1jax import metrics, paths
 from r1jax.metrics import CompileCounter, MetricsWriter, plot_metrics, read_metrics
 
 
 def read_events(tb_dir) -> list[event_pb2.Event]:
-    """Every event in every TFRecord file under `tb_dir`, file by file in name order.
-
-    TFRecord framing: uint64 length, uint32 crc, payload, uint32 crc (crcs not checked here).
-    """
+    """Every event in every TFRecord file under `tb_dir`, file by file in name order."""
     events = []
     for path in sorted(glob.glob(os.path.join(tb_dir, "events.out.tfevents.*"))):
         with open(path, "rb") as f:
-            data = f.read()
-        pos = 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos : pos + 8])
-            payload = data[pos + 12 : pos + 12 + length]
-            pos += 12 + length + 4
-            events.append(event_pb2.Event.FromString(payload))
+            events += parse_events(f.read())
+    return events
+
+
+def parse_events(data: bytes) -> list[event_pb2.Event]:
+    """The events of one TFRecord file's bytes.
+
+    TFRecord framing: uint64 length, uint32 crc, payload, uint32 crc (crcs not checked here).
+    """
+    events, pos = [], 0
+    while pos < len(data):
+        (length,) = struct.unpack("<Q", data[pos : pos + 8])
+        payload = data[pos + 12 : pos + 12 + length]
+        pos += 12 + length + 4
+        events.append(event_pb2.Event.FromString(payload))
     return events
 
 
@@ -130,6 +137,69 @@ def test_other_processes_write_and_print_nothing(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "run").exists()
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Cloud workdirs (gs://), through r1jax.paths
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cloud_workdir_is_written_through_the_path_layer(fake_gcs, tmp_path, monkeypatch):  # noqa: F811
+    cwd, home = tmp_path / "cwd", tmp_path / "home"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # a plain open/makedirs of "gs://..." would land here
+    monkeypatch.setenv("R1JAX_HOME", str(home))
+    run = "gs://bucket/run"
+    jsonl = run + "/metrics.jsonl"
+
+    with MetricsWriter(run, summary_every=0, sync_secs=0.0) as w:
+        w.write(1, {"reward": 0.5})
+        # Uploaded as the run goes (sync_secs=0): the bucket already has step 1.
+        assert [r["step"] for r in read_metrics(jsonl)] == [1]
+        w.write(2, {"reward": 0.75})
+    assert [(r["step"], r["reward"]) for r in read_metrics(jsonl)] == [(1, 0.5), (2, 0.75)]
+    (tb_file,) = fake_gcs.names(run + "/tb")
+    assert scalars(parse_events(fake_gcs.read(tb_file)), "reward") == {1: 0.5, 2: 0.75}
+    # The working copy of the growing files lives under $R1JAX_HOME.
+    assert paths.staging_dir(run) == str(home / "staging" / "gs" / "bucket" / "run")
+    assert read_metrics(home / "staging/gs/bucket/run/metrics.jsonl") == read_metrics(jsonl)
+
+    # Resumed from the step-1 checkpoint on another machine (no working copy): the bucket's
+    # history is cut after step 1 and continued.
+    shutil.rmtree(home)
+    with MetricsWriter(run, start_step=1, summary_every=0, sync_secs=1e9) as w:
+        w.write(2, {"reward": 7.0})
+        w.write(3, {"reward": 8.0})
+    assert [(r["step"], r["reward"]) for r in read_metrics(jsonl)] == [(1, 0.5), (2, 7.0), (3, 8.0)]
+    tb_files = fake_gcs.names(run + "/tb")
+    assert len(tb_files) == 2
+    events = [e for f in tb_files for e in parse_events(fake_gcs.read(f))]
+    purges = [e.step for e in events if e.session_log.status == event_pb2.SessionLog.START]
+    assert purges == [2]
+
+    # Killed between uploads (the bucket misses steps 4-5), resumed from the step-4 checkpoint on
+    # the same machine: the working copy, which reaches further, supplies step 4.
+    w = MetricsWriter(run, start_step=3, summary_every=0, sync_secs=1e9, tensorboard=False)
+    w.write(4, {"reward": 9.0})
+    w.write(5, {"reward": 10.0})
+    monkeypatch.setattr(w._staged, "sync", lambda **kw: 0)  # the kill: no final upload
+    w.close()
+    assert [r["step"] for r in read_metrics(jsonl)] == [1, 2, 3]
+    with MetricsWriter(run, start_step=4, summary_every=0, tensorboard=False) as w:
+        w.write(5, {"reward": 11.0})
+    assert [(r["step"], r["reward"]) for r in read_metrics(jsonl)][3:] == [(4, 9.0), (5, 11.0)]
+
+    # Plots read and write the bucket too.
+    png = run + "/plots/curves.png"
+    assert plot_metrics(jsonl, png, keys=("reward",)) == ["reward"]
+    assert fake_gcs.read(png)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(cwd) == []  # nothing went to a local "gs:" directory
+
+
+def test_unsupported_workdir_schemes_are_refused():
+    with pytest.raises(ValueError, match="unsupported scheme"):
+        paths.check_workdir("memory://run")
+    paths.check_workdir("runs/rl")  # local: fine
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from r1jax import paths
+
 log = logging.getLogger("r1jax")
 
 # The built-in offline base model: made by `--stage=pretrain` with its default config.
@@ -41,12 +43,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = 1  # pure data-parallel replicas
     c.mesh.fsdp = -1  # weight-sharded data parallelism; -1 = all remaining devices
     c.mesh.tensor = 1  # tensor parallelism (heads, MLP, vocab)
+    c.mesh.expert = 1  # expert parallelism: MoE routed experts split over it (rows and weights
+    #                    otherwise split like fsdp); must divide the device count
 
     c.model = ml_collections.ConfigDict()
     c.model.path = TOY_BASE  # HF checkpoint folder, or "toy" = the built-in toy base model
     c.model.param_dtype = "float32"  # storage dtype of parameters (master weights)
     c.model.dtype = "float32"  # compute dtype ("bfloat16" for mixed precision)
     c.model.remat = False  # rematerialise layers in the backward pass to save memory
+    # DeepSeek-V3 only: step size (gamma) of the auxiliary-loss-free load-balancing bias update
+    # after each optimizer step (0 = off; the V3 paper used 0.001)
+    c.model.router_bias_rate = 0.0
 
     c.ckpt = ml_collections.ConfigDict()
     c.ckpt.every = 50  # save every N steps (and at the end)
@@ -83,14 +90,14 @@ def describe(config: ml_collections.ConfigDict, prefix: str = "") -> str:
     return "\n".join(lines)
 
 
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+
 def validate(config: ml_collections.ConfigDict, stage: str) -> None:
     """Refuse configs that cannot work, before any work is done. Raises ConfigError."""
-    for axis in ("data", "fsdp", "tensor"):
-        size = config.mesh[axis]
-        if not isinstance(size, int) or size == 0 or size < -1:
-            raise ConfigError(f"mesh.{axis} must be a positive integer or -1, got {size!r}")
-    if sum(config.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) > 1:
-        raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    import jax
+
+    mesh_sizes(config, jax.device_count())
     for field in ("param_dtype", "dtype"):
         if config.model[field] not in ("float32", "bfloat16"):
             raise ConfigError(
@@ -105,6 +112,8 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
             f"model.path {config.model.path!r} is not a folder; give a Hugging Face "
             f"checkpoint folder or 'toy' for the built-in toy base model"
         )
+    if stage not in ("pretrain", "pipeline"):
+        check_router_bias_rate(config.model, config.model.path)
     if config.ckpt.best_mode not in ("max", "min"):
         raise ConfigError(f"ckpt.best_mode must be 'max' or 'min', got {config.ckpt.best_mode!r}")
     if config.ckpt.every < 1 or config.log.every < 1:
@@ -112,14 +121,67 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
     stage_module(stage).validate(config)
 
 
-def batch_ways(config: ml_collections.ConfigDict, num_devices: int) -> int:
-    """How many ways the batch is split: data * fsdp (resolving a -1 against the device count)."""
-    sizes = dict(config.mesh)
+def mesh_sizes(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """{axis: size} of config.mesh on `num_devices` devices, the one -1 resolved. Raises
+    ConfigError naming the mesh.* field when the sizes cannot make a mesh of those devices."""
+    sizes = {axis: config.mesh[axis] for axis in MESH_AXES}
+    for axis, size in sizes.items():
+        if not isinstance(size, int) or isinstance(size, bool) or size == 0 or size < -1:
+            raise ConfigError(f"mesh.{axis} must be a positive integer or -1, got {size!r}")
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ConfigError(f"mesh: at most one of {', '.join('mesh.' + a for a in free)} may be -1")
+    if num_devices % abs(sizes["expert"]):
+        raise ConfigError(
+            f"mesh.expert={sizes['expert']} must divide the {num_devices} devices (it splits the "
+            f"routed experts over groups of devices)"
+        )
     fixed = 1
-    for v in sizes.values():
-        fixed *= v if v != -1 else 1
-    resolved = {k: (num_devices // fixed if v == -1 else v) for k, v in sizes.items()}
-    return resolved["data"] * resolved["fsdp"]
+    for size in sizes.values():
+        fixed *= size if size != -1 else 1
+    if free and num_devices % fixed == 0:
+        sizes[free[0]] = num_devices // fixed
+    total = sizes["data"] * sizes["fsdp"] * sizes["tensor"] * sizes["expert"]
+    if -1 in sizes.values() or total != num_devices:
+        shown = " * ".join(f"mesh.{a}={config.mesh[a]}" for a in MESH_AXES)
+        raise ConfigError(
+            f"{shown} cannot cover the {num_devices} devices; make the product {num_devices} "
+            "(one axis may be -1 to take the remaining devices)"
+        )
+    return sizes
+
+
+def batch_ways(config: ml_collections.ConfigDict, num_devices: int) -> int:
+    """How many ways the batch is split: data * fsdp * expert, the mesh axes `sharding.RULES`
+    put the batch on (resolving a -1 against the device count)."""
+    sizes = mesh_sizes(config, num_devices)
+    return sizes["data"] * sizes["fsdp"] * sizes["expert"]
+
+
+def check_router_bias_rate(model_config: ml_collections.ConfigDict, path: str) -> None:
+    """Refuse `model.router_bias_rate` unless it is >= 0 and the checkpoint at `path` is a
+    DeepSeek-V3 model (the only router with a load-balancing bias). A folder that does not exist
+    yet (a pipeline stage's input) is checked when it is loaded."""
+    rate = model_config.router_bias_rate
+    if not isinstance(rate, int | float) or not rate >= 0 or rate == float("inf"):
+        raise ConfigError(f"model.router_bias_rate must be a finite number >= 0, got {rate!r}")
+    if rate == 0:
+        return
+    if path == TOY_BASE:
+        model_type, topk = "qwen2 (the toy base model)", None
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            raw = json.load(f)
+        model_type, topk = raw.get("model_type"), raw.get("topk_method", "noaux_tc")
+    else:
+        return
+    if model_type != "deepseek_v3" or topk != "noaux_tc":
+        raise ConfigError(
+            f"model.router_bias_rate={rate} only applies to DeepSeek-V3 models (their router's "
+            f"load-balancing bias); model.path {path!r} is {model_type}"
+            + (f" with topk_method {topk!r}" if model_type == "deepseek_v3" else "")
+            + "; set model.router_bias_rate=0"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,51 +194,108 @@ def stage_module(stage: str):
 
 
 def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
-    """Set up the workdir and logging, then run the stage. Returns what the stage returns."""
+    """Set up the workdir (local or a cloud URI, see `r1jax.paths`) and logging, then run the
+    stage. Returns what the stage returns.
+
+    Logging goes to this workdir while the stage runs and back to where it went before afterwards
+    (so the pipeline's own lines land in its log, not in its last sub-stage's).
+    """
     import jax
 
-    os.makedirs(workdir, exist_ok=True)
-    setup_logging(workdir)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, f"config_{stage}.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    log.info(
-        "stage %s, workdir %s, %d process(es), %d device(s) (%s)",
-        stage,
-        workdir,
-        jax.process_count(),
-        jax.device_count(),
-        jax.devices()[0].platform,
-    )
-    return stage_module(stage).run(config, workdir)
+    paths.makedirs(workdir)
+    previous = setup_logging(workdir)
+    try:
+        if jax.process_index() == 0:
+            paths.write_text(
+                os.path.join(workdir, f"config_{stage}.json"),
+                config.to_json_best_effort(indent=2, sort_keys=True),
+            )
+        log.info(
+            "stage %s, workdir %s, %d process(es), %d device(s) (%s)",
+            stage,
+            workdir,
+            jax.process_count(),
+            jax.device_count(),
+            jax.devices()[0].platform,
+        )
+        return stage_module(stage).run(config, workdir)
+    finally:
+        restore_logging(previous)  # closes this stage's log file (uploading a cloud one)
 
 
-def setup_logging(workdir: str) -> None:
-    """INFO to stderr on process 0 only; every process logs to its own file in the workdir."""
+def setup_logging(workdir: str) -> tuple:
+    """INFO to stderr on process 0 only; every process logs to its own file `log_p<i>.txt` in the
+    workdir. Returns the logger's previous set-up for `restore_logging`."""
     import jax
 
     logger = logging.getLogger("r1jax")
+    previous = (list(logger.handlers), logger.level, logger.propagate)
     logger.setLevel(logging.INFO)
     logger.propagate = False
     for h in list(logger.handlers):
         logger.removeHandler(h)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    file_handler = logging.FileHandler(os.path.join(workdir, f"log_p{jax.process_index()}.txt"))
+    file_handler = WorkdirLogFile(workdir, f"log_p{jax.process_index()}.txt")
     file_handler.setFormatter(fmt)
     logger.addHandler(file_handler)
     if jax.process_index() == 0:
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(fmt)
         logger.addHandler(console)
+    return previous
+
+
+def restore_logging(previous: tuple) -> None:
+    """Close the handlers `setup_logging` installed and put back what it returned."""
+    logger = logging.getLogger("r1jax")
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    handlers, level, propagate = previous
+    for h in handlers:
+        logger.addHandler(h)
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+class WorkdirLogFile(logging.FileHandler):
+    """A log file in the workdir.
+
+    `logging.FileHandler` appends to a local file, which a cloud workdir cannot offer: there the
+    handler writes a local working copy (`paths.staging_dir`, which keeps the full log on this
+    machine) and uploads it at most every 30 s as records arrive, and when closed. It starts from
+    the workdir's copy, so a resumed run's log continues the killed run's.
+    """
+
+    def __init__(self, workdir: str, name: str):
+        self.staged = paths.Staged(workdir, (name,))
+        local = self.staged.local_path(name)
+        remote = os.path.join(workdir, name)
+        if self.staged.remote and paths.exists(remote) and not os.path.exists(local):
+            paths.write_text(local, paths.read_text(remote))
+        super().__init__(local)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        if self.staged.due():
+            try:
+                self.staged.sync()
+            except Exception:  # a network hiccup must not end the run; the next sync retries
+                self.handleError(record)
+
+    def close(self) -> None:
+        super().close()
+        try:
+            self.staged.sync(force=True)
+        except Exception as e:  # runs in `finally` blocks: report, never mask the real error
+            print(f"r1jax: could not upload the log to {self.staged.workdir}: {e}", file=sys.stderr)
 
 
 def make_mesh(config: ml_collections.ConfigDict):
     from r1jax import sharding
 
     try:
-        return sharding.make_mesh(
-            data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor
-        )
+        return sharding.make_mesh(**{axis: config.mesh[axis] for axis in MESH_AXES})
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
@@ -188,7 +307,7 @@ def make_mesh(config: ml_collections.ConfigDict):
 
 def r1jax_home() -> str:
     """Where the built-in toy base model lives ($R1JAX_HOME, default ~/.cache/r1jax)."""
-    return os.environ.get("R1JAX_HOME", os.path.join(os.path.expanduser("~"), ".cache", "r1jax"))
+    return paths.r1jax_home()
 
 
 def enable_compilation_cache() -> None:
@@ -231,11 +350,18 @@ def _configs_dir() -> str:
     return launch.CONFIG_DIR
 
 
-def load_model(config: ml_collections.ConfigDict, mesh, rules=None):
-    """(model, tokenizer) from config.model, parameters placed on `mesh`."""
+def load_model(config: ml_collections.ConfigDict, mesh, rules=None, *, frozen: bool = False):
+    """(model, tokenizer) from config.model, parameters placed on `mesh`. `frozen`: a model that
+    is never trained (a reference or teacher), which ignores the training-only
+    `model.router_bias_rate`."""
     from r1jax.models import hf
 
     path = resolve_model_path(config.model.path)
+    rate = 0.0 if frozen else config.model.router_bias_rate
+    if rate:
+        check_router_bias_rate(config.model, path)  # the folder exists now
+    # Only given when set: dense checkpoints refuse DeepSeek-only options.
+    deepseek = {"router_bias_rate": rate} if rate else {}
     model = hf.load(
         path,
         mesh=mesh,
@@ -243,6 +369,7 @@ def load_model(config: ml_collections.ConfigDict, mesh, rules=None):
         dtype=config.model.dtype,
         remat=config.model.remat,
         rules=rules,
+        **deepseek,
     )
     return model, hf.tokenizer(path)
 
@@ -267,15 +394,13 @@ def load_reward_model(section: ml_collections.ConfigDict, mesh):
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Write JSON atomically (process 0 only), so a kill never leaves half a file."""
+    """Write JSON atomically, locally or to cloud storage (process 0 only), so a kill never
+    leaves half a file."""
     import jax
 
     if jax.process_index() != 0:
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    paths.write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def run(config, workdir: str) -> dict:
         teacher_config = config.copy_and_resolve_references()
         with teacher_config.unlocked():
             teacher_config.model.path = d.teacher
-        teacher, teacher_tokenizer = common.load_model(teacher_config, mesh)
+        teacher, teacher_tokenizer = common.load_model(teacher_config, mesh, frozen=True)
         if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise common.ConfigError(
                 "distill.teacher uses a different tokenizer from the student; "

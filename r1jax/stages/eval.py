@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from r1jax import paths
 from r1jax.stages import common
 
 log = logging.getLogger("r1jax")
@@ -169,9 +170,8 @@ def evaluate(
         "num_samples": k,
         "per_task": {t: aggregate(v) for t, v in sorted(per_task.items())},
     }
-    if samples_path:
-        with open(samples_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+    if samples_path:  # local or cloud (r1jax.paths)
+        paths.write_text(samples_path, "".join(json.dumps(r) + "\n" for r in records))
     return result
 
 

@@ -38,7 +38,7 @@ def validate(config) -> None:
     if p.batch_size % ways:
         raise common.ConfigError(
             f"pretrain.batch_size={p.batch_size} must be a multiple of the "
-            f"mesh's {ways} batch shards (mesh.data * mesh.fsdp)"
+            f"mesh's {ways} batch shards (mesh.data * mesh.fsdp * mesh.expert)"
         )
     try:
         corpus_tasks(p)

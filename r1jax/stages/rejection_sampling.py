@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from r1jax import rewards, sampling, sharding
+from r1jax import paths, rewards, sampling, sharding
 from r1jax.stages import common
 from r1jax.stages import eval as eval_stage
 
@@ -187,9 +187,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     }
     path = os.path.join(workdir, "rejection_sampled.jsonl")
     if jax.process_index() == 0:
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(x) + "\n" for x in out_rows)
-        os.replace(path + ".tmp", path)
+        paths.write_text(path, "".join(json.dumps(x) + "\n" for x in out_rows))  # atomic
         print(
             f"kept {len(kept)} of {len(samples)} samples ({summary['keep_rate']:.1%}) from "
             f"{summary['prompts_with_a_kept_sample']} of {n} prompts; dropped: "

@@ -94,7 +94,8 @@ def validate(config) -> None:
     if rollout_rows % ways:
         raise common.ConfigError(
             f"rl.prompts_per_step * rl.num_generations = {rollout_rows} rollout rows cannot be "
-            f"split over the mesh's {ways} batch shards (mesh.data * mesh.fsdp); make it a multiple"
+            f"split over the mesh's {ways} batch shards (mesh.data * mesh.fsdp * mesh.expert); "
+            "make it a multiple"
         )
     if rollout_rows % r.num_micro_batches or (rollout_rows // r.num_micro_batches) % ways:
         raise common.ConfigError(
@@ -126,7 +127,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         ref_config = config.copy_and_resolve_references()
         with ref_config.unlocked():
             ref_config.model.path = config.rl.ref_model or config.model.path
-        ref, _ = common.load_model(ref_config, mesh)
+        ref, _ = common.load_model(ref_config, mesh, frozen=True)
 
     # -- prompts and the rule rewards that score their completions --
     train_set = common.PromptSet(
@@ -146,7 +147,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         {name: w for name, w in config.rewards.to_dict().items() if w != 0}
     )
     decode = functools.partial(_decode, tokenizer, train_set.completion_prefix)
-    scorer = rewards.HostRewardBridge(reward_fn, decode, columns=train_set.columns)
+    scorer = _reward_bridge(reward_fn, decode, train_set.columns)
     reward_model = common.load_reward_model(config.reward_model, mesh)  # None: off
     log.info(
         "GRPO: %d prompts x %d samples per step, %d steps, rewards %s, beta %s, %d train / "
@@ -240,6 +241,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     compiles.stop()
     writer.close()
     reward_fn.close()
+    scorer.columns = {}  # the kept bridge must not hold this run's dataset
     if jax.process_index() == 0:
         metrics.plot_metrics(
             os.path.join(workdir, "metrics.jsonl"),
@@ -247,11 +249,9 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             keys=("reward", "accuracy", "format", "completions/mean_length", "kl", "eval/accuracy"),
         )
     if export:
-        checkpoint.export_hf(state.model, os.path.join(workdir, "hf", "final"))
-        _copy_tokenizer(tokenizer, os.path.join(workdir, "hf", "final"))
+        checkpoint.export_hf(state.model, os.path.join(workdir, "hf", "final"), tokenizer)
         if ckpt.best_step() is not None and ckpt.best_step() != config.rl.steps:
-            best = ckpt.export_best_hf(state.model, os.path.join(workdir, "hf", "best"))
-            _copy_tokenizer(tokenizer, os.path.join(workdir, "hf", "best"))
+            best = ckpt.export_best_hf(state.model, os.path.join(workdir, "hf", "best"), tokenizer)
             log.info(
                 "best checkpoint (step %s by %s) exported to %s",
                 best,
@@ -270,6 +270,27 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
+
+
+# One reward bridge per set of reward names, kept for the life of the process (see below).
+_BRIDGES: dict[tuple[str, ...], rewards.HostRewardBridge] = {}
+
+
+def _reward_bridge(reward_fn, decode, columns) -> rewards.HostRewardBridge:
+    """The host reward bridge of this run, re-pointed at its rewards, tokenizer and dataset.
+
+    The compiled rollout program (`grpo._rollout_program`) is cached per bridge object, and its
+    host callback calls the bridge it was traced with. A new bridge per run therefore compiled
+    the rollout again in every run of a process (the pipeline's RL stages, tests), and JAX's
+    persistent compilation cache never stores programs with host callbacks. Reusing the bridge
+    object, whose callback reads `reward_fn`, `decode` and `columns` when it runs, lets runs with
+    the same reward names and shapes share one compiled rollout. Runs are sequential (each run
+    has fetched its last rollout's metrics before the next starts), so re-pointing is safe.
+    """
+    fresh = rewards.HostRewardBridge(reward_fn, decode, columns=columns)  # validates reward_fn
+    bridge = _BRIDGES.setdefault(reward_fn.names, fresh)
+    bridge.reward_fn, bridge.decode, bridge.columns = fresh.reward_fn, fresh.decode, fresh.columns
+    return bridge
 
 
 def _decode(tokenizer, prefix: str, ids: list[list[int]]) -> list[str]:
@@ -343,8 +364,3 @@ def _headline(row: dict[str, Any], names: tuple[str, ...]) -> dict[str, float]:
 
 def _due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
-
-
-def _copy_tokenizer(tokenizer, path: str) -> None:
-    if jax.process_index() == 0:
-        tokenizer.save_pretrained(path)

@@ -147,8 +147,6 @@ def train_on_pairs(config, s, workdir: str, model, tokenizer, pairs, mesh, teach
     writer.close()
     ckpt.close()
     out_dir = os.path.join(workdir, "hf", "final")
-    checkpoint.export_hf(state.model, out_dir)
-    if jax.process_index() == 0:
-        tokenizer.save_pretrained(out_dir)
+    checkpoint.export_hf(state.model, out_dir, tokenizer)
     log.info("done: model saved to %s", out_dir)
     return {k: float(v) for k, v in row.items()}

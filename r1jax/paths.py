@@ -1,0 +1,221 @@
+"""Workdir files on a local disk or on cloud storage (`--workdir=gs://bucket/run`), one small layer.
+
+Every file r1jax writes into a workdir goes through here, never through a plain `open` or
+`os.makedirs`, so that a TPU run can keep its workdir in a bucket. Paths are strings throughout
+(`os.path.join("gs://bucket/run", "x")` is "gs://bucket/run/x"); `etils.epath` (which orbax uses
+for its own files) does the I/O: the local disk for plain paths, fsspec for gs://, s3://, az://
+(install `gcsfs` for gs://, `s3fs` for s3://; orbax's checkpoints on gs:// also need
+`google-cloud-storage`; `check_workdir` names what is missing before a run starts).
+
+What cloud storage cannot do, and what happens instead:
+- An object cannot be appended to. Files that grow line by line while a run goes on (metrics.jsonl,
+  TensorBoard event files, the log) are written to a local working copy under
+  `$R1JAX_HOME/staging/<scheme>/<bucket>/<path>` and uploaded whole by `Staged.sync`, now and then
+  and when the writer closes. A run killed between two uploads loses those last lines from the
+  bucket's copy (a restart on the same machine recovers them from the working copy).
+- An object cannot be renamed atomically, but writing one is atomic (it appears complete or not at
+  all), so `write_text`/`write_bytes` write a cloud object directly and a local file through a
+  temporary file and `os.replace`: a kill never leaves half a file either way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from typing import IO
+
+from etils import epath
+
+# URI prefixes etils.epath (and therefore orbax) can read and write.
+CLOUD_PREFIXES = ("gs://", "s3://", "az://")
+
+
+def r1jax_home() -> str:
+    """r1jax's local cache ($R1JAX_HOME, default ~/.cache/r1jax): the toy base model, the XLA
+    compilation cache, working copies of cloud workdir files."""
+    return os.environ.get("R1JAX_HOME", os.path.join(os.path.expanduser("~"), ".cache", "r1jax"))
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """True for a cloud URI (gs://, s3://, az://); False for a local path."""
+    return os.fspath(path).startswith(CLOUD_PREFIXES)
+
+
+def check_workdir(path: str | os.PathLike) -> None:
+    """Raise ValueError naming the problem when `path` cannot be used as a workdir.
+
+    Refuses URI schemes the I/O layer does not handle (which would otherwise become an odd local
+    directory such as `./memory:/x`) and cloud URIs whose packages are missing (gcsfs/s3fs:
+    fsspec's own message says which; google-cloud-storage for orbax on gs://). Touches the network
+    only to ask whether `path` exists.
+    """
+    path = os.fspath(path)
+    if "://" in path and not is_remote(path):
+        raise ValueError(
+            f"workdir {path!r}: unsupported scheme; give a local directory or a "
+            f"{', '.join(p + '...' for p in CLOUD_PREFIXES)} URI"
+        )
+    if not is_remote(path):
+        return
+    try:
+        epath.Path(path).exists()
+    except ImportError as e:
+        raise ValueError(f"workdir {path!r} needs a filesystem package: {e}") from None
+    except Exception as e:  # credentials, permissions, no such bucket: the library's words
+        raise ValueError(f"workdir {path!r} is not reachable ({type(e).__name__}: {e})") from None
+    if path.startswith("gs://") and not _module_available("google.cloud.storage"):
+        # orbax asks the bucket for its layout (hierarchical namespace) with this client.
+        raise ValueError(
+            f"workdir {path!r}: orbax's checkpoints on gs:// need google-cloud-storage; "
+            "pip install google-cloud-storage gcsfs"
+        )
+
+
+def _module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def makedirs(path: str | os.PathLike) -> None:
+    """Create a directory and its parents (a no-op when it exists)."""
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def exists(path: str | os.PathLike) -> bool:
+    return epath.Path(path).exists()
+
+
+def open_file(path: str | os.PathLike, mode: str = "r") -> IO:
+    """Open for reading ("r", "rb"); writes go through `write_text`/`write_bytes` (atomic) or a
+    `Staged` working copy (files that grow)."""
+    if mode not in ("r", "rb"):
+        raise ValueError(f"open_file is for reading; got mode {mode!r}")
+    return epath.Path(path).open(mode)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    return epath.Path(path).read_text()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a whole text file atomically (see the module docstring), creating its directory."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a whole file atomically (see the module docstring), creating its directory."""
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if is_remote(path):
+        target.write_bytes(data)  # a single object write is atomic on cloud storage
+        return
+    tmp = os.fspath(path) + ".tmp"
+    with open(tmp, "wb") as f:  # local only: the one plain `open` of the layer
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def copy_file(local: str, target: str | os.PathLike) -> None:
+    """Copy a local file to `target` (local or cloud), streaming, atomically (see the module
+    docstring); creates the target's directory."""
+    if not is_remote(target):
+        dest = os.fspath(target)
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        shutil.copyfile(local, dest + ".tmp")
+        os.replace(dest + ".tmp", dest)
+        return
+    dest = epath.Path(target)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Streamed: checkpoint shards can be gigabytes. The object appears only once complete.
+    with open(local, "rb") as src, dest.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 64 * 1024 * 1024)
+
+
+def copy_dir(local: str, target: str | os.PathLike) -> list[str]:
+    """Copy every file under the local directory `local` to the same relative path under `target`
+    (local or cloud); returns the relative paths copied."""
+    copied = []
+    for root, _, files in os.walk(local):
+        for name in sorted(files):
+            rel = os.path.relpath(os.path.join(root, name), local)
+            copy_file(os.path.join(local, rel), os.path.join(os.fspath(target), rel))
+            copied.append(rel)
+    return copied
+
+
+def staging_dir(workdir: str | os.PathLike) -> str:
+    """Where files of `workdir` that grow are written: `workdir` itself when it is local, else a
+    local mirror `$R1JAX_HOME/staging/<scheme>/<bucket>/<path>`."""
+    workdir = os.fspath(workdir)
+    if not is_remote(workdir):
+        return workdir
+    scheme, rest = workdir.split("://", 1)
+    return os.path.join(r1jax_home(), "staging", scheme, *[p for p in rest.split("/") if p])
+
+
+class Staged:
+    """Local working copies of some files of a workdir, uploaded to it by `sync`.
+
+    For a local workdir the working copy *is* the workdir file and `sync` does nothing.
+
+    Args:
+      workdir: the run directory, local or a cloud URI.
+      names: the files or directories (relative to workdir) this object uploads, e.g.
+        ("metrics.jsonl", "tb"); a directory's files are uploaded recursively.
+      every_secs: `sync()` without `force` uploads at most this often.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, names: Iterable[str], every_secs: float = 30.0):
+        self.workdir = os.fspath(workdir)
+        self.local = staging_dir(self.workdir)
+        self.remote = is_remote(self.workdir)
+        self.names = tuple(names)
+        self.every_secs = every_secs
+        self._uploaded: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns)
+        self._last_sync = time.monotonic()
+
+    def local_path(self, name: str) -> str:
+        """The working copy of `name` (relative to the workdir); its directory exists."""
+        path = os.path.join(self.local, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+    def due(self) -> bool:
+        """Whether a cloud workdir's last upload is `every_secs` old (always False when local)."""
+        return self.remote and time.monotonic() - self._last_sync >= self.every_secs
+
+    def sync(self, *, force: bool = False) -> int:
+        """Upload working copies changed since their last upload; returns how many were.
+
+        Without `force`, does nothing unless `due()`.
+        """
+        if not self.remote or not (force or self.due()):
+            return 0
+        self._last_sync = time.monotonic()
+        uploaded = 0
+        for rel in self._files():
+            path = os.path.join(self.local, rel)
+            st = os.stat(path)
+            if self._uploaded.get(rel) == (st.st_size, st.st_mtime_ns):
+                continue
+            copy_file(path, os.path.join(self.workdir, rel))
+            self._uploaded[rel] = (st.st_size, st.st_mtime_ns)
+            uploaded += 1
+        return uploaded
+
+    def _files(self) -> list[str]:
+        out = []
+        for name in self.names:
+            path = os.path.join(self.local, name)
+            if os.path.isfile(path):
+                out.append(name)
+            elif os.path.isdir(path):
+                for root, _, files in os.walk(path):
+                    rel_root = os.path.relpath(root, self.local)
+                    out += sorted(os.path.join(rel_root, f) for f in files)
+        return out
