@@ -31,8 +31,8 @@ def get_config(arg=None):
     )
 
     r = config.rl = ml_collections.ConfigDict()
-    r.steps = 120  # GRPO steps (one rollout batch each)
-    r.prompts_per_step = 16  # P: prompts per rollout batch
+    r.steps = 60  # GRPO steps (one rollout batch each); ~10 s each on 2 CPU cores
+    r.prompts_per_step = 8  # P: prompts per rollout batch
     r.num_generations = 8  # G: completions per prompt
     r.num_iterations = 1  # μ: optimizer steps per rollout batch
     r.beta = 0.0  # KL weight to the reference model (0 = reference not loaded)
@@ -51,6 +51,6 @@ def get_config(arg=None):
     # `weight`; e.g. --config.reward_model.path=/ckpt/reward-model --config.reward_model.weight=1
     config.reward_model = common.reward_model_config()
 
-    config.eval = common.eval_config(every=20, num_prompts=128)
-    config.optim = common.optim_config(learning_rate=2e-5, warmup_steps=5)
+    config.eval = common.eval_config(every=20, num_prompts=64)
+    config.optim = common.optim_config(learning_rate=5e-5, warmup_steps=5)
     return config

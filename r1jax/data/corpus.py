@@ -14,10 +14,10 @@ Document kinds (mixed by ``mix`` weights):
   the instruction is worded several ways, one of them shaped like the R1-Zero template. A real
   base model has seen such instruction-following text on the web; without it a tiny model has no
   way to follow the R1-Zero template at all. Set its weight to 0 to study the harder setting.
-- "copy": a string of random vocabulary pieces, then the same string again. Web text is full of
-  repetition, and it is what teaches a model to copy from its context (induction); the synthetic
-  tasks alone have too little of it for a model this small to learn copying in a few minutes, and
-  without copying it cannot write tag names that it only ever sees in the prompt.
+- "copy": a string of random vocabulary pieces, then the same string again: the repetition web
+  text is full of, which teaches a model to copy from its context (induction heads). Off by
+  default: at the default budget (0.9M parameters, 600 steps) a 40% share did not make the model
+  copy at all (log-prob of the second copy equal to the first's), so it only cost task text.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from r1jax.data.tasks import Task, make_dataset
 from r1jax.data.templates import think_answer
 
 DOC_KINDS = ("terse", "steps", "dialogue", "format", "copy")
-DEFAULT_MIX = {"terse": 0.2, "steps": 0.2, "dialogue": 0.2, "format": 0.25, "copy": 0.15}
+DEFAULT_MIX = {"terse": 0.25, "steps": 0.25, "dialogue": 0.2, "format": 0.3, "copy": 0.0}
 FORBIDDEN_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 TAG_WORDS = (
     "work", "result", "scratch", "final", "steps", "value", "calc", "out", "notes", "reply",
