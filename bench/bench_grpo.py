@@ -138,8 +138,8 @@ def grpo_step(path: str, repeats: int = 3) -> dict:
     )
     mask = np.ones_like(prompts)
 
-    def step(i: int) -> tuple[float, float, dict]:
-        t0 = time.perf_counter()
+    def step(i: int) -> tuple[float, float, float, dict]:
+        t0, c0 = time.perf_counter(), time.process_time()
         policy = grpo.policy_for_sampling(state)
         rollouts, rollout_metrics = grpo.rollout(
             policy, ref, prompts, mask, jax.random.key(i), REWARD, cfg
@@ -148,18 +148,21 @@ def grpo_step(path: str, repeats: int = 3) -> dict:
         t1 = time.perf_counter()
         update_metrics = jax.device_get(grpo.update(state, rollouts, cfg))
         t2 = time.perf_counter()
-        return t2 - t0, t2 - t1, {**jax.device_get(rollout_metrics), **update_metrics}
+        cpu = time.process_time() - c0
+        return t2 - t0, t2 - t1, cpu, {**jax.device_get(rollout_metrics), **update_metrics}
 
     with metrics.CompileCounter(log_each=False) as warmup_compiles:
-        first, _, _ = step(0)
-    steps, updates = [], []
+        first, _, _, _ = step(0)
+    steps, updates, cpus = [], [], []
     with metrics.CompileCounter(log_each=False) as steady:
         for i in range(repeats):
-            total, update, row = step(i + 1)
+            total, update, cpu, row = step(i + 1)
             steps.append(total)
             updates.append(update)
+            cpus.append(cpu)
     return {
         "step_s": _stats(steps),
+        "step_cpu_s": _stats(cpus),  # process CPU time, all threads
         "update_s": _stats(updates),
         "rollout_s": _stats([s - u for s, u in zip(steps, updates, strict=True)]),
         "compile_s": float(first - np.median(steps)),

@@ -79,7 +79,7 @@ def test_pretrain_default_makes_a_loadable_base_model(toy):
 def test_sft_default_runs(toy, tmp_path):
     config = sh.load_config("sft")
     s = config.sft
-    s.num_examples, s.epochs, s.batch_size, s.seq_len = 16, 1.0, 8, 128
+    s.num_examples, s.epochs, s.batch_size, s.seq_len = 16, 1.0, 8, 256
     out = run("sft", config, tmp_path)
     rows = sh.metric_rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]  # 16 examples / 8 per step
@@ -164,7 +164,7 @@ def test_distill_default_runs_with_logit_distillation(toy, tmp_path):
     config = sh.load_config("distill")
     d = config.distill
     d.teacher = os.path.join(toy[0], "toy_base")
-    d.num_examples, d.epochs, d.batch_size, d.seq_len = 16, 1.0, 8, 128
+    d.num_examples, d.epochs, d.batch_size, d.seq_len = 16, 1.0, 8, 256
     out = run("distill", config, tmp_path)
     rows = sh.metric_rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
