@@ -7,7 +7,7 @@ the same process, alternating calls (A B B A A B ...), and compares process CPU 
 a core) as well as wall time. Pin it to one core so that CPU time is not spread over threads that
 wait for each other:
 
-    taskset -c 0 python bench/ab.py --baseline HEAD --what decode,update --sizes tiny
+    taskset -c 0 python bench/ab.py --baseline 14e95f4 --what decode,update --sizes tiny
 
 The baseline is `r1jax/models/transformer.py` and `r1jax/grpo.py` as of `--baseline` (a git
 revision read with `git show`, so nothing in the checkout changes, or a directory holding a copy of
@@ -220,7 +220,10 @@ def compare(base_fn, cand_fn, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--baseline", default="HEAD", help="git revision (or a tree's directory) of the baseline"
+        "--baseline",
+        required=True,
+        help="git revision (or a tree's directory) of the baseline, e.g. 14e95f4 (before M1/M4); "
+        "not HEAD once the candidate is committed, which would compare the code with itself",
     )
     parser.add_argument("--what", default="decode", help=f"comma-separated subset of {WHAT}")
     parser.add_argument("--sizes", default="tiny", help="tiny,small (update/step: tiny is B/C's)")
