@@ -332,14 +332,15 @@ def resolve_model_path(path: str) -> str:
         return path
     target = toy_base_path()
     if not os.path.exists(os.path.join(target, "config.json")):
-        log.info(
-            "No toy base model at %s yet: training it first with --stage=pretrain's default "
-            "config (about 1200 steps, tens of minutes on a 2-core CPU; done once).",
-            target,
-        )
         from r1jax.stages import pretrain
 
         pretrain_config = load_config_file(os.path.join(_configs_dir(), "pretrain.py"))
+        log.info(
+            "No toy base model at %s yet: training it first with --stage=pretrain's default "
+            "config (%d steps, 10-20 minutes on a 2-core CPU; done once).",
+            target,
+            pretrain_config.pretrain.steps,
+        )
         pretrain.run(pretrain_config, os.path.join(r1jax_home(), "toy_base_run"), export_to=target)
     return target
 
