@@ -541,6 +541,15 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def sampling_kwargs(self) -> dict:
+        """What `sampling.generate` needs to know about these prompts: stops, padding, buckets."""
+        return {
+            "stop_token_ids": self.stop_token_ids,
+            "stop_sequences": self.stop_sequences,
+            "pad_id": self.pad_id,
+            "buckets": self.buckets,
+        }
+
     def row_ids(self, step: int, size: int) -> list[int]:
         """The `size` row ids of batch `step` (see `batch_indices`)."""
         return batch_indices(len(self.rows), step, size, self.seed)

@@ -129,13 +129,10 @@ def evaluate(
             max_new_tokens=eval_config.max_new_tokens,
             temperature=eval_config.temperature,
             top_p=eval_config.top_p,
-            stop_token_ids=prompt_set.stop_token_ids,
-            stop_sequences=prompt_set.stop_sequences,
             num_samples=k,
             seed=seed + start,
-            pad_id=prompt_set.pad_id,
             mesh=mesh,
-            buckets=prompt_set.buckets,
+            **prompt_set.sampling_kwargs(),
         )
         texts = [
             prompt_set.completion_prefix + t

@@ -103,13 +103,10 @@ def run(config, workdir: str) -> dict[str, Any]:
             max_new_tokens=r.max_new_tokens,
             temperature=r.temperature,
             top_p=r.top_p,
-            stop_token_ids=prompts.stop_token_ids,
-            stop_sequences=prompts.stop_sequences,
             num_samples=r.num_samples,
             seed=config.seed + start,
-            pad_id=prompts.pad_id,
             mesh=mesh,
-            buckets=prompts.buckets,
+            **prompts.sampling_kwargs(),
         )
         texts = [
             prompts.completion_prefix + t
