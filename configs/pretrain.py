@@ -2,10 +2,11 @@
 
     python -m r1jax.launch --stage=pretrain [--workdir=runs/pretrain]
 
-A synthetic corpus of arithmetic and Countdown problems, solved tersely and step by step (no <think>
-or <answer> tags anywhere), a byte-level BPE tokenizer trained on it, and a small Qwen2-architecture
-decoder trained on next-token prediction. The result is a genuine Hugging Face checkpoint folder
-(config.json + safetensors + tokenizer) that every other stage loads with `hf.load`.
+A synthetic corpus of arithmetic and Countdown problems, solved tersely and step by step (<think>
+and <answer> tags only in 10% of its instruction-following documents), a byte-level BPE tokenizer
+trained on it, and a small Qwen2-architecture decoder trained on next-token prediction. The result
+is a genuine Hugging Face checkpoint folder (config.json + safetensors + tokenizer) that every other
+stage loads with `hf.load`.
 """
 
 import ml_collections
@@ -25,6 +26,9 @@ def get_config(arg=None):
     # Document kinds (see r1jax/data/corpus.py): terse and step-by-step solutions, dialogues, and
     # instruction-following with other tag names (never <think>/<answer>).
     p.mix = ml_collections.ConfigDict(dict(corpus.DEFAULT_MIX))
+    # Share of "format" documents whose tags are think/answer (a documented deviation: the toy model
+    # cannot copy tag names from its prompt, so it needs this prior; 0 = no such tag in the corpus).
+    p.r1_tag_rate = 0.1
     p.arithmetic = common.data_config().arithmetic  # same difficulty as the RL stage's default
     p.countdown = common.data_config().countdown
     p.vocab_size = 768  # BPE vocabulary incl. bytes and special tokens (tag words: one token)

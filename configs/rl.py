@@ -27,7 +27,14 @@ def get_config(arg=None):
     # Reward name -> weight (names from r1jax.rewards.REWARDS; 0 = off). "task" is the exact
     # verifier of the built-in tasks; "accuracy" checks math answers with math-verify.
     config.rewards = ml_collections.ConfigDict(
-        {"task": 1.0, "accuracy": 0.0, "format": 0.5, "language_consistency": 0.0, "code": 0.0}
+        {
+            "task": 1.0,
+            "accuracy": 0.0,
+            "format": 0.5,
+            "tag_count": 0.0,
+            "language_consistency": 0.0,
+            "code": 0.0,
+        }
     )
 
     r = config.rl = ml_collections.ConfigDict()

@@ -122,6 +122,7 @@ def toy_home(tmp_path_factory):
         target = os.path.join(home, "toy_base")
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(os.path.join(path, "hf", "final"), target)
+        common.mark_toy_base(target)  # stands in for the default recipe's base model
         share_compilation_cache(home)
 
     old = os.environ.get("R1JAX_HOME")

@@ -306,6 +306,21 @@ def test_format_documents_copy_the_instructions_tags_and_copy_documents_repeat()
         assert text and rest == f"{text}\n{text}"
 
 
+def test_r1_tag_rate_puts_think_answer_in_that_share_of_format_documents_only():
+    docs = data.pretrain_corpus(400, seed=3, r1_tag_rate=0.25)
+    tagged = [d for d in docs if "<think>" in d]
+    assert all("<answer>" in d and "Repeat:" not in d for d in tagged)
+    formats = [d for d in docs if re.search(r"<(\w+)> .*? </\1>", d, re.S)]
+    assert 0.15 < len(tagged) / len(formats) < 0.35, (len(tagged), len(formats))
+    for doc in tagged:  # the replies use the pair the instruction names, as for any other pair
+        replies = re.findall(r"<(\w+)> .*? </(\w+)> <(\w+)> .*? </(\w+)>$", doc, re.M | re.S)
+        assert replies and all(r == ("think", "think", "answer", "answer") for r in replies)
+    # Rate 0 leaves the corpus exactly as without the option.
+    assert data.pretrain_corpus(50, seed=3, r1_tag_rate=0.0) == data.pretrain_corpus(50, seed=3)
+    with pytest.raises(ValueError, match="r1_tag_rate"):
+        data.pretrain_corpus(2, seed=0, r1_tag_rate=1.5)
+
+
 def test_cold_start_examples_are_well_formed_and_correct():
     rows = data.cold_start_examples(40, seed=0, mistake_rate=0.5)
     assert rows == data.cold_start_examples(40, seed=0, mistake_rate=0.5)

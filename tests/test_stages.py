@@ -54,6 +54,35 @@ def assert_hf_folder(path: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def test_toy_base_is_built_once_per_recipe_and_rebuilt_when_the_recipe_changes(
+    tmp_path, monkeypatch
+):
+    from r1jax.stages import pretrain
+
+    runs = []
+
+    def fake_pretrain(config, workdir, *, export_to):  # records the call, writes a stand-in
+        runs.append(workdir)
+        os.makedirs(export_to, exist_ok=True)
+        with open(os.path.join(export_to, "config.json"), "w") as f:
+            f.write("{}")
+
+    monkeypatch.setenv("R1JAX_HOME", str(tmp_path))
+    monkeypatch.setattr(pretrain, "run", fake_pretrain)
+    target = common.resolve_model_path(common.TOY_BASE)
+    assert target == common.toy_base_path() and len(runs) == 1
+    assert common.resolve_model_path(common.TOY_BASE) == target and len(runs) == 1  # cached
+    # A base model left by an older recipe (other stamp, or none) is rebuilt in a fresh run dir.
+    common.mark_toy_base(target, "older")
+    common.resolve_model_path(common.TOY_BASE)
+    os.remove(os.path.join(target, "r1jax_toy_recipe.txt"))
+    common.resolve_model_path(common.TOY_BASE)
+    assert len(runs) == 3 and runs[0] == runs[1] and common.toy_recipe() in runs[0]
+    monkeypatch.setattr(common, "TOY_RECIPE_VERSION", common.TOY_RECIPE_VERSION + 1)
+    common.resolve_model_path(common.TOY_BASE)
+    assert len(runs) == 4 and runs[3] != runs[0]
+
+
 def test_pretrain_default_makes_a_loadable_base_model(toy):
     home, workdir = toy
     base = os.path.join(home, "toy_base")

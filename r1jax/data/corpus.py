@@ -1,8 +1,10 @@
 """Text for the toy model: a pretraining corpus and readable long-CoT cold-start examples.
 
 The pretraining corpus is plain text documents that solve *train-split* problems, some tersely and
-some step by step, and contains no ``<think>``/``<answer>`` tags anywhere, so the R1-Zero stage has
-to discover that format from the prompt. The cold-start examples use exactly that format.
+some step by step. Outside a small, configurable share of instruction-following documents
+(``r1_tag_rate``, below) it contains no ``<think>``/``<answer>`` tags, so the R1-Zero stage has to
+find that format from its prompt and its format reward. The cold-start examples use exactly that
+format.
 
 Document kinds (mixed by ``mix`` weights):
 - "terse": question and bare answer ("Q: What is 3 + 4?\\nA: 7").
@@ -14,6 +16,13 @@ Document kinds (mixed by ``mix`` weights):
   the instruction is worded several ways, one of them shaped like the R1-Zero template. A real
   base model has seen such instruction-following text on the web; without it a tiny model has no
   way to follow the R1-Zero template at all. Set its weight to 0 to study the harder setting.
+- R1 tags (``r1_tag_rate``, a documented deviation): that fraction of "format" documents use the
+  pair think/answer. Off (0) means the corpus holds no think/answer tag at all, as the recipe's
+  ideal base model would have to follow the R1-Zero template by copying from its prompt alone.
+  A model of this size does not learn to copy from context in a CPU budget (measured in issue 7:
+  no induction after 2000 steps on pure copy data), so the toy world's base model instead gets a
+  small prior for the R1 tags, like a web-trained base model that has seen them, and R1-Zero's RL
+  has to raise it from there.
 - "copy": a string of random vocabulary pieces, then the same string again: the repetition web
   text is full of, which teaches a model to copy from its context (induction heads). Off by
   default: at the default budget (0.9M parameters, 600 steps) a 40% share did not make the model
@@ -60,8 +69,10 @@ _TURNS = (("User: ", " Assistant: "), ("Question: ", "\nReply: "), ("User: ", "\
 _TERSE_FORMS = ("Question: {p}\nAnswer: {s}", "Q: {p}\nA: {s}", "{t}")
 
 
-def _tag_pair(rng: random.Random) -> tuple[str, str]:
-    """Two distinct tag names from ``TAG_WORDS``."""
+def _tag_pair(rng: random.Random, r1_tag_rate: float = 0.0) -> tuple[str, str]:
+    """think/answer with probability ``r1_tag_rate``, else two distinct names from ``TAG_WORDS``."""
+    if r1_tag_rate and rng.random() < r1_tag_rate:
+        return "think", "answer"
     a, b = rng.sample(TAG_WORDS, 2)
     return a, b
 
@@ -72,7 +83,11 @@ def default_tasks() -> tuple[Task, ...]:
 
 
 def _render(
-    kind: str, rows: list[dict], rng: random.Random, pieces: Sequence[str] = TAG_WORDS
+    kind: str,
+    rows: list[dict],
+    rng: random.Random,
+    pieces: Sequence[str] = TAG_WORDS,
+    r1_tag_rate: float = 0.0,
 ) -> str:
     if kind == "terse":
         form = rng.choice(_TERSE_FORMS)
@@ -93,7 +108,7 @@ def _render(
             )
         return "\n".join(turns)
     if kind == "format":
-        a, b = _tag_pair(rng)
+        a, b = _tag_pair(rng, r1_tag_rate)
         head = rng.choice(_INSTRUCTIONS).format(
             a=a, b=b, w=rng.choice(_WORK_NAMES), r=rng.choice(_RESULT_NAMES)
         )
@@ -120,6 +135,7 @@ def pretrain_corpus(
     mix: Mapping[str, float] | None = None,
     max_problems_per_doc: int = 4,
     copy_pieces: Sequence[str] | None = None,
+    r1_tag_rate: float = 0.0,
 ) -> list[str]:
     """Plain-text pretraining documents built from train-split problems only.
 
@@ -132,8 +148,10 @@ def pretrain_corpus(
       max_problems_per_doc: each document holds 1..this many problems.
       copy_pieces: what "copy" documents are strung from (e.g. the tokenizer's vocabulary,
         decoded); default ``TAG_WORDS``.
+      r1_tag_rate: fraction of "format" documents tagged think/answer (see the module docstring).
     Returns:
-      ``n_docs`` strings with no think/answer tags; join them with the EOS token to train.
+      ``n_docs`` strings, with think/answer tags only in that fraction of "format" documents;
+      join them with the EOS token to train.
     """
     tasks = tuple(tasks or default_tasks())
     mix = dict(DEFAULT_MIX if mix is None else mix)
@@ -142,6 +160,8 @@ def pretrain_corpus(
         raise ValueError(
             f"mix must give non-negative weights to {DOC_KINDS} with a positive sum, got {mix}"
         )
+    if not 0.0 <= r1_tag_rate <= 1.0:
+        raise ValueError(f"r1_tag_rate must be in [0, 1], got {r1_tag_rate}")
     rng = random.Random(f"corpus|{seed}")
     kinds = [k for k in DOC_KINDS if mix.get(k, 0) > 0]
     plan = [
@@ -170,10 +190,12 @@ def pretrain_corpus(
         )
     docs = []
     for t, kind, k in plan:
-        doc = _render(kind, [next(pools[t]) for _ in range(k)], rng, copy_pieces or TAG_WORDS)
+        rows = [next(pools[t]) for _ in range(k)]
+        doc = _render(kind, rows, rng, copy_pieces or TAG_WORDS, r1_tag_rate)
         while kind == "copy" and any(tag in doc for tag in FORBIDDEN_TAGS):
             doc = _render(kind, [], rng, copy_pieces or TAG_WORDS)  # a random string made a tag
-        if any(tag in doc for tag in FORBIDDEN_TAGS):
+        deliberate = kind == "format" and "<think>" in doc and "<answer>" in doc
+        if not deliberate and any(tag in doc for tag in FORBIDDEN_TAGS):
             raise ValueError(f"a corpus document contains a think/answer tag:\n{doc[:300]}")
         docs.append(doc)
     return docs

@@ -326,23 +326,60 @@ def toy_base_path() -> str:
     return os.path.join(r1jax_home(), "toy_base")
 
 
+# Bump when the corpus or tokenizer code changes what the default pretraining produces (the config
+# itself is fingerprinted), so a toy base model cached by an older r1jax is rebuilt, not reused.
+TOY_RECIPE_VERSION = 2
+_TOY_STAMP = "r1jax_toy_recipe.txt"
+
+
+def toy_recipe(pretrain_config=None) -> str:
+    """Fingerprint of the recipe that builds the toy base model: the default pretraining config
+    and TOY_RECIPE_VERSION."""
+    import hashlib
+
+    if pretrain_config is None:
+        pretrain_config = load_config_file(os.path.join(_configs_dir(), "pretrain.py"))
+    text = f"{TOY_RECIPE_VERSION}|{pretrain_config.to_json(sort_keys=True)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def mark_toy_base(target: str, recipe: str | None = None) -> None:
+    """Record which recipe built the toy base model in `target`."""
+    with open(os.path.join(target, _TOY_STAMP), "w") as f:
+        f.write((recipe or toy_recipe()) + "\n")
+
+
 def resolve_model_path(path: str) -> str:
-    """The checkpoint folder for `path`; for "toy", train the toy base model first if missing."""
+    """The checkpoint folder for `path`; for "toy", train the toy base model first if it is missing
+    or was built by another recipe."""
     if path != TOY_BASE:
         return path
     target = toy_base_path()
-    if not os.path.exists(os.path.join(target, "config.json")):
+    pretrain_config = load_config_file(os.path.join(_configs_dir(), "pretrain.py"))
+    recipe = toy_recipe(pretrain_config)
+    stamp = os.path.join(target, _TOY_STAMP)
+    have = open(stamp).read().strip() if os.path.exists(stamp) else None
+    if have != recipe:
         from r1jax.stages import pretrain
 
-        pretrain_config = load_config_file(os.path.join(_configs_dir(), "pretrain.py"))
         log.info(
-            "No toy base model at %s yet: training it first with --stage=pretrain's default "
-            "config (%d steps, 10-20 minutes on a 2-core CPU; done once).",
+            "%s toy base model at %s: training it first with --stage=pretrain's default config "
+            "(%d steps, 10-20 minutes on a 2-core CPU; done once).",
+            "No" if not os.path.exists(target) else "An outdated",
             target,
             pretrain_config.pretrain.steps,
         )
-        pretrain.run(pretrain_config, os.path.join(r1jax_home(), "toy_base_run"), export_to=target)
+        run_dir = os.path.join(r1jax_home(), f"toy_base_run-{recipe}")  # resumable, per recipe
+        pretrain.run(pretrain_config, run_dir, export_to=target)
+        if _is_process_zero():
+            mark_toy_base(target, recipe)
     return target
+
+
+def _is_process_zero() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _configs_dir() -> str:

@@ -3,8 +3,9 @@
 The real recipe starts from a pretrained base model (DeepSeek-V3-Base, Qwen2.5, Llama 3); offline we
 make one, so every later stage runs through exactly the code a real run uses:
 
-  1. generate a corpus of synthetic problems, solved tersely and step by step, with no <think> or
-     <answer> tags (R1-Zero must discover that format from its prompt);
+  1. generate a corpus of synthetic problems, solved tersely and step by step, with <think> and
+     <answer> tags only in a small share of instruction-following documents (`r1_tag_rate`; see
+     r1jax/data/corpus.py for why the toy world needs that prior and 0 removes it);
   2. train a byte-level BPE tokenizer on it and save it as a Hugging Face tokenizer folder;
   3. pack the documents, EOS-separated, into rows of `seq_len` tokens;
   4. train a small Qwen2-architecture decoder on next-token prediction;
@@ -54,6 +55,8 @@ def validate(config) -> None:
             f"pretrain.mix must give non-negative weights to {corpus.DOC_KINDS} with a positive "
             f"sum, got {mix}"
         )
+    if not 0.0 <= p.r1_tag_rate <= 1.0:
+        raise common.ConfigError(f"pretrain.r1_tag_rate must be in [0, 1], got {p.r1_tag_rate}")
     arch = p.arch.to_dict()
     try:
         ModelConfig(vocab_size=p.vocab_size, **arch)
@@ -102,6 +105,7 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
         tasks=corpus_tasks(p),
         mix=p.mix.to_dict(),
         copy_pieces=[t for t in pieces if "\ufffd" not in t],  # not lone bytes of a character
+        r1_tag_rate=p.r1_tag_rate,
     )
     # 3. Packed rows; the loss covers every token that has a predecessor.
     rows = token_rows(docs, tokenizer, p.seq_len)
