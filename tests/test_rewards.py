@@ -399,6 +399,31 @@ def test_worker_death_loses_one_chunk_not_the_trainer():
             fn(["die"] * 2)
 
 
+def test_a_worker_dying_while_chunks_are_still_being_submitted_is_retried():
+    # A dead worker marks the pool broken at once, so a later submit() of the same call raises
+    # instead of returning a future: that chunk must be retried like the others.
+    from concurrent.futures.process import BrokenProcessPool
+
+    with build_reward_fn([("format", 1.0, {})], num_workers=2) as fn:
+        real, submits = fn._get_pool(), []
+
+        class BreaksOnSecondSubmit:
+            def submit(self, *args):
+                submits.append(args)
+                if len(submits) == 2:
+                    raise BrokenProcessPool("a worker died")
+                return real.submit(*args)
+
+            def shutdown(self, **kwargs):
+                real.shutdown(**kwargs)
+
+        fn._pool = BreaksOnSecondSubmit()
+        good = "<think>a</think><answer>1</answer>"
+        out = fn([good, "x", good, "y"])
+        assert len(submits) >= 2
+        np.testing.assert_array_equal(out.per_reward[0], [1, 0, 1, 0])
+
+
 def test_spec_parsing_errors():
     assert parse_spec("format").weight == 1.0
     assert parse_spec(("format", 0.5, {"prefix": "<think>"})).kwargs == {"prefix": "<think>"}

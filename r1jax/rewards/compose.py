@@ -342,10 +342,15 @@ class RewardFunction:
 
     def _submit(self, specs, texts, columns):
         pool, n = self._get_pool(), len(texts)
-        return [
-            (a, b, pool.submit(_score, specs, texts[a:b], _slice_columns(columns, n, a, b)))
-            for a, b in self._bounds(n)
-        ]
+        pending = []
+        for a, b in self._bounds(n):
+            try:
+                future = pool.submit(_score, specs, texts[a:b], _slice_columns(columns, n, a, b))
+            except BrokenProcessPool as e:  # a worker died while later chunks were submitted
+                future = concurrent.futures.Future()
+                future.set_exception(e)
+            pending.append((a, b, future))
+        return pending
 
     def _gather(self, specs, pending, texts, columns, n) -> np.ndarray:
         out = np.full((len(specs), n), np.nan)

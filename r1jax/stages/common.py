@@ -478,7 +478,9 @@ def data_config(source: str = "arithmetic", template: str = "r1_zero") -> ml_col
     c.source = source  # built-in task ("arithmetic", "countdown") or a .jsonl/.parquet path/glob
     c.template = template  # "r1_zero" (paper template), "chat" (tokenizer template), "plain"
     c.prefill_think = False  # end the prompt with "<think>" so the model starts reasoning
-    c.stop_strings = ("</answer>",)  # text that ends a completion (besides EOS / end of turn)
+    # Text that ends a completion (besides EOS / end of turn): the closing answer tag, and a new
+    # "User:" turn, where a base model prompted with the R1-Zero template writes the next exchange.
+    c.stop_strings = ("</answer>", "\nUser:")
     c.num_train = 4000  # built-in tasks: distinct training problems generated
     c.num_eval = 256  # held-out problems (built-in tasks: from the held-out split)
     c.eval_source = ""  # file data: held-out file ("" = hold out num_eval rows of source)
