@@ -22,11 +22,15 @@ def get_config(arg=None):
     d.teacher = ""  # teacher checkpoint for logit distillation ("" = trace SFT only)
     d.template = "r1_zero"  # prompt template the traces were sampled with
     d.num_examples = 400  # source="cold_start": built-in traces generated
+    d.tasks = ("arithmetic",)  # source="cold_start": the built-in tasks they solve
+    d.mistake_rate = 0.0  # source="cold_start": share of traces with a slip (see configs/sft.py)
+    d.arithmetic = common.data_config().arithmetic
+    d.countdown = common.data_config().countdown
     d.seq_len = 384
     d.pack = False
     d.batch_size = 16
-    d.epochs = 2.0
+    d.epochs = 4.0  # the toy student needs ~100 steps on a few hundred traces (see configs/sft.py)
     d.num_micro_batches = 1
 
-    config.optim = common.optim_config(learning_rate=5e-4, warmup_steps=10)
+    config.optim = common.optim_config(learning_rate=1e-3, warmup_steps=10)
     return config

@@ -12,6 +12,7 @@ import os
 from r1jax.stages import common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+LONG_BUDGET = 192  # tokens a long-CoT completion may take (R1 branch, evaluation)
 
 
 def _stage(name):
@@ -38,7 +39,16 @@ def get_config(arg=None):
     config.rejection_sampling = _stage("rejection_sampling")
     config.rejection_sampling.rejection_sampling.num_prompts = 512
     config.r1_sft = _stage("sft")
+    # 4 epochs, not the paper's 2: a few hundred kept samples, and the base needs ~100 steps to
+    # write the long chains of thought fluently (see configs/sft.py).
+    config.r1_sft.sft.epochs = 4.0
     config.r1 = _stage("rl")
+    # The R1 branch writes the cold start's long chains of thought (~100-180 tokens here), so it
+    # samples with a longer budget.
+    for name in ("reasoning_rl", "r1"):
+        config[name].rl.max_completion_length = LONG_BUDGET
+        config[name].eval.max_new_tokens = LONG_BUDGET
+    config.rejection_sampling.rejection_sampling.max_new_tokens = LONG_BUDGET
     # 3. Distillation vs RL on the student, RL getting at least as many optimizer steps.
     config.distill = _stage("distill")
     config.student_rl = _stage("rl")
@@ -46,6 +56,7 @@ def get_config(arg=None):
 
     # 4. One held-out evaluation for every checkpoint.
     config.eval_stage = _stage("eval")
+    config.eval_stage.eval.max_new_tokens = LONG_BUDGET  # the same budget for every checkpoint
     config.eval_data = common.data_config(source="arithmetic", template="r1_zero")
 
     if smoke:  # the same pipeline in minutes: tiny corpora, few steps

@@ -20,8 +20,8 @@ def get_config(arg=None):
     r = config.rejection_sampling = ml_collections.ConfigDict()
     r.num_prompts = 256  # training prompts to sample from
     r.num_samples = 4  # k answers per prompt
-    r.temperature = 1.0
-    r.top_p = 1.0
+    r.temperature = 0.6  # DeepSeek's recommended sampling for R1 models (also the eval setting)
+    r.top_p = 0.95
     r.max_new_tokens = 128
     r.batch_prompts = 64  # prompts per sampling call
     r.require_correct = True  # keep only answers the task's rule accepts

@@ -19,13 +19,24 @@ def get_config(arg=None):
 
     s = config.sft = ml_collections.ConfigDict()
     s.source = "cold_start"  # "cold_start" (built-in examples) or a JSONL/Parquet file
-    s.num_examples = 400  # cold_start: examples generated
+    s.num_examples = 1600  # cold_start: examples generated
+    # cold_start: the built-in tasks the examples solve, at the RL stage's difficulty (the cold
+    # start teaches the format and readable reasoning for the task RL then trains on).
+    s.tasks = ("arithmetic",)
+    # cold_start: share of chains of thought with a slip they catch and fix. 0: the toy model
+    # imitates the slips, not the fixes (measured: 0.3 -> held-out pass@1 0.09, 0 -> 0.37).
+    s.mistake_rate = 0.0
+    s.arithmetic = common.data_config().arithmetic
+    s.countdown = common.data_config().countdown
     s.template = "r1_zero"  # prompt template, the same the RL stage uses
     s.seq_len = 384  # tokens per row
     s.pack = False  # pack several examples per row
     s.batch_size = 16  # rows per optimizer step
-    s.epochs = 2.0  # passes over the data (the paper: 2 epochs for the rejection-sampling SFT)
+    # Passes over the data. The toy base needs ~100 optimizer steps to write the cold start's new
+    # phrases fluently (400 examples x 2 epochs: garbled, format 3%; x 4: format 98%); 1600 fresh
+    # examples once do better than 400 seen four times (pass@1 0.37 vs 0.23).
+    s.epochs = 1.0
     s.num_micro_batches = 1  # gradient accumulation
 
-    config.optim = common.optim_config(learning_rate=5e-4, warmup_steps=10, weight_decay=0.0)
+    config.optim = common.optim_config(learning_rate=1e-3, warmup_steps=10, weight_decay=0.0)
     return config

@@ -119,6 +119,26 @@ def test_sft_default_runs(toy, tmp_path):
     assert sh.max_param_change(sh.hf_params(tmp_path / "hf" / "final"), toy_params(toy)) > 0
 
 
+def test_cold_start_follows_its_tasks_difficulty_and_mistake_rate():
+    import re
+
+    from r1jax.stages import sft as sft_stage
+
+    config = sh.load_config("sft")
+    s = config.sft
+    s.num_examples, s.arithmetic.max_digits = 24, 1
+    pairs = sft_stage.load_pairs(config, tokenizer=None)
+    assert len(pairs) == 24
+    for prompt, completion in pairs:
+        a, b = map(int, re.search(r"What is (\d+) [-+] (\d+)\?", prompt).groups())
+        assert max(a, b) < 10 and "Wait" not in completion  # 1 digit; mistake_rate 0
+    s.mistake_rate = 1.0
+    assert all("Wait, that is not right" in c for _, c in sft_stage.load_pairs(config, None))
+    s.tasks = ("arithmetic", "sudoku")
+    with pytest.raises(common.ConfigError, match=r"sft.tasks: unknown task 'sudoku'"):
+        common.validate(config, "sft")
+
+
 def test_rl_default_runs_and_learns(toy, reference_rl):
     rows = sh.metric_rows(reference_rl)
     assert [r["step"] for r in rows] == list(range(1, sh.RL_STEPS + 1))
@@ -254,6 +274,12 @@ def test_pipeline_smoke(toy, tmp_path):
     assert rows[: len(pipeline.EVALUATED)] == list(pipeline.EVALUATED)
     for png in ("rl_curves.png", "comparison.png"):
         assert os.path.getsize(tmp_path / png) > 0
+    # Each RL run's trend: the first and the last logged step (a 2-step run's tenths).
+    logged = [json.loads(line) for line in open(tmp_path / "r1_zero" / "metrics.jsonl")]
+    logged = [r for r in logged if "reward" in r]
+    for key in pipeline.TREND_KEYS:
+        assert results["trends"]["r1_zero"][key] == [logged[0][key], logged[-1][key]], key
+    assert "R1-Zero's responses grow longer over training" in table
     # Stage wiring: R1's SFT and the distillation read the rejection-sampled file.
     with open(tmp_path / "r1_sft" / "config_sft.json") as f:
         assert json.load(f)["sft"]["source"] == results["stages"]["rejection_sampling"]["path"]

@@ -472,6 +472,19 @@ def optim(config: ml_collections.ConfigDict):
         raise ConfigError(str(e)) from e
 
 
+def builtin_tasks(section: ml_collections.ConfigDict) -> list:
+    """The built-in tasks named by `section.tasks`, with the difficulty knobs of its per-task
+    sub-sections (`section.arithmetic`, `section.countdown`)."""
+    from r1jax.data import tasks
+
+    out = []
+    for name in section.tasks:
+        knobs = section[name].to_dict() if name in section else {}
+        knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
+        out.append(tasks.make_task(name, **knobs))
+    return out
+
+
 def data_config(source: str = "arithmetic", template: str = "r1_zero") -> ml_collections.ConfigDict:
     """The `data` section of prompt-driven stages (rl, rejection_sampling, eval)."""
     c = ml_collections.ConfigDict()

@@ -41,6 +41,8 @@ PLAN = (
     ("distill", "distill", "student_base"),
     ("student_rl", "rl", "student_base"),
 )
+RL_RUNS = ("r1_zero", "reasoning_rl", "r1", "student_rl")
+TREND_KEYS = ("reward", "accuracy", "format", "length")  # training-batch means logged each step
 EVALUATED = (
     "base",
     "r1_zero",
@@ -85,6 +87,9 @@ def run(config, workdir: str) -> dict[str, Any]:
         results["eval"][name] = _evaluate(
             config, model_of[name], os.path.join(workdir, "eval", name)
         )
+    results["trends"] = {
+        name: _trend(os.path.join(workdir, name, "metrics.jsonl")) for name in RL_RUNS
+    }
     results["minutes"] = (time.time() - started) / 60
     if jax.process_index() == 0:
         common.write_json(os.path.join(workdir, "results.json"), results)
@@ -104,8 +109,10 @@ def _run_once(stage: str, sub, subdir: str) -> dict[str, Any]:
         with open(done) as f:
             return json.load(f)
     common.validate(sub, stage)
+    started = time.time()
     out = common.run_stage(stage, sub, subdir) or {}
     out = {k: v for k, v in out.items() if isinstance(v, int | float | str)}
+    out["minutes"] = (time.time() - started) / 60  # kept across resumes, unlike the total
     common.write_json(done, out)
     return out
 
@@ -131,6 +138,24 @@ def _evaluate(config, model_path: str, subdir: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _trend(metrics_path: str) -> dict[str, list[float]]:
+    """Each of TREND_KEYS as [mean over the first tenth of the run's steps, over the last tenth]."""
+    from r1jax import metrics
+
+    if not os.path.exists(metrics_path):
+        return {}
+    rows = [r for r in metrics.read_metrics(metrics_path) if "reward" in r]
+    if not rows:
+        return {}
+    window = max(1, len(rows) // 10)
+
+    def mean(part, key):
+        values = [r[key] for r in part if key in r]
+        return sum(values) / len(values) if values else float("nan")
+
+    return {k: [mean(rows[:window], k), mean(rows[-window:], k)] for k in TREND_KEYS}
+
+
 def results_markdown(results: dict[str, Any], config) -> str:
     """The comparison table and the findings, as printed by the run."""
     k = config.eval_stage.eval.num_samples
@@ -144,10 +169,22 @@ def results_markdown(results: dict[str, Any], config) -> str:
             f"{r.get(f'pass@{k}', float('nan')):.3f} | {r['format']:.3f} | "
             f"{r['mean_length']:.1f} |"
         )
+    trends = results.get("trends", {})
+    lines += [
+        "",
+        "| RL run (train batches, first tenth -> last tenth) | " + " | ".join(TREND_KEYS) + " |",
+        "|---|" + "---|" * len(TREND_KEYS),
+    ]
+    for name, t in trends.items():
+        if t:
+            cells = [f"{t[k][0]:.3f} -> {t[k][1]:.3f}" for k in TREND_KEYS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     e = results["eval"]
+    zero_length = trends.get("r1_zero", {}).get("length", [float("nan")] * 2)
     findings = [
         ("R1-Zero beats the base model", e["r1_zero"]["pass@1"] > e["base"]["pass@1"]),
         ("R1-Zero learns the format", e["r1_zero"]["format"] > e["base"]["format"] + 0.5),
+        ("R1-Zero's responses grow longer over training", zero_length[1] > zero_length[0]),
         ("R1 >= R1-Zero in accuracy", e["r1"]["pass@1"] >= e["r1_zero"]["pass@1"]),
         ("R1 is better formed than R1-Zero", e["r1"]["format"] >= e["r1_zero"]["format"]),
         (
@@ -158,6 +195,9 @@ def results_markdown(results: dict[str, Any], config) -> str:
     lines += ["", "| finding (paper) | reproduced here |", "|---|---|"]
     lines += [f"| {text} | {'yes' if ok else 'NO'} |" for text, ok in findings]
     lines += ["", f"seed {results['seed']}, {results['minutes']:.1f} minutes"]
+    timed = {n: r["minutes"] for n, r in results["stages"].items() if "minutes" in r}
+    if timed:
+        lines.append("minutes per stage: " + ", ".join(f"{n} {m:.1f}" for n, m in timed.items()))
     return "\n".join(lines) + "\n"
 
 

@@ -42,7 +42,7 @@ def validate(config) -> None:
             f"mesh's {ways} batch shards (mesh.data * mesh.fsdp * mesh.expert)"
         )
     try:
-        corpus_tasks(p)
+        common.builtin_tasks(p)
     except (KeyError, TypeError, ValueError) as e:
         raise common.ConfigError(f"pretrain.tasks: {e}") from e
     mix = p.mix.to_dict()
@@ -63,17 +63,6 @@ def validate(config) -> None:
     except (TypeError, ValueError) as e:
         raise common.ConfigError(f"pretrain.arch: {e}") from e
     common.optim(config)
-
-
-def corpus_tasks(p) -> list:
-    """The built-in tasks of the corpus, with the difficulty knobs of their config sections."""
-    from r1jax.data import tasks
-
-    out = []
-    for name in p.tasks:
-        knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in p[name].to_dict().items()}
-        out.append(tasks.make_task(name, **knobs))
-    return out
 
 
 def token_rows(docs: list[str], tokenizer, seq_len: int) -> np.ndarray:
@@ -102,7 +91,7 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
     docs = corpus.pretrain_corpus(
         p.corpus_docs,
         seed=config.seed,
-        tasks=corpus_tasks(p),
+        tasks=common.builtin_tasks(p),
         mix=p.mix.to_dict(),
         copy_pieces=[t for t in pieces if "\ufffd" not in t],  # not lone bytes of a character
         r1_tag_rate=p.r1_tag_rate,
