@@ -45,7 +45,7 @@ def get_config(arg=None):
     r.num_generations = 8  # G: completions per prompt
     r.num_iterations = 1  # μ: optimizer steps per rollout batch
     # KL weight to the reference model (0 = reference not loaded). The toy model needs a strong
-    # anchor: at 0 it collapses to short constant answers (see the README's R1-Zero section).
+    # anchor: at 0 it collapses to short constant answers (see the README's pipeline section).
     r.beta = 0.2
     r.epsilon_low = 0.2  # clip ratio below at 1 - epsilon_low
     r.epsilon_high = 0.2  # clip ratio above at 1 + epsilon_high (> low: DAPO clip-higher)

@@ -34,7 +34,7 @@ def get_config(arg=None):
     s.batch_size = 16  # rows per optimizer step
     # Passes over the data. The toy base needs ~100 optimizer steps to write the cold start's new
     # phrases fluently (400 examples x 2 epochs: garbled, format 3%; x 4: format 98%); 1600 fresh
-    # examples once do better than 400 seen four times (pass@1 0.37 vs 0.23).
+    # examples seen once (100 steps) generalise best (see the README's pipeline section).
     s.epochs = 1.0
     s.num_micro_batches = 1  # gradient accumulation
 
