@@ -210,16 +210,17 @@ def _plots(workdir: str, results: dict[str, Any]) -> None:
 
     from r1jax import metrics
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name in ("r1_zero", "reasoning_rl", "r1", "student_rl"):
+    keys = ("reward", "accuracy", "completions/mean_length", "eval/accuracy")
+    fig, axes = plt.subplots(1, len(keys), figsize=(20, 4))
+    for name in RL_RUNS:
         path = os.path.join(workdir, name, "metrics.jsonl")
         if not os.path.exists(path):
             continue
         rows = metrics.read_metrics(path)
-        steps = [r["step"] for r in rows]
-        for ax, key in zip(axes, ("reward", "accuracy", "completions/mean_length"), strict=True):
-            ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=name)
-            ax.set_title(key)
+        for ax, key in zip(axes, keys, strict=True):
+            logged = [r for r in rows if key in r]  # eval/ keys: only every eval.every steps
+            ax.plot([r["step"] for r in logged], [r[key] for r in logged], label=name, marker=".")
+            ax.set_title(key if key.startswith("eval/") else f"{key} (training batches)")
             ax.set_xlabel("GRPO step")
     axes[0].legend()
     fig.tight_layout()
