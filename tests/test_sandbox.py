@@ -43,8 +43,13 @@ def score(code: str, expected: str, stdin: str = "", cfg: SandboxConfig = CFG) -
     return reward
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name: [state, parent pid, ...]."""
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+
+
 def _parent(pid: int) -> int:
-    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    return int(_stat(pid)[1])
 
 
 def _other_test_workers() -> set[int]:
@@ -88,7 +93,7 @@ def sandbox_processes() -> list[str]:
                     continue
                 if _descends_from(int(pid), others):
                     continue
-                state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+                state = _stat(int(pid))[0]
                 cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
                 if state != "Z" and cmdline:  # an empty cmdline: exiting, memory already freed
                     found.append(cmdline.decode(errors="replace"))

@@ -472,16 +472,20 @@ def optim(config: ml_collections.ConfigDict):
         raise ConfigError(str(e)) from e
 
 
-def builtin_tasks(section: ml_collections.ConfigDict) -> list:
+def builtin_tasks(section: ml_collections.ConfigDict, where: str) -> list:
     """The built-in tasks named by `section.tasks`, with the difficulty knobs of its per-task
-    sub-sections (`section.arithmetic`, `section.countdown`)."""
+    sub-sections (`section.arithmetic`, `section.countdown`). A bad name or knob is a ConfigError
+    naming `<where>.tasks`."""
     from r1jax.data import tasks
 
     out = []
     for name in section.tasks:
         knobs = section[name].to_dict() if name in section else {}
         knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
-        out.append(tasks.make_task(name, **knobs))
+        try:
+            out.append(tasks.make_task(name, **knobs))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}.tasks: {e}") from e
     return out
 
 

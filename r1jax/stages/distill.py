@@ -33,10 +33,7 @@ def validate(config) -> None:
             f"'cold_start' for the built-in long-CoT traces"
         )
     if d.source == "cold_start":
-        try:
-            common.builtin_tasks(d)
-        except (KeyError, TypeError, ValueError) as e:
-            raise common.ConfigError(f"distill.tasks: {e}") from e
+        common.builtin_tasks(d, "distill")
     if d.teacher and d.teacher != common.TOY_BASE and not os.path.isdir(d.teacher):
         raise common.ConfigError(f"distill.teacher {d.teacher!r} is not a folder")
     if min(d.epochs, d.batch_size, d.seq_len, d.num_micro_batches) <= 0:

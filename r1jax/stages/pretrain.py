@@ -41,10 +41,7 @@ def validate(config) -> None:
             f"pretrain.batch_size={p.batch_size} must be a multiple of the "
             f"mesh's {ways} batch shards (mesh.data * mesh.fsdp * mesh.expert)"
         )
-    try:
-        common.builtin_tasks(p)
-    except (KeyError, TypeError, ValueError) as e:
-        raise common.ConfigError(f"pretrain.tasks: {e}") from e
+    common.builtin_tasks(p, "pretrain")
     mix = p.mix.to_dict()
     if (
         set(mix) - set(corpus.DOC_KINDS)
@@ -91,7 +88,7 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
     docs = corpus.pretrain_corpus(
         p.corpus_docs,
         seed=config.seed,
-        tasks=common.builtin_tasks(p),
+        tasks=common.builtin_tasks(p, "pretrain"),
         mix=p.mix.to_dict(),
         copy_pieces=[t for t in pieces if "\ufffd" not in t],  # not lone bytes of a character
         r1_tag_rate=p.r1_tag_rate,

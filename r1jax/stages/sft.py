@@ -31,10 +31,7 @@ def validate(config) -> None:
     if s.source != "cold_start" and not os.path.exists(s.source):
         raise common.ConfigError(f"sft.source {s.source!r} is neither 'cold_start' nor a file")
     if s.source == "cold_start":
-        try:
-            common.builtin_tasks(s)
-        except (KeyError, TypeError, ValueError) as e:
-            raise common.ConfigError(f"sft.tasks: {e}") from e
+        common.builtin_tasks(s, "sft")
     if s.template not in templates.TEMPLATES:
         raise common.ConfigError(f"sft.template must be one of {templates.TEMPLATES}")
     if min(s.epochs, s.batch_size, s.seq_len, s.num_micro_batches) <= 0:
@@ -57,7 +54,7 @@ def load_pairs(config, tokenizer) -> list[tuple[str, str]]:
         rows = corpus.cold_start_examples(
             s.num_examples,
             seed=config.seed,
-            tasks=common.builtin_tasks(s),
+            tasks=common.builtin_tasks(s, "sft"),
             mistake_rate=s.mistake_rate,
         )
     else:
