@@ -49,7 +49,7 @@ def get_config(arg=None):
         learning_rate=3e-3,
         warmup_steps=50,
         schedule="cosine",
-        total_steps=p.steps,
+        total_steps=p.steps,  # the cosine spans pretrain.steps even when that is overridden
         weight_decay=0.1,
     )
     return config

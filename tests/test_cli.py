@@ -113,6 +113,21 @@ def test_help_lists_stages_and_config_fields():
     assert out.returncode == 0 and "r1_zero.rl.steps = 2 (int)" in out.stdout
 
 
+def test_a_cosine_schedule_spans_the_stage_steps_given_on_the_command_line():
+    """`--config.pretrain.steps=1200` must not leave the second half at learning rate 0 because
+    the config's optim.total_steps still says 600."""
+    from r1jax import train
+
+    config = sh.load_config("pretrain")
+    sh.set_fields(config, {"pretrain.steps": 1200})
+    assert config.optim.schedule == "cosine" and config.optim.total_steps == 600
+    lr = train.learning_rate_schedule(common.optim(config, config.pretrain.steps))
+    assert float(lr(900)) > 0.1 * config.optim.learning_rate
+    assert float(lr(1200)) == pytest.approx(0.0, abs=1e-9)
+    constant = sh.load_config("rl")
+    assert common.optim(constant, 7) == common.optim(constant)  # only a cosine is stretched
+
+
 def test_mesh_expert_and_router_bias_rate_reach_a_deepseek_model(monkeypatch):
     from test_deepseek import checkpoint as deepseek_checkpoint
 

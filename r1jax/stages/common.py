@@ -462,12 +462,20 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
     return c
 
 
-def optim(config: ml_collections.ConfigDict):
-    """The typed OptimConfig of a stage config (errors name the optim.* field)."""
+def optim(config: ml_collections.ConfigDict, run_steps: int | None = None):
+    """The typed OptimConfig of a stage config (errors name the optim.* field).
+
+    run_steps: the optimizer steps the stage will take, when it knows them; a "cosine" schedule
+    then decays to 0 over exactly those steps (`optim.total_steps` is ignored), so overriding the
+    stage's step count on the command line cannot leave the run at learning rate 0.
+    """
     from r1jax.train import OptimConfig
 
+    fields = config.optim.to_dict()
+    if run_steps is not None and fields["schedule"] == "cosine":
+        fields["total_steps"] = run_steps
     try:
-        return OptimConfig(**config.optim.to_dict())
+        return OptimConfig(**fields)
     except ValueError as e:
         raise ConfigError(str(e)) from e
 

@@ -124,7 +124,7 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
         **p.arch.to_dict(),
     )
     model = sharding.create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(config.seed)), mesh)
-    state = train.TrainState.create(model, common.optim(config), mesh)
+    state = train.TrainState.create(model, common.optim(config, p.steps), mesh)
     log.info("toy base model: %.2fM parameters (%s)", cfg.num_params / 1e6, cfg)
 
     ckpt = checkpoint.Checkpointer(

@@ -121,7 +121,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     # -- the policy, its optimizer, and the frozen reference (only when β > 0) --
     mesh = common.make_mesh(config)
     model, tokenizer = common.load_model(config, mesh)
-    state = train.TrainState.create(model, common.optim(config), mesh)
+    state = train.TrainState.create(model, common.optim(config, config.rl.steps), mesh)
     ref = None
     if config.rl.beta > 0:
         ref_config = config.copy_and_resolve_references()

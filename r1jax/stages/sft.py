@@ -109,10 +109,7 @@ def train_on_pairs(config, s, workdir: str, model, tokenizer, pairs, mesh, teach
         batch_all.num_skipped,
         steps,
     )
-    optim = common.optim(config)
-    if optim.schedule == "cosine" and optim.total_steps != steps:
-        optim = train.OptimConfig(**{**optim.__dict__, "total_steps": steps})
-    state = train.TrainState.create(model, optim, mesh)
+    state = train.TrainState.create(model, common.optim(config, steps), mesh)
     step_cfg = sft.SFTConfig(num_micro_batches=s.num_micro_batches)
 
     ckpt = checkpoint.Checkpointer(
