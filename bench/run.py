@@ -98,7 +98,8 @@ def table(result: dict) -> str:
     b = [r for r in result["rows"] if r["workload"] == "B"]
     if b:
         out += [
-            "B  one GRPO step, 4 prompts x 4 samples, 32 + 128 tokens, beta 0.04 (seconds)",
+            "B  one GRPO step, 4 prompts x 4 samples, 32 + 128 tokens, beta 0.04, micro-batches "
+            f"of {bench_grpo.MICRO_BATCH_ROWS} rows (seconds)",
             "| model | full step | rollout | update | compile s | compiles (steady) |",
             "|---|---|---|---|---|---|",
         ]
@@ -128,12 +129,14 @@ def table(result: dict) -> str:
     if c:
         out += [
             "C  update throughput, rows x 160 tokens",
-            "| model | rows | update s | tokens/s | GFLOP/s | MFU | compiles (steady) |",
-            "|---|---|---|---|---|---|---|",
+            "| model | rows | micro-batch rows | update s | tokens/s | GFLOP/s | MFU | "
+            "compiles (steady) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in c:
             out.append(
-                f"| {r['model']} | {r['rows']} | {_fmt(r['update_s'], digits=3)} | "
+                f"| {r['model']} | {r['rows']} | {r.get('micro_batch_rows', r['rows'])} | "
+                f"{_fmt(r['update_s'], digits=3)} | "
                 f"{r['tokens_per_s']:.0f} | {r['achieved_gflops']:.1f} | "
                 f"{100 * r['mfu']:.0f}% | {r['compiles_steady']} |"
             )

@@ -55,7 +55,10 @@ def get_config(arg=None):
     r.temperature = 1.0
     r.top_k = 0
     r.top_p = 1.0
-    r.num_micro_batches = 1  # gradient accumulation per optimizer step
+    # Gradient accumulation per optimizer step (the reference forward takes the same micro-batches).
+    # 0 = automatic: on a CPU, micro-batches of 4 rows per batch shard, whose activations stay in
+    # cache (toy default: 2.6 -> 1.9 s per step); on an accelerator the whole batch at once.
+    r.num_micro_batches = 0
     r.ref_model = ""  # reference checkpoint ("" = the starting model.path)
 
     # A learned reward model (R1's "RL for all scenarios"), added to the rule rewards with

@@ -36,7 +36,8 @@ def get_config(arg=None):
     # phrases fluently (400 examples x 2 epochs: garbled, format 3%; x 4: format 98%); 1600 fresh
     # examples seen once (100 steps) generalise best (see the README's pipeline section).
     s.epochs = 1.0
-    s.num_micro_batches = 1  # gradient accumulation
+    # Gradient accumulation; 0 = automatic (configs/rl.py; toy cold start: 0.89 -> 0.63 s per step).
+    s.num_micro_batches = 0
 
     config.optim = common.optim_config(learning_rate=1e-3, warmup_steps=10, weight_decay=0.0)
     return config

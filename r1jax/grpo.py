@@ -484,7 +484,10 @@ class GRPOConfig:
     max_completion_length: Tc, the sampling budget per completion, in tokens.
     temperature, top_k, top_p: sampling settings; the loss's log-probs use the same temperature.
     num_micro_batches: gradient-accumulation steps per optimizer step (TRL's
-                       `gradient_accumulation_steps`); P * G must divide by it.
+                       `gradient_accumulation_steps`); P * G must divide by it. The rollout's
+                       reference and old-policy forwards take the same micro-batches. On a CPU,
+                       micro-batches of a few rows are faster (they stay in cache); on an
+                       accelerator use the fewest that fit in memory.
     stop_token_ids:    token ids that end a completion (the tokenizer's EOS, ...).
     stop_sequences:    token-id sequences that end a completion (e.g. "</answer>" tokenised).
     pad_token_id:      fills completions after their end.
@@ -780,20 +783,24 @@ def _rollout(
         score_args += (jnp.repeat(jnp.asarray(row_ids, jnp.int32), g),)
     rewards, per_reward = reward_fn(*score_args)  # [B], [R, B]: host callback
 
-    logprobs = functools.partial(
-        completion_logprobs,
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        completion_ids=out.tokens,
-        completion_mask=out.mask,
-        temperature=cfg.temperature,
-        chunk_size=cfg.logprob_chunk_size,
+    # The scoring forwards run micro-batch by micro-batch, as the update does: the same memory
+    # bound, and on a CPU a micro-batch's activations stay in cache (bench/NOTES.md).
+    micro_batches = train.split_micro_batches(
+        (prompt_ids, prompt_mask, out.tokens, out.mask), cfg.num_micro_batches
     )
+
+    def logprobs(model):  # -> [B, Tc]
+        def one(micro):
+            kw = dict(temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
+            return completion_logprobs(model, *micro, **kw)[0]
+
+        return train.merge_micro_batches(jax.lax.map(one, micro_batches))
+
     old = ref = None
     if cfg.num_iterations > 1:
-        old = logprobs(nnx.merge(policy_graphdef, policy_state))[0]
+        old = logprobs(nnx.merge(policy_graphdef, policy_state))
     if cfg.beta > 0:
-        ref = logprobs(nnx.merge(ref_graphdef, ref_state))[0]
+        ref = logprobs(nnx.merge(ref_graphdef, ref_state))
 
     truncated = out.stop_reason == sampling.LENGTH
     rollouts = Rollouts(

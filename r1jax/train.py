@@ -217,6 +217,13 @@ def split_micro_batches(batch: Any, num_micro_batches: int) -> Any:
     return jax.tree.map(one, batch)
 
 
+def merge_micro_batches(x: jax.Array) -> jax.Array:
+    """Inverse of `split_micro_batches` for one array: [k, B / k, ...] -> [B, ...]."""
+    x = x.swapaxes(0, 1)
+    x = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    return sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
 def accumulate_gradients(
     loss_fn: Callable[[nnx.Module, Any], tuple[jax.Array, dict[str, jax.Array]]],
     model: nnx.Module,

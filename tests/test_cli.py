@@ -128,6 +128,24 @@ def test_a_cosine_schedule_spans_the_stage_steps_given_on_the_command_line():
     assert common.optim(constant, 7) == common.optim(constant)  # only a cosine is stretched
 
 
+def test_automatic_micro_batches_keep_a_few_rows_per_shard_and_bad_counts_are_named():
+    import jax
+
+    config = sh.load_config("rl")
+    assert config.rl.num_micro_batches == 0  # automatic
+    ways = common.batch_ways(config, jax.device_count())
+    for rows in (64 * ways, 16 * ways, 4 * ways, ways):
+        k = common.micro_batches(config, "rl", rows)
+        assert rows % (k * ways) == 0
+        assert rows // (k * ways) == min(rows // ways, common.CPU_MICRO_BATCH_ROWS)
+    config.rl.num_micro_batches = 3
+    with pytest.raises(common.ConfigError, match=r"rl.num_micro_batches=3 must split the 64 rows"):
+        common.micro_batches(config, "rl", 64)
+    config.rl.num_micro_batches = -1
+    with pytest.raises(common.ConfigError, match=r"rl.num_micro_batches must be >= 0"):
+        common.micro_batches(config, "rl", 64)
+
+
 def test_mesh_expert_and_router_bias_rate_reach_a_deepseek_model(monkeypatch):
     from test_deepseek import checkpoint as deepseek_checkpoint
 

@@ -287,6 +287,31 @@ def test_reference_model_is_only_run_when_beta_is_positive(monkeypatch):
         )
 
 
+def test_rollout_scores_micro_batch_by_micro_batch_with_the_same_log_probs():
+    """num_micro_batches splits the rollout's reference and old-policy forwards too; every row's
+    log-probs must be those of the whole-batch forward, in the right row."""
+    policy_graphdef, policy_state = nnx.split(tiny_model())
+    policy = grpo.SamplingPolicy(policy_graphdef, policy_state, sharding.single_device_mesh())
+    ref = tiny_model(seed=1)
+    prompts = np.random.RandomState(0).randint(1, CFG.vocab_size, (P, TP)).astype(np.int32)
+    outs = {}
+    for k in (1, 4):
+        cfg = grpo.GRPOConfig(
+            num_generations=G, num_iterations=2, beta=0.1, max_completion_length=TC,
+            num_micro_batches=k,
+        )  # fmt: skip
+        rollouts, _ = grpo.rollout(
+            policy, ref, prompts, np.ones_like(prompts), jax.random.key(3), EvenTokens(), cfg
+        )
+        outs[k] = jax.device_get(rollouts)
+    np.testing.assert_array_equal(outs[1].completion_ids, outs[4].completion_ids)
+    mask = outs[1].completion_mask.astype(bool)
+    for name in ("ref_logprobs", "old_logprobs"):
+        whole, micro = getattr(outs[1], name), getattr(outs[4], name)
+        np.testing.assert_allclose(micro[mask], whole[mask], rtol=1e-5, atol=1e-5, err_msg=name)
+    assert np.ptp(outs[1].ref_logprobs[mask]) > 0.1  # rows differ, so a row mix-up would show
+
+
 def test_non_finite_gradients_skip_the_update():
     state = train.TrainState.create(tiny_model(), OPTIM)
     rollouts = synthetic_rollouts()

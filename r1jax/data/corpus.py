@@ -21,9 +21,9 @@ Document kinds (mixed by ``mix`` weights):
   ideal base model would have to follow the R1-Zero template by copying from its prompt alone.
   A model of this size does not learn to copy from context in a CPU budget (measured: no
   content-based copying after 500 steps on pure copy data with random offsets, nor with "copy"
-  documents mixed in or as a copy-only warm-up; see the README), so the toy world's base model gets a
-  small prior for the R1 tags, like a web-trained base model that has seen them, and R1-Zero's RL
-  has to raise it from there.
+  documents mixed in or as a copy-only warm-up; see the README), so the toy world's base model
+  gets a small prior for the R1 tags, like a web-trained base model that has seen them, and
+  R1-Zero's RL has to raise it from there.
 - "copy": a string of random vocabulary pieces, then the same string again: the repetition web
   text is full of, which teaches a model to copy from its context (induction heads). Off by
   default: at the default budget (0.9M parameters, 600 steps) shares up to 60% of the documents

@@ -36,17 +36,17 @@ def validate(config) -> None:
         common.builtin_tasks(d, "distill")
     if d.teacher and d.teacher != common.TOY_BASE and not os.path.isdir(d.teacher):
         raise common.ConfigError(f"distill.teacher {d.teacher!r} is not a folder")
-    if min(d.epochs, d.batch_size, d.seq_len, d.num_micro_batches) <= 0:
+    if min(d.epochs, d.batch_size, d.seq_len) <= 0:
         raise common.ConfigError(
-            "distill.epochs, distill.batch_size, distill.seq_len and "
-            "distill.num_micro_batches must be > 0"
+            "distill.epochs, distill.batch_size and distill.seq_len must be > 0"
         )
     ways = common.batch_ways(config, jax.device_count())
-    if d.batch_size % (ways * d.num_micro_batches):
+    if d.batch_size % ways:
         raise common.ConfigError(
-            f"distill.batch_size={d.batch_size} must be a multiple of "
-            f"distill.num_micro_batches * the mesh's {ways} batch shards"
+            f"distill.batch_size={d.batch_size} must be a multiple of the mesh's {ways} batch "
+            "shards"
         )
+    common.micro_batches(config, "distill", d.batch_size)
     common.optim(config)
 
 
@@ -76,7 +76,7 @@ def run(config, workdir: str) -> dict:
         " with logit distillation" if teacher is not None else "",
     )
     return sft_stage.train_on_pairs(
-        config, d, workdir, student, tokenizer, pairs, mesh, teacher=teacher
+        config, "distill", workdir, student, tokenizer, pairs, mesh, teacher=teacher
     )
 
 

@@ -41,6 +41,7 @@ def validate(config) -> None:
             f"pretrain.batch_size={p.batch_size} must be a multiple of the "
             f"mesh's {ways} batch shards (mesh.data * mesh.fsdp * mesh.expert)"
         )
+    common.micro_batches(config, "pretrain", p.batch_size)
     common.builtin_tasks(p, "pretrain")
     mix = p.mix.to_dict()
     if (
@@ -126,6 +127,9 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
     model = sharding.create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(config.seed)), mesh)
     state = train.TrainState.create(model, common.optim(config, p.steps), mesh)
     log.info("toy base model: %.2fM parameters (%s)", cfg.num_params / 1e6, cfg)
+    step_cfg = sft.SFTConfig(
+        num_micro_batches=common.micro_batches(config, "pretrain", p.batch_size)
+    )
 
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -148,7 +152,7 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
     row = {}
     for step in range(start, p.steps):
         idx = common.batch_indices(len(rows), step, p.batch_size, config.seed)
-        row = jax.device_get(sft.train_step(state, {"input_ids": rows[idx], **fixed}))
+        row = jax.device_get(sft.train_step(state, {"input_ids": rows[idx], **fixed}, step_cfg))
         writer.write(step + 1, row)
         ckpt.save(
             step + 1,

@@ -54,7 +54,9 @@ def grpo_config(config, tokenizer, prompt_set: common.PromptSet) -> grpo.GRPOCon
             temperature=r.temperature,
             top_k=r.top_k,
             top_p=r.top_p,
-            num_micro_batches=r.num_micro_batches,
+            num_micro_batches=common.micro_batches(
+                config, "rl", r.prompts_per_step * r.num_generations
+            ),
             stop_token_ids=prompt_set.stop_token_ids,
             stop_sequences=prompt_set.stop_sequences,
             pad_token_id=tokenizer.pad_token_id or 0,
@@ -77,14 +79,14 @@ def validate(config) -> None:
     r = config.rl
     if r.steps < 1 or r.prompts_per_step < 1:
         raise common.ConfigError("rl.steps and rl.prompts_per_step must be >= 1")
-    # The typed config checks its own fields (loss type, clipping, G >= 2, micro-batches >= 1 ...)
-    # first, so the divisibility checks below never divide by an invalid value.
+    # The typed config checks its own fields (loss type, clipping, G >= 2 ...)
+    # first; the micro-batch count (0 = automatic) is resolved and checked by common.micro_batches.
     try:
         grpo.GRPOConfig(
             **{
                 k: v
                 for k, v in r.to_dict().items()
-                if k not in ("steps", "prompts_per_step", "ref_model")
+                if k not in ("steps", "prompts_per_step", "ref_model", "num_micro_batches")
             }
         )
     except ValueError as e:
@@ -97,11 +99,7 @@ def validate(config) -> None:
             f"split over the mesh's {ways} batch shards (mesh.data * mesh.fsdp * mesh.expert); "
             "make it a multiple"
         )
-    if rollout_rows % r.num_micro_batches or (rollout_rows // r.num_micro_batches) % ways:
-        raise common.ConfigError(
-            f"rl.num_micro_batches={r.num_micro_batches} must divide the {rollout_rows} rollout "
-            f"rows into micro-batches that split over the {ways} batch shards"
-        )
+    common.micro_batches(config, "rl", rollout_rows)
     if r.beta > 0 and r.ref_model and not os.path.isdir(r.ref_model):
         raise common.ConfigError(f"rl.ref_model {r.ref_model!r} is not a folder")
     weights = config.rewards.to_dict()

@@ -34,16 +34,14 @@ def validate(config) -> None:
         common.builtin_tasks(s, "sft")
     if s.template not in templates.TEMPLATES:
         raise common.ConfigError(f"sft.template must be one of {templates.TEMPLATES}")
-    if min(s.epochs, s.batch_size, s.seq_len, s.num_micro_batches) <= 0:
-        raise common.ConfigError(
-            "sft.epochs, sft.batch_size, sft.seq_len and sft.num_micro_batches must be > 0"
-        )
+    if min(s.epochs, s.batch_size, s.seq_len) <= 0:
+        raise common.ConfigError("sft.epochs, sft.batch_size and sft.seq_len must be > 0")
     ways = common.batch_ways(config, jax.device_count())
-    if s.batch_size % (ways * s.num_micro_batches):
+    if s.batch_size % ways:
         raise common.ConfigError(
-            f"sft.batch_size={s.batch_size} must be a multiple of "
-            f"sft.num_micro_batches * the mesh's {ways} batch shards"
+            f"sft.batch_size={s.batch_size} must be a multiple of the mesh's {ways} batch shards"
         )
+    common.micro_batches(config, "sft", s.batch_size)
     common.optim(config)
 
 
@@ -85,16 +83,20 @@ def run(config, workdir: str) -> dict:
     mesh = common.make_mesh(config)
     model, tokenizer = common.load_model(config, mesh)
     return train_on_pairs(
-        config, config.sft, workdir, model, tokenizer, load_pairs(config, tokenizer), mesh
+        config, "sft", workdir, model, tokenizer, load_pairs(config, tokenizer), mesh
     )
 
 
-def train_on_pairs(config, s, workdir: str, model, tokenizer, pairs, mesh, teacher=None) -> dict:
+def train_on_pairs(
+    config, section: str, workdir: str, model, tokenizer, pairs, mesh, teacher=None
+) -> dict:
     """The SFT loop shared with `distill`: epochs over (prompt, completion) pairs.
 
-    s: the stage's section (seq_len, pack, batch_size, epochs, num_micro_batches). With `teacher`,
-    each step is logit distillation (KL to the teacher) instead of cross-entropy on the tokens.
+    section: the stage's section name, "sft" or "distill" (seq_len, pack, batch_size, epochs,
+    num_micro_batches). With `teacher`, each step is logit distillation (KL to the teacher)
+    instead of cross-entropy on the tokens.
     """
+    s = config[section]
     batch_all = tokenize_sft(
         tokenizer, [p for p, _ in pairs], [c for _, c in pairs], seq_len=s.seq_len, pack=s.pack
     )
@@ -110,7 +112,7 @@ def train_on_pairs(config, s, workdir: str, model, tokenizer, pairs, mesh, teach
         steps,
     )
     state = train.TrainState.create(model, common.optim(config, steps), mesh)
-    step_cfg = sft.SFTConfig(num_micro_batches=s.num_micro_batches)
+    step_cfg = sft.SFTConfig(num_micro_batches=common.micro_batches(config, section, s.batch_size))
 
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"),
