@@ -40,7 +40,7 @@ def get_config(arg=None):
     )
 
     r = config.rl = ml_collections.ConfigDict()
-    r.steps = 80  # GRPO steps (one rollout batch each); ~4 s each on 2 CPU cores
+    r.steps = 80  # GRPO steps (one rollout batch each); ~2 s each on 2 CPU cores
     r.prompts_per_step = 8  # P: prompts per rollout batch
     r.num_generations = 8  # G: completions per prompt
     r.num_iterations = 1  # μ: optimizer steps per rollout batch

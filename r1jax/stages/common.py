@@ -401,7 +401,7 @@ def resolve_model_path(path: str) -> str:
 
         log.info(
             "%s toy base model at %s: training it first with --stage=pretrain's default config "
-            "(%d steps, 10-20 minutes on a 2-core CPU; done once).",
+            "(%d steps, 4-5 minutes on a 2-core CPU; done once).",
             "No" if not os.path.exists(target) else "An outdated",
             target,
             pretrain_config.pretrain.steps,
