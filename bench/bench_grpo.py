@@ -48,7 +48,7 @@ PROMPTS, GROUP, PROMPT_LEN, COMPLETION_LEN = 4, 4, 32, 128
 UPDATE_ROWS = (16, 64)
 # Rows per micro-batch of the scoring forwards and the update (GRPOConfig.num_micro_batches =
 # rows / this). 4 rows x 160 tokens keep a micro-batch's activations in this CPU's cache: the tiny
-# update is 1.4x (16 rows) to 1.6x (64 rows) faster than in one piece (bench/NOTES.md, "U1").
+# update is 1.3x (16 rows) to 1.6x (64 rows) faster than in one piece (bench/NOTES.md, "U1").
 MICRO_BATCH_ROWS = 4
 LEARNING_RATE = 1e-6
 BETA = 0.04

@@ -487,7 +487,8 @@ class GRPOConfig:
                        `gradient_accumulation_steps`); P * G must divide by it. The rollout's
                        reference and old-policy forwards take the same micro-batches. On a CPU,
                        micro-batches of a few rows are faster (they stay in cache); on an
-                       accelerator use the fewest that fit in memory.
+                       accelerator use the fewest that fit in memory. `bnpo` then averages
+                       tokens per micro-batch (as TRL does with gradient accumulation).
     stop_token_ids:    token ids that end a completion (the tokenizer's EOS, ...).
     stop_sequences:    token-id sequences that end a completion (e.g. "</answer>" tokenised).
     pad_token_id:      fills completions after their end.

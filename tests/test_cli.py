@@ -126,6 +126,17 @@ def test_a_cosine_schedule_spans_the_stage_steps_given_on_the_command_line():
     assert float(lr(1200)) == pytest.approx(0.0, abs=1e-9)
     constant = sh.load_config("rl")
     assert common.optim(constant, 7) == common.optim(constant)  # only a cosine is stretched
+    # Validation judges the same schedule the run will build: GRPO's μ optimizer steps per step
+    # count, and a run too short for its warmup is refused up front, naming its length.
+    from r1jax.stages import rl as rl_stage
+
+    rl = sh.load_config("rl")
+    sh.set_fields(rl, {"optim.schedule": "cosine", "rl.num_iterations": 2})
+    rl_stage.validate(rl)  # optim.total_steps is 0 in the config; the run takes 160
+    assert common.optim(rl, rl_stage.optimizer_steps(rl)).total_steps == 160
+    sh.set_fields(config, {"pretrain.steps": 30})
+    with pytest.raises(common.ConfigError, match="warmup_steps=50; this run takes 30"):
+        common.validate(config, "pretrain")
 
 
 def test_automatic_micro_batches_keep_a_few_rows_per_shard_and_bad_counts_are_named():

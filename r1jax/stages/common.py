@@ -159,7 +159,7 @@ def batch_ways(config: ml_collections.ConfigDict, num_devices: int) -> int:
 
 
 # Rows per micro-batch and batch shard that `num_micro_batches = 0` picks on a CPU (bench/NOTES.md,
-# "U1": a micro-batch of a few rows keeps its activations in cache; the tiny GRPO update runs 1.4x
+# "U1": a micro-batch of a few rows keeps its activations in cache; the tiny GRPO update runs 1.3x
 # (16 rows) to 1.6x (64 rows) faster in micro-batches of 4 rows than in one piece).
 CPU_MICRO_BATCH_ROWS = 4
 
@@ -489,7 +489,7 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
     c.learning_rate = 1e-6  # peak learning rate
     c.schedule = "constant"  # "constant" or "cosine" (to 0 at total_steps)
     c.warmup_steps = 0  # linear warmup from 0
-    c.total_steps = 0  # optimizer steps in the run (needed by "cosine")
+    c.total_steps = 0  # for "cosine"; stages that know their step count use that instead
     c.weight_decay = 0.0  # decoupled, on matrices only
     c.b1 = 0.9
     c.b2 = 0.999
@@ -509,8 +509,14 @@ def optim(config: ml_collections.ConfigDict, run_steps: int | None = None):
     from r1jax.train import OptimConfig
 
     fields = config.optim.to_dict()
-    if run_steps is not None and fields["schedule"] == "cosine":
+    spans_run = run_steps is not None and fields["schedule"] == "cosine"
+    if spans_run:
         fields["total_steps"] = run_steps
+    if spans_run and run_steps <= fields["warmup_steps"]:
+        raise ConfigError(
+            f"optim.schedule='cosine' needs more optimizer steps than optim.warmup_steps="
+            f"{fields['warmup_steps']}; this run takes {run_steps}"
+        )
     try:
         return OptimConfig(**fields)
     except ValueError as e:

@@ -60,7 +60,7 @@ def validate(config) -> None:
         ModelConfig(vocab_size=p.vocab_size, **arch)
     except (TypeError, ValueError) as e:
         raise common.ConfigError(f"pretrain.arch: {e}") from e
-    common.optim(config)
+    common.optim(config, p.steps)
 
 
 def token_rows(docs: list[str], tokenizer, seq_len: int) -> np.ndarray:

@@ -65,6 +65,11 @@ def grpo_config(config, tokenizer, prompt_set: common.PromptSet) -> grpo.GRPOCon
         raise common.ConfigError(_rl_field_message(e)) from e
 
 
+def optimizer_steps(config) -> int:
+    """Optimizer steps in the run: μ = num_iterations per GRPO step (what a cosine spans)."""
+    return config.rl.steps * config.rl.num_iterations
+
+
 def _rl_field_message(error: ValueError) -> str:
     """A GRPOConfig error named by its config field: "loss_type must ..." -> "rl.loss_type must"."""
     message = str(error).replace("grpo.", "rl.")
@@ -111,7 +116,7 @@ def validate(config) -> None:
     if not any(w != 0 for w in weights.values()):
         raise common.ConfigError("rewards: every weight is 0; give at least one reward a weight")
     common.validate_reward_model(config.reward_model)
-    common.optim(config)
+    common.optim(config, optimizer_steps(config))
 
 
 def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
@@ -119,7 +124,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     # -- the policy, its optimizer, and the frozen reference (only when β > 0) --
     mesh = common.make_mesh(config)
     model, tokenizer = common.load_model(config, mesh)
-    state = train.TrainState.create(model, common.optim(config, config.rl.steps), mesh)
+    state = train.TrainState.create(model, common.optim(config, optimizer_steps(config)), mesh)
     ref = None
     if config.rl.beta > 0:
         ref_config = config.copy_and_resolve_references()
