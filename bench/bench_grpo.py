@@ -166,6 +166,7 @@ def grpo_step(path: str, repeats: int = 3) -> dict:
             updates.append(update)
             cpus.append(cpu)
     return {
+        "micro_batch_rows": PROMPTS * GROUP // cfg.num_micro_batches,
         "step_s": _stats(steps),
         "step_cpu_s": _stats(cpus),  # process CPU time, all threads
         "update_s": _stats(updates),

@@ -98,14 +98,15 @@ def table(result: dict) -> str:
     b = [r for r in result["rows"] if r["workload"] == "B"]
     if b:
         out += [
-            "B  one GRPO step, 4 prompts x 4 samples, 32 + 128 tokens, beta 0.04, micro-batches "
-            f"of {bench_grpo.MICRO_BATCH_ROWS} rows (seconds)",
-            "| model | full step | rollout | update | compile s | compiles (steady) |",
-            "|---|---|---|---|---|---|",
+            "B  one GRPO step, 4 prompts x 4 samples, 32 + 128 tokens, beta 0.04 (seconds)",
+            "| model | micro-batch rows | full step | rollout | update | compile s | "
+            "compiles (steady) |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in b:
             out.append(
-                f"| {r['model']} | {_fmt(r['step_s'], digits=3)} | "
+                f"| {r['model']} | {r.get('micro_batch_rows', '?')} | "
+                f"{_fmt(r['step_s'], digits=3)} | "
                 f"{_fmt(r['rollout_s'], digits=3)} | {_fmt(r['update_s'], digits=3)} | "
                 f"{r['compile_s']:.1f} | {r['compiles_first_step']} "
                 f"({r['compiles_steady']}) |"
