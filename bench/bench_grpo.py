@@ -200,7 +200,7 @@ def step_breakdown(path: str, repeats: int = 3) -> dict:
 
     from flax import nnx
 
-    from r1jax import grpo, sampling, sharding, train
+    from r1jax import grpo, sampling, sharding
     from r1jax.models import hf
 
     cfg = grpo_config()
@@ -236,11 +236,7 @@ def step_breakdown(path: str, repeats: int = 3) -> dict:
     @jax.jit
     def ref_logprobs(ref_state, tokens, completion_mask):  # as the rollout runs it
         model = nnx.merge(ref_graphdef, ref_state)
-        micro = train.split_micro_batches(
-            (row_ids, row_mask, tokens, completion_mask), cfg.num_micro_batches
-        )
-        one = lambda m: grpo.completion_logprobs(model, *m, temperature=cfg.temperature)[0]
-        return train.merge_micro_batches(jax.lax.map(one, micro))
+        return grpo.scoring_logprobs(model, row_ids, row_mask, tokens, completion_mask, cfg)
 
     reward_device = jax.jit(REWARD)
     reward_host = jax.jit(HOST_REWARD)

@@ -654,6 +654,28 @@ def completion_logprobs(
     return logp, entropy, router
 
 
+def scoring_logprobs(
+    model: nnx.Module,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    completion_ids: jax.Array,
+    completion_mask: jax.Array,
+    cfg: GRPOConfig,
+) -> jax.Array:
+    """`completion_logprobs` [B, Tc] of a frozen model (reference, old policy), inside jit, taken
+    micro-batch by micro-batch as the update takes them: the same memory bound, and on a CPU a
+    micro-batch's activations stay in cache (bench/NOTES.md, U1)."""
+    micro_batches = train.split_micro_batches(
+        (prompt_ids, prompt_mask, completion_ids, completion_mask), cfg.num_micro_batches
+    )
+
+    def one(micro):
+        kw = dict(temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
+        return completion_logprobs(model, *micro, **kw)[0]
+
+    return train.merge_micro_batches(jax.lax.map(one, micro_batches))
+
+
 def rollout(
     policy: SamplingPolicy,
     ref: nnx.Module | None,
@@ -784,19 +806,14 @@ def _rollout(
         score_args += (jnp.repeat(jnp.asarray(row_ids, jnp.int32), g),)
     rewards, per_reward = reward_fn(*score_args)  # [B], [R, B]: host callback
 
-    # The scoring forwards run micro-batch by micro-batch, as the update does: the same memory
-    # bound, and on a CPU a micro-batch's activations stay in cache (bench/NOTES.md).
-    micro_batches = train.split_micro_batches(
-        (prompt_ids, prompt_mask, out.tokens, out.mask), cfg.num_micro_batches
+    logprobs = functools.partial(
+        scoring_logprobs,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=out.tokens,
+        completion_mask=out.mask,
+        cfg=cfg,
     )
-
-    def logprobs(model):  # -> [B, Tc]
-        def one(micro):
-            kw = dict(temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
-            return completion_logprobs(model, *micro, **kw)[0]
-
-        return train.merge_micro_batches(jax.lax.map(one, micro_batches))
-
     old = ref = None
     if cfg.num_iterations > 1:
         old = logprobs(nnx.merge(policy_graphdef, policy_state))
