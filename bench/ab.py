@@ -136,7 +136,8 @@ def _update_fn(variant: Variant, rows: int = 16):
         variant.fresh_model(), train.OptimConfig(learning_rate=bench_grpo.LEARNING_RATE)
     )
     batch = bench_grpo.synthetic_rollouts(rows, state.model.cfg.vocab_size)
-    cfg = bench_grpo.grpo_config(rows)  # micro-batches of bench_grpo.MICRO_BATCH_ROWS
+    # Micro-batches of bench_grpo.MICRO_BATCH_ROWS; the synthetic rows have distinct prompts.
+    cfg = bench_grpo.grpo_config(rows, shared_prompts=False)
     return lambda: jax.device_get(variant.grpo.update(state, batch, cfg))
 
 

@@ -27,6 +27,7 @@ whole, masked) for the forward and backward passes (the usual 6N + 12LHT per tok
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -98,11 +99,19 @@ class HostEvenTokenReward:
 HOST_REWARD = HostEvenTokenReward()
 
 
-def grpo_config(rows: int = PROMPTS * GROUP, micro_batch_rows: int = MICRO_BATCH_ROWS):
-    """The GRPOConfig of workloads B and C for a batch of `rows` (0 micro-batch rows: whole)."""
+def grpo_config(
+    rows: int = PROMPTS * GROUP, micro_batch_rows: int = MICRO_BATCH_ROWS, shared_prompts=True
+):
+    """The GRPOConfig of workloads B and C for a batch of `rows` (0 micro-batch rows: whole).
+
+    shared_prompts: GRPOConfig.shared_prompt_forward (each prompt's forward once per batch, as
+    the RL stage runs). False for synthetic batches whose rows all have different prompts (C):
+    every row's 32 + 128 tokens then go through the model, as C's FLOP count assumes.
+    """
     from r1jax import grpo
 
     return grpo.GRPOConfig(
+        shared_prompt_forward=shared_prompts,
         num_micro_batches=rows // micro_batch_rows if micro_batch_rows else 1,
         num_generations=GROUP,
         num_iterations=1,
@@ -188,9 +197,11 @@ def step_breakdown(path: str, repeats: int = 3) -> dict:
     - `generate`: `sampling.sample`, 4 prompts x G = 4 -> 128 tokens, alone;
     - `reward_device` / `reward_host`: the reward on the sampled tokens as a jitted device
       function, and through a `pure_callback` to numpy (the RL stage's path): the round trip;
-    - `ref_logprobs`: the reference model's forward over the 16 x 160 tokens, alone;
+    - `ref_logprobs`: the reference model's forward over the 16 x 160 tokens, alone (each
+      prompt's forward once, as the rollout runs it; `..._per_row_prompts`: once per row);
     - `rollout` / `rollout_host_reward`: the whole jitted rollout with either reward;
-    - `update`: `grpo.update` on that rollout batch;
+    - `update`: `grpo.update` on that rollout batch (`update_per_row_prompts`: without
+      `shared_prompt_forward`);
     - `step`: `policy_for_sampling` + `rollout` + `update` as in `grpo_step`.
 
     Returns {part: {"wall_s": stats, "cpu_s": stats}} (process CPU time, all threads), plus the
@@ -233,8 +244,10 @@ def step_breakdown(path: str, repeats: int = 3) -> dict:
     row_mask = jnp.ones_like(row_ids)
     ref_graphdef, ref_state = nnx.split(ref)
 
-    @jax.jit
-    def ref_logprobs(ref_state, tokens, completion_mask):  # as the rollout runs it
+    per_row = grpo_config(shared_prompts=False)
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def ref_logprobs(ref_state, tokens, completion_mask, cfg):  # as the rollout runs it
         model = nnx.merge(ref_graphdef, ref_state)
         return grpo.scoring_logprobs(model, row_ids, row_mask, tokens, completion_mask, cfg)
 
@@ -257,11 +270,15 @@ def step_breakdown(path: str, repeats: int = 3) -> dict:
         "reward_device": lambda: jax.block_until_ready(reward_device(out.tokens, out.lengths)),
         "reward_host": lambda: jax.block_until_ready(reward_host(out.tokens, out.lengths)),
         "ref_logprobs": lambda: jax.block_until_ready(
-            ref_logprobs(ref_state, out.tokens, out.mask)
+            ref_logprobs(ref_state, out.tokens, out.mask, cfg)
+        ),
+        "ref_logprobs_per_row_prompts": lambda: jax.block_until_ready(
+            ref_logprobs(ref_state, out.tokens, out.mask, per_row)
         ),
         "rollout": lambda: jax.block_until_ready(rollout(REWARD)),
         "rollout_host_reward": lambda: jax.block_until_ready(rollout(HOST_REWARD)),
         "update": lambda: jax.device_get(grpo.update(state, rollouts, cfg)),
+        "update_per_row_prompts": lambda: jax.device_get(grpo.update(state, rollouts, per_row)),
         "step": step,
     }
     for fn in parts.values():  # compile, then once more warm
@@ -312,7 +329,7 @@ def update_throughput(
 
     out = []
     for rows, micro_batch_rows in [(r, m) for r in rows_list for m in (0, MICRO_BATCH_ROWS)]:
-        cfg = grpo_config(rows, micro_batch_rows)
+        cfg = grpo_config(rows, micro_batch_rows, shared_prompts=False)
         state = _train_state(path)
         batch = synthetic_rollouts(rows, state.model.cfg.vocab_size)
         seq = PROMPT_LEN + COMPLETION_LEN

@@ -130,7 +130,8 @@ def measure(sizes=("tiny",), repeats: int = 3) -> list[dict]:
             f"bench_scaling needs {DEVICES} devices, found {jax.device_count()}: run it with "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES} (run() does this)"
         )
-    cfg = bench_grpo.grpo_config(micro_batch_rows=0)  # whole batch: 2 rows per device
+    # Whole batch (2 rows per device); the synthetic rows have distinct prompts.
+    cfg = bench_grpo.grpo_config(micro_batch_rows=0, shared_prompts=False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:

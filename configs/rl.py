@@ -59,6 +59,9 @@ def get_config(arg=None):
     # 0 = automatic: on a CPU, micro-batches of 4 rows per batch shard, whose activations stay in
     # cache (toy default: 2.6 -> 1.9 s per step); on an accelerator the whole batch at once.
     r.num_micro_batches = 0
+    # Each prompt's forward once per rollout batch, shared by its G completions (same loss; the
+    # scoring and training forwards skip (G - 1) / G of the prompt tokens).
+    r.shared_prompt_forward = True
     r.ref_model = ""  # reference checkpoint ("" = the starting model.path)
 
     # A learned reward model (R1's "RL for all scenarios"), added to the rule rewards with

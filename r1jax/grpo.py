@@ -37,6 +37,13 @@ Notable choices:
   rollout recomputes them with the training forward before any update, at the sampling
   temperature, as TRL does. (The sampler's own log-probs are of the raw, temperature-1
   distribution, so they are not used for the ratio.)
+- Prompts run once (`shared_prompt_forward`, on by default): the G completions of a prompt share
+  its forward pass (KV cache and last hidden state) instead of each repeating it, in the
+  reference / old-policy forwards and in the update, where their gradients w.r.t. that shared
+  forward are summed over micro-batches and pulled back through it once. The loss and
+  gradient are those of G separate forwards (tested against a plain whole-batch gradient);
+  (G - 1) / G of the prompt tokens' work is skipped: with the R1-Zero template and G = 8,
+  half of all the tokens of the toy RL stage.
 - Rewards are scored on the host through `jax.pure_callback` from inside the jitted rollout; the
   device waits for the host while it scores (rule rewards are string logic, see DESIGN.md).
 """
@@ -493,6 +500,12 @@ class GRPOConfig:
     stop_sequences:    token-id sequences that end a completion (e.g. "</answer>" tokenised).
     pad_token_id:      fills completions after their end.
     logprob_chunk_size: positions per chunk when turning hidden states into log-probs.
+    shared_prompt_forward: run each prompt through the model once per rollout batch, not once
+                       per completion: its KV cache and last hidden state are shared by the G
+                       completions (in the update, their gradients are summed back into it).
+                       Same loss and gradient as G separate forwards, up to float rounding;
+                       the training and scoring forwards skip (G - 1) / G of the prompt tokens.
+                       Needs rows prompt-major in groups of G, as `rollout` makes them.
     """
 
     num_generations: int = 8
@@ -511,6 +524,7 @@ class GRPOConfig:
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     pad_token_id: int = 0
     logprob_chunk_size: int = 256
+    shared_prompt_forward: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -654,6 +668,89 @@ def completion_logprobs(
     return logp, entropy, router
 
 
+class PromptForward(NamedTuple):
+    """Each prompt's forward pass, run once and shared by the completions that continue it.
+
+    cache:       the prompts' KV cache over P rows (`model.init_cache` layout), the prefix
+                 segment every completion of prompt p attends to
+    last_hidden: [P, D] final hidden state at each prompt's last position (left padding: the
+                 last slot is always a real token); it predicts the first completion token
+    router:      the forward's routing counts (`deepseek.RouterStats`), or None (dense models)
+    """
+
+    cache: Any
+    last_hidden: jax.Array
+    router: Any = None
+
+
+def prompt_forward(model: nnx.Module, prompt_ids: jax.Array, prompt_mask: jax.Array):
+    """`PromptForward` of [P, Tp] left-padded prompts, inside jit."""
+    cache = model.init_cache(*prompt_ids.shape)
+    hidden, cache, router = train.cached_hidden_states(model, prompt_ids, prompt_mask, cache)
+    return PromptForward(cache, hidden[:, -1], router)
+
+
+def logprobs_after_prompts(
+    model: nnx.Module,
+    prompts: PromptForward,
+    prompt_index: jax.Array,
+    completion_ids: jax.Array,
+    completion_mask: jax.Array,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+    with_entropy: bool = False,
+) -> tuple[jax.Array, jax.Array | None, Any]:
+    """`completion_logprobs` with each prompt's forward already done once (`prompt_forward`).
+
+    prompt_index [R] int32 names the prompt row of each completion [R, Tc]; the completions
+    attend to their prompt's cached keys and values as a prefix segment, and their first token
+    is read from the prompt's last hidden state. Returns what `completion_logprobs` returns;
+    the router counts are the completions' only.
+    """
+    take = lambda x: jnp.take(x, prompt_index, axis=0) if x.ndim else x  # noqa: E731
+    prefix = jax.tree.map(take, prompts.cache)  # [R, ...]: one prefix row per completion
+    cache = model.init_cache(*completion_ids.shape).with_prefix(prefix)
+    hidden, _, router = train.cached_hidden_states(model, completion_ids, completion_mask, cache)
+    # Completion token 0 is predicted at the prompt's last position, token i at completion i - 1.
+    first = take(prompts.last_hidden)[:, None].astype(hidden.dtype)
+    logp, entropy = chunked_token_logprobs(
+        jnp.concatenate([first, hidden[:, :-1]], axis=1),
+        model.unembedding(),
+        completion_ids,
+        chunk_size=chunk_size,
+        temperature=temperature,
+        with_entropy=with_entropy,
+    )
+    return logp, entropy, router
+
+
+def _floats_and_rest(tree: Any) -> tuple[Any, Any]:
+    """Split a pytree into its floating-point leaves and the rest (None where the other is)."""
+    is_float = lambda x: jnp.issubdtype(jnp.result_type(x), jnp.floating)  # noqa: E731
+    floats = jax.tree.map(lambda x: x if is_float(x) else None, tree)
+    rest = jax.tree.map(lambda x: None if is_float(x) else x, tree)
+    return floats, rest
+
+
+def _join(floats: Any, rest: Any) -> Any:
+    """Inverse of `_floats_and_rest`."""
+    return jax.tree.map(
+        lambda f, r: r if f is None else f, floats, rest, is_leaf=lambda x: x is None
+    )
+
+
+def _prompt_rows(prompt_ids: jax.Array, prompt_mask: jax.Array, group_size: int):
+    """[B, Tp] prompts repeated in runs of G -> ([P, Tp] ids and mask, [B] each row's prompt)."""
+    b = prompt_ids.shape[0]
+    if b % group_size:
+        raise ValueError(
+            f"shared_prompt_forward needs rows in whole groups of num_generations={group_size}, "
+            f"got {b} rows"
+        )
+    return prompt_ids[::group_size], prompt_mask[::group_size], jnp.arange(b) // group_size
+
+
 def scoring_logprobs(
     model: nnx.Module,
     prompt_ids: jax.Array,
@@ -664,15 +761,21 @@ def scoring_logprobs(
 ) -> jax.Array:
     """`completion_logprobs` [B, Tc] of a frozen model (reference, old policy), inside jit, taken
     micro-batch by micro-batch as the update takes them: the same memory bound, and on a CPU a
-    micro-batch's activations stay in cache (bench/NOTES.md, U1)."""
-    micro_batches = train.split_micro_batches(
-        (prompt_ids, prompt_mask, completion_ids, completion_mask), cfg.num_micro_batches
-    )
-
-    def one(micro):
-        kw = dict(temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
-        return completion_logprobs(model, *micro, **kw)[0]
-
+    micro-batch's activations stay in cache (bench/NOTES.md, U1). With `shared_prompt_forward`
+    the prompts ([B, Tp], repeated in runs of G) run once, then the completions after them."""
+    kw = dict(temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
+    if cfg.shared_prompt_forward:
+        ids, mask, rows = _prompt_rows(prompt_ids, prompt_mask, cfg.num_generations)
+        prompts = prompt_forward(model, ids, mask)
+        micro_batches = train.split_micro_batches(
+            (rows, completion_ids, completion_mask), cfg.num_micro_batches
+        )
+        one = lambda micro: logprobs_after_prompts(model, prompts, *micro, **kw)[0]  # noqa: E731
+    else:
+        micro_batches = train.split_micro_batches(
+            (prompt_ids, prompt_mask, completion_ids, completion_mask), cfg.num_micro_batches
+        )
+        one = lambda micro: completion_logprobs(model, *micro, **kw)[0]  # noqa: E731
     return train.merge_micro_batches(jax.lax.map(one, micro_batches))
 
 
@@ -851,6 +954,8 @@ def grpo_loss(
     rollouts: Rollouts,
     cfg: GRPOConfig,
     num_items_in_batch: jax.Array | None = None,
+    prompts: PromptForward | None = None,
+    prompt_index: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`policy_loss` of the model's current log-probs on (a micro-batch of) `rollouts`.
 
@@ -859,21 +964,30 @@ def grpo_loss(
       rollouts: a `Rollouts`, or a micro-batch of one (same fields, fewer rows).
       cfg: GRPOConfig (static).
       num_items_in_batch: "dapo" only: completion tokens in the whole rollout batch.
+      prompts, prompt_index: the prompts' shared forward (`prompt_forward`, of this model) and
+        the prompt row of each of the rollouts' rows; None: each row runs its own prompt.
     Returns:
       (loss, metrics): metrics as `policy_loss` minus the completion lengths (the rollout
       reports those for the whole batch) and with `entropy`; for a mixture-of-experts model
       also "router", the forward's `RouterStats` (not a scalar: the step consumes it).
     """
-    logp, entropy, router = completion_logprobs(
-        model,
-        rollouts.prompt_ids,
-        rollouts.prompt_mask,
-        rollouts.completion_ids,
-        rollouts.completion_mask,
-        temperature=cfg.temperature,
-        chunk_size=cfg.logprob_chunk_size,
-        with_entropy=True,
-    )
+    kw = dict(temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size, with_entropy=True)
+    if prompts is None:
+        logp, entropy, router = completion_logprobs(
+            model,
+            rollouts.prompt_ids,
+            rollouts.prompt_mask,
+            rollouts.completion_ids,
+            rollouts.completion_mask,
+            **kw,
+        )
+    else:
+        logp, entropy, router = logprobs_after_prompts(
+            model, prompts, prompt_index, rollouts.completion_ids, rollouts.completion_mask, **kw
+        )
+        if router is not None:  # the prompts' routing, spread evenly over the micro-batches
+            share = lambda c, p: c + p / cfg.num_micro_batches  # noqa: E731
+            router = jax.tree.map(share, router, prompts.router)
     loss, metrics = policy_loss(
         logp,
         rollouts.old_logprobs,
@@ -914,18 +1028,42 @@ def update(
     return train_state.run_step(_update_step, rollouts, cfg=cfg)
 
 
-def _update_step(
-    model, optimizer: train.Optimizer, rollouts: Rollouts, *, cfg: GRPOConfig
-) -> dict[str, jax.Array]:
+def loss_and_gradients(
+    model: nnx.Module, rollouts: Rollouts, cfg: GRPOConfig
+) -> tuple[jax.Array, nnx.State, dict[str, jax.Array]]:
+    """`grpo_loss` over the whole rollout batch and its float32 gradients, accumulated over
+    `cfg.num_micro_batches` micro-batches (inside jit; `train.accumulate_gradients`)."""
     dapo = cfg.loss_type == "dapo"
     # dapo divides by the whole batch's token count, so micro-batch losses sum to the batch loss.
     num_items = jnp.sum(rollouts.completion_mask) if dapo else None
-    loss_fn = lambda m, micro: grpo_loss(m, micro, cfg, num_items)
-
-    def one_step(model, optimizer):
-        loss, grads, metrics = train.accumulate_gradients(
+    if not cfg.shared_prompt_forward:
+        loss_fn = lambda m, micro: grpo_loss(m, micro, cfg, num_items)  # noqa: E731
+        return train.accumulate_gradients(
             loss_fn, model, rollouts, cfg.num_micro_batches, sum_micro_batches=dapo
         )
+    # Each prompt's forward runs once for the whole batch; every micro-batch's completions attend
+    # to it, and their gradients w.r.t. it are pulled back through it once.
+    ids, mask, rows = _prompt_rows(rollouts.prompt_ids, rollouts.prompt_mask, cfg.num_generations)
+
+    def loss_fn(m, micro, prompts):
+        micro_rollouts, prompt_index = micro
+        return grpo_loss(m, micro_rollouts, cfg, num_items, _join(*prompts), prompt_index)
+
+    return train.accumulate_gradients(
+        loss_fn,
+        model,
+        (rollouts, rows),
+        cfg.num_micro_batches,
+        sum_micro_batches=dapo,
+        shared=lambda m: _floats_and_rest(prompt_forward(m, ids, mask)),
+    )
+
+
+def _update_step(
+    model, optimizer: train.Optimizer, rollouts: Rollouts, *, cfg: GRPOConfig
+) -> dict[str, jax.Array]:
+    def one_step(model, optimizer):
+        loss, grads, metrics = loss_and_gradients(model, rollouts, cfg)
         router = metrics.pop("router", None)
         metrics = {"loss": loss, **metrics, **optimizer.apply_gradients(model, grads)}
         return {**metrics, **train.router_step(model, router)}

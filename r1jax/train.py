@@ -225,40 +225,66 @@ def merge_micro_batches(x: jax.Array) -> jax.Array:
 
 
 def accumulate_gradients(
-    loss_fn: Callable[[nnx.Module, Any], tuple[jax.Array, dict[str, jax.Array]]],
+    loss_fn: Callable[..., tuple[jax.Array, dict[str, jax.Array]]],
     model: nnx.Module,
     batch: Any,
     num_micro_batches: int,
     *,
     sum_micro_batches: bool = False,
+    shared: Callable[[nnx.Module], tuple[Any, Any]] | None = None,
 ) -> tuple[jax.Array, nnx.State, dict[str, jax.Array]]:
     """Loss and float32 gradients of `loss_fn` over `batch`, one micro-batch at a time.
 
     Args:
-      loss_fn: `(model, micro_batch) -> (scalar loss, metrics of scalars)`.
+      loss_fn: `(model, micro_batch) -> (scalar loss, metrics of scalars)`; with `shared`,
+        `(model, micro_batch, shared_values) -> ...`.
       model: the module; gradients are taken w.r.t. its `nnx.Param`s (it is not modified).
       batch: tree of [B, ...] arrays; B must divide by `num_micro_batches`.
       num_micro_batches: k; memory holds one micro-batch's activations at a time.
       sum_micro_batches: False: loss and gradients are the *mean* over micro-batches (right when
         each micro-batch loss is itself a mean). True: their *sum* (right when each micro-batch
         loss is already divided by a whole-batch count, e.g. `num_items_in_batch`).
+      shared: optional `model -> (differentiable tree, aux tree)`, computed once for the whole
+        batch and handed to every micro-batch's `loss_fn` as the pair (e.g. GRPO's prompt
+        forward, whose KV cache all the completions of a prompt attend to). Gradients flow
+        through the differentiable part: its cotangents are summed over the micro-batches and
+        pulled back through `shared` once; `aux` (integers, statistics) carries none.
     Returns:
       (loss, grads, metrics): grads an nnx.State like `nnx.state(model, nnx.Param)` (float32),
       metrics the mean over micro-batches of `loss_fn`'s metrics.
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if shared is None:
+        values = aux = pullback = None
+    else:
+        values, pullback, aux = jax.vjp(
+            lambda p: shared(nnx.merge(graphdef, p, rest)), params, has_aux=True
+        )
 
-    def micro_step(grad_sum, micro):
-        def loss_of(p):
-            return loss_fn(nnx.merge(graphdef, p, rest), micro)
+    def micro_step(carry, micro):
+        grad_sum, cotangent_sum = carry
 
-        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-        grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
-        return grad_sum, (loss, metrics)
+        def loss_of(p, v):
+            args = () if shared is None else ((v, aux),)
+            return loss_fn(nnx.merge(graphdef, p, rest), micro, *args)
+
+        (loss, metrics), (grads, cotangents) = jax.value_and_grad(
+            loss_of, argnums=(0, 1), has_aux=True
+        )(params, values)
+        add = lambda a, g: a + g.astype(jnp.float32)  # noqa: E731
+        carry = jax.tree.map(add, grad_sum, grads), jax.tree.map(add, cotangent_sum, cotangents)
+        return carry, (loss, metrics)
 
     zeros = jax.tree.map(_zeros_like_param, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    cotangent_zeros = jax.tree.map(lambda v: jnp.zeros(v.shape, jnp.float32), values)
     micro_batches = split_micro_batches(batch, num_micro_batches)
-    grads, (losses, metrics) = jax.lax.scan(micro_step, zeros, micro_batches)
+    (grads, cotangents), (losses, metrics) = jax.lax.scan(
+        micro_step, (zeros, cotangent_zeros), micro_batches
+    )
+    if shared is not None:  # the shared forward's share of the gradient, pulled back once
+        cotangents = jax.tree.map(lambda c, v: c.astype(v.dtype), cotangents, values)
+        (shared_grads,) = pullback(cotangents)
+        grads = jax.tree.map(lambda g, s: g + s.astype(jnp.float32), grads, shared_grads)
     scale = 1.0 if sum_micro_batches else 1.0 / num_micro_batches
     grads = jax.tree.map(lambda g: g * scale, grads)
     metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
@@ -313,6 +339,17 @@ def hidden_states(
         hidden, _, stats = model.hidden_states_with_router(input_ids, attention_mask, **kwargs)
         return hidden, stats
     return model.hidden_states(input_ids, attention_mask, **kwargs)[0], None
+
+
+def cached_hidden_states(
+    model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array, cache: Any
+) -> tuple[jax.Array, Any, deepseek.RouterStats | None]:
+    """`hidden_states` through a KV cache (e.g. prompts, then completions attending to them as a
+    prefix): (final hidden [B, T, D], the updated cache, routing counts or None)."""
+    if isinstance(model, deepseek.DeepseekDecoder):
+        return model.hidden_states_with_router(input_ids, attention_mask, cache=cache)
+    hidden, cache = model.hidden_states(input_ids, attention_mask, cache=cache)
+    return hidden, cache, None
 
 
 def router_step(model: nnx.Module, stats: deepseek.RouterStats | None) -> dict[str, jax.Array]:

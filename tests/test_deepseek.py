@@ -550,7 +550,7 @@ def test_grpo_step_expert_parallel_equals_single_device_and_updates_router_bias(
     bias = ("layers", 0, "mlp", "bias")
     steps = (after1[bias] - before[bias]) / RATE
     np.testing.assert_allclose(steps, np.round(steps), atol=1e-4)
-    assert np.abs(steps).max() > 0 and np.abs(steps).max() <= 2
+    assert 0 < np.abs(steps).max() <= 2 + 1e-4
     # bias_drift: mean |change| per step (averaged over the two), at least the net change / 2.
     assert RATE * np.mean(np.abs(steps)) / 2 - 1e-7 <= metrics1["router/bias_drift"] <= RATE
 

@@ -54,13 +54,14 @@ def test_two_processes_match_one_process(toy, tmp_path_factory, tmp_path):
         )
 
     # Same parameters as one process with the same 8-device mesh. Not bitwise: the cross-process
-    # all-reduce (gloo) may sum in another order than the in-process one.
+    # all-reduce (gloo) may sum in another order than the in-process one, and Adam divides by
+    # sqrt(v), so a near-zero gradient's rounding shows: atol is 200x below one Adam step (1e-3).
     want = sh.hf_params(os.path.join(reference, "hf", "final"))
     got = sh.hf_params(str(workdir / "hf" / "final"))
     base = sh.hf_params(os.path.join(home, "toy_base"))
     assert sh.max_param_change(want, base) > 1e-4  # training moved them: the check can fail
     for name in want:
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=5e-6, err_msg=name)
     rows, want_rows = sh.metric_rows(str(workdir)), sh.metric_rows(reference)
     assert [r["step"] for r in rows] == [r["step"] for r in want_rows]  # written once per step
     for row, want_row in zip(rows, want_rows, strict=True):

@@ -76,18 +76,19 @@ def tiny_model(seed: int = 0, std: float = 0.02, **overrides) -> Decoder:
 
 
 def synthetic_rollouts(seed: int = 0, old: bool = True, ref: bool = False) -> grpo.Rollouts:
-    """Random rollouts shaped like `grpo.rollout`'s for (P, G, TP, TC), with log-probs near a
-    tiny model's (so ratios sit inside the clip range) and one full and one empty completion."""
+    """Random rollouts shaped like `grpo.rollout`'s for (P, G, TP, TC) (each prompt repeated for
+    its G rows), with log-probs near a tiny model's (so ratios sit inside the clip range) and one
+    full and one empty completion."""
     rng = np.random.RandomState(seed)
     lengths = rng.randint(0, TC + 1, B)
     lengths[:2] = TC, 0
     completion_mask = (np.arange(TC)[None] < lengths[:, None]).astype(np.int32)
-    prompt_mask = (np.arange(TP)[None] >= rng.randint(0, TP, B)[:, None]).astype(np.int32)
+    prompt_mask = (np.arange(TP)[None] >= rng.randint(0, TP, P)[:, None]).astype(np.int32)
     near = lambda: (-np.log(CFG.vocab_size) + rng.normal(0, 0.1, (B, TC))).astype(np.float32)
     rewards = rng.normal(size=B).astype(np.float32)
     return grpo.Rollouts(
-        prompt_ids=(rng.randint(1, 96, (B, TP)) * prompt_mask).astype(np.int32),
-        prompt_mask=prompt_mask,
+        prompt_ids=np.repeat(rng.randint(1, 96, (P, TP)) * prompt_mask, G, 0).astype(np.int32),
+        prompt_mask=np.repeat(prompt_mask, G, 0),
         completion_ids=(rng.randint(1, 96, (B, TC)) * completion_mask).astype(np.int32),
         completion_mask=completion_mask,
         advantages=np.asarray(grpo.group_advantages(rewards, G)),
@@ -191,24 +192,30 @@ def gradients():
         _, vjp = jax.vjp(plain_logprobs, params)  # both plain gradients from one forward
         out = {}
         for loss_type, w in weights.items():
-            cfg = dataclasses.replace(GRPO, loss_type=loss_type, num_iterations=1)
-            items = jnp.sum(rollouts.completion_mask) if loss_type == "dapo" else None
-            loss_fn = lambda m, micro, cfg=cfg, items=items: grpo.grpo_loss(m, micro, cfg, items)
-            loss, grads, _ = train.accumulate_gradients(
-                loss_fn, model, rollouts, 4, sum_micro_batches=loss_type == "dapo"
-            )
-            out[loss_type] = (loss, grads, vjp(w)[0])
+            for shared in (False, True):
+                cfg = dataclasses.replace(
+                    GRPO,
+                    loss_type=loss_type,
+                    num_iterations=1,
+                    num_micro_batches=4,
+                    shared_prompt_forward=shared,
+                )
+                loss, grads, _ = grpo.loss_and_gradients(model, rollouts, cfg)
+                out[loss_type, shared] = (loss, grads, vjp(w)[0])
         return out
 
     return rollouts, jax.device_get(compute(params))
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["per_row_prompts", "shared_prompts"])
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
-def test_accumulated_gradient_equals_the_whole_batch_policy_gradient(gradients, loss_type):
+def test_accumulated_gradient_equals_the_whole_batch_policy_gradient(gradients, loss_type, shared):
     """μ = 1 (old log-probs = current, ratio 1): summing micro-batch gradients (means for grpo,
-    whole-batch token counts for dapo) gives the plain policy gradient of the whole batch."""
+    whole-batch token counts for dapo) gives the plain policy gradient of the whole batch; also
+    with each prompt's forward run once and its gradient pulled back once (shared_prompt_forward:
+    the 4 strided micro-batches each hold rows of every prompt)."""
     rollouts, out = gradients
-    loss, grads, plain = out[loss_type]
+    loss, grads, plain = out[loss_type, shared]
     m, adv = np.asarray(rollouts.completion_mask), np.asarray(rollouts.advantages)
     if loss_type == "grpo":  # ratio 1 everywhere: -mean A over non-empty completions
         expected = -np.mean(adv * (m.sum(-1) > 0))
@@ -238,12 +245,15 @@ class EvenTokens:
 
 def test_reference_model_is_only_run_when_beta_is_positive(monkeypatch):
     calls = []
-    original = grpo.completion_logprobs
-    monkeypatch.setattr(
-        grpo,
-        "completion_logprobs",
-        lambda model, *a, **k: calls.append(model) or original(model, *a, **k),
-    )
+    for name in ("completion_logprobs", "prompt_forward"):  # per-row and shared-prompt forwards
+        original = getattr(grpo, name)
+        monkeypatch.setattr(
+            grpo,
+            name,
+            lambda model, *a, original=original, **k: (
+                calls.append(model) or original(model, *a, **k)
+            ),
+        )
     policy_graphdef, policy_state = nnx.split(tiny_model())
     ref_graphdef, ref_state = nnx.split(tiny_model(seed=1))
     prompts = np.ones((2, TP), np.int32)
@@ -288,28 +298,34 @@ def test_reference_model_is_only_run_when_beta_is_positive(monkeypatch):
 
 
 def test_rollout_scores_micro_batch_by_micro_batch_with_the_same_log_probs():
-    """num_micro_batches splits the rollout's reference and old-policy forwards too; every row's
-    log-probs must be those of the whole-batch forward, in the right row."""
+    """num_micro_batches splits the rollout's reference and old-policy forwards too, and
+    shared_prompt_forward runs each (left-padded) prompt once for its G rows; every row's
+    log-probs must be those of the whole-batch forward with each row's own prompt, in the right
+    row."""
     policy_graphdef, policy_state = nnx.split(tiny_model())
     policy = grpo.SamplingPolicy(policy_graphdef, policy_state, sharding.single_device_mesh())
     ref = tiny_model(seed=1)
+    prompt_mask = (np.arange(TP)[None] >= np.array([[0], [1], [2], [0]])).astype(np.int32)
     prompts = np.random.RandomState(0).randint(1, CFG.vocab_size, (P, TP)).astype(np.int32)
+    prompts = prompts * prompt_mask
     outs = {}
-    for k in (1, 4):
+    for k, shared in ((1, False), (1, True), (4, True)):
         cfg = grpo.GRPOConfig(
             num_generations=G, num_iterations=2, beta=0.1, max_completion_length=TC,
-            num_micro_batches=k,
+            num_micro_batches=k, shared_prompt_forward=shared,
         )  # fmt: skip
         rollouts, _ = grpo.rollout(
-            policy, ref, prompts, np.ones_like(prompts), jax.random.key(3), EvenTokens(), cfg
+            policy, ref, prompts, prompt_mask, jax.random.key(3), EvenTokens(), cfg
         )
-        outs[k] = jax.device_get(rollouts)
-    np.testing.assert_array_equal(outs[1].completion_ids, outs[4].completion_ids)
-    mask = outs[1].completion_mask.astype(bool)
-    for name in ("ref_logprobs", "old_logprobs"):
-        whole, micro = getattr(outs[1], name), getattr(outs[4], name)
-        np.testing.assert_allclose(micro[mask], whole[mask], rtol=1e-5, atol=1e-5, err_msg=name)
-    assert np.ptp(outs[1].ref_logprobs[mask]) > 0.1  # rows differ, so a row mix-up would show
+        outs[k, shared] = jax.device_get(rollouts)
+    want = outs[1, False]
+    mask = want.completion_mask.astype(bool)
+    for key in ((1, True), (4, True)):
+        np.testing.assert_array_equal(outs[key].completion_ids, want.completion_ids)
+        for name in ("ref_logprobs", "old_logprobs"):
+            got, expected = getattr(outs[key], name)[mask], getattr(want, name)[mask]
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=f"{key} {name}")
+    assert np.ptp(want.ref_logprobs[mask]) > 0.1  # rows differ, so a row mix-up would show
 
 
 def test_non_finite_gradients_skip_the_update():
