@@ -10,7 +10,8 @@ reported as `compile_s`). XLA compilations during the timed steps are counted an
 `step_breakdown` times the step's parts one by one (generate, reward on device and through the host
 callback, reference log-probs, update), in wall and process CPU time.
 
-C: the update alone (`grpo.update`, same GRPOConfig) on a synthetic rollout batch of 16 x 160 and
+C: the update alone (`grpo.update`, the same GRPOConfig but every row its own prompt,
+`shared_prompt_forward=False`: the synthetic rows' prompts all differ) on a batch of 16 x 160 and
 64 x 160 tokens (32 prompt + 128 completion). Its values do not change the work done, so random
 completions, advantages and reference log-probs stand in for a real rollout. Figures: trained
 tokens per second and model FLOP utilisation
@@ -176,6 +177,7 @@ def grpo_step(path: str, repeats: int = 3) -> dict:
             cpus.append(cpu)
     return {
         "micro_batch_rows": PROMPTS * GROUP // cfg.num_micro_batches,
+        "shared_prompt_forward": cfg.shared_prompt_forward,
         "step_s": _stats(steps),
         "step_cpu_s": _stats(cpus),  # process CPU time, all threads
         "update_s": _stats(updates),

@@ -99,13 +99,14 @@ def table(result: dict) -> str:
     if b:
         out += [
             "B  one GRPO step, 4 prompts x 4 samples, 32 + 128 tokens, beta 0.04 (seconds)",
-            "| model | micro-batch rows | full step | rollout | update | compile s | "
-            "compiles (steady) |",
-            "|---|---|---|---|---|---|---|",
+            "| model | micro-batch rows | prompts once | full step | rollout | update | "
+            "compile s | compiles (steady) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in b:
+            once = {True: "yes", False: "no"}.get(r.get("shared_prompt_forward"), "?")
             out.append(
-                f"| {r['model']} | {r.get('micro_batch_rows', '?')} | "
+                f"| {r['model']} | {r.get('micro_batch_rows', '?')} | {once} | "
                 f"{_fmt(r['step_s'], digits=3)} | "
                 f"{_fmt(r['rollout_s'], digits=3)} | {_fmt(r['update_s'], digits=3)} | "
                 f"{r['compile_s']:.1f} | {r['compiles_first_step']} "

@@ -503,9 +503,18 @@ class GRPOConfig:
     shared_prompt_forward: run each prompt through the model once per rollout batch, not once
                        per completion: its KV cache and last hidden state are shared by the G
                        completions (in the update, their gradients are summed back into it).
-                       Same loss and gradient as G separate forwards, up to float rounding;
-                       the training and scoring forwards skip (G - 1) / G of the prompt tokens.
-                       Needs rows prompt-major in groups of G, as `rollout` makes them.
+                       Same loss and gradient as G separate forwards, up to float rounding
+                       (and MoE capacity drops, which depend on which tokens share a forward);
+                       the training and scoring forwards skip (G - 1) / G of the prompt tokens'
+                       layer work (attending to the prompt stays per completion). A MoE
+                       model's router counts (metrics, V3 bias update) then count each prompt
+                       token once, as routed, not G times.
+                       Needs rows prompt-major in groups of G, as `rollout` makes them; an
+                       update on rows whose group does not share one prompt is skipped (NaN
+                       gradient) with metric `shared_prompt_mismatch` = 1. The
+                       prompts' forward is one pass over all P prompts (not micro-batched), and
+                       the update keeps its activations until the last micro-batch is done:
+                       turn it off if P long prompts do not fit beside a micro-batch.
     """
 
     num_generations: int = 8
@@ -693,7 +702,7 @@ def prompt_forward(model: nnx.Module, prompt_ids: jax.Array, prompt_mask: jax.Ar
 def logprobs_after_prompts(
     model: nnx.Module,
     prompts: PromptForward,
-    prompt_index: jax.Array,
+    prompt_index: jax.Array | None,
     completion_ids: jax.Array,
     completion_mask: jax.Array,
     *,
@@ -703,19 +712,27 @@ def logprobs_after_prompts(
 ) -> tuple[jax.Array, jax.Array | None, Any]:
     """`completion_logprobs` with each prompt's forward already done once (`prompt_forward`).
 
-    prompt_index [R] int32 names the prompt row of each completion [R, Tc]; the completions
-    attend to their prompt's cached keys and values as a prefix segment, and their first token
-    is read from the prompt's last hidden state. Returns what `completion_logprobs` returns;
-    the router counts are the completions' only.
+    The completions [R, Tc] attend to their prompt's cached keys and values as a prefix segment,
+    and their first token is read from the prompt's last hidden state. prompt_index [R] int32
+    names each completion's prompt row (its cache rows are then copied out per completion); None
+    means the rows are already in the cache's layout, R / P consecutive rows per prompt in
+    prompt order, and the cache is attended in place. Returns what `completion_logprobs`
+    returns; the router counts are the completions' only.
     """
-    take = lambda x: jnp.take(x, prompt_index, axis=0) if x.ndim else x  # noqa: E731
-    prefix = jax.tree.map(take, prompts.cache)  # [R, ...]: one prefix row per completion
+    if prompt_index is None:
+        prefix = prompts.cache
+        first = jnp.repeat(
+            prompts.last_hidden, completion_ids.shape[0] // len(prompts.last_hidden), 0
+        )
+    else:
+        take = lambda x: jnp.take(x, prompt_index, axis=0) if x.ndim else x  # noqa: E731
+        prefix = jax.tree.map(take, prompts.cache)  # [R, ...]: one prefix row per completion
+        first = take(prompts.last_hidden)
     cache = model.init_cache(*completion_ids.shape).with_prefix(prefix)
     hidden, _, router = train.cached_hidden_states(model, completion_ids, completion_mask, cache)
     # Completion token 0 is predicted at the prompt's last position, token i at completion i - 1.
-    first = take(prompts.last_hidden)[:, None].astype(hidden.dtype)
     logp, entropy = chunked_token_logprobs(
-        jnp.concatenate([first, hidden[:, :-1]], axis=1),
+        jnp.concatenate([first[:, None].astype(hidden.dtype), hidden[:, :-1]], axis=1),
         model.unembedding(),
         completion_ids,
         chunk_size=chunk_size,
@@ -740,15 +757,23 @@ def _join(floats: Any, rest: Any) -> Any:
     )
 
 
-def _prompt_rows(prompt_ids: jax.Array, prompt_mask: jax.Array, group_size: int):
-    """[B, Tp] prompts repeated in runs of G -> ([P, Tp] ids and mask, [B] each row's prompt)."""
-    b = prompt_ids.shape[0]
-    if b % group_size:
+def _prompts_once(
+    prompt_ids: jax.Array, prompt_mask: jax.Array, cfg: GRPOConfig
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """[B, Tp] prompts repeated in runs of G -> ([P, Tp] ids and mask, [B] each row's prompt
+    or None).
+
+    The row -> prompt map is needed only when micro-batches mix rows of different prompts out of
+    order: with k micro-batches dividing G, micro-batch j (rows j::k) holds every prompt in order
+    with G / k consecutive rows each, which is the prefix cache's own layout (None: no copy).
+    """
+    b, g = prompt_ids.shape[0], cfg.num_generations
+    if b % g:
         raise ValueError(
-            f"shared_prompt_forward needs rows in whole groups of num_generations={group_size}, "
-            f"got {b} rows"
+            f"shared_prompt_forward needs rows in whole groups of num_generations={g}, got {b} rows"
         )
-    return prompt_ids[::group_size], prompt_mask[::group_size], jnp.arange(b) // group_size
+    rows = None if g % cfg.num_micro_batches == 0 else jnp.arange(b) // g
+    return prompt_ids[::g], prompt_mask[::g], rows
 
 
 def scoring_logprobs(
@@ -765,7 +790,7 @@ def scoring_logprobs(
     the prompts ([B, Tp], repeated in runs of G) run once, then the completions after them."""
     kw = dict(temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
     if cfg.shared_prompt_forward:
-        ids, mask, rows = _prompt_rows(prompt_ids, prompt_mask, cfg.num_generations)
+        ids, mask, rows = _prompts_once(prompt_ids, prompt_mask, cfg)
         prompts = prompt_forward(model, ids, mask)
         micro_batches = train.split_micro_batches(
             (rows, completion_ids, completion_mask), cfg.num_micro_batches
@@ -965,7 +990,8 @@ def grpo_loss(
       cfg: GRPOConfig (static).
       num_items_in_batch: "dapo" only: completion tokens in the whole rollout batch.
       prompts, prompt_index: the prompts' shared forward (`prompt_forward`, of this model) and
-        the prompt row of each of the rollouts' rows; None: each row runs its own prompt.
+        the prompt row of each of the rollouts' rows (see `logprobs_after_prompts`); prompts
+        None: each row runs its own prompt. The router counts are then the completions' only.
     Returns:
       (loss, metrics): metrics as `policy_loss` minus the completion lengths (the rollout
       reports those for the whole batch) and with `entropy`; for a mixture-of-experts model
@@ -985,9 +1011,6 @@ def grpo_loss(
         logp, entropy, router = logprobs_after_prompts(
             model, prompts, prompt_index, rollouts.completion_ids, rollouts.completion_mask, **kw
         )
-        if router is not None:  # the prompts' routing, spread evenly over the micro-batches
-            share = lambda c, p: c + p / cfg.num_micro_batches  # noqa: E731
-            router = jax.tree.map(share, router, prompts.router)
     loss, metrics = policy_loss(
         logp,
         rollouts.old_logprobs,
@@ -1021,7 +1044,9 @@ def update(
       replicated float32 scalars, averaged over the μ steps: `loss`, `kl` (beta > 0),
       `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean`, `entropy`,
       `grad_norm` (before clipping), `learning_rate`, `update_skipped` (share of the μ updates
-      skipped), and `skipped_updates` (total skipped so far in the run). For a DeepSeek model
+      skipped), `skipped_updates` (total skipped so far in the run), and with
+      `shared_prompt_forward` `shared_prompt_mismatch` (1.0: a group's rows had different
+      prompts, the update was skipped). For a DeepSeek model
       also `router/*` (`deepseek.router_step`: expert load, drops, bias drift), the routing
       bias being updated after each of the μ steps when the model's `router_bias_rate` > 0.
     """
@@ -1043,20 +1068,35 @@ def loss_and_gradients(
         )
     # Each prompt's forward runs once for the whole batch; every micro-batch's completions attend
     # to it, and their gradients w.r.t. it are pulled back through it once.
-    ids, mask, rows = _prompt_rows(rollouts.prompt_ids, rollouts.prompt_mask, cfg.num_generations)
+    ids, mask, rows = _prompts_once(rollouts.prompt_ids, rollouts.prompt_mask, cfg)
+    g, k = cfg.num_generations, cfg.num_micro_batches
 
-    def loss_fn(m, micro, prompts):
+    def shared(m):  # differentiable: the cache's float arrays and the last hidden states
+        fwd = prompt_forward(m, ids, mask)
+        floats, rest = _floats_and_rest(fwd.cache)
+        return (floats, fwd.last_hidden), (rest, fwd.router)
+
+    def loss_fn(m, micro, shared_values):
+        (floats, last_hidden), (rest, prompt_router) = shared_values
+        prompts = PromptForward(_join(floats, rest), last_hidden, prompt_router)
         micro_rollouts, prompt_index = micro
-        return grpo_loss(m, micro_rollouts, cfg, num_items, _join(*prompts), prompt_index)
+        loss, metrics = grpo_loss(m, micro_rollouts, cfg, num_items, prompts, prompt_index)
+        if prompt_router is not None:  # the prompts were routed once: 1/k of them per micro-batch
+            share = lambda c, p: c + p / k  # noqa: E731
+            metrics["router"] = jax.tree.map(share, metrics["router"], prompt_router)
+        return loss, metrics
 
-    return train.accumulate_gradients(
-        loss_fn,
-        model,
-        (rollouts, rows),
-        cfg.num_micro_batches,
-        sum_micro_batches=dapo,
-        shared=lambda m: _floats_and_rest(prompt_forward(m, ids, mask)),
+    loss, grads, metrics = train.accumulate_gradients(
+        loss_fn, model, (rollouts, rows), k, sum_micro_batches=dapo, shared=shared
     )
+    # Rows of a group that do not share one prompt (a hand-built batch) would be trained on the
+    # wrong prompt: poison the gradient instead, so the optimizer skips the step, and say why.
+    mismatch = jnp.any(jnp.repeat(ids, g, 0) != rollouts.prompt_ids) | jnp.any(
+        jnp.repeat(mask, g, 0) != rollouts.prompt_mask
+    )
+    grads = jax.tree.map(lambda x: jnp.where(mismatch, jnp.nan, x), grads)
+    metrics["shared_prompt_mismatch"] = mismatch.astype(jnp.float32)
+    return loss, grads, metrics
 
 
 def _update_step(

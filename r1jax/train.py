@@ -9,9 +9,12 @@ the machinery here. This module owns:
   updates, and *skips* an update whose gradients are not finite (counted in `skipped`);
 - `TrainState`: a model, its optimizer and the mesh they live on; `run_step` compiles a step
   function once (explicit in/out shardings, state donated) and runs it;
-- `accumulate_gradients`: gradients summed over micro-batches with `lax.scan`, and `repeat`,
-  several optimizer steps on one batch (GRPO's μ iterations) without unrolling them;
-- `hidden_states` / `router_step`: what a loss and a step do differently for a mixture-of-experts
+- `accumulate_gradients`: gradients summed over micro-batches with `lax.scan` (optionally with a
+  part computed once for the whole batch, e.g. GRPO's prompt forward, whose gradient is pulled
+  back once), and `repeat`, several optimizer steps on one batch (GRPO's μ iterations) without
+  unrolling them;
+- `hidden_states` / `cached_hidden_states` / `router_step`: what a loss and a step do differently
+  for a mixture-of-experts
   model (DeepSeek-V3): the forward also returns its routing counts, and after each optimizer
   step the router metrics are reported and the load-balancing bias is updated. For dense models
   both are exactly the plain forward and nothing.
@@ -248,7 +251,8 @@ def accumulate_gradients(
         batch and handed to every micro-batch's `loss_fn` as the pair (e.g. GRPO's prompt
         forward, whose KV cache all the completions of a prompt attend to). Gradients flow
         through the differentiable part: its cotangents are summed over the micro-batches and
-        pulled back through `shared` once; `aux` (integers, statistics) carries none.
+        pulled back through `shared` once; `aux` (integers, statistics) carries none. Its
+        activations are held until the last micro-batch is done (beside one micro-batch's).
     Returns:
       (loss, grads, metrics): grads an nnx.State like `nnx.state(model, nnx.Param)` (float32),
       metrics the mean over micro-batches of `loss_fn`'s metrics.

@@ -1,6 +1,7 @@
 """DeepSeek-V2/V3 (MLA + DeepSeekMoE) against transformers, the latent cache against recomputation,
 expert parallelism against one device, routing/dispatch against float64 numpy, load balancing."""
 
+import dataclasses
 import functools
 import json
 import logging
@@ -514,6 +515,61 @@ def _grpo_step(mesh=None):
     )
     rollouts = jax.device_get(rollouts)
     return state, rollouts, jax.device_get(data_metrics), before
+
+
+def test_shared_prompt_forward_equals_per_row_on_mla_and_counts_prompts_once():
+    """GRPO with each prompt run once (the MLA latent cache as prefix, T > 1 completions after
+    it): the scoring log-probs and the accumulated gradients equal per-row forwards', whether
+    the micro-batches attend to the prompt cache in place (k = 2 divides G) or copy rows out of
+    it (k = 8); the router counts each prompt token once instead of G times."""
+    model = hf.load(checkpoint("v3_moe_only"), router_bias_rate=RATE)
+    g, tc = RL.num_generations, 5
+    ids, mask = left_padded_batch(seed=4, batch=4, length=8, pads=(0, 2, 5, 1))
+    b = len(ids) * g
+    rng = np.random.RandomState(0)
+    lengths = rng.randint(1, tc + 1, b)
+    completion_mask = (np.arange(tc)[None] < lengths[:, None]).astype(np.int32)
+    rollouts = grpo.Rollouts(
+        prompt_ids=np.repeat(ids, g, 0),
+        prompt_mask=np.repeat(mask, g, 0),
+        completion_ids=(rng.randint(1, VOCAB, (b, tc)) * completion_mask).astype(np.int32),
+        completion_mask=completion_mask,
+        advantages=rng.normal(size=b).astype(np.float32),
+        rewards=np.zeros(b, np.float32),
+        per_reward=np.zeros((b, 1), np.float32),
+        truncated=np.zeros(b, bool),
+        ref_logprobs=np.full((b, tc), -np.log(VOCAB), np.float32),
+    )
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def run(state, rollouts, cfg):
+        m = nnx.merge(graphdef, state)
+        r = rollouts
+        logp = grpo.scoring_logprobs(
+            m, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, cfg
+        )
+        loss, grads, metrics = grpo.loss_and_gradients(m, r, cfg)
+        return logp, loss, grads, metrics["router"], grpo.prompt_forward(m, ids, mask).router
+
+    cfg = lambda k, shared: dataclasses.replace(  # noqa: E731
+        RL, num_iterations=1, num_micro_batches=k, shared_prompt_forward=shared
+    )
+    want_logp, want_loss, want_grads, want_router, prompt_router = jax.device_get(
+        run(state, rollouts, cfg(2, False))
+    )
+    real = completion_mask.astype(bool)
+    for k in (2, 8):
+        logp, loss, grads, router, _ = jax.device_get(run(state, rollouts, cfg(k, True)))
+        np.testing.assert_allclose(logp[real], want_logp[real], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-6)
+        for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+        # Means over micro-batches: per-row counts each prompt G times, shared counts it once.
+        np.testing.assert_allclose(
+            want_router.load * 2 - router.load * k, (g - 1) * prompt_router.load, atol=1e-3
+        )
+    assert np.abs(prompt_router.load).sum() > 0
 
 
 def test_grpo_step_expert_parallel_equals_single_device_and_updates_router_bias():

@@ -192,30 +192,38 @@ def gradients():
         _, vjp = jax.vjp(plain_logprobs, params)  # both plain gradients from one forward
         out = {}
         for loss_type, w in weights.items():
-            for shared in (False, True):
+            # Each row its own prompt; each prompt's forward once with micro-batches holding
+            # G / k = 2 rows of every prompt in order (the prefix cache as it is), or 2 rows of
+            # two different prompts (k = 8 > G: the cache rows copied out per completion).
+            for shared, k in ((False, 4), (True, 2), (True, 8)):
                 cfg = dataclasses.replace(
                     GRPO,
                     loss_type=loss_type,
                     num_iterations=1,
-                    num_micro_batches=4,
+                    num_micro_batches=k,
                     shared_prompt_forward=shared,
                 )
-                loss, grads, _ = grpo.loss_and_gradients(model, rollouts, cfg)
-                out[loss_type, shared] = (loss, grads, vjp(w)[0])
+                loss, grads, metrics = grpo.loss_and_gradients(model, rollouts, cfg)
+                assert shared == ("shared_prompt_mismatch" in metrics)
+                out[loss_type, shared, k] = (loss, grads, vjp(w)[0])
         return out
 
     return rollouts, jax.device_get(compute(params))
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["per_row_prompts", "shared_prompts"])
+@pytest.mark.parametrize(
+    "shared,k", [(False, 4), (True, 2), (True, 8)], ids=["per_row", "shared_k2", "shared_k8"]
+)
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
-def test_accumulated_gradient_equals_the_whole_batch_policy_gradient(gradients, loss_type, shared):
+def test_accumulated_gradient_equals_the_whole_batch_policy_gradient(
+    gradients, loss_type, shared, k
+):
     """μ = 1 (old log-probs = current, ratio 1): summing micro-batch gradients (means for grpo,
     whole-batch token counts for dapo) gives the plain policy gradient of the whole batch; also
-    with each prompt's forward run once and its gradient pulled back once (shared_prompt_forward:
-    the 4 strided micro-batches each hold rows of every prompt)."""
+    with each prompt's forward run once and its gradient pulled back once (shared_prompt_forward,
+    micro-batches in the prefix cache's layout or gathering from it)."""
     rollouts, out = gradients
-    loss, grads, plain = out[loss_type, shared]
+    loss, grads, plain = out[loss_type, shared, k]
     m, adv = np.asarray(rollouts.completion_mask), np.asarray(rollouts.advantages)
     if loss_type == "grpo":  # ratio 1 everywhere: -mean A over non-empty completions
         expected = -np.mean(adv * (m.sum(-1) > 0))
@@ -309,7 +317,8 @@ def test_rollout_scores_micro_batch_by_micro_batch_with_the_same_log_probs():
     prompts = np.random.RandomState(0).randint(1, CFG.vocab_size, (P, TP)).astype(np.int32)
     prompts = prompts * prompt_mask
     outs = {}
-    for k, shared in ((1, False), (1, True), (4, True)):
+    # Shared prompts with k = 1 and 2 attend to the prefix cache in place; k = 8 > G copies rows.
+    for k, shared in ((1, False), (4, False), (1, True), (2, True), (8, True)):
         cfg = grpo.GRPOConfig(
             num_generations=G, num_iterations=2, beta=0.1, max_completion_length=TC,
             num_micro_batches=k, shared_prompt_forward=shared,
@@ -320,12 +329,41 @@ def test_rollout_scores_micro_batch_by_micro_batch_with_the_same_log_probs():
         outs[k, shared] = jax.device_get(rollouts)
     want = outs[1, False]
     mask = want.completion_mask.astype(bool)
-    for key in ((1, True), (4, True)):
+    for key in ((4, False), (1, True), (2, True), (8, True)):
         np.testing.assert_array_equal(outs[key].completion_ids, want.completion_ids)
         for name in ("ref_logprobs", "old_logprobs"):
             got, expected = getattr(outs[key], name)[mask], getattr(want, name)[mask]
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=f"{key} {name}")
     assert np.ptp(want.ref_logprobs[mask]) > 0.1  # rows differ, so a row mix-up would show
+
+
+def test_shared_prompt_update_equals_per_row_update(single_device_update):
+    """μ = 2 with clipping and dapo (the fixture's GRPO config, shared prompts by default): the
+    same parameters as running every row's prompt through the model."""
+    _, expected, expected_metrics = single_device_update
+    state = train.TrainState.create(tiny_model(), OPTIM)
+    cfg = dataclasses.replace(GRPO, shared_prompt_forward=False)
+    metrics = jax.device_get(grpo.update(state, synthetic_rollouts(), cfg))
+    after = params_of(state.model)
+    for k in expected:
+        np.testing.assert_allclose(after[k], expected[k], rtol=1e-5, atol=1e-6, err_msg=str(k))
+    for k in ("loss", "grad_norm", "clip_ratio/region_mean"):
+        np.testing.assert_allclose(metrics[k], expected_metrics[k], rtol=1e-5, atol=1e-7)
+    assert expected_metrics["shared_prompt_mismatch"] == 0.0
+
+
+def test_shared_prompt_update_refuses_groups_with_different_prompts():
+    """A hand-built batch whose G rows do not share one prompt must not be trained on row p*G's
+    prompt: the update is skipped and the metric says why."""
+    state = train.TrainState.create(tiny_model(), OPTIM)
+    rollouts = synthetic_rollouts()
+    ids = rollouts.prompt_ids.copy()
+    ids[5, -1] = ids[5, -1] % 95 + 1  # row 5 (group 1) now differs from its group's first row
+    before = params_of(state.model)
+    metrics = jax.device_get(grpo.update(state, rollouts.replace(prompt_ids=ids), GRPO))
+    assert metrics["shared_prompt_mismatch"] == 1.0 and metrics["update_skipped"] == 1.0
+    after = params_of(state.model)
+    assert all(np.array_equal(after[k], before[k]) for k in before)
 
 
 def test_non_finite_gradients_skip_the_update():

@@ -24,7 +24,9 @@ Notable choices:
 - One `__call__` serves training, prefill and decode: with a `KVCache` it writes the new keys and
   values at `cache.index` and returns `(logits, cache)`. A cache may also carry a read-only *prefix*
   segment shared by the `B // P` rows of each prompt (GRPO's group), which is how the sampler
-  decodes G samples per prompt without copying or recomputing the prompt.
+  decodes G samples per prompt without copying or recomputing the prompt, and how GRPO's
+  scoring and training forwards run each prompt once for its G completions
+  (`grpo.prompt_forward`).
 """
 
 from __future__ import annotations
@@ -442,7 +444,8 @@ class Attention(nnx.Module):
 
 
 def _attend_rows(q, k, v, mask):
-    """Full-sequence attention (training, scoring): q [B, T, K, G, H] (already scaled), keys
+    """Full-sequence attention (training, scoring, without a cache): q [B, T, K, G, H] (already
+    scaled), keys
     [B, K, S, H], values [B, K, H, S], mask [B, T, S] -> [B, T, K, G, H].
 
     The G query heads that share a kv-head are stacked as rows ([B, K, G*T, H]), so each product
@@ -462,7 +465,8 @@ def _attend_rows(q, k, v, mask):
 
 
 def _attend_cached(q, k, v, mask, prefix_kv, dt):
-    """Attention over a KV cache (prefill and decode): q [B, T, K, G, H] (already scaled), the
+    """Attention over a KV cache (prefill, decode, and GRPO's completions after a shared prompt
+    forward): q [B, T, K, G, H] (already scaled), the
     per-row keys [B, K, S, H] and values [B, K, H, S], optionally a prefix segment shared by the
     B // P rows of each prompt (keys [P, K, Sp, H], values [P, K, H, Sp]); mask [B, T, Sp + S]
     -> [B, T, K, G, H]. (For decode, T = 1, this form measured faster than `_attend_rows`.)
