@@ -19,6 +19,7 @@ What can be timed (`--what`):
 - `decode`:    `sampling.sample`, 16 prompts x 32 tokens -> 128 new tokens, G = 1 (workload A);
 - `decode_g4`: the same with 4 prompts x G = 4 (the shared-prefix cache of workload B);
 - `update`:    `grpo.update` on a synthetic 16 x (32 + 128) rollout batch (workload C);
+- `update_g4`: the same batch as 4 prompts x G = 4, each prompt's forward once (B's update);
 - `step`:      one whole GRPO step of workload B (`policy_for_sampling` + `rollout` + `update`).
 
 Output: per item, the CPU and wall medians of each side, the ratio of medians and the median of
@@ -46,7 +47,7 @@ if ROOT not in sys.path:
 
 from bench import bench_grpo, bench_sampling  # noqa: E402
 
-WHAT = ("decode", "decode_g4", "update", "step")
+WHAT = ("decode", "decode_g4", "update", "update_g4", "step")
 
 
 def load_revision(rev: str, relpath: str, name: str) -> types.ModuleType:
@@ -127,7 +128,7 @@ def _decode_fn(variant: Variant, prompts: int, group: int):
     return run
 
 
-def _update_fn(variant: Variant, rows: int = 16):
+def _update_fn(variant: Variant, rows: int = 16, shared: bool = False):
     import jax
 
     from r1jax import train
@@ -135,9 +136,10 @@ def _update_fn(variant: Variant, rows: int = 16):
     state = train.TrainState.create(
         variant.fresh_model(), train.OptimConfig(learning_rate=bench_grpo.LEARNING_RATE)
     )
-    batch = bench_grpo.synthetic_rollouts(rows, state.model.cfg.vocab_size)
-    # Micro-batches of bench_grpo.MICRO_BATCH_ROWS; the synthetic rows have distinct prompts.
-    cfg = bench_grpo.grpo_config(rows, shared_prompts=False)
+    group = bench_grpo.GROUP if shared else 1
+    batch = bench_grpo.synthetic_rollouts(rows, state.model.cfg.vocab_size, group=group)
+    # Micro-batches of bench_grpo.MICRO_BATCH_ROWS; without `shared`, every row its own prompt.
+    cfg = bench_grpo.grpo_config(rows, shared_prompts=shared)
     return lambda: jax.device_get(variant.grpo.update(state, batch, cfg))
 
 
@@ -179,6 +181,8 @@ def make_fn(what: str, variant: Variant):
         return _decode_fn(variant, bench_grpo.PROMPTS, bench_grpo.GROUP)
     if what == "update":
         return _update_fn(variant)
+    if what == "update_g4":
+        return _update_fn(variant, shared=True)
     if what == "step":
         return _step_fn(variant)
     raise ValueError(f"unknown --what {what!r}; choose from {WHAT}")

@@ -296,14 +296,16 @@ def step_breakdown(path: str, repeats: int = 3) -> dict:
     return {name: {"wall_s": _stats(w), "cpu_s": _stats(c)} for name, (w, c) in times.items()}
 
 
-def synthetic_rollouts(rows: int, vocab: int, seed: int = 0):
-    """A Rollouts batch of `rows` x (32 + 128) tokens with random contents (workload C)."""
+def synthetic_rollouts(rows: int, vocab: int, seed: int = 0, group: int = 1):
+    """A Rollouts batch of `rows` x (32 + 128) tokens with random contents (workload C); with
+    `group` > 1, runs of `group` rows share a prompt, as a rollout's groups do (B's layout)."""
     from r1jax import grpo
 
     rng = np.random.RandomState(seed)
     tc = COMPLETION_LEN
+    prompts = np.repeat(rng.randint(1, vocab, (rows // group, PROMPT_LEN)), group, axis=0)
     return grpo.Rollouts(
-        prompt_ids=jnp.asarray(rng.randint(1, vocab, (rows, PROMPT_LEN)), jnp.int32),
+        prompt_ids=jnp.asarray(prompts, jnp.int32),
         prompt_mask=jnp.ones((rows, PROMPT_LEN), jnp.int32),
         completion_ids=jnp.asarray(rng.randint(1, vocab, (rows, tc)), jnp.int32),
         completion_mask=jnp.ones((rows, tc), jnp.int32),

@@ -430,10 +430,10 @@ class Attention(nnx.Module):
         b, t, n, h = q.shape
         kh, g = cfg.num_kv_heads, n // cfg.num_kv_heads
         q = q * (1.0 / math.sqrt(h))
-        if cache_kv is None:
-            out = _attend_rows(q.reshape(b, t, kh, g, h), k, v, mask)
+        if t == 1 and cache_kv is not None:
+            out = _attend_step(q.reshape(b, t, kh, g, h), k, v, mask, prefix_kv, dt)
         else:
-            out = _attend_cached(q.reshape(b, t, kh, g, h), k, v, mask, prefix_kv, dt)
+            out = _attend_rows(q.reshape(b, t, kh, g, h), k, v, mask, prefix_kv)
         # One plain [B*T, N*H] x [N*H, D] matmul: as a two-axis contraction, XLA:CPU copies the
         # o weight to a new layout at every decode step.
         w_o = self.o_nhd[...].astype(dt).reshape(n * h, -1)
@@ -443,33 +443,63 @@ class Attention(nnx.Module):
         return out, new_kv
 
 
-def _attend_rows(q, k, v, mask):
-    """Full-sequence attention (training, scoring, without a cache): q [B, T, K, G, H] (already
-    scaled), keys
-    [B, K, S, H], values [B, K, H, S], mask [B, T, S] -> [B, T, K, G, H].
+def _attend_rows(q, k, v, mask, prefix_kv=None):
+    """Attention of T > 1 query positions (training, scoring, prefill, and GRPO's completions
+    after a shared prompt forward): q [B, T, K, G, H] (already scaled), keys [B, K, S, H], values
+    [B, K, H, S], optionally a prefix segment shared by the R = B // P rows of each prompt (keys
+    [P, K, Sp, H], values [P, K, H, Sp]); mask [B, T, Sp + S] -> [B, T, K, G, H].
 
-    The G query heads that share a kv-head are stacked as rows ([B, K, G*T, H]), so each product
-    is one plain batched matmul over (B, K); in the backward pass XLA:CPU then needs fewer layout
-    copies of the [B, K, G, T, S] scores than with G and T as separate axes (bench/NOTES.md, M4).
+    The G query heads that share a kv-head are stacked as rows ([B, K, G*T, H]; for the prefix,
+    the R rows of a prompt too: [P, K, R*G*T, H]), so each product is one plain batched matmul
+    over (B, K) or (P, K); in the backward pass XLA:CPU then needs fewer layout copies of the
+    scores than with G and T as separate axes (bench/NOTES.md, M4). The two segments' scores are
+    never concatenated: one softmax spans both through a shared row maximum and denominator.
     """
     b, t, kh, g, h = q.shape
-    s = k.shape[2]
+    s, dt = k.shape[2], q.dtype
+    neg = jnp.finfo(jnp.float32).min
     rows = q.transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
-    scores = jnp.einsum("bkqh,bksh->bkqs", rows, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(
-        mask[:, None, None], scores.reshape(b, kh, g, t, s), jnp.finfo(jnp.float32).min
-    )
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, kh, g * t, s)
-    out = jnp.einsum("bkqs,bkhs->bkqh", probs, v)  # [B, K, G*T, H]
-    return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4)
+    own = jnp.einsum("bkqh,bksh->bkqs", rows, k, preferred_element_type=jnp.float32)
+    own = jnp.where(mask[:, None, None, :, -s:], own.reshape(b, kh, g, t, s), neg)
+    if prefix_kv is None:
+        probs = jax.nn.softmax(own, axis=-1).astype(dt).reshape(b, kh, g * t, s)
+        out = jnp.einsum("bkqs,bkhs->bkqh", probs, v)  # [B, K, G*T, H]
+        return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4)
+    pk, pv = prefix_kv
+    p, sp = pk.shape[0], pk.shape[2]
+    r = b // p
+    prow = q.reshape(p, r, t, kh, g, h).transpose(0, 3, 1, 4, 2, 5).reshape(p, kh, r * g * t, h)
+    pre = jnp.einsum("pkqh,pksh->pkqs", prow, pk.astype(dt), preferred_element_type=jnp.float32)
+    pre_mask = mask[..., :sp].reshape(p, 1, r, 1, t, sp)
+    pre = jnp.where(pre_mask, pre.reshape(p, kh, r, g, t, sp), neg)  # [P, K, R, G, T, Sp]
+
+    def to_pre(x):  # [B, K, G, T, ...] -> [P, K, R, G, T, ...]
+        x = x.reshape(p, r, *x.shape[1:])
+        return jnp.swapaxes(x, 1, 2)
+
+    def to_own(x):  # the inverse
+        x = jnp.swapaxes(x, 1, 2)
+        return x.reshape(b, *x.shape[2:])
+
+    # softmax over [prefix, own] without building it: shared max (no gradient, as in
+    # jax.nn.softmax) and denominator; the row statistics are small, so moving them is cheap.
+    top = jax.lax.stop_gradient(jnp.maximum(pre.max(-1), to_pre(own.max(-1))))
+    e_pre = jnp.exp(pre - top[..., None])
+    e_own = jnp.exp(own - to_own(top)[..., None])
+    denom = e_pre.sum(-1) + to_pre(e_own.sum(-1))
+    p_pre = (e_pre / denom[..., None]).astype(dt).reshape(p, kh, r * g * t, sp)
+    p_own = (e_own / to_own(denom)[..., None]).astype(dt).reshape(b, kh, g * t, s)
+    out_pre = jnp.einsum("pkqs,pkhs->pkqh", p_pre, pv.astype(dt)).reshape(p, kh, r, g, t, h)
+    out = to_own(out_pre) + jnp.einsum("bkqs,bkhs->bkqh", p_own, v).reshape(b, kh, g, t, h)
+    return out.transpose(0, 3, 1, 2, 4)
 
 
-def _attend_cached(q, k, v, mask, prefix_kv, dt):
-    """Attention over a KV cache (prefill, decode, and GRPO's completions after a shared prompt
-    forward): q [B, T, K, G, H] (already scaled), the
-    per-row keys [B, K, S, H] and values [B, K, H, S], optionally a prefix segment shared by the
-    B // P rows of each prompt (keys [P, K, Sp, H], values [P, K, H, Sp]); mask [B, T, Sp + S]
-    -> [B, T, K, G, H]. (For decode, T = 1, this form measured faster than `_attend_rows`.)
+def _attend_step(q, k, v, mask, prefix_kv, dt):
+    """One decode step's attention over the KV cache (T = 1; for decode this form measured
+    faster than `_attend_rows`): q [B, 1, K, G, H] (already scaled), the per-row keys
+    [B, K, S, H] and values [B, K, H, S], optionally a prefix segment shared by the B // P rows
+    of each prompt (keys [P, K, Sp, H], values [P, K, H, Sp]); mask [B, 1, Sp + S]
+    -> [B, 1, K, G, H].
     """
     b, t, kh, g, h = q.shape
     scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
