@@ -29,6 +29,9 @@ def get_config(arg=None):
     # Share of "format" documents whose tags are think/answer (a documented deviation: the toy model
     # cannot copy tag names from its prompt, so it needs this prior; 0 = no such tag in the corpus).
     p.r1_tag_rate = 0.1
+    # Optimizer steps of a copy task before the corpus (strings of word tokens, each repeated; see
+    # r1jax/stages/pretrain.py): how the toy model learns to copy tag names from a prompt at all.
+    p.copy_warmup_steps = 0
     p.arithmetic = common.data_config().arithmetic  # same difficulty as the RL stage's default
     p.countdown = common.data_config().countdown
     p.vocab_size = 768  # BPE vocabulary incl. bytes and special tokens (tag words: one token)

@@ -150,10 +150,12 @@ def share_compilation_cache(home: str) -> None:
 
 
 def pretrain_config():
-    """configs/pretrain.py shrunk to a few seconds: tiny corpus, tiny model, 3 steps."""
+    """configs/pretrain.py shrunk to a few seconds: tiny corpus, tiny model, 2 copy-task warm-up
+    steps then 3 corpus steps."""
     config = load_config("pretrain")
     p = config.pretrain
     p.corpus_docs, p.steps, p.batch_size, p.seq_len = 300, 3, 8, 64
+    p.copy_warmup_steps = 2
     p.arch.update(TINY_ARCH)
     config.optim.total_steps, config.optim.warmup_steps = 3, 1
     return config

@@ -137,6 +137,15 @@ def test_a_cosine_schedule_spans_the_stage_steps_given_on_the_command_line():
     sh.set_fields(config, {"pretrain.steps": 30})
     with pytest.raises(common.ConfigError, match="warmup_steps=50; this run takes 30"):
         common.validate(config, "pretrain")
+    # The copy-task warm-up's steps are optimizer steps of the same run, inside the schedule.
+    sh.set_fields(config, {"pretrain.copy_warmup_steps": 40})
+    common.validate(config, "pretrain")
+    sh.set_fields(config, {"pretrain.copy_warmup_steps": -1})
+    with pytest.raises(common.ConfigError, match="pretrain.copy_warmup_steps must be >= 0"):
+        common.validate(config, "pretrain")
+    sh.set_fields(config, {"pretrain.copy_warmup_steps": 40, "pretrain.seq_len": 32})
+    with pytest.raises(common.ConfigError, match="needs pretrain.seq_len >= 33"):
+        common.validate(config, "pretrain")
 
 
 def test_automatic_micro_batches_keep_a_few_rows_per_shard_and_bad_counts_are_named():

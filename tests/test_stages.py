@@ -88,14 +88,19 @@ def test_pretrain_default_makes_a_loadable_base_model(toy):
     base = os.path.join(home, "toy_base")
     assert_hf_folder(base)
     rows = sh.metric_rows(workdir)
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert all(np.isfinite(r["loss"]) for r in rows)
-    # Next-token loss of an untrained model starts near log(vocab) and goes down.
+    # Two copy-task warm-up steps, then the corpus. The loss of an untrained model starts near
+    # log(vocab), and the corpus's next-token loss goes down.
+    assert [("copy_loss" in r, "lm_loss" in r) for r in rows] == [(True, False)] * 2 + [
+        (False, True)
+    ] * 3
     with open(os.path.join(base, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
-    assert abs(rows[0]["loss"] - np.log(vocab)) < 1.0
-    assert rows[-1]["loss"] < rows[0]["loss"]
-    assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
+    assert abs(rows[0]["copy_loss"] - np.log(vocab)) < 0.5
+    assert abs(rows[2]["lm_loss"] - np.log(vocab)) < 1.0
+    assert rows[-1]["lm_loss"] < rows[2]["lm_loss"]
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "5"))
     # The folder is a real HF checkpoint: transformers reads the config and the tokenizer.
     import transformers
 
@@ -103,6 +108,40 @@ def test_pretrain_default_makes_a_loadable_base_model(toy):
     assert (cfg.hidden_size, cfg.num_hidden_layers) == (32, 2)
     tok = transformers.AutoTokenizer.from_pretrained(base)
     assert tok.decode(tok("<think>1+2</think>")["input_ids"]) == "<think>1+2</think>"
+
+
+def test_copy_task_rows_repeat_each_string_and_score_only_the_predictable_repetition():
+    from r1jax.stages import pretrain
+
+    alphabet = np.arange(100, 160, dtype=np.int32)
+    for shape in [(4, 256), (3, 64), (2, 33)]:
+        ids, mask = pretrain.copy_rows(alphabet, step=7, shape=shape, seed=1)
+        assert ids.shape == mask.shape == shape and set(np.unique(ids)) <= set(alphabet)
+        for r in range(shape[0]):
+            # Each run of scored positions [s, e) is a string's repetition minus its first token:
+            # the string is ids[s - 1 - k : s - 1] with k = e - s + 1, repeated at [s - 1, e).
+            edges = np.flatnonzero(np.diff(np.r_[0, mask[r], 0]))
+            assert len(edges) >= 2
+            for s, e in zip(edges[::2], edges[1::2], strict=True):
+                k = e - s + 1
+                assert pretrain.COPY_MIN <= k <= pretrain.COPY_MAX
+                np.testing.assert_array_equal(ids[r, s - 1 : e], ids[r, s - 1 - k : s - 1])
+    same = pretrain.copy_rows(alphabet, step=7, shape=(4, 256), seed=1)
+    other = pretrain.copy_rows(alphabet, step=8, shape=(4, 256), seed=1)
+    np.testing.assert_array_equal(same[0], pretrain.copy_rows(alphabet, 7, (4, 256), 1)[0])
+    assert not np.array_equal(same[0], other[0])
+
+
+def test_copy_alphabet_is_the_tokenizers_word_pieces(toy):
+    import transformers
+
+    from r1jax.stages import pretrain
+
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.join(toy[0], "toy_base"))
+    words = [tok.decode([i]) for i in pretrain.copy_alphabet(tok)]
+    assert "think" in words and "answer" in words  # the R1-Zero template's tag names
+    assert all(w.removeprefix(" ").isalpha() and len(w.strip()) >= 2 for w in words)
+    assert not set(pretrain.copy_alphabet(tok)) & set(tok.all_special_ids)
 
 
 def test_sft_default_runs(toy, tmp_path):

@@ -8,7 +8,9 @@ make one, so every later stage runs through exactly the code a real run uses:
      r1jax/data/corpus.py for why the toy world needs that prior and 0 removes it);
   2. train a byte-level BPE tokenizer on it and save it as a Hugging Face tokenizer folder;
   3. pack the documents, EOS-separated, into rows of `seq_len` tokens;
-  4. train a small Qwen2-architecture decoder on next-token prediction;
+  4. train a small Qwen2-architecture decoder on next-token prediction, optionally after a
+     copy-task warm-up (`copy_warmup_steps`: strings of word tokens, each followed by itself),
+     which is how a model this small learns to copy from its context (induction heads) at all;
   5. save it as a genuine HF checkpoint folder (config.json + safetensors + tokenizer).
 """
 
@@ -55,12 +57,62 @@ def validate(config) -> None:
         )
     if not 0.0 <= p.r1_tag_rate <= 1.0:
         raise common.ConfigError(f"pretrain.r1_tag_rate must be in [0, 1], got {p.r1_tag_rate}")
+    if p.copy_warmup_steps < 0:
+        raise common.ConfigError(
+            f"pretrain.copy_warmup_steps must be >= 0, got {p.copy_warmup_steps}"
+        )
+    if p.copy_warmup_steps and p.seq_len < 2 * COPY_MIN + 1:
+        raise common.ConfigError(
+            f"pretrain.copy_warmup_steps needs pretrain.seq_len >= {2 * COPY_MIN + 1} (a copy "
+            f"string of at least {COPY_MIN} tokens and its repetition), got {p.seq_len}"
+        )
     arch = p.arch.to_dict()
     try:
         ModelConfig(vocab_size=p.vocab_size, **arch)
     except (TypeError, ValueError) as e:
         raise common.ConfigError(f"pretrain.arch: {e}") from e
-    common.optim(config, p.steps)
+    common.optim(config, p.copy_warmup_steps + p.steps)
+
+
+COPY_MIN, COPY_MAX = 16, 48  # tokens per copy-task string
+
+
+def copy_alphabet(tokenizer) -> np.ndarray:
+    """Token ids of whole-word pieces (letters only, >= 2 of them, with or without a leading
+    space): what a prompt names a tag with. Copying is learned per token, so the warm-up strings
+    are drawn from these rather than the whole vocabulary (bytes, digits, punctuation)."""
+    special = set(tokenizer.all_special_ids)
+    ids = [
+        i
+        for i in range(len(tokenizer))
+        if i not in special
+        and (w := tokenizer.decode([i]).removeprefix(" ")).isalpha()
+        and len(w) >= 2
+    ]
+    return np.asarray(ids, np.int32)
+
+
+def copy_rows(alphabet: np.ndarray, step: int, shape: tuple[int, int], seed: int):
+    """One copy-task batch: ([N, L] ids, [N, L] loss mask over the predictable tokens).
+
+    Each row is strings of COPY_MIN..COPY_MAX tokens (at most half the row) drawn uniformly from
+    `alphabet`, each followed at once by itself, with random filler between; the loss covers the
+    repetitions (from their second token: the first is not predictable), so the loss falls from
+    ln(len(alphabet)) towards 0 only once the model copies by content. Seeded by (seed, step),
+    so a resumed run sees the same batches.
+    """
+    rng = np.random.default_rng([seed, step, 1])
+    n, length = shape
+    longest = min(COPY_MAX, (length - 1) // 2)
+    ids = rng.choice(alphabet, size=shape).astype(np.int32)
+    mask = np.zeros(shape, np.int32)
+    for r in range(n):
+        pos = int(rng.integers(0, 1 + min(8, length - 1 - 2 * longest)))
+        while (k := int(rng.integers(COPY_MIN, longest + 1))) and pos + 2 * k <= length:
+            ids[r, pos + k : pos + 2 * k] = ids[r, pos : pos + k]
+            mask[r, pos + k + 1 : pos + 2 * k] = 1
+            pos += 2 * k + int(rng.integers(1, 8))
+    return ids, mask
 
 
 def token_rows(docs: list[str], tokenizer, seq_len: int) -> np.ndarray:
@@ -125,7 +177,8 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
         **p.arch.to_dict(),
     )
     model = sharding.create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(config.seed)), mesh)
-    state = train.TrainState.create(model, common.optim(config, p.steps), mesh)
+    warm = p.copy_warmup_steps
+    state = train.TrainState.create(model, common.optim(config, warm + p.steps), mesh)
     log.info("toy base model: %.2fM parameters (%s)", cfg.num_params / 1e6, cfg)
     step_cfg = sft.SFTConfig(
         num_micro_batches=common.micro_batches(config, "pretrain", p.batch_size)
@@ -141,25 +194,39 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
     if ckpt.latest_step() is not None:
         start = ckpt.restore(state.model, state.optimizer)["step"]
         log.info("resumed from step %d", start)
+    alphabet = copy_alphabet(tokenizer) if warm else None
+    if warm:
+        log.info(
+            "copy-task warm-up: %d steps over %d word tokens (loss starts at ln %d = %.2f)",
+            warm,
+            len(alphabet),
+            len(alphabet),
+            np.log(len(alphabet)),
+        )
     writer = metrics.MetricsWriter(
         workdir,
-        total_steps=p.steps,
+        total_steps=warm + p.steps,
         start_step=start,
         summary_every=config.log.every,
         desc="pretrain",
         postfix_keys=("loss",),
     )
     row = {}
-    for step in range(start, p.steps):
-        idx = common.batch_indices(len(rows), step, p.batch_size, config.seed)
-        row = jax.device_get(sft.train_step(state, {"input_ids": rows[idx], **fixed}, step_cfg))
-        writer.write(step + 1, row)
+    for step in range(start, warm + p.steps):
+        if step < warm:  # copy task: the same shapes, so the same compiled step
+            ids, loss_mask = copy_rows(alphabet, step, shape, config.seed)
+            batch = {**fixed, "input_ids": ids, "loss_mask": loss_mask}
+        else:
+            idx = common.batch_indices(len(rows), step - warm, p.batch_size, config.seed)
+            batch = {**fixed, "input_ids": rows[idx]}
+        row = jax.device_get(sft.train_step(state, batch, step_cfg))
+        writer.write(step + 1, {**row, "copy_loss" if step < warm else "lm_loss": row["loss"]})
         ckpt.save(
             step + 1,
             state.model,
             state.optimizer,
             extra={"step": step + 1},
-            force=step + 1 == p.steps,
+            force=step + 1 == warm + p.steps,
         )
     ckpt.wait()
     writer.close()
