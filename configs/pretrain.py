@@ -32,6 +32,7 @@ def get_config(arg=None):
     # Optimizer steps of a copy task before the corpus (strings of word tokens, each repeated; see
     # r1jax/stages/pretrain.py): how the toy model learns to copy tag names from a prompt at all.
     p.copy_warmup_steps = 0
+    p.copy_warmup_lr = 1e-3  # constant after optim.warmup_steps; 3e-3 never starts the copying
     p.arithmetic = common.data_config().arithmetic  # same difficulty as the RL stage's default
     p.countdown = common.data_config().countdown
     p.vocab_size = 768  # BPE vocabulary incl. bytes and special tokens (tag words: one token)

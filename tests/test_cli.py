@@ -137,8 +137,14 @@ def test_a_cosine_schedule_spans_the_stage_steps_given_on_the_command_line():
     sh.set_fields(config, {"pretrain.steps": 30})
     with pytest.raises(common.ConfigError, match="warmup_steps=50; this run takes 30"):
         common.validate(config, "pretrain")
-    # The copy-task warm-up's steps are optimizer steps of the same run, inside the schedule.
+    # The copy-task warm-up has its own optimizer phase: the corpus's schedule is unchanged.
     sh.set_fields(config, {"pretrain.copy_warmup_steps": 40})
+    with pytest.raises(common.ConfigError, match="warmup_steps=50; this run takes 30"):
+        common.validate(config, "pretrain")
+    sh.set_fields(config, {"pretrain.steps": 600, "pretrain.copy_warmup_lr": 0.0})
+    with pytest.raises(common.ConfigError, match="pretrain.copy_warmup_lr must be > 0"):
+        common.validate(config, "pretrain")
+    sh.set_fields(config, {"pretrain.copy_warmup_lr": 1e-3})
     common.validate(config, "pretrain")
     sh.set_fields(config, {"pretrain.copy_warmup_steps": -1})
     with pytest.raises(common.ConfigError, match="pretrain.copy_warmup_steps must be >= 0"):

@@ -110,6 +110,25 @@ def test_pretrain_default_makes_a_loadable_base_model(toy):
     assert tok.decode(tok("<think>1+2</think>")["input_ids"]) == "<think>1+2</think>"
 
 
+@pytest.mark.parametrize("resume_at", [1, 2, 3])  # inside the warm-up, at its end, after it
+def test_pretrain_resumed_across_the_copy_warm_up_matches_an_uninterrupted_run(
+    toy, tmp_path, resume_at
+):
+    """The warm-up and the corpus have separate optimizers: a run resumed from any checkpoint must
+    rebuild the right one (and the corpus phase's fresh one exactly at the boundary)."""
+    config = sh.pretrain_config()  # 2 warm-up steps, then 3 corpus steps
+    config.ckpt.every, config.ckpt.keep = 1, 10
+    run("pretrain", config, tmp_path / "run")
+    for step in range(resume_at + 1, 6):  # as if killed right after saving step `resume_at`
+        shutil.rmtree(tmp_path / "run" / "checkpoints" / str(step))
+    shutil.rmtree(tmp_path / "run" / "hf")
+    run("pretrain", config, tmp_path / "run")
+    resumed = sh.hf_params(str(tmp_path / "run" / "hf" / "final"))
+    for name, value in toy_params(toy).items():
+        np.testing.assert_allclose(resumed[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert [r["step"] for r in sh.metric_rows(str(tmp_path / "run"))] == [1, 2, 3, 4, 5]
+
+
 def test_copy_task_rows_repeat_each_string_and_score_only_the_predictable_repetition():
     from r1jax.stages import pretrain
 

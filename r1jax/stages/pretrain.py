@@ -9,13 +9,15 @@ make one, so every later stage runs through exactly the code a real run uses:
   2. train a byte-level BPE tokenizer on it and save it as a Hugging Face tokenizer folder;
   3. pack the documents, EOS-separated, into rows of `seq_len` tokens;
   4. train a small Qwen2-architecture decoder on next-token prediction, optionally after a
-     copy-task warm-up (`copy_warmup_steps`: strings of word tokens, each followed by itself),
-     which is how a model this small learns to copy from its context (induction heads) at all;
+     copy-task warm-up (`copy_warmup_steps`: strings of word tokens, each followed by itself, at
+     its own, lower learning rate), which is how a model this small learns to copy from its
+     context (induction heads) at all;
   5. save it as a genuine HF checkpoint folder (config.json + safetensors + tokenizer).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -61,6 +63,8 @@ def validate(config) -> None:
         raise common.ConfigError(
             f"pretrain.copy_warmup_steps must be >= 0, got {p.copy_warmup_steps}"
         )
+    if p.copy_warmup_steps and not p.copy_warmup_lr > 0:
+        raise common.ConfigError(f"pretrain.copy_warmup_lr must be > 0, got {p.copy_warmup_lr}")
     if p.copy_warmup_steps and p.seq_len < 2 * COPY_MIN + 1:
         raise common.ConfigError(
             f"pretrain.copy_warmup_steps needs pretrain.seq_len >= {2 * COPY_MIN + 1} (a copy "
@@ -71,7 +75,7 @@ def validate(config) -> None:
         ModelConfig(vocab_size=p.vocab_size, **arch)
     except (TypeError, ValueError) as e:
         raise common.ConfigError(f"pretrain.arch: {e}") from e
-    common.optim(config, p.copy_warmup_steps + p.steps)
+    common.optim(config, p.steps)
 
 
 COPY_MIN, COPY_MAX = 16, 48  # tokens per copy-task string
@@ -177,8 +181,17 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
         **p.arch.to_dict(),
     )
     model = sharding.create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(config.seed)), mesh)
+    # Two optimizer phases: the copy task at a constant, lower learning rate (at the corpus's
+    # 3e-3 the copying never starts), then the corpus with a fresh AdamW on optim.* over
+    # pretrain.steps, as without a warm-up.
     warm = p.copy_warmup_steps
-    state = train.TrainState.create(model, common.optim(config, warm + p.steps), mesh)
+    corpus_optim = common.optim(config, p.steps)
+    warm_optim = dataclasses.replace(
+        corpus_optim,
+        learning_rate=p.copy_warmup_lr,
+        schedule="constant",
+        warmup_steps=min(corpus_optim.warmup_steps, warm // 2),
+    )
     log.info("toy base model: %.2fM parameters (%s)", cfg.num_params / 1e6, cfg)
     step_cfg = sft.SFTConfig(
         num_micro_batches=common.micro_batches(config, "pretrain", p.batch_size)
@@ -190,14 +203,17 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
         max_to_keep=config.ckpt.keep,
         async_save=config.ckpt.async_save,
     )
-    start = 0
+    # A checkpoint at step <= warm holds the warm-up's optimizer (the corpus phase starts fresh).
+    start = ckpt.latest_step() or 0
+    state = train.TrainState.create(model, warm_optim if start <= warm else corpus_optim, mesh)
     if ckpt.latest_step() is not None:
         start = ckpt.restore(state.model, state.optimizer)["step"]
         log.info("resumed from step %d", start)
     alphabet = copy_alphabet(tokenizer) if warm else None
     if warm:
         log.info(
-            "copy-task warm-up: %d steps over %d word tokens (loss starts at ln %d = %.2f)",
+            "copy-task warm-up: %d steps over %d word tokens (not copying, the loss stays >= "
+            "ln %d = %.2f)",
             warm,
             len(alphabet),
             len(alphabet),
@@ -213,6 +229,8 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
     )
     row = {}
     for step in range(start, warm + p.steps):
+        if step == warm and warm:
+            state = train.TrainState.create(state.model, corpus_optim, mesh)
         if step < warm:  # copy task: the same shapes, so the same compiled step
             ids, loss_mask = copy_rows(alphabet, step, shape, config.seed)
             batch = {**fixed, "input_ids": ids, "loss_mask": loss_mask}
