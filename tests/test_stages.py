@@ -151,15 +151,19 @@ def test_copy_task_rows_repeat_each_string_and_score_only_the_predictable_repeti
     assert not np.array_equal(same[0], other[0])
 
 
-def test_copy_alphabet_is_the_tokenizers_word_pieces(toy):
+def test_copy_alphabet_is_the_tokenizers_word_and_punctuation_pieces(toy):
     import transformers
 
     from r1jax.stages import pretrain
 
     tok = transformers.AutoTokenizer.from_pretrained(os.path.join(toy[0], "toy_base"))
-    words = [tok.decode([i]) for i in pretrain.copy_alphabet(tok)]
-    assert "think" in words and "answer" in words  # the R1-Zero template's tag names
-    assert all(w.removeprefix(" ").isalpha() and len(w.strip()) >= 2 for w in words)
+    pieces = [tok.decode([i]) for i in pretrain.copy_alphabet(tok)]
+    # The R1-Zero template's tag names and what surrounds them; no digits, no lone bytes.
+    assert {"think", "answer", " <", " </", ">"} <= set(pieces)
+    for p in pieces:
+        assert (p.removeprefix(" ").isalpha() and len(p.strip()) >= 2) or (
+            p.isprintable() and not any(c.isalnum() for c in p)
+        ), p
     assert not set(pretrain.copy_alphabet(tok)) & set(tok.all_special_ids)
 
 

@@ -83,16 +83,19 @@ COPY_MIN, COPY_MAX = 16, 48  # tokens per copy-task string
 
 def copy_alphabet(tokenizer) -> np.ndarray:
     """Token ids of whole-word pieces (letters only, >= 2 of them, with or without a leading
-    space): what a prompt names a tag with. Copying is learned per token, so the warm-up strings
-    are drawn from these rather than the whole vocabulary (bytes, digits, punctuation)."""
+    space) and of printable punctuation pieces (" <", " </", ">", ...): what a prompt names a tag
+    with and writes around it. Copying is learned per token (a copy head matches the token before
+    the one it copies), so the warm-up strings are drawn from these rather than from the whole
+    vocabulary (bytes, digits), which takes the model far longer to start copying.
+    """
     special = set(tokenizer.all_special_ids)
-    ids = [
-        i
-        for i in range(len(tokenizer))
-        if i not in special
-        and (w := tokenizer.decode([i]).removeprefix(" ")).isalpha()
-        and len(w) >= 2
-    ]
+    ids = []
+    for i in range(len(tokenizer)):
+        text = tokenizer.decode([i])
+        word = text.removeprefix(" ")
+        punct = text.strip() and text.isprintable() and not any(c.isalnum() for c in text)
+        if i not in special and ((word.isalpha() and len(word) >= 2) or punct):
+            ids.append(i)
     return np.asarray(ids, np.int32)
 
 
@@ -212,8 +215,8 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
     alphabet = copy_alphabet(tokenizer) if warm else None
     if warm:
         log.info(
-            "copy-task warm-up: %d steps over %d word tokens (not copying, the loss stays >= "
-            "ln %d = %.2f)",
+            "copy-task warm-up: %d steps over %d word and punctuation tokens (not copying, "
+            "the loss stays >= ln %d = %.2f)",
             warm,
             len(alphabet),
             len(alphabet),
