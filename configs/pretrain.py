@@ -27,10 +27,13 @@ def get_config(arg=None):
     # instruction-following with other tag names (never <think>/<answer>).
     p.mix = ml_collections.ConfigDict(dict(corpus.DEFAULT_MIX))
     # Share of "format" documents whose tags are think/answer (a documented deviation: the toy model
-    # cannot copy tag names from its prompt, so it needs this prior; 0 = no such tag in the corpus).
+    # does not copy *these* tag names from its prompt, so it needs this prior; 0 = no such tag in
+    # the corpus; see the README's deviations).
     p.r1_tag_rate = 0.1
-    # Optimizer steps of a copy task before the corpus (strings of word tokens, each repeated; see
-    # r1jax/stages/pretrain.py): how the toy model learns to copy tag names from a prompt at all.
+    # Optimizer steps of a copy task before the corpus (strings of word and punctuation pieces, each
+    # repeated; see r1jax/stages/pretrain.py): how the toy model learns to copy from its context at
+    # all (~600 steps at copy_warmup_lr). Off: with it the base copies the tag names its corpus
+    # uses, but still not think/answer, so it does not yet replace r1_tag_rate.
     p.copy_warmup_steps = 0
     p.copy_warmup_lr = 1e-3  # constant after optim.warmup_steps; 3e-3 never starts the copying
     p.arithmetic = common.data_config().arithmetic  # same difficulty as the RL stage's default
