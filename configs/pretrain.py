@@ -36,6 +36,10 @@ def get_config(arg=None):
     # uses, but still not think/answer, so it does not yet replace r1_tag_rate.
     p.copy_warmup_steps = 0
     p.copy_warmup_lr = 1e-3  # constant after optim.warmup_steps; 3e-3 never starts the copying
+    # Tag names of the format documents: "words" (one tag word each) or "composed" (one or two
+    # words, think and answer among them only as parts): with "composed", r1_tag_rate 0 and the
+    # copy warm-up, the base follows the R1-Zero template by copying its tags (README).
+    p.tag_names = "words"
     p.arithmetic = common.data_config().arithmetic  # same difficulty as the RL stage's default
     p.countdown = common.data_config().countdown
     p.vocab_size = 768  # BPE vocabulary incl. bytes and special tokens (tag words: one token)

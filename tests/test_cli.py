@@ -146,6 +146,10 @@ def test_a_cosine_schedule_spans_the_stage_steps_given_on_the_command_line():
         common.validate(config, "pretrain")
     sh.set_fields(config, {"pretrain.copy_warmup_lr": 1e-3})
     common.validate(config, "pretrain")
+    sh.set_fields(config, {"pretrain.tag_names": "random"})
+    with pytest.raises(common.ConfigError, match="pretrain.tag_names must be one of"):
+        common.validate(config, "pretrain")
+    sh.set_fields(config, {"pretrain.tag_names": "composed"})
     sh.set_fields(config, {"pretrain.copy_warmup_steps": -1})
     with pytest.raises(common.ConfigError, match="pretrain.copy_warmup_steps must be >= 0"):
         common.validate(config, "pretrain")

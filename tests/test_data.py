@@ -306,6 +306,26 @@ def test_format_documents_copy_the_instructions_tags_and_copy_documents_repeat()
         assert text and rest == f"{text}\n{text}"
 
 
+def test_composed_tag_names_use_think_and_answer_only_as_parts():
+    docs = data.pretrain_corpus(300, seed=4, mix={"format": 1.0}, tag_names="composed")
+    names = set()
+    for doc in docs:
+        tags = re.findall(r"<(/?)([\w]+)>", doc)
+        pair = {n for _, n in tags}
+        assert len(pair) == 2 and not pair & {"think", "answer"}, doc[:200]
+        replies = re.findall(r"<(\w+)> .*? </(\w+)> <(\w+)> .*? </(\w+)>$", doc, re.M | re.S)
+        assert replies and all(a == b and c == d and a != c for a, b, c, d in replies)
+        names |= pair
+    parts = [n.split("_") for n in names]
+    assert all(len(p) in (1, 2) and set(p) <= set(data.corpus.NAME_WORDS) for p in parts)
+    # think and answer do follow a "<", as parts: no word is excluded from a tag name.
+    assert any(p[0] == "think" for p in parts) and any(p[0] == "answer" for p in parts)
+    assert any(len(p) == 1 for p in parts) and any(len(p) == 2 for p in parts)
+    assert data.pretrain_corpus(50, seed=3, tag_names="words") == data.pretrain_corpus(50, seed=3)
+    with pytest.raises(ValueError, match="tag_names"):
+        data.pretrain_corpus(2, seed=0, tag_names="random")
+
+
 def test_r1_tag_rate_puts_think_answer_in_that_share_of_format_documents_only():
     docs = data.pretrain_corpus(400, seed=3, r1_tag_rate=0.25)
     tagged = [d for d in docs if "<think>" in d]

@@ -16,6 +16,12 @@ Document kinds (mixed by ``mix`` weights):
   the instruction is worded several ways, one of them shaped like the R1-Zero template. A real
   base model has seen such instruction-following text on the web; without it a tiny model has no
   way to follow the R1-Zero template at all. Set its weight to 0 to study the harder setting.
+- Tag names (``tag_names``): "words" draws each from ``TAG_WORDS``; "composed" makes each of one
+  or two words of ``NAME_WORDS`` joined by "_", where think and answer occur only as parts
+  ("<think_total>", "<ones_answer>"), never as the whole name. With "words" a model learns that
+  whatever follows " <" is one of ``TAG_WORDS``, so think is the one word it will not copy there;
+  a web-trained base has seen every word after a "<". With "composed" and the copy-task warm-up
+  the toy base copies "<think>" and "<answer>" from the R1-Zero prompt (README, deviations).
 - R1 tags (``r1_tag_rate``, a documented deviation): that fraction of "format" documents use the
   pair think/answer. Off (0) means the corpus holds no think/answer tag at all, as the recipe's
   ideal base model would have to follow the R1-Zero template by copying from its prompt alone.
@@ -56,6 +62,20 @@ TAG_WORDS = (
     "question", "problem", "step", "line", "part", "goal", "task", "math", "digit", "carry",
     "write", "first", "second", "main", "side", "box", "text", "code", "data", "info", "memo",
 )  # fmt: skip
+# Words a composed tag name is made of (``tag_names="composed"``): the tag words, the words of the
+# task texts and instructions, and think and answer, which are never a whole tag name on their own.
+NAME_WORDS = tuple(
+    sorted(
+        {*TAG_WORDS, "think", "answer"}
+        | {"Assistant", "Format", "Problem", "Put", "Question", "Reply", "Solution", "The", "User"}
+        | {"Using", "What", "Write", "You", "and", "are", "asks", "assistant", "between", "borrow"}
+        | {"calculation", "conversation", "each", "enclosed", "equals", "exactly", "expression"}
+        | {"here", "hundreds", "inside", "may", "numbers", "once", "ones", "parentheses", "process"}
+        | {"provides", "respectively", "solves", "tags", "tens", "that", "the", "then", "thousands"}
+        | {"use", "user", "with", "within", "works", "your"}
+    )
+)  # fmt: skip
+TAG_NAMES = ("words", "composed")
 _WORK_NAMES = ("reasoning process", "working", "steps", "calculation", "notes")
 _RESULT_NAMES = ("answer", "result", "final value", "reply")
 _INSTRUCTIONS = (
@@ -74,11 +94,27 @@ _TURNS = (("User: ", " Assistant: "), ("Question: ", "\nReply: "), ("User: ", "\
 _TERSE_FORMS = ("Question: {p}\nAnswer: {s}", "Q: {p}\nA: {s}", "{t}")
 
 
-def _tag_pair(rng: random.Random, r1_tag_rate: float = 0.0) -> tuple[str, str]:
-    """think/answer with probability ``r1_tag_rate``, else two distinct names from ``TAG_WORDS``."""
+def _composed_name(rng: random.Random) -> str:
+    """One word of ``NAME_WORDS`` or two joined by "_", never exactly think or answer."""
+    while True:
+        name = rng.choice(NAME_WORDS) if rng.random() < 0.5 else "_".join(rng.sample(NAME_WORDS, 2))
+        if name not in ("think", "answer"):
+            return name
+
+
+def _tag_pair(
+    rng: random.Random, r1_tag_rate: float = 0.0, tag_names: str = "words"
+) -> tuple[str, str]:
+    """think/answer with probability ``r1_tag_rate``, else two distinct names: from ``TAG_WORDS``
+    ("words") or composed of ``NAME_WORDS`` ("composed")."""
     if r1_tag_rate and rng.random() < r1_tag_rate:
         return "think", "answer"
-    a, b = rng.sample(TAG_WORDS, 2)
+    if tag_names == "words":
+        a, b = rng.sample(TAG_WORDS, 2)
+        return a, b
+    a = _composed_name(rng)
+    while (b := _composed_name(rng)) == a:
+        pass
     return a, b
 
 
@@ -93,6 +129,7 @@ def _render(
     rng: random.Random,
     pieces: Sequence[str] = TAG_WORDS,
     r1_tag_rate: float = 0.0,
+    tag_names: str = "words",
 ) -> str:
     if kind == "terse":
         form = rng.choice(_TERSE_FORMS)
@@ -113,7 +150,7 @@ def _render(
             )
         return "\n".join(turns)
     if kind == "format":
-        a, b = _tag_pair(rng, r1_tag_rate)
+        a, b = _tag_pair(rng, r1_tag_rate, tag_names)
         head = rng.choice(_INSTRUCTIONS).format(
             a=a, b=b, w=rng.choice(_WORK_NAMES), r=rng.choice(_RESULT_NAMES)
         )
@@ -141,6 +178,7 @@ def pretrain_corpus(
     max_problems_per_doc: int = 4,
     copy_pieces: Sequence[str] | None = None,
     r1_tag_rate: float = 0.0,
+    tag_names: str = "words",
 ) -> list[str]:
     """Plain-text pretraining documents built from train-split problems only.
 
@@ -154,6 +192,8 @@ def pretrain_corpus(
       copy_pieces: what "copy" documents are strung from (e.g. the tokenizer's vocabulary,
         decoded); default ``TAG_WORDS``.
       r1_tag_rate: fraction of "format" documents tagged think/answer (see the module docstring).
+      tag_names: "words" (one of ``TAG_WORDS``) or "composed" (one or two of ``NAME_WORDS``,
+        think and answer among them but never alone; see the module docstring).
     Returns:
       ``n_docs`` strings, with think/answer tags only in that fraction of "format" documents;
       join them with the EOS token to train.
@@ -167,6 +207,8 @@ def pretrain_corpus(
         )
     if not 0.0 <= r1_tag_rate <= 1.0:
         raise ValueError(f"r1_tag_rate must be in [0, 1], got {r1_tag_rate}")
+    if tag_names not in TAG_NAMES:
+        raise ValueError(f"tag_names must be one of {TAG_NAMES}, got {tag_names!r}")
     rng = random.Random(f"corpus|{seed}")
     kinds = [k for k in DOC_KINDS if mix.get(k, 0) > 0]
     plan = [
@@ -196,7 +238,7 @@ def pretrain_corpus(
     docs = []
     for t, kind, k in plan:
         rows = [next(pools[t]) for _ in range(k)]
-        doc = _render(kind, rows, rng, copy_pieces or TAG_WORDS, r1_tag_rate)
+        doc = _render(kind, rows, rng, copy_pieces or TAG_WORDS, r1_tag_rate, tag_names)
         while kind == "copy" and any(tag in doc for tag in FORBIDDEN_TAGS):
             doc = _render(kind, [], rng, copy_pieces or TAG_WORDS)  # a random string made a tag
         deliberate = kind == "format" and "<think>" in doc and "<answer>" in doc

@@ -174,7 +174,9 @@ def stop_sequences(tokenizer, strings=("</answer>",)) -> tuple[tuple[int, ...], 
     )
 
 
-def toy_tokenizer_texts(*, seed: int = 0, n_docs: int = 2000, n_cold_start: int = 200) -> list[str]:
+def toy_tokenizer_texts(
+    *, seed: int = 0, n_docs: int = 2000, n_cold_start: int = 200, tag_names: str = "words"
+) -> list[str]:
     """The texts the toy tokenizer is trained on: pretraining corpus, cold-start completions,
     and the R1-Zero instruction, so every text the pipeline feeds the model is covered.
 
@@ -184,15 +186,22 @@ def toy_tokenizer_texts(*, seed: int = 0, n_docs: int = 2000, n_cold_start: int 
     from r1jax.data.corpus import cold_start_examples, pretrain_corpus
     from r1jax.data.templates import R1_SYSTEM_PROMPT
 
-    texts = pretrain_corpus(n_docs, seed=seed)
+    texts = pretrain_corpus(n_docs, seed=seed, tag_names=tag_names)
     texts += [r["completion"] for r in cold_start_examples(n_cold_start, seed=seed)]
     return texts + [R1_SYSTEM_PROMPT] * max(1, n_docs // 4)
 
 
 def train_toy_tokenizer(
-    save_dir: str | os.PathLike, *, seed: int = 0, vocab_size: int = 512, n_docs: int = 2000
+    save_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    vocab_size: int = 512,
+    n_docs: int = 2000,
+    tag_names: str = "words",
 ):
     """Train and save the built-in toy tokenizer (see ``toy_tokenizer_texts``); returns it."""
     return train_tokenizer(
-        toy_tokenizer_texts(seed=seed, n_docs=n_docs), save_dir, vocab_size=vocab_size
+        toy_tokenizer_texts(seed=seed, n_docs=n_docs, tag_names=tag_names),
+        save_dir,
+        vocab_size=vocab_size,
     )

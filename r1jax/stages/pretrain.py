@@ -59,6 +59,10 @@ def validate(config) -> None:
         )
     if not 0.0 <= p.r1_tag_rate <= 1.0:
         raise common.ConfigError(f"pretrain.r1_tag_rate must be in [0, 1], got {p.r1_tag_rate}")
+    if p.tag_names not in corpus.TAG_NAMES:
+        raise common.ConfigError(
+            f"pretrain.tag_names must be one of {corpus.TAG_NAMES}, got {p.tag_names!r}"
+        )
     if p.copy_warmup_steps < 0:
         raise common.ConfigError(
             f"pretrain.copy_warmup_steps must be >= 0, got {p.copy_warmup_steps}"
@@ -141,7 +145,7 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
     # 1-2. Corpus and tokenizer.
     tok_dir = os.path.join(workdir, "tokenizer")
     tokenizer = toy_tokenizer.train_toy_tokenizer(
-        tok_dir, seed=config.seed, vocab_size=p.vocab_size
+        tok_dir, seed=config.seed, vocab_size=p.vocab_size, tag_names=p.tag_names
     )
     special = set(tokenizer.all_special_ids)
     pieces = [tokenizer.decode([i]) for i in range(len(tokenizer)) if i not in special]
@@ -152,6 +156,7 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
         mix=p.mix.to_dict(),
         copy_pieces=[t for t in pieces if "\ufffd" not in t],  # not lone bytes of a character
         r1_tag_rate=p.r1_tag_rate,
+        tag_names=p.tag_names,
     )
     # 3. Packed rows; the loss covers every token that has a predecessor.
     rows = token_rows(docs, tokenizer, p.seq_len)
