@@ -32,8 +32,9 @@ def get_config(arg=None):
     p.r1_tag_rate = 0.1
     # Optimizer steps of a copy task before the corpus (strings of word and punctuation pieces, each
     # repeated; see r1jax/stages/pretrain.py): how the toy model learns to copy from its context at
-    # all (~600 steps at copy_warmup_lr). Off: with it the base copies the tag names its corpus
-    # uses, but still not think/answer, so it does not yet replace r1_tag_rate.
+    # all (~600 steps at copy_warmup_lr). Off by default: with it (and tag_names="composed") the
+    # base copies think/answer from the R1-Zero prompt, but so far its arithmetic is weaker and
+    # R1-Zero gains nothing on it, so it does not yet replace r1_tag_rate (README, deviations).
     p.copy_warmup_steps = 0
     p.copy_warmup_lr = 1e-3  # constant after optim.warmup_steps; 3e-3 never starts the copying
     # Tag names of the format documents: "words" (one tag word each) or "composed" (one or two

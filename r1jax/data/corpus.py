@@ -36,8 +36,8 @@ Document kinds (mixed by ``mix`` weights):
   (12% of the tokens, strings of 8-24 or 24-64 pieces) did not make the model copy at all (log-prob
   of the second copy no higher than the first's), so they only cost task text. What does teach it
   is the pretrain stage's copy-task warm-up (``pretrain.copy_warmup_steps``, at a lower learning
-  rate): after it the model copies a format document's tag names from its instruction, yet still
-  not think/answer, which the corpus never uses as tag names (README, deviations).
+  rate): after it the model copies a format document's tag names from its instruction, and with
+  ``tag_names="composed"`` think/answer too (README, deviations).
 """
 
 from __future__ import annotations
