@@ -129,6 +129,23 @@ def test_pretrain_resumed_across_the_copy_warm_up_matches_an_uninterrupted_run(
     assert [r["step"] for r in sh.metric_rows(str(tmp_path / "run"))] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("warm", [0, 2])
+def test_pretrain_learning_rates_follow_each_phase_schedule(tmp_path, warm):
+    """The corpus phase runs optim.* over pretrain.steps whether or not a warm-up came first; the
+    warm-up runs at copy_warmup_lr."""
+    from r1jax import train
+
+    config = sh.pretrain_config()
+    config.pretrain.copy_warmup_steps = warm
+    run("pretrain", config, tmp_path)
+    lrs = [r["learning_rate"] for r in sh.metric_rows(str(tmp_path))]
+    corpus = train.learning_rate_schedule(common.optim(config, config.pretrain.steps))
+    expected = [float(corpus(i)) for i in range(config.pretrain.steps)]
+    np.testing.assert_allclose(lrs[warm:], expected, rtol=1e-6)
+    if warm:
+        assert lrs[warm - 1] == pytest.approx(config.pretrain.copy_warmup_lr)
+
+
 def test_copy_task_rows_repeat_each_string_and_score_only_the_predictable_repetition():
     from r1jax.stages import pretrain
 

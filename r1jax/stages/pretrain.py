@@ -213,7 +213,8 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
     )
     # A checkpoint at step <= warm holds the warm-up's optimizer (the corpus phase starts fresh).
     start = ckpt.latest_step() or 0
-    state = train.TrainState.create(model, warm_optim if start <= warm else corpus_optim, mesh)
+    in_warm_up = warm > 0 and start <= warm
+    state = train.TrainState.create(model, warm_optim if in_warm_up else corpus_optim, mesh)
     if ckpt.latest_step() is not None:
         start = ckpt.restore(state.model, state.optimizer)["step"]
         log.info("resumed from step %d", start)
