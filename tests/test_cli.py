@@ -114,16 +114,16 @@ def test_help_lists_stages_and_config_fields():
 
 
 def test_a_cosine_schedule_spans_the_stage_steps_given_on_the_command_line():
-    """`--config.pretrain.steps=1200` must not leave the second half at learning rate 0 because
-    the config's optim.total_steps still says 600."""
+    """`--config.pretrain.steps=2400` must not leave the second half at learning rate 0 because
+    the config's optim.total_steps still says 1200."""
     from r1jax import train
 
     config = sh.load_config("pretrain")
-    sh.set_fields(config, {"pretrain.steps": 1200})
-    assert config.optim.schedule == "cosine" and config.optim.total_steps == 600
+    sh.set_fields(config, {"pretrain.steps": 2400})
+    assert config.optim.schedule == "cosine" and config.optim.total_steps == 1200
     lr = train.learning_rate_schedule(common.optim(config, config.pretrain.steps))
-    assert float(lr(900)) > 0.1 * config.optim.learning_rate
-    assert float(lr(1200)) == pytest.approx(0.0, abs=1e-9)
+    assert float(lr(1800)) > 0.1 * config.optim.learning_rate
+    assert float(lr(2400)) == pytest.approx(0.0, abs=1e-9)
     constant = sh.load_config("rl")
     assert common.optim(constant, 7) == common.optim(constant)  # only a cosine is stretched
     # Validation judges the same schedule the run will build: GRPO's μ optimizer steps per step

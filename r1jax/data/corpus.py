@@ -1,9 +1,9 @@
 """Text for the toy model: a pretraining corpus and readable long-CoT cold-start examples.
 
 The pretraining corpus is plain text documents that solve *train-split* problems, some tersely and
-some step by step. Outside a small, configurable share of instruction-following documents
-(``r1_tag_rate``, below) it contains no ``<think>``/``<answer>`` tags, so the R1-Zero stage has to
-find that format from its prompt and its format reward. The cold-start examples use exactly that
+some step by step. By default it contains no
+``<think>``/``<answer>`` tags (``r1_tag_rate``, below), so the R1-Zero stage has to find that format
+from its prompt and its format reward. The cold-start examples use exactly that
 format.
 
 Document kinds (mixed by ``mix`` weights):
@@ -22,14 +22,14 @@ Document kinds (mixed by ``mix`` weights):
   whatever follows " <" is one of ``TAG_WORDS``, so think is the one word it will not copy there;
   a web-trained base has seen every word after a "<". With "composed" and the copy-task warm-up
   the toy base copies "<think>" and "<answer>" from the R1-Zero prompt (README, deviations).
-- R1 tags (``r1_tag_rate``, a documented deviation): that fraction of "format" documents use the
-  pair think/answer. Off (0) means the corpus holds no think/answer tag at all, as the recipe's
-  ideal base model would have to follow the R1-Zero template by copying from its prompt alone.
-  A model of this size does not learn to copy from context in a CPU budget (measured: no
-  content-based copying after 500 steps on pure copy data with random offsets, nor with "copy"
-  documents mixed in or as a copy-only warm-up; see the README), so the toy world's base model
-  gets a small prior for the R1 tags, like a web-trained base model that has seen them, and
-  R1-Zero's RL has to raise it from there.
+- R1 tags (``r1_tag_rate``, off by default): that fraction of "format" documents use the pair
+  think/answer. At 0 the corpus holds no think/answer tag at all, and the base has to follow the
+  R1-Zero template by copying its tags from the prompt, which the default pretraining (composed tag
+  names after the copy-task warm-up) makes it do. A base without the warm-up does not copy from
+  context (measured: no content-based copying after 500 steps on pure copy data with random
+  offsets, nor with "copy" documents mixed in; see the README); for it a small rate is a prior for
+  the R1 tags, like a web-trained base model that has seen them (the recipe's default before the
+  warm-up: 0.1).
 - "copy": a string of random vocabulary pieces, then the same string again: the repetition web
   text is full of, which teaches a model to copy from its context (induction heads). Off by
   default: at the default budget (0.9M parameters, 600 steps) shares up to 60% of the documents

@@ -401,9 +401,10 @@ def resolve_model_path(path: str) -> str:
 
         log.info(
             "%s toy base model at %s: training it first with --stage=pretrain's default config "
-            "(%d steps, 4-5 minutes on a 2-core CPU; done once).",
+            "(%d copy-task + %d corpus steps, ~13 minutes on a 2-core CPU; done once).",
             "No" if not os.path.exists(target) else "An outdated",
             target,
+            pretrain_config.pretrain.copy_warmup_steps,
             pretrain_config.pretrain.steps,
         )
         run_dir = os.path.join(r1jax_home(), f"toy_base_run-{recipe}")  # resumable, per recipe

@@ -3,12 +3,12 @@
 The real recipe starts from a pretrained base model (DeepSeek-V3-Base, Qwen2.5, Llama 3); offline we
 make one, so every later stage runs through exactly the code a real run uses:
 
-  1. generate a corpus of synthetic problems, solved tersely and step by step, with <think> and
-     <answer> tags only in a small share of instruction-following documents (`r1_tag_rate`; see
-     r1jax/data/corpus.py for why the toy world needs that prior and 0 removes it);
+  1. generate a corpus of synthetic problems, solved tersely and step by step, with no <think> or
+     <answer> tag (instruction-following documents name other tags; `r1_tag_rate` > 0 puts the R1
+     tags in a share of them, a prior for bases without the copy warm-up: r1jax/data/corpus.py);
   2. train a byte-level BPE tokenizer on it and save it as a Hugging Face tokenizer folder;
   3. pack the documents, EOS-separated, into rows of `seq_len` tokens;
-  4. train a small Qwen2-architecture decoder on next-token prediction, optionally after a
+  4. train a small Qwen2-architecture decoder on next-token prediction, after a
      copy-task warm-up (`copy_warmup_steps`: strings of word tokens, each followed by itself, at
      its own, lower learning rate), which is how a model this small learns to copy from its
      context (induction heads) at all;
