@@ -359,15 +359,63 @@ def test_pipeline_smoke(toy, tmp_path):
     for key in pipeline.TREND_KEYS:
         assert results["trends"]["r1_zero"][key] == [logged[0][key], logged[-1][key]], key
     assert "R1-Zero's responses grow longer over training" in table
+    assert f"{results['minutes']:.1f} minutes of stages and evaluations" in table
+    assert results["minutes"] == pytest.approx(
+        sum(r["minutes"] for r in (*results["stages"].values(), *results["eval"].values()))
+    )
     # Stage wiring: R1's SFT and the distillation read the rejection-sampled file.
     with open(tmp_path / "r1_sft" / "config_sft.json") as f:
         assert json.load(f)["sft"]["source"] == results["stages"]["rejection_sampling"]["path"]
 
-    # A rerun finds every sub-stage done and rewrites the same report without retraining.
+    # A rerun finds every sub-stage done and rewrites the same report without retraining, with
+    # the first run's minutes.
     stamp = os.path.getmtime(tmp_path / "r1" / "hf" / "final" / "config.json")
     again = run("pipeline", config, tmp_path)
     assert again["eval"] == results["eval"]
+    assert again["minutes"] == results["minutes"]
     assert os.path.getmtime(tmp_path / "r1" / "hf" / "final" / "config.json") == stamp
+
+
+def _pipeline_results(base_format, zero_format, *, base=0.1, zero=0.3, r1=0.3, lengths=(60, 62)):
+    evals = {
+        "base": {"pass@1": base, "format": base_format},
+        "r1_zero": {"pass@1": zero, "format": zero_format},
+        "r1": {"pass@1": r1, "format": 1.0},
+        "distill": {"pass@1": 0.2, "format": 1.0},
+        "student_rl": {"pass@1": 0.25, "format": 1.0},
+    }
+    trends = {"r1_zero": {"length": list(lengths), "format": [0.4, 0.9]}}
+    return {"eval": evals, "trends": trends}
+
+
+def test_pipeline_findings_judge_the_numbers_they_print():
+    verdicts = {
+        text: (verdict, numbers)
+        for text, verdict, numbers in pipeline.findings(_pipeline_results(0.014, 0.986))
+    }
+    assert verdicts["R1-Zero beats the base model"] == ("yes", "pass@1 0.100 -> 0.300")
+    assert verdicts["R1-Zero learns the format"] == (
+        "yes",
+        "format 0.014 -> 0.986; training batches (T 1.0) 0.400 -> 0.900",
+    )
+    assert verdicts["R1-Zero's responses grow longer over training"][0] == "yes"
+    assert verdicts["R1 >= R1-Zero in accuracy"][0] == "yes"  # ties count
+    assert verdicts["R1 is better formed than R1-Zero"] == ("yes", "format 1.000 vs 0.986")
+    assert verdicts["distillation beats RL on the student"] == ("NO", "pass@1 0.200 vs 0.250")
+
+    def verdict(results, text):
+        return {t: v for t, v, _ in pipeline.findings(results)}[text]
+
+    # A base that already writes the format (it copies the template's tags): kept, not learned;
+    # lost is NO, and so is a rise that stays short.
+    fmt = "R1-Zero learns the format"
+    assert verdict(_pipeline_results(1.0, 1.0), fmt) == "kept: the base already writes it"
+    assert verdict(_pipeline_results(0.9, 0.8), fmt) == "NO"
+    assert verdict(_pipeline_results(0.2, 0.6), fmt) == "NO"
+    longer = "R1-Zero's responses grow longer over training"
+    assert verdict(_pipeline_results(0.0, 1.0, lengths=(62, 60)), longer) == "NO"
+    assert verdict(_pipeline_results(0.0, 1.0, base=0.3), "R1-Zero beats the base model") == "NO"
+    assert verdict(_pipeline_results(0.0, 1.0, r1=0.29), "R1 >= R1-Zero in accuracy") == "NO"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -90,7 +90,11 @@ def run(config, workdir: str) -> dict[str, Any]:
     results["trends"] = {
         name: _trend(os.path.join(workdir, name, "metrics.jsonl")) for name in RL_RUNS
     }
-    results["minutes"] = (time.time() - started) / 60
+    # Minutes of the work itself, as first run (a rerun that resumes or only rewrites the report
+    # adds its own wall time to nothing), and of this invocation.
+    timed = [r.get("minutes") for r in (*results["stages"].values(), *results["eval"].values())]
+    results["minutes"] = sum(timed) if None not in timed else float("nan")
+    results["wall_minutes"] = (time.time() - started) / 60
     if jax.process_index() == 0:
         common.write_json(os.path.join(workdir, "results.json"), results)
         report = results_markdown(results, config)
@@ -130,7 +134,11 @@ def _evaluate(config, model_path: str, subdir: str) -> dict[str, Any]:
         sub.model.path = model_path
         sub.data = config.eval_data
     os.makedirs(subdir, exist_ok=True)
-    return eval_stage.run(sub, subdir)
+    started = time.time()
+    result = eval_stage.run(sub, subdir)
+    result["minutes"] = (time.time() - started) / 60
+    common.write_json(done, result)  # with its time, for the report of a later rerun
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,6 +164,64 @@ def _trend(metrics_path: str) -> dict[str, list[float]]:
     return {k: [mean(rows[:window], k), mean(rows[-window:], k)] for k in TREND_KEYS}
 
 
+def findings(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The paper's findings as (finding, verdict, the numbers it rests on), judged on the held-out
+    evaluation (pass@1, format) and the R1-Zero run's training-batch trend (length)."""
+    e = results["eval"]
+    nan2 = [float("nan")] * 2
+    zero = results.get("trends", {}).get("r1_zero", {})
+    length, batch_format = zero.get("length", nan2), zero.get("format", nan2)
+    base_format, zero_format = e["base"]["format"], e["r1_zero"]["format"]
+    if zero_format > base_format + 0.5:
+        format_verdict = "yes"
+    elif base_format >= 0.5 and zero_format >= base_format:
+        # The base follows the template already (it copies the tags from the prompt): there is
+        # nothing left to learn at the evaluation's temperature, only to keep.
+        format_verdict = "kept: the base already writes it"
+    else:
+        format_verdict = "NO"
+
+    def yes(ok: bool) -> str:
+        return "yes" if ok else "NO"
+
+    def metric(name: str, key: str = "pass@1") -> str:
+        return f"{e[name][key]:.3f}"
+
+    return [
+        (
+            "R1-Zero beats the base model",
+            yes(e["r1_zero"]["pass@1"] > e["base"]["pass@1"]),
+            f"pass@1 {metric('base')} -> {metric('r1_zero')}",
+        ),
+        (
+            "R1-Zero learns the format",
+            format_verdict,
+            f"format {base_format:.3f} -> {zero_format:.3f}; training batches (T 1.0) "
+            f"{batch_format[0]:.3f} -> {batch_format[1]:.3f}",
+        ),
+        (
+            "R1-Zero's responses grow longer over training",
+            yes(length[1] > length[0]),
+            f"{length[0]:.1f} -> {length[1]:.1f} tokens (training batches, first -> last tenth)",
+        ),
+        (
+            "R1 >= R1-Zero in accuracy",
+            yes(e["r1"]["pass@1"] >= e["r1_zero"]["pass@1"]),
+            f"pass@1 {metric('r1')} vs {metric('r1_zero')}",
+        ),
+        (
+            "R1 is better formed than R1-Zero",
+            yes(e["r1"]["format"] >= e["r1_zero"]["format"]),
+            f"format {metric('r1', 'format')} vs {metric('r1_zero', 'format')}",
+        ),
+        (
+            "distillation beats RL on the student",
+            yes(e["distill"]["pass@1"] > e["student_rl"]["pass@1"]),
+            f"pass@1 {metric('distill')} vs {metric('student_rl')}",
+        ),
+    ]
+
+
 def results_markdown(results: dict[str, Any], config) -> str:
     """The comparison table and the findings, as printed by the run."""
     k = config.eval_stage.eval.num_samples
@@ -179,25 +245,16 @@ def results_markdown(results: dict[str, Any], config) -> str:
         if t:
             cells = [f"{t[k][0]:.3f} -> {t[k][1]:.3f}" for k in TREND_KEYS]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    e = results["eval"]
-    zero_length = trends.get("r1_zero", {}).get("length", [float("nan")] * 2)
-    findings = [
-        ("R1-Zero beats the base model", e["r1_zero"]["pass@1"] > e["base"]["pass@1"]),
-        ("R1-Zero learns the format", e["r1_zero"]["format"] > e["base"]["format"] + 0.5),
-        ("R1-Zero's responses grow longer over training", zero_length[1] > zero_length[0]),
-        ("R1 >= R1-Zero in accuracy", e["r1"]["pass@1"] >= e["r1_zero"]["pass@1"]),
-        ("R1 is better formed than R1-Zero", e["r1"]["format"] >= e["r1_zero"]["format"]),
-        (
-            "distillation beats RL on the student",
-            e["distill"]["pass@1"] > e["student_rl"]["pass@1"],
-        ),
+    lines += ["", "| finding (paper) | reproduced here | measured |", "|---|---|---|"]
+    lines += [f"| {text} | {verdict} | {numbers} |" for text, verdict, numbers in findings(results)]
+    lines += [
+        "",
+        f"seed {results['seed']}, {results['minutes']:.1f} minutes of stages and evaluations "
+        f"(this invocation: {results['wall_minutes']:.1f})",
     ]
-    lines += ["", "| finding (paper) | reproduced here |", "|---|---|"]
-    lines += [f"| {text} | {'yes' if ok else 'NO'} |" for text, ok in findings]
-    lines += ["", f"seed {results['seed']}, {results['minutes']:.1f} minutes"]
     timed = {n: r["minutes"] for n, r in results["stages"].items() if "minutes" in r}
-    if timed:
-        lines.append("minutes per stage: " + ", ".join(f"{n} {m:.1f}" for n, m in timed.items()))
+    timed["evaluations"] = sum(r.get("minutes", float("nan")) for r in results["eval"].values())
+    lines.append("minutes per stage: " + ", ".join(f"{n} {m:.1f}" for n, m in timed.items()))
     return "\n".join(lines) + "\n"
 
 
