@@ -69,5 +69,6 @@ def get_config(arg=None):
     config.reward_model = common.reward_model_config()
 
     config.eval = common.eval_config(every=20, num_prompts=64)
+    config.eval.at_start = True  # the curve's starting point: the model RL begins from
     config.optim = common.optim_config(learning_rate=1e-4, warmup_steps=5)
     return config

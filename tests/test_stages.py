@@ -220,6 +220,11 @@ def test_cold_start_follows_its_tasks_difficulty_and_mistake_rate():
 
 def test_rl_default_runs_and_learns(toy, reference_rl):
     rows = sh.metric_rows(reference_rl)
+    # First the starting model's held-out score (eval.at_start, logged as step 0), then a row per
+    # step.
+    start, rows = rows[0], rows[1:]
+    assert start["step"] == 0 and 0 <= start["eval/accuracy"] <= 1
+    assert set(start) == {"step"} | {k for k in rows[-1] if k.startswith("eval/")}
     assert [r["step"] for r in rows] == list(range(1, sh.RL_STEPS + 1))
     for key in (
         "reward",

@@ -14,8 +14,9 @@ Each step, as in DeepSeekMath's Algorithm 1:
   5. μ optimizer steps on the clipped importance-ratio objective, minus β·KL to the frozen
      reference.
 
-Every `eval.every` steps the policy is scored on held-out prompts; checkpoints are written every
-`ckpt.every` steps and rerunning the command resumes from the last one. At the end the final and the
+Every `eval.every` steps (and before the first, `eval.at_start`) the policy is scored on held-out
+prompts; checkpoints are written every `ckpt.every` steps and rerunning the command resumes from the
+last one. At the end the final and the
 best policies are exported as Hugging Face checkpoints under `workdir/hf/`.
 """
 
@@ -191,6 +192,17 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     base_key = jax.random.key(config.seed)
     row = {}
 
+    def held_out() -> dict[str, float]:
+        result = eval_stage.evaluate(
+            state.model, tokenizer, eval_set, config.eval, seed=config.seed, mesh=mesh
+        )
+        scores = {f"eval/{k}": v for k, v in result.items() if not isinstance(v, dict)}
+        return {**scores, "eval/accuracy": result["pass@1"]}
+
+    if start == 0 and config.eval.at_start:
+        # Where the held-out curve starts: the model RL begins from (for R1-Zero, the base).
+        writer.write(0, held_out())
+
     # -- the GRPO loop --
     for step in range(start, config.rl.steps):
         prompt_ids, prompt_mask, row_ids = train_set.batch(
@@ -224,11 +236,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         row.update(_headline(row, reward_fn.names))
         done = step + 1
         if _due(done, config.eval.every, config.rl.steps):
-            result = eval_stage.evaluate(
-                state.model, tokenizer, eval_set, config.eval, seed=config.seed, mesh=mesh
-            )
-            row.update({f"eval/{k}": v for k, v in result.items() if not isinstance(v, dict)})
-            row["eval/accuracy"] = result["pass@1"]
+            row.update(held_out())
         row["compiles"] = compiles.count
         writer.write(done, row)
         ckpt.save(
