@@ -114,8 +114,9 @@ class MetricsWriter:
 
             self._tb = SummaryWriter(
                 self._staged.local_path(TENSORBOARD_DIR),
-                # TensorBoard hides earlier events at steps >= purge_step: the killed run's tail.
-                purge_step=start_step + 1 if start_step > 0 else None,
+                # TensorBoard hides earlier events at steps >= purge_step: the killed run's tail
+                # (all of it for a run that starts from scratch).
+                purge_step=start_step + 1 if start_step > 0 else 0,
                 flush_secs=10,
                 # Names are events.out.tfevents.<seconds>.<host>: a resume in the same second
                 # would overwrite the file it continues without a suffix of its own.
@@ -216,20 +217,25 @@ def read_metrics(jsonl_path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _drop_steps_after(path: str, step: int, working_copy: str) -> None:
-    """Make `working_copy` hold the records of `path` with step <= `step`; atomic, so a kill here
-    loses nothing.
+    """Make `working_copy` hold the records of `path` with step <= `step` (none for a run that
+    starts from scratch at step 0: whatever an earlier attempt logged, even at step 0, is redone);
+    atomic, so a kill here loses nothing.
 
     `working_copy` is `path` itself for a local workdir. For a cloud workdir it is the local copy
     this run appends to; one left by an earlier run of the same workdir on this machine may hold
     lines logged after the last upload, and is used when it reaches further.
     """
+
+    def kept(r):
+        return step > 0 and r.get("step", 0) <= step
+
     records = read_metrics(path)
-    keep = [r for r in records if r.get("step", 0) <= step]
+    keep = [r for r in records if kept(r)]
     if working_copy == path:
         if not os.path.exists(path) or (len(keep) == len(records) and _ends_cleanly(path)):
             return
     else:
-        staged = [r for r in read_metrics(working_copy) if r.get("step", 0) <= step]
+        staged = [r for r in read_metrics(working_copy) if kept(r)]
         if len(staged) > len(keep):
             keep = staged
     paths.write_text(working_copy, "".join(json.dumps(r) + "\n" for r in keep))

@@ -89,18 +89,24 @@ def test_resume_drops_steps_after_the_checkpoint_and_appends(tmp_path):
         (6, 60.0),
         (7, 70.0),
     ]
-    # TensorBoard: the second event file starts by purging steps >= 5 of the first.
+    # TensorBoard: the second event file starts by purging steps >= 5 of the first (the first,
+    # a run from scratch, purges everything an earlier attempt left).
     events = read_events(tmp_path / "tb")
     purges = [e.step for e in events if e.session_log.status == event_pb2.SessionLog.START]
-    assert purges == [5]
+    assert purges == [0, 5]
 
 
 def test_fresh_run_in_same_workdir_starts_a_new_history(tmp_path):
+    # Step 0 (an evaluation before the first step) too: a run killed before its first checkpoint
+    # starts over at 0 and must not leave its first attempt's row beside the new one.
     with MetricsWriter(tmp_path, summary_every=0, tensorboard=False) as w:
+        w.write(0, {"eval/accuracy": 0.5})
         w.write(1, {"loss": 1.0})
     with MetricsWriter(tmp_path, summary_every=0, tensorboard=False) as w:
+        w.write(0, {"eval/accuracy": 0.5})
         w.write(1, {"loss": 2.0})
-    assert [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [2.0]
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1] and records[1]["loss"] == 2.0
     assert not (tmp_path / "tb").exists()
 
 
@@ -175,7 +181,7 @@ def test_cloud_workdir_is_written_through_the_path_layer(fake_gcs, tmp_path, mon
     assert len(tb_files) == 2
     events = [e for f in tb_files for e in parse_events(fake_gcs.read(f))]
     purges = [e.step for e in events if e.session_log.status == event_pb2.SessionLog.START]
-    assert purges == [2]
+    assert sorted(purges) == [0, 2]  # the first run's (from scratch) and the resumed one's
 
     # Killed between uploads (the bucket misses steps 4-5), resumed from the step-4 checkpoint on
     # the same machine: the working copy, which reaches further, supplies step 4.

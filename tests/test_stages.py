@@ -417,6 +417,8 @@ def test_pipeline_findings_judge_the_numbers_they_print():
     assert verdict(_pipeline_results(1.0, 1.0), fmt) == "kept: the base already writes it"
     assert verdict(_pipeline_results(0.9, 0.8), fmt) == "NO"
     assert verdict(_pipeline_results(0.2, 0.6), fmt) == "NO"
+    assert verdict(_pipeline_results(0.5, 1.0), fmt) == "yes"
+    assert verdict(_pipeline_results(0.7, 0.95), fmt) == "NO"  # a rise, but not a clear one
     longer = "R1-Zero's responses grow longer over training"
     assert verdict(_pipeline_results(0.0, 1.0, lengths=(62, 60)), longer) == "NO"
     assert verdict(_pipeline_results(0.0, 1.0, base=0.3), "R1-Zero beats the base model") == "NO"

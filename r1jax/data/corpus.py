@@ -11,7 +11,7 @@ Document kinds (mixed by ``mix`` weights):
 - "steps": a worked solution followed by "The answer is N.".
 - "dialogue": "User: ...\\nAssistant: ..." exchanges, the register the R1-Zero prompt ends in.
 - "format": an instruction to put the work and the result between two named tags, followed by
-  replies that do. The tag names are drawn afresh for every document from ``TAG_WORDS`` (never
+  replies that do. The tag names are drawn afresh for every document (``tag_names``, below; never
   think/answer), so the only way to predict a reply's tags is to copy them from the instruction;
   the instruction is worded several ways, one of them shaped like the R1-Zero template. A real
   base model has seen such instruction-following text on the web; without it a tiny model has no
@@ -32,8 +32,9 @@ Document kinds (mixed by ``mix`` weights):
   warm-up: 0.1).
 - "copy": a string of random vocabulary pieces, then the same string again: the repetition web
   text is full of, which teaches a model to copy from its context (induction heads). Off by
-  default: at the default budget (0.9M parameters, 600 steps) shares up to 60% of the documents
-  (12% of the tokens, strings of 8-24 or 24-64 pieces) did not make the model copy at all (log-prob
+  default: at the earlier budget (0.9M parameters, 600 steps, no warm-up) shares up to 60% of
+  the documents (12% of the tokens, strings of 8-24 or 24-64 pieces) did not make the model copy at
+  all (log-prob
   of the second copy no higher than the first's), so they only cost task text. What does teach it
   is the pretrain stage's copy-task warm-up (``pretrain.copy_warmup_steps``, at a lower learning
   rate): after it the model copies a format document's tag names from its instruction, and with

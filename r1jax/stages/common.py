@@ -565,7 +565,7 @@ def eval_config(every: int = 0, num_prompts: int = 256) -> ml_collections.Config
     """The `eval` section: how checkpoints are scored on held-out prompts (paper defaults)."""
     c = ml_collections.ConfigDict()
     c.every = every  # evaluate every N steps during training (0 = only at the end)
-    c.at_start = False  # training stages: also evaluate the starting model, logged as step 0
+    c.at_start = False  # the RL stage: also evaluate the starting model, logged as step 0
     c.num_prompts = num_prompts  # held-out prompts scored
     c.num_samples = 1  # k samples per prompt (pass@1 averages them; cons@k votes over them)
     c.temperature = 0.6  # the paper's evaluation sampling

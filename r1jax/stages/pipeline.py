@@ -42,6 +42,7 @@ PLAN = (
     ("student_rl", "rl", "student_base"),
 )
 RL_RUNS = ("r1_zero", "reasoning_rl", "r1", "student_rl")
+WELL_FORMED = 0.9  # share of well-formed held-out samples that counts as "writes the format"
 TREND_KEYS = ("reward", "accuracy", "format", "length")  # training-batch means logged each step
 EVALUATED = (
     "base",
@@ -93,7 +94,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     # Minutes of the work itself, as first run (a rerun that resumes or only rewrites the report
     # adds its own wall time to nothing), and of this invocation.
     timed = [r.get("minutes") for r in (*results["stages"].values(), *results["eval"].values())]
-    results["minutes"] = sum(timed) if None not in timed else float("nan")
+    results["minutes"] = sum(m for m in timed if m is not None)
+    results["untimed"] = timed.count(None)  # e.g. an evaluation killed before its time was saved
     results["wall_minutes"] = (time.time() - started) / 60
     if jax.process_index() == 0:
         common.write_json(os.path.join(workdir, "results.json"), results)
@@ -172,9 +174,9 @@ def findings(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     zero = results.get("trends", {}).get("r1_zero", {})
     length, batch_format = zero.get("length", nan2), zero.get("format", nan2)
     base_format, zero_format = e["base"]["format"], e["r1_zero"]["format"]
-    if zero_format > base_format + 0.5:
+    if zero_format >= WELL_FORMED and zero_format - base_format >= 0.3:
         format_verdict = "yes"
-    elif base_format >= 0.5 and zero_format >= base_format:
+    elif zero_format >= WELL_FORMED and base_format >= WELL_FORMED:
         # The base follows the template already (it copies the tags from the prompt): there is
         # nothing left to learn at the evaluation's temperature, only to keep.
         format_verdict = "kept: the base already writes it"
@@ -247,13 +249,14 @@ def results_markdown(results: dict[str, Any], config) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "| finding (paper) | reproduced here | measured |", "|---|---|---|"]
     lines += [f"| {text} | {verdict} | {numbers} |" for text, verdict, numbers in findings(results)]
+    untimed = f", {results['untimed']} of them not timed" if results.get("untimed") else ""
     lines += [
         "",
-        f"seed {results['seed']}, {results['minutes']:.1f} minutes of stages and evaluations "
-        f"(this invocation: {results['wall_minutes']:.1f})",
+        f"seed {results['seed']}, {results['minutes']:.1f} minutes of stages and evaluations"
+        f"{untimed} (this invocation: {results['wall_minutes']:.1f})",
     ]
     timed = {n: r["minutes"] for n, r in results["stages"].items() if "minutes" in r}
-    timed["evaluations"] = sum(r.get("minutes", float("nan")) for r in results["eval"].values())
+    timed["evaluations"] = sum(r.get("minutes", 0.0) for r in results["eval"].values())
     lines.append("minutes per stage: " + ", ".join(f"{n} {m:.1f}" for n, m in timed.items()))
     return "\n".join(lines) + "\n"
 
