@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -204,6 +205,7 @@ def run(config, workdir: str) -> dict[str, Any]:
 
     from r1jax import sharding
 
+    started = time.time()
     mesh = common.make_mesh(config)
     model, tokenizer = common.load_model(config, mesh, rules=sharding.SAMPLING_RULES)
     rows = common.load_prompt_rows(config.data, "eval", config.seed)
@@ -226,6 +228,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         else None,
     )
     result["model"] = config.model.path
+    result["minutes"] = (time.time() - started) / 60  # the pipeline's report sums these
     common.write_json(os.path.join(workdir, "eval.json"), result)
     if jax.process_index() == 0:
         print(table(result))

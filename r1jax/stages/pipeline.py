@@ -136,11 +136,7 @@ def _evaluate(config, model_path: str, subdir: str) -> dict[str, Any]:
         sub.model.path = model_path
         sub.data = config.eval_data
     os.makedirs(subdir, exist_ok=True)
-    started = time.time()
-    result = eval_stage.run(sub, subdir)
-    result["minutes"] = (time.time() - started) / 60
-    common.write_json(done, result)  # with its time, for the report of a later rerun
-    return result
+    return eval_stage.run(sub, subdir)  # eval.json, with its minutes for a later rerun's report
 
 
 # --------------------------------------------------------------------------------------------------
