@@ -9,6 +9,7 @@ session, shared with test_cli.py and test_multiprocess.py).
 import glob
 import itertools
 import json
+import math
 import os
 import shutil
 
@@ -368,6 +369,16 @@ def test_pipeline_smoke(toy, tmp_path):
     assert results["minutes"] == pytest.approx(
         sum(r["minutes"] for r in (*results["stages"].values(), *results["eval"].values()))
     )
+    # Student RL gets the distillation's compute: 2 SFT steps of 8 x 256 tokens (3 passes each)
+    # against GRPO steps of 4 prompts (bucket 128) x 2 samples x 16 tokens: prefill + decode,
+    # then the reference forward and the update (3 passes) over prompts once and completions.
+    assert results["stages"]["distill"]["steps"] == 2
+    per_step = 4 * 128 + 4 * 2 * 16 + 4 * (4 * 128 + 4 * 2 * 16)
+    assert results["compute"]["student_rl_steps"] == math.ceil(3 * 2 * 8 * 256 / per_step) == 4
+    assert results["compute"]["ratio"] == pytest.approx(4 * per_step / (3 * 2 * 8 * 256))
+    with open(tmp_path / "student_rl" / "config_rl.json") as f:
+        assert json.load(f)["rl"]["steps"] == 4
+    assert "RL compute 1.04x the distillation's model FLOPs" in table
     # Stage wiring: R1's SFT and the distillation read the rejection-sampled file.
     with open(tmp_path / "r1_sft" / "config_sft.json") as f:
         assert json.load(f)["sft"]["source"] == results["stages"]["rejection_sampling"]["path"]
@@ -390,7 +401,9 @@ def _pipeline_results(base_format, zero_format, *, base=0.1, zero=0.3, r1=0.3, l
         "student_rl": {"pass@1": 0.25, "format": 1.0},
     }
     trends = {"r1_zero": {"length": list(lengths), "format": [0.4, 0.9]}}
-    return {"eval": evals, "trends": trends}
+    stages = {"distill": {"minutes": 1.84}, "student_rl": {"minutes": 2.0}}
+    compute = {"ratio": 1.003}
+    return {"eval": evals, "trends": trends, "stages": stages, "compute": compute}
 
 
 def test_pipeline_findings_judge_the_numbers_they_print():
@@ -406,7 +419,11 @@ def test_pipeline_findings_judge_the_numbers_they_print():
     assert verdicts["R1-Zero's responses grow longer over training"][0] == "yes"
     assert verdicts["R1 >= R1-Zero in accuracy"][0] == "yes"  # ties count
     assert verdicts["R1 is better formed than R1-Zero"] == ("yes", "format 1.000 vs 0.986")
-    assert verdicts["distillation beats RL on the student"] == ("NO", "pass@1 0.200 vs 0.250")
+    assert verdicts["distillation beats RL on the student"] == (
+        "NO",
+        "pass@1 0.200 vs 0.250; RL compute 1.00x the distillation's model FLOPs, 2.0 vs 1.8 "
+        "minutes",
+    )
 
     def verdict(results, text):
         return {t: v for t, v, _ in pipeline.findings(results)}[text]

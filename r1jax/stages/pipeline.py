@@ -5,7 +5,7 @@
   2. R1: cold-start SFT -> reasoning RL (+ language consistency) -> rejection sampling from that
      checkpoint -> SFT of the *base* model on the kept samples -> final RL;
   3. distillation: the student fine-tuned on R1's kept samples, against the same student trained
-     with GRPO directly for at least as many optimizer steps;
+     with GRPO directly for the same compute (model FLOPs, `match_compute`);
   4. every checkpoint evaluated on the same held-out prompts (pass@1 over k samples, cons@k,
      length).
 
@@ -79,6 +79,11 @@ def run(config, workdir: str) -> dict[str, Any]:
                 sub.sft.source = results["stages"]["rejection_sampling"]["path"]
             if name == "distill":
                 sub.distill.source = results["stages"]["rejection_sampling"]["path"]
+            if name == "student_rl" and config.get("match_distill_compute", False):
+                results["compute"] = match_compute(
+                    sub, config.distill, results["stages"]["distill"]
+                )
+                sub.rl.steps = results["compute"]["student_rl_steps"]
         results["stages"][name] = _run_once(stage, sub, subdir)
         model_of[name] = os.path.join(subdir, "hf", "final")
         log.info("pipeline: %s done (%.1f min so far)", name, (time.time() - started) / 60)
@@ -121,6 +126,51 @@ def _run_once(stage: str, sub, subdir: str) -> dict[str, Any]:
     out["minutes"] = (time.time() - started) / 60  # kept across resumes, unlike the total
     common.write_json(done, out)
     return out
+
+
+def match_compute(rl_config, distill_config, distill_out: dict[str, Any]) -> dict[str, Any]:
+    """The fewest GRPO steps of `rl_config` whose model FLOPs reach the distillation's.
+
+    Counted in token passes through the model (2 x params FLOPs each; a backward pass counts as
+    two) on padded shapes, as compiled: a distillation step is 3 x batch_size x seq_len; a GRPO
+    step prefills its P prompts (padded to the step's bucket, as the RL stage batches them),
+    decodes P x G x max_completion_length tokens, and runs each scoring pass (reference, and old
+    policy when μ > 1) once and the update 3 x μ times over the prompts (once each with
+    `shared_prompt_forward`, else G times) and the completions.
+    Returns {"student_rl_steps", "distill_passes", "student_rl_passes", "ratio"}.
+    """
+    from r1jax.models import hf
+
+    if "steps" not in distill_out:
+        raise common.ConfigError(
+            "match_distill_compute needs the distillation's step count, which its done.json "
+            "(written by an older r1jax) lacks: delete the distill directory to rerun it, or set "
+            "--config.match_distill_compute=False and choose student_rl.rl.steps"
+        )
+    d = distill_config.distill
+    budget = 3 * distill_out["steps"] * d.batch_size * d.seq_len
+    r = rl_config.rl
+    P, G, Tc, mu = r.prompts_per_step, r.num_generations, r.max_completion_length, r.num_iterations
+    scoring = (1 if r.beta > 0 else 0) + (1 if mu > 1 else 0) + 3 * mu
+    prompts = common.PromptSet(
+        common.load_prompt_rows(rl_config.data, "train", rl_config.seed),
+        hf.tokenizer(rl_config.model.path),
+        rl_config.data,
+        seed=rl_config.seed,
+    )
+    spent, steps = 0, 0
+    while spent < budget:
+        Tp = prompts.batch(prompts.row_ids(steps, P))[0].shape[1]
+        prompt_tokens = P * Tp if r.shared_prompt_forward else P * G * Tp
+        spent += P * Tp + P * G * Tc + scoring * (prompt_tokens + P * G * Tc)
+        steps += 1
+    log.info("pipeline: student_rl gets %d GRPO steps, the distillation's compute", steps)
+    return {
+        "student_rl_steps": steps,
+        "distill_passes": budget,
+        "student_rl_passes": spent,
+        "ratio": spent / budget,
+    }
 
 
 def _evaluate(config, model_path: str, subdir: str) -> dict[str, Any]:
@@ -185,6 +235,12 @@ def findings(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     def metric(name: str, key: str = "pass@1") -> str:
         return f"{e[name][key]:.3f}"
 
+    compute = results.get("compute")  # RL's model FLOPs matched to the distillation's
+    flops = f" {compute['ratio']:.2f}x the distillation's model FLOPs," if compute else ""
+
+    def minutes(stage: str) -> str:  # the stage's wall time on first run (teacher's not counted)
+        return f"{results['stages'].get(stage, {}).get('minutes', float('nan')):.1f}"
+
     return [
         (
             "R1-Zero beats the base model",
@@ -215,7 +271,8 @@ def findings(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         (
             "distillation beats RL on the student",
             yes(e["distill"]["pass@1"] > e["student_rl"]["pass@1"]),
-            f"pass@1 {metric('distill')} vs {metric('student_rl')}",
+            f"pass@1 {metric('distill')} vs {metric('student_rl')}; RL compute{flops} "
+            f"{minutes('student_rl')} vs {minutes('distill')} minutes",
         ),
     ]
 

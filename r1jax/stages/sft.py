@@ -155,4 +155,4 @@ def train_on_pairs(
     out_dir = os.path.join(workdir, "hf", "final")
     checkpoint.export_hf(state.model, out_dir, tokenizer)
     log.info("done: model saved to %s", out_dir)
-    return {k: float(v) for k, v in row.items()}
+    return {**{k: float(v) for k, v in row.items()}, "steps": steps}
