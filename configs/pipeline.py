@@ -59,7 +59,7 @@ def get_config(arg=None):
     # pipeline sets student_rl.rl.steps, once the distillation has run, to the fewest GRPO steps
     # whose model FLOPs reach the distillation's (both counted on padded shapes as compiled; the
     # report prints the ratio and both stages' minutes). Here 2 epochs over 2409-3565 kept samples
-    # (300-450 steps of 16 x 384 tokens) match 155-230 GRPO steps of 8 prompts x 8 samples.
+    # (302-446 steps of 16 x 384 tokens) match 179-264 GRPO steps of 8 prompts x 8 samples.
     config.distill = _stage("distill")
     config.distill.distill.epochs = 2.0  # the paper's, as the second SFT (thousands of traces here)
     config.student_rl = _stage("rl")

@@ -81,7 +81,10 @@ def run(config, workdir: str) -> dict[str, Any]:
                 sub.distill.source = results["stages"]["rejection_sampling"]["path"]
             if name == "student_rl" and config.get("match_distill_compute", False):
                 results["compute"] = match_compute(
-                    sub, config.distill, results["stages"]["distill"]
+                    sub,
+                    config.distill,
+                    _steps_run(os.path.join(workdir, "distill"), results["stages"]["distill"]),
+                    steps=_steps_run(subdir) if os.path.exists(f"{subdir}/done.json") else None,
                 )
                 sub.rl.steps = results["compute"]["student_rl_steps"]
         results["stages"][name] = _run_once(stage, sub, subdir)
@@ -128,49 +131,75 @@ def _run_once(stage: str, sub, subdir: str) -> dict[str, Any]:
     return out
 
 
-def match_compute(rl_config, distill_config, distill_out: dict[str, Any]) -> dict[str, Any]:
-    """The fewest GRPO steps of `rl_config` whose model FLOPs reach the distillation's.
+def match_compute(rl_config, distill_config, distill_steps: int, steps: int | None = None):
+    """The fewest GRPO steps of `rl_config` whose model FLOPs reach the distillation's (or, with
+    `steps`, the FLOPs of that many, e.g. of a run already done).
 
-    Counted in token passes through the model (2 x params FLOPs each; a backward pass counts as
-    two) on padded shapes, as compiled: a distillation step is 3 x batch_size x seq_len; a GRPO
-    step prefills its P prompts (padded to the step's bucket, as the RL stage batches them),
-    decodes P x G x max_completion_length tokens, and runs each scoring pass (reference, and old
-    policy when μ > 1) once and the update 3 x μ times over the prompts (once each with
-    `shared_prompt_forward`, else G times) and the completions.
-    Returns {"student_rl_steps", "distill_passes", "student_rl_passes", "ratio"}.
+    FLOPs as compiled, on padded shapes: a token pass costs 2 x params + 4 x layers x heads x
+    head_dim x the positions it attends to (dense, padding included), a backward pass two
+    forwards. A distillation step is 3 passes over batch_size rows of seq_len (plus the teacher's
+    forward for logit distillation). A GRPO step prefills its P prompts (padded to the step's
+    bucket, as the RL stage batches them), decodes P x G x (max_completion_length - 1) tokens
+    over the whole cache (an upper bound: decoding stops early once every row has ended), then
+    runs the reference forward, the old-policy forward when μ > 1 and 3 x μ update passes over
+    the prompts (once each with `shared_prompt_forward`, else G times) and the completions.
+    Returns {"student_rl_steps", "distill_flops", "student_rl_flops", "ratio"}.
     """
     from r1jax.models import hf
 
-    if "steps" not in distill_out:
-        raise common.ConfigError(
-            "match_distill_compute needs the distillation's step count, which its done.json "
-            "(written by an older r1jax) lacks: delete the distill directory to rerun it, or set "
-            "--config.match_distill_compute=False and choose student_rl.rl.steps"
+    def pass_flops(model_path: str):
+        c = hf.config_from_hf(hf.read_config(model_path))
+        return lambda context: (
+            2 * c.num_params + 4 * c.num_layers * c.num_heads * c.head_dim * context
         )
+
     d = distill_config.distill
-    budget = 3 * distill_out["steps"] * d.batch_size * d.seq_len
+    student = pass_flops(rl_config.model.path)
+    rows = distill_steps * d.batch_size
+    budget = 3 * rows * d.seq_len * student(d.seq_len)
+    if d.teacher:
+        budget += rows * d.seq_len * pass_flops(d.teacher)(d.seq_len)
     r = rl_config.rl
     P, G, Tc, mu = r.prompts_per_step, r.num_generations, r.max_completion_length, r.num_iterations
-    scoring = (1 if r.beta > 0 else 0) + (1 if mu > 1 else 0) + 3 * mu
+    passes = (1 if r.beta > 0 else 0) + (1 if mu > 1 else 0) + 3 * mu
     prompts = common.PromptSet(
         common.load_prompt_rows(rl_config.data, "train", rl_config.seed),
         hf.tokenizer(rl_config.model.path),
         rl_config.data,
         seed=rl_config.seed,
     )
-    spent, steps = 0, 0
-    while spent < budget:
-        Tp = prompts.batch(prompts.row_ids(steps, P))[0].shape[1]
-        prompt_tokens = P * Tp if r.shared_prompt_forward else P * G * Tp
-        spent += P * Tp + P * G * Tc + scoring * (prompt_tokens + P * G * Tc)
-        steps += 1
-    log.info("pipeline: student_rl gets %d GRPO steps, the distillation's compute", steps)
+    spent, done = 0, 0
+    while (spent < budget) if steps is None else (done < steps):
+        Tp = prompts.batch(prompts.row_ids(done, P))[0].shape[1]
+        prompt = P * Tp * student(Tp) * (1 if r.shared_prompt_forward else G)
+        completions = P * G * student(Tp + Tc)
+        spent += (
+            P * Tp * student(Tp) + (Tc - 1) * completions + passes * (prompt + Tc * completions)
+        )
+        done += 1
+    log.info(
+        "pipeline: student_rl: %d GRPO steps, %.2fx the distillation's FLOPs", done, spent / budget
+    )
     return {
-        "student_rl_steps": steps,
-        "distill_passes": budget,
-        "student_rl_passes": spent,
+        "student_rl_steps": done,
+        "distill_flops": budget,
+        "student_rl_flops": spent,
         "ratio": spent / budget,
     }
+
+
+def _steps_run(subdir: str, done: dict[str, Any] | None = None) -> int:
+    """Optimizer steps a finished sub-stage ran: its done.json's count, else its config's
+    (RL), else its last metrics row (SFT from before the count was recorded)."""
+    from r1jax import metrics
+
+    if done and "steps" in done:
+        return int(done["steps"])
+    rl_config = os.path.join(subdir, "config_rl.json")
+    if os.path.exists(rl_config):
+        with open(rl_config) as f:
+            return int(json.load(f)["rl"]["steps"])
+    return max(int(r["step"]) for r in metrics.read_metrics(os.path.join(subdir, "metrics.jsonl")))
 
 
 def _evaluate(config, model_path: str, subdir: str) -> dict[str, Any]:
@@ -236,7 +265,7 @@ def findings(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         return f"{e[name][key]:.3f}"
 
     compute = results.get("compute")  # RL's model FLOPs matched to the distillation's
-    flops = f" {compute['ratio']:.2f}x the distillation's model FLOPs," if compute else ""
+    flops = f" RL's FLOPs {compute['ratio']:.2f}x the distillation's;" if compute else ""
 
     def minutes(stage: str) -> str:  # the stage's wall time on first run (teacher's not counted)
         return f"{results['stages'].get(stage, {}).get('minutes', float('nan')):.1f}"
@@ -271,8 +300,9 @@ def findings(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         (
             "distillation beats RL on the student",
             yes(e["distill"]["pass@1"] > e["student_rl"]["pass@1"]),
-            f"pass@1 {metric('distill')} vs {metric('student_rl')}; RL compute{flops} "
-            f"{minutes('student_rl')} vs {minutes('distill')} minutes",
+            f"pass@1 distilled {metric('distill')} vs RL {metric('student_rl')};{flops} "
+            f"minutes: distillation {minutes('distill')}, RL {minutes('student_rl')} (with its "
+            "held-out evaluations)",
         ),
     ]
 
