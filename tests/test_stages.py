@@ -410,6 +410,8 @@ def test_pipeline_smoke(toy, tmp_path):
     assert again["eval"] == results["eval"]
     assert again["minutes"] == results["minutes"]
     assert again["compute"] == results["compute"]  # the steps student_rl ran, read back
+    assert set(results["paired"]) == {f"{a} - {b}" for a, b in pipeline.COMPARED}
+    assert "paired over 8 prompts" in table
     assert os.path.getmtime(tmp_path / "r1" / "hf" / "final" / "config.json") == stamp
 
 
@@ -425,6 +427,41 @@ def _pipeline_results(base_format, zero_format, *, base=0.1, zero=0.3, r1=0.3, l
     stages = {"distill": {"minutes": 1.84}, "student_rl": {"minutes": 2.0}}
     compute = {"ratio": 1.003}
     return {"eval": evals, "trends": trends, "stages": stages, "compute": compute}
+
+
+def test_paired_difference_and_noise_verdicts(tmp_path):
+    # Two checkpoints on the same 3 prompts, 2 samples each (prompt 2 only scored by a).
+    rows_a = [(0, 1), (0, 1), (1, 1), (1, 0), (2, 0), (2, 0), (3, 1)]
+    rows_b = [(0, 0), (0, 1), (1, 0), (1, 0), (2, 0), (2, 1)]
+    for name, rows in (("a", rows_a), ("b", rows_b)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for row, correct in rows:
+                f.write(
+                    json.dumps({"row": row, "completion": "x", "correct": bool(correct)}) + "\n"
+                )
+    p = pipeline.paired_difference(str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"))
+    # per-prompt differences over rows 0-2: 0.5, 0.5, -0.5 (row 3 has no pair)
+    diffs = np.array([0.5, 0.5, -0.5])
+    assert p["prompts"] == 3
+    assert p["diff"] == pytest.approx(1 / 6)
+    assert p["se"] == pytest.approx(np.sqrt(np.var(diffs, ddof=1) / 3))
+
+    results = _pipeline_results(1.0, 1.0, base=0.1, zero=0.3)
+    results["paired"] = {
+        "r1_zero - base": {"diff": 0.2, "se": 0.05, "prompts": 128},  # 4 SE: a clear win
+        "r1 - r1_zero": {"diff": 0.0, "se": 0.02, "prompts": 128},
+        "distill - student_rl": {"diff": -0.05, "se": 0.03, "prompts": 128},
+    }
+    found = {t: (v, n) for t, v, n in pipeline.findings(results)}
+    assert found["R1-Zero beats the base model"] == (
+        "yes",
+        "pass@1 0.100 -> 0.300 (+0.200 +- 0.050, paired over 128 prompts)",
+    )
+    assert found["R1 >= R1-Zero in accuracy"][0] == "yes (within noise)"  # a tie counts
+    assert found["distillation beats RL on the student"][0] == "NO (within noise)"
+    results["paired"]["distill - student_rl"]["se"] = 0.02  # 2.5 SE
+    found = {t: v for t, v, _ in pipeline.findings(results)}
+    assert found["distillation beats RL on the student"] == "NO"
 
 
 def test_pipeline_findings_judge_the_numbers_they_print():

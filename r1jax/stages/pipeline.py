@@ -43,6 +43,9 @@ PLAN = (
 )
 RL_RUNS = ("r1_zero", "reasoning_rl", "r1", "student_rl")
 WELL_FORMED = 0.9  # share of well-formed held-out samples that counts as "writes the format"
+# Accuracy findings (a, b): a's pass@1 against b's, paired over the held-out prompts.
+COMPARED = (("r1_zero", "base"), ("r1", "r1_zero"), ("distill", "student_rl"))
+NOISE_SE = 2.0  # a difference within this many standard errors is reported as within noise
 TREND_KEYS = ("reward", "accuracy", "format", "length")  # training-batch means logged each step
 EVALUATED = (
     "base",
@@ -98,6 +101,12 @@ def run(config, workdir: str) -> dict[str, Any]:
         )
     results["trends"] = {
         name: _trend(os.path.join(workdir, name, "metrics.jsonl")) for name in RL_RUNS
+    }
+    results["paired"] = {
+        f"{a} - {b}": paired_difference(
+            *(os.path.join(workdir, "eval", n, "eval_samples.jsonl") for n in (a, b))
+        )
+        for a, b in COMPARED
     }
     # Minutes of the work itself, as first run (a rerun that resumes or only rewrites the report
     # adds its own wall time to nothing), and of this invocation.
@@ -223,6 +232,26 @@ def _evaluate(config, model_path: str, subdir: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
+def paired_difference(samples_a: str, samples_b: str) -> dict[str, float]:
+    """pass@1 of a minus b over the prompts both scored, with its standard error (the spread of
+    the per-prompt differences: both checkpoints answer the same prompts, so prompt difficulty
+    cancels). Reads the eval stage's `eval_samples.jsonl` files (one line per sample)."""
+    import numpy as np
+
+    def per_prompt(path: str) -> dict[int, float]:
+        hits: dict[int, list[float]] = {}
+        with open(path) as f:
+            for line in f:
+                row = json.loads(line)
+                hits.setdefault(row["row"], []).append(float(row["correct"]))
+        return {k: sum(v) / len(v) for k, v in hits.items()}
+
+    a, b = per_prompt(samples_a), per_prompt(samples_b)
+    diff = np.array([a[k] - b[k] for k in sorted(a.keys() & b.keys())])
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return {"diff": float(diff.mean()), "se": se, "prompts": len(diff)}
+
+
 def _trend(metrics_path: str) -> dict[str, list[float]]:
     """Each of TREND_KEYS as [mean over the first tenth of the run's steps, over the last tenth]."""
     from r1jax import metrics
@@ -261,6 +290,21 @@ def findings(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     def yes(ok: bool) -> str:
         return "yes" if ok else "NO"
 
+    paired = results.get("paired", {})
+
+    def beats(a: str, b: str, ties: bool = False) -> tuple[str, str]:
+        """Verdict on "a's pass@1 > b's" (>= with ties), qualified when the paired difference is
+        within NOISE_SE standard errors; and the difference as measured."""
+        diff = e[a]["pass@1"] - e[b]["pass@1"]
+        verdict = yes(diff >= 0 if ties else diff > 0)
+        p = paired.get(f"{a} - {b}")
+        if not p:
+            return verdict, ""
+        noise = abs(p["diff"]) < NOISE_SE * p["se"]
+        return verdict + (" (within noise)" if noise else ""), (
+            f" ({p['diff']:+.3f} +- {p['se']:.3f}, paired over {p['prompts']} prompts)"
+        )
+
     def metric(name: str, key: str = "pass@1") -> str:
         return f"{e[name][key]:.3f}"
 
@@ -270,11 +314,16 @@ def findings(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     def minutes(stage: str) -> str:  # the stage's wall time on first run (teacher's not counted)
         return f"{results['stages'].get(stage, {}).get('minutes', float('nan')):.1f}"
 
+    zero_base, r1_zero, distill_rl = (
+        beats("r1_zero", "base"),
+        beats("r1", "r1_zero", ties=True),
+        beats("distill", "student_rl"),
+    )
     return [
         (
             "R1-Zero beats the base model",
-            yes(e["r1_zero"]["pass@1"] > e["base"]["pass@1"]),
-            f"pass@1 {metric('base')} -> {metric('r1_zero')}",
+            zero_base[0],
+            f"pass@1 {metric('base')} -> {metric('r1_zero')}{zero_base[1]}",
         ),
         (
             "R1-Zero learns the format",
@@ -289,8 +338,8 @@ def findings(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         ),
         (
             "R1 >= R1-Zero in accuracy",
-            yes(e["r1"]["pass@1"] >= e["r1_zero"]["pass@1"]),
-            f"pass@1 {metric('r1')} vs {metric('r1_zero')}",
+            r1_zero[0],
+            f"pass@1 {metric('r1')} vs {metric('r1_zero')}{r1_zero[1]}",
         ),
         (
             "R1 is better formed than R1-Zero",
@@ -299,8 +348,9 @@ def findings(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         ),
         (
             "distillation beats RL on the student",
-            yes(e["distill"]["pass@1"] > e["student_rl"]["pass@1"]),
-            f"pass@1 distilled {metric('distill')} vs RL {metric('student_rl')};{flops} "
+            distill_rl[0],
+            f"pass@1 distilled {metric('distill')} vs RL {metric('student_rl')}{distill_rl[1]};"
+            f"{flops} "
             f"minutes: distillation {minutes('distill')}, RL {minutes('student_rl')} (with its "
             "held-out evaluations)",
         ),
