@@ -462,6 +462,14 @@ def test_paired_difference_and_noise_verdicts(tmp_path):
     results["paired"]["distill - student_rl"]["se"] = 0.02  # 2.5 SE
     found = {t: v for t, v, _ in pipeline.findings(results)}
     assert found["distillation beats RL on the student"] == "NO"
+    # Format: a binomial error over every sample. One malformed sample in 1024 is within noise
+    # (SE sqrt(0.999 x 0.001 / 1024) = 0.001); 5% malformed is not.
+    better_formed = "R1 is better formed than R1-Zero"
+    results["eval"]["r1"].update(format=0.999, num_prompts=256, num_samples=4)
+    results["eval"]["r1_zero"].update(format=1.0, num_prompts=256, num_samples=4)
+    assert {t: v for t, v, _ in pipeline.findings(results)}[better_formed] == "NO (within noise)"
+    results["eval"]["r1"]["format"] = 0.95
+    assert {t: v for t, v, _ in pipeline.findings(results)}[better_formed] == "NO"
 
 
 def test_pipeline_findings_judge_the_numbers_they_print():

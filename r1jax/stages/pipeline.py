@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -296,14 +297,21 @@ def findings(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         """Verdict on "a's pass@1 > b's" (>= with ties), qualified when the paired difference is
         within NOISE_SE standard errors; and the difference as measured."""
         diff = e[a]["pass@1"] - e[b]["pass@1"]
-        verdict = yes(diff >= 0 if ties else diff > 0)
         p = paired.get(f"{a} - {b}")
         if not p:
-            return verdict, ""
-        noise = abs(p["diff"]) < NOISE_SE * p["se"]
-        return verdict + (" (within noise)" if noise else ""), (
+            return yes(diff >= 0 if ties else diff > 0), ""
+        return qualified(diff, p["se"], ties), (
             f" ({p['diff']:+.3f} +- {p['se']:.3f}, paired over {p['prompts']} prompts)"
         )
+
+    def qualified(diff: float, se: float, ties: bool) -> str:
+        verdict = yes(diff >= 0 if ties else diff > 0)
+        return verdict + (" (within noise)" if abs(diff) < NOISE_SE * se else "")
+
+    def format_se(name: str) -> float:  # binomial, over every held-out sample
+        r = e[name]
+        n = r.get("num_prompts", 0) * r.get("num_samples", 0)
+        return math.sqrt(r["format"] * (1 - r["format"]) / n) if n else 0.0
 
     def metric(name: str, key: str = "pass@1") -> str:
         return f"{e[name][key]:.3f}"
@@ -343,7 +351,11 @@ def findings(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         ),
         (
             "R1 is better formed than R1-Zero",
-            yes(e["r1"]["format"] >= e["r1_zero"]["format"]),
+            qualified(
+                e["r1"]["format"] - e["r1_zero"]["format"],
+                math.hypot(format_se("r1"), format_se("r1_zero")),
+                ties=True,
+            ),
             f"format {metric('r1', 'format')} vs {metric('r1_zero', 'format')}",
         ),
         (
