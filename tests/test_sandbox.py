@@ -75,28 +75,42 @@ def _descends_from(pid: int, ancestors: set[int]) -> bool:
     return False
 
 
-def sandbox_processes() -> list[str]:
-    """Live processes owned by a private sandbox uid (only meaningful when running as root).
+def _ticks_since_boot() -> int:
+    with open("/proc/uptime") as f:
+        return int(float(f.read().split()[0]) * os.sysconf("SC_CLK_TCK"))
+
+
+def sandbox_processes(since: int = 0) -> list[str]:
+    """Live processes owned by a private sandbox uid and started at or after ``since`` (clock ticks
+    since boot; only meaningful when running as root), described for the failure message.
 
     Zombies are skipped: bubblewrap's in-namespace init is reparented to the host's init when
     bubblewrap exits, and stays a zombie (dead, holding only a PID) until that init reaps it.
     Sandboxes started by another pytest-xdist worker (the reward tests run there concurrently) are
     not ours; a program that escaped its sandbox is reparented to init, so it is still counted.
+    Nor is anything started before the test (another program's sandbox, or a survivor of an
+    earlier test, which that test's check reported).
     """
     found = []
     others = _other_test_workers()
+    base, count = sandbox_lib._private_id_range()
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
-                base, count = sandbox_lib._private_id_range()
-                if not base <= os.stat(f"/proc/{pid}").st_uid < base + count:
+                uid = os.stat(f"/proc/{pid}").st_uid
+                if not base <= uid < base + count or _descends_from(int(pid), others):
                     continue
-                if _descends_from(int(pid), others):
-                    continue
-                state = _stat(int(pid))[0]
+                state, ppid, pgid, *rest = _stat(int(pid))
+                started = int(rest[16])  # /proc/<pid>/stat field 22
                 cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
-                if state != "Z" and cmdline:  # an empty cmdline: exiting, memory already freed
-                    found.append(cmdline.decode(errors="replace"))
+                # An empty cmdline: exiting, memory already freed.
+                if state != "Z" and cmdline and started >= since:
+                    args = cmdline.replace(b"\0", b" ").decode(errors="replace")
+                    found.append(
+                        f"pid {pid} ppid {ppid} pgid {pgid} uid {uid} state {state}, started "
+                        f"{(started - since) / os.sysconf('SC_CLK_TCK'):.2f}s into the test: "
+                        f"{args[:40]}...{args[-50:]}"
+                    )
             except (OSError, IndexError):
                 continue
     return found
@@ -104,16 +118,22 @@ def sandbox_processes() -> list[str]:
 
 @pytest.fixture(autouse=True)
 def nothing_survives():
+    since = _ticks_since_boot() - 1
     yield
     # Reaping a killed sandbox takes a moment on a loaded machine; a survivor outlives the wait
     # (every hostile program here tries to live for tens of seconds).
     # The other worker's runs show up as orphans for an instant while it kills them, so only a
     # process seen in every snapshot over the wait counts.
     deadline = time.monotonic() + 2.0
-    survivors = sandbox_processes()
+    survivors = sandbox_processes(since)
     while survivors and time.monotonic() < deadline:
         time.sleep(0.05)
-        survivors = sandbox_processes()
+        survivors = sandbox_processes(since)
+    for line in survivors:  # killed, so that one leak fails one test and not every later one
+        try:
+            os.kill(int(line.split()[1]), signal.SIGKILL)
+        except OSError:
+            pass
     assert survivors == []
 
 
@@ -325,6 +345,36 @@ def test_empty_and_malformed_completions():
 def test_code_too_long_is_not_run():
     code = "print(1)\n" + "# padding\n" * 30_000
     assert score(code, "1") == 0.0
+
+
+# bubblewrap between cloning the sandbox's init and releasing it: the init waits on an eventfd for a
+# go-ahead that never comes once bubblewrap is dead, and has not been reported on --info-fd yet, so
+# only the group kill reaches it (it calls setsid for --new-session after the release).
+UNRELEASED_INIT = (
+    "import os, sys, time\n"
+    "child = os.fork()\n"
+    "if child == 0:\n"
+    "    time.sleep(60)\n"
+    "    os._exit(0)\n"
+    "print(child, flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_deadline_inside_bubblewraps_setup_kills_the_unreported_init(monkeypatch):
+    def stand_in(python, cfg, code_fd, info_fd):
+        return [python, "-I", "-S", "-c", UNRELEASED_INIT]
+
+    monkeypatch.setattr(sandbox_lib, "_bwrap_args", stand_in)
+    cfg = SandboxConfig(timeout_s=0.5)
+    result = sandbox_lib._run("", b"", cfg, sandbox_lib._interpreter(None), sandboxed=True)
+    assert result.timed_out
+    init = int(result.stdout)
+    try:
+        state = _stat(init)[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("Z", "gone"), f"the unreported init {init} survived its run (state {state})"
 
 
 def test_refuses_without_sandbox_unless_allowed(monkeypatch, caplog):
