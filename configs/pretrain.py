@@ -37,6 +37,13 @@ def get_config(arg=None):
     # all (copying starts after ~550-700 steps at copy_warmup_lr; 0 = no warm-up).
     p.copy_warmup_steps = 800
     p.copy_warmup_lr = 1e-3  # constant after optim.warmup_steps; 3e-3 never starts the copying
+    # Copy-task rows in every corpus batch (of batch_size), so the copying goes on being trained
+    # (the corpus phase's logged loss then covers their repetitions too).
+    p.copy_rows_in_corpus = 0
+    # Steps between checks that the model copies tag names named earlier in a document (held-out
+    # format documents; metric "tag_copy", a probability; 0 = never). The R1-Zero template
+    # relies on it: a base below ~0.3 never writes <think>/<answer>, and the stage warns.
+    p.tag_copy_every = 100
     # Tag names of the format documents: "composed" (one or two words joined by "_", think and
     # answer among them only as parts, e.g. <think_total>), so that no word is barred from following
     # "<" and the base copies <think>/<answer> from the template; "words": one tag word each, never

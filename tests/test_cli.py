@@ -156,6 +156,16 @@ def test_a_cosine_schedule_spans_the_stage_steps_given_on_the_command_line():
     sh.set_fields(config, {"pretrain.copy_warmup_steps": 40, "pretrain.seq_len": 32})
     with pytest.raises(common.ConfigError, match="needs pretrain.seq_len >= 33"):
         common.validate(config, "pretrain")
+    sh.set_fields(config, {"pretrain.copy_warmup_steps": 0})
+    sh.set_fields(config, {"pretrain.copy_rows_in_corpus": 2})
+    with pytest.raises(common.ConfigError, match="copy_rows_in_corpus needs pretrain.seq_len"):
+        common.validate(config, "pretrain")
+    sh.set_fields(config, {"pretrain.seq_len": 256, "pretrain.copy_rows_in_corpus": 16})
+    with pytest.raises(common.ConfigError, match=r"copy_rows_in_corpus must be in \[0, "):
+        common.validate(config, "pretrain")
+    sh.set_fields(config, {"pretrain.copy_rows_in_corpus": 2, "pretrain.tag_copy_every": -1})
+    with pytest.raises(common.ConfigError, match="tag_copy_every must be >= 0"):
+        common.validate(config, "pretrain")
 
 
 def test_automatic_micro_batches_keep_a_few_rows_per_shard_and_bad_counts_are_named():

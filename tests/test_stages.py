@@ -170,6 +170,40 @@ def test_copy_task_rows_repeat_each_string_and_score_only_the_predictable_repeti
     assert not np.array_equal(same[0], other[0])
 
 
+def test_pretrain_tag_copy_check_matches_transformers(tmp_path):
+    """The stage's "tag_copy" metric is the mean probability, under the saved checkpoint run by
+    transformers in float64, of each tag name's first token where the document named it before;
+    copy-task rows in the corpus batches leave the stage's outputs intact."""
+    import torch
+    import transformers
+
+    from r1jax.stages import pretrain
+
+    config = sh.pretrain_config()
+    p = config.pretrain
+    p.copy_rows_in_corpus, p.tag_copy_every = 2, 2
+    run("pretrain", config, tmp_path)
+    rows = sh.metric_rows(str(tmp_path))
+    assert [r["step"] for r in rows if "tag_copy" in r] == [2, 4, 5]  # every 2 steps and the last
+    path = str(tmp_path / "hf" / "final")
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    ids, mask = pretrain.tag_copy_rows(
+        tok, p.seq_len, pretrain.TAG_COPY_DOCS, config.seed, p.tag_names
+    )
+    assert mask.sum() >= pretrain.TAG_COPY_DOCS  # most documents repeat a tag within 64 tokens
+    for r, t in zip(*np.nonzero(mask), strict=True):
+        # A tag opened here whose name the document's text already opened a tag with.
+        name = tok.decode(ids[r, t : t + 1])
+        assert tok.decode(ids[r, t - 1 : t]).endswith("<")
+        assert "<" + name in tok.decode(ids[r, :t]).replace("< ", "<"), (name, r, t)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float64)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.from_numpy(ids[:, :-1]).long()).logits, -1)
+    probs = torch.gather(logp, -1, torch.from_numpy(ids[:, 1:, None]).long()).exp()[..., 0]
+    expected = probs.numpy()[mask[:, 1:] > 0].mean()
+    assert rows[-1]["tag_copy"] == pytest.approx(expected, rel=1e-4)
+
+
 def test_copy_alphabet_is_the_tokenizers_word_and_punctuation_pieces(toy):
     import transformers
 
@@ -366,6 +400,10 @@ def test_pipeline_smoke(toy, tmp_path):
     for key in pipeline.TREND_KEYS:
         assert results["trends"]["r1_zero"][key] == [logged[0][key], logged[-1][key]], key
     assert "R1-Zero's responses grow longer over training" in table
+    copied = ", ".join(
+        f"{n} {results['stages'][n]['tag_copy']:.2f}" for n in ("base", "student_base")
+    )
+    assert f"held-out format documents): {copied}" in table
     assert f"{results['minutes']:.1f} minutes of stages and evaluations" in table
     assert results["minutes"] == pytest.approx(
         sum(r["minutes"] for r in (*results["stages"].values(), *results["eval"].values()))

@@ -400,6 +400,12 @@ def results_markdown(results: dict[str, Any], config) -> str:
         f"seed {results['seed']}, {results['minutes']:.1f} minutes of stages and evaluations"
         f"{untimed} (this invocation: {results['wall_minutes']:.1f})",
     ]
+    copies = {n: r["tag_copy"] for n, r in results["stages"].items() if "tag_copy" in r}
+    if copies:  # pretraining's check that a base copies tag names (README: below 0.3, it does not)
+        lines.append(
+            "tag names copied by the bases (probability, held-out format documents): "
+            + ", ".join(f"{n} {v:.2f}" for n, v in copies.items())
+        )
     timed = {n: r["minutes"] for n, r in results["stages"].items() if "minutes" in r}
     timed["evaluations"] = sum(r.get("minutes", 0.0) for r in results["eval"].values())
     lines.append("minutes per stage: " + ", ".join(f"{n} {m:.1f}" for n, m in timed.items()))
