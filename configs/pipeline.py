@@ -64,6 +64,9 @@ def get_config(arg=None):
     config.distill.distill.epochs = 2.0  # the paper's, as the second SFT (thousands of traces here)
     config.student_rl = _stage("rl")
     config.match_distill_compute = True  # False: student_rl.rl.steps as set
+    # Stop after pretraining when a base does not copy tag names (pretrain's "tag_copy" check):
+    # it would not follow the R1-Zero template, and nothing after it could learn (README, seed 2).
+    config.require_tag_copy = True
 
     # 4. One held-out evaluation for every checkpoint.
     config.eval_stage = _stage("eval")
@@ -97,4 +100,5 @@ def get_config(arg=None):
         config.eval_stage.eval.num_samples = 2
         config.eval_stage.eval.max_new_tokens = 16
         config.eval_data.num_eval = 8
+        config.require_tag_copy = False  # 4 corpus steps teach no copying
     return config

@@ -453,6 +453,19 @@ def test_pipeline_smoke(toy, tmp_path):
     assert os.path.getmtime(tmp_path / "r1" / "hf" / "final" / "config.json") == stamp
 
 
+def test_pipeline_stops_after_a_base_that_does_not_copy_tags(tmp_path):
+    """A base below the tag-copy threshold ends the pipeline before any RL, naming the way out."""
+    config = sh.load_config("pipeline:smoke")
+    config.require_tag_copy = True
+    config.base.pretrain.arch.update(sh.TINY_ARCH)
+    config.base.pretrain.seq_len = 64
+    with pytest.raises(common.ConfigError, match="require_tag_copy=False") as e:
+        run("pipeline", config, tmp_path)
+    assert "the base model gives a tag name" in str(e.value)
+    assert os.path.exists(tmp_path / "base" / "done.json")  # kept for a run that goes on anyway
+    assert not os.path.exists(tmp_path / "student_base")
+
+
 def _pipeline_results(base_format, zero_format, *, base=0.1, zero=0.3, r1=0.3, lengths=(60, 62)):
     evals = {
         "base": {"pass@1": base, "format": base_format},
