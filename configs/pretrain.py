@@ -37,6 +37,10 @@ def get_config(arg=None):
     # all (copying starts after ~550-700 steps at copy_warmup_lr; 0 = no warm-up).
     p.copy_warmup_steps = 800
     p.copy_warmup_lr = 1e-3  # constant after optim.warmup_steps; 3e-3 never starts the copying
+    # The copy task: "repeat" (each string followed by itself), "recall" (a string, then some of
+    # its tokens each followed by its successor there: a match by content for every scored token,
+    # as a tag name after "<" needs) or "mixed" (half the rows each).
+    p.copy_task = "repeat"
     # Copy-task rows in every corpus batch (of batch_size), so the copying goes on being trained
     # (the corpus phase's logged loss then covers their repetitions too).
     p.copy_rows_in_corpus = 0

@@ -166,6 +166,9 @@ def test_a_cosine_schedule_spans_the_stage_steps_given_on_the_command_line():
     sh.set_fields(config, {"pretrain.copy_rows_in_corpus": 2, "pretrain.tag_copy_every": -1})
     with pytest.raises(common.ConfigError, match="tag_copy_every must be >= 0"):
         common.validate(config, "pretrain")
+    sh.set_fields(config, {"pretrain.tag_copy_every": 100, "pretrain.copy_task": "shuffle"})
+    with pytest.raises(common.ConfigError, match="pretrain.copy_task must be one of"):
+        common.validate(config, "pretrain")
 
 
 def test_automatic_micro_batches_keep_a_few_rows_per_shard_and_bad_counts_are_named():

@@ -170,6 +170,24 @@ def test_copy_task_rows_repeat_each_string_and_score_only_the_predictable_repeti
     assert not np.array_equal(same[0], other[0])
 
 
+def test_recall_rows_score_only_a_tokens_successor_in_its_string():
+    from r1jax.stages import pretrain
+
+    alphabet = np.arange(100, 400, dtype=np.int32)
+    ids, mask = pretrain.recall_rows(alphabet, step=3, shape=(4, 256), seed=1)
+    assert ids.shape == mask.shape == (4, 256) and set(np.unique(ids)) <= set(alphabet)
+    for r in range(4):
+        scored = np.flatnonzero(mask[r])
+        assert len(scored) >= 8
+        for t in scored:
+            # The query token ids[t-1] occurred earlier, in a string, followed by ids[t] there.
+            earlier = np.flatnonzero(ids[r, : t - 1] == ids[r, t - 1])
+            assert any(ids[r, e + 1] == ids[r, t] for e in earlier), (r, t)
+    mixed, mixed_mask = pretrain.warm_up_rows("mixed", alphabet, 3, (4, 256), 1)
+    np.testing.assert_array_equal(mixed[:2], pretrain.recall_rows(alphabet, 3, (2, 256), 1)[0])
+    np.testing.assert_array_equal(mixed[2:], pretrain.copy_rows(alphabet, 3, (2, 256), 1)[0])
+
+
 def test_pretrain_tag_copy_check_matches_transformers(tmp_path):
     """The stage's "tag_copy" metric is the mean probability, under the saved checkpoint run by
     transformers in float64, of each tag name's first token where the document named it before;

@@ -70,6 +70,10 @@ def validate(config) -> None:
         )
     if p.copy_warmup_steps and not p.copy_warmup_lr > 0:
         raise common.ConfigError(f"pretrain.copy_warmup_lr must be > 0, got {p.copy_warmup_lr}")
+    if p.copy_task not in COPY_TASKS:
+        raise common.ConfigError(
+            f"pretrain.copy_task must be one of {COPY_TASKS}, got {p.copy_task!r}"
+        )
     if not 0 <= p.copy_rows_in_corpus < p.batch_size:
         raise common.ConfigError(
             f"pretrain.copy_rows_in_corpus must be in [0, pretrain.batch_size={p.batch_size}), "
@@ -92,6 +96,8 @@ def validate(config) -> None:
 
 
 COPY_MIN, COPY_MAX = 16, 48  # tokens per copy-task string
+RECALL_MIN, RECALL_MAX = 8, 24  # tokens per associative-recall string
+COPY_TASKS = ("repeat", "recall", "mixed")
 TAG_COPY_DOCS = 64  # held-out format documents of the tag-copy check (300 repeated tag names)
 TAG_COPY_WARNING = 0.3  # below this the base does not follow the R1-Zero template's tags
 
@@ -135,6 +141,51 @@ def copy_rows(alphabet: np.ndarray, step: int, shape: tuple[int, int], seed: int
             mask[r, pos + k + 1 : pos + 2 * k] = 1
             pos += 2 * k + int(rng.integers(1, 8))
     return ids, mask
+
+
+def recall_rows(alphabet: np.ndarray, step: int, shape: tuple[int, int], seed: int):
+    """One associative-recall batch: ([N, L] ids, [N, L] loss mask on the recalled tokens).
+
+    Each row is strings of RECALL_MIN..RECALL_MAX distinct tokens from `alphabet`, each followed by
+    2-5 queries: a token of the string, then the token that followed it there (scored), with random
+    filler between strings. Unlike a repeated string, whose later tokens a model can copy from a
+    fixed offset, every recalled token needs a match by content, as a tag name after "<" does.
+    Seeded by (seed, step).
+    """
+    rng = np.random.default_rng([seed, step, 2])
+    n, length = shape
+    ids = rng.choice(alphabet, size=shape).astype(np.int32)
+    mask = np.zeros(shape, np.int32)
+    for r in range(n):
+        pos = int(rng.integers(0, 8))
+        while True:
+            k, q = int(rng.integers(RECALL_MIN, RECALL_MAX + 1)), int(rng.integers(2, 6))
+            if pos + k + 2 * q > length:
+                break
+            string = rng.choice(alphabet, size=k, replace=False)
+            ids[r, pos : pos + k] = string
+            pos += k
+            for j in rng.integers(0, k - 1, size=q):
+                ids[r, pos : pos + 2] = string[j : j + 2]
+                mask[r, pos + 1] = 1
+                pos += 2
+            pos += int(rng.integers(1, 8))
+    return ids, mask
+
+
+def warm_up_rows(task: str, alphabet: np.ndarray, step: int, shape: tuple[int, int], seed: int):
+    """A copy-task batch of `pretrain.copy_task`: "repeat" (`copy_rows`), "recall"
+    (`recall_rows`) or "mixed" (the first half of the rows recall, the rest repeat)."""
+    if task == "repeat":
+        return copy_rows(alphabet, step, shape, seed)
+    if task == "recall":
+        return recall_rows(alphabet, step, shape, seed)
+    half = shape[0] // 2
+    a, b = (
+        recall_rows(alphabet, step, (half, shape[1]), seed),
+        copy_rows(alphabet, step, (shape[0] - half, shape[1]), seed),
+    )
+    return np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1]])
 
 
 def tag_copy_rows(tokenizer, seq_len: int, num_docs: int, seed: int, tag_names: str):
@@ -304,13 +355,15 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
         if step == warm and warm:
             state = train.TrainState.create(state.model, corpus_optim, mesh)
         if step < warm:  # copy task: the same shapes, so the same compiled step
-            ids, loss_mask = copy_rows(alphabet, step, shape, config.seed)
+            ids, loss_mask = warm_up_rows(p.copy_task, alphabet, step, shape, config.seed)
             batch = {**fixed, "input_ids": ids, "loss_mask": loss_mask}
         else:
             idx = common.batch_indices(len(rows), step - warm, corpus_rows, config.seed)
             batch = {**fixed, "input_ids": rows[idx]}
             if kept_copy_rows:  # the copy task goes on in the last rows of every corpus batch
-                ids, mask = copy_rows(alphabet, step, (kept_copy_rows, p.seq_len), config.seed)
+                ids, mask = warm_up_rows(
+                    p.copy_task, alphabet, step, (kept_copy_rows, p.seq_len), config.seed
+                )
                 batch["input_ids"] = np.concatenate([batch["input_ids"], ids])
                 batch["loss_mask"] = np.concatenate([fixed["loss_mask"][:corpus_rows], mask])
         row = jax.device_get(sft.train_step(state, batch, step_cfg))
