@@ -12,7 +12,9 @@ make one, so every later stage runs through exactly the code a real run uses:
      copy-task warm-up (`copy_warmup_steps`: strings of word tokens, each followed by itself, at
      its own, lower learning rate), which is how a model this small learns to copy from its
      context (induction heads) at all;
-  5. save it as a genuine HF checkpoint folder (config.json + safetensors + tokenizer).
+  5. check, every `tag_copy_every` steps, that it copies tag names an instruction named
+     (`tag_copy_probability`): the R1-Zero template relies on it, and some seeds never learn it;
+  6. save it as a genuine HF checkpoint folder (config.json + safetensors + tokenizer).
 """
 
 from __future__ import annotations
