@@ -225,16 +225,16 @@ def _token_probs(model, ids):
     return jnp.exp(logp)
 
 
-def tag_copy_probability(state: train.TrainState, ids: np.ndarray, mask: np.ndarray) -> float:
+def tag_copy_probability(state: train.TrainState, ids, mask: np.ndarray) -> float:
     """Mean probability the model gives a repeated tag name's first token (`tag_copy_rows`).
 
     Whether the base copies tag names from an instruction: the R1-Zero template names <think> and
     <answer> only in its instruction, and a base that does not copy them never writes the format
     (the pipeline's bases of seeds 0 and 1: 0.73 and 0.65; seed 2's, which never wrote it: 0.01).
     """
-    with state.mesh_context():
-        ids_dev = jax.device_put(ids, state.batch_sharding(ids))
-        p = np.asarray(jax.device_get(_token_probs(state.model, ids_dev)))
+    with state.mesh_context():  # ids: host or already placed (then device_put is a no-op)
+        ids = jax.device_put(ids, state.batch_sharding(ids))
+        p = np.asarray(jax.device_get(_token_probs(state.model, ids)))
     m = mask[:, 1:] > 0
     return float(p[m].mean()) if m.any() else float("nan")
 
@@ -334,7 +334,8 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
     kept_copy_rows = p.copy_rows_in_corpus
     corpus_rows = p.batch_size - kept_copy_rows
     alphabet = copy_alphabet(tokenizer) if warm or kept_copy_rows else None
-    tag_check = tag_copy_rows(tokenizer, p.seq_len, TAG_COPY_DOCS, config.seed, p.tag_names)
+    tag_ids, tag_mask = tag_copy_rows(tokenizer, p.seq_len, TAG_COPY_DOCS, config.seed, p.tag_names)
+    tag_ids = jax.device_put(tag_ids, state.batch_sharding(tag_ids))  # once, not at every check
     if warm:
         log.info(
             "copy-task warm-up: %d steps over %d word and punctuation tokens (not copying, "
@@ -371,7 +372,7 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
         row = jax.device_get(sft.train_step(state, batch, step_cfg))
         row["copy_loss" if step < warm else "lm_loss"] = row["loss"]
         if p.tag_copy_every and ((step + 1) % p.tag_copy_every == 0 or step + 1 == warm + p.steps):
-            row["tag_copy"] = tag_copy_probability(state, *tag_check)
+            row["tag_copy"] = tag_copy_probability(state, tag_ids, tag_mask)
         writer.write(step + 1, row)
         ckpt.save(
             step + 1,
@@ -395,8 +396,8 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
         log.warning(
             "this base gives a tag name it has seen earlier in a document only probability %.2f "
             "(bases that follow the R1-Zero template: ~0.7): it will not copy <think>/<answer> "
-            "from the template, so R1-Zero gets no format reward. Pretrain with another seed, or "
-            "more pretrain.copy_rows_in_corpus.",
+            "from the template, so R1-Zero gets no format reward. Pretrain with another seed "
+            "(README: none of the pretraining changes tried rescued such a seed).",
             row["tag_copy"],
         )
     return {k: float(v) for k, v in row.items()}
