@@ -81,6 +81,7 @@ def get_config(arg=None):
             p = config[name].pretrain
             p.corpus_docs, p.steps, p.batch_size, p.seq_len = 600, 4, 8, 128
             p.copy_warmup_steps = min(p.copy_warmup_steps, 2)
+            p.tag_copy_restarts = 0  # 4 corpus steps teach no copying: nothing to restart for
             config[name].optim.warmup_steps = 1
         for name in ("r1_zero", "reasoning_rl", "r1", "student_rl"):
             r = config[name].rl

@@ -48,6 +48,13 @@ def get_config(arg=None):
     # format documents; metric "tag_copy", a probability; 0 = never). The R1-Zero template
     # relies on it: a base below ~0.3 never writes <think>/<answer>, and the stage warns.
     p.tag_copy_every = 100
+    # Whether the model learns to copy tag names is decided by its initialisation (README): one
+    # whose check is still at the no-copying level (< 0.05) after `tag_copy_deadline` corpus steps
+    # never gets there, so pretraining starts over from a new initialisation (the corpus and
+    # tokenizer stay; the abandoned run is kept in its directory), at most `tag_copy_restarts`
+    # times (0 = never; the last attempt always runs to the end).
+    p.tag_copy_restarts = 2
+    p.tag_copy_deadline = 400
     # Tag names of the format documents: "composed" (one or two words joined by "_", think and
     # answer among them only as parts, e.g. <think_total>), so that no word is barred from following
     # "<" and the base copies <think>/<answer> from the template; "words": one tag word each, never

@@ -156,6 +156,7 @@ def pretrain_config():
     p = config.pretrain
     p.corpus_docs, p.steps, p.batch_size, p.seq_len = 300, 3, 8, 64
     p.copy_warmup_steps = 2
+    p.tag_copy_restarts = 0  # 3 corpus steps: no deadline to check at
     p.arch.update(TINY_ARCH)
     config.optim.total_steps, config.optim.warmup_steps = 3, 1
     return config

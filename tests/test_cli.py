@@ -169,6 +169,14 @@ def test_a_cosine_schedule_spans_the_stage_steps_given_on_the_command_line():
     sh.set_fields(config, {"pretrain.tag_copy_every": 100, "pretrain.copy_task": "shuffle"})
     with pytest.raises(common.ConfigError, match="pretrain.copy_task must be one of"):
         common.validate(config, "pretrain")
+    sh.set_fields(config, {"pretrain.copy_task": "repeat", "pretrain.tag_copy_restarts": -1})
+    with pytest.raises(common.ConfigError, match="tag_copy_restarts must be >= 0"):
+        common.validate(config, "pretrain")
+    sh.set_fields(config, {"pretrain.tag_copy_restarts": 2, "pretrain.tag_copy_deadline": 600})
+    with pytest.raises(common.ConfigError, match=r"tag_copy_deadline must be in \[1, pretrain.ste"):
+        common.validate(config, "pretrain")
+    sh.set_fields(config, {"pretrain.tag_copy_restarts": 0})  # no restarts: no deadline
+    common.validate(config, "pretrain")
 
 
 def test_automatic_micro_batches_keep_a_few_rows_per_shard_and_bad_counts_are_named():

@@ -222,6 +222,41 @@ def test_pretrain_tag_copy_check_matches_transformers(tmp_path):
     assert rows[-1]["tag_copy"] == pytest.approx(expected, rel=1e-4)
 
 
+def test_pretrain_starts_over_from_a_new_initialisation_when_copying_never_starts(tmp_path):
+    """An attempt still at the no-copying level at the deadline is abandoned, its records kept; the
+    next starts from a new seed in workdir/restart1, and the last attempt runs to the end. A rerun
+    continues that restart rather than beginning again."""
+    from r1jax import checkpoint
+    from r1jax.stages import pretrain
+
+    config = sh.pretrain_config()  # 2 warm-up steps, then 3 corpus steps
+    p = config.pretrain
+    p.tag_copy_restarts, p.tag_copy_deadline = 1, 1  # nothing copies after one corpus step
+    out = run("pretrain", config, tmp_path)
+    assert out["restarts"] == 1
+    marker = json.loads((tmp_path / "restart1" / pretrain.RESTART_FILE).read_text())
+    assert marker["seed"] == pretrain.attempt_seed(config.seed, 1) != config.seed
+    assert marker["abandoned"]["step"] == 3 and marker["abandoned"]["tag_copy"] < 0.05
+    first, second = sh.metric_rows(str(tmp_path)), sh.metric_rows(str(tmp_path / "restart1"))
+    assert [r["step"] for r in first] == [1, 2, 3] and [r["step"] for r in second] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
+    assert first[0]["loss"] != second[0]["loss"]  # another initialisation and copy-task data
+    assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 3
+    final = safetensors.numpy.load_file(str(tmp_path / "hf" / "final" / "model.safetensors"))
+
+    again = run("pretrain", config, tmp_path)
+    assert again["restarts"] == 1 and not (tmp_path / "restart2").exists()
+    assert [r["step"] for r in sh.metric_rows(str(tmp_path / "restart1"))] == [1, 2, 3, 4, 5]
+    resumed = safetensors.numpy.load_file(str(tmp_path / "hf" / "final" / "model.safetensors"))
+    for name, value in final.items():
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+
+
 def test_copy_alphabet_is_the_tokenizers_word_and_punctuation_pieces(toy):
     import transformers
 

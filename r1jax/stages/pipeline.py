@@ -142,7 +142,9 @@ def _check_copies_tags(name: str, out: dict[str, Any], subdir: str) -> None:
             f"the {name} model gives a tag name named earlier in a document probability "
             f"{copied:.2f} (< {pretrain.TAG_COPY_WARNING}; bases that follow the R1-Zero template: "
             f"~0.7), so it will not write the template's <think>/<answer> and RL from it gets no "
-            f"reward. Pretrain with another --config.seed (in a new --workdir), or go on anyway "
+            f"reward ({out.get('restarts', 0):.0f} restarts from a new initialisation, "
+            f"pretrain.tag_copy_restarts). Pretrain with another --config.seed or more restarts "
+            f"(in a new --workdir), or go on anyway "
             f"with --config.require_tag_copy=False (the model is kept in {subdir})."
         )
 
@@ -426,12 +428,19 @@ def results_markdown(results: dict[str, Any], config) -> str:
     if copies:  # pretraining's check that a base copies tag names (README: below 0.3, it does not)
         lines.append(
             "tag names copied by the bases (probability, held-out format documents): "
-            + ", ".join(f"{n} {v:.2f}" for n, v in copies.items())
+            + ", ".join(
+                f"{n} {v:.2f}" + _restarts(results["stages"][n].get("restarts", 0))
+                for n, v in copies.items()
+            )
         )
     timed = {n: r["minutes"] for n, r in results["stages"].items() if "minutes" in r}
     timed["evaluations"] = sum(r.get("minutes", 0.0) for r in results["eval"].values())
     lines.append("minutes per stage: " + ", ".join(f"{n} {m:.1f}" for n, m in timed.items()))
     return "\n".join(lines) + "\n"
+
+
+def _restarts(n: float) -> str:
+    return f" (after {n:.0f} restart{'s' if n > 1 else ''})" if n else ""
 
 
 def _plots(workdir: str, results: dict[str, Any]) -> None:

@@ -13,13 +13,16 @@ make one, so every later stage runs through exactly the code a real run uses:
      its own, lower learning rate), which is how a model this small learns to copy from its
      context (induction heads) at all;
   5. check, every `tag_copy_every` steps, that it copies tag names an instruction named
-     (`tag_copy_probability`): the R1-Zero template relies on it, and some seeds never learn it;
+     (`tag_copy_probability`): the R1-Zero template relies on it, and some initialisations never
+     learn it; one that has not started by `tag_copy_deadline` corpus steps is abandoned and
+     pretraining starts over from a new one (`tag_copy_restarts`, workdir/restart<k>);
   6. save it as a genuine HF checkpoint folder (config.json + safetensors + tokenizer).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from r1jax import checkpoint, grpo, metrics, sft, sharding, train
+from r1jax import checkpoint, grpo, metrics, paths, sft, sharding, train
 from r1jax.data import corpus
 from r1jax.data import tokenizer as toy_tokenizer
 from r1jax.models import hf
@@ -95,6 +98,15 @@ def validate(config) -> None:
     except (TypeError, ValueError) as e:
         raise common.ConfigError(f"pretrain.arch: {e}") from e
     common.optim(config, p.steps)
+    if p.tag_copy_restarts < 0:
+        raise common.ConfigError(
+            f"pretrain.tag_copy_restarts must be >= 0, got {p.tag_copy_restarts}"
+        )
+    if p.tag_copy_restarts and not 1 <= p.tag_copy_deadline < p.steps:
+        raise common.ConfigError(
+            f"pretrain.tag_copy_deadline must be in [1, pretrain.steps={p.steps}) for restarts "
+            f"(or pretrain.tag_copy_restarts=0), got {p.tag_copy_deadline}"
+        )
 
 
 COPY_MIN, COPY_MAX = 16, 48  # tokens per copy-task string
@@ -102,6 +114,9 @@ RECALL_MIN, RECALL_MAX = 8, 24  # tokens per associative-recall string
 COPY_TASKS = ("repeat", "recall", "mixed")
 TAG_COPY_DOCS = 64  # held-out format documents of the tag-copy check (300 repeated tag names)
 TAG_COPY_WARNING = 0.3  # below this the base does not follow the R1-Zero template's tags
+# At the restart deadline: a run that has started copying tag names is well above this (0.2-0.6
+# after 400 corpus steps); one that never will sits at the no-copying level (~0.008).
+TAG_COPY_START = 0.05
 
 
 def copy_alphabet(tokenizer) -> np.ndarray:
@@ -250,6 +265,145 @@ def token_rows(docs: list[str], tokenizer, seq_len: int) -> np.ndarray:
     return np.asarray(stream[: n * seq_len], np.int32).reshape(n, seq_len)
 
 
+RESTART_FILE = "restart.json"  # in a restart's directory: its seed and the abandoned run's check
+
+
+def attempt_seed(seed: int, attempt: int) -> int:
+    """Initialisation (and copy-task) seed of pretraining attempt `attempt`; 0 is `seed` itself."""
+    if attempt == 0:
+        return seed
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, attempt]).generate_state(1)[0] >> 1)
+
+
+def attempt_dir(workdir: str, attempt: int) -> str:
+    """Where attempt `attempt` keeps its checkpoints and metrics: the workdir for the first, then
+    workdir/restart<k>, so an abandoned run stays as it was."""
+    return workdir if attempt == 0 else os.path.join(workdir, f"restart{attempt}")
+
+
+def current_attempt(workdir: str, restarts: int) -> int:
+    """The attempt a (resumed) run continues: the last restart begun, at most `restarts`."""
+    attempt = 0
+    while attempt < restarts and paths.exists(
+        os.path.join(attempt_dir(workdir, attempt + 1), RESTART_FILE)
+    ):
+        attempt += 1
+    return attempt
+
+
+def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
+    """Train attempt `attempt` from its seed, resuming from its own checkpoints: the copy-task
+    warm-up, then the corpus. Returns (state, last metrics row), or (None, {"tag_copy", "step"})
+    when it is abandoned at the tag-copy deadline (every attempt but the last has one)."""
+    p = config.pretrain
+    run_dir = attempt_dir(workdir, attempt)
+    seed = attempt_seed(config.seed, attempt)
+    warm = p.copy_warmup_steps
+    deadline = warm + p.tag_copy_deadline if attempt < p.tag_copy_restarts else None
+    model = sharding.create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(seed)), mesh)
+    # Two optimizer phases: the copy task at a constant, lower learning rate (at the corpus's
+    # 3e-3 the copying never starts), then the corpus with a fresh AdamW on optim.* over
+    # pretrain.steps, as without a warm-up.
+    corpus_optim = common.optim(config, p.steps)
+    warm_optim = dataclasses.replace(
+        corpus_optim,
+        learning_rate=p.copy_warmup_lr,
+        schedule="constant",
+        warmup_steps=min(corpus_optim.warmup_steps, warm // 2),
+    )
+    step_cfg = sft.SFTConfig(
+        num_micro_batches=common.micro_batches(config, "pretrain", p.batch_size)
+    )
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(run_dir, "checkpoints"),
+        save_interval_steps=config.ckpt.every,
+        max_to_keep=config.ckpt.keep,
+        async_save=config.ckpt.async_save,
+    )
+    # A checkpoint at step <= warm holds the warm-up's optimizer (the corpus phase starts fresh).
+    start = ckpt.latest_step() or 0
+    in_warm_up = warm > 0 and start <= warm
+    state = train.TrainState.create(model, warm_optim if in_warm_up else corpus_optim, mesh)
+    if ckpt.latest_step() is not None:
+        start = ckpt.restore(state.model, state.optimizer)["step"]
+        log.info("resumed from step %d", start)
+    if attempt:
+        log.info("restart %d: initialisation and copy-task seed %d", attempt, seed)
+    # One segment per row (documents in a row may attend to earlier ones, as in GPT pretraining).
+    shape = (p.batch_size, p.seq_len)
+    fixed = {
+        "loss_mask": np.ones(shape, np.int32),
+        "segment_ids": np.ones(shape, np.int32),
+        "attention_mask": np.ones(shape, np.int32),
+        "positions": np.broadcast_to(np.arange(p.seq_len, dtype=np.int32), shape),
+    }
+    kept_copy_rows = p.copy_rows_in_corpus
+    corpus_rows = p.batch_size - kept_copy_rows
+    alphabet = copy_alphabet(tokenizer) if warm or kept_copy_rows else None
+    tag_ids, tag_mask = tag_rows
+    tag_ids = jax.device_put(tag_ids, state.batch_sharding(tag_ids))  # once, not at every check
+    if warm:
+        log.info(
+            "copy-task warm-up: %d steps over %d word and punctuation tokens (not copying, "
+            "the loss stays >= ln %d = %.2f)",
+            warm,
+            len(alphabet),
+            len(alphabet),
+            np.log(len(alphabet)),
+        )
+    writer = metrics.MetricsWriter(
+        run_dir,
+        total_steps=warm + p.steps,
+        start_step=start,
+        summary_every=config.log.every,
+        desc="pretrain" if not attempt else f"pretrain, restart {attempt}",
+        postfix_keys=("loss",),
+    )
+    row = {}
+    for step in range(start, warm + p.steps):
+        # At the top of the loop, so a run resumed from the deadline's checkpoint checks too.
+        if step == deadline:
+            copied = row.get("tag_copy")
+            if copied is None:
+                copied = tag_copy_probability(state, tag_ids, tag_mask)
+            if copied < TAG_COPY_START:  # abandoned, and kept as it is now
+                ckpt.save(step, state.model, state.optimizer, extra={"step": step}, force=True)
+                ckpt.wait()
+                writer.close()
+                ckpt.close()
+                return None, {"tag_copy": float(copied), "step": step}
+        if step == warm and warm:
+            state = train.TrainState.create(state.model, corpus_optim, mesh)
+        if step < warm:  # copy task: the same shapes, so the same compiled step
+            ids, loss_mask = warm_up_rows(p.copy_task, alphabet, step, shape, seed)
+            batch = {**fixed, "input_ids": ids, "loss_mask": loss_mask}
+        else:
+            idx = common.batch_indices(len(rows), step - warm, corpus_rows, config.seed)
+            batch = {**fixed, "input_ids": rows[idx]}
+            if kept_copy_rows:  # the copy task goes on in the last rows of every corpus batch
+                ids, mask = warm_up_rows(
+                    p.copy_task, alphabet, step, (kept_copy_rows, p.seq_len), seed
+                )
+                batch["input_ids"] = np.concatenate([batch["input_ids"], ids])
+                batch["loss_mask"] = np.concatenate([fixed["loss_mask"][:corpus_rows], mask])
+        row = jax.device_get(sft.train_step(state, batch, step_cfg))
+        row["copy_loss" if step < warm else "lm_loss"] = row["loss"]
+        if p.tag_copy_every and ((step + 1) % p.tag_copy_every == 0 or step + 1 == warm + p.steps):
+            row["tag_copy"] = tag_copy_probability(state, tag_ids, tag_mask)
+        writer.write(step + 1, row)
+        ckpt.save(
+            step + 1,
+            state.model,
+            state.optimizer,
+            extra={"step": step + 1},
+            force=step + 1 == warm + p.steps,
+        )
+    ckpt.wait()
+    writer.close()
+    ckpt.close()
+    return state, row
+
+
 def run(config, workdir: str, *, export_to: str | None = None) -> dict:
     """Pretrain; writes the HF checkpoint to workdir/hf/final (and to `export_to` if given)."""
     p = config.pretrain
@@ -281,16 +435,8 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
         p.seq_len,
         p.steps * p.batch_size / len(rows),
     )
-    # One segment per row (documents in a row may attend to earlier ones, as in GPT pretraining).
-    shape = (p.batch_size, p.seq_len)
-    fixed = {
-        "loss_mask": np.ones(shape, np.int32),
-        "segment_ids": np.ones(shape, np.int32),
-        "attention_mask": np.ones(shape, np.int32),
-        "positions": np.broadcast_to(np.arange(p.seq_len, dtype=np.int32), shape),
-    }
 
-    # 4. The model, born sharded, and its optimizer.
+    # 4. The model's shape, and the held-out documents of the tag-copy check.
     mesh = common.make_mesh(config)
     cfg = ModelConfig(
         vocab_size=len(tokenizer),
@@ -301,91 +447,37 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
         qkv_bias=True,
         **p.arch.to_dict(),
     )
-    model = sharding.create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(config.seed)), mesh)
-    # Two optimizer phases: the copy task at a constant, lower learning rate (at the corpus's
-    # 3e-3 the copying never starts), then the corpus with a fresh AdamW on optim.* over
-    # pretrain.steps, as without a warm-up.
-    warm = p.copy_warmup_steps
-    corpus_optim = common.optim(config, p.steps)
-    warm_optim = dataclasses.replace(
-        corpus_optim,
-        learning_rate=p.copy_warmup_lr,
-        schedule="constant",
-        warmup_steps=min(corpus_optim.warmup_steps, warm // 2),
-    )
     log.info("toy base model: %.2fM parameters (%s)", cfg.num_params / 1e6, cfg)
-    step_cfg = sft.SFTConfig(
-        num_micro_batches=common.micro_batches(config, "pretrain", p.batch_size)
-    )
-
-    ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        save_interval_steps=config.ckpt.every,
-        max_to_keep=config.ckpt.keep,
-        async_save=config.ckpt.async_save,
-    )
-    # A checkpoint at step <= warm holds the warm-up's optimizer (the corpus phase starts fresh).
-    start = ckpt.latest_step() or 0
-    in_warm_up = warm > 0 and start <= warm
-    state = train.TrainState.create(model, warm_optim if in_warm_up else corpus_optim, mesh)
-    if ckpt.latest_step() is not None:
-        start = ckpt.restore(state.model, state.optimizer)["step"]
-        log.info("resumed from step %d", start)
-    kept_copy_rows = p.copy_rows_in_corpus
-    corpus_rows = p.batch_size - kept_copy_rows
-    alphabet = copy_alphabet(tokenizer) if warm or kept_copy_rows else None
-    tag_ids, tag_mask = tag_copy_rows(tokenizer, p.seq_len, TAG_COPY_DOCS, config.seed, p.tag_names)
-    tag_ids = jax.device_put(tag_ids, state.batch_sharding(tag_ids))  # once, not at every check
-    if warm:
-        log.info(
-            "copy-task warm-up: %d steps over %d word and punctuation tokens (not copying, "
-            "the loss stays >= ln %d = %.2f)",
-            warm,
-            len(alphabet),
-            len(alphabet),
-            np.log(len(alphabet)),
+    tag_rows = tag_copy_rows(tokenizer, p.seq_len, TAG_COPY_DOCS, config.seed, p.tag_names)
+    # 5. Train. Whether the model learns to copy tag names is decided by its initialisation, not by
+    # the corpus (README): one that has not started to by `tag_copy_deadline` corpus steps never
+    # does, so pretraining starts over from a new initialisation, at most `tag_copy_restarts` times.
+    attempt = current_attempt(workdir, p.tag_copy_restarts)
+    while True:
+        state, row = _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows)
+        if state is not None:
+            break
+        attempt += 1
+        seed = attempt_seed(config.seed, attempt)
+        log.warning(
+            "tag_copy %.3f after %d corpus steps (< %.2f): this initialisation is not learning to "
+            "copy tag names, and would not by the end. Starting over from a new one (restart %d "
+            "of at most %d, seed %d) in %s; the abandoned run stays where it is.",
+            row["tag_copy"],
+            p.tag_copy_deadline,
+            TAG_COPY_START,
+            attempt,
+            p.tag_copy_restarts,
+            seed,
+            attempt_dir(workdir, attempt),
         )
-    writer = metrics.MetricsWriter(
-        workdir,
-        total_steps=warm + p.steps,
-        start_step=start,
-        summary_every=config.log.every,
-        desc="pretrain",
-        postfix_keys=("loss",),
-    )
-    row = {}
-    for step in range(start, warm + p.steps):
-        if step == warm and warm:
-            state = train.TrainState.create(state.model, corpus_optim, mesh)
-        if step < warm:  # copy task: the same shapes, so the same compiled step
-            ids, loss_mask = warm_up_rows(p.copy_task, alphabet, step, shape, config.seed)
-            batch = {**fixed, "input_ids": ids, "loss_mask": loss_mask}
-        else:
-            idx = common.batch_indices(len(rows), step - warm, corpus_rows, config.seed)
-            batch = {**fixed, "input_ids": rows[idx]}
-            if kept_copy_rows:  # the copy task goes on in the last rows of every corpus batch
-                ids, mask = warm_up_rows(
-                    p.copy_task, alphabet, step, (kept_copy_rows, p.seq_len), config.seed
-                )
-                batch["input_ids"] = np.concatenate([batch["input_ids"], ids])
-                batch["loss_mask"] = np.concatenate([fixed["loss_mask"][:corpus_rows], mask])
-        row = jax.device_get(sft.train_step(state, batch, step_cfg))
-        row["copy_loss" if step < warm else "lm_loss"] = row["loss"]
-        if p.tag_copy_every and ((step + 1) % p.tag_copy_every == 0 or step + 1 == warm + p.steps):
-            row["tag_copy"] = tag_copy_probability(state, tag_ids, tag_mask)
-        writer.write(step + 1, row)
-        ckpt.save(
-            step + 1,
-            state.model,
-            state.optimizer,
-            extra={"step": step + 1},
-            force=step + 1 == warm + p.steps,
-        )
-    ckpt.wait()
-    writer.close()
-    ckpt.close()
+        if jax.process_index() == 0:
+            paths.write_text(
+                os.path.join(attempt_dir(workdir, attempt), RESTART_FILE),
+                json.dumps({"attempt": attempt, "seed": seed, "abandoned": row}, indent=1),
+            )
 
-    # 5. A genuine HF checkpoint folder.
+    # 6. A genuine HF checkpoint folder.
     out = os.path.join(workdir, "hf", "final")
     for path in filter(None, (out, export_to)):
         hf.save(state.model, path)
@@ -400,4 +492,4 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
             "(README: none of the pretraining changes tried rescued such a seed).",
             row["tag_copy"],
         )
-    return {k: float(v) for k, v in row.items()}
+    return {**{k: float(v) for k, v in row.items()}, "restarts": float(attempt)}
