@@ -48,13 +48,14 @@ def get_config(arg=None):
     # format documents; metric "tag_copy", a probability; 0 = never). The R1-Zero template
     # relies on it: a base below ~0.3 never writes <think>/<answer>, and the stage warns.
     p.tag_copy_every = 100
-    # Whether the model learns to copy tag names is decided by its initialisation (README): one
-    # whose check is still at the no-copying level (< 0.05) after `tag_copy_deadline` corpus steps
-    # never gets there, so pretraining starts over from a new initialisation (the corpus and
-    # tokenizer stay; the abandoned run is kept in its directory), at most `tag_copy_restarts`
-    # times (0 = never; the last attempt always runs to the end).
-    p.tag_copy_restarts = 2
-    p.tag_copy_deadline = 400
+    # Whether the model learns to copy tag names is decided by its initialisation, during the copy
+    # warm-up (README): one whose check is still below 0.05 (no copying: <= 0.004) after
+    # `tag_copy_deadline` corpus steps (0: at the end of the warm-up) never gets there, so
+    # pretraining starts over from a new initialisation (the corpus and tokenizer stay; the
+    # abandoned run is kept), at most `tag_copy_restarts` times (0 = never; the last attempt always
+    # runs to the end).
+    p.tag_copy_restarts = 4
+    p.tag_copy_deadline = 0
     # Tag names of the format documents: "composed" (one or two words joined by "_", think and
     # answer among them only as parts, e.g. <think_total>), so that no word is barred from following
     # "<" and the base copies <think>/<answer> from the template; "words": one tag word each, never

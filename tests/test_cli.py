@@ -173,7 +173,10 @@ def test_a_cosine_schedule_spans_the_stage_steps_given_on_the_command_line():
     with pytest.raises(common.ConfigError, match="tag_copy_restarts must be >= 0"):
         common.validate(config, "pretrain")
     sh.set_fields(config, {"pretrain.tag_copy_restarts": 2, "pretrain.tag_copy_deadline": 600})
-    with pytest.raises(common.ConfigError, match=r"tag_copy_deadline must be in \[1, pretrain.ste"):
+    with pytest.raises(common.ConfigError, match=r"tag_copy_deadline must be in \[0, pretrain.ste"):
+        common.validate(config, "pretrain")
+    sh.set_fields(config, {"pretrain.tag_copy_deadline": 0, "pretrain.copy_warmup_steps": 0})
+    with pytest.raises(common.ConfigError, match="tag_copy_deadline=0 checks at the end of the"):
         common.validate(config, "pretrain")
     sh.set_fields(config, {"pretrain.tag_copy_restarts": 0})  # no restarts: no deadline
     common.validate(config, "pretrain")

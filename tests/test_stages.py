@@ -222,7 +222,10 @@ def test_pretrain_tag_copy_check_matches_transformers(tmp_path):
     assert rows[-1]["tag_copy"] == pytest.approx(expected, rel=1e-4)
 
 
-def test_pretrain_starts_over_from_a_new_initialisation_when_copying_never_starts(tmp_path):
+@pytest.mark.parametrize("deadline", [0, 1])  # at the end of the warm-up, or a corpus step later
+def test_pretrain_starts_over_from_a_new_initialisation_when_copying_never_starts(
+    tmp_path, deadline
+):
     """An attempt still at the no-copying level at the deadline is abandoned, its records kept; the
     next starts from a new seed in workdir/restart1, and the last attempt runs to the end. A rerun
     continues that restart rather than beginning again."""
@@ -231,22 +234,21 @@ def test_pretrain_starts_over_from_a_new_initialisation_when_copying_never_start
 
     config = sh.pretrain_config()  # 2 warm-up steps, then 3 corpus steps
     p = config.pretrain
-    p.tag_copy_restarts, p.tag_copy_deadline = 1, 1  # nothing copies after one corpus step
+    p.tag_copy_restarts, p.tag_copy_deadline = 1, deadline  # nothing copies this early
+    checked = p.copy_warmup_steps + deadline
     out = run("pretrain", config, tmp_path)
     assert out["restarts"] == 1
     marker = json.loads((tmp_path / "restart1" / pretrain.RESTART_FILE).read_text())
     assert marker["seed"] == pretrain.attempt_seed(config.seed, 1) != config.seed
-    assert marker["abandoned"]["step"] == 3 and marker["abandoned"]["tag_copy"] < 0.05
+    assert (
+        marker["abandoned"]["step"] == checked
+        and marker["abandoned"]["tag_copy"] < pretrain.TAG_COPY_START
+    )
     first, second = sh.metric_rows(str(tmp_path)), sh.metric_rows(str(tmp_path / "restart1"))
-    assert [r["step"] for r in first] == [1, 2, 3] and [r["step"] for r in second] == [
-        1,
-        2,
-        3,
-        4,
-        5,
-    ]
+    assert [r["step"] for r in first] == list(range(1, checked + 1))
+    assert [r["step"] for r in second] == [1, 2, 3, 4, 5]
     assert first[0]["loss"] != second[0]["loss"]  # another initialisation and copy-task data
-    assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 3
+    assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == checked
     final = safetensors.numpy.load_file(str(tmp_path / "hf" / "final" / "model.safetensors"))
 
     again = run("pretrain", config, tmp_path)

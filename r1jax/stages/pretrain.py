@@ -14,8 +14,8 @@ make one, so every later stage runs through exactly the code a real run uses:
      context (induction heads) at all;
   5. check, every `tag_copy_every` steps, that it copies tag names an instruction named
      (`tag_copy_probability`): the R1-Zero template relies on it, and some initialisations never
-     learn it; one that has not started by `tag_copy_deadline` corpus steps is abandoned and
-     pretraining starts over from a new one (`tag_copy_restarts`, workdir/restart<k>);
+     learn it; one that has not started by the end of the warm-up (`tag_copy_deadline`) is
+     abandoned and pretraining starts over from a new one (`tag_copy_restarts`, workdir/restart<k>);
   6. save it as a genuine HF checkpoint folder (config.json + safetensors + tokenizer).
 """
 
@@ -102,10 +102,15 @@ def validate(config) -> None:
         raise common.ConfigError(
             f"pretrain.tag_copy_restarts must be >= 0, got {p.tag_copy_restarts}"
         )
-    if p.tag_copy_restarts and not 1 <= p.tag_copy_deadline < p.steps:
+    if p.tag_copy_restarts and not 0 <= p.tag_copy_deadline < p.steps:
         raise common.ConfigError(
-            f"pretrain.tag_copy_deadline must be in [1, pretrain.steps={p.steps}) for restarts "
+            f"pretrain.tag_copy_deadline must be in [0, pretrain.steps={p.steps}) for restarts "
             f"(or pretrain.tag_copy_restarts=0), got {p.tag_copy_deadline}"
+        )
+    if p.tag_copy_restarts and p.tag_copy_deadline == 0 and not p.copy_warmup_steps:
+        raise common.ConfigError(
+            "pretrain.tag_copy_deadline=0 checks at the end of the copy warm-up, and "
+            "pretrain.copy_warmup_steps=0 has none: set a deadline >= 1 (corpus steps)"
         )
 
 
@@ -114,8 +119,9 @@ RECALL_MIN, RECALL_MAX = 8, 24  # tokens per associative-recall string
 COPY_TASKS = ("repeat", "recall", "mixed")
 TAG_COPY_DOCS = 64  # held-out format documents of the tag-copy check (300 repeated tag names)
 TAG_COPY_WARNING = 0.3  # below this the base does not follow the R1-Zero template's tags
-# At the restart deadline: a run that has started copying tag names is well above this (0.2-0.6
-# after 400 corpus steps); one that never will sits at the no-copying level (~0.008).
+# At the end of the copy warm-up the bases that went on to copy tag names were above this
+# (0.068-0.35) and those that never did at the no-copying level (<= 0.004); 400 corpus steps later
+# most were at 0.20-0.81 against ~0.008 (the one at 0.068 only at 0.03 after 600, 0.72 after 900).
 TAG_COPY_START = 0.05
 
 
@@ -450,8 +456,9 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
     log.info("toy base model: %.2fM parameters (%s)", cfg.num_params / 1e6, cfg)
     tag_rows = tag_copy_rows(tokenizer, p.seq_len, TAG_COPY_DOCS, config.seed, p.tag_names)
     # 5. Train. Whether the model learns to copy tag names is decided by its initialisation, not by
-    # the corpus (README): one that has not started to by `tag_copy_deadline` corpus steps never
-    # does, so pretraining starts over from a new initialisation, at most `tag_copy_restarts` times.
+    # the corpus (README): one that has not started to by the end of the copy warm-up (plus
+    # `tag_copy_deadline` corpus steps) never does, so pretraining starts over from a new
+    # initialisation, at most `tag_copy_restarts` times.
     attempt = current_attempt(workdir, p.tag_copy_restarts)
     while True:
         state, row = _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows)
@@ -460,11 +467,11 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
         attempt += 1
         seed = attempt_seed(config.seed, attempt)
         log.warning(
-            "tag_copy %.3f after %d corpus steps (< %.2f): this initialisation is not learning to "
-            "copy tag names, and would not by the end. Starting over from a new one (restart %d "
-            "of at most %d, seed %d) in %s; the abandoned run stays where it is.",
+            "tag_copy %.3f after %d steps (< %.2f): this initialisation is not learning to copy "
+            "tag names, and would not by the end. Starting over from a new one (restart %d of at "
+            "most %d, seed %d) in %s; the abandoned run stays where it is.",
             row["tag_copy"],
-            p.tag_copy_deadline,
+            row["step"],
             TAG_COPY_START,
             attempt,
             p.tag_copy_restarts,
