@@ -149,17 +149,24 @@ def share_compilation_cache(home: str) -> None:
         os.symlink(os.path.abspath(cache), link)
 
 
+# The toy base (`pretrain` stage, configs/pretrain.py plus these overrides): tiny corpus, tiny
+# model, 2 copy-task warm-up steps then 3 corpus steps; a few seconds.
+PRETRAIN_OVERRIDES: dict[str, Any] = {
+    "pretrain.corpus_docs": 300,
+    "pretrain.steps": 3,
+    "pretrain.batch_size": 8,
+    "pretrain.seq_len": 64,
+    "pretrain.copy_warmup_steps": 2,
+    "pretrain.tag_copy_restarts": 0,  # 3 corpus steps: no deadline to check at
+    **{f"pretrain.arch.{k}": v for k, v in TINY_ARCH.items()},
+    "optim.total_steps": 3,
+    "optim.warmup_steps": 1,
+}
+
+
 def pretrain_config():
-    """configs/pretrain.py shrunk to a few seconds: tiny corpus, tiny model, 2 copy-task warm-up
-    steps then 3 corpus steps."""
-    config = load_config("pretrain")
-    p = config.pretrain
-    p.corpus_docs, p.steps, p.batch_size, p.seq_len = 300, 3, 8, 64
-    p.copy_warmup_steps = 2
-    p.tag_copy_restarts = 0  # 3 corpus steps: no deadline to check at
-    p.arch.update(TINY_ARCH)
-    config.optim.total_steps, config.optim.warmup_steps = 3, 1
-    return config
+    """configs/pretrain.py with PRETRAIN_OVERRIDES."""
+    return set_fields(load_config("pretrain"), PRETRAIN_OVERRIDES)
 
 
 def reference_rl(tmp_path_factory) -> str:

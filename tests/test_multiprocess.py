@@ -22,14 +22,8 @@ def toy(tmp_path_factory):
         yield home_and_workdir
 
 
-def test_two_processes_match_one_process(toy, tmp_path_factory, tmp_path):
-    home = toy[0]
-    reference = sh.reference_rl(tmp_path_factory)  # 1 process x 8 devices, same command
-    workdir = tmp_path / "run"
-    # Asynchronous checkpointing here (the reference saves synchronously): the numbers cannot
-    # depend on it, and orbax's background commit across processes gets exercised.
-    overrides = {**sh.RL_OVERRIDES, "ckpt.async_save": True}
-    args = ["--stage=rl", f"--workdir={workdir}", *sh.cli_overrides(overrides)]
+def _run_two_processes(args: list[str], home: str, tmp_path) -> list[tuple[str, str]]:
+    """Run the CLI `args` as 2 processes x 4 devices; [(stdout, stderr)] of each, once both exit."""
     address = f"127.0.0.1:{sh.free_port()}"
     procs = []
     for i in range(2):
@@ -52,6 +46,18 @@ def test_two_processes_match_one_process(toy, tmp_path_factory, tmp_path):
             f"2-process run failed (return codes {[p.returncode for p in procs]}):\n"
             f"--- process 0:\n{logs[0][1][-3000:]}\n--- process 1:\n{logs[1][1][-3000:]}"
         )
+    return logs
+
+
+def test_two_processes_match_one_process(toy, tmp_path_factory, tmp_path):
+    home = toy[0]
+    reference = sh.reference_rl(tmp_path_factory)  # 1 process x 8 devices, same command
+    workdir = tmp_path / "run"
+    # Asynchronous checkpointing here (the reference saves synchronously): the numbers cannot
+    # depend on it, and orbax's background commit across processes gets exercised.
+    overrides = {**sh.RL_OVERRIDES, "ckpt.async_save": True}
+    args = ["--stage=rl", f"--workdir={workdir}", *sh.cli_overrides(overrides)]
+    logs = _run_two_processes(args, home, tmp_path)
 
     # Same parameters as one process with the same 8-device mesh. Not bitwise: the cross-process
     # all-reduce (gloo) may sum in another order than the in-process one, and Adam divides by
@@ -82,6 +88,27 @@ def test_two_processes_match_one_process(toy, tmp_path_factory, tmp_path):
     assert "GRPO done" in sh.read(str(workdir / "log_p1.txt"))
     with open(workdir / "config_rl.json") as f:
         assert json.load(f)["rl"]["steps"] == sh.RL_STEPS
+
+
+def test_two_processes_pretrain_like_one_process(toy, tmp_path):
+    """The toy base's pretraining, tag-copy check included (its per-row probabilities are sharded
+    over both processes), gives one process's weights and metrics."""
+    home, reference = toy  # the toy base: 1 process x 8 devices, same overrides
+    workdir = tmp_path / "run"
+    args = ["--stage=pretrain", f"--workdir={workdir}", *sh.cli_overrides(sh.PRETRAIN_OVERRIDES)]
+    _run_two_processes(args, home, tmp_path)
+    want = sh.hf_params(os.path.join(reference, "hf", "final"))
+    got = sh.hf_params(str(workdir / "hf" / "final"))
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=5e-6, err_msg=name)
+    rows, want_rows = sh.metric_rows(str(workdir)), sh.metric_rows(reference)
+    assert "tag_copy" in rows[-1] and np.isfinite(rows[-1]["tag_copy"])
+    assert [r["step"] for r in rows] == [r["step"] for r in want_rows]
+    for row, want_row in zip(rows, want_rows, strict=True):
+        assert row.keys() == want_row.keys()
+        np.testing.assert_allclose(
+            [row[k] for k in row], [want_row[k] for k in row], rtol=1e-4, atol=1e-6
+        )
 
 
 def _wait_all(procs, timeout: float) -> bool:

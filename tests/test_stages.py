@@ -259,6 +259,60 @@ def test_pretrain_starts_over_from_a_new_initialisation_when_copying_never_start
         np.testing.assert_array_equal(resumed[name], value, err_msg=name)
 
 
+def test_pretrain_restart_decision_takes_the_best_check_up_to_the_deadline(tmp_path, monkeypatch):
+    """A base whose checks swing (one of seed 2's students: 0.34, 0.18, then 0.050 at the deadline,
+    0.86 in the end) has started to copy and is kept, also across a resume (the best check is in
+    the checkpoints); one whose checks never reach the bar is abandoned, its best recorded."""
+    from r1jax.stages import pretrain
+
+    class Interrupted(Exception):
+        pass
+
+    def checks(*values):  # the tag-copy check's results, in order; None: the run dies there
+        it = iter(values + (0.0,) * 10)
+
+        def check(*args):
+            value = next(it)
+            if value is None:
+                raise Interrupted
+            return value
+
+        monkeypatch.setattr(pretrain, "tag_copy_probability", check)
+
+    config = sh.pretrain_config()  # 2 warm-up steps, then 3 corpus steps
+    p = config.pretrain
+    p.tag_copy_every, p.tag_copy_restarts, p.tag_copy_deadline = 1, 1, 1  # deadline: step 3
+    config.ckpt.every, config.ckpt.async_save = 1, False
+    start = pretrain.TAG_COPY_START
+    checks(2 * start, start / 2, None)  # dies at step 3's check, after step 2's checkpoint
+    with pytest.raises(Interrupted):
+        run("pretrain", config, tmp_path / "kept")
+    checks(start / 2)  # step 3 again, then the rest
+    assert run("pretrain", config, tmp_path / "kept")["restarts"] == 0
+    assert not (tmp_path / "kept" / "restart1").exists()
+
+    checks(start / 2, start * 0.9, start / 4)
+    out = run("pretrain", config, tmp_path / "abandoned")
+    marker = json.loads((tmp_path / "abandoned" / "restart1" / pretrain.RESTART_FILE).read_text())
+    assert out["restarts"] == 1
+    assert marker["abandoned"] == {"tag_copy": start / 4, "best_tag_copy": start * 0.9, "step": 3}
+
+
+def test_pretrain_refuses_restarts_it_could_not_decide(tmp_path):
+    """Rows too short to reach a repeated tag name give the check nothing to measure (NaN): with
+    restarts on, that is a config error before any training, not a run that never restarts."""
+    from r1jax.stages import common
+
+    config = sh.pretrain_config()
+    p = config.pretrain
+    p.seq_len, p.copy_warmup_steps = 16, 0
+    p.tag_copy_restarts, p.tag_copy_deadline = 1, 1
+    common.validate(config, "pretrain")  # fine as a config: the lengths are known only tokenized
+    with pytest.raises(common.ConfigError, match=r"pretrain.seq_len=16 is too short for the tag"):
+        run("pretrain", config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_copy_alphabet_is_the_tokenizers_word_and_punctuation_pieces(toy):
     import transformers
 
