@@ -91,24 +91,45 @@ def test_two_processes_match_one_process(toy, tmp_path_factory, tmp_path):
 
 
 def test_two_processes_pretrain_like_one_process(toy, tmp_path):
-    """The toy base's pretraining, tag-copy check included (its per-row probabilities are sharded
-    over both processes), gives one process's weights and metrics."""
-    home, reference = toy  # the toy base: 1 process x 8 devices, same overrides
+    """Pretraining, its tag-copy checks (the rows sharded over both processes) and the restart
+    they decide included, gives one process's weights, metrics and restart record."""
+    from r1jax.stages import common, pretrain
+
+    # Checks at every step, a deadline after the first corpus step: nothing copies this early, so
+    # the first initialisation is abandoned there and the second runs to the end.
+    overrides = {
+        **sh.PRETRAIN_OVERRIDES,
+        "pretrain.tag_copy_every": 1,
+        "pretrain.tag_copy_restarts": 1,
+        "pretrain.tag_copy_deadline": 1,
+    }
+    reference = tmp_path / "reference"  # 1 process x 8 devices
+    config = sh.set_fields(sh.load_config("pretrain"), overrides)
+    common.validate(config, "pretrain")
+    common.run_stage("pretrain", config, str(reference))
     workdir = tmp_path / "run"
-    args = ["--stage=pretrain", f"--workdir={workdir}", *sh.cli_overrides(sh.PRETRAIN_OVERRIDES)]
-    _run_two_processes(args, home, tmp_path)
-    want = sh.hf_params(os.path.join(reference, "hf", "final"))
-    got = sh.hf_params(str(workdir / "hf" / "final"))
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=5e-6, err_msg=name)
-    rows, want_rows = sh.metric_rows(str(workdir)), sh.metric_rows(reference)
-    assert "tag_copy" in rows[-1] and np.isfinite(rows[-1]["tag_copy"])
-    assert [r["step"] for r in rows] == [r["step"] for r in want_rows]
-    for row, want_row in zip(rows, want_rows, strict=True):
-        assert row.keys() == want_row.keys()
+    args = ["--stage=pretrain", f"--workdir={workdir}", *sh.cli_overrides(overrides)]
+    _run_two_processes(args, toy[0], tmp_path)
+
+    marker = pretrain.RESTART_FILE
+    got, want = (json.loads((d / "restart1" / marker).read_text()) for d in (workdir, reference))
+    assert got.keys() == want.keys() and got["seed"] == want["seed"]
+    np.testing.assert_allclose(got["abandoned"]["tag_copy"], want["abandoned"]["tag_copy"], 1e-4)
+    want_params = sh.hf_params(str(reference / "hf" / "final"))
+    got_params = sh.hf_params(str(workdir / "hf" / "final"))
+    for name in want_params:
         np.testing.assert_allclose(
-            [row[k] for k in row], [want_row[k] for k in row], rtol=1e-4, atol=1e-6
+            got_params[name], want_params[name], rtol=1e-5, atol=5e-6, err_msg=name
         )
+    for sub in ("", "restart1"):
+        rows, want_rows = sh.metric_rows(str(workdir / sub)), sh.metric_rows(str(reference / sub))
+        assert all("tag_copy" in r and np.isfinite(r["tag_copy"]) for r in rows)
+        assert [r["step"] for r in rows] == [r["step"] for r in want_rows]
+        for row, want_row in zip(rows, want_rows, strict=True):
+            assert row.keys() == want_row.keys()
+            np.testing.assert_allclose(
+                [row[k] for k in row], [want_row[k] for k in row], rtol=1e-4, atol=1e-6
+            )
 
 
 def _wait_all(procs, timeout: float) -> bool:

@@ -303,11 +303,18 @@ def current_attempt(workdir: str, restarts: int) -> int:
     return attempt
 
 
+def _best_check(best: float | None, value: float) -> float | None:
+    """The best tag-copy check so far, given a new one; a NaN check (a diverged model) is none."""
+    if np.isnan(value):
+        return best
+    return value if best is None else max(best, value)
+
+
 def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
     """Train attempt `attempt` from its seed, resuming from its own checkpoints: the copy-task
-    warm-up, then the corpus. Returns (state, last metrics row), or (None, {"tag_copy", "step"})
-    when it is abandoned at the tag-copy deadline (every attempt but the last has one): none of
-    its tag-copy checks so far reached TAG_COPY_START."""
+    warm-up, then the corpus. Returns (state, last metrics row), or (None, {"tag_copy",
+    "best_tag_copy", "step"}) when it is abandoned at the tag-copy deadline (every attempt but the
+    last has one): none of its tag-copy checks so far reached TAG_COPY_START."""
     p = config.pretrain
     run_dir = attempt_dir(workdir, attempt)
     seed = attempt_seed(config.seed, attempt)
@@ -382,13 +389,14 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
             copied = row.get("tag_copy")
             if copied is None:
                 copied = tag_copy_probability(state, tag_ids, tag_mask)
-            best = copied if best is None else max(best, copied)
-            if best < TAG_COPY_START:  # abandoned, and kept as it is now
+            best = _best_check(best, copied)
+            if best is None or best < TAG_COPY_START:  # abandoned, and kept as it is now
                 extra = {"step": step, "tag_copy_best": best}
                 ckpt.save(step, state.model, state.optimizer, extra=extra, force=True)
                 ckpt.wait()
                 writer.close()
                 ckpt.close()
+                best = float("nan") if best is None else best
                 return None, {"tag_copy": float(copied), "best_tag_copy": best, "step": step}
         if step == warm and warm:
             state = train.TrainState.create(state.model, corpus_optim, mesh)
@@ -409,7 +417,7 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
         if p.tag_copy_every and ((step + 1) % p.tag_copy_every == 0 or step + 1 == warm + p.steps):
             row["tag_copy"] = tag_copy_probability(state, tag_ids, tag_mask)
             if deadline is not None and step + 1 <= deadline:
-                best = row["tag_copy"] if best is None else max(best, row["tag_copy"])
+                best = _best_check(best, row["tag_copy"])
         writer.write(step + 1, row)
         ckpt.save(
             step + 1,
