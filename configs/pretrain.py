@@ -49,7 +49,7 @@ def get_config(arg=None):
     # relies on it: a base below ~0.3 never writes <think>/<answer>, and the stage warns.
     p.tag_copy_every = 100
     # Whether the model learns to copy tag names is decided by its initialisation, during the copy
-    # warm-up (README): one none of whose checks reached 0.05 (no copying: <= 0.008) by the
+    # warm-up (README): one none of whose checks reached 0.05 (no copying: <= 0.005) by the
     # deadline, `tag_copy_deadline` corpus steps after the warm-up (0: at its end), never does, so
     # pretraining starts over from a new initialisation (the corpus and tokenizer stay; the
     # abandoned run is kept), at most `tag_copy_restarts` times (0 = never; the last attempt always

@@ -122,9 +122,9 @@ TAG_COPY_DOCS = 64  # held-out format documents of the tag-copy check (300 repea
 TAG_COPY_WARNING = 0.3  # below this the base does not follow the R1-Zero template's tags
 # The restart decision compares the best check up to the deadline with this. In the default
 # architecture's copy warm-up (checks every 100 steps), every base that went on to copy tag names
-# reached 0.075-0.36 at some check, and every one that never did stayed at <= 0.008 throughout.
-# The best, not the last check: a copying base's checks swing (0.31, 0.07, 0.32; and one seed-2
-# student's 0.34, 0.18, then 0.050 at the warm-up's end, which copied 0.86 later).
+# reached 0.10-0.36 at some check, and every one that never did stayed at <= 0.005 (0.009 at the
+# end). The best, not the last check: a copying base's checks swing (0.31, 0.07, 0.32; and one
+# seed-2 student's 0.34, 0.18, then 0.050 at the warm-up's end, which copied 0.86 later).
 TAG_COPY_START = 0.05
 
 
