@@ -59,30 +59,13 @@ def test_two_processes_match_one_process(toy, tmp_path_factory, tmp_path):
     args = ["--stage=rl", f"--workdir={workdir}", *sh.cli_overrides(overrides)]
     logs = _run_two_processes(args, home, tmp_path)
 
-    # Same parameters as one process with the same 8-device mesh. Not bitwise: the cross-process
-    # all-reduce (gloo) may sum in another order than the in-process one, and Adam divides by
-    # sqrt(v), so a near-zero gradient's rounding shows: atol is 200x below one Adam step (1e-3).
-    want = sh.hf_params(os.path.join(reference, "hf", "final"))
-    got = sh.hf_params(str(workdir / "hf" / "final"))
+    # Same parameters as one process with the same 8-device mesh.
     base = sh.hf_params(os.path.join(home, "toy_base"))
+    want = sh.hf_params(os.path.join(reference, "hf", "final"))
     assert sh.max_param_change(want, base) > 1e-4  # training moved them: the check can fail
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=5e-6, err_msg=name)
-    rows, want_rows = sh.metric_rows(str(workdir)), sh.metric_rows(reference)
-    assert [r["step"] for r in rows] == [r["step"] for r in want_rows]  # written once per step
-    for row, want_row in zip(rows, want_rows, strict=True):
-        assert row.keys() == want_row.keys()
-        np.testing.assert_allclose(
-            [row[k] for k in row], [want_row[k] for k in row], rtol=1e-4, atol=1e-6
-        )
+    _assert_same_run(str(workdir), reference)
 
-    # Only process 0 prints and writes; every process keeps its own log file.
-    # (gloo's own connection messages on stdout are not r1jax's; its threads can interleave them
-    # mid-line, hence the two markers.)
-    (out0, err0), (out1, err1) = [
-        ("\n".join(x for x in out.splitlines() if "Gloo" not in x and "peer ranks" not in x), err)
-        for out, err in logs
-    ]
+    out0, err0, out1, err1 = _r1jax_output(logs)
     assert "GRPO done" in err0 and f"step {sh.RL_STEPS}/{sh.RL_STEPS}" in out0
     assert "r1jax" not in err1 and "GRPO" not in err1 and out1.strip() == "", (out1, err1[-3000:])
     assert "GRPO done" in sh.read(str(workdir / "log_p1.txt"))
@@ -109,27 +92,50 @@ def test_two_processes_pretrain_like_one_process(toy, tmp_path):
     common.run_stage("pretrain", config, str(reference))
     workdir = tmp_path / "run"
     args = ["--stage=pretrain", f"--workdir={workdir}", *sh.cli_overrides(overrides)]
-    _run_two_processes(args, toy[0], tmp_path)
+    logs = _run_two_processes(args, toy[0], tmp_path)
 
     marker = pretrain.RESTART_FILE
     got, want = (json.loads((d / "restart1" / marker).read_text()) for d in (workdir, reference))
     assert got.keys() == want.keys() and got["seed"] == want["seed"]
     np.testing.assert_allclose(got["abandoned"]["tag_copy"], want["abandoned"]["tag_copy"], 1e-4)
-    want_params = sh.hf_params(str(reference / "hf" / "final"))
-    got_params = sh.hf_params(str(workdir / "hf" / "final"))
-    for name in want_params:
+    _assert_same_run(str(workdir), str(reference))
+    _assert_same_run(str(workdir / "restart1"), str(reference / "restart1"), hf=False)
+    assert all(np.isfinite(r["tag_copy"]) for r in sh.metric_rows(str(workdir)))
+    out0, err0, out1, err1 = _r1jax_output(logs)
+    assert "Starting over from a new one" in err0 and "toy base model saved" in err0
+    assert "r1jax" not in err1 and out1.strip() == "", (out1, err1[-3000:])
+
+
+def _assert_same_run(workdir: str, reference: str, hf: bool = True) -> None:
+    """The final HF weights (if `hf`) and the metric rows of `workdir` are `reference`'s.
+
+    Not bitwise: the cross-process all-reduce (gloo) may sum in another order than the in-process
+    one, and Adam divides by sqrt(v), so a near-zero gradient's rounding shows: atol is 200x below
+    one Adam step (1e-3).
+    """
+    if hf:
+        want = sh.hf_params(os.path.join(reference, "hf", "final"))
+        got = sh.hf_params(os.path.join(workdir, "hf", "final"))
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=5e-6, err_msg=name)
+    rows, want_rows = sh.metric_rows(workdir), sh.metric_rows(reference)
+    assert [r["step"] for r in rows] == [r["step"] for r in want_rows]  # written once per step
+    for row, want_row in zip(rows, want_rows, strict=True):
+        assert row.keys() == want_row.keys()
         np.testing.assert_allclose(
-            got_params[name], want_params[name], rtol=1e-5, atol=5e-6, err_msg=name
+            [row[k] for k in row], [want_row[k] for k in row], rtol=1e-4, atol=1e-6
         )
-    for sub in ("", "restart1"):
-        rows, want_rows = sh.metric_rows(str(workdir / sub)), sh.metric_rows(str(reference / sub))
-        assert all("tag_copy" in r and np.isfinite(r["tag_copy"]) for r in rows)
-        assert [r["step"] for r in rows] == [r["step"] for r in want_rows]
-        for row, want_row in zip(rows, want_rows, strict=True):
-            assert row.keys() == want_row.keys()
-            np.testing.assert_allclose(
-                [row[k] for k in row], [want_row[k] for k in row], rtol=1e-4, atol=1e-6
-            )
+
+
+def _r1jax_output(logs: list[tuple[str, str]]) -> tuple[str, str, str, str]:
+    """stdout, stderr of process 0, then of process 1, without gloo's connection messages on
+    stdout (not r1jax's; its threads can interleave them mid-line, hence the two markers)."""
+    (out0, err0), (out1, err1) = logs
+
+    def keep(out: str) -> str:
+        return "\n".join(x for x in out.splitlines() if "Gloo" not in x and "peer ranks" not in x)
+
+    return keep(out0), err0, keep(out1), err1
 
 
 def _wait_all(procs, timeout: float) -> bool:
