@@ -661,7 +661,13 @@ def test_pipeline_findings_judge_the_numbers_they_print():
     assert verdict(_pipeline_results(0.9, 0.8), fmt) == "NO"
     assert verdict(_pipeline_results(0.2, 0.6), fmt) == "NO"
     assert verdict(_pipeline_results(0.5, 1.0), fmt) == "yes"
-    assert verdict(_pipeline_results(0.7, 0.95), fmt) == "NO"  # a rise, but not a clear one
+    # A clear rise from a base that mostly writes it already (seed 2: 0.725 -> 0.976 over 1024
+    # samples each, 17 standard errors): partly learned; the same rise within noise: NO.
+    partly = _pipeline_results(0.7, 0.95)
+    assert verdict(partly, fmt) == "partly: the base writes it in 70% of its samples"
+    for name in ("base", "r1_zero"):
+        partly["eval"][name].update(num_prompts=2, num_samples=1)  # SE ~0.3 each
+    assert verdict(partly, fmt) == "NO"
     longer = "R1-Zero's responses grow longer over training"
     assert verdict(_pipeline_results(0.0, 1.0, lengths=(62, 60)), longer) == "NO"
     assert verdict(_pipeline_results(0.0, 1.0, base=0.3), "R1-Zero beats the base model") == "NO"

@@ -302,13 +302,24 @@ def findings(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     nan2 = [float("nan")] * 2
     zero = results.get("trends", {}).get("r1_zero", {})
     length, batch_format = zero.get("length", nan2), zero.get("format", nan2)
+
+    def format_se(name: str) -> float:  # binomial, over every held-out sample
+        r = e[name]
+        n = r.get("num_prompts", 0) * r.get("num_samples", 0)
+        return math.sqrt(r["format"] * (1 - r["format"]) / n) if n else 0.0
+
     base_format, zero_format = e["base"]["format"], e["r1_zero"]["format"]
-    if zero_format >= WELL_FORMED and zero_format - base_format >= 0.3:
+    rise = zero_format - base_format
+    if zero_format >= WELL_FORMED and rise >= 0.3:
         format_verdict = "yes"
     elif zero_format >= WELL_FORMED and base_format >= WELL_FORMED:
         # The base follows the template already (it copies the tags from the prompt): there is
         # nothing left to learn at the evaluation's temperature, only to keep.
         format_verdict = "kept: the base already writes it"
+    elif zero_format >= WELL_FORMED and rise > NOISE_SE * math.hypot(
+        format_se("base"), format_se("r1_zero")
+    ):
+        format_verdict = f"partly: the base writes it in {base_format:.0%} of its samples"
     else:
         format_verdict = "NO"
 
@@ -331,11 +342,6 @@ def findings(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     def qualified(diff: float, se: float, ties: bool) -> str:
         verdict = yes(diff >= 0 if ties else diff > 0)
         return verdict + (" (within noise)" if abs(diff) < NOISE_SE * se else "")
-
-    def format_se(name: str) -> float:  # binomial, over every held-out sample
-        r = e[name]
-        n = r.get("num_prompts", 0) * r.get("num_samples", 0)
-        return math.sqrt(r["format"] * (1 - r["format"]) / n) if n else 0.0
 
     def metric(name: str, key: str = "pass@1") -> str:
         return f"{e[name][key]:.3f}"
