@@ -124,7 +124,7 @@ TAG_COPY_WARNING = 0.3  # below this the base does not follow the R1-Zero templa
 # architecture's copy warm-up (checks every 100 steps), every base that went on to copy tag names
 # reached 0.10-0.36 at some check, and every one that never did stayed at <= 0.005 (0.009 at the
 # end). The best, not the last check: a copying base's checks swing (0.31, 0.07, 0.32; and one
-# seed-2 student's 0.34, 0.18, then 0.050 at the warm-up's end, which copied 0.86 later).
+# seed-2 student's 0.34, 0.18, then 0.050 at the warm-up's end, which copied 0.87 later).
 TAG_COPY_START = 0.05
 
 
@@ -255,7 +255,7 @@ def tag_copy_probability(state: train.TrainState, ids, mask) -> float:
 
     Whether the base copies tag names from an instruction: the R1-Zero template names <think> and
     <answer> only in its instruction, and a base that does not copy them never writes the format
-    (the pipeline's bases of seeds 0 and 1: 0.73 and 0.65; seed 2's, which never wrote it: 0.01).
+    (the pipeline's bases of seeds 0 and 1: 0.73 and 0.65; seed 2's first, never writing it: 0.01).
     Reduced on the devices: the rows are sharded over the batch, across processes on a multi-host
     mesh, and only the two scalars come back.
     """
