@@ -261,7 +261,7 @@ def test_pretrain_starts_over_from_a_new_initialisation_when_copying_never_start
 
 def test_pretrain_restart_decision_takes_the_best_check_up_to_the_deadline(tmp_path, monkeypatch):
     """A base whose checks swing (one of seed 2's students: 0.34, 0.18, then 0.050 at the deadline,
-    0.86 in the end) has started to copy and is kept, also across a resume (the best check is in
+    0.87 in the end) has started to copy and is kept, also across a resume (the best check is in
     the checkpoints); one whose checks never reach the bar is abandoned, its best recorded."""
     from r1jax.stages import pretrain
 
