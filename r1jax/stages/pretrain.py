@@ -382,7 +382,7 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
         desc="pretrain" if not attempt else f"pretrain, restart {attempt}",
         postfix_keys=("loss",),
     )
-    row = {}
+    row, abandoned = {}, None
     for step in range(start, warm + p.steps):
         # At the top of the loop, so a run resumed from the deadline's checkpoint checks too.
         if step == deadline:
@@ -393,11 +393,9 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
             if best is None or best < TAG_COPY_START:  # abandoned, and kept as it is now
                 extra = {"step": step, "tag_copy_best": best}
                 ckpt.save(step, state.model, state.optimizer, extra=extra, force=True)
-                ckpt.wait()
-                writer.close()
-                ckpt.close()
                 best = float("nan") if best is None else best
-                return None, {"tag_copy": float(copied), "best_tag_copy": best, "step": step}
+                abandoned = {"tag_copy": float(copied), "best_tag_copy": best, "step": step}
+                break
         if step == warm and warm:
             state = train.TrainState.create(state.model, corpus_optim, mesh)
         if step < warm:  # copy task: the same shapes, so the same compiled step
@@ -429,7 +427,7 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
     ckpt.wait()
     writer.close()
     ckpt.close()
-    return state, row
+    return (None, abandoned) if abandoned else (state, row)
 
 
 def run(config, workdir: str, *, export_to: str | None = None) -> dict:
