@@ -293,13 +293,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class KVCache:
     """Keys and values of every layer, written in place at `index` as tokens arrive.
 
-    - k: L-tuple of [B, K, S, H] per-row key segments.
-    - v: L-tuple of [B, K, H, S] per-row value segments (sequence minor, so that both attention
-      products read the cache without a copy on XLA:CPU).
+    - k: L-tuple of [B, K, H, S] per-row key segments.
+    - v: L-tuple of [B, K, S, H] per-row value segments. Both attention products are then plain
+      [rows, H] x [H, S] and [rows, S] x [S, H] matmuls that read the cache in place (no copy on
+      XLA:CPU; bench/NOTES.md, M1 and M6).
     - mask: [B, S] bool, True where a slot holds a real token (left padding and unwritten slots
       False).
     - index: [] int32, the next slot to write (all rows decode in lockstep).
-    - prefix_k / prefix_v: optional L-tuples of [P, K, Sp, H] / [P, K, H, Sp], a read-only segment
+    - prefix_k / prefix_v: optional L-tuples of [P, K, H, Sp] / [P, K, Sp, H], a read-only segment
       shared by the B // P consecutive rows of each prompt (its prefill), placed before the
       per-row segment.
     - prefix_mask: [P, Sp] bool, or None.
@@ -317,8 +318,8 @@ class KVCache:
     def empty(cls, cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> KVCache:
         """An all-empty cache for `batch` rows of `length` slots, in the compute dtype."""
         dtype = dtype or cfg.dtype
-        k_shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)  # [B, K, S, H]
-        v_shape = (batch, cfg.num_kv_heads, cfg.head_dim, length)  # [B, K, H, S]
+        k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, length)  # [B, K, H, S]
+        v_shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)  # [B, K, S, H]
 
         # Sharded like the activations: rows over the batch axes, kv-heads over tensor.
         def zeros(shape, names):
@@ -326,11 +327,11 @@ class KVCache:
 
         return cls(
             k=tuple(
-                zeros(k_shape, ("batch", "kv_heads", "seq", "head_dim"))
+                zeros(k_shape, ("batch", "kv_heads", "head_dim", "seq"))
                 for _ in range(cfg.num_layers)
             ),
             v=tuple(
-                zeros(v_shape, ("batch", "kv_heads", "head_dim", "seq"))
+                zeros(v_shape, ("batch", "kv_heads", "seq", "head_dim"))
                 for _ in range(cfg.num_layers)
             ),
             mask=jnp.zeros((batch, length), bool),
@@ -415,16 +416,16 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = sharding.constrain(q, ("batch", "seq", "heads", "head_dim"))
 
-        # Cache layout: keys [B, K, S, H], values [B, K, H, S] (sequence minor). Both attention
+        # Cache layout (see KVCache): keys [B, K, H, S], values [B, K, S, H]. Both attention
         # products then read the cache in place; with [B, S, K, H], XLA:CPU copies (transposes)
         # every layer's whole cache at every decode step.
-        k = k.transpose(0, 2, 1, 3)  # [B, K, T, H]
-        v = v.transpose(0, 2, 3, 1)  # [B, K, H, T]
+        k = k.transpose(0, 2, 3, 1)  # [B, K, H, T]
+        v = v.transpose(0, 2, 1, 3)  # [B, K, T, H]
         new_kv = None
         if cache_kv is not None:
             ck, cv = cache_kv
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, 0, index))
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, index))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
             new_kv, k, v = (ck, cv), ck.astype(dt), cv.astype(dt)
 
         b, t, n, h = q.shape
@@ -445,9 +446,9 @@ class Attention(nnx.Module):
 
 def _attend_rows(q, k, v, mask, prefix_kv=None):
     """Attention of T > 1 query positions (training, scoring, prefill, and GRPO's completions
-    after a shared prompt forward): q [B, T, K, G, H] (already scaled), keys [B, K, S, H], values
-    [B, K, H, S], optionally a prefix segment shared by the R = B // P rows of each prompt (keys
-    [P, K, Sp, H], values [P, K, H, Sp]); mask [B, T, Sp + S] -> [B, T, K, G, H].
+    after a shared prompt forward): q [B, T, K, G, H] (already scaled), keys [B, K, H, S], values
+    [B, K, S, H], optionally a prefix segment shared by the R = B // P rows of each prompt (keys
+    [P, K, H, Sp], values [P, K, Sp, H]); mask [B, T, Sp + S] -> [B, T, K, G, H].
 
     The G query heads that share a kv-head are stacked as rows ([B, K, G*T, H]; for the prefix,
     the R rows of a prompt too: [P, K, R*G*T, H]), so each product is one plain batched matmul
@@ -456,20 +457,20 @@ def _attend_rows(q, k, v, mask, prefix_kv=None):
     never concatenated: one softmax spans both through a shared row maximum and denominator.
     """
     b, t, kh, g, h = q.shape
-    s, dt = k.shape[2], q.dtype
+    s, dt = k.shape[3], q.dtype
     neg = jnp.finfo(jnp.float32).min
     rows = q.transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
-    own = jnp.einsum("bkqh,bksh->bkqs", rows, k, preferred_element_type=jnp.float32)
+    own = jnp.einsum("bkqh,bkhs->bkqs", rows, k, preferred_element_type=jnp.float32)
     own = jnp.where(mask[:, None, None, :, -s:], own.reshape(b, kh, g, t, s), neg)
     if prefix_kv is None:
         probs = jax.nn.softmax(own, axis=-1).astype(dt).reshape(b, kh, g * t, s)
-        out = jnp.einsum("bkqs,bkhs->bkqh", probs, v)  # [B, K, G*T, H]
+        out = jnp.einsum("bkqs,bksh->bkqh", probs, v)  # [B, K, G*T, H]
         return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4)
     pk, pv = prefix_kv
-    p, sp = pk.shape[0], pk.shape[2]
+    p, sp = pk.shape[0], pk.shape[3]
     r = b // p
     prow = q.reshape(p, r, t, kh, g, h).transpose(0, 3, 1, 4, 2, 5).reshape(p, kh, r * g * t, h)
-    pre = jnp.einsum("pkqh,pksh->pkqs", prow, pk.astype(dt), preferred_element_type=jnp.float32)
+    pre = jnp.einsum("pkqh,pkhs->pkqs", prow, pk.astype(dt), preferred_element_type=jnp.float32)
     pre_mask = mask[..., :sp].reshape(p, 1, r, 1, t, sp)
     pre = jnp.where(pre_mask, pre.reshape(p, kh, r, g, t, sp), neg)  # [P, K, R, G, T, Sp]
 
@@ -489,36 +490,45 @@ def _attend_rows(q, k, v, mask, prefix_kv=None):
     denom = e_pre.sum(-1) + to_pre(e_own.sum(-1))
     p_pre = (e_pre / denom[..., None]).astype(dt).reshape(p, kh, r * g * t, sp)
     p_own = (e_own / to_own(denom)[..., None]).astype(dt).reshape(b, kh, g * t, s)
-    out_pre = jnp.einsum("pkqs,pkhs->pkqh", p_pre, pv.astype(dt)).reshape(p, kh, r, g, t, h)
-    out = to_own(out_pre) + jnp.einsum("bkqs,bkhs->bkqh", p_own, v).reshape(b, kh, g, t, h)
+    out_pre = jnp.einsum("pkqs,pksh->pkqh", p_pre, pv.astype(dt)).reshape(p, kh, r, g, t, h)
+    out = to_own(out_pre) + jnp.einsum("bkqs,bksh->bkqh", p_own, v).reshape(b, kh, g, t, h)
     return out.transpose(0, 3, 1, 2, 4)
 
 
 def _attend_step(q, k, v, mask, prefix_kv, dt):
     """One decode step's attention over the KV cache (T = 1; for decode this form measured
     faster than `_attend_rows`): q [B, 1, K, G, H] (already scaled), the per-row keys
-    [B, K, S, H] and values [B, K, H, S], optionally a prefix segment shared by the B // P rows
-    of each prompt (keys [P, K, Sp, H], values [P, K, H, Sp]); mask [B, 1, Sp + S]
+    [B, K, H, S] and values [B, K, S, H], optionally a prefix segment shared by the B // P rows
+    of each prompt (keys [P, K, H, Sp], values [P, K, Sp, H]); mask [B, 1, Sp + S]
     -> [B, 1, K, G, H].
+
+    Each product is a plain batched [G, H] x [H, S] / [G, S] x [S, H] matmul over (B, K) (over
+    (P, K) with the R rows of a prompt stacked, [R*G, H], for the prefix).
     """
-    b, t, kh, g, h = q.shape
-    scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
+    b, _, kh, g, h = q.shape
+    q = q.reshape(b, kh, g, h)
+    f32 = jnp.float32
+    scores = jnp.einsum("bkgh,bkhs->bkgs", q, k, preferred_element_type=f32)
     if prefix_kv is not None:
         pk, pv = prefix_kv
-        p = pk.shape[0]
-        qp = q.reshape(p, b // p, t, kh, g, h)
-        pre = jnp.einsum(
-            "prtkgh,pksh->prkgts", qp, pk.astype(dt), preferred_element_type=jnp.float32
-        )
-        scores = jnp.concatenate([pre.reshape(b, kh, g, t, -1), scores], axis=-1)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        p, sp = pk.shape[0], pk.shape[3]
+        r = b // p
+
+        def stack(x):  # [B, K, G, X] -> [P, K, R*G, X]: a prompt's rows as one matmul's rows
+            return x.reshape(p, r, kh, g, -1).swapaxes(1, 2).reshape(p, kh, r * g, -1)
+
+        def unstack(x):  # the inverse
+            return x.reshape(p, kh, r, g, -1).swapaxes(1, 2).reshape(b, kh, g, -1)
+
+        pre = jnp.einsum("pkqh,pkhs->pkqs", stack(q), pk.astype(dt), preferred_element_type=f32)
+        scores = jnp.concatenate([unstack(pre), scores], axis=-1)
+    scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(f32).min)  # [B, K, G, Sp + S]
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     if prefix_kv is None:
-        return jnp.einsum("bkgts,bkhs->btkgh", probs, v)
-    sp = pk.shape[2]
-    pre_probs = probs[..., :sp].reshape(p, b // p, kh, g, t, sp)
-    out = jnp.einsum("prkgts,pkhs->prtkgh", pre_probs, pv.astype(dt)).reshape(q.shape)
-    return out + jnp.einsum("bkgts,bkhs->btkgh", probs[..., sp:], v)
+        return jnp.einsum("bkgs,bksh->bkgh", probs, v).reshape(b, 1, kh, g, h)
+    out = jnp.einsum("pkqs,pksh->pkqh", stack(probs[..., :sp]), pv.astype(dt))
+    out = unstack(out) + jnp.einsum("bkgs,bksh->bkgh", probs[..., sp:], v)
+    return out.reshape(b, 1, kh, g, h)
 
 
 class MLP(nnx.Module):
