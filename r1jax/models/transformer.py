@@ -272,8 +272,11 @@ def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.
         inv_freq_np, scale = _rope_inv_freq(cfg)
         inv_freq = jnp.asarray(inv_freq_np)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, H]
-    return jnp.cos(emb) * scale, jnp.sin(emb) * scale
+    cos, sin = jnp.cos(freqs) * scale, jnp.sin(freqs) * scale
+    tables = jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)  # [B, T, H]
+    # Computed once per forward: left to itself, XLA fuses the cos and sin into every layer's
+    # rope and evaluates them again per head and layer (bench/NOTES.md, M7).
+    return jax.lax.optimization_barrier(tables)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
