@@ -272,11 +272,11 @@ def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.
         inv_freq_np, scale = _rope_inv_freq(cfg)
         inv_freq = jnp.asarray(inv_freq_np)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    cos, sin = jnp.cos(freqs) * scale, jnp.sin(freqs) * scale
-    tables = jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)  # [B, T, H]
-    # Computed once per forward: left to itself, XLA fuses the cos and sin into every layer's
-    # rope and evaluates them again per head and layer (bench/NOTES.md, M7).
-    return jax.lax.optimization_barrier(tables)
+    # Evaluated once per forward: left to itself, XLA fuses the cos and sin into every layer's
+    # rope and evaluates them again per head and layer (bench/NOTES.md, M7). Only the [B, T, H/2]
+    # halves are materialised; the duplication into [B, T, H] fuses into the consumers.
+    cos, sin = jax.lax.optimization_barrier((jnp.cos(freqs) * scale, jnp.sin(freqs) * scale))
+    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -434,10 +434,7 @@ class Attention(nnx.Module):
         b, t, n, h = q.shape
         kh, g = cfg.num_kv_heads, n // cfg.num_kv_heads
         q = q * (1.0 / math.sqrt(h))
-        if t == 1 and cache_kv is not None:
-            out = _attend_step(q.reshape(b, t, kh, g, h), k, v, mask, prefix_kv, dt)
-        else:
-            out = _attend_rows(q.reshape(b, t, kh, g, h), k, v, mask, prefix_kv)
+        out = _attend(q.reshape(b, t, kh, g, h), k, v, mask, prefix_kv)
         # One plain [B*T, N*H] x [N*H, D] matmul: as a two-axis contraction, XLA:CPU copies the
         # o weight to a new layout at every decode step.
         w_o = self.o_nhd[...].astype(dt).reshape(n * h, -1)
@@ -447,11 +444,12 @@ class Attention(nnx.Module):
         return out, new_kv
 
 
-def _attend_rows(q, k, v, mask, prefix_kv=None):
-    """Attention of T > 1 query positions (training, scoring, prefill, and GRPO's completions
-    after a shared prompt forward): q [B, T, K, G, H] (already scaled), keys [B, K, H, S], values
-    [B, K, S, H], optionally a prefix segment shared by the R = B // P rows of each prompt (keys
-    [P, K, H, Sp], values [P, K, Sp, H]); mask [B, T, Sp + S] -> [B, T, K, G, H].
+def _attend(q, k, v, mask, prefix_kv=None):
+    """Attention of T query positions on every path (training, scoring, prefill, decode with
+    T = 1, GRPO's completions after a shared prompt forward): q [B, T, K, G, H] (already
+    scaled), keys [B, K, H, S], values [B, K, S, H], optionally a prefix segment shared by the
+    R = B // P rows of each prompt (keys [P, K, H, Sp], values [P, K, Sp, H]); mask
+    [B, T, Sp + S] -> [B, T, K, G, H].
 
     The G query heads that share a kv-head are stacked as rows ([B, K, G*T, H]; for the prefix,
     the R rows of a prompt too: [P, K, R*G*T, H]), so each product is one plain batched matmul
@@ -496,42 +494,6 @@ def _attend_rows(q, k, v, mask, prefix_kv=None):
     out_pre = jnp.einsum("pkqs,pksh->pkqh", p_pre, pv.astype(dt)).reshape(p, kh, r, g, t, h)
     out = to_own(out_pre) + jnp.einsum("bkqs,bksh->bkqh", p_own, v).reshape(b, kh, g, t, h)
     return out.transpose(0, 3, 1, 2, 4)
-
-
-def _attend_step(q, k, v, mask, prefix_kv, dt):
-    """One decode step's attention over the KV cache (T = 1; for decode this form measured
-    faster than `_attend_rows`): q [B, 1, K, G, H] (already scaled), the per-row keys
-    [B, K, H, S] and values [B, K, S, H], optionally a prefix segment shared by the B // P rows
-    of each prompt (keys [P, K, H, Sp], values [P, K, Sp, H]); mask [B, 1, Sp + S]
-    -> [B, 1, K, G, H].
-
-    Each product is a plain batched [G, H] x [H, S] / [G, S] x [S, H] matmul over (B, K) (over
-    (P, K) with the R rows of a prompt stacked, [R*G, H], for the prefix).
-    """
-    b, _, kh, g, h = q.shape
-    q = q.reshape(b, kh, g, h)
-    f32 = jnp.float32
-    scores = jnp.einsum("bkgh,bkhs->bkgs", q, k, preferred_element_type=f32)
-    if prefix_kv is not None:
-        pk, pv = prefix_kv
-        p, sp = pk.shape[0], pk.shape[3]
-        r = b // p
-
-        def stack(x):  # [B, K, G, X] -> [P, K, R*G, X]: a prompt's rows as one matmul's rows
-            return x.reshape(p, r, kh, g, -1).swapaxes(1, 2).reshape(p, kh, r * g, -1)
-
-        def unstack(x):  # the inverse
-            return x.reshape(p, kh, r, g, -1).swapaxes(1, 2).reshape(b, kh, g, -1)
-
-        pre = jnp.einsum("pkqh,pkhs->pkqs", stack(q), pk.astype(dt), preferred_element_type=f32)
-        scores = jnp.concatenate([unstack(pre), scores], axis=-1)
-    scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(f32).min)  # [B, K, G, Sp + S]
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    if prefix_kv is None:
-        return jnp.einsum("bkgs,bksh->bkgh", probs, v).reshape(b, 1, kh, g, h)
-    out = jnp.einsum("pkqs,pksh->pkqh", stack(probs[..., :sp]), pv.astype(dt))
-    out = unstack(out) + jnp.einsum("bkgs,bksh->bkgh", probs[..., sp:], v)
-    return out.reshape(b, 1, kh, g, h)
 
 
 class MLP(nnx.Module):
