@@ -54,16 +54,14 @@ def test_greedy_cached_equals_full_recomputation():
         assert ours == seq[len(prompt) :]
 
 
-def test_logprobs_equal_training_forward():
-    out = sampling.generate(
-        model(), PROMPTS, max_new_tokens=10, temperature=1.0, top_k=20, num_samples=2, seed=3
-    )
+def _assert_logprobs_equal_training_forward(m, out, num_samples):
+    """The sampler's per-token log-probs (KV-cached decode) against one uncached forward."""
     dev = jax.device_get(out.device)
-    prompt_ids = np.repeat(out.prompt_ids, 2, axis=0)
-    prompt_mask = np.repeat(out.prompt_mask, 2, axis=0)
+    prompt_ids = np.repeat(out.prompt_ids, num_samples, axis=0)
+    prompt_mask = np.repeat(out.prompt_mask, num_samples, axis=0)
     ids = np.concatenate([prompt_ids, dev.tokens], axis=1)
     mask = np.concatenate([prompt_mask, dev.mask], axis=1)
-    logits = model()(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    logits = m(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     logp = jax.nn.log_softmax(logits, axis=-1)
     t = prompt_ids.shape[1]
     # Token t+i is predicted by position t+i-1.
@@ -71,6 +69,35 @@ def test_logprobs_equal_training_forward():
     ref = np.asarray(ref) * dev.mask
     np.testing.assert_allclose(dev.logprobs, ref, atol=1e-5)
     assert dev.mask.sum() > 0
+
+
+def test_logprobs_equal_training_forward():
+    out = sampling.generate(
+        model(), PROMPTS, max_new_tokens=10, temperature=1.0, top_k=20, num_samples=2, seed=3
+    )
+    _assert_logprobs_equal_training_forward(model(), out, 2)
+
+
+# MQA with a sliding window shorter than the sequences, per-head q/k norm with head_dim 24, llama3
+# rope scaling: the cached decode (one cache segment with G = 1, a shared prefix with G = 2)
+# against the uncached forward. (Dynamic NTK is left out: like HF, it rescales rope by the longest
+# position of each call, so cached and uncached calls differ by design.)
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "llama3"])
+@pytest.mark.parametrize("num_samples", [1, 2])
+def test_cached_decode_equals_uncached_forward_across_families(family, num_samples):
+    m = hf.load(hf_checkpoint(family))
+    out = sampling.generate(
+        m, PROMPTS, max_new_tokens=8, temperature=1.0, num_samples=num_samples, seed=1
+    )
+    _assert_logprobs_equal_training_forward(m, out, num_samples)
+
+
+def test_kv_cache_layout():
+    """Keys [B, K, H, S], values [B, K, S, H] (the layout the attention products read in place)."""
+    cfg = model().cfg
+    cache = model().init_cache(3, 11)
+    assert cache.k[0].shape == (3, cfg.num_kv_heads, cfg.head_dim, 11)
+    assert cache.v[0].shape == (3, cfg.num_kv_heads, 11, cfg.head_dim)
 
 
 def test_padding_amount_does_not_change_tokens():
