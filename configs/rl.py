@@ -62,6 +62,9 @@ def get_config(arg=None):
     # Each prompt's forward once per rollout batch, shared by its G completions (same loss; the
     # scoring and training forwards skip (G - 1) / G of the prompt tokens).
     r.shared_prompt_forward = True
+    # Completion slots of the sampler's KV cache at first; it doubles as it fills, so decode
+    # attends over at most twice the tokens written (0 = the whole budget from the first step).
+    r.decode_first_window = 32
     r.ref_model = ""  # reference checkpoint ("" = the starting model.path)
 
     # A learned reward model (R1's "RL for all scenarios"), added to the rule rewards with

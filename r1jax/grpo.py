@@ -515,6 +515,10 @@ class GRPOConfig:
                        prompts' forward is one pass over all P prompts (not micro-batched), and
                        the update keeps its activations until the last micro-batch is done:
                        turn it off if P long prompts do not fit beside a micro-batch.
+    decode_first_window: completion slots of the sampler's KV cache in its first decode phase;
+                       the cache doubles as it fills, so each step attends over at most twice
+                       the tokens written (`sampling.decode_windows`). 0 = the whole budget
+                       from the first step (one compiled loop body instead of ~log2 phases).
     """
 
     num_generations: int = 8
@@ -534,6 +538,7 @@ class GRPOConfig:
     pad_token_id: int = 0
     logprob_chunk_size: int = 256
     shared_prompt_forward: bool = True
+    decode_first_window: int = sampling.DEFAULT_FIRST_WINDOW
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -553,6 +558,11 @@ class GRPOConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"grpo.{name} must be >= 1, got {getattr(self, name)}")
+        if self.decode_first_window < 0:
+            raise ValueError(
+                f"grpo.decode_first_window must be >= 0 (0 = one decode phase), "
+                f"got {self.decode_first_window}"
+            )
         if not self.temperature > 0:
             raise ValueError(
                 f"grpo.temperature must be > 0 (GRPO needs diverse samples), got {self.temperature}"
@@ -926,6 +936,7 @@ def _rollout(
         stop_ids=cfg.stop_token_ids,
         stop_sequences=cfg.stop_sequences,
         pad_id=cfg.pad_token_id,
+        first_window=cfg.decode_first_window,
     )
     prompt_ids = jnp.repeat(prompt_ids, g, axis=0)  # [B, Tp]
     prompt_mask = jnp.repeat(prompt_mask, g, axis=0)

@@ -9,7 +9,10 @@ GRPO spends most of its time here. One call samples G completions for each of P 
               into the front of one [P, Tp + max_new] cache (one attention segment per step);
   3. decode   a `lax.while_loop` feeds one token per row per step, writes it into the cache,
               samples the next token, and stops as soon as every row has emitted a stop token
-              or ended in a stop sequence (a multi-token string such as "</answer>").
+              or ended in a stop sequence (a multi-token string such as "</answer>"). The
+              per-row cache starts short and doubles as it fills (one loop per phase,
+              `decode_windows`): a step attends over at most twice the slots written so far,
+              not the whole budget.
 
 Everything in 1-3 is one jitted function of (params, prompts, rng); shapes are static per (P, Tp, G,
 max_new, sampling config), and `generate` pads prompts into length buckets so a run compiles a
@@ -50,6 +53,7 @@ from r1jax.models.transformer import KVCache
 log = logging.getLogger(__name__)
 
 STOP_TOKEN, LENGTH = 0, 1  # values of SampleOutput.stop_reason
+DEFAULT_FIRST_WINDOW = 32  # per-row cache slots of the first decode phase (`decode_windows`)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,11 +274,12 @@ def _record(
     )
 
 
-def _extend(empty, prefill):
-    """Copy a filled cache into the front of a longer empty one of the same structure.
+def _extend(empty, filled):
+    """Copy a filled cache into the front of a longer empty one of the same class.
 
-    Layout-agnostic: every array leaf is written at the origin (only its sequence axis differs),
-    and scalar leaves (the write index) come from the filled cache.
+    Layout-agnostic (KVCache, MLACache): every array leaf of the per-row segment is written at the
+    origin (only its sequence axis differs), scalar leaves (the write index) come from the filled
+    cache, and a shared prefix segment (absent from `empty`) is carried over as it is.
     """
 
     def one(big, small):
@@ -282,7 +287,30 @@ def _extend(empty, prefill):
             return small
         return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), (0,) * big.ndim)
 
-    return jax.tree.map(one, empty, prefill)
+    fields = {}
+    for field in dataclasses.fields(filled):
+        big, small = getattr(empty, field.name), getattr(filled, field.name)
+        fields[field.name] = small if big is None else jax.tree.map(one, big, small)
+    return empty.replace(**fields)
+
+
+def decode_windows(max_new_tokens: int, first_window: int) -> tuple[int, ...]:
+    """Slots of the per-row cache segment in each decode phase: `first_window`, doubling, capped
+    at `max_new_tokens` (which is always the last); `first_window` 0 means one phase.
+
+    Decode attends over every slot of the cache it is given, filled or not. Growing the cache as
+    it fills (one copy into a cache twice as long per phase) keeps the slots read per step within
+    2x of the tokens written, instead of max_new_tokens from the first step: at long completion
+    lengths attention is most of a decode step. Each phase is its own compiled loop body, so
+    the count is kept logarithmic. E.g. (128, 32) -> (32, 64, 128); (65, 32) -> (32, 65).
+    """
+    # Every window at least 1.5x shorter than the budget: a last phase of a few more slots would
+    # cost a compiled loop body and save next to nothing.
+    windows = []
+    while first_window > 0 and 3 * first_window <= 2 * max_new_tokens:
+        windows.append(first_window)
+        first_window *= 2
+    return (*windows, max_new_tokens)
 
 
 @functools.partial(
@@ -295,6 +323,7 @@ def _extend(empty, prefill):
         "stop_ids",
         "stop_sequences",
         "pad_id",
+        "first_window",
     ),
 )
 def sample(
@@ -310,6 +339,7 @@ def sample(
     stop_ids: tuple[int, ...] = (),
     stop_sequences: tuple[tuple[int, ...], ...] = (),
     pad_id: int = 0,
+    first_window: int = DEFAULT_FIRST_WINDOW,
 ) -> SampleOutput:
     """Sample `num_samples` completions for each left-padded prompt. Pure and jitted.
 
@@ -334,11 +364,18 @@ def sample(
 
     # 2. The G samples of a prompt share its prefill as the cache prefix. With one sample per
     # prompt there is nothing to share: the prefill goes to the front of one longer cache, so
-    # each decode step attends over one segment instead of two.
+    # each decode step attends over one segment instead of two. Either way the per-row segment
+    # starts with the first decode window's slots and grows as it fills (3).
+    windows = decode_windows(max_new_tokens, first_window)
+    front = prompt_ids.shape[1] if num_samples == 1 else 0  # the prefill's slots in the segment
+
+    def grow(cache, slots):  # the same cache with `slots` per-row slots for completion tokens
+        return _extend(model.init_cache(b, front + slots), cache)
+
     if num_samples == 1:
-        cache = _extend(model.init_cache(b, prompt_ids.shape[1] + max_new_tokens), prefill)
+        cache = grow(prefill, windows[0])
     else:
-        cache = model.init_cache(b, max_new_tokens).with_prefix(prefill)
+        cache = model.init_cache(b, windows[0]).with_prefix(prefill)
 
     # Every uniform the loop will need, drawn at once: one [T, B] draw instead of a PRNG call
     # (and a [B, V] Gumbel draw) per step. Counter-based, so identical on any mesh.
@@ -360,9 +397,11 @@ def sample(
     )
     loop = _record(loop, first_logits, uniforms[0], cfg, stops, pad_id)
 
-    # 3. Decode one token per row per step until every row stopped or the budget is spent.
+    # 3. Decode one token per row per step until every row stopped or the budget is spent, in
+    # phases: each runs until its cache is full, then the cache is copied into one twice as long.
     def cond(s: _LoopState):
-        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+        room = s.cache.index < s.cache.mask.shape[1]
+        return room & (s.step < max_new_tokens) & ~jnp.all(s.done)
 
     def body(s: _LoopState):
         logits, new_cache = model(
@@ -371,7 +410,10 @@ def sample(
         s = s.replace(cache=new_cache)
         return _record(s, logits[:, 0], uniforms[s.step], cfg, stops, pad_id)
 
-    loop = jax.lax.while_loop(cond, body, loop)
+    for i, slots in enumerate(windows):
+        if i:
+            loop = loop.replace(cache=grow(loop.cache, slots))
+        loop = jax.lax.while_loop(cond, body, loop)
     mask = (jnp.arange(max_new_tokens)[None, :] < loop.lengths[:, None]).astype(jnp.int32)
     return SampleOutput(
         tokens=loop.tokens,
@@ -422,6 +464,7 @@ def generate(
     pad_id: int = 0,
     mesh=None,
     buckets: Sequence[int] = DEFAULT_BUCKETS,
+    first_window: int = DEFAULT_FIRST_WINDOW,
 ) -> GenerateOutput:
     """Sample completions for a list of prompts (ragged token-id lists, or a [P, T] array).
 
@@ -429,12 +472,14 @@ def generate(
     sequences, e.g. from `r1jax.data.stop_sequences(tokenizer)`); the stop is kept in the output.
     Prompts are left-padded to the smallest bucket length that fits (longer prompts are an error);
     with `mesh`, the batch is sharded over its batch axes (P * num_samples must then divide by them)
-    and the model should already be placed on it.
+    and the model should already be placed on it. `first_window`: see `sample`.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if first_window < 0:
+        raise ValueError(f"first_window must be >= 0 (0 = one decode phase), got {first_window}")
     if isinstance(prompts, np.ndarray | jax.Array):
         prompts = [list(map(int, row)) for row in np.asarray(prompts)]
     batch = batch_prompt_ids(prompts, pad_id=pad_id, buckets=buckets)
@@ -446,7 +491,16 @@ def generate(
     stop_seqs = tuple(tuple(int(t) for t in q) for q in stop_sequences)
     if any(len(q) == 0 for q in stop_seqs):
         raise ValueError("stop_sequences must not contain an empty sequence")
-    static = (ids.shape, num_samples, max_new_tokens, cfg, stop_ids, stop_seqs, pad_id)
+    static = (
+        ids.shape,
+        num_samples,
+        max_new_tokens,
+        cfg,
+        stop_ids,
+        stop_seqs,
+        pad_id,
+        first_window,
+    )
     if static not in _compiled:
         _compiled.add(static)
         log.info(
@@ -463,6 +517,7 @@ def generate(
         stop_ids=stop_ids,
         stop_sequences=stop_seqs,
         pad_id=pad_id,
+        first_window=first_window,
     )
     if mesh is None:
         out = sample(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), key, **kwargs)

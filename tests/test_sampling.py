@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from helpers import VOCAB, hf_checkpoint, torch_model
 
-from r1jax import sampling, sharding
+from r1jax import grpo, sampling, sharding
 from r1jax.models import hf
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [40, 41, 42, 43, 44], [1, 2]]
@@ -92,6 +92,37 @@ def test_cached_decode_equals_uncached_forward_across_families(family, num_sampl
     _assert_logprobs_equal_training_forward(m, out, num_samples)
 
 
+def test_decode_windows_double_and_end_at_the_budget():
+    assert sampling.decode_windows(128, 32) == (32, 64, 128)
+    assert sampling.decode_windows(4096, 512) == (512, 1024, 2048, 4096)
+    assert sampling.decode_windows(100, 32) == (32, 64, 100)
+    assert sampling.decode_windows(65, 32) == (32, 65)  # no 64-slot phase for one more slot
+    assert sampling.decode_windows(47, 32) == (47,)
+    assert sampling.decode_windows(128, 0) == (128,)
+    assert sampling.decode_windows(8, 32) == (8,)
+
+
+@pytest.mark.parametrize("num_samples", [1, 2])
+def test_growing_decode_cache_changes_nothing(num_samples):
+    """Decode in phases of 2, 4 then 10 cache slots (the cache copied into a longer one twice)
+    against one 10-slot phase, sampling at temperature 1 (a step off in the uniforms or a slot
+    lost in a copy changes the tokens), with a stop token ending some rows in the first and
+    some in the last phase."""
+    kw = dict(max_new_tokens=10, temperature=1.0, num_samples=num_samples, seed=5)
+    free = sampling.generate(model(), PROMPTS, first_window=0, **kw)
+    stop = free.tokens[0][1]
+    assert stop not in free.tokens[0][:1]
+    kw["stop_token_ids"] = (stop,)
+    one = sampling.generate(model(), PROMPTS, first_window=0, **kw)
+    grown = sampling.generate(model(), PROMPTS, first_window=2, **kw)
+    assert grown.tokens == one.tokens and grown.stop_reason == one.stop_reason
+    lengths = sorted(map(len, one.tokens))
+    assert lengths[0] <= 2 and lengths[-1] > 6  # rows end in the first and in the last phase
+    for a, b in zip(grown.logprobs, one.logprobs, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    _assert_logprobs_equal_training_forward(model(), grown, num_samples)
+
+
 def test_kv_cache_layout():
     """Keys [B, K, H, S], values [B, K, S, H] (the layout the attention products read in place)."""
     cfg = model().cfg
@@ -169,6 +200,7 @@ def test_early_exit_when_every_row_stopped():
         max_new_tokens=8,
         temperature=0.0,
         stop_token_ids=(free.tokens[0][0],),
+        first_window=2,  # the second and third phase must not run a step
     )
     assert out.tokens == [free.tokens[0][:1]]
 
@@ -220,7 +252,14 @@ def test_sharded_sampling_equals_single_device(mesh_axes):
     mesh = sharding.make_mesh(**mesh_axes)
     sharded_model = hf.load(hf_checkpoint("qwen2_sharp"), mesh=mesh, rules=sharding.SAMPLING_RULES)
     out = sampling.generate(
-        sharded_model, PROMPTS, max_new_tokens=8, temperature=1.0, num_samples=2, seed=7, mesh=mesh
+        sharded_model,
+        PROMPTS,
+        max_new_tokens=8,
+        temperature=1.0,
+        num_samples=2,
+        seed=7,
+        mesh=mesh,
+        first_window=2,  # the cache grown twice on the mesh, against one phase on one device
     )
     assert out.tokens == single.tokens
     for a, b in zip(out.logprobs, single.logprobs, strict=True):
@@ -243,6 +282,10 @@ def test_bad_arguments_are_refused():
         sampling.generate(model(), PROMPTS, max_new_tokens=4, top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         sampling.generate(model(), PROMPTS, max_new_tokens=0)
+    with pytest.raises(ValueError, match="first_window"):
+        sampling.generate(model(), PROMPTS, max_new_tokens=4, first_window=-1)
+    with pytest.raises(ValueError, match="grpo.decode_first_window must be >= 0"):
+        grpo.GRPOConfig(decode_first_window=-1)
     with pytest.raises(ValueError, match="empty"):
         sampling.generate(model(), [[]], max_new_tokens=4)
     graphdef, _ = nnx.split(model())

@@ -309,7 +309,8 @@ def test_rollout_scores_micro_batch_by_micro_batch_with_the_same_log_probs():
     """num_micro_batches splits the rollout's reference and old-policy forwards too, and
     shared_prompt_forward runs each (left-padded) prompt once for its G rows; every row's
     log-probs must be those of the whole-batch forward with each row's own prompt, in the right
-    row."""
+    row. The sampler's cache grown from 2 to 4 to 6 slots (decode_first_window=2) samples the
+    same completions as one 6-slot phase."""
     policy_graphdef, policy_state = nnx.split(tiny_model())
     policy = grpo.SamplingPolicy(policy_graphdef, policy_state, sharding.single_device_mesh())
     ref = tiny_model(seed=1)
@@ -318,18 +319,26 @@ def test_rollout_scores_micro_batch_by_micro_batch_with_the_same_log_probs():
     prompts = prompts * prompt_mask
     outs = {}
     # Shared prompts with k = 1 and 2 attend to the prefix cache in place; k = 8 > G copies rows.
-    for k, shared in ((1, False), (4, False), (1, True), (2, True), (8, True)):
+    variants = (
+        (1, False, 0),
+        (4, False, 0),
+        (1, True, 0),
+        (2, True, 0),
+        (8, True, 0),
+        (2, True, 2),
+    )
+    for k, shared, window in variants:
         cfg = grpo.GRPOConfig(
             num_generations=G, num_iterations=2, beta=0.1, max_completion_length=TC,
-            num_micro_batches=k, shared_prompt_forward=shared,
+            num_micro_batches=k, shared_prompt_forward=shared, decode_first_window=window,
         )  # fmt: skip
         rollouts, _ = grpo.rollout(
             policy, ref, prompts, prompt_mask, jax.random.key(3), EvenTokens(), cfg
         )
-        outs[k, shared] = jax.device_get(rollouts)
-    want = outs[1, False]
+        outs[k, shared, window] = jax.device_get(rollouts)
+    want = outs[variants[0]]
     mask = want.completion_mask.astype(bool)
-    for key in ((4, False), (1, True), (2, True), (8, True)):
+    for key in variants[1:]:
         np.testing.assert_array_equal(outs[key].completion_ids, want.completion_ids)
         for name in ("ref_logprobs", "old_logprobs"):
             got, expected = getattr(outs[key], name)[mask], getattr(want, name)[mask]

@@ -62,6 +62,7 @@ def grpo_config(config, tokenizer, prompt_set: common.PromptSet) -> grpo.GRPOCon
             stop_sequences=prompt_set.stop_sequences,
             pad_token_id=tokenizer.pad_token_id or 0,
             shared_prompt_forward=r.shared_prompt_forward,
+            decode_first_window=r.decode_first_window,
         )
     except ValueError as e:
         raise common.ConfigError(_rl_field_message(e)) from e
