@@ -102,7 +102,7 @@ def compiled_memory(train_state, batch) -> dict:
     program, batch_shardings = _update_program(train_state)
     batch = jax.device_put(batch, batch_shardings)
     with train_state.mesh_context():
-        compiled = program.lower(train_state.state(), batch, []).compile()
+        compiled = program.lower(train_state.state_leaves(), batch, []).compile()
     m = compiled.memory_analysis()
     out = {
         "argument_bytes": int(m.argument_size_in_bytes),

@@ -21,9 +21,10 @@ the machinery here. This module owns:
 
 Notable choices:
 - Steps follow Flax's "jax.jit over nnx.split" pattern: the jitted function is pure in
-  `(state, batch)`; `run_step` splits the live objects, calls it with the state *donated* (so the
-  new parameters and moments reuse the old buffers) and writes the result back with `nnx.update`.
-  Arrays fetched from the model before a step are therefore invalid after it.
+  `(state, batch)`; `run_step` reads the state's arrays from the live objects' Variables (listed
+  once), calls it with them *donated* (so the new parameters and moments reuse the old buffers)
+  and writes the results back into the same Variables. Arrays fetched from the model before a
+  step are therefore invalid after it.
 - Shardings are explicit: state in and out in the layout its logical axis names declare under the
   rules (FSDP + tensor parallel by default), batch arrays split over the batch axes on their first
   dimension, metrics replicated. The optimizer moments inherit their parameter's logical names
@@ -384,6 +385,16 @@ class TrainState:
         self.rules = tuple(rules if rules is not None else sharding.RULES)
         self.graphdef, state = nnx.split((model, optimizer))
         self.shardings = sharding.state_shardings(state, mesh, self.rules)
+        # Steps read and write the arrays through the state's Variables, listed once in leaf
+        # order: walking the object graph to split and update it cost ~10 ms of Python per step
+        # (bench/NOTES.md, U2), on the cores the step computes on.
+        self._variables = jax.tree.leaves(
+            nnx.variables((model, optimizer)), is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
+        self._state_def = jax.tree.structure(state)
+        if len(self._variables) != self._state_def.num_leaves:
+            raise ValueError("the model and optimizer state hold arrays outside nnx.Variables")
+        self._programs: dict[Any, Any] = {}
 
     @classmethod
     def create(
@@ -422,11 +433,19 @@ class TrainState:
 
     def state(self) -> nnx.State:
         """nnx.State of (model, optimizer): what a step function receives and returns."""
-        return nnx.state((self.model, self.optimizer))
+        return jax.tree.unflatten(self._state_def, self.state_leaves())
 
     def set_state(self, state: nnx.State) -> None:
         """Write a state returned by a step back into the live model and optimizer."""
-        nnx.update((self.model, self.optimizer), state)
+        self._set_leaves(self._state_def.flatten_up_to(state))
+
+    def state_leaves(self) -> list[jax.Array]:
+        """The state's arrays in leaf order (what a compiled step takes and returns)."""
+        return [v.get_raw_value() for v in self._variables]
+
+    def _set_leaves(self, leaves: list[jax.Array]) -> None:
+        for variable, value in zip(self._variables, leaves, strict=True):
+            variable.set_raw_value(value)
 
     @contextlib.contextmanager
     def mesh_context(self) -> Iterator[None]:
@@ -445,10 +464,12 @@ class TrainState:
 
         Shared by train states of equal graph definition, mesh and rules (one compile each).
         """
-        key = (key, self.graphdef, self.mesh, self.rules)
-        if key not in _PROGRAMS:
-            _PROGRAMS[key] = build()
-        return _PROGRAMS[key]
+        if key not in self._programs:  # hashing the GraphDef at every step costs ~1 ms
+            shared = (key, self.graphdef, self.mesh, self.rules)
+            if shared not in _PROGRAMS:
+                _PROGRAMS[shared] = build()
+            self._programs[key] = _PROGRAMS[shared]
+        return self._programs[key]
 
     # -- steps --
 
@@ -488,26 +509,27 @@ class TrainState:
         )
 
         def build():
-            graphdef = self.graphdef
+            graphdef, state_def = self.graphdef, self._state_def
 
-            def pure(state, batch, frozen_states):
-                model, optimizer = nnx.merge(graphdef, state)
+            def pure(leaves, batch, frozen_states):
+                model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(state_def, leaves))
                 frozen_models = [
                     nnx.merge(g, s) for g, s in zip(frozen_graphdefs, frozen_states, strict=True)
                 ]
                 metrics = step_fn(model, optimizer, batch, *frozen_models, **static)
-                return nnx.state((model, optimizer)), metrics
+                return state_def.flatten_up_to(nnx.state((model, optimizer))), metrics
 
             batch_shardings = jax.tree.map(self.batch_sharding, batch)
             frozen_shardings = [
                 sharding.state_shardings(s, self.mesh, self.rules) for s in frozen_states
             ]
             replicated = NamedSharding(self.mesh, PartitionSpec())
-            in_shardings = (self.shardings, batch_shardings, frozen_shardings)
+            state_shardings = jax.tree.leaves(self.shardings)
+            in_shardings = (state_shardings, batch_shardings, frozen_shardings)
             program = jax.jit(
                 pure,
                 in_shardings=in_shardings,
-                out_shardings=(self.shardings, replicated),
+                out_shardings=(state_shardings, replicated),
                 donate_argnums=0,
             )
             return program, batch_shardings
@@ -517,6 +539,6 @@ class TrainState:
         # is spelled differently hit the same compiled program instead of compiling another one.
         batch = jax.device_put(batch, batch_shardings)
         with self.mesh_context():
-            state, metrics = program(self.state(), batch, frozen_states)
-        self.set_state(state)
+            leaves, metrics = program(self.state_leaves(), batch, frozen_states)
+        self._set_leaves(leaves)
         return metrics
