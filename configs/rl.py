@@ -63,7 +63,8 @@ def get_config(arg=None):
     # scoring and training forwards skip (G - 1) / G of the prompt tokens).
     r.shared_prompt_forward = True
     # Completion slots of the sampler's KV cache at first; it doubles as it fills, so decode
-    # attends over at most twice the tokens written (0 = the whole budget from the first step).
+    # attends over fewer than 3x the tokens written (0 = the whole budget from the first step:
+    # one compiled decode loop, and a lower memory peak).
     r.decode_first_window = 32
     r.ref_model = ""  # reference checkpoint ("" = the starting model.path)
 

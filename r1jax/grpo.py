@@ -516,9 +516,11 @@ class GRPOConfig:
                        the update keeps its activations until the last micro-batch is done:
                        turn it off if P long prompts do not fit beside a micro-batch.
     decode_first_window: completion slots of the sampler's KV cache in its first decode phase;
-                       the cache doubles as it fills, so each step attends over at most twice
-                       the tokens written (`sampling.decode_windows`). 0 = the whole budget
-                       from the first step (one compiled loop body instead of ~log2 phases).
+                       the cache doubles as it fills, so a step attends over fewer than 3x the
+                       tokens written once past the first window (`sampling.decode_windows`).
+                       0 = the whole budget from the first step: one compiled loop body
+                       instead of ~log2(budget / window), and no moment where two caches are
+                       alive (the peak is up to 5/3 of one cache while a phase's is copied).
     """
 
     num_generations: int = 8

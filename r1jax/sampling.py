@@ -3,20 +3,21 @@
 GRPO spends most of its time here. One call samples G completions for each of P prompts:
 
   1. prefill  the P left-padded prompts run once through the model into a [P, Tp] cache;
-  2. share    with G > 1, a per-sample cache of [P*G, max_new] slots is created whose *prefix* is
+  2. share    with G > 1, a per-sample cache of [P*G, W] slots is created whose *prefix* is
               that prefill: the G rows of a prompt read the same prompt keys and values (no copy,
               no recomputation). With G = 1 there is nothing to share, and the prefill is copied
-              into the front of one [P, Tp + max_new] cache (one attention segment per step);
+              into the front of one [P, Tp + W] cache (one attention segment per step);
   3. decode   a `lax.while_loop` feeds one token per row per step, writes it into the cache,
               samples the next token, and stops as soon as every row has emitted a stop token
               or ended in a stop sequence (a multi-token string such as "</answer>"). The
-              per-row cache starts short and doubles as it fills (one loop per phase,
-              `decode_windows`): a step attends over at most twice the slots written so far,
-              not the whole budget.
+              per-row cache starts at W = `first_window` slots and doubles as it fills, up to
+              max_new (one loop per phase, `decode_windows`): once past the first window a step
+              attends over less than 3x the slots written so far (2x between doublings), not
+              the whole budget from the first token.
 
 Everything in 1-3 is one jitted function of (params, prompts, rng); shapes are static per (P, Tp, G,
-max_new, sampling config), and `generate` pads prompts into length buckets so a run compiles a
-handful of programs. Each new program is logged.
+max_new, first_window, sampling config), and `generate` pads prompts into length buckets so a run
+compiles a handful of programs. Each new program is logged.
 
 Choosing tokens (measured on CPU in bench/NOTES.md):
 - Inverse-CDF sampling with one uniform per row and step, all drawn before the loop in one [T, B]
@@ -299,15 +300,20 @@ def decode_windows(max_new_tokens: int, first_window: int) -> tuple[int, ...]:
     at `max_new_tokens` (which is always the last); `first_window` 0 means one phase.
 
     Decode attends over every slot of the cache it is given, filled or not. Growing the cache as
-    it fills (one copy into a cache twice as long per phase) keeps the slots read per step within
-    2x of the tokens written, instead of max_new_tokens from the first step: at long completion
-    lengths attention is most of a decode step. Each phase is its own compiled loop body, so
-    the count is kept logarithmic. E.g. (128, 32) -> (32, 64, 128); (65, 32) -> (32, 65).
+    it fills (one copy into a cache twice as long per phase) keeps the slots read per step below
+    3x the tokens written once past the first window (2x between doublings), instead of
+    max_new_tokens from the first step: at long completion lengths attention is most of a decode
+    step. Costs: each phase is its own compiled loop body (so the count is kept logarithmic:
+    11 bodies for a 32K budget from 32), and while a phase's cache is copied into the next one
+    both are alive, so the cache's peak is up to 5/3 of one max_new_tokens cache (use 0 when
+    accelerator memory, not speed, is the limit).
+    E.g. (128, 32) -> (32, 64, 128); (65, 32) -> (32, 65); (3, 2) -> (3,).
     """
-    # Every window at least 1.5x shorter than the budget: a last phase of a few more slots would
-    # cost a compiled loop body and save next to nothing.
+    # Every window at least 1.5x shorter than the decode steps (max_new_tokens - 1: the last
+    # token is never fed back): a last phase of a few more slots would cost a compiled loop body
+    # and a copy and save next to nothing.
     windows = []
-    while first_window > 0 and 3 * first_window <= 2 * max_new_tokens:
+    while first_window > 0 and 3 * first_window <= 2 * (max_new_tokens - 1):
         windows.append(first_window)
         first_window *= 2
     return (*windows, max_new_tokens)
@@ -350,6 +356,8 @@ def sample(
     stop_ids:         tokens that end a row (EOS, ...)
     stop_sequences:   token sequences that end a row once it ends in one (e.g. the tokenisations
                       of "</answer>"; see `r1jax.data.stop_sequences`); included in the output
+    first_window:     completion slots of the per-row cache in the first decode phase; the cache
+                      doubles as it fills (`decode_windows`); 0 = max_new_tokens slots throughout
     Returns a SampleOutput over B = P * num_samples rows.
     """
     model = nnx.merge(graphdef, state)
@@ -504,11 +512,12 @@ def generate(
     if static not in _compiled:
         _compiled.add(static)
         log.info(
-            "sampler: compiling for prompts %s, %d samples, %d new tokens, %s",
+            "sampler: compiling for prompts %s, %d samples, %d new tokens, %s, windows %s",
             ids.shape,
             num_samples,
             max_new_tokens,
             cfg,
+            decode_windows(max_new_tokens, first_window),
         )
     kwargs = dict(
         num_samples=num_samples,

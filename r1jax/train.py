@@ -21,7 +21,7 @@ the machinery here. This module owns:
 
 Notable choices:
 - Steps follow Flax's "jax.jit over nnx.split" pattern: the jitted function is pure in
-  `(state, batch)`; `run_step` reads the state's arrays from the live objects' Variables (listed
+  `(state arrays, batch)`; `run_step` reads the arrays from the live objects' Variables (listed
   once), calls it with them *donated* (so the new parameters and moments reuse the old buffers)
   and writes the results back into the same Variables. Arrays fetched from the model before a
   step are therefore invalid after it.
@@ -376,6 +376,8 @@ class TrainState:
 
     Create with `TrainState.create(model, optim_cfg, mesh)`. `model` and `optimizer` are live NNX
     objects (what `checkpoint.Checkpointer.save/restore` take); `run_step` replaces their arrays.
+    Their structure is fixed at creation, as the compiled steps are: values may be replaced in
+    place (`nnx.update`, a checkpoint restore), Variables must not be added or swapped.
     """
 
     def __init__(self, model: nnx.Module, optimizer: Optimizer, mesh: Mesh, rules=None):
@@ -388,12 +390,16 @@ class TrainState:
         # Steps read and write the arrays through the state's Variables, listed once in leaf
         # order: walking the object graph to split and update it cost ~10 ms of Python per step
         # (bench/NOTES.md, U2), on the cores the step computes on.
-        self._variables = jax.tree.leaves(
-            nnx.variables((model, optimizer)), is_leaf=lambda x: isinstance(x, nnx.Variable)
-        )
+        # (nnx.split's state holds the live Variables themselves; they flatten to their arrays.)
+        self._variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
         self._state_def = jax.tree.structure(state)
-        if len(self._variables) != self._state_def.num_leaves:
-            raise ValueError("the model and optimizer state hold arrays outside nnx.Variables")
+        if len(self._variables) != self._state_def.num_leaves or not all(
+            isinstance(v, nnx.Variable) for v in self._variables
+        ):
+            raise ValueError(
+                "TrainState needs every array of the model and optimizer in an nnx.Variable "
+                "holding one array (found arrays outside Variables, or empty Variables)"
+            )
         self._programs: dict[Any, Any] = {}
 
     @classmethod
@@ -432,7 +438,7 @@ class TrainState:
     # -- state --
 
     def state(self) -> nnx.State:
-        """nnx.State of (model, optimizer): what a step function receives and returns."""
+        """nnx.State of (model, optimizer): the current arrays, in the state's structure."""
         return jax.tree.unflatten(self._state_def, self.state_leaves())
 
     def set_state(self, state: nnx.State) -> None:
@@ -464,7 +470,7 @@ class TrainState:
 
         Shared by train states of equal graph definition, mesh and rules (one compile each).
         """
-        if key not in self._programs:  # hashing the GraphDef at every step costs ~1 ms
+        if key not in self._programs:  # hashing the GraphDef costs ~0.6 ms (tiny model)
             shared = (key, self.graphdef, self.mesh, self.rules)
             if shared not in _PROGRAMS:
                 _PROGRAMS[shared] = build()

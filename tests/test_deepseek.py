@@ -194,6 +194,9 @@ def test_greedy_decode_matches_full_recomputation_and_transformers():
     )
     assert out.tokens[0::2] == out.tokens[1::2]  # the G rows sharing one prefill agree
     tokens = out.tokens[0::2]
+    # One sample per prompt: the prefill copied into the front of the cache, grown once as well.
+    one = sampling.generate(m, PROMPTS, max_new_tokens=new, temperature=0.0, first_window=2)
+    assert one.tokens == tokens
     assert len({tuple(t) for t in tokens}) == len(PROMPTS)
 
     # Full recomputation of all prompts at every step, right-padded to the shared [4, 12] shape

@@ -97,9 +97,12 @@ def test_decode_windows_double_and_end_at_the_budget():
     assert sampling.decode_windows(4096, 512) == (512, 1024, 2048, 4096)
     assert sampling.decode_windows(100, 32) == (32, 64, 100)
     assert sampling.decode_windows(65, 32) == (32, 65)  # no 64-slot phase for one more slot
-    assert sampling.decode_windows(47, 32) == (47,)
+    assert sampling.decode_windows(48, 32) == (48,)  # 47 decode steps: too few to split
     assert sampling.decode_windows(128, 0) == (128,)
     assert sampling.decode_windows(8, 32) == (8,)
+    assert sampling.decode_windows(3, 2) == (3,)  # a second phase would never run a step
+    assert sampling.decode_windows(3, 1) == (1, 3)
+    assert sampling.decode_windows(1, 32) == (1,)
 
 
 @pytest.mark.parametrize("num_samples", [1, 2])
@@ -200,7 +203,7 @@ def test_early_exit_when_every_row_stopped():
         max_new_tokens=8,
         temperature=0.0,
         stop_token_ids=(free.tokens[0][0],),
-        first_window=2,  # the second and third phase must not run a step
+        first_window=2,  # every row stops in the first of three phases
     )
     assert out.tokens == [free.tokens[0][:1]]
 

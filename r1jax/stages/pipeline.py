@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 
+from r1jax import sampling
 from r1jax.stages import common
 
 log = logging.getLogger("r1jax")
@@ -173,8 +174,9 @@ def match_compute(rl_config, distill_config, distill_steps: int, steps: int | No
     head_dim x the positions it attends to (dense, padding included), a backward pass two
     forwards. A distillation step is 3 passes over batch_size rows of seq_len (plus the teacher's
     forward for logit distillation). A GRPO step prefills its P prompts (padded to the step's
-    bucket, as the RL stage batches them), decodes P x G x (max_completion_length - 1) tokens
-    over the whole cache (an upper bound: decoding stops early once every row has ended), then
+    bucket, as the RL stage batches them), decodes P x G x (max_completion_length - 1) tokens,
+    each over the prompt and the cache window it is written in (`sampling.decode_windows`; an
+    upper bound: decoding stops early once every row has ended), then
     runs the reference forward, the old-policy forward when μ > 1 and 3 x μ update passes over
     the prompts (once each with `shared_prompt_forward`, else G times) and the completions.
     Returns {"student_rl_steps", "distill_flops", "student_rl_flops", "ratio"}.
@@ -202,14 +204,16 @@ def match_compute(rl_config, distill_config, distill_steps: int, steps: int | No
         rl_config.data,
         seed=rl_config.seed,
     )
+    # Decode step s (1 <= s < Tc) writes per-row slot s - 1, in the first window that holds it.
+    windows = sampling.decode_windows(Tc, r.decode_first_window)
+    step_windows = [min(w for w in windows if w >= s) for s in range(1, Tc)]
     spent, done = 0, 0
     while (spent < budget) if steps is None else (done < steps):
         Tp = prompts.batch(prompts.row_ids(done, P))[0].shape[1]
         prompt = P * Tp * student(Tp) * (1 if r.shared_prompt_forward else G)
         completions = P * G * student(Tp + Tc)
-        spent += (
-            P * Tp * student(Tp) + (Tc - 1) * completions + passes * (prompt + Tc * completions)
-        )
+        decode = P * G * sum(student(Tp + w) for w in step_windows)
+        spent += P * Tp * student(Tp) + decode + passes * (prompt + Tc * completions)
         done += 1
     log.info(
         "pipeline: student_rl: %d GRPO steps, %.2fx the distillation's FLOPs", done, spent / budget
