@@ -441,17 +441,9 @@ class TrainState:
         """nnx.State of (model, optimizer): the current arrays, in the state's structure."""
         return jax.tree.unflatten(self._state_def, self.state_leaves())
 
-    def set_state(self, state: nnx.State) -> None:
-        """Write a state returned by a step back into the live model and optimizer."""
-        self._set_leaves(self._state_def.flatten_up_to(state))
-
     def state_leaves(self) -> list[jax.Array]:
         """The state's arrays in leaf order (what a compiled step takes and returns)."""
         return [v.get_raw_value() for v in self._variables]
-
-    def _set_leaves(self, leaves: list[jax.Array]) -> None:
-        for variable, value in zip(self._variables, leaves, strict=True):
-            variable.set_raw_value(value)
 
     @contextlib.contextmanager
     def mesh_context(self) -> Iterator[None]:
@@ -546,5 +538,6 @@ class TrainState:
         batch = jax.device_put(batch, batch_shardings)
         with self.mesh_context():
             leaves, metrics = program(self.state_leaves(), batch, frozen_states)
-        self._set_leaves(leaves)
+        for variable, value in zip(self._variables, leaves, strict=True):
+            variable.set_raw_value(value)
         return metrics
