@@ -2,6 +2,7 @@
 on a mesh."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -268,6 +269,46 @@ def test_sharded_sampling_equals_single_device(mesh_axes):
     for a, b in zip(out.logprobs, single.logprobs, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert len(out.device.tokens.sharding.device_set) == 8
+
+
+def test_sharded_decode_moves_no_weights_or_cache():
+    """On a mesh, the sampler's collectives are the tensor-parallel activation all-reduces and the
+    logits gather for the vocabulary-wide draw, never a weight or a KV cache (either would be
+    moved at every decode step). Checked on the compiled program: no collective is larger than the
+    larger of those two legitimate ones."""
+    mesh = sharding.make_mesh(fsdp=4, tensor=2)
+    on_mesh = hf.load(hf_checkpoint("qwen2_sharp"), mesh=mesh, rules=sharding.SAMPLING_RULES)
+    graphdef, state = nnx.split(on_mesh)
+    prompts, samples, new = 4, 2, 24  # the final window's per-device cache outgrows the bound
+    ids = np.ones((prompts, 8), np.int32)
+    with jax.set_mesh(mesh), sharding.use_rules(sharding.SAMPLING_RULES):
+        batch = sharding.shard_batch({"ids": ids, "mask": ids}, mesh, sharding.SAMPLING_RULES)
+        hlo = (
+            sampling.sample.lower(
+                graphdef,
+                state,
+                batch["ids"],
+                batch["mask"],
+                jax.random.key(0),
+                num_samples=samples,
+                max_new_tokens=new,
+                cfg=sampling.SamplingConfig(1.0, 0, 1.0),
+                first_window=4,
+            )
+            .compile()
+            .as_text()
+        )
+    collectives = re.findall(
+        r"= \w+\[([\d,]*)\]\S* (all-gather|all-reduce|all-to-all|reduce-scatter)(?:-start)?\(", hlo
+    )
+    assert any(kind == "all-gather" for _, kind in collectives)  # the logits, at least
+    batch_ways = sampling._batch_ways(mesh)
+    vocab = -(-on_mesh.cfg.vocab_size // sampling._BLOCK) * sampling._BLOCK  # the draw's padding
+    logits = prompts * samples // batch_ways * vocab  # [B / batch ways, V] gathered per step
+    prefill = prompts // batch_ways * ids.shape[1] * on_mesh.cfg.hidden_size  # its all-reduces
+    for dims, kind in collectives:
+        size = int(np.prod([int(d) for d in dims.split(",") if d]))
+        assert size <= max(logits, prefill), (kind, dims)
 
 
 def test_bfloat16_model_samples():
