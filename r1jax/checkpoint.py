@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
@@ -241,12 +243,14 @@ class Checkpointer:
         targets: dict[str, Any] = {_MODEL: nnx.state(model)}
         if optimizer is not None:
             targets[_OPTIMIZER] = nnx.state(optimizer)
+        drop_abandoned_read_reports()
         self._check_matches(step, targets)
         args = {name: ocp.args.StandardRestore(_abstract(tree)) for name, tree in targets.items()}
         args[_EXTRA] = ocp.args.JsonRestore()
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as err:  # any read failure means the same to a user
+            drop_abandoned_read_reports(self.step_dir(step))
             raise self._damaged(step, f"reading it failed ({_first_line(err)})") from None
         nnx.update(model, restored[_MODEL])
         if optimizer is not None:
@@ -257,11 +261,13 @@ class Checkpointer:
     def read_extra(self, step: int | None = None) -> dict[str, Any]:
         """The `extra` dict of a checkpoint without touching any array (e.g. to read its config)."""
         step = self._resolve_step(step)
+        drop_abandoned_read_reports()
         try:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()})
             )
         except Exception as err:
+            drop_abandoned_read_reports(self.step_dir(step))
             raise self._damaged(
                 step, f"its extra/ JSON is unreadable ({_first_line(err)})"
             ) from None
@@ -325,6 +331,7 @@ class Checkpointer:
         try:
             saved = self._manager.item_metadata(step)
         except Exception as err:
+            drop_abandoned_read_reports(self.step_dir(step))
             raise self._damaged(step, f"its metadata is unreadable ({_first_line(err)})") from None
         for name, tree in targets.items():
             meta = saved[name]
@@ -361,6 +368,50 @@ class Checkpointer:
 # --------------------------------------------------------------------------------------------------
 # HF export and small helpers
 # --------------------------------------------------------------------------------------------------
+
+
+def drop_abandoned_read_reports(step_dir: str | None = None) -> None:
+    """Keep a failed read's one-line CheckpointError the only thing the user sees.
+
+    orbax reads a checkpoint's arrays concurrently (tensorstore futures awaited on an asyncio loop)
+    and closes that loop as soon as one read fails. The reads still in flight then finish into
+    the closed loop from tensorstore's threads, which Python prints as unraisable "RuntimeError:
+    Event loop is closed" tracebacks, and their failed tasks are logged by asyncio when collected
+    ("Task exception was never retrieved", with the whole tensorstore spec): screens of text
+    after the message that matters. This drops exactly those two reports: the first from now on
+    (installed once; only when raised in `call_soon_threadsafe`), the second for reads under
+    `step_dir`, when given (after a read there failed). Every other unraisable exception and
+    asyncio record goes where it went before. Called before and after checkpoint reads, and by
+    the launcher before a stage runs.
+    """
+    previous = sys.unraisablehook
+    if not getattr(previous, "_r1jax_drops_abandoned_reads", False):
+
+        def hook(unraisable):
+            error = unraisable.exc_value
+            abandoned = (
+                isinstance(error, RuntimeError)
+                and str(error) == "Event loop is closed"
+                and any(
+                    frame.name == "call_soon_threadsafe"
+                    for frame in traceback.extract_tb(unraisable.exc_traceback)
+                )
+            )
+            if not abandoned:
+                previous(unraisable)
+
+        hook._r1jax_drops_abandoned_reads = True
+        sys.unraisablehook = hook
+
+    if step_dir is not None:
+
+        def not_an_abandoned_read(record: logging.LogRecord) -> bool:
+            message = record.getMessage()
+            return not (
+                message.startswith("Task exception was never retrieved") and step_dir in message
+            )
+
+        logging.getLogger("asyncio").addFilter(not_an_abandoned_read)
 
 
 def export_hf(model: nnx.Module, path: str | os.PathLike, tokenizer: Any = None) -> None:

@@ -635,7 +635,7 @@ def policy_for_sampling(train_state: train.TrainState) -> SamplingPolicy:
     It is a fresh copy even when the layouts coincide, so the next `update` (which donates the
     training buffers) cannot invalidate it; it is stale after that update.
     """
-    graphdef, state = nnx.split(train_state.model)
+    graphdef, state = train_state.model_graphdef, train_state.model_state()
     dtype = jnp.dtype(train_state.model.cfg.dtype)
 
     def build():

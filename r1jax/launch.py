@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> None:
             paths.check_workdir(workdir)  # e.g. gs:// without gcsfs: say so before any work
         except ValueError as e:
             sys.exit(f"error: --workdir: {e}")
-        from r1jax.checkpoint import CheckpointError
+        from r1jax.checkpoint import CheckpointError, drop_abandoned_read_reports
 
-        _drop_closed_event_loop_reports()
+        drop_abandoned_read_reports()  # a failed restore ends in its one-line error alone
         try:
             common.run_stage(stage, config, workdir)
         except (common.ConfigError, CheckpointError) as e:
@@ -115,25 +115,6 @@ def main(argv: list[str] | None = None) -> None:
         argv=_with_default_config(list(argv if argv is not None else sys.argv)),
         flags_parser=_parse_flags_with_help,
     )
-
-
-def _drop_closed_event_loop_reports() -> None:
-    """Silence one known-harmless report so that a failed restore ends in its one-line error.
-
-    After a checkpoint read fails, tensorstore still completes the other pending reads into the
-    event loop orbax has already closed; Python reports each as an unraisable
-    "RuntimeError: Event loop is closed" with a traceback, around the message that matters.
-    Every other unraisable exception still goes to the default hook.
-    """
-    default = sys.unraisablehook
-
-    def hook(unraisable):
-        error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-            return
-        default(unraisable)
-
-    sys.unraisablehook = hook
 
 
 def _config_spec(argv: list[str]) -> str | None:

@@ -400,6 +400,12 @@ class TrainState:
                 "TrainState needs every array of the model and optimizer in an nnx.Variable "
                 "holding one array (found arrays outside Variables, or empty Variables)"
             )
+        # The model's own split (what sampling takes), from the same Variables: its state is the
+        # pair's first entry, whose leaves lead the pair's leaf order.
+        self.model_graphdef = nnx.graphdef(model)
+        self._model_state_def = jax.tree.structure(state[0])
+        if self._model_state_def != jax.tree.structure(nnx.state(model)):
+            raise ValueError("TrainState: the optimizer must not hold Variables of the model")
         self._programs: dict[Any, Any] = {}
 
     @classmethod
@@ -444,6 +450,11 @@ class TrainState:
     def state_leaves(self) -> list[jax.Array]:
         """The state's arrays in leaf order (what a compiled step takes and returns)."""
         return [v.get_raw_value() for v in self._variables]
+
+    def model_state(self) -> nnx.State:
+        """nnx.State of the model alone (`nnx.split(model)[1]`, without walking the model)."""
+        n = self._model_state_def.num_leaves
+        return jax.tree.unflatten(self._model_state_def, self.state_leaves()[:n])
 
     @contextlib.contextmanager
     def mesh_context(self) -> Iterator[None]:

@@ -703,7 +703,6 @@ def test_half_written_checkpoint_is_ignored_and_the_run_resumes(reference_rl, tm
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_latest_checkpoint_gives_one_clear_error(reference_rl, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(reference_rl, workdir)

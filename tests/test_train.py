@@ -441,3 +441,11 @@ def test_grpo_raises_the_reward_and_compiles_once():
     assert 0.3 < first < 0.75, rewards  # a near-random policy: about half the tokens are even
     assert last > first + 0.25, rewards
     assert steady.count == 0, steady.by_name()
+    # The sampling copy is of the trained weights: the model's split read from the state's own
+    # Variables equals a fresh walk of the model.
+    graphdef, fresh = nnx.split(state.model)
+    assert state.model_graphdef == graphdef
+    for ours, theirs in zip(
+        jax.tree.leaves(grpo.policy_for_sampling(state).state), jax.tree.leaves(fresh), strict=True
+    ):
+        np.testing.assert_array_equal(ours, theirs)
