@@ -63,6 +63,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from r1jax import sampling, sharding, train
+from r1jax.models import transformer
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 ADVANTAGE_SCALES = ("group", "batch", "none")
@@ -631,7 +632,8 @@ def policy_for_sampling(train_state: train.TrainState) -> SamplingPolicy:
     The training layout splits every weight over `fsdp`, which would all-gather every weight at
     every decode step; `sharding.SAMPLING_RULES` keeps weights whole along `embed` (still split
     over `tensor`). The copy is cast to the model's compute dtype (bfloat16 under mixed
-    precision: half the memory, and exactly the values the training forward multiplies with).
+    precision: half the memory), except what the forward reads in float32 (norm scales, the MoE
+    router): it holds exactly the values the training forward computes with.
     It is a fresh copy even when the layouts coincide, so the next `update` (which donates the
     training buffers) cannot invalidate it; it is stale after that update.
     """
@@ -640,8 +642,22 @@ def policy_for_sampling(train_state: train.TrainState) -> SamplingPolicy:
 
     def build():
         shardings = sharding.state_shardings(state, train_state.mesh, sharding.SAMPLING_RULES)
-        cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-        return jax.jit(lambda s: jax.tree.map(cast, s), out_shardings=shardings)
+        variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        # What the forward reads in float32 (norm scales, the router) stays as stored, so that
+        # the copy computes exactly what the training forward does (the μ > 1 ratio starts at 1).
+        casts = [not transformer.is_float32_in_forward(v) for v in variables]
+
+        def copy(s):
+            leaves, treedef = jax.tree.flatten(s)
+            return jax.tree.unflatten(
+                treedef,
+                [
+                    x.astype(dtype) if cast and jnp.issubdtype(x.dtype, jnp.floating) else x
+                    for x, cast in zip(leaves, casts, strict=True)
+                ],
+            )
+
+        return jax.jit(copy, out_shardings=shardings)
 
     program = train_state.program(("policy_for_sampling", dtype), build)
     with train_state.mesh_context():
@@ -1063,6 +1079,12 @@ def update(
       also `router/*` (`deepseek.router_step`: expert load, drops, bias drift), the routing
       bias being updated after each of the μ steps when the model's `router_bias_rate` > 0.
     """
+    if cfg.num_iterations > 1 and rollouts.old_logprobs is None:
+        raise ValueError(
+            f"grpo.num_iterations={cfg.num_iterations} needs the sampling policy's log-probs in "
+            "rollouts.old_logprobs (grpo.rollout fills them when num_iterations > 1); without "
+            "them every iteration's ratio would be 1 and nothing would be clipped"
+        )
     return train_state.run_step(_update_step, rollouts, cfg=cfg)
 
 

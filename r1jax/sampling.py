@@ -90,7 +90,7 @@ class SamplingConfig:
         The reference definition of what `choose` samples from (it never builds this array).
         """
         logits = logits / self.temperature
-        if self.top_k:
+        if 0 < self.top_k < logits.shape[-1]:  # as `choose`: a k of V or more keeps them all
             kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]
             logits = jnp.where(logits < kth, -jnp.inf, logits)
         if self.top_p < 1.0:
@@ -166,9 +166,14 @@ def _bisect(keys: jax.Array, holds, *, upper_inclusive: bool) -> jax.Array:
 
 def _first_above(cum: jax.Array, probs: jax.Array, target: jax.Array) -> jax.Array:
     """[B, N] cumulative and plain probabilities, [B] targets -> [B] index of the first entry with
-    non-zero probability whose cumulative value exceeds the target (zero-probability entries are
-    never chosen, whatever the rounding of `cum`)."""
-    return jnp.argmax((cum > target[:, None]) & (probs > 0), axis=-1).astype(jnp.int32)
+    non-zero probability whose cumulative value exceeds the target, else (the target at or past
+    the end, which rounding makes possible: `cum` may end a few ulps below the total the target
+    was scaled by) the last entry with non-zero probability. Zero-probability entries are never
+    chosen."""
+    possible = probs > 0
+    hit = (cum > target[:, None]) & possible
+    last = probs.shape[-1] - 1 - jnp.argmax(possible[:, ::-1], axis=-1)
+    return jnp.where(hit.any(axis=-1), jnp.argmax(hit, axis=-1), last).astype(jnp.int32)
 
 
 _BLOCK = 128  # vocabulary entries per block in `_blocked_inverse_cdf`

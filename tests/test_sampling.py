@@ -248,6 +248,24 @@ def test_sampling_distribution_matches_truncated_distribution(temperature, top_k
     assert (empirical[expected == 0] == 0).all()  # truncated tokens are never drawn
 
 
+def test_rounding_at_a_block_boundary_never_draws_an_impossible_token():
+    """The block is chosen from the block masses' prefix sum, the token from a prefix sum inside
+    the block, which can end a few ulps lower: a uniform just below a block boundary can then
+    land past every entry of the chosen block. That draw must stay on a possible token (once, it
+    fell back to the block's first token, here token 0, whose probability is 0)."""
+    rng = np.random.RandomState(0)
+    rows, vocab = 4096, 256
+    logits = rng.normal(size=(rows, vocab)).astype(np.float32) * 2
+    logits[:, 0] = -np.inf  # token 0: probability exactly 0 (cut by top-k / top-p, say)
+    probs = jnp.exp(logits - logits.max(-1, keepdims=True))
+    cum = jnp.cumsum(probs.reshape(rows, 2, sampling._BLOCK).sum(-1), -1)  # as the sampler sums
+    u = cum[:, 0] / cum[:, 1]  # then the largest u whose target stays below block 1
+    for _ in range(4):
+        u = jnp.where(u * cum[:, 1] >= cum[:, 0], jnp.nextafter(u, 0.0), u)
+    tokens = np.asarray(jax.jit(sampling._blocked_inverse_cdf)(jnp.asarray(logits), u))
+    assert (tokens != 0).all(), int((tokens == 0).sum())
+
+
 @pytest.mark.parametrize("mesh_axes", [dict(fsdp=4, tensor=2), dict(data=2, fsdp=2, tensor=2)])
 def test_sharded_sampling_equals_single_device(mesh_axes):
     single = sampling.generate(

@@ -375,6 +375,43 @@ def test_shared_prompt_update_refuses_groups_with_different_prompts():
     assert all(np.array_equal(after[k], before[k]) for k in before)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "deepseek_v3"])
+def test_sampling_copy_computes_what_the_training_forward_does(family):
+    """Mixed precision (float32 weights, bfloat16 compute): the sampling copy is in bfloat16
+    except what the forward reads in float32 (norm scales, the MoE router and its bias), so its
+    log-probs (μ > 1: the old policy's) equal the training forward's exactly; rounding the norm
+    scales too moved them by up to 0.17 nats."""
+    from r1jax.models.deepseek import DeepseekConfig, DeepseekDecoder
+
+    if family == "qwen2":
+        model = tiny_model(std=0.3, param_dtype="float32", dtype="bfloat16")
+    else:
+        with nnx.use_eager_sharding(False):
+            cfg = DeepseekConfig.tiny(param_dtype="float32", dtype="bfloat16")
+            model = DeepseekDecoder(cfg, rngs=nnx.Rngs(0))
+    state = train.TrainState.create(model, OPTIM)
+    policy = grpo.policy_for_sampling(state)
+    kept = {
+        jnp.dtype(x.dtype).name
+        for x in jax.tree.leaves(policy.state)
+        if jnp.issubdtype(x.dtype, jnp.floating)
+    }
+    assert kept == {"bfloat16", "float32"}  # matrices cast, the float32-read leaves kept
+    r = synthetic_rollouts(old=False)
+    cfg = dataclasses.replace(GRPO, num_iterations=2)
+    score = jax.jit(
+        lambda g, s: grpo.scoring_logprobs(
+            nnx.merge(g, s), r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, cfg
+        ),
+        static_argnums=0,
+    )
+    old = score(policy.graphdef, policy.state)
+    now = score(state.model_graphdef, state.model_state())
+    np.testing.assert_array_equal(np.asarray(old), np.asarray(now))
+    with pytest.raises(ValueError, match="old_logprobs"):  # μ > 1 needs them
+        grpo.update(state, r, cfg)
+
+
 def test_non_finite_gradients_skip_the_update():
     state = train.TrainState.create(tiny_model(), OPTIM)
     rollouts = synthetic_rollouts()

@@ -672,7 +672,7 @@ class MoE(nnx.Module):
         pd = cfg.param_dtype
         init = nnx.initializers.normal(0.02)
         self.cfg = cfg
-        self.router_de = _param(rngs, init, (d, e), pd, ("embed", None))
+        self.router_de = _param(rngs, init, (d, e), pd, ("embed", None), float32_in_forward=True)
         # HF keeps the bias in float32 whatever the model dtype; so do we.
         self.bias = (
             RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,))

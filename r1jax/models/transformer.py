@@ -355,16 +355,32 @@ class KVCache:
 # --------------------------------------------------------------------------------------------------
 
 
-def _param(rngs: nnx.Rngs, init, shape, dtype, axes) -> nnx.Param:
-    """A parameter initialised by `init`, annotated with its logical axis names."""
-    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes)
+def _param(rngs: nnx.Rngs, init, shape, dtype, axes, *, float32_in_forward=False) -> nnx.Param:
+    """A parameter initialised by `init`, annotated with its logical axis names.
+
+    float32_in_forward: the forward reads it in float32 whatever the compute dtype (norm scales,
+    the MoE router), so a compute-dtype copy of the weights must leave it as it is
+    (`is_float32_in_forward`; `grpo.policy_for_sampling`).
+    """
+    extra = {"float32_in_forward": True} if float32_in_forward else {}
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, **extra)
+
+
+def is_float32_in_forward(variable: nnx.Variable) -> bool:
+    """Whether the forward reads `variable` in float32 rather than the compute dtype: parameters
+    marked so (`_param`) and any state that is not a parameter (e.g. the router's bias)."""
+    if not isinstance(variable, nnx.Param):
+        return True
+    return bool(variable.get_metadata().get("float32_in_forward", False))
 
 
 class RMSNorm(nnx.Module):
     """RMSNorm over the last axis in float32 (as HF: normalise in f32, scale, cast back)."""
 
     def __init__(self, dim: int, eps: float, param_dtype, *, rngs: nnx.Rngs):
-        self.scale = _param(rngs, nnx.initializers.ones, (dim,), param_dtype, ("norm",))
+        self.scale = _param(
+            rngs, nnx.initializers.ones, (dim,), param_dtype, ("norm",), float32_in_forward=True
+        )
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
