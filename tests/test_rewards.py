@@ -530,3 +530,39 @@ def test_host_callback_inside_jit_on_a_sharded_batch():
     np.testing.assert_allclose(per_reward, direct.per_reward)
     np.testing.assert_allclose(centred, direct.total - direct.total.mean(), atol=1e-6)
     assert per_reward.shape == (3, 8) and math.isclose(float(per_reward[0, 4]), 1.0)
+
+
+def test_tag_regions_match_the_lazy_regex_and_survive_thousands_of_unclosed_tags():
+    """The regions are found with str.find: the same bodies as a non-overlapping lazy match, and a
+    hostile completion of tens of thousands of unclosed tags is read once (the lazy regex
+    rescanned to the end from every opening tag)."""
+    import random
+    import re
+
+    from r1jax.rewards.common import answer_region
+
+    pieces = ["<think>", "</think>", "<answer>", "</answer>", "a", " 7 ", "\n"]
+    rng = random.Random(0)
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        think = re.search(r"<think>(.*?)</think>", text, re.DOTALL)
+        if think:
+            assert think_region(text) == think.group(1), text
+        answers = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
+        assert answer_region(text) == (answers[-1] if answers else None), text
+    hostile = "<think><answer>\\[\\($$" * 40_000 + "</think>"  # ~900 kB, nothing else closed
+    assert think_region(hostile).startswith("<answer>")
+    assert answer_region(hostile) is None
+    assert word_scripts(hostile) == []
+    assert format_reward([hostile]) == [0.0]
+
+
+def test_an_escaped_dollar_is_a_currency_sign_not_math():
+    gold = ["18"] * 4
+    answers = [
+        "<answer>\\$18</answer>",
+        "\\boxed{\\$18}",
+        "<answer>$18$</answer>",
+        "\\boxed{\\$17}",
+    ]
+    assert accuracy_reward(answers, solution=gold) == [1.0, 1.0, 1.0, 0.0]

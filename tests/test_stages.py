@@ -403,7 +403,8 @@ def test_rl_default_runs_and_learns(toy, reference_rl):
 def test_rejection_sampling_default_runs(toy, tmp_path):
     extra = tmp_path / "chat.jsonl"
     chat = [{"prompt": f"Say hello {i}", "completion": f"Hello {i}!"} for i in range(3)]
-    extra.write_text("".join(json.dumps(r) + "\n" for r in chat))
+    messages = [{"role": "user", "content": "Say bye"}, {"role": "assistant", "content": "Bye!"}]
+    extra.write_text("".join(json.dumps(r) + "\n" for r in [*chat, {"messages": messages}]))
     config = sh.load_config("rejection_sampling")
     r = config.rejection_sampling
     r.num_prompts, r.num_samples, r.max_new_tokens, r.batch_prompts = 4, 2, 4, 4
@@ -419,12 +420,14 @@ def test_rejection_sampling_default_runs(toy, tmp_path):
         assert json.load(f)["dropped"] == summary["dropped"]
     with open(summary["path"]) as f:
         written = [json.loads(line) for line in f]
-    assert len(written) == summary["rows_written"] == summary["kept"] + 3
+    assert len(written) == summary["rows_written"] == summary["kept"] + 4
     reasoning = [w for w in written if w["source"] == "reasoning"]
     assert all("<answer>" in w["completion"] and w["solution"] for w in reasoning)
-    assert [(w["prompt"], w["completion"]) for w in written if w["source"] == "non_reasoning"] == [
+    non_reasoning = [w for w in written if w["source"] == "non_reasoning"]
+    assert [(w["prompt"], w["completion"]) for w in non_reasoning[:3]] == [
         (c["prompt"], c["completion"]) for c in chat
     ]
+    assert non_reasoning[3]["messages"] == messages  # a chat row is mixed in, not dropped
     # The file is what --stage=sft reads.
     from r1jax.models import hf
     from r1jax.stages import sft as sft_stage
@@ -433,7 +436,7 @@ def test_rejection_sampling_default_runs(toy, tmp_path):
     sft_config.sft.source = summary["path"]
     common.validate(sft_config, "sft")
     pairs = sft_stage.load_pairs(sft_config, hf.tokenizer(os.path.join(toy[0], "toy_base")))
-    assert [c for _, c in pairs] == [w["completion"] for w in written]
+    assert [c for _, c in pairs] == [w.get("completion", "Bye!") for w in written]
 
 
 def test_distill_default_runs_with_logit_distillation(toy, tmp_path):
@@ -816,6 +819,23 @@ def test_majority_vote_and_ties():
     assert majority_vote([]) is None
 
 
+def test_majority_vote_groups_answers_the_grader_deems_equal():
+    from r1jax.stages.eval import same_answer
+
+    math = same_answer("math", None)
+    answers = ["3", "3", "0.5", "1/2", "\\frac{1}{2}"]
+    assert majority_vote(answers) == 0  # as strings, "3" is the most frequent
+    assert majority_vote(answers, math) == 2  # three ways of writing one half outvote it
+    correct = [False, False, True, True, True]
+    assert score_prompt(answers, correct, math)["cons@5"] == 1.0
+    arithmetic = same_answer("arithmetic", None)
+    assert majority_vote(["1233", "1233", "1234", "1,234", "1234."], arithmetic) == 2
+    assert majority_vote(["x", "x", "1234", " 1234"], arithmetic) == 0  # unparsed: strings
+    countdown = same_answer("countdown", None)
+    assert majority_vote(["1+2", "(3*4)", "( 3 * 4 )"], countdown) == 1
+    assert same_answer("code", [{"input": "", "output": ""}]) is None
+
+
 def test_score_prompt_pass_and_cons_with_ties():
     # Two answers tie 2-2: the first sampled ("3", wrong) wins, so cons@4 is 0.
     m = score_prompt(["3", "4", "4", "3"], [False, True, True, False])
@@ -837,3 +857,46 @@ def test_score_prompt_pass_and_cons_with_ties():
         "pass@1": 0.25,
         "cons@2": 0.5,
     }
+
+
+def test_file_data_holds_out_its_last_rows_and_refuses_to_train_on_them():
+    from r1jax import data
+
+    config = common.data_config(source=str(data.sample_path("gsm8k_sample.jsonl")))  # 5 rows
+    config.num_eval = 2
+    train = common.load_prompt_rows(config, "train", seed=0)
+    held_out = common.load_prompt_rows(config, "eval", seed=0)
+    assert len(train) == 3 and len(held_out) == 2
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
+    config.num_eval = 5  # every row held out: nothing left to train on without scoring on it
+    with pytest.raises(common.ConfigError, match="data.num_eval=5.*data.eval_source"):
+        common.load_prompt_rows(config, "train", seed=0)
+    config.eval_source = str(data.sample_path("math_sample.jsonl"))  # a separate file
+    assert len(common.load_prompt_rows(config, "train", seed=0)) == 5
+
+
+def test_grader_checks_each_row_by_its_own_rule():
+    """A dataset mixing built-in tasks, math and code (e.g. a glob over several files): every
+    sample is graded by the rule its row calls for, not the first row's."""
+    import types
+
+    from r1jax import data
+    from r1jax.data import loaders, tasks
+    from r1jax.stages.eval import grader
+
+    arithmetic = tasks.make_dataset(tasks.make_task("arithmetic"), 1, seed=0, split="eval")[0]
+    math = loaders.load_rows(str(data.sample_path("gsm8k_sample.jsonl")))[0][0]
+    code = loaders.load_rows(str(data.sample_path("code_contests_sample.jsonl")))[0][0]
+    rows = [math, code, arithmetic]
+    grade = grader(types.SimpleNamespace(rows=rows))
+    answer = lambda body: f"<think>x</think><answer>{body}</answer>"  # noqa: E731
+    program = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
+    texts = [
+        answer(math["solution"]),
+        answer(program),
+        answer(arithmetic["solution"]),
+        answer("-1"),  # a wrong answer to the math row
+    ]
+    keys = sorted({k for r in rows for k in r})
+    columns = {k: [r.get(k) for r in [*rows, math]] for k in keys}
+    np.testing.assert_array_equal(grade(texts, **columns), [1.0, 1.0, 1.0, 0.0])

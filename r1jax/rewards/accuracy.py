@@ -52,6 +52,7 @@ PARSE_TIMEOUT_S = 3  # per math-verify parse/verify call (seconds), main thread 
 _LETTERS = "ABCDEFGHIJ"
 _LETTER_GOLD = re.compile(r"^\s*\(?\s*([A-J])\s*\)?\s*\.?\s*$")
 _LETTER_PRED = re.compile(r"^\(?\s*([A-Ja-j])\s*\)?(?:[.:)\s]|$)")
+_MATH_DOLLAR = re.compile(r"(?<!\\)\$")  # a math delimiter; `\$` is a currency sign
 _LATEX_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textit|boxed)\s*\{([^{}]*)\}")
 _MATH_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
 _LETTER_CONFIG = (StringExtractionConfig(strings=tuple(_LETTERS)),)
@@ -96,7 +97,7 @@ def _strip_delimiters(s: str) -> str:
 def _parse_math(s: str) -> list[Any]:
     """Answer string -> math-verify parse result ([] when nothing parsed)."""
     timeout = _timeout()
-    if "$" in s or "\\(" in s or "\\[" in s:
+    if _MATH_DOLLAR.search(s) or "\\(" in s or "\\[" in s:
         # Prose with delimited math: let math-verify find the (last) expression itself.
         return parse(s, list(_MATH_CONFIG), parsing_timeout=timeout)
     return parse("\\boxed{" + s + "}", list(_MATH_CONFIG), parsing_timeout=timeout)

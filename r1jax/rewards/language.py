@@ -42,8 +42,10 @@ _GREEK = "\u0370-\u03ff"
 
 _NEUTRAL = re.compile(
     r"```.*?(```|$)"  # fenced code (an unclosed fence runs to the end)
-    r"|\$\$.*?\$\$|\$[^$]*\$"  # display and inline math
-    r"|\\\[.*?\\\]|\\\(.*?\\\)"
+    # Display and inline math. A delimited span may not contain its own opener, so that a text
+    # with thousands of unclosed openers is scanned once, not once from each opener (quadratic).
+    r"|\$\$(?:(?!\$\$).)*\$\$|\$[^$]*\$"
+    r"|\\\[(?:(?!\\\[).)*?\\\]|\\\((?:(?!\\\().)*?\\\)"
     r"|\\[A-Za-z]+"  # stray LaTeX commands
     r"|</?[A-Za-z_][\w-]*>",  # markup tags such as <answer>
     re.DOTALL,

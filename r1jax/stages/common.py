@@ -703,7 +703,15 @@ def load_prompt_rows(data_config, split: str, seed: int) -> list[dict]:
     if split == "eval" and not data_config.eval_source:
         return rows[-n:]
     if split == "train" and not data_config.eval_source:
-        return rows[: -data_config.num_eval] or rows
+        # The last num_eval rows are held out; training on them too would score the held-out
+        # curve (and pick the best checkpoint, or filter rejection samples) on training prompts.
+        if len(rows) <= data_config.num_eval:
+            raise ConfigError(
+                f"data.source {path} has {len(rows)} rows, not more than data.num_eval="
+                f"{data_config.num_eval} held out for evaluation, so no training row would be "
+                f"left; lower data.num_eval, or give the held-out rows as data.eval_source"
+            )
+        return rows[: -data_config.num_eval]
     return rows
 
 

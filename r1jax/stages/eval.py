@@ -6,8 +6,10 @@ tests):
 
   pass@1   = mean over prompts of (correct samples / k)             (the paper's headline number)
   pass@k   = unbiased estimate 1 - C(k - c, k) / C(k, k) = [c > 0]   (with n = k samples)
-  cons@k   = the majority-voted answer is correct; a tie between equally frequent answers goes to
-             the one sampled first (deterministic, and no credit for a tie the vote cannot break)
+  cons@k   = the majority-voted answer is correct; answers vote together when the grader deems
+             them one answer ("1/2" and "0.5"; "1,234" and "1234"), and a tie between equally
+             frequent answers goes to the one sampled first (deterministic, and no credit for a
+             tie the vote cannot break)
   length   = mean completion length in tokens; format = share of well-formed completions
 
 Results go to `workdir/eval.json` (overall and per task) and a table on stdout.
@@ -21,7 +23,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,30 +48,49 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def majority_vote(answers: Sequence[str | None]) -> int | None:
+def majority_vote(
+    answers: Sequence[str | None], same: Callable[[str, str], bool] | None = None
+) -> int | None:
     """Index of the sample whose answer wins the vote (None: no sample has an answer).
 
-    Answers are compared after stripping whitespace; among equally frequent answers the one that
-    appears first wins.
+    Answers are stripped of surrounding whitespace and grouped in sample order: each joins the
+    first group whose first answer it is `same` as (default: equal strings; the eval stage passes
+    the grader's own equivalence, so "1/2", "0.5" and "\\frac{1}{2}" vote together). The largest
+    group wins, a tie going to the group sampled first; the winner is that group's first sample.
     """
     keys = [a.strip() if isinstance(a, str) and a.strip() else None for a in answers]
-    counts = collections.Counter(k for k in keys if k is not None)
-    if not counts:
-        return None
-    best = max(counts.values())
+    firsts: list[int] = []  # each group's first sample
+    sizes: list[int] = []
+    group_of: dict[str, int] = {}  # answers seen -> their group (equal strings never re-checked)
     for i, key in enumerate(keys):
-        if key is not None and counts[key] == best:
-            return i
-    return None
+        if key is None:
+            continue
+        group = group_of.get(key)
+        if group is None and same is not None:
+            group = next((g for g, f in enumerate(firsts) if same(keys[f], key)), None)
+        if group is None:
+            group = len(firsts)
+            firsts.append(i)
+            sizes.append(0)
+        group_of[key] = group
+        sizes[group] += 1
+    if not sizes:
+        return None
+    return firsts[sizes.index(max(sizes))]
 
 
-def score_prompt(answers: Sequence[str | None], correct: Sequence[bool]) -> dict[str, float]:
-    """pass@1, pass@k and cons@k for one prompt's k graded samples."""
+def score_prompt(
+    answers: Sequence[str | None],
+    correct: Sequence[bool],
+    same: Callable[[str, str], bool] | None = None,
+) -> dict[str, float]:
+    """pass@1, pass@k and cons@k for one prompt's k graded samples (`same`: see
+    `majority_vote`)."""
     k = len(correct)
     if k == 0 or len(answers) != k:
         raise ValueError("need one answer and one correctness flag per sample")
     c = int(sum(bool(x) for x in correct))
-    winner = majority_vote(answers)
+    winner = majority_vote(answers, same)
     return {
         "pass@1": c / k,
         f"pass@{k}": pass_at_k(k, c, k),
@@ -88,18 +109,62 @@ def aggregate(per_prompt: Sequence[dict[str, float]]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _grading(task: Any, tests: Any) -> str:
+    """The reward that decides a row's correctness: its task's verifier, code tests, or
+    math-verify."""
+    if task in ("arithmetic", "countdown"):
+        return "task"
+    return "code" if tests else "accuracy"
+
+
+def same_answer(task: Any, tests: Any) -> Callable[[str, str], bool] | None:
+    """When two extracted answers to a row are one answer, for cons@k: by the rule that grades
+    the row (`_grading`): math-verify equivalence, the same integer (arithmetic), the same
+    expression up to spaces (Countdown); None (equal strings) for code."""
+    from r1jax import rewards
+    from r1jax.data.arithmetic import parse_int_answer
+
+    kind = _grading(task, tests)
+    if kind == "accuracy":
+        return rewards.answers_match
+    if task == "arithmetic":
+        return lambda a, b: (
+            parse_int_answer(a) is not None and (parse_int_answer(a) == parse_int_answer(b))
+        )
+    if task == "countdown":
+        return lambda a, b: "".join(a.split()) == "".join(b.split())
+    return None
+
+
 def grader(prompt_set: common.PromptSet):
-    """The reward composition that decides correctness for this dataset's rows."""
+    """`grade(texts, **columns) -> [B] float` (1.0 = correct): each sample checked by the reward
+    its row calls for (`_grading`), so a dataset mixing math, code and built-in tasks (e.g. a
+    glob over several files) grades every row by its own rule."""
     from r1jax import rewards
 
-    first = prompt_set.rows[0] if prompt_set.rows else {}
-    if first.get("task") in ("arithmetic", "countdown"):
-        name = "task"
-    elif first.get("tests"):
-        name = "code"
-    else:
-        name = "accuracy"
-    return rewards.build_reward_fn({name: 1.0, "format": 0.0}, num_workers=0)
+    kinds = {_grading(r.get("task"), r.get("tests")) for r in prompt_set.rows}
+    by_kind = {
+        kind: rewards.build_reward_fn({kind: 1.0, "format": 0.0}, num_workers=0)
+        for kind in sorted(kinds)
+    }
+
+    def grade(texts: Sequence[str], **columns: Sequence[Any]) -> np.ndarray:
+        n = len(texts)
+        kinds = [
+            _grading(task, tests)
+            for task, tests in zip(
+                columns.get("task", [None] * n), columns.get("tests", [None] * n), strict=True
+            )
+        ]
+        correct = np.zeros(n, np.float64)
+        for kind, score in by_kind.items():
+            rows = [i for i, k in enumerate(kinds) if k == kind]
+            if rows:
+                subset = {c: [v[i] for i in rows] for c, v in columns.items()}
+                correct[rows] = score([texts[i] for i in rows], **subset).per_reward[0]
+        return correct
+
+    return grade
 
 
 def evaluate(
@@ -140,13 +205,14 @@ def evaluate(
             for t in tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
         ]
         columns = {c: [v[i] for i in ids for _ in range(k)] for c, v in prompt_set.columns.items()}
-        graded = score(texts, **columns).per_reward[0]
+        graded = score(texts, **columns)
         well_formed = rewards.format_reward(texts)
         for j, i in enumerate(ids):
             rows = range(j * k, (j + 1) * k)
             answers = [rewards.extract_answer(texts[r]) for r in rows]
             correct = [bool(graded[r] == 1.0) for r in rows]
-            metrics = score_prompt(answers, correct)
+            row = prompt_set.rows[i]
+            metrics = score_prompt(answers, correct, same_answer(row.get("task"), row.get("tests")))
             per_prompt.append(metrics)
             per_task[prompt_set.rows[i].get("task") or "all"].append(metrics)
             lengths += [len(out.tokens[r]) for r in rows]

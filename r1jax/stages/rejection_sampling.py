@@ -115,9 +115,14 @@ def run(config, workdir: str) -> dict[str, Any]:
         columns = {
             c: [v[i] for i in ids for _ in range(r.num_samples)] for c, v in prompts.columns.items()
         }
-        correct = grade(texts, **columns).per_reward[0]
+        correct = grade(texts, **columns)
         well_formed = rewards.format_reward(texts)
-        language = rewards.language_consistency_reward(texts, language=r.language)
+        # Each row's own target language when the data names one (as the RL reward reads it),
+        # else rejection_sampling.language.
+        targets = [
+            r.language if x is None else x for x in columns.get("language", [None] * len(texts))
+        ]
+        language = rewards.language_consistency_reward(texts, language=targets)
         for j, text in enumerate(texts):
             i = ids[j // r.num_samples]
             samples.append(
@@ -163,12 +168,20 @@ def run(config, workdir: str) -> dict[str, Any]:
             if r.non_reasoning_ratio
             else len(extra)
         )
-        extra = [x for x in extra if x.get("completion")][:want]
-        out_rows += [
-            {"prompt": x["prompt"], "completion": x["completion"], "source": "non_reasoning"}
-            for x in extra
-        ]
-        mixed = len(extra)
+        for i, x in enumerate(extra[:want]):
+            # Prompt/completion rows as they are; chat rows keep their messages (the SFT stage
+            # renders them with the tokenizer's chat template, as it does for its own source).
+            if x.get("completion"):
+                row = {"prompt": x["prompt"], "completion": x["completion"]}
+            elif x.get("messages") and x["messages"][-1].get("role") == "assistant":
+                row = {"messages": x["messages"]}
+            else:
+                raise common.ConfigError(
+                    f"rejection_sampling.non_reasoning_source {r.non_reasoning_source}: row {i} "
+                    f"has neither a completion nor a final assistant message"
+                )
+            out_rows.append({**row, "source": "non_reasoning"})
+            mixed += 1
 
     # 5. Write the dataset and the summary.
     summary = {
