@@ -145,6 +145,7 @@ class Checkpointer:
             },
             options=options,
         )
+        paths.track_open(self)  # closed even if the stage using it fails (stages.common)
 
     # ---------------------------------------------------------------------------------- queries
 
@@ -298,6 +299,7 @@ class Checkpointer:
 
     def close(self) -> None:
         """Finish pending writes and release orbax's threads."""
+        paths.untrack(self)
         self._manager.close()
 
     def __enter__(self) -> Checkpointer:

@@ -126,6 +126,7 @@ class MetricsWriter:
             total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True
         )
         self._last_summary = (start_step, time.time())
+        paths.track_open(self)  # closed even if the stage using it fails (stages.common)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         """Record scalar `metrics` for `step` (Python numbers, numpy or 0-d JAX arrays).
@@ -163,6 +164,7 @@ class MetricsWriter:
     def close(self) -> None:
         """Flush and close files and the bar, and upload them to a cloud workdir. Safe to call
         twice."""
+        paths.untrack(self)
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:

@@ -24,6 +24,7 @@ import importlib.util
 import os
 import shutil
 import time
+import weakref
 from collections.abc import Iterable
 from typing import IO
 
@@ -219,3 +220,33 @@ class Staged:
                     rel_root = os.path.relpath(root, self.local)
                     out += sorted(os.path.join(rel_root, f) for f in files)
         return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Writers a failed stage must still close
+# --------------------------------------------------------------------------------------------------
+
+_open_writers: weakref.WeakSet = weakref.WeakSet()
+
+
+def track_open(writer) -> None:
+    """Register `writer`, whose `close()` finishes what it is still writing (a checkpoint's
+    asynchronous save, the metrics' last upload), until it is closed (`untrack`)."""
+    _open_writers.add(writer)
+
+
+def untrack(writer) -> None:
+    _open_writers.discard(writer)
+
+
+def close_open_writers() -> list[BaseException]:
+    """Close every writer still open, e.g. when a stage raised midway: a save already under way
+    commits instead of being cut off at interpreter exit (and deleted at the next start as a
+    temporary directory). Returns the errors closing raised, so as not to mask the stage's own."""
+    errors = []
+    for writer in list(_open_writers):
+        try:
+            writer.close()
+        except BaseException as e:  # noqa: BLE001 -- reported by the caller, never raised over
+            errors.append(e)
+    return errors

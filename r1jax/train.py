@@ -133,6 +133,18 @@ def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
     )
 
 
+def _decayed(params) -> Any:
+    """Weight decay's mask: matrices only. Norm scales are vectors; biases (named `*_bias`) are
+    not decayed either, although attention's q/k/v biases are [heads, head_dim]."""
+
+    def matrix(path, p) -> bool:
+        last = path[-1] if path else None
+        name = str(getattr(last, "key", getattr(last, "name", last)))
+        return p.ndim >= 2 and not name.endswith("bias")
+
+    return jax.tree_util.tree_map_with_path(matrix, params)
+
+
 @functools.cache
 def make_tx(cfg: OptimConfig) -> optax.GradientTransformation:
     """Global-norm clipping (when enabled) followed by AdamW on `learning_rate_schedule(cfg)`.
@@ -146,7 +158,7 @@ def make_tx(cfg: OptimConfig) -> optax.GradientTransformation:
         b2=cfg.b2,
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
-        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+        mask=_decayed,
     )
     if cfg.max_grad_norm == 0:
         return adamw

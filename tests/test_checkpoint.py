@@ -472,3 +472,31 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     # The data position carried across the kill: every example counted exactly once.
     extra = json.loads((killed / "checkpoints" / str(num_steps) / "extra" / "metadata").read_text())
     assert extra["step"] == num_steps and extra["data"]["examples_seen"] == 4 * num_steps
+
+
+def test_a_stage_that_fails_after_a_save_keeps_that_checkpoint(tmp_path, monkeypatch):
+    """Saves are asynchronous: a stage that raises (a data error, Ctrl-C) right after `save`
+    must still commit that step, not leave a temporary directory the next start deletes."""
+    import types
+
+    import ml_collections
+
+    from r1jax.metrics import MetricsWriter
+    from r1jax.stages import common
+
+    def run(config, workdir):
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=1)
+        writer = MetricsWriter(workdir, total_steps=2, tensorboard=False)
+        model, optimizer = make_state(3)
+        ckpt.save(1, model, optimizer, {"step": 1})
+        writer.write(1, {"loss": 0.5})
+        raise RuntimeError("the stage failed right after saving")
+
+    monkeypatch.setattr(common, "stage_module", lambda stage: types.SimpleNamespace(run=run))
+    with pytest.raises(RuntimeError, match="right after saving"):
+        common.run_stage("rl", ml_collections.ConfigDict(), str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.restore(*make_state(4)) == {"step": 1}
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1]

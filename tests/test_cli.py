@@ -397,3 +397,33 @@ def test_sigkill_then_rerun_resumes_and_matches_uninterrupted_run(toy, tmp_path_
     assert failed.returncode != 0 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
     message = failed.stderr.strip().splitlines()[-1]
     assert message.startswith("error: ") and str(last) in message, message
+
+
+def test_checkpoint_settings_that_would_be_ignored_or_crash_later_are_refused():
+    from r1jax.stages import common
+
+    for stage, field, value, message in [
+        ("rl", "ckpt.keep", 0, "ckpt.keep"),
+        ("rl", "ckpt.best_metric", "reward", "held-out metric"),
+        ("sft", "ckpt.best_metric", "eval/accuracy", "only --stage=rl"),
+        ("rl", "data.prefill_think", True, "data.template='plain'"),
+    ]:
+        config = sh.load_config(stage)
+        sh.set_fields(config, {field: value})
+        if field == "data.prefill_think":
+            config.data.template = "plain"
+        with pytest.raises(common.ConfigError, match=message):
+            common.validate(config, stage)
+
+
+def test_rl_saves_every_evaluated_step_when_it_keeps_the_best():
+    """configs/rl.py evaluates every 20 steps and saves every 25: the steps that can be the best
+    (the evaluated ones) are saved too, or the best checkpoint could only ever be the last."""
+    from r1jax.stages import rl as rl_stage
+
+    config = sh.load_config("rl")
+    steps = range(1, config.rl.steps + 1)
+    assert config.ckpt.best_metric and config.eval.every % config.ckpt.every != 0
+    assert [s for s in steps if rl_stage.forced_save(s, config)] == [20, 40, 60, 80]
+    config.ckpt.best_metric = ""
+    assert [s for s in steps if rl_stage.forced_save(s, config)] == [80]

@@ -482,6 +482,29 @@ def test_chat_template(tok):
     assert full == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\na<|im_end|>\n"
 
 
+def test_a_chat_template_that_opens_the_think_block_itself(tok):
+    """DeepSeek-R1-Distill's and QwQ's templates end the generation prompt with "<think>\n":
+    prefill_think must not add a second one, and format scoring must see the one there is."""
+    import copy
+
+    from r1jax import rewards
+
+    distill = copy.copy(tok)
+    distill.chat_template = tok.chat_template.replace(
+        "assistant\n{% endif %}", "assistant\n<think>\n{% endif %}"
+    )
+    assert distill.chat_template != tok.chat_template
+    for prefill in (False, True):
+        (prompt,) = data.format_prompts(["q"], "chat", tokenizer=distill, prefill_think=prefill)
+        assert prompt.endswith("assistant\n<think>\n") and prompt.count("<think>") == 1
+        prefix = data.completion_prefix("chat", prefill, prompt)
+        assert prefix == "<think>\n"
+        completion = "r\n</think>\n<answer>4</answer>"
+        assert rewards.format_reward([prefix + completion]) == [1.0]
+    (plain,) = data.format_prompts(["q"], "chat", tokenizer=tok)
+    assert data.completion_prefix("chat", False, plain) == ""
+
+
 # --------------------------------------------------------------------------------------------
 # Loaders
 # --------------------------------------------------------------------------------------------
@@ -760,3 +783,21 @@ def test_sft_overflow_and_tokenizer_path(tok):
             sel = (batch.segment_ids[r] == s) & mask[r]
             text = tok.decode(ids[r][sel])
             assert text.endswith("</answer><|endoftext|>") and text.startswith("<think>")
+
+
+def test_a_float_answer_column_reads_as_numbers_and_gaps_as_missing(tmp_path):
+    """pandas writes an integer answer column with a gap as floats: 27.0 is the answer "27" and
+    NaN a missing answer (skipped as no_solution), not the answer "nan"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "answers.parquet"
+    answers = pa.array([27.0, float("nan"), 2.5])
+    pq.write_table(pa.table({"problem": ["a", "b", "c"], "answer": answers}), path)
+    rows, stats = data.load_rows(str(path))
+    assert [r["solution"] for r in rows] == ["27", "2.5"]
+    assert stats.skipped == {"no_solution": 1}
+    line = '{"problem": "d", "answer": NaN}\n{"problem": "e", "answer": 3.0}\n'
+    (tmp_path / "answers.jsonl").write_text(line)
+    rows, stats = data.load_rows(str(tmp_path / "answers.jsonl"))
+    assert [r["solution"] for r in rows] == ["3"] and stats.skipped == {"no_solution": 1}

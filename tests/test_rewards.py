@@ -262,6 +262,13 @@ def test_task_reward_uses_the_data_layer_verifiers():
         1.0,
         1.0,
     ]
+    # Rows of a dataset file are labelled "math", "code", "chat": no built-in verifier applies
+    # (other rewards score them), so the default RL rewards work on a GSM8K file too.
+    assert task_reward(good[:3], task=["math", "code", None], solution=["7", None, None]) == [
+        None,
+        None,
+        None,
+    ]
 
 
 # --- code (well-behaved programs; hostile ones are in test_sandbox.py) -------------------------

@@ -486,3 +486,21 @@ def test_grpo_raises_the_reward_and_compiles_once():
         jax.tree.leaves(grpo.policy_for_sampling(state).state), jax.tree.leaves(fresh), strict=True
     ):
         np.testing.assert_array_equal(ours, theirs)
+
+
+def test_weight_decay_reaches_matrices_only():
+    """Decoupled weight decay on matrices; norm scales and biases (q/k/v biases are 2-D
+    [heads, head_dim]) keep their values under a zero gradient."""
+    model = tiny_model(qkv_bias=True)
+    attn = model.layers[0].attn
+    attn.k_bias[...] = jnp.ones_like(attn.k_bias[...])
+    before = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    optimizer = train.Optimizer(
+        model, train.OptimConfig(learning_rate=0.1, weight_decay=0.5, max_grad_norm=0)
+    )
+    optimizer.apply_gradients(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = "/".join(map(str, path))
+        decayed = not np.array_equal(np.asarray(v[...]), before[path])
+        matrix = v[...].ndim >= 2 and not name.endswith("bias")
+        assert decayed == matrix, name

@@ -40,9 +40,12 @@ import collections
 import dataclasses
 import glob
 import json
+import math
 import os
 import pathlib
 from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
 
 SAMPLES_DIR = pathlib.Path(__file__).parent / "samples"
 FIELDS = ("prompt", "solution", "tests", "language", "messages")
@@ -111,9 +114,16 @@ def extract_boxed(text: object) -> str | None:
 
 
 def _scalar_answer(value: object) -> str | None:
+    """An answer cell -> its text, None when missing. A float column stands for numbers (pandas
+    writes an integer column with a gap as floats): NaN is a missing answer, not "nan", and a
+    whole number is written as one ("27", not "27.0")."""
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, int | float | str):
+    if isinstance(value, float | np.floating):
+        if not math.isfinite(value):
+            return None
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+    if isinstance(value, int | np.integer | str):
         s = str(value).strip()
         return s or None
     return None

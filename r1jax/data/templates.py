@@ -59,7 +59,10 @@ def chat_prompt(
         {"role": "user", "content": question}
     ]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text + "<think>\n" if prefill_think else text
+    # Reasoning models' templates (DeepSeek-R1-Distill, QwQ) open the block themselves.
+    if prefill_think and not text.endswith(_OPEN_THINK):
+        text += "<think>\n"
+    return text
 
 
 def format_prompts(
@@ -91,10 +94,17 @@ def format_prompts(
     raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
 
 
-def completion_prefix(template: str, prefill_think: bool) -> str:
+_OPEN_THINK = ("<think>\n", "<think>")
+
+
+def completion_prefix(template: str, prefill_think: bool, prompt: str | None = None) -> str:
     """The part of the think/answer format already in the prompt, to prepend to completions
-    before format scoring ("<think>" when prefilled, else "")."""
-    if not prefill_think:
+    before format scoring: the opening think tag the prompt ends with ("<think>" when prefilled,
+    else ""). Given a templated `prompt`, read from it, which also covers chat templates that
+    open the block themselves whatever `prefill_think` says (DeepSeek-R1-Distill's)."""
+    if prompt is not None:
+        return next((tag for tag in _OPEN_THINK if prompt.endswith(tag)), "")
+    if not prefill_think or template == "plain":
         return ""
     return "<think>" if template == "r1_zero" else "<think>\n"
 

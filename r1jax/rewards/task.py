@@ -22,7 +22,8 @@ def task_reward(completions: Sequence[Any], **columns: Any) -> list[float | None
       **columns: needs ``task`` ([B] task names, e.g. ``"countdown"``); the verifier reads the
         other columns of the row it needs (``solution``, ``meta``).
     Returns:
-      [B] floats in {0.0, 1.0}; ``None`` for rows whose task is None.
+      [B] floats in {0.0, 1.0}; ``None`` for rows whose task is None or not a built-in task
+      (the loaders label file rows "math", "code", "chat": other rewards score those).
     """
     # Imported here: the data layer is a sibling, and a lazy import keeps either importable alone.
     from r1jax.data import tasks as task_lib
@@ -31,7 +32,7 @@ def task_reward(completions: Sequence[Any], **columns: Any) -> list[float | None
     names = column(columns, "task", len(texts), reward="task_reward")
     rewards: list[float | None] = []
     for text, name, row in zip(texts, names, rows(columns, len(texts)), strict=True):
-        if name is None:
+        if name is None or name not in task_lib.TASKS:  # e.g. "math" rows of a GSM8K file
             rewards.append(None)
             continue
         answer = extract_answer(text)

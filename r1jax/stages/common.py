@@ -116,8 +116,18 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
         check_router_bias_rate(config.model, config.model.path)
     if config.ckpt.best_mode not in ("max", "min"):
         raise ConfigError(f"ckpt.best_mode must be 'max' or 'min', got {config.ckpt.best_mode!r}")
-    if config.ckpt.every < 1 or config.log.every < 1:
-        raise ConfigError("ckpt.every and log.every must be >= 1")
+    if config.ckpt.every < 1 or config.log.every < 1 or config.ckpt.keep < 1:
+        raise ConfigError("ckpt.every, ckpt.keep and log.every must be >= 1")
+    if config.ckpt.best_metric and stage != "rl":
+        raise ConfigError(
+            f"ckpt.best_metric={config.ckpt.best_metric!r}: only --stage=rl keeps a best "
+            f"checkpoint (by a held-out eval/* metric); leave it empty for --stage={stage}"
+        )
+    if config.ckpt.best_metric and not config.ckpt.best_metric.startswith("eval/"):
+        raise ConfigError(
+            f"ckpt.best_metric={config.ckpt.best_metric!r}: the best checkpoint is picked by a "
+            f"held-out metric, one of eval/accuracy, eval/pass@1, eval/format, ..."
+        )
     stage_module(stage).validate(config)
 
 
@@ -256,6 +266,12 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str) -> An
             jax.devices()[0].platform,
         )
         return stage_module(stage).run(config, workdir)
+    except BaseException:
+        # The stage failed (or was interrupted) midway: let the checkpoint it was saving commit,
+        # and the metrics reach the workdir, instead of being cut off at interpreter exit.
+        for error in paths.close_open_writers():
+            log.error("while stopping: %s", error)
+        raise
     finally:
         restore_logging(previous)  # closes this stage's log file (uploading a cloud one)
 
@@ -643,7 +659,9 @@ class PromptSet:
         )
         keys = sorted({k for r in rows for k in r})
         self.columns = {k: [r.get(k) for r in rows] for k in keys}
-        self.completion_prefix = templates.completion_prefix(self.template, self.prefill_think)
+        self.completion_prefix = templates.completion_prefix(
+            self.template, self.prefill_think, self.prompts[0] if self.prompts else None
+        )
         self.stop_token_ids = toks.stop_token_ids(tokenizer)
         self.stop_sequences = toks.stop_sequences(tokenizer, tuple(data_config.stop_strings))
 
@@ -750,6 +768,11 @@ def validate_data(data_config) -> None:
             )
     if data_config.num_eval < 1 or data_config.num_train < 1:
         raise ConfigError("data.num_train and data.num_eval must be >= 1")
+    if data_config.template == "plain" and data_config.prefill_think:
+        raise ConfigError(
+            "data.prefill_think needs a template that ends in the model's turn ('r1_zero' or "
+            "'chat'); data.template='plain' passes the question unchanged"
+        )
 
 
 def validate_reward_model(section) -> None:

@@ -246,7 +246,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             state.optimizer,
             extra={"step": done},
             metrics={k: float(v) for k, v in row.items() if k.startswith("eval/")} or None,
-            force=done == config.rl.steps,
+            force=forced_save(done, config),
         )
 
     # -- wrap up: plots, HF exports of the final and best policies --
@@ -373,6 +373,14 @@ def _headline(row: dict[str, Any], names: tuple[str, ...]) -> dict[str, float]:
     if "format" in names:
         out["format"] = row["rewards/format/mean"]
     return out
+
+
+def forced_save(done: int, config) -> bool:
+    """Whether step `done` is saved whatever `ckpt.every` says: the last step, and with best
+    tracking every evaluated step (only a saved step can be kept as the best one, and
+    `eval.every` need not be a multiple of `ckpt.every`)."""
+    evaluated = _due(done, config.eval.every, config.rl.steps)
+    return done == config.rl.steps or (evaluated and bool(config.ckpt.best_metric))
 
 
 def _due(step: int, every: int, last: int) -> bool:
