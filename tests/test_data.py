@@ -801,3 +801,29 @@ def test_a_float_answer_column_reads_as_numbers_and_gaps_as_missing(tmp_path):
     (tmp_path / "answers.jsonl").write_text(line)
     rows, stats = data.load_rows(str(tmp_path / "answers.jsonl"))
     assert [r["solution"] for r in rows] == ["3"] and stats.skipped == {"no_solution": 1}
+
+
+def test_prompts_start_with_the_tokenizers_bos_once(tok):
+    """A tokenizer that adds BOS by default (Llama 3, R1-Distill) gets it on r1_zero / plain
+    prompts, which are tokenised without special tokens, and not twice on a chat prompt whose
+    template wrote it; a tokenizer without one (Qwen, the toy) is left alone."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from r1jax.data import tokenizer as toks
+
+    vocab = {"<s>": 0, "</s>": 1, "a": 2, "b": 3, "[UNK]": 4}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)]
+    )  # BOS and EOS by default: only the BOS belongs before a prompt
+    llama_like = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+    assert toks.leading_special_ids(llama_like) == [0]
+    assert toks.with_leading_specials(llama_like, [[2, 3], [0, 2]]) == [[0, 2, 3], [0, 2]]
+    batch = data.tokenize_sft(llama_like, ["a b", "<s> a"], ["b", "a"], seq_len=8)
+    firsts = [row[row != 1][0] for row in batch.input_ids]  # the first non-pad token of each row
+    assert firsts == [0, 0] and (batch.input_ids == 0).sum() == 2
+    assert toks.leading_special_ids(tok) == []

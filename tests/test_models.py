@@ -236,3 +236,28 @@ def test_error_truncated_safetensors(tmp_path):
         f.truncate(size // 2)
     with pytest.raises(hf.CheckpointError, match="truncated"):
         hf.load(path)
+
+
+def test_config_fields_left_out_take_transformers_defaults_and_unknown_ones_are_refused():
+    """A config.json without a field means what transformers makes of it for that family
+    (Mistral: a 4096-token window; Qwen2: 32768 positions; Qwen3: head_dim 128), and a save
+    that the family's config cannot express is refused rather than silently changed."""
+    import dataclasses
+
+    base = dict(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    mistral = hf.config_from_hf({"model_type": "mistral", **base})
+    assert mistral.sliding_window == 4096 and mistral.max_position_embeddings == 131072
+    assert hf.config_from_hf({"model_type": "qwen2", **base}).max_position_embeddings == 32768
+    assert hf.config_from_hf({"model_type": "qwen3", **base}).head_dim == 128
+    assert hf.config_from_hf({"model_type": "llama", **base}).head_dim == 16  # 64 / 4
+    # Qwen2.5 and R1-Distill-Qwen write "use_mrope": false; true (Qwen2-VL) is not this model.
+    assert hf.config_from_hf({"model_type": "qwen2", "use_mrope": False, **base})
+    with pytest.raises(hf.CheckpointError, match="use_mrope"):
+        hf.config_from_hf({"model_type": "qwen2", "use_mrope": True, **base})
+    qwen2 = hf.config_from_hf({"model_type": "qwen2", **base})
+    for option, value in (("mlp_bias", True), ("o_bias", True), ("sliding_window", 3)):
+        with pytest.raises(hf.CheckpointError, match=f"cannot express {option}"):
+            hf.config_to_hf(dataclasses.replace(qwen2, **{option: value}))

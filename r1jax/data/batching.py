@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from r1jax.data import tokenizer as toks
+
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024)
 OVERFLOW = ("error", "truncate", "skip")
 
@@ -292,6 +294,8 @@ def tokenize_sft(
       An ``SFTBatch`` with [N', L] int32 arrays.
     """
     p_ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
+    if not add_special_tokens:  # still the tokenizer's BOS, once (see `with_leading_specials`)
+        p_ids = toks.with_leading_specials(tokenizer, p_ids)
     c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
     if append_eos:
         if tokenizer.eos_token_id is None:

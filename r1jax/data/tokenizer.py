@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -144,6 +144,28 @@ def load_tokenizer(path: str | os.PathLike):
             "with r1jax.data.train_toy_tokenizer or point to a model folder"
         )
     return AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+
+
+def leading_special_ids(tokenizer) -> list[int]:
+    """The ids `tokenizer` puts before every text by default: BOS for Llama 3 and
+    DeepSeek-R1-Distill, none for Qwen (and never the EOS some tokenizers append)."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return list(full[:start])
+    return []
+
+
+def with_leading_specials(tokenizer, rows: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Prompt token ids (tokenised without special tokens) with the tokenizer's leading special
+    ids prepended where they are not there yet: an "r1_zero" or "plain" prompt gets Llama 3's
+    BOS, as the model saw in training; a chat template that writes BOS into its text keeps one."""
+    lead = leading_special_ids(tokenizer)
+    return [
+        list(ids) if not lead or list(ids[: len(lead)]) == lead else lead + list(ids)
+        for ids in rows
+    ]
 
 
 def stop_token_ids(tokenizer) -> tuple[int, ...]:

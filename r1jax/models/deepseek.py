@@ -541,7 +541,7 @@ class MLAttention(nnx.Module):
         self.cfg = cfg
         if cfg.q_lora_rank:
             self.q_a_dq = _param(rngs, init, (d, cfg.q_lora_rank), pd, ("embed", "q_lora"))
-            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, pd, rngs=rngs)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, 1e-6, pd, rngs=rngs)  # as HF: eps fixed
             self.q_b_qnh = _param(
                 rngs,
                 init,
@@ -555,7 +555,7 @@ class MLAttention(nnx.Module):
             )
         # The latent and the rope key come from one projection, as in the checkpoints.
         self.kv_a_dc = _param(rngs, init, (d, c + r), pd, ("embed", "kv_lora"))
-        self.kv_norm = RMSNorm(c, cfg.rms_norm_eps, pd, rngs=rngs)
+        self.kv_norm = RMSNorm(c, 1e-6, pd, rngs=rngs)  # as HF: eps fixed, not rms_norm_eps
         self.kv_b_cnh = _param(
             rngs,
             init,

@@ -107,6 +107,7 @@ _MODEL_FIELDS = {
     "use_sliding_window",
     "layer_types",
     "pretraining_tp",
+    "use_mrope",  # Qwen2.5 / R1-Distill-Qwen write "use_mrope": false
 }
 
 
@@ -151,6 +152,25 @@ def config_from_hf(
         if not cond:
             raise CheckpointError(f"{where}: {field}={hf.get(field)!r} is not supported: {msg}")
 
+    # Fields a config.json leaves out take the values transformers gives them for this family
+    # (and from the fields present: e.g. head_dim = hidden_size / heads), so that both read one
+    # file as one model (Qwen2 defaults to 32 kv heads and 32768 positions, Mistral to a 4096-token
+    # window, Qwen3 to head_dim 128).
+    try:
+        import transformers
+
+        full = transformers.AutoConfig.for_model(
+            model_type, **{k: v for k, v in hf.items() if k != "model_type"}
+        )
+    except Exception as e:  # noqa: BLE001 -- any failure is the file's
+        raise CheckpointError(f"{where}: transformers cannot read it either ({e})") from None
+
+    def get(field, fallback=None):
+        value = hf.get(field, getattr(full, field, None))
+        return fallback if value is None else value
+
+    require(not hf.get("use_mrope"), "use_mrope", "multimodal (M-RoPE) positions")
+
     require(hf.get("hidden_act", "silu") == "silu", "hidden_act", "only SwiGLU (silu) MLPs")
     require(not hf.get("attention_dropout"), "attention_dropout", "dropout is not implemented")
     require(hf.get("pretraining_tp", 1) == 1, "pretraining_tp", "must be 1")
@@ -166,7 +186,7 @@ def config_from_hf(
     )
     sliding_window = None
     if model_type == "mistral":
-        sliding_window = hf.get("sliding_window")
+        sliding_window = get("sliding_window")
     elif hf.get("use_sliding_window"):
         require(False, "use_sliding_window", "Qwen sliding-window layers are not implemented")
 
@@ -178,13 +198,13 @@ def config_from_hf(
         intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"],
         num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        num_kv_heads=get("num_key_value_heads", heads),
+        head_dim=get("head_dim", hf["hidden_size"] // heads),
+        max_position_embeddings=get("max_position_embeddings", 2048),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rms_norm_eps=get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or attention_bias,
         o_bias=model_type in ("llama", "qwen3") and attention_bias,
         mlp_bias=bool(hf.get("mlp_bias", False)),
@@ -235,6 +255,18 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         )
     if cfg.qk_norm != (cfg.model_type == "qwen3"):
         raise CheckpointError(f"qk_norm={cfg.qk_norm} requires model_type 'qwen3'")
+    # What the family's config has no field for would be dropped by transformers (its weights
+    # "unexpected", the window ignored): the saved model would not be this one.
+    for option, families in (
+        ("mlp_bias", ("llama",)),
+        ("o_bias", ("llama", "qwen3")),
+        ("sliding_window", ("mistral",)),
+    ):
+        if getattr(cfg, option) and cfg.model_type not in families:
+            raise CheckpointError(
+                f"model_type {cfg.model_type!r} cannot express {option}="
+                f"{getattr(cfg, option)!r} (only {', '.join(families)} can)"
+            )
     kwargs = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,

@@ -265,7 +265,10 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str) -> An
             jax.device_count(),
             jax.devices()[0].platform,
         )
-        return stage_module(stage).run(config, workdir)
+        result = stage_module(stage).run(config, workdir)
+        # What process 0 wrote (hf/final, a dataset) is read by every process in the next stage.
+        sync_processes(f"stage {stage} done")
+        return result
     except BaseException:
         # The stage failed (or was interrupted) midway: let the checkpoint it was saving commit,
         # and the metrics reach the workdir, instead of being cut off at interpreter exit.
@@ -427,7 +430,19 @@ def resolve_model_path(path: str) -> str:
         pretrain.run(pretrain_config, run_dir, export_to=target)
         if _is_process_zero():
             mark_toy_base(target, recipe)
+        sync_processes("toy base model written")  # process 0 wrote it; every process reads it
     return target
+
+
+def sync_processes(what: str) -> None:
+    """Wait until every process reaches this point (a no-op with one process): after process 0
+    writes files the others are about to read (an exported model, a stage's outputs)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(what)
 
 
 def _is_process_zero() -> bool:
@@ -653,7 +668,9 @@ class PromptSet:
             tokenizer=tokenizer,
             prefill_think=self.prefill_think,
         )
-        self.token_ids = tokenizer(self.prompts, add_special_tokens=False)["input_ids"]
+        self.token_ids = toks.with_leading_specials(
+            tokenizer, tokenizer(self.prompts, add_special_tokens=False)["input_ids"]
+        )
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -437,6 +438,8 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
 
     # 1-2. Corpus and tokenizer.
     tok_dir = os.path.join(workdir, "tokenizer")
+    if jax.process_index() > 0:  # every process trains the same one; only process 0 writes here
+        tok_dir = tempfile.mkdtemp(prefix="r1jax_tokenizer_")
     tokenizer = toy_tokenizer.train_toy_tokenizer(
         tok_dir, seed=config.seed, vocab_size=p.vocab_size, tag_names=p.tag_names
     )
