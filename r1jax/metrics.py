@@ -94,6 +94,7 @@ class MetricsWriter:
         desc: str | None = None,
         tensorboard: bool = True,
         sync_secs: float = 30.0,
+        progress: bool = True,
     ):
         self.active = jax.process_index() == 0
         self.path = os.path.join(os.fspath(workdir), METRICS_FILE)  # the workdir's copy
@@ -122,8 +123,13 @@ class MetricsWriter:
                 # would overwrite the file it continues without a suffix of its own.
                 filename_suffix=f".from_step_{start_step}",
             )
-        self._bar = tqdm(
-            total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True
+        self._bar = tqdm(  # progress=False: no bar (summary lines still print every N steps)
+            total=total_steps,
+            initial=start_step,
+            desc=desc,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not progress,
         )
         self._last_summary = (start_step, time.time())
         paths.track_open(self)  # closed even if the stage using it fails (stages.common)

@@ -414,6 +414,9 @@ def test_checkpoint_settings_that_would_be_ignored_or_crash_later_are_refused():
             config.data.template = "plain"
         with pytest.raises(common.ConfigError, match=message):
             common.validate(config, stage)
+    for stage, other in (("sft", "rl"), ("eval", "rl"), ("rl", "eval")):
+        with pytest.raises(common.ConfigError, match=f"not a config for --stage={stage}"):
+            common.validate(sh.load_config(other), stage)
 
 
 def test_rl_saves_every_evaluated_step_when_it_keeps_the_best():

@@ -133,6 +133,14 @@ def test_progress_bar_postfix_and_summary_lines(tmp_path, capsys):
     final_bar = err.replace("\r", "\n").strip().splitlines()[-1]
     assert final_bar.startswith("rl: 100%") and "4/4" in final_bar
     assert "reward=2" in final_bar and "accuracy=0.25" in final_bar and "loss" not in final_bar
+    # log.progress=False: the same summary lines, no bar.
+    with MetricsWriter(
+        tmp_path / "quiet", total_steps=4, summary_every=2, tensorboard=False, progress=False
+    ) as w:
+        for step in range(1, 5):
+            w.write(step, {"reward": 0.5 * step})
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 2 and "%" not in captured.err
 
 
 def test_other_processes_write_and_print_nothing(tmp_path, monkeypatch, capsys):

@@ -82,6 +82,13 @@ def test_save_shards_above_size_and_loads_from_index(tmp_path):
         np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))),
     )
     assert transformers.AutoModelForCausalLM.from_pretrained(out) is not None
+    # Converted on the way out: the tensors and the dtype transformers loads them as.
+    hf.save(model, str(tmp_path / "bf16"), dtype="bfloat16")
+    import torch
+
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").dtype == (
+        torch.bfloat16
+    )
 
 
 MESHES = {
@@ -257,6 +264,15 @@ def test_config_fields_left_out_take_transformers_defaults_and_unknown_ones_are_
     assert hf.config_from_hf({"model_type": "qwen2", "use_mrope": False, **base})
     with pytest.raises(hf.CheckpointError, match="use_mrope"):
         hf.config_from_hf({"model_type": "qwen2", "use_mrope": True, **base})
+    # Rope scaling: what is missing is named at load, not a KeyError at the first forward.
+    for scaling, message in (({"rope_type": "linear"}, "factor"), ({"rope_type": "longrope"}, "longrope")):
+        with pytest.raises(hf.CheckpointError, match=message):
+            hf.config_from_hf({"model_type": "llama", "rope_scaling": scaling, **base})
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    scaled = hf.config_from_hf(
+        {"model_type": "llama", "max_position_embeddings": 256, "rope_scaling": llama3, **base}
+    )
+    assert dict(scaled.rope_scaling)["original_max_position_embeddings"] == 256  # as transformers
     qwen2 = hf.config_from_hf({"model_type": "qwen2", **base})
     for option, value in (("mlp_bias", True), ("o_bias", True), ("sliding_window", 3)):
         with pytest.raises(hf.CheckpointError, match=f"cannot express {option}"):

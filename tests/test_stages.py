@@ -900,3 +900,16 @@ def test_grader_checks_each_row_by_its_own_rule():
     keys = sorted({k for r in rows for k in r})
     columns = {k: [r.get(k) for r in [*rows, math]] for k in keys}
     np.testing.assert_array_equal(grade(texts, **columns), [1.0, 1.0, 1.0, 0.0])
+
+
+def test_pipeline_settings_made_at_the_top_level_reach_every_stage():
+    config = sh.load_config("pipeline")
+    assert pipeline.shared_overrides(config) == {}
+    sh.set_fields(config, {"mesh.data": -1, "mesh.fsdp": 1, "model.dtype": "bfloat16"})
+    assert pipeline.shared_overrides(config) == {
+        "mesh": {"data": -1, "fsdp": 1},
+        "model": {"dtype": "bfloat16"},
+    }
+    sh.set_fields(config, {"r1_zero.seed": 7})  # run() would give every stage config.seed
+    with pytest.raises(common.ConfigError, match="r1_zero.seed=7.*--config.seed"):
+        pipeline.validate(config)

@@ -234,8 +234,33 @@ def rope_from_hf(
             f"{where}: rope_parameters={hf.get('rope_parameters')!r} is not supported: "
             f"partial_rotary_factor != 1"
         )
-    if rope.get("rope_type", "default") == "default":
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "default":
         return rope_theta, None
+    from r1jax.models.transformer import _ROPE_TYPES
+
+    if rope_type not in _ROPE_TYPES:
+        raise CheckpointError(
+            f"{where}: rope_type {rope_type!r} is not supported; r1jax implements "
+            f"{', '.join(_ROPE_TYPES)}"
+        )
+    if rope_type in ("llama3", "yarn") and hf.get("max_position_embeddings"):
+        # transformers' default when the scaling leaves it out
+        rope.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
+    needed = {
+        "linear": ("factor",),
+        "dynamic": ("factor",),
+        "llama3": (
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        ),
+        "yarn": ("original_max_position_embeddings",),
+    }[rope_type]
+    missing = [k for k in needed if rope.get(k) is None]
+    if missing:
+        raise CheckpointError(f"{where}: rope_type {rope_type!r} needs {', '.join(missing)}")
     return rope_theta, tuple(sorted(rope.items()))
 
 
@@ -718,6 +743,7 @@ def save_weights(
     os.makedirs(path, exist_ok=True)
     state = {p: v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     out_dtype = jnp.dtype(dtype or cfg.param_dtype)
+    hf_config = {**hf_config, "dtype": out_dtype.name}  # what transformers loads the model as
 
     tensors: dict[str, np.ndarray] = {}
     for m in mappings:

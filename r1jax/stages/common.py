@@ -97,6 +97,16 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
     """Refuse configs that cannot work, before any work is done. Raises ConfigError."""
     import jax
 
+    if stage != "pipeline":  # --config of another stage (its own section names it)
+        own = ("rl", "sft", "pretrain", "distill", "rejection_sampling")
+        other = next((s for s in own if s != stage and s in config), None)
+        if stage not in config or other:
+            raise ConfigError(
+                f"--config is not a config for --stage={stage}"
+                + (f" but for --stage={other}" if other else f" (it has no {stage} section)")
+                + f"; use configs/{stage}.py or pass the stage the config is for"
+            )
+
     mesh_sizes(config, jax.device_count())
     for field in ("param_dtype", "dtype"):
         if config.model[field] not in ("float32", "bfloat16"):

@@ -62,10 +62,37 @@ EVALUATED = (
 )
 
 
+# The pipeline-level sections every stage also has; a value set at the top level applies to all.
+SHARED_SECTIONS = ("mesh", "model", "ckpt", "log")
+
+
+def shared_overrides(config) -> dict[str, dict[str, Any]]:
+    """{section: {field: value}} of the pipeline's shared sections that differ from the defaults
+    (`common.base_config`), i.e. what the user set for the whole pipeline. Not `model.path`: the
+    pipeline chains each stage's input model itself."""
+    base = common.base_config()
+    out = {}
+    for section in SHARED_SECTIONS:
+        changed = {
+            k: v
+            for k, v in config[section].items()
+            if v != base[section].get(k) and (section, k) != ("model", "path")
+        }
+        if changed:
+            out[section] = changed
+    return out
+
+
 def validate(config) -> None:
     for name, stage, _ in PLAN:
         if name not in config:
             raise common.ConfigError(f"pipeline config lacks the section {name!r} ({stage})")
+        seed = config[name].get("seed", 0)
+        if seed not in (0, config.seed):  # run() gives every stage the pipeline's seed
+            raise common.ConfigError(
+                f"{name}.seed={seed}: the pipeline runs every stage with its own seed; set "
+                f"--config.seed instead"
+            )
     common.validate_data(config.eval_data)
 
 
@@ -78,6 +105,8 @@ def run(config, workdir: str) -> dict[str, Any]:
         subdir = os.path.join(workdir, name)
         with sub.unlocked():
             sub.seed = config.seed
+            for section, fields in shared_overrides(config).items():
+                sub[section].update(fields)  # e.g. --config.mesh.fsdp, --config.model.dtype
             if source is not None:
                 sub.model.path = model_of[source]
             if name == "r1_sft":

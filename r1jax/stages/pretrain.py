@@ -382,6 +382,7 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
         summary_every=config.log.every,
         desc="pretrain" if not attempt else f"pretrain, restart {attempt}",
         postfix_keys=("loss",),
+        progress=config.log.progress,
     )
     row, abandoned = {}, None
     for step in range(start, warm + p.steps):

@@ -188,6 +188,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         summary_every=config.log.every,
         desc="GRPO",
         postfix_keys=("reward", "accuracy", "format", "length"),
+        progress=config.log.progress,
     )
     compiles = metrics.CompileCounter(log_each=False).start()
     base_key = jax.random.key(config.seed)

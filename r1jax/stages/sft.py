@@ -130,6 +130,7 @@ def train_on_pairs(
         summary_every=config.log.every,
         desc="distill" if teacher else "SFT",
         postfix_keys=("loss",),
+        progress=config.log.progress,
     )
     row = {}
     for step in range(start, steps):
