@@ -182,6 +182,12 @@ class MetricsWriter:
         if was_active:
             self._staged.sync(force=True)  # a failure here is raised: the files must get there
 
+    def flush(self) -> None:
+        """Bring the workdir's metrics up to date now (after a checkpoint is saved, so a run
+        resumed from it on another machine finds every row up to its step)."""
+        if self.active:
+            self._sync()
+
     def _sync(self) -> None:
         """Upload the working copies to a cloud workdir; a failure mid-run is only logged (the
         next sync retries it) so that a network hiccup does not end a training run."""

@@ -792,3 +792,16 @@ def test_named_configs_have_the_published_sizes():
     assert abs(lite.num_params / 15.7e9 - 1) < 0.005
     cache = MLACache.empty(v3, 1, 1, dtype=jnp.bfloat16)
     assert cache.bytes_per_token == 61 * (512 + 64) * 2  # 70,272 bytes per token
+
+
+def test_bfloat16_load_keeps_the_router_in_float32():
+    """As transformers does: the routing weights stay float32 in a bfloat16 model, so the
+    experts chosen do not depend on the parameter dtype's rounding."""
+    bf16 = hf.load(checkpoint("v3_moe_only"), param_dtype="bfloat16")
+    mlp = bf16.layers[0].mlp
+    assert mlp.router_de[...].dtype == jnp.float32 and mlp.bias[...].dtype == jnp.float32
+    assert mlp.gate_edm[...].dtype == jnp.bfloat16
+    f32 = hf.load(checkpoint("v3_moe_only"))
+    np.testing.assert_array_equal(
+        np.asarray(mlp.router_de[...]), np.asarray(f32.layers[0].mlp.router_de[...])
+    )

@@ -202,6 +202,13 @@ def test_cloud_workdir_is_written_through_the_path_layer(fake_gcs, tmp_path, mon
     with MetricsWriter(run, start_step=4, summary_every=0, tensorboard=False) as w:
         w.write(5, {"reward": 11.0})
     assert [(r["step"], r["reward"]) for r in read_metrics(jsonl)][3:] == [(4, 9.0), (5, 11.0)]
+    # A stage flushes when it saves a checkpoint: the bucket then has every row up to that step,
+    # however far the next timed upload is.
+    with MetricsWriter(run, start_step=5, summary_every=0, sync_secs=1e9, tensorboard=False) as w:
+        w.write(6, {"reward": 12.0})
+        assert [r["step"] for r in read_metrics(jsonl)][-1] == 5
+        w.flush()
+        assert [r["step"] for r in read_metrics(jsonl)][-1] == 6
 
     # Plots read and write the bucket too.
     png = run + "/plots/curves.png"

@@ -265,7 +265,10 @@ def test_config_fields_left_out_take_transformers_defaults_and_unknown_ones_are_
     with pytest.raises(hf.CheckpointError, match="use_mrope"):
         hf.config_from_hf({"model_type": "qwen2", "use_mrope": True, **base})
     # Rope scaling: what is missing is named at load, not a KeyError at the first forward.
-    for scaling, message in (({"rope_type": "linear"}, "factor"), ({"rope_type": "longrope"}, "longrope")):
+    for scaling, message in (
+        ({"rope_type": "linear"}, "factor"),
+        ({"rope_type": "longrope"}, "longrope"),
+    ):
         with pytest.raises(hf.CheckpointError, match=message):
             hf.config_from_hf({"model_type": "llama", "rope_scaling": scaling, **base})
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}

@@ -419,13 +419,14 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
             if deadline is not None and step + 1 <= deadline:
                 best = _best_check(best, row["tag_copy"])
         writer.write(step + 1, row)
-        ckpt.save(
+        if ckpt.save(
             step + 1,
             state.model,
             state.optimizer,
             extra={"step": step + 1, "tag_copy_best": best},
             force=step + 1 == warm + p.steps,
-        )
+        ):
+            writer.flush()  # a cloud workdir's metrics reach the saved step
     ckpt.wait()
     writer.close()
     ckpt.close()

@@ -241,14 +241,15 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             row.update(held_out())
         row["compiles"] = compiles.count
         writer.write(done, row)
-        ckpt.save(
+        if ckpt.save(
             done,
             state.model,
             state.optimizer,
             extra={"step": done},
             metrics={k: float(v) for k, v in row.items() if k.startswith("eval/")} or None,
             force=forced_save(done, config),
-        )
+        ):
+            writer.flush()  # a cloud workdir's metrics reach the saved step
 
     # -- wrap up: plots, HF exports of the final and best policies --
     ckpt.wait()

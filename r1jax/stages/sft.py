@@ -143,13 +143,14 @@ def train_on_pairs(
         )
         row = jax.device_get(out)
         writer.write(step + 1, row)
-        ckpt.save(
+        if ckpt.save(
             step + 1,
             state.model,
             state.optimizer,
             extra={"step": step + 1},
             force=step + 1 == steps,
-        )
+        ):
+            writer.flush()  # a cloud workdir's metrics reach the saved step
     ckpt.wait()
     writer.close()
     ckpt.close()
