@@ -280,6 +280,9 @@ def test_extract_code_and_output_matching():
     assert extract_code("```bash\nls\n```") is None
     assert outputs_match("1 2  \n3\n\n", "1 2\n3")
     assert not outputs_match("1 2\n3", "1 2 3")
+    assert outputs_match("1\r\n2\r\n", "1\n2")
+    # Only "\n" ends a line and only spaces, tabs, "\r" trail, as on a judge.
+    assert not any(outputs_match(a, b) for a, b in [("1\x0c2", "1\n2"), ("5\xa0", "5")])
     assert not outputs_match("", "0")
 
 

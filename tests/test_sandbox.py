@@ -362,7 +362,7 @@ UNRELEASED_INIT = (
 
 
 def test_deadline_inside_bubblewraps_setup_kills_the_unreported_init(monkeypatch):
-    def stand_in(python, cfg, code_fd, info_fd):
+    def stand_in(python, cfg, code_fd, info_fd, seccomp_fd=None):
         return [python, "-I", "-S", "-c", UNRELEASED_INIT]
 
     monkeypatch.setattr(sandbox_lib, "_bwrap_args", stand_in)
@@ -417,3 +417,22 @@ def test_private_ids_fit_a_remapped_user_namespace(monkeypatch):
             sandbox_lib._private_id_range()
     finally:
         sandbox_lib._private_id_range.cache_clear()
+
+
+def test_memory_outside_the_address_space_limit_is_refused():
+    """System V shared memory filled and detached (and message queues, memfds) would stay in RAM
+    beyond RLIMIT_AS until the run ends: the seccomp filter refuses them; the run goes on."""
+    code = (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "print('shm', libc.shmget(0, 32 << 20, 0o1600), ctypes.get_errno())\n"
+        "print('msg', libc.msgget(0, 0o1600), ctypes.get_errno())\n"
+        "try:\n    os.memfd_create('x')\nexcept PermissionError:\n    print('memfd refused')\n"
+    )
+    from r1jax.rewards import sandbox
+
+    if sandbox._seccomp_filter() is None:
+        pytest.skip("no seccomp filter for this architecture (x86-64 and arm64 only)")
+    result = run_python(code, cfg=CFG)
+    assert result.sandboxed and result.returncode == 0, result.stderr
+    assert result.stdout.decode().split("\n")[:3] == ["shm -1 1", "msg -1 1", "memfd refused"]

@@ -43,7 +43,9 @@ def outputs_match(actual: str, expected: str) -> bool:
     """Line-wise equality ignoring trailing whitespace on each line and trailing blank lines."""
 
     def lines(s: str) -> list[str]:
-        out = [line.rstrip() for line in s.splitlines()]
+        # "\n" ends a line and spaces, tabs and "\r" are trailing whitespace, as on a judge;
+        # str.splitlines / str.rstrip would also take "\x0c", "\x1c" or "\xa0" for them.
+        out = [line.rstrip(" \t\r") for line in s.split("\n")]
         while out and not out[-1]:
             out.pop()
         return out

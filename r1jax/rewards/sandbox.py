@@ -32,7 +32,11 @@ code can read world-readable host files and use the network.
 Interpreter: ``-I -S -B`` (isolated, no site-packages, no bytecode files), so code gets the
 standard library only, as on a contest judge; this also makes startup ~5x faster. The trainer's
 own interpreter is used when the sandbox uid can reach it, else ``/usr/bin/python3``.
-Not done: a seccomp filter (the namespaces and the uid carry the isolation).
+5. **A seccomp filter** (``_seccomp_filter``) refusing the few system calls that hold memory the
+   address-space limit does not count: System V shared memory and message queues (a segment
+   filled and detached stays in RAM until the IPC namespace goes) and ``memfd_create``. They
+   fail with ``EPERM``; everything else is allowed (the namespaces and the uid carry the rest).
+   On architectures other than x86-64 and arm64 the filter is left out.
 """
 
 from __future__ import annotations
@@ -253,9 +257,47 @@ def _tasks_of_uid(uid: int) -> int:
     return count
 
 
-def _bwrap_args(python: str, cfg: SandboxConfig, code_fd: int, info_fd: int) -> list[str]:
+# System calls whose memory RLIMIT_AS does not count, by architecture (AUDIT_ARCH_*, numbers).
+_SECCOMP_BLOCKED = {
+    "x86_64": (0xC000003E, {"shmget": 29, "shmat": 30, "msgget": 68, "memfd_create": 319}),
+    "aarch64": (0xC00000B7, {"shmget": 194, "shmat": 196, "msgget": 186, "memfd_create": 279}),
+}
+
+
+@functools.cache
+def _seccomp_filter() -> bytes | None:
+    """A classic-BPF seccomp program (what ``bwrap --seccomp`` reads): the `_SECCOMP_BLOCKED`
+    calls of this architecture fail with EPERM, as does anything from another ABI (x86's x32 or
+    i386 numbering would bypass the numbers); everything else is allowed. None elsewhere."""
+    import platform
+    import struct
+
+    if platform.machine() not in _SECCOMP_BLOCKED:
+        return None
+    arch, calls = _SECCOMP_BLOCKED[platform.machine()]
+    load, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JGE|K, RET|K
+    allow, eperm = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    n = len(calls)
+    # Layout: 0 arch, 1 arch check, 2 nr, 3 x32 check, 4..4+n-1 calls, then ALLOW, then EPERM.
+    deny = 4 + n + 1
+    program = [
+        (load, 0, 0, 4),  # seccomp_data.arch
+        (jeq, 0, deny - 2, arch),
+        (load, 0, 0, 0),  # seccomp_data.nr
+        (jge, deny - 4, 0, 0x40000000),  # x32 system calls
+        *((jeq, deny - (5 + i), 0, nr) for i, nr in enumerate(calls.values())),
+        (ret, 0, 0, allow),
+        (ret, 0, 0, eperm),
+    ]
+    return b"".join(struct.pack("<HBBI", *insn) for insn in program)
+
+
+def _bwrap_args(
+    python: str, cfg: SandboxConfig, code_fd: int, info_fd: int, seccomp_fd: int | None = None
+) -> list[str]:
     return [
         "bwrap",
+        *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
         "--unshare-all",
         "--unshare-user",
         "--disable-userns",
@@ -390,9 +432,22 @@ def _run(code: str, stdin: bytes, cfg: SandboxConfig, python: str, *, sandboxed:
         os.lseek(code_fd, 0, os.SEEK_SET)
         info_r, info_w = os.pipe()  # bwrap reports the sandbox init's PID here
         os.set_blocking(info_r, False)
-        own_fds = [code_fd, info_r, info_w]
-        argv = drop + _limits_args(cfg, private) + _bwrap_args(python, cfg, code_fd, info_w)
-        pass_fds: tuple[int, ...] = (code_fd, info_w)
+        own_fds = [code_fd, info_r]
+        seccomp_fd = None
+        if (program := _seccomp_filter()) is not None:
+            seccomp_fd = os.memfd_create("r1jax-sandbox-seccomp")
+            os.write(seccomp_fd, program)
+            os.lseek(seccomp_fd, 0, os.SEEK_SET)
+            own_fds.append(seccomp_fd)
+        own_fds.append(info_w)  # last: closed first, below
+        argv = (
+            drop
+            + _limits_args(cfg, private)
+            + _bwrap_args(python, cfg, code_fd, info_w, seccomp_fd)
+        )
+        pass_fds: tuple[int, ...] = tuple(
+            fd for fd in (code_fd, info_w, seccomp_fd) if fd is not None
+        )
     else:
         argv = drop + _limits_args(cfg, private) + [python, "-I", "-S", "-B", "-c", code]
         pass_fds = ()
