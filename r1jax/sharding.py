@@ -280,11 +280,23 @@ def shard_batch(batch, mesh: Mesh, rules=None):
 
 
 def shard_local_batch(batch, mesh: Mesh, rules=None):
-    """Like `shard_batch`, but each process passes only its own rows [B_global / processes, ...]."""
+    """Like `shard_batch`, but each process passes only its own rows [B_global / processes, ...].
+
+    The batch axes must split rows over processes (with them all of size 1 every process would
+    need every row: use `shard_batch`), and B_global must divide by their size.
+    """
 
     def one(x):
         x = np.asarray(x)
         sharding = batch_sharding(mesh, x.ndim, rules)
+        if jax.process_count() > 1 and len(sharding.device_set) == len(mesh.devices.flat):
+            spec = sharding.spec[0] if len(sharding.spec) else None
+            if spec is None:
+                raise ValueError(
+                    "shard_local_batch: the mesh's batch axes are all of size 1, so rows are not "
+                    "split over processes; pass the global batch to shard_batch instead"
+                )
+        _check_divisible(x.shape[0] * jax.process_count(), sharding)
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree.map(one, batch)
@@ -341,7 +353,13 @@ def initialize_distributed() -> bool:
 
 def _on_known_cluster() -> bool:
     """True on a multi-host TPU slice or under Slurm with several tasks (JAX auto-detects both)."""
-    if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    # Inside an `srun` step only: JAX's Slurm detection reads the step's node list, which an
+    # `sbatch` script or `salloc` shell does not have.
+    if (
+        os.environ.get("SLURM_JOB_ID")
+        and os.environ.get("SLURM_STEP_NODELIST")
+        and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    ):
         return True
     # GKE lists a slice's workers in the environment.
     hostnames = os.environ.get("TPU_WORKER_HOSTNAMES", "")

@@ -703,3 +703,19 @@ def test_tpu_setup_run_detach_and_stop(env):
         for p in pids:
             if alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_slurm_counts_as_a_cluster_only_inside_an_srun_step(monkeypatch):
+    """An `sbatch` script or `salloc` shell with several tasks has no step node list, which JAX's
+    Slurm detection needs: a single process started there must not try to join a cluster."""
+    from r1jax import sharding
+
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "TPU_", "MEGASCALE_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(sharding.os.path, "exists", lambda path: False)  # not a TPU VM
+    monkeypatch.setenv("SLURM_JOB_ID", "4321")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert not sharding._on_known_cluster()
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node[17-18]")
+    assert sharding._on_known_cluster()

@@ -179,3 +179,60 @@ def _wait_all(procs, timeout: float) -> bool:
             p.kill()
             p.wait()
     return False
+
+
+GENERATE_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from r1jax import sharding
+sharding.initialize_distributed()
+from r1jax import sampling
+from r1jax.models import hf
+import helpers
+mesh = sharding.make_mesh(fsdp=-1)
+model = hf.load(helpers.hf_checkpoint("qwen2_sharp"), mesh=mesh, rules=sharding.SAMPLING_RULES)
+out = sampling.generate(model, {prompts!r}, max_new_tokens=3, mesh=mesh, temperature=0.0)
+print("TOKENS", out.tokens)
+"""
+
+
+def test_generate_on_a_two_host_mesh_returns_every_row_to_every_process(tmp_path):
+    """8 prompts over 8 batch shards on 2 processes: each process holds half the rows; every
+    process gets all of them (eval and rejection sampling score them all), as on one host."""
+    import subprocess
+    import sys
+
+    from helpers import hf_checkpoint
+
+    from r1jax import sampling
+    from r1jax.models import hf
+
+    prompts = [[1, 2, 3, 4 + i] for i in range(8)]
+    script = tmp_path / "generate.py"
+    script.write_text(GENERATE_SCRIPT.format(tests=os.path.dirname(__file__), prompts=prompts))
+    address = f"127.0.0.1:{sh.free_port()}"
+    procs = []
+    for i in range(2):
+        env = sh.cli_env(
+            str(tmp_path / "home"),
+            devices=4,
+            R1JAX_COORDINATOR_ADDRESS=address,
+            R1JAX_NUM_PROCESSES="2",
+            R1JAX_PROCESS_ID=str(i),
+            R1JAX_CPU_COLLECTIVES="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True,
+            )
+        )  # fmt: skip
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    want = sampling.generate(
+        hf.load(hf_checkpoint("qwen2_sharp")), prompts, max_new_tokens=3, temperature=0.0
+    ).tokens
+    for out, _ in outputs:
+        (line,) = [x for x in out.splitlines() if x.startswith("TOKENS")]
+        assert line == f"TOKENS {want}"

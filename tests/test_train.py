@@ -504,3 +504,11 @@ def test_weight_decay_reaches_matrices_only():
         decayed = not np.array_equal(np.asarray(v[...]), before[path])
         matrix = v[...].ndim >= 2 and not name.endswith("bias")
         assert decayed == matrix, name
+
+
+def test_shard_local_batch_names_a_batch_the_mesh_cannot_split():
+    mesh = sharding.make_mesh(fsdp=8)
+    rows = sharding.shard_local_batch({"x": np.arange(16).reshape(8, 2)}, mesh)
+    assert rows["x"].shape == (8, 2) and len(rows["x"].sharding.device_set) == 8
+    with pytest.raises(ValueError, match="cannot be split over mesh axes"):
+        sharding.shard_local_batch({"x": np.zeros((3, 2))}, mesh)
