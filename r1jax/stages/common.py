@@ -394,7 +394,7 @@ def toy_base_path() -> str:
 
 # Bump when the corpus or tokenizer code changes what the default pretraining produces (the config
 # itself is fingerprinted), so a toy base model cached by an older r1jax is rebuilt, not reused.
-TOY_RECIPE_VERSION = 2
+TOY_RECIPE_VERSION = 3  # 3: weight decay no longer reaches the q/k/v biases (session 15)
 _TOY_STAMP = "r1jax_toy_recipe.txt"
 
 
