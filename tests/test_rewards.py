@@ -6,6 +6,7 @@ numpy re-derivations of their formulas.
 """
 
 import math
+import os
 import time
 
 import numpy as np
@@ -576,3 +577,48 @@ def test_an_escaped_dollar_is_a_currency_sign_not_math():
         "\\boxed{\\$17}",
     ]
     assert accuracy_reward(answers, solution=gold) == [1.0, 1.0, 1.0, 0.0]
+
+
+KILLED_TRAINER = """
+import os, time
+from r1jax.rewards import build_reward_fn
+if __name__ == "__main__":
+    f = build_reward_fn({"format": 1.0}, num_workers=2)
+    f(["<think>a</think><answer>1</answer>"] * 4)
+    print("READY", *f._pool._processes, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_reward_workers_exit_when_the_trainer_is_killed(tmp_path):
+    """A SIGKILLed trainer (an OOM kill, `kill -9`) must not leave its reward workers (and the
+    fork server they keep alive) running."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "trainer.py"
+    script.write_text(KILLED_TRAINER)
+    trainer = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    line = trainer.stdout.readline()
+    assert line.startswith("READY"), line
+    workers = [int(p) for p in line.split()[1:]]
+    assert len(workers) == 2
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait()
+    deadline = time.monotonic() + 20
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in workers if os.path.exists(f"/proc/{p}") and _state(p) != "Z"]
+    assert not alive, f"reward workers {alive} outlived the killed trainer"
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"

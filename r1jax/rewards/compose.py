@@ -35,6 +35,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
@@ -219,6 +220,26 @@ def _slice_columns(columns: Mapping[str, Any], n: int, start: int, stop: int) ->
     return out
 
 
+def _exit_with_parent() -> None:
+    """Pool worker initializer: end this worker when the trainer that started it dies.
+
+    Workers wait on a task queue they also hold the writing end of, so a SIGKILLed trainer (an
+    OOM kill, `kill -9`) would leave them, and the fork server their copies of its lifeline keep
+    alive, running forever. A daemon thread waits on the parent's sentinel instead.
+    """
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="r1jax-exit-with-parent", daemon=True).start()
+
+
 def _default_workers() -> int:
     return min(len(os.sched_getaffinity(0)), 16)
 
@@ -270,7 +291,7 @@ class RewardFunction:
             # each worker starts as a cheap fork with sympy & co. already loaded.
             context.set_forkserver_preload(["r1jax.rewards"])
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=self.num_workers, mp_context=context
+                max_workers=self.num_workers, mp_context=context, initializer=_exit_with_parent
             )
         return self._pool
 
