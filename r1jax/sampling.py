@@ -543,12 +543,7 @@ def generate(
                 else {"ids": ids, "mask": mask}
             )
             out = sample(graphdef, state, batch["ids"], batch["mask"], key, **kwargs)
-    if jax.process_count() > 1:  # rows on other hosts' devices: every process gets all of them
-        from jax.experimental import multihost_utils
-
-        host = multihost_utils.process_allgather(out, tiled=True)
-    else:
-        host = jax.device_get(out)
+    host = jax.tree.map(sharding.to_host, out)  # every process gets every row, any host's
     tokens = [row[:n].tolist() for row, n in zip(host.tokens, host.lengths, strict=False)]
     logprobs = [row[:n] for row, n in zip(host.logprobs, host.lengths, strict=False)]
     return GenerateOutput(

@@ -279,6 +279,16 @@ def shard_batch(batch, mesh: Mesh, rules=None):
     return jax.tree.map(one, batch)
 
 
+def to_host(value: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-process, sharded) array as numpy; collective when the array
+    spans processes, so every process must call it."""
+    from jax.experimental import multihost_utils
+
+    if not value.is_fully_addressable:
+        value = multihost_utils.process_allgather(value, tiled=True)
+    return np.asarray(jax.device_get(value))
+
+
 def shard_local_batch(batch, mesh: Mesh, rules=None):
     """Like `shard_batch`, but each process passes only its own rows [B_global / processes, ...].
 

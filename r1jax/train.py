@@ -466,7 +466,9 @@ class TrainState:
     def model_state(self) -> nnx.State:
         """nnx.State of the model alone (`nnx.split(model)[1]`, without walking the model)."""
         n = self._model_state_def.num_leaves
-        return jax.tree.unflatten(self._model_state_def, self.state_leaves()[:n])
+        return jax.tree.unflatten(
+            self._model_state_def, [v.get_raw_value() for v in self._variables[:n]]
+        )
 
     @contextlib.contextmanager
     def mesh_context(self) -> Iterator[None]:

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from r1jax import sharding
 from r1jax.models import hf
 from r1jax.models.deepseek import DeepseekConfig, DeepseekDecoder
 from r1jax.models.hf import CheckpointError
@@ -507,7 +508,7 @@ def save(
     out_dtype = jnp.dtype(dtype or cfg.param_dtype)
     tensors: dict[str, np.ndarray] = {}
     for t in _tensors(cfg):
-        ours = hf.to_host(state[t.path][...])
+        ours = sharding.to_host(state[t.path][...])
         ours = ours.astype(np.float32 if t.path[-1] == "bias" else out_dtype)
         for name, x in zip(t.names, t.to_hf(ours), strict=True):
             tensors[name] = np.ascontiguousarray(x)

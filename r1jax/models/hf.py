@@ -524,16 +524,6 @@ def place(host: np.ndarray, var: nnx.Variable, mesh: Mesh | None, rules=None) ->
     return jax.make_array_from_callback(var.shape, shard, lambda idx: host[idx])
 
 
-def to_host(value: jax.Array) -> np.ndarray:
-    """The whole of a (possibly multi-process, sharded) array as numpy; collective when the array
-    spans processes, so every process must call it."""
-    from jax.experimental import multihost_utils
-
-    if not value.is_fully_addressable:
-        value = multihost_utils.process_allgather(value, tiled=True)
-    return np.asarray(jax.device_get(value))
-
-
 def write_files(
     path: str, hf_config: dict[str, Any], tensors: dict[str, np.ndarray], max_shard_bytes: int
 ) -> None:
@@ -747,7 +737,7 @@ def save_weights(
 
     tensors: dict[str, np.ndarray] = {}
     for m in mappings:
-        ours = to_host(state[m.path][...]).astype(out_dtype)
+        ours = sharding.to_host(state[m.path][...]).astype(out_dtype)
         hf_shape = _hf_shape(m, cfg, ours.shape)
         tensors[m.name] = np.ascontiguousarray(m.to_hf(ours, hf_shape))
     write_files(path, hf_config, tensors, max_shard_bytes)
