@@ -275,10 +275,14 @@ class Checkpointer:
         return dict(restored[_EXTRA])
 
     def export_best_hf(
-        self, model: nnx.Module, path: str | os.PathLike, tokenizer: Any = None
+        self,
+        model: nnx.Module,
+        path: str | os.PathLike,
+        tokenizer: Any = None,
+        source: str | None = None,
     ) -> int | None:
         """Load the best checkpoint's parameters into `model` and export it in HF format (with
-        `tokenizer`'s files, if given; see `export_hf`).
+        `tokenizer`'s files, if given, and `source`'s generation metadata; see `export_hf`).
 
         `model` is overwritten, so call this at the end of a run (after the final export).
         Returns the exported step, or None when there is no checkpoint.
@@ -288,7 +292,7 @@ class Checkpointer:
             return None
         self.wait()
         self.restore(model, step=step)
-        export_hf(model, path, tokenizer)
+        export_hf(model, path, tokenizer, source)
         return step
 
     # ---------------------------------------------------------------------------------- lifecycle
@@ -416,27 +420,33 @@ def drop_abandoned_read_reports(step_dir: str | None = None) -> None:
         logging.getLogger("asyncio").addFilter(not_an_abandoned_read)
 
 
-def export_hf(model: nnx.Module, path: str | os.PathLike, tokenizer: Any = None) -> None:
+def export_hf(
+    model: nnx.Module, path: str | os.PathLike, tokenizer: Any = None, source: str | None = None
+) -> None:
     """Write `model` (and `tokenizer`'s files, if given) as a Hugging Face checkpoint folder
     (config.json + safetensors) at `path`, a local directory or a cloud URI.
 
+    `source`: the HF folder the model was loaded from; its token ids and generation_config.json
+    are carried over (`hf.write_generation_metadata`), else the tokenizer's ids are written.
     Every process must call this (the parameter gathers are collective); process 0 writes. A cloud
     folder is written to a local temporary directory first and then uploaded file by file, since
     the safetensors writer needs a local file.
     """
     from r1jax.models import hf  # lazy: keeps checkpointing importable without the HF stack
 
-    path = os.fspath(path)
-    if not paths.is_remote(path):
-        hf.save(model, path)
-        if tokenizer is not None and jax.process_index() == 0:
-            tokenizer.save_pretrained(path)
-        return
-    with tempfile.TemporaryDirectory(prefix="r1jax_hf_") as local:
+    def write(local: str) -> None:
         hf.save(model, local)
         if jax.process_index() == 0:
             if tokenizer is not None:
                 tokenizer.save_pretrained(local)
+            hf.write_generation_metadata(local, source, tokenizer)
+
+    path = os.fspath(path)
+    if not paths.is_remote(path):
+        return write(path)
+    with tempfile.TemporaryDirectory(prefix="r1jax_hf_") as local:
+        write(local)
+        if jax.process_index() == 0:
             paths.copy_dir(local, path)
 
 

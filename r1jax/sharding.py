@@ -14,7 +14,8 @@ Notable choices:
 - Meshes use `AxisType.Auto` (jax 0.10 defaults to Explicit, under which logical annotations inside
   jit fail with "contracting dimensions are sharded").
 - A dimension that the mesh axis does not divide (e.g. 2 kv-heads on tensor=4) is replicated instead
-  of failing; `explain()` reports where that happened.
+  of failing; loading or creating a model logs where (`warn_undivided`), `explain()` lists every
+  parameter's spec.
 - `constrain()` is a no-op only when no mesh is set at all; on a multi-device CPU mesh it constrains
   for real, so tests catch sharding bugs.
 """
@@ -151,22 +152,67 @@ def logical_to_spec(
     """The PartitionSpec for an array whose axes are named `names`.
 
     A mesh axis is used at most once per array, axes of size 1 are dropped, and a dimension that
-    the mesh axes do not divide falls back to fewer axes (or replication) rather than failing.
+    the mesh axes do not divide falls back to fewer axes (or replication) rather than failing
+    (`undivided` lists where).
     """
+    return _spec_and_undivided(names, shape, mesh, rules)[0]
+
+
+def _spec_and_undivided(names, shape, mesh, rules):
+    """(PartitionSpec, [(logical name, size, mesh axes it is not split over)])."""
     table = dict(rules if rules is not None else _rules.get())
     used: set[str] = set()
-    spec = []
+    spec, undivided = [], []
     for i, name in enumerate(names):
         target = table.get(name) if name is not None else None
         axes = (target,) if isinstance(target, str) else tuple(target or ())
         axes = tuple(a for a in axes if a not in used and mesh.shape.get(a, 1) > 1)
         if shape is not None:
             # Drop mesh axes from the end until their product divides the dimension.
+            wanted = axes
             while axes and shape[i] % int(np.prod([mesh.shape[a] for a in axes])):
                 axes = axes[:-1]
+            if axes != wanted:
+                undivided.append((name, shape[i], wanted[len(axes) :]))
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return PartitionSpec(*spec)
+    return PartitionSpec(*spec), undivided
+
+
+def undivided(state, mesh: Mesh, rules=None) -> list[str]:
+    """One line per (logical axis, size, mesh axes) that the rules would split a parameter of
+    `state` over but the mesh does not divide, so that dimension is replicated there instead:
+    e.g. 28 heads on tensor=8 keep every q/k/v/o weight whole on every device. Empty when every
+    parameter is split as the rules ask."""
+    from flax import nnx
+
+    found: dict[tuple, list[str]] = {}
+    for path, v in nnx.to_flat_state(state):
+        names = _variable_names(v) if isinstance(v, nnx.Variable) else None
+        if names is None:
+            continue
+        for name, size, axes in _spec_and_undivided(names, v.shape, mesh, rules)[1]:
+            found.setdefault((name, size, axes), []).append("/".join(map(str, path)))
+    lines = []
+    for (name, size, axes), where in found.items():
+        ways = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+        lines.append(
+            f"{name} ({size}) is not divisible by {ways}: not split there in {len(where)} "
+            f"parameter(s), e.g. {where[0]}"
+        )
+    return lines
+
+
+def warn_undivided(state, mesh: Mesh, rules=None) -> None:
+    """Log `undivided(...)` as one warning (more memory per device than the mesh suggests)."""
+    lines = undivided(state, mesh, rules)
+    if lines and jax.process_index() == 0:
+        log.warning(
+            "the mesh %s does not divide some parameter dimensions, which are replicated instead "
+            "(choose mesh sizes that divide them to save memory):\n  %s",
+            dict(mesh.shape),
+            "\n  ".join(lines),
+        )
 
 
 def logical_sharding(names, shape, mesh: Mesh, rules=None) -> NamedSharding:
@@ -235,6 +281,7 @@ def create_sharded(model_fn, mesh: Mesh, rules=None):
         abstract = nnx.eval_shape(model_fn)
         graphdef, abstract_state = nnx.split(abstract)
         shardings = state_shardings(abstract_state, mesh, rules)
+        warn_undivided(abstract_state, mesh, rules)
 
         def init():
             return nnx.state(model_fn())

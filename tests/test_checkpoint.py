@@ -241,7 +241,7 @@ def test_export_best_hf_loads_the_best_step(tmp_path, monkeypatch):
     monkeypatch.setattr(
         checkpoint,
         "export_hf",
-        lambda m, path, tokenizer=None: exported.update(
+        lambda m, path, tokenizer=None, source=None: exported.update(
             path=path, kernel=np.asarray(m.fc1.kernel[...])
         ),
     )
@@ -299,6 +299,47 @@ def test_export_hf_to_cloud_storage_matches_a_local_export(fake_gcs, tmp_path, m
         with open(tmp_path / "local" / name, "rb") as f:
             assert fake_gcs.read(f"gs://bucket/run/hf/final/{name}") == f.read(), name
     assert os.listdir(cwd) == []
+
+
+def test_export_hf_carries_the_source_token_ids_and_generation_config(tmp_path):
+    """An export stops where its source did: transformers' generate and vLLM read eos from
+    config.json / generation_config.json (r1jax's own export used to write none)."""
+    import shutil
+
+    import transformers
+    from helpers import hf_checkpoint
+
+    from r1jax.models import hf
+
+    source = str(tmp_path / "source")
+    shutil.copytree(hf_checkpoint("llama3"), source)
+    with open(os.path.join(source, "config.json")) as f:
+        config = json.load(f)
+    eos = [61, 62, 63]  # Llama 3.1 lists three
+    config.update(bos_token_id=60, eos_token_id=eos)
+    with open(os.path.join(source, "config.json"), "w") as f:
+        json.dump(config, f)
+    settings = dict(bos_token_id=60, eos_token_id=eos, temperature=0.6, top_p=0.95, do_sample=True)
+    transformers.GenerationConfig(**settings).save_pretrained(source)
+
+    class Tokenizer:  # the tokenizer's own ids lose to the source's
+        bos_token_id, eos_token_id, pad_token_id = None, 7, 7
+
+        def save_pretrained(self, path):
+            pass
+
+    model = hf.load(source)
+    checkpoint.export_hf(model, tmp_path / "out", Tokenizer(), source=source)
+    out = transformers.AutoConfig.from_pretrained(tmp_path / "out")
+    assert (out.bos_token_id, out.eos_token_id, out.pad_token_id) == (60, eos, 7)
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
+    assert generation.eos_token_id == eos and generation.temperature == 0.6
+    assert generation.top_p == 0.95
+    # Without a source (a model trained from scratch): the tokenizer's ids.
+    checkpoint.export_hf(model, tmp_path / "scratch", Tokenizer())
+    out = transformers.AutoConfig.from_pretrained(tmp_path / "scratch")
+    assert (out.bos_token_id, out.eos_token_id, out.pad_token_id) == (None, 7, 7)
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "scratch").eos_token_id == 7
 
 
 def test_bad_arguments_are_refused_clearly(tmp_path, trained):

@@ -732,6 +732,23 @@ def test_save_round_trip_through_transformers(kind, tmp_path):
     pairs = zip(nnx.to_flat_state(nnx.state(m)), nnx.to_flat_state(nnx.state(again)), strict=True)
     for (p, a), (_, b) in pairs:
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(p))
+    # Sharded (one expert's tensors may land in several files) and converted on the way out.
+    hf.save(m, str(tmp_path / "bf16"), dtype="bfloat16", max_shard_bytes=16 * 1024)
+    from safetensors import safe_open
+
+    index = json.load(open(tmp_path / "bf16" / "model.safetensors.index.json"))["weight_map"]
+    with safe_open(os.path.join(out, "model.safetensors"), "numpy") as f:
+        assert sorted(index) == sorted(f.keys())
+    assert len(set(index.values())) > 4
+    assert json.load(open(tmp_path / "bf16" / "config.json"))["dtype"] == "bfloat16"
+    again = hf.load(str(tmp_path / "bf16"))
+    for (p, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(m)), nnx.to_flat_state(nnx.state(again)), strict=True
+    ):
+        want = np.asarray(a[...])
+        if p[-1] != "bias":  # the score-correction bias is kept float32
+            want = want.astype(jnp.bfloat16).astype(np.float32)
+        np.testing.assert_array_equal(np.asarray(b[...]), want, err_msg=str(p))
 
 
 def test_mtp_weights_are_skipped_with_a_log_line_or_refused(tmp_path, caplog):

@@ -1,5 +1,7 @@
 """The decoder against transformers (PyTorch), HF round trips, sharded forwards, errors."""
 
+import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -39,31 +41,62 @@ def test_left_padding_does_not_change_real_logits():
 
 @pytest.mark.parametrize("family", ["qwen2", "llama3", "qwen3", "mistral"])
 def test_save_round_trip_through_transformers(family, tmp_path):
-    import transformers
-
     model = hf.load(hf_checkpoint(family))
     out = str(tmp_path / "saved")
     hf.save(model, out)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids, mask = left_padded_batch(length=10)
-    ref = torch_logits(hf_checkpoint(family), ids.astype(np.int64), mask.astype(np.int64))
-    import torch
-
-    pos = np.maximum(mask.cumsum(-1) - 1, 0)
-    with torch.no_grad():
-        got = reloaded(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask, dtype=torch.long),
-            position_ids=torch.tensor(pos),
-        ).logits.numpy()
+    ids, mask = ids.astype(np.int64), mask.astype(np.int64)
+    ref = torch_logits(hf_checkpoint(family), ids, mask)
     real = mask.astype(bool)
-    np.testing.assert_allclose(got[real], ref[real], atol=1e-6)
+    np.testing.assert_allclose(torch_logits(out, ids, mask)[real], ref[real], atol=1e-6)
+    # transformers 4.x reads only rope_theta / rope_scaling: those alone give the same model.
+    with open(os.path.join(out, "config.json")) as f:
+        legacy = json.load(f)
+    del legacy["rope_parameters"]
+    old_style = str(tmp_path / "legacy")
+    shutil.copytree(out, old_style)
+    with open(os.path.join(old_style, "config.json"), "w") as f:
+        json.dump(legacy, f)
+    np.testing.assert_allclose(torch_logits(old_style, ids, mask)[real], ref[real], atol=1e-6)
     # ... and r1jax reads its own output back identically.
     again = hf.load(out)
     for (p, a), (_, b) in zip(
         nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(again)), strict=False
     ):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(p))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "deepseek_v3"])
+def test_saved_rope_is_also_spelled_for_transformers_4(family):
+    """config.json carries rope_theta / rope_scaling beside rope_parameters, equal to it: the
+    only keys transformers 4.x reads (without them it builds theta 10000, unscaled)."""
+    import transformers
+
+    from r1jax.models import deepseek_hf, transformer
+    from r1jax.models.deepseek import DeepseekConfig
+
+    scaling = (("factor", 4.0), ("original_max_position_embeddings", 64), ("rope_type", "yarn"))
+    if family == "qwen2":
+        cfg = transformer.ModelConfig(
+            **dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1),
+            **dict(num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256),
+            rope_theta=1e6,
+            rope_scaling=scaling,
+            qkv_bias=True,
+        )
+        written = hf.config_to_hf(cfg)
+    else:
+        cfg = dataclasses.replace(DeepseekConfig.tiny(), rope_theta=1e6, rope_scaling=scaling)
+        written = deepseek_hf.config_to_hf(cfg)
+    legacy = {k: v for k, v in written.items() if k != "rope_parameters"}
+    assert legacy["rope_theta"] == 1e6
+    assert legacy["rope_scaling"] == dict(scaling)
+    fields = copy.deepcopy({k: v for k, v in legacy.items() if k != "model_type"})
+    read = transformers.AutoConfig.for_model(family, **fields).rope_parameters
+    assert read == written["rope_parameters"]
+    before = copy.deepcopy(legacy)
+    assert hf.config_from_hf(legacy) == hf.config_from_hf(written) == cfg
+    assert legacy == before  # reading a config does not write into it
 
 
 def test_save_shards_above_size_and_loads_from_index(tmp_path):
@@ -89,6 +122,34 @@ def test_save_shards_above_size_and_loads_from_index(tmp_path):
     assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").dtype == (
         torch.bfloat16
     )
+
+
+def test_save_holds_one_shard_at_a_time(tmp_path):
+    """Exporting streams: each tensor is gathered when its shard is written, so host memory
+    holds about one shard, not the model (a 70B export must not need 280 GB on every host)."""
+    import tracemalloc
+
+    from r1jax.models import transformer
+
+    cfg = transformer.ModelConfig(
+        **dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=6),
+        **dict(num_heads=4, num_kv_heads=2, head_dim=32, qkv_bias=True),
+    )
+    model = transformer.create(cfg)
+    total = cfg.num_params * 4
+    tracemalloc.start()
+    try:
+        hf.save(model, str(tmp_path / "out"), max_shard_bytes=total // 16)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < total / 3, (peak, total)
+    assert len([f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors")]) >= 16
+    again = hf.load(str(tmp_path / "out"))
+    for (p, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(again)), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(p))
 
 
 MESHES = {
@@ -138,6 +199,24 @@ def test_indivisible_dimension_falls_back_to_replication():
     assert sharding.logical_to_spec(
         ("embed", "heads", "head_dim"), (64, 4, 16), mesh
     ) == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+
+
+def test_loading_onto_a_mesh_that_does_not_divide_says_so(caplog):
+    """The fallback costs memory (a 7B model's attention whole on every device), so it is
+    logged, not silent; a mesh that divides everything logs nothing."""
+    path = hf_checkpoint("qwen2")  # 4 heads, 2 kv-heads
+    with caplog.at_level("WARNING", logger="r1jax.sharding"):
+        model = hf.load(path, mesh=sharding.make_mesh(fsdp=2, tensor=4))
+    (record,) = [r for r in caplog.records if "does not divide" in r.getMessage()]
+    message = record.getMessage()
+    assert "kv_heads (2) is not divisible by tensor=4" in message
+    kv_params = 4 * model.cfg.num_layers  # k and v weights and biases
+    assert f"not split there in {kv_params} parameter(s)" in message
+    assert "heads (4)" not in message.replace("kv_heads", "")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="r1jax.sharding"):
+        hf.load(path, mesh=sharding.make_mesh(fsdp=4, tensor=2))
+    assert not [r for r in caplog.records if "does not divide" in r.getMessage()]
 
 
 def test_bfloat16_params_and_compute_give_float32_logits():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 from collections.abc import Callable
@@ -292,12 +293,18 @@ def config_to_hf(cfg: DeepseekConfig) -> dict[str, Any]:
         rope_parameters=hf.rope_to_hf(cfg),
         architectures=[_ARCHITECTURES[cfg.model_type]],
         dtype=cfg.param_dtype,
+        # not the family's defaults (Llama's 1 and 2): unknown here, `write_generation_metadata`
+        # fills them in from the tokenizer or the source checkpoint
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
     )
     if v3:
         kwargs.update(rope_interleave=cfg.rope_interleave, num_nextn_predict_layers=0)
     else:
         kwargs.update(topk_method=cfg.topk_method)
-    return transformers.AutoConfig.for_model(cfg.model_type, **kwargs).to_diff_dict()
+    hf_config = transformers.AutoConfig.for_model(cfg.model_type, **kwargs).to_diff_dict()
+    return hf.with_legacy_rope(hf_config, cfg)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,6 +480,8 @@ def load(
             size / 1e6,
         )
 
+    if mesh is not None:
+        sharding.warn_undivided(abstract_state, mesh, rules)
     leaves = {}
     for t in tensors:
         var = target[t.path]
@@ -506,10 +515,17 @@ def save(
     os.makedirs(path, exist_ok=True)
     state = {p: v for p, v in nnx.to_flat_state(nnx.state(model))}
     out_dtype = jnp.dtype(dtype or cfg.param_dtype)
-    tensors: dict[str, np.ndarray] = {}
-    for t in _tensors(cfg):
-        ours = sharding.to_host(state[t.path][...])
-        ours = ours.astype(np.float32 if t.path[-1] == "bias" else out_dtype)
-        for name, x in zip(t.names, t.to_hf(ours), strict=True):
-            tensors[name] = np.ascontiguousarray(x)
-    hf.write_files(path, config_to_hf(cfg), tensors, max_shard_bytes)
+
+    def group(t: _Tensor):
+        kind = np.dtype(np.float32) if t.path[-1] == "bias" else np.dtype(out_dtype)
+        each = math.prod(state[t.path].shape) * kind.itemsize // len(t.names)  # experts: equal
+
+        def make():
+            ours = sharding.to_host(state[t.path][...]).astype(kind)
+            return [np.ascontiguousarray(x) for x in t.to_hf(ours)]
+
+        return [(name, each) for name in t.names], make
+
+    groups = [group(t) for t in _tensors(cfg)]
+    hf_config = {**config_to_hf(cfg), "dtype": out_dtype.name}  # what transformers loads it as
+    hf.write_files(path, hf_config, groups, max_shard_bytes)

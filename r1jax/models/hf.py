@@ -16,10 +16,12 @@ Notable choices:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -159,9 +161,10 @@ def config_from_hf(
     try:
         import transformers
 
-        full = transformers.AutoConfig.for_model(
-            model_type, **{k: v for k, v in hf.items() if k != "model_type"}
-        )
+        # a deep copy: transformers writes into the dicts it is given (rope_theta into the
+        # caller's rope_scaling)
+        fields = copy.deepcopy({k: v for k, v in hf.items() if k != "model_type"})
+        full = transformers.AutoConfig.for_model(model_type, **fields)
     except Exception as e:  # noqa: BLE001 -- any failure is the file's
         raise CheckpointError(f"{where}: transformers cannot read it either ({e})") from None
 
@@ -306,6 +309,11 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         rope_parameters=rope_to_hf(cfg),
         architectures=[_ARCHITECTURES[cfg.model_type]],
         dtype=cfg.param_dtype,
+        # not the family's defaults (Llama's 1 and 2): unknown here, `write_generation_metadata`
+        # fills them in from the tokenizer or the source checkpoint
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
     )
     if cfg.model_type in ("llama", "qwen3"):
         kwargs["attention_bias"] = cfg.o_bias
@@ -314,7 +322,18 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.model_type == "mistral":
         kwargs["sliding_window"] = cfg.sliding_window
     hf_cfg = transformers.AutoConfig.for_model(cfg.model_type, **kwargs)
-    return hf_cfg.to_diff_dict()
+    return with_legacy_rope(hf_cfg.to_diff_dict(), cfg)
+
+
+def with_legacy_rope(hf_config: dict[str, Any], cfg) -> dict[str, Any]:
+    """`hf_config` with RoPE also spelled as `rope_theta` / `rope_scaling`, as hub files spell it:
+    transformers 4.x reads only those (without them it takes theta 10000 and no scaling, another
+    model), transformers 5 reads either."""
+    return {
+        **hf_config,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling_dict or None,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -525,41 +544,60 @@ def place(host: np.ndarray, var: nnx.Variable, mesh: Mesh | None, rules=None) ->
 
 
 def write_files(
-    path: str, hf_config: dict[str, Any], tensors: dict[str, np.ndarray], max_shard_bytes: int
+    path: str,
+    hf_config: dict[str, Any],
+    tensors: list[tuple[list[tuple[str, int]], Callable[[], list[np.ndarray]]]],
+    max_shard_bytes: int,
 ) -> None:
-    """Write config.json and `tensors` as model.safetensors, or as shards of at most
+    """Write config.json and the tensors as model.safetensors, or as shards of at most
     `max_shard_bytes` plus model.safetensors.index.json; stale weight files are removed first.
-    Only process 0 writes."""
+
+    `tensors`: in file order, `(names with their byte sizes, make)` groups; `make()` returns the
+    group's arrays. Every process calls every `make` (their gathers are collective); only process
+    0 keeps what they return and writes, holding at most one shard (plus one group) at a time, so
+    exporting a model never needs host memory for all of it.
+    """
     from safetensors.numpy import save_file
 
-    if jax.process_index() != 0:
-        return
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2, sort_keys=True)
-    shards, current, size = [], {}, 0
-    for name, t in tensors.items():
-        if current and size + t.nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += t.nbytes
-    shards.append(current)
-    for stale in os.listdir(path):
-        if stale.startswith("model") and (
-            stale.endswith(".safetensors") or stale.endswith(".safetensors.index.json")
-        ):
-            os.remove(os.path.join(path, stale))
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    total = sum(t.nbytes for t in tensors.values())
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    plan, size = [[]], 0  # names per shard, cut as the sizes add up
+    for names, _ in tensors:
+        for name, nbytes in names:
+            if plan[-1] and size + nbytes > max_shard_bytes:
+                plan.append([])
+                size = 0
+            plan[-1].append(name)
+            size += nbytes
+    files = (
+        ["model.safetensors"]
+        if len(plan) == 1
+        else [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    )
+    shard_of = {name: i for i, names in enumerate(plan) for name in names}
+    writer = jax.process_index() == 0
+    if writer:
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2, sort_keys=True)
+        for stale in os.listdir(path):
+            if stale.startswith("model") and (
+                stale.endswith(".safetensors") or stale.endswith(".safetensors.index.json")
+            ):
+                os.remove(os.path.join(path, stale))
+    pending: dict[int, dict[str, np.ndarray]] = {}
+    for names, make in tensors:
+        arrays = make()
+        if not writer:
+            continue
+        for (name, _), array in zip(names, arrays, strict=True):
+            shard = pending.setdefault(shard_of[name], {})
+            shard[name] = array
+            if len(shard) == len(plan[shard_of[name]]):  # complete: write it and let it go
+                i = shard_of[name]
+                save_file(pending.pop(i), os.path.join(path, files[i]), metadata={"format": "pt"})
+    if writer and len(plan) > 1:
+        total = sum(nbytes for names, _ in tensors for _, nbytes in names)
+        weight_map = {name: files[shard_of[name]] for name in shard_of}
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -665,6 +703,8 @@ def load_weights(
         raise ValueError(f"load_weights: parameters {unmapped[:5]} have no tensor mapping")
 
     check_weight_names(path, {m.name for m in mappings}, files.names(), set(unused))
+    if mesh is not None:
+        sharding.warn_undivided(abstract_state, mesh, rules)
 
     leaves = {}
     for m in mappings:
@@ -735,12 +775,17 @@ def save_weights(
     out_dtype = jnp.dtype(dtype or cfg.param_dtype)
     hf_config = {**hf_config, "dtype": out_dtype.name}  # what transformers loads the model as
 
-    tensors: dict[str, np.ndarray] = {}
-    for m in mappings:
-        ours = sharding.to_host(state[m.path][...]).astype(out_dtype)
-        hf_shape = _hf_shape(m, cfg, ours.shape)
-        tensors[m.name] = np.ascontiguousarray(m.to_hf(ours, hf_shape))
-    write_files(path, hf_config, tensors, max_shard_bytes)
+    def group(m: _Mapping):
+        hf_shape = _hf_shape(m, cfg, state[m.path].shape)
+        nbytes = math.prod(hf_shape) * out_dtype.itemsize
+
+        def make():
+            ours = sharding.to_host(state[m.path][...]).astype(out_dtype)
+            return [np.ascontiguousarray(m.to_hf(ours, hf_shape))]
+
+        return [(m.name, nbytes)], make
+
+    write_files(path, hf_config, [group(m) for m in mappings], max_shard_bytes)
 
 
 def _hf_shape(m: _Mapping, cfg: ModelConfig, ours_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -753,6 +798,39 @@ def _hf_shape(m: _Mapping, cfg: ModelConfig, ours_shape: tuple[int, ...]) -> tup
     if m.name.endswith(".bias"):
         return (math.prod(view),)
     return (view[0] * view[1], view[2])
+
+
+_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def write_generation_metadata(path: str, source: str | None = None, tokenizer=None) -> None:
+    """Give the checkpoint folder `path` the token ids and generation settings a serving stack
+    reads: bos/eos/pad ids in config.json and a generation_config.json (transformers' `generate`
+    and vLLM stop at its eos; without it a Llama 3 export stops at token 2 and a Qwen one never).
+
+    Taken from `source`, the HF folder the weights were loaded from (its config.json ids, e.g.
+    Llama 3.1's three eos ids, and its generation_config.json with R1-Distill's temperature 0.6 and
+    top-p 0.95), else from `tokenizer`. Process 0 writes.
+    """
+    import transformers
+
+    if jax.process_index() != 0:
+        return
+    ids = {k: getattr(tokenizer, k, None) for k in _TOKEN_ID_FIELDS}
+    if source and os.path.exists(os.path.join(source, "config.json")):
+        known = {k: v for k, v in read_config(source).items() if k in _TOKEN_ID_FIELDS}
+        ids.update({k: v for k, v in known.items() if v is not None})
+    ids = {k: v for k, v in ids.items() if v is not None}
+    config_file = os.path.join(path, "config.json")
+    with open(config_file) as f:
+        config = json.load(f)
+    with open(config_file, "w") as f:
+        json.dump({**config, **ids}, f, indent=2, sort_keys=True)
+    src_generation = os.path.join(source, "generation_config.json") if source else None
+    if src_generation and os.path.exists(src_generation):
+        shutil.copyfile(src_generation, os.path.join(path, "generation_config.json"))
+    elif ids:
+        transformers.GenerationConfig(**ids).save_pretrained(path)
 
 
 def tokenizer(path: str):

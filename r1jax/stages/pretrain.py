@@ -36,7 +36,6 @@ from flax import nnx
 from r1jax import checkpoint, grpo, metrics, paths, sft, sharding, train
 from r1jax.data import corpus
 from r1jax.data import tokenizer as toy_tokenizer
-from r1jax.models import hf
 from r1jax.models.transformer import Decoder, ModelConfig
 from r1jax.stages import common
 
@@ -518,9 +517,7 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
     # 6. A genuine HF checkpoint folder.
     out = os.path.join(workdir, "hf", "final")
     for path in filter(None, (out, export_to)):
-        hf.save(state.model, path)
-        if jax.process_index() == 0:
-            tokenizer.save_pretrained(path)
+        checkpoint.export_hf(state.model, path, tokenizer)
         log.info("toy base model saved to %s", path)
     if row.get("tag_copy", 1.0) < TAG_COPY_WARNING:
         log.warning(

@@ -264,14 +264,16 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             keys=("reward", "accuracy", "format", "completions/mean_length", "kl", "eval/accuracy"),
         )
     if export:
-        checkpoint.export_hf(state.model, os.path.join(workdir, "hf", "final"), tokenizer)
+        source = common.resolve_model_path(config.model.path)  # its eos ids, generation config
+        checkpoint.export_hf(state.model, os.path.join(workdir, "hf", "final"), tokenizer, source)
         if ckpt.best_step() is not None and ckpt.best_step() != config.rl.steps:
-            best = ckpt.export_best_hf(state.model, os.path.join(workdir, "hf", "best"), tokenizer)
+            best_dir = os.path.join(workdir, "hf", "best")
+            best = ckpt.export_best_hf(state.model, best_dir, tokenizer, source)
             log.info(
                 "best checkpoint (step %s by %s) exported to %s",
                 best,
                 config.ckpt.best_metric,
-                os.path.join(workdir, "hf", "best"),
+                best_dir,
             )
     ckpt.close()
     log.info(

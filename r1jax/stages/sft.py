@@ -155,6 +155,7 @@ def train_on_pairs(
     writer.close()
     ckpt.close()
     out_dir = os.path.join(workdir, "hf", "final")
-    checkpoint.export_hf(state.model, out_dir, tokenizer)
+    source = common.resolve_model_path(config.model.path)  # its eos ids, generation config
+    checkpoint.export_hf(state.model, out_dir, tokenizer, source)
     log.info("done: model saved to %s", out_dir)
     return {**{k: float(v) for k, v in row.items()}, "steps": steps}
