@@ -20,7 +20,8 @@ Notable choices:
   optimiser minimises it. KL3 is the unbiased, non-negative estimator `exp(ref - logp) -
   (ref - logp) - 1` of KL(policy || reference).
 - Aggregation (`loss_type`): `grpo` averages tokens within each sequence, then sequences (the
-  DeepSeekMath paper); `bnpo` averages all completion tokens of the batch; `dr_grpo` divides the
+  DeepSeekMath paper); `bnpo` averages all completion tokens of the (micro-)batch it is given, as
+  TRL's per-device batch (so the micro-batch count is part of its objective); `dr_grpo` divides the
   token sum by `B * max_completion_length` (Dr. GRPO, no length bias); `dapo` divides the token sum
   by the completion-token count of the whole generation batch, passed as `num_items_in_batch` so
   that micro-batch losses *sum* to the full-batch loss under gradient accumulation. For the other
@@ -144,7 +145,11 @@ def group_advantages(rewards: jax.Array, group_size: int, scale: str = "group") 
 
 
 def reward_metrics(
-    rewards: jax.Array, per_reward: jax.Array, names: Sequence[str], group_size: int
+    rewards: jax.Array,
+    per_reward: jax.Array,
+    names: Sequence[str],
+    group_size: int,
+    scale: str = "group",
 ) -> dict[str, jax.Array]:
     """Reward statistics for logging, named as TRL logs them.
 
@@ -153,11 +158,14 @@ def reward_metrics(
       per_reward: [R, B] each reward function's raw score; NaN marks "not applicable" (TRL).
       names: R reward function names.
       group_size: G.
+      scale: the advantages' `scale` (`group_advantages`): with "batch", the std is the batch's.
     Returns:
-      float32 scalars: `reward` (mean), `reward_std` (mean over groups of the Bessel group std),
-      `frac_reward_zero_std` (share of groups whose rewards are all equal: they carry no learning
-      signal), and per function `rewards/<name>/mean`, `rewards/<name>/std` (NaN-aware; NaN when
-      the function applied to no sample, or the std to fewer than two).
+      float32 scalars: `reward` (mean), `reward_std` (the Bessel std the advantages are divided
+      by: the mean over groups of the group std, or with `scale="batch"` the batch std, as TRL
+      logs it), `frac_reward_zero_std` (share of groups, or of the batch, whose rewards are all
+      equal: they carry no learning signal), and per function `rewards/<name>/mean`,
+      `rewards/<name>/std` (NaN-aware; NaN when the function applied to no sample, or the std to
+      fewer than two).
     """
     rewards = jnp.asarray(rewards, jnp.float32)
     per_reward = jnp.asarray(per_reward, jnp.float32)
@@ -170,11 +178,14 @@ def reward_metrics(
         raise ValueError(
             f"names has {len(names)} entries but per_reward has {per_reward.shape[0]} rows."
         )
-    group_std = _bessel_std(_grouped(rewards, group_size, "rewards"), axis=-1)  # [P]
+    if scale == "batch":
+        std = _bessel_std(rewards, axis=-1)[None]  # [1]
+    else:
+        std = _bessel_std(_grouped(rewards, group_size, "rewards"), axis=-1)  # [P]
     metrics = {
         "reward": jnp.mean(rewards),
-        "reward_std": jnp.mean(group_std),
-        "frac_reward_zero_std": jnp.mean(jnp.isclose(group_std, 0.0).astype(jnp.float32)),
+        "reward_std": jnp.mean(std),
+        "frac_reward_zero_std": jnp.mean(jnp.isclose(std, 0.0).astype(jnp.float32)),
     }
     for name, row in zip(names, per_reward, strict=True):
         valid = ~jnp.isnan(row)
@@ -488,7 +499,8 @@ class GRPOConfig:
     epsilon_low:       clip below at 1 - epsilon_low (TRL's `epsilon`).
     epsilon_high:      clip above at 1 + epsilon_high (> epsilon_low is DAPO's clip-higher).
     loss_type:         "grpo" | "bnpo" | "dr_grpo" | "dapo" (module docstring).
-    scale_rewards:     "group" | "batch" | "none": the std the advantages are divided by.
+    scale_rewards:     "group" | "batch" | "none": the std the advantages are divided by (TRL's
+                       older True / False mean "group" / "none").
     max_completion_length: Tc, the sampling budget per completion, in tokens.
     temperature, top_k, top_p: sampling settings; the loss's log-probs use the same temperature.
     num_micro_batches: gradient-accumulation steps per optimizer step (TRL's
@@ -570,6 +582,8 @@ class GRPOConfig:
             raise ValueError(
                 f"grpo.temperature must be > 0 (GRPO needs diverse samples), got {self.temperature}"
             )
+        if isinstance(self.scale_rewards, bool):  # TRL's older spelling: True / False
+            object.__setattr__(self, "scale_rewards", "group" if self.scale_rewards else "none")
         if self.scale_rewards not in ADVANTAGE_SCALES:
             raise ValueError(
                 f"grpo.scale_rewards must be one of {ADVANTAGE_SCALES}, got {self.scale_rewards!r}"
@@ -991,7 +1005,7 @@ def _rollout(
         ref_logprobs=ref,
     )
     lengths = out.lengths.astype(jnp.float32)
-    metrics = reward_metrics(rewards, per_reward, reward_fn.names, g)
+    metrics = reward_metrics(rewards, per_reward, reward_fn.names, g, cfg.scale_rewards)
     metrics.update(
         {
             "completions/mean_length": jnp.mean(lengths),

@@ -30,8 +30,10 @@ Choosing tokens (measured on CPU in bench/NOTES.md):
 
 Log-probabilities: `logprobs[b, t]` is log p(token | prefix) under the model's *unmodified*
 distribution, i.e. log_softmax of the raw logits (temperature 1, no top-k/top-p truncation),
-whatever the sampling settings. That is exactly what the training forward computes for the same
-tokens, so GRPO's importance ratio is 1 at the first policy iteration.
+whatever the sampling settings: what the model's plain forward gives the same tokens. GRPO scores
+completions at the sampling temperature instead (`grpo.completion_logprobs(temperature=...)`, TRL's
+convention), so at a temperature other than 1 these are *not* its old log-probs; the rollout
+computes those with its own forward (μ > 1) and never reads these.
 """
 
 from __future__ import annotations
@@ -143,8 +145,9 @@ class SamplingConfig:
 
 
 def _order_keys(x: jax.Array) -> jax.Array:
-    """float32 -> uint32 keys in the same order (for -inf and finite values)."""
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    """float32 -> uint32 keys in the same order (for -inf and finite values; -0.0 and +0.0 get
+    one key, as they compare equal)."""
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0.0, 0.0, x), jnp.uint32)
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 

@@ -200,6 +200,22 @@ def test_automatic_micro_batches_keep_a_few_rows_per_shard_and_bad_counts_are_na
         common.micro_batches(config, "rl", 64)
 
 
+def test_bnpo_does_not_let_the_hardware_pick_its_objective():
+    """bnpo divides by each micro-batch's token count, so the automatic count (several on a CPU,
+    one on an accelerator) would give the same config two objectives: it must be chosen."""
+    from r1jax.stages import rl as rl_stage
+
+    config = sh.load_config("rl")
+    config.rl.loss_type = "bnpo"
+    assert common.micro_batches(config, "rl", 64) > 1  # the CPU default splits the default step
+    with pytest.raises(common.ConfigError, match=r"rl.loss_type='bnpo'.*rl.num_micro_batches"):
+        rl_stage.validate(config)
+    config.rl.num_micro_batches = 1
+    rl_stage.validate(config)
+    config.rl.loss_type, config.rl.num_micro_batches = "dapo", 0
+    rl_stage.validate(config)
+
+
 def test_mesh_expert_and_router_bias_rate_reach_a_deepseek_model(monkeypatch):
     from test_deepseek import checkpoint as deepseek_checkpoint
 

@@ -371,6 +371,11 @@ def test_group_advantages_degenerate_cases_and_errors():
         grpo.group_advantages(jnp.zeros(5), group_size=2)
     with pytest.raises(ValueError, match="scale"):
         grpo.group_advantages(jnp.zeros(4), group_size=2, scale="global")
+    # TRL's older boolean spelling of scale_rewards carries over into a GRPOConfig.
+    assert grpo.GRPOConfig(scale_rewards=True).scale_rewards == "group"
+    assert grpo.GRPOConfig(scale_rewards=False).scale_rewards == "none"
+    with pytest.raises(ValueError, match="grpo.scale_rewards must be one of"):
+        grpo.GRPOConfig(scale_rewards="global")
 
 
 def test_reward_metrics_hand_computed():
@@ -393,6 +398,12 @@ def test_reward_metrics_hand_computed():
 
     equal = grpo.reward_metrics(jnp.array([1.0, 1.0, 0.0, 1.0]), jnp.zeros((1, 4)), ["r"], 2)
     assert float(equal["frac_reward_zero_std"]) == 0.5
+    # scale="batch" divides by the batch std, so that is what is logged (as TRL does).
+    batch = grpo.reward_metrics(rewards, per_reward, ("accuracy", "format"), 3, scale="batch")
+    np.testing.assert_allclose(float(batch["reward_std"]), np.std(rewards, ddof=1), rtol=1e-6)
+    assert float(batch["frac_reward_zero_std"]) == 0.0
+    ones = grpo.reward_metrics(jnp.ones(4), jnp.zeros((1, 4)), ["r"], 2, scale="batch")
+    assert float(ones["reward_std"]) == 0.0 and float(ones["frac_reward_zero_std"]) == 1.0
     with pytest.raises(ValueError, match="names"):
         grpo.reward_metrics(rewards, per_reward, ["only_one"], group_size=3)
 

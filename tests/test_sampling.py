@@ -248,6 +248,19 @@ def test_sampling_distribution_matches_truncated_distribution(temperature, top_k
     assert (empirical[expected == 0] == 0).all()  # truncated tokens are never drawn
 
 
+@pytest.mark.parametrize("top_k,top_p", [(2, 1.0), (0, 0.75)])
+def test_signed_zero_logits_are_one_tie(top_k, top_p):
+    """-0.0 == +0.0: a token at -0.0 tied with a kept +0.0 is kept, as `truncate` keeps it (the
+    bisection's bit-pattern keys once ordered -0.0 below +0.0)."""
+    logits = jnp.array([[1.0, 0.0, -0.0, -5.0]], jnp.float32)
+    cfg = sampling.SamplingConfig(1.0, top_k, top_p)
+    kept = np.isfinite(np.asarray(cfg.truncate(logits)[0]))
+    assert kept.tolist() == [True, True, True, False]
+    u = jnp.linspace(0.0, 1.0, 512, endpoint=False)
+    drawn = np.asarray(jax.jit(cfg.choose)(jnp.repeat(logits, 512, 0), u))
+    assert set(drawn.tolist()) == {0, 1, 2}
+
+
 def test_rounding_at_a_block_boundary_never_draws_an_impossible_token():
     """The block is chosen from the block masses' prefix sum, the token from a prefix sum inside
     the block, which can end a few ulps lower: a uniform just below a block boundary can then

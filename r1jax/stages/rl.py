@@ -107,7 +107,14 @@ def validate(config) -> None:
             f"split over the mesh's {ways} batch shards (mesh.data * mesh.fsdp * mesh.expert); "
             "make it a multiple"
         )
-    common.micro_batches(config, "rl", rollout_rows)
+    k = common.micro_batches(config, "rl", rollout_rows)
+    if r.loss_type == "bnpo" and r.num_micro_batches == 0 and k > 1:
+        raise common.ConfigError(
+            f"rl.loss_type='bnpo' averages over each micro-batch's tokens (as TRL's per-device "
+            f"batch), so the micro-batch count is part of the objective; the automatic count "
+            f"would be {k} on this CPU and 1 on an accelerator. Set rl.num_micro_batches "
+            f"explicitly, or use 'dapo' (the whole batch's tokens, whatever the micro-batches)"
+        )
     if r.beta > 0 and r.ref_model and not os.path.isdir(r.ref_model):
         raise common.ConfigError(f"rl.ref_model {r.ref_model!r} is not a folder")
     weights = config.rewards.to_dict()
@@ -363,7 +370,7 @@ def _fold_reward(total, per_reward, scores, *, weight, names, group_size, scale)
         total,
         per_reward,
         advantages,
-        grpo.reward_metrics(total, per_reward.T, names, group_size),
+        grpo.reward_metrics(total, per_reward.T, names, group_size, scale),
     )
 
 
