@@ -102,12 +102,14 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             sys.exit(f"error: --workdir: {e}")
         from r1jax.checkpoint import CheckpointError, drop_abandoned_read_reports
+        from r1jax.models.hf import CheckpointError as ModelFolderError
 
         drop_abandoned_read_reports()  # a failed restore ends in its one-line error alone
         try:
             common.run_stage(stage, config, workdir)
-        except (common.ConfigError, CheckpointError) as e:
-            # Problems the user can fix (a data file, a damaged checkpoint): one line, no trace.
+        except (common.ConfigError, CheckpointError, ModelFolderError) as e:
+            # Problems the user can fix (a data file, a damaged checkpoint, a model folder
+            # without usable weights): one line, no trace.
             sys.exit(f"error: {e}")
 
     app.run(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import tempfile
 import time
 import weakref
 from collections.abc import Iterable
@@ -51,7 +52,7 @@ def check_workdir(path: str | os.PathLike) -> None:
     Refuses URI schemes the I/O layer does not handle (which would otherwise become an odd local
     directory such as `./memory:/x`) and cloud URIs whose packages are missing (gcsfs/s3fs:
     fsspec's own message says which; google-cloud-storage for orbax on gs://). Touches the network
-    only to ask whether `path` exists.
+    only to ask whether `path` exists. A local directory is created and written to once.
     """
     path = os.fspath(path)
     if "://" in path and not is_remote(path):
@@ -60,6 +61,12 @@ def check_workdir(path: str | os.PathLike) -> None:
             f"{', '.join(p + '...' for p in CLOUD_PREFIXES)} URI"
         )
     if not is_remote(path):
+        try:  # created now (as the stage would) and written to once: a file in the way, no
+            os.makedirs(path, exist_ok=True)  # permission or a read-only disk is named here
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as e:
+            raise ValueError(f"workdir {path!r} cannot be written ({e.strerror})") from None
         return
     try:
         epath.Path(path).exists()

@@ -335,6 +335,9 @@ def test_export_hf_carries_the_source_token_ids_and_generation_config(tmp_path):
     generation = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
     assert generation.eos_token_id == eos and generation.temperature == 0.6
     assert generation.top_p == 0.95
+    # Exported over its own source (a stage whose model.path is its own hf/final): kept as is.
+    checkpoint.export_hf(model, source, Tokenizer(), source=source)
+    assert transformers.GenerationConfig.from_pretrained(source).temperature == 0.6
     # Without a source (a model trained from scratch): the tokenizer's ids.
     checkpoint.export_hf(model, tmp_path / "scratch", Tokenizer())
     out = transformers.AutoConfig.from_pretrained(tmp_path / "scratch")

@@ -252,9 +252,12 @@ def test_mesh_expert_and_router_bias_rate_reach_a_deepseek_model(monkeypatch):
 
 def test_unusable_workdir_is_refused_before_any_work(tmp_path):
     env = sh.cli_env(str(tmp_path / "empty_home"))
+    (tmp_path / "a_file").write_text("")
     cases = {
         "ftp://host/run": ("rl", "unsupported scheme; give a local directory or a gs://..."),
         "gs://bucket/run": ("pipeline", "--stage=pipeline needs a local workdir"),
+        str(tmp_path / "a_file"): ("sft", "cannot be written (File exists)"),
+        str(tmp_path / "a_file" / "run"): ("eval", "cannot be written (Not a directory)"),
     }
     procs = {
         workdir: subprocess.Popen(
@@ -274,6 +277,38 @@ def test_unusable_workdir_is_refused_before_any_work(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: --workdir: "), err
         assert cases[workdir][1] in lines[0], err
     assert not (tmp_path / "empty_home").exists()
+
+
+def test_a_model_folder_without_weights_is_one_line(tmp_path):
+    from helpers import hf_checkpoint
+
+    (tmp_path / "model").mkdir()  # a config.json, but the weights never arrived
+    shutil.copy(os.path.join(hf_checkpoint("qwen2"), "config.json"), tmp_path / "model")
+    proc = subprocess.run(
+        sh.launch_cmd(
+            "--stage=eval", f"--config.model.path={tmp_path / 'model'}", f"--workdir={tmp_path}/w"
+        ),
+        env=sh.cli_env(str(tmp_path / "home")),
+        cwd=sh.REPO,
+        text=True,
+        capture_output=True,
+        timeout=180,
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[-1].startswith("error: ") and "no model.safetensors" in lines[-1], proc.stderr
+
+
+def test_a_stage_refuses_a_workdir_holding_another_stages_checkpoints(tmp_path):
+    workdir = str(tmp_path / "run")
+    os.makedirs(os.path.join(workdir, "checkpoints", "40"))
+    with open(os.path.join(workdir, "config_sft.json"), "w") as f:
+        f.write("{}")
+    with pytest.raises(common.ConfigError, match=r"holds the checkpoints of a --stage=sft run"):
+        common.run_stage("rl", sh.load_config("rl"), workdir)
+    assert sorted(os.listdir(workdir)) == ["checkpoints", "config_sft.json"]  # nothing written
+    common.check_workdir_owner(workdir, "sft")  # its own stage resumes
+    common.check_workdir_owner(workdir, "eval")  # eval writes beside a run, no checkpoints
 
 
 def test_cloud_workdir_without_its_filesystem_package_is_named(monkeypatch):

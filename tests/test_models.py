@@ -359,3 +359,9 @@ def test_config_fields_left_out_take_transformers_defaults_and_unknown_ones_are_
     for option, value in (("mlp_bias", True), ("o_bias", True), ("sliding_window", 3)):
         with pytest.raises(hf.CheckpointError, match=f"cannot express {option}"):
             hf.config_to_hf(dataclasses.replace(qwen2, **{option: value}))
+
+
+def test_error_config_without_the_model_shape_names_the_fields(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2", "vocab_size": 64}')
+    with pytest.raises(hf.CheckpointError, match=r"required field\(s\) \['hidden_size'"):
+        hf.load(str(tmp_path))

@@ -193,6 +193,10 @@ def config_from_hf(
     elif hf.get("use_sliding_window"):
         require(False, "use_sliding_window", "Qwen sliding-window layers are not implemented")
 
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+    missing = [f for f in (*required, "num_attention_heads") if hf.get(f) is None]
+    if missing:
+        raise CheckpointError(f"{where}: required field(s) {missing} are missing")
     heads = hf["num_attention_heads"]
     attention_bias = bool(hf.get("attention_bias", False))
     return ModelConfig(
@@ -828,7 +832,9 @@ def write_generation_metadata(path: str, source: str | None = None, tokenizer=No
         json.dump({**config, **ids}, f, indent=2, sort_keys=True)
     src_generation = os.path.join(source, "generation_config.json") if source else None
     if src_generation and os.path.exists(src_generation):
-        shutil.copyfile(src_generation, os.path.join(path, "generation_config.json"))
+        target = os.path.join(path, "generation_config.json")
+        if not (os.path.exists(target) and os.path.samefile(src_generation, target)):
+            shutil.copyfile(src_generation, target)  # (an export over its own source keeps it)
     elif ids:
         transformers.GenerationConfig(**ids).save_pretrained(path)
 

@@ -260,6 +260,7 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str) -> An
     import jax
 
     paths.makedirs(workdir)
+    check_workdir_owner(workdir, stage)
     previous = setup_logging(workdir)
     try:
         if jax.process_index() == 0:
@@ -287,6 +288,25 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str) -> An
         raise
     finally:
         restore_logging(previous)  # closes this stage's log file (uploading a cloud one)
+
+
+# Stages that checkpoint into <workdir>/checkpoints and resume from whatever is there.
+CHECKPOINTING_STAGES = ("pretrain", "sft", "rl", "distill")
+
+
+def check_workdir_owner(workdir: str, stage: str) -> None:
+    """Refuse to run a checkpointing stage in a workdir whose checkpoints another one wrote: it
+    would resume them as its own (an RL run in an SFT workdir restored SFT's last step, ran 0 GRPO
+    steps and exited as done)."""
+    if stage not in CHECKPOINTING_STAGES or not paths.exists(os.path.join(workdir, "checkpoints")):
+        return
+    for other in CHECKPOINTING_STAGES:
+        if other != stage and paths.exists(os.path.join(workdir, f"config_{other}.json")):
+            raise ConfigError(
+                f"workdir {workdir} holds the checkpoints of a --stage={other} run "
+                f"(config_{other}.json, checkpoints/), which this {stage} run would resume as "
+                f"its own; give it another --workdir"
+            )
 
 
 def setup_logging(workdir: str) -> tuple:
