@@ -563,6 +563,19 @@ def test_pipeline_smoke(toy, tmp_path):
     assert set(results["paired"]) == {f"{a} - {b}" for a, b in pipeline.COMPARED}
     assert "paired over 8 prompts" in table
     assert os.path.getmtime(tmp_path / "r1" / "hf" / "final" / "config.json") == stamp
+    # A rerun that asks a finished stage for other settings is refused, not silently skipped.
+    config.cold_start.sft.epochs = 3.0
+    with pytest.raises(common.ConfigError, match=r"cold_start is done, but with other settings"):
+        run("pipeline", config, tmp_path)
+    assert os.path.getmtime(tmp_path / "r1" / "hf" / "final" / "config.json") == stamp
+
+
+def test_pipeline_checks_every_section_before_the_first_stage():
+    config = sh.load_config("pipeline:smoke")
+    pipeline.validate(config)
+    config.r1.rl.loss_type = "foo"  # the ninth stage's
+    with pytest.raises(common.ConfigError, match=r"^r1 \(--stage=rl\): .*loss_type"):
+        pipeline.validate(config)
 
 
 def test_pipeline_stops_after_a_base_that_does_not_copy_tags(tmp_path):

@@ -16,6 +16,7 @@ that did not. The results table (`results.md`, `results.json`) and plots are wri
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -84,6 +85,8 @@ def shared_overrides(config) -> dict[str, dict[str, Any]]:
 
 
 def validate(config) -> None:
+    """Every section checked as its stage will check it, before the first stage starts (a bad
+    field in the last section would otherwise end the run after half an hour of the others)."""
     for name, stage, _ in PLAN:
         if name not in config:
             raise common.ConfigError(f"pipeline config lacks the section {name!r} ({stage})")
@@ -93,7 +96,22 @@ def validate(config) -> None:
                 f"{name}.seed={seed}: the pipeline runs every stage with its own seed; set "
                 f"--config.seed instead"
             )
+        # As run() will give it, except the model and data paths earlier stages write.
+        try:
+            common.validate(_stage_config(config, name), stage)
+        except common.ConfigError as e:
+            raise common.ConfigError(f"{name} (--stage={stage}): {e}") from None
     common.validate_data(config.eval_data)
+
+
+def _stage_config(config, name: str):
+    """A copy of section `name` with the pipeline's seed and shared settings applied."""
+    sub = copy.deepcopy(config[name])
+    with sub.unlocked():
+        sub.seed = config.seed
+        for section, fields in shared_overrides(config).items():
+            sub[section].update(fields)  # e.g. --config.mesh.fsdp, --config.model.dtype
+    return sub
 
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -101,12 +119,9 @@ def run(config, workdir: str) -> dict[str, Any]:
     model_of: dict[str, str] = {}
     started = time.time()
     for name, stage, source in PLAN:
-        sub = config[name]
+        sub = _stage_config(config, name)
         subdir = os.path.join(workdir, name)
         with sub.unlocked():
-            sub.seed = config.seed
-            for section, fields in shared_overrides(config).items():
-                sub[section].update(fields)  # e.g. --config.mesh.fsdp, --config.model.dtype
             if source is not None:
                 sub.model.path = model_of[source]
             if name == "r1_sft":
@@ -183,6 +198,7 @@ def _run_once(stage: str, sub, subdir: str) -> dict[str, Any]:
     """Run a sub-stage unless its output already exists (a rerun resumes the pipeline)."""
     done = os.path.join(subdir, "done.json")
     if os.path.exists(done):
+        _check_same_settings(sub, os.path.join(subdir, f"config_{stage}.json"), subdir)
         log.info("pipeline: %s already done, skipping (%s)", os.path.basename(subdir), subdir)
         with open(done) as f:
             return json.load(f)
@@ -192,6 +208,34 @@ def _run_once(stage: str, sub, subdir: str) -> dict[str, Any]:
     out = {k: v for k, v in out.items() if isinstance(v, int | float | str)}
     out["minutes"] = (time.time() - started) / 60  # kept across resumes, unlike the total
     common.write_json(done, out)
+    return out
+
+
+def _check_same_settings(sub, saved_path: str, subdir: str) -> None:
+    """Refuse to skip a finished stage that ran with other settings than `sub` now asks for: its
+    results would stand for settings they were not made with. Fields the saved config lacks (an
+    older r1jax) are not compared."""
+    if not os.path.exists(saved_path):
+        return
+    with open(saved_path) as f:
+        saved = _flat(json.load(f))
+    now = _flat(json.loads(sub.to_json_best_effort()))
+    changed = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
+    if changed:
+        diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed[:5])
+        raise common.ConfigError(
+            f"{os.path.basename(subdir)} is done, but with other settings ({diffs}); delete "
+            f"{subdir} (and the stages after it) to rerun it with the new ones, or give the "
+            f"pipeline a new --workdir"
+        )
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
     return out
 
 
