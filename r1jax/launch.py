@@ -111,6 +111,12 @@ def main(argv: list[str] | None = None) -> None:
             # Problems the user can fix (a data file, a damaged checkpoint, a model folder
             # without usable weights): one line, no trace.
             sys.exit(f"error: {e}")
+        except KeyboardInterrupt:  # Ctrl-C: run_stage has let the last checkpoint commit
+            print(
+                f"interrupted; the same command resumes from the last checkpoint in {workdir}",
+                file=sys.stderr,
+            )
+            sys.exit(130)
 
     app.run(
         run,
@@ -179,6 +185,14 @@ def _parse_flags_with_help(argv):
         else:
             print("Give --stage=STAGE --help to list that stage's config fields.")
         sys.exit(0)
+    spec = _config_spec(argv)
+    if spec is not None and not os.path.isfile(spec.split(":", 1)[0]):
+        # (ml_collections would defer this to a traceback at the config's first use)
+        known = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".py"))
+        sys.exit(
+            f"config error: --config={spec}: no such file; the stages' configs are in "
+            f"{CONFIG_DIR} ({', '.join(known)})"
+        )
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:

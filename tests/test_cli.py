@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import ml_collections
@@ -60,6 +61,8 @@ CONFIG_ERRORS = {
         ["--config.model.router_bias_rate=0.001"],
         ["model.router_bias_rate=0.001", "DeepSeek-V3", "toy base model"],
     ),
+    "mistyped_config_file": (["--config=configs/rll.py"], ["--config=configs/rll.py", "no such"]),
+    "pipeline_config": (["--config=configs/pipeline.py"], ["not a config", "--stage=pipeline"]),
 }
 
 
@@ -134,6 +137,11 @@ def test_a_cosine_schedule_spans_the_stage_steps_given_on_the_command_line():
     sh.set_fields(rl, {"optim.schedule": "cosine", "rl.num_iterations": 2})
     rl_stage.validate(rl)  # optim.total_steps is 0 in the config; the run takes 160
     assert common.optim(rl, rl_stage.optimizer_steps(rl)).total_steps == 160
+    # SFT and distillation learn their step count from the data: no total_steps to demand.
+    for stage in ("sft", "distill"):
+        tuned = sh.load_config(stage)
+        sh.set_fields(tuned, {"optim.schedule": "cosine", "optim.total_steps": 0})
+        common.validate(tuned, stage)
     sh.set_fields(config, {"pretrain.steps": 30})
     with pytest.raises(common.ConfigError, match="warmup_steps=50; this run takes 30"):
         common.validate(config, "pretrain")
@@ -481,3 +489,59 @@ def test_rl_saves_every_evaluated_step_when_it_keeps_the_best():
     assert [s for s in steps if rl_stage.forced_save(s, config)] == [20, 40, 60, 80]
     config.ckpt.best_metric = ""
     assert [s for s in steps if rl_stage.forced_save(s, config)] == [80]
+
+
+def test_every_registered_reward_can_be_weighted_from_the_command_line():
+    """configs/rl.py lists every registered reward (the shaping ones at 0), and the length
+    shaping measures against rl.max_completion_length."""
+    from r1jax import rewards
+    from r1jax.stages import rl as rl_stage
+
+    config = sh.load_config("rl")
+    assert set(config.rewards.to_dict()) == set(rewards.REWARDS)
+    sh.set_fields(
+        config,
+        {
+            "rewards.overlong_penalty": 1.0,
+            "rewards.repetition_penalty": 1.0,
+            "rewards.cosine_scaled": 1.0,
+            "rl.max_completion_length": 10,
+        },
+    )
+    rl_stage.validate(config)
+    with rewards.build_reward_fn(rl_stage.reward_specs(config), num_workers=0) as fn:
+        names = list(fn.names)
+        out = fn(
+            ["<think>a a a a</think><answer>3</answer>"] * 3,
+            completion_ids=[[0] * 5, [0] * 9, [0] * 11],
+            solution=["3"] * 3,
+            task=["arithmetic"] * 3,
+        )
+    overlong = out.per_reward[names.index("overlong_penalty")]
+    np.testing.assert_allclose(overlong, [0.0, -0.5, -1.0])  # last 2 of 10 tokens penalised
+    cosine = out.per_reward[names.index("cosine_scaled")]
+    assert cosine[0] > cosine[1] > 0 and cosine[2] == pytest.approx(0.5)  # correct: 1 -> 0.5 at L
+
+
+def test_ctrl_c_ends_in_one_line_saying_how_to_resume(tmp_path):
+    code = (
+        "import sys\n"
+        "from r1jax.stages import common\n"
+        "def interrupted(*args, **kwargs):\n"
+        "    raise KeyboardInterrupt\n"
+        "common.run_stage = interrupted\n"
+        "from r1jax import launch\n"
+        "launch.main(sys.argv)\n"
+    )
+    workdir = str(tmp_path / "w")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--stage=eval", f"--workdir={workdir}"],
+        env=sh.cli_env(str(tmp_path / "home")),
+        cwd=sh.REPO,
+        text=True,
+        capture_output=True,
+        timeout=180,
+    )
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"interrupted; the same command resumes from the last checkpoint in {workdir}"

@@ -400,7 +400,7 @@ def test_rl_default_runs_and_learns(toy, reference_rl):
     assert_hf_folder(os.path.join(reference_rl, "hf", "final"))
 
 
-def test_rejection_sampling_default_runs(toy, tmp_path):
+def test_rejection_sampling_default_runs(toy, tmp_path, monkeypatch):
     extra = tmp_path / "chat.jsonl"
     chat = [{"prompt": f"Say hello {i}", "completion": f"Hello {i}!"} for i in range(3)]
     messages = [{"role": "user", "content": "Say bye"}, {"role": "assistant", "content": "Bye!"}]
@@ -437,6 +437,17 @@ def test_rejection_sampling_default_runs(toy, tmp_path):
     common.validate(sft_config, "sft")
     pairs = sft_stage.load_pairs(sft_config, hf.tokenizer(os.path.join(toy[0], "toy_base")))
     assert [c for _, c in pairs] == [w.get("completion", "Bye!") for w in written]
+
+    # A bad non-reasoning file is refused before any sampling (it was read after all of it).
+    extra.write_text(json.dumps({"prompt": "no answer here"}) + "\n")
+    from r1jax.stages import rejection_sampling
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before reading non_reasoning_source")
+
+    monkeypatch.setattr(rejection_sampling.sampling, "generate", no_sampling)
+    with pytest.raises(common.ConfigError, match=r"non_reasoning_source .* row 0 has neither"):
+        run("rejection_sampling", config, tmp_path / "bad")
 
 
 def test_distill_default_runs_with_logit_distillation(toy, tmp_path):
@@ -888,6 +899,27 @@ def test_file_data_holds_out_its_last_rows_and_refuses_to_train_on_them():
     assert len(common.load_prompt_rows(config, "train", seed=0)) == 5
 
 
+def test_file_data_with_other_column_names_and_bad_lines_loads_from_config_fields(tmp_path):
+    """What the loader takes as arguments (a column map, skipping malformed lines) is reachable
+    from the command line, and its error says how."""
+    rows = [{"q": f"What is {i} + 1?", "a": str(i + 1)} for i in range(6)]
+    path = tmp_path / "own_columns.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    config = common.data_config(source=str(path))
+    config.num_eval = 2
+    config.on_bad_json = "skip"
+    with pytest.raises(common.ConfigError, match=r"--config.data.field_map.prompt=COLUMN"):
+        common.load_prompt_rows(config, "train", seed=0)
+    config.field_map.prompt, config.field_map.solution = "q", "a"
+    train = common.load_prompt_rows(config, "train", seed=0)
+    assert [(r["prompt"], r["solution"]) for r in train] == [(r["q"], r["a"]) for r in rows[:4]]
+    config.on_bad_json = "error"
+    with pytest.raises(
+        common.ConfigError, match=r"jsonl:7: malformed JSON.*--config.data.on_bad_json=skip\)$"
+    ):
+        common.load_prompt_rows(config, "train", seed=0)
+
+
 def test_grader_checks_each_row_by_its_own_rule():
     """A dataset mixing built-in tasks, math and code (e.g. a glob over several files): every
     sample is graded by the rule its row calls for, not the first row's."""
@@ -926,3 +958,36 @@ def test_pipeline_settings_made_at_the_top_level_reach_every_stage():
     sh.set_fields(config, {"r1_zero.seed": 7})  # run() would give every stage config.seed
     with pytest.raises(common.ConfigError, match="r1_zero.seed=7.*--config.seed"):
         pipeline.validate(config)
+
+
+def test_fields_that_would_fail_mid_run_are_refused_up_front(toy, tmp_path):
+    """Each of these once ended a run steps in (or after its sampling) with a traceback."""
+    from r1jax.models import hf
+    from r1jax.stages import rl as rl_stage
+    from r1jax.stages import sft as sft_stage
+
+    cases = [
+        ("eval", "num_samples", 0, r"eval.num_samples must be an integer >= 1"),
+        ("eval", "max_new_tokens", 0, r"eval.max_new_tokens must be an integer >= 1"),
+        ("eval", "batch_prompts", 0, r"eval.batch_prompts must be an integer >= 1"),
+        ("data", "prompt_buckets", (64, "abc"), r"data.prompt_buckets must be prompt lengths"),
+        ("data", "eval_source", str(tmp_path / "nope.jsonl"), r"data.eval_source .* not an"),
+    ]
+    for section, field, value, message in cases:
+        config = sh.load_config("rl")
+        config[section][field] = value
+        with pytest.raises(common.ConfigError, match=message):
+            rl_stage.validate(config)
+    # A prompt longer than every bucket: refused when the prompts are tokenised, naming the field.
+    config = sh.load_config("rl")
+    config.data.prompt_buckets = (8,)
+    tokenizer = hf.tokenizer(os.path.join(toy[0], "toy_base"))
+    rows = [{"prompt": "What is 12 + 30?", "solution": "42"}] * 3
+    with pytest.raises(common.ConfigError, match=r"3 of 3 prompts are longer than the largest"):
+        common.PromptSet(rows, tokenizer, config.data, seed=0)
+    # SFT examples none of which fits seq_len.
+    config = sh.load_config("sft")
+    config.sft.seq_len = 4
+    pairs = [("a b c d e", "f")]
+    with pytest.raises(common.ConfigError, match=r"sft.seq_len=4: no SFT example fits"):
+        sft_stage.train_on_pairs(config, "sft", str(tmp_path), None, tokenizer, pairs, None)

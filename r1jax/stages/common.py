@@ -7,6 +7,7 @@ here, so every stage has the same `seed`, `mesh`, `model`, `ckpt` and `log` sect
 
 from __future__ import annotations
 
+import glob
 import importlib
 import importlib.util
 import json
@@ -100,6 +101,8 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
     if stage != "pipeline":  # --config of another stage (its own section names it)
         own = ("rl", "sft", "pretrain", "distill", "rejection_sampling")
         other = next((s for s in own if s != stage and s in config), None)
+        if "r1_zero" in config:  # the pipeline's sections are named by recipe step
+            other = "pipeline"
         if stage not in config or other:
             raise ConfigError(
                 f"--config is not a config for --stage={stage}"
@@ -561,16 +564,22 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
     return c
 
 
-def optim(config: ml_collections.ConfigDict, run_steps: int | None = None):
+def optim(
+    config: ml_collections.ConfigDict, run_steps: int | None = None, *, steps_later: bool = False
+):
     """The typed OptimConfig of a stage config (errors name the optim.* field).
 
     run_steps: the optimizer steps the stage will take, when it knows them; a "cosine" schedule
     then decays to 0 over exactly those steps (`optim.total_steps` is ignored), so overriding the
     stage's step count on the command line cannot leave the run at learning rate 0.
+    steps_later: only checking, for a stage that learns its step count from its data (SFT,
+    distillation) and passes it as `run_steps` then: a cosine schedule needs no total_steps here.
     """
     from r1jax.train import OptimConfig
 
     fields = config.optim.to_dict()
+    if steps_later and run_steps is None and fields["schedule"] == "cosine":
+        run_steps = fields["warmup_steps"] + 1  # stands in for the count the data will give
     spans_run = run_steps is not None and fields["schedule"] == "cosine"
     if spans_run:
         fields["total_steps"] = run_steps
@@ -615,6 +624,12 @@ def data_config(source: str = "arithmetic", template: str = "r1_zero") -> ml_col
     c.num_eval = 256  # held-out problems (built-in tasks: from the held-out split)
     c.eval_source = ""  # file data: held-out file ("" = hold out num_eval rows of source)
     c.prompt_buckets = (64, 128, 256, 512)  # padded prompt lengths (few shapes = few compiles)
+    # File data: the column holding each field when the loader does not recognise the dataset's
+    # shape ("" = found by shape), and what a malformed JSON line does ("error" or "skip").
+    c.field_map = ml_collections.ConfigDict(
+        {"prompt": "", "solution": "", "tests": "", "language": ""}
+    )
+    c.on_bad_json = "error"
     c.arithmetic = ml_collections.ConfigDict(
         {"ops": ("+", "-"), "min_digits": 1, "max_digits": 2}
     )  # difficulty of the built-in task
@@ -701,6 +716,15 @@ class PromptSet:
         self.token_ids = toks.with_leading_specials(
             tokenizer, tokenizer(self.prompts, add_special_tokens=False)["input_ids"]
         )
+        longest = max(self.buckets)
+        too_long = [i for i, ids in enumerate(self.token_ids) if len(ids) > longest]
+        if too_long:  # refused now, not when a batch first draws one (steps into a run)
+            i = too_long[0]
+            raise ConfigError(
+                f"{len(too_long)} of {len(rows)} prompts are longer than the largest of "
+                f"data.prompt_buckets={self.buckets} (row {i}, {len(self.token_ids[i])} tokens "
+                f"with the template: {rows[i]['prompt'][:60]!r}...); add a larger bucket"
+            )
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
@@ -757,13 +781,26 @@ def load_prompt_rows(data_config, split: str, seed: int) -> list[dict]:
             return tasks.make_dataset(task, n, seed=seed, split=split)
         except ValueError as e:
             raise ConfigError(f"data.num_{'train' if split == 'train' else 'eval'}: {e}") from e
-    path = data_config.eval_source if (split == "eval" and data_config.eval_source) else source
+    held_out_file = split == "eval" and bool(data_config.eval_source)
+    path = data_config.eval_source if held_out_file else source
     try:
         # Every process reads all rows: a rollout batch is small and every host feeds the same
         # global batch, of which each device then keeps its own slice.
-        rows, stats = loaders.load_rows(path)
+        field_map = {k: v for k, v in data_config.field_map.items() if v}
+        rows, stats = loaders.load_rows(
+            path, field_map=field_map, on_bad_json=data_config.on_bad_json
+        )
     except (OSError, ValueError) as e:
-        raise ConfigError(f"data.source: {e}") from e
+        field = "eval_source" if held_out_file else "source"
+        hint = ""  # the loader names its own arguments; these are their config fields
+        if "field_map" in str(e):
+            hint = (
+                " (from the command line: --config.data.field_map.prompt=COLUMN "
+                "--config.data.field_map.solution=COLUMN)"
+            )
+        elif "on_bad_json" in str(e):
+            hint = " (from the command line: --config.data.on_bad_json=skip)"
+        raise ConfigError(f"data.{field}: {e}{hint}") from e
     log.info("loaded %d rows from %s (%s)", len(rows), path, stats)
     if split == "eval" and not data_config.eval_source:
         return rows[-n:]
@@ -806,20 +843,40 @@ def validate_data(data_config) -> None:
         )
     source = data_config.source
     if source not in tasks.TASKS:
-        import glob
-
         if not glob.glob(source):
             raise ConfigError(
                 f"data.source {source!r} is neither a built-in task "
                 f"{sorted(tasks.TASKS)} nor an existing file"
             )
+    if data_config.eval_source and not glob.glob(data_config.eval_source):
+        raise ConfigError(f"data.eval_source {data_config.eval_source!r} is not an existing file")
     if data_config.num_eval < 1 or data_config.num_train < 1:
         raise ConfigError("data.num_train and data.num_eval must be >= 1")
+    if data_config.on_bad_json not in ("error", "skip"):
+        raise ConfigError(
+            f"data.on_bad_json must be 'error' or 'skip', got {data_config.on_bad_json!r}"
+        )
+    buckets = tuple(data_config.prompt_buckets)
+    if not buckets or not all(isinstance(b, int) and b >= 1 for b in buckets):
+        raise ConfigError(
+            f"data.prompt_buckets must be prompt lengths in tokens (integers >= 1), got {buckets!r}"
+        )
     if data_config.template == "plain" and data_config.prefill_think:
         raise ConfigError(
             "data.prefill_think needs a template that ends in the model's turn ('r1_zero' or "
             "'chat'); data.template='plain' passes the question unchanged"
         )
+
+
+def validate_eval(section) -> None:
+    """Refuse an `eval` section (`eval_config`) that cannot work; errors name the field."""
+    for field in ("num_prompts", "num_samples", "max_new_tokens", "batch_prompts"):
+        if not isinstance(section[field], int) or section[field] < 1:
+            raise ConfigError(f"eval.{field} must be an integer >= 1, got {section[field]!r}")
+    if section.every < 0:
+        raise ConfigError(f"eval.every must be >= 0 (0 = only at the end), got {section.every}")
+    if not 0 < section.top_p <= 1 or section.temperature < 0:
+        raise ConfigError("eval.top_p must be in (0, 1] and eval.temperature >= 0")
 
 
 def validate_reward_model(section) -> None:

@@ -47,7 +47,7 @@ def validate(config) -> None:
             "shards"
         )
     common.micro_batches(config, "distill", d.batch_size)
-    common.optim(config)
+    common.optim(config, steps_later=True)  # the data gives the step count
 
 
 def run(config, workdir: str) -> dict:

@@ -259,10 +259,7 @@ def table(result: dict[str, Any]) -> str:
 
 def validate(config) -> None:
     common.validate_data(config.data)
-    if config.eval.num_samples < 1 or config.eval.num_prompts < 1:
-        raise common.ConfigError("eval.num_samples and eval.num_prompts must be >= 1")
-    if not 0 < config.eval.top_p <= 1 or config.eval.temperature < 0:
-        raise common.ConfigError("eval.top_p must be in (0, 1] and eval.temperature >= 0")
+    common.validate_eval(config.eval)
 
 
 def run(config, workdir: str) -> dict[str, Any]:

@@ -81,8 +81,34 @@ def validate(config) -> None:
         raise common.ConfigError("rejection_sampling.min_language_consistency must be in [0, 1]")
 
 
+def _non_reasoning_rows(r) -> list[dict[str, Any]]:
+    """The rows of `non_reasoning_source` as SFT rows tagged `source: non_reasoning`: prompt/
+    completion pairs as they are, chat rows as their messages (the SFT stage renders them with
+    the tokenizer's chat template, as it does for its own source). [] when there is none."""
+    if not r.non_reasoning_source:
+        return []
+    try:
+        extra, _ = common.load_completion_rows(r.non_reasoning_source)
+    except (OSError, ValueError) as e:
+        raise common.ConfigError(f"rejection_sampling.non_reasoning_source: {e}") from e
+    rows = []
+    for i, x in enumerate(extra):
+        if x.get("completion"):
+            row = {"prompt": x["prompt"], "completion": x["completion"]}
+        elif x.get("messages") and x["messages"][-1].get("role") == "assistant":
+            row = {"messages": x["messages"]}
+        else:
+            raise common.ConfigError(
+                f"rejection_sampling.non_reasoning_source {r.non_reasoning_source}: row {i} "
+                f"has neither a completion nor a final assistant message"
+            )
+        rows.append({**row, "source": "non_reasoning"})
+    return rows
+
+
 def run(config, workdir: str) -> dict[str, Any]:
     r = config.rejection_sampling
+    non_reasoning = _non_reasoning_rows(r)
     mesh = common.make_mesh(config)
     model, tokenizer = common.load_model(config, mesh, rules=sharding.SAMPLING_RULES)
     rows = common.load_prompt_rows(config.data, "train", config.seed)
@@ -156,32 +182,10 @@ def run(config, workdir: str) -> dict[str, Any]:
         for s in kept
     ]
 
-    # 4. Non-reasoning data.
-    mixed = 0
-    if r.non_reasoning_source:
-        try:
-            extra, _ = common.load_completion_rows(r.non_reasoning_source)
-        except (OSError, ValueError) as e:
-            raise common.ConfigError(f"rejection_sampling.non_reasoning_source: {e}") from e
-        want = (
-            int(round(len(out_rows) * r.non_reasoning_ratio))
-            if r.non_reasoning_ratio
-            else len(extra)
-        )
-        for i, x in enumerate(extra[:want]):
-            # Prompt/completion rows as they are; chat rows keep their messages (the SFT stage
-            # renders them with the tokenizer's chat template, as it does for its own source).
-            if x.get("completion"):
-                row = {"prompt": x["prompt"], "completion": x["completion"]}
-            elif x.get("messages") and x["messages"][-1].get("role") == "assistant":
-                row = {"messages": x["messages"]}
-            else:
-                raise common.ConfigError(
-                    f"rejection_sampling.non_reasoning_source {r.non_reasoning_source}: row {i} "
-                    f"has neither a completion nor a final assistant message"
-                )
-            out_rows.append({**row, "source": "non_reasoning"})
-            mixed += 1
+    # 4. Non-reasoning data (read before sampling, so a bad file costs no sampling).
+    want = int(round(len(out_rows) * r.non_reasoning_ratio)) if r.non_reasoning_ratio else None
+    mixed = len(non_reasoning[:want])
+    out_rows += non_reasoning[:want]
 
     # 5. Write the dataset and the summary.
     summary = {

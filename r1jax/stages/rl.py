@@ -68,6 +68,24 @@ def grpo_config(config, tokenizer, prompt_set: common.PromptSet) -> grpo.GRPOCon
         raise common.ConfigError(_rl_field_message(e)) from e
 
 
+def reward_specs(config) -> dict[str, Any]:
+    """`config.rewards` (name -> weight; 0 = off) as `rewards.build_reward_fn` specs; the length
+    shaping rewards measure against `rl.max_completion_length` (see configs/rl.py)."""
+    length = config.rl.max_completion_length
+    kwargs = {
+        "cosine_scaled": {"max_len": length},
+        "overlong_penalty": {
+            "max_completion_length": length,
+            "soft_punish_cache": max(1, length // 5),
+        },
+    }
+    return {
+        name: {"weight": w, "kwargs": kwargs[name]} if name in kwargs else w
+        for name, w in config.rewards.to_dict().items()
+        if w != 0
+    }
+
+
 def optimizer_steps(config) -> int:
     """Optimizer steps in the run: μ = num_iterations per GRPO step (what a cosine spans)."""
     return config.rl.steps * config.rl.num_iterations
@@ -84,6 +102,7 @@ def validate(config) -> None:
     import ml_collections  # noqa: F401
 
     common.validate_data(config.data)
+    common.validate_eval(config.eval)
     r = config.rl
     if r.steps < 1 or r.prompts_per_step < 1:
         raise common.ConfigError("rl.steps and rl.prompts_per_step must be >= 1")
@@ -156,9 +175,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         seed=config.seed,
     )
     cfg = grpo_config(config, tokenizer, train_set)
-    reward_fn = rewards.build_reward_fn(
-        {name: w for name, w in config.rewards.to_dict().items() if w != 0}
-    )
+    reward_fn = rewards.build_reward_fn(reward_specs(config))
     decode = functools.partial(_decode, tokenizer, train_set.completion_prefix)
     scorer = _reward_bridge(reward_fn, decode, train_set.columns)
     reward_model = common.load_reward_model(config.reward_model, mesh)  # None: off

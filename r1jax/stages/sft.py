@@ -42,7 +42,7 @@ def validate(config) -> None:
             f"sft.batch_size={s.batch_size} must be a multiple of the mesh's {ways} batch shards"
         )
     common.micro_batches(config, "sft", s.batch_size)
-    common.optim(config)
+    common.optim(config, steps_later=True)  # the data gives the step count
 
 
 def load_pairs(config, tokenizer) -> list[tuple[str, str]]:
@@ -97,9 +97,12 @@ def train_on_pairs(
     instead of cross-entropy on the tokens.
     """
     s = config[section]
-    batch_all = tokenize_sft(
-        tokenizer, [p for p, _ in pairs], [c for _, c in pairs], seq_len=s.seq_len, pack=s.pack
-    )
+    try:
+        batch_all = tokenize_sft(
+            tokenizer, [p for p, _ in pairs], [c for _, c in pairs], seq_len=s.seq_len, pack=s.pack
+        )
+    except ValueError as e:  # e.g. every prompt longer than seq_len: nothing left to learn
+        raise common.ConfigError(f"{section}.seq_len={s.seq_len}: {e}") from None
     rows = batch_all.input_ids.shape[0]
     steps = math.ceil(rows * s.epochs / s.batch_size)
     log.info(
