@@ -69,9 +69,10 @@ def filter_samples(
 def validate(config) -> None:
     common.validate_data(config.data)
     r = config.rejection_sampling
-    if r.num_prompts < 1 or r.num_samples < 1 or r.max_new_tokens < 1:
+    if min(r.num_prompts, r.num_samples, r.max_new_tokens, r.batch_prompts) < 1:
         raise common.ConfigError(
-            "rejection_sampling.num_prompts, num_samples and max_new_tokens must be >= 1"
+            "rejection_sampling.num_prompts, num_samples, max_new_tokens and batch_prompts must "
+            "be >= 1"
         )
     if r.non_reasoning_source and not os.path.exists(r.non_reasoning_source):
         raise common.ConfigError(
