@@ -427,19 +427,23 @@ def export_hf(
     (config.json + safetensors) at `path`, a local directory or a cloud URI.
 
     `source`: the HF folder the model was loaded from; its token ids and generation_config.json
-    are carried over (`hf.write_generation_metadata`), else the tokenizer's ids are written.
+    are carried over (`hf.generation_metadata`), else the tokenizer's ids are written.
     Every process must call this (the parameter gathers are collective); process 0 writes. A cloud
     folder is written to a local temporary directory first and then uploaded file by file, since
     the safetensors writer needs a local file.
     """
     from r1jax.models import hf  # lazy: keeps checkpointing importable without the HF stack
 
+    metadata = hf.generation_metadata(
+        source, tokenizer
+    )  # before `path` (maybe `source`) is written
+
     def write(local: str) -> None:
         hf.save(model, local)
         if jax.process_index() == 0:
             if tokenizer is not None:
                 tokenizer.save_pretrained(local)
-            hf.write_generation_metadata(local, source, tokenizer)
+            hf.write_generation_metadata(local, metadata)
 
     path = os.fspath(path)
     if not paths.is_remote(path):

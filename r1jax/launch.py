@@ -112,8 +112,12 @@ def main(argv: list[str] | None = None) -> None:
             # without usable weights): one line, no trace.
             sys.exit(f"error: {e}")
         except KeyboardInterrupt:  # Ctrl-C: run_stage has let the last checkpoint commit
+            resumes = stage in (*common.CHECKPOINTING_STAGES, "pipeline")
             print(
-                f"interrupted; the same command resumes from the last checkpoint in {workdir}",
+                f"interrupted; the same command resumes from the last checkpoint in {workdir}"
+                if resumes
+                else f"interrupted; --stage={stage} keeps no checkpoints: the same command "
+                "starts it again",
                 file=sys.stderr,
             )
             sys.exit(130)

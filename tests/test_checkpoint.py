@@ -338,6 +338,8 @@ def test_export_hf_carries_the_source_token_ids_and_generation_config(tmp_path):
     # Exported over its own source (a stage whose model.path is its own hf/final): kept as is.
     checkpoint.export_hf(model, source, Tokenizer(), source=source)
     assert transformers.GenerationConfig.from_pretrained(source).temperature == 0.6
+    again = transformers.AutoConfig.from_pretrained(source)
+    assert (again.bos_token_id, again.eos_token_id, again.pad_token_id) == (60, eos, 7)
     # Without a source (a model trained from scratch): the tokenizer's ids.
     checkpoint.export_hf(model, tmp_path / "scratch", Tokenizer())
     out = transformers.AutoConfig.from_pretrained(tmp_path / "scratch")

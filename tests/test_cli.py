@@ -544,4 +544,6 @@ def test_ctrl_c_ends_in_one_line_saying_how_to_resume(tmp_path):
     )
     assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last == f"interrupted; the same command resumes from the last checkpoint in {workdir}"
+    assert (
+        last == "interrupted; --stage=eval keeps no checkpoints: the same command starts it again"
+    )

@@ -365,3 +365,48 @@ def test_error_config_without_the_model_shape_names_the_fields(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "qwen2", "vocab_size": 64}')
     with pytest.raises(hf.CheckpointError, match=r"required field\(s\) \['hidden_size'"):
         hf.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama_linear", "mistral"])
+def test_tensors_are_read_block_by_block_in_our_layout(family):
+    """`_Blocks[index]` equals the same block of the whole tensor put in our layout (the
+    reshape-and-transpose `_Mapping.to_ours` defines), for every parameter and random blocks."""
+    path = hf_checkpoint(family)
+    cfg = hf.config_from_hf(hf.read_config(path))
+    files = hf._WeightFiles(path)
+    rng = np.random.default_rng(0)
+    for m in hf._mappings(cfg):
+        whole = m.to_ours(files.get(m.name), cfg)
+        blocks = hf._Blocks(files, m, cfg)
+        assert blocks.shape == whole.shape, m.name
+        np.testing.assert_array_equal(blocks.whole(), whole, err_msg=m.name)
+        for _ in range(3):
+            index = []
+            for n in whole.shape:
+                a = int(rng.integers(0, n))
+                index.append(slice(a, int(rng.integers(a + 1, n + 1))))
+            index = tuple(index)
+            np.testing.assert_array_equal(blocks[index], whole[index], err_msg=f"{m.name} {index}")
+
+
+def test_a_sharded_load_reads_each_device_block_not_whole_tensors(monkeypatch):
+    """On a mesh, each device's callback reads only the rows of its block from the file, so the
+    hosts of a pod slice read 1/hosts of the checkpoint each, not all of it."""
+    path = hf_checkpoint("llama3")
+    read = []
+    get = hf._WeightFiles.get
+
+    def counting(self, name, index=None):
+        out = get(self, name, index)
+        read.append((name, out.size))
+        return out
+
+    monkeypatch.setattr(hf._WeightFiles, "get", counting)
+    model = hf.load(path, mesh=sharding.make_mesh(fsdp=4, tensor=2))
+    sizes = {p: np.asarray(v[...]).size for p, v in nnx.to_flat_state(nnx.state(model))}
+    gate = [n for n, size in read if n.endswith("layers.0.mlp.gate_proj.weight")]
+    # [embed over fsdp=4, mlp over tensor=2]: 8 distinct blocks of 1/8 each, read once each.
+    assert len(gate) == 8
+    assert all(size * 8 == sizes[("layers", 0, "mlp", "gate_df")] for n, size in read if n in gate)
+    norm = [n for n, _ in read if n.endswith("layers.0.input_layernorm.weight")]
+    assert len(norm) == 1  # replicated: read once, not once per device

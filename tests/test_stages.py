@@ -574,7 +574,12 @@ def test_pipeline_smoke(toy, tmp_path):
     assert set(results["paired"]) == {f"{a} - {b}" for a, b in pipeline.COMPARED}
     assert "paired over 8 prompts" in table
     assert os.path.getmtime(tmp_path / "r1" / "hf" / "final" / "config.json") == stamp
-    # A rerun that asks a finished stage for other settings is refused, not silently skipped.
+    # Resuming with settings that change no result (logging), or the workdir spelled relatively
+    # (the stages' model paths with it), skips the finished stages as before ...
+    config.log.progress = False
+    relative = os.path.relpath(tmp_path)
+    assert run("pipeline", config, relative)["eval"] == results["eval"]
+    # ... but asking a finished stage for other settings is refused, not silently skipped.
     config.cold_start.sft.epochs = 3.0
     with pytest.raises(common.ConfigError, match=r"cold_start is done, but with other settings"):
         run("pipeline", config, tmp_path)
@@ -586,6 +591,10 @@ def test_pipeline_checks_every_section_before_the_first_stage():
     pipeline.validate(config)
     config.r1.rl.loss_type = "foo"  # the ninth stage's
     with pytest.raises(common.ConfigError, match=r"^r1 \(--stage=rl\): .*loss_type"):
+        pipeline.validate(config)
+    config.r1.rl.loss_type = "grpo"
+    config.eval_stage.eval.num_samples = 0  # the evaluations after every stage
+    with pytest.raises(common.ConfigError, match=r"^eval_stage / eval_data .*eval.num_samples"):
         pipeline.validate(config)
 
 

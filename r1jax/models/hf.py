@@ -1,11 +1,13 @@
 """Hugging Face checkpoints in and out: config.json <-> ModelConfig, safetensors <-> parameters.
 
 `load(path, mesh=None)` reads a local checkpoint folder (config.json plus one `model.safetensors` or
-shards listed in `model.safetensors.index.json`) into a `Decoder`. With a mesh, each tensor is read
-on the host, converted to r1jax layout, and placed with `jax.make_array_from_callback`, so every
-device receives only its own shard and the host never holds more than one tensor at a time.
-`save(model, path)` writes config.json (through transformers' own config class, so the file is what
-transformers expects) and safetensors shards that `AutoModelForCausalLM.from_pretrained` loads.
+shards listed in `model.safetensors.index.json`) into a `Decoder`. With a mesh, each tensor is
+placed with `jax.make_array_from_callback`, and each device's callback reads from the file only the
+block of the tensor that device holds, in r1jax layout (`_Blocks`): a host reads its devices' share
+of the checkpoint and never holds more than one tensor. `save(model, path)` writes config.json
+(through transformers' own config class, so the file is what transformers expects, with the RoPE
+keys transformers 4.x reads too) and safetensors shards, streamed one shard at a time, that
+`AutoModelForCausalLM.from_pretrained` loads.
 
 Notable choices:
 - config.json is parsed strictly: a field that would change the forward pass and that r1jax does not
@@ -21,7 +23,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -481,15 +482,68 @@ class _WeightFiles:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handles[self.weight_map[name]].get_slice(name).get_shape())
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        """The tensor `name`, or only its block `index` (one slice per axis)."""
         file = os.path.join(self.path, self.weight_map[name])
         try:
-            return self._handles[self.weight_map[name]].get_tensor(name)
+            handle = self._handles[self.weight_map[name]]
+            return handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
         except Exception as e:
             raise CheckpointError(
                 f"{file}: tensor {name!r} cannot be read ({e}); the file is "
                 f"probably truncated or corrupt"
             ) from e
+
+
+class _Blocks:
+    """One HF tensor seen in our layout (`_Mapping`), read a block at a time: `blocks[index]`
+    reads from the file only the rows and columns of that block of ours, so a host of a pod slice
+    reads the slices its devices hold rather than every tensor whole. `shape` is ours."""
+
+    def __init__(self, files: _WeightFiles, m: _Mapping, cfg: ModelConfig):
+        self.files, self.name = files, m.name
+        hf_shape = files.shape(m.name)
+        view = tuple(m.view(cfg)) if m.view else hf_shape
+        # The view axes each HF axis splits into (a reshape of the HF shape: leading to trailing).
+        self.groups, axis = [], 0
+        for size in hf_shape:
+            group, prod = [axis], view[axis]
+            axis += 1
+            while prod < size:
+                group.append(axis)
+                prod *= view[axis]
+                axis += 1
+            self.groups.append(group)
+        self.groups[-1] += list(range(axis, len(view)))  # trailing size-1 axes, if any
+        self.view = view
+        self.perm = tuple(m.perm) if m.perm else tuple(range(len(view)))
+        self.shape = tuple(view[a] for a in self.perm)
+        self._read: dict[tuple, np.ndarray] = {}
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        ranges = [range(*sl.indices(n)) for sl, n in zip(index, self.shape, strict=True)]
+        key = tuple((r.start, r.stop) for r in ranges)
+        if key not in self._read:  # devices holding the same block (replicas) read it once
+            view_ranges = [None] * len(self.view)
+            for ours, r in enumerate(ranges):
+                view_ranges[self.perm[ours]] = r
+            # Per HF axis: the rows of its leading view axis, whole in the axes split off it
+            # (those are cut after the reshape, so the read stays one contiguous run per axis).
+            hf_index, block_shape, inner = [], [], []
+            for group in self.groups:
+                lead, rest = view_ranges[group[0]], group[1:]
+                step = math.prod(self.view[a] for a in rest)
+                hf_index.append(slice(lead.start * step, lead.stop * step))
+                block_shape += [len(lead), *(self.view[a] for a in rest)]
+                inner += [slice(None)] + [
+                    slice(view_ranges[a].start, view_ranges[a].stop) for a in rest
+                ]
+            block = self.files.get(self.name, tuple(hf_index)).reshape(block_shape)
+            self._read[key] = block[tuple(inner)].transpose(self.perm)
+        return self._read[key]
+
+    def whole(self) -> np.ndarray:
+        return self[tuple(slice(None) for _ in self.shape)]
 
 
 def _check_complete(path: str) -> None:
@@ -537,14 +591,20 @@ def check_weight_names(
         )
 
 
-def place(host: np.ndarray, var: nnx.Variable, mesh: Mesh | None, rules=None) -> jax.Array:
-    """A host array as the value of the (abstract) variable `var`: on the default device, or in
-    the sharding its logical names give on `mesh` (each device receives only its own slice)."""
+def place(host, var: nnx.Variable, mesh: Mesh | None, rules=None, dtype=None) -> jax.Array:
+    """A host array (or `_Blocks`, read block by block) as the value of the (abstract) variable
+    `var`, converted to `dtype` if given: on the default device, or in the sharding its logical
+    names give on `mesh` (each device receives, and a `_Blocks` reads, only its own slice)."""
+
+    def block(index):
+        x = np.asarray(host[index])
+        return x.astype(dtype) if dtype is not None else x
+
     if mesh is None:
-        return jnp.asarray(host)
+        return jnp.asarray(block(tuple(slice(None) for _ in var.shape)))
     names = var.get_metadata().get("out_sharding")
     shard = sharding.logical_sharding(names, var.shape, mesh, rules)
-    return jax.make_array_from_callback(var.shape, shard, lambda idx: host[idx])
+    return jax.make_array_from_callback(var.shape, shard, block)
 
 
 def write_files(
@@ -713,20 +773,18 @@ def load_weights(
     leaves = {}
     for m in mappings:
         var = target[m.path]
-        shape = var.shape
-        host = m.to_ours(_checked(files, m, cfg), cfg)
-        if host.shape != shape:
+        blocks = _checked(files, m, cfg)
+        if blocks.shape != var.shape:
             raise CheckpointError(
                 f"{path}: {m.name} has shape {files.shape(m.name)}, which does "
-                f"not match config.json (expected {shape} after layout change)"
+                f"not match config.json (expected {var.shape} after layout change)"
             )
-        leaves[m.path] = place(host.astype(jnp.dtype(param_dtype)), var, mesh, rules)
-        del host
+        leaves[m.path] = place(blocks, var, mesh, rules, jnp.dtype(param_dtype))
     state = nnx.from_flat_state([(p, target[p].replace(leaves[p])) for p in target])
     return nnx.merge(graphdef, state)
 
 
-def _checked(files: _WeightFiles, m: _Mapping, cfg: ModelConfig) -> np.ndarray:
+def _checked(files: _WeightFiles, m: _Mapping, cfg: ModelConfig) -> _Blocks:
     shape = files.shape(m.name)
     want = int(np.prod(m.view(cfg))) if m.view else None
     if want is not None and math.prod(shape) != want:
@@ -734,7 +792,7 @@ def _checked(files: _WeightFiles, m: _Mapping, cfg: ModelConfig) -> np.ndarray:
             f"{files.path}: {m.name} has shape {shape}, which does not match "
             f"config.json (needs {want} elements)"
         )
-    return files.get(m.name)
+    return _Blocks(files, m, cfg)
 
 
 def save(
@@ -807,36 +865,45 @@ def _hf_shape(m: _Mapping, cfg: ModelConfig, ours_shape: tuple[int, ...]) -> tup
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def write_generation_metadata(path: str, source: str | None = None, tokenizer=None) -> None:
-    """Give the checkpoint folder `path` the token ids and generation settings a serving stack
-    reads: bos/eos/pad ids in config.json and a generation_config.json (transformers' `generate`
-    and vLLM stop at its eos; without it a Llama 3 export stops at token 2 and a Qwen one never).
+def generation_metadata(source: str | None = None, tokenizer=None) -> dict[str, Any]:
+    """What a serving stack reads besides the weights, for `write_generation_metadata`: the bos /
+    eos / pad ids (transformers' `generate` and vLLM stop at the eos; without it a Llama 3 export
+    stops at token 2 and a Qwen one never) and the generation config.
 
     Taken from `source`, the HF folder the weights were loaded from (its config.json ids, e.g.
     Llama 3.1's three eos ids, and its generation_config.json with R1-Distill's temperature 0.6 and
-    top-p 0.95), else from `tokenizer`. Process 0 writes.
+    top-p 0.95), else from `tokenizer`. Read before anything is written: an export may go over its
+    own source.
     """
+    ids = {k: getattr(tokenizer, k, None) for k in _TOKEN_ID_FIELDS}
+    generation = None
+    if source and os.path.exists(os.path.join(source, "config.json")):
+        known = {k: v for k, v in read_config(source).items() if k in _TOKEN_ID_FIELDS}
+        ids.update({k: v for k, v in known.items() if v is not None})
+    if source and os.path.exists(os.path.join(source, "generation_config.json")):
+        with open(os.path.join(source, "generation_config.json")) as f:
+            generation = json.load(f)
+    ids = {k: v for k, v in ids.items() if v is not None}
+    return {"ids": ids, "generation_config": generation}
+
+
+def write_generation_metadata(path: str, metadata: dict[str, Any]) -> None:
+    """Add `generation_metadata(...)` to the checkpoint folder `path`: the ids into its config.json,
+    and a generation_config.json (the source's, else one with the ids). Process 0 writes."""
     import transformers
 
     if jax.process_index() != 0:
         return
-    ids = {k: getattr(tokenizer, k, None) for k in _TOKEN_ID_FIELDS}
-    if source and os.path.exists(os.path.join(source, "config.json")):
-        known = {k: v for k, v in read_config(source).items() if k in _TOKEN_ID_FIELDS}
-        ids.update({k: v for k, v in known.items() if v is not None})
-    ids = {k: v for k, v in ids.items() if v is not None}
     config_file = os.path.join(path, "config.json")
     with open(config_file) as f:
         config = json.load(f)
     with open(config_file, "w") as f:
-        json.dump({**config, **ids}, f, indent=2, sort_keys=True)
-    src_generation = os.path.join(source, "generation_config.json") if source else None
-    if src_generation and os.path.exists(src_generation):
-        target = os.path.join(path, "generation_config.json")
-        if not (os.path.exists(target) and os.path.samefile(src_generation, target)):
-            shutil.copyfile(src_generation, target)  # (an export over its own source keeps it)
-    elif ids:
-        transformers.GenerationConfig(**ids).save_pretrained(path)
+        json.dump({**config, **metadata["ids"]}, f, indent=2, sort_keys=True)
+    if metadata["generation_config"] is not None:
+        with open(os.path.join(path, "generation_config.json"), "w") as f:
+            json.dump(metadata["generation_config"], f, indent=2, sort_keys=True)
+    elif metadata["ids"]:
+        transformers.GenerationConfig(**metadata["ids"]).save_pretrained(path)
 
 
 def tokenizer(path: str):

@@ -101,7 +101,20 @@ def validate(config) -> None:
             common.validate(_stage_config(config, name), stage)
         except common.ConfigError as e:
             raise common.ConfigError(f"{name} (--stage={stage}): {e}") from None
-    common.validate_data(config.eval_data)
+    try:
+        common.validate(_eval_config(config, common.TOY_BASE), "eval")
+    except common.ConfigError as e:
+        raise common.ConfigError(f"eval_stage / eval_data (--stage=eval): {e}") from None
+
+
+def _eval_config(config, model_path: str):
+    """The eval stage's config for one checkpoint: `eval_stage` on the `eval_data` prompts."""
+    sub = config.eval_stage.copy_and_resolve_references()
+    with sub.unlocked():
+        sub.seed = config.seed
+        sub.model.path = model_path
+        sub.data = config.eval_data
+    return sub
 
 
 def _stage_config(config, name: str):
@@ -220,7 +233,11 @@ def _check_same_settings(sub, saved_path: str, subdir: str) -> None:
     with open(saved_path) as f:
         saved = _flat(json.load(f))
     now = _flat(json.loads(sub.to_json_best_effort()))
-    changed = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
+    changed = sorted(
+        k
+        for k in saved.keys() & now.keys()
+        if k.split(".")[0] not in _RESULT_NEUTRAL and not _same_value(saved[k], now[k])
+    )
     if changed:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed[:5])
         raise common.ConfigError(
@@ -228,6 +245,21 @@ def _check_same_settings(sub, saved_path: str, subdir: str) -> None:
             f"{subdir} (and the stages after it) to rerun it with the new ones, or give the "
             f"pipeline a new --workdir"
         )
+
+
+# Sections whose settings do not change what a stage produces (how often it logs and saves, how
+# the devices are arranged): a resume may change them.
+_RESULT_NEUTRAL = ("log", "ckpt", "mesh")
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal, counting two spellings of one file or folder (the pipeline wires its stages' model
+    and data paths from --workdir, which a resume may give relative or absolute) as equal."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and a and b and os.path.exists(a):
+        return os.path.exists(b) and os.path.samefile(a, b)
+    return False
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -320,13 +352,9 @@ def _evaluate(config, model_path: str, subdir: str) -> dict[str, Any]:
     if os.path.exists(done):
         with open(done) as f:
             return json.load(f)
-    sub = config.eval_stage.copy_and_resolve_references()
-    with sub.unlocked():
-        sub.seed = config.seed
-        sub.model.path = model_path
-        sub.data = config.eval_data
     os.makedirs(subdir, exist_ok=True)
-    return eval_stage.run(sub, subdir)  # eval.json, with its minutes for a later rerun's report
+    # eval.json, with its minutes for a later rerun's report
+    return eval_stage.run(_eval_config(config, model_path), subdir)
 
 
 # --------------------------------------------------------------------------------------------------
