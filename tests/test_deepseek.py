@@ -778,6 +778,7 @@ def test_unsupported_configs_are_refused_with_the_field_named():
         "attention_bias": True,
         "topk_method": "greedy",
         "moe_layer_freq": 2,
+        "n_shared_experts": 0,  # (was a KeyError on the missing shared-expert tensors)
     }
     for field, value in bad.items():
         with pytest.raises(hf.CheckpointError, match=field):

@@ -157,6 +157,11 @@ def config_from_hf(
     )
     require(not raw.get("mlp_bias"), "mlp_bias", "MLP biases are not implemented")
     require(
+        (get("n_shared_experts") or 0) >= 1,
+        "n_shared_experts",
+        "MoE layers without a shared expert are not implemented (every DeepSeek release has one)",
+    )
+    require(
         raw.get("num_key_value_heads") in (None, heads),
         "num_key_value_heads",
         "MLA expands the latent to every head; it must equal num_attention_heads",
