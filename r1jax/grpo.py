@@ -897,17 +897,35 @@ def rollout(
             f"row_ids must be [P] = {np.shape(prompt_ids)[:1]}, got {np.shape(row_ids)}"
         )
     ref_graphdef, ref_state = nnx.split(ref) if cfg.beta > 0 else (None, None)
+    shape = tuple(np.shape(prompt_ids))
     program = _rollout_program(
-        policy.mesh,
-        policy.graphdef,
-        ref_graphdef,
-        reward_fn,
-        cfg,
-        tuple(np.shape(prompt_ids)),
-        row_ids is not None,
+        policy.mesh, policy.graphdef, ref_graphdef, reward_fn, cfg, shape, row_ids is not None
     )
+    # Host prompts (the same on every process) become global arrays in the program's input
+    # shardings: jit refuses numpy for a sharding split over processes.
+    rows, by_row = _prompt_shardings(policy.mesh, shape)
+    prompt_ids, prompt_mask = (_global(x, rows) for x in (prompt_ids, prompt_mask))
+    if row_ids is not None:
+        row_ids = _global(row_ids, by_row)
     with jax.set_mesh(policy.mesh), sharding.use_rules(sharding.SAMPLING_RULES):
         return program(policy.state, ref_state, prompt_ids, prompt_mask, key, row_ids)
+
+
+def _prompt_shardings(mesh: Mesh, shape: tuple[int, int]) -> tuple[NamedSharding, NamedSharding]:
+    """The rollout's input shardings of [P, Tp] prompts and of their [P] row ids."""
+    rules = sharding.SAMPLING_RULES
+    return (
+        sharding.logical_sharding(("batch", None), shape, mesh, rules),
+        sharding.logical_sharding(("batch",), shape[:1], mesh, rules),
+    )
+
+
+def _global(x, where: NamedSharding) -> jax.Array:
+    """A host array that every process holds whole, placed in `where` (jax arrays pass)."""
+    if isinstance(x, jax.Array):
+        return x
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
 
 
 @functools.cache
@@ -922,12 +940,11 @@ def _rollout_program(
 ) -> Callable:
     """The jitted rollout for one set of static inputs (weights keep the layout they arrive in)."""
     rules = sharding.SAMPLING_RULES
-    rows = sharding.logical_sharding(("batch", None), prompt_shape, mesh, rules)
+    rows, row_ids = _prompt_shardings(mesh, prompt_shape)
     samples = sharding.logical_sharding(
         ("batch",), (prompt_shape[0] * cfg.num_generations,), mesh, rules
     )
     replicated = NamedSharding(mesh, PartitionSpec())
-    row_ids = sharding.logical_sharding(("batch",), prompt_shape[:1], mesh, rules)
     body = functools.partial(
         _rollout,
         policy_graphdef=policy_graphdef,

@@ -55,8 +55,11 @@ def test_two_processes_match_one_process(toy, tmp_path_factory, tmp_path):
     reference = sh.reference_rl(tmp_path_factory)  # 1 process x 8 devices, same command
     workdir = tmp_path / "run"
     # Asynchronous checkpointing here (the reference saves synchronously): the numbers cannot
-    # depend on it, and orbax's background commit across processes gets exercised.
-    overrides = {**sh.RL_OVERRIDES, "ckpt.async_save": True}
+    # depend on it, and orbax's background commit across processes gets exercised. Over
+    # data=2 x fsdp=4, the 4 prompts of a step split over the processes (2 each), where the
+    # reference's fsdp=8 keeps them whole: the rollout's inputs are placed from host data (jit
+    # refused the numpy prompts for a sharding across processes).
+    overrides = {**sh.RL_OVERRIDES, "ckpt.async_save": True, "mesh.data": 2, "mesh.fsdp": 4}
     args = ["--stage=rl", f"--workdir={workdir}", *sh.cli_overrides(overrides)]
     logs = _run_two_processes(args, home, tmp_path)
 
