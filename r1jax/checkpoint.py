@@ -47,6 +47,16 @@ log = logging.getLogger(__name__)
 _MODEL, _OPTIMIZER, _EXTRA = "model", "optimizer", "extra"
 
 
+class Preempted(KeyboardInterrupt):
+    """Raised by `Checkpointer.save` on every process at the step where a multi-process run was
+    told to stop (JAX's preemption notice: SIGTERM to the processes), once that step's checkpoint
+    is written. A KeyboardInterrupt, so that it ends a run the way Ctrl-C does."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped at step {step} (SIGTERM / preemption); its checkpoint is saved")
+        self.step = step
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that exists but cannot be used; the message names the directory and the fix."""
 
@@ -197,10 +207,17 @@ class Checkpointer:
         Returns:
           True if a save was started. A step that is already saved is skipped (False), so a final
           forced save that coincides with an interval save is harmless.
+        Raises:
+          Preempted: at the step where a multi-process run agreed to stop, after saving it.
         """
+        # Every process asks at every step (a sync point): SIGTERM on a multi-process run (a
+        # preemption notice, or `launch/tpu_pod.sh stop`) makes all of them stop at one step.
+        preempted = self._manager.reached_preemption(step)
         if step in self._manager.all_steps():
+            if preempted:
+                raise Preempted(step)
             return False
-        if not (force or self._manager.should_save(step)):
+        if not (force or preempted or self._manager.should_save(step)):
             return False
         _check_json(extra, "extra")
         items = {
@@ -212,9 +229,13 @@ class Checkpointer:
         scalars = None
         if self.best_metric is not None:
             scalars = {k: float(np.asarray(v)) for k, v in (metrics or {}).items()}
-        return self._manager.save(
+        saved = self._manager.save(
             step, args=ocp.args.Composite(**items), metrics=scalars, force=True
         )
+        if preempted:
+            self._manager.wait_until_finished()
+            raise Preempted(step)
+        return saved
 
     # ---------------------------------------------------------------------------------- restore
 

@@ -19,6 +19,7 @@ here, before anything touches a device (see `r1jax.sharding.initialize_distribut
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 STAGES = ("pretrain", "sft", "rl", "rejection_sampling", "distill", "eval", "pipeline")
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     flags.mark_flag_as_required("stage")
 
     def run(_argv):
+        import jax
         from absl import logging as absl_logging
 
         from r1jax import paths, sharding
@@ -101,23 +103,30 @@ def main(argv: list[str] | None = None) -> None:
             paths.check_workdir(workdir)  # e.g. gs:// without gcsfs: say so before any work
         except ValueError as e:
             sys.exit(f"error: --workdir: {e}")
-        from r1jax.checkpoint import CheckpointError, drop_abandoned_read_reports
+        from r1jax.checkpoint import CheckpointError, Preempted, drop_abandoned_read_reports
         from r1jax.models.hf import CheckpointError as ModelFolderError
 
         drop_abandoned_read_reports()  # a failed restore ends in its one-line error alone
+        if jax.process_count() == 1:
+            # SIGTERM (`tpu_pod.sh stop`, a scheduler) ends a run as Ctrl-C does: the checkpoint
+            # being written commits. With several processes JAX's preemption notice takes SIGTERM
+            # instead, and every process stops at one step (`checkpoint.Preempted`).
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             common.run_stage(stage, config, workdir)
         except (common.ConfigError, CheckpointError, ModelFolderError) as e:
             # Problems the user can fix (a data file, a damaged checkpoint, a model folder
             # without usable weights): one line, no trace.
             sys.exit(f"error: {e}")
-        except KeyboardInterrupt:  # Ctrl-C: run_stage has let the last checkpoint commit
+        except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM: the last checkpoint has committed
             resumes = stage in (*common.CHECKPOINTING_STAGES, "pipeline")
             print(
-                f"interrupted; the same command resumes from the last checkpoint in {workdir}"
-                if resumes
-                else f"interrupted; --stage={stage} keeps no checkpoints: the same command "
-                "starts it again",
+                f"{stop if isinstance(stop, Preempted) else 'interrupted'}; "
+                + (
+                    f"the same command resumes from the last checkpoint in {workdir}"
+                    if resumes
+                    else f"--stage={stage} keeps no checkpoints: the same command starts it again"
+                ),
                 file=sys.stderr,
             )
             sys.exit(130)

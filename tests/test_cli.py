@@ -547,3 +547,24 @@ def test_ctrl_c_ends_in_one_line_saying_how_to_resume(tmp_path):
     assert (
         last == "interrupted; --stage=eval keeps no checkpoints: the same command starts it again"
     )
+
+
+def test_sigterm_ends_a_single_process_run_like_ctrl_c(toy, tmp_path):
+    """`tpu_pod.sh stop` and schedulers send SIGTERM first so that a run can commit its last
+    checkpoint: one process ends as on Ctrl-C (it used to die at once)."""
+    workdir = tmp_path / "run"
+    overrides = {"sft.num_examples": 32, "sft.seq_len": 128, "sft.batch_size": 8}
+    args = ["--stage=sft", f"--workdir={workdir}", "--config.sft.epochs=50.0"]
+    proc = sh.popen([*args, *sh.cli_overrides(overrides)], sh.cli_env(toy[0]), str(tmp_path / "p"))
+    try:
+        deadline = time.time() + 600
+        while not (workdir / "metrics.jsonl").exists() or len(sh.metric_rows(str(workdir))) < 2:
+            assert time.time() < deadline and proc.poll() is None, sh.read(str(tmp_path / "p.err"))
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    last = sh.read(str(tmp_path / "p.err")).strip().splitlines()[-1]
+    assert last == f"interrupted; the same command resumes from the last checkpoint in {workdir}"

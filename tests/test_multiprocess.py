@@ -239,3 +239,60 @@ def test_generate_on_a_two_host_mesh_returns_every_row_to_every_process(tmp_path
     for out, _ in outputs:
         (line,) = [x for x in out.splitlines() if x.startswith("TOKENS")]
         assert line == f"TOKENS {want}"
+
+
+def test_sigterm_stops_every_process_at_one_saved_step(toy, tmp_path):
+    """SIGTERM (`launch/tpu_pod.sh stop`, a preemption notice) reaches a multi-process run through
+    JAX's preemption service: every process stops at the same step, once that step's checkpoint
+    is written, and says how to resume (it used to train on to the last step)."""
+    import signal
+
+    workdir = tmp_path / "run"
+    overrides = {
+        "sft.num_examples": 32,
+        "sft.seq_len": 128,
+        "sft.batch_size": 8,
+        "sft.epochs": 50.0,  # 200 steps: far more than run before the signal
+        "ckpt.every": 50,
+        "log.every": 1,
+    }
+    args = ["--stage=sft", f"--workdir={workdir}", *sh.cli_overrides(overrides)]
+    address = f"127.0.0.1:{sh.free_port()}"
+    procs = [
+        sh.popen(
+            args,
+            sh.cli_env(
+                toy[0],
+                devices=4,
+                R1JAX_COORDINATOR_ADDRESS=address,
+                R1JAX_NUM_PROCESSES="2",
+                R1JAX_PROCESS_ID=str(i),
+                R1JAX_CPU_COLLECTIVES="1",
+            ),
+            str(tmp_path / f"p{i}"),
+        )
+        for i in range(2)
+    ]
+    try:
+        deadline = time.time() + 600
+        while len(sh.metric_rows(str(workdir)) if (workdir / "metrics.jsonl").exists() else []) < 3:
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "no progress"
+            time.sleep(0.2)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [130, 130], codes
+    err0 = sh.read(str(tmp_path / "p0.err"))
+    match = re.search(
+        r"stopped at step (\d+) \(SIGTERM / preemption\); its checkpoint is saved; "
+        r"the same command resumes",
+        err0,
+    )
+    assert match, err0[-2000:]
+    step = int(match.group(1))
+    assert 3 <= step < 200
+    assert sorted(os.listdir(workdir / "checkpoints")) == [str(step)]  # committed, not every 50
