@@ -89,20 +89,27 @@ def main(argv: list[str] | None = None) -> None:
         config = flags.FLAGS.config
         stage = flags.FLAGS.stage
         workdir = flags.FLAGS.workdir or os.path.join("runs", stage)
+        error = None
         try:
             common.validate(config, stage)
         except common.ConfigError as e:
-            sys.exit(f"config error: {e}")
-        if paths.is_remote(workdir) and stage in LOCAL_WORKDIR_STAGES:
-            sys.exit(
+            error = f"config error: {e}"
+        if error is None and paths.is_remote(workdir) and stage in LOCAL_WORKDIR_STAGES:
+            error = (
                 f"error: --workdir: --stage={stage} needs a local workdir "
                 f"({LOCAL_WORKDIR_STAGES[stage]}); copy the results to {workdir} afterwards "
                 f"(e.g. gsutil -m rsync -r)"
             )
-        try:
-            paths.check_workdir(workdir)  # e.g. gs:// without gcsfs: say so before any work
-        except ValueError as e:
-            sys.exit(f"error: --workdir: {e}")
+        if error is None:
+            try:
+                paths.check_workdir(workdir)  # e.g. gs:// without gcsfs: say so before any work
+            except ValueError as e:
+                error = f"error: --workdir: {e}"
+        # A check can fail on one host only (its copy of the model folder is missing): every
+        # process stops then, instead of the others running on into a collective that waits.
+        error = _agree_on_start(error)
+        if error is not None:
+            sys.exit(error)
         from r1jax.checkpoint import CheckpointError, Preempted, drop_abandoned_read_reports
         from r1jax.models.hf import CheckpointError as ModelFolderError
 
@@ -136,6 +143,24 @@ def main(argv: list[str] | None = None) -> None:
         argv=_with_default_config(list(argv if argv is not None else sys.argv)),
         flags_parser=_parse_flags_with_help,
     )
+
+
+def _agree_on_start(error: str | None) -> str | None:
+    """This process's start-up error, or, when another process of a multi-process run has one,
+    a line saying which (their own output says why); None when every process can start."""
+    import jax
+
+    if jax.process_count() == 1:
+        return error
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+    if error is None and failed.any():
+        return (
+            f"error: process(es) {np.flatnonzero(failed).tolist()} cannot start (see their output)"
+        )
+    return error
 
 
 def _config_spec(argv: list[str]) -> str | None:

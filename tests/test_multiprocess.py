@@ -296,3 +296,32 @@ def test_sigterm_stops_every_process_at_one_saved_step(toy, tmp_path):
     step = int(match.group(1))
     assert 3 <= step < 200
     assert sorted(os.listdir(workdir / "checkpoints")) == [str(step)]  # committed, not every 50
+
+
+def test_a_start_up_error_on_one_host_stops_every_process(toy, tmp_path):
+    """The model folder missing on one host only: that host says so, the other stops too, naming
+    it (it used to run on into a collective and fail 30 s later with a gloo timeout)."""
+    address = f"127.0.0.1:{sh.free_port()}"
+    procs = []
+    for i, model in enumerate([os.path.join(toy[0], "toy_base"), str(tmp_path / "not_here")]):
+        env = sh.cli_env(
+            toy[0],
+            devices=4,
+            R1JAX_COORDINATOR_ADDRESS=address,
+            R1JAX_NUM_PROCESSES="2",
+            R1JAX_PROCESS_ID=str(i),
+            R1JAX_CPU_COLLECTIVES="1",
+        )
+        args = ["--stage=eval", f"--workdir={tmp_path / 'run'}", f"--config.model.path={model}"]
+        procs.append(sh.popen(args, env, str(tmp_path / f"p{i}")))
+    started = time.time()
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [1, 1] and time.time() - started < 25, codes
+    last = [sh.read(str(tmp_path / f"p{i}.err")).strip().splitlines()[-1] for i in range(2)]
+    assert last[0] == "error: process(es) [1] cannot start (see their output)", last
+    assert last[1].startswith("config error: model.path") and "not_here" in last[1], last
