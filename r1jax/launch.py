@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> None:
         # separate and keeps INFO.
         absl_logging.set_verbosity(absl_logging.WARNING)
 
-        sharding.initialize_distributed()  # before any device is touched
+        try:
+            sharding.initialize_distributed()  # before any device is touched
+        except ValueError as e:  # a half-set multi-host environment
+            sys.exit(f"error: {e}")
         from r1jax.stages import common
 
         common.enable_compilation_cache()

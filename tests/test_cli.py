@@ -568,3 +568,13 @@ def test_sigterm_ends_a_single_process_run_like_ctrl_c(toy, tmp_path):
             proc.kill()
     last = sh.read(str(tmp_path / "p.err")).strip().splitlines()[-1]
     assert last == f"interrupted; the same command resumes from the last checkpoint in {workdir}"
+
+
+def test_a_half_set_multi_host_environment_is_one_line(tmp_path):
+    env = sh.cli_env(str(tmp_path / "home"), R1JAX_COORDINATOR_ADDRESS="127.0.0.1:1")
+    proc = run_cli(["--stage=eval", f"--workdir={tmp_path / 'w'}"], env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: multi-host: ['R1JAX_NUM_PROCESSES', 'R1JAX_PROCESS_ID'] must be set together "
+        "with R1JAX_COORDINATOR_ADDRESS"
+    )
