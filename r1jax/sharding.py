@@ -409,7 +409,14 @@ def initialize_distributed() -> bool:
 
 
 def _on_known_cluster() -> bool:
-    """True on a multi-host TPU slice or under Slurm with several tasks (JAX auto-detects both)."""
+    """True on a multi-host TPU slice, or under Slurm or Open MPI with several tasks (JAX
+    auto-detects all three)."""
+    # `mpirun -np N` (N > 1): JAX reads the Open MPI runtime's own variables.
+    if (
+        os.environ.get("OMPI_MCA_orte_hnp_uri")
+        and int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    ):
+        return True
     # Inside an `srun` step only: JAX's Slurm detection reads the step's node list, which an
     # `sbatch` script or `salloc` shell does not have.
     if (

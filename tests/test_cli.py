@@ -578,3 +578,15 @@ def test_a_half_set_multi_host_environment_is_one_line(tmp_path):
         "error: multi-host: ['R1JAX_NUM_PROCESSES', 'R1JAX_PROCESS_ID'] must be set together "
         "with R1JAX_COORDINATOR_ADDRESS"
     )
+
+
+def test_a_model_path_under_home_is_expanded(monkeypatch, tmp_path):
+    """Launchers pass `--config.model.path=~/models/x` to every host unexpanded."""
+    from helpers import hf_checkpoint
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(hf_checkpoint("qwen2"), tmp_path / "models" / "x")
+    config = sh.load_config("eval")
+    config.model.path = "~/models/x"
+    common.validate(config, "eval")
+    assert common.resolve_model_path(config.model.path) == str(tmp_path / "models" / "x")

@@ -711,11 +711,19 @@ def test_slurm_counts_as_a_cluster_only_inside_an_srun_step(monkeypatch):
     from r1jax import sharding
 
     for name in list(os.environ):
-        if name.startswith(("SLURM_", "TPU_", "MEGASCALE_")):
+        if name.startswith(("SLURM_", "TPU_", "MEGASCALE_", "OMPI_")):
             monkeypatch.delenv(name)
     monkeypatch.setattr(sharding.os.path, "exists", lambda path: False)  # not a TPU VM
     monkeypatch.setenv("SLURM_JOB_ID", "4321")
     monkeypatch.setenv("SLURM_NTASKS", "2")
     assert not sharding._on_known_cluster()
     monkeypatch.setenv("SLURM_STEP_NODELIST", "node[17-18]")
+    assert sharding._on_known_cluster()
+    # Under `mpirun` with several ranks (Open MPI's runtime variables), JAX's detection applies.
+    for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_NODELIST"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "1234.0;tcp://10.0.0.1:5000")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "1")
+    assert not sharding._on_known_cluster()  # one rank: a single process
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
     assert sharding._on_known_cluster()

@@ -119,14 +119,14 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
     if (
         stage not in ("pretrain", "pipeline")
         and config.model.path != TOY_BASE
-        and not os.path.isdir(config.model.path)
+        and not os.path.isdir(os.path.expanduser(config.model.path))
     ):
         raise ConfigError(
             f"model.path {config.model.path!r} is not a folder; give a Hugging Face "
             f"checkpoint folder or 'toy' for the built-in toy base model"
         )
     if stage not in ("pretrain", "pipeline"):
-        check_router_bias_rate(config.model, config.model.path)
+        check_router_bias_rate(config.model, os.path.expanduser(config.model.path))
     if config.ckpt.best_mode not in ("max", "min"):
         raise ConfigError(f"ckpt.best_mode must be 'max' or 'min', got {config.ckpt.best_mode!r}")
     if config.ckpt.every < 1 or config.log.every < 1 or config.ckpt.keep < 1:
@@ -442,7 +442,7 @@ def resolve_model_path(path: str) -> str:
     """The checkpoint folder for `path`; for "toy", train the toy base model first if it is missing
     or was built by another recipe."""
     if path != TOY_BASE:
-        return path
+        return os.path.expanduser(path)  # "~/models/x" from a launcher's command line
     target = toy_base_path()
     pretrain_config = load_config_file(os.path.join(_configs_dir(), "pretrain.py"))
     recipe = toy_recipe(pretrain_config)
