@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -200,7 +201,7 @@ def reward_metrics(
 def _grouped(x: jax.Array, group_size: int, what: str) -> jax.Array:
     if x.ndim != 1:
         raise ValueError(f"{what} must be 1-D [P * G], got shape {x.shape}.")
-    if not isinstance(group_size, int) or group_size < 1:
+    if not isinstance(group_size, numbers.Integral) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}.")
     if x.shape[0] % group_size:
         raise ValueError(
@@ -261,6 +262,10 @@ def policy_loss(
       the clip range on the side where clipping removes the gradient: below with A < 0, above with
       A > 0), `entropy` (when given), `completions/mean_length`, `/min_length`, `/max_length`.
     """
+    logprobs, advantages, mask = (jnp.asarray(x) for x in (logprobs, advantages, mask))
+    old_logprobs, ref_logprobs, entropy = (
+        None if x is None else jnp.asarray(x) for x in (old_logprobs, ref_logprobs, entropy)
+    )
     _check_shapes(
         logprobs,
         advantages,
@@ -310,9 +315,9 @@ def policy_loss(
     if entropy is not None:
         metrics["entropy"] = masked_mean(entropy, mask)
     lengths = jnp.sum(mask, axis=-1)
-    metrics["completions/mean_length"] = jnp.mean(lengths)
-    metrics["completions/min_length"] = jnp.min(lengths)
-    metrics["completions/max_length"] = jnp.max(lengths)
+    metrics["completions/mean_length"] = jnp.sum(lengths) / max(lengths.shape[0], 1)
+    metrics["completions/min_length"] = jnp.min(lengths) if lengths.size else jnp.float32(0.0)
+    metrics["completions/max_length"] = jnp.max(lengths, initial=0.0)
     return loss, metrics
 
 
@@ -326,11 +331,11 @@ def _aggregate(
     """[B, T] per-token losses (already zero off-mask) -> scalar, per `loss_type`."""
     if loss_type == "grpo":
         per_seq = jnp.sum(masked_loss, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
-        return jnp.mean(per_seq)
+        return jnp.sum(per_seq) / max(per_seq.shape[0], 1)  # (0 for an empty batch, not NaN)
     if loss_type == "bnpo":
         return jnp.sum(masked_loss) / jnp.maximum(jnp.sum(mask), 1.0)
     if loss_type == "dr_grpo":
-        return jnp.sum(masked_loss) / (masked_loss.shape[0] * max_completion_length)
+        return jnp.sum(masked_loss) / (max(masked_loss.shape[0], 1) * max_completion_length)
     # dapo
     total = jnp.sum(mask) if num_items_in_batch is None else num_items_in_batch
     return jnp.sum(masked_loss) / jnp.maximum(jnp.asarray(total, jnp.float32), 1.0)
@@ -360,6 +365,20 @@ def _check_options(
 ) -> None:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
+    traced = [
+        name
+        for name, v in (
+            ("epsilon_low", epsilon_low),
+            ("epsilon_high", epsilon_high),
+            ("beta", beta),
+        )
+        if isinstance(v, jax.core.Tracer)
+    ]
+    if traced:
+        raise ValueError(
+            f"{', '.join(traced)} must be Python numbers (static): under jax.jit pass them with "
+            "static_argnames, or bind them with functools.partial"
+        )
     if not 0.0 <= epsilon_low < 1.0:
         raise ValueError(f"epsilon_low must be in [0, 1), got {epsilon_low}.")
     if epsilon_high < 0.0:
@@ -372,7 +391,7 @@ def _check_options(
             "pass them, or set beta=0.0 to train without the KL term."
         )
     if loss_type == "dr_grpo" and (
-        not isinstance(max_completion_length, int) or max_completion_length < 1
+        not isinstance(max_completion_length, numbers.Integral) or max_completion_length < 1
     ):
         raise ValueError(
             "loss_type='dr_grpo' divides by batch * max_completion_length: pass "

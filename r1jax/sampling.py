@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import numbers
 from collections.abc import Sequence
 
 import flax.struct
@@ -465,6 +466,18 @@ class GenerateOutput:
     prompt_mask: np.ndarray
 
 
+def _token_ids(ids, name: str, vocab: int | None = None) -> tuple[int, ...]:
+    """`ids` as a tuple of ints (in [0, vocab) when given); a ValueError naming `name`
+    otherwise."""
+    if isinstance(ids, numbers.Integral) or not isinstance(ids, Sequence | np.ndarray):
+        raise ValueError(f"{name} must be a sequence of token ids, got {ids!r}")
+    out = tuple(int(t) for t in ids)
+    bad = [t for t in out if vocab is not None and not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"{name} holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+    return out
+
+
 def generate(
     model,
     prompts,
@@ -490,23 +503,33 @@ def generate(
     with `mesh`, the batch is sharded over its batch axes (P * num_samples must then divide by them)
     and the model should already be placed on it. `first_window`: see `sample`.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if first_window < 0:
-        raise ValueError(f"first_window must be >= 0 (0 = one decode phase), got {first_window}")
+    for name, value, least in (
+        ("max_new_tokens", max_new_tokens, 1),
+        ("num_samples", num_samples, 1),
+        ("first_window", first_window, 0),
+    ):
+        if not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     if isinstance(prompts, np.ndarray | jax.Array):
+        if np.ndim(prompts) != 2:
+            raise ValueError(f"prompts must be [P, T] token ids, got shape {np.shape(prompts)}")
         prompts = [list(map(int, row)) for row in np.asarray(prompts)]
+    if not all(isinstance(p, Sequence | np.ndarray) for p in prompts):
+        raise ValueError("prompts must be a list of token-id lists (one per prompt), or [P, T]")
+    vocab = model.cfg.vocab_size
+    # (a stop id past the vocabulary, e.g. a tokenizer's extra special token, is never sampled:
+    # harmless, so only its type is checked)
+    stop_ids = _token_ids(stop_token_ids, "stop_token_ids")
+    stop_seqs = tuple(_token_ids(q, "stop_sequences") for q in stop_sequences)
+    if any(len(q) == 0 for q in stop_seqs):
+        raise ValueError("stop_sequences must not contain an empty sequence")
+    for i, p in enumerate(prompts):  # an id past the embedding would give NaN logits silently
+        _token_ids(p, f"prompts[{i}]", vocab)
     batch = batch_prompt_ids(prompts, pad_id=pad_id, buckets=buckets)
     ids, mask = batch.input_ids, batch.attention_mask
     cfg = SamplingConfig(temperature, top_k, top_p)
     graphdef, state = nnx.split(model)
     key = jax.random.key(seed)
-    stop_ids = tuple(int(s) for s in stop_token_ids)
-    stop_seqs = tuple(tuple(int(t) for t in q) for q in stop_sequences)
-    if any(len(q) == 0 for q in stop_seqs):
-        raise ValueError("stop_sequences must not contain an empty sequence")
     static = (
         ids.shape,
         num_samples,
@@ -539,6 +562,7 @@ def generate(
     if mesh is None:
         out = sample(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), key, **kwargs)
     else:
+        sharding.check_mesh(mesh)
         with jax.set_mesh(mesh), sharding.use_rules(sharding.SAMPLING_RULES):
             batch = (
                 sharding.shard_batch({"ids": ids, "mask": mask}, mesh, sharding.SAMPLING_RULES)

@@ -203,6 +203,22 @@ def undivided(state, mesh: Mesh, rules=None) -> list[str]:
     return lines
 
 
+def check_mesh(mesh: Mesh) -> None:
+    """Refuse a mesh r1jax's logical annotations cannot work on: one without the axes
+    `MESH_AXES`, or with Explicit axes (jax 0.10's `jax.make_mesh` default), under which every
+    `constrain` inside jit fails later. `make_mesh` builds the right kind."""
+    missing = [a for a in MESH_AXES if a not in mesh.shape]
+    explicit = [
+        name for name, t in zip(mesh.axis_names, mesh.axis_types, strict=True) if t != AxisType.Auto
+    ]
+    if missing or explicit:
+        raise ValueError(
+            f"mesh {dict(mesh.shape)}: "
+            + (f"lacks the axes {missing}" if missing else f"axes {explicit} are not Auto")
+            + "; build it with r1jax.sharding.make_mesh(data=, fsdp=, tensor=, expert=)"
+        )
+
+
 def warn_undivided(state, mesh: Mesh, rules=None) -> None:
     """Log `undivided(...)` as one warning (more memory per device than the mesh suggests)."""
     lines = undivided(state, mesh, rules)

@@ -304,6 +304,33 @@ def test_policy_loss_under_jit_matches_eager(batch):
     np.testing.assert_allclose(float(jitted), float(eager), rtol=1e-6)
 
 
+def test_policy_loss_takes_lists_numpy_ints_an_empty_batch_and_names_traced_options(batch):
+    b = batch
+    lists = [np.asarray(b[k]).tolist() for k in ("lp", "old", "ref", "adv", "mask")]
+    arrays = [jnp.asarray(b[k], jnp.float32) for k in ("lp", "old", "ref", "adv", "mask")]
+    kw = dict(loss_type="dr_grpo", max_completion_length=np.int64(MAX_LEN))
+    np.testing.assert_allclose(
+        float(grpo.policy_loss(*lists, **kw)[0]), float(grpo.policy_loss(*arrays, **kw)[0])
+    )
+    np.testing.assert_array_equal(
+        grpo.group_advantages(jnp.ones(4), np.int64(2)), np.zeros(4, np.float32)
+    )
+    for loss_type in grpo.LOSS_TYPES:  # an empty batch: 0, not NaN or a reduction error
+        loss, metrics = grpo.policy_loss(
+            np.zeros((0, T)),
+            None,
+            None,
+            np.zeros(0),
+            np.zeros((0, T)),
+            beta=0.0,
+            loss_type=loss_type,
+            max_completion_length=MAX_LEN,
+        )
+        assert float(loss) == 0.0 and float(metrics["completions/max_length"]) == 0.0
+    with pytest.raises(ValueError, match="beta must be Python numbers .*static_argnames"):
+        jax.jit(grpo.policy_loss)(arrays[0], None, None, arrays[3], arrays[4], beta=0.0)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

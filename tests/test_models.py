@@ -410,3 +410,14 @@ def test_a_sharded_load_reads_each_device_block_not_whole_tensors(monkeypatch):
     assert all(size * 8 == sizes[("layers", 0, "mlp", "gate_df")] for n, size in read if n in gate)
     norm = [n for n, _ in read if n.endswith("layers.0.input_layernorm.weight")]
     assert len(norm) == 1  # replicated: read once, not once per device
+
+
+def test_a_mesh_of_the_wrong_kind_is_refused_when_loading():
+    """jax 0.10's `jax.make_mesh` makes Explicit axes, under which every forward failed later
+    with a sharding-type error: refused at load, naming `sharding.make_mesh`."""
+    explicit = jax.make_mesh((1, 8, 1, 1), sharding.MESH_AXES)
+    with pytest.raises(ValueError, match=r"are not Auto; build it with r1jax.sharding.make_mesh"):
+        hf.load(hf_checkpoint("qwen2"), mesh=explicit)
+    two_axes = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with pytest.raises(ValueError, match=r"lacks the axes \['tensor', 'expert'\]"):
+        hf.load(hf_checkpoint("qwen2"), mesh=two_axes)

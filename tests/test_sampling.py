@@ -363,5 +363,19 @@ def test_bad_arguments_are_refused():
         grpo.GRPOConfig(decode_first_window=-1)
     with pytest.raises(ValueError, match="empty"):
         sampling.generate(model(), [[]], max_new_tokens=4)
+    # Ids past the embedding gave NaN logits (token 0, NaN log-probs) and negative ones wrapped.
+    vocab = model().cfg.vocab_size
+    for bad in ([[1, vocab]], [[1, -5]]):
+        with pytest.raises(ValueError, match=r"prompts\[0\] holds token ids outside"):
+            sampling.generate(model(), bad, max_new_tokens=4)
+    # Simple mistakes name the argument instead of failing deep inside.
+    with pytest.raises(ValueError, match="prompts must be a list of token-id lists"):
+        sampling.generate(model(), [1, 2, 3], max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"prompts must be \[P, T\]"):
+        sampling.generate(model(), np.array([1, 2, 3]), max_new_tokens=4)
+    with pytest.raises(ValueError, match="stop_token_ids must be a sequence"):
+        sampling.generate(model(), PROMPTS, max_new_tokens=4, stop_token_ids=5)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 3.0"):
+        sampling.generate(model(), PROMPTS, max_new_tokens=3.0)
     graphdef, _ = nnx.split(model())
     assert graphdef is not None

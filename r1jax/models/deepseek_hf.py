@@ -486,6 +486,7 @@ def load(
         )
 
     if mesh is not None:
+        sharding.check_mesh(mesh)
         sharding.warn_undivided(abstract_state, mesh, rules)
     leaves = {}
     for t in tensors:

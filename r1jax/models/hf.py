@@ -768,6 +768,7 @@ def load_weights(
 
     check_weight_names(path, {m.name for m in mappings}, files.names(), set(unused))
     if mesh is not None:
+        sharding.check_mesh(mesh)
         sharding.warn_undivided(abstract_state, mesh, rules)
 
     leaves = {}
