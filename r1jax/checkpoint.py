@@ -455,9 +455,8 @@ def export_hf(
     """
     from r1jax.models import hf  # lazy: keeps checkpointing importable without the HF stack
 
-    metadata = hf.generation_metadata(
-        source, tokenizer
-    )  # before `path` (maybe `source`) is written
+    # Read before `path` is written: it may be `source` itself.
+    metadata = hf.generation_metadata(source, tokenizer)
 
     def write(local: str) -> None:
         hf.save(model, local)
