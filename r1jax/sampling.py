@@ -469,7 +469,7 @@ class GenerateOutput:
 def _token_ids(ids, name: str, vocab: int | None = None) -> tuple[int, ...]:
     """`ids` as a tuple of ints (in [0, vocab) when given); a ValueError naming `name`
     otherwise."""
-    if isinstance(ids, numbers.Integral) or not isinstance(ids, Sequence | np.ndarray):
+    if isinstance(ids, numbers.Integral) or not isinstance(ids, Sequence | np.ndarray | jax.Array):
         raise ValueError(f"{name} must be a sequence of token ids, got {ids!r}")
     out = tuple(int(t) for t in ids)
     bad = [t for t in out if vocab is not None and not 0 <= t < vocab]
@@ -514,7 +514,7 @@ def generate(
         if np.ndim(prompts) != 2:
             raise ValueError(f"prompts must be [P, T] token ids, got shape {np.shape(prompts)}")
         prompts = [list(map(int, row)) for row in np.asarray(prompts)]
-    if not all(isinstance(p, Sequence | np.ndarray) for p in prompts):
+    if not all(isinstance(p, Sequence | np.ndarray | jax.Array) for p in prompts):
         raise ValueError("prompts must be a list of token-id lists (one per prompt), or [P, T]")
     vocab = model.cfg.vocab_size
     # (a stop id past the vocabulary, e.g. a tokenizer's extra special token, is never sampled:
