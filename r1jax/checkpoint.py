@@ -57,6 +57,28 @@ class Preempted(KeyboardInterrupt):
         self.step = step
 
 
+_sync_calls = 0  # `Checkpointer.save` calls in this process, over every Checkpointer
+
+
+def _sync_point() -> bool:
+    """Whether the processes have agreed to stop here (JAX's preemption service, started by
+    `jax.distributed.initialize`; always False on one process).
+
+    The service stops at the call number one past the highest any process has reported, so the
+    number must only rise: a per-process count of `save` calls, which every process makes in the
+    same order, not the training step (a resumed run starts high, then reports nothing below it;
+    a pipeline's stages each count from 0).
+    """
+    from jax.experimental import multihost_utils
+
+    global _sync_calls
+    _sync_calls += 1
+    try:
+        return bool(multihost_utils.reached_preemption_sync_point(_sync_calls))
+    except RuntimeError:  # no distributed client / preemption service: nothing to agree on
+        return False
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that exists but cannot be used; the message names the directory and the fix."""
 
@@ -155,6 +177,11 @@ class Checkpointer:
             },
             options=options,
         )
+        # orbax asks the preemption service at the raw step inside `save` / `should_save`; that
+        # would report steps that go back (a resumed run, a pipeline's next stage), so it gets
+        # the answer of `save`'s own sync point instead (see `_sync_point`).
+        self._preempted = False
+        self._manager.reached_preemption = lambda step: self._preempted
         paths.track_open(self)  # closed even if the stage using it fails (stages.common)
 
     # ---------------------------------------------------------------------------------- queries
@@ -210,9 +237,9 @@ class Checkpointer:
         Raises:
           Preempted: at the step where a multi-process run agreed to stop, after saving it.
         """
-        # Every process asks at every step (a sync point): SIGTERM on a multi-process run (a
+        # Every process asks at every call (a sync point): SIGTERM on a multi-process run (a
         # preemption notice, or `launch/tpu_pod.sh stop`) makes all of them stop at one step.
-        preempted = self._manager.reached_preemption(step)
+        preempted = self._preempted = _sync_point()
         if step in self._manager.all_steps():
             if preempted:
                 raise Preempted(step)

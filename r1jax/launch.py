@@ -95,19 +95,23 @@ def main(argv: list[str] | None = None) -> None:
         error = None
         try:
             common.validate(config, stage)
+            if paths.is_remote(workdir) and stage in LOCAL_WORKDIR_STAGES:
+                error = (
+                    f"error: --workdir: --stage={stage} needs a local workdir "
+                    f"({LOCAL_WORKDIR_STAGES[stage]}); copy the results to {workdir} afterwards "
+                    f"(e.g. gsutil -m rsync -r)"
+                )
+            else:
+                try:
+                    paths.check_workdir(workdir)  # e.g. gs:// without gcsfs: say so before work
+                except ValueError as e:
+                    error = f"error: --workdir: {e}"
         except common.ConfigError as e:
             error = f"config error: {e}"
-        if error is None and paths.is_remote(workdir) and stage in LOCAL_WORKDIR_STAGES:
-            error = (
-                f"error: --workdir: --stage={stage} needs a local workdir "
-                f"({LOCAL_WORKDIR_STAGES[stage]}); copy the results to {workdir} afterwards "
-                f"(e.g. gsutil -m rsync -r)"
-            )
-        if error is None:
-            try:
-                paths.check_workdir(workdir)  # e.g. gs:// without gcsfs: say so before any work
-            except ValueError as e:
-                error = f"error: --workdir: {e}"
+        except Exception as e:  # unexpected (a half-copied config.json ...): the others must know
+            if jax.process_count() == 1:
+                raise
+            error = f"error: {type(e).__name__}: {e}"
         # A check can fail on one host only (its copy of the model folder is missing): every
         # process stops then, instead of the others running on into a collective that waits.
         error = _agree_on_start(error)

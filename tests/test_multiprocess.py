@@ -244,7 +244,8 @@ def test_generate_on_a_two_host_mesh_returns_every_row_to_every_process(tmp_path
 def test_sigterm_stops_every_process_at_one_saved_step(toy, tmp_path):
     """SIGTERM (`launch/tpu_pod.sh stop`, a preemption notice) reaches a multi-process run through
     JAX's preemption service: every process stops at the same step, once that step's checkpoint
-    is written, and says how to resume (it used to train on to the last step)."""
+    is written, and says how to resume (it used to train on to the last step). A resumed run told
+    to stop before its first save stops too."""
     import signal
 
     workdir = tmp_path / "run"
@@ -257,45 +258,61 @@ def test_sigterm_stops_every_process_at_one_saved_step(toy, tmp_path):
         "log.every": 1,
     }
     args = ["--stage=sft", f"--workdir={workdir}", *sh.cli_overrides(overrides)]
-    address = f"127.0.0.1:{sh.free_port()}"
-    procs = [
-        sh.popen(
-            args,
-            sh.cli_env(
-                toy[0],
-                devices=4,
-                R1JAX_COORDINATOR_ADDRESS=address,
-                R1JAX_NUM_PROCESSES="2",
-                R1JAX_PROCESS_ID=str(i),
-                R1JAX_CPU_COLLECTIVES="1",
-            ),
-            str(tmp_path / f"p{i}"),
+
+    def run_until(ready, name: str) -> int:
+        """Start both processes, SIGTERM them once `ready()`; the step they stopped at."""
+        address = f"127.0.0.1:{sh.free_port()}"
+        procs = [
+            sh.popen(
+                args,
+                sh.cli_env(
+                    toy[0],
+                    devices=4,
+                    R1JAX_COORDINATOR_ADDRESS=address,
+                    R1JAX_NUM_PROCESSES="2",
+                    R1JAX_PROCESS_ID=str(i),
+                    R1JAX_CPU_COLLECTIVES="1",
+                ),
+                str(tmp_path / f"{name}{i}"),
+            )
+            for i in range(2)
+        ]
+        try:
+            deadline = time.time() + 600
+            while not ready():
+                assert time.time() < deadline and all(p.poll() is None for p in procs), name
+                time.sleep(0.1)
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            codes = [p.wait(timeout=120) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        assert codes == [130, 130], codes
+        err0 = sh.read(str(tmp_path / f"{name}0.err"))
+        match = re.search(
+            r"stopped at step (\d+) \(SIGTERM / preemption\); its checkpoint is saved; "
+            r"the same command resumes",
+            err0,
         )
-        for i in range(2)
-    ]
-    try:
-        deadline = time.time() + 600
-        while len(sh.metric_rows(str(workdir)) if (workdir / "metrics.jsonl").exists() else []) < 3:
-            assert time.time() < deadline and all(p.poll() is None for p in procs), "no progress"
-            time.sleep(0.2)
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        codes = [p.wait(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert codes == [130, 130], codes
-    err0 = sh.read(str(tmp_path / "p0.err"))
-    match = re.search(
-        r"stopped at step (\d+) \(SIGTERM / preemption\); its checkpoint is saved; "
-        r"the same command resumes",
-        err0,
-    )
-    assert match, err0[-2000:]
-    step = int(match.group(1))
+        assert match, err0[-2000:]
+        return int(match.group(1))
+
+    def rows() -> int:
+        return len(sh.metric_rows(str(workdir))) if (workdir / "metrics.jsonl").exists() else 0
+
+    step = run_until(lambda: rows() >= 3, "first")
     assert 3 <= step < 200
     assert sorted(os.listdir(workdir / "checkpoints")) == [str(step)]  # committed, not every 50
+
+    # Resumed, and told to stop before its first save: the stop must still come (the service
+    # counts in calls that only rise; with the training step it waited for a step 1 never seen).
+    def restored() -> bool:
+        return "Restored checkpoint" in sh.read(str(tmp_path / "again0.err"))
+
+    again = run_until(restored, "again")
+    assert step < again < 200
 
 
 def test_a_start_up_error_on_one_host_stops_every_process(toy, tmp_path):
