@@ -23,19 +23,24 @@ def toy(tmp_path_factory):
         yield home_and_workdir
 
 
+def _process_env(home: str, address: str, i: int) -> dict[str, str]:
+    """Environment of process `i` of 2 (4 simulated devices each) joined at `address`."""
+    return sh.cli_env(
+        home,
+        devices=4,
+        R1JAX_COORDINATOR_ADDRESS=address,
+        R1JAX_NUM_PROCESSES="2",
+        R1JAX_PROCESS_ID=str(i),
+        R1JAX_CPU_COLLECTIVES="1",
+    )
+
+
 def _run_two_processes(args: list[str], home: str, tmp_path) -> list[tuple[str, str]]:
     """Run the CLI `args` as 2 processes x 4 devices; [(stdout, stderr)] of each, once both exit."""
     address = f"127.0.0.1:{sh.free_port()}"
     procs = []
     for i in range(2):
-        env = sh.cli_env(
-            home,
-            devices=4,
-            R1JAX_COORDINATOR_ADDRESS=address,
-            R1JAX_NUM_PROCESSES="2",
-            R1JAX_PROCESS_ID=str(i),
-            R1JAX_CPU_COLLECTIVES="1",
-        )
+        env = _process_env(home, address, i)
         procs.append(sh.popen(args, env, str(tmp_path / f"p{i}")))
     finished = _wait_all(procs, timeout=900)
     logs = [
@@ -216,14 +221,7 @@ def test_generate_on_a_two_host_mesh_returns_every_row_to_every_process(tmp_path
     address = f"127.0.0.1:{sh.free_port()}"
     procs = []
     for i in range(2):
-        env = sh.cli_env(
-            str(tmp_path / "home"),
-            devices=4,
-            R1JAX_COORDINATOR_ADDRESS=address,
-            R1JAX_NUM_PROCESSES="2",
-            R1JAX_PROCESS_ID=str(i),
-            R1JAX_CPU_COLLECTIVES="1",
-        )
+        env = _process_env(str(tmp_path / "home"), address, i)
         procs.append(
             subprocess.Popen(
                 [sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
@@ -265,14 +263,7 @@ def test_sigterm_stops_every_process_at_one_saved_step(toy, tmp_path):
         procs = [
             sh.popen(
                 args,
-                sh.cli_env(
-                    toy[0],
-                    devices=4,
-                    R1JAX_COORDINATOR_ADDRESS=address,
-                    R1JAX_NUM_PROCESSES="2",
-                    R1JAX_PROCESS_ID=str(i),
-                    R1JAX_CPU_COLLECTIVES="1",
-                ),
+                _process_env(toy[0], address, i),
                 str(tmp_path / f"{name}{i}"),
             )
             for i in range(2)
@@ -321,14 +312,7 @@ def test_a_start_up_error_on_one_host_stops_every_process(toy, tmp_path):
     address = f"127.0.0.1:{sh.free_port()}"
     procs = []
     for i, model in enumerate([os.path.join(toy[0], "toy_base"), str(tmp_path / "not_here")]):
-        env = sh.cli_env(
-            toy[0],
-            devices=4,
-            R1JAX_COORDINATOR_ADDRESS=address,
-            R1JAX_NUM_PROCESSES="2",
-            R1JAX_PROCESS_ID=str(i),
-            R1JAX_CPU_COLLECTIVES="1",
-        )
+        env = _process_env(toy[0], address, i)
         args = ["--stage=eval", f"--workdir={tmp_path / 'run'}", f"--config.model.path={model}"]
         procs.append(sh.popen(args, env, str(tmp_path / f"p{i}")))
     started = time.time()
