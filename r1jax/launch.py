@@ -116,6 +116,12 @@ def main(argv: list[str] | None = None) -> None:
         # process stops then, instead of the others running on into a collective that waits.
         error = _agree_on_start(error)
         if error is not None:
+            if jax.process_count() > 1:
+                # Leave together, right after the agreement (at interpreter exit one process
+                # could wait in JAX's shutdown barrier for a peer that has already gone).
+                print(error, file=sys.stderr, flush=True)
+                jax.distributed.shutdown()
+                sys.exit(1)
             sys.exit(error)
         from r1jax.checkpoint import CheckpointError, Preempted, drop_abandoned_read_reports
         from r1jax.models.hf import CheckpointError as ModelFolderError
