@@ -923,9 +923,13 @@ def rollout(
     # Host prompts (the same on every process) become global arrays in the program's input
     # shardings: jit refuses numpy for a sharding split over processes.
     rows, by_row = _prompt_shardings(policy.mesh, shape)
-    prompt_ids, prompt_mask = (_global(x, rows) for x in (prompt_ids, prompt_mask))
+
+    def placed(x, where):  # jax arrays as they come
+        return x if isinstance(x, jax.Array) else sharding.from_host(x, where)
+
+    prompt_ids, prompt_mask = (placed(x, rows) for x in (prompt_ids, prompt_mask))
     if row_ids is not None:
-        row_ids = _global(row_ids, by_row)
+        row_ids = placed(row_ids, by_row)
     with jax.set_mesh(policy.mesh), sharding.use_rules(sharding.SAMPLING_RULES):
         return program(policy.state, ref_state, prompt_ids, prompt_mask, key, row_ids)
 
@@ -937,14 +941,6 @@ def _prompt_shardings(mesh: Mesh, shape: tuple[int, int]) -> tuple[NamedSharding
         sharding.logical_sharding(("batch", None), shape, mesh, rules),
         sharding.logical_sharding(("batch",), shape[:1], mesh, rules),
     )
-
-
-def _global(x, where: NamedSharding) -> jax.Array:
-    """A host array that every process holds whole, placed in `where` (jax arrays pass)."""
-    if isinstance(x, jax.Array):
-        return x
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
 
 
 @functools.cache

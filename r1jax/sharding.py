@@ -326,6 +326,13 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=None) -> NamedSharding:
     )
 
 
+def from_host(x, where: NamedSharding) -> jax.Array:
+    """A host array that every process holds whole, placed in `where` (each device copies only
+    its slice; jit refuses numpy for a sharding split over processes)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
+
+
 def shard_batch(batch, mesh: Mesh, rules=None):
     """Place a tree of host arrays, each [B_global, ...] and identical on every process, on the
     mesh.
@@ -337,7 +344,7 @@ def shard_batch(batch, mesh: Mesh, rules=None):
         x = np.asarray(x)
         sharding = batch_sharding(mesh, x.ndim, rules)
         _check_divisible(x.shape[0], sharding)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+        return from_host(x, sharding)
 
     return jax.tree.map(one, batch)
 

@@ -370,13 +370,15 @@ def test_error_config_without_the_model_shape_names_the_fields(tmp_path):
 @pytest.mark.parametrize("family", ["qwen2", "llama_linear", "mistral"])
 def test_tensors_are_read_block_by_block_in_our_layout(family):
     """`_Blocks[index]` equals the same block of the whole tensor put in our layout (the
-    reshape-and-transpose `_Mapping.to_ours` defines), for every parameter and random blocks."""
+    reshape-and-transpose a `_Mapping` defines), for every parameter and random blocks."""
     path = hf_checkpoint(family)
     cfg = hf.config_from_hf(hf.read_config(path))
     files = hf._WeightFiles(path)
     rng = np.random.default_rng(0)
     for m in hf._mappings(cfg):
-        whole = m.to_ours(files.get(m.name), cfg)
+        whole = files.get(m.name)
+        whole = whole.reshape(m.view(cfg)) if m.view else whole
+        whole = whole.transpose(m.perm) if m.perm else whole
         blocks = hf._Blocks(files, m, cfg)
         assert blocks.shape == whole.shape, m.name
         np.testing.assert_array_equal(blocks.whole(), whole, err_msg=m.name)

@@ -348,16 +348,13 @@ def with_legacy_rope(hf_config: dict[str, Any], cfg) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class _Mapping:
-    """How one r1jax parameter relates to one HF tensor: ours = hf.reshape(view).transpose(perm)."""
+    """How one r1jax parameter relates to one HF tensor: ours = hf.reshape(view).transpose(perm)
+    (read block by block by `_Blocks`)."""
 
     path: tuple  # r1jax nnx state path
     name: str  # HF tensor name
     view: Callable[[ModelConfig], tuple[int, ...]] | None = None
     perm: tuple[int, ...] | None = None
-
-    def to_ours(self, hf: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-        x = hf.reshape(self.view(cfg)) if self.view else hf
-        return x.transpose(self.perm) if self.perm else x
 
     def to_hf(self, ours: np.ndarray, hf_shape: tuple[int, ...]) -> np.ndarray:
         x = ours.transpose(np.argsort(self.perm)) if self.perm else ours
@@ -852,7 +849,7 @@ def save_weights(
 
 
 def _hf_shape(m: _Mapping, cfg: ModelConfig, ours_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The HF tensor shape for one of our parameters (inverse of `_Mapping.to_ours`)."""
+    """The HF tensor shape for one of our parameters (inverse of the `_Mapping`'s layout change)."""
     if m.view is None:
         return tuple(ours_shape[i] for i in np.argsort(m.perm)) if m.perm else ours_shape
     view = m.view(cfg)

@@ -336,10 +336,7 @@ class RewardModel:
         if self.mesh is None:
             return np.asarray(score_batch(self.graphdef, self.state, ids, mask))
         placed = sharding.logical_sharding(("batch", None), ids.shape, self.mesh, self.rules)
-        ids, mask = (
-            jax.make_array_from_callback(x.shape, placed, lambda idx, x=x: x[idx])
-            for x in (ids, mask)
-        )
+        ids, mask = (sharding.from_host(x, placed) for x in (ids, mask))
         with jax.set_mesh(self.mesh), sharding.use_rules(self.rules):
             scores = score_batch(self.graphdef, self.state, ids, mask)
         return np.asarray(multihost_utils.process_allgather(scores, tiled=True))

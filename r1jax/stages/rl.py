@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from r1jax import checkpoint, grpo, metrics, rewards, train
+from r1jax import checkpoint, grpo, metrics, rewards, sharding, train
 from r1jax.stages import common
 from r1jax.stages import eval as eval_stage
 
@@ -360,9 +360,7 @@ def _add_reward_model(
     mask = multihost_utils.process_allgather(rollouts.completion_mask, tiled=True)
     texts = decode([row[m > 0].tolist() for row, m in zip(ids, mask, strict=True)])
     host = np.asarray(reward_model.score(prompts, texts), np.float32)  # [B]
-    scores = jax.make_array_from_callback(
-        host.shape, rollouts.rewards.sharding, lambda idx: host[idx]
-    )
+    scores = sharding.from_host(host, rollouts.rewards.sharding)
     total, per_reward, advantages, reward_metrics = _fold_reward(
         rollouts.rewards,
         rollouts.per_reward,
