@@ -29,9 +29,11 @@ per-pair ratios (candidate / baseline; < 1 means the candidate is faster); `--js
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,7 +65,9 @@ def load_revision(rev: str, relpath: str, name: str) -> types.ModuleType:
             capture_output=True,
             text=True,
         ).stdout
-    path = os.path.join(tempfile.mkdtemp(prefix="r1jax_ab_"), os.path.basename(relpath))
+    folder = tempfile.mkdtemp(prefix="r1jax_ab_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = os.path.join(folder, os.path.basename(relpath))
     with open(path, "w") as f:
         f.write(source)
     spec = importlib.util.spec_from_file_location(name, path)

@@ -5,8 +5,10 @@ real checkpoint folder, and cached per test session, so r1jax is always compared
 implementation of the same weights.
 """
 
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -78,6 +80,20 @@ def hf_config(family: str, **overrides):
 
 
 @functools.cache
+def _scratch_root() -> str:
+    """One folder per test process for the session's checkpoints, removed when the process exits
+    (so repeated runs do not pile checkpoints up in the system's temp folder)."""
+    root = tempfile.mkdtemp(prefix="r1jax_tests_")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
+def scratch_dir(prefix: str) -> str:
+    """A new empty folder under this test process's scratch root."""
+    return tempfile.mkdtemp(prefix=prefix, dir=_scratch_root())
+
+
+@functools.cache
 def hf_checkpoint(family: str, seed: int = 0) -> str:
     """Path of a saved random transformers checkpoint of `family` (built once per session)."""
     import torch
@@ -85,7 +101,7 @@ def hf_checkpoint(family: str, seed: int = 0) -> str:
 
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hf_config(family)).eval()
-    path = os.path.join(tempfile.mkdtemp(prefix=f"r1jax_{family}_"), "ckpt")
+    path = os.path.join(scratch_dir(f"{family}_"), "ckpt")
     model.save_pretrained(path)
     return path
 

@@ -7,14 +7,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import VOCAB, left_padded_batch
+from helpers import VOCAB, left_padded_batch, scratch_dir
 
 from r1jax import grpo, moe, sampling, sft, sharding, train
 from r1jax.data.batching import pack_sft_ids
@@ -101,7 +100,7 @@ def checkpoint(kind: str) -> str:
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.1)
-    path = os.path.join(tempfile.mkdtemp(prefix=f"r1jax_ds_{kind}_"), "ckpt")
+    path = os.path.join(scratch_dir(f"ds_{kind}_"), "ckpt")
     model.save_pretrained(path)
     return path
 

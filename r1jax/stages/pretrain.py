@@ -438,12 +438,16 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
     os.makedirs(workdir, exist_ok=True)
 
     # 1-2. Corpus and tokenizer.
-    tok_dir = os.path.join(workdir, "tokenizer")
-    if jax.process_index() > 0:  # every process trains the same one; only process 0 writes here
-        tok_dir = tempfile.mkdtemp(prefix="r1jax_tokenizer_")
-    tokenizer = toy_tokenizer.train_toy_tokenizer(
-        tok_dir, seed=config.seed, vocab_size=p.vocab_size, tag_names=p.tag_names
-    )
+    def train_tokenizer(folder):
+        return toy_tokenizer.train_toy_tokenizer(
+            folder, seed=config.seed, vocab_size=p.vocab_size, tag_names=p.tag_names
+        )
+
+    if jax.process_index() == 0:
+        tokenizer = train_tokenizer(os.path.join(workdir, "tokenizer"))
+    else:  # every process trains the same one; only process 0 keeps its files
+        with tempfile.TemporaryDirectory(prefix="r1jax_tokenizer_") as scratch:
+            tokenizer = train_tokenizer(scratch)
     special = set(tokenizer.all_special_ids)
     pieces = [tokenizer.decode([i]) for i in range(len(tokenizer)) if i not in special]
     docs = corpus.pretrain_corpus(
