@@ -136,3 +136,29 @@ def left_padded_batch(seed: int = 0, batch: int = 3, length: int = 12, pads=(0, 
         mask[i, :p] = 0
         ids[i, :p] = 0
     return ids, mask
+
+
+def random_blocks(shape: tuple[int, ...], rng: np.random.Generator, count: int = 3):
+    """`count` random non-empty blocks of an array of `shape`, as tuples of slices."""
+    for _ in range(count):
+        index = []
+        for n in shape:
+            a = int(rng.integers(0, n))
+            index.append(slice(a, int(rng.integers(a + 1, n + 1))))
+        yield tuple(index)
+
+
+def load_counting_reads(monkeypatch, path: str, mesh):
+    """`hf.load(path, mesh=mesh)` and the (tensor name, values read) of every file read it made."""
+    from r1jax.models import hf
+
+    read = []
+    get = hf._WeightFiles.get
+
+    def counting(self, name, index=None):
+        out = get(self, name, index)
+        read.append((name, out.size))
+        return out
+
+    monkeypatch.setattr(hf._WeightFiles, "get", counting)
+    return hf.load(path, mesh=mesh), read

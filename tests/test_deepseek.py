@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import VOCAB, left_padded_batch, scratch_dir
+from helpers import VOCAB, left_padded_batch, load_counting_reads, random_blocks, scratch_dir
 
 from r1jax import grpo, moe, sampling, sft, sharding, train
 from r1jax.data.batching import pack_sft_ids
@@ -290,6 +290,44 @@ def _loss_and_grads(m, ids, mask, mesh=None):
     assert rows.spec == jax.sharding.PartitionSpec("fsdp", None)
     with jax.set_mesh(mesh):
         return step(params, jax.device_put(ids, rows), jax.device_put(mask, rows))
+
+
+@pytest.mark.parametrize("kind", ["v3", "v2_lite"])
+def test_tensors_are_read_block_by_block_in_our_layout(kind):
+    """Each variable's reader gives, for random blocks, the same block of the HF tensor(s) put in
+    our layout (spelled here: reshape + transpose of one tensor, or the experts' transposes
+    stacked), so a device reads only its block, also of the stacked routed experts."""
+    path = checkpoint(kind)
+    cfg = deepseek_hf.config_from_hf(hf.read_config(path))
+    files = hf._WeightFiles(path)
+    rng = np.random.default_rng(0)
+    for t in deepseek_hf._tensors(cfg):
+        if t.experts:
+            whole = np.stack([files.get(name).T for name in t.names])
+        else:
+            whole = files.get(t.names[0])
+            whole = whole.reshape(t.view(cfg)) if t.view else whole
+            whole = whole.transpose(t.perm) if t.perm else whole
+        blocks = t.blocks(files, cfg)
+        assert blocks.shape == whole.shape, t.names[0]
+        for index in random_blocks(whole.shape, rng):
+            np.testing.assert_array_equal(blocks[index], whole[index], err_msg=f"{t.names[0]}")
+
+
+def test_an_expert_parallel_load_reads_each_device_block_of_the_experts(monkeypatch):
+    """On fsdp=2 x expert=4, a device holding 2 of the 8 routed experts reads only those two
+    experts' tensors, and only its half of their rows: each expert file is read as two halves,
+    never whole (every host used to read every expert of every layer)."""
+    path = checkpoint("v3_moe_only")
+    _, read = load_counting_reads(monkeypatch, path, sharding.make_mesh(fsdp=2, expert=4))
+    whole = 32 * 64  # one expert's gate_proj [M=32, D=64]
+    for e in range(8):
+        sizes = [
+            size
+            for name, size in read
+            if name == f"model.layers.0.mlp.experts.{e}.gate_proj.weight"
+        ]
+        assert sorted(sizes) == [whole // 2, whole // 2], (e, sizes)
 
 
 def test_expert_parallel_forward_and_gradient_equal_single_device():

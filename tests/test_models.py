@@ -11,7 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import FAMILIES, hf_checkpoint, left_padded_batch, torch_logits
+from helpers import (
+    FAMILIES,
+    hf_checkpoint,
+    left_padded_batch,
+    load_counting_reads,
+    random_blocks,
+    torch_logits,
+)
 
 from r1jax import sharding
 from r1jax.models import hf
@@ -382,12 +389,7 @@ def test_tensors_are_read_block_by_block_in_our_layout(family):
         blocks = hf._Blocks(files, m, cfg)
         assert blocks.shape == whole.shape, m.name
         np.testing.assert_array_equal(blocks.whole(), whole, err_msg=m.name)
-        for _ in range(3):
-            index = []
-            for n in whole.shape:
-                a = int(rng.integers(0, n))
-                index.append(slice(a, int(rng.integers(a + 1, n + 1))))
-            index = tuple(index)
+        for index in random_blocks(whole.shape, rng):
             np.testing.assert_array_equal(blocks[index], whole[index], err_msg=f"{m.name} {index}")
 
 
@@ -395,16 +397,7 @@ def test_a_sharded_load_reads_each_device_block_not_whole_tensors(monkeypatch):
     """On a mesh, each device's callback reads only the rows of its block from the file, so the
     hosts of a pod slice read 1/hosts of the checkpoint each, not all of it."""
     path = hf_checkpoint("llama3")
-    read = []
-    get = hf._WeightFiles.get
-
-    def counting(self, name, index=None):
-        out = get(self, name, index)
-        read.append((name, out.size))
-        return out
-
-    monkeypatch.setattr(hf._WeightFiles, "get", counting)
-    model = hf.load(path, mesh=sharding.make_mesh(fsdp=4, tensor=2))
+    model, read = load_counting_reads(monkeypatch, path, sharding.make_mesh(fsdp=4, tensor=2))
     sizes = {p: np.asarray(v[...]).size for p, v in nnx.to_flat_state(nnx.state(model))}
     gate = [n for n, size in read if n.endswith("layers.0.mlp.gate_proj.weight")]
     # [embed over fsdp=4, mlp over tensor=2]: 8 distinct blocks of 1/8 each, read once each.

@@ -319,48 +319,82 @@ def config_to_hf(cfg: DeepseekConfig) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class _Tensor:
-    """One r1jax variable and the HF tensor(s) it is made of: ours = to_ours([hf tensors])."""
+    """One r1jax variable and the HF tensor(s) it is made of. One tensor: ours =
+    hf.reshape(view(cfg)).transpose(perm), as an `hf._Mapping` (read block by block); several
+    (`experts`): E tensors [out, in] stacked as ours [E, in, out]. `to_hf` inverts either."""
 
     path: tuple  # nnx flat-state path
     names: tuple[str, ...]  # HF tensor names (one, or one per expert)
-    to_ours: Callable[[list[np.ndarray]], np.ndarray]
     to_hf: Callable[[np.ndarray], list[np.ndarray]]
+    view: Callable[[DeepseekConfig], tuple[int, ...]] | None = None
+    perm: tuple[int, ...] | None = None
+    experts: bool = False
+
+    def blocks(self, files: hf._WeightFiles, cfg: DeepseekConfig):
+        """A reader of this variable's blocks (`reader[index]`, `reader.shape`), for `hf.place`."""
+        if self.experts:
+            return _ExpertBlocks(files, self.names)
+        return hf._checked(files, hf._Mapping(self.path, self.names[0], self.view, self.perm), cfg)
+
+
+class _ExpertBlocks:
+    """E routed-expert tensors [out, in] seen as ours [E, in, out], read a block at a time: a
+    device holding experts e0:e1 (the expert axis) reads only those experts' files, and only the
+    rows and columns of its block of each."""
+
+    def __init__(self, files: hf._WeightFiles, names: tuple[str, ...]):
+        shapes = {files.shape(name) for name in names}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise CheckpointError(
+                f"{files.path}: the experts {names[0]} ... {names[-1]} must be 2-D and of one "
+                f"shape, found shapes {sorted(shapes)}"
+            )
+        out, inner = shapes.pop()
+        self.name = names[0]
+        self.experts = [
+            hf._Blocks(files, hf._Mapping((), name, perm=(1, 0)), None) for name in names
+        ]
+        self.shape = (len(names), inner, out)
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        experts, block = index[0], index[1:]
+        return np.stack([self.experts[e][block] for e in range(*experts.indices(self.shape[0]))])
 
 
 def _same(path, name) -> _Tensor:
-    return _Tensor(path, (name,), lambda t: t[0], lambda x: [x])
+    return _Tensor(path, (name,), lambda x: [x])
 
 
 def _transposed(path, name) -> _Tensor:  # nn.Linear [out, in] <-> ours [in, out]
-    return _Tensor(path, (name,), lambda t: t[0].T, lambda x: [x.T])
+    return _Tensor(path, (name,), lambda x: [x.T], perm=(1, 0))
 
 
-def _heads_out(path, name, n, h) -> _Tensor:  # HF [N*h, X] <-> ours [X, N, h]
+def _heads_out(path, name, n, h, x) -> _Tensor:  # HF [N*h, X] <-> ours [X, N, h]
     return _Tensor(
         path,
         (name,),
-        lambda t: t[0].reshape(n, h, -1).transpose(2, 0, 1),
-        lambda x: [x.transpose(1, 2, 0).reshape(n * h, -1)],
+        lambda ours: [ours.transpose(1, 2, 0).reshape(n * h, x)],
+        view=lambda c: (n, h, x),
+        perm=(2, 0, 1),
     )
 
 
-def _heads_in(path, name, n, v) -> _Tensor:  # HF o_proj [D, N*V] <-> ours [N, V, D]
+def _heads_in(path, name, n, v, d) -> _Tensor:  # HF o_proj [D, N*V] <-> ours [N, V, D]
     return _Tensor(
         path,
         (name,),
-        lambda t: t[0].reshape(-1, n, v).transpose(1, 2, 0),
-        lambda x: [x.transpose(2, 0, 1).reshape(-1, n * v)],
+        lambda ours: [ours.transpose(2, 0, 1).reshape(d, n * v)],
+        view=lambda c: (d, n, v),
+        perm=(1, 2, 0),
     )
 
 
 def _stacked(path, names) -> _Tensor:  # E tensors [out, in] <-> ours [E, in, out]
-    return _Tensor(
-        path, tuple(names), lambda t: np.stack([w.T for w in t]), lambda x: [w.T for w in x]
-    )
+    return _Tensor(path, tuple(names), lambda ours: [w.T for w in ours], experts=True)
 
 
 def _tensors(cfg: DeepseekConfig) -> list[_Tensor]:
-    n, h = cfg.num_heads, cfg.qk_head_dim
+    n, h, d = cfg.num_heads, cfg.qk_head_dim, cfg.hidden_size
     out = [
         _same(("embed_vd",), "model.embed_tokens.weight"),
         _same(("final_norm", "scale"), "model.norm.weight"),
@@ -380,17 +414,18 @@ def _tensors(cfg: DeepseekConfig) -> list[_Tensor]:
                 ha + "kv_b_proj.weight",
                 n,
                 cfg.qk_nope_head_dim + cfg.v_head_dim,
+                cfg.kv_lora_rank,
             ),
-            _heads_in(at + ("o_nvd",), ha + "o_proj.weight", n, cfg.v_head_dim),
+            _heads_in(at + ("o_nvd",), ha + "o_proj.weight", n, cfg.v_head_dim, d),
         ]
         if cfg.q_lora_rank:
             out += [
                 _transposed(at + ("q_a_dq",), ha + "q_a_proj.weight"),
                 _same(at + ("q_norm", "scale"), ha + "q_a_layernorm.weight"),
-                _heads_out(at + ("q_b_qnh",), ha + "q_b_proj.weight", n, h),
+                _heads_out(at + ("q_b_qnh",), ha + "q_b_proj.weight", n, h, cfg.q_lora_rank),
             ]
         else:
-            out.append(_heads_out(at + ("q_dnh",), ha + "q_proj.weight", n, h))
+            out.append(_heads_out(at + ("q_dnh",), ha + "q_proj.weight", n, h, d))
         ml, hm = pre + ("mlp",), hp + "mlp."
         if not cfg.is_moe_layer(i):
             out += [
@@ -489,18 +524,16 @@ def load(
         sharding.check_mesh(mesh)
         sharding.warn_undivided(abstract_state, mesh, rules)
     leaves = {}
-    for t in tensors:
+    for t in tensors:  # each device's block read from the files (a host reads its devices' share)
         var = target[t.path]
-        host = t.to_ours([files.get(name) for name in t.names])
-        if host.shape != var.shape:
+        blocks = t.blocks(files, cfg)
+        if blocks.shape != var.shape:
             raise CheckpointError(
-                f"{path}: {t.names[0]} has shape {files.shape(t.names[0])}, "
-                f"which does not match config.json (expected {var.shape} after "
-                f"layout change)"
+                f"{path}: {t.names[0]} has shape {files.shape(t.names[0])}, which does not match "
+                f"config.json (expected {var.shape} after layout change)"
             )
         # The bias keeps float32; parameters take param_dtype.
-        leaves[t.path] = hf.place(host.astype(var.dtype), var, mesh, rules)
-        del host
+        leaves[t.path] = hf.place(blocks, var, mesh, rules, var.dtype)
     state = nnx.from_flat_state([(p, target[p].replace(leaves[p])) for p in target])
     return nnx.merge(graphdef, state)
 
