@@ -48,16 +48,17 @@ _MODEL, _OPTIMIZER, _EXTRA = "model", "optimizer", "extra"
 
 
 class Preempted(KeyboardInterrupt):
-    """Raised by `Checkpointer.save` on every process at the step where a multi-process run was
-    told to stop (JAX's preemption notice: SIGTERM to the processes), once that step's checkpoint
-    is written. A KeyboardInterrupt, so that it ends a run the way Ctrl-C does."""
+    """Raised on every process at one point where a multi-process run was told to stop (JAX's
+    preemption notice: SIGTERM to the processes): by `Checkpointer.save` once that step's
+    checkpoint is written, by `stop_if_preempted` in loops that keep no checkpoints. A
+    KeyboardInterrupt, so that it ends a run the way Ctrl-C does."""
 
-    def __init__(self, step: int):
-        super().__init__(f"stopped at step {step} (SIGTERM / preemption); its checkpoint is saved")
-        self.step = step
+    def __init__(self, where: str, saved: bool = True):
+        saved_note = "; its checkpoint is saved" if saved else ""
+        super().__init__(f"stopped at {where} (SIGTERM / preemption){saved_note}")
 
 
-_sync_calls = 0  # `Checkpointer.save` calls in this process, over every Checkpointer
+_sync_calls = 0  # sync points asked in this process (`Checkpointer.save`, `stop_if_preempted`)
 
 
 def _sync_point() -> bool:
@@ -65,7 +66,7 @@ def _sync_point() -> bool:
     `jax.distributed.initialize`; always False on one process).
 
     The service stops at the call number one past the highest any process has reported, so the
-    number must only rise: a per-process count of `save` calls, which every process makes in the
+    number must only rise: a per-process count of the calls, which every process makes in the
     same order, not the training step (a resumed run starts high, then reports nothing below it;
     a pipeline's stages each count from 0).
     """
@@ -77,6 +78,14 @@ def _sync_point() -> bool:
         return bool(multihost_utils.reached_preemption_sync_point(_sync_calls))
     except RuntimeError:  # no distributed client / preemption service: nothing to agree on
         return False
+
+
+def stop_if_preempted(where: str) -> None:
+    """A stop point for loops that keep no checkpoints (evaluation, rejection sampling): raise
+    `Preempted` on every process at once when a multi-process run has been told to stop (they
+    would otherwise go on until SIGKILL). Every process must call it at the same points."""
+    if _sync_point():
+        raise Preempted(where, saved=False)
 
 
 class CheckpointError(RuntimeError):
@@ -242,7 +251,7 @@ class Checkpointer:
         preempted = self._preempted = _sync_point()
         if step in self._manager.all_steps():
             if preempted:
-                raise Preempted(step)
+                raise Preempted(f"step {step}")
             return False
         if not (force or preempted or self._manager.should_save(step)):
             return False
@@ -261,7 +270,7 @@ class Checkpointer:
         )
         if preempted:
             self._manager.wait_until_finished()
-            raise Preempted(step)
+            raise Preempted(f"step {step}")
         return saved
 
     # ---------------------------------------------------------------------------------- restore

@@ -239,13 +239,38 @@ def test_generate_on_a_two_host_mesh_returns_every_row_to_every_process(tmp_path
         assert line == f"TOKENS {want}"
 
 
+def _sigterm_two_processes(args: list[str], home: str, tmp_path, name: str, ready) -> str:
+    """Run `args` on 2 processes, SIGTERM both once `ready()`; both must exit with 130. Returns
+    process 0's stderr."""
+    import signal
+
+    address = f"127.0.0.1:{sh.free_port()}"
+    procs = [
+        sh.popen(args, _process_env(home, address, i), str(tmp_path / f"{name}{i}"))
+        for i in range(2)
+    ]
+    try:
+        deadline = time.time() + 600
+        while not ready():
+            assert time.time() < deadline and all(p.poll() is None for p in procs), name
+            time.sleep(0.1)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    err0 = sh.read(str(tmp_path / f"{name}0.err"))
+    assert codes == [130, 130], (codes, err0[-2000:])
+    return err0
+
+
 def test_sigterm_stops_every_process_at_one_saved_step(toy, tmp_path):
     """SIGTERM (`launch/tpu_pod.sh stop`, a preemption notice) reaches a multi-process run through
     JAX's preemption service: every process stops at the same step, once that step's checkpoint
     is written, and says how to resume (it used to train on to the last step). A resumed run told
     to stop before its first save stops too."""
-    import signal
-
     workdir = tmp_path / "run"
     overrides = {
         "sft.num_examples": 32,
@@ -259,29 +284,7 @@ def test_sigterm_stops_every_process_at_one_saved_step(toy, tmp_path):
 
     def run_until(ready, name: str) -> int:
         """Start both processes, SIGTERM them once `ready()`; the step they stopped at."""
-        address = f"127.0.0.1:{sh.free_port()}"
-        procs = [
-            sh.popen(
-                args,
-                _process_env(toy[0], address, i),
-                str(tmp_path / f"{name}{i}"),
-            )
-            for i in range(2)
-        ]
-        try:
-            deadline = time.time() + 600
-            while not ready():
-                assert time.time() < deadline and all(p.poll() is None for p in procs), name
-                time.sleep(0.1)
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            codes = [p.wait(timeout=120) for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        assert codes == [130, 130], codes
-        err0 = sh.read(str(tmp_path / f"{name}0.err"))
+        err0 = _sigterm_two_processes(args, toy[0], tmp_path, name, ready)
         match = re.search(
             r"stopped at step (\d+) \(SIGTERM / preemption\); its checkpoint is saved; "
             r"the same command resumes",
@@ -304,6 +307,26 @@ def test_sigterm_stops_every_process_at_one_saved_step(toy, tmp_path):
 
     again = run_until(restored, "again")
     assert step < again < 200
+
+
+def test_sigterm_stops_a_multi_process_evaluation_between_batches(toy, tmp_path):
+    """Evaluation and rejection sampling keep no checkpoints, so they had no step to stop at:
+    SIGTERM left a multi-process run going until SIGKILL. Every process now stops before the
+    next batch of prompts, together, and says the command starts over."""
+    workdir = tmp_path / "eval"
+    overrides = {"eval.num_prompts": 64, "eval.batch_prompts": 4, "eval.max_new_tokens": 32}
+    args = ["--stage=eval", f"--workdir={workdir}", *sh.cli_overrides(overrides)]
+
+    def started() -> bool:
+        return "evaluating" in sh.read(str(tmp_path / "eval0.err"))
+
+    err0 = _sigterm_two_processes(args, toy[0], tmp_path, "eval", started)
+    assert re.search(
+        r"stopped at prompt \d+ of 64 \(evaluation\) \(SIGTERM / preemption\); "
+        r"--stage=eval keeps no checkpoints: the same command starts it again",
+        err0,
+    ), err0[-2000:]
+    assert not (workdir / "eval.json").exists()
 
 
 def test_a_start_up_error_on_one_host_stops_every_process(toy, tmp_path):

@@ -686,6 +686,36 @@ def batch_indices(n: int, step: int, size: int, seed: int) -> list[int]:
     return out
 
 
+def prompt_batches(n: int, size: int, *, desc: str, progress: bool, stoppable: bool):
+    """The first n prompts in batches of `size` (lists of row indices), for the loops that sample
+    a dataset once (evaluation, rejection sampling): a progress bar in prompts with rate and ETA
+    (process 0, when `progress`), and, when `stoppable`, a stop point before each batch, so that
+    SIGTERM stops a multi-process run there (`checkpoint.stop_if_preempted`; one process gets
+    SIGTERM as Ctrl-C). Loops inside a checkpointing stage (RL's held-out evaluations) are not
+    `stoppable`: their run stops at its next checkpoint."""
+    import jax
+    from tqdm.auto import tqdm
+
+    from r1jax import checkpoint
+
+    bar = tqdm(
+        total=n,
+        desc=desc,
+        unit="prompt",
+        dynamic_ncols=True,
+        disable=not progress or jax.process_index() > 0,
+    )
+    try:
+        for start in range(0, n, size):
+            if stoppable:
+                checkpoint.stop_if_preempted(f"prompt {start} of {n} ({desc})")
+            ids = list(range(start, min(n, start + size)))
+            yield ids
+            bar.update(len(ids))
+    finally:
+        bar.close()
+
+
 class PromptSet:
     """Rows of a prompt dataset, templated and tokenised, served in deterministic batches.
 

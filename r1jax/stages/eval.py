@@ -176,10 +176,14 @@ def evaluate(
     seed: int = 0,
     mesh=None,
     samples_path: str | None = None,
+    progress: bool = False,
+    stoppable: bool = False,
 ) -> dict[str, Any]:
     """Sample k answers per held-out prompt and score them; returns overall + per-task metrics.
 
     model: a Decoder (any layout; with `mesh`, sampling runs sharded on it).
+    progress, stoppable: a progress bar, and SIGTERM stops a multi-process run between batches
+    (`common.prompt_batches`).
     """
     from r1jax import rewards, sampling
 
@@ -187,8 +191,10 @@ def evaluate(
     n = min(eval_config.num_prompts, len(prompt_set))
     score = grader(prompt_set)
     per_prompt, per_task, lengths, formats, records = [], collections.defaultdict(list), [], [], []
-    for start in range(0, n, eval_config.batch_prompts):
-        ids = list(range(start, min(n, start + eval_config.batch_prompts)))
+    batches = common.prompt_batches(
+        n, eval_config.batch_prompts, desc="evaluation", progress=progress, stoppable=stoppable
+    )
+    for ids in batches:
         out = sampling.generate(
             model,
             [prompt_set.token_ids[i] for i in ids],
@@ -196,7 +202,7 @@ def evaluate(
             temperature=eval_config.temperature,
             top_p=eval_config.top_p,
             num_samples=k,
-            seed=seed + start,
+            seed=seed + ids[0],
             mesh=mesh,
             **prompt_set.sampling_kwargs(),
         )
@@ -289,6 +295,8 @@ def run(config, workdir: str) -> dict[str, Any]:
         samples_path=os.path.join(workdir, "eval_samples.jsonl")
         if jax.process_index() == 0
         else None,
+        progress=config.log.progress,
+        stoppable=True,
     )
     result["model"] = config.model.path
     result["minutes"] = (time.time() - started) / 60  # the pipeline's report sums these

@@ -122,8 +122,10 @@ def run(config, workdir: str) -> dict[str, Any]:
 
     # 1. Sample and grade.
     samples = []
-    for start in range(0, n, r.batch_prompts):
-        ids = list(range(start, min(n, start + r.batch_prompts)))
+    batches = common.prompt_batches(
+        n, r.batch_prompts, desc="rejection sampling", progress=config.log.progress, stoppable=True
+    )
+    for ids in batches:
         out = sampling.generate(
             model,
             [prompts.token_ids[i] for i in ids],
@@ -131,7 +133,7 @@ def run(config, workdir: str) -> dict[str, Any]:
             temperature=r.temperature,
             top_p=r.top_p,
             num_samples=r.num_samples,
-            seed=config.seed + start,
+            seed=config.seed + ids[0],
             mesh=mesh,
             **prompts.sampling_kwargs(),
         )
