@@ -72,6 +72,10 @@ def get_config(arg=None):
     # attends over fewer than 3x the tokens written (0 = the whole budget from the first step:
     # one compiled decode loop, and a lower memory peak).
     r.decode_first_window = 32
+    # Completion positions whose [rows, chunk, vocab] float32 logits are made at once when the
+    # policy and reference log-probs are taken (per chip: rows of a micro-batch on it x chunk x
+    # vocab x 4 bytes, about twice over); lower it for large vocabularies on small chips.
+    r.logprob_chunk_size = 256
     r.ref_model = ""  # reference checkpoint ("" = the starting model.path)
 
     # A learned reward model (R1's "RL for all scenarios"), added to the rule rewards with

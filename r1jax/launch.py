@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(error)
         from r1jax.checkpoint import CheckpointError, Preempted, drop_abandoned_read_reports
         from r1jax.models.hf import CheckpointError as ModelFolderError
+        from r1jax.train import Diverged
 
         drop_abandoned_read_reports()  # a failed restore ends in its one-line error alone
         if jax.process_count() == 1:
@@ -134,9 +135,9 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             common.run_stage(stage, config, workdir)
-        except (common.ConfigError, CheckpointError, ModelFolderError) as e:
+        except (common.ConfigError, CheckpointError, ModelFolderError, Diverged) as e:
             # Problems the user can fix (a data file, a damaged checkpoint, a model folder
-            # without usable weights): one line, no trace.
+            # without usable weights, a learning rate that made training diverge): one line.
             sys.exit(f"error: {e}")
         except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM: the last checkpoint has committed
             resumes = stage in (*common.CHECKPOINTING_STAGES, "pipeline")

@@ -36,7 +36,10 @@ Notable choices:
   it. Gradients are accumulated in float32 whatever the parameter dtype.
 - Mixed precision needs nothing here: a model built with `param_dtype="float32", dtype="bfloat16"`
   keeps float32 master weights (and float32 AdamW moments) and casts them to bfloat16 for the
-  matmuls; gradients arrive in float32.
+  matmuls; gradients arrive in float32. A weight's gradient is the transpose of its bfloat16
+  cast, so on a mesh its sum over the batch shards (the reduce-scatter of each micro-batch) runs
+  in bfloat16 before the float32 accumulation over micro-batches: half the gradient traffic,
+  with bfloat16 rounding in each sum over shards.
 - Weight decay applies to matrices only (ndim >= 2), not to norm scales and biases, as HF does.
 - The learning rate starts at 0 when there is warmup (HF's schedules do the same), so numbers
   carry over from TRL runs.
@@ -47,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -59,6 +63,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from r1jax import sharding
 from r1jax.models import deepseek
+
+log = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "cosine")
 
@@ -79,6 +85,8 @@ class OptimConfig:
     weight_decay:  decoupled weight decay on matrices (not on norms and biases).
     b1, b2, eps:   Adam's moment decays and epsilon (HF: adam_beta1/2, adam_epsilon).
     max_grad_norm: clip the global gradient norm to this (HF's max_grad_norm); 0 disables.
+    max_skipped_steps: the stages stop (`Diverged`) after this many steps in a row whose update
+                   was skipped for non-finite gradients (`SkipWatch`); 0 never stops.
     """
 
     learning_rate: float = 1e-6
@@ -90,6 +98,7 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = 1e-8
     max_grad_norm: float = 1.0
+    max_skipped_steps: int = 10
 
     def __post_init__(self):
         if not self.learning_rate > 0:
@@ -108,6 +117,11 @@ class OptimConfig:
             raise ValueError(
                 "optim.weight_decay and optim.max_grad_norm must be >= 0, got "
                 f"{self.weight_decay} and {self.max_grad_norm}"
+            )
+        if self.max_skipped_steps < 0:
+            raise ValueError(
+                "optim.max_skipped_steps must be >= 0 (0 = never stop), got "
+                f"{self.max_skipped_steps}"
             )
         if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps > 0):
             raise ValueError(
@@ -163,6 +177,43 @@ def make_tx(cfg: OptimConfig) -> optax.GradientTransformation:
     if cfg.max_grad_norm == 0:
         return adamw
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
+
+
+class Diverged(RuntimeError):
+    """A run stopped by `SkipWatch`: its updates kept being skipped for non-finite gradients."""
+
+
+class SkipWatch:
+    """Stops a training loop whose updates keep being skipped for non-finite gradients (a
+    diverged model, a learning rate too high, data the loss cannot take): such a run would
+    otherwise go on to its last step without learning anything. A skipped update changes
+    nothing, so the parameters, and the last checkpoint, are the model as it was before."""
+
+    def __init__(self, limit: int):
+        self.limit = limit  # OptimConfig.max_skipped_steps; 0 = never stop
+        self.in_a_row = 0
+
+    def __call__(self, step: int, metrics: dict[str, Any]) -> None:
+        """After step `step` (1-based), given its metrics on the host (`update_skipped`: the
+        share of its updates skipped). Every process sees the same metrics, so all stop
+        together. Raises Diverged at the limit."""
+        if float(metrics.get("update_skipped", 0.0)) < 1.0:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        log.warning(
+            "step %d: update skipped, its gradients are not finite (%d in a row)",
+            step,
+            self.in_a_row,
+        )
+        if self.limit and self.in_a_row >= self.limit:
+            raise Diverged(
+                f"steps {step - self.in_a_row + 1}-{step}: {self.in_a_row} updates in a row "
+                "skipped because their gradients were not finite (a diverged model, a learning "
+                "rate too high, or data the loss cannot take); the model is as it was before "
+                "them, as in the last checkpoint. Lower optim.learning_rate or check the data and "
+                "run the same command to resume (optim.max_skipped_steps=0 never stops)"
+            )
 
 
 class Optimizer(nnx.Optimizer):

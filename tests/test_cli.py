@@ -46,6 +46,7 @@ def run_cli(args, env, timeout=120) -> subprocess.CompletedProcess:
 
 CONFIG_ERRORS = {
     # override -> what the one message must name
+    "logprob_chunk_zero": (["--config.rl.logprob_chunk_size=0"], ["rl.logprob_chunk_size"]),
     "unknown_key": (["--config.rl.bogus=1"], ["rl.bogus"]),
     "wrong_type": (["--config.rl.steps=abc"], ["rl.steps", "abc"]),
     "batch_not_divisible_by_mesh": (
@@ -570,6 +571,34 @@ def test_sigterm_ends_a_single_process_run_like_ctrl_c(toy, tmp_path):
     assert last == f"interrupted; the same command resumes from the last checkpoint in {workdir}"
 
 
+def test_a_diverging_run_stops_with_one_line_naming_the_learning_rate(toy, tmp_path):
+    """A learning rate of 1e30 makes the forward overflow from step 2 on, so every later update
+    is skipped for non-finite gradients: the run stops after optim.max_skipped_steps of them in a
+    row, saying so (it used to run to its last step without learning, saving unchanged weights)."""
+    workdir = tmp_path / "run"
+    overrides = {
+        "sft.num_examples": 48,  # 6 steps of 8
+        "sft.seq_len": 128,
+        "sft.batch_size": 8,
+        "optim.learning_rate": 1e30,
+        "optim.warmup_steps": 0,
+        "optim.max_skipped_steps": 3,
+        "ckpt.every": 1,
+    }
+    args = ["--stage=sft", f"--workdir={workdir}", *sh.cli_overrides(overrides)]
+    proc = run_cli(args, sh.cli_env(toy[0]), timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: steps 2-4: 3 updates in a row skipped because their gradients were not finite"
+        )
+    ), proc.stderr[-3000:]
+    assert [r["update_skipped"] for r in sh.metric_rows(str(workdir))] == [0, 1, 1, 1]
+    assert not (workdir / "hf" / "final").exists()
+
+
 def test_a_half_set_multi_host_environment_is_one_line(tmp_path):
     env = sh.cli_env(str(tmp_path / "home"), R1JAX_COORDINATOR_ADDRESS="127.0.0.1:1")
     proc = run_cli(["--stage=eval", f"--workdir={tmp_path / 'w'}"], env)
@@ -590,3 +619,27 @@ def test_a_model_path_under_home_is_expanded(monkeypatch, tmp_path):
     config.model.path = "~/models/x"
     common.validate(config, "eval")
     assert common.resolve_model_path(config.model.path) == str(tmp_path / "models" / "x")
+
+
+def test_every_rl_field_of_the_grpo_config_reaches_it():
+    """Each `rl.*` field named as a GRPOConfig field is the one the stage trains with (a field
+    the config offers but the stage does not pass on would be silently ignored)."""
+    import dataclasses
+    import types
+
+    from r1jax import grpo
+    from r1jax.stages import rl
+
+    config = sh.load_config("rl")
+    shared = [f.name for f in dataclasses.fields(grpo.GRPOConfig) if f.name in config.rl]
+    changed = {"logprob_chunk_size": 64, "decode_first_window": 16, "beta": 0.5, "top_k": 7}
+    config.rl.update(changed)
+    cfg = rl.grpo_config(
+        config,
+        types.SimpleNamespace(pad_token_id=0),
+        types.SimpleNamespace(stop_token_ids=(1,), stop_sequences=()),
+    )
+    for name in shared:
+        if name != "num_micro_batches":  # 0 there means automatic
+            assert getattr(cfg, name) == config.rl[name], name
+    assert set(changed) <= set(shared)

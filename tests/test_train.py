@@ -512,3 +512,16 @@ def test_shard_local_batch_names_a_batch_the_mesh_cannot_split():
     assert rows["x"].shape == (8, 2) and len(rows["x"].sharding.device_set) == 8
     with pytest.raises(ValueError, match="cannot be split over mesh axes"):
         sharding.shard_local_batch({"x": np.zeros((3, 2))}, mesh)
+
+
+def test_skip_watch_stops_only_after_the_limit_of_fully_skipped_steps_in_a_row():
+    watch = train.SkipWatch(3)
+    for step, skipped in enumerate([1.0, 1.0, 0.0, 1.0, 0.5, 1.0, 1.0], start=1):
+        watch(step, {"update_skipped": skipped})  # a good step (0) or a partial one resets
+    with pytest.raises(train.Diverged, match=r"^steps 6-8: 3 updates in a row skipped"):
+        watch(8, {"update_skipped": 1.0})
+    never = train.SkipWatch(0)
+    for step in range(1, 50):
+        never(step, {"update_skipped": 1.0})
+    with pytest.raises(ValueError, match="optim.max_skipped_steps must be >= 0"):
+        train.OptimConfig(max_skipped_steps=-1)

@@ -560,6 +560,7 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
     c.b2 = 0.999
     c.eps = 1e-8
     c.max_grad_norm = 1.0  # global-norm clipping (0 = off)
+    c.max_skipped_steps = 10  # stop after this many updates in a row skipped (non-finite grads)
     c.update(overrides)
     return c
 

@@ -383,7 +383,7 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
         postfix_keys=("loss",),
         progress=config.log.progress,
     )
-    row, abandoned = {}, None
+    row, abandoned, watch = {}, None, train.SkipWatch(config.optim.max_skipped_steps)
     for step in range(start, warm + p.steps):
         # At the top of the loop, so a run resumed from the deadline's checkpoint checks too.
         if step == deadline:
@@ -418,6 +418,7 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
             if deadline is not None and step + 1 <= deadline:
                 best = _best_check(best, row["tag_copy"])
         writer.write(step + 1, row)
+        watch(step + 1, row)
         if ckpt.save(
             step + 1,
             state.model,

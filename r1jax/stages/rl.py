@@ -63,6 +63,7 @@ def grpo_config(config, tokenizer, prompt_set: common.PromptSet) -> grpo.GRPOCon
             pad_token_id=tokenizer.pad_token_id or 0,
             shared_prompt_forward=r.shared_prompt_forward,
             decode_first_window=r.decode_first_window,
+            logprob_chunk_size=r.logprob_chunk_size,
         )
     except ValueError as e:
         raise common.ConfigError(_rl_field_message(e)) from e
@@ -216,7 +217,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     )
     compiles = metrics.CompileCounter(log_each=False).start()
     base_key = jax.random.key(config.seed)
-    row = {}
+    row, watch = {}, train.SkipWatch(config.optim.max_skipped_steps)
 
     def held_out() -> dict[str, float]:
         result = eval_stage.evaluate(
@@ -234,9 +235,11 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         prompt_ids, prompt_mask, row_ids = train_set.batch(
             train_set.row_ids(step, config.rl.prompts_per_step)
         )
-        policy = grpo.policy_for_sampling(state)
         rollouts, rollout_metrics = grpo.rollout(
-            policy,
+            # Not kept in a variable: the sampling copy (the whole model per chip along fsdp) is
+            # freed once the rollout has run, rather than held through the update and the next
+            # step's copy.
+            grpo.policy_for_sampling(state),
             ref,
             prompt_ids,
             prompt_mask,
@@ -265,6 +268,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             row.update(held_out())
         row["compiles"] = compiles.count
         writer.write(done, row)
+        watch(done, row)
         if ckpt.save(
             done,
             state.model,

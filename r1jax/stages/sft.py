@@ -135,7 +135,7 @@ def train_on_pairs(
         postfix_keys=("loss",),
         progress=config.log.progress,
     )
-    row = {}
+    row, watch = {}, train.SkipWatch(config.optim.max_skipped_steps)
     for step in range(start, steps):
         idx = common.batch_indices(rows, step, s.batch_size, config.seed)
         batch = {k: getattr(batch_all, k)[idx] for k in sft.SFT_FIELDS}
@@ -146,6 +146,7 @@ def train_on_pairs(
         )
         row = jax.device_get(out)
         writer.write(step + 1, row)
+        watch(step + 1, row)
         if ckpt.save(
             step + 1,
             state.model,
