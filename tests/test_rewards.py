@@ -101,6 +101,32 @@ def test_accuracy_extraction_order_and_no_answer():
     assert accuracy_reward(completions, solution=["4"] * 5) == [0.0] * 5
 
 
+def test_accuracy_off_the_main_thread_is_bounded_and_still_right(monkeypatch):
+    """In-process scoring inside a jax.pure_callback runs off the main thread, where math-verify's
+    alarm cannot fire: `9^{9^{9^{9}}}` held the GIL for over 300 s. There each comparison runs in
+    a helper process, killed after OFF_THREAD_TIMEOUT_S, and the answer is scored wrong."""
+    import concurrent.futures
+
+    from r1jax.rewards import accuracy
+
+    completions = [
+        "<answer>\\frac{1}{2}</answer>",
+        "<answer>9^{9^{9^{9}}}</answer>",
+        "<answer>3</answer>",
+    ]
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        started = time.time()
+        scores = thread.submit(accuracy_reward, completions, solution=["0.5", "7", "4"]).result()
+    assert scores == [1.0, 0.0, 0.0]
+    assert time.time() - started < accuracy.OFF_THREAD_TIMEOUT_S + 20
+    # A comparison past the limit: the helper is killed, the answer is wrong, the next one works.
+    monkeypatch.setattr(accuracy, "OFF_THREAD_TIMEOUT_S", 0.5)
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        assert thread.submit(accuracy_reward, completions[1:2], solution=["7"]).result() == [0.0]
+        monkeypatch.setattr(accuracy, "OFF_THREAD_TIMEOUT_S", 30)
+        assert thread.submit(accuracy_reward, completions[:1], solution=["0.5"]).result() == [1.0]
+
+
 def test_accuracy_columns_and_inputs():
     out = accuracy_reward(
         [chat("<answer>4</answer>"), "<answer>4</answer>", None, b"\xff<answer>4</answer>", 17],
@@ -175,6 +201,33 @@ def test_language_words_definition():
     text = "Let me try: $x^2 = 4$, so x is 2. 所以答案是二。 Wait, мир \\frac{1}{2} don't α"
     # latin: Let me try so is Wait don't (single letters and math removed); han: 所以答案是二
     assert word_scripts(text) == (["latin"] * 5 + ["han"] * 6 + ["latin", "cyrillic", "latin"])
+
+
+def test_language_reward_cannot_be_hidden_in_math_or_code_spans():
+    """A paragraph wrapped in $…$ or \\(…\\), or after an unclosed fence, is still read (these
+    spans hid any amount of other-language reasoning: each row below scored 1.0); Latin letters
+    inside math and closed code fences stay neutral (variables such as AB, identifiers)."""
+    han = "我们先计算这个数字的平方然后再检查结果是否正确" * 5  # 125 Han words
+    hacks = [
+        ("Let me think ``` " + han, "en"),
+        ("So $" + han + "$ done", "en"),
+        ("\\(" + han + "\\)", "en"),
+        ("我想 ``` " + "first add the numbers then check the result carefully " * 10, "zh"),
+    ]
+    for text, language in hacks:
+        (score,) = language_consistency_reward([f"<think>{text}</think>"], language=language)
+        assert score < 0.1, (text[:40], score)
+    zh_geometry = (
+        "<think>因为 $AB = BC$ 所以 $\\angle ABC$ 是直角 ```python\nprint(ab)\n```</think>"
+    )
+    assert language_consistency_reward([zh_geometry], language="zh") == [1.0]
+    assert word_scripts("$\\text{直角}$ and ```x = 1 # 注释```") == [
+        "han",
+        "han",
+        "latin",
+        "han",
+        "han",
+    ]
 
 
 def test_language_consistency_values():

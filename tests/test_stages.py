@@ -869,6 +869,20 @@ def test_majority_vote_groups_answers_the_grader_deems_equal():
     assert same_answer("code", [{"input": "", "output": ""}]) is None
 
 
+def test_answers_too_long_to_grade_are_not_compared_for_the_vote(monkeypatch):
+    """Two answers of 600 kB took seconds per math-verify comparison, k^2 / 2 comparisons per
+    prompt: answers longer than accuracy_reward grades match only an identical string."""
+    from r1jax import rewards
+    from r1jax.stages.eval import same_answer
+
+    compared = []
+    monkeypatch.setattr(rewards, "answers_match", lambda a, b: compared.append((a, b)) or False)
+    long = "1+" * 300_000 + "1"
+    math = same_answer("math", None)
+    assert majority_vote([long, long + " ", "2", "3"], math) == 0
+    assert compared == [("2", "3")]
+
+
 def test_score_prompt_pass_and_cons_with_ties():
     # Two answers tie 2-2: the first sampled ("3", wrong) wins, so cons@4 is 0.
     m = score_prompt(["3", "4", "4", "3"], [False, True, True, False])

@@ -22,16 +22,22 @@ Owns ``accuracy_reward`` and the answer extraction it relies on (``extract_answe
   whitespace, ``$`` and ``\\text{}`` removed. An empty or missing solution gives ``None`` ("not
   applicable"), which the composition skips.
 - **Timeouts.** math-verify bounds each parse/verify with ``signal.alarm``, which only works in a
-  process's main thread. Off the main thread (e.g. inside a ``jax.pure_callback``) the timeout is
-  disabled; the composition's process pool runs scoring in worker main threads, where it is on.
+  process's main thread; the composition's process pool scores in worker main threads. Off the
+  main thread (in-process scoring inside a ``jax.pure_callback``: ``num_workers=0``, or a custom
+  reward calling this one) one answer such as ``9^{9^{9^{9}}}`` could hold the GIL for ever, so
+  there each comparison runs in a helper process that is killed, and the answer scored as wrong,
+  after ``OFF_THREAD_TIMEOUT_S``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import multiprocessing
 import re
 import threading
 from collections.abc import Sequence
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from math_verify import (
@@ -48,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 MAX_ANSWER_CHARS = 1000
 PARSE_TIMEOUT_S = 3  # per math-verify parse/verify call (seconds), main thread only
+OFF_THREAD_TIMEOUT_S = 10  # per comparison, off the main thread (its three calls and start-up)
 
 _LETTERS = "ABCDEFGHIJ"
 _LETTER_GOLD = re.compile(r"^\s*\(?\s*([A-J])\s*\)?\s*\.?\s*$")
@@ -56,20 +63,46 @@ _MATH_DOLLAR = re.compile(r"(?<!\\)\$")  # a math delimiter; `\$` is a currency 
 _LATEX_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textit|boxed)\s*\{([^{}]*)\}")
 _MATH_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
 _LETTER_CONFIG = (StringExtractionConfig(strings=tuple(_LETTERS)),)
-_warned_no_timeout = False
+_guard: concurrent.futures.ProcessPoolExecutor | None = None  # comparisons off the main thread
+_guard_lock = threading.Lock()
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def _timeout() -> int | None:
-    global _warned_no_timeout
-    if threading.current_thread() is threading.main_thread():
-        return PARSE_TIMEOUT_S
-    if not _warned_no_timeout:
-        logger.warning(
-            "accuracy_reward is running off the main thread, so math-verify's signal-based "
-            "timeout is disabled; score through build_reward_fn(num_workers>0) to keep it."
-        )
-        _warned_no_timeout = True
-    return None
+    """math-verify's per-call limit: only its main thread can take the alarm."""
+    return PARSE_TIMEOUT_S if _on_main_thread() else None
+
+
+def _match_in_helper(gold: str, predicted: str) -> bool:
+    """`answers_match` in a helper process (its main thread, where math-verify's own timeouts
+    work), given up after OFF_THREAD_TIMEOUT_S: the helper is killed and the answer is wrong."""
+    global _guard
+    with _guard_lock:  # one comparison at a time; the helper is started on first use
+        if _guard is None:
+            from r1jax.rewards.compose import _exit_with_parent
+
+            context = multiprocessing.get_context("forkserver")  # never fork a JAX process
+            context.set_forkserver_preload(["r1jax.rewards"])
+            _guard = concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=context, initializer=_exit_with_parent
+            )
+        try:
+            future = _guard.submit(answers_match, gold, predicted)
+            return future.result(timeout=OFF_THREAD_TIMEOUT_S)
+        except (concurrent.futures.TimeoutError, BrokenProcessPool):
+            logger.warning(
+                "an answer took over %d s to compare (%r...); scored as wrong",
+                OFF_THREAD_TIMEOUT_S,
+                predicted[:60],
+            )
+            for process in list(getattr(_guard, "_processes", {}).values()):
+                process.kill()
+            _guard.shutdown(wait=False, cancel_futures=True)
+            _guard = None
+            return False
 
 
 def extract_answer(text: str) -> str | None:
@@ -126,6 +159,10 @@ def answers_match(gold: str, predicted: str) -> bool:
         a multiple-choice letter.
       predicted: the answer string from ``extract_answer``.
     """
+    if len(predicted) > MAX_ANSWER_CHARS:
+        return False  # (and sympy on megabytes of text would stall the caller)
+    if not _on_main_thread():
+        return _match_in_helper(gold, predicted)
     gold_boxed = last_boxed(gold)
     gold = _strip_delimiters(gold_boxed if gold_boxed is not None else gold)
     predicted = _strip_delimiters(predicted)

@@ -5,9 +5,13 @@ The R1 paper defines the reward as "the proportion of target language words in t
 module makes "word" and "language" precise, by script, using only the standard library:
 
 - **The chain of thought** is the first ``<think>…</think>`` body (see ``common.think_region``).
-- **Neutral text is removed first**: fenced code blocks, inline/display math (``$…$``, ``$$…$$``,
-  ``\\(…\\)``, ``\\[…\\]``), LaTeX commands (``\\frac``) and markup tags (``<answer>``), since
-  formulas, code and tags are not written in any natural language.
+- **Neutral text**: LaTeX commands (``\\frac``) and markup tags (``<answer>``) are removed, and in
+  closed code fences and math spans (``$…$``, ``$$…$$``, ``\\(…\\)``, ``\\[…\\]``) Latin letters
+  do not count (identifiers, keywords, variables such as ``AB``): formulas and code are not
+  written in any natural language. Every other script still counts there, and an unclosed fence
+  or delimiter hides nothing, so wrapping a paragraph in ``$…$`` or opening a fence does not
+  hide it (a policy under RL finds such holes). What stays unseen: Latin-script words inside
+  math or code, for targets other than ``en``.
 - **Words.** Each CJK ideograph (Han) is one word, as is each kana character: Chinese and
   Japanese have no spaces, and a character is the unit a tokenizer-free count can rely on (a
   Chinese word averages 1.5 characters, so Chinese is slightly over-weighted relative to
@@ -40,16 +44,16 @@ _LATIN = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f"
 _CYRILLIC = "\u0400-\u04ff"
 _GREEK = "\u0370-\u03ff"
 
-_NEUTRAL = re.compile(
-    r"```.*?(```|$)"  # fenced code (an unclosed fence runs to the end)
-    # Display and inline math. A delimited span may not contain its own opener, so that a text
-    # with thousands of unclosed openers is scanned once, not once from each opener (quadratic).
+# Spans where Latin letters are not words: closed code fences, display and inline math. A
+# delimited span may not contain its own opener, so that a text with thousands of unclosed openers
+# is scanned once, not once from each opener (quadratic).
+_CODE_OR_MATH = re.compile(
+    r"```(?:(?!```).)*```"
     r"|\$\$(?:(?!\$\$).)*\$\$|\$[^$]*\$"
-    r"|\\\[(?:(?!\\\[).)*?\\\]|\\\((?:(?!\\\().)*?\\\)"
-    r"|\\[A-Za-z]+"  # stray LaTeX commands
-    r"|</?[A-Za-z_][\w-]*>",  # markup tags such as <answer>
+    r"|\\\[(?:(?!\\\[).)*?\\\]|\\\((?:(?!\\\().)*?\\\)",
     re.DOTALL,
 )
+_MARKUP = re.compile(r"\\[A-Za-z]+|</?[A-Za-z_][\w-]*>")  # LaTeX commands, tags such as <answer>
 _WORD = re.compile(
     rf"(?P<han>[{_HAN}])|(?P<kana>[{_KANA}])|(?P<hangul>[{_HANGUL}]+)"
     rf"|(?P<latin>[{_LATIN}]+(?:['’][{_LATIN}]+)*)|(?P<cyrillic>[{_CYRILLIC}]+)"
@@ -88,13 +92,18 @@ def word_scripts(text: str) -> list[str]:
 
     Classes: ``han``, ``kana``, ``hangul``, ``latin``, ``cyrillic``, ``other``.
     """
-    text = _NEUTRAL.sub(" ", text)
-    scripts = []
-    for match in _WORD.finditer(text):
-        kind = match.lastgroup
-        if kind == "latin" and len(match.group()) == 1:
-            continue
-        scripts.append(kind)
+    text = _MARKUP.sub(" ", text)
+    scripts, start = [], 0
+    for span in [*_CODE_OR_MATH.finditer(text), None]:
+        prose = text[start : span.start() if span else len(text)]
+        scripts += [
+            m.lastgroup
+            for m in _WORD.finditer(prose)
+            if not (m.lastgroup == "latin" and len(m.group()) == 1)
+        ]
+        if span:
+            scripts += [m.lastgroup for m in _WORD.finditer(span.group()) if m.lastgroup != "latin"]
+            start = span.end()
     return scripts
 
 

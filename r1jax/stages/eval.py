@@ -125,8 +125,10 @@ def same_answer(task: Any, tests: Any) -> Callable[[str, str], bool] | None:
     from r1jax.data.arithmetic import parse_int_answer
 
     kind = _grading(task, tests)
-    if kind == "accuracy":
-        return rewards.answers_match
+    if kind == "accuracy":  # answers too long to grade (scored wrong) match only themselves
+        return lambda a, b: (
+            max(len(a), len(b)) <= rewards.accuracy.MAX_ANSWER_CHARS and rewards.answers_match(a, b)
+        )
     if task == "arithmetic":
         return lambda a, b: (
             parse_int_answer(a) is not None and (parse_int_answer(a) == parse_int_answer(b))
