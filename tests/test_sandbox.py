@@ -6,6 +6,7 @@ test. Every case also checks: the call returns within the time limit (plus start
 no process of the run survives it, and the host side effects it tried are absent.
 """
 
+import dataclasses
 import logging
 import os
 import signal
@@ -193,6 +194,31 @@ def test_fork_storm_does_not_starve_its_neighbours():
     with build_reward_fn([("code", 1.0, {"sandbox": CFG})], num_workers=2) as fn:
         out = fn([storm, good, storm, good], tests=tests)
     assert out.per_reward[0].tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_a_run_holds_at_most_memory_bytes_times_max_processes():
+    """The address-space limit is per process, so a run's memory bound is the product: children
+    that each fill 80 MiB under a 96 MiB limit stop at max_processes - 1 of them (a run holding
+    memory_bytes x 32 processes, 16 GiB by default, could take the trainer down with it)."""
+    cfg = dataclasses.replace(CFG, memory_bytes=96 << 20, max_processes=3, timeout_s=10.0)
+    code = (
+        "import os, time\n"
+        "alive = 0\n"
+        "for _ in range(6):\n"
+        "    try:\n"
+        "        pid = os.fork()\n"
+        "    except OSError:\n"
+        "        break\n"
+        "    if pid == 0:\n"
+        "        block = bytearray(80 << 20)\n"
+        "        time.sleep(2)\n"
+        "        os._exit(0)\n"
+        "    alive += 1\n"
+        "print(alive)\n"
+    )
+    result = run_python(code, cfg=cfg)
+    assert result.ok, result.stderr
+    assert int(result.stdout) <= 2  # with the parent: 3 processes of at most 96 MiB each
 
 
 DAEMON_MARKER = "31.41592"  # sleep's argument: a string to find in the process table afterwards

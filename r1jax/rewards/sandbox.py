@@ -9,7 +9,9 @@ Owns ``SandboxConfig``, ``run_python`` and ``sandbox_available``. Layers, outerm
    run keeps the trainer's uid and the process limit is set above the user's current task count.
 2. **rlimits** via util-linux ``prlimit`` (so no Python ``preexec_fn`` runs between fork and exec,
    which is unsafe in a multi-threaded trainer): CPU seconds, address space, file size, number of
-   processes, no core dumps, open files.
+   processes, no core dumps, open files. The address-space limit is per process, so a run's
+   memory is bounded by ``memory_bytes x max_processes`` (4 GiB by default; a cgroup would bound
+   the sum, but needs a delegated cgroup tree that containers and TPU VMs do not all give).
 3. **bubblewrap** (Debian ``bubblewrap``): new user, PID, network, IPC, UTS and cgroup namespaces;
    a root containing only a read-only ``/usr`` (and the interpreter's prefix when it lives
    elsewhere), a fresh ``/proc``, a minimal ``/dev``, and a size-capped private ``/tmp``; every
@@ -77,10 +79,10 @@ class SandboxConfig:
 
     timeout_s: float = 2.0  # wall clock per run, including interpreter start-up
     cpu_time_s: int | None = None  # RLIMIT_CPU per process; None = ceil(timeout_s)
-    memory_bytes: int = 512 * _MiB  # RLIMIT_AS (address space) per process
+    memory_bytes: int = 512 * _MiB  # RLIMIT_AS (address space) per process; x max_processes per run
     file_size_bytes: int = 16 * _MiB  # RLIMIT_FSIZE: largest file the code may write
     tmpfs_bytes: int = 32 * _MiB  # size of the private /tmp
-    max_processes: int = 32  # RLIMIT_NPROC for the run's uid (threads count)
+    max_processes: int = 8  # RLIMIT_NPROC for the run's uid (threads count)
     max_open_files: int = 64  # RLIMIT_NOFILE
     max_output_bytes: int = 1 * _MiB  # stdout beyond this kills the run (counts as failed)
     max_stderr_bytes: int = 16 * 1024  # stderr kept for diagnostics; the rest is discarded
