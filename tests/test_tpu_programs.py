@@ -34,7 +34,7 @@ def libtpu(tmp_path_factory) -> str:
     return target
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def report(libtpu):
     """mesh name -> tpu_programs.py's report for that mesh of the 8 chips."""
     env = {
@@ -56,11 +56,15 @@ def largest(collectives, *ops):
     return max([size for op, size in collectives if not ops or op in ops], default=0)
 
 
-def test_decoding_moves_no_weights_and_no_cache_per_token(report):
-    """Inside the decode loops only the all-done flag crosses chips on fsdp=8 (the sampling copy
-    holds whole weights, gathered once per step by `policy_for_sampling`); with tensor=2, only
-    the tensor-parallel activation sums of a token's rows, never a weight (the smallest weight
-    matrix here is 64 KB)."""
+def test_what_xla_tpu_makes_of_the_grpo_programs(report):
+    """One test (the two compiles are shared, and xdist would run a module fixture once per
+    worker that gets one of its tests)."""
+    params = report["fsdp8"]["params"]
+
+    # Decoding moves no weights and no cache per token: inside the decode loops only the all-done
+    # flag crosses chips on fsdp=8 (the sampling copy holds whole weights, gathered once per step
+    # by `policy_for_sampling`); with tensor=2, only the tensor-parallel sums of a token's
+    # activations, never a weight (the smallest weight matrix here is 64 KB).
     fsdp = report["fsdp8"]["rollout"]
     assert largest(fsdp["in_loops"]) <= 64, fsdp["in_loops"]
     assert largest(fsdp["outside"], "all-gather") == 0  # the copy arrives laid out for decoding
@@ -68,21 +72,17 @@ def test_decoding_moves_no_weights_and_no_cache_per_token(report):
     assert 0 < largest(tensor["in_loops"], "all-reduce") <= 16 * 1024, tensor["in_loops"]
     assert largest(tensor["in_loops"], "all-gather") <= 16 * 1024
 
-
-def test_gradients_are_reduce_scattered_and_the_training_state_stays_sharded(report):
-    update, params = report["fsdp8"]["update"], report["fsdp8"]["params"]
-    assert largest(update["in_loops"], "reduce-scatter") > 0  # each micro-batch's gradients
-    # No gradient is summed whole onto every chip (the largest all-reduce is a few scalars).
+    # Gradients are reduce-scattered, each micro-batch's, and no gradient is summed whole onto
+    # every chip (the largest all-reduce is a few scalars).
+    update = report["fsdp8"]["update"]
+    assert largest(update["in_loops"], "reduce-scatter") > 0
     assert largest(update["in_loops"] + update["outside"], "all-reduce") <= 64 * 1024
-    # Parameters and both Adam moments (12 bytes per parameter) in, a little batch besides:
-    # an eighth per chip, not the whole (39 MB here).
+    # The training state stays sharded: parameters and both Adam moments (12 bytes per
+    # parameter) in, a little batch besides: an eighth per chip, not the whole (39 MB here).
     assert update["argument_bytes"] < 1.25 * 12 * params / 8
 
-
-def test_the_sampling_copy_is_whole_along_fsdp_and_split_along_tensor(report):
-    """The layout launch/README.md's memory guide counts: bfloat16, 2 bytes per parameter on every
-    chip with fsdp alone; about half of that with tensor=2."""
-    params = report["fsdp8"]["params"]
+    # The sampling copy, as launch/README.md's memory guide counts it: bfloat16, whole along fsdp
+    # (2 bytes per parameter on every chip), about half of that with tensor=2.
     whole = report["fsdp8"]["policy_for_sampling"]
     assert abs(whole["output_bytes"] - 2 * params) < 0.01 * 2 * params
     assert whole["argument_bytes"] < 1.25 * 4 * params / 8  # read from the float32 training shards
