@@ -226,6 +226,7 @@ class Checkpointer:
         metrics: Mapping[str, Any] | None = None,
         *,
         force: bool = False,
+        interval: bool = True,
     ) -> bool:
         """Save the full training state at `step` if the interval says so (or `force`).
 
@@ -239,6 +240,8 @@ class Checkpointer:
             so it must describe global state (e.g. a global data position, not a host's shard).
           metrics: scalars for this step; `best_metric` is read from here.
           force: save even off the interval (use at the end of a run).
+          interval: False = no interval save at this step (it is still a stop point, and a
+            forced or preemption save still happens): the stages pass `not SkipWatch.skipping`.
 
         Returns:
           True if a save was started. A step that is already saved is skipped (False), so a final
@@ -253,7 +256,7 @@ class Checkpointer:
             if preempted:
                 raise Preempted(f"step {step}")
             return False
-        if not (force or preempted or self._manager.should_save(step)):
+        if not (force or preempted or (interval and self._manager.should_save(step))):
             return False
         _check_json(extra, "extra")
         items = {

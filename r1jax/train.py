@@ -185,20 +185,32 @@ class Diverged(RuntimeError):
 
 class SkipWatch:
     """Stops a training loop whose updates keep being skipped for non-finite gradients (a
-    diverged model, a learning rate too high, data the loss cannot take): such a run would
-    otherwise go on to its last step without learning anything. A skipped update changes
-    nothing, so the parameters, and the last checkpoint, are the model as it was before."""
+    learning rate too high, a diverged model, data the loss cannot take): such a run would
+    otherwise go on to its last step without learning anything.
 
-    def __init__(self, limit: int):
+    The model that gives non-finite gradients usually came out of the last update applied before
+    the streak (one too large a step), so every checkpoint from that step on holds it and a
+    resume cannot recover; the message says so. While a streak lasts the stages save no
+    interval checkpoints (`skipping`): those would hold the same model and could push older
+    ones out of `ckpt.keep`."""
+
+    def __init__(self, limit: int, learning_rate_field: str = "optim.learning_rate"):
         self.limit = limit  # OptimConfig.max_skipped_steps; 0 = never stop
+        self.learning_rate_field = learning_rate_field  # named in the message
         self.in_a_row = 0
+        self.last_applied: int | None = None  # the last step whose update was applied
+
+    @property
+    def skipping(self) -> bool:
+        """Whether the last step's update was skipped."""
+        return self.in_a_row > 0
 
     def __call__(self, step: int, metrics: dict[str, Any]) -> None:
         """After step `step` (1-based), given its metrics on the host (`update_skipped`: the
         share of its updates skipped). Every process sees the same metrics, so all stop
         together. Raises Diverged at the limit."""
         if float(metrics.get("update_skipped", 0.0)) < 1.0:
-            self.in_a_row = 0
+            self.in_a_row, self.last_applied = 0, step
             return
         self.in_a_row += 1
         log.warning(
@@ -206,14 +218,25 @@ class SkipWatch:
             step,
             self.in_a_row,
         )
-        if self.limit and self.in_a_row >= self.limit:
-            raise Diverged(
-                f"steps {step - self.in_a_row + 1}-{step}: {self.in_a_row} updates in a row "
-                "skipped because their gradients were not finite (a diverged model, a learning "
-                "rate too high, or data the loss cannot take); the model is as it was before "
-                "them, as in the last checkpoint. Lower optim.learning_rate or check the data and "
-                "run the same command to resume (optim.max_skipped_steps=0 never stops)"
+        if not (self.limit and self.in_a_row >= self.limit):
+            return
+        first = step - self.in_a_row + 1
+        if self.last_applied is None:
+            cause = (
+                "the model this run started (or resumed) from gives non-finite gradients: check "
+                "the model and the data, or resume from an earlier checkpoint"
             )
+        else:
+            cause = (
+                f"the update of step {self.last_applied} left a model whose gradients overflow, "
+                f"and checkpoints from step {self.last_applied} on hold it, so resuming from them "
+                f"cannot recover: start the stage again in a new workdir (or from a checkpoint "
+                f"saved before step {self.last_applied}) with a lower {self.learning_rate_field}"
+            )
+        raise Diverged(
+            f"steps {first}-{step}: {self.in_a_row} updates in a row skipped because their "
+            f"gradients were not finite; {cause} (optim.max_skipped_steps=0 never stops)"
+        )
 
 
 class Optimizer(nnx.Optimizer):

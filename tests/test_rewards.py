@@ -221,6 +221,10 @@ def test_language_reward_cannot_be_hidden_in_math_or_code_spans():
         "<think>因为 $AB = BC$ 所以 $\\angle ABC$ 是直角 ```python\nprint(ab)\n```</think>"
     )
     assert language_consistency_reward([zh_geometry], language="zh") == [1.0]
+    # Math written with Unicode symbols is not a foreign language; an escaped dollar is a price.
+    math = ["So the area is $x² + y² = r²$ and", "Let $f: ℝ → ℝ$ with $f(x_₁) = ½$", "$ℓ$ aⁿ"]
+    assert language_consistency_reward(math, language="en") == [1.0, 1.0, 0.0]
+    assert word_scripts("The cost is \\$5 and then \\$ here") == ["latin"] * 6
     assert word_scripts("$\\text{直角}$ and ```x = 1 # 注释```") == [
         "han",
         "han",

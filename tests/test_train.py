@@ -518,8 +518,13 @@ def test_skip_watch_stops_only_after_the_limit_of_fully_skipped_steps_in_a_row()
     watch = train.SkipWatch(3)
     for step, skipped in enumerate([1.0, 1.0, 0.0, 1.0, 0.5, 1.0, 1.0], start=1):
         watch(step, {"update_skipped": skipped})  # a good step (0) or a partial one resets
-    with pytest.raises(train.Diverged, match=r"^steps 6-8: 3 updates in a row skipped"):
+    assert watch.skipping and watch.last_applied == 5
+    with pytest.raises(train.Diverged, match=r"^steps 6-8: 3 updates in a row .* step 5 left"):
         watch(8, {"update_skipped": 1.0})
+    fresh = train.SkipWatch(2)
+    fresh(1, {"update_skipped": 1.0})
+    with pytest.raises(train.Diverged, match=r"started \(or resumed\) from gives non-finite"):
+        fresh(2, {"update_skipped": 1.0})
     never = train.SkipWatch(0)
     for step in range(1, 50):
         never(step, {"update_skipped": 1.0})

@@ -26,7 +26,8 @@ Owns ``accuracy_reward`` and the answer extraction it relies on (``extract_answe
   main thread (in-process scoring inside a ``jax.pure_callback``: ``num_workers=0``, or a custom
   reward calling this one) one answer such as ``9^{9^{9^{9}}}`` could hold the GIL for ever, so
   there each comparison runs in a helper process that is killed, and the answer scored as wrong,
-  after ``OFF_THREAD_TIMEOUT_S``.
+  after ``OFF_THREAD_TIMEOUT_S`` (a script doing this needs the ``if __name__ == "__main__":``
+  guard that starting processes needs; without it the comparison runs unbounded, in the thread).
 """
 
 from __future__ import annotations
@@ -92,6 +93,13 @@ def _match_in_helper(gold: str, predicted: str) -> bool:
         try:
             future = _guard.submit(answers_match, gold, predicted)
             return future.result(timeout=OFF_THREAD_TIMEOUT_S)
+        except RuntimeError as e:
+            if isinstance(e, BrokenProcessPool) or "bootstrapping phase" not in str(e):
+                raise
+            # A script without an `if __name__ == "__main__":` guard cannot start processes:
+            # compare here, unbounded, as before there was a helper.
+            logger.warning("accuracy_reward off the main thread, without a time limit: %s", e)
+            return _match_here(gold, predicted)
         except (concurrent.futures.TimeoutError, BrokenProcessPool):
             logger.warning(
                 "an answer took over %d s to compare (%r...); scored as wrong",
@@ -163,6 +171,10 @@ def answers_match(gold: str, predicted: str) -> bool:
         return False  # (and sympy on megabytes of text would stall the caller)
     if not _on_main_thread():
         return _match_in_helper(gold, predicted)
+    return _match_here(gold, predicted)
+
+
+def _match_here(gold: str, predicted: str) -> bool:
     gold_boxed = last_boxed(gold)
     gold = _strip_delimiters(gold_boxed if gold_boxed is not None else gold)
     predicted = _strip_delimiters(predicted)

@@ -16,10 +16,10 @@ module makes "word" and "language" precise, by script, using only the standard l
   Japanese have no spaces, and a character is the unit a tokenizer-free count can rely on (a
   Chinese word averages 1.5 characters, so Chinese is slightly over-weighted relative to
   English). A maximal run of letters of any other script is one word (so Hangul words, which
-  are space-separated, count once). Digits, punctuation, symbols and Greek letters (almost
-  always math variables here) are not words. A single Latin letter is not a word either: in a
-  chain of thought it is nearly always a variable (``x``, ``n``); this costs English only "a"
-  and "I".
+  are space-separated, count once). Digits, punctuation, symbols, super- and subscripts,
+  letterlike symbols (``ℝ``) and Greek letters (almost always math variables here) are not
+  words. A single Latin letter is not a word either: in a chain of thought it is nearly always a
+  variable (``x``, ``n``); this costs English only "a" and "I".
 - **Languages are scripts.** ``en`` = Latin letters, ``zh`` = Han, ``ja`` = Han + kana,
   ``ko`` = Hangul, ``ru`` = Cyrillic. Languages sharing a script cannot be told apart this way
   (French reads as ``en``), so only these codes are accepted.
@@ -43,13 +43,16 @@ _HANGUL = "\uac00-\ud7af\u1100-\u11ff\u3130-\u318f"
 _LATIN = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f"
 _CYRILLIC = "\u0400-\u04ff"
 _GREEK = "\u0370-\u03ff"
+# Word characters that are math, not words: superscripts and subscripts (x², a₁, aⁿ), vulgar
+# fractions (½), letterlike symbols (ℝ, ℓ) and number forms (Ⅳ).
+_SYMBOLS = "\u00b2\u00b3\u00b9\u00bc-\u00be\u2070-\u209f\u2100-\u218f"
 
 # Spans where Latin letters are not words: closed code fences, display and inline math. A
 # delimited span may not contain its own opener, so that a text with thousands of unclosed openers
 # is scanned once, not once from each opener (quadratic).
 _CODE_OR_MATH = re.compile(
     r"```(?:(?!```).)*```"
-    r"|\$\$(?:(?!\$\$).)*\$\$|\$[^$]*\$"
+    r"|(?<!\\)\$\$(?:(?!\$\$).)*\$\$|(?<!\\)\$[^$]*(?<!\\)\$"  # `\$` is a currency sign
     r"|\\\[(?:(?!\\\[).)*?\\\]|\\\((?:(?!\\\().)*?\\\)",
     re.DOTALL,
 )
@@ -57,7 +60,7 @@ _MARKUP = re.compile(r"\\[A-Za-z]+|</?[A-Za-z_][\w-]*>")  # LaTeX commands, tags
 _WORD = re.compile(
     rf"(?P<han>[{_HAN}])|(?P<kana>[{_KANA}])|(?P<hangul>[{_HANGUL}]+)"
     rf"|(?P<latin>[{_LATIN}]+(?:['’][{_LATIN}]+)*)|(?P<cyrillic>[{_CYRILLIC}]+)"
-    rf"|(?P<other>[^\W\d_{_GREEK}{_LATIN}{_HAN}{_KANA}{_HANGUL}{_CYRILLIC}]+)"
+    rf"|(?P<other>[^\W\d_{_GREEK}{_SYMBOLS}{_LATIN}{_HAN}{_KANA}{_HANGUL}{_CYRILLIC}]+)"
 )
 
 # Which word classes count as each target language.

@@ -418,6 +418,9 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
             if deadline is not None and step + 1 <= deadline:
                 best = _best_check(best, row["tag_copy"])
         writer.write(step + 1, row)
+        watch.learning_rate_field = (
+            "pretrain.copy_warmup_lr" if step < warm else "optim.learning_rate"
+        )
         watch(step + 1, row)
         if ckpt.save(
             step + 1,
@@ -425,6 +428,7 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
             state.optimizer,
             extra={"step": step + 1, "tag_copy_best": best},
             force=step + 1 == warm + p.steps,
+            interval=not watch.skipping,
         ):
             writer.flush()  # a cloud workdir's metrics reach the saved step
     ckpt.wait()

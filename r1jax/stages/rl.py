@@ -276,6 +276,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             extra={"step": done},
             metrics={k: float(v) for k, v in row.items() if k.startswith("eval/")} or None,
             force=forced_save(done, config),
+            interval=not watch.skipping,
         ):
             writer.flush()  # a cloud workdir's metrics reach the saved step
 

@@ -153,6 +153,7 @@ def train_on_pairs(
             state.optimizer,
             extra={"step": step + 1},
             force=step + 1 == steps,
+            interval=not watch.skipping,
         ):
             writer.flush()  # a cloud workdir's metrics reach the saved step
     ckpt.wait()
