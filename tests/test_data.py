@@ -629,6 +629,29 @@ def test_loader_field_map_shapes_and_errors(tmp_path):
     assert rows[0]["solution"].endswith("#### 7")
 
 
+def test_a_file_whose_later_rows_have_other_columns_loads_them_too(tmp_path):
+    """rejection_sampled.jsonl puts its chat-format non-reasoning rows after thousands of
+    reasoning rows; the columns used to be read from the first 100 rows only, so SFT on it
+    dropped every chat row as having no prompt."""
+    reasoning = [json.dumps({"prompt": f"q{i}", "completion": f"c{i}"}) for i in range(120)]
+    chat = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "yo"},
+                ]
+            }
+        )
+    ] * 5
+    rows, stats = data.load_rows(
+        _write_lines(tmp_path / "rs.jsonl", reasoning + chat),
+        require_solution=False,
+        keep=("completion",),
+    )
+    assert stats.rows_kept == 125 and sum(bool(r.get("messages")) for r in rows) == 5
+
+
 def test_synthetic_rows_round_trip_through_jsonl_and_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -427,7 +427,7 @@ def load_rows(
     rows: list[dict] = []
     for path in files:
         records = list(_read_records(path, on_bad_json, stats))
-        columns = {c for _, obj in records[:100] for c in obj}
+        columns = {c for _, obj in records for c in obj}  # every row: a later row may differ
         if shape != "auto":
             file_shape, mapping = shape, {**_forced_mapping(shape, columns), **field_map}
         elif "prompt" in field_map and {"solution", "tests", "messages"} & set(field_map):
