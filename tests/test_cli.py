@@ -643,3 +643,23 @@ def test_every_rl_field_of_the_grpo_config_reaches_it():
         if name != "num_micro_batches":  # 0 there means automatic
             assert getattr(cfg, name) == config.rl[name], name
     assert set(changed) <= set(shared)
+
+
+def test_rl_refuses_prompts_no_correctness_reward_can_score(caplog):
+    """A GSM8K-shaped file with the default rewards (`task`, for the built-in tasks) used to train
+    on the format rewards alone, `rewards/task/mean` NaN at every step."""
+    from r1jax.stages import rl
+
+    config = sh.load_config("rl")
+    math_rows = [{"task": "math", "solution": "4"}, {"task": "math", "solution": "7"}]
+    with pytest.raises(common.ConfigError, match=r"2 of 2 .* need --config.rewards.accuracy=1"):
+        rl.check_correctness_rewards(config, math_rows)
+    code_rows = [{"task": "code", "solution": None, "tests": [{"input": "", "output": "1"}]}]
+    with pytest.raises(common.ConfigError, match=r"need --config.rewards.code=1"):
+        rl.check_correctness_rewards(config, code_rows)
+    mixed = [*math_rows, {"task": "arithmetic", "solution": "3"}]
+    with caplog.at_level("WARNING", logger="r1jax"):
+        rl.check_correctness_rewards(config, mixed)  # some prompts covered: a warning
+    assert "2 of 3 training prompts" in caplog.text
+    config.rewards.accuracy = 1.0
+    rl.check_correctness_rewards(config, mixed)

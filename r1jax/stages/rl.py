@@ -149,6 +149,37 @@ def validate(config) -> None:
     common.optim(config, optimizer_steps(config))
 
 
+def check_correctness_rewards(config, rows: list[dict]) -> None:
+    """Refuse training prompts that no correctness reward which is on can score (the defaults
+    score the built-in tasks, `task`; a GSM8K file's rows need `accuracy`, code rows `code`):
+    GRPO would otherwise optimise the format rewards alone, with nothing but a NaN mean in the
+    metrics to say so. Prompts only some of which are covered get a warning."""
+    from r1jax.data import tasks as task_lib
+
+    on = {name for name in ("task", "accuracy", "code") if config.rewards.get(name, 0.0)}
+    applies = {
+        "task": lambda row: row.get("task") in task_lib.TASKS,
+        "accuracy": lambda row: row.get("solution") not in (None, ""),
+        "code": lambda row: bool(row.get("tests")),
+    }
+    uncovered = [row for row in rows if not any(applies[name](row) for name in on)]
+    if not uncovered:
+        return
+    fits = sorted(name for name in applies if any(applies[name](row) for row in uncovered))
+    fix = (
+        " ".join(f"--config.rewards.{name}=1" for name in fits)
+        if fits
+        else "rows with a `solution` (accuracy), `tests` (code) or a built-in task"
+    )
+    message = (
+        f"{len(uncovered)} of {len(rows)} training prompts ({config.data.source}) have no "
+        f"correctness reward that is on ({', '.join(sorted(on)) or 'none'}); they need {fix}"
+    )
+    if len(uncovered) == len(rows):
+        raise common.ConfigError(f"{message} (GRPO would optimise only the format rewards)")
+    log.warning(message)
+
+
 def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     """Train with GRPO; returns the last logged metrics (and the eval result under "eval/*")."""
     # -- the policy, its optimizer, and the frozen reference (only when β > 0) --
@@ -175,6 +206,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         config.data,
         seed=config.seed,
     )
+    check_correctness_rewards(config, train_set.rows)
     cfg = grpo_config(config, tokenizer, train_set)
     reward_fn = rewards.build_reward_fn(reward_specs(config))
     decode = functools.partial(_decode, tokenizer, train_set.completion_prefix)
