@@ -663,3 +663,20 @@ def test_rl_refuses_prompts_no_correctness_reward_can_score(caplog):
     assert "2 of 3 training prompts" in caplog.text
     config.rewards.accuracy = 1.0
     rl.check_correctness_rewards(config, mixed)
+
+
+def test_file_rows_naming_a_builtin_task_are_checked_by_its_verifier(tmp_path):
+    """`task: countdown` without Countdown's `meta` made the task reward raise KeyError at the
+    first answer the model wrote for it, mid-run."""
+    from r1jax.data import tasks
+
+    good = tasks.make_dataset(tasks.make_task("countdown"), 4, seed=0, split="train")
+    config = sh.load_config("rl")
+    config.data.source = str(tmp_path / "rows.jsonl")
+    config.data.num_eval = 1
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
+    assert len(common.load_prompt_rows(config.data, "train", 0)) == 3
+    bad = [*good, {"prompt": "Make 0 from 1 2 3", "solution": "0", "task": "countdown"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    with pytest.raises(common.ConfigError, match=r"row 4: task 'countdown' is a built-in task"):
+        common.load_prompt_rows(config.data, "train", 0)

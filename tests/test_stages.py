@@ -343,6 +343,30 @@ def test_sft_default_runs(toy, tmp_path):
     assert sh.max_param_change(sh.hf_params(tmp_path / "hf" / "final"), toy_params(toy)) > 0
 
 
+def test_sft_rows_with_a_completion_that_is_not_text_are_refused_by_name(toy, tmp_path):
+    """`completion: 42` crashed in the tokenizer with a traceback, `["a", "b"]` trained on "ab"
+    and blank text on an EOS alone; distillation's errors named `sft.source`."""
+    from r1jax.models import hf
+    from r1jax.stages import distill
+    from r1jax.stages import sft as sft_stage
+
+    tokenizer = hf.tokenizer(os.path.join(toy[0], "toy_base"))
+    for i, bad in enumerate([42, ["a", "b"], "   ", {"text": "x"}]):
+        path = tmp_path / f"bad{i}.jsonl"
+        path.write_text(
+            json.dumps({"prompt": "q", "completion": "fine"}) + "\n"
+            + json.dumps({"prompt": "q", "completion": bad}) + "\n"
+        )  # fmt: skip
+        config = sh.load_config("sft")
+        config.sft.source = str(path)
+        with pytest.raises(common.ConfigError, match=r"sft.source .* row 1 .* non-empty text"):
+            sft_stage.load_pairs(config, tokenizer)
+    config = sh.load_config("distill")
+    config.distill.source = str(tmp_path / "bad0.jsonl")
+    with pytest.raises(common.ConfigError, match=r"^distill.source .* row 1"):
+        sft_stage.load_pairs(distill._as_sft(config), tokenizer, section="distill")
+
+
 def test_cold_start_follows_its_tasks_difficulty_and_mistake_rate():
     import re
 

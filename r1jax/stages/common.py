@@ -832,8 +832,16 @@ def load_prompt_rows(data_config, split: str, seed: int) -> list[dict]:
         elif "on_bad_json" in str(e):
             hint = " (from the command line: --config.data.on_bad_json=skip)"
         raise ConfigError(f"data.{field}: {e}{hint}") from e
-    log.info("loaded %d rows from %s (%s)", len(rows), path, stats)
+    log.info("loaded %d rows from %s (%s)", len(rows), path, stats.summary())
+    _check_builtin_task_rows(rows, path, "eval_source" if held_out_file else "source")
     if split == "eval" and not data_config.eval_source:
+        log.info(
+            "held-out prompts: the last %d of the %d rows of %s (data.num_eval; give "
+            "data.eval_source to evaluate another file whole)",
+            min(n, len(rows)),
+            len(rows),
+            path,
+        )
         return rows[-n:]
     if split == "train" and not data_config.eval_source:
         # The last num_eval rows are held out; training on them too would score the held-out
@@ -844,8 +852,41 @@ def load_prompt_rows(data_config, split: str, seed: int) -> list[dict]:
                 f"{data_config.num_eval} held out for evaluation, so no training row would be "
                 f"left; lower data.num_eval, or give the held-out rows as data.eval_source"
             )
+        log.info(
+            "training prompts: the first %d of the %d rows of %s (the last data.num_eval=%d "
+            "are held out for evaluation)",
+            len(rows) - data_config.num_eval,
+            len(rows),
+            path,
+            data_config.num_eval,
+        )
         return rows[: -data_config.num_eval]
     return rows
+
+
+def _check_builtin_task_rows(rows: list[dict], path: str, field: str) -> None:
+    """A file row naming a built-in task (`task: countdown`) is scored by that task's verifier,
+    which needs what the task's own rows carry (Countdown's `meta` numbers, an integer answer):
+    check now, with the row's own solution, rather than crash at the first answer the model
+    writes for it."""
+    from r1jax.data import tasks
+
+    for i, row in enumerate(rows):
+        name = row.get("task")
+        if name not in tasks.TASKS:
+            continue
+        try:
+            ok = tasks.verify(name, str(row.get("solution")), row)
+        except Exception as e:  # the verifier's own error, whatever the row lacks
+            ok, why = False, f"{type(e).__name__}: {e}"
+        else:
+            why = "its solution does not pass the verifier"
+        if not ok:
+            raise ConfigError(
+                f"data.{field} {path}, row {i}: task {name!r} is a built-in task, whose reward "
+                f"cannot check this row ({why}); write such rows as the built-in datasets do "
+                f"(r1jax.data.tasks.make_dataset) or give the task column another name"
+            )
 
 
 def load_completion_rows(path: str, keep=("completion",)) -> tuple[list[dict], Any]:

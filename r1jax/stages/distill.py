@@ -67,7 +67,7 @@ def run(config, workdir: str) -> dict:
                 "logit distillation needs one vocabulary (leave "
                 "distill.teacher empty for trace SFT)"
             )
-    pairs = sft_stage.load_pairs(_as_sft(config), tokenizer)
+    pairs = sft_stage.load_pairs(_as_sft(config), tokenizer, section="distill")
     log.info(
         "distilling %s into %s: %d traces%s",
         d.source,

@@ -45,8 +45,9 @@ def validate(config) -> None:
     common.optim(config, steps_later=True)  # the data gives the step count
 
 
-def load_pairs(config, tokenizer) -> list[tuple[str, str]]:
-    """(templated prompt, completion) pairs from config.sft.source."""
+def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]:
+    """(templated prompt, completion) pairs from config.sft.source (`section`: the name errors
+    give the section, for a stage that reads its data through this one)."""
     s = config.sft
     if s.source == "cold_start":
         rows = corpus.cold_start_examples(
@@ -59,22 +60,34 @@ def load_pairs(config, tokenizer) -> list[tuple[str, str]]:
         try:
             rows, stats = common.load_completion_rows(s.source, keep=("completion", "task", "meta"))
         except (OSError, ValueError) as e:
-            raise common.ConfigError(f"sft.source: {e}") from e
-        log.info("SFT data %s: %s", s.source, stats)
+            raise common.ConfigError(f"{section}.source: {e}") from e
+        log.info("SFT data %s: %s", s.source, stats.summary())
     pairs = []
     for i, row in enumerate(rows):
-        if row.get("completion"):
+        where = f"{section}.source {s.source}, row {i} of those kept"
+        messages = row.get("messages") or []
+        if row.get("completion") is not None:
+            completion = row["completion"]
             prompt = templates.format_prompts([row["prompt"]], s.template, tokenizer=tokenizer)[0]
-            pairs.append((prompt, row["completion"]))
-        elif row.get("messages") and row["messages"][-1]["role"] == "assistant":
+        elif messages and messages[-1].get("role") == "assistant":
+            completion = messages[-1].get("content")
+            if not getattr(tokenizer, "chat_template", None):
+                raise common.ConfigError(
+                    f"{where}: chat `messages` need a tokenizer with a chat template, and "
+                    f"model.path's has none; give prompt/completion rows instead"
+                )
             prompt = tokenizer.apply_chat_template(
-                row["messages"][:-1], tokenize=False, add_generation_prompt=True
+                messages[:-1], tokenize=False, add_generation_prompt=True
             )
-            pairs.append((prompt, row["messages"][-1]["content"]))
         else:
             raise common.ConfigError(
-                f"sft.source row {i} has neither a completion nor a final assistant message"
+                f"{where} has neither a completion nor a final message with role 'assistant'"
             )
+        if not isinstance(completion, str) or not completion.strip():
+            raise common.ConfigError(
+                f"{where}: the completion must be non-empty text, got {completion!r:.80}"
+            )
+        pairs.append((prompt, completion))
     return pairs
 
 
