@@ -680,3 +680,30 @@ def test_file_rows_naming_a_builtin_task_are_checked_by_its_verifier(tmp_path):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
     with pytest.raises(common.ConfigError, match=r"row 4: task 'countdown' is a built-in task"):
         common.load_prompt_rows(config.data, "train", 0)
+
+
+def test_data_paths_that_name_no_file_are_refused_before_any_model_loads(tmp_path):
+    """A folder passed validation (glob matched it) and failed after the model had loaded, on
+    first use after the toy base's 13-minute build; SFT, distillation and rejection sampling
+    refused globs the loader reads."""
+    (tmp_path / "train").mkdir()
+    row = json.dumps({"prompt": "q", "completion": "a", "solution": "1"}) + "\n"
+    (tmp_path / "train" / "a.jsonl").write_text(row)
+    (tmp_path / "train" / "b.jsonl").write_text(row)
+    for stage, field in [
+        ("rl", "data.source"),
+        ("eval", "data.eval_source"),
+        ("sft", "sft.source"),
+        ("distill", "distill.source"),
+        ("rejection_sampling", "rejection_sampling.non_reasoning_source"),
+    ]:
+        config = sh.load_config(stage)
+        section, name = field.split(".")
+        config[section][name] = str(tmp_path / "train")
+        with pytest.raises(common.ConfigError, match=f"^{field} .* matches only folders"):
+            common.validate(config, stage)
+        config[section][name] = str(tmp_path / "train" / "*.jsonl")
+        common.validate(config, stage)
+        config[section][name] = str(tmp_path / "none*.jsonl")
+        with pytest.raises(common.ConfigError, match=f"^{field} .* an existing file or glob"):
+            common.validate(config, stage)

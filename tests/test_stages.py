@@ -1018,7 +1018,12 @@ def test_fields_that_would_fail_mid_run_are_refused_up_front(toy, tmp_path):
         ("eval", "max_new_tokens", 0, r"eval.max_new_tokens must be an integer >= 1"),
         ("eval", "batch_prompts", 0, r"eval.batch_prompts must be an integer >= 1"),
         ("data", "prompt_buckets", (64, "abc"), r"data.prompt_buckets must be prompt lengths"),
-        ("data", "eval_source", str(tmp_path / "nope.jsonl"), r"data.eval_source .* not an"),
+        (
+            "data",
+            "eval_source",
+            str(tmp_path / "nope.jsonl"),
+            r"data.eval_source .* must be an existing file",
+        ),
     ]
     for section, field, value, message in cases:
         config = sh.load_config("rl")

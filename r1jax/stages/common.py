@@ -906,6 +906,19 @@ def load_completion_rows(path: str, keep=("completion",)) -> tuple[list[dict], A
     return loaders.load_rows(path, shape="generic", require_solution=False, keep=keep)
 
 
+def check_data_files(pattern: str, field: str, alternatives: str = "") -> None:
+    """Refuse, before any model is loaded, a data path that names no file: missing, a glob
+    matching nothing, or only folders (a folder is not read; `folder/*.parquet` is)."""
+    matches = glob.glob(pattern, recursive=True)
+    if not matches:
+        raise ConfigError(f"{field} {pattern!r} must be {alternatives}an existing file or glob")
+    if not any(os.path.isfile(m) for m in matches):
+        raise ConfigError(
+            f"{field} {pattern!r} matches only folders; give a file or a glob of files, e.g. "
+            f"{os.path.join(pattern.rstrip('/'), '*.parquet')!r}"
+        )
+
+
 def validate_data(data_config) -> None:
     from r1jax.data import tasks, templates
 
@@ -915,13 +928,9 @@ def validate_data(data_config) -> None:
         )
     source = data_config.source
     if source not in tasks.TASKS:
-        if not glob.glob(source):
-            raise ConfigError(
-                f"data.source {source!r} is neither a built-in task "
-                f"{sorted(tasks.TASKS)} nor an existing file"
-            )
-    if data_config.eval_source and not glob.glob(data_config.eval_source):
-        raise ConfigError(f"data.eval_source {data_config.eval_source!r} is not an existing file")
+        check_data_files(source, "data.source", f"a built-in task {sorted(tasks.TASKS)} or ")
+    if data_config.eval_source:
+        check_data_files(data_config.eval_source, "data.eval_source")
     if data_config.num_eval < 1 or data_config.num_train < 1:
         raise ConfigError("data.num_train and data.num_eval must be >= 1")
     if data_config.on_bad_json not in ("error", "skip"):

@@ -26,12 +26,9 @@ log = logging.getLogger("r1jax")
 
 def validate(config) -> None:
     d = config.distill
-    if d.source != "cold_start" and not os.path.exists(d.source):
-        raise common.ConfigError(
-            f"distill.source {d.source!r} does not exist; give the JSONL "
-            f"that --stage=rejection_sampling wrote from the teacher, or "
-            f"'cold_start' for the built-in long-CoT traces"
-        )
+    if d.source != "cold_start":
+        # the JSONL --stage=rejection_sampling wrote from the teacher, or the built-in traces
+        common.check_data_files(d.source, "distill.source", "'cold_start' or ")
     if d.source == "cold_start":
         common.builtin_tasks(d, "distill")
     if d.teacher and d.teacher != common.TOY_BASE and not os.path.isdir(d.teacher):

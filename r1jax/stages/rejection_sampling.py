@@ -74,10 +74,8 @@ def validate(config) -> None:
             "rejection_sampling.num_prompts, num_samples, max_new_tokens and batch_prompts must "
             "be >= 1"
         )
-    if r.non_reasoning_source and not os.path.exists(r.non_reasoning_source):
-        raise common.ConfigError(
-            f"rejection_sampling.non_reasoning_source {r.non_reasoning_source!r} does not exist"
-        )
+    if r.non_reasoning_source:
+        common.check_data_files(r.non_reasoning_source, "rejection_sampling.non_reasoning_source")
     if not 0.0 <= r.min_language_consistency <= 1.0:
         raise common.ConfigError("rejection_sampling.min_language_consistency must be in [0, 1]")
 

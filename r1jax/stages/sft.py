@@ -28,8 +28,8 @@ log = logging.getLogger("r1jax")
 
 def validate(config) -> None:
     s = config.sft
-    if s.source != "cold_start" and not os.path.exists(s.source):
-        raise common.ConfigError(f"sft.source {s.source!r} is neither 'cold_start' nor a file")
+    if s.source != "cold_start":
+        common.check_data_files(s.source, "sft.source", "'cold_start' or ")
     if s.source == "cold_start":
         common.builtin_tasks(s, "sft")
     if s.template not in templates.TEMPLATES:
