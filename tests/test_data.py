@@ -652,6 +652,18 @@ def test_a_file_whose_later_rows_have_other_columns_loads_them_too(tmp_path):
     assert stats.rows_kept == 125 and sum(bool(r.get("messages")) for r in rows) == 5
 
 
+def test_a_byte_order_mark_is_not_a_bad_first_row(tmp_path):
+    row = {"prompt": "Q?", "solution": "1"}
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + (json.dumps(row) + "\n").encode() * 2)
+    (tmp_path / "b.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([row, row]).encode())
+    for name in ("a.jsonl", "b.json"):
+        rows, stats = data.load_rows(tmp_path / name)
+        assert stats.rows_kept == 2 and rows[0]["prompt"] == "Q?", name
+    (tmp_path / "c.json").write_bytes(b"[" + "é".encode() * 2100 + b"\xff]")  # bad bytes late
+    with pytest.raises(ValueError, match=r"c.json: malformed JSON array"):
+        data.load_rows(tmp_path / "c.json")
+
+
 def test_synthetic_rows_round_trip_through_jsonl_and_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

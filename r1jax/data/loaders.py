@@ -219,11 +219,11 @@ def _read_records(path: str, on_bad_json: str, stats: LoadStats) -> Iterator[tup
                 n += 1
         return
     if suffix.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            head = f.read(1 << 12).lstrip()
+        with open(path, "rb") as f:  # bytes: a head cut inside a character still decodes
+            head = f.read(1 << 12).decode("utf-8-sig", errors="replace").lstrip()
         if head.startswith("["):
             try:
-                with open(path, encoding="utf-8") as f:
+                with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is skipped
                     items = json.load(f)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{path}: malformed JSON array ({e}); fix the file") from None
@@ -245,8 +245,8 @@ def _read_records(path: str, on_bad_json: str, stats: LoadStats) -> Iterator[tup
             if not raw.strip():
                 continue
             stats.rows_read += 1
-            try:
-                obj = json.loads(raw.decode("utf-8"))
+            try:  # a byte-order mark (some Windows editors write one) is not a bad first row
+                obj = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
                 problem = None if isinstance(obj, dict) else "line is not a JSON object"
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 problem = f"malformed JSON ({e})"
