@@ -21,3 +21,14 @@ jax.config.update(
     "jax_compilation_cache_dir", os.environ.get("R1JAX_TEST_XLA_CACHE", "/tmp/r1jax_test_xla_cache")
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Drop compiled programs and collect garbage while the session still owns the time. Left to
+    interpreter exit, that work (about half of a worker's ~5 s exit) ran after xdist had asked the
+    worker to stop, and execnet interrupts a worker still exiting after 5 s: a KeyboardInterrupt
+    inside JAX's gc callback, reported as a PytestUnraisableExceptionWarning."""
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
