@@ -66,10 +66,8 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]
     for i, row in enumerate(rows):
         where = f"{section}.source {s.source}, row {i} of those kept"
         messages = row.get("messages") or []
-        if row.get("completion") is not None:
-            completion = row["completion"]
-            prompt = templates.format_prompts([row["prompt"]], s.template, tokenizer=tokenizer)[0]
-        elif messages and messages[-1].get("role") == "assistant":
+        completion = row.get("completion")
+        if completion in (None, "") and messages and messages[-1].get("role") == "assistant":
             completion = messages[-1].get("content")
             if not getattr(tokenizer, "chat_template", None):
                 raise common.ConfigError(
@@ -79,6 +77,8 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]
             prompt = tokenizer.apply_chat_template(
                 messages[:-1], tokenize=False, add_generation_prompt=True
             )
+        elif completion is not None:
+            prompt = templates.format_prompts([row["prompt"]], s.template, tokenizer=tokenizer)[0]
         else:
             raise common.ConfigError(
                 f"{where} has neither a completion nor a final message with role 'assistant'"
