@@ -230,8 +230,9 @@ class SkipWatch:
             cause = (
                 f"the update of step {self.last_applied} left a model whose gradients overflow, "
                 f"and checkpoints from step {self.last_applied} on hold it, so resuming from them "
-                f"cannot recover: start the stage again in a new workdir (or from a checkpoint "
-                f"saved before step {self.last_applied}) with a lower {self.learning_rate_field}"
+                f"cannot recover: start the stage again with a lower {self.learning_rate_field}, "
+                f"in a new workdir or after deleting its checkpoints from step "
+                f"{self.last_applied} on (it resumes from the latest one left)"
             )
         raise Diverged(
             f"steps {first}-{step}: {self.in_a_row} updates in a row skipped because their "

@@ -588,15 +588,17 @@ def test_a_diverging_run_stops_with_one_line_naming_the_learning_rate(toy, tmp_p
     args = ["--stage=sft", f"--workdir={workdir}", *sh.cli_overrides(overrides)]
     proc = run_cli(args, sh.cli_env(toy[0]), timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert (
-        proc.stderr.strip()
-        .splitlines()[-1]
-        .startswith(
-            "error: steps 2-4: 3 updates in a row skipped because their gradients were not finite"
-        )
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: steps 2-4: 3 updates in a row skipped because their gradients were not finite; "
+        "the update of step 1 left a model whose gradients overflow, and checkpoints from step 1 "
+        "on hold it, so resuming from them cannot recover: start the stage again with a lower "
+        "optim.learning_rate, in a new workdir or after deleting its checkpoints from step 1 on "
+        "(it resumes from the latest one left) (optim.max_skipped_steps=0 never stops)"
     ), proc.stderr[-3000:]
     assert [r["update_skipped"] for r in sh.metric_rows(str(workdir))] == [0, 1, 1, 1]
     assert not (workdir / "hf" / "final").exists()
+    # No checkpoint during the streak (it would hold step 1's model, and push older ones out).
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1"]
 
 
 def test_a_half_set_multi_host_environment_is_one_line(tmp_path):
@@ -663,6 +665,9 @@ def test_rl_refuses_prompts_no_correctness_reward_can_score(caplog):
     assert "2 of 3 training prompts" in caplog.text
     config.rewards.accuracy = 1.0
     rl.check_correctness_rewards(config, mixed)
+    config.rewards.accuracy = 0.0  # a learned reward model scores every prompt
+    config.reward_model.path, config.reward_model.weight = "/some/reward-model", 1.0
+    rl.check_correctness_rewards(config, math_rows)
 
 
 def test_file_rows_naming_a_builtin_task_are_checked_by_its_verifier(tmp_path):
@@ -676,9 +681,9 @@ def test_file_rows_naming_a_builtin_task_are_checked_by_its_verifier(tmp_path):
     config.data.num_eval = 1
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
     assert len(common.load_prompt_rows(config.data, "train", 0)) == 3
-    bad = [*good, {"prompt": "Make 0 from 1 2 3", "solution": "0", "task": "countdown"}]
+    bad = [{"prompt": "Make 0 from 1 2 3", "solution": "0", "task": "countdown"}, *good]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
-    with pytest.raises(common.ConfigError, match=r"row 4: task 'countdown' is a built-in task"):
+    with pytest.raises(common.ConfigError, match=r"row 0: task 'countdown' is a built-in task"):
         common.load_prompt_rows(config.data, "train", 0)
 
 
@@ -700,10 +705,10 @@ def test_data_paths_that_name_no_file_are_refused_before_any_model_loads(tmp_pat
         config = sh.load_config(stage)
         section, name = field.split(".")
         config[section][name] = str(tmp_path / "train")
-        with pytest.raises(common.ConfigError, match=f"^{field} .* matches only folders"):
+        with pytest.raises(common.ConfigError, match=f"^{field}: .* is a folder"):
             common.validate(config, stage)
         config[section][name] = str(tmp_path / "train" / "*.jsonl")
         common.validate(config, stage)
         config[section][name] = str(tmp_path / "none*.jsonl")
-        with pytest.raises(common.ConfigError, match=f"^{field} .* an existing file or glob"):
+        with pytest.raises(common.ConfigError, match=f"^{field}: no dataset files match"):
             common.validate(config, stage)

@@ -633,7 +633,9 @@ def test_a_file_whose_later_rows_have_other_columns_loads_them_too(tmp_path):
     """rejection_sampled.jsonl puts its chat-format non-reasoning rows after thousands of
     reasoning rows; the columns used to be read from the first 100 rows only, so SFT on it
     dropped every chat row as having no prompt."""
-    reasoning = [json.dumps({"prompt": f"q{i}", "completion": f"c{i}"}) for i in range(120)]
+    reasoning = [
+        json.dumps({"prompt": f"q{i}", "completion": f"c{i}", "solution": "1"}) for i in range(120)
+    ]
     chat = [
         json.dumps(
             {
@@ -650,18 +652,27 @@ def test_a_file_whose_later_rows_have_other_columns_loads_them_too(tmp_path):
         keep=("completion",),
     )
     assert stats.rows_kept == 125 and sum(bool(r.get("messages")) for r in rows) == 5
+    # ... but one stray row does not change the shape the first rows show (GSM8K rows, then one
+    # with a `tests` column: the code shape would drop the other 200).
+    gsm = [json.dumps({"question": f"q{i}", "answer": f"so #### {i}"}) for i in range(200)]
+    stray = json.dumps(
+        {"question": "q", "answer": "#### 1", "tests": [{"input": "", "output": "1"}]}
+    )
+    rows, stats = data.load_rows(_write_lines(tmp_path / "gsm.jsonl", gsm + [stray]))
+    assert stats.rows_kept == 201 and stats.shapes[str(tmp_path / "gsm.jsonl")] == "gsm8k"
 
 
 def test_a_byte_order_mark_is_not_a_bad_first_row(tmp_path):
     row = {"prompt": "Q?", "solution": "1"}
     (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + (json.dumps(row) + "\n").encode() * 2)
     (tmp_path / "b.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([row, row]).encode())
-    for name in ("a.jsonl", "b.json"):
+    (tmp_path / "c.jsonl").write_bytes(b"\xef\xbb\xbf\n" + (json.dumps(row) + "\n").encode() * 2)
+    for name in ("a.jsonl", "b.json", "c.jsonl"):
         rows, stats = data.load_rows(tmp_path / name)
         assert stats.rows_kept == 2 and rows[0]["prompt"] == "Q?", name
-    (tmp_path / "c.json").write_bytes(b"[" + "é".encode() * 2100 + b"\xff]")  # bad bytes late
-    with pytest.raises(ValueError, match=r"c.json: malformed JSON array"):
-        data.load_rows(tmp_path / "c.json")
+    (tmp_path / "d.json").write_bytes(b"[" + "é".encode() * 2100 + b"\xff]")  # bad bytes late
+    with pytest.raises(ValueError, match=r"d.json: malformed JSON array"):
+        data.load_rows(tmp_path / "d.json")
 
 
 def test_synthetic_rows_round_trip_through_jsonl_and_parquet(tmp_path):

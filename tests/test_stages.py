@@ -1022,7 +1022,7 @@ def test_fields_that_would_fail_mid_run_are_refused_up_front(toy, tmp_path):
             "data",
             "eval_source",
             str(tmp_path / "nope.jsonl"),
-            r"data.eval_source .* must be an existing file",
+            r"data.eval_source: dataset file not found",
         ),
     ]
     for section, field, value, message in cases:

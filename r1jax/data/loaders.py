@@ -36,6 +36,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import codecs
 import collections
 import dataclasses
 import glob
@@ -182,16 +183,23 @@ _SOLUTION_PARSERS = {"gsm8k": gsm8k_answer, "math": extract_boxed}
 # --------------------------------------------------------------------------------------------
 
 
-def _expand(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """The data files a path or glob names (folders a glob matches are left out); raises
+    FileNotFoundError naming a path or glob that names no file."""
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
     out = []
     for p in map(os.fspath, paths):
         if any(c in p for c in "*?["):
-            matches = sorted(glob.glob(p))
+            matches = sorted(m for m in glob.glob(p) if os.path.isfile(m))
             if not matches:
                 raise FileNotFoundError(f"no dataset files match {p!r}")
             out.extend(matches)
+        elif os.path.isdir(p):
+            raise FileNotFoundError(
+                f"{p} is a folder; give a file or a glob of files, e.g. "
+                f"{os.path.join(p.rstrip('/'), '*.parquet')!r}"
+            )
         elif not os.path.isfile(p):
             raise FileNotFoundError(f"dataset file not found: {p}")
         else:
@@ -242,11 +250,13 @@ def _read_records(path: str, on_bad_json: str, stats: LoadStats) -> Iterator[tup
         )
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1:  # a byte-order mark (some Windows editors write one) is not a row
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             if not raw.strip():
                 continue
             stats.rows_read += 1
-            try:  # a byte-order mark (some Windows editors write one) is not a bad first row
-                obj = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
+            try:
+                obj = json.loads(raw.decode("utf-8"))
                 problem = None if isinstance(obj, dict) else "line is not a JSON object"
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 problem = f"malformed JSON ({e})"
@@ -422,19 +432,23 @@ def load_rows(
     field_map = dict(field_map or {})
     if set(field_map) - set(FIELDS):
         raise ValueError(f"field_map keys must be among {FIELDS}, got {sorted(field_map)}")
-    files = _expand(paths)
+    files = expand_paths(paths)
     stats = LoadStats()
     rows: list[dict] = []
     for path in files:
         records = list(_read_records(path, on_bad_json, stats))
-        columns = {c for _, obj in records for c in obj}  # every row: a later row may differ
+        # The shape from the first rows (one stray row must not change it); the optional columns
+        # from every row (rejection_sampled.jsonl's chat rows come after all the others).
+        columns = {c for _, obj in records[:100] for c in obj}
+        optional = {c for _, obj in records for c in obj} & {"messages", "language"}
         if shape != "auto":
-            file_shape, mapping = shape, {**_forced_mapping(shape, columns), **field_map}
+            file_shape = shape
+            mapping = {**{c: c for c in optional}, **_forced_mapping(shape, columns), **field_map}
         elif "prompt" in field_map and {"solution", "tests", "messages"} & set(field_map):
             file_shape, mapping = "custom", field_map
         elif records:
             file_shape, mapping = detect_shape(sorted(columns))
-            mapping = {**mapping, **field_map}
+            mapping = {**{c: c for c in optional}, **mapping, **field_map}
         else:
             continue
         stats.shapes[path] = file_shape

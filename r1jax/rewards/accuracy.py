@@ -66,6 +66,7 @@ _MATH_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionCon
 _LETTER_CONFIG = (StringExtractionConfig(strings=tuple(_LETTERS)),)
 _guard: concurrent.futures.ProcessPoolExecutor | None = None  # comparisons off the main thread
 _guard_lock = threading.Lock()
+_helper_state = {"answered": False, "unusable": False}
 
 
 def _on_main_thread() -> bool:
@@ -92,25 +93,34 @@ def _match_in_helper(gold: str, predicted: str) -> bool:
             )
         try:
             future = _guard.submit(answers_match, gold, predicted)
-            return future.result(timeout=OFF_THREAD_TIMEOUT_S)
-        except RuntimeError as e:
-            if isinstance(e, BrokenProcessPool) or "bootstrapping phase" not in str(e):
-                raise
-            # A script without an `if __name__ == "__main__":` guard cannot start processes:
-            # compare here, unbounded, as before there was a helper.
-            logger.warning("accuracy_reward off the main thread, without a time limit: %s", e)
-            return _match_here(gold, predicted)
-        except (concurrent.futures.TimeoutError, BrokenProcessPool):
+            answer = future.result(timeout=OFF_THREAD_TIMEOUT_S)
+            _helper_state["answered"] = True
+            return answer
+        except (concurrent.futures.TimeoutError, BrokenProcessPool) as e:
+            _discard_helper()
+            if isinstance(e, BrokenProcessPool) and not _helper_state["answered"]:
+                # It died before ever answering: this process cannot start one (a script without
+                # an `if __name__ == "__main__":` guard). Compare here from now on, unbounded.
+                logger.warning(
+                    "accuracy_reward off the main thread cannot start its helper process (no "
+                    "`if __name__ == '__main__':` guard?); comparing without a time limit"
+                )
+                _helper_state["unusable"] = True
+                return _match_here(gold, predicted)
             logger.warning(
                 "an answer took over %d s to compare (%r...); scored as wrong",
                 OFF_THREAD_TIMEOUT_S,
                 predicted[:60],
             )
-            for process in list(getattr(_guard, "_processes", {}).values()):
-                process.kill()
-            _guard.shutdown(wait=False, cancel_futures=True)
-            _guard = None
             return False
+
+
+def _discard_helper() -> None:
+    global _guard
+    for process in list(getattr(_guard, "_processes", {}).values()):
+        process.kill()
+    _guard.shutdown(wait=False, cancel_futures=True)
+    _guard = None
 
 
 def extract_answer(text: str) -> str | None:
@@ -169,7 +179,7 @@ def answers_match(gold: str, predicted: str) -> bool:
     """
     if len(predicted) > MAX_ANSWER_CHARS:
         return False  # (and sympy on megabytes of text would stall the caller)
-    if not _on_main_thread():
+    if not _on_main_thread() and not _helper_state["unusable"]:
         return _match_in_helper(gold, predicted)
     return _match_here(gold, predicted)
 

@@ -43,9 +43,12 @@ _HANGUL = "\uac00-\ud7af\u1100-\u11ff\u3130-\u318f"
 _LATIN = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f"
 _CYRILLIC = "\u0400-\u04ff"
 _GREEK = "\u0370-\u03ff"
-# Word characters that are math, not words: superscripts and subscripts (x², a₁, aⁿ), vulgar
-# fractions (½), letterlike symbols (ℝ, ℓ) and number forms (Ⅳ).
-_SYMBOLS = "\u00b2\u00b3\u00b9\u00bc-\u00be\u2070-\u209f\u2100-\u218f"
+# Word characters that are math, not words: superscripts and subscripts (x², a₁, aⁿ, xᵢ, aⱼ),
+# vulgar fractions (½), letterlike symbols (ℝ, ℓ), number forms (Ⅳ), math alphanumerics (𝑥).
+_SYMBOLS = (
+    "\u00b2\u00b3\u00b9\u00bc-\u00be\u2070-\u209f\u2100-\u218f"
+    "\u1d62-\u1d6a\u2c7c\U0001d400-\U0001d7ff"
+)
 
 # Spans where Latin letters are not words: closed code fences, display and inline math. A
 # delimited span may not contain its own opener, so that a text with thousands of unclosed openers

@@ -27,8 +27,12 @@ log = logging.getLogger("r1jax")
 def validate(config) -> None:
     d = config.distill
     if d.source != "cold_start":
-        # the JSONL --stage=rejection_sampling wrote from the teacher, or the built-in traces
-        common.check_data_files(d.source, "distill.source", "'cold_start' or ")
+        common.check_data_files(
+            d.source,
+            "distill.source",
+            "'cold_start' (the built-in long-CoT traces) or the JSONL --stage=rejection_sampling "
+            "wrote from the teacher: ",
+        )
     if d.source == "cold_start":
         common.builtin_tasks(d, "distill")
     if d.teacher and d.teacher != common.TOY_BASE and not os.path.isdir(d.teacher):

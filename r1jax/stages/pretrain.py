@@ -418,8 +418,10 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
             if deadline is not None and step + 1 <= deadline:
                 best = _best_check(best, row["tag_copy"])
         writer.write(step + 1, row)
+        # The rate of the update a divergence would come from: the last one applied.
+        last = watch.last_applied if watch.last_applied is not None else step + 1
         watch.learning_rate_field = (
-            "pretrain.copy_warmup_lr" if step < warm else "optim.learning_rate"
+            "pretrain.copy_warmup_lr" if last <= warm else "optim.learning_rate"
         )
         watch(step + 1, row)
         if ckpt.save(

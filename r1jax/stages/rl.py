@@ -156,6 +156,8 @@ def check_correctness_rewards(config, rows: list[dict]) -> None:
     metrics to say so. Prompts only some of which are covered get a warning."""
     from r1jax.data import tasks as task_lib
 
+    if config.reward_model.path and config.reward_model.weight:
+        return  # a learned reward model scores every prompt
     on = {name for name in ("task", "accuracy", "code") if config.rewards.get(name, 0.0)}
     applies = {
         "task": lambda row: row.get("task") in task_lib.TASKS,
@@ -182,6 +184,10 @@ def check_correctness_rewards(config, rows: list[dict]) -> None:
 
 def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     """Train with GRPO; returns the last logged metrics (and the eval result under "eval/*")."""
+    # -- the prompts, read first: a dataset the rewards cannot score is refused before any load --
+    train_rows = common.load_prompt_rows(config.data, "train", config.seed)
+    check_correctness_rewards(config, train_rows)
+
     # -- the policy, its optimizer, and the frozen reference (only when β > 0) --
     mesh = common.make_mesh(config)
     model, tokenizer = common.load_model(config, mesh)
@@ -194,19 +200,13 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         ref, _ = common.load_model(ref_config, mesh, frozen=True)
 
     # -- prompts and the rule rewards that score their completions --
-    train_set = common.PromptSet(
-        common.load_prompt_rows(config.data, "train", config.seed),
-        tokenizer,
-        config.data,
-        seed=config.seed,
-    )
+    train_set = common.PromptSet(train_rows, tokenizer, config.data, seed=config.seed)
     eval_set = common.PromptSet(
         common.load_prompt_rows(config.data, "eval", config.seed),
         tokenizer,
         config.data,
         seed=config.seed,
     )
-    check_correctness_rewards(config, train_set.rows)
     cfg = grpo_config(config, tokenizer, train_set)
     reward_fn = rewards.build_reward_fn(reward_specs(config))
     decode = functools.partial(_decode, tokenizer, train_set.completion_prefix)
