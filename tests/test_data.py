@@ -662,6 +662,17 @@ def test_a_file_whose_later_rows_have_other_columns_loads_them_too(tmp_path):
     assert stats.rows_kept == 201 and stats.shapes[str(tmp_path / "gsm.jsonl")] == "gsm8k"
 
 
+def test_field_map_columns_are_taken_as_they_are_and_must_exist(tmp_path):
+    """Mapping the solution of a GSM8K-shaped file to another column kept GSM8K's "#### n" parser
+    (every row skipped as no_solution); a misspelt column was reported only as skipped rows."""
+    gsm = [{"question": f"q{i}", "answer": f"so #### {i}", "final": str(i)} for i in range(3)]
+    path = _write_lines(tmp_path / "g.jsonl", [json.dumps(r) for r in gsm])
+    rows, stats = data.load_rows(path, field_map={"solution": "final"})
+    assert [r["solution"] for r in rows] == ["0", "1", "2"] and stats.rows_kept == 3
+    with pytest.raises(ValueError, match=r"field_map \{'prompt': 'questoin'\} names columns"):
+        data.load_rows(path, field_map={"prompt": "questoin"})
+
+
 def test_a_byte_order_mark_is_not_a_bad_first_row(tmp_path):
     row = {"prompt": "Q?", "solution": "1"}
     (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + (json.dumps(row) + "\n").encode() * 2)

@@ -340,8 +340,10 @@ def _normalise(
     require_solution: bool,
     language: str | None,
     keep: Sequence[str],
+    parse_as: str | None = None,
 ) -> tuple[dict | None, str | None]:
-    """One raw record -> (normalised row, None) or (None, skip reason)."""
+    """One raw record -> (normalised row, None) or (None, skip reason); `parse_as`: the shape
+    whose answer parsing applies, when not `shape`'s."""
     messages = _messages(obj.get(mapping["messages"])) if "messages" in mapping else None
     prompt = obj.get(mapping["prompt"]) if "prompt" in mapping else None
     if not (isinstance(prompt, str) and prompt.strip()) and messages:
@@ -350,7 +352,8 @@ def _normalise(
         return None, "no_prompt"
     solution = None
     if "solution" in mapping:
-        solution = _SOLUTION_PARSERS.get(shape, _scalar_answer)(obj.get(mapping["solution"]))
+        parser = _SOLUTION_PARSERS.get(parse_as or shape, _scalar_answer)
+        solution = parser(obj.get(mapping["solution"]))
     tests = parse_tests(obj.get(mapping["tests"])) if "tests" in mapping else None
     if require_solution and solution is None and tests is None:
         return None, "no_tests" if "tests" in mapping else "no_solution"
@@ -440,7 +443,16 @@ def load_rows(
         # The shape from the first rows (one stray row must not change it); the optional columns
         # from every row (rejection_sampled.jsonl's chat rows come after all the others).
         columns = {c for _, obj in records[:100] for c in obj}
-        optional = {c for _, obj in records for c in obj} & {"messages", "language"}
+        every = {c for _, obj in records for c in obj}
+        optional = every & {"messages", "language"}
+        absent = {field: col for field, col in field_map.items() if records and col not in every}
+        if absent:
+            raise ValueError(
+                f"{path}: field_map {absent} names columns no row of the file has; its columns "
+                f"are {sorted(every)}"
+            )
+        # Answers parsed as the shape's own (GSM8K's "#### n") unless the user mapped the column.
+        parse_as = None
         if shape != "auto":
             file_shape = shape
             mapping = {**{c: c for c in optional}, **_forced_mapping(shape, columns), **field_map}
@@ -449,6 +461,7 @@ def load_rows(
         elif records:
             file_shape, mapping = detect_shape(sorted(columns))
             mapping = {**{c: c for c in optional}, **mapping, **field_map}
+            parse_as = "custom" if "solution" in field_map else None
         else:
             continue
         stats.shapes[path] = file_shape
@@ -460,6 +473,7 @@ def load_rows(
                 require_solution=require_solution,
                 language=language,
                 keep=keep,
+                parse_as=parse_as,
             )
             if row is None:
                 stats.skip(reason, where)
