@@ -673,6 +673,19 @@ def test_field_map_columns_are_taken_as_they_are_and_must_exist(tmp_path):
         data.load_rows(path, field_map={"prompt": "questoin"})
 
 
+def test_sft_files_of_a_glob_fall_back_to_generic_one_by_one(tmp_path):
+    """One unrecognised file (plain prompt/completion) made the whole glob load as "generic",
+    dropping every row of a GSM8K-shaped file beside it as having no prompt."""
+    from r1jax.stages import common
+
+    gsm = [{"question": f"q{i}", "answer": f"#### {i}", "completion": "c"} for i in range(30)]
+    _write_lines(tmp_path / "a.jsonl", [json.dumps(r) for r in gsm])
+    _write_lines(tmp_path / "b.jsonl", [json.dumps({"prompt": "p", "completion": "c"})] * 5)
+    rows, stats = common.load_completion_rows(str(tmp_path / "*.jsonl"))
+    assert stats.rows_kept == 35
+    assert sorted(stats.shapes.values()) == ["generic", "gsm8k"]
+
+
 def test_a_byte_order_mark_is_not_a_bad_first_row(tmp_path):
     row = {"prompt": "Q?", "solution": "1"}
     (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + (json.dumps(row) + "\n").encode() * 2)

@@ -406,6 +406,7 @@ def load_rows(
     language: str | None = "en",
     keep: Sequence[str] = (),
     limit: int | None = None,
+    fallback_shape: str | None = None,
     process_index: int = 0,
     process_count: int = 1,
     even: bool = True,
@@ -421,6 +422,8 @@ def load_rows(
       language: the natural language assumed where a row has no language column.
       keep: extra columns to carry through unchanged.
       limit: keep at most this many rows (before sharding).
+      fallback_shape: with shape "auto", the shape of a file whose shape is not recognised (per
+        file: the other files of a glob keep theirs); None = such a file is an error.
       process_index, process_count, even: multi-host sharding (see ``shard_rows``).
     Returns:
       ``(rows, stats)``: this process's normalised rows, and counts over all rows read.
@@ -459,7 +462,12 @@ def load_rows(
         elif "prompt" in field_map and {"solution", "tests", "messages"} & set(field_map):
             file_shape, mapping = "custom", field_map
         elif records:
-            file_shape, mapping = detect_shape(sorted(columns))
+            try:
+                file_shape, mapping = detect_shape(sorted(columns))
+            except ValueError:
+                if fallback_shape is None:
+                    raise
+                file_shape, mapping = fallback_shape, _forced_mapping(fallback_shape, columns)
             mapping = {**{c: c for c in optional}, **mapping, **field_map}
             parse_as = "custom" if "solution" in field_map else None
         else:

@@ -894,16 +894,12 @@ def load_completion_rows(path: str, keep=("completion",)) -> tuple[list[dict], A
 
     Files in a shape the loaders recognise (e.g. what `rejection_sampling` writes: prompt,
     solution, completion) load as such; plain prompt/completion rows have no answer column to
-    recognise a shape by, so they load as the "generic" shape with the solution left empty.
+    recognise a shape by, so they load as the "generic" shape with the solution left empty (each
+    file of a glob on its own).
     """
     from r1jax.data import loaders
 
-    try:
-        return loaders.load_rows(path, require_solution=False, keep=keep)
-    except ValueError as e:
-        if "cannot recognise the dataset shape" not in str(e):
-            raise
-    return loaders.load_rows(path, shape="generic", require_solution=False, keep=keep)
+    return loaders.load_rows(path, require_solution=False, keep=keep, fallback_shape="generic")
 
 
 def check_data_files(pattern: str, field: str, alternatives: str = "") -> None:
