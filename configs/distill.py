@@ -19,6 +19,7 @@ def get_config(arg=None):
 
     d = config.distill = ml_collections.ConfigDict()
     d.source = "cold_start"  # teacher traces: JSONL from rejection_sampling, or the built-in ones
+    common.completion_data_fields(d)  # d.field_map.*, d.on_bad_json
     d.teacher = ""  # teacher checkpoint for logit distillation ("" = trace SFT only)
     d.template = "r1_zero"  # prompt template the traces were sampled with
     d.num_examples = 400  # source="cold_start": built-in traces generated

@@ -367,6 +367,38 @@ def test_sft_rows_with_a_completion_that_is_not_text_are_refused_by_name(toy, tm
         sft_stage.load_pairs(distill._as_sft(config), tokenizer, section="distill")
 
 
+def test_sft_and_distill_files_with_other_column_names_load_through_field_map(tmp_path):
+    """Alpaca-style rows (instruction / output) had no way in: the error pointed at a field_map
+    and an on_bad_json that the sft and distill sections did not have."""
+    from r1jax.stages import distill
+    from r1jax.stages import sft as sft_stage
+
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text(
+        "".join(json.dumps({"instruction": f"p{i}", "output": f"c{i}"}) + "\n" for i in range(3))
+    )
+    config = sh.load_config("sft")
+    config.sft.source = str(path)
+    common.validate(config, "sft")
+    with pytest.raises(common.ConfigError, match=r"--config.sft.field_map.prompt=COLUMN"):
+        sft_stage.load_pairs(config, None)
+    config.sft.field_map.prompt, config.sft.field_map.completion = "instruction", "output"
+    pairs = sft_stage.load_pairs(config, None)
+    assert [c for _, c in pairs] == ["c0", "c1", "c2"] and "p1" in pairs[1][0]
+    with path.open("a") as f:
+        f.write("{not json\n")
+    with pytest.raises(common.ConfigError, match=r"--config.sft.on_bad_json=skip"):
+        sft_stage.load_pairs(config, None)
+    config.sft.on_bad_json = "skip"
+    assert len(sft_stage.load_pairs(config, None)) == 3
+    dconfig = sh.load_config("distill")
+    dconfig.distill.source = str(path)
+    dconfig.distill.field_map.prompt, dconfig.distill.field_map.completion = "instruction", "output"
+    dconfig.distill.on_bad_json = "skip"
+    common.validate(dconfig, "distill")
+    assert len(sft_stage.load_pairs(distill._as_sft(dconfig), None, section="distill")) == 3
+
+
 def test_cold_start_follows_its_tasks_difficulty_and_mistake_rate():
     import re
 

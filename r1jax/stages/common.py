@@ -889,17 +889,43 @@ def _check_builtin_task_rows(rows: list[dict], path: str, field: str) -> None:
             )
 
 
-def load_completion_rows(path: str, keep=("completion",)) -> tuple[list[dict], Any]:
+def completion_data_fields(section: ml_collections.ConfigDict) -> None:
+    """Add the file-data fields of a stage that trains on completions (sft, distill)."""
+    # The column holding each field, for files whose columns have other names ("" = found by
+    # shape; e.g. Alpaca: prompt=instruction, completion=output), and what a malformed JSON line
+    # does ("error" or "skip").
+    section.field_map = ml_collections.ConfigDict({"prompt": "", "completion": "", "messages": ""})
+    section.on_bad_json = "error"
+
+
+def load_completion_rows(
+    path: str, keep=("completion",), field_map=None, on_bad_json: str = "error"
+) -> tuple[list[dict], Any]:
     """(rows, stats) of an SFT-style file: prompt/completion pairs or chat `messages`.
 
     Files in a shape the loaders recognise (e.g. what `rejection_sampling` writes: prompt,
     solution, completion) load as such; plain prompt/completion rows have no answer column to
     recognise a shape by, so they load as the "generic" shape with the solution left empty (each
-    file of a glob on its own).
+    file of a glob on its own). `field_map`: field -> column ("" = by shape), `completion`
+    included.
     """
     from r1jax.data import loaders
 
-    return loaders.load_rows(path, require_solution=False, keep=keep, fallback_shape="generic")
+    columns = {k: v for k, v in (field_map or {}).items() if v}
+    completion = columns.pop("completion", "completion")
+    keep = tuple(completion if k == "completion" else k for k in keep)
+    rows, stats = loaders.load_rows(
+        path,
+        require_solution=False,
+        keep=keep,
+        field_map=columns,
+        on_bad_json=on_bad_json,
+        fallback_shape="generic",
+    )
+    if completion != "completion":
+        for row in rows:
+            row["completion"] = row.pop(completion, None)
+    return rows, stats
 
 
 def check_data_files(pattern: str, field: str, alternatives: str = "") -> None:

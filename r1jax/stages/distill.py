@@ -33,6 +33,10 @@ def validate(config) -> None:
             "'cold_start' (the built-in long-CoT traces) or the JSONL --stage=rejection_sampling "
             "wrote from the teacher: ",
         )
+    if d.on_bad_json not in ("error", "skip"):
+        raise common.ConfigError(
+            f"distill.on_bad_json must be 'error' or 'skip', got {d.on_bad_json!r}"
+        )
     if d.source == "cold_start":
         common.builtin_tasks(d, "distill")
     if d.teacher and d.teacher != common.TOY_BASE and not os.path.isdir(d.teacher):

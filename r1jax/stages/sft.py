@@ -30,6 +30,10 @@ def validate(config) -> None:
     s = config.sft
     if s.source != "cold_start":
         common.check_data_files(s.source, "sft.source", "'cold_start' or ")
+    if s.on_bad_json not in ("error", "skip"):
+        raise common.ConfigError(
+            f"sft.on_bad_json must be 'error' or 'skip', got {s.on_bad_json!r}"
+        )
     if s.source == "cold_start":
         common.builtin_tasks(s, "sft")
     if s.template not in templates.TEMPLATES:
@@ -58,9 +62,22 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]
         )
     else:
         try:
-            rows, stats = common.load_completion_rows(s.source, keep=("completion", "task", "meta"))
+            rows, stats = common.load_completion_rows(
+                s.source,
+                keep=("completion", "task", "meta"),
+                field_map=s.field_map.to_dict(),
+                on_bad_json=s.on_bad_json,
+            )
         except (OSError, ValueError) as e:
-            raise common.ConfigError(f"{section}.source: {e}") from e
+            hint = ""  # the loader names its own arguments; these are their config fields
+            if "field_map" in str(e) or "shape" in str(e):
+                hint = (
+                    f" (from the command line: --config.{section}.field_map.prompt=COLUMN "
+                    f"--config.{section}.field_map.completion=COLUMN)"
+                )
+            elif "on_bad_json" in str(e):
+                hint = f" (from the command line: --config.{section}.on_bad_json=skip)"
+            raise common.ConfigError(f"{section}.source: {e}{hint}") from e
         log.info("SFT data %s: %s", s.source, stats.summary())
     pairs = []
     for i, row in enumerate(rows):
