@@ -694,6 +694,12 @@ def test_a_byte_order_mark_is_not_a_bad_first_row(tmp_path):
     for name in ("a.jsonl", "b.json", "c.jsonl"):
         rows, stats = data.load_rows(tmp_path / name)
         assert stats.rows_kept == 2 and rows[0]["prompt"] == "Q?", name
+    (tmp_path / "e.json").write_text(json.dumps({"data": [row]}, indent=2))
+    with pytest.raises(ValueError, match=r"e.json holds one JSON object spread over lines"):
+        data.load_rows(tmp_path / "e.json")
+    (tmp_path / "f.json").write_text("{broken\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=r"f.json:1: malformed JSON"):  # JSON lines: the line
+        data.load_rows(tmp_path / "f.json")
     (tmp_path / "d.json").write_bytes(b"[" + "é".encode() * 2100 + b"\xff]")  # bad bytes late
     with pytest.raises(ValueError, match=r"d.json: malformed JSON array"):
         data.load_rows(tmp_path / "d.json")

@@ -209,6 +209,20 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return out
 
 
+def _one_object(path: str, head: str) -> bool:
+    """Whether a .json file is a single pretty-printed object rather than JSON lines."""
+    try:
+        json.loads(head.split("\n", 1)[0])
+        return False  # its first line is a whole object: JSON lines
+    except json.JSONDecodeError:
+        pass
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return isinstance(json.load(f), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False  # broken JSON lines: the line-by-line reader names the line
+
+
 def _read_records(path: str, on_bad_json: str, stats: LoadStats) -> Iterator[tuple[str, dict]]:
     """Yield (location, object) per data row; location is "file:line" or "file:row N"."""
     suffix = path.lower()
@@ -244,6 +258,11 @@ def _read_records(path: str, on_bad_json: str, stats: LoadStats) -> Iterator[tup
                     continue
                 yield f"{path}[{n}]", obj
             return
+        if head.startswith("{") and _one_object(path, head):
+            raise ValueError(
+                f"{path} holds one JSON object spread over lines, not rows; give a JSON array of "
+                f"row objects ([{{...}}, {{...}}]) or one object per line (JSON lines)"
+            )
     elif not suffix.endswith((".jsonl", ".jsonl.txt", ".ndjson")):
         raise ValueError(
             f"unsupported dataset file type: {path} (expected .jsonl, .json or .parquet)"
