@@ -44,7 +44,12 @@ def report(libtpu):
     }
     env.pop("XLA_FLAGS", None)
     out = {}
-    for name, axes in {"fsdp8": (1, 8, 1), "fsdp4_tensor2": (1, 4, 2)}.items():
+    meshes = {
+        "fsdp8": (1, 8, 1, 1),
+        "fsdp4_tensor2": (1, 4, 2, 1),
+        "moe_fsdp2_expert4": (1, 2, 1, 4),
+    }
+    for name, axes in meshes.items():
         script = [sys.executable, os.path.join(TESTS, "tpu_programs.py"), *map(str, axes)]
         proc = subprocess.run(script, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -88,3 +93,14 @@ def test_what_xla_tpu_makes_of_the_grpo_programs(report):
     assert whole["argument_bytes"] < 1.25 * 4 * params / 8  # read from the float32 training shards
     split = report["fsdp4_tensor2"]["policy_for_sampling"]["output_bytes"]
     assert 0.45 * 2 * params < split < 0.55 * 2 * params
+
+    # The DeepSeek-V3-shaped MoE on fsdp=2 x expert=4: decoding moves tokens to their experts
+    # (all-to-all of a few KB) and no weights; the sampling copy holds every weight whole but the
+    # routed experts, split over `expert`; the update reduce-scatters its gradients.
+    moe = report["moe_fsdp2_expert4"]
+    assert largest(moe["rollout"]["in_loops"], "all-gather") == 0
+    assert 0 < largest(moe["rollout"]["in_loops"], "all-to-all") <= 16 * 1024
+    experts = 3 * 8 * 256 * 128  # one MoE layer: gate, up, down of 8 experts
+    whole = 2 * (moe["params"] - experts + experts / 4)
+    assert abs(moe["policy_for_sampling"]["output_bytes"] - whole) < 0.03 * whole
+    assert largest(moe["update"]["in_loops"], "reduce-scatter") > 0

@@ -6,7 +6,7 @@ private folder: installed next to jax it would make every JAX program probe for 
 code paths run on abstract arrays (`jax.ShapeDtypeStruct` with the training shardings): only the
 final call of each program is replaced by `lower().compile()`.
 
-usage: python tpu_programs.py DATA FSDP TENSOR > report.json
+usage: python tpu_programs.py DATA FSDP TENSOR [EXPERT] > report.json (EXPERT > 1: the MoE model)
 """
 
 import json
@@ -21,7 +21,7 @@ from flax import nnx
 from jax.experimental import topologies
 
 from r1jax import grpo, sharding, train
-from r1jax.models import hf
+from r1jax.models import deepseek, deepseek_hf, hf
 from r1jax.models.transformer import Decoder
 
 # A Qwen2-shaped model, untied, float32 master weights computing in bfloat16 (the TPU set-up).
@@ -33,6 +33,30 @@ HF_CONFIG = dict(
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+# A DeepSeek-V3-shaped MoE (MLA attention, 8 routed experts, one dense layer first).
+DEEPSEEK_CONFIG = dict(
+    model_type="deepseek_v3",
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=512,
+    moe_intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    kv_lora_rank=128,
+    q_lora_rank=192,
+    qk_rope_head_dim=32,
+    qk_nope_head_dim=64,
+    v_head_dim=64,
+    n_group=2,
+    topk_group=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
     max_position_embeddings=512,
     tie_word_embeddings=False,
 )
@@ -94,12 +118,17 @@ def collectives(hlo: str) -> dict[str, list]:
     }
 
 
-def main(data: int, fsdp: int, tensor: int) -> None:
+def main(data: int, fsdp: int, tensor: int, expert: int = 1) -> None:
     topology = topologies.get_topology_desc(topology_name="v5e:2x4", platform="tpu")
-    mesh = sharding.make_mesh(data, fsdp, tensor, 1, devices=list(topology.devices))
-    cfg = hf.config_from_hf(HF_CONFIG, param_dtype="float32", dtype="bfloat16")
+    mesh = sharding.make_mesh(data, fsdp, tensor, expert, devices=list(topology.devices))
+    if expert > 1:
+        cfg = deepseek_hf.config_from_hf(DEEPSEEK_CONFIG, param_dtype="float32", dtype="bfloat16")
+        build = lambda: deepseek.DeepseekDecoder(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    else:
+        cfg = hf.config_from_hf(HF_CONFIG, param_dtype="float32", dtype="bfloat16")
+        build = lambda: Decoder(cfg, rngs=nnx.Rngs(0))  # noqa: E731
     with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(build)
         optimizer = nnx.eval_shape(lambda m: train.Optimizer(m, train.OptimConfig(1e-6)), model)
     state = train.TrainState(model, optimizer, mesh)
     for v, s in zip(state._variables, jax.tree.leaves(state.shardings), strict=True):
@@ -181,4 +210,4 @@ def main(data: int, fsdp: int, tensor: int) -> None:
 
 
 if __name__ == "__main__":
-    main(*map(int, sys.argv[1:4]))
+    main(*map(int, sys.argv[1:5]))
