@@ -883,7 +883,8 @@ def _check_builtin_task_rows(rows: list[dict], path: str, field: str) -> None:
             why = "its solution does not pass the verifier"
         if not ok:
             raise ConfigError(
-                f"data.{field} {path}, row {i}: task {name!r} is a built-in task, whose reward "
+                f"data.{field} {path}, row {i} of the {len(rows)} used: task {name!r} is a "
+                f"built-in task, whose reward "
                 f"cannot check this row ({why}); write such rows as the built-in datasets do "
                 f"(r1jax.data.tasks.make_dataset) or give the task column another name"
             )
