@@ -884,9 +884,9 @@ def _check_builtin_task_rows(rows: list[dict], path: str, field: str) -> None:
         if not ok:
             raise ConfigError(
                 f"data.{field} {path}, row {i} of the {len(rows)} used: task {name!r} is a "
-                f"built-in task, whose reward "
-                f"cannot check this row ({why}); write such rows as the built-in datasets do "
-                f"(r1jax.data.tasks.make_dataset) or give the task column another name"
+                f"built-in task, whose reward cannot check this row ({why}); write such rows as "
+                f"the built-in datasets do (r1jax.data.tasks.make_dataset) or give the task "
+                f"column another name"
             )
 
 
