@@ -659,6 +659,38 @@ class SamplingPolicy(NamedTuple):
     mesh: Mesh
 
 
+def sampling_copy_plan(state: nnx.State, mesh: Mesh, dtype) -> list[tuple[list[int], Callable]]:
+    """The programs `policy_for_sampling` runs: (leaf indices of `state`, jitted copy of those
+    leaves into their sampling layout and `dtype`), one per layer (layers of one kind share a
+    program, so it compiles once) and one per other top-level weight."""
+    shardings = jax.tree.leaves(sharding.state_shardings(state, mesh, sharding.SAMPLING_RULES))
+    variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    # What the forward reads in float32 (norm scales, the router) stays as stored, so that the
+    # copy computes exactly what the training forward does (the μ > 1 ratio starts at 1).
+    casts = [not transformer.is_float32_in_forward(v) for v in variables]
+    groups: dict[tuple, list[int]] = {}  # ("layers", i) or (top-level name,) -> leaf indices
+    for i, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(state)[0]):
+        keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
+        groups.setdefault(tuple(keys[:2]) if keys[0] == "layers" else (keys[0],), []).append(i)
+    programs: dict[tuple, Callable] = {}
+
+    def program(leaves: list[int]) -> Callable:
+        flags = tuple(casts[i] for i in leaves)
+        out = tuple(shardings[i] for i in leaves)
+        if (flags, out) not in programs:
+
+            def cast(xs):
+                return [
+                    x.astype(dtype) if c and jnp.issubdtype(x.dtype, jnp.floating) else x
+                    for x, c in zip(xs, flags, strict=True)
+                ]
+
+            programs[flags, out] = jax.jit(cast, out_shardings=list(out))
+        return programs[flags, out]
+
+    return [(leaves, program(leaves)) for leaves in groups.values()]
+
+
 def policy_for_sampling(train_state: train.TrainState) -> SamplingPolicy:
     """A copy of the policy's weights resharded for sampling; call once per GRPO step.
 
@@ -669,28 +701,26 @@ def policy_for_sampling(train_state: train.TrainState) -> SamplingPolicy:
     router): it holds exactly the values the training forward computes with.
     It is a fresh copy even when the layouts coincide, so the next `update` (which donates the
     training buffers) cannot invalidate it; it is stale after that update.
+
+    The copy is made a layer at a time (one program per layer, compiled once for all layers of a
+    kind, and one per other top-level weight): in one program XLA:TPU gathered every weight
+    before laying any out, so the copy's peak was twice its size (tests/tpu_programs.py).
     """
     graphdef, state = train_state.model_graphdef, train_state.model_state()
     dtype = jnp.dtype(train_state.model.cfg.dtype)
 
     def build():
-        shardings = sharding.state_shardings(state, train_state.mesh, sharding.SAMPLING_RULES)
-        variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-        # What the forward reads in float32 (norm scales, the router) stays as stored, so that
-        # the copy computes exactly what the training forward does (the μ > 1 ratio starts at 1).
-        casts = [not transformer.is_float32_in_forward(v) for v in variables]
+        plan = sampling_copy_plan(state, train_state.mesh, dtype)
 
         def copy(s):
             leaves, treedef = jax.tree.flatten(s)
-            return jax.tree.unflatten(
-                treedef,
-                [
-                    x.astype(dtype) if cast and jnp.issubdtype(x.dtype, jnp.floating) else x
-                    for x, cast in zip(leaves, casts, strict=True)
-                ],
-            )
+            out = list(leaves)
+            for group, run in plan:
+                for i, x in zip(group, run([leaves[i] for i in group]), strict=True):
+                    out[i] = x
+            return jax.tree.unflatten(treedef, out)
 
-        return jax.jit(copy, out_shardings=shardings)
+        return copy
 
     program = train_state.program(("policy_for_sampling", dtype), build)
     with train_state.mesh_context():

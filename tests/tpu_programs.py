@@ -137,36 +137,57 @@ def main(data: int, fsdp: int, tensor: int, expert: int = 1) -> None:
     report = {"params": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(model)))}
 
     def compile_(name, lowered):
+        """Compile; add its memory and collectives to report[name] (a name compiled several
+        times, as the sampling copy's programs: argument and output bytes summed, the largest
+        temporaries, all collectives)."""
         compiled = lowered.compile()
         if os.environ.get("TPU_PROGRAMS_DUMP"):  # for reading the HLO by hand
-            with open(os.path.join(os.environ["TPU_PROGRAMS_DUMP"], f"{name}.hlo.txt"), "w") as f:
+            with open(os.path.join(os.environ["TPU_PROGRAMS_DUMP"], f"{name}.hlo.txt"), "a") as f:
                 f.write(compiled.as_text())
         memory = compiled.memory_analysis()
-        report[name] = {
-            "argument_bytes": memory.argument_size_in_bytes,
-            "output_bytes": memory.output_size_in_bytes,
-            "temp_bytes": memory.temp_size_in_bytes,
-            **collectives(compiled.as_text()),
-        }
+        found = collectives(compiled.as_text())
+        entry = report.setdefault(
+            name,
+            {
+                "argument_bytes": 0,
+                "output_bytes": 0,
+                "temp_bytes": 0,
+                "in_loops": [],
+                "outside": [],
+            },
+        )
+        entry["argument_bytes"] += memory.argument_size_in_bytes
+        entry["output_bytes"] += memory.output_size_in_bytes
+        entry["temp_bytes"] = max(entry["temp_bytes"], memory.temp_size_in_bytes)
+        entry["in_loops"] += found["in_loops"]
+        entry["outside"] += found["outside"]
 
     real_program = state.program
 
     def lowering(name):
+        """A stand-in for `TrainState.program` whose step compiles instead of running."""
+
         def program(key, build):
-            built = build()
-            jitted, rest = (built, None) if not isinstance(built, tuple) else built
+            jitted, batch_shardings = build()
 
             def call(*args):
                 compile_(name, jitted.lower(*args))
-                return jax.eval_shape(jitted, *args) if rest is None else (args[0], {})
+                return args[0], {}
 
-            return call if rest is None else (call, rest)
+            return call, batch_shardings
 
         return program
 
-    # 1. The sampling copy of the policy.
-    state.program = lowering("policy_for_sampling")
-    policy = grpo.policy_for_sampling(state)
+    # 1. The sampling copy of the policy: each of its programs, on its share of the weights.
+    model_state = state.model_state()
+    leaves, treedef = jax.tree.flatten(model_state)
+    copied = list(leaves)
+    for group, program in grpo.sampling_copy_plan(model_state, mesh, jnp.dtype(cfg.dtype)):
+        args = [leaves[i] for i in group]
+        compile_("policy_for_sampling", program.lower(args))
+        for i, out in zip(group, jax.eval_shape(program, args), strict=True):
+            copied[i] = out
+    policy = grpo.SamplingPolicy(state.model_graphdef, jax.tree.unflatten(treedef, copied), mesh)
     # 2. The rollout (beta = 0, one policy iteration: sampling and rewards only).
     gcfg = grpo.GRPOConfig(
         num_generations=GROUP,
