@@ -704,7 +704,7 @@ def policy_for_sampling(train_state: train.TrainState) -> SamplingPolicy:
 
     The copy is made a layer at a time (one program per layer, compiled once for all layers of a
     kind, and one per other top-level weight): in one program XLA:TPU gathered every weight
-    before laying any out, so the copy's peak was twice its size (tests/tpu_programs.py).
+    before laying any out, so the copy's peak was twice its size (bench/NOTES.md, session 17).
     """
     graphdef, state = train_state.model_graphdef, train_state.model_state()
     dtype = jnp.dtype(train_state.model.cfg.dtype)
