@@ -96,17 +96,25 @@ def masked_mean(
     return total / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
 
 
-def _bessel_std(x: jax.Array, axis: int | None = None) -> jax.Array:
-    """Sample standard deviation (n - 1 in the denominator) over all of `x` or its last axis."""
+def _centre(x: jax.Array, axis: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Deviations from the mean and the sample std (n - 1), over all of `x` or its last axis,
+    leaving out NaN entries (unscored samples).
+
+    Returns (`x - mean`, 0 where `x` is NaN; std with `axis` reduced, 0 where fewer than two
+    entries are scored: one sample has no spread, where TRL's torch.std would give NaN).
+    """
     if axis not in (None, -1):
-        raise ValueError(f"_bessel_std reduces everything or the last axis, got axis={axis}.")
-    n = x.size if axis is None else x.shape[-1]
-    if n < 2:  # one sample has no spread; TRL's torch.std would give NaN here
-        return jnp.zeros(() if axis is None else x.shape[:-1], x.dtype)
-    # Shift by one element first: equal values then give a std of exactly 0, not rounding noise.
-    first = x.reshape(-1)[0] if axis is None else x[..., :1]
-    dev = (x - first) - jnp.mean(x - first, axis=axis, keepdims=axis is not None)
-    return jnp.sqrt(jnp.sum(dev * dev, axis=axis) / (n - 1))
+        raise ValueError(f"_centre reduces everything or the last axis, got axis={axis}.")
+    flat = x.reshape(1, -1) if axis is None else x
+    valid = ~jnp.isnan(flat)
+    n = jnp.sum(valid, axis=-1, keepdims=True).astype(x.dtype)
+    # Shift by the first scored element: equal values then give a std of exactly 0, not noise.
+    first = jnp.take_along_axis(flat, jnp.argmax(valid, axis=-1, keepdims=True), axis=-1)
+    shifted = jnp.where(valid, flat - first, 0.0)
+    dev = jnp.where(valid, shifted - jnp.sum(shifted, -1, keepdims=True) / jnp.maximum(n, 1), 0.0)
+    var = jnp.sum(dev * dev, axis=-1, keepdims=True) / jnp.maximum(n - 1, 1)
+    std = jnp.where(n > 1, jnp.sqrt(var), 0.0)[..., 0]
+    return dev.reshape(x.shape), (std[0] if axis is None else std)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,10 +129,12 @@ def group_advantages(rewards: jax.Array, group_size: int, scale: str = "group") 
     Each reward minus its group's mean is divided by `std + 1e-4`, where std (Bessel-corrected) is
     the group's (`scale="group"`, TRL's default and the paper), the whole batch's (`"batch"`,
     TRL's `scale_rewards="batch"`), or not divided at all (`"none"`, Dr. GRPO). A group whose
-    rewards are all equal gets advantages of exactly 0.
+    rewards are all equal gets advantages of exactly 0. A NaN reward marks a sample that could not
+    be scored (its reward worker died twice): it gets advantage 0 and is left out of its group's
+    mean and std, so the others are ranked among themselves rather than against a made-up 0.
 
     Args:
-      rewards: [P * G] float rewards.
+      rewards: [P * G] float rewards, NaN where unscored.
       group_size: G, samples per prompt (TRL's `num_generations`); a static Python int.
       scale: "group" | "batch" | "none".
     Returns:
@@ -134,14 +144,11 @@ def group_advantages(rewards: jax.Array, group_size: int, scale: str = "group") 
         raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}.")
     rewards = jnp.asarray(rewards, jnp.float32)
     grouped = _grouped(rewards, group_size, "rewards")  # [P, G]
-    shifted = grouped - grouped[:, :1]
-    centred = (shifted - jnp.mean(shifted, axis=-1, keepdims=True)).reshape(-1)
+    centred, group_std = _centre(grouped, axis=-1)
+    centred = centred.reshape(-1)  # 0 for unscored samples
     if scale == "none":
         return centred
-    if scale == "group":
-        std = jnp.repeat(_bessel_std(grouped, axis=-1), group_size)
-    else:
-        std = _bessel_std(rewards)
+    std = jnp.repeat(group_std, group_size) if scale == "group" else _centre(rewards)[1]
     return centred / (std + _STD_EPS)
 
 
@@ -155,7 +162,8 @@ def reward_metrics(
     """Reward statistics for logging, named as TRL logs them.
 
     Args:
-      rewards: [B] total (weighted) reward per sample, prompt-major groups of `group_size`.
+      rewards: [B] total (weighted) reward per sample, prompt-major groups of `group_size`; NaN
+        where unscored (left out of every statistic, counted in `frac_reward_unscored`).
       per_reward: [R, B] each reward function's raw score; NaN marks "not applicable" (TRL).
       names: R reward function names.
       group_size: G.
@@ -180,11 +188,13 @@ def reward_metrics(
             f"names has {len(names)} entries but per_reward has {per_reward.shape[0]} rows."
         )
     if scale == "batch":
-        std = _bessel_std(rewards, axis=-1)[None]  # [1]
+        std = _centre(rewards)[1][None]  # [1]
     else:
-        std = _bessel_std(_grouped(rewards, group_size, "rewards"), axis=-1)  # [P]
+        std = _centre(_grouped(rewards, group_size, "rewards"), axis=-1)[1]  # [P]
+    scored = ~jnp.isnan(rewards)
     metrics = {
-        "reward": jnp.mean(rewards),
+        "reward": jnp.sum(jnp.where(scored, rewards, 0.0)) / jnp.maximum(jnp.sum(scored), 1),
+        "frac_reward_unscored": 1.0 - jnp.mean(scored.astype(jnp.float32)),
         "reward_std": jnp.mean(std),
         "frac_reward_zero_std": jnp.mean(jnp.isclose(std, 0.0).astype(jnp.float32)),
     }

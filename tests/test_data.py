@@ -859,6 +859,12 @@ def test_sft_overflow_and_tokenizer_path(tok):
             sel = (batch.segment_ids[r] == s) & mask[r]
             text = tok.decode(ids[r][sel])
             assert text.endswith("</answer><|endoftext|>") and text.startswith("<think>")
+    # Special-token text inside a completion is text; only the appended EOS is the real token.
+    batch = data.tokenize_sft(tok, ["q"], ["a <|endoftext|> b <|im_end|>"], seq_len=32)
+    target = batch.input_ids[0][batch.loss_mask[0] > 0]
+    assert list(target).count(tok.eos_token_id) == 1 and target[-1] == tok.eos_token_id
+    assert not set(target[:-1].tolist()) & set(tok.all_special_ids)
+    assert tok.decode(target) == "a <|endoftext|> b <|im_end|><|endoftext|>"
 
 
 def test_a_float_answer_column_reads_as_numbers_and_gaps_as_missing(tmp_path):

@@ -405,6 +405,54 @@ def test_group_advantages_degenerate_cases_and_errors():
         grpo.GRPOConfig(scale_rewards="global")
 
 
+def _advantages_f64(rewards, group_size, scale):
+    """float64 reference: unscored (NaN) samples get 0 and are dropped from every statistic."""
+    r = np.asarray(rewards, np.float64)
+    out = np.zeros_like(r)
+    scored = r[~np.isnan(r)]
+    batch_std = np.std(scored, ddof=1) if scored.size > 1 else 0.0
+    for start in range(0, r.size, group_size):
+        g = r[start : start + group_size]
+        keep = ~np.isnan(g)
+        if not keep.any():
+            continue
+        dev = g[keep] - g[keep].mean()
+        std = {"group": np.std(g[keep], ddof=1) if keep.sum() > 1 else 0.0, "batch": batch_std}
+        out[start : start + group_size][keep] = (
+            dev / (std[scale] + 1e-4) if scale != "none" else dev
+        )
+    return out
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_unscored_samples_get_zero_advantage_and_leave_the_statistics(scale):
+    # A reward worker that died twice leaves NaN totals (rewards.compose): those samples must not
+    # pull their group's mean towards a made-up 0, nor carry a NaN into the loss.
+    nan = np.nan
+    rewards = np.array([1.0, nan, 0.0, 0.0, nan, nan, nan, nan, 2.0, 2.0, nan, 2.0, 3.0, nan, 1, 1])
+    got = np.asarray(grpo.group_advantages(jnp.asarray(rewards, jnp.float32), 4, scale))
+    np.testing.assert_allclose(got, _advantages_f64(rewards, 4, scale), rtol=1e-6, atol=1e-7)
+    assert np.all(got[np.isnan(rewards)] == 0.0) and np.all(got[8:12] == 0.0)
+    # With every sample scored the reference is plain GRPO.
+    full = np.nan_to_num(rewards, nan=0.5)
+    np.testing.assert_allclose(
+        np.asarray(grpo.group_advantages(jnp.asarray(full, jnp.float32), 4, scale)),
+        _advantages_f64(full, 4, scale),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+    m = grpo.reward_metrics(
+        jnp.asarray(rewards, jnp.float32), jnp.zeros((1, 16)), ["r"], 4, scale=scale
+    )
+    scored = rewards[~np.isnan(rewards)]
+    np.testing.assert_allclose(float(m["reward"]), scored.mean(), rtol=1e-6)
+    assert float(m["frac_reward_unscored"]) == 7 / 16
+    if scale == "group":  # groups' stds: (1, 0, 0), (), (2, 2, 2), (3, 1, 1)
+        want = np.mean([np.std([1, 0, 0], ddof=1), 0.0, 0.0, np.std([3, 1, 1], ddof=1)])
+        np.testing.assert_allclose(float(m["reward_std"]), want, rtol=1e-6)
+        assert float(m["frac_reward_zero_std"]) == 0.5
+
+
 def test_reward_metrics_hand_computed():
     rewards = jnp.array([1.0, 0.0, 1.0, 1.0, 2.0, 0.0])  # groups (1, 0, 1), (1, 2, 0) ... G = 3
     per_reward = jnp.array([[1.0, 0.0, 1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0, jnp.nan]])

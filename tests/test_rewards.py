@@ -462,6 +462,9 @@ def test_worker_death_loses_one_chunk_not_the_trainer():
         out = fn(["a", "b", "c", "die", "e", "f", "g", "h"])
         np.testing.assert_array_equal(out.per_reward[0], [1, 1, np.nan, np.nan, 1, 1, 1, 1])
         np.testing.assert_array_equal(out.per_reward[1], [0, 0, np.nan, np.nan, 0, 0, 0, 0])
+        # Unscored, not scored 0 (GRPO then leaves them out of their groups' statistics).
+        np.testing.assert_array_equal(out.total, [1, 1, np.nan, np.nan, 1, 1, 1, 1])
+        assert out.metrics()["reward"] == 1.0
         assert fn(["ok"] * 4).per_reward[0].tolist() == [1.0] * 4  # the pool was rebuilt
         with pytest.raises(RuntimeError, match="every reward worker died"):
             fn(["die"] * 2)

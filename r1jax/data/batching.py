@@ -296,7 +296,10 @@ def tokenize_sft(
     p_ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     if not add_special_tokens:  # still the tokenizer's BOS, once (see `with_leading_specials`)
         p_ids = toks.with_leading_specials(tokenizer, p_ids)
-    c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    # A completion is text: "<|endoftext|>" written in it is those characters, not the EOS token
+    # (which would teach the model to stop mid-answer, and end the row's loss there).
+    c_ids = tokenizer(list(completions), add_special_tokens=False, split_special_tokens=True)
+    c_ids = c_ids["input_ids"]
     if append_eos:
         if tokenizer.eos_token_id is None:
             raise ValueError("append_eos=True but the tokenizer has no EOS token")

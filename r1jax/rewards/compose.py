@@ -21,9 +21,10 @@ Owns the reward registry (``REWARDS``, ``register_reward``), ``build_reward_fn``
   deadlock. The fork server preloads ``r1jax.rewards``, so workers start without re-importing.
   Worker main threads also keep math-verify's signal-based timeouts working. A worker that dies
   (e.g. killed by the OOM killer) breaks the pool; it is rebuilt and the chunk retried once,
-  after which that chunk's values are NaN and an error is logged (if every chunk fails twice the
-  pool itself is broken, and that raises). Exceptions raised by a reward (a missing column, a
-  bad option) propagate unchanged: those are configuration errors.
+  after which that chunk's values are NaN, its samples' ``total`` is NaN ("unscored": GRPO gives
+  them advantage 0 and leaves them out of their group's statistics) and an error is logged (if
+  every chunk fails twice the pool itself is broken, and that raises). Exceptions raised by a
+  reward (a missing column, a bad option) propagate unchanged: those are configuration errors.
 - **Inside jit.** ``HostRewardBridge`` wraps a ``RewardFunction`` in ``jax.pure_callback``: token
   ids [B, T] and lengths [B] go to the host, are decoded with the tokenizer's batch decode, scored
   with the row's dataset columns (looked up by row id), and come back as [B] and [R, B] float32.
@@ -171,7 +172,8 @@ class RewardOutput:
     """Scores for one batch.
 
     Attributes:
-      total: [B] float32, the weighted sum (rewards that are None for a sample are skipped).
+      total: [B] float32, the weighted sum (rewards that are None for a sample are skipped); NaN
+        for a sample that could not be scored (its reward worker died twice).
       per_reward: [R, B] float32, each reward's raw (unweighted) values; NaN where None.
       names: [R] reward names, in spec order.
       weights: [R] weights, in spec order.
@@ -185,7 +187,8 @@ class RewardOutput:
     def metrics(self) -> dict[str, float]:
         """Scalar summaries: ``reward`` (mean total), ``rewards/<name>`` (mean over applicable
         samples) and ``rewards/<name>/none_frac`` (share of samples where it was None)."""
-        out = {"reward": float(np.mean(self.total)) if self.total.size else float("nan")}
+        scored = self.total[~np.isnan(self.total)]
+        out = {"reward": float(np.mean(scored)) if scored.size else float("nan")}
         for name, values in zip(self.names, self.per_reward, strict=True):
             valid = ~np.isnan(values)
             out[f"rewards/{name}"] = float(values[valid].mean()) if valid.any() else float("nan")
@@ -331,21 +334,21 @@ class RewardFunction:
         local = [s for s in self.specs if not (s.parallel and self.num_workers > 0)]
         values: dict[str, np.ndarray] = {}
         pending = self._submit(pooled, texts, columns) if pooled and n else []
+        unscored = np.zeros(n, bool)
         # In-process rewards (e.g. a learned model on device) overlap with the pool's work. They
         # get the completions as given (chat messages stay messages); workers get plain text.
         for spec, row in zip(local, _score(local, list(completions), columns), strict=True):
             values[spec.name] = row
         if pooled:
-            for spec, row in zip(
-                pooled, self._gather(pooled, pending, texts, columns, n), strict=True
-            ):
+            gathered, unscored = self._gather(pooled, pending, texts, columns, n)
+            for spec, row in zip(pooled, gathered, strict=True):
                 values[spec.name] = row
         per_reward = (
             np.stack([values[s.name] for s in self.specs]) if n else np.zeros((len(self.specs), 0))
         )
         weights = np.array(self.weights)[:, None]
-        total = np.nansum(weights * per_reward, axis=0)
-        all_none = np.isnan(per_reward).all(axis=0)
+        total = np.where(unscored, np.nan, np.nansum(weights * per_reward, axis=0))
+        all_none = np.isnan(per_reward).all(axis=0) & ~unscored
         if all_none.any():
             logger.warning(
                 "%d of %d samples had no applicable reward; their total is 0",
@@ -373,8 +376,10 @@ class RewardFunction:
             pending.append((a, b, future))
         return pending
 
-    def _gather(self, specs, pending, texts, columns, n) -> np.ndarray:
+    def _gather(self, specs, pending, texts, columns, n) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled rewards' values [R, n] and which samples went unscored [n] (worker died twice)."""
         out = np.full((len(specs), n), np.nan)
+        unscored = np.zeros(n, bool)
         retry = []
         for a, b, future in pending:
             try:
@@ -394,19 +399,20 @@ class RewardFunction:
                     out[:, a:b] = future.result()
                 except BrokenProcessPool:
                     logger.error(
-                        "reward worker died again on samples [%d, %d); their values are "
-                        "NaN (skipped in the total)",
+                        "reward worker died again on samples [%d, %d); they are unscored "
+                        "(NaN: advantage 0, left out of their groups' reward statistics)",
                         a,
                         b,
                     )
+                    unscored[a:b] = True
                     self._discard_pool()
-            if n and np.isnan(out).all():
+            if n and unscored.all():
                 raise RuntimeError(
                     "every reward worker died, twice: the pool itself is failing (see the worker "
                     "tracebacks above; a script using the pool needs an `if __name__ == "
                     "'__main__':` guard). Set num_workers=0 to score in-process while debugging."
                 )
-        return out
+        return out, unscored
 
     def _discard_pool(self) -> None:
         if self._pool is not None:
