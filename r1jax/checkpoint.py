@@ -481,13 +481,18 @@ def drop_abandoned_read_reports(step_dir: str | None = None) -> None:
 
 
 def export_hf(
-    model: nnx.Module, path: str | os.PathLike, tokenizer: Any = None, source: str | None = None
+    model: nnx.Module,
+    path: str | os.PathLike,
+    tokenizer: Any = None,
+    source: str | None = None,
+    dtype: str | None = None,
 ) -> None:
     """Write `model` (and `tokenizer`'s files, if given) as a Hugging Face checkpoint folder
     (config.json + safetensors) at `path`, a local directory or a cloud URI.
 
-    `source`: the HF folder the model was loaded from; its token ids and generation_config.json
-    are carried over (`hf.generation_metadata`), else the tokenizer's ids are written.
+    `source`: the HF folder the model was loaded from; its token ids, generation_config.json and
+    weight dtype are carried over (`hf.generation_metadata`), else the tokenizer's ids are written.
+    `dtype`: the tensors' dtype; default the source's, else the parameters'.
     Every process must call this (the parameter gathers are collective); process 0 writes. A cloud
     folder is written to a local temporary directory first and then uploaded file by file, since
     the safetensors writer needs a local file.
@@ -498,7 +503,7 @@ def export_hf(
     metadata = hf.generation_metadata(source, tokenizer)
 
     def write(local: str) -> None:
-        hf.save(model, local)
+        hf.save(model, local, dtype=dtype or metadata["dtype"])
         if jax.process_index() == 0:
             if tokenizer is not None:
                 tokenizer.save_pretrained(local)

@@ -346,6 +346,18 @@ def test_export_hf_carries_the_source_token_ids_and_generation_config(tmp_path):
     assert (out.bos_token_id, out.eos_token_id, out.pad_token_id) == (None, 7, 7)
     assert transformers.GenerationConfig.from_pretrained(tmp_path / "scratch").eos_token_id == 7
 
+    # A bfloat16 source loaded (and trained) in float32 goes back out in bfloat16.
+    from safetensors import safe_open
+
+    config.update(dtype="bfloat16")
+    with open(os.path.join(source, "config.json"), "w") as f:
+        json.dump(config, f)
+    checkpoint.export_hf(model, tmp_path / "bf16", Tokenizer(), source=source)
+    assert json.load(open(tmp_path / "bf16" / "config.json"))["dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "np") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert model.cfg.param_dtype == "float32"
+
 
 def test_bad_arguments_are_refused_clearly(tmp_path, trained):
     model, optimizer = trained

@@ -820,6 +820,10 @@ def test_unsupported_configs_are_refused_with_the_field_named():
     for field, value in bad.items():
         with pytest.raises(hf.CheckpointError, match=field):
             hf.config_from_hf({**base, field: value})
+    # YaRN without its factor: named at load (was a KeyError in softmax_scale at the first forward).
+    no_factor = {"rope_type": "yarn", "original_max_position_embeddings": 16, "mscale_all_dim": 1}
+    with pytest.raises(hf.CheckpointError, match="needs factor"):
+        hf.config_from_hf({**base, "rope_scaling": no_factor, "rope_parameters": None})
     v2 = json.load(open(os.path.join(checkpoint("v2"), "config.json")))
     with pytest.raises(hf.CheckpointError, match="norm_topk_prob"):
         deepseek_hf.config_from_hf({**v2, "norm_topk_prob": True})

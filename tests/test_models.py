@@ -321,6 +321,58 @@ def test_error_shape_mismatch_between_config_and_weights(tmp_path):
         hf.load(path)
 
 
+def test_error_tensor_with_the_right_size_in_the_wrong_layout(tmp_path):
+    """A q/k/v/o tensor stored [in, out] has as many elements as the right one: refused by name
+    (it crashed with an IndexError deep in the block reader)."""
+    from safetensors.numpy import load_file, save_file
+
+    path = _copy(tmp_path)
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    tensors[name] = np.ascontiguousarray(tensors[name].T)
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(hf.CheckpointError, match=rf"{name} has shape .*does not match config"):
+        hf.load(path)
+
+
+def test_error_index_naming_the_wrong_shard(tmp_path):
+    path = str(tmp_path / "sharded")
+    hf.save(hf.load(hf_checkpoint("qwen2")), path, max_shard_bytes=20_000)
+    index_file = os.path.join(path, "model.safetensors.index.json")
+    index = json.load(open(index_file))
+    files = sorted(set(index["weight_map"].values()))
+    name = next(n for n, f in index["weight_map"].items() if f == files[0])
+    index["weight_map"][name] = files[1]
+    json.dump(index, open(index_file, "w"))
+    with pytest.raises(hf.CheckpointError, match=rf"{files[1]}: tensor '{name}' cannot be read"):
+        hf.load(path)
+
+
+def test_bias_flags_are_read_only_by_the_families_whose_modeling_reads_them(tmp_path):
+    """transformers' Mistral has no attention biases and Qwen2 / Qwen3 / Mistral no MLP biases
+    whatever config.json says: such a checkpoint (saved by transformers) loads as transformers
+    runs it, rather than being refused for missing bias tensors."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    for family, extra in (("mistral", {"attention_bias": True}), ("qwen2", {"mlp_bias": True})):
+        config = transformers.AutoConfig.for_model(
+            family, vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, **extra,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        reference = transformers.AutoModelForCausalLM.from_config(config).eval()
+        path = str(tmp_path / family)
+        reference.save_pretrained(path)
+        model = hf.load(path)
+        assert not model.cfg.mlp_bias and model.cfg.qkv_bias == (family == "qwen2")
+        ids = np.arange(1, 13, dtype=np.int32)[None] % 64
+        with torch.no_grad():
+            want = reference(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+        np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), want, atol=1e-4)
+
+
 def test_error_truncated_safetensors(tmp_path):
     path = _copy(tmp_path)
     file = os.path.join(path, "model.safetensors")
@@ -353,6 +405,7 @@ def test_config_fields_left_out_take_transformers_defaults_and_unknown_ones_are_
     # Rope scaling: what is missing is named at load, not a KeyError at the first forward.
     for scaling, message in (
         ({"rope_type": "linear"}, "factor"),
+        ({"rope_type": "yarn", "original_max_position_embeddings": 16}, "factor"),
         ({"rope_type": "longrope"}, "longrope"),
     ):
         with pytest.raises(hf.CheckpointError, match=message):
@@ -362,6 +415,11 @@ def test_config_fields_left_out_take_transformers_defaults_and_unknown_ones_are_
         {"model_type": "llama", "max_position_embeddings": 256, "rope_scaling": llama3, **base}
     )
     assert dict(scaled.rope_scaling)["original_max_position_embeddings"] == 256  # as transformers
+    # Qwen's use_sliding_window windows layers from max_window_layers on: none of them here.
+    flag = {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}
+    assert hf.config_from_hf({"model_type": "qwen2", **flag, **base}).sliding_window is None
+    with pytest.raises(hf.CheckpointError, match="use_sliding_window"):
+        hf.config_from_hf({"model_type": "qwen2", **base, **flag, "max_window_layers": 0})
     qwen2 = hf.config_from_hf({"model_type": "qwen2", **base})
     for option, value in (("mlp_bias", True), ("o_bias", True), ("sliding_window", 3)):
         with pytest.raises(hf.CheckpointError, match=f"cannot express {option}"):

@@ -34,7 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from r1jax import sharding
-from r1jax.models.transformer import Decoder, ModelConfig
+from r1jax.models.transformer import ROPE_REQUIRED_KEYS, Decoder, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,9 @@ def config_from_hf(
     sliding_window = None
     if model_type == "mistral":
         sliding_window = get("sliding_window")
-    elif hf.get("use_sliding_window"):
+    elif any(t != "full_attention" for t in getattr(full, "layer_types", None) or ()):
+        # Qwen windows a layer only with use_sliding_window, a sliding_window, and from layer
+        # max_window_layers on: a config that sets the flag but windows no layer is full attention.
         require(False, "use_sliding_window", "Qwen sliding-window layers are not implemented")
 
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
@@ -213,9 +215,11 @@ def config_from_hf(
         rope_scaling=rope_scaling,
         rms_norm_eps=get("rms_norm_eps", 1e-6),
         tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or attention_bias,
+        # As transformers' modeling code reads them: Qwen2 always has q/k/v biases; only Llama and
+        # Qwen3 read attention_bias (Mistral ignores it) and only Llama reads mlp_bias.
+        qkv_bias=model_type == "qwen2" or (model_type in ("llama", "qwen3") and attention_bias),
         o_bias=model_type in ("llama", "qwen3") and attention_bias,
-        mlp_bias=bool(hf.get("mlp_bias", False)),
+        mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
         qk_norm=model_type == "qwen3",
         sliding_window=sliding_window,
         param_dtype=param_dtype,
@@ -245,27 +249,15 @@ def rope_from_hf(
     rope_type = rope.get("rope_type", "default")
     if rope_type == "default":
         return rope_theta, None
-    from r1jax.models.transformer import _ROPE_TYPES
-
-    if rope_type not in _ROPE_TYPES:
+    if rope_type not in ROPE_REQUIRED_KEYS:
         raise CheckpointError(
             f"{where}: rope_type {rope_type!r} is not supported; r1jax implements "
-            f"{', '.join(_ROPE_TYPES)}"
+            f"{', '.join(ROPE_REQUIRED_KEYS)}"
         )
     if rope_type in ("llama3", "yarn") and hf.get("max_position_embeddings"):
         # transformers' default when the scaling leaves it out
         rope.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
-    needed = {
-        "linear": ("factor",),
-        "dynamic": ("factor",),
-        "llama3": (
-            "factor",
-            "low_freq_factor",
-            "high_freq_factor",
-            "original_max_position_embeddings",
-        ),
-        "yarn": ("original_max_position_embeddings",),
-    }[rope_type]
+    needed = ROPE_REQUIRED_KEYS[rope_type]
     missing = [k for k in needed if rope.get(k) is None]
     if missing:
         raise CheckpointError(f"{where}: rope_type {rope_type!r} needs {', '.join(missing)}")
@@ -477,7 +469,13 @@ class _WeightFiles:
         return set(self.weight_map)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self.weight_map[name]].get_slice(name).get_shape())
+        try:
+            return tuple(self._handles[self.weight_map[name]].get_slice(name).get_shape())
+        except Exception as e:  # e.g. an index naming the wrong shard for this tensor
+            raise CheckpointError(
+                f"{os.path.join(self.path, self.weight_map[name])}: tensor {name!r} cannot be "
+                f"read ({e}); the file or model.safetensors.index.json is wrong"
+            ) from e
 
     def get(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
         """The tensor `name`, or only its block `index` (one slice per axis)."""
@@ -784,11 +782,13 @@ def load_weights(
 
 def _checked(files: _WeightFiles, m: _Mapping, cfg: ModelConfig) -> _Blocks:
     shape = files.shape(m.name)
-    want = int(np.prod(m.view(cfg))) if m.view else None
-    if want is not None and math.prod(shape) != want:
+    # Exact, not the element count: a tensor stored [in, out] has the right count and the wrong
+    # layout. (Tensors without a view are checked against the parameter's shape by the caller.)
+    want = _hf_shape(m, cfg, ()) if m.view else shape
+    if shape != want:
         raise CheckpointError(
             f"{files.path}: {m.name} has shape {shape}, which does not match "
-            f"config.json (needs {want} elements)"
+            f"config.json (expected {want})"
         )
     return _Blocks(files, m, cfg)
 
@@ -866,7 +866,8 @@ _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 def generation_metadata(source: str | None = None, tokenizer=None) -> dict[str, Any]:
     """What a serving stack reads besides the weights, for `write_generation_metadata`: the bos /
     eos / pad ids (transformers' `generate` and vLLM stop at the eos; without it a Llama 3 export
-    stops at token 2 and a Qwen one never) and the generation config.
+    stops at token 2 and a Qwen one never), the generation config, and the dtype the weights were
+    stored in (a bfloat16 model trained in float32 goes back out as bfloat16, not twice the size).
 
     Taken from `source`, the HF folder the weights were loaded from (its config.json ids, e.g.
     Llama 3.1's three eos ids, and its generation_config.json with R1-Distill's temperature 0.6 and
@@ -874,15 +875,18 @@ def generation_metadata(source: str | None = None, tokenizer=None) -> dict[str, 
     own source.
     """
     ids = {k: getattr(tokenizer, k, None) for k in _TOKEN_ID_FIELDS}
-    generation = None
+    generation = dtype = None
     if source and os.path.exists(os.path.join(source, "config.json")):
-        known = {k: v for k, v in read_config(source).items() if k in _TOKEN_ID_FIELDS}
+        raw = read_config(source)
+        known = {k: v for k, v in raw.items() if k in _TOKEN_ID_FIELDS}
         ids.update({k: v for k, v in known.items() if v is not None})
+        dtype = raw.get("dtype") or raw.get("torch_dtype")
+        dtype = dtype if dtype in ("float32", "bfloat16", "float16") else None
     if source and os.path.exists(os.path.join(source, "generation_config.json")):
         with open(os.path.join(source, "generation_config.json")) as f:
             generation = json.load(f)
     ids = {k: v for k, v in ids.items() if v is not None}
-    return {"ids": ids, "generation_config": generation}
+    return {"ids": ids, "generation_config": generation, "dtype": dtype}
 
 
 def write_generation_metadata(path: str, metadata: dict[str, Any]) -> None:

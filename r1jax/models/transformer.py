@@ -107,6 +107,11 @@ class ModelConfig:
                 f"rope_scaling type {rope_type!r} is not supported; "
                 f"supported: {sorted(_ROPE_TYPES)}"
             )
+        missing = [
+            k for k in ROPE_REQUIRED_KEYS[rope_type] if self.rope_scaling_dict.get(k) is None
+        ]
+        if missing:
+            raise ValueError(f"rope_scaling type {rope_type!r} needs {', '.join(missing)}")
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any]:
@@ -190,6 +195,14 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------------
 
 _ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+# The rope_scaling keys each type cannot do without (transformers' config checks ask the same).
+ROPE_REQUIRED_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
 
 
 def _rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
@@ -226,7 +239,7 @@ def _yarn_inv_freq(cfg: ModelConfig, s: dict[str, Any]) -> tuple[np.ndarray, flo
     """YaRN (arXiv 2309.00071) as Hugging Face computes it, including DeepSeek's mscale terms."""
     dim, base = cfg.head_dim, cfg.rope_theta
     original = s["original_max_position_embeddings"]
-    factor = s.get("factor") or cfg.max_position_embeddings / original
+    factor = s["factor"]  # required (hf.rope_from_hf), as transformers' config checks
 
     def mscale(scale, m=1.0):
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
