@@ -22,6 +22,9 @@ def get_config(arg=None):
     common.completion_data_fields(d)  # d.field_map.*, d.on_bad_json
     d.teacher = ""  # teacher checkpoint for logit distillation ("" = trace SFT only)
     d.template = "r1_zero"  # prompt template the traces were sampled with
+    # End prompts with the opening think tag, as data.prefill_think does for sampling (a
+    # completion that starts with the tag then trains after it, not twice).
+    d.prefill_think = False
     d.num_examples = 400  # source="cold_start": built-in traces generated
     d.tasks = ("arithmetic",)  # source="cold_start": the built-in tasks they solve
     d.mistake_rate = 0.0  # source="cold_start": share of traces with a slip (see configs/sft.py)

@@ -28,6 +28,10 @@ def get_config(arg=None):
     r.require_format = True  # keep only <think>…</think><answer>…</answer>
     r.language = "en"  # target language of the chain of thought
     r.min_language_consistency = 0.9  # share of reasoning words in the target language
+    # The paper's other two chain-of-thought filters. It gives no length; 2000 characters (a few
+    # hundred words between blank lines) is our choice (0 = off).
+    r.max_paragraph_chars = 2000
+    r.drop_code_blocks = True  # a ``` fence inside <think>…</think> (code answers go after it)
     r.max_per_prompt = 2  # answers kept per prompt (0 = no cap)
     r.non_reasoning_source = ""  # JSONL/Parquet of prompt/completion rows to mix in ("" = none)
     r.non_reasoning_ratio = 0.33  # non-reasoning rows per reasoning row (0 = all of the file)

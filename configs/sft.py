@@ -30,6 +30,9 @@ def get_config(arg=None):
     s.arithmetic = common.data_config().arithmetic
     s.countdown = common.data_config().countdown
     s.template = "r1_zero"  # prompt template, the same the RL stage uses
+    # End prompts with the opening think tag, as data.prefill_think does for sampling (a
+    # completion that starts with the tag then trains after it, not twice).
+    s.prefill_think = False
     s.seq_len = 384  # tokens per row
     s.pack = False  # pack several examples per row
     s.batch_size = 16  # rows per optimizer step

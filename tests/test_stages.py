@@ -367,6 +367,37 @@ def test_sft_rows_with_a_completion_that_is_not_text_are_refused_by_name(toy, tm
         sft_stage.load_pairs(distill._as_sft(config), tokenizer, section="distill")
 
 
+def test_sft_trains_after_a_think_tag_its_prompt_already_opened(toy, tmp_path):
+    """Rejection sampling writes the whole "<think>…" format; a chat template that opens the
+    block itself (DeepSeek-R1-Distill's) or sft.prefill_think put the tag in the prompt, and SFT
+    trained a second one (a model that then writes <think> twice fails every format check)."""
+    import copy
+
+    from r1jax.models import hf
+    from r1jax.stages import sft as sft_stage
+
+    tokenizer = copy.deepcopy(hf.tokenizer(os.path.join(toy[0], "toy_base")))
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+    )
+    generated = "I add 2 and 2.\n</think>\n<answer>4</answer>"
+    path = tmp_path / "rs.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 2 + 2?", "completion": "<think>\n" + generated}))
+    config = sh.load_config("sft")
+    config.sft.source, config.sft.template = str(path), "chat"
+    [(prompt, completion)] = sft_stage.load_pairs(config, tokenizer)
+    assert prompt.endswith("assistant\n<think>\n") and completion == generated
+    # The R1-Zero template with prefill_think: the sampled sequence " <think>" + generation.
+    path.write_text(json.dumps({"prompt": "What is 2 + 2?", "completion": "<think> " + generated}))
+    config.sft.template, config.sft.prefill_think = "r1_zero", True
+    [(prompt, completion)] = sft_stage.load_pairs(config, tokenizer)
+    assert prompt.endswith("Assistant: <think>") and completion == " " + generated
+    config.sft.prefill_think = False  # the tag stays in the completion, once
+    [(prompt, completion)] = sft_stage.load_pairs(config, tokenizer)
+    assert prompt.endswith("Assistant:") and completion == "<think> " + generated
+
+
 def test_sft_and_distill_files_with_other_column_names_load_through_field_map(tmp_path):
     """Alpaca-style rows (instruction / output) had no way in: the error pointed at a field_map
     and an on_bad_json that the sft and distill sections did not have."""
@@ -838,17 +869,29 @@ def test_filter_samples_drops_each_reason_once_in_order():
         sample(0, "wrong", correct=False, fmt=0.0, language=0.0),  # incorrect (first)
         sample(0, "no tags", fmt=0.0, language=0.0),  # malformed
         sample(0, "<think>混合</think><answer>1</answer>", language=0.5),  # mixed language
+        sample(0, "<think>" + "word " * 30 + "</think><answer>1</answer>"),  # long paragraph
+        sample(0, "<think>a\n```\nx = 1\n```</think><answer>1</answer>"),  # code block
+        sample(0, "<think>" + "w " * 8 + "\n\n" + "w " * 8 + "</think><answer>1</answer>"),  # kept
+        sample(0, "<think>12 + 30 = 42</think><answer>42</answer>", language=None),  # no words
         sample(0, "  <think>a</think><answer>1</answer>\n"),  # duplicate (stripped)
         sample(0, "<think>b</think><answer>1</answer>"),  # kept (2nd of row 0)
         sample(0, "<think>c</think><answer>1</answer>"),  # over the cap of 2
         sample(1, "<think>a</think><answer>1</answer>"),  # same text, other row
     ]
-    kept, dropped = filter_samples(samples, min_language_consistency=0.9, max_per_prompt=2)
-    assert [samples.index(s) for s in kept] == [0, 5, 7]
+    kept, dropped = filter_samples(
+        samples,
+        min_language_consistency=0.9,
+        max_paragraph_chars=100,
+        drop_code_blocks=True,
+        max_per_prompt=4,
+    )
+    assert [samples.index(s) for s in kept] == [0, 6, 7, 9, 11]
     assert dropped == {
         "incorrect": 1,
         "malformed": 1,
         "mixed_language": 1,
+        "long_paragraph": 1,
+        "code_block": 1,
         "duplicate": 1,
         "over_cap": 1,
     }

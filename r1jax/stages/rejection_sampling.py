@@ -2,13 +2,20 @@
 
 1. sample k answers for each training prompt from the checkpoint;
 2. keep an answer only if it is correct (the task's rule), well-formed (<think>…</think><answer>…
-   </answer>) and in one language (language-consistency reward above a threshold) — the filters the
-   paper describes, each switchable;
+   </answer>), and its chain of thought is in one language (language-consistency reward above a
+   threshold), without long paragraphs and without code blocks — the filters the paper describes
+   ("we filter out chain-of-thought with mixed languages, long paragraphs, and code blocks"), each
+   switchable;
 3. drop duplicates and cap the answers kept per prompt;
 4. mix in non-reasoning data (prompt/completion rows from a file), as the paper adds ~200k such
    samples to ~600k reasoning ones;
 5. write `workdir/rejection_sampled.jsonl` (rows that `--stage=sft` reads) and a summary of what was
    kept and why the rest was dropped.
+
+Each completion holds the whole "<think>…</think><answer>…</answer>" format, whatever the prompt
+opened; SFT drops the opening tag when its own prompt ends with one (a reasoning chat template, or
+`sft.prefill_think`: set it when `data.prefill_think` sampled these, to train on the sequence as
+it was sampled).
 """
 
 from __future__ import annotations
@@ -17,18 +24,35 @@ import collections
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 
 from r1jax import paths, rewards, sampling, sharding
+from r1jax.rewards.common import think_region
+from r1jax.rewards.language import word_scripts
 from r1jax.stages import common
 from r1jax.stages import eval as eval_stage
 
 log = logging.getLogger("r1jax")
 
-DROP_REASONS = ("incorrect", "malformed", "mixed_language", "duplicate", "over_cap")
+DROP_REASONS = (
+    "incorrect",
+    "malformed",
+    "mixed_language",
+    "long_paragraph",
+    "code_block",
+    "duplicate",
+    "over_cap",
+)
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+
+
+def longest_paragraph(text: str) -> int:
+    """Characters in the longest paragraph (blank-line separated) of `text`."""
+    return max((len(p.strip()) for p in _PARAGRAPH_BREAK.split(text)), default=0)
 
 
 def filter_samples(
@@ -37,13 +61,17 @@ def filter_samples(
     require_correct: bool = True,
     require_format: bool = True,
     min_language_consistency: float = 0.0,
+    max_paragraph_chars: int = 0,
+    drop_code_blocks: bool = False,
     max_per_prompt: int = 0,
 ) -> tuple[list[dict], collections.Counter]:
     """Apply the rejection filters to graded samples; returns (kept, Counter of drop reasons).
 
     Each sample has `row` (prompt id), `completion`, `correct` (bool), `format` (float, 1.0 =
-    well-formed) and `language` (share of the reasoning in the target language). Filters apply in
-    the order of DROP_REASONS, and a sample is counted under the first one it fails.
+    well-formed) and `language` (share of the reasoning's words in the target language; None when
+    it has no words, e.g. only arithmetic: nothing in another language). The paragraph and code
+    filters read the chain of thought (`rewards.think_region`); 0 / False turn them off. Filters
+    apply in the order of DROP_REASONS, and a sample is counted under the first one it fails.
     """
     kept, dropped = [], collections.Counter()
     seen: set[tuple[int, str]] = set()
@@ -53,8 +81,14 @@ def filter_samples(
             dropped["incorrect"] += 1
         elif require_format and s["format"] < 1.0:
             dropped["malformed"] += 1
-        elif s["language"] < min_language_consistency:
+        elif s["language"] is not None and s["language"] < min_language_consistency:
             dropped["mixed_language"] += 1
+        elif max_paragraph_chars and longest_paragraph(think_region(s["completion"])) > (
+            max_paragraph_chars
+        ):
+            dropped["long_paragraph"] += 1
+        elif drop_code_blocks and "```" in think_region(s["completion"]):
+            dropped["code_block"] += 1
         elif (s["row"], s["completion"].strip()) in seen:
             dropped["duplicate"] += 1
         elif max_per_prompt and per_prompt[s["row"]] >= max_per_prompt:
@@ -78,6 +112,8 @@ def validate(config) -> None:
         common.check_data_files(r.non_reasoning_source, "rejection_sampling.non_reasoning_source")
     if not 0.0 <= r.min_language_consistency <= 1.0:
         raise common.ConfigError("rejection_sampling.min_language_consistency must be in [0, 1]")
+    if r.max_paragraph_chars < 0:
+        raise common.ConfigError("rejection_sampling.max_paragraph_chars must be >= 0 (0 = off)")
 
 
 def _non_reasoning_rows(r) -> list[dict[str, Any]]:
@@ -158,7 +194,8 @@ def run(config, workdir: str) -> dict[str, Any]:
                     "completion": text,
                     "correct": bool(correct[j] == 1.0),
                     "format": well_formed[j],
-                    "language": language[j] or 0.0,
+                    # None: no words in the reasoning (e.g. only arithmetic), so none mixed.
+                    "language": language[j] if word_scripts(think_region(text)) else None,
                 }
             )
 
@@ -168,6 +205,8 @@ def run(config, workdir: str) -> dict[str, Any]:
         require_correct=r.require_correct,
         require_format=r.require_format,
         min_language_consistency=r.min_language_consistency,
+        max_paragraph_chars=r.max_paragraph_chars,
+        drop_code_blocks=r.drop_code_blocks,
         max_per_prompt=r.max_per_prompt,
     )
     out_rows = [

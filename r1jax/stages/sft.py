@@ -95,7 +95,9 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]
                 messages[:-1], tokenize=False, add_generation_prompt=True
             )
         elif completion is not None:
-            prompt = templates.format_prompts([row["prompt"]], s.template, tokenizer=tokenizer)[0]
+            prompt = templates.format_prompts(
+                [row["prompt"]], s.template, tokenizer=tokenizer, prefill_think=s.prefill_think
+            )[0]
         else:
             raise common.ConfigError(
                 f"{where} has neither a completion nor a final message with role 'assistant'"
@@ -104,8 +106,24 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]
             raise common.ConfigError(
                 f"{where}: the completion must be non-empty text, got {completion!r:.80}"
             )
-        pairs.append((prompt, completion))
+        pairs.append((prompt, _without_opened_think(prompt, completion)))
     return pairs
+
+
+def _without_opened_think(prompt: str, completion: str) -> str:
+    """`completion` without its opening think tag when `prompt` already ends with one.
+
+    Reasoning rows carry the whole format, "<think>…</think><answer>…</answer>" (as
+    rejection sampling writes them, whatever its prompt opened); a chat template that opens the
+    block itself (DeepSeek-R1-Distill's) or `prefill_think` puts the tag in the prompt, and the
+    model must learn to continue after it, not to write a second one.
+    """
+    opened = templates.completion_prefix("", False, prompt)  # "<think>\n", "<think>" or ""
+    body = completion.lstrip()
+    if not opened or not body.startswith("<think>"):
+        return completion
+    body = body[len("<think>") :]
+    return body[1:] if opened.endswith("\n") and body.startswith("\n") else body
 
 
 def run(config, workdir: str) -> dict:
