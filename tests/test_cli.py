@@ -670,6 +670,44 @@ def test_rl_refuses_prompts_no_correctness_reward_can_score(caplog):
     rl.check_correctness_rewards(config, math_rows)
 
 
+def test_code_that_could_not_run_is_refused_before_sampling(tmp_path, monkeypatch):
+    """Eval and rejection sampling on code rows sampled a first batch and then died on
+    SandboxUnavailableError (nothing kept), with a message naming an option no config had."""
+    import types
+
+    from r1jax.rewards import sandbox
+    from r1jax.stages import eval as eval_stage
+    from r1jax.stages import rl
+
+    monkeypatch.setattr(sandbox, "_bwrap_problem", lambda python: "`bwrap` is not on PATH")
+    tests = [{"input": "", "output": "1"}]
+    prompt_set = types.SimpleNamespace(rows=[{"task": "code", "tests": tests}])
+    config = sh.load_config("eval")
+    with pytest.raises(common.ConfigError, match=r"--config.sandbox.allow_unsandboxed=True"):
+        eval_stage.grader(prompt_set, config)
+    config.sandbox.timeout_s = 0.0
+    with pytest.raises(common.ConfigError, match=r"sandbox.timeout_s must be > 0"):
+        eval_stage.grader(prompt_set, config)
+    config.sandbox.timeout_s, config.sandbox.allow_unsandboxed = 5.0, True
+    grade = eval_stage.grader(prompt_set, config)  # the options reach the code reward
+    answers = [
+        "<answer>```python\nprint(1)\n```</answer>",
+        "<answer>```python\nprint(2)\n```</answer>",
+    ]
+    assert grade(answers, task=["code"] * 2, tests=[tests] * 2).tolist() == [1.0, 0.0]
+    # Prompts without code need no sandbox.
+    eval_stage.grader(types.SimpleNamespace(rows=[{"task": "arithmetic"}]), sh.load_config("eval"))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("loaded a model before refusing the run")
+
+    monkeypatch.setattr(common, "load_model", no_model)
+    config = sh.load_config("rl")
+    config.rewards.code = 1.0
+    with pytest.raises(common.ConfigError, match=r"bubblewrap cannot sandbox it here"):
+        rl.run(config, str(tmp_path))
+
+
 def test_file_rows_naming_a_builtin_task_are_checked_by_its_verifier(tmp_path):
     """`task: countdown` without Countdown's `meta` made the task reward raise KeyError at the
     first answer the model wrote for it, mid-run."""

@@ -65,6 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.log = ml_collections.ConfigDict()
     c.log.every = 10  # summary line every N steps (metrics go to JSONL every step)
     c.log.progress = True  # tqdm progress bar with rate and ETA
+
+    # Limits for running generated code: the code reward (RL), grading code rows (eval, rejection
+    # sampling). allow_unsandboxed=True runs it without bubblewrap (rlimits only) where bwrap
+    # cannot work; the run refuses to start otherwise.
+    c.sandbox = sandbox_config()
     return c
 
 
@@ -968,6 +973,42 @@ def validate_data(data_config) -> None:
             "data.prefill_think needs a template that ends in the model's turn ('r1_zero' or "
             "'chat'); data.template='plain' passes the question unchanged"
         )
+
+
+def sandbox_config() -> ml_collections.ConfigDict:
+    """`config.sandbox`: the limits generated code runs under (the code reward, and grading code
+    rows in eval and rejection sampling); the fields of `rewards.SandboxConfig` that have a
+    value by default."""
+    import dataclasses
+
+    from r1jax.rewards.sandbox import SandboxConfig
+
+    return ml_collections.ConfigDict(
+        {f.name: f.default for f in dataclasses.fields(SandboxConfig) if f.default is not None}
+    )
+
+
+def sandbox_options(config) -> dict[str, Any]:
+    """`config.sandbox` as `code_reward`'s `sandbox=` dict, checked: a ConfigError names a bad
+    value, and code that would have to run where bubblewrap cannot sandbox it is refused here,
+    before any sampling, unless `sandbox.allow_unsandboxed` accepts the risk."""
+    from r1jax.rewards import sandbox
+
+    options = config.sandbox.to_dict() if "sandbox" in config else {}
+    try:
+        cfg = sandbox.SandboxConfig(**options)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"sandbox: {e}".replace("SandboxConfig.", "sandbox.")) from e
+    if not cfg.allow_unsandboxed:
+        problem = sandbox._bwrap_problem(sandbox._interpreter(cfg.python))
+        if problem is not None:
+            raise ConfigError(
+                f"this run executes generated code, and bubblewrap cannot sandbox it here: "
+                f"{problem}. Install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap), or "
+                "accept the risk with --config.sandbox.allow_unsandboxed=True (rlimits and a "
+                "private uid only)"
+            )
+    return options
 
 
 def validate_eval(section) -> None:

@@ -109,7 +109,7 @@ def aggregate(per_prompt: Sequence[dict[str, float]]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _grading(task: Any, tests: Any) -> str:
+def grading_kind(task: Any, tests: Any) -> str:
     """The reward that decides a row's correctness: its task's verifier, code tests, or
     math-verify."""
     if task in ("arithmetic", "countdown"):
@@ -119,12 +119,12 @@ def _grading(task: Any, tests: Any) -> str:
 
 def same_answer(task: Any, tests: Any) -> Callable[[str, str], bool] | None:
     """When two extracted answers to a row are one answer, for cons@k: by the rule that grades
-    the row (`_grading`): math-verify equivalence, the same integer (arithmetic), the same
+    the row (`grading_kind`): math-verify equivalence, the same integer (arithmetic), the same
     expression up to spaces (Countdown); None (equal strings) for code."""
     from r1jax import rewards
     from r1jax.data.arithmetic import parse_int_answer
 
-    kind = _grading(task, tests)
+    kind = grading_kind(task, tests)
     if kind == "accuracy":  # answers too long to grade (scored wrong) match only themselves
         return lambda a, b: (
             max(len(a), len(b)) <= rewards.accuracy.MAX_ANSWER_CHARS and rewards.answers_match(a, b)
@@ -138,22 +138,27 @@ def same_answer(task: Any, tests: Any) -> Callable[[str, str], bool] | None:
     return None
 
 
-def grader(prompt_set: common.PromptSet):
+def grader(prompt_set: common.PromptSet, config=None):
     """`grade(texts, **columns) -> [B] float` (1.0 = correct): each sample checked by the reward
-    its row calls for (`_grading`), so a dataset mixing math, code and built-in tasks (e.g. a
-    glob over several files) grades every row by its own rule."""
+    its row calls for (`grading_kind`), so a dataset mixing math, code and built-in tasks (e.g. a
+    glob over several files) grades every row by its own rule. Code rows run under
+    `config.sandbox` (`common.sandbox_options`: refused here, before any sampling, when they
+    could not run)."""
     from r1jax import rewards
 
-    kinds = {_grading(r.get("task"), r.get("tests")) for r in prompt_set.rows}
+    kinds = {grading_kind(r.get("task"), r.get("tests")) for r in prompt_set.rows}
+    kwargs = {"code": {"sandbox": common.sandbox_options(config or {})}} if "code" in kinds else {}
     by_kind = {
-        kind: rewards.build_reward_fn({kind: 1.0, "format": 0.0}, num_workers=0)
+        kind: rewards.build_reward_fn(
+            {kind: {"weight": 1.0, "kwargs": kwargs.get(kind, {})}, "format": 0.0}, num_workers=0
+        )
         for kind in sorted(kinds)
     }
 
     def grade(texts: Sequence[str], **columns: Sequence[Any]) -> np.ndarray:
         n = len(texts)
         kinds = [
-            _grading(task, tests)
+            grading_kind(task, tests)
             for task, tests in zip(
                 columns.get("task", [None] * n), columns.get("tests", [None] * n), strict=True
             )
@@ -180,10 +185,12 @@ def evaluate(
     samples_path: str | None = None,
     progress: bool = False,
     stoppable: bool = False,
+    config=None,
 ) -> dict[str, Any]:
     """Sample k answers per held-out prompt and score them; returns overall + per-task metrics.
 
     model: a Decoder (any layout; with `mesh`, sampling runs sharded on it).
+    config: the stage config, for its `sandbox` section (code rows; defaults without one).
     progress, stoppable: a progress bar, and SIGTERM stops a multi-process run between batches
     (`common.prompt_batches`).
     """
@@ -191,7 +198,7 @@ def evaluate(
 
     k = eval_config.num_samples
     n = min(eval_config.num_prompts, len(prompt_set))
-    score = grader(prompt_set)
+    score = grader(prompt_set, config)
     per_prompt, per_task, lengths, formats, records = [], collections.defaultdict(list), [], [], []
     batches = common.prompt_batches(
         n, eval_config.batch_prompts, desc="evaluation", progress=progress, stoppable=stoppable
@@ -299,6 +306,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         else None,
         progress=config.log.progress,
         stoppable=True,
+        config=config,
     )
     result["model"] = config.model.path
     result["minutes"] = (time.time() - started) / 60  # the pipeline's report sums these

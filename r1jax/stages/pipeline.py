@@ -64,7 +64,7 @@ EVALUATED = (
 
 
 # The pipeline-level sections every stage also has; a value set at the top level applies to all.
-SHARED_SECTIONS = ("mesh", "model", "ckpt", "log")
+SHARED_SECTIONS = ("mesh", "model", "ckpt", "log", "sandbox")
 
 
 def shared_overrides(config) -> dict[str, dict[str, Any]]:

@@ -149,7 +149,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     rows = common.load_prompt_rows(config.data, "train", config.seed)
     prompts = common.PromptSet(rows, tokenizer, config.data, seed=config.seed)
     n = min(r.num_prompts, len(prompts))
-    grade = eval_stage.grader(prompts)
+    grade = eval_stage.grader(prompts, config)
     log.info(
         "rejection sampling: %d prompts x %d samples from %s", n, r.num_samples, config.model.path
     )

@@ -74,6 +74,7 @@ def reward_specs(config) -> dict[str, Any]:
     shaping rewards measure against `rl.max_completion_length` (see configs/rl.py)."""
     length = config.rl.max_completion_length
     kwargs = {
+        "code": {"sandbox": config.sandbox.to_dict() if "sandbox" in config else {}},
         "cosine_scaled": {"max_len": length},
         "overlong_penalty": {
             "max_completion_length": length,
@@ -187,6 +188,13 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     # -- the prompts, read first: a dataset the rewards cannot score is refused before any load --
     train_rows = common.load_prompt_rows(config.data, "train", config.seed)
     check_correctness_rewards(config, train_rows)
+    eval_rows = common.load_prompt_rows(config.data, "eval", config.seed)
+    evaluated = config.eval.every or config.eval.at_start
+    if config.rewards.get("code", 0) or (
+        evaluated
+        and any(eval_stage.grading_kind(r.get("task"), r.get("tests")) == "code" for r in eval_rows)
+    ):
+        common.sandbox_options(config)  # generated code must be able to run: refused here if not
 
     # -- the policy, its optimizer, and the frozen reference (only when β > 0) --
     mesh = common.make_mesh(config)
@@ -201,12 +209,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
 
     # -- prompts and the rule rewards that score their completions --
     train_set = common.PromptSet(train_rows, tokenizer, config.data, seed=config.seed)
-    eval_set = common.PromptSet(
-        common.load_prompt_rows(config.data, "eval", config.seed),
-        tokenizer,
-        config.data,
-        seed=config.seed,
-    )
+    eval_set = common.PromptSet(eval_rows, tokenizer, config.data, seed=config.seed)
     cfg = grpo_config(config, tokenizer, train_set)
     reward_fn = rewards.build_reward_fn(reward_specs(config))
     decode = functools.partial(_decode, tokenizer, train_set.completion_prefix)
@@ -253,7 +256,13 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
 
     def held_out() -> dict[str, float]:
         result = eval_stage.evaluate(
-            state.model, tokenizer, eval_set, config.eval, seed=config.seed, mesh=mesh
+            state.model,
+            tokenizer,
+            eval_set,
+            config.eval,
+            seed=config.seed,
+            mesh=mesh,
+            config=config,
         )
         scores = {f"eval/{k}": v for k, v in result.items() if not isinstance(v, dict)}
         return {**scores, "eval/accuracy": result["pass@1"]}
