@@ -65,6 +65,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from r1jax import sampling, sharding, train
+from r1jax.data.tokenizer import StopStrings
 from r1jax.models import transformer
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -538,8 +539,8 @@ class GRPOConfig:
                        micro-batches of a few rows are faster (they stay in cache); on an
                        accelerator use the fewest that fit in memory. `bnpo` then averages
                        tokens per micro-batch (as TRL does with gradient accumulation).
-    stop_token_ids:    token ids that end a completion (the tokenizer's EOS, ...).
-    stop_sequences:    token-id sequences that end a completion (e.g. "</answer>" tokenised).
+    stop_token_ids:    token ids that end a completion (the tokenizer's EOS, ...); stop strings
+                       ("</answer>") are an argument of `rollout`, not part of this static config.
     pad_token_id:      fills completions after their end.
     logprob_chunk_size: positions per chunk when turning hidden states into log-probs.
     shared_prompt_forward: run each prompt through the model once per rollout batch, not once
@@ -578,7 +579,6 @@ class GRPOConfig:
     top_p: float = 1.0
     num_micro_batches: int = 1
     stop_token_ids: tuple[int, ...] = ()
-    stop_sequences: tuple[tuple[int, ...], ...] = ()
     pad_token_id: int = 0
     logprob_chunk_size: int = 256
     shared_prompt_forward: bool = True
@@ -586,9 +586,6 @@ class GRPOConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        object.__setattr__(
-            self, "stop_sequences", tuple(tuple(int(t) for t in q) for q in self.stop_sequences)
-        )
         if self.num_generations < 2:
             raise ValueError(
                 f"grpo.num_generations must be >= 2 (advantages compare samples "
@@ -915,6 +912,7 @@ def rollout(
     cfg: GRPOConfig,
     *,
     row_ids: jax.Array | np.ndarray | None = None,
+    stop_strings: StopStrings | None = None,
 ) -> tuple[Rollouts, dict[str, jax.Array]]:
     """Sample G completions per prompt, score them, and compute everything `update` needs.
 
@@ -934,6 +932,8 @@ def rollout(
       cfg: GRPOConfig (static).
       row_ids: [P] int32 dataset row of each prompt, passed (repeated G times) to `reward_fn`
         to look up answer columns; None to call `reward_fn(tokens, lengths)`.
+      stop_strings: `data.StopStrings` ("</answer>", ...): a completion ends after the token that
+        writes one, however the tokens spell it; None = only `cfg.stop_token_ids` end one.
     Returns:
       (rollouts, metrics): a `Rollouts` over B = P * G rows sharded over the batch axes, and
       replicated float32 scalars named as TRL logs them: `reward`, `reward_std`,
@@ -958,7 +958,14 @@ def rollout(
     ref_graphdef, ref_state = nnx.split(ref) if cfg.beta > 0 else (None, None)
     shape = tuple(np.shape(prompt_ids))
     program = _rollout_program(
-        policy.mesh, policy.graphdef, ref_graphdef, reward_fn, cfg, shape, row_ids is not None
+        policy.mesh,
+        policy.graphdef,
+        ref_graphdef,
+        reward_fn,
+        cfg,
+        shape,
+        row_ids is not None,
+        bool(stop_strings),
     )
     # Host prompts (the same on every process) become global arrays in the program's input
     # shardings: jit refuses numpy for a sharding split over processes.
@@ -970,8 +977,11 @@ def rollout(
     prompt_ids, prompt_mask = (placed(x, rows) for x in (prompt_ids, prompt_mask))
     if row_ids is not None:
         row_ids = placed(row_ids, by_row)
+    table = None
+    if stop_strings:
+        table = placed(stop_strings.table, NamedSharding(policy.mesh, PartitionSpec()))
     with jax.set_mesh(policy.mesh), sharding.use_rules(sharding.SAMPLING_RULES):
-        return program(policy.state, ref_state, prompt_ids, prompt_mask, key, row_ids)
+        return program(policy.state, ref_state, prompt_ids, prompt_mask, key, row_ids, table)
 
 
 def _prompt_shardings(mesh: Mesh, shape: tuple[int, int]) -> tuple[NamedSharding, NamedSharding]:
@@ -992,6 +1002,7 @@ def _rollout_program(
     cfg: GRPOConfig,
     prompt_shape: tuple[int, int],
     with_row_ids: bool,
+    with_stop_table: bool,
 ) -> Callable:
     """The jitted rollout for one set of static inputs (weights keep the layout they arrive in)."""
     rules = sharding.SAMPLING_RULES
@@ -1009,7 +1020,15 @@ def _rollout_program(
     )
     return jax.jit(
         body,
-        in_shardings=(None, None, rows, rows, replicated, row_ids if with_row_ids else None),
+        in_shardings=(
+            None,
+            None,
+            rows,
+            rows,
+            replicated,
+            row_ids if with_row_ids else None,
+            replicated if with_stop_table else None,
+        ),
         out_shardings=(samples, replicated),
     )
 
@@ -1021,6 +1040,7 @@ def _rollout(
     prompt_mask,
     key,
     row_ids,
+    stop_table,
     *,
     policy_graphdef,
     ref_graphdef,
@@ -1038,7 +1058,7 @@ def _rollout(
         max_new_tokens=cfg.max_completion_length,
         cfg=cfg.sampling_config(),
         stop_ids=cfg.stop_token_ids,
-        stop_sequences=cfg.stop_sequences,
+        stop_table=stop_table,
         pad_id=cfg.pad_token_id,
         first_window=cfg.decode_first_window,
     )

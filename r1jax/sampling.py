@@ -9,7 +9,8 @@ GRPO spends most of its time here. One call samples G completions for each of P 
               into the front of one [P, Tp + W] cache (one attention segment per step);
   3. decode   a `lax.while_loop` feeds one token per row per step, writes it into the cache,
               samples the next token, and stops as soon as every row has emitted a stop token
-              or ended in a stop sequence (a multi-token string such as "</answer>"). The
+              or written a stop string ("</answer>", found in the text by an automaton over
+              the tokens, `data.StopStrings`, however they spell it). The
               per-row cache starts at W = `first_window` slots and doubles as it fills, up to
               max_new (one loop per phase, `decode_windows`): once past the first window a step
               attends over less than 3x the slots written so far (2x between doublings), not
@@ -52,6 +53,7 @@ from flax import nnx
 
 from r1jax import sharding
 from r1jax.data.batching import DEFAULT_BUCKETS, batch_prompt_ids
+from r1jax.data.tokenizer import StopStrings
 from r1jax.models.transformer import KVCache
 
 log = logging.getLogger(__name__)
@@ -237,21 +239,20 @@ class _LoopState:
     logprobs: jax.Array  # [B, max_new]
     done: jax.Array  # [B] bool: row has produced a stop token
     lengths: jax.Array  # [B]
-    recent: jax.Array  # [B, K] int32: the last K tokens of each row (K = longest stop sequence)
+    stop_state: jax.Array  # [B] int32: each row's state in the stop-string automaton
     cache: KVCache
 
 
-def _ends_in_stop(recent: jax.Array, stops: tuple[tuple[int, ...], ...]) -> jax.Array:
-    """[B, K] last tokens of each row -> [B] bool: the row ends in one of the stop sequences.
-
-    Single tokens are one `isin`; each longer sequence compares the last len(s) tokens.
-    """
-    singles = [s[0] for s in stops if len(s) == 1]
-    hit = jnp.isin(recent[:, -1], jnp.asarray(singles or [-1], jnp.int32))
-    for seq in (s for s in stops if len(s) > 1):
-        tail = recent[:, recent.shape[1] - len(seq) :]
-        hit = hit | jnp.all(tail == jnp.asarray(seq, jnp.int32), axis=1)
-    return hit
+def _stop_table(table: jax.Array, vocab: int) -> jax.Array:
+    """`StopStrings.table` [Q, V'] as [Q, vocab] int32: ids past the tokenizer's vocabulary (an
+    embedding padded beyond it) leave the state as it is, ids past the embedding are never
+    sampled."""
+    table = table.astype(jnp.int32)[:, :vocab]
+    q, width = table.shape
+    if width < vocab:
+        same = jnp.broadcast_to(jnp.arange(q, dtype=jnp.int32)[:, None], (q, vocab - width))
+        table = jnp.concatenate([table, same], axis=1)
+    return table
 
 
 def _record(
@@ -259,11 +260,13 @@ def _record(
     logits: jax.Array,
     u: jax.Array,
     cfg: SamplingConfig,
-    stops: tuple[tuple[int, ...], ...],
+    stop_ids: tuple[int, ...],
+    stop_table: jax.Array | None,
     pad_id: int,
 ) -> _LoopState:
     """Sample the token at `state.step` from logits [B, V] with uniforms u [B] and append it to
-    rows still running; a row is done once it ends in a stop sequence."""
+    rows still running; a row is done after a stop token, or once its text holds a stop string
+    (`stop_table` [Q, V]: the automaton of `data.StopStrings`; None = no stop strings)."""
     token = cfg.choose(logits, u)
     # log p(token) without materialising a [B, V] log_softmax: logit - logsumexp.
     logp = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(
@@ -272,15 +275,19 @@ def _record(
     live = ~state.done
     token = jnp.where(live, token, pad_id)
     step = state.step
-    recent = jnp.concatenate([state.recent[:, 1:], token[:, None]], axis=1)
+    stop = jnp.isin(token, jnp.asarray(stop_ids or (-1,), jnp.int32))
+    stop_state = state.stop_state
+    if stop_table is not None:
+        stop_state = jnp.where(live, stop_table[stop_state, token], stop_state)
+        stop = stop | (stop_state == stop_table.shape[0] - 1)
     return state.replace(
         step=step + 1,
         last=token,
         tokens=state.tokens.at[:, step].set(token),
         logprobs=state.logprobs.at[:, step].set(jnp.where(live, logp, 0.0)),
         lengths=state.lengths + live.astype(jnp.int32),
-        recent=recent,
-        done=state.done | (live & _ends_in_stop(recent, stops)),
+        stop_state=stop_state,
+        done=state.done | (live & stop),
     )
 
 
@@ -336,7 +343,6 @@ def decode_windows(max_new_tokens: int, first_window: int) -> tuple[int, ...]:
         "max_new_tokens",
         "cfg",
         "stop_ids",
-        "stop_sequences",
         "pad_id",
         "first_window",
     ),
@@ -352,7 +358,7 @@ def sample(
     max_new_tokens: int,
     cfg: SamplingConfig,
     stop_ids: tuple[int, ...] = (),
-    stop_sequences: tuple[tuple[int, ...], ...] = (),
+    stop_table: jax.Array | None = None,
     pad_id: int = 0,
     first_window: int = DEFAULT_FIRST_WINDOW,
 ) -> SampleOutput:
@@ -363,8 +369,9 @@ def sample(
     prompt_mask:      [P, Tp] int32, 1 = token, 0 = pad
     key:              PRNG key; the same key gives the same samples on any mesh
     stop_ids:         tokens that end a row (EOS, ...)
-    stop_sequences:   token sequences that end a row once it ends in one (e.g. the tokenisations
-                      of "</answer>"; see `r1jax.data.stop_sequences`); included in the output
+    stop_table:       [Q, V'] `data.StopStrings.table` (replicated): a row ends after the token
+                      that completes one of its strings in the text (e.g. "</answer>" however it
+                      is tokenised); included in the output. None = no stop strings
     first_window:     completion slots of the per-row cache in the first decode phase; the cache
                       doubles as it fills (`decode_windows`); 0 = max_new_tokens slots throughout
     Returns a SampleOutput over B = P * num_samples rows.
@@ -399,8 +406,8 @@ def sample(
     uniforms = sharding.constrain(
         jax.random.uniform(key, (max_new_tokens, b), jnp.float32), (None, "batch")
     )
-    stops = tuple((int(t),) for t in stop_ids) + tuple(tuple(map(int, q)) for q in stop_sequences)
-    window = max([len(q) for q in stops] + [1])
+    if stop_table is not None:
+        stop_table = _stop_table(stop_table, first_logits.shape[-1])
     zeros = jnp.zeros((b,), jnp.int32)
     loop = _LoopState(
         step=jnp.zeros((), jnp.int32),
@@ -409,10 +416,10 @@ def sample(
         logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
         done=jnp.zeros((b,), bool),
         lengths=zeros,
-        recent=jnp.full((b, window), -1, jnp.int32),
+        stop_state=zeros,
         cache=cache,
     )
-    loop = _record(loop, first_logits, uniforms[0], cfg, stops, pad_id)
+    loop = _record(loop, first_logits, uniforms[0], cfg, stop_ids, stop_table, pad_id)
 
     # 3. Decode one token per row per step until every row stopped or the budget is spent, in
     # phases: each runs until its cache is full, then the cache is copied into one twice as long.
@@ -425,7 +432,7 @@ def sample(
             s.last[:, None], (~s.done).astype(jnp.int32)[:, None], cache=s.cache
         )
         s = s.replace(cache=new_cache)
-        return _record(s, logits[:, 0], uniforms[s.step], cfg, stops, pad_id)
+        return _record(s, logits[:, 0], uniforms[s.step], cfg, stop_ids, stop_table, pad_id)
 
     for i, slots in enumerate(windows):
         if i:
@@ -489,7 +496,7 @@ def generate(
     num_samples: int = 1,
     seed: int = 0,
     *,
-    stop_sequences: Sequence[Sequence[int]] = (),
+    stop_strings: StopStrings | None = None,
     pad_id: int = 0,
     mesh=None,
     buckets: Sequence[int] = DEFAULT_BUCKETS,
@@ -497,8 +504,9 @@ def generate(
 ) -> GenerateOutput:
     """Sample completions for a list of prompts (ragged token-id lists, or a [P, T] array).
 
-    A row ends at any of `stop_token_ids` or once it ends in one of `stop_sequences` (token-id
-    sequences, e.g. from `r1jax.data.stop_sequences(tokenizer)`); the stop is kept in the output.
+    A row ends at any of `stop_token_ids` or once its text holds one of `stop_strings`
+    (`r1jax.data.StopStrings.for_tokenizer(tokenizer, ["</answer>"])`: found however the
+    tokens spell it); the stop is kept in the output.
     Prompts are left-padded to the smallest bucket length that fits (longer prompts are an error);
     with `mesh`, the batch is sharded over its batch axes (P * num_samples must then divide by them)
     and the model should already be placed on it. `first_window`: see `sample`.
@@ -520,9 +528,6 @@ def generate(
     # (a stop id past the vocabulary, e.g. a tokenizer's extra special token, is never sampled:
     # harmless, so only its type is checked)
     stop_ids = _token_ids(stop_token_ids, "stop_token_ids")
-    stop_seqs = tuple(_token_ids(q, "stop_sequences") for q in stop_sequences)
-    if any(len(q) == 0 for q in stop_seqs):
-        raise ValueError("stop_sequences must not contain an empty sequence")
     for i, p in enumerate(prompts):  # an id past the embedding would give NaN logits silently
         _token_ids(p, f"prompts[{i}]", vocab)
     batch = batch_prompt_ids(prompts, pad_id=pad_id, buckets=buckets)
@@ -536,7 +541,7 @@ def generate(
         max_new_tokens,
         cfg,
         stop_ids,
-        stop_seqs,
+        None if not stop_strings else stop_strings.table.shape,
         pad_id,
         first_window,
     )
@@ -555,14 +560,18 @@ def generate(
         max_new_tokens=max_new_tokens,
         cfg=cfg,
         stop_ids=stop_ids,
-        stop_sequences=stop_seqs,
         pad_id=pad_id,
         first_window=first_window,
     )
     if mesh is None:
+        if stop_strings:
+            kwargs["stop_table"] = jnp.asarray(stop_strings.table)
         out = sample(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), key, **kwargs)
     else:
         sharding.check_mesh(mesh)
+        if stop_strings:
+            everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            kwargs["stop_table"] = sharding.from_host(stop_strings.table, everywhere)
         with jax.set_mesh(mesh), sharding.use_rules(sharding.SAMPLING_RULES):
             batch = (
                 sharding.shard_batch({"ids": ids, "mask": mask}, mesh, sharding.SAMPLING_RULES)

@@ -639,7 +639,7 @@ def test_every_rl_field_of_the_grpo_config_reaches_it():
     cfg = rl.grpo_config(
         config,
         types.SimpleNamespace(pad_token_id=0),
-        types.SimpleNamespace(stop_token_ids=(1,), stop_sequences=()),
+        types.SimpleNamespace(stop_token_ids=(1,)),
     )
     for name in shared:
         if name != "num_micro_batches":  # 0 there means automatic

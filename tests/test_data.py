@@ -423,15 +423,43 @@ def test_tokenizer_round_trip_digits_and_tags(tok, tok_texts):
     assert kept == "assistant\n<think>a</think><answer>7</answer>"
 
 
-def test_stop_sequences_catch_answer_tag_in_context(tok):
-    seqs = data.stop_sequences(tok)
-    assert seqs and all(seqs)
-    for text in ("<answer>15</answer>", "<answer> 15 </answer>", "<answer>\n15\n</answer>"):
-        ids = tuple(tok(text, add_special_tokens=False)["input_ids"])
-        assert any(ids[-len(q) :] == q for q in seqs), text
-        # ... and not before the closing tag is complete.
-        assert not any(ids[-len(q) - 1 : -1] == q for q in seqs), text
-    assert data.stop_sequences(tok, ()) == ()
+def test_stop_strings_are_found_in_the_text_whatever_tokens_spell_it(tok):
+    """Byte-level BPE merges "</" with what precedes it (")</", "$</"): token-id stop sequences
+    of the bare and space-led spellings missed those, and generation ran to its budget."""
+    import random
+
+    stops = ("</answer>", "\nUser:")
+    found = data.StopStrings.for_tokenizer(tok, stops)
+    table, accept = found.table, found.table.shape[0] - 1
+    texts = data.tokenizer.token_texts(tok)
+
+    def first_stop(ids):  # the automaton, as the sampler runs it
+        q = 0
+        for n, t in enumerate(ids):
+            q = table[q, t]
+            if q == accept:
+                return n
+        return None
+
+    def reference(ids):  # the decoded text searched with `in`
+        for n in range(len(ids)):
+            if any(s in tok.decode(ids[: n + 1], skip_special_tokens=True) for s in stops):
+                return n
+        return None
+
+    for text in ("(7)</answer>", "f(x)</answer> more", "$x$</answer>", "7 )</answer>\n\nUser:",
+                 "<answer>15</answer>", "a\n\nUser: b", "<answer>1</ans"):  # fmt: skip
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert first_stop(ids) == reference(ids), (text, tok.convert_ids_to_tokens(ids))
+    merged = [i for i, t in enumerate(texts) if t.endswith("</") and t != "</"]
+    assert merged, "the toy vocabulary merges '</' with what precedes it"
+    # Random spellings: pieces of the stop strings and random tokens, against the decoded text.
+    rng = random.Random(0)
+    pieces = [i for i, t in enumerate(texts) if t and any(t in s or s in t for s in stops)]
+    for _ in range(300):
+        ids = [rng.choice(pieces if rng.random() < 0.7 else range(len(texts))) for _ in range(8)]
+        assert first_stop(ids) == reference(ids), tok.convert_ids_to_tokens(ids)
+    assert not data.StopStrings.for_tokenizer(tok, ())
 
 
 def test_tokenizer_training_is_deterministic(tmp_path, tok_texts):

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from helpers import VOCAB, hf_checkpoint, torch_model
 
-from r1jax import grpo, sampling, sharding
+from r1jax import data, grpo, sampling, sharding
 from r1jax.models import hf
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [40, 41, 42, 43, 44], [1, 2]]
@@ -168,32 +168,30 @@ def test_stop_tokens_end_rows_and_truncation_is_marked():
             assert dev.stop_reason[i] == sampling.LENGTH and dev.lengths[i] == 8
 
 
-def _first_end(tokens, seqs):
-    """Reference: the completion length at which a row first ends in one of `seqs`, or None."""
-    for n in range(1, len(tokens) + 1):
-        if any(len(q) <= n and tuple(tokens[n - len(q) : n]) == q for q in seqs):
-            return n
-    return None
-
-
-def test_stop_sequences_end_rows_where_they_complete():
+def test_stop_strings_end_rows_after_the_token_that_completes_them():
+    """A row ends once its completion's text holds a stop string, wherever the string starts:
+    inside a token, across several, never in the prompt."""
     free = sampling.generate(model(), PROMPTS, max_new_tokens=8, temperature=0.0)
-    seqs = (
-        tuple(free.tokens[0][2:4]),  # row 0 ends at its 4th token (or where this pair first ends)
-        tuple(free.tokens[1][4:7]),  # a three-token sequence of row 1
-        (PROMPTS[2][-1], free.tokens[2][0]),  # straddles the prompt: must not stop row 2 at once
+    vocab = model().cfg.vocab_size
+    texts = [f"<{i}>" for i in range(vocab - 3)]  # narrower than the embedding, like Qwen's
+
+    def text(ids):
+        return "".join(texts[t] if t < len(texts) else "" for t in ids)
+
+    strings = (
+        text(free.tokens[0][2:4])[2:],  # starts inside row 0's 3rd token, ends with its 4th
+        text(free.tokens[1][4:7]),  # three tokens of row 1
+        text([PROMPTS[2][-1], free.tokens[2][0]]),  # straddles the prompt: must not stop row 2
     )
-    out = sampling.generate(
-        model(), PROMPTS, max_new_tokens=8, temperature=0.0, stop_sequences=seqs
-    )
+    found = data.StopStrings(texts, strings)
+    out = sampling.generate(model(), PROMPTS, max_new_tokens=8, temperature=0.0, stop_strings=found)
     dev = jax.device_get(out.device)
     for i, tokens in enumerate(free.tokens):
-        n = _first_end(tokens, seqs)
+        ends = [n for n in range(1, 9) if any(s in text(tokens[:n]) for s in strings)]
+        n = ends[0] if ends else None
         assert out.tokens[i] == tokens[: n or 8], i
         assert dev.stop_reason[i] == (sampling.LENGTH if n is None else sampling.STOP_TOKEN)
     assert len(out.tokens[0]) <= 4 and len(out.tokens[1]) <= 7 and len(out.tokens[2]) > 1
-    with pytest.raises(ValueError, match="empty"):
-        sampling.generate(model(), PROMPTS, max_new_tokens=4, stop_sequences=((),))
 
 
 def test_early_exit_when_every_row_stopped():

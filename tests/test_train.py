@@ -277,6 +277,7 @@ def test_reference_model_is_only_run_when_beta_is_positive(monkeypatch):
                 prompts,
                 jax.random.key(0),
                 None,
+                None,
                 policy_graphdef=policy_graphdef,
                 ref_graphdef=ref_graphdef if with_ref else None,
                 reward_fn=EvenTokens(),

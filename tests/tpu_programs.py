@@ -204,16 +204,18 @@ def main(data: int, fsdp: int, tensor: int, expert: int = 1) -> None:
 
     even_tokens.names = ("even",)
     program = grpo._rollout_program(
-        mesh, policy.graphdef, None, even_tokens, gcfg, (PROMPTS, PROMPT_LEN), False
+        mesh, policy.graphdef, None, even_tokens, gcfg, (PROMPTS, PROMPT_LEN), False, True
     )
     rows, _ = grpo._prompt_shardings(mesh, (PROMPTS, PROMPT_LEN))
     ids = jax.ShapeDtypeStruct((PROMPTS, PROMPT_LEN), jnp.int32, sharding=rows)
+    everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     key = jax.ShapeDtypeStruct(
-        (), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-        sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-    )  # fmt: skip
+        (), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=everywhere
+    )
+    # The stop-string automaton ("</answer>": 10 states), replicated like the sampler's.
+    stop_table = jax.ShapeDtypeStruct((10, cfg.vocab_size), jnp.int8, sharding=everywhere)
     with jax.set_mesh(mesh), sharding.use_rules(sharding.SAMPLING_RULES):
-        args = (policy.state, None, ids, ids, key, None)
+        args = (policy.state, None, ids, ids, key, None, stop_table)
         compile_("rollout", program.lower(*args))
         rollouts, _ = jax.eval_shape(program, *args)
     # 3. The update: its batch placed abstractly.

@@ -46,14 +46,15 @@ from r1jax.data.templates import (
     think_answer,
 )
 from r1jax.data.tokenizer import (
+    StopStrings,
     load_tokenizer,
-    stop_sequences,
     stop_token_ids,
     train_tokenizer,
     train_toy_tokenizer,
 )
 
 __all__ = [
+    "StopStrings",
     "DEFAULT_BUCKETS",
     "R1_SYSTEM_PROMPT",
     "R1_ZERO_TEMPLATE",
@@ -87,7 +88,6 @@ __all__ = [
     "sample_path",
     "shard_rows",
     "split_of",
-    "stop_sequences",
     "stop_token_ids",
     "think_answer",
     "tokenize_prompts",

@@ -14,7 +14,7 @@ Notable choices:
   never saw these tags in pretraining can still write them by copying them from the prompt, the
   way it learned to copy other tag names; a dedicated token it never saw would have an untrained
   embedding and could not be produced. Generation stops at "</answer>" through
-  ``stop_sequences``.
+  ``StopStrings``, which matches the decoded text whatever tokens spell it (")</" "answer" ">").
 - No BOS token and no post-processor: documents are separated by EOS, as in Qwen.
 - Training is deterministic for the same texts and vocabulary size (checked in the tests).
 - The config names ``PreTrainedTokenizerFast`` as its class and embeds the chat template, so
@@ -177,23 +177,80 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
     return tuple(sorted({i for i in ids if i is not None}))
 
 
-def stop_sequences(tokenizer, strings=("</answer>",)) -> tuple[tuple[int, ...], ...]:
-    """Token-id sequences that end a generation when a row's tokens end in one of them.
+class StopStrings:
+    """Stop strings found in the decoded text of a generation, whatever tokens spell them.
 
-    A string has several tokenisations in context: byte-level BPE merges a leading space into the
-    first piece (" </" vs "</"), while a newline or a digit before it is a piece of its own. Both
-    the bare and the space-led tokenisation of each string are returned (a sequence that ends in
-    another one is redundant and dropped); other spellings of the string are not caught.
+    A string has many tokenisations in context: byte-level BPE merges "</" with what precedes it
+    (")</", "$</", " </"), and a generation may split it anywhere. So the sampler does not compare
+    token ids: it runs an automaton over the text of each token it samples. State q < Q - 1 is the
+    longest end of the text so far that begins one of the strings; Q - 1 means one of them has
+    appeared (the row stops after that token, as transformers' `StopStringCriteria` does).
+    `table` [Q, V] is the state after a token from each state, precomputed over the vocabulary, so
+    a decode step reads one entry per row.
+
+    Token texts are read as a completion decodes (`token_texts`): special tokens are empty, and a
+    character split over several tokens (multi-byte UTF-8 in byte-level BPE) is not seen whole;
+    strings made of such characters are not found.
     """
-    seqs = set()
-    for text in strings:
-        for variant in (text, " " + text):
-            ids = tuple(tokenizer.encode(variant, add_special_tokens=False))
-            if ids:
-                seqs.add(ids)
-    return tuple(
-        sorted(q for q in seqs if not any(len(o) < len(q) and q[-len(o) :] == o for o in seqs))
+
+    def __init__(self, texts: Sequence[str], strings: Sequence[str]):
+        import numpy as np
+
+        self.strings = tuple(dict.fromkeys(s for s in strings if s))
+        # States: every proper prefix of a string ("" first), then the accepting state.
+        prefixes = sorted({s[:i] for s in self.strings for i in range(len(s))} | {""}, key=len)
+        index = {p: q for q, p in enumerate(prefixes)}
+        accept = len(prefixes)
+        alphabet = {c: a for a, c in enumerate(sorted({c for s in self.strings for c in s}))}
+        other, end = len(alphabet), len(alphabet) + 1  # any other character; past a token's end
+        step = np.zeros((accept + 1, end + 1), np.int32)  # the character automaton
+        for p, q in index.items():
+            for c, a in alphabet.items():
+                text = p + c
+                if any(text.endswith(s) for s in self.strings):
+                    step[q, a] = accept
+                else:  # the longest end of `text` that begins a string
+                    step[q, a] = next(
+                        index[text[i:]] for i in range(len(text) + 1) if text[i:] in index
+                    )
+            step[q, end] = q
+        step[accept, :] = accept
+        # Run every token's characters through it from every state at once, longest tokens
+        # first so that step i only touches the tokens that have an i-th character.
+        lengths = np.array([len(t) for t in texts], np.int64)
+        order = np.argsort(-lengths, kind="stable")
+        chars = np.full((len(texts), int(lengths.max(initial=0))), end, np.int32)
+        for row, t in enumerate(order):
+            chars[row, : lengths[t]] = [alphabet.get(c, other) for c in texts[t]]
+        states = np.tile(np.arange(accept + 1, dtype=np.int32), (len(texts), 1))  # [V, Q]
+        active = np.searchsorted(-lengths[order], -np.arange(chars.shape[1]), side="right")
+        for i, n in enumerate(active):  # n tokens are longer than i characters
+            states[:n] = step[states[:n], chars[:n, i : i + 1]]
+        table = np.empty_like(states)
+        table[order] = states
+        dtype = np.int8 if accept < 128 else np.int16 if accept < 2**15 else np.int32
+        self.table = np.ascontiguousarray(table.T.astype(dtype))  # [Q, V]
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, strings: Sequence[str]) -> StopStrings:
+        return cls(token_texts(tokenizer), strings)
+
+    def __bool__(self) -> bool:
+        return bool(self.strings)
+
+
+def token_texts(tokenizer) -> list[str]:
+    """Each token's text as it reads inside a decoded completion (`skip_special_tokens`).
+
+    Decoded after an anchor token and with the anchor's text cut off: a SentencePiece token's
+    leading space ("▁</") survives, which decoding the token alone drops.
+    """
+    anchor = tokenizer.encode("a", add_special_tokens=False)[:1]
+    lead = tokenizer.decode(anchor, skip_special_tokens=True)
+    pairs = tokenizer.batch_decode(
+        [anchor + [i] for i in range(len(tokenizer))], skip_special_tokens=True
     )
+    return [p[len(lead) :] if p.startswith(lead) else p for p in pairs]
 
 
 def toy_tokenizer_texts(

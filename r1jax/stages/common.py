@@ -727,8 +727,8 @@ class PromptSet:
     rows:       dataset rows (prompt, solution, task, meta, tests, language, ...)
     token_ids:  tokenised templated prompt of each row
     columns:    {column: [N] values}, what reward functions look up by row id
-    stop_token_ids, stop_sequences: what ends a completion (EOS / end of turn; the tokenisations
-                of `data.stop_strings`), for the sampler
+    stop_token_ids, stop_strings: what ends a completion (EOS / end of turn; `data.stop_strings`
+                found in the text, `data.StopStrings`), for the sampler
     Batch b of an epoch is a slice of a permutation seeded by (seed, epoch), so the data position
     is a function of the step number alone and resuming needs nothing more.
     """
@@ -769,7 +769,7 @@ class PromptSet:
             self.template, self.prefill_think, self.prompts[0] if self.prompts else None
         )
         self.stop_token_ids = toks.stop_token_ids(tokenizer)
-        self.stop_sequences = toks.stop_sequences(tokenizer, tuple(data_config.stop_strings))
+        self.stop_strings = toks.StopStrings.for_tokenizer(tokenizer, data_config.stop_strings)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -778,7 +778,7 @@ class PromptSet:
         """What `sampling.generate` needs to know about these prompts: stops, padding, buckets."""
         return {
             "stop_token_ids": self.stop_token_ids,
-            "stop_sequences": self.stop_sequences,
+            "stop_strings": self.stop_strings,
             "pad_id": self.pad_id,
             "buckets": self.buckets,
         }

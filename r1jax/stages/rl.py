@@ -59,7 +59,6 @@ def grpo_config(config, tokenizer, prompt_set: common.PromptSet) -> grpo.GRPOCon
                 config, "rl", r.prompts_per_step * r.num_generations
             ),
             stop_token_ids=prompt_set.stop_token_ids,
-            stop_sequences=prompt_set.stop_sequences,
             pad_token_id=tokenizer.pad_token_id or 0,
             shared_prompt_forward=r.shared_prompt_forward,
             decode_first_window=r.decode_first_window,
@@ -288,6 +287,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             scorer,
             cfg,
             row_ids=row_ids,
+            stop_strings=train_set.stop_strings,
         )
         if reward_model is not None:
             rollouts, rollout_metrics = _add_reward_model(
