@@ -26,8 +26,10 @@ Notable choices:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -48,17 +50,41 @@ _MODEL, _OPTIMIZER, _EXTRA = "model", "optimizer", "extra"
 
 
 class Preempted(KeyboardInterrupt):
-    """Raised on every process at one point where a multi-process run was told to stop (JAX's
-    preemption notice: SIGTERM to the processes): by `Checkpointer.save` once that step's
-    checkpoint is written, by `stop_if_preempted` in loops that keep no checkpoints. A
-    KeyboardInterrupt, so that it ends a run the way Ctrl-C does."""
+    """Raised on every process at one point where a run was told to stop (a multi-process run:
+    JAX's preemption notice, SIGTERM to the processes; one process: SIGTERM or Ctrl-C, see
+    `stop_at_next_sync_point`): by `Checkpointer.save` once that step's checkpoint is written, by
+    `stop_if_preempted` in loops that keep no checkpoints. A KeyboardInterrupt, so that it ends a
+    run the way Ctrl-C does."""
 
     def __init__(self, where: str, saved: bool = True):
         saved_note = "; its checkpoint is saved" if saved else ""
-        super().__init__(f"stopped at {where} (SIGTERM / preemption){saved_note}")
+        super().__init__(f"stopped at {where} (SIGTERM / Ctrl-C / preemption){saved_note}")
 
 
 _sync_calls = 0  # sync points asked in this process (`Checkpointer.save`, `stop_if_preempted`)
+_stop_asked = False  # one process: a SIGTERM / SIGINT came (`stop_at_next_sync_point`)
+
+
+def stop_at_next_sync_point() -> None:
+    """One process: SIGTERM and Ctrl-C ask the run to stop at its next sync point, where
+    `Checkpointer.save` saves that step first (a KeyboardInterrupt raised wherever the program was
+    could land inside orbax's save and lose the step being written); a second signal stops at
+    once. Multi-process runs stop through JAX's preemption notice instead."""
+
+    def ask(signum, frame):
+        global _stop_asked
+        if _stop_asked:
+            raise KeyboardInterrupt
+        _stop_asked = True
+        print(
+            f"{signal.Signals(signum).name}: stopping after this step's checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, ask)
 
 
 def _sync_point() -> bool:
@@ -74,6 +100,8 @@ def _sync_point() -> bool:
 
     global _sync_calls
     _sync_calls += 1
+    if _stop_asked:
+        return True
     try:
         return bool(multihost_utils.reached_preemption_sync_point(_sync_calls))
     except RuntimeError:  # no distributed client / preemption service: nothing to agree on
@@ -192,6 +220,7 @@ class Checkpointer:
         self._preempted = False
         self._manager.reached_preemption = lambda step: self._preempted
         paths.track_open(self)  # closed even if the stage using it fails (stages.common)
+        _leave_failed_writes_to_checkpoint_error()
 
     # ---------------------------------------------------------------------------------- queries
 
@@ -268,11 +297,13 @@ class Checkpointer:
         scalars = None
         if self.best_metric is not None:
             scalars = {k: float(np.asarray(v)) for k, v in (metrics or {}).items()}
-        saved = self._manager.save(
-            step, args=ocp.args.Composite(**items), metrics=scalars, force=True
-        )
+        with self._writing():
+            saved = self._manager.save(
+                step, args=ocp.args.Composite(**items), metrics=scalars, force=True
+            )
+            if preempted:
+                self._manager.wait_until_finished()
         if preempted:
-            self._manager.wait_until_finished()
             raise Preempted(f"step {step}")
         return saved
 
@@ -358,8 +389,27 @@ class Checkpointer:
     # ---------------------------------------------------------------------------------- lifecycle
 
     def wait(self) -> None:
-        """Block until background writes have committed (and raise if one failed)."""
-        self._manager.wait_until_finished()
+        """Block until background writes have committed (CheckpointError if one failed)."""
+        with self._writing():
+            self._manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A failed write (a full disk, a folder made read-only) as one CheckpointError: the
+        save that failed may be this one or the previous one, still committing in the
+        background; the checkpoints committed before it are whole either way."""
+        global _write_failed
+        try:
+            yield
+        except Exception as err:  # orbax re-raises its writer threads' errors here
+            _write_failed = True
+            cause = next((c for c in _WRITE_FAILURES if c in str(err)), None)
+            raise CheckpointError(
+                f"Writing a checkpoint into {self.directory} failed: "
+                f"{cause + ' (' if cause else '('}{_first_line(err)}); "
+                "the checkpoints committed there before it are intact, and the same command "
+                "resumes from the last of them once there is room"
+            ) from None
 
     def close(self) -> None:
         """Finish pending writes and release orbax's threads."""
@@ -434,6 +484,41 @@ class Checkpointer:
 # --------------------------------------------------------------------------------------------------
 # HF export and small helpers
 # --------------------------------------------------------------------------------------------------
+
+
+_WRITE_FAILURES = ("No space left on device", "Read-only file system", "Permission denied",
+                   "Disk quota exceeded", "File too large")  # fmt: skip
+
+
+_write_failed = False  # a CheckpointError for a failed write was raised: the run is ending
+
+
+def _leave_failed_writes_to_checkpoint_error() -> None:
+    """orbax logs a failed write from each of its writer threads, with the traceback (a full disk
+    gave ~450 lines), and asyncio the writes still in flight ("Task exception was never
+    retrieved"); the error reaches the main thread at the next `save` / `wait`, where it becomes
+    one CheckpointError naming the folder and the cause. Those reports are dropped: error
+    records of orbax (absl's logger) and of asyncio that name one of these causes, and once the
+    CheckpointError is out, every such record (orbax's threads winding down as the run ends).
+    Installed once."""
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if any(getattr(f, "_r1jax_failed_writes", False) for f in logger.filters):
+            continue
+
+        def keep(record: logging.LogRecord, name=name) -> bool:
+            if record.levelno < logging.ERROR or (
+                name == "absl" and "orbax" not in record.pathname
+            ):
+                return True
+            error = record.exc_info[1] if record.exc_info else None
+            text = f"{record.getMessage()} {error}"
+            if name == "asyncio" and "orbax" not in text:
+                return True
+            return not (_write_failed or any(cause in text for cause in _WRITE_FAILURES))
+
+        keep._r1jax_failed_writes = True
+        logger.addFilter(keep)
 
 
 def drop_abandoned_read_reports(step_dir: str | None = None) -> None:

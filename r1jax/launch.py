@@ -19,7 +19,6 @@ here, before anything touches a device (see `r1jax.sharding.initialize_distribut
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 STAGES = ("pretrain", "sft", "rl", "rejection_sampling", "distill", "eval", "pipeline")
@@ -123,16 +122,21 @@ def main(argv: list[str] | None = None) -> None:
                 jax.distributed.shutdown()
                 sys.exit(1)
             sys.exit(error)
-        from r1jax.checkpoint import CheckpointError, Preempted, drop_abandoned_read_reports
+        from r1jax.checkpoint import (
+            CheckpointError,
+            Preempted,
+            drop_abandoned_read_reports,
+            stop_at_next_sync_point,
+        )
         from r1jax.models.hf import CheckpointError as ModelFolderError
         from r1jax.train import Diverged
 
         drop_abandoned_read_reports()  # a failed restore ends in its one-line error alone
         if jax.process_count() == 1:
-            # SIGTERM (`tpu_pod.sh stop`, a scheduler) ends a run as Ctrl-C does: the checkpoint
-            # being written commits. With several processes JAX's preemption notice takes SIGTERM
+            # SIGTERM (`tpu_pod.sh stop`, a scheduler) and Ctrl-C stop the run after it saves
+            # the step it is on. With several processes JAX's preemption notice takes SIGTERM
             # instead, and every process stops at one step (`checkpoint.Preempted`).
-            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            stop_at_next_sync_point()
         try:
             common.run_stage(stage, config, workdir)
         except (common.ConfigError, CheckpointError, ModelFolderError, Diverged) as e:

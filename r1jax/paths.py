@@ -61,12 +61,18 @@ def check_workdir(path: str | os.PathLike) -> None:
             f"{', '.join(p + '...' for p in CLOUD_PREFIXES)} URI"
         )
     if not is_remote(path):
-        try:  # created now (as the stage would) and written to once: a file in the way, no
-            os.makedirs(path, exist_ok=True)  # permission or a read-only disk is named here
-            with tempfile.TemporaryFile(dir=path):
-                pass
-        except OSError as e:
-            raise ValueError(f"workdir {path!r} cannot be written ({e.strerror})") from None
+        # Created now (as the stage would) and written to once: a file in the way, no permission
+        # or a read-only disk is named here; so is a checkpoints/ folder a resumed run would
+        # write into (mounted read-only, or another user's).
+        for folder in (path, os.path.join(path, "checkpoints")):
+            if folder != path and not os.path.isdir(folder):
+                continue
+            try:
+                os.makedirs(folder, exist_ok=True)
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError as e:
+                raise ValueError(f"workdir {folder!r} cannot be written ({e.strerror})") from None
         return
     try:
         epath.Path(path).exists()

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import ml_collections
@@ -552,7 +553,8 @@ def test_ctrl_c_ends_in_one_line_saying_how_to_resume(tmp_path):
 
 def test_sigterm_ends_a_single_process_run_like_ctrl_c(toy, tmp_path):
     """`tpu_pod.sh stop` and schedulers send SIGTERM first so that a run can commit its last
-    checkpoint: one process ends as on Ctrl-C (it used to die at once)."""
+    checkpoint: one process saves the step it is on and stops (it used to die at once; then a
+    KeyboardInterrupt raised wherever the signal landed lost a checkpoint orbax was writing)."""
     workdir = tmp_path / "run"
     overrides = {"sft.num_examples": 32, "sft.seq_len": 128, "sft.batch_size": 8}
     args = ["--stage=sft", f"--workdir={workdir}", "--config.sft.epochs=50.0"]
@@ -567,8 +569,60 @@ def test_sigterm_ends_a_single_process_run_like_ctrl_c(toy, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    last = sh.read(str(tmp_path / "p.err")).strip().splitlines()[-1]
-    assert last == f"interrupted; the same command resumes from the last checkpoint in {workdir}"
+    err = sh.read(str(tmp_path / "p.err"))
+    assert "SIGTERM: stopping after this step's checkpoint" in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    stopped = re.fullmatch(
+        r"stopped at step (\d+) \(SIGTERM / Ctrl-C / preemption\); its checkpoint is saved; "
+        rf"the same command resumes from the last checkpoint in {re.escape(str(workdir))}",
+        last,
+    )
+    assert stopped, last
+    saved = sorted(os.listdir(workdir / "checkpoints"))
+    assert stopped.group(1) in saved and not [d for d in saved if "tmp" in d], saved
+
+
+def test_a_checkpoint_that_cannot_be_written_ends_in_one_line(toy, tmp_path, monkeypatch):
+    """A full disk ended a run in ~450 lines of orbax's writer-thread tracebacks; a read-only
+    checkpoints/ folder was found only at the first save (then a 5-minute hang at exit). Files are
+    capped at 64 KiB here (RLIMIT_FSIZE: the writes fail as on a full disk, without a mount)."""
+    # A write past the cap fails with EFBIG (SIGXFSZ ignored); set in a process that then execs
+    # the launcher (a preexec_fn would fork a process that runs JAX's threads).
+    cap = (
+        "import os, resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))\n"
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n"
+    )
+    workdir = tmp_path / "run"
+    overrides = {"sft.num_examples": 16, "sft.seq_len": 128, "sft.batch_size": 8, "ckpt.every": 1}
+    launch = sh.launch_cmd("--stage=sft", f"--workdir={workdir}", *sh.cli_overrides(overrides))
+    proc = subprocess.run(
+        [sys.executable, "-c", cap, *launch[1:]],
+        env=sh.cli_env(toy[0]),
+        cwd=sh.REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"error: Writing a checkpoint into {workdir}/checkpoints failed: File too large ("
+    ), last
+    assert last.endswith("resumes from the last of them once there is room"), last
+
+    # A checkpoints/ folder that cannot be written is named before any work.
+    real = tempfile.TemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and os.path.basename(dir) == "checkpoints":
+            raise OSError(30, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(paths.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(ValueError, match=r"workdir '.*/run/checkpoints' cannot be written \(Read"):
+        paths.check_workdir(str(workdir))
 
 
 def test_a_diverging_run_stops_with_one_line_naming_the_learning_rate(toy, tmp_path):
@@ -704,6 +758,19 @@ def test_code_that_could_not_run_is_refused_before_sampling(tmp_path, monkeypatc
     monkeypatch.setattr(common, "load_model", no_model)
     config = sh.load_config("rl")
     config.rewards.code = 1.0
+    with pytest.raises(common.ConfigError, match=r"bubblewrap cannot sandbox it here"):
+        rl.run(config, str(tmp_path))
+    # Code rows among the held-out prompts: the final evaluation grades them even when no other
+    # is asked for (it failed there, after the last step, losing its checkpoint and export).
+    from r1jax.data import tasks
+
+    train, code_eval = tmp_path / "train.jsonl", tmp_path / "code_eval.jsonl"
+    arithmetic = tasks.make_dataset(tasks.make_task("arithmetic"), 8, seed=0, split="train")
+    train.write_text("".join(json.dumps(r) + "\n" for r in arithmetic))
+    code_eval.write_text(json.dumps({"prompt": "Print 1.", "tests": tests}) + "\n")
+    config = sh.load_config("rl")
+    config.data.source, config.data.eval_source = str(train), str(code_eval)
+    config.eval.every, config.eval.at_start = 0, False
     with pytest.raises(common.ConfigError, match=r"bubblewrap cannot sandbox it here"):
         rl.run(config, str(tmp_path))
 

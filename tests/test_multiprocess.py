@@ -286,7 +286,7 @@ def test_sigterm_stops_every_process_at_one_saved_step(toy, tmp_path):
         """Start both processes, SIGTERM them once `ready()`; the step they stopped at."""
         err0 = _sigterm_two_processes(args, toy[0], tmp_path, name, ready)
         match = re.search(
-            r"stopped at step (\d+) \(SIGTERM / preemption\); its checkpoint is saved; "
+            r"stopped at step (\d+) \(SIGTERM / Ctrl-C / preemption\); its checkpoint is saved; "
             r"the same command resumes",
             err0,
         )
@@ -322,7 +322,7 @@ def test_sigterm_stops_a_multi_process_evaluation_between_batches(toy, tmp_path)
 
     err0 = _sigterm_two_processes(args, toy[0], tmp_path, "eval", started)
     assert re.search(
-        r"stopped at prompt \d+ of 64 \(evaluation\) \(SIGTERM / preemption\); "
+        r"stopped at prompt \d+ of 64 \(evaluation\) \(SIGTERM / Ctrl-C / preemption\); "
         r"--stage=eval keeps no checkpoints: the same command starts it again",
         err0,
     ), err0[-2000:]

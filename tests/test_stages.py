@@ -6,6 +6,7 @@ The toy base model and the reference GRPO run come from tests/stage_helpers.py (
 session, shared with test_cli.py and test_multiprocess.py).
 """
 
+import copy
 import glob
 import itertools
 import json
@@ -343,6 +344,41 @@ def test_sft_default_runs(toy, tmp_path):
     assert sh.max_param_change(sh.hf_params(tmp_path / "hf" / "final"), toy_params(toy)) > 0
 
 
+def test_a_resume_with_settings_that_change_the_data_order_is_refused(toy, tmp_path):
+    """The data position is a function of the step, seed, rows per step and the data: a resume
+    with another batch size or seed read rows twice and skipped others, and one with fewer epochs
+    than already run exported the model trained past them. Only the step was checked."""
+    from r1jax import checkpoint
+
+    config = sh.load_config("sft")
+    s = config.sft
+    s.num_examples, s.epochs, s.batch_size, s.seq_len = 16, 1.0, 8, 256
+    config.ckpt.every = 1
+    run("sft", config, tmp_path)  # 2 steps, checkpoints 1 and 2
+    for field, value, named in (
+        ("batch_size", 16, "batch_size: 8 then, 16 now"),
+        ("num_examples", 24, "data: "),
+        ("mistake_rate", 0.5, "data: "),
+    ):
+        changed = copy.deepcopy(config)
+        changed.sft[field] = value
+        with pytest.raises(common.ConfigError, match=rf"checkpoints/2 was saved by .*{named}"):
+            run("sft", changed, tmp_path)
+    changed = copy.deepcopy(config)
+    changed.seed = 1
+    with pytest.raises(common.ConfigError, match=r"seed: 0 then, 1 now"):
+        run("sft", changed, tmp_path)
+    changed = copy.deepcopy(config)
+    changed.sft.epochs = 0.5
+    with pytest.raises(common.ConfigError, match=r"at step 2, past the 1 steps .*sft.epochs=0.5"):
+        run("sft", changed, tmp_path)
+    changed = copy.deepcopy(config)
+    changed.sft.epochs, changed.optim.learning_rate = 2.0, 1e-4  # more steps, another rate: fine
+    run("sft", changed, tmp_path)
+    assert [r["step"] for r in sh.metric_rows(tmp_path)] == [1, 2, 3, 4]
+    assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 4
+
+
 def test_sft_rows_with_a_completion_that_is_not_text_are_refused_by_name(toy, tmp_path):
     """`completion: 42` crashed in the tokenizer with a traceback, `["a", "b"]` trained on "ab"
     and blank text on an EOS alone; distillation's errors named `sft.source`."""
@@ -396,6 +432,14 @@ def test_sft_trains_after_a_think_tag_its_prompt_already_opened(toy, tmp_path):
     config.sft.prefill_think = False  # the tag stays in the completion, once
     [(prompt, completion)] = sft_stage.load_pairs(config, tokenizer)
     assert prompt.endswith("Assistant:") and completion == "<think> " + generated
+    # Nothing but the tag its prompt opened: no text to learn, refused (it trained on EOS alone).
+    path.write_text(json.dumps({"prompt": "What is 2 + 2?", "completion": "<think>\n"}))
+    config.sft.template = "chat"
+    with pytest.raises(common.ConfigError, match=r"row 0 .* must be non-empty text \(after the"):
+        sft_stage.load_pairs(config, tokenizer)
+    config.sft.template, config.sft.prefill_think = "plain", True  # (did nothing)
+    with pytest.raises(common.ConfigError, match=r"sft.prefill_think needs a template"):
+        common.validate(config, "sft")
 
 
 def test_sft_and_distill_files_with_other_column_names_load_through_field_map(tmp_path):
@@ -1080,6 +1124,17 @@ def test_pipeline_settings_made_at_the_top_level_reach_every_stage():
     sh.set_fields(config, {"r1_zero.seed": 7})  # run() would give every stage config.seed
     with pytest.raises(common.ConfigError, match="r1_zero.seed=7.*--config.seed"):
         pipeline.validate(config)
+    # The sandbox reaches the stages and the final evaluations (which missed it), and accepting
+    # unsandboxed code does not mark finished stages as run with other settings.
+    config = sh.load_config("pipeline")
+    sh.set_fields(config, {"sandbox.allow_unsandboxed": True, "sandbox.timeout_s": 7.0})
+    assert pipeline._stage_config(config, "r1_zero").sandbox.allow_unsandboxed
+    final_eval = pipeline._eval_config(config, "/some/model")
+    assert final_eval.sandbox.allow_unsandboxed and final_eval.sandbox.timeout_s == 7.0
+    assert pipeline._result_neutral("sandbox.allow_unsandboxed", "rl")
+    assert pipeline._result_neutral("sandbox.timeout_s", "sft")  # runs no code
+    assert not pipeline._result_neutral("sandbox.timeout_s", "rl")
+    assert not pipeline._result_neutral("sft.epochs", "sft")
 
 
 def test_fields_that_would_fail_mid_run_are_refused_up_front(toy, tmp_path):

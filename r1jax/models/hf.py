@@ -191,10 +191,15 @@ def config_from_hf(
     sliding_window = None
     if model_type == "mistral":
         sliding_window = get("sliding_window")
-    elif any(t != "full_attention" for t in getattr(full, "layer_types", None) or ()):
-        # Qwen windows a layer only with use_sliding_window, a sliding_window, and from layer
-        # max_window_layers on: a config that sets the flag but windows no layer is full attention.
-        require(False, "use_sliding_window", "Qwen sliding-window layers are not implemented")
+    elif get("use_sliding_window") and get("sliding_window") is not None:
+        # Qwen windows the layers from max_window_layers on, and only with a sliding_window: a
+        # config that sets the flag but windows no layer is full attention. (Read from the
+        # fields, as transformers before 4.53 does, which has no resolved `layer_types`.)
+        require(
+            get("max_window_layers", 0) >= hf["num_hidden_layers"],
+            "use_sliding_window",
+            "Qwen sliding-window layers are not implemented",
+        )
 
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
     missing = [f for f in (*required, "num_attention_heads") if hf.get(f) is None]

@@ -191,6 +191,63 @@ def batch_ways(config: ml_collections.ConfigDict, num_devices: int) -> int:
 CPU_MICRO_BATCH_ROWS = 4
 
 
+def fingerprint(*arrays) -> str:
+    """A short hash of arrays' bytes (e.g. a stage's tokenised data): equal only for equal data."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.dtype}{a.shape}".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def resume(ckpt, state, run: dict[str, Any], *, total_steps: int, steps_field: str) -> int:
+    """The step a training loop starts from: 0 without a checkpoint, else the latest one, restored
+    into `state` once it is known to continue this run.
+
+    `run` is what fixes the run's data order and batches (seed, a fingerprint of the tokenised
+    data, rows per step ...); the loops save it in every checkpoint's `extra` beside the step. A
+    checkpoint saved with other values is refused, naming them: resumed, the data position would
+    point into another order (rows seen twice, others never). More steps or epochs, another
+    learning rate, mesh or logging are fine; a checkpoint past `total_steps` (`steps_field`
+    lowered) is refused rather than exported as the final model.
+    """
+    from r1jax import checkpoint
+
+    if ckpt.latest_step() is None:
+        return 0
+    step_dir = ckpt.step_dir(ckpt.latest_step())
+    extra = ckpt.read_extra()
+    if not isinstance(extra.get("step"), int):
+        raise checkpoint.CheckpointError(
+            f"Checkpoint {step_dir} is damaged: its extra/ JSON has no step. Move or delete that "
+            "directory to resume from the previous checkpoint; no other checkpoint was touched."
+        )
+    saved = extra.get("run")
+    now = json.loads(json.dumps(run))  # as it reads back (tuples become lists)
+    if saved is not None and saved != now:  # (checkpoints from before this check have none)
+        diffs = [
+            f"{k}: {saved.get(k, 'absent')!r} then, {now.get(k, 'absent')!r} now"
+            for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)
+        ]
+        raise ConfigError(
+            f"{step_dir} was saved by a run with other settings ({'; '.join(diffs)}); resuming "
+            "would continue its data position in another order. Use the settings it was started "
+            "with, or another --workdir"
+        )
+    if extra["step"] > total_steps:
+        raise ConfigError(
+            f"{step_dir} is at step {extra['step']}, past the {total_steps} steps this config asks "
+            f"for ({steps_field}); raise it to continue, or use another --workdir"
+        )
+    return ckpt.restore(state.model, state.optimizer)["step"]
+
+
 def micro_batches(config: ml_collections.ConfigDict, section: str, rows: int) -> int:
     """`<section>.num_micro_batches` for a batch of `rows` rows, resolved and checked.
 

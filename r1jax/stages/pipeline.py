@@ -114,6 +114,8 @@ def _eval_config(config, model_path: str):
         sub.seed = config.seed
         sub.model.path = model_path
         sub.data = config.eval_data
+        for section, fields in shared_overrides(config).items():
+            sub[section].update(fields)  # e.g. --config.sandbox.allow_unsandboxed
     return sub
 
 
@@ -211,7 +213,7 @@ def _run_once(stage: str, sub, subdir: str) -> dict[str, Any]:
     """Run a sub-stage unless its output already exists (a rerun resumes the pipeline)."""
     done = os.path.join(subdir, "done.json")
     if os.path.exists(done):
-        _check_same_settings(sub, os.path.join(subdir, f"config_{stage}.json"), subdir)
+        _check_same_settings(sub, os.path.join(subdir, f"config_{stage}.json"), subdir, stage)
         log.info("pipeline: %s already done, skipping (%s)", os.path.basename(subdir), subdir)
         with open(done) as f:
             return json.load(f)
@@ -224,10 +226,10 @@ def _run_once(stage: str, sub, subdir: str) -> dict[str, Any]:
     return out
 
 
-def _check_same_settings(sub, saved_path: str, subdir: str) -> None:
+def _check_same_settings(sub, saved_path: str, subdir: str, stage: str) -> None:
     """Refuse to skip a finished stage that ran with other settings than `sub` now asks for: its
     results would stand for settings they were not made with. Fields the saved config lacks (an
-    older r1jax) are not compared."""
+    older r1jax) are not compared, nor those that cannot change what `stage` produced."""
     if not os.path.exists(saved_path):
         return
     with open(saved_path) as f:
@@ -236,7 +238,7 @@ def _check_same_settings(sub, saved_path: str, subdir: str) -> None:
     changed = sorted(
         k
         for k in saved.keys() & now.keys()
-        if k.split(".")[0] not in _RESULT_NEUTRAL and not _same_value(saved[k], now[k])
+        if not _result_neutral(k, stage) and not _same_value(saved[k], now[k])
     )
     if changed:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed[:5])
@@ -248,8 +250,17 @@ def _check_same_settings(sub, saved_path: str, subdir: str) -> None:
 
 
 # Sections whose settings do not change what a stage produces (how often it logs and saves, how
-# the devices are arranged): a resume may change them.
+# the devices are arranged): a resume may change them. The sandbox's limits can change what a
+# stage that runs generated code gets out of it, but not whether it may run there at all.
 _RESULT_NEUTRAL = ("log", "ckpt", "mesh")
+_RUNS_CODE = ("rl", "eval", "rejection_sampling")
+
+
+def _result_neutral(key: str, stage: str) -> bool:
+    section = key.split(".")[0]
+    if section == "sandbox":
+        return stage not in _RUNS_CODE or key == "sandbox.allow_unsandboxed"
+    return section in _RESULT_NEUTRAL
 
 
 def _same_value(a: Any, b: Any) -> bool:

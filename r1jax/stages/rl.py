@@ -23,6 +23,7 @@ best policies are exported as Hugging Face checkpoints under `workdir/hf/`.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 from typing import Any
@@ -187,11 +188,9 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     # -- the prompts, read first: a dataset the rewards cannot score is refused before any load --
     train_rows = common.load_prompt_rows(config.data, "train", config.seed)
     check_correctness_rewards(config, train_rows)
-    eval_rows = common.load_prompt_rows(config.data, "eval", config.seed)
-    evaluated = config.eval.every or config.eval.at_start
-    if config.rewards.get("code", 0) or (
-        evaluated
-        and any(eval_stage.grading_kind(r.get("task"), r.get("tests")) == "code" for r in eval_rows)
+    eval_rows = common.load_prompt_rows(config.data, "eval", config.seed)  # (evaluated at the end)
+    if config.rewards.get("code", 0) or any(
+        eval_stage.grading_kind(r.get("task"), r.get("tests")) == "code" for r in eval_rows
     ):
         common.sandbox_options(config)  # generated code must be able to run: refused here if not
 
@@ -235,10 +234,22 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         best_mode=config.ckpt.best_mode,
         async_save=config.ckpt.async_save,
     )
-    start = 0
-    if ckpt.latest_step() is not None:
-        extra = ckpt.restore(state.model, state.optimizer)
-        start = extra["step"]
+    # What fixes the prompts of each step: the prompts as tokenised (data, template, tokenizer)
+    # with their answer columns, the seed, and the rows per step.
+    answers = json.dumps(train_set.columns, sort_keys=True, default=str).encode()
+    run = {
+        "seed": config.seed,
+        "prompts_per_step": config.rl.prompts_per_step,
+        "num_generations": config.rl.num_generations,
+        "data": common.fingerprint(
+            *(np.asarray(ids, np.int32) for ids in train_set.token_ids),
+            np.frombuffer(answers, np.uint8),
+        ),
+    }
+    start = common.resume(
+        ckpt, state, run, total_steps=config.rl.steps, steps_field=f"rl.steps={config.rl.steps}"
+    )
+    if start:
         log.info("resumed from step %d (%s)", start, ckpt.step_dir(start))
     writer = metrics.MetricsWriter(
         workdir,
@@ -314,7 +325,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             done,
             state.model,
             state.optimizer,
-            extra={"step": done},
+            extra={"step": done, "run": run},
             metrics={k: float(v) for k, v in row.items() if k.startswith("eval/")} or None,
             force=forced_save(done, config),
             interval=not watch.skipping,

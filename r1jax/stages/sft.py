@@ -36,8 +36,7 @@ def validate(config) -> None:
         )
     if s.source == "cold_start":
         common.builtin_tasks(s, "sft")
-    if s.template not in templates.TEMPLATES:
-        raise common.ConfigError(f"sft.template must be one of {templates.TEMPLATES}")
+    check_prompt_format(s, "sft")
     if min(s.epochs, s.batch_size, s.seq_len) <= 0:
         raise common.ConfigError("sft.epochs, sft.batch_size and sft.seq_len must be > 0")
     ways = common.batch_ways(config, jax.device_count())
@@ -47,6 +46,17 @@ def validate(config) -> None:
         )
     common.micro_batches(config, "sft", s.batch_size)
     common.optim(config, steps_later=True)  # the data gives the step count
+
+
+def check_prompt_format(s, section: str) -> None:
+    """`<section>.template` and `prefill_think` (the sft and distill sections)."""
+    if s.template not in templates.TEMPLATES:
+        raise common.ConfigError(f"{section}.template must be one of {templates.TEMPLATES}")
+    if s.template == "plain" and s.prefill_think:
+        raise common.ConfigError(
+            f"{section}.prefill_think needs a template that ends in the model's turn ('r1_zero' "
+            "or 'chat'); 'plain' prompts are the questions as they are"
+        )
 
 
 def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]:
@@ -102,11 +112,14 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]
             raise common.ConfigError(
                 f"{where} has neither a completion nor a final message with role 'assistant'"
             )
+        if isinstance(completion, str):
+            completion = _without_opened_think(prompt, completion)
         if not isinstance(completion, str) or not completion.strip():
             raise common.ConfigError(
-                f"{where}: the completion must be non-empty text, got {completion!r:.80}"
+                f"{where}: the completion must be non-empty text (after the think tag its prompt "
+                f"opened, if any), got {completion!r:.80}"
             )
-        pairs.append((prompt, _without_opened_think(prompt, completion)))
+        pairs.append((prompt, completion))
     return pairs
 
 
@@ -171,8 +184,15 @@ def train_on_pairs(
         max_to_keep=config.ckpt.keep,
         async_save=config.ckpt.async_save,
     )
-    start = (
-        ckpt.restore(state.model, state.optimizer)["step"] if ckpt.latest_step() is not None else 0
+    # What fixes the data order: the rows as tokenised (data, template, seq_len, packing,
+    # tokenizer), the seed and the rows per step.
+    run = {
+        "seed": config.seed,
+        "batch_size": s.batch_size,
+        "data": common.fingerprint(batch_all.input_ids, batch_all.loss_mask, batch_all.segment_ids),
+    }
+    start = common.resume(
+        ckpt, state, run, total_steps=steps, steps_field=f"{section}.epochs={s.epochs}"
     )
     writer = metrics.MetricsWriter(
         workdir,
@@ -199,7 +219,7 @@ def train_on_pairs(
             step + 1,
             state.model,
             state.optimizer,
-            extra={"step": step + 1},
+            extra={"step": step + 1, "run": run},
             force=step + 1 == steps,
             interval=not watch.skipping,
         ):
