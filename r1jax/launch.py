@@ -18,8 +18,10 @@ here, before anything touches a device (see `r1jax.sharding.initialize_distribut
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import traceback
 
 STAGES = ("pretrain", "sft", "rl", "rejection_sampling", "distill", "eval", "pipeline")
 # Stages that read back what they write into the workdir with local-only readers.
@@ -142,7 +144,15 @@ def main(argv: list[str] | None = None) -> None:
         except (common.ConfigError, CheckpointError, ModelFolderError, Diverged) as e:
             # Problems the user can fix (a data file, a damaged checkpoint, a model folder
             # without usable weights, a learning rate that made training diverge): one line.
+            if jax.process_count() > 1:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                _leave_now()
             sys.exit(f"error: {e}")
+        except Exception:  # a bug: its traceback, and on several processes, leave at once
+            if jax.process_count() == 1:
+                raise
+            traceback.print_exc()
+            _leave_now()
         except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM: the last checkpoint has committed
             resumes = stage in (*common.CHECKPOINTING_STAGES, "pipeline")
             print(
@@ -161,6 +171,17 @@ def main(argv: list[str] | None = None) -> None:
         argv=_with_default_config(list(argv if argv is not None else sys.argv)),
         flags_parser=_parse_flags_with_help,
     )
+
+
+def _leave_now() -> None:
+    """Exit 1 without JAX's shutdown barrier. Only this process may have failed (a checkpoint
+    damaged in its own files) while the others wait for it inside a collective; through the
+    barrier it would wait for them in turn, all of them until killed. Leaving closes its
+    connections, so the others' collective fails and they stop too (or the coordination service
+    ends them when this process's heartbeat stops)."""
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(1)
 
 
 def _agree_on_start(error: str | None) -> str | None:

@@ -349,3 +349,38 @@ def test_a_start_up_error_on_one_host_stops_every_process(toy, tmp_path):
     last = [sh.read(str(tmp_path / f"p{i}.err")).strip().splitlines()[-1] for i in range(2)]
     assert last[0] == "error: process(es) [1] cannot start (see their output)", last
     assert last[1].startswith("config error: model.path") and "not_here" in last[1], last
+
+
+def test_a_checkpoint_damaged_in_one_process_files_stops_every_process(toy, tmp_path):
+    """A resume whose checkpoint is damaged only in the files process 1 wrote: process 1 failed
+    with the one-line error, and process 0 waited for it inside orbax's restore forever."""
+    import glob
+
+    workdir = tmp_path / "run"
+    overrides = {"sft.num_examples": 16, "sft.seq_len": 128, "sft.batch_size": 8, "ckpt.every": 1}
+    args = ["--stage=sft", f"--workdir={workdir}", *sh.cli_overrides(overrides)]
+    _run_two_processes(args, toy[0], tmp_path)
+    last = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    damaged = glob.glob(
+        str(workdir / "checkpoints" / str(last) / "*" / "ocdbt.process_1" / "d" / "*")
+    )
+    assert damaged
+    for path in damaged:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 3)
+    address = f"127.0.0.1:{sh.free_port()}"
+    procs = [
+        sh.popen(args, _process_env(toy[0], address, i), str(tmp_path / f"again{i}"))
+        for i in range(2)
+    ]
+    started = time.time()
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [1, 1] and time.time() - started < 90, codes
+    for i in range(2):
+        line = sh.read(str(tmp_path / f"again{i}.err")).strip().splitlines()[-1]
+        assert line.startswith(f"error: Checkpoint {workdir}/checkpoints/{last} is damaged"), line
