@@ -329,6 +329,17 @@ def test_sigterm_stops_a_multi_process_evaluation_between_batches(toy, tmp_path)
     assert not (workdir / "eval.json").exists()
 
 
+def _exit_codes(procs, timeout: float = 120) -> tuple[list[int], float]:
+    """Each process's exit code and the seconds until the last exited (killed at `timeout`)."""
+    started = time.time()
+    try:
+        return [p.wait(timeout=timeout) for p in procs], time.time() - started
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
 def test_a_start_up_error_on_one_host_stops_every_process(toy, tmp_path):
     """The model folder missing on one host only: that host says so, the other stops too, naming
     it (it used to run on into a collective and fail 30 s later with a gloo timeout)."""
@@ -338,14 +349,8 @@ def test_a_start_up_error_on_one_host_stops_every_process(toy, tmp_path):
         env = _process_env(toy[0], address, i)
         args = ["--stage=eval", f"--workdir={tmp_path / 'run'}", f"--config.model.path={model}"]
         procs.append(sh.popen(args, env, str(tmp_path / f"p{i}")))
-    started = time.time()
-    try:
-        codes = [p.wait(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert codes == [1, 1] and time.time() - started < 60, codes  # (a gloo timeout: 30 s)
+    codes, seconds = _exit_codes(procs)
+    assert codes == [1, 1] and seconds < 60, codes  # (a gloo timeout: 30 s)
     last = [sh.read(str(tmp_path / f"p{i}.err")).strip().splitlines()[-1] for i in range(2)]
     assert last[0] == "error: process(es) [1] cannot start (see their output)", last
     assert last[1].startswith("config error: model.path") and "not_here" in last[1], last
@@ -373,14 +378,8 @@ def test_a_checkpoint_damaged_in_one_process_files_stops_every_process(toy, tmp_
         sh.popen(args, _process_env(toy[0], address, i), str(tmp_path / f"again{i}"))
         for i in range(2)
     ]
-    started = time.time()
-    try:
-        codes = [p.wait(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert codes == [1, 1] and time.time() - started < 90, codes
+    codes, seconds = _exit_codes(procs)
+    assert codes == [1, 1] and seconds < 90, codes
     for i in range(2):
         line = sh.read(str(tmp_path / f"again{i}.err")).strip().splitlines()[-1]
         assert line.startswith(f"error: Checkpoint {workdir}/checkpoints/{last} is damaged"), line
