@@ -125,11 +125,17 @@ def test_pretrain_resumed_across_the_copy_warm_up_matches_an_uninterrupted_run(
     for step in range(resume_at + 1, 6):  # as if killed right after saving step `resume_at`
         shutil.rmtree(tmp_path / "run" / "checkpoints" / str(step))
     shutil.rmtree(tmp_path / "run" / "hf")
-    run("pretrain", config, tmp_path / "run")
+    out = run("pretrain", config, tmp_path / "run")
     resumed = sh.hf_params(str(tmp_path / "run" / "hf" / "final"))
     for name, value in toy_params(toy).items():
         np.testing.assert_allclose(resumed[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
     assert [r["step"] for r in sh.metric_rows(str(tmp_path / "run"))] == [1, 2, 3, 4, 5]
+    # Stopped after saving its last step, before exporting (Ctrl-C there saves, then stops): the
+    # rerun exports, and still reports the tag-copy check the pipeline's gate reads (it had none).
+    shutil.rmtree(tmp_path / "run" / "hf")
+    again = run("pretrain", config, tmp_path / "run")
+    assert again["tag_copy"] == pytest.approx(out["tag_copy"], abs=1e-6)
+    assert (tmp_path / "run" / "hf" / "final" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("warm", [0, 2])

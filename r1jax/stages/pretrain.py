@@ -433,6 +433,10 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
             interval=not watch.skipping,
         ):
             writer.flush()  # a cloud workdir's metrics reach the saved step
+    if not abandoned and p.tag_copy_every and "tag_copy" not in row:
+        # Resumed from the last step's checkpoint (stopped after saving it, before exporting):
+        # the last step's check again, for the warning and the pipeline's gate.
+        row["tag_copy"] = tag_copy_probability(state, tag_ids, tag_mask)
     ckpt.wait()
     writer.close()
     ckpt.close()
