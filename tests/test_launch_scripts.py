@@ -559,8 +559,12 @@ def interrupt(script, *args, env):
     """Start launch/<script>, wait for its 2 stand-in r1jax processes, then press Ctrl-C (SIGINT
     to the launcher's process group, which the "remote" processes are not in). Returns the
     launcher's exit status and the pids of the r1jax processes."""
+    # A non-interactive bash cannot trap a signal ignored when it started, and pytest-xdist's
+    # workers ignore SIGINT (a terminal's Ctrl-C would not): reset it to the default first.
+    reset = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    reset += "os.execvp(sys.argv[1], sys.argv[1:])"
     launcher = subprocess.Popen(
-        ["bash", str(LAUNCH / script), *args],
+        [sys.executable, "-c", reset, "bash", str(LAUNCH / script), *args],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
