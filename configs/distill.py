@@ -25,6 +25,7 @@ def get_config(arg=None):
     # End prompts with the opening think tag, as data.prefill_think does for sampling (a
     # completion that starts with the tag then trains after it, not twice).
     d.prefill_think = False
+    d.system_prompt = ""  # template="chat": a system message ("r1" = R1's format instruction)
     d.num_examples = 400  # source="cold_start": built-in traces generated
     d.tasks = ("arithmetic",)  # source="cold_start": the built-in tasks they solve
     d.mistake_rate = 0.0  # source="cold_start": share of traces with a slip (see configs/sft.py)

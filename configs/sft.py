@@ -33,6 +33,7 @@ def get_config(arg=None):
     # End prompts with the opening think tag, as data.prefill_think does for sampling (a
     # completion that starts with the tag then trains after it, not twice).
     s.prefill_think = False
+    s.system_prompt = ""  # template="chat": a system message ("r1" = R1's format instruction)
     s.seq_len = 384  # tokens per row
     s.pack = False  # pack several examples per row
     s.batch_size = 16  # rows per optimizer step

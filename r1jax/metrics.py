@@ -60,6 +60,13 @@ BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 # --------------------------------------------------------------------------------------------------
 
 
+def tensorboard_name(name: str) -> str:
+    """A metric's TensorBoard tag: "@" spelled "_at_" ("eval/pass_at_1"). TensorBoard allows only
+    letters, digits and ``_-./`` in tags, and would make "eval/pass@1" "eval/pass_1" (and
+    cons@k "cons_k") silently; the JSONL keeps the names as they are."""
+    return name.replace("@", "_at_")
+
+
 class MetricsWriter:
     """Log scalar metrics per step to JSONL + TensorBoard, and drive a progress bar.
 
@@ -151,7 +158,7 @@ class MetricsWriter:
         self._file.flush()
         if self._tb is not None:
             for name, value in values.items():
-                self._tb.add_scalar(name, value, global_step=int(step))
+                self._tb.add_scalar(tensorboard_name(name), value, global_step=int(step))
         self._bar.update(int(step) - self._bar.n)
         shown = {k: f"{values[k]:.4g}" for k in self.postfix_keys if k in values}
         if shown:

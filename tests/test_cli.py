@@ -466,6 +466,7 @@ def test_checkpoint_settings_that_would_be_ignored_or_crash_later_are_refused():
     for stage, field, value, message in [
         ("rl", "ckpt.keep", 0, "ckpt.keep"),
         ("rl", "ckpt.best_metric", "reward", "held-out metric"),
+        ("rl", "ckpt.best_metric", "eval/mean_lenght", r"one of eval/accuracy, eval/pass@1,"),
         ("sft", "ckpt.best_metric", "eval/accuracy", "only --stage=rl"),
         ("rl", "data.prefill_think", True, "data.template='plain'"),
     ]:

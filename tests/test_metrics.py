@@ -56,8 +56,10 @@ def test_jsonl_records_and_tensorboard_scalars(tmp_path):
                 {"reward": jnp.float32(step / 4), "loss": np.float64(1.0 / step), "n": step},
             )
             assert got == {"reward": step / 4, "loss": 1.0 / step, "n": float(step)}
+        w.write(4, {"eval/pass@1": 0.5, "eval/cons@4": 0.25})
     records = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[3]["eval/pass@1"] == 0.5
+    records = records[:3]
     assert [r["reward"] for r in records] == [0.25, 0.5, 0.75]
     np.testing.assert_allclose([r["loss"] for r in records], [1.0, 0.5, 1 / 3])
     assert all(isinstance(r["time"], float) for r in records)
@@ -66,6 +68,9 @@ def test_jsonl_records_and_tensorboard_scalars(tmp_path):
     events = read_events(tmp_path / "tb")
     assert scalars(events, "reward") == {1: 0.25, 2: 0.5, 3: 0.75}
     assert scalars(events, "n") == {1: 1.0, 2: 2.0, 3: 3.0}
+    # TensorBoard tags allow no "@": one readable spelling, not its silent "eval/pass_1".
+    assert scalars(events, "eval/pass_at_1") == {4: 0.5}
+    assert scalars(events, "eval/cons_at_4") == {4: 0.25}
 
 
 def test_resume_drops_steps_after_the_checkpoint_and_appends(tmp_path):

@@ -448,6 +448,36 @@ def test_sft_trains_after_a_think_tag_its_prompt_already_opened(toy, tmp_path):
         common.validate(config, "sft")
 
 
+def test_chat_prompts_can_carry_the_format_instruction_as_a_system_message(toy):
+    """With the chat template an instruct model was never told about <think>/<answer> (no
+    config field could add a system message), while the format rewards ask for them."""
+    from r1jax.data import templates
+    from r1jax.models import hf
+    from r1jax.stages import sft as sft_stage
+
+    tokenizer = hf.tokenizer(os.path.join(toy[0], "toy_base"))
+    config = sh.load_config("rl")
+    config.data.template, config.data.system_prompt = "chat", "r1"
+    common.validate(config, "rl")
+    rows = [{"prompt": "What is 2 + 2?", "solution": "4"}]
+    prompt = common.PromptSet(rows, tokenizer, config.data, seed=0).prompts[0]
+    assert prompt.startswith(f"<|im_start|>system\n{templates.R1_SYSTEM_PROMPT}<|im_end|>")
+    config.data.system_prompt = "Be brief."
+    assert (
+        "system\nBe brief.<|im_end|>"
+        in common.PromptSet(rows, tokenizer, config.data, seed=0).prompts[0]
+    )
+    config.data.system_prompt = ""
+    assert "system" not in common.PromptSet(rows, tokenizer, config.data, seed=0).prompts[0]
+    sft = sh.load_config("sft")
+    sft.sft.num_examples, sft.sft.template, sft.sft.system_prompt = 2, "chat", "r1"
+    common.validate(sft, "sft")
+    assert all(templates.R1_SYSTEM_PROMPT in p for p, _ in sft_stage.load_pairs(sft, tokenizer))
+    sft.sft.template = "r1_zero"  # no system turn to put it in
+    with pytest.raises(common.ConfigError, match=r"sft.system_prompt .* needs sft.template='chat'"):
+        common.validate(sft, "sft")
+
+
 def test_sft_and_distill_files_with_other_column_names_load_through_field_map(tmp_path):
     """Alpaca-style rows (instruction / output) had no way in: the error pointed at a field_map
     and an on_bad_json that the sft and distill sections did not have."""
@@ -507,6 +537,11 @@ def test_rl_default_runs_and_learns(toy, reference_rl):
     start, rows = rows[0], rows[1:]
     assert start["step"] == 0 and 0 <= start["eval/accuracy"] <= 1
     assert set(start) == {"step"} | {k for k in rows[-1] if k.startswith("eval/")}
+    # The names ckpt.best_metric is checked against are the ones logged.
+    from r1jax.stages import eval as eval_stage
+
+    names = eval_stage.metric_names(sh.rl_config().eval.num_samples)
+    assert set(start) - {"step"} == {"eval/accuracy", *(f"eval/{n}" for n in names)}
     assert [r["step"] for r in rows] == list(range(1, sh.RL_STEPS + 1))
     for key in (
         "reward",
@@ -535,6 +570,10 @@ def test_rl_default_runs_and_learns(toy, reference_rl):
     assert os.path.exists(os.path.join(reference_rl, "rl_curves.png"))
     assert glob.glob(os.path.join(reference_rl, "tb", "events.*"))
     assert_hf_folder(os.path.join(reference_rl, "hf", "final"))
+    # The only evaluated checkpoint is the last: hf/best is the final policy (it was left out, so
+    # a continued run's best at its last step kept the hf/best of an earlier run).
+    best = sh.hf_params(os.path.join(reference_rl, "hf", "best"))
+    assert all(np.array_equal(best[k], final[k]) for k in final)
 
 
 def test_rejection_sampling_default_runs(toy, tmp_path, monkeypatch):
@@ -1173,6 +1212,20 @@ def test_fields_that_would_fail_mid_run_are_refused_up_front(toy, tmp_path):
     rows = [{"prompt": "What is 12 + 30?", "solution": "42"}] * 3
     with pytest.raises(common.ConfigError, match=r"3 of 3 prompts are longer than the largest"):
         common.PromptSet(rows, tokenizer, config.data, seed=0)
+    # ... in the RL stage before any model loads (it loaded the policy and the reference first).
+    from r1jax.models import hf as hf_module
+
+    config = sh.load_config("rl")
+    config.model.path, config.data.prompt_buckets = os.path.join(toy[0], "toy_base"), (8,)
+    loads = []
+    real_load = hf_module.load
+    hf_module.load = lambda *a, **k: loads.append(a) or real_load(*a, **k)
+    try:
+        with pytest.raises(common.ConfigError, match=r"4000 of 4000 training prompts are longer"):
+            rl_stage.run(config, str(tmp_path / "rl"))
+    finally:
+        hf_module.load = real_load
+    assert loads == []
     # SFT examples none of which fits seq_len.
     config = sh.load_config("sft")
     config.sft.seq_len = 4

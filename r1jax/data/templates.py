@@ -65,6 +65,12 @@ def chat_prompt(
     return text
 
 
+def system_prompt(value: str) -> str | None:
+    """A config's `system_prompt`: "" -> None (no system message), "r1" -> `R1_SYSTEM_PROMPT`,
+    anything else as it is."""
+    return None if not value else R1_SYSTEM_PROMPT if value == "r1" else value
+
+
 def format_prompts(
     questions: Sequence[str],
     template: str,

@@ -140,11 +140,17 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
             f"ckpt.best_metric={config.ckpt.best_metric!r}: only --stage=rl keeps a best "
             f"checkpoint (by a held-out eval/* metric); leave it empty for --stage={stage}"
         )
-    if config.ckpt.best_metric and not config.ckpt.best_metric.startswith("eval/"):
-        raise ConfigError(
-            f"ckpt.best_metric={config.ckpt.best_metric!r}: the best checkpoint is picked by a "
-            f"held-out metric, one of eval/accuracy, eval/pass@1, eval/format, ..."
-        )
+    if config.ckpt.best_metric:
+        from r1jax.stages import eval as eval_stage
+
+        names = ["eval/accuracy"] + [
+            f"eval/{k}" for k in eval_stage.metric_names(config.eval.num_samples)
+        ]
+        if config.ckpt.best_metric not in names:  # (a misspelt one ranked every step alike)
+            raise ConfigError(
+                f"ckpt.best_metric={config.ckpt.best_metric!r}: the best checkpoint is picked "
+                f"by a held-out metric the evaluation logs, one of {', '.join(names)}"
+            )
     stage_module(stage).validate(config)
 
 
@@ -551,6 +557,14 @@ def _configs_dir() -> str:
     return launch.CONFIG_DIR
 
 
+def load_tokenizer(config: ml_collections.ConfigDict):
+    """config.model's tokenizer alone: the prompts can be templated and checked before any
+    model is loaded (minutes for a large one)."""
+    from r1jax.models import hf
+
+    return hf.tokenizer(resolve_model_path(config.model.path))
+
+
 def load_model(config: ml_collections.ConfigDict, mesh, rules=None, *, frozen: bool = False):
     """(model, tokenizer) from config.model, parameters placed on `mesh`. `frozen`: a model that
     is never trained (a reference or teacher), which ignores the training-only
@@ -679,6 +693,10 @@ def data_config(source: str = "arithmetic", template: str = "r1_zero") -> ml_col
     c.source = source  # built-in task ("arithmetic", "countdown") or a .jsonl/.parquet path/glob
     c.template = template  # "r1_zero" (paper template), "chat" (tokenizer template), "plain"
     c.prefill_think = False  # end the prompt with "<think>" so the model starts reasoning
+    # template="chat": a system message before the question ("" = none; "r1" = the R1-Zero
+    # template's instruction to answer in <think>/<answer> tags, `data.R1_SYSTEM_PROMPT`; any
+    # other text as it is). Instruct models are otherwise never told about the format.
+    c.system_prompt = ""
     # Text that ends a completion (besides EOS / end of turn): the closing answer tag, and a new
     # "User:" turn, where a base model prompted with the R1-Zero template writes the next exchange.
     c.stop_strings = ("</answer>", "\nUser:")
@@ -790,7 +808,7 @@ class PromptSet:
     is a function of the step number alone and resuming needs nothing more.
     """
 
-    def __init__(self, rows: list[dict], tokenizer, data_config, *, seed: int):
+    def __init__(self, rows: list[dict], tokenizer, data_config, *, seed: int, split: str = ""):
         from r1jax.data import templates
         from r1jax.data import tokenizer as toks
 
@@ -803,6 +821,7 @@ class PromptSet:
             [r["prompt"] for r in rows],
             self.template,
             tokenizer=tokenizer,
+            system=templates.system_prompt(data_config.get("system_prompt", "")),
             prefill_think=self.prefill_think,
         )
         self.token_ids = toks.with_leading_specials(
@@ -813,7 +832,8 @@ class PromptSet:
         if too_long:  # refused now, not when a batch first draws one (steps into a run)
             i = too_long[0]
             raise ConfigError(
-                f"{len(too_long)} of {len(rows)} prompts are longer than the largest of "
+                f"{len(too_long)} of {len(rows)} {split + ' ' if split else ''}prompts are "
+                f"longer than the largest of "
                 f"data.prompt_buckets={self.buckets} (row {i}, {len(self.token_ids[i])} tokens "
                 f"with the template: {rows[i]['prompt'][:60]!r}...); add a larger bucket"
             )
@@ -1029,6 +1049,16 @@ def validate_data(data_config) -> None:
         raise ConfigError(
             "data.prefill_think needs a template that ends in the model's turn ('r1_zero' or "
             "'chat'); data.template='plain' passes the question unchanged"
+        )
+    check_system_prompt(data_config, "data")
+
+
+def check_system_prompt(section, name: str) -> None:
+    """`<name>.system_prompt` only with the chat template (the others have no system turn)."""
+    if section.get("system_prompt") and section.template != "chat":
+        raise ConfigError(
+            f"{name}.system_prompt is a chat template's system message; it needs "
+            f"{name}.template='chat' (the {section.template!r} template has no system turn)"
         )
 
 

@@ -98,6 +98,18 @@ def score_prompt(
     }
 
 
+def metric_names(num_samples: int) -> tuple[str, ...]:
+    """The scalar metrics `evaluate` returns for `num_samples` samples per prompt (the RL stage
+    logs them as `eval/<name>`, with `eval/accuracy` = pass@1)."""
+    k = num_samples
+    return tuple(
+        dict.fromkeys(
+            ["pass@1", f"pass@{k}", f"cons@{k}", "mean_length", "format", "num_prompts",
+             "num_samples"]
+        )
+    )  # fmt: skip
+
+
 def aggregate(per_prompt: Sequence[dict[str, float]]) -> dict[str, float]:
     """Mean of each metric over prompts."""
     keys = per_prompt[0].keys() if per_prompt else ()
@@ -284,10 +296,11 @@ def run(config, workdir: str) -> dict[str, Any]:
     from r1jax import sharding
 
     started = time.time()
-    mesh = common.make_mesh(config)
-    model, tokenizer = common.load_model(config, mesh, rules=sharding.SAMPLING_RULES)
     rows = common.load_prompt_rows(config.data, "eval", config.seed)
-    prompts = common.PromptSet(rows, tokenizer, config.data, seed=config.seed)
+    tokenizer = common.load_tokenizer(config)  # the prompts are checked before the model loads
+    prompts = common.PromptSet(rows, tokenizer, config.data, seed=config.seed, split="held-out")
+    mesh = common.make_mesh(config)
+    model, _ = common.load_model(config, mesh, rules=sharding.SAMPLING_RULES)
     log.info(
         "evaluating %s on %d held-out prompts x %d samples",
         config.model.path,

@@ -144,10 +144,11 @@ def _non_reasoning_rows(r) -> list[dict[str, Any]]:
 def run(config, workdir: str) -> dict[str, Any]:
     r = config.rejection_sampling
     non_reasoning = _non_reasoning_rows(r)
-    mesh = common.make_mesh(config)
-    model, tokenizer = common.load_model(config, mesh, rules=sharding.SAMPLING_RULES)
     rows = common.load_prompt_rows(config.data, "train", config.seed)
-    prompts = common.PromptSet(rows, tokenizer, config.data, seed=config.seed)
+    tokenizer = common.load_tokenizer(config)  # the prompts are checked before the model loads
+    prompts = common.PromptSet(rows, tokenizer, config.data, seed=config.seed, split="training")
+    mesh = common.make_mesh(config)
+    model, _ = common.load_model(config, mesh, rules=sharding.SAMPLING_RULES)
     n = min(r.num_prompts, len(prompts))
     grade = eval_stage.grader(prompts, config)
     log.info(

@@ -193,10 +193,19 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         eval_stage.grading_kind(r.get("task"), r.get("tests")) == "code" for r in eval_rows
     ):
         common.sandbox_options(config)  # generated code must be able to run: refused here if not
+    # Templated and tokenised with the model's tokenizer (a prompt too long for every bucket is
+    # refused before any model loads).
+    tokenizer = common.load_tokenizer(config)
+    train_set = common.PromptSet(
+        train_rows, tokenizer, config.data, seed=config.seed, split="training"
+    )
+    eval_set = common.PromptSet(
+        eval_rows, tokenizer, config.data, seed=config.seed, split="held-out"
+    )
 
     # -- the policy, its optimizer, and the frozen reference (only when β > 0) --
     mesh = common.make_mesh(config)
-    model, tokenizer = common.load_model(config, mesh)
+    model, _ = common.load_model(config, mesh)
     state = train.TrainState.create(model, common.optim(config, optimizer_steps(config)), mesh)
     ref = None
     if config.rl.beta > 0:
@@ -205,9 +214,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             ref_config.model.path = config.rl.ref_model or config.model.path
         ref, _ = common.load_model(ref_config, mesh, frozen=True)
 
-    # -- prompts and the rule rewards that score their completions --
-    train_set = common.PromptSet(train_rows, tokenizer, config.data, seed=config.seed)
-    eval_set = common.PromptSet(eval_rows, tokenizer, config.data, seed=config.seed)
+    # -- the rule rewards that score the completions --
     cfg = grpo_config(config, tokenizer, train_set)
     reward_fn = rewards.build_reward_fn(reward_specs(config))
     decode = functools.partial(_decode, tokenizer, train_set.completion_prefix)
@@ -347,9 +354,13 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     if export:
         source = common.resolve_model_path(config.model.path)  # its eos ids, generation config
         checkpoint.export_hf(state.model, os.path.join(workdir, "hf", "final"), tokenizer, source)
-        if ckpt.best_step() is not None and ckpt.best_step() != config.rl.steps:
+        if ckpt.best_step() is not None:
             best_dir = os.path.join(workdir, "hf", "best")
-            best = ckpt.export_best_hf(state.model, best_dir, tokenizer, source)
+            if ckpt.best_step() == config.rl.steps:  # the final policy (a stale one was left)
+                checkpoint.export_hf(state.model, best_dir, tokenizer, source)
+                best = config.rl.steps
+            else:
+                best = ckpt.export_best_hf(state.model, best_dir, tokenizer, source)
             log.info(
                 "best checkpoint (step %s by %s) exported to %s",
                 best,

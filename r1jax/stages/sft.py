@@ -57,6 +57,7 @@ def check_prompt_format(s, section: str) -> None:
             f"{section}.prefill_think needs a template that ends in the model's turn ('r1_zero' "
             "or 'chat'); 'plain' prompts are the questions as they are"
         )
+    common.check_system_prompt(s, section)
 
 
 def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]:
@@ -106,7 +107,11 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]
             )
         elif completion is not None:
             prompt = templates.format_prompts(
-                [row["prompt"]], s.template, tokenizer=tokenizer, prefill_think=s.prefill_think
+                [row["prompt"]],
+                s.template,
+                tokenizer=tokenizer,
+                system=templates.system_prompt(s.system_prompt),
+                prefill_think=s.prefill_think,
             )[0]
         else:
             raise common.ConfigError(
