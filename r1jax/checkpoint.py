@@ -408,7 +408,7 @@ class Checkpointer:
                 f"Writing a checkpoint into {self.directory} failed: "
                 f"{cause + ' (' if cause else '('}{_first_line(err)}); "
                 "the checkpoints committed there before it are intact, and the same command "
-                "resumes from the last of them once there is room"
+                "resumes from the last of them once the folder can be written again"
             ) from None
 
     def close(self) -> None:

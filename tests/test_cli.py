@@ -611,7 +611,7 @@ def test_a_checkpoint_that_cannot_be_written_ends_in_one_line(toy, tmp_path, mon
     assert last.startswith(
         f"error: Writing a checkpoint into {workdir}/checkpoints failed: File too large ("
     ), last
-    assert last.endswith("resumes from the last of them once there is room"), last
+    assert last.endswith("resumes from the last of them once the folder can be written again")
 
     # A checkpoints/ folder that cannot be written is named before any work.
     real = tempfile.TemporaryFile
