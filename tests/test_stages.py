@@ -905,7 +905,9 @@ def test_half_written_checkpoint_is_ignored_and_the_run_resumes(reference_rl, tm
             os.remove(f)
     shutil.rmtree(workdir / "hf")
 
-    run("rl", sh.rl_config(), workdir)
+    config = sh.rl_config()
+    config.ckpt.best_metric = ""  # (no best kept: changes no result, and no hf/best is written)
+    run("rl", config, workdir)
     assert f"resumed from step {last - 1}" in (workdir / "log_p0.txt").read_text()
     assert not half.exists()  # orbax removed the uncommitted directory
     assert sh.metric_rows(workdir) == sh.metric_rows(reference_rl)
@@ -913,6 +915,7 @@ def test_half_written_checkpoint_is_ignored_and_the_run_resumes(reference_rl, tm
     got = sh.hf_params(workdir / "hf" / "final")
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert os.listdir(workdir / "hf") == ["final"]  # orbax's best_step() is the latest then
 
 
 def test_damaged_latest_checkpoint_gives_one_clear_error(reference_rl, tmp_path):

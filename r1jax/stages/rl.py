@@ -354,7 +354,8 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     if export:
         source = common.resolve_model_path(config.model.path)  # its eos ids, generation config
         checkpoint.export_hf(state.model, os.path.join(workdir, "hf", "final"), tokenizer, source)
-        if ckpt.best_step() is not None:
+        # (with no best_metric orbax's best_step() is the latest step: nothing to export)
+        if config.ckpt.best_metric and ckpt.best_step() is not None:
             best_dir = os.path.join(workdir, "hf", "best")
             if ckpt.best_step() == config.rl.steps:  # the final policy (a stale one was left)
                 checkpoint.export_hf(state.model, best_dir, tokenizer, source)

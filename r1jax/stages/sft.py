@@ -110,8 +110,8 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]
                 [row["prompt"]],
                 s.template,
                 tokenizer=tokenizer,
-                system=templates.system_prompt(s.system_prompt),
-                prefill_think=s.prefill_think,
+                system=templates.system_prompt(s.get("system_prompt", "")),
+                prefill_think=s.get("prefill_think", False),
             )[0]
         else:
             raise common.ConfigError(
