@@ -244,7 +244,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     # What fixes the prompts of each step: the prompts as tokenised (data, template, tokenizer)
     # with their answer columns, the seed, and the rows per step.
     answers = json.dumps(train_set.columns, sort_keys=True, default=str).encode()
-    run = {
+    data_order = {
         "seed": config.seed,
         "prompts_per_step": config.rl.prompts_per_step,
         "num_generations": config.rl.num_generations,
@@ -254,7 +254,11 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         ),
     }
     start = common.resume(
-        ckpt, state, run, total_steps=config.rl.steps, steps_field=f"rl.steps={config.rl.steps}"
+        ckpt,
+        state,
+        data_order,
+        total_steps=config.rl.steps,
+        steps_field=f"rl.steps={config.rl.steps}",
     )
     if start:
         log.info("resumed from step %d (%s)", start, ckpt.step_dir(start))
@@ -332,7 +336,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             done,
             state.model,
             state.optimizer,
-            extra={"step": done, "run": run},
+            extra={"step": done, "run": data_order},
             metrics={k: float(v) for k, v in row.items() if k.startswith("eval/")} or None,
             force=forced_save(done, config),
             interval=not watch.skipping,

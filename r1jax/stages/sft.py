@@ -191,13 +191,13 @@ def train_on_pairs(
     )
     # What fixes the data order: the rows as tokenised (data, template, seq_len, packing,
     # tokenizer), the seed and the rows per step.
-    run = {
+    data_order = {
         "seed": config.seed,
         "batch_size": s.batch_size,
         "data": common.fingerprint(batch_all.input_ids, batch_all.loss_mask, batch_all.segment_ids),
     }
     start = common.resume(
-        ckpt, state, run, total_steps=steps, steps_field=f"{section}.epochs={s.epochs}"
+        ckpt, state, data_order, total_steps=steps, steps_field=f"{section}.epochs={s.epochs}"
     )
     writer = metrics.MetricsWriter(
         workdir,
@@ -224,7 +224,7 @@ def train_on_pairs(
             step + 1,
             state.model,
             state.optimizer,
-            extra={"step": step + 1, "run": run},
+            extra={"step": step + 1, "run": data_order},
             force=step + 1 == steps,
             interval=not watch.skipping,
         ):
