@@ -476,6 +476,22 @@ def test_chat_prompts_can_carry_the_format_instruction_as_a_system_message(toy):
     sft.sft.template = "r1_zero"  # no system turn to put it in
     with pytest.raises(common.ConfigError, match=r"sft.system_prompt .* needs sft.template='chat'"):
         common.validate(sft, "sft")
+    # A chat template that refuses a system message (some Mistral ones) is named, not a jinja
+    # traceback.
+    import copy
+
+    refusing = copy.deepcopy(tokenizer)
+    refusing.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}"
+        "{% endfor %}"
+    )
+    config.data.system_prompt = "r1"
+    with pytest.raises(common.ConfigError, match=r"data.template='chat': .* refused a system"):
+        common.PromptSet(rows, refusing, config.data, seed=0)
+    sft.sft.template = "chat"
+    with pytest.raises(common.ConfigError, match=r"sft.template='chat': .* leave system_prompt"):
+        sft_stage.load_pairs(sft, refusing)
 
 
 def test_sft_and_distill_files_with_other_column_names_load_through_field_map(tmp_path):

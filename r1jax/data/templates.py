@@ -58,7 +58,15 @@ def chat_prompt(
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": question}
     ]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # jinja2's TemplateError: e.g. raise_exception in the template
+        if not system:
+            raise
+        raise ValueError(
+            f"the tokenizer's chat template refused a system message ({e}); this model takes "
+            "none: leave system_prompt empty"
+        ) from None
     # Reasoning models' templates (DeepSeek-R1-Distill, QwQ) open the block themselves.
     if prefill_think and not text.endswith(_OPEN_THINK):
         text += "<think>\n"

@@ -817,13 +817,16 @@ class PromptSet:
         self.template = data_config.template
         self.prefill_think = data_config.prefill_think
         self.buckets = tuple(data_config.prompt_buckets)
-        self.prompts = templates.format_prompts(
-            [r["prompt"] for r in rows],
-            self.template,
-            tokenizer=tokenizer,
-            system=templates.system_prompt(data_config.get("system_prompt", "")),
-            prefill_think=self.prefill_think,
-        )
+        try:
+            self.prompts = templates.format_prompts(
+                [r["prompt"] for r in rows],
+                self.template,
+                tokenizer=tokenizer,
+                system=templates.system_prompt(data_config.get("system_prompt", "")),
+                prefill_think=self.prefill_think,
+            )
+        except ValueError as e:  # a template the tokenizer lacks or refuses: named by field
+            raise ConfigError(f"data.template={self.template!r}: {e}") from None
         self.token_ids = toks.with_leading_specials(
             tokenizer, tokenizer(self.prompts, add_special_tokens=False)["input_ids"]
         )

@@ -106,13 +106,16 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]
                 messages[:-1], tokenize=False, add_generation_prompt=True
             )
         elif completion is not None:
-            prompt = templates.format_prompts(
-                [row["prompt"]],
-                s.template,
-                tokenizer=tokenizer,
-                system=templates.system_prompt(s.get("system_prompt", "")),
-                prefill_think=s.get("prefill_think", False),
-            )[0]
+            try:
+                prompt = templates.format_prompts(
+                    [row["prompt"]],
+                    s.template,
+                    tokenizer=tokenizer,
+                    system=templates.system_prompt(s.get("system_prompt", "")),
+                    prefill_think=s.get("prefill_think", False),
+                )[0]
+            except ValueError as e:  # a chat template the tokenizer lacks or refuses
+                raise common.ConfigError(f"{section}.template={s.template!r}: {e}") from None
         else:
             raise common.ConfigError(
                 f"{where} has neither a completion nor a final message with role 'assistant'"
