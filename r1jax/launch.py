@@ -118,11 +118,10 @@ def main(argv: list[str] | None = None) -> None:
         error = _agree_on_start(error)
         if error is not None:
             if jax.process_count() > 1:
-                # Leave together, right after the agreement (at interpreter exit one process
-                # could wait in JAX's shutdown barrier for a peer that has already gone).
+                # Every process knows now: leave at once, without JAX's shutdown barrier (where
+                # the coordinator was seen waiting past its peers' exit under load).
                 print(error, file=sys.stderr, flush=True)
-                jax.distributed.shutdown()
-                sys.exit(1)
+                _leave_now()
             sys.exit(error)
         from r1jax.checkpoint import (
             CheckpointError,
