@@ -1026,12 +1026,9 @@ def check_data_files(pattern: str, field: str, alternatives: str = "") -> None:
 
 
 def validate_data(data_config) -> None:
-    from r1jax.data import tasks, templates
+    from r1jax.data import tasks
 
-    if data_config.template not in templates.TEMPLATES:
-        raise ConfigError(
-            f"data.template must be one of {templates.TEMPLATES}, got {data_config.template!r}"
-        )
+    check_prompt_format(data_config, "data")
     source = data_config.source
     if source not in tasks.TASKS:
         check_data_files(source, "data.source", f"a built-in task {sorted(tasks.TASKS)} or ")
@@ -1048,16 +1045,23 @@ def validate_data(data_config) -> None:
         raise ConfigError(
             f"data.prompt_buckets must be prompt lengths in tokens (integers >= 1), got {buckets!r}"
         )
-    if data_config.template == "plain" and data_config.prefill_think:
+
+
+def check_prompt_format(section, name: str) -> None:
+    """`<name>.template`, `prefill_think` and `system_prompt` (the data, sft and distill
+    sections): a known template, a prefill only where the prompt ends in the model's turn, a
+    system message only with the chat template (the others have no system turn)."""
+    from r1jax.data import templates
+
+    if section.template not in templates.TEMPLATES:
         raise ConfigError(
-            "data.prefill_think needs a template that ends in the model's turn ('r1_zero' or "
-            "'chat'); data.template='plain' passes the question unchanged"
+            f"{name}.template must be one of {templates.TEMPLATES}, got {section.template!r}"
         )
-    check_system_prompt(data_config, "data")
-
-
-def check_system_prompt(section, name: str) -> None:
-    """`<name>.system_prompt` only with the chat template (the others have no system turn)."""
+    if section.template == "plain" and section.get("prefill_think"):
+        raise ConfigError(
+            f"{name}.prefill_think needs a template that ends in the model's turn ('r1_zero' or "
+            f"'chat'); {name}.template='plain' passes the question unchanged"
+        )
     if section.get("system_prompt") and section.template != "chat":
         raise ConfigError(
             f"{name}.system_prompt is a chat template's system message; it needs "

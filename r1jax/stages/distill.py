@@ -39,7 +39,7 @@ def validate(config) -> None:
         )
     if d.source == "cold_start":
         common.builtin_tasks(d, "distill")
-    sft_stage.check_prompt_format(d, "distill")
+    common.check_prompt_format(d, "distill")
     if d.teacher and d.teacher != common.TOY_BASE and not os.path.isdir(d.teacher):
         raise common.ConfigError(f"distill.teacher {d.teacher!r} is not a folder")
     if min(d.epochs, d.batch_size, d.seq_len) <= 0:

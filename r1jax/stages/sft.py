@@ -36,7 +36,7 @@ def validate(config) -> None:
         )
     if s.source == "cold_start":
         common.builtin_tasks(s, "sft")
-    check_prompt_format(s, "sft")
+    common.check_prompt_format(s, "sft")
     if min(s.epochs, s.batch_size, s.seq_len) <= 0:
         raise common.ConfigError("sft.epochs, sft.batch_size and sft.seq_len must be > 0")
     ways = common.batch_ways(config, jax.device_count())
@@ -46,18 +46,6 @@ def validate(config) -> None:
         )
     common.micro_batches(config, "sft", s.batch_size)
     common.optim(config, steps_later=True)  # the data gives the step count
-
-
-def check_prompt_format(s, section: str) -> None:
-    """`<section>.template` and `prefill_think` (the sft and distill sections)."""
-    if s.template not in templates.TEMPLATES:
-        raise common.ConfigError(f"{section}.template must be one of {templates.TEMPLATES}")
-    if s.template == "plain" and s.prefill_think:
-        raise common.ConfigError(
-            f"{section}.prefill_think needs a template that ends in the model's turn ('r1_zero' "
-            "or 'chat'); 'plain' prompts are the questions as they are"
-        )
-    common.check_system_prompt(s, section)
 
 
 def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]:
