@@ -19,8 +19,9 @@ def get_config(arg=None):
 
     d = config.distill = ml_collections.ConfigDict()
     d.source = "cold_start"  # teacher traces: JSONL from rejection_sampling, or the built-in ones
-    common.completion_data_fields(d)  # d.field_map.*, d.on_bad_json
+    common.completion_data_fields(d)  # d.field_map.*, d.on_bad_json, d.overflow
     d.teacher = ""  # teacher checkpoint for logit distillation ("" = trace SFT only)
+    d.temperature = 1.0  # logit distillation: softmax temperature of both distributions
     d.template = "r1_zero"  # prompt template the traces were sampled with
     # End prompts with the opening think tag, as data.prefill_think does for sampling (a
     # completion that starts with the tag then trains after it, not twice).

@@ -26,8 +26,7 @@ def get_config(arg=None):
     r.batch_prompts = 64  # prompts per sampling call
     r.require_correct = True  # keep only answers the task's rule accepts
     r.require_format = True  # keep only <think>…</think><answer>…</answer>
-    r.language = "en"  # target language of the chain of thought
-    r.min_language_consistency = 0.9  # share of reasoning words in the target language
+    r.min_language_consistency = 0.9  # share of reasoning words in data.language
     # The paper's other two chain-of-thought filters. It gives no length; 2000 characters (a few
     # hundred words between blank lines) is our choice (0 = off).
     r.max_paragraph_chars = 2000

@@ -19,7 +19,7 @@ def get_config(arg=None):
 
     s = config.sft = ml_collections.ConfigDict()
     s.source = "cold_start"  # "cold_start" (built-in examples) or a JSONL/Parquet file
-    common.completion_data_fields(s)  # s.field_map.*, s.on_bad_json
+    common.completion_data_fields(s)  # s.field_map.*, s.on_bad_json, s.overflow
     s.num_examples = 1600  # cold_start: examples generated
     # cold_start: the built-in tasks the examples solve, at the RL stage's difficulty (the cold
     # start teaches the format and readable reasoning for the task RL then trains on).

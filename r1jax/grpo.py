@@ -604,7 +604,7 @@ class GRPOConfig:
                 f"grpo.decode_first_window must be >= 0 (0 = one decode phase), "
                 f"got {self.decode_first_window}"
             )
-        if not self.temperature > 0:
+        if not 0 < self.temperature < float("inf"):
             raise ValueError(
                 f"grpo.temperature must be > 0 (GRPO needs diverse samples), got {self.temperature}"
             )

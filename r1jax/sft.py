@@ -157,11 +157,17 @@ class SFTConfig:
     num_micro_batches:   gradient-accumulation steps per optimizer step; rows must divide by it.
     logits_chunk_size:   positions per logits chunk in the cross-entropy (memory, not math).
     distill_temperature: softmax temperature of both distributions in `distill_step`.
+    distill_vocab:       the first `distill_vocab` token ids are the vocabulary `distill_step`
+                         compares the two distributions over: the tokenizer's size, when the
+                         teacher and the student pad their embedding tables differently (Qwen2.5
+                         7B: 152064 rows, 1.5B: 151936, for one 151665-token tokenizer). 0 = the
+                         whole vocabulary, which must then be the same size in both.
     """
 
     num_micro_batches: int = 1
     logits_chunk_size: int = 256
     distill_temperature: float = 1.0
+    distill_vocab: int = 0
 
     def __post_init__(self):
         if self.num_micro_batches < 1 or self.logits_chunk_size < 1:
@@ -169,8 +175,10 @@ class SFTConfig:
                 f"sft.num_micro_batches and sft.logits_chunk_size must be >= 1, got "
                 f"{self.num_micro_batches} and {self.logits_chunk_size}"
             )
-        if not self.distill_temperature > 0:
+        if not 0 < self.distill_temperature < float("inf"):
             raise ValueError(f"sft.distill_temperature must be > 0, got {self.distill_temperature}")
+        if self.distill_vocab < 0:
+            raise ValueError(f"sft.distill_vocab must be >= 0, got {self.distill_vocab}")
 
 
 def sft_arrays(batch: Any) -> dict[str, Any]:
@@ -253,15 +261,20 @@ def distill_loss(
     batch: Mapping[str, jax.Array],
     *,
     temperature: float = 1.0,
+    vocab: int = 0,
     num_items_in_batch: jax.Array | float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Forward KL(teacher || student) per completion position (inside jit); the teacher gets no
-    gradient. Arguments as `sft_loss`; returns (loss, metrics) as `logit_distillation_loss`."""
+    gradient. `vocab` > 0 compares the distributions over the first `vocab` ids only (the
+    tokenizer's; `SFTConfig.distill_vocab`). Other arguments as `sft_loss`; returns (loss,
+    metrics) as `logit_distillation_loss`."""
     _, mask = next_token_targets(batch)
     hidden, router = _hidden(model, batch)
     student = model.logits_from_hidden(hidden)
     teacher_hidden = _hidden(teacher, batch)[0]
     teacher_logits = jax.lax.stop_gradient(teacher.logits_from_hidden(teacher_hidden))
+    if vocab:  # embedding rows past the tokenizer are padding: no token, no probability
+        student, teacher_logits = student[..., :vocab], teacher_logits[..., :vocab]
     loss, metrics = logit_distillation_loss(
         student, teacher_logits, mask, temperature, num_items_in_batch=num_items_in_batch
     )
@@ -301,11 +314,16 @@ def distill_step(
     The teacher should be placed on the train state's mesh in its training layout (e.g.
     `hf.load(path, mesh)`); it is read, never donated or changed.
     """
-    if teacher.cfg.vocab_size != train_state.model.cfg.vocab_size:
+    sizes = (teacher.cfg.vocab_size, train_state.model.cfg.vocab_size)
+    if cfg.distill_vocab == 0 and sizes[0] != sizes[1]:
         raise ValueError(
-            f"teacher vocab_size {teacher.cfg.vocab_size} differs from the "
-            f"student's {train_state.model.cfg.vocab_size}; logit distillation "
-            "needs one tokenizer"
+            f"teacher vocab_size {sizes[0]} differs from the student's {sizes[1]}: with one "
+            "tokenizer padded to two sizes, set SFTConfig.distill_vocab to the tokenizer's size"
+        )
+    if cfg.distill_vocab > min(sizes):
+        raise ValueError(
+            f"SFTConfig.distill_vocab={cfg.distill_vocab} exceeds the teacher's ({sizes[0]}) or "
+            f"the student's ({sizes[1]}) vocab_size"
         )
     return train_state.run_step(_distill_step, sft_arrays(batch), teacher, cfg=cfg)
 
@@ -321,7 +339,12 @@ def _sft_step(model, optimizer: train.Optimizer, batch, *, cfg: SFTConfig):
 def _distill_step(model, optimizer: train.Optimizer, batch, teacher, *, cfg: SFTConfig):
     num_items = jnp.sum(next_token_targets(batch)[1])
     loss_fn = lambda m, micro: distill_loss(
-        m, teacher, micro, temperature=cfg.distill_temperature, num_items_in_batch=num_items
+        m,
+        teacher,
+        micro,
+        temperature=cfg.distill_temperature,
+        vocab=cfg.distill_vocab,
+        num_items_in_batch=num_items,
     )
     return _step(loss_fn, model, optimizer, batch, num_items, cfg)
 

@@ -65,6 +65,20 @@ EQUIVALENT = [  # (gold, completion): same answer written differently
     ("The answer is \\boxed{12}.", "<answer>12</answer>"),  # gold is a full solution
     ("Paris", "<answer>paris</answer>"),  # not math: compared as text
     (7, "<answer>7</answer>"),  # numeric gold
+    # Words around the value (GSM8K's first problem is about eggs): wrapped in \boxed{} they
+    # were products of symbols, 18*E*g*g*s, and only some units were dropped.
+    ("18", "<answer>18 eggs</answer>"),
+    ("18", "<answer>There are 18 apples in total.</answer>"),
+    ("18", "<answer>The answer is 18</answer>"),
+    ("18", "<answer>**18**</answer>"),
+    ("\\frac{1}{2}", "<answer>\\frac{1}{2} cup</answer>"),
+    ("1, 2", "<answer>1 and 2</answer>"),
+    ("2ab", "<answer>2ab</answer>"),  # a product of variables is not a word
+    # A letter chosen in words: not the article "A" or the pronoun "I" that open the sentence.
+    ("C", "<answer>A prime greater than 7, so (C)</answer>"),
+    ("D", "<answer>a total of 12, which is option D</answer>"),
+    ("B", "<answer>I believe it is (B)</answer>"),
+    ("A", "<answer>It must be A</answer>"),
 ]
 DIFFERENT = [
     ("\\frac{3}{4}", "<answer>0.7</answer>"),
@@ -76,6 +90,10 @@ DIFFERENT = [
     ("B", "<answer>The answer is A</answer>"),
     ("-5", "<answer>5</answer>"),
     ("Paris", "<answer>London</answer>"),
+    ("18", "<answer>18 or 19</answer>"),  # two answers are none
+    ("A", "<answer>A prime greater than 7, so (C)</answer>"),
+    ("I", "<answer>I believe it is (B)</answer>"),
+    ("A", "<answer>A or B</answer>"),
 ]
 
 
@@ -173,6 +191,8 @@ def test_format_reward():
         "<think>a</think><answer>1</answer><answer>2</answer>": 0.0,
         "<think>  </think><answer>42</answer>": 0.0,  # empty block
         "<think>a</think><answer> </answer>": 0.0,
+        "<think>\u200b</think><answer>42</answer>": 0.0,  # zero-width space: nothing visible
+        "<think>a</think><answer>\ufeff\u2060 </answer>": 0.0,
         "<think>a <answer>1</answer></think><answer>2</answer>": 0.0,  # nested tags
         "": 0.0,
     }

@@ -169,8 +169,35 @@ def test_distillation_step_matches_numpy_kl_and_moves_towards_the_teacher(batche
         np.testing.assert_array_equal(np.asarray(a), b)  # read, never donated or trained
 
     other_vocab = tiny_model(vocab_size=CFG.vocab_size + 1)
-    with pytest.raises(ValueError, match="one tokenizer"):
+    with pytest.raises(ValueError, match="distill_vocab to the tokenizer's size"):
         sft.distill_step(state, other_vocab, unpacked)
+
+
+def test_distillation_compares_the_tokenizer_ids_of_a_differently_padded_teacher(batches):
+    """One tokenizer, two embedding tables padded to different sizes (Qwen2.5-7B's 152064 rows,
+    1.5B's 151936, for 151665 tokens): distillation stopped at its first step, saying the two
+    models need one tokenizer. With `distill_vocab`, the distributions over the tokenizer's ids
+    are compared: the padded teacher's extra rows change nothing."""
+    _, _, unpacked, _ = batches
+    teacher = tiny_model(seed=1, std=0.3)
+    padded = tiny_model(seed=2, std=0.3, vocab_size=CFG.vocab_size + 8)
+    flat = dict(nnx.to_flat_state(nnx.state(teacher)))
+    for path, v in nnx.to_flat_state(nnx.state(padded)):
+        src = np.asarray(flat[path].get_value())
+        v.set_value(v.get_value().at[tuple(slice(n) for n in src.shape)].set(src))
+    padded_logits = run_forward(padded, unpacked)[0]
+    np.testing.assert_allclose(  # the same model on the tokenizer's ids, ...
+        padded_logits[..., : CFG.vocab_size], run_forward(teacher, unpacked)[0], atol=1e-5
+    )
+    assert np.abs(padded_logits[..., CFG.vocab_size :]).max() > 0.1  # ... mass on the padding
+    cfg = sft.SFTConfig(distill_vocab=CFG.vocab_size)
+    losses = []
+    for t in (teacher, padded):
+        state = train.TrainState.create(tiny_model(std=0.1), OPTIM)
+        losses.append(float(sft.distill_step(state, t, unpacked, cfg)["loss"]))
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="exceeds"):
+        sft.distill_step(state, padded, unpacked, sft.SFTConfig(distill_vocab=CFG.vocab_size + 1))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -494,6 +494,42 @@ def test_chat_prompts_can_carry_the_format_instruction_as_a_system_message(toy):
         sft_stage.load_pairs(sft, refusing)
 
 
+def test_sft_chat_rows_follow_the_template_rl_samples_with(toy, tmp_path):
+    """Rows given as chat `messages` (OpenR1-Math, NuminaMath-CoT) were always rendered with the
+    tokenizer's chat template: sft.template, system_prompt and prefill_think were ignored, so
+    SFT trained on other prompts than the RL stage then sampled from."""
+    from r1jax.data import templates
+    from r1jax.models import hf
+    from r1jax.stages import sft as sft_stage
+
+    tokenizer = hf.tokenizer(os.path.join(toy[0], "toy_base"))
+    question = {"role": "user", "content": "What is 2 + 2?"}
+    answer = {"role": "assistant", "content": "<think> 2 + 2 = 4 </think> <answer>4</answer>"}
+    rows = [
+        {"problem": "What is 2 + 2?", "solution": "4", "messages": [question, answer]},
+        {"messages": [{"role": "system", "content": "Be brief."}, question, answer]},
+        {"messages": [question, {"role": "assistant", "content": "4"}, question, answer]},
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = sh.load_config("sft")
+    config.sft.source = str(path)
+    pairs = sft_stage.load_pairs(config, tokenizer)
+    assert pairs[0] == (templates.r1_zero_prompt("What is 2 + 2?"), answer["content"])
+    # A conversation has no R1-Zero form: the chat template, its own system message kept.
+    assert pairs[1][0].startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert pairs[2][0].count("<|im_start|>user") == 2
+    config.sft.template, config.sft.system_prompt, config.sft.prefill_think = "chat", "r1", True
+    common.validate(config, "sft")
+    pairs = sft_stage.load_pairs(config, tokenizer)
+    assert pairs[0][0] == templates.chat_prompt(
+        tokenizer, "What is 2 + 2?", system=templates.R1_SYSTEM_PROMPT, prefill_think=True
+    )
+    assert templates.R1_SYSTEM_PROMPT in pairs[2][0] and pairs[2][0].endswith("<think>\n")
+    assert "Be brief." in pairs[1][0] and templates.R1_SYSTEM_PROMPT not in pairs[1][0]
+    assert pairs[0][1] == " 2 + 2 = 4 </think> <answer>4</answer>"  # after the prefilled tag
+
+
 def test_sft_and_distill_files_with_other_column_names_load_through_field_map(tmp_path):
     """Alpaca-style rows (instruction / output) had no way in: the error pointed at a field_map
     and an on_bad_json that the sft and distill sections did not have."""
@@ -655,6 +691,10 @@ def test_distill_default_runs_with_logit_distillation(toy, tmp_path):
     assert all(abs(r["loss"]) < 1e-5 for r in rows), rows
     assert np.isfinite(out["loss"])
     assert_hf_folder(tmp_path / "hf" / "final")
+    # Continued as trace SFT, its loss series would switch from KL to cross-entropy unnoticed.
+    d.teacher, d.epochs = "", 2.0
+    with pytest.raises(common.ConfigError, match=r"teacher: .* then, 'none \(trace SFT\)' now"):
+        run("distill", config, tmp_path)
 
 
 def test_eval_default_runs(toy, tmp_path, capsys):
@@ -1073,7 +1113,26 @@ def test_majority_vote_groups_answers_the_grader_deems_equal():
     assert majority_vote(["x", "x", "1234", " 1234"], arithmetic) == 0  # unparsed: strings
     countdown = same_answer("countdown", None)
     assert majority_vote(["1+2", "(3*4)", "( 3 * 4 )"], countdown) == 1
+    # Every equation reaching the target from the row's numbers is one answer: three correct
+    # ones outvote a wrong one written twice (they split 1-1-1 against 2 before).
+    votes = ["25 - 4 * 2", "25 - 4 * 2", "(75 - 3) / 4 + 1", "1 + (75 - 3) / 4", "1+((75-3)/4)"]
+    assert score_prompt(votes, [False, False, True, True, True], countdown)["cons@5"] == 1.0
+    assert not countdown("3 + 4", "2 + 5")  # one value, other numbers: other answers
+    assert countdown("3 + 4 = 7", "4+3") and countdown("x", " x ")
     assert same_answer("code", [{"input": "", "output": ""}]) is None
+
+
+def test_code_rows_vote_on_the_program_the_tests_ran():
+    """cons@k voted on the <answer>/\\boxed{} answer, which code completions (graded on their
+    last ```python block) rarely have: cons@k was 0 with every sample passing the tests."""
+    from r1jax.stages.eval import voted_answer
+
+    tests = [{"input": "", "output": "1"}]
+    texts = [f"Here:\n```python\nprint({x})\n```\n" for x in ("1", "1", "2")]
+    answers = [voted_answer(t, "code", tests) for t in texts]
+    assert answers[0] == "print(1)\n"
+    assert score_prompt(answers, [True, True, False])["cons@3"] == 1.0
+    assert voted_answer("<answer>\\boxed{7}</answer>", "math", None) == "7"
 
 
 def test_answers_too_long_to_grade_are_not_compared_for_the_vote(monkeypatch):
@@ -1127,6 +1186,58 @@ def test_file_data_holds_out_its_last_rows_and_refuses_to_train_on_them():
         common.load_prompt_rows(config, "train", seed=0)
     config.eval_source = str(data.sample_path("math_sample.jsonl"))  # a separate file
     assert len(common.load_prompt_rows(config, "train", seed=0)) == 5
+
+
+def test_training_rows_repeating_a_held_out_prompt_are_left_out(tmp_path):
+    """Datasets repeat rows: a copy of a held-out row among the training rows was trained on,
+    and the held-out score counted it (10 of 10 held-out prompts in a file of duplicates)."""
+
+    def write(name, questions):
+        rows = [{"question": q, "answer": "#### 1"} for q in questions]
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / name)
+
+    questions = ["New?"] + [f"What is {i % 4} + 1?" for i in range(8)] + ["What is  0 +  1?"]
+    config = common.data_config(source=write("all.jsonl", questions))
+    config.num_eval = 3  # 2 + 1, 3 + 1 and 0 + 1 (spaced otherwise, the same question)
+    train = common.load_prompt_rows(config, "train", seed=0)
+    assert [r["prompt"] for r in train] == ["New?", "What is 1 + 1?", "What is 1 + 1?"]
+    config.eval_source = write("held_out.jsonl", ["What is 1 + 1?"])  # held out in a file
+    train = common.load_prompt_rows(config, "train", seed=0)
+    assert len(train) == 8 and "What is 1 + 1?" not in {r["prompt"] for r in train}
+    config.source = config.eval_source
+    with pytest.raises(common.ConfigError, match="every training prompt is also a held-out one"):
+        common.load_prompt_rows(config, "train", seed=0)
+
+
+def test_rows_carry_the_language_their_reasoning_should_be_in(tmp_path):
+    """The loader gave every row without a language column "en", so a Chinese dataset's
+    rejection sampling dropped every Chinese chain of thought as mixed-language (its
+    `rejection_sampling.language` was never read) and RL's language reward pulled towards
+    English; a code dataset's `language: python` column crashed the reward mid-run."""
+    from r1jax.rewards import language_consistency_reward
+
+    path = tmp_path / "zh.jsonl"
+    rows = [{"question": f"{i} 加 1 是多少？", "answer": f"#### {i + 1}"} for i in range(4)]
+    rows[1]["language"] = "English"  # a row's own column wins
+    rows[2]["language"] = "python"  # a column of another meaning: the default
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = common.data_config(source=str(path))
+    config.num_eval, config.language = 1, "zh"
+    common.validate_data(config)
+    train = common.load_prompt_rows(config, "train", seed=0)
+    assert [r["language"] for r in train] == ["zh", "en", "zh"]
+    chinese = "<think>三加一等于四</think><answer>4</answer>"
+    assert language_consistency_reward([chinese], language=[train[0]["language"]]) == [1.0]
+    config.field_map.language = "language"  # named by the user: a bad value is an error
+    with pytest.raises(common.ConfigError, match=r"zh.jsonl:3: .*unsupported language 'python'"):
+        common.load_prompt_rows(config, "train", seed=0)
+    config.language = "klingon"
+    with pytest.raises(common.ConfigError, match="data.language: .*unsupported language"):
+        common.validate_data(config)
+    builtin = common.data_config()
+    builtin.num_train, builtin.language = 2, "ru"
+    assert {r["language"] for r in common.load_prompt_rows(builtin, "train", seed=0)} == {"ru"}
 
 
 def test_file_data_with_other_column_names_and_bad_lines_loads_from_config_fields(tmp_path):
@@ -1231,6 +1342,18 @@ def test_fields_that_would_fail_mid_run_are_refused_up_front(toy, tmp_path):
     rows = [{"prompt": "What is 12 + 30?", "solution": "42"}] * 3
     with pytest.raises(common.ConfigError, match=r"3 of 3 prompts are longer than the largest"):
         common.PromptSet(rows, tokenizer, config.data, seed=0)
+    # ... or left out and counted: one long prompt in a big file need not refuse the run.
+    config.data.prompt_overflow, config.data.prompt_buckets = "skip", (8,)
+    config.data.template = "plain"
+    short = [{"prompt": "1 + 2?", "solution": "3"}, {"prompt": "3 + 4?", "solution": "7"}]
+    prompts = common.PromptSet([rows[0], *short], tokenizer, config.data, seed=0)
+    assert prompts.rows == short and prompts.columns["solution"] == ["3", "7"]
+    assert len(prompts.token_ids) == len(prompts.prompts) == 2
+    with pytest.raises(common.ConfigError, match=r"every prompt is longer"):
+        common.PromptSet(rows, tokenizer, config.data, seed=0)
+    config.data.prompt_overflow = "truncate"
+    with pytest.raises(common.ConfigError, match=r"data.prompt_overflow must be 'error' or 'skip'"):
+        common.validate_data(config.data)
     # ... in the RL stage before any model loads (it loaded the policy and the reference first).
     from r1jax.models import hf as hf_module
 
@@ -1251,3 +1374,6 @@ def test_fields_that_would_fail_mid_run_are_refused_up_front(toy, tmp_path):
     pairs = [("a b c d e", "f")]
     with pytest.raises(common.ConfigError, match=r"sft.seq_len=4: no SFT example fits"):
         sft_stage.train_on_pairs(config, "sft", str(tmp_path), None, tokenizer, pairs, None)
+    config.sft.overflow = "cut"
+    with pytest.raises(common.ConfigError, match=r"sft.overflow must be 'truncate' or 'skip'"):
+        sft_stage.validate(config)

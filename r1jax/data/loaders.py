@@ -64,6 +64,9 @@ class LoadStats:
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     shapes: dict[str, str] = dataclasses.field(default_factory=dict)
     examples: list[str] = dataclasses.field(default_factory=list)
+    # Kept rows whose `language` column named no natural language (e.g. "python" in a code
+    # dataset): they got the default language instead.
+    language_defaulted: int = 0
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1
@@ -72,7 +75,13 @@ class LoadStats:
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
-        return f"read {self.rows_read} rows, kept {self.rows_kept}, skipped: {reasons}"
+        out = f"read {self.rows_read} rows, kept {self.rows_kept}, skipped: {reasons}"
+        if self.language_defaulted:
+            out += (
+                f"; {self.language_defaulted} rows' language column named no natural language "
+                "(given the default language)"
+            )
+        return out
 
 
 def sample_path(name: str) -> pathlib.Path:
@@ -438,7 +447,8 @@ def load_rows(
       field_map: canonical field -> column name overrides (fields: ``FIELDS``).
       require_solution: skip rows with neither a solution nor tests (False for SFT chat data).
       on_bad_json: "error" (raise, naming file and line) or "skip" (count and go on).
-      language: the natural language assumed where a row has no language column.
+      language: the natural language assumed where a row has no language column, or one whose
+        value names none (a code dataset's "python"); rows' languages come out normalised ("en").
       keep: extra columns to carry through unchanged.
       limit: keep at most this many rows (before sharding).
       fallback_shape: with shape "auto", the shape of a file whose shape is not recognised (per
@@ -450,6 +460,8 @@ def load_rows(
       FileNotFoundError for missing files; ValueError for malformed JSON (unless skipped), an
       unrecognisable shape, or when no usable row is left.
     """
+    from r1jax.rewards.language import normalize_language  # (rewards import the data package)
+
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
     if on_bad_json not in ("error", "skip"):
@@ -504,8 +516,16 @@ def load_rows(
             )
             if row is None:
                 stats.skip(reason, where)
-            else:
-                rows.append(row)
+                continue
+            if row["language"] is not None:
+                try:
+                    row["language"] = normalize_language(row["language"])
+                except ValueError as e:
+                    if "language" in field_map:  # the user named this column: say so
+                        raise ValueError(f"{where}: field_map language column: {e}") from None
+                    row["language"] = language  # a column of another meaning ("python")
+                    stats.language_defaulted += 1
+            rows.append(row)
     if limit is not None:
         rows = rows[:limit]
     stats.rows_kept = len(rows)
@@ -513,6 +533,7 @@ def load_rows(
         raise ValueError(
             f"no usable rows in {', '.join(files)}: {stats.summary()}; e.g. "
             f"{'; '.join(stats.examples) or 'the files are empty'}. Check the "
-            "field_map / shape, or pass require_solution=False for SFT data"
+            "field_map / shape"
+            + (" (each row needs a prompt and a solution or tests)" if require_solution else "")
         )
     return shard_rows(rows, process_index, process_count, even=even), stats

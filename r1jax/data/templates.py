@@ -50,13 +50,27 @@ def chat_prompt(
       system: optional system message (e.g. ``R1_SYSTEM_PROMPT``).
       prefill_think: append "<think>\\n" so generation starts inside the reasoning block.
     """
+    return conversation_prompt(
+        tokenizer,
+        [{"role": "user", "content": question}],
+        system=system,
+        prefill_think=prefill_think,
+    )
+
+
+def conversation_prompt(
+    tokenizer, messages: Sequence[dict], *, system: str | None = None, prefill_think: bool = False
+) -> str:
+    """`chat_prompt` for a whole conversation (`messages`: role/content dicts, ending before the
+    assistant turn to be written); `system` is put first unless the conversation has its own."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"tokenizer {type(tokenizer).__name__} has no chat template; use "
             "template='r1_zero' or a tokenizer that defines one"
         )
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": question}
+    has_system = bool(messages) and messages[0].get("role") == "system"
+    messages = [{"role": "system", "content": system}] * bool(system and not has_system) + [
+        *messages
     ]
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -33,6 +33,7 @@ Owns ``accuracy_reward`` and the answer extraction it relies on (``extract_answe
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import multiprocessing
 import re
@@ -44,7 +45,6 @@ from typing import Any
 from math_verify import (
     ExprExtractionConfig,
     LatexExtractionConfig,
-    StringExtractionConfig,
     parse,
     verify,
 )
@@ -57,13 +57,26 @@ MAX_ANSWER_CHARS = 1000
 PARSE_TIMEOUT_S = 3  # per math-verify parse/verify call (seconds), main thread only
 OFF_THREAD_TIMEOUT_S = 10  # per comparison, off the main thread (its three calls and start-up)
 
-_LETTERS = "ABCDEFGHIJ"
 _LETTER_GOLD = re.compile(r"^\s*\(?\s*([A-J])\s*\)?\s*\.?\s*$")
-_LETTER_PRED = re.compile(r"^\(?\s*([A-Ja-j])\s*\)?(?:[.:)\s]|$)")
+# A prediction's letter, in order: the answer is the letter ("B", "b)", "B. 42", "(B) 42"); the
+# last one in brackets ("so (C)"); the last one after "answer", "option" or "choice"; else the
+# one capital A-J standing alone, not counting "A" and "I" as the words they also are.
+_LETTER_LEAD = re.compile(r"^\s*(?:\(\s*([A-Ja-j])\s*\)|([A-Ja-j])(?:\s*[.:)]|\s*$))")
+_LETTER_BRACKETED = re.compile(r"\(\s*([A-J])\s*\)")
+_LETTER_CUED = re.compile(r"(?i:answer|option|choice)\s*(?:(?i:is)\s*|:\s*)?\(?([A-J])(?![A-Za-z])")
+_LETTER_ALONE = re.compile(r"(?<![A-Za-z\\])([A-J])(?![A-Za-z])(?!\s+(?!(?:is|or|and)\b)[a-z])")
+# Prose inside the answer block ("There are 18 eggs."): math-verify reads the final value out of
+# text itself; wrapped in \boxed{} its words would be products of symbols (e*g*g*s). A word is 3+
+# letters that is not a LaTeX command or a function name ("\sin", "log"), or two words in a row.
+_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
+_TWO_WORDS = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}(?![A-Za-z])")
+_MATH_WORDS = frozenset(
+    "sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh log exp sqrt max min mod gcd lcm "
+    "det inf infty and".split()
+)
 _MATH_DOLLAR = re.compile(r"(?<!\\)\$")  # a math delimiter; `\$` is a currency sign
 _LATEX_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textit|boxed)\s*\{([^{}]*)\}")
 _MATH_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
-_LETTER_CONFIG = (StringExtractionConfig(strings=tuple(_LETTERS)),)
 _guard: concurrent.futures.ProcessPoolExecutor | None = None  # comparisons off the main thread
 _guard_lock = threading.Lock()
 _helper_state = {"answered": False, "unusable": False}
@@ -142,14 +155,27 @@ def _strip_delimiters(s: str) -> str:
             inner = s[len(left) : len(s) - len(right)]
             if "$" not in inner:
                 return inner.strip()
+    for mark in ("**", "__"):  # Markdown emphasis around the whole answer
+        if s.startswith(mark) and s.endswith(mark) and len(s) > 2 * len(mark):
+            s = s[len(mark) : -len(mark)].strip()
     return s.rstrip(".").strip()
 
 
+def _is_prose(s: str) -> bool:
+    """Whether an answer is words around its value rather than one expression."""
+    words = {w.lower() for w in _WORD.findall(s)} - _MATH_WORDS
+    return bool(words) or any(
+        not set(m.lower().split()) <= _MATH_WORDS for m in _TWO_WORDS.findall(s)
+    )
+
+
+@functools.lru_cache(maxsize=4096)
 def _parse_math(s: str) -> list[Any]:
-    """Answer string -> math-verify parse result ([] when nothing parsed)."""
+    """Answer string -> math-verify parse result ([] when nothing parsed). Cached: a cons@k
+    vote compares each answer with every group's, and a group's gold with every sample."""
     timeout = _timeout()
-    if _MATH_DOLLAR.search(s) or "\\(" in s or "\\[" in s:
-        # Prose with delimited math: let math-verify find the (last) expression itself.
+    if _MATH_DOLLAR.search(s) or "\\(" in s or "\\[" in s or _is_prose(s):
+        # Prose, with or without delimited math: math-verify finds the (last) expression itself.
         return parse(s, list(_MATH_CONFIG), parsing_timeout=timeout)
     return parse("\\boxed{" + s + "}", list(_MATH_CONFIG), parsing_timeout=timeout)
 
@@ -160,13 +186,17 @@ def _plain(s: str) -> str:
 
 
 def _letter(s: str) -> str | None:
+    """The option letter a prediction chooses (see `_LETTER_LEAD` and below), or None."""
     plain = _LATEX_WRAPPER.sub(r"\1", _LATEX_WRAPPER.sub(r"\1", s)).replace("$", "").strip()
-    match = _LETTER_PRED.match(plain)
-    if match:
-        return match.group(1).upper()
-    found = parse(s, list(_LETTER_CONFIG), parsing_timeout=_timeout())
-    strings = [x for x in found if isinstance(x, str) and x.upper() in _LETTERS]
-    return strings[0].upper() if strings else None
+    lead = _LETTER_LEAD.match(plain)
+    if lead:
+        return (lead.group(1) or lead.group(2)).upper()
+    for pattern in (_LETTER_BRACKETED, _LETTER_CUED):
+        found = pattern.findall(plain)
+        if found:
+            return found[-1]
+    alone = set(_LETTER_ALONE.findall(plain))
+    return alone.pop() if len(alone) == 1 else None
 
 
 def answers_match(gold: str, predicted: str) -> bool:

@@ -16,6 +16,7 @@ open-r1's reward of the same name). Notable choices:
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +30,13 @@ def _is_well_formed(text: str) -> bool:
     if any(text.count(tag) != 1 for tag in _TAGS):
         return False
     match = _LAYOUT.fullmatch(text)
-    return bool(match) and bool(match.group(1).strip()) and bool(match.group(2).strip())
+    return bool(match) and _has_text(match.group(1)) and _has_text(match.group(2))
+
+
+def _has_text(block: str) -> bool:
+    """Whether a block holds something visible: not only whitespace or format characters
+    (zero-width spaces and joiners, a BOM), which str.strip leaves."""
+    return any(not c.isspace() and unicodedata.category(c) != "Cf" for c in block)
 
 
 def format_reward(completions: Sequence[Any], *, prefix: str = "", **columns: Any) -> list[float]:

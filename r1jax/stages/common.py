@@ -243,8 +243,8 @@ def resume(ckpt, state, run: dict[str, Any], *, total_steps: int, steps_field: s
         ]
         raise ConfigError(
             f"{step_dir} was saved by a run with other settings ({'; '.join(diffs)}); resuming "
-            "would continue its data position in another order. Use the settings it was started "
-            "with, or another --workdir"
+            "would continue its data position in another order (or with another objective). Use "
+            "the settings it was started with, or another --workdir"
         )
     if extra["step"] > total_steps:
         raise ConfigError(
@@ -670,6 +670,25 @@ def optim(
         raise ConfigError(str(e)) from e
 
 
+def check_epochs_and_sizes(section: ml_collections.ConfigDict, where: str) -> None:
+    """The sizes of a stage that trains on completions (sft, distill): a finite number of epochs
+    > 0, rows and lengths > 0, and some built-in examples when it reads those."""
+    if not (0 < section.epochs < float("inf")) or min(section.batch_size, section.seq_len) <= 0:
+        raise ConfigError(
+            f"{where}.epochs (a finite number), {where}.batch_size and {where}.seq_len must be "
+            f"> 0, got {section.epochs}, {section.batch_size} and {section.seq_len}"
+        )
+    if section.get("overflow", "truncate") not in ("truncate", "skip"):
+        raise ConfigError(
+            f"{where}.overflow must be 'truncate' or 'skip', got {section.overflow!r}"
+        )
+    if section.source == "cold_start" and section.num_examples < 1:
+        raise ConfigError(
+            f"{where}.num_examples must be >= 1 for the built-in examples, got "
+            f"{section.num_examples}"
+        )
+
+
 def builtin_tasks(section: ml_collections.ConfigDict, where: str) -> list:
     """The built-in tasks named by `section.tasks`, with the difficulty knobs of its per-task
     sub-sections (`section.arithmetic`, `section.countdown`). A bad name or knob is a ConfigError
@@ -700,10 +719,17 @@ def data_config(source: str = "arithmetic", template: str = "r1_zero") -> ml_col
     # Text that ends a completion (besides EOS / end of turn): the closing answer tag, and a new
     # "User:" turn, where a base model prompted with the R1-Zero template writes the next exchange.
     c.stop_strings = ("</answer>", "\nUser:")
+    # The language the chain of thought should be in (the language-consistency reward's target,
+    # rejection sampling's filter) for rows that do not name theirs in a `language` column:
+    # "en", "zh", "ja", "ko", "ru" (or "English", "zh-CN", ...).
+    c.language = "en"
     c.num_train = 4000  # built-in tasks: distinct training problems generated
     c.num_eval = 256  # held-out problems (built-in tasks: from the held-out split)
     c.eval_source = ""  # file data: held-out file ("" = hold out num_eval rows of source)
     c.prompt_buckets = (64, 128, 256, 512)  # padded prompt lengths (few shapes = few compiles)
+    # A prompt longer than the largest bucket: "error" (refused before any model loads, naming
+    # it) or "skip" (left out and counted).
+    c.prompt_overflow = "error"
     # File data: the column holding each field when the loader does not recognise the dataset's
     # shape ("" = found by shape), and what a malformed JSON line does ("error" or "skip").
     c.field_map = ml_collections.ConfigDict(
@@ -832,13 +858,33 @@ class PromptSet:
         )
         longest = max(self.buckets)
         too_long = [i for i, ids in enumerate(self.token_ids) if len(ids) > longest]
+        if too_long and data_config.get("prompt_overflow", "error") == "skip":
+            log.info(
+                "%d of %d %sprompts are longer than the largest of data.prompt_buckets=%s: left "
+                "out (data.prompt_overflow='skip')",
+                len(too_long),
+                len(rows),
+                split + " " if split else "",
+                self.buckets,
+            )
+            keep = sorted(set(range(len(rows))) - set(too_long))
+            if not keep:
+                raise ConfigError(
+                    f"every {split + ' ' if split else ''}prompt is longer than the largest of "
+                    f"data.prompt_buckets={self.buckets}; add a larger bucket"
+                )
+            rows = self.rows = [rows[i] for i in keep]
+            self.prompts = [self.prompts[i] for i in keep]
+            self.token_ids = [self.token_ids[i] for i in keep]
+            too_long = []
         if too_long:  # refused now, not when a batch first draws one (steps into a run)
             i = too_long[0]
             raise ConfigError(
                 f"{len(too_long)} of {len(rows)} {split + ' ' if split else ''}prompts are "
                 f"longer than the largest of "
                 f"data.prompt_buckets={self.buckets} (row {i}, {len(self.token_ids[i])} tokens "
-                f"with the template: {rows[i]['prompt'][:60]!r}...); add a larger bucket"
+                f"with the template: {rows[i]['prompt'][:60]!r}...); add a larger bucket, or "
+                f"leave them out with --config.data.prompt_overflow=skip"
             )
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -880,7 +926,15 @@ class PromptSet:
 
 
 def load_prompt_rows(data_config, split: str, seed: int) -> list[dict]:
-    """Rows for `split` ("train" or "eval") from a built-in task or a dataset file."""
+    """Rows for `split` ("train" or "eval") from a built-in task or a dataset file, each with
+    the `language` its chain of thought should be in."""
+    rows = _prompt_rows(data_config, split, seed)
+    for row in rows:  # (a file's rows name their own, or got data.language from the loader)
+        row["language"] = row.get("language") or data_config.language
+    return rows
+
+
+def _prompt_rows(data_config, split: str, seed: int) -> list[dict]:
     from r1jax.data import loaders, tasks
 
     source = data_config.source
@@ -903,7 +957,10 @@ def load_prompt_rows(data_config, split: str, seed: int) -> list[dict]:
         # global batch, of which each device then keeps its own slice.
         field_map = {k: v for k, v in data_config.field_map.items() if v}
         rows, stats = loaders.load_rows(
-            path, field_map=field_map, on_bad_json=data_config.on_bad_json
+            path,
+            field_map=field_map,
+            on_bad_json=data_config.on_bad_json,
+            language=data_config.language,
         )
     except (OSError, ValueError) as e:
         field = "eval_source" if held_out_file else "source"
@@ -944,9 +1001,31 @@ def load_prompt_rows(data_config, split: str, seed: int) -> list[dict]:
             path,
             data_config.num_eval,
         )
-        rows = rows[: -data_config.num_eval]
+        held_out, rows = rows[-data_config.num_eval :], rows[: -data_config.num_eval]
+    elif split == "train":
+        held_out = _prompt_rows(data_config, "eval", seed)
+    if split == "train":
+        rows = _without_held_out(rows, held_out, path)
     _check_builtin_task_rows(rows, path, field)  # the rows used (1M Countdown rows: ~13 s)
     return rows
+
+
+def _without_held_out(rows: list[dict], held_out: list[dict], path: str) -> list[dict]:
+    """Training rows whose prompt is not also a held-out prompt (datasets repeat rows: the
+    held-out score would count problems trained on)."""
+    seen = {" ".join(r["prompt"].split()) for r in held_out}
+    kept = [r for r in rows if " ".join(r["prompt"].split()) not in seen]
+    if len(kept) < len(rows):
+        log.info(
+            "training prompts: %d of the %d rows of %s left out, their prompt being also a "
+            "held-out one",
+            len(rows) - len(kept),
+            len(rows),
+            path,
+        )
+    if not kept:
+        raise ConfigError(f"data.source {path}: every training prompt is also a held-out one")
+    return kept
 
 
 def _check_builtin_task_rows(rows: list[dict], path: str, field: str) -> None:
@@ -982,6 +1061,9 @@ def completion_data_fields(section: ml_collections.ConfigDict) -> None:
     # does ("error" or "skip").
     section.field_map = ml_collections.ConfigDict({"prompt": "", "completion": "", "messages": ""})
     section.on_bad_json = "error"
+    # An example longer than seq_len: "truncate" (its completion's end is cut: a long chain of
+    # thought then trains without its answer and EOS) or "skip" (left out and counted).
+    section.overflow = "truncate"
 
 
 def load_completion_rows(
@@ -1027,13 +1109,22 @@ def check_data_files(pattern: str, field: str, alternatives: str = "") -> None:
 
 def validate_data(data_config) -> None:
     from r1jax.data import tasks
+    from r1jax.rewards.language import normalize_language
 
     check_prompt_format(data_config, "data")
+    try:
+        normalize_language(data_config.language)
+    except ValueError as e:
+        raise ConfigError(f"data.language: {e}") from None
     source = data_config.source
     if source not in tasks.TASKS:
         check_data_files(source, "data.source", f"a built-in task {sorted(tasks.TASKS)} or ")
     if data_config.eval_source:
         check_data_files(data_config.eval_source, "data.eval_source")
+    if data_config.get("prompt_overflow", "error") not in ("error", "skip"):
+        raise ConfigError(
+            f"data.prompt_overflow must be 'error' or 'skip', got {data_config.prompt_overflow!r}"
+        )
     if data_config.num_eval < 1 or data_config.num_train < 1:
         raise ConfigError("data.num_train and data.num_eval must be >= 1")
     if data_config.on_bad_json not in ("error", "skip"):
@@ -1112,8 +1203,11 @@ def validate_eval(section) -> None:
             raise ConfigError(f"eval.{field} must be an integer >= 1, got {section[field]!r}")
     if section.every < 0:
         raise ConfigError(f"eval.every must be >= 0 (0 = only at the end), got {section.every}")
-    if not 0 < section.top_p <= 1 or section.temperature < 0:
-        raise ConfigError("eval.top_p must be in (0, 1] and eval.temperature >= 0")
+    if not 0 < section.top_p <= 1 or not 0 <= section.temperature < float("inf"):
+        raise ConfigError(
+            f"eval.top_p must be in (0, 1] and eval.temperature a finite number >= 0, got "
+            f"{section.top_p} and {section.temperature}"
+        )
 
 
 def validate_reward_model(section) -> None:

@@ -40,12 +40,12 @@ def validate(config) -> None:
     if d.source == "cold_start":
         common.builtin_tasks(d, "distill")
     common.check_prompt_format(d, "distill")
-    if d.teacher and d.teacher != common.TOY_BASE and not os.path.isdir(d.teacher):
+    teacher = os.path.expanduser(d.teacher)
+    if d.teacher and d.teacher != common.TOY_BASE and not os.path.isdir(teacher):
         raise common.ConfigError(f"distill.teacher {d.teacher!r} is not a folder")
-    if min(d.epochs, d.batch_size, d.seq_len) <= 0:
-        raise common.ConfigError(
-            "distill.epochs, distill.batch_size and distill.seq_len must be > 0"
-        )
+    if not 0 < d.get("temperature", 1.0) < float("inf"):
+        raise common.ConfigError(f"distill.temperature must be > 0, got {d.temperature}")
+    common.check_epochs_and_sizes(d, "distill")
     ways = common.batch_ways(config, jax.device_count())
     if d.batch_size % ways:
         raise common.ConfigError(
@@ -65,7 +65,7 @@ def run(config, workdir: str) -> dict:
     if d.teacher:
         teacher_config = config.copy_and_resolve_references()
         with teacher_config.unlocked():
-            teacher_config.model.path = d.teacher
+            teacher_config.model.path = os.path.expanduser(d.teacher)
         teacher, teacher_tokenizer = common.load_model(teacher_config, mesh, frozen=True)
         if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise common.ConfigError(

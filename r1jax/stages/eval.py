@@ -132,9 +132,11 @@ def grading_kind(task: Any, tests: Any) -> str:
 def same_answer(task: Any, tests: Any) -> Callable[[str, str], bool] | None:
     """When two extracted answers to a row are one answer, for cons@k: by the rule that grades
     the row (`grading_kind`): math-verify equivalence, the same integer (arithmetic), the same
-    expression up to spaces (Countdown); None (equal strings) for code."""
+    value from the same numbers (Countdown: every equation that solves the row is one answer,
+    whatever its order or brackets); None (equal strings) for code."""
     from r1jax import rewards
     from r1jax.data.arithmetic import parse_int_answer
+    from r1jax.data.countdown import evaluate_expression
 
     kind = grading_kind(task, tests)
     if kind == "accuracy":  # answers too long to grade (scored wrong) match only themselves
@@ -146,8 +148,23 @@ def same_answer(task: Any, tests: Any) -> Callable[[str, str], bool] | None:
             parse_int_answer(a) is not None and (parse_int_answer(a) == parse_int_answer(b))
         )
     if task == "countdown":
-        return lambda a, b: "".join(a.split()) == "".join(b.split())
+
+        def reached(answer: str):  # ("expr" or "expr = n") -> (value, numbers) or the text
+            found = evaluate_expression(answer.split("=")[0])
+            return (found[0], sorted(found[1])) if found else "".join(answer.split())
+
+        return lambda a, b: reached(a) == reached(b)
     return None
+
+
+def voted_answer(text: str, task: Any, tests: Any) -> str | None:
+    """What a sample's cons@k vote counts: the final answer, or for a code row the program the
+    tests run (its last ```python block, wherever it is: chat models rarely wrap it in tags)."""
+    from r1jax import rewards
+
+    if grading_kind(task, tests) == "code":
+        return rewards.code.extract_code(text)
+    return rewards.extract_answer(text)
 
 
 def grader(prompt_set: common.PromptSet, config=None):
@@ -236,9 +253,9 @@ def evaluate(
         well_formed = rewards.format_reward(texts)
         for j, i in enumerate(ids):
             rows = range(j * k, (j + 1) * k)
-            answers = [rewards.extract_answer(texts[r]) for r in rows]
-            correct = [bool(graded[r] == 1.0) for r in rows]
             row = prompt_set.rows[i]
+            answers = [voted_answer(texts[r], row.get("task"), row.get("tests")) for r in rows]
+            correct = [bool(graded[r] == 1.0) for r in rows]
             metrics = score_prompt(answers, correct, same_answer(row.get("task"), row.get("tests")))
             per_prompt.append(metrics)
             per_task[prompt_set.rows[i].get("task") or "all"].append(metrics)

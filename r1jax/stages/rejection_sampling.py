@@ -108,6 +108,11 @@ def validate(config) -> None:
             "rejection_sampling.num_prompts, num_samples, max_new_tokens and batch_prompts must "
             "be >= 1"
         )
+    if not 0 < r.top_p <= 1 or not 0 <= r.temperature < float("inf"):
+        raise common.ConfigError(
+            f"rejection_sampling.top_p must be in (0, 1] and rejection_sampling.temperature a "
+            f"finite number >= 0, got {r.top_p} and {r.temperature}"
+        )
     if r.non_reasoning_source:
         common.check_data_files(r.non_reasoning_source, "rejection_sampling.non_reasoning_source")
     if not 0.0 <= r.min_language_consistency <= 1.0:
@@ -118,8 +123,9 @@ def validate(config) -> None:
 
 def _non_reasoning_rows(r) -> list[dict[str, Any]]:
     """The rows of `non_reasoning_source` as SFT rows tagged `source: non_reasoning`: prompt/
-    completion pairs as they are, chat rows as their messages (the SFT stage renders them with
-    the tokenizer's chat template, as it does for its own source). [] when there is none."""
+    completion pairs as they are, chat rows as their messages (the SFT stage renders them as it
+    does its own source's: one question in sft.template, a conversation with the chat template).
+    [] when there is none."""
     if not r.non_reasoning_source:
         return []
     try:
@@ -181,12 +187,9 @@ def run(config, workdir: str) -> dict[str, Any]:
         }
         correct = grade(texts, **columns)
         well_formed = rewards.format_reward(texts)
-        # Each row's own target language when the data names one (as the RL reward reads it),
-        # else rejection_sampling.language.
-        targets = [
-            r.language if x is None else x for x in columns.get("language", [None] * len(texts))
-        ]
-        language = rewards.language_consistency_reward(texts, language=targets)
+        # Each row's target language: its own when the data names one, else data.language (as
+        # the RL reward reads it).
+        language = rewards.language_consistency_reward(texts, language=columns["language"])
         for j, text in enumerate(texts):
             i = ids[j // r.num_samples]
             samples.append(

@@ -37,8 +37,7 @@ def validate(config) -> None:
     if s.source == "cold_start":
         common.builtin_tasks(s, "sft")
     common.check_prompt_format(s, "sft")
-    if min(s.epochs, s.batch_size, s.seq_len) <= 0:
-        raise common.ConfigError("sft.epochs, sft.batch_size and sft.seq_len must be > 0")
+    common.check_epochs_and_sizes(s, "sft")
     ways = common.batch_ways(config, jax.device_count())
     if s.batch_size % ways:
         raise common.ConfigError(
@@ -78,36 +77,47 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]
                 hint = f" (from the command line: --config.{section}.on_bad_json=skip)"
             raise common.ConfigError(f"{section}.source: {e}{hint}") from e
         log.info("SFT data %s: %s", s.source, stats.summary())
-    pairs = []
+    system = templates.system_prompt(s.get("system_prompt", ""))
+    prefill_think = s.get("prefill_think", False)
+    pairs, conversations = [], 0
     for i, row in enumerate(rows):
         where = f"{section}.source {s.source}, row {i} of those kept"
         messages = row.get("messages") or []
         completion = row.get("completion")
+        turns = messages[:-1]
         if completion in (None, "") and messages and messages[-1].get("role") == "assistant":
             completion = messages[-1].get("content")
-            if not getattr(tokenizer, "chat_template", None):
-                raise common.ConfigError(
-                    f"{where}: chat `messages` need a tokenizer with a chat template, and "
-                    f"model.path's has none; give prompt/completion rows instead"
-                )
-            prompt = tokenizer.apply_chat_template(
-                messages[:-1], tokenize=False, add_generation_prompt=True
+        else:
+            turns = [{"role": "user", "content": row.get("prompt")}]
+        if completion is None:
+            raise common.ConfigError(
+                f"{where} has neither a completion nor a final message with role 'assistant'"
             )
-        elif completion is not None:
+        if len(turns) == 1 and turns[0].get("role") == "user":
+            # One question: in the template RL samples with, so SFT and RL see the same prompt.
             try:
                 prompt = templates.format_prompts(
-                    [row["prompt"]],
+                    [turns[0]["content"]],
                     s.template,
                     tokenizer=tokenizer,
-                    system=templates.system_prompt(s.get("system_prompt", "")),
-                    prefill_think=s.get("prefill_think", False),
+                    system=system,
+                    prefill_think=prefill_think,
                 )[0]
             except ValueError as e:  # a chat template the tokenizer lacks or refuses
                 raise common.ConfigError(f"{section}.template={s.template!r}: {e}") from None
         else:
-            raise common.ConfigError(
-                f"{where} has neither a completion nor a final message with role 'assistant'"
-            )
+            # A conversation (several turns, or its own system message) has no R1-Zero or plain
+            # form: the model's chat template renders it, whatever the template.
+            conversations += 1
+            try:
+                prompt = templates.conversation_prompt(
+                    tokenizer, turns, system=system, prefill_think=prefill_think
+                )
+            except Exception as e:  # no chat template, or one that refuses these turns
+                raise common.ConfigError(
+                    f"{where}: a conversation of {len(turns)} turns before the answer needs "
+                    f"model.path's chat template, which failed: {e}"
+                ) from None
         if isinstance(completion, str):
             completion = _without_opened_think(prompt, completion)
         if not isinstance(completion, str) or not completion.strip():
@@ -116,6 +126,16 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]
                 f"opened, if any), got {completion!r:.80}"
             )
         pairs.append((prompt, completion))
+    if conversations and s.template != "chat":
+        log.info(
+            "%d of %d %s rows are conversations (several turns or their own system message): "
+            "rendered with the chat template, the others with %s.template=%r",
+            conversations,
+            len(rows),
+            section,
+            section,
+            s.template,
+        )
     return pairs
 
 
@@ -156,7 +176,12 @@ def train_on_pairs(
     s = config[section]
     try:
         batch_all = tokenize_sft(
-            tokenizer, [p for p, _ in pairs], [c for _, c in pairs], seq_len=s.seq_len, pack=s.pack
+            tokenizer,
+            [p for p, _ in pairs],
+            [c for _, c in pairs],
+            seq_len=s.seq_len,
+            pack=s.pack,
+            overflow=s.get("overflow", "truncate"),
         )
     except ValueError as e:  # e.g. every prompt longer than seq_len: nothing left to learn
         raise common.ConfigError(f"{section}.seq_len={s.seq_len}: {e}") from None
@@ -171,8 +196,25 @@ def train_on_pairs(
         batch_all.num_skipped,
         steps,
     )
+    if batch_all.num_truncated:
+        log.warning(
+            "%d of %d examples are longer than %s.seq_len=%d and train without the end of "
+            "their completion (its answer and EOS): raise seq_len, or leave them out with "
+            "--config.%s.overflow=skip",
+            batch_all.num_truncated,
+            len(pairs),
+            section,
+            s.seq_len,
+            section,
+        )
     state = train.TrainState.create(model, common.optim(config, steps), mesh)
-    step_cfg = sft.SFTConfig(num_micro_batches=common.micro_batches(config, section, s.batch_size))
+    step_cfg = sft.SFTConfig(
+        num_micro_batches=common.micro_batches(config, section, s.batch_size),
+        # Logit distillation compares the tokenizer's ids (the two embedding tables may be
+        # padded to different sizes past it).
+        distill_temperature=s.get("temperature", 1.0),
+        distill_vocab=len(tokenizer) if teacher is not None else 0,
+    )
 
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -187,6 +229,9 @@ def train_on_pairs(
         "batch_size": s.batch_size,
         "data": common.fingerprint(batch_all.input_ids, batch_all.loss_mask, batch_all.segment_ids),
     }
+    if section == "distill":  # the loss: trace SFT or KL to a teacher (one series, not both)
+        data_order["teacher"] = s.teacher or "none (trace SFT)"
+        data_order["temperature"] = s.temperature if s.teacher else None
     start = common.resume(
         ckpt, state, data_order, total_steps=steps, steps_field=f"{section}.epochs={s.epochs}"
     )
