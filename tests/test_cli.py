@@ -63,6 +63,10 @@ CONFIG_ERRORS = {
         ["--config.model.router_bias_rate=0.001"],
         ["model.router_bias_rate=0.001", "DeepSeek-V3", "toy base model"],
     ),
+    "capacity_factor_on_a_dense_model": (
+        ["--config.model.capacity_factor=1.25"],
+        ["model.capacity_factor=1.25", "DeepSeek", "toy base model"],
+    ),
     "mistyped_config_file": (["--config=configs/rll.py"], ["--config=configs/rll.py", "no such"]),
     "pipeline_config": (["--config=configs/pipeline.py"], ["not a config", "--stage=pipeline"]),
 }
@@ -243,9 +247,22 @@ def test_mesh_expert_and_router_bias_rate_reach_a_deepseek_model(monkeypatch):
     model, _ = common.load_model(config, mesh)
     assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 2}
     assert model.cfg.router_bias_rate == 0.01
+    assert model.cfg.capacity_factor is None  # 0: dropless
     moe_block = next(b for b in model.layers if hasattr(b.mlp, "gate_edm"))
     spec = moe_block.mlp.gate_edm[...].sharding.spec
     assert spec[0] == "expert", spec  # routed experts split over the expert axis
+    # A capacity limit (no config field reached it: every DeepSeek run computed E/K times the
+    # routed experts' work, 32x for V3), for the policy and a frozen model (reference) alike.
+    config.model.capacity_factor = 1.25
+    common.validate(config, "rl")
+    for frozen in (False, True):
+        model, _ = common.load_model(config, mesh, frozen=frozen)
+        assert model.cfg.capacity_factor == 1.25
+        assert model.cfg.router_bias_rate == (0.0 if frozen else 0.01)
+    config.model.capacity_factor = float("nan")
+    with pytest.raises(common.ConfigError, match=r"capacity_factor must be a finite number >= 0"):
+        common.validate(config, "rl")
+    config.model.capacity_factor = 0.0
 
     # A DeepSeek-V2 router has no load-balancing bias: refused, naming the field.
     config.model.path = deepseek_checkpoint("v2")

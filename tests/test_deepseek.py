@@ -751,6 +751,8 @@ def test_save_round_trip_through_transformers(kind, tmp_path):
     hf.save(m, out)
     saved = json.load(open(os.path.join(out, "config.json")))
     assert saved["model_type"] == KINDS[kind][0]
+    if kind == "v3":  # what vLLM and DeepSeek's code route by (transformers' class drops them)
+        assert (saved["topk_method"], saved["scoring_func"]) == ("noaux_tc", "sigmoid")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids, mask = batch()
     import torch
@@ -829,6 +831,18 @@ def test_unsupported_configs_are_refused_with_the_field_named():
         deepseek_hf.config_from_hf({**v2, "norm_topk_prob": True})
     with pytest.raises(hf.CheckpointError, match="n_group"):
         hf.config_from_hf({**v2, "n_group": 3})
+    # A null size was a TypeError from a comparison; a 0 group count silently became 1.
+    for field in (
+        "kv_lora_rank",
+        "n_routed_experts",
+        "first_k_dense_replace",
+        "routed_scaling_factor",
+    ):
+        with pytest.raises(hf.CheckpointError, match=f"{field} is null"):
+            hf.config_from_hf({**base, field: None})
+    for field in ("n_group", "topk_group"):
+        with pytest.raises(hf.CheckpointError, match=f"{field}=0 .* must be >= 1"):
+            hf.config_from_hf({**base, field: 0})
     cfg = moe.MoEConfig(num_experts=6, top_k=2)
     with pytest.raises(ValueError, match="divisible by the mesh's expert axis"):
         with jax.set_mesh(sharding.make_mesh(fsdp=2, expert=4)):

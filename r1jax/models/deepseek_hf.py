@@ -100,6 +100,26 @@ _TRAINING_ONLY_FIELDS = {
 # --------------------------------------------------------------------------------------------------
 
 
+_REQUIRED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "first_k_dense_replace",
+    "routed_scaling_factor",
+    "max_position_embeddings",
+    "rms_norm_eps",
+)
+
+
 def config_from_hf(
     raw: dict[str, Any],
     *,
@@ -145,6 +165,11 @@ def config_from_hf(
         if not cond:
             raise CheckpointError(f"{where}: {field}={raw.get(field)!r} is not supported: {msg}")
 
+    for field in _REQUIRED_FIELDS:  # null in the file (a missing one takes the family default)
+        if get(field) is None:
+            raise CheckpointError(f"{where}: {field} is null; it needs a value")
+    for field in ("n_group", "topk_group"):  # null: no groups (1); 0 is no routing at all
+        require(raw.get(field) is None or raw[field] >= 1, field, "must be >= 1 (or null)")
     heads = get("num_attention_heads")
     rope_dim, nope_dim = get("qk_rope_head_dim"), get("qk_nope_head_dim")
     require(get("hidden_act") == "silu", "hidden_act", "only SwiGLU (silu) MLPs")
@@ -309,6 +334,9 @@ def config_to_hf(cfg: DeepseekConfig) -> dict[str, Any]:
     else:
         kwargs.update(topk_method=cfg.topk_method)
     hf_config = transformers.AutoConfig.for_model(cfg.model_type, **kwargs).to_diff_dict()
+    if v3:  # not fields of transformers' class (dropped above), but what vLLM and DeepSeek's own
+        # code route by: without them they would score with softmax and no bias
+        hf_config.update(topk_method=cfg.topk_method, scoring_func=cfg.scoring_func)
     return hf.with_legacy_rope(hf_config, cfg)
 
 

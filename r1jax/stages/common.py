@@ -54,6 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
     # DeepSeek-V3 only: step size (gamma) of the auxiliary-loss-free load-balancing bias update
     # after each optimizer step (0 = off; the V3 paper used 0.001)
     c.model.router_bias_rate = 0.0
+    # DeepSeek only: slots per routed expert = factor x tokens x top-k / experts (GShard; tokens
+    # past an expert's slots skip it). 0 = dropless: exact, but every expert computes a slot for
+    # every token, n_routed_experts / top-k times the useful work (32x for V3); 1.25 is typical.
+    c.model.capacity_factor = 0.0
 
     c.ckpt = ml_collections.ConfigDict()
     c.ckpt.every = 50  # save every N steps (and at the end)
@@ -130,7 +134,7 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
             f"checkpoint folder or 'toy' for the built-in toy base model"
         )
     if stage not in ("pretrain", "pipeline"):
-        check_router_bias_rate(config.model, os.path.expanduser(config.model.path))
+        check_deepseek_options(config.model, os.path.expanduser(config.model.path))
     if config.ckpt.best_mode not in ("max", "min"):
         raise ConfigError(f"ckpt.best_mode must be 'max' or 'min', got {config.ckpt.best_mode!r}")
     if config.ckpt.every < 1 or config.log.every < 1 or config.ckpt.keep < 1:
@@ -285,14 +289,20 @@ def micro_batches(config: ml_collections.ConfigDict, section: str, rows: int) ->
     return k
 
 
-def check_router_bias_rate(model_config: ml_collections.ConfigDict, path: str) -> None:
+def check_deepseek_options(
+    model_config: ml_collections.ConfigDict, path: str, *, frozen: bool = False
+) -> None:
     """Refuse `model.router_bias_rate` unless it is >= 0 and the checkpoint at `path` is a
-    DeepSeek-V3 model (the only router with a load-balancing bias). A folder that does not exist
-    yet (a pipeline stage's input) is checked when it is loaded."""
-    rate = model_config.router_bias_rate
-    if not isinstance(rate, int | float) or not rate >= 0 or rate == float("inf"):
-        raise ConfigError(f"model.router_bias_rate must be a finite number >= 0, got {rate!r}")
-    if rate == 0:
+    DeepSeek-V3 model (the only router with a load-balancing bias), and `model.capacity_factor`
+    unless it is >= 0 and the checkpoint is a DeepSeek (mixture-of-experts) one. A folder that
+    does not exist yet (a pipeline stage's input) is checked when it is loaded. `frozen`: a model
+    that is never trained (reference, teacher), which takes no router bias updates."""
+    rate = 0.0 if frozen else model_config.router_bias_rate
+    factor = model_config.get("capacity_factor", 0.0)
+    for name, value in (("router_bias_rate", rate), ("capacity_factor", factor)):
+        if not isinstance(value, int | float) or not 0 <= value < float("inf"):
+            raise ConfigError(f"model.{name} must be a finite number >= 0, got {value!r}")
+    if rate == 0 and factor == 0:
         return
     if path == TOY_BASE:
         model_type, topk = "qwen2 (the toy base model)", None
@@ -302,12 +312,17 @@ def check_router_bias_rate(model_config: ml_collections.ConfigDict, path: str) -
         model_type, topk = raw.get("model_type"), raw.get("topk_method", "noaux_tc")
     else:
         return
-    if model_type != "deepseek_v3" or topk != "noaux_tc":
+    if rate and (model_type != "deepseek_v3" or topk != "noaux_tc"):
         raise ConfigError(
             f"model.router_bias_rate={rate} only applies to DeepSeek-V3 models (their router's "
             f"load-balancing bias); model.path {path!r} is {model_type}"
             + (f" with topk_method {topk!r}" if model_type == "deepseek_v3" else "")
             + "; set model.router_bias_rate=0"
+        )
+    if factor and model_type not in ("deepseek_v2", "deepseek_v3"):
+        raise ConfigError(
+            f"model.capacity_factor={factor} only applies to DeepSeek (mixture-of-experts) "
+            f"models; model.path {path!r} is {model_type}; set model.capacity_factor=0"
         )
 
 
@@ -573,10 +588,12 @@ def load_model(config: ml_collections.ConfigDict, mesh, rules=None, *, frozen: b
 
     path = resolve_model_path(config.model.path)
     rate = 0.0 if frozen else config.model.router_bias_rate
-    if rate:
-        check_router_bias_rate(config.model, path)  # the folder exists now
+    factor = config.model.get("capacity_factor", 0.0)  # (a frozen model computes as trained)
+    check_deepseek_options(config.model, path, frozen=frozen)  # the folder exists now
     # Only given when set: dense checkpoints refuse DeepSeek-only options.
     deepseek = {"router_bias_rate": rate} if rate else {}
+    if factor:
+        deepseek["capacity_factor"] = float(factor)
     model = hf.load(
         path,
         mesh=mesh,
