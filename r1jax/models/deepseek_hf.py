@@ -100,26 +100,6 @@ _TRAINING_ONLY_FIELDS = {
 # --------------------------------------------------------------------------------------------------
 
 
-_REQUIRED_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "moe_intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "kv_lora_rank",
-    "qk_nope_head_dim",
-    "qk_rope_head_dim",
-    "v_head_dim",
-    "n_routed_experts",
-    "num_experts_per_tok",
-    "first_k_dense_replace",
-    "routed_scaling_factor",
-    "max_position_embeddings",
-    "rms_norm_eps",
-)
-
-
 def config_from_hf(
     raw: dict[str, Any],
     *,
@@ -165,13 +145,16 @@ def config_from_hf(
         if not cond:
             raise CheckpointError(f"{where}: {field}={raw.get(field)!r} is not supported: {msg}")
 
-    for field in _REQUIRED_FIELDS:  # null in the file (a missing one takes the family default)
-        if get(field) is None:
+    def need(field):  # a size the model cannot be built without (missing: the family default)
+        value = get(field)
+        if value is None:
             raise CheckpointError(f"{where}: {field} is null; it needs a value")
+        return value
+
     for field in ("n_group", "topk_group"):  # null: no groups (1); 0 is no routing at all
         require(raw.get(field) is None or raw[field] >= 1, field, "must be >= 1 (or null)")
-    heads = get("num_attention_heads")
-    rope_dim, nope_dim = get("qk_rope_head_dim"), get("qk_nope_head_dim")
+    heads = need("num_attention_heads")
+    rope_dim, nope_dim = need("qk_rope_head_dim"), need("qk_nope_head_dim")
     require(get("hidden_act") == "silu", "hidden_act", "only SwiGLU (silu) MLPs")
     require(not get("attention_dropout"), "attention_dropout", "dropout is not implemented")
     require(get("pretraining_tp") in (None, 1), "pretraining_tp", "must be 1")
@@ -242,34 +225,34 @@ def config_from_hf(
 
     try:
         return DeepseekConfig(
-            vocab_size=get("vocab_size"),
-            hidden_size=get("hidden_size"),
-            intermediate_size=get("intermediate_size"),
-            moe_intermediate_size=get("moe_intermediate_size"),
-            num_layers=get("num_hidden_layers"),
+            vocab_size=need("vocab_size"),
+            hidden_size=need("hidden_size"),
+            intermediate_size=need("intermediate_size"),
+            moe_intermediate_size=need("moe_intermediate_size"),
+            num_layers=need("num_hidden_layers"),
             num_heads=heads,
             q_lora_rank=get("q_lora_rank"),
-            kv_lora_rank=get("kv_lora_rank"),
+            kv_lora_rank=need("kv_lora_rank"),
             qk_nope_head_dim=nope_dim,
             qk_rope_head_dim=rope_dim,
-            v_head_dim=get("v_head_dim"),
-            n_routed_experts=get("n_routed_experts"),
+            v_head_dim=need("v_head_dim"),
+            n_routed_experts=need("n_routed_experts"),
             n_shared_experts=get("n_shared_experts"),
-            num_experts_per_tok=get("num_experts_per_tok"),
-            first_k_dense_replace=get("first_k_dense_replace"),
+            num_experts_per_tok=need("num_experts_per_tok"),
+            first_k_dense_replace=need("first_k_dense_replace"),
             scoring_func=scoring,
             topk_method=topk_method,
             n_group=get("n_group") or 1,
             topk_group=get("topk_group") or 1,
             norm_topk_prob=norm_topk,
-            routed_scaling_factor=float(get("routed_scaling_factor")),
+            routed_scaling_factor=float(need("routed_scaling_factor")),
             capacity_factor=capacity_factor,
             router_bias_rate=router_bias_rate,
             rope_interleave=interleave,
-            max_position_embeddings=get("max_position_embeddings"),
+            max_position_embeddings=need("max_position_embeddings"),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            rms_norm_eps=get("rms_norm_eps"),
+            rms_norm_eps=need("rms_norm_eps"),
             tie_word_embeddings=bool(get("tie_word_embeddings")),
             param_dtype=param_dtype,
             dtype=dtype or param_dtype,
