@@ -721,6 +721,21 @@ def test_eval_default_runs(toy, tmp_path, capsys):
     assert 0 < result["mean_length"] <= 4
 
 
+def test_compute_matching_counts_a_deepseek_token_by_its_active_parameters_and_mla():
+    """`match_distill_compute` crashed on a DeepSeek student or teacher (no head_dim) and would
+    have counted all 671B parameters of V3 per token, not the 37B a token uses."""
+    from r1jax.models.deepseek import DeepseekConfig
+    from r1jax.models.transformer import ModelConfig
+
+    dense = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                        num_heads=4, num_kv_heads=2, head_dim=8)  # fmt: skip
+    assert pipeline.token_pass_flops(dense, 10) == 2 * dense.num_params + 4 * 2 * 4 * 8 * 10
+    v3 = DeepseekConfig.deepseek_v3()
+    attention = 2 * 61 * 128 * (128 + 64 + 128) * 1000  # q.k over 192 dims, p.v over 128
+    assert pipeline.token_pass_flops(v3, 1000) == 2 * v3.num_active_params + attention
+    assert abs(pipeline.token_pass_flops(v3, 0) / (2 * 37e9) - 1) < 0.03
+
+
 def test_pipeline_smoke(toy, tmp_path):
     config = sh.load_config("pipeline:smoke")
     for name in ("base", "student_base"):  # the tiny test architecture, for speed

@@ -282,6 +282,18 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def token_pass_flops(cfg, context: int) -> int:
+    """Forward FLOPs of one token attending to `context` positions: 2 x the parameters it uses
+    (a mixture of experts: the active ones) + 2 x layers x heads x (query-key + value head
+    dims) x context (multi-head latent attention: its own q/k and v head sizes)."""
+    params = getattr(cfg, "num_active_params", cfg.num_params)
+    if hasattr(cfg, "v_head_dim"):  # DeepSeek MLA
+        dims = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
+    else:
+        dims = 2 * cfg.head_dim
+    return 2 * params + 2 * cfg.num_layers * cfg.num_heads * dims * context
+
+
 def match_compute(rl_config, distill_config, distill_steps: int, steps: int | None = None):
     """The fewest GRPO steps of `rl_config` whose model FLOPs reach the distillation's (or, with
     `steps`, the FLOPs of that many, e.g. of a run already done).
@@ -301,9 +313,7 @@ def match_compute(rl_config, distill_config, distill_steps: int, steps: int | No
 
     def pass_flops(model_path: str):
         c = hf.config_from_hf(hf.read_config(model_path))
-        return lambda context: (
-            2 * c.num_params + 4 * c.num_layers * c.num_heads * c.head_dim * context
-        )
+        return lambda context: token_pass_flops(c, context)
 
     d = distill_config.distill
     student = pass_flops(rl_config.model.path)
