@@ -314,9 +314,16 @@ do_run() {
     [ "$DRY_RUN" = 1 ] ||
       echo "Follow it with: $0 logs --name $NAME --follow${ZONE:+ --zone $ZONE}"
   else
-    # exec: the shell's pid written to run.pid becomes the pid of r1jax itself.
+    # r1jax's own pid goes to run.pid (for `stop`). Not exec'd: a process killed by a signal
+    # (JAX aborts every survivor when one host dies; the OOM killer; `stop`'s SIGKILL) would end
+    # the ssh session with that signal, which ssh reports as 255, and gcloud takes 255 for a
+    # failed connection and runs the whole command again, up to 10 times. Its exit status is
+    # mapped below 128 instead (SIGABRT 134 -> 70, SIGKILL 137 -> 73).
     trap 'warn "interrupted; stopping r1jax on every worker"; do_stop; exit 130' INT
-    on_workers "$prelude && echo \$\$ > $STATE_R/run.pid && exec $launch"
+    local wait_for="p=\$!; echo \$p > $STATE_R/run.pid; wait \$p; rc=\$?"
+    local mapped="if [ \$rc -ge 128 ]; then echo \"\$(hostname): r1jax was killed by signal"
+    mapped="$mapped \$((rc - 128))\" >&2; rc=\$((rc - 64)); fi; exit \$rc"
+    on_workers "$prelude && { $launch & $wait_for; $mapped; }"
   fi
 }
 

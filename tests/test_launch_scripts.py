@@ -52,6 +52,8 @@ os.rename(path + ".tmp", path)
 print("stand-in r1jax started, rank", rank, flush=True)
 if rank == os.environ.get("FAKE_FAIL_RANK"):
     sys.exit(3)
+if rank == os.environ.get("FAKE_KILLED_RANK"):  # as JAX aborts the survivors of a dead peer
+    os.kill(os.getpid(), 9)
 time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
 """
 
@@ -378,7 +380,8 @@ def test_tpu_dry_run_prints_gcloud_commands(env):
     command = option(words, "--command")
     assert "http://${GCE_METADATA_IP:-metadata.google.internal}" in command
     remote = shlex.split(command.splitlines()[-1])  # after the metadata look-up
-    launched = remote[remote.index("exec") + 1 :]
+    start = max(i for i, word in enumerate(remote) if word == "{") + 1
+    launched = remote[start : remote.index("&", start)]  # (then waited for)
     assert launched[:3] == ["env", "PYTHONUNBUFFERED=1", "EXTRA_A=x y"]
     assert launched[3].endswith("/r1jax-venv/bin/python")
     assert launched[4:] == ["-m", "r1jax.launch", "--stage=rl", TRICKY, "--workdir=gs://bucket/run"]
@@ -657,9 +660,17 @@ def test_tpu_setup_run_detach_and_stop(env):
         assert r["env"]["EXTRA_E"] == "e" and r["env"]["PYTHONUNBUFFERED"] == "1"
     # Coordinator variables come from the metadata server; worker 0 hosts the coordinator.
     assert [r["env"]["R1JAX_PROCESS_ID"] for r in records] == ["0", "1"]
-    for r in records:
+    for r, w in zip(records, workers, strict=True):
         assert r["env"]["R1JAX_COORDINATOR_ADDRESS"] == "10.0.0.2:8482"
         assert r["env"]["R1JAX_NUM_PROCESSES"] == "2"
+        assert (w / "r1jax-logs/run.pid").read_text().strip() == str(r["pid"])  # for `stop`
+    # A worker's r1jax killed by a signal: its exit status stays below 128. Exec'd, the signal
+    # ended the ssh session, which ssh reports as 255, and gcloud ran the whole command again (up
+    # to 10 times) taking 255 for a failed connection.
+    killed = launch("tpu_pod.sh", "run", "--name", "r1", "--", "--stage=rl", env=env | {
+        "FAKE_KILLED_RANK": "1"})  # fmt: skip
+    assert killed.returncode == 137 - 64, killed.stderr
+    assert "r1jax was killed by signal 9" in killed.stderr
 
     for p in Path(env["FAKE_RECORDS"]).glob("*.json"):
         p.unlink()

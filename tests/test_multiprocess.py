@@ -356,6 +356,26 @@ def test_a_start_up_error_on_one_host_stops_every_process(toy, tmp_path):
     assert last[1].startswith("config error: model.path") and "not_here" in last[1], last
 
 
+def test_the_toy_model_on_hosts_without_a_shared_home_is_refused_on_every_process(toy, tmp_path):
+    """model.path='toy' on a TPU slice: every process built the toy base model into its own
+    R1JAX_HOME (each host's local disk), process 1 waited 600 s for checkpoint files only process
+    0's disk had, then both hung. Now refused at once, by every process alike."""
+    address = f"127.0.0.1:{sh.free_port()}"
+    procs = []
+    for i, home in enumerate([toy[0], str(tmp_path / "home1")]):  # (process 0's has the model)
+        env = _process_env(home, address, i)
+        procs.append(
+            sh.popen(
+                ["--stage=eval", f"--workdir={tmp_path / 'run'}"], env, str(tmp_path / f"p{i}")
+            )
+        )
+    codes, seconds = _exit_codes(procs)
+    assert codes == [1, 1] and seconds < 120, codes
+    for i in range(2):
+        last = sh.read(str(tmp_path / f"p{i}.err")).strip().splitlines()[-1]
+        assert "1 of the 2 processes do not share" in last and "R1JAX_HOME" in last, last
+
+
 def test_a_checkpoint_damaged_in_one_process_files_stops_every_process(toy, tmp_path):
     """A resume whose checkpoint is damaged only in the files process 1 wrote: process 1 failed
     with the one-line error, and process 0 waited for it inside orbax's restore forever."""

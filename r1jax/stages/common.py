@@ -525,6 +525,7 @@ def resolve_model_path(path: str) -> str:
     or was built by another recipe."""
     if path != TOY_BASE:
         return os.path.expanduser(path)  # "~/models/x" from a launcher's command line
+    _check_home_is_shared()
     target = toy_base_path()
     pretrain_config = load_config_file(os.path.join(_configs_dir(), "pretrain.py"))
     recipe = toy_recipe(pretrain_config)
@@ -547,6 +548,39 @@ def resolve_model_path(path: str) -> str:
             mark_toy_base(target, recipe)
         sync_processes("toy base model written")  # process 0 wrote it; every process reads it
     return target
+
+
+def _check_home_is_shared() -> None:
+    """With several processes, the toy base model is built once, by all of them, into
+    R1JAX_HOME: refuse (on every process alike) when the processes do not share that folder, as
+    on a TPU slice's hosts, where each would wait for checkpoint files only its own disk has."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    import time
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    home = r1jax_home()
+    os.makedirs(home, exist_ok=True)
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(time.time_ns() % 2**31)))
+    probe = os.path.join(home, f".shared_probe_{token}")
+    if _is_process_zero():
+        open(probe, "w").close()
+    sync_processes("R1JAX_HOME probe written")
+    seen = multihost_utils.process_allgather(np.int32(os.path.exists(probe)))
+    sync_processes("R1JAX_HOME probe read")
+    if _is_process_zero():
+        os.remove(probe)
+    if not np.all(seen):
+        raise ConfigError(
+            f"model.path='toy' builds the toy base model once into R1JAX_HOME ({home}), which "
+            f"{int(len(seen) - np.sum(seen))} of the {len(seen)} processes do not share; give "
+            "model.path a checkpoint folder every host can read, or set R1JAX_HOME to a shared "
+            "folder"
+        )
 
 
 def sync_processes(what: str) -> None:
