@@ -154,6 +154,9 @@ do_submit() {
     --exclusive
     --chdir="$REPO_ROOT"
     --output="${OUTPUT:-$REPO_ROOT/%x-%j.out}"
+    # SIGTERM to the processes 5 minutes before the time limit: they stop together after saving
+    # the step they are on (without it, Slurm's KillWait, 30 s by default, is all a job gets).
+    --signal=TERM@300
   )
   [ -z "$PARTITION" ] || args+=(--partition="$PARTITION")
   [ -z "$TIME_LIMIT" ] || args+=(--time="$TIME_LIMIT")

@@ -41,6 +41,8 @@ Options:
   --env KEY=VALUE       extra environment variable for r1jax on every host (repeatable)
   --ssh-opt ARG         extra ssh argument (repeatable), e.g. --ssh-opt=-p2222
   --log-dir DIR         where per-host logs go (default r1jax-ssh-logs/RUN_ID)
+  --stop-grace SECONDS  on Ctrl-C or a failed rank: SIGTERM (a run stops after saving the step
+                        it is on), then SIGKILL after this long (default 120)
   --dry-run             print the ssh commands instead of running them
   -h, --help            show this help
 
@@ -59,7 +61,7 @@ if [ $# -eq 0 ]; then
 fi
 
 HOSTS_ARG="" HOSTFILE="" COORDINATOR="" PORT=8476 CHDIR="$REPO_ROOT" PYTHON="python3"
-LOG_DIR="" DRY_RUN=0
+LOG_DIR="" DRY_RUN=0 STOP_GRACE=120
 ENV_PAIRS=() SSH_OPTS=() PASS_ARGS=()
 
 while [ $# -gt 0 ]; do
@@ -85,6 +87,7 @@ while [ $# -gt 0 ]; do
     --env) check_env_pair "$val" && ENV_PAIRS+=("$val") ;;
     --ssh-opt) SSH_OPTS+=("$val") ;;
     --log-dir) LOG_DIR="$val" ;;
+    --stop-grace) STOP_GRACE="$val" ;;
     *) die "unknown option $opt" ;;
   esac
   shift "$nshift"
@@ -112,6 +115,9 @@ fi
 [ ${#HOSTS[@]} -gt 0 ] || die "the host list is empty"
 case "$PORT" in
   '' | *[!0-9]* | 0) die "--port expects a port number, got '$PORT'" ;;
+esac
+case "$STOP_GRACE" in
+  '' | *[!0-9]*) die "--stop-grace expects a number of seconds, got '$STOP_GRACE'" ;;
 esac
 [ ${#PASS_ARGS[@]} -gt 0 ] || die "no r1jax arguments; put them after '--', e.g. -- --stage=rl"
 check_r1jax_args "${PASS_ARGS[@]}"
@@ -152,7 +158,8 @@ fi
 # ---------------------------------------------------------------------------------------------
 # Launch, watch, and stop everything if one process fails
 
-# Signal the remote r1jax of every rank still running (SIGTERM, so it may save a checkpoint),
+# Signal the remote r1jax of every rank still running (SIGTERM, so it may save a checkpoint;
+# SIGKILL after --stop-grace seconds: a hung rank never reaches the step end where SIGTERM acts),
 # then end our own ssh sessions. A rank whose pid file is not there yet may still be starting,
 # so it is given a few seconds to appear.
 stop_all() {
@@ -164,7 +171,10 @@ stop_all() {
       "f=$(pidfile "$rank"); i=0
 while [ ! -f \"\$f\" ] && [ \$i -lt 5 ]; do sleep 1; i=\$((i + 1)); done
 p=\$(cat \"\$f\" 2>/dev/null) || exit 0
-grep -qa r1jax.launch /proc/\"\$p\"/cmdline 2>/dev/null && kill \"\$p\"; rm -f \"\$f\"" &
+r1jax() { grep -qa r1jax.launch /proc/\"\$p\"/cmdline 2>/dev/null; }
+r1jax && kill \"\$p\"; i=0
+while r1jax && [ \$i -lt $STOP_GRACE ]; do sleep 1; i=\$((i + 1)); done
+r1jax && kill -9 \"\$p\"; rm -f \"\$f\"" &
     cleanup+=("$!")
   done
   for pid in ${cleanup[@]+"${cleanup[@]}"}; do
@@ -205,7 +215,8 @@ while [ "$remaining" -gt 0 ]; do
       rc=$?
     fi
     why=""
-    [ "$rc" != 255 ] || why=" (255: ssh could not connect, or the connection dropped)"
+    [ "$rc" != 255 ] ||
+      why=" (255: ssh could not connect or the connection dropped, or r1jax was killed by a signal)"
     echo "Rank $rank on ${HOSTS[$rank]} exited with status $rc$why; stopping the other ranks." >&2
     stop_all
     exit "$rc"

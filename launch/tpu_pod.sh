@@ -60,14 +60,18 @@ run:
   --detach                 start in the background (survives a dropped connection); see `logs`
   --env KEY=VALUE          extra environment variable for r1jax on every host (repeatable)
   --remote-dir, --venv     as for setup
+  --grace SECONDS          after Ctrl-C, as for stop
 logs:  --worker N (default 0), --follow
+stop:  --grace SECONDS (default 300): SIGTERM, which stops a run after it saves the step it is
+       on, then SIGKILL after this long
 Logs of detached runs and the pid file used by `stop` are kept in ~/r1jax-logs on every host.
 
 Examples:
   launch/tpu_pod.sh create --name r1 --zone us-west4-a --accelerator-type v5litepod-64 --spot
   launch/tpu_pod.sh setup  --name r1 --zone us-west4-a
   launch/tpu_pod.sh run    --name r1 --zone us-west4-a --detach -- \
-      --stage=rl --config=configs/rl.py --workdir=gs://my-bucket/r1jax/rl-run1
+      --stage=rl --config=configs/rl.py --config.model.path=~/models/Qwen2.5-1.5B \
+      --workdir=gs://my-bucket/r1jax/rl-run1
   launch/tpu_pod.sh logs   --name r1 --zone us-west4-a --follow
   launch/tpu_pod.sh delete --name r1 --zone us-west4-a
 EOF
@@ -78,9 +82,10 @@ command_options() {
   case "$1" in
     create) echo "--accelerator-type --version --spot --preemptible --reserved --create-arg" ;;
     setup) echo "--repo --ref --remote-dir --venv --python-version" ;;
-    run) echo "--detach --env --remote-dir --venv" ;;
+    run) echo "--detach --env --remote-dir --venv --grace" ;;
     logs) echo "--worker --follow" ;;
-    stop | exec | delete) echo "" ;;
+    stop) echo "--grace" ;;
+    exec | delete) echo "" ;;
   esac
 }
 
@@ -112,7 +117,7 @@ esac
 NAME="" ZONE="" PROJECT="" DRY_RUN=0
 ACCELERATOR_TYPE="v5litepod-8" RUNTIME="" CAPACITY="" RESERVED=0
 REPO_URL="" REPO_REF="HEAD" REMOTE_DIR="r1jax" VENV="r1jax-venv" PYTHON_VERSION="3.11"
-DETACH=0 WORKER=0 FOLLOW=0
+DETACH=0 WORKER=0 FOLLOW=0 GRACE=300
 CREATE_ARGS=() ENV_PAIRS=() PASS_ARGS=()
 
 FLAGS=" --dry-run --spot --preemptible --reserved --detach --follow "
@@ -156,6 +161,7 @@ while [ $# -gt 0 ]; do
     --env) check_env_pair "$val" && ENV_PAIRS+=("$val") ;;
     --worker) WORKER="$val" ;;
     --follow) FOLLOW=1 ;;
+    --grace) GRACE="$val" ;;
   esac
   shift "$nshift"
 done
@@ -172,6 +178,9 @@ case "$REMOTE_DIR" in
 esac
 case "$WORKER" in
   '' | *[!0-9]*) die "--worker expects a worker index such as 0, got '$WORKER'" ;;
+esac
+case "$GRACE" in
+  '' | *[!0-9]*) die "--grace expects a number of seconds, got '$GRACE'" ;;
 esac
 if [ ${#PASS_ARGS[@]} -gt 0 ] && [ "$CMD" != run ] && [ "$CMD" != exec ]; then
   die "'$CMD' takes no arguments after '--'"
@@ -312,7 +321,7 @@ do_run() {
     cmd="$cmd && echo \"\$(hostname): started r1jax (pid \$!), log ~/r1jax-logs/$log\""
     on_workers "$cmd"
     [ "$DRY_RUN" = 1 ] ||
-      echo "Follow it with: $0 logs --name $NAME --follow${ZONE:+ --zone $ZONE}"
+      echo "Follow it with: $0 logs --name $NAME --follow${ZONE:+ --zone $ZONE}${PROJECT:+ --project $PROJECT}"
   else
     # r1jax's own pid goes to run.pid (for `stop`). Not exec'd: a process killed by a signal
     # (JAX aborts every survivor when one host dies; the OOM killer; `stop`'s SIGKILL) would end
@@ -333,14 +342,16 @@ do_logs() {
   on_workers "tail $tail_opts $STATE_R/latest.log" "$WORKER"
 }
 
-# SIGTERM first so r1jax can finish writing a checkpoint; SIGKILL after 60 s. The pid is only
+# SIGTERM first: a multi-host run stops at the end of the step it is on and saves it (an RL step
+# with its rollout can take minutes); SIGKILL after --grace seconds (default 300). The pid is only
 # signalled while it still belongs to r1jax, in case it was reused after the run ended.
 do_stop() {
-  on_workers "$(one_line <<'EOF'
+  local script
+  script="$(one_line <<'EOF'
 f="$HOME"/r1jax-logs/run.pid; [ -f "$f" ] || exit 0; p=$(cat "$f");
 if grep -qa r1jax.launch /proc/"$p"/cmdline 2>/dev/null; then
   kill "$p"; i=0;
-  while grep -qa r1jax.launch /proc/"$p"/cmdline 2>/dev/null && [ $i -lt 60 ]; do
+  while grep -qa r1jax.launch /proc/"$p"/cmdline 2>/dev/null && [ $i -lt @GRACE@ ]; do
     sleep 1; i=$((i + 1));
   done;
   kill -9 "$p" 2>/dev/null || true; echo "$(hostname): stopped r1jax (pid $p)";
@@ -348,6 +359,7 @@ fi;
 rm -f "$f"
 EOF
 )"
+  on_workers "${script//@GRACE@/$GRACE}"
 }
 
 do_exec() {

@@ -36,7 +36,9 @@ TRICKY = '--config.data.note=it\'s a "test" $HOME'  # must reach r1jax unchanged
 
 FAKE_PYTHON = f"""#!{sys.executable}
 # Stand-in for the Python that runs `-m r1jax.launch`: records what it was started with.
-import json, os, sys, time, uuid
+import json, os, signal, sys, time, uuid
+if os.environ.get("FAKE_IGNORE_TERM"):  # a hung r1jax: SIGTERM acts only at a step's end
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 if sys.argv[1] == "-c":
     print("stand-in python: import check ok")
     sys.exit(0)
@@ -420,6 +422,7 @@ def test_slurm_dry_runs_print_sbatch_and_srun(env):
         "--exclusive",
         "--partition=gpu",
         "--job-name=r1jax-distill",
+        "--signal=TERM@300",  # time to save the step before the time limit (KillWait: 30 s)
     } <= set(sbatch)
     job = shlex.split(option(sbatch, "--wrap"))
     assert job[:3] == ["bash", str(LAUNCH / "slurm_gpu.sh"), "run"]
@@ -583,8 +586,11 @@ def interrupt(script, *args, env):
 
 
 def test_ssh_ctrl_c_stops_every_rank(env, tmp_path):
-    env["FAKE_SLEEP"] = "60"
+    # Ranks that ignore SIGTERM (hung, never reaching the step end where it acts) kept running
+    # after Ctrl-C: SIGKILL follows after --stop-grace.
+    env.update(FAKE_SLEEP="60", FAKE_IGNORE_TERM="1")
     args = ["--hosts", "gpu-a,gpu-b", "--python", env["FAKE_PYTHON"], "--log-dir", str(tmp_path)]
+    args += ["--stop-grace", "2"]
     status, pids = interrupt("ssh_gpu.sh", *args, "--", "--stage=rl", env=env)
     try:
         assert status == 130
@@ -675,7 +681,7 @@ def test_tpu_setup_run_detach_and_stop(env):
     for p in Path(env["FAKE_RECORDS"]).glob("*.json"):
         p.unlink()
     # Without a metadata server nothing is exported, leaving r1jax to its own detection.
-    env.update(FAKE_SLEEP="60", FAKE_NO_METADATA="1")
+    env.update(FAKE_SLEEP="60", FAKE_NO_METADATA="1", FAKE_IGNORE_TERM="1")
     detach = launch(
         "tpu_pod.sh",
         "run",
@@ -698,7 +704,9 @@ def test_tpu_setup_run_detach_and_stop(env):
         assert "stand-in r1jax started, rank worker1" in logs.stdout
         busy = launch("tpu_pod.sh", "setup", "--name", "r1", env=env)
         assert busy.returncode != 0 and "r1jax is running; stop it first" in busy.stderr
-        stop = launch("tpu_pod.sh", "stop", "--name", "r1", env=env)
+        # SIGTERM is not enough for a hung run: SIGKILL after --grace (was a fixed 60 s, less
+        # than a long RL step needs to reach its save).
+        stop = launch("tpu_pod.sh", "stop", "--name", "r1", "--grace", "1", env=env)
         assert stop.returncode == 0, stop.stderr
         assert all(wait_dead(p) for p in pids)
         assert stop.stdout.count("stopped r1jax") == 2
@@ -708,6 +716,7 @@ def test_tpu_setup_run_detach_and_stop(env):
                 os.kill(p, signal.SIGKILL)
 
     # Ctrl-C on a foreground run stops the processes on the hosts too.
+    del env["FAKE_IGNORE_TERM"]
     for p in Path(env["FAKE_RECORDS"]).glob("*.json"):
         p.unlink()
     status, pids = interrupt("tpu_pod.sh", "run", "--name", "r1", "--", "--stage=rl", env=env)
