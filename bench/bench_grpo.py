@@ -319,9 +319,11 @@ def synthetic_rollouts(rows: int, vocab: int, seed: int = 0, group: int = 1):
 
 
 def model_flops(cfg, tokens: int, seq_len: int) -> float:
-    """Training FLOPs for `tokens` tokens of sequences of `seq_len`: 6N + 12 L N_h H T per token."""
-    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
-    return float(tokens * (6 * cfg.num_params + attention))
+    """Training FLOPs for `tokens` tokens of sequences of `seq_len`: 6N + 12 L N_h H T per token
+    (a forward and a backward: 3 forwards of `pipeline.token_pass_flops`)."""
+    from r1jax.stages.pipeline import token_pass_flops
+
+    return float(tokens * 3 * token_pass_flops(cfg, seq_len))
 
 
 def update_throughput(

@@ -74,11 +74,22 @@ EQUIVALENT = [  # (gold, completion): same answer written differently
     ("\\frac{1}{2}", "<answer>\\frac{1}{2} cup</answer>"),
     ("1, 2", "<answer>1 and 2</answer>"),
     ("2ab", "<answer>2ab</answer>"),  # a product of variables is not a word
+    ("abc", "<answer>cba</answer>"),
+    ("\\frac{xyz}{2}", "<answer>xyz/2</answer>"),
+    ("12\\pi", "<answer>12\\pi square units</answer>"),  # a unit after a LaTeX value
+    ("12\\pi", "<answer>12\\pi \\text{square units}</answer>"),
+    ("\\infty", "<answer>infinity</answer>"),
+    ("[1, \\infty)", "<answer>[1, infinity)</answer>"),
+    ("\\pm 3", "<answer>x = 3 or x = -3</answer>"),
+    ("5", "<answer>\\$5 per hour</answer>"),
+    ("18", "<answer>I think 7, no 18</answer>"),  # words inside: math-verify reads the value
     # A letter chosen in words: not the article "A" or the pronoun "I" that open the sentence.
     ("C", "<answer>A prime greater than 7, so (C)</answer>"),
     ("D", "<answer>a total of 12, which is option D</answer>"),
     ("B", "<answer>I believe it is (B)</answer>"),
     ("A", "<answer>It must be A</answer>"),
+    ("B", "<answer>B because it is larger</answer>"),
+    ("A", "<answer>A is larger</answer>"),
 ]
 DIFFERENT = [
     ("\\frac{3}{4}", "<answer>0.7</answer>"),
@@ -91,6 +102,11 @@ DIFFERENT = [
     ("-5", "<answer>5</answer>"),
     ("Paris", "<answer>London</answer>"),
     ("18", "<answer>18 or 19</answer>"),  # two answers are none
+    # A unit after a value is not the value's first number (12*pi is not 12).
+    ("12", "<answer>12\\pi \\text{ square units}</answer>"),
+    ("12", "<answer>The area is 12\\pi</answer>"),
+    ("3", "<answer>3\\sqrt{2} units</answer>"),
+    ("5", "<answer>5! ways</answer>"),
     ("A", "<answer>A prime greater than 7, so (C)</answer>"),
     ("I", "<answer>I believe it is (B)</answer>"),
     ("A", "<answer>A or B</answer>"),

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -385,6 +386,31 @@ def test_a_resume_with_settings_that_change_the_data_order_is_refused(toy, tmp_p
     assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 4
 
 
+def test_a_checkpoint_from_before_a_setting_was_recorded_still_resumes():
+    """Distillation checkpoints from before the teacher was recorded (no "teacher" key) were
+    refused ("teacher: 'absent' then"): a value the checkpoint does not have is not compared."""
+
+    class Saved:  # a checkpoint at step 2 with the older record
+        def latest_step(self):
+            return 2
+
+        def step_dir(self, step):
+            return f"checkpoints/{step}"
+
+        def read_extra(self):
+            return {"step": 2, "run": {"seed": 0, "batch_size": 8}}
+
+        def restore(self, model, optimizer):
+            return {"step": 2}
+
+    now = {"seed": 0, "batch_size": 8, "teacher": "none (trace SFT)"}
+    assert common.resume(Saved(), types.SimpleNamespace(model=None, optimizer=None), now,
+                         total_steps=4, steps_field="distill.epochs") == 2  # fmt: skip
+    with pytest.raises(common.ConfigError, match="batch_size: 8 then, 16 now"):
+        common.resume(Saved(), types.SimpleNamespace(model=None, optimizer=None),
+                      {**now, "batch_size": 16}, total_steps=4, steps_field="")  # fmt: skip
+
+
 def test_sft_rows_with_a_completion_that_is_not_text_are_refused_by_name(toy, tmp_path):
     """`completion: 42` crashed in the tokenizer with a traceback, `["a", "b"]` trained on "ab"
     and blank text on an EOS alone; distillation's errors named `sft.source`."""
@@ -626,6 +652,45 @@ def test_rl_default_runs_and_learns(toy, reference_rl):
     # a continued run's best at its last step kept the hf/best of an earlier run).
     best = sh.hf_params(os.path.join(reference_rl, "hf", "best"))
     assert all(np.array_equal(best[k], final[k]) for k in final)
+
+
+def test_rejection_sampling_writes_each_completion_with_its_own_prompt(toy, tmp_path, monkeypatch):
+    """With data.prompt_overflow=skip the sampled prompts are the rows that fit; the written rows
+    were looked up in all rows, so every completion after a skipped prompt was saved with the
+    next row's prompt and solution."""
+    import re as regex
+    import types
+
+    from r1jax.models import hf
+    from r1jax.stages import rejection_sampling as rs
+
+    tokenizer = hf.tokenizer(os.path.join(toy[0], "toy_base"))
+
+    def answer_every_prompt(model, prompt_ids, *, num_samples, **kwargs):  # a perfect sampler
+        tokens = []
+        for ids in prompt_ids:
+            a, b = map(int, regex.findall(r"What is (\d+) \+ (\d+)\?", tokenizer.decode(ids))[-1])
+            text = f"<think> {a} + {b} </think> <answer>{a + b}</answer>"
+            tokens += [tokenizer(text, add_special_tokens=False)["input_ids"]] * num_samples
+        return types.SimpleNamespace(tokens=tokens)
+
+    monkeypatch.setattr(rs.sampling, "generate", answer_every_prompt)
+    rows = [{"question": "What is 1 + 1? " + "Think hard. " * 40, "answer": "#### 2"}]
+    rows += [{"question": f"What is {i} + 3?", "answer": f"#### {i + 3}"} for i in range(6)]
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = sh.load_config("rejection_sampling")
+    r = config.rejection_sampling
+    r.num_prompts, r.num_samples, r.batch_prompts, r.max_per_prompt = 8, 1, 4, 0
+    config.data.source, config.data.num_eval = str(path), 1
+    config.data.prompt_buckets, config.data.prompt_overflow = (128,), "skip"
+    summary = run("rejection_sampling", config, tmp_path / "run")
+    with open(summary["path"]) as f:
+        written = [json.loads(line) for line in f]
+    assert len(written) == 5  # the long prompt left out, the last row held out
+    for w in written:
+        i = int(regex.match(r"What is (\d+) \+ 3\?", w["prompt"]).group(1))
+        assert w["solution"] == str(i + 3) and f"<answer>{i + 3}</answer>" in w["completion"]
 
 
 def test_rejection_sampling_default_runs(toy, tmp_path, monkeypatch):
@@ -1242,6 +1307,11 @@ def test_rows_carry_the_language_their_reasoning_should_be_in(tmp_path):
     common.validate_data(config)
     train = common.load_prompt_rows(config, "train", seed=0)
     assert [r["language"] for r in train] == ["zh", "en", "zh"]
+    from r1jax.data import loaders
+
+    summary = loaders.load_rows(str(path), language="zh")[1].summary()
+    assert "1 rows' language column names no language the language reward tells" in summary
+    assert "'python' x1" in summary  # (a real but unsupported one, "fr", is named the same way)
     chinese = "<think>三加一等于四</think><answer>4</answer>"
     assert language_consistency_reward([chinese], language=[train[0]["language"]]) == [1.0]
     config.field_map.language = "language"  # named by the user: a bad value is an error

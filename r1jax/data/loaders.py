@@ -64,9 +64,9 @@ class LoadStats:
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     shapes: dict[str, str] = dataclasses.field(default_factory=dict)
     examples: list[str] = dataclasses.field(default_factory=list)
-    # Kept rows whose `language` column named no natural language (e.g. "python" in a code
-    # dataset): they got the default language instead.
-    language_defaulted: int = 0
+    # Values of `language` columns that name no language the language reward tells apart (e.g.
+    # "python" in a code dataset, or "fr"), with their row counts: those rows got the default.
+    language_defaulted: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1
@@ -77,9 +77,10 @@ class LoadStats:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
         out = f"read {self.rows_read} rows, kept {self.rows_kept}, skipped: {reasons}"
         if self.language_defaulted:
+            values = ", ".join(f"{k!r} x{v}" for k, v in self.language_defaulted.most_common(5))
             out += (
-                f"; {self.language_defaulted} rows' language column named no natural language "
-                "(given the default language)"
+                f"; {self.language_defaulted.total()} rows' language column names no language "
+                f"the language reward tells apart ({values}): given the default language"
             )
         return out
 
@@ -523,8 +524,8 @@ def load_rows(
                 except ValueError as e:
                     if "language" in field_map:  # the user named this column: say so
                         raise ValueError(f"{where}: field_map language column: {e}") from None
-                    row["language"] = language  # a column of another meaning ("python")
-                    stats.language_defaulted += 1
+                    stats.language_defaulted[str(row["language"])[:20]] += 1
+                    row["language"] = language  # ("python": a column of another meaning)
             rows.append(row)
     if limit is not None:
         rows = rows[:limit]

@@ -13,11 +13,14 @@ Owns ``accuracy_reward`` and the answer extraction it relies on (``extract_answe
   math-verify's LaTeX extractor only looks inside delimiters; text with its own ``$…$`` is parsed
   as is. This gives fractions, radicals, sets (``\\{1,2\\}`` = ``2, 1``), intervals, percentages
   (``50\\%`` = ``0.5`` when the gold is the percentage), thousands separators (``1,000`` =
-  ``1000``), and equations (``x=3`` = ``3``), all with math-verify's semantics.
+  ``1000``), and equations (``x=3`` = ``3``), all with math-verify's semantics. Words around
+  the value ("There are 18 eggs.", "12\\pi square units") are dropped first; with words inside
+  it math-verify reads the value out of the text.
 - **Multiple choice.** A gold answer that is one capital letter ``A``–``J`` (optionally in
-  parentheses) switches to letter matching: the prediction's letter is read from ``B``, ``(B)``,
-  ``\\text{(B)}``, ``B) 42`` or, failing that, math-verify's ``StringExtractionConfig`` (which
-  understands "the answer is B").
+  parentheses) switches to letter matching: the prediction's letter is the one it starts with
+  (``B``, ``(B)``, ``\\text{(B)}``, ``B) 42``, ``B because``), else the last bracketed one, else
+  the last after "answer"/"option"/"choice", else the one capital standing alone ("A" and "I"
+  as English words do not count).
 - **Gold that math-verify cannot parse** (e.g. a word) is compared as text: case-folded, with
   whitespace, ``$`` and ``\\text{}`` removed. An empty or missing solution gives ``None`` ("not
   applicable"), which the composition skips.
@@ -58,21 +61,28 @@ PARSE_TIMEOUT_S = 3  # per math-verify parse/verify call (seconds), main thread 
 OFF_THREAD_TIMEOUT_S = 10  # per comparison, off the main thread (its three calls and start-up)
 
 _LETTER_GOLD = re.compile(r"^\s*\(?\s*([A-J])\s*\)?\s*\.?\s*$")
-# A prediction's letter, in order: the answer is the letter ("B", "b)", "B. 42", "(B) 42"); the
+# A prediction's letter, in order: the answer starts with the letter ("B", "b)", "B. 42", "(B) 42",
+# "B because ...", "A is larger"; "A" and "I" opening a sentence are words); the
 # last one in brackets ("so (C)"); the last one after "answer", "option" or "choice"; else the
 # one capital A-J standing alone, not counting "A" and "I" as the words they also are.
-_LETTER_LEAD = re.compile(r"^\s*(?:\(\s*([A-Ja-j])\s*\)|([A-Ja-j])(?:\s*[.:)]|\s*$))")
+_LETTER_LEAD = re.compile(
+    r"^\s*(?:\(\s*([A-Ja-j])\s*\)|([A-Ja-j])(?:\s*[.:),]|\s*$)"
+    r"|([B-HJ])\s|([AI])\s+(?=(?:is|was|because|since|as)\b))"
+)
 _LETTER_BRACKETED = re.compile(r"\(\s*([A-J])\s*\)")
 _LETTER_CUED = re.compile(r"(?i:answer|option|choice)\s*(?:(?i:is)\s*|:\s*)?\(?([A-J])(?![A-Za-z])")
 _LETTER_ALONE = re.compile(r"(?<![A-Za-z\\])([A-J])(?![A-Za-z])(?!\s+(?!(?:is|or|and)\b)[a-z])")
-# Prose inside the answer block ("There are 18 eggs."): math-verify reads the final value out of
-# text itself; wrapped in \boxed{} its words would be products of symbols (e*g*g*s). A word is 3+
-# letters that is not a LaTeX command or a function name ("\sin", "log"), or two words in a row.
-_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
-_TWO_WORDS = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}(?![A-Za-z])")
+# Words around the value ("There are 18 eggs.", "12\\pi square units", "The answer is 4"): the
+# words before and after it are dropped, a unit in \\text{} too, and the value parsed as a bare
+# answer (in \\boxed{} its words would be products of symbols, 18*e*g*g*s). A word is a
+# whitespace-separated run of 2+ letters that is not a function name or a connective ("1 and 2",
+# "x = 3 or x = -3" stay one expression); one token alone ("abc", "Paris") is never prose.
+_WORD_TOKEN = re.compile(r"[A-Za-z]{2,}[.,:;!?]?")
+_UNIT_TEXT = re.compile(r"\\text\s*\{\s*[A-Za-z][A-Za-z .]*\}")
+_INFINITY = re.compile(r"(?<![A-Za-z\\])infinity(?![A-Za-z])", re.IGNORECASE)
 _MATH_WORDS = frozenset(
-    "sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh log exp sqrt max min mod gcd lcm "
-    "det inf infty and".split()
+    "sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh log ln exp sqrt max min mod gcd "
+    "lcm det inf infty and or".split()
 )
 _MATH_DOLLAR = re.compile(r"(?<!\\)\$")  # a math delimiter; `\$` is a currency sign
 _LATEX_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textit|boxed)\s*\{([^{}]*)\}")
@@ -161,12 +171,21 @@ def _strip_delimiters(s: str) -> str:
     return s.rstrip(".").strip()
 
 
-def _is_prose(s: str) -> bool:
-    """Whether an answer is words around its value rather than one expression."""
-    words = {w.lower() for w in _WORD.findall(s)} - _MATH_WORDS
-    return bool(words) or any(
-        not set(m.lower().split()) <= _MATH_WORDS for m in _TWO_WORDS.findall(s)
-    )
+def _is_word(token: str) -> bool:
+    return bool(_WORD_TOKEN.fullmatch(token)) and token.rstrip(".,:;!?").lower() not in _MATH_WORDS
+
+
+def _without_words(s: str) -> tuple[str, bool]:
+    """(the answer without the words before and after its value, whether words remain inside)."""
+    s = _UNIT_TEXT.sub(" ", _INFINITY.sub(r"\\infty", s))
+    tokens = s.split()
+    if len(tokens) < 2:
+        return s.strip(), False
+    while len(tokens) > 1 and _is_word(tokens[-1]):
+        tokens.pop()
+    while len(tokens) > 1 and _is_word(tokens[0]):
+        tokens.pop(0)
+    return " ".join(tokens).rstrip(".,:;"), any(_is_word(t) for t in tokens)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -174,10 +193,13 @@ def _parse_math(s: str) -> list[Any]:
     """Answer string -> math-verify parse result ([] when nothing parsed). Cached: a cons@k
     vote compares each answer with every group's, and a group's gold with every sample."""
     timeout = _timeout()
-    if _MATH_DOLLAR.search(s) or "\\(" in s or "\\[" in s or _is_prose(s):
-        # Prose, with or without delimited math: math-verify finds the (last) expression itself.
+    if _MATH_DOLLAR.search(s) or "\\(" in s or "\\[" in s:
+        # Prose with delimited math: math-verify finds the (last) expression itself.
         return parse(s, list(_MATH_CONFIG), parsing_timeout=timeout)
-    return parse("\\boxed{" + s + "}", list(_MATH_CONFIG), parsing_timeout=timeout)
+    value, wordy = _without_words(s)
+    if wordy:  # words inside ("I think 7, no 18"): math-verify reads the value out of the text
+        return parse(value, list(_MATH_CONFIG), parsing_timeout=timeout)
+    return parse("\\boxed{" + value + "}", list(_MATH_CONFIG), parsing_timeout=timeout)
 
 
 def _plain(s: str) -> str:
@@ -190,7 +212,7 @@ def _letter(s: str) -> str | None:
     plain = _LATEX_WRAPPER.sub(r"\1", _LATEX_WRAPPER.sub(r"\1", s)).replace("$", "").strip()
     lead = _LETTER_LEAD.match(plain)
     if lead:
-        return (lead.group(1) or lead.group(2)).upper()
+        return next(g for g in lead.groups() if g).upper()
     for pattern in (_LETTER_BRACKETED, _LETTER_CUED):
         found = pattern.findall(plain)
         if found:

@@ -239,12 +239,14 @@ def resume(ckpt, state, run: dict[str, Any], *, total_steps: int, steps_field: s
         )
     saved = extra.get("run")
     now = json.loads(json.dumps(run))  # as it reads back (tuples become lists)
-    if saved is not None and saved != now:  # (checkpoints from before this check have none)
-        diffs = [
-            f"{k}: {saved.get(k, 'absent')!r} then, {now.get(k, 'absent')!r} now"
-            for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k)
-        ]
+    # Checkpoints from before a setting was recorded have no value for it (none at all before
+    # this check existed): those are not compared.
+    diffs = [
+        f"{k}: {saved[k]!r} then, {now.get(k, 'absent')!r} now"
+        for k in sorted(saved or ())
+        if saved[k] != now.get(k)
+    ]
+    if diffs:
         raise ConfigError(
             f"{step_dir} was saved by a run with other settings ({'; '.join(diffs)}); resuming "
             "would continue its data position in another order (or with another objective). Use "
@@ -550,13 +552,17 @@ def resolve_model_path(path: str) -> str:
     return target
 
 
+_home_checked = False
+
+
 def _check_home_is_shared() -> None:
     """With several processes, the toy base model is built once, by all of them, into
     R1JAX_HOME: refuse (on every process alike) when the processes do not share that folder, as
     on a TPU slice's hosts, where each would wait for checkpoint files only its own disk has."""
     import jax
 
-    if jax.process_count() == 1:
+    global _home_checked
+    if jax.process_count() == 1 or _home_checked:
         return
     import time
 
@@ -574,13 +580,15 @@ def _check_home_is_shared() -> None:
     sync_processes("R1JAX_HOME probe read")
     if _is_process_zero():
         os.remove(probe)
-    if not np.all(seen):
-        raise ConfigError(
-            f"model.path='toy' builds the toy base model once into R1JAX_HOME ({home}), which "
-            f"{int(len(seen) - np.sum(seen))} of the {len(seen)} processes do not share; give "
-            "model.path a checkpoint folder every host can read, or set R1JAX_HOME to a shared "
-            "folder"
-        )
+    if np.all(seen):
+        _home_checked = True  # (once per process: every model load comes here)
+        return
+    raise ConfigError(
+        f"model.path='toy' builds the toy base model once into R1JAX_HOME ({home}), which "
+        f"{int(len(seen) - np.sum(seen))} of the {len(seen)} processes do not share; give "
+        "model.path a checkpoint folder every host can read, or set R1JAX_HOME to a shared "
+        "folder"
+    )
 
 
 def sync_processes(what: str) -> None:
@@ -1024,7 +1032,9 @@ def _prompt_rows(data_config, split: str, seed: int) -> list[dict]:
         elif "on_bad_json" in str(e):
             hint = " (from the command line: --config.data.on_bad_json=skip)"
         raise ConfigError(f"data.{field}: {e}{hint}") from e
-    log.info("loaded %d rows from %s (%s)", len(rows), path, stats.summary())
+    (log.warning if stats.language_defaulted else log.info)(
+        "loaded %d rows from %s (%s)", len(rows), path, stats.summary()
+    )
     field = "eval_source" if held_out_file else "source"
     if split == "eval" and not data_config.eval_source:
         log.info(

@@ -150,9 +150,15 @@ def _non_reasoning_rows(r) -> list[dict[str, Any]]:
 def run(config, workdir: str) -> dict[str, Any]:
     r = config.rejection_sampling
     non_reasoning = _non_reasoning_rows(r)
-    rows = common.load_prompt_rows(config.data, "train", config.seed)
     tokenizer = common.load_tokenizer(config)  # the prompts are checked before the model loads
-    prompts = common.PromptSet(rows, tokenizer, config.data, seed=config.seed, split="training")
+    prompts = common.PromptSet(
+        common.load_prompt_rows(config.data, "train", config.seed),
+        tokenizer,
+        config.data,
+        seed=config.seed,
+        split="training",
+    )
+    rows = prompts.rows  # (those that fit data.prompt_buckets: sample ids index these)
     mesh = common.make_mesh(config)
     model, _ = common.load_model(config, mesh, rules=sharding.SAMPLING_RULES)
     n = min(r.num_prompts, len(prompts))

@@ -212,7 +212,7 @@ def train_on_pairs(
         num_micro_batches=common.micro_batches(config, section, s.batch_size),
         # Logit distillation compares the tokenizer's ids (the two embedding tables may be
         # padded to different sizes past it).
-        distill_temperature=s.get("temperature", 1.0),
+        distill_temperature=s.get("temperature", 1.0),  # (sft has none)
         distill_vocab=len(tokenizer) if teacher is not None else 0,
     )
 
@@ -230,7 +230,13 @@ def train_on_pairs(
         "data": common.fingerprint(batch_all.input_ids, batch_all.loss_mask, batch_all.segment_ids),
     }
     if section == "distill":  # the loss: trace SFT or KL to a teacher (one series, not both)
-        data_order["teacher"] = s.teacher or "none (trace SFT)"
+        data_order["teacher"] = (
+            "none (trace SFT)"
+            if not s.teacher
+            else s.teacher
+            if s.teacher == common.TOY_BASE
+            else os.path.abspath(os.path.expanduser(s.teacher))
+        )
         data_order["temperature"] = s.temperature if s.teacher else None
     start = common.resume(
         ckpt, state, data_order, total_steps=steps, steps_field=f"{section}.epochs={s.epochs}"
