@@ -82,7 +82,10 @@ EQUIVALENT = [  # (gold, completion): same answer written differently
     ("[1, \\infty)", "<answer>[1, infinity)</answer>"),
     ("\\pm 3", "<answer>x = 3 or x = -3</answer>"),
     ("5", "<answer>\\$5 per hour</answer>"),
-    ("18", "<answer>I think 7, no 18</answer>"),  # words inside: math-verify reads the value
+    ("12", "<answer>12 \\text{ cm}^{2}</answer>"),  # a unit with its exponent
+    ("\\pm 3", "<answer>x = 3 \\text{ or } x = -3</answer>"),
+    ("yes", "<answer>\\text{Yes}</answer>"),
+    ("0.5", "<answer>50 percent</answer>"),
     # A letter chosen in words: not the article "A" or the pronoun "I" that open the sentence.
     ("C", "<answer>A prime greater than 7, so (C)</answer>"),
     ("D", "<answer>a total of 12, which is option D</answer>"),
@@ -90,6 +93,8 @@ EQUIVALENT = [  # (gold, completion): same answer written differently
     ("A", "<answer>It must be A</answer>"),
     ("B", "<answer>B because it is larger</answer>"),
     ("A", "<answer>A is larger</answer>"),
+    ("B", "<answer>After checking (C), the answer is B</answer>"),
+    ("B", "<answer>I'm sure it is B</answer>"),
 ]
 DIFFERENT = [
     ("\\frac{3}{4}", "<answer>0.7</answer>"),
@@ -107,6 +112,18 @@ DIFFERENT = [
     ("12", "<answer>The area is 12\\pi</answer>"),
     ("3", "<answer>3\\sqrt{2} units</answer>"),
     ("5", "<answer>5! ways</answer>"),
+    ("144", "<answer>12 \\text{cm}^2</answer>"),  # the exponent is the unit's, not the value's
+    # Words that change or hedge the value are not dropped: such an answer is no answer.
+    ("18", "<answer>not 18</answer>"),
+    ("18", "<answer>less than 18</answer>"),
+    ("18", "<answer>18 thousand</answer>"),
+    ("18", "<answer>half of 18</answer>"),
+    ("18", "<answer>17 eggs or 18</answer>"),
+    ("18", "<answer>I think 7, no 18</answer>"),
+    ("6", "<answer>18 eggs, 6 per basket</answer>"),
+    ("C", "<answer>The answer is B. Option C is wrong.</answer>"),
+    ("B", "<answer>B or C</answer>"),  # two choices are none
+    ("B", "<answer>(B) or (C)</answer>"),
     ("A", "<answer>A prime greater than 7, so (C)</answer>"),
     ("I", "<answer>I believe it is (B)</answer>"),
     ("A", "<answer>A or B</answer>"),

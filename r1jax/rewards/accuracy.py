@@ -13,9 +13,9 @@ Owns ``accuracy_reward`` and the answer extraction it relies on (``extract_answe
   math-verify's LaTeX extractor only looks inside delimiters; text with its own ``$…$`` is parsed
   as is. This gives fractions, radicals, sets (``\\{1,2\\}`` = ``2, 1``), intervals, percentages
   (``50\\%`` = ``0.5`` when the gold is the percentage), thousands separators (``1,000`` =
-  ``1000``), and equations (``x=3`` = ``3``), all with math-verify's semantics. Words around
-  the value ("There are 18 eggs.", "12\\pi square units") are dropped first; with words inside
-  it math-verify reads the value out of the text.
+  ``1000``), and equations (``x=3`` = ``3``), all with math-verify's semantics. A lead-in
+  ("The answer is") and unit words ("18 eggs", "12\\pi square units") are dropped first; an
+  answer with any other words ("not 18", "17 eggs or 18", "18 thousand") has no answer.
 - **Multiple choice.** A gold answer that is one capital letter ``A``–``J`` (optionally in
   parentheses) switches to letter matching: the prediction's letter is the one it starts with
   (``B``, ``(B)``, ``\\text{(B)}``, ``B) 42``, ``B because``), else the last bracketed one, else
@@ -62,23 +62,42 @@ OFF_THREAD_TIMEOUT_S = 10  # per comparison, off the main thread (its three call
 
 _LETTER_GOLD = re.compile(r"^\s*\(?\s*([A-J])\s*\)?\s*\.?\s*$")
 # A prediction's letter, in order: the answer starts with the letter ("B", "b)", "B. 42", "(B) 42",
-# "B because ...", "A is larger"; "A" and "I" opening a sentence are words); the
-# last one in brackets ("so (C)"); the last one after "answer", "option" or "choice"; else the
-# one capital A-J standing alone, not counting "A" and "I" as the words they also are.
+# "B because ...", "A is larger"; "A" and "I" opening a sentence are words; "B or C" is no
+# choice); the last one after "answer is" / "answer:"; the last one in brackets ("so (C)"); the
+# last one after "option" or "choice"; else the one capital A-J standing alone (not "A" and "I"
+# as the words they also are, nor the "I" of "I'm").
 _LETTER_LEAD = re.compile(
     r"^\s*(?:\(\s*([A-Ja-j])\s*\)|([A-Ja-j])(?:\s*[.:),]|\s*$)"
     r"|([B-HJ])\s|([AI])\s+(?=(?:is|was|because|since|as)\b))"
 )
+_LETTER_ALTERNATIVE = re.compile(r"\s*\)?\s*(?:or|and|,|/)\s*\(?\s*[A-J](?![A-Za-z])")
+_LETTER_ANSWER = re.compile(r"(?i:answer)\s*(?:(?i:is)\s*|:\s*)\(?([A-J])(?![A-Za-z])")
 _LETTER_BRACKETED = re.compile(r"\(\s*([A-J])\s*\)")
-_LETTER_CUED = re.compile(r"(?i:answer|option|choice)\s*(?:(?i:is)\s*|:\s*)?\(?([A-J])(?![A-Za-z])")
-_LETTER_ALONE = re.compile(r"(?<![A-Za-z\\])([A-J])(?![A-Za-z])(?!\s+(?!(?:is|or|and)\b)[a-z])")
-# Words around the value ("There are 18 eggs.", "12\\pi square units", "The answer is 4"): the
-# words before and after it are dropped, a unit in \\text{} too, and the value parsed as a bare
-# answer (in \\boxed{} its words would be products of symbols, 18*e*g*g*s). A word is a
-# whitespace-separated run of 2+ letters that is not a function name or a connective ("1 and 2",
-# "x = 3 or x = -3" stay one expression); one token alone ("abc", "Paris") is never prose.
+_LETTER_CUED = re.compile(r"(?i:option|choice)\s*(?:(?i:is)\s*|:\s*)?\(?([A-J])(?![A-Za-z])")
+_LETTER_ALONE = re.compile(r"(?<![A-Za-z\\'’])([A-J])(?![A-Za-z'’])(?!\s+(?!(?:is|or|and)\b)[a-z])")
+# Words around the value ("There are 18 eggs.", "12\pi square units", "The answer is 4"): a
+# reward must not pay for words that change the value, so only these are dropped: a lead-in from
+# a short list ("the answer is", "there are", "so"), unit words after the value ("eggs", "square
+# units", "per hour"; not "thousand", "squared", "or more"), and a \text{} unit with its exponent.
+# Any other word left ("not 18", "17 eggs or 18", "half of 18") and the answer is wrong: wrapped
+# in \boxed{} words would be products of symbols (18*e*g*g*s), and math-verify's own reading of
+# text takes its last number. "percent" is "\%"; "infinity" is "\infty". One token alone ("abc",
+# "Paris") is never prose, and "and" / "or" join values ("1 and 2" is a set).
 _WORD_TOKEN = re.compile(r"[A-Za-z]{2,}[.,:;!?]?")
-_UNIT_TEXT = re.compile(r"\\text\s*\{\s*[A-Za-z][A-Za-z .]*\}")
+_LEAD_IN = re.compile(
+    r"^(?:(?:so|thus|therefore|hence)[,:]?\s+)?(?:(?:the\s+)?(?:final\s+)?(?:answer|total|result)"
+    r"\s*(?:is|=|:)\s*|there\s+(?:are|is|were|was)\s+|it\s+is\s+|it's\s+)?",
+    re.IGNORECASE,
+)
+_NOT_UNITS = frozenset(  # words after a value that change it or hedge it
+    "thousand thousands million millions billion billions trillion hundred hundreds dozen dozens "
+    "squared cubed half halves third thirds quarter quarters tenths hundredths thousandths times "
+    "more less fewer least most over under above below than plus minus not no or and to".split()
+)
+_UNIT_TEXT = re.compile(
+    r"(?<=\S)\s*\\text\s*\{\s*(?!(?:or|and)\s*\})[A-Za-z][A-Za-z .]*\}(?:\s*\^\s*(?:\{\d+\}|\d))?"
+)
+_PERCENT = re.compile(r"\s*\bpercent\b", re.IGNORECASE)
 _INFINITY = re.compile(r"(?<![A-Za-z\\])infinity(?![A-Za-z])", re.IGNORECASE)
 _MATH_WORDS = frozenset(
     "sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh log ln exp sqrt max min mod gcd "
@@ -176,15 +195,17 @@ def _is_word(token: str) -> bool:
 
 
 def _without_words(s: str) -> tuple[str, bool]:
-    """(the answer without the words before and after its value, whether words remain inside)."""
-    s = _UNIT_TEXT.sub(" ", _INFINITY.sub(r"\\infty", s))
-    tokens = s.split()
-    if len(tokens) < 2:
+    """(the answer without its lead-in and unit words, whether other words remain)."""
+    s = _UNIT_TEXT.sub(" ", _PERCENT.sub(r"\\%", _INFINITY.sub(r"\\infty", s)))
+    if len(s.split()) < 2:
         return s.strip(), False
-    while len(tokens) > 1 and _is_word(tokens[-1]):
+    tokens = s[_LEAD_IN.match(s).end() :].split()
+    while (
+        len(tokens) > 1
+        and _is_word(tokens[-1])
+        and tokens[-1].rstrip(".,:;!?").lower() not in _NOT_UNITS
+    ):
         tokens.pop()
-    while len(tokens) > 1 and _is_word(tokens[0]):
-        tokens.pop(0)
     return " ".join(tokens).rstrip(".,:;"), any(_is_word(t) for t in tokens)
 
 
@@ -197,8 +218,8 @@ def _parse_math(s: str) -> list[Any]:
         # Prose with delimited math: math-verify finds the (last) expression itself.
         return parse(s, list(_MATH_CONFIG), parsing_timeout=timeout)
     value, wordy = _without_words(s)
-    if wordy:  # words inside ("I think 7, no 18"): math-verify reads the value out of the text
-        return parse(value, list(_MATH_CONFIG), parsing_timeout=timeout)
+    if wordy:  # words that may change the value ("not 18", "17 eggs or 18"): no answer
+        return []
     return parse("\\boxed{" + value + "}", list(_MATH_CONFIG), parsing_timeout=timeout)
 
 
@@ -212,8 +233,10 @@ def _letter(s: str) -> str | None:
     plain = _LATEX_WRAPPER.sub(r"\1", _LATEX_WRAPPER.sub(r"\1", s)).replace("$", "").strip()
     lead = _LETTER_LEAD.match(plain)
     if lead:
+        if _LETTER_ALTERNATIVE.match(plain, lead.end(lead.lastindex)):
+            return None  # "B or C", "(B), (C)": two choices are none
         return next(g for g in lead.groups() if g).upper()
-    for pattern in (_LETTER_BRACKETED, _LETTER_CUED):
+    for pattern in (_LETTER_ANSWER, _LETTER_BRACKETED, _LETTER_CUED):
         found = pattern.findall(plain)
         if found:
             return found[-1]
