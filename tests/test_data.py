@@ -657,6 +657,25 @@ def test_loader_field_map_shapes_and_errors(tmp_path):
     assert rows[0]["solution"].endswith("#### 7")
 
 
+def test_sharegpt_conversations_load_as_chat_rows(tmp_path):
+    """ShareGPT-style files (`conversations` of from/value turns, as many SFT datasets on the
+    Hub) were refused as having no prompt."""
+    turns = [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "What is 2 + 2?"},
+        {"from": "gpt", "value": "<think> 2 + 2 = 4 </think> <answer>4</answer>"},
+    ]
+    path = _write_lines(
+        tmp_path / "sharegpt.jsonl",
+        [json.dumps({"conversations": turns}), json.dumps({"conversations": [{"from": "x"}]})],
+    )
+    rows, stats = data.load_rows(path, require_solution=False)
+    assert stats.shapes[str(path)] == "chat" and stats.skipped == {"no_prompt": 1}
+    assert rows[0]["prompt"] == "What is 2 + 2?"
+    assert [m["role"] for m in rows[0]["messages"]] == ["system", "user", "assistant"]
+    assert rows[0]["messages"][2]["content"] == turns[2]["value"]
+
+
 def test_a_file_whose_later_rows_have_other_columns_loads_them_too(tmp_path):
     """rejection_sampled.jsonl puts its chat-format non-reasoning rows after thousands of
     reasoning rows; the columns used to be read from the first 100 rows only, so SFT on it

@@ -18,7 +18,7 @@ Recognised shapes (detected from the column names, or forced with ``shape=``):
 | aime     | problem, answer (also MATH-500)          | answer, as a string            |
 | math     | problem, solution                        | the last ``\\boxed{…}``          |
 | generic  | prompt, solution                         | solution, as a string          |
-| chat     | messages                                 | none (SFT data)                |
+| chat     | messages (or ShareGPT `conversations`)   | none (SFT data)                |
 
 ``field_map`` renames columns per canonical field (``{"prompt": "q", "solution": "a"}``); with
 ``shape="auto"`` a field map that names the prompt and a solution/tests/messages column replaces
@@ -310,7 +310,7 @@ def detect_shape(columns: Sequence[str]) -> tuple[str, dict[str, str]]:
     """
     cols = set(columns)
     prompt_col = next((c for c in _PROMPT_COLUMNS if c in cols), None)
-    extra = {f: f for f in ("language", "messages") if f in cols}
+    extra = _optional_columns(cols)
     if prompt_col and ({"input_output", "tests"} & cols):
         tests_col = "input_output" if "input_output" in cols else "tests"
         return "code", {"prompt": prompt_col, "tests": tests_col, **extra}
@@ -322,7 +322,7 @@ def detect_shape(columns: Sequence[str]) -> tuple[str, dict[str, str]]:
         return "math", {"prompt": "problem", "solution": "solution", **extra}
     if {"prompt", "solution"} <= cols:
         return "generic", {"prompt": "prompt", "solution": "solution", **extra}
-    if "messages" in cols:
+    if "messages" in extra:
         return "chat", {**({"prompt": "prompt"} if "prompt" in cols else {}), **extra}
     raise ValueError(
         f"cannot recognise the dataset shape from columns {sorted(cols)}; pass "
@@ -338,27 +338,47 @@ def _forced_mapping(shape: str, columns: set[str]) -> dict[str, str]:
         "aime": {"prompt": "problem", "solution": "answer"},
         "math": {"prompt": "problem", "solution": "solution"},
         "generic": {"prompt": "prompt", "solution": "solution"},
-        "chat": {"messages": "messages"},
+        "chat": {"messages": _chat_column(columns) or "messages"},
         "code": {
             "prompt": prompt_col,
             "tests": "input_output" if "input_output" in columns else "tests",
         },
         "custom": {},
     }[shape]
-    return {**fixed, **{f: f for f in ("language", "messages") if f in columns}}
+    return {**fixed, **_optional_columns(columns)}
+
+
+def _chat_column(columns) -> str | None:
+    """The column holding a conversation: `messages` (role/content), else ShareGPT's
+    `conversations` (from/value)."""
+    return next((c for c in ("messages", "conversations") if c in columns), None)
+
+
+def _optional_columns(columns) -> dict[str, str]:
+    chat = _chat_column(columns)
+    return {**({"language": "language"} if "language" in columns else {}),
+            **({"messages": chat} if chat else {})}  # fmt: skip
+
+
+# ShareGPT's speakers, as chat roles.
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                   "assistant": "assistant", "chatgpt": "assistant"}  # fmt: skip
 
 
 def _messages(value: object) -> list[dict] | None:
+    """A conversation as role/content dicts (ShareGPT's from/value turns mapped), or None."""
     if not isinstance(value, list) or not value:
         return None
+    out = []
     for m in value:
-        if (
-            not isinstance(m, dict)
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
+        if not isinstance(m, dict):
             return None
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+        if "from" in m and "role" not in m:
+            m = {"role": _SHAREGPT_ROLES.get(str(m["from"]).lower()), "content": m.get("value")}
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return None
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
 
 
 def _normalise(
@@ -479,7 +499,7 @@ def load_rows(
         # from every row (rejection_sampled.jsonl's chat rows come after all the others).
         columns = {c for _, obj in records[:100] for c in obj}
         every = {c for _, obj in records for c in obj}
-        optional = every & {"messages", "language"}
+        optional = _optional_columns(every)
         absent = {field: col for field, col in field_map.items() if records and col not in every}
         if absent:
             raise ValueError(
@@ -490,7 +510,7 @@ def load_rows(
         parse_as = None
         if shape != "auto":
             file_shape = shape
-            mapping = {**{c: c for c in optional}, **_forced_mapping(shape, columns), **field_map}
+            mapping = {**optional, **_forced_mapping(shape, columns), **field_map}
         elif "prompt" in field_map and {"solution", "tests", "messages"} & set(field_map):
             file_shape, mapping = "custom", field_map
         elif records:
@@ -500,7 +520,7 @@ def load_rows(
                 if fallback_shape is None:
                     raise
                 file_shape, mapping = fallback_shape, _forced_mapping(fallback_shape, columns)
-            mapping = {**{c: c for c in optional}, **mapping, **field_map}
+            mapping = {**optional, **mapping, **field_map}
             parse_as = "custom" if "solution" in field_map else None
         else:
             continue

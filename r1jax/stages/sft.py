@@ -1,7 +1,8 @@
 """Stage: supervised fine-tuning (R1's cold start, and the SFT on rejection-sampled data).
 
 1. read (prompt, completion) pairs: the built-in readable long-CoT cold-start examples, or a JSONL /
-   Parquet file of prompt/completion rows (what `rejection_sampling` writes) or chat `messages`;
+   Parquet file of prompt/completion rows (what `rejection_sampling` writes) or chat `messages`
+   (ShareGPT `conversations` too);
 2. wrap each prompt in the template the RL stage will use, so SFT and RL see the same prompt;
 3. tokenise, append EOS to each completion (the model learns to stop), lay out fixed-length rows
    (optionally packed, attention kept within each example);
