@@ -367,7 +367,9 @@ def sample(
     graphdef, state:  the model split with `nnx.split` (state may be sharded on the ambient mesh)
     prompt_ids:       [P, Tp] int32, left-padded
     prompt_mask:      [P, Tp] int32, 1 = token, 0 = pad
-    key:              PRNG key; the same key gives the same samples on any mesh
+    key:              PRNG key; the same key gives the same samples on any mesh. Or [P] keys,
+                      one per prompt: a prompt's samples then depend on its own key alone, not
+                      on which prompts share the batch
     stop_ids:         tokens that end a row (EOS, ...)
     stop_table:       [Q, V'] `data.StopStrings.table` (replicated): a row ends after the token
                       that completes one of its strings in the text (e.g. "</answer>" however it
@@ -403,9 +405,12 @@ def sample(
 
     # Every uniform the loop will need, drawn at once: one [T, B] draw instead of a PRNG call
     # (and a [B, V] Gumbel draw) per step. Counter-based, so identical on any mesh.
-    uniforms = sharding.constrain(
-        jax.random.uniform(key, (max_new_tokens, b), jnp.float32), (None, "batch")
-    )
+    if key.ndim == 0:
+        uniforms = jax.random.uniform(key, (max_new_tokens, b), jnp.float32)
+    else:  # prompt p's G rows (rows p*G ... p*G + G - 1) draw from key p alone
+        draw = jax.vmap(lambda k: jax.random.uniform(k, (max_new_tokens, num_samples)))
+        uniforms = jnp.swapaxes(draw(key), 0, 1).reshape(max_new_tokens, b)
+    uniforms = sharding.constrain(uniforms, (None, "batch"))
     if stop_table is not None:
         stop_table = _stop_table(stop_table, first_logits.shape[-1])
     zeros = jnp.zeros((b,), jnp.int32)
@@ -501,6 +506,7 @@ def generate(
     mesh=None,
     buckets: Sequence[int] = DEFAULT_BUCKETS,
     first_window: int = DEFAULT_FIRST_WINDOW,
+    prompt_keys: Sequence[int] | None = None,
 ) -> GenerateOutput:
     """Sample completions for a list of prompts (ragged token-id lists, or a [P, T] array).
 
@@ -510,6 +516,10 @@ def generate(
     Prompts are left-padded to the smallest bucket length that fits (longer prompts are an error);
     with `mesh`, the batch is sharded over its batch axes (P * num_samples must then divide by them)
     and the model should already be placed on it. `first_window`: see `sample`.
+    `prompt_keys`: one integer per prompt (e.g. its row in the dataset); prompt i's samples are
+    then drawn from `fold_in(key(seed), prompt_keys[i])`, so they do not change with the other
+    prompts in its batch (up to the float rounding of a differently shaped forward). Without
+    them one key serves the whole batch.
     """
     for name, value, least in (
         ("max_new_tokens", max_new_tokens, 1),
@@ -535,6 +545,14 @@ def generate(
     cfg = SamplingConfig(temperature, top_k, top_p)
     graphdef, state = nnx.split(model)
     key = jax.random.key(seed)
+    if prompt_keys is not None:
+        ints = [int(i) for i in prompt_keys]
+        if len(ints) != len(prompts) or not all(0 <= i < 2**32 for i in ints):
+            raise ValueError(
+                f"prompt_keys must be {len(prompts)} integers in [0, 2**32) (one per prompt), "
+                f"got {list(prompt_keys)[:8]}"
+            )
+        key = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(ints, jnp.uint32))
     static = (
         ids.shape,
         num_samples,

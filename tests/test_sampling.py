@@ -377,3 +377,19 @@ def test_bad_arguments_are_refused():
         sampling.generate(model(), PROMPTS, max_new_tokens=3.0)
     graphdef, _ = nnx.split(model())
     assert graphdef is not None
+
+
+def test_prompt_keys_make_samples_independent_of_the_batch():
+    kw = dict(max_new_tokens=8, temperature=1.0, num_samples=2, seed=3, buckets=(8,))
+    whole = sampling.generate(model(), PROMPTS, prompt_keys=[10, 11, 12, 13], **kw)
+    halves = [
+        sampling.generate(model(), PROMPTS[2:], prompt_keys=[12, 13], **kw),
+        sampling.generate(model(), PROMPTS[:2], prompt_keys=[10, 11], **kw),
+    ]
+    assert whole.tokens == halves[1].tokens + halves[0].tokens
+    # a prompt's samples are its own key's: another key (or one key for the batch) differs
+    moved = sampling.generate(model(), PROMPTS, prompt_keys=[11, 10, 12, 13], **kw)
+    assert moved.tokens[:2] != whole.tokens[:2] and moved.tokens[4:] == whole.tokens[4:]
+    assert sampling.generate(model(), PROMPTS, **kw).tokens != whole.tokens
+    with pytest.raises(ValueError, match="prompt_keys must be 4 integers"):
+        sampling.generate(model(), PROMPTS, prompt_keys=[1, 2], **kw)

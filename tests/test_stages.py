@@ -784,6 +784,12 @@ def test_eval_default_runs(toy, tmp_path, capsys):
     assert result["pass@1"] == pytest.approx(expected)
     assert set(result["per_task"]) == {"arithmetic"}
     assert 0 < result["mean_length"] <= 4
+    # A row's samples are drawn from its own key: eval.batch_prompts does not change them.
+    e.batch_prompts = 2
+    pairs = run("eval", config, tmp_path / "pairs")
+    assert {**pairs, "minutes": 0} == {**result, "minutes": 0}
+    with open(tmp_path / "pairs" / "eval_samples.jsonl") as f:
+        assert [json.loads(line) for line in f] == samples
 
 
 def test_compute_matching_counts_a_deepseek_token_by_its_active_parameters_and_mla():

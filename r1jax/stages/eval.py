@@ -240,7 +240,8 @@ def evaluate(
             temperature=eval_config.temperature,
             top_p=eval_config.top_p,
             num_samples=k,
-            seed=seed + ids[0],
+            seed=seed,
+            prompt_keys=ids,  # a row's samples do not depend on eval.batch_prompts
             mesh=mesh,
             **prompt_set.sampling_kwargs(),
         )

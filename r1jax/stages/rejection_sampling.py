@@ -180,7 +180,8 @@ def run(config, workdir: str) -> dict[str, Any]:
             temperature=r.temperature,
             top_p=r.top_p,
             num_samples=r.num_samples,
-            seed=config.seed + ids[0],
+            seed=config.seed,
+            prompt_keys=ids,  # a row's samples do not depend on batch_prompts
             mesh=mesh,
             **prompts.sampling_kwargs(),
         )
