@@ -36,7 +36,7 @@ def get_config(arg=None):
     d.pack = False
     d.batch_size = 16
     # On a few hundred traces the toy student needs ~100 steps (4 epochs); the pipeline, on
-    # thousands, uses the paper's 2.
+    # thousands, uses the paper's 2. Rounded up to whole steps as sft.epochs (configs/sft.py).
     d.epochs = 4.0
     d.num_micro_batches = 0  # gradient accumulation; 0 = automatic (see configs/rl.py)
 

@@ -39,7 +39,9 @@ def get_config(arg=None):
     s.batch_size = 16  # rows per optimizer step
     # Passes over the data: 2, the paper's. On the toy base (held-out pass@1 0.51) 1600 examples
     # seen once (100 steps) teach the format but not the steps (pass@1 0.11; lr 3e-4: 0.02), twice
-    # 0.72, four times 0.84 (README, deviations).
+    # 0.72, four times 0.84 (README, deviations). Steps = ceil(rows x epochs / batch_size): a
+    # last batch that runs past the data is filled from the next epoch's order (every step has
+    # batch_size rows, one compiled step).
     s.epochs = 2.0
     # Gradient accumulation; 0 = automatic (configs/rl.py; toy cold start: 0.89 -> 0.63 s per step).
     s.num_micro_batches = 0

@@ -912,6 +912,31 @@ def test_sft_overflow_and_tokenizer_path(tok):
     assert list(target).count(tok.eos_token_id) == 1 and target[-1] == tok.eos_token_id
     assert not set(target[:-1].tolist()) & set(tok.all_special_ids)
     assert tok.decode(target) == "a <|endoftext|> b <|im_end|><|endoftext|>"
+    # A chat template's end of turn replaces the EOS where a row asks for it (one real token).
+    batch = data.tokenize_sft(tok, ["q", "q"], ["a", "b"], ends=["<|im_end|>", ""], seq_len=8)
+    targets = [batch.input_ids[r][batch.loss_mask[r] > 0].tolist() for r in range(2)]
+    assert [tok.decode(t) for t in targets] == ["a<|im_end|>", "b<|endoftext|>"]
+    assert len(targets[0]) == len(targets[1])
+    with pytest.raises(ValueError, match="1 ends for 2 completions"):
+        data.tokenize_sft(tok, ["q", "q"], ["a", "b"], ends=[""], seq_len=8)
+
+
+def test_turn_end_is_what_the_chat_template_closes_an_answer_with(tok):
+    import copy
+
+    from r1jax.data import templates
+
+    tok = copy.deepcopy(tok)
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    )
+    assert templates.turn_end(tok) == "<|im_end|>"  # (its newline is not learned)
+    tok.chat_template = "{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"
+    assert templates.turn_end(tok) == tok.eos_token
+    tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    assert templates.turn_end(tok) == ""  # no special token: the EOS then
+    tok.chat_template = "{{ raise_exception('no assistant turns') }}"
+    assert templates.turn_end(tok) == ""
 
 
 def test_a_float_answer_column_reads_as_numbers_and_gaps_as_missing(tmp_path):

@@ -20,6 +20,7 @@ import pytest
 import safetensors.numpy
 import stage_helpers as sh
 
+from r1jax import data
 from r1jax.checkpoint import CheckpointError
 from r1jax.stages import common, pipeline
 from r1jax.stages.eval import aggregate, majority_vote, pass_at_k, score_prompt
@@ -454,15 +455,15 @@ def test_sft_trains_after_a_think_tag_its_prompt_already_opened(toy, tmp_path):
     path.write_text(json.dumps({"prompt": "What is 2 + 2?", "completion": "<think>\n" + generated}))
     config = sh.load_config("sft")
     config.sft.source, config.sft.template = str(path), "chat"
-    [(prompt, completion)] = sft_stage.load_pairs(config, tokenizer)
+    [(prompt, completion, _)] = sft_stage.load_pairs(config, tokenizer)
     assert prompt.endswith("assistant\n<think>\n") and completion == generated
     # The R1-Zero template with prefill_think: the sampled sequence " <think>" + generation.
     path.write_text(json.dumps({"prompt": "What is 2 + 2?", "completion": "<think> " + generated}))
     config.sft.template, config.sft.prefill_think = "r1_zero", True
-    [(prompt, completion)] = sft_stage.load_pairs(config, tokenizer)
+    [(prompt, completion, _)] = sft_stage.load_pairs(config, tokenizer)
     assert prompt.endswith("Assistant: <think>") and completion == " " + generated
     config.sft.prefill_think = False  # the tag stays in the completion, once
-    [(prompt, completion)] = sft_stage.load_pairs(config, tokenizer)
+    [(prompt, completion, _)] = sft_stage.load_pairs(config, tokenizer)
     assert prompt.endswith("Assistant:") and completion == "<think> " + generated
     # Nothing but the tag its prompt opened: no text to learn, refused (it trained on EOS alone).
     path.write_text(json.dumps({"prompt": "What is 2 + 2?", "completion": "<think>\n"}))
@@ -498,7 +499,7 @@ def test_chat_prompts_can_carry_the_format_instruction_as_a_system_message(toy):
     sft = sh.load_config("sft")
     sft.sft.num_examples, sft.sft.template, sft.sft.system_prompt = 2, "chat", "r1"
     common.validate(sft, "sft")
-    assert all(templates.R1_SYSTEM_PROMPT in p for p, _ in sft_stage.load_pairs(sft, tokenizer))
+    assert all(templates.R1_SYSTEM_PROMPT in p for p, _, _ in sft_stage.load_pairs(sft, tokenizer))
     sft.sft.template = "r1_zero"  # no system turn to put it in
     with pytest.raises(common.ConfigError, match=r"sft.system_prompt .* needs sft.template='chat'"):
         common.validate(sft, "sft")
@@ -541,7 +542,7 @@ def test_sft_chat_rows_follow_the_template_rl_samples_with(toy, tmp_path):
     config = sh.load_config("sft")
     config.sft.source = str(path)
     pairs = sft_stage.load_pairs(config, tokenizer)
-    assert pairs[0] == (templates.r1_zero_prompt("What is 2 + 2?"), answer["content"])
+    assert pairs[0] == (templates.r1_zero_prompt("What is 2 + 2?"), answer["content"], "")
     # A conversation has no R1-Zero form: the chat template, its own system message kept.
     assert pairs[1][0].startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert pairs[2][0].count("<|im_start|>user") == 2
@@ -554,6 +555,24 @@ def test_sft_chat_rows_follow_the_template_rl_samples_with(toy, tmp_path):
     assert templates.R1_SYSTEM_PROMPT in pairs[2][0] and pairs[2][0].endswith("<think>\n")
     assert "Be brief." in pairs[1][0] and templates.R1_SYSTEM_PROMPT not in pairs[1][0]
     assert pairs[0][1] == " 2 + 2 = 4 </think> <answer>4</answer>"  # after the prefilled tag
+    # Under a chat-templated prompt an answer ends as the template ends a turn, with
+    # <|im_end|>, not the tokenizer's EOS (<|endoftext|>): the model must learn to close a turn.
+    assert {e for _, _, e in pairs} == {"<|im_end|>"}
+    batch = data.tokenize_sft(
+        tokenizer, [p for p, _, _ in pairs], [c for _, c, _ in pairs],
+        ends=[e for _, _, e in pairs], seq_len=256,
+    )  # fmt: skip
+    learned = tokenizer.decode(batch.input_ids[0][batch.loss_mask[0] == 1])
+    assert learned == pairs[0][1] + "<|im_end|>", learned
+    # The prompt's turns as messages and the answer in a column of its own: the whole
+    # conversation is the prompt (the first question alone trained the answer to the last).
+    later = {"role": "user", "content": "And times 10?"}
+    row = {"messages": [question, {"role": "assistant", "content": "4"}, later], "completion": "40"}
+    path.write_text(json.dumps(row))
+    config.sft.field_map.completion = "completion"
+    [(prompt, completion, end)] = sft_stage.load_pairs(config, tokenizer)
+    assert "And times 10?" in prompt and prompt.count("<|im_start|>user") == 2
+    assert (completion, end) == ("40", "<|im_end|>")
 
 
 def test_sft_and_distill_files_with_other_column_names_load_through_field_map(tmp_path):
@@ -573,7 +592,7 @@ def test_sft_and_distill_files_with_other_column_names_load_through_field_map(tm
         sft_stage.load_pairs(config, None)
     config.sft.field_map.prompt, config.sft.field_map.completion = "instruction", "output"
     pairs = sft_stage.load_pairs(config, None)
-    assert [c for _, c in pairs] == ["c0", "c1", "c2"] and "p1" in pairs[1][0]
+    assert [c for _, c, _ in pairs] == ["c0", "c1", "c2"] and "p1" in pairs[1][0]
     with path.open("a") as f:
         f.write("{not json\n")
     with pytest.raises(common.ConfigError, match=r"--config.sft.on_bad_json=skip"):
@@ -602,7 +621,7 @@ def test_cold_start_follows_its_tasks_difficulty_and_mistake_rate():
         a, b = map(int, re.search(r"What is (\d+) [-+] (\d+)\?", prompt).groups())
         assert max(a, b) < 10 and "Wait" not in completion  # 1 digit; mistake_rate 0
     s.mistake_rate = 1.0
-    assert all("Wait, that is not right" in c for _, c in sft_stage.load_pairs(config, None))
+    assert all("Wait, that is not right" in c for _, c, _ in sft_stage.load_pairs(config, None))
     s.tasks = ("arithmetic", "sudoku")
     with pytest.raises(common.ConfigError, match=r"sft.tasks: unknown task 'sudoku'"):
         common.validate(config, "sft")
@@ -729,7 +748,7 @@ def test_rejection_sampling_default_runs(toy, tmp_path, monkeypatch):
     sft_config.sft.source = summary["path"]
     common.validate(sft_config, "sft")
     pairs = sft_stage.load_pairs(sft_config, hf.tokenizer(os.path.join(toy[0], "toy_base")))
-    assert [c for _, c in pairs] == [w.get("completion", "Bye!") for w in written]
+    assert [c for _, c, _ in pairs] == [w.get("completion", "Bye!") for w in written]
 
     # A bad non-reasoning file is refused before any sampling (it was read after all of it).
     extra.write_text(json.dumps({"prompt": "no answer here"}) + "\n")
@@ -1468,3 +1487,17 @@ def test_fields_that_would_fail_mid_run_are_refused_up_front(toy, tmp_path):
     config.sft.overflow = "cut"
     with pytest.raises(common.ConfigError, match=r"sft.overflow must be 'truncate' or 'skip'"):
         sft_stage.validate(config)
+
+
+def test_non_reasoning_turns_with_an_answer_column_keep_the_whole_conversation(tmp_path):
+    """A row whose prompt is a message history and whose answer is a column kept only the first
+    question: the answer to the last turn was trained as the answer to the first."""
+    from r1jax.stages import rejection_sampling
+
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+             {"role": "user", "content": "Bye?"}]  # fmt: skip
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": turns, "completion": "Bye!"}) + "\n")
+    r = types.SimpleNamespace(non_reasoning_source=str(path))
+    [row] = rejection_sampling._non_reasoning_rows(r)
+    assert row["messages"] == [*turns, {"role": "assistant", "content": "Bye!"}]

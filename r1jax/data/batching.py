@@ -279,6 +279,7 @@ def tokenize_sft(
     append_eos: bool = True,
     overflow: str = "truncate",
     add_special_tokens: bool = False,
+    ends: Sequence[str] | None = None,
 ) -> SFTBatch:
     """Tokenise prompt and completion strings separately and lay them out (``pack_sft_ids``).
 
@@ -290,6 +291,8 @@ def tokenize_sft(
       append_eos: end each completion with the tokenizer's EOS token (the model learns to stop).
       overflow: see ``pack_sft_ids``.
       add_special_tokens: let the tokenizer add BOS etc. to prompts.
+      ends: per completion, the special-token text that ends it in place of the EOS (a chat
+        template's end of turn, ``templates.turn_end``); "" = the EOS. Needs append_eos.
     Returns:
       An ``SFTBatch`` with [N', L] int32 arrays.
     """
@@ -301,9 +304,16 @@ def tokenize_sft(
     c_ids = tokenizer(list(completions), add_special_tokens=False, split_special_tokens=True)
     c_ids = c_ids["input_ids"]
     if append_eos:
-        if tokenizer.eos_token_id is None:
+        ends = [""] * len(c_ids) if ends is None else list(ends)
+        if len(ends) != len(c_ids):
+            raise ValueError(f"{len(ends)} ends for {len(c_ids)} completions")
+        if tokenizer.eos_token_id is None and "" in ends:
             raise ValueError("append_eos=True but the tokenizer has no EOS token")
-        c_ids = [list(c) + [tokenizer.eos_token_id] for c in c_ids]
+        end_ids = {e: tokenizer(e, add_special_tokens=False)["input_ids"] for e in set(ends) if e}
+        end_ids[""] = [tokenizer.eos_token_id]
+        c_ids = [list(c) + end_ids[e] for c, e in zip(c_ids, ends, strict=True)]
+    elif ends is not None:
+        raise ValueError("ends replace the appended EOS: they need append_eos=True")
     return pack_sft_ids(
         p_ids, c_ids, seq_len=seq_len, pad_id=_pad_id(tokenizer), pack=pack, overflow=overflow
     )

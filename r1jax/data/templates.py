@@ -87,6 +87,28 @@ def conversation_prompt(
     return text
 
 
+def turn_end(tokenizer) -> str:
+    """What the chat template writes after an assistant message's content, up to its last
+    special token ("<|im_end|>" for Qwen, "<|eot_id|>" for Llama 3, the EOS for
+    DeepSeek-R1-Distill): an answer trained under a chat-templated prompt must end with it, not
+    with the EOS the tokenizer may have besides (Qwen2.5 base: "<|endoftext|>"), or the model
+    never learns to close a turn its own template then writes. "" when the template renders none
+    (or fails)."""
+    marker = "\u2063r1jax-answer\u2063"  # text no template rewrites
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+    except Exception:  # a template that refuses this exchange: callers fall back to the EOS
+        return ""
+    if not isinstance(text, str) or marker not in text:
+        return ""
+    end = text.rsplit(marker, 1)[1]
+    special = [t for t in getattr(tokenizer, "all_special_tokens", ()) if t and t in end]
+    if not special:  # trailing text only (e.g. newlines): nothing the model has to learn
+        return ""
+    return end[: max(end.rfind(t) + len(t) for t in special)]
+
+
 def system_prompt(value: str) -> str | None:
     """A config's `system_prompt`: "" -> None (no system message), "r1" -> `R1_SYSTEM_PROMPT`,
     anything else as it is."""

@@ -134,7 +134,9 @@ def _non_reasoning_rows(r) -> list[dict[str, Any]]:
         raise common.ConfigError(f"rejection_sampling.non_reasoning_source: {e}") from e
     rows = []
     for i, x in enumerate(extra):
-        if x.get("completion"):
+        if x.get("completion") and x.get("messages"):  # the answer to these turns
+            row = {"messages": [*x["messages"], {"role": "assistant", "content": x["completion"]}]}
+        elif x.get("completion"):
             row = {"prompt": x["prompt"], "completion": x["completion"]}
         elif x.get("messages") and x["messages"][-1].get("role") == "assistant":
             row = {"messages": x["messages"]}

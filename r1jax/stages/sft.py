@@ -48,9 +48,11 @@ def validate(config) -> None:
     common.optim(config, steps_later=True)  # the data gives the step count
 
 
-def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]:
-    """(templated prompt, completion) pairs from config.sft.source (`section`: the name errors
-    give the section, for a stage that reads its data through this one)."""
+def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, str]]:
+    """(templated prompt, completion, end) triples from config.sft.source (`section`: the name
+    errors give the section, for a stage that reads its data through this one). `end` is the
+    special-token text that closes the completion: the chat template's end of turn for a prompt
+    it rendered (`templates.turn_end`), "" (the EOS) for the R1-Zero and plain templates."""
     s = config.sft
     if s.source == "cold_start":
         rows = corpus.cold_start_examples(
@@ -80,14 +82,18 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]
         log.info("SFT data %s: %s", s.source, stats.summary())
     system = templates.system_prompt(s.get("system_prompt", ""))
     prefill_think = s.get("prefill_think", False)
+    chat_end = templates.turn_end(tokenizer) if getattr(tokenizer, "chat_template", None) else ""
     pairs, conversations = [], 0
     for i, row in enumerate(rows):
         where = f"{section}.source {s.source}, row {i} of those kept"
         messages = row.get("messages") or []
         completion = row.get("completion")
-        turns = messages[:-1]
-        if completion in (None, "") and messages and messages[-1].get("role") == "assistant":
-            completion = messages[-1].get("content")
+        if messages and messages[-1].get("role") == "assistant":
+            turns = messages[:-1]  # (the answer: a completion column, else this message)
+            if completion in (None, ""):
+                completion = messages[-1].get("content")
+        elif messages:  # the turns before the answer, which is a column of its own
+            turns = messages
         else:
             turns = [{"role": "user", "content": row.get("prompt")}]
         if completion is None:
@@ -106,6 +112,7 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]
                 )[0]
             except ValueError as e:  # a chat template the tokenizer lacks or refuses
                 raise common.ConfigError(f"{section}.template={s.template!r}: {e}") from None
+            end = chat_end if s.template == "chat" else ""
         else:
             # A conversation (several turns, or its own system message) has no R1-Zero or plain
             # form: the model's chat template renders it, whatever the template.
@@ -119,6 +126,7 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]
                     f"{where}: a conversation of {len(turns)} turns before the answer needs "
                     f"model.path's chat template, which failed: {e}"
                 ) from None
+            end = chat_end
         if isinstance(completion, str):
             completion = _without_opened_think(prompt, completion)
         if not isinstance(completion, str) or not completion.strip():
@@ -126,7 +134,7 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str]]
                 f"{where}: the completion must be non-empty text (after the think tag its prompt "
                 f"opened, if any), got {completion!r:.80}"
             )
-        pairs.append((prompt, completion))
+        pairs.append((prompt, completion, end))
     if conversations and s.template != "chat":
         log.info(
             "%d of %d %s rows are conversations (several turns or their own system message): "
@@ -168,7 +176,8 @@ def run(config, workdir: str) -> dict:
 def train_on_pairs(
     config, section: str, workdir: str, model, tokenizer, pairs, mesh, teacher=None
 ) -> dict:
-    """The SFT loop shared with `distill`: epochs over (prompt, completion) pairs.
+    """The SFT loop shared with `distill`: epochs over (prompt, completion, end) triples
+    (`load_pairs`).
 
     section: the stage's section name, "sft" or "distill" (seq_len, pack, batch_size, epochs,
     num_micro_batches). With `teacher`, each step is logit distillation (KL to the teacher)
@@ -178,8 +187,9 @@ def train_on_pairs(
     try:
         batch_all = tokenize_sft(
             tokenizer,
-            [p for p, _ in pairs],
-            [c for _, c in pairs],
+            [p for p, _, _ in pairs],
+            [c for _, c, _ in pairs],
+            ends=[e for _, _, e in pairs],
             seq_len=s.seq_len,
             pack=s.pack,
             overflow=s.get("overflow", "truncate"),
