@@ -8,6 +8,7 @@ template.
 """
 
 import functools
+import json
 import os
 import shutil
 
@@ -308,12 +309,16 @@ def test_rl_adds_the_reward_model_to_rewards_advantages_and_metrics(checkpoint):
     )
     metrics = {"reward": jnp.float32(rule.mean()), "completions/mean_length": jnp.float32(3)}
     prompts = [PROMPTS[i // g] for i in range(b)]
+    # Prompt 1 is a reasoning prompt a rule checks: its rows keep their rule rewards alone
+    # (R1's stage 4), the reward model's value there is "not applicable".
+    scored = np.repeat([True, False, True], g)
     new, new_metrics = rl._add_reward_model(
         model,
         0.5,
         rollouts,
         metrics,
         prompts,
+        scored,
         functools.partial(rl._decode, _Tokenizer(), "<t>"),
         ("task",),
         grpo.GRPOConfig(num_generations=g),
@@ -322,21 +327,22 @@ def test_rl_adds_the_reward_model_to_rewards_advantages_and_metrics(checkpoint):
         "<t>" + " ".join(f"w{t}" for t in row[m > 0])
         for row, m in zip(completion_ids, completion_mask, strict=True)
     ]
-    scores = np.array(model.score(prompts, texts))
-    assert np.ptp(scores) > 1e-3
+    scores = np.where(scored, np.array(model.score(prompts, texts)), np.nan)
+    assert np.nanmax(scores) - np.nanmin(scores) > 1e-3
     np.testing.assert_allclose(np.asarray(new.per_reward), np.stack([rule, scores], 1), atol=1e-6)
-    total = rule + 0.5 * scores
+    total = rule + 0.5 * np.nan_to_num(scores)
     np.testing.assert_allclose(np.asarray(new.rewards), total, atol=1e-6)
     np.testing.assert_allclose(
         np.asarray(new.advantages), np.asarray(grpo.group_advantages(total, g)), atol=1e-5
     )
-    np.testing.assert_allclose(float(new_metrics["rewards/reward_model/mean"]), scores.mean(), 1e-5)
+    reward_model_mean = float(new_metrics["rewards/reward_model/mean"])
+    np.testing.assert_allclose(reward_model_mean, np.nanmean(scores), 1e-5)
     np.testing.assert_allclose(float(new_metrics["reward"]), total.mean(), rtol=1e-5)
     assert float(new_metrics["completions/mean_length"]) == 3  # other metrics are kept
     np.testing.assert_array_equal(np.asarray(new.completion_ids), completion_ids)
 
 
-def test_rl_config_section_is_off_by_default_validated_and_loads(checkpoint):
+def test_rl_config_section_is_off_by_default_validated_and_loads(checkpoint, tmp_path):
     from stage_helpers import load_config
 
     from r1jax.stages import common
@@ -363,3 +369,37 @@ def test_rl_config_section_is_off_by_default_validated_and_loads(checkpoint):
     np.testing.assert_allclose(
         loaded.score(PROMPTS, ANSWERS), (np.array(raw) - 1.0) / 2.0, atol=1e-5, rtol=0
     )
+    # A folder that is no sequence classifier is refused by validation, before the policy loads.
+    policy = tmp_path / "causal"
+    shutil.copytree(section.path, policy)
+    config_json = json.loads((policy / "config.json").read_text())
+    config_json["architectures"] = ["Qwen2ForCausalLM"]
+    (policy / "config.json").write_text(json.dumps(config_json))
+    section.path = str(policy)
+    with pytest.raises(common.ConfigError, match=r"reward_model.path: .* not a sequence classi"):
+        common.validate_reward_model(section)
+    section.path, section.rows = checkpoint("qwen2"), "reasoning"
+    with pytest.raises(common.ConfigError, match=r"reward_model.rows must be one of"):
+        common.validate_reward_model(section)
+
+
+def test_rl_routes_the_reward_model_to_the_prompts_no_rule_checks(checkpoint):
+    """Stage 4 scored every rollout with the reward model, so its taste could outvote a verified
+    answer on reasoning prompts; and a run with the reward model alone was refused."""
+    from stage_helpers import load_config
+
+    from r1jax.stages import rl
+
+    config = load_config("rl")
+    rows = [{"task": "arithmetic"}, {"solution": "4"}, {"prompt": "Write a poem."}, {"tests": []}]
+    assert rl.checked_rows(config, rows) == [True, False, False, False]  # (task reward only)
+    config.rewards.accuracy = 1.0
+    assert rl.checked_rows(config, rows) == [True, True, False, False]
+    for name in config.rewards:
+        config.rewards[name] = 0.0
+    with pytest.raises(rl.common.ConfigError, match="every weight is 0 and there is no reward"):
+        rl.validate(config)
+    config.reward_model.path, config.reward_model.weight = checkpoint("qwen2"), 1.0
+    rl.validate(config)  # the reward model alone: the format reward is still logged
+    assert rl.reward_specs(config) == {"format": 0.0}
+    assert rl.checked_rows(config, rows) == [False] * 4

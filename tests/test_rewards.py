@@ -329,6 +329,26 @@ def test_cosine_scaled_reward_matches_formula():
     assert cosine_scaled_reward(["x"], solution=[None]) == [None]
 
 
+def test_cosine_scaled_reward_judges_built_in_rows_by_their_task_verifier():
+    """A Countdown answer that is just the target (or any expression equal to it) matched the
+    solution's value and earned ~+1: a reward for skipping the puzzle."""
+    from r1jax.data import tasks
+
+    [row] = tasks.make_dataset("countdown", 1, seed=0)
+    target = row["meta"]["target"]
+    texts = [
+        f"<answer>{row['solution']}</answer>",
+        f"<answer>{target}</answer>",
+        "<answer>5</answer>",
+    ]
+    columns = {k: [row[k]] * 3 for k in ("task", "solution", "meta")}
+    got = cosine_scaled_reward(texts, max_len=1000, **columns)
+    assert got[0] > 0.99 and got[1] < -0.99 and got[2] < -0.99
+    # A row no built-in verifier checks ("math") falls back to the answer's value.
+    mixed = cosine_scaled_reward(texts[:2], max_len=1000, task=["math", None], solution=["4"] * 2)
+    assert mixed == cosine_scaled_reward(texts[:2], max_len=1000, solution=["4"] * 2)
+
+
 def test_repetition_penalty_reward():
     texts = ["a b c a b c", "one two three four", "x", "我 我 我 我", ""]
     got = repetition_penalty_reward(texts, ngram_size=2, max_penalty=-1.0)

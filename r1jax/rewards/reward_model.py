@@ -149,6 +149,24 @@ def load(
     rules:       logical-axis rules (default `sharding.RULES`: weights split over fsdp, which
                  suits a forward-only model: one gather per batch, not per token)
     """
+    raw, where = check_config(path)
+    cfg = hf.config_from_hf(raw, param_dtype=param_dtype, dtype=dtype, where=where)
+    pad = raw.get("pad_token_id")
+    return hf.load_weights(
+        path,
+        lambda: ScalarHeadDecoder(cfg, pad_token_id=pad, rngs=nnx.Rngs(0)),
+        _mappings(cfg),
+        cfg,
+        mesh=mesh,
+        param_dtype=param_dtype,
+        rules=rules,
+    )
+
+
+def check_config(path: str) -> tuple[dict, str]:
+    """config.json of a reward-model folder, checked to be a supported sequence classifier with
+    one output (a CheckpointError naming the field otherwise; read before any weight, so a run
+    can refuse a wrong folder up front) -> (the config without num_labels, its path)."""
     raw = dict(hf.read_config(path))
     where = os.path.join(path, "config.json")
     if raw.get("model_type") not in SUPPORTED_MODEL_TYPES:
@@ -171,17 +189,7 @@ def load(
             f"{where}: num_labels={num_labels if num_labels is not None else 2} (id2label "
             f"{raw.get('id2label')}); a reward model has a single output, num_labels=1"
         )
-    cfg = hf.config_from_hf(raw, param_dtype=param_dtype, dtype=dtype, where=where)
-    pad = raw.get("pad_token_id")
-    return hf.load_weights(
-        path,
-        lambda: ScalarHeadDecoder(cfg, pad_token_id=pad, rngs=nnx.Rngs(0)),
-        _mappings(cfg),
-        cfg,
-        mesh=mesh,
-        param_dtype=param_dtype,
-        rules=rules,
-    )
+    return raw, where
 
 
 def save(model: ScalarHeadDecoder, path: str, *, dtype: str | None = None) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from r1jax.rewards.accuracy import accuracy_reward
 from r1jax.rewards.common import completion_texts
+from r1jax.rewards.task import task_reward
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 _TOKEN = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
@@ -43,7 +44,9 @@ def cosine_scaled_reward(
     max_len: int = 1000,
     **columns: Any,
 ) -> list[float | None]:
-    """Accuracy reward scaled by length along a half cosine.
+    """Correctness scaled by length along a half cosine. Correct means the row's built-in task
+    verifier accepts the answer (``task_reward``: a Countdown answer must use the given numbers,
+    not just reach the target) or, for other rows, ``accuracy_reward``.
 
     With ``p = min(L / max_len, 1)`` and ``c = cos(pi * p)``:
     correct: ``min_value_correct + (max_value_correct - min_value_correct) * (1 + c) / 2``
@@ -57,12 +60,15 @@ def cosine_scaled_reward(
         batch has no ``completion_ids``).
       **columns: needs ``solution`` (see ``accuracy_reward``); uses ``completion_ids`` if present.
     Returns:
-      [B] floats; ``None`` where ``accuracy_reward`` is ``None``.
+      [B] floats; ``None`` where neither can check the row.
     """
     if max_len <= 0:
         raise ValueError(f"cosine_scaled_reward: max_len must be > 0, got {max_len}")
     texts = completion_texts(completions)
-    correct = accuracy_reward(texts, **columns)
+    correct = task_reward(texts, **columns) if "task" in columns else [None] * len(texts)
+    if None in correct:
+        by_answer = accuracy_reward(texts, **columns)
+        correct = [a if c is None else c for c, a in zip(correct, by_answer, strict=True)]
     lengths = _lengths(texts, columns) or [len(t) for t in texts]
     rewards: list[float | None] = []
     for acc, length in zip(correct, lengths, strict=True):

@@ -817,11 +817,18 @@ def eval_config(every: int = 0, num_prompts: int = 256) -> ml_collections.Config
     return c
 
 
+REWARD_MODEL_ROWS = ("general", "all")
+
+
 def reward_model_config() -> ml_collections.ConfigDict:
     """The `reward_model` section: a learned reward model (R1's last stage), off by default."""
     c = ml_collections.ConfigDict()
     c.path = ""  # HF *ForSequenceClassification folder (num_labels=1) + tokenizer; "" = off
     c.weight = 0.0  # its weight in the total reward (0 = scored and logged only)
+    # Which rollouts it scores: "general", the prompts no correctness reward that is on can check
+    # (no built-in task, `solution` or `tests` for it: R1's stage 4, where reasoning prompts keep
+    # their rule rewards alone), or "all" (the reward model adds to every row's rule rewards).
+    c.rows = "general"
     c.mean = 0.0  # the score used is (raw - mean) / std
     c.std = 1.0
     c.batch_size = 16  # rows per scoring batch on device
@@ -1285,6 +1292,16 @@ def validate_reward_model(section) -> None:
         return
     if not os.path.isdir(section.path):
         raise ConfigError(f"reward_model.path {section.path!r} is not a folder")
+    from r1jax.rewards import reward_model
+
+    try:  # its config.json, before the policy loads
+        reward_model.check_config(section.path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"reward_model.path: {e}") from None
+    if section.get("rows", "general") not in REWARD_MODEL_ROWS:
+        raise ConfigError(
+            f"reward_model.rows must be one of {REWARD_MODEL_ROWS}, got {section.rows!r}"
+        )
     if not math.isfinite(section.weight):
         raise ConfigError(f"reward_model.weight must be finite, got {section.weight}")
     if not (math.isfinite(section.mean) and math.isfinite(section.std) and section.std > 0):

@@ -81,11 +81,13 @@ def reward_specs(config) -> dict[str, Any]:
             "soft_punish_cache": max(1, length // 5),
         },
     }
-    return {
+    specs = {
         name: {"weight": w, "kwargs": kwargs[name]} if name in kwargs else w
         for name, w in config.rewards.to_dict().items()
         if w != 0
     }
+    # A reward model alone (every rule off): the format reward is still scored and logged.
+    return specs or {"format": 0.0}
 
 
 def optimizer_steps(config) -> int:
@@ -144,10 +146,35 @@ def validate(config) -> None:
         raise common.ConfigError(
             f"rewards: unknown reward(s) {sorted(unknown)}; registered: {sorted(rewards.REWARDS)}"
         )
-    if not any(w != 0 for w in weights.values()):
-        raise common.ConfigError("rewards: every weight is 0; give at least one reward a weight")
     common.validate_reward_model(config.reward_model)
+    if not any(w != 0 for w in weights.values()) and not _reward_model_on(config):
+        raise common.ConfigError(
+            "rewards: every weight is 0 and there is no reward model (reward_model.path and "
+            "reward_model.weight); give at least one reward a weight"
+        )
     common.optim(config, optimizer_steps(config))
+
+
+def _reward_model_on(config) -> bool:
+    return bool(config.reward_model.path and config.reward_model.weight)
+
+
+def _correctness_checks() -> dict[str, Any]:
+    """Correctness reward name -> whether it can score a prompt row."""
+    from r1jax.data import tasks as task_lib
+
+    return {
+        "task": lambda row: row.get("task") in task_lib.TASKS,
+        "accuracy": lambda row: row.get("solution") not in (None, ""),
+        "code": lambda row: bool(row.get("tests")),
+    }
+
+
+def checked_rows(config, rows: list[dict]) -> list[bool]:
+    """For each prompt row, whether a correctness reward that is on can score it (the others
+    are the general prompts of R1's stage 4, for a reward model)."""
+    on = [f for name, f in _correctness_checks().items() if config.rewards.get(name, 0.0)]
+    return [any(f(row) for f in on) for row in rows]
 
 
 def check_correctness_rewards(config, rows: list[dict]) -> None:
@@ -155,17 +182,11 @@ def check_correctness_rewards(config, rows: list[dict]) -> None:
     score the built-in tasks, `task`; a GSM8K file's rows need `accuracy`, code rows `code`):
     GRPO would otherwise optimise the format rewards alone, with nothing but a NaN mean in the
     metrics to say so. Prompts only some of which are covered get a warning."""
-    from r1jax.data import tasks as task_lib
-
-    if config.reward_model.path and config.reward_model.weight:
-        return  # a learned reward model scores every prompt
+    if _reward_model_on(config):
+        return  # a learned reward model scores the prompts no rule checks
     on = {name for name in ("task", "accuracy", "code") if config.rewards.get(name, 0.0)}
-    applies = {
-        "task": lambda row: row.get("task") in task_lib.TASKS,
-        "accuracy": lambda row: row.get("solution") not in (None, ""),
-        "code": lambda row: bool(row.get("tests")),
-    }
-    uncovered = [row for row in rows if not any(applies[name](row) for name in on)]
+    applies = _correctness_checks()
+    uncovered = [row for row, ok in zip(rows, checked_rows(config, rows), strict=True) if not ok]
     if not uncovered:
         return
     fits = sorted(name for name in applies if any(applies[name](row) for row in uncovered))
@@ -220,6 +241,19 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     decode = functools.partial(_decode, tokenizer, train_set.completion_prefix)
     scorer = _reward_bridge(reward_fn, decode, train_set.columns)
     reward_model = common.load_reward_model(config.reward_model, mesh)  # None: off
+    # The rows it scores: by default the general prompts, those no correctness rule checks.
+    rm_rows = np.array(
+        [True] * len(train_set.rows)
+        if config.reward_model.get("rows", "general") == "all"
+        else [not ok for ok in checked_rows(config, train_set.rows)]
+    )
+    if reward_model is not None:
+        log.info("reward model: scores %d of %d training prompts", rm_rows.sum(), len(rm_rows))
+        if not rm_rows.any():
+            log.warning(
+                "reward_model.rows='general' and a correctness reward checks every training "
+                "prompt: the reward model scores none (reward_model.rows='all' adds it to all)"
+            )
     log.info(
         "GRPO: %d prompts x %d samples per step, %d steps, rewards %s, beta %s, %d train / "
         "%d held-out prompts",
@@ -318,6 +352,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
                 rollouts,
                 rollout_metrics,
                 [train_set.rows[i]["prompt"] for i in row_ids for _ in range(cfg.num_generations)],
+                np.repeat(rm_rows[np.asarray(row_ids)], cfg.num_generations),
                 decode,
                 reward_fn.names,
                 cfg,
@@ -418,6 +453,7 @@ def _add_reward_model(
     rollouts: grpo.Rollouts,
     rollout_metrics: dict[str, jax.Array],
     prompts: list[str],
+    scored: np.ndarray,
     decode,
     names: tuple[str, ...],
     cfg: grpo.GRPOConfig,
@@ -425,19 +461,25 @@ def _add_reward_model(
     """Score the B rollouts with the learned reward model and fold it in as one more reward.
 
     prompts: [B] dataset questions, each repeated G times (the reward model renders them with its
-    own chat template, not the policy's); decode: completion ids -> text, as the rule rewards saw
-    it. The score joins `per_reward` as "reward_model", `weight * score` joins
-    the total, and advantages and reward metrics (`rewards/reward_model/mean` ...) are recomputed.
+    own chat template, not the policy's); scored: [B] bool, the rows it scores (the others get
+    NaN, "not applicable"); decode: completion ids -> text, as the rule rewards saw it. The score
+    joins `per_reward` as "reward_model", `weight * score` joins the total where it applies, and
+    advantages and reward metrics (`rewards/reward_model/mean` ...) are recomputed.
     """
     ids = multihost_utils.process_allgather(rollouts.completion_ids, tiled=True)  # [B, Tc]
     mask = multihost_utils.process_allgather(rollouts.completion_mask, tiled=True)
-    texts = decode([row[m > 0].tolist() for row, m in zip(ids, mask, strict=True)])
-    host = np.asarray(reward_model.score(prompts, texts), np.float32)  # [B]
+    host = np.full(len(prompts), np.nan, np.float32)  # [B]
+    rows = np.flatnonzero(scored)  # (the same on every process: prompts and texts are global)
+    if rows.size:
+        texts = decode([ids[i][mask[i] > 0].tolist() for i in rows])
+        host[rows] = reward_model.score([prompts[i] for i in rows], texts)
     scores = sharding.from_host(host, rollouts.rewards.sharding)
+    applies = sharding.from_host(np.asarray(scored, bool), rollouts.rewards.sharding)
     total, per_reward, advantages, reward_metrics = _fold_reward(
         rollouts.rewards,
         rollouts.per_reward,
         scores,
+        applies,
         weight=float(weight),
         names=tuple(names) + ("reward_model",),
         group_size=cfg.num_generations,
@@ -448,10 +490,12 @@ def _add_reward_model(
 
 
 @functools.partial(jax.jit, static_argnames=("weight", "names", "group_size", "scale"))
-def _fold_reward(total, per_reward, scores, *, weight, names, group_size, scale):
-    """[B] total, [B, R] per-reward values, [B] new scores -> the same with the new reward
-    appended ([B], [B, R + 1]), [B] advantages, and the reward metrics of `grpo.reward_metrics`."""
-    total = total + weight * scores
+def _fold_reward(total, per_reward, scores, applies, *, weight, names, group_size, scale):
+    """[B] total, [B, R] per-reward values, [B] new scores, [B] where they apply (NaN elsewhere:
+    not applicable; a NaN score where it applies leaves the row unscored) -> the same with
+    the new reward appended ([B], [B, R + 1]), [B] advantages, and the reward metrics of
+    `grpo.reward_metrics`."""
+    total = total + weight * jnp.where(applies, scores, 0.0)
     per_reward = jnp.concatenate([per_reward, scores[:, None]], axis=1)
     advantages = grpo.group_advantages(total, group_size, scale)
     return (
