@@ -120,6 +120,10 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter  # heavy import, only where it is used
 
+            # NaN is a routine value here (a reward that applied to no row of a batch); the
+            # writer would warn about each one, unnamed, on stderr.
+            logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
+
             self._tb = SummaryWriter(
                 self._staged.local_path(TENSORBOARD_DIR),
                 # TensorBoard hides earlier events at steps >= purge_step: the killed run's tail

@@ -48,7 +48,7 @@ def scalars(events, tag) -> dict[int, float]:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_jsonl_records_and_tensorboard_scalars(tmp_path):
+def test_jsonl_records_and_tensorboard_scalars(tmp_path, caplog):
     with MetricsWriter(tmp_path, total_steps=3, summary_every=0) as w:
         for step in (1, 2, 3):
             got = w.write(
@@ -71,6 +71,11 @@ def test_jsonl_records_and_tensorboard_scalars(tmp_path):
     # TensorBoard tags allow no "@": one readable spelling, not its silent "eval/pass_1".
     assert scalars(events, "eval/pass_at_1") == {4: 0.5}
     assert scalars(events, "eval/cons_at_4") == {4: 0.25}
+    # NaN (a reward that applied to no row) is recorded, without a warning per value.
+    with MetricsWriter(tmp_path / "nan", summary_every=0) as w:
+        w.write(1, {"rewards/code/mean": float("nan")})
+    assert np.isnan(read_metrics(tmp_path / "nan" / "metrics.jsonl")[0]["rewards/code/mean"])
+    assert not [r for r in caplog.records if "NaN" in r.getMessage()]
 
 
 def test_resume_drops_steps_after_the_checkpoint_and_appends(tmp_path):

@@ -431,6 +431,14 @@ def test_code_reward_fraction_passed():
     )
     assert out == [0.6, 0.6, 0.0, 0.0, 1.0, 1.0, None]
     assert code_reward([program], tests=["{not json"]) == [None]
+    # The shapes the loaders read, read alike here: code_contests' input/output lists, lines
+    # given as lists, numbers; APPS call-based tests (fn_name) ran as stdin tests and scored 0.
+    others = [
+        {"input": ["2"], "output": ["4"]},
+        [{"input": ["1", ""], "output": 2}],
+        {"fn_name": "double", "inputs": [[1]], "outputs": [[2]]},
+    ]
+    assert code_reward([program] * 3, tests=others) == [1.0, 1.0, None]
 
 
 # --- composition -------------------------------------------------------------------------------

@@ -350,6 +350,20 @@ def test_unread_large_stdin_does_not_deadlock():
     assert score("print('fine')", "fine", stdin="z" * 5_000_000) == 1.0
 
 
+def test_stdin_is_a_file_the_program_can_size_but_not_change():
+    """Standard input was a pipe: contest fast-IO (stdin sized by fstat, as PyRival reads it),
+    and reopening /dev/stdin, read nothing, so correct programs scored 0."""
+    fast_io = "import io, os\ninput = io.BytesIO(os.read(0, os.fstat(0).st_size)).readline\n"
+    summing = "input()\nprint(sum(map(int, input().split())))"
+    assert score(fast_io + summing, "6", stdin="3\n1 2 3\n") == 1.0
+    assert score("print(open('/dev/stdin').read().split()[-1])", "3", stdin="3\n1 2 3\n") == 1.0
+    tamper = (
+        "import os\ntry:\n    os.write(0, b'x' * 10**8)\nexcept OSError as e:\n"
+        "    print(type(e).__name__)"
+    )
+    assert score(tamper, "PermissionError", stdin="abc") == 1.0  # sealed: no write, no growth
+
+
 def test_empty_and_malformed_completions():
     completions = [
         "",
@@ -462,3 +476,22 @@ def test_memory_outside_the_address_space_limit_is_refused():
     result = run_python(code, cfg=CFG)
     assert result.sandboxed and result.returncode == 0, result.stderr
     assert result.stdout.decode().split("\n")[:3] == ["shm -1 1", "msg -1 1", "memfd refused"]
+
+
+def test_limits_that_fail_every_run_are_refused_up_front():
+    """max_processes=2 (bubblewrap needs 3) and cpu_time_s=0 passed validation and scored every
+    completion 0 for a whole run, with at most a per-run warning."""
+    import ml_collections
+
+    from r1jax.stages import common
+
+    config = ml_collections.ConfigDict({"sandbox": {"max_processes": 2}})
+    with pytest.raises(
+        common.ConfigError, match=r"prints 42 fails under these .*max_processes \(bubblewrap"
+    ):
+        common.sandbox_options(config)
+    config.sandbox.max_processes, config.sandbox.cpu_time_s = 8, 0
+    with pytest.raises(common.ConfigError, match=r"sandbox.cpu_time_s must be >= 1"):
+        common.sandbox_options(config)
+    config.sandbox.cpu_time_s = 1
+    assert common.sandbox_options(config) == {"max_processes": 8, "cpu_time_s": 1}

@@ -143,6 +143,8 @@ def _scalar_answer(value: object) -> str | None:
 def _io_text(value: object) -> str | None:
     if isinstance(value, str):
         return value
+    if isinstance(value, int | float) and not isinstance(value, bool):  # {"output": 42}
+        return str(value)
     if isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
         return "\n".join(map(str, value))
     return None

@@ -5,9 +5,11 @@ Owns ``code_reward``, ``extract_code`` and ``outputs_match``. Notable choices:
 - **Which code.** The last fenced block tagged ``python``, ``python3`` or ``py``; an unclosed fence
   (a truncated completion) does not count. No block → 0.0, nothing is run.
 - **Tests.** Per row, a list of ``{"input": str, "output": str}`` (stdin, expected stdout). A JSON
-  string of that list, and the code-contest shape ``{"inputs": [...], "outputs": [...]}``, are
-  accepted too. A row with no tests, or malformed tests, gives ``None`` (not applicable) and a
-  logged warning, never an exception mid-training.
+  string of that list, and the code-contest shapes ``{"inputs": [...], "outputs": [...]}`` /
+  ``{"input": [...], "output": [...]}``, are accepted too (as the loaders read them; a value given
+  as a list of lines is joined with newlines). Call-based tests (APPS ``fn_name``) are not run.
+  A row with no tests, or malformed tests, gives ``None`` (not applicable) and a logged warning,
+  never an exception mid-training.
 - **Pass** = the program exits with status 0 within the time limit, its stdout is within the
   output cap, and it matches the expected output line by line after trailing whitespace is
   stripped from each line and trailing blank lines are dropped (the usual lenient judge).
@@ -19,7 +21,6 @@ Owns ``code_reward``, ``extract_code`` and ``outputs_match``. Notable choices:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -54,26 +55,25 @@ def outputs_match(actual: str, expected: str) -> bool:
 
 
 def normalize_tests(raw: Any) -> list[tuple[str, str]]:
-    """One row's ``tests`` value -> [(stdin, expected stdout), ...].
+    """One row's ``tests`` value -> [(stdin, expected stdout), ...], read as the dataset loaders
+    read it (``r1jax.data.loaders.parse_tests``: the same shapes, whichever way rows arrive).
 
     Raises:
       ValueError: the value is not one of the accepted shapes (see the module docstring).
     """
-    if isinstance(raw, str | bytes):
-        raw = json.loads(raw)
-    if isinstance(raw, Mapping) and "inputs" in raw and "outputs" in raw:
-        if len(raw["inputs"]) != len(raw["outputs"]):
-            raise ValueError("`inputs` and `outputs` differ in length")
-        pairs = zip(raw["inputs"], raw["outputs"], strict=True)
-        raw = [{"input": i, "output": o} for i, o in pairs]
-    if not isinstance(raw, Sequence):
-        raise ValueError(f"expected a list of tests, got {type(raw).__name__}")
-    tests = []
-    for test in raw:
-        if not isinstance(test, Mapping) or "input" not in test or "output" not in test:
-            raise ValueError(f"each test needs `input` and `output` keys, got {test!r:.80}")
-        tests.append((str(test["input"]), str(test["output"])))
-    return tests
+    from r1jax.data.loaders import parse_tests  # (a sibling layer; imported where used)
+
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", errors="replace")
+    if isinstance(raw, Sequence) and not isinstance(raw, str) and not raw:
+        return []
+    tests = parse_tests(raw)
+    if tests is None:
+        raise ValueError(
+            "not stdin/stdout tests: expected a list of {input, output} or {inputs, outputs} "
+            f"lists (call-based tests with fn_name are not run), got {raw!r:.80}"
+        )
+    return [(t["input"], t["output"]) for t in tests]
 
 
 def code_reward(

@@ -19,7 +19,7 @@ Owns ``SandboxConfig``, ``run_python`` and ``sandbox_available``. Layers, outerm
    is copied in from a memfd, so nothing is written on the host. Because the sandbox has its own
    PID namespace, killing bubblewrap kills every process the code started, including daemons
    that double-forked and called ``setsid``.
-4. **A wall-clock deadline** enforced by the reader loop: stdin is fed and stdout/stderr are drained
+4. **A wall-clock deadline** enforced by the reader loop: stdout/stderr are drained
    without blocking; at the deadline, or once stdout passes ``max_output_bytes``, the whole process
    group gets ``SIGKILL`` (nothing can ignore it). Then the sandbox's init (its PID from
    bubblewrap's ``--info-fd``) is killed and waited for through a pidfd, so ``run_python``
@@ -30,6 +30,10 @@ Without a working bubblewrap, ``run_python`` refuses (``SandboxUnavailableError`
 it also kills every process of the run's private uid afterwards (so daemons die too); as a
 non-root user it cannot, and a daemon that leaves the process group survives. Either way the
 code can read world-readable host files and use the network.
+
+Standard input is a sealed memfd (a regular file, as on a contest judge, not a pipe): fast-IO
+idioms that size it (``os.read(0, os.fstat(0).st_size)``), ``mmap`` it or reopen ``/dev/stdin``
+read it all, and the program cannot change it.
 
 Interpreter: ``-I -S -B`` (isolated, no site-packages, no bytecode files), so code gets the
 standard library only, as on a contest judge; this also makes startup ~5x faster. The trainer's
@@ -44,6 +48,7 @@ own interpreter is used when the sandbox uid can reach it, else ``/usr/bin/pytho
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
 import itertools
 import json
@@ -104,6 +109,10 @@ class SandboxConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SandboxConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.cpu_time_s is not None and self.cpu_time_s < 1:  # 0 kills every run at once
+            raise ValueError(
+                f"SandboxConfig.cpu_time_s must be >= 1 or None, got {self.cpu_time_s}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,11 +462,12 @@ def _run(code: str, stdin: bytes, cfg: SandboxConfig, python: str, *, sandboxed:
     else:
         argv = drop + _limits_args(cfg, private) + [python, "-I", "-S", "-B", "-c", code]
         pass_fds = ()
+    stdin_fd = _sealed_file(stdin)  # fd 0 of the program, closed in the parent after the start
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
             argv,
-            stdin=subprocess.PIPE,
+            stdin=stdin_fd,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
@@ -470,10 +480,12 @@ def _run(code: str, stdin: bytes, cfg: SandboxConfig, python: str, *, sandboxed:
         for fd in own_fds:
             os.close(fd)
         return RunResult(b"", str(e).encode(), None, False, False, 0.0, sandboxed)
+    finally:
+        os.close(stdin_fd)
     if sandboxed:
         os.close(own_fds.pop())  # our copy of info_w: the pipe then ends when bwrap's does
     try:
-        out, err, timed_out, truncated = _communicate(proc, stdin, start + cfg.timeout_s, cfg)
+        out, err, timed_out, truncated = _communicate(proc, start + cfg.timeout_s, cfg)
     finally:
         _kill_group(proc)
         if sandboxed:
@@ -488,22 +500,29 @@ def _run(code: str, stdin: bytes, cfg: SandboxConfig, python: str, *, sandboxed:
     return RunResult(bytes(out), bytes(err), proc.returncode, timed_out, truncated, wall, sandboxed)
 
 
+def _sealed_file(data: bytes) -> int:
+    """A memfd holding `data`, at offset 0, sealed against writes and resizing (the program gets
+    it as its standard input; it cannot alter it or grow it into unaccounted memory)."""
+    fd = os.memfd_create("r1jax-sandbox-stdin", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
 def _communicate(
-    proc: subprocess.Popen, stdin: bytes, deadline: float, cfg: SandboxConfig
+    proc: subprocess.Popen, deadline: float, cfg: SandboxConfig
 ) -> tuple[bytearray, bytearray, bool, bool]:
-    """Feed stdin and drain stdout/stderr without blocking, until exit, deadline or output cap."""
+    """Drain stdout/stderr without blocking, until exit, deadline or output cap."""
     out, err = bytearray(), bytearray()
     timed_out = truncated = False
     with selectors.DefaultSelector() as sel:
         for stream in (proc.stdout, proc.stderr):
             os.set_blocking(stream.fileno(), False)
             sel.register(stream, selectors.EVENT_READ)
-        if stdin:
-            os.set_blocking(proc.stdin.fileno(), False)
-            sel.register(proc.stdin, selectors.EVENT_WRITE)
-        else:
-            proc.stdin.close()
-        written = 0
         exited_at = None
         while sel.get_map():
             now = time.monotonic()
@@ -518,15 +537,6 @@ def _communicate(
                     break
             for key, _ in sel.select(timeout=min(deadline - now, 0.05)):
                 stream = key.fileobj
-                if stream is proc.stdin:
-                    try:
-                        written += os.write(stream.fileno(), stdin[written : written + 65536])
-                    except (BrokenPipeError, BlockingIOError, OSError):
-                        written = len(stdin)
-                    if written >= len(stdin):
-                        sel.unregister(stream)
-                        stream.close()
-                    continue
                 try:
                     chunk = os.read(stream.fileno(), 65536)
                 except BlockingIOError:
@@ -552,7 +562,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
+    for stream in (proc.stdout, proc.stderr):
         try:
             stream.close()
         except OSError:
