@@ -305,8 +305,14 @@ def policy_loss(
     adv = advantages.astype(jnp.float32)[:, None]  # [B, 1]
 
     ratio = jnp.exp(logp - old)
+    # min(ratio * A, clip(ratio) * A), with the branch chosen explicitly: where it is flat (the
+    # ratio past the bound on the side A pushes it) no gradient, else ratio * A's whole gradient.
+    # (jnp.minimum splits a tie's gradient in half, and with a bound of 0 the ratio 1 of every
+    # first iteration is a tie: the policy gradient came out 25-37% too small.)
+    is_low = (ratio < 1.0 - epsilon_low) & (adv < 0)
+    is_high = (ratio > 1.0 + epsilon_high) & (adv > 0)
     clipped_ratio = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
-    per_token = -jnp.minimum(ratio * adv, clipped_ratio * adv)  # [B, T]
+    per_token = -jnp.where(is_low | is_high, jax.lax.stop_gradient(clipped_ratio), ratio) * adv
 
     metrics = {}
     if ref_logprobs is not None:
@@ -318,8 +324,6 @@ def policy_loss(
 
     loss = _aggregate(per_token * mask, mask, loss_type, max_completion_length, num_items_in_batch)
 
-    is_low = (ratio < 1.0 - epsilon_low) & (adv < 0)
-    is_high = (ratio > 1.0 + epsilon_high) & (adv > 0)
     metrics["clip_ratio/low_mean"] = masked_mean(is_low, mask)
     metrics["clip_ratio/high_mean"] = masked_mean(is_high, mask)
     metrics["clip_ratio/region_mean"] = masked_mean(is_low | is_high, mask)

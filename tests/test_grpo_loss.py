@@ -187,9 +187,12 @@ def test_ratio_one_gives_plain_policy_gradient(batch, loss_type):
         "dapo": m.sum(),
     }[loss_type]
     want_grad = -a * m / normaliser
-    value, grad = jax_value_and_grad(b, loss_type, (0.2, 0.28), 0.0, old=None)
-    np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(value, np.sum(want_grad), rtol=1e-6, atol=1e-9)
+    # A clip bound of 0 puts ratio 1 on it: still the whole gradient, as torch's clamp gives
+    # TRL (jnp.minimum's tie split gave 0.75 or 0.625 of it).
+    for eps in ((0.2, 0.28), (0.0, 0.2), (0.2, 0.0), (0.0, 0.0)):
+        value, grad = jax_value_and_grad(b, loss_type, eps, 0.0, old=None)
+        np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-9, err_msg=str(eps))
+        np.testing.assert_allclose(value, np.sum(want_grad), rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)

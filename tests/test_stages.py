@@ -617,7 +617,7 @@ def test_cold_start_follows_its_tasks_difficulty_and_mistake_rate():
     s.num_examples, s.arithmetic.max_digits = 24, 1
     pairs = sft_stage.load_pairs(config, tokenizer=None)
     assert len(pairs) == 24
-    for prompt, completion in pairs:
+    for prompt, completion, _ in pairs:
         a, b = map(int, re.search(r"What is (\d+) [-+] (\d+)\?", prompt).groups())
         assert max(a, b) < 10 and "Wait" not in completion  # 1 digit; mistake_rate 0
     s.mistake_rate = 1.0
