@@ -537,6 +537,8 @@ class GRPOConfig:
                        older True / False mean "group" / "none").
     max_completion_length: Tc, the sampling budget per completion, in tokens.
     temperature, top_k, top_p: sampling settings; the loss's log-probs use the same temperature.
+    num_tokens:        the tokenizer's length: ids past it (an embedding padded beyond the
+                       tokenizer) are never sampled; 0 = every id (`sampling.SamplingConfig`).
     num_micro_batches: gradient-accumulation steps per optimizer step (TRL's
                        `gradient_accumulation_steps`); P * G must divide by it. The rollout's
                        reference and old-policy forwards take the same micro-batches. On a CPU,
@@ -581,6 +583,7 @@ class GRPOConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    num_tokens: int = 0
     num_micro_batches: int = 1
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
@@ -630,7 +633,7 @@ class GRPOConfig:
         self.sampling_config()  # validates top_k and top_p
 
     def sampling_config(self) -> sampling.SamplingConfig:
-        return sampling.SamplingConfig(self.temperature, self.top_k, self.top_p)
+        return sampling.SamplingConfig(self.temperature, self.top_k, self.top_p, self.num_tokens)
 
 
 @flax.struct.dataclass

@@ -75,11 +75,15 @@ class SamplingConfig:
     - top_k: keep the k most likely tokens (0 = off); tokens tied with the k-th are kept too.
     - top_p: keep the smallest set of most likely tokens whose probability reaches top_p
       (1.0 = off), after top-k.
+    - num_tokens: ids at or past it are never drawn (0 = every id): the tokenizer's length when
+      the embedding is padded past it (Qwen2.5: 151936 rows for 151665 tokens), so no id that
+      is no token is sampled. Log-probs stay the model's, over every row.
     """
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    num_tokens: int = 0
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -88,13 +92,21 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0 (0 = every id), got {self.num_tokens}")
+
+    def _tokens_only(self, logits: jax.Array) -> jax.Array:
+        """[B, V] logits with the ids past `num_tokens` at -inf."""
+        if not 0 < self.num_tokens < logits.shape[-1]:
+            return logits
+        return jnp.where(jnp.arange(logits.shape[-1]) < self.num_tokens, logits, -jnp.inf)
 
     def truncate(self, logits: jax.Array) -> jax.Array:
         """[B, V] float32 logits -> temperature-scaled logits with dropped tokens at -inf.
 
         The reference definition of what `choose` samples from (it never builds this array).
         """
-        logits = logits / self.temperature
+        logits = self._tokens_only(logits) / self.temperature
         if 0 < self.top_k < logits.shape[-1]:  # as `choose`: a k of V or more keeps them all
             kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]
             logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -122,6 +134,7 @@ class SamplingConfig:
         instead of sorting the vocabulary (XLA's CPU sort is two orders of magnitude slower);
         the kept set is exactly `truncate`'s, ties at the cut-off included.
         """
+        logits = self._tokens_only(logits)
         if self.temperature == 0.0:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         logits = logits.astype(jnp.float32) / self.temperature
@@ -382,10 +395,12 @@ def sample(
     p = prompt_ids.shape[0]
     b = p * num_samples
 
-    # 1. Prefill every prompt once.
+    # 1. Prefill every prompt once. Only the last position's logits are needed (left padding
+    # puts every prompt's end there): [P, V], not the [P, Tp, V] a full forward would build.
     prefill = model.init_cache(p, prompt_ids.shape[1])
-    logits, prefill = model(prompt_ids, prompt_mask, cache=prefill)
-    first_logits = jnp.repeat(logits[:, -1], num_samples, axis=0)  # [B, V]; left padding => last
+    hidden, prefill = model.hidden_states(prompt_ids, prompt_mask, cache=prefill)
+    last = model.logits_from_hidden(hidden[:, -1:])[:, 0]
+    first_logits = jnp.repeat(last, num_samples, axis=0)  # [B, V]
     first_logits = sharding.constrain(first_logits, ("batch", "vocab"))
 
     # 2. The G samples of a prompt share its prefill as the cache prefix. With one sample per
@@ -507,6 +522,7 @@ def generate(
     buckets: Sequence[int] = DEFAULT_BUCKETS,
     first_window: int = DEFAULT_FIRST_WINDOW,
     prompt_keys: Sequence[int] | None = None,
+    num_tokens: int = 0,
 ) -> GenerateOutput:
     """Sample completions for a list of prompts (ragged token-id lists, or a [P, T] array).
 
@@ -516,7 +532,8 @@ def generate(
     Prompts are left-padded to the smallest bucket length that fits (longer prompts are an error);
     with `mesh`, the batch is sharded over its batch axes (P * num_samples must then divide by them)
     and the model should already be placed on it. `first_window`: see `sample`.
-    `prompt_keys`: one integer per prompt (e.g. its row in the dataset); prompt i's samples are
+    `num_tokens`: the tokenizer's length; ids past it (an embedding padded beyond the tokenizer)
+    are never drawn (0 = every id). `prompt_keys`: one integer per prompt (e.g. its row in the dataset); prompt i's samples are
     then drawn from `fold_in(key(seed), prompt_keys[i])`, so they do not change with the other
     prompts in its batch (up to the float rounding of a differently shaped forward). Without
     them one key serves the whole batch.
@@ -542,7 +559,7 @@ def generate(
         _token_ids(p, f"prompts[{i}]", vocab)
     batch = batch_prompt_ids(prompts, pad_id=pad_id, buckets=buckets)
     ids, mask = batch.input_ids, batch.attention_mask
-    cfg = SamplingConfig(temperature, top_k, top_p)
+    cfg = SamplingConfig(temperature, top_k, top_p, num_tokens)
     graphdef, state = nnx.split(model)
     key = jax.random.key(seed)
     if prompt_keys is not None:

@@ -393,3 +393,20 @@ def test_prompt_keys_make_samples_independent_of_the_batch():
     assert sampling.generate(model(), PROMPTS, **kw).tokens != whole.tokens
     with pytest.raises(ValueError, match="prompt_keys must be 4 integers"):
         sampling.generate(model(), PROMPTS, prompt_keys=[1, 2], **kw)
+
+
+def test_ids_past_the_tokenizer_are_never_drawn():
+    """A checkpoint's embedding padded past its tokenizer (Qwen2.5: 151936 rows, 151665 tokens)
+    sampled ids that are no token: decoded to nothing, trained on by GRPO."""
+    kw = dict(max_new_tokens=16, temperature=1.5, num_samples=8, seed=0)
+    half = VOCAB // 2
+    free = sampling.generate(model(), PROMPTS, **kw)
+    assert max(max(t) for t in free.tokens) >= half  # the rows past `half` do get drawn
+    out = sampling.generate(model(), PROMPTS, num_tokens=half, **kw)
+    assert max(max(t) for t in out.tokens) < half
+    greedy = sampling.generate(model(), PROMPTS, max_new_tokens=4, temperature=0.0, num_tokens=half)
+    assert max(max(t) for t in greedy.tokens) < half
+    # The log-probs stay the model's (its softmax over every row), as training computes them.
+    logits = model()(jnp.asarray([PROMPTS[0] + out.tokens[0][:1]]))[0, len(PROMPTS[0]) - 1]
+    want = jax.nn.log_softmax(logits)[out.tokens[0][0]]
+    np.testing.assert_allclose(out.logprobs[0][0], want, rtol=1e-5, atol=1e-5)

@@ -963,6 +963,7 @@ class PromptSet:
             self.template, self.prefill_think, self.prompts[0] if self.prompts else None
         )
         self.stop_token_ids = toks.stop_token_ids(tokenizer)
+        self.num_tokens = len(tokenizer)  # ids past it (a padded embedding) are never sampled
         self.stop_strings = toks.StopStrings.for_tokenizer(tokenizer, data_config.stop_strings)
 
     def __len__(self) -> int:
@@ -972,6 +973,7 @@ class PromptSet:
         """What `sampling.generate` needs to know about these prompts: stops, padding, buckets."""
         return {
             "stop_token_ids": self.stop_token_ids,
+            "num_tokens": self.num_tokens,
             "stop_strings": self.stop_strings,
             "pad_id": self.pad_id,
             "buckets": self.buckets,

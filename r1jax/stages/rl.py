@@ -56,6 +56,7 @@ def grpo_config(config, tokenizer, prompt_set: common.PromptSet) -> grpo.GRPOCon
             temperature=r.temperature,
             top_k=r.top_k,
             top_p=r.top_p,
+            num_tokens=prompt_set.num_tokens,
             num_micro_batches=common.micro_batches(
                 config, "rl", r.prompts_per_step * r.num_generations
             ),
