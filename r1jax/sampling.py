@@ -533,7 +533,8 @@ def generate(
     with `mesh`, the batch is sharded over its batch axes (P * num_samples must then divide by them)
     and the model should already be placed on it. `first_window`: see `sample`.
     `num_tokens`: the tokenizer's length; ids past it (an embedding padded beyond the tokenizer)
-    are never drawn (0 = every id). `prompt_keys`: one integer per prompt (e.g. its row in the dataset); prompt i's samples are
+    are never drawn (0 = every id).
+    `prompt_keys`: one integer per prompt (e.g. its row in the dataset); prompt i's samples are
     then drawn from `fold_in(key(seed), prompt_keys[i])`, so they do not change with the other
     prompts in its batch (up to the float rounding of a differently shaped forward). Without
     them one key serves the whole batch.
