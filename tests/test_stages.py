@@ -1481,7 +1481,7 @@ def test_fields_that_would_fail_mid_run_are_refused_up_front(toy, tmp_path):
     # SFT examples none of which fits seq_len.
     config = sh.load_config("sft")
     config.sft.seq_len = 4
-    pairs = [("a b c d e", "f")]
+    pairs = [("a b c d e", "f", "")]
     with pytest.raises(common.ConfigError, match=r"sft.seq_len=4: no SFT example fits"):
         sft_stage.train_on_pairs(config, "sft", str(tmp_path), None, tokenizer, pairs, None)
     config.sft.overflow = "cut"
