@@ -711,8 +711,9 @@ def test_every_rl_field_of_the_grpo_config_reaches_it():
     cfg = rl.grpo_config(
         config,
         types.SimpleNamespace(pad_token_id=0),
-        types.SimpleNamespace(stop_token_ids=(1,)),
+        types.SimpleNamespace(stop_token_ids=(1,), num_tokens=100),
     )
+    assert cfg.num_tokens == 100  # the tokenizer's length: padded ids are never sampled
     for name in shared:
         if name != "num_micro_batches":  # 0 there means automatic
             assert getattr(cfg, name) == config.rl[name], name

@@ -937,6 +937,13 @@ def test_turn_end_is_what_the_chat_template_closes_an_answer_with(tok):
     assert templates.turn_end(tok) == ""  # no special token: the EOS then
     tok.chat_template = "{{ raise_exception('no assistant turns') }}"
     assert templates.turn_end(tok) == ""
+    # Llama 3 base: EOS <|end_of_text|>, turns end with <|eot_id|>. A model taught to end its
+    # turns so must have its sampling stop there too (it ran on to max_new_tokens).
+    tok.add_special_tokens({"additional_special_tokens": ["<|eot_id|>"]})
+    tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}<|eot_id|>{% endfor %}"
+    assert templates.turn_end(tok) == "<|eot_id|>"
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert eot in data.stop_token_ids(tok) and tok.eos_token_id in data.stop_token_ids(tok)
 
 
 def test_a_float_answer_column_reads_as_numbers_and_gaps_as_missing(tmp_path):

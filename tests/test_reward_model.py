@@ -403,3 +403,35 @@ def test_rl_routes_the_reward_model_to_the_prompts_no_rule_checks(checkpoint):
     rl.validate(config)  # the reward model alone: the format reward is still logged
     assert rl.reward_specs(config) == {"format": 0.0}
     assert rl.checked_rows(config, rows) == [False] * 4
+
+
+def test_rl_with_a_reward_model_keeps_a_files_general_prompts(tmp_path):
+    """Prompts without an answer (the general prompts a reward model is for) were dropped by the
+    loader as `no_solution`, so stage 4 could not be run from a file."""
+    from stage_helpers import load_config
+
+    from r1jax.stages import common, rl
+
+    rows = [{"prompt": f"Write poem {i}."} for i in range(4)]
+    rows += [{"prompt": f"What is {i} + 1?", "solution": str(i + 1)} for i in range(6)]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config("rl")
+    config.data.source, config.data.num_eval, config.rewards.accuracy = str(path), 2, 1.0
+    train = common.load_prompt_rows(config.data, "train", 0, require_solution=False)
+    held_out = common.load_prompt_rows(config.data, "eval", 0)
+    assert [r["prompt"] for r in held_out] == ["What is 4 + 1?", "What is 5 + 1?"]
+    assert sorted(r["prompt"] for r in train) == sorted(r["prompt"] for r in rows[:8])
+    assert rl.checked_rows(config, train).count(False) == 4  # the poems: the reward model's
+    # A file of prompts alone loads too (the generic shape, no answers), evaluated on another.
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    with pytest.raises(
+        common.ConfigError, match="no held-out rows with an answer .*data.eval_source"
+    ):
+        common.load_prompt_rows(config.data, "train", 0, require_solution=False)
+    answered = tmp_path / "answered.jsonl"
+    answered.write_text("".join(json.dumps(r) + "\n" for r in rows[4:]))
+    config.data.eval_source = str(answered)
+    assert len(common.load_prompt_rows(config.data, "train", 0, require_solution=False)) == 4
+    with pytest.raises(common.ConfigError, match="data.source"):  # without a reward model
+        common.load_prompt_rows(config.data, "train", 0)

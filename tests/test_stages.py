@@ -1003,6 +1003,8 @@ def test_paired_difference_and_noise_verdicts(tmp_path):
     assert {t: v for t, v, _ in pipeline.findings(results)}[better_formed] == "NO (within noise)"
     results["eval"]["r1"]["format"] = 0.95
     assert {t: v for t, v, _ in pipeline.findings(results)}[better_formed] == "NO"
+    results["eval"]["r1"]["format"] = 1.0  # both perfect: equal, not better (it read "yes")
+    assert {t: v for t, v, _ in pipeline.findings(results)}[better_formed] == "NO"
 
 
 def test_pipeline_findings_judge_the_numbers_they_print():

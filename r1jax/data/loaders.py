@@ -326,6 +326,8 @@ def detect_shape(columns: Sequence[str]) -> tuple[str, dict[str, str]]:
         return "generic", {"prompt": "prompt", "solution": "solution", **extra}
     if "messages" in extra:
         return "chat", {**({"prompt": "prompt"} if "prompt" in cols else {}), **extra}
+    if "prompt" in cols:  # prompts alone (general prompts, for a reward model), in the first
+        return "generic", {"prompt": "prompt", "solution": "solution", **extra}  # rows at least
     raise ValueError(
         f"cannot recognise the dataset shape from columns {sorted(cols)}; pass "
         "field_map={'prompt': <column>, 'solution': <column>} (or 'tests')"

@@ -169,11 +169,20 @@ def with_leading_specials(tokenizer, rows: Sequence[Sequence[int]]) -> list[list
 
 
 def stop_token_ids(tokenizer) -> tuple[int, ...]:
-    """Token ids that end a generation: EOS, plus ``<|im_end|>`` when the vocabulary has it."""
+    """Token ids that end a generation: EOS, ``<|im_end|>`` when the vocabulary has it, and the
+    token the chat template ends an assistant turn with (Llama 3's ``<|eot_id|>``, whose base
+    tokenizer's EOS is ``<|end_of_text|>``): SFT under the chat template teaches it
+    (`templates.turn_end`), so sampling must stop there."""
+    from r1jax.data import templates
+
     ids = [tokenizer.eos_token_id]
-    im_end = tokenizer.convert_tokens_to_ids(IM_END)
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.append(im_end)
+    ends = [IM_END]
+    if getattr(tokenizer, "chat_template", None):
+        ends.append(templates.turn_end(tokenizer))
+    for end in ends:
+        token = tokenizer.convert_tokens_to_ids(end) if end else None
+        if isinstance(token, int) and token != tokenizer.unk_token_id:
+            ids.append(token)
     return tuple(sorted({i for i in ids if i is not None}))
 
 

@@ -995,16 +995,19 @@ class PromptSet:
         return b.input_ids, b.attention_mask, np.asarray(row_ids, np.int32)
 
 
-def load_prompt_rows(data_config, split: str, seed: int) -> list[dict]:
+def load_prompt_rows(
+    data_config, split: str, seed: int, *, require_solution: bool = True
+) -> list[dict]:
     """Rows for `split` ("train" or "eval") from a built-in task or a dataset file, each with
-    the `language` its chain of thought should be in."""
-    rows = _prompt_rows(data_config, split, seed)
+    the `language` its chain of thought should be in. `require_solution=False` keeps a file's
+    rows without a solution or tests too (general prompts, for a reward model)."""
+    rows = _prompt_rows(data_config, split, seed, require_solution)
     for row in rows:  # (a file's rows name their own, or got data.language from the loader)
         row["language"] = row.get("language") or data_config.language
     return rows
 
 
-def _prompt_rows(data_config, split: str, seed: int) -> list[dict]:
+def _prompt_rows(data_config, split: str, seed: int, require_solution: bool = True) -> list[dict]:
     from r1jax.data import loaders, tasks
 
     source = data_config.source
@@ -1031,6 +1034,7 @@ def _prompt_rows(data_config, split: str, seed: int) -> list[dict]:
             field_map=field_map,
             on_bad_json=data_config.on_bad_json,
             language=data_config.language,
+            require_solution=require_solution,
         )
     except (OSError, ValueError) as e:
         field = "eval_source" if held_out_file else "source"
@@ -1074,6 +1078,14 @@ def _prompt_rows(data_config, split: str, seed: int) -> list[dict]:
             data_config.num_eval,
         )
         held_out, rows = rows[-data_config.num_eval :], rows[: -data_config.num_eval]
+        if not require_solution:  # the evaluation's rows are the last of those with answers
+            try:
+                held_out = held_out + _prompt_rows(data_config, "eval", seed)
+            except ConfigError as e:
+                raise ConfigError(
+                    f"data.source {path}: no held-out rows with an answer to evaluate on ({e}); "
+                    "give them as data.eval_source"
+                ) from None
     elif split == "train":
         held_out = _prompt_rows(data_config, "eval", seed)
     if split == "train":

@@ -510,7 +510,7 @@ def findings(results: dict[str, Any]) -> list[tuple[str, str, str]]:
             qualified(
                 e["r1"]["format"] - e["r1_zero"]["format"],
                 math.hypot(format_se("r1"), format_se("r1_zero")),
-                ties=True,
+                ties=False,  # "better": equal formats (both 1.000) are not
             ),
             f"format {metric('r1', 'format')} vs {metric('r1_zero', 'format')}",
         ),

@@ -208,7 +208,10 @@ def check_correctness_rewards(config, rows: list[dict]) -> None:
 def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     """Train with GRPO; returns the last logged metrics (and the eval result under "eval/*")."""
     # -- the prompts, read first: a dataset the rewards cannot score is refused before any load --
-    train_rows = common.load_prompt_rows(config.data, "train", config.seed)
+    # (with a reward model, rows without an answer are general prompts it scores: kept)
+    train_rows = common.load_prompt_rows(
+        config.data, "train", config.seed, require_solution=not _reward_model_on(config)
+    )
     check_correctness_rewards(config, train_rows)
     eval_rows = common.load_prompt_rows(config.data, "eval", config.seed)  # (evaluated at the end)
     if config.rewards.get("code", 0) or any(
