@@ -33,7 +33,7 @@ import signal
 import sys
 import tempfile
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -571,6 +571,7 @@ def export_hf(
     tokenizer: Any = None,
     source: str | None = None,
     dtype: str | None = None,
+    eos_ids: Sequence[int] = (),
 ) -> None:
     """Write `model` (and `tokenizer`'s files, if given) as a Hugging Face checkpoint folder
     (config.json + safetensors) at `path`, a local directory or a cloud URI.
@@ -578,6 +579,9 @@ def export_hf(
     `source`: the HF folder the model was loaded from; its token ids, generation_config.json and
     weight dtype are carried over (`hf.generation_metadata`), else the tokenizer's ids are written.
     `dtype`: the tensors' dtype; default the source's, else the parameters'.
+    `eos_ids`: more ids the model ends with (what it was trained to close a turn with, e.g. a
+    chat template's <|im_end|> on a base whose EOS is <|endoftext|>), added to `eos_token_id` in
+    config.json and generation_config.json, so transformers and vLLM stop there too.
     Every process must call this (the parameter gathers are collective); process 0 writes. A cloud
     folder is written to a local temporary directory first and then uploaded file by file, since
     the safetensors writer needs a local file.
@@ -585,7 +589,7 @@ def export_hf(
     from r1jax.models import hf  # lazy: keeps checkpointing importable without the HF stack
 
     # Read before `path` is written: it may be `source` itself.
-    metadata = hf.generation_metadata(source, tokenizer)
+    metadata = hf.with_eos_ids(hf.generation_metadata(source, tokenizer), eos_ids)
 
     def write(local: str) -> None:
         hf.save(model, local, dtype=dtype or metadata["dtype"])

@@ -420,6 +420,8 @@ def sample(
 
     # Every uniform the loop will need, drawn at once: one [T, B] draw instead of a PRNG call
     # (and a [B, V] Gumbel draw) per step. Counter-based, so identical on any mesh.
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):  # a raw uint32 PRNGKey
+        key = jax.random.wrap_key_data(key)
     if key.ndim == 0:
         uniforms = jax.random.uniform(key, (max_new_tokens, b), jnp.float32)
     else:  # prompt p's G rows (rows p*G ... p*G + G - 1) draw from key p alone

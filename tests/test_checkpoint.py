@@ -345,6 +345,15 @@ def test_export_hf_carries_the_source_token_ids_and_generation_config(tmp_path):
     out = transformers.AutoConfig.from_pretrained(tmp_path / "scratch")
     assert (out.bos_token_id, out.eos_token_id, out.pad_token_id) == (None, 7, 7)
     assert transformers.GenerationConfig.from_pretrained(tmp_path / "scratch").eos_token_id == 7
+    # A model trained to close its turns with another token (SFT under a chat template on a base
+    # whose EOS is <|endoftext|>) lists it too: served, it stopped only at max_new_tokens.
+    checkpoint.export_hf(model, tmp_path / "chat", Tokenizer(), source=source, eos_ids=[64, 61])
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "chat").eos_token_id == eos + [64]
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "chat")
+    assert generation.eos_token_id == eos + [64] and generation.temperature == 0.6
+    checkpoint.export_hf(model, tmp_path / "chat2", Tokenizer(), eos_ids=[9])
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "chat2").eos_token_id == [7, 9]
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "chat2").eos_token_id == [7, 9]
 
     # A bfloat16 source loaded (and trained) in float32 goes back out in bfloat16.
     from safetensors import safe_open

@@ -939,7 +939,9 @@ def test_turn_end_is_what_the_chat_template_closes_an_answer_with(tok):
     assert templates.turn_end(tok) == ""
     # Llama 3 base: EOS <|end_of_text|>, turns end with <|eot_id|>. A model taught to end its
     # turns so must have its sampling stop there too (it ran on to max_new_tokens).
-    tok.add_special_tokens({"additional_special_tokens": ["<|eot_id|>"]})
+    from tokenizers import AddedToken
+
+    tok.add_tokens([AddedToken("<|eot_id|>", special=True)])  # as Meta's configs declare it
     tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}<|eot_id|>{% endfor %}"
     assert templates.turn_end(tok) == "<|eot_id|>"
     eot = tok.convert_tokens_to_ids("<|eot_id|>")

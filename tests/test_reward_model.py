@@ -395,6 +395,8 @@ def test_rl_routes_the_reward_model_to_the_prompts_no_rule_checks(checkpoint):
     assert rl.checked_rows(config, rows) == [True, False, False, False]  # (task reward only)
     config.rewards.accuracy = 1.0
     assert rl.checked_rows(config, rows) == [True, True, False, False]
+    config.rewards.task, config.rewards.accuracy, config.rewards.cosine_scaled = 0.0, 0.0, 1.0
+    assert rl.checked_rows(config, rows) == [True, True, False, False]  # (open-r1's choice)
     for name in config.rewards:
         config.rewards[name] = 0.0
     with pytest.raises(rl.common.ConfigError, match="every weight is 0 and there is no reward"):

@@ -393,6 +393,13 @@ def test_prompt_keys_make_samples_independent_of_the_batch():
     assert sampling.generate(model(), PROMPTS, **kw).tokens != whole.tokens
     with pytest.raises(ValueError, match="prompt_keys must be 4 integers"):
         sampling.generate(model(), PROMPTS, prompt_keys=[1, 2], **kw)
+    # `sample` takes a raw uint32 key as well (not as per-prompt keys): the typed key's draws.
+    graphdef, state = nnx.split(model())
+    ids = jnp.asarray(whole.prompt_ids)
+    args = dict(num_samples=1, max_new_tokens=4, cfg=sampling.SamplingConfig(1.0))
+    raw = sampling.sample(graphdef, state, ids, ids > 0, jax.random.PRNGKey(5), **args)
+    typed = sampling.sample(graphdef, state, ids, ids > 0, jax.random.key(5), **args)
+    np.testing.assert_array_equal(raw.tokens, typed.tokens)
 
 
 def test_ids_past_the_tokenizer_are_never_drawn():

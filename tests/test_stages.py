@@ -1503,3 +1503,7 @@ def test_non_reasoning_turns_with_an_answer_column_keep_the_whole_conversation(t
     r = types.SimpleNamespace(non_reasoning_source=str(path))
     [row] = rejection_sampling._non_reasoning_rows(r)
     assert row["messages"] == [*turns, {"role": "assistant", "content": "Bye!"}]
+    # Turns that already end with the answer, and the answer column: one answer turn, not two.
+    answered = [*turns, {"role": "assistant", "content": "Bye!"}]
+    path.write_text(json.dumps({"messages": answered, "completion": "Bye!"}) + "\n")
+    assert rejection_sampling._non_reasoning_rows(r)[0]["messages"] == answered

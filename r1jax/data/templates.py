@@ -103,7 +103,11 @@ def turn_end(tokenizer) -> str:
     if not isinstance(text, str) or marker not in text:
         return ""
     end = text.rsplit(marker, 1)[1]
-    special = [t for t in getattr(tokenizer, "all_special_tokens", ()) if t and t in end]
+    special = set(getattr(tokenizer, "all_special_tokens", ()))
+    # (Llama 3's configs declare <|eot_id|> special only in added_tokens_decoder)
+    special |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+                if getattr(t, "special", False)}  # fmt: skip
+    special = [t for t in special if t and t in end]
     if not special:  # trailing text only (e.g. newlines): nothing the model has to learn
         return ""
     return end[: max(end.rfind(t) + len(t) for t in special)]

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -892,6 +892,26 @@ def generation_metadata(source: str | None = None, tokenizer=None) -> dict[str, 
             generation = json.load(f)
     ids = {k: v for k, v in ids.items() if v is not None}
     return {"ids": ids, "generation_config": generation, "dtype": dtype}
+
+
+def with_eos_ids(metadata: dict[str, Any], eos_ids: Sequence[int]) -> dict[str, Any]:
+    """`generation_metadata(...)` with `eos_ids` added to its eos_token_id (an int, or a list
+    when there are several, as Llama 3.1 and Qwen2.5-Instruct ship it), in the ids and in the
+    generation config alike."""
+
+    def merged(value) -> int | list[int] | None:
+        ids = [] if value is None else [value] if isinstance(value, int) else list(value)
+        ids += [int(i) for i in eos_ids if int(i) not in ids]
+        return ids[0] if len(ids) == 1 else ids or None
+
+    if not eos_ids:
+        return metadata
+    ids = {**metadata["ids"], "eos_token_id": merged(metadata["ids"].get("eos_token_id"))}
+    generation = metadata["generation_config"]
+    if generation is not None:
+        eos = merged(generation.get("eos_token_id", metadata["ids"].get("eos_token_id")))
+        generation = {**generation, "eos_token_id": eos}
+    return {**metadata, "ids": ids, "generation_config": generation}
 
 
 def write_generation_metadata(path: str, metadata: dict[str, Any]) -> None:

@@ -134,8 +134,10 @@ def _non_reasoning_rows(r) -> list[dict[str, Any]]:
         raise common.ConfigError(f"rejection_sampling.non_reasoning_source: {e}") from e
     rows = []
     for i, x in enumerate(extra):
-        if x.get("completion") and x.get("messages"):  # the answer to these turns
-            row = {"messages": [*x["messages"], {"role": "assistant", "content": x["completion"]}]}
+        if x.get("completion") and x.get("messages"):  # the answer to these turns (as
+            turns = x["messages"]  # sft.load_pairs: a last assistant turn is what it replaces)
+            turns = turns[:-1] if turns[-1].get("role") == "assistant" else turns
+            row = {"messages": [*turns, {"role": "assistant", "content": x["completion"]}]}
         elif x.get("completion"):
             row = {"prompt": x["prompt"], "completion": x["completion"]}
         elif x.get("messages") and x["messages"][-1].get("role") == "assistant":

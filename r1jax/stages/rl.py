@@ -164,10 +164,14 @@ def _correctness_checks() -> dict[str, Any]:
     """Correctness reward name -> whether it can score a prompt row."""
     from r1jax.data import tasks as task_lib
 
+    task = lambda row: row.get("task") in task_lib.TASKS  # noqa: E731
+    answer = lambda row: row.get("solution") not in (None, "")  # noqa: E731
     return {
-        "task": lambda row: row.get("task") in task_lib.TASKS,
-        "accuracy": lambda row: row.get("solution") not in (None, ""),
+        "task": task,
+        "accuracy": answer,
         "code": lambda row: bool(row.get("tests")),
+        # (correctness scaled by length: the task's verifier, else the answer)
+        "cosine_scaled": lambda row: task(row) or answer(row),
     }
 
 
@@ -185,12 +189,14 @@ def check_correctness_rewards(config, rows: list[dict]) -> None:
     metrics to say so. Prompts only some of which are covered get a warning."""
     if _reward_model_on(config):
         return  # a learned reward model scores the prompts no rule checks
-    on = {name for name in ("task", "accuracy", "code") if config.rewards.get(name, 0.0)}
     applies = _correctness_checks()
+    on = {name for name in applies if config.rewards.get(name, 0.0)}
     uncovered = [row for row, ok in zip(rows, checked_rows(config, rows), strict=True) if not ok]
     if not uncovered:
         return
-    fits = sorted(name for name in applies if any(applies[name](row) for row in uncovered))
+    fits = sorted(  # (cosine_scaled, a shaping of them, is not suggested)
+        name for name in ("task", "accuracy", "code") if any(applies[name](r) for r in uncovered)
+    )
     fix = (
         " ".join(f"--config.rewards.{name}=1" for name in fits)
         if fits

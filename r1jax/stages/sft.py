@@ -287,6 +287,9 @@ def train_on_pairs(
     ckpt.close()
     out_dir = os.path.join(workdir, "hf", "final")
     source = common.resolve_model_path(config.model.path)  # its eos ids, generation config
-    checkpoint.export_hf(state.model, out_dir, tokenizer, source)
+    # The answers end as the pairs say (a chat template's end of turn): serving stops there too.
+    turn_ends = {e for _, _, e in pairs if e}
+    eos_ids = sorted({tokenizer(e, add_special_tokens=False)["input_ids"][-1] for e in turn_ends})
+    checkpoint.export_hf(state.model, out_dir, tokenizer, source, eos_ids=eos_ids)
     log.info("done: model saved to %s", out_dir)
     return {**{k: float(v) for k, v in row.items()}, "steps": steps}
