@@ -371,9 +371,11 @@ class Checkpointer:
         path: str | os.PathLike,
         tokenizer: Any = None,
         source: str | None = None,
+        eos_ids: Sequence[int] = (),
     ) -> int | None:
         """Load the best checkpoint's parameters into `model` and export it in HF format (with
-        `tokenizer`'s files, if given, and `source`'s generation metadata; see `export_hf`).
+        `tokenizer`'s files, if given, and `source`'s generation metadata and `eos_ids`; see
+        `export_hf`).
 
         `model` is overwritten, so call this at the end of a run (after the final export).
         Returns the exported step, or None when there is no checkpoint.
@@ -383,7 +385,7 @@ class Checkpointer:
             return None
         self.wait()
         self.restore(model, step=step)
-        export_hf(model, path, tokenizer, source)
+        export_hf(model, path, tokenizer, source, eos_ids=eos_ids)
         return step
 
     # ---------------------------------------------------------------------------------- lifecycle

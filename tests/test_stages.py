@@ -667,6 +667,13 @@ def test_rl_default_runs_and_learns(toy, reference_rl):
     assert os.path.exists(os.path.join(reference_rl, "rl_curves.png"))
     assert glob.glob(os.path.join(reference_rl, "tb", "events.*"))
     assert_hf_folder(os.path.join(reference_rl, "hf", "final"))
+    # Served, the policy stops where its rollouts did (EOS and <|im_end|>), not at EOS alone.
+    with open(os.path.join(reference_rl, "hf", "final", "config.json")) as f:
+        eos = json.load(f)["eos_token_id"]
+    from r1jax.models import hf
+
+    tokenizer = hf.tokenizer(os.path.join(toy[0], "toy_base"))
+    assert eos == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
     # The only evaluated checkpoint is the last: hf/best is the final policy (it was left out, so
     # a continued run's best at its last step kept the hf/best of an earlier run).
     best = sh.hf_params(os.path.join(reference_rl, "hf", "best"))

@@ -402,15 +402,19 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         )
     if export:
         source = common.resolve_model_path(config.model.path)  # its eos ids, generation config
-        checkpoint.export_hf(state.model, os.path.join(workdir, "hf", "final"), tokenizer, source)
+        # The ids its rollouts stopped at (EOS, <|im_end|>, the chat template's turn end): served,
+        # the policy stops there too.
+        stops = {"eos_ids": train_set.stop_token_ids}
+        final_dir = os.path.join(workdir, "hf", "final")
+        checkpoint.export_hf(state.model, final_dir, tokenizer, source, **stops)
         # (with no best_metric orbax's best_step() is the latest step: nothing to export)
         if config.ckpt.best_metric and ckpt.best_step() is not None:
             best_dir = os.path.join(workdir, "hf", "best")
             if ckpt.best_step() == config.rl.steps:  # the final policy (a stale one was left)
-                checkpoint.export_hf(state.model, best_dir, tokenizer, source)
+                checkpoint.export_hf(state.model, best_dir, tokenizer, source, **stops)
                 best = config.rl.steps
             else:
-                best = ckpt.export_best_hf(state.model, best_dir, tokenizer, source)
+                best = ckpt.export_best_hf(state.model, best_dir, tokenizer, source, **stops)
             log.info(
                 "best checkpoint (step %s by %s) exported to %s",
                 best,
