@@ -243,6 +243,19 @@ class ArithmeticTask:
         value = parse_int_answer(answer)
         return value is not None and value == int(row["solution"])
 
+    def check_key(self, row: dict) -> str | None:
+        """The split key of the problem `long_cot`'s check states with its answer (a + b = c is
+        checked by c - b = a, itself a problem of this task, held out about 10% of the time);
+        None when the check is no problem of the task (a division, or times 0)."""
+        op = row["meta"]["op"]
+        a, b = row["meta"]["operands"]
+        c = apply_op(a, op, b)
+        if op == "+" and "-" in self.ops:
+            return f"arithmetic|{c}-{b}"
+        if op == "-" and "+" in self.ops:
+            return f"arithmetic|{min(c, b)}+{max(c, b)}"
+        return None
+
     def long_cot(self, row: dict, rng: random.Random, mistake_rate: float) -> str:
         """A readable long chain of thought: plan, column steps (with, at ``mistake_rate``, one
         slip that is noticed and corrected), the result, and a check by the inverse operation."""

@@ -249,6 +249,15 @@ def pretrain_corpus(
     return docs
 
 
+def _check_keys(task: Task):
+    """row -> the keys of the problems its long chain of thought's check states (none for a task
+    whose check states none)."""
+    check = getattr(task, "check_key", None)
+    if check is None:
+        return None
+    return lambda row: [k for k in (check(row),) if k is not None]
+
+
 def cold_start_examples(
     n: int,
     *,
@@ -277,7 +286,14 @@ def cold_start_examples(
     per_task = [
         iter(
             make_dataset(
-                task, c, seed=seed, split="train", eval_fraction=eval_fraction, stream="cold_start"
+                task,
+                c,
+                seed=seed,
+                split="train",
+                eval_fraction=eval_fraction,
+                stream="cold_start",
+                # (the chain of thought's check states another problem: a train one too)
+                also_train=_check_keys(task),
             )
         )
         for task, c in zip(tasks, counts, strict=True)

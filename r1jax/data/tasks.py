@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from r1jax.data.arithmetic import ArithmeticTask
@@ -80,6 +81,7 @@ def make_dataset(
     eval_fraction: float = 0.1,
     unique: bool = True,
     stream: str = "problems",
+    also_train: Callable[[dict], Sequence[str]] | None = None,
 ) -> list[dict]:
     """Generate ``n`` rows of one task from one split, deterministically.
 
@@ -92,6 +94,9 @@ def make_dataset(
       unique: no problem twice in the returned rows.
       stream: names the consumer, so e.g. the pretraining corpus and the RL prompts draw
         independent problems from the same seed.
+      also_train: row -> the keys of other problems the consumer's text of the row will state
+        with their answers (a check by the inverse operation); a train row is drawn again when
+        one of them is held out, so no training text gives away an eval answer.
     Returns:
       ``n`` row dicts (keys in the module docstring).
     """
@@ -109,7 +114,12 @@ def make_dataset(
     misses = 0
     while len(rows) < n and misses < patience:
         key, row = task.sample(rng)
-        if split_of(key, eval_fraction) != split or (unique and key in seen):
+        stated = also_train(row) if also_train is not None and split == "train" else ()
+        if (
+            split_of(key, eval_fraction) != split
+            or (unique and key in seen)
+            or any(split_of(k, eval_fraction) != "train" for k in stated)
+        ):
             misses += 1
             continue
         misses = 0
