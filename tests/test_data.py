@@ -1011,3 +1011,23 @@ def test_cold_start_checks_state_no_held_out_problem():
         a, b = row["meta"]["operands"]
         op = row["meta"]["op"]
         assert ((min(a, b), op, max(a, b)) if op == "+" else (a, op, b)) not in stated, row
+
+
+def test_countdown_knobs_reach_the_prompt_and_the_verifier():
+    """With use_all=False 6% of the problems were a target among the numbers (copy it: full
+    reward); ops="+-" still offered * and / in the prompt, and the verifier accepted them."""
+    free = data.make_task("countdown", use_all=False)
+    rows = data.make_dataset(free, 400, seed=0)
+    assert not [r for r in rows if r["meta"]["target"] in r["meta"]["numbers"]]
+    plus_minus = data.make_task("countdown", ops="+-")
+    [row] = data.make_dataset(plus_minus, 1, seed=0)
+    assert "You may use +, - and parentheses" in row["prompt"] and row["meta"]["ops"] == "+-"
+    assert data.verify(plus_minus, row["solution"], row)
+    a, b, *_ = row["meta"]["numbers"]
+    product = {**row, "meta": {**row["meta"], "target": a * b, "use_all": False}}
+    assert not data.verify(plus_minus, f"{a} * {b}", product)
+    product["meta"]["ops"] = "+-*/"
+    assert data.verify(plus_minus, f"{a} * {b}", product)
+    # The default rows are unchanged: all four operators, no "ops" in meta.
+    [default] = data.make_dataset("countdown", 1, seed=0)
+    assert "+, -, *, /" in default["prompt"] and "ops" not in default["meta"]

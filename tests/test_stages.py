@@ -1514,3 +1514,20 @@ def test_non_reasoning_turns_with_an_answer_column_keep_the_whole_conversation(t
     answered = [*turns, {"role": "assistant", "content": "Bye!"}]
     path.write_text(json.dumps({"messages": answered, "completion": "Bye!"}) + "\n")
     assert rejection_sampling._non_reasoning_rows(r)[0]["messages"] == answered
+
+
+def test_pretrain_arch_the_run_cannot_build_or_export_is_refused_up_front():
+    """`pretrain.arch` was checked without the fields the run adds: qkv_bias crashed the run at
+    its start, a sliding window only at the export after the whole pretraining."""
+    from r1jax.stages import pretrain
+
+    for extra, message in (
+        ({"qkv_bias": False}, r"pretrain.arch: sets \['qkv_bias'\] itself"),
+        ({"sliding_window": 64}, r"pretrain.arch: .* cannot express sliding_window"),
+    ):
+        config = sh.load_config("pretrain")
+        with config.pretrain.arch.unlocked():
+            config.pretrain.arch.update(extra)
+        with pytest.raises(common.ConfigError, match=message):
+            pretrain.validate(config)
+    pretrain.validate(sh.load_config("pretrain"))

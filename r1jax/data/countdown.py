@@ -140,12 +140,15 @@ def evaluate_expression(text: object) -> tuple[Fraction, list[int]] | None:
         return None
 
 
-def check_answer(answer: object, numbers: list[int], target: int, use_all: bool) -> bool:
+def check_answer(
+    answer: object, numbers: list[int], target: int, use_all: bool, ops: str = "+-*/"
+) -> bool:
     """True iff ``answer`` ("expr" or "expr = target") equals ``target`` and obeys the number rule.
 
     Args:
       numbers: the given numbers (a multiset).
       use_all: True = each given number exactly once; False = each at most once.
+      ops: the operators the problem allows.
     """
     if not isinstance(answer, str):
         return False
@@ -163,6 +166,8 @@ def check_answer(answer: object, numbers: list[int], target: int, use_all: bool)
     if parsed is None:
         return False
     value, used = parsed
+    if any(t in _PREC and t not in ops for t in _tokenize(parts[0])):
+        return False
     have, want = collections.Counter(used), collections.Counter(numbers)
     if use_all and have != want:
         return False
@@ -229,7 +234,8 @@ def random_combination(
 
 @dataclasses.dataclass(frozen=True)
 class CountdownTask:
-    """Countdown; rows hold ``meta = {"numbers": [...], "target": int, "use_all": bool}``.
+    """Countdown; rows hold ``meta = {"numbers": [...], "target": int, "use_all": bool}`` (and
+    ``"ops"`` when not all four are allowed).
 
     Difficulty knobs: how many numbers (``min_numbers..max_numbers``), their range
     (``min_value..max_value``), the target range, the ops, and the number rule.
@@ -274,12 +280,14 @@ class CountdownTask:
                     continue
                 node, steps = built
                 target = node.value
+                if not self.use_all and target in numbers:  # copying a number is no solution
+                    continue
                 key = f"countdown|{sorted(numbers)}|{target}|{self.use_all}"
                 nums = ", ".join(map(str, numbers))
                 row = {
                     "prompt": (
                         f"Using the numbers [{nums}], write an expression that equals "
-                        f"{target}. You may use +, -, *, / and parentheses, and "
+                        f"{target}. You may use {', '.join(self.ops)} and parentheses, and "
                         f"{self._rule_text()}."
                     ),
                     "solution": node.text,
@@ -288,6 +296,8 @@ class CountdownTask:
                     "terse": f"{node.text} = {target}",
                     "meta": {"numbers": numbers, "target": target, "use_all": self.use_all},
                 }
+                if self.ops != "+-*/":  # (the default is what a row without "ops" allows)
+                    row["meta"]["ops"] = self.ops
                 return key, row
         raise ValueError(
             f"could not build a countdown problem with {self}; widen the target "
@@ -298,7 +308,11 @@ class CountdownTask:
         """True iff ``answer`` reaches the row's target under the row's number rule."""
         meta = row["meta"]
         return check_answer(
-            answer, list(meta["numbers"]), int(meta["target"]), bool(meta["use_all"])
+            answer,
+            list(meta["numbers"]),
+            int(meta["target"]),
+            bool(meta["use_all"]),
+            meta.get("ops", "+-*/"),
         )
 
     def long_cot(self, row: dict, rng: random.Random, mistake_rate: float) -> str:

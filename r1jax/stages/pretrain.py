@@ -42,6 +42,24 @@ from r1jax.stages import common
 log = logging.getLogger("r1jax")
 
 
+def model_config(config, vocab_size: int) -> ModelConfig:
+    """The toy base's shape: a Qwen2 decoder (q/k/v biases) of `pretrain.arch`; a key of
+    `arch` that this sets itself is an error (a TypeError naming it)."""
+    arch = config.pretrain.arch.to_dict()
+    fixed = {"model_type", "qkv_bias", "param_dtype", "dtype", "remat", "vocab_size"}
+    if fixed & set(arch):
+        raise TypeError(f"sets {sorted(fixed & set(arch))} itself (model.* for the dtypes)")
+    return ModelConfig(
+        vocab_size=vocab_size,
+        param_dtype=config.model.param_dtype,
+        dtype=config.model.dtype,
+        remat=config.model.remat,
+        model_type="qwen2",
+        qkv_bias=True,
+        **arch,
+    )
+
+
 def validate(config) -> None:
     p = config.pretrain
     if min(p.corpus_docs, p.seq_len, p.batch_size, p.steps) < 1:
@@ -93,9 +111,10 @@ def validate(config) -> None:
                 f"pretrain.{field} needs pretrain.seq_len >= {2 * COPY_MIN + 1} (a copy string "
                 f"of at least {COPY_MIN} tokens and its repetition), got {p.seq_len}"
             )
-    arch = p.arch.to_dict()
-    try:
-        ModelConfig(vocab_size=p.vocab_size, **arch)
+    try:  # the model the run builds, and that it can be exported as a Qwen2 checkpoint
+        from r1jax.models import hf
+
+        hf.config_to_hf(model_config(config, p.vocab_size))
     except (TypeError, ValueError) as e:
         raise common.ConfigError(f"pretrain.arch: {e}") from e
     common.optim(config, p.steps)
@@ -483,15 +502,7 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
 
     # 4. The model's shape, and the held-out documents of the tag-copy check.
     mesh = common.make_mesh(config)
-    cfg = ModelConfig(
-        vocab_size=len(tokenizer),
-        param_dtype=config.model.param_dtype,
-        dtype=config.model.dtype,
-        remat=config.model.remat,
-        model_type="qwen2",
-        qkv_bias=True,
-        **p.arch.to_dict(),
-    )
+    cfg = model_config(config, len(tokenizer))
     log.info("toy base model: %.2fM parameters (%s)", cfg.num_params / 1e6, cfg)
     tag_rows = tag_copy_rows(tokenizer, p.seq_len, TAG_COPY_DOCS, config.seed, p.tag_names)
     if p.tag_copy_restarts and not tag_rows[1].any():
