@@ -241,7 +241,7 @@ def test_export_best_hf_loads_the_best_step(tmp_path, monkeypatch):
     monkeypatch.setattr(
         checkpoint,
         "export_hf",
-        lambda m, path, tokenizer=None, source=None: exported.update(
+        lambda m, path, tokenizer=None, source=None, eos_ids=(): exported.update(
             path=path, kernel=np.asarray(m.fc1.kernel[...])
         ),
     )
