@@ -1011,6 +1011,15 @@ def test_cold_start_checks_state_no_held_out_problem():
         a, b = row["meta"]["operands"]
         op = row["meta"]["op"]
         assert ((min(a, b), op, max(a, b)) if op == "+" else (a, op, b)) not in stated, row
+    # Every equation a chain states (a negative difference's b - a, partial products and sums)
+    # is a train problem, with the knobs that write them.
+    for knobs in ({"allow_negative": True}, {"ops": ("+", "*"), "max_multiplier_digits": 2}):
+        task = data.make_task("arithmetic", min_digits=1, max_digits=2, **knobs)
+        for row in data.cold_start_examples(300, seed=0, tasks=(task,), mistake_rate=0.0):
+            text = row["completion"]  # (whole equations, not a column's digit sums)
+            for a, op, b in re.findall(r"(?:So|check by \w+:) (\d+) ([+*-]) (\d+) = ", text):
+                a, b = sorted((int(a), int(b))) if op in "+*" else (int(a), int(b))
+                assert data.split_of(f"arithmetic|{a}{op}{b}", 0.1) == "train", (row, a, op, b)
 
 
 def test_countdown_knobs_reach_the_prompt_and_the_verifier():

@@ -243,18 +243,31 @@ class ArithmeticTask:
         value = parse_int_answer(answer)
         return value is not None and value == int(row["solution"])
 
-    def check_key(self, row: dict) -> str | None:
-        """The split key of the problem `long_cot`'s check states with its answer (a + b = c is
-        checked by c - b = a, itself a problem of this task, held out about 10% of the time);
-        None when the check is no problem of the task (a division, or times 0)."""
+    def stated_keys(self, row: dict) -> list[str]:
+        """The split keys of the other problems `long_cot` states with their answers: its check by
+        the inverse operation (a + b = c checked by c - b = a, held out about 10% of the time),
+        b - a for a negative a - b, and a multiplication's partial products and sums. Keys of
+        problems the task never draws (a result too long, or outside `ops`) only cost a redraw."""
         op = row["meta"]["op"]
         a, b = row["meta"]["operands"]
         c = apply_op(a, op, b)
-        if op == "+" and "-" in self.ops:
-            return f"arithmetic|{c}-{b}"
-        if op == "-" and "+" in self.ops:
-            return f"arithmetic|{min(c, b)}+{max(c, b)}"
-        return None
+
+        def key(x: int, o: str, y: int) -> str:  # as `sample` keys a problem
+            x, y = sorted((x, y)) if o in "+*" else (x, y)
+            return f"arithmetic|{x}{o}{y}"
+
+        if op == "+":
+            return [key(c, "-", b)]
+        if op == "-":
+            return [key(c, "+", b)] + ([key(b, "-", a)] if a < b else [])
+        digits = _digits_lsb(b)
+        if len(digits) == 1:
+            return []
+        keys, total = [key(a, "*", y) for y in digits], a * digits[0]
+        for j, y in enumerate(digits[1:], start=1):
+            keys.append(key(total, "+", a * y * 10**j))
+            total += a * y * 10**j
+        return keys
 
     def long_cot(self, row: dict, rng: random.Random, mistake_rate: float) -> str:
         """A readable long chain of thought: plan, column steps (with, at ``mistake_rate``, one

@@ -249,13 +249,10 @@ def pretrain_corpus(
     return docs
 
 
-def _check_keys(task: Task):
-    """row -> the keys of the problems its long chain of thought's check states (none for a task
-    whose check states none)."""
-    check = getattr(task, "check_key", None)
-    if check is None:
-        return None
-    return lambda row: [k for k in (check(row),) if k is not None]
+def _stated_keys(task: Task):
+    """row -> the keys of the other problems its long chain of thought states with their answers
+    (None for a task whose chains state none)."""
+    return getattr(task, "stated_keys", None)
 
 
 def cold_start_examples(
@@ -265,6 +262,7 @@ def cold_start_examples(
     tasks: Sequence[Task] | None = None,
     eval_fraction: float = 0.1,
     mistake_rate: float = 0.3,
+    hold_out_stated: bool = True,
 ) -> list[dict]:
     """Readable long chain-of-thought examples in the ``<think>…</think><answer>…</answer>`` format.
 
@@ -275,6 +273,10 @@ def cold_start_examples(
       eval_fraction: as for the eval set; examples come from the train split only.
       mistake_rate: how often a chain of thought contains a slip that it notices and corrects
         (arithmetic) or failed attempts before the solution (Countdown).
+      hold_out_stated: redraw an example whose chain of thought states a held-out problem with
+        its answer (its check by the inverse operation, partial products ...). False only for
+        text no model learns answers from (the toy tokenizer's training text, which must not
+        change).
     Returns:
       Rows ``{"prompt", "completion", "messages", "solution", "task", "meta"}``: ``completion``
       is ``think_answer(reasoning, solution)``; ``messages`` is the same pair as a user/assistant
@@ -292,8 +294,8 @@ def cold_start_examples(
                 split="train",
                 eval_fraction=eval_fraction,
                 stream="cold_start",
-                # (the chain of thought's check states another problem: a train one too)
-                also_train=_check_keys(task),
+                # (the problems the chain of thought states besides its own: train ones too)
+                also_train=_stated_keys(task) if hold_out_stated else None,
             )
         )
         for task, c in zip(tasks, counts, strict=True)

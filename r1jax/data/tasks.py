@@ -127,7 +127,9 @@ def make_dataset(
         rows.append(row)
     if len(rows) < n:
         raise ValueError(
-            f"only found {len(rows)} distinct {split} problems for {task} (asked for {n}); "
+            f"only found {len(rows)} distinct {split} problems for {task} (asked for {n}"
+            + ("; those whose text states a held-out problem are left out" if also_train else "")
+            + "); "
             "raise the difficulty knobs, ask for fewer rows, or pass unique=False"
         )
     return rows

@@ -275,7 +275,10 @@ def toy_tokenizer_texts(
     from r1jax.data.templates import R1_SYSTEM_PROMPT
 
     texts = pretrain_corpus(n_docs, seed=seed, tag_names=tag_names)
-    texts += [r["completion"] for r in cold_start_examples(n_cold_start, seed=seed)]
+    # (the examples as drawn before held-out checks were redrawn: the toy tokenizer, and with it
+    # every cached toy base, stays what it was)
+    examples = cold_start_examples(n_cold_start, seed=seed, hold_out_stated=False)
+    texts += [r["completion"] for r in examples]
     return texts + [R1_SYSTEM_PROMPT] * max(1, n_docs // 4)
 
 
