@@ -251,13 +251,13 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     decode = functools.partial(_decode, tokenizer, train_set.completion_prefix)
     scorer = _reward_bridge(reward_fn, decode, train_set.columns)
     reward_model = common.load_reward_model(config.reward_model, mesh)  # None: off
-    # The rows it scores: by default the general prompts, those no correctness rule checks.
-    rm_rows = np.array(
-        [True] * len(train_set.rows)
-        if config.reward_model.get("rows", "general") == "all"
-        else [not ok for ok in checked_rows(config, train_set.rows)]
-    )
     if reward_model is not None:
+        # The rows it scores: by default the general prompts, those no correctness rule checks.
+        rm_rows = np.array(
+            [True] * len(train_set.rows)
+            if config.reward_model.get("rows", "general") == "all"
+            else [not ok for ok in checked_rows(config, train_set.rows)]
+        )
         log.info("reward model: scores %d of %d training prompts", rm_rows.sum(), len(rm_rows))
         if not rm_rows.any():
             log.warning(
@@ -404,17 +404,17 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         source = common.resolve_model_path(config.model.path)  # its eos ids, generation config
         # The ids its rollouts stopped at (EOS, <|im_end|>, the chat template's turn end): served,
         # the policy stops there too.
-        stops = {"eos_ids": train_set.stop_token_ids}
+        stops = train_set.stop_token_ids
         final_dir = os.path.join(workdir, "hf", "final")
-        checkpoint.export_hf(state.model, final_dir, tokenizer, source, **stops)
+        checkpoint.export_hf(state.model, final_dir, tokenizer, source, eos_ids=stops)
         # (with no best_metric orbax's best_step() is the latest step: nothing to export)
         if config.ckpt.best_metric and ckpt.best_step() is not None:
             best_dir = os.path.join(workdir, "hf", "best")
             if ckpt.best_step() == config.rl.steps:  # the final policy (a stale one was left)
-                checkpoint.export_hf(state.model, best_dir, tokenizer, source, **stops)
+                checkpoint.export_hf(state.model, best_dir, tokenizer, source, eos_ids=stops)
                 best = config.rl.steps
             else:
-                best = ckpt.export_best_hf(state.model, best_dir, tokenizer, source, **stops)
+                best = ckpt.export_best_hf(state.model, best_dir, tokenizer, source, eos_ids=stops)
             log.info(
                 "best checkpoint (step %s by %s) exported to %s",
                 best,
