@@ -1022,6 +1022,46 @@ def test_cold_start_checks_state_no_held_out_problem():
                 assert data.split_of(f"arithmetic|{a}{op}{b}", 0.1) == "train", (row, a, op, b)
 
 
+def _held_out_stated(texts, held_out) -> list[str]:
+    """The held-out arithmetic problems whose whole equation ("a op b = c", either operand order
+    for + and *, not the tail of a longer chain or a column's sum) some text writes."""
+    import re
+
+    written = set(re.findall(r"(?<![\d+*/-] )(?<![\d-])(\d+ [+*-] \d+ = -?\d+)", "\n".join(texts)))
+    found = []
+    for row in held_out:
+        (a, b), op = row["meta"]["operands"], row["meta"]["op"]
+        for x, y in {(a, b), (b, a)} if op in "+*" else {(a, b)}:
+            if f"{x} {op} {y} = {row['solution']}" in written:
+                found.append(f"{x} {op} {y}")
+    return found
+
+
+def test_training_text_states_no_held_out_problem():
+    """A Countdown step ("20 + 35 = 55") is an arithmetic problem, held out about 10% of the time:
+    before, a corpus of arithmetic and Countdown documents (as `pretrain.tasks` allows) stated 81
+    of these 300 held-out problems with their answers, and cold-start examples of both 55
+    (Countdown's failed attempts too); with `allow_negative` or 2-digit multipliers the corpus's
+    written solutions (b - a, partial products and sums) stated 15 and 34."""
+    arith = data.make_task("arithmetic", ops=("+", "-"), min_digits=1, max_digits=2)
+    held_out = data.make_dataset(arith, 300, seed=0, split="eval")
+    countdown = data.make_task("countdown")
+    docs = data.pretrain_corpus(1500, seed=0, tasks=(arith, countdown))
+    assert _held_out_stated(docs, held_out) == []
+    examples = data.cold_start_examples(400, seed=0, tasks=(arith, countdown), mistake_rate=1.0)
+    assert _held_out_stated([r["completion"] for r in examples], held_out) == []
+    for knobs in ({"allow_negative": True}, {"ops": ("+", "*"), "max_multiplier_digits": 2}):
+        task = data.make_task("arithmetic", min_digits=1, max_digits=2, **knobs)
+        held_out = data.make_dataset(task, 300, seed=0, split="eval")
+        docs = data.pretrain_corpus(800, seed=0, tasks=(task,), mix={"steps": 1.0})
+        assert _held_out_stated(docs, held_out) == []
+    # The default corpus never stated one: it is drawn as before, as is the toy tokenizer's text.
+    plain = data.pretrain_corpus(300, seed=0, tasks=(data.make_task("arithmetic"),))
+    assert plain == data.pretrain_corpus(
+        300, seed=0, tasks=(data.make_task("arithmetic"),), hold_out_stated=False
+    )
+
+
 def test_countdown_knobs_reach_the_prompt_and_the_verifier():
     """With use_all=False 6% of the problems were a target among the numbers (copy it: full
     reward); ops="+-" still offered * and / in the prompt, and the verifier accepted them."""

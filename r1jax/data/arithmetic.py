@@ -161,6 +161,28 @@ def apply_op(a: int, op: str, b: int) -> int:
     return {"+": a + b, "-": a - b, "*": a * b}[op]
 
 
+def problem_key(a: int, op: str, b: int) -> str:
+    """The split key of the problem ``a op b`` (operand order ignored for + and *)."""
+    a, b = sorted((a, b)) if op in "+*" else (a, b)
+    return f"arithmetic|{a}{op}{b}"
+
+
+# A whole equation "x op y = z" of two operands: not part of a longer chain ("a + b + c = d") nor a
+# column's digit sum ("4 + 8 + 1 = 13", "7 - 3 - 0 = 4").
+_EQUATION_RE = re.compile(r"(?<![\d+\-*/] )(?<![\d-])(\d+) ([+*-]) (\d+) = (-?\d+)")
+
+
+def equation_keys(text: str) -> list[str]:
+    """The split keys of the arithmetic problems ``text`` states with their answers: every true
+    two-operand equation in it ("So 47 * 3 = 141", a check "55 - 20 = 35", a Countdown step
+    "20 + 35 = 55"). A training text whose keys are all train gives away no held-out answer."""
+    return [
+        problem_key(int(a), op, int(b))
+        for a, op, b, c in _EQUATION_RE.findall(text)
+        if apply_op(int(a), op, int(b)) == int(c)
+    ]
+
+
 def parse_int_answer(text: object) -> int | None:
     """The integer an answer string states, or None when it is not exactly one integer.
 
@@ -225,8 +247,7 @@ class ArithmeticTask:
         if op == "-" and not self.allow_negative and a < b:
             a, b = b, a
         c = apply_op(a, op, b)
-        key_operands = sorted((a, b)) if op in "+*" else (a, b)
-        key = f"arithmetic|{key_operands[0]}{op}{key_operands[1]}"
+        key = problem_key(a, op, b)
         lines = solution_lines(a, op, b)
         row = {
             "prompt": f"What is {a} {op} {b}?",
@@ -242,32 +263,6 @@ class ArithmeticTask:
         """True iff ``answer`` states exactly the integer ``row["solution"]``."""
         value = parse_int_answer(answer)
         return value is not None and value == int(row["solution"])
-
-    def stated_keys(self, row: dict) -> list[str]:
-        """The split keys of the other problems `long_cot` states with their answers: its check by
-        the inverse operation (a + b = c checked by c - b = a, held out about 10% of the time),
-        b - a for a negative a - b, and a multiplication's partial products and sums. Keys of
-        problems the task never draws (a result too long, or outside `ops`) only cost a redraw."""
-        op = row["meta"]["op"]
-        a, b = row["meta"]["operands"]
-        c = apply_op(a, op, b)
-
-        def key(x: int, o: str, y: int) -> str:  # as `sample` keys a problem
-            x, y = sorted((x, y)) if o in "+*" else (x, y)
-            return f"arithmetic|{x}{o}{y}"
-
-        if op == "+":
-            return [key(c, "-", b)]
-        if op == "-":
-            return [key(c, "+", b)] + ([key(b, "-", a)] if a < b else [])
-        digits = _digits_lsb(b)
-        if len(digits) == 1:
-            return []
-        keys, total = [key(a, "*", y) for y in digits], a * digits[0]
-        for j, y in enumerate(digits[1:], start=1):
-            keys.append(key(total, "+", a * y * 10**j))
-            total += a * y * 10**j
-        return keys
 
     def long_cot(self, row: dict, rng: random.Random, mistake_rate: float) -> str:
         """A readable long chain of thought: plan, column steps (with, at ``mistake_rate``, one

@@ -46,9 +46,9 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 
-from r1jax.data.arithmetic import ArithmeticTask
+from r1jax.data.arithmetic import ArithmeticTask, equation_keys
 from r1jax.data.countdown import CountdownTask
-from r1jax.data.tasks import Task, make_dataset
+from r1jax.data.tasks import Task, make_dataset, split_of
 from r1jax.data.templates import think_answer
 
 DOC_KINDS = ("terse", "steps", "dialogue", "format", "copy")
@@ -180,6 +180,7 @@ def pretrain_corpus(
     copy_pieces: Sequence[str] | None = None,
     r1_tag_rate: float = 0.0,
     tag_names: str = "words",
+    hold_out_stated: bool = True,
 ) -> list[str]:
     """Plain-text pretraining documents built from train-split problems only.
 
@@ -195,6 +196,9 @@ def pretrain_corpus(
       r1_tag_rate: fraction of "format" documents tagged think/answer (see the module docstring).
       tag_names: "words" (one of ``TAG_WORDS``) or "composed" (one or two of ``NAME_WORDS``,
         think and answer among them but never alone; see the module docstring).
+      hold_out_stated: redraw a problem whose written solution states a held-out arithmetic
+        problem with its answer (a negative difference's b - a, partial products, a Countdown
+        step); False only for text no model learns answers from.
     Returns:
       ``n_docs`` strings, with think/answer tags only in that fraction of "format" documents;
       join them with the EOS token to train.
@@ -233,6 +237,7 @@ def pretrain_corpus(
                     eval_fraction=eval_fraction,
                     unique=False,
                     stream="corpus",
+                    also_train=_written_keys if hold_out_stated else None,
                 )
             )
         )
@@ -249,10 +254,19 @@ def pretrain_corpus(
     return docs
 
 
-def _stated_keys(task: Task):
-    """row -> the keys of the other problems its long chain of thought states with their answers
-    (None for a task whose chains state none)."""
-    return getattr(task, "stated_keys", None)
+def _written_keys(row: dict) -> list[str]:
+    """The arithmetic problems a row's written solutions state with their answers (its own too)."""
+    return equation_keys(f"{row['steps']}\n{row['terse']}")
+
+
+def _chain_keys(task: Task):
+    """row -> the arithmetic problems the row's long chain of thought states whatever its random
+    slips and failed attempts (which `cold_start_examples` checks as written)."""
+    return lambda row: equation_keys(task.long_cot(row, random.Random(0), 0.0))
+
+
+def _all_train(keys: Sequence[str], eval_fraction: float) -> bool:
+    return all(split_of(k, eval_fraction) == "train" for k in keys)
 
 
 def cold_start_examples(
@@ -273,9 +287,10 @@ def cold_start_examples(
       eval_fraction: as for the eval set; examples come from the train split only.
       mistake_rate: how often a chain of thought contains a slip that it notices and corrects
         (arithmetic) or failed attempts before the solution (Countdown).
-      hold_out_stated: redraw an example whose chain of thought states a held-out problem with
-        its answer (its check by the inverse operation, partial products ...). False only for
-        text no model learns answers from (the toy tokenizer's training text, which must not
+      hold_out_stated: no example's chain of thought states a held-out arithmetic problem with
+        its answer (its check by the inverse operation, partial products, a Countdown step or
+        failed attempt): the problem is drawn again, a failed attempt written again. False only
+        for text no model learns answers from (the toy tokenizer's training text, which must not
         change).
     Returns:
       Rows ``{"prompt", "completion", "messages", "solution", "task", "meta"}``: ``completion``
@@ -294,8 +309,7 @@ def cold_start_examples(
                 split="train",
                 eval_fraction=eval_fraction,
                 stream="cold_start",
-                # (the problems the chain of thought states besides its own: train ones too)
-                also_train=_stated_keys(task) if hold_out_stated else None,
+                also_train=_chain_keys(task) if hold_out_stated else None,
             )
         )
         for task, c in zip(tasks, counts, strict=True)
@@ -304,7 +318,14 @@ def cold_start_examples(
     for i in range(n):
         t = i % len(tasks)
         row = next(per_task[t])
-        completion = think_answer(tasks[t].long_cot(row, rng, mistake_rate), row["solution"])
+        chain = tasks[t].long_cot(row, rng, mistake_rate)
+        for _ in range(100):  # (a failed attempt stating a held-out problem: another attempt)
+            if not hold_out_stated or _all_train(equation_keys(chain), eval_fraction):
+                break
+            chain = tasks[t].long_cot(row, rng, mistake_rate)
+        else:
+            chain = tasks[t].long_cot(row, rng, 0.0)  # no attempts: its keys were checked
+        completion = think_answer(chain, row["solution"])
         out.append(
             {
                 "prompt": row["prompt"],

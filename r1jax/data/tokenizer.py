@@ -274,9 +274,9 @@ def toy_tokenizer_texts(
     from r1jax.data.corpus import cold_start_examples, pretrain_corpus
     from r1jax.data.templates import R1_SYSTEM_PROMPT
 
-    texts = pretrain_corpus(n_docs, seed=seed, tag_names=tag_names)
-    # (the examples as drawn before held-out checks were redrawn: the toy tokenizer, and with it
-    # every cached toy base, stays what it was)
+    # (the texts as drawn before held-out problems stated in them were redrawn: the toy tokenizer,
+    # and with it every cached toy base, stays what it was)
+    texts = pretrain_corpus(n_docs, seed=seed, tag_names=tag_names, hold_out_stated=False)
     examples = cold_start_examples(n_cold_start, seed=seed, hold_out_stated=False)
     texts += [r["completion"] for r in examples]
     return texts + [R1_SYSTEM_PROMPT] * max(1, n_docs // 4)
