@@ -1080,3 +1080,96 @@ def test_countdown_knobs_reach_the_prompt_and_the_verifier():
     # The default rows are unchanged: all four operators, no "ops" in meta.
     [default] = data.make_dataset("countdown", 1, seed=0)
     assert "+, -, *, /" in default["prompt"] and "ops" not in default["meta"]
+
+
+def test_common_dataset_layouts_load_as_what_they_are(tmp_path, caplog):
+    """Layouts real files come in, each of which loaded wrong or not at all."""
+
+    def load(name, rows, **kw):
+        path = _write_lines(tmp_path / name, [json.dumps(r) for r in rows])
+        return data.load_rows(path, **kw)[0]
+
+    gsm = {"question": "How many?", "answer": "48 / 2 = 24\n24 + 48 = 72\n#### 72"}
+    # GSM8K's answer column named by a field map (other column names): the gold was the whole
+    # worked solution, so every reward was 0.
+    renamed = {"query": gsm["question"], "response": gsm["answer"]}
+    fmap = {"prompt": "query", "solution": "response"}
+    assert [r["solution"] for r in load("renamed.jsonl", [renamed], field_map=fmap)] == ["72"]
+    # Plain question/answer rows (no "####"): every row was dropped as no_solution.
+    plain = [{"question": "2 + 2?", "answer": "4"}, {"question": "3 * 2?", "answer": 6}]
+    assert [r["solution"] for r in load("qa.jsonl", plain)] == ["4", "6"]
+    assert [r["solution"] for r in load("pa.jsonl", [{"prompt": "2 + 2?", "answer": "4"}])] == ["4"]
+    # A conversation with its answer column: the answer was ignored.
+    chat = {"messages": [{"role": "user", "content": "2 + 2?"}], "solution": "4"}
+    [row] = load("chat.jsonl", [chat])
+    assert (row["prompt"], row["solution"]) == ("2 + 2?", "4")
+    # TRL's conversational rows: a prompt that is a list of messages was "no prompt".
+    trl = {"prompt": [{"role": "user", "content": "Hi?"}], "solution": "x"}
+    [row] = load("trl.jsonl", [trl])
+    assert row["prompt"] == "Hi?" and row["messages"] == trl["prompt"]
+    from r1jax.stages import common
+
+    sft = {"prompt": trl["prompt"], "completion": [{"role": "assistant", "content": "Hello."}]}
+    _write_lines(tmp_path / "trl_sft.jsonl", [json.dumps(sft)])
+    [row], _ = common.load_completion_rows(str(tmp_path / "trl_sft.jsonl"))
+    assert (row["prompt"], row["completion"]) == ("Hi?", "Hello.")
+    # Alpaca: the input (the text the instruction is about) was dropped.
+    alpaca = {"instruction": "Summarize the text.", "input": "The cat sat.", "output": "A cat."}
+    [row] = load("alpaca.jsonl", [alpaca], require_solution=False, keep=("completion",))
+    assert row["prompt"] == "Summarize the text.\n\nThe cat sat." and row["completion"] == "A cat."
+    # A few rows of another dataset among the first ones decided the shape of the whole file:
+    # 300 MATH rows with 3 GSM8K rows kept the 3. Now the commonest shape reads the file, and so
+    # many rows skipped is a warning.
+    math_rows = [{"problem": f"p{i}", "solution": f"so \\boxed{{{i}}}"} for i in range(30)]
+    with caplog.at_level("WARNING", logger="r1jax.data.loaders"):
+        rows = load("mixed.jsonl", math_rows[:5] + [gsm] * 3 + math_rows[5:])
+    assert [r["solution"] for r in rows] == [str(i) for i in range(30)]
+    assert not caplog.records
+    rows = load("halves.jsonl", math_rows[:10] + [gsm] * 12)
+    assert len(rows) == 12 and "10 of its 22 rows skipped" in caplog.text
+
+
+def test_hostile_and_unusual_files(tmp_path):
+    import os
+
+    import pyarrow as pa
+
+    # A lone UTF-16 surrogate escape parsed, then crashed tokenization naming no file or row.
+    lone = '{"question": "q \\ud83d", "answer": "#### 1"}'
+    path = _write_lines(
+        tmp_path / "lone.jsonl", [json.dumps({"question": "q", "answer": "#### 2"}), lone]
+    )
+    with pytest.raises(ValueError, match=r"lone\.jsonl:2: a string holds an unpaired UTF-16"):
+        data.load_rows(path)
+    assert len(data.load_rows(path, on_bad_json="skip")[0]) == 1
+    (tmp_path / "lone.json").write_text(f'[{{"question": "q", "answer": "#### 2"}}, {lone}]')
+    with pytest.raises(ValueError, match=r"lone\.json\[1\]: a string holds an unpaired"):
+        data.load_rows(tmp_path / "lone.json")
+    # One JSON line longer than the 4 KB head was refused as "one object spread over lines".
+    long = {"question": "x" * 5000, "answer": "#### 3"}
+    (tmp_path / "long.json").write_text(json.dumps(long) + "\n")
+    assert data.load_rows(tmp_path / "long.json")[0][0]["solution"] == "3"
+    # A `datasets` save_to_disk folder (Arrow stream files listed in state.json), "~", "**".
+    saved = tmp_path / "saved"
+    (saved / "deep").mkdir(parents=True)
+    table = pa.table({"problem": ["p1", "p2"], "answer": ["1", "2"]})
+    with pa.ipc.new_stream(saved / "data-00000-of-00001.arrow", table.schema) as w:
+        w.write_table(table)
+    (saved / "state.json").write_text(
+        json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]})
+    )
+    assert [r["solution"] for r in data.load_rows(saved)[0]] == ["1", "2"]
+    (tmp_path / "dd").mkdir()
+    (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+    with pytest.raises(FileNotFoundError, match=r"DatasetDict; give one of its splits.*train"):
+        data.load_rows(tmp_path / "dd")
+    _write_lines(saved / "deep" / "x.jsonl", [json.dumps({"problem": "p", "answer": "5"})])
+    assert len(data.load_rows(str(tmp_path / "saved" / "**" / "*.jsonl"))[0]) == 1
+    home = os.environ.get("HOME")
+    os.environ["HOME"] = str(tmp_path)
+    try:
+        assert len(data.load_rows("~/saved/deep/x.jsonl")[0]) == 1
+    finally:
+        os.environ["HOME"] = home
+    # A question ending in a full-width question mark got a "." after it.
+    assert "几点了？ Assistant:" in data.r1_zero_prompt("几点了？")

@@ -17,12 +17,18 @@ Recognised shapes (detected from the column names, or forced with ``shape=``):
 | gsm8k    | question, answer                         | the text after the last "####" |
 | aime     | problem, answer (also MATH-500)          | answer, as a string            |
 | math     | problem, solution                        | the last ``\\boxed{…}``          |
-| generic  | prompt, solution                         | solution, as a string          |
-| chat     | messages (or ShareGPT `conversations`)   | none (SFT data)                |
+| generic  | prompt, solution (or answer)             | solution, as a string          |
+| alpaca   | instruction, input, output               | none (SFT data: output)        |
+| chat     | messages (or ShareGPT `conversations`)   | solution or answer, if present |
+
+A question/answer file whose first rows' answers have no GSM8K "####" takes an answer as it is
+when it is one line (a bare "4"), from its ``\\boxed{}`` otherwise. A `prompt` that is a list of
+messages (TRL's conversational rows) is a conversation. Alpaca's `input`, when not empty, follows
+the instruction in the prompt.
 
 ``field_map`` renames columns per canonical field (``{"prompt": "q", "solution": "a"}``); with
 ``shape="auto"`` a field map that names the prompt and a solution/tests/messages column replaces
-detection and takes values as they are ("custom").
+detection and takes values as they are ("custom"; a GSM8K solution ending in "#### n" gives n).
 
 Notable choices:
 - A row with no usable prompt, or (when ``require_solution``) no solution and no tests, is
@@ -41,16 +47,20 @@ import collections
 import dataclasses
 import glob
 import json
+import logging
 import math
 import os
 import pathlib
+import re
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 SAMPLES_DIR = pathlib.Path(__file__).parent / "samples"
 FIELDS = ("prompt", "solution", "tests", "language", "messages")
-SHAPES = ("auto", "code", "gsm8k", "aime", "math", "generic", "chat", "custom")
+SHAPES = ("auto", "code", "gsm8k", "aime", "math", "generic", "alpaca", "chat", "custom")
 _PROMPT_COLUMNS = ("question", "problem", "prompt", "description")
 _MAX_EXAMPLES = 5
 
@@ -101,6 +111,29 @@ def gsm8k_answer(text: object) -> str | None:
         return None
     answer = text.rsplit("####", 1)[1].strip().replace(",", "")
     return answer or None
+
+
+_GSM8K_END = re.compile(r"(?:^|\n)####[ \t]*\S[^\n]*\s*$")
+
+
+def plain_answer(value: object) -> str | None:
+    """The answer of a question/answer file with no GSM8K "####" in its first rows: a bare answer
+    ("4", 6) as it is, else its ``\\boxed{}``; a worked solution with neither has no answer to
+    check (None), rather than a paragraph as the gold answer."""
+    boxed = extract_boxed(value)
+    if boxed is not None:
+        return boxed
+    answer = _scalar_answer(value)
+    return answer if answer is not None and "\n" not in answer else None
+
+
+def mapped_answer(value: object) -> str | None:
+    """A column the user mapped as the solution: its value as it is, except that a GSM8K worked
+    solution (ending in a "#### n" line) gives n, as the shape detected by its column names
+    would (the rewards check the gold against the answer only)."""
+    if isinstance(value, str) and _GSM8K_END.search(value):
+        return gsm8k_answer(value)
+    return _scalar_answer(value)
 
 
 def extract_boxed(text: object) -> str | None:
@@ -187,7 +220,12 @@ def parse_tests(value: object) -> list[dict] | None:
     return tests or None
 
 
-_SOLUTION_PARSERS = {"gsm8k": gsm8k_answer, "math": extract_boxed}
+_SOLUTION_PARSERS = {
+    "gsm8k": gsm8k_answer,
+    "plain": plain_answer,
+    "math": extract_boxed,
+    "custom": mapped_answer,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,12 +239,21 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
     out = []
-    for p in map(os.fspath, paths):
+    for p in map(os.path.expanduser, map(os.fspath, paths)):  # ("--x=~/data": no shell expands it)
         if any(c in p for c in "*?["):
-            matches = sorted(m for m in glob.glob(p) if os.path.isfile(m))
+            matches = sorted(m for m in glob.glob(p, recursive=True) if os.path.isfile(m))
             if not matches:
                 raise FileNotFoundError(f"no dataset files match {p!r}")
             out.extend(matches)
+        elif os.path.isfile(os.path.join(p, "state.json")):  # `datasets`' save_to_disk folder
+            out.extend(_saved_dataset_files(p))
+        elif os.path.isfile(os.path.join(p, "dataset_dict.json")):
+            with open(os.path.join(p, "dataset_dict.json")) as f:
+                splits = json.load(f).get("splits", [])
+            raise FileNotFoundError(
+                f"{p} holds a saved DatasetDict; give one of its splits, e.g. "
+                + ", ".join(repr(os.path.join(p, s)) for s in splits)
+            )
         elif os.path.isdir(p):
             raise FileNotFoundError(
                 f"{p} is a folder; give a file or a glob of files, e.g. "
@@ -221,10 +268,47 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return out
 
 
-def _one_object(path: str, head: str) -> bool:
-    """Whether a .json file is a single pretty-printed object rather than JSON lines."""
+def _saved_dataset_files(folder: str) -> list[str]:
+    """The Arrow files of a `datasets.Dataset.save_to_disk` folder, in order."""
     try:
-        json.loads(head.split("\n", 1)[0])
+        with open(os.path.join(folder, "state.json")) as f:
+            names = [d["filename"] for d in json.load(f)["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{folder}/state.json does not list the saved data files ({e})") from None
+    files = [os.path.join(folder, n) for n in names]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing or not files:
+        raise FileNotFoundError(
+            f"{folder}: the saved dataset's files {missing or names} are missing"
+        )
+    return files
+
+
+def _arrow_batches(path: str):
+    """Record batches of a Parquet file or an Arrow IPC file (stream format, as `datasets`
+    writes them, or file format)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if path.lower().endswith(".parquet"):
+            return pq.ParquetFile(path).iter_batches(batch_size=4096)
+        try:
+            return iter(pa.ipc.open_stream(path))
+        except pa.ArrowInvalid:
+            f = pa.ipc.open_file(path)
+            return (f.get_batch(i) for i in range(f.num_record_batches))
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        kind = "Parquet" if path.lower().endswith(".parquet") else "Arrow"
+        raise ValueError(f"cannot read {kind} file {path}: {e}") from None
+
+
+def _one_object(path: str) -> bool:
+    """Whether a .json file is a single pretty-printed object rather than JSON lines."""
+    with open(path, "rb") as f:
+        first = f.readline().decode("utf-8-sig", errors="replace")
+    try:
+        json.loads(first)
         return False  # its first line is a whole object: JSON lines
     except json.JSONDecodeError:
         pass
@@ -235,18 +319,25 @@ def _one_object(path: str, head: str) -> bool:
         return False  # broken JSON lines: the line-by-line reader names the line
 
 
+_SURROGATE = "a string holds an unpaired UTF-16 surrogate escape (\\udXXX), which is no text"
+
+
+def _encodable(obj: object) -> bool:
+    """Whether every string in a parsed JSON value is text (JSON's "\\ud83d" alone is not)."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _read_records(path: str, on_bad_json: str, stats: LoadStats) -> Iterator[tuple[str, dict]]:
     """Yield (location, object) per data row; location is "file:line" or "file:row N"."""
     suffix = path.lower()
-    if suffix.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        try:
-            pf = pq.ParquetFile(path)
-        except Exception as e:  # pyarrow raises several types for a corrupt file
-            raise ValueError(f"cannot read Parquet file {path}: {e}") from None
+    if suffix.endswith((".parquet", ".arrow")):
+        batches = _arrow_batches(path)
         n = 0
-        for batch in pf.iter_batches(batch_size=4096):
+        for batch in batches:
             for obj in batch.to_pylist():
                 stats.rows_read += 1
                 yield f"{path}:row {n}", obj
@@ -258,26 +349,32 @@ def _read_records(path: str, on_bad_json: str, stats: LoadStats) -> Iterator[tup
         if head.startswith("["):
             try:
                 with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is skipped
-                    items = json.load(f)
+                    text = f.read()
+                items = json.loads(text)
+                escapes = "\\ud" in text.lower()  # (only then can a string be no text)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{path}: malformed JSON array ({e}); fix the file") from None
             for n, obj in enumerate(items):
                 stats.rows_read += 1
-                if not isinstance(obj, dict):
+                problem = None if isinstance(obj, dict) else "element is not a JSON object"
+                if problem is None and escapes and not _encodable(obj):
+                    problem = _SURROGATE
+                if problem is not None:
                     if on_bad_json == "error":
-                        raise ValueError(f"{path}[{n}]: element is not a JSON object")
+                        raise ValueError(f"{path}[{n}]: {problem}")
                     stats.skip("bad_json", f"{path}[{n}]")
                     continue
                 yield f"{path}[{n}]", obj
             return
-        if head.startswith("{") and _one_object(path, head):
+        if head.startswith("{") and _one_object(path):
             raise ValueError(
                 f"{path} holds one JSON object spread over lines, not rows; give a JSON array of "
                 f"row objects ([{{...}}, {{...}}]) or one object per line (JSON lines)"
             )
     elif not suffix.endswith((".jsonl", ".jsonl.txt", ".ndjson")):
         raise ValueError(
-            f"unsupported dataset file type: {path} (expected .jsonl, .json or .parquet)"
+            f"unsupported dataset file type: {path} (expected .jsonl, .json, .parquet, or .arrow "
+            "or a folder from datasets' save_to_disk)"
         )
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -289,6 +386,8 @@ def _read_records(path: str, on_bad_json: str, stats: LoadStats) -> Iterator[tup
             try:
                 obj = json.loads(raw.decode("utf-8"))
                 problem = None if isinstance(obj, dict) else "line is not a JSON object"
+                if problem is None and b"\\ud" in raw.lower() and not _encodable(obj):
+                    problem = _SURROGATE
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 problem = f"malformed JSON ({e})"
             if problem is not None:
@@ -324,14 +423,42 @@ def detect_shape(columns: Sequence[str]) -> tuple[str, dict[str, str]]:
         return "math", {"prompt": "problem", "solution": "solution", **extra}
     if {"prompt", "solution"} <= cols:
         return "generic", {"prompt": "prompt", "solution": "solution", **extra}
+    if {"prompt", "answer"} <= cols:
+        return "generic", {"prompt": "prompt", "solution": "answer", **extra}
+    if {"instruction", "output"} <= cols:
+        return "alpaca", {"prompt": "instruction", **extra}
     if "messages" in extra:
-        return "chat", {**({"prompt": "prompt"} if "prompt" in cols else {}), **extra}
+        answer = next((c for c in ("solution", "answer") if c in cols), None)
+        return "chat", {
+            **({"prompt": "prompt"} if "prompt" in cols else {}),
+            **({"solution": answer} if answer else {}),
+            **extra,
+        }
     if "prompt" in cols:  # prompts alone (general prompts, for a reward model), in the first
         return "generic", {"prompt": "prompt", "solution": "solution", **extra}  # rows at least
     raise ValueError(
         f"cannot recognise the dataset shape from columns {sorted(cols)}; pass "
         "field_map={'prompt': <column>, 'solution': <column>} (or 'tests')"
     )
+
+
+def _majority_columns(objs: Sequence[dict]) -> set[str]:
+    """The columns of the rows with the commonest shape among `objs` (all their columns when no
+    row alone has a recognisable shape): a few rows of another dataset among the first ones must
+    not decide how the whole file is read."""
+    votes: dict[str, set[str]] = {}
+    counts: collections.Counter = collections.Counter()
+    for obj in objs:
+        try:
+            shape, mapping = detect_shape(sorted(obj))
+        except ValueError:
+            continue
+        key = f"{shape}|{mapping.get('prompt')}|{mapping.get('solution')}|{mapping.get('tests')}"
+        counts[key] += 1
+        votes.setdefault(key, set()).update(obj)
+    if not counts:
+        return {c for obj in objs for c in obj}
+    return votes[counts.most_common(1)[0][0]]  # (ties: the first row's shape)
 
 
 def _forced_mapping(shape: str, columns: set[str]) -> dict[str, str]:
@@ -342,6 +469,7 @@ def _forced_mapping(shape: str, columns: set[str]) -> dict[str, str]:
         "aime": {"prompt": "problem", "solution": "answer"},
         "math": {"prompt": "problem", "solution": "solution"},
         "generic": {"prompt": "prompt", "solution": "solution"},
+        "alpaca": {"prompt": "instruction"},
         "chat": {"messages": _chat_column(columns) or "messages"},
         "code": {
             "prompt": prompt_col,
@@ -369,7 +497,7 @@ _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "
                    "assistant": "assistant", "chatgpt": "assistant"}  # fmt: skip
 
 
-def _messages(value: object) -> list[dict] | None:
+def parse_messages(value: object) -> list[dict] | None:
     """A conversation as role/content dicts (ShareGPT's from/value turns mapped), or None."""
     if not isinstance(value, list) or not value:
         return None
@@ -397,12 +525,16 @@ def _normalise(
 ) -> tuple[dict | None, str | None]:
     """One raw record -> (normalised row, None) or (None, skip reason); `parse_as`: the shape
     whose answer parsing applies, when not `shape`'s."""
-    messages = _messages(obj.get(mapping["messages"])) if "messages" in mapping else None
+    messages = parse_messages(obj.get(mapping["messages"])) if "messages" in mapping else None
     prompt = obj.get(mapping["prompt"]) if "prompt" in mapping else None
+    if isinstance(prompt, list) and messages is None:  # TRL's conversational rows: the turns
+        messages, prompt = parse_messages(prompt), None  # before the answer, as a message list
     if not (isinstance(prompt, str) and prompt.strip()) and messages:
         prompt = next((m["content"] for m in messages if m["role"] == "user"), None)
     if not (isinstance(prompt, str) and prompt.strip()):
         return None, "no_prompt"
+    if shape == "alpaca" and isinstance(obj.get("input"), str) and obj["input"].strip():
+        prompt = f"{prompt.rstrip()}\n\n{obj['input'].strip()}"  # (the text it is about)
     solution = None
     if "solution" in mapping:
         parser = _SOLUTION_PARSERS.get(parse_as or shape, _scalar_answer)
@@ -427,6 +559,8 @@ def _normalise(
         row["meta"] = obj["meta"]
     for col in keep:
         row[col] = obj.get(col)
+    if shape == "alpaca" and row.get("completion") is None and "completion" in keep:
+        row["completion"] = obj.get("output")
     return row, None
 
 
@@ -499,9 +633,9 @@ def load_rows(
     rows: list[dict] = []
     for path in files:
         records = list(_read_records(path, on_bad_json, stats))
-        # The shape from the first rows (one stray row must not change it); the optional columns
-        # from every row (rejection_sampled.jsonl's chat rows come after all the others).
-        columns = {c for _, obj in records[:100] for c in obj}
+        # The shape most of the first rows have (a stray row must not change it); the optional
+        # columns from every row (rejection_sampled.jsonl's chat rows come after all the others).
+        columns = _majority_columns([obj for _, obj in records[:100]])
         every = {c for _, obj in records for c in obj}
         optional = _optional_columns(every)
         absent = {field: col for field, col in field_map.items() if records and col not in every}
@@ -526,9 +660,16 @@ def load_rows(
                 file_shape, mapping = fallback_shape, _forced_mapping(fallback_shape, columns)
             mapping = {**optional, **mapping, **field_map}
             parse_as = "custom" if "solution" in field_map else None
+            if (
+                file_shape == "gsm8k"
+                and parse_as is None
+                and not any("####" in str(obj.get("answer")) for _, obj in records[:100])
+            ):
+                parse_as = "plain"  # question/answer rows that are not GSM8K's
         else:
             continue
         stats.shapes[path] = file_shape
+        skipped_before = stats.skipped.total()
         for where, obj in records:
             row, reason = _normalise(
                 obj,
@@ -551,6 +692,17 @@ def load_rows(
                     stats.language_defaulted[str(row["language"])[:20]] += 1
                     row["language"] = language  # ("python": a column of another meaning)
             rows.append(row)
+        skipped = stats.skipped.total() - skipped_before
+        if records and rows and skipped > len(records) // 10:
+            log.warning(
+                "%s: %d of its %d rows skipped, read as the %r shape (%s); check the file's "
+                "columns against the shape (e.g. two datasets concatenated), or give field_map",
+                path,
+                skipped,
+                len(records),
+                file_shape,
+                ", ".join(f"{k}={v}" for k, v in sorted(stats.skipped.items())),
+            )
     if limit is not None:
         rows = rows[:limit]
     stats.rows_kept = len(rows)

@@ -30,7 +30,7 @@ TEMPLATES = ("r1_zero", "chat", "plain")
 
 def _sentence(question: str) -> str:
     q = question.strip()
-    return q if q.endswith((".", "?", "!")) else q + "."
+    return q if q.endswith((".", "?", "!", "。", "？", "！")) else q + "."
 
 
 def r1_zero_prompt(question: str, *, prefill_think: bool = False) -> str:

@@ -1141,8 +1141,8 @@ def _check_builtin_task_rows(rows: list[dict], path: str, field: str) -> None:
 def completion_data_fields(section: ml_collections.ConfigDict) -> None:
     """Add the file-data fields of a stage that trains on completions (sft, distill)."""
     # The column holding each field, for files whose columns have other names ("" = found by
-    # shape; e.g. Alpaca: prompt=instruction, completion=output), and what a malformed JSON line
-    # does ("error" or "skip").
+    # shape: prompt/completion, chat messages, Alpaca's instruction/input/output, TRL's
+    # conversational rows), and what a malformed JSON line does ("error" or "skip").
     section.field_map = ml_collections.ConfigDict({"prompt": "", "completion": "", "messages": ""})
     section.on_bad_json = "error"
     # An example longer than seq_len: "truncate" (its completion's end is cut: a long chain of
@@ -1174,9 +1174,14 @@ def load_completion_rows(
         on_bad_json=on_bad_json,
         fallback_shape="generic",
     )
-    if completion != "completion":
-        for row in rows:
+    for row in rows:
+        if completion != "completion":
             row["completion"] = row.pop(completion, None)
+        answer = row["completion"]
+        if isinstance(answer, list) and [
+            m.get("role") for m in loaders.parse_messages(answer) or []
+        ] == ["assistant"]:  # TRL's conversational rows: the answer as a one-message list
+            row["completion"] = answer[0]["content"]
     return rows, stats
 
 
