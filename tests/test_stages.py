@@ -1531,3 +1531,42 @@ def test_pretrain_arch_the_run_cannot_build_or_export_is_refused_up_front():
         with pytest.raises(common.ConfigError, match=message):
             pretrain.validate(config)
     pretrain.validate(sh.load_config("pretrain"))
+
+
+def test_pipeline_evaluation_stands_for_its_checkpoint_and_settings(tmp_path, monkeypatch):
+    """A rerun reused any eval.json it found: after a stage was retrained (its folder deleted, as
+    the refusal to skip it asks) or with other evaluation settings, the report showed the old
+    checkpoint's scores."""
+    from r1jax.stages import eval as eval_stage
+
+    def fake_eval(sub, subdir):
+        out = {"pass@1": len(calls), "num_samples": sub.eval.num_samples}
+        calls.append(out)
+        common.write_json(os.path.join(subdir, "eval.json"), out)
+        return out
+
+    calls = []
+    monkeypatch.setattr(eval_stage, "run", fake_eval)
+    config = sh.load_config("pipeline:smoke")
+    model = tmp_path / "r1" / "hf" / "final"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"weights")
+    now = os.path.getmtime(model / "model.safetensors")
+    os.utime(model / "model.safetensors", (now - 1000, now - 1000))
+    subdir = str(tmp_path / "eval" / "r1")
+
+    def evaluate():
+        return pipeline._evaluate(config, str(model), subdir)["pass@1"]
+
+    assert (evaluate(), evaluate(), len(calls)) == (0, 0, 1)  # made, then reused
+    config.log.progress = not config.log.progress  # (changes no result)
+    assert evaluate() == 0
+    os.utime(model / "model.safetensors", (now - 500, now - 500))  # the stage trained again
+    assert evaluate() == 1
+    config.eval_stage.eval.num_samples += 1
+    assert evaluate() == 2 and calls[-1]["num_samples"] == config.eval_stage.eval.num_samples
+    # An evaluation from before the stamps: reused unless the checkpoint is newer than it.
+    os.remove(os.path.join(subdir, "eval_stamp.json"))
+    assert evaluate() == 2
+    os.utime(os.path.join(subdir, "eval.json"), (now - 800, now - 800))
+    assert evaluate() == 3

@@ -367,15 +367,42 @@ def _steps_run(subdir: str, done: dict[str, Any] | None = None) -> int:
 
 
 def _evaluate(config, model_path: str, subdir: str) -> dict[str, Any]:
+    """The evaluation of `model_path` in `subdir`, reused when a rerun finds one of the same
+    checkpoint under the same settings (`_eval_stamp`), else made (again)."""
     from r1jax.stages import eval as eval_stage
 
     done = os.path.join(subdir, "eval.json")
+    sub = _eval_config(config, model_path)
+    stamp, stamp_path = _eval_stamp(sub, model_path), os.path.join(subdir, "eval_stamp.json")
     if os.path.exists(done):
-        with open(done) as f:
-            return json.load(f)
+        if os.path.exists(stamp_path):
+            with open(stamp_path) as f:
+                reuse = json.load(f) == stamp
+        else:  # (an evaluation from before the stamps: reused unless the model is newer)
+            reuse = os.path.getmtime(done) >= max(stamp["model"].values(), default=0)
+        if reuse:
+            with open(done) as f:
+                return json.load(f)
+        log.info("pipeline: %s was evaluated as another checkpoint or settings: again", subdir)
     os.makedirs(subdir, exist_ok=True)
     # eval.json, with its minutes for a later rerun's report
-    return eval_stage.run(_eval_config(config, model_path), subdir)
+    out = eval_stage.run(sub, subdir)
+    common.write_json(stamp_path, stamp)
+    return out
+
+
+def _eval_stamp(sub, model_path: str) -> dict[str, Any]:
+    """What an evaluation stands for: its settings (but where the model is and what does not
+    change a result) and its checkpoint's files, by modification time (a stage run again writes
+    new ones)."""
+    settings = {
+        k: v
+        for k, v in _flat(json.loads(sub.to_json_best_effort())).items()
+        if k != "model.path" and not _result_neutral(k, "eval")
+    }
+    files = sorted(os.listdir(model_path)) if os.path.isdir(model_path) else []
+    model = {f: os.path.getmtime(os.path.join(model_path, f)) for f in files}
+    return {"settings": settings, "model": model}
 
 
 # --------------------------------------------------------------------------------------------------
