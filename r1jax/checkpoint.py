@@ -177,9 +177,14 @@ class Checkpointer:
         policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
         best_fn = None
         if best_metric is not None:
-            # A step saved without the metric ranks last rather than raising inside orbax.
+            # A step saved without the metric, or with NaN (a diverged evaluation), ranks last
+            # rather than raising inside orbax or displacing the best step (NaN compares false).
             worst = -np.inf if best_mode == "max" else np.inf
-            best_fn = lambda metrics: float(metrics.get(best_metric, worst))
+
+            def best_fn(metrics):
+                value = float(metrics.get(best_metric, worst))
+                return worst if np.isnan(value) else value
+
             policies.append(
                 ocp.checkpoint_managers.BestN(
                     get_metric_fn=best_fn,

@@ -217,7 +217,7 @@ def test_restore_onto_a_different_mesh(tmp_path, target):
 
 def test_interval_force_duplicate_and_retention_keeps_latest_plus_best(tmp_path, trained):
     model, optimizer = trained
-    acc = {2: 0.1, 4: 0.9, 6: 0.3, 8: 0.2, 10: 0.4}
+    acc = {2: 0.1, 4: 0.9, 6: 0.3, 8: float("nan"), 10: 0.4}  # (NaN: a diverged evaluation)
     with Checkpointer(
         tmp_path, save_interval_steps=2, max_to_keep=2, best_metric="acc", best_mode="max"
     ) as ckpt:
@@ -227,7 +227,8 @@ def test_interval_force_duplicate_and_retention_keeps_latest_plus_best(tmp_path,
         assert not ckpt.save(10, model, optimizer, {}, force=True)  # already saved: skipped
         assert ckpt.save(11, model, optimizer, {"step": 11}, {"loss": 0.0}, force=True)
         ckpt.wait()
-        # Latest two (10, 11) plus the best by acc (4); 11 has no acc so it can never be best.
+        # Latest two (10, 11) plus the best by acc (4); 11 has no acc so it can never be best, nor
+        # can 8's NaN (which took the place of the best step 4).
         assert ckpt.all_steps() == [4, 10, 11]
         assert ckpt.best_step() == 4
         assert ckpt.latest_step() == 11

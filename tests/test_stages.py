@@ -138,6 +138,20 @@ def test_pretrain_resumed_across_the_copy_warm_up_matches_an_uninterrupted_run(
     again = run("pretrain", config, tmp_path / "run")
     assert again["tag_copy"] == pytest.approx(out["tag_copy"], abs=1e-6)
     assert (tmp_path / "run" / "hf" / "final" / "model.safetensors").exists()
+    if resume_at != 3:
+        return
+    # A resume that would read other rows at each step, or that asks for fewer steps than were
+    # run, is refused (it resumed: another batch size read rows twice, and the model trained
+    # past the steps asked for was exported as final).
+    shutil.rmtree(tmp_path / "run" / "hf")
+    for field, value, named in (
+        ("pretrain.batch_size", 2 * config.pretrain.batch_size, "batch_size: "),
+        ("pretrain.corpus_docs", config.pretrain.corpus_docs + 8, "data: "),
+        ("pretrain.steps", config.pretrain.steps - 1, "past the 4 steps"),
+    ):
+        changed = sh.set_fields(copy.deepcopy(config), {field: value})
+        with pytest.raises(common.ConfigError, match=rf"checkpoints/5 .*{named}"):
+            run("pretrain", changed, tmp_path / "run")
 
 
 @pytest.mark.parametrize("warm", [0, 2])
@@ -381,6 +395,10 @@ def test_a_resume_with_settings_that_change_the_data_order_is_refused(toy, tmp_p
     with pytest.raises(common.ConfigError, match=r"at step 2, past the 1 steps .*sft.epochs=0.5"):
         run("sft", changed, tmp_path)
     changed = copy.deepcopy(config)
+    changed.model.path = str(tmp_path / "hf" / "final")  # another start (the trained model)
+    with pytest.raises(common.ConfigError, match=r"model.path: '\w+' then"):
+        run("sft", changed, tmp_path)
+    changed = copy.deepcopy(config)
     changed.sft.epochs, changed.optim.learning_rate = 2.0, 1e-4  # more steps, another rate: fine
     run("sft", changed, tmp_path)
     assert [r["step"] for r in sh.metric_rows(tmp_path)] == [1, 2, 3, 4]
@@ -576,21 +594,28 @@ def test_sft_chat_rows_follow_the_template_rl_samples_with(toy, tmp_path):
 
 
 def test_sft_and_distill_files_with_other_column_names_load_through_field_map(tmp_path):
-    """Alpaca-style rows (instruction / output) had no way in: the error pointed at a field_map
-    and an on_bad_json that the sft and distill sections did not have."""
+    """Rows with other column names had no way in: the error pointed at a field_map and an
+    on_bad_json that the sft and distill sections did not have. (Alpaca's instruction / input /
+    output rows are now recognised as they are.)"""
     from r1jax.stages import distill
     from r1jax.stages import sft as sft_stage
 
-    path = tmp_path / "alpaca.jsonl"
-    path.write_text(
+    alpaca = tmp_path / "alpaca.jsonl"
+    alpaca.write_text(
         "".join(json.dumps({"instruction": f"p{i}", "output": f"c{i}"}) + "\n" for i in range(3))
     )
     config = sh.load_config("sft")
+    config.sft.source = str(alpaca)
+    assert [c for _, c, _ in sft_stage.load_pairs(config, None)] == ["c0", "c1", "c2"]
+    path = tmp_path / "renamed.jsonl"
+    path.write_text(
+        "".join(json.dumps({"query": f"p{i}", "response": f"c{i}"}) + "\n" for i in range(3))
+    )
     config.sft.source = str(path)
     common.validate(config, "sft")
     with pytest.raises(common.ConfigError, match=r"--config.sft.field_map.prompt=COLUMN"):
         sft_stage.load_pairs(config, None)
-    config.sft.field_map.prompt, config.sft.field_map.completion = "instruction", "output"
+    config.sft.field_map.prompt, config.sft.field_map.completion = "query", "response"
     pairs = sft_stage.load_pairs(config, None)
     assert [c for _, c, _ in pairs] == ["c0", "c1", "c2"] and "p1" in pairs[1][0]
     with path.open("a") as f:
@@ -601,7 +626,7 @@ def test_sft_and_distill_files_with_other_column_names_load_through_field_map(tm
     assert len(sft_stage.load_pairs(config, None)) == 3
     dconfig = sh.load_config("distill")
     dconfig.distill.source = str(path)
-    dconfig.distill.field_map.prompt, dconfig.distill.field_map.completion = "instruction", "output"
+    dconfig.distill.field_map.prompt, dconfig.distill.field_map.completion = "query", "response"
     dconfig.distill.on_bad_json = "skip"
     common.validate(dconfig, "distill")
     assert len(sft_stage.load_pairs(distill._as_sft(dconfig), None, section="distill")) == 3
@@ -1086,6 +1111,28 @@ def test_half_written_checkpoint_is_ignored_and_the_run_resumes(reference_rl, tm
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     assert os.listdir(workdir / "hf") == ["final"]  # orbax's best_step() is the latest then
+
+
+def test_an_rl_resume_with_another_objective_or_model_is_refused(reference_rl, tmp_path):
+    """Only the data order was recorded: a resume with other rewards, beta or iterations went on
+    as one run (config_rl.json then named only the new settings), and one from another starting
+    model of the same shape ran 0 steps and exported the old policy as its own."""
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_rl, workdir)
+    first_config = (workdir / "config_rl.json").read_text()
+    config = sh.rl_config()
+    changes = {
+        "rl.beta": (config.rl.beta + 0.1, "rl.beta: "),
+        "rl.num_iterations": (2, "rl.num_iterations: 1 then, 2 now"),
+        "rewards.format": (config.rewards.format + 1.0, "rewards: "),
+        "model.path": (str(workdir / "hf" / "final"), "model.path: "),  # the trained policy
+    }
+    for field, (value, named) in changes.items():
+        changed = sh.set_fields(copy.deepcopy(config), {field: value})
+        with pytest.raises(common.ConfigError, match=rf"was saved by a run .*{named}"):
+            run("rl", changed, workdir)
+        # The refused run's settings did not replace those the checkpoints were made with.
+        assert (workdir / "config_rl.json").read_text() == first_config, field
 
 
 def test_damaged_latest_checkpoint_gives_one_clear_error(reference_rl, tmp_path):

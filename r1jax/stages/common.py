@@ -30,6 +30,10 @@ class ConfigError(ValueError):
     """A config the run cannot start with; the message names the field to fix."""
 
 
+class ResumeRefused(ConfigError):
+    """A workdir's checkpoint that this config would not continue (`check_resume`)."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------------
@@ -216,9 +220,40 @@ def fingerprint(*arrays) -> str:
     return digest.hexdigest()[:16]
 
 
+def model_fingerprint(path: str) -> str:
+    """A checkpoint folder by what survives moving or copying it: its config.json, and each weight
+    file's name, size and first and last MiB (any two trained models differ there; the whole of
+    a large model would take minutes to read). The path itself for one not on local disk. A run
+    records the model it starts from, so a resume from another one is refused."""
+    import hashlib
+
+    folder = toy_base_path() if path == TOY_BASE else os.path.expanduser(path)
+    if not os.path.isdir(folder):
+        return path
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name == "config.json" or name.endswith(".safetensors"):
+            with open(os.path.join(folder, name), "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(0)
+                head = f.read(1 << 20)
+                f.seek(max(size - (1 << 20), len(head)))
+                digest.update(f"{name}:{size};".encode() + head + f.read())
+    return digest.hexdigest()[:16]
+
+
 def resume(ckpt, state, run: dict[str, Any], *, total_steps: int, steps_field: str) -> int:
     """The step a training loop starts from: 0 without a checkpoint, else the latest one, restored
-    into `state` once it is known to continue this run.
+    into `state` once `check_resume` finds that it continues this run."""
+    if check_resume(ckpt, run, total_steps=total_steps, steps_field=steps_field) is None:
+        return 0
+    return ckpt.restore(state.model, state.optimizer)["step"]
+
+
+def check_resume(
+    ckpt, run: dict[str, Any], *, total_steps: int, steps_field: str
+) -> dict[str, Any] | None:
+    """The latest checkpoint's `extra` (None without one) once it is known to continue this run.
 
     `run` is what fixes the run's data order and batches (seed, a fingerprint of the tokenised
     data, rows per step ...); the loops save it in every checkpoint's `extra` beside the step. A
@@ -230,7 +265,7 @@ def resume(ckpt, state, run: dict[str, Any], *, total_steps: int, steps_field: s
     from r1jax import checkpoint
 
     if ckpt.latest_step() is None:
-        return 0
+        return None
     step_dir = ckpt.step_dir(ckpt.latest_step())
     extra = ckpt.read_extra()
     if not isinstance(extra.get("step"), int):
@@ -248,17 +283,17 @@ def resume(ckpt, state, run: dict[str, Any], *, total_steps: int, steps_field: s
         if saved[k] != now.get(k)
     ]
     if diffs:
-        raise ConfigError(
+        raise ResumeRefused(
             f"{step_dir} was saved by a run with other settings ({'; '.join(diffs)}); resuming "
             "would continue its data position in another order (or with another objective). Use "
             "the settings it was started with, or another --workdir"
         )
     if extra["step"] > total_steps:
-        raise ConfigError(
+        raise ResumeRefused(
             f"{step_dir} is at step {extra['step']}, past the {total_steps} steps this config asks "
             f"for ({steps_field}); raise it to continue, or use another --workdir"
         )
-    return ckpt.restore(state.model, state.optimizer)["step"]
+    return extra
 
 
 def micro_batches(config: ml_collections.ConfigDict, section: str, rows: int) -> int:
@@ -350,12 +385,13 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str) -> An
     paths.makedirs(workdir)
     check_workdir_owner(workdir, stage)
     previous = setup_logging(workdir)
+    saved_config = os.path.join(workdir, f"config_{stage}.json")
+    # (a run refused, e.g. a resume with other settings, leaves the config of the run it refused
+    # to continue in place)
+    kept = paths.read_text(saved_config) if paths.exists(saved_config) else None
     try:
         if jax.process_index() == 0:
-            paths.write_text(
-                os.path.join(workdir, f"config_{stage}.json"),
-                config.to_json_best_effort(indent=2, sort_keys=True),
-            )
+            paths.write_text(saved_config, config.to_json_best_effort(indent=2, sort_keys=True))
         log.info(
             "stage %s, workdir %s, %d process(es), %d device(s) (%s)",
             stage,
@@ -368,7 +404,9 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str) -> An
         # What process 0 wrote (hf/final, a dataset) is read by every process in the next stage.
         sync_processes(f"stage {stage} done")
         return result
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, ResumeRefused) and kept is not None and jax.process_index() == 0:
+            paths.write_text(saved_config, kept)
         # The stage failed (or was interrupted) midway: let the checkpoint it was saving commit,
         # and the metrics reach the workdir, instead of being cut off at interpreter exit.
         for error in paths.close_open_writers():

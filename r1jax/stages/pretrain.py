@@ -359,6 +359,19 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
         max_to_keep=config.ckpt.keep,
         async_save=config.ckpt.async_save,
     )
+    # What fixes the data of each step (the corpus as tokenised, the seeds, the rows per step and
+    # the copy task's share): a resume with others is refused (`common.check_resume`).
+    run = {
+        "seed": seed,
+        "batch_size": p.batch_size,
+        "copy_warmup_steps": warm,
+        "copy_task": p.copy_task,
+        "copy_rows_in_corpus": p.copy_rows_in_corpus,
+        "data": common.fingerprint(rows),
+    }
+    common.check_resume(
+        ckpt, run, total_steps=warm + p.steps, steps_field=f"pretrain.steps={p.steps}"
+    )
     # A checkpoint at step <= warm holds the warm-up's optimizer (the corpus phase starts fresh).
     start = ckpt.latest_step() or 0
     in_warm_up = warm > 0 and start <= warm
@@ -411,7 +424,7 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
                 copied = tag_copy_probability(state, tag_ids, tag_mask)
             best = _best_check(best, copied)
             if best is None or best < TAG_COPY_START:  # abandoned, and kept as it is now
-                extra = {"step": step, "tag_copy_best": best}
+                extra = {"step": step, "tag_copy_best": best, "run": run}
                 ckpt.save(step, state.model, state.optimizer, extra=extra, force=True)
                 best = float("nan") if best is None else best
                 abandoned = {"tag_copy": float(copied), "best_tag_copy": best, "step": step}
@@ -447,7 +460,7 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
             step + 1,
             state.model,
             state.optimizer,
-            extra={"step": step + 1, "tag_copy_best": best},
+            extra={"step": step + 1, "tag_copy_best": best, "run": run},
             force=step + 1 == warm + p.steps,
             interval=not watch.skipping,
         ):

@@ -102,6 +102,21 @@ def _rl_field_message(error: ValueError) -> str:
     return message if message.startswith("rl.") else "rl." + message
 
 
+# The rl fields a resume may not change (with the rewards and the models): what each step optimises.
+_OBJECTIVE_FIELDS = (
+    "num_iterations",
+    "beta",
+    "epsilon_low",
+    "epsilon_high",
+    "loss_type",
+    "scale_rewards",
+    "max_completion_length",
+    "temperature",
+    "top_k",
+    "top_p",
+)
+
+
 def validate(config) -> None:
     """Refuse impossible combinations before any work (called by the launcher)."""
     import ml_collections  # noqa: F401
@@ -286,16 +301,24 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         async_save=config.ckpt.async_save,
     )
     # What fixes the prompts of each step: the prompts as tokenised (data, template, tokenizer)
-    # with their answer columns, the seed, and the rows per step.
+    # with their answer columns, the seed, and the rows per step; and what fixes the objective:
+    # the starting and reference models, the rewards, the loss and the sampling. A resume that
+    # changes any of them would train a mix of two runs under the second one's name.
     answers = json.dumps(train_set.columns, sort_keys=True, default=str).encode()
+    r, rm = config.rl, config.reward_model
     data_order = {
         "seed": config.seed,
-        "prompts_per_step": config.rl.prompts_per_step,
-        "num_generations": config.rl.num_generations,
+        "prompts_per_step": r.prompts_per_step,
+        "num_generations": r.num_generations,
         "data": common.fingerprint(
             *(np.asarray(ids, np.int32) for ids in train_set.token_ids),
             np.frombuffer(answers, np.uint8),
         ),
+        "model.path": common.model_fingerprint(config.model.path),
+        "rl.ref_model": common.model_fingerprint(r.ref_model) if r.ref_model else "",
+        "rewards": {n: float(w) for n, w in zip(reward_fn.names, reward_fn.weights, strict=True)},
+        "reward_model": [common.model_fingerprint(rm.path), float(rm.weight)] if rm.path else "",
+        **{f"rl.{k}": r[k] for k in _OBJECTIVE_FIELDS},
     }
     start = common.resume(
         ckpt,

@@ -239,6 +239,7 @@ def train_on_pairs(
         "seed": config.seed,
         "batch_size": s.batch_size,
         "data": common.fingerprint(batch_all.input_ids, batch_all.loss_mask, batch_all.segment_ids),
+        "model.path": common.model_fingerprint(config.model.path),  # (the model it trains)
     }
     if section == "distill":  # the loss: trace SFT or KL to a teacher (one series, not both)
         data_order["teacher"] = (
