@@ -1173,3 +1173,14 @@ def test_hostile_and_unusual_files(tmp_path):
         os.environ["HOME"] = home
     # A question ending in a full-width question mark got a "." after it.
     assert "几点了？ Assistant:" in data.r1_zero_prompt("几点了？")
+
+
+def test_questions_already_templated_are_warned_about(caplog):
+    """A TinyZero/verl-style prompt (R1's instruction and "Assistant: <think>" already written)
+    got the template again: the instruction twice in every prompt, without a word."""
+    framed = data.r1_zero_prompt("What is 2 + 3?", prefill_think=True)
+    with caplog.at_level("WARNING", logger="r1jax.data.templates"):
+        data.format_prompts(["What is 2 + 3?"], "r1_zero")
+        assert not caplog.records
+        data.format_prompts(["What is 2 + 3?", framed], "r1_zero")
+    assert "1 of 2 questions already look templated" in caplog.text

@@ -632,6 +632,29 @@ def test_sft_and_distill_files_with_other_column_names_load_through_field_map(tm
     assert len(sft_stage.load_pairs(distill._as_sft(dconfig), None, section="distill")) == 3
 
 
+def test_sft_and_distill_name_a_bad_row_before_loading_a_model(toy, tmp_path, monkeypatch):
+    """SFT and distillation loaded the model (and the teacher) before reading their data: a bad
+    row cost the minutes of loading a large model first."""
+    from r1jax.stages import distill
+    from r1jax.stages import sft as sft_stage
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "completion": " "}) + "\n")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was read")
+
+    monkeypatch.setattr(common, "load_model", no_model)
+    config = sh.load_config("sft")
+    config.sft.source = str(path)
+    with pytest.raises(common.ConfigError, match=r"the completion must be non-empty"):
+        sft_stage.run(config, str(tmp_path / "sft"))
+    config = sh.load_config("distill")
+    config.distill.source = str(path)
+    with pytest.raises(common.ConfigError, match=r"the completion must be non-empty"):
+        distill.run(config, str(tmp_path / "distill"))
+
+
 def test_cold_start_follows_its_tasks_difficulty_and_mistake_rate():
     import re
 

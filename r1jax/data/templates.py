@@ -14,7 +14,10 @@ Notable choices:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
 
 R1_SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant "
@@ -119,6 +122,37 @@ def system_prompt(value: str) -> str | None:
     return None if not value else R1_SYSTEM_PROMPT if value == "r1" else value
 
 
+def _warn_if_templated(questions: Sequence[str], template: str, tokenizer) -> None:
+    """Warn when questions already carry a template (R1's instruction, a prompt ending in
+    "Assistant:" or "<think>", a chat template's special tokens): a second one around them puts
+    the instruction twice, or one conversation inside another, in every prompt."""
+    specials = [
+        t
+        for t in (getattr(tokenizer, "all_special_tokens", None) or [])
+        if t != getattr(tokenizer, "unk_token", None)
+    ]
+
+    def templated(q: str) -> bool:
+        q = q.strip()
+        return (
+            R1_SYSTEM_PROMPT[:48] in q
+            or q.endswith(("Assistant:", "<think>"))
+            or any(t in q for t in specials)
+        )
+
+    found = [q for q in questions if isinstance(q, str) and templated(q)]
+    if found:
+        log.warning(
+            "%d of %d questions already look templated (e.g. %r); the %r template is applied "
+            "around them again: give the raw questions, or data.template='plain' for prompts "
+            "templated as the model expects",
+            len(found),
+            len(questions),
+            found[0][-120:],
+            template,
+        )
+
+
 def format_prompts(
     questions: Sequence[str],
     template: str,
@@ -135,6 +169,8 @@ def format_prompts(
     Returns:
       One prompt string per question.
     """
+    if template in ("r1_zero", "chat"):
+        _warn_if_templated(questions, template, tokenizer)
     if template == "r1_zero":
         return [r1_zero_prompt(q, prefill_think=prefill_think) for q in questions]
     if template == "chat":

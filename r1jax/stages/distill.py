@@ -60,6 +60,8 @@ def run(config, workdir: str) -> dict:
     """Train the student `model.path` on `distill.source`; writes workdir/hf/final."""
     d = config.distill
     mesh = common.make_mesh(config)
+    # The traces first: a bad row is named before minutes go into loading two models.
+    pairs = sft_stage.load_pairs(_as_sft(config), common.load_tokenizer(config), section="distill")
     student, tokenizer = common.load_model(config, mesh)
     teacher = None
     if d.teacher:
@@ -73,7 +75,6 @@ def run(config, workdir: str) -> dict:
                 "logit distillation needs one vocabulary (leave "
                 "distill.teacher empty for trace SFT)"
             )
-    pairs = sft_stage.load_pairs(_as_sft(config), tokenizer, section="distill")
     log.info(
         "distilling %s into %s: %d traces%s",
         d.source,

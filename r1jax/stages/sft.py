@@ -167,10 +167,10 @@ def _without_opened_think(prompt: str, completion: str) -> str:
 def run(config, workdir: str) -> dict:
     """Fine-tune `model.path` on `sft.source`; writes workdir/hf/final."""
     mesh = common.make_mesh(config)
+    # The data first: a bad row is named before minutes go into loading a large model.
+    pairs = load_pairs(config, common.load_tokenizer(config))
     model, tokenizer = common.load_model(config, mesh)
-    return train_on_pairs(
-        config, "sft", workdir, model, tokenizer, load_pairs(config, tokenizer), mesh
-    )
+    return train_on_pairs(config, "sft", workdir, model, tokenizer, pairs, mesh)
 
 
 def train_on_pairs(
