@@ -483,6 +483,12 @@ def test_sft_trains_after_a_think_tag_its_prompt_already_opened(toy, tmp_path):
     config.sft.prefill_think = False  # the tag stays in the completion, once
     [(prompt, completion, _)] = sft_stage.load_pairs(config, tokenizer)
     assert prompt.endswith("Assistant:") and completion == "<think> " + generated
+    # A row with no reasoning (non-reasoning data) closes the block its prompt opened, empty, as
+    # R1's do; it trained the model to answer, and stop, inside the block.
+    path.write_text(json.dumps({"prompt": "Say hello.", "completion": "Hello!"}))
+    config.sft.template = "chat"
+    [(prompt, completion, _)] = sft_stage.load_pairs(config, tokenizer)
+    assert prompt + completion == prompt[: -len("<think>\n")] + "<think>\n\n</think>\n\nHello!"
     # Nothing but the tag its prompt opened: no text to learn, refused (it trained on EOS alone).
     path.write_text(json.dumps({"prompt": "What is 2 + 2?", "completion": "<think>\n"}))
     config.sft.template = "chat"
@@ -746,7 +752,7 @@ def test_rejection_sampling_writes_each_completion_with_its_own_prompt(toy, tmp_
             a, b = map(int, regex.findall(r"What is (\d+) \+ (\d+)\?", tokenizer.decode(ids))[-1])
             text = f"<think> {a} + {b} </think> <answer>{a + b}</answer>"
             tokens += [tokenizer(text, add_special_tokens=False)["input_ids"]] * num_samples
-        return types.SimpleNamespace(tokens=tokens)
+        return types.SimpleNamespace(tokens=tokens, stop_reason=[0] * len(tokens))
 
     monkeypatch.setattr(rs.sampling, "generate", answer_every_prompt)
     rows = [{"question": "What is 1 + 1? " + "Think hard. " * 40, "answer": "#### 2"}]
@@ -765,6 +771,51 @@ def test_rejection_sampling_writes_each_completion_with_its_own_prompt(toy, tmp_
     for w in written:
         i = int(regex.match(r"What is (\d+) \+ 3\?", w["prompt"]).group(1))
         assert w["solution"] == str(i + 3) and f"<answer>{i + 3}</answer>" in w["completion"]
+
+
+def test_rejection_sampling_drops_traces_that_state_held_out_problems(toy, tmp_path, monkeypatch):
+    """The teacher checks its sums ("Let me check by subtracting: 55 - 6 = 49"), and such a check
+    is a problem of the task, held out ~10% of the time: the session-20 pipeline's traces stated
+    61 of the 256 held-out problems with their answers, and R1's SFT and the distillation trained
+    on them. Traces cut off at the token budget were kept when the format was not required."""
+    import re as regex
+    import types
+
+    from r1jax.data import split_of
+    from r1jax.models import hf
+    from r1jax.stages import rejection_sampling as rs
+
+    tokenizer = hf.tokenizer(os.path.join(toy[0], "toy_base"))
+    held_out_checks = []
+
+    def answer_and_check(model, prompt_ids, *, num_samples, **kwargs):  # a perfect sampler
+        tokens = []
+        for ids in prompt_ids:
+            a, op, b = regex.findall(r"What is (\d+) ([+-]) (\d+)\?", tokenizer.decode(ids))[-1]
+            a, b = int(a), int(b)
+            c, inverse = (a + b, "-") if op == "+" else (a - b, "+")
+            check = f"{c} {inverse} {b} = {a}"
+            key = f"arithmetic|{min(c, b)}+{max(c, b)}" if inverse == "+" else f"arithmetic|{c}-{b}"
+            held_out_checks.append(split_of(key, 0.1) == "eval")
+            text = f"<think> {a} {op} {b}. Check: {check}. </think> <answer>{c}</answer>"
+            tokens += [tokenizer(text, add_special_tokens=False)["input_ids"]] * num_samples
+        stops = [1] + [0] * (len(tokens) - 1)  # the first sample ran out of tokens
+        return types.SimpleNamespace(tokens=tokens, stop_reason=stops)
+
+    monkeypatch.setattr(rs.sampling, "generate", answer_and_check)
+    config = sh.load_config("rejection_sampling")
+    r = config.rejection_sampling
+    r.num_prompts, r.num_samples, r.batch_prompts, r.max_per_prompt = 64, 1, 64, 0
+    r.require_format = False
+    config.data.num_train, config.data.prompt_buckets = 64, (128,)
+    summary = run("rejection_sampling", config, tmp_path / "run")
+    assert summary["dropped"]["truncated"] == 1
+    stated = sum(held_out_checks[1:])
+    assert stated >= 2 and summary["dropped"]["states_held_out"] == stated
+    assert summary["kept"] == 63 - stated
+    with pytest.raises(common.ConfigError, match=r"non_reasoning_ratio must be >= 0"):
+        r.non_reasoning_ratio = -0.2
+        common.validate(config, "rejection_sampling")
 
 
 def test_rejection_sampling_default_runs(toy, tmp_path, monkeypatch):
@@ -1185,21 +1236,24 @@ def test_damaged_latest_checkpoint_gives_one_clear_error(reference_rl, tmp_path)
 # --------------------------------------------------------------------------------------------------
 
 
-def sample(row, completion, correct=True, fmt=1.0, language=1.0):
+def sample(row, completion, correct=True, fmt=1.0, language=1.0, **flags):
     return {
         "row": row,
         "completion": completion,
         "correct": correct,
         "format": fmt,
         "language": language,
+        **flags,  # truncated, states_held_out
     }
 
 
 def test_filter_samples_drops_each_reason_once_in_order():
     samples = [
         sample(0, "<think>a</think><answer>1</answer>"),  # kept
-        sample(0, "wrong", correct=False, fmt=0.0, language=0.0),  # incorrect (first)
+        sample(0, "<think>cut", correct=False, fmt=0.0, truncated=True),  # truncated (first)
+        sample(0, "wrong", correct=False, fmt=0.0, language=0.0),  # incorrect
         sample(0, "no tags", fmt=0.0, language=0.0),  # malformed
+        sample(0, "<think>4 + 5 = 9</think><answer>1</answer>", states_held_out=True),
         sample(0, "<think>混合</think><answer>1</answer>", language=0.5),  # mixed language
         sample(0, "<think>" + "word " * 30 + "</think><answer>1</answer>"),  # long paragraph
         sample(0, "<think>a\n```\nx = 1\n```</think><answer>1</answer>"),  # code block
@@ -1217,10 +1271,12 @@ def test_filter_samples_drops_each_reason_once_in_order():
         drop_code_blocks=True,
         max_per_prompt=4,
     )
-    assert [samples.index(s) for s in kept] == [0, 6, 7, 9, 11]
+    assert [samples.index(s) for s in kept] == [0, 8, 9, 11, 13]
     assert dropped == {
+        "truncated": 1,
         "incorrect": 1,
         "malformed": 1,
+        "states_held_out": 1,
         "mixed_language": 1,
         "long_paragraph": 1,
         "code_block": 1,

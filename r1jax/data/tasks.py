@@ -65,6 +65,10 @@ def _as_task(task: str | Task) -> Task:
     return _default_task(task) if isinstance(task, str) else task
 
 
+# The share of each built-in task's problems held out for evaluation (every stage's default).
+EVAL_FRACTION = 0.1
+
+
 def split_of(key: str, eval_fraction: float) -> str:
     """Return "eval" iff the problem key's SHA-256, read as a number in [0, 1), is below
     ``eval_fraction``, else "train"."""
@@ -78,7 +82,7 @@ def make_dataset(
     *,
     seed: int,
     split: str = "train",
-    eval_fraction: float = 0.1,
+    eval_fraction: float = EVAL_FRACTION,
     unique: bool = True,
     stream: str = "problems",
     also_train: Callable[[dict], Sequence[str]] | None = None,

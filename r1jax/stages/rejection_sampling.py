@@ -1,11 +1,13 @@
 """Stage: rejection sampling — turn an RL checkpoint into SFT data (R1's stage 3).
 
 1. sample k answers for each training prompt from the checkpoint;
-2. keep an answer only if it is correct (the task's rule), well-formed (<think>…</think><answer>…
-   </answer>), and its chain of thought is in one language (language-consistency reward above a
-   threshold), without long paragraphs and without code blocks — the filters the paper describes
-   ("we filter out chain-of-thought with mixed languages, long paragraphs, and code blocks"), each
-   switchable;
+2. keep an answer only if it ended before the token budget, is correct (the task's rule),
+   well-formed (<think>…</think><answer>…</answer>), and its chain of thought is in one language
+   (language-consistency reward above a threshold), without long paragraphs and without code
+   blocks — the filters the paper describes ("we filter out chain-of-thought with mixed languages,
+   long paragraphs, and code blocks"), each switchable; for the built-in tasks, an answer that
+   states a held-out problem with its answer (a check "49 + 6 = 55" whose problem is held out) is
+   dropped too, or the SFT data would give evaluation answers away;
 3. drop duplicates and cap the answers kept per prompt;
 4. mix in non-reasoning data (prompt/completion rows from a file), as the paper adds ~200k such
    samples to ~600k reasoning ones;
@@ -31,6 +33,7 @@ from typing import Any
 import jax
 
 from r1jax import paths, rewards, sampling, sharding
+from r1jax.data import arithmetic, tasks
 from r1jax.rewards.common import think_region
 from r1jax.rewards.language import word_scripts
 from r1jax.stages import common
@@ -39,8 +42,10 @@ from r1jax.stages import eval as eval_stage
 log = logging.getLogger("r1jax")
 
 DROP_REASONS = (
+    "truncated",
     "incorrect",
     "malformed",
+    "states_held_out",
     "mixed_language",
     "long_paragraph",
     "code_block",
@@ -69,7 +74,9 @@ def filter_samples(
 
     Each sample has `row` (prompt id), `completion`, `correct` (bool), `format` (float, 1.0 =
     well-formed) and `language` (share of the reasoning's words in the target language; None when
-    it has no words, e.g. only arithmetic: nothing in another language). The paragraph and code
+    it has no words, e.g. only arithmetic: nothing in another language), and optionally
+    `truncated` (it reached the token budget: cut off, always dropped) and `states_held_out` (its
+    text states a held-out problem with the answer: always dropped). The paragraph and code
     filters read the chain of thought (`rewards.think_region`); 0 / False turn them off. Filters
     apply in the order of DROP_REASONS, and a sample is counted under the first one it fails.
     """
@@ -77,10 +84,14 @@ def filter_samples(
     seen: set[tuple[int, str]] = set()
     per_prompt: collections.Counter = collections.Counter()
     for s in samples:
-        if require_correct and not s["correct"]:
+        if s.get("truncated"):
+            dropped["truncated"] += 1
+        elif require_correct and not s["correct"]:
             dropped["incorrect"] += 1
         elif require_format and s["format"] < 1.0:
             dropped["malformed"] += 1
+        elif s.get("states_held_out"):
+            dropped["states_held_out"] += 1
         elif s["language"] is not None and s["language"] < min_language_consistency:
             dropped["mixed_language"] += 1
         elif max_paragraph_chars and longest_paragraph(think_region(s["completion"])) > (
@@ -98,6 +109,14 @@ def filter_samples(
             per_prompt[s["row"]] += 1
             kept.append(s)
     return kept, dropped
+
+
+def states_held_out(text: str) -> bool:
+    """Whether `text` states a held-out problem of the built-in arithmetic task with its answer
+    (`arithmetic.equation_keys`; Countdown's steps are such problems too)."""
+    return any(
+        tasks.split_of(k, tasks.EVAL_FRACTION) != "train" for k in arithmetic.equation_keys(text)
+    )
 
 
 def validate(config) -> None:
@@ -119,6 +138,11 @@ def validate(config) -> None:
         raise common.ConfigError("rejection_sampling.min_language_consistency must be in [0, 1]")
     if r.max_paragraph_chars < 0:
         raise common.ConfigError("rejection_sampling.max_paragraph_chars must be >= 0 (0 = off)")
+    if r.non_reasoning_ratio < 0:
+        raise common.ConfigError(
+            f"rejection_sampling.non_reasoning_ratio must be >= 0 (non-reasoning rows per kept "
+            f"sample; 0 = none), got {r.non_reasoning_ratio}"
+        )
 
 
 def _non_reasoning_rows(r) -> list[dict[str, Any]]:
@@ -211,6 +235,8 @@ def run(config, workdir: str) -> dict[str, Any]:
                     "format": well_formed[j],
                     # None: no words in the reasoning (e.g. only arithmetic), so none mixed.
                     "language": language[j] if word_scripts(think_region(text)) else None,
+                    "truncated": out.stop_reason[j] == sampling.LENGTH,
+                    "states_held_out": rows[i].get("task") in tasks.TASKS and states_held_out(text),
                 }
             )
 
@@ -255,6 +281,14 @@ def run(config, workdir: str) -> dict[str, Any]:
         "keep_rate": len(kept) / max(1, len(samples)),
     }
     path = os.path.join(workdir, "rejection_sampled.jsonl")
+    if not kept:
+        log.warning(
+            "rejection sampling kept no sample of %d (dropped: %s): an SFT on %s has no "
+            "reasoning data; check the checkpoint (model.path) and the filters",
+            len(samples),
+            ", ".join(f"{k} {v}" for k, v in dropped.items()),
+            path,
+        )
     if jax.process_index() == 0:
         paths.write_text(path, "".join(json.dumps(x) + "\n" for x in out_rows))  # atomic
         print(

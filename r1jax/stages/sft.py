@@ -149,17 +149,22 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
 
 
 def _without_opened_think(prompt: str, completion: str) -> str:
-    """`completion` without its opening think tag when `prompt` already ends with one.
+    """`completion` continuing the think block `prompt` opened, when it ends with one.
 
     Reasoning rows carry the whole format, "<think>…</think><answer>…</answer>" (as
     rejection sampling writes them, whatever its prompt opened); a chat template that opens the
     block itself (DeepSeek-R1-Distill's) or `prefill_think` puts the tag in the prompt, and the
-    model must learn to continue after it, not to write a second one.
+    model must learn to continue after it, not to write a second one. A row with no reasoning
+    (non-reasoning data: a plain answer) closes the opened block empty first, as R1's own
+    non-reasoning answers do ("<think>\n\n</think>\n\n"), rather than training the model to
+    answer, and stop, inside its reasoning.
     """
     opened = templates.completion_prefix("", False, prompt)  # "<think>\n", "<think>" or ""
     body = completion.lstrip()
-    if not opened or not body.startswith("<think>"):
+    if not opened or not body:
         return completion
+    if not body.startswith("<think>"):
+        return completion if "</think>" in completion else f"\n</think>\n\n{body}"
     body = body[len("<think>") :]
     return body[1:] if opened.endswith("\n") and body.startswith("\n") else body
 
