@@ -14,6 +14,7 @@ from r1jax.stages import common
 
 
 def get_config(arg=None):
+    common.check_config_arg(arg, "distill")
     config = common.base_config()
     config.model.path = common.TOY_BASE  # the student
 

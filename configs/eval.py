@@ -10,6 +10,7 @@ from r1jax.stages import common
 
 
 def get_config(arg=None):
+    common.check_config_arg(arg, "eval")
     config = common.base_config()
     config.model.path = common.TOY_BASE
     config.mesh.fsdp = 1

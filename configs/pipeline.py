@@ -20,6 +20,7 @@ def _stage(name):
 
 
 def get_config(arg=None):
+    common.check_config_arg(arg, "pipeline", ("smoke",))
     smoke = arg == "smoke"
     config = common.base_config()
     config.model.path = ""  # every section names its own model

@@ -17,6 +17,7 @@ from r1jax.stages import common
 
 
 def get_config(arg=None):
+    common.check_config_arg(arg, "pretrain")
     config = common.base_config()
     config.model.path = ""  # unused: pretraining builds the model from config.pretrain.arch
     config.ckpt.every = 200

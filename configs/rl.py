@@ -16,6 +16,7 @@ from r1jax.stages import common
 
 
 def get_config(arg=None):
+    common.check_config_arg(arg, "rl")
     config = common.base_config()
     config.model.path = common.TOY_BASE
     config.ckpt.every = 25

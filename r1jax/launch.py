@@ -35,9 +35,9 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 def _stage_from_argv(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv):
-        if arg.startswith("--stage="):
+        if arg.startswith(("--stage=", "-stage=")):  # (absl takes either)
             return arg.split("=", 1)[1]
-        if arg == "--stage" and i + 1 < len(argv):
+        if arg in ("--stage", "-stage") and i + 1 < len(argv):
             return argv[i + 1]
     return None
 
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
+    argv = _with_default_config(list(argv if argv is not None else sys.argv))
     flags.DEFINE_enum("stage", None, STAGES, "Stage of the recipe to run.")
     config_flags.DEFINE_config_file(
         "config",
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         "ml_collections config file (default: configs/<stage>.py). Override fields "
         "with --config.section.field=value.",
         lock_config=True,
+        sys_argv=argv,  # (its overrides are read from this list, not from sys.argv)
     )
     flags.DEFINE_string(
         "workdir",
@@ -72,9 +74,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     flags.mark_flag_as_required("stage")
 
-    def run(_argv):
+    def run(rest):
         import jax
         from absl import logging as absl_logging
+
+        if len(rest) > 1:  # (after a "--", or without the dashes: absl leaves them over)
+            sys.exit(
+                f"error: unexpected arguments {rest[1:]}; give flags as --stage=..., "
+                f"--workdir=... and --config.section.field=value"
+            )
 
         from r1jax import paths, sharding
 
@@ -93,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         config = flags.FLAGS.config
         stage = flags.FLAGS.stage
         workdir = flags.FLAGS.workdir or os.path.join("runs", stage)
+        if not paths.is_remote(workdir):
+            workdir = os.path.expanduser(workdir)  # ("--workdir=~/x": no shell expands it)
         error = None
         try:
             common.validate(config, stage)
@@ -116,6 +126,17 @@ def main(argv: list[str] | None = None) -> None:
         # A check can fail on one host only (its copy of the model folder is missing): every
         # process stops then, instead of the others running on into a collective that waits.
         error = _agree_on_start(error)
+        if error is None and jax.process_count() > 1 and not paths.is_remote(workdir):
+            # Every process writes its shards of each checkpoint into the workdir, and process 0
+            # commits it: on each host's own disk no checkpoint ever completes (the run hangs at
+            # its first save or its end).
+            seen, total = common.processes_sharing(workdir)
+            if seen < total:
+                error = (
+                    f"error: --workdir={workdir} is not one folder shared by every host ("
+                    f"{total - seen} of the {total} processes do not see process 0's files in "
+                    f"it); give a shared file system path or a gs:// URI"
+                )
         if error is not None:
             if jax.process_count() > 1:
                 # Every process knows now: leave at once, without JAX's shutdown barrier (where
@@ -165,11 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             sys.exit(130)
 
-    app.run(
-        run,
-        argv=_with_default_config(list(argv if argv is not None else sys.argv)),
-        flags_parser=_parse_flags_with_help,
-    )
+    app.run(run, argv=argv, flags_parser=_parse_flags_with_help)
 
 
 def _leave_now() -> None:
@@ -269,6 +286,13 @@ def _parse_flags_with_help(argv):
             f"config error: --config={spec}: no such file; the stages' configs are in "
             f"{CONFIG_DIR} ({', '.join(known)})"
         )
+    if spec is not None:
+        from r1jax.stages import common
+
+        try:  # (ml_collections would print its own traceback around the message)
+            common.load_config_file(spec)
+        except ValueError as e:
+            sys.exit(f"config error: --config={spec}: {e}")
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:

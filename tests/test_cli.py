@@ -838,3 +838,30 @@ def test_data_paths_that_name_no_file_are_refused_before_any_model_loads(tmp_pat
         config[section][name] = str(tmp_path / "none*.jsonl")
         with pytest.raises(common.ConfigError, match=f"^{field}: no dataset files match"):
             common.validate(config, stage)
+
+
+def test_arguments_that_were_silently_ignored_are_refused_or_honoured(toy, tmp_path):
+    """Overrides after a "--" (or without their dashes) were dropped and the default ran; a
+    misspelt ":smoke" ran the whole recipe; "--workdir=~/x" wrote into a folder named "~"; a
+    negative seed or a NaN reward weight passed validation and failed after the model loaded."""
+    from r1jax import launch
+
+    env = sh.cli_env(toy[0])
+    for args, message in (
+        (["--stage=eval", "--", "--config.eval.num_prompts=3"], "unexpected arguments"),
+        (["--stage=pipeline", "--config=configs/pipeline.py:smoek"], "takes one of ['smoke']"),
+        (["--stage=eval", "--config.seed=-1"], "seed must be an integer >= 0"),
+        (["--stage=rl", "--config.rewards.format=nan"], "rewards: weights must be finite"),
+    ):
+        out = run_cli([*args, f"--workdir={tmp_path / 'w'}"], env)
+        assert out.returncode != 0 and message in out.stderr, (args, out.stderr[-2000:])
+    assert launch._stage_from_argv(["launch", "-stage=rl"]) == "rl"  # (absl takes one dash too)
+    # A bad row ends the SFT before any model loads; by then the workdir, ~ expanded, exists.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "completion": " "}) + "\n")
+    out = run_cli(
+        ["--stage=sft", "--workdir=~/sft_run", f"--config.sft.source={bad}"],
+        {**env, "HOME": str(tmp_path)},
+    )
+    assert out.returncode == 1 and "completion must be non-empty" in out.stderr, out.stderr
+    assert (tmp_path / "sft_run" / "config_sft.json").exists()

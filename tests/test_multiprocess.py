@@ -376,6 +376,23 @@ def test_the_toy_model_on_hosts_without_a_shared_home_is_refused_on_every_proces
         assert "1 of the 2 processes do not share" in last and "R1JAX_HOME" in last, last
 
 
+def test_a_workdir_the_hosts_do_not_share_is_refused_on_every_process(toy, tmp_path):
+    """--workdir=/scratch/run on hosts without a shared file system: every process trained, then
+    waited forever for a checkpoint whose shards were on the other host's disk (no message for
+    10 minutes, and SIGTERM did not end it). Now refused before any work, by every process."""
+    address = f"127.0.0.1:{sh.free_port()}"
+    procs = []
+    for i in range(2):  # (each host's own disk: one folder per process)
+        env = _process_env(toy[0], address, i)
+        args = ["--stage=eval", f"--workdir={tmp_path / f'run{i}'}"]
+        procs.append(sh.popen(args, env, str(tmp_path / f"p{i}")))
+    codes, seconds = _exit_codes(procs)
+    assert codes == [1, 1] and seconds < 120, codes
+    for i in range(2):
+        last = sh.read(str(tmp_path / f"p{i}.err")).strip().splitlines()[-1]
+        assert "is not one folder shared by every host (1 of the 2 processes" in last, last
+
+
 def test_a_checkpoint_damaged_in_one_process_files_stops_every_process(toy, tmp_path):
     """A resume whose checkpoint is damaged only in the files process 1 wrote: process 1 failed
     with the one-line error, and process 0 waited for it inside orbax's restore forever."""

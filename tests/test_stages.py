@@ -361,8 +361,8 @@ def test_sft_default_runs(toy, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]  # 16 examples / 8 per step
     assert np.isfinite(out["loss"]) and out["num_tokens"] > 0
     assert_hf_folder(tmp_path / "hf" / "final")
-    # Warmup gives step 1 a learning rate of 0, step 2 a positive one: the weights moved.
-    assert rows[0]["learning_rate"] == 0 and rows[1]["learning_rate"] > 0
+    # 2 steps: the 10-step warm-up shortened to a tenth of the run (none), then the cosine decay.
+    assert rows[0]["learning_rate"] == pytest.approx(1e-3) and rows[1]["learning_rate"] > 0
     assert sh.max_param_change(sh.hf_params(tmp_path / "hf" / "final"), toy_params(toy)) > 0
 
 

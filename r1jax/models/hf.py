@@ -656,7 +656,9 @@ def write_files(
             shard[name] = array
             if len(shard) == len(plan[shard_of[name]]):  # complete: write it and let it go
                 i = shard_of[name]
-                save_file(pending.pop(i), os.path.join(path, files[i]), metadata={"format": "pt"})
+                target = os.path.join(path, files[i])
+                save_file(pending.pop(i), target, metadata={"format": "pt"})
+                os.chmod(target, 0o666 & ~_umask())  # (safetensors writes 0600: others' umask)
     if writer and len(plan) > 1:
         total = sum(nbytes for names, _ in tensors for _, nbytes in names)
         weight_map = {name: files[shard_of[name]] for name in shard_of}
@@ -667,6 +669,16 @@ def write_files(
 # --------------------------------------------------------------------------------------------------
 # load / save
 # --------------------------------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for a moment, under
+    other threads writing files)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o022
 
 
 def read_config(path: str) -> dict[str, Any]:

@@ -127,6 +127,8 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
                 + f"; use configs/{stage}.py or pass the stage the config is for"
             )
 
+    if not isinstance(config.get("seed", 0), int) or config.get("seed", 0) < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {config.seed!r}")
     mesh_sizes(config, jax.device_count())
     for field in ("param_dtype", "dtype"):
         if config.model[field] not in ("float32", "bfloat16"):
@@ -607,31 +609,43 @@ def _check_home_is_shared() -> None:
     global _home_checked
     if jax.process_count() == 1 or _home_checked:
         return
-    import time
-
-    import numpy as np
-    from jax.experimental import multihost_utils
-
     home = r1jax_home()
-    os.makedirs(home, exist_ok=True)
-    token = int(multihost_utils.broadcast_one_to_all(np.int32(time.time_ns() % 2**31)))
-    probe = os.path.join(home, f".shared_probe_{token}")
-    if _is_process_zero():
-        open(probe, "w").close()
-    sync_processes("R1JAX_HOME probe written")
-    seen = multihost_utils.process_allgather(np.int32(os.path.exists(probe)))
-    sync_processes("R1JAX_HOME probe read")
-    if _is_process_zero():
-        os.remove(probe)
-    if np.all(seen):
+    seen, total = processes_sharing(home)
+    if seen == total:
         _home_checked = True  # (once per process: every model load comes here)
         return
     raise ConfigError(
         f"model.path='toy' builds the toy base model once into R1JAX_HOME ({home}), which "
-        f"{int(len(seen) - np.sum(seen))} of the {len(seen)} processes do not share; give "
+        f"{total - seen} of the {total} processes do not share; give "
         "model.path a checkpoint folder every host can read, or set R1JAX_HOME to a shared "
         "folder"
     )
+
+
+def processes_sharing(folder: str) -> tuple[int, int]:
+    """(how many processes see a file process 0 writes into local `folder`, how many there are);
+    every process must call it. A folder on each host's own disk is seen by process 0's host
+    only: files one process writes there (a checkpoint's shards, an export) never reach the
+    others, which then wait for them forever."""
+    import time
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return 1, 1
+    os.makedirs(folder, exist_ok=True)
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(time.time_ns() % 2**31)))
+    probe = os.path.join(folder, f".shared_probe_{token}")
+    if _is_process_zero():
+        open(probe, "w").close()
+    sync_processes("shared-folder probe written")  # (names must match: not the folder)
+    seen = multihost_utils.process_allgather(np.int32(os.path.exists(probe)))
+    sync_processes("shared-folder probe read")
+    if _is_process_zero():
+        os.remove(probe)
+    return int(np.sum(seen)), len(seen)
 
 
 def sync_processes(what: str) -> None:
@@ -700,7 +714,7 @@ def load_reward_model(section: ml_collections.ConfigDict, mesh):
 
     log.info("reward model: %s (weight %s)", section.path, section.weight)
     return RewardModel.load(
-        section.path,
+        os.path.expanduser(section.path),
         mesh=mesh,
         param_dtype=section.dtype,
         batch_size=section.batch_size,
@@ -723,6 +737,14 @@ def write_json(path: str, obj: Any) -> None:
 # --------------------------------------------------------------------------------------------------
 # Config sections shared by several stages
 # --------------------------------------------------------------------------------------------------
+
+
+def check_config_arg(arg: str | None, name: str, allowed: tuple[str, ...] = ()) -> None:
+    """Refuse a `--config=configs/<name>.py:ARG` argument the config does not take (a misspelt
+    ":smoke" ran the whole recipe)."""
+    if arg not in (None, "", *allowed):
+        takes = f"one of {list(allowed)}" if allowed else "no argument"
+        raise ValueError(f"configs/{name}.py takes {takes} after ':', got {arg!r}")
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
@@ -761,11 +783,17 @@ def optim(
     spans_run = run_steps is not None and fields["schedule"] == "cosine"
     if spans_run:
         fields["total_steps"] = run_steps
-    if spans_run and run_steps <= fields["warmup_steps"]:
-        raise ConfigError(
-            f"optim.schedule='cosine' needs more optimizer steps than optim.warmup_steps="
-            f"{fields['warmup_steps']}; this run takes {run_steps}"
+    if spans_run and run_steps <= fields["warmup_steps"] and not steps_later:
+        # (an SFT on a small file: its step count comes from the data) A warm-up as long as the
+        # run would leave the decay no step; a tenth of the run warms up instead.
+        log.warning(
+            "optim.warmup_steps=%d is as long as this run's %d optimizer steps: warming up over "
+            "%d (a tenth of the run), then the cosine decay",
+            fields["warmup_steps"],
+            run_steps,
+            run_steps // 10,
         )
+        fields["warmup_steps"] = run_steps // 10
     try:
         return OptimConfig(**fields)
     except ValueError as e:
@@ -1361,12 +1389,12 @@ def validate_reward_model(section) -> None:
                 "reward model's checkpoint folder"
             )
         return
-    if not os.path.isdir(section.path):
+    if not os.path.isdir(os.path.expanduser(section.path)):
         raise ConfigError(f"reward_model.path {section.path!r} is not a folder")
     from r1jax.rewards import reward_model
 
     try:  # its config.json, before the policy loads
-        reward_model.check_config(section.path)
+        reward_model.check_config(os.path.expanduser(section.path))
     except (OSError, ValueError) as e:
         raise ConfigError(f"reward_model.path: {e}") from None
     if section.get("rows", "general") not in REWARD_MODEL_ROWS:

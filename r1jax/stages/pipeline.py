@@ -64,6 +64,8 @@ EVALUATED = (
 
 
 # The pipeline-level sections every stage also has; a value set at the top level applies to all.
+# (A value equal to `common.base_config`'s cannot be told from one left unset, so it leaves each
+# stage's own: `--config.ckpt.every=50` keeps r1_zero's 25; set `--config.r1_zero.ckpt.every=50`.)
 SHARED_SECTIONS = ("mesh", "model", "ckpt", "log", "sandbox")
 
 

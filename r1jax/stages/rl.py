@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -154,7 +155,7 @@ def validate(config) -> None:
             f"would be {k} on this CPU and 1 on an accelerator. Set rl.num_micro_batches "
             f"explicitly, or use 'dapo' (the whole batch's tokens, whatever the micro-batches)"
         )
-    if r.beta > 0 and r.ref_model and not os.path.isdir(r.ref_model):
+    if r.beta > 0 and r.ref_model and not os.path.isdir(os.path.expanduser(r.ref_model)):
         raise common.ConfigError(f"rl.ref_model {r.ref_model!r} is not a folder")
     weights = config.rewards.to_dict()
     unknown = set(weights) - set(rewards.REWARDS)
@@ -162,6 +163,9 @@ def validate(config) -> None:
         raise common.ConfigError(
             f"rewards: unknown reward(s) {sorted(unknown)}; registered: {sorted(rewards.REWARDS)}"
         )
+    bad = {k: w for k, w in weights.items() if not math.isfinite(w)}
+    if bad:
+        raise common.ConfigError(f"rewards: weights must be finite numbers, got {bad}")
     common.validate_reward_model(config.reward_model)
     if not any(w != 0 for w in weights.values()) and not _reward_model_on(config):
         raise common.ConfigError(
