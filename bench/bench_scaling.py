@@ -206,7 +206,7 @@ def main() -> None:
     args = parser.parse_args()
     import jax
 
-    if jax.device_count() < DEVICES:  # started by hand: re-run with the simulated devices
+    if jax.device_count() < DEVICES and not args.json:  # by hand: again with simulated devices
         rows = run(tuple(args.sizes.split(",")), args.repeats)
     else:
         rows = measure(tuple(args.sizes.split(",")), args.repeats)

@@ -81,6 +81,16 @@ def table(result: dict) -> str:
         f"{_fmt(lim['copy_gbs'], digits=1)} GB/s",
         "",
     ]
+    busy = result["load_before"][0] > result["machine"]["available_cpus"]  # (1-minute average)
+    if busy:
+        out += [
+            f"NOTE: load {result['load_before'][0]:.1f} on {result['machine']['available_cpus']} "
+            "cpus before the run: other work shares the cores, and the ratios below compare "
+            "phases of it (transformers has measured 20x slower under such load); rerun quiet.",
+            "",
+        ]
+    for workload, error in result.get("failed", {}).items():
+        out += [f"FAILED: workload {workload}: {error}", ""]
     a = [r for r in result["rows"] if r["workload"] == "A"]
     if a:
         out += [
@@ -129,18 +139,22 @@ def table(result: dict) -> str:
             out.append("")
     c = [r for r in result["rows"] if r["workload"] == "C"]
     if c:
+        rate = result.get("limits_before_c", lim)["matmul_gflops"]
         out += [
-            "C  update throughput, rows x 160 tokens",
+            f"C  update throughput, rows x 160 tokens (MFU over the f32 matmul rate measured just "
+            f"before: {_fmt(rate, digits=1)} GFLOP/s; > 100%: the host's rate changed in between, "
+            f"no figure)",
             "| model | rows | micro-batch rows | update s | tokens/s | GFLOP/s | MFU | "
             "compiles (steady) |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in c:
+            mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] <= 1 else "invalid"
             out.append(
                 f"| {r['model']} | {r['rows']} | {r.get('micro_batch_rows', r['rows'])} | "
                 f"{_fmt(r['update_s'], digits=3)} | "
-                f"{r['tokens_per_s']:.0f} | {r['achieved_gflops']:.1f} | "
-                f"{100 * r['mfu']:.0f}% | {r['compiles_steady']} |"
+                f"{r['tokens_per_s']:.0f} | {r['achieved_gflops']:.1f} | {mfu} | "
+                f"{r['compiles_steady']} |"
             )
         out.append("")
     sc = [r for r in result["rows"] if r["workload"] == "S"]
@@ -200,6 +214,8 @@ def main() -> None:
         parser.error(
             f"--sizes: unknown {sorted(unknown)}; choose from {sorted(bench_sampling.MODELS)}"
         )
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     repeats = args.repeats or (2 if args.quick else 3)
     name = args.name or ("quick" if args.quick else "all")
 
@@ -209,32 +225,46 @@ def main() -> None:
         "workloads": workloads,
         "sizes": sizes,
         "repeats": repeats,
+        "rows": [],
+        "failed": {},
     }
     t0 = time.perf_counter()
     result["limits"] = limits.measure(repeats=max(repeats, 3))
-    rows = []
-    if "A" in workloads:
-        rows += bench_sampling.run(sizes, repeats, prefill=not args.quick)
-    grpo_workloads = tuple(w for w in workloads if w in ("B", "C"))
-    if "B" in grpo_workloads:
-        rows += bench_grpo.run(("tiny",), repeats, workloads=("B",))
-    if "C" in grpo_workloads:
-        rows += bench_grpo.run(
-            sizes, repeats, result["limits"]["matmul_gflops"]["median"], workloads=("C",)
-        )
-    if "S" in workloads:
-        rows += bench_scaling.run(sizes, repeats)
-    result["rows"] = rows
-    result["load_after"] = os.getloadavg()
-    result["wall_s"] = time.perf_counter() - t0
 
-    text = table(result)
-    print(text)
+    def c_rows():
+        # C's MFU is over the matmul rate measured just before it: the host's rate drifts by up
+        # to 1.25x within minutes, so the rate from the start of the run misstates it.
+        result["limits_before_c"] = limits.measure(repeats=max(repeats, 3))
+        rate = result["limits_before_c"]["matmul_gflops"]["median"]
+        return bench_grpo.run(sizes, repeats, rate, workloads=("C",))
+
+    runs = {
+        "A": lambda: bench_sampling.run(sizes, repeats, prefill=not args.quick),
+        "B": lambda: bench_grpo.run(("tiny",), repeats, workloads=("B",)),
+        "C": c_rows,
+        "S": lambda: bench_scaling.run(sizes, repeats),
+    }
+    for workload in (w for w in WORKLOADS if w in workloads):
+        try:
+            result["rows"] += runs[workload]()
+        except Exception as e:  # (one failing workload must not lose the others' figures)
+            result["failed"][workload] = f"{type(e).__name__}: {e}"
+            print(f"workload {workload} failed: {e}", file=sys.stderr)
+        result["load_after"] = os.getloadavg()
+        result["wall_s"] = time.perf_counter() - t0
+        path = _write(result, name)  # after each workload: a later failure keeps these
+    print(table(result))
+    print(f"wrote {os.path.relpath(path, ROOT)} ({result['wall_s']:.0f} s)")
+    if result["failed"]:
+        sys.exit(f"failed workloads: {sorted(result['failed'])}")
+
+
+def _write(result: dict, name: str) -> str:
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     path = os.path.join(ROOT, "bench", "results", f"{name}.json")
     with open(path, "w") as f:
-        json.dump({**result, "table": text}, f, indent=2)
-    print(f"wrote {os.path.relpath(path, ROOT)} ({result['wall_s']:.0f} s)")
+        json.dump({**result, "table": table(result)}, f, indent=2)
+    return path
 
 
 if __name__ == "__main__":

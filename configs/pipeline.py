@@ -95,7 +95,7 @@ def get_config(arg=None):
             section.num_examples = 16
         rs = config.rejection_sampling.rejection_sampling
         rs.num_prompts, rs.num_samples, rs.max_new_tokens = 8, 2, 16
-        rs.require_correct = rs.require_format = False
+        rs.require_correct = rs.require_format = rs.drop_truncated = False  # (16 tokens: any)
         rs.min_language_consistency = 0.0
         config.rejection_sampling.data.num_train = 64
         config.eval_stage.eval.num_prompts = 8

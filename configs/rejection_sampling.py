@@ -27,6 +27,7 @@ def get_config(arg=None):
     r.batch_prompts = 64  # prompts per sampling call (changes no sample: a key per row)
     r.require_correct = True  # keep only answers the task's rule accepts
     r.require_format = True  # keep only <think>…</think><answer>…</answer>
+    r.drop_truncated = True  # drop answers cut off at max_new_tokens (before a stop or EOS)
     r.min_language_consistency = 0.9  # share of reasoning words in data.language
     # The paper's other two chain-of-thought filters. It gives no length; 2000 characters (a few
     # hundred words between blank lines) is our choice (0 = off).

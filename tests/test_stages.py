@@ -596,7 +596,8 @@ def test_sft_chat_rows_follow_the_template_rl_samples_with(toy, tmp_path):
     config.sft.field_map.completion = "completion"
     [(prompt, completion, end)] = sft_stage.load_pairs(config, tokenizer)
     assert "And times 10?" in prompt and prompt.count("<|im_start|>user") == 2
-    assert (completion, end) == ("40", "<|im_end|>")
+    # (no reasoning: the think block the prompt opened is closed first)
+    assert (completion, end) == ("\n</think>\n\n40", "<|im_end|>")
 
 
 def test_sft_and_distill_files_with_other_column_names_load_through_field_map(tmp_path):
@@ -997,7 +998,6 @@ def test_pipeline_smoke(toy, tmp_path):
         + 4 * (4 * 128 * flops(128) + 8 * 16 * flops(144))
     )
     steps = math.ceil(distill / grpo_step)
-    assert results["stages"]["distill"]["steps"] == 2
     assert results["compute"]["student_rl_steps"] == steps
     assert results["compute"]["ratio"] == pytest.approx(steps * grpo_step / distill)
     with open(tmp_path / "student_rl" / "config_rl.json") as f:
@@ -1289,16 +1289,25 @@ def test_filter_samples_drops_each_reason_once_in_order():
 def test_filter_samples_switches():
     samples = [
         sample(0, "x", correct=False, fmt=0.0, language=0.2),
-        sample(0, "y", correct=False, fmt=0.5, language=1.0),
+        sample(0, "y", correct=False, fmt=0.5, language=1.0, truncated=True),
         sample(0, "x", correct=True, fmt=1.0, language=1.0),
     ]
-    kept, dropped = filter_samples(samples, require_correct=False, require_format=False)
+    assert filter_samples(samples)[1]["truncated"] == 1
+    kept, dropped = filter_samples(
+        samples, require_correct=False, require_format=False, drop_truncated=False
+    )
     # No filter but de-duplication; the later "x" is the duplicate even though it is correct.
     assert [samples.index(s) for s in kept] == [0, 1] and dropped == {"duplicate": 1}
-    kept, dropped = filter_samples(samples, require_correct=False, require_format=True)
+    kept, dropped = filter_samples(
+        samples, require_correct=False, require_format=True, drop_truncated=False
+    )
     assert [samples.index(s) for s in kept] == [2] and dropped == {"malformed": 2}
     kept, dropped = filter_samples(
-        samples, require_correct=False, require_format=False, min_language_consistency=0.5
+        samples,
+        require_correct=False,
+        require_format=False,
+        drop_truncated=False,
+        min_language_consistency=0.5,
     )
     assert [samples.index(s) for s in kept] == [1, 2] and dropped == {"mixed_language": 1}
     assert filter_samples([]) == ([], {})

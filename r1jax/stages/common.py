@@ -765,7 +765,11 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def optim(
-    config: ml_collections.ConfigDict, run_steps: int | None = None, *, steps_later: bool = False
+    config: ml_collections.ConfigDict,
+    run_steps: int | None = None,
+    *,
+    steps_later: bool = False,
+    from_data: bool = False,
 ):
     """The typed OptimConfig of a stage config (errors name the optim.* field).
 
@@ -774,6 +778,8 @@ def optim(
     stage's step count on the command line cannot leave the run at learning rate 0.
     steps_later: only checking, for a stage that learns its step count from its data (SFT,
     distillation) and passes it as `run_steps` then: a cosine schedule needs no total_steps here.
+    from_data: `run_steps` comes from the data (SFT, distillation): a run no longer than the
+    warm-up warms up over a tenth of it (warned) instead of being refused.
     """
     from r1jax.train import OptimConfig
 
@@ -783,9 +789,14 @@ def optim(
     spans_run = run_steps is not None and fields["schedule"] == "cosine"
     if spans_run:
         fields["total_steps"] = run_steps
-    if spans_run and run_steps <= fields["warmup_steps"] and not steps_later:
-        # (an SFT on a small file: its step count comes from the data) A warm-up as long as the
-        # run would leave the decay no step; a tenth of the run warms up instead.
+    if spans_run and run_steps <= fields["warmup_steps"] and not from_data:
+        raise ConfigError(
+            f"optim.schedule='cosine' needs more optimizer steps than optim.warmup_steps="
+            f"{fields['warmup_steps']}; this run takes {run_steps}"
+        )
+    if spans_run and run_steps <= fields["warmup_steps"]:
+        # (an SFT on a small file: its step count comes from the data, not from the config) A
+        # warm-up as long as the run would leave the decay no step; a tenth of the run instead.
         log.warning(
             "optim.warmup_steps=%d is as long as this run's %d optimizer steps: warming up over "
             "%d (a tenth of the run), then the cosine decay",

@@ -65,6 +65,7 @@ def filter_samples(
     *,
     require_correct: bool = True,
     require_format: bool = True,
+    drop_truncated: bool = True,
     min_language_consistency: float = 0.0,
     max_paragraph_chars: int = 0,
     drop_code_blocks: bool = False,
@@ -75,16 +76,17 @@ def filter_samples(
     Each sample has `row` (prompt id), `completion`, `correct` (bool), `format` (float, 1.0 =
     well-formed) and `language` (share of the reasoning's words in the target language; None when
     it has no words, e.g. only arithmetic: nothing in another language), and optionally
-    `truncated` (it reached the token budget: cut off, always dropped) and `states_held_out` (its
-    text states a held-out problem with the answer: always dropped). The paragraph and code
-    filters read the chain of thought (`rewards.think_region`); 0 / False turn them off. Filters
-    apply in the order of DROP_REASONS, and a sample is counted under the first one it fails.
+    `truncated` (it reached the token budget: cut off; dropped unless `drop_truncated` is off)
+    and `states_held_out` (its text states a held-out problem with the answer: always dropped).
+    The paragraph and code filters read the chain of thought (`rewards.think_region`); 0 / False
+    turn them off. Filters apply in the order of DROP_REASONS, and a sample is counted under the
+    first one it fails.
     """
     kept, dropped = [], collections.Counter()
     seen: set[tuple[int, str]] = set()
     per_prompt: collections.Counter = collections.Counter()
     for s in samples:
-        if s.get("truncated"):
+        if drop_truncated and s.get("truncated"):
             dropped["truncated"] += 1
         elif require_correct and not s["correct"]:
             dropped["incorrect"] += 1
@@ -245,6 +247,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         samples,
         require_correct=r.require_correct,
         require_format=r.require_format,
+        drop_truncated=r.get("drop_truncated", True),
         min_language_consistency=r.min_language_consistency,
         max_paragraph_chars=r.max_paragraph_chars,
         drop_code_blocks=r.drop_code_blocks,

@@ -223,7 +223,7 @@ def train_on_pairs(
             s.seq_len,
             section,
         )
-    state = train.TrainState.create(model, common.optim(config, steps), mesh)
+    state = train.TrainState.create(model, common.optim(config, steps, from_data=True), mesh)
     step_cfg = sft.SFTConfig(
         num_micro_batches=common.micro_batches(config, section, s.batch_size),
         # Logit distillation compares the tokenizer's ids (the two embedding tables may be
