@@ -126,11 +126,13 @@ def main(argv: list[str] | None = None) -> None:
         # A check can fail on one host only (its copy of the model folder is missing): every
         # process stops then, instead of the others running on into a collective that waits.
         error = _agree_on_start(error)
-        if error is None and jax.process_count() > 1 and not paths.is_remote(workdir):
+        shards = (*common.CHECKPOINTING_STAGES, "pipeline")
+        if error is None and jax.process_count() > 1 and stage in shards:
             # Every process writes its shards of each checkpoint into the workdir, and process 0
             # commits it: on each host's own disk no checkpoint ever completes (the run hangs at
-            # its first save or its end).
-            seen, total = common.processes_sharing(workdir)
+            # its first save or its end). (Evaluation and rejection sampling write from process
+            # 0 alone.)
+            seen, total = (1, 1) if paths.is_remote(workdir) else common.processes_sharing(workdir)
             if seen < total:
                 error = (
                     f"error: --workdir={workdir} is not one folder shared by every host ("

@@ -864,4 +864,11 @@ def test_arguments_that_were_silently_ignored_are_refused_or_honoured(toy, tmp_p
         {**env, "HOME": str(tmp_path)},
     )
     assert out.returncode == 1 and "completion must be non-empty" in out.stderr, out.stderr
-    assert (tmp_path / "sft_run" / "config_sft.json").exists()
+    saved = tmp_path / "sft_run" / "config_sft.json"
+    assert json.loads(saved.read_text())["seed"] == 0
+    # A run that fails before it saves anything leaves the config already there in place.
+    out = run_cli(
+        ["--stage=sft", "--workdir=~/sft_run", f"--config.sft.source={bad}", "--config.seed=3"],
+        {**env, "HOME": str(tmp_path)},
+    )
+    assert out.returncode == 1 and json.loads(saved.read_text())["seed"] == 0

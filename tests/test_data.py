@@ -1099,10 +1099,15 @@ def test_common_dataset_layouts_load_as_what_they_are(tmp_path, caplog):
     plain = [{"question": "2 + 2?", "answer": "4"}, {"question": "3 * 2?", "answer": 6}]
     assert [r["solution"] for r in load("qa.jsonl", plain)] == ["4", "6"]
     assert [r["solution"] for r in load("pa.jsonl", [{"prompt": "2 + 2?", "answer": "4"}])] == ["4"]
+    # ... and a GSM8K worked solution in such an answer column gives its n, not the paragraph.
+    [row] = load("pgsm.jsonl", [{"prompt": gsm["question"], "answer": gsm["answer"]}])
+    assert row["solution"] == "72"
     # A conversation with its answer column: the answer was ignored.
     chat = {"messages": [{"role": "user", "content": "2 + 2?"}], "solution": "4"}
     [row] = load("chat.jsonl", [chat])
     assert (row["prompt"], row["solution"]) == ("2 + 2?", "4")
+    worked = {**chat, "solution": "Add them.\nSo the sum is $\\boxed{4}$."}  # (NuminaMath-CoT)
+    assert load("chat2.jsonl", [worked])[0]["solution"] == "4"
     # TRL's conversational rows: a prompt that is a list of messages was "no prompt".
     trl = {"prompt": [{"role": "user", "content": "Hi?"}], "solution": "x"}
     [row] = load("trl.jsonl", [trl])
@@ -1110,9 +1115,10 @@ def test_common_dataset_layouts_load_as_what_they_are(tmp_path, caplog):
     from r1jax.stages import common
 
     sft = {"prompt": trl["prompt"], "completion": [{"role": "assistant", "content": "Hello."}]}
-    _write_lines(tmp_path / "trl_sft.jsonl", [json.dumps(sft)])
-    [row], _ = common.load_completion_rows(str(tmp_path / "trl_sft.jsonl"))
-    assert (row["prompt"], row["completion"]) == ("Hi?", "Hello.")
+    sharegpt = {**sft, "completion": [{"from": "gpt", "value": "Hello."}]}
+    _write_lines(tmp_path / "trl_sft.jsonl", [json.dumps(sft), json.dumps(sharegpt)])
+    rows, _ = common.load_completion_rows(str(tmp_path / "trl_sft.jsonl"))
+    assert [(r["prompt"], r["completion"]) for r in rows] == [("Hi?", "Hello.")] * 2
     # Alpaca: the input (the text the instruction is about) was dropped.
     alpaca = {"instruction": "Summarize the text.", "input": "The cat sat.", "output": "A cat."}
     [row] = load("alpaca.jsonl", [alpaca], require_solution=False, keep=("completion",))
@@ -1127,6 +1133,12 @@ def test_common_dataset_layouts_load_as_what_they_are(tmp_path, caplog):
     assert not caplog.records
     rows = load("halves.jsonl", math_rows[:10] + [gsm] * 12)
     assert len(rows) == 12 and "10 of its 22 rows skipped" in caplog.text
+    # Rows of two shapes that read together are all kept: rejection_sampled.jsonl's reasoning
+    # rows, then more chat rows from a non-reasoning file (the majority alone read only these).
+    reasoning = [{"prompt": f"p{i}", "solution": "1", "completion": "c"} for i in range(30)]
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    mixed = reasoning + [{"messages": turns, "source": "non_reasoning"}] * 45
+    assert len(load("rs.jsonl", mixed, require_solution=False)) == 75
 
 
 def test_hostile_and_unusual_files(tmp_path):

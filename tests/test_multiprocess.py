@@ -379,12 +379,13 @@ def test_the_toy_model_on_hosts_without_a_shared_home_is_refused_on_every_proces
 def test_a_workdir_the_hosts_do_not_share_is_refused_on_every_process(toy, tmp_path):
     """--workdir=/scratch/run on hosts without a shared file system: every process trained, then
     waited forever for a checkpoint whose shards were on the other host's disk (no message for
-    10 minutes, and SIGTERM did not end it). Now refused before any work, by every process."""
+    10 minutes, and SIGTERM did not end it). Now a checkpointing stage is refused before any
+    work, by every process (evaluation and rejection sampling write from process 0 alone)."""
     address = f"127.0.0.1:{sh.free_port()}"
     procs = []
     for i in range(2):  # (each host's own disk: one folder per process)
         env = _process_env(toy[0], address, i)
-        args = ["--stage=eval", f"--workdir={tmp_path / f'run{i}'}"]
+        args = ["--stage=sft", f"--workdir={tmp_path / f'run{i}'}"]
         procs.append(sh.popen(args, env, str(tmp_path / f"p{i}")))
     codes, seconds = _exit_codes(procs)
     assert codes == [1, 1] and seconds < 120, codes

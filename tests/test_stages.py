@@ -662,6 +662,25 @@ def test_sft_and_distill_name_a_bad_row_before_loading_a_model(toy, tmp_path, mo
         distill.run(config, str(tmp_path / "distill"))
 
 
+def test_sft_warns_once_about_questions_already_templated(tmp_path, caplog):
+    """The warning came once per row (SFT templates its rows one at a time): 100k lines."""
+    from r1jax.data import templates
+    from r1jax.stages import sft as sft_stage
+
+    framed = templates.r1_zero_prompt("What is 2 + 2?")
+    path = tmp_path / "framed.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": framed, "completion": "4"}) + "\n" for _ in "abc")
+    )
+    config = sh.load_config("sft")
+    config.sft.source = str(path)
+    with caplog.at_level("WARNING", logger="r1jax.data.templates"):
+        assert len(sft_stage.load_pairs(config, None)) == 3
+    assert [r.getMessage()[:39] for r in caplog.records] == [
+        "3 of 3 questions already look templated"
+    ]
+
+
 def test_cold_start_follows_its_tasks_difficulty_and_mistake_rate():
     import re
 

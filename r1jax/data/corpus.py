@@ -48,7 +48,7 @@ from collections.abc import Mapping, Sequence
 
 from r1jax.data.arithmetic import ArithmeticTask, equation_keys
 from r1jax.data.countdown import CountdownTask
-from r1jax.data.tasks import Task, make_dataset, split_of
+from r1jax.data.tasks import Task, all_train, make_dataset
 from r1jax.data.templates import think_answer
 
 DOC_KINDS = ("terse", "steps", "dialogue", "format", "copy")
@@ -265,10 +265,6 @@ def _chain_keys(task: Task):
     return lambda row: equation_keys(task.long_cot(row, random.Random(0), 0.0))
 
 
-def _all_train(keys: Sequence[str], eval_fraction: float) -> bool:
-    return all(split_of(k, eval_fraction) == "train" for k in keys)
-
-
 def cold_start_examples(
     n: int,
     *,
@@ -320,7 +316,7 @@ def cold_start_examples(
         row = next(per_task[t])
         chain = tasks[t].long_cot(row, rng, mistake_rate)
         for _ in range(100):  # (a failed attempt stating a held-out problem: another attempt)
-            if not hold_out_stated or _all_train(equation_keys(chain), eval_fraction):
+            if not hold_out_stated or all_train(equation_keys(chain), eval_fraction):
                 break
             chain = tasks[t].long_cot(row, rng, mistake_rate)
         else:

@@ -127,6 +127,15 @@ def plain_answer(value: object) -> str | None:
     return answer if answer is not None and "\n" not in answer else None
 
 
+def column_answer(value: object) -> str | None:
+    """An `answer` column beside a prompt or a conversation (or a conversation's `solution`): a
+    GSM8K worked solution's n, else as `plain_answer` reads it (a one-line answer, or a worked
+    solution's ``\\boxed{}``)."""
+    if isinstance(value, str) and _GSM8K_END.search(value):
+        return gsm8k_answer(value)
+    return plain_answer(value)
+
+
 def mapped_answer(value: object) -> str | None:
     """A column the user mapped as the solution: its value as it is, except that a GSM8K worked
     solution (ending in a "#### n" line) gives n, as the shape detected by its column names
@@ -223,6 +232,7 @@ def parse_tests(value: object) -> list[dict] | None:
 _SOLUTION_PARSERS = {
     "gsm8k": gsm8k_answer,
     "plain": plain_answer,
+    "answer": column_answer,
     "math": extract_boxed,
     "custom": mapped_answer,
 }
@@ -461,6 +471,36 @@ def _majority_columns(objs: Sequence[dict]) -> set[str]:
     return votes[counts.most_common(1)[0][0]]  # (ties: the first row's shape)
 
 
+def _read_as(
+    columns: set[str],
+    head: Sequence[dict],
+    optional: dict[str, str],
+    field_map: Mapping[str, str],
+    fallback_shape: str | None,
+) -> tuple[str, dict[str, str], str | None]:
+    """(shape, mapping, answer parsing) of a file whose rows have `columns` (`head`: its first
+    rows); raises ValueError when no shape fits and there is no `fallback_shape`."""
+    try:
+        shape, mapping = detect_shape(sorted(columns))
+    except ValueError:
+        if fallback_shape is None:
+            raise
+        shape, mapping = fallback_shape, _forced_mapping(fallback_shape, columns)
+    mapping = {**optional, **mapping, **field_map}
+    if "solution" in field_map:
+        return shape, mapping, "custom"  # (the user mapped the column: as it is, or GSM8K's n)
+    if shape == "gsm8k" and not any("####" in str(obj.get("answer")) for obj in head):
+        return shape, mapping, "plain"  # question/answer rows that are not GSM8K's
+    if (
+        shape == "chat"
+        and "solution" in mapping
+        or shape == "generic"
+        and (mapping.get("solution") == "answer")
+    ):
+        return shape, mapping, "answer"  # (an answer column beside a prompt or a conversation)
+    return shape, mapping, None
+
+
 def _forced_mapping(shape: str, columns: set[str]) -> dict[str, str]:
     """The mapping of an explicitly named shape (columns only pick among its alternatives)."""
     prompt_col = next((c for c in _PROMPT_COLUMNS if c in columns), "question")
@@ -601,7 +641,8 @@ def load_rows(
     """Load, normalise, filter and shard rows from local dataset files.
 
     Args:
-      paths: a file, a glob pattern, or a list of them (.jsonl, .json, .parquet).
+      paths: a file, a glob pattern, or a list of them (.jsonl, .json, .parquet, .arrow), or a
+        folder `datasets`' save_to_disk wrote.
       shape: one of ``SHAPES``; "auto" detects per file from its columns.
       field_map: canonical field -> column name overrides (fields: ``FIELDS``).
       require_solution: skip rows with neither a solution nor tests (False for SFT chat data).
@@ -633,9 +674,10 @@ def load_rows(
     rows: list[dict] = []
     for path in files:
         records = list(_read_records(path, on_bad_json, stats))
-        # The shape most of the first rows have (a stray row must not change it); the optional
-        # columns from every row (rejection_sampled.jsonl's chat rows come after all the others).
-        columns = _majority_columns([obj for _, obj in records[:100]])
+        head = [obj for _, obj in records[:100]]
+        # The optional columns from every row (rejection_sampled.jsonl's chat rows come after all
+        # the others).
+        columns = {c for obj in head for c in obj}
         every = {c for _, obj in records for c in obj}
         optional = _optional_columns(every)
         absent = {field: col for field, col in field_map.items() if records and col not in every}
@@ -652,20 +694,34 @@ def load_rows(
         elif "prompt" in field_map and {"solution", "tests", "messages"} & set(field_map):
             file_shape, mapping = "custom", field_map
         elif records:
-            try:
-                file_shape, mapping = detect_shape(sorted(columns))
-            except ValueError:
-                if fallback_shape is None:
-                    raise
-                file_shape, mapping = fallback_shape, _forced_mapping(fallback_shape, columns)
-            mapping = {**optional, **mapping, **field_map}
-            parse_as = "custom" if "solution" in field_map else None
-            if (
-                file_shape == "gsm8k"
-                and parse_as is None
-                and not any("####" in str(obj.get("answer")) for _, obj in records[:100])
-            ):
-                parse_as = "plain"  # question/answer rows that are not GSM8K's
+            # The shape all the first rows' columns make, or the one most of those rows have
+            # alone, whichever reads more of them: a few rows of another dataset among the first
+            # ones must not decide how the whole file is read, and rows of two shapes that read
+            # together (rejection_sampled.jsonl's prompt/completion rows and chat rows) must not
+            # be split.
+            reads = []
+            for cols in (columns, _majority_columns(head)):
+                try:
+                    read = _read_as(cols, head, optional, field_map, fallback_shape)
+                except ValueError:
+                    continue
+                usable = sum(
+                    _normalise(
+                        obj,
+                        read[0],
+                        read[1],
+                        require_solution=require_solution,
+                        language=language,
+                        keep=(),
+                        parse_as=read[2],
+                    )[0]
+                    is not None
+                    for obj in head
+                )
+                reads.append((usable, -len(reads), read))
+            if not reads:
+                _read_as(columns, head, optional, field_map, fallback_shape)  # (raises: names them)
+            file_shape, mapping, parse_as = max(reads)[2]  # (ties: the first, all columns)
         else:
             continue
         stats.shapes[path] = file_shape

@@ -76,6 +76,12 @@ def split_of(key: str, eval_fraction: float) -> str:
     return "eval" if h < eval_fraction else "train"
 
 
+def all_train(keys: Sequence[str], eval_fraction: float = EVAL_FRACTION) -> bool:
+    """Whether every problem key in `keys` is in the train split: a text stating only these gives
+    away no held-out answer."""
+    return all(split_of(k, eval_fraction) == "train" for k in keys)
+
+
 def make_dataset(
     task: str | Task,
     n: int,
@@ -122,7 +128,7 @@ def make_dataset(
         if (
             split_of(key, eval_fraction) != split
             or (unique and key in seen)
-            or any(split_of(k, eval_fraction) != "train" for k in stated)
+            or not all_train(stated, eval_fraction)
         ):
             misses += 1
             continue

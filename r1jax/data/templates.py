@@ -122,7 +122,7 @@ def system_prompt(value: str) -> str | None:
     return None if not value else R1_SYSTEM_PROMPT if value == "r1" else value
 
 
-def _warn_if_templated(questions: Sequence[str], template: str, tokenizer) -> None:
+def warn_if_templated(questions: Sequence[str], template: str, tokenizer) -> None:
     """Warn when questions already carry a template (R1's instruction, a prompt ending in
     "Assistant:" or "<think>", a chat template's special tokens): a second one around them puts
     the instruction twice, or one conversation inside another, in every prompt."""
@@ -160,17 +160,20 @@ def format_prompts(
     tokenizer=None,
     system: str | None = None,
     prefill_think: bool = False,
+    check_templated: bool = True,
 ) -> list[str]:
     """Apply one template to a list of questions.
 
     Args:
       template: "r1_zero" (paper template), "chat" (tokenizer's chat template; needs tokenizer),
         or "plain" (the question unchanged).
+      check_templated: warn about questions that already carry a template (`warn_if_templated`;
+        False for a caller that checked all its questions at once).
     Returns:
       One prompt string per question.
     """
-    if template in ("r1_zero", "chat"):
-        _warn_if_templated(questions, template, tokenizer)
+    if check_templated and template in ("r1_zero", "chat"):
+        warn_if_templated(questions, template, tokenizer)
     if template == "r1_zero":
         return [r1_zero_prompt(q, prefill_think=prefill_think) for q in questions]
     if template == "chat":

@@ -658,7 +658,8 @@ def write_files(
                 i = shard_of[name]
                 target = os.path.join(path, files[i])
                 save_file(pending.pop(i), target, metadata={"format": "pt"})
-                os.chmod(target, 0o666 & ~_umask())  # (safetensors writes 0600: others' umask)
+                if (mask := _umask()) is not None:  # (safetensors writes 0600)
+                    os.chmod(target, 0o666 & ~mask)
     if writer and len(plan) > 1:
         total = sum(nbytes for names, _ in tensors for _, nbytes in names)
         weight_map = {name: files[shard_of[name]] for name in shard_of}
@@ -671,14 +672,14 @@ def write_files(
 # --------------------------------------------------------------------------------------------------
 
 
-def _umask() -> int:
+def _umask() -> int | None:
     """The process's umask, read without setting it (os.umask would change it for a moment, under
-    other threads writing files)."""
+    other threads writing files); None where /proc does not say (the files keep 0600)."""
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
     except (OSError, StopIteration, ValueError):
-        return 0o022
+        return None
 
 
 def read_config(path: str) -> dict[str, Any]:

@@ -392,9 +392,11 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str) -> An
     check_workdir_owner(workdir, stage)
     previous = setup_logging(workdir)
     saved_config = os.path.join(workdir, f"config_{stage}.json")
-    # (a run refused, e.g. a resume with other settings, leaves the config of the run it refused
-    # to continue in place)
+    # A run that fails or stops before it saves anything (a resume refused for other settings, a
+    # bad data row, Ctrl-C while a model loads) leaves the config of the run whose outputs the
+    # workdir holds in place.
     kept = paths.read_text(saved_config) if paths.exists(saved_config) else None
+    saved_steps = _checkpoint_steps(workdir)
     try:
         if jax.process_index() == 0:
             paths.write_text(saved_config, config.to_json_best_effort(indent=2, sort_keys=True))
@@ -411,7 +413,10 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str) -> An
         sync_processes(f"stage {stage} done")
         return result
     except BaseException as e:
-        if isinstance(e, ResumeRefused) and kept is not None and jax.process_index() == 0:
+        unsaved = isinstance(e, ResumeRefused) or (
+            saved_steps is not None and _checkpoint_steps(workdir) == saved_steps
+        )
+        if kept is not None and unsaved and jax.process_index() == 0:
             paths.write_text(saved_config, kept)
         # The stage failed (or was interrupted) midway: let the checkpoint it was saving commit,
         # and the metrics reach the workdir, instead of being cut off at interpreter exit.
@@ -420,6 +425,14 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str) -> An
         raise
     finally:
         restore_logging(previous)  # closes this stage's log file (uploading a cloud one)
+
+
+def _checkpoint_steps(workdir: str) -> set[str] | None:
+    """The step folders in a local workdir's checkpoints/ (None for a cloud workdir: unknown)."""
+    if paths.is_remote(workdir):
+        return None
+    folder = os.path.join(workdir, "checkpoints")
+    return set(os.listdir(folder)) if os.path.isdir(folder) else set()
 
 
 # Stages that checkpoint into <workdir>/checkpoints and resume from whatever is there.
@@ -1258,17 +1271,16 @@ def load_completion_rows(
     for row in rows:
         if completion != "completion":
             row["completion"] = row.pop(completion, None)
-        answer = row["completion"]
-        if isinstance(answer, list) and [
-            m.get("role") for m in loaders.parse_messages(answer) or []
-        ] == ["assistant"]:  # TRL's conversational rows: the answer as a one-message list
-            row["completion"] = answer[0]["content"]
+        answer = loaders.parse_messages(row["completion"]) if row["completion"] else None
+        if answer and [m["role"] for m in answer] == ["assistant"]:
+            row["completion"] = answer[0]["content"]  # TRL's conversational rows: one message
     return rows, stats
 
 
 def check_data_files(pattern: str, field: str, alternatives: str = "") -> None:
     """Refuse, before any model is loaded, a data path that names no file: missing, a glob
-    matching nothing, or only folders (a folder is not read; `folder/*.parquet` is)."""
+    matching nothing, or only folders (a folder is not read, but for one `datasets` saved;
+    `folder/*.parquet` is)."""
     from r1jax.data import loaders
 
     try:

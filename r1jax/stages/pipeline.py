@@ -243,11 +243,13 @@ def _check_same_settings(sub, saved_path: str, subdir: str, stage: str) -> None:
         if not _result_neutral(k, stage) and not _same_value(saved[k], now[k])
     )
     if changed:
+        name = os.path.basename(subdir)
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed[:5])
+        keep = " ".join(f"--config.{name}.{k}={saved[k]!r}" for k in changed[:5])
         raise common.ConfigError(
-            f"{os.path.basename(subdir)} is done, but with other settings ({diffs}); delete "
-            f"{subdir} (and the stages after it) to rerun it with the new ones, or give the "
-            f"pipeline a new --workdir"
+            f"{name} is done, but with other settings ({diffs}; a default of this r1jax may have "
+            f"changed); keep the ones it ran with ({keep}), delete {subdir} (and the stages "
+            f"after it) to rerun it with the new ones, or give the pipeline a new --workdir"
         )
 
 

@@ -116,9 +116,7 @@ def filter_samples(
 def states_held_out(text: str) -> bool:
     """Whether `text` states a held-out problem of the built-in arithmetic task with its answer
     (`arithmetic.equation_keys`; Countdown's steps are such problems too)."""
-    return any(
-        tasks.split_of(k, tasks.EVAL_FRACTION) != "train" for k in arithmetic.equation_keys(text)
-    )
+    return not tasks.all_train(arithmetic.equation_keys(text))
 
 
 def validate(config) -> None:
@@ -143,7 +141,7 @@ def validate(config) -> None:
     if r.non_reasoning_ratio < 0:
         raise common.ConfigError(
             f"rejection_sampling.non_reasoning_ratio must be >= 0 (non-reasoning rows per kept "
-            f"sample; 0 = none), got {r.non_reasoning_ratio}"
+            f"sample; 0 = all of the file), got {r.non_reasoning_ratio}"
         )
 
 

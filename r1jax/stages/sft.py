@@ -83,6 +83,9 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
     system = templates.system_prompt(s.get("system_prompt", ""))
     prefill_think = s.get("prefill_think", False)
     chat_end = templates.turn_end(tokenizer) if getattr(tokenizer, "chat_template", None) else ""
+    if s.template in ("r1_zero", "chat"):  # (once for the file, not once per row)
+        questions = [r["prompt"] for r in rows if isinstance(r.get("prompt"), str)]
+        templates.warn_if_templated(questions, s.template, tokenizer)
     pairs, conversations = [], 0
     for i, row in enumerate(rows):
         where = f"{section}.source {s.source}, row {i} of those kept"
@@ -109,6 +112,7 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
                     tokenizer=tokenizer,
                     system=system,
                     prefill_think=prefill_think,
+                    check_templated=False,
                 )[0]
             except ValueError as e:  # a chat template the tokenizer lacks or refuses
                 raise common.ConfigError(f"{section}.template={s.template!r}: {e}") from None
