@@ -1139,6 +1139,16 @@ def test_common_dataset_layouts_load_as_what_they_are(tmp_path, caplog):
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     mixed = reasoning + [{"messages": turns, "source": "non_reasoning"}] * 45
     assert len(load("rs.jsonl", mixed, require_solution=False)) == 75
+    # Without require_solution every row with a prompt reads: of two readings, the one that keeps
+    # the answers (one row's stray "solution": null took every gold answer with the union).
+    stray = [{"prompt": f"p{i}", "answer": str(i)} for i in range(20)]
+    stray[3]["solution"] = None
+    rows = load("stray.jsonl", stray, require_solution=False)
+    assert [r["solution"] for r in rows] == [str(i) for i in range(20)]
+    # A forced shape's column choice is the commonest rows', not a stray row's.
+    code = [{"question": "q", "input_output": '{"inputs": ["1"], "outputs": ["1"]}'}]
+    code += [{"problem": f"p{i}", "input_output": code[0]["input_output"]} for i in range(9)]
+    assert len(load("code.jsonl", code, shape="code")) == 9
 
 
 def test_hostile_and_unusual_files(tmp_path):

@@ -1687,6 +1687,34 @@ def test_pretrain_arch_the_run_cannot_build_or_export_is_refused_up_front():
     pretrain.validate(sh.load_config("pretrain"))
 
 
+def test_a_failed_run_keeps_the_config_of_what_the_workdir_holds(tmp_path, monkeypatch):
+    """A failure before a checkpointing stage saved anything leaves the workdir's config; a stage
+    without checkpoints (evaluation, rejection sampling) writes outputs as it goes, so its failed
+    run's config stays. And the pipeline's refusal names flags that give a stage its old value."""
+    written = []
+
+    class Failing:
+        @staticmethod
+        def run(config, workdir):
+            written.append(config.seed)
+            raise RuntimeError("stopped")
+
+    monkeypatch.setattr(common, "stage_module", lambda stage: Failing)
+    for stage, kept in (("sft", 0), ("eval", 5)):
+        workdir = tmp_path / stage
+        config = sh.load_config(stage)
+        common.write_json(str(workdir / f"config_{stage}.json"), {"seed": 0})
+        config.seed = 5
+        with pytest.raises(RuntimeError, match="stopped"):
+            common.run_stage(stage, config, str(workdir))
+        assert json.loads((workdir / f"config_{stage}.json").read_text())["seed"] == kept, stage
+    assert pipeline._keep_flag("base", "seed", 0) == "--config.seed=0"
+    assert pipeline._keep_flag("cold_start", "optim.schedule", "constant") == (
+        "--config.cold_start.optim.schedule='constant'"
+    )
+    assert pipeline._keep_flag("r1_sft", "sft.source", "/x.jsonl") is None  # (wired)
+
+
 def test_pipeline_evaluation_stands_for_its_checkpoint_and_settings(tmp_path, monkeypatch):
     """A rerun reused any eval.json it found: after a stage was retrained (its folder deleted, as
     the refusal to skip it asks) or with other evaluation settings, the report showed the old

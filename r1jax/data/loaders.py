@@ -17,7 +17,8 @@ Recognised shapes (detected from the column names, or forced with ``shape=``):
 | gsm8k    | question, answer                         | the text after the last "####" |
 | aime     | problem, answer (also MATH-500)          | answer, as a string            |
 | math     | problem, solution                        | the last ``\\boxed{…}``          |
-| generic  | prompt, solution (or answer)             | solution, as a string          |
+| generic  | prompt, solution (or answer)             | solution, as a string (answer: |
+|          |                                          | one line, a "#### n", a boxed) |
 | alpaca   | instruction, input, output               | none (SFT data: output)        |
 | chat     | messages (or ShareGPT `conversations`)   | solution or answer, if present |
 
@@ -690,7 +691,9 @@ def load_rows(
         parse_as = None
         if shape != "auto":
             file_shape = shape
-            mapping = {**optional, **_forced_mapping(shape, columns), **field_map}
+            # (its alternatives picked by the commonest shape's columns: a stray row must not)
+            majority = _majority_columns(head) or columns
+            mapping = {**optional, **_forced_mapping(shape, majority), **field_map}
         elif "prompt" in field_map and {"solution", "tests", "messages"} & set(field_map):
             file_shape, mapping = "custom", field_map
         elif records:
@@ -705,7 +708,7 @@ def load_rows(
                     read = _read_as(cols, head, optional, field_map, fallback_shape)
                 except ValueError:
                     continue
-                usable = sum(
+                normalised = [
                     _normalise(
                         obj,
                         read[0],
@@ -715,13 +718,17 @@ def load_rows(
                         keep=(),
                         parse_as=read[2],
                     )[0]
-                    is not None
                     for obj in head
-                )
-                reads.append((usable, -len(reads), read))
+                ]
+                usable = [r for r in normalised if r is not None]
+                # (rows read, then of those the rows with an answer: without require_solution
+                # every row with a prompt reads, and a mapping to a column few rows have loses
+                # the answers)
+                answered = sum(r["solution"] is not None or r["tests"] is not None for r in usable)
+                reads.append((len(usable), answered, -len(reads), read))
             if not reads:
                 _read_as(columns, head, optional, field_map, fallback_shape)  # (raises: names them)
-            file_shape, mapping, parse_as = max(reads)[2]  # (ties: the first, all columns)
+            file_shape, mapping, parse_as = max(reads)[3]  # (ties: the first, all columns)
         else:
             continue
         stats.shapes[path] = file_shape

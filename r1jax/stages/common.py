@@ -413,15 +413,19 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str) -> An
         sync_processes(f"stage {stage} done")
         return result
     except BaseException as e:
-        unsaved = isinstance(e, ResumeRefused) or (
-            saved_steps is not None and _checkpoint_steps(workdir) == saved_steps
-        )
-        if kept is not None and unsaved and jax.process_index() == 0:
-            paths.write_text(saved_config, kept)
         # The stage failed (or was interrupted) midway: let the checkpoint it was saving commit,
         # and the metrics reach the workdir, instead of being cut off at interpreter exit.
         for error in paths.close_open_writers():
             log.error("while stopping: %s", error)
+        # (only a checkpointing stage can tell that it saved nothing: the others write their
+        # outputs as they go)
+        unsaved = isinstance(e, ResumeRefused) or (
+            stage in CHECKPOINTING_STAGES
+            and saved_steps is not None
+            and _checkpoint_steps(workdir) == saved_steps
+        )
+        if kept is not None and unsaved and jax.process_index() == 0:
+            paths.write_text(saved_config, kept)
         raise
     finally:
         restore_logging(previous)  # closes this stage's log file (uploading a cloud one)

@@ -245,12 +245,28 @@ def _check_same_settings(sub, saved_path: str, subdir: str, stage: str) -> None:
     if changed:
         name = os.path.basename(subdir)
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed[:5])
-        keep = " ".join(f"--config.{name}.{k}={saved[k]!r}" for k in changed[:5])
+        keep = " ".join(f for f in (_keep_flag(name, k, saved[k]) for k in changed[:5]) if f)
         raise common.ConfigError(
             f"{name} is done, but with other settings ({diffs}; a default of this r1jax may have "
-            f"changed); keep the ones it ran with ({keep}), delete {subdir} (and the stages "
-            f"after it) to rerun it with the new ones, or give the pipeline a new --workdir"
+            f"changed); "
+            + (f"keep the ones it ran with ({keep}), " if keep else "")
+            + f"delete {subdir} (and the stages after it) to rerun it with the new ones, or give "
+            f"the pipeline a new --workdir"
         )
+
+
+# Fields of a stage the pipeline sets itself from its other stages (no flag gives them back).
+_WIRED = ("model.path", "sft.source", "distill.source", "rl.steps")
+
+
+def _keep_flag(name: str, key: str, value: Any) -> str | None:
+    """The flag that gives stage `name` its saved `value` of `key` back: the pipeline-level one
+    for the seed and the shared sections (which the pipeline applies over every stage's), none
+    for a field the pipeline wires from other stages or a value without a one-word spelling."""
+    if key in _WIRED or not isinstance(value, int | float | str | bool) or " " in str(value):
+        return None
+    shared = key == "seed" or key.split(".")[0] in SHARED_SECTIONS
+    return f"--config.{key if shared else f'{name}.{key}'}={value!r}"
 
 
 # Sections whose settings do not change what a stage produces (how often it logs and saves, how
