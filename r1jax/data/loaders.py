@@ -132,18 +132,21 @@ def column_answer(value: object) -> str | None:
     """An `answer` column beside a prompt or a conversation (or a conversation's `solution`): a
     GSM8K worked solution's n, else as `plain_answer` reads it (a one-line answer, or a worked
     solution's ``\\boxed{}``)."""
-    if isinstance(value, str) and _GSM8K_END.search(value):
-        return gsm8k_answer(value)
-    return plain_answer(value)
+    return _final_gsm8k_answer(value) or plain_answer(value)
 
 
 def mapped_answer(value: object) -> str | None:
     """A column the user mapped as the solution: its value as it is, except that a GSM8K worked
     solution (ending in a "#### n" line) gives n, as the shape detected by its column names
     would (the rewards check the gold against the answer only)."""
+    return _final_gsm8k_answer(value) or _scalar_answer(value)
+
+
+def _final_gsm8k_answer(value: object) -> str | None:
+    """n of a GSM8K worked solution whose last line is "#### n", else None."""
     if isinstance(value, str) and _GSM8K_END.search(value):
         return gsm8k_answer(value)
-    return _scalar_answer(value)
+    return None
 
 
 def extract_boxed(text: object) -> str | None:
