@@ -808,7 +808,7 @@ def test_file_rows_naming_a_builtin_task_are_checked_by_its_verifier(tmp_path):
     bad = [{"prompt": "Make 0 from 1 2 3", "solution": "0", "task": "countdown"}, *good]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
     with pytest.raises(
-        common.ConfigError, match=r"row 0 of the 4 used: task 'countdown' is a built-in task"
+        common.ConfigError, match=r"rows.jsonl:1: task 'countdown' is a built-in task"
     ):
         common.load_prompt_rows(config.data, "train", 0)
 

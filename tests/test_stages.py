@@ -432,7 +432,8 @@ def test_a_checkpoint_from_before_a_setting_was_recorded_still_resumes():
 
 def test_sft_rows_with_a_completion_that_is_not_text_are_refused_by_name(toy, tmp_path):
     """`completion: 42` crashed in the tokenizer with a traceback, `["a", "b"]` trained on "ab"
-    and blank text on an EOS alone; distillation's errors named `sft.source`."""
+    and blank text on an EOS alone; distillation's errors named `sft.source`. The error names the
+    file's line (it named the row's index among the rows kept, one less here)."""
     from r1jax.models import hf
     from r1jax.stages import distill
     from r1jax.stages import sft as sft_stage
@@ -446,11 +447,13 @@ def test_sft_rows_with_a_completion_that_is_not_text_are_refused_by_name(toy, tm
         )  # fmt: skip
         config = sh.load_config("sft")
         config.sft.source = str(path)
-        with pytest.raises(common.ConfigError, match=r"sft.source .* row 1 .* non-empty text"):
+        with pytest.raises(
+            common.ConfigError, match=rf"sft.source .*bad{i}.jsonl:2: .* non-empty text"
+        ):
             sft_stage.load_pairs(config, tokenizer)
     config = sh.load_config("distill")
     config.distill.source = str(tmp_path / "bad0.jsonl")
-    with pytest.raises(common.ConfigError, match=r"^distill.source .* row 1"):
+    with pytest.raises(common.ConfigError, match=r"^distill.source .*bad0.jsonl:2: "):
         sft_stage.load_pairs(distill._as_sft(config), tokenizer, section="distill")
 
 
@@ -492,7 +495,9 @@ def test_sft_trains_after_a_think_tag_its_prompt_already_opened(toy, tmp_path):
     # Nothing but the tag its prompt opened: no text to learn, refused (it trained on EOS alone).
     path.write_text(json.dumps({"prompt": "What is 2 + 2?", "completion": "<think>\n"}))
     config.sft.template = "chat"
-    with pytest.raises(common.ConfigError, match=r"row 0 .* must be non-empty text \(after the"):
+    with pytest.raises(
+        common.ConfigError, match=r"rs.jsonl:1: .* must be non-empty text \(after the"
+    ):
         sft_stage.load_pairs(config, tokenizer)
     config.sft.template, config.sft.prefill_think = "plain", True  # (did nothing)
     with pytest.raises(common.ConfigError, match=r"sft.prefill_think needs a template"):
@@ -884,7 +889,7 @@ def test_rejection_sampling_default_runs(toy, tmp_path, monkeypatch):
         raise AssertionError("sampled before reading non_reasoning_source")
 
     monkeypatch.setattr(rejection_sampling.sampling, "generate", no_sampling)
-    with pytest.raises(common.ConfigError, match=r"non_reasoning_source .* row 0 has neither"):
+    with pytest.raises(common.ConfigError, match=r"non_reasoning_source .*\.jsonl:1 has neither"):
         run("rejection_sampling", config, tmp_path / "bad")
 
 

@@ -659,7 +659,8 @@ def load_rows(
         file: the other files of a glob keep theirs); None = such a file is an error.
       process_index, process_count, even: multi-host sharding (see ``shard_rows``).
     Returns:
-      ``(rows, stats)``: this process's normalised rows, and counts over all rows read.
+      ``(rows, stats)``: this process's normalised rows (each with "where", its "file:line"),
+      and counts over all rows read.
     Raises:
       FileNotFoundError for missing files; ValueError for malformed JSON (unless skipped), an
       unrecognisable shape, or when no usable row is left.
@@ -749,6 +750,7 @@ def load_rows(
             if row is None:
                 stats.skip(reason, where)
                 continue
+            row["where"] = where  # "file:line", for the errors of whatever reads the row later
             if row["language"] is not None:
                 try:
                     row["language"] = normalize_language(row["language"])

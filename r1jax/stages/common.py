@@ -1229,7 +1229,7 @@ def _check_builtin_task_rows(rows: list[dict], path: str, field: str) -> None:
             why = "its solution does not pass the verifier"
         if not ok:
             raise ConfigError(
-                f"data.{field} {path}, row {i} of the {len(rows)} used: task {name!r} is a "
+                f"data.{field} {row.get('where') or f'{path}, row {i}'}: task {name!r} is a "
                 f"built-in task, whose reward cannot check this row ({why}); write such rows as "
                 f"the built-in datasets do (r1jax.data.tasks.make_dataset) or give the task "
                 f"column another name"

@@ -168,8 +168,9 @@ def _non_reasoning_rows(r) -> list[dict[str, Any]]:
             row = {"messages": x["messages"]}
         else:
             raise common.ConfigError(
-                f"rejection_sampling.non_reasoning_source {r.non_reasoning_source}: row {i} "
-                f"has neither a completion nor a final assistant message"
+                f"rejection_sampling.non_reasoning_source "
+                f"{x.get('where') or f'{r.non_reasoning_source}, row {i}'} has neither a "
+                "completion nor a final assistant message"
             )
         rows.append({**row, "source": "non_reasoning"})
     return rows

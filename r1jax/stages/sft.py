@@ -88,7 +88,7 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
         templates.warn_if_templated(questions, s.template, tokenizer)
     pairs, conversations = [], 0
     for i, row in enumerate(rows):
-        where = f"{section}.source {s.source}, row {i} of those kept"
+        where = f"{section}.source {row.get('where') or f'{s.source}, row {i}'}"
         messages = row.get("messages") or []
         completion = row.get("completion")
         if messages and messages[-1].get("role") == "assistant":
