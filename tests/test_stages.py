@@ -1757,3 +1757,19 @@ def test_pipeline_evaluation_stands_for_its_checkpoint_and_settings(tmp_path, mo
     assert evaluate() == 2
     os.utime(os.path.join(subdir, "eval.json"), (now - 800, now - 800))
     assert evaluate() == 3
+
+
+def test_answers_the_grader_scores_differently_never_vote_together():
+    """`same` is not transitive ("0.5" ~ "50%" ~ "50"; Countdown's value-and-numbers key ignores
+    a wrong right-hand side and forbidden operators): a group led by a wrong answer took the
+    cons@k credit of the right answers that joined it."""
+    from r1jax.stages.eval import same_answer
+
+    math = same_answer("math", None)
+    # gold "50" (a percentage question): "0.5" is wrong, "50%" right, and they are `same`
+    assert score_prompt(["0.5", "50%", "50%", "7"], [False, True, True, False], math)["cons@4"] == 1
+    countdown = same_answer("countdown", None)
+    votes = ["3+4 = 8", "4+3", "3+4", "5+3"]
+    assert score_prompt(votes, [False, True, True, False], countdown)["cons@4"] == 1.0
+    # a trailing period, which the verifier accepts, votes with the same expression without one
+    assert majority_vote(["3+4.", "4+3.", "3+4", "5+3-1", "5+3-1"], countdown) == 0

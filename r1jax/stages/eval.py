@@ -7,9 +7,9 @@ tests):
   pass@1   = mean over prompts of (correct samples / k)             (the paper's headline number)
   pass@k   = unbiased estimate 1 - C(k - c, k) / C(k, k) = [c > 0]   (with n = k samples)
   cons@k   = the majority-voted answer is correct; answers vote together when the grader deems
-             them one answer ("1/2" and "0.5"; "1,234" and "1234"), and a tie between equally
-             frequent answers goes to the one sampled first (deterministic, and no credit for a
-             tie the vote cannot break)
+             them one answer ("1/2" and "0.5"; "1,234" and "1234") and it grades them alike,
+             and a tie between equally frequent answers goes to the one sampled first
+             (deterministic; right or wrong, whichever that is)
   length   = mean completion length in tokens; format = share of well-formed completions
 
 Results go to `workdir/eval.json` (overall and per task) and a table on stdout.
@@ -49,7 +49,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def majority_vote(
-    answers: Sequence[str | None], same: Callable[[str, str], bool] | None = None
+    answers: Sequence[str | None],
+    same: Callable[[str, str], bool] | None = None,
+    labels: Sequence[Any] | None = None,
 ) -> int | None:
     """Index of the sample whose answer wins the vote (None: no sample has an answer).
 
@@ -57,22 +59,28 @@ def majority_vote(
     first group whose first answer it is `same` as (default: equal strings; the eval stage passes
     the grader's own equivalence, so "1/2", "0.5" and "\\frac{1}{2}" vote together). The largest
     group wins, a tie going to the group sampled first; the winner is that group's first sample.
+    `labels` (score_prompt: the grades): answers labelled differently never vote together, whatever
+    `same` says (its equivalence is not transitive: "0.5" ~ "50%" ~ "50").
     """
     keys = [a.strip() if isinstance(a, str) and a.strip() else None for a in answers]
     firsts: list[int] = []  # each group's first sample
     sizes: list[int] = []
-    group_of: dict[str, int] = {}  # answers seen -> their group (equal strings never re-checked)
+    group_of: dict[tuple, int] = {}  # answers seen -> their group (equal strings never re-checked)
+    label = (lambda i: None) if labels is None else (lambda i: labels[i])
     for i, key in enumerate(keys):
         if key is None:
             continue
-        group = group_of.get(key)
+        group = group_of.get((label(i), key))
         if group is None and same is not None:
-            group = next((g for g, f in enumerate(firsts) if same(keys[f], key)), None)
+            group = next(
+                (g for g, f in enumerate(firsts) if label(f) == label(i) and same(keys[f], key)),
+                None,
+            )
         if group is None:
             group = len(firsts)
             firsts.append(i)
             sizes.append(0)
-        group_of[key] = group
+        group_of[(label(i), key)] = group
         sizes[group] += 1
     if not sizes:
         return None
@@ -90,7 +98,7 @@ def score_prompt(
     if k == 0 or len(answers) != k:
         raise ValueError("need one answer and one correctness flag per sample")
     c = int(sum(bool(x) for x in correct))
-    winner = majority_vote(answers, same)
+    winner = majority_vote(answers, same, labels=[bool(x) for x in correct])
     return {
         "pass@1": c / k,
         f"pass@{k}": pass_at_k(k, c, k),
@@ -150,7 +158,7 @@ def same_answer(task: Any, tests: Any) -> Callable[[str, str], bool] | None:
     if task == "countdown":
 
         def reached(answer: str):  # ("expr" or "expr = n") -> (value, numbers) or the text
-            found = evaluate_expression(answer.split("=")[0])
+            found = evaluate_expression(answer.strip().removesuffix(".").split("=")[0])
             return (found[0], sorted(found[1])) if found else "".join(answer.split())
 
         return lambda a, b: reached(a) == reached(b)

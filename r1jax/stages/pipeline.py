@@ -408,6 +408,9 @@ def _evaluate(config, model_path: str, subdir: str) -> dict[str, Any]:
     # eval.json, with its minutes for a later rerun's report
     out = eval_stage.run(sub, subdir)
     common.write_json(stamp_path, stamp)
+    # Process 0 alone wrote eval_samples.jsonl, which every process reads for the report
+    # (paired_difference); eval_stage.run ends without a barrier (common.run_stage has one).
+    common.sync_processes(f"evaluation {subdir} written")
     return out
 
 
