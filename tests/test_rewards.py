@@ -44,6 +44,13 @@ def chat(text):
 # --- accuracy ----------------------------------------------------------------------------------
 
 EQUIVALENT = [  # (gold, completion): same answer written differently
+    ("18", "<answer>The answer is $18$ eggs.</answer>"),  # words around delimited math
+    ("1000", "<answer>1 000</answer>"),  # thousands grouped by a space or a thin space
+    ("1\\,000", "<answer>1000</answer>"),
+    ("12345", "<answer>12 345</answer>"),
+    ("5°", "<answer>5^\\circ</answer>"),  # the degree sign
+    ("90", "<answer>90°</answer>"),
+    ("B", "<answer>B, not C</answer>"),
     ("\\frac{3}{4}", "<answer>0.75</answer>"),  # fraction vs decimal
     ("3/4", "<answer>$\\dfrac{3}{4}$</answer>"),
     ("\\frac{\\sqrt{2}}{2}", "<answer>\\frac{1}{\\sqrt{2}}</answer>"),  # radicals
@@ -127,6 +134,16 @@ DIFFERENT = [
     ("A", "<answer>A prime greater than 7, so (C)</answer>"),
     ("I", "<answer>I believe it is (B)</answer>"),
     ("A", "<answer>A or B</answer>"),
+    # The same words around one delimited value ($…$ went to math-verify, which took the value)
+    ("18", "<answer>not $18$</answer>"),
+    ("18", "<answer>half of $18$</answer>"),
+    ("18", "<answer>$18$ thousand</answer>"),
+    ("18", "<answer>\\(18\\) or fewer</answer>"),
+    ("18", "<answer>$17$ eggs or $18$</answer>"),
+    ("5", "<answer>\\(6\\) or \\(5\\)</answer>"),
+    ("B", "<answer>not B</answer>"),  # a negated choice is not that choice
+    ("A", "<answer>except (A)</answer>"),
+    ("1\\,000", "<answer>0</answer>"),  # a thin-space-grouped number is not a product
 ]
 
 
@@ -270,6 +287,14 @@ def test_language_reward_cannot_be_hidden_in_math_or_code_spans():
     for text, language in hacks:
         (score,) = language_consistency_reward([f"<think>{text}</think>"], language=language)
         assert score < 0.1, (text[:40], score)
+    # A tag's name is ASCII: "<a因为…>" is text, not markup to skip.
+    (score,) = language_consistency_reward(
+        ["<think>‹a因为x等于3所以答案是5></think>"], language="en"
+    )
+    assert score < 0.5
+    # 々 (repetition) is Han; Vietnamese letters (ệ, ạ) are Latin (languages are scripts).
+    assert language_consistency_reward(["<think>人々は時々</think>"], language="ja") == [1.0]
+    assert language_consistency_reward(["<think>Việt Nam đẹp lắm</think>"], language="en") == [1.0]
     zh_geometry = (
         "<think>因为 $AB = BC$ 所以 $\\angle ABC$ 是直角 ```python\nprint(ab)\n```</think>"
     )

@@ -9,6 +9,7 @@ no process of the run survives it, and the host side effects it tried are absent
 import dataclasses
 import logging
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -495,3 +496,36 @@ def test_limits_that_fail_every_run_are_refused_up_front():
         common.sandbox_options(config)
     config.sandbox.cpu_time_s = 1
     assert common.sandbox_options(config) == {"max_processes": 8, "cpu_time_s": 1}
+
+
+def test_runs_leave_no_zombie_when_the_trainer_is_pid_1(tmp_path):
+    """bubblewrap exits before its sandbox init, whose orphan went to PID 1: a trainer that is
+    PID 1 of its container (`docker run` without --init) reaped none, and the zombies, counted
+    against the private uids' process limit, later made every run fail (code reward 0)."""
+    if subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"]).returncode:
+        pytest.fail("unshare --pid --fork --mount-proc is refused here (the test needs root)")
+    script = tmp_path / "pid1.py"
+    script.write_text(
+        "import os, time\n"
+        "from r1jax.rewards.sandbox import run_python, SandboxConfig\n"
+        "assert os.getpid() == 1\n"
+        "for i in range(6):\n"
+        "    assert run_python(f'print({i})', b'', SandboxConfig(timeout_s=5.0)).ok\n"
+        "time.sleep(0.5)\n"
+        "states = []\n"
+        "for p in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    try:\n"
+        "        states.append(open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[0])\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "print('zombies', states.count('Z'))\n"
+    )
+    out = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(pathlib.Path(sandbox_lib.__file__).parents[2])},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["zombies", "0"], out.stdout

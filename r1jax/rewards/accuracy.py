@@ -104,6 +104,9 @@ _MATH_WORDS = frozenset(
     "lcm det inf infty and or".split()
 )
 _MATH_DOLLAR = re.compile(r"(?<!\\)\$")  # a math delimiter; `\$` is a currency sign
+_MATH_SPAN = re.compile(  # one delimited expression: $$…$$, $…$, \\(…\\), \\[…\\]
+    r"(?<!\\)\$\$(.+?)(?<!\\)\$\$|(?<!\\)\$(.+?)(?<!\\)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL
+)
 _LATEX_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textit|boxed)\s*\{([^{}]*)\}")
 _MATH_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
 _guard: concurrent.futures.ProcessPoolExecutor | None = None  # comparisons off the main thread
@@ -177,8 +180,16 @@ def extract_answer(text: str) -> str | None:
     return boxed if boxed is not None else region
 
 
+# A number grouped in thousands by spaces ("1 000", LaTeX's "1\,000"): one number, not a product.
+_SPACE_GROUPED = re.compile(r"(?<![\d.])\d{1,3}(?:(?: |\\[,;:! ]|~)\d{3})+(?![\d.])")
+_NEGATED = re.compile(  # a negation just before a chosen letter ("not B", "except (C)")
+    r"(?i:\b(?:not|no|except|never|isn't|is not)\s*(?:option\s*|choice\s*)?\(?\s*)$"
+)
+
+
 def _strip_delimiters(s: str) -> str:
-    s = s.strip()
+    s = _SPACE_GROUPED.sub(lambda m: re.sub(r"\D", "", m.group()), s.strip())
+    s = s.replace("°", "^\\circ")  # (math-verify reads the LaTeX degree, not the sign)
     for left, right in (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$")):
         if s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right):
             inner = s[len(left) : len(s) - len(right)]
@@ -214,9 +225,22 @@ def _parse_math(s: str) -> list[Any]:
     """Answer string -> math-verify parse result ([] when nothing parsed). Cached: a cons@k
     vote compares each answer with every group's, and a group's gold with every sample."""
     timeout = _timeout()
-    if _MATH_DOLLAR.search(s) or "\\(" in s or "\\[" in s:
-        # Prose with delimited math: math-verify finds the (last) expression itself.
-        return parse(s, list(_MATH_CONFIG), parsing_timeout=timeout)
+    spans = list(_MATH_SPAN.finditer(s))
+    if len(spans) == 1:
+        # One delimited expression: the words around it pass the same check as undelimited
+        # ones ("not $18$" is no more an answer than "not 18"); the expression is the value.
+        span = spans[0]
+        inner = next(g for g in span.groups() if g is not None)
+        around = f"{s[: span.start()]} 0 {s[span.end() :]}"
+        if _without_words(around)[1]:
+            return []
+        s = f"{s[: span.start()]} {inner} {s[span.end() :]}".strip()
+    elif spans:
+        # Several delimited expressions ("$17$ eggs or $18$"): math-verify would pick one of
+        # them by position; that is no single answer.
+        return []
+    else:  # a lone "$" is a currency sign ("$5")
+        s = _MATH_DOLLAR.sub("", s)
     value, wordy = _without_words(s)
     if wordy:  # words that may change the value ("not 18", "17 eggs or 18"): no answer
         return []
@@ -237,11 +261,16 @@ def _letter(s: str) -> str | None:
             return None  # "B or C", "(B), (C)": two choices are none
         return next(g for g in lead.groups() if g).upper()
     for pattern in (_LETTER_ANSWER, _LETTER_BRACKETED, _LETTER_CUED):
-        found = pattern.findall(plain)
+        found = list(pattern.finditer(plain))
         if found:
-            return found[-1]
-    alone = set(_LETTER_ALONE.findall(plain))
-    return alone.pop() if len(alone) == 1 else None
+            last = found[-1]
+            return None if _NEGATED.search(plain, 0, last.start(1)) else last.group(1)
+    alone = list(_LETTER_ALONE.finditer(plain))
+    if len({m.group(1) for m in alone}) != 1 or any(
+        _NEGATED.search(plain, 0, m.start(1)) for m in alone
+    ):
+        return None  # two letters are no choice; "not B" is not B
+    return alone[0].group(1)
 
 
 def answers_match(gold: str, predicted: str) -> bool:

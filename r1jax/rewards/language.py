@@ -37,10 +37,10 @@ from r1jax.rewards.common import column, completion_texts, think_region
 
 # Code-point classes, by Unicode block. Han covers CJK Unified Ideographs, Extension A,
 # Compatibility Ideographs and the supplementary-plane extensions.
-_HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+_HAN = "\u3005-\u3007\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
 _KANA = "\u3040-\u309f\u30a0-\u30ff\u31f0-\u31ff\uff66-\uff9f"
 _HANGUL = "\uac00-\ud7af\u1100-\u11ff\u3130-\u318f"
-_LATIN = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f"
+_LATIN = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u1e00-\u1eff"
 _CYRILLIC = "\u0400-\u04ff"
 _GREEK = "\u0370-\u03ff"
 # Word characters that are math, not words: superscripts and subscripts (x², a₁, aⁿ, xᵢ, aⱼ),
@@ -59,7 +59,8 @@ _CODE_OR_MATH = re.compile(
     r"|\\\[(?:(?!\\\[).)*?\\\]|\\\((?:(?!\\\().)*?\\\)",
     re.DOTALL,
 )
-_MARKUP = re.compile(r"\\[A-Za-z]+|</?[A-Za-z_][\w-]*>")  # LaTeX commands, tags such as <answer>
+# LaTeX commands, tags such as <answer> (ASCII names only: `<a因为…>` is text, not a tag)
+_MARKUP = re.compile(r"\\[A-Za-z]+|</?[A-Za-z_][A-Za-z0-9_-]*>")
 _WORD = re.compile(
     rf"(?P<han>[{_HAN}])|(?P<kana>[{_KANA}])|(?P<hangul>[{_HANGUL}]+)"
     rf"|(?P<latin>[{_LATIN}]+(?:['’][{_LATIN}]+)*)|(?P<cyrillic>[{_CYRILLIC}]+)"

@@ -424,6 +424,20 @@ def run_python(code: str, stdin: str | bytes = b"", cfg: SandboxConfig | None = 
     return _run(code, data, cfg, python, sandboxed=problem is None)
 
 
+@functools.cache
+def _adopt_orphans() -> None:
+    """Make this process the reaper of its descendants' orphans (once per process): bubblewrap
+    exits before its sandbox init, and the orphaned init must be reaped here (`_kill_namespace`)
+    rather than left to PID 1, which in a container is often the trainer itself and reaps
+    nothing, so every run would leave a zombie holding a PID."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
 def _run(code: str, stdin: bytes, cfg: SandboxConfig, python: str, *, sandboxed: bool) -> RunResult:
     source = code.encode("utf-8", errors="replace")
     if len(source) > cfg.max_code_bytes:
@@ -438,6 +452,7 @@ def _run(code: str, stdin: bytes, cfg: SandboxConfig, python: str, *, sandboxed:
     own_fds: list[int] = []  # closed in the parent once the run is over
     info_r = -1
     if sandboxed:
+        _adopt_orphans()
         code_fd = os.memfd_create("r1jax-sandbox-code")  # close-on-exec but for pass_fds
         os.write(code_fd, source)
         os.lseek(code_fd, 0, os.SEEK_SET)
@@ -616,5 +631,13 @@ def _kill_namespace(info_fd: int) -> None:
     try:
         if not select.select([pidfd], [], [], 5.0)[0]:
             logger.error("sandbox PID namespace (init %d) did not empty after SIGKILL", pid)
+        else:
+            # bubblewrap exits before its sandbox init, which is orphaned: when this process is
+            # the reaper (PID 1 of a container, a subreaper) it must reap it, or every run leaves
+            # a zombie holding a PID.
+            try:
+                os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:
+                pass  # not our child: whoever adopted it reaps it
     finally:
         os.close(pidfd)
