@@ -526,7 +526,8 @@ def generate(
     prompt_keys: Sequence[int] | None = None,
     num_tokens: int = 0,
 ) -> GenerateOutput:
-    """Sample completions for a list of prompts (ragged token-id lists, or a [P, T] array).
+    """Sample completions for a list of prompts (ragged token-id lists, or a [P, T] array whose
+    every entry is a prompt token: strip a padded batch's padding first).
 
     A row ends at any of `stop_token_ids` or once its text holds one of `stop_strings`
     (`r1jax.data.StopStrings.for_tokenizer(tokenizer, ["</answer>"])`: found however the
@@ -554,6 +555,11 @@ def generate(
         prompts = [list(map(int, row)) for row in np.asarray(prompts)]
     if not all(isinstance(p, Sequence | np.ndarray | jax.Array) for p in prompts):
         raise ValueError("prompts must be a list of token-id lists (one per prompt), or [P, T]")
+    if stop_strings is not None and not isinstance(stop_strings, StopStrings):
+        raise ValueError(  # (transformers takes a list of strings; the automaton needs the vocab)
+            "stop_strings must be a data.StopStrings, built with its tokenizer: "
+            f"StopStrings.for_tokenizer(tokenizer, [...]); got {type(stop_strings).__name__}"
+        )
     vocab = model.cfg.vocab_size
     # (a stop id past the vocabulary, e.g. a tokenizer's extra special token, is never sampled:
     # harmless, so only its type is checked)

@@ -192,6 +192,11 @@ def test_stop_strings_end_rows_after_the_token_that_completes_them():
         assert out.tokens[i] == tokens[: n or 8], i
         assert dev.stop_reason[i] == (sampling.LENGTH if n is None else sampling.STOP_TOKEN)
     assert len(out.tokens[0]) <= 4 and len(out.tokens[1]) <= 7 and len(out.tokens[2]) > 1
+    # transformers' spellings: one string is one stop string (each character stopped), and a
+    # list of strings is refused by name (it failed with AttributeError inside the call).
+    assert data.StopStrings(texts, strings[1]).strings == (strings[1],)
+    with pytest.raises(ValueError, match=r"StopStrings.for_tokenizer"):
+        sampling.generate(model(), PROMPTS, max_new_tokens=8, stop_strings=list(strings))
 
 
 def test_early_exit_when_every_row_stopped():

@@ -205,6 +205,8 @@ class StopStrings:
     def __init__(self, texts: Sequence[str], strings: Sequence[str]):
         import numpy as np
 
+        if isinstance(strings, str):  # (as transformers takes it; each character stopped)
+            strings = [strings]
         self.strings = tuple(dict.fromkeys(s for s in strings if s))
         # States: every proper prefix of a string ("" first), then the accepting state.
         prefixes = sorted({s[:i] for s in self.strings for i in range(len(s))} | {""}, key=len)
