@@ -1123,6 +1123,7 @@ def grpo_loss(
     num_items_in_batch: jax.Array | None = None,
     prompts: PromptForward | None = None,
     prompt_index: jax.Array | None = None,
+    num_tokens_per_micro_batch: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`policy_loss` of the model's current log-probs on (a micro-batch of) `rollouts`.
 
@@ -1134,6 +1135,8 @@ def grpo_loss(
       prompts, prompt_index: the prompts' shared forward (`prompt_forward`, of this model) and
         the prompt row of each of the rollouts' rows (see `logprobs_after_prompts`); prompts
         None: each row runs its own prompt. The router counts are then the completions' only.
+      num_tokens_per_micro_batch: the whole batch's completion tokens / micro-batches; the
+        token-mean metrics are then scaled so that their mean over micro-batches is the batch's.
     Returns:
       (loss, metrics): metrics as `policy_loss` minus the completion lengths (the rollout
       reports those for the whole batch) and with `entropy`; for a mixture-of-experts model
@@ -1168,6 +1171,12 @@ def grpo_loss(
         entropy=jax.lax.stop_gradient(entropy),
     )
     metrics = {k: v for k, v in metrics.items() if not k.startswith("completions/")}
+    if num_tokens_per_micro_batch is not None:
+        # Every metric left is a token mean of this micro-batch: reweighted so that their mean
+        # over the micro-batches is the whole batch's token mean (micro-batches hold different
+        # numbers of tokens; the logged kl and entropy moved with num_micro_batches).
+        share = jnp.sum(rollouts.completion_mask) / jnp.maximum(num_tokens_per_micro_batch, 1.0)
+        metrics = {k: v * share for k, v in metrics.items()}
     if router is not None:  # routing counts, for `train.router_step` after the optimizer step
         metrics["router"] = router
     return loss, metrics
@@ -1209,8 +1218,12 @@ def loss_and_gradients(
     dapo = cfg.loss_type == "dapo"
     # dapo divides by the whole batch's token count, so micro-batch losses sum to the batch loss.
     num_items = jnp.sum(rollouts.completion_mask) if dapo else None
+    # the mean token count of a micro-batch: token-mean metrics are weighted by it
+    per_micro = jnp.sum(rollouts.completion_mask).astype(jnp.float32) / cfg.num_micro_batches
     if not cfg.shared_prompt_forward:
-        loss_fn = lambda m, micro: grpo_loss(m, micro, cfg, num_items)  # noqa: E731
+        loss_fn = lambda m, micro: grpo_loss(
+            m, micro, cfg, num_items, num_tokens_per_micro_batch=per_micro
+        )  # noqa: E731
         return train.accumulate_gradients(
             loss_fn, model, rollouts, cfg.num_micro_batches, sum_micro_batches=dapo
         )
@@ -1228,7 +1241,9 @@ def loss_and_gradients(
         (floats, last_hidden), (rest, prompt_router) = shared_values
         prompts = PromptForward(_join(floats, rest), last_hidden, prompt_router)
         micro_rollouts, prompt_index = micro
-        loss, metrics = grpo_loss(m, micro_rollouts, cfg, num_items, prompts, prompt_index)
+        loss, metrics = grpo_loss(
+            m, micro_rollouts, cfg, num_items, prompts, prompt_index, per_micro
+        )
         if prompt_router is not None:  # the prompts were routed once: 1/k of them per micro-batch
             share = lambda c, p: c + p / k  # noqa: E731
             metrics["router"] = jax.tree.map(share, metrics["router"], prompt_router)

@@ -205,7 +205,7 @@ def gradients():
                 )
                 loss, grads, metrics = grpo.loss_and_gradients(model, rollouts, cfg)
                 assert shared == ("shared_prompt_mismatch" in metrics)
-                out[loss_type, shared, k] = (loss, grads, vjp(w)[0])
+                out[loss_type, shared, k] = (loss, grads, vjp(w)[0], metrics["entropy"])
         return out
 
     return rollouts, jax.device_get(compute(params))
@@ -223,7 +223,7 @@ def test_accumulated_gradient_equals_the_whole_batch_policy_gradient(
     with each prompt's forward run once and its gradient pulled back once (shared_prompt_forward,
     micro-batches in the prefix cache's layout or gathering from it)."""
     rollouts, out = gradients
-    loss, grads, plain = out[loss_type, shared, k]
+    loss, grads, plain, _ = out[loss_type, shared, k]
     m, adv = np.asarray(rollouts.completion_mask), np.asarray(rollouts.advantages)
     if loss_type == "grpo":  # ratio 1 everywhere: -mean A over non-empty completions
         expected = -np.mean(adv * (m.sum(-1) > 0))
@@ -233,6 +233,17 @@ def test_accumulated_gradient_equals_the_whole_batch_policy_gradient(
     assert max(np.abs(x).max() for x in jax.tree.leaves(plain)) > 1e-3  # not vacuous
     for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(plain), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
+
+
+def test_logged_token_means_do_not_depend_on_the_micro_batches(gradients):
+    """The logged entropy (as kl and the clip ratios) is the whole batch's token mean: each
+    micro-batch's mean was averaged unweighted, so it moved with num_micro_batches (automatic:
+    other on a CPU than on an accelerator), the micro-batches holding different token counts."""
+    rollouts, out = gradients
+    m = np.asarray(rollouts.completion_mask)
+    assert len({int(m[j::4].sum()) for j in range(4)}) > 1  # micro-batch j = rows j::k
+    entropies = [float(v[3]) for v in out.values()]
+    np.testing.assert_allclose(entropies, entropies[0], rtol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
