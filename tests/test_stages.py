@@ -1773,3 +1773,24 @@ def test_answers_the_grader_scores_differently_never_vote_together():
     assert score_prompt(votes, [False, True, True, False], countdown)["cons@4"] == 1.0
     # a trailing period, which the verifier accepts, votes with the same expression without one
     assert majority_vote(["3+4.", "4+3.", "3+4", "5+3-1", "5+3-1"], countdown) == 0
+
+
+def test_a_bnpo_run_records_its_micro_batch_count(toy, tmp_path, monkeypatch):
+    """bnpo's token mean is each micro-batch's, so the count is part of its objective: a resume
+    with another rl.num_micro_batches trained another objective under the same run."""
+    from r1jax.stages import rl
+
+    recorded = []
+
+    def capture(ckpt, state, data_order, **kwargs):
+        recorded.append(data_order)
+        raise KeyboardInterrupt  # (stop before any training)
+
+    monkeypatch.setattr(rl.common, "resume", capture)
+    for loss_type, k in (("bnpo", 1), ("bnpo", 2), ("grpo", 2)):
+        config = sh.set_fields(sh.rl_config(), {"rl.loss_type": loss_type})
+        config.rl.num_micro_batches = k
+        config.rl.prompts_per_step *= 2  # 16 rows: 1 or 2 micro-batches over 8 batch shards
+        with pytest.raises(KeyboardInterrupt):
+            rl.run(config, str(tmp_path / f"{loss_type}{k}"))
+    assert [r.get("rl.num_micro_batches") for r in recorded] == [1, 2, None]

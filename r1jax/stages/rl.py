@@ -324,6 +324,9 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         "reward_model": [common.model_fingerprint(rm.path), float(rm.weight)] if rm.path else "",
         **{f"rl.{k}": r[k] for k in _OBJECTIVE_FIELDS},
     }
+    if r.loss_type == "bnpo":  # its token mean is each micro-batch's: part of the objective
+        rows = r.prompts_per_step * r.num_generations
+        data_order["rl.num_micro_batches"] = common.micro_batches(config, "rl", rows)
     start = common.resume(
         ckpt,
         state,
