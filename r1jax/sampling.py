@@ -533,8 +533,9 @@ def generate(
     (`r1jax.data.StopStrings.for_tokenizer(tokenizer, ["</answer>"])`: found however the
     tokens spell it); the stop is kept in the output.
     Prompts are left-padded to the smallest bucket length that fits (longer prompts are an error);
-    with `mesh`, the batch is sharded over its batch axes (P * num_samples must then divide by them)
-    and the model should already be placed on it. `first_window`: see `sample`.
+    with `mesh`, the batch is sharded over its batch axes when P divides by them (else it runs
+    unsharded, with the same results), and the model should already be placed on it.
+    `first_window`: see `sample`.
     `num_tokens`: the tokenizer's length; ids past it (an embedding padded beyond the tokenizer)
     are never drawn (0 = every id).
     `prompt_keys`: one integer per prompt (e.g. its row in the dataset); prompt i's samples are

@@ -369,15 +369,22 @@ def shard_local_batch(batch, mesh: Mesh, rules=None):
     def one(x):
         x = np.asarray(x)
         sharding = batch_sharding(mesh, x.ndim, rules)
-        if jax.process_count() > 1 and len(sharding.device_set) == len(mesh.devices.flat):
-            spec = sharding.spec[0] if len(sharding.spec) else None
-            if spec is None:
-                raise ValueError(
-                    "shard_local_batch: the mesh's batch axes are all of size 1, so rows are not "
-                    "split over processes; pass the global batch to shard_batch instead"
-                )
-        _check_divisible(x.shape[0] * jax.process_count(), sharding)
-        return jax.make_array_from_process_local_data(sharding, x)
+        global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+        _check_divisible(global_shape[0], sharding)
+        # The rows this process's devices hold must be exactly its own B_global / processes:
+        # with fewer batch shards than processes, several processes hold the same rows (and
+        # would each pass different ones), which make_array_from_process_local_data accepts.
+        index = sharding.addressable_devices_indices_map(global_shape)
+        held = {(s[0].start or 0, s[0].stop) for s in index.values()}
+        rows = sum((stop if stop is not None else global_shape[0]) - start for start, stop in held)
+        if rows != x.shape[0]:
+            raise ValueError(
+                f"shard_local_batch: this process's devices hold {rows} of {global_shape[0]} "
+                f"rows, not its own {x.shape[0]}: the mesh's batch axes split rows into fewer "
+                f"groups than the {jax.process_count()} processes; pass the global batch to "
+                "shard_batch instead"
+            )
+        return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return jax.tree.map(one, batch)
 

@@ -421,3 +421,65 @@ def test_a_checkpoint_damaged_in_one_process_files_stops_every_process(toy, tmp_
     for i in range(2):
         line = sh.read(str(tmp_path / f"again{i}.err")).strip().splitlines()[-1]
         assert line.startswith(f"error: Checkpoint {workdir}/checkpoints/{last} is damaged"), line
+
+
+def test_data_that_differs_between_hosts_is_refused_on_every_process(toy, tmp_path):
+    """Each host reads its own copy of a data file: with one copy stale, every device took its
+    slice of the batch from its own host's rows, and process 0 graded the mix against its own
+    answers, silently. Now refused by every process, naming the one that differs."""
+    address = f"127.0.0.1:{sh.free_port()}"
+    rows = [{"prompt": f"What is {i} + {i}?", "solution": str(2 * i)} for i in range(40)]
+    procs = []
+    for i in range(2):
+        if i:
+            rows[7] = {**rows[7], "solution": "0"}  # (process 1's copy: one answer differs)
+        data = tmp_path / f"copy{i}" / "rows.jsonl"
+        data.parent.mkdir()
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        env = _process_env(toy[0], address, i)
+        args = ["--stage=eval", f"--workdir={tmp_path / 'run'}", f"--config.data.source={data}"]
+        procs.append(sh.popen(args, env, str(tmp_path / f"p{i}")))
+    codes, seconds = _exit_codes(procs)
+    assert codes == [1, 1], codes
+    for i in range(2):
+        last = sh.read(str(tmp_path / f"p{i}.err")).strip().splitlines()[-1]
+        assert "differs on process(es) [1]" in last, last
+
+
+LOCAL_BATCH_SCRIPT = """
+from r1jax import sharding
+sharding.initialize_distributed()
+import jax, numpy as np
+mesh = sharding.make_mesh(fsdp=2, tensor=4)  # 2 batch shards for 4 processes
+pid = jax.process_index()
+try:
+    sharding.shard_local_batch({"x": np.arange(2)[:, None] + 2 * pid}, mesh)
+except ValueError as e:
+    print("REFUSED", "fewer groups than the 4 processes" in str(e))
+"""
+
+
+def test_a_local_batch_over_fewer_batch_shards_than_processes_is_refused(tmp_path):
+    """4 processes x 2 devices, fsdp=2 x tensor=4: processes 0 and 1 hold the same rows, yet each
+    passed its own; the global batch came out with 4 of the 8 rows, differing between processes."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "local_batch.py"
+    script.write_text(LOCAL_BATCH_SCRIPT)
+    address = f"127.0.0.1:{sh.free_port()}"
+    procs = []
+    for i in range(4):
+        env = sh.cli_env(
+            str(tmp_path / "home"), devices=2, R1JAX_COORDINATOR_ADDRESS=address,
+            R1JAX_NUM_PROCESSES="4", R1JAX_PROCESS_ID=str(i), R1JAX_CPU_COLLECTIVES="1",
+        )  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True,
+            )
+        )  # fmt: skip
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and "REFUSED True" in out, (out, err[-2000:])

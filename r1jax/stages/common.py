@@ -248,6 +248,29 @@ def model_fingerprint(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_same_on_every_process(what: str, value: str) -> None:
+    """Refuse, on every process alike, inputs that the hosts read differently (a data file or
+    model folder copied to each host's own disk, stale on one of them): every host places its own
+    copy's rows and weight blocks on its own devices, so a mismatch mixes the copies silently.
+    `value`: a fingerprint of what this process read. Every process must call it."""
+    import hashlib
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return
+    digest = np.frombuffer(hashlib.sha256(value.encode()).digest()[:8], np.int64)
+    seen = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1)
+    differ = [i for i, d in enumerate(seen) if d != seen[0]]
+    if differ:
+        raise ConfigError(
+            f"{what} differs on process(es) {differ} from process 0's: each host reads its own "
+            "copy; copy the same files to every host (or use a folder they all share)"
+        )
+
+
 def resume(ckpt, state, run: dict[str, Any], *, total_steps: int, steps_field: str) -> int:
     """The step a training loop starts from: 0 without a checkpoint, else the latest one, restored
     into `state` once `check_resume` finds that it continues this run."""
@@ -719,6 +742,7 @@ def load_model(config: ml_collections.ConfigDict, mesh, rules=None, *, frozen: b
         rules=rules,
         **deepseek,
     )
+    check_same_on_every_process(f"model.path {config.model.path}", model_fingerprint(path))
     return model, hf.tokenizer(path)
 
 
@@ -1101,6 +1125,10 @@ def load_prompt_rows(
     the `language` its chain of thought should be in. `require_solution=False` keeps a file's
     rows without a solution or tests too (general prompts, for a reward model)."""
     rows = _prompt_rows(data_config, split, seed, require_solution)
+    check_same_on_every_process(
+        f"the {split} rows of data.source={data_config.source!r}",
+        json.dumps(rows, sort_keys=True, default=str),
+    )
     for row in rows:  # (a file's rows name their own, or got data.language from the loader)
         row["language"] = row.get("language") or data_config.language
     return rows
@@ -1272,6 +1300,9 @@ def load_completion_rows(
         field_map=columns,
         on_bad_json=on_bad_json,
         fallback_shape="generic",
+    )
+    check_same_on_every_process(
+        f"the rows of {path}", json.dumps(rows, sort_keys=True, default=str)
     )
     for row in rows:
         if completion != "completion":
