@@ -21,7 +21,8 @@ Notable choices:
 - The steps take `SFTBatch` rows as they come (loss_mask marks completion *tokens*) and shift:
   position t-1 predicts token t, which counts when token t is a completion token of the same
   packed segment as position t-1. Segment ids and per-segment positions always go to the model,
-  so a packed row computes exactly what its examples would alone.
+  so a packed row computes exactly what its examples would alone (but with `rope_type:
+  dynamic`, whose base follows the longest position of the whole forward, as in transformers).
 - Step losses divide by the completion-token count of the whole batch, so micro-batches sum to
   the full-batch loss (every token weighs the same, however the rows are split or packed).
 """

@@ -1794,3 +1794,16 @@ def test_a_bnpo_run_records_its_micro_batch_count(toy, tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             rl.run(config, str(tmp_path / f"{loss_type}{k}"))
     assert [r.get("rl.num_micro_batches") for r in recorded] == [1, 2, None]
+
+
+def test_sft_step_count_and_a_short_runs_warm_up():
+    """100 rows x 2.2 epochs / 20 per step took 12 steps (11.000000000000002 rounded up); a run
+    from data shorter than the warm-up never reached the learning rate with the constant
+    schedule (only the cosine's warm-up was shortened)."""
+    from r1jax.stages import sft as sft_stage
+
+    assert sft_stage.run_steps(100, 2.2, 20) == 11 and sft_stage.run_steps(100, 2.21, 20) == 12
+    config = sh.load_config("sft")
+    config.optim.schedule, config.optim.warmup_steps = "constant", 10
+    optim = common.optim(config, run_steps=5, from_data=True)
+    assert optim.warmup_steps == 0

@@ -820,7 +820,8 @@ def optim(
     steps_later: only checking, for a stage that learns its step count from its data (SFT,
     distillation) and passes it as `run_steps` then: a cosine schedule needs no total_steps here.
     from_data: `run_steps` comes from the data (SFT, distillation): a run no longer than the
-    warm-up warms up over a tenth of it (warned) instead of being refused.
+    warm-up warms up over a tenth of it (warned) instead of being refused (cosine) or of never
+    reaching the learning rate (constant).
     """
     from r1jax.train import OptimConfig
 
@@ -835,15 +836,17 @@ def optim(
             f"optim.schedule='cosine' needs more optimizer steps than optim.warmup_steps="
             f"{fields['warmup_steps']}; this run takes {run_steps}"
         )
-    if spans_run and run_steps <= fields["warmup_steps"]:
+    if from_data and run_steps is not None and run_steps <= fields["warmup_steps"]:
         # (an SFT on a small file: its step count comes from the data, not from the config) A
-        # warm-up as long as the run would leave the decay no step; a tenth of the run instead.
+        # warm-up as long as the run would leave the decay no step, or never reach the rate; a
+        # tenth of the run instead.
         log.warning(
             "optim.warmup_steps=%d is as long as this run's %d optimizer steps: warming up over "
-            "%d (a tenth of the run), then the cosine decay",
+            "%d (a tenth of the run), then the %s rate",
             fields["warmup_steps"],
             run_steps,
             run_steps // 10,
+            "cosine's decaying" if fields["schedule"] == "cosine" else "constant",
         )
         fields["warmup_steps"] = run_steps // 10
     try:

@@ -173,6 +173,13 @@ def _without_opened_think(prompt: str, completion: str) -> str:
     return body[1:] if opened.endswith("\n") and body.startswith("\n") else body
 
 
+def run_steps(rows: int, epochs: float, batch_size: int) -> int:
+    """Optimizer steps that see `rows` rows `epochs` times (the last batch filled from the next
+    epoch's order). Rounded before the ceiling: 100 rows x 2.2 epochs / 20 is 11.000000000000002
+    in floating point, and took a twelfth step."""
+    return math.ceil(round(rows * epochs / batch_size, 9))
+
+
 def run(config, workdir: str) -> dict:
     """Fine-tune `model.path` on `sft.source`; writes workdir/hf/final."""
     mesh = common.make_mesh(config)
@@ -206,7 +213,7 @@ def train_on_pairs(
     except ValueError as e:  # e.g. every prompt longer than seq_len: nothing left to learn
         raise common.ConfigError(f"{section}.seq_len={s.seq_len}: {e}") from None
     rows = batch_all.input_ids.shape[0]
-    steps = math.ceil(rows * s.epochs / s.batch_size)
+    steps = run_steps(rows, s.epochs, s.batch_size)
     log.info(
         "%d examples -> %d rows of %d tokens (%d truncated, %d skipped); %d steps",
         len(pairs),
