@@ -121,14 +121,15 @@ def _assert_same_run(workdir: str, reference: str, hf: bool = True) -> None:
     """The final HF weights (if `hf`) and the metric rows of `workdir` are `reference`'s.
 
     Not bitwise: the cross-process all-reduce (gloo) may sum in another order than the in-process
-    one, and Adam divides by sqrt(v), so a near-zero gradient's rounding shows: atol is 200x below
-    one Adam step (1e-3).
+    one, and Adam divides by sqrt(v), so a near-zero gradient's rounding shows: atol is 100x below
+    one Adam step (1e-3). (On the AMD EPYC host one embedding entry of the RL run differs by
+    5.9e-6, the same before and after session 22's changes; 5e-6 passed on the Intel host.)
     """
     if hf:
         want = sh.hf_params(os.path.join(reference, "hf", "final"))
         got = sh.hf_params(os.path.join(workdir, "hf", "final"))
         for name in want:
-            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=5e-6, err_msg=name)
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
     rows, want_rows = sh.metric_rows(workdir), sh.metric_rows(reference)
     assert [r["step"] for r in rows] == [r["step"] for r in want_rows]  # written once per step
     for row, want_row in zip(rows, want_rows, strict=True):
