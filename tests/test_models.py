@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -310,6 +311,19 @@ def test_error_unsupported_field_is_refused_not_ignored(tmp_path):
     json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
     with pytest.raises(hf.CheckpointError, match="quantization_config"):
         hf.load(path)
+    # A null theta (a bare TypeError) and a Mistral window of 0 (no key to attend to) are named.
+    del cfg["quantization_config"]
+    cfg["rope_theta"] = None
+    cfg.get("rope_parameters", {}).pop("rope_theta", None)
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(hf.CheckpointError, match=r"rope_theta=None must be a positive number"):
+        hf.load(path)
+    path = _copy(tmp_path / "mistral", "mistral")
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg["sliding_window"] = 0
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(hf.CheckpointError, match=r"sliding_window=0 is not supported"):
+        hf.load(path)
 
 
 def test_error_shape_mismatch_between_config_and_weights(tmp_path):
@@ -317,8 +331,12 @@ def test_error_shape_mismatch_between_config_and_weights(tmp_path):
     cfg = json.load(open(os.path.join(path, "config.json")))
     cfg["intermediate_size"] = 128
     json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
-    with pytest.raises(hf.CheckpointError, match="does not match config.json"):
+    with pytest.raises(hf.CheckpointError, match="does not match config.json") as error:
         hf.load(path)
+    # the expected shape as the file spells it, [out, in] (it was r1jax's [in, out] layout: a
+    # transposed tensor then read "has shape (a, b) ... expected (a, b)")
+    have, want = re.findall(r"\(\d+, \d+\)", str(error.value))
+    assert want == "(128, 64)" and have == "(96, 64)", str(error.value)
 
 
 def test_error_tensor_with_the_right_size_in_the_wrong_layout(tmp_path):
@@ -474,3 +492,60 @@ def test_a_mesh_of_the_wrong_kind_is_refused_when_loading():
     two_axes = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     with pytest.raises(ValueError, match=r"lacks the axes \['tensor', 'expert'\]"):
         hf.load(hf_checkpoint("qwen2"), mesh=two_axes)
+
+
+def test_a_legacy_rope_scaling_block_is_read_as_transformers_reads_it():
+    """Qwen2.5's long-context recipe adds `rope_scaling: {"type": "yarn", ...}` to a config.json
+    that (written by transformers 5 or r1jax) already says `rope_parameters: {"rope_type":
+    "default"}`: transformers builds yarn, r1jax dropped the "type" key and built plain RoPE."""
+    from r1jax.models import transformer
+
+    cfg = transformer.ModelConfig(
+        **dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1),
+        **dict(num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256),
+        rope_theta=1e6,
+        qkv_bias=True,
+    )
+    written = hf.config_to_hf(cfg)
+    written["rope_scaling"] = {
+        "type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    read = hf.config_from_hf(written)
+    assert dict(read.rope_scaling)["rope_type"] == "yarn" and read.rope_theta == 1e6
+    nested = {**hf.config_to_hf(cfg), "rope_parameters": {"full_attention": {"rope_theta": 1e4}}}
+    with pytest.raises(hf.CheckpointError, match="per-layer RoPE"):
+        hf.config_from_hf(nested)
+
+
+def test_a_folder_with_a_single_file_and_a_stale_index_reads_the_single_file(tmp_path):
+    """transformers reads model.safetensors when a folder has it beside an index (a sharded folder
+    re-saved as one file keeps its old index): r1jax read the old shards, another model."""
+    from safetensors.numpy import load_file, save_file
+
+    path = str(tmp_path / "both")
+    hf.save(hf.load(hf_checkpoint("qwen2")), path, max_shard_bytes=20_000)
+    tensors = load_file(os.path.join(hf_checkpoint("qwen2"), "model.safetensors"))
+    tensors = {k: v * 2 for k, v in tensors.items()}  # another model than the shards
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    model = hf.load(path)
+    embed = np.asarray(model.embed_vd[...])
+    np.testing.assert_array_equal(embed, tensors["model.embed_tokens.weight"])
+
+
+def test_a_tied_config_with_another_lm_head_in_its_weights_is_refused(tmp_path):
+    """transformers leaves a stored lm_head.weight that differs from the embedding untied; r1jax
+    tied them and dropped it: two models. Equal (as some exports write it), it loads."""
+    from safetensors.numpy import load_file, save_file
+
+    path = _copy(tmp_path)
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+    save_file(tensors, file, metadata={"format": "pt"})
+    hf.load(path)
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] + 1.0
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(hf.CheckpointError, match="set tie_word_embeddings to false"):
+        hf.load(path)

@@ -180,6 +180,15 @@ def config_from_hf(
     require(hf.get("pretraining_tp", 1) == 1, "pretraining_tp", "must be 1")
 
     rope_theta, rope_scaling = rope_from_hf(hf, where)
+    resolved = getattr(full, "rope_parameters", None)  # transformers >= 5: what it will build
+    if isinstance(resolved, dict) and "rope_type" in resolved:
+        theirs = (resolved.get("rope_type"), float(resolved.get("rope_theta") or 0))
+        ours = (dict(rope_scaling or ()).get("rope_type", "default"), rope_theta)
+        if theirs != ours:
+            raise CheckpointError(
+                f"{where}: rope_parameters / rope_scaling / rope_theta disagree: transformers "
+                f"reads RoPE as {theirs}, r1jax as {ours}; keep one spelling"
+            )
 
     layer_types = hf.get("layer_types") or []
     require(
@@ -191,6 +200,11 @@ def config_from_hf(
     sliding_window = None
     if model_type == "mistral":
         sliding_window = get("sliding_window")
+        require(
+            sliding_window is None or sliding_window > 0,
+            "sliding_window",
+            "a window must hold at least the token itself (null: no window)",
+        )
     elif get("use_sliding_window") and get("sliding_window") is not None:
         # Qwen windows the layers from max_window_layers on, and only with a sliding_window: a
         # config that sets the flag but windows no layer is full attention. (Read from the
@@ -240,12 +254,25 @@ def rope_from_hf(
     """(rope_theta, rope_scaling as sorted (key, value) pairs or None for plain RoPE) from a HF
     config dict, whichever of `rope_parameters` / `rope_scaling` / `rope_theta` (and the old
     `type` key) it uses. Partial rotary embeddings are refused."""
-    rope = dict(hf.get("rope_parameters") or {})
-    rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", default_theta)))
-    rope.update(hf.get("rope_scaling") or {})
-    if "type" in rope and "rope_type" not in rope:
-        rope["rope_type"] = rope.pop("type")
-    rope.pop("type", None)
+
+    def spelled(field):  # one spelling's dict with the legacy "type" key as "rope_type"
+        d = dict(hf.get(field) or {})
+        if any(isinstance(v, dict) for v in d.values()):
+            raise CheckpointError(
+                f"{where}: {field}={hf.get(field)!r} is not supported: per-layer RoPE parameters"
+            )
+        if "type" in d:
+            legacy = d.pop("type")
+            d.setdefault("rope_type", legacy)
+        return d
+
+    rope = spelled("rope_parameters")
+    rope_theta = rope.pop("rope_theta", hf.get("rope_theta", default_theta))
+    if not isinstance(rope_theta, int | float) or isinstance(rope_theta, bool) or rope_theta <= 0:
+        raise CheckpointError(f"{where}: rope_theta={rope_theta!r} must be a positive number")
+    rope_theta = float(rope_theta)
+    # rope_scaling, where given, is what transformers reads: it overrides rope_parameters' type
+    rope.update(spelled("rope_scaling"))
     if rope.pop("partial_rotary_factor", 1.0) != 1.0:
         raise CheckpointError(
             f"{where}: rope_parameters={hf.get('rope_parameters')!r} is not supported: "
@@ -434,7 +461,13 @@ class _WeightFiles:
 
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
-        if os.path.exists(index):
+        if os.path.exists(index) and os.path.exists(single):
+            log.warning(
+                "%s holds both model.safetensors and model.safetensors.index.json; reading "
+                "model.safetensors, as transformers does",
+                path,
+            )
+        if os.path.exists(index) and not os.path.exists(single):
             with open(index) as f:
                 try:
                     weight_map = json.load(f)["weight_map"]
@@ -737,6 +770,8 @@ def load(
         remat=remat,
         where=os.path.join(path, "config.json"),
     )
+    if cfg.tie_word_embeddings:
+        _check_tied_head(path)
     return load_weights(
         path,
         lambda: Decoder(cfg, rngs=nnx.Rngs(0)),
@@ -747,6 +782,30 @@ def load(
         rules=rules,
         unused=("lm_head.weight",),  # tied models may still store lm_head
     )
+
+
+def _check_tied_head(path: str, rows: int = 4096) -> None:
+    """A tied config whose weights also hold an lm_head.weight must hold the embedding there
+    (transformers 5 leaves a different one untied: another model than r1jax's). Compared a block
+    of rows at a time."""
+    files = _WeightFiles(path)
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    if head not in files.names() or embed not in files.names():
+        return
+    if files.shape(head) != files.shape(embed):
+        raise CheckpointError(
+            f"{path}: tie_word_embeddings is true but {head} has shape "
+            f"{files.shape(head)}, {embed} {files.shape(embed)}"
+        )
+    vocab = files.shape(embed)[0]
+    for start in range(0, vocab, rows):
+        block = (slice(start, min(start + rows, vocab)), slice(None))
+        if not np.array_equal(files.get(head, block), files.get(embed, block)):
+            raise CheckpointError(
+                f"{path}: config.json ties the embeddings (tie_word_embeddings=true) but {head} "
+                f"differs from {embed}; transformers leaves them untied: set "
+                f"tie_word_embeddings to false"
+            )
 
 
 def load_weights(
@@ -791,7 +850,7 @@ def load_weights(
         if blocks.shape != var.shape:
             raise CheckpointError(
                 f"{path}: {m.name} has shape {files.shape(m.name)}, which does "
-                f"not match config.json (expected {var.shape} after layout change)"
+                f"not match config.json (expected {_hf_shape(m, cfg, var.shape)})"
             )
         leaves[m.path] = place(blocks, var, mesh, rules, jnp.dtype(param_dtype))
     state = nnx.from_flat_state([(p, target[p].replace(leaves[p])) for p in target])
