@@ -45,6 +45,10 @@ def chat(text):
 
 EQUIVALENT = [  # (gold, completion): same answer written differently
     ("18", "<answer>The answer is $18$ eggs.</answer>"),  # words around delimited math
+    ("12\\pi", "<answer>The area is $12\\pi$.</answer>"),
+    ("5", "<answer>The value of $x$ is $5$.</answer>"),
+    ("5", "<answer>The answer to the question is $5$ km/h.</answer>"),
+    ("5", "<answer>Die Antwort ist $5$.</answer>"),
     ("1000", "<answer>1 000</answer>"),  # thousands grouped by a space or a thin space
     ("1\\,000", "<answer>1000</answer>"),
     ("12345", "<answer>12 345</answer>"),
@@ -141,6 +145,7 @@ DIFFERENT = [
     ("18", "<answer>\\(18\\) or fewer</answer>"),
     ("18", "<answer>$17$ eggs or $18$</answer>"),
     ("5", "<answer>\\(6\\) or \\(5\\)</answer>"),
+    ("18", "<answer>不是 $18$</answer>"),
     ("B", "<answer>not B</answer>"),  # a negated choice is not that choice
     ("A", "<answer>except (A)</answer>"),
     ("1\\,000", "<answer>0</answer>"),  # a thin-space-grouped number is not a product

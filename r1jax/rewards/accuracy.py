@@ -104,6 +104,14 @@ _MATH_WORDS = frozenset(
     "lcm det inf infty and or".split()
 )
 _MATH_DOLLAR = re.compile(r"(?<!\\)\$")  # a math delimiter; `\$` is a currency sign
+# Words around delimited values that change or hedge them (`_hedged`): those undelimited values
+# may not be followed by, and words of degree or doubt; "and" / "or" / "to" only between values.
+_JOINS = frozenset({"and", "or", "to"})
+_HEDGES = _NOT_UNITS | frozenset(
+    "except never isn't approximately about around roughly nearly almost maybe perhaps between "
+    "within".split()
+)
+_HEDGES_ZH = ("不", "约", "左右", "以上", "以下", "多于", "少于", "至少", "至多", "一半", "或")
 _MATH_SPAN = re.compile(  # one delimited expression: $$…$$, $…$, \\(…\\), \\[…\\]
     r"(?<!\\)\$\$(.+?)(?<!\\)\$\$|(?<!\\)\$(.+?)(?<!\\)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL
 )
@@ -226,25 +234,32 @@ def _parse_math(s: str) -> list[Any]:
     vote compares each answer with every group's, and a group's gold with every sample."""
     timeout = _timeout()
     spans = list(_MATH_SPAN.finditer(s))
-    if len(spans) == 1:
-        # One delimited expression: the words around it pass the same check as undelimited
-        # ones ("not $18$" is no more an answer than "not 18"); the expression is the value.
-        span = spans[0]
-        inner = next(g for g in span.groups() if g is not None)
-        around = f"{s[: span.start()]} 0 {s[span.end() :]}"
-        if _without_words(around)[1]:
+    if spans:
+        # Prose with delimited math: math-verify finds the (last) expression itself, unless the
+        # prose changes or hedges it ("not $18$", "$18$ thousand", "$17$ eggs or $18$"), which
+        # undelimited words may not do either.
+        if _hedged(s, spans):
             return []
-        s = f"{s[: span.start()]} {inner} {s[span.end() :]}".strip()
-    elif spans:
-        # Several delimited expressions ("$17$ eggs or $18$"): math-verify would pick one of
-        # them by position; that is no single answer.
-        return []
-    else:  # a lone "$" is a currency sign ("$5")
-        s = _MATH_DOLLAR.sub("", s)
+        return parse(s, list(_MATH_CONFIG), parsing_timeout=timeout)
+    s = _MATH_DOLLAR.sub("", s)  # a lone "$" is a currency sign ("$5")
     value, wordy = _without_words(s)
     if wordy:  # words that may change the value ("not 18", "17 eggs or 18"): no answer
         return []
     return parse("\\boxed{" + value + "}", list(_MATH_CONFIG), parsing_timeout=timeout)
+
+
+def _hedged(s: str, spans: list[re.Match]) -> bool:
+    """Whether the prose around delimited values changes or hedges them: a word of `_HEDGES`
+    anywhere ("not", "half", "thousand", "about", …), "and" / "or" / "to" between two values
+    ("$17$ eggs or $18$"; "The answer to …" is prose), or a Chinese hedge ("不是 $18$")."""
+    cuts = [0, *(x for m in spans for x in (m.start(), m.end())), len(s)]
+    texts = [s[a:b] for a, b in zip(cuts[::2], cuts[1::2], strict=True)]
+    for i, text in enumerate(texts):
+        words = {w.lower() for w in re.findall(r"[A-Za-z']+", text)}
+        between = 0 < i < len(texts) - 1
+        if words & (_HEDGES if between else _HEDGES - _JOINS) or any(h in text for h in _HEDGES_ZH):
+            return True
+    return False
 
 
 def _plain(s: str) -> str:
