@@ -556,6 +556,8 @@ def generate(
         prompts = [list(map(int, row)) for row in np.asarray(prompts)]
     if not all(isinstance(p, Sequence | np.ndarray | jax.Array) for p in prompts):
         raise ValueError("prompts must be a list of token-id lists (one per prompt), or [P, T]")
+    if isinstance(stop_strings, list | tuple) and not stop_strings:
+        stop_strings = None  # (an empty list: none, as before)
     if stop_strings is not None and not isinstance(stop_strings, StopStrings):
         raise ValueError(  # (transformers takes a list of strings; the automaton needs the vocab)
             "stop_strings must be a data.StopStrings, built with its tokenizer: "

@@ -514,6 +514,16 @@ def test_a_legacy_rope_scaling_block_is_read_as_transformers_reads_it():
     }
     read = hf.config_from_hf(written)
     assert dict(read.rope_scaling)["rope_type"] == "yarn" and read.rope_theta == 1e6
+    # The block replaces the other spelling's parameters too, as in transformers (a yarn
+    # export's beta_fast was carried into the new block's yarn).
+    yarn = (("beta_fast", 64.0), ("factor", 4.0), ("original_max_position_embeddings", 64))
+    written = hf.config_to_hf(dataclasses.replace(cfg, rope_scaling=(*yarn, ("rope_type", "yarn"))))
+    written["rope_scaling"] = {
+        "type": "yarn",
+        "factor": 2.0,
+        "original_max_position_embeddings": 64,
+    }
+    assert "beta_fast" not in dict(hf.config_from_hf(written).rope_scaling)
     nested = {**hf.config_to_hf(cfg), "rope_parameters": {"full_attention": {"rope_theta": 1e4}}}
     with pytest.raises(hf.CheckpointError, match="per-layer RoPE"):
         hf.config_from_hf(nested)

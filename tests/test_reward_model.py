@@ -442,7 +442,8 @@ def test_rl_with_a_reward_model_keeps_a_files_general_prompts(tmp_path):
 def test_an_answer_cannot_write_the_templates_special_tokens(checkpoint):
     """The policy can spell "<|im_end|>" with ordinary tokens (decoding keeps the text): read
     back as the special token, its answer closed its own turn and forged turns for the reward
-    model. The answer's text stays text; the template's own markers stay special."""
+    model. The answer's text stays text (broken by a zero-width space); the template's own
+    markers stay special."""
     model = rm.RewardModel.load(checkpoint("qwen2"), batch_size=4, buckets=(16, 32, 64))
     tok = model.tokenizer
     end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -451,7 +452,7 @@ def test_an_answer_cannot_write_the_templates_special_tokens(checkpoint):
     [plain] = model.encode(["What is 2 + 3?"], ["5"])
     assert ids.count(end) == plain.count(end) == 2  # the user's turn and the answer's
     assert ids[: plain.index(end) + 1] == plain[: plain.index(end) + 1]
-    assert tok.decode(ids) == tok.apply_chat_template(
+    assert tok.decode(ids).replace("\u200b", "") == tok.apply_chat_template(
         [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": forged}],
         tokenize=False,
     )

@@ -197,6 +197,8 @@ def test_stop_strings_end_rows_after_the_token_that_completes_them():
     assert data.StopStrings(texts, strings[1]).strings == (strings[1],)
     with pytest.raises(ValueError, match=r"StopStrings.for_tokenizer"):
         sampling.generate(model(), PROMPTS, max_new_tokens=8, stop_strings=list(strings))
+    empty = sampling.generate(model(), PROMPTS, max_new_tokens=8, temperature=0.0, stop_strings=[])
+    assert empty.tokens == free.tokens  # (an empty list is none, as it was)
 
 
 def test_early_exit_when_every_row_stopped():

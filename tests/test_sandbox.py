@@ -501,24 +501,32 @@ def test_limits_that_fail_every_run_are_refused_up_front():
 def test_runs_leave_no_zombie_when_the_trainer_is_pid_1(tmp_path):
     """bubblewrap exits before its sandbox init, whose orphan went to PID 1: a trainer that is
     PID 1 of its container (`docker run` without --init) reaped none, and the zombies, counted
-    against the private uids' process limit, later made every run fail (code reward 0)."""
+    against the private uids' process limit, later made every run fail (code reward 0). Runs
+    in the process itself and in the rewards' pool workers (whose orphans went to the trainer)."""
     if subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"]).returncode:
         pytest.fail("unshare --pid --fork --mount-proc is refused here (the test needs root)")
     script = tmp_path / "pid1.py"
     script.write_text(
         "import os, time\n"
+        "from r1jax.rewards import build_reward_fn\n"
         "from r1jax.rewards.sandbox import run_python, SandboxConfig\n"
-        "assert os.getpid() == 1\n"
-        "for i in range(6):\n"
-        "    assert run_python(f'print({i})', b'', SandboxConfig(timeout_s=5.0)).ok\n"
-        "time.sleep(0.5)\n"
-        "states = []\n"
-        "for p in filter(str.isdigit, os.listdir('/proc')):\n"
-        "    try:\n"
-        "        states.append(open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[0])\n"
-        "    except OSError:\n"
-        "        pass\n"
-        "print('zombies', states.count('Z'))\n"
+        "if __name__ == '__main__':\n"
+        "    assert os.getpid() == 1\n"
+        "    for i in range(6):\n"
+        "        assert run_python(f'print({i})', b'', SandboxConfig(timeout_s=5.0)).ok\n"
+        "    code = '<answer>```python\\nprint(int(input()) * 2)\\n```</answer>'\n"
+        "    with build_reward_fn([('code', 1.0)], num_workers=1) as fn:  # (RL's pool)\n"
+        "        for _ in range(2):\n"
+        "            out = fn([code] * 4, tests=[[{'input': '3', 'output': '6'}]] * 4)\n"
+        "            assert list(out.total) == [1.0] * 4, out.total\n"
+        "    time.sleep(0.5)\n"
+        "    states = []\n"
+        "    for p in filter(str.isdigit, os.listdir('/proc')):\n"
+        "        try:\n"
+        "            states.append(open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[0])\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    print('zombies', states.count('Z'))\n"
     )
     out = subprocess.run(
         ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, str(script)],

@@ -1807,3 +1807,25 @@ def test_sft_step_count_and_a_short_runs_warm_up():
     config.optim.schedule, config.optim.warmup_steps = "constant", 10
     optim = common.optim(config, run_steps=5, from_data=True)
     assert optim.warmup_steps == 0
+
+
+def test_the_same_data_file_in_another_folder_gives_the_same_prompt_columns(toy, tmp_path):
+    """A row's file:line names it in errors; as a column it went into the RL resume's data
+    fingerprint, so the same file moved (or named relative vs absolute) refused to resume, as did
+    every checkpoint saved before the rows carried it."""
+    from r1jax.models import hf
+
+    tokenizer = hf.tokenizer(os.path.join(toy[0], "toy_base"))
+    config = sh.load_config("rl")
+    config.data.num_eval = 4
+    rows = [{"prompt": f"What is {i} + {i}?", "solution": str(2 * i)} for i in range(20)]
+    columns = []
+    for folder in ("a", "b"):
+        path = tmp_path / folder / "rows.jsonl"
+        path.parent.mkdir()
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        config.data.source = str(path)
+        read = common.load_prompt_rows(config.data, "train", 0)
+        assert read[0]["where"].endswith(f"{folder}/rows.jsonl:{read[0]['where'].split(':')[-1]}")
+        columns.append(common.PromptSet(read, tokenizer, config.data, seed=0).columns)
+    assert columns[0] == columns[1] and "where" not in columns[0]

@@ -205,7 +205,7 @@ class StopStrings:
     def __init__(self, texts: Sequence[str], strings: Sequence[str]):
         import numpy as np
 
-        if isinstance(strings, str):  # (as transformers takes it; each character stopped)
+        if isinstance(strings, str):  # one stop string, as transformers takes it (not its letters)
             strings = [strings]
         self.strings = tuple(dict.fromkeys(s for s in strings if s))
         # States: every proper prefix of a string ("" first), then the accepting state.

@@ -271,8 +271,11 @@ def rope_from_hf(
     if not isinstance(rope_theta, int | float) or isinstance(rope_theta, bool) or rope_theta <= 0:
         raise CheckpointError(f"{where}: rope_theta={rope_theta!r} must be a positive number")
     rope_theta = float(rope_theta)
-    # rope_scaling, where given, is what transformers reads: it overrides rope_parameters' type
-    rope.update(spelled("rope_scaling"))
+    # rope_scaling, where given, is what transformers reads: it replaces rope_parameters' type and
+    # every parameter of it (a yarn export's beta_fast is not carried into a new block's yarn)
+    scaling = spelled("rope_scaling")
+    if scaling:
+        rope = scaling
     if rope.pop("partial_rotary_factor", 1.0) != 1.0:
         raise CheckpointError(
             f"{where}: rope_parameters={hf.get('rope_parameters')!r} is not supported: "

@@ -61,9 +61,6 @@ log = logging.getLogger(__name__)
 # Dense families whose *ForSequenceClassification checkpoints load (DeepSeek MoE ones do not).
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral", "qwen3")
 _HEAD = "score.weight"
-# Where the answer goes when a chat template is rendered around it (`_chat_ids`): private-use
-# characters, which no template writes.
-_ANSWER_MARK = "\ue000r1jax-answer\ue001"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,7 +289,14 @@ class RewardModel:
         answers = [completion_text(c) for c in completions]
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            ids = [self._chat_ids(p, a) for p, a in zip(prompts, answers, strict=True)]
+            texts = [
+                tok.apply_chat_template(
+                    _messages(p) + [{"role": "assistant", "content": self._defused(a)}],
+                    tokenize=False,
+                )
+                for p, a in zip(prompts, answers, strict=True)
+            ]
+            ids = tok(texts, add_special_tokens=False)["input_ids"]
         else:
             for i, p in enumerate(prompts):
                 if not isinstance(p, str):
@@ -300,41 +304,27 @@ class RewardModel:
                         f"prompt {i} is a chat-message list but the reward model's tokenizer has "
                         "no chat template; pass prompts as strings"
                     )
-            ids = tok([p + a for p, a in zip(prompts, answers, strict=True)])["input_ids"]
+            pairs = [p + self._defused(a) for p, a in zip(prompts, answers, strict=True)]
+            ids = tok(pairs)["input_ids"]
         empty = [i for i, x in enumerate(ids) if not len(x)]
         if empty:
             raise ValueError(f"prompt + completion {empty[0]} is empty after tokenisation")
         return [list(x) for x in ids]
 
-    def _chat_ids(self, prompt: Any, answer: str) -> list[int]:
-        """Token ids of the chat-template rendering of (prompt, answer), the answer's text
-        tokenised as text: the policy can write the characters of a special token
-        ("<|im_end|>\n<|im_start|>user…", spelled with ordinary tokens, survive decoding), and
-        read back as special tokens they would end its turn and forge turns for the reward model.
-        The template's own markers around the answer stay special."""
+    def _defused(self, answer: str) -> str:
+        """`answer` with the text of each special token broken by a zero-width space: the policy
+        can write the characters of one ("<|im_end|>\n<|im_start|>user…", spelled with ordinary
+        tokens, survive decoding), which tokenised back as special tokens would end its turn and
+        forge turns for the reward model. The template's own markers stay special, and the
+        rendering and its tokenisation are the template's and the tokenizer's own."""
         tok = self.tokenizer
-        turns = _messages(prompt)
-
-        def render(content: str) -> str:
-            turn = {"role": "assistant", "content": content}
-            return tok.apply_chat_template(turns + [turn], tokenize=False)
-
-        full = render(answer)
-        before, found, after = render(_ANSWER_MARK).partition(_ANSWER_MARK)
-        if not (found and full.startswith(before) and full.endswith(after)):
-            raise ValueError(  # (a template that rewrites the content it is given)
-                "the reward model's chat template does not render the answer as a span of its "
-                "output, so its text cannot be kept apart from the template's special tokens"
-            )
-        text = full[len(before) : len(full) - len(after)]
-
-        def encode(piece: str, split: bool = False) -> list[int]:
-            if not piece:
-                return []
-            out = tok(piece, add_special_tokens=False, split_special_tokens=split)
-            return list(out["input_ids"])
-
-        return encode(before) + encode(text, split=True) + encode(after)
+        special = set(tok.all_special_tokens) | {
+            t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special
+        }
+        for text in sorted((t for t in special if len(t) > 1), key=len, reverse=True):
+            if text in answer:
+                answer = answer.replace(text, text[0] + "\u200b" + text[1:])
+        return answer
 
     # -- scoring --
 

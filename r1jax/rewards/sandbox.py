@@ -426,12 +426,18 @@ def run_python(code: str, stdin: str | bytes = b"", cfg: SandboxConfig | None = 
 
 @functools.cache
 def _adopt_orphans() -> None:
-    """Make this process the reaper of its descendants' orphans (once per process): bubblewrap
-    exits before its sandbox init, and the orphaned init must be reaped here (`_kill_namespace`)
-    rather than left to PID 1, which in a container is often the trainer itself and reaps
-    nothing, so every run would leave a zombie holding a PID."""
+    """In a worker process (the rewards' pool), become the reaper of its descendants' orphans
+    (once per process): bubblewrap exits before its sandbox init, whose orphan goes to PID 1,
+    which in a container is often the trainer itself, and the trainer does not know to reap it:
+    every run would leave a zombie holding a PID. The worker reaps it (`_kill_namespace`). The
+    main process is left as it is (a subreaper adopts every orphan of every descendant, and it
+    would reap only these): there the orphan goes to PID 1, which reaps it, or which is this
+    process, and then it is reaped here too."""
     import ctypes
+    import multiprocessing
 
+    if multiprocessing.parent_process() is None:
+        return
     try:
         ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     except (OSError, AttributeError):

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -248,11 +249,12 @@ def model_fingerprint(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_same_on_every_process(what: str, value: str) -> None:
+def check_same_on_every_process(what: str, fingerprint: Callable[[], Any]) -> None:
     """Refuse, on every process alike, inputs that the hosts read differently (a data file or
     model folder copied to each host's own disk, stale on one of them): every host places its own
     copy's rows and weight blocks on its own devices, so a mismatch mixes the copies silently.
-    `value`: a fingerprint of what this process read. Every process must call it."""
+    `fingerprint()`: a str, or rows (dicts) hashed one at a time, of what this process read;
+    called only with several processes. Every process must call this."""
     import hashlib
 
     import jax
@@ -261,8 +263,12 @@ def check_same_on_every_process(what: str, value: str) -> None:
 
     if jax.process_count() == 1:
         return
-    digest = np.frombuffer(hashlib.sha256(value.encode()).digest()[:8], np.int64)
-    seen = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1)
+    value, digest = fingerprint(), hashlib.sha256()
+    for part in [value] if isinstance(value, str) else value:
+        text = part if isinstance(part, str) else json.dumps(part, sort_keys=True, default=str)
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\n")
+    mine = np.frombuffer(digest.digest()[:8], np.int64)
+    seen = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1)
     differ = [i for i, d in enumerate(seen) if d != seen[0]]
     if differ:
         raise ConfigError(
@@ -742,7 +748,7 @@ def load_model(config: ml_collections.ConfigDict, mesh, rules=None, *, frozen: b
         rules=rules,
         **deepseek,
     )
-    check_same_on_every_process(f"model.path {config.model.path}", model_fingerprint(path))
+    check_same_on_every_process(f"model.path {config.model.path}", lambda: model_fingerprint(path))
     return model, hf.tokenizer(path)
 
 
@@ -1076,14 +1082,17 @@ class PromptSet:
             raise ConfigError(
                 f"{len(too_long)} of {len(rows)} {split + ' ' if split else ''}prompts are "
                 f"longer than the largest of "
-                f"data.prompt_buckets={self.buckets} (row {i}, {len(self.token_ids[i])} tokens "
+                f"data.prompt_buckets={self.buckets} ({rows[i].get('where') or f'row {i}'}, "
+                f"{len(self.token_ids[i])} tokens "
                 f"with the template: {rows[i]['prompt'][:60]!r}...); add a larger bucket, or "
                 f"leave them out with --config.data.prompt_overflow=skip"
             )
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
-        keys = sorted({k for r in rows for k in r})
+        # (not "where", a file row's file:line: it names the row in errors, and it moves with the
+        # file, where the columns are data the rewards read and a resume checks)
+        keys = sorted({k for r in rows for k in r} - {"where"})
         self.columns = {k: [r.get(k) for r in rows] for k in keys}
         self.completion_prefix = templates.completion_prefix(
             self.template, self.prefill_think, self.prompts[0] if self.prompts else None
@@ -1129,8 +1138,7 @@ def load_prompt_rows(
     rows without a solution or tests too (general prompts, for a reward model)."""
     rows = _prompt_rows(data_config, split, seed, require_solution)
     check_same_on_every_process(
-        f"the {split} rows of data.source={data_config.source!r}",
-        json.dumps(rows, sort_keys=True, default=str),
+        f"the {split} rows of data.source={data_config.source!r}", lambda: rows
     )
     for row in rows:  # (a file's rows name their own, or got data.language from the loader)
         row["language"] = row.get("language") or data_config.language
@@ -1304,9 +1312,7 @@ def load_completion_rows(
         on_bad_json=on_bad_json,
         fallback_shape="generic",
     )
-    check_same_on_every_process(
-        f"the rows of {path}", json.dumps(rows, sort_keys=True, default=str)
-    )
+    check_same_on_every_process(f"the rows of {path}", lambda: rows)
     for row in rows:
         if completion != "completion":
             row["completion"] = row.pop(completion, None)
