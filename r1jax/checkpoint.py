@@ -528,6 +528,11 @@ def _leave_failed_writes_to_checkpoint_error() -> None:
         logger.addFilter(keep)
 
 
+# What asyncio logs for a failed task or future nobody awaited (which one depends on where the
+# abandoned read was when its loop closed: the host's timing)
+_NEVER_RETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
+
+
 def drop_abandoned_read_reports(step_dir: str | None = None) -> None:
     """Keep a failed read's one-line CheckpointError the only thing the user sees.
 
@@ -535,8 +540,8 @@ def drop_abandoned_read_reports(step_dir: str | None = None) -> None:
     and closes that loop as soon as one read fails. The reads still in flight then finish into
     the closed loop from tensorstore's threads, which Python prints as unraisable "RuntimeError:
     Event loop is closed" tracebacks, and their failed tasks are logged by asyncio when collected
-    ("Task exception was never retrieved", with the whole tensorstore spec): screens of text
-    after the message that matters. This drops exactly those two reports: the first from now on
+    ("Task / Future exception was never retrieved", with the whole tensorstore spec): screens of
+    text after the message that matters. This drops exactly those two reports: the first from now on
     (installed once; only when raised in `call_soon_threadsafe`), the second for reads under
     `step_dir`, when given (after a read there failed). Every other unraisable exception and
     asyncio record goes where it went before. Called before and after checkpoint reads, and by
@@ -565,9 +570,7 @@ def drop_abandoned_read_reports(step_dir: str | None = None) -> None:
 
         def not_an_abandoned_read(record: logging.LogRecord) -> bool:
             message = record.getMessage()
-            return not (
-                message.startswith("Task exception was never retrieved") and step_dir in message
-            )
+            return not (message.startswith(_NEVER_RETRIEVED) and step_dir in message)
 
         logging.getLogger("asyncio").addFilter(not_an_abandoned_read)
 
