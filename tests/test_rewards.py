@@ -49,6 +49,13 @@ EQUIVALENT = [  # (gold, completion): same answer written differently
     ("5", "<answer>The value of $x$ is $5$.</answer>"),
     ("5", "<answer>The answer to the question is $5$ km/h.</answer>"),
     ("5", "<answer>Die Antwort ist $5$.</answer>"),
+    # ... and prose with hedge-like words away from the value is prose
+    ("5", "<answer>Since $x = 2$ and $y = 3$, the sum is $5$.</answer>"),
+    ("5", "<answer>Thinking about it again, the answer is $5$.</answer>"),
+    ("5", "<answer>Since $x$ is not negative, $x = 5$.</answer>"),
+    ("12", "<answer>$3$ times $4$ is $12$.</answer>"),
+    ("5", "<answer>由以上可知，答案是 $5$。</answer>"),
+    ("\\frac{1}{2}", "<answer>约分得 $\\frac{1}{2}$。</answer>"),
     ("1000", "<answer>1 000</answer>"),  # thousands grouped by a space or a thin space
     ("1\\,000", "<answer>1000</answer>"),
     ("12345", "<answer>12 345</answer>"),
@@ -146,6 +153,9 @@ DIFFERENT = [
     ("18", "<answer>$17$ eggs or $18$</answer>"),
     ("5", "<answer>\\(6\\) or \\(5\\)</answer>"),
     ("18", "<answer>不是 $18$</answer>"),
+    ("18", "<answer>about $18$</answer>"),
+    ("18", "<answer>$18$ or so</answer>"),
+    ("18", "<answer>$17$ or perhaps $18$</answer>"),
     ("B", "<answer>not B</answer>"),  # a negated choice is not that choice
     ("A", "<answer>except (A)</answer>"),
     ("1\\,000", "<answer>0</answer>"),  # a thin-space-grouped number is not a product

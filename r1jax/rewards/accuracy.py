@@ -104,14 +104,24 @@ _MATH_WORDS = frozenset(
     "lcm det inf infty and or".split()
 )
 _MATH_DOLLAR = re.compile(r"(?<!\\)\$")  # a math delimiter; `\$` is a currency sign
-# Words around delimited values that change or hedge them (`_hedged`): those undelimited values
-# may not be followed by, and words of degree or doubt; "and" / "or" / "to" only between values.
-_JOINS = frozenset({"and", "or", "to"})
-_HEDGES = _NOT_UNITS | frozenset(
-    "except never isn't approximately about around roughly nearly almost maybe perhaps between "
-    "within".split()
+# Words right around a delimited value that change or hedge it (`_hedged`): before it in its
+# clause ("not $18$", "about $18$", "half of $18$", "不是 $18$"), right after it ("$18$ thousand",
+# "$18$ or more", "18 左右"), or a short "or" between two values ("$17$ eggs or $18$"). Prose
+# farther off ("Since $x$ is not negative, $x = 5$") is prose.
+_HEDGE_BEFORE = re.compile(
+    r"(?:\b(?:not|no|about|around|approximately|roughly|nearly|almost|maybe|perhaps|over|under|"
+    r"above|below|except|never|isn't|between|(?:more|less|fewer|greater|smaller)\s+than|"
+    r"at\s+(?:least|most)|(?:half|a\s+third|a\s+quarter)\s+of)|不是|大约|约为|约|或)\s*$",
+    re.IGNORECASE,
 )
-_HEDGES_ZH = ("不", "约", "左右", "以上", "以下", "多于", "少于", "至少", "至多", "一半", "或")
+_HEDGE_AFTER = re.compile(
+    r"^\s*(?:(?:thousands?|millions?|billions?|hundreds?|dozens?|squared|cubed|percent)\b|"
+    r"or\s+(?:more|less|fewer|so|above|below|greater|smaller)\b|at\s+(?:least|most)\b|"
+    r"左右|以上|以下|多)",
+    re.IGNORECASE,
+)
+_HEDGE_BETWEEN = re.compile(r"\bor\b|或", re.IGNORECASE)
+_CLAUSE_END = re.compile(r"[.;:!?，。；：！？]|,\s")
 _MATH_SPAN = re.compile(  # one delimited expression: $$…$$, $…$, \\(…\\), \\[…\\]
     r"(?<!\\)\$\$(.+?)(?<!\\)\$\$|(?<!\\)\$(.+?)(?<!\\)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL
 )
@@ -249,16 +259,16 @@ def _parse_math(s: str) -> list[Any]:
 
 
 def _hedged(s: str, spans: list[re.Match]) -> bool:
-    """Whether the prose around delimited values changes or hedges them: a word of `_HEDGES`
-    anywhere ("not", "half", "thousand", "about", …), "and" / "or" / "to" between two values
-    ("$17$ eggs or $18$"; "The answer to …" is prose), or a Chinese hedge ("不是 $18$")."""
-    cuts = [0, *(x for m in spans for x in (m.start(), m.end())), len(s)]
-    texts = [s[a:b] for a, b in zip(cuts[::2], cuts[1::2], strict=True)]
-    for i, text in enumerate(texts):
-        words = {w.lower() for w in re.findall(r"[A-Za-z']+", text)}
-        between = 0 < i < len(texts) - 1
-        if words & (_HEDGES if between else _HEDGES - _JOINS) or any(h in text for h in _HEDGES_ZH):
+    """Whether words right around a delimited value change or hedge it (`_HEDGE_BEFORE`,
+    `_HEDGE_AFTER`, a short "or" between two values)."""
+    for i, span in enumerate(spans):
+        before = _CLAUSE_END.split(s[: span.start()])[-1]
+        if _HEDGE_BEFORE.search(before) or _HEDGE_AFTER.match(s[span.end() :]):
             return True
+        if i:
+            between = s[spans[i - 1].end() : span.start()]
+            if len(between.split()) <= 3 and _HEDGE_BETWEEN.search(between):
+                return True
     return False
 
 
