@@ -317,14 +317,19 @@ class RewardModel:
         tokens, survive decoding), which tokenised back as special tokens would end its turn and
         forge turns for the reward model. The template's own markers stay special, and the
         rendering and its tokenisation are the template's and the tokenizer's own."""
+        for text in self._special_texts:
+            if text in answer:
+                answer = answer.replace(text, text[0] + "\u200b" + text[1:])
+        return answer
+
+    @functools.cached_property
+    def _special_texts(self) -> tuple[str, ...]:
+        """The tokenizer's special tokens' texts, longest first (once, not per answer)."""
         tok = self.tokenizer
         special = set(tok.all_special_tokens) | {
             t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special
         }
-        for text in sorted((t for t in special if len(t) > 1), key=len, reverse=True):
-            if text in answer:
-                answer = answer.replace(text, text[0] + "\u200b" + text[1:])
-        return answer
+        return tuple(sorted((t for t in special if len(t) > 1), key=len, reverse=True))
 
     # -- scoring --
 
