@@ -423,6 +423,22 @@ def test_tokenizer_round_trip_digits_and_tags(tok, tok_texts):
     assert kept == "assistant\n<think>a</think><answer>7</answer>"
 
 
+def _first_stop(found, ids):  # the automaton, as the sampler runs it
+    q, accept = 0, found.table.shape[0] - 1
+    for n, t in enumerate(ids):
+        q = found.table[q, t]
+        if q == accept:
+            return n
+    return None
+
+
+def _decoded_stop(tok, stops, ids):  # the decoded text searched with `in`
+    for n in range(len(ids)):
+        if any(s in tok.decode(ids[: n + 1], skip_special_tokens=True) for s in stops):
+            return n
+    return None
+
+
 def test_stop_strings_are_found_in_the_text_whatever_tokens_spell_it(tok):
     """Byte-level BPE merges "</" with what precedes it (")</", "$</"): token-id stop sequences
     of the bare and space-led spellings missed those, and generation ran to its budget."""
@@ -430,22 +446,13 @@ def test_stop_strings_are_found_in_the_text_whatever_tokens_spell_it(tok):
 
     stops = ("</answer>", "\nUser:")
     found = data.StopStrings.for_tokenizer(tok, stops)
-    table, accept = found.table, found.table.shape[0] - 1
     texts = data.tokenizer.token_texts(tok)
 
-    def first_stop(ids):  # the automaton, as the sampler runs it
-        q = 0
-        for n, t in enumerate(ids):
-            q = table[q, t]
-            if q == accept:
-                return n
-        return None
+    def first_stop(ids):
+        return _first_stop(found, ids)
 
-    def reference(ids):  # the decoded text searched with `in`
-        for n in range(len(ids)):
-            if any(s in tok.decode(ids[: n + 1], skip_special_tokens=True) for s in stops):
-                return n
-        return None
+    def reference(ids):
+        return _decoded_stop(tok, stops, ids)
 
     for text in ("(7)</answer>", "f(x)</answer> more", "$x$</answer>", "7 )</answer>\n\nUser:",
                  "<answer>15</answer>", "a\n\nUser: b", "<answer>1</ans"):  # fmt: skip
@@ -460,6 +467,65 @@ def test_stop_strings_are_found_in_the_text_whatever_tokens_spell_it(tok):
         ids = [rng.choice(pieces if rng.random() < 0.7 else range(len(texts))) for _ in range(8)]
         assert first_stop(ids) == reference(ids), tok.convert_ids_to_tokens(ids)
     assert not data.StopStrings.for_tokenizer(tok, ())
+
+
+def _check_multibyte_stops(tok, stops, texts):
+    """Stop strings of characters that the tokenizer splits over several tokens, on the given
+    texts and on random spellings, against the decoded text."""
+    import random
+
+    found = data.StopStrings.for_tokenizer(tok, stops)
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert _first_stop(found, ids) == _decoded_stop(tok, stops, ids), (text, ids)
+        assert _first_stop(found, ids) is not None, text
+    pieces = sorted({i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"]})
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [rng.choice(pieces if rng.random() < 0.8 else range(len(tok))) for _ in range(8)]
+        assert _first_stop(found, ids) == _decoded_stop(tok, stops, ids), ids
+
+
+def test_stop_strings_of_characters_split_over_tokens_are_found(tok):
+    """Byte-level BPE spells a Chinese or accented character it has no merge for as one token per
+    UTF-8 byte, each decoding to U+FFFD alone: a stop string read per token's text never matched
+    ("答案：" ran to the budget)."""
+    split = [t for t in "答案：é" if len(tok(t, add_special_tokens=False)["input_ids"]) > 1]
+    assert split == list("答案：é"), "the toy vocabulary splits these characters into bytes"
+    stops = ("答案：", "né", "</answer>")
+    _check_multibyte_stops(tok, stops, ["所以答案：7", "结论</answer>", "café né", "x答案："])
+
+
+def test_stop_strings_with_sentencepiece_byte_fallback(tmp_path):
+    """SentencePiece tokenizers (Llama 2, Mistral) spell an unknown character as byte pieces
+    ``<0xE7>``, and a leading space as "▁"."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab |= {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for piece in ("▁", "a", "n", "é", "c", "f", "x", "7", "▁n", "▁c", "af", "▁caf"):
+        vocab.setdefault(piece, len(vocab))
+    merges = [("▁", "n"), ("▁", "c"), ("a", "f"), ("▁c", "af")]
+    backend = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
+    backend.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_next")
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    assert "<0xE7>" in tok.convert_ids_to_tokens(tok("结", add_special_tokens=False)["input_ids"])
+    stops = ("答案：", "né", "结论")
+    _check_multibyte_stops(tok, stops, ["x 答案：7", "café né", "7结论x"])
 
 
 def test_tokenizer_training_is_deterministic(tmp_path, tok_texts):

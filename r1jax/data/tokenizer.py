@@ -197,28 +197,33 @@ class StopStrings:
     `table` [Q, V] is the state after a token from each state, precomputed over the vocabulary, so
     a decode step reads one entry per row.
 
-    Token texts are read as a completion decodes (`token_texts`): special tokens are empty, and a
-    character split over several tokens (multi-byte UTF-8 in byte-level BPE) is not seen whole;
-    strings made of such characters are not found.
+    The automaton reads UTF-8 bytes, not characters: byte-level BPE and SentencePiece's byte
+    fallback split a Chinese or accented character over several tokens, none of which decodes to
+    a character alone. `texts` gives each token's bytes as they read inside a decoded completion
+    (`token_bytes`: special tokens empty); a str is taken as its UTF-8. Matching bytes is matching
+    the decoded text: a UTF-8 string never begins with a continuation byte, so a decoder that
+    replaces a broken sequence before it still sees the string whole.
     """
 
-    def __init__(self, texts: Sequence[str], strings: Sequence[str]):
+    def __init__(self, texts: Sequence[str | bytes], strings: Sequence[str]):
         import numpy as np
 
         if isinstance(strings, str):  # one stop string, as transformers takes it (not its letters)
             strings = [strings]
         self.strings = tuple(dict.fromkeys(s for s in strings if s))
+        codes = [s.encode() for s in self.strings]
+        texts = [t.encode() if isinstance(t, str) else bytes(t) for t in texts]
         # States: every proper prefix of a string ("" first), then the accepting state.
-        prefixes = sorted({s[:i] for s in self.strings for i in range(len(s))} | {""}, key=len)
+        prefixes = sorted({s[:i] for s in codes for i in range(len(s))} | {b""}, key=len)
         index = {p: q for q, p in enumerate(prefixes)}
         accept = len(prefixes)
-        alphabet = {c: a for a, c in enumerate(sorted({c for s in self.strings for c in s}))}
-        other, end = len(alphabet), len(alphabet) + 1  # any other character; past a token's end
-        step = np.zeros((accept + 1, end + 1), np.int32)  # the character automaton
+        alphabet = {c: a for a, c in enumerate(sorted({c for s in codes for c in s}))}
+        other, end = len(alphabet), len(alphabet) + 1  # any other byte; past a token's end
+        step = np.zeros((accept + 1, end + 1), np.int32)  # the byte automaton
         for p, q in index.items():
             for c, a in alphabet.items():
-                text = p + c
-                if any(text.endswith(s) for s in self.strings):
+                text = p + bytes([c])
+                if any(text.endswith(s) for s in codes):
                     step[q, a] = accept
                 else:  # the longest end of `text` that begins a string
                     step[q, a] = next(
@@ -226,16 +231,18 @@ class StopStrings:
                     )
             step[q, end] = q
         step[accept, :] = accept
-        # Run every token's characters through it from every state at once, longest tokens
-        # first so that step i only touches the tokens that have an i-th character.
+        # Run every token's bytes through it from every state at once, longest tokens
+        # first so that step i only touches the tokens that have an i-th byte.
         lengths = np.array([len(t) for t in texts], np.int64)
         order = np.argsort(-lengths, kind="stable")
+        symbol = np.full(256, other, np.int32)  # byte -> automaton symbol
+        symbol[list(alphabet)] = list(alphabet.values())
         chars = np.full((len(texts), int(lengths.max(initial=0))), end, np.int32)
         for row, t in enumerate(order):
-            chars[row, : lengths[t]] = [alphabet.get(c, other) for c in texts[t]]
+            chars[row, : lengths[t]] = symbol[np.frombuffer(texts[t], np.uint8)]
         states = np.tile(np.arange(accept + 1, dtype=np.int32), (len(texts), 1))  # [V, Q]
         active = np.searchsorted(-lengths[order], -np.arange(chars.shape[1]), side="right")
-        for i, n in enumerate(active):  # n tokens are longer than i characters
+        for i, n in enumerate(active):  # n tokens are longer than i bytes
             states[:n] = step[states[:n], chars[:n, i : i + 1]]
         table = np.empty_like(states)
         table[order] = states
@@ -244,7 +251,7 @@ class StopStrings:
 
     @classmethod
     def for_tokenizer(cls, tokenizer, strings: Sequence[str]) -> StopStrings:
-        return cls(token_texts(tokenizer), strings)
+        return cls(token_bytes(tokenizer), strings)
 
     def __bool__(self) -> bool:
         return bool(self.strings)
@@ -262,6 +269,29 @@ def token_texts(tokenizer) -> list[str]:
         [anchor + [i] for i in range(len(tokenizer))], skip_special_tokens=True
     )
     return [p[len(lead) :] if p.startswith(lead) else p for p in pairs]
+
+
+def token_bytes(tokenizer) -> list[bytes]:
+    """Each token's UTF-8 bytes as they read inside a decoded completion: `token_texts`, except
+    that a token holding part of a character (which decodes to U+FFFD alone) gives its raw
+    bytes: byte-level BPE's stand-in characters mapped back (GPT-2, Qwen, Llama 3, DeepSeek), or
+    SentencePiece's byte-fallback pieces ``<0xE4>`` (Llama 2, Mistral)."""
+    import re
+
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    texts = token_texts(tokenizer)
+    out = []
+    for i, text in enumerate(texts):
+        piece = tokenizer.convert_ids_to_tokens(i) if "\ufffd" in text else None
+        if isinstance(piece, str) and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            out.append(bytes([int(piece[3:5], 16)]))
+        elif isinstance(piece, str) and piece and all(c in byte_of for c in piece):
+            out.append(bytes(byte_of[c] for c in piece))
+        else:  # a whole text, or a replacement character the token really spells
+            out.append(text.encode())
+    return out
 
 
 def toy_tokenizer_texts(
