@@ -784,6 +784,14 @@ def test_field_map_columns_are_taken_as_they_are_and_must_exist(tmp_path):
     assert [r["solution"] for r in rows] == ["0", "1", "2"] and stats.rows_kept == 3
     with pytest.raises(ValueError, match=r"field_map \{'prompt': 'questoin'\} names columns"):
         data.load_rows(path, field_map={"prompt": "questoin"})
+    # A map of the prompt and the solution still reads the file's language column (every row
+    # was "en": the language reward scored a Chinese row's reasoning against English); a chat
+    # column beside them is left alone unless mapped.
+    zh = [{"q": "2 + 2 等于多少？", "a": "4", "language": "zh", "messages": [{"role": "user",
+           "content": "other"}]}]  # fmt: skip
+    path = _write_lines(tmp_path / "zh.jsonl", [json.dumps(r) for r in zh])
+    [row], _ = data.load_rows(path, field_map={"prompt": "q", "solution": "a"})
+    assert (row["prompt"], row["language"], row["messages"]) == (zh[0]["q"], "zh", None)
 
 
 def test_sft_files_of_a_glob_fall_back_to_generic_one_by_one(tmp_path):
@@ -1055,6 +1063,16 @@ def test_prompts_start_with_the_tokenizers_bos_once(tok):
     batch = data.tokenize_sft(llama_like, ["a b", "<s> a"], ["b", "a"], seq_len=8)
     firsts = [row[row != 1][0] for row in batch.input_ids]  # the first non-pad token of each row
     assert firsts == [0, 0] and (batch.input_ids == 0).sum() == 2
+    # The public prompt batcher as well (it left the BOS off), and a prompt cut to the largest
+    # bucket keeps its BOS before its last tokens (the reward model's truncation cut it off).
+    prompts = data.tokenize_prompts(llama_like, ["a b", "<s> a"], buckets=(4,))
+    assert [row[row != 1].tolist() for row in prompts.input_ids[:2]] == [[0, 2, 3], [0, 2]]
+    with pytest.raises(ValueError, match="longer than the largest bucket"):
+        data.tokenize_prompts(llama_like, ["a a b b a b"], buckets=(4,))
+    cut = data.tokenize_prompts(llama_like, ["a a b b a b"], buckets=(4,), overflow="truncate")
+    assert cut.input_ids.tolist() == [[0, 3, 2, 3]] and cut.num_truncated == 1
+    plain = data.batch_prompt_ids([[0, 2, 2, 3, 3]], pad_id=1, buckets=(4,), overflow="truncate")
+    assert plain.input_ids.tolist() == [[2, 2, 3, 3]]  # (no `leading`: the last tokens only)
     assert toks.leading_special_ids(tok) == []
 
 

@@ -605,6 +605,100 @@ def test_sft_chat_rows_follow_the_template_rl_samples_with(toy, tmp_path):
     assert (completion, end) == ("\n</think>\n\n40", "<|im_end|>")
 
 
+def test_rl_and_eval_prompts_render_a_conversation_row_whole(toy, tmp_path):
+    """A prompt row given as chat turns was sampled from its first user message alone: its own
+    system message and earlier turns dropped, and a multi-turn row asked its opening line ("Hi!")
+    but graded against the answer to its last question; SFT rendered the whole conversation."""
+    import copy
+
+    from r1jax.data import templates
+    from r1jax.models import hf
+    from r1jax.stages import rl
+    from r1jax.stages import sft as sft_stage
+
+    tokenizer = hf.tokenizer(os.path.join(toy[0], "toy_base"))
+    system = {"role": "system", "content": "Answer in French."}
+    hi, hello = {"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."}
+    question = {"role": "user", "content": "What is 3 * 5?"}
+    rows = [
+        {"messages": [system, question, {"role": "assistant", "content": "15"}], "solution": "15"},
+        {"prompt": [hi, hello, question], "solution": "15"},  # TRL's conversational prompt
+        {"messages": [question, {"role": "assistant", "content": "15"}], "solution": "15"},
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded, _ = data.load_rows(path)
+    assert [r["prompt"] for r in loaded] == ["What is 3 * 5?"] * 3  # the question answered
+    config = sh.load_config("rl")
+
+    def chat(turns):  # the template itself, independently of r1jax's rendering
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+    prompts = common.PromptSet(loaded, tokenizer, config.data, seed=0).prompts
+    assert prompts == [
+        chat([system, question]),
+        chat([hi, hello, question]),
+        templates.r1_zero_prompt("What is 3 * 5?"),  # one question: the configured template
+    ]
+    # SFT renders the same rows (with answers) to the same prompts.
+    sft = sh.load_config("sft")
+    sft.sft.source = str(tmp_path / "sft.jsonl")
+    reply = {"role": "assistant", "content": "<think> 3 * 5 = 15 </think> <answer>15</answer>"}
+    answered = [{"messages": [*templates.turns_before_answer(r), reply]} for r in loaded]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in answered))
+    assert [p for p, _, _ in sft_stage.load_pairs(sft, tokenizer)] == prompts
+    # Rejection sampling writes a conversation's turns beside the completion, so the SFT on its
+    # file trains the prompt the sample was drawn from (it wrote the last question alone).
+    from r1jax.stages import rejection_sampling as rs
+
+    written = [rs._sft_row(r, reply["content"]) for r in loaded]
+    assert [bool(w.get("messages")) for w in written] == [True, True, False]
+    (tmp_path / "rs.jsonl").write_text("".join(json.dumps(w) + "\n" for w in written))
+    sft.sft.source = str(tmp_path / "rs.jsonl")
+    assert [p for p, _, _ in sft_stage.load_pairs(sft, tokenizer)] == prompts
+    # The reward model reads a conversation's turns, a question as its text.
+    assert rl._turns_or_question(loaded[1]) == [hi, hello, question]
+    assert rl._turns_or_question(loaded[2]) == "What is 3 * 5?"
+    # Under a template that opens the think block itself, R1-Zero questions (which do not) and
+    # the file's conversations (which would) cannot share one completion prefix: refused.
+    opening = copy.deepcopy(tokenizer)
+    opening.chat_template = tokenizer.chat_template.replace(
+        "<|im_start|>assistant\n", "<|im_start|>assistant\n<think>\n"
+    )
+    assert chat([question]) != (opened := opening.apply_chat_template(
+        [question], tokenize=False, add_generation_prompt=True))  # fmt: skip
+    assert opened.endswith("<think>\n")
+    with pytest.raises(common.ConfigError, match=r"--config.data.template=chat"):
+        common.PromptSet(loaded, opening, config.data, seed=0)
+    config.data.template = "chat"
+    assert common.PromptSet(loaded, opening, config.data, seed=0).completion_prefix == "<think>\n"
+    # A conversation without a chat template to render it: named.
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    config.data.template = "r1_zero"
+    with pytest.raises(common.ConfigError, match=r"chat.jsonl:1: a conversation of 2 turns"):
+        common.PromptSet(loaded, bare, config.data, seed=0)
+
+
+def test_chat_templates_that_write_the_date_get_a_fixed_one(toy):
+    """Llama 3.2/3.3 templates write today's date into the system turn: the same data made other
+    prompts (and another resume fingerprint) every day."""
+    import copy
+
+    from r1jax.data import templates
+    from r1jax.models import hf
+
+    tokenizer = copy.deepcopy(hf.tokenizer(os.path.join(toy[0], "toy_base")))
+    tokenizer.chat_template = (
+        '{%- if not date_string is defined %}{%- set date_string = strftime_now("%d %b %Y") %}'
+        "{%- endif %}<|im_start|>system\nToday Date: {{ date_string }}<|im_end|>\n"
+        + tokenizer.chat_template
+    )
+    prompt = templates.chat_prompt(tokenizer, "What is 3 * 5?")
+    assert prompt.startswith("<|im_start|>system\nToday Date: 26 Jul 2024<|im_end|>"), prompt
+    assert templates.turn_end(tokenizer) == "<|im_end|>"
+
+
 def test_sft_and_distill_files_with_other_column_names_load_through_field_map(tmp_path):
     """Rows with other column names had no way in: the error pointed at a field_map and an
     on_bad_json that the sft and distill sections did not have. (Alpaca's instruction / input /

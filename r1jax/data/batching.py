@@ -94,8 +94,11 @@ def batch_prompt_ids(
     pad_id: int,
     buckets: Sequence[int] = DEFAULT_BUCKETS,
     overflow: str = "error",
+    leading: Sequence[int] = (),
 ) -> PromptBatch:
-    """Bucket and left-pad already tokenised prompts (see ``tokenize_prompts``)."""
+    """Bucket and left-pad already tokenised prompts (see ``tokenize_prompts``); `leading`: ids
+    a truncated prompt keeps at its front when it starts with them (the tokenizer's BOS,
+    `tokenizer.leading_special_ids`), before its last tokens."""
     _check_overflow(overflow)
     if not buckets or min(buckets) < 1:
         raise ValueError(f"buckets must be positive lengths, got {buckets}")
@@ -118,7 +121,9 @@ def batch_prompt_ids(
         if len(t) > largest:
             if overflow == "skip":
                 continue
-            t = t[len(t) - largest :]
+            lead = list(leading) if 0 < len(leading) < largest else []
+            lead = lead if list(t[: len(lead)]) == lead else []
+            t = lead + list(t[len(t) - (largest - len(lead)) :])
         kept.append(i)
         seqs.append(list(t))
     if not seqs:
@@ -154,13 +159,22 @@ def tokenize_prompts(
       buckets: allowed padded lengths T.
       overflow: "error" | "truncate" (keep the last tokens) | "skip" for prompts over the largest
         bucket.
-      add_special_tokens: let the tokenizer add BOS etc. Off by default: chat templates already
-        write them, and the toy tokenizer has none.
+      add_special_tokens: let the tokenizer add its special ids (BOS, and EOS where it appends
+        one) to every prompt, even one whose template wrote them. Off by default: the leading
+        ones (Llama 3's BOS) are put once, where the prompt does not start with them.
     Returns:
       A ``PromptBatch`` with ``input_ids``/``attention_mask`` of shape [B', T] int32.
     """
     encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
-    return batch_prompt_ids(encoded, pad_id=_pad_id(tokenizer), buckets=buckets, overflow=overflow)
+    if not add_special_tokens:  # still the tokenizer's BOS, once, as `tokenize_sft` and the stages
+        encoded = toks.with_leading_specials(tokenizer, encoded)
+    return batch_prompt_ids(
+        encoded,
+        pad_id=_pad_id(tokenizer),
+        buckets=buckets,
+        overflow=overflow,
+        leading=toks.leading_special_ids(tokenizer),
+    )
 
 
 def _pad_id(tokenizer) -> int:

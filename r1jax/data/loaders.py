@@ -574,7 +574,8 @@ def _normalise(
     if isinstance(prompt, list) and messages is None:  # TRL's conversational rows: the turns
         messages, prompt = parse_messages(prompt), None  # before the answer, as a message list
     if not (isinstance(prompt, str) and prompt.strip()) and messages:
-        prompt = next((m["content"] for m in messages if m["role"] == "user"), None)
+        # the question the answer answers: the last user turn (the stages render every turn)
+        prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
     if not (isinstance(prompt, str) and prompt.strip()):
         return None, "no_prompt"
     if shape == "alpaca" and isinstance(obj.get("input"), str) and obj["input"].strip():
@@ -699,7 +700,9 @@ def load_rows(
             majority = _majority_columns(head) or columns
             mapping = {**optional, **_forced_mapping(shape, majority), **field_map}
         elif "prompt" in field_map and {"solution", "tests", "messages"} & set(field_map):
-            file_shape, mapping = "custom", field_map
+            # (the file's language column read too; its chat column only when mapped)
+            language = {k: v for k, v in optional.items() if k == "language"}
+            file_shape, mapping = "custom", {**language, **field_map}
         elif records:
             # The shape all the first rows' columns make, or the one most of those rows have
             # alone, whichever reads more of them: a few rows of another dataset among the first

@@ -19,6 +19,11 @@ from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
 
+# Passed to every chat template: templates that write today's date into the system turn (Llama
+# 3.2 and 3.3, `strftime_now`) get a fixed one (Llama 3.1's default), so the same data tokenises
+# the same on every day and every host (SFT's and RL's prompts, resume fingerprints).
+TEMPLATE_KWARGS = {"date_string": "26 Jul 2024"}
+
 R1_SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant "
     "solves it. The assistant first thinks about the reasoning process in the mind and then "
@@ -76,7 +81,9 @@ def conversation_prompt(
         *messages
     ]
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **TEMPLATE_KWARGS
+        )
     except Exception as e:  # jinja2's TemplateError: e.g. raise_exception in the template
         if not system:
             raise
@@ -100,7 +107,7 @@ def turn_end(tokenizer) -> str:
     marker = "\u2063r1jax-answer\u2063"  # text no template rewrites
     turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}]
     try:
-        text = tokenizer.apply_chat_template(turns, tokenize=False)
+        text = tokenizer.apply_chat_template(turns, tokenize=False, **TEMPLATE_KWARGS)
     except Exception:  # a template that refuses this exchange: callers fall back to the EOS
         return ""
     if not isinstance(text, str) or marker not in text:
@@ -185,6 +192,45 @@ def format_prompts(
     if template == "plain":
         return list(questions)
     raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
+
+
+def turns_before_answer(row: dict) -> list[dict]:
+    """The turns a dataset row's answer follows: its chat `messages` without a last assistant
+    turn (the answer, or a reference the completion replaces), else its one `prompt` question."""
+    messages = row.get("messages") or []
+    if messages and messages[-1].get("role") == "assistant":
+        return list(messages[:-1])
+    return list(messages) or [{"role": "user", "content": row.get("prompt")}]
+
+
+def is_conversation(turns: Sequence[dict]) -> bool:
+    """Several turns, or a system message of the row's own: what has no R1-Zero or plain form,
+    so the model's chat template renders it whatever the configured template."""
+    return not (len(turns) == 1 and turns[0].get("role") == "user")
+
+
+def turns_prompt(
+    turns: Sequence[dict],
+    template: str,
+    *,
+    tokenizer=None,
+    system: str | None = None,
+    prefill_think: bool = False,
+) -> str:
+    """The prompt for `turns` (`turns_before_answer`): one question in `template` (as RL samples
+    it, so SFT and RL see one prompt), a conversation through the chat template (raises
+    ValueError without one). The one rendering SFT, RL, rejection sampling and eval share."""
+    if not is_conversation(turns):
+        question = [turns[0]["content"]]
+        return format_prompts(
+            question,
+            template,
+            tokenizer=tokenizer,
+            system=system,
+            prefill_think=prefill_think,
+            check_templated=False,
+        )[0]
+    return conversation_prompt(tokenizer, turns, system=system, prefill_think=prefill_think)
 
 
 _OPEN_THINK = ("<think>\n", "<think>")

@@ -51,6 +51,8 @@ from jax.sharding import Mesh
 
 from r1jax import sharding
 from r1jax.data.batching import DEFAULT_BUCKETS, batch_prompt_ids
+from r1jax.data.templates import TEMPLATE_KWARGS
+from r1jax.data.tokenizer import leading_special_ids
 from r1jax.models import hf
 from r1jax.models.hf import CheckpointError
 from r1jax.models.transformer import Decoder, ModelConfig
@@ -293,6 +295,7 @@ class RewardModel:
                 tok.apply_chat_template(
                     _messages(p) + [{"role": "assistant", "content": self._defused(a)}],
                     tokenize=False,
+                    **TEMPLATE_KWARGS,
                 )
                 for p, a in zip(prompts, answers, strict=True)
             ]
@@ -323,6 +326,11 @@ class RewardModel:
         return answer
 
     @functools.cached_property
+    def _leading(self) -> list[int]:
+        """The ids every sequence starts with (BOS), which truncation keeps."""
+        return leading_special_ids(self.tokenizer)
+
+    @functools.cached_property
     def _special_texts(self) -> tuple[str, ...]:
         """The tokenizer's special tokens' texts, longest first (once, not per answer)."""
         tok = self.tokenizer
@@ -343,17 +351,20 @@ class RewardModel:
             rows = [token_ids[i] for i in chunk]
             rows += [rows[0]] * (bs - len(rows))  # a fixed batch shape; the copies are dropped
             batch = batch_prompt_ids(
-                rows, pad_id=self.pad_id, buckets=self.buckets, overflow="truncate"
+                rows,
+                pad_id=self.pad_id,
+                buckets=self.buckets,
+                overflow="truncate",
+                leading=self._leading,
             )
             out[chunk] = self._run(batch.input_ids, batch.attention_mask)[: len(chunk)]
         too_long = sum(len(t) > self.buckets[-1] for t in token_ids)
         if too_long:
             log.warning(
                 "reward model: %d of %d sequences are longer than the largest bucket (%d "
-                "tokens) and were scored on their last %d tokens",
+                "tokens) and were scored on their last tokens (a leading BOS kept)",
                 too_long,
                 n,
-                self.buckets[-1],
                 self.buckets[-1],
             )
         return out

@@ -1043,16 +1043,41 @@ class PromptSet:
         self.template = data_config.template
         self.prefill_think = data_config.prefill_think
         self.buckets = tuple(data_config.prompt_buckets)
-        try:
-            self.prompts = templates.format_prompts(
-                [r["prompt"] for r in rows],
+        # A row's turns before its answer, rendered as SFT renders them: one question in the
+        # template, a conversation (several turns, its own system message) by the chat template.
+        system = templates.system_prompt(data_config.get("system_prompt", ""))
+        turns = [templates.turns_before_answer(r) for r in rows]
+        questions = [t[0]["content"] for t in turns if not templates.is_conversation(t)]
+        if self.template in ("r1_zero", "chat"):
+            templates.warn_if_templated(questions, self.template, tokenizer)
+        self.prompts = []
+        for i, row_turns in enumerate(turns):
+            try:
+                self.prompts.append(
+                    templates.turns_prompt(
+                        row_turns,
+                        self.template,
+                        tokenizer=tokenizer,
+                        system=system,
+                        prefill_think=self.prefill_think,
+                    )
+                )
+            except Exception as e:  # no chat template, or one that refuses: named by field
+                if not templates.is_conversation(row_turns):
+                    raise ConfigError(f"data.template={self.template!r}: {e}") from None
+                raise ConfigError(
+                    f"{rows[i].get('where') or f'row {i}'}: a conversation of {len(row_turns)} "
+                    f"turns before the answer needs model.path's chat template, which failed: {e}"
+                ) from None
+        if len(questions) < len(rows) and self.template != "chat":
+            log.info(
+                "%d of %d %sprompts are conversations (several turns or their own system "
+                "message): rendered with the chat template, the others with data.template=%r",
+                len(rows) - len(questions),
+                len(rows),
+                split + " " if split else "",
                 self.template,
-                tokenizer=tokenizer,
-                system=templates.system_prompt(data_config.get("system_prompt", "")),
-                prefill_think=self.prefill_think,
             )
-        except ValueError as e:  # a template the tokenizer lacks or refuses: named by field
-            raise ConfigError(f"data.template={self.template!r}: {e}") from None
         self.token_ids = toks.with_leading_specials(
             tokenizer, tokenizer(self.prompts, add_special_tokens=False)["input_ids"]
         )
@@ -1094,6 +1119,15 @@ class PromptSet:
         # file, where the columns are data the rewards read and a resume checks)
         keys = sorted({k for r in rows for k in r} - {"where"})
         self.columns = {k: [r.get(k) for r in rows] for k in keys}
+        opened = {templates.completion_prefix(self.template, self.prefill_think, p).strip()
+                  for p in self.prompts}  # fmt: skip
+        if len(opened) > 1:  # one prefix per set: the reward callback sees completions alone
+            raise ConfigError(
+                f"the {split + ' ' if split else ''}prompts disagree on whether they open the "
+                f"think block: data.template={self.template!r} renders questions one way and the "
+                "chat template renders the file's conversations the other; use "
+                "--config.data.template=chat (or data.prefill_think, to open it in both)"
+            )
         self.completion_prefix = templates.completion_prefix(
             self.template, self.prefill_think, self.prompts[0] if self.prompts else None
         )

@@ -33,7 +33,7 @@ from typing import Any
 import jax
 
 from r1jax import paths, rewards, sampling, sharding
-from r1jax.data import arithmetic, tasks
+from r1jax.data import arithmetic, tasks, templates
 from r1jax.rewards.common import think_region
 from r1jax.rewards.language import word_scripts
 from r1jax.stages import common
@@ -145,6 +145,18 @@ def validate(config) -> None:
         )
 
 
+def _sft_row(row: dict, completion: str) -> dict:
+    """The SFT row of a kept sample: its prompt row's question, solution, task and meta, and the
+    turns it answered when the row is a conversation (SFT renders them as sampling did)."""
+    turns = templates.turns_before_answer(row)
+    return {
+        **{k: v for k, v in row.items() if k in ("prompt", "solution", "task", "meta")},
+        **({"messages": turns} if templates.is_conversation(turns) else {}),
+        "completion": completion,
+        "source": "reasoning",
+    }
+
+
 def _non_reasoning_rows(r) -> list[dict[str, Any]]:
     """The rows of `non_reasoning_source` as SFT rows tagged `source: non_reasoning`: prompt/
     completion pairs as they are, chat rows as their messages (the SFT stage renders them as it
@@ -252,18 +264,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         drop_code_blocks=r.drop_code_blocks,
         max_per_prompt=r.max_per_prompt,
     )
-    out_rows = [
-        {
-            **{
-                k: v
-                for k, v in rows[s["row"]].items()
-                if k in ("prompt", "solution", "task", "meta")
-            },
-            "completion": s["completion"],
-            "source": "reasoning",
-        }
-        for s in kept
-    ]
+    out_rows = [_sft_row(rows[s["row"]], s["completion"]) for s in kept]
 
     # 4. Non-reasoning data (read before sampling, so a bad file costs no sampling).
     want = int(round(len(out_rows) * r.non_reasoning_ratio)) if r.non_reasoning_ratio else None

@@ -35,6 +35,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from r1jax import checkpoint, grpo, metrics, rewards, sharding, train
+from r1jax.data import templates
 from r1jax.stages import common
 from r1jax.stages import eval as eval_stage
 
@@ -278,6 +279,8 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             else [not ok for ok in checked_rows(config, train_set.rows)]
         )
         log.info("reward model: scores %d of %d training prompts", rm_rows.sum(), len(rm_rows))
+        # What it reads before each answer: the question, or a conversation's turns.
+        rm_prompts = [_turns_or_question(row) for row in train_set.rows]
         if not rm_rows.any():
             log.warning(
                 "reward_model.rows='general' and a correctness reward checks every training "
@@ -391,7 +394,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
                 config.reward_model.weight,
                 rollouts,
                 rollout_metrics,
-                [train_set.rows[i]["prompt"] for i in row_ids for _ in range(cfg.num_generations)],
+                [rm_prompts[i] for i in row_ids for _ in range(cfg.num_generations)],
                 np.repeat(rm_rows[np.asarray(row_ids)], cfg.num_generations),
                 decode,
                 reward_fn.names,
@@ -486,6 +489,12 @@ def _reward_bridge(reward_fn, decode, columns) -> rewards.HostRewardBridge:
     return bridge
 
 
+def _turns_or_question(row: dict) -> str | list[dict]:
+    """A prompt row as the reward model takes it: its question, or its turns when a conversation."""
+    turns = templates.turns_before_answer(row)
+    return turns if templates.is_conversation(turns) else turns[0]["content"]
+
+
 def _decode(tokenizer, prefix: str, ids: list[list[int]]) -> list[str]:
     """Completion ids -> text as the reward functions see it (with any prefilled "<think>")."""
     return [prefix + t for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -496,7 +505,7 @@ def _add_reward_model(
     weight: float,
     rollouts: grpo.Rollouts,
     rollout_metrics: dict[str, jax.Array],
-    prompts: list[str],
+    prompts: list[str | list[dict]],
     scored: np.ndarray,
     decode,
     names: tuple[str, ...],
@@ -504,11 +513,12 @@ def _add_reward_model(
 ) -> tuple[grpo.Rollouts, dict[str, jax.Array]]:
     """Score the B rollouts with the learned reward model and fold it in as one more reward.
 
-    prompts: [B] dataset questions, each repeated G times (the reward model renders them with its
-    own chat template, not the policy's); scored: [B] bool, the rows it scores (the others get
-    NaN, "not applicable"); decode: completion ids -> text, as the rule rewards saw it. The score
-    joins `per_reward` as "reward_model", `weight * score` joins the total where it applies, and
-    advantages and reward metrics (`rewards/reward_model/mean` ...) are recomputed.
+    prompts: [B] dataset questions (a conversation's turns), each repeated G times (the reward
+    model renders them with its own chat template, not the policy's); scored: [B] bool, the rows
+    it scores (the others get NaN, "not applicable"); decode: completion ids -> text, as the
+    rule rewards saw it. The score joins `per_reward` as "reward_model", `weight * score` joins
+    the total where it applies, and advantages and reward metrics (`rewards/reward_model/mean`
+    ...) are recomputed.
     """
     ids = multihost_utils.process_allgather(rollouts.completion_ids, tiled=True)  # [B, Tc]
     mask = multihost_utils.process_allgather(rollouts.completion_mask, tiled=True)

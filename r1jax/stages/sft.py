@@ -91,46 +91,29 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
         where = f"{section}.source {row.get('where') or f'{s.source}, row {i}'}"
         messages = row.get("messages") or []
         completion = row.get("completion")
-        if messages and messages[-1].get("role") == "assistant":
-            turns = messages[:-1]  # (the answer: a completion column, else this message)
-            if completion in (None, ""):
-                completion = messages[-1].get("content")
-        elif messages:  # the turns before the answer, which is a column of its own
-            turns = messages
-        else:
-            turns = [{"role": "user", "content": row.get("prompt")}]
+        if messages and messages[-1].get("role") == "assistant" and completion in (None, ""):
+            completion = messages[-1].get("content")  # (the answer: a completion column first)
         if completion is None:
             raise common.ConfigError(
                 f"{where} has neither a completion nor a final message with role 'assistant'"
             )
-        if len(turns) == 1 and turns[0].get("role") == "user":
-            # One question: in the template RL samples with, so SFT and RL see the same prompt.
-            try:
-                prompt = templates.format_prompts(
-                    [turns[0]["content"]],
-                    s.template,
-                    tokenizer=tokenizer,
-                    system=system,
-                    prefill_think=prefill_think,
-                    check_templated=False,
-                )[0]
-            except ValueError as e:  # a chat template the tokenizer lacks or refuses
+        # One question in the template RL samples with (so SFT and RL see the same prompt); a
+        # conversation, which has no R1-Zero or plain form, by the model's chat template.
+        turns = templates.turns_before_answer(row)
+        conversation = templates.is_conversation(turns)
+        conversations += conversation
+        try:
+            prompt = templates.turns_prompt(
+                turns, s.template, tokenizer=tokenizer, system=system, prefill_think=prefill_think
+            )
+        except Exception as e:  # no chat template, or one that refuses these turns
+            if not conversation:
                 raise common.ConfigError(f"{section}.template={s.template!r}: {e}") from None
-            end = chat_end if s.template == "chat" else ""
-        else:
-            # A conversation (several turns, or its own system message) has no R1-Zero or plain
-            # form: the model's chat template renders it, whatever the template.
-            conversations += 1
-            try:
-                prompt = templates.conversation_prompt(
-                    tokenizer, turns, system=system, prefill_think=prefill_think
-                )
-            except Exception as e:  # no chat template, or one that refuses these turns
-                raise common.ConfigError(
-                    f"{where}: a conversation of {len(turns)} turns before the answer needs "
-                    f"model.path's chat template, which failed: {e}"
-                ) from None
-            end = chat_end
+            raise common.ConfigError(
+                f"{where}: a conversation of {len(turns)} turns before the answer needs "
+                f"model.path's chat template, which failed: {e}"
+            ) from None
+        end = chat_end if conversation or s.template == "chat" else ""
         if isinstance(completion, str):
             completion = _without_opened_think(prompt, completion)
         if not isinstance(completion, str) or not completion.strip():
