@@ -27,6 +27,7 @@ Notable choices:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -210,6 +211,8 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
+        if best_metric is not None:
+            _check_metrics_files(self.directory)  # orbax reads them all here, unnamed on failure
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_handlers={
@@ -671,6 +674,27 @@ def _check_json(obj: Any, where: str) -> None:
             f"{where} is a {type(obj).__name__}, which JSON cannot store; convert it "
             f"(arrays: .tolist(); JAX keys: jax_key_to_json)."
         )
+
+
+def _check_metrics_files(directory: str) -> None:
+    """Raise CheckpointError naming a committed step whose metrics/ JSON (what best tracking
+    ranks by) is unreadable: orbax reads every step's when the manager is made, and raised a
+    bare JSONDecodeError naming no directory."""
+    root = epath.Path(directory)
+    if not root.exists():
+        return
+    for step_dir in root.iterdir():
+        saved = step_dir / "metrics" / "metrics"
+        if not step_dir.name.isdigit() or not saved.exists():
+            continue
+        try:
+            json.loads(saved.read_text())
+        except (ValueError, OSError) as err:
+            raise CheckpointError(
+                f"Checkpoint {step_dir} is damaged: its metrics/ JSON is unreadable "
+                f"({_first_line(err)}). Move or delete that directory; no other checkpoint "
+                "was touched."
+            ) from None
 
 
 def _first_line(err: BaseException) -> str:

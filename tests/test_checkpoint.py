@@ -235,6 +235,12 @@ def test_interval_force_duplicate_and_retention_keeps_latest_plus_best(tmp_path,
     assert sorted(os.listdir(tmp_path)) == ["10", "11", "4"]
     with Checkpointer(tmp_path, best_metric="acc", best_mode="min") as reopened:
         assert reopened.best_step() == 10  # min over the surviving steps with acc: 0.4 at 10
+    # A garbled metrics file (what best tracking ranks by) is named: orbax raised a bare
+    # JSONDecodeError from its constructor. Nothing is deleted.
+    (tmp_path / "4" / "metrics" / "metrics").write_text('{"acc": 0.')
+    with pytest.raises(CheckpointError, match=r"/4 is damaged: its metrics/ JSON is unreadable"):
+        Checkpointer(tmp_path, best_metric="acc")
+    assert sorted(os.listdir(tmp_path)) == ["10", "11", "4"]
 
 
 def test_export_best_hf_loads_the_best_step(tmp_path, monkeypatch):

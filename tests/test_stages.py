@@ -398,6 +398,10 @@ def test_a_resume_with_settings_that_change_the_data_order_is_refused(toy, tmp_p
     changed.model.path = str(tmp_path / "hf" / "final")  # another start (the trained model)
     with pytest.raises(common.ConfigError, match=r"model.path: '\w+' then"):
         run("sft", changed, tmp_path)
+    changed = copy.deepcopy(config)  # clipping off: another optimizer state (108 state paths)
+    changed.optim.max_grad_norm = 0.0
+    with pytest.raises(common.ConfigError, match=r"optim.max_grad_norm: '> 0' then, '0 \(no c"):
+        run("sft", changed, tmp_path)
     changed = copy.deepcopy(config)
     changed.sft.epochs, changed.optim.learning_rate = 2.0, 1e-4  # more steps, another rate: fine
     run("sft", changed, tmp_path)
@@ -428,6 +432,11 @@ def test_a_checkpoint_from_before_a_setting_was_recorded_still_resumes():
     with pytest.raises(common.ConfigError, match="batch_size: 8 then, 16 now"):
         common.resume(Saved(), types.SimpleNamespace(model=None, optimizer=None),
                       {**now, "batch_size": 16}, total_steps=4, steps_field="")  # fmt: skip
+    # Nor a value the run no longer records: the teacher's path, recorded by content since.
+    Saved.read_extra = lambda self: {"step": 2, "run": {"seed": 0, "teacher": "/moved/teacher"}}
+    now = {"seed": 0, "teacher model": "0123456789abcdef"}
+    assert common.resume(Saved(), types.SimpleNamespace(model=None, optimizer=None), now,
+                         total_steps=4, steps_field="distill.epochs") == 2  # fmt: skip
 
 
 def test_sft_rows_with_a_completion_that_is_not_text_are_refused_by_name(toy, tmp_path):
@@ -1002,7 +1011,9 @@ def test_distill_default_runs_with_logit_distillation(toy, tmp_path):
     assert_hf_folder(tmp_path / "hf" / "final")
     # Continued as trace SFT, its loss series would switch from KL to cross-entropy unnoticed.
     d.teacher, d.epochs = "", 2.0
-    with pytest.raises(common.ConfigError, match=r"teacher: .* then, 'none \(trace SFT\)' now"):
+    with pytest.raises(
+        common.ConfigError, match=r"teacher model: .* then, 'none \(trace SFT\)' now"
+    ):
         run("distill", config, tmp_path)
 
 

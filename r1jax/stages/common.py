@@ -285,6 +285,13 @@ def resume(ckpt, state, run: dict[str, Any], *, total_steps: int, steps_field: s
     return ckpt.restore(state.model, state.optimizer)["step"]
 
 
+def optimizer_layout(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """The settings that shape the optimizer's saved state, for a run's resume record: clipping
+    on or off chains one more transformation (`train.make_tx`), so a checkpoint saved with the
+    other cannot be restored, and the refusal names the field instead of the state's paths."""
+    return {"optim.max_grad_norm": "> 0" if config.optim.max_grad_norm > 0 else "0 (no clipping)"}
+
+
 def check_resume(
     ckpt, run: dict[str, Any], *, total_steps: int, steps_field: str
 ) -> dict[str, Any] | None:
@@ -311,17 +318,18 @@ def check_resume(
     saved = extra.get("run")
     now = json.loads(json.dumps(run))  # as it reads back (tuples become lists)
     # Checkpoints from before a setting was recorded have no value for it (none at all before
-    # this check existed): those are not compared.
+    # this check existed), and one a run no longer records (recorded another way since, such as
+    # distillation's teacher by content instead of path) has no value now: neither is compared.
     diffs = [
-        f"{k}: {saved[k]!r} then, {now.get(k, 'absent')!r} now"
-        for k in sorted(saved or ())
-        if saved[k] != now.get(k)
+        f"{k}: {saved[k]!r} then, {now[k]!r} now"
+        for k in sorted(set(saved or ()) & set(now))
+        if saved[k] != now[k]
     ]
     if diffs:
         raise ResumeRefused(
             f"{step_dir} was saved by a run with other settings ({'; '.join(diffs)}); resuming "
-            "would continue its data position in another order (or with another objective). Use "
-            "the settings it was started with, or another --workdir"
+            "would continue its data position in another order (or with another objective or "
+            "optimizer). Use the settings it was started with, or another --workdir"
         )
     if extra["step"] > total_steps:
         raise ResumeRefused(

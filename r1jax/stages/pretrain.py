@@ -368,6 +368,7 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
         "copy_task": p.copy_task,
         "copy_rows_in_corpus": p.copy_rows_in_corpus,
         "data": common.fingerprint(rows),
+        **common.optimizer_layout(config),
     }
     common.check_resume(
         ckpt, run, total_steps=warm + p.steps, steps_field=f"pretrain.steps={p.steps}"

@@ -326,6 +326,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         "rewards": {n: float(w) for n, w in zip(reward_fn.names, reward_fn.weights, strict=True)},
         "reward_model": [common.model_fingerprint(rm.path), float(rm.weight)] if rm.path else "",
         **{f"rl.{k}": r[k] for k in _OBJECTIVE_FIELDS},
+        **common.optimizer_layout(config),
     }
     if r.loss_type == "bnpo":  # its token mean is each micro-batch's: part of the objective
         rows = r.prompts_per_step * r.num_generations

@@ -239,14 +239,13 @@ def train_on_pairs(
         "batch_size": s.batch_size,
         "data": common.fingerprint(batch_all.input_ids, batch_all.loss_mask, batch_all.segment_ids),
         "model.path": common.model_fingerprint(config.model.path),  # (the model it trains)
+        **common.optimizer_layout(config),
     }
     if section == "distill":  # the loss: trace SFT or KL to a teacher (one series, not both)
-        data_order["teacher"] = (
-            "none (trace SFT)"
-            if not s.teacher
-            else s.teacher
-            if s.teacher == common.TOY_BASE
-            else os.path.abspath(os.path.expanduser(s.teacher))
+        # By content, as RL's reference model: a moved teacher is the same one, a replaced one
+        # is not. (A new key: checkpoints that recorded the teacher's path are not compared.)
+        data_order["teacher model"] = (
+            common.model_fingerprint(s.teacher) if s.teacher else "none (trace SFT)"
         )
         data_order["temperature"] = s.temperature if s.teacher else None
     start = common.resume(
