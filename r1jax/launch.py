@@ -48,6 +48,10 @@ def _with_default_config(argv: list[str]) -> list[str]:
         return argv
     stage = _stage_from_argv(argv)
     if stage not in STAGES:
+        if any(a.startswith("--config.") for a in argv) and not {"--help", "-h"} & set(argv):
+            # (absl would call each override an unknown flag, as if the field did not exist)
+            given = f"--stage={stage} is not a stage" if stage else "--stage is missing"
+            sys.exit(f"error: {given}: give one of {', '.join(STAGES)} for the --config.* fields")
         return argv  # absl reports the bad or missing --stage with the list of choices
     return argv[:1] + [f"--config={os.path.join(CONFIG_DIR, stage + '.py')}"] + argv[1:]
 
@@ -275,8 +279,12 @@ def _parse_flags_with_help(argv):
             from r1jax.stages import common
 
             spec = _config_spec(argv) or os.path.join(CONFIG_DIR, stage + ".py")
+            try:
+                fields = common.describe(common.load_config_file(spec))
+            except (OSError, ValueError) as e:
+                sys.exit(f"config error: --config={spec}: {e}")
             print(f"Config fields of {spec} (override with --config.FIELD=VALUE):")
-            print(common.describe(common.load_config_file(spec)))
+            print(fields)
         else:
             print("Give --stage=STAGE --help to list that stage's config fields.")
         sys.exit(0)

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -140,6 +141,7 @@ class MetricsWriter:
             desc=desc,
             unit="step",
             dynamic_ncols=True,
+            mininterval=bar_interval(),
             disable=not progress,
         )
         self._last_summary = (start_step, time.time())
@@ -158,7 +160,8 @@ class MetricsWriter:
             raise ValueError(f"Metric names {clash} are reserved by the JSONL format; rename them.")
         values = _to_floats(metrics)
         record = {"step": int(step), "time": round(time.time(), 3), **values}
-        self._file.write(json.dumps(record) + "\n")
+        # NaN/inf are not JSON (RFC 8259): written as null, read back as NaN by read_metrics.
+        self._file.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
             for name, value in values.items():
@@ -227,6 +230,16 @@ class MetricsWriter:
         return " | ".join(parts)
 
 
+def bar_interval() -> float:
+    """Seconds between progress-bar redraws: tqdm's 0.1 on a terminal; 30 when stderr is a file
+    (nohup, Slurm, `tpu_pod.sh --detach`), which keeps every redraw, up to ten a second on one
+    endless line."""
+    try:
+        return 0.1 if sys.stderr.isatty() else 30.0
+    except (AttributeError, ValueError):  # replaced or closed
+        return 30.0
+
+
 def read_metrics(jsonl_path: str | os.PathLike) -> list[dict[str, Any]]:
     """All complete records of a metrics.jsonl (local or cloud), in file order (a torn last line
     is skipped)."""
@@ -235,7 +248,8 @@ def read_metrics(jsonl_path: str | os.PathLike) -> list[dict[str, Any]]:
         return records
     for line in paths.read_text(jsonl_path).splitlines(keepends=True):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
+            records.append({k: float("nan") if v is None else v for k, v in record.items()})
         except json.JSONDecodeError:
             break  # only the last line can be torn (by a kill mid-write)
     return records
@@ -263,7 +277,16 @@ def _drop_steps_after(path: str, step: int, working_copy: str) -> None:
         staged = [r for r in read_metrics(working_copy) if kept(r)]
         if len(staged) > len(keep):
             keep = staged
-    paths.write_text(working_copy, "".join(json.dumps(r) + "\n" for r in keep))
+    paths.write_text(
+        working_copy, "".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in keep)
+    )
+
+
+def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with non-finite floats as None (JSON null)."""
+    return {
+        k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()
+    }
 
 
 def _ends_cleanly(path: str) -> bool:

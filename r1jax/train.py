@@ -101,8 +101,10 @@ class OptimConfig:
     max_skipped_steps: int = 10
 
     def __post_init__(self):
-        if not self.learning_rate > 0:
-            raise ValueError(f"optim.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 < self.learning_rate < float("inf"):
+            raise ValueError(
+                f"optim.learning_rate must be a finite number > 0, got {self.learning_rate}"
+            )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.warmup_steps < 0:
@@ -113,9 +115,9 @@ class OptimConfig:
                 f"{self.total_steps}, warmup_steps={self.warmup_steps}; set optim.total_steps "
                 "to the number of optimizer steps in the run"
             )
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
+        if not (0 <= self.weight_decay < float("inf") and 0 <= self.max_grad_norm < float("inf")):
             raise ValueError(
-                "optim.weight_decay and optim.max_grad_norm must be >= 0, got "
+                "optim.weight_decay and optim.max_grad_norm must be finite numbers >= 0, got "
                 f"{self.weight_decay} and {self.max_grad_norm}"
             )
         if self.max_skipped_steps < 0:
@@ -123,9 +125,9 @@ class OptimConfig:
                 "optim.max_skipped_steps must be >= 0 (0 = never stop), got "
                 f"{self.max_skipped_steps}"
             )
-        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps > 0):
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and 0 < self.eps < float("inf")):
             raise ValueError(
-                f"optim: need 0 <= b1, b2 < 1 and eps > 0, got b1={self.b1}, "
+                f"optim: need 0 <= b1, b2 < 1 and a finite eps > 0, got b1={self.b1}, "
                 f"b2={self.b2}, eps={self.eps}"
             )
 

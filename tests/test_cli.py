@@ -69,6 +69,12 @@ CONFIG_ERRORS = {
     ),
     "mistyped_config_file": (["--config=configs/rll.py"], ["--config=configs/rll.py", "no such"]),
     "pipeline_config": (["--config=configs/pipeline.py"], ["not a config", "--stage=pipeline"]),
+    # NaN passed every `x < 0` check: a NaN model exported with exit 0, a traceback from the loss.
+    "nan_weight_decay": (["--config.optim.weight_decay=nan"], ["optim.weight_decay", "nan"]),
+    "nan_beta": (["--config.rl.beta=nan"], ["rl.beta", "finite", "nan"]),
+    # Without a stage absl called every override an unknown flag, as if the field did not exist.
+    "missing_stage": (["--config.rl.steps=3"], ["--stage is missing", "rl"]),
+    "misspelt_stage": (["--stage=rll", "--config.rl.steps=3"], ["--stage=rll is not a stage"]),
 }
 
 
@@ -77,7 +83,8 @@ def test_config_errors_are_refused_before_any_work(tmp_path):
     env = sh.cli_env(str(tmp_path / "empty_home"))
     procs = {}
     for name, (overrides, _) in CONFIG_ERRORS.items():
-        args = ["--stage=rl", f"--workdir={tmp_path / name}", *overrides]
+        stage = [] if name.endswith("_stage") else ["--stage=rl"]
+        args = [*stage, f"--workdir={tmp_path / name}", *overrides]
         procs[name] = subprocess.Popen(
             sh.launch_cmd(*args),
             env=env,
@@ -120,6 +127,10 @@ def test_help_lists_stages_and_config_fields():
     # --help describes the config actually chosen, argument included.
     out = run_cli(["--stage=pipeline", "--config=configs/pipeline.py:smoke", "--help"], env)
     assert out.returncode == 0 and "r1_zero.rl.steps = 2 (int)" in out.stdout
+    # A config file that does not load is one message there too (it was a traceback).
+    out = run_cli(["--stage=rl", "--config=configs/rll.py", "--help"], env)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "config error: --config=configs/rll.py" in out.stderr
 
 
 def test_a_cosine_schedule_spans_the_stage_steps_given_on_the_command_line():

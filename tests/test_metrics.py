@@ -1,6 +1,7 @@
 """Tests for r1jax/metrics.py: JSONL + resume, TensorBoard, progress output, plots, compiles."""
 
 import glob
+import json
 import os
 import shutil
 import struct
@@ -73,9 +74,18 @@ def test_jsonl_records_and_tensorboard_scalars(tmp_path, caplog):
     assert scalars(events, "eval/cons_at_4") == {4: 0.25}
     # NaN (a reward that applied to no row) is recorded, without a warning per value.
     with MetricsWriter(tmp_path / "nan", summary_every=0) as w:
-        w.write(1, {"rewards/code/mean": float("nan")})
+        w.write(1, {"rewards/code/mean": float("nan"), "loss": float("inf")})
+        assert w._bar.mininterval == 30.0  # stderr is no terminal here: a redraw every 30 s
     assert np.isnan(read_metrics(tmp_path / "nan" / "metrics.jsonl")[0]["rewards/code/mean"])
     assert not [r for r in caplog.records if "NaN" in r.getMessage()]
+
+    # ... as JSON null: bare NaN / Infinity are no JSON (jq, JavaScript and strict parsers fail).
+    def strict(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    line = (tmp_path / "nan" / "metrics.jsonl").read_text()
+    record = json.loads(line, parse_constant=strict)
+    assert record["rewards/code/mean"] is None and record["loss"] is None
 
 
 def test_resume_drops_steps_after_the_checkpoint_and_appends(tmp_path):

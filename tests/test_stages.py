@@ -944,6 +944,10 @@ def test_rejection_sampling_drops_traces_that_state_held_out_problems(toy, tmp_p
     with pytest.raises(common.ConfigError, match=r"non_reasoning_ratio must be >= 0"):
         r.non_reasoning_ratio = -0.2
         common.validate(config, "rejection_sampling")
+    r.non_reasoning_ratio = 0.0
+    with pytest.raises(common.ConfigError, match=r"max_per_prompt must be >= 0 .*got -1"):
+        r.max_per_prompt = -1  # (sampled everything, then kept nothing: every sample over a cap)
+        common.validate(config, "rejection_sampling")
 
 
 def test_rejection_sampling_default_runs(toy, tmp_path, monkeypatch):

@@ -542,3 +542,9 @@ def test_skip_watch_stops_only_after_the_limit_of_fully_skipped_steps_in_a_row()
         never(step, {"update_skipped": 1.0})
     with pytest.raises(ValueError, match="optim.max_skipped_steps must be >= 0"):
         train.OptimConfig(max_skipped_steps=-1)
+    # NaN passed every `x < 0` check: weight_decay=nan trained a NaN model and exited 0.
+    nan, inf = float("nan"), float("inf")
+    for field, value in (("weight_decay", nan), ("max_grad_norm", nan), ("learning_rate", nan),
+                         ("learning_rate", inf), ("eps", nan), ("eps", inf)):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"optim.* finite .*{value}"):
+            train.OptimConfig(**{field: value})

@@ -149,8 +149,10 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
         check_deepseek_options(config.model, os.path.expanduser(config.model.path))
     if config.ckpt.best_mode not in ("max", "min"):
         raise ConfigError(f"ckpt.best_mode must be 'max' or 'min', got {config.ckpt.best_mode!r}")
-    if config.ckpt.every < 1 or config.log.every < 1 or config.ckpt.keep < 1:
-        raise ConfigError("ckpt.every, ckpt.keep and log.every must be >= 1")
+    for field in ("ckpt.every", "ckpt.keep", "log.every"):
+        section, name = field.split(".")
+        if config[section][name] < 1:
+            raise ConfigError(f"{field} must be >= 1, got {config[section][name]}")
     if config.ckpt.best_metric and stage != "rl":
         raise ConfigError(
             f"ckpt.best_metric={config.ckpt.best_metric!r}: only --stage=rl keeps a best "
@@ -1010,13 +1012,14 @@ def prompt_batches(n: int, size: int, *, desc: str, progress: bool, stoppable: b
     import jax
     from tqdm.auto import tqdm
 
-    from r1jax import checkpoint
+    from r1jax import checkpoint, metrics
 
     bar = tqdm(
         total=n,
         desc=desc,
         unit="prompt",
         dynamic_ncols=True,
+        mininterval=metrics.bar_interval(),
         disable=not progress or jax.process_index() > 0,
     )
     try:

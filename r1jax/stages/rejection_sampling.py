@@ -136,9 +136,13 @@ def validate(config) -> None:
         common.check_data_files(r.non_reasoning_source, "rejection_sampling.non_reasoning_source")
     if not 0.0 <= r.min_language_consistency <= 1.0:
         raise common.ConfigError("rejection_sampling.min_language_consistency must be in [0, 1]")
+    if r.max_per_prompt < 0:
+        raise common.ConfigError(
+            f"rejection_sampling.max_per_prompt must be >= 0 (0 = no cap), got {r.max_per_prompt}"
+        )
     if r.max_paragraph_chars < 0:
         raise common.ConfigError("rejection_sampling.max_paragraph_chars must be >= 0 (0 = off)")
-    if r.non_reasoning_ratio < 0:
+    if not 0 <= r.non_reasoning_ratio < float("inf"):
         raise common.ConfigError(
             f"rejection_sampling.non_reasoning_ratio must be >= 0 (non-reasoning rows per kept "
             f"sample; 0 = all of the file), got {r.non_reasoning_ratio}"
