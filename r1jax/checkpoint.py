@@ -595,9 +595,10 @@ def export_hf(
     `eos_ids`: more ids the model ends with (what it was trained to close a turn with, e.g. a
     chat template's <|im_end|> on a base whose EOS is <|endoftext|>), added to `eos_token_id` in
     config.json and generation_config.json, so transformers and vLLM stop there too.
-    Every process must call this (the parameter gathers are collective); process 0 writes. A cloud
-    folder is written to a local temporary directory first and then uploaded file by file, since
-    the safetensors writer needs a local file.
+    Every process must call this (the parameter gathers are collective); process 0 writes. A local
+    folder is written beside `path` and swapped in whole (`_swapped_in`: a kill never leaves half
+    an export there). A cloud folder is written to a local temporary directory first and then
+    uploaded file by file, since the safetensors writer needs a local file.
     """
     from r1jax.models import hf  # lazy: keeps checkpointing importable without the HF stack
 
@@ -613,11 +614,33 @@ def export_hf(
 
     path = os.fspath(path)
     if not paths.is_remote(path):
-        return write(path)
+        return _swapped_in(path, write)
     with tempfile.TemporaryDirectory(prefix="r1jax_hf_") as local:
         write(local)
         if jax.process_index() == 0:
             paths.copy_dir(local, path)
+
+
+def _swapped_in(path: str, write) -> None:
+    """`write(folder)` into `path + ".partial"`, then that folder put in `path`'s place. An export
+    killed part way (a rerun of a finished stage exports again) left a folder that loaded but
+    lacked the token ids written last, or the earlier export's files mixed in; now `path` holds
+    the earlier export whole until the new one is, and a rerun writes `.partial` afresh. (Between
+    the two renames the earlier one is at `path + ".old"`.)"""
+    import shutil
+
+    path = os.path.normpath(path)
+    partial, old = path + ".partial", path + ".old"
+    if jax.process_index() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    write(partial)  # (every process: the gathers are collective; process 0 writes)
+    if jax.process_index() != 0:
+        return
+    if os.path.lexists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+    os.rename(partial, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def jax_key_to_json(key: jax.Array) -> dict[str, Any]:

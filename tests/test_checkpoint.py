@@ -347,6 +347,18 @@ def test_export_hf_carries_the_source_token_ids_and_generation_config(tmp_path):
     assert transformers.GenerationConfig.from_pretrained(source).temperature == 0.6
     again = transformers.AutoConfig.from_pretrained(source)
     assert (again.bos_token_id, again.eos_token_id, again.pad_token_id) == (60, eos, 7)
+    # An export killed part way (after the weights, before the token ids) leaves the earlier
+    # export whole where it was (it was overwritten in place: loadable, without its eos ids).
+    from unittest import mock
+
+    with mock.patch.object(hf, "write_generation_metadata", side_effect=KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.export_hf(model, source, Tokenizer())
+    assert transformers.AutoConfig.from_pretrained(source).eos_token_id == eos
+    assert sorted(os.listdir(tmp_path)) == ["out", "source", "source.partial"]
+    checkpoint.export_hf(model, source, Tokenizer(), source=source)  # the rerun
+    assert sorted(os.listdir(tmp_path)) == ["out", "source"]
+    assert transformers.AutoConfig.from_pretrained(source).eos_token_id == eos
     # Without a source (a model trained from scratch): the tokenizer's ids.
     checkpoint.export_hf(model, tmp_path / "scratch", Tokenizer())
     out = transformers.AutoConfig.from_pretrained(tmp_path / "scratch")
