@@ -240,6 +240,13 @@ def bar_interval() -> float:
         return 30.0
 
 
+def logged_at(jsonl_path: str | os.PathLike, step: int) -> dict[str, Any]:
+    """The metrics a run logged at `step`, without its step and time ({} when none): what a
+    stage rerun after its last checkpoint (killed during its export) returns again."""
+    records = [r for r in read_metrics(jsonl_path) if r.get("step") == step]
+    return {k: v for k, v in records[-1].items() if k not in ("step", "time")} if records else {}
+
+
 def read_metrics(jsonl_path: str | os.PathLike) -> list[dict[str, Any]]:
     """All complete records of a metrics.jsonl (local or cloud), in file order (a torn last line
     is skipped)."""

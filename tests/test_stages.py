@@ -376,7 +376,10 @@ def test_a_resume_with_settings_that_change_the_data_order_is_refused(toy, tmp_p
     s = config.sft
     s.num_examples, s.epochs, s.batch_size, s.seq_len = 16, 1.0, 8, 256
     config.ckpt.every = 1
-    run("sft", config, tmp_path)  # 2 steps, checkpoints 1 and 2
+    first = run("sft", config, tmp_path)  # 2 steps, checkpoints 1 and 2
+    # Rerun when complete (as after a kill during its export): it exports again and returns its
+    # last step's metrics (it returned no loss).
+    assert run("sft", config, tmp_path) == first and np.isfinite(first["loss"])
     for field, value, named in (
         ("batch_size", 16, "batch_size: 8 then, 16 now"),
         ("num_examples", 24, "data: "),

@@ -351,7 +351,9 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     )
     compiles = metrics.CompileCounter(log_each=False).start()
     base_key = jax.random.key(config.seed)
-    row, watch = {}, train.SkipWatch(config.optim.max_skipped_steps)
+    # (a rerun after the last checkpoint, killed during its export, returns what it logged)
+    row = metrics.logged_at(os.path.join(workdir, "metrics.jsonl"), start) if start else {}
+    watch = train.SkipWatch(config.optim.max_skipped_steps)
 
     def held_out() -> dict[str, float]:
         result = eval_stage.evaluate(

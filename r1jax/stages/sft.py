@@ -260,7 +260,9 @@ def train_on_pairs(
         postfix_keys=("loss",),
         progress=config.log.progress,
     )
-    row, watch = {}, train.SkipWatch(config.optim.max_skipped_steps)
+    # (a rerun after the last checkpoint, killed during its export, returns what it logged)
+    row = metrics.logged_at(os.path.join(workdir, "metrics.jsonl"), start) if start else {}
+    watch = train.SkipWatch(config.optim.max_skipped_steps)
     for step in range(start, steps):
         idx = common.batch_indices(rows, step, s.batch_size, config.seed)
         batch = {k: getattr(batch_all, k)[idx] for k in sft.SFT_FIELDS}
