@@ -72,6 +72,10 @@ CONFIG_ERRORS = {
     # NaN passed every `x < 0` check: a NaN model exported with exit 0, a traceback from the loss.
     "nan_weight_decay": (["--config.optim.weight_decay=nan"], ["optim.weight_decay", "nan"]),
     "nan_beta": (["--config.rl.beta=nan"], ["rl.beta", "finite", "nan"]),
+    "task_knobs": (  # (refused only once the stage ran, after its workdir was made)
+        ["--config.data.arithmetic.min_digits=5", "--config.data.arithmetic.max_digits=2"],
+        ["data.arithmetic", "min_digits <= max_digits"],
+    ),
     # Without a stage absl called every override an unknown flag, as if the field did not exist.
     "missing_stage": (["--config.rl.steps=3"], ["--stage is missing", "rl"]),
     "misspelt_stage": (["--stage=rll", "--config.rl.steps=3"], ["--stage=rll is not a stage"]),

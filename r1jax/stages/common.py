@@ -1190,18 +1190,26 @@ def load_prompt_rows(
     return rows
 
 
+def _builtin_task(data_config):
+    """The built-in task `data.source` names, with the knobs of its `data.<task>` section."""
+    from r1jax.data import tasks
+
+    source = data_config.source
+    knobs = data_config[source].to_dict() if source in data_config else {}
+    knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
+    try:
+        return tasks.make_task(source, **knobs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"data.{source}: {e}") from e
+
+
 def _prompt_rows(data_config, split: str, seed: int, require_solution: bool = True) -> list[dict]:
     from r1jax.data import loaders, tasks
 
     source = data_config.source
     n = data_config.num_train if split == "train" else data_config.num_eval
     if source in tasks.TASKS:
-        knobs = data_config[source].to_dict() if source in data_config else {}
-        knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
-        try:
-            task = tasks.make_task(source, **knobs)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"data.{source}: {e}") from e
+        task = _builtin_task(data_config)
         try:
             return tasks.make_dataset(task, n, seed=seed, split=split)
         except ValueError as e:
@@ -1391,6 +1399,8 @@ def validate_data(data_config) -> None:
     source = data_config.source
     if source not in tasks.TASKS:
         check_data_files(source, "data.source", f"a built-in task {sorted(tasks.TASKS)} or ")
+    else:
+        _builtin_task(data_config)  # its knobs (min_digits > max_digits ...), before any work
     if data_config.eval_source:
         check_data_files(data_config.eval_source, "data.eval_source")
     if data_config.get("prompt_overflow", "error") not in ("error", "skip"):
