@@ -629,7 +629,7 @@ def _swapped_in(path: str, write) -> None:
     the two renames the earlier one is at `path + ".old"`.)"""
     import shutil
 
-    path = os.path.normpath(path)
+    path = os.path.realpath(path)  # (a symlinked folder: written through, the link kept)
     partial, old = path + ".partial", path + ".old"
     if jax.process_index() == 0:
         shutil.rmtree(partial, ignore_errors=True)

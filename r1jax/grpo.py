@@ -396,8 +396,8 @@ def _check_options(
         )
     if not 0.0 <= epsilon_low < 1.0:
         raise ValueError(f"epsilon_low must be in [0, 1), got {epsilon_low}.")
-    if not 0.0 <= epsilon_high < float("inf"):
-        raise ValueError(f"epsilon_high must be a finite number >= 0, got {epsilon_high}.")
+    if not epsilon_high >= 0.0:  # (inf: no upper clip)
+        raise ValueError(f"epsilon_high must be >= 0 (not NaN), got {epsilon_high}.")
     if not 0.0 <= beta < float("inf"):
         raise ValueError(f"beta must be a finite number >= 0, got {beta}.")
     if not has_ref and beta != 0.0:

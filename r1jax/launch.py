@@ -39,6 +39,14 @@ def _stage_from_argv(argv: list[str]) -> str | None:
             return arg.split("=", 1)[1]
         if arg in ("--stage", "-stage") and i + 1 < len(argv):
             return argv[i + 1]
+        if arg.startswith("--flagfile="):  # (absl's file of flags, one per line)
+            try:
+                with open(os.path.expanduser(arg.split("=", 1)[1])) as f:
+                    stage = _stage_from_argv([line.strip() for line in f])
+            except OSError:
+                continue  # absl names the missing file
+            if stage:
+                return stage
     return None
 
 

@@ -234,6 +234,8 @@ def bar_interval() -> float:
     """Seconds between progress-bar redraws: tqdm's 0.1 on a terminal; 30 when stderr is a file
     (nohup, Slurm, `tpu_pod.sh --detach`), which keeps every redraw, up to ten a second on one
     endless line."""
+    if "ipykernel" in sys.modules:  # a notebook: tqdm.auto draws a widget, not log lines
+        return 0.1
     try:
         return 0.1 if sys.stderr.isatty() else 30.0
     except (AttributeError, ValueError):  # replaced or closed

@@ -359,6 +359,13 @@ def test_export_hf_carries_the_source_token_ids_and_generation_config(tmp_path):
     checkpoint.export_hf(model, source, Tokenizer(), source=source)  # the rerun
     assert sorted(os.listdir(tmp_path)) == ["out", "source"]
     assert transformers.AutoConfig.from_pretrained(source).eos_token_id == eos
+    # Through a symlinked folder: the link is kept and its target holds the new export.
+    os.symlink(tmp_path / "out", tmp_path / "link")
+    checkpoint.export_hf(model, str(tmp_path / "link") + "/", Tokenizer())
+    assert os.path.islink(tmp_path / "link") and sorted(os.listdir(tmp_path)) == [
+        "link", "out", "source"
+    ]  # fmt: skip
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "out").bos_token_id is None
     # Without a source (a model trained from scratch): the tokenizer's ids.
     checkpoint.export_hf(model, tmp_path / "scratch", Tokenizer())
     out = transformers.AutoConfig.from_pretrained(tmp_path / "scratch")

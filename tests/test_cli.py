@@ -112,6 +112,17 @@ def test_config_errors_are_refused_before_any_work(tmp_path):
     assert time.time() - start < 120  # imports only, no compilation
 
 
+def test_the_stage_may_come_from_a_flagfile(tmp_path):
+    """`--flagfile` holding `--stage` with overrides on the command line: the stage's config file
+    was not added, and every override was called an unknown flag."""
+    from r1jax import launch
+
+    flags = tmp_path / "flags.txt"
+    flags.write_text("--stage=eval\n--config.eval.num_prompts=2\n")
+    argv = launch._with_default_config(["x", f"--flagfile={flags}", "--config.seed=1"])
+    assert argv[1] == f"--config={os.path.join(launch.CONFIG_DIR, 'eval.py')}"
+
+
 def test_help_lists_stages_and_config_fields():
     env = sh.cli_env("/nonexistent")
     out = run_cli(["--help"], env)

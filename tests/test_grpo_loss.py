@@ -342,7 +342,7 @@ def test_policy_loss_takes_lists_numpy_ints_an_empty_batch_and_names_traced_opti
         (dict(loss_type="dr_grpo"), "max_completion_length"),
         (dict(loss_type="grpo", num_items_in_batch=10.0), "num_items_in_batch"),
         (dict(epsilon_low=1.5), "epsilon_low"),
-        (dict(epsilon_high=float("nan")), "epsilon_high must be a finite number"),
+        (dict(epsilon_high=float("nan")), "epsilon_high must be >= 0 \\(not NaN\\)"),
         (dict(beta=float("nan")), "beta must be a finite number"),  # (passed every check)
         (dict(adv=np.zeros(B + 1)), "advantages"),
         (dict(mask=np.ones((B, T + 1))), "mask"),

@@ -407,6 +407,25 @@ def test_rl_routes_the_reward_model_to_the_prompts_no_rule_checks(checkpoint):
     assert rl.checked_rows(config, rows) == [False] * 4
 
 
+def test_rl_refuses_conversations_a_reward_model_cannot_render(checkpoint):
+    """A conversation row reaches the reward model as its turns: without a chat template it
+    failed at the first step that drew one, after that step's sampling."""
+    import copy
+
+    from r1jax.stages import common, rl
+
+    model = rm.RewardModel.load(checkpoint("qwen2"), batch_size=4, buckets=(32, 64))
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    rows = [{"prompt": "Write a poem."}, {"prompt": "Hi?", "messages": turns, "where": "f:2"}]
+    assert rl._reward_model_prompts(model, rows, [True, True]) == ["Write a poem.", turns]
+    bare = copy.copy(model)
+    bare.tokenizer = copy.deepcopy(model.tokenizer)
+    bare.tokenizer.chat_template = None
+    assert rl._reward_model_prompts(bare, rows, [True, False]) == ["Write a poem.", turns]
+    with pytest.raises(common.ConfigError, match=r"no chat template .* 1 conversation rows .*f:2"):
+        rl._reward_model_prompts(bare, rows, [True, True])
+
+
 def test_rl_with_a_reward_model_keeps_a_files_general_prompts(tmp_path):
     """Prompts without an answer (the general prompts a reward model is for) were dropped by the
     loader as `no_solution`, so stage 4 could not be run from a file."""

@@ -435,11 +435,16 @@ def test_a_checkpoint_from_before_a_setting_was_recorded_still_resumes():
     with pytest.raises(common.ConfigError, match="batch_size: 8 then, 16 now"):
         common.resume(Saved(), types.SimpleNamespace(model=None, optimizer=None),
                       {**now, "batch_size": 16}, total_steps=4, steps_field="")  # fmt: skip
-    # Nor a value the run no longer records: the teacher's path, recorded by content since.
+    # Nor a record retired since: the teacher's path, recorded by content now.
     Saved.read_extra = lambda self: {"step": 2, "run": {"seed": 0, "teacher": "/moved/teacher"}}
     now = {"seed": 0, "teacher model": "0123456789abcdef"}
     assert common.resume(Saved(), types.SimpleNamespace(model=None, optimizer=None), now,
                          total_steps=4, steps_field="distill.epochs") == 2  # fmt: skip
+    # But a record this run does not write is compared (SFT resuming a distillation checkpoint).
+    Saved.read_extra = lambda self: {"step": 2, "run": {"seed": 0, "teacher model": "01ab"}}
+    with pytest.raises(common.ConfigError, match="teacher model: '01ab' then, 'absent' now"):
+        common.resume(Saved(), types.SimpleNamespace(model=None, optimizer=None), {"seed": 0},
+                      total_steps=4, steps_field="sft.epochs")  # fmt: skip
 
 
 def test_sft_rows_with_a_completion_that_is_not_text_are_refused_by_name(toy, tmp_path):
@@ -668,6 +673,21 @@ def test_rl_and_eval_prompts_render_a_conversation_row_whole(toy, tmp_path):
     (tmp_path / "rs.jsonl").write_text("".join(json.dumps(w) + "\n" for w in written))
     sft.sft.source = str(tmp_path / "rs.jsonl")
     assert [p for p, _, _ in sft_stage.load_pairs(sft, tokenizer)] == prompts
+    # A prompt column the loader (or a field_map) chose wins over one-question turns, and
+    # answer-only turns are no conversation of 0 turns.
+    one = [{"role": "user", "content": "3*5"}, {"role": "assistant", "content": "15"}]
+    assert templates.turns_before_answer({"prompt": "Solve: 3*5?", "messages": one}) == [
+        {"role": "user", "content": "Solve: 3*5?"}
+    ]
+    assert templates.turns_before_answer({"prompt": "Q", "messages": one[1:]}) == [
+        {"role": "user", "content": "Q"}
+    ]
+    # Training rows are left out as copies of held-out ones by their whole conversation (two
+    # conversations ending in one follow-up are different prompts).
+    follow = {"role": "user", "content": "Continue."}
+    talk = [{"prompt": "Continue.", "messages": [{"role": "user", "content": q}, hello, follow]}
+            for q in ("Tell a story.", "Count to 3.", "Tell a story.")]  # fmt: skip
+    assert common._without_held_out(talk[1:], talk[:1], "f") == talk[1:2]
     # The reward model reads a conversation's turns, a question as its text.
     assert rl._turns_or_question(loaded[1]) == [hi, hello, question]
     assert rl._turns_or_question(loaded[2]) == "What is 3 * 5?"

@@ -196,11 +196,18 @@ def format_prompts(
 
 def turns_before_answer(row: dict) -> list[dict]:
     """The turns a dataset row's answer follows: its chat `messages` without a last assistant
-    turn (the answer, or a reference the completion replaces), else its one `prompt` question."""
+    turn (the answer, or a reference the completion replaces) when they are a conversation, else
+    its one `prompt` question (the column the loader, or a field_map, chose)."""
     messages = row.get("messages") or []
     if messages and messages[-1].get("role") == "assistant":
-        return list(messages[:-1])
-    return list(messages) or [{"role": "user", "content": row.get("prompt")}]
+        messages = messages[:-1]
+    turns = list(messages)
+    question = row.get("prompt")
+    # One question (or none left): the row's prompt column, as the loader (and a field_map) chose
+    # it; only a conversation (several turns, its own system message) is rendered from its turns.
+    if isinstance(question, str) and question.strip() and (not turns or not is_conversation(turns)):
+        return [{"role": "user", "content": question}]
+    return turns or [{"role": "user", "content": question}]
 
 
 def is_conversation(turns: Sequence[dict]) -> bool:

@@ -201,8 +201,11 @@ class StopStrings:
     fallback split a Chinese or accented character over several tokens, none of which decodes to
     a character alone. `texts` gives each token's bytes as they read inside a decoded completion
     (`token_bytes`: special tokens empty); a str is taken as its UTF-8. Matching bytes is matching
-    the decoded text: a UTF-8 string never begins with a continuation byte, so a decoder that
-    replaces a broken sequence before it still sees the string whole.
+    the decoded text wherever the completion's bytes are valid UTF-8, and for byte-level BPE
+    everywhere (a UTF-8 string never begins with a continuation byte, so its decoder, replacing a
+    broken sequence before the string, still sees it whole); SentencePiece's byte-fallback decoder
+    replaces a whole run of byte pieces that holds a broken sequence, so a string spelt by byte
+    pieces right after a broken one is found where its decoded text shows U+FFFD.
     """
 
     def __init__(self, texts: Sequence[str | bytes], strings: Sequence[str]):

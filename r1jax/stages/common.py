@@ -294,6 +294,11 @@ def optimizer_layout(config: ml_collections.ConfigDict) -> dict[str, str]:
     return {"optim.max_grad_norm": "> 0" if config.optim.max_grad_norm > 0 else "0 (no clipping)"}
 
 
+# Resume records no run writes any more: distillation's teacher by path (by content since, as
+# "teacher model"; a moved teacher is the same one).
+_RETIRED = frozenset({"teacher"})
+
+
 def check_resume(
     ckpt, run: dict[str, Any], *, total_steps: int, steps_field: str
 ) -> dict[str, Any] | None:
@@ -320,12 +325,11 @@ def check_resume(
     saved = extra.get("run")
     now = json.loads(json.dumps(run))  # as it reads back (tuples become lists)
     # Checkpoints from before a setting was recorded have no value for it (none at all before
-    # this check existed), and one a run no longer records (recorded another way since, such as
-    # distillation's teacher by content instead of path) has no value now: neither is compared.
+    # this check existed): those are not compared; nor the records retired since (`_RETIRED`).
     diffs = [
-        f"{k}: {saved[k]!r} then, {now[k]!r} now"
-        for k in sorted(set(saved or ()) & set(now))
-        if saved[k] != now[k]
+        f"{k}: {saved[k]!r} then, {now.get(k, 'absent')!r} now"
+        for k in sorted(set(saved or ()) - _RETIRED)
+        if saved[k] != now.get(k)
     ]
     if diffs:
         raise ResumeRefused(
@@ -1288,8 +1292,16 @@ def _prompt_rows(data_config, split: str, seed: int, require_solution: bool = Tr
 def _without_held_out(rows: list[dict], held_out: list[dict], path: str) -> list[dict]:
     """Training rows whose prompt is not also a held-out prompt (datasets repeat rows: the
     held-out score would count problems trained on)."""
-    seen = {" ".join(r["prompt"].split()) for r in held_out}
-    kept = [r for r in rows if " ".join(r["prompt"].split()) not in seen]
+    from r1jax.data import templates
+
+    def key(row: dict) -> str:  # what the model is asked: a conversation's every turn
+        turns = templates.turns_before_answer(row)
+        if not templates.is_conversation(turns):
+            return " ".join(turns[0]["content"].split())
+        return json.dumps([[t["role"], " ".join(t["content"].split())] for t in turns])
+
+    seen = {key(r) for r in held_out}
+    kept = [r for r in rows if key(r) not in seen]
     if len(kept) < len(rows):
         log.info(
             "training prompts: %d of the %d rows of %s left out, their prompt being also a "

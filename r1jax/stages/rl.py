@@ -279,8 +279,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             else [not ok for ok in checked_rows(config, train_set.rows)]
         )
         log.info("reward model: scores %d of %d training prompts", rm_rows.sum(), len(rm_rows))
-        # What it reads before each answer: the question, or a conversation's turns.
-        rm_prompts = [_turns_or_question(row) for row in train_set.rows]
+        rm_prompts = _reward_model_prompts(reward_model, train_set.rows, rm_rows)
         if not rm_rows.any():
             log.warning(
                 "reward_model.rows='general' and a correctness reward checks every training "
@@ -490,6 +489,20 @@ def _reward_bridge(reward_fn, decode, columns) -> rewards.HostRewardBridge:
     bridge = _BRIDGES.setdefault(reward_fn.names, fresh)
     bridge.reward_fn, bridge.decode, bridge.columns = fresh.reward_fn, fresh.decode, fresh.columns
     return bridge
+
+
+def _reward_model_prompts(reward_model, rows: list[dict], scored) -> list[str | list[dict]]:
+    """What the reward model reads before each row's answer: the question, or a conversation's
+    turns, which only a chat template renders (refused now, not at the first step drawing one)."""
+    prompts = [_turns_or_question(row) for row in rows]
+    talks = [i for i, p in enumerate(prompts) if scored[i] and not isinstance(p, str)]
+    if talks and not getattr(reward_model.tokenizer, "chat_template", None):
+        raise common.ConfigError(
+            f"reward_model.path: its tokenizer has no chat template to render the {len(talks)} "
+            f"conversation rows it would score ({rows[talks[0]].get('where') or 'a row'}); give "
+            "it one (tokenizer_config.json's chat_template) or leave those rows out"
+        )
+    return prompts
 
 
 def _turns_or_question(row: dict) -> str | list[dict]:
