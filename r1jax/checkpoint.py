@@ -610,6 +610,9 @@ def export_hf(
         if jax.process_index() == 0:
             if tokenizer is not None:
                 tokenizer.save_pretrained(local)
+                from r1jax.data.tokenizer import portable_tokenizer_config
+
+                portable_tokenizer_config(local)  # transformers 4.x reads a 5.x export too
             hf.write_generation_metadata(local, metadata)
 
     path = os.fspath(path)

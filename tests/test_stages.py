@@ -113,6 +113,24 @@ def test_pretrain_default_makes_a_loadable_base_model(toy):
     assert (cfg.hidden_size, cfg.num_hidden_layers) == (32, 2)
     tok = transformers.AutoTokenizer.from_pretrained(base)
     assert tok.decode(tok("<think>1+2</think>")["input_ids"]) == "<think>1+2</think>"
+    # The later stages read the base's text as pretraining did (tokenizer.json): transformers 5
+    # builds qwen2 folders' tokenizers with Qwen's own pre-tokenizer and NFC, which split a third
+    # of the corpus's documents otherwise ("x\n\ny": one "\n\n" token, not two).
+    import tokenizers
+
+    from r1jax.models import hf
+
+    written = tokenizers.Tokenizer.from_file(os.path.join(base, "tokenizer.json"))
+    loaded = hf.tokenizer(base)
+    for text in ("x\n\ny", "Cafe\u0301 12 + 3 = 15.\n\n<answer>15</answer>"):
+        ids = loaded(text, add_special_tokens=False)["input_ids"]
+        assert ids == written.encode(text, add_special_tokens=False).ids, text
+    # Its tokenizer_config.json is one transformers 4.x reads too (5.x writes "TokenizersBackend"
+    # and a list of extra special tokens, which 4.x refuses).
+    with open(os.path.join(base, "tokenizer_config.json")) as f:
+        written_config = json.load(f)
+    assert written_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert not isinstance(written_config.get("extra_special_tokens"), list)
 
 
 @pytest.mark.parametrize("resume_at", [1, 2, 3])  # inside the warm-up, at its end, after it
@@ -334,6 +352,45 @@ def test_pretrain_refuses_restarts_it_could_not_decide(tmp_path):
     with pytest.raises(common.ConfigError, match=r"pretrain.seq_len=16 is too short for the tag"):
         run("pretrain", config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_corpus_shorter_than_one_row_is_refused(tmp_path):
+    from r1jax.stages import common
+
+    config = sh.pretrain_config()
+    config.pretrain.corpus_docs, config.pretrain.seq_len = 1, 512  # (a ZeroDivisionError)
+    with pytest.raises(common.ConfigError, match=r"corpus_docs=1 documents make no row"):
+        run("pretrain", config, tmp_path)
+
+
+def test_one_run_at_a_time_builds_the_toy_base(tmp_path, monkeypatch):
+    """Two runs needing the toy base at once both trained it in one folder (interleaved metrics)
+    and both swapped their export into place (one lost its folder mid-write)."""
+    import threading
+    import time
+
+    from r1jax.stages import common
+
+    monkeypatch.setenv("R1JAX_HOME", str(tmp_path / "home"))
+    entered = []
+
+    def second():
+        with common._toy_base_lock():
+            entered.append(time.monotonic())
+
+    with common._toy_base_lock():
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        time.sleep(0.5)
+        assert not entered  # it waits for the first
+        released = time.monotonic()
+    waiting.join(timeout=10)
+    assert entered and entered[0] >= released
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("R1JAX_HOME", str(tmp_path / "file" / "home"))  # cannot be made
+    with pytest.raises(common.ConfigError, match=r"R1JAX_HOME .* cannot be written"):
+        with common._toy_base_lock():
+            pass
 
 
 def test_copy_alphabet_is_the_tokenizers_word_and_punctuation_pieces(toy):

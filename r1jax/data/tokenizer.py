@@ -103,16 +103,53 @@ def save_tokenizer(tok: Tokenizer, save_dir: str | os.PathLike) -> None:
         tokenizer_object=tok, eos_token=EOS, pad_token=EOS, chat_template=CHAT_TEMPLATE
     )
     fast.save_pretrained(save_dir)
-    # Rewrite the config in a form both transformers 4.x and 5.x read: named class, template
-    # inline, additional special tokens as a list (5.x writes its own, newer keys).
+    portable_tokenizer_config(save_dir, chat_template=CHAT_TEMPLATE)
+    _set_toy_fields(save_dir)
+    with open(os.path.join(save_dir, "special_tokens_map.json"), "w") as f:
+        json.dump(
+            {"eos_token": EOS, "pad_token": EOS, "additional_special_tokens": [IM_START, IM_END]},
+            f,
+            indent=2,
+        )
+
+
+def portable_tokenizer_config(
+    save_dir: str | os.PathLike, chat_template: str | None = None
+) -> None:
+    """Rewrite the tokenizer_config.json that `save_pretrained` wrote in a form transformers 4.x
+    and 5.x both read: a named class (5.x writes "TokenizersBackend", which 4.x does not know),
+    the template inline, additional special tokens as a list (5.x writes `extra_special_tokens`
+    as a list, which 4.x reads as a dict), none of 5.x's load-time keys."""
     config_path = os.path.join(save_dir, "tokenizer_config.json")
     with open(config_path) as f:
         config = json.load(f)
-    config.pop("extra_special_tokens", None)
-    config.pop("backend", None)
+    extra = config.pop("extra_special_tokens", None)
+    if isinstance(extra, list):
+        config.setdefault("additional_special_tokens", extra)
+    elif extra:  # a dict: 4.x's own meaning
+        config["extra_special_tokens"] = extra
+    for key in ("backend", "is_local", "local_files_only"):
+        config.pop(key, None)
+    if config.get("tokenizer_class") in (None, "TokenizersBackend"):
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    jinja = os.path.join(save_dir, "chat_template.jinja")
+    if chat_template is None and os.path.exists(jinja):
+        with open(jinja) as f:
+            chat_template = f.read()
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    if os.path.exists(jinja):
+        os.remove(jinja)  # one copy of the template: the one in tokenizer_config.json
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def _set_toy_fields(save_dir) -> None:
+    config_path = os.path.join(save_dir, "tokenizer_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
     config.update(
         tokenizer_class="PreTrainedTokenizerFast",
-        chat_template=CHAT_TEMPLATE,
         eos_token=EOS,
         pad_token=EOS,
         bos_token=None,
@@ -121,15 +158,6 @@ def save_tokenizer(tok: Tokenizer, save_dir: str | os.PathLike) -> None:
     )
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2)
-    jinja = os.path.join(save_dir, "chat_template.jinja")
-    if os.path.exists(jinja):
-        os.remove(jinja)  # one copy of the template: the one in tokenizer_config.json
-    with open(os.path.join(save_dir, "special_tokens_map.json"), "w") as f:
-        json.dump(
-            {"eos_token": EOS, "pad_token": EOS, "additional_special_tokens": [IM_START, IM_END]},
-            f,
-            indent=2,
-        )
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -1013,6 +1013,24 @@ def tokenizer(path: str):
     import transformers
 
     try:
-        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: no usable tokenizer files ({e})") from e
+    file = os.path.join(path, "tokenizer.json")
+    config = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(file) and os.path.isfile(config) and hasattr(tok, "backend_tokenizer"):
+        # transformers 5 builds some families' tokenizers (qwen2: Qwen2Tokenizer) with their own
+        # normalizer and pre-tokenizer, whatever tokenizer.json says: a folder whose file says
+        # otherwise (the toy base) is read as written, as the model was trained.
+        import tokenizers
+
+        want = json.loads(tokenizers.Tokenizer.from_file(file).to_str())
+        have = json.loads(tok.backend_tokenizer.to_str())
+        if any(want.get(k) != have.get(k) for k in ("normalizer", "pre_tokenizer")):
+            tok = transformers.PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    if not tok("a", add_special_tokens=False)["input_ids"]:  # (every text would be no tokens)
+        raise CheckpointError(
+            f"{path}: the tokenizer files hold no vocabulary ({len(tok)} tokens; is tokenizer.json "
+            "missing? A damaged toy base: delete the folder and it is built again)"
+        )
+    return tok

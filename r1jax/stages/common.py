@@ -7,6 +7,7 @@ here, so every stage has the same `seed`, `mesh`, `model`, `ckpt` and `log` sect
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -623,8 +624,7 @@ def toy_recipe(pretrain_config=None) -> str:
 
 def mark_toy_base(target: str, recipe: str | None = None) -> None:
     """Record which recipe built the toy base model in `target`."""
-    with open(os.path.join(target, _TOY_STAMP), "w") as f:
-        f.write((recipe or toy_recipe()) + "\n")
+    paths.write_text(os.path.join(target, _TOY_STAMP), (recipe or toy_recipe()) + "\n")
 
 
 def resolve_model_path(path: str) -> str:
@@ -636,25 +636,69 @@ def resolve_model_path(path: str) -> str:
     target = toy_base_path()
     pretrain_config = load_config_file(os.path.join(_configs_dir(), "pretrain.py"))
     recipe = toy_recipe(pretrain_config)
-    stamp = os.path.join(target, _TOY_STAMP)
-    have = open(stamp).read().strip() if os.path.exists(stamp) else None
-    if have != recipe:
-        from r1jax.stages import pretrain
-
-        log.info(
-            "%s toy base model at %s: training it first with --stage=pretrain's default config "
-            "(%d copy-task + %d corpus steps, ~13 minutes on a 2-core CPU; done once).",
-            "No" if not os.path.exists(target) else "An outdated",
-            target,
-            pretrain_config.pretrain.copy_warmup_steps,
-            pretrain_config.pretrain.steps,
-        )
-        run_dir = os.path.join(r1jax_home(), f"toy_base_run-{recipe}")  # resumable, per recipe
-        pretrain.run(pretrain_config, run_dir, export_to=target)
-        if _is_process_zero():
-            mark_toy_base(target, recipe)
-        sync_processes("toy base model written")  # process 0 wrote it; every process reads it
+    if _toy_stamp(target) == recipe:
+        return target
+    with _toy_base_lock():  # another run building it now: wait for it, then use its base
+        if _toy_stamp(target) != recipe:
+            _build_toy_base(target, pretrain_config, recipe)
     return target
+
+
+def _toy_stamp(target: str) -> str | None:
+    stamp = os.path.join(target, _TOY_STAMP)
+    return open(stamp).read().strip() if os.path.exists(stamp) else None
+
+
+@contextlib.contextmanager
+def _toy_base_lock():
+    """An exclusive lock on building the toy base in R1JAX_HOME across the runs of one machine
+    (fcntl: released when its process dies). With several processes they build it together
+    (collectives), so none of them locks (`_check_home_is_shared` has checked the folder)."""
+    import fcntl
+
+    import jax
+
+    if jax.process_count() > 1:
+        yield
+        return
+    home = r1jax_home()
+    try:
+        os.makedirs(home, exist_ok=True)
+        f = open(os.path.join(home, "toy_base.lock"), "w")
+    except OSError as e:
+        raise ConfigError(
+            f"R1JAX_HOME ({home}) cannot be written ({e.strerror}), and model.path='toy' builds "
+            "the toy base model there: set R1JAX_HOME to a writable folder, or model.path to a "
+            "checkpoint folder"
+        ) from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another run is building the toy base model in %s: waiting for it", home)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_toy_base(target: str, pretrain_config, recipe: str) -> None:
+    from r1jax.stages import pretrain
+
+    log.info(
+        "%s toy base model at %s: training it first with --stage=pretrain's default config "
+        "(%d copy-task + %d corpus steps, ~13 minutes on a 2-core CPU; done once).",
+        "No" if not os.path.exists(target) else "An outdated",
+        target,
+        pretrain_config.pretrain.copy_warmup_steps,
+        pretrain_config.pretrain.steps,
+    )
+    run_dir = os.path.join(r1jax_home(), f"toy_base_run-{recipe}")  # resumable, per recipe
+    pretrain.run(pretrain_config, run_dir, export_to=target)
+    if _is_process_zero():
+        mark_toy_base(target, recipe)
+    sync_processes("toy base model written")  # process 0 wrote it; every process reads it
 
 
 _home_checked = False

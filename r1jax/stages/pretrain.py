@@ -152,7 +152,9 @@ def copy_alphabet(tokenizer) -> np.ndarray:
     space) and of printable punctuation pieces (" <", " </", ">", ...): what a prompt names a tag
     with and writes around it. Copying is learned per token (a copy head matches the token before
     the one it copies), so the warm-up strings are drawn from these rather than from the whole
-    vocabulary (bytes, digits), which takes the model far longer to start copying.
+    vocabulary (bytes, digits), which takes the model far longer to start copying. (Lone bytes
+    of a character decode to U+FFFD, which counts as punctuation here: the toy base was trained
+    with them in the alphabet, so they stay, as its recipe.)
     """
     special = set(tokenizer.all_special_ids)
     ids = []
@@ -505,6 +507,11 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
     )
     # 3. Packed rows; the loss covers every token that has a predecessor.
     rows = token_rows(docs, tokenizer, p.seq_len)
+    if not len(rows):
+        raise common.ConfigError(
+            f"pretrain.corpus_docs={p.corpus_docs} documents make no row of "
+            f"pretrain.seq_len={p.seq_len} tokens: raise corpus_docs or lower seq_len"
+        )
     log.info(
         "pretraining corpus: %d documents, %d tokens, %d rows of %d (%.1f epochs)",
         len(docs),
