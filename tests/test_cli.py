@@ -334,9 +334,15 @@ def test_unusable_workdir_is_refused_before_any_work(tmp_path):
 
 def test_a_model_folder_without_weights_is_one_line(tmp_path):
     from helpers import hf_checkpoint
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
-    (tmp_path / "model").mkdir()  # a config.json, but the weights never arrived
+    (tmp_path / "model").mkdir()  # a config.json and a tokenizer, but the weights never arrived
     shutil.copy(os.path.join(hf_checkpoint("qwen2"), "config.json"), tmp_path / "model")
+    words = Tokenizer(models.WordLevel({"<eos>": 0, "a": 1}, unk_token="<eos>"))
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<eos>").save_pretrained(
+        tmp_path / "model"
+    )
     proc = subprocess.run(
         sh.launch_cmd(
             "--stage=eval", f"--config.model.path={tmp_path / 'model'}", f"--workdir={tmp_path}/w"
@@ -350,6 +356,13 @@ def test_a_model_folder_without_weights_is_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[-1].startswith("error: ") and "no model.safetensors" in lines[-1], proc.stderr
+    # Without its tokenizer.json the folder's tokenizer holds no vocabulary (transformers 5 builds
+    # an empty one, and every prompt tokenised to nothing): named.
+    from r1jax.models import hf
+
+    os.remove(tmp_path / "model" / "tokenizer.json")
+    with pytest.raises(hf.CheckpointError, match=r"no vocabulary .* is tokenizer.json missing"):
+        hf.tokenizer(str(tmp_path / "model"))
 
 
 def test_a_stage_refuses_a_workdir_holding_another_stages_checkpoints(tmp_path):

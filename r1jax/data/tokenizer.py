@@ -121,6 +121,8 @@ def portable_tokenizer_config(
     the template inline, additional special tokens as a list (5.x writes `extra_special_tokens`
     as a list, which 4.x reads as a dict), none of 5.x's load-time keys."""
     config_path = os.path.join(save_dir, "tokenizer_config.json")
+    if not os.path.exists(config_path):  # (a tokenizer that writes none)
+        return
     with open(config_path) as f:
         config = json.load(f)
     extra = config.pop("extra_special_tokens", None)

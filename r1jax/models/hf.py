@@ -1031,6 +1031,6 @@ def tokenizer(path: str):
     if not tok("a", add_special_tokens=False)["input_ids"]:  # (every text would be no tokens)
         raise CheckpointError(
             f"{path}: the tokenizer files hold no vocabulary ({len(tok)} tokens; is tokenizer.json "
-            "missing? A damaged toy base: delete the folder and it is built again)"
+            "missing?)"
         )
     return tok
