@@ -528,6 +528,29 @@ def test_stop_strings_with_sentencepiece_byte_fallback(tmp_path):
     _check_multibyte_stops(tok, stops, ["x 答案：7", "café né", "7结论x"])
 
 
+def test_a_portable_tokenizer_config_keeps_named_chat_templates(tmp_path, tok):
+    """transformers 5 writes named templates a file each (`additional_chat_templates/`); with the
+    default moved inline beside that folder, both 4.x and 5.x ignored it and the default was lost
+    (`apply_chat_template` then refused: several templates, no default)."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    named = copy.deepcopy(tok)
+    named.chat_template = {"default": "D{{ messages[0]['content'] }}", "tool_use": "T"}
+    named.save_pretrained(tmp_path)
+    assert (tmp_path / "additional_chat_templates").is_dir()
+    data.tokenizer.portable_tokenizer_config(tmp_path)
+    assert not (tmp_path / "additional_chat_templates").exists()
+    with open(tmp_path / "tokenizer_config.json") as f:
+        written = json.load(f)
+    assert written["model_input_names"] == ["input_ids", "attention_mask"]  # (4.x: no type ids)
+    again = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    assert again.chat_template == named.chat_template
+    chat = again.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert chat == "Dhi"
+
+
 def test_tokenizer_training_is_deterministic(tmp_path, tok_texts):
     texts = tok_texts[:150]
     data.train_tokenizer(texts, tmp_path / "a", vocab_size=400)

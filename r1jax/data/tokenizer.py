@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -118,8 +119,9 @@ def portable_tokenizer_config(
 ) -> None:
     """Rewrite the tokenizer_config.json that `save_pretrained` wrote in a form transformers 4.x
     and 5.x both read: a named class (5.x writes "TokenizersBackend", which 4.x does not know),
-    the template inline, additional special tokens as a list (5.x writes `extra_special_tokens`
-    as a list, which 4.x reads as a dict), none of 5.x's load-time keys."""
+    the template inline (named templates as a list), additional special tokens as a list (5.x
+    writes `extra_special_tokens` as a list, which 4.x reads as a dict), none of 5.x's load-time
+    keys."""
     config_path = os.path.join(save_dir, "tokenizer_config.json")
     if not os.path.exists(config_path):  # (a tokenizer that writes none)
         return
@@ -134,10 +136,22 @@ def portable_tokenizer_config(
         config.pop(key, None)
     if config.get("tokenizer_class") in (None, "TokenizersBackend"):
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        # (4.x's plain class returns token_type_ids too, which `generate(**inputs)` refuses)
+        config.setdefault("model_input_names", ["input_ids", "attention_mask"])
     jinja = os.path.join(save_dir, "chat_template.jinja")
     if chat_template is None and os.path.exists(jinja):
         with open(jinja) as f:
             chat_template = f.read()
+    named = os.path.join(save_dir, "additional_chat_templates")
+    if os.path.isdir(named):  # 5.x's named templates, a file each: all inline, by name (4.x and
+        # 5.x both ignore an inline default beside the folder: it would be lost)
+        templates = [{"name": "default", "template": chat_template}] if chat_template else []
+        for name in sorted(os.listdir(named)):
+            if name.endswith(".jinja"):
+                with open(os.path.join(named, name)) as f:
+                    templates.append({"name": name.removesuffix(".jinja"), "template": f.read()})
+        chat_template = templates
+        shutil.rmtree(named)
     if chat_template is not None:
         config["chat_template"] = chat_template
     if os.path.exists(jinja):

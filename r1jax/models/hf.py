@@ -1019,9 +1019,12 @@ def tokenizer(path: str):
     file = os.path.join(path, "tokenizer.json")
     config = os.path.join(path, "tokenizer_config.json")
     if os.path.isfile(file) and os.path.isfile(config) and hasattr(tok, "backend_tokenizer"):
-        # transformers 5 builds some families' tokenizers (qwen2: Qwen2Tokenizer) with their own
-        # normalizer and pre-tokenizer, whatever tokenizer.json says: a folder whose file says
-        # otherwise (the toy base) is read as written, as the model was trained.
+        # transformers 5 builds some families' tokenizers with their own normalizer and
+        # pre-tokenizer, whatever tokenizer.json says (qwen2 as Qwen2Tokenizer: NFC and Qwen's
+        # regex, which split the toy base's text unlike its pretraining did; LlamaTokenizer
+        # folders without SentencePiece's dummy-prefix normaliser): a folder is read as its file
+        # says, as the model was trained and as transformers 4.x and `tokenizers` read it. (Real
+        # Qwen2.5 folders land here too, for a `trim_offsets` flag that changes no ids.)
         import tokenizers
 
         want = json.loads(tokenizers.Tokenizer.from_file(file).to_str())

@@ -653,7 +653,8 @@ def _toy_stamp(target: str) -> str | None:
 def _toy_base_lock():
     """An exclusive lock on building the toy base in R1JAX_HOME across the runs of one machine
     (fcntl: released when its process dies). With several processes they build it together
-    (collectives), so none of them locks (`_check_home_is_shared` has checked the folder)."""
+    (collectives), so none of them locks (`_check_home_is_shared` has checked the folder); such
+    a run beside another one building in the same R1JAX_HOME is not guarded."""
     import fcntl
 
     import jax
