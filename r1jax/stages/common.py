@@ -943,17 +943,19 @@ def builtin_tasks(section: ml_collections.ConfigDict, where: str) -> list:
     """The built-in tasks named by `section.tasks`, with the difficulty knobs of its per-task
     sub-sections (`section.arithmetic`, `section.countdown`). A bad name or knob is a ConfigError
     naming `<where>.tasks`."""
+    return [_task_from_section(section, name, f"{where}.tasks") for name in section.tasks]
+
+
+def _task_from_section(section: ml_collections.ConfigDict, name: str, field: str):
+    """Built-in task `name` with the knobs of `section.<name>` (if any); errors name `field`."""
     from r1jax.data import tasks
 
-    out = []
-    for name in section.tasks:
-        knobs = section[name].to_dict() if name in section else {}
-        knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
-        try:
-            out.append(tasks.make_task(name, **knobs))
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{where}.tasks: {e}") from e
-    return out
+    knobs = section[name].to_dict() if name in section else {}
+    knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
+    try:
+        return tasks.make_task(name, **knobs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{field}: {e}") from e
 
 
 def data_config(source: str = "arithmetic", template: str = "r1_zero") -> ml_collections.ConfigDict:
@@ -1082,6 +1084,46 @@ def prompt_batches(n: int, size: int, *, desc: str, progress: bool, stoppable: b
         bar.close()
 
 
+def render_turns(
+    turns: list[dict], section, name: str, tokenizer, *, system: str | None, where: str
+) -> str:
+    """`templates.turns_prompt` for a row of the `name` config section (its template and
+    prefill_think), its errors named: a template the tokenizer lacks or refuses by the section's
+    field, a conversation that needs the chat template by the row (`where`)."""
+    from r1jax.data import templates
+
+    try:
+        return templates.turns_prompt(
+            turns,
+            section.template,
+            tokenizer=tokenizer,
+            system=system,
+            prefill_think=section.get("prefill_think", False),
+        )
+    except Exception as e:  # no chat template, or one that refuses these turns
+        if not templates.is_conversation(turns):
+            raise ConfigError(f"{name}.template={section.template!r}: {e}") from None
+        raise ConfigError(
+            f"{where}: a conversation of {len(turns)} turns before the answer needs "
+            f"model.path's chat template, which failed: {e}"
+        ) from None
+
+
+def log_conversations(count: int, total: int, name: str, template: str) -> None:
+    """Say how many of a file's rows are conversations, rendered by the chat template whatever
+    `<name>.template` (a no-op when none are, or when that template is the chat one)."""
+    if count and template != "chat":
+        log.info(
+            "%d of %d %s rows are conversations (several turns or their own system message): "
+            "rendered with the chat template, the others with %s.template=%r",
+            count,
+            total,
+            name,
+            name,
+            template,
+        )
+
+
 class PromptSet:
     """Rows of a prompt dataset, templated and tokenised, served in deterministic batches.
 
@@ -1110,34 +1152,18 @@ class PromptSet:
         questions = [t[0]["content"] for t in turns if not templates.is_conversation(t)]
         if self.template in ("r1_zero", "chat"):
             templates.warn_if_templated(questions, self.template, tokenizer)
-        self.prompts = []
-        for i, row_turns in enumerate(turns):
-            try:
-                self.prompts.append(
-                    templates.turns_prompt(
-                        row_turns,
-                        self.template,
-                        tokenizer=tokenizer,
-                        system=system,
-                        prefill_think=self.prefill_think,
-                    )
-                )
-            except Exception as e:  # no chat template, or one that refuses: named by field
-                if not templates.is_conversation(row_turns):
-                    raise ConfigError(f"data.template={self.template!r}: {e}") from None
-                raise ConfigError(
-                    f"{rows[i].get('where') or f'row {i}'}: a conversation of {len(row_turns)} "
-                    f"turns before the answer needs model.path's chat template, which failed: {e}"
-                ) from None
-        if len(questions) < len(rows) and self.template != "chat":
-            log.info(
-                "%d of %d %sprompts are conversations (several turns or their own system "
-                "message): rendered with the chat template, the others with data.template=%r",
-                len(rows) - len(questions),
-                len(rows),
-                split + " " if split else "",
-                self.template,
+        self.prompts = [
+            render_turns(
+                row_turns,
+                data_config,
+                "data",
+                tokenizer,
+                system=system,
+                where=rows[i].get("where") or f"row {i}",
             )
+            for i, row_turns in enumerate(turns)
+        ]
+        log_conversations(len(rows) - len(questions), len(rows), "data", self.template)
         self.token_ids = toks.with_leading_specials(
             tokenizer, tokenizer(self.prompts, add_special_tokens=False)["input_ids"]
         )
@@ -1241,15 +1267,7 @@ def load_prompt_rows(
 
 def _builtin_task(data_config):
     """The built-in task `data.source` names, with the knobs of its `data.<task>` section."""
-    from r1jax.data import tasks
-
-    source = data_config.source
-    knobs = data_config[source].to_dict() if source in data_config else {}
-    knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
-    try:
-        return tasks.make_task(source, **knobs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"data.{source}: {e}") from e
+    return _task_from_section(data_config, data_config.source, f"data.{data_config.source}")
 
 
 def _prompt_rows(data_config, split: str, seed: int, require_solution: bool = True) -> list[dict]:

@@ -81,7 +81,6 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
             raise common.ConfigError(f"{section}.source: {e}{hint}") from e
         log.info("SFT data %s: %s", s.source, stats.summary())
     system = templates.system_prompt(s.get("system_prompt", ""))
-    prefill_think = s.get("prefill_think", False)
     chat_end = templates.turn_end(tokenizer) if getattr(tokenizer, "chat_template", None) else ""
     if s.template in ("r1_zero", "chat"):  # (once for the file, not once per row)
         questions = [r["prompt"] for r in rows if isinstance(r.get("prompt"), str)]
@@ -102,17 +101,7 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
         turns = templates.turns_before_answer(row)
         conversation = templates.is_conversation(turns)
         conversations += conversation
-        try:
-            prompt = templates.turns_prompt(
-                turns, s.template, tokenizer=tokenizer, system=system, prefill_think=prefill_think
-            )
-        except Exception as e:  # no chat template, or one that refuses these turns
-            if not conversation:
-                raise common.ConfigError(f"{section}.template={s.template!r}: {e}") from None
-            raise common.ConfigError(
-                f"{where}: a conversation of {len(turns)} turns before the answer needs "
-                f"model.path's chat template, which failed: {e}"
-            ) from None
+        prompt = common.render_turns(turns, s, section, tokenizer, system=system, where=where)
         end = chat_end if conversation or s.template == "chat" else ""
         if isinstance(completion, str):
             completion = _without_opened_think(prompt, completion)
@@ -122,16 +111,7 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
                 f"opened, if any), got {completion!r:.80}"
             )
         pairs.append((prompt, completion, end))
-    if conversations and s.template != "chat":
-        log.info(
-            "%d of %d %s rows are conversations (several turns or their own system message): "
-            "rendered with the chat template, the others with %s.template=%r",
-            conversations,
-            len(rows),
-            section,
-            section,
-            s.template,
-        )
+    common.log_conversations(conversations, len(rows), section, s.template)
     return pairs
 
 
