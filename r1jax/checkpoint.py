@@ -34,6 +34,7 @@ import signal
 import sys
 import tempfile
 import traceback
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -413,6 +414,11 @@ class Checkpointer:
             yield
         except Exception as err:  # orbax re-raises its writer threads' errors here
             _write_failed = True
+            # The writes orbax had not started yet are coroutines nobody will await: Python warns
+            # of each when it is collected, often at exit, after the message that matters.
+            warnings.filterwarnings(
+                "ignore", message="coroutine '.*' was never awaited", category=RuntimeWarning
+            )
             cause = next((c for c in _WRITE_FAILURES if c in str(err)), None)
             raise CheckpointError(
                 f"Writing a checkpoint into {self.directory} failed: "
