@@ -161,7 +161,7 @@ class MetricsWriter:
         values = _to_floats(metrics)
         record = {"step": int(step), "time": round(time.time(), 3), **values}
         # NaN/inf are not JSON (RFC 8259): written as null, read back as NaN by read_metrics.
-        self._file.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
+        self._file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
             for name, value in values.items():
@@ -257,8 +257,7 @@ def read_metrics(jsonl_path: str | os.PathLike) -> list[dict[str, Any]]:
         return records
     for line in paths.read_text(jsonl_path).splitlines(keepends=True):
         try:
-            record = json.loads(line)
-            records.append({k: float("nan") if v is None else v for k, v in record.items()})
+            records.append(nan_from_null(json.loads(line)))
         except json.JSONDecodeError:
             break  # only the last line can be torn (by a kill mid-write)
     return records
@@ -287,15 +286,32 @@ def _drop_steps_after(path: str, step: int, working_copy: str) -> None:
         if len(staged) > len(keep):
             keep = staged
     paths.write_text(
-        working_copy, "".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in keep)
+        working_copy, "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in keep)
     )
 
 
-def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
-    """The record with non-finite floats as None (JSON null)."""
-    return {
-        k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()
-    }
+def json_safe(obj: Any) -> Any:
+    """`obj` (dicts, lists, numbers, strings) with every non-finite float as None: NaN and
+    Infinity are not JSON (RFC 8259; jq and JavaScript refuse them). `nan_from_null` reverses it
+    for files whose writers put no None of their own."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def nan_from_null(obj: Any) -> Any:
+    """What `json.loads` read of a `json_safe` object, with every null as NaN."""
+    if obj is None:
+        return float("nan")
+    if isinstance(obj, dict):
+        return {k: nan_from_null(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [nan_from_null(v) for v in obj]
+    return obj
 
 
 def _ends_cleanly(path: str) -> bool:

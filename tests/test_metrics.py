@@ -87,6 +87,18 @@ def test_jsonl_records_and_tensorboard_scalars(tmp_path, caplog):
     record = json.loads(line, parse_constant=strict)
     assert record["rewards/code/mean"] is None and record["loss"] is None
 
+    # So are the stages' result files (eval.json, done.json, results.json), whose readers in the
+    # pipeline do arithmetic on them: NaN again when read back.
+    from r1jax.stages import common
+
+    result = {"pass@1": 0.5, "pass@1_se": float("nan"), "per_task": {"add": {"x": float("inf")}}}
+    common.write_json(str(tmp_path / "eval.json"), {**result, "lengths": [1.0, float("nan")]})
+    text = (tmp_path / "eval.json").read_text()
+    assert json.loads(text, parse_constant=strict)["per_task"]["add"]["x"] is None
+    back = common.read_json(str(tmp_path / "eval.json"))
+    assert back["pass@1"] == 0.5 and np.isnan(back["pass@1_se"])
+    assert np.isnan(back["per_task"]["add"]["x"]) and np.isnan(back["lengths"][1])
+
 
 def test_resume_drops_steps_after_the_checkpoint_and_appends(tmp_path):
     with MetricsWriter(tmp_path, summary_every=0) as w:

@@ -832,12 +832,24 @@ def load_reward_model(section: ml_collections.ConfigDict, mesh):
 
 def write_json(path: str, obj: Any) -> None:
     """Write JSON atomically, locally or to cloud storage (process 0 only), so a kill never
-    leaves half a file."""
+    leaves half a file. NaN and infinities (a standard error over one prompt) are written as
+    null, which `read_json` reads back as NaN."""
     import jax
+
+    from r1jax import metrics
 
     if jax.process_index() != 0:
         return
-    paths.write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+    text = json.dumps(metrics.json_safe(obj), indent=2, sort_keys=True, allow_nan=False)
+    paths.write_text(path, text)
+
+
+def read_json(path: str) -> Any:
+    """A file `write_json` wrote, its nulls as NaN."""
+    from r1jax import metrics
+
+    with open(path) as f:
+        return metrics.nan_from_null(json.load(f))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -217,8 +217,7 @@ def _run_once(stage: str, sub, subdir: str) -> dict[str, Any]:
     if os.path.exists(done):
         _check_same_settings(sub, os.path.join(subdir, f"config_{stage}.json"), subdir, stage)
         log.info("pipeline: %s already done, skipping (%s)", os.path.basename(subdir), subdir)
-        with open(done) as f:
-            return json.load(f)
+        return common.read_json(done)
     common.validate(sub, stage)
     started = time.time()
     out = common.run_stage(stage, sub, subdir) or {}
@@ -401,8 +400,7 @@ def _evaluate(config, model_path: str, subdir: str) -> dict[str, Any]:
         else:  # (an evaluation from before the stamps: reused unless the model is newer)
             reuse = os.path.getmtime(done) >= max(stamp["model"].values(), default=0)
         if reuse:
-            with open(done) as f:
-                return json.load(f)
+            return common.read_json(done)
         log.info("pipeline: %s was evaluated as another checkpoint or settings: again", subdir)
     os.makedirs(subdir, exist_ok=True)
     # eval.json, with its minutes for a later rerun's report
