@@ -773,19 +773,27 @@ def test_chat_templates_that_write_the_date_get_a_fixed_one(toy):
     """Llama 3.2/3.3 templates write today's date into the system turn: the same data made other
     prompts (and another resume fingerprint) every day."""
     import copy
+    import datetime
 
     from r1jax.data import templates
     from r1jax.models import hf
 
     tokenizer = copy.deepcopy(hf.tokenizer(os.path.join(toy[0], "toy_base")))
+    chat = tokenizer.chat_template
     tokenizer.chat_template = (
         '{%- if not date_string is defined %}{%- set date_string = strftime_now("%d %b %Y") %}'
-        "{%- endif %}<|im_start|>system\nToday Date: {{ date_string }}<|im_end|>\n"
-        + tokenizer.chat_template
+        "{%- endif %}<|im_start|>system\nToday Date: {{ date_string }}<|im_end|>\n" + chat
     )
     prompt = templates.chat_prompt(tokenizer, "What is 3 * 5?")
     assert prompt.startswith("<|im_start|>system\nToday Date: 26 Jul 2024<|im_end|>"), prompt
     assert templates.turn_end(tokenizer) == "<|im_end|>"
+    # Granite 3 and SmolLM3 call strftime_now themselves; the clock outside is today's.
+    granite = copy.deepcopy(tokenizer)
+    granite.chat_template = "Today's Date: {{ strftime_now('%B %d, %Y') }}.\n" + chat
+    prompt = templates.chat_prompt(granite, "What is 3 * 5?")
+    assert prompt.startswith("Today's Date: July 26, 2024.\n<|im_start|>"), prompt
+    today = granite.apply_chat_template([{"role": "user", "content": "q"}], tokenize=False)
+    assert datetime.date.today().strftime("%B %d, %Y") in today
 
 
 def test_sft_and_distill_files_with_other_column_names_load_through_field_map(tmp_path):

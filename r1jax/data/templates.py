@@ -14,15 +14,50 @@ Notable choices:
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import logging
 from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
 
-# Passed to every chat template: templates that write today's date into the system turn (Llama
-# 3.2 and 3.3, `strftime_now`) get a fixed one (Llama 3.1's default), so the same data tokenises
-# the same on every day and every host (SFT's and RL's prompts, resume fingerprints).
+# Chat templates that write today's date into the system turn get a fixed one (Llama 3.1's
+# default), so the same data tokenises the same on every day and every host (SFT's and RL's
+# prompts, resume fingerprints): Llama 3.2 / 3.3 read `date_string` when given one, Granite 3 and
+# SmolLM3 call `strftime_now` directly, which reads this day through `apply_chat_template`.
 TEMPLATE_KWARGS = {"date_string": "26 Jul 2024"}
+_TEMPLATE_DAY = (2024, 7, 26)
+
+
+def apply_chat_template(tokenizer, messages: Sequence[dict], **kwargs):
+    """`tokenizer.apply_chat_template(messages, **kwargs)` on the fixed day above."""
+    with _fixed_day():
+        return tokenizer.apply_chat_template(messages, **TEMPLATE_KWARGS, **kwargs)
+
+
+@contextlib.contextmanager
+def _fixed_day():
+    """transformers gives templates `strftime_now(fmt) = datetime.now().strftime(fmt)`, built per
+    compiled template from its module's `datetime` (a `strftime_now` passed as a template variable
+    is overridden by that global): the module's clock reads `_TEMPLATE_DAY` meanwhile."""
+    from transformers.utils import chat_template_utils
+
+    clock = getattr(chat_template_utils, "datetime", None)
+    if not isinstance(clock, type) or not issubclass(clock, datetime.datetime):
+        yield  # another transformers: tests/test_stages.py notices
+        return
+
+    class Day(clock):
+        @classmethod
+        def now(cls, tz=None):
+            return clock(*_TEMPLATE_DAY, tzinfo=tz)
+
+    chat_template_utils.datetime = Day
+    try:
+        yield
+    finally:
+        chat_template_utils.datetime = clock
+
 
 R1_SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant "
@@ -81,9 +116,7 @@ def conversation_prompt(
         *messages
     ]
     try:
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **TEMPLATE_KWARGS
-        )
+        text = apply_chat_template(tokenizer, messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # jinja2's TemplateError: e.g. raise_exception in the template
         if not system:
             raise
@@ -107,7 +140,7 @@ def turn_end(tokenizer) -> str:
     marker = "\u2063r1jax-answer\u2063"  # text no template rewrites
     turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}]
     try:
-        text = tokenizer.apply_chat_template(turns, tokenize=False, **TEMPLATE_KWARGS)
+        text = apply_chat_template(tokenizer, turns, tokenize=False)
     except Exception:  # a template that refuses this exchange: callers fall back to the EOS
         return ""
     if not isinstance(text, str) or marker not in text:

@@ -50,8 +50,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from r1jax import sharding
+from r1jax.data import templates
 from r1jax.data.batching import DEFAULT_BUCKETS, batch_prompt_ids
-from r1jax.data.templates import TEMPLATE_KWARGS
 from r1jax.data.tokenizer import leading_special_ids
 from r1jax.models import hf
 from r1jax.models.hf import CheckpointError
@@ -292,10 +292,10 @@ class RewardModel:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
             texts = [
-                tok.apply_chat_template(
+                templates.apply_chat_template(
+                    tok,
                     _messages(p) + [{"role": "assistant", "content": self._defused(a)}],
                     tokenize=False,
-                    **TEMPLATE_KWARGS,
                 )
                 for p, a in zip(prompts, answers, strict=True)
             ]
