@@ -283,6 +283,20 @@ def cli_env(home: str, devices: int = 8, **extra: str) -> dict[str, str]:
     return env
 
 
+def sampled(tokens: list[list[int]], stop_reason: list[int] | None = None):
+    """What `sampling.generate` returns for these completions (a stub sampler's answer)."""
+    from r1jax import sampling
+
+    return sampling.GenerateOutput(
+        tokens=tokens,
+        logprobs=[np.zeros(len(t), np.float32) for t in tokens],
+        stop_reason=[0] * len(tokens) if stop_reason is None else stop_reason,
+        device=None,
+        prompt_ids=None,
+        prompt_mask=None,
+    )
+
+
 def launch_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "r1jax.launch", *args]
 

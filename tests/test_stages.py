@@ -955,7 +955,6 @@ def test_rejection_sampling_writes_each_completion_with_its_own_prompt(toy, tmp_
     were looked up in all rows, so every completion after a skipped prompt was saved with the
     next row's prompt and solution."""
     import re as regex
-    import types
 
     from r1jax.models import hf
     from r1jax.stages import rejection_sampling as rs
@@ -968,7 +967,7 @@ def test_rejection_sampling_writes_each_completion_with_its_own_prompt(toy, tmp_
             a, b = map(int, regex.findall(r"What is (\d+) \+ (\d+)\?", tokenizer.decode(ids))[-1])
             text = f"<think> {a} + {b} </think> <answer>{a + b}</answer>"
             tokens += [tokenizer(text, add_special_tokens=False)["input_ids"]] * num_samples
-        return types.SimpleNamespace(tokens=tokens, stop_reason=[0] * len(tokens))
+        return sh.sampled(tokens)
 
     monkeypatch.setattr(rs.sampling, "generate", answer_every_prompt)
     rows = [{"question": "What is 1 + 1? " + "Think hard. " * 40, "answer": "#### 2"}]
@@ -989,13 +988,52 @@ def test_rejection_sampling_writes_each_completion_with_its_own_prompt(toy, tmp_
         assert w["solution"] == str(i + 3) and f"<answer>{i + 3}</answer>" in w["completion"]
 
 
+def test_eval_samples_name_their_held_out_row_when_prompts_are_left_out(toy, tmp_path, monkeypatch):
+    """With data.prompt_overflow=skip, eval_samples.jsonl numbered the prompts that were kept:
+    every sample after a skipped prompt was filed under the row before its own (and two models
+    whose tokenizers skip different prompts were paired on different problems)."""
+    import re as regex
+
+    from r1jax import sampling
+    from r1jax.models import hf
+
+    tokenizer = hf.tokenizer(os.path.join(toy[0], "toy_base"))
+    keys = []
+
+    def answer_every_prompt(model, prompt_ids, *, num_samples, prompt_keys, **kwargs):
+        keys.extend(prompt_keys)
+        tokens = []
+        for ids in prompt_ids:
+            a = int(regex.findall(r"What is (\d+) \+ 3\?", tokenizer.decode(ids))[-1])
+            text = f"<think> {a} + 3 </think> <answer>{a + 3}</answer>"
+            tokens += [tokenizer(text, add_special_tokens=False)["input_ids"]] * num_samples
+        return sh.sampled(tokens)
+
+    monkeypatch.setattr(sampling, "generate", answer_every_prompt)
+    rows = [{"prompt": f"What is {i} + 3?", "solution": str(i + 3)} for i in range(4)]
+    rows[1]["prompt"] = "What is 1 + 3? " + "Think hard. " * 40
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = sh.load_config("eval")
+    config.eval.num_prompts, config.eval.num_samples, config.eval.batch_prompts = 4, 1, 2
+    config.data.source = config.data.eval_source = str(path)
+    config.data.num_eval, config.data.prompt_buckets = 4, (128,)
+    config.data.prompt_overflow = "skip"
+    result = run("eval", config, tmp_path / "run")
+    with open(tmp_path / "run" / "eval_samples.jsonl") as f:
+        samples = [json.loads(line) for line in f]
+    # (the last batch, one prompt, is filled up with a copy of it: one program for both)
+    assert result["pass@1"] == 1.0 and [s["row"] for s in samples] == [0, 2, 3]
+    assert keys == [0, 2, 3, 3]
+    assert [s["prompt"] for s in samples] == [rows[s["row"]]["prompt"] for s in samples]
+
+
 def test_rejection_sampling_drops_traces_that_state_held_out_problems(toy, tmp_path, monkeypatch):
     """The teacher checks its sums ("Let me check by subtracting: 55 - 6 = 49"), and such a check
     is a problem of the task, held out ~10% of the time: the session-20 pipeline's traces stated
     61 of the 256 held-out problems with their answers, and R1's SFT and the distillation trained
     on them. Traces cut off at the token budget were kept when the format was not required."""
     import re as regex
-    import types
 
     from r1jax.data import split_of
     from r1jax.models import hf
@@ -1016,7 +1054,7 @@ def test_rejection_sampling_drops_traces_that_state_held_out_problems(toy, tmp_p
             text = f"<think> {a} {op} {b}. Check: {check}. </think> <answer>{c}</answer>"
             tokens += [tokenizer(text, add_special_tokens=False)["input_ids"]] * num_samples
         stops = [1] + [0] * (len(tokens) - 1)  # the first sample ran out of tokens
-        return types.SimpleNamespace(tokens=tokens, stop_reason=stops)
+        return sh.sampled(tokens, stops)
 
     monkeypatch.setattr(rs.sampling, "generate", answer_and_check)
     config = sh.load_config("rejection_sampling")
@@ -1590,6 +1628,12 @@ def test_majority_vote_groups_answers_the_grader_deems_equal():
     assert not countdown("3 + 4", "2 + 5")  # one value, other numbers: other answers
     assert countdown("3 + 4 = 7", "4+3") and countdown("x", " x ")
     assert same_answer("code", [{"input": "", "output": ""}]) is None
+    # math-verify's verify(gold, answer) is not symmetric: "2, 1" matches "(1, 2)", not the
+    # reverse, and the same seven samples won or lost the vote by which came first.
+    votes = ["2, 1", "(1, 2)", "2, 1", "(1, 2)", "7", "7", "7"]
+    grades = [True, True, True, True, False, False, False]
+    for order in (votes, votes[1:4] + votes[:1] + votes[4:]):
+        assert score_prompt(order, grades, math)["cons@7"] == 1.0, order
 
 
 def test_code_rows_vote_on_the_program_the_tests_ran():
@@ -1616,7 +1660,7 @@ def test_answers_too_long_to_grade_are_not_compared_for_the_vote(monkeypatch):
     long = "1+" * 300_000 + "1"
     math = same_answer("math", None)
     assert majority_vote([long, long + " ", "2", "3"], math) == 0
-    assert compared == [("2", "3")]
+    assert compared == [("2", "3"), ("3", "2")]  # (both ways: math-verify is not symmetric)
 
 
 def test_score_prompt_pass_and_cons_with_ties():

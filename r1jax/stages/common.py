@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
@@ -1153,6 +1153,9 @@ class PromptSet:
         from r1jax.data import tokenizer as toks
 
         self.rows = rows
+        # Each kept row's position in `rows` as given (rows with prompts too long may be left out
+        # below): what names a prompt in eval_samples.jsonl and seeds its samples.
+        self.indices = list(range(len(rows)))
         self.seed = seed
         self.template = data_config.template
         self.prefill_think = data_config.prefill_think
@@ -1197,6 +1200,7 @@ class PromptSet:
                     f"data.prompt_buckets={self.buckets}; add a larger bucket"
                 )
             rows = self.rows = [rows[i] for i in keep]
+            self.indices = keep
             self.prompts = [self.prompts[i] for i in keep]
             self.token_ids = [self.token_ids[i] for i in keep]
             too_long = []
@@ -1236,15 +1240,36 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def sampling_kwargs(self) -> dict:
-        """What `sampling.generate` needs to know about these prompts: stops, padding, buckets."""
-        return {
-            "stop_token_ids": self.stop_token_ids,
-            "num_tokens": self.num_tokens,
-            "stop_strings": self.stop_strings,
-            "pad_id": self.pad_id,
-            "buckets": self.buckets,
-        }
+    def generate(self, model, ids: Sequence[int], *, batch: int, num_samples: int, **kwargs):
+        """`sampling.generate(model, <prompts ids>, **kwargs)` with these prompts' stops, padding
+        and buckets, each prompt's samples drawn from its row's own key (`indices`: they depend
+        neither on the other prompts of the batch nor on rows left out).
+
+        A batch of fewer than `batch` prompts (a dataset's last) is filled up with copies of its
+        last prompt, whose samples are dropped: it runs the program the full batches compiled
+        instead of compiling another, and is sharded over a mesh as they are (a length that
+        does not divide over the mesh's batch axes runs unsharded, every device holding every
+        row's cache). Returns the `GenerateOutput` of `ids`' samples (tokens, log-probs, stop
+        reasons; its device arrays include the copies)."""
+        from r1jax import sampling
+
+        filled = list(ids) + [ids[-1]] * (batch - len(ids))
+        out = sampling.generate(
+            model,
+            [self.token_ids[i] for i in filled],
+            num_samples=num_samples,
+            prompt_keys=[self.indices[i] for i in filled],
+            stop_token_ids=self.stop_token_ids,
+            num_tokens=self.num_tokens,
+            stop_strings=self.stop_strings,
+            pad_id=self.pad_id,
+            buckets=self.buckets,
+            **kwargs,
+        )
+        n = len(ids) * num_samples
+        return dataclasses.replace(
+            out, tokens=out.tokens[:n], logprobs=out.logprobs[:n], stop_reason=out.stop_reason[:n]
+        )
 
     def row_ids(self, step: int, size: int) -> list[int]:
         """The `size` row ids of batch `step` (see `batch_indices`)."""

@@ -148,8 +148,11 @@ def same_answer(task: Any, tests: Any) -> Callable[[str, str], bool] | None:
 
     kind = grading_kind(task, tests)
     if kind == "accuracy":  # answers too long to grade (scored wrong) match only themselves
+        # Asked both ways: math-verify's verify(gold, answer) is not symmetric ("2, 1" matches
+        # "(1, 2)", not the reverse), and the vote's groups must not follow the sampling order.
         return lambda a, b: (
-            max(len(a), len(b)) <= rewards.accuracy.MAX_ANSWER_CHARS and rewards.answers_match(a, b)
+            max(len(a), len(b)) <= rewards.accuracy.MAX_ANSWER_CHARS
+            and (rewards.answers_match(a, b) or rewards.answers_match(b, a))
         )
     if task == "arithmetic":
         return lambda a, b: (
@@ -231,7 +234,7 @@ def evaluate(
     progress, stoppable: a progress bar, and SIGTERM stops a multi-process run between batches
     (`common.prompt_batches`).
     """
-    from r1jax import rewards, sampling
+    from r1jax import rewards
 
     k = eval_config.num_samples
     n = min(eval_config.num_prompts, len(prompt_set))
@@ -241,17 +244,16 @@ def evaluate(
         n, eval_config.batch_prompts, desc="evaluation", progress=progress, stoppable=stoppable
     )
     for ids in batches:
-        out = sampling.generate(
+        out = prompt_set.generate(
             model,
-            [prompt_set.token_ids[i] for i in ids],
+            ids,
+            batch=min(eval_config.batch_prompts, n),
+            num_samples=k,
             max_new_tokens=eval_config.max_new_tokens,
             temperature=eval_config.temperature,
             top_p=eval_config.top_p,
-            num_samples=k,
             seed=seed,
-            prompt_keys=ids,  # a row's samples do not depend on eval.batch_prompts
             mesh=mesh,
-            **prompt_set.sampling_kwargs(),
         )
         texts = [
             prompt_set.completion_prefix + t
@@ -272,7 +274,8 @@ def evaluate(
             formats += [well_formed[r] for r in rows]
             records += [
                 {
-                    "row": i,
+                    "row": prompt_set.indices[i],  # in the held-out rows, before any left out
+                    "prompt": row.get("prompt"),
                     "completion": texts[r],
                     "answer": answers[r - j * k],
                     "correct": correct[r - j * k],

@@ -218,17 +218,16 @@ def run(config, workdir: str) -> dict[str, Any]:
         n, r.batch_prompts, desc="rejection sampling", progress=config.log.progress, stoppable=True
     )
     for ids in batches:
-        out = sampling.generate(
+        out = prompts.generate(
             model,
-            [prompts.token_ids[i] for i in ids],
+            ids,
+            batch=min(r.batch_prompts, n),
+            num_samples=r.num_samples,
             max_new_tokens=r.max_new_tokens,
             temperature=r.temperature,
             top_p=r.top_p,
-            num_samples=r.num_samples,
             seed=config.seed,
-            prompt_keys=ids,  # a row's samples do not depend on batch_prompts
             mesh=mesh,
-            **prompts.sampling_kwargs(),
         )
         texts = [
             prompts.completion_prefix + t
