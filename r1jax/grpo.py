@@ -478,31 +478,40 @@ def chunked_token_logprobs(
         raise ValueError(f"unembedding must be [D={d}, V], got shape {unembedding.shape}.")
     if targets.shape != (b, t):
         raise ValueError(f"targets must be [B, T] = {(b, t)}, got shape {targets.shape}.")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    chunk = min(chunk_size, t)
-    n_chunks = -(-t // chunk)
-    pad = n_chunks * chunk - t
-    # [B, T, ...] -> [n_chunks, B, chunk, ...]; padded positions are computed and then dropped.
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    hidden = hidden.reshape(b, n_chunks, chunk, d).swapaxes(0, 1)
-    targets = targets.reshape(b, n_chunks, chunk).swapaxes(0, 1)
 
-    @jax.checkpoint
-    def one_chunk(args):
-        h, tgt = args
+    def one_chunk(h, tgt):
         logits = jnp.einsum("bcd,dv->bcv", h, unembedding, preferred_element_type=jnp.float32)
         logits = logits / temperature
         lse = jax.nn.logsumexp(logits, axis=-1)
         logp = _target_logit(logits, tgt) - lse
-        if not with_entropy:
-            return logp, None
-        return logp, _entropy(logits, lse)
+        return logp, (_entropy(logits, lse) if with_entropy else None)
 
-    logp, ent = jax.lax.map(one_chunk, (hidden, targets))  # [n_chunks, B, chunk]
+    return over_position_chunks(one_chunk, chunk_size, hidden, targets)
+
+
+def over_position_chunks(fn, chunk_size: int, *arrays: jax.Array):
+    """`fn(*arrays)` computed `chunk_size` positions at a time, for per-position outputs of
+    [B, T, V]-sized intermediates (logits) that must never exist whole: `fn` maps [B, c, ...]
+    chunks to (a tuple of) [B, c] arrays (or None), `jax.checkpoint` makes the backward pass
+    recompute each chunk's intermediates instead of storing them, and the outputs come back as
+    [B, T]. T need not divide by chunk_size (the last chunk is padded, its padding dropped).
+
+    arrays: [B, T, ...] each. chunk_size: static, >= 1; memory is about B * chunk_size * V floats.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    b, t = arrays[0].shape[:2]
+    chunk = min(chunk_size, t)
+    n_chunks = -(-t // chunk)
+    pad = n_chunks * chunk - t
+
+    def chunked(x):  # [B, T, ...] -> [n_chunks, B, chunk, ...]; padded positions dropped later
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return x.reshape(b, n_chunks, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), tuple(chunked(x) for x in arrays))
     unchunk = lambda x: x.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :t]
-    return unchunk(logp), (unchunk(ent) if with_entropy else None)
+    return jax.tree.map(unchunk, out)
 
 
 def _target_logit(logits: jax.Array, targets: jax.Array) -> jax.Array:

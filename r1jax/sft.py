@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from r1jax import train
-from r1jax.grpo import chunked_token_logprobs, token_logprobs
+from r1jax.grpo import chunked_token_logprobs, over_position_chunks, token_logprobs
 
 
 def masked_cross_entropy(
@@ -117,13 +117,58 @@ def logit_distillation_loss(
             "have the same [B, T, V] shape (same tokenizer, same positions)."
         )
     _check(student_logits.shape[:2], mask=mask)
+    per_token = _forward_kl(student_logits, teacher_logits, temperature)
+    return _normalised(per_token, mask, num_items_in_batch)
+
+
+def chunked_distillation_loss(
+    hidden: jax.Array,
+    unembedding: jax.Array,
+    teacher_hidden: jax.Array,
+    teacher_unembedding: jax.Array,
+    mask: jax.Array,
+    temperature: float = 1.0,
+    *,
+    vocab: int = 0,
+    chunk_size: int = 256,
+    num_items_in_batch: jax.Array | float | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`logit_distillation_loss` of `hidden @ unembedding` against `teacher_hidden @
+    teacher_unembedding` without materialising either [B, T, V] logits (two of them, and their
+    softmaxes, are ~15 GB per row of 4096 tokens at Qwen's 152K vocabulary).
+
+    Args:
+      hidden, teacher_hidden: [B, T, D] and [B, T, D_teacher] final hidden states.
+      unembedding, teacher_unembedding: [D, V] and [D_teacher, V'] output projections.
+      mask, temperature, num_items_in_batch: as `logit_distillation_loss`.
+      vocab: > 0 compares the first `vocab` ids only (embeddings padded past the tokenizer).
+      chunk_size: positions per chunk (static); see `grpo.over_position_chunks`.
+    """
+    _check(hidden.shape[:2], mask=mask)
+    if vocab:
+        unembedding, teacher_unembedding = unembedding[:, :vocab], teacher_unembedding[:, :vocab]
+
+    def one_chunk(h, teacher_h):
+        logits = jnp.einsum("bcd,dv->bcv", h, unembedding, preferred_element_type=jnp.float32)
+        teacher = jnp.einsum(
+            "bcd,dv->bcv", teacher_h, teacher_unembedding, preferred_element_type=jnp.float32
+        )
+        return _forward_kl(logits, teacher, temperature)
+
+    teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
+    per_token = over_position_chunks(one_chunk, chunk_size, hidden, teacher_hidden)
+    return _normalised(per_token, mask, num_items_in_batch)
+
+
+def _forward_kl(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float):
+    """KL(teacher || student) of [..., V] logits at `temperature`, per position [...]."""
     teacher = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32) / temperature)
     log_p_teacher = jax.nn.log_softmax(teacher, axis=-1)
     log_p_student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
     p_teacher = jnp.exp(log_p_teacher)
     # where(): a vocabulary entry the teacher rules out must not turn 0 * (-inf) into NaN.
     per_vocab = jnp.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), 0.0)
-    return _normalised(jnp.sum(per_vocab, axis=-1), mask, num_items_in_batch)
+    return jnp.sum(per_vocab, axis=-1)
 
 
 def _normalised(
@@ -156,7 +201,8 @@ class SFTConfig:
     """Options of the SFT and distillation steps. Frozen and hashable (a static argument).
 
     num_micro_batches:   gradient-accumulation steps per optimizer step; rows must divide by it.
-    logits_chunk_size:   positions per logits chunk in the cross-entropy (memory, not math).
+    logits_chunk_size:   positions per logits chunk in the cross-entropy or the distillation KL
+                         (memory, not math).
     distill_temperature: softmax temperature of both distributions in `distill_step`.
     distill_vocab:       the first `distill_vocab` token ids are the vocabulary `distill_step`
                          compares the two distributions over: the tokenizer's size, when the
@@ -263,21 +309,27 @@ def distill_loss(
     *,
     temperature: float = 1.0,
     vocab: int = 0,
+    chunk_size: int = 256,
     num_items_in_batch: jax.Array | float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Forward KL(teacher || student) per completion position (inside jit); the teacher gets no
-    gradient. `vocab` > 0 compares the distributions over the first `vocab` ids only (the
-    tokenizer's; `SFTConfig.distill_vocab`). Other arguments as `sft_loss`; returns (loss,
-    metrics) as `logit_distillation_loss`."""
+    """Forward KL(teacher || student) per completion position (inside jit), `chunk_size`
+    positions' logits at a time; the teacher gets no gradient. `vocab` > 0 compares the
+    distributions over the first `vocab` ids only (the tokenizer's; `SFTConfig.distill_vocab`).
+    Other arguments as `sft_loss`; returns (loss, metrics) as `logit_distillation_loss`."""
     _, mask = next_token_targets(batch)
     hidden, router = _hidden(model, batch)
-    student = model.logits_from_hidden(hidden)
     teacher_hidden = _hidden(teacher, batch)[0]
-    teacher_logits = jax.lax.stop_gradient(teacher.logits_from_hidden(teacher_hidden))
-    if vocab:  # embedding rows past the tokenizer are padding: no token, no probability
-        student, teacher_logits = student[..., :vocab], teacher_logits[..., :vocab]
-    loss, metrics = logit_distillation_loss(
-        student, teacher_logits, mask, temperature, num_items_in_batch=num_items_in_batch
+    # (embedding rows past the tokenizer, `vocab`, are padding: no token, no probability)
+    loss, metrics = chunked_distillation_loss(
+        hidden,
+        model.unembedding(),
+        teacher_hidden,
+        jax.lax.stop_gradient(teacher.unembedding()),
+        mask,
+        temperature,
+        vocab=vocab,
+        chunk_size=chunk_size,
+        num_items_in_batch=num_items_in_batch,
     )
     return loss, _with_router(metrics, router)
 
@@ -345,6 +397,7 @@ def _distill_step(model, optimizer: train.Optimizer, batch, teacher, *, cfg: SFT
         micro,
         temperature=cfg.distill_temperature,
         vocab=cfg.distill_vocab,
+        chunk_size=cfg.logits_chunk_size,
         num_items_in_batch=num_items,
     )
     return _step(loss_fn, model, optimizer, batch, num_items, cfg)

@@ -135,6 +135,44 @@ def test_logit_distillation_matches_numpy(data, temperature):
     assert np.all(np.asarray(g_student)[data["mask"] == 0] == 0.0)
 
 
+@functools.partial(jax.jit, static_argnames=("chunk_size", "vocab"))
+def chunked_distillation_grads(h, w, teacher_h, teacher_w, mask, chunk_size, vocab=0):
+    def loss(h, w, teacher_h, teacher_w):
+        return sft.chunked_distillation_loss(
+            h, w, teacher_h, teacher_w, mask, 2.0, vocab=vocab, chunk_size=chunk_size
+        )[0]
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(h, w, teacher_h, teacher_w)
+
+
+@pytest.mark.parametrize("chunk_size", (2, 128))
+def test_chunked_distillation_matches_numpy_with_gradient(data, chunk_size):
+    """The distillation step's KL from hidden states, a chunk of positions' logits at a time (two
+    whole [N, L, V] logits did not fit a device at Qwen's vocabulary): the float64 loss, and the
+    gradients of the full-logits loss; the teacher (another width) gets none."""
+    rng = np.random.default_rng(2)
+    teacher_h, teacher_w = rng.normal(0, 1, (B, T, 5)), rng.normal(0, 1, (5, V))
+    mask = f32(data["mask"])
+    args = f32(data["hidden"]), f32(data["w"]), f32(teacher_h), f32(teacher_w), mask
+    got, (gh, gw, gth, gtw) = chunked_distillation_grads(*args, chunk_size)
+    want, _ = np_kl_and_grad(data["hidden"] @ data["w"], teacher_h @ teacher_w, data["mask"], 2.0)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+    def full(h, w):
+        return sft.logit_distillation_loss(h @ w, f32(teacher_h @ teacher_w), mask, 2.0)[0]
+
+    _, (want_gh, want_gw) = jax.value_and_grad(full, argnums=(0, 1))(*args[:2])
+    np.testing.assert_allclose(np.asarray(gh), np.asarray(want_gh), atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(gw), np.asarray(want_gw), atol=1e-6, rtol=1e-5)
+    assert not np.any(np.asarray(gth)) and not np.any(np.asarray(gtw))
+    # `vocab`: embedding rows past the tokenizer are no tokens (of either distribution).
+    cut, _ = chunked_distillation_grads(*args, chunk_size, vocab=V - 2)
+    want, _ = np_kl_and_grad(
+        data["hidden"] @ data["w"][:, :-2], teacher_h @ teacher_w[:, :-2], data["mask"], 2.0
+    )
+    np.testing.assert_allclose(float(cut), want, rtol=1e-5)
+
+
 def test_distillation_is_zero_for_identical_models_and_handles_forbidden_tokens(data):
     logits, mask = f32(data["logits"]), f32(data["mask"])
     same, (grad, _) = distillation_grads(logits, logits, mask, 1.0)
