@@ -1147,6 +1147,41 @@ def test_distill_default_runs_with_logit_distillation(toy, tmp_path):
         run("distill", config, tmp_path)
 
 
+def test_distill_teachers_that_cannot_serve_are_named_before_a_model_loads(
+    toy, tmp_path, monkeypatch
+):
+    """A stage's workdir given as the teacher, a teacher with another vocabulary, or one whose
+    tokenizer does not load were found after the student's weights (and the teacher's) had loaded,
+    in errors that did not say which field chose the folder."""
+    base = os.path.join(toy[0], "toy_base")
+    config = sh.load_config("distill")
+    d = config.distill
+    d.num_examples, d.epochs, d.batch_size, d.seq_len = 16, 1.0, 8, 256
+    shutil.copytree(base, tmp_path / "sft_run" / "hf" / "final")
+    d.teacher = str(tmp_path / "sft_run")
+    with pytest.raises(
+        common.ConfigError, match=r"no config.json.*its model is .*sft_run/hf/final"
+    ):
+        run("distill", config, tmp_path / "run")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the teacher's tokenizer was checked")
+
+    monkeypatch.setattr(common, "load_model", no_model)
+    other = shutil.copytree(base, tmp_path / "other")
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two tokens' ids swapped
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    d.teacher = str(other)
+    with pytest.raises(common.ConfigError, match="distill.teacher uses a different tokenizer"):
+        run("distill", config, tmp_path / "run")
+    (other / "tokenizer.json").unlink()
+    with pytest.raises(common.ConfigError, match=r"^distill.teacher: .*other"):
+        run("distill", config, tmp_path / "run")
+
+
 def test_eval_default_runs(toy, tmp_path, capsys):
     config = sh.load_config("eval")
     e = config.eval

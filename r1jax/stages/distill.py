@@ -13,6 +13,7 @@ model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -41,8 +42,16 @@ def validate(config) -> None:
         common.builtin_tasks(d, "distill")
     common.check_prompt_format(d, "distill")
     teacher = os.path.expanduser(d.teacher)
-    if d.teacher and d.teacher != common.TOY_BASE and not os.path.isdir(teacher):
-        raise common.ConfigError(f"distill.teacher {d.teacher!r} is not a folder")
+    if d.teacher and d.teacher != common.TOY_BASE:
+        if not os.path.isdir(teacher):
+            raise common.ConfigError(f"distill.teacher {d.teacher!r} is not a folder")
+        if not os.path.isfile(os.path.join(teacher, "config.json")):
+            final = os.path.join(teacher, "hf", "final")
+            hint = f" (a stage's workdir: its model is {final})" if os.path.isdir(final) else ""
+            raise common.ConfigError(
+                f"distill.teacher {d.teacher!r} has no config.json: it must be a Hugging Face "
+                f"model folder{hint}"
+            )
     if not 0 < d.get("temperature", 1.0) < float("inf"):
         raise common.ConfigError(f"distill.temperature must be > 0, got {d.temperature}")
     common.check_epochs_and_sizes(d, "distill")
@@ -60,21 +69,28 @@ def run(config, workdir: str) -> dict:
     """Train the student `model.path` on `distill.source`; writes workdir/hf/final."""
     d = config.distill
     mesh = common.make_mesh(config)
-    # The traces first: a bad row is named before minutes go into loading two models.
-    pairs = sft_stage.load_pairs(_as_sft(config), common.load_tokenizer(config), section="distill")
-    student, tokenizer = common.load_model(config, mesh)
-    teacher = None
+    # The traces and the teacher's tokenizer first: a bad row or another vocabulary is named
+    # before minutes go into loading two models.
+    tokenizer = common.load_tokenizer(config)
+    pairs = sft_stage.load_pairs(_as_sft(config), tokenizer, section="distill")
+    teacher_config = None
     if d.teacher:
         teacher_config = config.copy_and_resolve_references()
         with teacher_config.unlocked():
             teacher_config.model.path = os.path.expanduser(d.teacher)
-        teacher, teacher_tokenizer = common.load_model(teacher_config, mesh, frozen=True)
+        with _named_teacher():
+            teacher_tokenizer = common.load_tokenizer(teacher_config)
         if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise common.ConfigError(
                 "distill.teacher uses a different tokenizer from the student; "
                 "logit distillation needs one vocabulary (leave "
                 "distill.teacher empty for trace SFT)"
             )
+    student, tokenizer = common.load_model(config, mesh)
+    teacher = None
+    if teacher_config is not None:
+        with _named_teacher():
+            teacher = common.load_model(teacher_config, mesh, frozen=True)[0]
     log.info(
         "distilling %s into %s: %d traces%s",
         d.source,
@@ -85,6 +101,17 @@ def run(config, workdir: str) -> dict:
     return sft_stage.train_on_pairs(
         config, "distill", workdir, student, tokenizer, pairs, mesh, teacher=teacher
     )
+
+
+@contextlib.contextmanager
+def _named_teacher():
+    """A teacher folder that does not load: the error names the field that chose it."""
+    from r1jax.models import hf
+
+    try:
+        yield
+    except hf.CheckpointError as e:
+        raise common.ConfigError(f"distill.teacher: {e}") from None
 
 
 def _as_sft(config):
