@@ -12,6 +12,7 @@ import shutil
 import tempfile
 
 import numpy as np
+import pytest
 
 VOCAB = 96
 
@@ -162,3 +163,22 @@ def load_counting_reads(monkeypatch, path: str, mesh):
 
     monkeypatch.setattr(hf._WeightFiles, "get", counting)
     return hf.load(path, mesh=mesh), read
+
+
+def assert_a_stored_head_must_equal_the_embedding(path: str) -> None:
+    """A checkpoint folder of a tied config loads with an lm_head.weight equal to its embedding
+    (as some exports write it) and is refused with a different one (transformers keeps that one
+    untied: another model). The folder's weights are rewritten."""
+    from safetensors.numpy import load_file, save_file
+
+    from r1jax.models import hf
+
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+    save_file(tensors, file, metadata={"format": "pt"})
+    hf.load(path)
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] + 1.0
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(hf.CheckpointError, match="set tie_word_embeddings to false"):
+        hf.load(path)

@@ -13,7 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import VOCAB, left_padded_batch, load_counting_reads, random_blocks, scratch_dir
+from helpers import (
+    VOCAB,
+    assert_a_stored_head_must_equal_the_embedding,
+    left_padded_batch,
+    load_counting_reads,
+    random_blocks,
+    scratch_dir,
+)
 
 from r1jax import grpo, moe, sampling, sft, sharding, train
 from r1jax.data.batching import pack_sft_ids
@@ -806,6 +813,19 @@ def test_mtp_weights_are_skipped_with_a_log_line_or_refused(tmp_path, caplog):
     assert len(m.layers) == 2
     with pytest.raises(hf.CheckpointError, match="multi-token-prediction"):
         hf.load(path, mtp="error")
+
+
+def test_a_tied_config_with_another_lm_head_in_its_weights_is_refused(tmp_path):
+    """As for dense models (tests/test_models.py): transformers keeps a stored lm_head that
+    differs from the embedding; r1jax tied them and dropped it, another model without a word."""
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(checkpoint("v3"), path)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["tie_word_embeddings"] = True
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    assert_a_stored_head_must_equal_the_embedding(path)
 
 
 def test_unsupported_configs_are_refused_with_the_field_named():

@@ -167,6 +167,27 @@ def test_accuracy_equivalent_forms(gold, completion):
     assert accuracy_reward([completion], solution=[gold]) == [1.0]
 
 
+def test_the_first_answer_a_process_grades_is_not_charged_its_imports(monkeypatch):
+    """math-verify's first comparisons import sympy modules (1-3 s here, more under load), and the
+    first answers a process graded (a test worker's in CI, under load) ran out of the per-call
+    limit and scored 0. They are made once, under a long limit, before any limited call."""
+    from r1jax.rewards import accuracy
+
+    limits = []
+
+    def parse(s, *args, parsing_timeout, **kwargs):
+        limits.append(parsing_timeout)
+        return real_parse(s, *args, parsing_timeout=parsing_timeout, **kwargs)
+
+    real_parse = accuracy.parse
+    monkeypatch.setattr(accuracy, "parse", parse)
+    accuracy._warm_up.cache_clear()
+    accuracy._parse_math.cache_clear()
+    assert accuracy_reward(["<answer>$\\sqrt{12}$</answer>"], solution=["$2\\sqrt{3}$"]) == [1.0]
+    long, short = 20 * accuracy.PARSE_TIMEOUT_S, accuracy.PARSE_TIMEOUT_S
+    assert limits == [long] * 4 + [short] * 2, limits
+
+
 @pytest.mark.parametrize("gold,completion", DIFFERENT)
 def test_accuracy_different_answers(gold, completion):
     assert accuracy_reward([completion], solution=[gold]) == [0.0]

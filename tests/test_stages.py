@@ -1182,6 +1182,30 @@ def test_distill_teachers_that_cannot_serve_are_named_before_a_model_loads(
         run("distill", config, tmp_path / "run")
 
 
+def test_rl_reference_with_another_vocabulary_is_refused_before_a_model_loads(
+    toy, tmp_path, monkeypatch
+):
+    """A reference model of another (smaller) vocabulary gave NaN log-probs for the ids it lacks:
+    each step that sampled one was skipped, until SkipWatch stopped the run asking for a lower
+    learning rate."""
+    other = shutil.copytree(os.path.join(toy[0], "toy_base"), tmp_path / "other")
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two tokens' ids swapped
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the reference's tokenizer was checked")
+
+    monkeypatch.setattr(common, "load_model", no_model)
+    config = sh.load_config("rl")
+    config.rl.ref_model = str(other)
+    config.data.num_eval = 4
+    with pytest.raises(common.ConfigError, match="rl.ref_model .* different tokenizer"):
+        run("rl", config, tmp_path / "run")
+
+
 def test_eval_default_runs(toy, tmp_path, capsys):
     config = sh.load_config("eval")
     e = config.eval

@@ -503,6 +503,8 @@ def load(
         where=os.path.join(path, "config.json"),
     )
     hf._check_complete(path)
+    if cfg.tie_word_embeddings:
+        hf._check_tied_head(path)  # (a stored lm_head.weight must be the embedding)
     files = hf._WeightFiles(path)
 
     with nnx.use_eager_sharding(False):

@@ -611,14 +611,26 @@ def _check_complete(path: str) -> None:
 def check_weight_names(
     path: str, expected: set[str], names: set[str], unused: set[str] = frozenset()
 ) -> None:
-    """Every `expected` tensor is in the folder, and every tensor there is expected or `unused`."""
+    """Every `expected` tensor is in the folder, and every tensor there is expected or `unused`
+    (or a RoPE `inv_freq` buffer, which transformers <= 4.31 saved: computed from the config, as
+    transformers does)."""
     missing = sorted(expected - names)
     if missing:
+        bare = (
+            all(n.startswith("model.") for n in missing)
+            and {n.removeprefix("model.") for n in missing} <= names
+        )
         raise CheckpointError(
             f"{path}: weights {missing[:5]}{'...' if len(missing) > 5 else ''} "
-            f"are missing ({len(missing)} in all) for the architecture in "
-            f"config.json"
+            f"are missing ({len(missing)} in all) for the architecture in config.json"
+            + (
+                "; the folder holds them without the 'model.' prefix, as a base model "
+                "(e.g. Qwen2Model) saves them: save the *ForCausalLM model instead"
+                if bare
+                else ""
+            )
         )
+    unused = set(unused) | {n for n in names if n.endswith(".rotary_emb.inv_freq")}
     extra = sorted(names - expected - unused)
     if extra:
         raise CheckpointError(

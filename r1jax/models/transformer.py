@@ -271,15 +271,19 @@ def _yarn_inv_freq(cfg: ModelConfig, s: dict[str, Any]) -> tuple[np.ndarray, flo
 def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cos, sin tables [B, T, H] (float32) for integer positions [B, T]."""
     if cfg.rope_scaling_dict.get("rope_type") == "dynamic":
-        # Dynamic NTK grows the base with the longest position seen, as HF does per forward call.
+        # Dynamic NTK grows the base with the longest position seen, as HF does per forward call,
+        # but per row: HF takes its batch's longest, so a short prompt beside a long one got
+        # other logits (and samples) than alone. Decoding past max_position_embeddings, the
+        # cached keys keep the base they were written with (as in HF), so sampled and rescored
+        # log-probs of such a row differ.
         dim, s = cfg.head_dim, cfg.rope_scaling_dict
-        seq_len = jnp.maximum(jnp.max(positions) + 1, cfg.max_position_embeddings).astype(
-            jnp.float32
-        )
+        seq_len = jnp.maximum(
+            jnp.max(positions, axis=-1, keepdims=True) + 1, cfg.max_position_embeddings
+        ).astype(jnp.float32)  # [B, 1]
         base = cfg.rope_theta * (
             (s["factor"] * seq_len / cfg.max_position_embeddings) - (s["factor"] - 1)
         ) ** (dim / (dim - 2))
-        inv_freq = 1.0 / base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+        inv_freq = 1.0 / base[..., None] ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
         scale = 1.0
     else:
         inv_freq_np, scale = _rope_inv_freq(cfg)

@@ -313,7 +313,19 @@ def answers_match(gold: str, predicted: str) -> bool:
     return _match_here(gold, predicted)
 
 
+@functools.cache
+def _warm_up() -> None:
+    """math-verify's first parse and verify import the sympy modules they use (units, sets,
+    combinatorics: 1.7 s on a quiet host, past PARSE_TIMEOUT_S on a loaded one, where the first
+    answer a process graded was scored wrong). Done once per process under a long limit."""
+    limit = 20 * PARSE_TIMEOUT_S
+    for gold, predicted in (("$2\\sqrt{3}$", "$[1, 2)$"), ("$x^2 + 1 = 0$", "$\\log_2 8$")):
+        verify(*(parse(s, parsing_timeout=limit) for s in (gold, predicted)), timeout_seconds=limit)
+
+
 def _match_here(gold: str, predicted: str) -> bool:
+    if _on_main_thread():  # (where math-verify's limits apply)
+        _warm_up()
     gold_boxed = last_boxed(gold)
     gold = _strip_delimiters(gold_boxed if gold_boxed is not None else gold)
     predicted = _strip_delimiters(predicted)
