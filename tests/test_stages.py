@@ -1206,6 +1206,25 @@ def test_rl_reference_with_another_vocabulary_is_refused_before_a_model_loads(
         run("rl", config, tmp_path / "run")
 
 
+def test_no_compilation_cache_for_a_multi_process_run_on_cpus(monkeypatch, tmp_path):
+    """JAX writes cache entries from process 0 only: in a rerun of a multi-process CPU job,
+    process 0 loaded its programs while process 1 compiled, and gloo's 30 s wait for the late
+    peer failed the run (tests/test_multiprocess.py, under load)."""
+    import jax
+
+    monkeypatch.setenv("R1JAX_HOME", str(tmp_path))
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    common.enable_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == before
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+    try:
+        common.enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla_cache")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
 def test_eval_default_runs(toy, tmp_path, capsys):
     config = sh.load_config("eval")
     e = config.eval
