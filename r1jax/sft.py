@@ -22,7 +22,7 @@ Notable choices:
   position t-1 predicts token t, which counts when token t is a completion token of the same
   packed segment as position t-1. Segment ids and per-segment positions always go to the model,
   so a packed row computes exactly what its examples would alone (but with `rope_type:
-  dynamic`, whose base follows the longest position of the whole forward, as in transformers).
+  dynamic`, whose base follows the longest position of the packed row: its longest example's).
 - Step losses divide by the completion-token count of the whole batch, so micro-batches sum to
   the full-batch loss (every token weighs the same, however the rows are split or packed).
 """

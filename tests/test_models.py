@@ -583,3 +583,12 @@ def test_checkpoints_of_other_writers_load_or_say_what_they_are(tmp_path):
     save_file(bare, file, metadata={"format": "pt"})
     with pytest.raises(hf.CheckpointError, match=r"without the 'model.' prefix.*ForCausalLM"):
         hf.load(path)
+    # An untied model's base save lacks its lm_head too.
+    untied = _copy(tmp_path / "untied", "llama3")
+    file = os.path.join(untied, "model.safetensors")
+    tensors = load_file(file)
+    assert "lm_head.weight" in tensors
+    bare = {k.removeprefix("model."): v for k, v in tensors.items() if k != "lm_head.weight"}
+    save_file(bare, file, metadata={"format": "pt"})
+    with pytest.raises(hf.CheckpointError, match=r"without the 'model.' prefix.*ForCausalLM"):
+        hf.load(untied)

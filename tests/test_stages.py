@@ -1204,6 +1204,9 @@ def test_rl_reference_with_another_vocabulary_is_refused_before_a_model_loads(
     config.data.num_eval = 4
     with pytest.raises(common.ConfigError, match="rl.ref_model .* different tokenizer"):
         run("rl", config, tmp_path / "run")
+    (other / "tokenizer.json").unlink()
+    with pytest.raises(common.ConfigError, match=r"^rl.ref_model: .*other"):
+        run("rl", config, tmp_path / "run")
 
 
 def test_no_compilation_cache_for_a_multi_process_run_on_cpus(monkeypatch, tmp_path):
@@ -1213,6 +1216,7 @@ def test_no_compilation_cache_for_a_multi_process_run_on_cpus(monkeypatch, tmp_p
     import jax
 
     monkeypatch.setenv("R1JAX_HOME", str(tmp_path))
+    monkeypatch.delenv("R1JAX_COMPILATION_CACHE", raising=False)
     before = jax.config.jax_compilation_cache_dir
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     common.enable_compilation_cache()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import threading
 from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
@@ -27,11 +28,12 @@ log = logging.getLogger(__name__)
 # SmolLM3 call `strftime_now` directly, which reads this day through `apply_chat_template`.
 TEMPLATE_KWARGS = {"date_string": "26 Jul 2024"}
 _TEMPLATE_DAY = (2024, 7, 26)
+_CLOCK_LOCK = threading.Lock()  # one patch of the template clock at a time (threads)
 
 
 def apply_chat_template(tokenizer, messages: Sequence[dict], **kwargs):
     """`tokenizer.apply_chat_template(messages, **kwargs)` on the fixed day above."""
-    with _fixed_day():
+    with _CLOCK_LOCK, _fixed_day():
         return tokenizer.apply_chat_template(messages, **TEMPLATE_KWARGS, **kwargs)
 
 

@@ -616,9 +616,12 @@ def check_weight_names(
     transformers does)."""
     missing = sorted(expected - names)
     if missing:
+        # (a base model saves no lm_head: an untied config misses that one too)
+        prefixed = [n for n in missing if n.startswith("model.")]
         bare = (
-            all(n.startswith("model.") for n in missing)
-            and {n.removeprefix("model.") for n in missing} <= names
+            bool(prefixed)
+            and set(missing) - set(prefixed) <= {"lm_head.weight"}
+            and {n.removeprefix("model.") for n in prefixed} <= names
         )
         raise CheckpointError(
             f"{path}: weights {missing[:5]}{'...' if len(missing) > 5 else ''} "

@@ -789,6 +789,18 @@ def load_tokenizer(config: ml_collections.ConfigDict):
     return hf.tokenizer(resolve_model_path(config.model.path))
 
 
+@contextlib.contextmanager
+def named_model(field: str):
+    """A second model's folder (a teacher, a reference) that does not load: the error names the
+    config field that chose it."""
+    from r1jax.models import hf
+
+    try:
+        yield
+    except hf.CheckpointError as e:
+        raise ConfigError(f"{field}: {e}") from None
+
+
 def load_model(config: ml_collections.ConfigDict, mesh, rules=None, *, frozen: bool = False):
     """(model, tokenizer) from config.model, parameters placed on `mesh`. `frozen`: a model that
     is never trained (a reference or teacher), which ignores the training-only

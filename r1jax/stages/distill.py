@@ -13,7 +13,6 @@ model.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 
@@ -78,7 +77,7 @@ def run(config, workdir: str) -> dict:
         teacher_config = config.copy_and_resolve_references()
         with teacher_config.unlocked():
             teacher_config.model.path = os.path.expanduser(d.teacher)
-        with _named_teacher():
+        with common.named_model("distill.teacher"):
             teacher_tokenizer = common.load_tokenizer(teacher_config)
         if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise common.ConfigError(
@@ -89,7 +88,7 @@ def run(config, workdir: str) -> dict:
     student, tokenizer = common.load_model(config, mesh)
     teacher = None
     if teacher_config is not None:
-        with _named_teacher():
+        with common.named_model("distill.teacher"):
             teacher = common.load_model(teacher_config, mesh, frozen=True)[0]
     log.info(
         "distilling %s into %s: %d traces%s",
@@ -101,17 +100,6 @@ def run(config, workdir: str) -> dict:
     return sft_stage.train_on_pairs(
         config, "distill", workdir, student, tokenizer, pairs, mesh, teacher=teacher
     )
-
-
-@contextlib.contextmanager
-def _named_teacher():
-    """A teacher folder that does not load: the error names the field that chose it."""
-    from r1jax.models import hf
-
-    try:
-        yield
-    except hf.CheckpointError as e:
-        raise common.ConfigError(f"distill.teacher: {e}") from None
 
 
 def _as_sft(config):

@@ -263,18 +263,22 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         # The KL reads the policy's token ids through the reference: another vocabulary (or a
         # smaller one, whose missing ids give NaN log-probs and skipped steps, blamed on the
         # learning rate) is refused before either model loads.
-        if config.rl.ref_model and (
-            common.load_tokenizer(ref_config).get_vocab() != tokenizer.get_vocab()
-        ):
-            raise common.ConfigError(
-                f"rl.ref_model {config.rl.ref_model!r} uses a different tokenizer from the "
-                "policy; the KL penalty needs one vocabulary (leave rl.ref_model empty for the "
-                "starting model)"
-            )
+        if config.rl.ref_model:
+            with common.named_model("rl.ref_model"):
+                ref_vocab = common.load_tokenizer(ref_config).get_vocab()
+            if ref_vocab != tokenizer.get_vocab():
+                raise common.ConfigError(
+                    f"rl.ref_model {config.rl.ref_model!r} uses a different tokenizer from the "
+                    "policy; the KL penalty needs one vocabulary (leave rl.ref_model empty for "
+                    "the starting model)"
+                )
     mesh = common.make_mesh(config)
     model, _ = common.load_model(config, mesh)
     state = train.TrainState.create(model, common.optim(config, optimizer_steps(config)), mesh)
-    ref = None if ref_config is None else common.load_model(ref_config, mesh, frozen=True)[0]
+    ref = None
+    if ref_config is not None:
+        with common.named_model("rl.ref_model"):
+            ref = common.load_model(ref_config, mesh, frozen=True)[0]
 
     # -- the rule rewards that score the completions --
     cfg = grpo_config(config, tokenizer, train_set)
