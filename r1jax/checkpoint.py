@@ -622,12 +622,20 @@ def export_hf(
             hf.write_generation_metadata(local, metadata)
 
     path = os.fspath(path)
-    if not paths.is_remote(path):
-        return _swapped_in(path, write)
-    with tempfile.TemporaryDirectory(prefix="r1jax_hf_") as local:
-        write(local)
-        if jax.process_index() == 0:
-            paths.copy_dir(local, path)
+    try:
+        if not paths.is_remote(path):
+            return _swapped_in(path, write)
+        with tempfile.TemporaryDirectory(prefix="r1jax_hf_") as local:
+            write(local)
+            if jax.process_index() == 0:
+                paths.copy_dir(local, path)
+    except OSError as err:  # a full disk, a read-only folder: one line, not a traceback
+        kept = "" if paths.is_remote(path) else " (and an earlier export there)"
+        raise CheckpointError(
+            f"Exporting the model to {path} failed: {_first_line(err)}; the run's checkpoints "
+            f"are intact{kept}, and the same command exports again once the folder can be "
+            "written"
+        ) from None
 
 
 def _swapped_in(path: str, write) -> None:
@@ -642,7 +650,11 @@ def _swapped_in(path: str, write) -> None:
     partial, old = path + ".partial", path + ".old"
     if jax.process_index() == 0:
         shutil.rmtree(partial, ignore_errors=True)
-    write(partial)  # (every process: the gathers are collective; process 0 writes)
+    try:
+        write(partial)  # (every process: the gathers are collective; process 0 writes)
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)  # (a full disk: give its space back)
+        raise
     if jax.process_index() != 0:
         return
     if os.path.lexists(path):

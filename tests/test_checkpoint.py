@@ -356,6 +356,13 @@ def test_export_hf_carries_the_source_token_ids_and_generation_config(tmp_path):
             checkpoint.export_hf(model, source, Tokenizer())
     assert transformers.AutoConfig.from_pretrained(source).eos_token_id == eos
     assert sorted(os.listdir(tmp_path)) == ["out", "source", "source.partial"]
+    # A full disk: one line naming the folder and the cause; the earlier export stays, and the
+    # partial one is removed (its space given back).
+    with mock.patch.object(hf, "save", side_effect=OSError(28, "No space left on device")):
+        with pytest.raises(checkpoint.CheckpointError, match=r"Exporting the model to .*No space"):
+            checkpoint.export_hf(model, source, Tokenizer())
+    assert sorted(os.listdir(tmp_path)) == ["out", "source"]
+    assert transformers.AutoConfig.from_pretrained(source).eos_token_id == eos
     checkpoint.export_hf(model, source, Tokenizer(), source=source)  # the rerun
     assert sorted(os.listdir(tmp_path)) == ["out", "source"]
     assert transformers.AutoConfig.from_pretrained(source).eos_token_id == eos
