@@ -506,7 +506,8 @@ def _run(code: str, stdin: bytes, cfg: SandboxConfig, python: str, *, sandboxed:
     if sandboxed:
         os.close(own_fds.pop())  # our copy of info_w: the pipe then ends when bwrap's does
     try:
-        out, err, timed_out, truncated = _communicate(proc, start + cfg.timeout_s, cfg)
+        on_exit = None if sandboxed or not private else lambda: _kill_uid(python, uid)
+        out, err, timed_out, truncated = _communicate(proc, start + cfg.timeout_s, cfg, on_exit)
     finally:
         _kill_group(proc)
         if sandboxed:
@@ -535,9 +536,11 @@ def _sealed_file(data: bytes) -> int:
 
 
 def _communicate(
-    proc: subprocess.Popen, deadline: float, cfg: SandboxConfig
+    proc: subprocess.Popen, deadline: float, cfg: SandboxConfig, on_exit=None
 ) -> tuple[bytearray, bytearray, bool, bool]:
-    """Drain stdout/stderr without blocking, until exit, deadline or output cap."""
+    """Drain stdout/stderr without blocking, until exit, deadline or output cap. `on_exit()` is
+    called once the program has exited, before the pipes are drained (the unsandboxed mode kills
+    the run's uid there: a daemon's later output is not the program's)."""
     out, err = bytearray(), bytearray()
     timed_out = truncated = False
     with selectors.DefaultSelector() as sel:
@@ -553,6 +556,8 @@ def _communicate(
             if proc.poll() is not None:
                 # The program is done; anything still holding our pipes open is a straggler (an
                 # unsandboxed daemon). Drain briefly, then stop waiting for it.
+                if exited_at is None and on_exit is not None:
+                    on_exit()
                 exited_at = exited_at or now
                 if now - exited_at > 0.1:
                     break
