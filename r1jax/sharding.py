@@ -418,22 +418,42 @@ def initialize_distributed() -> bool:
     """
     if jax.distributed.is_initialized():
         return True
-    if os.environ.get("R1JAX_COORDINATOR_ADDRESS"):
-        missing = [k for k in _ENV if not os.environ.get(k)]
+    given = [k for k in _ENV if os.environ.get(k)]
+    if given:
+        missing = [k for k in _ENV if k not in given]
         if missing:
             raise ValueError(
-                f"multi-host: {missing} must be set together with R1JAX_COORDINATOR_ADDRESS"
+                f"multi-host: {given} are set but {missing} are not; set all three (or none)"
+            )
+        try:
+            num, pid = int(os.environ["R1JAX_NUM_PROCESSES"]), int(os.environ["R1JAX_PROCESS_ID"])
+        except ValueError:
+            raise ValueError(
+                "multi-host: R1JAX_NUM_PROCESSES and R1JAX_PROCESS_ID must be whole numbers, got "
+                f"{os.environ['R1JAX_NUM_PROCESSES']!r} and {os.environ['R1JAX_PROCESS_ID']!r}"
+            ) from None
+        if not 0 <= pid < num:
+            raise ValueError(
+                f"multi-host: need 0 <= R1JAX_PROCESS_ID < R1JAX_NUM_PROCESSES, got {pid} and {num}"
             )
         if os.environ.get("JAX_PLATFORMS", "") == "cpu" or os.environ.get("R1JAX_CPU_COLLECTIVES"):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=os.environ["R1JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ["R1JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["R1JAX_PROCESS_ID"]),
+            num_processes=num,
+            process_id=pid,
         )
         return True
     if _on_known_cluster():
-        jax.distributed.initialize()
+        try:
+            jax.distributed.initialize()
+        except ValueError as e:  # e.g. a TPU-like host that JAX's own detection does not agree with
+            raise ValueError(
+                f"multi-host: this host looks like part of a cluster (a TPU VM, Slurm step, "
+                f"Open MPI or GKE slice: r1jax.sharding._on_known_cluster), but JAX could not "
+                f"start on it ({e}); give R1JAX_COORDINATOR_ADDRESS, R1JAX_NUM_PROCESSES and "
+                f"R1JAX_PROCESS_ID (1 process, id 0, any free address for a single host)"
+            ) from None
         return True
     return False
 

@@ -726,9 +726,64 @@ def test_a_half_set_multi_host_environment_is_one_line(tmp_path):
     proc = run_cli(["--stage=eval", f"--workdir={tmp_path / 'w'}"], env)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: multi-host: ['R1JAX_NUM_PROCESSES', 'R1JAX_PROCESS_ID'] must be set together "
-        "with R1JAX_COORDINATOR_ADDRESS"
+        "error: multi-host: ['R1JAX_COORDINATOR_ADDRESS'] are set but ['R1JAX_NUM_PROCESSES', "
+        "'R1JAX_PROCESS_ID'] are not; set all three (or none)"
     )
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        # Without the coordinator each host ran alone, all of them in one workdir.
+        (
+            {"R1JAX_NUM_PROCESSES": "2", "R1JAX_PROCESS_ID": "1"},
+            "['R1JAX_NUM_PROCESSES', 'R1JAX_PROCESS_ID'] are set but "
+            "['R1JAX_COORDINATOR_ADDRESS'] are not",
+        ),
+        (
+            {
+                "R1JAX_COORDINATOR_ADDRESS": "127.0.0.1:1",
+                "R1JAX_NUM_PROCESSES": "two",
+                "R1JAX_PROCESS_ID": "0",
+            },
+            "R1JAX_NUM_PROCESSES and R1JAX_PROCESS_ID must be whole numbers, got 'two'",
+        ),
+        (
+            {
+                "R1JAX_COORDINATOR_ADDRESS": "127.0.0.1:1",
+                "R1JAX_NUM_PROCESSES": "2",
+                "R1JAX_PROCESS_ID": "2",
+            },
+            "need 0 <= R1JAX_PROCESS_ID < R1JAX_NUM_PROCESSES, got 2 and 2",
+        ),
+    ],
+)
+def test_multi_host_settings_are_all_or_none(monkeypatch, env, message):
+    from r1jax import sharding
+
+    for k in sharding._ENV:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=re.escape("multi-host: ") + ".*" + re.escape(message)):
+        sharding.initialize_distributed()
+
+
+def test_a_host_that_looks_like_a_tpu_vm_but_is_not_is_one_clear_error(monkeypatch):
+    """A container that inherited TPU_ACCELERATOR_TYPE (or a VFIO host) was taken for a TPU VM:
+    every run stopped at JAX's "coordinator_address should be defined", naming nothing of ours."""
+    from r1jax import sharding
+
+    for k in sharding._ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-8")
+
+    def no_cluster():
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(sharding.jax.distributed, "initialize", no_cluster)
+    with pytest.raises(ValueError, match=r"looks like part of a cluster .*R1JAX_COORDINATOR_ADDR"):
+        sharding.initialize_distributed()
 
 
 def test_a_model_path_under_home_is_expanded(monkeypatch, tmp_path):
