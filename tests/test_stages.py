@@ -10,6 +10,7 @@ import copy
 import glob
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -827,6 +828,15 @@ def test_sft_and_distill_files_with_other_column_names_load_through_field_map(tm
         sft_stage.load_pairs(config, None)
     config.sft.on_bad_json = "skip"
     assert len(sft_stage.load_pairs(config, None)) == 3
+    # A row without an answer the loader knows (GSM8K's is its solution): the field to name it.
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2"}) + "\n")
+    config = sh.load_config("sft")
+    config.sft.source = str(gsm)
+    with pytest.raises(common.ConfigError, match=r"--config.sft.field_map.completion=COLUMN"):
+        sft_stage.load_pairs(config, None)
+    config.sft.field_map.completion = "answer"
+    assert [c for _, c, _ in sft_stage.load_pairs(config, None)] == ["2"]
     dconfig = sh.load_config("distill")
     dconfig.distill.source = str(path)
     dconfig.distill.field_map.prompt, dconfig.distill.field_map.completion = "query", "response"
@@ -1913,7 +1923,7 @@ def test_pipeline_settings_made_at_the_top_level_reach_every_stage():
     assert not pipeline._result_neutral("sft.epochs", "sft")
 
 
-def test_fields_that_would_fail_mid_run_are_refused_up_front(toy, tmp_path):
+def test_fields_that_would_fail_mid_run_are_refused_up_front(toy, tmp_path, caplog, monkeypatch):
     """Each of these once ended a run steps in (or after its sampling) with a traceback."""
     from r1jax.models import hf
     from r1jax.stages import rl as rl_stage
@@ -1962,19 +1972,22 @@ def test_fields_that_would_fail_mid_run_are_refused_up_front(toy, tmp_path):
     config.model.path, config.data.prompt_buckets = os.path.join(toy[0], "toy_base"), (8,)
     loads = []
     real_load = hf_module.load
-    hf_module.load = lambda *a, **k: loads.append(a) or real_load(*a, **k)
-    try:
-        with pytest.raises(common.ConfigError, match=r"4000 of 4000 training prompts are longer"):
-            rl_stage.run(config, str(tmp_path / "rl"))
-    finally:
-        hf_module.load = real_load
-    assert loads == []
-    # SFT examples none of which fits seq_len.
+    monkeypatch.setattr(hf_module, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    with pytest.raises(common.ConfigError, match=r"4000 of 4000 training prompts are longer"):
+        rl_stage.run(config, str(tmp_path / "rl"))
+    # SFT examples none of which fits seq_len: refused before the model loads too.
     config = sh.load_config("sft")
     config.sft.seq_len = 4
-    pairs = [("a b c d e", "f", "")]
     with pytest.raises(common.ConfigError, match=r"sft.seq_len=4: no SFT example fits"):
-        sft_stage.train_on_pairs(config, "sft", str(tmp_path), None, tokenizer, pairs, None)
+        sft_stage.run(config, str(tmp_path / "sft"))
+    assert loads == []
+    monkeypatch.undo()
+    # Examples left out (here: a prompt that fills seq_len by itself) are warned of, as cut ones.
+    pairs = [("a b c d e f g h", "i", ""), ("a", "b", "")]
+    with caplog.at_level(logging.WARNING, logger="r1jax"):
+        rows = sft_stage.tokenized_pairs(config, "sft", tokenizer, pairs)
+    assert rows.num_skipped == 1
+    assert "1 of 2 examples are left out: longer than sft.seq_len=4" in caplog.text
     config.sft.overflow = "cut"
     with pytest.raises(common.ConfigError, match=r"sft.overflow must be 'truncate' or 'skip'"):
         sft_stage.validate(config)

@@ -68,10 +68,11 @@ def run(config, workdir: str) -> dict:
     """Train the student `model.path` on `distill.source`; writes workdir/hf/final."""
     d = config.distill
     mesh = common.make_mesh(config)
-    # The traces and the teacher's tokenizer first: a bad row or another vocabulary is named
-    # before minutes go into loading two models.
+    # The traces (read and tokenised) and the teacher's tokenizer first: a bad row, a seq_len that
+    # fits none or another vocabulary is named before minutes go into loading two models.
     tokenizer = common.load_tokenizer(config)
     pairs = sft_stage.load_pairs(_as_sft(config), tokenizer, section="distill")
+    rows = sft_stage.tokenized_pairs(config, "distill", tokenizer, pairs)
     teacher_config = None
     if d.teacher:
         teacher_config = config.copy_and_resolve_references()
@@ -98,7 +99,7 @@ def run(config, workdir: str) -> dict:
         " with logit distillation" if teacher is not None else "",
     )
     return sft_stage.train_on_pairs(
-        config, "distill", workdir, student, tokenizer, pairs, mesh, teacher=teacher
+        config, "distill", workdir, student, tokenizer, pairs, rows, mesh, teacher=teacher
     )
 
 

@@ -94,7 +94,9 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
             completion = messages[-1].get("content")  # (the answer: a completion column first)
         if completion is None:
             raise common.ConfigError(
-                f"{where} has neither a completion nor a final message with role 'assistant'"
+                f"{where} has neither a completion nor a final message with role 'assistant' "
+                f"(name the file's column to train on with "
+                f"--config.{section}.field_map.completion=COLUMN)"
             )
         # One question in the template RL samples with (so SFT and RL see the same prompt); a
         # conversation, which has no R1-Zero or plain form, by the model's chat template.
@@ -147,21 +149,17 @@ def run(config, workdir: str) -> dict:
     """Fine-tune `model.path` on `sft.source`; writes workdir/hf/final."""
     mesh = common.make_mesh(config)
     # The data first: a bad row is named before minutes go into loading a large model.
-    pairs = load_pairs(config, common.load_tokenizer(config))
+    # (and tokenised: a seq_len that fits no example is refused then too)
+    tokenizer = common.load_tokenizer(config)
+    pairs = load_pairs(config, tokenizer)
+    rows = tokenized_pairs(config, "sft", tokenizer, pairs)
     model, tokenizer = common.load_model(config, mesh)
-    return train_on_pairs(config, "sft", workdir, model, tokenizer, pairs, mesh)
+    return train_on_pairs(config, "sft", workdir, model, tokenizer, pairs, rows, mesh)
 
 
-def train_on_pairs(
-    config, section: str, workdir: str, model, tokenizer, pairs, mesh, teacher=None
-) -> dict:
-    """The SFT loop shared with `distill`: epochs over (prompt, completion, end) triples
-    (`load_pairs`).
-
-    section: the stage's section name, "sft" or "distill" (seq_len, pack, batch_size, epochs,
-    num_micro_batches). With `teacher`, each step is logit distillation (KL to the teacher)
-    instead of cross-entropy on the tokens.
-    """
+def tokenized_pairs(config, section: str, tokenizer, pairs):
+    """(prompt, completion, end) triples (`load_pairs`) as the stage's training rows, `section`'s
+    seq_len, packing and overflow applied; examples cut or left out are counted in a warning."""
     s = config[section]
     try:
         batch_all = tokenize_sft(
@@ -176,7 +174,6 @@ def train_on_pairs(
     except ValueError as e:  # e.g. every prompt longer than seq_len: nothing left to learn
         raise common.ConfigError(f"{section}.seq_len={s.seq_len}: {e}") from None
     rows = batch_all.input_ids.shape[0]
-    steps = run_steps(rows, s.epochs, s.batch_size)
     log.info(
         "%d examples -> %d rows of %d tokens (%d truncated, %d skipped); %d steps",
         len(pairs),
@@ -184,7 +181,7 @@ def train_on_pairs(
         s.seq_len,
         batch_all.num_truncated,
         batch_all.num_skipped,
-        steps,
+        run_steps(rows, s.epochs, s.batch_size),
     )
     if batch_all.num_truncated:
         log.warning(
@@ -197,6 +194,37 @@ def train_on_pairs(
             s.seq_len,
             section,
         )
+    if batch_all.num_skipped:
+        why = (
+            f"--config.{section}.overflow=skip"
+            if s.get("overflow", "truncate") == "skip"
+            else "their prompt alone fills it"
+        )
+        log.warning(
+            "%d of %d examples are left out: longer than %s.seq_len=%d (%s), or with an empty "
+            "completion",
+            batch_all.num_skipped,
+            len(pairs),
+            section,
+            s.seq_len,
+            why,
+        )
+    return batch_all
+
+
+def train_on_pairs(
+    config, section: str, workdir: str, model, tokenizer, pairs, batch_all, mesh, teacher=None
+) -> dict:
+    """The SFT loop shared with `distill`: epochs over `batch_all`, the rows `tokenized_pairs`
+    made of `pairs` (`load_pairs`; their turn ends are written into the export).
+
+    section: the stage's section name, "sft" or "distill" (seq_len, pack, batch_size, epochs,
+    num_micro_batches). With `teacher`, each step is logit distillation (KL to the teacher)
+    instead of cross-entropy on the tokens.
+    """
+    s = config[section]
+    rows = batch_all.input_ids.shape[0]
+    steps = run_steps(rows, s.epochs, s.batch_size)
     state = train.TrainState.create(model, common.optim(config, steps, from_data=True), mesh)
     step_cfg = sft.SFTConfig(
         num_micro_batches=common.micro_batches(config, section, s.batch_size),
