@@ -629,13 +629,25 @@ def export_hf(
             write(local)
             if jax.process_index() == 0:
                 paths.copy_dir(local, path)
-    except OSError as err:  # a full disk, a read-only folder: one line, not a traceback
-        kept = "" if paths.is_remote(path) else " (and an earlier export there)"
+    except _export_write_errors() as err:  # a full disk, a read-only folder: one line
+        where = (
+            "it is written to a local temporary folder first, then uploaded (the remote folder "
+            "may hold part of it)"
+            if paths.is_remote(path)
+            else "an earlier export there is kept"
+        )
         raise CheckpointError(
             f"Exporting the model to {path} failed: {_first_line(err)}; the run's checkpoints "
-            f"are intact{kept}, and the same command exports again once the folder can be "
-            "written"
+            f"are intact ({where}), and the same command exports again once there is room"
         ) from None
+
+
+def _export_write_errors() -> tuple[type[Exception], ...]:
+    """What a failed export write raises: OSError, and safetensors' own error for the weights
+    (its I/O errors, "No space left on device" among them, are no OSErrors)."""
+    from safetensors import SafetensorError
+
+    return OSError, SafetensorError
 
 
 def _swapped_in(path: str, write) -> None:
@@ -652,7 +664,7 @@ def _swapped_in(path: str, write) -> None:
         shutil.rmtree(partial, ignore_errors=True)
     try:
         write(partial)  # (every process: the gathers are collective; process 0 writes)
-    except OSError:
+    except _export_write_errors():
         shutil.rmtree(partial, ignore_errors=True)  # (a full disk: give its space back)
         raise
     if jax.process_index() != 0:

@@ -358,10 +358,14 @@ def test_export_hf_carries_the_source_token_ids_and_generation_config(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out", "source", "source.partial"]
     # A full disk: one line naming the folder and the cause; the earlier export stays, and the
     # partial one is removed (its space given back).
-    with mock.patch.object(hf, "save", side_effect=OSError(28, "No space left on device")):
-        with pytest.raises(checkpoint.CheckpointError, match=r"Exporting the model to .*No space"):
-            checkpoint.export_hf(model, source, Tokenizer())
-    assert sorted(os.listdir(tmp_path)) == ["out", "source"]
+    # (safetensors' own error for the weights, as a full disk gives it, is no OSError)
+    from safetensors import SafetensorError
+
+    for full in (OSError(28, "No space left on device"), SafetensorError("I/O error: No space")):
+        with mock.patch("safetensors.numpy.save_file", side_effect=full):
+            with pytest.raises(checkpoint.CheckpointError, match=r"to .*source failed: .*No space"):
+                checkpoint.export_hf(model, source, Tokenizer())
+        assert sorted(os.listdir(tmp_path)) == ["out", "source"]
     assert transformers.AutoConfig.from_pretrained(source).eos_token_id == eos
     checkpoint.export_hf(model, source, Tokenizer(), source=source)  # the rerun
     assert sorted(os.listdir(tmp_path)) == ["out", "source"]

@@ -1987,7 +1987,7 @@ def test_fields_that_would_fail_mid_run_are_refused_up_front(toy, tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="r1jax"):
         rows = sft_stage.tokenized_pairs(config, "sft", tokenizer, pairs)
     assert rows.num_skipped == 1
-    assert "1 of 2 examples are left out: longer than sft.seq_len=4" in caplog.text
+    assert "1 of 2 examples are left out, longer than sft.seq_len=4" in caplog.text
     config.sft.overflow = "cut"
     with pytest.raises(common.ConfigError, match=r"sft.overflow must be 'truncate' or 'skip'"):
         sft_stage.validate(config)

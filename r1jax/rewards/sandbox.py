@@ -558,6 +558,7 @@ def _communicate(
                 # unsandboxed daemon). Drain briefly, then stop waiting for it.
                 if exited_at is None and on_exit is not None:
                     on_exit()
+                    on_exit, now = None, time.monotonic()  # (the drain's time starts after it)
                 exited_at = exited_at or now
                 if now - exited_at > 0.1:
                     break

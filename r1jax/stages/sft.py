@@ -201,8 +201,7 @@ def tokenized_pairs(config, section: str, tokenizer, pairs):
             else "their prompt alone fills it"
         )
         log.warning(
-            "%d of %d examples are left out: longer than %s.seq_len=%d (%s), or with an empty "
-            "completion",
+            "%d of %d examples are left out, longer than %s.seq_len=%d (%s)",
             batch_all.num_skipped,
             len(pairs),
             section,
