@@ -506,13 +506,16 @@ def _run(code: str, stdin: bytes, cfg: SandboxConfig, python: str, *, sandboxed:
     if sandboxed:
         os.close(own_fds.pop())  # our copy of info_w: the pipe then ends when bwrap's does
     try:
-        on_exit = None if sandboxed or not private else lambda: _kill_uid(python, uid)
+        killed = []  # (the uid killed when the exit was seen: not again below)
+        on_exit = (
+            None if sandboxed or not private else lambda: killed.append(_kill_uid(python, uid))
+        )
         out, err, timed_out, truncated = _communicate(proc, start + cfg.timeout_s, cfg, on_exit)
     finally:
         _kill_group(proc)
         if sandboxed:
             _kill_namespace(info_r)
-        elif private:
+        elif private and not killed:
             _kill_uid(python, uid)
         for fd in own_fds:
             os.close(fd)
