@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import types
 
@@ -1378,6 +1379,134 @@ def test_pipeline_smoke(toy, tmp_path):
     with pytest.raises(common.ConfigError, match=r"cold_start is done, but with other settings"):
         run("pipeline", config, tmp_path)
     assert os.path.getmtime(tmp_path / "r1" / "hf" / "final" / "config.json") == stamp
+
+
+class _StubStages:
+    """Sub-stages that train nothing: each writes hf/final/config.json naming what it was given
+    (rejection sampling: its kept-samples file, naming its model), and `evaluate` a fixed score;
+    `fail[name]` is raised by sub-stage `name`; each call advances `clock` by a minute."""
+
+    def __init__(self):
+        self.calls, self.fail, self.clock = [], {}, [0.0]
+
+    def module(self, stage):
+        def run(config, workdir):
+            name = os.path.basename(workdir)
+            self.calls.append(name)
+            self.clock[0] += 60
+            if name in self.fail:
+                raise self.fail.pop(name)
+            if stage == "rejection_sampling":
+                path = os.path.join(workdir, pipeline.KEPT_SAMPLES)
+                with open(path, "w") as f:
+                    f.write(json.dumps({"from": config.model.path}) + "\n")
+                return {"path": path, "kept": 1}
+            os.makedirs(os.path.join(workdir, "hf", "final"), exist_ok=True)
+            common.write_json(
+                os.path.join(workdir, "hf", "final", "config.json"),
+                {"from": config.model.path, "call": len(self.calls)},
+            )
+            return {"steps": 2}
+
+        return types.SimpleNamespace(run=run, validate=lambda config: None)
+
+    def evaluate(self, config, model_path, subdir):
+        return {"pass@1": 0.5, "format": 1.0, "minutes": 0.0}
+
+
+@pytest.fixture
+def stub_stages(monkeypatch):
+    stubs = _StubStages()
+    monkeypatch.setattr(common, "stage_module", stubs.module)
+    monkeypatch.setattr(common, "validate", lambda config, stage: None)
+    monkeypatch.setattr(pipeline, "_evaluate", stubs.evaluate)
+    monkeypatch.setattr(pipeline, "time", types.SimpleNamespace(time=lambda: stubs.clock[0]))
+    for name in ("_trend", "paired_difference", "_plots"):
+        monkeypatch.setattr(pipeline, name, lambda *a: None)
+    monkeypatch.setattr(pipeline, "results_markdown", lambda results, config: "")
+    return stubs
+
+
+def test_pipeline_resume_follows_what_each_stage_was_trained_on(stub_stages, tmp_path, monkeypatch):
+    config = sh.load_config("pipeline:smoke")
+    config.require_tag_copy = config.match_distill_compute = False
+    first = tmp_path / "first"
+    pipeline.run(config, str(first))
+    every = [name for name, _, _ in pipeline.PLAN]
+    assert stub_stages.calls == every
+    # The workdir moved, and given relatively from elsewhere: every stage still counts as done.
+    os.rename(first, tmp_path / "moved")
+    stub_stages.calls.clear()
+    monkeypatch.chdir(tmp_path)
+    pipeline.run(config, "moved")
+    assert stub_stages.calls == []
+    # cold_start trained again (its folder deleted): the stages trained on its old model, or on
+    # the samples drawn from them, are not skipped as if trained on the new one.
+    shutil.rmtree(tmp_path / "moved" / "cold_start")
+    later = " ".join(
+        str(tmp_path / "moved" / n)
+        for n in ("reasoning_rl", "rejection_sampling", "r1_sft", "r1", "distill")
+    )
+    with pytest.raises(
+        common.ConfigError,
+        match=re.escape(f"trained on (model.path) was made again since; delete {later} "),
+    ):
+        pipeline.run(config, str(tmp_path / "moved"))
+    assert stub_stages.calls == ["cold_start"]
+    # A settings change names the same folders.
+    config.reasoning_rl.rl.beta = 0.5
+    with pytest.raises(
+        common.ConfigError,
+        match=re.escape("rl.beta: 0.2 -> 0.5; ") + ".*" + re.escape(f"delete {later} to rerun"),
+    ):
+        pipeline.run(config, str(tmp_path / "moved"))
+
+
+def test_pipeline_errors_name_the_sub_stage_and_resumed_minutes_add_up(stub_stages, tmp_path):
+    config = sh.load_config("pipeline:smoke")
+    config.require_tag_copy = config.match_distill_compute = False
+    stub_stages.fail["r1"] = common.ConfigError("data.path 'x.jsonl' row 3: no prompt")
+    with pytest.raises(common.ConfigError) as e:
+        pipeline.run(config, str(tmp_path))
+    assert str(e.value) == (
+        f"pipeline stage r1 (--stage=rl, --config.r1.*, {tmp_path / 'r1'}): data.path 'x.jsonl' "
+        "row 3: no prompt"
+    )
+    stub_stages.fail["student_rl"] = KeyboardInterrupt()  # stopped a minute in, then resumed
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(config, str(tmp_path))
+    results = pipeline.run(config, str(tmp_path))
+    assert results["stages"]["r1"]["minutes"] == results["stages"]["student_rl"]["minutes"] == 2
+    assert results["stages"]["base"]["minutes"] == 1
+
+
+def test_match_compute_reads_a_teacher_named_as_distill_takes_it(toy):
+    config = sh.load_config("pipeline:smoke")
+    rl, d = pipeline._stage_config(config, "student_rl"), copy.deepcopy(config.distill)
+    with rl.unlocked(), d.unlocked():
+        rl.model.path = os.path.join(toy[0], "toy_base")
+        d.distill.teacher = ""
+        alone = pipeline.match_compute(rl, d, distill_steps=2)
+        d.distill.teacher = rl.model.path
+        taught = pipeline.match_compute(rl, d, distill_steps=2)
+        d.distill.teacher = "toy"  # (as `--stage=distill` takes it; was read as a folder "toy")
+        assert pipeline.match_compute(rl, d, distill_steps=2) == taught
+    assert taught["distill_flops"] > alone["distill_flops"]
+
+
+def test_pipeline_refuses_settings_no_stage_would_use():
+    config = sh.load_config("pipeline:smoke")
+    config.model.path = "/some/model"  # each stage's model is wired from the one before
+    with pytest.raises(common.ConfigError, match=r"^model.path='/some/model': the pipeline"):
+        pipeline.validate(config)
+    for stage in ("rl", "sft"):
+        with pytest.raises(common.ConfigError, match=rf"pipeline but for --stage={stage};"):
+            common.validate(sh.load_config(stage), "pipeline")
+    # Giving back a shared setting the default already holds: the stage's own flag.
+    assert (
+        pipeline._keep_flag("r1", "model.dtype", "float32") == "--config.r1.model.dtype='float32'"
+    )
+    assert pipeline._keep_flag("r1", "model.dtype", "bfloat16") == "--config.model.dtype='bfloat16'"
 
 
 def test_pipeline_checks_every_section_before_the_first_stage():

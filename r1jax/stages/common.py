@@ -117,10 +117,17 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
     """Refuse configs that cannot work, before any work is done. Raises ConfigError."""
     import jax
 
+    own = ("rl", "sft", "pretrain", "distill", "rejection_sampling")
+    if stage == "pipeline" and "r1_zero" not in config:  # the pipeline's sections: recipe steps
+        other = next((s for s in (*own, "eval") if s in config), None)
+        raise ConfigError(
+            "--config is not a config for --stage=pipeline"
+            + (f" but for --stage={other}" if other else "")
+            + "; use configs/pipeline.py or pass the stage the config is for"
+        )
     if stage != "pipeline":  # --config of another stage (its own section names it)
-        own = ("rl", "sft", "pretrain", "distill", "rejection_sampling")
         other = next((s for s in own if s != stage and s in config), None)
-        if "r1_zero" in config:  # the pipeline's sections are named by recipe step
+        if "r1_zero" in config:
             other = "pipeline"
         if stage not in config or other:
             raise ConfigError(
@@ -230,6 +237,16 @@ def fingerprint(*arrays) -> str:
     return digest.hexdigest()[:16]
 
 
+def _digest_file(digest, path: str, name: str) -> None:
+    """Feed `name`, the size and the first and last MiB of the file at `path` into `digest`."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        head = f.read(1 << 20)
+        f.seek(max(size - (1 << 20), len(head)))
+        digest.update(f"{name}:{size};".encode() + head + f.read())
+
+
 def model_fingerprint(path: str) -> str:
     """A checkpoint folder by what survives moving or copying it: its config.json, and each weight
     file's name, size and first and last MiB (any two trained models differ there; the whole of
@@ -243,12 +260,16 @@ def model_fingerprint(path: str) -> str:
     digest = hashlib.sha256()
     for name in sorted(os.listdir(folder)):
         if name == "config.json" or name.endswith(".safetensors"):
-            with open(os.path.join(folder, name), "rb") as f:
-                size = f.seek(0, os.SEEK_END)
-                f.seek(0)
-                head = f.read(1 << 20)
-                f.seek(max(size - (1 << 20), len(head)))
-                digest.update(f"{name}:{size};".encode() + head + f.read())
+            _digest_file(digest, os.path.join(folder, name), name)
+    return digest.hexdigest()[:16]
+
+
+def file_fingerprint(path: str) -> str:
+    """A local file by its size and first and last MiB (see `model_fingerprint`)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    _digest_file(digest, path, "")
     return digest.hexdigest()[:16]
 
 

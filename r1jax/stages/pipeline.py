@@ -44,6 +44,12 @@ PLAN = (
     ("distill", "distill", "student_base"),
     ("student_rl", "rl", "student_base"),
 )
+# Sub-stages that train on a file another one wrote: (its config field, the writer).
+DATA_FROM = {
+    "r1_sft": ("sft.source", "rejection_sampling"),
+    "distill": ("distill.source", "rejection_sampling"),
+}
+KEPT_SAMPLES = "rejection_sampled.jsonl"  # what `--stage=rejection_sampling` writes in its workdir
 RL_RUNS = ("r1_zero", "reasoning_rl", "r1", "student_rl")
 WELL_FORMED = 0.9  # share of well-formed held-out samples that counts as "writes the format"
 # Accuracy findings (a, b): a's pass@1 against b's, paired over the held-out prompts.
@@ -89,6 +95,12 @@ def shared_overrides(config) -> dict[str, dict[str, Any]]:
 def validate(config) -> None:
     """Every section checked as its stage will check it, before the first stage starts (a bad
     field in the last section would otherwise end the run after half an hour of the others)."""
+    if config.model.path:
+        raise common.ConfigError(
+            f"model.path={config.model.path!r}: the pipeline pretrains its own base models and "
+            f"wires each stage's model from the one before; set the bases with "
+            f"--config.base.pretrain.* (or run the stages one by one from a real model)"
+        )
     for name, stage, _ in PLAN:
         if name not in config:
             raise common.ConfigError(f"pipeline config lacks the section {name!r} ({stage})")
@@ -132,19 +144,25 @@ def _stage_config(config, name: str):
 
 
 def run(config, workdir: str) -> dict[str, Any]:
+    # (local only: launch refuses a cloud workdir) Absolute, so that what the stages record of
+    # each other's outputs does not depend on the directory the pipeline was started from.
+    workdir = os.path.abspath(workdir)
     results: dict[str, Any] = {"seed": config.seed, "stages": {}, "eval": {}}
     model_of: dict[str, str] = {}
     started = time.time()
     for name, stage, source in PLAN:
         sub = _stage_config(config, name)
         subdir = os.path.join(workdir, name)
+        wired = {}  # the fields this loop sets from earlier sub-stages' outputs
+        if source is not None:
+            wired["model.path"] = os.path.join(workdir, source, "hf", "final")
+        if name in DATA_FROM:
+            field, writer = DATA_FROM[name]
+            wired[field] = os.path.join(workdir, writer, KEPT_SAMPLES)
         with sub.unlocked():
-            if source is not None:
-                sub.model.path = model_of[source]
-            if name == "r1_sft":
-                sub.sft.source = results["stages"]["rejection_sampling"]["path"]
-            if name == "distill":
-                sub.distill.source = results["stages"]["rejection_sampling"]["path"]
+            for key, value in wired.items():
+                section, field = key.split(".")
+                sub[section][field] = value
             if name == "student_rl" and config.get("match_distill_compute", False):
                 results["compute"] = match_compute(
                     sub,
@@ -153,7 +171,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                     steps=_steps_run(subdir) if os.path.exists(f"{subdir}/done.json") else None,
                 )
                 sub.rl.steps = results["compute"]["student_rl_steps"]
-        results["stages"][name] = _run_once(stage, sub, subdir)
+        results["stages"][name] = _run_once(stage, sub, subdir, name, tuple(wired))
         if stage == "pretrain" and config.get("require_tag_copy", True):
             _check_copies_tags(name, results["stages"][name], subdir)
         model_of[name] = os.path.join(subdir, "hf", "final")
@@ -211,26 +229,95 @@ def _check_copies_tags(name: str, out: dict[str, Any], subdir: str) -> None:
         )
 
 
-def _run_once(stage: str, sub, subdir: str) -> dict[str, Any]:
-    """Run a sub-stage unless its output already exists (a rerun resumes the pipeline)."""
+def _inputs(sub, wired: tuple[str, ...]) -> dict[str, str]:
+    """Fingerprints of the `wired` inputs of a sub-stage (the model and data files earlier
+    sub-stages wrote), by content: a finished stage whose inputs were made again since is not
+    skipped as done, and a workdir moved elsewhere still is."""
+    out = {}
+    for key in wired:
+        section, field = key.split(".")
+        path = sub[section][field]
+        if key == "model.path" and os.path.isdir(path):
+            out[key] = common.model_fingerprint(path)
+        elif os.path.isfile(path):
+            out[key] = common.file_fingerprint(path)
+    return out
+
+
+def _dependents(name: str) -> list[str]:
+    """The sub-stages trained, directly or through others, on `name`'s output (model or data)."""
+    out = []
+    for other, _, source in PLAN:
+        inputs = {source, DATA_FROM[other][1] if other in DATA_FROM else None}
+        if inputs & {name, *out}:
+            out.append(other)
+    return out
+
+
+def _to_delete(subdir: str) -> str:
+    """The folders to delete to train sub-stage `subdir` again: its own and its dependents'."""
+    name, workdir = os.path.basename(subdir), os.path.dirname(subdir)
+    return " ".join(os.path.join(workdir, n) for n in [name, *_dependents(name)])
+
+
+def _run_once(
+    stage: str, sub, subdir: str, name: str, wired: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Run a sub-stage unless its output already exists (a rerun resumes the pipeline).
+    `wired`: the fields `run` set from earlier sub-stages' outputs."""
+    from r1jax.checkpoint import CheckpointError
+    from r1jax.models.hf import CheckpointError as ModelFolderError
+    from r1jax.train import Diverged
+
     done = os.path.join(subdir, "done.json")
+    inputs = _inputs(sub, wired)
     if os.path.exists(done):
-        _check_same_settings(sub, os.path.join(subdir, f"config_{stage}.json"), subdir, stage)
-        log.info("pipeline: %s already done, skipping (%s)", os.path.basename(subdir), subdir)
-        return common.read_json(done)
-    common.validate(sub, stage)
+        saved_config = os.path.join(subdir, f"config_{stage}.json")
+        _check_same_settings(sub, saved_config, subdir, stage, wired)
+        finished = common.read_json(done)
+        remade = [k for k, v in finished.get("inputs", {}).items() if inputs.get(k) != v]
+        if remade:
+            raise common.ConfigError(
+                f"{name} is done, but what it was trained on ({', '.join(remade)}) was made "
+                f"again since; delete {_to_delete(subdir)} to train them on the new one, or give "
+                f"the pipeline a new --workdir"
+            )
+        log.info("pipeline: %s already done, skipping (%s)", name, subdir)
+        return finished
+    # Minutes of earlier attempts that stopped part way (the stage resumed from their checkpoint).
+    attempts = os.path.join(subdir, "minutes_before.json")
+    before = common.read_json(attempts)["minutes"] if os.path.exists(attempts) else 0.0
     started = time.time()
-    out = common.run_stage(stage, sub, subdir) or {}
+
+    def keep_minutes():  # of an attempt that stopped, for the total once the stage finishes
+        if os.path.isdir(subdir):
+            common.write_json(attempts, {"minutes": before + (time.time() - started) / 60})
+
+    try:
+        common.validate(sub, stage)
+        out = common.run_stage(stage, sub, subdir) or {}
+    except (common.ConfigError, CheckpointError, ModelFolderError, Diverged) as e:
+        keep_minutes()
+        # Say which sub-stage: four of them are RL runs, with the same field names.
+        e.args = (f"pipeline stage {name} (--stage={stage}, --config.{name}.*, {subdir}): {e}",)
+        raise
+    except BaseException:  # a bug, a kill (SIGTERM), Ctrl-C
+        keep_minutes()
+        raise
     out = {k: v for k, v in out.items() if isinstance(v, int | float | str)}
-    out["minutes"] = (time.time() - started) / 60  # kept across resumes, unlike the total
+    out["minutes"] = before + (time.time() - started) / 60  # kept across resumes, unlike the total
+    out["inputs"] = inputs
     common.write_json(done, out)
     return out
 
 
-def _check_same_settings(sub, saved_path: str, subdir: str, stage: str) -> None:
+def _check_same_settings(
+    sub, saved_path: str, subdir: str, stage: str, wired: tuple[str, ...] = ()
+) -> None:
     """Refuse to skip a finished stage that ran with other settings than `sub` now asks for: its
     results would stand for settings they were not made with. Fields the saved config lacks (an
-    older r1jax) are not compared, nor those that cannot change what `stage` produced."""
+    older r1jax) are not compared, nor those that cannot change what `stage` produced, nor the
+    `wired` inputs (`_run_once` compares those by content)."""
     if not os.path.exists(saved_path):
         return
     with open(saved_path) as f:
@@ -239,7 +326,7 @@ def _check_same_settings(sub, saved_path: str, subdir: str, stage: str) -> None:
     changed = sorted(
         k
         for k in saved.keys() & now.keys()
-        if not _result_neutral(k, stage) and not _same_value(saved[k], now[k])
+        if not _result_neutral(k, stage) and k not in wired and not _same_value(saved[k], now[k])
     )
     if changed:
         name = os.path.basename(subdir)
@@ -249,8 +336,8 @@ def _check_same_settings(sub, saved_path: str, subdir: str, stage: str) -> None:
             f"{name} is done, but with other settings ({diffs}; a default of this r1jax may have "
             f"changed); "
             + (f"keep the ones it ran with ({keep}), " if keep else "")
-            + f"delete {subdir} (and the stages after it) to rerun it with the new ones, or give "
-            f"the pipeline a new --workdir"
+            + f"delete {_to_delete(subdir)} to rerun it with the new ones, or give the "
+            f"pipeline a new --workdir"
         )
 
 
@@ -264,7 +351,11 @@ def _keep_flag(name: str, key: str, value: Any) -> str | None:
     for a field the pipeline wires from other stages or a value without a one-word spelling."""
     if key in _WIRED or not isinstance(value, int | float | str | bool) or " " in str(value):
         return None
-    shared = key == "seed" or key.split(".")[0] in SHARED_SECTIONS
+    section, _, field = key.partition(".")
+    # (a shared-section value equal to the default is not applied from the top level)
+    shared = key == "seed" or (
+        section in SHARED_SECTIONS and common.base_config()[section].get(field) != value
+    )
     return f"--config.{key if shared else f'{name}.{key}'}={value!r}"
 
 
@@ -339,7 +430,7 @@ def match_compute(rl_config, distill_config, distill_steps: int, steps: int | No
     rows = distill_steps * d.batch_size
     budget = 3 * rows * d.seq_len * student(d.seq_len)
     if d.teacher:
-        budget += rows * d.seq_len * pass_flops(d.teacher)(d.seq_len)
+        budget += rows * d.seq_len * pass_flops(common.resolve_model_path(d.teacher))(d.seq_len)
     r = rl_config.rl
     P, G, Tc, mu = r.prompts_per_step, r.num_generations, r.max_completion_length, r.num_iterations
     passes = (1 if r.beta > 0 else 0) + (1 if mu > 1 else 0) + 3 * mu
