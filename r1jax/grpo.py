@@ -1278,7 +1278,7 @@ def _update_step(
         loss, grads, metrics = loss_and_gradients(model, rollouts, cfg)
         router = metrics.pop("router", None)
         metrics = {"loss": loss, **metrics, **optimizer.apply_gradients(model, grads)}
-        return {**metrics, **train.router_step(model, router)}
+        return {**metrics, **train.router_step(model, router, metrics["update_skipped"] > 0)}
 
     metrics = train.repeat(one_step, model, optimizer, cfg.num_iterations)
     metrics["skipped_updates"] = optimizer.skipped[...].astype(jnp.float32)

@@ -412,6 +412,6 @@ def _step(
     )
     metrics = {"loss": loss, "num_tokens": num_items}
     metrics.update(optimizer.apply_gradients(model, grads))
-    metrics.update(train.router_step(model, aux.get("router")))
+    metrics.update(train.router_step(model, aux.get("router"), metrics["update_skipped"] > 0))
     metrics["skipped_updates"] = optimizer.skipped[...].astype(jnp.float32)
     return metrics

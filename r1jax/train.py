@@ -446,11 +446,13 @@ def cached_hidden_states(
     return hidden, cache, None
 
 
-def router_step(model: nnx.Module, stats: deepseek.RouterStats | None) -> dict[str, jax.Array]:
+def router_step(
+    model: nnx.Module, stats: deepseek.RouterStats | None, skipped: jax.Array
+) -> dict[str, jax.Array]:
     """After an optimizer step: the router metrics of the step's batch, and the auxiliary-loss-free
-    bias update when the model's `router_bias_rate` > 0 (`deepseek.router_step`). {} for dense
-    models (stats None)."""
-    return {} if stats is None else deepseek.router_step(model, stats)
+    bias update when the model's `router_bias_rate` > 0 (`deepseek.router_step`), none when the
+    step was `skipped` ([] bool). {} for dense models (stats None)."""
+    return {} if stats is None else deepseek.router_step(model, stats, skipped)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -310,6 +310,20 @@ def test_mesh_expert_and_router_bias_rate_reach_a_deepseek_model(monkeypatch):
         common.validate(config, "rl")
 
 
+def test_reward_weights_are_numbers_and_not_negative():
+    """A reward's options in `config.rewards` (the spec form `build_reward_fn` takes) ended in a
+    bare TypeError; a negative weight on a penalty (already <= 0) paid for repetition."""
+    config = sh.load_config("rl")
+    config.rewards.repetition_penalty = -1.0
+    with pytest.raises(common.ConfigError, match=r"weights must be >= 0.*repetition_penalty"):
+        common.validate(config, "rl")
+    spec = {"weight": 0.5, "kwargs": {"ngram_size": 3}}  # (as a config file can give it)
+    with config.unlocked():
+        config.rewards = ml_collections.ConfigDict({"format": 1.0, "repetition_penalty": spec})
+    with pytest.raises(common.ConfigError, match=r"each entry is a reward's weight \(a number"):
+        common.validate(config, "rl")
+
+
 def test_unusable_workdir_is_refused_before_any_work(tmp_path):
     env = sh.cli_env(str(tmp_path / "empty_home"))
     (tmp_path / "a_file").write_text("")
@@ -955,6 +969,7 @@ def test_arguments_that_were_silently_ignored_are_refused_or_honoured(toy, tmp_p
         (["--stage=pipeline", "--config=configs/pipeline.py:smoek"], "takes one of ['smoke']"),
         (["--stage=eval", "--config.seed=-1"], "seed must be an integer >= 0"),
         (["--stage=rl", "--config.rewards.format=nan"], "rewards: weights must be finite"),
+        (["--stage=rl", "--config.rewards.repetition_penalty=-1"], "weights must be >= 0"),
     ):
         out = run_cli([*args, f"--workdir={tmp_path / 'w'}"], env)
         assert out.returncode != 0 and message in out.stderr, (args, out.stderr[-2000:])

@@ -624,6 +624,34 @@ def test_shared_prompt_forward_equals_per_row_on_mla_and_counts_prompts_once():
     assert np.abs(prompt_router.load).sum() > 0
 
 
+def test_a_skipped_update_leaves_the_router_bias_too():
+    """An update skipped for non-finite gradients (here: a batch whose groups do not share their
+    prompt) left the parameters but still moved the router bias, by the routing of the batch it
+    refused."""
+    model = deepseek.create(DeepseekConfig.tiny(router_bias_rate=RATE, num_layers=2), seed=0)
+    state = train.TrainState.create(model, OPTIM)
+    rng = np.random.RandomState(0)
+    b, tp, tc = 4, 5, 4
+    rollouts = grpo.Rollouts(
+        prompt_ids=rng.randint(1, 96, (b, tp)).astype(np.int32),  # every row its own prompt
+        prompt_mask=np.ones((b, tp), np.int32),
+        completion_ids=rng.randint(1, 96, (b, tc)).astype(np.int32),
+        completion_mask=np.ones((b, tc), np.int32),
+        advantages=rng.normal(size=b).astype(np.float32),
+        rewards=np.zeros(b, np.float32),
+        per_reward=np.zeros((b, 1), np.float32),
+        truncated=np.zeros(b, bool),
+        ref_logprobs=np.zeros((b, tc), np.float32),
+    )
+    before = _flat(nnx.state(state.model))
+    cfg = grpo.GRPOConfig(num_generations=2, beta=0.0, max_completion_length=tc)
+    metrics = jax.device_get(grpo.update(state, rollouts, cfg))
+    assert metrics["update_skipped"] == 1.0 and metrics["router/bias_drift"] == 0.0
+    after = _flat(nnx.state(state.model))
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=str(k))
+
+
 def test_grpo_step_expert_parallel_equals_single_device_and_updates_router_bias():
     state1, rollouts, data1, before = _grpo_step()
     mesh = sharding.make_mesh(fsdp=2, expert=4)

@@ -7,6 +7,7 @@ transformers (seeded), saved as real HF folders beside a small trained BPE token
 template.
 """
 
+import copy
 import functools
 import json
 import os
@@ -381,6 +382,19 @@ def test_rl_config_section_is_off_by_default_validated_and_loads(checkpoint, tmp
     section.path, section.rows = checkpoint("qwen2"), "reasoning"
     with pytest.raises(common.ConfigError, match=r"reward_model.rows must be one of"):
         common.validate_reward_model(section)
+    # A resume is refused when the reward model scores other rows, or its score is scaled or its
+    # inputs cut otherwise: RL's objective changed (only the model and weight were recorded).
+    from r1jax.stages import rl
+
+    section.rows = "general"
+    record = rl.reward_model_objective(section)
+    for field, value in (("rows", "all"), ("std", 100.0), ("mean", 0.0), ("buckets", (32,))):
+        changed = copy.deepcopy(section)
+        changed[field] = value
+        assert rl.reward_model_objective(changed) != record, field
+    assert rl.reward_model_objective(copy.deepcopy(section)) == record
+    section.path = ""
+    assert rl.reward_model_objective(section) == {"reward_model": ""}  # (as recorded before)
 
 
 def test_rl_routes_the_reward_model_to_the_prompts_no_rule_checks(checkpoint):

@@ -10,6 +10,7 @@ import os
 import time
 
 import numpy as np
+import pyarrow
 import pytest
 
 from r1jax.rewards import (
@@ -339,6 +340,12 @@ def test_language_reward_cannot_be_hidden_in_math_or_code_spans():
     math = ["So the area is $x² + y² = r²$ and", "Let $f: ℝ → ℝ$ with $f(x_₁) = ½$", "$ℓ$ aⁿ"]
     assert language_consistency_reward(math, language="en") == [1.0, 1.0, 0.0]
     assert word_scripts("The cost is \\$5 and then \\$ here") == ["latin"] * 6
+    # Modifier-letter superscripts (Aᵀ, 2ᵏ) and µ are math; fullwidth letters are Latin; an
+    # accent written as a combining mark (NFD) does not split its word.
+    assert language_consistency_reward(
+        ["so Aᵀ is the transpose, 2ᵏ rows of 5 µm"], language="en"
+    ) == [1.0]
+    assert word_scripts("Ｈｅｌｌｏ re\u0301sume\u0301 café") == ["latin"] * 3
     assert word_scripts("$\\text{直角}$ and ```x = 1 # 注释```") == [
         "han",
         "han",
@@ -560,6 +567,9 @@ def test_pool_matches_serial_and_custom_callables():
         np.testing.assert_array_equal(a.per_reward, b.per_reward)
         np.testing.assert_array_equal(a.total, b.total)
         np.testing.assert_allclose(b.per_reward[3], [len(c) / 100.0 for c in batch], rtol=1e-6)
+        # A column of another array type (pyarrow, pandas) is split per worker as a list is.
+        arrow = dict(columns, solution=pyarrow.array(columns["solution"]))
+        np.testing.assert_array_equal(pooled(batch, **arrow).total, a.total)
         # Configuration errors inside a worker reach the caller unchanged.
         with pytest.raises(ValueError, match="`solution` column"):
             pooled(batch)

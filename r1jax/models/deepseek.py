@@ -463,7 +463,9 @@ def router_metrics(stats: RouterStats) -> dict[str, jax.Array]:
     return metrics
 
 
-def router_step(model: DeepseekDecoder, stats: RouterStats) -> dict[str, jax.Array]:
+def router_step(
+    model: DeepseekDecoder, stats: RouterStats, skipped: jax.Array
+) -> dict[str, jax.Array]:
     """Router bookkeeping after one optimizer step, from the routing of that step's batch.
 
     `stats` come from the step's training forward (`hidden_states_with_router`; summed or
@@ -476,7 +478,10 @@ def router_step(model: DeepseekDecoder, stats: RouterStats) -> dict[str, jax.Arr
         return {}
     metrics = router_metrics(stats)
     if model.cfg.topk_method == "noaux_tc":
-        metrics.update(update_router_bias(model, stats, model.cfg.router_bias_rate))
+        # (an optimizer step skipped for non-finite gradients leaves the whole model as it was:
+        # its routing counts may come from a batch the step refused)
+        rate = jnp.where(skipped, 0.0, model.cfg.router_bias_rate)
+        metrics.update(update_router_bias(model, stats, rate))
     return metrics
 
 

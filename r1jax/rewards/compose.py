@@ -213,12 +213,13 @@ def _score(specs: Sequence[RewardSpec], completions: list, columns: dict) -> np.
 
 
 def _slice_columns(columns: Mapping[str, Any], n: int, start: int, stop: int) -> dict:
-    """Per-row columns (sequences of length n) are sliced; anything else is passed whole."""
+    """Per-row columns (sequences of length n: lists, numpy, pyarrow or pandas columns) are
+    sliced; anything else is passed whole."""
     out = {}
     for key, value in columns.items():
-        if isinstance(value, Sequence | np.ndarray) and not isinstance(value, str | bytes):
-            if len(value) == n:
-                value = value[start:stop]
+        per_row = hasattr(value, "__len__") and hasattr(value, "__getitem__")
+        if per_row and not isinstance(value, str | bytes | Mapping) and len(value) == n:
+            value = list(value)[start:stop]
         out[key] = value
     return out
 

@@ -30,6 +30,7 @@ module makes "word" and "language" precise, by script, using only the standard l
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,7 +41,7 @@ from r1jax.rewards.common import column, completion_texts, think_region
 _HAN = "\u3005-\u3007\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
 _KANA = "\u3040-\u309f\u30a0-\u30ff\u31f0-\u31ff\uff66-\uff9f"
 _HANGUL = "\uac00-\ud7af\u1100-\u11ff\u3130-\u318f"
-_LATIN = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u1e00-\u1eff"
+_LATIN = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u1e00-\u1eff\uff21-\uff3a\uff41-\uff5a"
 _CYRILLIC = "\u0400-\u04ff"
 _GREEK = "\u0370-\u03ff"
 # Word characters that are math, not words: superscripts and subscripts (x², a₁, aⁿ, xᵢ, aⱼ),
@@ -48,6 +49,7 @@ _GREEK = "\u0370-\u03ff"
 _SYMBOLS = (
     "\u00b2\u00b3\u00b9\u00bc-\u00be\u2070-\u209f\u2100-\u218f"
     "\u1d62-\u1d6a\u2c7c\U0001d400-\U0001d7ff"
+    "\u00b5\u02b0-\u02ff\u1d2c-\u1d61"  # micro sign, modifier letters (Aᵀ, 2ᵏ, xʰ)
 )
 
 # Spans where Latin letters are not words: closed code fences, display and inline math. A
@@ -99,7 +101,7 @@ def word_scripts(text: str) -> list[str]:
 
     Classes: ``han``, ``kana``, ``hangul``, ``latin``, ``cyrillic``, ``other``.
     """
-    text = _MARKUP.sub(" ", text)
+    text = _MARKUP.sub(" ", unicodedata.normalize("NFC", text))
     scripts, start = [], 0
     for span in [*_CODE_OR_MATH.finditer(text), None]:
         prose = text[start : span.start() if span else len(text)]

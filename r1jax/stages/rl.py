@@ -164,9 +164,24 @@ def validate(config) -> None:
         raise common.ConfigError(
             f"rewards: unknown reward(s) {sorted(unknown)}; registered: {sorted(rewards.REWARDS)}"
         )
+    not_numbers = {
+        k: w for k, w in weights.items() if isinstance(w, bool) or not isinstance(w, int | float)
+    }
+    if not_numbers:
+        raise common.ConfigError(
+            f"rewards: each entry is a reward's weight (a number, 0 = off), got {not_numbers}; "
+            "the RL stage sets the rewards' options itself (configs/rl.py)"
+        )
     bad = {k: w for k, w in weights.items() if not math.isfinite(w)}
     if bad:
         raise common.ConfigError(f"rewards: weights must be finite numbers, got {bad}")
+    negative = {k: w for k, w in weights.items() if w < 0}
+    if negative:
+        raise common.ConfigError(
+            f"rewards: weights must be >= 0, got {negative}; every reward is higher for what is "
+            "wanted, so a negative weight trains the opposite (the penalties, repetition_penalty "
+            "and overlong_penalty, are already <= 0: give them a positive weight)"
+        )
     common.validate_reward_model(config.reward_model)
     if not any(w != 0 for w in weights.values()) and not _reward_model_on(config):
         raise common.ConfigError(
@@ -229,6 +244,23 @@ def check_correctness_rewards(config, rows: list[dict]) -> None:
     if len(uncovered) == len(rows):
         raise common.ConfigError(f"{message} (GRPO would optimise only the format rewards)")
     log.warning(message)
+
+
+def reward_model_objective(section) -> dict[str, Any]:
+    """What of the `reward_model` section is RL's objective, for the resume check: the model and
+    its weight (one key, as recorded since the first version), which rows it scores, and how its
+    score is scaled and its inputs cut (their own keys, which a checkpoint from before lacks and
+    so is compared on the rest)."""
+    if not section.path:
+        return {"reward_model": ""}
+    return {
+        "reward_model": [common.model_fingerprint(section.path), float(section.weight)],
+        "reward_model.rows": section.get("rows", "general"),
+        "reward_model.mean": float(section.mean),
+        "reward_model.std": float(section.std),
+        "reward_model.largest_bucket": int(max(section.buckets)),
+        "reward_model.dtype": section.dtype,
+    }
 
 
 def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
@@ -326,7 +358,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     # the starting and reference models, the rewards, the loss and the sampling. A resume that
     # changes any of them would train a mix of two runs under the second one's name.
     answers = json.dumps(train_set.columns, sort_keys=True, default=str).encode()
-    r, rm = config.rl, config.reward_model
+    r = config.rl
     data_order = {
         "seed": config.seed,
         "prompts_per_step": r.prompts_per_step,
@@ -338,7 +370,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         "model.path": common.model_fingerprint(config.model.path),
         "rl.ref_model": common.model_fingerprint(r.ref_model) if r.ref_model else "",
         "rewards": {n: float(w) for n, w in zip(reward_fn.names, reward_fn.weights, strict=True)},
-        "reward_model": [common.model_fingerprint(rm.path), float(rm.weight)] if rm.path else "",
+        **reward_model_objective(config.reward_model),
         **{f"rl.{k}": r[k] for k in _OBJECTIVE_FIELDS},
         **common.optimizer_layout(config),
     }
