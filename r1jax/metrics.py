@@ -3,7 +3,7 @@
 What a run leaves in its workdir (local, or a cloud URI such as gs://bucket/run):
 - `metrics.jsonl`: one JSON object per logged step, `{"step": 12, "time": 1712345678.123, ...}`.
 - `tb/`: TensorBoard event files with the same scalars.
-- `plots/*.png` (written by the stage with `plot_metrics`).
+- `rl_curves.png` (the RL stage's, written with `plot_metrics`).
 
 Notable choices:
 - Only process 0 writes or prints; on other processes every method is a cheap no-op, so stages call
@@ -119,21 +119,15 @@ class MetricsWriter:
         self._staged.sync(force=True)  # the workdir's history now matches what this run continues
         self._file = open(local, "a", encoding="utf-8")  # local working copy; closed in close()
         if tensorboard:
-            from tensorboardX import SummaryWriter  # heavy import, only where it is used
-
-            # NaN is a routine value here (a reward that applied to no row of a batch); the
-            # writer would warn about each one, unnamed, on stderr.
-            logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
-
-            self._tb = SummaryWriter(
+            self._tb = _EventFile(
                 self._staged.local_path(TENSORBOARD_DIR),
                 # TensorBoard hides earlier events at steps >= purge_step: the killed run's tail
                 # (all of it for a run that starts from scratch).
                 purge_step=start_step + 1 if start_step > 0 else 0,
-                flush_secs=10,
-                # Names are events.out.tfevents.<seconds>.<host>: a resume in the same second
-                # would overwrite the file it continues without a suffix of its own.
-                filename_suffix=f".from_step_{start_step}",
+                # Names are events.out.tfevents.<seconds>.<host><suffix>: a resume in the same
+                # second would overwrite the file it continues without a suffix of its own, and
+                # TensorBoard reads a folder's files in name order (padded: "10" after "4").
+                suffix=f".from_step_{start_step:012d}",
             )
         self._bar = tqdm(  # progress=False: no bar (summary lines still print every N steps)
             total=total_steps,
@@ -142,6 +136,7 @@ class MetricsWriter:
             unit="step",
             dynamic_ncols=True,
             mininterval=bar_interval(),
+            maxinterval=max(10.0, bar_interval()),  # (tqdm's own thread redraws at this interval)
             disable=not progress,
         )
         self._last_summary = (start_step, time.time())
@@ -164,22 +159,27 @@ class MetricsWriter:
         self._file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
-            for name, value in values.items():
-                self._tb.add_scalar(tensorboard_name(name), value, global_step=int(step))
+            self._tb.write(int(step), values)
         self._bar.update(int(step) - self._bar.n)
         shown = {k: f"{values[k]:.4g}" for k in self.postfix_keys if k in values}
         if shown:
             self._bar.set_postfix(shown, refresh=False)
         if self.summary_every and step % self.summary_every == 0:
-            self._bar.write(self._summary(int(step), values))
+            self.log(self._summary(int(step), values))
         if self._staged.due():
             self._sync()
         return values
 
     def log(self, message: str) -> None:
-        """Print a line above the progress bar (process 0 only)."""
-        if self.active:
+        """Print a line to stdout above the progress bar (process 0 only). In a log file (stderr
+        no terminal) the line is printed as it is: tqdm's way of keeping the bar below it, an
+        erase and a redraw of the bar, would put a copy of the bar before every line."""
+        if not self.active:
+            return
+        if bar_interval() < 30.0:
             self._bar.write(message)
+        else:
+            print(message, flush=True)
 
     def close(self) -> None:
         """Flush and close files and the bar, and upload them to a cloud workdir. Safe to call
@@ -205,8 +205,6 @@ class MetricsWriter:
     def _sync(self) -> None:
         """Upload the working copies to a cloud workdir; a failure mid-run is only logged (the
         next sync retries it) so that a network hiccup does not end a training run."""
-        if self._tb is not None:
-            self._tb.flush()
         try:
             self._staged.sync(force=True)
         except Exception as e:
@@ -228,6 +226,37 @@ class MetricsWriter:
         if step > last_step:
             parts.append(f"{(now - last_time) / (step - last_step):.3g} s/step")
         return " | ".join(parts)
+
+
+class _EventFile:
+    """One TensorBoard event file, written as `write` is called. (tensorboardX's SummaryWriter
+    hands events to a thread through a queue, and its flush() does not wait for the queue: a
+    step's scalars could be in metrics.jsonl and its checkpoint saved, yet not in the file.)"""
+
+    def __init__(self, logdir: str, purge_step: int, suffix: str):
+        from tensorboardX.event_file_writer import EventsWriter  # heavy import, only here
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        os.makedirs(logdir, exist_ok=True)
+        self._Event, self._Summary = Event, Summary
+        self._file = EventsWriter(os.path.join(logdir, "events"), suffix)
+        start = SessionLog(status=SessionLog.START)
+        self._file.write_event(Event(step=purge_step, wall_time=time.time(), session_log=start))
+        self._file.flush()
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        """Every scalar of `step` (NaN and infinities too), on disk when this returns."""
+        now = time.time()
+        for name, value in values.items():
+            summary = self._Summary(
+                value=[self._Summary.Value(tag=tensorboard_name(name), simple_value=value)]
+            )
+            self._file.write_event(self._Event(step=step, wall_time=now, summary=summary))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def bar_interval() -> float:
@@ -347,7 +376,7 @@ def _to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
 def plot_metrics(
     jsonl_path: str | os.PathLike,
     out_png: str | os.PathLike,
-    keys: Iterable[str] = ("reward", "completion_length", "kl"),
+    keys: Iterable[str] = ("reward", "completions/mean_length", "kl"),
 ) -> list[str]:
     """Plot each of `keys` against step from a metrics.jsonl into one PNG (one panel per key).
 

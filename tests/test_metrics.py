@@ -58,6 +58,9 @@ def test_jsonl_records_and_tensorboard_scalars(tmp_path, caplog):
             )
             assert got == {"reward": step / 4, "loss": 1.0 / step, "n": float(step)}
         w.write(4, {"eval/pass@1": 0.5, "eval/cons@4": 0.25})
+        # Each step's scalars are in the event file when write() returns, as its JSONL line is
+        # (tensorboardX's writer queued them for a thread; a kill lost the queue).
+        assert scalars(read_events(tmp_path / "tb"), "eval/pass_at_1") == {4: 0.5}
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4] and records[3]["eval/pass@1"] == 0.5
     records = records[:3]
@@ -128,6 +131,24 @@ def test_resume_drops_steps_after_the_checkpoint_and_appends(tmp_path):
     assert purges == [0, 5]
 
 
+def test_resumes_within_one_second_are_read_back_in_order(tmp_path, monkeypatch):
+    """Event files are named by the second they were made and the step the run resumed from;
+    TensorBoard reads a folder's files in name order, and "from_step_10" sorted before
+    "from_step_4": the older file's purge then hid the newer run's steps."""
+    monkeypatch.setattr(metrics.time, "time", lambda: 1_700_000_000.0)
+    for start, scale in ((0, 1.0), (4, 10.0), (10, 100.0)):
+        with MetricsWriter(tmp_path, start_step=start, summary_every=0) as w:
+            for step in range(start + 1, start + 3 if start < 10 else 13):
+                w.write(step, {"reward": scale * step})
+    # Replayed as TensorBoard does: each START purges the steps at and after its own.
+    seen: dict[int, float] = {}
+    for e in read_events(tmp_path / "tb"):
+        if e.session_log.status == event_pb2.SessionLog.START:
+            seen = {k: v for k, v in seen.items() if k < e.step}
+        seen.update(scalars([e], "reward"))
+    assert seen == {1: 1.0, 2: 2.0, 5: 50.0, 6: 60.0, 11: 1100.0, 12: 1200.0}
+
+
 def test_fresh_run_in_same_workdir_starts_a_new_history(tmp_path):
     # Step 0 (an evaluation before the first step) too: a run killed before its first checkpoint
     # starts over at 0 and must not leave its first attempt's row beside the new one.
@@ -162,6 +183,9 @@ def test_progress_bar_postfix_and_summary_lines(tmp_path, capsys):
     assert lines[1].startswith("step 4/4 | reward 2 | accuracy 0.25 | loss 3 | ")
     assert lines[1].endswith(" s/step")
     err = captured.err
+    # In a log file (stderr no terminal) a summary line is not wrapped in an erase and a redraw
+    # of the bar: the bar is drawn at its start and end only.
+    assert err.count("rl:") == 2, err
     final_bar = err.replace("\r", "\n").strip().splitlines()[-1]
     assert final_bar.startswith("rl: 100%") and "4/4" in final_bar
     assert "reward=2" in final_bar and "accuracy=0.25" in final_bar and "loss" not in final_bar

@@ -64,12 +64,12 @@ def base_config() -> ml_collections.ConfigDict:
     # DeepSeek only: slots per routed expert = factor x tokens x top-k / experts (GShard; tokens
     # past an expert's slots skip it), where tokens are those of one device's forward (of one
     # expert rank's share under expert parallelism), padding included: which tokens are dropped
-    # depends on the mesh and the batch layout. 0 = dropless: exact, but every expert computes a slot for
-    # every token, n_routed_experts / top-k times the useful work (32x for V3); 1.25 is typical
-    # for training. It applies to sampling too, where a decode step's B tokens get few slots: with
-    # V3's routing ~10% of the expert assignments of each generated token are dropped, in token
-    # order, so mostly from the batch's last rows (up to 25% for row 32 of 32). Keep 0 for RL and
-    # evaluation unless memory demands it.
+    # depends on the mesh and the batch layout. 0 = dropless: exact, but every expert computes a
+    # slot for every token, n_routed_experts / top-k times the useful work (32x for V3); 1.25 is
+    # typical for training. It applies to sampling too, where a decode step's B tokens get few
+    # slots: with V3's routing ~10% of the expert assignments of each generated token are dropped,
+    # in token order, so mostly from the batch's last rows (up to 25% for row 32 of 32). Keep 0
+    # for RL and evaluation unless memory demands it.
     c.model.capacity_factor = 0.0
 
     c.ckpt = ml_collections.ConfigDict()
