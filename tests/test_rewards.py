@@ -478,11 +478,22 @@ def test_extract_code_and_output_matching():
     assert extract_code(text) == "print(2)\n"  # the last *closed* python block
     assert extract_code("```bash\nls\n```") is None
     assert outputs_match("1 2  \n3\n\n", "1 2\n3")
-    assert not outputs_match("1 2\n3", "1 2 3")
     assert outputs_match("1\r\n2\r\n", "1\n2")
-    # Only "\n" ends a line and only spaces, tabs, "\r" trail, as on a judge.
+    # Tokens, as Codeforces' default checker reads them: any spacing between the same words.
+    assert outputs_match("\n1  2\n3", "1 2 3") and outputs_match(" 1\t2", "1\n2")
+    assert not outputs_match("0.50", "0.5") and not outputs_match("1 2", "12")
+    # Only spaces, tabs, "\r" and "\n" separate them, as on a judge.
     assert not any(outputs_match(a, b) for a, b in [("1\x0c2", "1\n2"), ("5\xa0", "5")])
+    assert not outputs_match("1\x0b2", "1 2") and outputs_match("1\x0b2", "1\x0b2")
     assert not outputs_match("", "0")
+    # The answer's code: after </think> (not a draft in the reasoning, even when the answer's
+    # own block is cut off), dedented when the block sits in a list item.
+    draft = "<think>```python\nprint(0)\n```</think>"
+    assert extract_code(draft + "Answer:\n```python\nprint(1)\n```") == "print(1)\n"
+    assert extract_code(draft + "Answer:\n```python\nprint(1)") is None
+    assert (
+        extract_code("1. Code:\n   ```python\n   x = 1\n   print(x)\n   ```") == "x = 1\nprint(x)\n"
+    )
 
 
 @needs_sandbox

@@ -6,6 +6,7 @@ test. Every case also checks: the call returns within the time limit (plus start
 no process of the run survives it, and the host side effects it tried are absent.
 """
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -172,7 +173,41 @@ def test_stdout_flood_and_enormous_output():
     result = run_python("import sys\nsys.stdout.write('y' * 50_000_000)", cfg=CFG)
     assert result.output_truncated and len(result.stdout) == CFG.max_output_bytes
     assert time.monotonic() - start < LIMIT_S + SLACK_S
-    assert score("import sys\nsys.stdout.write('y' * 50_000_000)", "y" * 50_000_000) == 0.0
+    assert score("import sys\nsys.stdout.write('y' * 50_000_000)", "y" * 5_000_000) == 0.0
+    # A test whose expected output is past the cap raises it for that test (1.4 MB: 2e5 numbers).
+    numbers = " ".join(map(str, range(1_000_000, 1_200_000)))
+    assert score("print(*range(1_000_000, 1_200_000))", numbers) == 1.0
+
+
+def test_each_run_has_its_own_process_limit():
+    """A non-root trainer's runs shared one process limit (its user's tasks + max_processes), so
+    concurrent reward workers failed each other's runs at random. The limit is now set inside
+    the sandbox's user namespace, where the kernel counts that run's tasks alone: with
+    max_processes=3 (the sandbox's init, the program, one thread) a run starts one thread and
+    not two, whoever runs it and whatever else its uid runs."""
+    if not sandbox_lib._nproc_counts_per_namespace():
+        pytest.skip("Linux < 5.14 counts RLIMIT_NPROC per user, not per user namespace")
+    cfg = SandboxConfig(timeout_s=LIMIT_S, max_processes=3)
+    threads = (
+        "import threading, time\n"
+        "t = [threading.Thread(target=time.sleep, args=(0.2,)) for _ in range({})]\n"
+        "for x in t: x.start()\nfor x in t: x.join()\nprint(len(t))"
+    )
+    assert run_python(threads.format(1), cfg=cfg).stdout == b"1\n"
+    result = run_python(threads.format(2), cfg=cfg)
+    assert b"can't start new thread" in result.stderr and not result.ok
+
+
+def test_exit_and_quit_work_as_on_a_judge():
+    """`-S` (no site.py) left out exit() and quit(): `print(-1); exit()` ended in a NameError
+    and failed the test it had passed."""
+    assert score("print(-1)\nexit()\nprint(2)", "-1") == 1.0
+    assert (
+        score("import sys\nprint(sys.argv[0], __name__)\nquit(0)", "/sandbox/main.py __main__")
+        == 1.0
+    )
+    result = run_python("quit(3)", cfg=CFG)
+    assert result.returncode == 3
 
 
 def test_fork_storm():
@@ -447,6 +482,66 @@ def test_refuses_without_sandbox_unless_allowed(monkeypatch, caplog):
         time.sleep(2.3)
         ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
         assert f"sleep {DAEMON_MARKER}" not in ps
+    # A program that closes its stdout and stderr and then exits 0 was killed when its pipes
+    # ended; exit() is there (the interpreter runs without site.py); a program past the
+    # command line's 128 KiB limit for one argument runs (it went in as `-c CODE`).
+    close = "import os, time\nprint(7, flush=True)\nos.close(1)\nos.close(2)\ntime.sleep(0.3)"
+    assert score(close, "7", cfg=weak) == 1.0
+    assert score("print(-1)\nexit()\nprint(2)", "-1", cfg=weak) == 1.0
+    assert score("x = 1\n" * 40_000 + "print(x)", "1", cfg=weak) == 1.0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="private uids need root")
+def test_unsandboxed_runs_leave_no_files_or_shared_memory(monkeypatch):
+    """The weak mode (no bubblewrap) as root: what a run's private uid wrote in the shared temp
+    folders, and its System V shared memory, stayed on the host after every run."""
+    monkeypatch.setattr(sandbox_lib, "_bwrap_problem", lambda python: "simulated: no bwrap")
+    marker = f"r1jax_left_{os.getpid()}"
+    places = [f"/tmp/{marker}", f"/var/tmp/{marker}", f"/dev/shm/{marker}", f"/tmp/{marker}_d"]
+    code = (
+        "import ctypes, os\n"
+        f"for path in {places[:3]!r}:\n"
+        "    open(path, 'w').write('x' * 1000)\n"
+        f"os.mkdir({places[3]!r})\n"
+        f"open({places[3]!r} + '/f', 'w').write('y')\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "print(libc.shmget(0, 1 << 20, 0o1600))\n"
+    )
+    result = run_python(code, cfg=SandboxConfig(timeout_s=LIMIT_S, allow_unsandboxed=True))
+    assert result.ok and not result.sandboxed, result.stderr
+    segment = result.stdout.decode().strip()
+    assert int(segment) >= 0
+    assert [p for p in places if os.path.lexists(p)] == []
+    with open("/proc/sysvipc/shm") as f:
+        assert segment not in [line.split()[1] for line in f.readlines()[1:]]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="private uids need root")
+def test_concurrent_runs_never_share_a_private_uid(monkeypatch):
+    """Where only a few ids are usable (a remapped container: 1024), two workers' runs drew the
+    same uid (2 bits of the pid and a counter starting at 0 in each), so they shared a process
+    limit, and the weak mode's cleanup of one killed the other."""
+    base = sandbox_lib._private_id_range()[0]
+    monkeypatch.setattr(sandbox_lib, "_private_id_range", lambda: (base, 4))
+    holder = subprocess.Popen(  # another worker, holding one of the four ids
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom r1jax.rewards import sandbox as s\n"
+            f"s._private_id_range = lambda: ({base}, 4)\n"
+            "with s._private_uid() as uid:\n    print(uid, flush=True)\n    sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        held = int(holder.stdout.readline())
+        with contextlib.ExitStack() as stack:
+            ours = [stack.enter_context(sandbox_lib._private_uid()) for _ in range(3)]
+            assert sorted([held, *ours]) == [base, base + 1, base + 2, base + 3]
+    finally:
+        holder.communicate("", timeout=30)
 
 
 def test_private_ids_fit_a_remapped_user_namespace(monkeypatch):
@@ -484,18 +579,18 @@ def test_memory_outside_the_address_space_limit_is_refused():
 
 
 def test_limits_that_fail_every_run_are_refused_up_front():
-    """max_processes=2 (bubblewrap needs 3) and cpu_time_s=0 passed validation and scored every
-    completion 0 for a whole run, with at most a per-run warning."""
+    """Limits no program runs under (here 3 open files: bubblewrap needs ~10) and cpu_time_s=0
+    passed validation and scored every completion 0 for a whole run, with at most a per-run
+    warning."""
     import ml_collections
 
     from r1jax.stages import common
 
-    config = ml_collections.ConfigDict({"sandbox": {"max_processes": 2}})
-    with pytest.raises(
-        common.ConfigError, match=r"prints 42 fails under these .*max_processes \(bubblewrap"
-    ):
+    config = ml_collections.ConfigDict({"sandbox": {"max_open_files": 3, "max_processes": 8}})
+    with pytest.raises(common.ConfigError, match=r"prints 42 fails under these .*max_open_files"):
         common.sandbox_options(config)
-    config.sandbox.max_processes, config.sandbox.cpu_time_s = 8, 0
+    del config.sandbox["max_open_files"]
+    config.sandbox.cpu_time_s = 0
     with pytest.raises(common.ConfigError, match=r"sandbox.cpu_time_s must be >= 1"):
         common.sandbox_options(config)
     config.sandbox.cpu_time_s = 1

@@ -2,8 +2,11 @@
 
 Owns ``code_reward``, ``extract_code`` and ``outputs_match``. Notable choices:
 
-- **Which code.** The last fenced block tagged ``python``, ``python3`` or ``py``; an unclosed fence
-  (a truncated completion) does not count. No block → 0.0, nothing is run.
+- **Which code.** The answer's last fenced block tagged ``python``, ``python3`` or ``py``: after
+  the last ``</think>`` when there is one (a draft in the reasoning is not the answer, even when
+  the answer's own block was cut off), else anywhere. An unclosed fence (a truncated completion)
+  does not count; a block indented as a whole (inside a list item) is dedented. No block → 0.0,
+  nothing is run.
 - **Tests.** Per row, a list of ``{"input": str, "output": str}`` (stdin, expected stdout). A JSON
   string of that list, and the code-contest shapes ``{"inputs": [...], "outputs": [...]}`` /
   ``{"input": [...], "output": [...]}``, are accepted too (as the loaders read them; a value given
@@ -11,9 +14,10 @@ Owns ``code_reward``, ``extract_code`` and ``outputs_match``. Notable choices:
   A row with no tests, or malformed tests, gives ``None`` (not applicable) and a logged warning,
   never an exception mid-training.
 - **Pass** = the program exits with status 0 within the time limit, its stdout is within the
-  output cap, and it matches the expected output line by line after trailing whitespace is
-  stripped from each line and trailing blank lines are dropped (the usual lenient judge).
-  Output is decoded as UTF-8 with replacement, so invalid bytes simply fail to match.
+  output cap (raised for a test whose expected output is larger), and it holds the expected
+  output's tokens: the same words in the same order, however spaces, tabs and line breaks
+  separate them (Codeforces' default checker; numbers are compared as text, "0.50" is not
+  "0.5"). Output is decoded as UTF-8 with replacement, so invalid bytes simply fail to match.
 - **Reward** = passed / number of tests. Every test runs in a fresh sandbox (``sandbox.py``), so
   one test cannot leave state for the next. A program that hangs costs ``timeout_s`` per test.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,24 +39,23 @@ logger = logging.getLogger(__name__)
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\r?\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
+_SPACE = re.compile(r"[ \t\r\n]+")  # a judge's whitespace (str.split would take "\xa0" too)
+_MAX_EXPECTED_CAP = 64 * 1024 * 1024  # the largest output cap a test's expected output raises
+
+
 def extract_code(text: str) -> str | None:
-    """Completion text -> the body of its last closed ```python block, or None."""
-    blocks = _FENCE.findall(text)
-    return blocks[-1] if blocks else None
+    """Completion text -> the body of its answer's last closed ```python block, or None."""
+    answer = text.rpartition("</think>")[2]  # (all of it when there is no </think>)
+    blocks = _FENCE.findall(answer)
+    return textwrap.dedent(blocks[-1]) if blocks else None
 
 
 def outputs_match(actual: str, expected: str) -> bool:
-    """Line-wise equality ignoring trailing whitespace on each line and trailing blank lines."""
-
-    def lines(s: str) -> list[str]:
-        # "\n" ends a line and spaces, tabs and "\r" are trailing whitespace, as on a judge;
-        # str.splitlines / str.rstrip would also take "\x0c", "\x1c" or "\xa0" for them.
-        out = [line.rstrip(" \t\r") for line in s.split("\n")]
-        while out and not out[-1]:
-            out.pop()
-        return out
-
-    return lines(actual) == lines(expected)
+    """Whether `actual` holds the tokens of `expected` (whitespace-separated words), in order."""
+    a, e = (s.encode("utf-8", errors="replace") for s in (actual, expected))
+    if any(c in x for c in (b"\x0b", b"\x0c") for x in (a, e)):  # (bytes.split takes these)
+        return _SPACE.split(actual.strip(" \t\r\n")) == _SPACE.split(expected.strip(" \t\r\n"))
+    return a.split() == e.split()  # (the same, in C: outputs of megabytes)
 
 
 def normalize_tests(raw: Any) -> list[tuple[str, str]]:
@@ -123,7 +127,16 @@ def code_reward(
             continue
         passed = 0
         for stdin, expected in tests:
-            result = run_python(code, stdin, cfg)
+            # (an expected output past the output cap could never be matched)
+            needed = min(
+                2 * len(expected.encode("utf-8", errors="replace")) + 4096, _MAX_EXPECTED_CAP
+            )
+            limits = (
+                cfg
+                if needed <= cfg.max_output_bytes
+                else dataclasses.replace(cfg, max_output_bytes=needed)
+            )
+            result = run_python(code, stdin, limits)
             actual = result.stdout.decode("utf-8", errors="replace")
             passed += result.ok and outputs_match(actual, expected)
         rewards.append(passed / len(tests))

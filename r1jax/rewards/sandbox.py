@@ -11,7 +11,10 @@ Owns ``SandboxConfig``, ``run_python`` and ``sandbox_available``. Layers, outerm
    which is unsafe in a multi-threaded trainer): CPU seconds, address space, file size, number of
    processes, no core dumps, open files. The address-space limit is per process, so a run's
    memory is bounded by ``memory_bytes x max_processes`` (4 GiB by default; a cgroup would bound
-   the sum, but needs a delegated cgroup tree that containers and TPU VMs do not all give).
+   the sum, but needs a delegated cgroup tree that containers and TPU VMs do not all give). The
+   process limit is set inside the sandbox, where (Linux >= 5.14) the kernel counts the
+   sandbox's own tasks only, so concurrent runs of one uid do not share it; on older kernels it
+   is set outside, over the uid's tasks (as a non-root user, over its other runs too).
 3. **bubblewrap** (Debian ``bubblewrap``): new user, PID, network, IPC, UTS and cgroup namespaces;
    a root containing only a read-only ``/usr`` (and the interpreter's prefix when it lives
    elsewhere), a fresh ``/proc``, a minimal ``/dev``, and a size-capped private ``/tmp``; every
@@ -27,17 +30,21 @@ Owns ``SandboxConfig``, ``run_python`` and ``sandbox_available``. Layers, outerm
 
 Without a working bubblewrap, ``run_python`` refuses (``SandboxUnavailableError``) unless
 ``allow_unsandboxed=True``; that weaker mode keeps layers 1, 2 and 4 and logs a warning. As root
-it also kills every process of the run's private uid afterwards (so daemons die too); as a
-non-root user it cannot, and a daemon that leaves the process group survives. Either way the
-code can read world-readable host files and use the network.
+it also kills every process of the run's private uid afterwards (so daemons die too) and deletes
+what the uid left in /tmp, /var/tmp and /dev/shm and its System V IPC objects. As a non-root
+user it can do neither: the code runs as the trainer's own uid, so it can signal the trainer and
+write its files, and a daemon that leaves the process group survives. Either way the code can
+read world-readable host files and use the network.
 
 Standard input is a sealed memfd (a regular file, as on a contest judge, not a pipe): fast-IO
 idioms that size it (``os.read(0, os.fstat(0).st_size)``), ``mmap`` it or reopen ``/dev/stdin``
 read it all, and the program cannot change it.
 
 Interpreter: ``-I -S -B`` (isolated, no site-packages, no bytecode files), so code gets the
-standard library only, as on a contest judge; this also makes startup ~5x faster. The trainer's
-own interpreter is used when the sandbox uid can reach it, else ``/usr/bin/python3``.
+standard library only, as on a contest judge; this also makes startup ~5x faster. A few lines
+(``_LAUNCHER``) give back the ``exit()``/``quit()`` that ``-S`` leaves out, then run the program.
+The trainer's own interpreter is used when the sandbox uid can reach it, else
+``/usr/bin/python3``.
 5. **A seccomp filter** (``_seccomp_filter``) refusing the few system calls that hold memory the
    address-space limit does not count: System V shared memory and message queues (a segment
    filled and detached stays in RAM until the IPC namespace goes) and ``memfd_create``. They
@@ -47,6 +54,7 @@ own interpreter is used when the sandbox uid can reach it, else ``/usr/bin/pytho
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import functools
@@ -55,12 +63,15 @@ import json
 import logging
 import math
 import os
+import re
 import select
 import selectors
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 logger = logging.getLogger(__name__)
@@ -72,6 +83,20 @@ _PRIVATE_ID_BASE = 2_000_000_000
 _PRIVATE_ID_COUNT = 1 << 24
 _id_counter = itertools.count()
 _SANDBOX_CODE_PATH = "/sandbox/main.py"
+# What the interpreter runs (`-c`): `-S` leaves out site.py, and with it the `exit()` and `quit()`
+# that contest code calls all the time (`print(-1); exit()`); site.setquit() adds just those (it
+# does not touch sys.path). Then the program runs in __main__, read from `file PATH` (in the
+# sandbox) or `fd N` (unsandboxed: an inherited memfd, no command-line length limit).
+_LAUNCHER = """\
+import site, sys
+site.setquit()
+_how, _where = sys.argv.pop(1), sys.argv.pop(1)
+sys.argv[0] = _where if _how == "file" else "main.py"
+with open(int(_where) if _how == "fd" else _where, "rb") as _f:
+    _code = compile(_f.read(), sys.argv[0], "exec")
+del site, sys, _how, _where, _f
+exec(globals().pop("_code"))
+"""
 
 
 class SandboxUnavailableError(RuntimeError):
@@ -237,22 +262,43 @@ def _setpriv_args(uid: int) -> list[str]:
     return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--"]
 
 
-def _limits_args(cfg: SandboxConfig, uid_is_private: bool) -> list[str]:
+def _limits_args(cfg: SandboxConfig, uid_is_private: bool, *, sandboxed: bool) -> list[str]:
     cpu = cfg.cpu_time_s if cfg.cpu_time_s is not None else max(1, math.ceil(cfg.timeout_s))
-    nproc = cfg.max_processes
-    if not uid_is_private:
-        # RLIMIT_NPROC is checked against every task the uid owns, trainer threads included.
-        nproc += _tasks_of_uid(os.getuid())
+    nproc = []
+    if not (sandboxed and _nproc_counts_per_namespace()):  # else set inside (`_inner_limits`)
+        count = cfg.max_processes
+        if not uid_is_private:
+            # RLIMIT_NPROC is checked against every task the uid owns, trainer threads included
+            # (and other runs of this user at the same moment: they share the headroom).
+            count += _tasks_of_uid(os.getuid())
+        nproc = [f"--nproc={count}"]
     return [
         "prlimit",
         f"--cpu={cpu}",
         f"--as={cfg.memory_bytes}",
         f"--fsize={cfg.file_size_bytes}",
-        f"--nproc={nproc}",
+        *nproc,
         f"--nofile={cfg.max_open_files}",
         "--core=0",
         "--",
     ]
+
+
+def _inner_limits(cfg: SandboxConfig) -> list[str]:
+    """argv prefix, run inside the sandbox, that limits the run's processes: in its own user
+    namespace the kernel counts only the sandbox's tasks, so the limit is the run's whatever
+    uid it has and whatever else that uid runs (several reward workers of a non-root trainer
+    would otherwise share one count, and their runs fail at random)."""
+    if not _nproc_counts_per_namespace():
+        return []
+    return ["prlimit", f"--nproc={cfg.max_processes}", "--"]
+
+
+@functools.cache
+def _nproc_counts_per_namespace() -> bool:
+    """Whether RLIMIT_NPROC counts each user namespace's tasks apart (Linux >= 5.14, ucounts)."""
+    match = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return bool(match) and (int(match[1]), int(match[2])) >= (5, 14)
 
 
 def _tasks_of_uid(uid: int) -> int:
@@ -354,10 +400,14 @@ def _bwrap_args(
         "PYTHONIOENCODING",
         "utf-8",
         "--",
+        *_inner_limits(cfg),
         python,
         "-I",
         "-S",
         "-B",
+        "-c",
+        _LAUNCHER,
+        "file",
         _SANDBOX_CODE_PATH,
     ]
 
@@ -415,8 +465,12 @@ def run_python(code: str, stdin: str | bytes = b"", cfg: SandboxConfig | None = 
         raise SandboxUnavailableError("`setpriv` (util-linux) is needed to drop root privileges")
     if problem is not None and not _warned_unsandboxed:
         logger.warning(
-            "RUNNING UNTRUSTED CODE WITHOUT A SANDBOX (allow_unsandboxed=True): only rlimits, a "
-            "private uid and a wall-clock kill protect this machine. Reason: %s",
+            "RUNNING UNTRUSTED CODE WITHOUT A SANDBOX (allow_unsandboxed=True): only rlimits, %s "
+            "and a wall-clock kill protect this machine. Reason: %s",
+            "a private uid"
+            if _drops_privileges()
+            else "NOT a private uid (not root: the code "
+            "runs as this user, and can signal this process and write its files)",
             problem,
         )
         _warned_unsandboxed = True
@@ -449,22 +503,27 @@ def _run(code: str, stdin: bytes, cfg: SandboxConfig, python: str, *, sandboxed:
     if len(source) > cfg.max_code_bytes:
         return RunResult(b"", b"code too long", None, False, False, 0.0, sandboxed)
     private = _drops_privileges()
-    drop: list[str] = []
-    if private:
-        base, count = _private_id_range()
-        uid = base + (((os.getpid() & 0xFFFF) << 8) | (next(_id_counter) & 0xFF)) % count
-        drop = _setpriv_args(uid)
+    with _private_uid() if private else contextlib.nullcontext() as uid:
+        return _run_as(source, stdin, cfg, python, sandboxed, uid)
+
+
+def _run_as(
+    source: bytes, stdin: bytes, cfg: SandboxConfig, python: str, sandboxed: bool, uid: int | None
+) -> RunResult:
+    """`_run` as private `uid` (None: as this process's own uid)."""
+    private = uid is not None
+    drop = _setpriv_args(uid) if private else []
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
-    own_fds: list[int] = []  # closed in the parent once the run is over
+    code_fd = os.memfd_create("r1jax-sandbox-code")  # close-on-exec but for pass_fds
+    os.write(code_fd, source)
+    os.lseek(code_fd, 0, os.SEEK_SET)
+    own_fds: list[int] = [code_fd]  # closed in the parent once the run is over
     info_r = -1
     if sandboxed:
         _adopt_orphans()
-        code_fd = os.memfd_create("r1jax-sandbox-code")  # close-on-exec but for pass_fds
-        os.write(code_fd, source)
-        os.lseek(code_fd, 0, os.SEEK_SET)
         info_r, info_w = os.pipe()  # bwrap reports the sandbox init's PID here
         os.set_blocking(info_r, False)
-        own_fds = [code_fd, info_r]
+        own_fds.append(info_r)
         seccomp_fd = None
         if (program := _seccomp_filter()) is not None:
             seccomp_fd = os.memfd_create("r1jax-sandbox-seccomp")
@@ -474,15 +533,16 @@ def _run(code: str, stdin: bytes, cfg: SandboxConfig, python: str, *, sandboxed:
         own_fds.append(info_w)  # last: closed first, below
         argv = (
             drop
-            + _limits_args(cfg, private)
+            + _limits_args(cfg, private, sandboxed=True)
             + _bwrap_args(python, cfg, code_fd, info_w, seccomp_fd)
         )
         pass_fds: tuple[int, ...] = tuple(
             fd for fd in (code_fd, info_w, seccomp_fd) if fd is not None
         )
     else:
-        argv = drop + _limits_args(cfg, private) + [python, "-I", "-S", "-B", "-c", code]
-        pass_fds = ()
+        launch = [python, "-I", "-S", "-B", "-c", _LAUNCHER, "fd", str(code_fd)]
+        argv = drop + _limits_args(cfg, private, sandboxed=False) + launch
+        pass_fds = (code_fd,)
     stdin_fd = _sealed_file(stdin)  # fd 0 of the program, closed in the parent after the start
     start = time.monotonic()
     try:
@@ -515,8 +575,10 @@ def _run(code: str, stdin: bytes, cfg: SandboxConfig, python: str, *, sandboxed:
         _kill_group(proc)
         if sandboxed:
             _kill_namespace(info_r)
-        elif private and not killed:
-            _kill_uid(python, uid)
+        elif private:
+            if not killed:
+                _kill_uid(python, uid)
+            _remove_files_of(uid)
         for fd in own_fds:
             os.close(fd)
     wall = time.monotonic() - start
@@ -583,6 +645,15 @@ def _communicate(
                     err += chunk[: max(0, cfg.max_stderr_bytes - len(err))]
             if truncated:
                 break
+    if not (timed_out or truncated) and proc.poll() is None:
+        # Both pipes ended (the program closed its stdout and stderr) but it runs on: its exit
+        # status still counts, so wait for it (to the deadline) before the group is killed.
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        if on_exit is not None:
+            on_exit()
     return out, err, timed_out, truncated
 
 
@@ -620,6 +691,101 @@ def _kill_uid(python: str, uid: int) -> None:
         timeout=10,
         check=False,
     )
+
+
+@contextlib.contextmanager
+def _private_uid():
+    """A per-run uid (as root) that no other run of this machine holds until the run is over.
+
+    Candidates start from this process's pid and a counter; each is reserved by a lock on its
+    byte of one lock file, so concurrent reward workers never share a uid even where only 1024
+    ids are usable (a remapped container): two runs with one uid would share a process limit, and
+    the unsandboxed mode's cleanup of one (every process of its uid) would kill the other. Without
+    a usable lock file, the candidate is taken as it is.
+    """
+    base, count = _private_id_range()
+    first = (((os.getpid() & 0xFFFF) << 8) | (next(_id_counter) & 0xFF)) % count
+    fd = _uid_lock_file()
+    with _held_lock:
+        for k in itertools.chain(range(first, count), range(first)):
+            if fd is None:
+                break
+            if k in _held:
+                continue  # (record locks do not exclude this process's own threads)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, k)
+            except OSError:
+                continue
+            _held.add(k)
+            break
+        else:
+            k = None  # every id held (or no lock file): the first candidate, shared
+    try:
+        yield base + (first if k is None else k)
+    finally:
+        if k is not None:
+            with _held_lock:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, k)
+                _held.discard(k)
+
+
+_held: set[int] = set()  # ids this process holds
+_held_lock = threading.Lock()
+_lock_fds: dict[int, int | None] = {}  # pid -> its lock file (record locks are per process)
+
+
+def _uid_lock_file() -> int | None:
+    """This process's descriptor of the machine's uid lock file (root's, in the temp dir), or
+    None when it cannot be used."""
+    pid = os.getpid()
+    if pid not in _lock_fds:
+        path = os.path.join(tempfile.gettempdir(), "r1jax-sandbox-uids.lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            if os.fstat(fd).st_uid != os.geteuid():  # (someone else's file: not trusted)
+                os.close(fd)
+                fd = None
+        except OSError:
+            fd = None
+        _lock_fds[pid] = fd
+    return _lock_fds[pid]
+
+
+# Where an unsandboxed program can leave files behind (world-writable), and its System V IPC.
+_SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+_SYSV_IPC = {"shm": "-m", "msg": "-q", "sem": "-s"}
+
+
+def _remove_files_of(uid: int) -> None:
+    """Unsandboxed mode, after the run's processes are gone: delete what its private uid left in
+    the shared temp directories (their top-level entries it owns, with what is inside) and its
+    System V shared memory, queues and semaphores, which would otherwise hold disk and memory
+    after every run."""
+    for folder in _SHARED_DIRS:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+            except OSError:
+                pass
+    for kind, flag in _SYSV_IPC.items():
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                rows = [line.split() for line in f.readlines()[1:]]
+        except OSError:
+            continue
+        owner, creator = {"shm": (7, 9), "msg": (7, 9), "sem": (4, 6)}[kind]  # (columns)
+        for row in rows:
+            if len(row) > creator and str(uid) in (row[owner], row[creator]):
+                subprocess.run(["ipcrm", flag, row[1]], capture_output=True, check=False)
 
 
 def _kill_namespace(info_fd: int) -> None:

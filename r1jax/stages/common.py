@@ -1627,14 +1627,15 @@ def sandbox_options(config) -> dict[str, Any]:
                 "accept the risk with --config.sandbox.allow_unsandboxed=True (rlimits and a "
                 "private uid only)"
             )
-    # A trivial program under these very limits: bubblewrap itself needs ~3 processes and ~10
-    # open files, so e.g. max_processes=2 would fail every run and train on a code reward of 0.
+    # A trivial program under these very limits: bubblewrap itself needs ~10 open files (and 3
+    # processes before Linux 5.14), so e.g. max_open_files=8 would fail every run and train on a
+    # code reward of 0.
     trial = sandbox.run_python("print(6 * 7)", cfg=dataclasses.replace(cfg, timeout_s=30.0))
     if trial.stdout != b"42\n":
         raise ConfigError(
             f"sandbox: a program that prints 42 fails under these limits (exit "
             f"{trial.returncode}: {trial.stderr.decode(errors='replace').strip()[-300:]!r}); "
-            "raise sandbox.max_processes (bubblewrap uses 3), max_open_files or memory_bytes"
+            "raise sandbox.max_open_files (bubblewrap uses ~10), max_processes or memory_bytes"
         )
     return options
 
