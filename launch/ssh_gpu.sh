@@ -106,7 +106,7 @@ elif [ -n "$HOSTFILE" ]; then
   [ -f "$HOSTFILE" ] || die "--hostfile $HOSTFILE does not exist"
   while IFS= read -r line || [ -n "$line" ]; do
     line="${line%%#*}"
-    line="${line//[[:space:]]/}"
+    read -r line _ <<<"$line" # the host: the first word (MPI and DeepSpeed add "slots=8")
     [ -z "$line" ] || HOSTS+=("$line")
   done <"$HOSTFILE"
 else
@@ -185,6 +185,14 @@ r1jax && kill -9 \"\$p\"; rm -f \"\$f\"" &
   done
 }
 
+# Copy stdin to stdout line by line, each line as soon as it arrives, after the prefix $1.
+prefix_lines() {
+  local line
+  while IFS= read -r line || [ -n "$line" ]; do
+    printf '%s%s\n' "$1" "$line"
+  done
+}
+
 PIDS=()
 trap 'echo "Interrupted; stopping every rank." >&2; stop_all; exit 130' INT TERM
 
@@ -194,8 +202,11 @@ for ((rank = 0; rank < NUM; rank++)); do
   host="${HOSTS[$rank]}"
   prefix="[$rank $host] "
   log="$LOG_DIR/rank$rank-${host//\//_}.log"
+  # The output pipeline ignores SIGINT: on Ctrl-C it must outlive the stop (a dead tee would cut
+  # the rank's log and break the pipe its r1jax writes to while it saves). Lines are prefixed by
+  # the shell itself: mawk (Debian's awk) reads a pipe in 4 KiB blocks, fflush or not.
   "${SSH[@]}" "$host" "$(remote_command "$rank")" \
-    > >(tee "$log" | awk -v p="$prefix" '{ print p $0; fflush() }') 2>&1 &
+    > >(trap '' INT; tee "$log" | prefix_lines "$prefix") 2>&1 &
   PIDS+=("$!")
 done
 echo "Started $NUM processes (coordinator $COORDINATOR:$PORT); logs in $LOG_DIR" >&2

@@ -241,6 +241,15 @@ pack_checkout() {
   fi
 }
 
+# Remote shell code that exits 1 on a host where the run recorded in run.pid is still running:
+# `setup` would replace its code, and a second `run` would fail on the busy TPU after replacing
+# run.pid, leaving the first run out of reach of `stop`.
+busy_check() {
+  local busy="p=\$(cat $STATE_R/run.pid 2>/dev/null) && grep -qa r1jax.launch /proc/\"\$p\"/cmdline"
+  busy="if $busy 2>/dev/null; then echo \"\$(hostname): r1jax is running; stop it first\" >&2;"
+  printf '%s' "$busy exit 1; fi"
+}
+
 do_setup() {
   local fetch
   if [ -n "$REPO_URL" ]; then
@@ -275,10 +284,7 @@ do_setup() {
   install="$install && $VENV_R/bin/python -c"
   install="$install 'import jax, r1jax; print(\"r1jax ready, jax\", jax.__version__)'"
   # Replacing the code under a running job would break it at its next import.
-  local busy="p=\$(cat $STATE_R/run.pid 2>/dev/null) && grep -qa r1jax.launch /proc/\"\$p\"/cmdline"
-  busy="if $busy 2>/dev/null; then echo \"\$(hostname): r1jax is running; stop it first\" >&2;"
-  busy="$busy exit 1; fi"
-  on_workers "set -e; $busy; $fetch && $install"
+  on_workers "set -e; $(busy_check); $fetch && $install"
 }
 
 # Shell code for each host that exports R1JAX_COORDINATOR_ADDRESS / R1JAX_NUM_PROCESSES /
@@ -311,7 +317,8 @@ do_run() {
   done
   local launch
   launch="env $env_words $VENV_R/bin/python -m r1jax.launch $(shjoin "${PASS_ARGS[@]}")"
-  local prelude="$COORDINATOR_FROM_METADATA; cd $DIR_R && mkdir -p $STATE_R"
+  local prelude
+  prelude="$(busy_check); $COORDINATOR_FROM_METADATA; cd $DIR_R && mkdir -p $STATE_R"
   if [ "$DETACH" = 1 ]; then
     # One log name for every host, picked here so that `logs` finds it on any worker.
     local log
@@ -330,8 +337,10 @@ do_run() {
     # mapped below 128 instead (SIGABRT 134 -> 70, SIGKILL 137 -> 73).
     trap 'warn "interrupted; stopping r1jax on every worker"; do_stop; exit 130' INT
     local wait_for="p=\$!; echo \$p > $STATE_R/run.pid; wait \$p; rc=\$?"
-    local mapped="if [ \$rc -ge 128 ]; then echo \"\$(hostname): r1jax was killed by signal"
-    mapped="$mapped \$((rc - 128))\" >&2; rc=\$((rc - 64)); fi; exit \$rc"
+    # (130 is r1jax's own exit after a clean stop, Ctrl-C or SIGTERM, its step saved: not a kill)
+    local mapped="if [ \$rc -eq 130 ]; then echo \"\$(hostname): r1jax stopped (resumable)\" >&2;"
+    mapped="$mapped rc=66; elif [ \$rc -ge 128 ]; then echo \"\$(hostname): r1jax was killed by"
+    mapped="$mapped signal \$((rc - 128))\" >&2; rc=\$((rc - 64)); fi; exit \$rc"
     on_workers "$prelude && { $launch & $wait_for; $mapped; }"
   fi
 }

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    argv = _with_default_config(list(argv if argv is not None else sys.argv))
+    argv = _with_default_config(_expand_config_path(list(argv if argv is not None else sys.argv)))
+    _survive_closed_output()
     flags.DEFINE_enum("stage", None, STAGES, "Stage of the recipe to run.")
     config_flags.DEFINE_config_file(
         "config",
@@ -230,6 +231,56 @@ def _agree_on_start(error: str | None) -> str | None:
             f"error: process(es) {np.flatnonzero(failed).tolist()} cannot start (see their output)"
         )
     return error
+
+
+def _expand_config_path(argv: list[str]) -> list[str]:
+    """argv with a leading "~" of --config's path expanded ("--config=~/x.py": no shell expands
+    it after "=", and the launchers quote it)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith("--config=~"):
+            out[i] = "--config=" + os.path.expanduser(arg.split("=", 1)[1])
+        elif arg == "--config" and i + 1 < len(out) and out[i + 1].startswith("~"):
+            out[i + 1] = os.path.expanduser(out[i + 1])
+    return out
+
+
+class _SurvivingOutput:
+    """sys.stdout / sys.stderr that outlive their reader: once the pipe's other end has gone (an
+    ssh session dropped or ended by Ctrl-C on the launching machine, `head`), further output
+    goes to /dev/null instead of raising BrokenPipeError at the next progress-bar draw, so the
+    run goes on to the stop that follows (SIGTERM: save the step, exit) or to its end."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ...
+        return getattr(self._stream, name)
+
+
+def _survive_closed_output() -> None:
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _SurvivingOutput):
+            setattr(sys, name, _SurvivingOutput(stream))
 
 
 def _config_spec(argv: list[str]) -> str | None:

@@ -436,13 +436,26 @@ def initialize_distributed() -> bool:
             raise ValueError(
                 f"multi-host: need 0 <= R1JAX_PROCESS_ID < R1JAX_NUM_PROCESSES, got {pid} and {num}"
             )
+        address = os.environ["R1JAX_COORDINATOR_ADDRESS"]
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(
+                f"multi-host: R1JAX_COORDINATOR_ADDRESS must be host:port (process 0's host and "
+                f"a free port, e.g. 10.0.0.2:8476), got {address!r}"
+            )
         if os.environ.get("JAX_PLATFORMS", "") == "cpu" or os.environ.get("R1JAX_CPU_COLLECTIVES"):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=os.environ["R1JAX_COORDINATOR_ADDRESS"],
-            num_processes=num,
-            process_id=pid,
-        )
+        if pid == 0:  # (JAX says nothing while it waits, up to 5 minutes, for every process)
+            logging.getLogger("r1jax").warning(
+                "coordinator at %s: waiting for all %d processes to join", address, num
+            )
+        jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+        if jax.process_count() != num:  # (a process told another count joined this one's job)
+            raise ValueError(
+                f"multi-host: R1JAX_NUM_PROCESSES={num} here, but the coordinator at {address} "
+                f"runs a job of {jax.process_count()} processes; give every process the same "
+                f"R1JAX_NUM_PROCESSES"
+            )
         return True
     if _on_known_cluster():
         try:

@@ -770,6 +770,15 @@ def test_a_half_set_multi_host_environment_is_one_line(tmp_path):
             },
             "need 0 <= R1JAX_PROCESS_ID < R1JAX_NUM_PROCESSES, got 2 and 2",
         ),
+        (  # (JAX's own IndexError from inside it, as a traceback)
+            {
+                "R1JAX_COORDINATOR_ADDRESS": "127.0.0.1",
+                "R1JAX_NUM_PROCESSES": "2",
+                "R1JAX_PROCESS_ID": "0",
+            },
+            "R1JAX_COORDINATOR_ADDRESS must be host:port (process 0's host and a free port, "
+            "e.g. 10.0.0.2:8476), got '127.0.0.1'",
+        ),
     ],
 )
 def test_multi_host_settings_are_all_or_none(monkeypatch, env, message):
@@ -781,6 +790,31 @@ def test_multi_host_settings_are_all_or_none(monkeypatch, env, message):
         monkeypatch.setenv(k, v)
     with pytest.raises(ValueError, match=re.escape("multi-host: ") + ".*" + re.escape(message)):
         sharding.initialize_distributed()
+
+
+def test_a_closed_output_pipe_does_not_end_the_run(tmp_path):
+    """When the reader of r1jax's output goes away (a launcher's ssh session or `tee` ended by
+    Ctrl-C), the next progress-bar draw raised BrokenPipeError and the run died before the
+    SIGTERM that would have saved its step. Output goes to /dev/null from then on."""
+    from r1jax import launch
+
+    read, write = os.pipe()
+    stream = launch._SurvivingOutput(open(write, "w", buffering=1))
+    stream.write("seen\n")
+    assert os.read(read, 100) == b"seen\n"
+    os.close(read)  # the reader is gone
+    stream.write("lost\n")  # (was: BrokenPipeError)
+    stream.flush()
+    assert os.path.samefile(f"/proc/self/fd/{stream.fileno()}", os.devnull)
+    stream.close()
+    # And `--config=~/...`, which no shell expands after "=", is the home folder's file.
+    home = os.path.expanduser("~")
+    assert launch._expand_config_path(["x", "--config=~/c.py:arg", "--config", "~/d.py"]) == [
+        "x",
+        f"--config={home}/c.py:arg",
+        "--config",
+        f"{home}/d.py",
+    ]
 
 
 def test_a_host_that_looks_like_a_tpu_vm_but_is_not_is_one_clear_error(monkeypatch):

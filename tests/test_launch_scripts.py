@@ -52,6 +52,13 @@ with open(path + ".tmp", "w") as f:
     json.dump(record, f)
 os.rename(path + ".tmp", path)
 print("stand-in r1jax started, rank", rank, flush=True)
+if os.environ.get("FAKE_SAY_TERM"):  # as r1jax stops: a last line, then exit 130
+    def stop(*_):
+        print("stand-in r1jax got SIGTERM, rank", rank, flush=True)
+        sys.exit(130)
+    signal.signal(signal.SIGTERM, stop)
+if rank == os.environ.get("FAKE_STOPPED_RANK"):  # r1jax's exit after a clean stop
+    sys.exit(130)
 if rank == os.environ.get("FAKE_FAIL_RANK"):
     sys.exit(3)
 if rank == os.environ.get("FAKE_KILLED_RANK"):  # as JAX aborts the survivors of a dead peer
@@ -456,7 +463,8 @@ def test_slurm_dry_runs_print_sbatch_and_srun(env):
 
 def test_ssh_dry_run_prints_one_ssh_per_host(env, tmp_path):
     hostfile = tmp_path / "hosts"
-    hostfile.write_text("# two nodes\nalice@gpu-a\n\n  gpu-b  # second\n")
+    # (MPI and DeepSpeed hostfiles add "slots=N": the host is the first word)
+    hostfile.write_text("# two nodes\nalice@gpu-a\n\n  gpu-b slots=8  # second\n")
     lines = dry_run_lines(
         launch(
             "ssh_gpu.sh",
@@ -601,6 +609,25 @@ def test_ssh_ctrl_c_stops_every_rank(env, tmp_path):
                 os.kill(p, signal.SIGKILL)
 
 
+def test_ssh_ctrl_c_keeps_what_the_ranks_print_while_they_stop(env, tmp_path):
+    """Ctrl-C reached the output pipeline (tee, the prefixer) too, which died before the ranks
+    were told to stop: their last lines were lost, and r1jax's writes hit a broken pipe."""
+    env.update(FAKE_SLEEP="60", FAKE_SAY_TERM="1")
+    args = ["--hosts", "gpu-a,gpu-b", "--python", env["FAKE_PYTHON"], "--log-dir", str(tmp_path)]
+    status, pids = interrupt("ssh_gpu.sh", *args, "--", "--stage=rl", env=env)
+    try:
+        assert status == 130
+        assert all(wait_dead(p) for p in pids)
+        time.sleep(0.5)  # (the pipeline writes the rank's last line after the rank exits)
+        for rank, host in enumerate(("gpu-a", "gpu-b")):
+            log = (tmp_path / f"rank{rank}-{host}.log").read_text()
+            assert f"stand-in r1jax got SIGTERM, rank {rank}" in log, log
+    finally:
+        for p in pids:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
 def test_slurm_submit_runs_one_process_per_node(env):
     result = launch(
         "slurm_gpu.sh",
@@ -677,6 +704,10 @@ def test_tpu_setup_run_detach_and_stop(env):
         "FAKE_KILLED_RANK": "1"})  # fmt: skip
     assert killed.returncode == 137 - 64, killed.stderr
     assert "r1jax was killed by signal 9" in killed.stderr
+    # r1jax's own exit after a clean stop (130, its step saved) is no kill by signal 2.
+    stopped = launch("tpu_pod.sh", "run", "--name", "r1", "--", "--stage=rl", env=env | {
+        "FAKE_STOPPED_RANK": "1"})  # fmt: skip
+    assert "r1jax stopped (resumable)" in stopped.stderr and "signal" not in stopped.stderr
 
     for p in Path(env["FAKE_RECORDS"]).glob("*.json"):
         p.unlink()
@@ -704,6 +735,10 @@ def test_tpu_setup_run_detach_and_stop(env):
         assert "stand-in r1jax started, rank worker1" in logs.stdout
         busy = launch("tpu_pod.sh", "setup", "--name", "r1", env=env)
         assert busy.returncode != 0 and "r1jax is running; stop it first" in busy.stderr
+        # A second run would fail on the busy TPU after replacing run.pid, leaving the first
+        # out of `stop`'s reach.
+        again = launch("tpu_pod.sh", "run", "--name", "r1", "--", "--stage=rl", env=env)
+        assert again.returncode != 0 and "r1jax is running; stop it first" in again.stderr
         # SIGTERM is not enough for a hung run: SIGKILL after --grace (was a fixed 60 s, less
         # than a long RL step needs to reach its save).
         stop = launch("tpu_pod.sh", "stop", "--name", "r1", "--grace", "1", env=env)
