@@ -458,6 +458,11 @@ def test_rl_with_a_reward_model_keeps_a_files_general_prompts(tmp_path):
     assert [r["prompt"] for r in held_out] == ["What is 4 + 1?", "What is 5 + 1?"]
     assert sorted(r["prompt"] for r in train) == sorted(r["prompt"] for r in rows[:8])
     assert rl.checked_rows(config, train).count(False) == 4  # the poems: the reward model's
+    # Poems at the file's end are trained on too (the last num_eval rows of the file were cut
+    # from training, though only rows with an answer are evaluated: neither, for poems).
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[4:] + rows[:4]))
+    train = common.load_prompt_rows(config.data, "train", 0, require_solution=False)
+    assert sorted(r["prompt"] for r in train) == sorted(r["prompt"] for r in rows[:8])
     # A file of prompts alone loads too (the generic shape, no answers), evaluated on another.
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
     with pytest.raises(

@@ -1404,18 +1404,26 @@ def _prompt_rows(data_config, split: str, seed: int, require_solution: bool = Tr
                 f"{data_config.num_eval} held out for evaluation, so no training row would be "
                 f"left; lower data.num_eval, or give the held-out rows as data.eval_source"
             )
-        log.info(
-            "training prompts: the first %d of the %d rows of %s (the last data.num_eval=%d "
-            "are held out for evaluation)",
-            len(rows) - data_config.num_eval,
-            len(rows),
-            path,
-            data_config.num_eval,
-        )
-        held_out, rows = rows[-data_config.num_eval :], rows[: -data_config.num_eval]
-        if not require_solution:  # the evaluation's rows are the last of those with answers
+        if require_solution:
+            log.info(
+                "training prompts: the first %d of the %d rows of %s (the last data.num_eval=%d "
+                "are held out for evaluation)",
+                len(rows) - data_config.num_eval,
+                len(rows),
+                path,
+                data_config.num_eval,
+            )
+            held_out, rows = rows[-data_config.num_eval :], rows[: -data_config.num_eval]
+        else:  # the evaluation's rows are the last of those with answers; every other row trains
+            log.info(
+                "training prompts: the %d rows of %s but the last data.num_eval=%d of those with "
+                "an answer (held out for evaluation)",
+                len(rows),
+                path,
+                data_config.num_eval,
+            )
             try:
-                held_out = held_out + _prompt_rows(data_config, "eval", seed)
+                held_out = _prompt_rows(data_config, "eval", seed)
             except ConfigError as e:
                 raise ConfigError(
                     f"data.source {path}: no held-out rows with an answer to evaluate on ({e}); "
