@@ -86,8 +86,8 @@ class SamplingConfig:
     num_tokens: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # (NaN and inf give NaN logits)
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -216,7 +216,9 @@ def _blocked_inverse_cdf(logits: jax.Array, u: jax.Array) -> jax.Array:
     inner = jnp.take_along_axis(probs, block[:, None, None], axis=1)[:, 0]  # [B, BLOCK]
     before = jnp.take_along_axis(cum - mass, block[:, None], axis=1)
     offset = _first_above(before + jnp.cumsum(inner, axis=-1), inner, target)
-    return block * _BLOCK + offset
+    # A row with no possible entry (NaN logits) would land in the block padding, past the
+    # vocabulary: it gets id 0 instead (what greedy's argmax gives such a row).
+    return jnp.where(mass.sum(-1) > 0, block * _BLOCK + offset, 0).astype(jnp.int32)
 
 
 # --------------------------------------------------------------------------------------------------

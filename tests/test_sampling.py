@@ -144,6 +144,24 @@ def test_padding_amount_does_not_change_tokens():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_a_pad_id_past_the_embedding_changes_nothing():
+    """A tokenizer's pad id the embedding was not resized for gave NaN embeddings in the padding,
+    which the masked attention still multiplied (0 * NaN) into every real token: all rows NaN,
+    tokens 0, in sampling and in the training forward alike."""
+    vocab = model().cfg.vocab_size
+    kw = dict(max_new_tokens=6, temperature=0.0, buckets=(8,))
+    ours = sampling.generate(model(), PROMPTS, pad_id=vocab, **kw)
+    want = sampling.generate(model(), PROMPTS, **kw)
+    assert ours.tokens == want.tokens
+    for a, b in zip(ours.logprobs, want.logprobs, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    ids = jnp.asarray([[vocab, vocab, 5, 6], [7, 8, 9, vocab]])
+    mask = (ids < vocab).astype(jnp.int32)
+    logits = np.asarray(model()(ids, attention_mask=mask))
+    assert np.isfinite(logits[np.asarray(mask) > 0]).all()
+    np.testing.assert_allclose(logits[0, 2:], np.asarray(model()(ids[:1, 2:]))[0], atol=1e-4)
+
+
 def test_group_samples_share_prefill_and_match_single_sample():
     one = sampling.generate(model(), PROMPTS, max_new_tokens=6, temperature=0.0)
     four = sampling.generate(model(), PROMPTS, max_new_tokens=6, temperature=0.0, num_samples=4)
@@ -282,6 +300,13 @@ def test_rounding_at_a_block_boundary_never_draws_an_impossible_token():
         u = jnp.where(u * cum[:, 1] >= cum[:, 0], jnp.nextafter(u, 0.0), u)
     tokens = np.asarray(jax.jit(sampling._blocked_inverse_cdf)(jnp.asarray(logits), u))
     assert (tokens != 0).all(), int((tokens == 0).sum())
+    # A row with no possible entry (NaN logits: a diverged model) fell into the block padding,
+    # past the vocabulary (id 127 of 96), and went on into the embedding and the host's decode.
+    nan_rows = np.full((2, 96), np.nan, np.float32)
+    drawn = np.asarray(
+        sampling._blocked_inverse_cdf(jnp.asarray(nan_rows), jnp.asarray([0.3, 0.9]))
+    )
+    assert drawn.tolist() == [0, 0]
 
 
 @pytest.mark.parametrize("mesh_axes", [dict(fsdp=4, tensor=2), dict(data=2, fsdp=2, tensor=2)])
@@ -360,6 +385,9 @@ def test_bfloat16_model_samples():
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="top_p"):
         sampling.generate(model(), PROMPTS, max_new_tokens=4, top_p=0.0)
+    for temperature in (float("inf"), float("nan"), -1.0):  # (inf and NaN gave NaN logits)
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            sampling.generate(model(), PROMPTS, max_new_tokens=4, temperature=temperature)
     with pytest.raises(ValueError, match="max_new_tokens"):
         sampling.generate(model(), PROMPTS, max_new_tokens=0)
     with pytest.raises(ValueError, match="first_window"):

@@ -656,7 +656,11 @@ class Decoder(nnx.Module):
                     per_prompt = cache.prefix_mask.sum(-1, dtype=jnp.int32)
                     prior += jnp.repeat(per_prompt, b // cache.prefix_mask.shape[0])
                 positions = positions + prior[:, None]
-        x = jnp.take(self.embed_vd[...], input_ids, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        # Padding never reaches the lookup: an id past the embedding (a tokenizer's pad token the
+        # embedding was not resized for) gives NaN there, which the masked attention still
+        # multiplies by 0 (NaN) into every real token of the row.
+        ids = jnp.where(token_mask, input_ids, 0)
+        x = jnp.take(self.embed_vd[...], ids, axis=0).astype(jnp.dtype(self.cfg.dtype))
         x = sharding.constrain(x, ("batch", "seq", "embed"))
         if cache is None:
             mask = self._self_mask(token_mask, positions, segment_ids)
