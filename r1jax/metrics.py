@@ -140,6 +140,7 @@ class MetricsWriter:
             disable=not progress,
         )
         self._last_summary = (start_step, time.time())
+        self._last_line_t = 0.0  # when `log` last printed a line
         paths.track_open(self)  # closed even if the stage using it fails (stages.common)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -178,8 +179,12 @@ class MetricsWriter:
             return
         if bar_interval() < 30.0:
             self._bar.write(message)
-        else:
-            print(message, flush=True)
+            return
+        bar = self._bar
+        if not bar.disable and bar.last_print_t > self._last_line_t and _one_file():
+            sys.stderr.write("\n")  # (the bar was drawn since, without a newline, on this file)
+        print(message, flush=True)
+        self._last_line_t = time.time()
 
     def close(self) -> None:
         """Flush and close files and the bar, and upload them to a cloud workdir. Safe to call
@@ -257,6 +262,14 @@ class _EventFile:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _one_file() -> bool:
+    """Whether stdout and stderr are the same file (`> log 2>&1`)."""
+    try:
+        return os.path.samestat(os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno()))
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return False
 
 
 def bar_interval() -> float:

@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -197,6 +199,23 @@ def test_progress_bar_postfix_and_summary_lines(tmp_path, capsys):
             w.write(step, {"reward": 0.5 * step})
     captured = capsys.readouterr()
     assert len(captured.out.splitlines()) == 2 and "%" not in captured.err
+
+
+def test_summary_lines_start_their_own_line_in_a_shared_log(tmp_path):
+    """`> log 2>&1` (nohup, Slurm, a detached TPU run): the bar is drawn without a newline, and
+    the next summary line was glued to it."""
+    script = (
+        "from r1jax.metrics import MetricsWriter\n"
+        f"with MetricsWriter({str(tmp_path / 'run')!r}, total_steps=3, summary_every=1, "
+        "desc='rl', tensorboard=False) as w:\n"
+        "    for step in (1, 2, 3):\n"
+        "        w.write(step, {'reward': 0.5})\n"
+    )
+    with open(tmp_path / "log", "w") as log:
+        subprocess.run([sys.executable, "-c", script], stdout=log, stderr=log, check=True)
+    lines = (tmp_path / "log").read_text().replace("\r", "\n").splitlines()
+    summaries = [x for x in lines if "step " in x and " | reward" in x]
+    assert len(summaries) == 3 and all(x.startswith("step ") for x in summaries), lines
 
 
 def test_other_processes_write_and_print_nothing(tmp_path, monkeypatch, capsys):

@@ -208,6 +208,7 @@ def test_exit_and_quit_work_as_on_a_judge():
     )
     result = run_python("quit(3)", cfg=CFG)
     assert result.returncode == 3
+    assert score("print(__file__)", "/sandbox/main.py") == 1.0
 
 
 def test_fork_storm():
@@ -542,6 +543,9 @@ def test_concurrent_runs_never_share_a_private_uid(monkeypatch):
             assert sorted([held, *ours]) == [base, base + 1, base + 2, base + 3]
     finally:
         holder.communicate("", timeout=30)
+    # Without a usable lock file (another user's file at its name), runs go on unreserved.
+    monkeypatch.setattr(sandbox_lib, "_uid_lock_file", lambda: None)
+    assert run_python("print(5)", cfg=CFG).stdout == b"5\n"
 
 
 def test_private_ids_fit_a_remapped_user_namespace(monkeypatch):

@@ -1449,7 +1449,9 @@ def test_pipeline_resume_follows_what_each_stage_was_trained_on(stub_stages, tmp
     )
     with pytest.raises(
         common.ConfigError,
-        match=re.escape(f"trained on (model.path) was made again since; delete {later} "),
+        match=re.escape(
+            f"trained on (model.path) was made again or removed since; delete {later} "
+        ),
     ):
         pipeline.run(config, str(tmp_path / "moved"))
     assert stub_stages.calls == ["cold_start"]

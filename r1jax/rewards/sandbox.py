@@ -70,7 +70,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -91,7 +90,7 @@ _LAUNCHER = """\
 import site, sys
 site.setquit()
 _how, _where = sys.argv.pop(1), sys.argv.pop(1)
-sys.argv[0] = _where if _how == "file" else "main.py"
+sys.argv[0] = __file__ = _where if _how == "file" else "main.py"
 with open(int(_where) if _how == "fd" else _where, "rb") as _f:
     _code = compile(_f.read(), sys.argv[0], "exec")
 del site, sys, _how, _where, _f
@@ -706,20 +705,21 @@ def _private_uid():
     base, count = _private_id_range()
     first = (((os.getpid() & 0xFFFF) << 8) | (next(_id_counter) & 0xFF)) % count
     fd = _uid_lock_file()
-    with _held_lock:
-        for k in itertools.chain(range(first, count), range(first)):
-            if fd is None:
+    k = None  # stays None: every id held, or no usable lock file (the first candidate, shared)
+    if fd is not None:
+        with _held_lock:
+            for candidate in itertools.chain(range(first, count), range(first)):
+                if candidate in _held:
+                    continue  # (record locks do not exclude this process's own threads)
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, candidate)
+                except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: held elsewhere
+                    continue
+                except OSError:  # ENOLCK, EINVAL...: locks do not work on this file system
+                    break
+                _held.add(candidate)
+                k = candidate
                 break
-            if k in _held:
-                continue  # (record locks do not exclude this process's own threads)
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, k)
-            except OSError:
-                continue
-            _held.add(k)
-            break
-        else:
-            k = None  # every id held (or no lock file): the first candidate, shared
     try:
         yield base + (first if k is None else k)
     finally:
@@ -735,11 +735,11 @@ _lock_fds: dict[int, int | None] = {}  # pid -> its lock file (record locks are 
 
 
 def _uid_lock_file() -> int | None:
-    """This process's descriptor of the machine's uid lock file (root's, in the temp dir), or
-    None when it cannot be used."""
+    """This process's descriptor of the machine's uid lock file (root's, in /tmp: one for every
+    job, whatever its TMPDIR), or None when it cannot be used."""
     pid = os.getpid()
     if pid not in _lock_fds:
-        path = os.path.join(tempfile.gettempdir(), "r1jax-sandbox-uids.lock")
+        path = "/tmp/r1jax-sandbox-uids.lock"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             if os.fstat(fd).st_uid != os.geteuid():  # (someone else's file: not trusted)

@@ -170,7 +170,8 @@ def same_answer(task: Any, tests: Any) -> Callable[[str, str], bool] | None:
 
 def voted_answer(text: str, task: Any, tests: Any) -> str | None:
     """What a sample's cons@k vote counts: the final answer, or for a code row the program the
-    tests run (its last ```python block, wherever it is: chat models rarely wrap it in tags)."""
+    tests run (`code.extract_code`: the last ```python block after the last </think>, or
+    anywhere without one; chat models rarely wrap it in answer tags)."""
     from r1jax import rewards
 
     if grading_kind(task, tests) == "code":

@@ -279,8 +279,8 @@ def _run_once(
         if remade:
             raise common.ConfigError(
                 f"{name} is done, but what it was trained on ({', '.join(remade)}) was made "
-                f"again since; delete {_to_delete(subdir)} to train them on the new one, or give "
-                f"the pipeline a new --workdir"
+                f"again or removed since; delete {_to_delete(subdir)} to train them on the new "
+                f"one, or give the pipeline a new --workdir"
             )
         log.info("pipeline: %s already done, skipping (%s)", name, subdir)
         return finished
