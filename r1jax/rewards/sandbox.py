@@ -753,7 +753,8 @@ def _uid_lock_file() -> int | None:
 
 # Where an unsandboxed program can leave files behind (world-writable), and its System V IPC.
 _SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
-_SYSV_IPC = {"shm": "-m", "msg": "-q", "sem": "-s"}
+# /proc/sysvipc/<kind>: ipcrm's flag, and the columns of the owner's and the creator's uid.
+_SYSV_IPC = {"shm": ("-m", 7, 9), "msg": ("-q", 7, 9), "sem": ("-s", 4, 6)}
 
 
 def _remove_files_of(uid: int) -> None:
@@ -776,13 +777,12 @@ def _remove_files_of(uid: int) -> None:
                     os.unlink(entry.path)
             except OSError:
                 pass
-    for kind, flag in _SYSV_IPC.items():
+    for kind, (flag, owner, creator) in _SYSV_IPC.items():
         try:
             with open(f"/proc/sysvipc/{kind}") as f:
                 rows = [line.split() for line in f.readlines()[1:]]
         except OSError:
             continue
-        owner, creator = {"shm": (7, 9), "msg": (7, 9), "sem": (4, 6)}[kind]  # (columns)
         for row in rows:
             if len(row) > creator and str(uid) in (row[owner], row[creator]):
                 subprocess.run(["ipcrm", flag, row[1]], capture_output=True, check=False)

@@ -288,21 +288,15 @@ def _run_once(
     attempts = os.path.join(subdir, "minutes_before.json")
     before = common.read_json(attempts)["minutes"] if os.path.exists(attempts) else 0.0
     started = time.time()
-
-    def keep_minutes():  # of an attempt that stopped, for the total once the stage finishes
-        if os.path.isdir(subdir):
-            common.write_json(attempts, {"minutes": before + (time.time() - started) / 60})
-
     try:
         common.validate(sub, stage)
         out = common.run_stage(stage, sub, subdir) or {}
-    except (common.ConfigError, CheckpointError, ModelFolderError, Diverged) as e:
-        keep_minutes()
-        # Say which sub-stage: four of them are RL runs, with the same field names.
-        e.args = (f"pipeline stage {name} (--stage={stage}, --config.{name}.*, {subdir}): {e}",)
-        raise
-    except BaseException:  # a bug, a kill (SIGTERM), Ctrl-C
-        keep_minutes()
+    except BaseException as e:  # a user error, a bug, a kill (SIGTERM), Ctrl-C
+        if os.path.isdir(subdir):  # the attempt's minutes, for the total once the stage finishes
+            common.write_json(attempts, {"minutes": before + (time.time() - started) / 60})
+        if isinstance(e, common.ConfigError | CheckpointError | ModelFolderError | Diverged):
+            # Say which sub-stage: four of them are RL runs, with the same field names.
+            e.args = (f"pipeline stage {name} (--stage={stage}, --config.{name}.*, {subdir}): {e}",)
         raise
     out = {k: v for k, v in out.items() if isinstance(v, int | float | str)}
     out["minutes"] = before + (time.time() - started) / 60  # kept across resumes, unlike the total
