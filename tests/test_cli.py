@@ -913,12 +913,12 @@ def test_code_that_could_not_run_is_refused_before_sampling(tmp_path, monkeypatc
     with pytest.raises(common.ConfigError, match=r"sandbox.timeout_s must be > 0"):
         eval_stage.grader(prompt_set, config)
     config.sandbox.timeout_s, config.sandbox.allow_unsandboxed = 5.0, True
-    grade = eval_stage.grader(prompt_set, config)  # the options reach the code reward
     answers = [
         "<answer>```python\nprint(1)\n```</answer>",
         "<answer>```python\nprint(2)\n```</answer>",
     ]
-    assert grade(answers, task=["code"] * 2, tests=[tests] * 2).tolist() == [1.0, 0.0]
+    with eval_stage.grader(prompt_set, config, num_workers=0) as grade:  # options reach the code
+        assert grade(answers, task=["code"] * 2, tests=[tests] * 2).tolist() == [1.0, 0.0]
     # Prompts without code need no sandbox.
     eval_stage.grader(types.SimpleNamespace(rows=[{"task": "arithmetic"}]), sh.load_config("eval"))
 

@@ -2016,7 +2016,6 @@ def test_grader_checks_each_row_by_its_own_rule():
     math = loaders.load_rows(str(data.sample_path("gsm8k_sample.jsonl")))[0][0]
     code = loaders.load_rows(str(data.sample_path("code_contests_sample.jsonl")))[0][0]
     rows = [math, code, arithmetic]
-    grade = grader(types.SimpleNamespace(rows=rows))
     answer = lambda body: f"<think>x</think><answer>{body}</answer>"  # noqa: E731
     program = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
     texts = [
@@ -2024,10 +2023,75 @@ def test_grader_checks_each_row_by_its_own_rule():
         answer(program),
         answer(arithmetic["solution"]),
         answer("-1"),  # a wrong answer to the math row
+        answer("```python\nprint(-987654321)\n```"),  # a wrong program
     ]
     keys = sorted({k for r in rows for k in r})
-    columns = {k: [r.get(k) for r in [*rows, math]] for k in keys}
-    np.testing.assert_array_equal(grade(texts, **columns), [1.0, 1.0, 1.0, 0.0])
+    columns = {k: [r.get(k) for r in [*rows, math, code]] for k in keys}
+    expected = [1.0, 1.0, 1.0, 0.0, 0.0]
+    # In-process, and with math and code scored in two worker processes (`submit`: on the
+    # grader's background thread), as evaluation and rejection sampling grade.
+    with grader(types.SimpleNamespace(rows=rows), num_workers=0) as grade:
+        np.testing.assert_array_equal(grade(texts, **columns), expected)
+    with grader(types.SimpleNamespace(rows=rows), num_workers=2) as grade:
+        np.testing.assert_array_equal(grade.submit(texts, **columns).result(), expected)
+        pools = [f._pool for f in grade._by_kind.values()]
+        assert sum(p is not None for p in pools) == 2  # math and code; the task rule in-process
+    assert all(f._pool is None for f in grade._by_kind.values())  # workers stopped
+
+
+def test_sample_and_grade_grades_a_batch_while_the_next_one_samples():
+    """Evaluation and rejection sampling grade batch i on the host (code tests, math-verify)
+    while batch i + 1 samples on the device; each batch keeps its own samples and grades."""
+    import types
+
+    from r1jax.stages import eval as eval_stage
+
+    events, in_flight = [], []
+
+    class Prompts:
+        completion_prefix = "<think>"
+        columns = {"answer": ["a", "b", "c"]}
+
+        def generate(self, model, ids, *, batch, num_samples, **kwargs):
+            assert (batch, num_samples, kwargs) == (2, 2, {"seed": 3})
+            events.append(("sample", ids, [f.done() for f in in_flight]))
+            tokens = [[i, s] for i in ids for s in range(num_samples)]
+            return types.SimpleNamespace(tokens=tokens)
+
+    class Tokenizer:
+        def batch_decode(self, tokens, skip_special_tokens):
+            return [f"{i}.{s}" for i, s in tokens]
+
+    class Grade:  # grades finish when asked for, as a slow pool would
+        def submit(self, texts, **columns):
+            events.append(("grade", texts[0]))
+            future = eval_stage.concurrent.futures.Future()
+            correct = np.array([c == "a" for c in columns["answer"]], float)
+            future.result = lambda: (events.append(("wait", texts[0])), correct)[1]
+            future.done = lambda: False
+            in_flight.append(future)
+            return future
+
+    out = []
+    for b in eval_stage.sample_and_grade(
+        Grade(), None, Tokenizer(), Prompts(), [[0, 1], [2]], batch=2, num_samples=2, seed=3
+    ):
+        events.append(("use", b.ids))
+        out.append(b)
+    assert events == [
+        ("sample", [0, 1], []),
+        ("grade", "<think>0.0"),
+        ("sample", [2], [False]),  # batch 0 still grading
+        ("grade", "<think>2.0"),
+        ("wait", "<think>0.0"),
+        ("use", [0, 1]),
+        ("wait", "<think>2.0"),
+        ("use", [2]),
+    ]
+    assert out[0].texts == ["<think>0.0", "<think>0.1", "<think>1.0", "<think>1.1"]
+    assert out[0].columns == {"answer": ["a", "a", "b", "b"]}
+    np.testing.assert_array_equal(out[0].correct, [1, 1, 0, 0])
+    np.testing.assert_array_equal(out[1].correct, [0, 0])
 
 
 def test_pipeline_settings_made_at_the_top_level_reach_every_stage():

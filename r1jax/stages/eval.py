@@ -18,12 +18,14 @@ Results go to `workdir/eval.json` (overall and per task) and a table on stdout.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import dataclasses
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -179,24 +181,42 @@ def voted_answer(text: str, task: Any, tests: Any) -> str | None:
     return rewards.extract_answer(text)
 
 
-def grader(prompt_set: common.PromptSet, config=None):
+class Grader:
     """`grade(texts, **columns) -> [B] float` (1.0 = correct): each sample checked by the reward
     its row calls for (`grading_kind`), so a dataset mixing math, code and built-in tasks (e.g. a
     glob over several files) grades every row by its own rule. Code rows run under
     `config.sandbox` (`common.sandbox_options`: refused here, before any sampling, when they
-    could not run)."""
-    from r1jax import rewards
+    could not run).
 
-    kinds = {grading_kind(r.get("task"), r.get("tests")) for r in prompt_set.rows}
-    kwargs = {"code": {"sandbox": common.sandbox_options(config or {})}} if "code" in kinds else {}
-    by_kind = {
-        kind: rewards.build_reward_fn(
-            {kind: {"weight": 1.0, "kwargs": kwargs.get(kind, {})}, "format": 0.0}, num_workers=0
+    Code tests and math-verify are slow (a sandboxed run per test, a symbolic comparison per
+    answer), so they are scored in a pool of worker processes (`num_workers`, None = the cores,
+    at most 16, as RL scores them); the built-in tasks' checks are cheap and run in-process.
+    `submit` grades on a background thread, so that a loop can sample its next batch on the
+    device meanwhile (`sample_and_grade`). Close it (or use it as a context manager) to stop
+    the workers.
+    """
+
+    _POOLED = ("accuracy", "code")
+
+    def __init__(
+        self, prompt_set: common.PromptSet, config=None, *, num_workers: int | None = None
+    ):
+        from r1jax import rewards
+
+        kinds = {grading_kind(r.get("task"), r.get("tests")) for r in prompt_set.rows}
+        options = (
+            {"code": {"sandbox": common.sandbox_options(config or {})}} if "code" in kinds else {}
         )
-        for kind in sorted(kinds)
-    }
+        self._by_kind = {
+            kind: rewards.build_reward_fn(
+                {kind: {"weight": 1.0, "kwargs": options.get(kind, {})}, "format": 0.0},
+                num_workers=num_workers if kind in self._POOLED else 0,
+            )
+            for kind in sorted(kinds)
+        }
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def grade(texts: Sequence[str], **columns: Sequence[Any]) -> np.ndarray:
+    def __call__(self, texts: Sequence[str], **columns: Sequence[Any]) -> np.ndarray:
         n = len(texts)
         kinds = [
             grading_kind(task, tests)
@@ -205,14 +225,86 @@ def grader(prompt_set: common.PromptSet, config=None):
             )
         ]
         correct = np.zeros(n, np.float64)
-        for kind, score in by_kind.items():
+        for kind, score in self._by_kind.items():
             rows = [i for i, k in enumerate(kinds) if k == kind]
             if rows:
                 subset = {c: [v[i] for i in rows] for c, v in columns.items()}
                 correct[rows] = score([texts[i] for i in rows], **subset).per_reward[0]
         return correct
 
-    return grade
+    def submit(self, texts: Sequence[str], **columns: Sequence[Any]) -> concurrent.futures.Future:
+        """`self(texts, **columns)` on a background thread; the future's result is its [B]."""
+        if self._thread is None:
+            self._thread = concurrent.futures.ThreadPoolExecutor(1, "r1jax-grader")
+        return self._thread.submit(self, texts, **columns)
+
+    def close(self) -> None:
+        """Wait for grading in flight, then stop the worker processes (idempotent)."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=True, cancel_futures=True)
+            self._thread = None
+        for score in self._by_kind.values():
+            score.close()
+
+    def __enter__(self) -> Grader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def grader(prompt_set: common.PromptSet, config=None, *, num_workers: int | None = None) -> Grader:
+    """`Grader(prompt_set, config)`: see there."""
+    return Grader(prompt_set, config, num_workers=num_workers)
+
+
+@dataclasses.dataclass
+class GradedBatch:
+    """One batch of prompts' samples, graded: `texts`, `columns` and `correct` hold a row per
+    sample (prompt ids[j]'s k samples at j*k ... j*k + k - 1)."""
+
+    ids: list[int]
+    out: Any  # sampling.GenerateOutput: tokens, log-probs, stop reasons
+    texts: list[str]  # the completion prefix (e.g. "<think>") + the decoded tokens
+    columns: dict[str, list[Any]]  # the dataset's columns, repeated per sample
+    correct: np.ndarray  # [len(ids) * k] float, 1.0 = correct
+
+
+def sample_and_grade(
+    grade: Grader,
+    model,
+    tokenizer,
+    prompt_set: common.PromptSet,
+    batches: Iterable[list[int]],
+    *,
+    batch: int,
+    num_samples: int,
+    **sample_kwargs,
+) -> Iterator[GradedBatch]:
+    """Sample `num_samples` answers to each batch of prompt ids (`PromptSet.generate`, with
+    `sample_kwargs`) and grade them. A batch is graded on the host while the next one samples on
+    the device, so grading costs no device time unless it is the slower of the two."""
+
+    def finish(ids, out, texts, columns, future) -> GradedBatch:
+        return GradedBatch(ids, out, texts, columns, future.result())
+
+    pending = None
+    for ids in batches:
+        out = prompt_set.generate(model, ids, batch=batch, num_samples=num_samples, **sample_kwargs)
+        texts = [
+            prompt_set.completion_prefix + t
+            for t in tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+        ]
+        columns = {
+            c: [v[i] for i in ids for _ in range(num_samples)]
+            for c, v in prompt_set.columns.items()
+        }
+        graded = (ids, out, texts, columns, grade.submit(texts, **columns))
+        if pending is not None:
+            yield finish(*pending)  # (graded while this batch sampled)
+        pending = graded
+    if pending is not None:
+        yield finish(*pending)
 
 
 def evaluate(
@@ -239,15 +331,17 @@ def evaluate(
 
     k = eval_config.num_samples
     n = min(eval_config.num_prompts, len(prompt_set))
-    score = grader(prompt_set, config)
     per_prompt, per_task, lengths, formats, records = [], collections.defaultdict(list), [], [], []
     batches = common.prompt_batches(
         n, eval_config.batch_prompts, desc="evaluation", progress=progress, stoppable=stoppable
     )
-    for ids in batches:
-        out = prompt_set.generate(
+    with grader(prompt_set, config) as grade:  # (refuses code it could not run, before sampling)
+        graded_batches = sample_and_grade(
+            grade,
             model,
-            ids,
+            tokenizer,
+            prompt_set,
+            batches,
             batch=min(eval_config.batch_prompts, n),
             num_samples=k,
             max_new_tokens=eval_config.max_new_tokens,
@@ -256,33 +350,31 @@ def evaluate(
             seed=seed,
             mesh=mesh,
         )
-        texts = [
-            prompt_set.completion_prefix + t
-            for t in tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
-        ]
-        columns = {c: [v[i] for i in ids for _ in range(k)] for c, v in prompt_set.columns.items()}
-        graded = score(texts, **columns)
-        well_formed = rewards.format_reward(texts)
-        for j, i in enumerate(ids):
-            rows = range(j * k, (j + 1) * k)
-            row = prompt_set.rows[i]
-            answers = [voted_answer(texts[r], row.get("task"), row.get("tests")) for r in rows]
-            correct = [bool(graded[r] == 1.0) for r in rows]
-            metrics = score_prompt(answers, correct, same_answer(row.get("task"), row.get("tests")))
-            per_prompt.append(metrics)
-            per_task[prompt_set.rows[i].get("task") or "all"].append(metrics)
-            lengths += [len(out.tokens[r]) for r in rows]
-            formats += [well_formed[r] for r in rows]
-            records += [
-                {
-                    "row": prompt_set.indices[i],  # in the held-out rows, before any left out
-                    "prompt": row.get("prompt"),
-                    "completion": texts[r],
-                    "answer": answers[r - j * k],
-                    "correct": correct[r - j * k],
-                }
-                for r in rows
-            ]
+        for b in graded_batches:
+            well_formed = rewards.format_reward(b.texts)
+            for j, i in enumerate(b.ids):
+                rows = range(j * k, (j + 1) * k)
+                row = prompt_set.rows[i]
+                answers = [
+                    voted_answer(b.texts[r], row.get("task"), row.get("tests")) for r in rows
+                ]
+                correct = [bool(b.correct[r] == 1.0) for r in rows]
+                same = same_answer(row.get("task"), row.get("tests"))
+                metrics = score_prompt(answers, correct, same)
+                per_prompt.append(metrics)
+                per_task[row.get("task") or "all"].append(metrics)
+                lengths += [len(b.out.tokens[r]) for r in rows]
+                formats += [well_formed[r] for r in rows]
+                records += [
+                    {
+                        "row": prompt_set.indices[i],  # in the held-out rows, before any left out
+                        "prompt": row.get("prompt"),
+                        "completion": b.texts[r],
+                        "answer": answers[r - j * k],
+                        "correct": correct[r - j * k],
+                    }
+                    for r in rows
+                ]
     result = {
         **aggregate(per_prompt),
         "mean_length": float(np.mean(lengths)),

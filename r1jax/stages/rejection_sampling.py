@@ -204,10 +204,10 @@ def run(config, workdir: str) -> dict[str, Any]:
         split="training",
     )
     rows = prompts.rows  # (those that fit data.prompt_buckets: sample ids index these)
+    grader = eval_stage.grader(prompts, config)  # (refuses code it cannot run, before the load)
     mesh = common.make_mesh(config)
     model, _ = common.load_model(config, mesh, rules=sharding.SAMPLING_RULES)
     n = min(r.num_prompts, len(prompts))
-    grade = eval_stage.grader(prompts, config)
     log.info(
         "rejection sampling: %d prompts x %d samples from %s", n, r.num_samples, config.model.path
     )
@@ -217,10 +217,13 @@ def run(config, workdir: str) -> dict[str, Any]:
     batches = common.prompt_batches(
         n, r.batch_prompts, desc="rejection sampling", progress=config.log.progress, stoppable=True
     )
-    for ids in batches:
-        out = prompts.generate(
+    with grader as grade:
+        graded_batches = eval_stage.sample_and_grade(
+            grade,
             model,
-            ids,
+            tokenizer,
+            prompts,
+            batches,
             batch=min(r.batch_prompts, n),
             num_samples=r.num_samples,
             max_new_tokens=r.max_new_tokens,
@@ -229,32 +232,26 @@ def run(config, workdir: str) -> dict[str, Any]:
             seed=config.seed,
             mesh=mesh,
         )
-        texts = [
-            prompts.completion_prefix + t
-            for t in tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
-        ]
-        columns = {
-            c: [v[i] for i in ids for _ in range(r.num_samples)] for c, v in prompts.columns.items()
-        }
-        correct = grade(texts, **columns)
-        well_formed = rewards.format_reward(texts)
-        # Each row's target language: its own when the data names one, else data.language (as
-        # the RL reward reads it).
-        language = rewards.language_consistency_reward(texts, language=columns["language"])
-        for j, text in enumerate(texts):
-            i = ids[j // r.num_samples]
-            samples.append(
-                {
-                    "row": i,
-                    "completion": text,
-                    "correct": bool(correct[j] == 1.0),
-                    "format": well_formed[j],
-                    # None: no words in the reasoning (e.g. only arithmetic), so none mixed.
-                    "language": language[j] if word_scripts(think_region(text)) else None,
-                    "truncated": out.stop_reason[j] == sampling.LENGTH,
-                    "states_held_out": rows[i].get("task") in tasks.TASKS and states_held_out(text),
-                }
-            )
+        for b in graded_batches:
+            well_formed = rewards.format_reward(b.texts)
+            # Each row's target language: its own when the data names one, else data.language
+            # (as the RL reward reads it).
+            language = rewards.language_consistency_reward(b.texts, language=b.columns["language"])
+            for j, text in enumerate(b.texts):
+                i = b.ids[j // r.num_samples]
+                samples.append(
+                    {
+                        "row": i,
+                        "completion": text,
+                        "correct": bool(b.correct[j] == 1.0),
+                        "format": well_formed[j],
+                        # None: no words in the reasoning (e.g. only arithmetic), so none mixed.
+                        "language": language[j] if word_scripts(think_region(text)) else None,
+                        "truncated": b.out.stop_reason[j] == sampling.LENGTH,
+                        "states_held_out": rows[i].get("task") in tasks.TASKS
+                        and states_held_out(text),
+                    }
+                )
 
     # 2-3. Filter, de-duplicate, cap.
     kept, dropped = filter_samples(
