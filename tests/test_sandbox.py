@@ -462,6 +462,24 @@ def test_deadline_inside_bubblewraps_setup_kills_the_unreported_init(monkeypatch
     )
 
 
+def test_a_hanging_program_costs_its_row_at_most_the_completion_budget():
+    """A program that hangs cost timeout_s for every test of its row (20 tests x 2 s held a
+    training step 40 s per completion); completion_timeout_s bounds the row, and the tests
+    not started by then fail."""
+    program = fenced("import time\nif input() == 'hang':\n    time.sleep(100)\nprint(1)")
+    tests = [{"input": "hang", "output": "1"}] * 4 + [{"input": "go", "output": "1"}]
+    unbounded = dataclasses.replace(CFG, timeout_s=0.5, completion_timeout_s=0)
+    start = time.monotonic()
+    assert code_reward([program], tests=[tests], sandbox=unbounded) == [0.2]  # 4 x 0.5 s, then 1
+    assert time.monotonic() - start >= 2.0
+    budget = dataclasses.replace(unbounded, completion_timeout_s=0.8)
+    start = time.monotonic()
+    assert code_reward([program], tests=[tests], sandbox=budget) == [0.0]  # the last not run
+    assert time.monotonic() - start < 0.8 + SLACK_S
+    with pytest.raises(ValueError, match="completion_timeout_s must be >= 0"):
+        SandboxConfig(completion_timeout_s=-1.0)
+
+
 def test_refuses_without_sandbox_unless_allowed(monkeypatch, caplog):
     monkeypatch.setattr(sandbox_lib, "_bwrap_problem", lambda python: "simulated: no bwrap")
     monkeypatch.setattr(sandbox_lib, "_warned_unsandboxed", False)

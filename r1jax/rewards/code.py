@@ -19,15 +19,19 @@ Owns ``code_reward``, ``extract_code`` and ``outputs_match``. Notable choices:
   separate them (Codeforces' default checker; numbers are compared as text, "0.50" is not
   "0.5"). Output is decoded as UTF-8 with replacement, so invalid bytes simply fail to match.
 - **Reward** = passed / number of tests. Every test runs in a fresh sandbox (``sandbox.py``), so
-  one test cannot leave state for the next. A program that hangs costs ``timeout_s`` per test.
+  one test cannot leave state for the next. A program that hangs costs ``timeout_s`` per test,
+  up to ``completion_timeout_s`` for the row (the tests not started by then fail), so one
+  completion cannot hold a training step for its row's tests x timeout_s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import textwrap
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -91,7 +95,8 @@ def code_reward(
     Args:
       completions: [B] strings or chat-message lists.
       sandbox: limits for each run: a ``SandboxConfig``, or a dict of its fields (as a config
-        file gives), or None for the defaults (2 s wall per test, bubblewrap required).
+        file gives), or None for the defaults (2 s wall per test, 30 s per completion,
+        bubblewrap required).
       **columns: needs ``tests`` ([B] lists of ``{"input", "output"}``); others are ignored.
     Returns:
       [B] floats in [0, 1]; ``None`` for rows without (valid) tests.
@@ -126,15 +131,20 @@ def code_reward(
             rewards.append(0.0)
             continue
         passed = 0
+        budget = cfg.completion_timeout_s or math.inf
+        deadline = time.monotonic() + budget
         for stdin, expected in tests:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break  # (the tests not run fail)
             # (an expected output past the output cap could never be matched)
             needed = min(
                 2 * len(expected.encode("utf-8", errors="replace")) + 4096, _MAX_EXPECTED_CAP
             )
-            limits = (
-                cfg
-                if needed <= cfg.max_output_bytes
-                else dataclasses.replace(cfg, max_output_bytes=needed)
+            limits = dataclasses.replace(
+                cfg,
+                timeout_s=min(cfg.timeout_s, left),
+                max_output_bytes=max(needed, cfg.max_output_bytes),
             )
             result = run_python(code, stdin, limits)
             actual = result.stdout.decode("utf-8", errors="replace")
