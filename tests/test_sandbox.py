@@ -480,6 +480,32 @@ def test_a_hanging_program_costs_its_row_at_most_the_completion_budget():
         SandboxConfig(completion_timeout_s=-1.0)
 
 
+def test_a_sandbox_trial_that_fails_for_a_moment_is_tried_again(monkeypatch):
+    """A reward worker whose first trivial run failed once (out of processes for a moment)
+    kept "bwrap failed" for good: every code row after it failed, or with allow_unsandboxed ran
+    without the sandbox."""
+    real_run, failures, runs = sandbox_lib._run, [2], []
+
+    def flaky(code, stdin, cfg, python, sandboxed):
+        runs.append(code)
+        if failures[0] > 0:
+            failures[0] -= 1
+            return sandbox_lib.RunResult(b"", b"fork: out of processes", 1, False, False, 0.0, True)
+        return real_run(code, stdin, cfg, python, sandboxed=sandboxed)
+
+    python = sandbox_lib._interpreter(None)
+    monkeypatch.setattr(sandbox_lib, "_run", flaky)
+    monkeypatch.setattr(sandbox_lib, "_trials", {})
+    assert sandbox_lib._bwrap_problem(python) is None and len(runs) == 3  # 2 failures, then ok
+    assert sandbox_lib._bwrap_problem(python) is None and len(runs) == 3  # remembered
+    failures[0] = 3
+    monkeypatch.setattr(sandbox_lib, "_trials", {})
+    assert "out of processes" in sandbox_lib._bwrap_problem(python)  # 3 in a row: unusable
+    assert "out of processes" in sandbox_lib._bwrap_problem(python) and len(runs) == 6
+    monkeypatch.setattr(sandbox_lib, "_TRIAL_RETRY_S", 0.0)  # ... for a while, then tried again
+    assert sandbox_lib._bwrap_problem(python) is None and len(runs) == 7
+
+
 def test_refuses_without_sandbox_unless_allowed(monkeypatch, caplog):
     monkeypatch.setattr(sandbox_lib, "_bwrap_problem", lambda python: "simulated: no bwrap")
     monkeypatch.setattr(sandbox_lib, "_warned_unsandboxed", False)

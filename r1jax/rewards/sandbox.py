@@ -420,21 +420,52 @@ def _bwrap_args(
     ]
 
 
-@functools.cache
+_TRIAL_ATTEMPTS = 3  # a trivial run failing this many times in a row means bwrap is unusable
+_TRIAL_RETRY_S = 60.0  # after which a failed trial is tried again (the failure may have passed)
+_trials: dict[str, tuple[str | None, float]] = {}  # interpreter -> (problem, when found)
+
+
 def _bwrap_problem(python: str) -> str | None:
-    """None when bubblewrap runs a trivial program here, else why not (cached per interpreter)."""
+    """None when bubblewrap runs a trivial program here, else why not.
+
+    A working sandbox is remembered for the process; a problem only for `_TRIAL_RETRY_S`, and a
+    failing trivial run is tried again before it counts (a run can fail for a passing reason:
+    the machine out of processes or memory for a moment). A reward worker that kept one bad
+    moment for good failed every code row after it (or, with `allow_unsandboxed`, ran them
+    without the sandbox)."""
+    cached = _trials.get(python)
+    if cached is not None and (cached[0] is None or time.monotonic() < cached[1] + _TRIAL_RETRY_S):
+        return cached[0]
+    problem = _tools_problem()
+    attempt = 0
+    while problem is None:
+        result = _run(
+            "print(6 * 7)",
+            b"",
+            SandboxConfig(timeout_s=10.0, python=python),
+            python,
+            sandboxed=True,
+        )
+        if result.ok and result.stdout.strip() == b"42":
+            break
+        attempt += 1
+        if attempt == _TRIAL_ATTEMPTS:
+            detail = result.stderr.decode("utf-8", errors="replace").strip()[-300:]
+            problem = f"bwrap failed a trivial run (exit {result.returncode}): {detail}"
+        else:
+            time.sleep(0.1 * attempt)
+    _trials[python] = (problem, time.monotonic())
+    return problem
+
+
+def _tools_problem() -> str | None:
+    """What the sandbox needs on PATH and is missing, or None."""
     if shutil.which("bwrap") is None:
         return "`bwrap` is not on PATH (Debian/Ubuntu package `bubblewrap`)"
     for tool in ("prlimit", "setpriv") if _drops_privileges() else ("prlimit",):
         if shutil.which(tool) is None:
             return f"`{tool}` is not on PATH (util-linux)"
-    result = _run(
-        "print(6 * 7)", b"", SandboxConfig(timeout_s=10.0, python=python), python, sandboxed=True
-    )
-    if result.ok and result.stdout.strip() == b"42":
-        return None
-    detail = result.stderr.decode("utf-8", errors="replace").strip()[-300:]
-    return f"bwrap failed a trivial run (exit {result.returncode}): {detail}"
+    return None
 
 
 def sandbox_available(python: str | None = None) -> bool:
