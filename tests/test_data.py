@@ -486,6 +486,47 @@ def _check_multibyte_stops(tok, stops, texts):
         assert _first_stop(found, ids) == _decoded_stop(tok, stops, ids), ids
 
 
+def test_format_tags_a_tokenizer_declares_special_stay_text(tok):
+    """A tokenizer given the tags with `add_special_tokens` (as some R1 recipes do): decoding
+    with skip_special_tokens dropped them (format reward 0, no answer extracted in RL, eval and
+    rejection sampling), the stop string "</answer>" never fired, and SFT spelt them in
+    characters the model never samples."""
+    import copy
+
+    from r1jax import rewards
+    from r1jax.stages import rl
+
+    special = copy.deepcopy(tok)
+    tags = ["<think>", "</think>", "<answer>", "</answer>"]
+    special.add_special_tokens({"additional_special_tokens": tags})
+    assert toktool.format_tag_ids(tok) == {}  # (the toy tokenizer's tags are ordinary text)
+    ids = toktool.format_tag_ids(special)
+    assert sorted(ids) == sorted(tags)
+    text = "<think>\n2+3=5\n</think>\n<answer>5</answer>"
+    sampled = special(text, add_special_tokens=False)["input_ids"] + [special.eos_token_id]
+    assert sum(i in ids.values() for i in sampled) == 4  # each tag one token
+    decoded = rl._decode(special, "", [sampled])
+    assert decoded == [text]  # the EOS (special, not a tag) still dropped
+    assert rewards.format_reward(decoded) == [1.0]
+    # SFT writes each tag as its one token, the rest spelt as text ("<|endoftext|>" too).
+    completion = text + " <|endoftext|>"
+    [encoded] = toktool.encode_completions(special, [completion])
+    assert [i for i in encoded if i in ids.values()] == [ids[t] for t in tags]
+    assert special.eos_token_id not in encoded
+    assert special.decode(encoded) == completion
+    batch = data.tokenize_sft(special, ["Q"], [text], seq_len=64)
+    assert sum(i in ids.values() for i in batch.input_ids[0].tolist()) == 4
+    # The stop string ends the sample at the tag's token.
+    stops = toktool.StopStrings.for_tokenizer(special, ["</answer>"])
+    state = 0
+    for i in sampled[:-1]:
+        state = stops.table[state, i]
+    assert state == stops.table.shape[0] - 1
+    # Without special tags nothing changes.
+    plain = tok(completion, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert toktool.encode_completions(tok, [completion]) == [plain]
+
+
 def test_stop_strings_of_characters_split_over_tokens_are_found(tok):
     """Byte-level BPE spells a Chinese or accented character it has no merge for as one token per
     UTF-8 byte, each decoding to U+FFFD alone: a stop string read per token's text never matched

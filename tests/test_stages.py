@@ -624,6 +624,19 @@ def test_chat_prompts_can_carry_the_format_instruction_as_a_system_message(toy):
     sft.sft.template = "chat"
     with pytest.raises(common.ConfigError, match=r"sft.template='chat': .* leave system_prompt"):
         sft_stage.load_pairs(sft, refusing)
+    # A template error the system message did not cause is the template's own, not blamed on
+    # system_prompt (leaving it empty would not help).
+    alternating = copy.deepcopy(tokenizer)
+    alternating.chat_template = (
+        "{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]"
+        "['role'] %}{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}"
+        "{% endfor %}"
+    )
+    twice = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(Exception, match=r"^roles must alternate$"):
+        templates.conversation_prompt(alternating, twice, system="Be brief.")
+    with pytest.raises(ValueError, match=r"refused a system message"):
+        templates.conversation_prompt(refusing, twice[:1], system="Be brief.")
 
 
 def test_sft_chat_rows_follow_the_template_rl_samples_with(toy, tmp_path):

@@ -315,8 +315,7 @@ def tokenize_sft(
         p_ids = toks.with_leading_specials(tokenizer, p_ids)
     # A completion is text: "<|endoftext|>" written in it is those characters, not the EOS token
     # (which would teach the model to stop mid-answer, and end the row's loss there).
-    c_ids = tokenizer(list(completions), add_special_tokens=False, split_special_tokens=True)
-    c_ids = c_ids["input_ids"]
+    c_ids = toks.encode_completions(tokenizer, completions)
     if append_eos:
         ends = [""] * len(c_ids) if ends is None else list(ends)
         if len(ends) != len(c_ids):

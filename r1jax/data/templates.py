@@ -120,8 +120,12 @@ def conversation_prompt(
     try:
         text = apply_chat_template(tokenizer, messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # jinja2's TemplateError: e.g. raise_exception in the template
-        if not system:
+        if not system or has_system:
             raise
+        try:  # blamed on the system message only when the turns render without it
+            apply_chat_template(tokenizer, messages[1:], tokenize=False, add_generation_prompt=True)
+        except Exception:
+            raise e from None
         raise ValueError(
             f"the tokenizer's chat template refused a system message ({e}); this model takes "
             "none: leave system_prompt empty"

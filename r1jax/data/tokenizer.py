@@ -304,17 +304,66 @@ class StopStrings:
         return bool(self.strings)
 
 
+FORMAT_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def format_tag_ids(tokenizer) -> dict[str, int]:
+    """{tag: id} of the R1 format tags this tokenizer declares *special* (given with
+    `add_special_tokens`, as some R1 recipes do). They are the completion's text all the same:
+    `decode_completions` keeps them (skip_special_tokens would drop them, and with them every
+    format reward, extracted answer and stop string), `encode_completions` writes them as their
+    one token (split_special_tokens would spell them in characters the model never samples)."""
+    special = set(getattr(tokenizer, "all_special_tokens", ()))
+    special |= {
+        t.content
+        for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+        if getattr(t, "special", False)
+    }
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in FORMAT_TAGS if t in special}
+
+
+def decode_completions(tokenizer, rows: Sequence[Sequence[int]]) -> list[str]:
+    """Sampled ids -> completion texts: `batch_decode(rows, skip_special_tokens=True)`, except
+    that the format tags stay when the tokenizer declares them special (`format_tag_ids`)."""
+    keep = set(format_tag_ids(tokenizer).values())
+    if not keep:
+        return tokenizer.batch_decode(rows, skip_special_tokens=True)
+    drop = set(tokenizer.all_special_ids) - keep
+    return tokenizer.batch_decode([[t for t in row if t not in drop] for row in rows])
+
+
+def encode_completions(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Completion texts -> ids, a special token's text written in one spelt as text
+    ("<|endoftext|>" in an answer is those characters, not EOS), except the format tags a
+    tokenizer declares special (`format_tag_ids`), which are their one token."""
+    import re
+
+    def encode(pieces):
+        return tokenizer(list(pieces), add_special_tokens=False, split_special_tokens=True)[
+            "input_ids"
+        ]
+
+    tags = format_tag_ids(tokenizer)
+    if not tags:
+        return encode(texts)
+    split = re.compile("(" + "|".join(re.escape(t) for t in sorted(tags, key=len)[::-1]) + ")")
+    out = []
+    for text in texts:
+        pieces = [p for p in split.split(text) if p]
+        encoded = iter(encode([p for p in pieces if p not in tags]))
+        out.append([i for p in pieces for i in ([tags[p]] if p in tags else next(encoded))])
+    return out
+
+
 def token_texts(tokenizer) -> list[str]:
-    """Each token's text as it reads inside a decoded completion (`skip_special_tokens`).
+    """Each token's text as it reads inside a decoded completion (`decode_completions`).
 
     Decoded after an anchor token and with the anchor's text cut off: a SentencePiece token's
     leading space ("▁</") survives, which decoding the token alone drops.
     """
     anchor = tokenizer.encode("a", add_special_tokens=False)[:1]
     lead = tokenizer.decode(anchor, skip_special_tokens=True)
-    pairs = tokenizer.batch_decode(
-        [anchor + [i] for i in range(len(tokenizer))], skip_special_tokens=True
-    )
+    pairs = decode_completions(tokenizer, [anchor + [i] for i in range(len(tokenizer))])
     return [p[len(lead) :] if p.startswith(lead) else p for p in pairs]
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from r1jax import paths
+from r1jax.data.tokenizer import decode_completions
 from r1jax.stages import common
 
 log = logging.getLogger("r1jax")
@@ -292,8 +293,7 @@ def sample_and_grade(
     for ids in batches:
         out = prompt_set.generate(model, ids, batch=batch, num_samples=num_samples, **sample_kwargs)
         texts = [
-            prompt_set.completion_prefix + t
-            for t in tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+            prompt_set.completion_prefix + t for t in decode_completions(tokenizer, out.tokens)
         ]
         columns = {
             c: [v[i] for i in ids for _ in range(num_samples)]

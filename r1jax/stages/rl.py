@@ -560,7 +560,9 @@ def _turns_or_question(row: dict) -> str | list[dict]:
 
 def _decode(tokenizer, prefix: str, ids: list[list[int]]) -> list[str]:
     """Completion ids -> text as the reward functions see it (with any prefilled "<think>")."""
-    return [prefix + t for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    from r1jax.data.tokenizer import decode_completions
+
+    return [prefix + t for t in decode_completions(tokenizer, ids)]
 
 
 def _add_reward_model(
