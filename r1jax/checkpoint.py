@@ -628,7 +628,14 @@ def export_hf(
         with tempfile.TemporaryDirectory(prefix="r1jax_hf_") as local:
             write(local)
             if jax.process_index() == 0:
-                paths.copy_dir(local, path)
+                # config.json removed first and uploaded last: a kill part way leaves a folder
+                # that no reader takes for a checkpoint, not the earlier export's shards mixed in
+                paths.copy_dir(
+                    local,
+                    path,
+                    last="config.json",
+                    stale=lambda n: n.startswith("model") and ".safetensors" in n,
+                )
     except _export_write_errors() as err:  # a full disk, a read-only folder: one line
         where = (
             "it is written to a local temporary folder first, then uploaded (the remote folder "

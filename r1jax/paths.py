@@ -20,6 +20,7 @@ What cloud storage cannot do, and what happens instead:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -145,21 +146,46 @@ def copy_file(local: str, target: str | os.PathLike) -> None:
         return
     dest = epath.Path(target)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # Streamed: checkpoint shards can be gigabytes. The object appears only once complete.
-    with open(local, "rb") as src, dest.open("wb") as dst:
-        shutil.copyfileobj(src, dst, 64 * 1024 * 1024)
+    # Streamed: checkpoint shards can be gigabytes. The object appears only once complete: an
+    # error part way discards the upload (fsspec's close() would commit what was written).
+    with open(local, "rb") as src:
+        dst = dest.open("wb")
+        try:
+            shutil.copyfileobj(src, dst, 64 * 1024 * 1024)
+        except BaseException:
+            discard = getattr(dst, "discard", None)
+            if callable(discard):  # gcsfs: cancels the resumable upload
+                discard()
+                with contextlib.suppress(Exception):
+                    dst.closed = True  # (fsspec's __del__ would close, i.e. commit, it)
+            raise
+        dst.close()
 
 
-def copy_dir(local: str, target: str | os.PathLike) -> list[str]:
+def copy_dir(
+    local: str, target: str | os.PathLike, *, last: str | None = None, stale=None
+) -> list[str]:
     """Copy every file under the local directory `local` to the same relative path under `target`
-    (local or cloud); returns the relative paths copied."""
-    copied = []
+    (local or cloud); returns the relative paths copied.
+
+    `last`: a relative path removed from `target` before anything is copied and copied last, so
+    that an interrupted copy leaves a folder without it (not one that mixes old and new files
+    and looks complete). `stale(name)`: files directly in `target` for which it is true and that
+    `local` does not hold are removed first (an earlier export's shards)."""
+    rels = []
     for root, _, files in os.walk(local):
-        for name in sorted(files):
-            rel = os.path.relpath(os.path.join(root, name), local)
-            copy_file(os.path.join(local, rel), os.path.join(os.fspath(target), rel))
-            copied.append(rel)
-    return copied
+        rels += sorted(os.path.relpath(os.path.join(root, name), local) for name in files)
+    target = os.fspath(target)
+    if last is not None and exists(os.path.join(target, last)):
+        epath.Path(os.path.join(target, last)).unlink()
+    if stale is not None and exists(target):
+        for old in epath.Path(target).iterdir():
+            if stale(old.name) and old.name not in rels and old.is_file():
+                old.unlink()
+    rels = [r for r in rels if r != last] + ([last] if last in rels else [])
+    for rel in rels:
+        copy_file(os.path.join(local, rel), os.path.join(target, rel))
+    return rels
 
 
 def staging_dir(workdir: str | os.PathLike) -> str:

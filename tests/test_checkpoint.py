@@ -308,6 +308,126 @@ def test_export_hf_to_cloud_storage_matches_a_local_export(fake_gcs, tmp_path, m
     assert os.listdir(cwd) == []
 
 
+def test_a_cloud_re_export_never_leaves_a_folder_that_mixes_two_models(
+    fake_gcs,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    """Re-exporting to a gs:// folder uploaded over the earlier export, config.json first: a
+    kill part way left the new config and first shards beside the old ones (loaded without an
+    error), and a sharded export over a single-file one left the old model.safetensors, which
+    every reader prefers to the new index."""
+    from helpers import hf_checkpoint
+
+    from r1jax import paths
+    from r1jax.models import hf
+
+    uri = "gs://bucket/run/hf/final"
+
+    def files():
+        return [n.rsplit("/", 1)[1] for n in fake_gcs.names(uri)]
+
+    def download() -> str:
+        local = tmp_path / f"download{len(list(tmp_path.iterdir()))}"
+        local.mkdir()
+        for name in files():
+            with open(os.path.join(local, name), "wb") as f:
+                f.write(fake_gcs.read(f"{uri}/{name}"))
+        return str(local)
+
+    old, new = hf.load(hf_checkpoint("qwen2")), hf.load(hf_checkpoint("qwen2", seed=1))
+    checkpoint.export_hf(old, uri)
+    assert {"config.json", "model.safetensors"} <= set(files())
+    real_save, real_copy, copies = hf.save, paths.copy_file, []
+    monkeypatch.setattr(hf, "save", lambda m, p, **kw: real_save(m, p, max_shard_bytes=1 << 17))
+
+    def preempted(local, target):
+        if len(copies) == 2:
+            raise KeyboardInterrupt("preempted")
+        copies.append(target)
+        real_copy(local, target)
+
+    monkeypatch.setattr(paths, "copy_file", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.export_hf(new, uri)
+    assert "config.json" not in files()  # no reader takes the half-uploaded folder for a model
+    with pytest.raises(hf.CheckpointError, match="config.json"):
+        hf.load(download())
+    monkeypatch.setattr(paths, "copy_file", real_copy)
+    checkpoint.export_hf(new, uri)  # sharded now: the single file is gone
+    assert "model.safetensors" not in files() and "model.safetensors.index.json" in files()
+    loaded, want = hf.load(download()), nnx.state(new, nnx.Param)
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(loaded, nnx.Param)), jax.tree.leaves(want), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_an_interrupted_cloud_upload_publishes_nothing(tmp_path, monkeypatch):
+    """gcsfs commits a resumable upload when its file closes, and `with dest.open("wb")`
+    closes it on an exception too: a Ctrl-C part way through a shard published a truncated
+    object. (The bucket here buffers and commits as gcsfs' GCSFile does, minus the network.)"""
+    import importlib
+    import io
+    import shutil
+
+    from etils.epath import backend
+    from fsspec.implementations.memory import MemoryFileSystem
+    from fsspec.spec import AbstractBufferedFile
+
+    from r1jax import paths
+
+    committed = {}
+
+    class Upload(AbstractBufferedFile):
+        def _initiate_upload(self):
+            self.parts = []
+
+        def _upload_chunk(self, final=False):
+            self.parts.append(self.buffer.getvalue())
+            if final:  # the last chunk finalises the object
+                committed[self.path] = b"".join(self.parts)
+            return True
+
+    class Bucket(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return path.split("://", 1)[-1].strip("/")
+
+        def _open(self, path, mode="rb", **kwargs):
+            if "w" in mode:
+                return Upload(self, path, mode, block_size=1024)
+            return io.BytesIO(committed[path])
+
+        def makedirs(self, *args, **kwargs):
+            pass
+
+    registry = importlib.import_module("fsspec.registry")._registry
+    for name in ("gs", "gcs"):
+        monkeypatch.setitem(registry, name, Bucket)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    monkeypatch.setattr(Bucket, "_cache", {})  # (fsspec caches instances per class)
+    local = tmp_path / "shard"
+    local.write_bytes(os.urandom(10_000))
+    paths.copy_file(str(local), "gs://bucket/whole")
+    assert committed == {"bucket/whole": local.read_bytes()}
+
+    def interrupted(src, dst, length=0):
+        dst.write(src.read(3_000))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "copyfileobj", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        paths.copy_file(str(local), "gs://bucket/cut")
+    import gc
+
+    gc.collect()  # (fsspec's __del__ closes a file left open)
+    assert list(committed) == ["bucket/whole"]
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
 def test_export_hf_carries_the_source_token_ids_and_generation_config(tmp_path):
     """An export stops where its source did: transformers' generate and vLLM read eos from
     config.json / generation_config.json (r1jax's own export used to write none)."""

@@ -415,6 +415,28 @@ def test_error_truncated_safetensors(tmp_path):
         hf.load(path)
 
 
+def test_error_text_in_place_of_the_weights_and_a_cloud_save(tmp_path, monkeypatch):
+    """A git-lfs pointer (a repo cloned without git-lfs) crashed the loader with a bare
+    MemoryError (its text read as a header of ~2e18 bytes); `hf.save` to gs:// wrote a local
+    ./gs:/ folder, which `hf.load` of the same URI then read back as if it were the bucket."""
+    path = _copy(tmp_path)
+    with open(os.path.join(path, "model.safetensors"), "w") as f:
+        f.write(f"version https://git-lfs.github.com/spec/v1\noid sha256:{'a' * 64}\nsize 299944\n")
+    with pytest.raises(hf.CheckpointError, match=r"model.safetensors is not a (readable )?safet"):
+        hf.load(path)
+    with pytest.raises(hf.CheckpointError, match=r"not a safetensors file.*git lfs pull"):
+        hf._check_complete(path)  # (the size check, whichever reader comes first)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write("[]")
+    with pytest.raises(hf.CheckpointError, match="holds a JSON list, not a config object"):
+        hf.load(path)
+    model = hf.load(_copy(tmp_path / "good"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="checkpoint.export_hf"):
+        hf.save(model, "gs://bucket/run/model")
+    assert not os.path.exists(tmp_path / "gs:")
+
+
 def test_config_fields_left_out_take_transformers_defaults_and_unknown_ones_are_refused():
     """A config.json without a field means what transformers makes of it for that family
     (Mistral: a 4096-token window; Qwen2: 32768 positions; Qwen3: head_dim 128), and a save
@@ -430,6 +452,11 @@ def test_config_fields_left_out_take_transformers_defaults_and_unknown_ones_are_
     assert hf.config_from_hf({"model_type": "qwen2", **base}).max_position_embeddings == 32768
     assert hf.config_from_hf({"model_type": "qwen3", **base}).head_dim == 128
     assert hf.config_from_hf({"model_type": "llama", **base}).head_dim == 16  # 64 / 4
+    # Saved by transformers 4.48-4.50, and "swish" (SiLU's other name): the same model.
+    same = {"_attn_implementation_autoset": True, "hidden_act": "swish"}
+    assert hf.config_from_hf({"model_type": "qwen2", **same, **base}) == hf.config_from_hf(
+        {"model_type": "qwen2", **base}
+    )
     # Qwen2.5 and R1-Distill-Qwen write "use_mrope": false; true (Qwen2-VL) is not this model.
     assert hf.config_from_hf({"model_type": "qwen2", "use_mrope": False, **base})
     with pytest.raises(hf.CheckpointError, match="use_mrope"):

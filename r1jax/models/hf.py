@@ -52,6 +52,7 @@ _METADATA_FIELDS = {
     "architectures",
     "model_type",
     "transformers_version",
+    "_attn_implementation_autoset",  # (transformers 4.48-4.50 saved it)
     "torch_dtype",
     "dtype",
     "initializer_range",
@@ -175,7 +176,10 @@ def config_from_hf(
 
     require(not hf.get("use_mrope"), "use_mrope", "multimodal (M-RoPE) positions")
 
-    require(hf.get("hidden_act", "silu") == "silu", "hidden_act", "only SwiGLU (silu) MLPs")
+    # ("swish" is transformers' other name for SiLU)
+    require(
+        hf.get("hidden_act", "silu") in ("silu", "swish"), "hidden_act", "only SwiGLU (silu) MLPs"
+    )
     require(not hf.get("attention_dropout"), "attention_dropout", "dropout is not implemented")
     require(hf.get("pretraining_tp", 1) == 1, "pretraining_tp", "must be 1")
 
@@ -594,6 +598,14 @@ def _check_complete(path: str) -> None:
             if len(head) < 8:
                 raise CheckpointError(f"{file} is truncated ({size} bytes)")
             header_len = int.from_bytes(head, "little")
+            if (
+                header_len > size - 8
+            ):  # text in place of the weights: a git-lfs pointer, an HTML page
+                raise CheckpointError(
+                    f"{file} is not a safetensors file (its first bytes {head!r} give a header "
+                    f"of {header_len} bytes in a {size}-byte file); a git-lfs pointer? run "
+                    f"`git lfs pull` or re-download it"
+                )
             try:
                 header = json.loads(f.read(header_len))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -744,9 +756,12 @@ def read_config(path: str) -> dict[str, Any]:
         )
     try:
         with open(cfg_path) as f:
-            return json.load(f)
+            raw = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_path} holds a JSON {type(raw).__name__}, not a config object")
+    return raw
 
 
 def load(
@@ -925,6 +940,11 @@ def save_weights(
     is the decoder's ModelConfig (tensor layouts, default dtype).
     """
     cfg = model.cfg
+    if "://" in os.fspath(path):  # os.makedirs("gs://b/x") would write a local ./gs:/b/x
+        raise ValueError(
+            f"save_weights: {path!r} is not a local folder; use checkpoint.export_hf for a "
+            f"cloud URI"
+        )
     os.makedirs(path, exist_ok=True)
     state = {p: v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     out_dtype = jnp.dtype(dtype or cfg.param_dtype)
