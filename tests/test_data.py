@@ -1185,6 +1185,19 @@ def _held_out_stated(texts, held_out) -> list[str]:
     return found
 
 
+def test_an_equation_states_its_problem_however_it_is_spaced():
+    """Only "a op b = c" with single spaces was seen: a rejection-sampled trace checking
+    "10+24=34" kept a held-out problem's answer in the SFT data."""
+    from r1jax.data import arithmetic
+
+    key = arithmetic.problem_key(10, "+", 24)
+    for text in ("10 + 24 = 34", "10+24=34", "so 10+24 = 34.", "10 + 24= 34", "(10+24=34)"):
+        assert arithmetic.equation_keys(text) == [key], text
+    # Not a two-operand problem: a chain, a column's digit sum, a wrong equation.
+    for text in ("5+10+24=39", "4 + 8 + 1 = 13", "4+8+1=13", "10+24=35", "-10+24=14"):
+        assert key not in arithmetic.equation_keys(text), text
+
+
 def test_training_text_states_no_held_out_problem():
     """A Countdown step ("20 + 35 = 55") is an arithmetic problem, held out about 10% of the time:
     before, a corpus of arithmetic and Countdown documents (as `pretrain.tasks` allows) stated 81

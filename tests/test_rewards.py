@@ -73,6 +73,9 @@ EQUIVALENT = [  # (gold, completion): same answer written differently
     ("(-\\infty, 2)", "\\boxed{(-\\infty,2)}"),
     ("50\\%", "<answer>0.5</answer>"),  # percentages
     ("50\\%", "<answer>50</answer>"),
+    ("12.5", "<answer>12.5\\%</answer>"),  # (math-verify drops the sign of integers only)
+    ("12.5\\%", "<answer>12.5</answer>"),
+    ("12.5", "<answer>12.5%</answer>"),
     ("1,000", "<answer>1000</answer>"),  # thousands separators
     ("1234567", "<answer>1,234,567</answer>"),
     ("B", "<answer>B</answer>"),  # multiple choice
@@ -126,6 +129,10 @@ DIFFERENT = [
     ("-5", "<answer>5</answer>"),
     ("Paris", "<answer>London</answer>"),
     ("18", "<answer>18 or 19</answer>"),  # two answers are none
+    ("5", "<answer>3 (or 5)</answer>"),  # math-verify read "3 (, 5)" as 5
+    ("5", "<answer>3 \\quad (\\text{or } 5)</answer>"),
+    ("3", "<answer>3 \\text{ (or 5)}</answer>"),
+    ("D", "<answer>B (or D)</answer>"),
     # A unit after a value is not the value's first number (12*pi is not 12).
     ("12", "<answer>12\\pi \\text{ square units}</answer>"),
     ("12", "<answer>The area is 12\\pi</answer>"),
@@ -631,6 +638,21 @@ def test_worker_death_loses_one_chunk_not_the_trainer():
         assert fn(["ok"] * 4).per_reward[0].tolist() == [1.0] * 4  # the pool was rebuilt
         with pytest.raises(RuntimeError, match="every reward worker died"):
             fn(["die"] * 2)
+
+
+def test_ctrl_c_in_a_terminal_leaves_the_reward_workers_alone():
+    """Ctrl-C reaches the whole foreground process group: every worker died of it (tracebacks,
+    "a reward worker died", a rebuilt pool) while the trainer was saving its step."""
+    import signal
+
+    with build_reward_fn([("format", 1.0, {})], num_workers=2) as fn:
+        fn.warmup()
+        workers = list(fn._pool._processes.values())
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGINT)
+        assert fn(["<think>a</think><answer>1</answer>"] * 4).total.tolist() == [1.0] * 4
+        assert all(worker.is_alive() for worker in workers)
+        assert list(fn._pool._processes.values()) == workers  # the same pool
 
 
 def test_a_worker_dying_while_chunks_are_still_being_submitted_is_retried():

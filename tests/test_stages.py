@@ -1682,10 +1682,14 @@ def test_half_written_checkpoint_is_ignored_and_the_run_resumes(reference_rl, tm
     assert os.listdir(workdir / "hf") == ["final"]  # orbax's best_step() is the latest then
 
 
-def test_an_rl_resume_with_another_objective_or_model_is_refused(reference_rl, tmp_path):
+def test_an_rl_resume_with_another_objective_or_model_is_refused(
+    reference_rl, tmp_path, monkeypatch
+):
     """Only the data order was recorded: a resume with other rewards, beta or iterations went on
     as one run (config_rl.json then named only the new settings), and one from another starting
-    model of the same shape ran 0 steps and exported the old policy as its own."""
+    model of the same shape ran 0 steps and exported the old policy as its own. Other stop
+    strings end every completion elsewhere. Each is refused before any model loads (minutes,
+    for a real one)."""
     workdir = tmp_path / "run"
     shutil.copytree(reference_rl, workdir)
     first_config = (workdir / "config_rl.json").read_text()
@@ -1695,7 +1699,13 @@ def test_an_rl_resume_with_another_objective_or_model_is_refused(reference_rl, t
         "rl.num_iterations": (2, "rl.num_iterations: 1 then, 2 now"),
         "rewards.format": (config.rewards.format + 1.0, "rewards: "),
         "model.path": (str(workdir / "hf" / "final"), "model.path: "),  # the trained policy
+        "data.stop_strings": ((" ",), "data.stop_strings: "),
     }
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded a model before refusing the resume")
+
+    monkeypatch.setattr(common, "load_model", no_load)
     for field, (value, named) in changes.items():
         changed = sh.set_fields(copy.deepcopy(config), {field: value})
         with pytest.raises(common.ConfigError, match=rf"was saved by a run .*{named}"):
@@ -1738,7 +1748,7 @@ def sample(row, completion, correct=True, fmt=1.0, language=1.0, **flags):
         "correct": correct,
         "format": fmt,
         "language": language,
-        **flags,  # truncated, states_held_out
+        **flags,  # prompt, truncated, unscored, states_held_out
     }
 
 
@@ -1779,6 +1789,19 @@ def test_filter_samples_drops_each_reason_once_in_order():
         "over_cap": 1,
     }
     assert len(kept) + sum(dropped.values()) == len(samples)
+
+
+def test_filter_samples_count_one_problem_on_several_rows_once_and_drop_unscored_samples():
+    """A file with one problem on several rows wrote the same (prompt, answer) once per row
+    past the de-duplication and the per-prompt cap; a sample whose grading worker died twice
+    was dropped as "incorrect"."""
+    same = "<think>a</think><answer>4</answer>"
+    samples = [sample(r, same, prompt="What is 2 + 2?") for r in range(3)]
+    samples += [sample(3, "<think>b</think><answer>4</answer>", prompt="What is 2 + 2?")]
+    samples += [sample(4, same, correct=False, unscored=True)]
+    kept, dropped = filter_samples(samples, max_per_prompt=1)
+    assert [samples.index(s) for s in kept] == [0]
+    assert dropped == {"duplicate": 2, "over_cap": 1, "unscored": 1}
 
 
 def test_filter_samples_switches():
@@ -2052,6 +2075,30 @@ def test_grader_checks_each_row_by_its_own_rule():
     assert all(f._pool is None for f in grade._by_kind.values())  # workers stopped
 
 
+def test_a_sample_whose_grading_worker_died_is_unscored_not_incorrect():
+    """Pooled grading gives NaN for a sample whose worker died twice (killed for memory): it
+    was graded incorrect; a reward that does not apply (malformed tests) grades 0 as before."""
+    import types
+
+    from r1jax.rewards.compose import RewardOutput
+    from r1jax.stages.eval import grader
+
+    class Pooled:  # as the pool returns them: the second sample's worker died twice
+        def __call__(self, texts, **columns):
+            total, values = [1.0, np.nan, 0.0], [1.0, np.nan, np.nan]  # the third: no answer
+            per_reward = np.array([values, [1.0] * 3], np.float32)
+            return RewardOutput(
+                np.array(total, np.float32), per_reward, ("accuracy", "format"), (1, 0)
+            )
+
+        def close(self):
+            pass
+
+    with grader(types.SimpleNamespace(rows=[{"task": None}]), num_workers=0) as grade:
+        grade._by_kind["accuracy"] = Pooled()
+        np.testing.assert_array_equal(grade(["a", "b", "c"], task=[None] * 3), [1.0, np.nan, 0.0])
+
+
 def test_sample_and_grade_grades_a_batch_while_the_next_one_samples():
     """Evaluation and rejection sampling grade batch i on the host (code tests, math-verify)
     while batch i + 1 samples on the device; each batch keeps its own samples and grades."""
@@ -2217,6 +2264,14 @@ def test_non_reasoning_turns_with_an_answer_column_keep_the_whole_conversation(t
     answered = [*turns, {"role": "assistant", "content": "Bye!"}]
     path.write_text(json.dumps({"messages": answered, "completion": "Bye!"}) + "\n")
     assert rejection_sampling._non_reasoning_rows(r)[0]["messages"] == answered
+    # An answer of white space was accepted here, and SFT refused the file after all the sampling.
+    for row in (
+        {"prompt": "Hi", "completion": "   "},
+        {"messages": [*turns, {**answered[-1], "content": ""}]},
+    ):
+        path.write_text(json.dumps(row) + "\n")
+        with pytest.raises(common.ConfigError, match="neither a completion nor a final assistant"):
+            rejection_sampling._non_reasoning_rows(r)
 
 
 def test_pretrain_arch_the_run_cannot_build_or_export_is_refused_up_front():
@@ -2237,23 +2292,36 @@ def test_pretrain_arch_the_run_cannot_build_or_export_is_refused_up_front():
 
 
 def test_a_failed_run_keeps_the_config_of_what_the_workdir_holds(tmp_path, monkeypatch):
-    """A failure before a checkpointing stage saved anything leaves the workdir's config; a stage
-    without checkpoints (evaluation, rejection sampling) writes outputs as it goes, so its failed
-    run's config stays. And the pipeline's refusal names flags that give a stage its old value."""
+    """A failure before a checkpointing stage saved anything leaves the workdir's config; so
+    does one before evaluation or rejection sampling wrote its outputs, which they write once at
+    the end (a failed rerun left the new config beside the old run's samples, which an SFT then
+    trained on). And the pipeline's refusal names flags that give a stage its old value."""
     written = []
 
     class Failing:
         @staticmethod
         def run(config, workdir):
             written.append(config.seed)
+            if config.get("write_output"):  # fails after writing its output
+                common.write_json(os.path.join(workdir, common.FINAL_OUTPUT[stage]), {})
             raise RuntimeError("stopped")
 
     monkeypatch.setattr(common, "stage_module", lambda stage: Failing)
-    for stage, kept in (("sft", 0), ("eval", 5)):
+    for stage, write, kept in (
+        ("sft", False, 0),
+        ("eval", False, 0),
+        ("rejection_sampling", False, 0),
+        ("rejection_sampling", True, 5),
+    ):
         workdir = tmp_path / stage
         config = sh.load_config(stage)
         common.write_json(str(workdir / f"config_{stage}.json"), {"seed": 0})
+        if stage in common.FINAL_OUTPUT:
+            common.write_json(str(workdir / common.FINAL_OUTPUT[stage]), {"seed": 0})
+            os.utime(workdir / common.FINAL_OUTPUT[stage], ns=(0, 0))  # (an earlier run's)
         config.seed = 5
+        with config.unlocked():
+            config.write_output = write
         with pytest.raises(RuntimeError, match="stopped"):
             common.run_stage(stage, config, str(workdir))
         assert json.loads((workdir / f"config_{stage}.json").read_text())["seed"] == kept, stage
@@ -2326,11 +2394,11 @@ def test_a_bnpo_run_records_its_micro_batch_count(toy, tmp_path, monkeypatch):
 
     recorded = []
 
-    def capture(ckpt, state, data_order, **kwargs):
+    def capture(ckpt, data_order, **kwargs):
         recorded.append(data_order)
         raise KeyboardInterrupt  # (stop before any training)
 
-    monkeypatch.setattr(rl.common, "resume", capture)
+    monkeypatch.setattr(rl.common, "check_resume", capture)
     for loss_type, k in (("bnpo", 1), ("bnpo", 2), ("grpo", 2)):
         config = sh.set_fields(sh.rl_config(), {"rl.loss_type": loss_type})
         config.rl.num_micro_batches = k

@@ -169,7 +169,7 @@ def problem_key(a: int, op: str, b: int) -> str:
 
 # A whole equation "x op y = z" of two operands: not part of a longer chain ("a + b + c = d") nor a
 # column's digit sum ("4 + 8 + 1 = 13", "7 - 3 - 0 = 4").
-_EQUATION_RE = re.compile(r"(?<![\d+\-*/] )(?<![\d-])(\d+) ([+*-]) (\d+) = (-?\d+)")
+_EQUATION_RE = re.compile(r"(?<![\d+\-*/] )(?<![\d+\-*/])(\d+) ?([+*-]) ?(\d+) ?= ?(-?\d+)")
 
 
 def equation_keys(text: str) -> list[str]:

@@ -60,6 +60,7 @@ MAX_ANSWER_CHARS = 1000
 PARSE_TIMEOUT_S = 3  # per math-verify parse/verify call (seconds), main thread only
 OFF_THREAD_TIMEOUT_S = 10  # per comparison, off the main thread (its three calls and start-up)
 
+_PERCENT_SIGN = re.compile(r"\s*\\?%\s*$")
 _LETTER_GOLD = re.compile(r"^\s*\(?\s*([A-J])\s*\)?\s*\.?\s*$")
 # A prediction's letter, in order: the answer starts with the letter ("B", "b)", "B. 42", "(B) 42",
 # "B because ...", "A is larger"; "A" and "I" opening a sentence are words; "B or C" is no
@@ -219,20 +220,28 @@ def _strip_delimiters(s: str) -> str:
     return s.rstrip(".").strip()
 
 
+_BRACKETED_ALTERNATIVE = re.compile(r"[(\[]\s*(?:or|and)\b", re.IGNORECASE)
+_TEXT_WORDS = re.compile(r"\\(?:text|textrm|textit|textbf|mathrm|mbox|operatorname)\s*\{([^{}]*)\}")
+
+
 def _is_word(token: str) -> bool:
+    token = token.strip("()[]")  # "(or", "5)": a word in brackets is a word
     return bool(_WORD_TOKEN.fullmatch(token)) and token.rstrip(".,:;!?").lower() not in _MATH_WORDS
 
 
 def _without_words(s: str) -> tuple[str, bool]:
     """(the answer without its lead-in and unit words, whether other words remain)."""
     s = _UNIT_TEXT.sub(" ", _PERCENT.sub(r"\\%", _INFINITY.sub(r"\\infty", s)))
+    s = _TEXT_WORDS.sub(lambda m: f" {m.group(1)} ", s)  # words in \\text{} are words
+    if _BRACKETED_ALTERNATIVE.search(s):  # "3 (or 5)": math-verify reads it as 5
+        return s.strip(), True
     if len(s.split()) < 2:
         return s.strip(), False
     tokens = s[_LEAD_IN.match(s).end() :].split()
     while (
         len(tokens) > 1
         and _is_word(tokens[-1])
-        and tokens[-1].rstrip(".,:;!?").lower() not in _NOT_UNITS
+        and tokens[-1].strip("()[]").rstrip(".,:;!?").lower() not in _NOT_UNITS
     ):
         tokens.pop()
     return " ".join(tokens).rstrip(".,:;"), any(_is_word(t) for t in tokens)
@@ -338,7 +347,18 @@ def _match_here(gold: str, predicted: str) -> bool:
     predicted_parsed = _parse_math(predicted)
     if not predicted_parsed:
         return False
-    return bool(verify(gold_parsed, predicted_parsed, timeout_seconds=_timeout()))
+    if verify(gold_parsed, predicted_parsed, timeout_seconds=_timeout()):
+        return True
+    # math-verify takes "50\\%" for 50 only when the number is an integer ("12.5\\%" is never
+    # 12.5): a percentage against a bare gold (or the reverse) is compared without its sign too.
+    if bool(_PERCENT_SIGN.search(gold)) != bool(_PERCENT_SIGN.search(predicted)):
+        gold_bare, predicted_bare = (
+            _parse_math(_PERCENT_SIGN.sub("", x)) for x in (gold, predicted)
+        )
+        return bool(gold_bare and predicted_bare) and bool(
+            verify(gold_bare, predicted_bare, timeout_seconds=_timeout())
+        )
+    return False
 
 
 def accuracy_reward(completions: Sequence[Any], **columns: Any) -> list[float | None]:

@@ -231,8 +231,14 @@ def _exit_with_parent() -> None:
     OOM kill, `kill -9`) would leave them, and the fork server their copies of its lifeline keep
     alive, running forever. A daemon thread waits on the parent's sentinel instead.
     """
+    import signal
     import threading
 
+    # Ctrl-C in a terminal reaches the whole process group: the trainer decides when to stop
+    # (after its step's checkpoint), and a worker that died of it broke the pool mid-step
+    # (tracebacks, "a reward worker died", a rebuilt pool). SIGTERM stays: the executor ends
+    # the workers of a broken pool with it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = multiprocessing.parent_process()
     if parent is None:
         return

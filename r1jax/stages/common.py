@@ -138,8 +138,9 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
                 + f"; use configs/{stage}.py or pass the stage the config is for"
             )
 
-    if not isinstance(config.get("seed", 0), int) or config.get("seed", 0) < 0:
-        raise ConfigError(f"seed must be an integer >= 0, got {config.seed!r}")
+    seed = config.get("seed", 0)
+    if not isinstance(seed, int) or not 0 <= seed < 2**63:  # (jax.random.key takes an int64)
+        raise ConfigError(f"seed must be an integer in [0, 2**63), got {config.seed!r}")
     mesh_sizes(config, jax.device_count())
     for field in ("param_dtype", "dtype"):
         if config.model[field] not in ("float32", "bfloat16"):
@@ -464,6 +465,7 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str) -> An
     # workdir holds in place.
     kept = paths.read_text(saved_config) if paths.exists(saved_config) else None
     saved_steps = _checkpoint_steps(workdir)
+    saved_output = _final_output_time(workdir, stage)
     try:
         if jax.process_index() == 0:
             paths.write_text(saved_config, config.to_json_best_effort(indent=2, sort_keys=True))
@@ -484,12 +486,16 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str) -> An
         # and the metrics reach the workdir, instead of being cut off at interpreter exit.
         for error in paths.close_open_writers():
             log.error("while stopping: %s", error)
-        # (only a checkpointing stage can tell that it saved nothing: the others write their
-        # outputs as they go)
-        unsaved = isinstance(e, ResumeRefused) or (
-            stage in CHECKPOINTING_STAGES
-            and saved_steps is not None
-            and _checkpoint_steps(workdir) == saved_steps
+        # (a checkpointing stage saved nothing when it wrote no step; the others write their
+        # outputs once, at the end: an earlier run's are still there, with its config)
+        unsaved = (
+            isinstance(e, ResumeRefused)
+            or (
+                stage in CHECKPOINTING_STAGES
+                and saved_steps is not None
+                and _checkpoint_steps(workdir) == saved_steps
+            )
+            or (stage in FINAL_OUTPUT and _final_output_time(workdir, stage) == saved_output)
         )
         if kept is not None and unsaved and jax.process_index() == 0:
             paths.write_text(saved_config, kept)
@@ -508,6 +514,18 @@ def _checkpoint_steps(workdir: str) -> set[str] | None:
 
 # Stages that checkpoint into <workdir>/checkpoints and resume from whatever is there.
 CHECKPOINTING_STAGES = ("pretrain", "sft", "rl", "distill")
+# Stages that write their outputs once, when done: the file written last.
+FINAL_OUTPUT = {"eval": "eval.json", "rejection_sampling": "rejection_sampling_summary.json"}
+
+
+def _final_output_time(workdir: str, stage: str) -> float | None:
+    """When a local workdir's final output of `stage` was written (None: none; always None in
+    a cloud workdir, where a failure is taken to come before the output, as it almost always
+    does)."""
+    path = os.path.join(workdir, FINAL_OUTPUT.get(stage, ""))
+    if stage not in FINAL_OUTPUT or paths.is_remote(workdir) or not os.path.exists(path):
+        return None
+    return os.stat(path).st_mtime_ns
 
 
 def check_workdir_owner(workdir: str, stage: str) -> None:
@@ -641,12 +659,15 @@ _TOY_STAMP = "r1jax_toy_recipe.txt"
 
 def toy_recipe(pretrain_config=None) -> str:
     """Fingerprint of the recipe that builds the toy base model: the default pretraining config
-    and TOY_RECIPE_VERSION."""
+    (but its `sandbox` section: generated code never runs in pretraining, and a new sandbox
+    option must not rebuild every user's toy base) and TOY_RECIPE_VERSION."""
     import hashlib
 
     if pretrain_config is None:
         pretrain_config = load_config_file(os.path.join(_configs_dir(), "pretrain.py"))
-    text = f"{TOY_RECIPE_VERSION}|{pretrain_config.to_json(sort_keys=True)}"
+    settings = json.loads(pretrain_config.to_json(sort_keys=True))
+    settings.pop("sandbox", None)
+    text = f"{TOY_RECIPE_VERSION}|{json.dumps(settings, sort_keys=True)}"
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -183,7 +183,8 @@ def voted_answer(text: str, task: Any, tests: Any) -> str | None:
 
 
 class Grader:
-    """`grade(texts, **columns) -> [B] float` (1.0 = correct): each sample checked by the reward
+    """`grade(texts, **columns) -> [B] float` (1.0 = correct; NaN = unscored: the worker grading
+    it died twice, e.g. killed for memory): each sample checked by the reward
     its row calls for (`grading_kind`), so a dataset mixing math, code and built-in tasks (e.g. a
     glob over several files) grades every row by its own rule. Code rows run under
     `config.sandbox` (`common.sandbox_options`: refused here, before any sampling, when they
@@ -230,7 +231,11 @@ class Grader:
             rows = [i for i, k in enumerate(kinds) if k == kind]
             if rows:
                 subset = {c: [v[i] for i in rows] for c, v in columns.items()}
-                correct[rows] = score([texts[i] for i in rows], **subset).per_reward[0]
+                out = score([texts[i] for i in rows], **subset)
+                # (a reward that does not apply, e.g. malformed tests, grades 0; NaN = unscored)
+                correct[rows] = np.where(
+                    np.isnan(out.total), np.nan, np.nan_to_num(out.per_reward[0])
+                )
         return correct
 
     def submit(self, texts: Sequence[str], **columns: Sequence[Any]) -> concurrent.futures.Future:
@@ -332,6 +337,7 @@ def evaluate(
     k = eval_config.num_samples
     n = min(eval_config.num_prompts, len(prompt_set))
     per_prompt, per_task, lengths, formats, records = [], collections.defaultdict(list), [], [], []
+    unscored = 0
     batches = common.prompt_batches(
         n, eval_config.batch_prompts, desc="evaluation", progress=progress, stoppable=stoppable
     )
@@ -352,6 +358,7 @@ def evaluate(
         )
         for b in graded_batches:
             well_formed = rewards.format_reward(b.texts)
+            unscored += int(np.isnan(b.correct).sum())
             for j, i in enumerate(b.ids):
                 rows = range(j * k, (j + 1) * k)
                 row = prompt_set.rows[i]
@@ -383,6 +390,14 @@ def evaluate(
         "num_samples": k,
         "per_task": {t: aggregate(v) for t, v in sorted(per_task.items())},
     }
+    if unscored:
+        result["unscored"] = unscored
+        log.warning(
+            "%d of %d samples could not be graded (the worker grading them died twice, e.g. "
+            "killed for memory) and count as incorrect",
+            unscored,
+            n * k,
+        )
     if samples_path:  # local or cloud (r1jax.paths)
         paths.write_text(samples_path, "".join(json.dumps(r) + "\n" for r in records))
     return result

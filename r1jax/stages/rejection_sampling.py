@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from r1jax import paths, rewards, sampling, sharding
 from r1jax.data import arithmetic, tasks, templates
@@ -43,6 +44,7 @@ log = logging.getLogger("r1jax")
 
 DROP_REASONS = (
     "truncated",
+    "unscored",
     "incorrect",
     "malformed",
     "states_held_out",
@@ -76,18 +78,25 @@ def filter_samples(
     Each sample has `row` (prompt id), `completion`, `correct` (bool), `format` (float, 1.0 =
     well-formed) and `language` (share of the reasoning's words in the target language; None when
     it has no words, e.g. only arithmetic: nothing in another language), and optionally
-    `truncated` (it reached the token budget: cut off; dropped unless `drop_truncated` is off)
-    and `states_held_out` (its text states a held-out problem with the answer: always dropped).
+    `prompt` (the prompt as sampled: duplicates and the cap count by it, so that one problem on
+    several rows of a file is one prompt), `truncated` (it reached the token budget: cut off;
+    dropped unless `drop_truncated` is off), `unscored` (its grading worker died twice: not known
+    to be correct) and `states_held_out` (its text states a held-out problem with the answer:
+    always dropped).
     The paragraph and code filters read the chain of thought (`rewards.think_region`); 0 / False
     turn them off. Filters apply in the order of DROP_REASONS, and a sample is counted under the
     first one it fails.
     """
     kept, dropped = [], collections.Counter()
-    seen: set[tuple[int, str]] = set()
+    seen: set[tuple[Any, str]] = set()
     per_prompt: collections.Counter = collections.Counter()
     for s in samples:
+        prompt = s.get("prompt", s["row"])  # (a file may hold one problem on several rows)
+        answer = s["completion"].strip()
         if drop_truncated and s.get("truncated"):
             dropped["truncated"] += 1
+        elif s.get("unscored"):
+            dropped["unscored"] += 1
         elif require_correct and not s["correct"]:
             dropped["incorrect"] += 1
         elif require_format and s["format"] < 1.0:
@@ -102,13 +111,13 @@ def filter_samples(
             dropped["long_paragraph"] += 1
         elif drop_code_blocks and "```" in think_region(s["completion"]):
             dropped["code_block"] += 1
-        elif (s["row"], s["completion"].strip()) in seen:
+        elif (prompt, answer) in seen:
             dropped["duplicate"] += 1
-        elif max_per_prompt and per_prompt[s["row"]] >= max_per_prompt:
+        elif max_per_prompt and per_prompt[prompt] >= max_per_prompt:
             dropped["over_cap"] += 1
         else:
-            seen.add((s["row"], s["completion"].strip()))
-            per_prompt[s["row"]] += 1
+            seen.add((prompt, answer))
+            per_prompt[prompt] += 1
             kept.append(s)
     return kept, dropped
 
@@ -172,21 +181,26 @@ def _non_reasoning_rows(r) -> list[dict[str, Any]]:
         extra, _ = common.load_completion_rows(r.non_reasoning_source)
     except (OSError, ValueError) as e:
         raise common.ConfigError(f"rejection_sampling.non_reasoning_source: {e}") from e
+
+    def written(value) -> bool:  # (SFT refuses an answer of white space, after the sampling)
+        return isinstance(value, str) and bool(value.strip())
+
     rows = []
     for i, x in enumerate(extra):
-        if x.get("completion") and x.get("messages"):  # the answer to these turns (as
+        last = (x.get("messages") or [{}])[-1]
+        if written(x.get("completion")) and x.get("messages"):  # the answer to these turns (as
             turns = x["messages"]  # sft.load_pairs: a last assistant turn is what it replaces)
             turns = turns[:-1] if turns[-1].get("role") == "assistant" else turns
             row = {"messages": [*turns, {"role": "assistant", "content": x["completion"]}]}
-        elif x.get("completion"):
+        elif written(x.get("completion")):
             row = {"prompt": x["prompt"], "completion": x["completion"]}
-        elif x.get("messages") and x["messages"][-1].get("role") == "assistant":
+        elif last.get("role") == "assistant" and written(last.get("content")):
             row = {"messages": x["messages"]}
         else:
             raise common.ConfigError(
                 f"rejection_sampling.non_reasoning_source "
                 f"{x.get('where') or f'{r.non_reasoning_source}, row {i}'} has neither a "
-                "completion nor a final assistant message"
+                "completion nor a final assistant message (with text)"
             )
         rows.append({**row, "source": "non_reasoning"})
     return rows
@@ -242,8 +256,10 @@ def run(config, workdir: str) -> dict[str, Any]:
                 samples.append(
                     {
                         "row": i,
+                        "prompt": prompts.prompts[i],
                         "completion": text,
                         "correct": bool(b.correct[j] == 1.0),
+                        "unscored": bool(np.isnan(b.correct[j])),
                         "format": well_formed[j],
                         # None: no words in the reasoning (e.g. only arithmetic), so none mixed.
                         "language": language[j] if word_scripts(think_region(text)) else None,

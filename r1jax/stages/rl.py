@@ -304,6 +304,47 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
                     "policy; the KL penalty needs one vocabulary (leave rl.ref_model empty for "
                     "the starting model)"
                 )
+    # -- what each step optimises, and the resume check, before any model loads --
+    cfg = grpo_config(config, tokenizer, train_set)
+    reward_fn = rewards.build_reward_fn(reward_specs(config))
+    # -- resume from the last checkpoint, if any --
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        save_interval_steps=config.ckpt.every,
+        max_to_keep=config.ckpt.keep,
+        best_metric=config.ckpt.best_metric or None,
+        best_mode=config.ckpt.best_mode,
+        async_save=config.ckpt.async_save,
+    )
+    # What fixes the prompts of each step: the prompts as tokenised (data, template, tokenizer)
+    # with their answer columns, the seed, and the rows per step; and what fixes the objective:
+    # the starting and reference models, the rewards, the loss and the sampling. A resume that
+    # changes any of them would train a mix of two runs under the second one's name.
+    answers = json.dumps(train_set.columns, sort_keys=True, default=str).encode()
+    r = config.rl
+    data_order = {
+        "seed": config.seed,
+        "prompts_per_step": r.prompts_per_step,
+        "num_generations": r.num_generations,
+        "data.stop_strings": list(config.data.stop_strings),  # (where every completion ends)
+        "data": common.fingerprint(
+            *(np.asarray(ids, np.int32) for ids in train_set.token_ids),
+            np.frombuffer(answers, np.uint8),
+        ),
+        "model.path": common.model_fingerprint(config.model.path),
+        "rl.ref_model": common.model_fingerprint(r.ref_model) if r.ref_model else "",
+        "rewards": {n: float(w) for n, w in zip(reward_fn.names, reward_fn.weights, strict=True)},
+        **reward_model_objective(config.reward_model),
+        **{f"rl.{k}": r[k] for k in _OBJECTIVE_FIELDS},
+        **common.optimizer_layout(config),
+    }
+    if r.loss_type == "bnpo":  # its token mean is each micro-batch's: part of the objective
+        rows = r.prompts_per_step * r.num_generations
+        data_order["rl.num_micro_batches"] = common.micro_batches(config, "rl", rows)
+    resumed = common.check_resume(
+        ckpt, data_order, total_steps=config.rl.steps, steps_field=f"rl.steps={config.rl.steps}"
+    )
+
     mesh = common.make_mesh(config)
     model, _ = common.load_model(config, mesh)
     state = train.TrainState.create(model, common.optim(config, optimizer_steps(config)), mesh)
@@ -313,8 +354,6 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             ref = common.load_model(ref_config, mesh, frozen=True)[0]
 
     # -- the rule rewards that score the completions --
-    cfg = grpo_config(config, tokenizer, train_set)
-    reward_fn = rewards.build_reward_fn(reward_specs(config))
     decode = functools.partial(_decode, tokenizer, train_set.completion_prefix)
     scorer = _reward_bridge(reward_fn, decode, train_set.columns)
     reward_model = common.load_reward_model(config.reward_model, mesh)  # None: off
@@ -344,46 +383,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         len(eval_set),
     )
 
-    # -- resume from the last checkpoint, if any --
-    ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        save_interval_steps=config.ckpt.every,
-        max_to_keep=config.ckpt.keep,
-        best_metric=config.ckpt.best_metric or None,
-        best_mode=config.ckpt.best_mode,
-        async_save=config.ckpt.async_save,
-    )
-    # What fixes the prompts of each step: the prompts as tokenised (data, template, tokenizer)
-    # with their answer columns, the seed, and the rows per step; and what fixes the objective:
-    # the starting and reference models, the rewards, the loss and the sampling. A resume that
-    # changes any of them would train a mix of two runs under the second one's name.
-    answers = json.dumps(train_set.columns, sort_keys=True, default=str).encode()
-    r = config.rl
-    data_order = {
-        "seed": config.seed,
-        "prompts_per_step": r.prompts_per_step,
-        "num_generations": r.num_generations,
-        "data": common.fingerprint(
-            *(np.asarray(ids, np.int32) for ids in train_set.token_ids),
-            np.frombuffer(answers, np.uint8),
-        ),
-        "model.path": common.model_fingerprint(config.model.path),
-        "rl.ref_model": common.model_fingerprint(r.ref_model) if r.ref_model else "",
-        "rewards": {n: float(w) for n, w in zip(reward_fn.names, reward_fn.weights, strict=True)},
-        **reward_model_objective(config.reward_model),
-        **{f"rl.{k}": r[k] for k in _OBJECTIVE_FIELDS},
-        **common.optimizer_layout(config),
-    }
-    if r.loss_type == "bnpo":  # its token mean is each micro-batch's: part of the objective
-        rows = r.prompts_per_step * r.num_generations
-        data_order["rl.num_micro_batches"] = common.micro_batches(config, "rl", rows)
-    start = common.resume(
-        ckpt,
-        state,
-        data_order,
-        total_steps=config.rl.steps,
-        steps_field=f"rl.steps={config.rl.steps}",
-    )
+    start = ckpt.restore(state.model, state.optimizer)["step"] if resumed is not None else 0
     if start:
         log.info("resumed from step %d (%s)", start, ckpt.step_dir(start))
     writer = metrics.MetricsWriter(
