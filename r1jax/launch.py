@@ -183,6 +183,25 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 _leave_now()
             sys.exit(f"error: {e}")
+        except OSError as e:
+            import errno
+
+            # A full disk or quota, a disk gone read-only: one line, not a traceback whose
+            # last frame (often a second failed write while stopping) hides the cause.
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+                if jax.process_count() == 1:
+                    raise
+                traceback.print_exc()
+                _leave_now()
+            message = (
+                f"error: writing {e.filename or 'into ' + workdir} failed: {e.strerror}; what "
+                "was saved before it is intact, and the same command carries on from it once "
+                "the folder can be written again"
+            )
+            if jax.process_count() > 1:
+                print(message, file=sys.stderr, flush=True)
+                _leave_now()
+            sys.exit(message)
         except Exception:  # a bug: its traceback, and on several processes, leave at once
             if jax.process_count() == 1:
                 raise
@@ -324,9 +343,23 @@ def _unknown_override(argv: list[str]) -> str | None:
     return None
 
 
+def _in_file(error: BaseException, spec: str) -> str:
+    """ "line N: " of the config file where `error` was raised, or ""."""
+    import traceback as tb
+
+    path = os.path.abspath(spec.split(":", 1)[0])
+    if isinstance(error, SyntaxError) and error.lineno:
+        return f"line {error.lineno}: "
+    lines = [
+        f.lineno for f in tb.extract_tb(error.__traceback__) if os.path.abspath(f.filename) == path
+    ]
+    return f"line {lines[-1]}: " if lines else ""
+
+
 def _parse_flags_with_help(argv):
     """absl parsing, plus a --help that lists the stages and the chosen config's fields."""
     from absl import flags
+    from ml_collections import ConfigDict
 
     if "--help" in argv or "-h" in argv or "--helpfull" in argv:
         print(__doc__)
@@ -359,9 +392,16 @@ def _parse_flags_with_help(argv):
         from r1jax.stages import common
 
         try:  # (ml_collections would print its own traceback around the message)
-            common.load_config_file(spec)
+            config = common.load_config_file(spec)
         except ValueError as e:
             sys.exit(f"config error: --config={spec}: {e}")
+        except Exception as e:  # the file itself: a syntax error, an import, no get_config()
+            sys.exit(f"config error: --config={spec}: {_in_file(e, spec)}{type(e).__name__}: {e}")
+        if not isinstance(config, ConfigDict):
+            sys.exit(
+                f"config error: --config={spec}: get_config() returned a "
+                f"{type(config).__name__}, not an ml_collections.ConfigDict"
+            )
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:

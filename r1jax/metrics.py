@@ -292,16 +292,19 @@ def logged_at(jsonl_path: str | os.PathLike, step: int) -> dict[str, Any]:
 
 
 def read_metrics(jsonl_path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All complete records of a metrics.jsonl (local or cloud), in file order (a torn last line
-    is skipped)."""
+    """All complete records of a metrics.jsonl (local or cloud), in file order: a torn last line
+    (a kill mid-write) is skipped, and so, with a warning, is a damaged line before others (the
+    rows after it were all dropped, and for good once a resume rewrote the file)."""
     records = []
     if not paths.exists(jsonl_path):
         return records
-    for line in paths.read_text(jsonl_path).splitlines(keepends=True):
+    lines = paths.read_text(jsonl_path).splitlines(keepends=True)
+    for i, line in enumerate(lines):
         try:
             records.append(nan_from_null(json.loads(line)))
         except json.JSONDecodeError:
-            break  # only the last line can be torn (by a kill mid-write)
+            if i < len(lines) - 1 and line.strip():
+                log.warning("%s, line %d: not a JSON record, skipped", jsonl_path, i + 1)
     return records
 
 

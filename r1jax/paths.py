@@ -130,8 +130,13 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         target.write_bytes(data)  # a single object write is atomic on cloud storage
         return
     tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "wb") as f:  # local only: the one plain `open` of the layer
-        f.write(data)
+    try:
+        with open(tmp, "wb") as f:  # local only: the one plain `open` of the layer
+            f.write(data)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # (a full disk: no empty .tmp left behind)
+        raise
     os.replace(tmp, path)
 
 

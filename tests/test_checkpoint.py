@@ -363,6 +363,26 @@ def test_a_cloud_re_export_never_leaves_a_folder_that_mixes_two_models(
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_failed_local_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    """A full disk left an empty `<file>.tmp` beside the file it was to replace."""
+    import builtins
+
+    from r1jax import paths
+
+    target = tmp_path / "config_rl.json"
+    paths.write_text(str(target), "old")
+
+    def full(path, mode="r", *args, **kwargs):  # the file is made, its write fails (ENOSPC)
+        f = builtins.open(path, mode, *args, **kwargs)
+        f.write = lambda data: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+        return f
+
+    monkeypatch.setattr(paths, "open", full, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        paths.write_bytes(str(target), b"new")
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["config_rl.json"]
+
+
 def test_an_interrupted_cloud_upload_publishes_nothing(tmp_path, monkeypatch):
     """gcsfs commits a resumable upload when its file closes, and `with dest.open("wb")`
     closes it on an exception too: a Ctrl-C part way through a shard published a truncated

@@ -82,6 +82,64 @@ CONFIG_ERRORS = {
 }
 
 
+def test_config_file_and_model_folder_mistakes_are_one_line(tmp_path):
+    """A --config file's misspelt field was a new field, silently unused (exit 0); a wrong-typed
+    value passed validation and failed in the training loop; a file that did not load was a
+    traceback; and a model.path that is not a model folder (a run's workdir, an empty folder)
+    blamed "no usable tokenizer files" or was a traceback from transformers."""
+
+    def config_file(stage, line):  # configs/<stage>.py with one more line before its return
+        with open(os.path.join(sh.REPO, "configs", f"{stage}.py")) as f:
+            text = f.read()
+        assert text.count("    return config\n") == 1
+        return text.replace("    return config\n", f"    {line}\n    return config\n")
+
+    files = {
+        "misspelt": config_file("eval", "config.eval.num_sample = 64"),
+        "float_for_int": config_file("rl", "config.rl.prompts_per_step = 2.0"),
+        "syntax": "def get_config(:\n",
+    }
+    cases = {
+        name: (
+            [
+                f"--stage={'rl' if name == 'float_for_int' else 'eval'}",
+                f"--config={tmp_path / name}.py",
+            ],
+            words,
+        )
+        for name, words in (
+            ("misspelt", ["unknown field eval.num_sample (did you mean eval.num_samples?)"]),
+            ("float_for_int", ["line ", "prompts_per_step", "2.0", "float"]),
+            ("syntax", ["line 1", "SyntaxError"]),
+        )
+    }
+    for name, text in files.items():
+        (tmp_path / f"{name}.py").write_text(text)
+    (tmp_path / "empty_model").mkdir()
+    cases["empty_model"] = (
+        ["--stage=eval", f"--config.model.path={tmp_path / 'empty_model'}"],
+        ["has no config.json; is it a Hugging Face checkpoint folder?"],
+    )
+    env = sh.cli_env(str(tmp_path / "empty_home"))
+    procs = {
+        name: subprocess.Popen(
+            sh.launch_cmd(*args, f"--workdir={tmp_path / ('w_' + name)}"),
+            env=env,
+            cwd=sh.REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for name, (args, _) in cases.items()
+    }
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=600)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert proc.returncode != 0 and "Traceback" not in err, (name, err)
+        assert all(w in lines[-1] for w in cases[name][1]), (name, err)  # (after "stage eval")
+        assert sum(line.startswith(("error", "config error")) for line in lines) == 1, (name, err)
+
+
 def test_config_errors_are_refused_before_any_work(tmp_path):
     # All at once: each is a fresh interpreter, and they must not reach the model anyway.
     env = sh.cli_env(str(tmp_path / "empty_home"))

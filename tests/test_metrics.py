@@ -105,6 +105,23 @@ def test_jsonl_records_and_tensorboard_scalars(tmp_path, caplog):
     assert np.isnan(back["per_task"]["add"]["x"]) and np.isnan(back["lengths"][1])
 
 
+def test_a_damaged_line_before_others_loses_only_itself(tmp_path, caplog):
+    """read_metrics stopped at the first line it could not read, taken to be a torn last line:
+    the rows after a damaged middle line were dropped, and for good once a resume rewrote the
+    file."""
+    with MetricsWriter(tmp_path, summary_every=0) as w:
+        for step in range(1, 4):
+            w.write(step, {"reward": float(step)})
+    path = tmp_path / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0] + '{"step": 2, "rew\n' + lines[2] + '{"step": 4')  # (4: torn)
+    assert [r["step"] for r in read_metrics(path)] == [1, 3]
+    assert "line 2: not a JSON record, skipped" in caplog.text
+    with MetricsWriter(tmp_path, start_step=3, summary_every=0) as w:  # a resume from step 3
+        w.write(4, {"reward": 4.0})
+    assert [r["step"] for r in read_metrics(path)] == [1, 3, 4]
+
+
 def test_resume_drops_steps_after_the_checkpoint_and_appends(tmp_path):
     with MetricsWriter(tmp_path, summary_every=0) as w:
         for step in range(1, 7):

@@ -2291,6 +2291,49 @@ def test_pretrain_arch_the_run_cannot_build_or_export_is_refused_up_front():
     pretrain.validate(sh.load_config("pretrain"))
 
 
+def test_a_config_file_is_checked_against_its_stages_fields():
+    """A --config file is a whole config: a misspelt field was a new one (silently unused), a
+    section rebuilt with a float where an int belongs passed validation and failed mid-run."""
+    import ml_collections
+
+    config = sh.load_config("eval")
+    with config.unlocked():
+        config.data.sorce = "/x.jsonl"
+    with pytest.raises(
+        common.ConfigError, match=r"unknown field data.sorce \(did you mean data.source\?\)"
+    ):
+        common.validate(config, "eval")
+    config = sh.load_config("rl")
+    config.rl = ml_collections.ConfigDict({**config.rl.to_dict(), "prompts_per_step": 2.0})
+    with pytest.raises(
+        common.ConfigError, match=r"rl.prompts_per_step = 2.0 is a float, not a int"
+    ):
+        common.validate(config, "rl")
+    del config.rl["prompts_per_step"]
+    with pytest.raises(common.ConfigError, match=r"missing field rl.prompts_per_step"):
+        common.validate(config, "rl")
+    common.validate(sh.load_config("rl"), "rl")
+
+
+def test_one_workdir_runs_one_stage_at_a_time(tmp_path, monkeypatch):
+    """The same command started again while the first still ran (its ssh session gone) resumed
+    the first one's checkpoint, and orbax deleted the first run's checkpoint in flight."""
+    ran = []
+    monkeypatch.setattr(
+        common, "stage_module", lambda stage: types.SimpleNamespace(run=lambda c, w: ran.append(w))
+    )
+    config = sh.load_config("eval")
+    held = common.lock_workdir(str(tmp_path))
+    with pytest.raises(
+        common.ConfigError, match=rf"in use by another r1jax run \(pid {os.getpid()} on"
+    ):
+        common.run_stage("eval", config, str(tmp_path))
+    held.close()
+    common.run_stage("eval", config, str(tmp_path))
+    common.run_stage("eval", config, str(tmp_path))  # (released when each run ends)
+    assert ran == [str(tmp_path)] * 2
+
+
 def test_a_failed_run_keeps_the_config_of_what_the_workdir_holds(tmp_path, monkeypatch):
     """A failure before a checkpointing stage saved anything leaves the workdir's config; so
     does one before evaluation or rejection sampling wrote its outputs, which they write once at

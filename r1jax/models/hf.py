@@ -1049,7 +1049,7 @@ def tokenizer(path: str):
 
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # (OSError, ValueError, huggingface_hub's StrictDataclassError ...)
         raise CheckpointError(f"{path}: no usable tokenizer files ({e})") from e
     file = os.path.join(path, "tokenizer.json")
     config = os.path.join(path, "tokenizer_config.json")

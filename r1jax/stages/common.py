@@ -137,6 +137,7 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
                 + (f" but for --stage={other}" if other else f" (it has no {stage} section)")
                 + f"; use configs/{stage}.py or pass the stage the config is for"
             )
+        check_fields(config, stage)
 
     seed = config.get("seed", 0)
     if not isinstance(seed, int) or not 0 <= seed < 2**63:  # (jax.random.key takes an int64)
@@ -181,6 +182,65 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
                 f"by a held-out metric the evaluation logs, one of {', '.join(names)}"
             )
     stage_module(stage).validate(config)
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    """Whether a config file's `value` has the type of the stage default's `default`."""
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, tuple | list):
+        return isinstance(value, tuple | list)
+    return isinstance(value, type(default))
+
+
+# Sections whose keys are names, not fields (checked by the stages: reward names ...).
+_OPEN_SECTIONS = ("rewards",)
+
+
+def check_fields(config: ml_collections.ConfigDict, stage: str) -> None:
+    """Refuse a --config file's fields that configs/<stage>.py does not have (a misspelt field
+    was a new one, silently unused), sections it lacks, and values of another type (a float
+    rl.prompts_per_step passed validation and failed in the training loop)."""
+    import difflib
+
+    default = load_config_file(os.path.join(_configs_dir(), stage + ".py"))
+    problems = []
+
+    def walk(have, want, prefix):
+        for key in have.keys():
+            name = prefix + key
+            if name in _OPEN_SECTIONS:
+                continue  # (its stage checks it)
+            if key not in want:
+                close = difflib.get_close_matches(key, list(want.keys()), n=1)
+                hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+                problems.append(f"unknown field {name}{hint}")
+                continue
+            value, ref = have[key], want[key]
+            if isinstance(ref, ml_collections.ConfigDict):
+                if isinstance(value, ml_collections.ConfigDict):
+                    walk(value, ref, name + ".")
+                else:
+                    problems.append(f"{name} must be a section, got {value!r}")
+            elif not _same_kind(value, ref):
+                problems.append(
+                    f"{name} = {value!r} is a {type(value).__name__}, not a "
+                    f"{type(ref).__name__} (configs/{stage}.py: {ref!r})"
+                )
+        for key in want.keys():
+            if key not in have:
+                problems.append(f"missing field {prefix}{key}")
+
+    walk(config, default, "")
+    if problems:
+        shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
+        raise ConfigError(f"--config: {shown}")
 
 
 def mesh_sizes(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
@@ -458,6 +518,7 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str) -> An
 
     paths.makedirs(workdir)
     check_workdir_owner(workdir, stage)
+    lock = lock_workdir(workdir)
     previous = setup_logging(workdir)
     saved_config = os.path.join(workdir, f"config_{stage}.json")
     # A run that fails or stops before it saves anything (a resume refused for other settings, a
@@ -498,10 +559,45 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str) -> An
             or (stage in FINAL_OUTPUT and _final_output_time(workdir, stage) == saved_output)
         )
         if kept is not None and unsaved and jax.process_index() == 0:
-            paths.write_text(saved_config, kept)
+            try:
+                paths.write_text(saved_config, kept)
+            except OSError as again:  # (a full disk: the first error is the one to report)
+                log.error("could not restore %s: %s", saved_config, again)
         raise
     finally:
         restore_logging(previous)  # closes this stage's log file (uploading a cloud one)
+        if lock is not None:
+            lock.close()  # (releases it)
+
+
+def lock_workdir(workdir: str):
+    """Hold `<workdir>/.r1jax.lock` while a stage runs there (process 0, local workdir; the
+    open file, to close when done, or None): the same command started again while the first
+    still ran (its ssh session gone, the run not) resumed the first one's checkpoint, and orbax
+    then deleted the first run's checkpoint in flight, which died blaming the folder."""
+    import fcntl
+    import socket
+
+    import jax
+
+    if paths.is_remote(workdir) or jax.process_index() > 0:
+        return None
+    f = open(os.path.join(workdir, ".r1jax.lock"), "a+")  # noqa: SIM115 (held while it runs)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(
+            f"workdir {workdir} is in use by another r1jax run ({holder}); wait for it to end "
+            "or stop it (Ctrl-C or SIGTERM saves its step), then run this again"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    return f
 
 
 def _checkpoint_steps(workdir: str) -> set[str] | None:
@@ -830,7 +926,12 @@ def load_tokenizer(config: ml_collections.ConfigDict):
     model is loaded (minutes for a large one)."""
     from r1jax.models import hf
 
-    return hf.tokenizer(resolve_model_path(config.model.path))
+    path = resolve_model_path(config.model.path)
+    # config.json first, by r1jax's own reader: transformers' tokenizer loader parses it too, and
+    # its errors (an empty folder, a field missing or mistyped) blamed the tokenizer files or
+    # were a traceback.
+    hf.config_from_hf(hf.read_config(path), where=os.path.join(path, "config.json"))
+    return hf.tokenizer(path)
 
 
 @contextlib.contextmanager
