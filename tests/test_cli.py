@@ -41,6 +41,18 @@ def run_cli(args, env, timeout=600) -> subprocess.CompletedProcess:
     )
 
 
+def start_cli(args, env) -> subprocess.Popen:
+    """`run_cli` started, not waited for (several interpreters at once)."""
+    return subprocess.Popen(
+        sh.launch_cmd(*args),
+        env=env,
+        cwd=sh.REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Config errors and --help
 # --------------------------------------------------------------------------------------------------
@@ -122,14 +134,7 @@ def test_config_file_and_model_folder_mistakes_are_one_line(tmp_path):
     )
     env = sh.cli_env(str(tmp_path / "empty_home"))
     procs = {
-        name: subprocess.Popen(
-            sh.launch_cmd(*args, f"--workdir={tmp_path / ('w_' + name)}"),
-            env=env,
-            cwd=sh.REPO,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        name: start_cli([*args, f"--workdir={tmp_path / ('w_' + name)}"], env)
         for name, (args, _) in cases.items()
     }
     for name, proc in procs.items():
@@ -147,14 +152,7 @@ def test_config_errors_are_refused_before_any_work(tmp_path):
     for name, (overrides, _) in CONFIG_ERRORS.items():
         stage = [] if name.endswith("_stage") else ["--stage=rl"]
         args = [*stage, f"--workdir={tmp_path / name}", *overrides]
-        procs[name] = subprocess.Popen(
-            sh.launch_cmd(*args),
-            env=env,
-            cwd=sh.REPO,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        procs[name] = start_cli(args, env)
     import resource
 
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -392,14 +390,7 @@ def test_unusable_workdir_is_refused_before_any_work(tmp_path):
         str(tmp_path / "a_file" / "run"): ("eval", "cannot be written (Not a directory)"),
     }
     procs = {
-        workdir: subprocess.Popen(
-            sh.launch_cmd(f"--stage={stage}", f"--workdir={workdir}"),
-            env=env,
-            cwd=sh.REPO,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        workdir: start_cli([f"--stage={stage}", f"--workdir={workdir}"], env)
         for workdir, (stage, _) in cases.items()
     }
     for workdir, proc in procs.items():
