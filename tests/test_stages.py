@@ -1714,6 +1714,24 @@ def test_an_rl_resume_with_another_objective_or_model_is_refused(
         assert (workdir / "config_rl.json").read_text() == first_config, field
 
 
+def test_a_cosine_resumed_over_another_span_says_so(reference_rl, caplog):
+    """More rl.steps are allowed at a resume, but a cosine schedule is then recomputed over the
+    new total and the learning rate jumps back up, without a word."""
+    from r1jax import checkpoint
+    from r1jax.stages import rl
+
+    with checkpoint.Checkpointer(os.path.join(reference_rl, "checkpoints")) as ckpt:
+        saved = ckpt.read_extra()["schedule"]  # (each step records its schedule)
+    config = sh.rl_config()
+    assert saved == [config.optim.schedule, rl.optimizer_steps(config)]
+    config.optim.schedule = "cosine"
+    rl._warn_if_the_schedule_changed(config, ["cosine", rl.optimizer_steps(config)])
+    assert "does not continue" not in caplog.text  # the same span: it continues
+    rl._warn_if_the_schedule_changed(config, ["cosine", 2])
+    assert f"now spans {rl.optimizer_steps(config)} optimizer steps" in caplog.text
+    assert "'cosine' over 2): the learning rate does not continue" in caplog.text
+
+
 def test_damaged_latest_checkpoint_gives_one_clear_error(reference_rl, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(reference_rl, workdir)

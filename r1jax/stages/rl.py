@@ -98,6 +98,26 @@ def optimizer_steps(config) -> int:
     return config.rl.steps * config.rl.num_iterations
 
 
+def _schedule(config) -> list:
+    """The learning-rate schedule's kind and span, saved beside each step (not a resume check:
+    more steps are allowed)."""
+    return [config.optim.schedule, optimizer_steps(config)]
+
+
+def _warn_if_the_schedule_changed(config, saved) -> None:
+    """A cosine is spread over the run's optimizer steps: resumed with more (or fewer) rl.steps,
+    it is recomputed over the new total, and the learning rate jumps at the resume."""
+    now = _schedule(config)
+    if config.optim.schedule == "cosine" and saved is not None and list(saved) != now:
+        log.warning(
+            "optim.schedule='cosine' now spans %d optimizer steps (the checkpoint's run: %s over "
+            "%d): the learning rate does not continue that run's schedule from this resume",
+            now[1],
+            repr(saved[0]),
+            saved[1],
+        )
+
+
 def _rl_field_message(error: ValueError) -> str:
     """A GRPOConfig error named by its config field: "loss_type must ..." -> "rl.loss_type must"."""
     message = str(error).replace("grpo.", "rl.")
@@ -386,6 +406,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     start = ckpt.restore(state.model, state.optimizer)["step"] if resumed is not None else 0
     if start:
         log.info("resumed from step %d (%s)", start, ckpt.step_dir(start))
+        _warn_if_the_schedule_changed(config, resumed.get("schedule"))
     writer = metrics.MetricsWriter(
         workdir,
         total_steps=config.rl.steps,
@@ -463,7 +484,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             done,
             state.model,
             state.optimizer,
-            extra={"step": done, "run": data_order},
+            extra={"step": done, "run": data_order, "schedule": _schedule(config)},
             metrics={k: float(v) for k, v in row.items() if k.startswith("eval/")} or None,
             force=forced_save(done, config),
             interval=not watch.skipping,
