@@ -160,9 +160,12 @@ def copy_file(local: str, target: str | os.PathLike) -> None:
         except BaseException:
             discard = getattr(dst, "discard", None)
             if callable(discard):  # gcsfs: cancels the resumable upload
-                discard()
-                with contextlib.suppress(Exception):
-                    dst.closed = True  # (fsspec's __del__ would close, i.e. commit, it)
+                try:
+                    with contextlib.suppress(Exception):  # (the copy's error is the one to raise)
+                        discard()
+                finally:
+                    with contextlib.suppress(Exception):
+                        dst.closed = True  # (fsspec's __del__ would close, i.e. commit, it)
             raise
         dst.close()
 

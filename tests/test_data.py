@@ -505,9 +505,16 @@ def test_format_tags_a_tokenizer_declares_special_stay_text(tok):
     text = "<think>\n2+3=5\n</think>\n<answer>5</answer>"
     sampled = special(text, add_special_tokens=False)["input_ids"] + [special.eos_token_id]
     assert sum(i in ids.values() for i in sampled) == 4  # each tag one token
-    decoded = rl._decode(special, "", [sampled])
-    assert decoded == [text]  # the EOS (special, not a tag) still dropped
-    assert rewards.format_reward(decoded) == [1.0]
+    # A turn end flagged special only among the added tokens (as chat models' are) is dropped
+    # as skip_special_tokens drops it, whichever the sample stops on.
+    from tokenizers import AddedToken
+
+    special.add_tokens([AddedToken("<|eot|>", special=True)])
+    assert "<|eot|>" not in special.all_special_tokens
+    turn_end = special.convert_tokens_to_ids("<|eot|>")
+    decoded = rl._decode(special, "", [sampled, sampled[:-1] + [turn_end]])
+    assert decoded == [text, text]  # the EOS and the turn end (special, not tags) dropped
+    assert rewards.format_reward(decoded) == [1.0, 1.0]
     # SFT writes each tag as its one token, the rest spelt as text ("<|endoftext|>" too).
     completion = text + " <|endoftext|>"
     [encoded] = toktool.encode_completions(special, [completion])

@@ -76,6 +76,10 @@ EQUIVALENT = [  # (gold, completion): same answer written differently
     ("12.5", "<answer>12.5\\%</answer>"),  # (math-verify drops the sign of integers only)
     ("12.5\\%", "<answer>12.5</answer>"),
     ("12.5", "<answer>12.5%</answer>"),
+    ("5", "<answer>5\\,\\mathrm{cm}</answer>"),  # units in \\mathrm{} and compound ones
+    ("60", "<answer>60\\,\\text{km/h}</answer>"),
+    ("9.8", "<answer>9.8\\,\\mathrm{m/s^2}</answer>"),
+    ("4", "<answer>4 (hours)</answer>"),
     ("1,000", "<answer>1000</answer>"),  # thousands separators
     ("1234567", "<answer>1,234,567</answer>"),
     ("B", "<answer>B</answer>"),  # multiple choice

@@ -462,22 +462,48 @@ def test_deadline_inside_bubblewraps_setup_kills_the_unreported_init(monkeypatch
     )
 
 
-def test_a_hanging_program_costs_its_row_at_most_the_completion_budget():
+def test_a_hanging_program_costs_its_row_at_most_the_hang_budget():
     """A program that hangs cost timeout_s for every test of its row (20 tests x 2 s held a
-    training step 40 s per completion); completion_timeout_s bounds the row, and the tests
-    not started by then fail."""
+    training step 40 s per completion); hang_budget_s bounds the time its runs may spend
+    timing out, and the tests not run by then fail. Runs that finish in time do not count."""
     program = fenced("import time\nif input() == 'hang':\n    time.sleep(100)\nprint(1)")
     tests = [{"input": "hang", "output": "1"}] * 4 + [{"input": "go", "output": "1"}]
-    unbounded = dataclasses.replace(CFG, timeout_s=0.5, completion_timeout_s=0)
+    unbounded = dataclasses.replace(CFG, timeout_s=0.5, hang_budget_s=0)
     start = time.monotonic()
     assert code_reward([program], tests=[tests], sandbox=unbounded) == [0.2]  # 4 x 0.5 s, then 1
     assert time.monotonic() - start >= 2.0
-    budget = dataclasses.replace(unbounded, completion_timeout_s=0.8)
+    budget = dataclasses.replace(unbounded, hang_budget_s=0.8)
     start = time.monotonic()
     assert code_reward([program], tests=[tests], sandbox=budget) == [0.0]  # the last not run
     assert time.monotonic() - start < 0.8 + SLACK_S
-    with pytest.raises(ValueError, match="completion_timeout_s must be >= 0"):
-        SandboxConfig(completion_timeout_s=-1.0)
+    fine = [{"input": "go", "output": "1"}] * 12  # each run ~30-100 ms: together past 0.2 s
+    tight = dataclasses.replace(unbounded, hang_budget_s=0.2)
+    assert code_reward([program], tests=[fine], sandbox=tight) == [1.0]
+    with pytest.raises(ValueError, match="hang_budget_s must be >= 0"):
+        SandboxConfig(hang_budget_s=-1.0)
+
+
+def test_ctrl_c_during_grading_does_not_wait_for_the_batch():
+    """Evaluation and rejection sampling grade in worker processes, which ignore Ctrl-C (the
+    trainer decides when to stop): leaving on it waited for the whole batch in flight, a minute
+    of hanging programs here, before the KeyboardInterrupt reached the user."""
+    import types
+
+    import stage_helpers as sh
+
+    from r1jax.stages.eval import grader
+
+    config = sh.load_config("eval")
+    config.sandbox.timeout_s = 60.0
+    tests = [{"input": "", "output": "1"}]
+    rows = types.SimpleNamespace(rows=[{"task": "code", "tests": tests}])
+    hang = fenced("import time\ntime.sleep(100)")
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), grader(rows, config, num_workers=2) as grade:
+        grade.submit([hang] * 2, task=["code"] * 2, tests=[tests] * 2)
+        time.sleep(1.0)  # (both workers running a program)
+        raise KeyboardInterrupt
+    assert time.monotonic() - start < 1.0 + 3 * SLACK_S
 
 
 def test_a_sandbox_trial_that_fails_for_a_moment_is_tried_again(monkeypatch):

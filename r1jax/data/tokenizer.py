@@ -313,13 +313,19 @@ def format_tag_ids(tokenizer) -> dict[str, int]:
     `decode_completions` keeps them (skip_special_tokens would drop them, and with them every
     format reward, extracted answer and stop string), `encode_completions` writes them as their
     one token (split_special_tokens would spell them in characters the model never samples)."""
-    special = set(getattr(tokenizer, "all_special_tokens", ()))
-    special |= {
-        t.content
-        for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
-        if getattr(t, "special", False)
-    }
-    return {t: tokenizer.convert_tokens_to_ids(t) for t in FORMAT_TAGS if t in special}
+    special = _special_tokens(tokenizer)
+    return {t: i for t, i in special.items() if t in FORMAT_TAGS}
+
+
+def _special_tokens(tokenizer) -> dict[str, int]:
+    """{text: id} of every token the tokenizer treats as special: its named ones and the added
+    tokens flagged special (chat models' turn ends, "<|im_end|>", are only the latter)."""
+    named = getattr(tokenizer, "all_special_tokens", ())
+    special = {t: tokenizer.convert_tokens_to_ids(t) for t in named}
+    for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(t, "special", False):
+            special[t.content] = i
+    return special
 
 
 def decode_completions(tokenizer, rows: Sequence[Sequence[int]]) -> list[str]:
@@ -328,7 +334,7 @@ def decode_completions(tokenizer, rows: Sequence[Sequence[int]]) -> list[str]:
     keep = set(format_tag_ids(tokenizer).values())
     if not keep:
         return tokenizer.batch_decode(rows, skip_special_tokens=True)
-    drop = set(tokenizer.all_special_ids) - keep
+    drop = set(_special_tokens(tokenizer).values()) - keep  # (what skip_special_tokens drops)
     return tokenizer.batch_decode([[t for t in row if t not in drop] for row in rows])
 
 
@@ -346,9 +352,13 @@ def encode_completions(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     tags = format_tag_ids(tokenizer)
     if not tags:
         return encode(texts)
+    others = [t for t in _special_tokens(tokenizer) if t not in tags and t]
     split = re.compile("(" + "|".join(re.escape(t) for t in sorted(tags, key=len)[::-1]) + ")")
     out = []
     for text in texts:
+        if not any(t in text for t in others):  # the tags the only special text: one call (a
+            out.append(tokenizer(text, add_special_tokens=False)["input_ids"])  # piece alone
+            continue  # would get SentencePiece's "▁" prefix after every tag)
         pieces = [p for p in split.split(text) if p]
         encoded = iter(encode([p for p in pieces if p not in tags]))
         out.append([i for p in pieces for i in ([tags[p]] if p in tags else next(encoded))])

@@ -220,8 +220,9 @@ def _strip_delimiters(s: str) -> str:
     return s.rstrip(".").strip()
 
 
+# "3 (or 5)", "3 (\\text{or } 5)": an alternative in brackets (math-verify read "3 (, 5)" as 5).
 _BRACKETED_ALTERNATIVE = re.compile(r"[(\[]\s*(?:or|and)\b", re.IGNORECASE)
-_TEXT_WORDS = re.compile(r"\\(?:text|textrm|textit|textbf|mathrm|mbox|operatorname)\s*\{([^{}]*)\}")
+_TEXT_WORDS = re.compile(r"\\(?:text|textrm|textit|textbf|mbox)\s*\{([^{}]*)\}")
 
 
 def _is_word(token: str) -> bool:
@@ -232,9 +233,8 @@ def _is_word(token: str) -> bool:
 def _without_words(s: str) -> tuple[str, bool]:
     """(the answer without its lead-in and unit words, whether other words remain)."""
     s = _UNIT_TEXT.sub(" ", _PERCENT.sub(r"\\%", _INFINITY.sub(r"\\infty", s)))
-    s = _TEXT_WORDS.sub(lambda m: f" {m.group(1)} ", s)  # words in \\text{} are words
-    if _BRACKETED_ALTERNATIVE.search(s):  # "3 (or 5)": math-verify reads it as 5
-        return s.strip(), True
+    if _BRACKETED_ALTERNATIVE.search(_TEXT_WORDS.sub(lambda m: f" {m.group(1)} ", s)):
+        return s.strip(), True  # (the words \\text{} holds, read as words only for this test)
     if len(s.split()) < 2:
         return s.strip(), False
     tokens = s[_LEAD_IN.match(s).end() :].split()

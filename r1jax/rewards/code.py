@@ -20,8 +20,9 @@ Owns ``code_reward``, ``extract_code`` and ``outputs_match``. Notable choices:
   "0.5"). Output is decoded as UTF-8 with replacement, so invalid bytes simply fail to match.
 - **Reward** = passed / number of tests. Every test runs in a fresh sandbox (``sandbox.py``), so
   one test cannot leave state for the next. A program that hangs costs ``timeout_s`` per test,
-  up to ``completion_timeout_s`` for the row (the tests not started by then fail), so one
-  completion cannot hold a training step for its row's tests x timeout_s.
+  up to ``hang_budget_s`` for the row (once its runs that timed out add up to it, the rest of
+  its tests are not run and fail), so one completion cannot hold a training step for its
+  row's tests x timeout_s; runs that finish in time never count against it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import logging
 import math
 import re
 import textwrap
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -95,8 +95,8 @@ def code_reward(
     Args:
       completions: [B] strings or chat-message lists.
       sandbox: limits for each run: a ``SandboxConfig``, or a dict of its fields (as a config
-        file gives), or None for the defaults (2 s wall per test, 30 s per completion,
-        bubblewrap required).
+        file gives), or None for the defaults (2 s wall per test, 30 s of runs timing out per
+        completion, bubblewrap required).
       **columns: needs ``tests`` ([B] lists of ``{"input", "output"}``); others are ignored.
     Returns:
       [B] floats in [0, 1]; ``None`` for rows without (valid) tests.
@@ -130,11 +130,9 @@ def code_reward(
         if code is None:
             rewards.append(0.0)
             continue
-        passed = 0
-        budget = cfg.completion_timeout_s or math.inf
-        deadline = time.monotonic() + budget
+        passed, hung = 0, 0.0  # (wall time spent in runs that timed out)
         for stdin, expected in tests:
-            left = deadline - time.monotonic()
+            left = (cfg.hang_budget_s or math.inf) - hung
             if left <= 0:
                 break  # (the tests not run fail)
             # (an expected output past the output cap could never be matched)
@@ -147,6 +145,7 @@ def code_reward(
                 max_output_bytes=max(needed, cfg.max_output_bytes),
             )
             result = run_python(code, stdin, limits)
+            hung += result.wall_s if result.timed_out else 0.0
             actual = result.stdout.decode("utf-8", errors="replace")
             passed += result.ok and outputs_match(actual, expected)
         rewards.append(passed / len(tests))

@@ -33,6 +33,7 @@ Owns the reward registry (``REWARDS``, ``register_reward``), ``build_reward_fn``
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -283,6 +284,7 @@ class RewardFunction:
             raise ValueError("num_workers must be >= 0 and chunks_per_worker >= 1")
         self.chunks_per_worker = chunks_per_worker
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._stopped = False  # closed without waiting
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -296,6 +298,7 @@ class RewardFunction:
 
     def _get_pool(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._pool is None:
+            self._stopped = False  # (a new call after a close)
             context = multiprocessing.get_context("forkserver")
             # Import the reward modules once in the fork server (a no-op once it is running), so
             # each worker starts as a cheap fork with sympy & co. already loaded.
@@ -305,10 +308,17 @@ class RewardFunction:
             )
         return self._pool
 
-    def close(self) -> None:
-        """Shut the worker pool down (idempotent)."""
+    def close(self, wait: bool = True) -> None:
+        """Shut the worker pool down (idempotent). `wait=False` (a run stopping on an error or
+        Ctrl-C, which the workers ignore) ends the workers at once instead of letting them
+        finish the chunks they are scoring."""
+        if self._pool is not None and not wait:
+            self._stopped = True  # (a call still scoring must not rebuild the pool)
+            for worker in list(getattr(self._pool, "_processes", {}).values()):
+                with contextlib.suppress(OSError, ValueError):
+                    worker.terminate()
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
 
     def __enter__(self) -> RewardFunction:
@@ -393,6 +403,8 @@ class RewardFunction:
                 out[:, a:b] = future.result()
             except BrokenProcessPool:
                 retry.append((a, b))
+        if retry and self._stopped:  # (closed without waiting: the workers were ended)
+            raise RuntimeError("the reward function was closed while it scored")
         if retry:
             logger.error(
                 "a reward worker died; rebuilding the pool and retrying %d chunk(s)", len(retry)

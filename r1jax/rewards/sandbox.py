@@ -107,10 +107,11 @@ class SandboxConfig:
     """Limits for one run of untrusted code. All sizes in bytes, times in seconds."""
 
     timeout_s: float = 2.0  # wall clock per run, including interpreter start-up
-    # Wall clock for all of one completion's test runs (the code reward): a test not started
-    # within it fails, and the last one started gets what is left; 0 = none. A program that
-    # hangs would otherwise cost timeout_s for every test of its row.
-    completion_timeout_s: float = 30.0
+    # Wall clock one completion's test runs may spend timing out (the code reward): past it the
+    # rest of its tests are not run and fail; 0 = no limit. A program that hangs would otherwise
+    # cost timeout_s for every test of its row; a correct one, however many tests, never
+    # reaches it (only runs that time out count).
+    hang_budget_s: float = 30.0
     cpu_time_s: int | None = None  # RLIMIT_CPU per process; None = ceil(timeout_s)
     memory_bytes: int = 512 * _MiB  # RLIMIT_AS (address space) per process; x max_processes per run
     file_size_bytes: int = 16 * _MiB  # RLIMIT_FSIZE: largest file the code may write
@@ -126,10 +127,9 @@ class SandboxConfig:
     def __post_init__(self):
         if not self.timeout_s > 0:
             raise ValueError(f"SandboxConfig.timeout_s must be > 0, got {self.timeout_s}")
-        if not self.completion_timeout_s >= 0:
+        if not self.hang_budget_s >= 0:
             raise ValueError(
-                "SandboxConfig.completion_timeout_s must be >= 0 (0 = no limit), got "
-                f"{self.completion_timeout_s}"
+                f"SandboxConfig.hang_budget_s must be >= 0 (0 = no limit), got {self.hang_budget_s}"
             )
         for name in (
             "memory_bytes",

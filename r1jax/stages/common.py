@@ -185,8 +185,10 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
 
 
 def _same_kind(value: Any, default: Any) -> bool:
-    """Whether a config file's `value` has the type of the stage default's `default`."""
-    if default is None:
+    """Whether a config file's `value` has the type of the stage default's `default` (None
+    stands for "off" wherever a stage reads a field with `or`; a bool for a switch the stage
+    maps, e.g. rl.scale_rewards=False)."""
+    if default is None or value is None or isinstance(value, bool):
         return True
     if isinstance(default, bool):
         return isinstance(value, bool)
@@ -199,8 +201,9 @@ def _same_kind(value: Any, default: Any) -> bool:
     return isinstance(value, type(default))
 
 
-# Sections whose keys are names, not fields (checked by the stages: reward names ...).
-_OPEN_SECTIONS = ("rewards",)
+# Sections whose keys are names or optional, not fixed fields (the stages check them: reward
+# names, document kinds, column names, SandboxConfig's fields).
+_OPEN_SECTIONS = ("rewards", "pretrain.mix", "data.field_map", "sandbox")
 
 
 def check_fields(config: ml_collections.ConfigDict, stage: str) -> None:

@@ -244,19 +244,20 @@ class Grader:
             self._thread = concurrent.futures.ThreadPoolExecutor(1, "r1jax-grader")
         return self._thread.submit(self, texts, **columns)
 
-    def close(self) -> None:
-        """Wait for grading in flight, then stop the worker processes (idempotent)."""
+    def close(self, wait: bool = True) -> None:
+        """Wait for grading in flight, then stop the worker processes (idempotent); `wait=False`
+        (leaving on an error or Ctrl-C) ends them at once."""
         if self._thread is not None:
-            self._thread.shutdown(wait=True, cancel_futures=True)
+            self._thread.shutdown(wait=wait, cancel_futures=True)
             self._thread = None
         for score in self._by_kind.values():
-            score.close()
+            score.close(wait=wait)
 
     def __enter__(self) -> Grader:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, error, trace) -> None:
+        self.close(wait=kind is None)
 
 
 def grader(prompt_set: common.PromptSet, config=None, *, num_workers: int | None = None) -> Grader:
