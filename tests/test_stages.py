@@ -2294,7 +2294,8 @@ def test_non_reasoning_turns_with_an_answer_column_keep_the_whole_conversation(t
 
 def test_pretrain_arch_the_run_cannot_build_or_export_is_refused_up_front():
     """`pretrain.arch` was checked without the fields the run adds: qkv_bias crashed the run at
-    its start, a sliding window only at the export after the whole pretraining."""
+    its start, a sliding window only at the export after the whole pretraining; an odd head_dim
+    and a vocabulary smaller than the byte tokens ended in tracebacks."""
     from r1jax.stages import pretrain
 
     for extra, message in (
@@ -2306,6 +2307,16 @@ def test_pretrain_arch_the_run_cannot_build_or_export_is_refused_up_front():
             config.pretrain.arch.update(extra)
         with pytest.raises(common.ConfigError, match=message):
             pretrain.validate(config)
+    # An odd head_dim (transformers' own check: a traceback) and a vocabulary smaller than the
+    # byte tokens (refused by the tokenizer trainer after the corpus was built).
+    config = sh.load_config("pretrain")
+    config.pretrain.arch.head_dim = 15
+    with pytest.raises(common.ConfigError, match=r"pretrain.arch: .*head_dim"):
+        pretrain.validate(config)
+    config = sh.load_config("pretrain")
+    config.pretrain.vocab_size = 10
+    with pytest.raises(common.ConfigError, match=r"pretrain.vocab_size must be >= 259"):
+        pretrain.validate(config)
     pretrain.validate(sh.load_config("pretrain"))
 
 

@@ -111,12 +111,19 @@ def validate(config) -> None:
                 f"pretrain.{field} needs pretrain.seq_len >= {2 * COPY_MIN + 1} (a copy string "
                 f"of at least {COPY_MIN} tokens and its repetition), got {p.seq_len}"
             )
+    from r1jax.data.tokenizer import SPECIAL_TOKENS
+
+    if p.vocab_size < 256 + len(SPECIAL_TOKENS):  # (checked by the trainer after the corpus)
+        raise common.ConfigError(
+            f"pretrain.vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (the 256 byte tokens "
+            f"and the special tokens), got {p.vocab_size}"
+        )
     try:  # the model the run builds, and that it can be exported as a Qwen2 checkpoint
         from r1jax.models import hf
 
         hf.config_to_hf(model_config(config, p.vocab_size))
-    except (TypeError, ValueError) as e:
-        raise common.ConfigError(f"pretrain.arch: {e}") from e
+    except Exception as e:  # (transformers' own config checks raise their own kinds too)
+        raise common.ConfigError(f"pretrain.arch: {' '.join(str(e).split())}") from e
     common.optim(config, p.steps)
     if p.tag_copy_restarts < 0:
         raise common.ConfigError(
