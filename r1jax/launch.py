@@ -153,12 +153,9 @@ def main(argv: list[str] | None = None) -> None:
                     f"it); give a shared file system path or a gs:// URI"
                 )
         if error is not None:
-            if jax.process_count() > 1:
-                # Every process knows now: leave at once, without JAX's shutdown barrier (where
-                # the coordinator was seen waiting past its peers' exit under load).
-                print(error, file=sys.stderr, flush=True)
-                _leave_now()
-            sys.exit(error)
+            # Every process knows now: leave at once, without JAX's shutdown barrier (where the
+            # coordinator was seen waiting past its peers' exit under load).
+            _fail(error)
         from r1jax.checkpoint import (
             CheckpointError,
             Preempted,
@@ -179,10 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         except (common.ConfigError, CheckpointError, ModelFolderError, Diverged) as e:
             # Problems the user can fix (a data file, a damaged checkpoint, a model folder
             # without usable weights, a learning rate that made training diverge): one line.
-            if jax.process_count() > 1:
-                print(f"error: {e}", file=sys.stderr, flush=True)
-                _leave_now()
-            sys.exit(f"error: {e}")
+            _fail(f"error: {e}")
         except OSError as e:
             import errno
 
@@ -193,15 +187,11 @@ def main(argv: list[str] | None = None) -> None:
                     raise
                 traceback.print_exc()
                 _leave_now()
-            message = (
+            _fail(
                 f"error: writing {e.filename or 'into ' + workdir} failed: {e.strerror}; what "
                 "was saved before it is intact, and the same command carries on from it once "
                 "the folder can be written again"
             )
-            if jax.process_count() > 1:
-                print(message, file=sys.stderr, flush=True)
-                _leave_now()
-            sys.exit(message)
         except Exception:  # a bug: its traceback, and on several processes, leave at once
             if jax.process_count() == 1:
                 raise
@@ -221,6 +211,17 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(130)
 
     app.run(run, argv=argv, flags_parser=_parse_flags_with_help)
+
+
+def _fail(message: str) -> None:
+    """End the run with `message`, one line on stderr; with several processes, at once
+    (`_leave_now`)."""
+    import jax
+
+    if jax.process_count() > 1:
+        print(message, file=sys.stderr, flush=True)
+        _leave_now()
+    sys.exit(message)
 
 
 def _leave_now() -> None:

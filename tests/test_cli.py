@@ -957,19 +957,19 @@ def test_code_that_could_not_run_is_refused_before_sampling(tmp_path, monkeypatc
     prompt_set = types.SimpleNamespace(rows=[{"task": "code", "tests": tests}])
     config = sh.load_config("eval")
     with pytest.raises(common.ConfigError, match=r"--config.sandbox.allow_unsandboxed=True"):
-        eval_stage.grader(prompt_set, config)
+        eval_stage.Grader(prompt_set, config)
     config.sandbox.timeout_s = 0.0
     with pytest.raises(common.ConfigError, match=r"sandbox.timeout_s must be > 0"):
-        eval_stage.grader(prompt_set, config)
+        eval_stage.Grader(prompt_set, config)
     config.sandbox.timeout_s, config.sandbox.allow_unsandboxed = 5.0, True
     answers = [
         "<answer>```python\nprint(1)\n```</answer>",
         "<answer>```python\nprint(2)\n```</answer>",
     ]
-    with eval_stage.grader(prompt_set, config, num_workers=0) as grade:  # options reach the code
+    with eval_stage.Grader(prompt_set, config, num_workers=0) as grade:  # options reach the code
         assert grade(answers, task=["code"] * 2, tests=[tests] * 2).tolist() == [1.0, 0.0]
     # Prompts without code need no sandbox.
-    eval_stage.grader(types.SimpleNamespace(rows=[{"task": "arithmetic"}]), sh.load_config("eval"))
+    eval_stage.Grader(types.SimpleNamespace(rows=[{"task": "arithmetic"}]), sh.load_config("eval"))
 
     def no_model(*args, **kwargs):
         raise AssertionError("loaded a model before refusing the run")

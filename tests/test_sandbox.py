@@ -491,7 +491,7 @@ def test_ctrl_c_during_grading_does_not_wait_for_the_batch():
 
     import stage_helpers as sh
 
-    from r1jax.stages.eval import grader
+    from r1jax.stages.eval import Grader
 
     config = sh.load_config("eval")
     config.sandbox.timeout_s = 60.0
@@ -499,7 +499,7 @@ def test_ctrl_c_during_grading_does_not_wait_for_the_batch():
     rows = types.SimpleNamespace(rows=[{"task": "code", "tests": tests}])
     hang = fenced("import time\ntime.sleep(100)")
     start = time.monotonic()
-    with pytest.raises(KeyboardInterrupt), grader(rows, config, num_workers=2) as grade:
+    with pytest.raises(KeyboardInterrupt), Grader(rows, config, num_workers=2) as grade:
         grade.submit([hang] * 2, task=["code"] * 2, tests=[tests] * 2)
         time.sleep(1.0)  # (both workers running a program)
         raise KeyboardInterrupt

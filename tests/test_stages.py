@@ -2064,7 +2064,7 @@ def test_grader_checks_each_row_by_its_own_rule():
 
     from r1jax import data
     from r1jax.data import loaders, tasks
-    from r1jax.stages.eval import grader
+    from r1jax.stages.eval import Grader
 
     arithmetic = tasks.make_dataset(tasks.make_task("arithmetic"), 1, seed=0, split="eval")[0]
     math = loaders.load_rows(str(data.sample_path("gsm8k_sample.jsonl")))[0][0]
@@ -2084,9 +2084,9 @@ def test_grader_checks_each_row_by_its_own_rule():
     expected = [1.0, 1.0, 1.0, 0.0, 0.0]
     # In-process, and with math and code scored in two worker processes (`submit`: on the
     # grader's background thread), as evaluation and rejection sampling grade.
-    with grader(types.SimpleNamespace(rows=rows), num_workers=0) as grade:
+    with Grader(types.SimpleNamespace(rows=rows), num_workers=0) as grade:
         np.testing.assert_array_equal(grade(texts, **columns), expected)
-    with grader(types.SimpleNamespace(rows=rows), num_workers=2) as grade:
+    with Grader(types.SimpleNamespace(rows=rows), num_workers=2) as grade:
         np.testing.assert_array_equal(grade.submit(texts, **columns).result(), expected)
         pools = [f._pool for f in grade._by_kind.values()]
         assert sum(p is not None for p in pools) == 2  # math and code; the task rule in-process
@@ -2099,7 +2099,7 @@ def test_a_sample_whose_grading_worker_died_is_unscored_not_incorrect():
     import types
 
     from r1jax.rewards.compose import RewardOutput
-    from r1jax.stages.eval import grader
+    from r1jax.stages.eval import Grader
 
     class Pooled:  # as the pool returns them: the second sample's worker died twice
         def __call__(self, texts, **columns):
@@ -2112,7 +2112,7 @@ def test_a_sample_whose_grading_worker_died_is_unscored_not_incorrect():
         def close(self, wait=True):
             pass
 
-    with grader(types.SimpleNamespace(rows=[{"task": None}]), num_workers=0) as grade:
+    with Grader(types.SimpleNamespace(rows=[{"task": None}]), num_workers=0) as grade:
         grade._by_kind["accuracy"] = Pooled()
         np.testing.assert_array_equal(grade(["a", "b", "c"], task=[None] * 3), [1.0, np.nan, 0.0])
 

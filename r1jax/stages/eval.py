@@ -260,11 +260,6 @@ class Grader:
         self.close(wait=kind is None)
 
 
-def grader(prompt_set: common.PromptSet, config=None, *, num_workers: int | None = None) -> Grader:
-    """`Grader(prompt_set, config)`: see there."""
-    return Grader(prompt_set, config, num_workers=num_workers)
-
-
 @dataclasses.dataclass
 class GradedBatch:
     """One batch of prompts' samples, graded: `texts`, `columns` and `correct` hold a row per
@@ -342,7 +337,7 @@ def evaluate(
     batches = common.prompt_batches(
         n, eval_config.batch_prompts, desc="evaluation", progress=progress, stoppable=stoppable
     )
-    with grader(prompt_set, config) as grade:  # (refuses code it could not run, before sampling)
+    with Grader(prompt_set, config) as grade:  # (refuses code it could not run, before sampling)
         graded_batches = sample_and_grade(
             grade,
             model,

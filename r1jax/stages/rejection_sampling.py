@@ -218,7 +218,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         split="training",
     )
     rows = prompts.rows  # (those that fit data.prompt_buckets: sample ids index these)
-    grader = eval_stage.grader(prompts, config)  # (refuses code it cannot run, before the load)
+    grader = eval_stage.Grader(prompts, config)  # (refuses code it cannot run, before the load)
     mesh = common.make_mesh(config)
     model, _ = common.load_model(config, mesh, rules=sharding.SAMPLING_RULES)
     n = min(r.num_prompts, len(prompts))
