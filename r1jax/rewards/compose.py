@@ -39,6 +39,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -327,12 +328,19 @@ class RewardFunction:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def warmup(self) -> None:
-        """Start the workers and import the reward modules in them (first-call latency)."""
+    def warmup(self, timeout_s: float = 60.0) -> None:
+        """Start every worker (first-call latency) and return once each has run its initializer.
+
+        One round of trivial tasks is not enough: a worker that started first can take them all
+        while another is still starting, and that one dies of a Ctrl-C until its initializer runs.
+        """
         if self.num_workers > 0 and any(s.parallel for s in self.specs):
             pool = self._get_pool()
-            futures = [pool.submit(_score, (), [], {}) for _ in range(self.num_workers)]
-            concurrent.futures.wait(futures)
+            seen: set[int] = set()
+            deadline = time.monotonic() + timeout_s
+            while len(seen) < self.num_workers and time.monotonic() < deadline:
+                futures = [pool.submit(os.getpid) for _ in range(self.num_workers)]
+                seen.update(f.result() for f in futures)
 
     # --- scoring ---
 
