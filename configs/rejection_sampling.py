@@ -2,7 +2,9 @@
 
     python -m r1jax.launch --stage=rejection_sampling --config.model.path=runs/rl/hf/final
 
-Writes rejection_sampled.jsonl (rows `--stage=sft` reads) and rejection_sampling_summary.json.
+Writes rejection_sampled.jsonl (rows `--stage=sft` reads) and rejection_sampling_summary.json;
+each batch's graded samples are saved in rejection_sampling_batches/ as it finishes (a rerun
+resumes from them).
 """
 
 import ml_collections

@@ -198,15 +198,14 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
             _leave_now()
         except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM: the last checkpoint has committed
-            resumes = stage in (*common.CHECKPOINTING_STAGES, "pipeline")
+            if stage in (*common.CHECKPOINTING_STAGES, "pipeline"):
+                then = f"the same command resumes from the last checkpoint in {workdir}"
+            elif stage == "rejection_sampling":
+                then = f"the same command resumes from the batches saved in {workdir}"
+            else:
+                then = f"--stage={stage} keeps no checkpoints: the same command starts it again"
             print(
-                f"{stop if isinstance(stop, Preempted) else 'interrupted'}; "
-                + (
-                    f"the same command resumes from the last checkpoint in {workdir}"
-                    if resumes
-                    else f"--stage={stage} keeps no checkpoints: the same command starts it again"
-                ),
-                file=sys.stderr,
+                f"{stop if isinstance(stop, Preempted) else 'interrupted'}; {then}", file=sys.stderr
             )
             sys.exit(130)
 

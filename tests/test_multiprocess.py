@@ -336,6 +336,35 @@ def test_sigterm_stops_a_multi_process_evaluation_between_batches(toy, tmp_path)
     assert not (workdir / "eval.json").exists()
 
 
+def test_a_multi_process_rejection_sampling_resumes_from_process_0s_batches(toy, tmp_path):
+    """Process 0 alone reads and writes the saved batches (the workdir need not be shared): every
+    process must skip the same ones, or they sample different batches and the collectives hang."""
+    from r1jax.stages import rejection_sampling as rs
+
+    workdir = tmp_path / "run"
+    overrides = {
+        "rejection_sampling.num_prompts": 8,
+        "rejection_sampling.batch_prompts": 4,
+        "rejection_sampling.num_samples": 2,
+        "rejection_sampling.max_new_tokens": 16,
+    }
+    args = ["--stage=rejection_sampling", f"--workdir={workdir}", *sh.cli_overrides(overrides)]
+    (tmp_path / "first").mkdir()
+    (tmp_path / "again").mkdir()
+    _run_two_processes(args, toy[0], tmp_path / "first")
+    output = (workdir / "rejection_sampled.jsonl").read_text()
+    folder = workdir / rs.SAMPLES_FOLDER
+    manifest = json.loads((folder / "run.json").read_text())
+    assert manifest["finished"]
+    # As if stopped after its first batch.
+    (folder / "prompts_000000004-000000008.jsonl").unlink()
+    (folder / "run.json").write_text(json.dumps({**manifest, "finished": False}))
+    logs = _run_two_processes(args, toy[0], tmp_path / "again")
+    assert "resuming, 1 of 2 batches already sampled" in logs[0][1]
+    assert (workdir / "rejection_sampled.jsonl").read_text() == output
+    assert (folder / "prompts_000000004-000000008.jsonl").exists()
+
+
 def _exit_codes(procs, timeout: float = 600) -> tuple[list[int], float]:
     """Each process's exit code, and the seconds from the first exit to the last (a peer that
     waited for a collective would take gloo's 30 s timeout, or forever). Measured between exits,

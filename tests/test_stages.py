@@ -1012,6 +1012,91 @@ def test_rejection_sampling_writes_each_completion_with_its_own_prompt(toy, tmp_
         assert w["solution"] == str(i + 3) and f"<answer>{i + 3}</answer>" in w["completion"]
 
 
+def test_rejection_sampling_resumes_from_the_batches_it_saved(toy, tmp_path, monkeypatch):
+    """Samples were written once, at the end: a run stopped part way (a preemption, SIGTERM) lost
+    every sample it had drawn. Each graded batch is saved now, the batch in flight at the stop
+    too, and a rerun samples only the others, to the same output as a run never stopped; a rerun
+    with other filters samples nothing (nor loads the model)."""
+    import re as regex
+
+    from r1jax import checkpoint
+    from r1jax.models import hf
+    from r1jax.stages import rejection_sampling as rs
+
+    tokenizer = hf.tokenizer(os.path.join(toy[0], "toy_base"))
+    calls, stop_after = [], [None]
+
+    def right_and_wrong(model, prompt_ids, *, num_samples, prompt_keys, **kwargs):
+        calls.append(list(prompt_keys))
+        if len(calls) == stop_after[0]:
+            monkeypatch.setattr(checkpoint, "_stop_asked", True)  # (SIGTERM, one process)
+        tokens = []
+        for ids in prompt_ids:
+            a, op, b = regex.findall(r"What is (\d+) ([+-]) (\d+)\?", tokenizer.decode(ids))[-1]
+            c = int(a) + int(b) if op == "+" else int(a) - int(b)
+            for answer in (c, c + 1)[:num_samples]:
+                text = f"<think> {a} {op} {b} </think> <answer>{answer}</answer>"
+                tokens.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return sh.sampled(tokens)
+
+    monkeypatch.setattr(rs.sampling, "generate", right_and_wrong)
+    config = sh.load_config("rejection_sampling")
+    r = config.rejection_sampling
+    r.num_prompts, r.num_samples, r.batch_prompts, r.max_per_prompt = 10, 2, 4, 0
+    config.data.num_train, config.data.prompt_buckets = 16, (128,)
+    whole = run("rejection_sampling", config, tmp_path / "whole")
+    assert len(calls) == 3 and whole["samples"] == 20 and whole["kept"] == 10
+
+    calls.clear()
+    stop_after[0] = 2  # asked to stop while the second batch samples
+    with pytest.raises(checkpoint.Preempted):
+        run("rejection_sampling", config, tmp_path / "stopped")
+    monkeypatch.setattr(checkpoint, "_stop_asked", False)
+    folder = tmp_path / "stopped" / rs.SAMPLES_FOLDER
+    assert sorted(p.name for p in folder.glob("prompts_*")) == [
+        "prompts_000000000-000000004.jsonl",
+        "prompts_000000004-000000008.jsonl",  # (the batch in flight at the stop)
+    ]
+    assert not (tmp_path / "stopped" / "rejection_sampled.jsonl").exists()
+
+    # Another sampling setting is refused while the stopped run's samples are there.
+    r.temperature = 0.9
+    with pytest.raises(common.ResumeRefused, match=r"temperature: 0\.6 then, 0\.9 now"):
+        run("rejection_sampling", config, tmp_path / "stopped")
+    r.temperature = 0.6
+    calls.clear()
+    stop_after[0] = None
+    resumed = run("rejection_sampling", config, tmp_path / "stopped")
+    assert len(calls) == 1 and calls[0][:2] == [8, 9]  # only the last batch (filled up to 4)
+    assert resumed == {**whole, "path": resumed["path"]}
+    assert (tmp_path / "stopped" / "rejection_sampled.jsonl").read_text() == (
+        tmp_path / "whole" / "rejection_sampled.jsonl"
+    ).read_text()
+
+    # Other filters: the saved samples are filtered again, without sampling or a model.
+    def no_model(*args, **kwargs):
+        raise AssertionError("loaded the model to filter saved samples")
+
+    monkeypatch.setattr(common, "load_model", no_model)
+    r.require_correct = False
+    again = run("rejection_sampling", config, tmp_path / "stopped")
+    assert len(calls) == 1 and again["kept"] == 20
+    # A finished run's samples give way to other sampling settings.
+    monkeypatch.undo()
+    monkeypatch.setattr(rs.sampling, "generate", right_and_wrong)
+    r.num_samples = 1
+    fresh = run("rejection_sampling", config, tmp_path / "stopped")
+    assert len(calls) == 4 and fresh["samples"] == 10
+    # Damaged files are named, with what to delete.
+    saved = folder / "prompts_000000004-000000008.jsonl"
+    saved.write_text(saved.read_text()[:-20])
+    with pytest.raises(common.ConfigError, match=r"000008.jsonl:4 is not a sample .*delete that"):
+        run("rejection_sampling", config, tmp_path / "stopped")
+    (folder / "run.json").write_text('{"run": ')
+    with pytest.raises(common.ConfigError, match=r"run.json is damaged .*delete .*_batches to"):
+        run("rejection_sampling", config, tmp_path / "stopped")
+
+
 def test_eval_samples_name_their_held_out_row_when_prompts_are_left_out(toy, tmp_path, monkeypatch):
     """With data.prompt_overflow=skip, eval_samples.jsonl numbered the prompts that were kept:
     every sample after a skipped prompt was filed under the row before its own (and two models

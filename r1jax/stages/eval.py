@@ -287,23 +287,35 @@ def sample_and_grade(
     `sample_kwargs`) and grade them. A batch is graded on the host while the next one samples on
     the device, so grading costs no device time unless it is the slower of the two."""
 
+    from r1jax import checkpoint
+
     def finish(ids, out, texts, columns, future) -> GradedBatch:
         return GradedBatch(ids, out, texts, columns, future.result())
 
     pending = None
-    for ids in batches:
-        out = prompt_set.generate(model, ids, batch=batch, num_samples=num_samples, **sample_kwargs)
-        texts = [
-            prompt_set.completion_prefix + t for t in decode_completions(tokenizer, out.tokens)
-        ]
-        columns = {
-            c: [v[i] for i in ids for _ in range(num_samples)]
-            for c, v in prompt_set.columns.items()
-        }
-        graded = (ids, out, texts, columns, grade.submit(texts, **columns))
+    try:
+        for ids in batches:
+            out = prompt_set.generate(
+                model, ids, batch=batch, num_samples=num_samples, **sample_kwargs
+            )
+            texts = [
+                prompt_set.completion_prefix + t for t in decode_completions(tokenizer, out.tokens)
+            ]
+            columns = {
+                c: [v[i] for i in ids for _ in range(num_samples)]
+                for c, v in prompt_set.columns.items()
+            }
+            ready, pending = pending, (ids, out, texts, columns, grade.submit(texts, **columns))
+            if ready is not None:
+                yield finish(*ready)  # (graded while this batch sampled)
+    except (Exception, checkpoint.Preempted):
+        # A stop point (SIGTERM, a preemption) or an error while the next batch was drawn or
+        # sampled: the batch in flight is sampled, its grades on the way; hand it over first
+        # (rejection sampling saves it). Not on a second Ctrl-C, which stops at once.
         if pending is not None:
-            yield finish(*pending)  # (graded while this batch sampled)
-        pending = graded
+            ready, pending = pending, None
+            yield finish(*ready)
+        raise
     if pending is not None:
         yield finish(*pending)
 

@@ -14,6 +14,10 @@
 5. write `workdir/rejection_sampled.jsonl` (rows that `--stage=sft` reads) and a summary of what was
    kept and why the rest was dropped.
 
+Each batch's graded samples are written as soon as it is graded (`SampleStore`): a run stopped
+part way (SIGTERM, a preemption, Ctrl-C, a crash) resumes from the batches it wrote when rerun,
+and a rerun with other filters (steps 2-4) filters the samples again without loading the model.
+
 Each completion holds the whole "<think>…</think><answer>…</answer>" format, whatever the prompt
 opened; SFT drops the opening tag when its own prompt ends with one (a reasoning chat template, or
 `sft.prefill_think`: set it when `data.prefill_think` sampled these, to train on the sequence as
@@ -27,11 +31,12 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from r1jax import paths, rewards, sampling, sharding
 from r1jax.data import arithmetic, tasks, templates
@@ -206,6 +211,143 @@ def _non_reasoning_rows(r) -> list[dict[str, Any]]:
     return rows
 
 
+SAMPLES_FOLDER = "rejection_sampling_batches"  # in the workdir: `SampleStore`'s files
+
+
+class SampleStore:
+    """The graded samples of each batch of prompts: one JSONL file per batch in `folder`, written
+    (atomically, by process 0) once the batch is graded, so that a stopped run loses at most the
+    batches in flight.
+
+    `folder/run.json` holds `record`, what fixes the samples (model, data, seed, sampling, grading);
+    a rerun with the same record skips the batches written, one with another record is refused
+    while that run is unfinished (its samples may be hours of sampling), and starts afresh once
+    it finished. `batches`: the run's batches of prompt ids, in order. Every process must create
+    it (process 0 reads the folder, which need not be shared, and tells the others).
+    """
+
+    def __init__(self, folder: str, record: dict[str, Any], batches: Sequence[Sequence[int]]):
+        from jax.experimental import multihost_utils
+
+        self.folder = folder
+        self.batches = [list(ids) for ids in batches]
+        self._record = json.loads(json.dumps(record))  # (as it reads back: tuples are lists)
+        status = np.zeros(len(self.batches) + 1, np.int32)  # [failed, batch 0 written, ...]
+        error = None
+        if jax.process_index() == 0:
+            try:
+                status[1:] = self._open()
+            except Exception as e:  # (refused, or unreadable: the others must not wait)
+                status[0], error = 1, e
+        if jax.process_count() > 1:
+            status = np.asarray(multihost_utils.broadcast_one_to_all(status))
+        if error is not None:
+            raise error
+        if status[0]:
+            raise common.ConfigError(f"process 0 could not resume from {folder} (see its output)")
+        self.written = status[1:].astype(bool)
+        self._index = {ids[0]: b for b, ids in enumerate(self.batches)}  # (by first prompt id)
+
+    @staticmethod
+    def name(ids: Sequence[int]) -> str:
+        return f"prompts_{ids[0]:09d}-{ids[-1] + 1:09d}.jsonl"
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def _open(self) -> np.ndarray:
+        """Process 0: check `run.json` against this run's record (or start the folder), and
+        return which batches are written."""
+        manifest = self._path("run.json")
+        if paths.exists(manifest):
+            try:
+                saved = json.loads(paths.read_text(manifest))
+                if not isinstance(saved, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                raise common.ConfigError(
+                    f"{manifest} is damaged ({e}); delete {self.folder} to sample afresh"
+                ) from None
+            if saved.get("run") != self._record:
+                old, now = saved.get("run") or {}, self._record
+                diffs = [
+                    f"{k}: {old.get(k, 'absent')!r} then, {now.get(k, 'absent')!r} now"
+                    for k in sorted(old.keys() | now.keys())
+                    if old.get(k) != now.get(k)
+                ]
+                if not saved.get("finished"):
+                    raise common.ResumeRefused(
+                        f"{self.folder} holds the samples of a rejection sampling run that "
+                        f"stopped part way with other settings ({'; '.join(diffs)}): rerun with "
+                        f"those to resume it, or delete that folder (or use another --workdir) "
+                        f"to sample afresh with these"
+                    )
+                log.info("rejection sampling: new settings (%s); sampling afresh", "; ".join(diffs))
+                for old_file in epath.Path(self.folder).iterdir():
+                    if old_file.name.startswith("prompts_"):
+                        old_file.unlink()
+        paths.write_text(manifest, json.dumps({"run": self._record, "finished": False}))
+        # (each file is written whole: `paths.write_text`)
+        written = np.array([paths.exists(self._path(self.name(ids))) for ids in self.batches])
+        if written.any():
+            log.info(
+                "rejection sampling: resuming, %d of %d batches already sampled and graded (%s)",
+                written.sum(),
+                len(written),
+                self.folder,
+            )
+        return written
+
+    def done(self, ids: Sequence[int]) -> bool:
+        return bool(self.written[self._index[ids[0]]])
+
+    def write(self, ids: Sequence[int], samples: Sequence[dict[str, Any]]) -> None:
+        """Save one graded batch (process 0)."""
+        if jax.process_index() == 0:
+            text = "".join(json.dumps(s) + "\n" for s in samples)
+            paths.write_text(self._path(self.name(ids)), text)
+
+    def samples(self) -> Iterator[dict[str, Any]]:
+        """Every batch's samples, in prompt order (process 0)."""
+        for ids in self.batches:
+            path = self._path(self.name(ids))
+            for i, line in enumerate(paths.read_text(path).splitlines()):
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise common.ConfigError(
+                        f"{path}:{i + 1} is not a sample ({e}); delete that file to sample its "
+                        "batch again"
+                    ) from None
+
+    def finish(self) -> None:
+        """Mark the run finished (process 0; once its outputs are written): a rerun with other
+        settings then replaces these samples instead of being refused."""
+        if jax.process_index() == 0:
+            text = json.dumps({"run": self._record, "finished": True})
+            paths.write_text(self._path("run.json"), text)
+
+
+def _sample_record(config, prompts: common.PromptSet) -> dict[str, Any]:
+    """What fixes each batch's samples and grades: the prompts as tokenised with their answer
+    columns, the model, the seed, the sampling and the sandbox the code runs in. Not the
+    filters, nor `num_prompts` (more prompts add batches)."""
+    r = config.rejection_sampling
+    answers = json.dumps(prompts.columns, sort_keys=True, default=str).encode()
+    return {
+        "seed": config.seed,
+        "model.path": common.model_fingerprint(config.model.path),
+        "data": common.fingerprint(
+            *(np.asarray(ids, np.int32) for ids in prompts.token_ids),
+            np.frombuffer(answers, np.uint8),
+        ),
+        "data.stop_strings": list(config.data.stop_strings),
+        **{k: r[k] for k in ("num_samples", "max_new_tokens", "temperature", "top_p")},
+        "batch_prompts": r.batch_prompts,  # (another batch shape may round differently)
+        "sandbox": config.sandbox.to_dict() if "sandbox" in config else None,
+    }
+
+
 def run(config, workdir: str) -> dict[str, Any]:
     r = config.rejection_sampling
     non_reasoning = _non_reasoning_rows(r)
@@ -219,15 +361,23 @@ def run(config, workdir: str) -> dict[str, Any]:
     )
     rows = prompts.rows  # (those that fit data.prompt_buckets: sample ids index these)
     grader = eval_stage.Grader(prompts, config)  # (refuses code it cannot run, before the load)
-    mesh = common.make_mesh(config)
-    model, _ = common.load_model(config, mesh, rules=sharding.SAMPLING_RULES)
     n = min(r.num_prompts, len(prompts))
+    plan = [
+        list(range(start, min(n, start + r.batch_prompts)))
+        for start in range(0, n, r.batch_prompts)
+    ]
+    store = SampleStore(
+        os.path.join(workdir, SAMPLES_FOLDER), _sample_record(config, prompts), plan
+    )
+    mesh = common.make_mesh(config)
+    model = None  # (not loaded when every batch was sampled before: a rerun to filter again)
+    if not store.written.all():
+        model, _ = common.load_model(config, mesh, rules=sharding.SAMPLING_RULES)
     log.info(
         "rejection sampling: %d prompts x %d samples from %s", n, r.num_samples, config.model.path
     )
 
-    # 1. Sample and grade.
-    samples = []
+    # 1. Sample and grade, saving each batch as it is graded.
     batches = common.prompt_batches(
         n, r.batch_prompts, desc="rejection sampling", progress=config.log.progress, stoppable=True
     )
@@ -237,7 +387,7 @@ def run(config, workdir: str) -> dict[str, Any]:
             model,
             tokenizer,
             prompts,
-            batches,
+            (ids for ids in batches if not store.done(ids)),
             batch=min(r.batch_prompts, n),
             num_samples=r.num_samples,
             max_new_tokens=r.max_new_tokens,
@@ -247,31 +397,59 @@ def run(config, workdir: str) -> dict[str, Any]:
             mesh=mesh,
         )
         for b in graded_batches:
-            well_formed = rewards.format_reward(b.texts)
-            # Each row's target language: its own when the data names one, else data.language
-            # (as the RL reward reads it).
-            language = rewards.language_consistency_reward(b.texts, language=b.columns["language"])
-            for j, text in enumerate(b.texts):
-                i = b.ids[j // r.num_samples]
-                samples.append(
-                    {
-                        "row": i,
-                        "prompt": prompts.prompts[i],
-                        "completion": text,
-                        "correct": bool(b.correct[j] == 1.0),
-                        "unscored": bool(np.isnan(b.correct[j])),
-                        "format": well_formed[j],
-                        # None: no words in the reasoning (e.g. only arithmetic), so none mixed.
-                        "language": language[j] if word_scripts(think_region(text)) else None,
-                        "truncated": b.out.stop_reason[j] == sampling.LENGTH,
-                        "states_held_out": rows[i].get("task") in tasks.TASKS
-                        and states_held_out(text),
-                    }
-                )
+            store.write(b.ids, _graded_samples(b, prompts, r.num_samples))
+    summary = (
+        _filter_and_write(config, workdir, store, rows, non_reasoning, n)
+        if jax.process_index() == 0
+        else None
+    )
+    summary = _share_summary(summary, config, n)
+    store.finish()
+    summary["path"] = os.path.join(workdir, "rejection_sampled.jsonl")
+    return summary
+
+
+def _graded_samples(b, prompts: common.PromptSet, num_samples: int) -> list[dict[str, Any]]:
+    """A graded batch (`eval.GradedBatch`) as the samples `filter_samples` reads (JSON-able)."""
+    well_formed = rewards.format_reward(b.texts)
+    # Each row's target language: its own when the data names one, else data.language (as the
+    # RL reward reads it).
+    language = rewards.language_consistency_reward(b.texts, language=b.columns["language"])
+    samples = []
+    for j, text in enumerate(b.texts):
+        i = b.ids[j // num_samples]
+        samples.append(
+            {
+                "row": i,
+                "prompt": prompts.prompts[i],
+                "completion": text,
+                "correct": bool(b.correct[j] == 1.0),
+                "unscored": bool(np.isnan(b.correct[j])),
+                "format": float(well_formed[j]),
+                # None: no words in the reasoning (e.g. only arithmetic), so none mixed.
+                "language": float(language[j]) if word_scripts(think_region(text)) else None,
+                "truncated": bool(b.out.stop_reason[j] == sampling.LENGTH),
+                "states_held_out": prompts.rows[i].get("task") in tasks.TASKS
+                and states_held_out(text),
+            }
+        )
+    return samples
+
+
+def _filter_and_write(config, workdir, store, rows, non_reasoning, n) -> dict[str, Any]:
+    """Process 0: steps 2-5 over every batch's saved samples; returns the summary."""
+    r = config.rejection_sampling
+    samples = 0
+
+    def counted(items):
+        nonlocal samples
+        for item in items:
+            samples += 1
+            yield item
 
     # 2-3. Filter, de-duplicate, cap.
     kept, dropped = filter_samples(
-        samples,
+        counted(store.samples()),
         require_correct=r.require_correct,
         require_format=r.require_format,
         drop_truncated=r.get("drop_truncated", True),
@@ -288,34 +466,60 @@ def run(config, workdir: str) -> dict[str, Any]:
     out_rows += non_reasoning[:want]
 
     # 5. Write the dataset and the summary.
-    summary = {
-        "model": config.model.path,
-        "prompts": n,
-        "samples": len(samples),
-        "kept": len(kept),
-        "non_reasoning": mixed,
-        "rows_written": len(out_rows),
-        "prompts_with_a_kept_sample": len({s["row"] for s in kept}),
-        "dropped": {reason: dropped.get(reason, 0) for reason in DROP_REASONS},
-        "keep_rate": len(kept) / max(1, len(samples)),
-    }
+    summary = _summary(
+        config,
+        n,
+        samples=samples,
+        kept=len(kept),
+        non_reasoning=mixed,
+        rows_written=len(out_rows),
+        prompts_with_a_kept_sample=len({s["row"] for s in kept}),
+        dropped=[dropped.get(reason, 0) for reason in DROP_REASONS],
+    )
     path = os.path.join(workdir, "rejection_sampled.jsonl")
     if not kept:
         log.warning(
             "rejection sampling kept no sample of %d (dropped: %s): an SFT on %s has no "
             "reasoning data; check the checkpoint (model.path) and the filters",
-            len(samples),
+            samples,
             ", ".join(f"{k} {v}" for k, v in dropped.items()),
             path,
         )
-    if jax.process_index() == 0:
-        paths.write_text(path, "".join(json.dumps(x) + "\n" for x in out_rows))  # atomic
-        print(
-            f"kept {len(kept)} of {len(samples)} samples ({summary['keep_rate']:.1%}) from "
-            f"{summary['prompts_with_a_kept_sample']} of {n} prompts; dropped: "
-            + ", ".join(f"{k} {v}" for k, v in summary["dropped"].items())
-            + f"; + {mixed} non-reasoning rows -> {path}"
-        )
+    paths.write_text(path, "".join(json.dumps(x) + "\n" for x in out_rows))  # atomic
+    print(
+        f"kept {len(kept)} of {samples} samples ({summary['keep_rate']:.1%}) from "
+        f"{summary['prompts_with_a_kept_sample']} of {n} prompts; dropped: "
+        + ", ".join(f"{k} {v}" for k, v in summary["dropped"].items())
+        + f"; + {mixed} non-reasoning rows -> {path}"
+    )
     common.write_json(os.path.join(workdir, "rejection_sampling_summary.json"), summary)
-    summary["path"] = path
     return summary
+
+
+_COUNTS = ("samples", "kept", "non_reasoning", "rows_written", "prompts_with_a_kept_sample")
+
+
+def _summary(config, n: int, *, dropped: Sequence[int], **counts: int) -> dict[str, Any]:
+    """The run's summary from its counts (`_COUNTS`) and drops (in `DROP_REASONS` order)."""
+    return {
+        "model": config.model.path,
+        "prompts": n,
+        **{k: int(counts[k]) for k in _COUNTS},
+        "dropped": {reason: int(c) for reason, c in zip(DROP_REASONS, dropped, strict=True)},
+        "keep_rate": counts["kept"] / max(1, counts["samples"]),
+    }
+
+
+def _share_summary(summary: dict[str, Any] | None, config, n: int) -> dict[str, Any]:
+    """Process 0's summary on every process (only it reads the samples)."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return summary
+    counts = np.zeros(len(_COUNTS) + len(DROP_REASONS), np.int32)
+    if summary is not None:
+        counts[:] = [*(summary[k] for k in _COUNTS), *summary["dropped"].values()]
+    counts = np.asarray(multihost_utils.broadcast_one_to_all(counts)).tolist()
+    return _summary(
+        config, n, dropped=counts[len(_COUNTS) :], **dict(zip(_COUNTS, counts, strict=False))
+    )
