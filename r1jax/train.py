@@ -207,6 +207,17 @@ class SkipWatch:
         """Whether the last step's update was skipped."""
         return self.in_a_row > 0
 
+    def record(self) -> dict[str, Any]:
+        """The streak, for a checkpoint's `extra` (a stop mid-streak saves the step it is on)."""
+        return {"in_a_row": self.in_a_row, "last_applied": self.last_applied}
+
+    def resume(self, saved: dict[str, Any] | None) -> None:
+        """Carry on the streak a checkpoint recorded (`record`; None: one saved before the
+        streak was recorded, which starts from 0): a run stopped and resumed in the middle of a
+        streak would otherwise need `limit` more skipped steps to stop."""
+        if saved:
+            self.in_a_row, self.last_applied = int(saved["in_a_row"]), saved["last_applied"]
+
     def __call__(self, step: int, metrics: dict[str, Any]) -> None:
         """After step `step` (1-based), given its metrics on the host (`update_skipped`: the
         share of its updates skipped). Every process sees the same metrics, so all stop

@@ -425,6 +425,24 @@ def test_sft_default_runs(toy, tmp_path):
     assert sh.max_param_change(sh.hf_params(tmp_path / "hf" / "final"), toy_params(toy)) > 0
 
 
+def test_a_skipped_update_streak_carries_on_across_a_resume(toy, tmp_path):
+    """The streak of skipped updates (`optim.max_skipped_steps`) restarted at 0 on a resume: a
+    run stopped mid-streak needed the whole limit again to stop, and then blamed the model it
+    resumed from instead of the update that diverged."""
+    from r1jax.train import Diverged
+
+    config = sh.load_config("sft")
+    s = config.sft
+    s.num_examples, s.epochs, s.batch_size, s.seq_len = 24, 1.0, 8, 128  # 3 steps
+    config.optim.learning_rate, config.optim.warmup_steps = 1e30, 0  # (steps 2 on overflow)
+    config.optim.max_skipped_steps = 3
+    run("sft", config, tmp_path)  # steps 2 and 3 skipped; the last step's checkpoint saved
+    assert [r["update_skipped"] for r in sh.metric_rows(tmp_path)] == [0, 1, 1]
+    s.epochs = 3.0  # 9 steps: the third skipped update in a row is step 4's
+    with pytest.raises(Diverged, match=r"^steps 2-4: 3 updates in a row .* step 1 left"):
+        run("sft", config, tmp_path)
+
+
 def test_a_resume_with_settings_that_change_the_data_order_is_refused(toy, tmp_path):
     """The data position is a function of the step, seed, rows per step and the data: a resume
     with another batch size or seed read rows twice and skipped others, and one with fewer epochs
@@ -490,7 +508,7 @@ def test_a_checkpoint_from_before_a_setting_was_recorded_still_resumes():
 
     now = {"seed": 0, "batch_size": 8, "teacher": "none (trace SFT)"}
     assert common.resume(Saved(), types.SimpleNamespace(model=None, optimizer=None), now,
-                         total_steps=4, steps_field="distill.epochs") == 2  # fmt: skip
+                         total_steps=4, steps_field="distill.epochs")["step"] == 2  # fmt: skip
     with pytest.raises(common.ConfigError, match="batch_size: 8 then, 16 now"):
         common.resume(Saved(), types.SimpleNamespace(model=None, optimizer=None),
                       {**now, "batch_size": 16}, total_steps=4, steps_field="")  # fmt: skip
@@ -498,7 +516,7 @@ def test_a_checkpoint_from_before_a_setting_was_recorded_still_resumes():
     Saved.read_extra = lambda self: {"step": 2, "run": {"seed": 0, "teacher": "/moved/teacher"}}
     now = {"seed": 0, "teacher model": "0123456789abcdef"}
     assert common.resume(Saved(), types.SimpleNamespace(model=None, optimizer=None), now,
-                         total_steps=4, steps_field="distill.epochs") == 2  # fmt: skip
+                         total_steps=4, steps_field="distill.epochs")["step"] == 2  # fmt: skip
     # But a record this run does not write is compared (SFT resuming a distillation checkpoint).
     Saved.read_extra = lambda self: {"step": 2, "run": {"seed": 0, "teacher model": "01ab"}}
     with pytest.raises(common.ConfigError, match="teacher model: '01ab' then, 'absent' now"):

@@ -367,12 +367,15 @@ def check_same_on_every_process(what: str, fingerprint: Callable[[], Any]) -> No
         )
 
 
-def resume(ckpt, state, run: dict[str, Any], *, total_steps: int, steps_field: str) -> int:
-    """The step a training loop starts from: 0 without a checkpoint, else the latest one, restored
-    into `state` once `check_resume` finds that it continues this run."""
+def resume(
+    ckpt, state, run: dict[str, Any], *, total_steps: int, steps_field: str
+) -> dict[str, Any]:
+    """The `extra` of the latest checkpoint, restored into `state` once `check_resume` finds that
+    it continues this run (its "step" is where the training loop starts); {"step": 0} without
+    one."""
     if check_resume(ckpt, run, total_steps=total_steps, steps_field=steps_field) is None:
-        return 0
-    return ckpt.restore(state.model, state.optimizer)["step"]
+        return {"step": 0}
+    return ckpt.restore(state.model, state.optimizer)
 
 
 def optimizer_layout(config: ml_collections.ConfigDict) -> dict[str, str]:

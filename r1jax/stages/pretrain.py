@@ -387,9 +387,11 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
     in_warm_up = warm > 0 and start <= warm
     state = train.TrainState.create(model, warm_optim if in_warm_up else corpus_optim, mesh)
     best = None  # the best tag-copy check up to the deadline; kept in the checkpoints
+    watch = train.SkipWatch(config.optim.max_skipped_steps)
     if ckpt.latest_step() is not None:
         extra = ckpt.restore(state.model, state.optimizer)
         start, best = extra["step"], extra.get("tag_copy_best")
+        watch.resume(extra.get("skips"))
         log.info("resumed from step %d", start)
     if attempt:
         log.info("restart %d: initialisation and copy-task seed %d", attempt, seed)
@@ -425,7 +427,7 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
         postfix_keys=("loss",),
         progress=config.log.progress,
     )
-    row, abandoned, watch = {}, None, train.SkipWatch(config.optim.max_skipped_steps)
+    row, abandoned = {}, None
     for step in range(start, warm + p.steps):
         # At the top of the loop, so a run resumed from the deadline's checkpoint checks too.
         if step == deadline:
@@ -434,7 +436,7 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
                 copied = tag_copy_probability(state, tag_ids, tag_mask)
             best = _best_check(best, copied)
             if best is None or best < TAG_COPY_START:  # abandoned, and kept as it is now
-                extra = {"step": step, "tag_copy_best": best, "run": run}
+                extra = {"step": step, "tag_copy_best": best, "run": run, "skips": watch.record()}
                 ckpt.save(step, state.model, state.optimizer, extra=extra, force=True)
                 best = float("nan") if best is None else best
                 abandoned = {"tag_copy": float(copied), "best_tag_copy": best, "step": step}
@@ -470,7 +472,7 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
             step + 1,
             state.model,
             state.optimizer,
-            extra={"step": step + 1, "tag_copy_best": best, "run": run},
+            extra={"step": step + 1, "tag_copy_best": best, "run": run, "skips": watch.record()},
             force=step + 1 == warm + p.steps,
             interval=not watch.skipping,
         ):

@@ -403,7 +403,9 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         len(eval_set),
     )
 
-    start = ckpt.restore(state.model, state.optimizer)["step"] if resumed is not None else 0
+    if resumed is not None:
+        resumed = ckpt.restore(state.model, state.optimizer)
+    start = resumed["step"] if resumed is not None else 0
     if start:
         log.info("resumed from step %d (%s)", start, ckpt.step_dir(start))
         _warn_if_the_schedule_changed(config, resumed.get("schedule"))
@@ -421,6 +423,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     # (a rerun after the last checkpoint, killed during its export, returns what it logged)
     row = metrics.logged_at(os.path.join(workdir, "metrics.jsonl"), start) if start else {}
     watch = train.SkipWatch(config.optim.max_skipped_steps)
+    watch.resume(resumed and resumed.get("skips"))
 
     def held_out() -> dict[str, float]:
         result = eval_stage.evaluate(
@@ -484,7 +487,12 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             done,
             state.model,
             state.optimizer,
-            extra={"step": done, "run": data_order, "schedule": _schedule(config)},
+            extra={
+                "step": done,
+                "run": data_order,
+                "schedule": _schedule(config),
+                "skips": watch.record(),
+            },
             metrics={k: float(v) for k, v in row.items() if k.startswith("eval/")} or None,
             force=forced_save(done, config),
             interval=not watch.skipping,

@@ -255,9 +255,10 @@ def train_on_pairs(
             common.model_fingerprint(s.teacher) if s.teacher else "none (trace SFT)"
         )
         data_order["temperature"] = s.temperature if s.teacher else None
-    start = common.resume(
+    resumed = common.resume(
         ckpt, state, data_order, total_steps=steps, steps_field=f"{section}.epochs={s.epochs}"
     )
+    start = resumed["step"]
     writer = metrics.MetricsWriter(
         workdir,
         total_steps=steps,
@@ -270,6 +271,7 @@ def train_on_pairs(
     # (a rerun after the last checkpoint, killed during its export, returns what it logged)
     row = metrics.logged_at(os.path.join(workdir, "metrics.jsonl"), start) if start else {}
     watch = train.SkipWatch(config.optim.max_skipped_steps)
+    watch.resume(resumed.get("skips"))
     for step in range(start, steps):
         idx = common.batch_indices(rows, step, s.batch_size, config.seed)
         batch = {k: getattr(batch_all, k)[idx] for k in sft.SFT_FIELDS}
@@ -285,7 +287,7 @@ def train_on_pairs(
             step + 1,
             state.model,
             state.optimizer,
-            extra={"step": step + 1, "run": data_order},
+            extra={"step": step + 1, "run": data_order, "skips": watch.record()},
             force=step + 1 == steps,
             interval=not watch.skipping,
         ):
