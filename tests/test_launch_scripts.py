@@ -44,6 +44,12 @@ if sys.argv[1] == "-c":
     sys.exit(0)
 assert sys.argv[1:3] == ["-m", "r1jax.launch"], sys.argv
 rank = os.environ.get("R1JAX_PROCESS_ID") or os.path.basename(os.environ["HOME"])
+# (before the record the tests wait for: a SIGTERM sent right after it must find the handler)
+if os.environ.get("FAKE_SAY_TERM"):  # as r1jax stops: a last line, then exit 130
+    def stop(*_):
+        print("stand-in r1jax got SIGTERM, rank", rank, flush=True)
+        sys.exit(130)
+    signal.signal(signal.SIGTERM, stop)
 record = dict(argv=sys.argv[3:], cwd=os.getcwd(), pid=os.getpid(), rank=rank,
               env={{k: v for k, v in os.environ.items()
                    if k.startswith(("R1JAX_", "JAX_", "PYTHONUNBUFFERED", "EXTRA_"))}})
@@ -52,11 +58,6 @@ with open(path + ".tmp", "w") as f:
     json.dump(record, f)
 os.rename(path + ".tmp", path)
 print("stand-in r1jax started, rank", rank, flush=True)
-if os.environ.get("FAKE_SAY_TERM"):  # as r1jax stops: a last line, then exit 130
-    def stop(*_):
-        print("stand-in r1jax got SIGTERM, rank", rank, flush=True)
-        sys.exit(130)
-    signal.signal(signal.SIGTERM, stop)
 if rank == os.environ.get("FAKE_STOPPED_RANK"):  # r1jax's exit after a clean stop
     sys.exit(130)
 if rank == os.environ.get("FAKE_FAIL_RANK"):
@@ -618,10 +619,12 @@ def test_ssh_ctrl_c_keeps_what_the_ranks_print_while_they_stop(env, tmp_path):
     try:
         assert status == 130
         assert all(wait_dead(p) for p in pids)
-        time.sleep(0.5)  # (the pipeline writes the rank's last line after the rank exits)
         for rank, host in enumerate(("gpu-a", "gpu-b")):
-            log = (tmp_path / f"rank{rank}-{host}.log").read_text()
-            assert f"stand-in r1jax got SIGTERM, rank {rank}" in log, log
+            path, line = tmp_path / f"rank{rank}-{host}.log", f"got SIGTERM, rank {rank}"
+            deadline = time.monotonic() + 10  # (the pipeline writes it after the rank exits)
+            while line not in path.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert line in path.read_text(), path.read_text()
     finally:
         for p in pids:
             if alive(p):

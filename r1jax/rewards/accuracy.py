@@ -58,7 +58,8 @@ logger = logging.getLogger(__name__)
 
 MAX_ANSWER_CHARS = 1000
 PARSE_TIMEOUT_S = 3  # per math-verify parse/verify call (seconds), main thread only
-OFF_THREAD_TIMEOUT_S = 10  # per comparison, off the main thread (its three calls and start-up)
+OFF_THREAD_TIMEOUT_S = 10  # per comparison, off the main thread (its three calls)
+HELPER_START_TIMEOUT_S = 120  # the helper process's start (imports sympy and math-verify)
 
 _PERCENT_SIGN = re.compile(r"\s*\\?%\s*$")
 _LETTER_GOLD = re.compile(r"^\s*\(?\s*([A-J])\s*\)?\s*\.?\s*$")
@@ -147,15 +148,18 @@ def _match_in_helper(gold: str, predicted: str) -> bool:
     work), given up after OFF_THREAD_TIMEOUT_S: the helper is killed and the answer is wrong."""
     global _guard
     with _guard_lock:  # one comparison at a time; the helper is started on first use
-        if _guard is None:
-            from r1jax.rewards.compose import _exit_with_parent
-
-            context = multiprocessing.get_context("forkserver")  # never fork a JAX process
-            context.set_forkserver_preload(["r1jax.rewards"])
-            _guard = concurrent.futures.ProcessPoolExecutor(
-                1, mp_context=context, initializer=_exit_with_parent
-            )
         try:
+            if _guard is None:
+                from r1jax.rewards.compose import _exit_with_parent
+
+                context = multiprocessing.get_context("forkserver")  # never fork a JAX process
+                context.set_forkserver_preload(["r1jax.rewards"])
+                _guard = concurrent.futures.ProcessPoolExecutor(
+                    1, mp_context=context, initializer=_exit_with_parent
+                )
+                # Started outside the answer's limit: under load the start alone took seconds,
+                # and the first answer compared (right or not) was scored wrong.
+                _guard.submit(answers_match, "1", "1").result(timeout=HELPER_START_TIMEOUT_S)
             future = _guard.submit(answers_match, gold, predicted)
             answer = future.result(timeout=OFF_THREAD_TIMEOUT_S)
             _helper_state["answered"] = True
