@@ -754,6 +754,31 @@ def test_bad_rows_are_counted_or_named(tmp_path):
     assert len(rows) == 3 and rows[0]["solution"] is None
 
 
+def test_unreadable_conversations_are_named_not_counted_as_missing_prompts(tmp_path):
+    """`messages` as a JSON-encoded string, OpenAI's content parts, or a turn without text: the
+    rows were dropped as "no_prompt" (each has one), with no word of what was wrong."""
+    from r1jax.stages import common
+
+    turns = [{"role": "user", "content": "hi?"}, {"role": "assistant", "content": "yo"}]
+    parts = [
+        {"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in turns
+    ]
+    lines = [json.dumps({"messages": json.dumps(turns)}), json.dumps({"messages": parts})]
+    path = _write_lines(tmp_path / "chat.jsonl", lines)
+    with pytest.raises(ValueError, match=r"bad_messages=2.*must be a list of \{role, content\}"):
+        common.load_completion_rows(str(path))
+    rows, stats = common.load_completion_rows(
+        str(_write_lines(tmp_path / "ok.jsonl", [json.dumps({"messages": turns}), *lines]))
+    )
+    assert len(rows) == 1 and stats.skipped == {"bad_messages": 2}
+    # A misspelt completion column is named (every row was refused for want of a completion).
+    pairs = _write_lines(tmp_path / "pairs.jsonl", [json.dumps({"prompt": "p", "response": "r"})])
+    with pytest.raises(ValueError, match=r"field_map \{'completion': 'respons'\} names a column"):
+        common.load_completion_rows(str(pairs), field_map={"completion": "respons"})
+    rows, _ = common.load_completion_rows(str(pairs), field_map={"completion": "response"})
+    assert rows[0]["completion"] == "r"
+
+
 def test_loader_field_map_shapes_and_errors(tmp_path):
     custom = _write_lines(tmp_path / "c.jsonl", [json.dumps({"q": "Q?", "a": 42, "lang": "zh"})])
     rows, stats = data.load_rows(

@@ -425,6 +425,25 @@ def test_sft_default_runs(toy, tmp_path):
     assert sh.max_param_change(sh.hf_params(tmp_path / "hf" / "final"), toy_params(toy)) > 0
 
 
+def test_sft_data_errors_name_the_field_to_fix(toy, caplog):
+    """A tokenizer without an EOS token was blamed on sft.seq_len; a dataset smaller than one
+    batch trained ~batch_size/rows epochs, unevenly, without a word."""
+    from r1jax.models import hf
+    from r1jax.stages import sft as sft_stage
+
+    config = sh.load_config("sft")
+    config.sft.seq_len, config.sft.batch_size = 64, 8
+    tokenizer = hf.tokenizer(os.path.join(toy[0], "toy_base"))
+    pairs = [("What is 1 + 1?", "<think>1 + 1</think><answer>2</answer>", "")] * 3
+    with caplog.at_level(logging.WARNING, logger="r1jax"):
+        batch = sft_stage.tokenized_pairs(config, "sft", tokenizer, pairs)
+    assert batch.input_ids.shape[0] == 3
+    assert "3 rows for a batch of sft.batch_size=8" in caplog.text
+    tokenizer.eos_token = None
+    with pytest.raises(common.ConfigError, match=r"^model.path: append_eos=True but .* no EOS"):
+        sft_stage.tokenized_pairs(config, "sft", tokenizer, pairs)
+
+
 def test_a_skipped_update_streak_carries_on_across_a_resume(toy, tmp_path):
     """The streak of skipped updates (`optim.max_skipped_steps`) restarted at 0 on a resume: a
     run stopped mid-streak needed the whole limit again to stop, and then blamed the model it
@@ -441,6 +460,35 @@ def test_a_skipped_update_streak_carries_on_across_a_resume(toy, tmp_path):
     s.epochs = 3.0  # 9 steps: the third skipped update in a row is step 4's
     with pytest.raises(Diverged, match=r"^steps 2-4: 3 updates in a row .* step 1 left"):
         run("sft", config, tmp_path)
+
+
+def test_token_ids_past_the_models_embeddings_are_refused(toy, tmp_path):
+    """Format tags added to a tokenizer as special tokens, the embeddings not resized: their ids
+    looked past the table (NaN), every SFT update was skipped, and a run shorter than
+    optim.max_skipped_steps exported the model unchanged as its result."""
+    import transformers
+
+    folder = tmp_path / "added"
+    shutil.copytree(os.path.join(toy[0], "toy_base"), folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<think>", "</think>", "<answer>", "</answer>"]}
+    )
+    tokenizer.save_pretrained(folder)
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    assert len(tokenizer) > vocab
+    for stage in ("sft", "rl", "eval", "rejection_sampling"):
+        config = sh.load_config(stage)
+        config.model.path = str(folder)
+        if stage == "sft":
+            s = config.sft
+            s.num_examples, s.epochs, s.batch_size, s.seq_len = 16, 1.0, 8, 256
+        what = "sft data" if stage == "sft" else "prompts"
+        with pytest.raises(
+            common.ConfigError, match=rf"the {what} holds token id \d+ .* vocab_size {vocab}"
+        ):
+            run(stage, config, tmp_path / stage)
+    assert not (tmp_path / "sft" / "hf").exists()
 
 
 def test_a_resume_with_settings_that_change_the_data_order_is_refused(toy, tmp_path):

@@ -569,10 +569,16 @@ def _normalise(
 ) -> tuple[dict | None, str | None]:
     """One raw record -> (normalised row, None) or (None, skip reason); `parse_as`: the shape
     whose answer parsing applies, when not `shape`'s."""
-    messages = parse_messages(obj.get(mapping["messages"])) if "messages" in mapping else None
+    raw = obj.get(mapping["messages"]) if "messages" in mapping else None
+    messages = parse_messages(raw)
     prompt = obj.get(mapping["prompt"]) if "prompt" in mapping else None
     if isinstance(prompt, list) and messages is None:  # TRL's conversational rows: the turns
-        messages, prompt = parse_messages(prompt), None  # before the answer, as a message list
+        raw, prompt = prompt, None  # before the answer, as a message list
+        messages = parse_messages(raw)
+    if raw is not None and messages is None and not (isinstance(prompt, str) and prompt.strip()):
+        # (a JSON-encoded string, OpenAI's content parts, a turn without text: counted as
+        # "no_prompt", which every such row has)
+        return None, "bad_messages"
     if not (isinstance(prompt, str) and prompt.strip()) and messages:
         # the question the answer answers: the last user turn (the stages render every turn)
         prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
@@ -783,5 +789,10 @@ def load_rows(
             f"{'; '.join(stats.examples) or 'the files are empty'}. Check the "
             "field_map / shape"
             + (" (each row needs a prompt and a solution or tests)" if require_solution else "")
+            + (
+                "; `messages` must be a list of {role, content} objects whose content is text"
+                if stats.skipped["bad_messages"]
+                else ""
+            )
         )
     return shard_rows(rows, process_index, process_count, even=even), stats

@@ -979,6 +979,31 @@ def load_model(config: ml_collections.ConfigDict, mesh, rules=None, *, frozen: b
     return model, hf.tokenizer(path)
 
 
+def vocab_size(model_path: str) -> int:
+    """The embedding rows of the model at `model_path`, from its config.json (before a load)."""
+    from r1jax.models import hf
+
+    path = resolve_model_path(model_path)
+    return hf.config_from_hf(hf.read_config(path)).vocab_size
+
+
+def check_token_ids(
+    vocab: int, tokenizer, top_id: int, what: str, name: str = "model.path"
+) -> None:
+    """Refuse token ids past the `vocab` embedding rows of model `name` (`top_id`: the largest
+    of `what`'s ids, pad included): tokens added to a tokenizer (`add_special_tokens`: the
+    format tags, a pad token) without resizing the model's embeddings. The lookup past the
+    table reads NaN, every update was skipped for non-finite gradients, and a run shorter than
+    `optim.max_skipped_steps` exported the model unchanged as its result."""
+    if top_id >= vocab:
+        raise ConfigError(
+            f"{what} holds token id {top_id} (the tokenizer has {len(tokenizer)} tokens), past "
+            f"{name}'s vocab_size {vocab}: tokens were added to the tokenizer without resizing "
+            "the model's embeddings (resize them, e.g. transformers' "
+            "`model.resize_token_embeddings(len(tokenizer))`, and save the model)"
+        )
+
+
 def load_reward_model(section: ml_collections.ConfigDict, mesh):
     """The learned reward model of a `reward_model` section on `mesh`, or None when its path is
     "" (off)."""
@@ -1439,6 +1464,10 @@ class PromptSet:
             out, tokens=out.tokens[:n], logprobs=out.logprobs[:n], stop_reason=out.stop_reason[:n]
         )
 
+    def top_id(self) -> int:
+        """The largest token id its batches hold (the prompts' and padding's)."""
+        return max([self.pad_id, *(max(ids, default=0) for ids in self.token_ids)])
+
     def row_ids(self, step: int, size: int) -> list[int]:
         """The `size` row ids of batch `step` (see `batch_indices`)."""
         return batch_indices(len(self.rows), step, size, self.seed)
@@ -1654,6 +1683,12 @@ def load_completion_rows(
         fallback_shape="generic",
     )
     check_same_on_every_process(f"the rows of {path}", lambda: rows)
+    if completion != "completion" and all(row.get(completion) is None for row in rows):
+        # (else every row was refused for want of a completion, and the hint named field_map)
+        raise ValueError(
+            f"{path}: field_map {{'completion': {completion!r}}} names a column no row of the "
+            "file has a value in"
+        )
     for row in rows:
         if completion != "completion":
             row["completion"] = row.pop(completion, None)

@@ -444,6 +444,9 @@ def run(config, workdir: str) -> dict[str, Any]:
     rows = common.load_prompt_rows(config.data, "eval", config.seed)
     tokenizer = common.load_tokenizer(config)  # the prompts are checked before the model loads
     prompts = common.PromptSet(rows, tokenizer, config.data, seed=config.seed, split="held-out")
+    common.check_token_ids(
+        common.vocab_size(config.model.path), tokenizer, prompts.top_id(), "the prompts"
+    )
     mesh = common.make_mesh(config)
     model, _ = common.load_model(config, mesh, rules=sharding.SAMPLING_RULES)
     log.info(

@@ -360,6 +360,9 @@ def run(config, workdir: str) -> dict[str, Any]:
         split="training",
     )
     rows = prompts.rows  # (those that fit data.prompt_buckets: sample ids index these)
+    common.check_token_ids(
+        common.vocab_size(config.model.path), tokenizer, prompts.top_id(), "the prompts"
+    )
     grader = eval_stage.Grader(prompts, config)  # (refuses code it cannot run, before the load)
     n = min(r.num_prompts, len(prompts))
     plan = [

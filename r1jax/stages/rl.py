@@ -305,6 +305,8 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     eval_set = common.PromptSet(
         eval_rows, tokenizer, config.data, seed=config.seed, split="held-out"
     )
+    top = max(train_set.top_id(), eval_set.top_id())
+    common.check_token_ids(common.vocab_size(config.model.path), tokenizer, top, "the prompts")
 
     # -- the policy, its optimizer, and the frozen reference (only when β > 0) --
     ref_config = None
@@ -324,6 +326,8 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
                     "policy; the KL penalty needs one vocabulary (leave rl.ref_model empty for "
                     "the starting model)"
                 )
+            vocab = common.vocab_size(config.rl.ref_model)
+            common.check_token_ids(vocab, tokenizer, top, "the prompts", "rl.ref_model")
     # -- what each step optimises, and the resume check, before any model loads --
     cfg = grpo_config(config, tokenizer, train_set)
     reward_fn = rewards.build_reward_fn(reward_specs(config))

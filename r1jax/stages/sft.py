@@ -172,7 +172,9 @@ def tokenized_pairs(config, section: str, tokenizer, pairs):
             overflow=s.get("overflow", "truncate"),
         )
     except ValueError as e:  # e.g. every prompt longer than seq_len: nothing left to learn
-        raise common.ConfigError(f"{section}.seq_len={s.seq_len}: {e}") from None
+        # (or a tokenizer without the EOS or pad token the rows need: not seq_len's doing)
+        field = f"{section}.seq_len={s.seq_len}" if "seq_len" in str(e) else "model.path"
+        raise common.ConfigError(f"{field}: {e}") from None
     rows = batch_all.input_ids.shape[0]
     log.info(
         "%d examples -> %d rows of %d tokens (%d truncated, %d skipped); %d steps",
@@ -183,6 +185,16 @@ def tokenized_pairs(config, section: str, tokenizer, pairs):
         batch_all.num_skipped,
         run_steps(rows, s.epochs, s.batch_size),
     )
+    if rows < s.batch_size:
+        log.warning(
+            "%d rows for a batch of %s.batch_size=%d: each step fills its batch from the next "
+            "epochs' orders, so the run trains on some rows more often than others, and on "
+            "more epochs than %s.epochs asks; lower batch_size or add data",
+            rows,
+            section,
+            s.batch_size,
+            section,
+        )
     if batch_all.num_truncated:
         log.warning(
             "%d of %d examples are longer than %s.seq_len=%d and train without the end of "
@@ -223,6 +235,11 @@ def train_on_pairs(
     """
     s = config[section]
     rows = batch_all.input_ids.shape[0]
+    top = int(batch_all.input_ids.max())
+    common.check_token_ids(model.cfg.vocab_size, tokenizer, top, f"the {section} data")
+    if teacher is not None:
+        vocab = teacher.cfg.vocab_size
+        common.check_token_ids(vocab, tokenizer, top, f"the {section} data", "distill.teacher")
     steps = run_steps(rows, s.epochs, s.batch_size)
     state = train.TrainState.create(model, common.optim(config, steps, from_data=True), mesh)
     step_cfg = sft.SFTConfig(
