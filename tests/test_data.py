@@ -832,7 +832,7 @@ def test_sharegpt_conversations_load_as_chat_rows(tmp_path):
         [json.dumps({"conversations": turns}), json.dumps({"conversations": [{"from": "x"}]})],
     )
     rows, stats = data.load_rows(path, require_solution=False)
-    assert stats.shapes[str(path)] == "chat" and stats.skipped == {"no_prompt": 1}
+    assert stats.shapes[str(path)] == "chat" and stats.skipped == {"bad_messages": 1}
     assert rows[0]["prompt"] == "What is 2 + 2?"
     assert [m["role"] for m in rows[0]["messages"]] == ["system", "user", "assistant"]
     assert rows[0]["messages"][2]["content"] == turns[2]["value"]

@@ -363,6 +363,20 @@ def test_a_multi_process_rejection_sampling_resumes_from_process_0s_batches(toy,
     assert "resuming, 1 of 2 batches already sampled" in logs[0][1]
     assert (workdir / "rejection_sampled.jsonl").read_text() == output
     assert (folder / "prompts_000000004-000000008.jsonl").exists()
+    # A batch damaged on process 0's disk: both stop, process 1 pointing to process 0's output
+    # (it waited for process 0's counts, and died of a lost connection).
+    damaged = folder / "prompts_000000000-000000004.jsonl"
+    damaged.write_text(damaged.read_text()[:-5])
+    address = f"127.0.0.1:{sh.free_port()}"
+    procs = [
+        sh.popen(args, _process_env(toy[0], address, i), str(tmp_path / f"damaged{i}"))
+        for i in range(2)
+    ]
+    codes, seconds = _exit_codes(procs)
+    last = [sh.read(str(tmp_path / f"damaged{i}.err")).strip().splitlines()[-1] for i in range(2)]
+    assert codes == [1, 1] and seconds < 25, (codes, seconds, last)
+    assert "000004.jsonl:8 is not a sample" in last[0], last
+    assert "process 0 could not filter the saved samples (see its output)" in last[1], last
 
 
 def _exit_codes(procs, timeout: float = 600) -> tuple[list[int], float]:

@@ -1132,8 +1132,9 @@ def test_rejection_sampling_resumes_from_the_batches_it_saved(toy, tmp_path, mon
     r.temperature = 0.6
     calls.clear()
     stop_after[0] = None
+    r.batch_prompts = 3  # (e.g. for memory: the saved batches stay, the rest come in threes)
     resumed = run("rejection_sampling", config, tmp_path / "stopped")
-    assert len(calls) == 1 and calls[0][:2] == [8, 9]  # only the last batch (filled up to 4)
+    assert calls == [[8, 9, 9]]  # only the last batch (filled up to 3)
     assert resumed == {**whole, "path": resumed["path"]}
     assert (tmp_path / "stopped" / "rejection_sampled.jsonl").read_text() == (
         tmp_path / "whole" / "rejection_sampled.jsonl"
@@ -1147,16 +1148,28 @@ def test_rejection_sampling_resumes_from_the_batches_it_saved(toy, tmp_path, mon
     r.require_correct = False
     again = run("rejection_sampling", config, tmp_path / "stopped")
     assert len(calls) == 1 and again["kept"] == 20
+    # (one that fails part way leaves the run finished: other settings may replace it)
+    monkeypatch.setattr(rs, "_filter_and_write", no_model)
+    with pytest.raises(AssertionError):
+        run("rejection_sampling", config, tmp_path / "stopped")
+    assert json.loads((folder / "run.json").read_text())["finished"]
     # A finished run's samples give way to other sampling settings.
     monkeypatch.undo()
     monkeypatch.setattr(rs.sampling, "generate", right_and_wrong)
     r.num_samples = 1
     fresh = run("rejection_sampling", config, tmp_path / "stopped")
-    assert len(calls) == 4 and fresh["samples"] == 10
+    assert len(calls) == 5 and fresh["samples"] == 10  # (in batches of 3 now)
+    # A run stopped before its first batch was saved holds nothing to lose: not refused.
+    manifest = json.loads((folder / "run.json").read_text())
+    (folder / "run.json").write_text(json.dumps({**manifest, "finished": False}))
+    for saved in folder.glob("prompts_*"):
+        saved.unlink()
+    r.num_samples = 2
+    assert run("rejection_sampling", config, tmp_path / "stopped")["samples"] == 20
     # Damaged files are named, with what to delete.
-    saved = folder / "prompts_000000004-000000008.jsonl"
+    saved = folder / "prompts_000000003-000000006.jsonl"
     saved.write_text(saved.read_text()[:-20])
-    with pytest.raises(common.ConfigError, match=r"000008.jsonl:4 is not a sample .*delete that"):
+    with pytest.raises(common.ConfigError, match=r"000006.jsonl:6 is not a sample .*delete that"):
         run("rejection_sampling", config, tmp_path / "stopped")
     (folder / "run.json").write_text('{"run": ')
     with pytest.raises(common.ConfigError, match=r"run.json is damaged .*delete .*_batches to"):

@@ -159,7 +159,17 @@ def _match_in_helper(gold: str, predicted: str) -> bool:
                 )
                 # Started outside the answer's limit: under load the start alone took seconds,
                 # and the first answer compared (right or not) was scored wrong.
-                _guard.submit(answers_match, "1", "1").result(timeout=HELPER_START_TIMEOUT_S)
+                try:
+                    _guard.submit(answers_match, "1", "1").result(timeout=HELPER_START_TIMEOUT_S)
+                except concurrent.futures.TimeoutError:
+                    _discard_helper()
+                    logger.warning(
+                        "the accuracy helper process did not start in %d s; answer scored as "
+                        "wrong (it is started again for the next one)",
+                        HELPER_START_TIMEOUT_S,
+                    )
+                    return False
+                _helper_state["answered"] = True  # (it starts: a later death is an answer's)
             future = _guard.submit(answers_match, gold, predicted)
             answer = future.result(timeout=OFF_THREAD_TIMEOUT_S)
             _helper_state["answered"] = True

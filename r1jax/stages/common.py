@@ -1258,9 +1258,14 @@ def batch_indices(n: int, step: int, size: int, seed: int) -> list[int]:
     return out
 
 
-def prompt_batches(n: int, size: int, *, desc: str, progress: bool, stoppable: bool):
-    """The first n prompts in batches of `size` (lists of row indices), for the loops that sample
-    a dataset once (evaluation, rejection sampling): a progress bar in prompts with rate and ETA
+def batches_of(n: int, size: int) -> list[list[int]]:
+    """The first n prompt ids in batches of `size` (the last one shorter)."""
+    return [list(range(start, min(n, start + size))) for start in range(0, n, size)]
+
+
+def prompt_batches(batches: Sequence[Sequence[int]], *, desc: str, progress: bool, stoppable: bool):
+    """The `batches` of prompt ids (`batches_of`) one at a time, for the loops that sample a
+    dataset once (evaluation, rejection sampling): a progress bar in prompts with rate and ETA
     (process 0, when `progress`), and, when `stoppable`, a stop point before each batch, so that
     SIGTERM stops a multi-process run there (`checkpoint.stop_if_preempted`; one process gets
     SIGTERM as Ctrl-C). Loops inside a checkpointing stage (RL's held-out evaluations) are not
@@ -1270,6 +1275,7 @@ def prompt_batches(n: int, size: int, *, desc: str, progress: bool, stoppable: b
 
     from r1jax import checkpoint, metrics
 
+    n = sum(len(ids) for ids in batches)
     bar = tqdm(
         total=n,
         desc=desc,
@@ -1279,11 +1285,10 @@ def prompt_batches(n: int, size: int, *, desc: str, progress: bool, stoppable: b
         disable=not progress or jax.process_index() > 0,
     )
     try:
-        for start in range(0, n, size):
+        for ids in batches:
             if stoppable:
-                checkpoint.stop_if_preempted(f"prompt {start} of {n} ({desc})")
-            ids = list(range(start, min(n, start + size)))
-            yield ids
+                checkpoint.stop_if_preempted(f"prompt {ids[0]} of {n} ({desc})")
+            yield list(ids)
             bar.update(len(ids))
     finally:
         bar.close()

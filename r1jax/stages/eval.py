@@ -347,7 +347,10 @@ def evaluate(
     per_prompt, per_task, lengths, formats, records = [], collections.defaultdict(list), [], [], []
     unscored = 0
     batches = common.prompt_batches(
-        n, eval_config.batch_prompts, desc="evaluation", progress=progress, stoppable=stoppable
+        common.batches_of(n, eval_config.batch_prompts),
+        desc="evaluation",
+        progress=progress,
+        stoppable=stoppable,
     )
     with Grader(prompt_set, config) as grade:  # (refuses code it could not run, before sampling)
         graded_batches = sample_and_grade(

@@ -215,38 +215,42 @@ SAMPLES_FOLDER = "rejection_sampling_batches"  # in the workdir: `SampleStore`'s
 
 
 class SampleStore:
-    """The graded samples of each batch of prompts: one JSONL file per batch in `folder`, written
-    (atomically, by process 0) once the batch is graded, so that a stopped run loses at most the
-    batches in flight.
+    """The graded samples of each batch of prompts: one JSONL file per batch in `folder`
+    (`prompts_<first>-<end>.jsonl`), written (atomically, by process 0) once the batch is graded,
+    so that a stopped run loses at most the batches in flight.
 
-    `folder/run.json` holds `record`, what fixes the samples (model, data, seed, sampling, grading);
-    a rerun with the same record skips the batches written, one with another record is refused
-    while that run is unfinished (its samples may be hours of sampling), and starts afresh once
-    it finished. `batches`: the run's batches of prompt ids, in order. Every process must create
-    it (process 0 reads the folder, which need not be shared, and tells the others).
+    `folder/run.json` holds `record`, what fixes the samples (model, data, seed, sampling, the
+    sandbox of code rows); a rerun with the same record skips the batches written, one with
+    another record is refused while a stopped run's batches are there (they may be hours of
+    sampling), and starts afresh once that run finished. The batches of the first `n` prompts
+    are `batches`: the saved ones, and batches of at most `size` prompts between them (a rerun
+    may change `batch_prompts`: each row's samples come from its own key). Every process must
+    create it (process 0 reads the folder, which need not be shared, and tells the others).
     """
 
-    def __init__(self, folder: str, record: dict[str, Any], batches: Sequence[Sequence[int]]):
+    def __init__(self, folder: str, record: dict[str, Any], n: int, size: int):
         from jax.experimental import multihost_utils
 
         self.folder = folder
-        self.batches = [list(ids) for ids in batches]
         self._record = json.loads(json.dumps(record))  # (as it reads back: tuples are lists)
-        status = np.zeros(len(self.batches) + 1, np.int32)  # [failed, batch 0 written, ...]
+        # [failed, then per prompt id: 0, or the first of a batch (1) or of a saved batch (2)]
+        plan = np.zeros(n + 1, np.int32)
         error = None
         if jax.process_index() == 0:
             try:
-                status[1:] = self._open()
+                plan[1:] = self._plan(n, size)
             except Exception as e:  # (refused, or unreadable: the others must not wait)
-                status[0], error = 1, e
+                plan[0], error = 1, e
         if jax.process_count() > 1:
-            status = np.asarray(multihost_utils.broadcast_one_to_all(status))
+            plan = np.asarray(multihost_utils.broadcast_one_to_all(plan))
         if error is not None:
             raise error
-        if status[0]:
+        if plan[0]:
             raise common.ConfigError(f"process 0 could not resume from {folder} (see its output)")
-        self.written = status[1:].astype(bool)
-        self._index = {ids[0]: b for b, ids in enumerate(self.batches)}  # (by first prompt id)
+        starts = [int(i) for i in np.flatnonzero(plan[1:])]
+        self.batches = [list(range(a, b)) for a, b in zip(starts, [*starts[1:], n], strict=True)]
+        self.written = plan[1:][starts] == 2
+        self._saved = {b[0] for b, w in zip(self.batches, self.written, strict=True) if w}
 
     @staticmethod
     def name(ids: Sequence[int]) -> str:
@@ -255,51 +259,74 @@ class SampleStore:
     def _path(self, name: str) -> str:
         return os.path.join(self.folder, name)
 
-    def _open(self) -> np.ndarray:
-        """Process 0: check `run.json` against this run's record (or start the folder), and
-        return which batches are written."""
-        manifest = self._path("run.json")
-        if paths.exists(manifest):
-            try:
-                saved = json.loads(paths.read_text(manifest))
-                if not isinstance(saved, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as e:
-                raise common.ConfigError(
-                    f"{manifest} is damaged ({e}); delete {self.folder} to sample afresh"
-                ) from None
+    def _plan(self, n: int, size: int) -> np.ndarray:
+        """Process 0: check `run.json` against this run's record (or start the folder); returns
+        per prompt id 1 where a batch to sample starts, 2 where a saved one does, else 0."""
+        folder = epath.Path(self.folder)
+        names = {f.name for f in folder.iterdir()} if folder.exists() else set()  # (one listing)
+        saved = {}
+        if "run.json" in names:
+            saved = self._read_manifest()
             if saved.get("run") != self._record:
                 old, now = saved.get("run") or {}, self._record
-                diffs = [
+                diffs = "; ".join(
                     f"{k}: {old.get(k, 'absent')!r} then, {now.get(k, 'absent')!r} now"
                     for k in sorted(old.keys() | now.keys())
                     if old.get(k) != now.get(k)
-                ]
-                if not saved.get("finished"):
+                )
+                batches = sorted(x for x in names if x.startswith("prompts_"))
+                if batches and not saved.get("finished"):
                     raise common.ResumeRefused(
-                        f"{self.folder} holds the samples of a rejection sampling run that "
-                        f"stopped part way with other settings ({'; '.join(diffs)}): rerun with "
-                        f"those to resume it, or delete that folder (or use another --workdir) "
-                        f"to sample afresh with these"
+                        f"{self.folder} holds {len(batches)} batches of a rejection sampling run "
+                        f"that stopped part way with other settings ({diffs}): rerun with those "
+                        "to resume it, or delete that folder (or use another --workdir) to sample "
+                        "afresh with these"
                     )
-                log.info("rejection sampling: new settings (%s); sampling afresh", "; ".join(diffs))
-                for old_file in epath.Path(self.folder).iterdir():
-                    if old_file.name.startswith("prompts_"):
-                        old_file.unlink()
-        paths.write_text(manifest, json.dumps({"run": self._record, "finished": False}))
-        # (each file is written whole: `paths.write_text`)
-        written = np.array([paths.exists(self._path(self.name(ids))) for ids in self.batches])
-        if written.any():
+                log.info("rejection sampling: new settings (%s); sampling afresh", diffs)
+                for name in batches:
+                    (folder / name).unlink()
+                names, saved = names - set(batches), {}
+        ranges = {}  # first id -> end, of the saved batches inside the first n prompts
+        for name in names:
+            match = re.fullmatch(r"prompts_(\d+)-(\d+)\.jsonl", name)
+            if match and int(match[1]) < int(match[2]) <= n:
+                ranges[int(match[1])] = int(match[2])
+        plan, start = np.zeros(n, np.int32), 0
+        while start < n:
+            if ranges.get(start):
+                plan[start], start = 2, ranges[start]
+                continue
+            later = [a for a in ranges if a > start]
+            plan[start], start = 1, min(n, start + size, *later)
+        if not (saved.get("finished") and (plan != 1).all()):  # (a filter-only rerun stays so)
+            paths.write_text(self._path("run.json"), self._manifest(finished=False))
+        done = int((plan == 2).sum())
+        if done:
             log.info(
                 "rejection sampling: resuming, %d of %d batches already sampled and graded (%s)",
-                written.sum(),
-                len(written),
+                done,
+                int((plan > 0).sum()),
                 self.folder,
             )
-        return written
+        return plan
+
+    def _read_manifest(self) -> dict[str, Any]:
+        path = self._path("run.json")
+        try:
+            saved = json.loads(paths.read_text(path))
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            raise common.ConfigError(
+                f"{path} is damaged ({e}); delete {self.folder} to sample afresh"
+            ) from None
+        return saved
+
+    def _manifest(self, finished: bool) -> str:
+        return json.dumps({"run": self._record, "finished": finished})
 
     def done(self, ids: Sequence[int]) -> bool:
-        return bool(self.written[self._index[ids[0]]])
+        return ids[0] in self._saved
 
     def write(self, ids: Sequence[int], samples: Sequence[dict[str, Any]]) -> None:
         """Save one graded batch (process 0)."""
@@ -324,16 +351,20 @@ class SampleStore:
         """Mark the run finished (process 0; once its outputs are written): a rerun with other
         settings then replaces these samples instead of being refused."""
         if jax.process_index() == 0:
-            text = json.dumps({"run": self._record, "finished": True})
-            paths.write_text(self._path("run.json"), text)
+            paths.write_text(self._path("run.json"), self._manifest(finished=True))
 
 
 def _sample_record(config, prompts: common.PromptSet) -> dict[str, Any]:
     """What fixes each batch's samples and grades: the prompts as tokenised with their answer
-    columns, the model, the seed, the sampling and the sandbox the code runs in. Not the
-    filters, nor `num_prompts` (more prompts add batches)."""
+    columns, the model, the seed, the sampling, and the sandbox code rows run in. Not the
+    filters, nor `num_prompts` (more prompts add batches), nor the batch and bucket shapes
+    (each row's samples come from its own key)."""
     r = config.rejection_sampling
     answers = json.dumps(prompts.columns, sort_keys=True, default=str).encode()
+    code = any(
+        eval_stage.grading_kind(row.get("task"), row.get("tests")) == "code" for row in prompts.rows
+    )
+    sandbox = config.sandbox.to_dict() if code and "sandbox" in config else {}
     return {
         "seed": config.seed,
         "model.path": common.model_fingerprint(config.model.path),
@@ -343,8 +374,7 @@ def _sample_record(config, prompts: common.PromptSet) -> dict[str, Any]:
         ),
         "data.stop_strings": list(config.data.stop_strings),
         **{k: r[k] for k in ("num_samples", "max_new_tokens", "temperature", "top_p")},
-        "batch_prompts": r.batch_prompts,  # (another batch shape may round differently)
-        "sandbox": config.sandbox.to_dict() if "sandbox" in config else None,
+        **{f"sandbox.{k}": v for k, v in sorted(sandbox.items()) if k != "allow_unsandboxed"},
     }
 
 
@@ -365,13 +395,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     )
     grader = eval_stage.Grader(prompts, config)  # (refuses code it cannot run, before the load)
     n = min(r.num_prompts, len(prompts))
-    plan = [
-        list(range(start, min(n, start + r.batch_prompts)))
-        for start in range(0, n, r.batch_prompts)
-    ]
-    store = SampleStore(
-        os.path.join(workdir, SAMPLES_FOLDER), _sample_record(config, prompts), plan
-    )
+    folder = os.path.join(workdir, SAMPLES_FOLDER)
+    store = SampleStore(folder, _sample_record(config, prompts), n, r.batch_prompts)
     mesh = common.make_mesh(config)
     model = None  # (not loaded when every batch was sampled before: a rerun to filter again)
     if not store.written.all():
@@ -382,7 +407,7 @@ def run(config, workdir: str) -> dict[str, Any]:
 
     # 1. Sample and grade, saving each batch as it is graded.
     batches = common.prompt_batches(
-        n, r.batch_prompts, desc="rejection sampling", progress=config.log.progress, stoppable=True
+        store.batches, desc="rejection sampling", progress=config.log.progress, stoppable=True
     )
     with grader as grade:
         graded_batches = eval_stage.sample_and_grade(
@@ -401,12 +426,13 @@ def run(config, workdir: str) -> dict[str, Any]:
         )
         for b in graded_batches:
             store.write(b.ids, _graded_samples(b, prompts, r.num_samples))
-    summary = (
-        _filter_and_write(config, workdir, store, rows, non_reasoning, n)
-        if jax.process_index() == 0
-        else None
-    )
-    summary = _share_summary(summary, config, n)
+    summary = error = None
+    if jax.process_index() == 0:  # (the others wait for its counts: they must hear of an error)
+        try:
+            summary = _filter_and_write(config, workdir, store, rows, non_reasoning, n)
+        except Exception as e:
+            error = e
+    summary = _share_summary(summary, error, config, n)
     store.finish()
     summary["path"] = os.path.join(workdir, "rejection_sampled.jsonl")
     return summary
@@ -513,16 +539,24 @@ def _summary(config, n: int, *, dropped: Sequence[int], **counts: int) -> dict[s
     }
 
 
-def _share_summary(summary: dict[str, Any] | None, config, n: int) -> dict[str, Any]:
-    """Process 0's summary on every process (only it reads the samples)."""
+def _share_summary(summary: dict[str, Any] | None, error, config, n: int) -> dict[str, Any]:
+    """Process 0's summary (or `error`) on every process (only it reads the samples)."""
     from jax.experimental import multihost_utils
 
-    if jax.process_count() == 1:
-        return summary
-    counts = np.zeros(len(_COUNTS) + len(DROP_REASONS), np.int32)
-    if summary is not None:
-        counts[:] = [*(summary[k] for k in _COUNTS), *summary["dropped"].values()]
-    counts = np.asarray(multihost_utils.broadcast_one_to_all(counts)).tolist()
-    return _summary(
-        config, n, dropped=counts[len(_COUNTS) :], **dict(zip(_COUNTS, counts, strict=False))
-    )
+    if jax.process_count() > 1:
+        counts = np.zeros(1 + len(_COUNTS) + len(DROP_REASONS), np.int32)  # [failed, counts...]
+        if summary is not None:
+            counts[1:] = [*(summary[k] for k in _COUNTS), *summary["dropped"].values()]
+        counts[0] = error is not None
+        counts = np.asarray(multihost_utils.broadcast_one_to_all(counts)).tolist()
+        if counts[0] and error is None:
+            raise common.ConfigError(
+                "process 0 could not filter the saved samples (see its output)"
+            )
+        ours, dropped = counts[1 : 1 + len(_COUNTS)], counts[1 + len(_COUNTS) :]
+        summary = summary or _summary(
+            config, n, dropped=dropped, **dict(zip(_COUNTS, ours, strict=True))
+        )
+    if error is not None:
+        raise error
+    return summary
