@@ -2454,6 +2454,10 @@ def test_non_reasoning_turns_with_an_answer_column_keep_the_whole_conversation(t
         path.write_text(json.dumps(row) + "\n")
         with pytest.raises(common.ConfigError, match="neither a completion nor a final assistant"):
             rejection_sampling._non_reasoning_rows(r)
+    # A malformed line: fixed or removed (on_bad_json='skip' was suggested, which it cannot take).
+    path.write_text('{"prompt": "Hi", "completion": "Hello"\n')
+    with pytest.raises(common.ConfigError, match=r"chat\.jsonl:1: malformed JSON .*that line\)?$"):
+        rejection_sampling._non_reasoning_rows(r)
 
 
 def test_pretrain_arch_the_run_cannot_build_or_export_is_refused_up_front():

@@ -185,7 +185,8 @@ def _non_reasoning_rows(r) -> list[dict[str, Any]]:
     try:
         extra, _ = common.load_completion_rows(r.non_reasoning_source)
     except (OSError, ValueError) as e:
-        raise common.ConfigError(f"rejection_sampling.non_reasoning_source: {e}") from e
+        why = str(e).replace(", or load with on_bad_json='skip'", "")  # (this file cannot)
+        raise common.ConfigError(f"rejection_sampling.non_reasoning_source: {why}") from e
 
     def written(value) -> bool:  # (SFT refuses an answer of white space, after the sampling)
         return isinstance(value, str) and bool(value.strip())
