@@ -86,6 +86,9 @@ def run(config, workdir: str) -> dict:
                 "logit distillation needs one vocabulary (leave "
                 "distill.teacher empty for trace SFT)"
             )
+        top = int(rows.input_ids.max())
+        vocab = common.vocab_size(teacher_config.model.path)
+        common.check_token_ids(vocab, tokenizer, top, "the distill data", "distill.teacher")
     student, tokenizer = common.load_model(config, mesh)
     teacher = None
     if teacher_config is not None:

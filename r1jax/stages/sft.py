@@ -176,6 +176,10 @@ def tokenized_pairs(config, section: str, tokenizer, pairs):
         field = f"{section}.seq_len={s.seq_len}" if "seq_len" in str(e) else "model.path"
         raise common.ConfigError(f"{field}: {e}") from None
     rows = batch_all.input_ids.shape[0]
+    top = int(batch_all.input_ids.max())  # (before the model loads: its config.json)
+    common.check_token_ids(
+        common.vocab_size(config.model.path), tokenizer, top, f"the {section} data"
+    )
     log.info(
         "%d examples -> %d rows of %d tokens (%d truncated, %d skipped); %d steps",
         len(pairs),
@@ -235,11 +239,6 @@ def train_on_pairs(
     """
     s = config[section]
     rows = batch_all.input_ids.shape[0]
-    top = int(batch_all.input_ids.max())
-    common.check_token_ids(model.cfg.vocab_size, tokenizer, top, f"the {section} data")
-    if teacher is not None:
-        vocab = teacher.cfg.vocab_size
-        common.check_token_ids(vocab, tokenizer, top, f"the {section} data", "distill.teacher")
     steps = run_steps(rows, s.epochs, s.batch_size)
     state = train.TrainState.create(model, common.optim(config, steps, from_data=True), mesh)
     step_cfg = sft.SFTConfig(
