@@ -137,6 +137,8 @@ DIFFERENT = [
     ("5", "<answer>3 \\quad (\\text{or } 5)</answer>"),
     ("3", "<answer>3 \\text{ (or 5)}</answer>"),
     ("D", "<answer>B (or D)</answer>"),
+    ("5", "<answer>\\boxed{3} or \\boxed{5}</answer>"),  # the last box was taken
+    ("5", "The answer is \\boxed{3} or \\boxed{5}."),
     # A unit after a value is not the value's first number (12*pi is not 12).
     ("12", "<answer>12\\pi \\text{ square units}</answer>"),
     ("12", "<answer>The area is 12\\pi</answer>"),

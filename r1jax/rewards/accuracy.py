@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import itertools
 import logging
 import multiprocessing
 import re
@@ -208,9 +209,32 @@ def extract_answer(text: str) -> str | None:
     """
     region = answer_region(text)
     if region is None:
-        return last_boxed(text)
+        return None if _hedged_boxes(text) else last_boxed(text)
     boxed = last_boxed(region)
+    if boxed is not None and _hedged_boxes(region):
+        return None  # "\boxed{3} or \boxed{5}": two answers are none (not the last one)
     return boxed if boxed is not None else region
+
+
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def _hedged_boxes(text: str) -> bool:
+    """Whether two different ``\\boxed{}`` values of `text` are given as alternatives (a short
+    "or" between them)."""
+    boxes = []  # (start, end, content) of each braced box
+    for match in _BOX.finditer(text):
+        depth = 0
+        for j in range(match.end() - 1, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                boxes.append((match.start(), j + 1, text[match.end() : j].strip()))
+                break
+    for (_, end, a), (start, _, b) in itertools.pairwise(boxes):
+        between = text[end:start]
+        if a != b and len(between.split()) <= 3 and _HEDGE_BETWEEN.search(between):
+            return True
+    return False
 
 
 # A number grouped in thousands by spaces ("1 000", LaTeX's "1\,000"): one number, not a product.
