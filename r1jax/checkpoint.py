@@ -152,7 +152,9 @@ class Checkpointer:
       best_metric: name of a key in the `metrics` passed to `save`; the best checkpoint by it is
         kept in addition to the recent ones. None disables best tracking.
       best_mode: "max" or "min": which direction of `best_metric` is better.
-      async_save: write files in a background thread.
+      async_save: write files in a background thread. `close()` (or `wait()`) before the
+        process ends is then required: Python stops the writer threads before `atexit` hooks run,
+        so a save still in flight at exit is lost (its step left as a `*-tmp` folder).
     """
 
     def __init__(
@@ -458,6 +460,11 @@ class Checkpointer:
         missing = [
             name for name in targets if not (epath.Path(self.step_dir(step)) / name).is_dir()
         ]
+        if missing == ["optimizer"] and (epath.Path(self.step_dir(step)) / "model").is_dir():
+            raise CheckpointError(  # (saved with optimizer=None: not damaged)
+                f"Checkpoint {self.step_dir(step)} holds no optimizer state (it was saved with "
+                "the model alone): restore the model alone, or start the optimizer afresh"
+            )
         if missing:
             raise self._damaged(step, f"it has no {', '.join(m + '/' for m in missing)} item")
         try:

@@ -15,6 +15,7 @@ import types
 
 import jax
 import numpy as np
+import optax
 import pytest
 from ckpt_resume_script import TX, TinyNet, train, train_step
 from fake_gcs import fake_gcs  # noqa: F401  (fixture)
@@ -182,6 +183,10 @@ def test_model_rng_streams_and_params_only_restore(tmp_path):
         ckpt.save(1, a, None, {"step": 1})
         b = Keyed(1)
         assert ckpt.restore(b) == {"step": 1}
+        # Asked for an optimizer it does not hold: said so (it was called damaged).
+        opt = nnx.Optimizer(b, optax.sgd(0.1), wrt=nnx.Param)
+        with pytest.raises(CheckpointError, match=r"/1 holds no optimizer state \(it was saved"):
+            ckpt.restore(b, opt)
     np.testing.assert_array_equal(b.fc.kernel[...], a.fc.kernel[...])
     np.testing.assert_array_equal(
         jax.random.key_data(b.rngs.dropout.key[...]), jax.random.key_data(a.rngs.dropout.key[...])
