@@ -1639,6 +1639,19 @@ def test_pipeline_resume_follows_what_each_stage_was_trained_on(stub_stages, tmp
         match=re.escape("rl.beta: 0.2 -> 0.5; ") + ".*" + re.escape(f"delete {later} to rerun"),
     ):
         pipeline.run(config, str(tmp_path / "moved"))
+    config.reasoning_rl.rl.beta = 0.2
+    for folder in later.split():
+        shutil.rmtree(folder)
+    pipeline.run(config, str(tmp_path / "moved"))  # (trained again from reasoning_rl on)
+    # Other rejection-sampling filters: its samples are kept, filtered again.
+    rs = tmp_path / "moved" / "rejection_sampling"
+    after = " ".join(str(tmp_path / "moved" / n) for n in ("r1_sft", "r1", "distill"))
+    config.rejection_sampling.rejection_sampling.max_per_prompt = 1
+    with pytest.raises(common.ConfigError, match=re.escape(f"delete {rs / 'done.json'} {after} ")):
+        pipeline.run(config, str(tmp_path / "moved"))
+    config.rejection_sampling.rejection_sampling.temperature = 1.0
+    with pytest.raises(common.ConfigError, match=re.escape(f"delete {rs} {after} ")):
+        pipeline.run(config, str(tmp_path / "moved"))
 
 
 def test_pipeline_errors_name_the_sub_stage_and_resumed_minutes_add_up(stub_stages, tmp_path):

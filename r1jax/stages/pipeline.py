@@ -254,10 +254,13 @@ def _dependents(name: str) -> list[str]:
     return out
 
 
-def _to_delete(subdir: str) -> str:
-    """The folders to delete to train sub-stage `subdir` again: its own and its dependents'."""
+def _to_delete(subdir: str, keep_samples: bool = False) -> str:
+    """The folders to delete to train sub-stage `subdir` again: its own and its dependents'.
+    `keep_samples`: rejection sampling with other filters only, which filters its saved samples
+    again: its done.json instead of its folder."""
     name, workdir = os.path.basename(subdir), os.path.dirname(subdir)
-    return " ".join(os.path.join(workdir, n) for n in [name, *_dependents(name)])
+    own = os.path.join(subdir, "done.json") if keep_samples else subdir
+    return " ".join([own, *(os.path.join(workdir, n) for n in _dependents(name))])
 
 
 def _run_once(
@@ -330,9 +333,30 @@ def _check_same_settings(
             f"{name} is done, but with other settings ({diffs}; a default of this r1jax may have "
             f"changed); "
             + (f"keep the ones it ran with ({keep}), " if keep else "")
-            + f"delete {_to_delete(subdir)} to rerun it with the new ones, or give the "
+            + f"delete {_to_delete(subdir, _only_filters(stage, changed))} to rerun it with "
+            "the new ones, or give the "
             f"pipeline a new --workdir"
         )
+
+
+# Rejection sampling's filters: a rerun that changes only these filters its saved samples again.
+_FILTERS = (
+    "require_correct",
+    "require_format",
+    "drop_truncated",
+    "min_language_consistency",
+    "max_paragraph_chars",
+    "drop_code_blocks",
+    "max_per_prompt",
+    "non_reasoning_source",
+    "non_reasoning_ratio",
+)
+
+
+def _only_filters(stage: str, changed: list[str]) -> bool:
+    return stage == "rejection_sampling" and all(
+        k in {f"rejection_sampling.{f}" for f in _FILTERS} for k in changed
+    )
 
 
 # Fields of a stage the pipeline sets itself from its other stages (no flag gives them back).
