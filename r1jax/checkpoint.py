@@ -460,7 +460,7 @@ class Checkpointer:
         missing = [
             name for name in targets if not (epath.Path(self.step_dir(step)) / name).is_dir()
         ]
-        if missing == ["optimizer"] and (epath.Path(self.step_dir(step)) / "model").is_dir():
+        if missing == ["optimizer"] and "optimizer" not in self._saved_items(step):
             raise CheckpointError(  # (saved with optimizer=None: not damaged)
                 f"Checkpoint {self.step_dir(step)} holds no optimizer state (it was saved with "
                 "the model alone): restore the model alone, or start the optimizer afresh"
@@ -490,6 +490,15 @@ class Checkpointer:
                     f"({len(diffs)} mismatches: {shown}). Use the config the checkpoint was "
                     f"saved with, or a different workdir."
                 )
+
+    def _saved_items(self, step: int) -> set[str]:
+        """The items orbax recorded saving at `step` (its `_CHECKPOINT_METADATA`), or every
+        possible one when that file cannot be read (a missing item is then damage)."""
+        try:
+            text = (epath.Path(self.step_dir(step)) / "_CHECKPOINT_METADATA").read_text()
+            return set(json.loads(text)["item_handlers"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return {"model", "optimizer", "extra", "metrics"}
 
     def _damaged(self, step: int, reason: str) -> CheckpointError:
         earlier = [s for s in self.all_steps() if s < step]
