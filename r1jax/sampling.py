@@ -21,8 +21,9 @@ max_new, first_window, sampling config), and `generate` pads prompts into length
 compiles a handful of programs. Each new program is logged.
 
 Choosing tokens (measured on CPU in bench/NOTES.md):
-- Inverse-CDF sampling with one uniform per row and step, all drawn before the loop in one [T, B]
-  draw: no PRNG call and no [B, V] Gumbel noise inside the loop. The uniforms come from a
+- Inverse-CDF sampling with two uniforms per row and step (the block, then the token inside
+  it), all drawn before the loop in one [T, B, 2] draw: no PRNG call and no [B, V] Gumbel noise
+  inside the loop. The uniforms come from a
   counter-based PRNG, so a key gives the same samples on any mesh.
 - The CDF is searched in two levels (blocks of 128 vocabulary entries, then within one block), so
   no prefix sum over the whole vocabulary is built.
@@ -123,16 +124,16 @@ class SamplingConfig:
 
     def sample(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         """[B, V] float32 logits -> [B] int32 token ids, drawn with `key`."""
-        return self.choose(logits, jax.random.uniform(key, logits.shape[:1], jnp.float32))
+        return self.choose(logits, jax.random.uniform(key, (logits.shape[0], 2), jnp.float32))
 
     def choose(self, logits: jax.Array, u: jax.Array) -> jax.Array:
-        """[B, V] float32 logits, [B] uniforms in [0, 1) -> [B] int32 token ids.
+        """[B, V] float32 logits, [B, 2] uniforms in [0, 1) -> [B] int32 token ids.
 
-        Inverse-CDF sampling: the token is the first whose cumulative probability exceeds u, so
-        a row needs one uniform (the sampler draws all of them before its loop) instead of a
-        Gumbel draw per vocabulary entry. Top-k and top-p find their cut-off logit by bisection
-        instead of sorting the vocabulary (XLA's CPU sort is two orders of magnitude slower);
-        the kept set is exactly `truncate`'s, ties at the cut-off included.
+        Inverse-CDF sampling (`_blocked_inverse_cdf`): a row needs two uniforms (the sampler
+        draws all of them before its loop) instead of a Gumbel draw per vocabulary entry. Top-k
+        and top-p find their cut-off logit by bisection instead of sorting the vocabulary (XLA's
+        CPU sort is two orders of magnitude slower); the kept set is `truncate`'s, ties at the
+        cut-off included (up to float32 rounding of the cumulative mass at the cut).
         """
         logits = self._tokens_only(logits)
         if self.temperature == 0.0:
@@ -199,11 +200,15 @@ _BLOCK = 128  # vocabulary entries per block in `_blocked_inverse_cdf`
 
 
 def _blocked_inverse_cdf(logits: jax.Array, u: jax.Array) -> jax.Array:
-    """Sample [B] tokens from softmax([B, V] logits) with [B] uniforms, in two levels.
+    """Sample [B] tokens from softmax([B, V] logits) with [B, 2] uniforms, in two levels.
 
     A prefix sum over all V entries is a log-depth tree of passes on CPU; instead sum blocks of
-    128, pick the block from the prefix sum of V / 128 block masses, then the token inside the one
-    chosen block. Same distribution, about the cost of one softmax.
+    128, pick the block from the prefix sum of V / 128 block masses with `u[:, 0]`, then the token
+    inside the one chosen block from its own prefix sum with `u[:, 1]`. Same distribution, about
+    the cost of one softmax. Two uniforms, not one: a float32 uniform is a multiple of 2^-23, so
+    one of them over the whole vocabulary could never draw most tokens under ~1e-7 (at V = 152k,
+    tokens holding 5e-4 of the mass at every step) and drew a few others up to 70x too often;
+    the second resolves inside the block, leaving only blocks under 2^-23 of the mass.
     """
     b, v = logits.shape
     probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [B, V], max entry is 1
@@ -211,11 +216,10 @@ def _blocked_inverse_cdf(logits: jax.Array, u: jax.Array) -> jax.Array:
     probs = jnp.pad(probs, ((0, 0), (0, blocks * _BLOCK - v))).reshape(b, blocks, _BLOCK)
     mass = probs.sum(-1)  # [B, blocks]
     cum = jnp.cumsum(mass, axis=-1)
-    target = u * cum[:, -1]
-    block = _first_above(cum, mass, target)  # [B]
+    block = _first_above(cum, mass, u[:, 0] * cum[:, -1])  # [B]
     inner = jnp.take_along_axis(probs, block[:, None, None], axis=1)[:, 0]  # [B, BLOCK]
-    before = jnp.take_along_axis(cum - mass, block[:, None], axis=1)
-    offset = _first_above(before + jnp.cumsum(inner, axis=-1), inner, target)
+    inner_mass = jnp.take_along_axis(mass, block[:, None], axis=1)[:, 0]
+    offset = _first_above(jnp.cumsum(inner, axis=-1), inner, u[:, 1] * inner_mass)
     # A row with no possible entry (NaN logits) would land in the block padding, past the
     # vocabulary: it gets id 0 instead (what greedy's argmax gives such a row).
     return jnp.where(mass.sum(-1) > 0, block * _BLOCK + offset, 0).astype(jnp.int32)
@@ -279,7 +283,7 @@ def _record(
     stop_table: jax.Array | None,
     pad_id: int,
 ) -> _LoopState:
-    """Sample the token at `state.step` from logits [B, V] with uniforms u [B] and append it to
+    """Sample the token at `state.step` from logits [B, V] with uniforms u [B, 2] and append it to
     rows still running; a row is done after a stop token, or once its text holds a stop string
     (`stop_table` [Q, V]: the automaton of `data.StopStrings`; None = no stop strings)."""
     token = cfg.choose(logits, u)
@@ -420,16 +424,16 @@ def sample(
     else:
         cache = model.init_cache(b, windows[0]).with_prefix(prefill)
 
-    # Every uniform the loop will need, drawn at once: one [T, B] draw instead of a PRNG call
+    # Every uniform the loop will need, drawn at once: one [T, B, 2] draw instead of a PRNG call
     # (and a [B, V] Gumbel draw) per step. Counter-based, so identical on any mesh.
     if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):  # a raw uint32 PRNGKey
         key = jax.random.wrap_key_data(key)
     if key.ndim == 0:
-        uniforms = jax.random.uniform(key, (max_new_tokens, b), jnp.float32)
+        uniforms = jax.random.uniform(key, (max_new_tokens, b, 2), jnp.float32)
     else:  # prompt p's G rows (rows p*G ... p*G + G - 1) draw from key p alone
-        draw = jax.vmap(lambda k: jax.random.uniform(k, (max_new_tokens, num_samples)))
-        uniforms = jnp.swapaxes(draw(key), 0, 1).reshape(max_new_tokens, b)
-    uniforms = sharding.constrain(uniforms, (None, "batch"))
+        draw = jax.vmap(lambda k: jax.random.uniform(k, (max_new_tokens, num_samples, 2)))
+        uniforms = jnp.swapaxes(draw(key), 0, 1).reshape(max_new_tokens, b, 2)
+    uniforms = sharding.constrain(uniforms, (None, "batch", None))
     if stop_table is not None:
         stop_table = _stop_table(stop_table, first_logits.shape[-1])
     zeros = jnp.zeros((b,), jnp.int32)

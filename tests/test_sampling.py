@@ -279,9 +279,26 @@ def test_signed_zero_logits_are_one_tie(top_k, top_p):
     cfg = sampling.SamplingConfig(1.0, top_k, top_p)
     kept = np.isfinite(np.asarray(cfg.truncate(logits)[0]))
     assert kept.tolist() == [True, True, True, False]
-    u = jnp.linspace(0.0, 1.0, 512, endpoint=False)
+    u = jnp.repeat(jnp.linspace(0.0, 1.0, 512, endpoint=False)[:, None], 2, 1)
     drawn = np.asarray(jax.jit(cfg.choose)(jnp.repeat(logits, 512, 0), u))
     assert set(drawn.tolist()) == {0, 1, 2}
+
+
+def test_every_token_of_a_block_can_be_drawn_however_unlikely():
+    """One float32 uniform is a multiple of 2^-23: with it alone, a token whose slice of the CDF
+    held no such multiple could never be drawn (a Qwen-sized vocabulary: tokens holding 5e-4 of
+    the mass at every step), and one that held a multiple was drawn with probability 2^-23. The
+    block is chosen with one uniform, the token inside it with another, so each of a block's
+    tokens is reachable in proportion to its share of the block."""
+    logits = np.full((1, 2 * sampling._BLOCK), -18.4, np.float32)  # block 1: 128 x 1e-8
+    logits[0, 0] = 0.0  # block 0: one token with all but 1.3e-6 of the mass
+    rows = sampling._BLOCK * 4
+    u = np.stack([np.full(rows, 1 - 2**-24), (np.arange(rows) + 0.5) / rows], -1)
+    drawn = np.asarray(
+        jax.jit(sampling._blocked_inverse_cdf)(jnp.repeat(jnp.asarray(logits), rows, 0), u)
+    )
+    counts = np.bincount(drawn, minlength=2 * sampling._BLOCK)[sampling._BLOCK :]
+    assert (counts == 4).all(), counts  # the block's tokens are equally likely: 4 draws each
 
 
 def test_rounding_at_a_block_boundary_never_draws_an_impossible_token():
@@ -298,13 +315,16 @@ def test_rounding_at_a_block_boundary_never_draws_an_impossible_token():
     u = cum[:, 0] / cum[:, 1]  # then the largest u whose target stays below block 1
     for _ in range(4):
         u = jnp.where(u * cum[:, 1] >= cum[:, 0], jnp.nextafter(u, 0.0), u)
+    # (and the largest second uniform: the token inside block 0 at the end of its prefix sum)
+    u = jnp.stack([u, jnp.full_like(u, np.nextafter(np.float32(1), np.float32(0)))], -1)
     tokens = np.asarray(jax.jit(sampling._blocked_inverse_cdf)(jnp.asarray(logits), u))
     assert (tokens != 0).all(), int((tokens == 0).sum())
+    assert (tokens < sampling._BLOCK).mean() > 0.5  # (mostly block 0: it tests what it says)
     # A row with no possible entry (NaN logits: a diverged model) fell into the block padding,
     # past the vocabulary (id 127 of 96), and went on into the embedding and the host's decode.
     nan_rows = np.full((2, 96), np.nan, np.float32)
     drawn = np.asarray(
-        sampling._blocked_inverse_cdf(jnp.asarray(nan_rows), jnp.asarray([0.3, 0.9]))
+        sampling._blocked_inverse_cdf(jnp.asarray(nan_rows), jnp.asarray([[0.3, 0.5], [0.9, 0.1]]))
     )
     assert drawn.tolist() == [0, 0]
 
