@@ -429,11 +429,14 @@ def sample(
     if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):  # a raw uint32 PRNGKey
         key = jax.random.wrap_key_data(key)
     if key.ndim == 0:
-        uniforms = jax.random.uniform(key, (max_new_tokens, b, 2), jnp.float32)
+        uniforms = jax.random.uniform(key, (2 * max_new_tokens, b), jnp.float32)
     else:  # prompt p's G rows (rows p*G ... p*G + G - 1) draw from key p alone
-        draw = jax.vmap(lambda k: jax.random.uniform(k, (max_new_tokens, num_samples, 2)))
-        uniforms = jnp.swapaxes(draw(key), 0, 1).reshape(max_new_tokens, b, 2)
-    uniforms = sharding.constrain(uniforms, (None, "batch", None))
+        draw = jax.vmap(lambda k: jax.random.uniform(k, (2 * max_new_tokens, num_samples)))
+        uniforms = jnp.swapaxes(draw(key), 0, 1).reshape(2 * max_new_tokens, b)
+    uniforms = sharding.constrain(uniforms, (None, "batch"))
+    # [T, B, 2]. (Drawn as [2T, B], batch last: a [T, B, 2] draw sharded over two processes gave
+    # other values than on one process, whose runs must match token for token.)
+    uniforms = jnp.stack([uniforms[:max_new_tokens], uniforms[max_new_tokens:]], -1)
     if stop_table is not None:
         stop_table = _stop_table(stop_table, first_logits.shape[-1])
     zeros = jnp.zeros((b,), jnp.int32)

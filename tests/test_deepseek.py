@@ -688,7 +688,8 @@ def test_grpo_step_expert_parallel_equals_single_device_and_updates_router_bias(
     np.testing.assert_allclose(steps, np.round(steps), atol=1e-4)
     assert 0 < np.abs(steps).max() <= 2 + 1e-4
     # bias_drift: mean |change| per step (averaged over the two), at least the net change / 2.
-    assert RATE * np.mean(np.abs(steps)) / 2 - 1e-7 <= metrics1["router/bias_drift"] <= RATE
+    drift = metrics1["router/bias_drift"]  # (float32: RATE itself when every expert moved)
+    assert RATE * np.mean(np.abs(steps)) / 2 - 1e-7 <= drift <= RATE * (1 + 1e-6)
 
     # Every parameter, Adam moment and the bias lies where the rules declare: routed experts
     # over `expert`, every other weight's `embed` over fsdp and expert, rows over both.

@@ -2024,6 +2024,13 @@ def test_filter_samples_switches():
     )
     assert [samples.index(s) for s in kept] == [1, 2] and dropped == {"mixed_language": 1}
     assert filter_samples([]) == ([], {})
+    # Nothing sampled (an untrained model's EOS first): kept with the filters off, and SFT then
+    # refused the whole file after all the sampling.
+    nothing = {**sample(1, "", correct=False, fmt=0.0, language=None), "empty": True}
+    kept, dropped = filter_samples(
+        [nothing], require_correct=False, require_format=False, drop_truncated=False
+    )
+    assert kept == [] and dropped == {"empty": 1}
 
 
 # --------------------------------------------------------------------------------------------------

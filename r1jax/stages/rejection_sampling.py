@@ -48,6 +48,7 @@ from r1jax.stages import eval as eval_stage
 log = logging.getLogger("r1jax")
 
 DROP_REASONS = (
+    "empty",
     "truncated",
     "unscored",
     "incorrect",
@@ -84,10 +85,11 @@ def filter_samples(
     well-formed) and `language` (share of the reasoning's words in the target language; None when
     it has no words, e.g. only arithmetic: nothing in another language), and optionally
     `prompt` (the prompt as sampled: duplicates and the cap count by it, so that one problem on
-    several rows of a file is one prompt), `truncated` (it reached the token budget: cut off;
-    dropped unless `drop_truncated` is off), `unscored` (its grading worker died twice: not known
-    to be correct) and `states_held_out` (its text states a held-out problem with the answer:
-    always dropped).
+    several rows of a file is one prompt), `empty` (nothing sampled after the prompt: nothing to
+    learn, and SFT refuses such a row; always dropped), `truncated` (it reached the token
+    budget: cut off; dropped unless `drop_truncated` is off), `unscored` (its grading worker
+    died twice: not known to be correct) and `states_held_out` (its text states a held-out
+    problem with the answer: always dropped).
     The paragraph and code filters read the chain of thought (`rewards.think_region`); 0 / False
     turn them off. Filters apply in the order of DROP_REASONS, and a sample is counted under the
     first one it fails.
@@ -98,7 +100,9 @@ def filter_samples(
     for s in samples:
         prompt = s.get("prompt", s["row"])  # (a file may hold one problem on several rows)
         answer = s["completion"].strip()
-        if drop_truncated and s.get("truncated"):
+        if s.get("empty"):
+            dropped["empty"] += 1
+        elif drop_truncated and s.get("truncated"):
             dropped["truncated"] += 1
         elif s.get("unscored"):
             dropped["unscored"] += 1
@@ -453,6 +457,7 @@ def _graded_samples(b, prompts: common.PromptSet, num_samples: int) -> list[dict
                 "row": i,
                 "prompt": prompts.prompts[i],
                 "completion": text,
+                "empty": not text[len(prompts.completion_prefix) :].strip(),
                 "correct": bool(b.correct[j] == 1.0),
                 "unscored": bool(np.isnan(b.correct[j])),
                 "format": float(well_formed[j]),
