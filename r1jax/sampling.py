@@ -22,7 +22,7 @@ compiles a handful of programs. Each new program is logged.
 
 Choosing tokens (measured on CPU in bench/NOTES.md):
 - Inverse-CDF sampling with two uniforms per row and step (the block, then the token inside
-  it), all drawn before the loop in one [T, B, 2] draw: no PRNG call and no [B, V] Gumbel noise
+  it), all drawn before the loop in one [2T, B] draw: no PRNG call and no [B, V] Gumbel noise
   inside the loop. The uniforms come from a
   counter-based PRNG, so a key gives the same samples on any mesh.
 - The CDF is searched in two levels (blocks of 128 vocabulary entries, then within one block), so
@@ -424,7 +424,7 @@ def sample(
     else:
         cache = model.init_cache(b, windows[0]).with_prefix(prefill)
 
-    # Every uniform the loop will need, drawn at once: one [T, B, 2] draw instead of a PRNG call
+    # Every uniform the loop will need, drawn at once: one [2T, B] draw instead of a PRNG call
     # (and a [B, V] Gumbel draw) per step. Counter-based, so identical on any mesh.
     if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):  # a raw uint32 PRNGKey
         key = jax.random.wrap_key_data(key)

@@ -45,6 +45,10 @@ def chat(text):
 # --- accuracy ----------------------------------------------------------------------------------
 
 EQUIVALENT = [  # (gold, completion): same answer written differently
+    # Two boxes are a hedge only as the final answer's last two, with different values.
+    ("5", "<think>Is it \\boxed{3} or \\boxed{5}? Only 5 works.</think> It is \\boxed{5}."),
+    ("5", "\\boxed{3} or \\boxed{5}? Checking both, the answer is \\boxed{5}."),
+    ("\\frac{1}{2}", "<answer>\\boxed{\\frac{1}{2}} or \\boxed{0.5}</answer>"),
     ("18", "<answer>The answer is $18$ eggs.</answer>"),  # words around delimited math
     ("12\\pi", "<answer>The area is $12\\pi$.</answer>"),
     ("5", "<answer>The value of $x$ is $5$.</answer>"),
@@ -711,6 +715,7 @@ def test_bad_inputs_never_crash():
         [{"role": "assistant"}],
         "\udcff<answer>4</answer>",
         huge,
+        "\\boxed{1 " * 8000,  # a stuck model's unclosed boxes (a scan per box: 36 s)
     ]
     specs = ["accuracy", "format", "tag_count", "language_consistency", "repetition_penalty"]
     start = time.monotonic()
@@ -718,7 +723,7 @@ def test_bad_inputs_never_crash():
         out = fn(weird, solution=["4"] * len(weird), language="en")
     assert time.monotonic() - start < 20
     assert out.per_reward.shape == (5, len(weird))
-    np.testing.assert_array_equal(out.per_reward[0], [0, 0, 0, 0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(out.per_reward[0], [0, 0, 0, 0, 0, 0, 1, 0, 0])
     assert np.isfinite(out.total).all()
     with pytest.raises(ValueError, match="list with one entry per sample"):
         format_reward("a single string")

@@ -1647,6 +1647,7 @@ def test_pipeline_resume_follows_what_each_stage_was_trained_on(stub_stages, tmp
     rs = tmp_path / "moved" / "rejection_sampling"
     after = " ".join(str(tmp_path / "moved" / n) for n in ("r1_sft", "r1", "distill"))
     config.rejection_sampling.rejection_sampling.max_per_prompt = 1
+    config.rejection_sampling.rejection_sampling.num_prompts += 8  # (more batches, same samples)
     with pytest.raises(common.ConfigError, match=re.escape(f"delete {rs / 'done.json'} {after} ")):
         pipeline.run(config, str(tmp_path / "moved"))
     config.rejection_sampling.rejection_sampling.temperature = 1.0
@@ -2031,6 +2032,9 @@ def test_filter_samples_switches():
         [nothing], require_correct=False, require_format=False, drop_truncated=False
     )
     assert kept == [] and dropped == {"empty": 1}
+    del nothing["empty"]  # (saved before it was recorded)
+    nothing["completion"] = "<think>\n"
+    assert filter_samples([nothing], require_correct=False, require_format=False)[0] == []
 
 
 # --------------------------------------------------------------------------------------------------

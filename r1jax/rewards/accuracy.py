@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import itertools
 import logging
 import multiprocessing
 import re
@@ -209,10 +208,12 @@ def extract_answer(text: str) -> str | None:
     """
     region = answer_region(text)
     if region is None:
-        return None if _hedged_boxes(text) else last_boxed(text)
+        # (the final answer only: a chain of thought may weigh "\\boxed{3} or \\boxed{5}" and
+        # then commit to one after </think>)
+        return None if _hedged_boxes(text.rpartition("</think>")[2]) else last_boxed(text)
     boxed = last_boxed(region)
     if boxed is not None and _hedged_boxes(region):
-        return None  # "\boxed{3} or \boxed{5}": two answers are none (not the last one)
+        return None  # "\\boxed{3} or \\boxed{5}": two answers are none (not the last one)
     return boxed if boxed is not None else region
 
 
@@ -220,21 +221,26 @@ _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
 def _hedged_boxes(text: str) -> bool:
-    """Whether two different ``\\boxed{}`` values of `text` are given as alternatives (a short
-    "or" between them)."""
-    boxes = []  # (start, end, content) of each braced box
-    for match in _BOX.finditer(text):
-        depth = 0
-        for j in range(match.end() - 1, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                boxes.append((match.start(), j + 1, text[match.end() : j].strip()))
-                break
-    for (_, end, a), (start, _, b) in itertools.pairwise(boxes):
-        between = text[end:start]
-        if a != b and len(between.split()) <= 3 and _HEDGE_BETWEEN.search(between):
-            return True
-    return False
+    """Whether the last ``\\boxed{}`` of `text` is given as an alternative to the one before it
+    (a short "or" between two different values)."""
+    close, stack = {}, []  # each "{" -> its "}", in one pass (a scan per box is quadratic in a
+    for j, c in enumerate(text):  # degenerate completion of thousands of unclosed boxes)
+        if c == "{":
+            stack.append(j)
+        elif c == "}" and stack:
+            close[stack.pop()] = j
+    boxes = [  # (start, end, content) of each closed box
+        (m.start(), close[m.end() - 1] + 1, text[m.end() : close[m.end() - 1]].strip())
+        for m in _BOX.finditer(text)
+        if m.end() - 1 in close
+    ]
+    if len(boxes) < 2:
+        return False
+    (_, end, a), (start, _, b) = boxes[-2:]
+    between = text[end:start]
+    # (the same value written twice, "\\frac{1}{2} or 0.5", is one answer)
+    short_or = len(between.split()) <= 3 and _HEDGE_BETWEEN.search(between)
+    return bool(short_or) and a != b and not answers_match(a, b)
 
 
 # A number grouped in thousands by spaces ("1 000", LaTeX's "1\,000"): one number, not a product.

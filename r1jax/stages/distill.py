@@ -87,7 +87,8 @@ def run(config, workdir: str) -> dict:
                 "distill.teacher empty for trace SFT)"
             )
         top = int(rows.input_ids.max())
-        vocab = common.vocab_size(teacher_config.model.path)
+        with common.named_model("distill.teacher"):
+            vocab = common.vocab_size(teacher_config.model.path)
         common.check_token_ids(vocab, tokenizer, top, "the distill data", "distill.teacher")
     student, tokenizer = common.load_model(config, mesh)
     teacher = None

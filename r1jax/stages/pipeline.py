@@ -339,8 +339,11 @@ def _check_same_settings(
         )
 
 
-# Rejection sampling's filters: a rerun that changes only these filters its saved samples again.
+# Rejection sampling's settings its saved samples do not depend on (`SampleStore`'s record): a
+# rerun that changes only these filters the saved samples again (more prompts add batches).
 _FILTERS = (
+    "num_prompts",
+    "batch_prompts",
     "require_correct",
     "require_format",
     "drop_truncated",

@@ -100,7 +100,8 @@ def filter_samples(
     for s in samples:
         prompt = s.get("prompt", s["row"])  # (a file may hold one problem on several rows)
         answer = s["completion"].strip()
-        if s.get("empty"):
+        # (samples saved before `empty` was recorded: an empty answer, or only the think tag)
+        if s.get("empty", not answer.removeprefix("<think>").strip()):
             dropped["empty"] += 1
         elif drop_truncated and s.get("truncated"):
             dropped["truncated"] += 1
