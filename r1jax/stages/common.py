@@ -390,6 +390,15 @@ def optimizer_layout(config: ml_collections.ConfigDict) -> dict[str, str]:
 _RETIRED = frozenset({"teacher"})
 
 
+def changes(then: dict[str, Any], now: dict[str, Any], keys) -> list[str]:
+    """ "k: <then> then, <now> now" for each of `keys` whose values differ (a run's record)."""
+    return [
+        f"{k}: {then.get(k, 'absent')!r} then, {now.get(k, 'absent')!r} now"
+        for k in keys
+        if then.get(k, "absent") != now.get(k, "absent")
+    ]
+
+
 def check_resume(
     ckpt, run: dict[str, Any], *, total_steps: int, steps_field: str
 ) -> dict[str, Any] | None:
@@ -417,11 +426,7 @@ def check_resume(
     now = json.loads(json.dumps(run))  # as it reads back (tuples become lists)
     # Checkpoints from before a setting was recorded have no value for it (none at all before
     # this check existed): those are not compared; nor the records retired since (`_RETIRED`).
-    diffs = [
-        f"{k}: {saved[k]!r} then, {now.get(k, 'absent')!r} now"
-        for k in sorted(set(saved or ()) - _RETIRED)
-        if saved[k] != now.get(k)
-    ]
+    diffs = changes(saved or {}, now, sorted(set(saved or ()) - _RETIRED))
     if diffs:
         raise ResumeRefused(
             f"{step_dir} was saved by a run with other settings ({'; '.join(diffs)}); resuming "
@@ -1467,6 +1472,16 @@ class PromptSet:
         n = len(ids) * num_samples
         return dataclasses.replace(
             out, tokens=out.tokens[:n], logprobs=out.logprobs[:n], stop_reason=out.stop_reason[:n]
+        )
+
+    def fingerprint(self) -> str:
+        """The prompts as tokenised with their answer columns, for a run's record."""
+        import numpy as np
+
+        answers = json.dumps(self.columns, sort_keys=True, default=str).encode()
+        return fingerprint(
+            *(np.asarray(ids, np.int32) for ids in self.token_ids),
+            np.frombuffer(answers, np.uint8),
         )
 
     def top_id(self) -> int:

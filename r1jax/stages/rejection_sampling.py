@@ -275,11 +275,7 @@ class SampleStore:
             saved = self._read_manifest()
             if saved.get("run") != self._record:
                 old, now = saved.get("run") or {}, self._record
-                diffs = "; ".join(
-                    f"{k}: {old.get(k, 'absent')!r} then, {now.get(k, 'absent')!r} now"
-                    for k in sorted(old.keys() | now.keys())
-                    if old.get(k) != now.get(k)
-                )
+                diffs = "; ".join(common.changes(old, now, sorted(old.keys() | now.keys())))
                 batches = sorted(x for x in names if x.startswith("prompts_"))
                 if batches and not saved.get("finished"):
                     raise common.ResumeRefused(
@@ -366,7 +362,6 @@ def _sample_record(config, prompts: common.PromptSet) -> dict[str, Any]:
     filters, nor `num_prompts` (more prompts add batches), nor the batch and bucket shapes
     (each row's samples come from its own key)."""
     r = config.rejection_sampling
-    answers = json.dumps(prompts.columns, sort_keys=True, default=str).encode()
     code = any(
         eval_stage.grading_kind(row.get("task"), row.get("tests")) == "code" for row in prompts.rows
     )
@@ -374,10 +369,7 @@ def _sample_record(config, prompts: common.PromptSet) -> dict[str, Any]:
     return {
         "seed": config.seed,
         "model.path": common.model_fingerprint(config.model.path),
-        "data": common.fingerprint(
-            *(np.asarray(ids, np.int32) for ids in prompts.token_ids),
-            np.frombuffer(answers, np.uint8),
-        ),
+        "data": prompts.fingerprint(),
         "data.stop_strings": list(config.data.stop_strings),
         **{k: r[k] for k in ("num_samples", "max_new_tokens", "temperature", "top_p")},
         **{f"sandbox.{k}": v for k, v in sorted(sandbox.items()) if k != "allow_unsandboxed"},
@@ -475,17 +467,9 @@ def _graded_samples(b, prompts: common.PromptSet, num_samples: int) -> list[dict
 def _filter_and_write(config, workdir, store, rows, non_reasoning, n) -> dict[str, Any]:
     """Process 0: steps 2-5 over every batch's saved samples; returns the summary."""
     r = config.rejection_sampling
-    samples = 0
-
-    def counted(items):
-        nonlocal samples
-        for item in items:
-            samples += 1
-            yield item
-
     # 2-3. Filter, de-duplicate, cap.
     kept, dropped = filter_samples(
-        counted(store.samples()),
+        store.samples(),
         require_correct=r.require_correct,
         require_format=r.require_format,
         drop_truncated=r.get("drop_truncated", True),
@@ -495,6 +479,7 @@ def _filter_and_write(config, workdir, store, rows, non_reasoning, n) -> dict[st
         max_per_prompt=r.max_per_prompt,
     )
     out_rows = [_sft_row(rows[s["row"]], s["completion"]) for s in kept]
+    samples = len(kept) + sum(dropped.values())  # (each sample kept or dropped once)
 
     # 4. Non-reasoning data (read before sampling, so a bad file costs no sampling).
     want = int(round(len(out_rows) * r.non_reasoning_ratio)) if r.non_reasoning_ratio else None

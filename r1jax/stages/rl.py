@@ -23,7 +23,6 @@ best policies are exported as Hugging Face checkpoints under `workdir/hf/`.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -344,17 +343,13 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     # with their answer columns, the seed, and the rows per step; and what fixes the objective:
     # the starting and reference models, the rewards, the loss and the sampling. A resume that
     # changes any of them would train a mix of two runs under the second one's name.
-    answers = json.dumps(train_set.columns, sort_keys=True, default=str).encode()
     r = config.rl
     data_order = {
         "seed": config.seed,
         "prompts_per_step": r.prompts_per_step,
         "num_generations": r.num_generations,
         "data.stop_strings": list(config.data.stop_strings),  # (where every completion ends)
-        "data": common.fingerprint(
-            *(np.asarray(ids, np.int32) for ids in train_set.token_ids),
-            np.frombuffer(answers, np.uint8),
-        ),
+        "data": train_set.fingerprint(),
         "model.path": common.model_fingerprint(config.model.path),
         "rl.ref_model": common.model_fingerprint(r.ref_model) if r.ref_model else "",
         "rewards": {n: float(w) for n, w in zip(reward_fn.names, reward_fn.weights, strict=True)},
