@@ -503,6 +503,25 @@ def test_extract_code_and_output_matching():
     assert not any(outputs_match(a, b) for a, b in [("1\x0c2", "1\n2"), ("5\xa0", "5")])
     assert not outputs_match("1\x0b2", "1 2") and outputs_match("1\x0b2", "1\x0b2")
     assert not outputs_match("", "0")
+    # Real-valued answers (opt-in): absolute or relative error within the tolerance, per token.
+    assert outputs_match("0.50 x 3", "0.5 x 3", 1e-6) and outputs_match("1e-7", "0", 1e-6)
+    assert outputs_match("1000000.9", "1000000", 1e-6) and outputs_match("2.0000009", "2", 1e-6)
+    assert not outputs_match("2.000003", "2", 1e-6) and not outputs_match("0.5 y", "0.5 x", 1e-6)
+    assert not outputs_match("1.0000011e6", "1e6", 1e-6) and outputs_match(
+        "-.5", "-0.5000001", 1e-6
+    )
+    assert not any(
+        outputs_match(a, b, 1e-6)
+        for a, b in [
+            ("nan", "0"),
+            ("inf", "1e400"),
+            ("1e400", "1e401"),
+            ("0x1", "1"),
+            ("1", "1 1"),
+        ]
+    )
+    assert not outputs_match("1\x0b2.0000001", "1 2", 1e-6)
+    assert outputs_match("1\x0b 2.0000001", "1\x0b 2", 1e-6)  # (only space, tab, \r, \n split)
     # The answer's code: after </think> (not a draft in the reasoning, even when the answer's
     # own block is cut off), dedented when the block sits in a list item.
     draft = "<think>```python\nprint(0)\n```</think>"
@@ -535,6 +554,12 @@ def test_code_reward_fraction_passed():
         {"fn_name": "double", "inputs": [[1]], "outputs": [[2]]},
     ]
     assert code_reward([program] * 3, tests=others) == [1.0, 1.0, None]
+    third = "```python\nprint(1 / 3, 2 / 3)\n```"
+    real = [[{"input": "", "output": "0.333333 0.666667\n"}]]
+    assert code_reward([third], tests=real) == [0.0]
+    assert code_reward([third], tests=real, sandbox={"float_tolerance": 1e-6}) == [1.0]
+    with pytest.raises(ValueError, match="float_tolerance must be >= 0"):
+        code_reward([third], tests=real, sandbox={"float_tolerance": -1})
 
 
 # --- composition -------------------------------------------------------------------------------

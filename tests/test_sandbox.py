@@ -668,7 +668,12 @@ def test_limits_that_fail_every_run_are_refused_up_front():
     with pytest.raises(common.ConfigError, match=r"sandbox.cpu_time_s must be >= 1"):
         common.sandbox_options(config)
     config.sandbox.cpu_time_s = 1
-    assert common.sandbox_options(config) == {"max_processes": 8, "cpu_time_s": 1}
+    config.sandbox.float_tolerance = -1e-6
+    with pytest.raises(common.ConfigError, match=r"sandbox.float_tolerance must be >= 0"):
+        common.sandbox_options(config)
+    config.sandbox.float_tolerance = 1e-6
+    want = {"max_processes": 8, "cpu_time_s": 1, "float_tolerance": 1e-6}
+    assert common.sandbox_options(config) == want
 
 
 def test_runs_leave_no_zombie_when_the_trainer_is_pid_1(tmp_path):

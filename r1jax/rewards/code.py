@@ -17,7 +17,10 @@ Owns ``code_reward``, ``extract_code`` and ``outputs_match``. Notable choices:
   output cap (raised for a test whose expected output is larger), and it holds the expected
   output's tokens: the same words in the same order, however spaces, tabs and line breaks
   separate them (Codeforces' default checker; numbers are compared as text, "0.50" is not
-  "0.5"). Output is decoded as UTF-8 with replacement, so invalid bytes simply fail to match.
+  "0.5"). With the sandbox option ``float_tolerance=eps``, a token that differs still matches
+  when both are decimal numbers within an absolute *or* relative error of eps (the judges'
+  checker for real-valued answers, typically 1e-6; "inf", "nan" and hex never count as
+  numbers). Output is decoded as UTF-8 with replacement, so invalid bytes simply fail to match.
 - **Reward** = passed / number of tests. Every test runs in a fresh sandbox (``sandbox.py``), so
   one test cannot leave state for the next. A program that hangs costs ``timeout_s`` per test,
   up to ``hang_budget_s`` for the row (once its runs that timed out add up to it, the rest of
@@ -43,7 +46,8 @@ logger = logging.getLogger(__name__)
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\r?\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
-_SPACE = re.compile(r"[ \t\r\n]+")  # a judge's whitespace (str.split would take "\xa0" too)
+_SPACE = re.compile(rb"[ \t\r\n]+")  # a judge's whitespace (str.split would take "\xa0" too)
+_DECIMAL = re.compile(rb"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")  # (not inf, nan, 0x1p3, 1_0)
 _MAX_EXPECTED_CAP = 64 * 1024 * 1024  # the largest output cap a test's expected output raises
 
 
@@ -54,12 +58,29 @@ def extract_code(text: str) -> str | None:
     return textwrap.dedent(blocks[-1]) if blocks else None
 
 
-def outputs_match(actual: str, expected: str) -> bool:
-    """Whether `actual` holds the tokens of `expected` (whitespace-separated words), in order."""
+def outputs_match(actual: str, expected: str, float_tolerance: float = 0.0) -> bool:
+    """Whether `actual` holds the tokens of `expected` (whitespace-separated words), in order;
+    with `float_tolerance` > 0, numbers within that absolute or relative error count as equal."""
     a, e = (s.encode("utf-8", errors="replace") for s in (actual, expected))
     if any(c in x for c in (b"\x0b", b"\x0c") for x in (a, e)):  # (bytes.split takes these)
-        return _SPACE.split(actual.strip(" \t\r\n")) == _SPACE.split(expected.strip(" \t\r\n"))
-    return a.split() == e.split()  # (the same, in C: outputs of megabytes)
+        got, want = (_SPACE.split(x.strip(b" \t\r\n")) for x in (a, e))
+    else:
+        got, want = a.split(), e.split()  # (the same, in C: outputs of megabytes)
+    if got == want:
+        return True
+    if float_tolerance <= 0 or len(got) != len(want):
+        return False
+    return all(g == w or _close(g, w, float_tolerance) for g, w in zip(got, want, strict=True))
+
+
+def _close(got: bytes, want: bytes, tolerance: float) -> bool:
+    """Both decimal numbers, |got - want| <= tolerance * max(1, |want|) (absolute or relative)."""
+    if not (_DECIMAL.fullmatch(got) and _DECIMAL.fullmatch(want)):
+        return False
+    g, w = float(got), float(want)  # (a huge exponent is inf: equal only to the same inf)
+    if math.isinf(g) or math.isinf(w):
+        return False
+    return abs(g - w) <= tolerance * max(1.0, abs(w))
 
 
 def normalize_tests(raw: Any) -> list[tuple[str, str]]:
@@ -96,7 +117,7 @@ def code_reward(
       completions: [B] strings or chat-message lists.
       sandbox: limits for each run: a ``SandboxConfig``, or a dict of its fields (as a config
         file gives), or None for the defaults (2 s wall per test, 30 s of runs timing out per
-        completion, bubblewrap required).
+        completion, numbers compared as text: ``float_tolerance``, bubblewrap required).
       **columns: needs ``tests`` ([B] lists of ``{"input", "output"}``); others are ignored.
     Returns:
       [B] floats in [0, 1]; ``None`` for rows without (valid) tests.
@@ -147,6 +168,6 @@ def code_reward(
             result = run_python(code, stdin, limits)
             hung += result.wall_s if result.timed_out else 0.0
             actual = result.stdout.decode("utf-8", errors="replace")
-            passed += result.ok and outputs_match(actual, expected)
+            passed += result.ok and outputs_match(actual, expected, cfg.float_tolerance)
         rewards.append(passed / len(tests))
     return rewards

@@ -112,6 +112,10 @@ class SandboxConfig:
     # cost timeout_s for every test of its row; a correct one, however many tests, never
     # reaches it (only runs that time out count).
     hang_budget_s: float = 30.0
+    # How the code reward compares a number in the output with the expected one: 0 = as text
+    # ("0.50" is not "0.5"); eps > 0 = within an absolute or relative error of eps (the judges'
+    # checker for real-valued answers, typically 1e-6).
+    float_tolerance: float = 0.0
     cpu_time_s: int | None = None  # RLIMIT_CPU per process; None = ceil(timeout_s)
     memory_bytes: int = 512 * _MiB  # RLIMIT_AS (address space) per process; x max_processes per run
     file_size_bytes: int = 16 * _MiB  # RLIMIT_FSIZE: largest file the code may write
@@ -130,6 +134,11 @@ class SandboxConfig:
         if not self.hang_budget_s >= 0:
             raise ValueError(
                 f"SandboxConfig.hang_budget_s must be >= 0 (0 = no limit), got {self.hang_budget_s}"
+            )
+        if not 0 <= self.float_tolerance < math.inf:
+            raise ValueError(
+                f"SandboxConfig.float_tolerance must be >= 0 (0 = as text), got "
+                f"{self.float_tolerance}"
             )
         for name in (
             "memory_bytes",
