@@ -246,6 +246,62 @@ def test_generate_on_a_two_host_mesh_returns_every_row_to_every_process(tmp_path
         assert line == f"TOKENS {want}"
 
 
+EVAL_SCRIPT = """
+import json, sys
+import jax
+from r1jax import launch
+from r1jax.stages import eval as eval_stage
+
+grade, evaluate = eval_stage.Grader.__call__, eval_stage.evaluate
+
+def unlike_process_0(self, texts, **columns):  # as a time limit met on one host only might
+    correct = grade(self, texts, **columns)
+    return 1.0 - correct if jax.process_index() == 1 else correct
+
+def evaluate_and_keep(*args, **kwargs):
+    result = evaluate(*args, **kwargs)
+    with open(f"{out}{{jax.process_index()}}.json", "w") as f:
+        json.dump(result, f)
+    return result
+
+eval_stage.Grader.__call__, eval_stage.evaluate = unlike_process_0, evaluate_and_keep
+sys.argv = ["r1jax.launch", *{args!r}]
+launch.main()
+"""
+
+
+def test_every_process_of_an_evaluation_counts_process_0s_grades(toy, tmp_path):
+    """Each process grades every sample, and not always alike (a time limit met on one host): the
+    RL stage's processes kept different best checkpoints, then exported different ones. Process
+    1 grades here as process 0 would not; both must report process 0's figures."""
+    import subprocess
+    import sys
+
+    overrides = {"eval.num_prompts": 6, "eval.batch_prompts": 4, "eval.max_new_tokens": 24}
+    args = ["--stage=eval", f"--workdir={tmp_path / 'run'}", *sh.cli_overrides(overrides)]
+    script = tmp_path / "eval.py"
+    script.write_text(EVAL_SCRIPT.format(out=str(tmp_path / "result"), args=args))
+    address = f"127.0.0.1:{sh.free_port()}"
+    procs = []
+    for i in range(2):
+        with open(tmp_path / f"p{i}.err", "w") as err:
+            env = _process_env(toy[0], address, i)
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(script)], env=env, cwd=sh.REPO,
+                    stdout=subprocess.DEVNULL, stderr=err,
+                )
+            )  # fmt: skip
+    assert _wait_all(procs, timeout=900), sh.read(str(tmp_path / "p1.err"))[-3000:]
+    got = [json.loads((tmp_path / f"result{i}.json").read_text()) for i in range(2)]
+    assert got[0] == got[1]
+    written = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert {k: v for k, v in written.items() if k not in ("model", "minutes")} == got[0]
+    samples = (tmp_path / "run" / "eval_samples.jsonl").read_text().splitlines()
+    graded = [json.loads(line)["correct"] for line in samples]
+    assert got[0]["pass@1"] == pytest.approx(np.mean(graded))
+
+
 def _sigterm_two_processes(args: list[str], home: str, tmp_path, name: str, ready) -> str:
     """Run `args` on 2 processes, SIGTERM both once `ready()`; both must exit with 130. Returns
     process 0's stderr."""

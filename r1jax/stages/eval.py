@@ -368,6 +368,7 @@ def evaluate(
             mesh=mesh,
         )
         for b in graded_batches:
+            b.correct = _process_0s(b.correct)
             well_formed = rewards.format_reward(b.texts)
             unscored += int(np.isnan(b.correct).sum())
             for j, i in enumerate(b.ids):
@@ -412,6 +413,20 @@ def evaluate(
     if samples_path:  # local or cloud (r1jax.paths)
         paths.write_text(samples_path, "".join(json.dumps(r) + "\n" for r in records))
     return result
+
+
+def _process_0s(correct: np.ndarray) -> np.ndarray:
+    """[N] grades -> process 0's, on every process. Each process grades every sample, and not
+    always alike (a code test's or math-verify's time limit, a worker killed for memory): the RL
+    stage's processes would keep different best checkpoints, then export different ones."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return correct
+    # (float32: without x64, JAX would narrow float64 anyway; grades are 0, 1, fractions or NaN)
+    shared = multihost_utils.broadcast_one_to_all(correct.astype(np.float32))
+    return np.asarray(shared, np.float64)
 
 
 def table(result: dict[str, Any]) -> str:
