@@ -2067,9 +2067,11 @@ def test_majority_vote_and_ties():
     assert majority_vote(["3", "4", "4", "3"]) == 0  # a tie goes to the answer sampled first
     assert majority_vote(["4", "3", "3", "4"]) == 0
     assert majority_vote(["5", "3", "3", "4"]) == 1  # the most frequent answer wins
-    assert majority_vote([None, " 7 ", "7", "8"]) == 1  # whitespace ignored; None never wins
-    assert majority_vote([None, "", "  "]) is None  # nothing to vote on
-    assert majority_vote([]) is None
+    assert majority_vote([None, " 7 ", "7", "8"]) == 1  # whitespace ignored
+    # Samples without an answer vote for "no answer": a model that rarely finishes does not
+    # win the vote on its one answer (63 unanswered and one right answer gave cons@64 = 1).
+    assert majority_vote([None, "", "  ", "7"]) == 0 and majority_vote([None, "7", "7"]) == 1
+    assert majority_vote([]) is None  # nothing to vote on
 
 
 def test_majority_vote_groups_answers_the_grader_deems_equal():
@@ -2090,7 +2092,11 @@ def test_majority_vote_groups_answers_the_grader_deems_equal():
     # ones outvote a wrong one written twice (they split 1-1-1 against 2 before).
     votes = ["25 - 4 * 2", "25 - 4 * 2", "(75 - 3) / 4 + 1", "1 + (75 - 3) / 4", "1+((75-3)/4)"]
     assert score_prompt(votes, [False, False, True, True, True], countdown)["cons@5"] == 1.0
-    assert not countdown("3 + 4", "2 + 5")  # one value, other numbers: other answers
+    # One value, one answer (a row may leave numbers out; one breaking its rules is graded
+    # apart): two right equations from other numbers split the vote against a wrong one.
+    assert countdown("3 + 4", "2 + 5") and not countdown("3 + 4", "2 + 6")
+    votes = ["75 + 3", "75 + 3", "25 * 4", "75 + 25", "(75 + 25) * 1"]
+    assert score_prompt(votes, [False, False, True, True, True], countdown)["cons@5"] == 1.0
     assert countdown("3 + 4 = 7", "4+3") and countdown("x", " x ")
     assert same_answer("code", [{"input": "", "output": ""}]) is None
     # math-verify's verify(gold, answer) is not symmetric: "2, 1" matches "(1, 2)", not the
@@ -2137,12 +2143,22 @@ def test_score_prompt_pass_and_cons_with_ties():
     # A wrong majority beats a right minority; pass@k still credits the right one.
     m = score_prompt(["9", "9", "9", "2"], [False, False, False, True])
     assert m == {"pass@1": 0.25, "pass@4": 1.0, "cons@4": 0.0}
-    # No answers at all: nothing to vote for.
+    # No answers at all: "no answer" wins, wrong.
     assert score_prompt([None, None], [False, False]) == {
         "pass@1": 0.0,
         "pass@2": 0.0,
         "cons@2": 0.0,
     }
+    # 63 samples without an answer, one right: pass@64 credits it, the vote does not.
+    assert score_prompt([None] * 63 + ["7"], [False] * 63 + [True])["cons@64"] == 0.0
+    # Unscored samples (NaN: their worker died) count as wrong, and vote as graded samples of
+    # the same answer are: two unscored "7"s split the 7s 2-2 against three 8s before.
+    nan = float("nan")
+    m = score_prompt(list("7777888"), [1.0, nan, 1.0, nan, 0.0, 0.0, 0.0])
+    assert m == {"pass@1": pytest.approx(2 / 7), "pass@7": 1.0, "cons@7": 1.0}
+    m = score_prompt(["7", "7", "8"], [nan, nan, 0.0])  # (no graded twin: wrong)
+    assert m["cons@3"] == 0.0 and m["pass@1"] == 0.0
+    assert score_prompt(["7", "7", "8"], [0.5, 0.5, 1.0])["pass@1"] == pytest.approx(1 / 3)
     with pytest.raises(ValueError):
         score_prompt(["1"], [True, False])
     assert aggregate([{"pass@1": 0.5, "cons@2": 1.0}, {"pass@1": 0.0, "cons@2": 0.0}]) == {

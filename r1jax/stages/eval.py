@@ -8,8 +8,10 @@ tests):
   pass@k   = unbiased estimate 1 - C(k - c, k) / C(k, k) = [c > 0]   (with n = k samples)
   cons@k   = the majority-voted answer is correct; answers vote together when the grader deems
              them one answer ("1/2" and "0.5"; "1,234" and "1234") and it grades them alike,
-             and a tie between equally frequent answers goes to the one sampled first
-             (deterministic; right or wrong, whichever that is)
+             samples without an answer vote together for "no answer" (wrong: a model that
+             rarely finishes cannot win on its few answers), and a tie between equally frequent
+             answers goes to the one sampled first (deterministic; right or wrong, whichever
+             that is)
   length   = mean completion length in tokens; format = share of well-formed completions
 
 Results go to `workdir/eval.json` (overall and per task) and a table on stdout.
@@ -56,13 +58,14 @@ def majority_vote(
     same: Callable[[str, str], bool] | None = None,
     labels: Sequence[Any] | None = None,
 ) -> int | None:
-    """Index of the sample whose answer wins the vote (None: no sample has an answer).
+    """Index of the sample whose answer wins the vote (None: no samples).
 
     Answers are stripped of surrounding whitespace and grouped in sample order: each joins the
     first group whose first answer it is `same` as (default: equal strings; the eval stage passes
-    the grader's own equivalence, so "1/2", "0.5" and "\\frac{1}{2}" vote together). The largest
-    group wins, a tie going to the group sampled first; the winner is that group's first sample.
-    `labels` (score_prompt: the grades): answers labelled differently never vote together, whatever
+    the grader's own equivalence, so "1/2", "0.5" and "\\frac{1}{2}" vote together). Samples
+    without an answer (None, blank) are one group, "no answer". The largest group wins, a tie
+    going to the group sampled first; the winner is that group's first sample. `labels`
+    (score_prompt: the grades): answers labelled differently never vote together, whatever
     `same` says (its equivalence is not transitive: "0.5" ~ "50%" ~ "50").
     """
     keys = [a.strip() if isinstance(a, str) and a.strip() else None for a in answers]
@@ -71,12 +74,14 @@ def majority_vote(
     group_of: dict[tuple, int] = {}  # answers seen -> their group (equal strings never re-checked)
     label = (lambda i: None) if labels is None else (lambda i: labels[i])
     for i, key in enumerate(keys):
-        if key is None:
-            continue
         group = group_of.get((label(i), key))
-        if group is None and same is not None:
+        if group is None and same is not None and key is not None:
             group = next(
-                (g for g, f in enumerate(firsts) if label(f) == label(i) and same(keys[f], key)),
+                (
+                    g
+                    for g, f in enumerate(firsts)
+                    if label(f) == label(i) and keys[f] is not None and same(keys[f], key)
+                ),
                 None,
             )
         if group is None:
@@ -92,20 +97,29 @@ def majority_vote(
 
 def score_prompt(
     answers: Sequence[str | None],
-    correct: Sequence[bool],
+    correct: Sequence[bool | float],
     same: Callable[[str, str], bool] | None = None,
 ) -> dict[str, float]:
     """pass@1, pass@k and cons@k for one prompt's k graded samples (`same`: see
-    `majority_vote`)."""
+    `majority_vote`). `correct`: per sample a bool, or a grade (1.0 = correct; NaN = unscored,
+    counted wrong, and in the vote graded as a scored sample with the same answer is, so that it
+    cannot split its answer's votes)."""
     k = len(correct)
     if k == 0 or len(answers) != k:
         raise ValueError("need one answer and one correctness flag per sample")
-    c = int(sum(bool(x) for x in correct))
-    winner = majority_vote(answers, same, labels=[bool(x) for x in correct])
+    right = [bool(x == 1) for x in correct]  # (NaN == 1 is False; partial code credit is wrong)
+    keys = [a.strip() if isinstance(a, str) else a for a in answers]
+    scored = {}  # answer -> the grade of its first scored sample
+    for key, x, r in zip(keys, correct, right, strict=True):
+        if not (isinstance(x, float) and math.isnan(x)):
+            scored.setdefault(key, r)
+    labels = [scored.get(key, r) for key, r in zip(keys, right, strict=True)]
+    c = sum(right)
+    winner = majority_vote(answers, same, labels=labels)
     return {
         "pass@1": c / k,
         f"pass@{k}": pass_at_k(k, c, k),
-        f"cons@{k}": float(winner is not None and bool(correct[winner])),
+        f"cons@{k}": float(winner is not None and labels[winner]),
     }
 
 
@@ -143,8 +157,9 @@ def grading_kind(task: Any, tests: Any) -> str:
 def same_answer(task: Any, tests: Any) -> Callable[[str, str], bool] | None:
     """When two extracted answers to a row are one answer, for cons@k: by the rule that grades
     the row (`grading_kind`): math-verify equivalence, the same integer (arithmetic), the same
-    value from the same numbers (Countdown: every equation that solves the row is one answer,
-    whatever its order or brackets); None (equal strings) for code."""
+    value (Countdown: every equation that solves the row is one answer, whatever its order,
+    brackets or numbers left out where the row allows that; one breaking the row's rules is
+    graded apart); None (equal strings) for code."""
     from r1jax import rewards
     from r1jax.data.arithmetic import parse_int_answer
     from r1jax.data.countdown import evaluate_expression
@@ -163,9 +178,9 @@ def same_answer(task: Any, tests: Any) -> Callable[[str, str], bool] | None:
         )
     if task == "countdown":
 
-        def reached(answer: str):  # ("expr" or "expr = n") -> (value, numbers) or the text
+        def reached(answer: str):  # ("expr" or "expr = n") -> its value, or the text
             found = evaluate_expression(answer.strip().removesuffix(".").split("=")[0])
-            return (found[0], sorted(found[1])) if found else "".join(answer.split())
+            return found[0] if found else "".join(answer.split())
 
         return lambda a, b: reached(a) == reached(b)
     return None
@@ -377,9 +392,9 @@ def evaluate(
                 answers = [
                     voted_answer(b.texts[r], row.get("task"), row.get("tests")) for r in rows
                 ]
-                correct = [bool(b.correct[r] == 1.0) for r in rows]
                 same = same_answer(row.get("task"), row.get("tests"))
-                metrics = score_prompt(answers, correct, same)
+                metrics = score_prompt(answers, [float(b.correct[r]) for r in rows], same)
+                correct = [bool(b.correct[r] == 1.0) for r in rows]
                 per_prompt.append(metrics)
                 per_task[row.get("task") or "all"].append(metrics)
                 lengths += [len(b.out.tokens[r]) for r in rows]
@@ -406,7 +421,8 @@ def evaluate(
         result["unscored"] = unscored
         log.warning(
             "%d of %d samples could not be graded (the worker grading them died twice, e.g. "
-            "killed for memory) and count as incorrect",
+            "killed for memory) and count as incorrect (in the vote, as graded samples with "
+            "the same answer are)",
             unscored,
             n * k,
         )
