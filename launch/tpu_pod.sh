@@ -267,10 +267,15 @@ do_setup() {
     pack_checkout "$tarball"
     run gcloud compute tpus tpu-vm scp "$tarball" "$NAME:r1jax-src.tgz" \
       ${LOCATION[@]+"${LOCATION[@]}"} --worker=all
-    # Unpack beside the old copy, then swap, so a failed copy leaves the old code usable.
+    # Unpack beside the old copy, then swap, so a failed copy leaves the old code usable. What
+    # the old copy holds at its top level and the new one does not comes along: runs started
+    # without --workdir (r1jax's default runs/<stage>) or with a relative one live there.
+    local keep="for f in $DIR_R/* $DIR_R/.[!.]*; do if [ -e \"\$f\" ] && [ \"\${f##*/}\" != .git ]"
+    keep="$keep && [ ! -e $DIR_R.new/\"\${f##*/}\" ]; then mv \"\$f\" $DIR_R.new/; fi; done"
     fetch="rm -rf $DIR_R.new && mkdir -p $DIR_R.new"
     fetch="$fetch && tar -xzf \"\$HOME\"/r1jax-src.tgz -C $DIR_R.new"
-    fetch="$fetch && rm -rf $DIR_R && mv $DIR_R.new $DIR_R && rm -f \"\$HOME\"/r1jax-src.tgz"
+    fetch="$fetch && { $keep; } && rm -rf $DIR_R && mv $DIR_R.new $DIR_R"
+    fetch="$fetch && rm -f \"\$HOME\"/r1jax-src.tgz"
   fi
   # uv comes from pip when it can, else from its official installer (pip refuses --user
   # installs on images whose system Python is marked externally managed).

@@ -674,6 +674,20 @@ def test_tpu_setup_run_detach_and_stop(env):
         assert not (w / "r1jax-src.tgz").exists()
     uv_calls = (Path(env["FAKE_RECORDS"]) / "uv.txt").read_text()
     assert uv_calls.count("pip install") == 2 and "r1jax[tpu]" in uv_calls
+    # A run without --workdir keeps its work in the code folder (runs/<stage>): setting up again
+    # after a code change replaced the folder, runs and all.
+    for w in workers:
+        (w / "r1jax/runs/sft/checkpoints/500").mkdir(parents=True)
+        (w / "r1jax/runs/sft/checkpoints/500/state").write_text("saved")
+        (w / "r1jax/.notes").write_text("mine")
+        (w / "r1jax/r1jax/gone.py").write_text("")  # (code the new copy lacks does go)
+    again = launch("tpu_pod.sh", "setup", "--name", "r1", env=env)
+    assert again.returncode == 0, again.stderr
+    for w in workers:
+        assert (w / "r1jax/runs/sft/checkpoints/500/state").read_text() == "saved"
+        assert (w / "r1jax/.notes").read_text() == "mine"
+        assert not (w / "r1jax/r1jax/gone.py").exists() and not (w / "r1jax.new").exists()
+        assert (w / "r1jax/tests/test_launch_scripts.py").read_bytes() == copied.read_bytes()
 
     run = launch(
         "tpu_pod.sh",
