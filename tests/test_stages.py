@@ -2562,7 +2562,7 @@ def test_a_config_file_is_checked_against_its_stages_fields():
     common.check_fields(config, "pretrain")
 
 
-def test_one_workdir_runs_one_stage_at_a_time(tmp_path, monkeypatch):
+def test_one_workdir_runs_one_stage_at_a_time(tmp_path, monkeypatch, caplog):
     """The same command started again while the first still ran (its ssh session gone) resumed
     the first one's checkpoint, and orbax deleted the first run's checkpoint in flight."""
     ran = []
@@ -2579,6 +2579,19 @@ def test_one_workdir_runs_one_stage_at_a_time(tmp_path, monkeypatch):
     common.run_stage("eval", config, str(tmp_path))
     common.run_stage("eval", config, str(tmp_path))  # (released when each run ends)
     assert ran == [str(tmp_path)] * 2
+    # A file system without locks (NFS without its lock daemon, Lustre mounted noflock) is no
+    # other run: the run goes on, warned (every run there was refused as "in use").
+    import errno
+    import fcntl
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="r1jax"):
+        common.run_stage("eval", config, str(tmp_path))
+    assert ran == [str(tmp_path)] * 3
+    assert "its file system takes no locks" in caplog.text
 
 
 def test_a_failed_run_keeps_the_config_of_what_the_workdir_holds(tmp_path, monkeypatch):

@@ -596,7 +596,7 @@ def lock_workdir(workdir: str):
     f = open(os.path.join(workdir, ".r1jax.lock"), "a+")  # noqa: SIM115 (held while it runs)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # (any other error: the file system has no locks, below)
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
@@ -604,6 +604,15 @@ def lock_workdir(workdir: str):
             f"workdir {workdir} is in use by another r1jax run ({holder}); wait for it to end "
             "or stop it (Ctrl-C or SIGTERM saves its step), then run this again"
         ) from None
+    except OSError as e:  # NFS without its lock daemon (ENOLCK), Lustre mounted noflock (ENOSYS)
+        f.close()
+        log.warning(
+            "cannot lock workdir %s (%s): its file system takes no locks; make sure no other "
+            "r1jax run uses it",
+            workdir,
+            e,
+        )
+        return None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}")
