@@ -472,8 +472,8 @@ def initialize_distributed() -> bool:
 
 
 def _on_known_cluster() -> bool:
-    """True on a multi-host TPU slice, or under Slurm or Open MPI with several tasks (JAX
-    auto-detects all three)."""
+    """True on a multi-host TPU slice (unless JAX_PLATFORMS leaves out the TPU), or under Slurm
+    or Open MPI with several tasks (JAX auto-detects all three)."""
     # `mpirun -np N` (N > 1): JAX reads the Open MPI runtime's own variables.
     if (
         os.environ.get("OMPI_MCA_orte_hnp_uri")
@@ -488,6 +488,11 @@ def _on_known_cluster() -> bool:
         and int(os.environ.get("SLURM_NTASKS", "1")) > 1
     ):
         return True
+    # A run told to leave the TPU alone (e.g. JAX_PLATFORMS=cpu on a TPU VM) is no part of the
+    # slice: it would wait for every worker of the slice, or join a running job's coordinator.
+    platforms = os.environ.get("JAX_PLATFORMS", "").lower()
+    if platforms and "tpu" not in platforms.split(","):
+        return False
     # GKE lists a slice's workers in the environment.
     hostnames = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if "," in hostnames or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):

@@ -803,3 +803,24 @@ def test_slurm_counts_as_a_cluster_only_inside_an_srun_step(monkeypatch):
     assert not sharding._on_known_cluster()  # one rank: a single process
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
     assert sharding._on_known_cluster()
+
+
+def test_a_cpu_run_on_a_tpu_vm_is_no_part_of_the_slice(monkeypatch):
+    """JAX_PLATFORMS=cpu on a TPU VM joined the slice all the same: it waited for every worker
+    (or joined a running job's coordinator)."""
+    from r1jax import sharding
+
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "TPU_", "MEGASCALE_", "OMPI_", "JAX_PLATFORMS")):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(sharding.os.path, "exists", lambda path: path == "/dev/accel0")
+    assert sharding._on_known_cluster()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert not sharding._on_known_cluster()
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
+    assert sharding._on_known_cluster()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("SLURM_JOB_ID", "4321")  # (a multi-process CPU job under srun still is)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node[17-18]")
+    assert sharding._on_known_cluster()
