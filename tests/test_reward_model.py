@@ -196,6 +196,33 @@ def test_too_long_inputs_keep_their_end_and_are_counted(checkpoint, caplog):
     np.testing.assert_allclose(scores, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("chat", [True, False])
+def test_too_long_pairs_keep_their_prompt_and_the_answers_end(checkpoint, caplog, chat):
+    """Cut to its last tokens, a long completion was scored without its question: the same
+    answer under two prompts scored alike. The prompt stays (up to half the bucket); the start
+    of the completion, the reasoning, goes."""
+    path = checkpoint("llama3")
+    model = rm.RewardModel.load(path, batch_size=2, buckets=(64,))
+    if not chat:
+        model.tokenizer.chat_template = None
+    prompts = ["What is 2 + 3?", "Name a colour."]
+    answer = "Let me think. " * 12 + "So it is 5."
+    with caplog.at_level("WARNING"):
+        scores = model.score(prompts, [answer] * 2)
+    assert "2 of 2 sequences are longer than the largest bucket (64 tokens)" in caplog.text
+    assert abs(scores[0] - scores[1]) > 1e-3  # (identical when cut to the answer's end)
+    heads = model.prompt_lengths(prompts, model.encode(prompts, [""] * 2))
+    for p, score, head in zip(prompts, scores, heads, strict=True):
+        [ids] = model.encode([p], [answer])
+        assert 3 < head < 32 and len(ids) > 64
+        want = torch_scores(path, np.array([ids[:head] + ids[len(ids) - 64 + head :]]))[0]
+        assert score == pytest.approx(want, abs=1e-4)
+    # A prompt longer than half the bucket keeps its first half.
+    [ids] = model.encode([" ".join(["word"] * 40)], ["yes"])
+    want = torch_scores(path, np.array([ids[:32] + ids[-32:]]))[0]
+    assert model.score([" ".join(["word"] * 40)], ["yes"])[0] == pytest.approx(want, abs=1e-4)
+
+
 def test_sharded_scores_match_single_device(checkpoint):
     path = checkpoint("llama3")
     ids, mask = left_pad(ragged_rows(lengths=(9, 3, 14, 6, 2, 11, 7, 5)), 16, PAD)
@@ -343,6 +370,24 @@ def test_rl_adds_the_reward_model_to_rewards_advantages_and_metrics(checkpoint):
     np.testing.assert_array_equal(np.asarray(new.completion_ids), completion_ids)
 
 
+def test_a_reward_model_of_weight_0_is_only_logged():
+    """0 x NaN is NaN: a reward model kept for its logs, with weight 0, unscored every row where
+    it gave a NaN (advantage 0)."""
+    from r1jax.stages import rl
+
+    total = jnp.array([1.0, 0.0, 1.0, 0.0])
+    scores = jnp.array([np.nan, 0.3, 0.2, 0.1])
+    applies = jnp.array([True, True, False, False])
+    kwargs = dict(names=("task", "reward_model"), group_size=2, scale="group")
+    new_total, per_reward, _, metrics = rl._fold_reward(
+        total, total[:, None], scores, applies, weight=0.0, **kwargs
+    )
+    np.testing.assert_array_equal(np.asarray(new_total), np.asarray(total))
+    assert np.isnan(np.asarray(per_reward)[0, 1]) and float(metrics["frac_reward_unscored"]) == 0
+    weighted = rl._fold_reward(total, total[:, None], scores, applies, weight=0.5, **kwargs)
+    assert np.isnan(np.asarray(weighted[0])[0])  # (weighted: that row is unscored, as documented)
+
+
 def test_rl_config_section_is_off_by_default_validated_and_loads(checkpoint, tmp_path):
     from stage_helpers import load_config
 
@@ -378,6 +423,25 @@ def test_rl_config_section_is_off_by_default_validated_and_loads(checkpoint, tmp
     (policy / "config.json").write_text(json.dumps(config_json))
     section.path = str(policy)
     with pytest.raises(common.ConfigError, match=r"reward_model.path: .* not a sequence classi"):
+        common.validate_reward_model(section)
+    # So is one without tokenizer files, or whose tokenizer holds ids past its embeddings
+    # (tokens added without a resize: their scores were NaN, the rows silently unscored).
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(checkpoint("qwen2"), name), bare / name)
+    section.path = str(bare)
+    with pytest.raises(common.ConfigError, match=r"reward_model.path: .*tokenizer files hold no vocabulary"):
+        common.validate_reward_model(section)
+    small = tmp_path / "small"
+    shutil.copytree(checkpoint("qwen2"), small)
+    config_json = json.loads((small / "config.json").read_text())
+    config_json["vocab_size"] = VOCAB // 2
+    (small / "config.json").write_text(json.dumps(config_json))
+    section.path = str(small)
+    with pytest.raises(
+        common.ConfigError, match=r"tokenizer holds token id .* past reward_model.path's vocab_size"
+    ):
         common.validate_reward_model(section)
     section.path, section.rows = checkpoint("qwen2"), "reasoning"
     with pytest.raises(common.ConfigError, match=r"reward_model.rows must be one of"):

@@ -24,8 +24,10 @@ Notable choices:
 - Rows are scored sorted by length, so a batch shares a short bucket; a short last batch is
   filled with copies of its first row (dropped afterwards), so every call compiles at most one
   program per bucket. Scores do not depend on the batching (tested).
-- A sequence longer than the largest bucket keeps its last tokens (those the score reads) and is
-  counted in a warning: a runaway sample must not stop the trainer.
+- A sequence longer than the largest bucket keeps its prompt (up to half the bucket) and the
+  completion's last tokens (the final answer, which the score reads), dropping the start of the
+  completion (the reasoning), and is counted in a warning: a runaway sample must not stop the
+  trainer, nor be judged without its question.
 - Not a host-callback reward: `RewardModel` runs jitted programs itself, and starting one from
   inside the host callback of another jitted program (the rollout's reward bridge) can deadlock
   the device. GRPO scores it between rollout and update (`r1jax/stages/rl.py`), and
@@ -341,9 +343,45 @@ class RewardModel:
 
     # -- scoring --
 
-    def score_ids(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
-        """[N] token-id lists -> [N] float32 raw scores (no normalisation)."""
+    def prompt_lengths(
+        self, prompts: Sequence[Any], token_ids: Sequence[Sequence[int]]
+    ) -> list[int]:
+        """[N] prompts and their `encode`d pairs -> [N] how many first tokens of each pair are the
+        prompt's (the rendering up to the answer: BOS, the template's turns, its assistant
+        header)."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            heads = [
+                templates.apply_chat_template(
+                    tok, _messages(p), tokenize=False, add_generation_prompt=True
+                )
+                for p in prompts
+            ]
+            head_ids = tok(heads, add_special_tokens=False)["input_ids"]
+        else:
+            head_ids = tok(list(prompts))["input_ids"]
+        # (the common prefix: a merge across the boundary leaves the merged token to the answer)
+        return [
+            len(os.path.commonprefix([list(h), list(x)]))
+            for h, x in zip(head_ids, token_ids, strict=True)
+        ]
+
+    def score_ids(
+        self, token_ids: Sequence[Sequence[int]], prompt_lengths: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """[N] token-id lists -> [N] float32 raw scores (no normalisation). A list longer than
+        the largest bucket keeps its first `prompt_lengths[i]` tokens (at most half the bucket;
+        None: a leading BOS) and its last ones."""
         n, bs = len(token_ids), self.batch_size
+        largest = self.buckets[-1]
+        too_long = sum(len(t) > largest for t in token_ids)
+        if prompt_lengths is not None:
+            token_ids = [
+                list(t[: min(h, largest // 2)]) + list(t[len(t) - largest + min(h, largest // 2) :])
+                if len(t) > largest
+                else t
+                for t, h in zip(token_ids, prompt_lengths, strict=True)
+            ]
         out = np.empty(n, np.float32)
         order = np.argsort([len(t) for t in token_ids], kind="stable")
         for start in range(0, n, bs):
@@ -358,14 +396,15 @@ class RewardModel:
                 leading=self._leading,
             )
             out[chunk] = self._run(batch.input_ids, batch.attention_mask)[: len(chunk)]
-        too_long = sum(len(t) > self.buckets[-1] for t in token_ids)
         if too_long:
             log.warning(
                 "reward model: %d of %d sequences are longer than the largest bucket (%d "
-                "tokens) and were scored on their last tokens (a leading BOS kept)",
+                "tokens) and were scored on %s and their last tokens; a larger "
+                "reward_model.buckets entry scores them whole",
                 too_long,
                 n,
-                self.buckets[-1],
+                largest,
+                "their prompt" if prompt_lengths is not None else "a leading BOS",
             )
         return out
 
@@ -386,7 +425,9 @@ class RewardModel:
         """[N] prompts and completions -> [N] scores, `(raw - mean) / std` (see `encode`)."""
         if not len(completions):
             return []
-        raw = self.score_ids(self.encode(prompts, completions))
+        ids = self.encode(prompts, completions)
+        long = any(len(x) > self.buckets[-1] for x in ids)
+        raw = self.score_ids(ids, self.prompt_lengths(prompts, ids) if long else None)
         return ((raw - self.mean) / self.std).astype(np.float32).tolist()
 
     def __call__(

@@ -1026,8 +1026,9 @@ def load_reward_model(section: ml_collections.ConfigDict, mesh):
     from r1jax.rewards.reward_model import RewardModel
 
     log.info("reward model: %s (weight %s)", section.path, section.weight)
-    return RewardModel.load(
-        os.path.expanduser(section.path),
+    path = os.path.expanduser(section.path)
+    model = RewardModel.load(
+        path,
         mesh=mesh,
         param_dtype=section.dtype,
         batch_size=section.batch_size,
@@ -1035,6 +1036,10 @@ def load_reward_model(section: ml_collections.ConfigDict, mesh):
         mean=section.mean,
         std=section.std,
     )
+    check_same_on_every_process(
+        f"reward_model.path {section.path}", lambda: model_fingerprint(path)
+    )
+    return model
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -1237,7 +1242,9 @@ def reward_model_config() -> ml_collections.ConfigDict:
     """The `reward_model` section: a learned reward model (R1's last stage), off by default."""
     c = ml_collections.ConfigDict()
     c.path = ""  # HF *ForSequenceClassification folder (num_labels=1) + tokenizer; "" = off
-    c.weight = 0.0  # its weight in the total reward (0 = scored and logged only)
+    # Its weight in the total reward. 0 = scored and logged only, on the rows trained anyway: a
+    # file's rows without an answer (general prompts) are kept for it only with a weight.
+    c.weight = 0.0
     # Which rollouts it scores: "general", the prompts no correctness reward that is on can check
     # (no built-in task, `solution` or `tests` for it: R1's stage 4, where reasoning prompts keep
     # their rule rewards alone), or "all" (the reward model adds to every row's rule rewards).
@@ -1867,12 +1874,18 @@ def validate_reward_model(section) -> None:
         return
     if not os.path.isdir(os.path.expanduser(section.path)):
         raise ConfigError(f"reward_model.path {section.path!r} is not a folder")
+    from r1jax.models import hf
     from r1jax.rewards import reward_model
 
-    try:  # its config.json, before the policy loads
-        reward_model.check_config(os.path.expanduser(section.path))
+    path = os.path.expanduser(section.path)
+    try:  # its config.json and tokenizer, before the policy loads
+        raw, _ = reward_model.check_config(path)
+        vocab, tokenizer = hf.config_from_hf(raw).vocab_size, hf.tokenizer(path)
     except (OSError, ValueError) as e:
         raise ConfigError(f"reward_model.path: {e}") from None
+    # (any of its ids can occur: the template's markers, the policy's text tokenised anew)
+    top = max(tokenizer.get_vocab().values())
+    check_token_ids(vocab, tokenizer, top, "the reward model's tokenizer", "reward_model.path")
     if section.get("rows", "general") not in REWARD_MODEL_ROWS:
         raise ConfigError(
             f"reward_model.rows must be one of {REWARD_MODEL_ROWS}, got {section.rows!r}"

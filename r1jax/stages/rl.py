@@ -641,8 +641,10 @@ def _fold_reward(total, per_reward, scores, applies, *, weight, names, group_siz
     """[B] total, [B, R] per-reward values, [B] new scores, [B] where they apply (NaN elsewhere:
     not applicable; a NaN score where it applies leaves the row unscored) -> the same with
     the new reward appended ([B], [B, R + 1]), [B] advantages, and the reward metrics of
-    `grpo.reward_metrics`."""
-    total = total + weight * jnp.where(applies, scores, 0.0)
+    `grpo.reward_metrics`. With weight 0 the scores are only logged: a NaN among them leaves its
+    row scored."""
+    if weight:
+        total = total + weight * jnp.where(applies, scores, 0.0)
     per_reward = jnp.concatenate([per_reward, scores[:, None]], axis=1)
     advantages = grpo.group_advantages(total, group_size, scale)
     return (
