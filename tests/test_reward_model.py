@@ -431,7 +431,9 @@ def test_rl_config_section_is_off_by_default_validated_and_loads(checkpoint, tmp
     for name in ("config.json", "model.safetensors"):
         shutil.copy(os.path.join(checkpoint("qwen2"), name), bare / name)
     section.path = str(bare)
-    with pytest.raises(common.ConfigError, match=r"reward_model.path: .*tokenizer files hold no vocabulary"):
+    with pytest.raises(
+        common.ConfigError, match=r"reward_model.path: .*tokenizer files hold no vocabulary"
+    ):
         common.validate_reward_model(section)
     small = tmp_path / "small"
     shutil.copytree(checkpoint("qwen2"), small)

@@ -259,6 +259,12 @@ class ArithmeticTask:
         }
         return key, row
 
+    def can_hold_out(self, row: dict) -> bool:
+        """Whether the problem can be an eval problem: not with both operands single digits,
+        whose answers the column lines of every longer problem's solution state ("8 + 9 + 0 =
+        17", scores of times in the pretraining corpus)."""
+        return max(abs(x) for x in row["meta"]["operands"]) >= 10
+
     def verify(self, answer: str, row: dict) -> bool:
         """True iff ``answer`` states exactly the integer ``row["solution"]``."""
         value = parse_int_answer(answer)

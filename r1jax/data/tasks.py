@@ -12,7 +12,9 @@ Notable choices:
 - The train/eval split is a property of the *problem*, not of the draw: a problem is held out iff
   the SHA-256 of its key (which ignores operand order for commutative problems) falls below
   ``eval_fraction``. Train and eval sets are therefore disjoint for any seeds and sizes, and a
-  corpus built from train problems never contains an eval problem.
+  corpus built from train problems never contains an eval problem. A problem every training
+  text states in passing (`can_hold_out`: a single-digit sum, which each column addition
+  writes) is never drawn for eval.
 - Generation is a single ``random.Random`` stream seeded by (task, split, stream, seed) through
   Python's string seeding (SHA-512 based, so identical across processes and hash seeds on a
   given Python version). Draws that land in the other split are discarded; duplicates are
@@ -43,6 +45,8 @@ class Task(Protocol):
     def verify(self, answer: str, row: dict) -> bool: ...
 
     def long_cot(self, row: dict, rng: random.Random, mistake_rate: float) -> str: ...
+
+    def can_hold_out(self, row: dict) -> bool: ...
 
 
 TASKS: dict[str, type] = {"arithmetic": ArithmeticTask, "countdown": CountdownTask}
@@ -127,6 +131,7 @@ def make_dataset(
         stated = also_train(row) if also_train is not None and split == "train" else ()
         if (
             split_of(key, eval_fraction) != split
+            or (split == "eval" and not task.can_hold_out(row))
             or (unique and key in seen)
             or not all_train(stated, eval_fraction)
         ):
@@ -139,6 +144,11 @@ def make_dataset(
         raise ValueError(
             f"only found {len(rows)} distinct {split} problems for {task} (asked for {n}"
             + ("; those whose text states a held-out problem are left out" if also_train else "")
+            + (
+                "; those every training text states, e.g. 8 + 9, are never held out"
+                if split == "eval"
+                else ""
+            )
             + "); "
             "raise the difficulty knobs, ask for fewer rows, or pass unique=False"
         )
