@@ -265,6 +265,17 @@ def test_pretrain_tag_copy_check_matches_transformers(tmp_path):
     assert rows[-1]["tag_copy"] == pytest.approx(expected, rel=1e-4)
 
 
+def test_a_tag_copy_check_that_cannot_measure_is_refused(tmp_path):
+    """No held-out document repeats a tag name within 24 tokens: the check read NaN, which the
+    stage's warning and the pipeline's gate (both `< 0.3`) let pass."""
+    config = sh.pretrain_config()
+    config.pretrain.seq_len, config.pretrain.copy_warmup_steps = 24, 0
+    with pytest.raises(common.ConfigError, match=r"seq_len=24 is too short for the tag-copy"):
+        run("pretrain", config, tmp_path / "run")
+    with pytest.raises(common.ConfigError, match=r"probability nan"):
+        pipeline._check_copies_tags("base", {"tag_copy": float("nan")}, "base")
+
+
 @pytest.mark.parametrize("deadline", [0, 1])  # at the end of the warm-up, or a corpus step later
 def test_pretrain_starts_over_from_a_new_initialisation_when_copying_never_starts(
     tmp_path, deadline

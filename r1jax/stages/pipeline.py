@@ -217,7 +217,7 @@ def _check_copies_tags(name: str, out: dict[str, Any], subdir: str) -> None:
     from r1jax.stages import pretrain
 
     copied = out.get("tag_copy")
-    if copied is not None and copied < pretrain.TAG_COPY_WARNING:
+    if copied is not None and not copied >= pretrain.TAG_COPY_WARNING:  # (NaN: not measured)
         raise common.ConfigError(
             f"the {name} model gives a tag name named earlier in a document probability "
             f"{copied:.2f} (< {pretrain.TAG_COPY_WARNING}; bases that follow the R1-Zero template: "

@@ -535,11 +535,11 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
     cfg = model_config(config, len(tokenizer))
     log.info("toy base model: %.2fM parameters (%s)", cfg.num_params / 1e6, cfg)
     tag_rows = tag_copy_rows(tokenizer, p.seq_len, TAG_COPY_DOCS, config.seed, p.tag_names)
-    if p.tag_copy_restarts and not tag_rows[1].any():
-        raise common.ConfigError(
+    if (p.tag_copy_restarts or p.tag_copy_every) and not tag_rows[1].any():
+        raise common.ConfigError(  # (the check would read NaN, which every threshold lets pass)
             f"pretrain.seq_len={p.seq_len} is too short for the tag-copy check (no held-out "
-            "document repeats a tag name within it), so pretrain.tag_copy_restarts cannot be "
-            "decided: use a longer seq_len or set tag_copy_restarts=0"
+            "document repeats a tag name within it): use a longer seq_len, or check nothing "
+            "with pretrain.tag_copy_every=0 and pretrain.tag_copy_restarts=0"
         )
     # 5. Train. Whether the model learns to copy tag names is decided by its initialisation, not by
     # the corpus (README): one that has not started to by the end of the copy warm-up (plus
