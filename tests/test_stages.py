@@ -89,6 +89,20 @@ def test_toy_base_is_built_once_per_recipe_and_rebuilt_when_the_recipe_changes(
     common.resolve_model_path(common.TOY_BASE)
     assert len(runs) == 4 and runs[3] != runs[0]
 
+    # An interrupted build whose data changed since (a tokenizers upgrade, the same recipe)
+    # cannot resume: the way out is deleting that build, not "other settings or --workdir".
+    def refused(config, workdir, *, export_to):
+        why = f"{workdir}/checkpoints/50 was saved by a run with other settings (data: ...)"
+        raise common.ResumeRefused(why + "; ... or another --workdir", why)
+
+    monkeypatch.setattr(pretrain, "run", refused)
+    os.remove(os.path.join(target, "r1jax_toy_recipe.txt"))
+    with pytest.raises(common.ConfigError) as error:
+        common.resolve_model_path(common.TOY_BASE)
+    message = str(error.value)
+    assert "--workdir" not in message and f"Delete {tmp_path}/toy_base_run-" in message
+    assert "checkpoints/50 was saved by a run with other settings (data: ...)" in message
+
 
 def test_pretrain_default_makes_a_loadable_base_model(toy):
     home, workdir = toy

@@ -33,7 +33,12 @@ class ConfigError(ValueError):
 
 
 class ResumeRefused(ConfigError):
-    """A workdir's checkpoint that this config would not continue (`check_resume`)."""
+    """A workdir's checkpoint that this config would not continue (`check_resume`); `why`: what
+    differs, without the advice."""
+
+    def __init__(self, message: str, why: str = ""):
+        super().__init__(message)
+        self.why = why or message
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,10 +433,12 @@ def check_resume(
     # this check existed): those are not compared; nor the records retired since (`_RETIRED`).
     diffs = changes(saved or {}, now, sorted(set(saved or ()) - _RETIRED))
     if diffs:
+        why = f"{step_dir} was saved by a run with other settings ({'; '.join(diffs)})"
         raise ResumeRefused(
-            f"{step_dir} was saved by a run with other settings ({'; '.join(diffs)}); resuming "
-            "would continue its data position in another order (or with another objective or "
-            "optimizer). Use the settings it was started with, or another --workdir"
+            f"{why}; resuming would continue its data position in another order (or with "
+            "another objective or optimizer). Use the settings it was started with, or another "
+            "--workdir",
+            why,
         )
     if extra["step"] > total_steps:
         raise ResumeRefused(
@@ -861,7 +868,15 @@ def _build_toy_base(target: str, pretrain_config, recipe: str) -> None:
         pretrain_config.pretrain.steps,
     )
     run_dir = os.path.join(r1jax_home(), f"toy_base_run-{recipe}")  # resumable, per recipe
-    pretrain.run(pretrain_config, run_dir, export_to=target)
+    try:
+        pretrain.run(pretrain_config, run_dir, export_to=target)
+    except ResumeRefused as e:  # (the recipe's config is the same: its data changed, e.g. a
+        # tokenizers upgrade tokenised the corpus otherwise; the advice to use other settings or
+        # another --workdir would not apply)
+        raise ConfigError(
+            f"an interrupted build of the toy base model cannot be resumed: {e.why}. Delete "
+            f"{run_dir} and run again to build it anew"
+        ) from None
     if _is_process_zero():
         mark_toy_base(target, recipe)
     sync_processes("toy base model written")  # process 0 wrote it; every process reads it
