@@ -104,6 +104,22 @@ def test_toy_base_is_built_once_per_recipe_and_rebuilt_when_the_recipe_changes(
     assert "checkpoints/50 was saved by a run with other settings (data: ...)" in message
 
 
+def test_a_damaged_toy_base_says_to_delete_it(toy, tmp_path, monkeypatch):
+    """Its weights truncated (a full disk): the model's error said "re-download or re-save it"."""
+    home = tmp_path / "home"
+    shutil.copytree(os.path.join(toy[0], "toy_base"), home / "toy_base")
+    monkeypatch.setenv("R1JAX_HOME", str(home))
+    weights = home / "toy_base" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    config = sh.load_config("eval")
+    assert common.load_tokenizer(config) is not None  # (its tokenizer is intact)
+    with pytest.raises(common.ConfigError, match=rf"damaged .* delete {home}/toy_base and the"):
+        common.load_model(config, mesh=None)
+    (home / "toy_base" / "tokenizer.json").write_text("{")
+    with pytest.raises(common.ConfigError, match=rf"damaged .* delete {home}/toy_base and the"):
+        common.load_tokenizer(config)
+
+
 def test_pretrain_default_makes_a_loadable_base_model(toy):
     home, workdir = toy
     base = os.path.join(home, "toy_base")

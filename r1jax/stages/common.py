@@ -965,8 +965,26 @@ def load_tokenizer(config: ml_collections.ConfigDict):
     # config.json first, by r1jax's own reader: transformers' tokenizer loader parses it too, and
     # its errors (an empty folder, a field missing or mistyped) blamed the tokenizer files or
     # were a traceback.
-    hf.config_from_hf(hf.read_config(path), where=os.path.join(path, "config.json"))
-    return hf.tokenizer(path)
+    with _toy_base_damaged(config.model.path):
+        hf.config_from_hf(hf.read_config(path), where=os.path.join(path, "config.json"))
+        return hf.tokenizer(path)
+
+
+@contextlib.contextmanager
+def _toy_base_damaged(model_path: str):
+    """The cached toy base model's files do not load (a full disk, a stray edit): the way out
+    is deleting it, not "re-download or re-save it"."""
+    from r1jax.models import hf
+
+    try:
+        yield
+    except hf.CheckpointError as e:
+        if model_path != TOY_BASE:
+            raise
+        raise ConfigError(
+            f"the cached toy base model is damaged ({e}); delete {toy_base_path()} and the next "
+            "run builds it anew"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -995,15 +1013,16 @@ def load_model(config: ml_collections.ConfigDict, mesh, rules=None, *, frozen: b
     deepseek = {"router_bias_rate": rate} if rate else {}
     if factor:
         deepseek["capacity_factor"] = float(factor)
-    model = hf.load(
-        path,
-        mesh=mesh,
-        param_dtype=config.model.param_dtype,
-        dtype=config.model.dtype,
-        remat=config.model.remat,
-        rules=rules,
-        **deepseek,
-    )
+    with _toy_base_damaged(config.model.path):
+        model = hf.load(
+            path,
+            mesh=mesh,
+            param_dtype=config.model.param_dtype,
+            dtype=config.model.dtype,
+            remat=config.model.remat,
+            rules=rules,
+            **deepseek,
+        )
     check_same_on_every_process(f"model.path {config.model.path}", lambda: model_fingerprint(path))
     return model, hf.tokenizer(path)
 
