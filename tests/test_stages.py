@@ -1257,6 +1257,85 @@ def test_eval_samples_name_their_held_out_row_when_prompts_are_left_out(toy, tmp
     assert [s["prompt"] for s in samples] == [rows[s["row"]]["prompt"] for s in samples]
 
 
+def test_eval_metrics_follow_from_designed_answers(toy, tmp_path, monkeypatch):
+    """The stage's pass@1, pass@k, cons@k, format and length on answers designed per sample (right,
+    right spelled otherwise, wrong, unparseable, none), 7 prompts in batches of 3, against an
+    independent computation: the stage tests sampled 4 tokens, every answer None, every figure 0."""
+    import collections
+    import re as regex
+
+    from r1jax import sampling
+    from r1jax.models import hf
+
+    tokenizer = hf.tokenizer(os.path.join(toy[0], "toy_base"))
+    k, n = 4, 7
+    rng = np.random.default_rng(3)
+    kinds = ["right", "right.", "wrong", "junk", None]
+    design = [[kinds[j] for j in rng.integers(0, len(kinds), k)] for _ in range(n)]
+    design[0] = ["right", None, None, "wrong"]  # "no answer" wins the vote (2 to 1 to 1)
+    design[1] = ["wrong", "right", "wrong", "right."]  # a 2-2 tie: the first sampled wins
+    design[2] = ["junk", "right", "right.", "wrong"]  # two spellings of one answer win
+
+    def spelled(kind, a):
+        return {"right": str(a + 3), "right.": f"{a + 3:,}.", "wrong": "99", "junk": "x y"}[kind]
+
+    def answer(model, prompt_ids, *, num_samples, prompt_keys, **kwargs):
+        tokens = []
+        for ids, key in zip(prompt_ids, prompt_keys, strict=True):
+            a = int(regex.findall(r"What is (\d+) \+ 3\?", tokenizer.decode(ids))[-1])
+            for kind in design[key]:
+                text = "<think> sum </think> " + (
+                    f"<answer>{spelled(kind, a)}</answer>" if kind else "I give up"
+                )
+                tokens.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return sh.sampled(tokens)
+
+    monkeypatch.setattr(sampling, "generate", answer)
+    rows = [{"prompt": f"What is {i * 1000} + 3?", "solution": str(i * 1000 + 3)} for i in range(n)]
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = sh.load_config("eval")
+    config.eval.num_prompts, config.eval.num_samples, config.eval.batch_prompts = n, k, 3
+    config.data.source = config.data.eval_source = str(path)
+    config.data.num_eval = n
+    result = run("eval", config, tmp_path / "run")
+
+    # Independently: right = the value, however written; the vote by value (text when there is
+    # none; one "no answer" group), labelled by correctness, ties to the first sampled.
+    pass1, passk, cons = [], [], []
+    for kinds_i in design:
+        right = [kind in ("right", "right.") for kind in kinds_i]
+        votes = collections.Counter()
+        first = {}
+        for j, (kind, r) in enumerate(zip(kinds_i, right, strict=True)):
+            key = (r, "value" if r else kind)
+            votes[key] += 1
+            first.setdefault(key, j)
+        top = max(votes.values())
+        winner = min((first[key], key) for key, v in votes.items() if v == top)[1]
+        pass1.append(np.mean(right))
+        passk.append(float(any(right)))
+        cons.append(float(winner[0]))
+    assert cons[:3] == [0.0, 0.0, 1.0]
+    assert result["pass@1"] == pytest.approx(np.mean(pass1))
+    assert result[f"pass@{k}"] == pytest.approx(np.mean(passk))
+    assert result[f"cons@{k}"] == pytest.approx(np.mean(cons))
+    assert 0 < result[f"cons@{k}"] < result[f"pass@{k}"] < 1  # (the design tells them apart)
+    assert result["format"] == pytest.approx(
+        np.mean([kind is not None for d in design for kind in d])
+    )
+    with open(tmp_path / "run" / "eval_samples.jsonl") as f:
+        samples = [json.loads(line) for line in f]
+    assert [s["row"] for s in samples] == [i for i in range(n) for _ in range(k)]
+    assert [s["correct"] for s in samples] == [
+        kind in ("right", "right.") for d in design for kind in d
+    ]
+    lengths = [
+        len(tokenizer(s["completion"], add_special_tokens=False)["input_ids"]) for s in samples
+    ]
+    assert result["mean_length"] == pytest.approx(np.mean(lengths))
+
+
 def test_rejection_sampling_drops_traces_that_state_held_out_problems(toy, tmp_path, monkeypatch):
     """The teacher checks its sums ("Let me check by subtracting: 55 - 6 = 49"), and such a check
     is a problem of the task, held out ~10% of the time: the session-20 pipeline's traces stated
