@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import r1jax.data as data
-from r1jax.data import countdown
+from r1jax.data import arithmetic, countdown, tasks
 from r1jax.data import tokenizer as toktool
 
 # --------------------------------------------------------------------------------------------
@@ -247,9 +247,15 @@ def test_train_and_eval_splits_are_disjoint():
         more = data.make_dataset(task, n_train, seed=9, split="train", unique=False)
         assert not set(map(problem_key, more)) & eval_keys
     # Single-digit problems are never held out: every column addition in the training texts
-    # states them ("8 + 9 + 0 = 17"), scores of times in the pretraining corpus.
+    # states them ("8 + 9 + 0 = 17"), scores of times in the pretraining corpus. Nor does a text
+    # stating one give a held-out answer away (rejection sampling dropped such traces, and
+    # cold-start chains were drawn again, for problems no eval set holds).
     evals = data.make_dataset(small, 200, seed=0, split="eval")
     assert all(max(r["meta"]["operands"]) >= 10 for r in evals)
+    facts = [arithmetic.problem_key(a, "+", b) for a in range(10) for b in range(10)]
+    assert any(data.split_of(k, 0.1) == "eval" for k in facts)  # (by their hash, some would be)
+    assert tasks.all_train(facts) and not any(map(arithmetic.key_can_hold_out, facts))
+    assert arithmetic.key_can_hold_out("arithmetic|12+3") and arithmetic.key_can_hold_out("x|1")
     train = data.make_dataset(small, 400, seed=0, split="train")
     assert any(max(r["meta"]["operands"]) < 10 for r in train)  # (they are drawn, for training)
     with pytest.raises(ValueError, match=r"distinct eval problems .* never held out"):
@@ -1198,14 +1204,14 @@ def test_cold_start_checks_state_no_held_out_problem():
         op = row["meta"]["op"]
         assert ((min(a, b), op, max(a, b)) if op == "+" else (a, op, b)) not in stated, row
     # Every equation a chain states (a negative difference's b - a, partial products and sums)
-    # is a train problem, with the knobs that write them.
+    # is a train problem (or a single-digit one, never held out), with the knobs that write them.
     for knobs in ({"allow_negative": True}, {"ops": ("+", "*"), "max_multiplier_digits": 2}):
         task = data.make_task("arithmetic", min_digits=1, max_digits=2, **knobs)
         for row in data.cold_start_examples(300, seed=0, tasks=(task,), mistake_rate=0.0):
             text = row["completion"]  # (whole equations, not a column's digit sums)
             for a, op, b in re.findall(r"(?:So|check by \w+:) (\d+) ([+*-]) (\d+) = ", text):
                 a, b = sorted((int(a), int(b))) if op in "+*" else (int(a), int(b))
-                assert data.split_of(f"arithmetic|{a}{op}{b}", 0.1) == "train", (row, a, op, b)
+                assert tasks.all_train([f"arithmetic|{a}{op}{b}"]), (row, a, op, b)
 
 
 def _held_out_stated(texts, held_out) -> list[str]:
@@ -1226,8 +1232,6 @@ def _held_out_stated(texts, held_out) -> list[str]:
 def test_an_equation_states_its_problem_however_it_is_spaced():
     """Only "a op b = c" with single spaces was seen: a rejection-sampled trace checking
     "10+24=34" kept a held-out problem's answer in the SFT data."""
-    from r1jax.data import arithmetic
-
     key = arithmetic.problem_key(10, "+", 24)
     for text in ("10 + 24 = 34", "10+24=34", "so 10+24 = 34.", "10 + 24= 34", "(10+24=34)"):
         assert arithmetic.equation_keys(text) == [key], text

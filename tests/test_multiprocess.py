@@ -252,11 +252,16 @@ import jax
 from r1jax import launch
 from r1jax.stages import eval as eval_stage
 
-grade, evaluate = eval_stage.Grader.__call__, eval_stage.evaluate
+grade, evaluate, score = eval_stage.Grader.__call__, eval_stage.evaluate, eval_stage.score_prompt
 
 def unlike_process_0(self, texts, **columns):  # as a time limit met on one host only might
     correct = grade(self, texts, **columns)
     return 1.0 - correct if jax.process_index() == 1 else correct
+
+def vote_unlike_process_0(answers, correct, same=None):  # (the vote compares by math-verify)
+    out = score(answers, correct, same)
+    k = len(correct)
+    return out | {{f"cons@{{k}}": 1.0 - out[f"cons@{{k}}"]}} if jax.process_index() == 1 else out
 
 def evaluate_and_keep(*args, **kwargs):
     result = evaluate(*args, **kwargs)
@@ -265,15 +270,17 @@ def evaluate_and_keep(*args, **kwargs):
     return result
 
 eval_stage.Grader.__call__, eval_stage.evaluate = unlike_process_0, evaluate_and_keep
+eval_stage.score_prompt = vote_unlike_process_0
 sys.argv = ["r1jax.launch", *{args!r}]
 launch.main()
 """
 
 
 def test_every_process_of_an_evaluation_counts_process_0s_grades(toy, tmp_path):
-    """Each process grades every sample, and not always alike (a time limit met on one host): the
-    RL stage's processes kept different best checkpoints, then exported different ones. Process
-    1 grades here as process 0 would not; both must report process 0's figures."""
+    """Each process grades every sample and votes on its answers, and not always alike (a time
+    limit met on one host): the RL stage's processes kept different best checkpoints, then
+    exported different ones. Process 1 grades and votes here as process 0 would not; both must
+    report process 0's figures."""
     import subprocess
     import sys
 

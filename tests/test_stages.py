@@ -429,6 +429,19 @@ def test_one_run_at_a_time_builds_the_toy_base(tmp_path, monkeypatch):
         released = time.monotonic()
     waiting.join(timeout=10)
     assert entered and entered[0] >= released
+    # A file system without locks (NFS without its lock daemon): built without, warned (it was a
+    # traceback for every run with model.path='toy').
+    import errno
+    import fcntl
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    with monkeypatch.context() as m:
+        m.setattr(fcntl, "flock", no_locks)
+        with common._toy_base_lock():
+            entered.append("without a lock")
+    assert entered[-1] == "without a lock"
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("R1JAX_HOME", str(tmp_path / "file" / "home"))  # cannot be made
     with pytest.raises(common.ConfigError, match=r"R1JAX_HOME .* cannot be written"):
@@ -1257,6 +1270,21 @@ def test_eval_samples_name_their_held_out_row_when_prompts_are_left_out(toy, tmp
     assert [s["prompt"] for s in samples] == [rows[s["row"]]["prompt"] for s in samples]
 
 
+def test_rejection_samplings_record_takes_float_tolerance_only_when_set():
+    """A record saved before sandbox.float_tolerance existed lacks it: recorded at its default,
+    it refused (or, once finished, discarded) every saved batch of a run with code rows."""
+    from r1jax.stages import rejection_sampling as rs
+
+    config = sh.load_config("rejection_sampling")
+    code_rows = types.SimpleNamespace(
+        rows=[{"tests": [{"input": "", "output": "1"}]}], fingerprint=lambda: "rows"
+    )
+    record = rs._sample_record(config, code_rows)
+    assert "sandbox.timeout_s" in record and "sandbox.float_tolerance" not in record
+    config.sandbox.float_tolerance = 1e-6
+    assert rs._sample_record(config, code_rows)["sandbox.float_tolerance"] == 1e-6
+
+
 def test_eval_metrics_follow_from_designed_answers(toy, tmp_path, monkeypatch):
     """The stage's pass@1, pass@k, cons@k, format and length on answers designed per sample (right,
     right spelled otherwise, wrong, unparseable, none), 7 prompts in batches of 3, against an
@@ -1344,6 +1372,7 @@ def test_rejection_sampling_drops_traces_that_state_held_out_problems(toy, tmp_p
     import re as regex
 
     from r1jax.data import split_of
+    from r1jax.data.arithmetic import key_can_hold_out
     from r1jax.models import hf
     from r1jax.stages import rejection_sampling as rs
 
@@ -1358,7 +1387,7 @@ def test_rejection_sampling_drops_traces_that_state_held_out_problems(toy, tmp_p
             c, inverse = (a + b, "-") if op == "+" else (a - b, "+")
             check = f"{c} {inverse} {b} = {a}"
             key = f"arithmetic|{min(c, b)}+{max(c, b)}" if inverse == "+" else f"arithmetic|{c}-{b}"
-            held_out_checks.append(split_of(key, 0.1) == "eval")
+            held_out_checks.append(split_of(key, 0.1) == "eval" and key_can_hold_out(key))
             text = f"<think> {a} {op} {b}. Check: {check}. </think> <answer>{c}</answer>"
             tokens += [tokenizer(text, add_special_tokens=False)["input_ids"]] * num_samples
         stops = [1] + [0] * (len(tokens) - 1)  # the first sample ran out of tokens
@@ -2279,6 +2308,13 @@ def test_score_prompt_pass_and_cons_with_ties():
     m = score_prompt(["7", "7", "8"], [nan, nan, 0.0])  # (no graded twin: wrong)
     assert m["cons@3"] == 0.0 and m["pass@1"] == 0.0
     assert score_prompt(["7", "7", "8"], [0.5, 0.5, 1.0])["pass@1"] == pytest.approx(1 / 3)
+    # ... and an unscored answer without an identical twin, as one it is `same` as.
+    from r1jax.stages.eval import same_answer
+
+    math = same_answer("math", None)
+    answers = ["1/2", "0.5", "0.5", "3", "3"]
+    assert score_prompt(answers, [1.0, 1.0, 1.0, 0.0, 0.0], math)["cons@5"] == 1.0
+    assert score_prompt(answers, [1.0, nan, nan, 0.0, 0.0], math)["cons@5"] == 1.0
     with pytest.raises(ValueError):
         score_prompt(["1"], [True, False])
     assert aggregate([{"pass@1": 0.5, "cons@2": 1.0}, {"pass@1": 0.0, "cons@2": 0.0}]) == {

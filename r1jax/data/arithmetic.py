@@ -161,6 +161,18 @@ def apply_op(a: int, op: str, b: int) -> int:
     return {"+": a + b, "-": a - b, "*": a * b}[op]
 
 
+_KEY_RE = re.compile(r"arithmetic\|(-?\d+)[+*-](-?\d+)")
+
+
+def key_can_hold_out(key: str) -> bool:
+    """Whether the problem of split key `key` (any task's) can be an eval problem: not with both
+    operands single digits, whose answers the column lines of every longer problem's solution
+    state ("8 + 9 + 0 = 17", scores of times in the pretraining corpus). A text stating one
+    that cannot gives nothing away."""
+    found = _KEY_RE.fullmatch(key)
+    return found is None or max(abs(int(found[1])), abs(int(found[2]))) >= 10
+
+
 def problem_key(a: int, op: str, b: int) -> str:
     """The split key of the problem ``a op b`` (operand order ignored for + and *)."""
     a, b = sorted((a, b)) if op in "+*" else (a, b)
@@ -258,12 +270,6 @@ class ArithmeticTask:
             "meta": {"op": op, "operands": [a, b]},
         }
         return key, row
-
-    def can_hold_out(self, row: dict) -> bool:
-        """Whether the problem can be an eval problem: not with both operands single digits,
-        whose answers the column lines of every longer problem's solution state ("8 + 9 + 0 =
-        17", scores of times in the pretraining corpus)."""
-        return max(abs(x) for x in row["meta"]["operands"]) >= 10
 
     def verify(self, answer: str, row: dict) -> bool:
         """True iff ``answer`` states exactly the integer ``row["solution"]``."""

@@ -304,10 +304,6 @@ class CountdownTask:
             "range or the number range"
         )
 
-    def can_hold_out(self, row: dict) -> bool:
-        """Every problem can be an eval problem (no training text states one's answer)."""
-        return True
-
     def verify(self, answer: str, row: dict) -> bool:
         """True iff ``answer`` reaches the row's target under the row's number rule."""
         meta = row["meta"]

@@ -13,8 +13,8 @@ Notable choices:
   the SHA-256 of its key (which ignores operand order for commutative problems) falls below
   ``eval_fraction``. Train and eval sets are therefore disjoint for any seeds and sizes, and a
   corpus built from train problems never contains an eval problem. A problem every training
-  text states in passing (`can_hold_out`: a single-digit sum, which each column addition
-  writes) is never drawn for eval.
+  text states in passing (`arithmetic.key_can_hold_out`: a single-digit sum, which each column
+  addition writes) is never drawn for eval.
 - Generation is a single ``random.Random`` stream seeded by (task, split, stream, seed) through
   Python's string seeding (SHA-512 based, so identical across processes and hash seeds on a
   given Python version). Draws that land in the other split are discarded; duplicates are
@@ -29,7 +29,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from r1jax.data.arithmetic import ArithmeticTask
+from r1jax.data.arithmetic import ArithmeticTask, key_can_hold_out
 from r1jax.data.countdown import CountdownTask
 
 SPLITS = ("train", "eval")
@@ -45,8 +45,6 @@ class Task(Protocol):
     def verify(self, answer: str, row: dict) -> bool: ...
 
     def long_cot(self, row: dict, rng: random.Random, mistake_rate: float) -> str: ...
-
-    def can_hold_out(self, row: dict) -> bool: ...
 
 
 TASKS: dict[str, type] = {"arithmetic": ArithmeticTask, "countdown": CountdownTask}
@@ -81,9 +79,9 @@ def split_of(key: str, eval_fraction: float) -> str:
 
 
 def all_train(keys: Sequence[str], eval_fraction: float = EVAL_FRACTION) -> bool:
-    """Whether every problem key in `keys` is in the train split: a text stating only these gives
-    away no held-out answer."""
-    return all(split_of(k, eval_fraction) == "train" for k in keys)
+    """Whether every problem key in `keys` is in the train split, or a problem never drawn for
+    eval (`key_can_hold_out`): a text stating only these gives away no held-out answer."""
+    return all(split_of(k, eval_fraction) == "train" or not key_can_hold_out(k) for k in keys)
 
 
 def make_dataset(
@@ -131,7 +129,7 @@ def make_dataset(
         stated = also_train(row) if also_train is not None and split == "train" else ()
         if (
             split_of(key, eval_fraction) != split
-            or (split == "eval" and not task.can_hold_out(row))
+            or (split == "eval" and not key_can_hold_out(key))
             or (unique and key in seen)
             or not all_train(stated, eval_fraction)
         ):
@@ -146,7 +144,7 @@ def make_dataset(
             + ("; those whose text states a held-out problem are left out" if also_train else "")
             + (
                 "; those every training text states, e.g. 8 + 9, are never held out"
-                if split == "eval"
+                if split == "eval" and task.name == "arithmetic"
                 else ""
             )
             + "); "

@@ -225,7 +225,8 @@ class RewardModel:
       mesh: batches are split over its batch axes (None: the default device).
       rules: logical-axis rules the model was placed with (default `sharding.RULES`).
       batch_size: rows per device batch (B of every compiled program).
-      buckets: padded lengths T; a sequence longer than the largest keeps its last tokens.
+      buckets: padded lengths T; a pair longer than the largest keeps its prompt (up to half
+        of it) and its last tokens (`score`; `score_ids` alone: a leading BOS and the last).
       mean, std: the returned score is `(raw - mean) / std` (0 and 1: the raw score).
     """
 

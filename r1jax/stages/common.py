@@ -850,6 +850,15 @@ def _toy_base_lock():
         except BlockingIOError:
             log.info("another run is building the toy base model in %s: waiting for it", home)
             fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:  # NFS without its lock daemon (ENOLCK), Lustre noflock (ENOSYS)
+            log.warning(
+                "cannot lock %s (%s): its file system takes no locks; make sure one run at a "
+                "time builds the toy base model there",
+                home,
+                e,
+            )
+            yield
+            return
         try:
             yield
         finally:

@@ -102,8 +102,8 @@ def score_prompt(
 ) -> dict[str, float]:
     """pass@1, pass@k and cons@k for one prompt's k graded samples (`same`: see
     `majority_vote`). `correct`: per sample a bool, or a grade (1.0 = correct; NaN = unscored,
-    counted wrong, and in the vote graded as a scored sample with the same answer is, so that it
-    cannot split its answer's votes)."""
+    counted wrong, and in the vote graded as the first scored sample with the same answer, or
+    one `same` deems it, is, so that it cannot split its answer's votes)."""
     k = len(correct)
     if k == 0 or len(answers) != k:
         raise ValueError("need one answer and one correctness flag per sample")
@@ -113,7 +113,19 @@ def score_prompt(
     for key, x, r in zip(keys, correct, right, strict=True):
         if not (isinstance(x, float) and math.isnan(x)):
             scored.setdefault(key, r)
-    labels = [scored.get(key, r) for key, r in zip(keys, right, strict=True)]
+    labels = [
+        scored[key]
+        if key in scored
+        else next(
+            (
+                grade
+                for other, grade in scored.items()
+                if same is not None and key and other and same(other, key)
+            ),
+            r,  # (no graded twin: wrong)
+        )
+        for key, r in zip(keys, right, strict=True)
+    ]
     c = sum(right)
     winner = majority_vote(answers, same, labels=labels)
     return {
@@ -409,6 +421,11 @@ def evaluate(
                     }
                     for r in rows
                 ]
+    # The vote compares answers by the grader's rule on each process (math-verify under a time
+    # limit, as grading): process 0's outcome, as for the grades.
+    cons = _process_0s(np.array([m[f"cons@{k}"] for m in per_prompt], np.float64))
+    for m, won in zip(per_prompt, cons, strict=True):  # (per_task holds the same dicts)
+        m[f"cons@{k}"] = float(won)
     result = {
         **aggregate(per_prompt),
         "mean_length": float(np.mean(lengths)),
@@ -432,9 +449,10 @@ def evaluate(
 
 
 def _process_0s(correct: np.ndarray) -> np.ndarray:
-    """[N] grades -> process 0's, on every process. Each process grades every sample, and not
-    always alike (a code test's or math-verify's time limit, a worker killed for memory): the RL
-    stage's processes would keep different best checkpoints, then export different ones."""
+    """[N] grades (or votes) -> process 0's, on every process. Each process grades every sample,
+    and not always alike (a code test's or math-verify's time limit, a worker killed for
+    memory): the RL stage's processes would keep different best checkpoints, then export
+    different ones."""
     import jax
     from jax.experimental import multihost_utils
 

@@ -536,8 +536,9 @@ def _eval_stamp(sub, model_path: str) -> dict[str, Any]:
     files = sorted(os.listdir(model_path)) if os.path.isdir(model_path) else []
     model = {f: os.path.getmtime(os.path.join(model_path, f)) for f in files}
     # 2: eval_samples.jsonl's "row" is the held-out row, before prompts left out (session 24);
-    # the paired differences must not pair files of the two numberings.
-    return {"settings": settings, "model": model, "samples_format": 2}
+    # the paired differences must not pair files of the two numberings. 3: no single-digit
+    # held-out arithmetic, and cons@k's "no answer" vote (session 28): evaluated anew.
+    return {"settings": settings, "model": model, "samples_format": 3}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -372,7 +372,12 @@ def _sample_record(config, prompts: common.PromptSet) -> dict[str, Any]:
         "data": prompts.fingerprint(),
         "data.stop_strings": list(config.data.stop_strings),
         **{k: r[k] for k in ("num_samples", "max_new_tokens", "temperature", "top_p")},
-        **{f"sandbox.{k}": v for k, v in sorted(sandbox.items()) if k != "allow_unsandboxed"},
+        # (float_tolerance only when set: records saved before it existed compare equal)
+        **{
+            f"sandbox.{k}": v
+            for k, v in sorted(sandbox.items())
+            if k != "allow_unsandboxed" and not (k == "float_tolerance" and not v)
+        },
     }
 
 
