@@ -253,7 +253,8 @@ busy_check() {
 do_setup() {
   local fetch
   if [ -n "$REPO_URL" ]; then
-    fetch="if [ ! -d $DIR_R/.git ]; then rm -rf $DIR_R && git init -q $DIR_R"
+    # (a copy `setup` made without --repo becomes a git checkout in place: its runs/ stay)
+    fetch="if [ ! -d $DIR_R/.git ]; then git init -q $DIR_R"
     fetch="$fetch && git -C $DIR_R remote add origin $(shquote "$REPO_URL"); fi"
     fetch="$fetch && git -C $DIR_R remote set-url origin $(shquote "$REPO_URL")"
     fetch="$fetch && git -C $DIR_R fetch -q --depth=1 origin $(shquote "$REPO_REF")"

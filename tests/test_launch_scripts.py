@@ -688,6 +688,20 @@ def test_tpu_setup_run_detach_and_stop(env):
         assert (w / "r1jax/.notes").read_text() == "mine"
         assert not (w / "r1jax/r1jax/gone.py").exists() and not (w / "r1jax.new").exists()
         assert (w / "r1jax/tests/test_launch_scripts.py").read_bytes() == copied.read_bytes()
+    # From a repository (--repo) the first time: the copy becomes a checkout in place, runs/ kept.
+    repo = Path(env["TMPDIR"]) / "repo"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    (repo / "README.md").write_text("from the repository\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    fetched = launch(
+        "tpu_pod.sh", "setup", "--name", "r1", "--repo", f"file://{repo}", "--ref", "main", env=env
+    )
+    assert fetched.returncode == 0, fetched.stderr
+    for w in workers:
+        assert (w / "r1jax/README.md").read_text() == "from the repository\n"
+        assert (w / "r1jax/runs/sft/checkpoints/500/state").read_text() == "saved"
 
     run = launch(
         "tpu_pod.sh",
