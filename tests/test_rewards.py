@@ -50,6 +50,11 @@ EQUIVALENT = [  # (gold, completion): same answer written differently
     ("5", "\\boxed{3} or \\boxed{5}? Checking both, the answer is \\boxed{5}."),
     ("\\frac{1}{2}", "<answer>\\boxed{\\frac{1}{2}} or \\boxed{0.5}</answer>"),
     ("18", "<answer>The answer is $18$ eggs.</answer>"),  # words around delimited math
+    # "How many more / fewer / times": the count, with or without delimiters (only "$18$ more"
+    # scored before, "18 more apples" was no answer).
+    ("18", "<answer>18 more apples</answer>"),
+    ("18", "<answer>18 fewer</answer>"),
+    ("5", "<answer>5 times</answer>"),
     ("12\\pi", "<answer>The area is $12\\pi$.</answer>"),
     ("5", "<answer>The value of $x$ is $5$.</answer>"),
     ("5", "<answer>The answer to the question is $5$ km/h.</answer>"),
@@ -153,6 +158,9 @@ DIFFERENT = [
     ("18", "<answer>not 18</answer>"),
     ("18", "<answer>less than 18</answer>"),
     ("18", "<answer>18 thousand</answer>"),
+    ("18", "<answer>18 or more</answer>"),
+    ("18", "<answer>18 more than 5</answer>"),
+    ("15", "<answer>5 times 3</answer>"),
     ("18", "<answer>half of 18</answer>"),
     ("18", "<answer>17 eggs or 18</answer>"),
     ("18", "<answer>I think 7, no 18</answer>"),
@@ -204,6 +212,45 @@ def test_the_first_answer_a_process_grades_is_not_charged_its_imports(monkeypatc
     assert accuracy_reward(["<answer>$\\sqrt{12}$</answer>"], solution=["$2\\sqrt{3}$"]) == [1.0]
     long, short = 20 * accuracy.PARSE_TIMEOUT_S, accuracy.PARSE_TIMEOUT_S
     assert limits == [long] * 4 + [short] * 2, limits
+
+
+def test_a_missing_number_is_no_solution(monkeypatch):
+    """A missing cell of a pandas or Parquet number column is a float NaN: its "nan" was the gold,
+    which the answer "nan" matched. And the reward pool's size needs no Linux-only call."""
+    import numpy as np
+
+    from r1jax.rewards import compose
+
+    nan_golds = [float("nan"), np.float32("nan"), 5.0]
+    assert accuracy_reward(["<answer>nan</answer>"] * 3, solution=nan_golds) == [None, None, 0.0]
+    cores = compose._default_workers()
+    monkeypatch.delattr(compose.os, "sched_getaffinity")  # (macOS, Windows)
+    assert 1 <= compose._default_workers() <= 16 and cores >= 1
+
+
+def test_a_parse_that_ran_out_of_time_is_not_remembered(monkeypatch):
+    """math-verify's parse returns [] when it runs out of time, and that [] was cached: one slow
+    moment on a loaded host made a gold unparseable for the rest of the worker's life (its right
+    answers scored 0, compared as text)."""
+    from math_verify.errors import TimeoutException
+
+    from r1jax.rewards import accuracy
+
+    assert accuracy_reward(["<answer>1</answer>"], solution=["1"]) == [1.0]  # (warmed up)
+    real, timed_out = accuracy.parse, []
+
+    def slow_once(s, *args, raise_on_error=False, **kwargs):  # as math-verify's own
+        if not timed_out:
+            timed_out.append(s)
+            if raise_on_error:
+                raise TimeoutException("Timeout during parsing")
+            return []
+        return real(s, *args, raise_on_error=raise_on_error, **kwargs)
+
+    monkeypatch.setattr(accuracy, "parse", slow_once)
+    gold, answer = "\\frac{3}{17}", ["<answer>3/17</answer>"]
+    assert accuracy_reward(answer, solution=[gold]) == [0.0]  # (the loaded moment)
+    assert timed_out and accuracy_reward(answer, solution=[gold]) == [1.0]
 
 
 @pytest.mark.parametrize("gold,completion", DIFFERENT)
@@ -847,6 +894,19 @@ def test_tag_regions_match_the_lazy_regex_and_survive_thousands_of_unclosed_tags
     assert answer_region(hostile) is None
     assert word_scripts(hostile) == []
     assert format_reward([hostile]) == [0.0]
+    # A box of unclosed "\\(" before a last one, "or" between: the hedge check compared the two
+    # boxes, the first as the gold, whose math spans a lazy regex rescanned from every opener
+    # (30 s here, in C, where math-verify's alarm cannot reach; minutes at the length cap).
+    for opener in ("\\(x ", "\\[x "):
+        boxes = "<think>hm</think>\\boxed{" + opener * 40_000 + "} or \\boxed{5}"
+        started = time.monotonic()
+        assert extract_answer(boxes) is None  # (a hedge: no answer)
+        assert time.monotonic() - started < 5
+    from r1jax.rewards import accuracy
+
+    started = time.monotonic()
+    assert len(list(accuracy._MATH_SPAN.finditer("\\(x " * 40_000 + "\\[y \\]"))) == 1
+    assert time.monotonic() - started < 5
 
 
 def test_an_escaped_dollar_is_a_currency_sign_not_math():

@@ -39,6 +39,7 @@ import concurrent.futures
 import functools
 import logging
 import multiprocessing
+import numbers
 import re
 import threading
 from collections.abc import Sequence
@@ -51,6 +52,7 @@ from math_verify import (
     parse,
     verify,
 )
+from math_verify.errors import TimeoutException
 
 from r1jax.rewards.common import answer_region, column, completion_texts, last_boxed
 
@@ -91,10 +93,11 @@ _LEAD_IN = re.compile(
     r"\s*(?:is|=|:)\s*|there\s+(?:are|is|were|was)\s+|it\s+is\s+|it's\s+)?",
     re.IGNORECASE,
 )
-_NOT_UNITS = frozenset(  # words after a value that change it or hedge it
+_NOT_UNITS = frozenset(  # words after a value that change it or hedge it ("18 more apples",
+    # "5 times" answer "how many more / times": the value, as "$18$ more apples" scored)
     "thousand thousands million millions billion billions trillion hundred hundreds dozen dozens "
-    "squared cubed half halves third thirds quarter quarters tenths hundredths thousandths times "
-    "more less fewer least most over under above below than plus minus not no or and to".split()
+    "squared cubed half halves third thirds quarter quarters tenths hundredths thousandths "
+    "least most over under above below than plus minus not no or and to".split()
 )
 _UNIT_TEXT = re.compile(
     r"(?<=\S)\s*\\text\s*\{\s*(?!(?:or|and)\s*\})[A-Za-z][A-Za-z .]*\}(?:\s*\^\s*(?:\{\d+\}|\d))?"
@@ -125,7 +128,10 @@ _HEDGE_AFTER = re.compile(
 _HEDGE_BETWEEN = re.compile(r"\bor\b|或", re.IGNORECASE)
 _CLAUSE_END = re.compile(r"[.;:!?，。；：！？]|,\s")
 _MATH_SPAN = re.compile(  # one delimited expression: $$…$$, $…$, \\(…\\), \\[…\\]
-    r"(?<!\\)\$\$(.+?)(?<!\\)\$\$|(?<!\\)\$(.+?)(?<!\\)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL
+    # (an opener is not crossed: thousands of unclosed "\\(" each scanned to the end of the text)
+    r"(?<!\\)\$\$(.+?)(?<!\\)\$\$|(?<!\\)\$(.+?)(?<!\\)\$"
+    r"|\\\(((?:(?!\\\().)+?)\\\)|\\\[((?:(?!\\\[).)+?)\\\]",
+    re.DOTALL,
 )
 _LATEX_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textit|boxed)\s*\{([^{}]*)\}")
 _MATH_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
@@ -238,9 +244,12 @@ def _hedged_boxes(text: str) -> bool:
         return False
     (_, end, a), (start, _, b) = boxes[-2:]
     between = text[end:start]
-    # (the same value written twice, "\\frac{1}{2} or 0.5", is one answer)
+    # (the same value written twice, "\\frac{1}{2} or 0.5", is one answer; a box too long to
+    # grade is not compared: a regex over it can take minutes, which no alarm interrupts)
     short_or = len(between.split()) <= 3 and _HEDGE_BETWEEN.search(between)
-    return bool(short_or) and a != b and not answers_match(a, b)
+    if not short_or or a == b:
+        return False
+    return max(len(a), len(b)) > MAX_ANSWER_CHARS or not answers_match(a, b)
 
 
 # A number grouped in thousands by spaces ("1 000", LaTeX's "1\,000"): one number, not a product.
@@ -291,10 +300,29 @@ def _without_words(s: str) -> tuple[str, bool]:
     return " ".join(tokens).rstrip(".,:;"), any(_is_word(t) for t in tokens)
 
 
+def _parsed(s: str) -> list[Any]:
+    """`_parse_math(s)`, or [] when it ran out of time: not cached, so that one slow moment on a
+    loaded host does not make a gold unparseable for the rest of the run."""
+    try:
+        return _parse_math(s)
+    except TimeoutException:
+        logger.warning("math-verify ran out of time parsing %.200r", s)
+        return []
+
+
+def _parse(s: str, timeout: int | None) -> list[Any]:
+    """math-verify's parse; [] for what it cannot parse, its TimeoutException raised."""
+    try:
+        return parse(s, list(_MATH_CONFIG), parsing_timeout=timeout, raise_on_error=True)
+    except Exception:  # (its parse errors; a TimeoutException is a BaseException)
+        return []
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse_math(s: str) -> list[Any]:
-    """Answer string -> math-verify parse result ([] when nothing parsed). Cached: a cons@k
-    vote compares each answer with every group's, and a group's gold with every sample."""
+    """Answer string -> math-verify parse result ([] when nothing parsed; TimeoutException when
+    it ran out of time: `_parsed`). Cached: a cons@k vote compares each answer with every
+    group's, and a group's gold with every sample."""
     timeout = _timeout()
     spans = list(_MATH_SPAN.finditer(s))
     if spans:
@@ -303,12 +331,12 @@ def _parse_math(s: str) -> list[Any]:
         # undelimited words may not do either.
         if _hedged(s, spans):
             return []
-        return parse(s, list(_MATH_CONFIG), parsing_timeout=timeout)
+        return _parse(s, timeout)
     s = _MATH_DOLLAR.sub("", s)  # a lone "$" is a currency sign ("$5")
     value, wordy = _without_words(s)
     if wordy:  # words that may change the value ("not 18", "17 eggs or 18"): no answer
         return []
-    return parse("\\boxed{" + value + "}", list(_MATH_CONFIG), parsing_timeout=timeout)
+    return _parse("\\boxed{" + value + "}", timeout)
 
 
 def _hedged(s: str, spans: list[re.Match]) -> bool:
@@ -385,10 +413,10 @@ def _match_here(gold: str, predicted: str) -> bool:
     letter = _LETTER_GOLD.match(gold)
     if letter:
         return _letter(predicted) == letter.group(1)
-    gold_parsed = _parse_math(gold)
+    gold_parsed = _parsed(gold)
     if not gold_parsed:
         return bool(gold) and _plain(gold) == _plain(predicted)
-    predicted_parsed = _parse_math(predicted)
+    predicted_parsed = _parsed(predicted)
     if not predicted_parsed:
         return False
     if verify(gold_parsed, predicted_parsed, timeout_seconds=_timeout()):
@@ -396,9 +424,7 @@ def _match_here(gold: str, predicted: str) -> bool:
     # math-verify takes "50\\%" for 50 only when the number is an integer ("12.5\\%" is never
     # 12.5): a percentage against a bare gold (or the reverse) is compared without its sign too.
     if bool(_PERCENT_SIGN.search(gold)) != bool(_PERCENT_SIGN.search(predicted)):
-        gold_bare, predicted_bare = (
-            _parse_math(_PERCENT_SIGN.sub("", x)) for x in (gold, predicted)
-        )
+        gold_bare, predicted_bare = (_parsed(_PERCENT_SIGN.sub("", x)) for x in (gold, predicted))
         return bool(gold_bare and predicted_bare) and bool(
             verify(gold_bare, predicted_bare, timeout_seconds=_timeout())
         )
@@ -412,13 +438,16 @@ def accuracy_reward(completions: Sequence[Any], **columns: Any) -> list[float | 
       completions: [B] strings or chat-message lists.
       **columns: needs ``solution`` ([B] ground-truth answers; str or number); others are ignored.
     Returns:
-      [B] floats in {0.0, 1.0}; ``None`` for rows whose solution is empty or missing.
+      [B] floats in {0.0, 1.0}; ``None`` for rows whose solution is empty or missing (a float
+      NaN too: a missing cell of a pandas or Parquet number column, whose "nan" an answer "nan"
+      matched).
     """
     texts = completion_texts(completions)
     solutions = column(columns, "solution", len(texts), reward="accuracy_reward")
     rewards: list[float | None] = []
     for text, solution in zip(texts, solutions, strict=True):
-        if solution is None or not str(solution).strip():
+        missing = isinstance(solution, numbers.Real) and solution != solution  # (NaN)
+        if missing or solution is None or not str(solution).strip():
             rewards.append(None)
             continue
         answer = extract_answer(text)

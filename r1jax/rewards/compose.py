@@ -253,7 +253,11 @@ def _exit_with_parent() -> None:
 
 
 def _default_workers() -> int:
-    return min(len(os.sched_getaffinity(0)), 16)
+    # (the cores this process may use; macOS and Windows have no affinity call: all of them)
+    cores = (
+        os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    )
+    return min(len(cores), 16)
 
 
 class RewardFunction:
