@@ -649,6 +649,24 @@ def learned_rm_stub(completions, **columns):
     return [len(c) / 100.0 for c in completions]
 
 
+def test_numpy_and_arrow_columns_score_as_lists():
+    """A pyarrow column reached the rewards as pyarrow scalars (a task name unequal to every
+    task's: every row unscored, total 0), and a numpy one was not split per row in-process."""
+    import random
+
+    from r1jax.data import tasks
+
+    rng = random.Random(0)
+    rows = [tasks.make_task("countdown").sample(rng)[1] for _ in range(4)]
+    completions = [f"<answer>{r['solution']}</answer>" for r in rows]
+    columns = {k: [r[k] for r in rows] for k in ("task", "meta", "solution")}
+    for workers in (0, 2):
+        with build_reward_fn(["task"], num_workers=workers) as fn:
+            for convert in (pyarrow.array, lambda v: np.array(v, dtype=object)):
+                out = fn(completions, **{k: convert(v) for k, v in columns.items()})
+                assert out.total.tolist() == [1.0] * 4, (workers, convert)
+
+
 def test_pool_matches_serial_and_custom_callables():
     specs = [
         ("accuracy", 1.0, {}),

@@ -93,7 +93,7 @@ def column(columns: Mapping[str, Any], name: str, n: int, *, reward: str) -> lis
     if value is None or isinstance(value, str | bytes | int | float):
         return [value] * n
     try:
-        values = list(value)
+        values = python_list(value)
     except TypeError:
         raise ValueError(
             f"{reward}: column `{name}` must be a list, one entry per completion, "
@@ -107,14 +107,33 @@ def column(columns: Mapping[str, Any], name: str, n: int, *, reward: str) -> lis
     return values
 
 
+def python_list(value: Any) -> list[Any]:
+    """A column as a list of Python values: numpy, pandas and pyarrow columns iterate as their
+    own scalar types (a pyarrow StringScalar is no str: a task name compared unequal)."""
+    if hasattr(value, "to_pylist"):  # pyarrow
+        return value.to_pylist()
+    if hasattr(value, "tolist"):  # numpy, pandas
+        return value.tolist()
+    return list(value)
+
+
+def is_per_row(value: Any, n: int) -> bool:
+    """Whether a column value holds one entry per completion (a list, tuple, numpy, pandas or
+    pyarrow column of length `n`) rather than one value for all (a scalar, a dict, an object
+    such as TRL's ``trainer_state``)."""
+    return (
+        hasattr(value, "__len__")
+        and hasattr(value, "__getitem__")
+        and not isinstance(value, str | bytes | Mapping)
+        and len(value) == n
+    )
+
+
 def rows(columns: Mapping[str, Any], n: int) -> list[dict[str, Any]]:
-    """Columns -> one dict per completion. Lists of length ``n`` are split per row; any other
-    value (a scalar, or an object such as TRL's ``trainer_state``) is shared by every row."""
-    per_row = {
-        k: list(v)
-        for k, v in columns.items()
-        if isinstance(v, Sequence) and not isinstance(v, str | bytes) and len(v) == n
-    }
+    """Columns -> one dict per completion. Columns of length ``n`` (`is_per_row`) are split per
+    row; any other value (a scalar, or an object such as TRL's ``trainer_state``) is shared by
+    every row."""
+    per_row = {k: python_list(v) for k, v in columns.items() if is_per_row(v, n)}
     shared = {k: v for k, v in columns.items() if k not in per_row}
     return [{**shared, **{k: v[i] for k, v in per_row.items()}} for i in range(n)]
 

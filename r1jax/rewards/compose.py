@@ -48,7 +48,7 @@ import numpy as np
 
 from r1jax.rewards.accuracy import accuracy_reward
 from r1jax.rewards.code import code_reward
-from r1jax.rewards.common import completion_texts
+from r1jax.rewards.common import completion_texts, is_per_row, python_list
 from r1jax.rewards.format import format_reward, tag_count_reward
 from r1jax.rewards.language import language_consistency_reward
 from r1jax.rewards.shaping import (
@@ -217,13 +217,10 @@ def _score(specs: Sequence[RewardSpec], completions: list, columns: dict) -> np.
 def _slice_columns(columns: Mapping[str, Any], n: int, start: int, stop: int) -> dict:
     """Per-row columns (sequences of length n: lists, numpy, pyarrow or pandas columns) are
     sliced; anything else is passed whole."""
-    out = {}
-    for key, value in columns.items():
-        per_row = hasattr(value, "__len__") and hasattr(value, "__getitem__")
-        if per_row and not isinstance(value, str | bytes | Mapping) and len(value) == n:
-            value = list(value)[start:stop]
-        out[key] = value
-    return out
+    return {
+        key: python_list(value)[start:stop] if is_per_row(value, n) else value
+        for key, value in columns.items()
+    }
 
 
 def _exit_with_parent() -> None:
