@@ -1802,6 +1802,17 @@ def test_pipeline_resume_follows_what_each_stage_was_trained_on(stub_stages, tmp
     config.rejection_sampling.rejection_sampling.temperature = 1.0
     with pytest.raises(common.ConfigError, match=re.escape(f"delete {rs} {after} ")):
         pipeline.run(config, str(tmp_path / "moved"))
+    # A finished stage's output deleted (its done.json left): it runs again, from its own saved
+    # work, where the stages trained on it were refused ("made again or removed") and deleting
+    # them as advised left the run no way on. Same output, so they stand; minutes add up.
+    config.rejection_sampling.rejection_sampling.temperature = 0.6
+    config.rejection_sampling.rejection_sampling.max_per_prompt = 2
+    config.rejection_sampling.rejection_sampling.num_prompts -= 8
+    (rs / pipeline.KEPT_SAMPLES).unlink()
+    stub_stages.calls.clear()
+    results = pipeline.run(config, str(tmp_path / "moved"))
+    assert stub_stages.calls == ["rejection_sampling"]
+    assert results["stages"]["rejection_sampling"]["minutes"] == 2
 
 
 def test_pipeline_errors_name_the_sub_stage_and_resumed_minutes_add_up(stub_stages, tmp_path):

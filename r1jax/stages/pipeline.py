@@ -274,7 +274,20 @@ def _run_once(
 
     done = os.path.join(subdir, "done.json")
     inputs = _inputs(sub, wired)
-    if os.path.exists(done):
+    # Minutes of earlier attempts that stopped part way (the stage resumed from their checkpoint).
+    attempts = os.path.join(subdir, "minutes_before.json")
+    before = common.read_json(attempts)["minutes"] if os.path.exists(attempts) else 0.0
+    output = os.path.join(subdir, KEPT_SAMPLES if stage == "rejection_sampling" else "hf/final")
+    if os.path.exists(done) and not os.path.exists(output):
+        # (its output deleted: made again from its checkpoints, or its saved samples; the
+        # stages trained on it then compare it by content, as after any rerun)
+        log.warning("pipeline: %s is done, but its %s is gone: running it again", name, output)
+        before += common.read_json(done).get("minutes", 0.0)
+        common.write_json(attempts, {"minutes": before})  # (process 0)
+        common.sync_processes("pipeline minutes kept")
+        if common._is_process_zero():
+            os.remove(done)
+    elif os.path.exists(done):
         saved_config = os.path.join(subdir, f"config_{stage}.json")
         _check_same_settings(sub, saved_config, subdir, stage, wired)
         finished = common.read_json(done)
@@ -287,9 +300,6 @@ def _run_once(
             )
         log.info("pipeline: %s already done, skipping (%s)", name, subdir)
         return finished
-    # Minutes of earlier attempts that stopped part way (the stage resumed from their checkpoint).
-    attempts = os.path.join(subdir, "minutes_before.json")
-    before = common.read_json(attempts)["minutes"] if os.path.exists(attempts) else 0.0
     started = time.time()
     try:
         common.validate(sub, stage)
