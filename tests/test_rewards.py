@@ -53,6 +53,8 @@ EQUIVALENT = [  # (gold, completion): same answer written differently
     # "How many more / fewer / times": the count, with or without delimiters (only "$18$ more"
     # scored before, "18 more apples" was no answer).
     ("18", "<answer>18 more apples</answer>"),
+    ("C", "<answer>Not B, so (C)</answer>"),  # (another letter, not offered: still a choice)
+    ("B", "<answer>B, because C is wrong</answer>"),
     ("18", "<answer>18 fewer</answer>"),
     ("5", "<answer>5 times</answer>"),
     ("12\\pi", "<answer>The area is $12\\pi$.</answer>"),
@@ -139,6 +141,12 @@ DIFFERENT = [
     ("1,000", "<answer>100</answer>"),
     ("B", "<answer>C</answer>"),
     ("B", "<answer>The answer is A</answer>"),
+    # A letter offered with another is no choice, however it is cued (only a leading "B or C"
+    # counted as none; "The answer is B or C" chose B).
+    ("B", "<answer>The answer is B or C</answer>"),
+    ("B", "<answer>Option B, C</answer>"),
+    ("C", "<answer>either (B) or (C)</answer>"),
+    ("B", "<answer>(B) or maybe (C)</answer>"),
     ("-5", "<answer>5</answer>"),
     ("Paris", "<answer>London</answer>"),
     ("18", "<answer>18 or 19</answer>"),  # two answers are none

@@ -74,7 +74,13 @@ _LETTER_LEAD = re.compile(
     r"^\s*(?:\(\s*([A-Ja-j])\s*\)|([A-Ja-j])(?:\s*[.:),]|\s*$)"
     r"|([B-HJ])\s|([AI])\s+(?=(?:is|was|because|since|as)\b))"
 )
-_LETTER_ALTERNATIVE = re.compile(r"\s*\)?\s*(?:or|and|,|/)\s*\(?\s*[A-J](?![A-Za-z])")
+# Another letter offered right after a chosen one ("B or C", "(B), (C)", "(B) or maybe (C)") ...
+_MAYBE = r"(?:\s+(?:maybe|perhaps|possibly|probably|also|even))?"
+_LETTER_ALTERNATIVE = re.compile(rf"\s*\)?\s*(?:or|and|,|/){_MAYBE}\s*\(?\s*[A-J](?![A-Za-z])")
+# ... or right before it ("either (B) or (C)", "B or possibly C")
+_LETTER_ALTERNATIVE_BEFORE = re.compile(
+    rf"(?<![A-Za-z])[A-J]\s*\)?\s*(?:or|and|,|/){_MAYBE}\s*\(?\s*$"
+)
 _LETTER_ANSWER = re.compile(r"(?i:answer)\s*(?:(?i:is)\s*|:\s*)\(?([A-J])(?![A-Za-z])")
 _LETTER_BRACKETED = re.compile(r"\(\s*([A-J])\s*\)")
 _LETTER_CUED = re.compile(r"(?i:option|choice)\s*(?:(?i:is)\s*|:\s*)?\(?([A-J])(?![A-Za-z])")
@@ -370,7 +376,12 @@ def _letter(s: str) -> str | None:
         found = list(pattern.finditer(plain))
         if found:
             last = found[-1]
-            return None if _NEGATED.search(plain, 0, last.start(1)) else last.group(1)
+            hedged = _LETTER_ALTERNATIVE.match(plain, last.end(1)) or (
+                _LETTER_ALTERNATIVE_BEFORE.search(plain, 0, last.start(1))
+            )  # ("The answer is B or C", "Option B, C", "either (B) or (C)": no choice)
+            if hedged or _NEGATED.search(plain, 0, last.start(1)):
+                return None
+            return last.group(1)
     alone = list(_LETTER_ALONE.finditer(plain))
     if len({m.group(1) for m in alone}) != 1 or any(
         _NEGATED.search(plain, 0, m.start(1)) for m in alone
