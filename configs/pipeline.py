@@ -4,7 +4,9 @@
     python -m r1jax.launch --stage=pipeline --config=configs/pipeline.py:smoke   # minutes, for CI
 
 Each section is a full config of its stage (see configs/<stage>.py); override any field, e.g.
-`--config.r1_zero.rl.steps=50`. Model paths are wired by the pipeline itself.
+`--config.r1_zero.rl.steps=50`. Model paths, the second SFT's and the distillation's data, and
+the evaluations' prompts (`eval_data`) are wired by the pipeline itself: a flag for a wired field
+is refused.
 """
 
 import os

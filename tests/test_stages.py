@@ -1872,6 +1872,19 @@ def test_pipeline_checks_every_section_before_the_first_stage():
     config.eval_stage.eval.num_samples = 0  # the evaluations after every stage
     with pytest.raises(common.ConfigError, match=r"^eval_stage / eval_data .*eval.num_samples"):
         pipeline.validate(config)
+    config.eval_stage.eval.num_samples = 2
+    # Fields the pipeline sets from earlier stages: a flag for one was accepted and ignored.
+    for field, value, message in (
+        ("r1_zero.model.path", "/models/mine", r"r1_zero.model.path='/models/mine': the pipeline"),
+        ("r1_sft.sft.source", "mine.jsonl", r"sets it to what rejection_sampling made"),
+        ("distill.distill.source", "mine.jsonl", r"^distill.distill.source='mine.jsonl'"),
+        ("eval_stage.data.num_eval", 16, r"^eval_stage.data: .* set --config.eval_data"),
+    ):
+        changed = copy.deepcopy(config)
+        sh.set_fields(changed, {field: value})
+        with pytest.raises(common.ConfigError, match=message):
+            pipeline.validate(changed)
+    pipeline.validate(config)
 
 
 def test_pipeline_stops_after_a_base_that_does_not_copy_tags(tmp_path):

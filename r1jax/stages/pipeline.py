@@ -101,7 +101,7 @@ def validate(config) -> None:
             f"wires each stage's model from the one before; set the bases with "
             f"--config.base.pretrain.* (or run the stages one by one from a real model)"
         )
-    for name, stage, _ in PLAN:
+    for name, stage, source in PLAN:
         if name not in config:
             raise common.ConfigError(f"pipeline config lacks the section {name!r} ({stage})")
         seed = config[name].get("seed", 0)
@@ -110,11 +110,30 @@ def validate(config) -> None:
                 f"{name}.seed={seed}: the pipeline runs every stage with its own seed; set "
                 f"--config.seed instead"
             )
+        # A field the pipeline sets from an earlier stage: a flag for it would be ignored.
+        default = common.load_config_file(os.path.join(common._configs_dir(), stage + ".py"))
+        wired = (["model.path"] if source else []) + [DATA_FROM.get(name, (None,))[0]]
+        for field in filter(None, wired):
+            section, _, key = field.partition(".")
+            if config[name][section][key] != default[section][key]:
+                raise common.ConfigError(
+                    f"{name}.{field}={config[name][section][key]!r}: the pipeline sets it to "
+                    f"what {DATA_FROM[name][1] if field != 'model.path' else source} made; run "
+                    f"--stage={stage} alone to train on another"
+                )
         # As run() will give it, except the model and data paths earlier stages write.
         try:
             common.validate(_stage_config(config, name), stage)
         except common.ConfigError as e:
             raise common.ConfigError(f"{name} (--stage={stage}): {e}") from None
+    if (
+        config.eval_stage.data.to_dict()
+        != common.load_config_file(os.path.join(common._configs_dir(), "eval.py")).data.to_dict()
+    ):
+        raise common.ConfigError(
+            "eval_stage.data: every evaluation reads eval_data (the pipeline's held-out prompts); "
+            "set --config.eval_data.* instead"
+        )
     try:
         common.validate(_eval_config(config, common.TOY_BASE), "eval")
     except common.ConfigError as e:
