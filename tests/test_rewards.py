@@ -55,6 +55,9 @@ EQUIVALENT = [  # (gold, completion): same answer written differently
     ("18", "<answer>18 more apples</answer>"),
     ("C", "<answer>Not B, so (C)</answer>"),  # (another letter, not offered: still a choice)
     ("B", "<answer>B, because C is wrong</answer>"),
+    ("B", "<answer>The answer is B, I think</answer>"),  # (the pronoun is no option)
+    ("B", "<answer>The answer is (B), I am confident</answer>"),
+    ("B", "<answer>Between (A) and (B), (B)</answer>"),  # (the same letter twice: one)
     ("18", "<answer>18 fewer</answer>"),
     ("5", "<answer>5 times</answer>"),
     ("12\\pi", "<answer>The area is $12\\pi$.</answer>"),
@@ -147,6 +150,7 @@ DIFFERENT = [
     ("B", "<answer>Option B, C</answer>"),
     ("C", "<answer>either (B) or (C)</answer>"),
     ("B", "<answer>(B) or maybe (C)</answer>"),
+    ("B", "<answer>B or C is correct</answer>"),
     ("-5", "<answer>5</answer>"),
     ("Paris", "<answer>London</answer>"),
     ("18", "<answer>18 or 19</answer>"),  # two answers are none
@@ -231,6 +235,10 @@ def test_a_missing_number_is_no_solution(monkeypatch):
 
     nan_golds = [float("nan"), np.float32("nan"), 5.0]
     assert accuracy_reward(["<answer>nan</answer>"] * 3, solution=nan_golds) == [None, None, 0.0]
+    # One numpy value is every row's (a 0-d array was split into its characters' rows).
+    answers = ["<answer>18</answer>", "<answer>8</answer>"]
+    for one in (np.int64(18), np.array("18")):
+        assert accuracy_reward(answers, solution=one) == [1.0, 0.0]
     cores = compose._default_workers()
     monkeypatch.delattr(compose.os, "sched_getaffinity")  # (macOS, Windows)
     assert 1 <= compose._default_workers() <= 16 and cores >= 1

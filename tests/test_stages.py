@@ -1813,6 +1813,15 @@ def test_pipeline_resume_follows_what_each_stage_was_trained_on(stub_stages, tmp
     results = pipeline.run(config, str(tmp_path / "moved"))
     assert stub_stages.calls == ["rejection_sampling"]
     assert results["stages"]["rejection_sampling"]["minutes"] == 2
+    # ... but not with other settings: refused as when its output is there.
+    beta = config.r1.rl.beta
+    config.r1.rl.beta = beta + 0.1
+    shutil.rmtree(tmp_path / "moved" / "r1" / "hf")
+    with pytest.raises(common.ConfigError, match=r"r1 is done, but with other settings"):
+        pipeline.run(config, str(tmp_path / "moved"))
+    config.r1.rl.beta = beta
+    pipeline.run(config, str(tmp_path / "moved"))
+    assert stub_stages.calls[-1] == "r1"
 
 
 def test_pipeline_errors_name_the_sub_stage_and_resumed_minutes_add_up(stub_stages, tmp_path):
@@ -1879,6 +1888,8 @@ def test_pipeline_checks_every_section_before_the_first_stage():
         ("r1_sft.sft.source", "mine.jsonl", r"sets it to what rejection_sampling made"),
         ("distill.distill.source", "mine.jsonl", r"^distill.distill.source='mine.jsonl'"),
         ("eval_stage.data.num_eval", 16, r"^eval_stage.data: .* set --config.eval_data"),
+        ("eval_stage.model.path", "/models/mine", r"^eval_stage.model.path='/models/mine'"),
+        ("eval_stage.seed", 7, r"^eval_stage.seed=7: .* set --config.seed"),
     ):
         changed = copy.deepcopy(config)
         sh.set_fields(changed, {field: value})

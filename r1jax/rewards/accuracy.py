@@ -76,10 +76,14 @@ _LETTER_LEAD = re.compile(
 )
 # Another letter offered right after a chosen one ("B or C", "(B), (C)", "(B) or maybe (C)") ...
 _MAYBE = r"(?:\s+(?:maybe|perhaps|possibly|probably|also|even))?"
-_LETTER_ALTERNATIVE = re.compile(rf"\s*\)?\s*(?:or|and|,|/){_MAYBE}\s*\(?\s*[A-J](?![A-Za-z])")
+# (a letter, not the pronoun: "B, I think" still chooses B; "B or C is right" does not)
+_LETTER_ALTERNATIVE = re.compile(
+    rf"\s*\)?\s*(?:or|and|,|/){_MAYBE}\s*\(?\s*([A-J])(?![A-Za-z'’])"
+    r"(?!\s+(?!(?:is|are|or|and)\b)[a-z])"
+)
 # ... or right before it ("either (B) or (C)", "B or possibly C")
 _LETTER_ALTERNATIVE_BEFORE = re.compile(
-    rf"(?<![A-Za-z])[A-J]\s*\)?\s*(?:or|and|,|/){_MAYBE}\s*\(?\s*$"
+    rf"(?<![A-Za-z'’])([A-J])\s*\)?\s*(?:or|and|,|/){_MAYBE}\s*\(?\s*$"
 )
 _LETTER_ANSWER = re.compile(r"(?i:answer)\s*(?:(?i:is)\s*|:\s*)\(?([A-J])(?![A-Za-z])")
 _LETTER_BRACKETED = re.compile(r"\(\s*([A-J])\s*\)")
@@ -369,19 +373,20 @@ def _letter(s: str) -> str | None:
     plain = _LATEX_WRAPPER.sub(r"\1", _LATEX_WRAPPER.sub(r"\1", s)).replace("$", "").strip()
     lead = _LETTER_LEAD.match(plain)
     if lead:
-        if _LETTER_ALTERNATIVE.match(plain, lead.end(lead.lastindex)):
-            return None  # "B or C", "(B), (C)": two choices are none
-        return next(g for g in lead.groups() if g).upper()
+        chosen = next(g for g in lead.groups() if g).upper()
+        other = _LETTER_ALTERNATIVE.match(plain, lead.end(lead.lastindex))
+        return None if other and other.group(1) != chosen else chosen  # "B or C": no choice
     for pattern in (_LETTER_ANSWER, _LETTER_BRACKETED, _LETTER_CUED):
         found = list(pattern.finditer(plain))
         if found:
             last = found[-1]
-            hedged = _LETTER_ALTERNATIVE.match(plain, last.end(1)) or (
-                _LETTER_ALTERNATIVE_BEFORE.search(plain, 0, last.start(1))
-            )  # ("The answer is B or C", "Option B, C", "either (B) or (C)": no choice)
-            if hedged or _NEGATED.search(plain, 0, last.start(1)):
-                return None
-            return last.group(1)
+            others = (  # ("The answer is B or C", "Option B, C", "either (B) or (C)")
+                _LETTER_ALTERNATIVE.match(plain, last.end(1)),
+                _LETTER_ALTERNATIVE_BEFORE.search(plain, 0, last.start(1)),
+            )
+            if any(o and o.group(1) != last.group(1) for o in others):
+                return None  # another letter offered with it: no choice
+            return None if _NEGATED.search(plain, 0, last.start(1)) else last.group(1)
     alone = list(_LETTER_ALONE.finditer(plain))
     if len({m.group(1) for m in alone}) != 1 or any(
         _NEGATED.search(plain, 0, m.start(1)) for m in alone

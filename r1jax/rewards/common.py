@@ -90,6 +90,8 @@ def column(columns: Mapping[str, Any], name: str, n: int, *, reward: str) -> lis
             f"{sorted(columns)}. Map your dataset field to `{name}` in the data config."
         )
     value = columns[name]
+    if getattr(value, "ndim", None) == 0:  # a numpy scalar or 0-d array: one value for all
+        value = value.item()
     if value is None or isinstance(value, str | bytes | int | float):
         return [value] * n
     try:
@@ -125,6 +127,7 @@ def is_per_row(value: Any, n: int) -> bool:
         hasattr(value, "__len__")
         and hasattr(value, "__getitem__")
         and not isinstance(value, str | bytes | Mapping)
+        and getattr(value, "ndim", 1) != 0  # (a 0-d array has no len())
         and len(value) == n
     )
 

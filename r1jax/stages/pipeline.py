@@ -126,13 +126,21 @@ def validate(config) -> None:
             common.validate(_stage_config(config, name), stage)
         except common.ConfigError as e:
             raise common.ConfigError(f"{name} (--stage={stage}): {e}") from None
-    if (
-        config.eval_stage.data.to_dict()
-        != common.load_config_file(os.path.join(common._configs_dir(), "eval.py")).data.to_dict()
-    ):
+    default = common.load_config_file(os.path.join(common._configs_dir(), "eval.py"))
+    if config.eval_stage.data.to_dict() != default.data.to_dict():
         raise common.ConfigError(
             "eval_stage.data: every evaluation reads eval_data (the pipeline's held-out prompts); "
             "set --config.eval_data.* instead"
+        )
+    if config.eval_stage.model.path != default.model.path:
+        raise common.ConfigError(
+            f"eval_stage.model.path={config.eval_stage.model.path!r}: the pipeline evaluates each "
+            "stage's own model; run --stage=eval alone for another"
+        )
+    if config.eval_stage.get("seed", 0) not in (0, config.seed):
+        raise common.ConfigError(
+            f"eval_stage.seed={config.eval_stage.seed}: the pipeline evaluates with its own seed; "
+            "set --config.seed instead"
         )
     try:
         common.validate(_eval_config(config, common.TOY_BASE), "eval")
@@ -297,16 +305,7 @@ def _run_once(
     attempts = os.path.join(subdir, "minutes_before.json")
     before = common.read_json(attempts)["minutes"] if os.path.exists(attempts) else 0.0
     output = os.path.join(subdir, KEPT_SAMPLES if stage == "rejection_sampling" else "hf/final")
-    if os.path.exists(done) and not os.path.exists(output):
-        # (its output deleted: made again from its checkpoints, or its saved samples; the
-        # stages trained on it then compare it by content, as after any rerun)
-        log.warning("pipeline: %s is done, but its %s is gone: running it again", name, output)
-        before += common.read_json(done).get("minutes", 0.0)
-        common.write_json(attempts, {"minutes": before})  # (process 0)
-        common.sync_processes("pipeline minutes kept")
-        if common._is_process_zero():
-            os.remove(done)
-    elif os.path.exists(done):
+    if os.path.exists(done):
         saved_config = os.path.join(subdir, f"config_{stage}.json")
         _check_same_settings(sub, saved_config, subdir, stage, wired)
         finished = common.read_json(done)
@@ -317,8 +316,17 @@ def _run_once(
                 f"again or removed since; delete {_to_delete(subdir)} to train them on the new "
                 f"one, or give the pipeline a new --workdir"
             )
-        log.info("pipeline: %s already done, skipping (%s)", name, subdir)
-        return finished
+        if os.path.exists(output):
+            log.info("pipeline: %s already done, skipping (%s)", name, subdir)
+            return finished
+        # Its output deleted: made again from its checkpoints or its saved samples (the stages
+        # trained on it then compare it by content, as after any rerun).
+        log.warning("pipeline: %s is done, but its %s is gone: running it again", name, output)
+        before += finished.get("minutes", 0.0)
+        common.write_json(attempts, {"minutes": before})  # (process 0)
+        common.sync_processes("pipeline minutes kept")  # (every process has read done.json)
+        if common._is_process_zero():
+            os.remove(done)
     started = time.time()
     try:
         common.validate(sub, stage)
