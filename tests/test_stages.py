@@ -1822,6 +1822,13 @@ def test_pipeline_resume_follows_what_each_stage_was_trained_on(stub_stages, tmp
     config.r1.rl.beta = beta
     pipeline.run(config, str(tmp_path / "moved"))
     assert stub_stages.calls[-1] == "r1"
+    # The base made again: every finished stage trained on it is named at once (r1_zero's refusal
+    # named r1_zero alone, and cold_start's came after another full stage).
+    shutil.rmtree(tmp_path / "moved" / "base")
+    on_base = [n for n, _, _ in pipeline.PLAN if n not in ("base", "student_base", "student_rl")]
+    folders = " ".join(str(tmp_path / "moved" / n) for n in on_base)
+    with pytest.raises(common.ConfigError, match=re.escape(f"since; delete {folders} to train")):
+        pipeline.run(config, str(tmp_path / "moved"))
 
 
 def test_pipeline_errors_name_the_sub_stage_and_resumed_minutes_add_up(stub_stages, tmp_path):

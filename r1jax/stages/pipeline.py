@@ -281,6 +281,11 @@ def _dependents(name: str) -> list[str]:
     return out
 
 
+def _source(name: str) -> str | None:
+    """The sub-stage whose model sub-stage `name` starts from (PLAN)."""
+    return next(source for n, _, source in PLAN if n == name)
+
+
 def _to_delete(subdir: str, keep_samples: bool = False) -> str:
     """The folders to delete to train sub-stage `subdir` again: its own and its dependents'.
     `keep_samples`: rejection sampling with other filters only, which filters its saved samples
@@ -311,9 +316,19 @@ def _run_once(
         finished = common.read_json(done)
         remade = [k for k, v in finished.get("inputs", {}).items() if inputs.get(k) != v]
         if remade:
+            # Every finished stage trained on those inputs, not only this one and its own
+            # dependents: each refusal after another full stage would name the next.
+            writers = {
+                DATA_FROM[name][1] if k == DATA_FROM.get(name, (None,))[0] else _source(name)
+                for k in remade
+            }
+            workdir = os.path.dirname(subdir)
+            stale = [n for n, _, _ in PLAN if any(n in _dependents(w) for w in writers)]
+            stale = [n for n in stale if os.path.exists(os.path.join(workdir, n))]
             raise common.ConfigError(
                 f"{name} is done, but what it was trained on ({', '.join(remade)}) was made "
-                f"again or removed since; delete {_to_delete(subdir)} to train them on the new "
+                f"again or removed since; delete "
+                f"{' '.join(os.path.join(workdir, n) for n in stale)} to train them on the new "
                 f"one, or give the pipeline a new --workdir"
             )
         if os.path.exists(output):
