@@ -328,7 +328,13 @@ def _drop_steps_after(path: str, step: int, working_copy: str) -> None:
             return
     else:
         staged = [r for r in read_metrics(working_copy) if kept(r)]
-        if len(staged) > len(keep):
+
+        def stamps(rows):  # (a row's identity: values may be NaN, unequal to themselves)
+            return [(r.get("step"), r.get("time")) for r in rows]
+
+        # This machine's copy when it is the same run's and reaches further (a copy from another
+        # history, e.g. before the run was wiped and restarted elsewhere, would replace rows)
+        if len(staged) > len(keep) and stamps(staged[: len(keep)]) == stamps(keep):
             keep = staged
     paths.write_text(
         working_copy, "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in keep)

@@ -39,7 +39,9 @@ CLOUD_PREFIXES = ("gs://", "s3://", "az://")
 def r1jax_home() -> str:
     """r1jax's local cache ($R1JAX_HOME, default ~/.cache/r1jax): the toy base model, the XLA
     compilation cache, working copies of cloud workdir files."""
-    return os.environ.get("R1JAX_HOME", os.path.join(os.path.expanduser("~"), ".cache", "r1jax"))
+    # (expanded and absolute: a "~/r1" from an env file, or a relative folder, is no path)
+    home = os.environ.get("R1JAX_HOME") or os.path.join("~", ".cache", "r1jax")
+    return os.path.abspath(os.path.expanduser(home))
 
 
 def is_remote(path: str | os.PathLike) -> bool:

@@ -309,6 +309,63 @@ def test_cloud_workdir_is_written_through_the_path_layer(fake_gcs, tmp_path, mon
     assert os.listdir(cwd) == []  # nothing went to a local "gs:" directory
 
 
+def test_a_cloud_workdir_run_on_several_machines_keeps_every_machines_rows_and_log(
+    fake_gcs,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    """A machine's copies left by an earlier run replaced what other machines wrote since: the
+    log of a run resumed elsewhere (A, then B, then A again: B's lines gone), and rows of another
+    history chosen for having more of them. Two runs on one machine were not refused."""
+    import logging
+
+    from r1jax.stages import common
+
+    run = "gs://bucket/run"
+    jsonl = run + "/metrics.jsonl"
+    home_a, home_b = tmp_path / "a", tmp_path / "b"
+
+    def log_line(home, line):
+        monkeypatch.setenv("R1JAX_HOME", str(home))
+        handler = common.WorkdirLogFile(run, "log_p0.txt")
+        handler.emit(logging.LogRecord("r1jax", logging.INFO, __file__, 1, line, None, None))
+        handler.close()
+
+    log_line(home_a, "A: steps 1-20")
+    log_line(home_b, "B: steps 21-40")
+    log_line(home_a, "A: steps 41-60")
+    assert (
+        paths.read_text(run + "/log_p0.txt").split()
+        == "A: steps 1-20 B: steps 21-40 A: steps 41-60".split()
+    )
+
+    kw = dict(summary_every=0, tensorboard=False, progress=False)
+    monkeypatch.setenv("R1JAX_HOME", str(home_a))
+    with MetricsWriter(run, **kw) as w:  # A, with an eval row at step 0
+        w.write(0, {"eval/accuracy": 0.1})
+        for step in range(1, 6):
+            w.write(step, {"reward": 100.0 + step})
+    fake_gcs.rm("/bucket/run", recursive=True)  # wiped, started over on B
+    monkeypatch.setenv("R1JAX_HOME", str(home_b))
+    with MetricsWriter(run, **kw) as w:
+        for step in range(1, 6):
+            w.write(step, {"reward": float(step)})
+    monkeypatch.setenv("R1JAX_HOME", str(home_a))  # resumed on A from B's step-4 checkpoint
+    with MetricsWriter(run, start_step=4, **kw) as w:
+        w.write(5, {"reward": 5.5})
+    got = [(r["step"], r.get("reward")) for r in read_metrics(jsonl)]
+    assert got == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.5)]
+
+    held = common.lock_workdir(run)  # (on this machine's working copies)
+    with pytest.raises(common.ConfigError, match=r"in use by another r1jax run"):
+        common.lock_workdir(run)
+    held.close()
+    common.lock_workdir(run).close()
+    # $R1JAX_HOME as an env file may spell it: expanded, absolute.
+    monkeypatch.setenv("R1JAX_HOME", "~/r1")
+    assert paths.r1jax_home() == os.path.join(os.path.expanduser("~"), "r1")
+
+
 def test_unsupported_workdir_schemes_are_refused():
     with pytest.raises(ValueError, match="unsupported scheme"):
         paths.check_workdir("memory://run")

@@ -598,9 +598,13 @@ def lock_workdir(workdir: str):
 
     import jax
 
-    if paths.is_remote(workdir) or jax.process_index() > 0:
+    if jax.process_index() > 0:
         return None
-    f = open(os.path.join(workdir, ".r1jax.lock"), "a+")  # noqa: SIM115 (held while it runs)
+    # A cloud workdir takes no lock: its working copies on this machine do (`paths.staging_dir`;
+    # two runs here would append to one metrics copy; on two machines nothing can tell).
+    folder = paths.staging_dir(workdir) if paths.is_remote(workdir) else workdir
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, ".r1jax.lock"), "a+")  # noqa: SIM115 (held while it runs)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:  # (any other error: the file system has no locks, below)
@@ -714,8 +718,14 @@ class WorkdirLogFile(logging.FileHandler):
         self.staged = paths.Staged(workdir, (name,))
         local = self.staged.local_path(name)
         remote = os.path.join(workdir, name)
-        if self.staged.remote and paths.exists(remote) and not os.path.exists(local):
-            paths.write_text(local, paths.read_text(remote))
+        if self.staged.remote and paths.exists(remote):
+            # This machine's copy, when it reaches further than the workdir's (lines logged
+            # after the last upload); else the workdir's: a copy left by an earlier run here
+            # lacks what runs on other machines logged since, and would replace it.
+            text = paths.read_text(remote)
+            mine = paths.read_text(local) if os.path.exists(local) else ""
+            if not mine.startswith(text):
+                paths.write_text(local, text)
         super().__init__(local)
 
     def emit(self, record: logging.LogRecord) -> None:
