@@ -457,6 +457,11 @@ def test_config_fields_left_out_take_transformers_defaults_and_unknown_ones_are_
     assert hf.config_from_hf({"model_type": "qwen2", **same, **base}) == hf.config_from_hf(
         {"model_type": "qwen2", **base}
     )
+    # Llama 2's pretraining_tp (sliced matmuls in transformers 4, the same function) changes
+    # nothing: some Llama-2-13B configs say 2, which was refused.
+    assert hf.config_from_hf({"model_type": "llama", "pretraining_tp": 2, **base}) == (
+        hf.config_from_hf({"model_type": "llama", **base})
+    )
     # Qwen2.5 and R1-Distill-Qwen write "use_mrope": false; true (Qwen2-VL) is not this model.
     assert hf.config_from_hf({"model_type": "qwen2", "use_mrope": False, **base})
     with pytest.raises(hf.CheckpointError, match="use_mrope"):
@@ -466,6 +471,18 @@ def test_config_fields_left_out_take_transformers_defaults_and_unknown_ones_are_
         ({"rope_type": "linear"}, "factor"),
         ({"rope_type": "yarn", "original_max_position_embeddings": 16}, "factor"),
         ({"rope_type": "longrope"}, "longrope"),
+        # A key r1jax does not read is named, not ignored: a typo, or vLLM's "attn_factor" (as in
+        # DeepSeek-R1-0528-Qwen3-8B's config), which transformers does not read either.
+        (
+            {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "attn_factor": 0.878,
+            },
+            r"rope_type 'yarn' does not take attn_factor \(.*attention_factor",
+        ),
+        ({"rope_type": "linear", "factor": 2.0, "low_freq_factor": 1.0}, "low_freq_factor"),
     ):
         with pytest.raises(hf.CheckpointError, match=message):
             hf.config_from_hf({"model_type": "llama", "rope_scaling": scaling, **base})

@@ -56,6 +56,7 @@ _METADATA_FIELDS = {
     "torch_dtype",
     "dtype",
     "initializer_range",
+    "pretraining_tp",  # (Llama 2's sliced matmuls in transformers 4: the same function)
     "use_cache",
     "bos_token_id",
     "eos_token_id",
@@ -110,7 +111,6 @@ _MODEL_FIELDS = {
     "sliding_window",
     "use_sliding_window",
     "layer_types",
-    "pretraining_tp",
     "use_mrope",  # Qwen2.5 / R1-Distill-Qwen write "use_mrope": false
 }
 
@@ -181,7 +181,6 @@ def config_from_hf(
         hf.get("hidden_act", "silu") in ("silu", "swish"), "hidden_act", "only SwiGLU (silu) MLPs"
     )
     require(not hf.get("attention_dropout"), "attention_dropout", "dropout is not implemented")
-    require(hf.get("pretraining_tp", 1) == 1, "pretraining_tp", "must be 1")
 
     rope_theta, rope_scaling = rope_from_hf(hf, where)
     resolved = getattr(full, "rope_parameters", None)  # transformers >= 5: what it will build
@@ -300,7 +299,29 @@ def rope_from_hf(
     missing = [k for k in needed if rope.get(k) is None]
     if missing:
         raise CheckpointError(f"{where}: rope_type {rope_type!r} needs {', '.join(missing)}")
+    # A key r1jax does not read would be ignored (a typo, or another library's spelling such as
+    # "attn_factor" for transformers' "attention_factor"): refused, naming it.
+    known = {*needed, *_ROPE_OPTIONAL_KEYS.get(rope_type, ())}
+    unknown = sorted(set(rope) - known - {"rope_type"})
+    if unknown:
+        raise CheckpointError(
+            f"{where}: rope_type {rope_type!r} does not take {', '.join(unknown)} (r1jax and "
+            f"transformers read {', '.join(sorted(known))})"
+        )
     return rope_theta, tuple(sorted(rope.items()))
+
+
+# What each RoPE type reads beyond ROPE_REQUIRED_KEYS (transformers' `_check_received_keys`).
+_ROPE_OPTIONAL_KEYS = {
+    "yarn": (
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+    ),
+}
 
 
 def rope_to_hf(cfg) -> dict[str, Any]:
