@@ -333,7 +333,9 @@ def _drop_steps_after(path: str, step: int, working_copy: str) -> None:
             return [(r.get("step"), r.get("time")) for r in rows]
 
         # This machine's copy when it is the same run's and reaches further (a copy from another
-        # history, e.g. before the run was wiped and restarted elsewhere, would replace rows)
+        # history, e.g. before the run was wiped and restarted elsewhere, would replace rows).
+        # With no row kept in the workdir there is nothing to tell histories by: the copy wins,
+        # as the same run killed before its first upload needs.
         if len(staged) > len(keep) and stamps(staged[: len(keep)]) == stamps(keep):
             keep = staged
     paths.write_text(

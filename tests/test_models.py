@@ -471,21 +471,26 @@ def test_config_fields_left_out_take_transformers_defaults_and_unknown_ones_are_
         ({"rope_type": "linear"}, "factor"),
         ({"rope_type": "yarn", "original_max_position_embeddings": 16}, "factor"),
         ({"rope_type": "longrope"}, "longrope"),
-        # A key r1jax does not read is named, not ignored: a typo, or vLLM's "attn_factor" (as in
-        # DeepSeek-R1-0528-Qwen3-8B's config), which transformers does not read either.
+        # A key r1jax does not read is named, not ignored (a typo).
         (
             {
                 "rope_type": "yarn",
                 "factor": 4.0,
                 "original_max_position_embeddings": 16,
-                "attn_factor": 0.878,
+                "atention_factor": 1.0,
             },
-            r"rope_type 'yarn' does not take attn_factor \(.*attention_factor",
+            r"rope_type 'yarn' does not take atention_factor \(.*attention_factor",
         ),
         ({"rope_type": "linear", "factor": 2.0, "low_freq_factor": 1.0}, "low_freq_factor"),
     ):
         with pytest.raises(hf.CheckpointError, match=message):
             hf.config_from_hf({"model_type": "llama", "rope_scaling": scaling, **base})
+    # vLLM's yarn attn_factor (DeepSeek-R1-0528-Qwen3-8B) is read as transformers reads it: not.
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    r1_0528 = hf.config_from_hf(
+        {"model_type": "qwen3", "rope_scaling": {**yarn, "attn_factor": 0.878}, **base}
+    )
+    assert r1_0528 == hf.config_from_hf({"model_type": "qwen3", "rope_scaling": yarn, **base})
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
     scaled = hf.config_from_hf(
         {"model_type": "llama", "max_position_embeddings": 256, "rope_scaling": llama3, **base}

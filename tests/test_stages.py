@@ -1822,13 +1822,21 @@ def test_pipeline_resume_follows_what_each_stage_was_trained_on(stub_stages, tmp
     config.r1.rl.beta = beta
     pipeline.run(config, str(tmp_path / "moved"))
     assert stub_stages.calls[-1] == "r1"
-    # The base made again: every finished stage trained on it is named at once (r1_zero's refusal
-    # named r1_zero alone, and cold_start's came after another full stage).
+    # Both bases made again: every finished stage trained on either is named at once (r1_zero's
+    # refusal named r1_zero alone, and cold_start's came after another full stage) ...
     shutil.rmtree(tmp_path / "moved" / "base")
-    on_base = [n for n, _, _ in pipeline.PLAN if n not in ("base", "student_base", "student_rl")]
-    folders = " ".join(str(tmp_path / "moved" / n) for n in on_base)
+    shutil.rmtree(tmp_path / "moved" / "student_base")
+    later = [n for n, _, _ in pipeline.PLAN if n not in ("base", "student_base")]
+    folders = " ".join(str(tmp_path / "moved" / n) for n in later)
     with pytest.raises(common.ConfigError, match=re.escape(f"since; delete {folders} to train")):
         pipeline.run(config, str(tmp_path / "moved"))
+    # ... and none trained on the new ones: r1_zero deleted alone and trained again on the new
+    # base, cold_start's refusal leaves it.
+    shutil.rmtree(tmp_path / "moved" / "r1_zero")
+    folders = " ".join(str(tmp_path / "moved" / n) for n in later if n != "r1_zero")
+    with pytest.raises(common.ConfigError, match=re.escape(f"since; delete {folders} to train")):
+        pipeline.run(config, str(tmp_path / "moved"))
+    assert stub_stages.calls[-1] == "r1_zero"  # (cold_start refused before it ran)
 
 
 def test_pipeline_errors_name_the_sub_stage_and_resumed_minutes_add_up(stub_stages, tmp_path):

@@ -299,8 +299,18 @@ def rope_from_hf(
     missing = [k for k in needed if rope.get(k) is None]
     if missing:
         raise CheckpointError(f"{where}: rope_type {rope_type!r} needs {', '.join(missing)}")
-    # A key r1jax does not read would be ignored (a typo, or another library's spelling such as
-    # "attn_factor" for transformers' "attention_factor"): refused, naming it.
+    # Keys other libraries read and transformers does not: read as transformers reads the config
+    # (ignored), said once.
+    for key, why in _ROPE_FOREIGN_KEYS.get(rope_type, {}).items():
+        if key in rope:
+            log.warning(
+                "%s: rope_scaling.%s=%r is read as transformers reads it: ignored (%s)",
+                where,
+                key,
+                rope.pop(key),
+                why,
+            )
+    # Any other key r1jax does not read would be ignored silently (a typo): refused, naming it.
     known = {*needed, *_ROPE_OPTIONAL_KEYS.get(rope_type, ())}
     unknown = sorted(set(rope) - known - {"rope_type"})
     if unknown:
@@ -311,6 +321,16 @@ def rope_from_hf(
     return rope_theta, tuple(sorted(rope.items()))
 
 
+# Keys published configs carry that transformers does not read, and what they mean elsewhere.
+_ROPE_FOREIGN_KEYS = {
+    "yarn": {
+        # (DeepSeek-R1-0528-Qwen3-8B: attn_factor 0.878 with factor 4 makes vLLM's scale 1.0)
+        "attn_factor": "vLLM and SGLang multiply YaRN's cos/sin scale by it",
+    },
+    "dynamic": {
+        "original_max_position_embeddings": "dynamic NTK grows from max_position_embeddings",
+    },
+}
 # What each RoPE type reads beyond ROPE_REQUIRED_KEYS (transformers' `_check_received_keys`).
 _ROPE_OPTIONAL_KEYS = {
     "yarn": (

@@ -281,6 +281,45 @@ def _dependents(name: str) -> list[str]:
     return out
 
 
+def _stale(workdir: str, refused: str) -> list[str]:
+    """The sub-stage folders to delete once `refused` found its inputs made again: every one
+    trained on an output that is not there any more (its done.json's inputs against the outputs
+    now), every one started on such a stage's output, and every unfinished one `refused`'s own
+    inputs feed (it may have trained on the old ones). Not one trained on the new outputs, and
+    all at once: a refusal per stage came after another full stage."""
+    feeds = {w for w in (_source(refused), DATA_FROM.get(refused, (None, None))[1]) if w}
+    stale: list[str] = []
+    for name, _, source in PLAN:
+        folder = os.path.join(workdir, name)
+        if not os.path.isdir(folder):
+            continue
+        writers = {w: "model.path" for w in [source] if w}
+        if name in DATA_FROM:
+            writers[DATA_FROM[name][1]] = DATA_FROM[name][0]
+        done = os.path.join(folder, "done.json")
+        if any(w in stale for w in writers):
+            stale.append(name)
+        elif os.path.exists(done):
+            recorded = common.read_json(done).get("inputs", {})
+            if any(
+                recorded.get(field) != _output_fingerprint(workdir, w)
+                for w, field in writers.items()
+            ):
+                stale.append(name)
+        elif any(name in _dependents(f) for f in feeds):  # (unfinished, downstream)
+            stale.append(name)
+    return stale
+
+
+def _output_fingerprint(workdir: str, name: str) -> str | None:
+    """What sub-stage `name` left for the next ones, by content (as `_inputs` records it)."""
+    if name == "rejection_sampling":
+        path = os.path.join(workdir, name, KEPT_SAMPLES)
+        return common.file_fingerprint(path) if os.path.isfile(path) else None
+    path = os.path.join(workdir, name, "hf", "final")
+    return common.model_fingerprint(path) if os.path.isdir(path) else None
+
+
 def _source(name: str) -> str | None:
     """The sub-stage whose model sub-stage `name` starts from (PLAN)."""
     return next(source for n, _, source in PLAN if n == name)
@@ -316,20 +355,12 @@ def _run_once(
         finished = common.read_json(done)
         remade = [k for k, v in finished.get("inputs", {}).items() if inputs.get(k) != v]
         if remade:
-            # Every finished stage trained on those inputs, not only this one and its own
-            # dependents: each refusal after another full stage would name the next.
-            writers = {
-                DATA_FROM[name][1] if k == DATA_FROM.get(name, (None,))[0] else _source(name)
-                for k in remade
-            }
             workdir = os.path.dirname(subdir)
-            stale = [n for n, _, _ in PLAN if any(n in _dependents(w) for w in writers)]
-            stale = [n for n in stale if os.path.exists(os.path.join(workdir, n))]
+            stale = " ".join(os.path.join(workdir, n) for n in _stale(workdir, name))
             raise common.ConfigError(
                 f"{name} is done, but what it was trained on ({', '.join(remade)}) was made "
-                f"again or removed since; delete "
-                f"{' '.join(os.path.join(workdir, n) for n in stale)} to train them on the new "
-                f"one, or give the pipeline a new --workdir"
+                f"again or removed since; delete {stale} to train them on the new one, or give "
+                f"the pipeline a new --workdir"
             )
         if os.path.exists(output):
             log.info("pipeline: %s already done, skipping (%s)", name, subdir)
