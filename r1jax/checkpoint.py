@@ -346,14 +346,13 @@ class Checkpointer:
         targets: dict[str, Any] = {_MODEL: nnx.state(model)}
         if optimizer is not None:
             targets[_OPTIMIZER] = nnx.state(optimizer)
-        drop_abandoned_read_reports()
+        drop_abandoned_read_reports(self.step_dir(step))
         self._check_matches(step, targets)
         args = {name: ocp.args.StandardRestore(_abstract(tree)) for name, tree in targets.items()}
         args[_EXTRA] = ocp.args.JsonRestore()
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as err:  # any read failure means the same to a user
-            drop_abandoned_read_reports(self.step_dir(step))
             raise self._damaged(step, f"reading it failed ({_first_line(err)})") from None
         nnx.update(model, restored[_MODEL])
         if optimizer is not None:
@@ -364,13 +363,12 @@ class Checkpointer:
     def read_extra(self, step: int | None = None) -> dict[str, Any]:
         """The `extra` dict of a checkpoint without touching any array (e.g. to read its config)."""
         step = self._resolve_step(step)
-        drop_abandoned_read_reports()
+        drop_abandoned_read_reports(self.step_dir(step))
         try:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()})
             )
         except Exception as err:
-            drop_abandoned_read_reports(self.step_dir(step))
             raise self._damaged(
                 step, f"its extra/ JSON is unreadable ({_first_line(err)})"
             ) from None
@@ -556,6 +554,7 @@ def _leave_failed_writes_to_checkpoint_error() -> None:
 # What asyncio logs for a failed task or future nobody awaited (which one depends on where the
 # abandoned read was when its loop closed: the host's timing)
 _NEVER_RETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
+_READ_DIRS: set[str] = set()  # step directories read from: their abandoned reads are not reported
 
 
 def drop_abandoned_read_reports(step_dir: str | None = None) -> None:
@@ -568,9 +567,10 @@ def drop_abandoned_read_reports(step_dir: str | None = None) -> None:
     ("Task / Future exception was never retrieved", with the whole tensorstore spec): screens of
     text after the message that matters. This drops exactly those two reports: the first from now on
     (installed once; only when raised in `call_soon_threadsafe`), the second for reads under
-    `step_dir`, when given (after a read there failed). Every other unraisable exception and
-    asyncio record goes where it went before. Called before and after checkpoint reads, and by
-    the launcher before a stage runs.
+    `step_dir`, when given (before a read there: a failed task can be collected, and logged,
+    before the read's error reaches its caller). Every other unraisable exception and asyncio
+    record goes where it went before. Called before checkpoint reads, and by the launcher before
+    a stage runs.
     """
     previous = sys.unraisablehook
     if not getattr(previous, "_r1jax_drops_abandoned_reads", False):
@@ -592,12 +592,16 @@ def drop_abandoned_read_reports(step_dir: str | None = None) -> None:
         sys.unraisablehook = hook
 
     if step_dir is not None:
+        if not _READ_DIRS:  # (one filter, installed once, for every directory read)
 
-        def not_an_abandoned_read(record: logging.LogRecord) -> bool:
-            message = record.getMessage()
-            return not (message.startswith(_NEVER_RETRIEVED) and step_dir in message)
+            def not_an_abandoned_read(record: logging.LogRecord) -> bool:
+                message = record.getMessage()
+                return not (
+                    message.startswith(_NEVER_RETRIEVED) and any(d in message for d in _READ_DIRS)
+                )
 
-        logging.getLogger("asyncio").addFilter(not_an_abandoned_read)
+            logging.getLogger("asyncio").addFilter(not_an_abandoned_read)
+        _READ_DIRS.add(os.fspath(step_dir))
 
 
 def export_hf(
