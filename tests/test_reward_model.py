@@ -369,6 +369,28 @@ def test_rl_adds_the_reward_model_to_rewards_advantages_and_metrics(checkpoint):
     assert float(new_metrics["completions/mean_length"]) == 3  # other metrics are kept
     np.testing.assert_array_equal(np.asarray(new.completion_ids), completion_ids)
 
+    # reward_model.reads="answer": the text after the last </think> alone (R1 judges helpfulness
+    # on the summary), none where the reasoning never closed.
+    def reasoned(ids):
+        return [
+            " ".join(f"w{t}" for t in row) + (" </think> Answer: 7" if row[0] % 2 else "")
+            for row in ids
+        ]
+
+    cfg = grpo.GRPOConfig(num_generations=g)
+    read = rl._add_reward_model(
+        model, 0.5, rollouts, metrics, prompts, scored, reasoned, ("task",), cfg, answer_only=True
+    )[0]
+    texts = reasoned(
+        [row[m > 0].tolist() for row, m in zip(completion_ids, completion_mask, strict=True)]
+    )
+    answers = [t.rpartition("</think>")[2] if "</think>" in t else "" for t in texts]
+    assert {" Answer: 7", ""} <= set(answers)
+    want = np.where(scored, np.array(model.score(prompts, answers)), np.nan)
+    np.testing.assert_allclose(np.asarray(read.per_reward)[:, 1], want, atol=1e-6)
+    whole = np.where(scored, np.array(model.score(prompts, texts)), np.nan)
+    assert np.nanmax(np.abs(want - whole)) > 1e-3
+
 
 def test_a_reward_model_of_weight_0_is_only_logged():
     """0 x NaN is NaN: a reward model kept for its logs, with weight 0, unscored every row where
@@ -445,7 +467,10 @@ def test_rl_config_section_is_off_by_default_validated_and_loads(checkpoint, tmp
         common.ConfigError, match=r"tokenizer holds token id .* past reward_model.path's vocab_size"
     ):
         common.validate_reward_model(section)
-    section.path, section.rows = checkpoint("qwen2"), "reasoning"
+    section.path, section.reads = checkpoint("qwen2"), "summary"
+    with pytest.raises(common.ConfigError, match=r"reward_model.reads must be one of"):
+        common.validate_reward_model(section)
+    section.reads, section.rows = "answer", "reasoning"
     with pytest.raises(common.ConfigError, match=r"reward_model.rows must be one of"):
         common.validate_reward_model(section)
     # A resume is refused when the reward model scores other rows, or its score is scaled or its
@@ -454,7 +479,13 @@ def test_rl_config_section_is_off_by_default_validated_and_loads(checkpoint, tmp
 
     section.rows = "general"
     record = rl.reward_model_objective(section)
-    for field, value in (("rows", "all"), ("std", 100.0), ("mean", 0.0), ("buckets", (32,))):
+    for field, value in (
+        ("rows", "all"),
+        ("std", 100.0),
+        ("mean", 0.0),
+        ("buckets", (32,)),
+        ("reads", "all"),
+    ):
         changed = copy.deepcopy(section)
         changed[field] = value
         assert rl.reward_model_objective(changed) != record, field

@@ -1289,6 +1289,7 @@ def eval_config(every: int = 0, num_prompts: int = 256) -> ml_collections.Config
 
 
 REWARD_MODEL_ROWS = ("general", "all")
+REWARD_MODEL_READS = ("all", "answer")
 
 
 def reward_model_config() -> ml_collections.ConfigDict:
@@ -1302,6 +1303,9 @@ def reward_model_config() -> ml_collections.ConfigDict:
     # (no built-in task, `solution` or `tests` for it: R1's stage 4, where reasoning prompts keep
     # their rule rewards alone), or "all" (the reward model adds to every row's rule rewards).
     c.rows = "general"
+    # What of a completion it reads: "all", or "answer", the text after its last </think> (R1
+    # judges helpfulness on the summary alone; none when the reasoning never closed).
+    c.reads = "all"
     c.mean = 0.0  # the score used is (raw - mean) / std
     c.std = 1.0
     c.batch_size = 16  # rows per scoring batch on device
@@ -1939,6 +1943,10 @@ def validate_reward_model(section) -> None:
     # (any of its ids can occur: the template's markers, the policy's text tokenised anew)
     top = max(tokenizer.get_vocab().values())
     check_token_ids(vocab, tokenizer, top, "the reward model's tokenizer", "reward_model.path")
+    if section.get("reads", "all") not in REWARD_MODEL_READS:
+        raise ConfigError(
+            f"reward_model.reads must be one of {REWARD_MODEL_READS}, got {section.reads!r}"
+        )
     if section.get("rows", "general") not in REWARD_MODEL_ROWS:
         raise ConfigError(
             f"reward_model.rows must be one of {REWARD_MODEL_ROWS}, got {section.rows!r}"

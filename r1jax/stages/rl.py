@@ -275,6 +275,7 @@ def reward_model_objective(section) -> dict[str, Any]:
     return {
         "reward_model": [common.model_fingerprint(section.path), float(section.weight)],
         "reward_model.rows": section.get("rows", "general"),
+        "reward_model.reads": section.get("reads", "all"),
         "reward_model.mean": float(section.mean),
         "reward_model.std": float(section.std),
         "reward_model.largest_bucket": int(max(section.buckets)),
@@ -471,6 +472,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
                 decode,
                 reward_fn.names,
                 cfg,
+                answer_only=config.reward_model.get("reads", "all") == "answer",
             )
         update_metrics = grpo.update(state, rollouts, cfg)
 
@@ -603,15 +605,17 @@ def _add_reward_model(
     decode,
     names: tuple[str, ...],
     cfg: grpo.GRPOConfig,
+    answer_only: bool = False,
 ) -> tuple[grpo.Rollouts, dict[str, jax.Array]]:
     """Score the B rollouts with the learned reward model and fold it in as one more reward.
 
     prompts: [B] dataset questions (a conversation's turns), each repeated G times (the reward
     model renders them with its own chat template, not the policy's); scored: [B] bool, the rows
     it scores (the others get NaN, "not applicable"); decode: completion ids -> text, as the
-    rule rewards saw it. The score joins `per_reward` as "reward_model", `weight * score` joins
-    the total where it applies, and advantages and reward metrics (`rewards/reward_model/mean`
-    ...) are recomputed.
+    rule rewards saw it; answer_only: the reward model reads the text after the last </think>
+    alone (`reward_model.reads="answer"`; none without one). The score joins `per_reward` as
+    "reward_model", `weight * score` joins the total where it applies, and advantages and reward
+    metrics (`rewards/reward_model/mean` ...) are recomputed.
     """
     ids = multihost_utils.process_allgather(rollouts.completion_ids, tiled=True)  # [B, Tc]
     mask = multihost_utils.process_allgather(rollouts.completion_mask, tiled=True)
@@ -619,6 +623,8 @@ def _add_reward_model(
     rows = np.flatnonzero(scored)  # (the same on every process: prompts and texts are global)
     if rows.size:
         texts = decode([ids[i][mask[i] > 0].tolist() for i in rows])
+        if answer_only:  # (R1: helpfulness judged on the summary, not the reasoning)
+            texts = [t.rpartition("</think>")[2] if "</think>" in t else "" for t in texts]
         host[rows] = reward_model.score([prompts[i] for i in rows], texts)
     scores = sharding.from_host(host, rollouts.rewards.sharding)
     applies = sharding.from_host(np.asarray(scored, bool), rollouts.rewards.sharding)
