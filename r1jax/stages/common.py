@@ -217,7 +217,7 @@ def check_fields(config: ml_collections.ConfigDict, stage: str) -> None:
     rl.prompts_per_step passed validation and failed in the training loop)."""
     import difflib
 
-    default = load_config_file(os.path.join(_configs_dir(), stage + ".py"))
+    default = default_config(stage)
     problems = []
 
     def walk(have, want, prefix):
@@ -797,7 +797,7 @@ def toy_recipe(pretrain_config=None) -> str:
     import hashlib
 
     if pretrain_config is None:
-        pretrain_config = load_config_file(os.path.join(_configs_dir(), "pretrain.py"))
+        pretrain_config = default_config("pretrain")
     settings = json.loads(pretrain_config.to_json(sort_keys=True))
     settings.pop("sandbox", None)
     text = f"{TOY_RECIPE_VERSION}|{json.dumps(settings, sort_keys=True)}"
@@ -816,7 +816,7 @@ def resolve_model_path(path: str) -> str:
         return os.path.expanduser(path)  # "~/models/x" from a launcher's command line
     _check_home_is_shared()
     target = toy_base_path()
-    pretrain_config = load_config_file(os.path.join(_configs_dir(), "pretrain.py"))
+    pretrain_config = default_config("pretrain")
     recipe = toy_recipe(pretrain_config)
     if _toy_stamp(target) == recipe:
         return target
@@ -973,6 +973,11 @@ def _configs_dir() -> str:
     from r1jax import launch
 
     return launch.CONFIG_DIR
+
+
+def default_config(stage: str) -> ml_collections.ConfigDict:
+    """configs/<stage>.py's config, as a run without --config gets it."""
+    return load_config_file(os.path.join(_configs_dir(), stage + ".py"))
 
 
 def load_tokenizer(config: ml_collections.ConfigDict):

@@ -101,7 +101,7 @@ def validate(config) -> None:
             f"wires each stage's model from the one before; set the bases with "
             f"--config.base.pretrain.* (or run the stages one by one from a real model)"
         )
-    for name, stage, source in PLAN:
+    for name, stage, _ in PLAN:
         if name not in config:
             raise common.ConfigError(f"pipeline config lacks the section {name!r} ({stage})")
         seed = config[name].get("seed", 0)
@@ -111,22 +111,20 @@ def validate(config) -> None:
                 f"--config.seed instead"
             )
         # A field the pipeline sets from an earlier stage: a flag for it would be ignored.
-        default = common.load_config_file(os.path.join(common._configs_dir(), stage + ".py"))
-        wired = (["model.path"] if source else []) + [DATA_FROM.get(name, (None,))[0]]
-        for field in filter(None, wired):
+        default = common.default_config(stage)
+        for field, (writer, _) in _wiring("", name).items():
             section, _, key = field.partition(".")
             if config[name][section][key] != default[section][key]:
                 raise common.ConfigError(
                     f"{name}.{field}={config[name][section][key]!r}: the pipeline sets it to "
-                    f"what {DATA_FROM[name][1] if field != 'model.path' else source} made; run "
-                    f"--stage={stage} alone to train on another"
+                    f"what {writer} made; run --stage={stage} alone to train on another"
                 )
         # As run() will give it, except the model and data paths earlier stages write.
         try:
             common.validate(_stage_config(config, name), stage)
         except common.ConfigError as e:
             raise common.ConfigError(f"{name} (--stage={stage}): {e}") from None
-    default = common.load_config_file(os.path.join(common._configs_dir(), "eval.py"))
+    default = common.default_config("eval")
     if config.eval_stage.data.to_dict() != default.data.to_dict():
         raise common.ConfigError(
             "eval_stage.data: every evaluation reads eval_data (the pipeline's held-out prompts); "
@@ -177,15 +175,11 @@ def run(config, workdir: str) -> dict[str, Any]:
     results: dict[str, Any] = {"seed": config.seed, "stages": {}, "eval": {}}
     model_of: dict[str, str] = {}
     started = time.time()
-    for name, stage, source in PLAN:
+    for name, stage, _ in PLAN:
         sub = _stage_config(config, name)
         subdir = os.path.join(workdir, name)
-        wired = {}  # the fields this loop sets from earlier sub-stages' outputs
-        if source is not None:
-            wired["model.path"] = os.path.join(workdir, source, "hf", "final")
-        if name in DATA_FROM:
-            field, writer = DATA_FROM[name]
-            wired[field] = os.path.join(workdir, writer, KEPT_SAMPLES)
+        # the fields this loop sets from earlier sub-stages' outputs
+        wired = {field: path for field, (_, path) in _wiring(workdir, name).items()}
         with sub.unlocked():
             for key, value in wired.items():
                 section, field = key.split(".")
@@ -201,7 +195,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         results["stages"][name] = _run_once(stage, sub, subdir, name, tuple(wired))
         if stage == "pretrain" and config.get("require_tag_copy", True):
             _check_copies_tags(name, results["stages"][name], subdir)
-        model_of[name] = os.path.join(subdir, "hf", "final")
+        model_of[name] = _output(workdir, name)
         log.info("pipeline: %s done (%.1f min so far)", name, (time.time() - started) / 60)
 
     # Every checkpoint on the same held-out prompts.
@@ -263,12 +257,32 @@ def _inputs(sub, wired: tuple[str, ...]) -> dict[str, str]:
     out = {}
     for key in wired:
         section, field = key.split(".")
-        path = sub[section][field]
-        if key == "model.path" and os.path.isdir(path):
-            out[key] = common.model_fingerprint(path)
-        elif os.path.isfile(path):
-            out[key] = common.file_fingerprint(path)
+        fingerprint = _fingerprint(key, sub[section][field])
+        if fingerprint is not None:
+            out[key] = fingerprint
     return out
+
+
+def _fingerprint(key: str, path: str) -> str | None:
+    """A wired input `key`'s content at `path` (a model folder or a data file; None: not there)."""
+    if key == "model.path" and os.path.isdir(path):
+        return common.model_fingerprint(path)
+    return common.file_fingerprint(path) if os.path.isfile(path) else None
+
+
+def _output(workdir: str, name: str) -> str:
+    """What sub-stage `name` leaves for the next ones: its kept samples or its final model."""
+    return os.path.join(workdir, name, KEPT_SAMPLES if name == "rejection_sampling" else "hf/final")
+
+
+def _wiring(workdir: str, name: str) -> dict[str, tuple[str, str]]:
+    """The fields of sub-stage `name` the pipeline sets from earlier ones: {field: (the sub-stage
+    that writes it, its output)}."""
+    writers = {"model.path": _source(name)}
+    if name in DATA_FROM:
+        field, writer = DATA_FROM[name]
+        writers[field] = writer
+    return {k: (w, _output(workdir, w)) for k, w in writers.items() if w is not None}
 
 
 def _dependents(name: str) -> list[str]:
@@ -287,37 +301,23 @@ def _stale(workdir: str, refused: str) -> list[str]:
     now), every one started on such a stage's output, and every unfinished one `refused`'s own
     inputs feed (it may have trained on the old ones). Not one trained on the new outputs, and
     all at once: a refusal per stage came after another full stage."""
-    feeds = {w for w in (_source(refused), DATA_FROM.get(refused, (None, None))[1]) if w}
+    feeds = {writer for writer, _ in _wiring(workdir, refused).values()}
     stale: list[str] = []
-    for name, _, source in PLAN:
+    for name, _, _ in PLAN:
         folder = os.path.join(workdir, name)
         if not os.path.isdir(folder):
             continue
-        writers = {w: "model.path" for w in [source] if w}
-        if name in DATA_FROM:
-            writers[DATA_FROM[name][1]] = DATA_FROM[name][0]
+        wiring = _wiring(workdir, name)
         done = os.path.join(folder, "done.json")
-        if any(w in stale for w in writers):
+        if any(writer in stale for writer, _ in wiring.values()):
             stale.append(name)
         elif os.path.exists(done):
             recorded = common.read_json(done).get("inputs", {})
-            if any(
-                recorded.get(field) != _output_fingerprint(workdir, w)
-                for w, field in writers.items()
-            ):
+            if any(recorded.get(k) != _fingerprint(k, path) for k, (_, path) in wiring.items()):
                 stale.append(name)
         elif any(name in _dependents(f) for f in feeds):  # (unfinished, downstream)
             stale.append(name)
     return stale
-
-
-def _output_fingerprint(workdir: str, name: str) -> str | None:
-    """What sub-stage `name` left for the next ones, by content (as `_inputs` records it)."""
-    if name == "rejection_sampling":
-        path = os.path.join(workdir, name, KEPT_SAMPLES)
-        return common.file_fingerprint(path) if os.path.isfile(path) else None
-    path = os.path.join(workdir, name, "hf", "final")
-    return common.model_fingerprint(path) if os.path.isdir(path) else None
 
 
 def _source(name: str) -> str | None:
@@ -348,7 +348,7 @@ def _run_once(
     # Minutes of earlier attempts that stopped part way (the stage resumed from their checkpoint).
     attempts = os.path.join(subdir, "minutes_before.json")
     before = common.read_json(attempts)["minutes"] if os.path.exists(attempts) else 0.0
-    output = os.path.join(subdir, KEPT_SAMPLES if stage == "rejection_sampling" else "hf/final")
+    output = _output(os.path.dirname(subdir), name)
     if os.path.exists(done):
         saved_config = os.path.join(subdir, f"config_{stage}.json")
         _check_same_settings(sub, saved_config, subdir, stage, wired)
