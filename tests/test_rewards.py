@@ -5,9 +5,14 @@ well-behaved programs. Numerical rewards (shaping, weighted totals) are checked 
 numpy re-derivations of their formulas.
 """
 
+import logging
 import math
+import multiprocessing
 import os
+import re
 import time
+import types
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pyarrow
@@ -752,8 +757,87 @@ def test_worker_death_loses_one_chunk_not_the_trainer():
         np.testing.assert_array_equal(out.total, [1, 1, np.nan, np.nan, 1, 1, 1, 1])
         assert out.metrics()["reward"] == 1.0
         assert fn(["ok"] * 4).per_reward[0].tolist() == [1.0] * 4  # the pool was rebuilt
-        with pytest.raises(RuntimeError, match="every reward worker died"):
-            fn(["die"] * 2)
+        # Every sample kills its worker, but a new pool works: those samples are unscored, the
+        # run goes on (one such sample, alone in its batch, said "the pool itself is failing").
+        assert np.isnan(fn(["die"]).total).all() and np.isnan(fn(["die"] * 2).total).all()
+        assert fn(["ok"]).total.tolist() == [1.0]
+
+        class NothingRuns:  # (a pool whose workers die whatever they run, e.g. no main guard)
+            def submit(self, *args, **kwargs):
+                raise BrokenProcessPool("a worker died")
+
+            def shutdown(self, **kwargs):
+                pass
+
+        fn._get_pool = NothingRuns
+        with pytest.raises(RuntimeError, match="every reward worker died.*cannot run a trivial"):
+            fn(["a"] * 2)
+
+
+def hangs_in_worker(completions, **columns):
+    """A reward that never returns (in a pool worker) on the sample "hang"."""
+    import time
+
+    if "hang" in completions and multiprocessing.parent_process() is not None:
+        time.sleep(3600)
+    return [1.0] * len(completions)
+
+
+def test_a_reward_that_never_returns_costs_its_samples_not_the_run(caplog):
+    """A pooled reward stuck on one sample (a custom reward waiting on a dead service) held the
+    trainer forever; its worker now ends itself at the chunk's deadline, naming the reward."""
+    spec = RewardSpec("stuck", 1.0, fn=hangs_in_worker, parallel=True)
+    with build_reward_fn([spec, ("format", 1.0, {})], num_workers=2, timeout_s=0.5) as fn:
+        fn.chunks_per_worker = 2  # 4 chunks of 2
+        start = time.monotonic()
+        with caplog.at_level(logging.ERROR, logger="r1jax.rewards.compose"):
+            out = fn(["a", "b", "c", "d", "hang", "f", "g", "h"])
+        np.testing.assert_array_equal(out.total, [1, 1, 1, 1, np.nan, np.nan, 1, 1])
+        assert time.monotonic() - start < 60  # (two deadlines of 1 s, a rebuilt pool)
+        said = caplog.text
+        assert "reward 'stuck' was still scoring samples [4, 6) after 1 s" in said, said
+        assert "died again on samples [4, 6)" in said, said
+        assert fn(["ok"] * 4).total.tolist() == [1.0] * 4  # the pool was rebuilt
+    # Scoring that takes its time within the deadline is untouched (slow but not stuck).
+    with build_reward_fn([("format", 1.0, {})], num_workers=1, timeout_s=0.0) as fn:
+        assert fn(["x"] * 3).total.tolist() == [0.0] * 3
+    with pytest.raises(ValueError, match=r"timeout_s \(seconds per sample\) must be >= 0"):
+        build_reward_fn(["format"], timeout_s=-1)
+
+
+def test_reward_pool_config_reaches_the_pools():
+    from r1jax.stages import common
+    from r1jax.stages import eval as eval_stage
+
+    config = common.default_config("rl")
+    assert common.reward_pool_options(config) == {"num_workers": None, "timeout_s": 120.0}
+    config.reward_pool.workers, config.reward_pool.timeout_s = 3, 7.5
+    assert common.reward_pool_options(config) == {"num_workers": 3, "timeout_s": 7.5}
+    rows = types.SimpleNamespace(rows=[{"task": None}, {"task": "arithmetic"}])
+    with eval_stage.Grader(rows, config) as grade:
+        pools = {k: (f.num_workers, f.timeout_s) for k, f in grade._by_kind.items()}
+    assert pools == {"accuracy": (3, 7.5), "task": (0, 7.5)}  # (cheap checks in-process)
+    # The pipeline's top-level section reaches every stage; no setting of it retrains a stage
+    # or rebuilds the toy base.
+    from r1jax.stages import pipeline
+
+    whole = common.default_config("pipeline")
+    whole.reward_pool.timeout_s = 7.5
+    assert pipeline._stage_config(whole, "r1_zero").reward_pool.timeout_s == 7.5
+    assert pipeline._eval_config(whole, "toy").reward_pool.timeout_s == 7.5
+    assert pipeline._result_neutral("reward_pool.timeout_s", "rl")
+    pretrain = common.default_config("pretrain")
+    pretrain.reward_pool.workers = 3
+    assert common.toy_recipe(pretrain) == common.toy_recipe()
+    for field, value, message in (
+        ("workers", -2, "reward_pool.workers must be an integer >= -1"),
+        ("timeout_s", -1.0, "reward_pool.timeout_s must be a number of seconds per sample >= 0"),
+        ("timeout_s", float("inf"), "reward_pool.timeout_s must be a number"),
+    ):
+        bad = common.default_config("eval")
+        bad.reward_pool[field] = value
+        with pytest.raises(common.ConfigError, match=re.escape(message)):
+            common.validate(bad, "eval")
 
 
 def test_ctrl_c_in_a_terminal_leaves_the_reward_workers_alone():
@@ -774,17 +858,15 @@ def test_ctrl_c_in_a_terminal_leaves_the_reward_workers_alone():
 def test_a_worker_dying_while_chunks_are_still_being_submitted_is_retried():
     # A dead worker marks the pool broken at once, so a later submit() of the same call raises
     # instead of returning a future: that chunk must be retried like the others.
-    from concurrent.futures.process import BrokenProcessPool
-
     with build_reward_fn([("format", 1.0, {})], num_workers=2) as fn:
         real, submits = fn._get_pool(), []
 
         class BreaksOnSecondSubmit:
-            def submit(self, *args):
+            def submit(self, *args, **kwargs):
                 submits.append(args)
                 if len(submits) == 2:
                     raise BrokenProcessPool("a worker died")
-                return real.submit(*args)
+                return real.submit(*args, **kwargs)
 
             def shutdown(self, **kwargs):
                 real.shutdown(**kwargs)

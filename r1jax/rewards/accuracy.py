@@ -166,12 +166,12 @@ def _match_in_helper(gold: str, predicted: str) -> bool:
     with _guard_lock:  # one comparison at a time; the helper is started on first use
         try:
             if _guard is None:
-                from r1jax.rewards.compose import _exit_with_parent
+                from r1jax.rewards.compose import _init_worker
 
                 context = multiprocessing.get_context("forkserver")  # never fork a JAX process
                 context.set_forkserver_preload(["r1jax.rewards"])
                 _guard = concurrent.futures.ProcessPoolExecutor(
-                    1, mp_context=context, initializer=_exit_with_parent
+                    1, mp_context=context, initializer=_init_worker
                 )
                 # Started outside the answer's limit: under load the start alone took seconds,
                 # and the first answer compared (right or not) was scored wrong.

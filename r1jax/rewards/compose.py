@@ -22,9 +22,15 @@ Owns the reward registry (``REWARDS``, ``register_reward``), ``build_reward_fn``
   Worker main threads also keep math-verify's signal-based timeouts working. A worker that dies
   (e.g. killed by the OOM killer) breaks the pool; it is rebuilt and the chunk retried once,
   after which that chunk's values are NaN, its samples' ``total`` is NaN ("unscored": GRPO gives
-  them advantage 0 and leaves them out of their group's statistics) and an error is logged (if
-  every chunk fails twice the pool itself is broken, and that raises). Exceptions raised by a
-  reward (a missing column, a bad option) propagate unchanged: those are configuration errors.
+  them advantage 0 and leaves them out of their group's statistics) and an error is logged (only
+  when the rebuilt pool cannot run even a trivial task is the pool itself broken, and that
+  raises). Exceptions raised by a reward (a missing column, a bad option) propagate unchanged:
+  those are configuration errors.
+- **Deadline.** A worker ends itself once the chunk it is scoring has run ``timeout_s`` seconds
+  per sample of the chunk (counted from when the worker starts it, so a queue of chunks does not
+  count): a reward that never returns (a custom reward waiting on a dead service, C code no
+  signal interrupts) then costs its chunk, retried and unscored as above, not the run. It names
+  the reward that was running. Rewards scored in the calling process have no deadline.
 - **Inside jit.** ``HostRewardBridge`` wraps a ``RewardFunction`` in ``jax.pure_callback``: token
   ids [B, T] and lengths [B] go to the host, are decoded with the tokenizer's batch decode, scored
   with the row's dataset columns (looked up by row id), and come back as [B] and [R, B] float32.
@@ -205,12 +211,36 @@ def _to_row(values: Any, n: int, name: str) -> np.ndarray:
     return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
 
 
-def _score(specs: Sequence[RewardSpec], completions: list, columns: dict) -> np.ndarray:
-    """[R, b] float64 values of ``specs`` on one chunk (runs in a pool worker or in-process)."""
-    rows = [
-        _to_row(s.fn(completions, **{**s.kwargs, **columns}), len(completions), s.name)
-        for s in specs
-    ]
+# In a pool worker: (deadline, reward name, first sample, end sample, seconds allowed) of the chunk
+# it is scoring, or None; the worker's watchdog thread reads it (one assignment, so never torn).
+_SCORING: list[tuple[float, str, int, int, float] | None] = [None]
+_PAST_DEADLINE = 75  # a worker's exit status when its watchdog ended it
+
+
+def _score(
+    specs: Sequence[RewardSpec],
+    completions: list,
+    columns: dict,
+    *,
+    deadline_s: float = 0.0,
+    first: int = 0,
+) -> np.ndarray:
+    """[R, b] float64 values of ``specs`` on one chunk (runs in a pool worker or in-process).
+
+    ``deadline_s`` > 0 (pool workers only): the worker's watchdog ends it once the chunk (samples
+    ``first`` ... ``first + b - 1`` of the batch) has run that long.
+    """
+    until = time.monotonic() + deadline_s
+    rows = []
+    try:
+        for s in specs:
+            if deadline_s > 0:
+                _SCORING[0] = (until, s.name, first, first + len(completions), deadline_s)
+            rows.append(
+                _to_row(s.fn(completions, **{**s.kwargs, **columns}), len(completions), s.name)
+            )
+    finally:
+        _SCORING[0] = None
     return np.stack(rows) if rows else np.zeros((0, len(completions)))
 
 
@@ -223,12 +253,15 @@ def _slice_columns(columns: Mapping[str, Any], n: int, start: int, stop: int) ->
     }
 
 
-def _exit_with_parent() -> None:
-    """Pool worker initializer: end this worker when the trainer that started it dies.
+def _init_worker(reports=None) -> None:
+    """Pool worker initializer: end this worker when the trainer that started it dies, or (with
+    ``reports``, a SimpleQueue to say why on) when the chunk it scores passes its deadline.
 
     Workers wait on a task queue they also hold the writing end of, so a SIGKILLed trainer (an
     OOM kill, `kill -9`) would leave them, and the fork server their copies of its lifeline keep
-    alive, running forever. A daemon thread waits on the parent's sentinel instead.
+    alive, running forever. A daemon thread waits on the parent's sentinel instead. Another
+    watches the deadline: the main thread may be stuck anywhere (C code, a socket), and only
+    ending the process frees it.
     """
     import signal
     import threading
@@ -239,14 +272,34 @@ def _exit_with_parent() -> None:
     # the workers of a broken pool with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = multiprocessing.parent_process()
-    if parent is None:
-        return
 
-    def watch():
+    def watch_parent():
         multiprocessing.connection.wait([parent.sentinel])
         os._exit(0)
 
-    threading.Thread(target=watch, name="r1jax-exit-with-parent", daemon=True).start()
+    def watch_deadline():
+        while True:
+            time.sleep(0.25)
+            scoring = _SCORING[0]
+            if scoring is not None and time.monotonic() > scoring[0]:
+                _, name, first, end, allowed = scoring
+                with contextlib.suppress(Exception):  # (the reason is a courtesy; the exit is not)
+                    reports.put(
+                        f"reward {name!r} was still scoring samples [{first}, {end}) after "
+                        f"{allowed:g} s (timeout_s per sample x {end - first}): its worker ended"
+                    )
+                os._exit(_PAST_DEADLINE)
+
+    if parent is not None:
+        threading.Thread(target=watch_parent, name="r1jax-exit-with-parent", daemon=True).start()
+    if reports is not None:
+        threading.Thread(target=watch_deadline, name="r1jax-reward-deadline", daemon=True).start()
+
+
+# A pool worker's deadline, in seconds per sample of its chunk: past any sane rule reward (the code
+# reward's hanging tests stop at its sandbox's hang_budget_s, 30 s by default; math-verify times
+# itself out in seconds), well short of a stalled run.
+DEFAULT_TIMEOUT_S = 120.0
 
 
 def _default_workers() -> int:
@@ -269,6 +322,7 @@ class RewardFunction:
         *,
         num_workers: int | None = None,
         chunks_per_worker: int = 4,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
     ):
         if _is_dict_like(specs):  # {name: weight} or {name: {"weight": …, "kwargs": …}}
             specs = [
@@ -285,7 +339,13 @@ class RewardFunction:
         if self.num_workers < 0 or chunks_per_worker < 1:
             raise ValueError("num_workers must be >= 0 and chunks_per_worker >= 1")
         self.chunks_per_worker = chunks_per_worker
+        self.timeout_s = float(timeout_s or 0.0)
+        if not 0 <= self.timeout_s < float("inf"):
+            raise ValueError(
+                f"timeout_s (seconds per sample) must be >= 0 (0 = no deadline), got {timeout_s}"
+            )
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._reports: Any = None  # the pool's workers' SimpleQueue of why one ended itself
         self._stopped = False  # closed without waiting
 
     @property
@@ -305,10 +365,23 @@ class RewardFunction:
             # Import the reward modules once in the fork server (a no-op once it is running), so
             # each worker starts as a cheap fork with sympy & co. already loaded.
             context.set_forkserver_preload(["r1jax.rewards"])
+            # (a queue per pool: a worker of a broken pool ended mid-put may hold its lock)
+            self._reports = context.SimpleQueue()
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=self.num_workers, mp_context=context, initializer=_exit_with_parent
+                max_workers=self.num_workers,
+                mp_context=context,
+                initializer=_init_worker,
+                initargs=(self._reports,),
             )
         return self._pool
+
+    def _why_workers_ended(self) -> str:
+        """What the current pool's workers said before ending themselves (deadlines), or ""."""
+        said = []
+        with contextlib.suppress(Exception):
+            while self._reports is not None and not self._reports.empty():
+                said.append(self._reports.get())
+        return ": " + "; ".join(said) if said else ""
 
     def close(self, wait: bool = True) -> None:
         """Shut the worker pool down (idempotent). `wait=False` (a run stopping on an error or
@@ -391,16 +464,22 @@ class RewardFunction:
         return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
     def _submit(self, specs, texts, columns):
-        pool, n = self._get_pool(), len(texts)
         pending = []
-        for a, b in self._bounds(n):
+        for a, b in self._bounds(len(texts)):
             try:
-                future = pool.submit(_score, specs, texts[a:b], _slice_columns(columns, n, a, b))
+                future = self._submit_chunk(specs, texts, columns, a, b)
             except BrokenProcessPool as e:  # a worker died while later chunks were submitted
                 future = concurrent.futures.Future()
                 future.set_exception(e)
             pending.append((a, b, future))
         return pending
+
+    def _submit_chunk(self, specs, texts, columns, a: int, b: int) -> concurrent.futures.Future:
+        """Score samples [a, b) in the pool, under their deadline."""
+        chunk = _slice_columns(columns, len(texts), a, b)
+        return self._get_pool().submit(
+            _score, specs, texts[a:b], chunk, deadline_s=self.timeout_s * (b - a), first=a
+        )
 
     def _gather(self, specs, pending, texts, columns, n) -> tuple[np.ndarray, np.ndarray]:
         """Pooled rewards' values [R, n] and which samples went unscored [n] (worker died twice)."""
@@ -416,31 +495,44 @@ class RewardFunction:
             raise RuntimeError("the reward function was closed while it scored")
         if retry:
             logger.error(
-                "a reward worker died; rebuilding the pool and retrying %d chunk(s)", len(retry)
+                "a reward worker died%s; rebuilding the pool and retrying %d chunk(s), one at a "
+                "time",
+                self._why_workers_ended(),
+                len(retry),
             )
             self._discard_pool()
+            # (one at a time: a chunk that kills its worker again then takes no other with it)
             for a, b in retry:
                 try:
-                    future = self._get_pool().submit(
-                        _score, specs, texts[a:b], _slice_columns(columns, n, a, b)
-                    )
-                    out[:, a:b] = future.result()
+                    out[:, a:b] = self._submit_chunk(specs, texts, columns, a, b).result()
                 except BrokenProcessPool:
                     logger.error(
-                        "reward worker died again on samples [%d, %d); they are unscored "
+                        "reward worker died again on samples [%d, %d)%s; they are unscored "
                         "(NaN: advantage 0, left out of their groups' reward statistics)",
                         a,
                         b,
+                        self._why_workers_ended(),
                     )
                     unscored[a:b] = True
                     self._discard_pool()
-            if n and unscored.all():
+            if n and unscored.all() and not self._pool_works():
                 raise RuntimeError(
-                    "every reward worker died, twice: the pool itself is failing (see the worker "
-                    "tracebacks above; a script using the pool needs an `if __name__ == "
-                    "'__main__':` guard). Set num_workers=0 to score in-process while debugging."
+                    "every reward worker died, twice, and a new pool cannot run a trivial task: "
+                    "the pool itself is failing (see the worker tracebacks above; a script using "
+                    "the pool needs an `if __name__ == '__main__':` guard). Set num_workers=0 to "
+                    "score in-process while debugging."
                 )
         return out, unscored
+
+    def _pool_works(self, timeout_s: float = 60.0) -> bool:
+        """Whether a fresh pool runs a trivial task (tells a broken pool from samples that kill
+        their workers)."""
+        try:
+            self._get_pool().submit(os.getpid).result(timeout=timeout_s)
+            return True
+        except (BrokenProcessPool, concurrent.futures.TimeoutError):
+            self._discard_pool()
+            return False
 
     def _discard_pool(self) -> None:
         if self._pool is not None:
@@ -449,7 +541,10 @@ class RewardFunction:
 
 
 def build_reward_fn(
-    specs: Sequence[Any] | Mapping[str, Any], *, num_workers: int | None = None
+    specs: Sequence[Any] | Mapping[str, Any],
+    *,
+    num_workers: int | None = None,
+    timeout_s: float | None = None,
 ) -> RewardFunction:
     """Config reward list -> ``RewardFunction`` (see ``parse_spec`` for the accepted forms).
 
@@ -459,8 +554,14 @@ def build_reward_fn(
         ``{"accuracy": 1.0, "code": {"weight": 1.0, "kwargs": {"sandbox": {...}}}}`` (the form
         an ``ml_collections`` config can hold, since it forbids dicts inside lists).
       num_workers: pool size; 0 scores in the calling process; None = available cores (max 16).
+      timeout_s: a pool worker's deadline, in seconds per sample of the chunk it scores (see the
+        module docstring); 0 = none; None = ``DEFAULT_TIMEOUT_S``.
     """
-    return RewardFunction(specs, num_workers=num_workers)
+    return RewardFunction(
+        specs,
+        num_workers=num_workers,
+        timeout_s=DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s,
+    )
 
 
 # --- host callback from jit --------------------------------------------------------------------

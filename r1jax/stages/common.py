@@ -92,6 +92,14 @@ def base_config() -> ml_collections.ConfigDict:
     # sampling). allow_unsandboxed=True runs it without bubblewrap (rlimits only) where bwrap
     # cannot work; the run refuses to start otherwise.
     c.sandbox = sandbox_config()
+
+    # The worker processes that score rule rewards (RL) and grade answers (eval, rejection
+    # sampling). A worker still scoring its chunk after timeout_s per sample of it is ended: the
+    # chunk is retried once, then left unscored (RL: advantage 0), so a reward that never returns
+    # costs samples, not the run.
+    c.reward_pool = ml_collections.ConfigDict()
+    c.reward_pool.workers = -1  # -1 = the cores this process may use (at most 16); 0 = in-process
+    c.reward_pool.timeout_s = 120.0  # seconds per sample of a chunk; 0 = no deadline
     return c
 
 
@@ -164,6 +172,7 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
         )
     if stage not in ("pretrain", "pipeline"):
         check_deepseek_options(config.model, os.path.expanduser(config.model.path))
+    reward_pool_options(config)  # (refuses bad values)
     if config.ckpt.best_mode not in ("max", "min"):
         raise ConfigError(f"ckpt.best_mode must be 'max' or 'min', got {config.ckpt.best_mode!r}")
     for field in ("ckpt.every", "ckpt.keep", "log.every"):
@@ -792,14 +801,16 @@ _TOY_STAMP = "r1jax_toy_recipe.txt"
 
 def toy_recipe(pretrain_config=None) -> str:
     """Fingerprint of the recipe that builds the toy base model: the default pretraining config
-    (but its `sandbox` section: generated code never runs in pretraining, and a new sandbox
-    option must not rebuild every user's toy base) and TOY_RECIPE_VERSION."""
+    (but its `sandbox` and `reward_pool` sections: pretraining neither runs generated code nor
+    scores, and a new option there must not rebuild every user's toy base) and
+    TOY_RECIPE_VERSION."""
     import hashlib
 
     if pretrain_config is None:
         pretrain_config = default_config("pretrain")
     settings = json.loads(pretrain_config.to_json(sort_keys=True))
-    settings.pop("sandbox", None)
+    for section in ("sandbox", "reward_pool"):  # (pretraining neither runs code nor scores)
+        settings.pop(section, None)
     text = f"{TOY_RECIPE_VERSION}|{json.dumps(settings, sort_keys=True)}"
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -1874,6 +1885,26 @@ def sandbox_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         {f.name: f.default for f in dataclasses.fields(SandboxConfig) if f.default is not None}
     )
+
+
+def reward_pool_options(config) -> dict[str, Any]:
+    """`config.reward_pool` as `rewards.build_reward_fn`'s `num_workers` and `timeout_s` (the
+    library's defaults for a config without the section); a ConfigError names a bad value."""
+    pool = config.get("reward_pool") if config is not None else None
+    if pool is None:
+        return {}
+    workers, timeout = pool.workers, pool.timeout_s
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < -1:
+        raise ConfigError(
+            f"reward_pool.workers must be an integer >= -1 (-1 = the cores, at most 16; 0 = "
+            f"score in the trainer's process), got {workers!r}"
+        )
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 <= timeout < 1e9:
+        raise ConfigError(
+            f"reward_pool.timeout_s must be a number of seconds per sample >= 0 (0 = no "
+            f"deadline), got {timeout!r}"
+        )
+    return {"num_workers": None if workers == -1 else workers, "timeout_s": float(timeout)}
 
 
 def sandbox_options(config) -> dict[str, Any]:

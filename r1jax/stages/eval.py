@@ -211,15 +211,17 @@ def voted_answer(text: str, task: Any, tests: Any) -> str | None:
 
 class Grader:
     """`grade(texts, **columns) -> [B] float` (1.0 = correct; NaN = unscored: the worker grading
-    it died twice, e.g. killed for memory): each sample checked by the reward
+    it died twice, e.g. killed for memory or past `reward_pool.timeout_s`): each sample checked by
+    the reward
     its row calls for (`grading_kind`), so a dataset mixing math, code and built-in tasks (e.g. a
     glob over several files) grades every row by its own rule. Code rows run under
     `config.sandbox` (`common.sandbox_options`: refused here, before any sampling, when they
     could not run).
 
     Code tests and math-verify are slow (a sandboxed run per test, a symbolic comparison per
-    answer), so they are scored in a pool of worker processes (`num_workers`, None = the cores,
-    at most 16, as RL scores them); the built-in tasks' checks are cheap and run in-process.
+    answer), so they are scored in a pool of worker processes (`num_workers`, None =
+    `config.reward_pool.workers`, as RL scores them); the built-in tasks' checks are cheap and
+    run in-process.
     `submit` grades on a background thread, so that a loop can sample its next batch on the
     device meanwhile (`sample_and_grade`). Close it (or use it as a context manager) to stop
     the workers.
@@ -236,10 +238,13 @@ class Grader:
         options = (
             {"code": {"sandbox": common.sandbox_options(config or {})}} if "code" in kinds else {}
         )
+        pool = common.reward_pool_options(config)
+        if num_workers is not None:
+            pool["num_workers"] = num_workers
         self._by_kind = {
             kind: rewards.build_reward_fn(
                 {kind: {"weight": 1.0, "kwargs": options.get(kind, {})}, "format": 0.0},
-                num_workers=num_workers if kind in self._POOLED else 0,
+                **(pool if kind in self._POOLED else {**pool, "num_workers": 0}),
             )
             for kind in sorted(kinds)
         }

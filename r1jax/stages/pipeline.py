@@ -72,7 +72,7 @@ EVALUATED = (
 # The pipeline-level sections every stage also has; a value set at the top level applies to all.
 # (A value equal to `common.base_config`'s cannot be told from one left unset, so it leaves each
 # stage's own: `--config.ckpt.every=50` keeps r1_zero's 25; set `--config.r1_zero.ckpt.every=50`.)
-SHARED_SECTIONS = ("mesh", "model", "ckpt", "log", "sandbox")
+SHARED_SECTIONS = ("mesh", "model", "ckpt", "log", "sandbox", "reward_pool")
 
 
 def shared_overrides(config) -> dict[str, dict[str, Any]]:
@@ -464,9 +464,10 @@ def _keep_flag(name: str, key: str, value: Any) -> str | None:
 
 
 # Sections whose settings do not change what a stage produces (how often it logs and saves, how
-# the devices are arranged): a resume may change them. The sandbox's limits can change what a
-# stage that runs generated code gets out of it, but not whether it may run there at all.
-_RESULT_NEUTRAL = ("log", "ckpt", "mesh")
+# the devices are arranged, how many processes score): a resume may change them. The sandbox's
+# limits can change what a stage that runs generated code gets out of it, but not whether it may
+# run there at all.
+_RESULT_NEUTRAL = ("log", "ckpt", "mesh", "reward_pool")
 _RUNS_CODE = ("rl", "eval", "rejection_sampling")
 
 
