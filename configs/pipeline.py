@@ -88,7 +88,9 @@ def get_config(arg=None):
             config[name].optim.warmup_steps = 1
         for name in ("r1_zero", "reasoning_rl", "r1", "student_rl"):
             r = config[name].rl
-            r.steps, r.prompts_per_step, r.num_generations, r.max_completion_length = 2, 4, 2, 16
+            r.prompts_per_step, r.num_generations, r.max_completion_length = 4, 2, 16
+            if name != "student_rl":  # (its steps match the distillation's compute)
+                r.steps = 2
             config[name].eval.num_prompts, config[name].eval.max_new_tokens = 4, 16
             config[name].data.num_train, config[name].data.num_eval = 64, 8
         for name in ("cold_start", "r1_sft", "distill"):

@@ -1700,7 +1700,14 @@ def test_pipeline_smoke(toy, tmp_path):
     config.log.progress = False
     relative = os.path.relpath(tmp_path)
     assert run("pipeline", config, relative)["eval"] == results["eval"]
-    # ... but asking a finished stage for other settings is refused, not silently skipped.
+    # A student_rl matched to a distillation since made again no longer compares at equal compute.
+    saved = tmp_path / "student_rl" / "config_rl.json"
+    ran = json.loads(saved.read_text())
+    common.write_json(saved, {**ran, "rl": {**ran["rl"], "steps": steps + 1}})
+    with pytest.raises(common.ConfigError, match=rf"student_rl is done with {steps + 1} GRPO"):
+        run("pipeline", config, tmp_path)
+    common.write_json(saved, ran)
+    # ... and asking a finished stage for other settings is refused, not silently skipped.
     config.cold_start.sft.epochs = 3.0
     with pytest.raises(common.ConfigError, match=r"cold_start is done, but with other settings"):
         run("pipeline", config, tmp_path)
@@ -1905,6 +1912,9 @@ def test_pipeline_checks_every_section_before_the_first_stage():
         ("eval_stage.data.num_eval", 16, r"^eval_stage.data: .* set --config.eval_data"),
         ("eval_stage.model.path", "/models/mine", r"^eval_stage.model.path='/models/mine'"),
         ("eval_stage.seed", 7, r"^eval_stage.seed=7: .* set --config.seed"),
+        # student_rl's steps, set from the distillation's FLOPs; held-out problems not evaluated
+        ("student_rl.rl.steps", 300, r"^student_rl.rl.steps=300: .*match_distill_compute=False"),
+        ("eval_data.num_eval", 16, r"num_eval=16 .* --config.eval_stage.eval.num_prompts=16 too"),
     ):
         changed = copy.deepcopy(config)
         sh.set_fields(changed, {field: value})

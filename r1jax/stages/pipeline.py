@@ -119,6 +119,16 @@ def validate(config) -> None:
                     f"{name}.{field}={config[name][section][key]!r}: the pipeline sets it to "
                     f"what {writer} made; run --stage={stage} alone to train on another"
                 )
+        if (
+            name == "student_rl"
+            and config.get("match_distill_compute", False)
+            and config[name].rl.steps != default.rl.steps
+        ):
+            raise common.ConfigError(
+                f"student_rl.rl.steps={config[name].rl.steps}: with match_distill_compute the "
+                "pipeline sets it to the GRPO steps whose FLOPs match the distillation's; add "
+                "--config.match_distill_compute=False to choose it"
+            )
         # As run() will give it, except the model and data paths earlier stages write.
         try:
             common.validate(_stage_config(config, name), stage)
@@ -134,6 +144,12 @@ def validate(config) -> None:
         raise common.ConfigError(
             f"eval_stage.model.path={config.eval_stage.model.path!r}: the pipeline evaluates each "
             "stage's own model; run --stage=eval alone for another"
+        )
+    if config.eval_data.num_eval > config.eval_stage.eval.num_prompts:
+        raise common.ConfigError(
+            f"eval_data.num_eval={config.eval_data.num_eval} holds out more problems than "
+            f"eval_stage.eval.num_prompts={config.eval_stage.eval.num_prompts} evaluates; set "
+            f"--config.eval_stage.eval.num_prompts={config.eval_data.num_eval} too"
         )
     if config.eval_stage.get("seed", 0) not in (0, config.seed):
         raise common.ConfigError(
@@ -185,12 +201,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                 section, field = key.split(".")
                 sub[section][field] = value
             if name == "student_rl" and config.get("match_distill_compute", False):
-                results["compute"] = match_compute(
-                    sub,
-                    config.distill,
-                    _steps_run(os.path.join(workdir, "distill"), results["stages"]["distill"]),
-                    steps=_steps_run(subdir) if os.path.exists(f"{subdir}/done.json") else None,
-                )
+                results["compute"] = _matched_compute(config, sub, workdir, results["stages"])
                 sub.rl.steps = results["compute"]["student_rl_steps"]
         results["stages"][name] = _run_once(stage, sub, subdir, name, tuple(wired))
         if stage == "pretrain" and config.get("require_tag_copy", True):
@@ -509,9 +520,8 @@ def token_pass_flops(cfg, context: int) -> int:
     return 2 * params + 2 * cfg.num_layers * cfg.num_heads * dims * context
 
 
-def match_compute(rl_config, distill_config, distill_steps: int, steps: int | None = None):
-    """The fewest GRPO steps of `rl_config` whose model FLOPs reach the distillation's (or, with
-    `steps`, the FLOPs of that many, e.g. of a run already done).
+def match_compute(rl_config, distill_config, distill_steps: int):
+    """The fewest GRPO steps of `rl_config` whose model FLOPs reach the distillation's.
 
     FLOPs as compiled, on padded shapes: a token pass costs 2 x params + 4 x layers x heads x
     head_dim x the positions it attends to (dense, padding included), a backward pass two
@@ -549,7 +559,7 @@ def match_compute(rl_config, distill_config, distill_steps: int, steps: int | No
     windows = sampling.decode_windows(Tc, r.decode_first_window)
     step_windows = [min(w for w in windows if w >= s) for s in range(1, Tc)]
     spent, done = 0, 0
-    while (spent < budget) if steps is None else (done < steps):
+    while spent < budget:
         Tp = prompts.batch(prompts.row_ids(done, P))[0].shape[1]
         prompt = P * Tp * student(Tp) * (1 if r.shared_prompt_forward else G)
         completions = P * G * student(Tp + Tc)
@@ -565,6 +575,25 @@ def match_compute(rl_config, distill_config, distill_steps: int, steps: int | No
         "student_rl_flops": spent,
         "ratio": spent / budget,
     }
+
+
+def _matched_compute(config, sub, workdir: str, stages: dict[str, Any]) -> dict[str, Any]:
+    """`match_compute` for student_rl against the distillation as it ran; a student_rl already
+    done with another step count (matched to a distillation since made again) is refused: the
+    report's comparison at equal compute would no longer be one."""
+    distill_steps = _steps_run(os.path.join(workdir, "distill"), stages["distill"])
+    matched = match_compute(sub, config.distill, distill_steps)
+    subdir = os.path.join(workdir, "student_rl")
+    if os.path.exists(os.path.join(subdir, "done.json")):
+        ran = _steps_run(subdir)
+        if ran != matched["student_rl_steps"]:
+            raise common.ConfigError(
+                f"student_rl is done with {ran} GRPO steps, but the distillation's {distill_steps} "
+                f"steps now match {matched['student_rl_steps']} (it was made again since): "
+                f"delete {subdir} to run it again at the same compute, or keep it with "
+                f"--config.match_distill_compute=False --config.student_rl.rl.steps={ran}"
+            )
+    return matched
 
 
 def _steps_run(subdir: str, done: dict[str, Any] | None = None) -> int:
