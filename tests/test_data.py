@@ -789,6 +789,17 @@ def test_unreadable_conversations_are_named_not_counted_as_missing_prompts(tmp_p
         common.load_completion_rows(str(pairs), field_map={"completion": "respons"})
     rows, _ = common.load_completion_rows(str(pairs), field_map={"completion": "response"})
     assert rows[0]["completion"] == "r"
+    # SFT pairs asked as a question or a problem read as they are (they were refused as rows
+    # without a prompt), and a column not read as one is named with what the row has.
+    for column in ("question", "problem"):
+        asked = _write_lines(
+            tmp_path / "q.jsonl", [json.dumps({column: "2+2?", "completion": "4"})]
+        )
+        [row], _ = common.load_completion_rows(str(asked))
+        assert (row["prompt"], row["completion"]) == ("2+2?", "4")
+    told = _write_lines(tmp_path / "i.jsonl", [json.dumps({"instruction": "x", "completion": "4"})])
+    with pytest.raises(ValueError, match=r"no text in its 'prompt' column; it has \['completion'"):
+        common.load_completion_rows(str(told))
 
 
 def test_loader_field_map_shapes_and_errors(tmp_path):

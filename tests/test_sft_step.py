@@ -173,6 +173,30 @@ def test_distillation_step_matches_numpy_kl_and_moves_towards_the_teacher(batche
         sft.distill_step(state, other_vocab, unpacked)
 
 
+def test_distillation_on_packed_rows_at_a_temperature_in_micro_batches_matches_numpy(batches):
+    """KL(teacher || student) of both distributions at temperature T (no T^2 factor), over
+    completion tokens only, from packed rows cut into 2 micro-batches and logits chunks of 5:
+    the reference is each example alone in its row (the unpacked batch), in float64."""
+    _, _, unpacked, packed = batches
+    student, teacher = tiny_model(std=0.1), tiny_model(seed=1, std=0.3)
+    temperature = 2.0
+
+    def log_softmax(logits):
+        x = np.asarray(logits, np.float64) / temperature
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    ls = log_softmax(run_forward(student, unpacked)[0])
+    lt = log_softmax(run_forward(teacher, unpacked)[0])
+    kl = np.sum(np.exp(lt) * (lt - ls), -1)[:, :-1]  # position t predicts token t + 1
+    _, mask = jax.device_get(sft.next_token_targets(unpacked))
+    reference = np.sum(kl * mask) / mask.sum()
+    cfg = sft.SFTConfig(num_micro_batches=2, distill_temperature=temperature, logits_chunk_size=5)
+    state = train.TrainState.create(student, OPTIM)
+    got = float(sft.distill_step(state, teacher, packed, cfg)["loss"])
+    np.testing.assert_allclose(got, reference, rtol=1e-5)
+
+
 def test_distillation_compares_the_tokenizer_ids_of_a_differently_padded_teacher(batches):
     """One tokenizer, two embedding tables padded to different sizes (Qwen2.5-7B's 152064 rows,
     1.5B's 151936, for 151665 tokens): distillation stopped at its first step, saying the two

@@ -700,6 +700,39 @@ def test_sft_trains_after_a_think_tag_its_prompt_already_opened(toy, tmp_path):
         common.validate(config, "sft")
 
 
+def test_sft_completions_saved_with_their_special_tokens(toy, tmp_path, caplog):
+    """Data exported with its special tokens ("...</answer><|im_end|>") trained the model to
+    spell the turn end in characters before the real one, silently."""
+    from r1jax.models import hf
+    from r1jax.stages import sft as sft_stage
+
+    tokenizer = hf.tokenizer(os.path.join(toy[0], "toy_base"))
+    answer = "<think>\nadd\n</think>\n<answer>4</answer>"
+    path = tmp_path / "exported.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": c}]}
+        for c in (answer + "<|im_end|>\n", answer + "<|im_end|><|endoftext|>", answer)
+    ]
+    rows.append({"prompt": "2+2?", "completion": "a <|im_start|>user b"})
+    earlier = rows[2]["messages"]
+    rows[2]["messages"] = [*earlier, {"role": "user", "content": "Again?"}, earlier[-1]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = sh.load_config("sft")
+    config.sft.source, config.sft.template = str(path), "chat"
+    with caplog.at_level(logging.INFO, logger="r1jax"):
+        pairs = sft_stage.load_pairs(config, tokenizer)
+    assert [c for _, c, _ in pairs] == [answer] * 3 + ["a <|im_start|>user b"]
+    assert {e for _, _, e in pairs} == {"<|im_end|>"}  # (the token appended in their place)
+    assert "sft: 2 completions ended with their end-of-turn text written out" in caplog.text
+    assert "1 of 4 completions hold a special token's text" in caplog.text
+    assert "exported.jsonl:4" in caplog.text
+    assert "sft: 1 rows have assistant turns before their last" in caplog.text  # (untrained)
+    # The R1-Zero template ends with the EOS: its text written out is dropped alike.
+    path.write_text(json.dumps({"prompt": "2+2?", "completion": answer + " <|endoftext|> "}))
+    config.sft.template = "r1_zero"
+    assert [c for _, c, _ in sft_stage.load_pairs(config, tokenizer)] == [answer]
+
+
 def test_chat_prompts_can_carry_the_format_instruction_as_a_system_message(toy):
     """With the chat template an instruct model was never told about <think>/<answer> (no
     config field could add a system message), while the format rewards ask for them."""

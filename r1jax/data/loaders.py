@@ -79,10 +79,10 @@ class LoadStats:
     # "python" in a code dataset, or "fr"), with their row counts: those rows got the default.
     language_defaulted: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
-    def skip(self, reason: str, where: str) -> None:
+    def skip(self, reason: str, where: str, detail: str = "") -> None:
         self.skipped[reason] += 1
         if len(self.examples) < _MAX_EXAMPLES:
-            self.examples.append(f"{where}: {reason}")
+            self.examples.append(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
@@ -512,7 +512,13 @@ def _forced_mapping(shape: str, columns: set[str]) -> dict[str, str]:
         "gsm8k": {"prompt": "question", "solution": "answer"},
         "aime": {"prompt": "problem", "solution": "answer"},
         "math": {"prompt": "problem", "solution": "solution"},
-        "generic": {"prompt": "prompt", "solution": "solution"},
+        # (prompts without answers, e.g. SFT's prompt/completion rows: asked however they are)
+        "generic": {
+            "prompt": next(
+                (c for c in ("prompt", "question", "problem") if c in columns), "prompt"
+            ),
+            "solution": "solution",
+        },
         "alpaca": {"prompt": "instruction"},
         "chat": {"messages": _chat_column(columns) or "messages"},
         "code": {
@@ -757,7 +763,11 @@ def load_rows(
                 parse_as=parse_as,
             )
             if row is None:
-                stats.skip(reason, where)
+                detail = ""
+                if reason == "no_prompt":  # (which column was read, and what the row has)
+                    column = mapping.get("prompt") or mapping.get("messages")
+                    detail = f"no text in its {column!r} column; it has {sorted(obj)[:12]}"
+                stats.skip(reason, where, detail)
                 continue
             row["where"] = where  # "file:line", for the errors of whatever reads the row later
             if row["language"] is not None:

@@ -317,6 +317,12 @@ def format_tag_ids(tokenizer) -> dict[str, int]:
     return {t: i for t, i in special.items() if t in FORMAT_TAGS}
 
 
+def control_texts(tokenizer) -> list[str]:
+    """The texts of the tokenizer's special tokens but the format tags (EOS, turn markers, pad):
+    written in a completion they are its characters (`encode_completions`), never the token."""
+    return [t for t in _special_tokens(tokenizer) if t and t not in FORMAT_TAGS]
+
+
 def _special_tokens(tokenizer) -> dict[str, int]:
     """{text: id} of every token the tokenizer treats as special: its named ones and the added
     tokens flagged special (chat models' turn ends, "<|im_end|>", are only the latter)."""

@@ -21,6 +21,7 @@ import jax
 
 from r1jax import checkpoint, metrics, sft, train
 from r1jax.data import corpus, templates
+from r1jax.data import tokenizer as toks
 from r1jax.data.batching import tokenize_sft
 from r1jax.stages import common
 
@@ -86,6 +87,9 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
         questions = [r["prompt"] for r in rows if isinstance(r.get("prompt"), str)]
         templates.warn_if_templated(questions, s.template, tokenizer)
     pairs, conversations = [], 0
+    controls = toks.control_texts(tokenizer)
+    written_ends, spelled = 0, []  # completions that ended with end text; that hold such text
+    context_answers = 0  # rows with assistant turns before their answer
     for i, row in enumerate(rows):
         where = f"{section}.source {row.get('where') or f'{s.source}, row {i}'}"
         messages = row.get("messages") or []
@@ -103,10 +107,16 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
         turns = templates.turns_before_answer(row)
         conversation = templates.is_conversation(turns)
         conversations += conversation
+        context_answers += any(t.get("role") == "assistant" for t in turns)
         prompt = common.render_turns(turns, s, section, tokenizer, system=system, where=where)
         end = chat_end if conversation or s.template == "chat" else ""
         if isinstance(completion, str):
             completion = _without_opened_think(prompt, completion)
+            trimmed = _without_end_text(completion, (end, tokenizer.eos_token))
+            written_ends += trimmed != completion
+            completion = trimmed
+            if any(t in completion for t in controls):
+                spelled.append(where)
         if not isinstance(completion, str) or not completion.strip():
             raise common.ConfigError(
                 f"{where}: the completion must be non-empty text (after the think tag its prompt "
@@ -114,7 +124,42 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
             )
         pairs.append((prompt, completion, end))
     common.log_conversations(conversations, len(rows), section, s.template)
+    if context_answers:
+        log.info(
+            "%s: %d rows have assistant turns before their last: those are the prompt's context, "
+            "only the last turn is trained (one row per turn trains them all)",
+            section,
+            context_answers,
+        )
+    if written_ends:
+        log.info(
+            "%s: %d completions ended with their end-of-turn text written out (data saved with "
+            "its special tokens); it is dropped, the end token itself is appended",
+            section,
+            written_ends,
+        )
+    if spelled:
+        log.warning(
+            "%s: %d of %d completions hold a special token's text (one of %s; first: %s); a "
+            "completion is text, so the model learns to write those characters one by one, not "
+            "the token. Clean the data if that is not meant",
+            section,
+            len(spelled),
+            len(pairs),
+            sorted(controls),
+            spelled[0],
+        )
     return pairs
+
+
+def _without_end_text(completion: str, ends) -> str:
+    """`completion` without end-of-turn / EOS text written at its end (the real token is
+    appended after it; as text it would be learned as characters before the stop)."""
+    ends = [e for e in ends if e]
+    body = completion.rstrip()
+    while (end := next((e for e in ends if body.endswith(e)), None)) is not None:
+        body = body[: -len(end)].rstrip()
+    return body if body != completion.rstrip() else completion
 
 
 def _without_opened_think(prompt: str, completion: str) -> str:
