@@ -964,6 +964,9 @@ def test_synthetic_rows_round_trip_through_jsonl_and_parquet(tmp_path):
 def test_answer_extraction_helpers():
     assert data.extract_boxed(r"so \boxed{\frac{a}{b}} or \boxed{2^{10}}") == "2^{10}"
     assert data.extract_boxed(r"\boxed{unbalanced") is None
+    # A MATH solution's answer of several values, boxed one by one: all of them (was the last).
+    assert data.extract_boxed(r"The roots are $\boxed{-2}$ and $\boxed{3}$.") == "-2, 3"
+    assert data.extract_boxed(r"\boxed{ }") is None
     assert data.extract_boxed("no box") is None
     assert data.gsm8k_answer("x #### 1,000") == "1000"
     assert data.gsm8k_answer("#### ") is None

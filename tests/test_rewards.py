@@ -54,6 +54,11 @@ EQUIVALENT = [  # (gold, completion): same answer written differently
     ("5", "<think>Is it \\boxed{3} or \\boxed{5}? Only 5 works.</think> It is \\boxed{5}."),
     ("5", "\\boxed{3} or \\boxed{5}? Checking both, the answer is \\boxed{5}."),
     ("\\frac{1}{2}", "<answer>\\boxed{\\frac{1}{2}} or \\boxed{0.5}</answer>"),
+    # An answer of several values boxed one by one, joined by "and" or commas (only the last
+    # box was read: 3); a gold solution's boxes alike.
+    ("2, 3", "The roots are $\\boxed{2}$ and $\\boxed{3}$."),
+    ("2, 3", "<answer>\\boxed{3}, \\boxed{2}</answer>"),
+    ("The solutions are $\\boxed{-1}$ and $\\boxed{4}$.", "<answer>x = -1, 4</answer>"),
     ("18", "<answer>The answer is $18$ eggs.</answer>"),  # words around delimited math
     # "How many more / fewer / times": the count, with or without delimiters (only "$18$ more"
     # scored before, "18 more apples" was no answer).
@@ -165,6 +170,8 @@ DIFFERENT = [
     ("D", "<answer>B (or D)</answer>"),
     ("5", "<answer>\\boxed{3} or \\boxed{5}</answer>"),  # the last box was taken
     ("5", "The answer is \\boxed{3} or \\boxed{5}."),
+    ("3", "The roots are \\boxed{2} and \\boxed{3}."),  # (the last of a list is not the list)
+    ("7", "x = \\boxed{5}. Then y = \\boxed{7} and z = \\boxed{9}."),  # (words: separate boxes)
     # A unit after a value is not the value's first number (12*pi is not 12).
     ("12", "<answer>12\\pi \\text{ square units}</answer>"),
     ("12", "<answer>The area is 12\\pi</answer>"),
@@ -283,7 +290,9 @@ def test_accuracy_extraction_order_and_no_answer():
     # The answer block wins over a box inside the reasoning; inside it, its own box wins.
     assert extract_answer("<think>\\boxed{5}</think><answer>so \\boxed{12}.</answer>") == "12"
     assert extract_answer("<think>x</think><answer> 7 </answer>") == " 7 "
-    assert extract_answer("work... \\boxed{\\frac{1}{2}} and \\boxed{3}") == "3"
+    # Boxes joined by "and" are one answer of several values (as math-verify reads them).
+    assert extract_answer("work... \\boxed{\\frac{1}{2}} and \\boxed{3}") == "\\frac{1}{2}, 3"
+    assert extract_answer("\\boxed{1}. So \\boxed{3}") == "3"
     assert extract_answer("the answer is 4") is None
     assert last_boxed("\\boxed{\\frac{a}{b}}") == "\\frac{a}{b}"
     assert last_boxed("\\boxed{\\frac{a}{b}") is None  # truncated

@@ -150,24 +150,13 @@ def _final_gsm8k_answer(value: object) -> str | None:
 
 
 def extract_boxed(text: object) -> str | None:
-    """Contents of the last ``\\boxed{…}`` (or ``\\fbox{…}``), braces balanced; None if absent."""
-    if not isinstance(text, str):
-        return None
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i = text.index("{", start) + 1
-    depth, j = 1, i
-    while j < len(text):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                content = text[i:j].strip()
-                return content or None
-        j += 1
-    return None
+    """A worked solution's answer: the contents of its last ``\\boxed{…}`` (or ``\\fbox{…}``),
+    braces balanced, with the boxes "and" or commas join to it ("\\boxed{2} and \\boxed{3}":
+    "2, 3"; the accuracy reward reads a completion's alike); None if absent or empty."""
+    from r1jax.rewards.common import final_boxed
+
+    content = final_boxed(text) if isinstance(text, str) else None
+    return content.strip() or None if content is not None else None
 
 
 def _scalar_answer(value: object) -> str | None:

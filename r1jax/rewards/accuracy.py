@@ -5,7 +5,9 @@ Owns ``accuracy_reward`` and the answer extraction it relies on (``extract_answe
 
 - **Where the answer is.** The body of the last ``<answer>…</answer>``; if that body holds a
   ``\\boxed{…}``, just the box. Without an answer block, the last ``\\boxed{…}`` anywhere. Neither
-  → no answer → 0.0. An answer longer than ``MAX_ANSWER_CHARS`` scores 0.0 (no final answer is
+  → no answer → 0.0. Boxes joined to the last by "and" or commas are one answer of several
+  values (``\\boxed{2} and \\boxed{3}`` reads "2, 3", a gold solution's alike); joined by "or"
+  they are a hedge, no answer. An answer longer than ``MAX_ANSWER_CHARS`` scores 0.0 (no final answer is
   that long, and sympy on megabytes of text would stall the trainer).
 - **How it is compared.** Both sides go through math-verify (``math_verify.parse`` then
   ``math_verify.verify``; gold first, since ``verify`` is not symmetric). A bare answer such as
@@ -54,7 +56,13 @@ from math_verify import (
 )
 from math_verify.errors import TimeoutException
 
-from r1jax.rewards.common import answer_region, column, completion_texts, last_boxed
+from r1jax.rewards.common import (
+    answer_region,
+    closed_boxes,
+    column,
+    completion_texts,
+    final_boxed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -226,30 +234,17 @@ def extract_answer(text: str) -> str | None:
     if region is None:
         # (the final answer only: a chain of thought may weigh "\\boxed{3} or \\boxed{5}" and
         # then commit to one after </think>)
-        return None if _hedged_boxes(text.rpartition("</think>")[2]) else last_boxed(text)
-    boxed = last_boxed(region)
+        return None if _hedged_boxes(text.rpartition("</think>")[2]) else final_boxed(text)
+    boxed = final_boxed(region)
     if boxed is not None and _hedged_boxes(region):
         return None  # "\\boxed{3} or \\boxed{5}": two answers are none (not the last one)
     return boxed if boxed is not None else region
 
 
-_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
-
-
 def _hedged_boxes(text: str) -> bool:
     """Whether the last ``\\boxed{}`` of `text` is given as an alternative to the one before it
     (a short "or" between two different values)."""
-    close, stack = {}, []  # each "{" -> its "}", in one pass (a scan per box is quadratic in a
-    for j, c in enumerate(text):  # degenerate completion of thousands of unclosed boxes)
-        if c == "{":
-            stack.append(j)
-        elif c == "}" and stack:
-            close[stack.pop()] = j
-    boxes = [  # (start, end, content) of each closed box
-        (m.start(), close[m.end() - 1] + 1, text[m.end() : close[m.end() - 1]].strip())
-        for m in _BOX.finditer(text)
-        if m.end() - 1 in close
-    ]
+    boxes = closed_boxes(text)
     if len(boxes) < 2:
         return False
     (_, end, a), (start, _, b) = boxes[-2:]
@@ -423,7 +418,7 @@ def _warm_up() -> None:
 def _match_here(gold: str, predicted: str) -> bool:
     if _on_main_thread():  # (where math-verify's limits apply)
         _warm_up()
-    gold_boxed = last_boxed(gold)
+    gold_boxed = final_boxed(gold)
     gold = _strip_delimiters(gold_boxed if gold_boxed is not None else gold)
     predicted = _strip_delimiters(predicted)
     letter = _LETTER_GOLD.match(gold)

@@ -17,6 +17,7 @@ list[float | None]``. This module owns the conventions they share:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -178,6 +179,48 @@ def answer_region(text: str) -> str | None:
             break
         last, pos = text[start + len("<answer>") : end], end + len("</answer>")
     return last
+
+
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# What may stand between two boxes of one answer ("\\boxed{2} and \\boxed{3}", "$\\boxed{2}$,
+# $\\boxed{3}$"), once spaces, "$" and LaTeX spacing are removed.
+_BOX_SPACING = re.compile(r"[\s$]|\\[,;:! ]|\\q?quad\b")
+_BOXES_JOINED_BY = re.compile(r",|;|&|and|,and|\\text\{(?:and|,)\}")
+
+
+def closed_boxes(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, stripped content) of each ``\\boxed{…}`` / ``\\fbox{…}`` of `text` whose brace
+    closes, in order of their starts (boxes inside boxes included)."""
+    close, stack = {}, []  # each "{" -> its "}", in one pass (a scan per box is quadratic in a
+    for j, c in enumerate(text):  # degenerate completion of thousands of unclosed boxes)
+        if c == "{":
+            stack.append(j)
+        elif c == "}" and stack:
+            close[stack.pop()] = j
+    return [
+        (m.start(), close[m.end() - 1] + 1, text[m.end() : close[m.end() - 1]].strip())
+        for m in _BOX.finditer(text)
+        if m.end() - 1 in close
+    ]
+
+
+def final_boxed(text: str) -> str | None:
+    """`last_boxed(text)`, or, when the boxes just before it are joined to it by "and" or commas
+    (an answer of several values: "\\boxed{2} and \\boxed{3}"), all of them as one list, "2, 3"
+    (math-verify reads it as the set or tuple a gold "2, 3" is)."""
+    last = last_boxed(text)
+    if last is None:
+        return None
+    boxes = closed_boxes(text)
+    if not boxes or boxes[-1][2] != last.strip():  # ("\\boxed 5": no braces, no list)
+        return last
+    run = [boxes[-1]]
+    for box in reversed(boxes[:-1]):
+        between = text[box[1] : run[0][0]]
+        if not _BOXES_JOINED_BY.fullmatch(_BOX_SPACING.sub("", between)):
+            break
+        run.insert(0, box)
+    return last if len(run) == 1 else ", ".join(content for _, _, content in run)
 
 
 def last_boxed(text: str) -> str | None:
