@@ -7,8 +7,8 @@ Owns ``accuracy_reward`` and the answer extraction it relies on (``extract_answe
   ``\\boxed{…}``, just the box. Without an answer block, the last ``\\boxed{…}`` anywhere. Neither
   → no answer → 0.0. Boxes joined to the last by "and" or commas are one answer of several
   values (``\\boxed{2} and \\boxed{3}`` reads "2, 3", a gold solution's alike); joined by "or"
-  they are a hedge, no answer. An answer longer than ``MAX_ANSWER_CHARS`` scores 0.0 (no final answer is
-  that long, and sympy on megabytes of text would stall the trainer).
+  they are a hedge, no answer. An answer longer than ``MAX_ANSWER_CHARS`` scores 0.0 (no final
+  answer is that long, and sympy on megabytes of text would stall the trainer).
 - **How it is compared.** Both sides go through math-verify (``math_verify.parse`` then
   ``math_verify.verify``; gold first, since ``verify`` is not symmetric). A bare answer such as
   ``\\frac{\\sqrt2}{2}`` or ``(0,1]`` is wrapped as ``\\boxed{…}`` before parsing, because
