@@ -102,6 +102,10 @@ def hf_checkpoint(family: str, seed: int = 0) -> str:
 
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hf_config(family)).eval()
+    with torch.no_grad():  # (transformers starts biases at 0: Qwen2's q/k/v biases would be
+        for name, p in model.named_parameters():  # untested against it, added before RoPE)
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
     path = os.path.join(scratch_dir(f"{family}_"), "ckpt")
     model.save_pretrained(path)
     return path
