@@ -971,6 +971,13 @@ def rollout(
         raise ValueError(
             f"row_ids must be [P] = {np.shape(prompt_ids)[:1]}, got {np.shape(row_ids)}"
         )
+    # (host masks only: reading a placed one would wait for it)
+    if isinstance(prompt_mask, np.ndarray) and prompt_mask.size and not prompt_mask[:, -1].all():
+        raise ValueError(
+            "prompts must be left-padded (the first token is sampled after the last column): "
+            f"rows {np.flatnonzero(prompt_mask[:, -1] == 0)[:8].tolist()} end in padding; pad "
+            "on the left (data.batching, or a tokenizer with padding_side='left')"
+        )
     ref_graphdef, ref_state = nnx.split(ref) if cfg.beta > 0 else (None, None)
     shape = tuple(np.shape(prompt_ids))
     program = _rollout_program(

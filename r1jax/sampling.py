@@ -428,6 +428,11 @@ def sample(
     # (and a [B, V] Gumbel draw) per step. Counter-based, so identical on any mesh.
     if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):  # a raw uint32 PRNGKey
         key = jax.random.wrap_key_data(key)
+    if key.shape not in ((), (p,)):
+        raise ValueError(
+            f"key: one key for every prompt, or one per prompt ([{p}]; its samples share it), "
+            f"got keys of shape {key.shape}"
+        )
     if key.ndim == 0:
         uniforms = jax.random.uniform(key, (2 * max_new_tokens, b), jnp.float32)
     else:  # prompt p's G rows (rows p*G ... p*G + G - 1) draw from key p alone
@@ -591,7 +596,10 @@ def generate(
                 f"got {list(prompt_keys)[:8]}"
             )
         key = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(ints, jnp.uint32))
-    static = (
+    static = (  # (what the program is compiled for: a new value is a new program)
+        graphdef,
+        tuple(x.dtype for x in jax.tree.leaves(state)),
+        prompt_keys is not None,
         ids.shape,
         num_samples,
         max_new_tokens,

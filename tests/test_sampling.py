@@ -2,6 +2,7 @@
 on a mesh."""
 
 import functools
+import logging
 import re
 
 import jax
@@ -455,6 +456,24 @@ def test_prompt_keys_make_samples_independent_of_the_batch():
     raw = sampling.sample(graphdef, state, ids, ids > 0, jax.random.PRNGKey(5), **args)
     typed = sampling.sample(graphdef, state, ids, ids > 0, jax.random.key(5), **args)
     np.testing.assert_array_equal(raw.tokens, typed.tokens)
+    # One key per sample instead of per prompt: named (it failed reshaping the draw).
+    per_sample = jax.random.split(jax.random.key(5), 2 * len(ids))
+    with pytest.raises(ValueError, match=r"or one per prompt \(\[4\]; .* shape \(8,\)"):
+        sampling.sample(graphdef, state, ids, ids > 0, per_sample, **{**args, "num_samples": 2})
+    # The G samples of a prompt differ at temperature > 0.
+    groups = [whole.tokens[g : g + 2] for g in range(0, len(whole.tokens), 2)]
+    assert all(a != b for a, b in groups), groups
+
+
+def test_a_new_program_is_logged_whatever_made_it_new(caplog):
+    """Per-prompt keys or another model (dtype) compile a program of their own: unlogged."""
+    kw = dict(max_new_tokens=3, temperature=1.0, buckets=(24,))  # (no other test's program)
+    other = hf.load(hf_checkpoint("qwen2_sharp"), dtype="bfloat16")
+    with caplog.at_level(logging.INFO, logger="r1jax.sampling"):
+        for call in (dict(seed=1), dict(prompt_keys=[1, 2, 3, 4]), dict(seed=2)):
+            sampling.generate(model(), PROMPTS, **kw, **call)
+        sampling.generate(other, PROMPTS, **kw)
+    assert caplog.text.count("sampler: compiling for prompts (4, 24)") == 3, caplog.text
 
 
 def test_ids_past_the_tokenizer_are_never_drawn():

@@ -315,6 +315,13 @@ def test_reference_model_is_only_run_when_beta_is_positive(monkeypatch):
             EvenTokens(),
             grpo.GRPOConfig(beta=0.1, **small),
         )
+    # Right-padded prompts (a tokenizer's default padding) sampled after a pad: refused.
+    right = np.ones((2, 4), np.int32)
+    right[1, 2:] = 0
+    with pytest.raises(ValueError, match=r"must be left-padded .* rows \[1\] end in padding"):
+        grpo.rollout(
+            policy, None, right, right, jax.random.key(0), EvenTokens(), grpo.GRPOConfig(**small)
+        )
 
 
 def test_rollout_scores_micro_batch_by_micro_batch_with_the_same_log_probs():
