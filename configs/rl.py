@@ -54,7 +54,7 @@ def get_config(arg=None):
     # KL weight to the reference model (0 = reference not loaded). The toy model needs a strong
     # anchor: at 0 it collapses to short constant answers (see the README's pipeline section).
     r.beta = 0.2
-    r.epsilon_low = 0.2  # clip ratio below at 1 - epsilon_low
+    r.epsilon_low = 0.2  # clip ratio below at 1 - epsilon_low (>= 1: no lower clip)
     r.epsilon_high = 0.2  # clip ratio above at 1 + epsilon_high (> low: DAPO clip-higher)
     r.loss_type = "grpo"  # grpo | bnpo | dr_grpo | dapo
     r.scale_rewards = "group"  # group | batch | none

@@ -394,8 +394,10 @@ def _check_options(
             f"{', '.join(traced)} must be Python numbers (static): under jax.jit pass them with "
             "static_argnames, or bind them with functools.partial"
         )
-    if not 0.0 <= epsilon_low < 1.0:
-        raise ValueError(f"epsilon_low must be in [0, 1), got {epsilon_low}.")
+    if not epsilon_low >= 0.0:  # (>= 1: no lower clip, since a ratio is > 0)
+        raise ValueError(
+            f"epsilon_low must be >= 0 (not NaN; 1 or more: no lower clip), got {epsilon_low}."
+        )
     if not epsilon_high >= 0.0:  # (inf: no upper clip)
         raise ValueError(f"epsilon_high must be >= 0 (not NaN), got {epsilon_high}.")
     if not 0.0 <= beta < float("inf"):
@@ -539,7 +541,7 @@ class GRPOConfig:
     num_generations:   G, completions sampled per prompt ("G" in DeepSeekMath's Algorithm 1).
     num_iterations:    μ, optimizer steps taken on each rollout batch ("μ" in Algorithm 1).
     beta:              KL weight; 0 means the reference model is neither needed nor run.
-    epsilon_low:       clip below at 1 - epsilon_low (TRL's `epsilon`).
+    epsilon_low:       clip below at 1 - epsilon_low (TRL's `epsilon`); >= 1: no lower clip.
     epsilon_high:      clip above at 1 + epsilon_high (> epsilon_low is DAPO's clip-higher).
     loss_type:         "grpo" | "bnpo" | "dr_grpo" | "dapo" (module docstring).
     scale_rewards:     "group" | "batch" | "none": the std the advantages are divided by (TRL's

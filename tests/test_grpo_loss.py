@@ -127,7 +127,8 @@ def jax_value_and_grad(b, loss_type, eps, beta, old=None, n_items=None):
 
 @pytest.mark.parametrize(
     "loss_type,beta,eps",
-    list(itertools.product(LOSS_TYPES, (0.0, 0.04), ((0.2, 0.2), (0.2, 0.28)))),
+    # (10, 10: a wide clip, no lower bound since a ratio is > 0)
+    list(itertools.product(LOSS_TYPES, (0.0, 0.04), ((0.2, 0.2), (0.2, 0.28), (10.0, 10.0)))),
 )
 def test_policy_loss_matches_numpy_when_old_differs(batch, loss_type, beta, eps):
     b = batch
@@ -341,7 +342,8 @@ def test_policy_loss_takes_lists_numpy_ints_an_empty_batch_and_names_traced_opti
         (dict(beta=0.04, ref=None), "ref_logprobs"),
         (dict(loss_type="dr_grpo"), "max_completion_length"),
         (dict(loss_type="grpo", num_items_in_batch=10.0), "num_items_in_batch"),
-        (dict(epsilon_low=1.5), "epsilon_low"),
+        (dict(epsilon_low=-0.1), "epsilon_low must be >= 0"),
+        (dict(epsilon_low=float("nan")), "epsilon_low must be >= 0"),
         (dict(epsilon_high=float("nan")), "epsilon_high must be >= 0 \\(not NaN\\)"),
         (dict(beta=float("nan")), "beta must be a finite number"),  # (passed every check)
         (dict(adv=np.zeros(B + 1)), "advantages"),
