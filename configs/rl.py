@@ -78,6 +78,11 @@ def get_config(arg=None):
     # vocab x 4 bytes, about twice over); lower it for large vocabularies on small chips.
     r.logprob_chunk_size = 256
     r.ref_model = ""  # reference checkpoint ("" = the starting model.path)
+    # Every N steps the reference becomes the policy (DeepSeekMath's iterative GRPO; TRL's
+    # sync_ref_model), so a long run's KL pulls towards a recent policy, not the start:
+    # reference <- alpha * policy + (1 - alpha) * reference. 0 = never (a fixed reference).
+    r.ref_sync_steps = 0
+    r.ref_sync_alpha = 1.0
 
     # A learned reward model (R1's "RL for all scenarios"), added to the rule rewards with
     # `weight`; e.g. --config.reward_model.path=/ckpt/reward-model --config.reward_model.weight=1

@@ -1,10 +1,12 @@
 """Checkpoints: save, resume and export the whole training state with orbax.
 
-A checkpoint is one orbax step directory `DIR/<step>/` with three items:
+A checkpoint is one orbax step directory `DIR/<step>/` with three items (four):
 
 - `model/`:     `nnx.state(model)`, every variable (params, and RNG streams if the model has any);
 - `optimizer/`: `nnx.state(optimizer)`, optimizer step counter and optax state;
 - `extra/`:     one JSON object the caller owns: step, data position, host RNG state, config.
+- `reference/`: (optional) `nnx.state` of a model the run changes besides, e.g. GRPO's
+  reference when it is synced to the policy.
 
 Notable choices:
 - Restores go *into the caller's live objects*: target shapes, dtypes and shardings come from the
@@ -48,7 +50,7 @@ from r1jax import paths
 
 log = logging.getLogger(__name__)
 
-_MODEL, _OPTIMIZER, _EXTRA = "model", "optimizer", "extra"
+_MODEL, _OPTIMIZER, _EXTRA, _REFERENCE = "model", "optimizer", "extra", "reference"
 
 
 class Preempted(KeyboardInterrupt):
@@ -222,6 +224,7 @@ class Checkpointer:
                 _MODEL: ocp.StandardCheckpointHandler(),
                 _OPTIMIZER: ocp.StandardCheckpointHandler(),
                 _EXTRA: ocp.JsonCheckpointHandler(),
+                _REFERENCE: ocp.StandardCheckpointHandler(),
             },
             options=options,
         )
@@ -267,6 +270,7 @@ class Checkpointer:
         *,
         force: bool = False,
         interval: bool = True,
+        reference: nnx.Module | None = None,
     ) -> bool:
         """Save the full training state at `step` if the interval says so (or `force`).
 
@@ -282,6 +286,8 @@ class Checkpointer:
           force: save even off the interval (use at the end of a run).
           interval: False = no interval save at this step (it is still a stop point, and a
             forced or preemption save still happens): the stages pass `not SkipWatch.skipping`.
+          reference: a model the run changes besides (GRPO's reference, synced to the policy),
+            saved as a `reference/` item; None = none.
 
         Returns:
           True if a save was started. A step that is already saved is skipped (False), so a final
@@ -305,6 +311,8 @@ class Checkpointer:
         }
         if optimizer is not None:
             items[_OPTIMIZER] = ocp.args.StandardSave(nnx.state(optimizer))
+        if reference is not None:
+            items[_REFERENCE] = ocp.args.StandardSave(nnx.state(reference))
         scalars = None
         if self.best_metric is not None:
             scalars = {k: float(np.asarray(v)) for k, v in (metrics or {}).items()}
@@ -321,7 +329,12 @@ class Checkpointer:
     # ---------------------------------------------------------------------------------- restore
 
     def restore(
-        self, model: nnx.Module, optimizer: nnx.Optimizer | None = None, *, step: int | None = None
+        self,
+        model: nnx.Module,
+        optimizer: nnx.Optimizer | None = None,
+        *,
+        step: int | None = None,
+        reference: nnx.Module | None = None,
     ) -> dict[str, Any]:
         """Load a checkpoint into `model` (and `optimizer`) in place; return its `extra` dict.
 
@@ -333,6 +346,7 @@ class Checkpointer:
           optimizer: the optimizer to overwrite, or None to load parameters only (e.g. to start
             SFT from an RL checkpoint or to evaluate).
           step: which step; None means `latest_step()`.
+          reference: the model saved as `save`'s `reference`, to overwrite too.
 
         Returns:
           The `extra` dict given to `save`.
@@ -346,6 +360,8 @@ class Checkpointer:
         targets: dict[str, Any] = {_MODEL: nnx.state(model)}
         if optimizer is not None:
             targets[_OPTIMIZER] = nnx.state(optimizer)
+        if reference is not None:
+            targets[_REFERENCE] = nnx.state(reference)
         drop_abandoned_read_reports(self.step_dir(step))
         self._check_matches(step, targets)
         args = {name: ocp.args.StandardRestore(_abstract(tree)) for name, tree in targets.items()}
@@ -357,6 +373,8 @@ class Checkpointer:
         nnx.update(model, restored[_MODEL])
         if optimizer is not None:
             nnx.update(optimizer, restored[_OPTIMIZER])
+        if reference is not None:
+            nnx.update(reference, restored[_REFERENCE])
         log.info("Restored checkpoint %s", path)
         return dict(restored[_EXTRA])
 
@@ -458,6 +476,11 @@ class Checkpointer:
         missing = [
             name for name in targets if not (epath.Path(self.step_dir(step)) / name).is_dir()
         ]
+        if missing == ["reference"] and "reference" not in self._saved_items(step):
+            raise CheckpointError(  # (saved without one: not damaged)
+                f"Checkpoint {self.step_dir(step)} holds no reference model (it was saved by a "
+                "run that did not sync its reference to the policy)"
+            )
         if missing == ["optimizer"] and "optimizer" not in self._saved_items(step):
             raise CheckpointError(  # (saved with optimizer=None: not damaged)
                 f"Checkpoint {self.step_dir(step)} holds no optimizer state (it was saved with "
@@ -496,7 +519,7 @@ class Checkpointer:
             text = (epath.Path(self.step_dir(step)) / "_CHECKPOINT_METADATA").read_text()
             return set(json.loads(text)["item_handlers"])
         except (OSError, ValueError, KeyError, TypeError):
-            return {"model", "optimizer", "extra", "metrics"}
+            return {"model", "optimizer", "extra", "metrics", "reference"}
 
     def _damaged(self, step: int, reason: str) -> CheckpointError:
         earlier = [s for s in self.all_steps() if s < step]

@@ -716,6 +716,36 @@ def sampling_copy_plan(state: nnx.State, mesh: Mesh, dtype) -> list[tuple[list[i
     return [(leaves, program(leaves)) for leaves in groups.values()]
 
 
+def sync_reference(ref: nnx.Module, train_state: train.TrainState, alpha: float = 1.0) -> None:
+    """Move the reference model to the policy, in place: every variable becomes
+    `alpha * policy + (1 - alpha) * reference` (alpha = 1: a copy, DeepSeekMath's iterative GRPO
+    resetting its reference; below 1, TRL's soft update), in the reference's own dtypes and
+    shardings. The reference must have the policy's structure (the same architecture)."""
+    ref_def, ref_state = nnx.split(ref)
+    policy = train_state.model_state()
+    if jax.tree.structure(ref_state) != jax.tree.structure(policy):
+        raise ValueError(
+            "the reference model's variables are not the policy's: syncing the reference to the "
+            "policy needs one architecture (start the reference from the policy's checkpoint)"
+        )
+    key = ("sync_reference", ref_def, float(alpha))
+
+    def mixed(ref_leaf, policy_leaf):
+        if alpha == 1.0 or not jnp.issubdtype(ref_leaf.dtype, jnp.floating):
+            return policy_leaf.astype(ref_leaf.dtype)
+        both = alpha * policy_leaf.astype(jnp.float32) + (1 - alpha) * ref_leaf.astype(jnp.float32)
+        return both.astype(ref_leaf.dtype)
+
+    shardings = jax.tree.map(lambda x: x.sharding, ref_state)
+    program = train_state.program(
+        key,
+        lambda: jax.jit(
+            lambda r, p: jax.tree.map(mixed, r, p), out_shardings=shardings, donate_argnums=0
+        ),
+    )
+    nnx.update(ref, program(ref_state, policy))
+
+
 def policy_for_sampling(train_state: train.TrainState) -> SamplingPolicy:
     """A copy of the policy's weights resharded for sampling; call once per GRPO step.
 

@@ -2102,6 +2102,40 @@ def test_half_written_checkpoint_is_ignored_and_the_run_resumes(reference_rl, tm
     assert os.listdir(workdir / "hf") == ["final"]  # orbax's best_step() is the latest then
 
 
+def test_a_reference_synced_to_the_policy_is_saved_and_resumed(reference_rl, tmp_path):
+    """rl.ref_sync_steps: the KL pulls towards the policy of the last sync, not the start; a
+    resume continues from the synced reference (kept in the checkpoint), not the starting one."""
+    config = sh.rl_config()
+    config.rl.ref_sync_steps, config.rl.ref_sync_alpha = 1, 0.5
+    run("rl", config, tmp_path / "synced")
+    synced, fixed = sh.metric_rows(tmp_path / "synced"), sh.metric_rows(reference_rl)
+    assert [r["step"] for r in synced] == [0, 1, 2, 3]  # (0: the evaluation at the start)
+    assert synced[:2] == fixed[:2]  # (the first step's reference is the start either way)
+    assert 0 < synced[2]["kl"] < fixed[2]["kl"]  # (halfway to the policy after step 1)
+    # Killed after step 2's checkpoint: the resumed step 3 computes its KL as the whole run did.
+    shutil.copytree(tmp_path / "synced", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(sh.RL_STEPS))
+    shutil.rmtree(tmp_path / "resumed" / "hf")
+    run("rl", config, tmp_path / "resumed")
+    log = (tmp_path / "resumed" / "log_p0.txt").read_text()
+    assert f"resumed from step {sh.RL_STEPS - 1}" in log
+    assert sh.metric_rows(tmp_path / "resumed") == synced
+    want = sh.hf_params(tmp_path / "synced" / "hf" / "final")
+    got = sh.hf_params(tmp_path / "resumed" / "hf" / "final")
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    for field, value, message in (
+        ("rl.ref_sync_steps", -1, "rl.ref_sync_steps must be an integer >= 0"),
+        ("rl.ref_sync_alpha", 0.0, r"rl.ref_sync_alpha must be in \(0, 1\]"),
+        ("rl.beta", 0.0, "rl.ref_sync_steps=1 syncs the reference model, which rl.beta=0"),
+        ("rl.ref_model", str(tmp_path), "leave rl.ref_model empty"),
+    ):
+        bad = copy.deepcopy(config)
+        sh.set_fields(bad, {field: value})
+        with pytest.raises(common.ConfigError, match=message):
+            common.validate(bad, "rl")
+
+
 def test_an_rl_resume_with_another_objective_or_model_is_refused(
     reference_rl, tmp_path, monkeypatch
 ):

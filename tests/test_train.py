@@ -555,3 +555,28 @@ def test_skip_watch_stops_only_after_the_limit_of_fully_skipped_steps_in_a_row()
                          ("learning_rate", inf), ("eps", nan), ("eps", inf)):  # fmt: skip
         with pytest.raises(ValueError, match=rf"optim.* finite .*{value}"):
             train.OptimConfig(**{field: value})
+
+
+def test_sync_reference_moves_the_reference_to_the_policy():
+    """rl.ref_sync_steps: reference <- alpha * policy + (1 - alpha) * reference, every variable,
+    in the reference's own arrays (the policy untouched)."""
+    state = train.TrainState.create(tiny_model(seed=0, std=0.1), OPTIM)
+    ref = tiny_model(seed=1, std=0.1)
+    policy = {
+        p: np.asarray(v.get_value(), np.float64)
+        for p, v in nnx.to_flat_state(nnx.state(state.model))
+    }
+    before = {
+        p: np.asarray(v.get_value(), np.float64) for p, v in nnx.to_flat_state(nnx.state(ref))
+    }
+    grpo.sync_reference(ref, state, alpha=0.25)
+    for path, v in nnx.to_flat_state(nnx.state(ref)):
+        want = 0.25 * policy[path] + 0.75 * before[path]
+        np.testing.assert_allclose(np.asarray(v.get_value()), want, rtol=1e-6, atol=1e-7)
+    grpo.sync_reference(ref, state)  # alpha 1: the policy's copy
+    for path, v in nnx.to_flat_state(nnx.state(ref)):
+        np.testing.assert_array_equal(np.asarray(v.get_value()), policy[path].astype(np.float32))
+    after = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(state.model))}
+    assert all(np.array_equal(after[p], policy[p].astype(np.float32)) for p in policy)
+    with pytest.raises(ValueError, match="needs one architecture"):
+        grpo.sync_reference(tiny_model(num_layers=CFG.num_layers + 1), state)

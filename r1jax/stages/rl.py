@@ -135,6 +135,8 @@ _OBJECTIVE_FIELDS = (
     "temperature",
     "top_k",
     "top_p",
+    "ref_sync_steps",
+    "ref_sync_alpha",
 )
 
 
@@ -154,7 +156,15 @@ def validate(config) -> None:
             **{
                 k: v
                 for k, v in r.to_dict().items()
-                if k not in ("steps", "prompts_per_step", "ref_model", "num_micro_batches")
+                if k
+                not in (
+                    "steps",
+                    "prompts_per_step",
+                    "ref_model",
+                    "num_micro_batches",
+                    "ref_sync_steps",
+                    "ref_sync_alpha",
+                )
             }
         )
     except ValueError as e:
@@ -177,6 +187,25 @@ def validate(config) -> None:
         )
     if r.beta > 0 and r.ref_model and not os.path.isdir(os.path.expanduser(r.ref_model)):
         raise common.ConfigError(f"rl.ref_model {r.ref_model!r} is not a folder")
+    if not isinstance(r.ref_sync_steps, int) or r.ref_sync_steps < 0:
+        raise common.ConfigError(
+            f"rl.ref_sync_steps must be an integer >= 0 (0 = a fixed reference), got "
+            f"{r.ref_sync_steps!r}"
+        )
+    if not 0 < r.ref_sync_alpha <= 1:
+        raise common.ConfigError(
+            f"rl.ref_sync_alpha must be in (0, 1] (1 = the policy's copy), got {r.ref_sync_alpha}"
+        )
+    if r.ref_sync_steps and r.beta == 0:
+        raise common.ConfigError(
+            f"rl.ref_sync_steps={r.ref_sync_steps} syncs the reference model, which rl.beta=0 "
+            "never loads (no KL term); set rl.beta > 0 or rl.ref_sync_steps=0"
+        )
+    if r.ref_sync_steps and r.ref_model:
+        raise common.ConfigError(
+            f"rl.ref_sync_steps={r.ref_sync_steps} makes the reference the policy, which needs "
+            f"the policy's architecture: leave rl.ref_model empty (it was {r.ref_model!r})"
+        )
     weights = config.rewards.to_dict()
     unknown = set(weights) - set(rewards.REWARDS)
     if unknown:
@@ -403,8 +432,11 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         len(eval_set),
     )
 
+    # The reference changes during the run when it is synced to the policy: saved and restored
+    # with each step.
+    synced_ref = ref if config.rl.ref_sync_steps else None
     if resumed is not None:
-        resumed = ckpt.restore(state.model, state.optimizer)
+        resumed = ckpt.restore(state.model, state.optimizer, reference=synced_ref)
     start = resumed["step"] if resumed is not None else 0
     if start:
         log.info("resumed from step %d (%s)", start, ckpt.step_dir(start))
@@ -475,10 +507,13 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
                 answer_only=config.reward_model.get("reads", "all") == "answer",
             )
         update_metrics = grpo.update(state, rollouts, cfg)
+        done = step + 1
+        if synced_ref is not None and done % config.rl.ref_sync_steps == 0:
+            grpo.sync_reference(synced_ref, state, config.rl.ref_sync_alpha)
+            log.info("step %d: the reference model is now the policy's (rl.ref_sync_steps)", done)
 
         row = {**jax.device_get(rollout_metrics), **jax.device_get(update_metrics)}
         row.update(_headline(row, reward_fn.names))
-        done = step + 1
         if _due(done, config.eval.every, config.rl.steps):
             row.update(held_out())
         row["compiles"] = compiles.count
@@ -497,6 +532,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             metrics={k: float(v) for k, v in row.items() if k.startswith("eval/")} or None,
             force=forced_save(done, config),
             interval=not watch.skipping,
+            reference=synced_ref,
         ):
             writer.flush()  # a cloud workdir's metrics reach the saved step
 
