@@ -320,7 +320,13 @@ def test_reference_model_is_only_run_when_beta_is_positive(monkeypatch):
     right[1, 2:] = 0
     with pytest.raises(ValueError, match=r"must be left-padded .* rows \[1\] end in padding"):
         grpo.rollout(
-            policy, None, right, right, jax.random.key(0), EvenTokens(), grpo.GRPOConfig(**small)
+            policy,
+            None,
+            right,
+            right,
+            jax.random.key(0),
+            EvenTokens(),
+            grpo.GRPOConfig(beta=0.0, **small),
         )
 
 

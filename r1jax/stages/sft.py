@@ -87,7 +87,7 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
         questions = [r["prompt"] for r in rows if isinstance(r.get("prompt"), str)]
         templates.warn_if_templated(questions, s.template, tokenizer)
     pairs, conversations = [], 0
-    controls = toks.control_texts(tokenizer)
+    controls = toks.control_texts(tokenizer) if tokenizer is not None else []
     written_ends, spelled = 0, []  # completions that ended with end text; that hold such text
     context_answers = 0  # rows with assistant turns before their answer
     for i, row in enumerate(rows):
@@ -112,7 +112,7 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
         end = chat_end if conversation or s.template == "chat" else ""
         if isinstance(completion, str):
             completion = _without_opened_think(prompt, completion)
-            trimmed = _without_end_text(completion, (end, tokenizer.eos_token))
+            trimmed = _without_end_text(completion, (end, getattr(tokenizer, "eos_token", None)))
             written_ends += trimmed != completion
             completion = trimmed
             if any(t in completion for t in controls):
