@@ -171,6 +171,7 @@ DIFFERENT = [
     ("5", "<answer>\\boxed{3} or \\boxed{5}</answer>"),  # the last box was taken
     ("5", "The answer is \\boxed{3} or \\boxed{5}."),
     ("3", "The roots are \\boxed{2} and \\boxed{3}."),  # (the last of a list is not the list)
+    ("2", "<answer>\\boxed{2}, \\boxed{}</answer>"),  # (an empty box is no value: not joined)
     ("7", "x = \\boxed{5}. Then y = \\boxed{7} and z = \\boxed{9}."),  # (words: separate boxes)
     # A unit after a value is not the value's first number (12*pi is not 12).
     ("12", "<answer>12\\pi \\text{ square units}</answer>"),
@@ -293,6 +294,7 @@ def test_accuracy_extraction_order_and_no_answer():
     # Boxes joined by "and" are one answer of several values (as math-verify reads them).
     assert extract_answer("work... \\boxed{\\frac{1}{2}} and \\boxed{3}") == "\\frac{1}{2}, 3"
     assert extract_answer("\\boxed{1}. So \\boxed{3}") == "3"
+    assert extract_answer("\\boxed{}, \\boxed{2}") == "2"
     assert extract_answer("the answer is 4") is None
     assert last_boxed("\\boxed{\\frac{a}{b}}") == "\\frac{a}{b}"
     assert last_boxed("\\boxed{\\frac{a}{b}") is None  # truncated
@@ -792,6 +794,15 @@ def hangs_in_worker(completions, **columns):
     return [1.0] * len(completions)
 
 
+def backtracks_in_worker(completions, **columns):
+    """A reward stuck in C code holding the GIL (a regex backtracking) on the sample "regex"."""
+    import re
+
+    if "regex" in completions and multiprocessing.parent_process() is not None:
+        re.match(r"(a+)+$", "a" * 64 + "b")
+    return [1.0] * len(completions)
+
+
 def test_a_reward_that_never_returns_costs_its_samples_not_the_run(caplog):
     """A pooled reward stuck on one sample (a custom reward waiting on a dead service) held the
     trainer forever; its worker now ends itself at the chunk's deadline, naming the reward."""
@@ -807,6 +818,12 @@ def test_a_reward_that_never_returns_costs_its_samples_not_the_run(caplog):
         assert "reward 'stuck' was still scoring samples [4, 6) after 1 s" in said, said
         assert "died again on samples [4, 6)" in said, said
         assert fn(["ok"] * 4).total.tolist() == [1.0] * 4  # the pool was rebuilt
+    # Stuck in C with the GIL held, the watchdog thread never runs: faulthandler's timer ends it.
+    spec = RewardSpec("backtracks", 1.0, fn=backtracks_in_worker, parallel=True)
+    with build_reward_fn([spec], num_workers=2, timeout_s=0.5) as fn:
+        fn._backstop_s = 1.0
+        out = fn(["a", "regex", "c", "d"])
+        np.testing.assert_array_equal(out.total, [1, np.nan, 1, 1])
     # Scoring that takes its time within the deadline is untouched (slow but not stuck).
     with build_reward_fn([("format", 1.0, {})], num_workers=1, timeout_s=0.0) as fn:
         assert fn(["x"] * 3).total.tolist() == [0.0] * 3
@@ -822,6 +839,12 @@ def test_reward_pool_config_reaches_the_pools():
     assert common.reward_pool_options(config) == {"num_workers": None, "timeout_s": 120.0}
     config.reward_pool.workers, config.reward_pool.timeout_s = 3, 7.5
     assert common.reward_pool_options(config) == {"num_workers": 3, "timeout_s": 7.5}
+    # A code row's 100 tests may each run to sandbox.timeout_s (2 s): its deadline covers that.
+    code = [{"tests": [{"input": "", "output": "1"}] * 100}, {"tests": None}]
+    assert common.reward_pool_options(config, code)["timeout_s"] == 200.0
+    config.reward_pool.timeout_s = 0.0  # (no deadline stays none)
+    assert common.reward_pool_options(config, code)["timeout_s"] == 0.0
+    config.reward_pool.timeout_s = 7.5
     rows = types.SimpleNamespace(rows=[{"task": None}, {"task": "arithmetic"}])
     with eval_stage.Grader(rows, config) as grade:
         pools = {k: (f.num_workers, f.timeout_s) for k, f in grade._by_kind.items()}

@@ -212,13 +212,13 @@ def final_boxed(text: str) -> str | None:
     if last is None:
         return None
     boxes = closed_boxes(text)
-    if not boxes or boxes[-1][2] != last.strip():  # ("\\boxed 5": no braces, no list)
+    if not boxes or not last.strip() or boxes[-1][2] != last.strip():  # ("\\boxed 5": no list)
         return last
     run = [boxes[-1]]
     for box in reversed(boxes[:-1]):
         between = text[box[1] : run[0][0]]
-        if not _BOXES_JOINED_BY.fullmatch(_BOX_SPACING.sub("", between)):
-            break
+        if not box[2] or not _BOXES_JOINED_BY.fullmatch(_BOX_SPACING.sub("", between)):
+            break  # (an empty box is no value of the list)
         run.insert(0, box)
     return last if len(run) == 1 else ", ".join(content for _, _, content in run)
 

@@ -30,7 +30,10 @@ Owns the reward registry (``REWARDS``, ``register_reward``), ``build_reward_fn``
   per sample of the chunk (counted from when the worker starts it, so a queue of chunks does not
   count): a reward that never returns (a custom reward waiting on a dead service, C code no
   signal interrupts) then costs its chunk, retried and unscored as above, not the run. It names
-  the reward that was running. Rewards scored in the calling process have no deadline.
+  the reward that was running, and its chunk is retried alone while the chunks its pool took
+  with it are retried together. The watchdog is a Python thread; for C code that holds the GIL
+  (a regex backtracking for ever) faulthandler's timer ends the worker ``_BACKSTOP_S`` later.
+  Rewards scored in the calling process have no deadline.
 - **Inside jit.** ``HostRewardBridge`` wraps a ``RewardFunction`` in ``jax.pure_callback``: token
   ids [B, T] and lengths [B] go to the host, are decoded with the tokenizer's batch decode, scored
   with the row's dataset columns (looked up by row id), and come back as [B] and [R, B] float32.
@@ -41,6 +44,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import faulthandler
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -215,6 +219,10 @@ def _to_row(values: Any, n: int, name: str) -> np.ndarray:
 # it is scoring, or None; the worker's watchdog thread reads it (one assignment, so never torn).
 _SCORING: list[tuple[float, str, int, int, float] | None] = [None]
 _PAST_DEADLINE = 75  # a worker's exit status when its watchdog ended it
+# A reward stuck in C code that holds the GIL (a regex backtracking for ever) starves the Python
+# watchdog: faulthandler's timer, a C thread, ends the worker this long after the deadline anyway
+# (printing where it was stuck on stderr).
+_BACKSTOP_S = 10.0
 
 
 def _score(
@@ -224,14 +232,18 @@ def _score(
     *,
     deadline_s: float = 0.0,
     first: int = 0,
+    backstop_s: float = _BACKSTOP_S,
 ) -> np.ndarray:
     """[R, b] float64 values of ``specs`` on one chunk (runs in a pool worker or in-process).
 
     ``deadline_s`` > 0 (pool workers only): the worker's watchdog ends it once the chunk (samples
-    ``first`` ... ``first + b - 1`` of the batch) has run that long.
+    ``first`` ... ``first + b - 1`` of the batch) has run that long; faulthandler ends it
+    ``backstop_s`` later if the watchdog cannot run (C code holding the GIL).
     """
     until = time.monotonic() + deadline_s
     rows = []
+    if deadline_s > 0:
+        faulthandler.dump_traceback_later(deadline_s + backstop_s, exit=True)
     try:
         for s in specs:
             if deadline_s > 0:
@@ -241,6 +253,8 @@ def _score(
             )
     finally:
         _SCORING[0] = None
+        if deadline_s > 0:
+            faulthandler.cancel_dump_traceback_later()
     return np.stack(rows) if rows else np.zeros((0, len(completions)))
 
 
@@ -285,10 +299,18 @@ def _init_worker(reports=None) -> None:
                 _, name, first, end, allowed = scoring
                 with contextlib.suppress(Exception):  # (the reason is a courtesy; the exit is not)
                     reports.put(
-                        f"reward {name!r} was still scoring samples [{first}, {end}) after "
-                        f"{allowed:g} s (timeout_s per sample x {end - first}): its worker ended"
+                        (
+                            first,
+                            end,
+                            f"reward {name!r} was still scoring samples [{first}, {end}) after "
+                            f"{allowed:g} s (timeout_s per sample x {end - first}): its worker "
+                            "ended",
+                        )
                     )
-                os._exit(_PAST_DEADLINE)
+                # (put released the GIL: a chunk that finished meanwhile may be sending its
+                # result, and an exit halfway through that would leave the pool waiting for ever)
+                if _SCORING[0] is scoring:
+                    os._exit(_PAST_DEADLINE)
 
     if parent is not None:
         threading.Thread(target=watch_parent, name="r1jax-exit-with-parent", daemon=True).start()
@@ -346,6 +368,7 @@ class RewardFunction:
             )
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._reports: Any = None  # the pool's workers' SimpleQueue of why one ended itself
+        self._backstop_s = _BACKSTOP_S
         self._stopped = False  # closed without waiting
 
     @property
@@ -375,13 +398,15 @@ class RewardFunction:
             )
         return self._pool
 
-    def _why_workers_ended(self) -> str:
-        """What the current pool's workers said before ending themselves (deadlines), or ""."""
+    def _why_workers_ended(self) -> tuple[str, set[tuple[int, int]]]:
+        """What the current pool's workers said before ending themselves past their deadlines
+        (": ..." or ""), and the chunks ([a, b) sample spans) they named."""
         said = []
         with contextlib.suppress(Exception):
             while self._reports is not None and not self._reports.empty():
                 said.append(self._reports.get())
-        return ": " + "; ".join(said) if said else ""
+        text = ": " + "; ".join(m for _, _, m in said) if said else ""
+        return text, {(a, b) for a, b, _ in said}
 
     def close(self, wait: bool = True) -> None:
         """Shut the worker pool down (idempotent). `wait=False` (a run stopping on an error or
@@ -463,9 +488,9 @@ class RewardFunction:
         edges = np.linspace(0, n, chunks + 1).round().astype(int)
         return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
-    def _submit(self, specs, texts, columns):
+    def _submit(self, specs, texts, columns, bounds=None):
         pending = []
-        for a, b in self._bounds(len(texts)):
+        for a, b in self._bounds(len(texts)) if bounds is None else bounds:
             try:
                 future = self._submit_chunk(specs, texts, columns, a, b)
             except BrokenProcessPool as e:  # a worker died while later chunks were submitted
@@ -478,7 +503,13 @@ class RewardFunction:
         """Score samples [a, b) in the pool, under their deadline."""
         chunk = _slice_columns(columns, len(texts), a, b)
         return self._get_pool().submit(
-            _score, specs, texts[a:b], chunk, deadline_s=self.timeout_s * (b - a), first=a
+            _score,
+            specs,
+            texts[a:b],
+            chunk,
+            deadline_s=self.timeout_s * (b - a),
+            first=a,
+            backstop_s=self._backstop_s,
         )
 
     def _gather(self, specs, pending, texts, columns, n) -> tuple[np.ndarray, np.ndarray]:
@@ -494,15 +525,31 @@ class RewardFunction:
         if retry and self._stopped:  # (closed without waiting: the workers were ended)
             raise RuntimeError("the reward function was closed while it scored")
         if retry:
+            said, named = self._why_workers_ended()
+            # A chunk a worker named as past its deadline is retried alone; the chunks it took
+            # with it, together. Without a name (a worker killed, e.g. for memory) any could be
+            # the cause: all one at a time, so one that kills its worker again takes no other.
+            alone = [c for c in retry if c in named] if named else retry
+            together = [c for c in retry if c not in alone]
             logger.error(
-                "a reward worker died%s; rebuilding the pool and retrying %d chunk(s), one at a "
-                "time",
-                self._why_workers_ended(),
+                "a reward worker died%s; rebuilding the pool and retrying %d chunk(s)",
+                said,
                 len(retry),
             )
             self._discard_pool()
-            # (one at a time: a chunk that kills its worker again then takes no other with it)
-            for a, b in retry:
+            for a, b, future in self._submit(specs, texts, columns, together):
+                try:
+                    out[:, a:b] = future.result()
+                except BrokenProcessPool:
+                    alone.append((a, b))
+            if len(alone) > len(retry) - len(together):  # (the round together broke)
+                logger.error(
+                    "a reward worker died again%s; retrying %d chunk(s) one at a time",
+                    self._why_workers_ended()[0],
+                    len(alone),
+                )
+                self._discard_pool()
+            for a, b in alone:
                 try:
                     out[:, a:b] = self._submit_chunk(specs, texts, columns, a, b).result()
                 except BrokenProcessPool:
@@ -511,7 +558,7 @@ class RewardFunction:
                         "(NaN: advantage 0, left out of their groups' reward statistics)",
                         a,
                         b,
-                        self._why_workers_ended(),
+                        self._why_workers_ended()[0],
                     )
                     unscored[a:b] = True
                     self._discard_pool()

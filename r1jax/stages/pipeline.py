@@ -149,7 +149,8 @@ def validate(config) -> None:
         raise common.ConfigError(
             f"eval_data.num_eval={config.eval_data.num_eval} holds out more problems than "
             f"eval_stage.eval.num_prompts={config.eval_stage.eval.num_prompts} evaluates; set "
-            f"--config.eval_stage.eval.num_prompts={config.eval_data.num_eval} too"
+            f"--config.eval_stage.eval.num_prompts={config.eval_data.num_eval} too, or hold "
+            f"out fewer with --config.eval_data.num_eval={config.eval_stage.eval.num_prompts}"
         )
     if config.eval_stage.get("seed", 0) not in (0, config.seed):
         raise common.ConfigError(
@@ -201,7 +202,9 @@ def run(config, workdir: str) -> dict[str, Any]:
                 section, field = key.split(".")
                 sub[section][field] = value
             if name == "student_rl" and config.get("match_distill_compute", False):
-                results["compute"] = _matched_compute(config, sub, workdir, results["stages"])
+                results["compute"] = _matched_compute(
+                    config, sub, workdir, results["stages"], tuple(wired)
+                )
                 sub.rl.steps = results["compute"]["student_rl_steps"]
         results["stages"][name] = _run_once(stage, sub, subdir, name, tuple(wired))
         if stage == "pretrain" and config.get("require_tag_copy", True):
@@ -577,16 +580,21 @@ def match_compute(rl_config, distill_config, distill_steps: int):
     }
 
 
-def _matched_compute(config, sub, workdir: str, stages: dict[str, Any]) -> dict[str, Any]:
+def _matched_compute(
+    config, sub, workdir: str, stages: dict[str, Any], wired: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """`match_compute` for student_rl against the distillation as it ran; a student_rl already
     done with another step count (matched to a distillation since made again) is refused: the
-    report's comparison at equal compute would no longer be one."""
+    report's comparison at equal compute would no longer be one. (Other settings of its own
+    that changed, which change the count too, are named first, as `_run_once` names them.)"""
     distill_steps = _steps_run(os.path.join(workdir, "distill"), stages["distill"])
     matched = match_compute(sub, config.distill, distill_steps)
     subdir = os.path.join(workdir, "student_rl")
     if os.path.exists(os.path.join(subdir, "done.json")):
         ran = _steps_run(subdir)
         if ran != matched["student_rl_steps"]:
+            saved = os.path.join(subdir, "config_rl.json")
+            _check_same_settings(sub, saved, subdir, "rl", (*wired, "rl.steps"))
             raise common.ConfigError(
                 f"student_rl is done with {ran} GRPO steps, but the distillation's {distill_steps} "
                 f"steps now match {matched['student_rl_steps']} (it was made again since): "
