@@ -824,6 +824,12 @@ def test_a_reward_that_never_returns_costs_its_samples_not_the_run(caplog):
         fn._backstop_s = 1.0
         out = fn(["a", "regex", "c", "d"])
         np.testing.assert_array_equal(out.total, [1, np.nan, 1, 1])
+        # A deadline past what faulthandler's clock holds is no deadline (it raised on every
+        # chunk); a report a finished chunk left behind is dropped with the next call.
+        fn.timeout_s = 1e9
+        assert fn(["a", "c"]).total.tolist() == [1.0, 1.0]
+        fn._reports.put((0, 1, "stale"))
+        assert fn(["a"]).total.tolist() == [1.0] and fn._reports.empty()
     # Scoring that takes its time within the deadline is untouched (slow but not stuck).
     with build_reward_fn([("format", 1.0, {})], num_workers=1, timeout_s=0.0) as fn:
         assert fn(["x"] * 3).total.tolist() == [0.0] * 3
@@ -839,12 +845,17 @@ def test_reward_pool_config_reaches_the_pools():
     assert common.reward_pool_options(config) == {"num_workers": None, "timeout_s": 120.0}
     config.reward_pool.workers, config.reward_pool.timeout_s = 3, 7.5
     assert common.reward_pool_options(config) == {"num_workers": 3, "timeout_s": 7.5}
-    # A code row's 100 tests may each run to sandbox.timeout_s (2 s): its deadline covers that.
-    code = [{"tests": [{"input": "", "output": "1"}] * 100}, {"tests": None}]
-    assert common.reward_pool_options(config, code)["timeout_s"] == 200.0
-    config.reward_pool.timeout_s = 0.0  # (no deadline stays none)
-    assert common.reward_pool_options(config, code)["timeout_s"] == 0.0
-    config.reward_pool.timeout_s = 7.5
+    # A code row's 100 tests may each run to sandbox.timeout_s (3 s here): its sample's share of
+    # the chunk's deadline covers that; a row without tests gets timeout_s.
+    tests = [{"input": "", "output": "1"}] * 100
+    code = [("code", 1.0, {"sandbox": {"timeout_s": 3.0}}), "accuracy"]
+    with build_reward_fn(code, num_workers=1, timeout_s=7.5) as fn:
+        assert fn._deadline_s(fn.specs, {"tests": [tests, None]}, 2) == 300.0 + 7.5
+        assert fn._deadline_s(fn.specs, {"solution": ["1", "2"]}, 2) == 15.0
+    with build_reward_fn(["accuracy"], num_workers=1, timeout_s=7.5) as fn:
+        assert fn._deadline_s(fn.specs, {"tests": [tests, None]}, 2) == 15.0  # (no code reward)
+    with build_reward_fn(code, num_workers=1, timeout_s=0) as fn:
+        assert fn._deadline_s(fn.specs, {"tests": [tests, None]}, 2) == 0.0  # (none stays none)
     rows = types.SimpleNamespace(rows=[{"task": None}, {"task": "arithmetic"}])
     with eval_stage.Grader(rows, config) as grade:
         pools = {k: (f.num_workers, f.timeout_s) for k, f in grade._by_kind.items()}

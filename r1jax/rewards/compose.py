@@ -57,10 +57,11 @@ from typing import Any
 import numpy as np
 
 from r1jax.rewards.accuracy import accuracy_reward
-from r1jax.rewards.code import code_reward
+from r1jax.rewards.code import code_reward, normalize_tests
 from r1jax.rewards.common import completion_texts, is_per_row, python_list
 from r1jax.rewards.format import format_reward, tag_count_reward
 from r1jax.rewards.language import language_consistency_reward
+from r1jax.rewards.sandbox import SandboxConfig
 from r1jax.rewards.shaping import (
     cosine_scaled_reward,
     overlong_penalty_reward,
@@ -242,8 +243,8 @@ def _score(
     """
     until = time.monotonic() + deadline_s
     rows = []
-    if deadline_s > 0:
-        faulthandler.dump_traceback_later(deadline_s + backstop_s, exit=True)
+    if deadline_s > 0:  # (its clock takes at most ~9e9 s: a deadline past years is none)
+        faulthandler.dump_traceback_later(min(deadline_s + backstop_s, 1e8), exit=True)
     try:
         for s in specs:
             if deadline_s > 0:
@@ -322,6 +323,23 @@ def _init_worker(reports=None) -> None:
 # reward's hanging tests stop at its sandbox's hang_budget_s, 30 s by default; math-verify times
 # itself out in seconds), well short of a stalled run.
 DEFAULT_TIMEOUT_S = 120.0
+
+
+def _test_seconds(spec: RewardSpec) -> float:
+    """Seconds one test may take under `spec`'s sandbox, for the code reward (else 0)."""
+    if spec.fn is not code_reward:
+        return 0.0
+    sandbox = spec.kwargs.get("sandbox") or {}
+    seconds = sandbox.get("timeout_s") if isinstance(sandbox, Mapping) else None
+    return float(getattr(sandbox, "timeout_s", seconds) or SandboxConfig.timeout_s)
+
+
+def _test_count(tests: Any) -> int:
+    """How many tests a row's `tests` value holds (0 when unreadable: not run)."""
+    try:
+        return len(normalize_tests(tests))
+    except (ValueError, TypeError):
+        return 0
 
 
 def _default_workers() -> int:
@@ -454,6 +472,7 @@ class RewardFunction:
         """
         texts = completion_texts(completions)
         n = len(texts)
+        self._why_workers_ended()  # (a report a finished chunk left behind names no one now)
         pooled = [s for s in self.specs if s.parallel and self.num_workers > 0]
         local = [s for s in self.specs if not (s.parallel and self.num_workers > 0)]
         values: dict[str, np.ndarray] = {}
@@ -507,10 +526,22 @@ class RewardFunction:
             specs,
             texts[a:b],
             chunk,
-            deadline_s=self.timeout_s * (b - a),
+            deadline_s=self._deadline_s(specs, chunk, b - a),
             first=a,
             backstop_s=self._backstop_s,
         )
+
+    def _deadline_s(self, specs, chunk: dict, size: int) -> float:
+        """A chunk's deadline: `timeout_s` per sample, or for a code row, when longer, its tests x
+        the code reward's `sandbox.timeout_s` (each test of a correct but slow program may run
+        almost that long, one after another); 0 = none."""
+        if not self.timeout_s:
+            return 0.0
+        per_test = max((_test_seconds(s) for s in specs), default=0.0)
+        tests = chunk.get("tests") if per_test else None
+        if not isinstance(tests, list) or len(tests) != size:
+            return self.timeout_s * size
+        return sum(max(self.timeout_s, _test_count(t) * per_test) for t in tests)
 
     def _gather(self, specs, pending, texts, columns, n) -> tuple[np.ndarray, np.ndarray]:
         """Pooled rewards' values [R, n] and which samples went unscored [n] (worker died twice)."""

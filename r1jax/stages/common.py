@@ -1887,13 +1887,9 @@ def sandbox_config() -> ml_collections.ConfigDict:
     )
 
 
-def reward_pool_options(config, rows: Sequence[dict] = ()) -> dict[str, Any]:
+def reward_pool_options(config) -> dict[str, Any]:
     """`config.reward_pool` as `rewards.build_reward_fn`'s `num_workers` and `timeout_s` (the
-    library's defaults for a config without the section); a ConfigError names a bad value.
-
-    With the dataset `rows` to score: a deadline shorter than a code row's tests may take when
-    every test runs almost to `sandbox.timeout_s` (a correct but slow program) is raised to that,
-    and said: a sample's deadline must not fail what the sandbox passes."""
+    library's defaults for a config without the section); a ConfigError names a bad value."""
     pool = config.get("reward_pool") if config is not None else None
     if pool is None:
         return {}
@@ -1908,20 +1904,7 @@ def reward_pool_options(config, rows: Sequence[dict] = ()) -> dict[str, Any]:
             f"reward_pool.timeout_s must be a number of seconds per sample >= 0 (0 = no "
             f"deadline), got {timeout!r}"
         )
-    timeout = float(timeout)
-    tests = [len(r["tests"]) for r in rows if isinstance(r.get("tests"), list)]
-    sandbox = config.get("sandbox") or {}
-    need = max(tests, default=0) * float(sandbox.get("timeout_s", 2.0))
-    if timeout and need > timeout:
-        log.info(
-            "reward_pool.timeout_s raised from %g to %g s per sample: a code row's %d tests may "
-            "each run up to sandbox.timeout_s",
-            timeout,
-            need,
-            max(tests),
-        )
-        timeout = need
-    return {"num_workers": None if workers == -1 else workers, "timeout_s": timeout}
+    return {"num_workers": None if workers == -1 else workers, "timeout_s": float(timeout)}
 
 
 def sandbox_options(config) -> dict[str, Any]:

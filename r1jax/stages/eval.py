@@ -238,7 +238,7 @@ class Grader:
         options = (
             {"code": {"sandbox": common.sandbox_options(config or {})}} if "code" in kinds else {}
         )
-        pool = common.reward_pool_options(config, prompt_set.rows)
+        pool = common.reward_pool_options(config)
         if num_workers is not None:
             pool["num_workers"] = num_workers
         self._by_kind = {

@@ -359,9 +359,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             common.check_token_ids(vocab, tokenizer, top, "the prompts", "rl.ref_model")
     # -- what each step optimises, and the resume check, before any model loads --
     cfg = grpo_config(config, tokenizer, train_set)
-    reward_fn = rewards.build_reward_fn(
-        reward_specs(config), **common.reward_pool_options(config, train_rows)
-    )
+    reward_fn = rewards.build_reward_fn(reward_specs(config), **common.reward_pool_options(config))
     # -- resume from the last checkpoint, if any --
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"),
