@@ -50,7 +50,10 @@ def get_config(arg=None):
     r.steps = 80  # GRPO steps (one rollout batch each); ~2 s each on 2 CPU cores
     r.prompts_per_step = 8  # P: prompts per rollout batch
     r.num_generations = 8  # G: completions per prompt
-    r.num_iterations = 1  # μ: optimizer steps per rollout batch
+    r.num_iterations = 1  # μ: passes over each rollout batch
+    # Optimizer steps per pass: the batch's prompts dealt into this many mini-batches, one step
+    # each (R1 split each rollout into 16); P must divide by it. > 1 is off-policy, as μ > 1.
+    r.num_mini_batches = 1
     # KL weight to the reference model (0 = reference not loaded). The toy model needs a strong
     # anchor: at 0 it collapses to short constant answers (see the README's pipeline section).
     r.beta = 0.2
@@ -62,7 +65,8 @@ def get_config(arg=None):
     r.temperature = 1.0
     r.top_k = 0
     r.top_p = 1.0
-    # Gradient accumulation per optimizer step (the reference forward takes the same micro-batches).
+    # Gradient accumulation per optimizer step (the reference forward takes the same micro-batches;
+    # with mini-batches, the micro-batches split each mini-batch).
     # 0 = automatic: on a CPU, micro-batches of 4 rows per batch shard, whose activations stay in
     # cache (toy default: 2.6 -> 1.9 s per step); on an accelerator the whole batch at once.
     r.num_micro_batches = 0

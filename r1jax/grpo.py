@@ -33,11 +33,12 @@ Notable choices:
   axis is sharded over the `tensor` mesh axis, and XLA fuses it without materialising the one-hot.
   The chunked variant never holds more than one `[B, chunk, V]` block of logits, forward or
   backward (`jax.checkpoint` inside `jax.lax.map`).
-- Old-policy log-probs: with `num_iterations == 1` none are stored (`old_logprobs=None`: the
-  ratio is exactly 1 and its gradient is the policy gradient, as TRL does); with μ > 1 the
-  rollout recomputes them with the training forward before any update, at the sampling
-  temperature, as TRL does. (The sampler's own log-probs are of the raw, temperature-1
-  distribution, so they are not used for the ratio.)
+- Old-policy log-probs: with `num_iterations == 1` and one mini-batch none are stored
+  (`old_logprobs=None`: the ratio is exactly 1 and its gradient is the policy gradient, as TRL
+  does); with μ > 1 or several mini-batches (`GRPOConfig.off_policy`) the rollout recomputes
+  them with the training forward before any update, at the sampling temperature, as TRL does.
+  (The sampler's own log-probs are of the raw, temperature-1 distribution, so they are not used
+  for the ratio.)
 - Prompts run once (`shared_prompt_forward`, on by default): the G completions of a prompt share
   its forward pass (KV cache and last hidden state) instead of each repeating it, in the
   reference / old-policy forwards and in the update, where their gradients w.r.t. that shared
@@ -539,7 +540,12 @@ class GRPOConfig:
     """GRPO hyperparameters, named as TRL's `GRPOConfig`. Frozen and hashable (a static argument).
 
     num_generations:   G, completions sampled per prompt ("G" in DeepSeekMath's Algorithm 1).
-    num_iterations:    μ, optimizer steps taken on each rollout batch ("μ" in Algorithm 1).
+    num_iterations:    μ, passes over each rollout batch ("μ" in Algorithm 1).
+    num_mini_batches:  optimizer steps per pass: the batch's prompts are dealt into this many
+                       mini-batches of whole groups (prompts j, j + M, ...), each its own step on
+                       the policy the previous one left (R1: 16 per rollout; TRL's
+                       `steps_per_generation`); μ x M steps per rollout batch. P must divide by
+                       it, and > 1 needs the old log-probs, as μ > 1 does.
     beta:              KL weight; 0 means the reference model is neither needed nor run.
     epsilon_low:       clip below at 1 - epsilon_low (TRL's `epsilon`); >= 1: no lower clip.
     epsilon_high:      clip above at 1 + epsilon_high (> epsilon_low is DAPO's clip-higher).
@@ -585,6 +591,7 @@ class GRPOConfig:
 
     num_generations: int = 8
     num_iterations: int = 1
+    num_mini_batches: int = 1
     beta: float = 0.04
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
@@ -611,6 +618,7 @@ class GRPOConfig:
             )
         for name in (
             "num_iterations",
+            "num_mini_batches",
             "num_micro_batches",
             "max_completion_length",
             "logprob_chunk_size",
@@ -643,6 +651,12 @@ class GRPOConfig:
         )
         self.sampling_config()  # validates top_k and top_p
 
+    @property
+    def off_policy(self) -> bool:
+        """Whether a step can see a policy other than the one that sampled (μ > 1 or mini-batches
+        > 1): the ratio then needs the sampling policy's log-probs."""
+        return self.num_iterations > 1 or self.num_mini_batches > 1
+
     def sampling_config(self) -> sampling.SamplingConfig:
         return sampling.SamplingConfig(self.temperature, self.top_k, self.top_p, self.num_tokens)
 
@@ -659,8 +673,8 @@ class Rollouts:
     rewards:         [B] float32, the weighted total reward
     per_reward:      [B, R] float32, each reward function's raw value (NaN = not applicable)
     truncated:       [B] bool, hit max_completion_length without a stop token
-    old_logprobs:    [B, Tc] float32 under the policy that sampled, or None when num_iterations
-                     == 1 (the ratio is then 1 by definition)
+    old_logprobs:    [B, Tc] float32 under the policy that sampled, or None when every step is
+                     on-policy (μ = 1, one mini-batch: the ratio is then 1 by definition)
     ref_logprobs:    [B, Tc] float32 under the reference model, or None when beta == 0
     """
 
@@ -965,7 +979,8 @@ def rollout(
     """Sample G completions per prompt, score them, and compute everything `update` needs.
 
     One jitted program (compiled once per prompt shape): sample with the KV-cached sampler,
-    score through the host reward callback, group advantages, old-policy log-probs (μ > 1 only)
+    score through the host reward callback, group advantages, old-policy log-probs (μ > 1 or
+    several mini-batches only)
     and reference log-probs (beta > 0 only).
 
     Args:
@@ -1133,7 +1148,7 @@ def _rollout(
         cfg=cfg,
     )
     old = ref = None
-    if cfg.num_iterations > 1:
+    if cfg.off_policy:
         old = logprobs(nnx.merge(policy_graphdef, policy_state))
     if cfg.beta > 0:
         ref = logprobs(nnx.merge(ref_graphdef, ref_state))
@@ -1233,14 +1248,15 @@ def grpo_loss(
 def update(
     train_state: train.TrainState, rollouts: Rollouts, cfg: GRPOConfig
 ) -> dict[str, jax.Array]:
-    """μ = `num_iterations` optimizer steps on one rollout batch, in place on `train_state`.
+    """μ = `num_iterations` passes over one rollout batch, each `num_mini_batches` optimizer steps
+    (`mini_batches`), in place on `train_state`.
 
     Each step accumulates gradients over `num_micro_batches` micro-batches of the whole batch,
     clips, and applies AdamW (skipping it if a gradient is not finite). Compiled once per
     rollout shape; the training state is donated.
 
     Returns:
-      replicated float32 scalars, averaged over the μ steps: `loss`, `kl` (beta > 0),
+      replicated float32 scalars, averaged over the μ x M steps: `loss`, `kl` (beta > 0),
       `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean`, `entropy`,
       `grad_norm` (before clipping), `learning_rate`, `update_skipped` (share of the μ updates
       skipped), `skipped_updates` (total skipped so far in the run), and with
@@ -1249,11 +1265,19 @@ def update(
       also `router/*` (`deepseek.router_step`: expert load, drops, bias drift), the routing
       bias being updated after each of the μ steps when the model's `router_bias_rate` > 0.
     """
-    if cfg.num_iterations > 1 and rollouts.old_logprobs is None:
+    if cfg.off_policy and rollouts.old_logprobs is None:
         raise ValueError(
-            f"grpo.num_iterations={cfg.num_iterations} needs the sampling policy's log-probs in "
-            "rollouts.old_logprobs (grpo.rollout fills them when num_iterations > 1); without "
-            "them every iteration's ratio would be 1 and nothing would be clipped"
+            f"grpo.num_iterations={cfg.num_iterations} with num_mini_batches="
+            f"{cfg.num_mini_batches} needs the sampling policy's log-probs in "
+            "rollouts.old_logprobs (grpo.rollout fills them when either is > 1); without "
+            "them every step's ratio would be 1 and nothing would be clipped"
+        )
+    rows, m, g = rollouts.advantages.shape[0], cfg.num_mini_batches, cfg.num_generations
+    if rows % (m * g) or (rows // m) % cfg.num_micro_batches:
+        raise ValueError(
+            f"grpo.num_mini_batches={m} must deal the {rows // g} prompts of the batch evenly, "
+            f"and each mini-batch's {rows // m} rows must split into num_micro_batches="
+            f"{cfg.num_micro_batches}"
         )
     return train_state.run_step(_update_step, rollouts, cfg=cfg)
 
@@ -1310,15 +1334,35 @@ def loss_and_gradients(
     return loss, grads, metrics
 
 
+def mini_batches(rollouts: Rollouts, cfg: GRPOConfig) -> Rollouts:
+    """[B, ...] rollouts -> [M, B / M, ...]: mini-batch j holds prompts j, j + M, j + 2M, ...
+    with their G rows each, prompt-major (whole groups: the shared prompt forward takes every
+    G-th row)."""
+    m, g = cfg.num_mini_batches, cfg.num_generations
+
+    def one(x):
+        p = x.shape[0] // g
+        x = x.reshape(p // m, m, g, *x.shape[1:]).swapaxes(0, 1)
+        x = x.reshape(m, (p // m) * g, *x.shape[3:])
+        return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(one, rollouts)
+
+
 def _update_step(
     model, optimizer: train.Optimizer, rollouts: Rollouts, *, cfg: GRPOConfig
 ) -> dict[str, jax.Array]:
-    def one_step(model, optimizer):
-        loss, grads, metrics = loss_and_gradients(model, rollouts, cfg)
+    def one_step(model, optimizer, batch):
+        loss, grads, metrics = loss_and_gradients(model, batch, cfg)
         router = metrics.pop("router", None)
         metrics = {"loss": loss, **metrics, **optimizer.apply_gradients(model, grads)}
         return {**metrics, **train.router_step(model, router, metrics["update_skipped"] > 0)}
 
-    metrics = train.repeat(one_step, model, optimizer, cfg.num_iterations)
+    if cfg.num_mini_batches == 1:
+        one_pass = lambda m, o: one_step(m, o, rollouts)  # noqa: E731
+    else:
+        minis = mini_batches(rollouts, cfg)
+        one_pass = lambda m, o: train.repeat(one_step, m, o, cfg.num_mini_batches, minis)  # noqa: E731
+    metrics = train.repeat(one_pass, model, optimizer, cfg.num_iterations)
     metrics["skipped_updates"] = optimizer.skipped[...].astype(jnp.float32)
     return metrics

@@ -404,24 +404,26 @@ def _zeros_like_param(p: nnx.Variable) -> nnx.Variable:
 
 
 def repeat(
-    step_fn: Callable[[nnx.Module, Optimizer], dict[str, jax.Array]],
+    step_fn: Callable[..., dict[str, jax.Array]],
     model: nnx.Module,
     optimizer: Optimizer,
     num_steps: int,
+    batches: Any = None,
 ) -> dict[str, jax.Array]:
     """Run `step_fn(model, optimizer) -> metrics` `num_steps` times in a `lax.scan` (one compiled
     body, not `num_steps` copies; a plain call when `num_steps == 1`); model and optimizer are
-    updated in place. Returns the metrics averaged over the steps."""
-    if num_steps == 1:
+    updated in place. With `batches` (a tree of [num_steps, ...] arrays) step i is
+    `step_fn(model, optimizer, batch i)`. Returns the metrics averaged over the steps."""
+    if num_steps == 1 and batches is None:
         return step_fn(model, optimizer)
     graphdef, state = nnx.split((model, optimizer))
 
-    def body(state, _):
+    def body(state, batch):
         m, o = nnx.merge(graphdef, state)
-        metrics = step_fn(m, o)
+        metrics = step_fn(m, o) if batches is None else step_fn(m, o, batch)
         return nnx.state((m, o)), metrics
 
-    state, metrics = jax.lax.scan(body, state, length=num_steps)
+    state, metrics = jax.lax.scan(body, state, xs=batches, length=num_steps)
     nnx.update((model, optimizer), state)
     return jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 

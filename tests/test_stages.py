@@ -2136,6 +2136,27 @@ def test_a_reference_synced_to_the_policy_is_saved_and_resumed(reference_rl, tmp
             common.validate(bad, "rl")
 
 
+def test_rl_with_mini_batches_runs_and_refuses_uneven_ones(toy, tmp_path):
+    """rl.num_mini_batches (R1's 16 per rollout): M optimizer steps per pass over a rollout,
+    off-policy from the second on (the rollout keeps the sampling policy's log-probs)."""
+    config = sh.rl_config()
+    sh.set_fields(config, {"rl.prompts_per_step": 8, "rl.num_mini_batches": 2, "rl.steps": 2})
+    sh.set_fields(config, {"eval.num_prompts": 2, "ckpt.every": 2})
+    result = run("rl", config, tmp_path / "run")
+    assert math.isfinite(result["loss"]) and result["update_skipped"] == 0.0
+    rows = sh.metric_rows(tmp_path / "run")
+    assert rows[-1]["step"] == 2 and all("clip_ratio/region_mean" in r for r in rows[1:])
+    for value, message in (
+        (3, "rl.num_mini_batches=3 must deal the rl.prompts_per_step=8 prompts"),
+        (4, r"a mini-batch's 4 rows \(rl.num_mini_batches=4\) cannot be split over the mesh's 8"),
+        (0, "rl.num_mini_batches must be >= 1"),
+    ):
+        bad = copy.deepcopy(config)
+        bad.rl.num_mini_batches = value
+        with pytest.raises(common.ConfigError, match=message):
+            common.validate(bad, "rl")
+
+
 def test_an_rl_resume_with_another_objective_or_model_is_refused(
     reference_rl, tmp_path, monkeypatch
 ):

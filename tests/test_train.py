@@ -303,6 +303,9 @@ def test_reference_model_is_only_run_when_beta_is_positive(monkeypatch):
     assert (
         forward_passes(grpo.GRPOConfig(beta=0.0, num_iterations=2, **small), with_ref=False) == 1
     )  # the old-policy log-probs only
+    assert (  # (mini-batches: the later ones see a policy the earlier ones moved)
+        forward_passes(grpo.GRPOConfig(beta=0.0, num_mini_batches=2, **small), with_ref=False) == 1
+    )
 
     policy = grpo.SamplingPolicy(policy_graphdef, policy_state, sharding.single_device_mesh())
     with pytest.raises(ValueError, match="needs the reference model"):
@@ -586,3 +589,34 @@ def test_sync_reference_moves_the_reference_to_the_policy():
     assert all(np.array_equal(after[p], policy[p].astype(np.float32)) for p in policy)
     with pytest.raises(ValueError, match="needs one architecture"):
         grpo.sync_reference(tiny_model(num_layers=CFG.num_layers + 1), state)
+
+
+def test_mini_batches_are_successive_steps_on_their_prompts():
+    """num_mini_batches=M: each pass over the rollout batch takes M optimizer steps, mini-batch j
+    holding prompts j, j + M, ... with their G rows (R1's 16 mini-batches per rollout): the same
+    as updating on each mini-batch in turn, as its own batch, with the sampling policy's
+    log-probs for the ratio."""
+    rollouts = synthetic_rollouts()
+    cfg = dataclasses.replace(GRPO, num_mini_batches=2)  # (μ = 2 passes, 2 micro-batches each)
+    state = train.TrainState.create(tiny_model(), OPTIM)
+    metrics = jax.device_get(grpo.update(state, rollouts, cfg))
+
+    by_hand = train.TrainState.create(tiny_model(), OPTIM)
+    one = dataclasses.replace(GRPO, num_iterations=1)
+    losses = []
+    for _ in range(cfg.num_iterations):
+        for j in range(2):
+            rows = np.concatenate([np.arange(p * G, (p + 1) * G) for p in range(j, P, 2)])
+            mini = jax.tree.map(lambda x: np.asarray(x)[rows], rollouts)  # noqa: B023
+            losses.append(float(grpo.update(by_hand, mini, one)["loss"]))
+    assert int(state.optimizer.step[...]) == int(by_hand.optimizer.step[...]) == 4
+    np.testing.assert_allclose(metrics["loss"], np.mean(losses), rtol=1e-5, atol=1e-7)
+    want, got = params_of(by_hand.model), params_of(state.model)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=str(k))
+    with pytest.raises(ValueError, match="num_mini_batches=3 must deal the 4 prompts"):
+        grpo.update(state, rollouts, dataclasses.replace(GRPO, num_mini_batches=3))
+    with pytest.raises(ValueError, match="needs the sampling policy's log-probs"):
+        grpo.update(
+            state, synthetic_rollouts(old=False), dataclasses.replace(one, num_mini_batches=2)
+        )

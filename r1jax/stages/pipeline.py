@@ -532,8 +532,8 @@ def match_compute(rl_config, distill_config, distill_steps: int):
     forward for logit distillation). A GRPO step prefills its P prompts (padded to the step's
     bucket, as the RL stage batches them), decodes P x G x (max_completion_length - 1) tokens,
     each over the prompt and the cache window it is written in (`sampling.decode_windows`; an
-    upper bound: decoding stops early once every row has ended), then
-    runs the reference forward, the old-policy forward when μ > 1 and 3 x μ update passes over
+    upper bound: decoding stops early once every row has ended), then runs the reference
+    forward, the old-policy forward when μ > 1 or with mini-batches, and 3 x μ update passes over
     the prompts (once each with `shared_prompt_forward`, else G times) and the completions.
     Returns {"student_rl_steps", "distill_flops", "student_rl_flops", "ratio"}.
     """
@@ -551,7 +551,9 @@ def match_compute(rl_config, distill_config, distill_steps: int):
         budget += rows * d.seq_len * pass_flops(common.resolve_model_path(d.teacher))(d.seq_len)
     r = rl_config.rl
     P, G, Tc, mu = r.prompts_per_step, r.num_generations, r.max_completion_length, r.num_iterations
-    passes = (1 if r.beta > 0 else 0) + (1 if mu > 1 else 0) + 3 * mu
+    # (the old-policy forward when a step can be off-policy; mini-batches split a pass's rows)
+    off_policy = mu > 1 or r.get("num_mini_batches", 1) > 1
+    passes = (1 if r.beta > 0 else 0) + (1 if off_policy else 0) + 3 * mu
     prompts = common.PromptSet(
         common.load_prompt_rows(rl_config.data, "train", rl_config.seed),
         hf.tokenizer(rl_config.model.path),

@@ -48,6 +48,7 @@ def grpo_config(config, tokenizer, prompt_set: common.PromptSet) -> grpo.GRPOCon
         return grpo.GRPOConfig(
             num_generations=r.num_generations,
             num_iterations=r.num_iterations,
+            num_mini_batches=r.num_mini_batches,
             beta=r.beta,
             epsilon_low=r.epsilon_low,
             epsilon_high=r.epsilon_high,
@@ -58,9 +59,7 @@ def grpo_config(config, tokenizer, prompt_set: common.PromptSet) -> grpo.GRPOCon
             top_k=r.top_k,
             top_p=r.top_p,
             num_tokens=prompt_set.num_tokens,
-            num_micro_batches=common.micro_batches(
-                config, "rl", r.prompts_per_step * r.num_generations
-            ),
+            num_micro_batches=common.micro_batches(config, "rl", step_rows(config)),
             stop_token_ids=prompt_set.stop_token_ids,
             pad_token_id=tokenizer.pad_token_id or 0,
             shared_prompt_forward=r.shared_prompt_forward,
@@ -93,8 +92,15 @@ def reward_specs(config) -> dict[str, Any]:
 
 
 def optimizer_steps(config) -> int:
-    """Optimizer steps in the run: μ = num_iterations per GRPO step (what a cosine spans)."""
-    return config.rl.steps * config.rl.num_iterations
+    """Optimizer steps in the run: μ x mini-batches per GRPO step (what a cosine spans)."""
+    return config.rl.steps * config.rl.num_iterations * config.rl.num_mini_batches
+
+
+def step_rows(config) -> int:
+    """Rows one optimizer step takes: a mini-batch of the rollout batch (what the micro-batches
+    split)."""
+    r = config.rl
+    return r.prompts_per_step * r.num_generations // max(1, r.num_mini_batches)
 
 
 def _schedule(config) -> list:
@@ -137,6 +143,7 @@ _OBJECTIVE_FIELDS = (
     "top_p",
     "ref_sync_steps",
     "ref_sync_alpha",
+    "num_mini_batches",
 )
 
 
@@ -169,6 +176,11 @@ def validate(config) -> None:
         )
     except ValueError as e:
         raise common.ConfigError(_rl_field_message(e)) from None
+    if not isinstance(r.num_mini_batches, int) or r.prompts_per_step % max(r.num_mini_batches, 1):
+        raise common.ConfigError(
+            f"rl.num_mini_batches={r.num_mini_batches} must deal the rl.prompts_per_step="
+            f"{r.prompts_per_step} prompts of a step evenly (whole groups per mini-batch)"
+        )
     rollout_rows = r.prompts_per_step * r.num_generations
     ways = common.batch_ways(config, jax.device_count())
     if rollout_rows % ways:
@@ -177,7 +189,13 @@ def validate(config) -> None:
             f"split over the mesh's {ways} batch shards (mesh.data * mesh.fsdp * mesh.expert); "
             "make it a multiple"
         )
-    k = common.micro_batches(config, "rl", rollout_rows)
+    if step_rows(config) % ways:
+        raise common.ConfigError(
+            f"a mini-batch's {step_rows(config)} rows (rl.num_mini_batches="
+            f"{r.num_mini_batches}) cannot be split over the mesh's {ways} batch shards; use "
+            "fewer mini-batches or more prompts"
+        )
+    k = common.micro_batches(config, "rl", step_rows(config))
     if r.loss_type == "bnpo" and r.num_micro_batches == 0 and k > 1:
         raise common.ConfigError(
             f"rl.loss_type='bnpo' averages over each micro-batch's tokens (as TRL's per-device "
@@ -388,8 +406,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         **common.optimizer_layout(config),
     }
     if r.loss_type == "bnpo":  # its token mean is each micro-batch's: part of the objective
-        rows = r.prompts_per_step * r.num_generations
-        data_order["rl.num_micro_batches"] = common.micro_batches(config, "rl", rows)
+        data_order["rl.num_micro_batches"] = common.micro_batches(config, "rl", step_rows(config))
     resumed = common.check_resume(
         ckpt, data_order, total_steps=config.rl.steps, steps_field=f"rl.steps={config.rl.steps}"
     )
