@@ -949,16 +949,16 @@ def scoring_logprobs(
     micro-batch's activations stay in cache (bench/NOTES.md, U1). With `shared_prompt_forward`
     the prompts ([B, Tp], repeated in runs of G) run once, then the completions after them."""
     kw = dict(temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
+    # (the update's micro-batches split a mini-batch: as many rows here, M times as many pieces)
+    pieces = cfg.num_micro_batches * cfg.num_mini_batches
     if cfg.shared_prompt_forward:
         ids, mask, rows = _prompts_once(prompt_ids, prompt_mask, cfg)
         prompts = prompt_forward(model, ids, mask)
-        micro_batches = train.split_micro_batches(
-            (rows, completion_ids, completion_mask), cfg.num_micro_batches
-        )
+        micro_batches = train.split_micro_batches((rows, completion_ids, completion_mask), pieces)
         one = lambda micro: logprobs_after_prompts(model, prompts, *micro, **kw)[0]  # noqa: E731
     else:
         micro_batches = train.split_micro_batches(
-            (prompt_ids, prompt_mask, completion_ids, completion_mask), cfg.num_micro_batches
+            (prompt_ids, prompt_mask, completion_ids, completion_mask), pieces
         )
         one = lambda micro: completion_logprobs(model, *micro, **kw)[0]  # noqa: E731
     return train.merge_micro_batches(jax.lax.map(one, micro_batches))
@@ -1258,8 +1258,8 @@ def update(
     Returns:
       replicated float32 scalars, averaged over the μ x M steps: `loss`, `kl` (beta > 0),
       `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean`, `entropy`,
-      `grad_norm` (before clipping), `learning_rate`, `update_skipped` (share of the μ updates
-      skipped), `skipped_updates` (total skipped so far in the run), and with
+      `grad_norm` (before clipping), `learning_rate`, `update_skipped` (share of the μ x M
+      updates skipped), `skipped_updates` (total skipped so far in the run), and with
       `shared_prompt_forward` `shared_prompt_mismatch` (1.0: a group's rows had different
       prompts, the update was skipped). For a DeepSeek model
       also `router/*` (`deepseek.router_step`: expert load, drops, bias drift), the routing

@@ -5,6 +5,7 @@ well-behaved programs. Numerical rewards (shaping, weighted totals) are checked 
 numpy re-derivations of their formulas.
 """
 
+import json
 import logging
 import math
 import multiprocessing
@@ -852,6 +853,7 @@ def test_reward_pool_config_reaches_the_pools():
     with build_reward_fn(code, num_workers=1, timeout_s=7.5) as fn:
         assert fn._deadline_s(fn.specs, {"tests": [tests, None]}, 2) == 300.0 + 7.5
         assert fn._deadline_s(fn.specs, {"solution": ["1", "2"]}, 2) == 15.0
+        assert fn._deadline_s(fn.specs, {"tests": json.dumps(tests)}, 2) == 600.0  # (all rows')
     with build_reward_fn(["accuracy"], num_workers=1, timeout_s=7.5) as fn:
         assert fn._deadline_s(fn.specs, {"tests": [tests, None]}, 2) == 15.0  # (no code reward)
     with build_reward_fn(code, num_workers=1, timeout_s=0) as fn:

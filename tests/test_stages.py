@@ -624,6 +624,15 @@ def test_a_checkpoint_from_before_a_setting_was_recorded_still_resumes():
     with pytest.raises(common.ConfigError, match="teacher model: '01ab' then, 'absent' now"):
         common.resume(Saved(), types.SimpleNamespace(model=None, optimizer=None), {"seed": 0},
                       total_steps=4, steps_field="sft.epochs")  # fmt: skip
+    # A setting recorded since a release, whose value runs from before it had (RL's mini-batches:
+    # 1): compared as that value, so such a run resumed with 16 is refused.
+    Saved.read_extra = lambda self: {"step": 2, "run": {"seed": 0}}
+    then = {"rl.num_mini_batches": 1}
+    assert common.check_resume(Saved(), {"seed": 0, "rl.num_mini_batches": 1}, total_steps=4,
+                               steps_field="", then=then)["step"] == 2  # fmt: skip
+    with pytest.raises(common.ConfigError, match="rl.num_mini_batches: 1 then, 16 now"):
+        common.check_resume(Saved(), {"seed": 0, "rl.num_mini_batches": 16}, total_steps=4,
+                            steps_field="", then=then)  # fmt: skip
 
 
 def test_sft_rows_with_a_completion_that_is_not_text_are_refused_by_name(toy, tmp_path):

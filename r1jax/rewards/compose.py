@@ -304,8 +304,8 @@ def _init_worker(reports=None) -> None:
                             first,
                             end,
                             f"reward {name!r} was still scoring samples [{first}, {end}) after "
-                            f"{allowed:g} s (timeout_s per sample x {end - first}): its worker "
-                            "ended",
+                            f"{allowed:g} s (its deadline: timeout_s per sample, or a code "
+                            "row's tests x sandbox.timeout_s): its worker ended",
                         )
                     )
                 # (put released the GIL: a chunk that finished meanwhile may be sending its
@@ -539,6 +539,8 @@ class RewardFunction:
             return 0.0
         per_test = max((_test_seconds(s) for s in specs), default=0.0)
         tests = chunk.get("tests") if per_test else None
+        if isinstance(tests, str | bytes):  # (one JSON string of tests for every row)
+            tests = [tests] * size
         if not isinstance(tests, list) or len(tests) != size:
             return self.timeout_s * size
         return sum(max(self.timeout_s, _test_count(t) * per_test) for t in tests)

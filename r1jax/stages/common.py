@@ -414,7 +414,12 @@ def changes(then: dict[str, Any], now: dict[str, Any], keys) -> list[str]:
 
 
 def check_resume(
-    ckpt, run: dict[str, Any], *, total_steps: int, steps_field: str
+    ckpt,
+    run: dict[str, Any],
+    *,
+    total_steps: int,
+    steps_field: str,
+    then: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """The latest checkpoint's `extra` (None without one) once it is known to continue this run.
 
@@ -423,7 +428,8 @@ def check_resume(
     checkpoint saved with other values is refused, naming them: resumed, the data position would
     point into another order (rows seen twice, others never). More steps or epochs, another
     learning rate, mesh or logging are fine; a checkpoint past `total_steps` (`steps_field`
-    lowered) is refused rather than exported as the final model.
+    lowered) is refused rather than exported as the final model. `then`: the values of settings
+    recorded since some release, as runs from before it had them (compared like the others).
     """
     from r1jax import checkpoint
 
@@ -437,6 +443,8 @@ def check_resume(
             "directory to resume from the previous checkpoint; no other checkpoint was touched."
         )
     saved = extra.get("run")
+    if saved is not None:
+        saved = {**(then or {}), **saved}
     now = json.loads(json.dumps(run))  # as it reads back (tuples become lists)
     # Checkpoints from before a setting was recorded have no value for it (none at all before
     # this check existed): those are not compared; nor the records retired since (`_RETIRED`).

@@ -408,7 +408,12 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     if r.loss_type == "bnpo":  # its token mean is each micro-batch's: part of the objective
         data_order["rl.num_micro_batches"] = common.micro_batches(config, "rl", step_rows(config))
     resumed = common.check_resume(
-        ckpt, data_order, total_steps=config.rl.steps, steps_field=f"rl.steps={config.rl.steps}"
+        ckpt,
+        data_order,
+        total_steps=config.rl.steps,
+        steps_field=f"rl.steps={config.rl.steps}",
+        # (runs from before these settings had them at these values)
+        then={"rl.num_mini_batches": 1, "rl.ref_sync_steps": 0, "rl.ref_sync_alpha": 1.0},
     )
 
     mesh = common.make_mesh(config)
