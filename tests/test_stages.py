@@ -709,6 +709,76 @@ def test_sft_trains_after_a_think_tag_its_prompt_already_opened(toy, tmp_path):
         common.validate(config, "sft")
 
 
+# Llama 3.1's chat template, abridged: it writes the BOS itself, a system turn with a date always.
+LLAMA31_TEMPLATE = (
+    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set system_message = "
+    "messages[0]['content']|trim %}{%- set messages = messages[1:] %}{%- else %}{%- set "
+    'system_message = "" %}{%- endif %}{%- if not date_string is defined %}{%- set date_string = '
+    '"26 Jul 2024" %}{%- endif %}{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}'
+    '{{- "Cutting Knowledge Date: December 2023\\n" }}{{- "Today Date: " + date_string + '
+    '"\\n\\n" }}{{- system_message }}{{- "<|eot_id|>" }}{%- for message in messages %}{{- '
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | "
+    "trim + '<|eot_id|>' }}{%- endfor %}{%- if add_generation_prompt %}{{- "
+    "'<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+def test_sft_rows_are_the_chat_templates_own_tokens(toy, tmp_path):
+    """An SFT row is transformers' apply_chat_template of the conversation, for a template that
+    writes the BOS and a system turn itself (Llama 3.1's, over a tokenizer that also adds a BOS):
+    its prompt the very ids generation starts from (the template's generation prompt), its text
+    the whole conversation's up to the answer's turn end, the BOS once, the turn end trained.
+    (The ids across the prompt's end are the prompt's and the completion's own: a BPE merge
+    across it would train a token the sampler never continues a prompt with.)"""
+    from tokenizers import AddedToken, processors
+
+    from r1jax.data import templates
+    from r1jax.data.batching import tokenize_sft
+    from r1jax.models import hf
+    from r1jax.stages import sft as sft_stage
+
+    tok = copy.deepcopy(hf.tokenizer(os.path.join(toy[0], "toy_base")))  # (a cached object)
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"]
+    tok.add_tokens([AddedToken(t, special=True) for t in [*names, "<|eot_id|>"]])
+    tok.bos_token, tok.eos_token = names[0], names[1]
+    bos = tok.convert_tokens_to_ids(names[0])
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{names[0]} $A", special_tokens=[(names[0], bos)]
+    )
+    tok.chat_template = LLAMA31_TEMPLATE
+    answer = "<think>\nadd them\n</think>\n<answer>5</answer>"
+    conversations = [
+        [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": answer}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "content": answer},
+        ],
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    config = sh.load_config("sft")
+    config.sft.source, config.sft.template = str(path), "chat"
+    pairs = sft_stage.load_pairs(config, tok)
+    batch = tokenize_sft(
+        tok, [p for p, _, _ in pairs], [c for _, c, _ in pairs], ends=[e for *_, e in pairs],
+        seq_len=256,
+    )  # fmt: skip
+
+    def ids_of(turns, **kwargs):
+        out = templates.apply_chat_template(tok, turns, tokenize=True, **kwargs)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    for i, turns in enumerate(conversations):
+        n = int(batch.attention_mask[i].sum())
+        ids, trained = batch.input_ids[i, :n].tolist(), batch.loss_mask[i, :n].tolist()
+        start = trained.index(1)
+        assert ids[:start] == ids_of(turns[:-1], add_generation_prompt=True)
+        assert tok.decode(ids) == tok.decode(ids_of(turns))
+        assert ids.count(bos) == 1 and all(trained[start:])
+        assert tok.decode(ids[start:]) == answer + "<|eot_id|>"
+
+
 def test_sft_completions_saved_with_their_special_tokens(toy, tmp_path, caplog):
     """Data exported with its special tokens ("...</answer><|im_end|>") trained the model to
     spell the turn end in characters before the real one, silently."""
