@@ -208,12 +208,15 @@ mesh = sharding.make_mesh(fsdp=-1)
 model = hf.load(helpers.hf_checkpoint("qwen2_sharp"), mesh=mesh, rules=sharding.SAMPLING_RULES)
 out = sampling.generate(model, {prompts!r}, max_new_tokens=3, mesh=mesh, temperature=0.0)
 print("TOKENS", out.tokens)
+out = sampling.generate(model, {prompts!r}, max_new_tokens=3, mesh=mesh, **{sampled!r})
+print("SAMPLED", out.tokens)
 """
 
 
 def test_generate_on_a_two_host_mesh_returns_every_row_to_every_process(tmp_path):
     """8 prompts over 8 batch shards on 2 processes: each process holds half the rows; every
-    process gets all of them (eval and rejection sampling score them all), as on one host."""
+    process gets all of them (eval and rejection sampling score them all), as on one host, and
+    at temperature 1 the same samples as one process draws with the seed."""
     import subprocess
     import sys
 
@@ -224,7 +227,10 @@ def test_generate_on_a_two_host_mesh_returns_every_row_to_every_process(tmp_path
 
     prompts = [[1, 2, 3, 4 + i] for i in range(8)]
     script = tmp_path / "generate.py"
-    script.write_text(GENERATE_SCRIPT.format(tests=os.path.dirname(__file__), prompts=prompts))
+    sampled = dict(temperature=1.0, num_samples=2, seed=7)
+    script.write_text(
+        GENERATE_SCRIPT.format(tests=os.path.dirname(__file__), prompts=prompts, sampled=sampled)
+    )
     address = f"127.0.0.1:{sh.free_port()}"
     procs = []
     for i in range(2):
@@ -238,12 +244,15 @@ def test_generate_on_a_two_host_mesh_returns_every_row_to_every_process(tmp_path
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    want = sampling.generate(
-        hf.load(hf_checkpoint("qwen2_sharp")), prompts, max_new_tokens=3, temperature=0.0
-    ).tokens
+    model = hf.load(hf_checkpoint("qwen2_sharp"))
+    want = sampling.generate(model, prompts, max_new_tokens=3, temperature=0.0).tokens
+    drawn = sampling.generate(model, prompts, max_new_tokens=3, **sampled).tokens
+    assert drawn != [t for t in want for _ in range(2)]  # (really sampled)
     for out, _ in outputs:
         (line,) = [x for x in out.splitlines() if x.startswith("TOKENS")]
         assert line == f"TOKENS {want}"
+        (line,) = [x for x in out.splitlines() if x.startswith("SAMPLED")]
+        assert line == f"SAMPLED {drawn}"
 
 
 EVAL_SCRIPT = """
