@@ -779,6 +779,71 @@ def test_sft_rows_are_the_chat_templates_own_tokens(toy, tmp_path):
         assert tok.decode(ids[start:]) == answer + "<|eot_id|>"
 
 
+# DeepSeek-R1(-Distill)'s way with history: an earlier answer's reasoning is not shown again.
+HISTORY_WITHOUT_REASONING = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n"
+    "{{ m['content'].split('</think>')[-1].lstrip() }}<|im_end|>\n{% else %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_sft_trains_every_assistant_turn_after_the_turns_before_it(toy, tmp_path, caplog):
+    """A conversation trained its last answer only: the earlier ones were context, a multi-turn
+    file taught one turn per row. Each answer is now an example after the turns before it, as
+    the template renders them when the model answers there (R1's drops earlier reasoning), its
+    ids the template's own; a turn without text (a tool call) stays context."""
+    from r1jax.data import templates
+    from r1jax.data.batching import tokenize_sft
+    from r1jax.models import hf
+    from r1jax.stages import sft as sft_stage
+
+    tok = copy.deepcopy(hf.tokenizer(os.path.join(toy[0], "toy_base")))
+    tok.chat_template = HISTORY_WITHOUT_REASONING
+    user = [{"role": "user", "content": q} for q in ("2 + 3?", "Times 4?", "Minus 1?", "Halve?")]
+    said = [
+        {"role": "assistant", "content": f"<think>\nstep {i}\n</think>\n<answer>{a}</answer>"}
+        for i, a in enumerate(("5", "20", "19"))
+    ]
+    tool = {"role": "assistant", "content": ""}  # (a tool call's turn: no text to learn)
+    conversation = [user[0], said[0], user[1], said[1], user[2], tool, user[3], said[2]]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": conversation}) + "\n")
+    config = sh.load_config("sft")
+    config.sft.source, config.sft.template = str(path), "chat"
+    with caplog.at_level(logging.INFO, logger="r1jax"):
+        pairs = sft_stage.load_pairs(config, tok)
+    assert "2 of those turns train as examples of their own" in caplog.text
+    assert "1 without text are context only; 3 examples in all" in caplog.text
+    answered = [1, 3, 7]  # the turns trained, each after conversation[:j]
+    assert [c for _, c, _ in pairs] == [conversation[j]["content"] for j in answered]
+    assert "step 0" not in pairs[1][0] and "<answer>5</answer>" in pairs[1][0]
+    batch = tokenize_sft(
+        tok, [p for p, _, _ in pairs], [c for _, c, _ in pairs], ends=[e for *_, e in pairs],
+        seq_len=256,
+    )  # fmt: skip
+    for i, j in enumerate(answered):
+        n = int(batch.attention_mask[i].sum())
+        ids, trained = batch.input_ids[i, :n].tolist(), batch.loss_mask[i, :n].tolist()
+        start = trained.index(1)
+        context = templates.apply_chat_template(
+            tok, conversation[:j], tokenize=True, add_generation_prompt=True
+        )
+        assert ids[:start] == list(context["input_ids"] if hasattr(context, "keys") else context)
+        assert all(trained[start:])
+        assert tok.decode(ids[start:]) == conversation[j]["content"] + "<|im_end|>"
+    # turns="last": the earlier answers are the prompt's context only.
+    config.sft.turns = "last"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="r1jax"):
+        [(prompt, completion, _)] = sft_stage.load_pairs(config, tok)
+    assert (prompt, completion) == (pairs[-1][0], said[2]["content"])
+    assert "only the last turn is trained (sft.turns='last'" in caplog.text
+    config.sft.turns = "each"
+    with pytest.raises(common.ConfigError, match="sft.turns must be 'all' or 'last'"):
+        common.validate(config, "sft")
+
+
 def test_sft_completions_saved_with_their_special_tokens(toy, tmp_path, caplog):
     """Data exported with its special tokens ("...</answer><|im_end|>") trained the model to
     spell the turn end in characters before the real one, silently."""
@@ -800,12 +865,13 @@ def test_sft_completions_saved_with_their_special_tokens(toy, tmp_path, caplog):
     config.sft.source, config.sft.template = str(path), "chat"
     with caplog.at_level(logging.INFO, logger="r1jax"):
         pairs = sft_stage.load_pairs(config, tokenizer)
-    assert [c for _, c, _ in pairs] == [answer] * 3 + ["a <|im_start|>user b"]
+    assert [c for _, c, _ in pairs] == [answer] * 4 + ["a <|im_start|>user b"]
     assert {e for _, _, e in pairs} == {"<|im_end|>"}  # (the token appended in their place)
     assert "sft: 2 completions ended with their end-of-turn text written out" in caplog.text
-    assert "1 of 4 completions hold a special token's text" in caplog.text
+    assert "1 of 5 completions hold a special token's text" in caplog.text
     assert "exported.jsonl:4" in caplog.text
-    assert "sft: 1 rows have assistant turns before their last" in caplog.text  # (untrained)
+    assert "sft: 1 rows have assistant turns before their last" in caplog.text
+    assert [p.count("<|im_start|>user") for p, _, _ in pairs] == [1, 1, 1, 2, 1]
     # The R1-Zero template ends with the EOS: its text written out is dropped alike.
     path.write_text(json.dumps({"prompt": "2+2?", "completion": answer + " <|endoftext|> "}))
     config.sft.template = "r1_zero"
@@ -895,14 +961,17 @@ def test_sft_chat_rows_follow_the_template_rl_samples_with(toy, tmp_path):
     assert pairs[0] == (templates.r1_zero_prompt("What is 2 + 2?"), answer["content"], "")
     # A conversation has no R1-Zero form: the chat template, its own system message kept.
     assert pairs[1][0].startswith("<|im_start|>system\nBe brief.<|im_end|>")
-    assert pairs[2][0].count("<|im_start|>user") == 2
+    # (its earlier answer trains after its one question, in the R1-Zero template)
+    assert pairs[2] == (templates.r1_zero_prompt("What is 2 + 2?"), "4", "")
+    assert pairs[3][0].count("<|im_start|>user") == 2
     config.sft.template, config.sft.system_prompt, config.sft.prefill_think = "chat", "r1", True
     common.validate(config, "sft")
     pairs = sft_stage.load_pairs(config, tokenizer)
     assert pairs[0][0] == templates.chat_prompt(
         tokenizer, "What is 2 + 2?", system=templates.R1_SYSTEM_PROMPT, prefill_think=True
     )
-    assert templates.R1_SYSTEM_PROMPT in pairs[2][0] and pairs[2][0].endswith("<think>\n")
+    assert templates.R1_SYSTEM_PROMPT in pairs[3][0] and pairs[3][0].endswith("<think>\n")
+    assert pairs[2][1] == "\n</think>\n\n4"  # (no reasoning: the opened block closed empty)
     assert "Be brief." in pairs[1][0] and templates.R1_SYSTEM_PROMPT not in pairs[1][0]
     assert pairs[0][1] == " 2 + 2 = 4 </think> <answer>4</answer>"  # after the prefilled tag
     # Under a chat-templated prompt an answer ends as the template ends a turn, with
@@ -920,8 +989,9 @@ def test_sft_chat_rows_follow_the_template_rl_samples_with(toy, tmp_path):
     row = {"messages": [question, {"role": "assistant", "content": "4"}, later], "completion": "40"}
     path.write_text(json.dumps(row))
     config.sft.field_map.completion = "completion"
-    [(prompt, completion, end)] = sft_stage.load_pairs(config, tokenizer)
+    [earlier, (prompt, completion, end)] = sft_stage.load_pairs(config, tokenizer)
     assert "And times 10?" in prompt and prompt.count("<|im_start|>user") == 2
+    assert earlier[1] == "\n</think>\n\n4" and "And times 10?" not in earlier[0]
     # (no reasoning: the think block the prompt opened is closed first)
     assert (completion, end) == ("\n</think>\n\n40", "<|im_end|>")
 
@@ -964,6 +1034,7 @@ def test_rl_and_eval_prompts_render_a_conversation_row_whole(toy, tmp_path):
     # SFT renders the same rows (with answers) to the same prompts.
     sft = sh.load_config("sft")
     sft.sft.source = str(tmp_path / "sft.jsonl")
+    sft.sft.turns = "last"  # (the answers' prompts; earlier turns' own rows: test above)
     reply = {"role": "assistant", "content": "<think> 3 * 5 = 15 </think> <answer>15</answer>"}
     answered = [{"messages": [*templates.turns_before_answer(r), reply]} for r in loaded]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in answered))

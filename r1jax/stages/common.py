@@ -1233,6 +1233,8 @@ def check_epochs_and_sizes(section: ml_collections.ConfigDict, where: str) -> No
         raise ConfigError(
             f"{where}.overflow must be 'truncate' or 'skip', got {section.overflow!r}"
         )
+    if section.get("turns", "all") not in ("all", "last"):
+        raise ConfigError(f"{where}.turns must be 'all' or 'last', got {section.turns!r}")
     if section.source == "cold_start" and section.num_examples < 1:
         raise ConfigError(
             f"{where}.num_examples must be >= 1 for the built-in examples, got "
@@ -1773,6 +1775,10 @@ def completion_data_fields(section: ml_collections.ConfigDict) -> None:
     # An example longer than seq_len: "truncate" (its completion's end is cut: a long chain of
     # thought then trains without its answer and EOS) or "skip" (left out and counted).
     section.overflow = "truncate"
+    # A conversation's assistant turns before its answer: "all" trains each (with text) as an
+    # example of its own, after the turns before it as the chat template renders them when the
+    # model answers there (R1's drops earlier turns' reasoning); "last": they are context only.
+    section.turns = "all"
 
 
 def load_completion_rows(

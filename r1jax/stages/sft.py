@@ -89,7 +89,8 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
     pairs, conversations = [], 0
     controls = toks.control_texts(tokenizer) if tokenizer is not None else []
     written_ends, spelled = 0, []  # completions that ended with end text; that hold such text
-    context_answers = 0  # rows with assistant turns before their answer
+    context_answers, earlier_trained, earlier_empty = 0, 0, 0  # (assistant turns before answers)
+    every_turn = s.get("turns", "all") == "all"
     for i, row in enumerate(rows):
         where = f"{section}.source {row.get('where') or f'{s.source}, row {i}'}"
         messages = row.get("messages") or []
@@ -102,34 +103,55 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
                 f"(name the file's column to train on with "
                 f"--config.{section}.field_map.completion=COLUMN)"
             )
-        # One question in the template RL samples with (so SFT and RL see the same prompt); a
-        # conversation, which has no R1-Zero or plain form, by the model's chat template.
         turns = templates.turns_before_answer(row)
-        conversation = templates.is_conversation(turns)
-        conversations += conversation
-        context_answers += any(t.get("role") == "assistant" for t in turns)
-        prompt = common.render_turns(turns, s, section, tokenizer, system=system, where=where)
-        end = chat_end if conversation or s.template == "chat" else ""
-        if isinstance(completion, str):
-            completion = _without_opened_think(prompt, completion)
-            trimmed = _without_end_text(completion, (end, getattr(tokenizer, "eos_token", None)))
-            written_ends += trimmed != completion
-            completion = trimmed
-            if any(t in completion for t in controls):
-                spelled.append(where)
-        if not isinstance(completion, str) or not completion.strip():
-            raise common.ConfigError(
-                f"{where}: the completion must be non-empty text (after the think tag its prompt "
-                f"opened, if any), got {completion!r:.80}"
-            )
-        pairs.append((prompt, completion, end))
-    common.log_conversations(conversations, len(rows), section, s.template)
-    if context_answers:
+        answers = [(turns, completion, where)]
+        earlier = [j for j, t in enumerate(turns) if t.get("role") == "assistant"]
+        context_answers += bool(earlier)
+        if every_turn:  # each earlier answer after its own context, as the model would see it
+            with_text = [j for j in earlier if turns[j].get("content") not in (None, "")]
+            earlier_empty += len(earlier) - len(with_text)  # (e.g. a tool call: context only)
+            earlier_trained += len(with_text)
+            answers[:0] = [
+                (turns[:j], turns[j]["content"], f"{where}, turn {j + 1}") for j in with_text
+            ]
+        for context, text, at in answers:
+            # One question in the template RL samples with (so SFT and RL see the same prompt);
+            # a conversation, which has no R1-Zero or plain form, by the model's chat template.
+            conversation = templates.is_conversation(context)
+            conversations += conversation
+            prompt = common.render_turns(context, s, section, tokenizer, system=system, where=at)
+            end = chat_end if conversation or s.template == "chat" else ""
+            if isinstance(text, str):
+                text = _without_opened_think(prompt, text)
+                trimmed = _without_end_text(text, (end, getattr(tokenizer, "eos_token", None)))
+                written_ends += trimmed != text
+                text = trimmed
+                if any(t in text for t in controls):
+                    spelled.append(at)
+            if not isinstance(text, str) or not text.strip():
+                raise common.ConfigError(
+                    f"{at}: the completion must be non-empty text (after the think tag its "
+                    f"prompt opened, if any), got {text!r:.80}"
+                )
+            pairs.append((prompt, text, end))
+    common.log_conversations(conversations, len(pairs), section, s.template)
+    if context_answers and every_turn:
         log.info(
-            "%s: %d rows have assistant turns before their last: those are the prompt's context, "
-            "only the last turn is trained (one row per turn trains them all)",
+            "%s: %d rows have assistant turns before their last: %d of those turns train as "
+            "examples of their own (after the turns before them)%s; %d examples in all",
             section,
             context_answers,
+            earlier_trained,
+            f", {earlier_empty} without text are context only" if earlier_empty else "",
+            len(pairs),
+        )
+    elif context_answers:
+        log.info(
+            "%s: %d rows have assistant turns before their last: those are the prompt's context, "
+            "only the last turn is trained (%s.turns='last'; 'all' trains each)",
+            section,
+            context_answers,
+            section,
         )
     if written_ends:
         log.info(
