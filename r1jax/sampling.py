@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 
 STOP_TOKEN, LENGTH = 0, 1  # values of SampleOutput.stop_reason
 DEFAULT_FIRST_WINDOW = 32  # per-row cache slots of the first decode phase (`decode_windows`)
+# The smallest temperature other than 0 (greedy): below ~1e-37 a logit divided by it overflows
+# float32 and the row's draw is NaN (token 0); far above that it is already greedy.
+MIN_TEMPERATURE = 1e-6
 
 
 # --------------------------------------------------------------------------------------------------
@@ -72,7 +75,8 @@ DEFAULT_FIRST_WINDOW = 32  # per-row cache slots of the first decode phase (`dec
 class SamplingConfig:
     """How the next token is drawn from the logits. Static: one compiled program per distinct value.
 
-    - temperature: 0.0 is greedy (argmax); otherwise logits are divided by it.
+    - temperature: 0.0 is greedy (argmax); otherwise (>= MIN_TEMPERATURE) logits are divided
+      by it.
     - top_k: keep the k most likely tokens (0 = off); tokens tied with the k-th are kept too.
     - top_p: keep the smallest set of most likely tokens whose probability reaches top_p
       (1.0 = off), after top-k.
@@ -87,8 +91,12 @@ class SamplingConfig:
     num_tokens: int = 0
 
     def __post_init__(self):
-        if not 0 <= self.temperature < float("inf"):  # (NaN and inf give NaN logits)
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        t = self.temperature
+        if not (t == 0 or MIN_TEMPERATURE <= t < float("inf")):  # (NaN, inf: NaN logits)
+            raise ValueError(
+                f"temperature must be a finite number >= {MIN_TEMPERATURE} (smaller ones "
+                f"overflow the scaled logits), or 0 for greedy decoding; got {t}"
+            )
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:

@@ -406,8 +406,9 @@ def test_bfloat16_model_samples():
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="top_p"):
         sampling.generate(model(), PROMPTS, max_new_tokens=4, top_p=0.0)
-    for temperature in (float("inf"), float("nan"), -1.0):  # (inf and NaN gave NaN logits)
-        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+    # (inf and NaN gave NaN logits; 1e-38 overflowed them: every row drew token 0)
+    for temperature in (float("inf"), float("nan"), -1.0, 1e-38):
+        with pytest.raises(ValueError, match=r"temperature must be a finite number >= 1e-06"):
             sampling.generate(model(), PROMPTS, max_new_tokens=4, temperature=temperature)
     with pytest.raises(ValueError, match="max_new_tokens"):
         sampling.generate(model(), PROMPTS, max_new_tokens=0)

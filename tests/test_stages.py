@@ -2864,6 +2864,8 @@ def test_fields_that_would_fail_mid_run_are_refused_up_front(toy, tmp_path, capl
         ("eval", "num_samples", 0, r"eval.num_samples must be an integer >= 1"),
         ("eval", "max_new_tokens", 0, r"eval.max_new_tokens must be an integer >= 1"),
         ("eval", "batch_prompts", 0, r"eval.batch_prompts must be an integer >= 1"),
+        ("eval", "temperature", 1e-38, r"eval.temperature must be a finite number >= 1e-06"),
+        ("rl", "temperature", 1e-38, r"rl.temperature must be a finite number >= 1e-06"),
         ("data", "prompt_buckets", (64, "abc"), r"data.prompt_buckets must be prompt lengths"),
         (
             "data",
@@ -2877,6 +2879,12 @@ def test_fields_that_would_fail_mid_run_are_refused_up_front(toy, tmp_path, capl
         config[section][field] = value
         with pytest.raises(common.ConfigError, match=message):
             rl_stage.validate(config)
+    from r1jax.stages import rejection_sampling as rs
+
+    config = sh.load_config("rejection_sampling")
+    config.rejection_sampling.temperature = 1e-38
+    with pytest.raises(common.ConfigError, match=r"rejection_sampling.temperature must be a fin"):
+        rs.validate(config)
     # A prompt longer than every bucket: refused when the prompts are tokenised, naming the field.
     config = sh.load_config("rl")
     config.data.prompt_buckets = (8,)

@@ -1961,11 +1961,17 @@ def validate_eval(section) -> None:
             raise ConfigError(f"eval.{field} must be an integer >= 1, got {section[field]!r}")
     if section.every < 0:
         raise ConfigError(f"eval.every must be >= 0 (0 = only at the end), got {section.every}")
-    if not 0 < section.top_p <= 1 or not 0 <= section.temperature < float("inf"):
-        raise ConfigError(
-            f"eval.top_p must be in (0, 1] and eval.temperature a finite number >= 0, got "
-            f"{section.top_p} and {section.temperature}"
-        )
+    check_sampling(section, "eval")
+
+
+def check_sampling(section: ml_collections.ConfigDict, name: str) -> None:
+    """Refuse `name`'s temperature and top_p as the sampler would, naming the fields."""
+    from r1jax import sampling
+
+    try:
+        sampling.SamplingConfig(temperature=section.temperature, top_p=section.top_p)
+    except ValueError as e:
+        raise ConfigError(f"{name}.{e}") from None
 
 
 def validate_reward_model(section) -> None:

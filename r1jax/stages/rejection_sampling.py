@@ -146,11 +146,7 @@ def validate(config) -> None:
             "rejection_sampling.num_prompts, num_samples, max_new_tokens and batch_prompts must "
             "be >= 1"
         )
-    if not 0 < r.top_p <= 1 or not 0 <= r.temperature < float("inf"):
-        raise common.ConfigError(
-            f"rejection_sampling.top_p must be in (0, 1] and rejection_sampling.temperature a "
-            f"finite number >= 0, got {r.top_p} and {r.temperature}"
-        )
+    common.check_sampling(r, "rejection_sampling")
     if r.non_reasoning_source:
         common.check_data_files(r.non_reasoning_source, "rejection_sampling.non_reasoning_source")
     if not 0.0 <= r.min_language_consistency <= 1.0:
