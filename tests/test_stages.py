@@ -479,6 +479,42 @@ def test_sft_default_runs(toy, tmp_path):
     assert sh.max_param_change(sh.hf_params(tmp_path / "hf" / "final"), toy_params(toy)) > 0
 
 
+def test_batches_cover_each_epoch_once_and_depend_on_the_step_alone():
+    n, size, seed = 10, 4, 3
+    steps = [common.batch_indices(n, step, size, seed) for step in range(10)]  # 4 epochs
+    flat = [i for batch in steps for i in batch]
+    for epoch in range(4):
+        assert sorted(flat[epoch * n : (epoch + 1) * n]) == list(range(n))
+    assert flat[:n] != flat[n : 2 * n]  # (each epoch its own order)
+    assert common.batch_indices(n, 7, size, seed) == steps[7]  # (no state: a resume reads it)
+    assert common.batch_indices(n, 7, size, seed + 1) != steps[7]
+    more = common.batch_indices(3, 0, 8, seed)  # a batch larger than the data: whole epochs
+    assert sorted(more[:3]) == sorted(more[3:6]) == [0, 1, 2] and len(set(more[6:])) == 2
+
+
+def test_sft_resumed_mid_epoch_matches_an_uninterrupted_run(toy, tmp_path):
+    """Killed after a step whose batch ran across an epoch's end, a rerun continues with the
+    batches, optimizer state and schedule of the run that was not stopped."""
+    config = sh.load_config("sft")
+    s = config.sft
+    s.num_examples, s.epochs, s.batch_size, s.seq_len = 12, 2.0, 8, 128  # 3 steps; 2 crosses
+    config.ckpt.every, config.ckpt.keep = 1, 10
+    first = run("sft", config, tmp_path / "run")
+    final = sh.hf_params(str(tmp_path / "run" / "hf" / "final"))
+    losses = [r["loss"] for r in sh.metric_rows(str(tmp_path / "run"))]
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "3")  # as if killed after saving step 2
+    shutil.rmtree(tmp_path / "run" / "hf")
+    again = run("sft", config, tmp_path / "run")
+    resumed = sh.hf_params(str(tmp_path / "run" / "hf" / "final"))
+    assert sh.max_param_change(final, toy_params(toy)) > 0
+    for name, value in final.items():
+        np.testing.assert_allclose(resumed[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    rows = sh.metric_rows(str(tmp_path / "run"))
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    np.testing.assert_allclose([r["loss"] for r in rows], losses, rtol=1e-5)
+    assert again["loss"] == pytest.approx(first["loss"], rel=1e-5)
+
+
 def test_sft_data_errors_name_the_field_to_fix(toy, caplog):
     """A tokenizer without an EOS token was blamed on sft.seq_len; a dataset smaller than one
     batch trained ~batch_size/rows epochs, unevenly, without a word."""
