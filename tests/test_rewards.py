@@ -574,6 +574,9 @@ def test_extract_code_and_output_matching():
     text = "```python\nprint(1)\n```\nthen\n```py\nprint(2)\n```\n```python\nprint(3)"
     assert extract_code(text) == "print(2)\n"  # the last *closed* python block
     assert extract_code("```bash\nls\n```") is None
+    # A fence closes a block at a line's start or end, not inside a string of the code.
+    assert extract_code("```python\ns = '```'\nprint(s)\n```") == "s = '```'\nprint(s)\n"
+    assert extract_code("```python\nprint(1)```\nDone.") == "print(1)"
     assert outputs_match("1 2  \n3\n\n", "1 2\n3")
     assert outputs_match("1\r\n2\r\n", "1\n2")
     # Tokens, as Codeforces' default checker reads them: any spacing between the same words.
@@ -584,9 +587,14 @@ def test_extract_code_and_output_matching():
     assert not outputs_match("1\x0b2", "1 2") and outputs_match("1\x0b2", "1\x0b2")
     assert not outputs_match("", "0")
     # Real-valued answers (opt-in): absolute or relative error within the tolerance, per token.
-    assert outputs_match("0.50 x 3", "0.5 x 3", 1e-6) and outputs_match("1e-7", "0", 1e-6)
-    assert outputs_match("1000000.9", "1000000", 1e-6) and outputs_match("2.0000009", "2", 1e-6)
-    assert not outputs_match("2.000003", "2", 1e-6) and not outputs_match("0.5 y", "0.5 x", 1e-6)
+    assert outputs_match("0.50 x 3", "0.5 x 3", 1e-6) and outputs_match("1e-7", "0.0", 1e-6)
+    assert outputs_match("1000000.9", "1e6", 1e-6) and outputs_match("2.0000009", "2.0", 1e-6)
+    assert not outputs_match("2.000003", "2.", 1e-6) and not outputs_match("0.5 y", "0.5 x", 1e-6)
+    # ... where the expected number is written as one: an integer is matched by its value only
+    # (a tolerance took 999999937 for 10^9, an answer mod 10^9 + 7 off by 63).
+    assert not outputs_match("1000000000", "999999937", 1e-6)
+    assert not outputs_match("2.0000009", "2", 1e-6) and not outputs_match("1e-7", "0", 1e-6)
+    assert outputs_match("5.0 1e9 -0", "5 1000000000 0", 1e-6)
     assert not outputs_match("1.0000011e6", "1e6", 1e-6) and outputs_match(
         "-.5", "-0.5000001", 1e-6
     )
@@ -600,8 +608,8 @@ def test_extract_code_and_output_matching():
             ("1", "1 1"),
         ]
     )
-    assert not outputs_match("1\x0b2.0000001", "1 2", 1e-6)
-    assert outputs_match("1\x0b 2.0000001", "1\x0b 2", 1e-6)  # (only space, tab, \r, \n split)
+    assert not outputs_match("1\x0b2.0000001", "1 2.0", 1e-6)
+    assert outputs_match("1\x0b 2.0000001", "1\x0b 2.0", 1e-6)  # (only space, tab, \r, \n split)
     # The answer's code: after </think> (not a draft in the reasoning, even when the answer's
     # own block is cut off), dedented when the block sits in a list item.
     draft = "<think>```python\nprint(0)\n```</think>"

@@ -209,6 +209,9 @@ def test_exit_and_quit_work_as_on_a_judge():
     result = run_python("quit(3)", cfg=CFG)
     assert result.returncode == 3
     assert score("print(__file__)", "/sandbox/main.py") == 1.0
+    # Python 3.11 refuses to print an int of more than 4300 digits; a judge's interpreter
+    # does not (a correct big-integer answer raised ValueError and scored 0).
+    assert score("print(10 ** 5000)", "1" + "0" * 5000) == 1.0
 
 
 def test_fork_storm():
@@ -279,6 +282,34 @@ def test_daemon_cannot_outlive_the_run():
     time.sleep(0.6)  # longer than the daemon's delay: had it survived, it would be sleeping now
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert f"sleep {DAEMON_MARKER}" not in ps
+
+
+def test_an_interpreter_elsewhere_shows_the_sandbox_its_library_only():
+    """An interpreter outside /usr (built into $HOME or /opt) had its whole prefix mounted: the
+    program read every file there. One under /tmp was hidden by the private /tmp."""
+    import shutil
+    import tempfile
+
+    python = sandbox_lib._interpreter(None)
+    stdlib = subprocess.run(
+        [python, "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    prefix = tempfile.mkdtemp(prefix="r1jax-prefix-")  # (pytest's are closed to other uids)
+    try:
+        os.chmod(prefix, 0o755)
+        for folder in ("bin", "lib", "secret"):
+            os.makedirs(os.path.join(prefix, folder))
+        shutil.copy2(python, os.path.join(prefix, "bin", "python3"))
+        os.symlink(stdlib, os.path.join(prefix, "lib", os.path.basename(stdlib)))
+        pathlib.Path(prefix, "secret", "token").write_text("hf_SECRET")
+        cfg = SandboxConfig(timeout_s=5.0, python=os.path.join(prefix, "bin", "python3"))
+        look = "import os, sys, json\nprint(sys.prefix, *sorted(os.listdir(sys.prefix)))"
+        assert score(look, f"{prefix} bin lib", cfg=cfg) == 1.0
+        steal = f"print(open({prefix + '/secret/token'!r}).read())"
+        assert score(steal, "hf_SECRET", cfg=cfg) == 0.0
+    finally:
+        shutil.rmtree(prefix)
 
 
 def test_cannot_write_or_delete_host_files(tmp_path):
@@ -559,7 +590,40 @@ def test_refuses_without_sandbox_unless_allowed(monkeypatch, caplog):
     close = "import os, time\nprint(7, flush=True)\nos.close(1)\nos.close(2)\ntime.sleep(0.3)"
     assert score(close, "7", cfg=weak) == 1.0
     assert score("print(-1)\nexit()\nprint(2)", "-1", cfg=weak) == 1.0
+    assert score("print(10 ** 5000)", "1" + "0" * 5000, cfg=weak) == 1.0
     assert score("x = 1\n" * 40_000 + "print(x)", "1", cfg=weak) == 1.0
+
+
+@pytest.mark.skipif(not sandbox_lib._pdeathsig_works(), reason="setpriv has no --pdeathsig")
+def test_an_unsandboxed_program_ends_with_the_worker_running_it(monkeypatch):
+    """A reward worker ended mid-run (the pool's deadline, the OOM killer) skipped the run's
+    clean-up; without bubblewrap's --die-with-parent the program lived on as an orphan."""
+    import multiprocessing
+
+    monkeypatch.setattr(sandbox_lib, "_bwrap_problem", lambda python: "simulated: no bwrap")
+    monkeypatch.setattr(sandbox_lib, "_warned_unsandboxed", True)
+    weak = SandboxConfig(timeout_s=60, allow_unsandboxed=True)
+    marker = "27.1828"
+    sleeper = f"import os\nos.execv('/bin/sleep', ['sleep', '{marker}'])"
+
+    def sleeping() -> bool:
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        return f"sleep {marker}" in ps.splitlines()
+
+    worker = multiprocessing.get_context("fork").Process(
+        target=run_python, args=(sleeper, b"", weak)
+    )
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not sleeping() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sleeping(), "the program never started"
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join()
+    deadline = time.monotonic() + 5
+    while sleeping() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not sleeping()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="private uids need root")

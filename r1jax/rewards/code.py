@@ -18,9 +18,12 @@ Owns ``code_reward``, ``extract_code`` and ``outputs_match``. Notable choices:
   output's tokens: the same words in the same order, however spaces, tabs and line breaks
   separate them (Codeforces' default checker; numbers are compared as text, "0.50" is not
   "0.5"). With the sandbox option ``float_tolerance=eps``, a token that differs still matches
-  when both are decimal numbers within an absolute *or* relative error of eps (the judges'
-  checker for real-valued answers, typically 1e-6; "inf", "nan" and hex never count as
-  numbers). Output is decoded as UTF-8 with replacement, so invalid bytes simply fail to match.
+  when both are decimal numbers and, where the expected one is written as a real number (with a
+  point or an exponent), within an absolute *or* relative error of eps (the judges' checker for
+  real-valued answers, typically 1e-6), where it is an integer, of the same value exactly ("5.0"
+  for "5"; a tolerance there would take 999999937 for 1000000000, an answer mod 1e9+7 off by
+  63). "inf", "nan" and hex never count as numbers. Output is decoded as UTF-8 with
+  replacement, so invalid bytes simply fail to match.
 - **Reward** = passed / number of tests. Every test runs in a fresh sandbox (``sandbox.py``), so
   one test cannot leave state for the next. A program that hangs costs ``timeout_s`` per test,
   up to ``hang_budget_s`` for the row (once its runs that timed out add up to it, the rest of
@@ -31,6 +34,7 @@ Owns ``code_reward``, ``extract_code`` and ``outputs_match``. Notable choices:
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import logging
 import math
 import re
@@ -43,7 +47,11 @@ from r1jax.rewards.sandbox import SandboxConfig, run_python
 
 logger = logging.getLogger(__name__)
 
-_FENCE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\r?\n(.*?)```", re.DOTALL | re.IGNORECASE)
+# A block's closing fence starts or ends a line (a ``` inside a string of the code does not).
+_FENCE = re.compile(
+    r"```[ \t]*(?:python3?|py)[ \t]*\r?\n(.*?)(?:^[ \t]*```|```[ \t]*\r?$)",
+    re.DOTALL | re.IGNORECASE | re.MULTILINE,
+)
 
 
 _SPACE = re.compile(rb"[ \t\r\n]+")  # a judge's whitespace (str.split would take "\xa0" too)
@@ -60,7 +68,8 @@ def extract_code(text: str) -> str | None:
 
 def outputs_match(actual: str, expected: str, float_tolerance: float = 0.0) -> bool:
     """Whether `actual` holds the tokens of `expected` (whitespace-separated words), in order;
-    with `float_tolerance` > 0, numbers within that absolute or relative error count as equal."""
+    with `float_tolerance` > 0, numbers within that absolute or relative error count as equal
+    (an expected integer: the same value only)."""
     a, e = (s.encode("utf-8", errors="replace") for s in (actual, expected))
     if any(c in x for c in (b"\x0b", b"\x0c") for x in (a, e)):  # (bytes.split takes these)
         got, want = (_SPACE.split(x.strip(b" \t\r\n")) for x in (a, e))
@@ -74,9 +83,12 @@ def outputs_match(actual: str, expected: str, float_tolerance: float = 0.0) -> b
 
 
 def _close(got: bytes, want: bytes, tolerance: float) -> bool:
-    """Both decimal numbers, |got - want| <= tolerance * max(1, |want|) (absolute or relative)."""
+    """Both decimal numbers, |got - want| <= tolerance * max(1, |want|) (absolute or relative),
+    or the same value exactly when `want` is an integer."""
     if not (_DECIMAL.fullmatch(got) and _DECIMAL.fullmatch(want)):
         return False
+    if not any(c in want for c in b".eE"):  # (exact, as decimals: "5.0" and "1e9" are integers)
+        return decimal.Decimal(got.decode()) == decimal.Decimal(want.decode())
     g, w = float(got), float(want)  # (a huge exponent is inf: equal only to the same inf)
     if math.isinf(g) or math.isinf(w):
         return False

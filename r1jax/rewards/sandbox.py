@@ -16,12 +16,12 @@ Owns ``SandboxConfig``, ``run_python`` and ``sandbox_available``. Layers, outerm
    sandbox's own tasks only, so concurrent runs of one uid do not share it; on older kernels it
    is set outside, over the uid's tasks (as a non-root user, over its other runs too).
 3. **bubblewrap** (Debian ``bubblewrap``): new user, PID, network, IPC, UTS and cgroup namespaces;
-   a root containing only a read-only ``/usr`` (and the interpreter's prefix when it lives
-   elsewhere), a fresh ``/proc``, a minimal ``/dev``, and a size-capped private ``/tmp``; every
-   other path read-only; a cleared environment; ``--die-with-parent``; ``--new-session``. The code
-   is copied in from a memfd, so nothing is written on the host. Because the sandbox has its own
-   PID namespace, killing bubblewrap kills every process the code started, including daemons
-   that double-forked and called ``setsid``.
+   a root containing only a read-only ``/usr`` (and the interpreter and its prefix's ``lib`` when
+   it lives elsewhere), a fresh ``/proc``, a minimal ``/dev``, and a size-capped private
+   ``/tmp``; every other path read-only; a cleared environment; ``--die-with-parent``;
+   ``--new-session``. The code is copied in from a memfd, so nothing is written on the host.
+   Because the sandbox has its own PID namespace, killing bubblewrap kills every process the
+   code started, including daemons that double-forked and called ``setsid``.
 4. **A wall-clock deadline** enforced by the reader loop: stdout/stderr are drained
    without blocking; at the deadline, or once stdout passes ``max_output_bytes``, the whole process
    group gets ``SIGKILL`` (nothing can ignore it). Then the sandbox's init (its PID from
@@ -41,7 +41,10 @@ idioms that size it (``os.read(0, os.fstat(0).st_size)``), ``mmap`` it or reopen
 read it all, and the program cannot change it.
 
 Interpreter: ``-I -S -B`` (isolated, no site-packages, no bytecode files), so code gets the
-standard library only, as on a contest judge; this also makes startup ~5x faster. A few lines
+standard library only, as on a contest judge; this also makes startup ~5x faster. ``-X
+int_max_str_digits=0`` lifts Python 3.11's 4300-digit limit on printing an int (a correct
+big-integer answer raised ValueError; judges run interpreters without it, and the time limit
+bounds the cost). A few lines
 (``_LAUNCHER``) give back the ``exit()``/``quit()`` that ``-S`` leaves out, then run the program.
 The trainer's own interpreter is used when the sandbox uid can reach it, else
 ``/usr/bin/python3``.
@@ -86,6 +89,7 @@ _SANDBOX_CODE_PATH = "/sandbox/main.py"
 # that contest code calls all the time (`print(-1); exit()`); site.setquit() adds just those (it
 # does not touch sys.path). Then the program runs in __main__, read from `file PATH` (in the
 # sandbox) or `fd N` (unsandboxed: an inherited memfd, no command-line length limit).
+_INTERPRETER_FLAGS = ("-I", "-S", "-B", "-X", "int_max_str_digits=0")  # (module docstring)
 _LAUNCHER = """\
 import site, sys
 site.setquit()
@@ -114,7 +118,8 @@ class SandboxConfig:
     hang_budget_s: float = 30.0
     # How the code reward compares a number in the output with the expected one: 0 = as text
     # ("0.50" is not "0.5"); eps > 0 = within an absolute or relative error of eps (the judges'
-    # checker for real-valued answers, typically 1e-6).
+    # checker for real-valued answers, typically 1e-6) where the expected number is written as
+    # a real (a point or an exponent), the same value where it is an integer.
     float_tolerance: float = 0.0
     cpu_time_s: int | None = None  # RLIMIT_CPU per process; None = ceil(timeout_s)
     memory_bytes: int = 512 * _MiB  # RLIMIT_AS (address space) per process; x max_processes per run
@@ -263,7 +268,13 @@ def _filesystem_args(python: str) -> list[str]:
             args += ["--ro-bind", top, top]
     prefix = os.path.dirname(os.path.dirname(python))  # <prefix>/bin/python -> <prefix>
     if prefix not in ("/", "/usr") and not prefix.startswith("/usr/"):
-        args += ["--ro-bind", prefix, prefix]
+        # What the interpreter runs from (the standard library, libpython, a conda prefix's
+        # shared libraries), not its whole prefix: one built into $HOME or /opt showed the
+        # program every file there (datasets with the expected outputs, tokens, keys).
+        args += ["--ro-bind", python, python]
+        for lib in ("lib", "lib64"):
+            if os.path.isdir(path := os.path.join(prefix, lib)):
+                args += ["--ro-bind", path, path]
     if os.path.exists("/etc/ld.so.cache"):
         args += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
     return args
@@ -277,6 +288,16 @@ def _setpriv_args(uid: int) -> list[str]:
     per run in page-table copies; with the change done after ``exec`` every spawn stays cheap.
     """
     return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--"]
+
+
+@functools.cache
+def _pdeathsig_works() -> bool:
+    """Whether this setpriv sets the parent-death signal (util-linux 2.33 and later)."""
+    try:
+        found = subprocess.run(["setpriv", "--help"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "--pdeathsig" in found.stdout
 
 
 def _limits_args(cfg: SandboxConfig, uid_is_private: bool, *, sandboxed: bool) -> list[str]:
@@ -381,15 +402,16 @@ def _bwrap_args(
         "sandbox",
         "--info-fd",
         str(info_fd),
+        # /tmp first: an interpreter that lives there is mounted on top of it, not hidden.
+        "--size",
+        str(cfg.tmpfs_bytes),
+        "--tmpfs",
+        "/tmp",
         *_filesystem_args(python),
         "--proc",
         "/proc",
         "--dev",
         "/dev",
-        "--size",
-        str(cfg.tmpfs_bytes),
-        "--tmpfs",
-        "/tmp",
         "--perms",
         "0444",
         "--file",
@@ -419,9 +441,7 @@ def _bwrap_args(
         "--",
         *_inner_limits(cfg),
         python,
-        "-I",
-        "-S",
-        "-B",
+        *_INTERPRETER_FLAGS,
         "-c",
         _LAUNCHER,
         "file",
@@ -561,6 +581,11 @@ def _run_as(
     """`_run` as private `uid` (None: as this process's own uid)."""
     private = uid is not None
     drop = _setpriv_args(uid) if private else []
+    if not sandboxed and _pdeathsig_works():
+        # Killed with this process (bubblewrap's --die-with-parent does it in the sandbox): a
+        # worker ended mid-run (a deadline, the OOM killer) skips the clean-up below, and the
+        # program lived on as an orphan.
+        drop = (drop or ["setpriv", "--"])[:-1] + ["--pdeathsig=KILL", "--"]
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
     code_fd = os.memfd_create("r1jax-sandbox-code")  # close-on-exec but for pass_fds
     os.write(code_fd, source)
@@ -588,7 +613,7 @@ def _run_as(
             fd for fd in (code_fd, info_w, seccomp_fd) if fd is not None
         )
     else:
-        launch = [python, "-I", "-S", "-B", "-c", _LAUNCHER, "fd", str(code_fd)]
+        launch = [python, *_INTERPRETER_FLAGS, "-c", _LAUNCHER, "fd", str(code_fd)]
         argv = drop + _limits_args(cfg, private, sandboxed=False) + launch
         pass_fds = (code_fd,)
     stdin_fd = _sealed_file(stdin)  # fd 0 of the program, closed in the parent after the start
