@@ -1252,6 +1252,9 @@ def test_an_equation_states_its_problem_however_it_is_spaced():
     # Not a two-operand problem: a chain, a column's digit sum, a wrong equation.
     for text in ("5+10+24=39", "4 + 8 + 1 = 13", "4+8+1=13", "10+24=35", "-10+24=14"):
         assert key not in arithmetic.equation_keys(text), text
+    # A degenerate completion's runaway digits (past Python's 4300-digit int limit) state
+    # nothing: rejection sampling raised on it, and a rerun drew the same sample again.
+    assert arithmetic.equation_keys(f"2 + 3 = {'5' * 5000}. 10 + 24 = 34") == [key]
 
 
 def test_training_text_states_no_held_out_problem():

@@ -2481,6 +2481,9 @@ def test_filter_samples_count_one_problem_on_several_rows_once_and_drop_unscored
     kept, dropped = filter_samples(samples, max_per_prompt=1)
     assert [samples.index(s) for s in kept] == [0]
     assert dropped == {"duplicate": 2, "over_cap": 1, "unscored": 1}
+    # Not asked to be correct, a sample need not be graded (it was dropped all the same).
+    kept, dropped = filter_samples(samples, require_correct=False)
+    assert [samples.index(s) for s in kept] == [0, 3, 4] and dropped == {"duplicate": 2}
 
 
 def test_filter_samples_switches():
@@ -2588,6 +2591,13 @@ def test_majority_vote_groups_answers_the_grader_deems_equal():
     grades = [True, True, True, True, False, False, False]
     for order in (votes, votes[1:4] + votes[:1] + votes[4:]):
         assert score_prompt(order, grades, math)["cons@7"] == 1.0, order
+    # The answers graded correct are one answer (each equals the reference), however written:
+    # "Option B", "\text{B}" and "B) 42" are B to the grader but not to one another, and lost
+    # 1-1-1 to two "C"s; a right minority still loses.
+    letters = ["Option B", "\\text{B}", "B) 42", "C", "C"]
+    assert score_prompt(letters, [True, True, True, False, False], math)["cons@5"] == 1.0
+    letters = ["B", "B", "C", "C", "C"]
+    assert score_prompt(letters, [True, True, False, False, False], math)["cons@5"] == 0.0
 
 
 def test_code_rows_vote_on_the_program_the_tests_ran():

@@ -103,7 +103,9 @@ def score_prompt(
     """pass@1, pass@k and cons@k for one prompt's k graded samples (`same`: see
     `majority_vote`). `correct`: per sample a bool, or a grade (1.0 = correct; NaN = unscored,
     counted wrong, and in the vote graded as the first scored sample with the same answer, or
-    one `same` deems it, is, so that it cannot split its answer's votes)."""
+    one `same` deems it, is, so that it cannot split its answer's votes). The answers graded
+    correct are one answer, the reference's, and vote together however they are written
+    ("Option B", "\\text{B}" and "B) 42" for "B": `same` need not see it, nor be asked)."""
     k = len(correct)
     if k == 0 or len(answers) != k:
         raise ValueError("need one answer and one correctness flag per sample")
@@ -127,7 +129,9 @@ def score_prompt(
         for key, r in zip(keys, right, strict=True)
     ]
     c = sum(right)
-    winner = majority_vote(answers, same, labels=labels)
+    reference = next((key for key, label in zip(keys, labels, strict=True) if label), None)
+    voted = [reference if label else a for a, label in zip(answers, labels, strict=True)]
+    winner = majority_vote(voted, same, labels=labels)
     return {
         "pass@1": c / k,
         f"pass@{k}": pass_at_k(k, c, k),
@@ -372,7 +376,6 @@ def evaluate(
     progress, stoppable: a progress bar, and SIGTERM stops a multi-process run between batches
     (`common.prompt_batches`).
     """
-    from r1jax import rewards
 
     k = eval_config.num_samples
     n = min(eval_config.num_prompts, len(prompt_set))
@@ -384,6 +387,11 @@ def evaluate(
         progress=progress,
         stoppable=stoppable,
     )
+    # The vote compares answers by the grader's rule (math-verify: k^2 / 2 comparisons of
+    # distinct answers at worst, seconds each): on a thread of its own, while the next batch
+    # samples, rather than between batches with the device idle.
+    voter = concurrent.futures.ThreadPoolExecutor(1, "r1jax-vote")
+    votes = []  # per prompt, in order: the future of its `score_prompt` metrics
     with Grader(prompt_set, config) as grade:  # (refuses code it could not run, before sampling)
         graded_batches = sample_and_grade(
             grade,
@@ -399,33 +407,16 @@ def evaluate(
             seed=seed,
             mesh=mesh,
         )
-        for b in graded_batches:
-            b.correct = _process_0s(b.correct)
-            well_formed = rewards.format_reward(b.texts)
-            unscored += int(np.isnan(b.correct).sum())
-            for j, i in enumerate(b.ids):
-                rows = range(j * k, (j + 1) * k)
-                row = prompt_set.rows[i]
-                answers = [
-                    voted_answer(b.texts[r], row.get("task"), row.get("tests")) for r in rows
-                ]
-                same = same_answer(row.get("task"), row.get("tests"))
-                metrics = score_prompt(answers, [float(b.correct[r]) for r in rows], same)
-                correct = [bool(b.correct[r] == 1.0) for r in rows]
-                per_prompt.append(metrics)
-                per_task[row.get("task") or "all"].append(metrics)
-                lengths += [len(b.out.tokens[r]) for r in rows]
-                formats += [well_formed[r] for r in rows]
-                records += [
-                    {
-                        "row": prompt_set.indices[i],  # in the held-out rows, before any left out
-                        "prompt": row.get("prompt"),
-                        "completion": b.texts[r],
-                        "answer": answers[r - j * k],
-                        "correct": correct[r - j * k],
-                    }
-                    for r in rows
-                ]
+        try:
+            for b in graded_batches:
+                _score_batch(b, prompt_set, k, voter, votes, lengths, formats, records)
+                unscored += int(np.isnan(b.correct).sum())
+            for task, vote in votes:
+                per_prompt.append(vote.result())
+                per_task[task].append(per_prompt[-1])
+        finally:
+            voter.shutdown(wait=False, cancel_futures=True)  # (leaving on an error: at once)
+
     # The vote compares answers by the grader's rule on each process (math-verify under a time
     # limit, as grading): process 0's outcome, as for the grades.
     cons = _process_0s(np.array([m[f"cons@{k}"] for m in per_prompt], np.float64))
@@ -451,6 +442,35 @@ def evaluate(
     if samples_path:  # local or cloud (r1jax.paths)
         paths.write_text(samples_path, "".join(json.dumps(r) + "\n" for r in records))
     return result
+
+
+def _score_batch(b: GradedBatch, prompt_set, k, voter, votes, lengths, formats, records) -> None:
+    """`evaluate`'s bookkeeping for one graded batch: its grades made process 0's, each prompt's
+    vote submitted to `voter` (appended to `votes` as (task, future)), the samples' lengths,
+    format scores and records appended."""
+    from r1jax import rewards
+
+    b.correct = _process_0s(b.correct)
+    well_formed = rewards.format_reward(b.texts)
+    for j, i in enumerate(b.ids):
+        rows = range(j * k, (j + 1) * k)
+        row = prompt_set.rows[i]
+        answers = [voted_answer(b.texts[r], row.get("task"), row.get("tests")) for r in rows]
+        same = same_answer(row.get("task"), row.get("tests"))
+        grades = [float(b.correct[r]) for r in rows]
+        votes.append((row.get("task") or "all", voter.submit(score_prompt, answers, grades, same)))
+        lengths += [len(b.out.tokens[r]) for r in rows]
+        formats += [well_formed[r] for r in rows]
+        records += [
+            {
+                "row": prompt_set.indices[i],  # in the held-out rows, before any left out
+                "prompt": row.get("prompt"),
+                "completion": b.texts[r],
+                "answer": answers[r - j * k],
+                "correct": grades[r - j * k] == 1.0,
+            }
+            for r in rows
+        ]
 
 
 def _process_0s(correct: np.ndarray) -> np.ndarray:

@@ -88,8 +88,8 @@ def filter_samples(
     several rows of a file is one prompt), `empty` (nothing sampled after the prompt: nothing to
     learn, and SFT refuses such a row; always dropped), `truncated` (it reached the token
     budget: cut off; dropped unless `drop_truncated` is off), `unscored` (its grading worker
-    died twice: not known to be correct) and `states_held_out` (its text states a held-out
-    problem with the answer: always dropped).
+    died twice: not known to be correct; dropped when `require_correct`) and `states_held_out`
+    (its text states a held-out problem with the answer: always dropped).
     The paragraph and code filters read the chain of thought (`rewards.think_region`); 0 / False
     turn them off. Filters apply in the order of DROP_REASONS, and a sample is counted under the
     first one it fails.
@@ -105,7 +105,7 @@ def filter_samples(
             dropped["empty"] += 1
         elif drop_truncated and s.get("truncated"):
             dropped["truncated"] += 1
-        elif s.get("unscored"):
+        elif require_correct and s.get("unscored"):
             dropped["unscored"] += 1
         elif require_correct and not s["correct"]:
             dropped["incorrect"] += 1
