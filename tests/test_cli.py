@@ -992,6 +992,11 @@ def test_code_that_could_not_run_is_refused_before_sampling(tmp_path, monkeypatc
     config.eval.every, config.eval.at_start = 0, False
     with pytest.raises(common.ConfigError, match=r"bubblewrap cannot sandbox it here"):
         rl.run(config, str(tmp_path))
+    # The eval stage on those rows refuses before its model loads too (it loaded it first).
+    config = sh.load_config("eval")
+    config.data.source, config.data.eval_source = str(train), str(code_eval)
+    with pytest.raises(common.ConfigError, match=r"bubblewrap cannot sandbox it here"):
+        eval_stage.run(config, str(tmp_path / "eval"))
 
 
 def test_file_rows_naming_a_builtin_task_are_checked_by_its_verifier(tmp_path):

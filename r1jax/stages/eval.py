@@ -368,11 +368,13 @@ def evaluate(
     progress: bool = False,
     stoppable: bool = False,
     config=None,
+    grader: Grader | None = None,
 ) -> dict[str, Any]:
     """Sample k answers per held-out prompt and score them; returns overall + per-task metrics.
 
     model: a Decoder (any layout; with `mesh`, sampling runs sharded on it).
     config: the stage config, for its `sandbox` section (code rows; defaults without one).
+    grader: the `Grader` of `prompt_set` (made here when None; closed either way).
     progress, stoppable: a progress bar, and SIGTERM stops a multi-process run between batches
     (`common.prompt_batches`).
     """
@@ -392,7 +394,8 @@ def evaluate(
     # samples, rather than between batches with the device idle.
     voter = concurrent.futures.ThreadPoolExecutor(1, "r1jax-vote")
     votes = []  # per prompt, in order: the future of its `score_prompt` metrics
-    with Grader(prompt_set, config) as grade:  # (refuses code it could not run, before sampling)
+    # (a Grader refuses code it could not run, before sampling)
+    with grader if grader is not None else Grader(prompt_set, config) as grade:
         graded_batches = sample_and_grade(
             grade,
             model,
@@ -524,8 +527,13 @@ def run(config, workdir: str) -> dict[str, Any]:
     common.check_token_ids(
         common.vocab_size(config.model.path), tokenizer, prompts.top_id(), "the prompts"
     )
-    mesh = common.make_mesh(config)
-    model, _ = common.load_model(config, mesh, rules=sharding.SAMPLING_RULES)
+    grader = Grader(prompts, config)  # (refuses code it cannot run, before the model loads)
+    try:
+        mesh = common.make_mesh(config)
+        model, _ = common.load_model(config, mesh, rules=sharding.SAMPLING_RULES)
+    except BaseException:
+        grader.close(wait=False)
+        raise
     log.info(
         "evaluating %s on %d held-out prompts x %d samples",
         config.model.path,
@@ -545,6 +553,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         progress=config.log.progress,
         stoppable=True,
         config=config,
+        grader=grader,
     )
     result["model"] = config.model.path
     result["minutes"] = (time.time() - started) / 60  # the pipeline's report sums these
