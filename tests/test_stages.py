@@ -623,6 +623,9 @@ def test_a_resume_with_settings_that_change_the_data_order_is_refused(toy, tmp_p
     changed = copy.deepcopy(config)
     changed.sft.epochs, changed.optim.learning_rate = 2.0, 1e-4  # more steps, another rate: fine
     run("sft", changed, tmp_path)
+    # ... but the cosine now spans them: the rate jumps back up at the resume, which is said.
+    said = (tmp_path / "log_p0.txt").read_text()
+    assert "'cosine' now spans 4 optimizer steps (the checkpoint's run: 'cosine' over 2)" in said
     assert [r["step"] for r in sh.metric_rows(tmp_path)] == [1, 2, 3, 4]
     assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 4
 
@@ -2377,7 +2380,8 @@ def test_an_rl_resume_with_another_objective_or_model_is_refused(
 
 def test_a_cosine_resumed_over_another_span_says_so(reference_rl, caplog):
     """More rl.steps are allowed at a resume, but a cosine schedule is then recomputed over the
-    new total and the learning rate jumps back up, without a word."""
+    new total and the learning rate jumps back up, without a word (SFT and pretraining too:
+    `test_a_resume_with_settings_that_change_the_data_order_is_refused`)."""
     from r1jax import checkpoint
     from r1jax.stages import rl
 
@@ -2386,9 +2390,10 @@ def test_a_cosine_resumed_over_another_span_says_so(reference_rl, caplog):
     config = sh.rl_config()
     assert saved == [config.optim.schedule, rl.optimizer_steps(config)]
     config.optim.schedule = "cosine"
-    rl._warn_if_the_schedule_changed(config, ["cosine", rl.optimizer_steps(config)])
+    steps = rl.optimizer_steps(config)
+    common.warn_if_schedule_changed(config, ["cosine", steps], steps)
     assert "does not continue" not in caplog.text  # the same span: it continues
-    rl._warn_if_the_schedule_changed(config, ["cosine", 2])
+    common.warn_if_schedule_changed(config, ["cosine", 2], rl.optimizer_steps(config))
     assert f"now spans {rl.optimizer_steps(config)} optimizer steps" in caplog.text
     assert "'cosine' over 2): the learning rate does not continue" in caplog.text
 

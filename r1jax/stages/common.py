@@ -392,6 +392,27 @@ def resume(
     return ckpt.restore(state.model, state.optimizer)
 
 
+def schedule_record(config: ml_collections.ConfigDict, optimizer_steps: int) -> list:
+    """The learning-rate schedule's kind and span, saved beside each step (not a resume check:
+    more steps or epochs are allowed; `warn_if_schedule_changed` reads it back)."""
+    return [config.optim.schedule, optimizer_steps]
+
+
+def warn_if_schedule_changed(config, saved, optimizer_steps: int) -> None:
+    """A cosine is spread over the run's optimizer steps: resumed with more (or fewer) steps or
+    epochs, it is recomputed over the new total, and the learning rate jumps at the resume.
+    `saved`: the checkpoint's `schedule_record` (None: saved before it was recorded)."""
+    now = schedule_record(config, optimizer_steps)
+    if config.optim.schedule == "cosine" and saved is not None and list(saved) != now:
+        log.warning(
+            "optim.schedule='cosine' now spans %d optimizer steps (the checkpoint's run: %s over "
+            "%d): the learning rate does not continue that run's schedule from this resume",
+            now[1],
+            repr(saved[0]),
+            saved[1],
+        )
+
+
 def optimizer_layout(config: ml_collections.ConfigDict) -> dict[str, str]:
     """The settings that shape the optimizer's saved state, for a run's resume record: clipping
     on or off chains one more transformation (`train.make_tx`), so a checkpoint saved with the

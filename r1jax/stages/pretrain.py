@@ -393,6 +393,7 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
         start, best = extra["step"], extra.get("tag_copy_best")
         watch.resume(extra.get("skips"))
         log.info("resumed from step %d", start)
+        common.warn_if_schedule_changed(config, extra.get("schedule"), p.steps)  # (the corpus')
     if attempt:
         log.info("restart %d: initialisation and copy-task seed %d", attempt, seed)
     # One segment per row (documents in a row may attend to earlier ones, as in GPT pretraining).
@@ -436,7 +437,13 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
                 copied = tag_copy_probability(state, tag_ids, tag_mask)
             best = _best_check(best, copied)
             if best is None or best < TAG_COPY_START:  # abandoned, and kept as it is now
-                extra = {"step": step, "tag_copy_best": best, "run": run, "skips": watch.record()}
+                extra = {
+                    "step": step,
+                    "tag_copy_best": best,
+                    "run": run,
+                    "skips": watch.record(),
+                    "schedule": common.schedule_record(config, p.steps),
+                }
                 ckpt.save(step, state.model, state.optimizer, extra=extra, force=True)
                 best = float("nan") if best is None else best
                 abandoned = {"tag_copy": float(copied), "best_tag_copy": best, "step": step}
@@ -472,7 +479,13 @@ def _train(config, workdir, attempt, tokenizer, rows, cfg, mesh, tag_rows):
             step + 1,
             state.model,
             state.optimizer,
-            extra={"step": step + 1, "tag_copy_best": best, "run": run, "skips": watch.record()},
+            extra={
+                "step": step + 1,
+                "tag_copy_best": best,
+                "run": run,
+                "skips": watch.record(),
+                "schedule": common.schedule_record(config, p.steps),
+            },
             force=step + 1 == warm + p.steps,
             interval=not watch.skipping,
         ):

@@ -103,26 +103,6 @@ def step_rows(config) -> int:
     return r.prompts_per_step * r.num_generations // max(1, r.num_mini_batches)
 
 
-def _schedule(config) -> list:
-    """The learning-rate schedule's kind and span, saved beside each step (not a resume check:
-    more steps are allowed)."""
-    return [config.optim.schedule, optimizer_steps(config)]
-
-
-def _warn_if_the_schedule_changed(config, saved) -> None:
-    """A cosine is spread over the run's optimizer steps: resumed with more (or fewer) rl.steps,
-    it is recomputed over the new total, and the learning rate jumps at the resume."""
-    now = _schedule(config)
-    if config.optim.schedule == "cosine" and saved is not None and list(saved) != now:
-        log.warning(
-            "optim.schedule='cosine' now spans %d optimizer steps (the checkpoint's run: %s over "
-            "%d): the learning rate does not continue that run's schedule from this resume",
-            now[1],
-            repr(saved[0]),
-            saved[1],
-        )
-
-
 def _rl_field_message(error: ValueError) -> str:
     """A GRPOConfig error named by its config field: "loss_type must ..." -> "rl.loss_type must"."""
     message = str(error).replace("grpo.", "rl.")
@@ -462,7 +442,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     start = resumed["step"] if resumed is not None else 0
     if start:
         log.info("resumed from step %d (%s)", start, ckpt.step_dir(start))
-        _warn_if_the_schedule_changed(config, resumed.get("schedule"))
+        common.warn_if_schedule_changed(config, resumed.get("schedule"), optimizer_steps(config))
     writer = metrics.MetricsWriter(
         workdir,
         total_steps=config.rl.steps,
@@ -548,7 +528,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             extra={
                 "step": done,
                 "run": data_order,
-                "schedule": _schedule(config),
+                "schedule": common.schedule_record(config, optimizer_steps(config)),
                 "skips": watch.record(),
             },
             metrics={k: float(v) for k, v in row.items() if k.startswith("eval/")} or None,

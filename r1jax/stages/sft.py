@@ -342,6 +342,8 @@ def train_on_pairs(
         ckpt, state, data_order, total_steps=steps, steps_field=f"{section}.epochs={s.epochs}"
     )
     start = resumed["step"]
+    if start:
+        common.warn_if_schedule_changed(config, resumed.get("schedule"), steps)
     writer = metrics.MetricsWriter(
         workdir,
         total_steps=steps,
@@ -370,7 +372,12 @@ def train_on_pairs(
             step + 1,
             state.model,
             state.optimizer,
-            extra={"step": step + 1, "run": data_order, "skips": watch.record()},
+            extra={
+                "step": step + 1,
+                "run": data_order,
+                "schedule": common.schedule_record(config, steps),
+                "skips": watch.record(),
+            },
             force=step + 1 == steps,
             interval=not watch.skipping,
         ):
