@@ -620,6 +620,10 @@ def test_a_resume_with_settings_that_change_the_data_order_is_refused(toy, tmp_p
     changed.optim.max_grad_norm = 0.0
     with pytest.raises(common.ConfigError, match=r"optim.max_grad_norm: '> 0' then, '0 \(no c"):
         run("sft", changed, tmp_path)
+    changed = copy.deepcopy(config)  # (refused by 26 arrays' dtypes, not naming the field)
+    changed.model.param_dtype = "bfloat16"
+    with pytest.raises(common.ConfigError, match=r"model.param_dtype: 'float32' then, 'bfloat16"):
+        run("sft", changed, tmp_path)
     changed = copy.deepcopy(config)
     changed.sft.epochs, changed.optim.learning_rate = 2.0, 1e-4  # more steps, another rate: fine
     run("sft", changed, tmp_path)

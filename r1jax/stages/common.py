@@ -414,10 +414,14 @@ def warn_if_schedule_changed(config, saved, optimizer_steps: int) -> None:
 
 
 def optimizer_layout(config: ml_collections.ConfigDict) -> dict[str, str]:
-    """The settings that shape the optimizer's saved state, for a run's resume record: clipping
-    on or off chains one more transformation (`train.make_tx`), so a checkpoint saved with the
-    other cannot be restored, and the refusal names the field instead of the state's paths."""
-    return {"optim.max_grad_norm": "> 0" if config.optim.max_grad_norm > 0 else "0 (no clipping)"}
+    """The settings that shape the saved model and optimizer state, for a run's resume record:
+    clipping on or off chains one more transformation (`train.make_tx`), and the parameters'
+    storage dtype is every saved array's, so a checkpoint saved with others cannot be restored;
+    the refusal names the field instead of the state's paths."""
+    return {
+        "optim.max_grad_norm": "> 0" if config.optim.max_grad_norm > 0 else "0 (no clipping)",
+        "model.param_dtype": config.model.param_dtype,
+    }
 
 
 # Resume records no run writes any more: distillation's teacher by path (by content since, as
