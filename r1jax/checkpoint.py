@@ -368,7 +368,15 @@ class Checkpointer:
         args[_EXTRA] = ocp.args.JsonRestore()
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-        except Exception as err:  # any read failure means the same to a user
+        except Exception as err:
+            if any(status in str(err) for status in _TRANSIENT_READ_FAILURES):
+                # (the storage's doing, not the checkpoint's: "move or delete" would throw away a
+                # good checkpoint)
+                raise CheckpointError(
+                    f"Checkpoint {path} could not be read ({_first_line(err)}): the storage "
+                    "refused or timed out, the checkpoint may be intact. Try again (check "
+                    "access to the bucket or file system); nothing was changed."
+                ) from None
             raise self._damaged(step, f"reading it failed ({_first_line(err)})") from None
         nnx.update(model, restored[_MODEL])
         if optimizer is not None:
@@ -539,6 +547,11 @@ class Checkpointer:
 # --------------------------------------------------------------------------------------------------
 
 
+# Read failures of the storage, not the checkpoint (tensorstore / gRPC status names; a cloud
+# bucket's 503, a network file system's timeout, credentials that expired).
+_TRANSIENT_READ_FAILURES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMISSION_DENIED",
+                            "RESOURCE_EXHAUSTED", "ABORTED", "UNAUTHENTICATED",
+                            "Permission denied", "Connection reset", "timed out")  # fmt: skip
 _WRITE_FAILURES = ("No space left on device", "Read-only file system", "Permission denied",
                    "Disk quota exceeded", "File too large")  # fmt: skip
 

@@ -678,6 +678,24 @@ def test_an_abandoned_read_collected_before_the_error_is_not_reported(
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
 
 
+def test_a_read_the_storage_refused_is_not_called_damage(two_steps, monkeypatch):
+    """A bucket's 503 or a network file system's timeout was "damaged: move or delete that
+    directory": followed, it threw away a good checkpoint and the steps since the one before."""
+    directory, _ = two_steps
+    with Checkpointer(directory, save_interval_steps=1) as ckpt:
+
+        def unavailable(*args, **kwargs):  # as tensorstore reports a 503
+            raise ValueError('UNAVAILABLE: Error reading "model/d/0": HTTP response code: 503')
+
+        monkeypatch.setattr(ckpt._manager, "restore", unavailable)
+        with pytest.raises(
+            CheckpointError, match=r"could not be read \(ValueError: UNAVAILABLE.*Try again"
+        ) as e:
+            ckpt.restore(*make_state(5))
+        assert "damaged" not in str(e.value) and "delete" not in str(e.value)
+    assert sorted(os.listdir(directory))[:2] == ["1", "2"]
+
+
 def test_a_failed_write_leaves_no_warning_after_its_error(tmp_path, monkeypatch):
     """After a failed write orbax's pending writes are coroutines nobody awaits; Python warned of
     one as it was collected at exit ("RuntimeWarning: coroutine ... was never awaited"), after the
