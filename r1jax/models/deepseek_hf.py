@@ -86,6 +86,7 @@ _MODEL_FIELDS = {
     "num_mtp_layers",
 }
 # Fields of DeepSeek's own config.json files that only matter for training losses or deployment.
+# (The auxiliary balance losses they set are not applied: stages/common.py, model.router_bias_rate.)
 _TRAINING_ONLY_FIELDS = {
     "aux_loss_alpha",
     "seq_aux",

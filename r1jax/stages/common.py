@@ -64,7 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype ("bfloat16" for mixed precision)
     c.model.remat = False  # rematerialise layers in the backward pass to save memory
     # DeepSeek-V3 only: step size (gamma) of the auxiliary-loss-free load-balancing bias update
-    # after each optimizer step (0 = off; the V3 paper used 0.001)
+    # after each optimizer step (0 = off; the V3 paper used 0.001). No auxiliary balance loss is
+    # applied (V3's sequence-wise one, V2's aux_loss_alpha / seq_aux): a V2 router fine-tunes
+    # without a balancing term; `router/max_load_ratio` in the metrics shows its load.
     c.model.router_bias_rate = 0.0
     # DeepSeek only: slots per routed expert = factor x tokens x top-k / experts (GShard; tokens
     # past an expert's slots skip it), where tokens are those of one device's forward (of one
