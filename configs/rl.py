@@ -88,6 +88,12 @@ def get_config(arg=None):
     # reference <- alpha * policy + (1 - alpha) * reference. 0 = never (a fixed reference).
     r.ref_sync_steps = 0
     r.ref_sync_alpha = 1.0
+    # DAPO's dynamic sampling: groups whose completions all got one reward (every answer right,
+    # or every one wrong: advantages of 0) are replaced by those of further prompt batches,
+    # sampled until the step has prompts_per_step groups that differ, or max_sampling_rounds
+    # batches were drawn (then the batch is filled with the others). Each round costs a rollout.
+    r.dynamic_sampling = False
+    r.max_sampling_rounds = 4
 
     # A learned reward model (R1's "RL for all scenarios"), added to the rule rewards with
     # `weight`; e.g. --config.reward_model.path=/ckpt/reward-model --config.reward_model.weight=1

@@ -55,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -152,6 +153,50 @@ def group_advantages(rewards: jax.Array, group_size: int, scale: str = "group") 
         return centred
     std = jnp.repeat(group_std, group_size) if scale == "group" else _centre(rewards)[1]
     return centred / (std + _STD_EPS)
+
+
+def informative_groups(rewards: np.ndarray, group_size: int) -> np.ndarray:
+    """[P * G] rewards (NaN = unscored) -> [P] bool: the groups whose scored rewards differ.
+
+    A group whose rewards are all equal (every answer right, or every one wrong) has advantages
+    of exactly 0 and moves the policy only through the KL term: DAPO's dynamic sampling
+    (arXiv 2503.14476, section 3.2) samples more prompts in its place (`select_groups`).
+    """
+    grouped = np.asarray(rewards, np.float64).reshape(-1, group_size)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (an all-NaN group: not informative)
+        spread = np.nanmax(grouped, axis=-1) - np.nanmin(grouped, axis=-1)
+    return np.nan_to_num(spread) > 0
+
+
+@functools.partial(jax.jit, static_argnames="shardings")
+def _take_rows(draws: tuple, rows: jax.Array, shardings: tuple):
+    """`rows` of the concatenated `draws`, each leaf laid out as `shardings` (draws[0]'s)."""
+    taken = jax.tree.leaves(jax.tree.map(lambda *xs: jnp.concatenate(xs)[rows], *draws))
+    laid_out = map(jax.lax.with_sharding_constraint, taken, shardings)
+    return jax.tree.unflatten(jax.tree.structure(draws[0]), list(laid_out))
+
+
+def select_groups(
+    draws: Sequence[Rollouts], picks: Sequence[tuple[int, int]], cfg: GRPOConfig
+) -> Rollouts:
+    """One batch of the groups `picks` ((draw, group) pairs, in order) of several `Rollouts`.
+
+    The rows come out sharded as `draws[0]`'s; with `scale_rewards="batch"` the advantages are
+    computed again over the new batch (a group's own scale does not depend on the others). One
+    compiled gather per number of draws.
+    """
+    G = cfg.num_generations
+    B = draws[0].rewards.shape[0]
+    if len(picks) * G != B:
+        raise ValueError(f"need {B // G} groups to fill a batch of {B} rows, got {len(picks)}")
+    rows = np.array([d * B + g * G + j for d, g in picks for j in range(G)], np.int32)
+    shardings = tuple(x.sharding for x in jax.tree.leaves(draws[0]))
+    out = _take_rows(tuple(draws), rows, shardings)
+    if cfg.scale_rewards == "batch":
+        advantages = group_advantages(out.rewards, G, "batch")
+        out = out.replace(advantages=jax.device_put(advantages, out.advantages.sharding))
+    return out
 
 
 def reward_metrics(

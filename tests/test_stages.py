@@ -2295,6 +2295,88 @@ def test_half_written_checkpoint_is_ignored_and_the_run_resumes(reference_rl, tm
     assert os.listdir(workdir / "hf") == ["final"]  # orbax's best_step() is the latest then
 
 
+def test_dynamic_sampling_fills_the_batch_with_groups_whose_rewards_differ():
+    """DAPO's dynamic sampling: groups whose rewards are all equal (advantages 0) are replaced
+    by groups of further prompt batches, up to max_sampling_rounds; then filled with them."""
+    import jax.numpy as jnp
+
+    from r1jax import grpo
+    from r1jax.stages import rl
+
+    P, G, T = 4, 2, 3
+    same, differ = [1.0, 1.0], [0.0, 1.0]
+    rewards_of = [  # per round, per group (one scored sample of two: nothing to compare)
+        [same, differ, same, same],
+        [differ, [0.5, 0.5], differ, [np.nan, 1.0]],
+        [differ, differ, differ, differ],
+    ]
+    rounds_run = []
+
+    def rollout(d):
+        rounds_run.append(d)
+        rewards = jnp.asarray(np.concatenate(rewards_of[d]), jnp.float32)
+        ids = np.arange(P * G * T, dtype=np.int32).reshape(P * G, T) + 1000 * d
+        batch = grpo.Rollouts(
+            prompt_ids=jnp.asarray(ids), prompt_mask=jnp.ones((P * G, T), jnp.int32),
+            completion_ids=jnp.asarray(ids + 500), completion_mask=jnp.ones_like(ids),
+            advantages=grpo.group_advantages(rewards, G, scale),
+            rewards=rewards, per_reward=rewards[:, None], truncated=jnp.zeros(P * G, bool),
+        )  # fmt: skip
+        lengths = {"completions/min_length": 1.0 + d, "completions/max_length": 3.0 + d}
+        return batch, {"reward": jnp.float32(d), **lengths}
+
+    for scale in ("group", "batch"):
+        cfg = grpo.GRPOConfig(num_generations=G, scale_rewards=scale)
+        rounds_run.clear()
+        batch, metrics, rounds = rl.dynamic_sampling(rollout, cfg, max_rounds=3)
+        assert rounds == 3 and rounds_run == [0, 1, 2]  # 1 + 2 + 4 groups that differ
+        picks = [(0, 1), (1, 0), (1, 2), (2, 0)]
+        rows = [1000 * d + (g * G + j) * T for d, g in picks for j in range(G)]
+        assert np.asarray(batch.prompt_ids)[:, 0].tolist() == rows
+        assert np.asarray(batch.completion_ids)[:, 0].tolist() == [r + 500 for r in rows]
+        want = np.concatenate([rewards_of[d][g] for d, g in picks])
+        np.testing.assert_array_equal(np.asarray(batch.rewards), want)
+        np.testing.assert_allclose(  # (over the new batch when the scale is the batch's)
+            np.asarray(batch.advantages), grpo.group_advantages(want, G, scale), rtol=1e-6
+        )
+        assert metrics["reward"] == 1.0 and metrics["dynamic_sampling/rounds"] == 3.0
+        assert metrics["completions/min_length"] == 1.0
+        assert metrics["completions/max_length"] == 5.0
+        assert metrics["dynamic_sampling/filled"] == 0.0
+    # One round allowed: the groups that do not differ fill the batch, in the order drawn.
+    batch, metrics, rounds = rl.dynamic_sampling(rollout, cfg, max_rounds=1)
+    assert rounds == 1 and metrics["dynamic_sampling/filled"] == 0.75
+    np.testing.assert_array_equal(np.asarray(batch.rewards), np.concatenate(rewards_of[0]))
+
+
+def test_a_dynamically_sampled_run_resumes_at_its_prompt_batch(toy, tmp_path):
+    """With dynamic sampling a step draws a varying number of prompt batches: the data position
+    is no longer the step, so it is saved, and a resume continues from it."""
+    from r1jax import checkpoint
+
+    config = sh.rl_config()
+    config.rl.dynamic_sampling, config.rl.max_sampling_rounds = True, 3
+    run("rl", config, tmp_path / "whole")
+    rows = sh.metric_rows(tmp_path / "whole")[1:]
+    rounds = [int(r["dynamic_sampling/rounds"]) for r in rows]
+    assert max(rounds) > 1 and all(1 <= n <= 3 for n in rounds), rounds
+    with checkpoint.Checkpointer(str(tmp_path / "whole" / "checkpoints")) as ckpt:
+        assert ckpt.read_extra()["prompt_batches"] == sum(rounds)
+    # Killed after step 2's checkpoint: step 3 samples the batches the whole run's did.
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(sh.RL_STEPS))
+    shutil.rmtree(tmp_path / "resumed" / "hf")
+    run("rl", config, tmp_path / "resumed")
+    assert sh.metric_rows(tmp_path / "resumed") == sh.metric_rows(tmp_path / "whole")
+    want = sh.hf_params(tmp_path / "whole" / "hf" / "final")
+    got = sh.hf_params(tmp_path / "resumed" / "hf" / "final")
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    config.rl.max_sampling_rounds = 0
+    with pytest.raises(common.ConfigError, match="rl.max_sampling_rounds must be an integer >= 1"):
+        common.validate(config, "rl")
+
+
 def test_a_reference_synced_to_the_policy_is_saved_and_resumed(reference_rl, tmp_path):
     """rl.ref_sync_steps: the KL pulls towards the policy of the last sync, not the start; a
     resume continues from the synced reference (kept in the checkpoint), not the starting one."""

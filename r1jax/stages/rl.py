@@ -124,6 +124,7 @@ _OBJECTIVE_FIELDS = (
     "ref_sync_steps",
     "ref_sync_alpha",
     "num_mini_batches",
+    "dynamic_sampling",
 )
 
 
@@ -151,6 +152,8 @@ def validate(config) -> None:
                     "num_micro_batches",
                     "ref_sync_steps",
                     "ref_sync_alpha",
+                    "dynamic_sampling",
+                    "max_sampling_rounds",
                 )
             }
         )
@@ -185,6 +188,10 @@ def validate(config) -> None:
         )
     if r.beta > 0 and r.ref_model and not os.path.isdir(os.path.expanduser(r.ref_model)):
         raise common.ConfigError(f"rl.ref_model {r.ref_model!r} is not a folder")
+    if not isinstance(r.get("max_sampling_rounds", 1), int) or r.get("max_sampling_rounds", 1) < 1:
+        raise common.ConfigError(
+            f"rl.max_sampling_rounds must be an integer >= 1, got {r.max_sampling_rounds!r}"
+        )
     if not isinstance(r.ref_sync_steps, int) or r.ref_sync_steps < 0:
         raise common.ConfigError(
             f"rl.ref_sync_steps must be an integer >= 0 (0 = a fixed reference), got "
@@ -387,13 +394,20 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
     }
     if r.loss_type == "bnpo":  # its token mean is each micro-batch's: part of the objective
         data_order["rl.num_micro_batches"] = common.micro_batches(config, "rl", step_rows(config))
+    if r.dynamic_sampling:  # (how many batches a step may draw: the data order)
+        data_order["rl.max_sampling_rounds"] = r.max_sampling_rounds
     resumed = common.check_resume(
         ckpt,
         data_order,
         total_steps=config.rl.steps,
         steps_field=f"rl.steps={config.rl.steps}",
         # (runs from before these settings had them at these values)
-        then={"rl.num_mini_batches": 1, "rl.ref_sync_steps": 0, "rl.ref_sync_alpha": 1.0},
+        then={
+            "rl.num_mini_batches": 1,
+            "rl.ref_sync_steps": 0,
+            "rl.ref_sync_alpha": 1.0,
+            "rl.dynamic_sampling": False,
+        },
     )
 
     mesh = common.make_mesh(config)
@@ -476,10 +490,13 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         # Where the held-out curve starts: the model RL begins from (for R1-Zero, the base).
         writer.write(0, held_out())
 
-    # -- the GRPO loop --
-    for step in range(start, config.rl.steps):
+    # The prompt batches drawn so far: the step's, unless dynamic sampling drew more.
+    drawn = resumed.get("prompt_batches", start) if resumed is not None else 0
+
+    def rollout(batch: int, key) -> tuple[grpo.Rollouts, dict]:
+        """Prompt batch `batch`'s completions, scored (the reward model's score added)."""
         prompt_ids, prompt_mask, row_ids = train_set.batch(
-            train_set.row_ids(step, config.rl.prompts_per_step)
+            train_set.row_ids(batch, config.rl.prompts_per_step)
         )
         rollouts, rollout_metrics = grpo.rollout(
             # Not kept in a variable: the sampling copy (the whole model per chip along fsdp) is
@@ -489,25 +506,41 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             ref,
             prompt_ids,
             prompt_mask,
-            jax.random.fold_in(base_key, step),
+            key,
             scorer,
             cfg,
             row_ids=row_ids,
             stop_strings=train_set.stop_strings,
         )
-        if reward_model is not None:
-            rollouts, rollout_metrics = _add_reward_model(
-                reward_model,
-                config.reward_model.weight,
-                rollouts,
-                rollout_metrics,
-                [rm_prompts[i] for i in row_ids for _ in range(cfg.num_generations)],
-                np.repeat(rm_rows[np.asarray(row_ids)], cfg.num_generations),
-                decode,
-                reward_fn.names,
+        if reward_model is None:
+            return rollouts, rollout_metrics
+        return _add_reward_model(
+            reward_model,
+            config.reward_model.weight,
+            rollouts,
+            rollout_metrics,
+            [rm_prompts[i] for i in row_ids for _ in range(cfg.num_generations)],
+            np.repeat(rm_rows[np.asarray(row_ids)], cfg.num_generations),
+            decode,
+            reward_fn.names,
+            cfg,
+            answer_only=config.reward_model.get("reads", "all") == "answer",
+        )
+
+    # -- the GRPO loop --
+    for step in range(start, config.rl.steps):
+        key = jax.random.fold_in(base_key, step)
+        if config.rl.dynamic_sampling:
+            rollouts, rollout_metrics, rounds = dynamic_sampling(
+                lambda d, first=drawn, key=key: rollout(
+                    first + d, key if d == 0 else jax.random.fold_in(key, d)
+                ),
                 cfg,
-                answer_only=config.reward_model.get("reads", "all") == "answer",
+                config.rl.max_sampling_rounds,
             )
+        else:
+            (rollouts, rollout_metrics), rounds = rollout(step, key), 1
+        drawn += rounds
         update_metrics = grpo.update(state, rollouts, cfg)
         done = step + 1
         if synced_ref is not None and done % config.rl.ref_sync_steps == 0:
@@ -527,6 +560,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             state.optimizer,
             extra={
                 "step": done,
+                "prompt_batches": drawn,
                 "run": data_order,
                 "schedule": common.schedule_record(config, optimizer_steps(config)),
                 "skips": watch.record(),
@@ -697,6 +731,52 @@ def _fold_reward(total, per_reward, scores, applies, *, weight, names, group_siz
         advantages,
         grpo.reward_metrics(total, per_reward.T, names, group_size, scale),
     )
+
+
+def dynamic_sampling(rollout, cfg: grpo.GRPOConfig, max_rounds: int):
+    """DAPO's dynamic sampling: a step's batch of groups whose rewards differ.
+
+    `rollout(d)` samples the d-th prompt batch of the step (`Rollouts`, metrics). Batches are
+    drawn until P groups have rewards that differ (`grpo.informative_groups`; the first P drawn
+    are used), or `max_rounds` were drawn; then the batch is filled with the groups that do not
+    differ, first drawn first. The groups keep the order they were drawn in. Returns (rollouts
+    of P groups, metrics, rounds drawn): the metrics are the mean over the rounds (the lengths'
+    minimum and maximum over them), with `dynamic_sampling/rounds` and `dynamic_sampling/filled`
+    (the share of the batch filled with groups whose rewards do not differ).
+    """
+    G = cfg.num_generations
+    draws, rows, kept, spare = [], [], [], []
+    P = 0
+    while not draws or (len(kept) < P and len(draws) < max_rounds):
+        d = len(draws)
+        rollouts, rollout_metrics = rollout(d)
+        P = rollouts.rewards.shape[0] // G
+        draws.append(rollouts)
+        rows.append(jax.device_get(rollout_metrics))
+        differ = grpo.informative_groups(sharding.to_host(rollouts.rewards), G)
+        kept += [(d, int(g)) for g in np.flatnonzero(differ)]
+        spare += [(d, int(g)) for g in np.flatnonzero(~differ)]
+    picks = sorted(kept[:P] + spare[: max(0, P - len(kept))])  # (in the order drawn)
+    filled = max(0, P - len(kept))
+    if filled and max_rounds > 1:
+        log.info(
+            "dynamic sampling: %d of %d groups after %d rounds (rl.max_sampling_rounds) have "
+            "rewards that differ; %d are filled with groups that do not",
+            len(kept),
+            P,
+            len(draws),
+            filled,
+        )
+    batch = (
+        draws[0] if picks == [(0, g) for g in range(P)] else grpo.select_groups(draws, picks, cfg)
+    )
+    merged = {k: np.mean([r[k] for r in rows]) for k in rows[0]}
+    for k, pick in (("completions/min_length", np.min), ("completions/max_length", np.max)):
+        if k in merged:
+            merged[k] = pick([r[k] for r in rows])
+    merged["dynamic_sampling/rounds"] = float(len(draws))
+    merged["dynamic_sampling/filled"] = filled / P
+    return batch, merged, len(draws)
 
 
 def _headline(row: dict[str, Any], names: tuple[str, ...]) -> dict[str, float]:
