@@ -545,7 +545,8 @@ def test_export_hf_carries_the_source_token_ids_and_generation_config(tmp_path):
     with open(os.path.join(source, "config.json"), "w") as f:
         json.dump(config, f)
     checkpoint.export_hf(model, tmp_path / "bf16", Tokenizer(), source=source)
-    assert json.load(open(tmp_path / "bf16" / "config.json"))["dtype"] == "bfloat16"
+    written = json.load(open(tmp_path / "bf16" / "config.json"))
+    assert written["dtype"] == written["torch_dtype"] == "bfloat16"  # (4.x reads torch_dtype)
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "np") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     assert model.cfg.param_dtype == "float32"

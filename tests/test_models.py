@@ -338,6 +338,12 @@ def test_error_unsupported_field_is_refused_not_ignored(tmp_path):
     json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
     with pytest.raises(hf.CheckpointError, match=r"sliding_window=0 is not supported"):
         hf.load(path)
+    # Full-attention layer types beside a window: transformers 5 reads the file as Ministral
+    # (unwindowed), 4.x as Mistral (windowed); r1jax windowed it, silently.
+    cfg["sliding_window"], cfg["layer_types"] = 5, ["full_attention"] * cfg["num_hidden_layers"]
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(hf.CheckpointError, match=r"layer_types=.* read as unwindowed"):
+        hf.load(path)
 
 
 def test_error_shape_mismatch_between_config_and_weights(tmp_path):

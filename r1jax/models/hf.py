@@ -208,6 +208,16 @@ def config_from_hf(
             "sliding_window",
             "a window must hold at least the token itself (null: no window)",
         )
+        # transformers 5 reads a mistral config with layer_types as Ministral, whose layers
+        # follow them (full attention: no window); 4.x windows every layer. Only "sliding"
+        # layer types mean one thing to both.
+        require(
+            sliding_window is None or not layer_types or layer_types[0] == "sliding_attention",
+            "layer_types",
+            "full-attention layers beside a sliding_window are read as unwindowed by "
+            "transformers 5 (as Ministral) and windowed by 4.x; set sliding_window to null or "
+            "the layer types to sliding_attention",
+        )
     elif get("use_sliding_window") and get("sliding_window") is not None:
         # Qwen windows the layers from max_window_layers on, and only with a sliding_window: a
         # config that sets the flag but windows no layer is full attention. (Read from the
@@ -727,6 +737,8 @@ def write_files(
     """
     from safetensors.numpy import save_file
 
+    if "dtype" in hf_config:  # (transformers 4.x reads the dtype as `torch_dtype` only)
+        hf_config = {**hf_config, "torch_dtype": hf_config["dtype"]}
     plan, size = [[]], 0  # names per shard, cut as the sizes add up
     for names, _ in tensors:
         for name, nbytes in names:
