@@ -113,11 +113,21 @@ def main(argv: list[str] | None = None) -> None:
 
         config = flags.FLAGS.config
         stage = flags.FLAGS.stage
+        shared_error = None
+        if stage == "pipeline":  # (a top-level flag reaches every stage, even at its default)
+            from r1jax.stages import pipeline
+
+            try:
+                pipeline.apply_shared_flags(config, _override_keys(argv))
+            except common.ConfigError as e:
+                shared_error = e
         workdir = flags.FLAGS.workdir or os.path.join("runs", stage)
         if not paths.is_remote(workdir):
             workdir = os.path.expanduser(workdir)  # ("--workdir=~/x": no shell expands it)
         error = None
         try:
+            if shared_error is not None:
+                raise shared_error
             common.validate(config, stage)
             if paths.is_remote(workdir) and stage in LOCAL_WORKDIR_STAGES:
                 error = (
@@ -310,6 +320,11 @@ def _config_spec(argv: list[str]) -> str | None:
         if arg == "--config" and i + 1 < len(argv):
             return argv[i + 1]
     return None
+
+
+def _override_keys(argv: list[str]) -> list[str]:
+    """The fields the command line sets: "--config.log.every=5" -> "log.every"."""
+    return [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
 
 
 def _unknown_override(argv: list[str]) -> str | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -58,6 +59,9 @@ def check_workdir(path: str | os.PathLike) -> None:
     only to ask whether `path` exists. A local directory is created and written to once.
     """
     path = os.fspath(path)
+    if re.match(r"(gs|s3|az):/?(?!/)", path):  # ("gs:/b/x" is a local folder named "gs:")
+        fixed = re.sub(r"^(\w+):/?", r"\1://", path)
+        raise ValueError(f"workdir {path!r}: a cloud URI takes two slashes: {fixed!r}")
     if "://" in path and not is_remote(path):
         raise ValueError(
             f"workdir {path!r}: unsupported scheme; give a local directory or a "

@@ -1045,6 +1045,20 @@ def test_data_paths_that_name_no_file_are_refused_before_any_model_loads(tmp_pat
             common.validate(config, stage)
 
 
+def test_a_pipeline_flag_for_every_stage_reaches_every_stage_even_at_its_default():
+    """`--config.mesh.fsdp=-1` (the base default) left the stages that set their own mesh on it:
+    a top-level value equal to the default was dropped as not given."""
+    from r1jax import launch
+    from r1jax.stages import pipeline
+
+    config = sh.load_config("pipeline")
+    config.eval_stage.mesh.fsdp = 2  # (a section of its own, as rejection sampling may have)
+    config.mesh.fsdp = -1
+    pipeline.apply_shared_flags(config, launch._override_keys(["x", "--config.mesh.fsdp=-1"]))
+    assert config.eval_stage.mesh.fsdp == -1 and config.r1_zero.mesh.fsdp == -1
+    assert launch._override_keys(["--stage=rl", "--config.a.b=1", "--workdir=w"]) == ["a.b"]
+
+
 def test_arguments_that_were_silently_ignored_are_refused_or_honoured(toy, tmp_path):
     """Overrides after a "--" (or without their dashes) were dropped and the default ran; a
     misspelt ":smoke" ran the whole recipe; "--workdir=~/x" wrote into a folder named "~"; a
@@ -1059,6 +1073,11 @@ def test_arguments_that_were_silently_ignored_are_refused_or_honoured(toy, tmp_p
         (["--stage=rl", f"--config.seed={2**63}"], "seed must be an integer in [0, 2**63)"),
         (["--stage=rl", "--config.rewards.format=nan"], "rewards: weights must be finite"),
         (["--stage=rl", "--config.rewards.repetition_penalty=-1"], "weights must be >= 0"),
+        # The top-level one won, silently (the stage's, given beside it, was dropped).
+        (
+            ["--stage=pipeline", "--config.log.every=50", "--config.r1_zero.log.every=1"],
+            "--config.log.every sets every stage's log.every and --config.r1_zero.log.every",
+        ),
     ):
         out = run_cli([*args, f"--workdir={tmp_path / 'w'}"], env)
         assert out.returncode != 0 and message in out.stderr, (args, out.stderr[-2000:])

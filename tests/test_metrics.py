@@ -370,6 +370,10 @@ def test_unsupported_workdir_schemes_are_refused():
     with pytest.raises(ValueError, match="unsupported scheme"):
         paths.check_workdir("memory://run")
     paths.check_workdir("runs/rl")  # local: fine
+    # One slash lost (pathlib and normpath drop one): was a local folder named "gs:".
+    for typo in ("gs:/bucket/run", "gs:bucket/run"):
+        with pytest.raises(ValueError, match="a cloud URI takes two slashes: 'gs://bucket/run'"):
+            paths.check_workdir(typo)
 
 
 # --------------------------------------------------------------------------------------------------

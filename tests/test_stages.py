@@ -2088,6 +2088,10 @@ def test_pipeline_errors_name_the_sub_stage_and_resumed_minutes_add_up(stub_stag
     results = pipeline.run(config, str(tmp_path))
     assert results["stages"]["r1"]["minutes"] == results["stages"]["student_rl"]["minutes"] == 2
     assert results["stages"]["base"]["minutes"] == 1
+    # Its output deleted, made again: the interrupted attempt was counted twice (2 + 1 + 1).
+    shutil.rmtree(tmp_path / "student_rl" / "hf")
+    results = pipeline.run(config, str(tmp_path))
+    assert results["stages"]["student_rl"]["minutes"] == 3
 
 
 def test_match_compute_reads_a_teacher_named_as_distill_takes_it(toy):

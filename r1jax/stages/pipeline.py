@@ -92,6 +92,29 @@ def shared_overrides(config) -> dict[str, dict[str, Any]]:
     return out
 
 
+def apply_shared_flags(config, given) -> None:
+    """Apply the shared-section fields the command line set for the whole pipeline (`given`:
+    "log.every", ...) to every stage's section, also when equal to the default (as
+    `shared_overrides` alone, which compares with it, would not: `--config.mesh.fsdp=-1` left the
+    sections' own values). A stage's own flag for such a field as well is refused: which of
+    the two would win was not said (the top-level one did)."""
+    given = list(given)
+    top = {k for k in given if k.count(".") == 1 and k.split(".")[0] in SHARED_SECTIONS}
+    top.discard("model.path")  # (refused by `validate`: the pipeline wires every model)
+    for key in given:
+        name, _, rest = key.partition(".")
+        if rest in top and name not in SHARED_SECTIONS:
+            raise common.ConfigError(
+                f"--config.{rest} sets every stage's {rest} and --config.{key} the {name} "
+                f"stage's: give one of them (the stage's own alone, or the top-level one alone)"
+            )
+    for key in sorted(top):
+        section, field = key.split(".")
+        for name, sub in config.items():
+            if name not in SHARED_SECTIONS and hasattr(sub, "keys") and section in sub:
+                sub[section][field] = config[section][field]
+
+
 def validate(config) -> None:
     """Every section checked as its stage will check it, before the first stage starts (a bad
     field in the last section would otherwise end the run after half an hour of the others)."""
@@ -382,7 +405,7 @@ def _run_once(
         # Its output deleted: made again from its checkpoints or its saved samples (the stages
         # trained on it then compare it by content, as after any rerun).
         log.warning("pipeline: %s is done, but its %s is gone: running it again", name, output)
-        before += finished.get("minutes", 0.0)
+        before = finished.get("minutes", 0.0)  # (its earlier attempts' minutes included)
         common.write_json(attempts, {"minutes": before})  # (process 0)
         common.sync_processes("pipeline minutes kept")  # (every process has read done.json)
         if common._is_process_zero():
@@ -402,6 +425,8 @@ def _run_once(
     out["minutes"] = before + (time.time() - started) / 60  # kept across resumes, unlike the total
     out["inputs"] = inputs
     common.write_json(done, out)
+    if os.path.exists(attempts) and common._is_process_zero():  # (counted in done.json now)
+        os.remove(attempts)
     return out
 
 
@@ -638,6 +663,11 @@ def _evaluate(config, model_path: str, subdir: str) -> dict[str, Any]:
             return common.read_json(done)
         log.info("pipeline: %s was evaluated as another checkpoint or settings: again", subdir)
     os.makedirs(subdir, exist_ok=True)
+    if common._is_process_zero():  # (a kill mid-run must not leave the old results stamped)
+        for old in (stamp_path, done):
+            if os.path.exists(old):
+                os.remove(old)
+    common.sync_processes(f"evaluation {subdir} cleared")
     # eval.json, with its minutes for a later rerun's report
     out = eval_stage.run(sub, subdir)
     common.write_json(stamp_path, stamp)
