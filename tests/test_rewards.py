@@ -125,7 +125,7 @@ EQUIVALENT = [  # (gold, completion): same answer written differently
     ("\\frac{1}{2}", "<answer>\\frac{1}{2} cup</answer>"),
     ("1, 2", "<answer>1 and 2</answer>"),
     ("2ab", "<answer>2ab</answer>"),  # a product of variables is not a word
-    ("abc", "<answer>cba</answer>"),
+    ("abc", "<answer>a*b*c</answer>"),  # (a one-word gold in notation is still a product)
     ("\\frac{xyz}{2}", "<answer>xyz/2</answer>"),
     ("12\\pi", "<answer>12\\pi square units</answer>"),  # a unit after a LaTeX value
     ("12\\pi", "<answer>12\\pi \\text{square units}</answer>"),
@@ -146,6 +146,33 @@ EQUIVALENT = [  # (gold, completion): same answer written differently
     ("A", "<answer>A is larger</answer>"),
     ("B", "<answer>After checking (C), the answer is B</answer>"),
     ("B", "<answer>I'm sure it is B</answer>"),
+    # Several values each in \\( \\) or \\[ \\], as with $…$ (the outer pair was stripped:
+    # "5\\) and \\(6").
+    ("5, 6", "<answer>\\(5\\) and \\(6\\)</answer>"),
+    ("5, 6", "<answer>\\[5\\] and \\[6\\]</answer>"),
+    ("5, 6", "<answer>\\(x=5\\) and \\(x=6\\)</answer>"),
+    # A float solution is its digits (its repr "1e-07" was 1 - 7 + e to math-verify).
+    (1e-07, "<answer>0.0000001</answer>"),
+    (1e-07, "<answer>10^{-7}</answer>"),
+    (1e16, "<answer>10000000000000000</answer>"),
+    (2.5e-05, "\\boxed{0.000025}"),
+    # A one-word gold is a word, compared case-folded (math-verify's product E*e*n*v was not
+    # e*e*n*v).
+    ("Paris", "<answer>PARIS</answer>"),
+    ("Even", "<answer>\\text{even}.</answer>"),
+    ("true", "<answer>True</answer>"),
+    ("Yes", "<answer>The answer is yes.</answer>"),
+    ("infinity", "<answer>\\infty</answer>"),  # (notation still goes to math-verify)
+    # Unicode maths signs
+    ("2\\sqrt3", "<answer>2√3</answer>"),
+    ("\\sqrt{x+1}", "<answer>√(x+1)</answer>"),
+    ("12", "<answer>3·4</answer>"),
+    ("12", "<answer>3×4</answer>"),
+    ("\\frac12", "<answer>½</answer>"),
+    ("2.5", "<answer>2½</answer>"),
+    ("(-\\infty, 2)", "<answer>(-∞, 2)</answer>"),
+    ("x \\ge 3", "<answer>x ≥ 3</answer>"),
+    ("-5", "<answer>−5</answer>"),
 ]
 DIFFERENT = [
     ("\\frac{3}{4}", "<answer>0.7</answer>"),
@@ -211,6 +238,17 @@ DIFFERENT = [
     ("B", "<answer>not B</answer>"),  # a negated choice is not that choice
     ("A", "<answer>except (A)</answer>"),
     ("1\\,000", "<answer>0</answer>"),  # a thin-space-grouped number is not a product
+    ("6", "<answer>\\(x=5\\) or \\(x=6\\)</answer>"),  # (a hedge however delimited)
+    ("6", "<answer>\\[x=5\\] or \\[x=6\\]</answer>"),
+    # A one-word gold is not a product of letters, which an anagram equals.
+    ("listen", "<answer>silent</answer>"),
+    ("No", "<answer>On</answer>"),
+    ("abc", "<answer>cba</answer>"),
+    # Words in \\text{} that change the value are no unit (they were dropped as one).
+    ("5", "\\boxed{5\\text{ thousand}}"),
+    ("5", "\\boxed{5\\text{ squared}}"),
+    ("5", "\\boxed{5\\text{ or more}}"),
+    ("5", "<answer>5 \\text{at least}</answer>"),
 ]
 
 
@@ -281,6 +319,15 @@ def test_a_parse_that_ran_out_of_time_is_not_remembered(monkeypatch):
     gold, answer = "\\frac{3}{17}", ["<answer>3/17</answer>"]
     assert accuracy_reward(answer, solution=[gold]) == [0.0]  # (the loaded moment)
     assert timed_out and accuracy_reward(answer, solution=[gold]) == [1.0]
+
+
+def test_a_float_solution_is_its_digits():
+    """A float solution was its repr ("1e-07": 1 - 7 + e to math-verify); a numpy float is its own
+    shortest digits, a bool is a word, and NaN is still no solution."""
+    golds = [np.float32(1e-07), np.float32(0.1), 3.0, True, float("nan")]
+    answers = ["0.0000001", "0.1", "3", "true", "nan"]
+    texts = [f"<answer>{a}</answer>" for a in answers]
+    assert accuracy_reward(texts, solution=golds) == [1.0, 1.0, 1.0, 1.0, None]
 
 
 @pytest.mark.parametrize("gold,completion", DIFFERENT)

@@ -23,7 +23,9 @@ Owns ``accuracy_reward`` and the answer extraction it relies on (``extract_answe
   (``B``, ``(B)``, ``\\text{(B)}``, ``B) 42``, ``B because``), else the last bracketed one, else
   the last after "answer"/"option"/"choice", else the one capital standing alone ("A" and "I"
   as English words do not count).
-- **Gold that math-verify cannot parse** (e.g. a word) is compared as text: case-folded, with
+- **A one-word gold** (``Even``, ``Paris``; two letters or more) against a one-word answer is
+  compared as text, case-folded (to math-verify a word is a product of letters, which an anagram
+  equals). **Gold that math-verify cannot parse** is compared as text too: case-folded, with
   whitespace, ``$`` and ``\\text{}`` removed. An empty or missing solution gives ``None`` ("not
   applicable"), which the composition skips.
 - **Timeouts.** math-verify bounds each parse/verify with ``signal.alarm``, which only works in a
@@ -48,6 +50,7 @@ from collections.abc import Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+import numpy as np
 from math_verify import (
     ExprExtractionConfig,
     LatexExtractionConfig,
@@ -264,13 +267,38 @@ _NEGATED = re.compile(  # a negation just before a chosen letter ("not B", "exce
 )
 
 
+# Unicode maths signs math-verify does not read (it reads −, ×, ⋅, ÷, ≤, ≥, ≠ and π itself).
+_UNICODE_MATH = {
+    "°": "^\\circ",
+    "∞": "\\infty ",
+    "·": "\\cdot ",
+    "½": "\\frac{1}{2}",
+    "¼": "\\frac{1}{4}",
+    "¾": "\\frac{3}{4}",
+    "⅓": "\\frac{1}{3}",
+    "⅔": "\\frac{2}{3}",
+}
+_UNICODE_MATH_SIGN = re.compile("|".join(_UNICODE_MATH))
+# √ and what it covers: a number, a {group}, a (group) (one level of nesting), or one letter.
+_ROOT = re.compile(r"√\s*(\d+(?:\.\d+)?|\{[^{}]*\}|\(((?:[^()]|\([^()]*\))*)\)|[A-Za-z])?")
+
+
+def _root(m: re.Match) -> str:
+    radicand = m.group(2) if m.group(2) is not None else m.group(1)
+    if radicand is None:
+        return "\\sqrt"  # ("√\\pi": LaTeX takes the next token)
+    return "\\sqrt{" + radicand.removeprefix("{").removesuffix("}") + "}"
+
+
 def _strip_delimiters(s: str) -> str:
     s = _SPACE_GROUPED.sub(lambda m: re.sub(r"\D", "", m.group()), s.strip())
-    s = s.replace("°", "^\\circ")  # (math-verify reads the LaTeX degree, not the sign)
+    s = _UNICODE_MATH_SIGN.sub(lambda m: _UNICODE_MATH[m.group()], s)
+    s = _ROOT.sub(_root, s)
     for left, right in (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$")):
         if s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right):
             inner = s[len(left) : len(s) - len(right)]
-            if "$" not in inner:
+            # ("\\(5\\) and \\(6\\)" is two values, not one "5\\) and \\(6")
+            if not any(d in inner for d in ({left, right} if left[0] == "\\" else {"$"})):
                 return inner.strip()
     for mark in ("**", "__"):  # Markdown emphasis around the whole answer
         if s.startswith(mark) and s.endswith(mark) and len(s) > 2 * len(mark):
@@ -288,9 +316,16 @@ def _is_word(token: str) -> bool:
     return bool(_WORD_TOKEN.fullmatch(token)) and token.rstrip(".,:;!?").lower() not in _MATH_WORDS
 
 
+def _changes_value(text: str) -> bool:
+    return any(w in _NOT_UNITS for w in re.findall(r"[a-z]+", text.lower()))
+
+
 def _without_words(s: str) -> tuple[str, bool]:
     """(the answer without its lead-in and unit words, whether other words remain)."""
-    s = _UNIT_TEXT.sub(" ", _PERCENT.sub(r"\\%", _INFINITY.sub(r"\\infty", s)))
+    s = _PERCENT.sub(r"\\%", _INFINITY.sub(r"\\infty", s))
+    # \\text{ thousand}, \\text{ or more}: words that change the value, not a unit to drop
+    s = _TEXT_WORDS.sub(lambda m: f" {m.group(1)} " if _changes_value(m.group(1)) else m.group(), s)
+    s = _UNIT_TEXT.sub(" ", s)
     if _BRACKETED_ALTERNATIVE.search(_TEXT_WORDS.sub(lambda m: f" {m.group(1)} ", s)):
         return s.strip(), True  # (the words \\text{} holds, read as words only for this test)
     if len(s.split()) < 2:
@@ -356,6 +391,17 @@ def _hedged(s: str, spans: list[re.Match]) -> bool:
             if len(between.split()) <= 3 and _HEDGE_BETWEEN.search(between):
                 return True
     return False
+
+
+_WORD = re.compile(r"[A-Za-z]{2,}")
+
+
+def _word(s: str) -> str | None:
+    """`s` case-folded if it is one word (2+ letters; in \\text{}, $…$, **…**, with punctuation
+    around it), else None."""
+    s = _TEXT_WORDS.sub(r"\1", _LATEX_WRAPPER.sub(r"\1", _LATEX_WRAPPER.sub(r"\1", s)))
+    s = _strip_delimiters(s).strip(" .,;:!?\"'*_")
+    return s.casefold() if _WORD.fullmatch(s) else None
 
 
 def _plain(s: str) -> str:
@@ -424,6 +470,14 @@ def _match_here(gold: str, predicted: str) -> bool:
     letter = _LETTER_GOLD.match(gold)
     if letter:
         return _letter(predicted) == letter.group(1)
+    # A one-word gold ("Even", "Paris") is a word, not a product of symbols (to math-verify PARIS
+    # was not Paris, and "silent" was "listen"); an answer in notation ("a*b*c" for "abc",
+    # "\\infty" for "infinity") still goes to math-verify.
+    gold_word = _word(gold)
+    if gold_word is not None:
+        predicted_word = _word(predicted[_LEAD_IN.match(predicted).end() :])
+        if predicted_word is not None:
+            return gold_word == predicted_word
     gold_parsed = _parsed(gold)
     if not gold_parsed:
         return bool(gold) and _plain(gold) == _plain(predicted)
@@ -465,5 +519,15 @@ def accuracy_reward(completions: Sequence[Any], **columns: Any) -> list[float | 
         if answer is None or not answer.strip() or len(answer) > MAX_ANSWER_CHARS:
             rewards.append(0.0)
             continue
-        rewards.append(1.0 if answers_match(str(solution), answer) else 0.0)
+        rewards.append(1.0 if answers_match(_solution_text(solution), answer) else 0.0)
     return rewards
+
+
+def _solution_text(solution: Any) -> str:
+    """A solution cell as text; a float positionally (its repr "1e-07" is 1 - 7 + e to
+    math-verify, e being Euler's number)."""
+    if not isinstance(solution, float | np.floating) or not np.isfinite(solution):
+        return str(solution)  # (a bool is no float: True stays "True")
+    if solution.is_integer():
+        return str(int(solution))
+    return np.format_float_positional(solution, trim="-")
