@@ -2126,6 +2126,11 @@ def test_pipeline_refuses_settings_no_stage_would_use():
 def test_pipeline_checks_every_section_before_the_first_stage():
     config = sh.load_config("pipeline:smoke")
     pipeline.validate(config)
+    with config.unlocked():  # (a --config file's misspelt switch did nothing)
+        config.match_distil_compute = True
+    with pytest.raises(common.ConfigError, match=r"match_distil_compute \(did you mean match_di"):
+        common.validate(config, "pipeline")
+    del config["match_distil_compute"]
     config.r1.rl.loss_type = "foo"  # the ninth stage's
     with pytest.raises(common.ConfigError, match=r"^r1 \(--stage=rl\): .*loss_type"):
         pipeline.validate(config)

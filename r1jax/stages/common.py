@@ -142,6 +142,15 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
             + (f" but for --stage={other}" if other else "")
             + "; use configs/pipeline.py or pass the stage the config is for"
         )
+    if stage == "pipeline":  # (its sections are checked as their stages; here its own fields)
+        import difflib
+
+        known = default_config("pipeline").keys()
+        for key in config.keys():
+            if key not in known:
+                close = difflib.get_close_matches(key, list(known), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ConfigError(f"unknown field {key}{hint} in the pipeline config")
     if stage != "pipeline":  # --config of another stage (its own section names it)
         other = next((s for s in own if s != stage and s in config), None)
         if "r1_zero" in config:
