@@ -169,9 +169,19 @@ def informative_groups(rewards: np.ndarray, group_size: int) -> np.ndarray:
     return np.nan_to_num(spread) > 0
 
 
-@functools.partial(jax.jit, static_argnames="shardings")
-def _take_rows(draws: tuple, rows: jax.Array, shardings: tuple):
-    """`rows` of the concatenated `draws`, each leaf laid out as `shardings` (draws[0]'s)."""
+@functools.partial(jax.jit, static_argnames=("shardings", "pad_token_id"))
+def _take_rows(draws: tuple, rows: jax.Array, shardings: tuple, pad_token_id: int):
+    """`rows` of the concatenated `draws`, each leaf laid out as `shardings`. The draws' prompts
+    (left-padded to their own bucket) are padded on the left to the widest first."""
+    width = max(d.prompt_ids.shape[1] for d in draws)
+
+    def widen(x, value):
+        return jnp.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=value)
+
+    draws = [
+        d.replace(prompt_ids=widen(d.prompt_ids, pad_token_id), prompt_mask=widen(d.prompt_mask, 0))
+        for d in draws
+    ]
     taken = jax.tree.leaves(jax.tree.map(lambda *xs: jnp.concatenate(xs)[rows], *draws))
     laid_out = map(jax.lax.with_sharding_constraint, taken, shardings)
     return jax.tree.unflatten(jax.tree.structure(draws[0]), list(laid_out))
@@ -182,17 +192,21 @@ def select_groups(
 ) -> Rollouts:
     """One batch of the groups `picks` ((draw, group) pairs, in order) of several `Rollouts`.
 
-    The rows come out sharded as `draws[0]`'s; with `scale_rewards="batch"` the advantages are
+    The rows come out sharded as `draws[0]`'s, the prompts left-padded to the widest prompt
+    bucket among the draws picked from; with `scale_rewards="batch"` the advantages are
     computed again over the new batch (a group's own scale does not depend on the others). One
-    compiled gather per number of draws.
+    compiled gather per number of draws and prompt widths.
     """
     G = cfg.num_generations
     B = draws[0].rewards.shape[0]
     if len(picks) * G != B:
         raise ValueError(f"need {B // G} groups to fill a batch of {B} rows, got {len(picks)}")
-    rows = np.array([d * B + g * G + j for d, g in picks for j in range(G)], np.int32)
+    used = sorted({d for d, _ in picks})  # (a draw none is picked from is not gathered)
+    draws = [draws[d] for d in used]
+    rows = np.array([used.index(d) * B + g * G + j for d, g in picks for j in range(G)], np.int32)
+    # (each leaf as draws[0]'s: with the prompts of another bucket, the same spec)
     shardings = tuple(x.sharding for x in jax.tree.leaves(draws[0]))
-    out = _take_rows(tuple(draws), rows, shardings)
+    out = _take_rows(tuple(draws), rows, shardings, cfg.pad_token_id)
     if cfg.scale_rewards == "batch":
         advantages = group_advantages(out.rewards, G, "batch")
         out = out.replace(advantages=jax.device_put(advantages, out.advantages.sharding))

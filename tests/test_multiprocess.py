@@ -90,6 +90,24 @@ def test_two_processes_match_one_process(toy, tmp_path_factory, tmp_path):
         assert json.load(f)["rl"]["steps"] == sh.RL_STEPS
 
 
+def test_two_processes_sample_dynamically_like_one_process(toy, tmp_path):
+    """DAPO's dynamic sampling keeps groups by their rewards, read from rollouts split over the
+    processes, and gathers the kept rows across them: every process must keep the same ones."""
+    from r1jax.stages import common
+
+    overrides = {**sh.RL_OVERRIDES, "rl.dynamic_sampling": True, "rl.max_sampling_rounds": 3}
+    config = sh.set_fields(sh.load_config("rl"), overrides)
+    common.validate(config, "rl")
+    common.run_stage("rl", config, str(tmp_path / "one"))  # 1 process x 8 devices
+    rounds = [r["dynamic_sampling/rounds"] for r in sh.metric_rows(str(tmp_path / "one"))[1:]]
+    assert max(rounds) > 1, rounds  # (some step drew more batches: the gather ran)
+    workdir = tmp_path / "two"
+    args = ["--stage=rl", f"--workdir={workdir}"]
+    args += sh.cli_overrides({**overrides, "mesh.data": 2, "mesh.fsdp": 4})
+    _run_two_processes(args, toy[0], tmp_path)
+    _assert_same_run(str(workdir), str(tmp_path / "one"))
+
+
 def test_two_processes_pretrain_like_one_process(toy, tmp_path):
     """Pretraining, its tag-copy checks (the rows sharded over both processes) and the restart
     they decide included, gives one process's weights, metrics and restart record."""

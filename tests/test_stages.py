@@ -848,7 +848,7 @@ def test_sft_trains_every_assistant_turn_after_the_turns_before_it(toy, tmp_path
         {"role": "assistant", "content": f"<think>\nstep {i}\n</think>\n<answer>{a}</answer>"}
         for i, a in enumerate(("5", "20", "19"))
     ]
-    tool = {"role": "assistant", "content": ""}  # (a tool call's turn: no text to learn)
+    tool = {"role": "assistant", "content": "\n"}  # (a tool call's turn: no text to learn)
     conversation = [user[0], said[0], user[1], said[1], user[2], tool, user[3], said[2]]
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"messages": conversation}) + "\n")
@@ -908,13 +908,15 @@ def test_sft_completions_saved_with_their_special_tokens(toy, tmp_path, caplog):
     config.sft.source, config.sft.template = str(path), "chat"
     with caplog.at_level(logging.INFO, logger="r1jax"):
         pairs = sft_stage.load_pairs(config, tokenizer)
-    assert [c for _, c, _ in pairs] == [answer] * 4 + ["a <|im_start|>user b"]
+    # (row 2's first answer is row 0's example: trained once)
+    assert [c for _, c, _ in pairs] == [answer] * 3 + ["a <|im_start|>user b"]
     assert {e for _, _, e in pairs} == {"<|im_end|>"}  # (the token appended in their place)
     assert "sft: 2 completions ended with their end-of-turn text written out" in caplog.text
-    assert "1 of 5 completions hold a special token's text" in caplog.text
+    assert "1 of 4 completions hold a special token's text" in caplog.text
     assert "exported.jsonl:4" in caplog.text
     assert "sft: 1 rows have assistant turns before their last" in caplog.text
-    assert [p.count("<|im_start|>user") for p, _, _ in pairs] == [1, 1, 1, 2, 1]
+    assert [p.count("<|im_start|>user") for p, _, _ in pairs] == [1, 1, 2, 1]
+    assert "1 are examples already (rows of their own)" in caplog.text
     # The R1-Zero template ends with the EOS: its text written out is dropped alike.
     path.write_text(json.dumps({"prompt": "2+2?", "completion": answer + " <|endoftext|> "}))
     config.sft.template = "r1_zero"
@@ -1004,8 +1006,9 @@ def test_sft_chat_rows_follow_the_template_rl_samples_with(toy, tmp_path):
     assert pairs[0] == (templates.r1_zero_prompt("What is 2 + 2?"), answer["content"], "")
     # A conversation has no R1-Zero form: the chat template, its own system message kept.
     assert pairs[1][0].startswith("<|im_start|>system\nBe brief.<|im_end|>")
-    # (its earlier answer trains after its one question, in the R1-Zero template)
-    assert pairs[2] == (templates.r1_zero_prompt("What is 2 + 2?"), "4", "")
+    # (its earlier answer trains after its one question, in the chat template as the rest of its
+    # conversation: not in two formats)
+    assert pairs[2] == (templates.chat_prompt(tokenizer, "What is 2 + 2?"), "4", "<|im_end|>")
     assert pairs[3][0].count("<|im_start|>user") == 2
     config.sft.template, config.sft.system_prompt, config.sft.prefill_think = "chat", "r1", True
     common.validate(config, "sft")
@@ -2321,12 +2324,13 @@ def test_dynamic_sampling_fills_the_batch_with_groups_whose_rewards_differ():
     ]
     rounds_run = []
 
-    def rollout(d):
+    def rollout(d):  # (round d's prompts in a bucket of T + d tokens: a width of their own)
         rounds_run.append(d)
         rewards = jnp.asarray(np.concatenate(rewards_of[d]), jnp.float32)
         ids = np.arange(P * G * T, dtype=np.int32).reshape(P * G, T) + 1000 * d
+        prompts = np.pad(ids, ((0, 0), (d, 0)), constant_values=-1)
         batch = grpo.Rollouts(
-            prompt_ids=jnp.asarray(ids), prompt_mask=jnp.ones((P * G, T), jnp.int32),
+            prompt_ids=jnp.asarray(prompts), prompt_mask=jnp.asarray(prompts >= 0, jnp.int32),
             completion_ids=jnp.asarray(ids + 500), completion_mask=jnp.ones_like(ids),
             advantages=grpo.group_advantages(rewards, G, scale),
             rewards=rewards, per_reward=rewards[:, None], truncated=jnp.zeros(P * G, bool),
@@ -2341,7 +2345,11 @@ def test_dynamic_sampling_fills_the_batch_with_groups_whose_rewards_differ():
         assert rounds == 3 and rounds_run == [0, 1, 2]  # 1 + 2 + 4 groups that differ
         picks = [(0, 1), (1, 0), (1, 2), (2, 0)]
         rows = [1000 * d + (g * G + j) * T for d, g in picks for j in range(G)]
-        assert np.asarray(batch.prompt_ids)[:, 0].tolist() == rows
+        # The prompts left-padded to the widest bucket picked from (their concatenation failed).
+        prompt_ids, prompt_mask = np.asarray(batch.prompt_ids), np.asarray(batch.prompt_mask)
+        assert prompt_ids.shape == (P * G, T + 2) and prompt_mask.sum(-1).tolist() == [T] * 8
+        assert prompt_ids[prompt_mask == 1].reshape(-1, T)[:, 0].tolist() == rows
+        assert set(prompt_ids[prompt_mask == 0].tolist()) == {cfg.pad_token_id, -1}
         assert np.asarray(batch.completion_ids)[:, 0].tolist() == [r + 500 for r in rows]
         want = np.concatenate([rewards_of[d][g] for d, g in picks])
         np.testing.assert_array_equal(np.asarray(batch.rewards), want)
@@ -2711,6 +2719,11 @@ def test_code_rows_vote_on_the_program_the_tests_ran():
     assert answers[0] == "print(1)\n"
     assert score_prompt(answers, [True, True, False])["cons@3"] == 1.0
     assert voted_answer("<answer>\\boxed{7}</answer>", "math", None) == "7"
+    # Programs vote as their text, the passing ones too: two different passing programs
+    # against three copies of a failing one lose (they were one answer, as graded: cons@k was
+    # "two pass").
+    programs = ["print(1)", "print(0 + 1)", "print(2)", "print(2)", "print(2)"]
+    assert score_prompt(programs, [True, True, False, False, False])["cons@5"] == 0.0
 
 
 def test_answers_too_long_to_grade_are_not_compared_for_the_vote(monkeypatch):

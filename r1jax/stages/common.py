@@ -1435,23 +1435,31 @@ def prompt_batches(batches: Sequence[Sequence[int]], *, desc: str, progress: boo
 
 
 def render_turns(
-    turns: list[dict], section, name: str, tokenizer, *, system: str | None, where: str
+    turns: list[dict],
+    section,
+    name: str,
+    tokenizer,
+    *,
+    system: str | None,
+    where: str,
+    template: str | None = None,
 ) -> str:
-    """`templates.turns_prompt` for a row of the `name` config section (its template and
-    prefill_think), its errors named: a template the tokenizer lacks or refuses by the section's
-    field, a conversation that needs the chat template by the row (`where`)."""
+    """`templates.turns_prompt` for a row of the `name` config section (its template, or
+    `template`, and its prefill_think), its errors named: a template the tokenizer lacks or
+    refuses by the section's field, a conversation that needs the chat template by the row
+    (`where`)."""
     from r1jax.data import templates
 
     try:
         return templates.turns_prompt(
             turns,
-            section.template,
+            template or section.template,
             tokenizer=tokenizer,
             system=system,
             prefill_think=section.get("prefill_think", False),
         )
     except Exception as e:  # no chat template, or one that refuses these turns
-        if not templates.is_conversation(turns):
+        if not templates.is_conversation(turns) and template is None:
             raise ConfigError(f"{name}.template={section.template!r}: {e}") from None
         raise ConfigError(
             f"{where}: a conversation of {len(turns)} turns before the answer needs "

@@ -103,9 +103,10 @@ def score_prompt(
     """pass@1, pass@k and cons@k for one prompt's k graded samples (`same`: see
     `majority_vote`). `correct`: per sample a bool, or a grade (1.0 = correct; NaN = unscored,
     counted wrong, and in the vote graded as the first scored sample with the same answer, or
-    one `same` deems it, is, so that it cannot split its answer's votes). The answers graded
-    correct are one answer, the reference's, and vote together however they are written
-    ("Option B", "\\text{B}" and "B) 42" for "B": `same` need not see it, nor be asked)."""
+    one `same` deems it, is, so that it cannot split its answer's votes). With `same`, the
+    answers graded correct are one answer, the reference's, and vote together however they are
+    written ("Option B", "\\text{B}" and "B) 42" for "B": `same` need not see it, nor be asked);
+    without it (code) every answer votes as its text, or the passing programs alone would."""
     k = len(correct)
     if k == 0 or len(answers) != k:
         raise ValueError("need one answer and one correctness flag per sample")
@@ -129,8 +130,10 @@ def score_prompt(
         for key, r in zip(keys, right, strict=True)
     ]
     c = sum(right)
-    reference = next((key for key, label in zip(keys, labels, strict=True) if label), None)
-    voted = [reference if label else a for a, label in zip(answers, labels, strict=True)]
+    voted = answers
+    if same is not None:  # (code: programs vote as their text, the right and the wrong alike)
+        reference = next((key for key, label in zip(keys, labels, strict=True) if label), None)
+        voted = [reference if label else a for a, label in zip(answers, labels, strict=True)]
     winner = majority_vote(voted, same, labels=labels)
     return {
         "pass@1": c / k,

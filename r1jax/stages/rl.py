@@ -188,7 +188,8 @@ def validate(config) -> None:
         )
     if r.beta > 0 and r.ref_model and not os.path.isdir(os.path.expanduser(r.ref_model)):
         raise common.ConfigError(f"rl.ref_model {r.ref_model!r} is not a folder")
-    if not isinstance(r.get("max_sampling_rounds", 1), int) or r.get("max_sampling_rounds", 1) < 1:
+    rounds = r.get("max_sampling_rounds", 1)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise common.ConfigError(
             f"rl.max_sampling_rounds must be an integer >= 1, got {r.max_sampling_rounds!r}"
         )

@@ -90,6 +90,7 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
     controls = toks.control_texts(tokenizer) if tokenizer is not None else []
     written_ends, spelled = 0, []  # completions that ended with end text; that hold such text
     context_answers, earlier_trained, earlier_empty = 0, 0, 0  # (assistant turns before answers)
+    made, repeated = [], 0  # ((prompt, completion, end), from an earlier turn); their repeats
     every_turn = s.get("turns", "all") == "all"
     for i, row in enumerate(rows):
         where = f"{section}.source {row.get('where') or f'{s.source}, row {i}'}"
@@ -108,18 +109,21 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
         earlier = [j for j, t in enumerate(turns) if t.get("role") == "assistant"]
         context_answers += bool(earlier)
         if every_turn:  # each earlier answer after its own context, as the model would see it
-            with_text = [j for j in earlier if turns[j].get("content") not in (None, "")]
+            with_text = [j for j in earlier if _has_text(turns[j].get("content"))]
             earlier_empty += len(earlier) - len(with_text)  # (e.g. a tool call: context only)
-            earlier_trained += len(with_text)
             answers[:0] = [
                 (turns[:j], turns[j]["content"], f"{where}, turn {j + 1}") for j in with_text
             ]
+        # One question in the template RL samples with (so SFT and RL see the same prompt); a
+        # conversation, which has no R1-Zero or plain form, by the model's chat template, its
+        # first answer too (one conversation is not trained in two formats).
+        conversation = templates.is_conversation(turns)
         for context, text, at in answers:
-            # One question in the template RL samples with (so SFT and RL see the same prompt);
-            # a conversation, which has no R1-Zero or plain form, by the model's chat template.
-            conversation = templates.is_conversation(context)
             conversations += conversation
-            prompt = common.render_turns(context, s, section, tokenizer, system=system, where=at)
+            prompt = common.render_turns(
+                context, s, section, tokenizer, system=system, where=at,
+                template="chat" if conversation else None,
+            )  # fmt: skip
             end = chat_end if conversation or s.template == "chat" else ""
             if isinstance(text, str):
                 text = _without_opened_think(prompt, text)
@@ -133,16 +137,27 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
                     f"{at}: the completion must be non-empty text (after the think tag its "
                     f"prompt opened, if any), got {text!r:.80}"
                 )
-            pairs.append((prompt, text, end))
+            made.append(((prompt, text, end), at != where))
+    # An earlier answer that is also an example of its own (a file holding each turn of a
+    # conversation as a row, as `turns='last'` needed) trains once, not once per longer row.
+    answered, seen = {pair for pair, earlier in made if not earlier}, set()
+    for pair, earlier in made:
+        if earlier and (pair in answered or pair in seen):
+            repeated += 1
+            continue
+        seen.add(pair)
+        pairs.append(pair)
+        earlier_trained += earlier
     common.log_conversations(conversations, len(pairs), section, s.template)
     if context_answers and every_turn:
         log.info(
             "%s: %d rows have assistant turns before their last: %d of those turns train as "
-            "examples of their own (after the turns before them)%s; %d examples in all",
+            "examples of their own (after the turns before them)%s%s; %d examples in all",
             section,
             context_answers,
             earlier_trained,
             f", {earlier_empty} without text are context only" if earlier_empty else "",
+            f", {repeated} are examples already (rows of their own)" if repeated else "",
             len(pairs),
         )
     elif context_answers:
@@ -172,6 +187,10 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
             spelled[0],
         )
     return pairs
+
+
+def _has_text(content) -> bool:
+    return not isinstance(content, str) or bool(content.strip())  # (not text: refused below)
 
 
 def _without_end_text(completion: str, ends) -> str:
