@@ -126,6 +126,9 @@ EQUIVALENT = [  # (gold, completion): same answer written differently
     ("1, 2", "<answer>1 and 2</answer>"),
     ("2ab", "<answer>2ab</answer>"),  # a product of variables is not a word
     ("abc", "<answer>a*b*c</answer>"),  # (a one-word gold in notation is still a product)
+    ("xy", "<answer>yx</answer>"),  # (no vowel: a product, not a word)
+    ("ABD", "<answer>BAD</answer>"),  # (capitals of the first letters: a multiple-choice set)
+    ("24", "<answer>24\\text{ units squared}</answer>"),  # (the unit first: "squared" is its)
     ("\\frac{xyz}{2}", "<answer>xyz/2</answer>"),
     ("12\\pi", "<answer>12\\pi square units</answer>"),  # a unit after a LaTeX value
     ("12\\pi", "<answer>12\\pi \\text{square units}</answer>"),
@@ -324,10 +327,10 @@ def test_a_parse_that_ran_out_of_time_is_not_remembered(monkeypatch):
 def test_a_float_solution_is_its_digits():
     """A float solution was its repr ("1e-07": 1 - 7 + e to math-verify); a numpy float is its own
     shortest digits, a bool is a word, and NaN is still no solution."""
-    golds = [np.float32(1e-07), np.float32(0.1), 3.0, True, float("nan")]
-    answers = ["0.0000001", "0.1", "3", "true", "nan"]
-    texts = [f"<answer>{a}</answer>" for a in answers]
-    assert accuracy_reward(texts, solution=golds) == [1.0, 1.0, 1.0, 1.0, None]
+    golds = [np.float32(1e-07), np.float32(0.1), 3.0, True, float("nan"), 1e23]
+    answers = ["0.0000001", "0.1", "3", "true", "nan", "100000000000000000000000"]
+    texts = [f"<answer>{a}</answer>" for a in answers]  # (int(1e23) is 99999999999999991611392)
+    assert accuracy_reward(texts, solution=golds) == [1.0, 1.0, 1.0, 1.0, None, 1.0]
 
 
 @pytest.mark.parametrize("gold,completion", DIFFERENT)
@@ -637,11 +640,11 @@ def test_extract_code_and_output_matching():
     assert outputs_match("0.50 x 3", "0.5 x 3", 1e-6) and outputs_match("1e-7", "0.0", 1e-6)
     assert outputs_match("1000000.9", "1e6", 1e-6) and outputs_match("2.0000009", "2.0", 1e-6)
     assert not outputs_match("2.000003", "2.", 1e-6) and not outputs_match("0.5 y", "0.5 x", 1e-6)
-    # ... where the expected number is written as one: an integer is matched by its value only
-    # (a tolerance took 999999937 for 10^9, an answer mod 10^9 + 7 off by 63).
+    # ... but two integers only when equal (a tolerance took 999999937 for 10^9, an answer mod
+    # 10^9 + 7 off by 63).
     assert not outputs_match("1000000000", "999999937", 1e-6)
-    assert not outputs_match("2.0000009", "2", 1e-6) and not outputs_match("1e-7", "0", 1e-6)
-    assert outputs_match("5.0 1e9 -0", "5 1000000000 0", 1e-6)
+    assert outputs_match("2.0000009", "2", 1e-6) and outputs_match("1e-7", "0", 1e-6)
+    assert outputs_match("5.0 1e9 -0", "5 1000000000 0", 1e-6)  # (a real written for one)
     assert not outputs_match("1.0000011e6", "1e6", 1e-6) and outputs_match(
         "-.5", "-0.5000001", 1e-6
     )

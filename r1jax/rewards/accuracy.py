@@ -317,7 +317,12 @@ def _is_word(token: str) -> bool:
 
 
 def _changes_value(text: str) -> bool:
-    return any(w in _NOT_UNITS for w in re.findall(r"[a-z]+", text.lower()))
+    """Whether \\text{`text`} after a value changes it ("thousand", "or more", "at least"),
+    rather than naming its unit ("units squared", "feet squared": the unit comes first)."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return bool(words) and (
+        words[0] in _NOT_UNITS or words[:2] in (["at", "least"], ["at", "most"])
+    )
 
 
 def _without_words(s: str) -> tuple[str, bool]:
@@ -394,6 +399,7 @@ def _hedged(s: str, spans: list[re.Match]) -> bool:
 
 
 _WORD = re.compile(r"[A-Za-z]{2,}")
+_CHOICE_SET = re.compile(r"\s*[A-J]{2,5}\s*$")
 
 
 def _word(s: str) -> str | None:
@@ -474,7 +480,9 @@ def _match_here(gold: str, predicted: str) -> bool:
     # was not Paris, and "silent" was "listen"); an answer in notation ("a*b*c" for "abc",
     # "\\infty" for "infinity") still goes to math-verify.
     gold_word = _word(gold)
-    if gold_word is not None:
+    # (not a product of symbols, "xy" = "yx", nor a multiple-choice set, "ABD" = "BAD": a word
+    # has a vowel, and a set is capitals of the first letters)
+    if gold_word is not None and re.search("[aeiou]", gold_word) and not _CHOICE_SET.match(gold):
         predicted_word = _word(predicted[_LEAD_IN.match(predicted).end() :])
         if predicted_word is not None:
             return gold_word == predicted_word
@@ -524,10 +532,8 @@ def accuracy_reward(completions: Sequence[Any], **columns: Any) -> list[float | 
 
 
 def _solution_text(solution: Any) -> str:
-    """A solution cell as text; a float positionally (its repr "1e-07" is 1 - 7 + e to
-    math-verify, e being Euler's number)."""
+    """A solution cell as text; a float positionally, in its shortest digits (its repr "1e-07"
+    is 1 - 7 + e to math-verify, e being Euler's number; int(1e23) is 99999999999999991611392)."""
     if not isinstance(solution, float | np.floating) or not np.isfinite(solution):
         return str(solution)  # (a bool is no float: True stays "True")
-    if solution.is_integer():
-        return str(int(solution))
     return np.format_float_positional(solution, trim="-")

@@ -18,10 +18,9 @@ Owns ``code_reward``, ``extract_code`` and ``outputs_match``. Notable choices:
   output's tokens: the same words in the same order, however spaces, tabs and line breaks
   separate them (Codeforces' default checker; numbers are compared as text, "0.50" is not
   "0.5"). With the sandbox option ``float_tolerance=eps``, a token that differs still matches
-  when both are decimal numbers and, where the expected one is written as a real number (with a
-  point or an exponent), within an absolute *or* relative error of eps (the judges' checker for
-  real-valued answers, typically 1e-6), where it is an integer, of the same value exactly ("5.0"
-  for "5"; a tolerance there would take 999999937 for 1000000000, an answer mod 1e9+7 off by
+  when both are decimal numbers within an absolute *or* relative error of eps (the judges'
+  checker for real-valued answers, typically 1e-6; "1.9999999" for "2"), but two integers only
+  when equal (a tolerance there would take 999999937 for 1000000000, an answer mod 1e9+7 off by
   63). "inf", "nan" and hex never count as numbers. Output is decoded as UTF-8 with
   replacement, so invalid bytes simply fail to match.
 - **Reward** = passed / number of tests. Every test runs in a fresh sandbox (``sandbox.py``), so
@@ -84,10 +83,10 @@ def outputs_match(actual: str, expected: str, float_tolerance: float = 0.0) -> b
 
 def _close(got: bytes, want: bytes, tolerance: float) -> bool:
     """Both decimal numbers, |got - want| <= tolerance * max(1, |want|) (absolute or relative),
-    or the same value exactly when `want` is an integer."""
+    or the same value exactly when both are written as integers."""
     if not (_DECIMAL.fullmatch(got) and _DECIMAL.fullmatch(want)):
         return False
-    if not any(c in want for c in b".eE"):  # (exact, as decimals: "5.0" and "1e9" are integers)
+    if not any(c in x for c in b".eE" for x in (got, want)):  # two integers: their values alone
         return decimal.Decimal(got.decode()) == decimal.Decimal(want.decode())
     g, w = float(got), float(want)  # (a huge exponent is inf: equal only to the same inf)
     if math.isinf(g) or math.isinf(w):

@@ -118,8 +118,7 @@ class SandboxConfig:
     hang_budget_s: float = 30.0
     # How the code reward compares a number in the output with the expected one: 0 = as text
     # ("0.50" is not "0.5"); eps > 0 = within an absolute or relative error of eps (the judges'
-    # checker for real-valued answers, typically 1e-6) where the expected number is written as
-    # a real (a point or an exponent), the same value where it is an integer.
+    # checker for real-valued answers, typically 1e-6); two integers must be equal.
     float_tolerance: float = 0.0
     cpu_time_s: int | None = None  # RLIMIT_CPU per process; None = ceil(timeout_s)
     memory_bytes: int = 512 * _MiB  # RLIMIT_AS (address space) per process; x max_processes per run
