@@ -323,8 +323,20 @@ def _config_spec(argv: list[str]) -> str | None:
 
 
 def _override_keys(argv: list[str]) -> list[str]:
-    """The fields the command line sets: "--config.log.every=5" -> "log.every"."""
-    return [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    """The fields the command line sets: "--config.log.every=5" -> "log.every" (also "-config.",
+    a boolean's "--noconfig.", and the lines of a --flagfile)."""
+    keys = []
+    for arg in argv:
+        if arg.startswith("--flagfile="):
+            try:
+                with open(os.path.expanduser(arg.split("=", 1)[1])) as f:
+                    keys += _override_keys([line.strip() for line in f])
+            except OSError:
+                continue  # absl names the missing file
+        for prefix in ("--config.", "-config.", "--noconfig.", "-noconfig."):
+            if arg.startswith(prefix):
+                keys.append(arg[len(prefix) :].split("=", 1)[0])
+    return keys
 
 
 def _unknown_override(argv: list[str]) -> str | None:

@@ -1045,18 +1045,26 @@ def test_data_paths_that_name_no_file_are_refused_before_any_model_loads(tmp_pat
             common.validate(config, stage)
 
 
-def test_a_pipeline_flag_for_every_stage_reaches_every_stage_even_at_its_default():
+def test_a_pipeline_flag_for_every_stage_reaches_every_stage_even_at_its_default(tmp_path):
     """`--config.mesh.fsdp=-1` (the base default) left the stages that set their own mesh on it:
     a top-level value equal to the default was dropped as not given."""
     from r1jax import launch
     from r1jax.stages import pipeline
 
     config = sh.load_config("pipeline")
-    config.eval_stage.mesh.fsdp = 2  # (a section of its own, as rejection sampling may have)
+    assert (config.eval_stage.mesh.data, config.eval_stage.mesh.fsdp) == (-1, 1)  # (its own)
     config.mesh.fsdp = -1
     pipeline.apply_shared_flags(config, launch._override_keys(["x", "--config.mesh.fsdp=-1"]))
-    assert config.eval_stage.mesh.fsdp == -1 and config.r1_zero.mesh.fsdp == -1
-    assert launch._override_keys(["--stage=rl", "--config.a.b=1", "--workdir=w"]) == ["a.b"]
+    # The mesh is one layout: the top-level one whole (one axis of it beside eval's own asked
+    # two axes for every device).
+    for name in ("eval_stage", "rejection_sampling", "r1_zero"):
+        assert (config[name].mesh.data, config[name].mesh.fsdp) == (1, -1), name
+    pipeline.validate(config)
+    (tmp_path / "flags").write_text("--config.log.every=5\n")
+    given = ["--stage=rl", "--config.a.b=1", "-config.c=2", "--noconfig.d"]
+    given += [f"--flagfile={tmp_path / 'flags'}", f"--flagfile={tmp_path / 'none'}"]
+    keys = launch._override_keys(given)
+    assert keys == ["a.b", "c", "d", "log.every"]
 
 
 def test_arguments_that_were_silently_ignored_are_refused_or_honoured(toy, tmp_path):

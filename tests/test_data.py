@@ -833,13 +833,31 @@ def test_loader_field_map_shapes_and_errors(tmp_path):
     rows, _ = data.load_rows(chat, require_solution=False)
     assert rows[0]["prompt"] == "hi" and rows[0]["task"] == "chat"
     assert len(rows[0]["messages"]) == 2
-    # Forcing a shape applies its answer parsing to other column sets too.
+    # Forcing a shape applies its answer parsing to other column sets too (the generic shape's
+    # as an answer column's: a worked solution's "#### n" or box; its whole paragraph was the
+    # gold, never matched).
+    sample = data.sample_path("gsm8k_sample.jsonl")
     rows, _ = data.load_rows(
-        data.sample_path("gsm8k_sample.jsonl"),
-        shape="generic",
-        field_map={"prompt": "question", "solution": "answer"},
+        sample, shape="generic", field_map={"prompt": "question", "solution": "answer"}
     )
-    assert rows[0]["solution"].endswith("#### 7")
+    assert rows[0]["solution"] == "7"
+    # ... and TRL's column names over a worked solution, and a problem/answer file, alike;
+    # a prompt's answer column wins over its solution column, as a problem's does.
+    gsm8k = [json.loads(line) for line in open(sample)][:1]
+    for columns in (("prompt", "solution"), ("problem", "answer"), ("prompt", "answer")):
+        rows_in = [{columns[0]: r["question"], columns[1]: r["answer"]} for r in gsm8k]
+        path = _write_lines(tmp_path / "renamed.jsonl", [json.dumps(r) for r in rows_in])
+        assert data.load_rows(path)[0][0]["solution"] == "7", columns
+    both = {"prompt": "q", "solution": "long worked text\nso 7", "answer": "7"}
+    path = _write_lines(tmp_path / "both.jsonl", [json.dumps(both)])
+    assert data.load_rows(path)[0][0]["solution"] == "7"
+    # A float answer cell in positional digits (its repr "1e-07" read as 1 - 7 + e).
+    path = _write_lines(tmp_path / "tiny.jsonl", [json.dumps({"problem": "p", "answer": 1e-07})])
+    assert data.load_rows(path)[0][0]["solution"] == "0.0000001"
+    # A file whose name holds a glob character is that file, not a pattern.
+    (tmp_path / "run1.jsonl").write_text(json.dumps({"prompt": "other", "answer": "1"}) + "\n")
+    literal = _write_lines(tmp_path / "run[1].jsonl", [json.dumps(both)])
+    assert data.load_rows(literal)[0][0]["prompt"] == "q"
 
 
 def test_sharegpt_conversations_load_as_chat_rows(tmp_path):

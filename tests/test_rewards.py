@@ -127,6 +127,9 @@ EQUIVALENT = [  # (gold, completion): same answer written differently
     ("2ab", "<answer>2ab</answer>"),  # a product of variables is not a word
     ("abc", "<answer>a*b*c</answer>"),  # (a one-word gold in notation is still a product)
     ("xy", "<answer>yx</answer>"),  # (no vowel: a product, not a word)
+    ("ab", "<answer>ba</answer>"),  # (short and lowercase: a product too, when not the word)
+    ("abc", "<answer>cba</answer>"),
+    ("ABCDEF", "<answer>FEDCBA</answer>"),
     ("ABD", "<answer>BAD</answer>"),  # (capitals of the first letters: a multiple-choice set)
     ("24", "<answer>24\\text{ units squared}</answer>"),  # (the unit first: "squared" is its)
     ("\\frac{xyz}{2}", "<answer>xyz/2</answer>"),
@@ -246,7 +249,6 @@ DIFFERENT = [
     # A one-word gold is not a product of letters, which an anagram equals.
     ("listen", "<answer>silent</answer>"),
     ("No", "<answer>On</answer>"),
-    ("abc", "<answer>cba</answer>"),
     # Words in \\text{} that change the value are no unit (they were dropped as one).
     ("5", "\\boxed{5\\text{ thousand}}"),
     ("5", "\\boxed{5\\text{ squared}}"),
@@ -645,6 +647,8 @@ def test_extract_code_and_output_matching():
     assert not outputs_match("1000000000", "999999937", 1e-6)
     assert outputs_match("2.0000009", "2", 1e-6) and outputs_match("1e-7", "0", 1e-6)
     assert outputs_match("5.0 1e9 -0", "5 1000000000 0", 1e-6)  # (a real written for one)
+    assert not outputs_match("1e9", "999999937", 1e-6)  # (... within the absolute error only)
+    assert not outputs_match("1000000000.0", "999999937", 1e-6)
     assert not outputs_match("1.0000011e6", "1e6", 1e-6) and outputs_match(
         "-.5", "-0.5000001", 1e-6
     )

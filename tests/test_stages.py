@@ -875,6 +875,26 @@ def test_sft_trains_every_assistant_turn_after_the_turns_before_it(toy, tmp_path
         assert ids[:start] == list(context["input_ids"] if hasattr(context, "keys") else context)
         assert all(trained[start:])
         assert tok.decode(ids[start:]) == conversation[j]["content"] + "<|im_end|>"
+    # A file holding each turn as a row of its own (as turns="last" needed): an earlier answer
+    # that is a row's own trains once, as that row (in any template; twice, in two formats,
+    # with R1-Zero's); a conversation repeated (upsampled) keeps its weight.
+    prefix_rows = [conversation[:2], conversation[:4]]
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in prefix_rows))
+    for template in ("chat", "r1_zero"):
+        config.sft.template = template
+        got = [c for _, c, _ in sft_stage.load_pairs(config, tok)]
+        assert got == [said[0]["content"], said[1]["content"]], template
+    path.write_text(json.dumps({"messages": conversation[:4]}) + "\n" * 1)
+    path.write_text(path.read_text() * 3)
+    assert len(sft_stage.load_pairs(config, tok)) == 6
+    config.sft.template = "chat"
+    path.write_text(json.dumps({"messages": conversation}) + "\n")
+    # A conversation's answers need the chat template, its first one too (the error said "a
+    # conversation of 1 turns" and named sft.template, which could not help).
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    with pytest.raises(common.ConfigError, match=r"turn 2: an answer of a conversation .* chat t"):
+        sft_stage.load_pairs(config, plain)
     # turns="last": the earlier answers are the prompt's context only.
     config.sft.turns = "last"
     caplog.clear()
@@ -2336,7 +2356,8 @@ def test_dynamic_sampling_fills_the_batch_with_groups_whose_rewards_differ():
             rewards=rewards, per_reward=rewards[:, None], truncated=jnp.zeros(P * G, bool),
         )  # fmt: skip
         lengths = {"completions/min_length": 1.0 + d, "completions/max_length": 3.0 + d}
-        return batch, {"reward": jnp.float32(d), **lengths}
+        code = np.nan if d == 0 else 0.5  # (no code row in round 0: NaN, as TRL logs it)
+        return batch, {"reward": jnp.float32(d), "rewards/code/mean": code, **lengths}
 
     for scale in ("group", "batch"):
         cfg = grpo.GRPOConfig(num_generations=G, scale_rewards=scale)
@@ -2357,6 +2378,7 @@ def test_dynamic_sampling_fills_the_batch_with_groups_whose_rewards_differ():
             np.asarray(batch.advantages), grpo.group_advantages(want, G, scale), rtol=1e-6
         )
         assert metrics["reward"] == 1.0 and metrics["dynamic_sampling/rounds"] == 3.0
+        assert metrics["rewards/code/mean"] == 0.5  # (the rounds that had some: was NaN)
         assert metrics["completions/min_length"] == 1.0
         assert metrics["completions/max_length"] == 5.0
         assert metrics["dynamic_sampling/filled"] == 0.0

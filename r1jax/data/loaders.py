@@ -162,13 +162,14 @@ def extract_boxed(text: object) -> str | None:
 def _scalar_answer(value: object) -> str | None:
     """An answer cell -> its text, None when missing. A float column stands for numbers (pandas
     writes an integer column with a gap as floats): NaN is a missing answer, not "nan", and a
-    whole number is written as one ("27", not "27.0")."""
+    number is written in its shortest positional digits ("27", not "27.0"; "0.0000001")."""
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, float | np.floating):
         if not math.isfinite(value):
             return None
-        return str(int(value)) if float(value).is_integer() else repr(float(value))
+        # (positionally: repr's "1e-07" is 1 - 7 + e to math-verify, e being Euler's number)
+        return np.format_float_positional(value, trim="-")
     if isinstance(value, int | np.integer | str):
         s = str(value).strip()
         return s or None
@@ -226,6 +227,9 @@ _SOLUTION_PARSERS = {
     "gsm8k": gsm8k_answer,
     "plain": plain_answer,
     "answer": column_answer,
+    # (a worked solution in these columns gave its whole paragraph as the gold: never matched)
+    "generic": column_answer,
+    "aime": column_answer,
     "math": extract_boxed,
     "custom": mapped_answer,
 }
@@ -243,7 +247,7 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         paths = [paths]
     out = []
     for p in map(os.path.expanduser, map(os.fspath, paths)):  # ("--x=~/data": no shell expands it)
-        if any(c in p for c in "*?["):
+        if any(c in p for c in "*?[") and not os.path.exists(p):  # ("run[1].jsonl": a file)
             matches = sorted(m for m in glob.glob(p, recursive=True) if os.path.isfile(m))
             if not matches:
                 raise FileNotFoundError(f"no dataset files match {p!r}")
@@ -424,10 +428,10 @@ def detect_shape(columns: Sequence[str]) -> tuple[str, dict[str, str]]:
         return "aime", {"prompt": "problem", "solution": "answer", **extra}
     if {"problem", "solution"} <= cols:
         return "math", {"prompt": "problem", "solution": "solution", **extra}
+    if {"prompt", "answer"} <= cols:  # (before a solution column, as beside a problem)
+        return "generic", {"prompt": "prompt", "solution": "answer", **extra}
     if {"prompt", "solution"} <= cols:
         return "generic", {"prompt": "prompt", "solution": "solution", **extra}
-    if {"prompt", "answer"} <= cols:
-        return "generic", {"prompt": "prompt", "solution": "answer", **extra}
     if {"instruction", "output"} <= cols:
         return "alpaca", {"prompt": "instruction", **extra}
     if "messages" in extra:

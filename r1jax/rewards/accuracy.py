@@ -399,7 +399,8 @@ def _hedged(s: str, spans: list[re.Match]) -> bool:
 
 
 _WORD = re.compile(r"[A-Za-z]{2,}")
-_CHOICE_SET = re.compile(r"\s*[A-J]{2,5}\s*$")
+_CHOICE_SET = re.compile(r"\s*[A-J]{2,10}\s*$")
+_SHORT_SYMBOLS = re.compile(r"\$?[a-z]{2,3}\$?")
 
 
 def _word(s: str) -> str | None:
@@ -481,11 +482,13 @@ def _match_here(gold: str, predicted: str) -> bool:
     # "\\infty" for "infinity") still goes to math-verify.
     gold_word = _word(gold)
     # (not a product of symbols, "xy" = "yx", nor a multiple-choice set, "ABD" = "BAD": a word
-    # has a vowel, and a set is capitals of the first letters)
+    # has a vowel, and a set is capitals of the first letters; a short lowercase gold, "ab" or
+    # "abc", may be either: equal words match, others go on to math-verify)
     if gold_word is not None and re.search("[aeiou]", gold_word) and not _CHOICE_SET.match(gold):
         predicted_word = _word(predicted[_LEAD_IN.match(predicted).end() :])
         if predicted_word is not None:
-            return gold_word == predicted_word
+            if gold_word == predicted_word or not _SHORT_SYMBOLS.fullmatch(gold.strip()):
+                return gold_word == predicted_word
     gold_parsed = _parsed(gold)
     if not gold_parsed:
         return bool(gold) and _plain(gold) == _plain(predicted)

@@ -19,9 +19,10 @@ Owns ``code_reward``, ``extract_code`` and ``outputs_match``. Notable choices:
   separate them (Codeforces' default checker; numbers are compared as text, "0.50" is not
   "0.5"). With the sandbox option ``float_tolerance=eps``, a token that differs still matches
   when both are decimal numbers within an absolute *or* relative error of eps (the judges'
-  checker for real-valued answers, typically 1e-6; "1.9999999" for "2"), but two integers only
-  when equal (a tolerance there would take 999999937 for 1000000000, an answer mod 1e9+7 off by
-  63). "inf", "nan" and hex never count as numbers. Output is decoded as UTF-8 with
+  checker for real-valued answers, typically 1e-6; "1.9999999" for "2"), but an expected
+  integer only when equal to an integer, or within the absolute error of a real (a relative
+  error would take 999999937 for 1000000000 or 1e9, an answer mod 1e9+7 off by 63). "inf",
+  "nan" and hex never count as numbers. Output is decoded as UTF-8 with
   replacement, so invalid bytes simply fail to match.
 - **Reward** = passed / number of tests. Every test runs in a fresh sandbox (``sandbox.py``), so
   one test cannot leave state for the next. A program that hangs costs ``timeout_s`` per test,
@@ -82,16 +83,18 @@ def outputs_match(actual: str, expected: str, float_tolerance: float = 0.0) -> b
 
 
 def _close(got: bytes, want: bytes, tolerance: float) -> bool:
-    """Both decimal numbers, |got - want| <= tolerance * max(1, |want|) (absolute or relative),
-    or the same value exactly when both are written as integers."""
+    """Both decimal numbers, |got - want| <= tolerance * max(1, |want|) (absolute or relative);
+    an expected integer: the same value when `got` is one too, else within the absolute error
+    (a relative one took 1e9 for 999999937)."""
     if not (_DECIMAL.fullmatch(got) and _DECIMAL.fullmatch(want)):
         return False
-    if not any(c in x for c in b".eE" for x in (got, want)):  # two integers: their values alone
+    integer = not any(c in want for c in b".eE")
+    if integer and not any(c in got for c in b".eE"):  # two integers: their values alone
         return decimal.Decimal(got.decode()) == decimal.Decimal(want.decode())
     g, w = float(got), float(want)  # (a huge exponent is inf: equal only to the same inf)
     if math.isinf(g) or math.isinf(w):
         return False
-    return abs(g - w) <= tolerance * max(1.0, abs(w))
+    return abs(g - w) <= tolerance * (1.0 if integer else max(1.0, abs(w)))
 
 
 def normalize_tests(raw: Any) -> list[tuple[str, str]]:

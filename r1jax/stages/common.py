@@ -1461,6 +1461,11 @@ def render_turns(
     except Exception as e:  # no chat template, or one that refuses these turns
         if not templates.is_conversation(turns) and template is None:
             raise ConfigError(f"{name}.template={section.template!r}: {e}") from None
+        if not templates.is_conversation(turns):  # (an answer of a conversation row)
+            raise ConfigError(
+                f"{where}: an answer of a conversation (several turns, or a system message of "
+                f"its own) needs model.path's chat template, which failed: {e}"
+            ) from None
         raise ConfigError(
             f"{where}: a conversation of {len(turns)} turns before the answer needs "
             f"model.path's chat template, which failed: {e}"

@@ -87,6 +87,8 @@ def shared_overrides(config) -> dict[str, dict[str, Any]]:
             for k, v in config[section].items()
             if v != base[section].get(k) and (section, k) != ("model", "path")
         }
+        if section == "mesh" and changed:  # (one layout: `apply_shared_flags`)
+            changed = dict(config.mesh)
         if changed:
             out[section] = changed
     return out
@@ -110,9 +112,13 @@ def apply_shared_flags(config, given) -> None:
             )
     for key in sorted(top):
         section, field = key.split(".")
+        # (the mesh is one setting: eval and rejection sampling lay theirs out over data, and
+        # one axis of the top-level layout beside theirs would ask two axes for every device)
+        fields = config.mesh.keys() if section == "mesh" else [field]
         for name, sub in config.items():
             if name not in SHARED_SECTIONS and hasattr(sub, "keys") and section in sub:
-                sub[section][field] = config[section][field]
+                for f in fields:
+                    sub[section][f] = config[section][f]
 
 
 def validate(config) -> None:

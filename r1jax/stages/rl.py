@@ -26,6 +26,7 @@ import functools
 import logging
 import math
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -771,7 +772,9 @@ def dynamic_sampling(rollout, cfg: grpo.GRPOConfig, max_rounds: int):
     batch = (
         draws[0] if picks == [(0, g) for g in range(P)] else grpo.select_groups(draws, picks, cfg)
     )
-    merged = {k: np.mean([r[k] for r in rows]) for k in rows[0]}
+    with warnings.catch_warnings():  # (a reward no round's rows had: NaN, as in one round)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        merged = {k: np.nanmean([r[k] for r in rows]) for k in rows[0]}
     for k, pick in (("completions/min_length", np.min), ("completions/max_length", np.max)):
         if k in merged:
             merged[k] = pick([r[k] for r in rows])

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -119,7 +120,6 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
         # first answer too (one conversation is not trained in two formats).
         conversation = templates.is_conversation(turns)
         for context, text, at in answers:
-            conversations += conversation
             prompt = common.render_turns(
                 context, s, section, tokenizer, system=system, where=at,
                 template="chat" if conversation else None,
@@ -137,17 +137,19 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
                     f"{at}: the completion must be non-empty text (after the think tag its "
                     f"prompt opened, if any), got {text!r:.80}"
                 )
-            made.append(((prompt, text, end), at != where))
-    # An earlier answer that is also an example of its own (a file holding each turn of a
-    # conversation as a row, as `turns='last'` needed) trains once, not once per longer row.
-    answered, seen = {pair for pair, earlier in made if not earlier}, set()
-    for pair, earlier in made:
-        if earlier and (pair in answered or pair in seen):
+            said = json.dumps([context, text], sort_keys=True)  # (the turns as the file has them)
+            made.append(((prompt, text, end), said, at != where, conversation))
+    # An earlier answer that is also a row's own answer, after the same turns (a file holding
+    # each turn of a conversation as a row, as `turns='last'` needed), trains as that row, not
+    # again for each longer one (repeated conversations, upsampled, keep their weight).
+    answered = {said for _, said, earlier, _ in made if not earlier}
+    for pair, said, earlier, conversation in made:
+        if earlier and said in answered:
             repeated += 1
             continue
-        seen.add(pair)
         pairs.append(pair)
         earlier_trained += earlier
+        conversations += conversation
     common.log_conversations(conversations, len(pairs), section, s.template)
     if context_answers and every_turn:
         log.info(
