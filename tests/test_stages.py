@@ -3019,7 +3019,7 @@ def test_pipeline_settings_made_at_the_top_level_reach_every_stage():
     assert pipeline.shared_overrides(config) == {}
     sh.set_fields(config, {"mesh.data": -1, "mesh.fsdp": 1, "model.dtype": "bfloat16"})
     assert pipeline.shared_overrides(config) == {
-        "mesh": {"data": -1, "fsdp": 1},
+        "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1},  # (one layout: all of it)
         "model": {"dtype": "bfloat16"},
     }
     sh.set_fields(config, {"r1_zero.seed": 7})  # run() would give every stage config.seed
