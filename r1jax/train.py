@@ -264,6 +264,13 @@ class Optimizer(nnx.Optimizer):
 
     def __init__(self, model: nnx.Module, cfg: OptimConfig):
         super().__init__(model, make_tx(cfg), wrt=nnx.Param)
+        # Adam's moments in float32 whatever the weights' dtype (optax keeps them in the
+        # parameters'): in bfloat16, 0.999 x v rounds back to v, and the second moment of a
+        # gradient spike never decays.
+        for v in jax.tree.leaves(self.opt_state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+            value = v.get_raw_value()
+            if jnp.issubdtype(value.dtype, jnp.floating):
+                v.set_raw_value(value.astype(jnp.float32))
         self.cfg = cfg
         self.skipped = nnx.OptState(jnp.zeros((), jnp.int32))
 

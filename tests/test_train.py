@@ -534,6 +534,31 @@ def test_weight_decay_reaches_matrices_only():
         assert decayed == matrix, name
 
 
+def test_adam_moments_of_bfloat16_weights_are_float32():
+    """optax keeps Adam's moments in the weights' dtype: in bfloat16, 0.999 x v rounds back to
+    v, and a gradient spike's second moment never decayed (0.000999 after 100 zero gradients,
+    against 0.000905)."""
+    import optax
+
+    model = tiny_model(param_dtype="bfloat16")
+    cfg = train.OptimConfig(learning_rate=1e-3, max_grad_norm=0)
+    optimizer = train.Optimizer(model, cfg)
+    params = nnx.state(model, nnx.Param)
+    optimizer.apply_gradients(model, jax.tree.map(jnp.ones_like, params))
+    for _ in range(100):
+        optimizer.apply_gradients(model, jax.tree.map(jnp.zeros_like, params))
+    state = nnx.as_pure(optimizer.opt_state)
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    [adam] = [s for s in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(s)]
+    moments = jax.tree.leaves(adam.mu) + jax.tree.leaves(adam.nu)
+    assert {x.dtype for x in moments} == {jnp.dtype(jnp.float32)}
+    want = (1 - cfg.b2) * cfg.b2**100  # (float64; the gradient's square term is bfloat16's)
+    for nu in jax.tree.leaves(adam.nu):
+        np.testing.assert_allclose(np.asarray(nu), want, rtol=1e-3)
+    weights = jax.tree.leaves(nnx.as_pure(nnx.state(model, nnx.Param)))
+    assert {x.dtype for x in weights} == {jnp.dtype(jnp.bfloat16)}  # (the weights stay)
+
+
 def test_shard_local_batch_names_a_batch_the_mesh_cannot_split():
     mesh = sharding.make_mesh(fsdp=8)
     rows = sharding.shard_local_batch({"x": np.arange(16).reshape(8, 2)}, mesh)

@@ -174,10 +174,10 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
             )
     if config.model.param_dtype == "bfloat16" and stage in CHECKPOINTING_STAGES:
         log.warning(
-            "model.param_dtype='bfloat16' trains bfloat16 weights and Adam moments: an update "
-            "smaller than 1/256 of its weight rounds away (at RL's learning rates of ~1e-6 most "
-            "do) and Adam's second moment stops decaying. Keep float32 weights and compute in "
-            "bfloat16 with model.dtype='bfloat16' unless memory leaves no choice"
+            "model.param_dtype='bfloat16' trains bfloat16 weights: an update smaller than 1/256 "
+            "of its weight rounds away (at RL's learning rates of ~1e-6 most do; Adam's moments "
+            "stay float32). Keep float32 weights and compute in bfloat16 with "
+            "model.dtype='bfloat16' unless memory leaves no choice"
         )
     if (
         stage not in ("pretrain", "pipeline")
