@@ -510,7 +510,7 @@ class Checkpointer:
             diffs = [
                 f"{k}: saved {have.get(k, 'absent')}, model {want.get(k, 'absent')}"
                 for k in sorted(set(have) | set(want))
-                if have.get(k) != want.get(k)
+                if have.get(k) != want.get(k) and not _widened(name, have.get(k), want.get(k))
             ]
             if diffs:
                 shown = "; ".join(diffs[:5]) + ("; ..." if len(diffs) > 5 else "")
@@ -759,6 +759,19 @@ def jax_key_from_json(obj: Mapping[str, Any]) -> jax.Array:
 def _abstract(tree: Any) -> Any:
     """Live arrays -> ShapeDtypeStructs carrying their current shardings (the restore target)."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _widened(item: str, saved, live) -> bool:
+    """Optimizer state saved in bfloat16 (or float16) restored as float32: Adam's moments, kept
+    in the weights' dtype before r1jax kept them in float32 (the read casts them)."""
+    return (
+        item == _OPTIMIZER
+        and saved is not None
+        and live is not None
+        and saved[0] == live[0]
+        and saved[1] in ("bfloat16", "float16")
+        and live[1] == "float32"
+    )
 
 
 def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:

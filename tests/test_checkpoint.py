@@ -679,6 +679,44 @@ def test_an_abandoned_read_collected_before_the_error_is_not_reported(
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
 
 
+def test_bfloat16_adam_moments_of_an_older_run_restore_as_float32(tmp_path):
+    """Adam's moments were kept in the weights' dtype: a bfloat16 run's checkpoint from before
+    they became float32 was refused (52 "mismatches"), though its config had not changed."""
+    import jax.numpy as jnp
+
+    from r1jax import train
+
+    class Net(nnx.Module):
+        def __init__(self, dtype=jnp.bfloat16):
+            self.w = nnx.Param(jnp.full((4, 4), 0.5, dtype))
+
+    def optimizer_of(model, moments_dtype):
+        optimizer = train.Optimizer(model, train.OptimConfig(learning_rate=1e-2))
+        for v in jax.tree.leaves(
+            optimizer.opt_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        ):
+            if jnp.issubdtype(v.get_raw_value().dtype, jnp.floating):
+                v.set_raw_value(v.get_raw_value().astype(moments_dtype))
+        return optimizer
+
+    old = Net()
+    saved = optimizer_of(old, jnp.bfloat16)  # (as the optimizer was)
+    saved.apply_gradients(old, nnx.State({"w": jnp.full((4, 4), 0.3, jnp.bfloat16)}))
+    with Checkpointer(tmp_path, save_interval_steps=1, async_save=False) as ckpt:
+        ckpt.save(1, old, saved, {"step": 1})
+    new = Net()
+    restored = optimizer_of(new, jnp.float32)
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.restore(new, restored) == {"step": 1}
+    for got, want in zip(leaves(restored), leaves(saved), strict=True):
+        assert got.dtype == (jnp.float32 if want.dtype == jnp.bfloat16 else want.dtype)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want).astype(got.dtype))
+    # A model's dtype is still a mismatch (the weights are what the config says).
+    wide = Net(jnp.float32)
+    with Checkpointer(tmp_path) as ckpt, pytest.raises(CheckpointError, match="does not fit"):
+        ckpt.restore(wide, optimizer_of(wide, jnp.float32))
+
+
 def test_a_read_the_storage_refused_is_not_called_damage(two_steps, monkeypatch):
     """A bucket's 503 or a network file system's timeout was "damaged: move or delete that
     directory": followed, it threw away a good checkpoint and the steps since the one before."""

@@ -848,6 +848,20 @@ def test_loader_field_map_shapes_and_errors(tmp_path):
         rows_in = [{columns[0]: r["question"], columns[1]: r["answer"]} for r in gsm8k]
         path = _write_lines(tmp_path / "renamed.jsonl", [json.dumps(r) for r in rows_in])
         assert data.load_rows(path)[0][0]["solution"] == "7", columns
+    # ... but an answer of several lines that is no prose is kept (a matrix, a system's values).
+    for answer in ("x = 1\ny = 2", "\\begin{pmatrix} 1 \\\\\n 2 \\end{pmatrix}"):
+        path = _write_lines(
+            tmp_path / "lines.jsonl", [json.dumps({"prompt": "q", "solution": answer})]
+        )
+        assert data.load_rows(path)[0][0]["solution"] == answer
+    # A conversation's answer column wins over its worked solution too.
+    chat_row = {
+        "messages": [{"role": "user", "content": "q"}],
+        "solution": "long\nwork",
+        "answer": "7",
+    }
+    path = _write_lines(tmp_path / "chat_both.jsonl", [json.dumps(chat_row)])
+    assert data.load_rows(path)[0][0]["solution"] == "7"
     both = {"prompt": "q", "solution": "long worked text\nso 7", "answer": "7"}
     path = _write_lines(tmp_path / "both.jsonl", [json.dumps(both)])
     assert data.load_rows(path)[0][0]["solution"] == "7"

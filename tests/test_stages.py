@@ -883,10 +883,12 @@ def test_sft_trains_every_assistant_turn_after_the_turns_before_it(toy, tmp_path
     # with R1-Zero's); a conversation repeated (upsampled) keeps its weight.
     prefix_rows = [conversation[:2], conversation[:4]]
     path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in prefix_rows))
-    for template in ("chat", "r1_zero"):
-        config.sft.template = template
-        got = [c for _, c, _ in sft_stage.load_pairs(config, tok)]
-        assert got == [said[0]["content"], said[1]["content"]], template
+    for template, prefill in (("chat", False), ("r1_zero", False), ("r1_zero", True)):
+        config.sft.template, config.sft.prefill_think = template, prefill
+        got = [c.removeprefix("\n") for _, c, _ in sft_stage.load_pairs(config, tok)]
+        want = [said[0]["content"], said[1]["content"]]
+        assert got == ([w.removeprefix("<think>\n") for w in want] if prefill else want), template
+    config.sft.prefill_think = False
     path.write_text(json.dumps({"messages": conversation[:4]}) + "\n" * 1)
     path.write_text(path.read_text() * 3)
     assert len(sft_stage.load_pairs(config, tok)) == 6

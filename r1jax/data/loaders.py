@@ -135,6 +135,23 @@ def column_answer(value: object) -> str | None:
     return _final_gsm8k_answer(value) or plain_answer(value)
 
 
+def solution_answer(value: object) -> str | None:
+    """A `solution` or `answer` column beside a prompt or a problem: a GSM8K worked solution's
+    n, else its ``\\boxed{}``, else the cell as it is, lines and all (a matrix, "x = 1\\ny = 2")
+    unless it reads as prose (a worked solution without a box: no answer to check)."""
+    found = _final_gsm8k_answer(value) or extract_boxed(value)
+    if found is not None:
+        return found
+    answer = _scalar_answer(value)
+    if answer is not None and "\n" in answer and _PROSE.search(answer):
+        return None
+    return answer
+
+
+# Sentences: a letter-ending word, a full stop, a space, a capital ("so 48 + 24 = 72. Natalia").
+_PROSE = re.compile(r"[A-Za-z0-9)]\.\s+[A-Z]|[a-z]{3,} [a-z]{3,} [a-z]{3,}")
+
+
 def mapped_answer(value: object) -> str | None:
     """A column the user mapped as the solution: its value as it is, except that a GSM8K worked
     solution (ending in a "#### n" line) gives n, as the shape detected by its column names
@@ -228,8 +245,8 @@ _SOLUTION_PARSERS = {
     "plain": plain_answer,
     "answer": column_answer,
     # (a worked solution in these columns gave its whole paragraph as the gold: never matched)
-    "generic": column_answer,
-    "aime": column_answer,
+    "generic": solution_answer,
+    "aime": solution_answer,
     "math": extract_boxed,
     "custom": mapped_answer,
 }
@@ -435,7 +452,7 @@ def detect_shape(columns: Sequence[str]) -> tuple[str, dict[str, str]]:
     if {"instruction", "output"} <= cols:
         return "alpaca", {"prompt": "instruction", **extra}
     if "messages" in extra:
-        answer = next((c for c in ("solution", "answer") if c in cols), None)
+        answer = next((c for c in ("answer", "solution") if c in cols), None)  # (as above)
         return "chat", {
             **({"prompt": "prompt"} if "prompt" in cols else {}),
             **({"solution": answer} if answer else {}),

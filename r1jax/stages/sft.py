@@ -120,6 +120,8 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
         # first answer too (one conversation is not trained in two formats).
         conversation = templates.is_conversation(turns)
         for context, text, at in answers:
+            # (the turns and answer as the file has them: the text is fitted to its prompt below)
+            said = json.dumps([context, text], sort_keys=True, default=repr)
             prompt = common.render_turns(
                 context, s, section, tokenizer, system=system, where=at,
                 template="chat" if conversation else None,
@@ -137,7 +139,6 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
                     f"{at}: the completion must be non-empty text (after the think tag its "
                     f"prompt opened, if any), got {text!r:.80}"
                 )
-            said = json.dumps([context, text], sort_keys=True)  # (the turns as the file has them)
             made.append(((prompt, text, end), said, at != where, conversation))
     # An earlier answer that is also a row's own answer, after the same turns (a file holding
     # each turn of a conversation as a row, as `turns='last'` needed), trains as that row, not
