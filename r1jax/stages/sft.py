@@ -92,6 +92,7 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
     written_ends, spelled = 0, []  # completions that ended with end text; that hold such text
     context_answers, earlier_trained, earlier_empty = 0, 0, 0  # (assistant turns before answers)
     made, repeated = [], 0  # ((prompt, completion, end), from an earlier turn); their repeats
+    ends = (chat_end, getattr(tokenizer, "eos_token", None))
     every_turn = s.get("turns", "all") == "all"
     for i, row in enumerate(rows):
         where = f"{section}.source {row.get('where') or f'{s.source}, row {i}'}"
@@ -120,8 +121,10 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
         # first answer too (one conversation is not trained in two formats).
         conversation = templates.is_conversation(turns)
         for context, text, at in answers:
-            # (the turns and answer as the file has them: the text is fitted to its prompt below)
-            said = json.dumps([context, text], sort_keys=True, default=repr)
+            # (the turns and answer as the file has them, end text aside: the text is fitted to
+            # its prompt below, which may open a think block)
+            bare = _without_end_text(text, ends) if isinstance(text, str) else text
+            said = json.dumps([context, bare], sort_keys=True, default=repr)
             prompt = common.render_turns(
                 context, s, section, tokenizer, system=system, where=at,
                 template="chat" if conversation else None,
