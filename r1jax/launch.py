@@ -33,20 +33,28 @@ LOCAL_WORKDIR_STAGES = {
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
+def _with_flagfiles(argv: list[str]) -> list[str]:
+    """argv with each --flagfile=F's lines (absl's file of flags, one per line) in its place."""
+    out = []
+    for arg in argv:
+        if not arg.startswith("--flagfile="):
+            out.append(arg)
+            continue
+        try:
+            with open(os.path.expanduser(arg.split("=", 1)[1])) as f:
+                out += _with_flagfiles([line.strip() for line in f])
+        except OSError:
+            continue  # absl names the missing file
+    return out
+
+
 def _stage_from_argv(argv: list[str]) -> str | None:
+    argv = _with_flagfiles(argv)
     for i, arg in enumerate(argv):
         if arg.startswith(("--stage=", "-stage=")):  # (absl takes either)
             return arg.split("=", 1)[1]
         if arg in ("--stage", "-stage") and i + 1 < len(argv):
             return argv[i + 1]
-        if arg.startswith("--flagfile="):  # (absl's file of flags, one per line)
-            try:
-                with open(os.path.expanduser(arg.split("=", 1)[1])) as f:
-                    stage = _stage_from_argv([line.strip() for line in f])
-            except OSError:
-                continue  # absl names the missing file
-            if stage:
-                return stage
     return None
 
 
@@ -326,13 +334,7 @@ def _override_keys(argv: list[str]) -> list[str]:
     """The fields the command line sets: "--config.log.every=5" -> "log.every" (also "-config.",
     a boolean's "--noconfig.", and the lines of a --flagfile)."""
     keys = []
-    for arg in argv:
-        if arg.startswith("--flagfile="):
-            try:
-                with open(os.path.expanduser(arg.split("=", 1)[1])) as f:
-                    keys += _override_keys([line.strip() for line in f])
-            except OSError:
-                continue  # absl names the missing file
+    for arg in _with_flagfiles(argv):
         for prefix in ("--config.", "-config.", "--noconfig.", "-noconfig."):
             if arg.startswith(prefix):
                 keys.append(arg[len(prefix) :].split("=", 1)[0])

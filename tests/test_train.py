@@ -308,29 +308,18 @@ def test_reference_model_is_only_run_when_beta_is_positive(monkeypatch):
     )
 
     policy = grpo.SamplingPolicy(policy_graphdef, policy_state, sharding.single_device_mesh())
+
+    def rollout_without_reference(prompts, beta):  # (prompts and their mask alike)
+        cfg = grpo.GRPOConfig(beta=beta, **small)
+        return grpo.rollout(policy, None, prompts, prompts, jax.random.key(0), EvenTokens(), cfg)
+
     with pytest.raises(ValueError, match="needs the reference model"):
-        grpo.rollout(
-            policy,
-            None,
-            prompts,
-            prompts,
-            jax.random.key(0),
-            EvenTokens(),
-            grpo.GRPOConfig(beta=0.1, **small),
-        )
+        rollout_without_reference(prompts, beta=0.1)
     # Right-padded prompts (a tokenizer's default padding) sampled after a pad: refused.
     right = np.ones((2, 4), np.int32)
     right[1, 2:] = 0
     with pytest.raises(ValueError, match=r"must be left-padded .* rows \[1\] end in padding"):
-        grpo.rollout(
-            policy,
-            None,
-            right,
-            right,
-            jax.random.key(0),
-            EvenTokens(),
-            grpo.GRPOConfig(beta=0.0, **small),
-        )
+        rollout_without_reference(right, beta=0.0)
 
 
 def test_rollout_scores_micro_batch_by_micro_batch_with_the_same_log_probs():
