@@ -369,7 +369,10 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as err:
-            if any(status in str(err) for status in _TRANSIENT_READ_FAILURES):
+            message = str(err)
+            if any(s in message for s in _TRANSIENT_READ_FAILURES) and not any(
+                c in message for c in _COLLECTIVE_FAILURES
+            ):
                 # (the storage's doing, not the checkpoint's: "move or delete" would throw away a
                 # good checkpoint)
                 raise CheckpointError(
@@ -548,10 +551,13 @@ class Checkpointer:
 
 
 # Read failures of the storage, not the checkpoint (tensorstore / gRPC status names; a cloud
-# bucket's 503, a network file system's timeout, credentials that expired).
+# bucket's 503, a network file system's timeout, credentials that expired) ...
 _TRANSIENT_READ_FAILURES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMISSION_DENIED",
                             "RESOURCE_EXHAUSTED", "ABORTED", "UNAUTHENTICATED",
-                            "Permission denied", "Connection reset", "timed out")  # fmt: skip
+                            "Permission denied")  # fmt: skip
+# ... but not a collective between the processes, which fails when another process's read of
+# the same checkpoint did (its damaged files: that process says so, and so must this one).
+_COLLECTIVE_FAILURES = ("Gloo", "AllGather", "AllReduce", "collective")
 _WRITE_FAILURES = ("No space left on device", "Read-only file system", "Permission denied",
                    "Disk quota exceeded", "File too large")  # fmt: skip
 

@@ -732,6 +732,13 @@ def test_a_read_the_storage_refused_is_not_called_damage(two_steps, monkeypatch)
         ) as e:
             ckpt.restore(*make_state(5))
         assert "damaged" not in str(e.value) and "delete" not in str(e.value)
+
+        def peer_failed(*args, **kwargs):  # (another process's read of damaged files)
+            raise RuntimeError("DEADLINE_EXCEEDED: Gloo AllGather failed: Connection reset")
+
+        monkeypatch.setattr(ckpt._manager, "restore", peer_failed)
+        with pytest.raises(CheckpointError, match="is damaged"):
+            ckpt.restore(*make_state(5))
     assert sorted(os.listdir(directory))[:2] == ["1", "2"]
 
 
