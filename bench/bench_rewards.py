@@ -30,11 +30,17 @@ import json
 import os
 import platform
 import random
+import sys
 import time
 
 import numpy as np
 
-from r1jax.rewards import build_reward_fn, sandbox_available
+# Run from a checkout: import this tree's r1jax, not another installed copy.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from r1jax.rewards import build_reward_fn, sandbox_available  # noqa: E402
 
 # Each problem: (program that solves it, generator of one (stdin, expected stdout) test).
 PROBLEMS = {
@@ -236,7 +242,8 @@ def main() -> None:
             {
                 "machine": {
                     "cpus": os.cpu_count(),
-                    "available_cpus": args.workers,
+                    "available_cpus": len(os.sched_getaffinity(0)),
+                    "workers": args.workers,
                     "python": platform.python_version(),
                     "sched_autogroup": autogroup(),
                 },

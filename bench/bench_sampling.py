@@ -65,7 +65,9 @@ COMMON = dict(
 )
 
 NUM_PROMPTS, PROMPT_LEN, NEW_TOKENS = 16, 32, 128
-TORCH_THREADS = 2
+# torch's threads: the CPUs this process may use, which is what XLA:CPU sizes its pool by (a
+# fixed 2 under `taskset -c 0` would put torch's two threads on one core, flattering the ratio).
+TORCH_THREADS = len(os.sched_getaffinity(0))
 
 
 def build_checkpoint(size: str, directory: str) -> str:
@@ -213,6 +215,7 @@ def run(
             row = {
                 "workload": "A",
                 "model": size,
+                "torch_threads": TORCH_THREADS,
                 "params": pair.params,
                 "phase": "decode",
                 "max_logit_diff": diff,

@@ -38,7 +38,8 @@ def get_config(arg=None):
             "language_consistency": 0.0,
             "code": 0.0,
             # Length shaping (r1jax.rewards.shaping), off by default. Their lengths follow
-            # rl.max_completion_length (L): cosine_scaled reaches its end point at L;
+            # rl.max_completion_length (L): cosine_scaled reaches its end point at L (a
+            # completion cut off there scores -1, the worst wrong answer);
             # overlong_penalty punishes the last L/5 tokens before L (DAPO's 4K of 20K), -1 beyond.
             "cosine_scaled": 0.0,
             "repetition_penalty": 0.0,

@@ -97,11 +97,24 @@ check_env_pair() {
 
 # Inspect the arguments meant for `python -m r1jax.launch` before anything is started on a
 # cluster: a missing or misspelt stage should fail here, not on 16 hosts a minute later.
-# Sets R1JAX_STAGE and R1JAX_WORKDIR (empty when --workdir is absent).
+# Sets R1JAX_STAGE and R1JAX_WORKDIR (empty when --workdir is absent). A --flagfile=F is read
+# here too (the same path must hold the same file on the hosts).
 check_r1jax_args() {
   R1JAX_STAGE=""
   R1JAX_WORKDIR=""
-  local expect="" arg
+  scan_r1jax_args "$@"
+  if [ -z "$R1JAX_STAGE" ]; then
+    die "no --stage in the r1jax arguments; put them after '--', e.g. -- --stage=rl" \
+      "(stages: $R1JAX_STAGES)"
+  fi
+  case " $R1JAX_STAGES " in
+    *" $R1JAX_STAGE "*) ;;
+    *) die "unknown stage '$R1JAX_STAGE'; choose one of: $R1JAX_STAGES" ;;
+  esac
+}
+
+scan_r1jax_args() {
+  local expect="" arg flags=()
   for arg in "$@"; do
     case "$expect" in
       stage) R1JAX_STAGE="$arg" expect="" && continue ;;
@@ -112,16 +125,16 @@ check_r1jax_args() {
       --stage) expect=stage ;;
       --workdir=*) R1JAX_WORKDIR="${arg#--workdir=}" ;;
       --workdir) expect=workdir ;;
+      --flagfile=*)
+        arg="${arg#--flagfile=}"
+        arg="${arg/#\~/$HOME}"
+        [ -r "$arg" ] || die "--flagfile=$arg: no such file here"
+        mapfile -t flags < <(sed -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' "$arg" |
+          grep -v -e '^$' -e '^#' -e '^//')
+        [ "${#flags[@]}" = 0 ] || scan_r1jax_args "${flags[@]}"
+        ;;
     esac
   done
-  if [ -z "$R1JAX_STAGE" ]; then
-    die "no --stage in the r1jax arguments; put them after '--', e.g. -- --stage=rl" \
-      "(stages: $R1JAX_STAGES)"
-  fi
-  case " $R1JAX_STAGES " in
-    *" $R1JAX_STAGE "*) ;;
-    *) die "unknown stage '$R1JAX_STAGE'; choose one of: $R1JAX_STAGES" ;;
-  esac
 }
 
 # Warn when a multi-host run would scatter its checkpoint across local disks: every process

@@ -174,7 +174,9 @@ p=\$(cat \"\$f\" 2>/dev/null) || exit 0
 r1jax() { grep -qa r1jax.launch /proc/\"\$p\"/cmdline 2>/dev/null; }
 r1jax && kill \"\$p\"; i=0
 while r1jax && [ \$i -lt $STOP_GRACE ]; do sleep 1; i=\$((i + 1)); done
-r1jax && kill -9 \"\$p\"; rm -f \"\$f\"" &
+if r1jax; then kill -9 \"\$p\"; echo \"rank $rank: r1jax did not stop within $STOP_GRACE s and was \
+killed: the step it was on is not saved (a rerun resumes from the last checkpoint; a longer \
+--stop-grace lets a step finish)\" >&2; fi; rm -f \"\$f\"" &
     cleanup+=("$!")
   done
   for pid in ${cleanup[@]+"${cleanup[@]}"}; do
@@ -194,7 +196,9 @@ prefix_lines() {
 }
 
 PIDS=()
-trap 'echo "Interrupted; stopping every rank." >&2; stop_all; exit 130' INT TERM
+# A closed terminal (SIGHUP) stops the ranks too: they would run on unseen, their logs cut, with
+# nothing left to stop them. Under nohup or tmux a run outlives its terminal.
+trap 'echo "Interrupted; stopping every rank." >&2; stop_all; exit 130' INT TERM HUP
 
 LOG_DIR="${LOG_DIR:-r1jax-ssh-logs/$RUN_ID}"
 mkdir -p "$LOG_DIR"
@@ -202,11 +206,11 @@ for ((rank = 0; rank < NUM; rank++)); do
   host="${HOSTS[$rank]}"
   prefix="[$rank $host] "
   log="$LOG_DIR/rank$rank-${host//\//_}.log"
-  # The output pipeline ignores SIGINT: on Ctrl-C it must outlive the stop (a dead tee would cut
+  # The output pipeline ignores SIGINT and SIGHUP: it must outlive the stop (a dead tee would cut
   # the rank's log and break the pipe its r1jax writes to while it saves). Lines are prefixed by
   # the shell itself: mawk (Debian's awk) reads a pipe in 4 KiB blocks, fflush or not.
   "${SSH[@]}" "$host" "$(remote_command "$rank")" \
-    > >(trap '' INT; tee "$log" | prefix_lines "$prefix") 2>&1 &
+    > >(trap '' INT HUP; tee "$log" | prefix_lines "$prefix") 2>&1 &
   PIDS+=("$!")
 done
 echo "Started $NUM processes (coordinator $COORDINATOR:$PORT); logs in $LOG_DIR" >&2

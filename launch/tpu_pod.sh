@@ -369,7 +369,13 @@ if grep -qa r1jax.launch /proc/"$p"/cmdline 2>/dev/null; then
   while grep -qa r1jax.launch /proc/"$p"/cmdline 2>/dev/null && [ $i -lt @GRACE@ ]; do
     sleep 1; i=$((i + 1));
   done;
-  kill -9 "$p" 2>/dev/null || true; echo "$(hostname): stopped r1jax (pid $p)";
+  if grep -qa r1jax.launch /proc/"$p"/cmdline 2>/dev/null; then
+    kill -9 "$p" 2>/dev/null || true; rm -f "$f";
+    echo "$(hostname): r1jax (pid $p) did not stop within @GRACE@ s and was killed: the step it
+was on is not saved (a rerun resumes from the last checkpoint; a longer --grace lets a step
+finish)" >&2; exit 3;
+  fi;
+  echo "$(hostname): stopped r1jax (pid $p)";
 fi;
 rm -f "$f"
 EOF

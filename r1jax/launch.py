@@ -34,22 +34,28 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 def _with_flagfiles(argv: list[str]) -> list[str]:
-    """argv with each --flagfile=F's lines (absl's file of flags, one per line) in its place."""
+    """argv with each --flagfile=F's flags in its place (absl's file of flags: one per line,
+    blank lines and lines starting with # or // skipped; a flagfile may name another).
+
+    Raises:
+      SystemExit: a flagfile that cannot be read, named in one line.
+    """
     out = []
     for arg in argv:
-        if not arg.startswith("--flagfile="):
+        if not arg.startswith(("--flagfile=", "-flagfile=")):
             out.append(arg)
             continue
+        path = os.path.expanduser(arg.split("=", 1)[1])
         try:
-            with open(os.path.expanduser(arg.split("=", 1)[1])) as f:
-                out += _with_flagfiles([line.strip() for line in f])
-        except OSError:
-            continue  # absl names the missing file
+            with open(path) as f:
+                lines = [line.strip() for line in f]
+        except OSError as e:
+            sys.exit(f"error: --flagfile={path}: {e.strerror or e}")
+        out += _with_flagfiles([x for x in lines if x and not x.startswith(("#", "//"))])
     return out
 
 
 def _stage_from_argv(argv: list[str]) -> str | None:
-    argv = _with_flagfiles(argv)
     for i, arg in enumerate(argv):
         if arg.startswith(("--stage=", "-stage=")):  # (absl takes either)
             return arg.split("=", 1)[1]
@@ -76,7 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    argv = _with_default_config(_expand_config_path(list(argv if argv is not None else sys.argv)))
+    # Flagfiles first, so that a --stage or --config given in one counts like one on the command
+    # line (the default config, --help's field list, the config file's checks).
+    argv = _with_flagfiles(list(argv if argv is not None else sys.argv))
+    argv = _with_default_config(_expand_config_path(argv))
     _survive_closed_output()
     flags.DEFINE_enum("stage", None, STAGES, "Stage of the recipe to run.")
     config_flags.DEFINE_config_file(
@@ -332,9 +341,9 @@ def _config_spec(argv: list[str]) -> str | None:
 
 def _override_keys(argv: list[str]) -> list[str]:
     """The fields the command line sets: "--config.log.every=5" -> "log.every" (also "-config.",
-    a boolean's "--noconfig.", and the lines of a --flagfile)."""
+    a boolean's "--noconfig."; flagfiles are expanded by then)."""
     keys = []
-    for arg in _with_flagfiles(argv):
+    for arg in argv:
         for prefix in ("--config.", "-config.", "--noconfig.", "-noconfig."):
             if arg.startswith(prefix):
                 keys.append(arg[len(prefix) :].split("=", 1)[0])

@@ -319,6 +319,7 @@ def test_executable_with_strict_mode_and_help(script):
         ("slurm_gpu.sh", ["submit", "--nodes", "2"], "no r1jax arguments"),
         ("ssh_gpu.sh", ["--", "--stage=rl"], "no hosts"),
         ("ssh_gpu.sh", ["--hosts", "a,b", "--", "--config.x=1"], "no --stage"),
+        ("ssh_gpu.sh", ["--hosts", "a", "--", "--flagfile=/nonexistent"], "no such file here"),
         ("ssh_gpu.sh", ["--hosts", ",", "--", "--stage=rl"], "host list is empty"),
         ("ssh_gpu.sh", ["--hostfile", "/nonexistent", "--", "--stage=rl"], "does not exist"),
         ("ssh_gpu.sh", ["--hosts", "a", "--port", "http", "--", "--stage=rl"], "--port"),
@@ -499,6 +500,16 @@ def test_ssh_dry_run_prints_one_ssh_per_host(env, tmp_path):
             TRICKY,
             "--workdir=/shared/run",
         ]
+    # The stage may come from a flagfile, as r1jax.launch reads it (the launcher said "no
+    # --stage"); a bad stage there is caught here too.
+    flags = tmp_path / "run.flags"
+    for stage, status in (("eval", 0), ("grpo", 2)):
+        flags.write_text(f"# the run\n  --stage={stage}\n\n--workdir=/shared/run\n")
+        out = launch(
+            "ssh_gpu.sh", "--hosts", "a", "--dry-run", "--", f"--flagfile={flags}", env=env
+        )
+        assert out.returncode == status, out.stderr
+    assert "unknown stage 'grpo'" in out.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,10 +581,10 @@ def test_ssh_launch_stops_every_rank_when_one_fails(env, tmp_path):
             os.kill(survivor, signal.SIGKILL)
 
 
-def interrupt(script, *args, env):
-    """Start launch/<script>, wait for its 2 stand-in r1jax processes, then press Ctrl-C (SIGINT
-    to the launcher's process group, which the "remote" processes are not in). Returns the
-    launcher's exit status and the pids of the r1jax processes."""
+def interrupt(script, *args, env, sig=signal.SIGINT):
+    """Start launch/<script>, wait for its 2 stand-in r1jax processes, then press Ctrl-C (`sig`,
+    SIGINT, to the launcher's process group, which the "remote" processes are not in; SIGHUP: the
+    terminal closed). Returns the launcher's exit status and the pids of the r1jax processes."""
     # A non-interactive bash cannot trap a signal ignored when it started, and pytest-xdist's
     # workers ignore SIGINT (a terminal's Ctrl-C would not): reset it to the default first.
     reset = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
@@ -587,20 +598,22 @@ def interrupt(script, *args, env):
     )
     try:
         pids = [r["pid"] for r in python_records(env, 2)]
-        os.killpg(launcher.pid, signal.SIGINT)
+        os.killpg(launcher.pid, sig)
         return launcher.wait(timeout=30), pids
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
 
 
-def test_ssh_ctrl_c_stops_every_rank(env, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_ssh_ctrl_c_stops_every_rank(env, tmp_path, sig):
     # Ranks that ignore SIGTERM (hung, never reaching the step end where it acts) kept running
-    # after Ctrl-C: SIGKILL follows after --stop-grace.
+    # after Ctrl-C: SIGKILL follows after --stop-grace. A closed terminal (SIGHUP) left every
+    # rank running unseen, with nothing to stop them.
     env.update(FAKE_SLEEP="60", FAKE_IGNORE_TERM="1")
     args = ["--hosts", "gpu-a,gpu-b", "--python", env["FAKE_PYTHON"], "--log-dir", str(tmp_path)]
     args += ["--stop-grace", "2"]
-    status, pids = interrupt("ssh_gpu.sh", *args, "--", "--stage=rl", env=env)
+    status, pids = interrupt("ssh_gpu.sh", *args, "--", "--stage=rl", env=env, sig=sig)
     try:
         assert status == 130
         assert all(wait_dead(p) for p in pids), "a rank kept running after Ctrl-C"
@@ -771,11 +784,11 @@ def test_tpu_setup_run_detach_and_stop(env):
         again = launch("tpu_pod.sh", "run", "--name", "r1", "--", "--stage=rl", env=env)
         assert again.returncode != 0 and "r1jax is running; stop it first" in again.stderr
         # SIGTERM is not enough for a hung run: SIGKILL after --grace (was a fixed 60 s, less
-        # than a long RL step needs to reach its save).
+        # than a long RL step needs to reach its save), and said (it said "stopped", status 0).
         stop = launch("tpu_pod.sh", "stop", "--name", "r1", "--grace", "1", env=env)
-        assert stop.returncode == 0, stop.stderr
+        assert stop.returncode != 0 and "stopped r1jax" not in stop.stdout, stop.stdout
         assert all(wait_dead(p) for p in pids)
-        assert stop.stdout.count("stopped r1jax") == 2
+        assert stop.stderr.count("did not stop within 1 s and was killed") == 2, stop.stderr
     finally:
         for p in pids:
             if alive(p):

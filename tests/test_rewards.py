@@ -485,6 +485,16 @@ def test_language_reward_cannot_be_hidden_in_math_or_code_spans():
         "<think>因为 $AB = BC$ 所以 $\\angle ABC$ 是直角 ```python\nprint(ab)\n```</think>"
     )
     assert language_consistency_reward([zh_geometry], language="zh") == [1.0]
+    # ... and outside them, as Chinese reasoning writes them: labels of up to three capitals and
+    # function names are math (these scored 0.77, 0.57, 0.75); English words still count.
+    labelled = [
+        "因为 AB = AC，所以 △ABC 是等腰三角形。",
+        "首先，AB=5，BC=12，那么 AC=13。",
+        "所以 sin x = 1/2，log 2 和 gcd(4, 6) 都算。",
+    ]
+    rows = [f"<think>{t}</think>" for t in labelled]
+    assert language_consistency_reward(rows, language="zh") == [1.0] * 3
+    assert word_scripts("因为 ABCD 是 square") == ["han", "han", "latin", "han", "latin"]
     # Math written with Unicode symbols is not a foreign language; an escaped dollar is a price.
     math = ["So the area is $x² + y² = r²$ and", "Let $f: ℝ → ℝ$ with $f(x_₁) = ½$", "$ℓ$ aⁿ"]
     assert language_consistency_reward(math, language="en") == [1.0, 1.0, 0.0]
@@ -544,6 +554,16 @@ def test_cosine_scaled_reward_matches_formula():
     tok = cosine_scaled_reward(texts[:1], solution=["4"], max_len=10, completion_ids=[[0] * 10])
     assert tok == [pytest.approx(0.5)]
     assert cosine_scaled_reward(["x"], solution=[None]) == [None]
+    # Cut off at the budget: the mildest wrong reward, -0.5, better than a short wrong answer's
+    # -1, unless exceed_length (the paper's penalty, the RL stage's -1) takes its place.
+    cut = ["<think>" + "x" * 20, "<answer>5</answer>", "<answer>4</answer>" + "x" * 30]
+    ids = [[0] * 20, [0] * 5, [0] * 20]
+    plain = cosine_scaled_reward(cut, solution=["4"] * 3, max_len=20, completion_ids=ids)
+    assert plain[0] == pytest.approx(-0.5) and plain[1] < plain[0]
+    got = cosine_scaled_reward(
+        cut, solution=["4"] * 3, max_len=20, completion_ids=ids, exceed_length=-1.0
+    )
+    assert got == [-1.0, plain[1], -1.0]
 
 
 def test_cosine_scaled_reward_judges_built_in_rows_by_their_task_verifier():

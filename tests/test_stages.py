@@ -1814,6 +1814,9 @@ def test_no_compilation_cache_for_a_multi_process_run_on_cpus(monkeypatch, tmp_p
     assert jax.config.jax_compilation_cache_dir == before
     monkeypatch.setattr(jax, "process_count", lambda: 1)
     try:
+        common.enable_compilation_cache()  # (one the user set, JAX_COMPILATION_CACHE_DIR, stays)
+        assert jax.config.jax_compilation_cache_dir == before
+        jax.config.update("jax_compilation_cache_dir", None)
         common.enable_compilation_cache()
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla_cache")
     finally:
@@ -2358,16 +2361,21 @@ def test_dynamic_sampling_fills_the_batch_with_groups_whose_rewards_differ():
             prompt_ids=jnp.asarray(prompts), prompt_mask=jnp.asarray(prompts >= 0, jnp.int32),
             completion_ids=jnp.asarray(ids + 500), completion_mask=jnp.ones_like(ids),
             advantages=grpo.group_advantages(rewards, G, scale),
-            rewards=rewards, per_reward=rewards[:, None], truncated=jnp.zeros(P * G, bool),
+            rewards=rewards, per_reward=jnp.stack([rewards, code_of(d)], 1),
+            truncated=jnp.zeros(P * G, bool),
         )  # fmt: skip
         lengths = {"completions/min_length": 1.0 + d, "completions/max_length": 3.0 + d}
-        code = np.nan if d == 0 else 0.5  # (no code row in round 0: NaN, as TRL logs it)
-        return batch, {"reward": jnp.float32(d), "rewards/code/mean": code, **lengths}
+        return batch, {"reward": jnp.float32(d), "rewards/code/mean": 9.0, **lengths}
+
+    def code_of(d):  # [P * G] a code reward on no row of round 0, one of round 1, all of round 2
+        return jnp.asarray(
+            [np.nan] * 8 if d == 0 else [1.0] + [np.nan] * 7 if d == 1 else [0.0] * 8
+        )
 
     for scale in ("group", "batch"):
         cfg = grpo.GRPOConfig(num_generations=G, scale_rewards=scale)
         rounds_run.clear()
-        batch, metrics, rounds = rl.dynamic_sampling(rollout, cfg, max_rounds=3)
+        batch, metrics, rounds = rl.dynamic_sampling(rollout, cfg, 3, ("accuracy", "code"))
         assert rounds == 3 and rounds_run == [0, 1, 2]  # 1 + 2 + 4 groups that differ
         picks = [(0, 1), (1, 0), (1, 2), (2, 0)]
         rows = [1000 * d + (g * G + j) * T for d, g in picks for j in range(G)]
@@ -2382,14 +2390,22 @@ def test_dynamic_sampling_fills_the_batch_with_groups_whose_rewards_differ():
         np.testing.assert_allclose(  # (over the new batch when the scale is the batch's)
             np.asarray(batch.advantages), grpo.group_advantages(want, G, scale), rtol=1e-6
         )
-        assert metrics["reward"] == 1.0 and metrics["dynamic_sampling/rounds"] == 3.0
-        assert metrics["rewards/code/mean"] == 0.5  # (the rounds that had some: was NaN)
+        # Reward statistics over every row drawn (not the rounds' mean: code's 1 of round 1
+        # would weigh as much as round 2's eight 0s), the rest the rounds' mean.
+        drawn = np.concatenate([np.concatenate(r) for r in rewards_of])
+        assert metrics["reward"] == pytest.approx(np.nanmean(drawn))
+        assert metrics["rewards/accuracy/mean"] == pytest.approx(np.nanmean(drawn))
+        assert metrics["rewards/code/mean"] == pytest.approx(1 / 9)
+        assert metrics["rewards/code/std"] == pytest.approx(np.std([1.0] + [0.0] * 8, ddof=1))
+        assert metrics["frac_reward_unscored"] == pytest.approx(1 / 24)
+        assert metrics["dynamic_sampling/rounds"] == 3.0
         assert metrics["completions/min_length"] == 1.0
         assert metrics["completions/max_length"] == 5.0
         assert metrics["dynamic_sampling/filled"] == 0.0
     # One round allowed: the groups that do not differ fill the batch, in the order drawn.
-    batch, metrics, rounds = rl.dynamic_sampling(rollout, cfg, max_rounds=1)
+    batch, metrics, rounds = rl.dynamic_sampling(rollout, cfg, 1, ("accuracy", "code"))
     assert rounds == 1 and metrics["dynamic_sampling/filled"] == 0.75
+    assert metrics["reward"] == 0.0  # (one round: its own metrics)
     np.testing.assert_array_equal(np.asarray(batch.rewards), np.concatenate(rewards_of[0]))
 
 

@@ -11,7 +11,8 @@ module makes "word" and "language" precise, by script, using only the standard l
   written in any natural language. Every other script still counts there, and an unclosed fence
   or delimiter hides nothing, so wrapping a paragraph in ``$…$`` or opening a fence does not
   hide it (a policy under RL finds such holes). What stays unseen: Latin-script words inside
-  math or code, for targets other than ``en``.
+  math or code, and English written in words of up to three capitals, for targets other than
+  ``en``.
 - **Words.** Each CJK ideograph (Han) is one word, as is each kana character: Chinese and
   Japanese have no spaces, and a character is the unit a tokenizer-free count can rely on (a
   Chinese word averages 1.5 characters, so Chinese is slightly over-weighted relative to
@@ -19,7 +20,10 @@ module makes "word" and "language" precise, by script, using only the standard l
   are space-separated, count once). Digits, punctuation, symbols, super- and subscripts,
   letterlike symbols (``ℝ``) and Greek letters (almost always math variables here) are not
   words. A single Latin letter is not a word either: in a chain of thought it is nearly always a
-  variable (``x``, ``n``); this costs English only "a" and "I".
+  variable (``x``, ``n``); this costs English only "a" and "I". Nor are two or three capitals
+  (points, segments, triangles: ``AB``, ``ABC``) or a math function's name (``sin``, ``log``,
+  ``gcd``; ``_MATH_NAMES``): Chinese reasoning writes them in its prose, outside ``$…$``, and
+  they are no English. This costs English "OK" and the like.
 - **Languages are scripts.** ``en`` = Latin letters, ``zh`` = Han, ``ja`` = Han + kana,
   ``ko`` = Hangul, ``ru`` = Cyrillic. Languages sharing a script cannot be told apart this way
   (French reads as ``en``), so only these codes are accepted.
@@ -77,6 +81,11 @@ LANGUAGE_SCRIPTS: dict[str, frozenset[str]] = {
     "ko": frozenset({"hangul"}),
     "ru": frozenset({"cyrillic"}),
 }
+# Latin words that are math in any language's prose (see the module docstring).
+_MATH_NAMES = frozenset(
+    "sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh log ln lg exp "
+    "gcd lcm mod max min lim det".split()
+)
 _ALIASES = {"english": "en", "chinese": "zh", "japanese": "ja", "korean": "ko", "russian": "ru"}
 
 
@@ -108,12 +117,19 @@ def word_scripts(text: str) -> list[str]:
         scripts += [
             m.lastgroup
             for m in _WORD.finditer(prose)
-            if not (m.lastgroup == "latin" and len(m.group()) == 1)
+            if not (m.lastgroup == "latin" and _is_math_label(m.group()))
         ]
         if span:
             scripts += [m.lastgroup for m in _WORD.finditer(span.group()) if m.lastgroup != "latin"]
             start = span.end()
     return scripts
+
+
+def _is_math_label(word: str) -> bool:
+    """A Latin run that is a variable, a point's, segment's or triangle's name, or a function's."""
+    return (
+        len(word) == 1 or (len(word) <= 3 and word.isascii() and word.isupper())
+    ) or word in _MATH_NAMES
 
 
 def language_share(text: str, language: str) -> float:

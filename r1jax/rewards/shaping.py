@@ -42,6 +42,7 @@ def cosine_scaled_reward(
     min_value_correct: float = 0.5,
     max_value_correct: float = 1.0,
     max_len: int = 1000,
+    exceed_length: float | None = None,
     **columns: Any,
 ) -> list[float | None]:
     """Correctness scaled by length along a half cosine. Correct means the row's built-in task
@@ -54,10 +55,17 @@ def cosine_scaled_reward(
     max_value_wrong) * (1 + c) / 2`` (shorter wrong answers are punished more, so the model is
     pushed to think longer when it is wrong).
 
+    A completion cut off at the budget gets the wrong end point, ``max_value_wrong``, the mildest
+    penalty: better than any short wrong answer, so "never answer, run to the limit" pays when
+    the model is unsure. The paper adds an exceed-length penalty for it: ``exceed_length``, the
+    reward of every completion of ``max_len`` or more whatever its answer (the RL stage sets it
+    to ``min_value_wrong``; open-r1 has none, the default).
+
     Args:
       completions: [B] strings or chat-message lists.
       max_len: length at which the cosine reaches its end point (tokens, or characters when the
         batch has no ``completion_ids``).
+      exceed_length: the reward at ``max_len`` or beyond (None: the cosine's end point).
       **columns: needs ``solution`` (see ``accuracy_reward``); uses ``completion_ids`` if present.
     Returns:
       [B] floats; ``None`` where neither can check the row.
@@ -74,6 +82,9 @@ def cosine_scaled_reward(
     for acc, length in zip(correct, lengths, strict=True):
         if acc is None:
             rewards.append(None)
+            continue
+        if exceed_length is not None and length >= max_len:
+            rewards.append(float(exceed_length))
             continue
         cosine = math.cos(math.pi * min(length / max_len, 1.0))
         if acc > 0:

@@ -824,11 +824,12 @@ def r1jax_home() -> str:
 
 
 def enable_compilation_cache() -> None:
-    """Persist compiled XLA programs in $R1JAX_HOME/xla_cache, so a rerun (a resume, the next stage
-    of a pipeline with the same shapes) does not compile again. R1JAX_COMPILATION_CACHE=0
-    disables. Off for a multi-process run on CPUs: JAX writes entries from process 0 only, so in
-    a rerun process 0 loads each program while the others compile it, and the CPU collectives
-    (gloo) wait only 30 s for a late peer before failing the run."""
+    """Persist compiled XLA programs in $R1JAX_HOME/xla_cache (or where JAX_COMPILATION_CACHE_DIR
+    already points), so a rerun (a resume, the next stage of a pipeline with the same shapes)
+    does not compile again. R1JAX_COMPILATION_CACHE=0 disables. Off for a multi-process run on
+    CPUs: JAX writes entries from process 0 only, so in a rerun process 0 loads each program
+    while the others compile it, and the CPU collectives (gloo) wait only 30 s for a late peer
+    before failing the run."""
     import jax
 
     if os.environ.get("R1JAX_COMPILATION_CACHE", "1") == "0":
@@ -836,7 +837,8 @@ def enable_compilation_cache() -> None:
     if jax.process_count() > 1 and jax.default_backend() == "cpu":
         log.info("no persistent compilation cache: a multi-process run on CPUs (gloo)")
         return
-    jax.config.update("jax_compilation_cache_dir", os.path.join(r1jax_home(), "xla_cache"))
+    if not jax.config.jax_compilation_cache_dir:  # (else the user's JAX_COMPILATION_CACHE_DIR)
+        jax.config.update("jax_compilation_cache_dir", os.path.join(r1jax_home(), "xla_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

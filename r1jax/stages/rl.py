@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -77,7 +78,8 @@ def reward_specs(config) -> dict[str, Any]:
     length = config.rl.max_completion_length
     kwargs = {
         "code": {"sandbox": config.sandbox.to_dict() if "sandbox" in config else {}},
-        "cosine_scaled": {"max_len": length},
+        # (a completion cut off at L scores as the worst wrong answer, not the mildest)
+        "cosine_scaled": {"max_len": length, "exceed_length": -1.0},
         "overlong_penalty": {
             "max_completion_length": length,
             "soft_punish_cache": max(1, length // 5),
@@ -539,6 +541,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
                 ),
                 cfg,
                 config.rl.max_sampling_rounds,
+                reward_fn.names + (("reward_model",) if reward_model is not None else ()),
             )
         else:
             (rollouts, rollout_metrics), rounds = rollout(step, key), 1
@@ -735,16 +738,18 @@ def _fold_reward(total, per_reward, scores, applies, *, weight, names, group_siz
     )
 
 
-def dynamic_sampling(rollout, cfg: grpo.GRPOConfig, max_rounds: int):
+def dynamic_sampling(rollout, cfg: grpo.GRPOConfig, max_rounds: int, names: Sequence[str]):
     """DAPO's dynamic sampling: a step's batch of groups whose rewards differ.
 
     `rollout(d)` samples the d-th prompt batch of the step (`Rollouts`, metrics). Batches are
     drawn until P groups have rewards that differ (`grpo.informative_groups`; the first P drawn
     are used), or `max_rounds` were drawn; then the batch is filled with the groups that do not
-    differ, first drawn first. The groups keep the order they were drawn in. Returns (rollouts
-    of P groups, metrics, rounds drawn): the metrics are the mean over the rounds (the lengths'
-    minimum and maximum over them), with `dynamic_sampling/rounds` and `dynamic_sampling/filled`
-    (the share of the batch filled with groups whose rewards do not differ).
+    differ, first drawn first. The groups keep the order they were drawn in. `names`: the R
+    reward names of `Rollouts.per_reward`'s columns. Returns (rollouts of P groups, metrics,
+    rounds drawn): the reward statistics (`grpo.reward_metrics`) are over every row drawn, the
+    other metrics the mean over the rounds (the lengths' minimum and maximum over them), with
+    `dynamic_sampling/rounds` and `dynamic_sampling/filled` (the share of the batch filled with
+    groups whose rewards do not differ).
     """
     G = cfg.num_generations
     draws, rows, kept, spare = [], [], [], []
@@ -778,6 +783,16 @@ def dynamic_sampling(rollout, cfg: grpo.GRPOConfig, max_rounds: int):
     for k, pick in (("completions/min_length", np.min), ("completions/max_length", np.max)):
         if k in merged:
             merged[k] = pick([r[k] for r in rows])
+    if len(draws) > 1:  # (pooled: a mean of the rounds' means would weigh a reward's rows by
+        # the round they fell in, one code row of one round as much as 15 of another)
+        pooled = grpo.reward_metrics(
+            np.concatenate([sharding.to_host(d.rewards) for d in draws]),
+            np.concatenate([sharding.to_host(d.per_reward) for d in draws]).T,
+            names,
+            G,
+            cfg.scale_rewards,
+        )
+        merged.update({k: float(v) for k, v in jax.device_get(pooled).items()})
     merged["dynamic_sampling/rounds"] = float(len(draws))
     merged["dynamic_sampling/filled"] = filled / P
     return batch, merged, len(draws)
