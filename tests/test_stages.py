@@ -3189,7 +3189,31 @@ def test_pretrain_arch_the_run_cannot_build_or_export_is_refused_up_front():
     config.pretrain.vocab_size = 10
     with pytest.raises(common.ConfigError, match=r"pretrain.vocab_size must be >= 259"):
         pretrain.validate(config)
+    # Accepted and ignored before: a model.path (the run trained the toy from scratch), an
+    # empty task list (the corpus took every task) and an infinite mix weight (a traceback
+    # after the tokenizer was trained).
+    for field, value, message in (
+        ("model.path", "/ckpt/Qwen2.5-0.5B", "model.path, model.router_bias_rate and"),
+        ("model.capacity_factor", 1.25, "use --stage=sft"),
+        ("pretrain.tasks", (), "pretrain.tasks must name at least one built-in task"),
+        ("pretrain.mix.terse", float("inf"), "pretrain.mix must give finite non-negative"),
+    ):
+        config = sh.load_config("pretrain")
+        sh.set_fields(config, {field: value})
+        with pytest.raises(common.ConfigError, match=message):
+            pretrain.validate(config)
     pretrain.validate(sh.load_config("pretrain"))
+    # The cached toy base's recipe is what shapes the model: logging, checkpointing, the mesh
+    # or a DeepSeek-only option rebuilt every user's base (a new field anywhere did).
+    same = sh.load_config("pretrain")
+    sh.set_fields(same, {"log.progress": False, "ckpt.keep": 3, "mesh.fsdp": 2})
+    with same.unlocked():
+        same.log.new_option = 1
+    assert common.toy_recipe(same) == common.toy_recipe()
+    for field, value in (("seed", 1), ("pretrain.steps", 7), ("optim.weight_decay", 0.5)):
+        other = sh.load_config("pretrain")
+        sh.set_fields(other, {field: value})
+        assert common.toy_recipe(other) != common.toy_recipe(), field
 
 
 def test_a_config_file_is_checked_against_its_stages_fields():

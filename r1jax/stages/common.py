@@ -853,17 +853,17 @@ _TOY_STAMP = "r1jax_toy_recipe.txt"
 
 
 def toy_recipe(pretrain_config=None) -> str:
-    """Fingerprint of the recipe that builds the toy base model: the default pretraining config
-    (but its `sandbox` and `reward_pool` sections: pretraining neither runs generated code nor
-    scores, and a new option there must not rebuild every user's toy base) and
-    TOY_RECIPE_VERSION."""
+    """Fingerprint of the recipe that builds the toy base model: the default pretraining config's
+    fields that shape the model (seed, `pretrain`, `optim`, the model's dtypes and remat) and
+    TOY_RECIPE_VERSION. Only those: a new option elsewhere (logging, checkpoints, the mesh, the
+    sandbox) must not rebuild every user's toy base."""
     import hashlib
 
     if pretrain_config is None:
         pretrain_config = default_config("pretrain")
-    settings = json.loads(pretrain_config.to_json(sort_keys=True))
-    for section in ("sandbox", "reward_pool"):  # (pretraining neither runs code nor scores)
-        settings.pop(section, None)
+    full = json.loads(pretrain_config.to_json(sort_keys=True))
+    settings = {k: full[k] for k in ("seed", "pretrain", "optim")}
+    settings["model"] = {k: full["model"][k] for k in ("param_dtype", "dtype", "remat")}
     text = f"{TOY_RECIPE_VERSION}|{json.dumps(settings, sort_keys=True)}"
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

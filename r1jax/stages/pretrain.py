@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import tempfile
 
@@ -71,16 +72,26 @@ def validate(config) -> None:
             f"mesh's {ways} batch shards (mesh.data * mesh.fsdp * mesh.expert)"
         )
     common.micro_batches(config, "pretrain", p.batch_size)
+    m = config.model
+    if m.path or m.get("router_bias_rate", 0.0) or m.get("capacity_factor", 0.0):
+        raise common.ConfigError(
+            "pretraining trains the toy base from scratch (pretrain.arch); model.path, "
+            "model.router_bias_rate and model.capacity_factor do not apply (to train from a "
+            f"checkpoint, use --stage=sft), got {m.path!r}, {m.get('router_bias_rate')}, "
+            f"{m.get('capacity_factor')}"
+        )
+    if not p.tasks:  # (the corpus would fall back to every built-in task)
+        raise common.ConfigError("pretrain.tasks must name at least one built-in task")
     common.builtin_tasks(p, "pretrain")
     mix = p.mix.to_dict()
     if (
         set(mix) - set(corpus.DOC_KINDS)
-        or min(mix.values(), default=-1) < 0
+        or not all(math.isfinite(w) and w >= 0 for w in mix.values())
         or not any(mix.values())
     ):
         raise common.ConfigError(
-            f"pretrain.mix must give non-negative weights to {corpus.DOC_KINDS} with a positive "
-            f"sum, got {mix}"
+            f"pretrain.mix must give finite non-negative weights to {corpus.DOC_KINDS} with a "
+            f"positive sum, got {mix}"
         )
     if not 0.0 <= p.r1_tag_rate <= 1.0:
         raise common.ConfigError(f"pretrain.r1_tag_rate must be in [0, 1], got {p.r1_tag_rate}")
