@@ -124,6 +124,11 @@ def main(argv: list[str] | None = None) -> None:
             sharding.initialize_distributed()  # before any device is touched
         except ValueError as e:  # a half-set multi-host environment
             sys.exit(f"error: {e}")
+        if jax.process_index() != 0:  # (until the stage's own logging: validation's warnings
+            # were printed once per host, in absl's format)
+            quiet = logging.getLogger("r1jax")
+            quiet.addHandler(logging.NullHandler())
+            quiet.propagate = False
         from r1jax.stages import common
 
         common.enable_compilation_cache()

@@ -10,6 +10,7 @@ callback, orbax's coordinated checkpoints, process-0-only logging).
 import json
 import os
 import re
+import shutil
 import time
 
 import numpy as np
@@ -595,6 +596,42 @@ def test_data_that_differs_between_hosts_is_refused_on_every_process(toy, tmp_pa
     for i in range(2):
         last = sh.read(str(tmp_path / f"p{i}.err")).strip().splitlines()[-1]
         assert "differs on process(es) [1]" in last, last
+    # The same for a model folder whose tokenizer files differ on one host (same weights and
+    # config.json, which were all its check read): the hosts templated the prompts apart.
+    address, procs = f"127.0.0.1:{sh.free_port()}", []
+    for i in range(2):
+        model = tmp_path / f"model{i}"
+        shutil.copytree(os.path.join(toy[0], "toy_base"), model)
+        if i:
+            settings = json.loads((model / "tokenizer_config.json").read_text())
+            settings["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}x"
+            (model / "tokenizer_config.json").write_text(json.dumps(settings))
+        args = ["--stage=eval", f"--workdir={tmp_path / 'run2'}", f"--config.model.path={model}"]
+        args += ["--config.data.template=chat"]
+        procs.append(sh.popen(args, _process_env(toy[0], address, i), str(tmp_path / f"q{i}")))
+    codes, seconds = _exit_codes(procs)
+    assert codes == [1, 1], codes
+    for i in range(2):
+        last = sh.read(str(tmp_path / f"q{i}.err")).strip().splitlines()[-1]
+        assert "prompts as templated and tokenised" in last and "process(es) [1]" in last, last
+
+
+def test_a_warning_while_the_config_is_validated_is_printed_by_process_0_only(toy, tmp_path):
+    """Validation runs before the stage's logging (process 0 to the console): its warnings were
+    printed by every host, in absl's format. (Each process is given its own workdir here, which
+    is refused next: nothing compiles.)"""
+    address, procs = f"127.0.0.1:{sh.free_port()}", []
+    for i in range(2):
+        args = ["--stage=sft", f"--workdir={tmp_path / f'run{i}'}"]
+        args += ["--config.model.param_dtype=bfloat16"]
+        procs.append(sh.popen(args, _process_env(toy[0], address, i), str(tmp_path / f"p{i}")))
+    codes, seconds = _exit_codes(procs)
+    assert codes == [1, 1], codes
+    warned = [
+        [x for x in sh.read(str(tmp_path / f"p{i}.err")).splitlines() if "param_dtype" in x]
+        for i in range(2)
+    ]
+    assert len(warned[0]) == 1 and warned[1] == [], warned
 
 
 LOCAL_BATCH_SCRIPT = """

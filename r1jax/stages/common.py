@@ -1596,6 +1596,20 @@ class PromptSet:
         self.stop_token_ids = toks.stop_token_ids(tokenizer)
         self.num_tokens = len(tokenizer)  # ids past it (a padded embedding) are never sampled
         self.stop_strings = toks.StopStrings.for_tokenizer(tokenizer, data_config.stop_strings)
+        # Each host templates and tokenises with its own copy of the tokenizer files, which the
+        # model folder's check (its weights and config) does not cover: a chat template or
+        # tokenizer that differs on one host would mix two prompt formats into every batch.
+        check_same_on_every_process(
+            f"the {split + ' ' if split else ''}prompts as templated and tokenised (the model "
+            "folder's tokenizer files, or the tokenizers library)",
+            lambda: [
+                self.fingerprint(),
+                self.completion_prefix,
+                self.stop_token_ids,
+                self.num_tokens,
+                self.pad_id,
+            ],  # fmt: skip
+        )
 
     def __len__(self) -> int:
         return len(self.rows)

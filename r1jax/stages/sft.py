@@ -356,6 +356,13 @@ def train_on_pairs(
         "model.path": common.model_fingerprint(config.model.path),  # (the model it trains)
         **common.optimizer_layout(config),
     }
+    # (each host tokenises with its own copy of the tokenizer files, which the model folder's
+    # check does not cover: rows tokenised differently would be mixed into every batch)
+    common.check_same_on_every_process(
+        f"the {section} examples as tokenised (the model folder's tokenizer files, or the "
+        "tokenizers library)",
+        lambda: data_order["data"],
+    )
     if section == "distill":  # the loss: trace SFT or KL to a teacher (one series, not both)
         # By content, as RL's reference model: a moved teacher is the same one, a replaced one
         # is not. (A new key: checkpoints that recorded the teacher's path are not compared.)
