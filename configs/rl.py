@@ -57,7 +57,7 @@ def get_config(arg=None):
     # optim.warmup_steps counts optimizer steps: M times as many per GRPO step.
     r.num_mini_batches = 1
     # KL weight to the reference model (0 = reference not loaded). The toy model needs a strong
-    # anchor: at 0 it collapses to short constant answers (see the README's pipeline section).
+    # anchor: at 0 it collapses to short constant answers (README, "Deviations from the paper").
     r.beta = 0.2
     r.epsilon_low = 0.2  # clip ratio below at 1 - epsilon_low (>= 1: no lower clip)
     r.epsilon_high = 0.2  # clip ratio above at 1 + epsilon_high (> low: DAPO clip-higher)
