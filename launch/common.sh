@@ -97,12 +97,18 @@ check_env_pair() {
 
 # Inspect the arguments meant for `python -m r1jax.launch` before anything is started on a
 # cluster: a missing or misspelt stage should fail here, not on 16 hosts a minute later.
-# Sets R1JAX_STAGE and R1JAX_WORKDIR (empty when --workdir is absent). A --flagfile=F is read
-# here too (the same path must hold the same file on the hosts).
+# Sets R1JAX_STAGE and R1JAX_WORKDIR (empty when --workdir is absent). A --flagfile read here
+# is looked into too (r1jax reads it again on the hosts, at that path there).
 check_r1jax_args() {
   R1JAX_STAGE=""
   R1JAX_WORKDIR=""
+  R1JAX_FLAGFILES_SEEN=""
+  R1JAX_FLAGFILE_UNREAD=""
   scan_r1jax_args "$@"
+  if [ -z "$R1JAX_STAGE" ] && [ -n "$R1JAX_FLAGFILE_UNREAD" ]; then
+    die "no --stage in the r1jax arguments, and --flagfile=$R1JAX_FLAGFILE_UNREAD is not" \
+      "readable here to look for one; give --stage after '--' (stages: $R1JAX_STAGES)"
+  fi
   if [ -z "$R1JAX_STAGE" ]; then
     die "no --stage in the r1jax arguments; put them after '--', e.g. -- --stage=rl" \
       "(stages: $R1JAX_STAGES)"
@@ -113,27 +119,44 @@ check_r1jax_args() {
   esac
 }
 
+# The flags of check_r1jax_args, a flagfile's lines included (absl's format: one flag per line,
+# blank lines and # or // comments skipped; a file already read is not read again, so a flagfile
+# that names itself ends).
 scan_r1jax_args() {
-  local expect="" arg flags=()
+  local expect="" arg path line flags
   for arg in "$@"; do
+    path=""
     case "$expect" in
       stage) R1JAX_STAGE="$arg" expect="" && continue ;;
       workdir) R1JAX_WORKDIR="$arg" expect="" && continue ;;
+      flagfile) path="$arg" expect="" ;;
     esac
-    case "$arg" in
-      --stage=*) R1JAX_STAGE="${arg#--stage=}" ;;
-      --stage) expect=stage ;;
-      --workdir=*) R1JAX_WORKDIR="${arg#--workdir=}" ;;
-      --workdir) expect=workdir ;;
-      --flagfile=*)
-        arg="${arg#--flagfile=}"
-        arg="${arg/#\~/$HOME}"
-        [ -r "$arg" ] || die "--flagfile=$arg: no such file here"
-        mapfile -t flags < <(sed -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' "$arg" |
-          grep -v -e '^$' -e '^#' -e '^//')
-        [ "${#flags[@]}" = 0 ] || scan_r1jax_args "${flags[@]}"
-        ;;
-    esac
+    if [ -z "$path" ]; then
+      case "$arg" in
+        --stage=* | -stage=*) R1JAX_STAGE="${arg#*=}" ;;
+        --stage | -stage) expect=stage ;;
+        --workdir=* | -workdir=*) R1JAX_WORKDIR="${arg#*=}" ;;
+        --workdir | -workdir) expect=workdir ;;
+        --flagfile=* | -flagfile=*) path="${arg#*=}" ;;
+        --flagfile | -flagfile) expect=flagfile ;;
+      esac
+      [ -n "$path" ] || continue
+    fi
+    path="${path/#\~/$HOME}"
+    case "$R1JAX_FLAGFILES_SEEN" in *"|$path|"*) continue ;; esac
+    if [ ! -r "$path" ]; then  # (it may exist on the hosts only: r1jax reads it there)
+      R1JAX_FLAGFILE_UNREAD="$path"
+      continue
+    fi
+    R1JAX_FLAGFILES_SEEN="$R1JAX_FLAGFILES_SEEN|$path|"
+    flags=()
+    while IFS= read -r line || [ -n "$line" ]; do  # (no mapfile in bash 3.2)
+      line="${line#"${line%%[![:space:]]*}"}"
+      line="${line%"${line##*[![:space:]]}"}"
+      case "$line" in "" | "#"* | "//"*) continue ;; esac
+      flags+=("$line")
+    done <"$path"
+    [ "${#flags[@]}" = 0 ] || scan_r1jax_args "${flags[@]}"
   done
 }
 

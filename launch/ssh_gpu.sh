@@ -198,7 +198,10 @@ prefix_lines() {
 PIDS=()
 # A closed terminal (SIGHUP) stops the ranks too: they would run on unseen, their logs cut, with
 # nothing left to stop them. Under nohup or tmux a run outlives its terminal.
-trap 'echo "Interrupted; stopping every rank." >&2; stop_all; exit 130' INT TERM HUP
+# (The message may fail to reach a closed terminal: that must not end the launcher, set -e,
+# before the ranks are stopped.)
+trap '{ echo "Interrupted; stopping every rank." >&2 || true; } 2>/dev/null; stop_all; exit 130' \
+  INT TERM HUP
 
 LOG_DIR="${LOG_DIR:-r1jax-ssh-logs/$RUN_ID}"
 mkdir -p "$LOG_DIR"

@@ -33,25 +33,32 @@ LOCAL_WORKDIR_STAGES = {
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def _with_flagfiles(argv: list[str]) -> list[str]:
-    """argv with each --flagfile=F's flags in its place (absl's file of flags: one per line,
-    blank lines and lines starting with # or // skipped; a flagfile may name another).
+def _with_flagfiles(argv: list[str], reading: tuple[str, ...] = ()) -> list[str]:
+    """argv with each --flagfile=F (or "--flagfile F") replaced by its flags (absl's file of
+    flags: one per line, blank lines and lines starting with # or // skipped; a flagfile may
+    name another; one that names a file being read is skipped, as absl skips it).
 
     Raises:
       SystemExit: a flagfile that cannot be read, named in one line.
     """
-    out = []
-    for arg in argv:
+    out, i = [], 0
+    while i < len(argv):
+        arg, i = argv[i], i + 1
+        if arg in ("--flagfile", "-flagfile") and i < len(argv):
+            arg, i = f"--flagfile={argv[i]}", i + 1
         if not arg.startswith(("--flagfile=", "-flagfile=")):
             out.append(arg)
             continue
-        path = os.path.expanduser(arg.split("=", 1)[1])
+        path = os.path.abspath(os.path.expanduser(arg.split("=", 1)[1]))
+        if path in reading:
+            continue
         try:
             with open(path) as f:
                 lines = [line.strip() for line in f]
         except OSError as e:
             sys.exit(f"error: --flagfile={path}: {e.strerror or e}")
-        out += _with_flagfiles([x for x in lines if x and not x.startswith(("#", "//"))])
+        lines = [x for x in lines if x and not x.startswith(("#", "//"))]
+        out += _with_flagfiles(lines, (*reading, path))
     return out
 
 

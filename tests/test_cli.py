@@ -186,6 +186,10 @@ def test_the_stage_may_come_from_a_flagfile(tmp_path):
     assert argv == ["x", "--stage=eval", "--config.eval.num_prompts=2", "--config.seed=1"]
     argv = launch._with_default_config(argv)
     assert argv[1] == f"--config={os.path.join(launch.CONFIG_DIR, 'eval.py')}"
+    # "--flagfile F" as absl reads it; a flagfile naming itself ends (a RecursionError).
+    loop = tmp_path / "loop.txt"
+    loop.write_text(f"--stage=eval\n--flagfile={loop}\n")
+    assert launch._with_flagfiles(["x", "--flagfile", str(loop)]) == ["x", "--stage=eval"]
     # A --config in a flagfile is the config (--help listed the default's fields; a missing
     # file there, or a missing flagfile, was a 40-line traceback).
     outer = tmp_path / "outer.txt"

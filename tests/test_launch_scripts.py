@@ -319,7 +319,7 @@ def test_executable_with_strict_mode_and_help(script):
         ("slurm_gpu.sh", ["submit", "--nodes", "2"], "no r1jax arguments"),
         ("ssh_gpu.sh", ["--", "--stage=rl"], "no hosts"),
         ("ssh_gpu.sh", ["--hosts", "a,b", "--", "--config.x=1"], "no --stage"),
-        ("ssh_gpu.sh", ["--hosts", "a", "--", "--flagfile=/nonexistent"], "no such file here"),
+        ("ssh_gpu.sh", ["--hosts", "a", "--", "--flagfile=/nonexistent"], "not readable here"),
         ("ssh_gpu.sh", ["--hosts", ",", "--", "--stage=rl"], "host list is empty"),
         ("ssh_gpu.sh", ["--hostfile", "/nonexistent", "--", "--stage=rl"], "does not exist"),
         ("ssh_gpu.sh", ["--hosts", "a", "--port", "http", "--", "--stage=rl"], "--port"),
@@ -510,6 +510,14 @@ def test_ssh_dry_run_prints_one_ssh_per_host(env, tmp_path):
         )
         assert out.returncode == status, out.stderr
     assert "unknown stage 'grpo'" in out.stderr
+    # A flagfile that names itself ends (it recursed forever), "--flagfile F" is read as absl
+    # reads it, and one only the hosts have passes when --stage is on the command line.
+    flags.write_text(f"--stage=eval\n--flagfile={flags}\n")
+    out = launch("ssh_gpu.sh", "--hosts", "a", "--dry-run", "--", "--flagfile", str(flags), env=env)
+    assert out.returncode == 0, out.stderr
+    args = ["--stage=rl", "--flagfile=/on/the/hosts.flags"]
+    out = launch("ssh_gpu.sh", "--hosts", "a", "--dry-run", "--", *args, env=env)
+    assert out.returncode == 0 and "--flagfile=/on/the/hosts.flags" in out.stdout, out.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,15 +613,13 @@ def interrupt(script, *args, env, sig=signal.SIGINT):
             os.killpg(launcher.pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
-def test_ssh_ctrl_c_stops_every_rank(env, tmp_path, sig):
+def test_ssh_ctrl_c_stops_every_rank(env, tmp_path):
     # Ranks that ignore SIGTERM (hung, never reaching the step end where it acts) kept running
-    # after Ctrl-C: SIGKILL follows after --stop-grace. A closed terminal (SIGHUP) left every
-    # rank running unseen, with nothing to stop them.
+    # after Ctrl-C: SIGKILL follows after --stop-grace.
     env.update(FAKE_SLEEP="60", FAKE_IGNORE_TERM="1")
     args = ["--hosts", "gpu-a,gpu-b", "--python", env["FAKE_PYTHON"], "--log-dir", str(tmp_path)]
     args += ["--stop-grace", "2"]
-    status, pids = interrupt("ssh_gpu.sh", *args, "--", "--stage=rl", env=env, sig=sig)
+    status, pids = interrupt("ssh_gpu.sh", *args, "--", "--stage=rl", env=env)
     try:
         assert status == 130
         assert all(wait_dead(p) for p in pids), "a rank kept running after Ctrl-C"
@@ -621,6 +627,37 @@ def test_ssh_ctrl_c_stops_every_rank(env, tmp_path, sig):
         for p in pids:
             if alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_ssh_a_closed_terminal_stops_every_rank(env, tmp_path):
+    """The launcher's terminal closes (SIGHUP; writes to it fail from then on): every rank ran
+    on unseen, with nothing left to stop it, first for want of a SIGHUP trap, then because the
+    trap's message to the closed terminal failed and set -e ended the launcher before the stop."""
+    import pty
+
+    env.update(FAKE_SLEEP="60", FAKE_IGNORE_TERM="1")
+    args = ["--hosts", "gpu-a,gpu-b", "--python", env["FAKE_PYTHON"], "--log-dir", str(tmp_path)]
+    args = ["bash", str(LAUNCH / "ssh_gpu.sh"), *args, "--stop-grace", "2", "--", "--stage=rl"]
+    pid, terminal = pty.fork()
+    if pid == 0:  # (the child: the launcher, on the terminal)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.execvpe("bash", args, env)
+    pids, ended = [], False
+    try:
+        pids = [r["pid"] for r in python_records(env, 2)]
+        os.close(terminal)
+        deadline = time.monotonic() + 30
+        while not ended and time.monotonic() < deadline:
+            ended = os.waitpid(pid, os.WNOHANG)[0] == pid
+            time.sleep(0.1)
+        assert all(wait_dead(p) for p in pids), "a rank kept running after the terminal closed"
+    finally:
+        for p in pids:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+        if not ended:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 def test_ssh_ctrl_c_keeps_what_the_ranks_print_while_they_stop(env, tmp_path):

@@ -491,9 +491,10 @@ def test_language_reward_cannot_be_hidden_in_math_or_code_spans():
         "因为 AB = AC，所以 △ABC 是等腰三角形。",
         "首先，AB=5，BC=12，那么 AC=13。",
         "所以 sin x = 1/2，log 2 和 gcd(4, 6) 都算。",
+        "因为 ＡＢ＝ＡＣ，所以 tg x 和 arg z 都是。",  # (fullwidth, as an input method types)
     ]
     rows = [f"<think>{t}</think>" for t in labelled]
-    assert language_consistency_reward(rows, language="zh") == [1.0] * 3
+    assert language_consistency_reward(rows, language="zh") == [1.0] * 4
     assert word_scripts("因为 ABCD 是 square") == ["han", "han", "latin", "han", "latin"]
     # Math written with Unicode symbols is not a foreign language; an escaped dollar is a price.
     math = ["So the area is $x² + y² = r²$ and", "Let $f: ℝ → ℝ$ with $f(x_₁) = ½$", "$ℓ$ aⁿ"]
@@ -1112,6 +1113,27 @@ def test_host_callback_inside_jit_on_a_sharded_batch():
     np.testing.assert_allclose(per_reward, direct.per_reward)
     np.testing.assert_allclose(centred, direct.total - direct.total.mean(), atol=1e-6)
     assert per_reward.shape == (3, 8) and math.isclose(float(per_reward[0, 4]), 1.0)
+
+
+def test_only_a_completion_cut_off_at_the_budget_takes_the_exceed_length_penalty():
+    """The bridge tells the rewards which completions filled the budget without a stop token:
+    one that ended with its stop token exactly at the budget scored -1 as if cut off (lengths
+    alone cannot tell them apart)."""
+    from r1jax.rewards import HostRewardBridge, build_reward_fn
+
+    spec = {"max_len": 4, "exceed_length": -1.0}
+    fn = build_reward_fn([("cosine_scaled", 1.0, spec)], num_workers=0)
+    eos = 9
+    words = {1: "<answer>4</answer>", 2: "<answer>5</answer>", eos: ""}
+    bridge = HostRewardBridge(
+        fn, lambda ids: ["".join(words[t] for t in x) for x in ids], {"solution": ["4"]}, [eos]
+    )
+    tokens = np.array([[1, 0, 0, eos], [1, 0, 0, 0], [1, 0, eos, 0], [2, 0, 0, 0]], np.int32)
+    words[0] = " so"
+    total, _ = bridge.score_host(tokens, np.array([4, 4, 3, 4]), np.zeros(4, np.int32))
+    # right, stop token at the budget: the cosine's end (0.5); right or wrong, cut off: -1
+    assert total[0] == pytest.approx(0.5) and total[1] == -1.0 and total[3] == -1.0
+    assert total[2] == pytest.approx(0.5 + 0.5 * 0.5 * (1 + np.cos(np.pi * 3 / 4)))
 
 
 def test_tag_regions_match_the_lazy_regex_and_survive_thousands_of_unclosed_tags():

@@ -656,6 +656,9 @@ class HostRewardBridge:
         tokenizer.batch_decode, skip_special_tokens=True)``).
       columns: the dataset columns, ``{name: [N] values}``, indexed by the row ids passed at call
         time (e.g. the prompts of the current step, or the whole dataset).
+      stop_token_ids: the ids that end a completion: the rewards get ``completion_truncated``,
+        [B] whether completion b filled the token budget (the tokens' width) without ending in
+        one (a stop string ending exactly at the budget counts as cut off).
     """
 
     def __init__(
@@ -663,6 +666,7 @@ class HostRewardBridge:
         reward_fn: RewardFunction,
         decode: Callable[[list[list[int]]], list[str]],
         columns: Mapping[str, Sequence[Any]] | None = None,
+        stop_token_ids: Sequence[int] = (),
     ):
         on_device = [s.name for s in reward_fn.specs if getattr(s.fn, "runs_on_device", False)]
         if on_device:
@@ -674,6 +678,7 @@ class HostRewardBridge:
         self.reward_fn = reward_fn
         self.decode = decode
         self.columns = dict(columns or {})
+        self.stop_token_ids = frozenset(int(i) for i in stop_token_ids)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -699,6 +704,10 @@ class HostRewardBridge:
             rows = np.asarray(row_ids).tolist()
             columns = {k: [v[i] for i in rows] for k, v in self.columns.items()}
         columns["completion_ids"] = ids
+        budget = tokens.shape[1]
+        columns["completion_truncated"] = [
+            len(x) >= budget and (not x or x[-1] not in self.stop_token_ids) for x in ids
+        ]
         out = self.reward_fn(texts, **columns)
         return out.total, out.per_reward
 

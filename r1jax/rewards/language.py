@@ -83,8 +83,8 @@ LANGUAGE_SCRIPTS: dict[str, frozenset[str]] = {
 }
 # Latin words that are math in any language's prose (see the module docstring).
 _MATH_NAMES = frozenset(
-    "sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh log ln lg exp "
-    "gcd lcm mod max min lim det".split()
+    "sin cos tan cot sec csc tg ctg arcsin arccos arctan sinh cosh tanh log ln lg exp "
+    "gcd lcm mod max min lim det arg deg sgn".split()
 )
 _ALIASES = {"english": "en", "chinese": "zh", "japanese": "ja", "korean": "ko", "russian": "ru"}
 
@@ -126,7 +126,9 @@ def word_scripts(text: str) -> list[str]:
 
 
 def _is_math_label(word: str) -> bool:
-    """A Latin run that is a variable, a point's, segment's or triangle's name, or a function's."""
+    """A Latin run that is a variable, a point's, segment's or triangle's name, or a function's
+    (fullwidth forms, as a Chinese input method types them, read as ASCII)."""
+    word = unicodedata.normalize("NFKC", word)
     return (
         len(word) == 1 or (len(word) <= 3 and word.isascii() and word.isupper())
     ) or word in _MATH_NAMES

@@ -58,15 +58,18 @@ def cosine_scaled_reward(
     A completion cut off at the budget gets the wrong end point, ``max_value_wrong``, the mildest
     penalty: better than any short wrong answer, so "never answer, run to the limit" pays when
     the model is unsure. The paper adds an exceed-length penalty for it: ``exceed_length``, the
-    reward of every completion of ``max_len`` or more whatever its answer (the RL stage sets it
-    to ``min_value_wrong``; open-r1 has none, the default).
+    reward of every completion cut off, whatever its answer (the RL stage sets it to
+    ``min_value_wrong``; open-r1 has none, the default). Cut off: the batch's
+    ``completion_truncated`` column (``compose.HostRewardBridge`` passes it: the budget filled
+    without a stop token), else a length of ``max_len`` or more.
 
     Args:
       completions: [B] strings or chat-message lists.
       max_len: length at which the cosine reaches its end point (tokens, or characters when the
         batch has no ``completion_ids``).
       exceed_length: the reward at ``max_len`` or beyond (None: the cosine's end point).
-      **columns: needs ``solution`` (see ``accuracy_reward``); uses ``completion_ids`` if present.
+      **columns: needs ``solution`` (see ``accuracy_reward``); uses ``completion_ids`` and
+        ``completion_truncated`` if present.
     Returns:
       [B] floats; ``None`` where neither can check the row.
     """
@@ -78,12 +81,15 @@ def cosine_scaled_reward(
         by_answer = accuracy_reward(texts, **columns)
         correct = [a if c is None else c for c, a in zip(correct, by_answer, strict=True)]
     lengths = _lengths(texts, columns) or [len(t) for t in texts]
+    cut = columns.get("completion_truncated")
+    if cut is None:
+        cut = [n >= max_len for n in lengths]
     rewards: list[float | None] = []
-    for acc, length in zip(correct, lengths, strict=True):
+    for acc, length, cut_off in zip(correct, lengths, cut, strict=True):
         if acc is None:
             rewards.append(None)
             continue
-        if exceed_length is not None and length >= max_len:
+        if exceed_length is not None and cut_off:
             rewards.append(float(exceed_length))
             continue
         cosine = math.cos(math.pi * min(length / max_len, 1.0))

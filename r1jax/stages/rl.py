@@ -424,7 +424,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
 
     # -- the rule rewards that score the completions --
     decode = functools.partial(_decode, tokenizer, train_set.completion_prefix)
-    scorer = _reward_bridge(reward_fn, decode, train_set.columns)
+    scorer = _reward_bridge(reward_fn, decode, train_set.columns, train_set.stop_token_ids)
     reward_model = common.load_reward_model(config.reward_model, mesh)  # None: off
     if reward_model is not None:
         # The rows it scores: by default the general prompts, those no correctness rule checks.
@@ -628,7 +628,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
 _BRIDGES: dict[tuple[str, ...], rewards.HostRewardBridge] = {}
 
 
-def _reward_bridge(reward_fn, decode, columns) -> rewards.HostRewardBridge:
+def _reward_bridge(reward_fn, decode, columns, stop_token_ids) -> rewards.HostRewardBridge:
     """The host reward bridge of this run, re-pointed at its rewards, tokenizer and dataset.
 
     The compiled rollout program (`grpo._rollout_program`) is cached per bridge object, and its
@@ -639,9 +639,10 @@ def _reward_bridge(reward_fn, decode, columns) -> rewards.HostRewardBridge:
     the same reward names and shapes share one compiled rollout. Runs are sequential (each run
     has fetched its last rollout's metrics before the next starts), so re-pointing is safe.
     """
-    fresh = rewards.HostRewardBridge(reward_fn, decode, columns=columns)  # validates reward_fn
+    fresh = rewards.HostRewardBridge(reward_fn, decode, columns, stop_token_ids)  # (validates)
     bridge = _BRIDGES.setdefault(reward_fn.names, fresh)
     bridge.reward_fn, bridge.decode, bridge.columns = fresh.reward_fn, fresh.decode, fresh.columns
+    bridge.stop_token_ids = fresh.stop_token_ids
     return bridge
 
 
