@@ -2420,6 +2420,13 @@ def test_a_dynamically_sampled_run_resumes_at_its_prompt_batch(toy, tmp_path):
     rows = sh.metric_rows(tmp_path / "whole")[1:]
     rounds = [int(r["dynamic_sampling/rounds"]) for r in rows]
     assert max(rounds) > 1 and all(1 <= n <= 3 for n in rounds), rounds
+    # A step of a number of rounds seen before compiles nothing; of a new number, its gather and
+    # its pooled reward statistics at most. (Not the last step: the evaluation compiles there.)
+    with open(tmp_path / "whole" / "metrics.jsonl") as f:
+        counts = [r["compiles"] for r in map(json.loads, f) if "dynamic_sampling/rounds" in r]
+    new = [int(b - a) for a, b in zip(counts, counts[1:], strict=False)]
+    for i, n in enumerate(new[:-1], start=1):
+        assert n <= (2 if rounds[i] not in rounds[:i] else 0), (rounds, new)
     with checkpoint.Checkpointer(str(tmp_path / "whole" / "checkpoints")) as ckpt:
         assert ckpt.read_extra()["prompt_batches"] == sum(rounds)
     # Killed after step 2's checkpoint: step 3 samples the batches the whole run's did.

@@ -786,17 +786,24 @@ def dynamic_sampling(rollout, cfg: grpo.GRPOConfig, max_rounds: int, names: Sequ
             merged[k] = pick([r[k] for r in rows])
     if len(draws) > 1:  # (pooled: a mean of the rounds' means would weigh a reward's rows by
         # the round they fell in, one code row of one round as much as 15 of another)
-        pooled = grpo.reward_metrics(
+        pooled = _pooled_reward_metrics(
             np.concatenate([sharding.to_host(d.rewards) for d in draws]),
             np.concatenate([sharding.to_host(d.per_reward) for d in draws]).T,
-            names,
-            G,
-            cfg.scale_rewards,
+            names=tuple(names),
+            group_size=G,
+            scale=cfg.scale_rewards,
         )
         merged.update({k: float(v) for k, v in jax.device_get(pooled).items()})
     merged["dynamic_sampling/rounds"] = float(len(draws))
     merged["dynamic_sampling/filled"] = filled / P
     return batch, merged, len(draws)
+
+
+@functools.partial(jax.jit, static_argnames=("names", "group_size", "scale"))
+def _pooled_reward_metrics(rewards, per_reward, *, names, group_size, scale):
+    """`grpo.reward_metrics` as one program per number of rounds (run eagerly, its ~40 small
+    operations each compiled once per shape)."""
+    return grpo.reward_metrics(rewards, per_reward, names, group_size, scale)
 
 
 def _headline(row: dict[str, Any], names: tuple[str, ...]) -> dict[str, float]:
