@@ -638,26 +638,25 @@ def test_ssh_a_closed_terminal_stops_every_rank(env, tmp_path):
     env.update(FAKE_SLEEP="60", FAKE_IGNORE_TERM="1")
     args = ["--hosts", "gpu-a,gpu-b", "--python", env["FAKE_PYTHON"], "--log-dir", str(tmp_path)]
     args = ["bash", str(LAUNCH / "ssh_gpu.sh"), *args, "--stop-grace", "2", "--", "--stage=rl"]
-    pid, terminal = pty.fork()
-    if pid == 0:  # (the child: the launcher, on the terminal)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.execvpe("bash", args, env)
-    pids, ended = [], False
+    terminal, its_end = pty.openpty()
+    # (setsid -c: a session whose controlling terminal is the pty, without forking this process)
+    launcher = subprocess.Popen(
+        ["setsid", "-c", *args], stdin=its_end, stdout=its_end, stderr=its_end, env=env
+    )
+    os.close(its_end)
+    pids = []
     try:
         pids = [r["pid"] for r in python_records(env, 2)]
         os.close(terminal)
-        deadline = time.monotonic() + 30
-        while not ended and time.monotonic() < deadline:
-            ended = os.waitpid(pid, os.WNOHANG)[0] == pid
-            time.sleep(0.1)
+        launcher.wait(timeout=30)
         assert all(wait_dead(p) for p in pids), "a rank kept running after the terminal closed"
     finally:
         for p in pids:
             if alive(p):
                 os.kill(p, signal.SIGKILL)
-        if not ended:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
 
 
 def test_ssh_ctrl_c_keeps_what_the_ranks_print_while_they_stop(env, tmp_path):
