@@ -67,7 +67,7 @@ def cosine_scaled_reward(
       completions: [B] strings or chat-message lists.
       max_len: length at which the cosine reaches its end point (tokens, or characters when the
         batch has no ``completion_ids``).
-      exceed_length: the reward at ``max_len`` or beyond (None: the cosine's end point).
+      exceed_length: the reward of a completion cut off (None: the cosine's end point).
       **columns: needs ``solution`` (see ``accuracy_reward``); uses ``completion_ids`` and
         ``completion_truncated`` if present.
     Returns:

@@ -754,6 +754,7 @@ def dynamic_sampling(rollout, cfg: grpo.GRPOConfig, max_rounds: int, names: Sequ
     """
     G = cfg.num_generations
     draws, rows, kept, spare = [], [], [], []
+    drawn_rewards = []  # [B] per round, on the host (read once: a collective across processes)
     P = 0
     while not draws or (len(kept) < P and len(draws) < max_rounds):
         d = len(draws)
@@ -761,7 +762,8 @@ def dynamic_sampling(rollout, cfg: grpo.GRPOConfig, max_rounds: int, names: Sequ
         P = rollouts.rewards.shape[0] // G
         draws.append(rollouts)
         rows.append(jax.device_get(rollout_metrics))
-        differ = grpo.informative_groups(sharding.to_host(rollouts.rewards), G)
+        drawn_rewards.append(sharding.to_host(rollouts.rewards))
+        differ = grpo.informative_groups(drawn_rewards[-1], G)
         kept += [(d, int(g)) for g in np.flatnonzero(differ)]
         spare += [(d, int(g)) for g in np.flatnonzero(~differ)]
     picks = sorted(kept[:P] + spare[: max(0, P - len(kept))])  # (in the order drawn)
@@ -787,7 +789,7 @@ def dynamic_sampling(rollout, cfg: grpo.GRPOConfig, max_rounds: int, names: Sequ
     if len(draws) > 1:  # (pooled: a mean of the rounds' means would weigh a reward's rows by
         # the round they fell in, one code row of one round as much as 15 of another)
         pooled = _pooled_reward_metrics(
-            np.concatenate([sharding.to_host(d.rewards) for d in draws]),
+            np.concatenate(drawn_rewards),
             np.concatenate([sharding.to_host(d.per_reward) for d in draws]).T,
             names=tuple(names),
             group_size=G,
