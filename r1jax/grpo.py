@@ -23,8 +23,9 @@ Notable choices:
   DeepSeekMath paper); `bnpo` averages all completion tokens of the (micro-)batch it is given, as
   TRL's per-device batch (so the micro-batch count is part of its objective); `dr_grpo` divides the
   token sum by `B * max_completion_length` (Dr. GRPO, no length bias); `dapo` divides the token sum
-  by the completion-token count of the whole generation batch, passed as `num_items_in_batch` so
-  that micro-batch losses *sum* to the full-batch loss under gradient accumulation. For the other
+  by the completion-token count of the optimizer step's batch (the whole generation batch, or
+  one mini-batch of it), passed as `num_items_in_batch` so that micro-batch losses *sum* to that
+  batch's loss under gradient accumulation. For the other
   three types the step averages micro-batch losses (TRL divides by the accumulation steps).
 - Positions where `mask == 0` are replaced by zeros before any arithmetic, so padding can hold
   anything (even -inf) without a NaN reaching the loss or the gradient; prompt and pad positions
@@ -322,9 +323,9 @@ def policy_loss(
         epsilon_low is DAPO's clip-higher (TRL's `epsilon` and `epsilon_high`). Static floats.
       beta: KL weight, static float; 0 drops the KL term.
       max_completion_length: the generation budget; required by "dr_grpo", ignored otherwise.
-      num_items_in_batch: "dapo" only: completion-token count of the whole generation batch (all
-        gradient-accumulation micro-batches, all devices). None uses `mask.sum()`, i.e. this call
-        is the whole batch. May be a traced scalar; clamped to >= 1.
+      num_items_in_batch: "dapo" only: completion-token count of the optimizer step's batch (the
+        generation batch or one mini-batch of it: all its micro-batches, all devices). None uses
+        `mask.sum()`, i.e. this call is the whole batch. May be a traced scalar; clamped to >= 1.
       entropy: optional [B, T] per-token policy entropy, only logged.
     Returns:
       (loss, metrics): loss is a float32 scalar to minimise. metrics holds float32 scalars:
@@ -977,21 +978,21 @@ def _join(floats: Any, rest: Any) -> Any:
 
 
 def _prompts_once(
-    prompt_ids: jax.Array, prompt_mask: jax.Array, cfg: GRPOConfig
+    prompt_ids: jax.Array, prompt_mask: jax.Array, cfg: GRPOConfig, pieces: int
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """[B, Tp] prompts repeated in runs of G -> ([P, Tp] ids and mask, [B] each row's prompt
-    or None).
+    or None), for the B rows split into `pieces` micro-batches.
 
     The row -> prompt map is needed only when micro-batches mix rows of different prompts out of
-    order: with k micro-batches dividing G, micro-batch j (rows j::k) holds every prompt in order
-    with G / k consecutive rows each, which is the prefix cache's own layout (None: no copy).
+    order: with k pieces dividing G, piece j (rows j::k) holds every prompt in order with G / k
+    consecutive rows each, which is the prefix cache's own layout (None: no copy).
     """
     b, g = prompt_ids.shape[0], cfg.num_generations
     if b % g:
         raise ValueError(
             f"shared_prompt_forward needs rows in whole groups of num_generations={g}, got {b} rows"
         )
-    rows = None if g % cfg.num_micro_batches == 0 else jnp.arange(b) // g
+    rows = None if g % pieces == 0 else jnp.arange(b) // g
     return prompt_ids[::g], prompt_mask[::g], rows
 
 
@@ -1011,7 +1012,7 @@ def scoring_logprobs(
     # (the update's micro-batches split a mini-batch: as many rows here, M times as many pieces)
     pieces = cfg.num_micro_batches * cfg.num_mini_batches
     if cfg.shared_prompt_forward:
-        ids, mask, rows = _prompts_once(prompt_ids, prompt_mask, cfg)
+        ids, mask, rows = _prompts_once(prompt_ids, prompt_mask, cfg, pieces)
         prompts = prompt_forward(model, ids, mask)
         micro_batches = train.split_micro_batches((rows, completion_ids, completion_mask), pieces)
         one = lambda micro: logprobs_after_prompts(model, prompts, *micro, **kw)[0]  # noqa: E731
@@ -1360,8 +1361,8 @@ def loss_and_gradients(
         )
     # Each prompt's forward runs once for the whole batch; every micro-batch's completions attend
     # to it, and their gradients w.r.t. it are pulled back through it once.
-    ids, mask, rows = _prompts_once(rollouts.prompt_ids, rollouts.prompt_mask, cfg)
     g, k = cfg.num_generations, cfg.num_micro_batches
+    ids, mask, rows = _prompts_once(rollouts.prompt_ids, rollouts.prompt_mask, cfg, k)
 
     def shared(m):  # differentiable: the cache's float arrays and the last hidden states
         fwd = prompt_forward(m, ids, mask)

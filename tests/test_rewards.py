@@ -1117,8 +1117,9 @@ def test_host_callback_inside_jit_on_a_sharded_batch():
 
 def test_only_a_completion_cut_off_at_the_budget_takes_the_exceed_length_penalty():
     """The bridge tells the rewards which completions filled the budget without a stop token:
-    one that ended with its stop token exactly at the budget scored -1 as if cut off (lengths
-    alone cannot tell them apart)."""
+    one that ended with its stop token or a stop string exactly at the budget scored -1 as if
+    cut off (lengths alone cannot tell them apart)."""
+    from r1jax.data import StopStrings
     from r1jax.rewards import HostRewardBridge, build_reward_fn
 
     spec = {"max_len": 4, "exceed_length": -1.0}
@@ -1134,6 +1135,21 @@ def test_only_a_completion_cut_off_at_the_budget_takes_the_exceed_length_penalty
     # right, stop token at the budget: the cosine's end (0.5); right or wrong, cut off: -1
     assert total[0] == pytest.approx(0.5) and total[1] == -1.0 and total[3] == -1.0
     assert total[2] == pytest.approx(0.5 + 0.5 * 0.5 * (1 + np.cos(np.pi * 3 / 4)))
+
+    # A stop string the last token completes ends the row as the sampler saw it; one the text
+    # holds only across the "<think>" prefilled before the completion does not.
+    words.update({3: "<answer>4</ans", 4: "wer>", 5: "User:"})
+    stops = StopStrings([words.get(i, "") for i in range(10)], ["</answer>", "\nUser:"])
+    bridge = HostRewardBridge(
+        fn,
+        lambda ids: ["<think>\n" + "".join(words[t] for t in x) for x in ids],
+        {"solution": ["4"]},
+        [eos],
+        stops,
+    )
+    tokens = np.array([[0, 0, 3, 4], [5, 0, 0, 0]], np.int32)
+    total, _ = bridge.score_host(tokens, np.array([4, 4]), np.zeros(2, np.int32))
+    assert total[0] == pytest.approx(0.5) and total[1] == -1.0
 
 
 def test_tag_regions_match_the_lazy_regex_and_survive_thousands_of_unclosed_tags():

@@ -327,7 +327,8 @@ def test_rollout_scores_micro_batch_by_micro_batch_with_the_same_log_probs():
     shared_prompt_forward runs each (left-padded) prompt once for its G rows; every row's
     log-probs must be those of the whole-batch forward with each row's own prompt, in the right
     row. The sampler's cache grown from 1 to 2 to 6 slots (decode_first_window=1) samples the
-    same completions as one 6-slot phase."""
+    same completions as one 6-slot phase. Mini-batches split the scoring forwards M times more:
+    with k x M pieces past G (R1's 16 mini-batches of G = 8) each row is copied out."""
     policy_graphdef, policy_state = nnx.split(tiny_model())
     policy = grpo.SamplingPolicy(policy_graphdef, policy_state, sharding.single_device_mesh())
     ref = tiny_model(seed=1)
@@ -337,22 +338,24 @@ def test_rollout_scores_micro_batch_by_micro_batch_with_the_same_log_probs():
     outs = {}
     # Shared prompts with k = 1 and 2 attend to the prefix cache in place; k = 8 > G copies rows.
     variants = (
-        (1, False, 0),
-        (4, False, 0),
-        (1, True, 0),
-        (2, True, 0),
-        (8, True, 0),
-        (2, True, 1),
+        (1, False, 0, 1),
+        (4, False, 0, 1),
+        (1, True, 0, 1),
+        (2, True, 0, 1),
+        (8, True, 0, 1),
+        (2, True, 1, 1),
+        (2, True, 0, 4),
     )
-    for k, shared, window in variants:
+    for k, shared, window, m in variants:
         cfg = grpo.GRPOConfig(
             num_generations=G, num_iterations=2, beta=0.1, max_completion_length=TC,
             num_micro_batches=k, shared_prompt_forward=shared, decode_first_window=window,
+            num_mini_batches=m,
         )  # fmt: skip
         rollouts, _ = grpo.rollout(
             policy, ref, prompts, prompt_mask, jax.random.key(3), EvenTokens(), cfg
         )
-        outs[k, shared, window] = jax.device_get(rollouts)
+        outs[k, shared, window, m] = jax.device_get(rollouts)
     want = outs[variants[0]]
     mask = want.completion_mask.astype(bool)
     for key in variants[1:]:

@@ -303,6 +303,15 @@ class StopStrings:
     def __bool__(self) -> bool:
         return bool(self.strings)
 
+    def stopped(self, ids: Sequence[int]) -> bool:
+        """Whether the sampler's automaton reaches a stop string over these token ids (ids past
+        the table leave the state as it is, as in the sampler)."""
+        q, accept, width = 0, self.table.shape[0] - 1, self.table.shape[1]
+        for t in ids:
+            if 0 <= t < width:
+                q = int(self.table[q, t])
+        return q == accept
+
 
 FORMAT_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 

@@ -656,9 +656,9 @@ class HostRewardBridge:
         tokenizer.batch_decode, skip_special_tokens=True)``).
       columns: the dataset columns, ``{name: [N] values}``, indexed by the row ids passed at call
         time (e.g. the prompts of the current step, or the whole dataset).
-      stop_token_ids: the ids that end a completion: the rewards get ``completion_truncated``,
-        [B] whether completion b filled the token budget (the tokens' width) without ending in
-        one (a stop string ending exactly at the budget counts as cut off).
+      stop_token_ids, stop_strings: what ends a completion, as the sampler was given them (ids;
+        a `data.StopStrings` or None): the rewards get ``completion_truncated``, [B] whether
+        completion b filled the token budget (the tokens' width) without ending in one.
     """
 
     def __init__(
@@ -667,6 +667,7 @@ class HostRewardBridge:
         decode: Callable[[list[list[int]]], list[str]],
         columns: Mapping[str, Sequence[Any]] | None = None,
         stop_token_ids: Sequence[int] = (),
+        stop_strings=None,
     ):
         on_device = [s.name for s in reward_fn.specs if getattr(s.fn, "runs_on_device", False)]
         if on_device:
@@ -679,6 +680,7 @@ class HostRewardBridge:
         self.decode = decode
         self.columns = dict(columns or {})
         self.stop_token_ids = frozenset(int(i) for i in stop_token_ids)
+        self.stop_strings = stop_strings
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -705,11 +707,15 @@ class HostRewardBridge:
             columns = {k: [v[i] for i in rows] for k, v in self.columns.items()}
         columns["completion_ids"] = ids
         budget = tokens.shape[1]
-        columns["completion_truncated"] = [
-            len(x) >= budget and (not x or x[-1] not in self.stop_token_ids) for x in ids
-        ]
+        columns["completion_truncated"] = [self._cut_off(x, budget) for x in ids]
         out = self.reward_fn(texts, **columns)
         return out.total, out.per_reward
+
+    def _cut_off(self, ids: list[int], budget: int) -> bool:
+        """Whether a completion filled the budget without its last token ending it."""
+        if len(ids) < budget or (ids and ids[-1] in self.stop_token_ids):
+            return False
+        return not (self.stop_strings and self.stop_strings.stopped(ids))
 
     def __call__(self, tokens, lengths, row_ids=None):
         """Traced side: [B, T] int32, [B] int32, optional [B] int32 -> ([B], [R, B]) float32."""

@@ -61,7 +61,7 @@ def cosine_scaled_reward(
     reward of every completion cut off, whatever its answer (the RL stage sets it to
     ``min_value_wrong``; open-r1 has none, the default). Cut off: the batch's
     ``completion_truncated`` column (``compose.HostRewardBridge`` passes it: the budget filled
-    without a stop token), else a length of ``max_len`` or more.
+    without a stop token or stop string), else a length of ``max_len`` or more.
 
     Args:
       completions: [B] strings or chat-message lists.

@@ -424,7 +424,8 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
 
     # -- the rule rewards that score the completions --
     decode = functools.partial(_decode, tokenizer, train_set.completion_prefix)
-    scorer = _reward_bridge(reward_fn, decode, train_set.columns, train_set.stop_token_ids)
+    stops = train_set.stop_token_ids, train_set.stop_strings
+    scorer = _reward_bridge(reward_fn, decode, train_set.columns, *stops)
     reward_model = common.load_reward_model(config.reward_model, mesh)  # None: off
     if reward_model is not None:
         # The rows it scores: by default the general prompts, those no correctness rule checks.
@@ -628,7 +629,9 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
 _BRIDGES: dict[tuple[str, ...], rewards.HostRewardBridge] = {}
 
 
-def _reward_bridge(reward_fn, decode, columns, stop_token_ids) -> rewards.HostRewardBridge:
+def _reward_bridge(
+    reward_fn, decode, columns, stop_token_ids, stop_strings
+) -> rewards.HostRewardBridge:
     """The host reward bridge of this run, re-pointed at its rewards, tokenizer and dataset.
 
     The compiled rollout program (`grpo._rollout_program`) is cached per bridge object, and its
@@ -639,10 +642,10 @@ def _reward_bridge(reward_fn, decode, columns, stop_token_ids) -> rewards.HostRe
     the same reward names and shapes share one compiled rollout. Runs are sequential (each run
     has fetched its last rollout's metrics before the next starts), so re-pointing is safe.
     """
-    fresh = rewards.HostRewardBridge(reward_fn, decode, columns, stop_token_ids)  # (validates)
+    fresh = rewards.HostRewardBridge(reward_fn, decode, columns, stop_token_ids, stop_strings)
     bridge = _BRIDGES.setdefault(reward_fn.names, fresh)
     bridge.reward_fn, bridge.decode, bridge.columns = fresh.reward_fn, fresh.decode, fresh.columns
-    bridge.stop_token_ids = fresh.stop_token_ids
+    bridge.stop_token_ids, bridge.stop_strings = fresh.stop_token_ids, fresh.stop_strings
     return bridge
 
 
