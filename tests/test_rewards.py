@@ -695,6 +695,29 @@ def test_extract_code_and_output_matching():
     )
 
 
+def test_extract_code_matches_the_lazy_regex_and_reads_unclosed_fences_once():
+    """Each opener is paired with the first closing fence after it in one pass: the blocks a
+    non-overlapping lazy regex finds, and a degenerate completion of thousands of unclosed
+    openers is read once (the regex rescanned to the end from each: 15 s at 88 kB, on eval's
+    main loop and in every reward worker)."""
+    import random
+    import re
+    import textwrap
+
+    lazy = re.compile(
+        r"```[ \t]*(?:python3?|py)[ \t]*\r?\n(.*?)(?:^[ \t]*```|```[ \t]*\r?$)",
+        re.DOTALL | re.IGNORECASE | re.MULTILINE,
+    )
+    pieces = ["```python\n", "```Py3 \r\n", "```", "``` ", "\n", "\r\n", " ", "x", "</think>"]
+    rng = random.Random(0)
+    for _ in range(5000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        blocks = lazy.findall(text.rpartition("</think>")[2])
+        assert extract_code(text) == (textwrap.dedent(blocks[-1]) if blocks else None), text
+    hostile = "a```python\n" * 200_000  # 2.2 MB, nothing closed
+    assert extract_code(hostile) is None and extract_code("```py\n" + hostile) is None
+
+
 @needs_sandbox
 def test_code_reward_fraction_passed():
     program = "```python\nn = int(input())\nprint(n * 2 if n < 3 else n)\n```"

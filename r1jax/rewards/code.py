@@ -48,10 +48,8 @@ from r1jax.rewards.sandbox import SandboxConfig, run_python
 logger = logging.getLogger(__name__)
 
 # A block's closing fence starts or ends a line (a ``` inside a string of the code does not).
-_FENCE = re.compile(
-    r"```[ \t]*(?:python3?|py)[ \t]*\r?\n(.*?)(?:^[ \t]*```|```[ \t]*\r?$)",
-    re.DOTALL | re.IGNORECASE | re.MULTILINE,
-)
+_OPEN_FENCE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\r?\n", re.IGNORECASE)
+_CLOSE_FENCE = re.compile(r"^[ \t]*```|```[ \t]*\r?$", re.MULTILINE)
 
 
 _SPACE = re.compile(rb"[ \t\r\n]+")  # a judge's whitespace (str.split would take "\xa0" too)
@@ -62,8 +60,15 @@ _MAX_EXPECTED_CAP = 64 * 1024 * 1024  # the largest output cap a test's expected
 def extract_code(text: str) -> str | None:
     """Completion text -> the body of its answer's last closed ```python block, or None."""
     answer = text.rpartition("</think>")[2]  # (all of it when there is no </think>)
-    blocks = _FENCE.findall(answer)
-    return textwrap.dedent(blocks[-1]) if blocks else None
+    # One pass, each opener paired with the first closing fence after it (a lazy regex over both
+    # scanned from every unclosed opener to the end: quadratic in a degenerate completion).
+    last, pos = None, 0
+    while (opener := _OPEN_FENCE.search(answer, pos)) is not None:
+        closer = _CLOSE_FENCE.search(answer, opener.end())
+        if closer is None:  # (nor any later opener)
+            break
+        last, pos = answer[opener.end() : closer.start()], closer.end()
+    return None if last is None else textwrap.dedent(last)
 
 
 def outputs_match(actual: str, expected: str, float_tolerance: float = 0.0) -> bool:
