@@ -595,6 +595,8 @@ def generate(
     ids, mask = batch.input_ids, batch.attention_mask
     cfg = SamplingConfig(temperature, top_k, top_p, num_tokens)
     graphdef, state = nnx.split(model)
+    if not 0 <= int(seed) < 2**32:  # (jax.random.key would keep its low 32 bits)
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     key = jax.random.key(seed)
     if prompt_keys is not None:
         ints = [int(i) for i in prompt_keys]

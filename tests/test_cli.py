@@ -1096,8 +1096,8 @@ def test_arguments_that_were_silently_ignored_are_refused_or_honoured(toy, tmp_p
     for args, message in (
         (["--stage=eval", "--", "--config.eval.num_prompts=3"], "unexpected arguments"),
         (["--stage=pipeline", "--config=configs/pipeline.py:smoek"], "takes one of ['smoke']"),
-        (["--stage=eval", "--config.seed=-1"], "seed must be an integer in [0, 2**63)"),
-        (["--stage=rl", f"--config.seed={2**63}"], "seed must be an integer in [0, 2**63)"),
+        (["--stage=eval", "--config.seed=-1"], "seed must be an integer in [0, 2**32)"),
+        (["--stage=rl", f"--config.seed={2**32}"], "seed must be an integer in [0, 2**32)"),
         (["--stage=rl", "--config.rewards.format=nan"], "rewards: weights must be finite"),
         (["--stage=rl", "--config.rewards.repetition_penalty=-1"], "weights must be >= 0"),
         # The top-level one won, silently (the stage's, given beside it, was dropped).

@@ -2984,6 +2984,33 @@ def test_a_sample_whose_grading_worker_died_is_unscored_not_incorrect():
         np.testing.assert_array_equal(grade(["a", "b", "c"], task=[None] * 3), [1.0, np.nan, 0.0])
 
 
+def test_an_unscored_sample_is_marked_so_in_eval_samples():
+    """eval_samples.jsonl wrote a sample whose grading worker died as an ordinary wrong answer
+    (the same answer then read graded both ways); it says unscored, as rejection sampling's
+    records do."""
+    import concurrent.futures
+    import types
+
+    from r1jax.stages import eval as eval_stage
+
+    batch = eval_stage.GradedBatch(
+        ids=[0],
+        out=types.SimpleNamespace(tokens=[[1, 2], [1, 2]]),
+        texts=["<answer>1</answer>"] * 2,
+        columns={},
+        correct=np.array([1.0, np.nan]),
+    )
+    prompts = types.SimpleNamespace(rows=[{"prompt": "q", "solution": "1"}], indices=[7])
+    votes, records = [], []
+    with concurrent.futures.ThreadPoolExecutor(1) as voter:
+        eval_stage._score_batch(batch, prompts, 2, voter, votes, [], [], records)
+        assert votes[0][1].result()["pass@1"] == 0.5
+    assert [(r["row"], r["correct"], r["unscored"]) for r in records] == [
+        (7, True, False),
+        (7, False, True),
+    ]
+
+
 def test_sample_and_grade_grades_a_batch_while_the_next_one_samples():
     """Evaluation and rejection sampling grade batch i on the host (code tests, math-verify)
     while batch i + 1 samples on the device; each batch keeps its own samples and grades."""

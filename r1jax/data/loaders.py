@@ -611,7 +611,7 @@ def _normalise(
         return None, "no_tests" if "tests" in mapping else "no_solution"
     row_language = obj.get(mapping["language"]) if "language" in mapping else None
     task = obj.get("task")
-    if not isinstance(task, str):
+    if not isinstance(task, str) or not task.strip():  # (a file's empty task cells)
         task = "code" if tests else ("math" if solution is not None else "chat")
     row = {
         "prompt": prompt,

@@ -164,8 +164,9 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
         check_fields(config, stage)
 
     seed = config.get("seed", 0)
-    if not isinstance(seed, int) or not 0 <= seed < 2**63:  # (jax.random.key takes an int64)
-        raise ConfigError(f"seed must be an integer in [0, 2**63), got {config.seed!r}")
+    # (jax.random.key keeps a seed's low 32 bits without x64: seeds 2**32 apart drew alike)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed must be an integer in [0, 2**32), got {config.seed!r}")
     mesh_sizes(config, jax.device_count())
     for field in ("param_dtype", "dtype"):
         if config.model[field] not in ("float32", "bfloat16"):

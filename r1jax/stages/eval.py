@@ -474,6 +474,7 @@ def _score_batch(b: GradedBatch, prompt_set, k, voter, votes, lengths, formats, 
                 "completion": b.texts[r],
                 "answer": answers[r - j * k],
                 "correct": grades[r - j * k] == 1.0,
+                "unscored": bool(np.isnan(grades[r - j * k])),  # (its grading worker died)
             }
             for r in rows
         ]
