@@ -201,6 +201,8 @@ DIFFERENT = [
     ("5", "<answer>3 (or 5)</answer>"),  # math-verify read "3 (, 5)" as 5
     ("5", "<answer>3 \\quad (\\text{or } 5)</answer>"),
     ("3", "<answer>3 \\text{ (or 5)}</answer>"),
+    ("5", "<answer>4 \\textsf{ or } 5</answer>"),  # (\\hbox, \\texttt... are text as \\text is)
+    ("5", "<answer>4 \\hbox{ or } 5</answer>"),
     ("D", "<answer>B (or D)</answer>"),
     ("5", "<answer>\\boxed{3} or \\boxed{5}</answer>"),  # the last box was taken
     ("5", "The answer is \\boxed{3} or \\boxed{5}."),

@@ -154,7 +154,10 @@ _MATH_SPAN = re.compile(  # one delimited expression: $$…$$, $…$, \\(…\\),
     r"|\\\(((?:(?!\\\().)+?)\\\)|\\\[((?:(?!\\\[).)+?)\\\]",
     re.DOTALL,
 )
-_LATEX_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textit|boxed)\s*\{([^{}]*)\}")
+_LATEX_WRAPPER = re.compile(
+    r"\\(?:text|textbf|mathrm|mathbf|textit|boxed|textrm|textsf|texttt|textnormal|textup|mbox"
+    r"|hbox)\s*\{([^{}]*)\}"
+)
 _MATH_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
 _guard: concurrent.futures.ProcessPoolExecutor | None = None  # comparisons off the main thread
 _guard_lock = threading.Lock()
@@ -308,7 +311,9 @@ def _strip_delimiters(s: str) -> str:
 
 # "3 (or 5)", "3 (\\text{or } 5)": an alternative in brackets (math-verify read "3 (, 5)" as 5).
 _BRACKETED_ALTERNATIVE = re.compile(r"[(\[]\s*(?:or|and)\b", re.IGNORECASE)
-_TEXT_WORDS = re.compile(r"\\(?:text|textrm|textit|textbf|mbox)\s*\{([^{}]*)\}")
+_TEXT_WORDS = re.compile(
+    r"\\(?:text|textrm|textit|textbf|textsf|texttt|textnormal|textup|mbox|hbox)\s*\{([^{}]*)\}"
+)
 
 
 def _is_word(token: str) -> bool:
