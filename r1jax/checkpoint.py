@@ -216,8 +216,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        if best_metric is not None:
-            _check_metrics_files(self.directory)  # orbax reads them all here, unnamed on failure
+        _check_metrics_files(self.directory)  # orbax reads them all here, unnamed on failure
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_handlers={
@@ -369,18 +368,7 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as err:
-            message = str(err)
-            if any(s in message for s in _TRANSIENT_READ_FAILURES) and not any(
-                c in message for c in _COLLECTIVE_FAILURES
-            ):
-                # (the storage's doing, not the checkpoint's: "move or delete" would throw away a
-                # good checkpoint)
-                raise CheckpointError(
-                    f"Checkpoint {path} could not be read ({_first_line(err)}): the storage "
-                    "refused or timed out, the checkpoint may be intact. Try again (check "
-                    "access to the bucket or file system); nothing was changed."
-                ) from None
-            raise self._damaged(step, f"reading it failed ({_first_line(err)})") from None
+            raise _unreadable(path, err, "reading it failed", self._damaged_then(step)) from None
         nnx.update(model, restored[_MODEL])
         if optimizer is not None:
             nnx.update(optimizer, restored[_OPTIMIZER])
@@ -398,8 +386,9 @@ class Checkpointer:
                 step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()})
             )
         except Exception as err:
-            raise self._damaged(
-                step, f"its extra/ JSON is unreadable ({_first_line(err)})"
+            then = self._damaged_then(step)
+            raise _unreadable(
+                self.step_dir(step), err, "its extra/ JSON is unreadable", then
             ) from None
         return dict(restored[_EXTRA])
 
@@ -503,7 +492,10 @@ class Checkpointer:
             saved = self._manager.item_metadata(step)
         except Exception as err:
             drop_abandoned_read_reports(self.step_dir(step))
-            raise self._damaged(step, f"its metadata is unreadable ({_first_line(err)})") from None
+            then = self._damaged_then(step)
+            raise _unreadable(
+                self.step_dir(step), err, "its metadata is unreadable", then
+            ) from None
         for name, tree in targets.items():
             meta = saved[name]
             if meta is None:
@@ -533,16 +525,17 @@ class Checkpointer:
             return {"model", "optimizer", "extra", "metrics", "reference"}
 
     def _damaged(self, step: int, reason: str) -> CheckpointError:
-        earlier = [s for s in self.all_steps() if s < step]
-        then = (
-            f"to resume from step {earlier[-1]}, the previous checkpoint"
-            if earlier
-            else "to start from scratch"
-        )
-        return CheckpointError(
-            f"Checkpoint {self.step_dir(step)} is damaged: {reason}. Move or delete that directory "
-            f"{then}; no other checkpoint was touched."
-        )
+        return _damage(self.step_dir(step), reason, self._damaged_then(step))
+
+    def _damaged_then(self, step: int) -> str:
+        """What moving damaged `step` away leaves: where a rerun starts."""
+        steps = self.all_steps()
+        if steps and step < steps[-1]:  # (e.g. the best step, read for the best export)
+            return f"(a rerun still resumes from step {steps[-1]}, the latest checkpoint)"
+        earlier = [s for s in steps if s < step]
+        if earlier:
+            return f"to resume from step {earlier[-1]}, the previous checkpoint"
+        return "to start from scratch"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -828,11 +821,30 @@ def _check_metrics_files(directory: str) -> None:
         try:
             json.loads(saved.read_text())
         except (ValueError, OSError) as err:
-            raise CheckpointError(
-                f"Checkpoint {step_dir} is damaged: its metrics/ JSON is unreadable "
-                f"({_first_line(err)}). Move or delete that directory; no other checkpoint "
-                "was touched."
-            ) from None
+            raise _unreadable(step_dir, err, "its metrics/ JSON is unreadable", "") from None
+
+
+def _unreadable(path, err: BaseException, what: str, then: str) -> CheckpointError:
+    """The error for a failed read of checkpoint `path`: the storage's refusal or timeout (the
+    checkpoint may be intact: "move or delete" would throw a good one away), else damage (`what`
+    failed; `then`: what moving it away leaves)."""
+    message = str(err)
+    if any(s in message for s in _TRANSIENT_READ_FAILURES) and not any(
+        c in message for c in _COLLECTIVE_FAILURES
+    ):
+        return CheckpointError(
+            f"Checkpoint {path} could not be read ({_first_line(err)}): the storage refused or "
+            "timed out, the checkpoint may be intact. Try again (check access to the bucket or "
+            "file system); nothing was changed."
+        )
+    return _damage(path, f"{what} ({_first_line(err)})", then)
+
+
+def _damage(path, reason: str, then: str) -> CheckpointError:
+    return CheckpointError(
+        f"Checkpoint {path} is damaged: {reason}. Move or delete that directory"
+        f"{' ' + then if then else ''}; no other checkpoint was touched."
+    )
 
 
 def _first_line(err: BaseException) -> str:

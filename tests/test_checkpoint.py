@@ -244,8 +244,9 @@ def test_interval_force_duplicate_and_retention_keeps_latest_plus_best(tmp_path,
     # A garbled metrics file (what best tracking ranks by) is named: orbax raised a bare
     # JSONDecodeError from its constructor. Nothing is deleted.
     (tmp_path / "4" / "metrics" / "metrics").write_text('{"acc": 0.')
-    with pytest.raises(CheckpointError, match=r"/4 is damaged: its metrics/ JSON is unreadable"):
-        Checkpointer(tmp_path, best_metric="acc")
+    for best in ("acc", None):  # (orbax reads them with best tracking off too: a run resumed so)
+        with pytest.raises(CheckpointError, match=r"/4 is damaged: its metrics/ JSON is unread"):
+            Checkpointer(tmp_path, best_metric=best)
     assert sorted(os.listdir(tmp_path)) == ["10", "11", "4"]
 
 
@@ -627,6 +628,18 @@ def test_damaged_latest_step_gives_one_clear_error(two_steps, damage):
         np.testing.assert_array_equal(np.asarray(got), want)
 
 
+def test_a_damaged_step_before_the_latest_says_the_run_resumes_from_the_latest(two_steps):
+    """The best export reads an older step: its damage said "to start from scratch" (or from
+    an even earlier step) where a rerun resumes from the latest checkpoint all the same."""
+    directory, _ = two_steps
+    corrupt_array_data(str(directory / "1"))
+    with Checkpointer(directory, save_interval_steps=1) as ckpt:
+        with pytest.raises(CheckpointError, match="1 is damaged") as info:
+            ckpt.restore(*make_state(5), step=1)
+    assert "still resumes from step 2, the latest" in str(info.value)
+    assert "scratch" not in str(info.value)
+
+
 def test_a_failed_read_prints_nothing_after_its_error(two_steps, monkeypatch, caplog):
     """orbax abandons the reads still in flight when one fails; they must not follow the one-line
     error with screens of "Event loop is closed" and "Task exception was never retrieved"."""
@@ -726,12 +739,20 @@ def test_a_read_the_storage_refused_is_not_called_damage(two_steps, monkeypatch)
         def unavailable(*args, **kwargs):  # as tensorstore reports a 503
             raise ValueError('UNAVAILABLE: Error reading "model/d/0": HTTP response code: 503')
 
-        monkeypatch.setattr(ckpt._manager, "restore", unavailable)
-        with pytest.raises(
-            CheckpointError, match=r"could not be read \(ValueError: UNAVAILABLE.*Try again"
-        ) as e:
-            ckpt.restore(*make_state(5))
-        assert "damaged" not in str(e.value) and "delete" not in str(e.value)
+        # ... whichever read met it: a resume reads extra/ (check_resume), then the arrays'
+        # metadata, then the arrays.
+        for name, read in (
+            ("restore", lambda: ckpt.restore(*make_state(5))),
+            ("restore", ckpt.read_extra),
+            ("item_metadata", lambda: ckpt.restore(*make_state(5))),
+        ):
+            with monkeypatch.context() as patch:
+                patch.setattr(ckpt._manager, name, unavailable)
+                with pytest.raises(
+                    CheckpointError, match=r"could not be read \(ValueError: UNAVAILABLE.*Try again"
+                ) as e:
+                    read()
+            assert "damaged" not in str(e.value) and "delete" not in str(e.value)
 
         def peer_failed(*args, **kwargs):  # (another process's read of damaged files)
             raise RuntimeError("DEADLINE_EXCEEDED: Gloo AllGather failed: Connection reset")

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import time
 import types
 
 import numpy as np
@@ -3431,6 +3432,33 @@ def test_a_bnpo_run_records_its_micro_batch_count(toy, tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             rl.run(config, str(tmp_path / f"{loss_type}{k}"))
     assert [r.get("rl.num_micro_batches") for r in recorded] == [1, 2, None]
+
+
+def test_a_run_that_saved_nothing_keeps_the_config_past_a_killed_saves_leftover(
+    toy, tmp_path, monkeypatch
+):
+    """A run stopped before it saves leaves config_<stage>.json as it was; orbax deleting the
+    uncommitted folder a killed save left (at the checkpointer's start) counted as a save, so the
+    file then named settings no checkpoint was made with."""
+    from r1jax.stages import rl
+
+    workdir = tmp_path / "rl"
+    leftover = workdir / "checkpoints" / "3.orbax-checkpoint-tmp-1234"
+
+    def stop(ckpt, data_order, **kwargs):
+        for _ in range(600):  # (orbax's clean-up runs in the background; a real run goes on)
+            if not leftover.exists():
+                break
+            time.sleep(0.05)
+        raise KeyboardInterrupt  # (after the checkpointer started, before any training)
+
+    monkeypatch.setattr(rl.common, "check_resume", stop)
+    leftover.mkdir(parents=True)
+    (workdir / "config_rl.json").write_text('{"the run": "whose outputs are here"}')
+    with pytest.raises(KeyboardInterrupt):
+        common.run_stage("rl", sh.rl_config(), str(workdir))
+    assert os.listdir(workdir / "checkpoints") == []  # (orbax's clean-up ran)
+    assert (workdir / "config_rl.json").read_text() == '{"the run": "whose outputs are here"}'
 
 
 def test_sft_step_count_and_a_short_runs_warm_up():

@@ -693,11 +693,13 @@ def lock_workdir(workdir: str):
 
 
 def _checkpoint_steps(workdir: str) -> set[str] | None:
-    """The step folders in a local workdir's checkpoints/ (None for a cloud workdir: unknown)."""
+    """The committed step folders in a local workdir's checkpoints/ (None for a cloud workdir:
+    unknown). Not an uncommitted `<step>.orbax-checkpoint-tmp*` folder: orbax deletes one a
+    killed save left when the next run starts, which is no save of that run."""
     if paths.is_remote(workdir):
         return None
     folder = os.path.join(workdir, "checkpoints")
-    return set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    return {n for n in os.listdir(folder) if n.isdigit()} if os.path.isdir(folder) else set()
 
 
 # Stages that checkpoint into <workdir>/checkpoints and resume from whatever is there.
