@@ -1,6 +1,7 @@
 """DeepSeek-V2/V3 (MLA + DeepSeekMoE) against transformers, the latent cache against recomputation,
 expert parallelism against one device, routing/dispatch against float64 numpy, load balancing."""
 
+import copy
 import dataclasses
 import functools
 import json
@@ -186,6 +187,8 @@ def test_cache_holds_latent_not_keys_and_values():
     cache = model("v3").init_cache(2, 5)
     assert isinstance(cache, MLACache) and len(cache.latent) == cfg.num_layers
     assert cache.latent[0].shape == (2, 5, cfg.kv_lora_rank)
+    with pytest.raises(ValueError, match="has 5 free slots of 5 and this call writes 6"):
+        model("v3")(jnp.ones((2, 6), jnp.int32), cache=cache)  # (past the end: refused)
     assert cache.k_rope[0].shape == (2, 5, cfg.qk_rope_head_dim)
     full_kv = cfg.num_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4 * cfg.num_layers
     assert cache.bytes_per_token == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4 * cfg.num_layers
@@ -905,6 +908,29 @@ def test_unsupported_configs_are_refused_with_the_field_named():
                 jnp.ones((6, 5, 4)),
                 cfg,
             )
+
+
+def test_a_rope_scaling_block_takes_its_theta_as_transformers_does():
+    """With a legacy `rope_scaling` block beside `rope_parameters` (every r1jax export writes
+    both; every V2/V3 release has YaRN), transformers takes theta from the top-level rope_theta
+    or the family's default; r1jax took rope_parameters' and loaded another model silently."""
+    import transformers
+
+    base = json.load(open(os.path.join(checkpoint("v3"), "config.json")))
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    for top in (50000.0, None):  # (an edited export's rope_theta; none: the default)
+        config = {**base, "rope_parameters": {"rope_type": "default", "rope_theta": 3e4}}
+        config = {**config, "rope_scaling": {**yarn, "mscale_all_dim": 1.0}}
+        config.pop("rope_theta", None)
+        if top is not None:
+            config["rope_theta"] = top
+        theirs = transformers.AutoConfig.for_model(**copy.deepcopy(config)).rope_parameters
+        ours = hf.config_from_hf(config)
+        assert (ours.rope_theta, dict(ours.rope_scaling)["rope_type"]) == (
+            theirs["rope_theta"],
+            theirs["rope_type"],
+        )
+        assert ours.rope_theta == (top or 10000.0)
 
 
 def test_named_configs_have_the_published_sizes():

@@ -426,8 +426,14 @@ def test_error_text_in_place_of_the_weights_and_a_cloud_save(tmp_path, monkeypat
     MemoryError (its text read as a header of ~2e18 bytes); `hf.save` to gs:// wrote a local
     ./gs:/ folder, which `hf.load` of the same URI then read back as if it were the bucket."""
     path = _copy(tmp_path)
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{'a' * 64}\nsize 299944\n"
+    # A file the weights are not read from may be one (Mistral's consolidated.safetensors beside
+    # the shards, never pulled): transformers loads the folder, and so does r1jax.
+    with open(os.path.join(path, "consolidated.safetensors"), "w") as f:
+        f.write(pointer)
+    hf.load(path)
     with open(os.path.join(path, "model.safetensors"), "w") as f:
-        f.write(f"version https://git-lfs.github.com/spec/v1\noid sha256:{'a' * 64}\nsize 299944\n")
+        f.write(pointer)
     with pytest.raises(hf.CheckpointError, match=r"model.safetensors is not a (readable )?safet"):
         hf.load(path)
     with pytest.raises(hf.CheckpointError, match=r"not a safetensors file.*git lfs pull"):

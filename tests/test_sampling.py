@@ -134,6 +134,12 @@ def test_kv_cache_layout():
     cache = model().init_cache(3, 11)
     assert cache.k[0].shape == (3, cfg.num_kv_heads, cfg.head_dim, 11)
     assert cache.v[0].shape == (3, cfg.num_kv_heads, 11, cfg.head_dim)
+    # A write past the end overwrote the last slots silently (dynamic_update_slice clamps its
+    # start) and moved the index on: an eager call is refused.
+    ids = jnp.ones((3, 8), jnp.int32)
+    _, cache = model()(ids, cache=cache)
+    with pytest.raises(ValueError, match="has 3 free slots of 11 and this call writes 8"):
+        model()(ids, cache=cache)
 
 
 def test_padding_amount_does_not_change_tokens():

@@ -281,14 +281,16 @@ def rope_from_hf(
 
     rope = spelled("rope_parameters")
     rope_theta = rope.pop("rope_theta", hf.get("rope_theta", default_theta))
-    if not isinstance(rope_theta, int | float) or isinstance(rope_theta, bool) or rope_theta <= 0:
-        raise CheckpointError(f"{where}: rope_theta={rope_theta!r} must be a positive number")
-    rope_theta = float(rope_theta)
     # rope_scaling, where given, is what transformers reads: it replaces rope_parameters' type and
-    # every parameter of it (a yarn export's beta_fast is not carried into a new block's yarn)
+    # every parameter of it (a yarn export's beta_fast is not carried into a new block's yarn),
+    # and its theta is the top-level rope_theta or the family's default, not rope_parameters'
     scaling = spelled("rope_scaling")
     if scaling:
         rope = scaling
+        rope_theta = rope.pop("rope_theta", hf.get("rope_theta", default_theta))
+    if not isinstance(rope_theta, int | float) or isinstance(rope_theta, bool) or rope_theta <= 0:
+        raise CheckpointError(f"{where}: rope_theta={rope_theta!r} must be a positive number")
+    rope_theta = float(rope_theta)
     if rope.pop("partial_rotary_factor", 1.0) != 1.0:
         raise CheckpointError(
             f"{where}: rope_parameters={hf.get('rope_parameters')!r} is not supported: "
@@ -517,34 +519,12 @@ class _WeightFiles:
     def __init__(self, path: str):
         from safetensors import safe_open
 
-        index = os.path.join(path, "model.safetensors.index.json")
-        single = os.path.join(path, "model.safetensors")
-        if os.path.exists(index) and os.path.exists(single):
+        if all(os.path.exists(os.path.join(path, n)) for n in (_SINGLE, _INDEX)):
             log.warning(
-                "%s holds both model.safetensors and model.safetensors.index.json; reading "
-                "model.safetensors, as transformers does",
-                path,
+                "%s holds both %s and %s; reading %s, as transformers does",
+                *(path, _SINGLE, _INDEX, _SINGLE),
             )
-        if os.path.exists(index) and not os.path.exists(single):
-            with open(index) as f:
-                try:
-                    weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from e
-            files = sorted(set(weight_map.values()))
-        elif os.path.exists(single):
-            files, weight_map = ["model.safetensors"], None
-        else:
-            present = sorted(os.listdir(path))
-            hint = (
-                " (PyTorch .bin weights are not read; convert them to safetensors)"
-                if any(p.endswith(".bin") for p in present)
-                else ""
-            )
-            raise CheckpointError(
-                f"{path}: no model.safetensors or model.safetensors.index.json "
-                f"found{hint}; folder holds {present}"
-            )
+        files, weight_map = _weight_files(path)
         self._handles = {}
         for name in files:
             file = os.path.join(path, name)
@@ -637,12 +617,39 @@ class _Blocks:
         return self[tuple(slice(None) for _ in self.shape)]
 
 
+_SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def _weight_files(path: str) -> tuple[list[str], dict[str, str] | None]:
+    """(the safetensors files the weights are read from, the index's {tensor: file} or None for
+    one file), as transformers picks them: model.safetensors, else the index's shards."""
+    index, single = os.path.join(path, _INDEX), os.path.join(path, _SINGLE)
+    if os.path.exists(single):
+        return [_SINGLE], None
+    if os.path.exists(index):
+        with open(index) as f:
+            try:
+                weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from e
+        return sorted(set(weight_map.values())), weight_map
+    present = sorted(os.listdir(path))
+    hint = (
+        " (PyTorch .bin weights are not read; convert them to safetensors)"
+        if any(p.endswith(".bin") for p in present)
+        else ""
+    )
+    raise CheckpointError(f"{path}: no {_SINGLE} or {_INDEX} found{hint}; folder holds {present}")
+
+
 def _check_complete(path: str) -> None:
-    """Each safetensors file must be as long as its header says (catches truncated downloads)."""
-    for name in os.listdir(path):
-        if not name.endswith(".safetensors"):
-            continue
+    """Each safetensors file the weights are read from must be as long as its header says
+    (catches truncated downloads; another file, e.g. Mistral's consolidated.safetensors beside
+    the shards, may be a git-lfs pointer never pulled)."""
+    for name in _weight_files(path)[0]:
         file = os.path.join(path, name)
+        if not os.path.exists(file):
+            continue  # (named by _WeightFiles: listed in the index but missing)
         size = os.path.getsize(file)
         with open(file, "rb") as f:
             head = f.read(8)

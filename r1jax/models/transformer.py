@@ -319,7 +319,8 @@ class KVCache:
       XLA:CPU; bench/NOTES.md, M1 and M6).
     - mask: [B, S] bool, True where a slot holds a real token (left padding and unwritten slots
       False).
-    - index: [] int32, the next slot to write (all rows decode in lockstep).
+    - index: [] int32, the next slot to write (all rows decode in lockstep). A call writes at
+      most the slots left (checked in eager calls; under jit the caller sizes the cache).
     - prefix_k / prefix_v: optional L-tuples of [P, K, H, Sp] / [P, K, Sp, H], a read-only segment
       shared by the B // P consecutive rows of each prompt (its prefill), placed before the
       per-row segment.
@@ -635,6 +636,15 @@ class Decoder(nnx.Module):
         call's slots marked in its mask, or None).
         """
         b, t = input_ids.shape
+        if cache is not None and not isinstance(cache.index, jax.core.Tracer):
+            # (eager calls; under jit the caller sizes the cache, as the sampler does: a write
+            # past its end would overwrite the last slots, dynamic_update_slice clamping it)
+            free = cache.mask.shape[1] - int(cache.index)
+            if t > free:
+                raise ValueError(
+                    f"the KV cache has {free} free slots of {cache.mask.shape[1]} and this call "
+                    f"writes {t} tokens: make the cache longer"
+                )
         if segment_ids is not None:
             if cache is not None:
                 raise ValueError("segment_ids (packed sequences) cannot be used with a KV cache")
