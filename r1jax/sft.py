@@ -145,6 +145,15 @@ def chunked_distillation_loss(
       chunk_size: positions per chunk (static); see `grpo.over_position_chunks`.
     """
     _check(hidden.shape[:2], mask=mask)
+    widths = (unembedding.shape[-1], teacher_unembedding.shape[-1])
+    if teacher_hidden.shape[:2] != hidden.shape[:2] or (
+        widths[0] != widths[1] if not vocab else vocab > min(widths)
+    ):
+        raise ValueError(
+            f"hidden {hidden.shape} with {widths[0]} ids and teacher_hidden "
+            f"{teacher_hidden.shape} with {widths[1]} must share [B, T] and the vocabulary "
+            f"(vocab={vocab}: the first ids of both; same tokenizer, same positions)."
+        )
     if vocab:
         unembedding, teacher_unembedding = unembedding[:, :vocab], teacher_unembedding[:, :vocab]
 

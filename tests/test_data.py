@@ -405,6 +405,21 @@ def test_tokenizer_folder_loads_with_auto_tokenizer(tok_dir, tok):
     assert data.stop_token_ids(tok) == tuple(
         sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")})
     )
+    # The eos ids the model folder declares stop sampling too, as transformers' generate and vLLM
+    # stop there (Qwen2.5-Instruct: eos <|im_end|>, generation_config [<|im_end|>, <|endoftext|>];
+    # r1jax ran past a sampled <|endoftext|> and the rewards scored what followed).
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tok_dir.parent / "instruct"
+    shutil.copytree(tok_dir, folder)
+    (folder / "config.json").write_text(json.dumps({"eos_token_id": 7}))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9, None]}))
+    declared = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    assert data.stop_token_ids(declared) == tuple(sorted({*data.stop_token_ids(tok), 7, 9}))
+    (folder / "generation_config.json").write_text("{not json")  # (the loader's to name)
+    assert data.stop_token_ids(declared) == tuple(sorted({*data.stop_token_ids(tok), 7}))
     with pytest.raises(FileNotFoundError, match="no tokenizer"):
         data.load_tokenizer(tok_dir / "missing")
 

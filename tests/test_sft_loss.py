@@ -199,3 +199,14 @@ def test_sft_losses_reject_bad_shapes(data):
         sft.chunked_cross_entropy(
             f32(data["hidden"]), f32(data["w"]).T, data["targets"], data["mask"]
         )
+    # The chunked distillation too (a raw broadcasting or reshape error before): the two
+    # vocabularies, or the first `vocab` ids of both, and the positions must agree.
+    h, w, mask = f32(data["hidden"]), f32(data["w"]), data["mask"]
+    for teacher_h, teacher_w, vocab in (
+        (h, w[:, :-1], 0),
+        (h, w, V + 1),
+        (h[:, :-1], w, 0),
+    ):
+        with pytest.raises(ValueError, match="must share"):
+            sft.chunked_distillation_loss(h, w, teacher_h, teacher_w, mask, vocab=vocab)
+    sft.chunked_distillation_loss(h, w, h, w[:, :-1], mask, vocab=V - 1)  # (the first ids: fine)

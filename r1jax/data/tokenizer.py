@@ -213,13 +213,16 @@ def with_leading_specials(tokenizer, rows: Sequence[Sequence[int]]) -> list[list
 
 
 def stop_token_ids(tokenizer) -> tuple[int, ...]:
-    """Token ids that end a generation: EOS, ``<|im_end|>`` when the vocabulary has it, and the
+    """Token ids that end a generation: EOS, ``<|im_end|>`` when the vocabulary has it, the
     token the chat template ends an assistant turn with (Llama 3's ``<|eot_id|>``, whose base
     tokenizer's EOS is ``<|end_of_text|>``): SFT under the chat template teaches it
-    (`templates.turn_end`), so sampling must stop there."""
+    (`templates.turn_end`), so sampling must stop there; and every eos id the model folder the
+    tokenizer was loaded from declares (config.json, generation_config.json: Qwen2.5-Instruct's
+    ``<|endoftext|>`` beside ``<|im_end|>``, Llama 3.1's three), where transformers' `generate`
+    and vLLM stop."""
     from r1jax.data import templates
 
-    ids = [tokenizer.eos_token_id]
+    ids = [tokenizer.eos_token_id, *model_eos_ids(getattr(tokenizer, "name_or_path", None))]
     ends = [IM_END]
     if getattr(tokenizer, "chat_template", None):
         ends.append(templates.turn_end(tokenizer))
@@ -228,6 +231,24 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
         if isinstance(token, int) and token != tokenizer.unk_token_id:
             ids.append(token)
     return tuple(sorted({i for i in ids if i is not None}))
+
+
+def model_eos_ids(path: str | os.PathLike | None) -> list[int]:
+    """The eos ids a local model folder declares in config.json and generation_config.json
+    (each an int or a list; none for a path that is no folder)."""
+    ids: list[int] = []
+    for name in ("config.json", "generation_config.json"):
+        file = os.path.join(path, name) if path and os.path.isdir(path) else None
+        if file is None or not os.path.isfile(file):
+            continue
+        try:
+            with open(file) as f:
+                value = json.load(f).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue  # (config.json's errors are the model loader's to name)
+        values = value if isinstance(value, list) else [value]
+        ids += [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+    return ids
 
 
 class StopStrings:
