@@ -970,6 +970,14 @@ def test_chat_prompts_can_carry_the_format_instruction_as_a_system_message(toy):
     )
     config.data.system_prompt = ""
     assert "system" not in common.PromptSet(rows, tokenizer, config.data, seed=0).prompts[0]
+    # A tokenizer with neither a pad nor an EOS token: refused with the prompts, before the model
+    # loads (a TypeError at the first batch, as SFT's own check already refused it).
+    import copy
+
+    bare = copy.deepcopy(tokenizer)
+    bare.eos_token = bare.pad_token = None
+    with pytest.raises(common.ConfigError, match="neither a pad nor an EOS token"):
+        common.PromptSet(rows, bare, config.data, seed=0)
     sft = sh.load_config("sft")
     sft.sft.num_examples, sft.sft.template, sft.sft.system_prompt = 2, "chat", "r1"
     common.validate(sft, "sft")
@@ -979,8 +987,6 @@ def test_chat_prompts_can_carry_the_format_instruction_as_a_system_message(toy):
         common.validate(sft, "sft")
     # A chat template that refuses a system message (some Mistral ones) is named, not a jinja
     # traceback.
-    import copy
-
     refusing = copy.deepcopy(tokenizer)
     refusing.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'system' %}"

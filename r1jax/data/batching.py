@@ -170,14 +170,15 @@ def tokenize_prompts(
         encoded = toks.with_leading_specials(tokenizer, encoded)
     return batch_prompt_ids(
         encoded,
-        pad_id=_pad_id(tokenizer),
+        pad_id=pad_token_id(tokenizer),
         buckets=buckets,
         overflow=overflow,
         leading=toks.leading_special_ids(tokenizer),
     )
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
+    """The id prompts and completions are padded with: the pad token, else the EOS."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
@@ -328,5 +329,5 @@ def tokenize_sft(
     elif ends is not None:
         raise ValueError("ends replace the appended EOS: they need append_eos=True")
     return pack_sft_ids(
-        p_ids, c_ids, seq_len=seq_len, pad_id=_pad_id(tokenizer), pack=pack, overflow=overflow
+        p_ids, c_ids, seq_len=seq_len, pad_id=pad_token_id(tokenizer), pack=pack, overflow=overflow
     )

@@ -1512,7 +1512,7 @@ class PromptSet:
     """
 
     def __init__(self, rows: list[dict], tokenizer, data_config, *, seed: int, split: str = ""):
-        from r1jax.data import templates
+        from r1jax.data import batching, templates
         from r1jax.data import tokenizer as toks
 
         self.rows = rows
@@ -1577,9 +1577,10 @@ class PromptSet:
                 f"with the template: {rows[i]['prompt'][:60]!r}...); add a larger bucket, or "
                 f"leave them out with --config.data.prompt_overflow=skip"
             )
-        self.pad_id = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        )
+        try:
+            self.pad_id = batching.pad_token_id(tokenizer)
+        except ValueError as e:  # (refused before the model loads, not at the first batch)
+            raise ConfigError(f"the model's {e}") from None
         # (not "where", a file row's file:line: it names the row in errors, and it moves with the
         # file, where the columns are data the rewards read and a resume checks)
         keys = sorted({k for r in rows for k in r} - {"where"})
