@@ -850,8 +850,8 @@ def test_loader_field_map_shapes_and_errors(tmp_path):
     # A file's empty task cell is no task: inferred (eval's per-task table printed it as a
     # second "all" line beside the overall one).
     blank = [{"problem": "1+1?", "answer": "2", "task": t} for t in ("", " ", "math")]
-    rows, _ = data.load_rows(_write_lines(tmp_path / "t.jsonl", map(json.dumps, blank)))
-    assert [r["task"] for r in rows] == ["math"] * 3
+    tasks, _ = data.load_rows(_write_lines(tmp_path / "t.jsonl", map(json.dumps, blank)))
+    assert [r["task"] for r in tasks] == ["math"] * 3
     assert len(rows[0]["messages"]) == 2
     # Forcing a shape applies its answer parsing to other column sets too (the generic shape's
     # as an answer column's: a worked solution's "#### n" or box; its whole paragraph was the
