@@ -54,7 +54,7 @@ def get_config(arg=None):
     r.num_iterations = 1  # μ: passes over each rollout batch
     # Optimizer steps per pass: the batch's prompts dealt into this many mini-batches, one step
     # each (R1 split each rollout into 16); P must divide by it. > 1 is off-policy, as μ > 1.
-    # optim.warmup_steps counts optimizer steps: M times as many per GRPO step.
+    # optim.warmup_steps counts optimizer steps: μ x M of them per GRPO step.
     r.num_mini_batches = 1
     # KL weight to the reference model (0 = reference not loaded). The toy model needs a strong
     # anchor: at 0 it collapses to short constant answers (README, "Deviations from the paper").

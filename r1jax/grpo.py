@@ -1051,7 +1051,8 @@ def rollout(
       key: PRNG key for sampling.
       reward_fn: traced-side scorer `reward_fn(tokens [B, Tc] int32, lengths [B] int32[,
         row_ids [B] int32]) -> (total [B] float32, per_reward [R, B] float32)` with a `names`
-        attribute (R reward names), e.g. `rewards.compose.HostRewardBridge`.
+        attribute (R reward names), e.g. `rewards.compose.HostRewardBridge` (its exceptions are
+        held until its `raise_error()`, to call once the outputs are fetched).
       cfg: GRPOConfig (static).
       row_ids: [P] int32 dataset row of each prompt, passed (repeated G times) to `reward_fn`
         to look up answer columns; None to call `reward_fn(tokens, lengths)`.

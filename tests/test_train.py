@@ -469,6 +469,33 @@ def even_token_reward(completions, completion_ids, **_):
     return [float(np.mean([t % 2 == 0 for t in ids])) if ids else 0.0 for ids in completion_ids]
 
 
+def test_a_reward_that_raises_inside_the_sharded_rollout_is_raised_after_it():
+    """The host callback runs on one device of the mesh: an exception there left the other
+    devices' collectives waiting, and XLA:CPU aborted the process 40 s later with no Python error
+    (no message, nothing closed). The bridge holds it, the rows go unscored, and raise_error()
+    raises it once the outputs are fetched."""
+
+    def broken(completions, **_):
+        raise RuntimeError("the reward's backend is down")
+
+    reward_fn = HostRewardBridge(
+        build_reward_fn([{"name": "broken", "fn": broken}], num_workers=0),
+        decode=lambda ids: [" ".join(map(str, row)) for row in ids],
+    )
+    mesh = sharding.make_mesh(fsdp=8)
+    graphdef, state = nnx.split(tiny_model())
+    policy = grpo.SamplingPolicy(graphdef, state, mesh)
+    prompts = np.ones((8, TP), np.int32)
+    cfg = dataclasses.replace(GRPO, num_generations=2, beta=0.0, num_iterations=1)
+    rollouts, metrics = grpo.rollout(
+        policy, None, prompts, prompts, jax.random.key(0), reward_fn, cfg
+    )
+    assert np.isnan(jax.device_get(rollouts.rewards)).all()
+    with pytest.raises(RuntimeError, match="backend is down"):
+        reward_fn.raise_error()
+    reward_fn.raise_error()  # (raised once)
+
+
 def test_grpo_raises_the_reward_and_compiles_once():
     state = train.TrainState.create(tiny_model(seed=5, std=0.05), OPTIM)
     reward_fn = HostRewardBridge(

@@ -25,7 +25,8 @@ Owns the reward registry (``REWARDS``, ``register_reward``), ``build_reward_fn``
   them advantage 0 and leaves them out of their group's statistics) and an error is logged (only
   when the rebuilt pool cannot run even a trivial task is the pool itself broken, and that
   raises). Exceptions raised by a reward (a missing column, a bad option) propagate unchanged:
-  those are configuration errors.
+  those are configuration errors (from inside a jitted program, `HostRewardBridge` holds them
+  until `raise_error`).
 - **Deadline.** A worker ends itself once the chunk it is scoring has run ``timeout_s`` seconds
   per sample of the chunk (counted from when the worker starts it, so a queue of chunks does not
   count): a reward that never returns (a custom reward waiting on a dead service, C code no
@@ -659,6 +660,12 @@ class HostRewardBridge:
       stop_token_ids, stop_strings: what ends a completion, as the sampler was given them (ids;
         a `data.StopStrings` or None): the rewards get ``completion_truncated``, [B] whether
         completion b filled the token budget (the tokens' width) without ending in one.
+
+    An exception the rewards raise inside the jitted program is not raised there: on a mesh of
+    several devices the callback runs on one of them and the others' collectives wait for it
+    forever (XLA:CPU aborts the process after 40 s, no Python error at all). The callback's rows
+    are then NaN (unscored), the exception is kept, and `raise_error()`, called once the
+    program's outputs are fetched, raises it.
     """
 
     def __init__(
@@ -681,6 +688,7 @@ class HostRewardBridge:
         self.columns = dict(columns or {})
         self.stop_token_ids = frozenset(int(i) for i in stop_token_ids)
         self.stop_strings = stop_strings
+        self.error: BaseException | None = None  # the first a callback met since raise_error
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -717,6 +725,21 @@ class HostRewardBridge:
             return False
         return not (self.stop_strings and self.stop_strings.stopped(ids))
 
+    def raise_error(self) -> None:
+        """Raise the first exception the rewards raised inside a jitted program since the last
+        call (call it after fetching the program's outputs: the callback has run by then)."""
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+    def _score_in_callback(self, tokens, lengths, row_ids=None):
+        try:
+            return self.score_host(tokens, lengths, row_ids)
+        except Exception as err:
+            self.error = self.error or err
+            nan = np.full((len(self.names), np.shape(tokens)[0]), np.nan, np.float32)
+            return nan[0], nan
+
     def __call__(self, tokens, lengths, row_ids=None):
         """Traced side: [B, T] int32, [B] int32, optional [B] int32 -> ([B], [R, B]) float32."""
         import jax
@@ -728,4 +751,4 @@ class HostRewardBridge:
             jax.ShapeDtypeStruct((len(self.names), batch), jnp.float32),
         )
         args = (tokens, lengths) if row_ids is None else (tokens, lengths, row_ids)
-        return jax.pure_callback(self.score_host, shapes, *args, vmap_method="sequential")
+        return jax.pure_callback(self._score_in_callback, shapes, *args, vmap_method="sequential")

@@ -11,8 +11,8 @@ Each step, as in DeepSeekMath's Algorithm 1:
      `reward_model.path`, a learned reward model adds its weighted score (on device, after the
      rollout: it runs jitted programs, which must not start inside the rollout's host callback);
   4. advantage = (reward − group mean) / group std, per prompt;
-  5. μ optimizer steps on the clipped importance-ratio objective, minus β·KL to the frozen
-     reference.
+  5. μ passes of `rl.num_mini_batches` optimizer steps each (μ x M steps) on the clipped
+     importance-ratio objective, minus β·KL to the frozen reference.
 
 Every `eval.every` steps (and before the first, `eval.at_start`) the policy is scored on held-out
 prompts; checkpoints are written every `ckpt.every` steps and rerunning the command resumes from the
@@ -554,6 +554,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
             log.info("step %d: the reference model is now the policy's (rl.ref_sync_steps)", done)
 
         row = {**jax.device_get(rollout_metrics), **jax.device_get(update_metrics)}
+        scorer.raise_error()  # (a reward's exception, held by the callback: nothing saved)
         row.update(_headline(row, reward_fn.names))
         if _due(done, config.eval.every, config.rl.steps):
             row.update(held_out())
@@ -646,6 +647,7 @@ def _reward_bridge(
     bridge = _BRIDGES.setdefault(reward_fn.names, fresh)
     bridge.reward_fn, bridge.decode, bridge.columns = fresh.reward_fn, fresh.decode, fresh.columns
     bridge.stop_token_ids, bridge.stop_strings = fresh.stop_token_ids, fresh.stop_strings
+    bridge.error = None
     return bridge
 
 
