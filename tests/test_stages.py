@@ -1533,17 +1533,25 @@ def test_eval_samples_name_their_held_out_row_when_prompts_are_left_out(toy, tmp
 
 def test_rejection_samplings_record_takes_float_tolerance_only_when_set():
     """A record saved before sandbox.float_tolerance existed lacks it: recorded at its default,
-    it refused (or, once finished, discarded) every saved batch of a run with code rows."""
+    it refused (or, once finished, discarded) every saved batch of a run with code rows. Stop ids
+    likewise: recorded only when the model folder declares eos ids of its own (where sampling
+    now stops, unlike the records from before)."""
     from r1jax.stages import rejection_sampling as rs
 
     config = sh.load_config("rejection_sampling")
     code_rows = types.SimpleNamespace(
-        rows=[{"tests": [{"input": "", "output": "1"}]}], fingerprint=lambda: "rows"
+        rows=[{"tests": [{"input": "", "output": "1"}]}],
+        fingerprint=lambda: "rows",
+        stop_token_ids=(0, 2),
+        declared_stop_ids=(),
     )
     record = rs._sample_record(config, code_rows)
     assert "sandbox.timeout_s" in record and "sandbox.float_tolerance" not in record
+    assert "stop_token_ids" not in record
     config.sandbox.float_tolerance = 1e-6
     assert rs._sample_record(config, code_rows)["sandbox.float_tolerance"] == 1e-6
+    code_rows.stop_token_ids, code_rows.declared_stop_ids = (0, 2, 5), (5,)
+    assert rs._sample_record(config, code_rows)["stop_token_ids"] == [0, 2, 5]
 
 
 def test_eval_metrics_follow_from_designed_answers(toy, tmp_path, monkeypatch):
@@ -2415,6 +2423,16 @@ def test_dynamic_sampling_fills_the_batch_with_groups_whose_rewards_differ():
     assert metrics["reward"] == 0.0  # (one round: its own metrics)
     np.testing.assert_array_equal(np.asarray(batch.rewards), np.concatenate(rewards_of[0]))
 
+    # A reward that raised (held by the reward bridge, its rows NaN, which never differ) is
+    # raised after the first round, not after every round was drawn.
+    def failed():
+        raise RuntimeError("the reward's backend is down")
+
+    rounds_run.clear()
+    with pytest.raises(RuntimeError, match="backend is down"):
+        rl.dynamic_sampling(rollout, cfg, 3, ("accuracy", "code"), check=failed)
+    assert rounds_run == [0]
+
 
 def test_a_dynamically_sampled_run_resumes_at_its_prompt_batch(toy, tmp_path):
     """With dynamic sampling a step draws a varying number of prompt batches: the data position
@@ -2529,8 +2547,14 @@ def test_an_rl_resume_with_another_objective_or_model_is_refused(
     def no_load(*args, **kwargs):
         raise AssertionError("loaded a model before refusing the resume")
 
+    # The same model whose folder now declares another eos id (generation_config.json): sampling
+    # stops there too, so the completions end elsewhere.
+    declared = tmp_path / "declared"
+    shutil.copytree(common.resolve_model_path(config.model.path), declared)
+    (declared / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 5]}))
+    stops = r"stop_token_ids: \[0.*\] then, \[0, .*5.*\] now"
     monkeypatch.setattr(common, "load_model", no_load)
-    for field, (value, named) in changes.items():
+    for field, (value, named) in [*changes.items(), ("model.path", (str(declared), stops))]:
         changed = sh.set_fields(copy.deepcopy(config), {field: value})
         with pytest.raises(common.ConfigError, match=rf"was saved by a run .*{named}"):
             run("rl", changed, workdir)

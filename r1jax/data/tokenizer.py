@@ -220,9 +220,21 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
     tokenizer was loaded from declares (config.json, generation_config.json: Qwen2.5-Instruct's
     ``<|endoftext|>`` beside ``<|im_end|>``, Llama 3.1's three), where transformers' `generate`
     and vLLM stop."""
+    ids = [*_tokenizer_stop_ids(tokenizer), *declared_stop_ids(tokenizer)]
+    return tuple(sorted(set(ids)))
+
+
+def declared_stop_ids(tokenizer) -> tuple[int, ...]:
+    """The eos ids the model folder declares beyond the tokenizer's own stop ids (none for most
+    base models; Qwen2.5-Instruct's <|endoftext|>): recorded where they change what is sampled."""
+    folder = model_eos_ids(getattr(tokenizer, "name_or_path", None))
+    return tuple(sorted(set(folder) - set(_tokenizer_stop_ids(tokenizer))))
+
+
+def _tokenizer_stop_ids(tokenizer) -> tuple[int, ...]:
     from r1jax.data import templates
 
-    ids = [tokenizer.eos_token_id, *model_eos_ids(getattr(tokenizer, "name_or_path", None))]
+    ids = [tokenizer.eos_token_id]
     ends = [IM_END]
     if getattr(tokenizer, "chat_template", None):
         ends.append(templates.turn_end(tokenizer))

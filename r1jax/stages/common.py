@@ -1598,6 +1598,7 @@ class PromptSet:
             self.template, self.prefill_think, self.prompts[0] if self.prompts else None
         )
         self.stop_token_ids = toks.stop_token_ids(tokenizer)
+        self.declared_stop_ids = toks.declared_stop_ids(tokenizer)  # (the model folder's extras)
         self.num_tokens = len(tokenizer)  # ids past it (a padded embedding) are never sampled
         self.stop_strings = toks.StopStrings.for_tokenizer(tokenizer, data_config.stop_strings)
         # Each host templates and tokenises with its own copy of the tokenizer files, which the

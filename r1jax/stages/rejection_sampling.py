@@ -367,6 +367,9 @@ def _sample_record(config, prompts: common.PromptSet) -> dict[str, Any]:
         "model.path": common.model_fingerprint(config.model.path),
         "data": prompts.fingerprint(),
         "data.stop_strings": list(config.data.stop_strings),
+        # (only when the model folder declares eos ids of its own: records from before sampling
+        # stopped there compare equal where it changed nothing)
+        **({"stop_token_ids": list(prompts.stop_token_ids)} if prompts.declared_stop_ids else {}),
         **{k: r[k] for k in ("num_samples", "max_new_tokens", "temperature", "top_p")},
         # (float_tolerance only when set: records saved before it existed compare equal)
         **{

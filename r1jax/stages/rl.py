@@ -388,6 +388,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
         "prompts_per_step": r.prompts_per_step,
         "num_generations": r.num_generations,
         "data.stop_strings": list(config.data.stop_strings),  # (where every completion ends)
+        "stop_token_ids": list(train_set.stop_token_ids),  # (generation_config.json's eos too)
         "data": train_set.fingerprint(),
         "model.path": common.model_fingerprint(config.model.path),
         "rl.ref_model": common.model_fingerprint(r.ref_model) if r.ref_model else "",
@@ -543,6 +544,7 @@ def run(config, workdir: str, *, export: bool = True) -> dict[str, Any]:
                 cfg,
                 config.rl.max_sampling_rounds,
                 reward_fn.names + (("reward_model",) if reward_model is not None else ()),
+                check=scorer.raise_error,
             )
         else:
             (rollouts, rollout_metrics), rounds = rollout(step, key), 1
@@ -744,7 +746,9 @@ def _fold_reward(total, per_reward, scores, applies, *, weight, names, group_siz
     )
 
 
-def dynamic_sampling(rollout, cfg: grpo.GRPOConfig, max_rounds: int, names: Sequence[str]):
+def dynamic_sampling(
+    rollout, cfg: grpo.GRPOConfig, max_rounds: int, names: Sequence[str], check=None
+):
     """DAPO's dynamic sampling: a step's batch of groups whose rewards differ.
 
     `rollout(d)` samples the d-th prompt batch of the step (`Rollouts`, metrics). Batches are
@@ -755,7 +759,9 @@ def dynamic_sampling(rollout, cfg: grpo.GRPOConfig, max_rounds: int, names: Sequ
     rounds drawn): the reward statistics (`grpo.reward_metrics`) are over every row drawn, the
     other metrics the mean over the rounds (the lengths' minimum and maximum over them), with
     `dynamic_sampling/rounds` and `dynamic_sampling/filled` (the share of the batch filled with
-    groups whose rewards do not differ).
+    groups whose rewards do not differ). `check()` runs after each round's results are fetched
+    (the reward bridge's `raise_error`: a failing reward's NaN rows never differ, and every round
+    would be drawn first).
     """
     G = cfg.num_generations
     draws, rows, kept, spare = [], [], [], []
@@ -767,6 +773,8 @@ def dynamic_sampling(rollout, cfg: grpo.GRPOConfig, max_rounds: int, names: Sequ
         P = rollouts.rewards.shape[0] // G
         draws.append(rollouts)
         rows.append(jax.device_get(rollout_metrics))
+        if check is not None:
+            check()
         drawn_rewards.append(sharding.to_host(rollouts.rewards))
         differ = grpo.informative_groups(drawn_rewards[-1], G)
         kept += [(d, int(g)) for g in np.flatnonzero(differ)]
