@@ -629,25 +629,38 @@ def test_ssh_ctrl_c_stops_every_rank(env, tmp_path):
                 os.kill(p, signal.SIGKILL)
 
 
+# Runs argv[2:] in a session whose controlling terminal is a pty (setsid -c, without forking),
+# closes the terminal once the file argv[1] exists, and exits with the command's status.
+TERMINAL = """
+import os, pty, subprocess, sys, time
+terminal, its_end = pty.openpty()
+command = subprocess.Popen(
+    ["setsid", "-c", *sys.argv[2:]], stdin=its_end, stdout=its_end, stderr=its_end
+)
+os.close(its_end)
+while not os.path.exists(sys.argv[1]) and command.poll() is None:
+    time.sleep(0.05)
+os.close(terminal)
+sys.exit(command.wait())
+"""
+
+
 def test_ssh_a_closed_terminal_stops_every_rank(env, tmp_path):
     """The launcher's terminal closes (SIGHUP; writes to it fail from then on): every rank ran
     on unseen, with nothing left to stop it, first for want of a SIGHUP trap, then because the
     trap's message to the closed terminal failed and set -e ended the launcher before the stop."""
-    import pty
-
     env.update(FAKE_SLEEP="60", FAKE_IGNORE_TERM="1")
     args = ["--hosts", "gpu-a,gpu-b", "--python", env["FAKE_PYTHON"], "--log-dir", str(tmp_path)]
     args = ["bash", str(LAUNCH / "ssh_gpu.sh"), *args, "--stop-grace", "2", "--", "--stage=rl"]
-    terminal, its_end = pty.openpty()
-    # (setsid -c: a session whose controlling terminal is the pty, without forking this process)
-    launcher = subprocess.Popen(
-        ["setsid", "-c", *args], stdin=its_end, stdout=its_end, stderr=its_end, env=env
-    )
-    os.close(its_end)
+    # The terminal is opened and closed by a process of its own: a process forked from this test
+    # process (a pool's worker from an earlier test) would hold the pty's master open too, and
+    # closing it here would hang nothing up.
+    go = tmp_path / "close-the-terminal"
+    launcher = subprocess.Popen([sys.executable, "-c", TERMINAL, str(go), *args], env=env)
     pids = []
     try:
         pids = [r["pid"] for r in python_records(env, 2)]
-        os.close(terminal)
+        go.touch()
         launcher.wait(timeout=30)
         assert all(wait_dead(p) for p in pids), "a rank kept running after the terminal closed"
     finally:
