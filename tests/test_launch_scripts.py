@@ -630,9 +630,12 @@ def test_ssh_ctrl_c_stops_every_rank(env, tmp_path):
 
 
 # Runs argv[2:] in a session whose controlling terminal is a pty (setsid -c, without forking),
-# closes the terminal once the file argv[1] exists, and exits with the command's status.
+# closes the terminal once the file argv[1] exists, and exits with the command's status. SIGHUP
+# as in a terminal's session: under nohup (a test run started so) it is ignored, which the
+# launcher inherits and cannot trap, so the run outlives its terminal as nohup asks.
 TERMINAL = """
-import os, pty, subprocess, sys, time
+import os, pty, signal, subprocess, sys, time
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 terminal, its_end = pty.openpty()
 command = subprocess.Popen(
     ["setsid", "-c", *sys.argv[2:]], stdin=its_end, stdout=its_end, stderr=its_end
@@ -652,9 +655,8 @@ def test_ssh_a_closed_terminal_stops_every_rank(env, tmp_path):
     env.update(FAKE_SLEEP="60", FAKE_IGNORE_TERM="1")
     args = ["--hosts", "gpu-a,gpu-b", "--python", env["FAKE_PYTHON"], "--log-dir", str(tmp_path)]
     args = ["bash", str(LAUNCH / "ssh_gpu.sh"), *args, "--stop-grace", "2", "--", "--stage=rl"]
-    # The terminal is opened and closed by a process of its own: a process forked from this test
-    # process (a pool's worker from an earlier test) would hold the pty's master open too, and
-    # closing it here would hang nothing up.
+    # The terminal is opened and closed by a process of its own, with SIGHUP's default action
+    # (see TERMINAL; and a process forked from this test process would hold the pty open too).
     go = tmp_path / "close-the-terminal"
     launcher = subprocess.Popen([sys.executable, "-c", TERMINAL, str(go), *args], env=env)
     pids = []
