@@ -1605,8 +1605,9 @@ class PromptSet:
         # model folder's check (its weights and config) does not cover: a chat template or
         # tokenizer that differs on one host would mix two prompt formats into every batch.
         check_same_on_every_process(
-            f"the {split + ' ' if split else ''}prompts as templated and tokenised (the model "
-            "folder's tokenizer files, or the tokenizers library)",
+            f"the {split + ' ' if split else ''}prompts as templated and tokenised, and the stop "
+            "ids (the model folder's tokenizer or generation_config.json files, or the "
+            "tokenizers library)",
             lambda: [
                 self.fingerprint(),
                 self.completion_prefix,
