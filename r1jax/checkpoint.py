@@ -368,7 +368,7 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as err:
-            raise _unreadable(path, err, "reading it failed", self._damaged_then(step)) from None
+            raise self._read_failed(step, err, "reading it failed") from None
         nnx.update(model, restored[_MODEL])
         if optimizer is not None:
             nnx.update(optimizer, restored[_OPTIMIZER])
@@ -386,10 +386,7 @@ class Checkpointer:
                 step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()})
             )
         except Exception as err:
-            then = self._damaged_then(step)
-            raise _unreadable(
-                self.step_dir(step), err, "its extra/ JSON is unreadable", then
-            ) from None
+            raise self._read_failed(step, err, "its extra/ JSON is unreadable") from None
         return dict(restored[_EXTRA])
 
     def export_best_hf(
@@ -492,10 +489,7 @@ class Checkpointer:
             saved = self._manager.item_metadata(step)
         except Exception as err:
             drop_abandoned_read_reports(self.step_dir(step))
-            then = self._damaged_then(step)
-            raise _unreadable(
-                self.step_dir(step), err, "its metadata is unreadable", then
-            ) from None
+            raise self._read_failed(step, err, "its metadata is unreadable") from None
         for name, tree in targets.items():
             meta = saved[name]
             if meta is None:
@@ -526,6 +520,9 @@ class Checkpointer:
 
     def _damaged(self, step: int, reason: str) -> CheckpointError:
         return _damage(self.step_dir(step), reason, self._damaged_then(step))
+
+    def _read_failed(self, step: int, err: BaseException, what: str) -> CheckpointError:
+        return _unreadable(self.step_dir(step), err, what, self._damaged_then(step))
 
     def _damaged_then(self, step: int) -> str:
         """What moving damaged `step` away leaves: where a rerun starts."""

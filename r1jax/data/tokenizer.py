@@ -220,8 +220,8 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
     tokenizer was loaded from declares (config.json, generation_config.json: Qwen2.5-Instruct's
     ``<|endoftext|>`` beside ``<|im_end|>``, Llama 3.1's three), where transformers' `generate`
     and vLLM stop."""
-    ids = [*_tokenizer_stop_ids(tokenizer), *declared_stop_ids(tokenizer)]
-    return tuple(sorted(set(ids)))
+    folder = model_eos_ids(getattr(tokenizer, "name_or_path", None))
+    return tuple(sorted({*_tokenizer_stop_ids(tokenizer), *folder}))
 
 
 def declared_stop_ids(tokenizer) -> tuple[int, ...]:
