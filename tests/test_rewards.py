@@ -179,6 +179,12 @@ EQUIVALENT = [  # (gold, completion): same answer written differently
     ("(-\\infty, 2)", "<answer>(-∞, 2)</answer>"),
     ("x \\ge 3", "<answer>x ≥ 3</answer>"),
     ("-5", "<answer>−5</answer>"),
+    # Text-mode commands math-verify does not know are \text (a value in them scored 0).
+    ("12", "<answer>\\textsf{12}</answer>"),
+    ("12", "<answer>The answer is $\\texttt{12}$.</answer>"),
+    ("12", "<answer>12 \\hbox{ eggs}</answer>"),
+    ("12", "\\boxed{\\textup{12}}"),
+    ("\\textsf{12}", "<answer>12</answer>"),
 ]
 DIFFERENT = [
     ("\\frac{3}{4}", "<answer>0.7</answer>"),
@@ -203,6 +209,7 @@ DIFFERENT = [
     ("3", "<answer>3 \\text{ (or 5)}</answer>"),
     ("5", "<answer>4 \\textsf{ or } 5</answer>"),  # (\\hbox, \\texttt... are text as \\text is)
     ("5", "<answer>4 \\hbox{ or } 5</answer>"),
+    ("12", "<answer>12 \\texttt{ thousand}</answer>"),
     ("D", "<answer>B (or D)</answer>"),
     ("5", "<answer>\\boxed{3} or \\boxed{5}</answer>"),  # the last box was taken
     ("5", "The answer is \\boxed{3} or \\boxed{5}."),

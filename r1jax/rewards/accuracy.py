@@ -293,7 +293,13 @@ def _root(m: re.Match) -> str:
     return "\\sqrt{" + radicand.removeprefix("{").removesuffix("}") + "}"
 
 
+# Text-mode commands math-verify does not know, written as the \text it reads ("\textsf{12}"
+# was no answer where "\text{12}" is 12; "12 \hbox{ eggs}" a unit like "12 \text{ eggs}").
+_TEXT_ALIAS = re.compile(r"\\(?:textsf|texttt|textup|hbox)(?![A-Za-z])")
+
+
 def _strip_delimiters(s: str) -> str:
+    s = _TEXT_ALIAS.sub(r"\\text", s)
     s = _SPACE_GROUPED.sub(lambda m: re.sub(r"\D", "", m.group()), s.strip())
     s = _UNICODE_MATH_SIGN.sub(lambda m: _UNICODE_MATH[m.group()], s)
     s = _ROOT.sub(_root, s)
