@@ -755,6 +755,13 @@ def test_code_reward_fraction_passed():
     assert code_reward([third], tests=real, sandbox={"float_tolerance": 1e-6}) == [1.0]
     with pytest.raises(ValueError, match="float_tolerance must be >= 0"):
         code_reward([third], tests=real, sandbox={"float_tolerance": -1})
+    # A long run of digits is compared in linear time (the number pattern backtracked
+    # quadratically: 12 s for 20 kB, holding the GIL, hours for the 1 MiB output cap).
+    from r1jax.rewards.code import _close
+
+    start = time.monotonic()
+    assert not _close(b"1" * 200_000 + b"x", b"1", 1e-6)
+    assert time.monotonic() - start < 5.0
 
 
 # --- composition -------------------------------------------------------------------------------

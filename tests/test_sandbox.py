@@ -716,6 +716,99 @@ def test_memory_outside_the_address_space_limit_is_refused():
     assert result.stdout.decode().split("\n")[:3] == ["shm -1 1", "msg -1 1", "memfd refused"]
 
 
+KEYRING_PROBE = """
+import ctypes, platform
+from r1jax.rewards import SandboxConfig, run_python
+from r1jax.rewards.sandbox import _SECCOMP_BLOCKED
+calls = _SECCOMP_BLOCKED[platform.machine()][1]
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.syscall(calls["keyctl"], 1, None) > 0  # KEYCTL_JOIN_SESSION_KEYRING: a new one
+secret = b"trainer-token"
+libc.syscall(calls["add_key"], b"user", b"secret", secret, len(secret), ctypes.c_int(-3))
+steal = (
+    "import ctypes\\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\\n"
+    "key = libc.syscall(KEYCTL, 10, ctypes.c_int(-3), b'user', b'secret', 0)\\n"  # SEARCH @s
+    "buf = ctypes.create_string_buffer(64)\\n"
+    "n = libc.syscall(KEYCTL, 11, key, buf, 64)\\n"  # READ
+    "print(buf.raw[:n].decode() if n > 0 else 'errno', ctypes.get_errno())\\n"
+).replace("KEYCTL", str(calls["keyctl"]))
+print(run_python(steal, b"", SandboxConfig(timeout_s=3.0)).stdout.decode().strip())
+leave = (
+    "import ctypes\\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\\n"
+    "print(libc.syscall(ADD_KEY, b'user', b'note', b'x', 1, ctypes.c_int(-3)) > 0)\\n"
+).replace("ADD_KEY", str(calls["add_key"]))
+print(run_python(leave, b"", SandboxConfig(timeout_s=3.0)).stdout.decode().strip())
+"""
+
+
+def test_the_kernel_keyring_is_out_of_reach():
+    """Keyrings are not namespaced: a run inherited the trainer's session keyring (a process
+    started by Docker/runc, systemd or a login has one; here the probe joins a new one) and read
+    the keys in it, or left keys there for the next test's run to read."""
+    if sandbox_lib._seccomp_filter() is None:
+        pytest.skip("no seccomp filter for this architecture (x86-64 and arm64 only)")
+    probe = subprocess.run(
+        [sys.executable, "-c", KEYRING_PROBE], capture_output=True, text=True, timeout=60
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split("\n")[:2] == ["errno 1", "False"], probe.stdout  # (EPERM)
+
+
+MANY_FILES_PROBE = """
+import os, resource
+from r1jax.rewards import SandboxConfig, run_python
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+print(max(held) >= 1024, run_python("print(6 * 7)", b"", SandboxConfig(timeout_s=3.0)).stdout)
+"""
+
+
+def test_a_trainer_holding_many_files_still_runs_programs():
+    """With more than 1024 files open in the trainer (a container's limit allows 20,000), every
+    run raised "filedescriptor out of range in select()" (the wait for the sandbox's init)."""
+    probe = subprocess.run(
+        [sys.executable, "-c", MANY_FILES_PROBE], capture_output=True, text=True, timeout=60
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "True b'42\\n'", probe.stdout
+
+
+def test_the_init_is_killed_only_while_its_pid_is_bubblewraps_child():
+    """The sandbox init's PID (bubblewrap's report) was opened after the run: reaped by then
+    (by bubblewrap at its exit, or by PID 1 as an orphan), the PID could name an unrelated
+    process, which the run SIGKILLed. It is taken only while its parent is bubblewrap."""
+    bystander = subprocess.Popen(["sleep", "30"])
+    launcher = subprocess.Popen(["sleep", "30"])  # (stands in for bubblewrap: not its parent)
+    read, write = os.pipe()
+    try:
+        os.write(write, b'{"child-pid": %d}' % bystander.pid)
+        os.close(write)
+        assert sandbox_lib._sandbox_init(read, launcher) is None
+        assert bystander.poll() is None
+        # No report (bubblewrap failed before it): no init, once the pipe ends.
+        read2, write2 = os.pipe()
+        os.close(write2)
+        assert sandbox_lib._sandbox_init(read2, launcher) is None
+        os.close(read2)
+    finally:
+        os.close(read)
+        for p in (bystander, launcher):
+            p.kill()
+            p.wait()
+
+
+def test_a_program_cannot_forge_log_lines(caplog):
+    """A program whose stderr starts with "bwrap:" is logged as a possible setup failure; its
+    newlines made lines of their own ("ERROR:r1jax.train: checkpoint corrupt")."""
+    code = "import sys\nsys.stderr.write('bwrap: x\\nERROR:r1jax.train: checkpoint corrupt\\n')"
+    with caplog.at_level(logging.WARNING, logger="r1jax.rewards.sandbox"):
+        assert run_python(code, b"", CFG).ok
+    assert caplog.records and all("\n" not in r.getMessage() for r in caplog.records)
+
+
 def test_limits_that_fail_every_run_are_refused_up_front():
     """Limits no program runs under (here 3 open files: bubblewrap needs ~10) and cpu_time_s=0
     passed validation and scored every completion 0 for a whole run, with at most a per-run

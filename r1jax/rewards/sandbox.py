@@ -11,7 +11,9 @@ Owns ``SandboxConfig``, ``run_python`` and ``sandbox_available``. Layers, outerm
    which is unsafe in a multi-threaded trainer): CPU seconds, address space, file size, number of
    processes, no core dumps, open files. The address-space limit is per process, so a run's
    memory is bounded by ``memory_bytes x max_processes`` (4 GiB by default; a cgroup would bound
-   the sum, but needs a delegated cgroup tree that containers and TPU VMs do not all give). The
+   the sum, but needs a delegated cgroup tree that containers and TPU VMs do not all give),
+   plus the kernel memory of the files it makes in its ``/tmp`` (the tmpfs's size caps their
+   data, not their inodes: about 1 KiB each, freed when the run ends). The
    process limit is set inside the sandbox, where (Linux >= 5.14) the kernel counts the
    sandbox's own tasks only, so concurrent runs of one uid do not share it; on older kernels it
    is set outside, over the uid's tasks (as a non-root user, over its other runs too).
@@ -50,7 +52,9 @@ The trainer's own interpreter is used when the sandbox uid can reach it, else
 ``/usr/bin/python3``.
 5. **A seccomp filter** (``_seccomp_filter``) refusing the few system calls that hold memory the
    address-space limit does not count: System V shared memory and message queues (a segment
-   filled and detached stays in RAM until the IPC namespace goes) and ``memfd_create``. They
+   filled and detached stays in RAM until the IPC namespace goes) and ``memfd_create``; and the
+   kernel keyring calls (``add_key``, ``request_key``, ``keyctl``: keyrings are not namespaced,
+   so a run could read the trainer's session keyring or leave keys for the next run). They
    fail with ``EPERM``; everything else is allowed (the namespaces and the uid carry the rest).
    On architectures other than x86-64 and arm64 the filter is left out.
 """
@@ -351,10 +355,20 @@ def _tasks_of_uid(uid: int) -> int:
     return count
 
 
-# System calls whose memory RLIMIT_AS does not count, by architecture (AUDIT_ARCH_*, numbers).
+# System calls refused in the sandbox, by architecture (AUDIT_ARCH_*, numbers): those holding
+# memory RLIMIT_AS does not count, and the kernel keyrings, which no namespace separates (a run
+# read the trainer's session keyring, and left keys there for the next test's run to read).
 _SECCOMP_BLOCKED = {
-    "x86_64": (0xC000003E, {"shmget": 29, "shmat": 30, "msgget": 68, "memfd_create": 319}),
-    "aarch64": (0xC00000B7, {"shmget": 194, "shmat": 196, "msgget": 186, "memfd_create": 279}),
+    "x86_64": (
+        0xC000003E,
+        {"shmget": 29, "shmat": 30, "msgget": 68, "memfd_create": 319}
+        | {"add_key": 248, "request_key": 249, "keyctl": 250},
+    ),
+    "aarch64": (
+        0xC00000B7,
+        {"shmget": 194, "shmat": 196, "msgget": 186, "memfd_create": 279}
+        | {"add_key": 217, "request_key": 218, "keyctl": 219},
+    ),
 }
 
 
@@ -644,18 +658,20 @@ def _run_as(
         )
         out, err, timed_out, truncated = _communicate(proc, start + cfg.timeout_s, cfg, on_exit)
     finally:
+        # (bubblewrap is not reaped until `_kill_group`: its PID names it and no later process)
+        init = _sandbox_init(info_r, proc) if sandboxed else None
         _kill_group(proc)
-        if sandboxed:
-            _kill_namespace(info_r)
-        elif private:
+        if init is not None:
+            _kill_namespace(init)
+        elif private and not sandboxed:
             if not killed:
                 _kill_uid(python, uid)
             _remove_files_of(uid)
         for fd in own_fds:
             os.close(fd)
     wall = time.monotonic() - start
-    if sandboxed and err.startswith(b"bwrap:"):
-        logger.warning("sandbox setup failed: %s", err[:300].decode("utf-8", errors="replace"))
+    if sandboxed and err.startswith(b"bwrap:"):  # (or a program's own stderr: kept on one line)
+        logger.warning("sandbox setup failed? %r", err[:300].decode("utf-8", errors="replace"))
     return RunResult(bytes(out), bytes(err), proc.returncode, timed_out, truncated, wall, sandboxed)
 
 
@@ -688,9 +704,9 @@ def _communicate(
         while sel.get_map():
             now = time.monotonic()
             if now >= deadline:
-                timed_out = proc.poll() is None
+                timed_out = not _exited(proc)
                 break
-            if proc.poll() is not None:
+            if _exited(proc):
                 # The program is done; anything still holding our pipes open is a straggler (an
                 # unsandboxed daemon). Drain briefly, then stop waiting for it.
                 if exited_at is None and on_exit is not None:
@@ -717,20 +733,41 @@ def _communicate(
                     err += chunk[: max(0, cfg.max_stderr_bytes - len(err))]
             if truncated:
                 break
-    if not (timed_out or truncated) and proc.poll() is None:
+    if not (timed_out or truncated) and not _exited(proc):
         # Both pipes ended (the program closed its stdout and stderr) but it runs on: its exit
         # status still counts, so wait for it (to the deadline) before the group is killed.
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
+        timed_out = not _wait_unreaped(proc, deadline - time.monotonic())
         if on_exit is not None:
             on_exit()
     return out, err, timed_out, truncated
 
 
+def _exited(proc: subprocess.Popen) -> bool:
+    """Whether `proc` has exited, without reaping it (`Popen.poll` would): until `_kill_group`
+    its zombie keeps its PID and process group number, which a later process could otherwise
+    be given, and be killed in its place."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _wait_unreaped(proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for `proc` to exit, without reaping it; whether it did."""
+    pidfd = os.pidfd_open(proc.pid)  # (unreaped: the PID is still this process's)
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(max(0.0, timeout) * 1000))
+    finally:
+        os.close(pidfd)
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the run's process group (bwrap's death then tears down its PID namespace)."""
+    """SIGKILL the run's process group (bwrap's death then tears down its PID namespace), then
+    reap the process (the group's number stays its own until then: `_exited`)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -861,8 +898,51 @@ def _remove_files_of(uid: int) -> None:
                 subprocess.run(["ipcrm", flag, row[1]], capture_output=True, check=False)
 
 
-def _kill_namespace(info_fd: int) -> None:
-    """SIGKILL the sandbox's init and wait until its PID namespace is empty.
+def _sandbox_init(info_fd: int, proc: subprocess.Popen) -> int | None:
+    """A pidfd of the sandbox's init, from the PID bubblewrap reported on `info_fd` (read
+    without waiting); None when bubblewrap made none or the init is gone.
+
+    Call it while bubblewrap (`proc`) is not yet reaped, so that its PID is still its own: the
+    process with the reported PID is the init only if its parent is bubblewrap, or this process
+    when it is the orphan's reaper (bubblewrap exits first; the init's zombie then waits for this
+    process to reap it). Another reaper (PID 1) may have reaped it already and its PID been given
+    to an unrelated process, which the kill would then reach."""
+    try:
+        pid = int(json.loads(os.read(info_fd, 4096) or b"{}")["child-pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # bwrap died before creating the namespace
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # gone already (and its namespace with it)
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            parent = int(f.read().rpartition(b")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        parent = None
+    # (the pidfd names whatever had the PID when it was opened, and still has it now)
+    if parent == proc.pid or (parent == os.getpid() and _reaps_orphans()):
+        return pidfd
+    os.close(pidfd)
+    return None
+
+
+def _reaps_orphans() -> bool:
+    """Whether orphans of this process's descendants come to it (PID 1, or a subreaper)."""
+    import ctypes
+
+    if os.getpid() == 1:
+        return True
+    flag = ctypes.c_int(0)
+    try:  # PR_GET_CHILD_SUBREAPER
+        return ctypes.CDLL(None).prctl(37, ctypes.byref(flag), 0, 0, 0) == 0 and bool(flag.value)
+    except (OSError, AttributeError):
+        return False
+
+
+def _kill_namespace(pidfd: int) -> None:
+    """SIGKILL the sandbox's init (`pidfd`, from `_sandbox_init`; closed here) and wait until
+    its PID namespace is empty.
 
     Killing bubblewrap alone already dooms the namespace (``--die-with-parent``), but
     asynchronously; this makes ``run_python`` return only once every process the code started,
@@ -870,21 +950,14 @@ def _kill_namespace(info_fd: int) -> None:
     other members have, so "init has exited" (its pidfd turns readable) means "namespace empty".
     """
     try:
-        info = json.loads(os.read(info_fd, 4096) or b"{}")
-        pid = int(info["child-pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # bwrap died before creating the namespace
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:  # already exited and reaped
-        return
-    try:
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     except OSError:
         pass
+    poller = select.poll()  # (not select.select: a trainer may hold more than 1024 files)
+    poller.register(pidfd, select.POLLIN)
     try:
-        if not select.select([pidfd], [], [], 5.0)[0]:
-            logger.error("sandbox PID namespace (init %d) did not empty after SIGKILL", pid)
+        if not poller.poll(5000):
+            logger.error("sandbox PID namespace did not empty after SIGKILL")
         else:
             # bubblewrap exits before its sandbox init, which is orphaned: when this process is
             # the reaper (PID 1 of a container, a subreaper) it must reap it, or every run leaves
