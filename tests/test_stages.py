@@ -1992,7 +1992,7 @@ class _StubStages:
     `fail[name]` is raised by sub-stage `name`; each call advances `clock` by a minute."""
 
     def __init__(self):
-        self.calls, self.fail, self.clock = [], {}, [0.0]
+        self.calls, self.fail, self.clock, self.kept = [], {}, [0.0], 1
 
     def module(self, stage):
         def run(config, workdir):
@@ -2005,7 +2005,7 @@ class _StubStages:
                 path = os.path.join(workdir, pipeline.KEPT_SAMPLES)
                 with open(path, "w") as f:
                     f.write(json.dumps({"from": config.model.path}) + "\n")
-                return {"path": path, "kept": 1}
+                return {"path": path, "kept": self.kept, "samples": 4}
             os.makedirs(os.path.join(workdir, "hf", "final"), exist_ok=True)
             common.write_json(
                 os.path.join(workdir, "hf", "final", "config.json"),
@@ -2116,6 +2116,50 @@ def test_pipeline_resume_follows_what_each_stage_was_trained_on(stub_stages, tmp
     with pytest.raises(common.ConfigError, match=re.escape(f"since; delete {folders} to train")):
         pipeline.run(config, str(tmp_path / "moved"))
     assert stub_stages.calls[-1] == "r1_zero"  # (cold_start refused before it ran)
+
+
+def test_pipeline_follows_models_named_inside_it_and_what_student_rl_matches(stub_stages, tmp_path):
+    """A teacher (reference, reward model) pointed at a sub-stage's output was compared by its
+    path: distill was skipped as done after r1 was trained again. With match_distill_compute,
+    student_rl's step count comes from distill's, but no "delete" list named it. A stage flag's
+    value was advised back as the pipeline-wide flag, which then changed every stage. A
+    rejection sampling that kept nothing was recorded as done, and r1_sft failed on its file."""
+    config = sh.load_config("pipeline:smoke")
+    config.require_tag_copy = config.match_distill_compute = False
+    work = tmp_path / "run"
+    config.distill.distill.teacher = str(work / "r1" / "hf" / "final")
+    stub_stages.kept = 0
+    with pytest.raises(common.ConfigError, match=r"rejection_sampling: kept none of its"):
+        pipeline.run(config, str(work))
+    assert not (work / "rejection_sampling" / "done.json").exists()
+    stub_stages.kept, stub_stages.calls[:] = 1, []
+    pipeline.run(config, str(work))  # (sampled again: the stub saves no samples)
+    assert stub_stages.calls[0] == "rejection_sampling"
+    shutil.rmtree(work / "r1")  # r1 trained again: distill learnt from the old one
+    with pytest.raises(
+        common.ConfigError,
+        match=re.escape(
+            f"(distill.teacher) was made again or removed since; delete {work}/distill "
+        ),
+    ):
+        pipeline.run(config, str(work))
+    # student_rl follows distill when its steps are matched to it.
+    rs = str(work / "rejection_sampling")
+    assert pipeline._to_delete(rs, matched=True).endswith(f"{work}/distill {work}/student_rl")
+    assert pipeline._to_delete(rs).endswith(f"{work}/distill")
+    assert pipeline._dependents("distill", matched=True) == ["student_rl"]
+    assert pipeline._dependents("distill") == []
+    # A stage's own value is given back with the stage's flag; one every stage ran with, with the
+    # pipeline-wide one.
+    assert pipeline._keep_flag("r1", "model.dtype", "bfloat16", str(work)) == (
+        "--config.r1.model.dtype='bfloat16'"
+    )
+    assert pipeline._keep_flag("r1", "model.dtype", "float32", str(work)) == (
+        "--config.r1.model.dtype='float32'"  # (the default: not applied from the top level)
+    )
+    assert pipeline._keep_flag("r1", "model.dtype", "bfloat16", str(tmp_path / "none")) == (
+        "--config.model.dtype='bfloat16'"
+    )
 
 
 def test_pipeline_errors_name_the_sub_stage_and_resumed_minutes_add_up(stub_stages, tmp_path):
@@ -3425,6 +3469,23 @@ def test_pipeline_evaluation_stands_for_its_checkpoint_and_settings(tmp_path, mo
     assert evaluate() == 2
     os.utime(os.path.join(subdir, "eval.json"), (now - 800, now - 800))
     assert evaluate() == 3
+    # A full disk (or a kill) between eval.json and its stamp left an unstamped evaluation, which
+    # the rule above then reused under any settings, for good.
+    real_write = common.write_json
+
+    def full_disk(path, obj):
+        if path.endswith("eval_stamp.json"):
+            raise OSError(28, "No space left on device")
+        return real_write(path, obj)
+
+    config.eval_stage.eval.num_samples += 1
+    monkeypatch.setattr(common, "write_json", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        evaluate()
+    monkeypatch.setattr(common, "write_json", real_write)
+    config.eval_stage.eval.num_samples += 1
+    assert evaluate() == len(calls) - 1
+    assert calls[-1]["num_samples"] == config.eval_stage.eval.num_samples
 
 
 def test_answers_the_grader_scores_differently_never_vote_together():

@@ -70,8 +70,9 @@ EVALUATED = (
 
 
 # The pipeline-level sections every stage also has; a value set at the top level applies to all.
-# (A value equal to `common.base_config`'s cannot be told from one left unset, so it leaves each
-# stage's own: `--config.ckpt.every=50` keeps r1_zero's 25; set `--config.r1_zero.ckpt.every=50`.)
+# (On the command line always (`apply_shared_flags`). From a config file or a caller's config a
+# value equal to `common.base_config`'s cannot be told from one left unset, so it leaves each
+# stage's own: `ckpt.every = 50` there keeps r1_zero's 25; set `r1_zero.ckpt.every` too.)
 SHARED_SECTIONS = ("mesh", "model", "ckpt", "log", "sandbox", "reward_pool")
 
 
@@ -221,6 +222,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     results: dict[str, Any] = {"seed": config.seed, "stages": {}, "eval": {}}
     model_of: dict[str, str] = {}
     started = time.time()
+    matched = bool(config.get("match_distill_compute", False))  # student_rl's steps: distill's
     for name, stage, _ in PLAN:
         sub = _stage_config(config, name)
         subdir = os.path.join(workdir, name)
@@ -230,12 +232,22 @@ def run(config, workdir: str) -> dict[str, Any]:
             for key, value in wired.items():
                 section, field = key.split(".")
                 sub[section][field] = value
-            if name == "student_rl" and config.get("match_distill_compute", False):
+            if name == "student_rl" and matched:
                 results["compute"] = _matched_compute(
                     config, sub, workdir, results["stages"], tuple(wired)
                 )
                 sub.rl.steps = results["compute"]["student_rl_steps"]
-        results["stages"][name] = _run_once(stage, sub, subdir, name, tuple(wired))
+        # Models named by path inside this workdir (a logit-distillation teacher, a reference
+        # or reward model): compared by content too, as the wired ones.
+        watched = tuple(
+            k
+            for k in _NAMED_MODELS
+            if (value := sub.get(k.split(".")[0], {}).get(k.split(".")[1]))
+            and os.path.abspath(os.path.expanduser(value)).startswith(workdir + os.sep)
+        )
+        results["stages"][name] = _run_once(
+            stage, sub, subdir, name, tuple(wired), watched=watched, matched=matched
+        )
         if stage == "pretrain" and config.get("require_tag_copy", True):
             _check_copies_tags(name, results["stages"][name], subdir)
         model_of[name] = _output(workdir, name)
@@ -300,7 +312,7 @@ def _inputs(sub, wired: tuple[str, ...]) -> dict[str, str]:
     out = {}
     for key in wired:
         section, field = key.split(".")
-        fingerprint = _fingerprint(key, sub[section][field])
+        fingerprint = _fingerprint(key, os.path.expanduser(sub[section][field]))
         if fingerprint is not None:
             out[key] = fingerprint
     return out
@@ -308,7 +320,7 @@ def _inputs(sub, wired: tuple[str, ...]) -> dict[str, str]:
 
 def _fingerprint(key: str, path: str) -> str | None:
     """A wired input `key`'s content at `path` (a model folder or a data file; None: not there)."""
-    if key == "model.path" and os.path.isdir(path):
+    if key in ("model.path", *_NAMED_MODELS) and os.path.isdir(path):
         return common.model_fingerprint(path)
     return common.file_fingerprint(path) if os.path.isfile(path) else None
 
@@ -328,17 +340,24 @@ def _wiring(workdir: str, name: str) -> dict[str, tuple[str, str]]:
     return {k: (w, _output(workdir, w)) for k, w in writers.items() if w is not None}
 
 
-def _dependents(name: str) -> list[str]:
-    """The sub-stages trained, directly or through others, on `name`'s output (model or data)."""
+# Model fields a user may point at a sub-stage's output (distill.teacher=<workdir>/r1/hf/final).
+_NAMED_MODELS = ("distill.teacher", "rl.ref_model", "reward_model.path")
+
+
+def _dependents(name: str, matched: bool = False) -> list[str]:
+    """The sub-stages trained, directly or through others, on `name`'s output (model or data);
+    `matched`: with match_distill_compute, whose step count student_rl takes from distill's."""
     out = []
     for other, _, source in PLAN:
         inputs = {source, DATA_FROM[other][1] if other in DATA_FROM else None}
+        if matched and other == "student_rl":
+            inputs.add("distill")
         if inputs & {name, *out}:
             out.append(other)
     return out
 
 
-def _stale(workdir: str, refused: str) -> list[str]:
+def _stale(workdir: str, refused: str, matched: bool = False) -> list[str]:
     """The sub-stage folders to delete once `refused` found its inputs made again: every one
     trained on an output that is not there any more (its done.json's inputs against the outputs
     now), every one started on such a stage's output, and every unfinished one `refused`'s own
@@ -358,8 +377,10 @@ def _stale(workdir: str, refused: str) -> list[str]:
             recorded = common.read_json(done).get("inputs", {})
             if any(recorded.get(k) != _fingerprint(k, path) for k, (_, path) in wiring.items()):
                 stale.append(name)
-        elif any(name in _dependents(f) for f in feeds):  # (unfinished, downstream)
+        elif any(name in _dependents(f, matched) for f in feeds):  # (unfinished, downstream)
             stale.append(name)
+        if matched and name == "student_rl" and "distill" in stale and name not in stale:
+            stale.append(name)  # (its step count matched to the distillation's)
     return stale
 
 
@@ -368,38 +389,49 @@ def _source(name: str) -> str | None:
     return next(source for n, _, source in PLAN if n == name)
 
 
-def _to_delete(subdir: str, keep_samples: bool = False) -> str:
+def _to_delete(subdir: str, keep_samples: bool = False, matched: bool = False) -> str:
     """The folders to delete to train sub-stage `subdir` again: its own and its dependents'.
     `keep_samples`: rejection sampling with other filters only, which filters its saved samples
     again: its done.json instead of its folder."""
     name, workdir = os.path.basename(subdir), os.path.dirname(subdir)
     own = os.path.join(subdir, "done.json") if keep_samples else subdir
-    return " ".join([own, *(os.path.join(workdir, n) for n in _dependents(name))])
+    return " ".join([own, *(os.path.join(workdir, n) for n in _dependents(name, matched))])
 
 
 def _run_once(
-    stage: str, sub, subdir: str, name: str, wired: tuple[str, ...] = ()
+    stage: str,
+    sub,
+    subdir: str,
+    name: str,
+    wired: tuple[str, ...] = (),
+    *,
+    watched: tuple[str, ...] = (),
+    matched: bool = False,
 ) -> dict[str, Any]:
     """Run a sub-stage unless its output already exists (a rerun resumes the pipeline).
-    `wired`: the fields `run` set from earlier sub-stages' outputs."""
+    `wired`: the fields `run` set from earlier sub-stages' outputs; `watched`: model fields the
+    user pointed at them (`_NAMED_MODELS`); `matched`: match_distill_compute (`_dependents`)."""
     from r1jax.checkpoint import CheckpointError
     from r1jax.models.hf import CheckpointError as ModelFolderError
     from r1jax.train import Diverged
 
     done = os.path.join(subdir, "done.json")
-    inputs = _inputs(sub, wired)
+    inputs = _inputs(sub, wired + watched)
     # Minutes of earlier attempts that stopped part way (the stage resumed from their checkpoint).
     attempts = os.path.join(subdir, "minutes_before.json")
     before = common.read_json(attempts)["minutes"] if os.path.exists(attempts) else 0.0
     output = _output(os.path.dirname(subdir), name)
     if os.path.exists(done):
         saved_config = os.path.join(subdir, f"config_{stage}.json")
-        _check_same_settings(sub, saved_config, subdir, stage, wired)
+        _check_same_settings(sub, saved_config, subdir, stage, wired, matched)
         finished = common.read_json(done)
         remade = [k for k, v in finished.get("inputs", {}).items() if inputs.get(k) != v]
         if remade:
             workdir = os.path.dirname(subdir)
-            stale = " ".join(os.path.join(workdir, n) for n in _stale(workdir, name))
+            names = _stale(workdir, name, matched)
+            if set(remade) - set(wired):  # (a watched model: this stage and what it feeds)
+                names += [n for n in (name, *_dependents(name, matched)) if n not in names]
+            stale = " ".join(os.path.join(workdir, n) for n in names)
             raise common.ConfigError(
                 f"{name} is done, but what it was trained on ({', '.join(remade)}) was made "
                 f"again or removed since; delete {stale} to train them on the new one, or give "
@@ -428,6 +460,19 @@ def _run_once(
             e.args = (f"pipeline stage {name} (--stage={stage}, --config.{name}.*, {subdir}): {e}",)
         raise
     out = {k: v for k, v in out.items() if isinstance(v, int | float | str)}
+    if stage == "rejection_sampling" and out.get("kept") == 0:
+        # (not recorded as done: r1_sft and distill would fail on, or train on, no reasoning
+        # data; a rerun with other filters filters the saved samples again, without the model)
+        summary = os.path.join(subdir, "rejection_sampling_summary.json")
+        dropped = common.read_json(summary).get("dropped", {}) if os.path.exists(summary) else {}
+        common.write_json(attempts, {"minutes": before + (time.time() - started) / 60})
+        raise common.ConfigError(
+            f"pipeline stage {name}: kept none of its {out.get('samples')} samples (dropped: "
+            + ", ".join(f"{k} {v}" for k, v in dropped.items() if v)
+            + f"), so r1_sft and distill would have no reasoning data; check "
+            f"{sub.model.path} (reasoning_rl's model) or loosen the filters "
+            f"(--config.{name}.rejection_sampling.*): a rerun filters the saved samples again"
+        )
     out["minutes"] = before + (time.time() - started) / 60  # kept across resumes, unlike the total
     out["inputs"] = inputs
     common.write_json(done, out)
@@ -437,7 +482,12 @@ def _run_once(
 
 
 def _check_same_settings(
-    sub, saved_path: str, subdir: str, stage: str, wired: tuple[str, ...] = ()
+    sub,
+    saved_path: str,
+    subdir: str,
+    stage: str,
+    wired: tuple[str, ...] = (),
+    matched: bool = False,
 ) -> None:
     """Refuse to skip a finished stage that ran with other settings than `sub` now asks for: its
     results would stand for settings they were not made with. Fields the saved config lacks (an
@@ -456,12 +506,16 @@ def _check_same_settings(
     if changed:
         name = os.path.basename(subdir)
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed[:5])
-        keep = " ".join(f for f in (_keep_flag(name, k, saved[k]) for k in changed[:5]) if f)
+        workdir = os.path.dirname(subdir)
+        keep = " ".join(
+            f for f in (_keep_flag(name, k, saved[k], workdir) for k in changed[:5]) if f
+        )
+        delete = _to_delete(subdir, _only_filters(stage, changed), matched)
         raise common.ConfigError(
             f"{name} is done, but with other settings ({diffs}; a default of this r1jax may have "
             f"changed); "
             + (f"keep the ones it ran with ({keep}), " if keep else "")
-            + f"delete {_to_delete(subdir, _only_filters(stage, changed))} to rerun it with "
+            + f"delete {delete} to rerun it with "
             "the new ones, or give the "
             f"pipeline a new --workdir"
         )
@@ -494,18 +548,33 @@ def _only_filters(stage: str, changed: list[str]) -> bool:
 _WIRED = ("model.path", "sft.source", "distill.source", "rl.steps")
 
 
-def _keep_flag(name: str, key: str, value: Any) -> str | None:
+def _keep_flag(name: str, key: str, value: Any, workdir: str | None = None) -> str | None:
     """The flag that gives stage `name` its saved `value` of `key` back: the pipeline-level one
-    for the seed and the shared sections (which the pipeline applies over every stage's), none
-    for a field the pipeline wires from other stages or a value without a one-word spelling."""
+    for the seed and for a shared section's field every stage in `workdir` ran with (which the
+    pipeline applies over every stage's), none for a field the pipeline wires from other stages
+    or a value without a one-word spelling."""
     if key in _WIRED or not isinstance(value, int | float | str | bool) or " " in str(value):
         return None
     section, _, field = key.partition(".")
-    # (a shared-section value equal to the default is not applied from the top level)
+    # (a shared-section value equal to the default is not applied from the top level; one only
+    # this stage ran with came from its own flag: the top-level one would change the others)
     shared = key == "seed" or (
-        section in SHARED_SECTIONS and common.base_config()[section].get(field) != value
+        section in SHARED_SECTIONS
+        and common.base_config()[section].get(field) != value
+        and (workdir is None or _ran_everywhere_with(workdir, key, value))
     )
     return f"--config.{key if shared else f'{name}.{key}'}={value!r}"
+
+
+def _ran_everywhere_with(workdir: str, key: str, value: Any) -> bool:
+    """Whether every sub-stage in `workdir` that saved its config ran with `value` of `key`."""
+    for name, stage, _ in PLAN:
+        saved = os.path.join(workdir, name, f"config_{stage}.json")
+        if os.path.exists(saved):
+            with open(saved) as f:
+                if not _same_value(_flat(json.load(f)).get(key, value), value):
+                    return False
+    return True
 
 
 # Sections whose settings do not change what a stage produces (how often it logs and saves, how
@@ -673,10 +742,13 @@ def _evaluate(config, model_path: str, subdir: str) -> dict[str, Any]:
         for old in (stamp_path, done):
             if os.path.exists(old):
                 os.remove(old)
+    # The stamp first: eval.json, written last, marks the evaluation finished (stamped after
+    # it, a kill or a full disk between the two left an unstamped one, which the rule for
+    # evaluations from before the stamps then reused under any settings).
+    common.write_json(stamp_path, stamp)
     common.sync_processes(f"evaluation {subdir} cleared")
     # eval.json, with its minutes for a later rerun's report
     out = eval_stage.run(sub, subdir)
-    common.write_json(stamp_path, stamp)
     # Process 0 alone wrote eval_samples.jsonl, which every process reads for the report
     # (paired_difference); eval_stage.run ends without a barrier (common.run_stage has one).
     common.sync_processes(f"evaluation {subdir} written")
