@@ -908,6 +908,14 @@ def test_sft_trains_every_assistant_turn_after_the_turns_before_it(toy, tmp_path
         [(prompt, completion, _)] = sft_stage.load_pairs(config, tok)
     assert (prompt, completion) == (pairs[-1][0], said[2]["content"])
     assert "only the last turn is trained (sft.turns='last'" in caplog.text
+    # A rejection-sampled row (`source: reasoning`): the earlier turns are the prompt's, neither
+    # sampled nor graded; they trained as examples, once per kept sample.
+    config.sft.turns = "all"
+    sampled = {"messages": conversation[:-1], "completion": said[2]["content"]}
+    path.write_text(json.dumps({**sampled, "source": "reasoning"}) + "\n")
+    assert [c for _, c, _ in sft_stage.load_pairs(config, tok)] == [said[2]["content"]]
+    path.write_text(json.dumps(sampled) + "\n")  # (any other row: each answer)
+    assert len(sft_stage.load_pairs(config, tok)) == 3
     config.sft.turns = "each"
     with pytest.raises(common.ConfigError, match="sft.turns must be 'all' or 'last'"):
         common.validate(config, "sft")

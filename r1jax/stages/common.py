@@ -1856,6 +1856,8 @@ def completion_data_fields(section: ml_collections.ConfigDict) -> None:
     # A conversation's assistant turns before its answer: "all" trains each (with text) as an
     # example of its own, after the turns before it as the chat template renders them when the
     # model answers there (R1's drops earlier turns' reasoning); "last": they are context only.
+    # (Rejection sampling's rows, `source: reasoning`: context only either way; the model
+    # sampled and was graded on the last answer alone.)
     section.turns = "all"
 
 

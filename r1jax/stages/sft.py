@@ -67,7 +67,9 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
         try:
             rows, stats = common.load_completion_rows(
                 s.source,
-                keep=("completion", "task", "meta"),
+                # ("source": the file's own column, rejection sampling's "reasoning" or
+                # "non_reasoning", in place of the loader's shape name)
+                keep=("completion", "task", "meta", "source"),
                 field_map=s.field_map.to_dict(),
                 on_bad_json=s.on_bad_json,
             )
@@ -108,7 +110,10 @@ def load_pairs(config, tokenizer, section: str = "sft") -> list[tuple[str, str, 
             )
         turns = templates.turns_before_answer(row)
         answers = [(turns, completion, where)]
-        earlier = [j for j, t in enumerate(turns) if t.get("role") == "assistant"]
+        # (a rejection-sampled row's earlier turns are its prompt's, neither sampled nor graded:
+        # context only, as with turns='last')
+        sampled = row.get("source") == "reasoning"
+        earlier = [j for j, t in enumerate(turns) if t.get("role") == "assistant" and not sampled]
         context_answers += bool(earlier)
         if every_turn:  # each earlier answer after its own context, as the model would see it
             with_text = [j for j in earlier if _has_text(turns[j].get("content"))]
