@@ -1165,6 +1165,11 @@ def test_rl_and_eval_prompts_render_a_conversation_row_whole(toy, tmp_path):
         common.PromptSet(loaded, opening, config.data, seed=0)
     config.data.template = "chat"
     assert common.PromptSet(loaded, opening, config.data, seed=0).completion_prefix == "<think>\n"
+    # Prefilled under r1_zero, a question opens "<think>" and a conversation "<think>\n": each
+    # prompt's own is kept for its samples (`sample_and_grade`).
+    config.data.template, config.data.prefill_think = "r1_zero", True
+    mixed = common.PromptSet(loaded, opening, config.data, seed=0)
+    assert {mixed.prefixes[i] for i in (1, 2)} == {"<think>", "<think>\n"}
     # A conversation without a chat template to render it: named.
     bare = copy.deepcopy(tokenizer)
     bare.chat_template = None
@@ -1471,6 +1476,18 @@ def test_rejection_sampling_resumes_from_the_batches_it_saved(toy, tmp_path, mon
     r.require_correct = False
     again = run("rejection_sampling", config, tmp_path / "stopped")
     assert len(calls) == 1 and again["kept"] == 20
+    # Fewer prompts: a saved batch that ends past them is read up to them (it was ignored, and
+    # its head sampled again: a model load, and two files starting at 4 that a later rerun chose
+    # between by set order). Of two such files, the longer is read.
+    r.num_prompts = 5
+    assert run("rejection_sampling", config, tmp_path / "stopped")["samples"] == 10
+    head = folder / "prompts_000000004-000000006.jsonl"
+    rows = (folder / "prompts_000000004-000000008.jsonl").read_text().splitlines()
+    head.write_text("".join(line + "\n" for line in rows if json.loads(line)["row"] < 6))
+    r.num_prompts = 10
+    assert run("rejection_sampling", config, tmp_path / "stopped") == again
+    assert len(calls) == 1
+    head.unlink()
     # (one that fails part way leaves the run finished: other settings may replace it)
     monkeypatch.setattr(rs, "_filter_and_write", no_model)
     with pytest.raises(AssertionError):
@@ -3103,8 +3120,8 @@ def test_sample_and_grade_grades_a_batch_while_the_next_one_samples():
 
     events, in_flight = [], []
 
-    class Prompts:
-        completion_prefix = "<think>"
+    class Prompts:  # (row 1: a conversation under a chat template that opens "<think>\n")
+        prefixes = ["<think>", "<think>\n", "<think>"]
         columns = {"answer": ["a", "b", "c"]}
 
         def generate(self, model, ids, *, batch, num_samples, **kwargs):
@@ -3143,7 +3160,9 @@ def test_sample_and_grade_grades_a_batch_while_the_next_one_samples():
         ("wait", "<think>2.0"),
         ("use", [2]),
     ]
-    assert out[0].texts == ["<think>0.0", "<think>0.1", "<think>1.0", "<think>1.1"]
+    # Each sample after its own prompt's opened tag (the first prompt's for all: SFT on the
+    # rejection-sampled file trained a "\n" the question's samples never had)
+    assert out[0].texts == ["<think>0.0", "<think>0.1", "<think>\n1.0", "<think>\n1.1"]
     assert out[0].columns == {"answer": ["a", "a", "b", "b"]}
     np.testing.assert_array_equal(out[0].correct, [1, 1, 0, 0])
     np.testing.assert_array_equal(out[1].correct, [0, 0])

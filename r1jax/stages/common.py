@@ -1585,9 +1585,13 @@ class PromptSet:
         # file, where the columns are data the rewards read and a resume checks)
         keys = sorted({k for r in rows for k in r} - {"where"})
         self.columns = {k: [r.get(k) for r in rows] for k in keys}
-        opened = {templates.completion_prefix(self.template, self.prefill_think, p).strip()
-                  for p in self.prompts}  # fmt: skip
-        if len(opened) > 1:  # one prefix per set: the reward callback sees completions alone
+        # Each prompt's own (a conversation under the chat template opens "<think>\n", a question
+        # under r1_zero "<think>": a sample is written with its own, for the SFT that reads it)
+        self.prefixes = [
+            templates.completion_prefix(self.template, self.prefill_think, p) for p in self.prompts
+        ]
+        # (whether they open it at all: one for the set, as the reward callback sees completions)
+        if len({p.strip() for p in self.prefixes}) > 1:
             raise ConfigError(
                 f"the {split + ' ' if split else ''}prompts disagree on whether they open the "
                 f"think block: data.template={self.template!r} renders questions one way and the "

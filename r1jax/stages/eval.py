@@ -337,8 +337,9 @@ def sample_and_grade(
             out = prompt_set.generate(
                 model, ids, batch=batch, num_samples=num_samples, **sample_kwargs
             )
-            texts = [
-                prompt_set.completion_prefix + t for t in decode_completions(tokenizer, out.tokens)
+            texts = [  # (num_samples per prompt, each after its prompt's own opened tag)
+                prompt_set.prefixes[ids[j // num_samples]] + t
+                for j, t in enumerate(decode_completions(tokenizer, out.tokens))
             ]
             columns = {
                 c: [v[i] for i in ids for _ in range(num_samples)]

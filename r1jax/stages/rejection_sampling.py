@@ -235,6 +235,7 @@ class SampleStore:
 
         self.folder = folder
         self._record = json.loads(json.dumps(record))  # (as it reads back: tuples are lists)
+        self._files: dict[int, str] = {}  # first id -> file, of the saved batches (process 0)
         # [failed, then per prompt id: 0, or the first of a batch (1) or of a saved batch (2)]
         plan = np.zeros(n + 1, np.int32)
         error = None
@@ -284,15 +285,20 @@ class SampleStore:
                 for name in batches:
                     (folder / name).unlink()
                 names, saved = names - set(batches), {}
-        ranges = {}  # first id -> end, of the saved batches inside the first n prompts
-        for name in names:
+        # first id -> end, of the saved batches that start inside the first n prompts (the
+        # longest of those starting at one id: a run with fewer prompts may have sampled a head
+        # of one again; one ending past n is read up to n)
+        ranges: dict[int, int] = {}
+        for name in sorted(names):
             match = re.fullmatch(r"prompts_(\d+)-(\d+)\.jsonl", name)
-            if match and int(match[1]) < int(match[2]) <= n:
-                ranges[int(match[1])] = int(match[2])
+            if match and int(match[1]) < min(n, int(match[2])):
+                first, end = int(match[1]), int(match[2])
+                if end > ranges.get(first, 0):
+                    ranges[first], self._files[first] = end, name
         plan, start = np.zeros(n, np.int32), 0
         while start < n:
             if ranges.get(start):
-                plan[start], start = 2, ranges[start]
+                plan[start], start = 2, min(n, ranges[start])
                 continue
             later = [a for a in ranges if a > start]
             plan[start], start = 1, min(n, start + size, *later)
@@ -335,13 +341,15 @@ class SampleStore:
     def samples(self) -> Iterator[dict[str, Any]]:
         """Every batch's samples, in prompt order (process 0)."""
         for ids in self.batches:
-            path = self._path(self.name(ids))
+            path = self._path(self._files.get(ids[0]) or self.name(ids))
             for i, line in enumerate(paths.read_text(path).splitlines()):
                 try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
+                    sample = json.loads(line)
+                    if sample["row"] <= ids[-1]:  # (a saved batch read up to this run's n)
+                        yield sample
+                except (json.JSONDecodeError, TypeError, KeyError) as e:
                     raise common.ConfigError(
-                        f"{path}:{i + 1} is not a sample ({e}); delete that file to sample its "
+                        f"{path}:{i + 1} is not a sample ({e!r}); delete that file to sample its "
                         "batch again"
                     ) from None
 
@@ -454,7 +462,7 @@ def _graded_samples(b, prompts: common.PromptSet, num_samples: int) -> list[dict
                 "row": i,
                 "prompt": prompts.prompts[i],
                 "completion": text,
-                "empty": not text[len(prompts.completion_prefix) :].strip(),
+                "empty": not text[len(prompts.prefixes[i]) :].strip(),
                 "correct": bool(b.correct[j] == 1.0),
                 "unscored": bool(np.isnan(b.correct[j])),
                 "format": float(well_formed[j]),
