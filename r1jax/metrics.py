@@ -383,11 +383,16 @@ def _to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     host = jax.device_get([metrics[name] for name in names])
     out = {}
     for name, value in zip(names, host, strict=True):
+        if not isinstance(name, str):
+            raise ValueError(f"Metric name {name!r} is not a string")
         arr = np.asarray(value)
         if arr.size != 1:
             raise ValueError(
                 f"Metric {name!r} has shape {arr.shape}; log scalars (reduce it first)."
             )
+        # (numbers only: float("1.5") of a string would pass, float(None) named no metric)
+        if arr.dtype.kind not in "biuf":
+            raise ValueError(f"Metric {name!r} is {value!r}, not a number")
         out[name] = float(arr.reshape(()))
     return out
 

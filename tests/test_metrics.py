@@ -188,6 +188,17 @@ def test_bad_metrics_are_refused_by_name(tmp_path):
             w.write(1, {"per_token": np.ones(2)})
         with pytest.raises(ValueError, match=r"\['step'\] are reserved"):
             w.write(1, {"step": 3})
+        # (float() of each named no metric, or took a string; a name not a string was written
+        # to the JSONL file before TensorBoard refused it)
+        for value in (None, {"a": 1.0}, "abc", "1.5"):
+            with pytest.raises(ValueError, match=r"Metric 'v' is .*, not a number"):
+                w.write(1, {"v": value})
+        with pytest.raises(ValueError, match=r"Metric name 3 is not a string"):
+            w.write(1, {3: 1.0})
+        w.write(1, {"ok": np.float32(1.0), "n": 3, "flag": True})
+    assert [sorted(r) for r in read_metrics(tmp_path / "metrics.jsonl")] == [
+        ["flag", "n", "ok", "step", "time"]
+    ]
 
 
 def test_progress_bar_postfix_and_summary_lines(tmp_path, capsys):

@@ -614,6 +614,28 @@ def test_data_that_differs_between_hosts_is_refused_on_every_process(toy, tmp_pa
     for i in range(2):
         last = sh.read(str(tmp_path / f"q{i}.err")).strip().splitlines()[-1]
         assert "prompts as templated and tokenised" in last and "process(es) [1]" in last, last
+    # Pretraining: each process tokenises its own corpus (another tokenizers version on one host
+    # gives other rows); here process 1's corpus has one word more.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "from r1jax.data import corpus\n"
+        "made = corpus.pretrain_corpus\n"
+        "corpus.pretrain_corpus = lambda *a, **k: [d + ' more' for d in made(*a, **k)]\n"
+    )
+    address, procs = f"127.0.0.1:{sh.free_port()}", []
+    args = ["--stage=pretrain", f"--workdir={tmp_path / 'run3'}"]
+    args += sh.cli_overrides(sh.PRETRAIN_OVERRIDES)
+    for i in range(2):
+        env = _process_env(toy[0], address, i)
+        if i:
+            env["PYTHONPATH"] = f"{site}{os.pathsep}{env['PYTHONPATH']}"
+        procs.append(sh.popen(args, env, str(tmp_path / f"t{i}")))
+    codes, seconds = _exit_codes(procs)
+    assert codes == [1, 1], codes
+    for i in range(2):
+        last = sh.read(str(tmp_path / f"t{i}.err")).strip().splitlines()[-1]
+        assert "pretraining corpus as tokenised" in last and "process(es) [1]" in last, last
 
 
 def test_a_warning_while_the_config_is_validated_is_printed_by_process_0_only(toy, tmp_path):

@@ -372,12 +372,17 @@ def file_fingerprint(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_same_on_every_process(what: str, fingerprint: Callable[[], Any]) -> None:
+def check_same_on_every_process(
+    what: str,
+    fingerprint: Callable[[], Any],
+    fix: str = "each host reads its own copy; copy the same files to every host (or use a "
+    "folder they all share)",
+) -> None:
     """Refuse, on every process alike, inputs that the hosts read differently (a data file or
     model folder copied to each host's own disk, stale on one of them): every host places its own
     copy's rows and weight blocks on its own devices, so a mismatch mixes the copies silently.
     `fingerprint()`: a str, or rows (dicts) hashed one at a time, of what this process read;
-    called only with several processes. Every process must call this."""
+    called only with several processes. Every process must call this. `fix`: what to do."""
     import hashlib
 
     import jax
@@ -394,10 +399,7 @@ def check_same_on_every_process(what: str, fingerprint: Callable[[], Any]) -> No
     seen = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1)
     differ = [i for i, d in enumerate(seen) if d != seen[0]]
     if differ:
-        raise ConfigError(
-            f"{what} differs on process(es) {differ} from process 0's: each host reads its own "
-            "copy; copy the same files to every host (or use a folder they all share)"
-        )
+        raise ConfigError(f"{what} differs on process(es) {differ} from process 0's: {fix}")
 
 
 def resume(

@@ -540,6 +540,14 @@ def run(config, workdir: str, *, export_to: str | None = None) -> dict:
     )
     # 3. Packed rows; the loss covers every token that has a predecessor.
     rows = token_rows(docs, tokenizer, p.seq_len)
+    # Every process trains its own tokenizer and tokenises the corpus itself: another version of
+    # the tokenizers library on one host would give it another vocabulary (a model of another
+    # shape) or other rows, mixed into every batch.
+    common.check_same_on_every_process(
+        "the pretraining corpus as tokenised, or the tokenizer trained for it",
+        lambda: [str(len(tokenizer)), common.fingerprint(rows)],
+        "install the same versions of the tokenizers and transformers libraries on every host",
+    )
     if not len(rows):
         raise common.ConfigError(
             f"pretrain.corpus_docs={p.corpus_docs} documents make no row of "
