@@ -573,19 +573,13 @@ def _grpo_step(mesh=None):
     return state, rollouts, jax.device_get(data_metrics), before
 
 
-def test_shared_prompt_forward_equals_per_row_on_mla_and_counts_prompts_once():
-    """GRPO with each prompt run once (the MLA latent cache as prefix, T > 1 completions after
-    it): the scoring log-probs and the accumulated gradients equal per-row forwards', whether
-    the micro-batches attend to the prompt cache in place (k = 2 divides G) or copy rows out of
-    it (k = 8); the router counts each prompt token once instead of G times."""
-    model = hf.load(checkpoint("v3_moe_only"), router_bias_rate=RATE)
-    g, tc = RL.num_generations, 5
-    ids, mask = left_padded_batch(seed=4, batch=4, length=8, pads=(0, 2, 5, 1))
-    b = len(ids) * g
-    rng = np.random.RandomState(0)
+def _group_rollouts(ids, mask, tc: int, seed: int) -> grpo.Rollouts:
+    """Rollouts of RL.num_generations random completions (1..tc tokens) of each prompt."""
+    g, b = RL.num_generations, len(ids) * RL.num_generations
+    rng = np.random.RandomState(seed)
     lengths = rng.randint(1, tc + 1, b)
     completion_mask = (np.arange(tc)[None] < lengths[:, None]).astype(np.int32)
-    rollouts = grpo.Rollouts(
+    return grpo.Rollouts(
         prompt_ids=np.repeat(ids, g, 0),
         prompt_mask=np.repeat(mask, g, 0),
         completion_ids=(rng.randint(1, VOCAB, (b, tc)) * completion_mask).astype(np.int32),
@@ -596,6 +590,18 @@ def test_shared_prompt_forward_equals_per_row_on_mla_and_counts_prompts_once():
         truncated=np.zeros(b, bool),
         ref_logprobs=np.full((b, tc), -np.log(VOCAB), np.float32),
     )
+
+
+def test_shared_prompt_forward_equals_per_row_on_mla_and_counts_prompts_once():
+    """GRPO with each prompt run once (the MLA latent cache as prefix, T > 1 completions after
+    it): the scoring log-probs and the accumulated gradients equal per-row forwards', whether
+    the micro-batches attend to the prompt cache in place (k = 2 divides G) or copy rows out of
+    it (k = 8); the router counts each prompt token once instead of G times."""
+    model = hf.load(checkpoint("v3_moe_only"), router_bias_rate=RATE)
+    g, tc = RL.num_generations, 5
+    ids, mask = left_padded_batch(seed=4, batch=4, length=8, pads=(0, 2, 5, 1))
+    rollouts = _group_rollouts(ids, mask, tc, seed=0)
+    completion_mask = rollouts.completion_mask
     graphdef, state = nnx.split(model)
 
     @functools.partial(jax.jit, static_argnums=2)
@@ -633,23 +639,8 @@ def test_shared_prompt_gradients_on_a_tensor_parallel_mesh_equal_one_device():
     of the batch-sharded rows; with as many prompts as the `tensor` axis and fewer than the
     batch shards (2 prompts on fsdp=4 x tensor=2), Shardy partitioned the MLA prefix's gradient
     wrongly: layer 0, the embedding and every kv_a_dc 0.3-3% off, the loss right."""
-    g, tc = RL.num_generations, 5
     ids, mask = left_padded_batch(seed=4, batch=2, length=8, pads=(0, 3))
-    b = len(ids) * g
-    rng = np.random.RandomState(1)
-    lengths = rng.randint(1, tc + 1, b)
-    completion_mask = (np.arange(tc)[None] < lengths[:, None]).astype(np.int32)
-    rollouts = grpo.Rollouts(
-        prompt_ids=np.repeat(ids, g, 0),
-        prompt_mask=np.repeat(mask, g, 0),
-        completion_ids=(rng.randint(1, VOCAB, (b, tc)) * completion_mask).astype(np.int32),
-        completion_mask=completion_mask,
-        advantages=rng.normal(size=b).astype(np.float32),
-        rewards=np.zeros(b, np.float32),
-        per_reward=np.zeros((b, 1), np.float32),
-        truncated=np.zeros(b, bool),
-        ref_logprobs=rng.normal(-2, 0.1, (b, tc)).astype(np.float32),
-    )
+    rollouts = _group_rollouts(ids, mask, 5, seed=1)
     cfg = dataclasses.replace(RL, num_iterations=1, num_micro_batches=1, shared_prompt_forward=True)
 
     def gradients(mesh):
