@@ -22,13 +22,14 @@ Notable choices:
   `capacity_factor=None` means dropless: C = tokens, so nothing can be dropped (exact, but the
   buffers take E*T*D; right for tests and decode, not for long training batches).
   Padding tokens are never dispatched and never counted in the load.
-- Expert parallelism (mesh with `expert` > 1): experts are split over `expert`. The tokens a device
-  holds are, under the default rules, replicated over `expert` (batch -> data, fsdp), so each expert
-  rank first takes its 1/X share of them; every rank then routes its share, packs [E, C, D],
-  all-to-alls so that each rank holds its E/X experts' tokens from every rank, runs them,
-  all-to-alls back, combines, and the shares are summed back together (a psum of disjoint pieces,
-  which keeps the result typed as replicated). If the rules also split the batch over `expert`, the
-  first and last steps are skipped. Capacity is per (rank share, expert), as in GShard. Expert
+- Expert parallelism (mesh with `expert` > 1): experts are split over `expert`, which must divide
+  their number. The default rules split the batch over `expert` too (batch -> data, fsdp,
+  expert): every rank routes its own tokens, packs [E, C, D], all-to-alls so that each rank holds
+  its E/X experts' tokens from every rank, runs them, all-to-alls back and combines. When the
+  tokens a device holds are replicated over `expert` instead (a batch the axes do not divide, or
+  other rules), each expert rank first takes its 1/X share of them and the shares are summed back
+  together at the end (a psum of disjoint pieces, which keeps the result typed as replicated).
+  Capacity is per (rank share, expert), as in GShard. Expert
   hidden units may also be split over `tensor` (partial sums are psum-ed once, on [T, D]).
 """
 

@@ -18,7 +18,8 @@ GRPO spends most of its time here. One call samples G completions for each of P 
 
 Everything in 1-3 is one jitted function of (params, prompts, rng); shapes are static per (P, Tp, G,
 max_new, first_window, sampling config), and `generate` pads prompts into length buckets so a run
-compiles a handful of programs. Each new program is logged.
+compiles a handful of programs. Each new shape or sampling config is logged (a new mesh or
+sharding compiles too, unlogged).
 
 Choosing tokens (measured on CPU in bench/NOTES.md):
 - Inverse-CDF sampling with two uniforms per row and step (the block, then the token inside
@@ -520,8 +521,12 @@ class GenerateOutput:
 def _token_ids(ids, name: str, vocab: int | None = None) -> tuple[int, ...]:
     """`ids` as a tuple of ints (in [0, vocab) when given); a ValueError naming `name`
     otherwise."""
-    if isinstance(ids, numbers.Integral) or not isinstance(ids, Sequence | np.ndarray | jax.Array):
-        raise ValueError(f"{name} must be a sequence of token ids, got {ids!r}")
+    if isinstance(ids, numbers.Integral | str | bytes) or not isinstance(
+        ids, Sequence | np.ndarray | jax.Array
+    ):  # (a string is a sequence: "12" read as ids 1 and 2)
+        raise ValueError(
+            f"{name} must be a sequence of token ids (tokenize text first), got {ids!r}"
+        )
     out = tuple(int(t) for t in ids)
     bad = [t for t in out if vocab is not None and not 0 <= t < vocab]
     if bad:
@@ -576,8 +581,14 @@ def generate(
         if np.ndim(prompts) != 2:
             raise ValueError(f"prompts must be [P, T] token ids, got shape {np.shape(prompts)}")
         prompts = [list(map(int, row)) for row in np.asarray(prompts)]
-    if not all(isinstance(p, Sequence | np.ndarray | jax.Array) for p in prompts):
-        raise ValueError("prompts must be a list of token-id lists (one per prompt), or [P, T]")
+    if isinstance(prompts, str | bytes) or not all(
+        isinstance(p, Sequence | np.ndarray | jax.Array) and not isinstance(p, str | bytes)
+        for p in prompts
+    ):
+        raise ValueError(
+            "prompts must be a list of token-id lists (one per prompt), or [P, T]; text is "
+            "tokenized first"
+        )
     if isinstance(stop_strings, list | tuple) and not stop_strings:
         stop_strings = None  # (an empty list: none, as before)
     if stop_strings is not None and not isinstance(stop_strings, StopStrings):

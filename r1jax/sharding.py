@@ -15,7 +15,7 @@ Notable choices:
   jit fail with "contracting dimensions are sharded").
 - A dimension that the mesh axis does not divide (e.g. 2 kv-heads on tensor=4) is replicated instead
   of failing; loading or creating a model logs where (`warn_undivided`), `explain()` lists every
-  parameter's spec.
+  parameter's spec. Routed experts are the exception: `expert` must divide them (`moe`).
 - `constrain()` is a no-op only when no mesh is set at all; on a multi-device CPU mesh it constrains
   for real, so tests catch sharding bugs.
 """

@@ -533,6 +533,7 @@ class TrainState:
           rules: logical-axis rules (default `sharding.RULES`: FSDP + tensor parallel).
         """
         mesh = mesh if mesh is not None else sharding.single_device_mesh()
+        sharding.check_mesh(mesh)  # (an Explicit one failed at the first step's constraint)
         rules = tuple(rules if rules is not None else sharding.RULES)
         model_graphdef, model_state = nnx.split(model)
         nnx.update(

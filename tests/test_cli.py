@@ -23,7 +23,7 @@ import stage_helpers as sh
 from etils.epath import backend
 from fake_gcs import fake_gcs  # noqa: F401  (fixture)
 
-from r1jax import metrics, paths
+from r1jax import metrics, paths, sharding
 from r1jax.launch import STAGES
 from r1jax.models import hf
 from r1jax.stages import common
@@ -337,7 +337,7 @@ def test_bnpo_does_not_let_the_hardware_pick_its_objective():
     rl_stage.validate(config)
 
 
-def test_mesh_expert_and_router_bias_rate_reach_a_deepseek_model(monkeypatch):
+def test_mesh_expert_and_router_bias_rate_reach_a_deepseek_model(monkeypatch, tmp_path):
     from test_deepseek import checkpoint as deepseek_checkpoint
 
     config = sh.load_config("rl")
@@ -382,6 +382,18 @@ def test_mesh_expert_and_router_bias_rate_reach_a_deepseek_model(monkeypatch):
     config.mesh.expert, config.mesh.fsdp = 2, 2
     with pytest.raises(common.ConfigError, match=r"mesh.data=1 \* mesh.fsdp=2 .* 8 devices"):
         common.validate(config, "rl")
+    # An expert axis that does not divide the routed experts: the load warned "replicated
+    # instead", then the first step failed with a traceback.
+    six = tmp_path / "six_experts"
+    shutil.copytree(config.model.path, six)
+    settings = json.loads((six / "config.json").read_text())
+    (six / "config.json").write_text(json.dumps({**settings, "n_routed_experts": 6}))
+    config.model.path, config.mesh.expert, config.mesh.fsdp = str(six), 4, 2
+    with pytest.raises(common.ConfigError, match=r"mesh.expert=4 does not divide the 6 routed"):
+        common.validate(config, "rl")
+    config.mesh.expert = -1  # (the axis known only once the mesh is made: at the load)
+    with pytest.raises(common.ConfigError, match=r"mesh.expert=4 does not divide the 6 routed"):
+        common.load_model(config, sharding.make_mesh(fsdp=2, expert=4))
 
 
 def test_reward_weights_are_numbers_and_not_negative():

@@ -567,6 +567,13 @@ def test_a_mesh_of_the_wrong_kind_is_refused_when_loading():
     two_axes = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     with pytest.raises(ValueError, match=r"lacks the axes \['tensor', 'expert'\]"):
         hf.load(hf_checkpoint("qwen2"), mesh=two_axes)
+    # A model built otherwise, placed by the train state (the first step failed with JAX's
+    # "with_sharding_constraint acts as an assert" there).
+    from r1jax import train
+
+    model = hf.load(hf_checkpoint("qwen2"))
+    with pytest.raises(ValueError, match=r"are not Auto; build it with r1jax.sharding.make_mesh"):
+        train.TrainState.create(model, train.OptimConfig(), explicit)
 
 
 def test_a_legacy_rope_scaling_block_is_read_as_transformers_reads_it():

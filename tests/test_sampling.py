@@ -436,6 +436,12 @@ def test_bad_arguments_are_refused():
         sampling.generate(model(), np.array([1, 2, 3]), max_new_tokens=4)
     with pytest.raises(ValueError, match="stop_token_ids must be a sequence"):
         sampling.generate(model(), PROMPTS, max_new_tokens=4, stop_token_ids=5)
+    # Text is a sequence too: "12" was read as the ids 1 and 2, other text as a bare int() error.
+    for text in (["12", "345"], ["What is 2+2?"], "12"):
+        with pytest.raises(ValueError, match="prompts must be a list of token-id lists"):
+            sampling.generate(model(), text, max_new_tokens=4)
+    with pytest.raises(ValueError, match="stop_token_ids must be a sequence of token ids"):
+        sampling.generate(model(), PROMPTS, max_new_tokens=4, stop_token_ids="7")
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 3.0"):
         sampling.generate(model(), PROMPTS, max_new_tokens=3.0)
     graphdef, _ = nnx.split(model())

@@ -190,7 +190,11 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
             f"checkpoint folder or 'toy' for the built-in toy base model"
         )
     if stage not in ("pretrain", "pipeline"):
-        check_deepseek_options(config.model, os.path.expanduser(config.model.path))
+        check_deepseek_options(
+            config.model,
+            os.path.expanduser(config.model.path),
+            expert_ways=config.get("mesh", {}).get("expert", 1),
+        )
     reward_pool_options(config)  # (refuses bad values)
     if config.ckpt.best_mode not in ("max", "min"):
         raise ConfigError(f"ckpt.best_mode must be 'max' or 'min', got {config.ckpt.best_mode!r}")
@@ -543,13 +547,26 @@ def micro_batches(config: ml_collections.ConfigDict, section: str, rows: int) ->
 
 
 def check_deepseek_options(
-    model_config: ml_collections.ConfigDict, path: str, *, frozen: bool = False
+    model_config: ml_collections.ConfigDict,
+    path: str,
+    *,
+    frozen: bool = False,
+    expert_ways: int = 1,
 ) -> None:
     """Refuse `model.router_bias_rate` unless it is >= 0 and the checkpoint at `path` is a
-    DeepSeek-V3 model (the only router with a load-balancing bias), and `model.capacity_factor`
-    unless it is >= 0 and the checkpoint is a DeepSeek (mixture-of-experts) one. A folder that
-    does not exist yet (a pipeline stage's input) is checked when it is loaded. `frozen`: a model
-    that is never trained (reference, teacher), which takes no router bias updates."""
+    DeepSeek-V3 model (the only router with a load-balancing bias), `model.capacity_factor`
+    unless it is >= 0 and the checkpoint is a DeepSeek (mixture-of-experts) one, and a mesh
+    `expert` axis of `expert_ways` devices that does not divide its routed experts (the first
+    step failed, after the load). A folder that does not exist yet (a pipeline stage's input) is
+    checked when it is loaded. `frozen`: a model that is never trained (reference, teacher),
+    which takes no router bias updates."""
+    experts = _routed_experts(path)
+    if experts and expert_ways > 1 and experts % expert_ways:
+        raise ConfigError(
+            f"mesh.expert={expert_ways} does not divide the {experts} routed experts of "
+            f"model.path {path!r} (each expert-parallel device holds whole experts): choose an "
+            f"expert axis that divides {experts}"
+        )
     rate = 0.0 if frozen else model_config.router_bias_rate
     factor = model_config.get("capacity_factor", 0.0)
     for name, value in (("router_bias_rate", rate), ("capacity_factor", factor)):
@@ -577,6 +594,17 @@ def check_deepseek_options(
             f"model.capacity_factor={factor} only applies to DeepSeek (mixture-of-experts) "
             f"models; model.path {path!r} is {model_type}; set model.capacity_factor=0"
         )
+
+
+def _routed_experts(path: str) -> int | None:
+    """n_routed_experts of the DeepSeek checkpoint at `path` (None: another model, or no folder)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return None  # (a missing or malformed config is named where the model loads)
+    experts = raw.get("n_routed_experts") if isinstance(raw, dict) else None
+    return experts if isinstance(experts, int) and experts > 0 else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1101,7 +1129,8 @@ def load_model(config: ml_collections.ConfigDict, mesh, rules=None, *, frozen: b
     path = resolve_model_path(config.model.path)
     rate = 0.0 if frozen else config.model.router_bias_rate
     factor = config.model.get("capacity_factor", 0.0)  # (a frozen model computes as trained)
-    check_deepseek_options(config.model, path, frozen=frozen)  # the folder exists now
+    ways = mesh.shape.get("expert", 1) if mesh is not None else 1
+    check_deepseek_options(config.model, path, frozen=frozen, expert_ways=ways)  # (it exists now)
     # Only given when set: dense checkpoints refuse DeepSeek-only options.
     deepseek = {"router_bias_rate": rate} if rate else {}
     if factor:
