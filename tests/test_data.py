@@ -824,6 +824,33 @@ def test_loader_field_map_shapes_and_errors(tmp_path):
     )
     assert rows[0]["prompt"] == "Q?" and rows[0]["solution"] == "42"
     assert rows[0]["language"] == "zh" and stats.shapes[str(custom)] == "custom"
+    # A custom map replaced the `language` argument with a dict, every row's default (the
+    # language reward then refused it: "unsupported language {'language': 'language'}").
+    gaps = [{"q": "Q?", "a": 1, "language": x} for x in ("zh", None, "python")]
+    gappy = _write_lines(tmp_path / "g.jsonl", map(json.dumps, gaps))
+    rows, stats = data.load_rows(gappy, field_map={"prompt": "q", "solution": "a"}, language="en")
+    assert [r["language"] for r in rows] == ["zh", "en", "en"]
+    assert dict(stats.language_defaulted) == {"python": 1}
+    # Damaged files are named: a line nested past Python's depth (a RecursionError traceback,
+    # even with on_bad_json='skip'), a Parquet file damaged past its footer (pyarrow's own error,
+    # naming no file).
+    deep = _write_lines(tmp_path / "deep.jsonl", ['{"prompt": "q", "answer": "1"}', "[" * 100_000])
+    with pytest.raises(ValueError, match=r"deep.jsonl:2: malformed JSON"):
+        data.load_rows(deep)
+    assert len(data.load_rows(deep, on_bad_json="skip")[0]) == 1
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "shards").mkdir()
+    shard = tmp_path / "shards" / "train-00001.parquet"
+    n = 4000
+    table = pa.table({"question": [f"q{i}" for i in range(n)], "answer": ["#### 1"] * n})
+    pq.write_table(table, shard, row_group_size=1000, compression="NONE")
+    damaged = bytearray(shard.read_bytes())
+    damaged[len(damaged) // 2 : len(damaged) // 2 + 4000] = bytes(range(256)) * 15 + bytes(160)
+    shard.write_bytes(damaged)
+    with pytest.raises(ValueError, match=r"cannot read Parquet file .*train-00001.parquet"):
+        data.load_rows(shard)
     with pytest.raises(ValueError, match=r"cannot recognise.*\['q', 'x'\]"):
         data.load_rows(_write_lines(tmp_path / "u.jsonl", [json.dumps({"q": 1, "x": 2})]))
     with pytest.raises(FileNotFoundError):
@@ -1391,6 +1418,19 @@ def test_common_dataset_layouts_load_as_what_they_are(tmp_path, caplog):
     _write_lines(tmp_path / "trl_sft.jsonl", [json.dumps(sft), json.dumps(sharegpt)])
     rows, _ = common.load_completion_rows(str(tmp_path / "trl_sft.jsonl"))
     assert [(r["prompt"], r["completion"]) for r in rows] == [("Hi?", "Hello.")] * 2
+    # code_contests: its tests in public_tests, private_tests and generated_tests (refused as an
+    # unknown shape; its description is the problem).
+    contest = {
+        "name": "1_A",
+        "description": "Add two numbers.",
+        "public_tests": {"input": ["1 2\n"], "output": ["3\n"]},
+        "private_tests": {"input": ["5 5\n", "0 0\n"], "output": ["10\n", "0\n"]},
+        "generated_tests": {"input": [], "output": []},
+        "cf_rating": 800,
+    }
+    [row] = load("code_contests.jsonl", [contest])
+    assert row["prompt"] == "Add two numbers." and row["task"] == "code"
+    assert [t["output"] for t in row["tests"]] == ["3\n", "10\n", "0\n"]
     # Alpaca: the input (the text the instruction is about) was dropped.
     alpaca = {"instruction": "Summarize the text.", "input": "The cat sat.", "output": "A cat."}
     [row] = load("alpaca.jsonl", [alpaca], require_solution=False, keep=("completion",))

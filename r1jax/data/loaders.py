@@ -13,7 +13,10 @@ Recognised shapes (detected from the column names, or forced with ``shape=``):
 
 | shape    | columns                                  | solution taken from            |
 |----------|------------------------------------------|--------------------------------|
-| code     | question/problem/prompt + input_output or tests | (tests instead of a solution) |
+| code     | question/problem/prompt/description +    | (tests instead of a solution)  |
+|          | input_output or tests (APPS, TACO), or   |                                |
+|          | public_tests (code_contests: its private |                                |
+|          | and generated tests joined to them)      |                                |
 | gsm8k    | question, answer                         | the text after the last "####" |
 | aime     | problem, answer (also MATH-500)          | answer, as a string            |
 | math     | problem, solution                        | the last ``\\boxed{…}``          |
@@ -203,6 +206,15 @@ def _io_text(value: object) -> str | None:
     return None
 
 
+_CODE_CONTESTS_HIDDEN = ("private_tests", "generated_tests")
+
+
+def _tests_column(columns) -> str:
+    """The tests column of a code dataset's `columns` (APPS/TACO's, a "tests" one, or
+    code_contests' public tests, which the rest of its tests join)."""
+    return next((c for c in ("input_output", "tests", "public_tests") if c in columns), "tests")
+
+
 def parse_tests(value: object) -> list[dict] | None:
     """stdin/stdout tests from the common code-dataset encodings, or None if none are usable.
 
@@ -359,14 +371,19 @@ def _read_records(path: str, on_bad_json: str, stats: LoadStats) -> Iterator[tup
     """Yield (location, object) per data row; location is "file:line" or "file:row N"."""
     suffix = path.lower()
     if suffix.endswith((".parquet", ".arrow")):
-        batches = _arrow_batches(path)
-        n = 0
-        for batch in batches:
+        batches, n = _arrow_batches(path), 0
+        while True:
+            try:  # (a damaged body, past a sound footer, fails only here)
+                batch = next(batches, None)
+            except Exception as e:  # pyarrow raises several types for a corrupt file
+                kind = "Parquet" if suffix.endswith(".parquet") else "Arrow"
+                raise ValueError(f"cannot read {kind} file {path}: {e}") from None
+            if batch is None:
+                return
             for obj in batch.to_pylist():
                 stats.rows_read += 1
                 yield f"{path}:row {n}", obj
                 n += 1
-        return
     if suffix.endswith(".json"):
         with open(path, "rb") as f:  # bytes: a head cut inside a character still decodes
             head = f.read(1 << 12).decode("utf-8-sig", errors="replace").lstrip()
@@ -376,7 +393,7 @@ def _read_records(path: str, on_bad_json: str, stats: LoadStats) -> Iterator[tup
                     text = f.read()
                 items = json.loads(text)
                 escapes = "\\ud" in text.lower()  # (only then can a string be no text)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
                 raise ValueError(f"{path}: malformed JSON array ({e}); fix the file") from None
             for n, obj in enumerate(items):
                 stats.rows_read += 1
@@ -412,8 +429,8 @@ def _read_records(path: str, on_bad_json: str, stats: LoadStats) -> Iterator[tup
                 problem = None if isinstance(obj, dict) else "line is not a JSON object"
                 if problem is None and b"\\ud" in raw.lower() and not _encodable(obj):
                     problem = _SURROGATE
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                problem = f"malformed JSON ({e})"
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                problem = f"malformed JSON ({e})"  # (RecursionError: nested past Python's depth)
             if problem is not None:
                 if on_bad_json == "error":
                     raise ValueError(
@@ -436,9 +453,8 @@ def detect_shape(columns: Sequence[str]) -> tuple[str, dict[str, str]]:
     cols = set(columns)
     prompt_col = next((c for c in _PROMPT_COLUMNS if c in cols), None)
     extra = _optional_columns(cols)
-    if prompt_col and ({"input_output", "tests"} & cols):
-        tests_col = "input_output" if "input_output" in cols else "tests"
-        return "code", {"prompt": prompt_col, "tests": tests_col, **extra}
+    if prompt_col and ({"input_output", "tests", "public_tests"} & cols):
+        return "code", {"prompt": prompt_col, "tests": _tests_column(cols), **extra}
     if {"question", "answer"} <= cols:
         return "gsm8k", {"prompt": "question", "solution": "answer", **extra}
     if {"problem", "answer"} <= cols:
@@ -531,10 +547,7 @@ def _forced_mapping(shape: str, columns: set[str]) -> dict[str, str]:
         },
         "alpaca": {"prompt": "instruction"},
         "chat": {"messages": _chat_column(columns) or "messages"},
-        "code": {
-            "prompt": prompt_col,
-            "tests": "input_output" if "input_output" in columns else "tests",
-        },
+        "code": {"prompt": prompt_col, "tests": _tests_column(columns)},
         "custom": {},
     }[shape]
     return {**fixed, **_optional_columns(columns)}
@@ -607,6 +620,9 @@ def _normalise(
         parser = _SOLUTION_PARSERS.get(parse_as or shape, _scalar_answer)
         solution = parser(obj.get(mapping["solution"]))
     tests = parse_tests(obj.get(mapping["tests"])) if "tests" in mapping else None
+    if mapping.get("tests") == "public_tests":  # code_contests: correct means passing them all
+        more = [parse_tests(obj.get(c)) or [] for c in _CODE_CONTESTS_HIDDEN]
+        tests = (tests or []) + [t for group in more for t in group] or None
     if require_solution and solution is None and tests is None:
         return None, "no_tests" if "tests" in mapping else "no_solution"
     row_language = obj.get(mapping["language"]) if "language" in mapping else None
@@ -723,8 +739,8 @@ def load_rows(
             mapping = {**optional, **_forced_mapping(shape, majority), **field_map}
         elif "prompt" in field_map and {"solution", "tests", "messages"} & set(field_map):
             # (the file's language column read too; its chat column only when mapped)
-            language = {k: v for k, v in optional.items() if k == "language"}
-            file_shape, mapping = "custom", {**language, **field_map}
+            language_column = {k: v for k, v in optional.items() if k == "language"}
+            file_shape, mapping = "custom", {**language_column, **field_map}
         elif records:
             # The shape all the first rows' columns make, or the one most of those rows have
             # alone, whichever reads more of them: a few rows of another dataset among the first
