@@ -73,7 +73,28 @@ def stop_at_next_sync_point() -> None:
     """One process: SIGTERM and Ctrl-C ask the run to stop at its next sync point, where
     `Checkpointer.save` saves that step first (a KeyboardInterrupt raised wherever the program was
     could land inside orbax's save and lose the step being written); a second signal stops at
-    once. Multi-process runs stop through JAX's preemption notice instead."""
+    once. Multi-process runs stop through JAX's preemption notice instead, SIGTERM, which
+    Ctrl-C is passed on to (a KeyboardInterrupt stopped each process wherever it was, with no
+    step saved; a second Ctrl-C still does)."""
+    import jax
+
+    if jax.process_count() > 1:
+        interrupted = []
+
+        def pass_on(signum, frame):
+            if interrupted:
+                raise KeyboardInterrupt
+            interrupted.append(signum)
+            print(
+                "SIGINT: every process stops after this step's checkpoint (press Ctrl-C again "
+                "to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+            os.kill(os.getpid(), signal.SIGTERM)  # (JAX's preemption notice, to every process)
+
+        signal.signal(signal.SIGINT, pass_on)
+        return
 
     def ask(signum, frame):
         global _stop_asked

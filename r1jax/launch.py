@@ -63,12 +63,15 @@ def _with_flagfiles(argv: list[str], reading: tuple[str, ...] = ()) -> list[str]
 
 
 def _stage_from_argv(argv: list[str]) -> str | None:
+    """The --stage value; the last one given, as absl takes it (a flagfile's, then the
+    command line's)."""
+    stage = None
     for i, arg in enumerate(argv):
         if arg.startswith(("--stage=", "-stage=")):  # (absl takes either)
-            return arg.split("=", 1)[1]
-        if arg in ("--stage", "-stage") and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
+            stage = arg.split("=", 1)[1]
+        elif arg in ("--stage", "-stage") and i + 1 < len(argv):
+            stage = argv[i + 1]
+    return stage
 
 
 def _with_default_config(argv: list[str]) -> list[str]:
@@ -127,8 +130,11 @@ def main(argv: list[str] | None = None) -> None:
         # separate and keeps INFO.
         absl_logging.set_verbosity(absl_logging.WARNING)
 
+        start_error = None
         try:
             sharding.initialize_distributed()  # before any device is touched
+        except sharding.JoinedAnotherCount as e:  # (joined: said in the start-up agreement)
+            start_error = f"error: {e}"
         except ValueError as e:  # a half-set multi-host environment
             sys.exit(f"error: {e}")
         if jax.process_index() != 0:  # (until the stage's own logging: validation's warnings
@@ -153,22 +159,13 @@ def main(argv: list[str] | None = None) -> None:
         workdir = flags.FLAGS.workdir or os.path.join("runs", stage)
         if not paths.is_remote(workdir):
             workdir = os.path.expanduser(workdir)  # ("--workdir=~/x": no shell expands it)
-        error = None
+        error = start_error  # (the processes' count: nothing more is checked)
         try:
-            if shared_error is not None:
+            if error is None and shared_error is not None:
                 raise shared_error
-            common.validate(config, stage)
-            if paths.is_remote(workdir) and stage in LOCAL_WORKDIR_STAGES:
-                error = (
-                    f"error: --workdir: --stage={stage} needs a local workdir "
-                    f"({LOCAL_WORKDIR_STAGES[stage]}); copy the results to {workdir} afterwards "
-                    f"(e.g. gsutil -m rsync -r)"
-                )
-            else:
-                try:
-                    paths.check_workdir(workdir)  # e.g. gs:// without gcsfs: say so before work
-                except ValueError as e:
-                    error = f"error: --workdir: {e}"
+            if error is None:
+                common.validate(config, stage)
+                error = _workdir_error(workdir, stage)
         except common.ConfigError as e:
             error = f"config error: {e}"
         except Exception as e:  # unexpected (a half-copied config.json ...): the others must know
@@ -205,11 +202,10 @@ def main(argv: list[str] | None = None) -> None:
         from r1jax.train import Diverged
 
         drop_abandoned_read_reports()  # a failed restore ends in its one-line error alone
-        if jax.process_count() == 1:
-            # SIGTERM (`tpu_pod.sh stop`, a scheduler) and Ctrl-C stop the run after it saves
-            # the step it is on. With several processes JAX's preemption notice takes SIGTERM
-            # instead, and every process stops at one step (`checkpoint.Preempted`).
-            stop_at_next_sync_point()
+        # SIGTERM (`tpu_pod.sh stop`, a scheduler) and Ctrl-C stop the run after it saves the
+        # step it is on. With several processes JAX's preemption notice takes SIGTERM instead
+        # (Ctrl-C is passed on to it), and every process stops at one step (`Preempted`).
+        stop_at_next_sync_point()
         try:
             common.run_stage(stage, config, workdir)
         except (common.ConfigError, CheckpointError, ModelFolderError, Diverged) as e:
@@ -249,6 +245,23 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(130)
 
     app.run(run, argv=argv, flags_parser=_parse_flags_with_help)
+
+
+def _workdir_error(workdir: str, stage: str) -> str | None:
+    """Why `workdir` cannot hold `stage`'s run (e.g. gs:// without gcsfs), or None."""
+    from r1jax import paths
+
+    if paths.is_remote(workdir) and stage in LOCAL_WORKDIR_STAGES:
+        return (
+            f"error: --workdir: --stage={stage} needs a local workdir "
+            f"({LOCAL_WORKDIR_STAGES[stage]}); copy the results to {workdir} afterwards "
+            f"(e.g. gsutil -m rsync -r)"
+        )
+    try:
+        paths.check_workdir(workdir)
+    except ValueError as e:
+        return f"error: --workdir: {e}"
+    return None
 
 
 def _fail(message: str) -> None:
@@ -342,13 +355,15 @@ def _survive_closed_output() -> None:
 
 
 def _config_spec(argv: list[str]) -> str | None:
-    """The --config value ("path" or "path:arg"), or None when absent."""
+    """The --config value ("path" or "path:arg"; the last one given, as absl takes it), or None
+    when absent."""
+    spec = None
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
+            spec = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+    return spec
 
 
 def _override_keys(argv: list[str]) -> list[str]:

@@ -407,6 +407,11 @@ def _check_divisible(size: int, sharding: NamedSharding) -> None:
 _ENV = ("R1JAX_COORDINATOR_ADDRESS", "R1JAX_NUM_PROCESSES", "R1JAX_PROCESS_ID")
 
 
+class JoinedAnotherCount(ValueError):
+    """This process joined a job of another number of processes than it was told: started, so it
+    must still take part in the start-up agreement (the others wait for it there)."""
+
+
 def initialize_distributed() -> bool:
     """Start `jax.distributed` when running on several hosts; return True if it was started.
 
@@ -451,7 +456,7 @@ def initialize_distributed() -> bool:
             )
         jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
         if jax.process_count() != num:  # (a process told another count joined this one's job)
-            raise ValueError(
+            raise JoinedAnotherCount(
                 f"multi-host: R1JAX_NUM_PROCESSES={num} here, but the coordinator at {address} "
                 f"runs a job of {jax.process_count()} processes; give every process the same "
                 f"R1JAX_NUM_PROCESSES"

@@ -1121,6 +1121,10 @@ def test_arguments_that_were_silently_ignored_are_refused_or_honoured(toy, tmp_p
         out = run_cli([*args, f"--workdir={tmp_path / 'w'}"], env)
         assert out.returncode != 0 and message in out.stderr, (args, out.stderr[-2000:])
     assert launch._stage_from_argv(["launch", "-stage=rl"]) == "rl"  # (absl takes one dash too)
+    # The last one given, as absl reads them (a flagfile's --stage, then the command line's):
+    # the first built another stage's config, and the run was refused for a --config not given.
+    twice = ["launch", "--stage=sft", "--config=a.py", "--stage", "eval", "--config", "b.py"]
+    assert (launch._stage_from_argv(twice), launch._config_spec(twice)) == ("eval", "b.py")
     # A bad row ends the SFT before any model loads; by then the workdir, ~ expanded, exists.
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "completion": " "}) + "\n")

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import time
 
 import numpy as np
@@ -337,11 +338,11 @@ def test_every_process_of_an_evaluation_counts_process_0s_grades(toy, tmp_path):
     assert got[0]["pass@1"] == pytest.approx(np.mean(graded))
 
 
-def _sigterm_two_processes(args: list[str], home: str, tmp_path, name: str, ready) -> str:
-    """Run `args` on 2 processes, SIGTERM both once `ready()`; both must exit with 130. Returns
-    process 0's stderr."""
-    import signal
-
+def _sigterm_two_processes(
+    args: list[str], home: str, tmp_path, name: str, ready, signum: int = signal.SIGTERM
+) -> str:
+    """Run `args` on 2 processes, send both `signum` once `ready()`; both must exit with 130.
+    Returns process 0's stderr."""
     address = f"127.0.0.1:{sh.free_port()}"
     procs = [
         sh.popen(args, _process_env(home, address, i), str(tmp_path / f"{name}{i}"))
@@ -353,7 +354,7 @@ def _sigterm_two_processes(args: list[str], home: str, tmp_path, name: str, read
             assert time.time() < deadline and all(p.poll() is None for p in procs), name
             time.sleep(0.1)
         for p in procs:
-            p.send_signal(signal.SIGTERM)
+            p.send_signal(signum)
         codes = [p.wait(timeout=120) for p in procs]
     finally:
         for p in procs:
@@ -380,9 +381,9 @@ def test_sigterm_stops_every_process_at_one_saved_step(toy, tmp_path):
     }
     args = ["--stage=sft", f"--workdir={workdir}", *sh.cli_overrides(overrides)]
 
-    def run_until(ready, name: str) -> int:
-        """Start both processes, SIGTERM them once `ready()`; the step they stopped at."""
-        err0 = _sigterm_two_processes(args, toy[0], tmp_path, name, ready)
+    def run_until(ready, name: str, signum: int = signal.SIGTERM) -> int:
+        """Start both processes, signal them once `ready()`; the step they stopped at."""
+        err0 = _sigterm_two_processes(args, toy[0], tmp_path, name, ready, signum)
         match = re.search(
             r"stopped at step (\d+) \(SIGTERM / Ctrl-C / preemption\); its checkpoint is saved; "
             r"the same command resumes",
@@ -403,8 +404,11 @@ def test_sigterm_stops_every_process_at_one_saved_step(toy, tmp_path):
     def restored() -> bool:
         return "Restored checkpoint" in sh.read(str(tmp_path / "again0.err"))
 
-    again = run_until(restored, "again")
+    # (and Ctrl-C, as srun passes it to every task: it stopped each process where it was, with
+    # nothing saved; it is passed on as SIGTERM now)
+    again = run_until(restored, "again", signal.SIGINT)
     assert step < again < 200
+    assert sorted(os.listdir(workdir / "checkpoints")) == [str(step), str(again)]
 
 
 def test_sigterm_stops_a_multi_process_evaluation_between_batches(toy, tmp_path):
@@ -636,6 +640,22 @@ def test_data_that_differs_between_hosts_is_refused_on_every_process(toy, tmp_pa
     for i in range(2):
         last = sh.read(str(tmp_path / f"t{i}.err")).strip().splitlines()[-1]
         assert "pretraining corpus as tokenised" in last and "process(es) [1]" in last, last
+
+
+def test_a_process_told_another_process_count_stops_every_process(toy, tmp_path):
+    """A process told R1JAX_NUM_PROCESSES=3 joins a 2-process job and stops with its one line;
+    it left before the start-up agreement, where process 0 then waited for it until gloo's
+    timeout, and died with a traceback."""
+    address, procs = f"127.0.0.1:{sh.free_port()}", []
+    for i, count in enumerate(("2", "3")):
+        env = {**_process_env(toy[0], address, i), "R1JAX_NUM_PROCESSES": count}
+        args = ["--stage=eval", f"--workdir={tmp_path / 'run'}"]
+        procs.append(sh.popen(args, env, str(tmp_path / f"p{i}")))
+    codes, seconds = _exit_codes(procs)
+    assert codes == [1, 1] and seconds < 25, (codes, seconds)
+    last = [sh.read(str(tmp_path / f"p{i}.err")).strip().splitlines()[-1] for i in range(2)]
+    assert last[0] == "error: process(es) [1] cannot start (see their output)", last
+    assert "R1JAX_NUM_PROCESSES=3 here, but the coordinator" in last[1], last
 
 
 def test_a_warning_while_the_config_is_validated_is_printed_by_process_0_only(toy, tmp_path):
