@@ -490,6 +490,19 @@ def test_rl_config_section_is_off_by_default_validated_and_loads(checkpoint, tmp
         changed[field] = value
         assert rl.reward_model_objective(changed) != record, field
     assert rl.reward_model_objective(copy.deepcopy(section)) == record
+    # ... or its chat template (or tokenizer) changed: every score changes with it.
+    templated = tmp_path / "templated"
+    shutil.copytree(checkpoint("qwen2"), templated)
+    settings = json.loads((templated / "tokenizer_config.json").read_text())
+    settings["chat_template"] = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    (templated / "tokenizer_config.json").write_text(json.dumps(settings))
+    changed = copy.deepcopy(section)
+    changed.path = str(templated)
+    assert rl.reward_model_objective(changed) != record
+    # A negative weight trains away from what the reward model prefers (refused for the rules).
+    section.weight = -1.0
+    with pytest.raises(common.ConfigError, match=r"reward_model.weight must be finite and >= 0"):
+        common.validate_reward_model(section)
     section.path = ""
     assert rl.reward_model_objective(section) == {"reward_model": ""}  # (as recorded before)
 

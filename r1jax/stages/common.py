@@ -367,6 +367,32 @@ def model_fingerprint(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
+# The files a tokenizer (and its chat template) is read from.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def tokenizer_fingerprint(path: str) -> str:
+    """A checkpoint folder's tokenizer and chat template files (`model_fingerprint` reads the
+    weights and config only), for a model that reads text through its own tokenizer."""
+    import hashlib
+
+    folder = os.path.expanduser(path)
+    digest = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            _digest_file(digest, os.path.join(folder, name), name)
+    return digest.hexdigest()[:16]
+
+
 def file_fingerprint(path: str) -> str:
     """A local file by its size and first and last MiB (see `model_fingerprint`)."""
     import hashlib
@@ -1192,8 +1218,9 @@ def load_reward_model(section: ml_collections.ConfigDict, mesh):
         mean=section.mean,
         std=section.std,
     )
-    check_same_on_every_process(
-        f"reward_model.path {section.path}", lambda: model_fingerprint(path)
+    check_same_on_every_process(  # (its tokenizer too: each host renders its own inputs)
+        f"reward_model.path {section.path} (its weights, config or tokenizer files)",
+        lambda: model_fingerprint(path) + tokenizer_fingerprint(path),
     )
     return model
 
@@ -2122,8 +2149,11 @@ def validate_reward_model(section) -> None:
         raise ConfigError(
             f"reward_model.rows must be one of {REWARD_MODEL_ROWS}, got {section.rows!r}"
         )
-    if not math.isfinite(section.weight):
-        raise ConfigError(f"reward_model.weight must be finite, got {section.weight}")
+    if not (math.isfinite(section.weight) and section.weight >= 0):
+        raise ConfigError(  # (as the rule rewards' weights)
+            f"reward_model.weight must be finite and >= 0, got {section.weight}: a higher score "
+            "is what is wanted, and a negative weight would train away from it"
+        )
     if not (math.isfinite(section.mean) and math.isfinite(section.std) and section.std > 0):
         raise ConfigError("reward_model.mean must be finite and reward_model.std > 0")
     if section.batch_size < 1 or not section.buckets or min(section.buckets) < 1:

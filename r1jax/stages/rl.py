@@ -307,11 +307,13 @@ def reward_model_objective(section) -> dict[str, Any]:
     """What of the `reward_model` section is RL's objective, for the resume check: the model and
     its weight (one key, as recorded since the first version), which rows it scores, and how its
     score is scaled and its inputs cut (their own keys, which a checkpoint from before lacks and
-    so is compared on the rest)."""
+    so is compared on the rest). The tokenizer and chat template it renders its inputs with are
+    part of the model."""
     if not section.path:
         return {"reward_model": ""}
     return {
         "reward_model": [common.model_fingerprint(section.path), float(section.weight)],
+        "reward_model.tokenizer": common.tokenizer_fingerprint(section.path),
         "reward_model.rows": section.get("rows", "general"),
         "reward_model.reads": section.get("reads", "all"),
         "reward_model.mean": float(section.mean),
