@@ -40,6 +40,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import monitoring
 from tqdm.auto import tqdm
@@ -391,7 +392,7 @@ def _to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
                 f"Metric {name!r} has shape {arr.shape}; log scalars (reduce it first)."
             )
         # (numbers only: float("1.5") of a string would pass, float(None) named no metric)
-        if arr.dtype.kind not in "biuf":
+        if not (jnp.issubdtype(arr.dtype, jnp.number) or arr.dtype == bool):  # (bfloat16 too)
             raise ValueError(f"Metric {name!r} is {value!r}, not a number")
         out[name] = float(arr.reshape(()))
     return out

@@ -195,10 +195,9 @@ def test_bad_metrics_are_refused_by_name(tmp_path):
                 w.write(1, {"v": value})
         with pytest.raises(ValueError, match=r"Metric name 3 is not a string"):
             w.write(1, {3: 1.0})
-        w.write(1, {"ok": np.float32(1.0), "n": 3, "flag": True})
-    assert [sorted(r) for r in read_metrics(tmp_path / "metrics.jsonl")] == [
-        ["flag", "n", "ok", "step", "time"]
-    ]
+        w.write(1, {"ok": np.float32(1.0), "n": 3, "flag": True, "bf16": jnp.bfloat16(1.5)})
+    [row] = read_metrics(tmp_path / "metrics.jsonl")
+    assert sorted(row) == ["bf16", "flag", "n", "ok", "step", "time"] and row["bf16"] == 1.5
 
 
 def test_progress_bar_postfix_and_summary_lines(tmp_path, capsys):

@@ -776,7 +776,7 @@ def test_a_trainer_holding_many_files_still_runs_programs():
     assert probe.stdout.strip() == "True b'42\\n'", probe.stdout
 
 
-def test_the_init_is_killed_only_while_its_pid_is_bubblewraps_child():
+def test_the_init_is_killed_only_while_its_pid_is_bubblewraps_child(monkeypatch):
     """The sandbox init's PID (bubblewrap's report) was opened after the run: reaped by then
     (by bubblewrap at its exit, or by PID 1 as an orphan), the PID could name an unrelated
     process, which the run SIGKILLed. It is taken only while its parent is bubblewrap."""
@@ -787,6 +787,16 @@ def test_the_init_is_killed_only_while_its_pid_is_bubblewraps_child():
         os.write(write, b'{"child-pid": %d}' % bystander.pid)
         os.close(write)
         assert sandbox_lib._sandbox_init(read, launcher) is None
+        assert bystander.poll() is None
+        # ... nor, when this process reaps orphans (a reward worker, a container's PID 1), any
+        # child of its own: only the init of a PID namespace below this one.
+        with monkeypatch.context() as m:
+            m.setattr(sandbox_lib, "_reaps_orphans", lambda: True)
+            read3, write3 = os.pipe()
+            os.write(write3, b'{"child-pid": %d}' % bystander.pid)
+            os.close(write3)
+            assert sandbox_lib._sandbox_init(read3, launcher) is None
+            os.close(read3)
         assert bystander.poll() is None
         # No report (bubblewrap failed before it): no init, once the pipe ends.
         read2, write2 = os.pipe()
@@ -872,3 +882,19 @@ def test_runs_leave_no_zombie_when_the_trainer_is_pid_1(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["zombies", "0"], out.stdout
+
+
+def test_a_program_that_closes_its_output_is_waited_for_without_pidfds(monkeypatch):
+    """A program that closes stdout and stderr and runs on is waited for, its exit status kept;
+    on a kernel without pidfd_open (Linux < 5.3, where the unsandboxed fallback is for) that
+    wait raised ENOSYS."""
+    import errno
+
+    def no_pidfds(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(sandbox_lib.os, "pidfd_open", no_pidfds)
+    code = "import os, time\nos.close(1)\nos.close(2)\ntime.sleep(0.3)\nraise SystemExit(3)"
+    cfg = SandboxConfig(timeout_s=5.0, allow_unsandboxed=True)
+    result = sandbox_lib._run(code, b"", cfg, sandbox_lib._interpreter(None), sandboxed=False)
+    assert (result.returncode, result.timed_out) == (3, False)

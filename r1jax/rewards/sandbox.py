@@ -756,7 +756,13 @@ def _exited(proc: subprocess.Popen) -> bool:
 
 def _wait_unreaped(proc: subprocess.Popen, timeout: float) -> bool:
     """Wait up to `timeout` seconds for `proc` to exit, without reaping it; whether it did."""
-    pidfd = os.pidfd_open(proc.pid)  # (unreaped: the PID is still this process's)
+    try:
+        pidfd = os.pidfd_open(proc.pid)  # (unreaped: the PID is still this process's)
+    except OSError:  # (Linux < 5.3: no pidfds)
+        deadline = time.monotonic() + timeout
+        while not _exited(proc) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return _exited(proc)
     try:
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
@@ -920,11 +926,22 @@ def _sandbox_init(info_fd: int, proc: subprocess.Popen) -> int | None:
             parent = int(f.read().rpartition(b")")[2].split()[1])
     except (OSError, ValueError, IndexError):
         parent = None
-    # (the pidfd names whatever had the PID when it was opened, and still has it now)
-    if parent == proc.pid or (parent == os.getpid() and _reaps_orphans()):
+    # (the pidfd names whatever had the PID when it was opened, and still has it now; an init
+    # of a PID namespace below ours, as a child of this process, is an orphaned sandbox's)
+    ours = parent == proc.pid or (parent == os.getpid() and _reaps_orphans())
+    if ours and _namespace_depth(pid) > _namespace_depth("self"):
         return pidfd
     os.close(pidfd)
     return None
+
+
+def _namespace_depth(pid: int | str) -> int:
+    """How many PID namespaces process `pid` is in (its NSpid line; 0 when unreadable)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((len(x.split()) - 1 for x in f if x.startswith("NSpid:")), 0)
+    except OSError:
+        return 0
 
 
 def _reaps_orphans() -> bool:
