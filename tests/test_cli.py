@@ -396,6 +396,53 @@ def test_mesh_expert_and_router_bias_rate_reach_a_deepseek_model(monkeypatch, tm
         common.load_model(config, sharding.make_mesh(fsdp=2, expert=4))
 
 
+def test_config_mistakes_found_before_any_work(tmp_path):
+    """Each was accepted and failed later (a traceback, hours into a pipeline) or ran silently
+    otherwise than asked."""
+    # None in a config file's number field: "'<' not supported between NoneType and int".
+    config = sh.load_config("rl")
+    config.rl.steps = None
+    with pytest.raises(common.ConfigError, match=r"rl.steps = None is a NoneType, not a int"):
+        common.check_fields(config, "rl")
+    # A warm-up as long as the run, under the constant schedule: it ended still warming up.
+    config = sh.load_config("rl")
+    config.optim.warmup_steps = 1000
+    with pytest.raises(common.ConfigError, match=r"warmup_steps=1000 is as long as this run's 80"):
+        common.validate(config, "rl")
+    # A held-out file beside a built-in task (which holds out its own problems): never read.
+    config = sh.load_config("eval")
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text(json.dumps({"prompt": "1 + 1?", "solution": "2"}) + "\n")
+    config.data.eval_source = str(held_out)
+    with pytest.raises(common.ConfigError, match=r"data.eval_source=.* is a built-in task"):
+        common.validate(config, "eval")
+    # Stop strings that are not text: a traceback at the first batch, or (0,) no stop at all.
+    config = sh.load_config("eval")
+    for stops in ((5,), (0,), ("",)):
+        config.data.stop_strings = stops
+        with pytest.raises(common.ConfigError, match=r"data.stop_strings must be non-empty"):
+            common.validate(config, "eval")
+    # No tasks for the cold-start data (both tasks at their default knobs), a mistake rate
+    # clamped to 0 or 1.
+    config = sh.load_config("sft")
+    config.sft.tasks = ()
+    with pytest.raises(common.ConfigError, match=r"sft.tasks must name at least one"):
+        common.validate(config, "sft")
+    config = sh.load_config("sft")
+    for rate in (-1.0, 5.0, float("nan")):
+        config.sft.mistake_rate = rate
+        with pytest.raises(common.ConfigError, match=r"sft.mistake_rate must be in \[0, 1\]"):
+            common.validate(config, "sft")
+    # More held-out problems than the built-in task has: the pipeline trained every stage, then
+    # its evaluations failed.
+    from r1jax.stages import pipeline
+
+    config = sh.load_config("pipeline")
+    config.eval_data.num_eval = config.eval_stage.eval.num_prompts = 2000
+    with pytest.raises(common.ConfigError, match=r"eval_data.num_eval: only found \d+ distinct"):
+        pipeline.validate(config)
+
+
 def test_reward_weights_are_numbers_and_not_negative():
     """A reward's options in `config.rewards` (the spec form `build_reward_fn` takes) ended in a
     bare TypeError; a negative weight on a penalty (already <= 0) paid for repetition."""

@@ -222,10 +222,13 @@ def validate(config: ml_collections.ConfigDict, stage: str) -> None:
 
 
 def _same_kind(value: Any, default: Any) -> bool:
-    """Whether a config file's `value` has the type of the stage default's `default` (None
-    stands for "off" wherever a stage reads a field with `or`; a bool for a switch the stage
-    maps, e.g. rl.scale_rewards=False)."""
-    if default is None or value is None or isinstance(value, bool):
+    """Whether a config file's `value` has the type of the stage default's `default` (None only
+    where the default is None: elsewhere it failed in a comparison, e.g. rl.steps = None, or a
+    path operation, distill.teacher = None; "" is the off value of a text field; a bool for a
+    switch the stage maps, e.g. rl.scale_rewards=False)."""
+    if value is None:
+        return default is None
+    if default is None or isinstance(value, bool):
         return True
     if isinstance(default, bool):
         return isinstance(value, bool)
@@ -1308,6 +1311,16 @@ def optim(
             f"optim.schedule='cosine' needs more optimizer steps than optim.warmup_steps="
             f"{fields['warmup_steps']}; this run takes {run_steps}"
         )
+    if (
+        run_steps is not None
+        and not (steps_later or from_data)
+        and run_steps <= fields["warmup_steps"]
+    ):  # (constant: the run ended still warming up, at a fraction of the rate, unannounced)
+        raise ConfigError(
+            f"optim.warmup_steps={fields['warmup_steps']} is as long as this run's {run_steps} "
+            f"optimizer steps: it would end still warming up, below optim.learning_rate; "
+            f"lower optim.warmup_steps"
+        )
     if from_data and run_steps is not None and run_steps <= fields["warmup_steps"]:
         # (an SFT on a small file: its step count comes from the data, not from the config) A
         # warm-up as long as the run would leave the decay no step, or never reach the rate; a
@@ -1351,7 +1364,15 @@ def check_epochs_and_sizes(section: ml_collections.ConfigDict, where: str) -> No
 def builtin_tasks(section: ml_collections.ConfigDict, where: str) -> list:
     """The built-in tasks named by `section.tasks`, with the difficulty knobs of its per-task
     sub-sections (`section.arithmetic`, `section.countdown`). A bad name or knob is a ConfigError
-    naming `<where>.tasks`."""
+    naming `<where>.tasks`; so is none (the generators fall back to every task, at its default
+    knobs), and a `mistake_rate` outside [0, 1]."""
+    import math
+
+    if not section.tasks:
+        raise ConfigError(f"{where}.tasks must name at least one built-in task")
+    rate = section.get("mistake_rate", 0.0)
+    if not (isinstance(rate, int | float) and math.isfinite(rate) and 0 <= rate <= 1):
+        raise ConfigError(f"{where}.mistake_rate must be in [0, 1], got {rate!r}")
     return [_task_from_section(section, name, f"{where}.tasks") for name in section.tasks]
 
 
@@ -1772,8 +1793,11 @@ def _prompt_rows(data_config, split: str, seed: int, require_solution: bool = Tr
         task = _builtin_task(data_config)
         try:
             return tasks.make_dataset(task, n, seed=seed, split=split)
-        except ValueError as e:
-            raise ConfigError(f"data.num_{'train' if split == 'train' else 'eval'}: {e}") from e
+        except ValueError as e:  # (unique= is the library's argument, no config field)
+            message = str(e).replace(", or pass unique=False", "")
+            raise ConfigError(
+                f"data.num_{'train' if split == 'train' else 'eval'}: {message}"
+            ) from e
     held_out_file = split == "eval" and bool(data_config.eval_source)
     path = data_config.eval_source if held_out_file else source
     try:
@@ -1990,7 +2014,16 @@ def validate_data(data_config) -> None:
     else:
         _builtin_task(data_config)  # its knobs (min_digits > max_digits ...), before any work
     if data_config.eval_source:
+        if source in tasks.TASKS:
+            raise ConfigError(
+                f"data.eval_source={data_config.eval_source!r} holds out a file's rows, but "
+                f"data.source={source!r} is a built-in task, which holds out its own problems; "
+                "give data.source as a file too, or evaluate the file with data.source"
+            )
         check_data_files(data_config.eval_source, "data.eval_source")
+    stops = data_config.get("stop_strings", ())
+    if not isinstance(stops, tuple | list) or not all(isinstance(s, str) and s for s in stops):
+        raise ConfigError(f"data.stop_strings must be non-empty strings, got {stops!r}")
     if data_config.get("prompt_overflow", "error") not in ("error", "skip"):
         raise ConfigError(
             f"data.prompt_overflow must be 'error' or 'skip', got {data_config.prompt_overflow!r}"

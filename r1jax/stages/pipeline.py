@@ -17,6 +17,7 @@ that did not. The results table (`results.md`, `results.json`) and plots are wri
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
 
 from r1jax import sampling
 from r1jax.stages import common
@@ -162,6 +164,7 @@ def validate(config) -> None:
         # As run() will give it, except the model and data paths earlier stages write.
         try:
             common.validate(_stage_config(config, name), stage)
+            _check_task_rows(config[name], config.seed)
         except common.ConfigError as e:
             raise common.ConfigError(f"{name} (--stage={stage}): {e}") from None
     default = common.default_config("eval")
@@ -189,8 +192,29 @@ def validate(config) -> None:
         )
     try:
         common.validate(_eval_config(config, common.TOY_BASE), "eval")
+        _check_task_rows(config, config.seed, section="eval_data", splits=("eval",))
     except common.ConfigError as e:
         raise common.ConfigError(f"eval_stage / eval_data (--stage=eval): {e}") from None
+
+
+def _check_task_rows(sub, seed: int, section: str = "data", splits=("train", "eval")) -> None:
+    """A built-in task's problems for `sub[section]`: enough distinct ones, found now rather than
+    when its stage reads them, after the stages before it have trained."""
+    from r1jax.data import tasks
+
+    data = sub.get(section)
+    if data is not None and data.get("source") in tasks.TASKS:
+        for split in splits:
+            try:
+                _task_rows_found(data.to_json_best_effort(sort_keys=True), split, seed)
+            except common.ConfigError as e:
+                raise common.ConfigError(f"{section}.{str(e).removeprefix('data.')}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _task_rows_found(data_json: str, split: str, seed: int) -> None:
+    """(`_check_task_rows`, once per data section's settings: most stages share one task)"""
+    common._prompt_rows(ml_collections.ConfigDict(json.loads(data_json)), split, seed)
 
 
 def _eval_config(config, model_path: str):

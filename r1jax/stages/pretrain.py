@@ -86,7 +86,10 @@ def validate(config) -> None:
     mix = p.mix.to_dict()
     if (
         set(mix) - set(corpus.DOC_KINDS)
-        or not all(math.isfinite(w) and w >= 0 for w in mix.values())
+        or not all(
+            isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+            for w in mix.values()
+        )
         or not any(mix.values())
     ):
         raise common.ConfigError(
