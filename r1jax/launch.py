@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
                 pipeline.apply_shared_flags(config, _override_keys(argv))
             except common.ConfigError as e:
                 shared_error = e
+        if flags.FLAGS["workdir"].present and not flags.FLAGS.workdir.strip():
+            sys.exit("error: --workdir is empty (an unset shell variable?); give a folder")
         workdir = flags.FLAGS.workdir or os.path.join("runs", stage)
         if not paths.is_remote(workdir):
             workdir = os.path.expanduser(workdir)  # ("--workdir=~/x": no shell expands it)
@@ -452,6 +454,13 @@ def _parse_flags_with_help(argv):
         sys.exit(
             f"config error: --config={spec}: no such file; the stages' configs are in "
             f"{CONFIG_DIR} ({', '.join(known)})"
+        )
+    if spec is not None and not spec.split(":", 1)[0].endswith(".py"):
+        # (a run's saved config_<stage>.json: importlib found no loader, a bare AttributeError)
+        sys.exit(
+            f"config error: --config={spec}: a config is a Python file with get_config() (e.g. "
+            f"configs/<stage>.py); a run's saved config_<stage>.json records the settings, "
+            f"give them as --config.section.field=value flags"
         )
     if spec is not None:
         from r1jax.stages import common

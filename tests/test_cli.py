@@ -1152,6 +1152,8 @@ def test_arguments_that_were_silently_ignored_are_refused_or_honoured(toy, tmp_p
     from r1jax import launch
 
     env = sh.cli_env(toy[0])
+    saved = tmp_path / "config_rl.json"
+    saved.write_text("{}")
     for args, message in (
         (["--stage=eval", "--", "--config.eval.num_prompts=3"], "unexpected arguments"),
         (["--stage=pipeline", "--config=configs/pipeline.py:smoek"], "takes one of ['smoke']"),
@@ -1159,6 +1161,8 @@ def test_arguments_that_were_silently_ignored_are_refused_or_honoured(toy, tmp_p
         (["--stage=rl", f"--config.seed={2**32}"], "seed must be an integer in [0, 2**32)"),
         (["--stage=rl", "--config.rewards.format=nan"], "rewards: weights must be finite"),
         (["--stage=rl", "--config.rewards.repetition_penalty=-1"], "weights must be >= 0"),
+        # A run's saved settings given as its config: a bare AttributeError.
+        (["--stage=rl", f"--config={saved}"], "a config is a Python file with get_config()"),
         # The top-level one won, silently (the stage's, given beside it, was dropped).
         (
             ["--stage=pipeline", "--config.log.every=50", "--config.r1_zero.log.every=1"],
@@ -1167,6 +1171,9 @@ def test_arguments_that_were_silently_ignored_are_refused_or_honoured(toy, tmp_p
     ):
         out = run_cli([*args, f"--workdir={tmp_path / 'w'}"], env)
         assert out.returncode != 0 and message in out.stderr, (args, out.stderr[-2000:])
+    # An empty --workdir (an unset $DIR) wrote into runs/<stage> of the current folder.
+    out = run_cli(["--stage=eval", "--workdir="], env)
+    assert out.returncode != 0 and "--workdir is empty" in out.stderr, out.stderr[-2000:]
     assert launch._stage_from_argv(["launch", "-stage=rl"]) == "rl"  # (absl takes one dash too)
     # The last one given, as absl reads them (a flagfile's --stage, then the command line's):
     # the first built another stage's config, and the run was refused for a --config not given.
