@@ -1311,20 +1311,12 @@ def optim(
             f"optim.schedule='cosine' needs more optimizer steps than optim.warmup_steps="
             f"{fields['warmup_steps']}; this run takes {run_steps}"
         )
-    if (
-        run_steps is not None
-        and not (steps_later or from_data)
-        and run_steps <= fields["warmup_steps"]
-    ):  # (constant: the run ended still warming up, at a fraction of the rate, unannounced)
-        raise ConfigError(
-            f"optim.warmup_steps={fields['warmup_steps']} is as long as this run's {run_steps} "
-            f"optimizer steps: it would end still warming up, below optim.learning_rate; "
-            f"lower optim.warmup_steps"
-        )
-    if from_data and run_steps is not None and run_steps <= fields["warmup_steps"]:
-        # (an SFT on a small file: its step count comes from the data, not from the config) A
-        # warm-up as long as the run would leave the decay no step, or never reach the rate; a
-        # tenth of the run instead.
+    constant = fields["schedule"] == "constant"
+    if (from_data or constant) and run_steps is not None and run_steps <= fields["warmup_steps"]:
+        # (an SFT on a small file: its step count comes from the data, not from the config; a
+        # short RL run, e.g. student_rl's steps matched to a distillation's) A warm-up as long as
+        # the run would leave the decay no step, or end the run still warming up, below the
+        # rate, unannounced: a tenth of the run instead.
         log.warning(
             "optim.warmup_steps=%d is as long as this run's %d optimizer steps: warming up over "
             "%d (a tenth of the run), then the %s rate",
