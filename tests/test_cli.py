@@ -1114,6 +1114,8 @@ def test_data_paths_that_name_no_file_are_refused_before_any_model_loads(tmp_pat
         ("rejection_sampling", "rejection_sampling.non_reasoning_source"),
     ]:
         config = sh.load_config(stage)
+        if field == "data.eval_source":  # (a held-out file goes with a file's training rows)
+            config.data.source = str(tmp_path / "train" / "a.jsonl")
         section, name = field.split(".")
         config[section][name] = str(tmp_path / "train")
         with pytest.raises(common.ConfigError, match=f"^{field}: .* is a folder"):

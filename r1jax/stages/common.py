@@ -241,6 +241,9 @@ def _same_kind(value: Any, default: Any) -> bool:
     return isinstance(value, type(default))
 
 
+# Fields a config file may set to None for "off" (their stages read them with `or`).
+_NONE_IS_OFF = frozenset({"ckpt.best_metric"})
+
 # Sections whose keys are names or optional, not fixed fields (the stages check them: reward
 # names, document kinds, column names, SandboxConfig's fields).
 _OPEN_SECTIONS = ("rewards", "pretrain.mix", "data.field_map", "sandbox")
@@ -271,7 +274,7 @@ def check_fields(config: ml_collections.ConfigDict, stage: str) -> None:
                     walk(value, ref, name + ".")
                 else:
                     problems.append(f"{name} must be a section, got {value!r}")
-            elif not _same_kind(value, ref):
+            elif not (_same_kind(value, ref) or (value is None and name in _NONE_IS_OFF)):
                 problems.append(
                     f"{name} = {value!r} is a {type(value).__name__}, not a "
                     f"{type(ref).__name__} (configs/{stage}.py: {ref!r})"
@@ -2006,13 +2009,13 @@ def validate_data(data_config) -> None:
     else:
         _builtin_task(data_config)  # its knobs (min_digits > max_digits ...), before any work
     if data_config.eval_source:
+        check_data_files(data_config.eval_source, "data.eval_source")
         if source in tasks.TASKS:
             raise ConfigError(
                 f"data.eval_source={data_config.eval_source!r} holds out a file's rows, but "
                 f"data.source={source!r} is a built-in task, which holds out its own problems; "
                 "give data.source as a file too, or evaluate the file with data.source"
             )
-        check_data_files(data_config.eval_source, "data.eval_source")
     stops = data_config.get("stop_strings", ())
     if not isinstance(stops, tuple | list) or not all(isinstance(s, str) and s for s in stops):
         raise ConfigError(f"data.stop_strings must be non-empty strings, got {stops!r}")
