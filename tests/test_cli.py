@@ -1199,3 +1199,21 @@ def test_arguments_that_were_silently_ignored_are_refused_or_honoured(toy, tmp_p
         {**env, "HOME": str(tmp_path)},
     )
     assert out.returncode == 1 and json.loads(saved.read_text())["seed"] == 0
+
+
+def test_sampling_past_the_models_positions_is_warned(toy, tmp_path, caplog):
+    """A prompt bucket and a sampling budget past max_position_embeddings sampled with positions
+    the model never saw (RoPE extrapolating), unannounced."""
+    config = sh.load_config("rl")
+    config.model.path = os.path.join(toy[0], "toy_base")
+    with caplog.at_level(logging.WARNING, logger="r1jax"):
+        common.validate(config, "rl")
+    assert "max_position_embeddings" not in caplog.text  # (1024 positions: 512 + 128 fit)
+    short = tmp_path / "short"
+    shutil.copytree(config.model.path, short)
+    settings = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**settings, "max_position_embeddings": 256}))
+    config.model.path = str(short)
+    with caplog.at_level(logging.WARNING, logger="r1jax"):
+        common.validate(config, "rl")
+    assert "512 + rl.max_completion_length=96 = 608 positions, past the 256" in caplog.text

@@ -2036,6 +2036,38 @@ def validate_data(data_config) -> None:
         )
 
 
+def warn_past_positions(config: ml_collections.ConfigDict, budgets: dict[str, int]) -> None:
+    """Warn when the longest prompt bucket and a sampling budget (`budgets`: {field: tokens})
+    reach past the positions model.path was trained on (its config.json's
+    max_position_embeddings, times a rope_scaling factor): RoPE then extrapolates, unannounced.
+    Read without loading the model; the toy base's only once built."""
+    path = config.model.path
+    path = toy_base_path() if path == TOY_BASE else os.path.expanduser(path)
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            raw = json.load(f)
+        limit = int(raw["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # (no folder yet, or another layout: the load names what is wrong)
+    scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    factor = scaling.get("factor") if isinstance(scaling, dict) else None
+    if isinstance(factor, int | float) and factor > 1:
+        limit = int(limit * factor)
+    longest = max(config.data.prompt_buckets)
+    for field, budget in budgets.items():
+        if longest + budget > limit:
+            log.warning(
+                "data.prompt_buckets' longest %d + %s=%d = %d positions, past the %d that "
+                "model.path was trained on (max_position_embeddings): tokens past them sample "
+                "with positions it never saw",
+                longest,
+                field,
+                budget,
+                longest + budget,
+                limit,
+            )
+
+
 def check_prompt_format(section, name: str) -> None:
     """`<name>.template`, `prefill_think` and `system_prompt` (the data, sft and distill
     sections): a known template, a prefill only where the prompt ends in the model's turn, a

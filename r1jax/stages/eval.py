@@ -517,6 +517,7 @@ def table(result: dict[str, Any]) -> str:
 def validate(config) -> None:
     common.validate_data(config.data)
     common.validate_eval(config.eval)
+    common.warn_past_positions(config, {"eval.max_new_tokens": config.eval.max_new_tokens})
 
 
 def run(config, workdir: str) -> dict[str, Any]:

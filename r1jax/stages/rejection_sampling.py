@@ -141,6 +141,7 @@ def states_held_out(text: str) -> bool:
 def validate(config) -> None:
     common.validate_data(config.data)
     r = config.rejection_sampling
+    common.warn_past_positions(config, {"rejection_sampling.max_new_tokens": r.max_new_tokens})
     if min(r.num_prompts, r.num_samples, r.max_new_tokens, r.batch_prompts) < 1:
         raise common.ConfigError(
             "rejection_sampling.num_prompts, num_samples, max_new_tokens and batch_prompts must "

@@ -137,6 +137,13 @@ def validate(config) -> None:
 
     common.validate_data(config.data)
     common.validate_eval(config.eval)
+    common.warn_past_positions(
+        config,
+        {
+            "rl.max_completion_length": config.rl.max_completion_length,
+            "eval.max_new_tokens": config.eval.max_new_tokens,
+        },
+    )
     r = config.rl
     if r.steps < 1 or r.prompts_per_step < 1:
         raise common.ConfigError("rl.steps and rl.prompts_per_step must be >= 1")
