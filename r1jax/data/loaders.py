@@ -320,20 +320,23 @@ def _saved_dataset_files(folder: str) -> list[str]:
     return files
 
 
-def _arrow_batches(path: str):
+def _arrow_batches(path: str) -> Iterator:
     """Record batches of a Parquet file or an Arrow IPC file (stream format, as `datasets`
-    writes them, or file format)."""
+    writes them, or file format). A damaged file is a ValueError naming it, whether its opening
+    or (past a sound footer) a later batch fails."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         if path.lower().endswith(".parquet"):
-            return pq.ParquetFile(path).iter_batches(batch_size=4096)
+            yield from pq.ParquetFile(path).iter_batches(batch_size=4096)
+            return
         try:
-            return iter(pa.ipc.open_stream(path))
+            batches = iter(pa.ipc.open_stream(path))
         except pa.ArrowInvalid:
             f = pa.ipc.open_file(path)
-            return (f.get_batch(i) for i in range(f.num_record_batches))
+            batches = (f.get_batch(i) for i in range(f.num_record_batches))
+        yield from batches
     except Exception as e:  # pyarrow raises several types for a corrupt file
         kind = "Parquet" if path.lower().endswith(".parquet") else "Arrow"
         raise ValueError(f"cannot read {kind} file {path}: {e}") from None
@@ -371,19 +374,13 @@ def _read_records(path: str, on_bad_json: str, stats: LoadStats) -> Iterator[tup
     """Yield (location, object) per data row; location is "file:line" or "file:row N"."""
     suffix = path.lower()
     if suffix.endswith((".parquet", ".arrow")):
-        batches, n = _arrow_batches(path), 0
-        while True:
-            try:  # (a damaged body, past a sound footer, fails only here)
-                batch = next(batches, None)
-            except Exception as e:  # pyarrow raises several types for a corrupt file
-                kind = "Parquet" if suffix.endswith(".parquet") else "Arrow"
-                raise ValueError(f"cannot read {kind} file {path}: {e}") from None
-            if batch is None:
-                return
+        n = 0
+        for batch in _arrow_batches(path):
             for obj in batch.to_pylist():
                 stats.rows_read += 1
                 yield f"{path}:row {n}", obj
                 n += 1
+        return
     if suffix.endswith(".json"):
         with open(path, "rb") as f:  # bytes: a head cut inside a character still decodes
             head = f.read(1 << 12).decode("utf-8-sig", errors="replace").lstrip()
